@@ -1,0 +1,60 @@
+//! Where accepted messages go, and how the answer finds its way back to the session.
+//!
+//! A reactor submits a sealed message together with a [`Completion`]; the sink answers
+//! exactly once, from whatever thread it likes, when the message is durable or has
+//! failed. Only then does the session say `250` (or `451`).
+
+use std::borrow::Cow;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::smtp::envelope::{MessageId, SealedMessage};
+
+pub mod null;
+pub mod spool;
+
+/// Why a sink could not store a message. Both are the gateway's trouble or a limit,
+/// never the client's fault, so neither becomes a permanent refusal except `TooLarge`.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// Try again later: `451 4.3.0`.
+    #[error("{0}")]
+    Temporary(Cow<'static, str>),
+    /// The sink will never take a message this large: `552 5.3.4`.
+    #[error("message too large for the sink")]
+    TooLarge,
+}
+
+pub type PublishResult = Result<MessageId, PublishError>;
+
+/// The way back from a sink to the one connection that waits for its answer.
+///
+/// The channel belongs to the connection and is reused for all its messages, so a
+/// message costs no allocation here.
+#[derive(Debug)]
+pub struct Completion(UnboundedSender<PublishResult>);
+
+impl Completion {
+    pub fn new(tx: UnboundedSender<PublishResult>) -> Self {
+        Completion(tx)
+    }
+
+    /// Delivers the answer. A connection that has gone away no longer listens; its
+    /// client got no 250 and will send the message again, which is the SMTP contract.
+    pub fn complete(self, result: PublishResult) {
+        let _ = self.0.send(result);
+    }
+}
+
+/// A destination for accepted messages.
+pub trait Sink: Send + Sync + 'static {
+    /// Takes ownership of a message; answers through `done` exactly once.
+    fn submit(&self, msg: SealedMessage, done: Completion);
+
+    /// Blocks until everything submitted so far has been answered, then stops the
+    /// sink's threads. Later submissions are answered with a temporary failure.
+    fn shutdown(&self);
+
+    /// For logs and metrics: `spool`, `null`, `kafka`.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,242 @@
+//! The envelope of one mail transaction and the message it carries, from the moment
+//! the session completes it to the moment a sink stores it.
+//!
+//! Envelope strings live in one arena per transaction so that MAIL and RCPT copy their
+//! addresses without an allocation per command.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// A message's identity: a ULID, sortable by arrival time. It is the Kafka key, the
+/// spool record's key, and what `250 ... queued as <id>` names.
+pub type MessageId = ulid::Ulid;
+
+/// The command that opened the transaction (RFC 821 keeps SEND, SOML and SAML).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Mail,
+    Send,
+    Soml,
+    Saml,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Mail => "MAIL",
+            Verb::Send => "SEND",
+            Verb::Soml => "SOML",
+            Verb::Saml => "SAML",
+        }
+    }
+}
+
+/// Who sent what to whom: everything about a transaction except its body.
+#[derive(Clone, Debug)]
+pub struct Envelope {
+    pub verb: Verb,
+    /// The HELO/EHLO argument, shared by every transaction of the session.
+    pub helo: Arc<str>,
+    /// The session greeted with EHLO (ESMTP) rather than HELO.
+    pub esmtp: bool,
+    pub client_addr: SocketAddr,
+    /// The client asked for SMTPUTF8 in MAIL.
+    pub smtputf8: bool,
+    pub tls: bool,
+    text: String,
+    mail_from: Range<usize>,
+    mail_params: Range<usize>,
+    rcpt_to: Vec<Range<usize>>,
+}
+
+impl Envelope {
+    pub fn new(
+        verb: Verb,
+        helo: Arc<str>,
+        esmtp: bool,
+        client_addr: SocketAddr,
+        mail_from: &str,
+        mail_params: &str,
+    ) -> Self {
+        let mut text = String::with_capacity(512);
+        text.push_str(mail_from);
+        text.push_str(mail_params);
+        let from_end = mail_from.len();
+        Envelope {
+            verb,
+            helo,
+            esmtp,
+            client_addr,
+            smtputf8: false,
+            tls: false,
+            text,
+            mail_from: 0..from_end,
+            mail_params: from_end..from_end + mail_params.len(),
+            rcpt_to: Vec::with_capacity(4),
+        }
+    }
+
+    pub fn push_rcpt(&mut self, rcpt: &str) {
+        let start = self.text.len();
+        self.text.push_str(rcpt);
+        self.rcpt_to.push(start..self.text.len());
+    }
+
+    /// The reverse path without angle brackets; empty for the null path `<>`.
+    pub fn mail_from(&self) -> &str {
+        &self.text[self.mail_from.clone()]
+    }
+
+    /// MAIL parameters as the client sent them, e.g. `SIZE=1234 BODY=8BITMIME`.
+    pub fn mail_params(&self) -> &str {
+        &self.text[self.mail_params.clone()]
+    }
+
+    pub fn rcpt_to(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.rcpt_to.iter().map(|r| &self.text[r.clone()])
+    }
+
+    pub fn rcpt_count(&self) -> usize {
+        self.rcpt_to.len()
+    }
+}
+
+/// A message the session has received completely but that nobody has stored yet.
+///
+/// Its buffer starts with `headroom` unused bytes so that [`Message::seal`] can put the
+/// `Received:` trace line in front of the body without copying the body.
+#[derive(Debug)]
+pub struct Message {
+    pub envelope: Envelope,
+    buf: BytesMut,
+    headroom: usize,
+}
+
+impl Message {
+    pub(crate) fn new(envelope: Envelope, buf: BytesMut, headroom: usize) -> Self {
+        debug_assert!(buf.len() >= headroom);
+        Message {
+            envelope,
+            buf,
+            headroom,
+        }
+    }
+
+    /// The message exactly as received: dot-unstuffed DATA, or BDAT chunks concatenated.
+    pub fn body(&self) -> &[u8] {
+        &self.buf[self.headroom..]
+    }
+
+    /// Gives the message its identity and trace line, ready for a sink.
+    pub fn seal(
+        mut self,
+        id: MessageId,
+        received_at: DateTime<Utc>,
+        hostname: &str,
+    ) -> SealedMessage {
+        let line = received_line(&self.envelope, id, received_at, hostname);
+        let line = line.as_bytes();
+        let value = if line.len() <= self.headroom {
+            let start = self.headroom - line.len();
+            self.buf[start..self.headroom].copy_from_slice(line);
+            self.buf.split_off(start).freeze()
+        } else {
+            // Only reachable with a hostname longer than the headroom allows for; correct,
+            // just not copy-free.
+            let mut v = BytesMut::with_capacity(line.len() + self.buf.len() - self.headroom);
+            v.extend_from_slice(line);
+            v.extend_from_slice(self.body());
+            v.freeze()
+        };
+        SealedMessage {
+            id,
+            received_at,
+            envelope: self.envelope,
+            body_offset: line.len(),
+            value,
+        }
+    }
+}
+
+/// The longest `Received:` line [`received_line`] writes, apart from the hostname.
+/// HELO arguments and paths are bounded by the command-line limit.
+pub const RECEIVED_HEADROOM: usize = 1200;
+
+/// The RFC 5321 section 4.4 trace line. `for <rcpt>` names the recipient only when there
+/// is exactly one, so a copy never shows its other recipients.
+pub fn received_line(
+    env: &Envelope,
+    id: MessageId,
+    received_at: DateTime<Utc>,
+    hostname: &str,
+) -> String {
+    use std::fmt::Write;
+    let protocol = match (env.smtputf8, env.esmtp, env.tls) {
+        (true, _, false) => "UTF8SMTP",
+        (true, _, true) => "UTF8SMTPS",
+        (false, true, false) => "ESMTP",
+        (false, true, true) => "ESMTPS",
+        (false, false, _) => "SMTP",
+    };
+    let mut s = String::with_capacity(256);
+    let _ = write!(
+        s,
+        "Received: from {} ([{}])\r\n\tby {} (smtpgw) with {} id {}",
+        env.helo,
+        env.client_addr.ip(),
+        hostname,
+        protocol,
+        id
+    );
+    if env.rcpt_count() == 1 {
+        if let Some(rcpt) = env.rcpt_to().next() {
+            let _ = write!(s, "\r\n\tfor <{}>", rcpt);
+        }
+    }
+    let _ = write!(s, ";\r\n\t{}\r\n", received_at.to_rfc2822());
+    s
+}
+
+/// A message with its id and trace line: what a sink stores.
+#[derive(Clone, Debug)]
+pub struct SealedMessage {
+    pub id: MessageId,
+    pub received_at: DateTime<Utc>,
+    pub envelope: Envelope,
+    /// The `Received:` line followed by the message: the Kafka record's value.
+    pub value: Bytes,
+    /// Where the client's own bytes start in `value`.
+    pub body_offset: usize,
+}
+
+impl SealedMessage {
+    pub fn body(&self) -> &[u8] {
+        &self.value[self.body_offset..]
+    }
+
+    /// The record headers of design.md, in order; `smtp.rcpt_to` once per recipient.
+    /// Kafka and the spool both store exactly these.
+    pub fn for_each_header(&self, mut f: impl FnMut(&'static str, &[u8])) {
+        let env = &self.envelope;
+        f("smtp.id", self.id.to_string().as_bytes());
+        f("smtp.verb", env.verb.as_str().as_bytes());
+        f("smtp.mail_from", env.mail_from().as_bytes());
+        for rcpt in env.rcpt_to() {
+            f("smtp.rcpt_to", rcpt.as_bytes());
+        }
+        f("smtp.helo", env.helo.as_bytes());
+        f("smtp.client_addr", env.client_addr.to_string().as_bytes());
+        f(
+            "smtp.received_at",
+            self.received_at
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+                .as_bytes(),
+        );
+        f("smtp.mail_params", env.mail_params().as_bytes());
+        f("smtp.tls", if env.tls { b"true" } else { b"false" });
+    }
+}

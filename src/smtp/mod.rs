@@ -1,0 +1,15 @@
+//! The sans-IO SMTP protocol core: bytes in, replies and completed messages out.
+//!
+//! Nothing in here touches a socket, a clock or a thread, so the same code serves the
+//! io_uring and epoll reactors, the unit and property tests, the fuzzers and the benches.
+
+pub mod address;
+pub mod command;
+pub mod data;
+pub mod envelope;
+pub mod reply;
+pub mod session;
+
+pub use data::BareLfPolicy;
+pub use envelope::{Envelope, Message, MessageId, SealedMessage};
+pub use session::{Session, SessionConfig};
