@@ -379,3 +379,64 @@ fn shutdown_answers_everything_queued_then_refuses() {
     sink.shutdown(); // a second call is harmless
     assert_eq!(records(tmp.path()).len(), sent.len());
 }
+
+/// Needs a small file system of its own, because a write error is only real when the
+/// disk really fills up: `SMTPGW_TEST_SMALL_FS=DIR` names an empty directory on one of
+/// about 1 MiB (as root: `mount -t tmpfs -o size=1m tmpfs DIR`). Skipped without it.
+#[test]
+fn full_disk_answers_temporary_and_recovers_when_space_returns() {
+    let Some(fs_dir) = std::env::var_os("SMTPGW_TEST_SMALL_FS") else {
+        eprintln!("skipped: SMTPGW_TEST_SMALL_FS not set");
+        return;
+    };
+    let fs_dir = PathBuf::from(fs_dir);
+    let spool = fs_dir.join("spool");
+    let ballast = fs_dir.join("ballast");
+    fs::write(&ballast, vec![0u8; 256 << 10]).unwrap();
+
+    let sink = SpoolSink::open(&spool).unwrap();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..2000 {
+        let msg = message(
+            "a@example.com",
+            &["b@example.com"],
+            &vec![b'a' + (i % 26) as u8; 8000],
+        );
+        match publish(&sink, msg.clone()) {
+            Ok(id) => {
+                assert_eq!(id, msg.id);
+                accepted.push(msg);
+            }
+            Err(PublishError::Temporary(_)) => {
+                refused.push(msg.id);
+                if refused.len() == 5 {
+                    break;
+                }
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(refused.len(), 5, "the file system never filled up");
+
+    fs::remove_file(&ballast).unwrap();
+    let after = message("a@example.com", &["b@example.com"], b"space is back\r\n");
+    assert_eq!(publish(&sink, after.clone()), Ok(after.id));
+    accepted.push(after);
+    drop(sink);
+
+    let got = records(&spool);
+    assert_eq!(
+        ids(&got),
+        accepted.iter().map(|m| m.id).collect::<Vec<_>>(),
+        "exactly the accepted messages, none of the refused"
+    );
+    for (record, msg) in got.iter().zip(&accepted) {
+        assert_same(record, msg);
+    }
+    assert!(
+        segments(&spool).len() >= 2,
+        "a failed segment is never written again"
+    );
+    fs::remove_dir_all(&spool).unwrap();
+}
