@@ -480,11 +480,7 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
         .truncate(false)
         .open(&path)
         .map_err(io_error("open lock file", &path))?;
-    // `File::try_lock` needs Rust 1.89 while Cargo.toml still says 1.80; the toolchain
-    // is 1.95, and the manifest's rust-version is not this module's to change.
-    #[allow(clippy::incompatible_msrv)]
-    let locked = file.try_lock();
-    match locked {
+    match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
             dir: dir.to_path_buf(),
