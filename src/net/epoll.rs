@@ -445,3 +445,111 @@ async fn linger_close(stream: &mut TcpStream, buf: &mut [u8]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+    use crate::sink::null::NullSink;
+    use crate::smtp::BareLfPolicy;
+
+    fn start(max_connections: usize, idle: Duration) -> Reactors {
+        Reactors::start(ReactorParams {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            reactors: 2,
+            session: Arc::new(SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: vec!["example.com".into()],
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                bare_lf: BareLfPolicy::Reject,
+            }),
+            sink: Arc::new(NullSink::new()),
+            max_connections,
+            idle_timeout: idle,
+            max_session_time: Duration::from_secs(60),
+        })
+        .expect("reactors start")
+    }
+
+    fn connect(r: &Reactors) -> TcpStream {
+        let s = TcpStream::connect(r.local_addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// Reads until the peer closes; the text of everything it sent.
+    fn read_to_close(s: &mut TcpStream) -> String {
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    fn read_line(s: &mut TcpStream) -> String {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+            line.push(b[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    fn wait_for_no_connections(r: &Reactors) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while r.open_connections() != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(r.open_connections(), 0);
+    }
+
+    #[test]
+    fn pipelined_session_then_drain() {
+        let r = start(100, Duration::from_secs(60));
+        assert_ne!(r.local_addr().port(), 0);
+        let mut s = connect(&r);
+        s.write_all(
+            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n.\r\n\
+              NOOP\r\nQUIT\r\n",
+        )
+        .unwrap();
+        let text = read_to_close(&mut s);
+        drop(s);
+        assert!(text.starts_with("220 "), "{text}");
+        assert!(text.contains("250 2.0.0 Ok: queued as "), "{text}");
+        assert!(
+            text.ends_with("221 2.0.0 mx.test closing connection\r\n"),
+            "{text}"
+        );
+
+        let mut idle = connect(&r);
+        assert!(read_line(&mut idle).starts_with("220 "));
+        r.begin_drain();
+        let text = read_to_close(&mut idle);
+        assert!(text.starts_with("421 4.3.2 "), "{text}");
+        drop(idle);
+        wait_for_no_connections(&r);
+        r.stop();
+    }
+
+    #[test]
+    fn connection_limit_and_idle_timeout() {
+        let r = start(1, Duration::from_millis(300));
+        let mut first = connect(&r);
+        assert!(read_line(&mut first).starts_with("220 "));
+        let mut second = connect(&r);
+        assert_eq!(
+            read_to_close(&mut second),
+            "421 4.3.2 mx.test Too many connections, try again later\r\n"
+        );
+        drop(second);
+        let text = read_to_close(&mut first);
+        assert!(text.starts_with("421 4.4.2 "), "{text}");
+        drop(first);
+        wait_for_no_connections(&r);
+        let mut third = connect(&r);
+        assert!(read_line(&mut third).starts_with("220 "));
+        r.stop();
+    }
+}
