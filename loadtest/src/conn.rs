@@ -99,7 +99,16 @@ struct Conn {
     timeout: Duration,
     /// What the server's EHLO offered.
     size: bool,
+    /// When the next message's MAIL/RCPT/DATA went out together with this message's
+    /// body (RFC 2920 section 3.1: content may be the first "command" of a group).
+    next_sent_at: Option<Instant>,
+    /// Reused for body + next envelope, so the pair costs one write and no allocation.
+    scratch: Vec<u8>,
 }
+
+/// Bodies up to this size are copied next to the following envelope to save a write;
+/// larger ones are written alone (the copy would cost more than the syscall).
+const COALESCE_LIMIT: usize = 64 * 1024;
 
 impl Conn {
     /// Reads one reply, counts it, and checks it against what `step` allows.
@@ -157,20 +166,29 @@ impl Conn {
 
     /// One transaction. Ok(true): the final reply was 2xx. Ok(false): the server refused
     /// somewhere (counted by code); the session is back between transactions.
+    ///
+    /// `envelope_sent`: the MAIL/RCPT/DATA batch already went out with the previous body.
+    /// `next`: pipelined DATA only; send that message's envelope right behind this body,
+    /// and note when in `next_sent_at`.
     async fn message(
         &mut self,
         t: &Template,
         pipelining: bool,
         chunking: bool,
+        envelope_sent: bool,
+        next: Option<&Template>,
     ) -> Result<bool, ProtocolError> {
         let sz = usize::from(self.size);
+        self.next_sent_at = None;
         let (mail_ok, rcpts_ok) = if pipelining {
             let batch = if chunking {
                 &t.bdat_batch[sz]
             } else {
                 &t.data_batch[sz]
             };
-            self.write(batch, "MAIL/RCPT batch").await?;
+            if !envelope_sent {
+                self.write(batch, "MAIL/RCPT batch").await?;
+            }
             let mail_ok = self.envelope_reply("MAIL").await?;
             let mut rcpts_ok = 0;
             for _ in &t.rcpts {
@@ -207,7 +225,26 @@ impl Conn {
         let code = self.reply("DATA").await?;
         match code {
             354 => {
-                self.write(&t.data_body, "message body").await?;
+                match next {
+                    Some(n) if t.data_body.len() <= COALESCE_LIMIT => {
+                        let mut buf = std::mem::take(&mut self.scratch);
+                        buf.clear();
+                        buf.extend_from_slice(&t.data_body);
+                        buf.extend_from_slice(&n.data_batch[sz]);
+                        let at = Instant::now();
+                        let written = self.write(&buf, "message body").await;
+                        self.scratch = buf;
+                        written?;
+                        self.next_sent_at = Some(at);
+                    }
+                    Some(n) => {
+                        self.write(&t.data_body, "message body").await?;
+                        let at = Instant::now();
+                        self.write(&n.data_batch[sz], "MAIL/RCPT batch").await?;
+                        self.next_sent_at = Some(at);
+                    }
+                    None => self.write(&t.data_body, "message body").await?,
+                }
                 let code = self.reply("end of data").await?;
                 self.final_reply(code, envelope_ok, "end of data")
             }
@@ -291,6 +328,8 @@ pub async fn run(
         stats,
         timeout: plan.timeout,
         size: false,
+        next_sent_at: None,
+        scratch: Vec::new(),
     };
     let offered = conn.hello(plan.helo).await;
     ready.wait().await;
@@ -313,26 +352,45 @@ pub async fn run(
     let stagger = plan
         .interval
         .map(|i| i.mul_f64(index as f64 / plan.connections as f64));
+    // Closed-loop pipelined DATA sends each envelope together with the previous body.
+    let overlap = pipelining && !chunking && plan.interval.is_none();
+    // A message whose envelope is already on the wire, and when it was written.
+    let mut prefetched: Option<(Arc<Template>, Instant)> = None;
     let mut sent = 0u64;
     loop {
-        if plan.messages.is_some_and(|m| sent >= m) {
-            break;
-        }
-        let intended = match (plan.interval, stagger) {
-            (Some(i), Some(s)) => start + s + i.mul_f64(sent as f64),
-            _ => Instant::now(),
+        let (t, started, envelope_sent) = match prefetched.take() {
+            Some((t, at)) => (t, at, true),
+            None => {
+                if plan.messages.is_some_and(|m| sent >= m) {
+                    break;
+                }
+                let intended = match (plan.interval, stagger) {
+                    (Some(i), Some(s)) => start + s + i.mul_f64(sent as f64),
+                    _ => Instant::now(),
+                };
+                if end.is_some_and(|e| intended >= e) {
+                    break;
+                }
+                tokio::time::sleep_until(intended).await;
+                (plan.mix.pick(&mut rng).clone(), intended, false)
+            }
         };
-        if end.is_some_and(|e| intended >= e) {
-            break;
-        }
-        tokio::time::sleep_until(intended).await;
-        let t = plan.mix.pick(&mut rng).clone();
         sent += 1;
+        let next = (overlap
+            && !plan.messages.is_some_and(|m| sent >= m)
+            && !end.is_some_and(|e| Instant::now() >= e))
+        .then(|| plan.mix.pick(&mut rng).clone());
         // Closed loop: the clock starts at the first write. Open loop: at the intended
         // time, so a server that falls behind is charged for the queue it causes.
-        match conn.message(&t, pipelining, chunking).await {
+        let outcome = conn
+            .message(&t, pipelining, chunking, envelope_sent, next.as_deref())
+            .await;
+        if let (Some(n), Some(at)) = (next, conn.next_sent_at) {
+            prefetched = Some((n, at));
+        }
+        match outcome {
             Ok(true) => {
-                let us = intended.elapsed().as_micros() as u64;
+                let us = started.elapsed().as_micros() as u64;
                 let _ = conn.stats.latency.record(us.max(1));
                 conn.stats.accepted += 1;
                 conn.stats.bytes_accepted += t.size as u64;
