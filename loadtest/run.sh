@@ -6,7 +6,7 @@
 # with iperf3, then runs the same matrix of cells against every server with the same
 # client (smtpgw-loadtest). Per cell: msgs/s, MB/s, p50/p99/p999 latency, server CPU
 # (utime+stime from /proc/PID/stat) per message, and peak RSS. Results go to
-# results/<date>/ as JSON; the table and gateway/peer ratios are printed.
+# results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink] [--sink null|spool]
 #                        [--duration SECONDS] [--out DIR]
@@ -39,7 +39,8 @@ case "$SINK" in null|spool) ;; *) echo "run.sh: --sink must be null or spool" >&
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 DATE="$(date -u +%Y-%m-%d)"
-OUT="${OUT:-$ROOT/results/$DATE}"
+MODE=full; [[ $QUICK -eq 1 ]] && MODE=quick
+OUT="${OUT:-$ROOT/results/$DATE/$MODE-$SINK}"
 CLIENT_THREADS="${CLIENT_THREADS:-1}"
 if [[ -z "$DURATION" ]]; then
     if [[ $QUICK -eq 1 ]]; then DURATION=3; else DURATION=5; fi
@@ -127,8 +128,15 @@ start_rss_sampler() { # pid file
 GW_BIN="$ROOT/target/release/smtpgw"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
+stop_gateway() {
+    kill -TERM "$GW_PID" 2>/dev/null || true
+    wait "$GW_PID" 2>/dev/null || true
+    forget_pid "$GW_PID"
+}
+
 start_gateway() {
     local logf="$WORK/gateway.log"
+    rm -rf "$WORK/spool"
     mkdir -p "$WORK/spool"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
     NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
@@ -151,8 +159,9 @@ start_smtp_sink() {
     local port user=()
     port=$(free_port)
     [[ $(id -u) -eq 0 ]] && user=(-u nobody)
-    # Backlog 4096 so the 1000-connection cells are not refused at connect.
-    smtp-sink "${user[@]}" "127.0.0.1:$port" 4096 2>"$WORK/smtp-sink.log" &
+    # Backlog 4096 and -m 2000 (its default serves only 256 connections at once, the
+    # rest wait in the accept queue) so the 1000-connection cells measure the same thing.
+    smtp-sink "${user[@]}" -m 2000 "127.0.0.1:$port" 4096 2>"$WORK/smtp-sink.log" &
     PEER_PID=$!
     PIDS+=("$PEER_PID")
     wait_port "$port" || { echo "run.sh: smtp-sink did not start" >&2; exit 1; }
@@ -220,12 +229,12 @@ main() {
 
     measure_ceiling
     start_gateway
-    local servers=("smtpgw $GW_PID $GW_ADDR")
+    local peers=()
     if [[ "$COMPARE" == smtp-sink ]]; then
         start_smtp_sink
-        servers+=("smtp-sink $PEER_PID $PEER_ADDR")
+        peers+=("smtp-sink $PEER_PID $PEER_ADDR")
     fi
-    local s name pid addr
+    local s name pid addr servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
     for s in "${servers[@]}"; do
         read -r name pid addr <<<"$s"
         log "warming up $name"
@@ -235,6 +244,13 @@ main() {
     local c size conns pipe
     for c in "${cells[@]}"; do
         read -r size conns pipe <<<"$c"
+        if [[ "$SINK" == spool ]]; then
+            # A fresh gateway and spool per cell: the spool only grows, and a full
+            # matrix would otherwise write tens of GB.
+            stop_gateway
+            start_gateway
+        fi
+        servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
         # Servers alternate within a cell, so slow drift in machine load hits both.
         for s in "${servers[@]}"; do
             read -r name pid addr <<<"$s"
@@ -243,7 +259,7 @@ main() {
         done
     done
     python3 "$ROOT/loadtest/summarize.py" summary "$OUT" "$CEILING_MBPS" "$SINK" \
-        "$( [[ $QUICK -eq 1 ]] && echo quick || echo full )" "$(uptime)"
+        "$MODE" "$(uptime)"
 }
 
 main
