@@ -9,7 +9,9 @@
 # results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink] [--sink null|spool]
-#                        [--duration SECONDS] [--out DIR]
+#                        [--duration SECONDS] [--out DIR] [--plots]
+# --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
+# venv under target/plot-venv the first time.
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
@@ -17,6 +19,7 @@
 set -euo pipefail
 
 QUICK=0
+PLOTS=0
 COMPARE=""
 SINK=null
 DURATION=""
@@ -28,7 +31,8 @@ while [[ $# -gt 0 ]]; do
         --sink) SINK="${2:?--sink needs null or spool}"; shift ;;
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --plots) PLOTS=1 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -260,6 +264,15 @@ main() {
     done
     python3 "$ROOT/loadtest/summarize.py" summary "$OUT" "$CEILING_MBPS" "$SINK" \
         "$MODE" "$(uptime)"
+    if [[ $PLOTS -eq 1 ]]; then
+        local venv="$ROOT/target/plot-venv"
+        if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
+            log "installing matplotlib into $venv"
+            python3 -m venv "$venv"
+            timeout 600 "$venv/bin/pip" install -q matplotlib
+        fi
+        "$venv/bin/python" "$ROOT/loadtest/plot.py" "$OUT"
+    fi
 }
 
 main
