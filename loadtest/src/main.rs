@@ -152,7 +152,18 @@ fn cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // One line on stderr, whatever RUST_BACKTRACE says: these are user-facing errors.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smtpgw-loadtest: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
     let target = loopback_target(&args.target)?;
     if args.connections == 0 {
