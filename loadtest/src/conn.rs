@@ -33,6 +33,9 @@ pub struct Stats {
     /// Latency of accepted messages in microseconds, from the first command (or, open
     /// loop, from the intended send time) to the final reply.
     pub latency: Histogram<u64>,
+    /// Open loop: how late each message's first write was against its intended time
+    /// (tokio's timer wakes on 1 ms ticks, so up to ~1 ms of this is the client's own).
+    pub send_lag: Histogram<u64>,
     pub accepted: u64,
     pub rejected: u64,
     pub bytes_accepted: u64,
@@ -51,6 +54,7 @@ impl Stats {
         Stats {
             // 1 µs to 1 hour, 3 significant digits.
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"),
+            send_lag: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"),
             accepted: 0,
             rejected: 0,
             bytes_accepted: 0,
@@ -66,6 +70,7 @@ impl Stats {
     pub fn merge(&mut self, other: &Stats) {
         // Both histograms have the same bounds, so adding cannot fail.
         let _ = self.latency.add(&other.latency);
+        let _ = self.send_lag.add(&other.send_lag);
         self.accepted += other.accepted;
         self.rejected += other.rejected;
         self.bytes_accepted += other.bytes_accepted;
@@ -371,7 +376,15 @@ pub async fn run(
                 if end.is_some_and(|e| intended >= e) {
                     break;
                 }
-                tokio::time::sleep_until(intended).await;
+                // Only sleep when the time is really ahead: tokio's timer has 1 ms
+                // granularity, so even a sleep to "now" would cost up to a millisecond.
+                if plan.interval.is_some() {
+                    if intended > Instant::now() {
+                        tokio::time::sleep_until(intended).await;
+                    }
+                    let lag = intended.elapsed().as_micros() as u64;
+                    let _ = conn.stats.send_lag.record(lag.max(1));
+                }
                 (plan.mix.pick(&mut rng).clone(), intended, false)
             }
         };

@@ -106,6 +106,8 @@ struct Report {
     /// Message octets accepted per second, in 10^6 octets.
     mb_per_s: f64,
     latency_us: Latency,
+    /// Open loop only: lateness of each message's first write against its intended time.
+    send_lag_us: Option<Latency>,
     /// Every reply received, by code (greetings, EHLO, every command, QUIT).
     replies: std::collections::BTreeMap<u16, u64>,
     /// Replies with a 4xx or 5xx code.
@@ -249,8 +251,19 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+fn latency(h: &hdrhistogram::Histogram<u64>) -> Latency {
+    Latency {
+        count: h.len(),
+        mean: h.mean(),
+        p50: h.value_at_quantile(0.5),
+        p90: h.value_at_quantile(0.9),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        max: h.max(),
+    }
+}
+
 fn report(args: &Args, s: Stats, elapsed: f64, cpu: f64) -> Report {
-    let h = &s.latency;
     let replies: std::collections::BTreeMap<u16, u64> = s
         .replies
         .iter()
@@ -280,15 +293,8 @@ fn report(args: &Args, s: Stats, elapsed: f64, cpu: f64) -> Report {
         rejected: s.rejected,
         msgs_per_s: s.accepted as f64 / elapsed.max(1e-9),
         mb_per_s: s.bytes_accepted as f64 / 1e6 / elapsed.max(1e-9),
-        latency_us: Latency {
-            count: h.len(),
-            mean: h.mean(),
-            p50: h.value_at_quantile(0.5),
-            p90: h.value_at_quantile(0.9),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-        },
+        latency_us: latency(&s.latency),
+        send_lag_us: args.rate.map(|_| latency(&s.send_lag)),
         replies,
         non_2xx_replies: non_2xx,
         protocol_errors: s.protocol_errors,
@@ -354,6 +360,12 @@ fn print_table(r: &Report) {
         r.extension_fallbacks,
         r.elapsed_s
     );
+    if let Some(lag) = &r.send_lag_us {
+        println!(
+            "open-loop send lag µs (client's own lateness, included in latency): p50 {} p99 {} max {}",
+            lag.p50, lag.p99, lag.max
+        );
+    }
     if let Some(e) = &r.first_error {
         println!("first error: {e}");
     }
