@@ -174,20 +174,28 @@ start_smtp_sink() {
 }
 
 measure_ceiling() {
-    local port
-    port=$(free_port)
-    iperf3 -s -1 -B 127.0.0.1 -p "$port" >/dev/null 2>&1 &
-    local spid=$!
-    PIDS+=("$spid")
-    # No probe connection: `iperf3 -s -1` would take it for its one test.
-    sleep 0.5
-    timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 3 -J >"$OUT/loopback_ceiling.json" 2>/dev/null || true
-    wait "$spid" 2>/dev/null || true
-    CEILING_MBPS=$(python3 -c 'import json,sys
+    # One stream and four parallel streams: the multi-connection cells can use more of
+    # loopback than a single stream does, so the ceiling is the better of the two.
+    local streams port spid best=0 mbps
+    for streams in 1 4; do
+        port=$(free_port)
+        iperf3 -s -1 -B 127.0.0.1 -p "$port" >/dev/null 2>&1 &
+        spid=$!
+        PIDS+=("$spid")
+        # No probe connection: `iperf3 -s -1` would take it for its one test.
+        sleep 0.5
+        timeout 30 iperf3 -c 127.0.0.1 -p "$port" -t 3 -P "$streams" -J \
+            >"$OUT/loopback_ceiling_P$streams.json" 2>/dev/null || true
+        wait "$spid" 2>/dev/null || true
+        forget_pid "$spid"
+        mbps=$(python3 -c 'import json,sys
 try:
     d=json.load(open(sys.argv[1])); print("%.1f" % (d["end"]["sum_received"]["bits_per_second"]/8e6))
-except Exception: print("0")' "$OUT/loopback_ceiling.json")
-    log "raw loopback TCP ceiling (iperf3, 1 stream): $CEILING_MBPS MB/s"
+except Exception: print("0")' "$OUT/loopback_ceiling_P$streams.json")
+        log "raw loopback TCP (iperf3, $streams stream(s)): $mbps MB/s"
+        best=$(python3 -c 'import sys; print(max(float(sys.argv[1]), float(sys.argv[2])))' "$best" "$mbps")
+    done
+    CEILING_MBPS=$best
 }
 
 # One cell against one server: the client's JSON plus the server's CPU and RSS.

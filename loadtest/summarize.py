@@ -61,7 +61,7 @@ def summary(out, ceiling, sink, mode, uptime):
     keys = sorted({key(c) for c in cells})
     rows = []
     print()
-    print(f"loopback TCP ceiling (iperf3): {ceiling} MB/s   sink: {sink}   mode: {mode}")
+    print(f"loopback TCP ceiling (iperf3, best of 1 and 4 streams): {ceiling} MB/s   sink: {sink}   mode: {mode}")
     print(f"load: {uptime.strip()}")
     hdr = (
         f"{'server':<10} {'size':>5} {'conns':>5} {'pipe':>4} {'msgs/s':>9} {'MB/s':>8}"
