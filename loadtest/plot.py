@@ -16,7 +16,8 @@ def main(out):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     rows = summary["rows"]
-    servers = [s for s in ("smtpgw", "smtp-sink") if any(s in r for r in rows)]
+    names = {k for r in rows for k, v in r.items() if isinstance(v, dict) and "client" in v}
+    servers = sorted(names, key=lambda s: (s != "smtpgw", s))
     labels = [
         f"{r['size']}\n{r['connections']}c\n{'pipe' if r['pipelining'] else 'lock'}"
         for r in rows

@@ -8,7 +8,7 @@
 # (utime+stime from /proc/PID/stat) per message, and peak RSS. Results go to
 # results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
-# Usage: loadtest/run.sh [--quick] [--compare smtp-sink] [--sink null|spool]
+# Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix] [--sink null|spool]
 #                        [--duration SECONDS] [--out DIR] [--plots]
 # --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
 # venv under target/plot-venv the first time.
@@ -27,7 +27,7 @@ OUT=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
-        --compare) COMPARE="${2:?--compare needs smtp-sink}"; shift ;;
+        --compare) COMPARE="${2:?--compare needs smtp-sink, postfix or smtp-sink,postfix}"; shift ;;
         --sink) SINK="${2:?--sink needs null or spool}"; shift ;;
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
@@ -37,7 +37,9 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-case "$COMPARE" in ""|smtp-sink) ;; *) echo "run.sh: --compare supports smtp-sink" >&2; exit 2 ;; esac
+case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
+    *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
+wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool) ;; *) echo "run.sh: --sink must be null or spool" >&2; exit 2 ;; esac
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -52,8 +54,15 @@ fi
 
 WORK="$(mktemp -d /tmp/smtpgw-run.XXXXXX)"
 PIDS=()
+PFX_PID=""
 cleanup() {
-    local pid
+    local pid i
+    if [[ -n "$PFX_PID" ]]; then
+        # Our private Postfix: its master stops its own children; wait for it, it is
+        # not our child.
+        postfix -c "$WORK/postfix/etc" stop >/dev/null 2>&1 || true
+        for i in $(seq 50); do kill -0 "$PFX_PID" 2>/dev/null || break; sleep 0.1; done
+    fi
     for pid in "${PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -97,7 +106,7 @@ apt_install() { # packages...
 
 ensure_tools() {
     command -v iperf3 >/dev/null || { log "installing iperf3"; apt_install iperf3; }
-    if [[ "$COMPARE" == smtp-sink ]] && ! command -v smtp-sink >/dev/null; then
+    if [[ -n "$COMPARE" ]] && ! command -v smtp-sink >/dev/null; then
         log "installing postfix (for smtp-sink), unconfigured so no system MTA starts"
         local master_before=0
         pgrep -x master >/dev/null && master_before=1
@@ -112,8 +121,26 @@ ensure_tools() {
 }
 
 # Server CPU in clock ticks (utime + stime of all its threads) and RSS in KiB.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+# Postfix is a tree of processes under its master: count the master, its live children
+# and (cutime+cstime) the children it has already reaped. smtpgw and smtp-sink have no
+# children, so for them this is their own utime+stime and RSS.
+children() { cat /proc/"$1"/task/*/children 2>/dev/null || true; }
+cpu_ticks() {
+    local total c
+    total=$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat")
+    for c in $(children "$1"); do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$c/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+rss_kib() {
+    local total c
+    total=$(awk '/^VmRSS/ { print $2 }' "/proc/$1/status")
+    for c in $(children "$1"); do
+        total=$((total + $(awk '/^VmRSS/ { print $2 }' "/proc/$c/status" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
 
 # Peak RSS sampler: writes the running maximum to a file every 100 ms until killed.
 start_rss_sampler() { # pid file
@@ -171,6 +198,47 @@ start_smtp_sink() {
     wait_port "$port" || { echo "run.sh: smtp-sink did not start" >&2; exit 1; }
     PEER_ADDR="127.0.0.1:$port"
     log "smtp-sink pid $PEER_PID listening on $PEER_ADDR"
+}
+
+# A private Postfix that queues every message to disk (cleanup fsyncs the queue file
+# before smtpd says 250) and then discards it: the durable peer for --sink spool. Its own
+# config and queue directories under $WORK; the system Postfix is never touched.
+start_postfix() {
+    local d="$WORK/postfix" port
+    port=$(free_port)
+    mkdir -p "$d/etc" "$d/queue" "$d/data"
+    chmod 755 "$WORK"
+    chown postfix "$d/data"
+    sed -E "s/^smtp +inet .*/127.0.0.1:$port inet n - n - - smtpd/" /etc/postfix/master.cf >"$d/etc/master.cf"
+    cp /etc/postfix/dynamicmaps.cf "$d/etc/" 2>/dev/null || true
+    cat >"$d/etc/main.cf" <<PFX
+compatibility_level = 3.6
+queue_directory = $d/queue
+data_directory = $d/data
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = loadtest.localdomain
+mydestination =
+mynetworks = 127.0.0.0/8
+relay_domains = example.com
+default_transport = discard
+relay_transport = discard
+local_transport = discard
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_client_connection_count_limit = 0
+default_process_limit = 1100
+maillog_file = $d/maillog
+maillog_file_prefixes = $d
+biff = no
+PFX
+    # postfix(1) reports only to syslog unless stderr is a terminal; the maillog says why.
+    postfix -c "$d/etc" start >/dev/null 2>&1 || { tail "$d/maillog" >&2; echo "run.sh: postfix did not start" >&2; exit 1; }
+    wait_port "$port" || { tail "$d/maillog" >&2; echo "run.sh: postfix not listening" >&2; exit 1; }
+    PFX_PID=$(tr -d ' ' <"$d/queue/pid/master.pid")
+    PIDS+=("$PFX_PID")
+    PFX_ADDR="127.0.0.1:$port"
+    log "postfix master pid $PFX_PID listening on $PFX_ADDR (queue on disk, discard transport)"
 }
 
 measure_ceiling() {
@@ -242,9 +310,13 @@ main() {
     measure_ceiling
     start_gateway
     local peers=()
-    if [[ "$COMPARE" == smtp-sink ]]; then
+    if wants smtp-sink; then
         start_smtp_sink
         peers+=("smtp-sink $PEER_PID $PEER_ADDR")
+    fi
+    if wants postfix; then
+        start_postfix
+        peers+=("postfix $PFX_PID $PFX_ADDR")
     fi
     local s name pid addr servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
     for s in "${servers[@]}"; do

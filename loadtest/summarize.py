@@ -70,6 +70,8 @@ def summary(out, ceiling, sink, mode, uptime):
     )
     print(hdr)
     print("-" * len(hdr))
+    if len(servers) > 1:
+        print("(ratio rows: smtpgw/peer for msgs/s and for server µs/msg)")
     for k in keys:
         size_idx, conns, pipe = k
         row = {"size": [s for s, i in order.items() if i == size_idx][0],
@@ -88,17 +90,18 @@ def summary(out, ceiling, sink, mode, uptime):
                 f" {fmt(cl.get('client_cpu_us_per_msg'), '>10.1f')} {errors(cl):>6}"
             )
             row[s] = c
-        if len(servers) > 1:
-            gw, peer = row.get(servers[0]), row.get(servers[1])
+        for peer_name in servers[1:]:
+            gw, peer = row.get(servers[0]), row.get(peer_name)
             if gw and peer:
                 g, p = gw["client"].get("msgs_per_s", 0), peer["client"].get("msgs_per_s", 0)
                 ratio = g / p if p else None
                 gc, pc = gw["server_cpu_us_per_msg"], peer["server_cpu_us_per_msg"]
                 cpu_ratio = gc / pc if gc and pc else None
-                row["ratio_msgs_per_s"] = ratio
-                row["ratio_server_cpu_per_msg"] = cpu_ratio
+                row[f"ratio_msgs_per_s_vs_{peer_name}"] = ratio
+                row[f"ratio_server_cpu_per_msg_vs_{peer_name}"] = cpu_ratio
+                label = f"/{peer_name}"[:10]
                 print(
-                    f"{'ratio':<10} {'':>5} {'':>5} {'':>4} {fmt(ratio, '>8.2f')}x"
+                    f"{label:<10} {'':>5} {'':>5} {'':>4} {fmt(ratio, '>8.2f')}x"
                     f" {'':>8} {'':>8} {'':>8} {'':>8} {fmt(cpu_ratio, '>9.2f')}x"
                 )
         if row.get("smtpgw") and ceiling and float(ceiling) > 0:
