@@ -146,6 +146,7 @@ def load_then_kill(gateway, round_no: int, kill_after: float) -> dict[str, Sent]
         for future in futures:
             future.result(timeout=60)
     queued = sum(s.outcome == "queued" for s in log.values())
+    print(f"round {round_no}: {queued} queued, {len(log) - queued} in flight or refused")  # shown on failure
     assert queued > 0, f"round {round_no}: nothing was accepted before the kill"
     return log
 

@@ -57,6 +57,10 @@ SCENARIOS = {
                 ("RCPT TO:<@example.com:x@elsewhere.example>", "550 5.7.1"), ("RCPT TO:<x@example.com>", "250 2.1.5")],
         (),
     ),
+    "accept-domain-is-repeatable": (
+        MAIL + [("RCPT TO:<x@other.example>", "250 2.1.5"), ("RCPT TO:<x@example.com>", "250 2.1.5")],
+        ("--accept-domain", "other.example"),
+    ),
     "postmaster-always-accepted": (
         MAIL + [("RCPT TO:<Postmaster>", "250 2.1.5"), ("RCPT TO:<POSTMASTER>", "250 2.1.5"), ("RCPT TO:<postmaster>", "250 2.1.5")],
         (),

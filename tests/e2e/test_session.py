@@ -124,6 +124,22 @@ def test_pipelined_commands_get_replies_in_order(gateway):
     assert gateway.cat(second_id, body=True) == second
 
 
+def test_whole_session_written_one_byte_at_a_time(gateway):
+    # Every split of commands and body across reads must give the same replies and bytes.
+    message = make_message("bytewise", b".dot\r\nline\r\n")
+    with gateway.wire() as wire:
+        assert_reply(wire.reply(), "220", "greeting")
+        wire.send_bytewise(
+            b"EHLO client.test\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n"
+            + data_payload(message) + b"QUIT\r\n"
+        )
+        for spec in ["250", "250 2.1.0", "250 2.1.5", "354"]:
+            assert_reply(wire.reply(), spec, "byte-at-a-time session")
+        message_id = queued_id(wire.reply())
+        assert_reply(wire.reply(), "221 2.0.0", "QUIT")
+    assert gateway.cat(message_id, body=True) == message
+
+
 def test_many_pipelined_transactions_in_one_write(gateway):
     count = 50
     messages = [make_message(f"burst-{i}", b"x" * i + b"\r\n") for i in range(count)]

@@ -21,6 +21,9 @@ FAKE_ENDS = {
     "CRLF.CR-X": b"\r\n.\rX",
     "CR.CR": b"\r.\r",
     "LF.CR": b"\n.\r",
+    # no dot at all: a bare line ending anywhere refuses the message just the same
+    "LF-in-text": b" and\nmore\r\n",
+    "CR-in-text": b" and\rmore\r\n",
 }
 
 HIDDEN = (
