@@ -10,6 +10,7 @@ The binary is `$SMTPGW_BIN`, or `target/release/smtpgw` in the repository.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -53,6 +54,15 @@ def run_binary(*args: str, timeout: float = TOOL_TIMEOUT) -> subprocess.Complete
     )
 
 
+def listening_addr(line: str) -> str | None:
+    """The address of a `listening addr=...` log line, in text or JSON log format."""
+    if line.startswith("{"):
+        fields = json.loads(line).get("fields", {})
+        return fields.get("addr") if fields.get("message") == "listening" else None
+    match = LISTENING.search(line)
+    return match.group(1) if match else None
+
+
 class Gateway:
     """A running smtpgw process and the spool it writes."""
 
@@ -61,8 +71,10 @@ class Gateway:
     def __init__(self, spool_dir: Path, args: tuple[str, ...]):
         self.spool_dir = spool_dir
         self.args = args
-        self.log: list[str] = []
+        self.log: list[str] = []  # stderr lines of the current process
+        self.earlier_logs = ""  # stderr of the processes before a restart
         self.proc: subprocess.Popen | None = None
+        self.addr = ""
         self.port = 0
         self.start()
 
@@ -70,7 +82,9 @@ class Gateway:
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self.log.append(f"---- starting smtpgw {' '.join(self.args)} ----\n")
+        if self.log:
+            self.earlier_logs += self.stderr + "---- restarted ----\n"
+            self.log = []
         self.proc = subprocess.Popen(
             [
                 str(gateway_binary()),
@@ -84,7 +98,7 @@ class Gateway:
             env=gateway_env(),
         )
         listening = threading.Event()
-        self._reader = threading.Thread(target=self._read_stderr, args=(self.proc, listening), daemon=True)
+        self._reader = threading.Thread(target=self._read_stderr, args=(self.proc, listening, self.log), daemon=True)
         self._reader.start()
         deadline = time.monotonic() + START_TIMEOUT
         while not listening.wait(0.02):
@@ -95,16 +109,17 @@ class Gateway:
                     f"smtpgw did not log 'listening addr=' within {START_TIMEOUT}s "
                     f"(exit code {code}); stderr:\n{self.stderr}"
                 )
+        host, _, port = self.addr.rpartition(":")
+        assert host == self.host, f"gateway listens on {self.addr}, not on loopback"
+        self.port = int(port)
 
-    def _read_stderr(self, proc: subprocess.Popen, listening: threading.Event) -> None:
+    def _read_stderr(self, proc: subprocess.Popen, listening: threading.Event, log: list[str]) -> None:
         for raw in iter(proc.stderr.readline, b""):
             line = raw.decode("utf-8", "replace")
-            self.log.append(line)
-            match = LISTENING.search(line)
-            if match and not listening.is_set():
-                host, _, port = match.group(1).rpartition(":")
-                assert host == "127.0.0.1", f"gateway listens on {host}, not loopback"
-                self.port = int(port)
+            log.append(line)
+            addr = listening_addr(line)
+            if addr and not listening.is_set():
+                self.addr = addr
                 listening.set()
         proc.stderr.close()
 
@@ -115,6 +130,10 @@ class Gateway:
     @property
     def stderr(self) -> str:
         return "".join(self.log)
+
+    @property
+    def all_stderr(self) -> str:
+        return self.earlier_logs + self.stderr
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -229,4 +248,4 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.failed:
         for i, gateway in enumerate(item.stash.get(GATEWAYS, [])):
-            report.sections.append((f"smtpgw #{i} stderr (pid {gateway.proc.pid})", gateway.stderr[-20000:]))
+            report.sections.append((f"smtpgw #{i} stderr (pid {gateway.proc.pid})", gateway.all_stderr[-20000:]))

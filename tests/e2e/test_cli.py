@@ -1,8 +1,11 @@
 """Start-up: bad flags fail at once with one line naming the flag; good ones serve."""
 
+import json
+
 import pytest
 
 from conftest import run_binary
+from smtpwire import make_message
 
 BAD_FLAGS = [
     ("--no-such-flag",),
@@ -46,3 +49,12 @@ def test_spool_cat_of_unknown_id_fails(gateway):
     result = run_binary("spool", "cat", "--spool-dir", str(gateway.spool_dir), "01ARZ3NDEKTSV4RRFFQ69G5FAV")
     assert result.returncode != 0
     assert result.stderr.strip(), "a failing spool cat should say why"
+
+
+def test_json_log_format_writes_one_json_object_per_line(start_gateway):
+    gateway = start_gateway("--log-format", "json")
+    with gateway.session() as wire:
+        wire.deliver(make_message("json-logs"))
+        wire.expect("QUIT", "221 2.0.0")
+    assert gateway.stop() == 0
+    assert gateway.log and all(isinstance(json.loads(line), dict) for line in gateway.log), gateway.log
