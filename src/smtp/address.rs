@@ -1,1 +1,392 @@
-//! TODO
+//! RFC 5321 paths and mailboxes (section 4.1.2), with the RFC 6531 UTF-8 extensions.
+//!
+//! Parsing borrows from the command line and allocates nothing; the session copies an
+//! address into its envelope only once it has accepted it.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// RFC 5321 section 4.5.3.1.1.
+pub const MAX_LOCAL_PART: usize = 64;
+/// RFC 5321 section 4.5.3.1.2.
+pub const MAX_DOMAIN: usize = 255;
+/// RFC 5321 section 4.5.3.1.3: the whole path, angle brackets included.
+pub const MAX_PATH: usize = 256;
+
+/// A mailbox, `local-part@domain`, exactly as the client wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mailbox<'a> {
+    /// `local@domain` as written (quoted local parts keep their quotes).
+    pub text: &'a str,
+    pub local_part: &'a str,
+    pub domain: Domain<'a>,
+}
+
+impl Mailbox<'_> {
+    pub fn is_ascii(&self) -> bool {
+        self.text.is_ascii()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Domain<'a> {
+    /// A domain name (A-labels or, with SMTPUTF8, U-labels).
+    Name(&'a str),
+    /// An address literal with its brackets: `[192.0.2.1]`, `[IPv6:2001:db8::1]`.
+    Literal(&'a str),
+}
+
+impl<'a> Domain<'a> {
+    pub fn as_str(&self) -> &'a str {
+        match *self {
+            Domain::Name(s) | Domain::Literal(s) => s,
+        }
+    }
+}
+
+/// The argument of MAIL FROM: the sender, or `<>` for bounces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReversePath<'a> {
+    Null,
+    Mailbox(Mailbox<'a>),
+}
+
+/// The argument of RCPT TO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardPath<'a> {
+    /// `<Postmaster>` without a domain, which every server must accept (section 4.5.1).
+    Postmaster,
+    /// `<>`: syntactically a path, but no one to deliver to.
+    Null,
+    Mailbox(Mailbox<'a>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("address syntax")]
+    Syntax,
+    #[error("address is not valid UTF-8")]
+    NotUtf8,
+    #[error("local part longer than 64 octets")]
+    LocalPartTooLong,
+    #[error("domain longer than 255 octets")]
+    DomainTooLong,
+    #[error("path longer than 256 octets")]
+    PathTooLong,
+}
+
+/// Parses `<...>` at the start of `input` and returns it with the unparsed rest (the
+/// parameters). The null path `<>` is returned as `Ok(None)`.
+fn parse_path(input: &[u8]) -> Result<(Option<Mailbox<'_>>, &[u8]), AddressError> {
+    if input.first() != Some(&b'<') {
+        return Err(AddressError::Syntax);
+    }
+    let end = closing_bracket(input).ok_or(AddressError::Syntax)?;
+    if end + 1 > MAX_PATH {
+        return Err(AddressError::PathTooLong);
+    }
+    let rest = &input[end + 1..];
+    if !(rest.is_empty() || rest[0] == b' ') {
+        return Err(AddressError::Syntax);
+    }
+    let inner = &input[1..end];
+    if inner.is_empty() {
+        return Ok((None, rest));
+    }
+    let inner = std::str::from_utf8(inner).map_err(|_| AddressError::NotUtf8)?;
+    let mailbox = skip_source_route(inner)?;
+    Ok((Some(parse_mailbox(mailbox)?), rest))
+}
+
+/// Finds the `>` that closes the path, skipping any inside a quoted local part.
+fn closing_bracket(input: &[u8]) -> Option<usize> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, &b) in input.iter().enumerate().skip(1) {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == b'>' && !quoted {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Source routes (`@a,@b:user@c`) are obsolete; section 4.1.1.3 says to accept and
+/// ignore them.
+fn skip_source_route(inner: &str) -> Result<&str, AddressError> {
+    if !inner.starts_with('@') {
+        return Ok(inner);
+    }
+    let colon = inner.find(':').ok_or(AddressError::Syntax)?;
+    for hop in inner[..colon].split(',') {
+        let domain = hop.strip_prefix('@').ok_or(AddressError::Syntax)?;
+        parse_domain(domain)?;
+    }
+    Ok(&inner[colon + 1..])
+}
+
+/// `Mailbox = Local-part "@" ( Domain / address-literal )`.
+pub fn parse_mailbox(text: &str) -> Result<Mailbox<'_>, AddressError> {
+    let at = local_part_end(text)?;
+    let (local_part, domain) = (&text[..at], &text[at + 1..]);
+    if local_part.len() > MAX_LOCAL_PART {
+        return Err(AddressError::LocalPartTooLong);
+    }
+    let domain = if domain.starts_with('[') {
+        parse_address_literal(domain)?
+    } else {
+        parse_domain(domain)?
+    };
+    Ok(Mailbox {
+        text,
+        local_part,
+        domain,
+    })
+}
+
+/// Validates the local part and returns the index of the `@` that follows it.
+fn local_part_end(text: &str) -> Result<usize, AddressError> {
+    let bytes = text.as_bytes();
+    if bytes.first() == Some(&b'"') {
+        // Quoted-string: qtextSMTP or quoted-pairSMTP, UTF-8 allowed (RFC 6531).
+        let mut i = 1;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'\\' => match bytes.get(i + 1) {
+                    Some(&c) if (32..=126).contains(&c) => i += 2,
+                    _ => return Err(AddressError::Syntax),
+                },
+                b'"' => {
+                    return if bytes.get(i + 1) == Some(&b'@') {
+                        Ok(i + 1)
+                    } else {
+                        Err(AddressError::Syntax)
+                    }
+                }
+                c if c == 32 || c == 33 || (35..=126).contains(&c) || c >= 0x80 => i += 1,
+                _ => return Err(AddressError::Syntax),
+            }
+        }
+        return Err(AddressError::Syntax);
+    }
+    // Dot-string: atoms separated by single dots.
+    let at = text.rfind('@').ok_or(AddressError::Syntax)?;
+    let local = &bytes[..at];
+    if local.is_empty() || local[0] == b'.' || local[local.len() - 1] == b'.' {
+        return Err(AddressError::Syntax);
+    }
+    let mut previous_dot = false;
+    for &c in local {
+        if c == b'.' {
+            if previous_dot {
+                return Err(AddressError::Syntax);
+            }
+            previous_dot = true;
+        } else if is_atext(c) {
+            previous_dot = false;
+        } else {
+            return Err(AddressError::Syntax);
+        }
+    }
+    Ok(at)
+}
+
+/// RFC 5322 atext, plus any octet of a UTF-8 sequence (RFC 6531 section 3.3; the whole
+/// path was already checked to be valid UTF-8).
+fn is_atext(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&c) || c >= 0x80
+}
+
+/// `Domain = sub-domain *("." sub-domain)`, each `Let-dig [Ldh-str]` or a U-label.
+pub fn parse_domain(domain: &str) -> Result<Domain<'_>, AddressError> {
+    if domain.len() > MAX_DOMAIN {
+        return Err(AddressError::DomainTooLong);
+    }
+    if domain.is_empty() {
+        return Err(AddressError::Syntax);
+    }
+    for label in domain.split('.') {
+        let b = label.as_bytes();
+        let let_dig = |c: u8| c.is_ascii_alphanumeric() || c >= 0x80;
+        let valid = !b.is_empty()
+            && b.len() <= 63
+            && let_dig(b[0])
+            && let_dig(b[b.len() - 1])
+            && b.iter().all(|&c| let_dig(c) || c == b'-');
+        if !valid {
+            return Err(AddressError::Syntax);
+        }
+    }
+    Ok(Domain::Name(domain))
+}
+
+/// `address-literal = "[" ( IPv4 / "IPv6:" IPv6 / General-address-literal ) "]"`.
+fn parse_address_literal(literal: &str) -> Result<Domain<'_>, AddressError> {
+    let inner = literal
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .ok_or(AddressError::Syntax)?;
+    let valid = if let Some(v6) = strip_prefix_ignore_case(inner, "IPv6:") {
+        v6.parse::<Ipv6Addr>().is_ok()
+    } else if let Some(colon) = inner.find(':') {
+        // General-address-literal: Standardized-tag ":" 1*dcontent.
+        let (tag, content) = (&inner[..colon], &inner[colon + 1..]);
+        !tag.is_empty()
+            && tag.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            && !content.is_empty()
+            && content
+                .bytes()
+                .all(|c| (33..=90).contains(&c) || (94..=126).contains(&c))
+    } else {
+        inner.parse::<Ipv4Addr>().is_ok()
+    };
+    if valid {
+        Ok(Domain::Literal(literal))
+    } else {
+        Err(AddressError::Syntax)
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Parses the argument of MAIL FROM (after the colon); returns the path and the
+/// parameter text that follows it.
+pub fn parse_reverse_path(input: &[u8]) -> Result<(ReversePath<'_>, &[u8]), AddressError> {
+    let (mailbox, rest) = parse_path(input)?;
+    let path = match mailbox {
+        None => ReversePath::Null,
+        Some(m) => ReversePath::Mailbox(m),
+    };
+    Ok((path, rest))
+}
+
+/// Parses the argument of RCPT TO (after the colon); returns the path and the parameter
+/// text that follows it.
+pub fn parse_forward_path(input: &[u8]) -> Result<(ForwardPath<'_>, &[u8]), AddressError> {
+    if input.len() >= 12 && input[..12].eq_ignore_ascii_case(b"<postmaster>") {
+        let rest = &input[12..];
+        if rest.is_empty() || rest[0] == b' ' {
+            return Ok((ForwardPath::Postmaster, rest));
+        }
+    }
+    let (mailbox, rest) = parse_path(input)?;
+    let path = match mailbox {
+        None => ForwardPath::Null,
+        Some(m) => ForwardPath::Mailbox(m),
+    };
+    Ok((path, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox(input: &str) -> Result<Mailbox<'_>, AddressError> {
+        match parse_reverse_path(input.as_bytes())? {
+            (ReversePath::Mailbox(m), []) => Ok(m),
+            _ => Err(AddressError::Syntax),
+        }
+    }
+
+    #[test]
+    fn accepts_rfc5321_forms() {
+        for ok in [
+            "<user@example.com>",
+            "<first.last+tag@sub.example.co.uk>",
+            "<\"quoted local\"@example.com>",
+            "<\"with \\\" escaped > bracket\"@example.com>",
+            "<user@[192.0.2.1]>",
+            "<user@[IPv6:2001:db8::1]>",
+            "<user@[x-tag:content]>",
+            "<@relay.example,@other.example:user@example.com>",
+            "<!#$%&'*+-/=?^_`{|}~@example.com>",
+            "<用户@例子.广告>",
+            "<a@b>",
+        ] {
+            assert!(mailbox(ok).is_ok(), "{ok} should parse");
+        }
+    }
+
+    #[test]
+    fn rejects_malformed_addresses() {
+        for bad in [
+            "user@example.com",
+            "<user@example.com",
+            "<user>",
+            "<@example.com>",
+            "<.user@example.com>",
+            "<user.@example.com>",
+            "<us..er@example.com>",
+            "<user@-example.com>",
+            "<user@example-.com>",
+            "<user@exa mple.com>",
+            "<user@example..com>",
+            "<user@[300.1.1.1]>",
+            "<user@[IPv6:zz::1]>",
+            "<\"unterminated@example.com>",
+            "<user@example.com>x",
+            "<us er@example.com>",
+            "<@relay.example:>",
+        ] {
+            assert!(mailbox(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn source_route_is_ignored() {
+        let m = mailbox("<@a.example,@b.example:user@c.example>").unwrap();
+        assert_eq!(m.text, "user@c.example");
+        assert_eq!(m.domain, Domain::Name("c.example"));
+    }
+
+    #[test]
+    fn enforces_length_limits() {
+        let local = "a".repeat(64);
+        assert!(mailbox(&format!("<{local}@example.com>")).is_ok());
+        assert_eq!(
+            mailbox(&format!("<{local}a@example.com>")),
+            Err(AddressError::LocalPartTooLong)
+        );
+        // 256 octets including brackets is the most a path may be.
+        let label = "d".repeat(63);
+        let domain = format!("{label}.{label}.{label}.{}", "d".repeat(58));
+        let path = format!("<{}@{domain}>", "u".repeat(256 - 3 - domain.len()));
+        assert_eq!(path.len(), 256);
+        assert!(mailbox(&path).is_ok());
+        let path = format!("<{}@{domain}>", "u".repeat(257 - 3 - domain.len()));
+        assert_eq!(mailbox(&path), Err(AddressError::PathTooLong));
+    }
+
+    #[test]
+    fn null_and_postmaster_paths() {
+        assert_eq!(
+            parse_reverse_path(b"<> SIZE=10").unwrap(),
+            (ReversePath::Null, &b" SIZE=10"[..])
+        );
+        assert_eq!(
+            parse_forward_path(b"<POSTMASTER>").unwrap().0,
+            ForwardPath::Postmaster
+        );
+        assert_eq!(parse_forward_path(b"<>").unwrap().0, ForwardPath::Null);
+        assert!(matches!(
+            parse_forward_path(b"<postmaster@example.com>").unwrap().0,
+            ForwardPath::Mailbox(_)
+        ));
+    }
+
+    #[test]
+    fn rejects_invalid_utf8() {
+        assert_eq!(
+            parse_reverse_path(b"<\xff@example.com>"),
+            Err(AddressError::NotUtf8)
+        );
+    }
+}

@@ -1,4 +1,119 @@
-//! Reply texts (skeleton; the full table lands with the core).
+//! Every reply the gateway sends, with its RFC 3463 enhanced status code.
+//!
+//! Fixed replies are static bytes; the few that name the host, a size or a message id
+//! are written straight into the session's output buffer, so replying never allocates.
+
+use std::io::Write;
+
+use super::envelope::MessageId;
+
+pub const MAIL_OK: &[u8] = b"250 2.1.0 Ok\r\n";
+pub const RCPT_OK: &[u8] = b"250 2.1.5 Ok\r\n";
+pub const OK: &[u8] = b"250 2.0.0 Ok\r\n";
+pub const START_DATA: &[u8] = b"354 End data with <CR><LF>.<CR><LF>\r\n";
+pub const VRFY: &[u8] =
+    b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n";
+pub const HELP: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domains\r\n\
+214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT\r\n\
+214-2.0.0           VRFY EXPN HELP SEND SOML SAML\r\n\
+214 2.0.0 End of HELP info\r\n";
+pub const HELP_UNKNOWN_TOPIC: &[u8] = b"504 5.5.4 HELP topic unknown\r\n";
+
+pub const UNKNOWN_COMMAND: &[u8] = b"500 5.5.2 Command unrecognized\r\n";
+pub const LINE_TOO_LONG: &[u8] = b"500 5.5.6 Line too long (512 octets at most)\r\n";
+pub const SYNTAX_HELO: &[u8] = b"501 5.5.4 Syntax: HELO hostname\r\n";
+pub const SYNTAX_EHLO: &[u8] = b"501 5.5.4 Syntax: EHLO hostname\r\n";
+pub const SYNTAX_MAIL: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address> [parameters]\r\n";
+pub const SYNTAX_RCPT: &[u8] = b"501 5.5.4 Syntax: RCPT TO:<address>\r\n";
+pub const SYNTAX_BDAT: &[u8] = b"501 5.5.4 Syntax: BDAT size [LAST]\r\n";
+pub const SYNTAX_VRFY: &[u8] = b"501 5.5.4 Syntax: VRFY address\r\n";
+pub const NO_ARGUMENTS: &[u8] = b"501 5.5.4 This command takes no arguments\r\n";
+pub const BAD_HELO: &[u8] = b"501 5.5.4 Invalid HELO/EHLO hostname\r\n";
+pub const BAD_SENDER: &[u8] = b"501 5.1.7 Bad sender address syntax\r\n";
+pub const BAD_RECIPIENT: &[u8] = b"501 5.1.3 Bad recipient address syntax\r\n";
+pub const NULL_RECIPIENT: &[u8] = b"501 5.1.3 A recipient address is required\r\n";
+pub const SENDER_TOO_LONG: &[u8] = b"553 5.1.7 Sender address too long\r\n";
+pub const RECIPIENT_TOO_LONG: &[u8] = b"553 5.1.3 Recipient address too long\r\n";
+pub const NEEDS_SMTPUTF8: &[u8] =
+    b"553 5.6.7 Non-ASCII addresses require the SMTPUTF8 parameter\r\n";
+pub const DUPLICATE_PARAM: &[u8] = b"501 5.5.4 Duplicate MAIL parameter\r\n";
+pub const BAD_PARAM: &[u8] = b"501 5.5.4 Malformed parameter\r\n";
+pub const UNKNOWN_MAIL_PARAM: &[u8] = b"555 5.5.4 Unsupported MAIL parameter\r\n";
+pub const UNKNOWN_RCPT_PARAM: &[u8] = b"555 5.5.4 Unsupported RCPT parameter\r\n";
+pub const PARAMS_NEED_EHLO: &[u8] = b"555 5.5.4 Parameters require EHLO\r\n";
+
+pub const NEED_HELO: &[u8] = b"503 5.5.1 Send HELO/EHLO first\r\n";
+pub const NESTED_MAIL: &[u8] = b"503 5.5.1 Nested MAIL command\r\n";
+pub const NEED_MAIL: &[u8] = b"503 5.5.1 Need MAIL command\r\n";
+pub const RCPT_AFTER_BDAT: &[u8] = b"503 5.5.1 RCPT not allowed after BDAT\r\n";
+pub const DATA_AFTER_BDAT: &[u8] = b"503 5.5.1 DATA not allowed after BDAT\r\n";
+pub const BDAT_NEEDS_EHLO: &[u8] = b"503 5.5.1 BDAT requires EHLO\r\n";
+pub const NO_VALID_RECIPIENTS: &[u8] = b"554 5.5.1 No valid recipients\r\n";
+
+pub const RELAY_DENIED: &[u8] = b"550 5.7.1 Relay access denied\r\n";
+pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
+pub const MESSAGE_TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed limit\r\n";
+pub const SINK_TOO_BIG: &[u8] = b"552 5.3.4 Message too large for the message store\r\n";
+pub const BARE_LINE_ENDING: &[u8] =
+    b"550 5.6.0 Message refused: bare CR or LF (RFC 5321 section 2.3.8)\r\n";
+
+pub const EXPN: &[u8] = b"502 5.5.1 EXPN not supported\r\n";
+pub const TURN: &[u8] = b"502 5.5.1 TURN not supported\r\n";
+pub const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 Command not implemented\r\n";
+
+pub fn greeting(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(out, "220 {hostname} ESMTP smtpgw\r\n");
+}
+
+pub fn helo(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(out, "250 {hostname}\r\n");
+}
+
+/// Advertises only what the core implements (STARTTLS joins once certificates can be
+/// configured).
+pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize) {
+    let _ = write!(
+        out,
+        "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
+         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
+    );
+}
+
+pub fn bye(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(out, "221 2.0.0 {hostname} closing connection\r\n");
+}
+
+pub fn queued(out: &mut Vec<u8>, id: MessageId) {
+    let _ = write!(out, "250 2.0.0 Ok: queued as {id}\r\n");
+}
+
+pub fn chunk_received(out: &mut Vec<u8>, size: u64) {
+    let _ = write!(out, "250 2.0.0 {size} octets received\r\n");
+}
+
+/// `451 4.3.0`: our own trouble, so temporary; the client keeps the message and retries.
+pub fn temporary_failure(out: &mut Vec<u8>, reason: &str) {
+    out.extend_from_slice(b"451 4.3.0 ");
+    // The reason comes from a sink (possibly a broker's error text): keep it to one line.
+    out.extend(
+        reason
+            .bytes()
+            .take(200)
+            .map(|b| if b.is_ascii_graphic() { b } else { b' ' }),
+    );
+    out.extend_from_slice(b", try again later\r\n");
+}
+
+pub fn timeout(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(out, "421 4.4.2 {hostname} Timeout, closing connection\r\n");
+}
+
+pub fn shutting_down(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(
+        out,
+        "421 4.3.2 {hostname} Service shutting down, closing connection\r\n"
+    );
+}
 
 /// Sent instead of the greeting when `--max-connections` is reached; then close.
 pub fn too_many_connections(hostname: &str) -> String {

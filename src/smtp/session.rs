@@ -1,11 +1,25 @@
-//! The SMTP state machine (API skeleton; the implementation lands next).
+//! The SMTP state machine: one conversation from greeting to close.
+//!
+//! Like rustls' `Connection`, a [`Session`] never does I/O. The caller feeds it received
+//! bytes, writes out whatever it put in [`Session::output`], hands completed messages
+//! to a sink and reports the sink's answer back. The session answers a message's final
+//! dot (or `BDAT ... LAST`) only through [`Session::publish_result`], and consumes no
+//! further input while it waits, so pipelined replies stay in order (RFC 2920) and a
+//! client that gets `250` can trust that its message is stored.
 
+use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::data::BareLfPolicy;
-use super::envelope::Message;
-use crate::sink::PublishResult;
+use bytes::BytesMut;
+use memchr::memchr;
+
+use super::address::{AddressError, Domain, ForwardPath, ReversePath};
+use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
+use super::data::{BareLfPolicy, BodyOutcome, DataReader};
+use super::envelope::{Envelope, Message, Verb, RECEIVED_HEADROOM};
+use super::reply;
+use crate::sink::{PublishError, PublishResult};
 
 /// Per-listener settings every session of that listener shares.
 #[derive(Clone, Debug)]
@@ -21,6 +35,63 @@ pub struct SessionConfig {
     pub bare_lf: BareLfPolicy,
 }
 
+impl SessionConfig {
+    fn accepts(&self, domain: Domain<'_>) -> bool {
+        let domain = domain.as_str();
+        self.accept_domains
+            .iter()
+            .any(|accepted| accepted.eq_ignore_ascii_case(domain))
+    }
+
+    /// Room in front of a body for the `Received:` line, so sealing needs no copy.
+    fn headroom(&self) -> usize {
+        RECEIVED_HEADROOM + self.hostname.len()
+    }
+}
+
+/// Without a SIZE hint, a body buffer starts this large and grows by doubling.
+const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
+/// The longest HELO/EHLO argument we keep (a domain name's limit).
+const MAX_HELO: usize = 255;
+
+enum Phase {
+    /// Reading command lines.
+    Command,
+    /// Reading a DATA body.
+    Data {
+        reader: DataReader,
+        body: BytesMut,
+    },
+    /// Reading a BDAT chunk.
+    Bdat(Chunk),
+    /// A message is with the sink; no input is consumed until its answer arrives.
+    AwaitingPublish,
+    Closed,
+}
+
+struct Chunk {
+    size: u64,
+    remaining: u64,
+    last: bool,
+    /// When set, the chunk is read and dropped, then this is the reply (RFC 3030 has the
+    /// server consume a refused chunk so the byte stream stays in step).
+    refusal: Option<&'static [u8]>,
+}
+
+/// What HELO/EHLO established; it survives transactions.
+struct Greeting {
+    helo: Arc<str>,
+    esmtp: bool,
+}
+
+struct Transaction {
+    envelope: Envelope,
+    size_hint: Option<u64>,
+    /// BDAT chunks received so far (DATA bodies live in `Phase::Data`).
+    bdat_body: Option<BytesMut>,
+    bdat_size: u64,
+}
+
 /// One SMTP conversation, from greeting to close.
 ///
 /// The caller owns the socket: it hands received bytes to [`Session::feed`], writes out
@@ -28,17 +99,33 @@ pub struct SessionConfig {
 /// and reports back with [`Session::publish_result`]. Until then the session consumes no
 /// further input, which keeps pipelined replies in order (RFC 2920).
 pub struct Session {
-    _config: Arc<SessionConfig>,
+    config: Arc<SessionConfig>,
+    client_addr: SocketAddr,
     out: Vec<u8>,
+    phase: Phase,
+    greeting: Option<Greeting>,
+    txn: Option<Transaction>,
+    completed: Option<Message>,
+    /// Inside a command line longer than the limit: drop bytes up to its LF.
+    discarding_line: bool,
+    draining: bool,
 }
 
 impl Session {
     /// A new session; its `220` greeting is already in the output.
     pub fn new(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
-        let _ = client_addr;
+        let mut out = Vec::with_capacity(512);
+        reply::greeting(&mut out, &config.hostname);
         Session {
-            _config: config,
-            out: Vec::new(),
+            config,
+            client_addr,
+            out,
+            phase: Phase::Command,
+            greeting: None,
+            txn: None,
+            completed: None,
+            discarding_line: false,
+            draining: false,
         }
     }
 
@@ -46,20 +133,78 @@ impl Session {
     /// The caller keeps the rest (an incomplete line) and offers it again with more bytes
     /// appended. Stops early while a message awaits its publish result or once closed.
     pub fn feed(&mut self, input: &[u8]) -> usize {
-        let _ = input;
-        unimplemented!()
+        let mut pos = 0;
+        loop {
+            let rest = &input[pos..];
+            match &mut self.phase {
+                Phase::Closed | Phase::AwaitingPublish => return pos,
+                Phase::Command => {
+                    let Some(lf) = memchr(b'\n', rest) else {
+                        // A line that cannot end within the limit is dropped as it
+                        // arrives, so the caller's buffer stays bounded.
+                        if self.discarding_line || rest.len() >= command::MAX_COMMAND_LINE {
+                            self.discarding_line = true;
+                            return input.len();
+                        }
+                        return pos;
+                    };
+                    pos += lf + 1;
+                    if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_COMMAND_LINE {
+                        self.out.extend_from_slice(reply::LINE_TOO_LONG);
+                        continue;
+                    }
+                    let line = &rest[..lf];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    self.command(line);
+                }
+                Phase::Data { reader, body } => {
+                    let (consumed, done) = reader.feed(rest, body);
+                    pos += consumed;
+                    if !done {
+                        return pos;
+                    }
+                    self.finish_data();
+                }
+                Phase::Bdat(chunk) => {
+                    let take = chunk.remaining.min(rest.len() as u64);
+                    // `take` fits in usize: it is at most `rest.len()`.
+                    let bytes = &rest[..take as usize];
+                    chunk.remaining -= take;
+                    pos += bytes.len();
+                    if chunk.refusal.is_none() {
+                        if let Some(body) = self.txn.as_mut().and_then(|t| t.bdat_body.as_mut()) {
+                            body.extend_from_slice(bytes);
+                        }
+                    }
+                    if chunk.remaining > 0 {
+                        return pos;
+                    }
+                    self.finish_chunk();
+                }
+            }
+        }
     }
 
     /// The message just completed, if any. The session then awaits [`Self::publish_result`].
     pub fn take_message(&mut self) -> Option<Message> {
-        unimplemented!()
+        self.completed.take()
     }
 
     /// The sink's answer for the message taken last: `250 2.0.0 Ok: queued as <id>`,
     /// `451 4.3.0` or `552 5.3.4`.
     pub fn publish_result(&mut self, result: PublishResult) {
-        let _ = result;
-        unimplemented!()
+        if !matches!(self.phase, Phase::AwaitingPublish) {
+            debug_assert!(false, "publish_result without a message in flight");
+            return;
+        }
+        match result {
+            Ok(id) => reply::queued(&mut self.out, id),
+            Err(PublishError::Temporary(reason)) => {
+                reply::temporary_failure(&mut self.out, &reason)
+            }
+            Err(PublishError::TooLarge) => self.out.extend_from_slice(reply::SINK_TOO_BIG),
+        }
+        self.phase = Phase::Command;
     }
 
     /// Replies not yet written to the client.
@@ -69,38 +214,411 @@ impl Session {
 
     /// The caller wrote the first `n` bytes of [`Self::output`].
     pub fn advance_output(&mut self, n: usize) {
-        self.out.drain(..n);
+        self.out.drain(..n.min(self.out.len()));
     }
 
     /// After QUIT, a timeout or a shutdown reply: write the output, then close.
     pub fn is_closed(&self) -> bool {
-        unimplemented!()
+        matches!(self.phase, Phase::Closed)
     }
 
     /// A message is with the sink and the session waits for its answer.
     pub fn is_awaiting_publish(&self) -> bool {
-        unimplemented!()
+        matches!(self.phase, Phase::AwaitingPublish)
     }
 
     /// Between commands: no DATA or BDAT body under way, no message with the sink.
     /// (The caller also knows whether it holds a partial command line.)
     pub fn is_between_commands(&self) -> bool {
-        unimplemented!()
+        matches!(self.phase, Phase::Command) && !self.discarding_line
     }
 
     /// The client was silent too long: `421 4.4.2`, then close.
     pub fn timed_out(&mut self) {
-        unimplemented!()
+        reply::timeout(&mut self.out, &self.config.hostname);
+        self.close();
     }
 
     /// The server is draining: from now on every command gets `421 4.3.2` and the
     /// session closes. A message already with the sink still gets its answer.
     pub fn begin_drain(&mut self) {
-        unimplemented!()
+        self.draining = true;
     }
 
     /// Drain reached a session between commands: `421 4.3.2` now, then close.
     pub fn shut_down_now(&mut self) {
-        unimplemented!()
+        reply::shutting_down(&mut self.out, &self.config.hostname);
+        self.close();
+    }
+
+    fn close(&mut self) {
+        self.phase = Phase::Closed;
+        self.txn = None;
+        self.completed = None;
+    }
+
+    fn reply(&mut self, text: &[u8]) {
+        self.out.extend_from_slice(text);
+    }
+
+    fn command(&mut self, line: &[u8]) {
+        if self.draining {
+            return self.shut_down_now();
+        }
+        let command = match command::parse(line) {
+            Ok(command) => command,
+            Err(error) => return self.reply(command_error_reply(error)),
+        };
+        match command {
+            Command::Ehlo(name) => self.hello(name, true),
+            Command::Helo(name) => self.hello(name, false),
+            Command::Mail { verb, from, params } => self.mail(verb, from, params),
+            Command::Rcpt { to, params } => self.rcpt(to, params),
+            Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.txn = None;
+                self.reply(reply::OK);
+            }
+            Command::Noop => self.reply(reply::OK),
+            Command::Quit => {
+                reply::bye(&mut self.out, &self.config.hostname);
+                self.close();
+            }
+            Command::Vrfy(_) => self.reply(reply::VRFY),
+            Command::Expn(_) => self.reply(reply::EXPN),
+            Command::Help(topic) => self.help(topic),
+            Command::Turn => self.reply(reply::TURN),
+            Command::NotImplemented => self.reply(reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    fn hello(&mut self, name: &[u8], esmtp: bool) {
+        // RFC 5321 allows one argument; some clients add more words, which we ignore.
+        let name = name.split(|&b| b == b' ').next().unwrap_or_default();
+        let Some(name) = std::str::from_utf8(name)
+            .ok()
+            .filter(|n| n.len() <= MAX_HELO && !n.chars().any(char::is_control))
+        else {
+            return self.reply(reply::BAD_HELO);
+        };
+        let helo = match self.greeting.take() {
+            Some(g) if &*g.helo == name => g.helo,
+            _ => Arc::from(name),
+        };
+        self.greeting = Some(Greeting { helo, esmtp });
+        // HELO/EHLO also reset any transaction (RFC 5321 section 4.1.4).
+        self.txn = None;
+        if esmtp {
+            reply::ehlo(
+                &mut self.out,
+                &self.config.hostname,
+                self.config.max_message_size,
+            );
+        } else {
+            reply::helo(&mut self.out, &self.config.hostname);
+        }
+    }
+
+    fn mail(&mut self, verb: Verb, from: ReversePath<'_>, params: Params<'_>) {
+        let Some(greeting) = &self.greeting else {
+            return self.reply(reply::NEED_HELO);
+        };
+        if self.txn.is_some() {
+            return self.reply(reply::NESTED_MAIL);
+        }
+        if !params.is_empty() && !greeting.esmtp {
+            return self.reply(reply::PARAMS_NEED_EHLO);
+        }
+        let mail_params = match MailParams::parse(params) {
+            Ok(p) => p,
+            Err(text) => return self.reply(text),
+        };
+        if mail_params
+            .size
+            .is_some_and(|size| size > self.config.max_message_size as u64)
+        {
+            return self.reply(reply::MESSAGE_TOO_BIG);
+        }
+        let from = match from {
+            ReversePath::Null => "",
+            ReversePath::Mailbox(m) if !m.is_ascii() && !mail_params.smtputf8 => {
+                return self.reply(reply::NEEDS_SMTPUTF8)
+            }
+            ReversePath::Mailbox(m) => m.text,
+        };
+        // Accepted parameters are ASCII keywords and values, so this never falls back.
+        let params_text = std::str::from_utf8(params.as_bytes()).unwrap_or_default();
+        let mut envelope = Envelope::new(
+            verb,
+            greeting.helo.clone(),
+            greeting.esmtp,
+            self.client_addr,
+            from,
+            params_text,
+        );
+        envelope.smtputf8 = mail_params.smtputf8;
+        self.txn = Some(Transaction {
+            envelope,
+            size_hint: mail_params.size,
+            bdat_body: None,
+            bdat_size: 0,
+        });
+        self.reply(reply::MAIL_OK);
+    }
+
+    fn rcpt(&mut self, to: ForwardPath<'_>, params: Params<'_>) {
+        let Some(txn) = &mut self.txn else {
+            return self.reply(reply::NEED_MAIL);
+        };
+        if txn.bdat_body.is_some() {
+            return self.reply(reply::RCPT_AFTER_BDAT);
+        }
+        if !params.is_empty() {
+            return self.reply(reply::UNKNOWN_RCPT_PARAM);
+        }
+        let rcpt = match to {
+            ForwardPath::Null => return self.reply(reply::NULL_RECIPIENT),
+            ForwardPath::Postmaster => "Postmaster",
+            ForwardPath::Mailbox(m) if !m.is_ascii() && !txn.envelope.smtputf8 => {
+                return self.reply(reply::NEEDS_SMTPUTF8)
+            }
+            ForwardPath::Mailbox(m) if !self.config.accepts(m.domain) => {
+                return self.reply(reply::RELAY_DENIED)
+            }
+            ForwardPath::Mailbox(m) => m.text,
+        };
+        if txn.envelope.rcpt_count() >= self.config.max_recipients {
+            return self.reply(reply::TOO_MANY_RECIPIENTS);
+        }
+        txn.envelope.push_rcpt(rcpt);
+        self.reply(reply::RCPT_OK);
+    }
+
+    fn data(&mut self) {
+        let Some(txn) = &self.txn else {
+            return self.reply(reply::NEED_MAIL);
+        };
+        if txn.bdat_body.is_some() {
+            return self.reply(reply::DATA_AFTER_BDAT);
+        }
+        if txn.envelope.rcpt_count() == 0 {
+            return self.reply(reply::NO_VALID_RECIPIENTS);
+        }
+        let body = self.new_body(txn.size_hint);
+        let reader = DataReader::new(self.config.max_message_size, self.config.bare_lf);
+        self.phase = Phase::Data { reader, body };
+        self.reply(reply::START_DATA);
+    }
+
+    fn finish_data(&mut self) {
+        let Phase::Data { reader, body } = mem::replace(&mut self.phase, Phase::Command) else {
+            return;
+        };
+        // After the final dot the transaction is over, whatever the outcome.
+        let Some(txn) = self.txn.take() else {
+            return;
+        };
+        match reader.outcome() {
+            BodyOutcome::Complete => self.complete(txn.envelope, body),
+            BodyOutcome::TooLarge => self.reply(reply::MESSAGE_TOO_BIG),
+            BodyOutcome::BareLineEnding => self.reply(reply::BARE_LINE_ENDING),
+        }
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) {
+        let max = self.config.max_message_size as u64;
+        let refusal = match (&self.greeting, &self.txn) {
+            (None, _) => Some(reply::NEED_HELO),
+            (Some(g), _) if !g.esmtp => Some(reply::BDAT_NEEDS_EHLO),
+            (_, None) => Some(reply::NEED_MAIL),
+            (_, Some(t)) if t.envelope.rcpt_count() == 0 => Some(reply::NO_VALID_RECIPIENTS),
+            (_, Some(t)) if t.bdat_size.saturating_add(size) > max => Some(reply::MESSAGE_TOO_BIG),
+            _ => None,
+        };
+        if refusal.is_none() {
+            let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
+            let new_body = self.new_body(Some(hint));
+            if let Some(txn) = self.txn.as_mut() {
+                txn.bdat_body.get_or_insert(new_body);
+                txn.bdat_size += size;
+            }
+        }
+        self.phase = Phase::Bdat(Chunk {
+            size,
+            remaining: size,
+            last,
+            refusal,
+        });
+        if size == 0 {
+            self.finish_chunk();
+        }
+    }
+
+    fn finish_chunk(&mut self) {
+        let Phase::Bdat(chunk) = mem::replace(&mut self.phase, Phase::Command) else {
+            return;
+        };
+        match chunk.refusal {
+            Some(refusal) => {
+                if refusal == reply::MESSAGE_TOO_BIG {
+                    // RFC 3030 section 2: after an error the transaction is aborted.
+                    self.txn = None;
+                }
+                self.reply(refusal);
+            }
+            None if chunk.last => {
+                if let Some(Transaction {
+                    envelope,
+                    bdat_body: Some(body),
+                    ..
+                }) = self.txn.take()
+                {
+                    self.complete(envelope, body);
+                }
+            }
+            None => reply::chunk_received(&mut self.out, chunk.size),
+        }
+    }
+
+    fn complete(&mut self, envelope: Envelope, body: BytesMut) {
+        self.completed = Some(Message::new(envelope, body, self.config.headroom()));
+        self.phase = Phase::AwaitingPublish;
+    }
+
+    /// One allocation per message: the body with headroom for the trace line, sized by
+    /// the client's SIZE hint when it gave one (bounded by our limit).
+    fn new_body(&self, size_hint: Option<u64>) -> BytesMut {
+        let headroom = self.config.headroom();
+        let expected = size_hint
+            .map_or(INITIAL_BODY_CAPACITY as u64, |s| s.saturating_add(2))
+            .min(self.config.max_message_size as u64) as usize;
+        let mut body = BytesMut::with_capacity(headroom + expected);
+        body.resize(headroom, 0);
+        body
+    }
+
+    fn help(&mut self, topic: &[u8]) {
+        if topic.is_empty() {
+            self.reply(reply::HELP);
+        } else if let Some(text) = help_topic(topic) {
+            self.reply(text);
+        } else {
+            self.reply(reply::HELP_UNKNOWN_TOPIC);
+        }
     }
 }
+
+/// The MAIL parameters we implement (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8).
+#[derive(Default)]
+struct MailParams {
+    size: Option<u64>,
+    body: bool,
+    smtputf8: bool,
+}
+
+impl MailParams {
+    fn parse(params: Params<'_>) -> Result<Self, &'static [u8]> {
+        let mut parsed = MailParams::default();
+        for param in params.iter() {
+            let (key, value) = param.map_err(|()| reply::BAD_PARAM)?;
+            if key.eq_ignore_ascii_case(b"SIZE") {
+                let size = value
+                    .and_then(command::parse_decimal)
+                    .ok_or(reply::BAD_PARAM)?;
+                if parsed.size.replace(size).is_some() {
+                    return Err(reply::DUPLICATE_PARAM);
+                }
+            } else if key.eq_ignore_ascii_case(b"BODY") {
+                let value = value.ok_or(reply::BAD_PARAM)?;
+                if !(value.eq_ignore_ascii_case(b"7BIT") || value.eq_ignore_ascii_case(b"8BITMIME"))
+                {
+                    // BINARYMIME is not advertised.
+                    return Err(reply::UNKNOWN_MAIL_PARAM);
+                }
+                if mem::replace(&mut parsed.body, true) {
+                    return Err(reply::DUPLICATE_PARAM);
+                }
+            } else if key.eq_ignore_ascii_case(b"SMTPUTF8") {
+                if value.is_some() {
+                    return Err(reply::BAD_PARAM);
+                }
+                if mem::replace(&mut parsed.smtputf8, true) {
+                    return Err(reply::DUPLICATE_PARAM);
+                }
+            } else {
+                return Err(reply::UNKNOWN_MAIL_PARAM);
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn command_error_reply(error: CommandError) -> &'static [u8] {
+    match error {
+        CommandError::UnknownVerb => reply::UNKNOWN_COMMAND,
+        CommandError::Syntax(of) => match of {
+            SyntaxOf::Helo => reply::SYNTAX_HELO,
+            SyntaxOf::Ehlo => reply::SYNTAX_EHLO,
+            SyntaxOf::Mail => reply::SYNTAX_MAIL,
+            SyntaxOf::Rcpt => reply::SYNTAX_RCPT,
+            SyntaxOf::Bdat => reply::SYNTAX_BDAT,
+            SyntaxOf::Vrfy => reply::SYNTAX_VRFY,
+            SyntaxOf::NoArguments => reply::NO_ARGUMENTS,
+        },
+        CommandError::Address(kind, error) => {
+            let too_long = matches!(
+                error,
+                AddressError::LocalPartTooLong
+                    | AddressError::DomainTooLong
+                    | AddressError::PathTooLong
+            );
+            match (kind, too_long) {
+                (PathKind::Sender, false) => reply::BAD_SENDER,
+                (PathKind::Sender, true) => reply::SENDER_TOO_LONG,
+                (PathKind::Recipient, false) => reply::BAD_RECIPIENT,
+                (PathKind::Recipient, true) => reply::RECIPIENT_TOO_LONG,
+            }
+        }
+    }
+}
+
+fn help_topic(topic: &[u8]) -> Option<&'static [u8]> {
+    const TOPICS: &[(&[u8], &[u8])] = &[
+        (b"HELO", b"214 2.0.0 HELO <hostname>\r\n"),
+        (b"EHLO", b"214 2.0.0 EHLO <hostname>\r\n"),
+        (
+            b"MAIL",
+            b"214 2.0.0 MAIL FROM:<sender> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]\r\n",
+        ),
+        (b"RCPT", b"214 2.0.0 RCPT TO:<recipient>\r\n"),
+        (
+            b"DATA",
+            b"214 2.0.0 DATA, then the message, ended by a line with a single dot\r\n",
+        ),
+        (
+            b"BDAT",
+            b"214 2.0.0 BDAT <size> [LAST], then exactly <size> octets\r\n",
+        ),
+        (
+            b"RSET",
+            b"214 2.0.0 RSET aborts the current transaction\r\n",
+        ),
+        (b"NOOP", b"214 2.0.0 NOOP does nothing\r\n"),
+        (b"QUIT", b"214 2.0.0 QUIT closes the connection\r\n"),
+        (
+            b"VRFY",
+            b"214 2.0.0 VRFY <address>: never verifies, answers 252\r\n",
+        ),
+        (b"EXPN", b"214 2.0.0 EXPN is not supported\r\n"),
+        (b"HELP", b"214 2.0.0 HELP [command]\r\n"),
+    ];
+    TOPICS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(topic))
+        .map(|&(_, text)| text)
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -1,0 +1,625 @@
+//! Session tests: every command, reply and state transition, byte by byte.
+
+use super::*;
+use crate::smtp::envelope::MessageId;
+use proptest::prelude::*;
+
+fn config(bare_lf: BareLfPolicy) -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        hostname: "mx.test".into(),
+        accept_domains: vec!["example.com".into(), "[192.0.2.1]".into()],
+        max_message_size: 100,
+        max_recipients: 3,
+        bare_lf,
+    })
+}
+
+/// What a client would see: every byte the session wrote, every message it completed.
+#[derive(Debug, PartialEq)]
+struct Transcript {
+    replies: Vec<u8>,
+    messages: Vec<(Vec<u8>, Vec<String>, Vec<u8>)>,
+}
+
+/// Feeds `input` in the given pieces, like a reactor would: it keeps unconsumed bytes,
+/// stores each completed message at once (ids are a counter) and resumes feeding.
+fn run_pieces<'a>(
+    cfg: Arc<SessionConfig>,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+) -> Transcript {
+    let mut session = Session::new(cfg, "192.0.2.7:4321".parse().unwrap());
+    let mut buffer = Vec::new();
+    let mut messages = Vec::new();
+    for piece in pieces {
+        buffer.extend_from_slice(piece);
+        loop {
+            let n = session.feed(&buffer);
+            buffer.drain(..n);
+            let Some(message) = session.take_message() else {
+                break;
+            };
+            messages.push((
+                message.envelope.mail_from().as_bytes().to_vec(),
+                message.envelope.rcpt_to().map(String::from).collect(),
+                message.body().to_vec(),
+            ));
+            session.publish_result(Ok(MessageId::from(messages.len() as u128)));
+        }
+        if session.is_closed() {
+            break;
+        }
+    }
+    Transcript {
+        replies: session.output().to_vec(),
+        messages,
+    }
+}
+
+fn run(input: &[u8]) -> Transcript {
+    run_pieces(config(BareLfPolicy::Reject), [input])
+}
+
+/// The final line of each reply after the greeting, as `code` or `code x.y.z`.
+fn codes(t: &Transcript) -> Vec<String> {
+    String::from_utf8_lossy(&t.replies)
+        .split("\r\n")
+        .filter(|l| l.len() >= 4 && &l[3..4] == " ")
+        .skip(1)
+        .map(|l| {
+            let mut words = l.split(' ');
+            let code = words.next().unwrap_or_default();
+            match words.next() {
+                Some(e)
+                    if e.split('.').count() == 3
+                        && e.split('.').all(|n| n.parse::<u16>().is_ok()) =>
+                {
+                    format!("{code} {e}")
+                }
+                _ => code.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// `code` for replies without an enhanced code, `code x.y.z` for those with one.
+fn replies(input: &str) -> Vec<String> {
+    codes(&run(input.as_bytes()))
+}
+
+const HELLO: &str = "EHLO client.test\r\n";
+const TXN: &str = "EHLO client.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n";
+
+#[test]
+fn greeting_and_ehlo_advertise_only_what_works() {
+    let t = run(b"EHLO client.test\r\n");
+    let text = String::from_utf8(t.replies).unwrap();
+    assert!(text.starts_with("220 mx.test ESMTP"));
+    for ext in [
+        "PIPELINING",
+        "SIZE 100",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "CHUNKING",
+    ] {
+        assert!(
+            text.contains(&format!("250-{ext}\r\n")) || text.contains(&format!("250 {ext}\r\n")),
+            "{ext}"
+        );
+    }
+    assert!(!text.contains("STARTTLS") && !text.contains("AUTH"));
+}
+
+#[test]
+fn full_transaction_and_a_second_one_in_the_same_session() {
+    let input = format!(
+        "{TXN}DATA\r\nSubject: hi\r\n\r\n..dot\r\n.\r\nMAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n"
+    );
+    let t = run(input.as_bytes());
+    assert_eq!(
+        codes(&t),
+        [
+            "250",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0",
+            "221 2.0.0"
+        ]
+    );
+    assert_eq!(t.messages.len(), 2);
+    assert_eq!(t.messages[0].0, b"a@x.test");
+    assert_eq!(t.messages[0].1, vec!["b@example.com".to_string()]);
+    assert_eq!(t.messages[0].2, b"Subject: hi\r\n\r\n.dot\r\n");
+    assert_eq!(t.messages[1].0, b"");
+    assert_eq!(t.messages[1].1, vec!["Postmaster".to_string()]);
+    let text = String::from_utf8(t.replies).unwrap();
+    assert!(text.contains(&format!("queued as {}", MessageId::from(1u128))));
+}
+
+/// (commands before, command, expected final reply). The table covers every reply the
+/// core can give to a command, and each row also checks the state was kept afterwards.
+#[test]
+fn every_reply() {
+    let long_local = format!("{}@example.com", "l".repeat(65));
+    let cases: Vec<(String, String, &str)> = vec![
+        ("".into(), "HELO client.test".into(), "250"),
+        ("".into(), "HELO".into(), "501 5.5.4"),
+        ("".into(), "EHLO".into(), "501 5.5.4"),
+        ("".into(), "HELO bad\u{1}name".into(), "501 5.5.4"),
+        ("".into(), "MAIL FROM:<a@x.test>".into(), "503 5.5.1"),
+        (HELLO.into(), "MAIL FROM:<a@x.test>".into(), "250 2.1.0"),
+        (HELLO.into(), "MAIL FROM:<>".into(), "250 2.1.0"),
+        (HELLO.into(), "MAIL FROM:a@x.test".into(), "501 5.1.7"),
+        (HELLO.into(), "MAIL TO:<a@x.test>".into(), "501 5.5.4"),
+        (
+            HELLO.into(),
+            format!("MAIL FROM:<{long_local}>"),
+            "553 5.1.7",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> SIZE=100".into(),
+            "250 2.1.0",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> SIZE=101".into(),
+            "552 5.3.4",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> SIZE=x".into(),
+            "501 5.5.4",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> SIZE=1 SIZE=1".into(),
+            "501 5.5.4",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> BODY=8BITMIME".into(),
+            "250 2.1.0",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> BODY=BINARYMIME".into(),
+            "555 5.5.4",
+        ),
+        (
+            HELLO.into(),
+            "MAIL FROM:<a@x.test> RET=FULL".into(),
+            "555 5.5.4",
+        ),
+        (
+            "HELO c\r\n".into(),
+            "MAIL FROM:<a@x.test> SIZE=1".into(),
+            "555 5.5.4",
+        ),
+        (HELLO.into(), "MAIL FROM:<ü@x.test>".into(), "553 5.6.7"),
+        (
+            HELLO.into(),
+            "MAIL FROM:<ü@x.test> SMTPUTF8".into(),
+            "250 2.1.0",
+        ),
+        (HELLO.into(), "SEND FROM:<a@x.test>".into(), "250 2.1.0"),
+        (HELLO.into(), "SOML FROM:<a@x.test>".into(), "250 2.1.0"),
+        (HELLO.into(), "SAML FROM:<a@x.test>".into(), "250 2.1.0"),
+        (TXN.into(), "MAIL FROM:<a@x.test>".into(), "503 5.5.1"),
+        (HELLO.into(), "RCPT TO:<b@example.com>".into(), "503 5.5.1"),
+        (TXN.into(), "RCPT TO:<c@EXAMPLE.COM>".into(), "250 2.1.5"),
+        (TXN.into(), "RCPT TO:<c@[192.0.2.1]>".into(), "250 2.1.5"),
+        (TXN.into(), "RCPT TO:<c@elsewhere.test>".into(), "550 5.7.1"),
+        (TXN.into(), "RCPT TO:<postmaster>".into(), "250 2.1.5"),
+        (TXN.into(), "RCPT TO:<>".into(), "501 5.1.3"),
+        (TXN.into(), "RCPT TO:c@example.com".into(), "501 5.1.3"),
+        (TXN.into(), format!("RCPT TO:<{long_local}>"), "553 5.1.3"),
+        (
+            TXN.into(),
+            "RCPT TO:<c@example.com> NOTIFY=NEVER".into(),
+            "555 5.5.4",
+        ),
+        (TXN.into(), "RCPT TO:<ü@example.com>".into(), "553 5.6.7"),
+        (
+            "EHLO c\r\nMAIL FROM:<a@x.test> SMTPUTF8\r\n".into(),
+            "RCPT TO:<ü@example.com>".into(),
+            "250 2.1.5",
+        ),
+        (
+            format!("{TXN}RCPT TO:<c@example.com>\r\nRCPT TO:<d@example.com>\r\n"),
+            "RCPT TO:<e@example.com>".into(),
+            "452 4.5.3",
+        ),
+        (HELLO.into(), "DATA".into(), "503 5.5.1"),
+        (
+            format!("{HELLO}MAIL FROM:<>\r\n"),
+            "DATA".into(),
+            "554 5.5.1",
+        ),
+        (TXN.into(), "DATA x".into(), "501 5.5.4"),
+        (TXN.into(), "RSET".into(), "250 2.0.0"),
+        (TXN.into(), "RSET x".into(), "501 5.5.4"),
+        ("".into(), "NOOP".into(), "250 2.0.0"),
+        ("".into(), "NOOP with args".into(), "250 2.0.0"),
+        ("".into(), "VRFY someone".into(), "252 2.5.2"),
+        ("".into(), "VRFY".into(), "501 5.5.4"),
+        ("".into(), "EXPN list".into(), "502 5.5.1"),
+        ("".into(), "HELP".into(), "214 2.0.0"),
+        ("".into(), "HELP mail".into(), "214 2.0.0"),
+        ("".into(), "HELP nothing".into(), "504 5.5.4"),
+        ("".into(), "TURN".into(), "502 5.5.1"),
+        ("".into(), "STARTTLS".into(), "502 5.5.1"),
+        ("".into(), "AUTH PLAIN".into(), "502 5.5.1"),
+        ("".into(), "XYZZY".into(), "500 5.5.2"),
+        ("".into(), "".into(), "500 5.5.2"),
+        ("".into(), "BDAT 0".into(), "503 5.5.1"),
+        (
+            "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<b@example.com>\r\n".into(),
+            "BDAT 0".into(),
+            "503 5.5.1",
+        ),
+        (
+            format!("{HELLO}MAIL FROM:<>\r\n"),
+            "BDAT 0".into(),
+            "554 5.5.1",
+        ),
+        // The refused chunk is still read: 101 octets plus the CRLF the row appends.
+        (
+            TXN.into(),
+            format!("BDAT 103\r\n{}", "z".repeat(101)),
+            "552 5.3.4",
+        ),
+        (TXN.into(), "BDAT x".into(), "501 5.5.4"),
+        ("".into(), "QUIT".into(), "221 2.0.0"),
+        ("".into(), "QUIT now".into(), "501 5.5.4"),
+    ];
+    for (before, command, expected) in cases {
+        // A NOOP afterwards shows the session is still there, except after QUIT.
+        let input = format!("{before}{command}\r\nNOOP\r\n");
+        let got = replies(&input);
+        let n = got.len();
+        let closes = command == "QUIT";
+        let (reply, after) = if closes {
+            (&got[n - 1], None)
+        } else {
+            (&got[n - 2], Some(&got[n - 1]))
+        };
+        assert_eq!(
+            reply, expected,
+            "after {before:?}, {command:?} gave {got:?}"
+        );
+        if let Some(after) = after {
+            assert_eq!(after, "250 2.0.0", "session survives {command:?}");
+        }
+    }
+}
+
+#[test]
+fn errors_keep_the_transaction() {
+    let got = replies(&format!(
+        "{TXN}RCPT TO:<nope@elsewhere.test>\r\nMAIL FROM:<x@y.test>\r\nBOGUS\r\nRCPT TO:<c@example.com>\r\nDATA\r\nhi\r\n.\r\n"
+    ));
+    assert_eq!(
+        &got[3..],
+        [
+            "550 5.7.1",
+            "503 5.5.1",
+            "500 5.5.2",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0"
+        ]
+    );
+}
+
+#[test]
+fn ehlo_and_rset_end_the_transaction() {
+    assert_eq!(
+        replies(&format!("{TXN}RSET\r\nDATA\r\n")).last().unwrap(),
+        "503 5.5.1"
+    );
+    assert_eq!(
+        replies(&format!("{TXN}EHLO again\r\nDATA\r\n"))
+            .last()
+            .unwrap(),
+        "503 5.5.1"
+    );
+}
+
+#[test]
+fn command_line_length_limit() {
+    // 510 octets plus CRLF is the longest line allowed.
+    let ok = format!("NOOP {}\r\n", "x".repeat(505));
+    assert_eq!(ok.len(), 512);
+    assert_eq!(replies(&ok), ["250 2.0.0"]);
+    let long = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(506));
+    assert_eq!(replies(&long), ["500 5.5.6", "250 2.0.0"]);
+    // A huge line is dropped as it arrives, whatever the reads look like.
+    let huge = format!("{}\r\nNOOP\r\n", "y".repeat(100_000));
+    let whole = run(huge.as_bytes());
+    let pieces: Vec<&[u8]> = huge.as_bytes().chunks(700).collect();
+    assert_eq!(run_pieces(config(BareLfPolicy::Reject), pieces), whole);
+    assert_eq!(codes(&whole), ["500 5.5.6", "250 2.0.0"]);
+}
+
+#[test]
+fn bare_lf_terminates_command_lines() {
+    assert_eq!(replies("EHLO c\nNOOP\n"), ["250", "250 2.0.0"]);
+}
+
+#[test]
+fn oversize_message_is_read_to_its_end_and_the_session_goes_on() {
+    let body = "x".repeat(200);
+    let t = run(format!("{TXN}DATA\r\n{body}\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nok\r\n.\r\n").as_bytes());
+    assert_eq!(
+        &codes(&t)[3..],
+        [
+            "354",
+            "552 5.3.4",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354",
+            "250 2.0.0"
+        ]
+    );
+    assert_eq!(t.messages.len(), 1);
+    assert_eq!(t.messages[0].2, b"ok\r\n");
+}
+
+#[test]
+fn message_of_exactly_the_limit_is_accepted() {
+    // "." + 97 octets + CRLF = 100 = max_message_size once the stuffing dot is gone.
+    let exact = format!(".{}\r\n", "x".repeat(97));
+    let t = run(format!("{TXN}DATA\r\n.{exact}.\r\n").as_bytes());
+    assert_eq!(codes(&t).last().unwrap(), "250 2.0.0");
+    assert_eq!(t.messages[0].2.len(), 100);
+    let over = run(format!("{TXN}DATA\r\n{}\r\n.\r\n", "x".repeat(99)).as_bytes());
+    assert_eq!(codes(&over).last().unwrap(), "552 5.3.4");
+}
+
+#[test]
+fn smuggling_is_refused_and_never_splits_a_message() {
+    for seq in [
+        "\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\r\n.\r", "\r\n.\rX",
+    ] {
+        let input = format!("{TXN}DATA\r\na{seq}MAIL FROM:<e@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n");
+        let t = run(input.as_bytes());
+        assert_eq!(
+            &codes(&t)[3..],
+            ["354", "550 5.6.0", "250 2.0.0"],
+            "{seq:?}"
+        );
+        assert!(t.messages.is_empty(), "{seq:?}");
+        let normalized = run_pieces(config(BareLfPolicy::Normalize), [input.as_bytes()]);
+        assert_eq!(
+            &codes(&normalized)[3..],
+            ["354", "250 2.0.0", "250 2.0.0"],
+            "{seq:?}"
+        );
+        assert_eq!(
+            normalized.messages.len(),
+            1,
+            "{seq:?}: one message, not two"
+        );
+    }
+}
+
+#[test]
+fn bdat_chunks_are_raw_and_concatenated() {
+    let t = run(format!("{TXN}BDAT 5\r\n.\r\n\nxBDAT 3 LAST\r\nend").as_bytes());
+    assert_eq!(&codes(&t)[3..], ["250 2.0.0", "250 2.0.0"]);
+    assert!(String::from_utf8_lossy(&t.replies).contains("250 2.0.0 5 octets received"));
+    assert_eq!(t.messages[0].2, b".\r\n\nxend");
+    assert_eq!(
+        replies(&format!("{TXN}BDAT 1\r\nxDATA\r\n"))
+            .last()
+            .unwrap(),
+        "503 5.5.1"
+    );
+    assert_eq!(
+        replies(&format!("{TXN}BDAT 1\r\nxRCPT TO:<c@example.com>\r\n"))
+            .last()
+            .unwrap(),
+        "503 5.5.1"
+    );
+    assert_eq!(
+        run(format!("{TXN}BDAT 0 LAST\r\n").as_bytes()).messages[0].2,
+        b""
+    );
+}
+
+#[test]
+fn refused_bdat_chunk_is_consumed() {
+    // The chunk's bytes look like commands; they must not be run as such.
+    let got = replies("EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n");
+    assert_eq!(got, ["250", "503 5.5.1", "250 2.0.0"]);
+    // Over the limit across chunks: the transaction is aborted.
+    let got = replies(&format!(
+        "{TXN}BDAT 60\r\n{}BDAT 60 LAST\r\n{}DATA\r\n",
+        "a".repeat(60),
+        "b".repeat(60)
+    ));
+    assert_eq!(&got[3..], ["250 2.0.0", "552 5.3.4", "503 5.5.1"]);
+}
+
+#[test]
+fn pipelined_input_waits_while_a_message_is_published() {
+    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let input = format!("{TXN}DATA\r\nhi\r\n.\r\nNOOP\r\nQUIT\r\n");
+    let n = session.feed(input.as_bytes());
+    let rest = &input.as_bytes()[n..];
+    assert_eq!(
+        rest, b"NOOP\r\nQUIT\r\n",
+        "nothing after the final dot is consumed yet"
+    );
+    assert!(session.is_awaiting_publish());
+    assert_eq!(session.feed(rest), 0);
+    let message = session.take_message().unwrap();
+    assert_eq!(message.body(), b"hi\r\n");
+    session.publish_result(Err(PublishError::Temporary("sink down".into())));
+    assert_eq!(session.feed(rest), rest.len());
+    let text = String::from_utf8(session.output().to_vec()).unwrap();
+    assert!(
+        text.contains("\r\n451 4.3.0 sink down, try again later\r\n250 2.0.0 Ok\r\n221 2.0.0"),
+        "{text}"
+    );
+    assert!(session.is_closed());
+}
+
+#[test]
+fn sink_refusing_size_gives_552() {
+    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    session.feed(format!("{TXN}DATA\r\nhi\r\n.\r\n").as_bytes());
+    assert!(session.take_message().is_some());
+    session.publish_result(Err(PublishError::TooLarge));
+    assert!(String::from_utf8_lossy(session.output())
+        .ends_with("552 5.3.4 Message too large for the message store\r\n"));
+}
+
+#[test]
+fn timeout_and_drain() {
+    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    session.timed_out();
+    assert!(session.is_closed());
+    assert!(String::from_utf8_lossy(session.output())
+        .ends_with("421 4.4.2 mx.test Timeout, closing connection\r\n"));
+
+    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    session.feed(format!("{TXN}DATA\r\nhal").as_bytes());
+    session.begin_drain();
+    assert!(
+        !session.is_between_commands(),
+        "mid-DATA: let the message finish"
+    );
+    let n = session.feed(b"f\r\n.\r\nNOOP\r\n");
+    assert!(session.take_message().is_some());
+    session.publish_result(Ok(MessageId::from(9u128)));
+    session.feed(&b"f\r\n.\r\nNOOP\r\n"[n..]);
+    let text = String::from_utf8_lossy(session.output()).to_string();
+    assert!(
+        text.contains("queued as")
+            && text.ends_with("421 4.3.2 mx.test Service shutting down, closing connection\r\n"),
+        "{text}"
+    );
+    assert!(session.is_closed());
+}
+
+#[test]
+fn received_line_is_prepended_without_touching_the_body() {
+    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    session.feed(format!("{TXN}DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n").as_bytes());
+    let message = session.take_message().unwrap();
+    let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+    let sealed = message.seal(MessageId::from(7u128), at, "mx.test");
+    assert_eq!(sealed.body(), b"Subject: x\r\n\r\nbody\r\n");
+    let value = String::from_utf8(sealed.value.to_vec()).unwrap();
+    assert!(
+        value.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (smtpgw) with ESMTP id "
+        ),
+        "{value}"
+    );
+    assert!(
+        value.contains("\r\n\tfor <b@example.com>;\r\n\t"),
+        "{value}"
+    );
+    let mut headers = Vec::new();
+    sealed.for_each_header(|k, v| headers.push((k, String::from_utf8_lossy(v).to_string())));
+    let names: Vec<_> = headers.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        names,
+        [
+            "smtp.id",
+            "smtp.verb",
+            "smtp.mail_from",
+            "smtp.rcpt_to",
+            "smtp.helo",
+            "smtp.client_addr",
+            "smtp.received_at",
+            "smtp.mail_params",
+            "smtp.tls"
+        ]
+    );
+    assert_eq!(headers[6].1, "2027-01-15T08:00:00.000000Z");
+}
+
+/// A valid session built from random parts, for the split property.
+fn session_input() -> impl Strategy<Value = Vec<u8>> {
+    let body = prop::collection::vec(
+        prop::sample::select(vec![
+            "line\r\n",
+            ".stuffed\r\n",
+            "..\r\n",
+            "\r\n",
+            "x",
+            ".",
+            "\r",
+            "\n",
+            "é",
+        ]),
+        0..12,
+    )
+    .prop_map(|parts| parts.concat());
+    let transaction = (body, 0usize..3).prop_map(|(body, kind)| match kind {
+        0 => format!("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n{body}\r\n.\r\n"),
+        1 => format!(
+            "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nBDAT {} LAST\r\n{body}",
+            body.len()
+        ),
+        _ => "RSET\r\nNOOP\r\nVRFY x\r\nBOGUS\r\n".to_string(),
+    });
+    prop::collection::vec(transaction, 1..4)
+        .prop_map(|txns| format!("EHLO c.test\r\n{}QUIT\r\n", txns.concat()).into_bytes())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any split of a session into reads gives byte-identical replies and messages.
+    #[test]
+    fn any_split_gives_the_same_transcript(input in session_input(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8)) {
+        for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize] {
+            let whole = run_pieces(config(policy), [input.as_slice()]);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+            points.sort_unstable();
+            points.dedup();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            for p in points {
+                pieces.push(&input[start..p]);
+                start = p;
+            }
+            pieces.push(&input[start..]);
+            prop_assert_eq!(&run_pieces(config(policy), pieces), &whole);
+            prop_assert_eq!(&run_pieces(config(policy), input.chunks(1)), &whole);
+        }
+    }
+
+    /// Random bytes never panic and never get more replies than they have lines.
+    #[test]
+    fn random_bytes_are_harmless(input in prop::collection::vec(any::<u8>(), 0..2048), step in 1usize..64) {
+        let t = run_pieces(config(BareLfPolicy::Reject), input.chunks(step));
+        let lines = input.iter().filter(|&&b| b == b'\n').count();
+        let final_replies = String::from_utf8_lossy(&t.replies)
+            .split("\r\n")
+            .filter(|l| l.len() >= 4 && &l[3..4] == " ")
+            .count();
+        prop_assert!(final_replies <= lines + 1, "{} replies for {} lines", final_replies, lines);
+    }
+
+    /// Random bytes after a valid opening, mixing commands and bodies.
+    #[test]
+    fn random_commands_are_harmless(words in prop::collection::vec(prop::sample::select(vec![
+        "EHLO a\r\n", "MAIL FROM:<a@b>\r\n", "RCPT TO:<b@example.com>\r\n", "DATA\r\n", "BDAT 3\r\n",
+        "BDAT 2 LAST\r\n", ".\r\n", "\r\n.\r\n", "x", "\n", "\r", "RSET\r\n", "QUIT\r\n", "BDAT 1000\r\n",
+    ]), 0..40)) {
+        let input = words.concat();
+        let whole = run(input.as_bytes());
+        prop_assert_eq!(&run_pieces(config(BareLfPolicy::Reject), input.as_bytes().chunks(1)), &whole);
+    }
+}

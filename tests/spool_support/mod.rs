@@ -1,0 +1,72 @@
+//! Builders shared by the spool tests: real sealed messages, real channels.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use smtpgw::sink::{Completion, PublishResult, Sink};
+use smtpgw::smtp::envelope::{received_line, Envelope, SealedMessage, Verb};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use ulid::Ulid;
+
+/// Microsecond precision, as the spool stores it.
+pub fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("now is in range")
+}
+
+pub fn message(mail_from: &str, rcpts: &[&str], body: &[u8]) -> SealedMessage {
+    message_at(now(), mail_from, rcpts, body)
+}
+
+pub fn message_at(
+    received_at: DateTime<Utc>,
+    mail_from: &str,
+    rcpts: &[&str],
+    body: &[u8],
+) -> SealedMessage {
+    let id = Ulid::new();
+    let client: SocketAddr = "192.0.2.7:40123".parse().expect("literal address");
+    let mut envelope = Envelope::new(
+        Verb::Mail,
+        Arc::from("client.example"),
+        true,
+        client,
+        mail_from,
+        "SIZE=1234 BODY=8BITMIME",
+    );
+    for rcpt in rcpts {
+        envelope.push_rcpt(rcpt);
+    }
+    let line = received_line(&envelope, id, received_at, "gw.example");
+    let mut value = line.clone().into_bytes();
+    value.extend_from_slice(body);
+    SealedMessage {
+        id,
+        received_at,
+        envelope,
+        value: Bytes::from(value),
+        body_offset: line.len(),
+    }
+}
+
+pub fn headers_of(msg: &SealedMessage) -> Vec<(String, Vec<u8>)> {
+    let mut headers = Vec::new();
+    msg.for_each_header(|name, value| headers.push((name.to_owned(), value.to_vec())));
+    headers
+}
+
+/// Submits and returns the receiver that will get the sink's one answer.
+pub fn submit(sink: &dyn Sink, msg: SealedMessage) -> UnboundedReceiver<PublishResult> {
+    let (tx, rx) = unbounded_channel();
+    sink.submit(msg, Completion::new(tx));
+    rx
+}
+
+pub fn publish(sink: &dyn Sink, msg: SealedMessage) -> PublishResult {
+    submit(sink, msg)
+        .blocking_recv()
+        .expect("the sink answers every message")
+}

@@ -1,0 +1,215 @@
+//! `smtpgw spool ls | cat | export` against spools written by the real sink.
+
+mod spool_support;
+
+use std::fs;
+use std::path::Path;
+
+use chrono::DateTime;
+use smtpgw::sink::spool::{SpoolError, SpoolSink};
+use smtpgw::smtp::envelope::SealedMessage;
+use smtpgw::spool_tool::{cat, export_mbox, ls};
+use spool_support::{message, message_at, publish};
+use tempfile::TempDir;
+
+fn spool_of(dir: &Path, messages: &[SealedMessage]) {
+    let sink = SpoolSink::open(dir).unwrap();
+    for msg in messages {
+        assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+    }
+}
+
+#[test]
+fn ls_prints_one_line_per_message_id_first() {
+    let tmp = TempDir::new().unwrap();
+    let at = DateTime::from_timestamp_micros(1_795_428_779_123_456).unwrap();
+    let sent = [
+        message_at(
+            at,
+            "a@example.com",
+            &["b@example.com", "c@example.com"],
+            b"0123456789",
+        ),
+        message_at(at, "", &["postmaster"], b""),
+    ];
+    spool_of(tmp.path(), &sent);
+
+    let mut out = Vec::new();
+    ls(tmp.path(), &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "{}  2026-11-23T10:12:59.123456Z  10  <a@example.com>  2 rcpt",
+                sent[0].id
+            ),
+            format!("{}  2026-11-23T10:12:59.123456Z  0  <>  1 rcpt", sent[1].id),
+        ]
+    );
+    for (line, msg) in lines.iter().zip(&sent) {
+        assert_eq!(line.split_whitespace().next(), Some(&*msg.id.to_string()));
+    }
+}
+
+#[test]
+fn ls_of_missing_dir_names_it() {
+    let tmp = TempDir::new().unwrap();
+    let missing = tmp.path().join("nope");
+    let err = ls(&missing, &mut Vec::new()).unwrap_err();
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn cat_writes_the_value_or_only_the_body() {
+    let tmp = TempDir::new().unwrap();
+    let sent = [
+        message("a@example.com", &["b@example.com"], b"first\r\n"),
+        message("a@example.com", &["b@example.com"], b"\0second\xff\r\n"),
+    ];
+    spool_of(tmp.path(), &sent);
+
+    let mut value = Vec::new();
+    cat(tmp.path(), &sent[1].id.to_string(), false, &mut value).unwrap();
+    assert_eq!(value, &sent[1].value[..]);
+    assert!(value.starts_with(b"Received: "));
+
+    let mut body = Vec::new();
+    let lower = sent[1].id.to_string().to_lowercase();
+    cat(tmp.path(), &lower, true, &mut body).unwrap();
+    assert_eq!(body, b"\0second\xff\r\n");
+}
+
+#[test]
+fn cat_with_unknown_or_malformed_id_names_id_and_dir() {
+    let tmp = TempDir::new().unwrap();
+    spool_of(
+        tmp.path(),
+        &[message("a@example.com", &["b@example.com"], b"x\r\n")],
+    );
+    let dir = tmp.path().display().to_string();
+
+    let unknown = ulid::Ulid::new().to_string();
+    let err = cat(tmp.path(), &unknown, false, &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, SpoolError::NotFound { .. }));
+    let text = err.to_string();
+    assert!(text.contains(&unknown) && text.contains(&dir), "{text}");
+
+    let err = cat(tmp.path(), "not-an-id", false, &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, SpoolError::BadId { .. }));
+    let text = err.to_string();
+    assert!(text.contains("not-an-id") && text.contains(&dir), "{text}");
+}
+
+/// An mboxrd reader, written from the framing documented in `spool_tool`, to show the
+/// export can be inverted. Returns (separator line, message) pairs.
+fn read_mboxrd(mbox: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut messages: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for line in mbox.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b"From ") {
+            messages.push((line.to_vec(), Vec::new()));
+            continue;
+        }
+        let (_, body) = messages.last_mut().expect("mbox starts with a separator");
+        let quotes = line.iter().take_while(|&&b| b == b'>').count();
+        if quotes > 0 && line[quotes..].starts_with(b"From ") {
+            body.extend_from_slice(&line[1..]);
+        } else {
+            body.extend_from_slice(line);
+        }
+    }
+    for (_, body) in &mut messages {
+        assert_eq!(
+            body.pop(),
+            Some(b'\n'),
+            "each message ends with a blank line"
+        );
+    }
+    messages
+}
+
+#[test]
+fn export_quotes_from_lines_and_round_trips() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let at = DateTime::from_timestamp_micros(1_795_428_779_000_000).unwrap();
+    let early = DateTime::from_timestamp_micros(1_793_696_579_000_000).unwrap();
+    let sent = [
+        message_at(
+            at,
+            "a@example.com",
+            &["b@example.com"],
+            b"From: a@example.com\r\n\r\nFrom here\r\n>From there\r\n>>From everywhere\r\n\
+              From\r\n>From\r\nnot From start\r\n From indented\r\n",
+        ),
+        message_at(
+            early,
+            "",
+            &["b@example.com"],
+            b"Subject: no final newline\n\nFrom me\n>From you",
+        ),
+        message_at(at, "c@example.com", &["d@example.com"], b""),
+        message_at(
+            at,
+            "c@example.com",
+            &["d@example.com"],
+            b"\r\n\r\nFrom \r\n",
+        ),
+    ];
+    spool_of(&spool, &sent);
+
+    let mbox = tmp.path().join("out.mbox");
+    assert_eq!(export_mbox(&spool, &mbox).unwrap(), sent.len());
+    let bytes = fs::read(&mbox).unwrap();
+    assert!(
+        bytes.windows(15).any(|w| w == b"\r\n>>>From every"),
+        "quoted once more"
+    );
+
+    let got = read_mboxrd(&bytes);
+    assert_eq!(got.len(), sent.len());
+    assert_eq!(got[0].0, b"From a@example.com Mon Nov 23 10:12:59 2026\n");
+    assert_eq!(got[1].0, b"From MAILER-DAEMON Tue Nov  3 09:02:59 2026\n");
+    for ((_, body), msg) in got.iter().zip(&sent) {
+        let mut expected = msg.value.to_vec();
+        if !expected.ends_with(b"\n") {
+            expected.push(b'\n');
+        }
+        assert_eq!(body, &expected);
+    }
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "no temporary file left: {leftovers:?}");
+}
+
+#[test]
+fn failed_export_leaves_no_file() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    spool_of(
+        &spool,
+        &[message("a@example.com", &["b@example.com"], b"x\r\n")],
+    );
+    // A bad record in an older segment is corruption, which export must not paper over.
+    let seg = spool.join("00000000000000000000.seg");
+    let mut bytes = fs::read(&seg).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&seg, bytes).unwrap();
+    fs::write(spool.join("00000000000000000001.seg"), b"SMTPGWS1").unwrap();
+
+    let mbox = tmp.path().join("out.mbox");
+    let err = export_mbox(&spool, &mbox).unwrap_err();
+    assert!(matches!(err, SpoolError::Corrupt { .. }), "{err}");
+    let names: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("spool")]);
+}
