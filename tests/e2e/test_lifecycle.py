@@ -39,12 +39,26 @@ def start_data(wire) -> None:
     wire.send(b"Subject: unfinished\r\n\r\nhalf a bo")
 
 
-@pytest.mark.parametrize("where", ["between-commands", "mid-data"])
+def start_bdat(wire) -> None:
+    wire.envelope()
+    wire.send(b"BDAT 100 LAST\r\nSubject: unfinished\r\n")
+
+
+IDLE_PLACES = {
+    "before-ehlo": lambda wire: None,
+    "between-commands": lambda wire: wire.hello(),
+    "mid-data": lambda wire: (wire.hello(), start_data(wire)),
+    "mid-bdat": lambda wire: (wire.hello(), start_bdat(wire)),
+    "mid-command-line": lambda wire: (wire.hello(), wire.send(b"MAIL FROM:<a@b")),
+}
+
+
+@pytest.mark.parametrize("where", IDLE_PLACES)
 def test_idle_timeout_replies_421_and_closes(start_gateway, where):
     gateway = start_gateway("--idle-timeout", "1")
-    with gateway.session() as wire:
-        if where == "mid-data":
-            start_data(wire)
+    with gateway.wire() as wire:
+        assert_reply(wire.reply(), "220", "greeting")
+        IDLE_PLACES[where](wire)
         started = time.monotonic()
         assert_reply(wire.reply(), "421 4.4.2", "idle client")
         waited = time.monotonic() - started
@@ -62,18 +76,44 @@ def test_activity_keeps_a_session_alive(start_gateway):
         wire.deliver(make_message("kept-alive"))
 
 
-def test_session_time_is_capped_even_for_busy_clients(start_gateway):
+def noop_every_200ms(wire, until: float):
+    while time.monotonic() < until:
+        reply = wire.cmd("NOOP")
+        if reply.code != 250:
+            return reply
+        time.sleep(0.2)
+    return reply
+
+
+def drip_body_bytes(wire, until: float):
+    """A slow-loris DATA: one byte every 200 ms, never idle, never finished."""
+    wire.envelope()
+    wire.expect("DATA", "354")
+    wire.sock.settimeout(0.2)
+    try:
+        while time.monotonic() < until:
+            wire.send(b"x")
+            try:
+                return wire.reply()
+            except socket.timeout:
+                pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        wire.sock.settimeout(IO_TIMEOUT)
+    return wire.reply()
+
+
+@pytest.mark.parametrize("client", [noop_every_200ms, drip_body_bytes], ids=["noop-loop", "slow-data"])
+def test_session_time_is_capped_even_for_busy_clients(start_gateway, client):
     gateway = start_gateway("--max-session-time", "2", "--idle-timeout", "30")
     with gateway.session() as wire:
         started = time.monotonic()
-        while time.monotonic() - started < 8:
-            reply = wire.cmd("NOOP")
-            if reply.code != 250:
-                break
-            time.sleep(0.2)
+        reply = client(wire, started + 8)
         assert_reply(reply, "421", "session over --max-session-time")
         assert wire.closed_by_server()
     assert time.monotonic() - started < 6
+    assert gateway.spool_ids() == []
 
 
 # --- connection limit ---------------------------------------------------------------

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -133,18 +134,25 @@ def load_client(gateway, name: str, stop: threading.Event, log: dict[str, Sent])
         return  # killed under us: the message under way stays "in flight"
 
 
-def load_then_kill(gateway, round_no: int, kill_after: float) -> dict[str, Sent]:
+@contextmanager
+def load(gateway, name: str):
+    """LOAD_CLIENTS sessions sending messages until the block ends; yields their log."""
     log: dict[str, Sent] = {}
     stop = threading.Event()
     with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
-        futures = [
-            pool.submit(load_client, gateway, f"load-r{round_no}-c{i}", stop, log) for i in range(LOAD_CLIENTS)
-        ]
+        futures = [pool.submit(load_client, gateway, f"{name}-c{i}", stop, log) for i in range(LOAD_CLIENTS)]
+        try:
+            yield log
+        finally:
+            stop.set()
+            for future in futures:
+                future.result(timeout=60)
+
+
+def load_then_kill(gateway, round_no: int, kill_after: float) -> dict[str, Sent]:
+    with load(gateway, f"load-r{round_no}") as log:
         time.sleep(kill_after)
         gateway.kill9()
-        stop.set()
-        for future in futures:
-            future.result(timeout=60)
     queued = sum(s.outcome == "queued" for s in log.values())
     print(f"round {round_no}: {queued} queued, {len(log) - queued} in flight or refused")  # shown on failure
     assert queued > 0, f"round {round_no}: nothing was accepted before the kill"
@@ -181,3 +189,28 @@ def test_kill9_during_load_then_restart_keeps_every_acknowledged_message(gateway
     queued = [s for s in sent.values() if s.outcome == "queued"]
     for s in random.Random(0).sample(queued, min(10, len(queued))):
         assert gateway.cat(s.message_id, body=True) == s.message
+
+
+def test_spool_tools_read_whole_messages_next_to_a_busy_gateway(gateway, tmp_path):
+    snapshots = []
+    with load(gateway, "busy") as log:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            snapshots.append((gateway.spool_ids(), exported_by_token(gateway, tmp_path / "snapshot.mbox")))
+    final_ids = gateway.spool_ids()
+    assert len(snapshots) > 1 and snapshots[-1][0], "no snapshot saw any message"
+    for ids, stored in snapshots:
+        assert set(ids) <= set(final_ids), "spool ls listed a message that later vanished"
+        for token, record in stored.items():
+            assert record.value.endswith(log[token].message), f"export under load gave {token} damaged"
+
+
+def test_graceful_restart_keeps_the_spool_and_appends(gateway):
+    with gateway.session() as wire:
+        before = [wire.deliver(make_message(f"before-{i}")) for i in range(3)]
+    assert gateway.stop() == 0
+    gateway.start()
+    with gateway.session() as wire:
+        after = [wire.deliver(make_message(f"after-{i}")) for i in range(2)]
+    assert gateway.spool_ids() == before + after
+    assert gateway.cat(before[0], body=True) == make_message("before-0")

@@ -48,6 +48,10 @@ SCENARIOS = {
         HELLO + [("MAIL FROM:<a@b.example> SIZE=1001", "552 5.3.4"), ("MAIL FROM:<a@b.example> SIZE=1000", "250 2.1.0")],
         ("--max-message-size", "1000"),
     ),
+    "size-parameter-of-20-digits": (
+        HELLO + [("MAIL FROM:<a@b.example> SIZE=99999999999999999999", "552 5.3.4")],  # RFC 1870: 1*20DIGIT
+        (),
+    ),
     "sender-local-part-too-long": (HELLO + [(f"MAIL FROM:<{LONG_LOCAL}@b.example>", "553|501 5.x.x")], ()),
     "sender-not-ascii-without-smtputf8": (HELLO + [("MAIL FROM:<jöran@b.example>", "553 5.6.7")], ()),
     # RCPT
