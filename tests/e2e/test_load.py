@@ -8,6 +8,7 @@ there; every record in the spool is a whole message that some client sent.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from smtpwire import data_payload, make_message, queued_id, token_of
+from smtpwire import assert_reply, data_payload, make_message, queued_id, token_of
 
 CONCURRENT = 200
 
@@ -112,8 +113,29 @@ def random_message(token: str, rng: random.Random) -> bytes:
     return make_message(token, b"".join(lines))
 
 
+ENVELOPE = [("MAIL FROM:<a@b.example>", "250 2.1.0"), ("RCPT TO:<x@example.com>", "250 2.1.5"), ("DATA", "354")]
+
+
+def send_one(wire, sent: Sent) -> bool:
+    """One transaction; False once the server says it is closing (421)."""
+    for line, spec in ENVELOPE:
+        reply = wire.cmd(line)
+        if reply.code == 421:
+            sent.outcome = "closing"
+            return False
+        assert_reply(reply, spec, line)
+    wire.send(data_payload(sent.message))
+    reply = wire.reply()
+    if reply.code == 250:
+        sent.message_id = queued_id(reply)
+        sent.outcome = "queued"
+    else:
+        sent.outcome = f"refused {reply.code}"
+    return reply.code != 421
+
+
 def load_client(gateway, name: str, stop: threading.Event, log: dict[str, Sent]) -> None:
-    """Sends messages until `stop` or until the gateway goes away, logging each one
+    """Sends messages until `stop`, a 421 or the gateway going away, logging each one
     before its first byte is sent."""
     rng = random.Random(name)
     try:
@@ -123,13 +145,8 @@ def load_client(gateway, name: str, stop: threading.Event, log: dict[str, Sent])
                     return
                 token = f"{name}-{seq}"
                 sent = log[token] = Sent(random_message(token, rng))
-                wire.envelope()
-                reply = wire.data(sent.message)
-                if reply.code == 250:
-                    sent.message_id = queued_id(reply)
-                    sent.outcome = "queued"
-                else:
-                    sent.outcome = f"refused {reply.code}"
+                if not send_one(wire, sent):
+                    return
     except (OSError, EOFError):
         return  # killed under us: the message under way stays "in flight"
 
@@ -159,6 +176,24 @@ def load_then_kill(gateway, round_no: int, kill_after: float) -> dict[str, Sent]
     return log
 
 
+def check_spool_against(gateway, sent: dict[str, Sent], mbox) -> dict:
+    """Every message that got 250 is stored intact under its id; every stored message
+    is one a client sent, whole; nothing refused is stored. Returns the stored ones."""
+    ids = gateway.spool_ids()
+    stored = exported_by_token(gateway, mbox)
+    assert len(ids) == len(set(ids)) == len(stored)
+    for token, record in stored.items():
+        assert token in sent, f"spool holds {token}, which no client sent"
+        assert record.value.startswith(b"Received: ")
+        assert record.value.endswith(sent[token].message), f"{token} is stored damaged"
+    for token, s in sent.items():
+        if s.outcome == "queued":
+            assert token in stored and s.message_id in ids, f"{token} got 250 ({s.message_id}) but is gone"
+        elif s.outcome != "in flight":
+            assert token not in stored, f"{token} was refused ({s.outcome}) but is stored"
+    return stored
+
+
 @pytest.mark.timeout(300)
 def test_kill9_during_load_then_restart_keeps_every_acknowledged_message(gateway, tmp_path):
     sent: dict[str, Sent] = {}
@@ -172,20 +207,8 @@ def test_kill9_during_load_then_restart_keeps_every_acknowledged_message(gateway
         after.message_id = wire.deliver(after.message)
         sent["after-restart"] = after
 
-    ids = gateway.spool_ids()
-    stored = exported_by_token(gateway, tmp_path / "recovered.mbox")
-    assert len(ids) == len(set(ids)) == len(stored)
-    for token, record in stored.items():
-        assert token in sent, f"spool holds {token}, which no client sent"
-        assert record.value.startswith(b"Received: ")
-        assert record.value.endswith(sent[token].message), f"{token} is stored damaged"
-    outcomes = {s.outcome for s in sent.values()}
-    for token, s in sent.items():
-        if s.outcome == "queued":
-            assert token in stored and s.message_id in ids, f"{token} got 250 ({s.message_id}) but is gone"
-        elif s.outcome != "in flight":
-            assert token not in stored, f"{token} was refused ({s.outcome}) but is stored"
-    assert outcomes <= {"queued", "in flight"}, f"refusals under plain load: {outcomes}"
+    check_spool_against(gateway, sent, tmp_path / "recovered.mbox")
+    assert {s.outcome for s in sent.values()} <= {"queued", "in flight"}, "refusals under plain load"
     queued = [s for s in sent.values() if s.outcome == "queued"]
     for s in random.Random(0).sample(queued, min(10, len(queued))):
         assert gateway.cat(s.message_id, body=True) == s.message
@@ -214,3 +237,21 @@ def test_graceful_restart_keeps_the_spool_and_appends(gateway):
         after = [wire.deliver(make_message(f"after-{i}")) for i in range(2)]
     assert gateway.spool_ids() == before + after
     assert gateway.cat(before[0], body=True) == make_message("before-0")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_under_load_answers_every_message_sent(start_gateway, tmp_path):
+    drain_timeout = 10
+    gateway = start_gateway("--drain-timeout", str(drain_timeout))
+    with load(gateway, "drain") as sent:
+        time.sleep(1.5)
+        gateway.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert gateway.wait(drain_timeout + 5) == 0
+    assert time.monotonic() - signalled <= drain_timeout + 1
+    # Drain finishes what was sent: no message is left without its answer.
+    unanswered = [token for token, s in sent.items() if s.outcome == "in flight"]
+    assert not unanswered, f"sent but never answered during drain: {unanswered}"
+    assert any(s.outcome == "queued" for s in sent.values())
+    gateway.start()
+    check_spool_against(gateway, sent, tmp_path / "drained.mbox")
