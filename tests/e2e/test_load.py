@@ -58,7 +58,7 @@ def test_200_concurrent_sessions(gateway, tmp_path):
 
 # --- clients that vanish ------------------------------------------------------------
 
-VANISHING_MESSAGE = make_message("vanished", b"v" * 70 + b"\r\n" * 200)
+VANISHING_MESSAGE = make_message("vanished", (b"v" * 70 + b"\r\n") * 200)
 PAYLOAD = data_payload(VANISHING_MESSAGE)
 
 
