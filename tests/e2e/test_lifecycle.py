@@ -199,6 +199,11 @@ def test_drain_timeout_bounds_shutdown_with_a_stuck_client(start_gateway):
         start_data(stuck)
         gateway.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
+        # The client is mid-DATA and says nothing more; at the drain timeout the
+        # gateway tells it why the connection ends instead of just dropping it.
+        stuck.sock.settimeout(2 + 3)
+        assert_reply(stuck.reply(), "421 4.3.2", "at the drain timeout")
+        assert stuck.closed_by_server(), "connection left open after the 421"
         code = gateway.wait(10)
     assert code == 0
     assert time.monotonic() - signalled <= 2 + 2
