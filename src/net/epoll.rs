@@ -32,6 +32,8 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// After our last reply, how long we keep reading and discarding so that closing with
 /// unread client bytes does not turn into a RST that destroys the reply in flight.
 const LINGER: Duration = Duration::from_secs(2);
+/// At the drain timeout, how long connections get to write their final `421`.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// What the reactors should be doing; it only ever moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,6 +210,12 @@ async fn reactor(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::R
             break;
         }
     }
+    // Connections see Stop too and send their last 421; give them a moment to do so
+    // before the runtime, and with it every task, is dropped.
+    let grace = Instant::now() + STOP_GRACE;
+    while shared.open.load(Ordering::Acquire) > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn accept_failed(e: io::Error) {
@@ -249,6 +257,8 @@ enum Gone {
     Io(io::Error),
     WriteTimeout,
     Stuck,
+    /// The drain timeout ran out; a `421` was sent if the socket took it.
+    Stopped,
 }
 
 async fn serve(
@@ -270,6 +280,7 @@ async fn serve(
         Err(Gone::Io(e)) => debug!(%peer, error = %e, "connection failed"),
         Err(Gone::WriteTimeout) => debug!(%peer, "client stopped reading; dropped"),
         Err(Gone::Stuck) => debug!(%peer, "receive buffer full and nothing consumable; dropped"),
+        Err(Gone::Stopped) => debug!(%peer, "closed at the drain timeout"),
     }
 }
 
@@ -374,9 +385,18 @@ async fn converse(
                 flush(stream, &mut session, Instant::now() + LINGER).await?;
                 return Ok(());
             }
-            _ = phase.changed(), if !draining => {
-                draining = true;
-                wind_down(&mut session, start == end);
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow_and_update() == Phase::Stop {
+                    // The drain timeout ran out mid-conversation: say so rather than
+                    // just vanish. Whatever this client had not finished got no 250.
+                    session.shut_down_now();
+                    flush(stream, &mut session, Instant::now() + STOP_GRACE).await?;
+                    return Err(Gone::Stopped);
+                }
+                if !draining {
+                    draining = true;
+                    wind_down(&mut session, start == end);
+                }
             }
         }
     }
