@@ -268,10 +268,8 @@ impl Conn {
     async fn envelope_reply(&mut self, step: &'static str) -> Result<bool, ProtocolError> {
         match self.reply(step).await? {
             250 | 251 => Ok(true),
-            code @ 400..=599 => {
-                let _ = code;
-                Ok(false)
-            }
+            // Refused: already counted by code in `reply`.
+            400..=599 => Ok(false),
             code => Err(ProtocolError::Unexpected { step, code }),
         }
     }
@@ -390,8 +388,8 @@ pub async fn run(
         };
         sent += 1;
         let next = (overlap
-            && !plan.messages.is_some_and(|m| sent >= m)
-            && !end.is_some_and(|e| Instant::now() >= e))
+            && plan.messages.is_none_or(|m| sent < m)
+            && end.is_none_or(|e| Instant::now() < e))
         .then(|| plan.mix.pick(&mut rng).clone());
         // Closed loop: the clock starts at the first write. Open loop: at the intended
         // time, so a server that falls behind is charged for the queue it causes.
