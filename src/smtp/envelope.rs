@@ -8,8 +8,10 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use chrono::{DateTime, SecondsFormat, Utc};
+use std::borrow::Cow;
+
+use bytes::{Buf, Bytes, BytesMut};
+use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 
 /// A message's identity: a ULID, sortable by arrival time. It is the Kafka key, the
 /// spool record's key, and what `250 ... queued as <id>` names.
@@ -138,17 +140,29 @@ impl Message {
         received_at: DateTime<Utc>,
         hostname: &str,
     ) -> SealedMessage {
-        let line = received_line(&self.envelope, id, received_at, hostname);
-        let line = line.as_bytes();
+        // The line is formatted on the stack and copied into the headroom, so sealing
+        // allocates nothing but the shared handle `freeze` needs.
+        let mut stack = [0u8; RECEIVED_STACK];
+        let mut cursor = std::io::Cursor::new(&mut stack[..]);
+        let line: Cow<'_, [u8]> =
+            match write_received_line(&mut cursor, &self.envelope, id, received_at, hostname) {
+                Ok(()) => {
+                    let len = cursor.position() as usize;
+                    Cow::Borrowed(&stack[..len])
+                }
+                // Only with a hostname far longer than any DNS name; correct, not copy-free.
+                Err(_) => Cow::Owned(
+                    received_line(&self.envelope, id, received_at, hostname).into_bytes(),
+                ),
+            };
         let value = if line.len() <= self.headroom {
             let start = self.headroom - line.len();
-            self.buf[start..self.headroom].copy_from_slice(line);
-            self.buf.split_off(start).freeze()
+            self.buf[start..self.headroom].copy_from_slice(&line);
+            self.buf.advance(start);
+            self.buf.freeze()
         } else {
-            // Only reachable with a hostname longer than the headroom allows for; correct,
-            // just not copy-free.
             let mut v = BytesMut::with_capacity(line.len() + self.buf.len() - self.headroom);
-            v.extend_from_slice(line);
+            v.extend_from_slice(&line);
             v.extend_from_slice(self.body());
             v.freeze()
         };
@@ -162,6 +176,9 @@ impl Message {
     }
 }
 
+/// Stack space for formatting a `Received:` line; see [`RECEIVED_HEADROOM`].
+const RECEIVED_STACK: usize = 2048;
+
 /// The longest `Received:` line [`received_line`] writes, apart from the hostname.
 /// HELO arguments and paths are bounded by the command-line limit.
 pub const RECEIVED_HEADROOM: usize = 1200;
@@ -174,7 +191,19 @@ pub fn received_line(
     received_at: DateTime<Utc>,
     hostname: &str,
 ) -> String {
-    use std::fmt::Write;
+    let mut line = Vec::with_capacity(256);
+    // Writing into a Vec cannot fail.
+    let _ = write_received_line(&mut line, env, id, received_at, hostname);
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+fn write_received_line(
+    out: &mut impl std::io::Write,
+    env: &Envelope,
+    id: MessageId,
+    received_at: DateTime<Utc>,
+    hostname: &str,
+) -> std::io::Result<()> {
     let protocol = match (env.smtputf8, env.esmtp, env.tls) {
         (true, _, false) => "UTF8SMTP",
         (true, _, true) => "UTF8SMTPS",
@@ -182,23 +211,37 @@ pub fn received_line(
         (false, true, true) => "ESMTPS",
         (false, false, _) => "SMTP",
     };
-    let mut s = String::with_capacity(256);
-    let _ = write!(
-        s,
+    write!(
+        out,
         "Received: from {} ([{}])\r\n\tby {} (smtpgw) with {} id {}",
         env.helo,
         env.client_addr.ip(),
         hostname,
         protocol,
         id
-    );
+    )?;
     if env.rcpt_count() == 1 {
         if let Some(rcpt) = env.rcpt_to().next() {
-            let _ = write!(s, "\r\n\tfor <{}>", rcpt);
+            write!(out, "\r\n\tfor <{rcpt}>")?;
         }
     }
-    let _ = write!(s, ";\r\n\t{}\r\n", received_at.to_rfc2822());
-    s
+    // RFC 5322 date-time, as chrono's to_rfc2822 writes it; by hand because chrono's
+    // formatters allocate a String per call.
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    write!(
+        out,
+        ";\r\n\t{}, {} {} {} {:02}:{:02}:{:02} +0000\r\n",
+        DAYS[received_at.weekday().num_days_from_monday() as usize],
+        received_at.day(),
+        MONTHS[received_at.month0() as usize],
+        received_at.year(),
+        received_at.hour(),
+        received_at.minute(),
+        received_at.second()
+    )
 }
 
 /// A message with its id and trace line: what a sink stores.

@@ -553,6 +553,33 @@ fn received_line_is_prepended_without_touching_the_body() {
     assert_eq!(headers[6].1, "2027-01-15T08:00:00.000000Z");
 }
 
+#[test]
+fn received_date_matches_rfc2822() {
+    let mut session = new_session();
+    session.feed(format!("{TXN}DATA\r\nx\r\n.\r\n").as_bytes());
+    let envelope = session.take_message().unwrap().envelope;
+    // Single- and double-digit days, every weekday, year boundaries, leap day.
+    for secs in [
+        0i64,
+        951_782_400,
+        1_709_164_800,
+        1_800_000_000,
+        1_735_689_599,
+        4_102_444_800,
+    ] {
+        let at = chrono::DateTime::from_timestamp(secs, 0).unwrap();
+        for day in 0..7 {
+            let at = at + chrono::Duration::days(day);
+            let line =
+                crate::smtp::envelope::received_line(&envelope, MessageId::from(1u128), at, "h");
+            assert!(
+                line.ends_with(&format!(";\r\n\t{}\r\n", at.to_rfc2822())),
+                "{line}"
+            );
+        }
+    }
+}
+
 /// A valid session built from random parts, for the split property.
 fn session_input() -> impl Strategy<Value = Vec<u8>> {
     let body = prop::collection::vec(
