@@ -1,1 +1,931 @@
-//! TODO
+//! The gateway's configuration: command-line flags, `SMTPGW_*` environment variables and
+//! an optional TOML file, merged (CLI > env > file > default) and validated into one
+//! [`Config`] before anything starts, so a bad value fails with one line naming its flag.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Deserializer};
+
+use crate::smtp::BareLfPolicy;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
+pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
+pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const MAX_REACTORS: usize = 1024;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_MAX_SESSION_TIME: Duration = Duration::from_secs(3600);
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Far beyond any sensible setting, and keeps deadline arithmetic far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Where accepted messages go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// Durable local append-only log under --spool-dir.
+    Spool,
+    /// Discard after parsing; for benchmarks only.
+    Null,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// smtpgw: an SMTP ingestion gateway that says 250 only once a message is stored durably.
+#[derive(Debug, Parser)]
+#[command(name = "smtpgw", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read the local spool.
+    #[command(subcommand)]
+    Spool(SpoolCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolCommand {
+    /// List the stored messages.
+    Ls {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+    },
+    /// Print one stored message.
+    Cat {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// Print only the message as the client sent it, without envelope or Received: line.
+        #[arg(long)]
+        body: bool,
+        /// The message id (as in `250 ... queued as <id>`).
+        id: String,
+    },
+    /// Write every stored message to an mbox file (mboxrd quoting).
+    Export {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        #[arg(long, value_name = "FILE")]
+        mbox: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolDirArg {
+    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR", default_value = DEFAULT_SPOOL_DIR)]
+    pub spool_dir: PathBuf,
+}
+
+/// The server's flags as given. Every field is an `Option` without a clap default, so
+/// that "not given" can fall through to the config file and then to the default.
+#[derive(Debug, Default, Args)]
+pub struct ServerArgs {
+    /// TOML file whose keys are the long flag names, e.g. `listen = "[::1]:2525"`.
+    #[arg(long, env = "SMTPGW_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:2525].
+    #[arg(long, env = "SMTPGW_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Our name in the greeting and Received: lines [default: the system hostname].
+    #[arg(long, env = "SMTPGW_HOSTNAME", value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Recipient domain to accept mail for; repeatable, or comma-separated
+    /// [default: localhost and --hostname].
+    #[arg(
+        long = "accept-domain",
+        env = "SMTPGW_ACCEPT_DOMAIN",
+        value_name = "DOMAIN",
+        value_delimiter = ','
+    )]
+    pub accept_domain: Vec<String>,
+    /// Where accepted messages go [default: spool].
+    #[arg(long, env = "SMTPGW_SINK", value_enum)]
+    pub sink: Option<SinkKind>,
+    /// Directory of the spool sink [default: ./spool].
+    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Reactor threads, 1..=1024 [default: the number of CPUs].
+    #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
+    pub reactors: Option<u64>,
+    /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
+    #[arg(
+        long = "max-message-size",
+        env = "SMTPGW_MAX_MESSAGE_SIZE",
+        value_name = "BYTES"
+    )]
+    pub max_message_size: Option<String>,
+    /// Recipients per message [default: 100].
+    #[arg(
+        long = "max-recipients",
+        env = "SMTPGW_MAX_RECIPIENTS",
+        value_name = "N"
+    )]
+    pub max_recipients: Option<u64>,
+    /// Open connections across all reactors [default: 10000].
+    #[arg(
+        long = "max-connections",
+        env = "SMTPGW_MAX_CONNECTIONS",
+        value_name = "N"
+    )]
+    pub max_connections: Option<u64>,
+    /// Close a connection silent this long, e.g. 300 or 5m [default: 300s].
+    #[arg(long = "idle-timeout", env = "SMTPGW_IDLE_TIMEOUT", value_name = "DUR")]
+    pub idle_timeout: Option<String>,
+    /// Close any connection open this long, however active [default: 1h].
+    #[arg(
+        long = "max-session-time",
+        env = "SMTPGW_MAX_SESSION_TIME",
+        value_name = "DUR"
+    )]
+    pub max_session_time: Option<String>,
+    /// On SIGTERM/SIGINT, wait this long for sessions to finish [default: 30s].
+    #[arg(
+        long = "drain-timeout",
+        env = "SMTPGW_DRAIN_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub drain_timeout: Option<String>,
+    /// Bare CR or LF in a message body [default: reject].
+    #[arg(long = "bare-lf", env = "SMTPGW_BARE_LF", value_enum)]
+    pub bare_lf: Option<BareLfPolicy>,
+    /// Log line format on stderr [default: text].
+    #[arg(long = "log-format", env = "SMTPGW_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The config file: the same settings as the flags, keyed by the long flag names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub hostname: Option<String>,
+    pub accept_domain: Option<OneOrMany>,
+    pub sink: Option<SinkKind>,
+    pub spool_dir: Option<PathBuf>,
+    pub reactors: Option<u64>,
+    pub max_message_size: Option<IntOrStr>,
+    pub max_recipients: Option<u64>,
+    pub max_connections: Option<u64>,
+    pub idle_timeout: Option<IntOrStr>,
+    pub max_session_time: Option<IntOrStr>,
+    pub drain_timeout: Option<IntOrStr>,
+    pub bare_lf: Option<BareLfPolicy>,
+    pub log_format: Option<LogFormat>,
+}
+
+const FILE_KEYS: &[&str] = &[
+    "listen",
+    "hostname",
+    "accept-domain",
+    "sink",
+    "spool-dir",
+    "reactors",
+    "max-message-size",
+    "max-recipients",
+    "max-connections",
+    "idle-timeout",
+    "max-session-time",
+    "drain-timeout",
+    "bare-lf",
+    "log-format",
+];
+
+/// `accept-domain = "a.example"` or `accept-domain = ["a.example", "b.example"]`.
+#[derive(Debug)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a domain or a list of domains")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(OneOrMany(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Sizes and durations: `10485760` or `"10M"`, `300` or `"5m"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntOrStr {
+    Int(i64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for IntOrStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IntOrStr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer or a string such as \"10M\" or \"5m\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrStr, E> {
+                i64::try_from(v)
+                    .map(IntOrStr::Int)
+                    .map_err(|_| E::custom("integer too large"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrStr, E> {
+                Ok(IntOrStr::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for IntOrStr {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            IntOrStr::Int(i) => write!(f, "{i}"),
+            IntOrStr::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+/// A configuration the gateway can run with: merged, defaulted and validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub hostname: String,
+    /// Lower-case, deduplicated, never empty.
+    pub accept_domains: Vec<String>,
+    /// No --accept-domain was given; start-up says what that means.
+    pub accept_domains_defaulted: bool,
+    pub sink: SinkKind,
+    pub spool_dir: PathBuf,
+    pub reactors: usize,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub max_session_time: Duration,
+    pub drain_timeout: Duration,
+    pub bare_lf: BareLfPolicy,
+    pub log_format: LogFormat,
+}
+
+/// A configuration that cannot run. Its Display is one line that names the flag.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{flag}: {msg}")]
+    Invalid { flag: &'static str, msg: String },
+    #[error("--config {path}: {msg}")]
+    File { path: String, msg: String },
+}
+
+fn invalid(flag: &'static str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        msg: msg.into(),
+    }
+}
+
+impl ServerArgs {
+    /// Reads the config file if one is named, then merges and validates.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        resolve(self, file, system_hostname)
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        msg: format!("cannot read: {e}"),
+    })?;
+    parse_file(&text, &path.display().to_string())
+}
+
+/// Parses the file's text. Errors name the offending key: unknown keys are checked first
+/// so a typo is reported as such rather than as a confusing type error.
+pub fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    let file_err = |msg: String| ConfigError::File {
+        path: path.to_owned(),
+        msg,
+    };
+    let table: toml::Table = toml::from_str(text).map_err(|e| file_err(describe(&e, text)))?;
+    if let Some(key) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
+        return Err(file_err(format!(
+            "unknown key `{key}` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
+        )));
+    }
+    toml::from_str(text).map_err(|e| file_err(describe(&e, text)))
+}
+
+/// toml's own rendering spans several lines with a source excerpt; this keeps one line,
+/// with the key and line number so the user can find the spot.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim().starts_with('[') => {
+            format!("line {line_no}: `{}`: {msg}", key.trim())
+        }
+        _ => format!("line {line_no}: {msg}"),
+    }
+}
+
+/// The system's hostname, if it has a usable one.
+pub fn system_hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    validate_hostname(name).ok()?;
+    Some(name.to_owned())
+}
+
+/// Merges CLI/env (already combined by clap) over the file over the defaults, and
+/// validates. `default_hostname` is only consulted when no hostname is configured.
+pub fn resolve(
+    cli: ServerArgs,
+    file: FileConfig,
+    default_hostname: impl FnOnce() -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let listen_s = cli
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    let listen: SocketAddr = listen_s.trim().parse().map_err(|_| {
+        invalid(
+            "--listen",
+            format!("not an IP:PORT address (got {listen_s:?}); e.g. 127.0.0.1:2525 or [::1]:2525"),
+        )
+    })?;
+
+    let hostname = match cli.hostname.or(file.hostname) {
+        Some(h) => {
+            validate_hostname(&h).map_err(|m| invalid("--hostname", m))?;
+            h
+        }
+        None => default_hostname().unwrap_or_else(|| "localhost".to_owned()),
+    };
+
+    let domains: Vec<String> = if !cli.accept_domain.is_empty() {
+        cli.accept_domain
+    } else {
+        match file.accept_domain {
+            Some(OneOrMany(v)) if v.is_empty() => {
+                return Err(invalid(
+                    "--accept-domain",
+                    "empty list; leave it out to accept only localhost and --hostname",
+                ))
+            }
+            Some(OneOrMany(v)) => v,
+            None => Vec::new(),
+        }
+    };
+    let accept_domains_defaulted = domains.is_empty();
+    let mut accept_domains = Vec::new();
+    let defaults = ["localhost".to_owned(), hostname.clone()];
+    let given = if accept_domains_defaulted {
+        &defaults[..]
+    } else {
+        &domains[..]
+    };
+    for d in given {
+        let d = normalize_domain(d).map_err(|m| invalid("--accept-domain", m))?;
+        if !accept_domains.contains(&d) {
+            accept_domains.push(d);
+        }
+    }
+
+    let reactors = match cli.reactors.or(file.reactors) {
+        Some(n) => ranged("--reactors", n, 1, MAX_REACTORS as u64)? as usize,
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_REACTORS),
+    };
+
+    let max_message_size = match cli
+        .max_message_size
+        .map(IntOrStr::Str)
+        .or(file.max_message_size)
+    {
+        Some(v) => {
+            let n = parse_size(&v).map_err(|m| invalid("--max-message-size", m))?;
+            ranged("--max-message-size", n, 1, MAX_MESSAGE_SIZE_LIMIT as u64).map_err(|_| {
+                invalid(
+                    "--max-message-size",
+                    format!("must be between 1 and 1G (got {v})"),
+                )
+            })? as usize
+        }
+        None => DEFAULT_MAX_MESSAGE_SIZE,
+    };
+
+    let max_recipients = match cli.max_recipients.or(file.max_recipients) {
+        Some(n) => at_least_one("--max-recipients", n)?,
+        None => DEFAULT_MAX_RECIPIENTS,
+    };
+    let max_connections = match cli.max_connections.or(file.max_connections) {
+        Some(n) => at_least_one("--max-connections", n)?,
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
+
+    let duration = |flag: &'static str,
+                    cli: Option<String>,
+                    file: Option<IntOrStr>,
+                    default: Duration,
+                    allow_zero: bool|
+     -> Result<Duration, ConfigError> {
+        let Some(v) = cli.map(IntOrStr::Str).or(file) else {
+            return Ok(default);
+        };
+        let d = parse_duration(&v).map_err(|m| invalid(flag, m))?;
+        if (d.is_zero() && !allow_zero) || d > MAX_DURATION {
+            let low = if allow_zero { "0" } else { "1s" };
+            return Err(invalid(
+                flag,
+                format!("must be between {low} and 366d (got {v})"),
+            ));
+        }
+        Ok(d)
+    };
+    let idle_timeout = duration(
+        "--idle-timeout",
+        cli.idle_timeout,
+        file.idle_timeout,
+        DEFAULT_IDLE_TIMEOUT,
+        false,
+    )?;
+    let max_session_time = duration(
+        "--max-session-time",
+        cli.max_session_time,
+        file.max_session_time,
+        DEFAULT_MAX_SESSION_TIME,
+        false,
+    )?;
+    let drain_timeout = duration(
+        "--drain-timeout",
+        cli.drain_timeout,
+        file.drain_timeout,
+        DEFAULT_DRAIN_TIMEOUT,
+        true,
+    )?;
+
+    let spool_dir = cli
+        .spool_dir
+        .or(file.spool_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
+    if spool_dir.as_os_str().is_empty() {
+        return Err(invalid("--spool-dir", "must not be empty"));
+    }
+
+    Ok(Config {
+        listen,
+        hostname,
+        accept_domains,
+        accept_domains_defaulted,
+        sink: cli.sink.or(file.sink).unwrap_or(SinkKind::Spool),
+        spool_dir,
+        reactors,
+        max_message_size,
+        max_recipients,
+        max_connections,
+        idle_timeout,
+        max_session_time,
+        drain_timeout,
+        bare_lf: cli.bare_lf.or(file.bare_lf).unwrap_or_default(),
+        log_format: cli
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    })
+}
+
+fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+    if (lo..=hi).contains(&n) {
+        Ok(n)
+    } else {
+        Err(invalid(
+            flag,
+            format!("must be between {lo} and {hi} (got {n})"),
+        ))
+    }
+}
+
+fn at_least_one(flag: &'static str, n: u64) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(flag, "must be at least 1 (got 0)"));
+    }
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// The hostname goes verbatim into every greeting and `Received:` line, so anything
+/// that could break a reply line (spaces, CR, LF) is refused here.
+fn validate_hostname(h: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_');
+    if h.is_empty() || h.len() > 253 || !h.chars().all(ok_char) {
+        return Err(format!(
+            "not a valid host name (got {h:?}); use letters, digits, '-' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Accepted domains are matched case-insensitively, so they are stored lower-case.
+/// There is deliberately no wildcard: the gateway must never be an open relay.
+fn normalize_domain(d: &str) -> Result<String, String> {
+    let d = d.trim();
+    if d.is_empty() {
+        return Err("empty domain; there is no way to accept every domain".to_owned());
+    }
+    if d.contains('*') {
+        return Err(format!(
+            "wildcards are not supported (got {d:?}); list each domain, the gateway is never an open relay"
+        ));
+    }
+    let ok_char = |c: char| c.is_alphanumeric() || matches!(c, '-' | '_');
+    let labels_ok = d
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(ok_char));
+    if !labels_ok || d.len() > 255 {
+        return Err(format!("not a valid domain (got {d:?})"));
+    }
+    Ok(d.to_lowercase())
+}
+
+/// `10485760`, `512K`, `10M`, `1G` (powers of 1024; `KiB`/`KB` spellings too).
+pub fn parse_size(v: &IntOrStr) -> Result<u64, String> {
+    let s = match v {
+        IntOrStr::Int(i) => {
+            return u64::try_from(*i).map_err(|_| format!("must be positive (got {i})"));
+        }
+        IntOrStr::Str(s) => s.trim(),
+    };
+    let bad = || format!("not a size (got {s:?}); e.g. 10485760, 512K, 10M, 1G");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("too large (got {s:?})"))
+}
+
+/// Plain seconds (`300`) or humantime (`5m`, `1h 30m`, `500ms`).
+pub fn parse_duration(v: &IntOrStr) -> Result<Duration, String> {
+    match v {
+        IntOrStr::Int(i) => u64::try_from(*i)
+            .map(Duration::from_secs)
+            .map_err(|_| format!("must not be negative (got {i})")),
+        IntOrStr::Str(s) => {
+            let s = s.trim();
+            if let Ok(secs) = s.parse::<u64>() {
+                return Ok(Duration::from_secs(secs));
+            }
+            humantime::parse_duration(s)
+                .map_err(|_| format!("not a duration (got {s:?}); e.g. 300, 30s, 5m, 1h"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap reads `SMTPGW_*` while parsing; tests that set them hold this lock, and
+    /// every parse takes it, so parallel tests never see each other's variables.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        Cli::try_parse_from(std::iter::once("smtpgw").chain(args.iter().copied()))
+    }
+
+    fn cli(args: &[&str]) -> ServerArgs {
+        let c = parse(args).expect("parses");
+        assert!(c.command.is_none());
+        c.server
+    }
+
+    fn host() -> Option<String> {
+        Some("mx.test".to_owned())
+    }
+
+    fn run(args: &[&str], file: &str) -> Result<Config, ConfigError> {
+        resolve(cli(args), parse_file(file, "f.toml")?, host)
+    }
+
+    fn err(args: &[&str], file: &str) -> String {
+        run(args, file).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.hostname, "mx.test");
+        assert_eq!(c.accept_domains, ["localhost", "mx.test"]);
+        assert!(c.accept_domains_defaulted);
+        assert_eq!(c.sink, SinkKind::Spool);
+        assert_eq!(c.spool_dir, PathBuf::from("./spool"));
+        assert!(c.reactors >= 1);
+        assert_eq!(c.max_message_size, 10 * 1024 * 1024);
+        assert_eq!(c.max_recipients, 100);
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.max_session_time, Duration::from_secs(3600));
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.bare_lf, BareLfPolicy::Reject);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn hostname_falls_back_to_localhost() {
+        let c = resolve(cli(&[]), FileConfig::default(), || None).unwrap();
+        assert_eq!(c.hostname, "localhost");
+        assert_eq!(c.accept_domains, ["localhost"]);
+    }
+
+    #[test]
+    fn cli_beats_file_beats_default() {
+        let file = r#"
+            listen = "[::1]:0"
+            hostname = "file.example"
+            accept-domain = ["A.example", "b.example"]
+            reactors = 3
+            max-message-size = "2M"
+            idle-timeout = "5m"
+            drain-timeout = 0
+            sink = "null"
+            bare-lf = "normalize"
+        "#;
+        let c = run(&["--reactors", "2", "--accept-domain", "c.EXAMPLE"], file).unwrap();
+        assert_eq!(c.listen, "[::1]:0".parse().unwrap());
+        assert_eq!(c.hostname, "file.example");
+        assert_eq!(c.accept_domains, ["c.example"]);
+        assert!(!c.accept_domains_defaulted);
+        assert_eq!(c.reactors, 2);
+        assert_eq!(c.max_message_size, 2 << 20);
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+        assert_eq!(c.sink, SinkKind::Null);
+        assert_eq!(c.bare_lf, BareLfPolicy::Normalize);
+
+        let c = run(&[], file).unwrap();
+        assert_eq!(c.reactors, 3);
+        assert_eq!(c.accept_domains, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn env_sits_between_cli_and_file() {
+        let args = {
+            let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+            std::env::set_var("SMTPGW_MAX_RECIPIENTS", "7");
+            std::env::set_var("SMTPGW_ACCEPT_DOMAIN", "e1.example,E2.example");
+            let a = Cli::try_parse_from(["smtpgw"]);
+            let b = Cli::try_parse_from(["smtpgw", "--max-recipients", "9"]);
+            std::env::remove_var("SMTPGW_MAX_RECIPIENTS");
+            std::env::remove_var("SMTPGW_ACCEPT_DOMAIN");
+            (a.unwrap().server, b.unwrap().server)
+        };
+        let file = "max-recipients = 5\naccept-domain = [\"f.example\"]";
+        let env = resolve(args.0, parse_file(file, "f").unwrap(), host).unwrap();
+        assert_eq!(env.max_recipients, 7);
+        assert_eq!(env.accept_domains, ["e1.example", "e2.example"]);
+        let flag = resolve(args.1, parse_file(file, "f").unwrap(), host).unwrap();
+        assert_eq!(flag.max_recipients, 9);
+    }
+
+    #[test]
+    fn accept_domain_repeats_and_commas() {
+        let c = run(
+            &[
+                "--accept-domain",
+                "a.example,B.example",
+                "--accept-domain",
+                "a.example",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.accept_domains, ["a.example", "b.example"]);
+        let c = run(&[], "accept-domain = \"x.example\"").unwrap();
+        assert_eq!(c.accept_domains, ["x.example"]);
+    }
+
+    #[test]
+    fn no_open_relay() {
+        assert!(err(&["--accept-domain", "*"], "").starts_with("--accept-domain: wildcards"));
+        assert!(err(&["--accept-domain", "*.example"], "").starts_with("--accept-domain:"));
+        assert!(err(&[], "accept-domain = [\"\"]").starts_with("--accept-domain: empty"));
+        assert!(err(&["--accept-domain", "a b"], "").starts_with("--accept-domain:"));
+        assert!(err(&["--accept-domain", "a..b"], "").starts_with("--accept-domain:"));
+        assert!(err(&["--accept-domain", ""], "").starts_with("--accept-domain: empty"));
+        assert!(err(&[], "accept-domain = []").starts_with("--accept-domain: empty list"));
+    }
+
+    #[test]
+    fn one_line_errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--reactors", "0"],
+                "--reactors: must be between 1 and 1024 (got 0)",
+            ),
+            (
+                &["--reactors", "1025"],
+                "--reactors: must be between 1 and 1024 (got 1025)",
+            ),
+            (
+                &["--max-recipients", "0"],
+                "--max-recipients: must be at least 1 (got 0)",
+            ),
+            (
+                &["--max-connections", "0"],
+                "--max-connections: must be at least 1 (got 0)",
+            ),
+            (
+                &["--max-message-size", "0"],
+                "--max-message-size: must be between 1 and 1G (got \"0\")",
+            ),
+            (
+                &["--max-message-size", "2G"],
+                "--max-message-size: must be between 1 and 1G (got \"2G\")",
+            ),
+            (
+                &["--max-message-size", "10X"],
+                "--max-message-size: not a size (got \"10X\"); e.g. 10485760, 512K, 10M, 1G",
+            ),
+            (
+                &["--idle-timeout", "0"],
+                "--idle-timeout: must be between 1s and 366d (got \"0\")",
+            ),
+            (
+                &["--idle-timeout", "soon"],
+                "--idle-timeout: not a duration (got \"soon\"); e.g. 300, 30s, 5m, 1h",
+            ),
+            (
+                &["--max-session-time", "400d"],
+                "--max-session-time: must be between 1s and 366d (got \"400d\")",
+            ),
+            (
+                &["--listen", "localhost"],
+                "--listen: not an IP:PORT address (got \"localhost\"); e.g. 127.0.0.1:2525 or [::1]:2525",
+            ),
+            (
+                &["--hostname", "bad\r\nname"],
+                "--hostname: not a valid host name (got \"bad\\r\\nname\"); use letters, digits, '-' and '.'",
+            ),
+        ];
+        for (args, want) in cases {
+            let got = err(args, "");
+            assert_eq!(&got, want, "for {args:?}");
+            assert!(!got.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        let s = |x: &str| parse_size(&IntOrStr::Str(x.into()));
+        assert_eq!(s("10485760"), Ok(10485760));
+        assert_eq!(s("512K"), Ok(512 * 1024));
+        assert_eq!(s("10m"), Ok(10 << 20));
+        assert_eq!(s("1GiB"), Ok(1 << 30));
+        assert!(s("").is_err());
+        assert!(s("-1").is_err());
+        assert!(s("99999999999999999999G").is_err());
+        assert_eq!(parse_size(&IntOrStr::Int(42)), Ok(42));
+        assert!(parse_size(&IntOrStr::Int(-1)).is_err());
+        let d = |x: &str| parse_duration(&IntOrStr::Str(x.into()));
+        assert_eq!(d("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration(&IntOrStr::Int(7)),
+            Ok(Duration::from_secs(7))
+        );
+    }
+
+    #[test]
+    fn file_errors_are_one_line_and_name_the_key() {
+        let e = err(&[], "listen = \"127.0.0.1:1\"\nlisen = \"x\"\n");
+        assert_eq!(
+            e,
+            "--config f.toml: unknown key `lisen` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
+        );
+        let e = err(&[], "sink = \"null\"\nreactors = \"many\"\n");
+        assert!(e.starts_with("--config f.toml: line 2: `reactors`:"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err(&[], "reactors = \n");
+        assert!(e.starts_with("--config f.toml: line 1"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = err(&[], "sink = \"kafka\"\n");
+        assert!(e.contains("`sink`"), "{e}");
+        let e = err(&[], "accept-domain = 1\n");
+        assert!(e.contains("expected a domain or a list of domains"), "{e}");
+        let e = err(&[], "accept-domain = [1]\n");
+        assert!(e.contains("`accept-domain`"), "{e}");
+        let e = err(&[], "[server]\nlisten = \"x\"\n");
+        assert!(e.contains("unknown key `server`"), "{e}");
+        // Values from the file are validated like flags.
+        assert_eq!(
+            err(&[], "max-recipients = 0"),
+            "--max-recipients: must be at least 1 (got 0)"
+        );
+        assert_eq!(
+            err(&[], "max-message-size = 0"),
+            "--max-message-size: must be between 1 and 1G (got 0)"
+        );
+        let missing = ServerArgs {
+            config: Some(PathBuf::from("/nonexistent/smtpgw.toml")),
+            ..Default::default()
+        };
+        let e = missing.resolve().unwrap_err().to_string();
+        assert!(e.starts_with("--config /nonexistent/smtpgw.toml: cannot read:"));
+    }
+
+    #[test]
+    fn clap_errors_name_the_flag_on_their_first_line() {
+        let e = parse(&["--reactors", "abc"]).unwrap_err();
+        let first = e.render().to_string();
+        let first = first.lines().next().unwrap();
+        assert!(
+            first.starts_with("error:") && first.contains("--reactors"),
+            "{first}"
+        );
+        let e = parse(&["--sink", "kafka"]).unwrap_err();
+        assert!(e
+            .render()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap()
+            .contains("--sink"));
+    }
+
+    #[test]
+    fn spool_subcommands() {
+        let c = Cli::try_parse_from([
+            "smtpgw",
+            "spool",
+            "cat",
+            "--body",
+            "--spool-dir",
+            "/s",
+            "ID",
+        ])
+        .unwrap();
+        match c.command {
+            Some(Command::Spool(SpoolCommand::Cat { dir, body, id })) => {
+                assert_eq!(dir.spool_dir, PathBuf::from("/s"));
+                assert!(body);
+                assert_eq!(id, "ID");
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = parse(&["spool", "export", "--mbox", "out.mbox"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Export { .. }))
+        ));
+        assert!(parse(&["spool", "export"]).is_err());
+    }
+}

@@ -1,1 +1,154 @@
-//! TODO
+//! Wiring: turns a [`Config`] into a running gateway (sink, reactors, signals) and owns
+//! the graceful drain on SIGTERM/SIGINT.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::config::{Config, SinkKind};
+use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::sink::null::NullSink;
+use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::Sink;
+use crate::smtp::SessionConfig;
+
+/// How often the drain looks at the connection count; shutdown latency, not hot path.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("--spool-dir {dir}: {source}")]
+    Spool { dir: String, source: SpoolError },
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("cannot start: {0}")]
+    Setup(io::Error),
+    #[error("second signal during drain: exiting without waiting for sessions or the sink")]
+    Interrupted,
+}
+
+pub fn session_config(config: &Config) -> SessionConfig {
+    SessionConfig {
+        hostname: config.hostname.clone(),
+        accept_domains: config.accept_domains.clone(),
+        max_message_size: config.max_message_size,
+        max_recipients: config.max_recipients,
+        bare_lf: config.bare_lf,
+    }
+}
+
+fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
+    Ok(match config.sink {
+        SinkKind::Null => {
+            warn!("--sink null: accepted messages are discarded (benchmarks only)");
+            Arc::new(NullSink::new())
+        }
+        SinkKind::Spool => {
+            Arc::new(
+                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
+                    dir: config.spool_dir.display().to_string(),
+                    source,
+                })?,
+            )
+        }
+    })
+}
+
+/// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
+pub fn run(config: Config) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Setup)?;
+    // Listen for signals before the first connection can arrive, so an early SIGTERM
+    // drains instead of killing the process.
+    let (mut term, mut int) = {
+        let _guard = rt.enter();
+        (
+            signal(SignalKind::terminate()).map_err(ServerError::Setup)?,
+            signal(SignalKind::interrupt()).map_err(ServerError::Setup)?,
+        )
+    };
+
+    if config.accept_domains_defaulted {
+        info!(
+            "no --accept-domain given: accepting mail only for {}; add domains with \
+             --accept-domain DOMAIN (repeatable) or SMTPGW_ACCEPT_DOMAIN=a.example,b.example",
+            config.accept_domains.join(" and ")
+        );
+    }
+    let sink = open_sink(&config)?;
+    let reactors = Reactors::start(ReactorParams {
+        listen: config.listen,
+        reactors: config.reactors,
+        session: Arc::new(session_config(&config)),
+        sink: sink.clone(),
+        max_connections: config.max_connections,
+        idle_timeout: config.idle_timeout,
+        max_session_time: config.max_session_time,
+    })?;
+    info!(
+        hostname = %config.hostname,
+        sink = %sink.name(),
+        accept_domains = %config.accept_domains.join(","),
+        max_message_size = config.max_message_size,
+        max_connections = config.max_connections,
+        "ready"
+    );
+
+    rt.block_on(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(
+            signal = %which,
+            open = reactors.open_connections(),
+            drain_timeout = ?config.drain_timeout,
+            "draining: no new connections; sessions finish their message in flight"
+        );
+        reactors.begin_drain();
+
+        let deadline = Instant::now() + config.drain_timeout;
+        let mut tick = tokio::time::interval(DRAIN_POLL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let open = reactors.open_connections();
+                    if open == 0 {
+                        info!("all sessions finished");
+                        break;
+                    }
+                    if Instant::now() >= deadline {
+                        warn!(open, "drain timeout: closing the remaining connections");
+                        break;
+                    }
+                }
+                _ = term.recv() => return Err(ServerError::Interrupted),
+                _ = int.recv() => return Err(ServerError::Interrupted),
+            }
+        }
+
+        // Joining threads and flushing the sink block, so they run off this thread and a
+        // further signal can still cut them short.
+        let finish = tokio::task::spawn_blocking(move || {
+            reactors.stop();
+            sink.shutdown();
+        });
+        tokio::select! {
+            joined = finish => {
+                if joined.is_err() {
+                    warn!("shutdown panicked");
+                }
+            }
+            _ = term.recv() => return Err(ServerError::Interrupted),
+            _ = int.recv() => return Err(ServerError::Interrupted),
+        }
+        info!("stopped");
+        Ok(())
+    })
+}

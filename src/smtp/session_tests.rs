@@ -55,6 +55,11 @@ fn run_pieces<'a>(
     }
 }
 
+/// A session with the reject policy, as a reactor would create it.
+fn new_session() -> Session {
+    Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap())
+}
+
 fn run(input: &[u8]) -> Transcript {
     run_pieces(config(BareLfPolicy::Reject), [input])
 }
@@ -449,7 +454,7 @@ fn refused_bdat_chunk_is_consumed() {
 
 #[test]
 fn pipelined_input_waits_while_a_message_is_published() {
-    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let mut session = new_session();
     let input = format!("{TXN}DATA\r\nhi\r\n.\r\nNOOP\r\nQUIT\r\n");
     let n = session.feed(input.as_bytes());
     let rest = &input.as_bytes()[n..];
@@ -473,7 +478,7 @@ fn pipelined_input_waits_while_a_message_is_published() {
 
 #[test]
 fn sink_refusing_size_gives_552() {
-    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let mut session = new_session();
     session.feed(format!("{TXN}DATA\r\nhi\r\n.\r\n").as_bytes());
     assert!(session.take_message().is_some());
     session.publish_result(Err(PublishError::TooLarge));
@@ -483,13 +488,13 @@ fn sink_refusing_size_gives_552() {
 
 #[test]
 fn timeout_and_drain() {
-    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let mut session = new_session();
     session.timed_out();
     assert!(session.is_closed());
     assert!(String::from_utf8_lossy(session.output())
         .ends_with("421 4.4.2 mx.test Timeout, closing connection\r\n"));
 
-    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let mut session = new_session();
     session.feed(format!("{TXN}DATA\r\nhal").as_bytes());
     session.begin_drain();
     assert!(
@@ -511,7 +516,7 @@ fn timeout_and_drain() {
 
 #[test]
 fn received_line_is_prepended_without_touching_the_body() {
-    let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+    let mut session = new_session();
     session.feed(format!("{TXN}DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n").as_bytes());
     let message = session.take_message().unwrap();
     let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
