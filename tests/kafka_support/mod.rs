@@ -53,7 +53,7 @@ pub fn healthy_sink(options: &KafkaOptions) -> KafkaSink {
     sink
 }
 
-/// Reads partition 0 of `topic` from the beginning until `idle` passes with no new
+/// Reads every partition of `topic` from the beginning until `idle` passes with no new
 /// record (or `want` records have arrived), within `timeout` overall. Counting by
 /// reading, not by watermarks: some brokers report wrong end offsets.
 pub fn consume(
@@ -70,9 +70,20 @@ pub fn consume(
         .set("enable.partition.eof", "false")
         .create()
         .expect("consumer");
+    // Every partition of the topic, from the beginning.
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(1, |t| t.partitions().len().max(1));
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("partition offset");
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .expect("partition offset");
+    }
     consumer.assign(&tpl).expect("assign");
     let deadline = Instant::now() + timeout;
     let mut last = Instant::now();
