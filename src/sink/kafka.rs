@@ -111,6 +111,14 @@ const RESERVED_KEYS: &[(&str, &str)] = &[
     ("transactional.id", "the gateway does not use transactions"),
 ];
 
+/// Why `--kafka-config KEY=...` is refused, if it is.
+pub fn reserved_config(key: &str) -> Option<&'static str> {
+    RESERVED_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, why)| *why)
+}
+
 const UNAVAILABLE: &str = "kafka unavailable";
 const QUEUE_FULL: &str = "kafka queue full";
 const TIMED_OUT: &str = "kafka publish timed out";
@@ -156,7 +164,7 @@ impl KafkaOptions {
     /// The producer configuration: the gateway's settings, then the user's.
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSinkError> {
         for (key, _) in &self.extra {
-            if let Some((_, why)) = RESERVED_KEYS.iter().find(|(k, _)| k == key) {
+            if let Some(why) = reserved_config(key) {
                 return Err(KafkaSinkError::ReservedConfig {
                     key: key.clone(),
                     why,
@@ -716,8 +724,17 @@ fn drain(producer: Arc<GatewayProducer>, timeout: Duration) {
     }
 }
 
-impl Sink for KafkaSink {
-    fn submit(&self, msg: SealedMessage, done: Completion) {
+impl KafkaSink {
+    /// Hands one record to librdkafka; `done` is answered from its delivery report, or
+    /// at once if the sink is unavailable or librdkafka refuses the record.
+    fn publish(
+        &self,
+        id: MessageId,
+        timestamp_ms: i64,
+        headers: Option<OwnedHeaders>,
+        value: &[u8],
+        done: Completion,
+    ) {
         let inner = &self.inner;
         let shared = &inner.shared;
         if !shared.healthy.load(Ordering::Acquire) {
@@ -732,36 +749,17 @@ impl Sink for KafkaSink {
             done.complete(Err(PublishError::Temporary(Cow::Borrowed(SHUT_DOWN))));
             return;
         };
-
-        let mut headers = Some(OwnedHeaders::new_with_capacity(
-            8 + msg.envelope.rcpt_count(),
-        ));
-        msg.for_each_header(|key, value| {
-            headers = headers.take().map(|h| {
-                h.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            });
-        });
         let mut key = [0u8; ulid::ULID_LEN];
-        let key = msg.id.array_to_str(&mut key);
-        let bytes = msg.value.len();
-        let mut record = BaseRecord::with_opaque_to(
-            &inner.topic,
-            Box::new(InFlight {
-                done,
-                id: msg.id,
-                bytes,
-            }),
-        )
-        .key(key.as_bytes())
-        .payload(&msg.value[..])
-        .timestamp(msg.received_at.timestamp_millis());
+        let key = id.array_to_str(&mut key);
+        let bytes = value.len();
+        let mut record =
+            BaseRecord::with_opaque_to(&inner.topic, Box::new(InFlight { done, id, bytes }))
+                .key(key.as_bytes())
+                .payload(value)
+                .timestamp(timestamp_ms);
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
-
         shared.add_inflight(bytes);
         if let Err((error, record)) = producer.send(record) {
             shared.sub_inflight(bytes);
@@ -769,10 +767,43 @@ impl Sink for KafkaSink {
                 error.rdkafka_error_code(),
                 Some(RDKafkaErrorCode::QueueFull)
             ) {
-                tracing::debug!(id = %msg.id, %error, "kafka refused the message");
+                tracing::debug!(%id, %error, "kafka refused the message");
             }
             record.delivery_opaque.done.complete(Err(classify(&error)));
         }
+    }
+}
+
+/// Builds librdkafka headers from name/value pairs, in order.
+fn owned_headers(
+    capacity: usize,
+    pairs: impl FnOnce(&mut dyn FnMut(&str, &[u8])),
+) -> Option<OwnedHeaders> {
+    // `insert` consumes and returns the list, hence the Option dance.
+    let mut headers = Some(OwnedHeaders::new_with_capacity(capacity));
+    pairs(&mut |key, value| {
+        headers = headers.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+    });
+    headers
+}
+
+impl Sink for KafkaSink {
+    fn submit(&self, msg: SealedMessage, done: Completion) {
+        let headers = owned_headers(8 + msg.envelope.rcpt_count(), |add| {
+            msg.for_each_header(|name, value| add(name, value))
+        });
+        self.publish(
+            msg.id,
+            msg.received_at.timestamp_millis(),
+            headers,
+            &msg.value,
+            done,
+        );
     }
 
     fn shutdown(&self) {
@@ -841,4 +872,96 @@ impl Drop for KafkaSink {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Messages `spool replay` keeps in flight at once: enough to batch well, few enough
+/// to bound memory by what librdkafka copies.
+const REPLAY_WINDOW: usize = 1000;
+
+#[derive(thiserror::Error, Debug)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Spool(#[from] crate::sink::spool::SpoolError),
+    #[error(transparent)]
+    Sink(#[from] KafkaSinkError),
+    #[error("no Kafka broker answered at {brokers} within {waited:?}")]
+    Unreachable { brokers: String, waited: Duration },
+}
+
+/// What `spool replay` did.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub published: u64,
+    /// Messages Kafka did not acknowledge, with why. Replaying again is safe.
+    pub failed: Vec<(MessageId, PublishError)>,
+}
+
+/// Publishes every record of the spool in `dir`, oldest first, with the key, value,
+/// headers and timestamp the gateway would have given it, so a message replayed twice
+/// (or replayed after it reached Kafka live) has the same key and consumers can drop
+/// the copy by `smtp.id`. Waits up to the publish timeout for a broker.
+pub fn replay_spool(
+    dir: &std::path::Path,
+    options: &KafkaOptions,
+) -> Result<ReplayReport, ReplayError> {
+    use std::collections::VecDeque;
+
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    use crate::sink::PublishResult;
+
+    // Open the spool first: a wrong directory should not wait for a broker.
+    let records = crate::sink::spool::read_all(dir)?;
+    let sink = KafkaSink::new(options)?;
+    let deadline = Instant::now() + options.publish_timeout;
+    while !sink.is_healthy() {
+        if Instant::now() >= deadline {
+            return Err(ReplayError::Unreachable {
+                brokers: options.brokers.clone(),
+                waited: options.publish_timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut report = ReplayReport::default();
+    let mut window: VecDeque<(MessageId, UnboundedReceiver<PublishResult>)> =
+        VecDeque::with_capacity(REPLAY_WINDOW);
+    let settle = |report: &mut ReplayReport,
+                  (id, mut rx): (MessageId, UnboundedReceiver<PublishResult>)| {
+        match rx.blocking_recv() {
+            Some(Ok(_)) => report.published += 1,
+            Some(Err(e)) => report.failed.push((id, e)),
+            None => report
+                .failed
+                .push((id, PublishError::Temporary(Cow::Borrowed(FAILED)))),
+        }
+    };
+    for record in records {
+        let record = record?;
+        while window.len() >= REPLAY_WINDOW {
+            if let Some(pending) = window.pop_front() {
+                settle(&mut report, pending);
+            }
+        }
+        let (tx, rx) = unbounded_channel();
+        let headers = owned_headers(record.headers.len(), |add| {
+            for (name, value) in &record.headers {
+                add(name, value);
+            }
+        });
+        sink.publish(
+            record.id,
+            record.received_at.timestamp_millis(),
+            headers,
+            record.value(),
+            Completion::new(tx),
+        );
+        window.push_back((record.id, rx));
+    }
+    while let Some(pending) = window.pop_front() {
+        settle(&mut report, pending);
+    }
+    sink.shutdown();
+    Ok(report)
 }
