@@ -274,7 +274,11 @@ impl Shared {
         if generation != self.generation.load(Ordering::Acquire) {
             return;
         }
-        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+        // Every delivery calls this; a plain load keeps the common case free of a
+        // contended read-modify-write.
+        if self.healthy.load(Ordering::Acquire) != healthy
+            && self.healthy.swap(healthy, Ordering::AcqRel) != healthy
+        {
             if healthy {
                 tracing::info!(why, "kafka sink ready");
             } else {
@@ -338,8 +342,6 @@ impl ClientContext for GatewayContext {
         }
         let _ = self.shared.notices.send(Notice::Check);
     }
-
-    fn stats(&self, _: rdkafka::Statistics) {}
 }
 
 impl ProducerContext for GatewayContext {
@@ -632,7 +634,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
         let Some(producer) = current else {
             return;
         };
-        if let Some((code, reason)) = producer.client().fatal_error() {
+        let producer = if let Some((code, reason)) = producer.client().fatal_error() {
             drop(producer);
             shared.set_healthy(
                 shared.generation.load(Ordering::Acquire),
@@ -641,7 +643,21 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
             );
             tracing::error!(%code, reason, "kafka producer hit a fatal error");
             replace_producer(inner);
-        } else if !shared.healthy.load(Ordering::Acquire) {
+            // Probe the new producer now rather than a second later: until it has
+            // seen a broker the sink refuses mail.
+            match inner
+                .producer
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+            {
+                Some(p) => p,
+                None => return,
+            }
+        } else {
+            producer
+        };
+        if !shared.healthy.load(Ordering::Acquire) {
             let generation = shared.generation.load(Ordering::Acquire);
             probe(&producer, shared, &inner.topic, generation, PROBE_TIMEOUT);
         }
