@@ -4,141 +4,33 @@
 
 mod kafka_support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kafka_support::{consume, wait_until};
+use kafka_support::{consume, queued_id, start_gateway, Client};
 use rdkafka::mocking::MockCluster;
 
 const TOPIC: &str = "mail.in";
-
-/// The gateway process; killed by its PID if a test fails before stopping it.
-struct Gateway {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-fn start_gateway(brokers: &str) -> Gateway {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
-        .args([
-            "--listen",
-            &addr,
-            "--hostname",
-            "mx.test",
-            "--accept-domain",
-            "example.com",
-            "--reactors",
-            "1",
-            "--sink",
-            "kafka",
-            "--kafka-brokers",
-            brokers,
-            "--kafka-topic",
-            TOPIC,
-            "--kafka-config",
-            "message.max.bytes=300000",
-            "--publish-timeout",
-            "3s",
-            "--drain-timeout",
-            "5s",
-        ])
-        .env("SMTPGW_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("gateway starts");
-    let gw = Gateway { child, addr };
-    assert!(
-        wait_until(Duration::from_secs(30), || TcpStream::connect(&gw.addr)
-            .is_ok()),
-        "gateway never listened"
-    );
-    gw
-}
-
-struct Client {
-    r: BufReader<TcpStream>,
-    w: TcpStream,
-}
-
-impl Client {
-    fn connect(addr: &str) -> Client {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let mut c = Client {
-            r: BufReader::new(s.try_clone().expect("clone")),
-            w: s,
-        };
-        assert!(c.reply().starts_with("220 "));
-        c
-    }
-
-    /// One reply, all its lines joined.
-    fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            self.r.read_line(&mut line).expect("reply line");
-            assert!(!line.is_empty(), "connection closed; got {all:?}");
-            all.push_str(&line);
-            if line.as_bytes().get(3) != Some(&b'-') {
-                return all;
-            }
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        self.w.write_all(line.as_bytes()).expect("send");
-        self.w.write_all(b"\r\n").expect("send");
-        self.reply()
-    }
-
-    /// A whole transaction; the reply to the end of DATA.
-    fn send(&mut self, body_stuffed: &[u8]) -> String {
-        assert!(self.cmd("MAIL FROM:<a@sender.test>").starts_with("250 "));
-        assert!(self.cmd("RCPT TO:<x@example.com>").starts_with("250 "));
-        assert!(self.cmd("RCPT TO:<y@example.com>").starts_with("250 "));
-        assert!(self.cmd("DATA").starts_with("354 "));
-        self.w.write_all(body_stuffed).expect("body");
-        self.w.write_all(b".\r\n").expect("end");
-        self.reply()
-    }
-}
-
-fn queued_id(reply: &str) -> String {
-    reply
-        .trim_end()
-        .rsplit(' ')
-        .next()
-        .expect("an id")
-        .to_owned()
-}
 
 #[test]
 fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
     let brokers = cluster.bootstrap_servers();
-    let gw = start_gateway(&brokers);
+    let gw = start_gateway(
+        &brokers,
+        TOPIC,
+        &[
+            "--reactors",
+            "1",
+            "--kafka-config",
+            "message.max.bytes=300000",
+            "--publish-timeout",
+            "3s",
+            "--drain-timeout",
+            "5s",
+        ],
+    );
 
     let mut c = Client::connect(&gw.addr);
     let ehlo = c.cmd("EHLO client.test");

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -123,4 +126,151 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The gateway process; killed by its PID if a test fails before stopping it.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Starts the built gateway on a free loopback port with `--sink kafka` and `extra`
+/// flags, and waits until it listens.
+pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+        .args([
+            "--listen",
+            &addr,
+            "--hostname",
+            "mx.test",
+            "--accept-domain",
+            "example.com",
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            brokers,
+            "--kafka-topic",
+            topic,
+        ])
+        .args(extra)
+        .env("SMTPGW_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("gateway starts");
+    let gw = Gateway { child, addr };
+    assert!(
+        wait_until(Duration::from_secs(30), || TcpStream::connect(&gw.addr)
+            .is_ok()),
+        "gateway never listened"
+    );
+    gw
+}
+
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: &str) -> Client {
+        Client::try_connect(addr).expect("connect and greeting")
+    }
+
+    pub fn try_connect(addr: &str) -> io::Result<Client> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_nodelay(true)?;
+        let mut c = Client {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        let greeting = c.try_reply()?;
+        if !greeting.starts_with("220 ") {
+            return Err(io::Error::other(format!("greeting {greeting:?}")));
+        }
+        Ok(c)
+    }
+
+    /// One reply, all its lines joined.
+    pub fn reply(&mut self) -> String {
+        self.try_reply().expect("a reply")
+    }
+
+    pub fn try_reply(&mut self) -> io::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed; got {all:?}"),
+                ));
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.try_cmd(line).expect("a reply")
+    }
+
+    pub fn try_cmd(&mut self, line: &str) -> io::Result<String> {
+        // One write per command: with Nagle's algorithm a split write waits for the
+        // server's delayed ACK.
+        self.w.write_all(format!("{line}\r\n").as_bytes())?;
+        self.try_reply()
+    }
+
+    /// A whole transaction; the reply to the end of DATA.
+    pub fn send(&mut self, body_stuffed: &[u8]) -> String {
+        self.try_send(body_stuffed).expect("a transaction")
+    }
+
+    pub fn try_send(&mut self, body_stuffed: &[u8]) -> io::Result<String> {
+        for (cmd, want) in [
+            ("MAIL FROM:<a@sender.test>", "250 "),
+            ("RCPT TO:<x@example.com>", "250 "),
+            ("RCPT TO:<y@example.com>", "250 "),
+            ("DATA", "354 "),
+        ] {
+            let reply = self.try_cmd(cmd)?;
+            if !reply.starts_with(want) {
+                return Err(io::Error::other(format!("{cmd}: {reply:?}")));
+            }
+        }
+        let mut data = Vec::with_capacity(body_stuffed.len() + 3);
+        data.extend_from_slice(body_stuffed);
+        data.extend_from_slice(b".\r\n");
+        self.w.write_all(&data)?;
+        self.try_reply()
+    }
+}
+
+pub fn queued_id(reply: &str) -> String {
+    reply
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .expect("an id")
+        .to_owned()
 }
