@@ -2,7 +2,7 @@
 //! answers the session only once the broker has acknowledged it with `acks=all`.
 //!
 //! It owns the producer (one [`ThreadedProducer`] shared by every reactor), the
-//! mapping from delivery reports to [`PublishResult`]s, the readiness flag, the
+//! mapping from delivery reports to [`crate::sink::PublishResult`]s, the readiness flag, the
 //! in-flight counters used for backpressure, the replacement of a producer that hit a
 //! fatal error, and the start-up size probe.
 //!
@@ -30,7 +30,7 @@
 //! The sink is healthy once a broker has answered: a metadata request at start-up or
 //! from the supervisor thread, or any successful delivery. It becomes unhealthy when
 //! librdkafka reports that all brokers are down, that authentication failed, or that
-//! the producer hit a fatal error. While unhealthy, [`KafkaSink::submit`] answers at
+//! the producer hit a fatal error. While unhealthy, `submit` answers at
 //! once with `Temporary("kafka unavailable")` instead of queueing the message: a
 //! client would otherwise be held for the whole publish timeout (30 s by default) only
 //! to get the same `451`, and its connection and buffered message would count against
@@ -46,15 +46,21 @@
 //! sequence desynchronisation) after which it accepts nothing. Every error callback
 //! wakes the supervisor, which asks the client for `rd_kafka_fatal_error` (it also
 //! checks once a second); on a fatal error it builds a new producer, swaps it in and
-//! retires the old one on a thread of its own: it waits (bounded by the publish timeout) for in-flight
-//! requests to be answered, purges the rest and serves their delivery reports, so every
-//! message it held gets its answer (`Temporary` unless the broker did acknowledge it).
+//! retires the old one on a thread of its own: it waits (bounded by the publish
+//! timeout) for in-flight requests to be answered, purges the rest and serves their
+//! delivery reports, so every message it held gets its answer (`Temporary` unless the
+//! broker did acknowledge it). Shutdown drains the current producer the same way.
 //!
 //! # Size
 //!
 //! At start-up the sink reads the topic's `max.message.bytes` (admin client, bounded
 //! wait) and the producer's `message.max.bytes`; the smaller one, less the record
 //! overhead (see [`record_overhead`]), is [`KafkaSink::max_record_value`].
+//!
+//! # Replay
+//!
+//! [`replay_spool`] publishes a spool's records through the same path, with their
+//! original keys, headers and timestamps, for `smtpgw spool replay --to-kafka`.
 
 use std::borrow::Cow;
 use std::fmt;
