@@ -97,7 +97,10 @@ pub const DEFAULT_PRODUCER_MESSAGE_MAX_BYTES: usize = 1_000_000;
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor asks the cluster for metadata while no broker is known up.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Short, because a metadata request makes librdkafka retry a dead broker every 50 ms
+/// for as long as it waits. A slow handshake still completes in the background, and
+/// the next probe finds the connection up.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a purge, delivery reports come back at once; this only bounds a bug.
 const AFTER_PURGE_FLUSH: Duration = Duration::from_secs(5);
 
@@ -458,14 +461,25 @@ impl KafkaSink {
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
-        probe(
+        let reachable = probe(
             &producer,
             &shared,
             &options.topic,
             0,
             options.startup_timeout,
         );
-        let topic_max = topic_max_message_bytes(&config, &options.topic, options.startup_timeout);
+        // Without a broker, describing the topic would only wait out the same timeout
+        // again; SIZE then follows the producer's limit, and a broker that still
+        // refuses a record as too large gets it answered with 552.
+        let topic_max = if reachable {
+            topic_max_message_bytes(&config, &options.topic, options.startup_timeout)
+        } else {
+            tracing::warn!(
+                brokers = %options.brokers,
+                "no kafka broker answered at start-up; not ready until one does"
+            );
+            None
+        };
         let producer_max = options.producer_message_max_bytes();
         let limit = topic_max.map_or(producer_max, |t| t.min(producer_max));
         // lz4 can grow incompressible data by 1/255 plus 16 bytes.
@@ -621,6 +635,10 @@ fn topic_max_message_bytes(config: &ClientConfig, topic: &str, timeout: Duration
 /// The supervisor: replaces a producer after a fatal error and probes the cluster
 /// while no broker is known to be up.
 fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
+    // Probes are paced by the clock, not by notices: every failed connection attempt
+    // raises an error (and a notice), and probing on each would make librdkafka
+    // reconnect to a dead broker many times a second.
+    let mut last_probe: Option<Instant> = None;
     loop {
         match notices.recv_timeout(PROBE_INTERVAL) {
             Ok(Notice::Stop) | Err(RecvTimeoutError::Disconnected) => return,
@@ -651,6 +669,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
             replace_producer(inner);
             // Probe the new producer now rather than a second later: until it has
             // seen a broker the sink refuses mail.
+            last_probe = None;
             match inner
                 .producer
                 .read()
@@ -663,7 +682,9 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
         } else {
             producer
         };
-        if !shared.healthy.load(Ordering::Acquire) {
+        let due = last_probe.is_none_or(|t| t.elapsed() >= PROBE_INTERVAL);
+        if due && !shared.healthy.load(Ordering::Acquire) {
+            last_probe = Some(Instant::now());
             let generation = shared.generation.load(Ordering::Acquire);
             probe(&producer, shared, &inner.topic, generation, PROBE_TIMEOUT);
         }
