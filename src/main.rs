@@ -123,11 +123,19 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             if kafka.brokers.is_none() {
                 anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
             }
-            let report = smtpgw::sink::kafka::replay_spool(
-                &dir,
-                &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS),
-            )
-            .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            use smtpgw::sink::kafka::{replay_spool, ReplayError};
+            let report =
+                match replay_spool(&dir, &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS)) {
+                    Ok(report) => report,
+                    // Only spool errors are about the directory; the others name their flag.
+                    Err(ReplayError::Spool(e)) => {
+                        return Err(e).with_context(|| format!("--spool-dir {}", dir.display()))
+                    }
+                    Err(ReplayError::Unreachable { brokers, waited }) => anyhow::bail!(
+                        "--kafka-brokers {brokers}: no broker answered within {waited:?}"
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
             for (id, why) in &report.failed {
                 eprintln!("{id}: not published: {why}");
             }

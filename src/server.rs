@@ -109,10 +109,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     let sink = open_sink(&config)?;
+    let session = Arc::new(session_config_for(&config, &*sink));
+    let max_message_size = session.max_message_size;
     let reactors = Reactors::start(ReactorParams {
         listen: config.listen,
         reactors: config.reactors,
-        session: Arc::new(session_config_for(&config, &*sink)),
+        session,
         sink: sink.clone(),
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout,
@@ -122,7 +124,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         hostname = %config.hostname,
         sink = %sink.name(),
         accept_domains = %config.accept_domains.join(","),
-        max_message_size = config.max_message_size,
+        max_message_size,
         max_connections = config.max_connections,
         "ready"
     );
