@@ -35,6 +35,8 @@ const LINGER: Duration = Duration::from_secs(2);
 /// While the sink is over its in-flight limit, how often a paused session looks again.
 /// Only sessions in a message body pause, so this is not on the command path.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(10);
+/// At the drain timeout, how long connections get to write their final `421`.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// What the reactors should be doing; it only ever moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +213,12 @@ async fn reactor(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::R
             break;
         }
     }
+    // Connections see Stop too and send their last 421; give them a moment to do so
+    // before the runtime, and with it every task, is dropped.
+    let grace = Instant::now() + STOP_GRACE;
+    while shared.open.load(Ordering::Acquire) > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn accept_failed(e: io::Error) {
@@ -252,6 +260,8 @@ enum Gone {
     Io(io::Error),
     WriteTimeout,
     Stuck,
+    /// The drain timeout ran out; a `421` was sent if the socket took it.
+    Stopped,
 }
 
 async fn serve(
@@ -273,6 +283,7 @@ async fn serve(
         Err(Gone::Io(e)) => debug!(%peer, error = %e, "connection failed"),
         Err(Gone::WriteTimeout) => debug!(%peer, "client stopped reading; dropped"),
         Err(Gone::Stuck) => debug!(%peer, "receive buffer full and nothing consumable; dropped"),
+        Err(Gone::Stopped) => debug!(%peer, "closed at the drain timeout"),
     }
 }
 
@@ -387,9 +398,18 @@ async fn converse(
                 flush(stream, &mut session, Instant::now() + LINGER).await?;
                 return Ok(());
             }
-            _ = phase.changed(), if !draining => {
-                draining = true;
-                wind_down(&mut session, start == end);
+            changed = phase.changed() => {
+                if changed.is_err() || *phase.borrow_and_update() == Phase::Stop {
+                    // The drain timeout ran out mid-conversation: say so rather than
+                    // just vanish. Whatever this client had not finished got no 250.
+                    session.shut_down_now();
+                    flush(stream, &mut session, Instant::now() + STOP_GRACE).await?;
+                    return Err(Gone::Stopped);
+                }
+                if !draining {
+                    draining = true;
+                    wind_down(&mut session, start == end);
+                }
             }
         }
     }

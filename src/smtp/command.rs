@@ -226,16 +226,15 @@ fn bdat(args: &[u8]) -> Result<Command<'_>, CommandError> {
     Ok(Command::Bdat { size, last })
 }
 
-/// A non-negative decimal that fits in u64; no signs, no spaces.
+/// A non-negative decimal of at most 20 digits (RFC 1870's `size-value`); values past
+/// `u64::MAX` saturate, so they compare as "too large" rather than as malformed.
 pub fn parse_decimal(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+    if digits.is_empty() || digits.len() > 20 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(
-        digits
-            .iter()
-            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')),
-    )
+    Some(digits.iter().fold(0u64, |n, &d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
 }
 
 #[cfg(test)]
@@ -326,7 +325,14 @@ mod tests {
         ] {
             assert_eq!(parse(bad), Err(CommandError::Syntax(SyntaxOf::Bdat)));
         }
-        assert!(parse(b"BDAT 99999999999999999999").is_err());
+        assert_eq!(
+            parse(b"BDAT 99999999999999999999"),
+            Ok(Command::Bdat {
+                size: u64::MAX,
+                last: false
+            })
+        );
+        assert!(parse(b"BDAT 123456789012345678901").is_err());
     }
 
     #[test]

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The project's test command: format, lint, build, unit tests, then the end-to-end suite
+# that drives the built binary with real SMTP clients (Python smtplib, swaks, raw sockets).
+#
+#   scripts/test.sh                # everything
+#   scripts/test.sh -k smuggling   # extra arguments go to pytest
+#
+# Setup is idempotent: swaks is installed only when missing, and the Python venv in .venv
+# is refreshed only when tests/e2e/requirements.txt changed since the last install.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+started=$SECONDS
+section() {
+    printf '\n==== %s  (+%ds) ====\n' "$*" "$((SECONDS - started))"
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    else
+        sudo "$@"
+    fi
+}
+
+section "setup: swaks"
+if command -v swaks >/dev/null 2>&1; then
+    echo "swaks present: $(command -v swaks)"
+else
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends swaks
+fi
+
+section "setup: python venv (.venv)"
+venv=.venv
+requirements=tests/e2e/requirements.txt
+stamp=$venv/.requirements.sha256
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+wanted=$(sha256sum "$requirements" | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$requirements"
+    echo "$wanted" >"$stamp"
+    echo "installed $requirements"
+else
+    echo "up to date with $requirements"
+fi
+
+section "cargo fmt --check"
+cargo fmt --all -- --check
+
+section "cargo clippy"
+cargo clippy --all-targets --release -- -D warnings
+
+section "cargo build --release"
+cargo build --release
+
+section "cargo test --release"
+cargo test --release
+
+section "end-to-end tests (pytest tests/e2e)"
+target_dir=${CARGO_TARGET_DIR:-target}
+export SMTPGW_BIN=${SMTPGW_BIN:-$(realpath "$target_dir")/release/smtpgw}
+"$venv/bin/python" -m pytest -q tests/e2e "$@"
+
+section "all tests passed"
