@@ -401,3 +401,44 @@ fn spool_replay_without_a_broker_says_so() {
         other => panic!("expected Unreachable, got {other:?}"),
     }
 }
+
+#[test]
+fn leader_change_never_loses_or_refuses_permanently() {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 3).expect("create topic");
+    cluster
+        .partition_leader(TOPIC, 0, Some(1))
+        .expect("leader 1");
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(10)));
+    let first = message("a@example.com", &["b@example.com"], b"first\r\n");
+    assert_eq!(publish(&sink, first.clone()), Ok(first.id));
+
+    let mut acked = vec![first.id];
+    for (i, leader) in [2, 3, 1, 2].into_iter().enumerate() {
+        cluster
+            .partition_leader(TOPIC, 0, Some(leader))
+            .expect("move leader");
+        let msg = message(
+            "a@example.com",
+            &["b@example.com"],
+            format!("after move {i}\r\n").as_bytes(),
+        );
+        match publish(&sink, msg.clone()) {
+            Ok(id) => acked.push(id),
+            Err(PublishError::Temporary(_)) => {}
+            Err(e) => panic!("a leader change is never permanent: {e:?}"),
+        }
+    }
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    for id in &acked {
+        let key = id.to_string().into_bytes();
+        assert_eq!(
+            got.iter().filter(|r| r.key == key).count(),
+            1,
+            "{id} got 250 so it is in the topic exactly once"
+        );
+    }
+}
