@@ -51,14 +51,17 @@ fi
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
-section "cargo clippy"
-cargo clippy --all-targets --release -- -D warnings
+section "cargo clippy (workspace)"
+cargo clippy --workspace --all-targets --release -- -D warnings
 
-section "cargo build --release"
-cargo build --release
+section "cargo build --release (gateway and load client)"
+cargo build --release --workspace --bins
 
 section "cargo test --release"
-cargo test --release
+cargo test --release --workspace
+
+section "load client self-test (250 count == spool records)"
+loadtest/selftest.sh --no-build
 
 section "end-to-end tests (pytest tests/e2e)"
 target_dir=${CARGO_TARGET_DIR:-target}
