@@ -442,3 +442,20 @@ fn leader_change_never_loses_or_refuses_permanently() {
         );
     }
 }
+
+#[test]
+fn sink_starts_inside_a_tokio_runtime() {
+    // The start-up size probe runs a future; it must not nest a runtime in the caller's.
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sink =
+        rt.block_on(async { KafkaSink::new(&options(&brokers, TOPIC, Duration::from_secs(5))) });
+    let sink = sink.expect("sink starts");
+    assert!(wait_until(WAIT, || sink.is_healthy()));
+    let msg = message("a@example.com", &["b@example.com"], b"x\r\n");
+    assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+}

@@ -577,6 +577,25 @@ fn probe(
 
 /// The topic's `max.message.bytes`, or `None` if the cluster does not say in time.
 fn topic_max_message_bytes(config: &ClientConfig, topic: &str, timeout: Duration) -> Option<usize> {
+    // The admin API answers with a future. Run it on a runtime of its own on a thread
+    // of its own, so that creating the sink from inside a tokio runtime cannot panic
+    // with a nested `block_on`.
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("smtpgw-kafka-admin".into())
+            .spawn_scoped(scope, || describe_max_message_bytes(config, topic, timeout))
+            .map_err(|error| tracing::warn!(%error, "cannot start the kafka admin thread"))
+            .ok()?
+            .join()
+            .ok()?
+    })
+}
+
+fn describe_max_message_bytes(
+    config: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Option<usize> {
     let admin: AdminClient<DefaultClientContext> = match config.create() {
         Ok(admin) => admin,
         Err(error) => {
