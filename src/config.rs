@@ -33,6 +33,8 @@ pub enum SinkKind {
     Spool,
     /// Discard after parsing; for benchmarks only.
     Null,
+    /// Publish to a Kafka topic (--kafka-brokers, --kafka-topic).
+    Kafka,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -83,6 +85,62 @@ pub enum SpoolCommand {
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
     },
+    /// Publish every stored message to Kafka, keyed by its id as the gateway would
+    /// have, so consumers can drop what they already have.
+    Replay {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// Required: the only replay target.
+        #[arg(long = "to-kafka", required = true)]
+        to_kafka: bool,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+}
+
+/// The Kafka settings, shared by the server and `spool replay`.
+#[derive(Debug, Default, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
+    #[arg(
+        long = "kafka-brokers",
+        env = "SMTPGW_KAFKA_BROKERS",
+        value_name = "LIST"
+    )]
+    pub kafka_brokers: Option<String>,
+    /// Topic for accepted messages [default: smtp.inbound].
+    #[arg(long = "kafka-topic", env = "SMTPGW_KAFKA_TOPIC", value_name = "TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// librdkafka setting KEY=VALUE, e.g. security.protocol=SSL; repeatable.
+    #[arg(
+        long = "kafka-config",
+        env = "SMTPGW_KAFKA_CONFIG",
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_config: Vec<String>,
+    /// A message Kafka has not acknowledged by then gets 451 [default: 30s].
+    #[arg(
+        long = "publish-timeout",
+        env = "SMTPGW_PUBLISH_TIMEOUT",
+        value_name = "DUR"
+    )]
+    pub publish_timeout: Option<String>,
+    /// Unacknowledged messages above which reactors stop reading message bodies
+    /// [default: 10000].
+    #[arg(
+        long = "max-inflight-messages",
+        env = "SMTPGW_MAX_INFLIGHT_MESSAGES",
+        value_name = "N"
+    )]
+    pub max_inflight_messages: Option<u64>,
+    /// Unacknowledged bytes above which reactors stop reading message bodies; K, M, G
+    /// suffixes [default: 256M].
+    #[arg(
+        long = "max-inflight-bytes",
+        env = "SMTPGW_MAX_INFLIGHT_BYTES",
+        value_name = "BYTES"
+    )]
+    pub max_inflight_bytes: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +224,8 @@ pub struct ServerArgs {
     /// Log line format on stderr [default: text].
     #[arg(long = "log-format", env = "SMTPGW_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
 }
 
 /// The config file: the same settings as the flags, keyed by the long flag names.
@@ -186,6 +246,12 @@ pub struct FileConfig {
     pub drain_timeout: Option<IntOrStr>,
     pub bare_lf: Option<BareLfPolicy>,
     pub log_format: Option<LogFormat>,
+    pub kafka_brokers: Option<String>,
+    pub kafka_topic: Option<String>,
+    pub kafka_config: Option<OneOrMany>,
+    pub publish_timeout: Option<IntOrStr>,
+    pub max_inflight_messages: Option<u64>,
+    pub max_inflight_bytes: Option<IntOrStr>,
 }
 
 const FILE_KEYS: &[&str] = &[
@@ -203,6 +269,12 @@ const FILE_KEYS: &[&str] = &[
     "drain-timeout",
     "bare-lf",
     "log-format",
+    "kafka-brokers",
+    "kafka-topic",
+    "kafka-config",
+    "publish-timeout",
+    "max-inflight-messages",
+    "max-inflight-bytes",
 ];
 
 /// `accept-domain = "a.example"` or `accept-domain = ["a.example", "b.example"]`.
@@ -295,6 +367,33 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub bare_lf: BareLfPolicy,
     pub log_format: LogFormat,
+    pub kafka: KafkaConfig,
+}
+
+/// The Kafka sink's settings; `brokers` is `Some` whenever `sink` is `Kafka`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaConfig {
+    pub brokers: Option<String>,
+    pub topic: String,
+    /// `--kafka-config` pairs in the order given; later ones win in librdkafka.
+    pub extra: Vec<(String, String)>,
+    pub publish_timeout: Duration,
+    pub max_inflight_messages: usize,
+    pub max_inflight_bytes: usize,
+}
+
+impl KafkaConfig {
+    /// The sink's options; `brokers` must be set (it is whenever `--sink kafka`).
+    pub fn options(&self, max_recipients: usize) -> crate::sink::kafka::KafkaOptions {
+        let mut o = crate::sink::kafka::KafkaOptions::new(self.brokers.clone().unwrap_or_default());
+        o.topic = self.topic.clone();
+        o.extra = self.extra.clone();
+        o.publish_timeout = self.publish_timeout;
+        o.max_inflight_messages = self.max_inflight_messages;
+        o.max_inflight_bytes = self.max_inflight_bytes;
+        o.max_recipients = max_recipients;
+        o
+    }
 }
 
 /// A configuration that cannot run. Its Display is one line that names the flag.
@@ -379,9 +478,10 @@ pub fn system_hostname() -> Option<String> {
 /// validates. `default_hostname` is only consulted when no hostname is configured.
 pub fn resolve(
     cli: ServerArgs,
-    file: FileConfig,
+    mut file: FileConfig,
     default_hostname: impl FnOnce() -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    let file_kafka = KafkaFile::from(&mut file);
     let listen_s = cli
         .listen
         .or(file.listen)
@@ -512,12 +612,21 @@ pub fn resolve(
         return Err(invalid("--spool-dir", "must not be empty"));
     }
 
+    let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
+    let kafka = resolve_kafka(cli.kafka, file_kafka)?;
+    if sink == SinkKind::Kafka && kafka.brokers.is_none() {
+        return Err(invalid(
+            "--kafka-brokers",
+            "required with --sink kafka (e.g. --kafka-brokers 127.0.0.1:9092)",
+        ));
+    }
+
     Ok(Config {
         listen,
         hostname,
         accept_domains,
         accept_domains_defaulted,
-        sink: cli.sink.or(file.sink).unwrap_or(SinkKind::Spool),
+        sink,
         spool_dir,
         reactors,
         max_message_size,
@@ -531,6 +640,136 @@ pub fn resolve(
             .log_format
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
+        kafka,
+    })
+}
+
+/// The config file's Kafka keys, taken out of [`FileConfig`] so that `spool replay`
+/// can share the resolution with the server.
+#[derive(Debug, Default)]
+pub struct KafkaFile {
+    pub kafka_brokers: Option<String>,
+    pub kafka_topic: Option<String>,
+    pub kafka_config: Option<OneOrMany>,
+    pub publish_timeout: Option<IntOrStr>,
+    pub max_inflight_messages: Option<u64>,
+    pub max_inflight_bytes: Option<IntOrStr>,
+}
+
+impl From<&mut FileConfig> for KafkaFile {
+    fn from(f: &mut FileConfig) -> Self {
+        KafkaFile {
+            kafka_brokers: f.kafka_brokers.take(),
+            kafka_topic: f.kafka_topic.take(),
+            kafka_config: f.kafka_config.take(),
+            publish_timeout: f.publish_timeout.take(),
+            max_inflight_messages: f.max_inflight_messages.take(),
+            max_inflight_bytes: f.max_inflight_bytes.take(),
+        }
+    }
+}
+
+/// librdkafka takes message.timeout.ms as a 32-bit count of milliseconds.
+const MAX_PUBLISH_TIMEOUT: Duration = Duration::from_secs(24 * 24 * 3600);
+
+/// Merges and validates the Kafka settings (CLI/env over file over default).
+pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, ConfigError> {
+    use crate::sink::kafka;
+
+    let brokers = match cli.kafka_brokers.or(file.kafka_brokers) {
+        Some(b) if b.trim().is_empty() => {
+            return Err(invalid("--kafka-brokers", "must not be empty"))
+        }
+        Some(b) => Some(b.trim().to_owned()),
+        None => None,
+    };
+    let topic = cli
+        .kafka_topic
+        .or(file.kafka_topic)
+        .unwrap_or_else(|| kafka::DEFAULT_TOPIC.to_owned());
+    // Kafka's own rule for topic names.
+    let topic_ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 249
+            && t != "."
+            && t != ".."
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    if !topic_ok(&topic) {
+        return Err(invalid(
+            "--kafka-topic",
+            format!(
+                "not a Kafka topic name (got {topic:?}); use letters, digits, '.', '_' and '-'"
+            ),
+        ));
+    }
+
+    let pairs = if !cli.kafka_config.is_empty() {
+        cli.kafka_config
+    } else {
+        file.kafka_config.map(|OneOrMany(v)| v).unwrap_or_default()
+    };
+    let mut extra = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(invalid(
+                "--kafka-config",
+                format!("expected KEY=VALUE (got {pair:?}), e.g. security.protocol=SSL"),
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(invalid("--kafka-config", format!("empty key in {pair:?}")));
+        }
+        if let Some(why) = kafka::reserved_config(key) {
+            return Err(invalid(
+                "--kafka-config",
+                format!("{key}: not allowed, {why}"),
+            ));
+        }
+        extra.push((key.to_owned(), value.trim().to_owned()));
+    }
+
+    let publish_timeout = match cli
+        .publish_timeout
+        .map(IntOrStr::Str)
+        .or(file.publish_timeout)
+    {
+        Some(v) => {
+            let d = parse_duration(&v).map_err(|m| invalid("--publish-timeout", m))?;
+            if d < Duration::from_millis(1) || d > MAX_PUBLISH_TIMEOUT {
+                return Err(invalid(
+                    "--publish-timeout",
+                    format!("must be between 1ms and 24d (got {v})"),
+                ));
+            }
+            d
+        }
+        None => kafka::DEFAULT_PUBLISH_TIMEOUT,
+    };
+    let max_inflight_messages = match cli.max_inflight_messages.or(file.max_inflight_messages) {
+        Some(n) => at_least_one("--max-inflight-messages", n)?,
+        None => kafka::DEFAULT_MAX_INFLIGHT_MESSAGES,
+    };
+    let max_inflight_bytes = match cli
+        .max_inflight_bytes
+        .map(IntOrStr::Str)
+        .or(file.max_inflight_bytes)
+    {
+        Some(v) => {
+            let n = parse_size(&v).map_err(|m| invalid("--max-inflight-bytes", m))?;
+            at_least_one("--max-inflight-bytes", n)?
+        }
+        None => kafka::DEFAULT_MAX_INFLIGHT_BYTES,
+    };
+    Ok(KafkaConfig {
+        brokers,
+        topic,
+        extra,
+        publish_timeout,
+        max_inflight_messages,
+        max_inflight_bytes,
     })
 }
 
@@ -857,7 +1096,7 @@ mod tests {
         let e = err(&[], "reactors = \n");
         assert!(e.starts_with("--config f.toml: line 1"), "{e}");
         assert!(!e.contains('\n'));
-        let e = err(&[], "sink = \"kafka\"\n");
+        let e = err(&[], "sink = \"s3\"\n");
         assert!(e.contains("`sink`"), "{e}");
         let e = err(&[], "accept-domain = 1\n");
         assert!(e.contains("expected a domain or a list of domains"), "{e}");
@@ -891,7 +1130,7 @@ mod tests {
             first.starts_with("error:") && first.contains("--reactors"),
             "{first}"
         );
-        let e = parse(&["--sink", "kafka"]).unwrap_err();
+        let e = parse(&["--sink", "s3"]).unwrap_err();
         assert!(e
             .render()
             .to_string()
@@ -899,6 +1138,113 @@ mod tests {
             .next()
             .unwrap()
             .contains("--sink"));
+    }
+
+    #[test]
+    fn kafka_settings() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.kafka.brokers, None);
+        assert_eq!(c.kafka.topic, "smtp.inbound");
+        assert_eq!(c.kafka.publish_timeout, Duration::from_secs(30));
+        assert_eq!(c.kafka.max_inflight_messages, 10_000);
+        assert_eq!(c.kafka.max_inflight_bytes, 256 << 20);
+
+        let c = run(
+            &[
+                "--sink",
+                "kafka",
+                "--kafka-brokers",
+                "127.0.0.1:9092,127.0.0.1:9093",
+                "--kafka-config",
+                "security.protocol=SSL",
+                "--kafka-config",
+                "ssl.ca.location = /etc/ca.pem",
+                "--publish-timeout",
+                "5s",
+                "--max-inflight-bytes",
+                "64M",
+            ],
+            "kafka-topic = \"mail.in\"\nmax-inflight-messages = 7\nkafka-config = [\"linger.ms=5\"]",
+        )
+        .unwrap();
+        assert_eq!(c.sink, SinkKind::Kafka);
+        assert_eq!(
+            c.kafka.brokers.as_deref(),
+            Some("127.0.0.1:9092,127.0.0.1:9093")
+        );
+        assert_eq!(c.kafka.topic, "mail.in");
+        // Flags replace the file's list rather than adding to it, like --accept-domain.
+        assert_eq!(
+            c.kafka.extra,
+            vec![
+                ("security.protocol".to_owned(), "SSL".to_owned()),
+                ("ssl.ca.location".to_owned(), "/etc/ca.pem".to_owned()),
+            ]
+        );
+        assert_eq!(c.kafka.publish_timeout, Duration::from_secs(5));
+        assert_eq!(c.kafka.max_inflight_messages, 7);
+        assert_eq!(c.kafka.max_inflight_bytes, 64 << 20);
+        let o = c.kafka.options(c.max_recipients);
+        assert_eq!(o.topic, "mail.in");
+        assert_eq!(o.publish_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kafka_errors_name_the_flag() {
+        assert_eq!(
+            err(&["--sink", "kafka"], ""),
+            "--kafka-brokers: required with --sink kafka (e.g. --kafka-brokers 127.0.0.1:9092)"
+        );
+        let k = |extra: &[&str]| {
+            let mut args = vec!["--sink", "kafka", "--kafka-brokers", "h:1"];
+            args.extend_from_slice(extra);
+            err(&args, "")
+        };
+        assert!(
+            k(&["--kafka-config", "linger.ms"]).starts_with("--kafka-config: expected KEY=VALUE")
+        );
+        assert!(k(&["--kafka-config", "=1"]).starts_with("--kafka-config: empty key"));
+        assert_eq!(
+            k(&["--kafka-config", "acks=1"]),
+            "--kafka-config: acks: not allowed, the gateway always uses acks=all"
+        );
+        assert!(k(&["--kafka-config", "enable.idempotence=false"]).starts_with("--kafka-config:"));
+        assert!(k(&["--kafka-config", "message.timeout.ms=1"]).contains("--publish-timeout"));
+        assert!(k(&["--kafka-topic", "a b"]).starts_with("--kafka-topic: not a Kafka topic name"));
+        assert!(k(&["--publish-timeout", "0"]).starts_with("--publish-timeout: must be between"));
+        assert!(k(&["--publish-timeout", "30d"]).starts_with("--publish-timeout: must be between"));
+        assert!(k(&["--max-inflight-messages", "0"]).starts_with("--max-inflight-messages:"));
+        assert!(
+            k(&["--max-inflight-bytes", "lots"]).starts_with("--max-inflight-bytes: not a size")
+        );
+        assert!(err(&["--sink", "kafka", "--kafka-brokers", " "], "")
+            .starts_with("--kafka-brokers: must not be empty"));
+    }
+
+    #[test]
+    fn spool_replay_parses() {
+        let c = parse(&[
+            "spool",
+            "replay",
+            "--spool-dir",
+            "/s",
+            "--to-kafka",
+            "--kafka-brokers",
+            "h:1",
+            "--kafka-topic",
+            "t",
+        ])
+        .unwrap();
+        match c.command {
+            Some(Command::Spool(SpoolCommand::Replay { dir, kafka, .. })) => {
+                assert_eq!(dir.spool_dir, PathBuf::from("/s"));
+                let k = resolve_kafka(kafka, KafkaFile::default()).unwrap();
+                assert_eq!(k.brokers.as_deref(), Some("h:1"));
+                assert_eq!(k.topic, "t");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["spool", "replay", "--kafka-brokers", "h:1"]).is_err());
     }
 
     #[test]

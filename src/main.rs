@@ -114,6 +114,44 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             })?;
             eprintln!("exported {n} messages to {}", mbox.display());
         }
+        SpoolCommand::Replay { dir, kafka, .. } => {
+            // librdkafka's warnings (unreachable broker, auth) are what an operator
+            // needs to see here; a second subscriber cannot exist yet, so ignore that.
+            let _ = init_logging(LogFormat::Text);
+            let dir = dir.spool_dir;
+            let kafka = smtpgw::config::resolve_kafka(kafka, Default::default())?;
+            if kafka.brokers.is_none() {
+                anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
+            }
+            use smtpgw::sink::kafka::{replay_spool, ReplayError};
+            let report =
+                match replay_spool(&dir, &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS)) {
+                    Ok(report) => report,
+                    // Only spool errors are about the directory; the others name their flag.
+                    Err(ReplayError::Spool(e)) => {
+                        return Err(e).with_context(|| format!("--spool-dir {}", dir.display()))
+                    }
+                    Err(ReplayError::Unreachable { brokers, waited }) => anyhow::bail!(
+                        "--kafka-brokers {brokers}: no broker answered within {waited:?}"
+                    ),
+                    Err(e) => return Err(e.into()),
+                };
+            for (id, why) in &report.failed {
+                eprintln!("{id}: not published: {why}");
+            }
+            eprintln!(
+                "published {} messages to {}; {} failed",
+                report.published,
+                kafka.topic,
+                report.failed.len()
+            );
+            if !report.failed.is_empty() {
+                anyhow::bail!(
+                    "{} messages not published; replaying again is safe (same keys)",
+                    report.failed.len()
+                );
+            }
+        }
     }
     out.flush().context("writing to stdout")?;
     Ok(())

@@ -11,9 +11,11 @@ use tracing::{info, warn};
 
 use crate::config::{Config, SinkKind};
 use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
 use crate::sink::spool::{SpoolError, SpoolSink};
 use crate::sink::Sink;
+use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
 
 /// How often the drain looks at the connection count; shutdown latency, not hot path.
@@ -23,6 +25,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 pub enum ServerError {
     #[error("--spool-dir {dir}: {source}")]
     Spool { dir: String, source: SpoolError },
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error("cannot start: {0}")]
@@ -55,7 +59,30 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
                 })?,
             )
         }
+        SinkKind::Kafka => Arc::new(KafkaSink::new(
+            &config.kafka.options(config.max_recipients),
+        )?),
     })
+}
+
+/// The session settings, with `max_message_size` (and so the advertised SIZE) lowered
+/// to what the sink can store once the `Received:` line is in front of the body.
+pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
+    let mut session = session_config(config);
+    if let Some(max_value) = sink.max_message_value() {
+        let room = RECEIVED_HEADROOM + config.hostname.len();
+        let cap = max_value.saturating_sub(room).max(1);
+        if cap < session.max_message_size {
+            warn!(
+                configured = session.max_message_size,
+                effective = cap,
+                sink = %sink.name(),
+                "--max-message-size lowered to what the sink accepts"
+            );
+            session.max_message_size = cap;
+        }
+    }
+    session
 }
 
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
@@ -82,10 +109,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     let sink = open_sink(&config)?;
+    let session = Arc::new(session_config_for(&config, &*sink));
+    let max_message_size = session.max_message_size;
     let reactors = Reactors::start(ReactorParams {
         listen: config.listen,
         reactors: config.reactors,
-        session: Arc::new(session_config(&config)),
+        session,
         sink: sink.clone(),
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout,
@@ -95,7 +124,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         hostname = %config.hostname,
         sink = %sink.name(),
         accept_domains = %config.accept_domains.join(","),
-        max_message_size = config.max_message_size,
+        max_message_size,
         max_connections = config.max_connections,
         "ready"
     );

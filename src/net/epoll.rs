@@ -32,6 +32,9 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// After our last reply, how long we keep reading and discarding so that closing with
 /// unread client bytes does not turn into a RST that destroys the reply in flight.
 const LINGER: Duration = Duration::from_secs(2);
+/// While the sink is over its in-flight limit, how often a paused session looks again.
+/// Only sessions in a message body pause, so this is not on the command path.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(10);
 /// At the drain timeout, how long connections get to write their final `421`.
 const STOP_GRACE: Duration = Duration::from_millis(500);
 
@@ -360,13 +363,23 @@ async fn converse(
             (start, end) = (0, end - start);
         }
 
+        // Backpressure: while the sink holds more than its in-flight limit, a session
+        // in the middle of a message body is not read from, so the client's bytes wait
+        // in the kernel (and then in the client) instead of in our memory. Sessions
+        // between commands still run, so they can get their replies and QUIT. Waiting
+        // is the gateway's doing, so it does not count as the client being idle.
+        let paused = !session.is_between_commands() && shared.sink.over_inflight_limit();
+        if paused {
+            idle_deadline = Instant::now() + shared.idle_timeout;
+        }
         let wake = idle_deadline.min(hard_deadline);
         if wake != armed {
             timer.as_mut().reset(wake);
             armed = wake;
         }
         tokio::select! {
-            read = stream.read(&mut buf[end..]) => match read {
+            () = tokio::time::sleep(BACKPRESSURE_POLL), if paused => {}
+            read = stream.read(&mut buf[end..]), if !paused => match read {
                 Ok(0) => return Err(Gone::Eof),
                 Ok(n) => {
                     end += n;
@@ -476,6 +489,10 @@ mod tests {
     use crate::smtp::BareLfPolicy;
 
     fn start(max_connections: usize, idle: Duration) -> Reactors {
+        start_with(max_connections, idle, Arc::new(NullSink::new()))
+    }
+
+    fn start_with(max_connections: usize, idle: Duration, sink: Arc<dyn Sink>) -> Reactors {
         Reactors::start(ReactorParams {
             listen: "127.0.0.1:0".parse().unwrap(),
             reactors: 2,
@@ -486,7 +503,7 @@ mod tests {
                 max_recipients: 100,
                 bare_lf: BareLfPolicy::Reject,
             }),
-            sink: Arc::new(NullSink::new()),
+            sink,
             max_connections,
             idle_timeout: idle,
             max_session_time: Duration::from_secs(60),
@@ -570,6 +587,53 @@ mod tests {
         wait_for_no_connections(&r);
         let mut third = connect(&r);
         assert!(read_line(&mut third).starts_with("220 "));
+        r.stop();
+    }
+
+    /// A null sink whose in-flight limit the test switches.
+    struct Throttled(std::sync::atomic::AtomicBool);
+
+    impl Sink for Throttled {
+        fn submit(&self, msg: crate::smtp::envelope::SealedMessage, done: Completion) {
+            done.complete(Ok(msg.id));
+        }
+        fn shutdown(&self) {}
+        fn name(&self) -> &'static str {
+            "throttled"
+        }
+        fn over_inflight_limit(&self) -> bool {
+            self.0.load(Ordering::Acquire)
+        }
+    }
+
+    #[test]
+    fn over_inflight_limit_stops_reading_bodies_but_not_commands() {
+        let sink = Arc::new(Throttled(std::sync::atomic::AtomicBool::new(true)));
+        let r = start_with(100, Duration::from_secs(60), sink.clone());
+        let mut s = connect(&r);
+        assert!(read_line(&mut s).starts_with("220 "));
+        // Commands are still served while the sink is over its limit.
+        s.write_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+            .unwrap();
+        assert!(read_line(&mut s).starts_with("250 "));
+        assert!(read_line(&mut s).starts_with("250 "));
+        assert!(read_line(&mut s).starts_with("250 "));
+        assert!(read_line(&mut s).starts_with("354 "));
+        // In the body: nothing is read, so the message cannot complete.
+        s.write_all(b"hi\r\n.\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(
+            s.read(&mut b).is_err(),
+            "replied while the sink was over its limit"
+        );
+        // Below the limit again: the body is read and the message answered.
+        sink.0.store(false, Ordering::Release);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(read_line(&mut s).starts_with("250 2.0.0 Ok: queued as "));
+        drop(s);
+        wait_for_no_connections(&r);
         r.stop();
     }
 }

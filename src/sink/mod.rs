@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
+pub mod kafka;
 pub mod null;
 pub mod spool;
 
@@ -57,4 +58,24 @@ pub trait Sink: Send + Sync + 'static {
 
     /// For logs and metrics: `spool`, `null`, `kafka`.
     fn name(&self) -> &'static str;
+
+    /// Whether the sink can take messages now (for `/readyz`). A sink that says no
+    /// still answers every submission, with a temporary failure.
+    fn is_healthy(&self) -> bool {
+        true
+    }
+
+    /// True while the sink holds more unanswered messages (or bytes) than it was
+    /// configured for. Reactors then stop reading from sessions in DATA, so a slow
+    /// sink pushes back on clients through TCP instead of growing memory.
+    fn over_inflight_limit(&self) -> bool {
+        false
+    }
+
+    /// The largest `SealedMessage::value` (the `Received:` line included) the sink can
+    /// store, if it has a limit. The server advertises SIZE no larger than this less
+    /// the trace line's room.
+    fn max_message_value(&self) -> Option<usize> {
+        None
+    }
 }

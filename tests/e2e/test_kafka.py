@@ -1,0 +1,189 @@
+"""End to end through Kafka: Python smtplib sends, the gateway publishes, an independent
+client (confluent-kafka, assign() to partition 0) reads the topic back, and every value
+and header is compared with what was sent.
+
+Runs when SMTPGW_TEST_KAFKA=host:port names a broker (`scripts/kafka-broker.sh start`
+prints one for a local tansu) and `confluent_kafka` is importable; skipped otherwise.
+The topic is SMTPGW_TEST_KAFKA_TOPIC or smtp.inbound and must exist. Other records in
+it are ignored (matched by key), so a long-lived broker can be shared.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import smtplib
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import gateway_binary, gateway_env, listening_addr
+from smtpwire import IO_TIMEOUT, ULID
+
+BROKER = os.environ.get("SMTPGW_TEST_KAFKA")
+TOPIC = os.environ.get("SMTPGW_TEST_KAFKA_TOPIC", "smtp.inbound")
+
+if not BROKER:
+    pytest.skip("SMTPGW_TEST_KAFKA not set", allow_module_level=True)
+pytest.importorskip("confluent_kafka", reason="pip install confluent-kafka to run the Kafka e2e test")
+
+RECEIVED = re.compile(rb"\AReceived: from client\.test \(\[127\.0\.0\.1\]\)\r\n\tby mx\.test \(smtpgw\) with ESMTP id [0-9A-Z]{26}(\r\n\tfor <[^>]*>)?;\r\n\t[^\r\n]*\r\n\Z")
+
+
+class KafkaGateway:
+    """`smtpgw --sink kafka` on a free loopback port; stopped by its PID."""
+
+    def __init__(self, *args: str):
+        self.log: list[str] = []
+        self.proc = subprocess.Popen(
+            [
+                str(gateway_binary()),
+                *("--listen", "127.0.0.1:0", "--hostname", "mx.test", "--accept-domain", "example.com"),
+                *("--sink", "kafka", "--kafka-brokers", BROKER, "--kafka-topic", TOPIC),
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=gateway_env(),
+        )
+        self.addr = ""
+        ready = threading.Event()
+
+        def read() -> None:
+            for raw in iter(self.proc.stderr.readline, b""):
+                line = raw.decode("utf-8", "replace")
+                self.log.append(line)
+                addr = listening_addr(line)
+                if addr and not ready.is_set():
+                    self.addr = addr
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(30):
+            self.close()
+            raise RuntimeError("gateway did not listen:\n" + "".join(self.log))
+        self.host, _, port = self.addr.rpartition(":")
+        self.port = int(port)
+
+    def smtp(self) -> smtplib.SMTP:
+        s = smtplib.SMTP(self.host, self.port, local_hostname="client.test", timeout=IO_TIMEOUT)
+        s.ehlo("client.test")
+        return s
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def gateway():
+    # No size limit on tansu; let the producer take 1 MiB bodies plus overhead.
+    gw = KafkaGateway("--kafka-config", "message.max.bytes=3000000", "--max-message-size", "2M")
+    yield gw
+    gw.close()
+
+
+def bodies() -> list[bytes]:
+    """Dot-stuffing candidates, 8-bit bytes, CRLF at every offset, empty, and 1 MiB.
+    smtplib turns any bare CR or LF into CRLF, so bodies only have CRLF line ends; a
+    truly empty DATA is covered by the Rust sink tests."""
+    rng = random.Random(20261123)
+    eight_bit = bytes(b for b in range(256) if b not in (10, 13))
+    out = [
+        b"",
+        b"\r\n",
+        b".\r\n..\r\n.x\r\n...\r\n",
+        b"Subject: dots\r\n\r\n.\r\n.leading\r\n..two\r\n",
+        eight_bit + b"\r\n",
+    ]
+    # CRLF after every prefix length 0..40 of a line.
+    out.append(b"".join(eight_bit[:n] + b"\r\n" for n in range(41)))
+    for size in (100, 5000, 70000):
+        lines = []
+        total = 0
+        while total < size:
+            line = bytes(rng.choice(eight_bit) for _ in range(rng.randrange(0, 200)))
+            if rng.random() < 0.2:
+                line = b"." + line
+            lines.append(line + b"\r\n")
+            total += len(lines[-1])
+        out.append(b"".join(lines))
+    mib = (b"x" * 998 + b"\r\n") * ((1 << 20) // 1000 + 1)
+    out.append(mib[: (1 << 20) - 2] + b"\r\n")
+    return out
+
+
+def consume(keys: set[bytes], timeout: float = 60.0) -> dict[bytes, list]:
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": BROKER, "group.id": "smtpgw-e2e", "enable.auto.commit": False})
+    try:
+        meta = c.list_topics(TOPIC, timeout=10)
+        partitions = meta.topics[TOPIC].partitions or {0: None}
+        c.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in partitions])
+        found: dict[bytes, list] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and set(found) != keys:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            assert m.error() is None, m.error()
+            if m.key() in keys:
+                found.setdefault(m.key(), []).append(m)
+        return found
+    finally:
+        c.close()
+
+
+def test_every_message_is_in_the_topic_byte_for_byte(gateway):
+    rcpts = ["x@example.com", "y@example.com", "x@example.com"]
+    sent: dict[bytes, bytes] = {}
+    s = gateway.smtp()
+    deadline = time.monotonic() + 20
+    for body in bodies():
+        while True:
+            s.mail("sender@client.test")
+            for r in rcpts:
+                assert s.rcpt(r)[0] == 250
+            code, reply = s.data(body)
+            # The gateway takes mail once its sink has seen the broker.
+            if code == 451 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            break
+        assert code == 250, reply
+        match = ULID.search(reply.decode())
+        assert match, reply
+        # smtplib ends what it sends with CRLF (so b"" goes out as one empty line).
+        sent[match.group(0).encode()] = body if body.endswith(b"\r\n") else body + b"\r\n"
+    s.quit()
+
+    found = consume(set(sent))
+    assert set(found) == set(sent), f"missing {set(sent) - set(found)}"
+    for key, body in sent.items():
+        assert len(found[key]) == 1, "one 250, one record"
+        m = found[key][0]
+        value = m.value() or b""
+        assert value.endswith(body)
+        assert RECEIVED.match(value[: len(value) - len(body)]), value[:300]
+        headers: dict[str, list[bytes]] = {}
+        for k, v in m.headers() or []:
+            headers.setdefault(k, []).append(v or b"")
+        assert [k for k, _ in m.headers()][:3] == ["smtp.id", "smtp.verb", "smtp.mail_from"]
+        assert headers["smtp.id"] == [key]
+        assert headers["smtp.verb"] == [b"MAIL"]
+        assert headers["smtp.mail_from"] == [b"sender@client.test"]
+        assert headers["smtp.rcpt_to"] == [r.encode() for r in rcpts]
+        assert headers["smtp.helo"] == [b"client.test"]
+        assert headers["smtp.client_addr"][0].startswith(b"127.0.0.1:")
+        assert headers["smtp.tls"] == [b"false"]
+        assert len(headers["smtp.received_at"]) == 1 and len(headers["smtp.mail_params"]) == 1

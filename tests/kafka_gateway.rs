@@ -1,0 +1,160 @@
+//! The built `smtpgw --sink kafka` against librdkafka's mock cluster, driven by a
+//! plain SMTP client over loopback: 250 only with the record in the topic, 451 while
+//! the broker is down, 250 again once it is back, SIZE within what Kafka accepts.
+
+mod kafka_support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kafka_support::{consume, queued_id, start_gateway, Client};
+use rdkafka::mocking::MockCluster;
+
+const TOPIC: &str = "mail.in";
+
+#[test]
+fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gw = start_gateway(
+        &brokers,
+        TOPIC,
+        &[
+            "--reactors",
+            "1",
+            "--kafka-config",
+            "message.max.bytes=300000",
+            "--publish-timeout",
+            "3s",
+            "--drain-timeout",
+            "5s",
+        ],
+    );
+
+    let mut c = Client::connect(&gw.addr);
+    let ehlo = c.cmd("EHLO client.test");
+    let size: usize = ehlo
+        .lines()
+        .find_map(|l| l.strip_prefix("250-SIZE ").or(l.strip_prefix("250 SIZE ")))
+        .expect("SIZE advertised")
+        .trim()
+        .parse()
+        .expect("SIZE number");
+    // message.max.bytes=300000 less the record overhead and the Received: line.
+    assert!(size < 300_000 - 50_000, "SIZE {size}");
+    assert!(size > 100_000, "SIZE {size}");
+
+    // The gateway only takes mail once its sink has seen a broker.
+    let mut reply = c.send(b"Subject: hi\r\n\r\n..dot\r\n\xe9t\xe9\r\n");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reply.starts_with("451 ") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        reply = c.send(b"Subject: hi\r\n\r\n..dot\r\n\xe9t\xe9\r\n");
+    }
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let id = queued_id(&reply);
+
+    let too_big = vec![b'z'; size + 10];
+    let mut big = too_big.clone();
+    big.extend_from_slice(b"\r\n");
+    assert!(c.send(&big).starts_with("552 "), "over SIZE is refused");
+
+    cluster.broker_down(1).expect("down");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Until the gateway notices, messages may still be acknowledged; each body is
+    // unique so that the refused ones can be looked for in the topic afterwards.
+    let mut refused = Vec::new();
+    let mut n = 0;
+    let mut reply = String::new();
+    while Instant::now() < deadline {
+        n += 1;
+        let body = format!("during {n}\r\n");
+        reply = c.send(body.as_bytes());
+        if reply.starts_with("451 ") {
+            refused.push(body);
+            break;
+        }
+    }
+    // And while it is down, every message is refused.
+    for n in 0..3 {
+        let body = format!("refused {n}\r\n");
+        let r = c.send(body.as_bytes());
+        assert!(r.starts_with("451 4.3.0 "), "{r}");
+        refused.push(body);
+    }
+    assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    // The session goes on after a 451.
+    assert!(c.cmd("NOOP").starts_with("250 "));
+
+    cluster.broker_up(1).expect("up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reply = c.send(b"after\r\n");
+    while reply.starts_with("451 ") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        reply = c.send(b"after\r\n");
+    }
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let after_id = queued_id(&reply);
+    assert!(c.cmd("QUIT").starts_with("221 "));
+
+    // SIGTERM drains (flushes the producer) and exits 0.
+    let mut gw = gw;
+    let status = Command::new("kill")
+        .args(["-TERM", &gw.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = gw.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}");
+
+    let records = consume(
+        &brokers,
+        TOPIC,
+        usize::MAX,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    let first = records
+        .iter()
+        .find(|r| r.key == id.as_bytes())
+        .expect("the first 250'd message is in the topic");
+    assert!(first.value.starts_with(b"Received: from client.test"));
+    assert!(
+        first
+            .value
+            .ends_with(b"Subject: hi\r\n\r\n.dot\r\n\xe9t\xe9\r\n"),
+        "dot-unstuffed, 8-bit intact"
+    );
+    let rcpts: Vec<&[u8]> = first
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "smtp.rcpt_to")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(rcpts, vec![&b"x@example.com"[..], &b"y@example.com"[..]]);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.key == after_id.as_bytes())
+            .count(),
+        1
+    );
+    // 451 means no record.
+    for body in &refused {
+        assert!(
+            !records.iter().any(|r| r.value.ends_with(body.as_bytes())),
+            "{body:?} got 451 but is in the topic"
+        );
+    }
+}

@@ -1,0 +1,461 @@
+//! The Kafka sink against librdkafka's mock cluster: real Kafka protocol over
+//! loopback, with brokers that can be taken down and requests that can be failed.
+
+mod kafka_support;
+mod spool_support;
+
+use std::time::Duration;
+
+use kafka_support::{consume, healthy_sink, options, wait_until, Record};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
+use smtpgw::sink::{PublishError, PublishResult, Sink};
+use smtpgw::smtp::envelope::SealedMessage;
+use spool_support::{headers_of, message, publish, submit};
+
+const TOPIC: &str = "smtp.inbound";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn cluster() -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("create topic");
+    cluster
+}
+
+fn record_of(msg: &SealedMessage) -> Record {
+    Record {
+        key: msg.id.to_string().into_bytes(),
+        value: msg.value.to_vec(),
+        headers: headers_of(msg),
+    }
+}
+
+fn is_temporary(result: &PublishResult) -> bool {
+    matches!(result, Err(PublishError::Temporary(_)))
+}
+
+#[test]
+fn round_trip_keeps_key_value_and_headers_in_order() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(10)));
+
+    let mut binary: Vec<u8> = (0..=255u8).collect();
+    binary.extend_from_slice(b"\r\n.\r\n\0\r\n..dot\r\nlast line without newline\xff");
+    let sent = vec![
+        message(
+            "alice@example.com",
+            &["bob@example.com", "carol@example.com", "bob@example.com"],
+            &binary,
+        ),
+        message(
+            "",
+            &["postmaster"],
+            b"Subject: bounce\r\n\r\nnull sender\r\n",
+        ),
+        message("u@example.com", &["v@example.com"], b""),
+        message(
+            "big@example.com",
+            &["v@example.com"],
+            &vec![b'x'; 512 << 10],
+        ),
+    ];
+    for msg in &sent {
+        assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+    }
+    assert_eq!(sink.inflight(), (0, 0));
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, sent.len(), WAIT, WAIT);
+    let want: Vec<Record> = sent.iter().map(record_of).collect();
+    assert_eq!(got.len(), want.len());
+    for (got, want) in got.iter().zip(&want) {
+        assert_eq!(got.key, want.key);
+        assert!(
+            got.value == want.value,
+            "value differs for {:?}",
+            String::from_utf8_lossy(&want.key)
+        );
+        assert_eq!(got.headers, want.headers);
+    }
+    let rcpts: Vec<&[u8]> = got[0]
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "smtp.rcpt_to")
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(
+        rcpts,
+        vec![
+            &b"bob@example.com"[..],
+            &b"carol@example.com"[..],
+            &b"bob@example.com"[..]
+        ]
+    );
+}
+
+#[test]
+fn broker_down_answers_temporary_and_recovers_when_it_is_back() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(3)));
+    let before = message("a@example.com", &["b@example.com"], b"before\r\n");
+    assert_eq!(publish(&sink, before.clone()), Ok(before.id));
+
+    cluster.broker_down(1).expect("broker down");
+    // A message submitted while the producer has not yet noticed still gets an
+    // answer: 451 once its publish timeout passes, never 250.
+    let during = message("a@example.com", &["b@example.com"], b"during\r\n");
+    let answer = publish(&sink, during.clone());
+    assert!(is_temporary(&answer), "got {answer:?}");
+    assert!(
+        wait_until(WAIT, || !sink.is_healthy()),
+        "sink still ready with its only broker down"
+    );
+    // Unhealthy: refused at once rather than held for the publish timeout.
+    let refused = message("a@example.com", &["b@example.com"], b"refused\r\n");
+    assert_eq!(
+        publish(&sink, refused),
+        Err(PublishError::Temporary("kafka unavailable".into()))
+    );
+
+    cluster.broker_up(1).expect("broker up");
+    assert!(
+        wait_until(WAIT, || sink.is_healthy()),
+        "sink never recovered"
+    );
+    let after = message("a@example.com", &["b@example.com"], b"after\r\n");
+    assert_eq!(publish(&sink, after.clone()), Ok(after.id));
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    let keys: Vec<Vec<u8>> = got.iter().map(|r| r.key.clone()).collect();
+    assert!(keys.contains(&before.id.to_string().into_bytes()));
+    assert!(keys.contains(&after.id.to_string().into_bytes()));
+    assert_eq!(
+        keys.iter()
+            .filter(|k| **k == after.id.to_string().into_bytes())
+            .count(),
+        1,
+        "a 250 means exactly one record"
+    );
+}
+
+#[test]
+fn produce_errors_answer_temporary_never_ok_or_permanent() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(3)));
+
+    // A permanent broker error fails the message at once.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    let denied = message("a@example.com", &["b@example.com"], b"denied\r\n");
+    let answer = publish(&sink, denied.clone());
+    assert!(is_temporary(&answer), "got {answer:?}");
+
+    // Retriable errors that outlast the publish timeout: 451, not 250.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 200],
+    );
+    let slow = message("a@example.com", &["b@example.com"], b"slow\r\n");
+    let answer = publish(&sink, slow.clone());
+    assert!(is_temporary(&answer), "got {answer:?}");
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
+
+    // A few retriable errors are retried by librdkafka and the message gets through.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2],
+    );
+    let retried = message("a@example.com", &["b@example.com"], b"retried\r\n");
+    assert_eq!(publish(&sink, retried.clone()), Ok(retried.id));
+
+    // The broker says too large: 552, the only permanent answer.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let big = message("a@example.com", &["b@example.com"], b"too large\r\n");
+    assert_eq!(publish(&sink, big), Err(PublishError::TooLarge));
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    let keys: Vec<Vec<u8>> = got.iter().map(|r| r.key.clone()).collect();
+    assert!(!keys.contains(&denied.id.to_string().into_bytes()));
+    assert_eq!(
+        keys.iter()
+            .filter(|k| **k == retried.id.to_string().into_bytes())
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn fatal_error_gets_451_and_a_new_producer_carries_on() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(5)));
+    assert_eq!(sink.producer_generation(), 0);
+
+    // The broker rejecting the head-of-line batch as out of sequence means producer
+    // and broker disagree about what was written: librdkafka raises a fatal error.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let victim = message("a@example.com", &["b@example.com"], b"victim\r\n");
+    let answer = publish(&sink, victim.clone());
+    assert!(is_temporary(&answer), "got {answer:?}");
+
+    assert!(
+        wait_until(WAIT, || sink.producer_generation() == 1
+            && sink.is_healthy()),
+        "no new producer after the fatal error"
+    );
+    let next = message("a@example.com", &["b@example.com"], b"next\r\n");
+    assert_eq!(publish(&sink, next.clone()), Ok(next.id));
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    let keys: Vec<Vec<u8>> = got.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, vec![next.id.to_string().into_bytes()]);
+}
+
+#[test]
+fn too_large_for_the_producer_is_refused_permanently() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let mut opts = options(&brokers, TOPIC, Duration::from_secs(5));
+    opts.extra = vec![("message.max.bytes".into(), "200000".into())];
+    let sink = healthy_sink(&opts);
+    // The advertised limit leaves room for the record's overhead.
+    assert!(sink.max_record_value() < 200_000 - 50_000);
+    assert_eq!(sink.max_message_value(), Some(sink.max_record_value()));
+
+    let fits = message(
+        "a@example.com",
+        &["b@example.com"],
+        &vec![b'a'; sink.max_record_value() - 1000],
+    );
+    assert_eq!(publish(&sink, fits.clone()), Ok(fits.id));
+    let huge = message("a@example.com", &["b@example.com"], &vec![b'a'; 300_000]);
+    assert_eq!(publish(&sink, huge), Err(PublishError::TooLarge));
+}
+
+#[test]
+fn reserved_settings_are_refused_with_the_flag_named() {
+    let mut opts = KafkaOptions::new("127.0.0.1:1");
+    opts.extra = vec![("acks".into(), "1".into())];
+    let err = KafkaSink::new(&opts).expect_err("acks=1 breaks the durability promise");
+    assert!(err.to_string().contains("--kafka-config acks"), "{err}");
+}
+
+#[test]
+fn unreachable_cluster_starts_unhealthy_and_fails_fast() {
+    // A port nothing listens on: bind, learn the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut opts = options(&format!("127.0.0.1:{port}"), TOPIC, Duration::from_secs(30));
+    opts.startup_timeout = Duration::from_millis(500);
+    let sink = KafkaSink::new(&opts).expect("starts without a broker");
+    assert!(!sink.is_healthy());
+    let msg = message("a@example.com", &["b@example.com"], b"x\r\n");
+    assert_eq!(
+        publish(&sink, msg),
+        Err(PublishError::Temporary("kafka unavailable".into()))
+    );
+}
+
+#[test]
+fn inflight_limit_and_queue_full_while_the_broker_is_slow() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let mut opts = options(&brokers, TOPIC, Duration::from_secs(20));
+    opts.max_inflight_messages = 2;
+    let sink = healthy_sink(&opts);
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .expect("rtt");
+
+    assert!(!sink.over_inflight_limit());
+    // librdkafka's queue holds twice the soft limit: 4 messages.
+    let msgs: Vec<SealedMessage> = (0..6)
+        .map(|i| {
+            message(
+                "a@example.com",
+                &["b@example.com"],
+                format!("m{i}\r\n").as_bytes(),
+            )
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for msg in &msgs {
+        answers.push(submit(&sink, msg.clone()));
+    }
+    assert!(sink.over_inflight_limit());
+    let results: Vec<PublishResult> = answers
+        .into_iter()
+        .map(|mut rx| rx.blocking_recv().expect("answered"))
+        .collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let full = results
+        .iter()
+        .filter(|r| **r == Err(PublishError::Temporary("kafka queue full".into())))
+        .count();
+    assert_eq!(ok + full, msgs.len(), "{results:?}");
+    assert!(full >= 1, "{results:?}");
+    assert!(!sink.over_inflight_limit());
+    assert_eq!(sink.inflight(), (0, 0));
+}
+
+#[test]
+fn shutdown_answers_everything_it_holds() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    // The publish timeout bounds the flush; the broker is too slow for it.
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(2)));
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(10))
+        .expect("rtt");
+    let answers: Vec<_> = (0..5)
+        .map(|_| {
+            submit(
+                &sink,
+                message("a@example.com", &["b@example.com"], b"x\r\n"),
+            )
+        })
+        .collect();
+    sink.shutdown();
+    for mut rx in answers {
+        let answer = rx.try_recv().expect("answered before shutdown returned");
+        assert!(is_temporary(&answer), "got {answer:?}");
+    }
+    let late = message("a@example.com", &["b@example.com"], b"late\r\n");
+    assert!(is_temporary(&publish(&sink, late)));
+}
+
+#[test]
+fn spool_replay_publishes_every_record_with_its_own_key() {
+    use smtpgw::sink::kafka::replay_spool;
+    use smtpgw::sink::spool::SpoolSink;
+
+    let tmp = tempfile::TempDir::new().expect("tempdir");
+    let sent = vec![
+        message(
+            "a@example.com",
+            &["b@example.com", "c@example.com", "b@example.com"],
+            b"one\r\n.\r\n",
+        ),
+        message("", &["postmaster"], b""),
+        message("x@example.com", &["y@example.com"], &[0xffu8; 100_000]),
+    ];
+    {
+        let spool = SpoolSink::open(tmp.path()).expect("spool");
+        for msg in &sent {
+            assert_eq!(publish(&spool, msg.clone()), Ok(msg.id));
+        }
+        spool.shutdown();
+    }
+
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let opts = options(&brokers, TOPIC, Duration::from_secs(10));
+    for _ in 0..2 {
+        let report = replay_spool(tmp.path(), &opts).expect("replay");
+        assert_eq!(report.published, sent.len() as u64);
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+    }
+
+    // Replaying twice gives each message twice, under the same key, identical: what
+    // consumers deduplicate on.
+    let got = consume(&brokers, TOPIC, 2 * sent.len(), WAIT, WAIT);
+    assert_eq!(got.len(), 2 * sent.len());
+    let want: Vec<Record> = sent.iter().map(record_of).collect();
+    assert_eq!(&got[..sent.len()], &want[..]);
+    assert_eq!(&got[sent.len()..], &want[..]);
+}
+
+#[test]
+fn spool_replay_without_a_broker_says_so() {
+    use smtpgw::sink::kafka::{replay_spool, ReplayError};
+    use smtpgw::sink::spool::SpoolSink;
+
+    let tmp = tempfile::TempDir::new().expect("tempdir");
+    SpoolSink::open(tmp.path()).expect("spool").shutdown();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut opts = options(&format!("127.0.0.1:{port}"), TOPIC, Duration::from_secs(1));
+    opts.startup_timeout = Duration::from_millis(200);
+    match replay_spool(tmp.path(), &opts) {
+        Err(ReplayError::Unreachable { .. }) => {}
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+}
+
+#[test]
+fn leader_change_never_loses_or_refuses_permanently() {
+    let cluster = MockCluster::new(3).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 3).expect("create topic");
+    cluster
+        .partition_leader(TOPIC, 0, Some(1))
+        .expect("leader 1");
+    let brokers = cluster.bootstrap_servers();
+    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(10)));
+    let first = message("a@example.com", &["b@example.com"], b"first\r\n");
+    assert_eq!(publish(&sink, first.clone()), Ok(first.id));
+
+    let mut acked = vec![first.id];
+    for (i, leader) in [2, 3, 1, 2].into_iter().enumerate() {
+        cluster
+            .partition_leader(TOPIC, 0, Some(leader))
+            .expect("move leader");
+        let msg = message(
+            "a@example.com",
+            &["b@example.com"],
+            format!("after move {i}\r\n").as_bytes(),
+        );
+        match publish(&sink, msg.clone()) {
+            Ok(id) => acked.push(id),
+            Err(PublishError::Temporary(_)) => {}
+            Err(e) => panic!("a leader change is never permanent: {e:?}"),
+        }
+    }
+    sink.shutdown();
+
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    for id in &acked {
+        let key = id.to_string().into_bytes();
+        assert_eq!(
+            got.iter().filter(|r| r.key == key).count(),
+            1,
+            "{id} got 250 so it is in the topic exactly once"
+        );
+    }
+}
+
+#[test]
+fn sink_starts_inside_a_tokio_runtime() {
+    // The start-up size probe runs a future; it must not nest a runtime in the caller's.
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sink =
+        rt.block_on(async { KafkaSink::new(&options(&brokers, TOPIC, Duration::from_secs(5))) });
+    let sink = sink.expect("sink starts");
+    assert!(wait_until(WAIT, || sink.is_healthy()));
+    let msg = message("a@example.com", &["b@example.com"], b"x\r\n");
+    assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+}

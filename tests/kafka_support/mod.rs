@@ -1,0 +1,276 @@
+//! Helpers shared by the Kafka tests: a sink on a given cluster, an independent
+//! consumer that reads a partition with `assign()`, and bounded waits.
+
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
+
+/// One record as a consumer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOptions {
+    let mut options = KafkaOptions::new(brokers);
+    options.topic = topic.to_owned();
+    options.publish_timeout = publish_timeout;
+    options.startup_timeout = Duration::from_secs(2);
+    options
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn healthy_sink(options: &KafkaOptions) -> KafkaSink {
+    init_logs();
+    let sink = KafkaSink::new(options).expect("sink starts");
+    assert!(
+        wait_until(Duration::from_secs(20), || smtpgw::sink::Sink::is_healthy(
+            &sink
+        )),
+        "the sink never saw a broker"
+    );
+    sink
+}
+
+/// Reads every partition of `topic` from the beginning until `idle` passes with no new
+/// record (or `want` records have arrived), within `timeout` overall. Counting by
+/// reading, not by watermarks: some brokers report wrong end offsets.
+pub fn consume(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+    idle: Duration,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "smtpgw-test")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer");
+    // Every partition of the topic, from the beginning.
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(1, |t| t.partitions().len().max(1));
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .expect("partition offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + timeout;
+    let mut last = Instant::now();
+    let mut out = Vec::new();
+    while Instant::now() < deadline && out.len() < want {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+                last = Instant::now();
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None if out.len() >= want || last.elapsed() > idle && want == usize::MAX => break,
+            None => {}
+        }
+    }
+    out
+}
+
+/// Logs to the test's captured output (shown for failing tests); `RUST_LOG` filters.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// The gateway process; killed by its PID if a test fails before stopping it.
+pub struct Gateway {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Starts the built gateway on a free loopback port with `--sink kafka` and `extra`
+/// flags, and waits until it listens.
+pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+        .args([
+            "--listen",
+            &addr,
+            "--hostname",
+            "mx.test",
+            "--accept-domain",
+            "example.com",
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            brokers,
+            "--kafka-topic",
+            topic,
+        ])
+        .args(extra)
+        .env("SMTPGW_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("gateway starts");
+    let gw = Gateway { child, addr };
+    assert!(
+        wait_until(Duration::from_secs(30), || TcpStream::connect(&gw.addr)
+            .is_ok()),
+        "gateway never listened"
+    );
+    gw
+}
+
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: &str) -> Client {
+        Client::try_connect(addr).expect("connect and greeting")
+    }
+
+    pub fn try_connect(addr: &str) -> io::Result<Client> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_nodelay(true)?;
+        let mut c = Client {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        let greeting = c.try_reply()?;
+        if !greeting.starts_with("220 ") {
+            return Err(io::Error::other(format!("greeting {greeting:?}")));
+        }
+        Ok(c)
+    }
+
+    /// One reply, all its lines joined.
+    pub fn reply(&mut self) -> String {
+        self.try_reply().expect("a reply")
+    }
+
+    pub fn try_reply(&mut self) -> io::Result<String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("connection closed; got {all:?}"),
+                ));
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(all);
+            }
+        }
+    }
+
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.try_cmd(line).expect("a reply")
+    }
+
+    pub fn try_cmd(&mut self, line: &str) -> io::Result<String> {
+        // One write per command: with Nagle's algorithm a split write waits for the
+        // server's delayed ACK.
+        self.w.write_all(format!("{line}\r\n").as_bytes())?;
+        self.try_reply()
+    }
+
+    /// A whole transaction; the reply to the end of DATA.
+    pub fn send(&mut self, body_stuffed: &[u8]) -> String {
+        self.try_send(body_stuffed).expect("a transaction")
+    }
+
+    pub fn try_send(&mut self, body_stuffed: &[u8]) -> io::Result<String> {
+        for (cmd, want) in [
+            ("MAIL FROM:<a@sender.test>", "250 "),
+            ("RCPT TO:<x@example.com>", "250 "),
+            ("RCPT TO:<y@example.com>", "250 "),
+            ("DATA", "354 "),
+        ] {
+            let reply = self.try_cmd(cmd)?;
+            if !reply.starts_with(want) {
+                return Err(io::Error::other(format!("{cmd}: {reply:?}")));
+            }
+        }
+        let mut data = Vec::with_capacity(body_stuffed.len() + 3);
+        data.extend_from_slice(body_stuffed);
+        data.extend_from_slice(b".\r\n");
+        self.w.write_all(&data)?;
+        self.try_reply()
+    }
+}
+
+pub fn queued_id(reply: &str) -> String {
+    reply
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .expect("an id")
+        .to_owned()
+}
