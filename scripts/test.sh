@@ -48,6 +48,16 @@ else
     echo "up to date with $requirements"
 fi
 
+section "setup: Kafka-protocol test broker (tansu on loopback)"
+# The Kafka tests (tests/kafka_e2e.rs, tests/e2e/test_kafka.py) run against it; the
+# mock-cluster tests need nothing. A broker given in SMTPGW_TEST_KAFKA is used as is.
+if [ -z "${SMTPGW_TEST_KAFKA:-}" ]; then
+    broker_env=$(scripts/kafka-broker.sh start)
+    export "${broker_env?}"
+    trap 'scripts/kafka-broker.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+echo "SMTPGW_TEST_KAFKA=$SMTPGW_TEST_KAFKA"
+
 section "cargo fmt --check"
 cargo fmt --all -- --check
 

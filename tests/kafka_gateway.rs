@@ -158,3 +158,99 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
         );
     }
 }
+
+/// The gateway's resident memory, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Many sessions push large messages while the broker is down: every one gets 451, and
+/// the gateway holds at most about one message per session at a time, so its memory
+/// stays far below what the clients send in total.
+#[test]
+fn outage_with_many_sessions_keeps_memory_bounded() {
+    const SESSIONS: usize = 100;
+    const MESSAGES: usize = 10;
+    const BODY: usize = 512 * 1024;
+
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let gw = start_gateway(
+        &cluster.bootstrap_servers(),
+        TOPIC,
+        &["--publish-timeout", "3s", "--max-connections", "1000"],
+    );
+    let mut c = Client::connect(&gw.addr);
+    c.cmd("EHLO client.test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !c.send(b"warm up\r\n").starts_with("250 ") {
+        assert!(Instant::now() < deadline, "sink never became healthy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cluster.broker_down(1).expect("down");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.send(b"probe\r\n").starts_with("451 ") {
+        assert!(Instant::now() < deadline, "outage never noticed");
+    }
+
+    let pid = gw.child.id();
+    let before = rss_bytes(pid);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let line = [b'm'; 1022];
+    let mut body = Vec::with_capacity(BODY);
+    while body.len() < BODY {
+        body.extend_from_slice(&line);
+        body.extend_from_slice(b"\r\n");
+    }
+    let body = std::sync::Arc::new(body);
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let (addr, body) = (gw.addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr);
+                c.cmd("EHLO client.test");
+                (0..MESSAGES)
+                    .map(|_| c.send(&body))
+                    .filter(|r| !r.starts_with("451 4.3.0 "))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for client in clients {
+        let unexpected = client.join().expect("client thread");
+        assert!(
+            unexpected.is_empty(),
+            "replies other than 451: {unexpected:?}"
+        );
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let growth = sampler.join().expect("sampler").saturating_sub(before);
+    let sent = (SESSIONS * MESSAGES * BODY) as u64;
+    eprintln!(
+        "outage: {} MiB sent, RSS grew by at most {} MiB",
+        sent >> 20,
+        growth >> 20
+    );
+    // One body per session in flight at worst, plus buffers: far less than was sent.
+    assert!(
+        growth < (SESSIONS * BODY) as u64 + (64 << 20),
+        "RSS grew by {growth} bytes while {sent} were sent"
+    );
+}

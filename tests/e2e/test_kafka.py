@@ -187,3 +187,58 @@ def test_every_message_is_in_the_topic_byte_for_byte(gateway):
         assert headers["smtp.client_addr"][0].startswith(b"127.0.0.1:")
         assert headers["smtp.tls"] == [b"false"]
         assert len(headers["smtp.received_at"]) == 1 and len(headers["smtp.mail_params"]) == 1
+
+
+def accepted(send, deadline: float) -> bytes:
+    """Runs `send` (one whole transaction) until it is not a 451 for a sink that has
+    not yet seen the broker; returns the key from `queued as <id>`."""
+    while True:
+        code, reply = send()
+        if code == 451 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            continue
+        assert code == 250, reply
+        match = ULID.search(reply.decode())
+        assert match, reply
+        return match.group(0).encode()
+
+
+def test_empty_data_and_raw_bdat_are_published_exactly(gateway):
+    """The cases smtplib.sendmail cannot send: a DATA body of zero octets (the final
+    dot right after 354) and BDAT chunks, which are stored without any unstuffing."""
+    s = gateway.smtp()
+
+    def transaction(body_step):
+        def send():
+            s.mail("sender@client.test")
+            assert s.rcpt("x@example.com")[0] == 250
+            return body_step()
+
+        return send
+
+    def empty_data():
+        assert s.docmd("DATA")[0] == 354
+        s.send(b".\r\n")
+        return s.getreply()
+
+    chunks = [b"Subject: bdat\r\n\r\n.not unstuffed\r\n", b"\x00\xff\r\n.\r\n", b"end"]
+
+    def bdat():
+        for chunk in chunks[:-1]:
+            s.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+            assert s.getreply()[0] == 250
+        s.send(b"BDAT %d LAST\r\n" % len(chunks[-1]) + chunks[-1])
+        return s.getreply()
+
+    deadline = time.monotonic() + 20
+    sent = {
+        accepted(transaction(empty_data), deadline): b"",
+        accepted(transaction(bdat), deadline): b"".join(chunks),
+    }
+    s.quit()
+    found = consume(set(sent))
+    assert set(found) == set(sent), f"missing {set(sent) - set(found)}"
+    for key, body in sent.items():
+        value = found[key][0].value() or b""
+        assert RECEIVED.match(value[: len(value) - len(body)]), value[:300]
+        assert value.endswith(body) and len(found[key]) == 1
