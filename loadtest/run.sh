@@ -8,8 +8,12 @@
 # (utime+stime from /proc/PID/stat) per message, and peak RSS. Results go to
 # results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
-# Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix] [--sink null|spool]
-#                        [--duration SECONDS] [--out DIR] [--plots]
+# Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
+#                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
+# --sink kafka (or --kafka) publishes through a loopback tansu broker started by
+# scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
+# topic back and fails unless its new records equal the 250 replies the client counted.
+# tansu keeps every record in memory, so the kafka matrix stops at 10k messages.
 # --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
 # venv under target/plot-venv the first time.
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
@@ -28,11 +32,12 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
         --compare) COMPARE="${2:?--compare needs smtp-sink, postfix or smtp-sink,postfix}"; shift ;;
-        --sink) SINK="${2:?--sink needs null or spool}"; shift ;;
+        --sink) SINK="${2:?--sink needs null, spool or kafka}"; shift ;;
+        --kafka) SINK=kafka ;;
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
         --plots) PLOTS=1 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -40,7 +45,7 @@ done
 case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
     *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
 wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
-case "$SINK" in null|spool) ;; *) echo "run.sh: --sink must be null or spool" >&2; exit 2 ;; esac
+case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -55,6 +60,7 @@ fi
 WORK="$(mktemp -d /tmp/smtpgw-run.XXXXXX)"
 PIDS=()
 PFX_PID=""
+KAFKA_OWNED=0
 cleanup() {
     local pid i
     if [[ -n "$PFX_PID" ]]; then
@@ -69,6 +75,8 @@ cleanup() {
     for pid in "${PIDS[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
+    # Only a broker this run started; one that was running before stays up.
+    [[ $KAFKA_OWNED -eq 1 ]] && "$ROOT/scripts/kafka-broker.sh" stop >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -171,7 +179,8 @@ start_gateway() {
     mkdir -p "$WORK/spool"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
     NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
-        --accept-domain example.com --max-connections 5000 ${GATEWAY_ARGS:-} 2>"$logf" &
+        --accept-domain example.com --max-connections 5000 "${KAFKA_ARGS[@]}" \
+        ${GATEWAY_ARGS:-} 2>"$logf" &
     GW_PID=$!
     PIDS+=("$GW_PID")
     local i addr=""
@@ -184,6 +193,60 @@ start_gateway() {
     [[ -n "$addr" ]] || { cat "$logf" >&2; echo "run.sh: smtpgw never said 'listening addr='" >&2; exit 1; }
     GW_ADDR="${addr//\"/}"
     log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK)"
+}
+
+KAFKA_ARGS=()
+KAFKA_TOPIC=smtp.inbound
+# Starts (or reuses) the loopback tansu broker and installs the consumer that
+# count_kafka_records uses.
+start_kafka() {
+    "$ROOT/scripts/kafka-broker.sh" env >/dev/null 2>&1 || KAFKA_OWNED=1
+    local env
+    env=$(timeout 300 "$ROOT/scripts/kafka-broker.sh" start "$KAFKA_TOPIC")
+    KAFKA_ADDR="${env#SMTPGW_TEST_KAFKA=}"
+    KAFKA_PY="$ROOT/.venv-kafka/bin/python"
+    if ! "$KAFKA_PY" -c 'import confluent_kafka' 2>/dev/null; then
+        log "installing confluent-kafka into .venv-kafka"
+        timeout 300 "$ROOT/.venv-kafka/bin/pip" install -q --disable-pip-version-check confluent-kafka==2.16.1
+    fi
+    KAFKA_ARGS=(--kafka-brokers "$KAFKA_ADDR" --kafka-topic "$KAFKA_TOPIC")
+    log "kafka: tansu at $KAFKA_ADDR, topic $KAFKA_TOPIC"
+}
+
+# Records in the topic, counted by reading them all (tansu's end offsets are not to
+# be trusted): assign() partition 0 from the beginning, stop after 3 s without one.
+count_kafka_records() {
+    timeout 600 "$KAFKA_PY" - "$KAFKA_ADDR" "$KAFKA_TOPIC" <<'PY'
+import sys, time
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+broker, topic = sys.argv[1], sys.argv[2]
+c = Consumer({"bootstrap.servers": broker, "group.id": "smtpgw-run", "enable.auto.commit": False})
+c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+n, last = 0, time.monotonic()
+while time.monotonic() - last < 3:
+    batch = c.consume(10000, 0.5)
+    for m in batch:
+        if m.error() is None:
+            n += 1
+    if batch:
+        last = time.monotonic()
+c.close()
+print(n)
+PY
+}
+
+# Sum of 250 replies the client saw from smtpgw in this run: every cell and warm-up.
+accepted_by_gateway() {
+    python3 - "$OUT/cells" "$WORK" <<'PY'
+import glob, json, os, sys
+cells, work = sys.argv[1], sys.argv[2]
+files = glob.glob(os.path.join(cells, "smtpgw_*.json"))
+total = sum(json.load(open(f)).get("client", {}).get("accepted", 0) for f in files)
+warm = os.path.join(work, "warmup.smtpgw.json")
+if os.path.exists(warm):
+    total += json.load(open(warm)).get("accepted", 0)
+print(total)
+PY
 }
 
 start_smtp_sink() {
@@ -296,7 +359,15 @@ main() {
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
     local sizes conns_list cells=()
-    if [[ $QUICK -eq 1 ]]; then
+    if [[ "$SINK" == kafka && $QUICK -eq 1 ]]; then
+        cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1")
+    elif [[ "$SINK" == kafka ]]; then
+        for sizes in 1k 10k; do
+            for conns_list in 1 10 100; do
+                cells+=("$sizes $conns_list 0" "$sizes $conns_list 1")
+            done
+        done
+    elif [[ $QUICK -eq 1 ]]; then
         # About a minute with --compare: the cells the targets are stated for.
         cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1" "100k 10 1" "1m 10 0")
     else
@@ -308,6 +379,11 @@ main() {
     fi
 
     measure_ceiling
+    local records_before=0
+    if [[ "$SINK" == kafka ]]; then
+        start_kafka
+        records_before=$(count_kafka_records)
+    fi
     start_gateway
     local peers=()
     if wants smtp-sink; then
@@ -323,7 +399,7 @@ main() {
         read -r name pid addr <<<"$s"
         log "warming up $name"
         timeout 60 "$LT_BIN" --target "$addr" --connections 10 --duration 1 --size 10k \
-            --threads "$CLIENT_THREADS" >/dev/null 2>&1 || true
+            --threads "$CLIENT_THREADS" --json "$WORK/warmup.$name.json" >/dev/null 2>&1 || true
     done
     local c size conns pipe
     for c in "${cells[@]}"; do
@@ -344,6 +420,18 @@ main() {
     done
     python3 "$ROOT/loadtest/summarize.py" summary "$OUT" "$CEILING_MBPS" "$SINK" \
         "$MODE" "$(uptime)"
+    if [[ "$SINK" == kafka ]]; then
+        # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
+        stop_gateway
+        local accepted records
+        accepted=$(accepted_by_gateway)
+        records=$(( $(count_kafka_records) - records_before ))
+        echo "kafka: 250 replies $accepted, new records in $KAFKA_TOPIC $records" | tee "$OUT/kafka-check.txt"
+        if [[ "$accepted" -ne "$records" ]]; then
+            echo "run.sh: FAIL: the topic does not hold one record per 250" >&2
+            exit 1
+        fi
+    fi
     if [[ $PLOTS -eq 1 ]]; then
         local venv="$ROOT/target/plot-venv"
         if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import matplotlib' 2>/dev/null; then
