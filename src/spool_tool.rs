@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use chrono::SecondsFormat;
 use ulid::Ulid;
 
-use crate::sink::spool::{read_all, SpoolError, SpoolRecord};
+use crate::sink::spool::{io_error, read_all, SpoolError, SpoolRecord};
 
 /// One line per message, oldest first:
 /// `ID  RECEIVED_AT  BODY_BYTES  <MAIL_FROM>  N rcpt`. The id comes first so that
@@ -91,19 +91,11 @@ pub fn export_mbox(dir: &Path, mbox: &Path) -> Result<usize, SpoolError> {
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|source| SpoolError::Io {
-            op: "create",
-            path: tmp.clone(),
-            source,
-        })?;
+        .map_err(io_error("create", &tmp))?;
     let result = write_mbox(dir, file, &tmp).and_then(|count| {
         fs::rename(&tmp, mbox)
             .map(|()| count)
-            .map_err(|source| SpoolError::Io {
-                op: "rename export to",
-                path: mbox.to_path_buf(),
-                source,
-            })
+            .map_err(io_error("rename export to", mbox))
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -118,11 +110,7 @@ fn temp_path_for(target: &Path) -> PathBuf {
 }
 
 fn write_mbox(dir: &Path, file: File, tmp: &Path) -> Result<usize, SpoolError> {
-    let write_error = |source: io::Error| SpoolError::Io {
-        op: "write",
-        path: tmp.to_path_buf(),
-        source,
-    };
+    let write_error = io_error("write", tmp);
     let mut out = BufWriter::with_capacity(256 << 10, file);
     let mut count = 0;
     for record in read_all(dir)? {

@@ -97,14 +97,15 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
 const READ_BUFFER_BYTES: usize = 256 << 10;
 
+/// The OS error is part of each message rather than a chained `source`, so that a log
+/// line (`%e`) and an error chain (`{e:#}`) both show it exactly once.
 #[derive(thiserror::Error, Debug)]
 pub enum SpoolError {
-    #[error("cannot {op} {}: {source}", path.display())]
+    #[error("cannot {op} {}: {error}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error("spool directory {} is in use by another process (another smtpgw running on it?)", dir.display())]
     Locked { dir: PathBuf },
@@ -121,16 +122,19 @@ pub enum SpoolError {
     #[error("no message {id} in spool {}", dir.display())]
     NotFound { id: String, dir: PathBuf },
     #[error("cannot write output: {0}")]
-    Output(#[source] io::Error),
+    Output(io::Error),
     #[error("cannot start the spool writer thread: {0}")]
-    Thread(#[source] io::Error),
+    Thread(io::Error),
 }
 
-fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError::Io {
+pub(crate) fn io_error<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl Fn(io::Error) -> SpoolError + Copy + 'a {
+    move |error| SpoolError::Io {
         op,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
