@@ -1073,6 +1073,10 @@ mod tests {
                 "--listen: not an IP:PORT address (got \"localhost\"); e.g. 127.0.0.1:2525 or [::1]:2525",
             ),
             (
+                &["--metrics-listen", "localhost:9025"],
+                "--metrics-listen: not an IP:PORT address (got \"localhost:9025\"); e.g. 127.0.0.1:9025",
+            ),
+            (
                 &["--hostname", "bad\r\nname"],
                 "--hostname: not a valid host name (got \"bad\\r\\nname\"); use letters, digits, '-' and '.'",
             ),
