@@ -333,3 +333,29 @@ fn promtool_finds_no_lint_problems() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn refused_connections_are_counted_with_their_421() {
+    let gw = start(&["--max-connections", "1", "--reactors", "1"]);
+    let held = Client::connect(&gw.smtp);
+    let mut refused = TcpStream::connect(&gw.smtp).expect("connect");
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut text = String::new();
+    let _ = refused.read_to_string(&mut text);
+    assert!(text.starts_with("421 4.3.2 "), "{text}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(150));
+    let m = scrape(&gw);
+    assert_eq!(
+        value(
+            &m,
+            "smtpgw_connections_rejected_total{reason=\"max_connections\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "smtpgw_connections_accepted_total"), 1.0);
+    assert_eq!(value(&m, "smtpgw_replies_total{code=\"421\"}"), 1.0);
+    assert_eq!(value(&m, "smtpgw_replies_total{code=\"220\"}"), 1.0);
+}
