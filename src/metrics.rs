@@ -24,8 +24,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::local::LocalHistogram;
 use prometheus::{
-    Counter, CounterVec, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info};
@@ -81,6 +81,9 @@ pub struct Metrics {
     pub publish_failures_too_large: IntCounter,
     reactor_busy: CounterVec,
     sink_up: IntGauge,
+    kafka_queue_messages: IntGauge,
+    kafka_queue_bytes: IntGauge,
+    kafka_broker_rtt: GaugeVec,
     draining_gauge: IntGauge,
     listening: AtomicBool,
     draining: AtomicBool,
@@ -173,6 +176,15 @@ impl Metrics {
         registry.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
+        let kafka_broker_rtt = GaugeVec::new(
+            Opts::new(
+                "smtpgw_kafka_broker_rtt_seconds",
+                "Average produce request round trip per broker, from librdkafka's statistics.",
+            ),
+            &["broker"],
+        )?;
+        registry.register(Box::new(kafka_broker_rtt.clone()))?;
+
         Ok(Metrics {
             connections_accepted: counter(
                 "smtpgw_connections_accepted_total",
@@ -221,6 +233,15 @@ impl Metrics {
                 "smtpgw_sink_up",
                 "Whether the sink can take messages (0/1).",
             )?,
+            kafka_queue_messages: gauge(
+                "smtpgw_kafka_queue_messages",
+                "Messages in librdkafka's queue or in flight (0 for other sinks).",
+            )?,
+            kafka_queue_bytes: gauge(
+                "smtpgw_kafka_queue_bytes",
+                "Bytes in librdkafka's queue or in flight (0 for other sinks).",
+            )?,
+            kafka_broker_rtt,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -252,6 +273,17 @@ impl Metrics {
     /// The text exposition of every metric, with the sampled gauges brought up to date.
     pub fn render(&self, sink: &dyn Sink) -> Vec<u8> {
         self.sink_up.set(i64::from(sink.is_healthy()));
+        if let Some(stats) = sink.stats() {
+            let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.kafka_queue_messages.set(clamp(stats.queue_messages));
+            self.kafka_queue_bytes.set(clamp(stats.queue_bytes));
+            // Brokers come and go with the cluster's metadata; show only current ones.
+            self.kafka_broker_rtt.reset();
+            for (broker, rtt) in &stats.broker_rtt {
+                let gauge: Gauge = self.kafka_broker_rtt.with_label_values(&[broker.as_str()]);
+                gauge.set(*rtt);
+            }
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec only fails on metric families that cannot exist here.
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -1,6 +1,7 @@
 //! The built gateway's metrics endpoint, scraped over loopback: counters move by exactly
 //! what a scripted session did, the HTTP endpoints answer as documented, `/readyz`
 //! follows draining and the Kafka broker's availability (librdkafka's mock cluster),
+//! librdkafka's statistics show up as gauges,
 //! and `promtool check metrics` (when installed) finds nothing to lint.
 
 mod kafka_support;
@@ -275,6 +276,16 @@ fn readyz_follows_the_kafka_broker() {
         "never ready with the broker up"
     );
     assert_eq!(value(&scrape(&gw), "smtpgw_sink_up"), 1.0);
+    // librdkafka's statistics arrive every second: queue depth and per-broker RTT.
+    assert!(
+        wait_until(Duration::from_secs(10), || scrape(&gw)
+            .keys()
+            .any(|k| k.starts_with(
+                "smtpgw_kafka_broker_rtt_seconds{broker=\"127.0.0.1:"
+            ))),
+        "no broker RTT from librdkafka's statistics"
+    );
+    assert_eq!(value(&scrape(&gw), "smtpgw_kafka_queue_messages"), 0.0);
 
     cluster.broker_down(1).expect("broker down");
     assert!(
