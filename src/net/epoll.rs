@@ -245,6 +245,8 @@ async fn reactor(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::R
     while shared.open.load(Ordering::Acquire) > 0 && Instant::now() < grace {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The flush task dies with the runtime; publish what was counted since its last tick.
+    with_metrics(ReactorMetrics::flush);
 }
 
 /// Publishes this reactor's counts every [`FLUSH_INTERVAL`], with the runtime's own
