@@ -81,7 +81,7 @@ use rdkafka::producer::{
 };
 use rdkafka::ClientContext;
 
-use crate::sink::{Completion, PublishError, Sink};
+use crate::sink::{Completion, PublishError, Sink, SinkStats};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
@@ -192,6 +192,9 @@ impl KafkaOptions {
             // The sink refuses mail while disconnected, so reconnect promptly rather
             // than after librdkafka's default backoff of up to 10 s.
             .set("reconnect.backoff.max.ms", "1000")
+            // Queue depth and broker round trips for the metrics; `--kafka-config
+            // statistics.interval.ms=0` turns them off.
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             // librdkafka's own queue is the hard limit behind the soft in-flight limit
             // the reactors honour; sessions already past DATA can still add to it.
             .set(
@@ -276,6 +279,8 @@ struct Shared {
     inflight_messages: AtomicUsize,
     inflight_bytes: AtomicUsize,
     notices: Sender<Notice>,
+    /// The current producer's latest librdkafka statistics.
+    stats: Mutex<Option<SinkStats>>,
 }
 
 impl Shared {
@@ -337,6 +342,10 @@ impl ClientContext for GatewayContext {
     // the queue, once in the producer's poll), so everything here is idempotent. A
     // fatal error arrives with the code of its cause (e.g. OUT_OF_ORDER_SEQUENCE_NUMBER),
     // not as `Fatal`, so the supervisor checks the client itself after any error.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.keep_stats(&statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         match error.rdkafka_error_code() {
             Some(RDKafkaErrorCode::AllBrokersDown) => {
@@ -350,6 +359,35 @@ impl ClientContext for GatewayContext {
             _ => tracing::debug!(target: "librdkafka", %error, reason, "kafka client error"),
         }
         let _ = self.shared.notices.send(Notice::Check);
+    }
+}
+
+/// How often librdkafka reports its statistics: cheap, and fresh enough for a scrape.
+const STATISTICS_INTERVAL_MS: &str = "1000";
+
+impl GatewayContext {
+    fn keep_stats(&self, statistics: &rdkafka::Statistics) {
+        if self.generation != self.shared.generation.load(Ordering::Acquire) {
+            return;
+        }
+        let mut broker_rtt: Vec<(String, f64)> = statistics
+            .brokers
+            .values()
+            // Negative ids are bootstrap and coordinator pseudo-brokers.
+            .filter(|b| b.nodeid >= 0)
+            .filter_map(|b| Some((b.name.clone(), b.rtt.as_ref()?.avg as f64 / 1e6)))
+            .collect();
+        broker_rtt.sort_by(|a, b| a.0.cmp(&b.0));
+        let stats = SinkStats {
+            queue_messages: statistics.msg_cnt,
+            queue_bytes: statistics.msg_size,
+            broker_rtt,
+        };
+        *self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(stats);
     }
 }
 
@@ -458,6 +496,7 @@ impl KafkaSink {
             inflight_messages: AtomicUsize::new(0),
             inflight_bytes: AtomicUsize::new(0),
             notices: tx,
+            stats: Mutex::new(None),
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
@@ -927,6 +966,15 @@ impl Sink for KafkaSink {
 
     fn max_message_value(&self) -> Option<usize> {
         Some(self.max_record_value)
+    }
+
+    fn stats(&self) -> Option<SinkStats> {
+        self.inner
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -47,6 +47,18 @@ impl Completion {
     }
 }
 
+/// What a sink's client library reports about itself (librdkafka's statistics), for
+/// the metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SinkStats {
+    /// Messages waiting in the client's queue or in flight to a broker.
+    pub queue_messages: u64,
+    /// Their size in bytes.
+    pub queue_bytes: u64,
+    /// Average request round trip per broker (`host:port/id`), in seconds.
+    pub broker_rtt: Vec<(String, f64)>,
+}
+
 /// A destination for accepted messages.
 pub trait Sink: Send + Sync + 'static {
     /// Takes ownership of a message; answers through `done` exactly once.
@@ -76,6 +88,11 @@ pub trait Sink: Send + Sync + 'static {
     /// store, if it has a limit. The server advertises SIZE no larger than this less
     /// the trace line's room.
     fn max_message_value(&self) -> Option<usize> {
+        None
+    }
+
+    /// The client library's latest statistics, if it keeps any.
+    fn stats(&self) -> Option<SinkStats> {
         None
     }
 }

@@ -1,6 +1,8 @@
 """Start-up: bad flags fail at once with one line naming the flag; good ones serve."""
 
 import json
+import socket
+import urllib.request
 
 import pytest
 
@@ -58,3 +60,31 @@ def test_json_log_format_writes_one_json_object_per_line(start_gateway):
         wire.expect("QUIT", "221 2.0.0")
     assert gateway.stop() == 0
     assert gateway.log and all(isinstance(json.loads(line), dict) for line in gateway.log), gateway.log
+
+
+def test_metrics_port_in_use_fails_naming_the_flag(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_binary(
+            *("--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{port}"),
+            *("--spool-dir", str(tmp_path / "spool")),
+            timeout=10,
+        )
+    stderr = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 1, stderr
+    last = stderr.splitlines()[-1]
+    assert last.startswith("error: --metrics-listen ") and "in use" in last, stderr
+
+
+def test_metrics_endpoint_of_a_running_gateway(gateway):
+    assert gateway.metrics_addr, "no metrics_addr= in the log"
+    with gateway.session() as wire:
+        wire.deliver(make_message("metrics"))
+        wire.expect("QUIT", "221 2.0.0")
+    with urllib.request.urlopen(f"http://{gateway.metrics_addr}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        assert "smtpgw_messages_accepted_total" in resp.read().decode()
+    with urllib.request.urlopen(f"http://{gateway.metrics_addr}/healthz", timeout=10) as resp:
+        assert (resp.status, resp.read()) == (200, b"ok\n")
