@@ -100,6 +100,20 @@ def table(title: str, *queries: tuple[str, str], width: int = 24, height: int = 
     return panel, width, height
 
 
+def percentiles(title: str, histogram: str, scope: str, unit: str):
+    """p50 and p99 of a histogram over the selected instances."""
+    return timeseries(title, *((quantile(q, histogram, scope), f"p{round(q * 100)}") for q in (0.5, 0.99)), unit=unit)
+
+
+def message_rate(title: str, scope: str):
+    return timeseries(
+        title,
+        (rate("smtpgw_messages_accepted_total", scope), "accepted"),
+        (rate("smtpgw_messages_rejected_total", scope, by="reason"), "rejected {{reason}}"),
+        unit="reqps",
+    )
+
+
 def layout(sized_panels) -> list[g.Panel]:
     """Places (panel, width, height) left to right, wrapping at the grid width."""
     placed, x, y, row_height = [], 0, 0, 0
@@ -147,7 +161,6 @@ def dashboard(uid: str, title: str, description: str, panels, multi_instance: bo
 
 def overview() -> g.Dashboard:
     fleet = 'instance=~"$instance"'
-    latency = "smtpgw_publish_duration_seconds"
     panels = [
         stat("Nodes up", (f"sum(up{{{fleet}}})", "up"), (f"count(up{{{fleet}}})", "scraped")),
         stat("Messages accepted / s", (rate("smtpgw_messages_accepted_total", fleet), "accepted"), unit="reqps"),
@@ -155,20 +168,10 @@ def overview() -> g.Dashboard:
         stat("Draining (nodes)", (f"sum(smtpgw_draining{{{fleet}}})", "draining")),
         stat("Active connections", (f"sum(smtpgw_connections_active{{{fleet}}})", "active")),
         stat("Smuggling attempts", (f"sum(increase(smtpgw_smuggling_attempts_total{{{fleet}}}[$__range]))", "attempts")),
-        timeseries(
-            "Message rate",
-            (rate("smtpgw_messages_accepted_total", fleet), "accepted"),
-            (rate("smtpgw_messages_rejected_total", fleet, by="reason"), "rejected {{reason}}"),
-            unit="reqps",
-        ),
+        message_rate("Message rate", fleet),
         timeseries("Accepted bytes", (rate("smtpgw_message_size_bytes_sum", fleet), "bytes / s"), unit="Bps"),
         timeseries("Reply classes (share of all replies)", (reply_class_ratio(fleet), "{{class}}"), unit="percentunit"),
-        timeseries(
-            "Publish latency",
-            (quantile(0.5, latency, fleet), "p50"),
-            (quantile(0.99, latency, fleet), "p99"),
-            unit="s",
-        ),
+        percentiles("Publish latency", "smtpgw_publish_duration_seconds", fleet, "s"),
         timeseries(
             "Connections",
             (f"sum(smtpgw_connections_active{{{fleet}}})", "active"),
@@ -215,30 +218,10 @@ def node() -> g.Dashboard:
             (rate("smtpgw_reactor_busy_seconds_total", one, by="reactor"), "reactor {{reactor}}"),
             unit="percentunit",
         ),
-        timeseries(
-            "Messages",
-            (rate("smtpgw_messages_accepted_total", one), "accepted"),
-            (rate("smtpgw_messages_rejected_total", one, by="reason"), "rejected {{reason}}"),
-            unit="reqps",
-        ),
-        timeseries(
-            "DATA duration",
-            (quantile(0.5, "smtpgw_data_duration_seconds", one), "p50"),
-            (quantile(0.99, "smtpgw_data_duration_seconds", one), "p99"),
-            unit="s",
-        ),
-        timeseries(
-            "Publish latency",
-            (quantile(0.5, "smtpgw_publish_duration_seconds", one), "p50"),
-            (quantile(0.99, "smtpgw_publish_duration_seconds", one), "p99"),
-            unit="s",
-        ),
-        timeseries(
-            "Message size",
-            (quantile(0.5, "smtpgw_message_size_bytes", one), "p50"),
-            (quantile(0.99, "smtpgw_message_size_bytes", one), "p99"),
-            unit="bytes",
-        ),
+        message_rate("Messages", one),
+        percentiles("DATA duration", "smtpgw_data_duration_seconds", one, "s"),
+        percentiles("Publish latency", "smtpgw_publish_duration_seconds", one, "s"),
+        percentiles("Message size", "smtpgw_message_size_bytes", one, "bytes"),
         timeseries(
             "Publishes in flight",
             (f"smtpgw_publish_inflight_messages{{{one}}}", "messages"),
