@@ -46,7 +46,8 @@ def quantile(q: float, histogram: str, scope: str, by: str = "") -> str:
 
 def reply_class_ratio(scope: str) -> str:
     """The share of each reply class (2xx, 3xx, 4xx, 5xx) in all replies."""
-    per_class = f'label_replace(rate({sel("smtpgw_replies_total", scope)}[{RATE}]), "class", "${{1}}xx", "code", "(.)..")'
+    replies = f'rate({sel("smtpgw_replies_total", scope)}[{RATE}])'
+    per_class = f'label_replace({replies}, "class", "${{1}}xx", "code", "(.)..")'
     return f"sum by (class) ({per_class}) / scalar({rate('smtpgw_replies_total', scope)})"
 
 
@@ -161,13 +162,14 @@ def dashboard(uid: str, title: str, description: str, panels, multi_instance: bo
 
 def overview() -> g.Dashboard:
     fleet = 'instance=~"$instance"'
+    smuggling = sel("smtpgw_smuggling_attempts_total", fleet)
     panels = [
         stat("Nodes up", (f"sum(up{{{fleet}}})", "up"), (f"count(up{{{fleet}}})", "scraped")),
         stat("Messages accepted / s", (rate("smtpgw_messages_accepted_total", fleet), "accepted"), unit="reqps"),
         stat("Sink up (nodes)", (f"sum(smtpgw_sink_up{{{fleet}}})", "sink up")),
         stat("Draining (nodes)", (f"sum(smtpgw_draining{{{fleet}}})", "draining")),
         stat("Active connections", (f"sum(smtpgw_connections_active{{{fleet}}})", "active")),
-        stat("Smuggling attempts", (f"sum(increase(smtpgw_smuggling_attempts_total{{{fleet}}}[$__range]))", "attempts")),
+        stat("Smuggling attempts", (f"sum(increase({smuggling}[$__range]))", "in range")),
         message_rate("Message rate", fleet),
         timeseries("Accepted bytes", (rate("smtpgw_message_size_bytes_sum", fleet), "bytes / s"), unit="Bps"),
         timeseries("Reply classes (share of all replies)", (reply_class_ratio(fleet), "{{class}}"), unit="percentunit"),
@@ -185,7 +187,9 @@ def overview() -> g.Dashboard:
             (rate("smtpgw_publish_failures_total", fleet, by="reason"), "failures {{reason}} / s"),
         ),
         timeseries("Sink up by node", (f"smtpgw_sink_up{{{fleet}}}", "{{instance}}")),
-        timeseries("Smuggling attempts", (rate("smtpgw_smuggling_attempts_total", fleet, by="instance"), "{{instance}}")),
+        timeseries(
+            "Smuggling attempts / s", (rate("smtpgw_smuggling_attempts_total", fleet, by="instance"), "{{instance}}")
+        ),
         table(
             "Nodes",
             (f"max by (instance) (up{{{fleet}}})", "up"),
@@ -197,9 +201,8 @@ def overview() -> g.Dashboard:
             (f"max by (instance, version) (smtpgw_build_info{{{fleet}}})", "version"),
         ),
     ]
-    return dashboard(
-        "smtpgw-overview", "smtpgw / Overview", "SMTP gateway fleet: traffic, replies, publish latency, backpressure", panels, True
-    )
+    description = "SMTP gateway fleet: traffic, replies, publish latency, backpressure"
+    return dashboard("smtpgw-overview", "smtpgw / Overview", description, panels, multi_instance=True)
 
 
 def node() -> g.Dashboard:
@@ -228,7 +231,7 @@ def node() -> g.Dashboard:
             (f"smtpgw_publish_inflight_bytes{{{one}}}", "bytes"),
         ),
     ]
-    return dashboard("smtpgw-node", "smtpgw / Node", "One smtpgw node in detail", panels, False)
+    return dashboard("smtpgw-node", "smtpgw / Node", "One smtpgw node in detail", panels, multi_instance=False)
 
 
 DASHBOARDS = {"smtpgw-overview.json": overview, "smtpgw-node.json": node}
