@@ -178,7 +178,7 @@ start_gateway() {
     rm -rf "$WORK/spool"
     mkdir -p "$WORK/spool"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
+    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
         --accept-domain example.com --max-connections 5000 "${KAFKA_ARGS[@]}" \
         ${GATEWAY_ARGS:-} 2>"$logf" &
     GW_PID=$!

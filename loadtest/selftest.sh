@@ -35,7 +35,7 @@ fail() {
     exit 1
 }
 
-NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --sink spool --spool-dir "$WORK/spool" \
+NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink spool --spool-dir "$WORK/spool" \
     --accept-domain example.com 2>"$WORK/gateway.log" &
 GW_PID=$!
 ADDR=""

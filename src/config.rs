@@ -13,6 +13,8 @@ use serde::{Deserialize, Deserializer};
 use crate::smtp::BareLfPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
+/// Loopback only by default: the endpoint has no authentication.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
@@ -159,6 +161,14 @@ pub struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:2525].
     #[arg(long, env = "SMTPGW_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Address of the HTTP endpoint for /metrics, /healthz and /readyz
+    /// [default: 127.0.0.1:9025].
+    #[arg(
+        long = "metrics-listen",
+        env = "SMTPGW_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<String>,
     /// Our name in the greeting and Received: lines [default: the system hostname].
     #[arg(long, env = "SMTPGW_HOSTNAME", value_name = "NAME")]
     pub hostname: Option<String>,
@@ -233,6 +243,7 @@ pub struct ServerArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub hostname: Option<String>,
     pub accept_domain: Option<OneOrMany>,
     pub sink: Option<SinkKind>,
@@ -256,6 +267,7 @@ pub struct FileConfig {
 
 const FILE_KEYS: &[&str] = &[
     "listen",
+    "metrics-listen",
     "hostname",
     "accept-domain",
     "sink",
@@ -351,6 +363,7 @@ impl fmt::Display for IntOrStr {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     pub hostname: String,
     /// Lower-case, deduplicated, never empty.
     pub accept_domains: Vec<String>,
@@ -492,6 +505,16 @@ pub fn resolve(
             format!("not an IP:PORT address (got {listen_s:?}); e.g. 127.0.0.1:2525 or [::1]:2525"),
         )
     })?;
+    let metrics_s = cli
+        .metrics_listen
+        .or(file.metrics_listen)
+        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
+    let metrics_listen: SocketAddr = metrics_s.trim().parse().map_err(|_| {
+        invalid(
+            "--metrics-listen",
+            format!("not an IP:PORT address (got {metrics_s:?}); e.g. 127.0.0.1:9025"),
+        )
+    })?;
 
     let hostname = match cli.hostname.or(file.hostname) {
         Some(h) => {
@@ -623,6 +646,7 @@ pub fn resolve(
 
     Ok(Config {
         listen,
+        metrics_listen,
         hostname,
         accept_domains,
         accept_domains_defaulted,

@@ -1,9 +1,11 @@
 //! smtpgw: an SMTP ingestion gateway that says `250` only once a message is durable.
 //!
 //! `smtp` is the sans-IO protocol core, `net` moves bytes between sockets and sessions,
-//! `sink` stores accepted messages, `server` wires them together.
+//! `sink` stores accepted messages, `metrics` exports what they do, `server` wires
+//! them together.
 
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod sink;

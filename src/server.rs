@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{Config, SinkKind};
+use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::epoll::{NetError, ReactorParams, Reactors};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
@@ -29,6 +30,8 @@ pub enum ServerError {
     Kafka(#[from] KafkaSinkError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("cannot start: {0}")]
     Setup(io::Error),
     #[error("second signal during drain: exiting without waiting for sessions or the sink")]
@@ -109,6 +112,11 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         );
     }
     let sink = open_sink(&config)?;
+    let metrics = Arc::new(Metrics::new()?);
+    // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
+    // listening yet") while the reactors start.
+    let _metrics_server =
+        MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
     let session = Arc::new(session_config_for(&config, &*sink));
     let max_message_size = session.max_message_size;
     let reactors = Reactors::start(ReactorParams {
@@ -116,10 +124,12 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         reactors: config.reactors,
         session,
         sink: sink.clone(),
+        metrics: metrics.clone(),
         max_connections: config.max_connections,
         idle_timeout: config.idle_timeout,
         max_session_time: config.max_session_time,
     })?;
+    metrics.set_listening();
     info!(
         hostname = %config.hostname,
         sink = %sink.name(),
@@ -140,6 +150,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             drain_timeout = ?config.drain_timeout,
             "draining: no new connections; sessions finish their message in flight"
         );
+        metrics.set_draining();
         reactors.begin_drain();
 
         let deadline = Instant::now() + config.drain_timeout;

@@ -6,6 +6,7 @@
 //! channel its sink answers on. It only moves bytes; every protocol decision is the
 //! session's.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,6 +23,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 use ulid::Ulid;
 
+use crate::metrics::{Metrics, ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, Session, SessionConfig};
 
@@ -37,6 +39,23 @@ const LINGER: Duration = Duration::from_secs(2);
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(10);
 /// At the drain timeout, how long connections get to write their final `421`.
 const STOP_GRACE: Duration = Duration::from_millis(500);
+
+thread_local! {
+    /// This reactor's metric counts. Every task of a reactor runs on its one thread, so
+    /// counting here is plain arithmetic; the flush task publishes it.
+    static LOCAL_METRICS: RefCell<Option<ReactorMetrics>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` on this reactor's metric counts (nothing on a thread without them).
+fn with_metrics(f: impl FnOnce(&mut ReactorMetrics)) {
+    let _ = LOCAL_METRICS.try_with(|cell| {
+        if let Ok(mut local) = cell.try_borrow_mut() {
+            if let Some(m) = local.as_mut() {
+                f(m);
+            }
+        }
+    });
+}
 
 /// What the reactors should be doing; it only ever moves forward.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +73,7 @@ pub struct ReactorParams {
     pub reactors: usize,
     pub session: Arc<SessionConfig>,
     pub sink: Arc<dyn Sink>,
+    pub metrics: Arc<Metrics>,
     pub max_connections: usize,
     pub idle_timeout: Duration,
     pub max_session_time: Duration,
@@ -71,6 +91,7 @@ pub enum NetError {
 struct Shared {
     session: Arc<SessionConfig>,
     sink: Arc<dyn Sink>,
+    metrics: Arc<Metrics>,
     max_connections: usize,
     idle_timeout: Duration,
     max_session_time: Duration,
@@ -116,6 +137,7 @@ impl Reactors {
                 .into_boxed_slice(),
             session: p.session,
             sink: p.sink,
+            metrics: p.metrics,
             max_connections: p.max_connections,
             idle_timeout: p.idle_timeout,
             max_session_time: p.max_session_time,
@@ -137,9 +159,11 @@ impl Reactors {
             };
             let shared = shared.clone();
             let phase_rx = phase.subscribe();
+            let local_metrics = shared.metrics.reactor(i);
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-reactor-{i}"))
                 .spawn(move || {
+                    LOCAL_METRICS.with(|cell| *cell.borrow_mut() = Some(local_metrics));
                     rt.block_on(reactor(listener, shared, phase_rx));
                     // Dropping the runtime drops whatever connections are left.
                     drop(rt);
@@ -193,6 +217,8 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// One reactor: accept until draining, then keep running the connections until stopped.
 async fn reactor(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    // Ends with the runtime.
+    tokio::spawn(flush_metrics());
     while *phase.borrow_and_update() == Phase::Running {
         tokio::select! {
             biased;
@@ -221,6 +247,22 @@ async fn reactor(listener: TcpListener, shared: Arc<Shared>, mut phase: watch::R
     }
 }
 
+/// Publishes this reactor's counts every [`FLUSH_INTERVAL`], with the runtime's own
+/// measure of how long it was busy.
+async fn flush_metrics() {
+    let handle = tokio::runtime::Handle::current();
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let busy = handle.metrics().worker_total_busy_duration(0);
+        with_metrics(|m| {
+            m.set_busy(busy);
+            m.flush();
+        });
+    }
+}
+
 async fn accept_failed(e: io::Error) {
     // Out of descriptors or memory: accepting again at once would spin, and the
     // operator needs to hear about it.
@@ -245,12 +287,15 @@ fn admit(
         // A fresh socket's send buffer is empty, so this one non-blocking send fits; if
         // it does not, the client just sees the connection close.
         let _ = SockRef::from(&stream).send(&shared.too_many);
+        shared.metrics.connections_rejected_max.inc();
+        shared.metrics.count_reply(421);
         debug!(%peer, open = before, "refused: too many connections");
         return;
     }
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "set TCP_NODELAY failed");
     }
+    shared.metrics.connections_accepted.inc();
     tokio::spawn(serve(stream, peer, slot, phase.clone()));
 }
 
@@ -271,6 +316,7 @@ async fn serve(
     mut phase: watch::Receiver<Phase>,
 ) {
     let shared = &*slot.0;
+    let _active = Active::new(&shared.metrics);
     debug!(%peer, "connection opened");
     let mut buf = vec![0u8; READ_BUF].into_boxed_slice();
     let result = converse(&mut stream, peer, shared, &mut phase, &mut buf).await;
@@ -285,6 +331,42 @@ async fn serve(
         Err(Gone::Stuck) => debug!(%peer, "receive buffer full and nothing consumable; dropped"),
         Err(Gone::Stopped) => debug!(%peer, "closed at the drain timeout"),
     }
+    // A closed connection shows up at once, not only at the next tick.
+    with_metrics(ReactorMetrics::flush);
+}
+
+/// Counts a connection in `smtpgw_connections_active` for as long as its task lives.
+struct Active(prometheus::IntGauge);
+
+impl Active {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.connections_active.inc();
+        Active(metrics.connections_active.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Hands the session's counts to this reactor and times message bodies: a body
+/// "starts" at the read that brought its DATA/BDAT and ends when the session says so.
+fn account(session: &mut Session, body_start: &mut Option<Instant>, read_at: Instant) {
+    let stats = session.stats_mut();
+    let (started, ended) = (stats.bodies_started, stats.bodies_ended);
+    with_metrics(|m| {
+        if started > 0 {
+            *body_start = Some(read_at);
+        }
+        if ended > 0 {
+            if let Some(t) = body_start.take() {
+                m.observe_data(t.elapsed());
+            }
+        }
+        m.absorb(stats);
+    });
 }
 
 /// Runs the session until it is closed (`Ok`, output flushed) or the connection is gone.
@@ -313,6 +395,8 @@ async fn converse(
         session.shut_down_now();
     }
     let (mut start, mut end) = (0usize, 0usize);
+    let mut read_at = opened;
+    let mut body_start = None;
 
     loop {
         // Everything buffered is processed before the next read, so a pipelined batch
@@ -320,17 +404,14 @@ async fn converse(
         loop {
             let n = session.feed(&buf[start..end]);
             start += n;
+            account(&mut session, &mut body_start, read_at);
             if let Some(msg) = session.take_message() {
                 let deadline = write_deadline(shared, hard_deadline);
                 flush(stream, &mut session, deadline).await?;
                 let sealed = msg.seal(Ulid::new(), Utc::now(), &shared.session.hostname);
-                shared.sink.submit(sealed, Completion::new(tx.clone()));
-                // No reads while the sink works: a client that pipelines more simply
-                // fills its socket buffer, which is the backpressure we want.
-                let result = rx.recv().await.unwrap_or_else(|| {
-                    Err(PublishError::Temporary("sink dropped the message".into()))
-                });
+                let result = publish(shared, sealed, &tx, &mut rx).await;
                 session.publish_result(result);
+                account(&mut session, &mut body_start, read_at);
                 if !draining && drain_requested(phase) {
                     draining = true;
                     wind_down(&mut session, start == end);
@@ -383,7 +464,8 @@ async fn converse(
                 Ok(0) => return Err(Gone::Eof),
                 Ok(n) => {
                     end += n;
-                    idle_deadline = Instant::now() + shared.idle_timeout;
+                    read_at = Instant::now();
+                    idle_deadline = read_at + shared.idle_timeout;
                 }
                 Err(e) => return Err(Gone::Io(e)),
             },
@@ -413,6 +495,45 @@ async fn converse(
             }
         }
     }
+}
+
+/// Hands a message to the sink and waits for its answer, keeping the publish metrics.
+async fn publish(
+    shared: &Shared,
+    sealed: crate::smtp::SealedMessage,
+    tx: &mpsc::UnboundedSender<PublishResult>,
+    rx: &mut mpsc::UnboundedReceiver<PublishResult>,
+) -> PublishResult {
+    let m = &shared.metrics;
+    let bytes = i64::try_from(sealed.value.len()).unwrap_or(i64::MAX);
+    let body_len = sealed.body().len();
+    m.publish_inflight_messages.inc();
+    m.publish_inflight_bytes.add(bytes);
+    let submitted = Instant::now();
+    shared.sink.submit(sealed, Completion::new(tx.clone()));
+    // No reads while the sink works: a client that pipelines more simply fills its
+    // socket buffer, which is the backpressure we want.
+    let result = rx
+        .recv()
+        .await
+        .unwrap_or_else(|| Err(PublishError::Temporary("sink dropped the message".into())));
+    let took = submitted.elapsed();
+    m.publish_inflight_messages.dec();
+    m.publish_inflight_bytes.sub(bytes);
+    match &result {
+        Ok(_) => with_metrics(|l| {
+            l.observe_publish(took);
+            l.observe_message_size(body_len);
+        }),
+        Err(e) => {
+            with_metrics(|l| l.observe_publish(took));
+            match e {
+                PublishError::Temporary(_) => m.publish_failures_temporary.inc(),
+                PublishError::TooLarge => m.publish_failures_too_large.inc(),
+            }
+        }
+    }
+    result
 }
 
 /// Has the server started draining since this connection last looked? Only an atomic
@@ -504,6 +625,7 @@ mod tests {
                 bare_lf: BareLfPolicy::Reject,
             }),
             sink,
+            metrics: Arc::new(Metrics::new().expect("metrics registry")),
             max_connections,
             idle_timeout: idle,
             max_session_time: Duration::from_secs(60),

@@ -159,6 +159,11 @@ impl DataReader {
         }
     }
 
+    /// A bare CR or LF was seen, whatever the policy made of it (a smuggling attempt).
+    pub fn saw_bare_line_ending(&self) -> bool {
+        self.bare_line_ending
+    }
+
     /// Message octets so far, after unstuffing (RFC 1870 counts them this way).
     pub fn size(&self) -> usize {
         self.size

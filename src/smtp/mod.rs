@@ -9,7 +9,9 @@ pub mod data;
 pub mod envelope;
 pub mod reply;
 pub mod session;
+pub mod stats;
 
 pub use data::BareLfPolicy;
 pub use envelope::{Envelope, Message, MessageId, SealedMessage};
 pub use session::{Session, SessionConfig};
+pub use stats::SessionStats;

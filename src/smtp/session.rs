@@ -19,6 +19,7 @@ use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::envelope::{Envelope, Message, Verb, RECEIVED_HEADROOM};
 use super::reply;
+use super::stats::{self, SessionStats};
 use crate::sink::{PublishError, PublishResult};
 
 /// Per-listener settings every session of that listener shares.
@@ -109,6 +110,7 @@ pub struct Session {
     /// Inside a command line longer than the limit: drop bytes up to its LF.
     discarding_line: bool,
     draining: bool,
+    stats: SessionStats,
 }
 
 impl Session {
@@ -116,6 +118,8 @@ impl Session {
     pub fn new(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
         let mut out = Vec::with_capacity(512);
         reply::greeting(&mut out, &config.hostname);
+        let mut stats = SessionStats::default();
+        stats.count_replies(&out);
         Session {
             config,
             client_addr,
@@ -126,6 +130,7 @@ impl Session {
             completed: None,
             discarding_line: false,
             draining: false,
+            stats,
         }
     }
 
@@ -133,6 +138,15 @@ impl Session {
     /// The caller keeps the rest (an incomplete line) and offers it again with more bytes
     /// appended. Stops early while a message awaits its publish result or once closed.
     pub fn feed(&mut self, input: &[u8]) -> usize {
+        // Replies are counted from what was written, so every path that replies is
+        // counted without each one having to remember to.
+        let replied_from = self.out.len();
+        let consumed = self.feed_commands(input);
+        self.stats.count_replies(&self.out[replied_from..]);
+        consumed
+    }
+
+    fn feed_commands(&mut self, input: &[u8]) -> usize {
         let mut pos = 0;
         loop {
             let rest = &input[pos..];
@@ -150,6 +164,7 @@ impl Session {
                     };
                     pos += lf + 1;
                     if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_COMMAND_LINE {
+                        self.stats.commands[stats::VERB_OTHER] += 1;
                         self.out.extend_from_slice(reply::LINE_TOO_LONG);
                         continue;
                     }
@@ -197,14 +212,28 @@ impl Session {
             debug_assert!(false, "publish_result without a message in flight");
             return;
         }
+        let replied_from = self.out.len();
         match result {
-            Ok(id) => reply::queued(&mut self.out, id),
+            Ok(id) => {
+                self.stats.messages_accepted += 1;
+                reply::queued(&mut self.out, id)
+            }
             Err(PublishError::Temporary(reason)) => {
+                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
                 reply::temporary_failure(&mut self.out, &reason)
             }
-            Err(PublishError::TooLarge) => self.out.extend_from_slice(reply::SINK_TOO_BIG),
+            Err(PublishError::TooLarge) => {
+                self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
+                self.out.extend_from_slice(reply::SINK_TOO_BIG)
+            }
         }
+        self.stats.count_replies(&self.out[replied_from..]);
         self.phase = Phase::Command;
+    }
+
+    /// Counts since the last call, for the caller to add to its totals (and so reset).
+    pub fn stats_mut(&mut self) -> &mut SessionStats {
+        &mut self.stats
     }
 
     /// Replies not yet written to the client.
@@ -235,7 +264,9 @@ impl Session {
 
     /// The client was silent too long: `421 4.4.2`, then close.
     pub fn timed_out(&mut self) {
+        let replied_from = self.out.len();
         reply::timeout(&mut self.out, &self.config.hostname);
+        self.stats.count_replies(&self.out[replied_from..]);
         self.close();
     }
 
@@ -247,6 +278,13 @@ impl Session {
 
     /// Drain reached a session between commands: `421 4.3.2` now, then close.
     pub fn shut_down_now(&mut self) {
+        let replied_from = self.out.len();
+        self.shut_down();
+        self.stats.count_replies(&self.out[replied_from..]);
+    }
+
+    /// `421 4.3.2` and close, uncounted: for callers inside `feed`, which counts.
+    fn shut_down(&mut self) {
         reply::shutting_down(&mut self.out, &self.config.hostname);
         self.close();
     }
@@ -262,10 +300,12 @@ impl Session {
     }
 
     fn command(&mut self, line: &[u8]) {
+        let parsed = command::parse(line);
+        self.stats.commands[verb_index(&parsed)] += 1;
         if self.draining {
-            return self.shut_down_now();
+            return self.shut_down();
         }
-        let command = match command::parse(line) {
+        let command = match parsed {
             Ok(command) => command,
             Err(error) => return self.reply(command_error_reply(error)),
         };
@@ -408,6 +448,7 @@ impl Session {
         let body = self.new_body(txn.size_hint);
         let reader = DataReader::new(self.config.max_message_size, self.config.bare_lf);
         self.phase = Phase::Data { reader, body };
+        self.stats.bodies_started += 1;
         self.reply(reply::START_DATA);
     }
 
@@ -416,13 +457,23 @@ impl Session {
             return;
         };
         // After the final dot the transaction is over, whatever the outcome.
+        self.stats.bodies_ended += 1;
+        if reader.saw_bare_line_ending() {
+            self.stats.smuggling_attempts += 1;
+        }
         let Some(txn) = self.txn.take() else {
             return;
         };
         match reader.outcome() {
             BodyOutcome::Complete => self.complete(txn.envelope, body),
-            BodyOutcome::TooLarge => self.reply(reply::MESSAGE_TOO_BIG),
-            BodyOutcome::BareLineEnding => self.reply(reply::BARE_LINE_ENDING),
+            BodyOutcome::TooLarge => {
+                self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                self.reply(reply::MESSAGE_TOO_BIG)
+            }
+            BodyOutcome::BareLineEnding => {
+                self.stats.messages_rejected[stats::REJECT_BARE_LINE_ENDING] += 1;
+                self.reply(reply::BARE_LINE_ENDING)
+            }
         }
     }
 
@@ -440,6 +491,9 @@ impl Session {
             let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
             let new_body = self.new_body(Some(hint));
             if let Some(txn) = self.txn.as_mut() {
+                if txn.bdat_body.is_none() {
+                    self.stats.bodies_started += 1;
+                }
                 txn.bdat_body.get_or_insert(new_body);
                 txn.bdat_size += size;
             }
@@ -464,10 +518,13 @@ impl Session {
                 if refusal == reply::MESSAGE_TOO_BIG {
                     // RFC 3030 section 2: after an error the transaction is aborted.
                     self.txn = None;
+                    self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                    self.stats.bodies_ended += 1;
                 }
                 self.reply(refusal);
             }
             None if chunk.last => {
+                self.stats.bodies_ended += 1;
                 if let Some(Transaction {
                     envelope,
                     bdat_body: Some(body),
@@ -551,6 +608,35 @@ impl MailParams {
             }
         }
         Ok(parsed)
+    }
+}
+
+/// The `smtpgw_commands_total` slot for a parsed line: the verb, or `OTHER` for lines
+/// that are unknown, not implemented or do not parse (their verb may be client junk).
+fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
+    let Ok(command) = parsed else {
+        return stats::VERB_OTHER;
+    };
+    match command {
+        Command::Helo(_) => 0,
+        Command::Ehlo(_) => 1,
+        Command::Mail { verb, .. } => match verb {
+            Verb::Mail => 2,
+            Verb::Send => 12,
+            Verb::Soml => 13,
+            Verb::Saml => 14,
+        },
+        Command::Rcpt { .. } => 3,
+        Command::Data => 4,
+        Command::Bdat { .. } => 5,
+        Command::Rset => 6,
+        Command::Noop => 7,
+        Command::Quit => 8,
+        Command::Vrfy(_) => 9,
+        Command::Expn(_) => 10,
+        Command::Help(_) => 11,
+        Command::Turn => 15,
+        Command::NotImplemented => stats::VERB_OTHER,
     }
 }
 

@@ -655,3 +655,168 @@ proptest! {
         prop_assert_eq!(&run_pieces(config(BareLfPolicy::Reject), input.as_bytes().chunks(1)), &whole);
     }
 }
+
+/// Feeds all of `input`, answering messages with `answers` in turn; returns the counts.
+fn stats_of(cfg: Arc<SessionConfig>, input: &[u8], answers: &[PublishResult]) -> SessionStats {
+    let mut session = Session::new(cfg, "192.0.2.7:1".parse().unwrap());
+    let mut total = SessionStats::default();
+    let mut answers = answers.iter().cloned();
+    let mut rest = input;
+    loop {
+        let n = session.feed(rest);
+        rest = &rest[n..];
+        total.absorb(session.stats_mut());
+        if session.take_message().is_some() {
+            session.publish_result(answers.next().expect("an answer per message"));
+            total.absorb(session.stats_mut());
+            continue;
+        }
+        if n == 0 || rest.is_empty() || session.is_closed() {
+            break;
+        }
+    }
+    total
+}
+
+#[test]
+fn stats_count_commands_replies_and_messages() {
+    let s = stats_of(
+        config(BareLfPolicy::Reject),
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nRCPT TO:<x@other.test>\r\n\
+          DATA\r\nhi\r\n.\r\nXYZZY\r\nSTARTTLS\r\nMAIL FROM:<bad\r\nSEND FROM:<a@b>\r\nRSET\r\n\
+          NOOP\r\nVRFY x\r\nHELP\r\nQUIT\r\n",
+        &[Ok(MessageId::from(1))],
+    );
+    let verbs = [
+        ("EHLO", 1),
+        ("MAIL", 1),
+        ("RCPT", 2),
+        ("DATA", 1),
+        ("SEND", 1),
+        ("RSET", 1),
+        ("NOOP", 1),
+        ("VRFY", 1),
+        ("HELP", 1),
+        ("QUIT", 1),
+        ("OTHER", 3),
+        ("HELO", 0),
+        ("BDAT", 0),
+    ];
+    for (verb, n) in verbs {
+        assert_eq!(s.command(verb), n, "{verb}");
+    }
+    // 250: EHLO, MAIL, RCPT, queued, SEND, RSET, NOOP.
+    let replies = [
+        (220, 1),
+        (250, 7),
+        (550, 1),
+        (354, 1),
+        (500, 1),
+        (502, 1),
+        (501, 1),
+        (252, 1),
+        (214, 1),
+        (221, 1),
+    ];
+    for (code, n) in replies {
+        assert_eq!(s.reply(code), n, "{code}");
+    }
+    assert_eq!(s.replies.iter().sum::<u64>(), 16);
+    assert_eq!(s.replies[stats::REPLY_UNLISTED], 0);
+    assert_eq!(s.messages_accepted, 1);
+    assert_eq!(s.messages_rejected, [0; 4]);
+    assert_eq!((s.bodies_started, s.bodies_ended), (1, 1));
+}
+
+#[test]
+fn stats_count_rejections_and_smuggling() {
+    let txn = |body: &str| format!("MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n{body}");
+    let input = format!(
+        "EHLO c\r\n{}{}{}{}{}BDAT 200 LAST\r\n",
+        txn("a\nb\r\n.\r\n"),
+        txn(&format!("{}\r\n.\r\n", "x".repeat(150))),
+        txn("ok\r\n.\r\n"),
+        txn("ok\r\n.\r\n"),
+        "MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\n",
+    );
+    let mut input = input.into_bytes();
+    input.extend_from_slice(&[b'z'; 200]);
+    let s = stats_of(
+        config(BareLfPolicy::Reject),
+        &input,
+        &[
+            Err(PublishError::Temporary("down".into())),
+            Err(PublishError::TooLarge),
+        ],
+    );
+    assert_eq!(s.messages_rejected, [2, 1, 1, 1]);
+    assert_eq!(s.smuggling_attempts, 1);
+    assert_eq!(s.messages_accepted, 0);
+    assert_eq!(s.reply(451), 1);
+    assert_eq!(s.reply(552), 3);
+    assert_eq!(s.command("BDAT"), 1);
+
+    // Normalised bare line endings still count as attempts.
+    let s = stats_of(
+        config(BareLfPolicy::Normalize),
+        txn("a\nb\r\n.\r\n").as_bytes(),
+        &[Ok(MessageId::from(1))],
+    );
+    assert_eq!(s.smuggling_attempts, 0, "no EHLO: MAIL refused, no body");
+    let s = stats_of(
+        config(BareLfPolicy::Normalize),
+        format!("HELO c\r\n{}", txn("a\nb\r\n.\r\n")).as_bytes(),
+        &[Ok(MessageId::from(1))],
+    );
+    assert_eq!((s.smuggling_attempts, s.messages_accepted), (1, 1));
+}
+
+#[test]
+fn stats_count_drain_and_timeout_replies() {
+    let mut session = new_session();
+    session.feed(b"HELO c\r\n");
+    session.begin_drain();
+    session.feed(b"NOOP\r\n");
+    let s = session.stats_mut().clone();
+    assert_eq!((s.reply(220), s.reply(250), s.reply(421)), (1, 1, 1));
+    assert_eq!(s.command("NOOP"), 1);
+    let mut session = new_session();
+    session.timed_out();
+    assert_eq!(session.stats_mut().reply(421), 1);
+    let mut session = new_session();
+    session.shut_down_now();
+    assert_eq!(session.stats_mut().reply(421), 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+    /// Whatever the input, the replies counted are exactly the final reply lines sent,
+    /// and every one of them has a listed code.
+    #[test]
+    fn replies_counted_match_the_output(input in session_input()) {
+        let mut session = Session::new(config(BareLfPolicy::Reject), "192.0.2.7:1".parse().unwrap());
+        let mut rest = &input[..];
+        let mut answered = 0u128;
+        loop {
+            let n = session.feed(rest);
+            rest = &rest[n..];
+            if session.take_message().is_some() {
+                answered += 1;
+                session.publish_result(Ok(MessageId::from(answered)));
+                continue;
+            }
+            if n == 0 || rest.is_empty() || session.is_closed() {
+                break;
+            }
+        }
+        let finals = session
+            .output()
+            .split(|&b| b == b'\n')
+            .filter(|l| l.len() > 3 && l[3] == b' ')
+            .count() as u64;
+        let s = session.stats_mut();
+        prop_assert_eq!(s.replies.iter().sum::<u64>(), finals);
+        prop_assert_eq!(s.replies[stats::REPLY_UNLISTED], 0);
+        prop_assert_eq!(s.messages_accepted as u128, answered);
+    }
+}

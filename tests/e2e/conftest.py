@@ -74,6 +74,7 @@ class Gateway:
         self.log: list[str] = []  # stderr lines of the current process
         self.earlier_logs = ""  # stderr of the processes before a restart
         self.proc: subprocess.Popen | None = None
+        self.metrics_addr: str | None = None
         self.addr = ""
         self.port = 0
         self.start()
@@ -89,6 +90,8 @@ class Gateway:
             [
                 str(gateway_binary()),
                 *("--listen", "127.0.0.1:0", "--accept-domain", "example.com"),
+                # The metrics port is fixed by default; parallel gateways need their own.
+                *("--metrics-listen", "127.0.0.1:0"),
                 *("--sink", "spool", "--spool-dir", str(self.spool_dir)),
                 *self.args,
             ],
@@ -117,6 +120,9 @@ class Gateway:
         for raw in iter(proc.stderr.readline, b""):
             line = raw.decode("utf-8", "replace")
             log.append(line)
+            metrics = re.search(r"metrics_addr=(\S+)", line)
+            if metrics:
+                self.metrics_addr = metrics.group(1)
             addr = listening_addr(line)
             if addr and not listening.is_set():
                 self.addr = addr

@@ -42,6 +42,7 @@ class KafkaGateway:
             [
                 str(gateway_binary()),
                 *("--listen", "127.0.0.1:0", "--hostname", "mx.test", "--accept-domain", "example.com"),
+                *("--metrics-listen", "127.0.0.1:0"),
                 *("--sink", "kafka", "--kafka-brokers", BROKER, "--kafka-topic", TOPIC),
                 *args,
             ],

@@ -156,6 +156,8 @@ pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {
         .args([
             "--listen",
             &addr,
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--hostname",
             "mx.test",
             "--accept-domain",
