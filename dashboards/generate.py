@@ -28,20 +28,18 @@ WIDTH = 24  # Grafana's grid is 24 columns wide
 # --- queries -----------------------------------------------------------------------
 
 
-def sel(metric: str, scope: str, **labels: str) -> str:
-    """`metric{<scope>,label=~"value",...}`; `scope` is the `$instance` matcher."""
-    matchers = [scope, *(f'{name}=~"{value}"' for name, value in labels.items())]
-    return f"{metric}{{{','.join(matchers)}}}"
+def sel(metric: str, scope: str) -> str:
+    """`metric{<scope>}`; `scope` is the `$instance` matcher."""
+    return f"{metric}{{{scope}}}"
 
 
-def rate(metric: str, scope: str, by: str = "", **labels: str) -> str:
+def rate(metric: str, scope: str, by: str = "") -> str:
     grouping = f" by ({by})" if by else ""
-    return f"sum{grouping} (rate({sel(metric, scope, **labels)}[{RATE}]))"
+    return f"sum{grouping} (rate({sel(metric, scope)}[{RATE}]))"
 
 
-def quantile(q: float, histogram: str, scope: str, by: str = "") -> str:
-    grouping = ", ".join(filter(None, [by, "le"]))
-    return f"histogram_quantile({q}, sum by ({grouping}) (rate({sel(histogram + '_bucket', scope)}[{RATE}])))"
+def quantile(q: float, histogram: str, scope: str) -> str:
+    return f"histogram_quantile({q}, sum by (le) (rate({sel(histogram + '_bucket', scope)}[{RATE}])))"
 
 
 def reply_class_ratio(scope: str) -> str:
