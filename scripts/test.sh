@@ -5,7 +5,7 @@
 #   scripts/test.sh                # everything
 #   scripts/test.sh -k smuggling   # extra arguments go to pytest
 #
-# Setup is idempotent: swaks is installed only when missing, and the Python venv in .venv
+# Setup is idempotent: swaks and prometheus/promtool are installed only when missing, and the Python venv in .venv
 # is refreshed only when tests/e2e/requirements.txt changed since the last install.
 set -euo pipefail
 
@@ -30,6 +30,21 @@ if command -v swaks >/dev/null 2>&1; then
 else
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends swaks
+fi
+
+section "setup: prometheus and promtool"
+# The Debian package would also start a system Prometheus on :9090; the tests run their
+# own on a free loopback port, so a service the install started is stopped and disabled.
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    echo "prometheus present: $(command -v prometheus)"
+else
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        as_root systemctl disable --now prometheus
+    elif command -v service >/dev/null 2>&1; then
+        as_root service prometheus stop >/dev/null 2>&1 || true
+    fi
 fi
 
 section "setup: python venv (.venv)"
@@ -57,6 +72,12 @@ if [ -z "${SMTPGW_TEST_KAFKA:-}" ]; then
     trap 'scripts/kafka-broker.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 echo "SMTPGW_TEST_KAFKA=$SMTPGW_TEST_KAFKA"
+
+section "alert rules: promtool check rules, promtool test rules"
+(cd dashboards && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
+
+section "dashboards: checked-in JSON equals a fresh generation"
+"$venv/bin/python" dashboards/generate.py --check
 
 section "cargo fmt --check"
 cargo fmt --all -- --check
