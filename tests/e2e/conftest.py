@@ -64,13 +64,15 @@ def listening_addr(line: str) -> str | None:
 
 
 class Gateway:
-    """A running smtpgw process and the spool it writes."""
+    """A running smtpgw process and the spool it writes (or, with `sink`, whatever sink
+    flags replace `--sink spool --spool-dir`)."""
 
     host = "127.0.0.1"
 
-    def __init__(self, spool_dir: Path, args: tuple[str, ...]):
+    def __init__(self, spool_dir: Path, args: tuple[str, ...], sink: tuple[str, ...] | None = None):
         self.spool_dir = spool_dir
         self.args = args
+        self.sink = sink or ("--sink", "spool", "--spool-dir", str(spool_dir))
         self.log: list[str] = []  # stderr lines of the current process
         self.earlier_logs = ""  # stderr of the processes before a restart
         self.proc: subprocess.Popen | None = None
@@ -92,7 +94,7 @@ class Gateway:
                 *("--listen", "127.0.0.1:0", "--accept-domain", "example.com"),
                 # The metrics port is fixed by default; parallel gateways need their own.
                 *("--metrics-listen", "127.0.0.1:0"),
-                *("--sink", "spool", "--spool-dir", str(self.spool_dir)),
+                *self.sink,
                 *self.args,
             ],
             stdin=subprocess.DEVNULL,
@@ -225,15 +227,15 @@ GATEWAYS = pytest.StashKey[list]()
 
 @pytest.fixture
 def start_gateway(request, tmp_path):
-    """Factory: `start_gateway(*extra_flags, spool_dir=None)` -> a running Gateway."""
+    """Factory: `start_gateway(*extra_flags, spool_dir=None, sink=None)` -> a running Gateway."""
     binary = gateway_binary()
     if not os.access(binary, os.X_OK):
         pytest.fail(f"{binary} is missing: build it (cargo build --release) or set SMTPGW_BIN")
     started: list[Gateway] = []
     request.node.stash[GATEWAYS] = started
 
-    def start(*args: str, spool_dir: Path | None = None) -> Gateway:
-        gateway = Gateway(spool_dir or tmp_path / f"spool-{len(started)}", args)
+    def start(*args: str, spool_dir: Path | None = None, sink: tuple[str, ...] | None = None) -> Gateway:
+        gateway = Gateway(spool_dir or tmp_path / f"spool-{len(started)}", args, sink)
         started.append(gateway)
         return gateway
 

@@ -14,13 +14,10 @@ import os
 import random
 import re
 import smtplib
-import subprocess
-import threading
 import time
 
 import pytest
 
-from conftest import gateway_binary, gateway_env, listening_addr
 from smtpwire import IO_TIMEOUT, ULID
 
 BROKER = os.environ.get("SMTPGW_TEST_KAFKA")
@@ -33,64 +30,22 @@ pytest.importorskip("confluent_kafka", reason="pip install confluent-kafka to ru
 RECEIVED = re.compile(rb"\AReceived: from client\.test \(\[127\.0\.0\.1\]\)\r\n\tby mx\.test \(smtpgw\) with ESMTP id [0-9A-Z]{26}(\r\n\tfor <[^>]*>)?;\r\n\t[^\r\n]*\r\n\Z")
 
 
-class KafkaGateway:
-    """`smtpgw --sink kafka` on a free loopback port; stopped by its PID."""
-
-    def __init__(self, *args: str):
-        self.log: list[str] = []
-        self.proc = subprocess.Popen(
-            [
-                str(gateway_binary()),
-                *("--listen", "127.0.0.1:0", "--hostname", "mx.test", "--accept-domain", "example.com"),
-                *("--metrics-listen", "127.0.0.1:0"),
-                *("--sink", "kafka", "--kafka-brokers", BROKER, "--kafka-topic", TOPIC),
-                *args,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=gateway_env(),
-        )
-        self.addr = ""
-        ready = threading.Event()
-
-        def read() -> None:
-            for raw in iter(self.proc.stderr.readline, b""):
-                line = raw.decode("utf-8", "replace")
-                self.log.append(line)
-                addr = listening_addr(line)
-                if addr and not ready.is_set():
-                    self.addr = addr
-                    ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(30):
-            self.close()
-            raise RuntimeError("gateway did not listen:\n" + "".join(self.log))
-        self.host, _, port = self.addr.rpartition(":")
-        self.port = int(port)
-
-    def smtp(self) -> smtplib.SMTP:
-        s = smtplib.SMTP(self.host, self.port, local_hostname="client.test", timeout=IO_TIMEOUT)
-        s.ehlo("client.test")
-        return s
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+KAFKA_SINK = ("--sink", "kafka", "--kafka-brokers", BROKER, "--kafka-topic", TOPIC)
 
 
 @pytest.fixture
-def gateway():
+def gateway(start_gateway):
     # No size limit on tansu; let the producer take 1 MiB bodies plus overhead.
-    gw = KafkaGateway("--kafka-config", "message.max.bytes=3000000", "--max-message-size", "2M")
-    yield gw
-    gw.close()
+    return start_gateway(
+        *("--hostname", "mx.test", "--kafka-config", "message.max.bytes=3000000", "--max-message-size", "2M"),
+        sink=KAFKA_SINK,
+    )
+
+
+def smtp(gateway) -> smtplib.SMTP:
+    s = smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT)
+    s.ehlo("client.test")
+    return s
 
 
 def bodies() -> list[bytes]:
@@ -148,7 +103,7 @@ def consume(keys: set[bytes], timeout: float = 60.0) -> dict[bytes, list]:
 def test_every_message_is_in_the_topic_byte_for_byte(gateway):
     rcpts = ["x@example.com", "y@example.com", "x@example.com"]
     sent: dict[bytes, bytes] = {}
-    s = gateway.smtp()
+    s = smtp(gateway)
     deadline = time.monotonic() + 20
     for body in bodies():
         while True:
@@ -207,7 +162,7 @@ def accepted(send, deadline: float) -> bytes:
 def test_empty_data_and_raw_bdat_are_published_exactly(gateway):
     """The cases smtplib.sendmail cannot send: a DATA body of zero octets (the final
     dot right after 354) and BDAT chunks, which are stored without any unstuffing."""
-    s = gateway.smtp()
+    s = smtp(gateway)
 
     def transaction(body_step):
         def send():
