@@ -85,6 +85,7 @@ pub struct Metrics {
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
     draining_gauge: IntGauge,
+    io_backend_info: IntGaugeVec,
     listening: AtomicBool,
     draining: AtomicBool,
 }
@@ -243,6 +244,7 @@ impl Metrics {
             )?,
             kafka_broker_rtt,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
+            io_backend_info: backend,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registry,
@@ -257,6 +259,13 @@ impl Metrics {
         {
             self.replies[i].inc();
         }
+    }
+
+    /// Which I/O backend (`uring` or `epoll`) serves connections: that series is 1, no
+    /// other exists.
+    pub fn set_io_backend(&self, backend: &str) {
+        self.io_backend_info.reset();
+        self.io_backend_info.with_label_values(&[backend]).set(1);
     }
 
     /// The SMTP listeners are up; `/readyz` may say yes.

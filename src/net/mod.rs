@@ -4,3 +4,5 @@
 //! start / drain / stop surface.
 
 pub mod epoll;
+pub mod probe;
+pub mod uring;
