@@ -47,6 +47,28 @@ use tracing::{info, warn};
 use adapter::{bind_listeners, CompletionQueue, NetError, Phase, ReactorParams, Shared, Wake};
 use ring::EventFd;
 
+/// The receive-buffer ring of each reactor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tuning {
+    /// Use incremental consumption (`IOU_PBUF_RING_INC`) if the kernel has it.
+    pub incremental: bool,
+    /// Count (a power of two) and size of incremental buffers: shared by whatever
+    /// receives come, so many small reads pack into one buffer.
+    pub inc_bufs: (u16, u32),
+    /// The same for classic buffers, where each receive takes a whole one.
+    pub classic_bufs: (u16, u32),
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            incremental: true,
+            inc_bufs: (64, 64 * 1024),
+            classic_bufs: (1024, 4 * 1024),
+        }
+    }
+}
+
 /// Wakes a reactor: a sink answer was queued or the phase moved.
 struct Waker(Arc<EventFd>);
 
@@ -61,6 +83,8 @@ pub struct Reactors {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     phase: Arc<PhaseCell>,
+    /// How often a receive found the buffer ring empty (ENOBUFS), for tests and logs.
+    buffers_exhausted: Arc<std::sync::atomic::AtomicU64>,
     wakers: Vec<Arc<EventFd>>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -82,7 +106,13 @@ impl PhaseCell {
 impl Reactors {
     /// Binds every listener, then starts the reactor threads and waits until each has
     /// built its ring, so a failure is reported here, before anything is served.
-    pub fn start(p: ReactorParams, incremental: bool) -> Result<Reactors, NetError> {
+    pub fn start(p: ReactorParams) -> Result<Reactors, NetError> {
+        Self::start_tuned(p, Tuning::default())
+    }
+
+    /// [`Reactors::start`] with a chosen receive-buffer geometry (tests use tiny rings
+    /// to exercise buffer exhaustion).
+    pub(crate) fn start_tuned(p: ReactorParams, tuning: Tuning) -> Result<Reactors, NetError> {
         let reactors = p.reactors.max(1);
         let listeners = bind_listeners(p.listen, reactors)?;
         let local_addr = listeners[0].local_addr().map_err(|source| NetError::Bind {
@@ -91,6 +121,7 @@ impl Reactors {
         })?;
         let shared = Shared::new(&p);
         let phase = Arc::new(PhaseCell::default());
+        let buffers_exhausted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut threads = Vec::with_capacity(reactors);
         let mut wakers = Vec::with_capacity(reactors);
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<(ring::SetupKind, bool)>>();
@@ -102,6 +133,7 @@ impl Reactors {
             let metrics = shared.metrics.reactor(i);
             let ready = ready_tx.clone();
             let phase = phase.clone();
+            let exhausted = buffers_exhausted.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-uring-{i}"))
                 .spawn(move || {
@@ -116,7 +148,8 @@ impl Reactors {
                         queue,
                         metrics,
                         phase,
-                        incremental,
+                        tuning,
+                        exhausted,
                     };
                     match reactor::Reactor::new(parts) {
                         Ok((r, setup, inc)) => {
@@ -145,6 +178,7 @@ impl Reactors {
             local_addr,
             shared,
             phase,
+            buffers_exhausted,
             wakers,
             threads,
         };
@@ -211,7 +245,18 @@ mod tests {
     use crate::smtp::{BareLfPolicy, SessionConfig};
 
     fn start(max_connections: usize, idle: Duration, incremental: bool) -> Reactors {
-        Reactors::start(
+        start_tuned(
+            max_connections,
+            idle,
+            Tuning {
+                incremental,
+                ..Tuning::default()
+            },
+        )
+    }
+
+    fn start_tuned(max_connections: usize, idle: Duration, tuning: Tuning) -> Reactors {
+        Reactors::start_tuned(
             ReactorParams {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 reactors: 2,
@@ -228,7 +273,7 @@ mod tests {
                 limits: Limits { idle_timeout: idle },
                 max_body_memory: 1 << 30,
             },
-            incremental,
+            tuning,
         )
         .expect("reactors start")
     }
@@ -320,10 +365,17 @@ mod tests {
 
     /// More connections send at once than the buffer ring has buffers: receives hit
     /// ENOBUFS, are re-armed, and no byte is lost.
-    #[test]
-    fn buffer_exhaustion_loses_nothing() {
-        let r = start(5000, Duration::from_secs(60), false);
-        let n = 1500;
+    fn buffer_exhaustion_loses_nothing(incremental: bool) {
+        let r = start_tuned(
+            5000,
+            Duration::from_secs(60),
+            Tuning {
+                incremental,
+                inc_bufs: (2, 4096),
+                classic_bufs: (4, 1024),
+            },
+        );
+        let n = 300;
         let mut conns: Vec<TcpStream> = (0..n).map(|_| connect(&r)).collect();
         for c in &mut conns {
             assert!(read_line(c).starts_with("220 "));
@@ -344,6 +396,22 @@ mod tests {
         }
         drop(conns);
         wait_for_no_connections(&r);
+        assert!(
+            r.buffers_exhausted
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0,
+            "ENOBUFS never happened"
+        );
         r.stop();
+    }
+
+    #[test]
+    fn buffer_exhaustion_loses_nothing_classic() {
+        buffer_exhaustion_loses_nothing(false);
+    }
+
+    #[test]
+    fn buffer_exhaustion_loses_nothing_incremental() {
+        buffer_exhaustion_loses_nothing(true);
     }
 }

@@ -44,11 +44,6 @@ fn split(ud: u64) -> (u64, u32, u32) {
 
 /// The provided-buffer group every receive of this ring selects from.
 const BGID: u16 = 0;
-/// Incremental buffers: 64 KiB each, shared by whatever receives come, so many small
-/// reads pack into one buffer.
-const INC_BUFS: (u16, u32) = (64, 64 * 1024);
-/// Classic buffers: each receive takes a whole one, so more and smaller.
-const CLASSIC_BUFS: (u16, u32) = (1024, 4 * 1024);
 /// After the drain deadline, how long connections get to write their final `421`
 /// before the reactor closes what is left.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -106,7 +101,8 @@ pub(super) struct Parts {
     pub queue: Arc<CompletionQueue>,
     pub metrics: ReactorMetrics,
     pub phase: Arc<PhaseCell>,
-    pub incremental: bool,
+    pub tuning: super::Tuning,
+    pub exhausted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub(super) struct Reactor {
@@ -145,6 +141,7 @@ pub(super) struct Reactor {
     /// receives, sends): the kernel may still touch our memory while this is non-zero.
     inflight: usize,
     phase_cell: Arc<PhaseCell>,
+    exhausted: Arc<std::sync::atomic::AtomicU64>,
     phase: Phase,
     stop_at: Option<Instant>,
     index: usize,
@@ -154,7 +151,8 @@ impl Reactor {
     /// Builds the ring and its buffers on the calling (reactor) thread.
     pub(super) fn new(p: Parts) -> io::Result<(Reactor, ring::SetupKind, bool)> {
         let (ring, setup) = ring::build_ring(4096, 32768)?;
-        let bufs = BufRing::new(&ring, BGID, INC_BUFS, CLASSIC_BUFS, p.incremental)?;
+        let t = p.tuning;
+        let bufs = BufRing::new(&ring, BGID, t.inc_bufs, t.classic_bufs, t.incremental)?;
         let inc = bufs.incremental;
         let now = Instant::now();
         Ok((
@@ -186,6 +184,7 @@ impl Reactor {
                 busy: Duration::ZERO,
                 inflight: 0,
                 phase_cell: p.phase,
+                exhausted: p.exhausted,
                 phase: Phase::Running,
                 stop_at: None,
                 index: p.index,
@@ -447,12 +446,15 @@ impl Reactor {
                 conn.driver.handle_input(now, data);
             } else if res == 0 {
                 conn.driver.handle_eof(now);
-            } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
+            } else if res == -libc::ENOBUFS {
+                // Every buffer is in use this turn; they are recycled before the next
+                // submit and the receive is re-armed then. The data waits in the socket.
+                self.exhausted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else if res != -libc::ECANCELED {
                 debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "receive failed");
                 conn.driver.handle_io_error();
             }
-            // ENOBUFS: every buffer is in use this turn; they are recycled before the
-            // next submit and the receive is re-armed then. The data waits in the socket.
         }
         if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
             b.recycle(bid);
