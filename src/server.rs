@@ -9,9 +9,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::config::MIN_DATA_RATE_WINDOW;
 use crate::config::{Config, SinkKind};
+use crate::conn::{Limits, MinDataRate};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::net::{NetError, ReactorParams, Reactors};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
 use crate::sink::spool::{SpoolError, SpoolSink};
@@ -88,6 +90,19 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
+/// The connection driver's limits from the configuration.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        idle_timeout: config.idle_timeout,
+        max_session_time: config.max_session_time,
+        min_data_rate: config.min_data_rate.map(|bytes_per_second| MinDataRate {
+            bytes_per_second,
+            window: MIN_DATA_RATE_WINDOW,
+        }),
+        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+    }
+}
+
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
 pub fn run(config: Config) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -119,16 +134,19 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
     let session = Arc::new(session_config_for(&config, &*sink));
     let max_message_size = session.max_message_size;
-    let reactors = Reactors::start(ReactorParams {
-        listen: config.listen,
-        reactors: config.reactors,
-        session,
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        max_connections: config.max_connections,
-        idle_timeout: config.idle_timeout,
-        max_session_time: config.max_session_time,
-    })?;
+    let reactors = Reactors::start(
+        config.io_backend,
+        ReactorParams {
+            listen: config.listen,
+            reactors: config.reactors,
+            session,
+            sink: sink.clone(),
+            metrics: metrics.clone(),
+            max_connections: config.max_connections,
+            limits: limits(&config),
+            max_body_memory: config.max_body_memory,
+        },
+    )?;
     metrics.set_listening();
     info!(
         hostname = %config.hostname,

@@ -33,7 +33,6 @@
 //! reaped before the buffers are freed; if the kernel does not give them all back in
 //! time the buffers are leaked instead.
 
-mod adapter;
 mod reactor;
 pub(crate) mod ring;
 
@@ -44,7 +43,8 @@ use std::thread::JoinHandle;
 
 use tracing::{info, warn};
 
-use adapter::{bind_listeners, CompletionQueue, NetError, Phase, ReactorParams, Shared, Wake};
+use crate::net::{bind_listeners, NetError, Phase, ReactorParams, Shared};
+use crate::sink::{CompletionQueue, Wake};
 use ring::EventFd;
 
 /// The receive-buffer ring of each reactor.
@@ -229,6 +229,14 @@ impl Reactors {
                 warn!("a reactor thread panicked");
             }
         }
+        let exhausted = self
+            .buffers_exhausted
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if exhausted > 0 {
+            // Not an error (the data waited in the socket), but a sign the ring is small
+            // for this load.
+            info!(times = exhausted, "receives found the buffer ring empty and were re-armed");
+        }
     }
 }
 
@@ -238,8 +246,8 @@ mod tests {
     use std::net::TcpStream;
     use std::time::Duration;
 
-    use super::adapter::Limits;
     use super::*;
+    use crate::conn::Limits;
     use crate::metrics::Metrics;
     use crate::sink::null::NullSink;
     use crate::smtp::{BareLfPolicy, SessionConfig};
@@ -270,7 +278,12 @@ mod tests {
                 sink: Arc::new(NullSink::new()),
                 metrics: Arc::new(Metrics::new().expect("metrics registry")),
                 max_connections,
-                limits: Limits { idle_timeout: idle },
+                limits: Limits {
+                    idle_timeout: idle,
+                    max_session_time: Duration::from_secs(60),
+                    min_data_rate: None,
+                    output_cap: Limits::DEFAULT_OUTPUT_CAP,
+                },
                 max_body_memory: 1 << 30,
             },
             tuning,

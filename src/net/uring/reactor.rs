@@ -14,14 +14,12 @@ use io_uring::{cqueue, opcode, IoUring};
 use socket2::SockRef;
 use tracing::{debug, warn};
 
-use super::adapter::{
-    accept_exhausted, stamp, Admitted, BodyBudget, Completion, CompletionQueue, Connection,
-    InFlight, Phase, Shared, State, Ticket, ACCEPT_BACKOFF,
-};
 use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
+use crate::conn::{BodyBudget, Connection, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::sink::PublishResult;
+use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
+use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
