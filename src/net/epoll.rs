@@ -451,7 +451,9 @@ async fn converse(
                     conn.handle_io_error();
                 }
             }
-            () = reactor.budget_freed.notified(), if paused => {}
+            () = reactor.budget_freed.notified(), if paused => {
+                conn.handle_budget_freed(Instant::now());
+            }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 conn.handle_timeout(Instant::now());

@@ -1,4 +1,5 @@
-//! The epoll backend against real sockets on loopback.
+//! A reactor backend against real sockets on loopback: written for epoll and also
+//! compiled into the io_uring backend (`super` is whichever includes it).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

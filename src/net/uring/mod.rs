@@ -235,10 +235,18 @@ impl Reactors {
         if exhausted > 0 {
             // Not an error (the data waited in the socket), but a sign the ring is small
             // for this load.
-            info!(times = exhausted, "receives found the buffer ring empty and were re-armed");
+            info!(
+                times = exhausted,
+                "receives found the buffer ring empty and were re-armed"
+            );
         }
     }
 }
+
+/// The backend-neutral reactor tests, written for epoll, run against io_uring too.
+#[cfg(test)]
+#[path = "../epoll/tests.rs"]
+mod shared_tests;
 
 #[cfg(test)]
 mod tests {
@@ -251,17 +259,6 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::sink::null::NullSink;
     use crate::smtp::{BareLfPolicy, SessionConfig};
-
-    fn start(max_connections: usize, idle: Duration, incremental: bool) -> Reactors {
-        start_tuned(
-            max_connections,
-            idle,
-            Tuning {
-                incremental,
-                ..Tuning::default()
-            },
-        )
-    }
 
     fn start_tuned(max_connections: usize, idle: Duration, tuning: Tuning) -> Reactors {
         Reactors::start_tuned(
@@ -318,62 +315,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(r.open_connections(), 0);
-    }
-
-    fn pipelined_then_drain(incremental: bool) {
-        let r = start(100, Duration::from_secs(60), incremental);
-        let mut s = connect(&r);
-        s.write_all(
-            b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n.\r\n\
-              NOOP\r\nQUIT\r\n",
-        )
-        .unwrap();
-        let text = read_to_close(&mut s);
-        drop(s);
-        assert!(text.starts_with("220 "), "{text}");
-        assert!(text.contains("250 2.0.0 Ok: queued as "), "{text}");
-        assert!(
-            text.ends_with("221 2.0.0 mx.test closing connection\r\n"),
-            "{text}"
-        );
-        let mut idle = connect(&r);
-        assert!(read_line(&mut idle).starts_with("220 "));
-        r.set_phase(Phase::Draining);
-        let text = read_to_close(&mut idle);
-        assert!(text.starts_with("421 4.3.2 "), "{text}");
-        drop(idle);
-        wait_for_no_connections(&r);
-        r.stop();
-    }
-
-    #[test]
-    fn pipelined_session_then_drain_incremental_buffers() {
-        pipelined_then_drain(true);
-    }
-
-    #[test]
-    fn pipelined_session_then_drain_classic_buffers() {
-        pipelined_then_drain(false);
-    }
-
-    #[test]
-    fn connection_limit_and_idle_timeout() {
-        let r = start(1, Duration::from_millis(300), true);
-        let mut first = connect(&r);
-        assert!(read_line(&mut first).starts_with("220 "));
-        let mut second = connect(&r);
-        assert_eq!(
-            read_to_close(&mut second),
-            "421 4.3.2 mx.test Too many connections, try again later\r\n"
-        );
-        drop(second);
-        let text = read_to_close(&mut first);
-        assert!(text.starts_with("421 4.4.2 "), "{text}");
-        drop(first);
-        wait_for_no_connections(&r);
-        let mut third = connect(&r);
-        assert!(read_line(&mut third).starts_with("220 "));
-        r.stop();
     }
 
     /// More connections send at once than the buffer ring has buffers: receives hit

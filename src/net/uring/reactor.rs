@@ -42,6 +42,12 @@ fn split(ud: u64) -> (u64, u32, u32) {
 
 /// The provided-buffer group every receive of this ring selects from.
 const BGID: u16 = 0;
+/// The most one receive completion carries: bounds what arrives between the driver
+/// pausing and the cancellation taking effect (at most a few dozen completions).
+const RECV_CHUNK: u32 = 16 * 1024;
+/// Held input goes to the driver in pieces of this, so it never holds more than it
+/// wants (its pending input is capped).
+const HAND_IN: usize = 16 * 1024;
 /// After the drain deadline, how long connections get to write their final `421`
 /// before the reactor closes what is left.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -72,6 +78,10 @@ struct Conn {
     /// Bytes arrived while the driver did not want any: the client keeps sending into
     /// a paused session, so the receive is cancelled and TCP pushes back.
     data_while_paused: bool,
+    /// Those bytes, kept here (not in the driver, whose pending input is capped) until
+    /// the driver wants input again. Bounded by what one wake-up of the multishot
+    /// receive delivers before its cancellation; empty and unallocated otherwise.
+    held: Vec<u8>,
     /// `shutdown(SHUT_WR)` done.
     shut: bool,
     /// Done: waiting for the kernel to return the receive and the send before the
@@ -373,6 +383,7 @@ impl Reactor {
             timer: None,
             dirty: false,
             data_while_paused: false,
+            held: Vec::new(),
             shut: false,
             closing: false,
             _admitted: admitted,
@@ -438,10 +449,12 @@ impl Reactor {
         }
         if !conn.closing {
             if res > 0 {
-                if !conn.driver.wants_read() {
+                if !conn.held.is_empty() || !conn.driver.wants_read() {
                     conn.data_while_paused = true;
+                    conn.held.extend_from_slice(data);
+                } else {
+                    conn.driver.handle_input(now, data);
                 }
-                conn.driver.handle_input(now, data);
             } else if res == 0 {
                 conn.driver.handle_eof(now);
             } else if res == -libc::ENOBUFS {
@@ -528,8 +541,10 @@ impl Reactor {
             return;
         }
         let waiters = std::mem::take(&mut self.budget_waiters);
+        let now = Instant::now();
         for &(slot, gen) in &waiters {
-            if self.conn_mut(slot, gen).is_some() {
+            if let Some(c) = self.conn_mut(slot, gen) {
+                c.driver.handle_budget_freed(now);
                 self.mark(slot);
             }
         }
@@ -636,6 +651,15 @@ impl Reactor {
             return Ok(());
         };
         c.dirty = false;
+        // Input that arrived while the driver was paused, in pieces while it wants it.
+        while !c.held.is_empty() && !c.closing && c.driver.wants_read() {
+            let n = c.held.len().min(HAND_IN);
+            c.driver.handle_input(now, &c.held[..n]);
+            c.held.drain(..n);
+        }
+        if c.held.is_empty() && c.held.capacity() > 0 {
+            c.held = Vec::new();
+        }
         if !c.closing {
             if let Some(sealed) = c.driver.poll_message(now, &mut stamp) {
                 let done = Completion::ticket(
@@ -656,16 +680,19 @@ impl Reactor {
         self.metrics_dirty = true;
 
         if !c.closing {
-            match c.driver.state() {
-                State::Done => c.closing = true,
-                State::ShutdownWrite if !c.shut && c.send.is_none() && !c.driver.wants_write() => {
-                    // All replies are out: FIN, then keep reading (the driver lingers)
-                    // so unread client bytes do not turn our close into a reset.
-                    let _ = SockRef::from(&c.fd).shutdown(std::net::Shutdown::Write);
-                    c.shut = true;
-                    c.driver.write_shut(now);
-                }
-                _ => {}
+            if c.driver.state() == State::ShutdownWrite
+                && !c.shut
+                && c.send.is_none()
+                && !c.driver.wants_write()
+            {
+                // All replies are out: FIN, then keep reading (the driver lingers) so
+                // unread client bytes do not turn our close into a reset.
+                let _ = SockRef::from(&c.fd).shutdown(std::net::Shutdown::Write);
+                c.shut = true;
+                c.driver.write_shut(now);
+            }
+            if c.driver.state() == State::Done {
+                c.closing = true;
             }
         }
         if c.closing {
@@ -678,6 +705,7 @@ impl Reactor {
             c.data_while_paused = false;
             if c.recv == Recv::Off {
                 let e = opcode::RecvMulti::new(Fd(fd), BGID)
+                    .len(RECV_CHUNK)
                     .build()
                     .user_data(ud_recv);
                 // SAFETY: the receive writes only into provided buffers, which live until
@@ -687,7 +715,11 @@ impl Reactor {
                 c.recv = Recv::Armed;
                 self.inflight += 1;
             }
-        } else if c.recv == Recv::Armed && c.data_while_paused {
+        } else if c.recv == Recv::Armed && (c.data_while_paused || !c.driver.awaiting_publish()) {
+            // Paused: stop receiving so TCP pushes back. Waiting for the sink is the
+            // exception while the client sends nothing more (lock-step clients): the
+            // answer usually comes within the turn, and cancelling and re-arming for
+            // every message would cost two operations each.
             c.recv = Recv::Cancelling;
             let e = opcode::AsyncCancel::new(ud_recv)
                 .build()
