@@ -94,6 +94,9 @@ impl Reactors {
                 .map_err(NetError::Reactor)?;
             threads.push(handle);
         }
+        // Ready before the line that says so: tests and scripts act on it at once.
+        shared.metrics.set_io_backend("epoll");
+        shared.metrics.set_listening();
         info!(addr = %local_addr, reactors, backend = %"epoll", "listening");
         Ok(Reactors {
             local_addr,

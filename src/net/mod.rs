@@ -244,9 +244,9 @@ pub enum Reactors {
 impl Reactors {
     /// Starts the reactors of the backend `choice` resolves to: `auto` probes io_uring
     /// and falls back to epoll with one log line saying why; `uring` fails instead.
-    /// The chosen backend is shown by `smtpgw_io_backend_info` and the `listening` line.
+    /// The chosen backend is shown by `smtpgw_io_backend_info` and the `listening` line,
+    /// both set by the backend once it is ready.
     pub fn start(choice: IoBackend, p: ReactorParams) -> Result<Reactors, NetError> {
-        let metrics = p.metrics.clone();
         let reactors = match choice {
             IoBackend::Epoll => Reactors::Epoll(epoll::Reactors::start(p)?),
             IoBackend::Uring => match probe::io_uring() {
@@ -261,7 +261,6 @@ impl Reactors {
                 }
             },
         };
-        metrics.set_io_backend(reactors.backend());
         Ok(reactors)
     }
 

@@ -186,6 +186,9 @@ impl Reactors {
             r.stop();
             return Err(NetError::Reactor(e));
         }
+        // Ready before the line that says so: tests and scripts act on it at once.
+        r.shared.metrics.set_io_backend("uring");
+        r.shared.metrics.set_listening();
         info!(
             addr = %local_addr,
             reactors,
