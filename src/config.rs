@@ -44,6 +44,17 @@ pub enum SinkKind {
     Kafka,
 }
 
+impl SinkKind {
+    /// As logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Spool => "spool",
+            SinkKind::Null => "null",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+}
+
 /// Which I/O backend the reactors use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -220,12 +231,13 @@ pub struct ServerArgs {
         value_name = "BYTES"
     )]
     pub max_body_memory: Option<String>,
-    /// Slowest average rate, in bytes per second over 30 s windows, a message body may
-    /// arrive at before 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K].
+    /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
+    /// second, averaged over windows of WINDOW, the first being the grace), before
+    /// 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K/30s].
     #[arg(
         long = "min-data-rate",
         env = "SMTPGW_MIN_DATA_RATE",
-        value_name = "BYTES"
+        value_name = "RATE"
     )]
     pub min_data_rate: Option<String>,
     /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
@@ -419,8 +431,8 @@ pub struct Config {
     pub io_backend: IoBackend,
     /// Across all reactors; each gets an equal share.
     pub max_body_memory: usize,
-    /// Bytes per second over [`MIN_DATA_RATE_WINDOW`]; `None` when turned off.
-    pub min_data_rate: Option<u64>,
+    /// Bytes per second, and the window they are averaged over; `None` when off.
+    pub min_data_rate: Option<(u64, Duration)>,
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
@@ -644,11 +656,8 @@ pub fn resolve(
         None => default_body_memory().max(max_message_size.saturating_mul(2)),
     };
     let min_data_rate = match cli.min_data_rate.map(IntOrStr::Str).or(file.min_data_rate) {
-        Some(v) => {
-            let n = parse_size(&v).map_err(|m| invalid("--min-data-rate", m))?;
-            (n > 0).then_some(n)
-        }
-        None => Some(DEFAULT_MIN_DATA_RATE),
+        Some(v) => parse_rate(&v).map_err(|m| invalid("--min-data-rate", m))?,
+        None => Some((DEFAULT_MIN_DATA_RATE, MIN_DATA_RATE_WINDOW)),
     };
 
     let max_recipients = match cli.max_recipients.or(file.max_recipients) {
@@ -891,6 +900,26 @@ pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, Con
         max_inflight_messages,
         max_inflight_bytes,
     })
+}
+
+/// `BYTES[/WINDOW]`: `1K`, `512/10s`; `0` turns the rule off.
+fn parse_rate(v: &IntOrStr) -> Result<Option<(u64, Duration)>, String> {
+    let text = match v {
+        IntOrStr::Int(n) => n.to_string(),
+        IntOrStr::Str(s) => s.clone(),
+    };
+    let (bytes, window) = match text.split_once('/') {
+        Some((b, w)) => {
+            let window = parse_duration(&IntOrStr::Str(w.to_owned()))?;
+            if window.is_zero() || window > MAX_DURATION {
+                return Err(format!("the window must be between 1s and 366d (got {w})"));
+            }
+            (b, window)
+        }
+        None => (text.as_str(), MIN_DATA_RATE_WINDOW),
+    };
+    let bytes = parse_size(&IntOrStr::Str(bytes.to_owned()))?;
+    Ok((bytes > 0).then_some((bytes, window)))
 }
 
 fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
