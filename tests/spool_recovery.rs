@@ -3,18 +3,22 @@
 //! tools (the library and the built binary); a torn tail saved to `quarantine/`; the
 //! size limit. The full-disk run on a real small file system is in tests/spool_disk.rs.
 
+mod kafka_support;
+mod spool_gateway;
 mod spool_support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use kafka_support::Client;
 use smtpgw::sink::spool::{
     CorruptRange, ReadEvent, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
 use smtpgw::sink::{PublishError, Sink};
 use smtpgw::smtp::envelope::SealedMessage;
 use smtpgw::spool_tool;
+use spool_gateway::Gateway;
 use spool_support::{message, publish};
 use tempfile::TempDir;
 use ulid::Ulid;
@@ -585,100 +589,4 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         "{}",
         text(&check.stdout)
     );
-}
-
-mod kafka_support;
-use kafka_support::Client;
-
-/// A gateway process on port 0 for SMTP and metrics; killed by PID when dropped.
-pub struct Gateway {
-    child: std::process::Child,
-    pub smtp: String,
-    pub metrics: String,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Gateway {
-    pub fn start(spool: &Path, extra: &[&str]) -> Gateway {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(["--hostname", "mx.test", "--accept-domain", "example.com"])
-            .arg("--spool-dir")
-            .arg(spool)
-            .args(extra)
-            .env("SMTPGW_LOG", "info")
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("gateway starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                eprintln!("gw: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut gw = Gateway {
-            child,
-            smtp: String::new(),
-            metrics: String::new(),
-            lines: rx,
-            seen: Vec::new(),
-        };
-        let field = |line: &str, key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .map(str::to_owned)
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while gw.smtp.is_empty() || gw.metrics.is_empty() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = gw
-                .lines
-                .recv_timeout(left)
-                .expect("gateway logs both addresses");
-            gw.seen.push(line.clone());
-            if line.contains("listening") {
-                if let Some(a) = field(&line, "addr=") {
-                    gw.smtp = a;
-                }
-            }
-            if let Some(a) = field(&line, "metrics_addr=") {
-                gw.metrics = a;
-            }
-        }
-        gw
-    }
-
-    pub fn wait_for_log(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("gateway never logged {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
 }

@@ -166,8 +166,6 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     /// Each message with where its record ends in `buf`.
     batch: Vec<(MessageId, Completion, usize)>,
-    /// The size of the first record the last limit refused.
-    refused_record: u64,
 }
 
 impl Writer {
@@ -188,7 +186,6 @@ impl Writer {
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
-            refused_record: 0,
         }
     }
 
@@ -262,7 +259,10 @@ impl Writer {
             "spool limit reached; answering 452 4.3.1"
         );
         let cut = keep.checked_sub(1).map_or(0, |i| self.batch[i].2);
-        self.refused_record = (self.batch[keep].2 - cut) as u64;
+        // Before the answers go out, so `/readyz` already says why when a client
+        // has its 452.
+        self.shared
+            .set_health(Health::Full((self.batch[keep].2 - cut) as u64));
         for (_, done, _) in self.batch.drain(keep..) {
             done.complete(Err(PublishError::StorageFull));
         }
@@ -280,8 +280,8 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
-                    for (id, done, _) in self.batch.drain(..) {
-                        done.complete(Ok(id));
+                    if !refused {
+                        self.shared.set_health(Health::Ok);
                     }
                     if let Some(segment) = self.segment.as_ref() {
                         *self
@@ -297,8 +297,8 @@ impl Writer {
                             self.rotate_due = true;
                         }
                     }
-                    if !refused {
-                        self.shared.set_health(Health::Ok);
+                    for (id, done, _) in self.batch.drain(..) {
+                        done.complete(Ok(id));
                     }
                 }
                 Err((error, wrote)) => {
@@ -310,21 +310,20 @@ impl Writer {
                     );
                     self.shared
                         .set_health(Health::Failed(format!("spool write failed: {error}")));
-                    for (_, done, _) in self.batch.drain(..) {
-                        done.complete(Err(PublishError::Temporary("spool write failed".into())));
-                    }
                     // After a failed fsync the kernel may have dropped the dirty pages
                     // and report the next fsync as clean: never trust this file again.
+                    // Cleaned up before the answers go out, so a client that got its
+                    // 451 never sees the empty file.
                     if wrote {
                         if let Some(segment) = self.segment.take() {
                             discard_if_empty(&self.shared.dir, segment);
                         }
                     }
+                    for (_, done, _) in self.batch.drain(..) {
+                        done.complete(Err(PublishError::Temporary("spool write failed".into())));
+                    }
                 }
             }
-        }
-        if refused {
-            self.shared.set_health(Health::Full(self.refused_record));
         }
         self.buf.clear();
         if self.buf.capacity() > RETAINED_BUFFER_BYTES {
