@@ -36,6 +36,9 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 /// backend bug or bytes that were already in flight when reading stopped; past it the
 /// connection is dropped rather than the buffer grown.
 const MAX_PENDING_INPUT: usize = 256 * 1024;
+/// The most a backend should read at once between commands (see
+/// [`Connection::read_size_hint`]).
+const COMMAND_READ: usize = 16 * 1024;
 
 /// The minimum average rate a message body must arrive at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +60,8 @@ pub struct Limits {
     /// While more reply bytes than this are unwritten, no further input is processed, so
     /// a client that pipelines and never reads cannot grow our memory.
     pub output_cap: usize,
+    /// The sink's name, for the per-message log line.
+    pub sink: &'static str,
 }
 
 impl Limits {
@@ -178,11 +183,16 @@ struct Samples {
     stored_size: Option<usize>,
 }
 
-/// The message a connection has with the sink.
+/// The message a connection has with the sink, and what its log line will say.
 struct InFlight {
     since: Instant,
     charged: usize,
     body_len: usize,
+    id: MessageId,
+    /// From DATA (or the first BDAT) on.
+    body_since: Instant,
+    helo: Arc<str>,
+    rcpts: usize,
 }
 
 enum Life {
@@ -220,6 +230,11 @@ pub struct Connection {
     charged: usize,
     in_flight: Option<InFlight>,
     body_started: Option<Instant>,
+    /// The sender of the message with the sink, for its log line; reused across
+    /// messages so logging costs no allocation per message.
+    log_from: String,
+    /// When the current body began (kept for the log line after the body timing ends).
+    body_since: Option<Instant>,
     /// Minimum data rate: the current window's start and the bytes taken in it.
     rate_window: Option<(Instant, u64)>,
     samples: Samples,
@@ -253,6 +268,8 @@ impl Connection {
             charged: 0,
             in_flight: None,
             body_started: None,
+            log_from: String::new(),
+            body_since: None,
             rate_window: None,
             samples: Samples::default(),
         };
@@ -318,6 +335,18 @@ impl Connection {
         }
     }
 
+    /// How many bytes the backend should read at most now. Between commands a read
+    /// brings commands whose replies may stop at the output cap, and whatever is left
+    /// stays in the driver's buffer; a modest read keeps a client that pipelines and
+    /// never reads cheap. A body is consumed as it arrives, so it may come in bulk.
+    pub fn read_size_hint(&self) -> usize {
+        if self.session.in_body() {
+            usize::MAX
+        } else {
+            COMMAND_READ
+        }
+    }
+
     /// Whether there are replies to write.
     pub fn wants_write(&self) -> bool {
         !self.session.output().is_empty() && !matches!(self.life, Life::Done(_))
@@ -352,6 +381,10 @@ impl Connection {
         let message = self.session.take_message()?;
         let body_len = message.body().len();
         let (id, received_at) = stamp();
+        self.log_from.clear();
+        self.log_from.push_str(message.envelope.mail_from());
+        let helo = message.envelope.helo.clone();
+        let rcpts = message.envelope.rcpt_count();
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
@@ -360,6 +393,10 @@ impl Connection {
             since: now,
             charged,
             body_len,
+            id,
+            body_since: self.body_since.take().unwrap_or(now),
+            helo,
+            rcpts,
         });
         Some(sealed)
     }
@@ -377,6 +414,7 @@ impl Connection {
         };
         self.budget.answered_by_sink(flight.charged);
         self.samples.publish = Some(now.saturating_duration_since(flight.since));
+        self.log_transaction(now, &flight, &result);
         if result.is_ok() {
             self.samples.stored_size = Some(flight.body_len);
         }
@@ -576,6 +614,33 @@ impl Connection {
         }
     }
 
+    /// One line per message handed to the sink: what an operator greps for ("queued
+    /// as <id>", a client address, a sender). Client text is escaped by the logger's
+    /// own quoting (`?`), so it cannot forge lines or fields.
+    fn log_transaction(&self, now: Instant, flight: &InFlight, result: &PublishResult) {
+        let (code, error) = match result {
+            Ok(_) => (250u16, None),
+            Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
+            Err(e @ PublishError::StorageFull) => (452, Some(e)),
+            Err(e @ PublishError::TooLarge) => (552, Some(e)),
+        };
+        let took = now.saturating_duration_since(flight.body_since);
+        tracing::info!(
+            target: "smtpgw::message",
+            id = %flight.id,
+            client = %self.peer,
+            helo = ?&*flight.helo,
+            from = ?self.log_from.as_str(),
+            rcpts = flight.rcpts,
+            size = flight.body_len,
+            code,
+            ms = took.as_millis() as u64,
+            sink = self.limits.sink,
+            error = error.map(tracing::field::display),
+            "message"
+        );
+    }
+
     fn keep(&mut self, data: &[u8]) {
         if self.pending.len() + data.len() > MAX_PENDING_INPUT {
             self.life = Life::Done(Ending::Overrun);
@@ -637,6 +702,7 @@ impl Connection {
         // A body "starts" at the read that brought its DATA or first BDAT.
         if started {
             self.body_started = Some(now);
+            self.body_since = Some(now);
         }
         let held = self.session.body_len();
         if held > self.charged {

@@ -48,6 +48,7 @@ fn start_budget(
             max_session_time: Duration::from_secs(60),
             min_data_rate: None,
             output_cap: Limits::DEFAULT_OUTPUT_CAP,
+            sink: "test",
         },
         max_body_memory,
     })
@@ -187,6 +188,7 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
             max_session_time: Duration::from_secs(60),
             min_data_rate: None,
             output_cap: Limits::DEFAULT_OUTPUT_CAP,
+            sink: "test",
         },
         max_body_memory: 1,
     })
