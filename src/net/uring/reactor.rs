@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::types::{CancelBuilder, Fd};
-use io_uring::{cqueue, opcode, IoUring};
+use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::SockRef;
 use tracing::{debug, warn};
 
@@ -42,9 +42,12 @@ fn split(ud: u64) -> (u64, u32, u32) {
 
 /// The provided-buffer group every receive of this ring selects from.
 const BGID: u16 = 0;
-/// The most one receive completion carries: bounds what arrives between the driver
-/// pausing and the cancellation taking effect (at most a few dozen completions).
+/// With multishot receives: the most one completion carries. The kernel's retry loop
+/// can still post a few dozen of them in one wake-up after the driver paused.
 const RECV_CHUNK: u32 = 16 * 1024;
+/// With single-shot receives: the most one body read takes (the driver's hint between
+/// commands is smaller).
+const BODY_READ: usize = 64 * 1024;
 /// Held input goes to the driver in pieces of this, so it never holds more than it
 /// wants (its pending input is capped).
 const HAND_IN: usize = 16 * 1024;
@@ -149,6 +152,9 @@ pub(super) struct Reactor {
     /// receives, sends): the kernel may still touch our memory while this is non-zero.
     inflight: usize,
     phase_cell: Arc<PhaseCell>,
+    /// Multishot receives (one request for many completions) rather than one receive
+    /// per completion; see `Tuning::multishot_recv`.
+    multishot: bool,
     exhausted: Arc<std::sync::atomic::AtomicU64>,
     phase: Phase,
     stop_at: Option<Instant>,
@@ -192,6 +198,7 @@ impl Reactor {
                 busy: Duration::ZERO,
                 inflight: 0,
                 phase_cell: p.phase,
+                multishot: t.multishot_recv,
                 exhausted: p.exhausted,
                 phase: Phase::Running,
                 stop_at: None,
@@ -704,10 +711,19 @@ impl Reactor {
         if c.driver.wants_read() {
             c.data_while_paused = false;
             if c.recv == Recv::Off {
-                let e = opcode::RecvMulti::new(Fd(fd), BGID)
-                    .len(RECV_CHUNK)
-                    .build()
-                    .user_data(ud_recv);
+                let e = if self.multishot {
+                    opcode::RecvMulti::new(Fd(fd), BGID).len(RECV_CHUNK).build()
+                } else {
+                    // The buffer is picked when data arrives, so an armed receive holds
+                    // none; `len` caps what one completion takes at what the driver
+                    // wants at a time.
+                    let len = c.driver.read_size_hint().min(BODY_READ) as u32;
+                    opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
+                        .buf_group(BGID)
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT)
+                }
+                .user_data(ud_recv);
                 // SAFETY: the receive writes only into provided buffers, which live until
                 // the reactor has reaped every receive (see `teardown`); the descriptor
                 // stays open until this receive's final completion (see `close`).
