@@ -71,8 +71,9 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             incremental: true,
-            // 1 MiB per reactor, resident once used: small reads pack into a buffer.
-            inc_bufs: (16, 64 * 1024),
+            // 512 KiB per reactor, resident once used (a fixed cost, not per
+            // connection): small reads pack into a buffer, body reads take up to 32 KiB.
+            inc_bufs: (16, 32 * 1024),
             classic_bufs: (128, 16 * 1024),
             multishot_recv: false,
         }

@@ -262,10 +262,11 @@ impl BufRing {
 const SLAB_CHUNKS: usize = 64;
 /// Most reply batches (a greeting, EHLO, the five replies of a pipelined message) fit.
 pub const SMALL_SEND: usize = 1024;
-/// Larger output goes out in pieces of at most this.
-pub const LARGE_SEND: usize = 16 * 1024;
+/// Larger output goes out in pieces of at most this: the driver's output cap, so a
+/// client that does not read holds no more here than there.
+pub const LARGE_SEND: usize = 8 * 1024;
 /// Large buffers kept for reuse; more are freed when returned.
-const LARGE_KEEP: usize = 32;
+const LARGE_KEEP: usize = 16;
 
 /// A send buffer owned by a connection while its send is in flight.
 pub enum SendBuf {
