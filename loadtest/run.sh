@@ -10,6 +10,11 @@
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
+#                        [--io-backend auto|uring|epoll|both]
+# --io-backend both runs two gateways side by side, `smtpgw` on io_uring and
+# `smtpgw-epoll` on epoll, through the same cells (servers alternate within a cell), so
+# the ratio rows compare the backends; one backend: that gateway only (default auto).
+# CELLS="1k 100 1;1k 1000 1" (size conns pipelining; ...) replaces the matrix.
 # --sink kafka (or --kafka) publishes through a loopback tansu broker started by
 # scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
 # topic back and fails unless its new records equal the 250 replies the client counted.
@@ -17,6 +22,7 @@
 # --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
 # venv under target/plot-venv the first time.
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
+#        CELLS  the cells to run instead of the matrix
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
@@ -24,6 +30,7 @@ set -euo pipefail
 
 QUICK=0
 PLOTS=0
+IO_BACKEND=auto
 COMPARE=""
 SINK=null
 DURATION=""
@@ -37,7 +44,8 @@ while [[ $# -gt 0 ]]; do
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
         --plots) PLOTS=1 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --io-backend) IO_BACKEND="${2:?--io-backend needs auto, uring, epoll or both}"; shift ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,6 +54,10 @@ case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
     *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
 wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
+case "$IO_BACKEND" in auto|uring|epoll|both) ;; *) echo "run.sh: --io-backend must be auto, uring, epoll or both" >&2; exit 2 ;; esac
+if [[ "$IO_BACKEND" == both && "$SINK" == kafka ]]; then
+    echo "run.sh: --io-backend both cannot be combined with --sink kafka (one topic, one record count)" >&2; exit 2
+fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -167,19 +179,39 @@ start_rss_sampler() { # pid file
 GW_BIN="$ROOT/target/release/smtpgw"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
-stop_gateway() {
-    kill -TERM "$GW_PID" 2>/dev/null || true
-    wait "$GW_PID" 2>/dev/null || true
-    forget_pid "$GW_PID"
+stop_gateway() { # [pid]
+    local pid="${1:-$GW_PID}"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
 }
 
-start_gateway() {
-    local logf="$WORK/gateway.log"
-    rm -rf "$WORK/spool"
-    mkdir -p "$WORK/spool"
+# The gateway(s) under test: "smtpgw" (and with --io-backend both, "smtpgw-epoll").
+start_gateways() {
+    if [[ "$IO_BACKEND" == both ]]; then
+        start_gateway epoll
+        EP_PID=$GW_PID EP_ADDR=$GW_ADDR
+        start_gateway uring
+        GATEWAYS=("smtpgw $GW_PID $GW_ADDR" "smtpgw-epoll $EP_PID $EP_ADDR")
+    else
+        start_gateway "$IO_BACKEND"
+        GATEWAYS=("smtpgw $GW_PID $GW_ADDR")
+    fi
+}
+stop_gateways() {
+    stop_gateway "$GW_PID"
+    [[ "$IO_BACKEND" == both ]] && stop_gateway "$EP_PID"
+    return 0
+}
+
+start_gateway() { # [backend]: auto unless given
+    local backend="${1:-auto}"
+    local logf="$WORK/gateway.$backend.log"
+    rm -rf "$WORK/spool.$backend"
+    mkdir -p "$WORK/spool.$backend"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
-        --accept-domain example.com --max-connections 5000 "${KAFKA_ARGS[@]}" \
+    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool.$backend" \
+        --accept-domain example.com --max-connections 5000 --io-backend "$backend" "${KAFKA_ARGS[@]}" \
         ${GATEWAY_ARGS:-} 2>"$logf" &
     GW_PID=$!
     PIDS+=("$GW_PID")
@@ -192,7 +224,7 @@ start_gateway() {
     done
     [[ -n "$addr" ]] || { cat "$logf" >&2; echo "run.sh: smtpgw never said 'listening addr='" >&2; exit 1; }
     GW_ADDR="${addr//\"/}"
-    log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK)"
+    log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK, io backend: $(grep -oP 'backend=\K\S+' "$logf" | head -1))"
 }
 
 KAFKA_ARGS=()
@@ -367,6 +399,8 @@ main() {
                 cells+=("$sizes $conns_list 0" "$sizes $conns_list 1")
             done
         done
+    elif [[ -n "${CELLS:-}" ]]; then
+        IFS=';' read -r -a cells <<<"$CELLS"
     elif [[ $QUICK -eq 1 ]]; then
         # About a minute with --compare: the cells the targets are stated for.
         cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1" "100k 10 1" "1m 10 0")
@@ -384,7 +418,7 @@ main() {
         start_kafka
         records_before=$(count_kafka_records)
     fi
-    start_gateway
+    start_gateways
     local peers=()
     if wants smtp-sink; then
         start_smtp_sink
@@ -394,7 +428,7 @@ main() {
         start_postfix
         peers+=("postfix $PFX_PID $PFX_ADDR")
     fi
-    local s name pid addr servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
+    local s name pid addr servers=("${GATEWAYS[@]}" "${peers[@]}")
     for s in "${servers[@]}"; do
         read -r name pid addr <<<"$s"
         log "warming up $name"
@@ -407,10 +441,10 @@ main() {
         if [[ "$SINK" == spool ]]; then
             # A fresh gateway and spool per cell: the spool only grows, and a full
             # matrix would otherwise write tens of GB.
-            stop_gateway
-            start_gateway
+            stop_gateways
+            start_gateways
         fi
-        servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
+        servers=("${GATEWAYS[@]}" "${peers[@]}")
         # Servers alternate within a cell, so slow drift in machine load hits both.
         for s in "${servers[@]}"; do
             read -r name pid addr <<<"$s"
@@ -422,7 +456,7 @@ main() {
         "$MODE" "$(uptime)"
     if [[ "$SINK" == kafka ]]; then
         # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
-        stop_gateway
+        stop_gateways
         local accepted records
         accepted=$(accepted_by_gateway)
         records=$(( $(count_kafka_records) - records_before ))
