@@ -368,6 +368,10 @@ fn reader_resumes_from_a_position_and_reports_closed_segments() {
     let msg = message("a@example.com", &["b@example.com"], b"live\r\n");
     assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
     let end = sink.wait_durable_beyond(start, std::time::Duration::from_secs(5));
+    assert!(matches!(
+        sink.remove_closed_segment(start.segment),
+        Err(SpoolError::SegmentOpen { .. })
+    ));
     assert!(end > start);
     let tail: Vec<Ulid> = SpoolReader::open_from(tmp.path(), start)
         .unwrap()
@@ -375,6 +379,11 @@ fn reader_resumes_from_a_position_and_reports_closed_segments() {
         .map(|r| r.unwrap().id)
         .collect();
     assert_eq!(tail, vec![msg.id]);
+    assert!(sink.remove_closed_segment(0).unwrap());
+    assert!(!sink.remove_closed_segment(0).unwrap(), "already gone");
+    let mut rest: Vec<Ulid> = second.iter().map(|m| m.id).collect();
+    rest.push(msg.id);
+    assert_eq!(ids(&read(tmp.path()).0), rest);
 }
 
 #[test]
@@ -543,7 +552,7 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         text(&strict.stderr)
     );
     assert!(!mbox.exists(), "nothing written without --skip-corrupt");
-    let skipping = smtpgw(&[
+    let export_skipping = [
         "spool",
         "export",
         "--spool-dir",
@@ -551,7 +560,8 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         "--mbox",
         mbox_arg,
         "--skip-corrupt",
-    ]);
+    ];
+    let skipping = smtpgw(&export_skipping);
     assert_eq!(
         skipping.status.code(),
         Some(0),
@@ -559,15 +569,7 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         text(&skipping.stderr)
     );
     assert!(text(&skipping.stderr).contains(&named));
-    let again = smtpgw(&[
-        "spool",
-        "export",
-        "--spool-dir",
-        dir,
-        "--mbox",
-        mbox_arg,
-        "--skip-corrupt",
-    ]);
+    let again = smtpgw(&export_skipping);
     assert_eq!(again.status.code(), Some(1));
     assert!(
         text(&again.stderr).contains("--force"),
