@@ -504,7 +504,13 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
-    let (tmp, sent, victim) = damaged_spool(true, Class::Body);
+    // The case first: the newest segment, as a killed gateway left it.
+    binary_case(false, Class::Body);
+    binary_case(true, Class::LengthHigh);
+}
+
+fn binary_case(older: bool, class: Class) {
+    let (tmp, sent, victim) = damaged_spool(older, class);
     let dir = tmp.path().to_str().unwrap();
     let named = format!(
         "corrupt: {} offset {} length {}",

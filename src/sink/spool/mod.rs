@@ -231,9 +231,10 @@ impl SpoolSink {
         let lock = writer::lock_dir(dir)?;
 
         let segments = writer::list_segments(dir)?;
-        if let Some((seq, newest)) = segments.last() {
-            recovery::recover_newest(dir, *seq, newest)?;
-        }
+        let newest_corrupt = match segments.last() {
+            Some((seq, newest)) => recovery::recover_newest(dir, *seq, newest)?,
+            None => 0,
+        };
         let seq = segments.last().map_or(0, |(seq, _)| seq + 1);
         let segment = writer::create_segment(dir, seq)?;
         tracing::info!(dir = %dir.display(), segment = seq, "spool open");
@@ -255,12 +256,13 @@ impl SpoolSink {
             .name("smtpgw-spool".into())
             .spawn(move || writer.run(rx))
             .map_err(SpoolError::Thread)?;
-        if seq > 0 {
+        if seq > 1 || newest_corrupt > 0 {
             let verify_dir = dir.to_path_buf();
-            // Reading a large spool takes a while; mail is accepted meanwhile.
+            // Reading a large spool takes a while; mail is accepted meanwhile. The
+            // newest segment before this start was read by recovery already.
             if let Err(error) = std::thread::Builder::new()
                 .name("smtpgw-spool-verify".into())
-                .spawn(move || recovery::verify_older(&verify_dir, seq))
+                .spawn(move || recovery::verify_older(&verify_dir, seq - 1, newest_corrupt))
             {
                 tracing::warn!(%error, "cannot start the spool verification thread");
             }
