@@ -423,6 +423,12 @@ fn spool_max_bytes_answers_storage_full_and_unhealthy_with_the_reason() {
     }
     assert!((4..=6).contains(&accepted.len()), "{}", accepted.len());
     assert_eq!(full, 20 - accepted.len());
+    let huge = message("a@example.com", &["b@example.com"], &vec![b'h'; 70_000]);
+    assert_eq!(
+        publish(&sink, huge),
+        Err(PublishError::TooLarge),
+        "a message larger than the whole spool may be is refused for good"
+    );
     let why = sink.health().expect_err("full is not ready");
     assert!(why.contains("--spool-max-bytes"), "{why}");
     let stats = sink.spool_stats().unwrap();

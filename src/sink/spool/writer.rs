@@ -205,7 +205,17 @@ impl Writer {
     }
 
     fn encode(&mut self, (msg, done): Request) {
+        let start = self.buf.len();
         match encode_record(&mut self.buf, &msg) {
+            // A record that could not fit even an empty spool would get 452 for ever.
+            Ok(())
+                if self.shared.limits.max_bytes.is_some_and(|max| {
+                    (self.buf.len() - start + SEGMENT_MAGIC.len()) as u64 > max
+                }) =>
+            {
+                self.buf.truncate(start);
+                done.complete(Err(PublishError::TooLarge));
+            }
             Ok(()) => self.batch.push((msg.id, done, self.buf.len())),
             Err(TooLarge) => done.complete(Err(PublishError::TooLarge)),
         }
