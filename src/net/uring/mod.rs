@@ -267,10 +267,11 @@ mod shared_tests;
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use std::net::TcpStream;
     use std::time::Duration;
 
+    use super::shared_tests::{connect, read_line, read_to_close, wait_for_no_connections};
     use super::*;
     use crate::conn::Limits;
     use crate::metrics::Metrics;
@@ -304,35 +305,6 @@ mod tests {
             tuning,
         )
         .expect("reactors start")
-    }
-
-    fn connect(r: &Reactors) -> TcpStream {
-        let s = TcpStream::connect(r.local_addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s
-    }
-
-    fn read_to_close(s: &mut TcpStream) -> String {
-        let mut all = Vec::new();
-        let _ = s.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    }
-
-    fn read_line(s: &mut TcpStream) -> String {
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while !line.ends_with(b"\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-            line.push(b[0]);
-        }
-        String::from_utf8_lossy(&line).into_owned()
-    }
-
-    fn wait_for_no_connections(r: &Reactors) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while r.open_connections() != 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert_eq!(r.open_connections(), 0);
     }
 
     /// More connections send at once than the buffer ring has buffers: receives hit

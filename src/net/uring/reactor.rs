@@ -233,12 +233,7 @@ impl Reactor {
             ring::submit_and_wait(&mut self.ring, wait)?;
             now = Instant::now();
 
-            self.cqes.clear();
-            self.cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            self.reap();
             for i in 0..self.cqes.len() {
                 let (ud, res, flags) = self.cqes[i];
                 self.complete(now, ud, res, flags);
@@ -250,6 +245,17 @@ impl Reactor {
                 self.flush_metrics(now);
             }
         }
+    }
+
+    /// Copies the completion queue into `cqes` (so handling them may queue
+    /// submissions) and frees its slots for the kernel.
+    fn reap(&mut self) {
+        self.cqes.clear();
+        self.cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
     }
 
     /// Keeps the listener's accept and the eventfd read armed.
@@ -835,12 +841,7 @@ impl Reactor {
                 break;
             }
             let now = Instant::now();
-            self.cqes.clear();
-            self.cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            self.reap();
             for i in 0..self.cqes.len() {
                 let (ud, _res, flags) = self.cqes[i];
                 let (op, gen, slot) = split(ud);
