@@ -31,6 +31,7 @@ use chrono::SecondsFormat;
 use ulid::Ulid;
 
 use crate::sink::spool::{io_error, read_all, SpoolError, SpoolRecord};
+use crate::smtp::address::{escape_bytes, is_hostile_char};
 
 /// One line per message, oldest first:
 /// `ID  RECEIVED_AT  BODY_BYTES  <MAIL_FROM>  N rcpt`. The id comes first so that
@@ -47,7 +48,9 @@ pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
                 .received_at
                 .to_rfc3339_opts(SecondsFormat::Micros, true),
             record.body().len(),
-            String::from_utf8_lossy(record.mail_from()),
+            // Client text on a terminal: nothing in it may move the cursor, recolour
+            // the screen or reorder what is shown.
+            escape_bytes(record.mail_from()),
             record.rcpt_count()
         )
         .map_err(SpoolError::Output)?;
@@ -80,6 +83,27 @@ pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result
         id: id.to_owned(),
         dir: dir.to_path_buf(),
     })
+}
+
+/// A stored message made safe for a terminal: line breaks and tabs stay, every other
+/// control, line-separator or bidi character (and any byte that is not UTF-8) becomes a
+/// visible escape, so `spool cat` cannot drive the terminal a reader looks at.
+pub fn escape_for_terminal(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if matches!(c, '\r' | '\n' | '\t') || !is_hostile_char(c) {
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            } else {
+                out.extend_from_slice(format!("\\u{{{:x}}}", c as u32).as_bytes());
+            }
+        }
+        for b in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+    out
 }
 
 /// Writes every message of the spool to `mbox` as mboxrd (framing in the module
