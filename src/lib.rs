@@ -5,8 +5,10 @@
 //! them together.
 
 pub mod config;
+pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod reload;
 pub mod server;
 pub mod sink;
 pub mod smtp;

@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 use ulid::Ulid;
 
 use crate::metrics::{Metrics, ReactorMetrics, FLUSH_INTERVAL};
+use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
-use crate::smtp::{reply, Session, SessionConfig};
+use crate::smtp::{reply, Session};
 
 /// Receive buffer per connection. Commands are at most 512 octets and DATA is consumed
 /// as it arrives, so this only bounds how much pipelined input one read can bring.
@@ -71,7 +72,7 @@ enum Phase {
 pub struct ReactorParams {
     pub listen: SocketAddr,
     pub reactors: usize,
-    pub session: Arc<SessionConfig>,
+    pub session: Arc<SessionConfigHandle>,
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub max_connections: usize,
@@ -89,7 +90,7 @@ pub enum NetError {
 
 /// Read-only after start, except the connection count.
 struct Shared {
-    session: Arc<SessionConfig>,
+    session: Arc<SessionConfigHandle>,
     sink: Arc<dyn Sink>,
     metrics: Arc<Metrics>,
     max_connections: usize,
@@ -379,7 +380,7 @@ async fn converse(
     phase: &mut watch::Receiver<Phase>,
     buf: &mut [u8],
 ) -> Result<(), Gone> {
-    let mut session = Session::new(shared.session.clone(), peer);
+    let mut session = Session::new(shared.session.current(), peer);
     // One channel per connection, reused for each of its messages.
     let (tx, mut rx) = mpsc::unbounded_channel::<PublishResult>();
     let opened = Instant::now();
@@ -609,7 +610,7 @@ mod tests {
 
     use super::*;
     use crate::sink::null::NullSink;
-    use crate::smtp::BareLfPolicy;
+    use crate::smtp::{BareLfPolicy, SessionConfig};
 
     fn start(max_connections: usize, idle: Duration) -> Reactors {
         start_with(max_connections, idle, Arc::new(NullSink::new()))
@@ -619,13 +620,13 @@ mod tests {
         Reactors::start(ReactorParams {
             listen: "127.0.0.1:0".parse().unwrap(),
             reactors: 2,
-            session: Arc::new(SessionConfig {
+            session: Arc::new(SessionConfigHandle::new(SessionConfig {
                 hostname: "mx.test".into(),
                 accept_domains: vec!["example.com".into()],
                 max_message_size: 1 << 20,
                 max_recipients: 100,
                 bare_lf: BareLfPolicy::Reject,
-            }),
+            })),
             sink,
             metrics: Arc::new(Metrics::new().expect("metrics registry")),
             max_connections,
