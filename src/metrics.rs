@@ -77,6 +77,10 @@ pub struct Metrics {
     publish_duration: Histogram,
     pub publish_inflight_messages: IntGauge,
     pub publish_inflight_bytes: IntGauge,
+    /// The configured limits, so dashboards and alerts can show saturation.
+    pub connections_max: IntGauge,
+    pub publish_inflight_messages_limit: IntGauge,
+    pub publish_inflight_bytes_limit: IntGauge,
     pub publish_failures_temporary: IntCounter,
     pub publish_failures_too_large: IntCounter,
     reactor_busy: CounterVec,
@@ -231,6 +235,18 @@ impl Metrics {
             publish_inflight_bytes: gauge(
                 "smtpgw_publish_inflight_bytes",
                 "Bytes of messages handed to the sink and not yet answered.",
+            )?,
+            connections_max: gauge(
+                "smtpgw_connections_max",
+                "--max-connections: open connections above which new ones get 421.",
+            )?,
+            publish_inflight_messages_limit: gauge(
+                "smtpgw_publish_inflight_messages_limit",
+                "--max-inflight-messages: unanswered messages above which bodies are not read (Kafka sink).",
+            )?,
+            publish_inflight_bytes_limit: gauge(
+                "smtpgw_publish_inflight_bytes_limit",
+                "--max-inflight-bytes: unanswered bytes above which bodies are not read (Kafka sink).",
             )?,
             publish_failures_temporary: failures.with_label_values(&["temporary"]),
             publish_failures_too_large: failures.with_label_values(&["too_large"]),

@@ -89,6 +89,10 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
 pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,6 +120,15 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     }
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
+    metrics
+        .connections_max
+        .set(gauge_value(config.max_connections));
+    metrics
+        .publish_inflight_messages_limit
+        .set(gauge_value(config.kafka.max_inflight_messages));
+    metrics
+        .publish_inflight_bytes_limit
+        .set(gauge_value(config.kafka.max_inflight_bytes));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
