@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::sink::Sink;
 use crate::smtp::stats::{SessionStats, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS};
 
-/// How often reactors publish their local counts; the issue asks for at most 100 ms.
+/// How often reactors publish their local counts: counters lag by at most 100 ms.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Accepted body sizes: 1 KiB to 64 MiB in powers of 4.
