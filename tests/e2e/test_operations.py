@@ -106,6 +106,14 @@ def procs():
         p.stop()
 
 
+def spool_ids(spool: Path) -> list[str]:
+    out = subprocess.run(
+        [str(gateway_binary()), "spool", "ls", "--spool-dir", str(spool)],
+        capture_output=True, timeout=30, env=gateway_env(), stdin=subprocess.DEVNULL, check=True,
+    ).stdout.decode()
+    return [line.split()[0] for line in out.splitlines()]
+
+
 def scrape(metrics_addr: str, path: str = "/metrics", timeout: float = 5.0) -> str:
     with urllib.request.urlopen(f"http://{metrics_addr}{path}", timeout=timeout) as resp:
         return resp.read().decode()
@@ -146,11 +154,7 @@ def test_closed_stderr_during_drain_still_gives_250_and_exit_0(procs, tmp_path):
         reply = wire.reply()
         assert reply.code == 421, reply
     assert p.proc.wait(20) == 0
-    out = subprocess.run(
-        [str(gateway_binary()), "spool", "ls", "--spool-dir", str(tmp_path / "spool")],
-        capture_output=True, timeout=30, env=gateway_env(), stdin=subprocess.DEVNULL,
-    )
-    assert out.stdout.decode().split()[0] == message_id
+    assert spool_ids(tmp_path / "spool") == [message_id]
 
 
 # --- item 8: the metrics endpoint cannot be knocked over ---------------------------------
@@ -315,11 +319,7 @@ def test_sighup_reloads_and_never_drops_a_connection(procs, tmp_path):
     assert p.proc.poll() is None
     p.stop()
     assert p.proc.returncode == 0
-    out = subprocess.run(
-        [str(gateway_binary()), "spool", "ls", "--spool-dir", str(spool)],
-        capture_output=True, timeout=30, env=gateway_env(), stdin=subprocess.DEVNULL,
-    ).stdout.decode()
-    assert [line.split()[0] for line in out.splitlines()] == [first, second]
+    assert spool_ids(spool) == [first, second]
 
 
 @pytest.mark.parametrize(
@@ -350,3 +350,38 @@ def test_sighup_with_an_invalid_config_keeps_the_running_one(procs, tmp_path, ba
         wire.expect("MAIL FROM:<s@x.example>", "250")
         wire.expect("RCPT TO:<u@a.example>", "250 2.1.5")
         wire.expect("RCPT TO:<u@typo.example>", "550 5.7.1")
+
+
+# --- item 9 (session side): counters that miss ---------------------------------------------
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    assert match, f"{name}{labels} not exported"
+    return float(match.group(1))
+
+
+@pytest.mark.timeout(60)
+def test_aborted_and_refused_bodies_are_not_timed_and_size_refusals_count(procs, tmp_path):
+    p = procs("--spool-dir", str(tmp_path / "spool"), "--accept-domain", "example.com", "--max-message-size", "1000")
+    with p.session() as wire:
+        # A BDAT body abandoned by RSET, then by EHLO...
+        wire.envelope()
+        wire.send(b"BDAT 2\r\nab")
+        assert_reply(wire.reply(), "250")
+        wire.expect("RSET", "250")
+        wire.envelope()
+        wire.send(b"BDAT 2\r\ncd")
+        assert_reply(wire.reply(), "250")
+        wire.expect("EHLO client.test", "250")
+        # ...then a first chunk refused for its size (read and dropped): no body started.
+        wire.envelope()
+        wire.send(b"BDAT 2000 LAST\r\n" + b"z" * 2000)
+        assert_reply(wire.reply(), "552 5.3.4")
+        # MAIL ... SIZE= over the limit is a message refused for its size too.
+        assert_reply(wire.cmd("MAIL FROM:<a@b.example> SIZE=5000"), "552 5.3.4")
+        wire.expect("QUIT", "221")
+    time.sleep(0.5)  # the reactor publishes its counts every 100 ms and at close
+    text = scrape(p.metrics_addr)
+    assert metric_value(text, "smtpgw_data_duration_seconds_count") == 0, "a body that never ended was timed"
+    assert metric_value(text, "smtpgw_messages_rejected_total", '{reason="too_large"}') == 2
