@@ -24,6 +24,11 @@ pub const MAX_REACTORS: usize = 1024;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_SESSION_TIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MIN_DATA_RATE: u64 = 1024;
+/// The minimum data rate is averaged over windows this long (the first is the grace).
+pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
+/// Without a total memory figure (or below it), the body budget is this.
+const FALLBACK_BODY_MEMORY: usize = 256 * 1024 * 1024;
 /// Far beyond any sensible setting, and keeps deadline arithmetic far from overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
@@ -37,6 +42,30 @@ pub enum SinkKind {
     Null,
     /// Publish to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
+}
+
+impl SinkKind {
+    /// As logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Spool => "spool",
+            SinkKind::Null => "null",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+}
+
+/// Which I/O backend the reactors use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// io_uring where this process may use it, else epoll (one log line says why).
+    #[default]
+    Auto,
+    /// io_uring, or fail at start-up.
+    Uring,
+    /// epoll (tokio), the portable fallback.
+    Epoll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -324,6 +353,27 @@ pub struct ServerArgs {
     /// Reactor threads, 1..=1024 [default: the number of CPUs].
     #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
     pub reactors: Option<u64>,
+    /// I/O backend of the reactors [default: auto].
+    #[arg(long = "io-backend", env = "SMTPGW_IO_BACKEND", value_enum)]
+    pub io_backend: Option<IoBackend>,
+    /// Message bodies held in memory across the gateway (being received or with the
+    /// sink); over it bodies stop being read and MAIL gets 451 4.3.1; K, M, G suffixes
+    /// [default: 25% of the machine's memory].
+    #[arg(
+        long = "max-body-memory",
+        env = "SMTPGW_MAX_BODY_MEMORY",
+        value_name = "BYTES"
+    )]
+    pub max_body_memory: Option<String>,
+    /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
+    /// second, averaged over windows of WINDOW, the first being the grace), before
+    /// 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K/30s].
+    #[arg(
+        long = "min-data-rate",
+        env = "SMTPGW_MIN_DATA_RATE",
+        value_name = "RATE"
+    )]
+    pub min_data_rate: Option<String>,
     /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
     #[arg(
         long = "max-message-size",
@@ -389,6 +439,9 @@ pub struct FileConfig {
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
     pub reactors: Option<u64>,
+    pub io_backend: Option<IoBackend>,
+    pub max_body_memory: Option<IntOrStr>,
+    pub min_data_rate: Option<IntOrStr>,
     pub max_message_size: Option<IntOrStr>,
     pub max_recipients: Option<u64>,
     pub max_connections: Option<u64>,
@@ -417,6 +470,9 @@ const FILE_KEYS: &[&str] = &[
     "sink",
     "spool-dir",
     "reactors",
+    "io-backend",
+    "max-body-memory",
+    "min-data-rate",
     "max-message-size",
     "max-recipients",
     "max-connections",
@@ -517,6 +573,11 @@ pub struct Config {
     pub sink: SinkKind,
     pub spool_dir: PathBuf,
     pub reactors: usize,
+    pub io_backend: IoBackend,
+    /// Across all reactors; each gets an equal share.
+    pub max_body_memory: usize,
+    /// Bytes per second, and the window they are averaged over; `None` when off.
+    pub min_data_rate: Option<(u64, Duration)>,
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
@@ -730,6 +791,28 @@ pub fn resolve(
         None => DEFAULT_MAX_MESSAGE_SIZE,
     };
 
+    let max_body_memory = match cli
+        .max_body_memory
+        .map(IntOrStr::Str)
+        .or(file.max_body_memory)
+    {
+        Some(v) => {
+            let n = parse_size(&v).map_err(|m| invalid("--max-body-memory", m))?;
+            // One message of the largest size must fit, or it could never be received.
+            ranged("--max-body-memory", n, max_message_size as u64, u64::MAX).map_err(|_| {
+                invalid(
+                    "--max-body-memory",
+                    format!("must be at least --max-message-size ({max_message_size}) (got {v})"),
+                )
+            })? as usize
+        }
+        None => default_body_memory().max(max_message_size.saturating_mul(2)),
+    };
+    let min_data_rate = match cli.min_data_rate.map(IntOrStr::Str).or(file.min_data_rate) {
+        Some(v) => parse_rate(&v).map_err(|m| invalid("--min-data-rate", m))?,
+        None => Some((DEFAULT_MIN_DATA_RATE, MIN_DATA_RATE_WINDOW)),
+    };
+
     let max_recipients = match cli.max_recipients.or(file.max_recipients) {
         Some(n) => at_least_one("--max-recipients", n)?,
         None => DEFAULT_MAX_RECIPIENTS,
@@ -813,6 +896,9 @@ pub fn resolve(
         sink,
         spool_dir,
         reactors,
+        io_backend: cli.io_backend.or(file.io_backend).unwrap_or_default(),
+        max_body_memory,
+        min_data_rate,
         max_message_size,
         max_recipients,
         max_connections,
@@ -827,6 +913,25 @@ pub fn resolve(
         log_level,
         kafka,
     })
+}
+
+/// A quarter of the machine's memory (`MemTotal` of /proc/meminfo): bodies in flight
+/// must never be what takes a node down.
+fn default_body_memory() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let kib = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+            kib.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    match total {
+        Some(kib) => (kib.saturating_mul(1024) / 4).max(FALLBACK_BODY_MEMORY),
+        None => FALLBACK_BODY_MEMORY,
+    }
 }
 
 /// The config file's Kafka keys, taken out of [`FileConfig`] so that `spool replay`
@@ -956,6 +1061,26 @@ pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, Con
         max_inflight_messages,
         max_inflight_bytes,
     })
+}
+
+/// `BYTES[/WINDOW]`: `1K`, `512/10s`; `0` turns the rule off.
+fn parse_rate(v: &IntOrStr) -> Result<Option<(u64, Duration)>, String> {
+    let text = match v {
+        IntOrStr::Int(n) => n.to_string(),
+        IntOrStr::Str(s) => s.clone(),
+    };
+    let (bytes, window) = match text.split_once('/') {
+        Some((b, w)) => {
+            let window = parse_duration(&IntOrStr::Str(w.to_owned()))?;
+            if window.is_zero() || window > MAX_DURATION {
+                return Err(format!("the window must be between 1s and 366d (got {w})"));
+            }
+            (b, window)
+        }
+        None => (text.as_str(), MIN_DATA_RATE_WINDOW),
+    };
+    let bytes = parse_size(&IntOrStr::Str(bytes.to_owned()))?;
+    Ok((bytes > 0).then_some((bytes, window)))
 }
 
 fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {

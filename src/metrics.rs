@@ -406,6 +406,21 @@ impl ReactorMetrics {
     }
 }
 
+impl crate::conn::Observer for ReactorMetrics {
+    fn absorb(&mut self, stats: &mut SessionStats) {
+        ReactorMetrics::absorb(self, stats);
+    }
+    fn observe_data(&mut self, took: Duration) {
+        ReactorMetrics::observe_data(self, took);
+    }
+    fn observe_publish(&mut self, took: Duration) {
+        ReactorMetrics::observe_publish(self, took);
+    }
+    fn observe_message_size(&mut self, bytes: usize) {
+        ReactorMetrics::observe_message_size(self, bytes);
+    }
+}
+
 /// The running HTTP endpoint; dropping it stops the server thread.
 pub struct MetricsServer {
     local_addr: SocketAddr,

@@ -27,13 +27,23 @@ use crate::smtp::SessionConfig;
 pub struct SessionConfigHandle {
     /// Our name; fixed for the life of the process (it is in pre-rendered replies).
     pub hostname: String,
+    /// The start-up `max_message_size`: memory budgets are sized from it, so a reload
+    /// may lower the limit but not raise it above this.
+    pub max_message_size_cap: usize,
     current: RwLock<Arc<SessionConfig>>,
+}
+
+impl From<SessionConfig> for SessionConfigHandle {
+    fn from(config: SessionConfig) -> Self {
+        SessionConfigHandle::new(config)
+    }
 }
 
 impl SessionConfigHandle {
     pub fn new(config: SessionConfig) -> Self {
         SessionConfigHandle {
             hostname: config.hostname.clone(),
+            max_message_size_cap: config.max_message_size,
             current: RwLock::new(Arc::new(config)),
         }
     }
@@ -113,7 +123,15 @@ impl Reloader {
         running.bare_lf = new.bare_lf;
         running.log_level = new.log_level;
         running.drain_timeout = new.drain_timeout;
-        let applied = crate::server::session_config_for(running, sink);
+        let mut applied = crate::server::session_config_for(running, sink);
+        if applied.max_message_size > session.max_message_size_cap {
+            warn!(
+                requested = applied.max_message_size,
+                effective = session.max_message_size_cap,
+                "SIGHUP: max-message-size cannot grow beyond its start-up value without a restart"
+            );
+            applied.max_message_size = session.max_message_size_cap;
+        }
         info!(
             accept_domains = %applied.accept_domains.join(","),
             max_message_size = applied.max_message_size,
