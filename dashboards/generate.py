@@ -366,6 +366,15 @@ def overview() -> g.Dashboard:
             (f"sum by (instance) ({sel('smtpgw_connections_active', fleet)})", "{{instance}}"),
         ),
         timeseries(
+            "Spool: size and free space by node",
+            "Bytes in each node's spool segments, and the free space on the spool's file system. Below "
+            "--spool-min-free-bytes free, or above --spool-max-bytes stored, mail gets 452 4.3.1. "
+            "Both 0 on nodes without the spool sink.",
+            (f"sum by (instance) ({sel('smtpgw_spool_bytes', fleet)})", "{{instance}} spool"),
+            (f"min by (instance) ({sel('smtpgw_spool_filesystem_free_bytes', fleet)})", "{{instance}} free"),
+            unit="bytes",
+        ),
+        timeseries(
             "Connections accepted and refused / s",
             "New connections per second, and those refused with 421 at --max-connections.",
             (rate("smtpgw_connections_accepted_total", fleet), "accepted"),
@@ -498,6 +507,27 @@ def node() -> g.Dashboard:
             (sel("smtpgw_publish_inflight_bytes", one), "in flight"),
             (sel("smtpgw_publish_inflight_bytes_limit", one), "limit"),
             unit="bytes",
+        ),
+        timeseries(
+            "Spool size and free space",
+            "Bytes in the spool's segments, and the free space on its file system. Below "
+            "--spool-min-free-bytes free, or above --spool-max-bytes stored, mail gets 452 4.3.1. "
+            "Both 0 without the spool sink.",
+            (sel("smtpgw_spool_bytes", one), "spool"),
+            (sel("smtpgw_spool_filesystem_free_bytes", one), "free on its file system"),
+            unit="bytes",
+        ),
+        stat(
+            "Spool segments",
+            "Segment files in the spool; `smtpgw spool prune` deletes the old ones.",
+            (sel("smtpgw_spool_segments", one), "segments"),
+        ),
+        stat(
+            "Oldest spooled message",
+            "Age of the oldest record still in the spool: how far pruning lags behind.",
+            (sel("smtpgw_spool_oldest_record_age_seconds", one), "age"),
+            unit="s",
+            thresholds=steps(("green", None), ("orange", 2 * 86400)),
         ),
         *kafka_panels(one),
         *process_panels(one),

@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
 /// Loopback only by default: the endpoint has no authentication.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// Room for a full batch (8 MiB) and a maximal message on top, so the gateway says
+/// `452` while the disk can still take the writes already under way.
+pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
@@ -99,11 +102,15 @@ pub enum SpoolCommand {
     Ls {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
     /// Print one stored message (on a terminal, control characters are escaped).
     Cat {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
@@ -114,21 +121,52 @@ pub enum SpoolCommand {
     Export {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// The mbox file to write; it appears complete or not at all.
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Publish every stored message to Kafka, keyed by its id as the gateway would
     /// have, so consumers can drop what they already have.
     Replay {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Required: the only replay target.
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
+    /// Verify every record; print a summary; exit 1 if anything is corrupt.
+    Check {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+    },
+    /// Delete whole closed segments whose records are all older than a cut-off.
+    Prune {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// A message id (ULID) or an RFC 3339 time: segments whose every record was
+        /// received (ULID: has an id) before it are deleted.
+        #[arg(long, value_name = "ULID|RFC3339")]
+        before: String,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SkipCorruptArg {
+    /// Carry on past corrupt data (still reported on stderr) and exit 0.
+    #[arg(long = "skip-corrupt")]
+    pub skip_corrupt: bool,
 }
 
 // The Kafka settings, shared by the server and `spool replay`. (A `///` comment here
@@ -306,10 +344,12 @@ where
 impl SpoolCommand {
     fn dir_mut(&mut self) -> &mut SpoolDirArg {
         match self {
-            SpoolCommand::Ls { dir }
+            SpoolCommand::Ls { dir, .. }
             | SpoolCommand::Cat { dir, .. }
             | SpoolCommand::Export { dir, .. }
-            | SpoolCommand::Replay { dir, .. } => dir,
+            | SpoolCommand::Replay { dir, .. }
+            | SpoolCommand::Check { dir }
+            | SpoolCommand::Prune { dir, .. } => dir,
         }
     }
 }
@@ -350,6 +390,22 @@ pub struct ServerArgs {
     /// Directory of the spool sink [default: ./spool].
     #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
+    /// K, M, G suffixes; 0 for no limit [default: 0].
+    #[arg(
+        long = "spool-max-bytes",
+        env = "SMTPGW_SPOOL_MAX_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_max_bytes: Option<String>,
+    /// Free space to leave on the spool's file system; messages that would go below it
+    /// get 452 4.3.1 before the disk fills; 0 turns it off [default: 64M].
+    #[arg(
+        long = "spool-min-free-bytes",
+        env = "SMTPGW_SPOOL_MIN_FREE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_min_free_bytes: Option<String>,
     /// Reactor threads, 1..=1024 [default: the number of CPUs].
     #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
     pub reactors: Option<u64>,
@@ -438,6 +494,8 @@ pub struct FileConfig {
     pub accept_domain: Option<OneOrMany>,
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<IntOrStr>,
+    pub spool_min_free_bytes: Option<IntOrStr>,
     pub reactors: Option<u64>,
     pub io_backend: Option<IoBackend>,
     pub max_body_memory: Option<IntOrStr>,
@@ -469,6 +527,8 @@ const FILE_KEYS: &[&str] = &[
     "accept-domain",
     "sink",
     "spool-dir",
+    "spool-max-bytes",
+    "spool-min-free-bytes",
     "reactors",
     "io-backend",
     "max-body-memory",
@@ -572,6 +632,10 @@ pub struct Config {
     pub accept_domains_defaulted: bool,
     pub sink: SinkKind,
     pub spool_dir: PathBuf,
+    /// `None`: no size limit.
+    pub spool_max_bytes: Option<u64>,
+    /// 0: no free-space floor.
+    pub spool_min_free_bytes: u64,
     pub reactors: usize,
     pub io_backend: IoBackend,
     /// Across all reactors; each gets an equal share.
@@ -878,6 +942,25 @@ pub fn resolve(
         .unwrap_or_else(|| crate::logging::DEFAULT_FILTER.to_owned());
     crate::logging::parse_filter(&log_level).map_err(|m| invalid("--log-level", m))?;
 
+    let size = |flag: &'static str, cli: Option<String>, file: Option<IntOrStr>| {
+        cli.map(IntOrStr::Str)
+            .or(file)
+            .map(|v| parse_size(&v).map_err(|m| invalid(flag, m)))
+            .transpose()
+    };
+    let spool_max_bytes = size(
+        "--spool-max-bytes",
+        cli.spool_max_bytes,
+        file.spool_max_bytes,
+    )?
+    .filter(|&n| n > 0);
+    let spool_min_free_bytes = size(
+        "--spool-min-free-bytes",
+        cli.spool_min_free_bytes,
+        file.spool_min_free_bytes,
+    )?
+    .unwrap_or(DEFAULT_SPOOL_MIN_FREE_BYTES);
+
     let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
     let kafka = resolve_kafka(cli.kafka, file_kafka)?;
     if sink == SinkKind::Kafka && kafka.brokers.is_none() {
@@ -895,6 +978,8 @@ pub fn resolve(
         accept_domains_defaulted,
         sink,
         spool_dir,
+        spool_max_bytes,
+        spool_min_free_bytes,
         reactors,
         io_backend: cli.io_backend.or(file.io_backend).unwrap_or_default(),
         max_body_memory,
@@ -1589,7 +1674,7 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Some(Command::Spool(SpoolCommand::Cat { dir, body, id })) => {
+            Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
                 assert_eq!(dir.spool_dir, Some(PathBuf::from("/s")));
                 assert!(body);
                 assert_eq!(id, "ID");
@@ -1700,7 +1785,7 @@ mod tests {
         .unwrap();
         let p = path.to_str().unwrap();
         let spool_dir = |args: &[&str]| match parse_with_env(args, &[]).command {
-            Some(Command::Spool(SpoolCommand::Ls { dir })) => dir.resolve().map(|(d, _)| d),
+            Some(Command::Spool(SpoolCommand::Ls { dir, .. })) => dir.resolve().map(|(d, _)| d),
             other => panic!("{other:?}"),
         };
         assert_eq!(
@@ -1724,6 +1809,8 @@ mod tests {
             ("cat", "Print one stored message"),
             ("export", "mbox"),
             ("replay", "Publish every stored message to Kafka"),
+            ("check", "Verify every record"),
+            ("prune", "Delete whole closed segments"),
         ] {
             let help = spool
                 .find_subcommand_mut(name)
@@ -1734,5 +1821,64 @@ mod tests {
             assert!(help.contains("--config"), "{name}: {help}");
             assert!(!help.contains("--max-recipients"), "{name}: {help}");
         }
+    }
+
+    #[test]
+    fn spool_check_prune_and_skip_corrupt_parse() {
+        let c = parse(&["spool", "ls", "--skip-corrupt"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Ls {
+                corrupt: SkipCorruptArg { skip_corrupt: true },
+                ..
+            }))
+        ));
+        let c = parse(&["spool", "export", "--mbox", "m", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Export { force: true, .. }))
+        ));
+        assert!(parse(&["spool", "check"]).is_ok());
+        let c = parse(&["spool", "prune", "--before", "2026-01-01T00:00:00Z"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
+        ));
+        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+    }
+
+    #[test]
+    fn spool_limits_parse_and_name_their_flag() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.spool_max_bytes, None);
+        assert_eq!(c.spool_min_free_bytes, DEFAULT_SPOOL_MIN_FREE_BYTES);
+        let c = run(&["--spool-max-bytes", "2G"], "spool-min-free-bytes = 0").unwrap();
+        assert_eq!(c.spool_max_bytes, Some(2 << 30));
+        assert_eq!(c.spool_min_free_bytes, 0);
+        assert!(
+            err(&["--spool-max-bytes", "lots"], "").starts_with("--spool-max-bytes: not a size")
+        );
+        assert!(err(&["--spool-min-free-bytes=-1"], "")
+            .starts_with("--spool-min-free-bytes: not a size"));
+        // Like every setting, a bad value names the variable or the file key it came from.
+        let e = parse_with_env(&[], &[("SMTPGW_SPOOL_MAX_BYTES", "lots")])
+            .server
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("SMTPGW_SPOOL_MAX_BYTES: not a size"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "spool-min-free-bytes = \"-1\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let e = parse_with_env(&["--config", p], &[])
+            .server
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--config {p}: `spool-min-free-bytes`: not a size")),
+            "{e}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use crate::net::{NetError, ReactorParams, Reactors};
 use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
-use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
@@ -57,10 +57,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             Arc::new(NullSink::new())
         }
         SinkKind::Spool => {
+            let options = SpoolOptions {
+                max_bytes: config.spool_max_bytes,
+                min_free_bytes: config.spool_min_free_bytes,
+                ..SpoolOptions::default()
+            };
             Arc::new(
-                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
-                    dir: config.spool_dir.display().to_string(),
-                    source,
+                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
+                    ServerError::Spool {
+                        dir: config.spool_dir.display().to_string(),
+                        source,
+                    }
                 })?,
             )
         }

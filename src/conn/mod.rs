@@ -611,6 +611,7 @@ impl Connection {
         let (code, error) = match result {
             Ok(_) => (250u16, None),
             Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
+            Err(e @ PublishError::StorageFull) => (452, Some(e)),
             Err(e @ PublishError::TooLarge) => (552, Some(e)),
         };
         let took = now.saturating_duration_since(flight.body_since);

@@ -147,7 +147,9 @@ impl Shared {
         m.publish_inflight_bytes.sub(flight.0);
         match result {
             Ok(_) => {}
-            Err(PublishError::Temporary(_)) => m.publish_failures_temporary.inc(),
+            Err(PublishError::Temporary(_) | PublishError::StorageFull) => {
+                m.publish_failures_temporary.inc()
+            }
             Err(PublishError::TooLarge) => m.publish_failures_too_large.inc(),
         }
     }

@@ -30,6 +30,9 @@ pub enum PublishError {
     /// The sink will never take a message this large: `552 5.3.4`.
     #[error("message too large for the sink")]
     TooLarge,
+    /// The sink's storage is at its limit (size cap or free-space floor): `452 4.3.1`.
+    #[error("insufficient storage")]
+    StorageFull,
 }
 
 pub type PublishResult = Result<MessageId, PublishError>;

@@ -59,6 +59,8 @@ def test_missing_spool_argument_is_named():
         ("cat", "Print one stored message"),
         ("export", "mbox"),
         ("replay", "Publish every stored message to Kafka"),
+        ("check", "Verify every record"),
+        ("prune", "Delete whole closed segments"),
     ],
 )
 def test_spool_subcommands_have_their_own_help_and_take_config(sub, words):
