@@ -272,7 +272,7 @@ fn uring_reactor_allocation_budget() {
         ReactorParams {
             listen: "127.0.0.1:0".parse().unwrap(),
             reactors: 1,
-            session: config(),
+            session: Arc::new(Arc::unwrap_or_clone(config()).into()),
             sink: Arc::new(NullSink::new()),
             metrics: Arc::new(Metrics::new().expect("metrics")),
             max_connections: 10,

@@ -47,13 +47,16 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
         ReactorParams {
             listen: "127.0.0.1:0".parse().unwrap(),
             reactors: 2,
-            session: Arc::new(SessionConfig {
-                hostname: "mx.test".into(),
-                accept_domains: vec!["example.com".into()],
-                max_message_size: 2048,
-                max_recipients: 3,
-                bare_lf: BareLfPolicy::Reject,
-            }),
+            session: Arc::new(
+                SessionConfig {
+                    hostname: "mx.test".into(),
+                    accept_domains: vec!["example.com".into()],
+                    max_message_size: 2048,
+                    max_recipients: 3,
+                    bare_lf: BareLfPolicy::Reject,
+                }
+                .into(),
+            ),
             sink,
             metrics: Arc::new(Metrics::new().expect("metrics")),
             max_connections: 100,

@@ -283,13 +283,16 @@ mod tests {
             ReactorParams {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 reactors: 2,
-                session: Arc::new(SessionConfig {
-                    hostname: "mx.test".into(),
-                    accept_domains: vec!["example.com".into()],
-                    max_message_size: 1 << 20,
-                    max_recipients: 100,
-                    bare_lf: BareLfPolicy::Reject,
-                }),
+                session: Arc::new(
+                    SessionConfig {
+                        hostname: "mx.test".into(),
+                        accept_domains: vec!["example.com".into()],
+                        max_message_size: 1 << 20,
+                        max_recipients: 100,
+                        bare_lf: BareLfPolicy::Reject,
+                    }
+                    .into(),
+                ),
                 sink: Arc::new(NullSink::new()),
                 metrics: Arc::new(Metrics::new().expect("metrics registry")),
                 max_connections,

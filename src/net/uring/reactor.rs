@@ -366,7 +366,7 @@ impl Reactor {
         }
         let mut driver = Connection::new(
             now,
-            self.shared.session.clone(),
+            self.shared.session.current(),
             self.shared.limits.clone(),
             self.budget.clone(),
             peer,
