@@ -12,9 +12,10 @@ use tracing::{info, warn};
 use crate::config::{Config, SinkKind};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
-use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
@@ -28,6 +29,8 @@ pub enum ServerError {
     Spool { dir: String, source: SpoolError },
     #[error(transparent)]
     Kafka(#[from] KafkaSinkError),
+    #[error("--spool-fallback (--spool-dir {dir}): {source}")]
+    Fallback { dir: String, source: FallbackError },
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -62,6 +65,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
                 })?,
             )
         }
+        SinkKind::Kafka if config.spool_fallback => Arc::new(
+            FallbackSink::open(
+                &config.spool_dir,
+                SpoolOptions::default(),
+                &config.kafka.options(config.max_recipients),
+            )
+            .map_err(|source| ServerError::Fallback {
+                dir: config.spool_dir.display().to_string(),
+                source,
+            })?,
+        ),
         SinkKind::Kafka => Arc::new(KafkaSink::new(
             &config.kafka.options(config.max_recipients),
         )?),

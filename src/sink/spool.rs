@@ -145,14 +145,28 @@ pub struct SpoolOptions {
     /// A segment is closed, and the next batch goes to a new one, once it has reached
     /// this many bytes.
     pub segment_size: u64,
+    /// Told after every durable batch where the spool now ends (store-and-forward).
+    pub commits: Option<Sender<SpoolCommit>>,
 }
 
 impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             segment_size: DEFAULT_SEGMENT_SIZE,
+            commits: None,
         }
     }
+}
+
+/// Sent after a batch is durable: `segment` (its sequence number) is the segment the
+/// writer appends to, durable up to `len` bytes; every lower-numbered segment is
+/// closed for good. `records` and `bytes` are what the batch added.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpoolCommit {
+    pub segment: u64,
+    pub len: u64,
+    pub records: usize,
+    pub bytes: u64,
 }
 
 type Request = (SealedMessage, Completion);
@@ -197,6 +211,7 @@ impl SpoolSink {
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
+            commits: options.commits,
         };
         let handle = std::thread::Builder::new()
             .name("smtpgw-spool".into())
@@ -266,6 +281,7 @@ impl Drop for SpoolSink {
 
 /// The segment being appended to.
 struct Segment {
+    seq: u64,
     file: File,
     path: PathBuf,
     /// Bytes known to be durable: everything up to the end of the last synced batch.
@@ -313,6 +329,7 @@ struct Writer {
     /// The encoded batch, reused from one batch to the next.
     buf: Vec<u8>,
     batch: Vec<(MessageId, Completion)>,
+    commits: Option<Sender<SpoolCommit>>,
 }
 
 impl Writer {
@@ -347,6 +364,14 @@ impl Writer {
             };
             match result {
                 Ok(()) => {
+                    if let (Some(tx), Some(segment)) = (&self.commits, &self.segment) {
+                        let _ = tx.send(SpoolCommit {
+                            segment: segment.seq,
+                            len: segment.len,
+                            records: self.batch.len(),
+                            bytes: self.buf.len() as u64,
+                        });
+                    }
                     for (id, done) in self.batch.drain(..) {
                         done.complete(Ok(id));
                     }
@@ -510,7 +535,7 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 
 /// The segment files of `dir`, oldest first. Other files (the lock, an export's
 /// temporary file) are not ours to judge and are skipped.
-fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_error("read spool directory", dir))? {
         let entry = entry.map_err(io_error("read spool directory", dir))?;
@@ -541,6 +566,7 @@ fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError> {
         return Err(e);
     }
     Ok(Segment {
+        seq,
         file,
         path,
         len: SEGMENT_MAGIC.len() as u64,
@@ -942,6 +968,98 @@ impl Iterator for SpoolReader {
         }
         item
     }
+}
+
+/// Reads the records of one segment from a given offset up to a given length, for the
+/// store-and-forward thread, which knows how far the writer has made the file durable.
+pub(crate) struct SegmentTail {
+    path: Arc<Path>,
+    frames: FrameReader<BufReader<File>>,
+}
+
+/// What [`SegmentTail::next`] found.
+pub(crate) enum TailItem {
+    /// A record and the offset just past it.
+    Record(Box<SpoolRecord>, u64),
+    /// Nothing more below the limit.
+    End,
+    /// A bad frame at `offset`: the rest of the segment is not readable from here.
+    Bad { offset: u64, reason: &'static str },
+}
+
+impl SegmentTail {
+    /// `Ok(None)` when the segment does not exist (removed or never created).
+    pub(crate) fn open(path: &Path, offset: u64, limit: u64) -> Result<Option<Self>, SpoolError> {
+        use std::io::{Seek, SeekFrom};
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open segment", path)(e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(io_error("read segment", path))?
+            .len()
+            .min(limit);
+        let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, file);
+        let start = offset.max(SEGMENT_MAGIC.len() as u64);
+        if offset < SEGMENT_MAGIC.len() as u64 {
+            match read_segment_start(&mut reader, len, path)? {
+                SegmentStart::Magic => {}
+                SegmentStart::Unfinished => {
+                    return Ok(Some(SegmentTail {
+                        path: Arc::from(path),
+                        frames: FrameReader::new(reader, start, start),
+                    }))
+                }
+            }
+        } else {
+            reader
+                .seek(SeekFrom::Start(start))
+                .map_err(io_error("read segment", path))?;
+        }
+        Ok(Some(SegmentTail {
+            path: Arc::from(path),
+            frames: FrameReader::new(reader, start, len.max(start)),
+        }))
+    }
+
+    pub(crate) fn next(&mut self) -> Result<TailItem, SpoolError> {
+        let mut payload = Vec::new();
+        let frame = self
+            .frames
+            .next(&mut payload)
+            .map_err(io_error("read segment", &self.path))?;
+        match frame {
+            Frame::Record { offset } => {
+                let end = self.frames.pos;
+                match decode_payload(payload, Arc::clone(&self.path), offset) {
+                    Ok(record) => Ok(TailItem::Record(Box::new(record), end)),
+                    Err(reason) => Ok(TailItem::Bad { offset, reason }),
+                }
+            }
+            Frame::End => Ok(TailItem::End),
+            Frame::Torn { offset, reason } => Ok(TailItem::Bad { offset, reason }),
+        }
+    }
+}
+
+/// Removes a segment every record of which is elsewhere for good, durably.
+pub(crate) fn remove_segment(dir: &Path, seq: u64) -> Result<(), SpoolError> {
+    let path = segment_path(dir, seq);
+    match fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error("remove segment", &path)(e)),
+    }
+}
+
+pub(crate) fn segment_file(dir: &Path, seq: u64) -> PathBuf {
+    segment_path(dir, seq)
+}
+
+pub(crate) fn sync_spool_dir(dir: &Path) -> Result<(), SpoolError> {
+    sync_dir(dir)
 }
 
 #[cfg(test)]
