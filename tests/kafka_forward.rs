@@ -134,10 +134,16 @@ fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
     let during = load.count(250);
+    let backlog = gw.metric("smtpgw_forward_awaiting_records");
+    let oldest = gw.metric("smtpgw_forward_oldest_age_seconds");
     broker.start(topic);
     let back = Instant::now();
-    // Load goes on while the forwarder drains.
-    std::thread::sleep(Duration::from_secs(5));
+    // Load goes on while the forwarder drains; new mail goes straight to Kafka.
+    let drained_live = wait(Duration::from_secs(60), || {
+        gw.metric("smtpgw_forward_awaiting_records") == 0.0
+    });
+    let drain = back.elapsed();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(drain));
     let replies = load.stop();
     let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
     let refused: Vec<u16> = replies
@@ -149,11 +155,10 @@ fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
     let drained = wait(Duration::from_secs(120), || {
         gw.metric("smtpgw_forward_awaiting_records") == 0.0
     });
-    let drain = back.elapsed();
     let m = gw.scrape();
     eprintln!(
-        "outage {:?}: {during} x 250 during it, {} x 250 in all, {} refused; backlog drained {drain:?} after the broker came back \
-         (forwarded {} records, {} bytes; oldest age now {}s)",
+        "outage {:?}: {during} x 250 during it (backlog gauge {backlog}, oldest {oldest:.1}s), {} x 250 in all, {} refused; \
+         backlog drained {drain:?} after the broker came back, under load (forwarded {} records, {} bytes; oldest age now {}s)",
         back - outage,
         acked.len(),
         refused.len(),
@@ -169,7 +174,18 @@ fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
         during >= 100,
         "too little load during the outage ({during})"
     );
-    assert!(drained, "the forwarder did not drain the backlog");
+    assert!(
+        drained_live && drained,
+        "the forwarder did not drain the backlog"
+    );
+    assert!(
+        backlog >= during as f64 * 0.5,
+        "backlog gauge {backlog} for {during} spooled"
+    );
+    assert!(
+        oldest >= 5.0,
+        "oldest unforwarded age {oldest}s after a 10 s outage"
+    );
     assert!(m["smtpgw_forwarded_records_total"] >= during as f64);
     assert_eq!(m["smtpgw_forward_oldest_age_seconds"], 0.0);
 

@@ -563,6 +563,14 @@ impl Forwarder {
             .fetch_add(commit.records as i64, Ordering::Relaxed);
         c.awaiting_bytes
             .fetch_add(commit.bytes as i64, Ordering::Relaxed);
+        // While Kafka is away nothing is read, so the oldest waiting record is the
+        // first one spooled since nothing waited.
+        if let Some(id) = commit.first_id {
+            let micros = i64::try_from(id.timestamp_ms()).unwrap_or(i64::MAX) * 1000;
+            let _ =
+                c.oldest_micros
+                    .compare_exchange(0, micros, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// Publishes records until the window is full or the spool has no more.

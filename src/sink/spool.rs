@@ -160,13 +160,15 @@ impl Default for SpoolOptions {
 
 /// Sent after a batch is durable: `segment` (its sequence number) is the segment the
 /// writer appends to, durable up to `len` bytes; every lower-numbered segment is
-/// closed for good. `records` and `bytes` are what the batch added.
+/// closed for good. `records` and `bytes` are what the batch added; `first_id` is its
+/// first message's id (whose ULID time is about when that message arrived).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpoolCommit {
     pub segment: u64,
     pub len: u64,
     pub records: usize,
     pub bytes: u64,
+    pub first_id: Option<MessageId>,
 }
 
 type Request = (SealedMessage, Completion);
@@ -370,6 +372,7 @@ impl Writer {
                             len: segment.len,
                             records: self.batch.len(),
                             bytes: self.buf.len() as u64,
+                            first_id: self.batch.first().map(|(id, _)| *id),
                         });
                     }
                     for (id, done) in self.batch.drain(..) {
