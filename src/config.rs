@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
 /// Loopback only by default: the endpoint has no authentication.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// Room for a full batch (8 MiB) and a maximal message on top, so the gateway says
+/// `452` while the disk can still take the writes already under way.
+pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
@@ -69,11 +72,15 @@ pub enum SpoolCommand {
     Ls {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
     /// Print one stored message.
     Cat {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
@@ -84,20 +91,51 @@ pub enum SpoolCommand {
     Export {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Publish every stored message to Kafka, keyed by its id as the gateway would
     /// have, so consumers can drop what they already have.
     Replay {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Required: the only replay target.
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
+    /// Verify every record; print a summary; exit 1 if anything is corrupt.
+    Check {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+    },
+    /// Delete whole closed segments whose records are all older than a cut-off.
+    Prune {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// A message id (ULID) or an RFC 3339 time: segments whose every record was
+        /// received (ULID: has an id) before it are deleted.
+        #[arg(long, value_name = "ULID|RFC3339")]
+        before: String,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SkipCorruptArg {
+    /// Carry on past corrupt data (still reported on stderr) and exit 0.
+    #[arg(long = "skip-corrupt")]
+    pub skip_corrupt: bool,
 }
 
 /// The Kafka settings, shared by the server and `spool replay`.
@@ -191,6 +229,22 @@ pub struct ServerArgs {
     /// (--spool-dir) and forward them when it can, instead of answering 451.
     #[arg(long = "spool-fallback", env = "SMTPGW_SPOOL_FALLBACK")]
     pub spool_fallback: bool,
+    /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
+    /// K, M, G suffixes; 0 for no limit [default: 0].
+    #[arg(
+        long = "spool-max-bytes",
+        env = "SMTPGW_SPOOL_MAX_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_max_bytes: Option<String>,
+    /// Free space to leave on the spool's file system; messages that would go below it
+    /// get 452 4.3.1 before the disk fills; 0 turns it off [default: 64M].
+    #[arg(
+        long = "spool-min-free-bytes",
+        env = "SMTPGW_SPOOL_MIN_FREE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_min_free_bytes: Option<String>,
     /// Reactor threads, 1..=1024 [default: the number of CPUs].
     #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
     pub reactors: Option<u64>,
@@ -253,6 +307,8 @@ pub struct FileConfig {
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
     pub spool_fallback: Option<bool>,
+    pub spool_max_bytes: Option<IntOrStr>,
+    pub spool_min_free_bytes: Option<IntOrStr>,
     pub reactors: Option<u64>,
     pub max_message_size: Option<IntOrStr>,
     pub max_recipients: Option<u64>,
@@ -278,6 +334,8 @@ const FILE_KEYS: &[&str] = &[
     "sink",
     "spool-dir",
     "spool-fallback",
+    "spool-max-bytes",
+    "spool-min-free-bytes",
     "reactors",
     "max-message-size",
     "max-recipients",
@@ -380,6 +438,10 @@ pub struct Config {
     /// `--sink kafka` only: messages Kafka cannot take go to the spool and are
     /// forwarded later.
     pub spool_fallback: bool,
+    /// `None`: no size limit.
+    pub spool_max_bytes: Option<u64>,
+    /// 0: no free-space floor.
+    pub spool_min_free_bytes: u64,
     pub reactors: usize,
     pub max_message_size: usize,
     pub max_recipients: usize,
@@ -644,6 +706,25 @@ pub fn resolve(
         return Err(invalid("--spool-dir", "must not be empty"));
     }
 
+    let size = |flag: &'static str, cli: Option<String>, file: Option<IntOrStr>| {
+        cli.map(IntOrStr::Str)
+            .or(file)
+            .map(|v| parse_size(&v).map_err(|m| invalid(flag, m)))
+            .transpose()
+    };
+    let spool_max_bytes = size(
+        "--spool-max-bytes",
+        cli.spool_max_bytes,
+        file.spool_max_bytes,
+    )?
+    .filter(|&n| n > 0);
+    let spool_min_free_bytes = size(
+        "--spool-min-free-bytes",
+        cli.spool_min_free_bytes,
+        file.spool_min_free_bytes,
+    )?
+    .unwrap_or(DEFAULT_SPOOL_MIN_FREE_BYTES);
+
     let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
     let kafka = resolve_kafka(cli.kafka, file_kafka)?;
     if sink == SinkKind::Kafka && kafka.brokers.is_none() {
@@ -669,6 +750,8 @@ pub fn resolve(
         sink,
         spool_dir,
         spool_fallback,
+        spool_max_bytes,
+        spool_min_free_bytes,
         reactors,
         max_message_size,
         max_recipients,
@@ -1305,7 +1388,7 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Some(Command::Spool(SpoolCommand::Cat { dir, body, id })) => {
+            Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
                 assert_eq!(dir.spool_dir, PathBuf::from("/s"));
                 assert!(body);
                 assert_eq!(id, "ID");
@@ -1367,5 +1450,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.kafka.extra.len(), 1);
+    }
+
+    #[test]
+    fn spool_check_prune_and_skip_corrupt_parse() {
+        let c = parse(&["spool", "ls", "--skip-corrupt"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Ls {
+                corrupt: SkipCorruptArg { skip_corrupt: true },
+                ..
+            }))
+        ));
+        let c = parse(&["spool", "export", "--mbox", "m", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Export { force: true, .. }))
+        ));
+        assert!(parse(&["spool", "check"]).is_ok());
+        let c = parse(&["spool", "prune", "--before", "2026-01-01T00:00:00Z"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
+        ));
+        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+    }
+
+    #[test]
+    fn spool_limits_parse_and_name_their_flag() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.spool_max_bytes, None);
+        assert_eq!(c.spool_min_free_bytes, DEFAULT_SPOOL_MIN_FREE_BYTES);
+        let c = run(&["--spool-max-bytes", "2G"], "spool-min-free-bytes = 0").unwrap();
+        assert_eq!(c.spool_max_bytes, Some(2 << 30));
+        assert_eq!(c.spool_min_free_bytes, 0);
+        assert!(
+            err(&["--spool-max-bytes", "lots"], "").starts_with("--spool-max-bytes: not a size")
+        );
+        assert!(err(&["--spool-min-free-bytes=-1"], "")
+            .starts_with("--spool-min-free-bytes: not a size"));
     }
 }

@@ -58,17 +58,28 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             Arc::new(NullSink::new())
         }
         SinkKind::Spool => {
+            let options = SpoolOptions {
+                max_bytes: config.spool_max_bytes,
+                min_free_bytes: config.spool_min_free_bytes,
+                ..SpoolOptions::default()
+            };
             Arc::new(
-                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
-                    dir: config.spool_dir.display().to_string(),
-                    source,
+                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
+                    ServerError::Spool {
+                        dir: config.spool_dir.display().to_string(),
+                        source,
+                    }
                 })?,
             )
         }
         SinkKind::Kafka if config.spool_fallback => Arc::new(
             FallbackSink::open(
                 &config.spool_dir,
-                SpoolOptions::default(),
+                SpoolOptions {
+                    max_bytes: config.spool_max_bytes,
+                    min_free_bytes: config.spool_min_free_bytes,
+                    ..SpoolOptions::default()
+                },
                 &config.kafka.options(config.max_recipients),
             )
             .map_err(|source| ServerError::Fallback {

@@ -530,7 +530,9 @@ async fn publish(
         Err(e) => {
             with_metrics(|l| l.observe_publish(took));
             match e {
-                PublishError::Temporary(_) => m.publish_failures_temporary.inc(),
+                PublishError::Temporary(_) | PublishError::StorageFull => {
+                    m.publish_failures_temporary.inc()
+                }
                 PublishError::TooLarge => m.publish_failures_too_large.inc(),
             }
         }

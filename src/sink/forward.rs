@@ -30,6 +30,7 @@
 //! cannot read (a bad frame) is reported with its file and offset, and its segment is
 //! never deleted, so nothing acknowledged leaves the disk without reaching Kafka.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -43,11 +44,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
+use crate::sink::spool::writer::{list_segments, segment_path, sync_dir};
 use crate::sink::spool::{
-    list_segments, remove_segment, segment_file, sync_spool_dir, SegmentTail, SpoolCommit,
-    SpoolError, SpoolOptions, SpoolRecord, SpoolSink, TailItem,
+    Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
-use crate::sink::{Completion, ForwardStats, PublishError, PublishResult, Sink, SinkStats};
+use crate::sink::{
+    Completion, ForwardStats, PublishError, PublishResult, Sink, SinkStats, SpoolStats,
+};
 use crate::smtp::envelope::SealedMessage;
 
 /// Records in flight to Kafka at once: enough to batch well.
@@ -69,14 +72,6 @@ pub enum FallbackError {
     Kafka(#[from] KafkaSinkError),
     #[error("cannot start the forwarder thread: {0}")]
     Thread(#[source] io::Error),
-}
-
-/// A position in the spool: segment number and byte offset. Everything before it has
-/// been acknowledged by Kafka.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-struct Position {
-    segment: u64,
-    offset: u64,
 }
 
 /// The forwarder's figures, shared with the metrics.
@@ -120,24 +115,17 @@ impl FallbackSink {
 
         let cursor_file = CursorFile::open(dir)?;
         let cursor = cursor_file.load();
-        // The writer starts a new segment at open, the newest one now.
-        let writer = list_segments(dir)?
-            .last()
-            .map_or(Position::default(), |(seq, path)| Position {
-                segment: *seq,
-                offset: std::fs::metadata(path).map_or(0, |m| m.len()),
-            });
         let (acks_tx, acks) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let counters = Arc::new(Counters::default());
         let forwarder = Forwarder {
             dir: dir.to_path_buf(),
             kafka: Arc::clone(&kafka),
+            spool: Arc::clone(&spool),
             cursor,
             saved: cursor,
             cursor_file,
-            writer,
-            reading: None,
+            reader: None,
             read_pos: cursor,
             window: VecDeque::new(),
             window_bytes: 0,
@@ -225,6 +213,17 @@ impl Sink for FallbackSink {
         self.kafka.is_healthy() || self.spool.is_healthy()
     }
 
+    fn health(&self) -> Result<(), Cow<'static, str>> {
+        if self.kafka.is_healthy() {
+            return Ok(());
+        }
+        self.spool.health().map_err(|why| {
+            Cow::Owned(format!(
+                "kafka unavailable and the fallback spool cannot store: {why}"
+            ))
+        })
+    }
+
     fn over_inflight_limit(&self) -> bool {
         self.kafka.over_inflight_limit()
     }
@@ -237,6 +236,10 @@ impl Sink for FallbackSink {
         let mut stats = self.kafka.stats().unwrap_or_default();
         stats.forward = Some(self.forward_stats());
         Some(stats)
+    }
+
+    fn spool_stats(&self) -> Option<SpoolStats> {
+        self.spool.spool_stats()
     }
 }
 
@@ -271,7 +274,7 @@ impl CursorFile {
                 error,
             })?;
         if !existed {
-            sync_spool_dir(dir)?;
+            sync_dir(dir)?;
         }
         let mut cursor = CursorFile {
             file,
@@ -367,14 +370,12 @@ struct Slot {
 }
 
 enum Item {
-    Record {
-        record: Box<SpoolRecord>,
-        segment: u64,
-        end: u64,
-        frame_bytes: u64,
-    },
+    Record(Box<SpoolRecord>),
     /// Every record of a closed segment is before this point.
-    SegmentEnd { segment: u64, next: Position },
+    SegmentEnd {
+        segment: u64,
+        next: Position,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -384,24 +385,17 @@ enum State {
     Failed,
 }
 
-/// The segment being read.
-struct Reading {
-    segment: u64,
-    tail: SegmentTail,
-    closed: bool,
-}
-
 struct Forwarder {
     dir: PathBuf,
     kafka: Arc<KafkaSink>,
+    spool: Arc<SpoolSink>,
     /// Acknowledged up to here, in memory and on disk.
     cursor: Position,
     saved: Position,
     cursor_file: CursorFile,
-    /// Where the writer's durable data ends; lower segments are closed.
-    writer: Position,
-    reading: Option<Reading>,
-    /// Where the next record to read starts.
+    /// Reading up to the durable end it was opened with.
+    reader: Option<(SpoolReader, Position)>,
+    /// Everything before this has been read.
     read_pos: Position,
     window: VecDeque<Slot>,
     window_bytes: usize,
@@ -495,40 +489,33 @@ impl Forwarder {
     /// Counts what earlier runs left unforwarded, for the metrics.
     fn count_backlog(&mut self) {
         let (mut records, mut bytes, mut oldest) = (0i64, 0i64, None);
-        let segments = match list_segments(&self.dir) {
-            Ok(s) => s,
+        match list_segments(&self.dir) {
+            Ok(segments) => {
+                let below = segments
+                    .iter()
+                    .filter(|(seq, _)| *seq < self.cursor.segment)
+                    .count();
+                if below > 0 {
+                    tracing::info!(
+                        segments = below,
+                        "spool segments before the forward cursor stay on disk (left by a crash, or holding records that could not be forwarded); see `smtpgw spool`"
+                    );
+                }
+            }
             Err(error) => {
                 tracing::error!(%error, "cannot list the spool to count the forward backlog");
                 return;
             }
-        };
-        let below = segments
-            .iter()
-            .filter(|(seq, _)| *seq < self.cursor.segment)
-            .count();
-        if below > 0 {
-            tracing::info!(
-                segments = below,
-                "spool segments before the forward cursor stay on disk (left by a crash, or holding records that could not be forwarded); see `smtpgw spool`"
-            );
         }
-        for (seq, path) in segments {
-            if seq < self.cursor.segment || seq >= self.writer.segment {
-                continue;
-            }
-            let from = if seq == self.cursor.segment {
-                self.cursor.offset
-            } else {
-                0
-            };
-            let Ok(Some(mut tail)) = SegmentTail::open(&path, from, u64::MAX) else {
-                continue;
-            };
-            let mut start = from.max(8);
-            while let Ok(TailItem::Record(record, end)) = tail.next() {
+        let end = self.spool.durable_end();
+        let Ok(reader) = SpoolReader::open_from(&self.dir, self.cursor) else {
+            return;
+        };
+        let mut reader = reader.until(end);
+        while let Some(Ok(event)) = reader.next_event() {
+            if let ReadEvent::Record(record) = event {
                 records += 1;
-                bytes += (end - start) as i64;
-                start = end;
+                bytes += record.frame_len as i64;
                 oldest.get_or_insert(record.received_at.timestamp_micros());
             }
         }
@@ -551,13 +538,6 @@ impl Forwarder {
     }
 
     fn on_commit(&mut self, commit: SpoolCommit) {
-        let at = Position {
-            segment: commit.segment,
-            offset: commit.len,
-        };
-        if at > self.writer {
-            self.writer = at;
-        }
         let c = &self.counters;
         c.awaiting_records
             .fetch_add(commit.records as i64, Ordering::Relaxed);
@@ -585,7 +565,7 @@ impl Forwarder {
             let tag = self.next_tag;
             self.next_tag += 1;
             let state = match &item {
-                Item::Record { record, .. } => {
+                Item::Record(record) => {
                     self.window_bytes += record.value().len();
                     self.kafka.forward(record, tag, self.acks_tx.clone());
                     State::Pending
@@ -597,115 +577,67 @@ impl Forwarder {
         self.note_oldest();
     }
 
-    /// The next record (or segment end) in spool order, if one is durable.
+    /// The next record (or closed segment's end) in spool order, if one is durable.
     fn read_next(&mut self) -> Option<Item> {
         loop {
-            if self.reading.is_none() {
-                let segment = self.read_pos.segment;
-                if segment > self.writer.segment {
-                    return None;
-                }
-                let closed = segment < self.writer.segment;
-                let limit = if closed { u64::MAX } else { self.writer.offset };
-                if !closed && self.read_pos.offset >= limit {
-                    return None;
-                }
-                let path = segment_file(&self.dir, segment);
-                match SegmentTail::open(&path, self.read_pos.offset, limit) {
-                    Ok(Some(tail)) => {
-                        self.reading = Some(Reading {
-                            segment,
-                            tail,
-                            closed,
-                        })
-                    }
-                    Ok(None) if closed => {
-                        // Gone (pruned, quarantined) or never created: go on with
-                        // the next segment that exists.
-                        let next = self.next_segment_after(segment);
-                        self.read_pos = Position {
-                            segment: next,
-                            offset: 0,
-                        };
-                        continue;
-                    }
-                    Ok(None) => return None,
-                    Err(error) => {
-                        self.failed_io(&error);
+            let (reader, until) = match &mut self.reader {
+                Some((reader, until)) => (reader, *until),
+                None => {
+                    // Only what the writer has synced: a record is forwarded only
+                    // once its sender could have had its 250.
+                    let end = self.spool.durable_end();
+                    if self.read_pos >= end {
                         return None;
                     }
-                }
-            }
-            let reading = self.reading.as_mut()?;
-            let segment = reading.segment;
-            match reading.tail.next() {
-                Ok(TailItem::Record(record, end)) => {
-                    let start = self.read_pos.offset.max(8);
-                    self.read_pos.offset = end;
-                    return Some(Item::Record {
-                        record,
-                        segment,
-                        end,
-                        frame_bytes: end - start,
-                    });
-                }
-                Ok(TailItem::End) if reading.closed => {
-                    self.reading = None;
-                    let next = Position {
-                        segment: self.next_segment_after(segment),
-                        offset: 0,
-                    };
-                    self.read_pos = next;
-                    return Some(Item::SegmentEnd { segment, next });
-                }
-                // The writer's segment, read as far as it is durable.
-                Ok(TailItem::End) => {
-                    self.reading = None;
-                    return None;
-                }
-                Ok(TailItem::Bad { offset, reason }) => {
-                    tracing::error!(
-                        segment = %segment_file(&self.dir, segment).display(),
-                        offset,
-                        reason,
-                        "spool record unreadable: not forwarded, and the segment stays on disk; forwarding goes on with the next segment"
-                    );
-                    self.keep.insert(segment);
-                    self.reading = None;
-                    if segment < self.writer.segment {
-                        let next = Position {
-                            segment: self.next_segment_after(segment),
-                            offset: 0,
-                        };
-                        self.read_pos = next;
-                        return Some(Item::SegmentEnd { segment, next });
+                    match SpoolReader::open_from(&self.dir, self.read_pos) {
+                        Ok(reader) => {
+                            let (reader, until) = self.reader.insert((reader.until(end), end));
+                            (reader, *until)
+                        }
+                        Err(error) => {
+                            self.failed_io(&error);
+                            return None;
+                        }
                     }
-                    // The writer still appends here: wait until it moves on.
-                    self.read_pos = Position {
+                }
+            };
+            match reader.next_event() {
+                Some(Ok(ReadEvent::Record(record))) => {
+                    self.read_pos = record.next_position();
+                    return Some(Item::Record(Box::new(record)));
+                }
+                Some(Ok(ReadEvent::SegmentEnd {
+                    segment,
+                    closed: true,
+                })) => {
+                    let next = Position {
                         segment: segment + 1,
                         offset: 0,
                     };
-                    return None;
+                    self.read_pos = self.read_pos.max(next);
+                    return Some(Item::SegmentEnd { segment, next });
                 }
-                Err(error) => {
-                    self.reading = None;
+                // The writer's segment, read as far as it was durable.
+                Some(Ok(ReadEvent::SegmentEnd { closed: false, .. })) => {}
+                Some(Ok(ReadEvent::Corrupt(range) | ReadEvent::TornTail(range))) => {
+                    // Below the durable end a torn tail is damage too.
+                    tracing::error!(
+                        %range,
+                        "spool bytes unreadable: not forwarded, and the segment stays on disk; forwarding goes on after them"
+                    );
+                    self.keep.insert(range.segment);
+                }
+                Some(Err(error)) => {
+                    self.reader = None;
                     self.failed_io(&error);
                     return None;
                 }
+                // Everything before `until` has been read; reopen if more is durable.
+                None => {
+                    self.reader = None;
+                    self.read_pos = self.read_pos.max(until);
+                }
             }
-        }
-    }
-
-    fn next_segment_after(&self, segment: u64) -> u64 {
-        match list_segments(&self.dir) {
-            Ok(list) => list
-                .iter()
-                .map(|(seq, _)| *seq)
-                .find(|seq| *seq > segment)
-                .unwrap_or(self.writer.segment)
-                .min(self.writer.segment)
-                .max(segment + 1),
-            Err(_) => segment + 1,
         }
     }
 
@@ -744,20 +676,18 @@ impl Forwarder {
             }
             Err(PublishError::TooLarge) => {
                 slot.state = State::Done;
-                if let Item::Record {
-                    record, segment, ..
-                } = &slot.item
-                {
+                if let Item::Record(record) = &slot.item {
                     tracing::error!(
                         id = %record.id,
                         segment = %record.segment.display(),
                         offset = record.offset,
                         "kafka refuses this spooled message as too large: not forwarded; its segment stays on disk"
                     );
-                    self.keep.insert(*segment);
+                    self.keep.insert(record.seq);
                 }
             }
-            Err(PublishError::Temporary(why)) => {
+            // Kafka never says StorageFull; treat it as temporary all the same.
+            Err(why @ (PublishError::Temporary(_) | PublishError::StorageFull)) => {
                 slot.state = State::Failed;
                 if self.retry_at.is_none() {
                     tracing::debug!(%why, "forwarding failed; retrying");
@@ -778,7 +708,7 @@ impl Forwarder {
         self.retry_at = None;
         for slot in self.window.iter_mut() {
             if slot.state == State::Failed {
-                if let Item::Record { record, .. } = &slot.item {
+                if let Item::Record(record) = &slot.item {
                     slot.state = State::Pending;
                     self.kafka.forward(record, slot.tag, self.acks_tx.clone());
                 }
@@ -796,21 +726,13 @@ impl Forwarder {
             };
             moved = true;
             match slot.item {
-                Item::Record {
-                    record,
-                    segment,
-                    end,
-                    frame_bytes,
-                } => {
+                Item::Record(record) => {
                     self.window_bytes -= record.value().len();
-                    self.cursor = Position {
-                        segment,
-                        offset: end,
-                    };
+                    self.cursor = record.next_position();
                     let c = &self.counters;
                     c.awaiting_records.fetch_sub(1, Ordering::Relaxed);
                     c.awaiting_bytes
-                        .fetch_sub(frame_bytes as i64, Ordering::Relaxed);
+                        .fetch_sub(record.frame_len as i64, Ordering::Relaxed);
                     c.forwarded_records.fetch_add(1, Ordering::Relaxed);
                     c.forwarded_bytes
                         .fetch_add(record.value().len() as u64, Ordering::Relaxed);
@@ -837,7 +759,17 @@ impl Forwarder {
         }
         self.saved = self.cursor;
         for segment in std::mem::take(&mut self.to_delete) {
-            if let Err(error) = remove_segment(&self.dir, segment) {
+            let path = segment_path(&self.dir, segment);
+            let removed = match std::fs::remove_file(&path) {
+                Ok(()) => sync_dir(&self.dir),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(error) => Err(SpoolError::Io {
+                    op: "remove forwarded segment",
+                    path,
+                    error,
+                }),
+            };
+            if let Err(error) = removed {
                 tracing::warn!(%error, "cannot remove a forwarded spool segment");
             }
         }
@@ -845,7 +777,7 @@ impl Forwarder {
 
     fn note_oldest(&self) {
         let oldest = self.window.iter().find_map(|s| match &s.item {
-            Item::Record { record, .. } => Some(record.received_at.timestamp_micros()),
+            Item::Record(record) => Some(record.received_at.timestamp_micros()),
             Item::SegmentEnd { .. } => None,
         });
         let awaiting = self.counters.awaiting_records.load(Ordering::Relaxed);

@@ -54,6 +54,8 @@ pub const RELAY_DENIED: &[u8] = b"550 5.7.1 Relay access denied\r\n";
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
 pub const MESSAGE_TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed limit\r\n";
 pub const SINK_TOO_BIG: &[u8] = b"552 5.3.4 Message too large for the message store\r\n";
+/// The message store is at its size limit or free-space floor: temporary, retry later.
+pub const STORAGE_FULL: &[u8] = b"452 4.3.1 Insufficient system storage, try again later\r\n";
 pub const BARE_LINE_ENDING: &[u8] =
     b"550 5.6.0 Message refused: bare CR or LF (RFC 5321 section 2.3.8)\r\n";
 

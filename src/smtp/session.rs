@@ -206,7 +206,7 @@ impl Session {
     }
 
     /// The sink's answer for the message taken last: `250 2.0.0 Ok: queued as <id>`,
-    /// `451 4.3.0` or `552 5.3.4`.
+    /// `451 4.3.0`, `452 4.3.1` or `552 5.3.4`.
     pub fn publish_result(&mut self, result: PublishResult) {
         if !matches!(self.phase, Phase::AwaitingPublish) {
             debug_assert!(false, "publish_result without a message in flight");
@@ -225,6 +225,10 @@ impl Session {
             Err(PublishError::TooLarge) => {
                 self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
                 self.out.extend_from_slice(reply::SINK_TOO_BIG)
+            }
+            Err(PublishError::StorageFull) => {
+                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.out.extend_from_slice(reply::STORAGE_FULL)
             }
         }
         self.stats.count_replies(&self.out[replied_from..]);

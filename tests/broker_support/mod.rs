@@ -94,21 +94,29 @@ impl Tansu {
             "tansu never listened on {}",
             self.addr()
         );
-        let created = Command::new(&self.bin)
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &url,
-                "--partitions",
-                "1",
-                topic,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("tansu topic create runs");
-        assert!(created.success(), "cannot create topic {topic}");
+        // A client's metadata request may have created the topic already (tansu
+        // auto-creates), so "exists" is success; a broker still starting gets retries.
+        let mut last = String::new();
+        for _ in 0..20 {
+            let out = Command::new(&self.bin)
+                .args(["topic", "create", "--broker", &url])
+                .args(["--partitions", "1", topic])
+                .output()
+                .expect("tansu topic create runs");
+            if out.status.success() {
+                return;
+            }
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if last.to_ascii_lowercase().contains("exist") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("cannot create topic {topic}: {last}");
     }
 
     fn pid(&self) -> i32 {
