@@ -262,13 +262,21 @@ fn sigkill_while_forwarding_loses_nothing() {
     );
 
     let second = fallback_gateway(&broker, topic, spool.path());
-    assert!(
-        wait(Duration::from_secs(120), || second
-            .metric("smtpgw_forward_awaiting_records")
-            == 0.0
-            && second.metric("smtpgw_forwarded_records_total") > 0.0),
-        "the restarted gateway did not forward the rest"
-    );
+    let drained = wait(Duration::from_secs(120), || {
+        second.metric("smtpgw_forward_awaiting_records") == 0.0
+            && second.metric("smtpgw_forwarded_records_total") > 0.0
+    });
+    if !drained {
+        let m = second.scrape();
+        let show: Vec<_> = m
+            .iter()
+            .filter(|(k, _)| k.contains("forward") || k.contains("sink_up") || k.contains("spool_"))
+            .collect();
+        panic!(
+            "the restarted gateway did not forward the rest: {show:?}; segments {}",
+            seg_files(spool.path())
+        );
+    }
     let (records, total) = read_topic(&broker, topic);
     let missing: Vec<&str> = acked
         .iter()
@@ -293,4 +301,18 @@ fn sigkill_while_forwarding_loses_nothing() {
             &records[reply.id.as_deref().unwrap_or_default().as_bytes()],
         );
     }
+
+    // A clean stop of a fallback gateway: the forwarder, the Kafka sink and the spool
+    // all stop, and the process exits 0.
+    let mut second = second;
+    assert!(broker_support::send_signal(
+        second.child.id() as i32,
+        libc::SIGTERM
+    ));
+    let exited = wait(Duration::from_secs(60), || {
+        matches!(second.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "the gateway did not stop after SIGTERM");
+    let status = second.child.wait().expect("status");
+    assert!(status.success(), "exit status {status}");
 }
