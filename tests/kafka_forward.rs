@@ -316,3 +316,66 @@ fn sigkill_while_forwarding_loses_nothing() {
     let status = second.child.wait().expect("status");
     assert!(status.success(), "exit status {status}");
 }
+
+/// A byte flipped on disk in the middle of the backlog: the damaged record cannot be
+/// forwarded, everything else is, and the segment holding the damage stays on disk for
+/// `smtpgw spool` instead of being deleted with the forwarded ones.
+#[test]
+fn a_damaged_record_is_skipped_and_its_segment_kept() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        eprintln!("no tansu broker (scripts/kafka-broker.sh start installs it): skipping");
+        return;
+    };
+    let topic = "smtp.forward.damage";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let mut first = fallback_gateway(&broker, topic, spool.path());
+    let load = Load::start(&first.smtp, 2);
+    assert!(wait(Duration::from_secs(30), || load.count(250) >= 200));
+    let replies = load.stop();
+    let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
+    assert_eq!(acked.len(), replies.len(), "every message gets 250");
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+
+    // Flip one byte in the middle of the segment's records.
+    let segment = spool.path().join(format!("{:020}.seg", 0));
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&segment, &bytes).expect("write back");
+
+    broker.start(topic);
+    let second = fallback_gateway(&broker, topic, spool.path());
+    assert!(
+        wait(Duration::from_secs(60), || second
+            .metric("smtpgw_forward_awaiting_records")
+            == 0.0
+            && second.metric("smtpgw_forwarded_records_total") > 0.0),
+        "the backlog was not forwarded"
+    );
+    let (records, _) = read_topic(&broker, topic);
+    let missing = acked
+        .iter()
+        .filter(|r| !records.contains_key(r.id.as_deref().unwrap_or_default().as_bytes()))
+        .count();
+    eprintln!(
+        "{} acknowledged, {missing} not forwarded after one flipped byte",
+        acked.len()
+    );
+    assert!(
+        (1..=2).contains(&missing),
+        "one flipped byte should cost about one record, {missing} missing"
+    );
+    assert!(
+        segment.exists(),
+        "the segment with the damaged record was deleted"
+    );
+    assert!(
+        !second
+            .log_lines("not forwarded, and the segment stays on disk")
+            .is_empty(),
+        "the damage was not reported"
+    );
+}

@@ -1171,6 +1171,11 @@ impl KafkaSink {
         seq: u64,
         tx: Sender<(u64, PublishResult)>,
     ) {
+        self.publish_spooled(record, Answer::Forward { seq, tx });
+    }
+
+    /// Publishes a spooled record with its original key, value, headers and timestamp.
+    fn publish_spooled(&self, record: &crate::sink::spool::SpoolRecord, answer: Answer) {
         let headers = owned_headers(record.headers.len(), |add| {
             for (name, value) in &record.headers {
                 add(name, value);
@@ -1181,7 +1186,7 @@ impl KafkaSink {
             record.received_at.timestamp_millis(),
             headers,
             record.value(),
-            Answer::Forward { seq, tx },
+            answer,
         );
     }
 
@@ -1406,16 +1411,8 @@ pub fn replay_records(
             }
         }
         let (tx, rx) = unbounded_channel();
-        let headers = owned_headers(record.headers.len(), |add| {
-            for (name, value) in &record.headers {
-                add(name, value);
-            }
-        });
-        sink.publish(
-            record.id,
-            record.received_at.timestamp_millis(),
-            headers,
-            record.value(),
+        sink.publish_spooled(
+            &record,
             Answer::Session {
                 done: Completion::new(tx),
                 keep: None,

@@ -19,6 +19,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use crate::kafka_support::wait_until as wait;
 use crate::kafka_support::{free_port, queued_id, Client};
 
 /// The tansu binary, if installed; panics under CI when it is not.
@@ -158,19 +159,6 @@ pub fn send_signal(pid: i32, sig: i32) -> bool {
         .args([format!("-{sig}"), pid.to_string()])
         .status()
         .is_ok_and(|s| s.success())
-}
-
-pub fn wait(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if ok() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The built gateway: its log lines are echoed and kept; killed by PID when dropped.
