@@ -127,6 +127,7 @@ impl FallbackSink {
             cursor_file,
             reader: None,
             read_pos: cursor,
+            counted_until: Position::default(),
             window: VecDeque::new(),
             window_bytes: 0,
             next_tag: 0,
@@ -397,6 +398,8 @@ struct Forwarder {
     reader: Option<(SpoolReader, Position)>,
     /// Everything before this has been read.
     read_pos: Position,
+    /// The start-up count of the backlog went this far; commits up to here are in it.
+    counted_until: Position,
     window: VecDeque<Slot>,
     window_bytes: usize,
     next_tag: u64,
@@ -508,6 +511,7 @@ impl Forwarder {
             }
         }
         let end = self.spool.durable_end();
+        self.counted_until = end;
         let Ok(reader) = SpoolReader::open_from(&self.dir, self.cursor) else {
             return;
         };
@@ -538,6 +542,10 @@ impl Forwarder {
     }
 
     fn on_commit(&mut self, commit: SpoolCommit) {
+        // Batches that were durable before the start-up count are in it already.
+        if commit.durable <= self.counted_until {
+            return;
+        }
         let c = &self.counters;
         c.awaiting_records
             .fetch_add(commit.records as i64, Ordering::Relaxed);
