@@ -57,9 +57,10 @@
 //! librdkafka fails each message with that error for good. The delivery reports are
 //! the event: the first such failure marks the sink unhealthy (`/readyz` 503, `451`
 //! or the fallback at once) and wakes the supervisor, which replaces the producer
-//! exactly as after a fatal error. A message that nobody acknowledged within the
-//! publish timeout counts too, but the producer is replaced only once a broker answers
-//! metadata (until then it is an outage, and replacing would not help). Replacements
+//! exactly as after a fatal error. A message timing out counts too when nothing at all
+//! was acknowledged for a whole publish timeout (one slow message among good ones is a
+//! slow broker, and a new producer would not help), and then the producer is replaced
+//! only once a broker answers metadata (until then it is an outage). Replacements
 //! in one failure streak back off (1 s doubling to 30 s) so a cluster that refuses
 //! every new producer is not flooded with them. One warning per streak (repeated at
 //! most every 10 s, with the count) and one line at recovery, the first
@@ -396,6 +397,10 @@ struct Shared {
     fallback: Option<Arc<dyn Sink>>,
     /// Told each time the sink becomes ready (the forwarder waits for it).
     ready_watch: Mutex<Vec<Sender<()>>>,
+    /// When the last acknowledgement (of any producer) came, in ms since `epoch`.
+    epoch: Instant,
+    last_ack_ms: AtomicU64,
+    publish_timeout: Duration,
 }
 
 impl Shared {
@@ -442,6 +447,16 @@ impl Shared {
             return;
         }
         let now = Instant::now();
+        // One message timing out while others get through is a slow broker, not a
+        // stuck producer: only a whole publish timeout without any acknowledgement is.
+        if kind == Liveness::NoAck {
+            let since_ack = self.epoch.elapsed().saturating_sub(Duration::from_millis(
+                self.last_ack_ms.load(Ordering::Relaxed),
+            ));
+            if since_ack < self.publish_timeout {
+                return;
+            }
+        }
         let mut streak = self.streak.lock().unwrap_or_else(PoisonError::into_inner);
         let started = *streak.started.get_or_insert(now);
         streak.failures += 1;
@@ -475,6 +490,8 @@ impl Shared {
 
     /// A delivery succeeded: a running streak is over.
     fn delivered(&self, generation: u64) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ack_ms.store(ms, Ordering::Relaxed);
         self.set_healthy(generation, true, "message delivered");
         if !self.streak_active.load(Ordering::Acquire)
             || generation != self.generation.load(Ordering::Acquire)
@@ -706,6 +723,9 @@ impl KafkaSink {
             streak: Mutex::new(Streak::default()),
             fallback,
             ready_watch: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+            last_ack_ms: AtomicU64::new(0),
+            publish_timeout: options.publish_timeout,
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
