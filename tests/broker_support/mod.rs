@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 pub use crate::kafka_support::wait_until as wait;
 use crate::kafka_support::{free_port, queued_id, Client};
 
-/// The tansu binary, if installed; panics under CI when it is not.
+/// The tansu binary, if installed; says the test is skipped when it is not, and panics
+/// under `CI=true`.
 pub fn tansu_binary() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("SMTPGW_TANSU") {
         return Some(PathBuf::from(path));
@@ -41,10 +42,12 @@ pub fn tansu_binary() -> Option<PathBuf> {
         .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
         .filter(|p| p.is_file());
-    if found.is_none() && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
+    if found.is_none() {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
             "CI=true but no tansu broker: run scripts/kafka-broker.sh start (or set SMTPGW_TANSU)"
         );
+        eprintln!("no tansu broker (scripts/kafka-broker.sh start installs it): skipping");
     }
     found
 }
