@@ -1,5 +1,5 @@
 //! Wiring: turns a [`Config`] into a running gateway (sink, reactors, signals) and owns
-//! the graceful drain on SIGTERM/SIGINT.
+//! the graceful drain on SIGTERM/SIGINT and the reload on SIGHUP (see [`crate::reload`]).
 
 use std::io;
 use std::sync::Arc;
@@ -10,8 +10,10 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{Config, SinkKind};
+use crate::conn::{Limits, MinDataRate};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::net::{NetError, ReactorParams, Reactors};
+use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
@@ -113,19 +115,73 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Descriptors the gateway needs beside its connections: listeners, the spool's files,
+/// the broker connections, the metrics endpoint, eventfds.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the connection limit
+/// that fits in it. When `--max-connections` does not fit, it is lowered, with a
+/// warning: past the real limit, accept fails with EMFILE and clients would hang with no
+/// greeting, whereas below it they get `421 Too many connections`.
+fn raise_fd_limit(max_connections: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            return max_connections;
+        }
+    };
+    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if max_connections > fits {
+        warn!(
+            configured = max_connections,
+            effective = fits,
+            nofile = limit,
+            "--max-connections lowered to fit the open-file limit (RLIMIT_NOFILE); raise \
+             the hard limit (systemd LimitNOFILE=, ulimit -Hn) to allow more"
+        );
+        return fits;
+    }
+    max_connections
+}
+
+/// The connection driver's limits from the configuration.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        idle_timeout: config.idle_timeout,
+        max_session_time: config.max_session_time,
+        min_data_rate: config
+            .min_data_rate
+            .map(|(bytes_per_second, window)| MinDataRate {
+                bytes_per_second,
+                window,
+            }),
+        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: config.sink.name(),
+    }
+}
+
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
-pub fn run(config: Config) -> Result<(), ServerError> {
+pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Setup)?;
     // Listen for signals before the first connection can arrive, so an early SIGTERM
     // drains instead of killing the process.
-    let (mut term, mut int) = {
+    // SIGHUP likewise: its default action would kill the process.
+    let (mut term, mut int, mut hup) = {
         let _guard = rt.enter();
         (
             signal(SignalKind::terminate()).map_err(ServerError::Setup)?,
             signal(SignalKind::interrupt()).map_err(ServerError::Setup)?,
+            signal(SignalKind::hangup()).map_err(ServerError::Setup)?,
         )
     };
 
@@ -136,38 +192,57 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.accept_domains.join(" and ")
         );
     }
+    let max_connections = raise_fd_limit(config.max_connections);
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
+    metrics.connections_max.set(gauge_value(max_connections));
+    metrics
+        .publish_inflight_messages_limit
+        .set(gauge_value(config.kafka.max_inflight_messages));
+    metrics
+        .publish_inflight_bytes_limit
+        .set(gauge_value(config.kafka.max_inflight_bytes));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
         MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
-    let session = Arc::new(session_config_for(&config, &*sink));
-    let max_message_size = session.max_message_size;
-    let reactors = Reactors::start(ReactorParams {
-        listen: config.listen,
-        reactors: config.reactors,
-        session,
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        max_connections: config.max_connections,
-        idle_timeout: config.idle_timeout,
-        max_session_time: config.max_session_time,
-    })?;
+    let session = Arc::new(SessionConfigHandle::new(session_config_for(
+        &config, &*sink,
+    )));
+    let max_message_size = session.current().max_message_size;
+    let reactors = Reactors::start(
+        config.io_backend,
+        ReactorParams {
+            listen: config.listen,
+            reactors: config.reactors,
+            session: session.clone(),
+            sink: sink.clone(),
+            metrics: metrics.clone(),
+            max_connections,
+            limits: limits(&config),
+            max_body_memory: config.max_body_memory,
+        },
+    )?;
     metrics.set_listening();
     info!(
         hostname = %config.hostname,
         sink = %sink.name(),
         accept_domains = %config.accept_domains.join(","),
         max_message_size,
-        max_connections = config.max_connections,
+        max_connections,
         "ready"
     );
 
     rt.block_on(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    // Refusals are logged by the reloader; the gateway runs on as it was.
+                    let _ = reloader.reload(&mut config, &*sink, &session);
+                }
+            }
         };
         info!(
             signal = %which,
@@ -195,6 +270,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 }
                 _ = term.recv() => return Err(ServerError::Interrupted),
                 _ = int.recv() => return Err(ServerError::Interrupted),
+                _ = hup.recv() => info!("SIGHUP during the drain: ignored"),
             }
         }
 

@@ -23,6 +23,18 @@ use spool_support::{message, publish};
 use tempfile::TempDir;
 use ulid::Ulid;
 
+/// A child process holds copies of every descriptor between `fork` and `exec`, a
+/// spool's `LOCK` among them, so a sink opened while another test spawns `smtpgw`
+/// could find its spool "in use". Tests that open sinks share this lock; the test that
+/// spawns processes takes it alone.
+static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn opens_sinks() -> std::sync::RwLockReadGuard<'static, ()> {
+    FORKS
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut segs: Vec<PathBuf> = fs::read_dir(dir)
         .expect("read dir")
@@ -150,6 +162,7 @@ fn check_report(dir: &Path) -> (spool_tool::CheckSummary, String, String) {
 
 #[test]
 fn one_flipped_byte_costs_exactly_its_record_and_restart_keeps_the_rest() {
+    let _forks = opens_sinks();
     for older in [false, true] {
         for class in CLASSES {
             let what = format!(
@@ -229,6 +242,7 @@ fn one_flipped_byte_costs_exactly_its_record_and_restart_keeps_the_rest() {
 
 #[test]
 fn strict_tools_refuse_and_skipping_tools_say_what_they_skipped() {
+    let _forks = opens_sinks();
     let (tmp, sent, victim) = damaged_spool(true, Class::Crc);
     let dir = tmp.path();
 
@@ -292,6 +306,7 @@ fn strict_tools_refuse_and_skipping_tools_say_what_they_skipped() {
 
 #[test]
 fn torn_tail_is_saved_to_quarantine_before_it_is_cut() {
+    let _forks = opens_sinks();
     let tmp = TempDir::new().unwrap();
     let sent = run_storing(tmp.path(), 5, "t");
     let segs = segments(tmp.path());
@@ -327,6 +342,7 @@ fn torn_tail_is_saved_to_quarantine_before_it_is_cut() {
 
 #[test]
 fn damaged_magic_with_records_after_it_is_reported_and_kept() {
+    let _forks = opens_sinks();
     let tmp = TempDir::new().unwrap();
     let sent = run_storing(tmp.path(), 3, "m");
     let segs = segments(tmp.path());
@@ -339,6 +355,7 @@ fn damaged_magic_with_records_after_it_is_reported_and_kept() {
 
 #[test]
 fn reader_resumes_from_a_position_and_reports_closed_segments() {
+    let _forks = opens_sinks();
     let tmp = TempDir::new().unwrap();
     let first = run_storing(tmp.path(), 4, "a");
     let second = run_storing(tmp.path(), 2, "b");
@@ -368,6 +385,10 @@ fn reader_resumes_from_a_position_and_reports_closed_segments() {
     let msg = message("a@example.com", &["b@example.com"], b"live\r\n");
     assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
     let end = sink.wait_durable_beyond(start, std::time::Duration::from_secs(5));
+    assert!(matches!(
+        sink.remove_closed_segment(start.segment),
+        Err(SpoolError::SegmentOpen { .. })
+    ));
     assert!(end > start);
     let tail: Vec<Ulid> = SpoolReader::open_from(tmp.path(), start)
         .unwrap()
@@ -375,10 +396,16 @@ fn reader_resumes_from_a_position_and_reports_closed_segments() {
         .map(|r| r.unwrap().id)
         .collect();
     assert_eq!(tail, vec![msg.id]);
+    assert!(sink.remove_closed_segment(0).unwrap());
+    assert!(!sink.remove_closed_segment(0).unwrap(), "already gone");
+    let mut rest: Vec<Ulid> = second.iter().map(|m| m.id).collect();
+    rest.push(msg.id);
+    assert_eq!(ids(&read(tmp.path()).0), rest);
 }
 
 #[test]
 fn spool_max_bytes_answers_storage_full_and_unhealthy_with_the_reason() {
+    let _forks = opens_sinks();
     let tmp = TempDir::new().unwrap();
     let mut options = SpoolOptions::default();
     options.max_bytes = Some(60_000);
@@ -396,6 +423,12 @@ fn spool_max_bytes_answers_storage_full_and_unhealthy_with_the_reason() {
     }
     assert!((4..=6).contains(&accepted.len()), "{}", accepted.len());
     assert_eq!(full, 20 - accepted.len());
+    let huge = message("a@example.com", &["b@example.com"], &vec![b'h'; 70_000]);
+    assert_eq!(
+        publish(&sink, huge),
+        Err(PublishError::TooLarge),
+        "a message larger than the whole spool may be is refused for good"
+    );
     let why = sink.health().expect_err("full is not ready");
     assert!(why.contains("--spool-max-bytes"), "{why}");
     let stats = sink.spool_stats().unwrap();
@@ -407,6 +440,7 @@ fn spool_max_bytes_answers_storage_full_and_unhealthy_with_the_reason() {
 
 #[test]
 fn prune_deletes_only_closed_segments_that_are_entirely_older() {
+    let _forks = opens_sinks();
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
     run_storing(dir, 3, "old");
@@ -495,7 +529,16 @@ fn text(bytes: &[u8]) -> String {
 
 #[test]
 fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
-    let (tmp, sent, victim) = damaged_spool(true, Class::Body);
+    let _alone = FORKS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The case first: the newest segment, as a killed gateway left it.
+    binary_case(false, Class::Body);
+    binary_case(true, Class::LengthHigh);
+}
+
+fn binary_case(older: bool, class: Class) {
+    let (tmp, sent, victim) = damaged_spool(older, class);
     let dir = tmp.path().to_str().unwrap();
     let named = format!(
         "corrupt: {} offset {} length {}",
@@ -543,7 +586,7 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         text(&strict.stderr)
     );
     assert!(!mbox.exists(), "nothing written without --skip-corrupt");
-    let skipping = smtpgw(&[
+    let export_skipping = [
         "spool",
         "export",
         "--spool-dir",
@@ -551,7 +594,8 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         "--mbox",
         mbox_arg,
         "--skip-corrupt",
-    ]);
+    ];
+    let skipping = smtpgw(&export_skipping);
     assert_eq!(
         skipping.status.code(),
         Some(0),
@@ -559,15 +603,7 @@ fn binary_tools_name_the_damage_and_exit_nonzero_unless_told_to_skip() {
         text(&skipping.stderr)
     );
     assert!(text(&skipping.stderr).contains(&named));
-    let again = smtpgw(&[
-        "spool",
-        "export",
-        "--spool-dir",
-        dir,
-        "--mbox",
-        mbox_arg,
-        "--skip-corrupt",
-    ]);
+    let again = smtpgw(&export_skipping);
     assert_eq!(again.status.code(), Some(1));
     assert!(
         text(&again.stderr).contains("--force"),

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
-use crate::sink::spool::writer::{list_segments, segment_path, sync_dir};
+use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{
     Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
@@ -767,17 +767,7 @@ impl Forwarder {
         }
         self.saved = self.cursor;
         for segment in std::mem::take(&mut self.to_delete) {
-            let path = segment_path(&self.dir, segment);
-            let removed = match std::fs::remove_file(&path) {
-                Ok(()) => sync_dir(&self.dir),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                Err(error) => Err(SpoolError::Io {
-                    op: "remove forwarded segment",
-                    path,
-                    error,
-                }),
-            };
-            if let Err(error) = removed {
+            if let Err(error) = self.spool.remove_closed_segment(segment) {
                 tracing::warn!(%error, "cannot remove a forwarded spool segment");
             }
         }

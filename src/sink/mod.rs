@@ -2,52 +2,114 @@
 //!
 //! A reactor submits a sealed message together with a [`Completion`]; the sink answers
 //! exactly once, from whatever thread it likes, when the message is durable or has
-//! failed. Only then does the session say `250` (or `451`).
+//! failed. The answer goes to the reactor's [`CompletionQueue`] with the connection's
+//! [`Ticket`] and wakes the reactor; only then does the session say `250` (or `451`).
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::SealedMessage;
 
 pub mod forward;
 pub mod kafka;
 pub mod null;
 pub mod spool;
 
-/// Why a sink could not store a message. Both are the gateway's trouble or a limit,
-/// never the client's fault, so neither becomes a permanent refusal except `TooLarge`.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PublishError {
-    /// Try again later: `451 4.3.0`.
-    #[error("{0}")]
-    Temporary(Cow<'static, str>),
-    /// The sink will never take a message this large: `552 5.3.4`.
-    #[error("message too large for the sink")]
-    TooLarge,
-    /// The sink's storage is at its limit (size cap or free-space floor): `452 4.3.1`.
-    #[error("insufficient storage")]
-    StorageFull,
+pub use crate::smtp::envelope::{PublishError, PublishResult};
+
+/// Which connection of a reactor waits for an answer. The generation tells a late
+/// answer for a connection that has since closed (and whose slot was reused) from the
+/// answer its new occupant waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub slot: u32,
+    pub generation: u32,
 }
 
-pub type PublishResult = Result<MessageId, PublishError>;
+/// How a reactor is woken when an answer is queued for it: an eventfd write for
+/// io_uring, a `Notify` for the epoll backend.
+pub trait Wake: Send + Sync + 'static {
+    fn wake(&self);
+}
+
+/// One reactor's inbox of sink answers. Sinks push from their own threads; the reactor
+/// takes the whole batch at once, so a burst of answers costs it one wake-up.
+pub struct CompletionQueue {
+    answers: Mutex<Vec<(Ticket, PublishResult)>>,
+    waker: Box<dyn Wake>,
+}
+
+impl CompletionQueue {
+    pub fn new(waker: Box<dyn Wake>) -> Arc<CompletionQueue> {
+        Arc::new(CompletionQueue {
+            answers: Mutex::new(Vec::with_capacity(256)),
+            waker,
+        })
+    }
+
+    fn push(&self, ticket: Ticket, result: PublishResult) {
+        let was_empty = {
+            let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+            answers.push((ticket, result));
+            answers.len() == 1
+        };
+        // The reactor takes every queued answer when it wakes, so only the push that
+        // makes the queue non-empty needs to wake it.
+        if was_empty {
+            self.waker.wake();
+        }
+    }
+
+    /// Moves every queued answer into `into` (which the caller reuses, so this does not
+    /// allocate once warm).
+    pub fn drain_into(&self, into: &mut Vec<(Ticket, PublishResult)>) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        into.append(&mut answers);
+    }
+}
 
 /// The way back from a sink to the one connection that waits for its answer.
-///
-/// The channel belongs to the connection and is reused for all its messages, so a
-/// message costs no allocation here.
 #[derive(Debug)]
-pub struct Completion(UnboundedSender<PublishResult>);
+pub struct Completion(Route);
+
+enum Route {
+    /// A reactor's connection: the answer goes to its reactor's queue.
+    Ticket(Arc<CompletionQueue>, Ticket),
+    /// A caller that waits on a channel of its own (tools and tests).
+    Channel(UnboundedSender<PublishResult>),
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Ticket(_, t) => f.debug_tuple("Ticket").field(t).finish(),
+            Route::Channel(_) => f.write_str("Channel"),
+        }
+    }
+}
 
 impl Completion {
+    /// For a caller that waits for the answer on a channel (tools, tests).
     pub fn new(tx: UnboundedSender<PublishResult>) -> Self {
-        Completion(tx)
+        Completion(Route::Channel(tx))
+    }
+
+    /// For a reactor: the answer is queued for `ticket` and the reactor woken.
+    pub fn ticket(queue: Arc<CompletionQueue>, ticket: Ticket) -> Self {
+        Completion(Route::Ticket(queue, ticket))
     }
 
     /// Delivers the answer. A connection that has gone away no longer listens; its
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {
-        let _ = self.0.send(result);
+        match self.0 {
+            Route::Ticket(queue, ticket) => queue.push(ticket, result),
+            Route::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+        }
     }
 }
 

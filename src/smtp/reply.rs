@@ -15,7 +15,7 @@ pub const VRFY: &[u8] =
     b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n";
 pub const HELP: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domains\r\n\
 214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT\r\n\
-214-2.0.0           VRFY EXPN HELP SEND SOML SAML\r\n\
+214-2.0.0           VRFY HELP SEND SOML SAML\r\n\
 214 2.0.0 End of HELP info\r\n";
 pub const HELP_UNKNOWN_TOPIC: &[u8] = b"504 5.5.4 HELP topic unknown\r\n";
 
@@ -59,6 +59,8 @@ pub const STORAGE_FULL: &[u8] = b"452 4.3.1 Insufficient system storage, try aga
 pub const BARE_LINE_ENDING: &[u8] =
     b"550 5.6.0 Message refused: bare CR or LF (RFC 5321 section 2.3.8)\r\n";
 
+/// A new transaction while the gateway holds as much message data as it may: temporary.
+pub const LOW_MEMORY: &[u8] = b"451 4.3.1 Insufficient system resources, try again later\r\n";
 pub const EXPN: &[u8] = b"502 5.5.1 EXPN not supported\r\n";
 pub const TURN: &[u8] = b"502 5.5.1 TURN not supported\r\n";
 pub const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 Command not implemented\r\n";
@@ -72,12 +74,14 @@ pub fn helo(out: &mut Vec<u8>, hostname: &str) {
 }
 
 /// Advertises only what the core implements (STARTTLS joins once certificates can be
-/// configured).
+/// configured), and, as RFC 5321 section 4.1.1.1 requires, a keyword for every command
+/// it implements beyond the required set of section 4.5.1: HELP, SEND, SOML and SAML.
 pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize) {
     let _ = write!(
         out,
         "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
-         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n"
+         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n\
+         250-HELP\r\n250-SEND\r\n250-SOML\r\n250 SAML\r\n"
     );
 }
 
@@ -108,6 +112,14 @@ pub fn temporary_failure(out: &mut Vec<u8>, reason: &str) {
 
 pub fn timeout(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "421 4.4.2 {hostname} Timeout, closing connection\r\n");
+}
+
+/// The client sent its message slower than `--min-data-rate`.
+pub fn too_slow(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(
+        out,
+        "421 4.4.2 {hostname} Data rate too low, closing connection\r\n"
+    );
 }
 
 pub fn shutting_down(out: &mut Vec<u8>, hostname: &str) {

@@ -14,20 +14,21 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use memchr::memchr;
 
-use super::address::{AddressError, Domain, ForwardPath, ReversePath};
+use super::address::{self, AddressError, Domain, ForwardPath, ReversePath};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
-use super::envelope::{Envelope, Message, Verb, RECEIVED_HEADROOM};
+use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
 use super::reply;
 use super::stats::{self, SessionStats};
-use crate::sink::{PublishError, PublishResult};
 
 /// Per-listener settings every session of that listener shares.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// Our name: the greeting, EHLO reply and `Received:` lines use it.
     pub hostname: String,
-    /// Recipient domains we take mail for, lower-case. Everything else gets `550 5.7.1`.
+    /// Recipient domains we take mail for, each in the form
+    /// [`address::normalize_accept_domain`] returns (A-labels in lower case, or a
+    /// canonical address literal). Everything else gets `550 5.7.1`.
     pub accept_domains: Vec<String>,
     /// Largest message body in octets, after dot-unstuffing. Advertised as SIZE.
     pub max_message_size: usize,
@@ -38,10 +39,9 @@ pub struct SessionConfig {
 
 impl SessionConfig {
     fn accepts(&self, domain: Domain<'_>) -> bool {
-        let domain = domain.as_str();
         self.accept_domains
             .iter()
-            .any(|accepted| accepted.eq_ignore_ascii_case(domain))
+            .any(|accepted| address::domain_matches(accepted, domain))
     }
 
     /// Room in front of a body for the `Received:` line, so sealing needs no copy.
@@ -88,9 +88,15 @@ struct Greeting {
 struct Transaction {
     envelope: Envelope,
     size_hint: Option<u64>,
-    /// BDAT chunks received so far (DATA bodies live in `Phase::Data`).
-    bdat_body: Option<BytesMut>,
+    /// BDAT chunks received so far (DATA bodies live in `Phase::Data`), read by the
+    /// same scanner as DATA so the bare CR/LF policy holds for both.
+    bdat: Option<BdatBody>,
     bdat_size: u64,
+}
+
+struct BdatBody {
+    reader: DataReader,
+    body: BytesMut,
 }
 
 /// One SMTP conversation, from greeting to close.
@@ -110,6 +116,10 @@ pub struct Session {
     /// Inside a command line longer than the limit: drop bytes up to its LF.
     discarding_line: bool,
     draining: bool,
+    /// The gateway holds as much message data as it may: new transactions get `451 4.3.1`.
+    low_memory: bool,
+    /// No further command is taken while this much output is unwritten.
+    output_limit: usize,
     stats: SessionStats,
 }
 
@@ -130,6 +140,8 @@ impl Session {
             completed: None,
             discarding_line: false,
             draining: false,
+            low_memory: false,
+            output_limit: usize::MAX,
             stats,
         }
     }
@@ -153,6 +165,9 @@ impl Session {
             match &mut self.phase {
                 Phase::Closed | Phase::AwaitingPublish => return pos,
                 Phase::Command => {
+                    if self.out.len() >= self.output_limit {
+                        return pos;
+                    }
                     let Some(lf) = memchr(b'\n', rest) else {
                         // A line that cannot end within the limit is dropped as it
                         // arrives, so the caller's buffer stays bounded.
@@ -187,8 +202,8 @@ impl Session {
                     chunk.remaining -= take;
                     pos += bytes.len();
                     if chunk.refusal.is_none() {
-                        if let Some(body) = self.txn.as_mut().and_then(|t| t.bdat_body.as_mut()) {
-                            body.extend_from_slice(bytes);
+                        if let Some(b) = self.txn.as_mut().and_then(|t| t.bdat.as_mut()) {
+                            b.reader.feed(bytes, &mut b.body);
                         }
                     }
                     if chunk.remaining > 0 {
@@ -240,6 +255,11 @@ impl Session {
         &mut self.stats
     }
 
+    /// Our name, as the greeting and trace lines give it.
+    pub fn hostname(&self) -> &str {
+        &self.config.hostname
+    }
+
     /// Replies not yet written to the client.
     pub fn output(&self) -> &[u8] {
         &self.out
@@ -268,10 +288,57 @@ impl Session {
 
     /// The client was silent too long: `421 4.4.2`, then close.
     pub fn timed_out(&mut self) {
+        self.close_with(reply::timeout);
+    }
+
+    /// The client sent its message body too slowly: `421 4.4.2`, then close.
+    pub fn too_slow(&mut self) {
+        self.close_with(reply::too_slow);
+    }
+
+    fn close_with(&mut self, write: fn(&mut Vec<u8>, &str)) {
         let replied_from = self.out.len();
-        reply::timeout(&mut self.out, &self.config.hostname);
+        write(&mut self.out, &self.config.hostname);
         self.stats.count_replies(&self.out[replied_from..]);
         self.close();
+    }
+
+    /// [`Self::feed`] takes no further command while more than `limit` bytes of
+    /// replies are unwritten, so a client that pipelines and never reads cannot make
+    /// the output grow without bound.
+    pub fn set_output_limit(&mut self, limit: usize) {
+        self.output_limit = limit;
+    }
+
+    /// While set, MAIL (a new transaction) gets `451 4.3.1`; bodies under way go on.
+    pub fn set_low_memory(&mut self, low: bool) {
+        self.low_memory = low;
+    }
+
+    /// Octets of message body this session holds: the DATA body or BDAT chunks read so
+    /// far, or the completed message not yet taken. The caller charges them against
+    /// its memory budget.
+    pub fn body_len(&self) -> usize {
+        let headroom = self.config.headroom();
+        let buffered = match &self.phase {
+            Phase::Data { body, .. } => body.len(),
+            _ => self
+                .txn
+                .as_ref()
+                .and_then(|t| t.bdat.as_ref())
+                .map_or(0, |b| b.body.len()),
+        };
+        let completed = self.completed.as_ref().map_or(0, |m| m.body().len());
+        buffered.saturating_sub(headroom) + completed
+    }
+
+    /// Inside a message body: reading DATA, a BDAT chunk, or between BDAT chunks.
+    pub fn in_body(&self) -> bool {
+        match self.phase {
+            Phase::Data { .. } | Phase::Bdat(_) => true,
+            Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat.is_some()),
+            Phase::AwaitingPublish | Phase::Closed => false,
+        }
     }
 
     /// The server is draining: from now on every command gets `421 4.3.2` and the
@@ -294,9 +361,20 @@ impl Session {
     }
 
     fn close(&mut self) {
+        if matches!(self.phase, Phase::Data { .. }) {
+            self.stats.bodies_abandoned += 1;
+        }
         self.phase = Phase::Closed;
-        self.txn = None;
+        self.abort_transaction();
         self.completed = None;
+    }
+
+    /// Drops the transaction. A BDAT body under way ends without an outcome, and is
+    /// counted so, so the caller never times it as if it had ended.
+    fn abort_transaction(&mut self) {
+        if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
+            self.stats.bodies_abandoned += 1;
+        }
     }
 
     fn reply(&mut self, text: &[u8]) {
@@ -321,7 +399,7 @@ impl Session {
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.txn = None;
+                self.abort_transaction();
                 self.reply(reply::OK);
             }
             Command::Noop => self.reply(reply::OK),
@@ -340,9 +418,12 @@ impl Session {
     fn hello(&mut self, name: &[u8], esmtp: bool) {
         // RFC 5321 allows one argument; some clients add more words, which we ignore.
         let name = name.split(|&b| b == b' ').next().unwrap_or_default();
+        // The argument goes into every Received: line of the session: only a domain or
+        // an address literal is taken (501 otherwise), never text that could change
+        // the line's structure.
         let Some(name) = std::str::from_utf8(name)
             .ok()
-            .filter(|n| n.len() <= MAX_HELO && !n.chars().any(char::is_control))
+            .filter(|n| n.len() <= MAX_HELO && address::is_valid_helo(n))
         else {
             return self.reply(reply::BAD_HELO);
         };
@@ -352,7 +433,7 @@ impl Session {
         };
         self.greeting = Some(Greeting { helo, esmtp });
         // HELO/EHLO also reset any transaction (RFC 5321 section 4.1.4).
-        self.txn = None;
+        self.abort_transaction();
         if esmtp {
             reply::ehlo(
                 &mut self.out,
@@ -371,6 +452,9 @@ impl Session {
         if self.txn.is_some() {
             return self.reply(reply::NESTED_MAIL);
         }
+        if self.low_memory {
+            return self.reply(reply::LOW_MEMORY);
+        }
         if !params.is_empty() && !greeting.esmtp {
             return self.reply(reply::PARAMS_NEED_EHLO);
         }
@@ -382,6 +466,8 @@ impl Session {
             .size
             .is_some_and(|size| size > self.config.max_message_size as u64)
         {
+            // A message refused for its size, only earlier than its body.
+            self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
             return self.reply(reply::MESSAGE_TOO_BIG);
         }
         let from = match from {
@@ -405,7 +491,7 @@ impl Session {
         self.txn = Some(Transaction {
             envelope,
             size_hint: mail_params.size,
-            bdat_body: None,
+            bdat: None,
             bdat_size: 0,
         });
         self.reply(reply::MAIL_OK);
@@ -415,7 +501,7 @@ impl Session {
         let Some(txn) = &mut self.txn else {
             return self.reply(reply::NEED_MAIL);
         };
-        if txn.bdat_body.is_some() {
+        if txn.bdat.is_some() {
             return self.reply(reply::RCPT_AFTER_BDAT);
         }
         if !params.is_empty() {
@@ -443,7 +529,7 @@ impl Session {
         let Some(txn) = &self.txn else {
             return self.reply(reply::NEED_MAIL);
         };
-        if txn.bdat_body.is_some() {
+        if txn.bdat.is_some() {
             return self.reply(reply::DATA_AFTER_BDAT);
         }
         if txn.envelope.rcpt_count() == 0 {
@@ -461,15 +547,22 @@ impl Session {
             return;
         };
         // After the final dot the transaction is over, whatever the outcome.
+        let Some(txn) = self.txn.take() else {
+            self.stats.bodies_abandoned += 1;
+            return;
+        };
+        self.end_body(&reader, txn.envelope, body);
+    }
+
+    /// A DATA body after its final dot or a BDAT message after its last chunk: the
+    /// same outcomes, counts and replies for both.
+    fn end_body(&mut self, reader: &DataReader, envelope: Envelope, body: BytesMut) {
         self.stats.bodies_ended += 1;
         if reader.saw_bare_line_ending() {
             self.stats.smuggling_attempts += 1;
         }
-        let Some(txn) = self.txn.take() else {
-            return;
-        };
         match reader.outcome() {
-            BodyOutcome::Complete => self.complete(txn.envelope, body),
+            BodyOutcome::Complete => self.complete(envelope, body),
             BodyOutcome::TooLarge => {
                 self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
                 self.reply(reply::MESSAGE_TOO_BIG)
@@ -492,13 +585,17 @@ impl Session {
             _ => None,
         };
         if refusal.is_none() {
-            let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
-            let new_body = self.new_body(Some(hint));
-            if let Some(txn) = self.txn.as_mut() {
-                if txn.bdat_body.is_none() {
+            let first = self.txn.as_ref().is_some_and(|t| t.bdat.is_none());
+            if first {
+                let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
+                let body = self.new_body(Some(hint));
+                let reader = DataReader::chunked(max as usize, self.config.bare_lf);
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.bdat = Some(BdatBody { reader, body });
                     self.stats.bodies_started += 1;
                 }
-                txn.bdat_body.get_or_insert(new_body);
+            }
+            if let Some(txn) = self.txn.as_mut() {
                 txn.bdat_size += size;
             }
         }
@@ -520,23 +617,30 @@ impl Session {
         match chunk.refusal {
             Some(refusal) => {
                 if refusal == reply::MESSAGE_TOO_BIG {
-                    // RFC 3030 section 2: after an error the transaction is aborted.
-                    self.txn = None;
+                    // RFC 3030 section 2: after an error the transaction is aborted. A
+                    // body ends here only if an earlier chunk had started it.
+                    if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
+                        self.stats.bodies_ended += 1;
+                    }
                     self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
-                    self.stats.bodies_ended += 1;
                 }
                 self.reply(refusal);
             }
             None if chunk.last => {
-                self.stats.bodies_ended += 1;
-                if let Some(Transaction {
+                let Some(Transaction {
                     envelope,
-                    bdat_body: Some(body),
+                    bdat:
+                        Some(BdatBody {
+                            mut reader,
+                            mut body,
+                        }),
                     ..
                 }) = self.txn.take()
-                {
-                    self.complete(envelope, body);
-                }
+                else {
+                    return;
+                };
+                reader.finish(&mut body);
+                self.end_body(&reader, envelope, body);
             }
             None => reply::chunk_received(&mut self.out, chunk.size),
         }

@@ -93,8 +93,10 @@
 //!   reader goes on after it), `TornTail(range)` (only at the end of the newest segment)
 //!   and `SegmentEnd { segment, closed }`; `closed` means a later segment existed when
 //!   the reader was opened, so the gateway will never add to it (a forwarder may delete
-//!   it once everything in it is acknowledged). In-process,
-//!   [`SpoolSink::writing_segment`] names the one segment still open.
+//!   it once everything in it is acknowledged, with
+//!   [`SpoolSink::remove_closed_segment`], which refuses the open one and syncs the
+//!   directory). In-process, [`SpoolSink::writing_segment`] names the one segment
+//!   still open.
 //! - As an `Iterator` it yields `Ok(record)` and `Err(SpoolError::Corrupt)` for damage,
 //!   continuing after it; any other error ends the iteration.
 //! - A [`SpoolRecord`] carries what a direct Kafka publish sends: key
@@ -161,6 +163,8 @@ pub enum SpoolError {
     Exists { path: PathBuf },
     #[error("--before {0:?}: not a message id (ULID) or an RFC 3339 time")]
     BadCutoff(String),
+    #[error("spool segment {seq} is still being written; only closed segments can be removed")]
+    SegmentOpen { seq: u64 },
     #[error("cannot start the spool writer thread: {0}")]
     Thread(io::Error),
 }
@@ -240,9 +244,10 @@ impl SpoolSink {
         let lock = writer::lock_dir(dir)?;
 
         let segments = writer::list_segments(dir)?;
-        if let Some((seq, newest)) = segments.last() {
-            recovery::recover_newest(dir, *seq, newest)?;
-        }
+        let newest_corrupt = match segments.last() {
+            Some((seq, newest)) => recovery::recover_newest(dir, *seq, newest)?,
+            None => 0,
+        };
         let seq = segments.last().map_or(0, |(seq, _)| seq + 1);
         let segment = writer::create_segment(dir, seq)?;
         tracing::info!(dir = %dir.display(), segment = seq, "spool open");
@@ -265,12 +270,13 @@ impl SpoolSink {
             .name("smtpgw-spool".into())
             .spawn(move || writer.run(rx))
             .map_err(SpoolError::Thread)?;
-        if seq > 0 {
+        if seq > 1 || newest_corrupt > 0 {
             let verify_dir = dir.to_path_buf();
-            // Reading a large spool takes a while; mail is accepted meanwhile.
+            // Reading a large spool takes a while; mail is accepted meanwhile. The
+            // newest segment before this start was read by recovery already.
             if let Err(error) = std::thread::Builder::new()
                 .name("smtpgw-spool-verify".into())
-                .spawn(move || recovery::verify_older(&verify_dir, seq))
+                .spawn(move || recovery::verify_older(&verify_dir, seq - 1, newest_corrupt))
             {
                 tracing::warn!(%error, "cannot start the spool verification thread");
             }
@@ -318,6 +324,21 @@ impl SpoolSink {
     /// The segment the writer appends to; every lower-numbered segment is closed.
     pub fn writing_segment(&self) -> u64 {
         self.shared.writing.load(Ordering::Acquire)
+    }
+
+    /// Deletes closed segment `seq` once everything in it has been handled (e.g.
+    /// forwarded to Kafka), and syncs the directory. Refuses the segment being written
+    /// (or a later one); `Ok(false)` if it was already gone.
+    pub fn remove_closed_segment(&self, seq: u64) -> Result<bool, SpoolError> {
+        if seq >= self.writing_segment() {
+            return Err(SpoolError::SegmentOpen { seq });
+        }
+        let path = writer::segment_path(&self.dir, seq);
+        match std::fs::remove_file(&path) {
+            Ok(()) => writer::sync_dir(&self.dir).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error("remove segment", &path)(e)),
+        }
     }
 
     fn oldest_received_at(&self, oldest_seq: u64) -> Option<DateTime<Utc>> {

@@ -72,8 +72,9 @@ pub enum ReadEvent {
     /// a crash cut short. Never answered `250` unless the disk damaged the last record.
     TornTail(CorruptRange),
     /// The reader has passed the end of a segment. `closed` is true when a later
-    /// segment existed when the reader was opened: the gateway never writes to such a
-    /// segment again, so every record it will ever hold has been read.
+    /// segment existed when the reader was opened (and no `until` stopped inside this
+    /// one): the gateway never writes to such a segment again, so every record it will
+    /// ever hold has been read.
     SegmentEnd {
         segment: u64,
         closed: bool,
@@ -371,6 +372,9 @@ pub(crate) fn open_segment(
 /// parent module for the reader contract.
 pub struct SpoolReader {
     segments: Vec<(u64, PathBuf)>,
+    /// The highest segment number listed when the reader was opened: the only segment
+    /// the gateway may still append to.
+    highest: Option<u64>,
     next_segment: usize,
     current: Option<(SegmentCursor, bool)>,
     start: Option<Position>,
@@ -388,8 +392,10 @@ pub fn read_all(dir: &Path) -> Result<SpoolReader, SpoolError> {
 
 impl SpoolReader {
     pub fn open(dir: &Path) -> Result<SpoolReader, SpoolError> {
+        let segments = list_segments(dir)?;
         Ok(SpoolReader {
-            segments: list_segments(dir)?,
+            highest: segments.last().map(|(seq, _)| *seq),
+            segments,
             next_segment: 0,
             current: None,
             start: None,
@@ -445,7 +451,7 @@ impl SpoolReader {
             let Some((cursor, closed)) = self.current.as_mut() else {
                 let (seq, path) = self.segments.get(self.next_segment)?.clone();
                 self.next_segment += 1;
-                let newest = self.next_segment == self.segments.len();
+                let newest = self.highest == Some(seq);
                 let start = match self.start {
                     Some(p) if p.segment == seq => p.offset,
                     _ => 0,
@@ -454,7 +460,8 @@ impl SpoolReader {
                     Some(u) if u.segment == seq => Some(u.offset),
                     _ => None,
                 };
-                let closed = !newest;
+                // Read to its end only if no `until` stops inside it.
+                let closed = self.highest.is_some_and(|h| seq < h) && limit.is_none();
                 match open_segment(&path, seq, newest, start, limit) {
                     Ok(Opened::Cursor { cursor, damaged }) => {
                         self.current = Some((cursor, closed));

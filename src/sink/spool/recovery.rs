@@ -16,8 +16,9 @@ use super::reader::{open_segment, CorruptRange, Opened, SegmentCursor, SegmentFi
 use super::writer::{create_dir_durably, sync_dir, QUARANTINE_DIR};
 use super::{io_error, SpoolError};
 
-/// Repairs the newest segment (`seq` at `path`) before a new one is started after it.
-pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<(), SpoolError> {
+/// Repairs the newest segment (`seq` at `path`) before a new one is started after it;
+/// returns how many corrupt ranges it kept (and logged).
+pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, SpoolError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -37,6 +38,7 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<(), Sp
         .read_at(0, SEGMENT_MAGIC.len())
         .map_err(io_error("read segment", path))?
         .to_vec();
+    let mut corrupt = 0u64;
     let start = if head == SEGMENT_MAGIC {
         SEGMENT_MAGIC.len() as u64
     } else if head.len() < SEGMENT_MAGIC.len() && SEGMENT_MAGIC.starts_with(&head) {
@@ -46,13 +48,14 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<(), Sp
         fs::remove_file(path).map_err(io_error("remove unfinished segment", path))?;
         sync_dir(dir)?;
         tracing::warn!(segment = %path.display(), bytes = len, "removed a segment whose creation a crash cut short");
-        return Ok(());
+        return Ok(0);
     } else {
         match segment
             .find_frame(SEGMENT_MAGIC.len() as u64)
             .map_err(io_error("read segment", path))?
         {
             Some(first) => {
+                corrupt += 1;
                 tracing::error!(
                     segment = %path.display(),
                     offset = 0,
@@ -79,7 +82,10 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<(), Sp
     let torn = loop {
         match cursor.step().map_err(io_error("read segment", path))? {
             Step::Record(_) => records += 1,
-            Step::Corrupt(range) => log_corrupt(&range),
+            Step::Corrupt(range) => {
+                corrupt += 1;
+                log_corrupt(&range)
+            }
             Step::Torn(range) => break Some(range),
             Step::End => break None,
         }
@@ -103,16 +109,19 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<(), Sp
             }
             // Without a copy the tail stays: readers will report it as corruption,
             // which is better than losing a record the disk damaged.
-            Err(error) => tracing::error!(
-                segment = %path.display(),
-                offset = range.offset,
-                len = range.len,
-                %error,
-                "cannot save the torn tail to quarantine; leaving it in place"
-            ),
+            Err(error) => {
+                corrupt += 1;
+                tracing::error!(
+                    segment = %path.display(),
+                    offset = range.offset,
+                    len = range.len,
+                    %error,
+                    "cannot save the torn tail to quarantine; leaving it in place"
+                )
+            }
         }
     }
-    Ok(())
+    Ok(corrupt)
 }
 
 fn log_corrupt(range: &CorruptRange) {
@@ -154,8 +163,9 @@ fn quarantine_tail(dir: &Path, path: &Path, range: &CorruptRange) -> Result<Path
 }
 
 /// Reads every segment below `below` once and logs what is damaged, so a start-up
-/// says so without waiting for the whole spool to be read.
-pub(crate) fn verify_older(dir: &Path, below: u64) {
+/// says so without waiting for the whole spool to be read; `found` ranges were already
+/// logged by [`recover_newest`].
+pub(crate) fn verify_older(dir: &Path, below: u64, found: u64) {
     let segments = match super::writer::list_segments(dir) {
         Ok(s) => s,
         Err(error) => {
@@ -163,7 +173,8 @@ pub(crate) fn verify_older(dir: &Path, below: u64) {
             return;
         }
     };
-    let (mut checked, mut damaged) = (0u64, 0u64);
+    // The newest segment counts: recovery read it.
+    let (mut checked, mut damaged) = (1u64, found);
     for (seq, path) in segments.into_iter().filter(|(seq, _)| *seq < below) {
         checked += 1;
         match open_segment(&path, seq, false, 0, None) {

@@ -207,7 +207,17 @@ impl Writer {
     }
 
     fn encode(&mut self, (msg, done): Request) {
+        let start = self.buf.len();
         match encode_record(&mut self.buf, &msg) {
+            // A record that could not fit even an empty spool would get 452 for ever.
+            Ok(())
+                if self.shared.limits.max_bytes.is_some_and(|max| {
+                    (self.buf.len() - start + SEGMENT_MAGIC.len()) as u64 > max
+                }) =>
+            {
+                self.buf.truncate(start);
+                done.complete(Err(PublishError::TooLarge));
+            }
             Ok(()) => self.batch.push((msg.id, done, self.buf.len())),
             Err(TooLarge) => done.complete(Err(PublishError::TooLarge)),
         }
@@ -254,12 +264,23 @@ impl Writer {
             return false;
         }
         let refused = self.batch.len() - keep;
-        tracing::warn!(
-            dir = %self.shared.dir.display(),
-            messages = refused,
-            reason = %why,
-            "spool limit reached; answering 452 4.3.1"
+        let was_full = matches!(
+            *self
+                .shared
+                .health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            Health::Full(_)
         );
+        // Once per episode, not once per batch: a full disk under load would flood the log.
+        if !was_full {
+            tracing::warn!(
+                dir = %self.shared.dir.display(),
+                messages = refused,
+                reason = %why,
+                "spool limit reached; answering 452 4.3.1 until there is room"
+            );
+        }
         let cut = keep.checked_sub(1).map_or(0, |i| self.batch[i].2);
         // Before the answers go out, so `/readyz` already says why when a client
         // has its 452.
@@ -283,7 +304,15 @@ impl Writer {
             match result {
                 Ok(()) => {
                     if !refused {
-                        self.shared.set_health(Health::Ok);
+                        let mut health = self
+                            .shared
+                            .health
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if *health != Health::Ok {
+                            tracing::info!(dir = %self.shared.dir.display(), "spool writes succeed again");
+                            *health = Health::Ok;
+                        }
                     }
                     if let Some(segment) = self.segment.as_ref() {
                         *self
