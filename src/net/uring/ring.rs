@@ -462,9 +462,8 @@ pub fn probe() -> Result<Capabilities, ProbeFailure> {
     let recv = opcode::RecvMulti::new(Fd(b.as_raw_fd()), 0)
         .build()
         .user_data(1);
-    // SAFETY: the request reads only into the buffer ring, which lives in `bufs` until
-    // this function returns, after the ring (declared later, dropped first)... the ring
-    // is dropped explicitly below before `bufs`.
+    // SAFETY: the receive writes only into the buffer ring's memory, which is never
+    // freed (`leak_if_small` below), so no completion can outlive it.
     unsafe { push(&mut ring, &recv) }.map_err(|e| ProbeFailure::Other("submit", e))?;
     // Multishot accept on a loopback listener.
     let listener = TcpListener::bind("127.0.0.1:0")
