@@ -98,6 +98,7 @@ pub struct Metrics {
     spool_oldest_age: Gauge,
     spool_free_bytes: IntGauge,
     draining_gauge: IntGauge,
+    io_backend_info: IntGaugeVec,
     listening: AtomicBool,
     draining: AtomicBool,
 }
@@ -316,6 +317,7 @@ impl Metrics {
                 "Bytes available on the spool's file system (0 without a spool).",
             )?,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
+            io_backend_info: backend,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registry,
@@ -330,6 +332,13 @@ impl Metrics {
         {
             self.replies[i].inc();
         }
+    }
+
+    /// Which I/O backend (`uring` or `epoll`) serves connections: that series is 1, no
+    /// other exists.
+    pub fn set_io_backend(&self, backend: &str) {
+        self.io_backend_info.reset();
+        self.io_backend_info.with_label_values(&[backend]).set(1);
     }
 
     /// The SMTP listeners are up; `/readyz` may say yes.
