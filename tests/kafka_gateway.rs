@@ -2,6 +2,7 @@
 //! plain SMTP client over loopback: 250 only with the record in the topic, 451 while
 //! the broker is down, 250 again once it is back, SIZE within what Kafka accepts.
 
+mod harness;
 mod kafka_support;
 
 use std::process::Command;

@@ -1,6 +1,7 @@
 //! The Kafka sink against librdkafka's mock cluster: real Kafka protocol over
 //! loopback, with brokers that can be taken down and requests that can be failed.
 
+mod harness;
 mod kafka_support;
 mod spool_support;
 
