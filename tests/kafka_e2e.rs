@@ -127,7 +127,7 @@ fn sigkill_during_load_loses_no_acknowledged_message() {
 
     const SESSIONS: usize = 8;
     const PER_SESSION: usize = 400;
-    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..SESSIONS)
         .map(|i| {
@@ -147,7 +147,7 @@ fn sigkill_during_load_loses_no_acknowledged_message() {
                     let body = format!("Subject: {i}/{n}\r\n\r\n{}\r\n", "x".repeat(1000));
                     match c.try_send(body.as_bytes()) {
                         Ok(reply) if reply.starts_with("250 ") => {
-                            acked.lock().expect("lock").push(queued_id(&reply))
+                            acked.lock().expect("lock").push((queued_id(&reply), body))
                         }
                         Ok(_) => {}
                         Err(_) => break,
@@ -170,25 +170,35 @@ fn sigkill_during_load_loses_no_acknowledged_message() {
         let _ = t.join();
     }
 
-    let acked: Vec<String> = acked.lock().expect("lock").clone();
+    let acked: Vec<(String, String)> = acked.lock().expect("lock").clone();
     assert!(
         !acked.is_empty(),
         "no message was acknowledged before the kill"
     );
-    let keys: std::collections::HashSet<Vec<u8>> = consume(
+    let mut values: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+    for r in consume(
         &addr,
         &topic,
         usize::MAX,
         Duration::from_secs(3),
         Duration::from_secs(60),
-    )
-    .into_iter()
-    .map(|r| r.key)
-    .collect();
-    let missing: Vec<&String> = acked
-        .iter()
-        .filter(|id| !keys.contains(id.as_bytes()))
-        .collect();
+    ) {
+        values.entry(r.key).or_default().push(r.value);
+    }
+    // Every 250 is in the topic with the body that was sent (a retried produce after
+    // the kill cannot happen: the producer died with the process).
+    let mut missing = Vec::new();
+    for (id, body) in &acked {
+        match values.get(id.as_bytes()).map(Vec::as_slice) {
+            Some([value]) => assert!(
+                value.starts_with(b"Received: from load.test") && value.ends_with(body.as_bytes()),
+                "{id}: value {:?} is not the message sent ({body:?})",
+                String::from_utf8_lossy(value)
+            ),
+            Some(more) => panic!("{id} is in the topic {} times", more.len()),
+            None => missing.push(id),
+        }
+    }
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged ids missing, e.g. {:?}",
