@@ -131,9 +131,20 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     Err(ReplayError::Spool(e)) => {
                         return Err(e).with_context(|| format!("--spool-dir {}", dir.display()))
                     }
-                    Err(ReplayError::Unreachable { brokers, waited }) => anyhow::bail!(
-                        "--kafka-brokers {brokers}: no broker answered within {waited:?}"
-                    ),
+                    Err(ReplayError::Unreachable { brokers, waited }) => {
+                        // Name what is left unpublished, as for a partial replay.
+                        let spool_dir = || format!("--spool-dir {}", dir.display());
+                        let mut unpublished = 0usize;
+                        for record in smtpgw::sink::spool::read_all(&dir).with_context(spool_dir)? {
+                            let id = record.with_context(spool_dir)?.id;
+                            eprintln!("{id}: not published: no broker");
+                            unpublished += 1;
+                        }
+                        anyhow::bail!(
+                            "--kafka-brokers {brokers}: no broker answered within {waited:?}; \
+                             {unpublished} messages not published"
+                        )
+                    }
                     Err(e) => return Err(e.into()),
                 };
             for (id, why) in &report.failed {
