@@ -116,7 +116,10 @@ section "dashboards: checked-in JSON equals a fresh generation"
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
-section "cargo clippy (workspace)"
+section "cargo clippy (workspace, the fuzz crate included)"
+# fuzz/ is a workspace member: its target and harness are checked and linted here on
+# stable, its seed corpus is replayed by `cargo test` (fuzz/tests/corpus.rs), and
+# `cargo +nightly fuzz run session_feed` fuzzes it (not in CI).
 cargo clippy --workspace --all-targets --release -- -D warnings
 
 section "cargo build --release (gateway and load client)"
