@@ -186,6 +186,12 @@ def overview() -> g.Dashboard:
         ),
         timeseries("Sink up by node", (f"smtpgw_sink_up{{{fleet}}}", "{{instance}}")),
         timeseries(
+            "Spool: size and free space by node",
+            (f"smtpgw_spool_bytes{{{fleet}}}", "{{instance}} spool"),
+            (f"smtpgw_spool_filesystem_free_bytes{{{fleet}}}", "{{instance}} free"),
+            unit="bytes",
+        ),
+        timeseries(
             "Smuggling attempts / s", (rate("smtpgw_smuggling_attempts_total", fleet, by="instance"), "{{instance}}")
         ),
         table(
@@ -228,6 +234,14 @@ def node() -> g.Dashboard:
             (f"smtpgw_publish_inflight_messages{{{one}}}", "messages"),
             (f"smtpgw_publish_inflight_bytes{{{one}}}", "bytes"),
         ),
+        timeseries(
+            "Spool size and free space",
+            (f"smtpgw_spool_bytes{{{one}}}", "spool"),
+            (f"smtpgw_spool_filesystem_free_bytes{{{one}}}", "free on its file system"),
+            unit="bytes",
+        ),
+        stat("Spool segments", (f"smtpgw_spool_segments{{{one}}}", "segments")),
+        stat("Oldest spooled message", (f"smtpgw_spool_oldest_record_age_seconds{{{one}}}", "age"), unit="s"),
     ]
     return dashboard("smtpgw-node", "smtpgw / Node", "One smtpgw node in detail", panels, multi_instance=False)
 

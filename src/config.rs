@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
 /// Loopback only by default: the endpoint has no authentication.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// Room for a full batch (8 MiB) and a maximal message on top, so the gateway says
+/// `452` while the disk can still take the writes already under way.
+pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
@@ -24,6 +27,11 @@ pub const MAX_REACTORS: usize = 1024;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_SESSION_TIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MIN_DATA_RATE: u64 = 1024;
+/// The minimum data rate is averaged over windows this long (the first is the grace).
+pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
+/// Without a total memory figure (or below it), the body budget is this.
+const FALLBACK_BODY_MEMORY: usize = 256 * 1024 * 1024;
 /// Far beyond any sensible setting, and keeps deadline arithmetic far from overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
@@ -37,6 +45,30 @@ pub enum SinkKind {
     Null,
     /// Publish to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
+}
+
+impl SinkKind {
+    /// As logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Spool => "spool",
+            SinkKind::Null => "null",
+            SinkKind::Kafka => "kafka",
+        }
+    }
+}
+
+/// Which I/O backend the reactors use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// io_uring where this process may use it, else epoll (one log line says why).
+    #[default]
+    Auto,
+    /// io_uring, or fail at start-up.
+    Uring,
+    /// epoll (tokio), the portable fallback.
+    Epoll,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -69,11 +101,15 @@ pub enum SpoolCommand {
     Ls {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
     /// Print one stored message.
     Cat {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
@@ -84,20 +120,51 @@ pub enum SpoolCommand {
     Export {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Publish every stored message to Kafka, keyed by its id as the gateway would
     /// have, so consumers can drop what they already have.
     Replay {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Required: the only replay target.
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
+    /// Verify every record; print a summary; exit 1 if anything is corrupt.
+    Check {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+    },
+    /// Delete whole closed segments whose records are all older than a cut-off.
+    Prune {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// A message id (ULID) or an RFC 3339 time: segments whose every record was
+        /// received (ULID: has an id) before it are deleted.
+        #[arg(long, value_name = "ULID|RFC3339")]
+        before: String,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SkipCorruptArg {
+    /// Carry on past corrupt data (still reported on stderr) and exit 0.
+    #[arg(long = "skip-corrupt")]
+    pub skip_corrupt: bool,
 }
 
 /// The Kafka settings, shared by the server and `spool replay`.
@@ -187,9 +254,46 @@ pub struct ServerArgs {
     /// Directory of the spool sink [default: ./spool].
     #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
+    /// K, M, G suffixes; 0 for no limit [default: 0].
+    #[arg(
+        long = "spool-max-bytes",
+        env = "SMTPGW_SPOOL_MAX_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_max_bytes: Option<String>,
+    /// Free space to leave on the spool's file system; messages that would go below it
+    /// get 452 4.3.1 before the disk fills; 0 turns it off [default: 64M].
+    #[arg(
+        long = "spool-min-free-bytes",
+        env = "SMTPGW_SPOOL_MIN_FREE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_min_free_bytes: Option<String>,
     /// Reactor threads, 1..=1024 [default: the number of CPUs].
     #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
     pub reactors: Option<u64>,
+    /// I/O backend of the reactors [default: auto].
+    #[arg(long = "io-backend", env = "SMTPGW_IO_BACKEND", value_enum)]
+    pub io_backend: Option<IoBackend>,
+    /// Message bodies held in memory across the gateway (being received or with the
+    /// sink); over it bodies stop being read and MAIL gets 451 4.3.1; K, M, G suffixes
+    /// [default: 25% of the machine's memory].
+    #[arg(
+        long = "max-body-memory",
+        env = "SMTPGW_MAX_BODY_MEMORY",
+        value_name = "BYTES"
+    )]
+    pub max_body_memory: Option<String>,
+    /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
+    /// second, averaged over windows of WINDOW, the first being the grace), before
+    /// 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K/30s].
+    #[arg(
+        long = "min-data-rate",
+        env = "SMTPGW_MIN_DATA_RATE",
+        value_name = "RATE"
+    )]
+    pub min_data_rate: Option<String>,
     /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
     #[arg(
         long = "max-message-size",
@@ -248,7 +352,12 @@ pub struct FileConfig {
     pub accept_domain: Option<OneOrMany>,
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<IntOrStr>,
+    pub spool_min_free_bytes: Option<IntOrStr>,
     pub reactors: Option<u64>,
+    pub io_backend: Option<IoBackend>,
+    pub max_body_memory: Option<IntOrStr>,
+    pub min_data_rate: Option<IntOrStr>,
     pub max_message_size: Option<IntOrStr>,
     pub max_recipients: Option<u64>,
     pub max_connections: Option<u64>,
@@ -272,7 +381,12 @@ const FILE_KEYS: &[&str] = &[
     "accept-domain",
     "sink",
     "spool-dir",
+    "spool-max-bytes",
+    "spool-min-free-bytes",
     "reactors",
+    "io-backend",
+    "max-body-memory",
+    "min-data-rate",
     "max-message-size",
     "max-recipients",
     "max-connections",
@@ -371,7 +485,16 @@ pub struct Config {
     pub accept_domains_defaulted: bool,
     pub sink: SinkKind,
     pub spool_dir: PathBuf,
+    /// `None`: no size limit.
+    pub spool_max_bytes: Option<u64>,
+    /// 0: no free-space floor.
+    pub spool_min_free_bytes: u64,
     pub reactors: usize,
+    pub io_backend: IoBackend,
+    /// Across all reactors; each gets an equal share.
+    pub max_body_memory: usize,
+    /// Bytes per second, and the window they are averaged over; `None` when off.
+    pub min_data_rate: Option<(u64, Duration)>,
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
@@ -577,6 +700,28 @@ pub fn resolve(
         None => DEFAULT_MAX_MESSAGE_SIZE,
     };
 
+    let max_body_memory = match cli
+        .max_body_memory
+        .map(IntOrStr::Str)
+        .or(file.max_body_memory)
+    {
+        Some(v) => {
+            let n = parse_size(&v).map_err(|m| invalid("--max-body-memory", m))?;
+            // One message of the largest size must fit, or it could never be received.
+            ranged("--max-body-memory", n, max_message_size as u64, u64::MAX).map_err(|_| {
+                invalid(
+                    "--max-body-memory",
+                    format!("must be at least --max-message-size ({max_message_size}) (got {v})"),
+                )
+            })? as usize
+        }
+        None => default_body_memory().max(max_message_size.saturating_mul(2)),
+    };
+    let min_data_rate = match cli.min_data_rate.map(IntOrStr::Str).or(file.min_data_rate) {
+        Some(v) => parse_rate(&v).map_err(|m| invalid("--min-data-rate", m))?,
+        None => Some((DEFAULT_MIN_DATA_RATE, MIN_DATA_RATE_WINDOW)),
+    };
+
     let max_recipients = match cli.max_recipients.or(file.max_recipients) {
         Some(n) => at_least_one("--max-recipients", n)?,
         None => DEFAULT_MAX_RECIPIENTS,
@@ -635,6 +780,25 @@ pub fn resolve(
         return Err(invalid("--spool-dir", "must not be empty"));
     }
 
+    let size = |flag: &'static str, cli: Option<String>, file: Option<IntOrStr>| {
+        cli.map(IntOrStr::Str)
+            .or(file)
+            .map(|v| parse_size(&v).map_err(|m| invalid(flag, m)))
+            .transpose()
+    };
+    let spool_max_bytes = size(
+        "--spool-max-bytes",
+        cli.spool_max_bytes,
+        file.spool_max_bytes,
+    )?
+    .filter(|&n| n > 0);
+    let spool_min_free_bytes = size(
+        "--spool-min-free-bytes",
+        cli.spool_min_free_bytes,
+        file.spool_min_free_bytes,
+    )?
+    .unwrap_or(DEFAULT_SPOOL_MIN_FREE_BYTES);
+
     let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
     let kafka = resolve_kafka(cli.kafka, file_kafka)?;
     if sink == SinkKind::Kafka && kafka.brokers.is_none() {
@@ -652,7 +816,12 @@ pub fn resolve(
         accept_domains_defaulted,
         sink,
         spool_dir,
+        spool_max_bytes,
+        spool_min_free_bytes,
         reactors,
+        io_backend: cli.io_backend.or(file.io_backend).unwrap_or_default(),
+        max_body_memory,
+        min_data_rate,
         max_message_size,
         max_recipients,
         max_connections,
@@ -666,6 +835,25 @@ pub fn resolve(
             .unwrap_or(LogFormat::Text),
         kafka,
     })
+}
+
+/// A quarter of the machine's memory (`MemTotal` of /proc/meminfo): bodies in flight
+/// must never be what takes a node down.
+fn default_body_memory() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let kib = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+            kib.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+        });
+    match total {
+        Some(kib) => (kib.saturating_mul(1024) / 4).max(FALLBACK_BODY_MEMORY),
+        None => FALLBACK_BODY_MEMORY,
+    }
 }
 
 /// The config file's Kafka keys, taken out of [`FileConfig`] so that `spool replay`
@@ -795,6 +983,26 @@ pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, Con
         max_inflight_messages,
         max_inflight_bytes,
     })
+}
+
+/// `BYTES[/WINDOW]`: `1K`, `512/10s`; `0` turns the rule off.
+fn parse_rate(v: &IntOrStr) -> Result<Option<(u64, Duration)>, String> {
+    let text = match v {
+        IntOrStr::Int(n) => n.to_string(),
+        IntOrStr::Str(s) => s.clone(),
+    };
+    let (bytes, window) = match text.split_once('/') {
+        Some((b, w)) => {
+            let window = parse_duration(&IntOrStr::Str(w.to_owned()))?;
+            if window.is_zero() || window > MAX_DURATION {
+                return Err(format!("the window must be between 1s and 366d (got {w})"));
+            }
+            (b, window)
+        }
+        None => (text.as_str(), MIN_DATA_RATE_WINDOW),
+    };
+    let bytes = parse_size(&IntOrStr::Str(bytes.to_owned()))?;
+    Ok((bytes > 0).then_some((bytes, window)))
 }
 
 fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
@@ -1268,7 +1476,7 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Some(Command::Spool(SpoolCommand::Cat { dir, body, id })) => {
+            Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
                 assert_eq!(dir.spool_dir, PathBuf::from("/s"));
                 assert!(body);
                 assert_eq!(id, "ID");
@@ -1281,5 +1489,44 @@ mod tests {
             Some(Command::Spool(SpoolCommand::Export { .. }))
         ));
         assert!(parse(&["spool", "export"]).is_err());
+    }
+
+    #[test]
+    fn spool_check_prune_and_skip_corrupt_parse() {
+        let c = parse(&["spool", "ls", "--skip-corrupt"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Ls {
+                corrupt: SkipCorruptArg { skip_corrupt: true },
+                ..
+            }))
+        ));
+        let c = parse(&["spool", "export", "--mbox", "m", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Export { force: true, .. }))
+        ));
+        assert!(parse(&["spool", "check"]).is_ok());
+        let c = parse(&["spool", "prune", "--before", "2026-01-01T00:00:00Z"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
+        ));
+        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+    }
+
+    #[test]
+    fn spool_limits_parse_and_name_their_flag() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.spool_max_bytes, None);
+        assert_eq!(c.spool_min_free_bytes, DEFAULT_SPOOL_MIN_FREE_BYTES);
+        let c = run(&["--spool-max-bytes", "2G"], "spool-min-free-bytes = 0").unwrap();
+        assert_eq!(c.spool_max_bytes, Some(2 << 30));
+        assert_eq!(c.spool_min_free_bytes, 0);
+        assert!(
+            err(&["--spool-max-bytes", "lots"], "").starts_with("--spool-max-bytes: not a size")
+        );
+        assert!(err(&["--spool-min-free-bytes=-1"], "")
+            .starts_with("--spool-min-free-bytes: not a size"));
     }
 }

@@ -1,10 +1,12 @@
 //! smtpgw: an SMTP ingestion gateway that says `250` only once a message is durable.
 //!
-//! `smtp` is the sans-IO protocol core, `net` moves bytes between sockets and sessions,
+//! `smtp` is the sans-IO protocol core, `conn` the sans-IO connection driver around it
+//! (deadlines, drain, memory limits), `net` moves bytes between sockets and drivers,
 //! `sink` stores accepted messages, `metrics` exports what they do, `server` wires
 //! them together.
 
 pub mod config;
+pub mod conn;
 pub mod metrics;
 pub mod net;
 pub mod server;

@@ -92,29 +92,126 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
     installed.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// Turns what a tool skipped into its exit status: an error unless `--skip-corrupt`.
+fn skipped(
+    damage: &smtpgw::spool_tool::Damage,
+    skip_corrupt: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    let n = damage.ranges.len();
+    if n > 0 && !skip_corrupt {
+        anyhow::bail!(
+            "{what}: skipped {n} corrupt range(s), {} bytes (listed above); \
+             give --skip-corrupt to accept that",
+            damage.corrupt_bytes()
+        );
+    }
+    Ok(())
+}
+
 fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
     use smtpgw::spool_tool;
     let stdout = std::io::stdout();
+    let escaped = stdout.is_terminal();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = std::io::stderr();
     match cmd {
-        SpoolCommand::Ls { dir } => {
+        SpoolCommand::Ls { dir, corrupt } => {
             let dir = dir.spool_dir;
-            spool_tool::ls(&dir, &mut out)
+            let damage = spool_tool::ls_reporting(&dir, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool ls")?;
         }
-        SpoolCommand::Cat { dir, body, id } => {
+        SpoolCommand::Cat {
+            dir,
+            corrupt,
+            body,
+            id,
+        } => {
             let dir = dir.spool_dir;
-            spool_tool::cat(&dir, &id, body, &mut out)
+            let damage = spool_tool::cat_reporting(&dir, &id, body, escaped, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool cat")?;
         }
-        SpoolCommand::Export { dir, mbox } => {
+        SpoolCommand::Export {
+            dir,
+            corrupt,
+            mbox,
+            force,
+        } => {
             let dir = dir.spool_dir;
-            let n = spool_tool::export_mbox(&dir, &mbox).with_context(|| {
-                format!("--spool-dir {} --mbox {}", dir.display(), mbox.display())
-            })?;
-            eprintln!("exported {n} messages to {}", mbox.display());
+            let (n, damage) = spool_tool::export_mbox_reporting(
+                &dir,
+                &mbox,
+                force,
+                corrupt.skip_corrupt,
+                &mut err,
+            )
+            .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;
+            let skipped_ranges = damage.ranges.len();
+            drop(damage);
+            eprintln!(
+                "exported {n} messages to {}{}",
+                mbox.display(),
+                if skipped_ranges > 0 {
+                    format!("; skipped {skipped_ranges} corrupt range(s)")
+                } else {
+                    String::new()
+                }
+            );
         }
-        SpoolCommand::Replay { dir, kafka, .. } => {
+        SpoolCommand::Check { dir } => {
+            let dir = dir.spool_dir;
+            let summary = spool_tool::check(&dir, &mut out, &mut err)
+                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            if summary.corrupt_ranges > 0 {
+                anyhow::bail!(
+                    "spool check: {} corrupt range(s), {} bytes (listed above)",
+                    summary.corrupt_ranges,
+                    summary.corrupt_bytes
+                );
+            }
+        }
+        SpoolCommand::Prune {
+            dir,
+            before,
+            dry_run,
+        } => {
+            let dir = dir.spool_dir;
+            let cutoff = spool_tool::Cutoff::parse(&before)?;
+            let report = spool_tool::prune(&dir, cutoff, dry_run, &mut out, &mut err)
+                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            eprintln!(
+                "{} {} segments ({} records, {} bytes); kept {}{}",
+                if dry_run { "would delete" } else { "deleted" },
+                report.deleted_segments,
+                report.deleted_records,
+                report.deleted_bytes,
+                report.kept_segments,
+                if report.kept_corrupt > 0 {
+                    format!(", {} of them for corrupt data", report.kept_corrupt)
+                } else {
+                    String::new()
+                }
+            );
+            if report.kept_corrupt > 0 {
+                anyhow::bail!(
+                    "spool prune: kept {} segment(s) holding corrupt data (listed above); \
+                     `smtpgw spool check` shows it",
+                    report.kept_corrupt
+                );
+            }
+        }
+        SpoolCommand::Replay {
+            dir,
+            corrupt,
+            kafka,
+            ..
+        } => {
             // librdkafka's warnings (unreachable broker, auth) are what an operator
             // needs to see here; a second subscriber cannot exist yet, so ignore that.
             let _ = init_logging(LogFormat::Text);
@@ -123,39 +220,83 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             if kafka.brokers.is_none() {
                 anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
             }
-            use smtpgw::sink::kafka::{replay_spool, ReplayError};
-            let report =
-                match replay_spool(&dir, &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS)) {
-                    Ok(report) => report,
-                    // Only spool errors are about the directory; the others name their flag.
-                    Err(ReplayError::Spool(e)) => {
-                        return Err(e).with_context(|| format!("--spool-dir {}", dir.display()))
+            let in_dir = || format!("--spool-dir {}", dir.display());
+            if !corrupt.skip_corrupt {
+                // All or nothing: a replay that stops half way would look like success
+                // to a consumer that does not read its exit status.
+                let summary =
+                    spool_tool::check(&dir, &mut std::io::sink(), &mut err).with_context(in_dir)?;
+                if summary.corrupt_ranges > 0 {
+                    anyhow::bail!(
+                        "spool replay: {} corrupt range(s) (listed above); nothing published; \
+                         give --skip-corrupt to publish the rest",
+                        summary.corrupt_ranges
+                    );
+                }
+            }
+            use smtpgw::sink::kafka::{replay_records, ReplayError};
+            use smtpgw::sink::spool::{ReadEvent, SpoolReader};
+            // Opened before the broker is contacted: a wrong directory fails at once.
+            let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+            let mut read_error = None;
+            let mut corrupt_ranges = 0usize;
+            let records = std::iter::from_fn(|| loop {
+                match reader.next_event()? {
+                    Ok(ReadEvent::Record(record)) => return Some(record),
+                    Ok(ReadEvent::Corrupt(range)) => {
+                        corrupt_ranges += 1;
+                        eprintln!("corrupt: {range}");
                     }
-                    Err(ReplayError::Unreachable { brokers, waited }) => {
-                        // Name what is left unpublished, as for a partial replay.
-                        let spool_dir = || format!("--spool-dir {}", dir.display());
-                        let mut unpublished = 0usize;
-                        for record in smtpgw::sink::spool::read_all(&dir).with_context(spool_dir)? {
-                            let id = record.with_context(spool_dir)?.id;
-                            eprintln!("{id}: not published: no broker");
+                    Ok(ReadEvent::TornTail(_) | ReadEvent::SegmentEnd { .. }) => {}
+                    Err(e) => {
+                        read_error = Some(e);
+                        return None;
+                    }
+                }
+            });
+            let report = match replay_records(
+                records,
+                &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS),
+            ) {
+                Ok(report) => report,
+                // Only spool errors are about the directory; the others name their flag.
+                Err(ReplayError::Spool(e)) => return Err(e).with_context(in_dir),
+                Err(ReplayError::Unreachable { brokers, waited }) => {
+                    // Name what is left unpublished, as a partial replay does.
+                    let mut unpublished = 0usize;
+                    let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+                    while let Some(event) = reader.next_event() {
+                        if let ReadEvent::Record(record) = event.with_context(in_dir)? {
+                            eprintln!("{}: not published: no broker", record.id);
                             unpublished += 1;
                         }
-                        anyhow::bail!(
-                            "--kafka-brokers {brokers}: no broker answered within {waited:?}; \
-                             {unpublished} messages not published"
-                        )
                     }
-                    Err(e) => return Err(e.into()),
-                };
+                    anyhow::bail!(
+                        "--kafka-brokers {brokers}: no broker answered within {waited:?}; \
+                         {unpublished} messages not published"
+                    )
+                }
+                Err(e) => return Err(e.into()),
+            };
             for (id, why) in &report.failed {
                 eprintln!("{id}: not published: {why}");
             }
             eprintln!(
-                "published {} messages to {}; {} failed",
+                "published {} messages to {}; {} failed{}",
                 report.published,
                 kafka.topic,
-                report.failed.len()
+                report.failed.len(),
+                if corrupt_ranges > 0 {
+                    format!("; skipped {corrupt_ranges} corrupt range(s)")
+                } else {
+                    String::new()
+                }
             );
+            if let Some(e) = read_error {
+                return Err(e).with_context(|| {
+                    format!("{}: reading stopped; the rest is not published", in_dir())
+                });
+            }
             if !report.failed.is_empty() {
                 anyhow::bail!(
                     "{} messages not published; replaying again is safe (same keys)",

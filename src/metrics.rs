@@ -84,6 +84,10 @@ pub struct Metrics {
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
+    spool_bytes: IntGauge,
+    spool_segments: IntGauge,
+    spool_oldest_age: Gauge,
+    spool_free_bytes: IntGauge,
     draining_gauge: IntGauge,
     listening: AtomicBool,
     draining: AtomicBool,
@@ -242,6 +246,26 @@ impl Metrics {
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
             )?,
             kafka_broker_rtt,
+            spool_bytes: gauge(
+                "smtpgw_spool_bytes",
+                "Total size of the spool's segment files (0 without a spool).",
+            )?,
+            spool_segments: gauge(
+                "smtpgw_spool_segments",
+                "Segment files in the spool (0 without a spool).",
+            )?,
+            spool_oldest_age: {
+                let g = Gauge::new(
+                    "smtpgw_spool_oldest_record_age_seconds",
+                    "Age of the oldest record in the spool (0 when empty or without a spool).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            spool_free_bytes: gauge(
+                "smtpgw_spool_filesystem_free_bytes",
+                "Bytes available on the spool's file system (0 without a spool).",
+            )?,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -272,7 +296,20 @@ impl Metrics {
 
     /// The text exposition of every metric, with the sampled gauges brought up to date.
     pub fn render(&self, sink: &dyn Sink) -> Vec<u8> {
-        self.sink_up.set(i64::from(sink.is_healthy()));
+        self.sink_up.set(i64::from(sink.health().is_ok()));
+        if let Some(spool) = sink.spool_stats() {
+            let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.spool_bytes.set(clamp(spool.bytes));
+            self.spool_segments.set(clamp(spool.segments));
+            let age = spool.oldest_received_at.map_or(0.0, |at| {
+                (chrono::Utc::now() - at)
+                    .num_microseconds()
+                    .unwrap_or(i64::MAX) as f64
+                    / 1e6
+            });
+            self.spool_oldest_age.set(age.max(0.0));
+            self.spool_free_bytes.set(spool.free_bytes.map_or(0, clamp));
+        }
         if let Some(stats) = sink.stats() {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             self.kafka_queue_messages.set(clamp(stats.queue_messages));
@@ -300,8 +337,12 @@ impl Metrics {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining".into());
         }
-        if !sink.is_healthy() {
-            return Err(format!("sink {} unhealthy", sink.name()));
+        if let Err(why) = sink.health() {
+            return Err(if why.is_empty() {
+                format!("sink {} unhealthy", sink.name())
+            } else {
+                format!("sink {} unhealthy: {why}", sink.name())
+            });
         }
         Ok(())
     }
@@ -380,6 +421,21 @@ impl ReactorMetrics {
         self.message_size.flush();
         self.data_duration.flush();
         self.publish_duration.flush();
+    }
+}
+
+impl crate::conn::Observer for ReactorMetrics {
+    fn absorb(&mut self, stats: &mut SessionStats) {
+        ReactorMetrics::absorb(self, stats);
+    }
+    fn observe_data(&mut self, took: Duration) {
+        ReactorMetrics::observe_data(self, took);
+    }
+    fn observe_publish(&mut self, took: Duration) {
+        ReactorMetrics::observe_publish(self, took);
+    }
+    fn observe_message_size(&mut self, bytes: usize) {
+        ReactorMetrics::observe_message_size(self, bytes);
     }
 }
 

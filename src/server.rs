@@ -10,11 +10,12 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::{Config, SinkKind};
+use crate::conn::{Limits, MinDataRate};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::net::epoll::{NetError, ReactorParams, Reactors};
+use crate::net::{NetError, ReactorParams, Reactors};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
-use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
@@ -55,10 +56,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             Arc::new(NullSink::new())
         }
         SinkKind::Spool => {
+            let options = SpoolOptions {
+                max_bytes: config.spool_max_bytes,
+                min_free_bytes: config.spool_min_free_bytes,
+                ..SpoolOptions::default()
+            };
             Arc::new(
-                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
-                    dir: config.spool_dir.display().to_string(),
-                    source,
+                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
+                    ServerError::Spool {
+                        dir: config.spool_dir.display().to_string(),
+                        source,
+                    }
                 })?,
             )
         }
@@ -88,6 +96,54 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
+/// Descriptors the gateway needs beside its connections: listeners, the spool's files,
+/// the broker connections, the metrics endpoint, eventfds.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the connection limit
+/// that fits in it. When `--max-connections` does not fit, it is lowered, with a
+/// warning: past the real limit, accept fails with EMFILE and clients would hang with no
+/// greeting, whereas below it they get `421 Too many connections`.
+fn raise_fd_limit(max_connections: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            return max_connections;
+        }
+    };
+    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if max_connections > fits {
+        warn!(
+            configured = max_connections,
+            effective = fits,
+            nofile = limit,
+            "--max-connections lowered to fit the open-file limit (RLIMIT_NOFILE); raise \
+             the hard limit (systemd LimitNOFILE=, ulimit -Hn) to allow more"
+        );
+        return fits;
+    }
+    max_connections
+}
+
+/// The connection driver's limits from the configuration.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        idle_timeout: config.idle_timeout,
+        max_session_time: config.max_session_time,
+        min_data_rate: config
+            .min_data_rate
+            .map(|(bytes_per_second, window)| MinDataRate {
+                bytes_per_second,
+                window,
+            }),
+        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: config.sink.name(),
+    }
+}
+
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
 pub fn run(config: Config) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -111,6 +167,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.accept_domains.join(" and ")
         );
     }
+    let max_connections = raise_fd_limit(config.max_connections);
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
@@ -119,23 +176,26 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
     let session = Arc::new(session_config_for(&config, &*sink));
     let max_message_size = session.max_message_size;
-    let reactors = Reactors::start(ReactorParams {
-        listen: config.listen,
-        reactors: config.reactors,
-        session,
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        max_connections: config.max_connections,
-        idle_timeout: config.idle_timeout,
-        max_session_time: config.max_session_time,
-    })?;
+    let reactors = Reactors::start(
+        config.io_backend,
+        ReactorParams {
+            listen: config.listen,
+            reactors: config.reactors,
+            session,
+            sink: sink.clone(),
+            metrics: metrics.clone(),
+            max_connections,
+            limits: limits(&config),
+            max_body_memory: config.max_body_memory,
+        },
+    )?;
     metrics.set_listening();
     info!(
         hostname = %config.hostname,
         sink = %sink.name(),
         accept_domains = %config.accept_domains.join(","),
         max_message_size,
-        max_connections = config.max_connections,
+        max_connections,
         "ready"
     );
 

@@ -4,19 +4,20 @@
 //! seen where a client sees it, in the SIZE of the EHLO reply. Environment values go to
 //! the child process as a map; this multi-threaded test binary never changes its own.
 
-mod harness;
 mod kafka_support;
 mod spool_support;
+
+use kafka_support::harness;
 
 use std::time::Duration;
 
 use harness::{path_str, run, Gateway};
-use kafka_support::{consume, Client, Record};
+use kafka_support::{consume, record_of, Client, Record};
 use rdkafka::mocking::MockCluster;
 use smtpgw::sink::spool::SpoolSink;
 use smtpgw::sink::Sink;
 use smtpgw::smtp::envelope::SealedMessage;
-use spool_support::{headers_of, message, publish};
+use spool_support::publish;
 
 const TOPIC: &str = "mail.replayed";
 const TOOL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,29 +25,13 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A spool holding three messages written by the real sink.
 fn spool_of_three(dir: &std::path::Path) -> Vec<SealedMessage> {
-    let sent = vec![
-        message(
-            "a@example.com",
-            &["b@example.com", "c@example.com", "b@example.com"],
-            b"one\r\n.\r\n",
-        ),
-        message("", &["postmaster"], b""),
-        message("x@example.com", &["y@example.com"], &[0xffu8; 100_000]),
-    ];
+    let sent = spool_support::replay_sample();
     let spool = SpoolSink::open(dir).expect("spool");
     for msg in &sent {
         assert_eq!(publish(&spool, msg.clone()), Ok(msg.id));
     }
     spool.shutdown();
     sent
-}
-
-fn record_of(msg: &SealedMessage) -> Record {
-    Record {
-        key: msg.id.to_string().into_bytes(),
-        value: msg.value.to_vec(),
-        headers: headers_of(msg),
-    }
 }
 
 fn replay(spool: &std::path::Path, brokers: &str) -> std::process::Output {

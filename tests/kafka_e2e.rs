@@ -4,9 +4,10 @@
 //! The topic is `SMTPGW_TEST_KAFKA_TOPIC` or `smtp.inbound` and must exist; other
 //! records in it are ignored, so the test can share a long-lived broker.
 
-mod harness;
 mod kafka_support;
 mod spool_support;
+
+use kafka_support::harness;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //! plain SMTP client over loopback: 250 only with the record in the topic, 451 while
 //! the broker is down, 250 again once it is back, SIZE within what Kafka accepts.
 
-mod harness;
 mod kafka_support;
 
 use std::time::{Duration, Instant};

@@ -4,8 +4,9 @@
 //! librdkafka's statistics show up as gauges,
 //! and `promtool check metrics` (when installed) finds nothing to lint.
 
-mod harness;
 mod kafka_support;
+
+use kafka_support::harness;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

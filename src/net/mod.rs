@@ -1,6 +1,284 @@
-//! I/O backends: they move bytes between sockets and sessions and nothing else.
+//! I/O backends: they move bytes between sockets and connection drivers, and nothing
+//! else. Every protocol decision is the driver's (`crate::conn`) or the session's.
 //!
-//! `epoll` is the portable one; io_uring joins it in a later issue behind the same
-//! start / drain / stop surface.
+//! This module holds what both backends share: the listeners, admission against
+//! `--max-connections`, handing messages to the sink with their publish metrics, the
+//! clock that stamps messages, and the run phase (running, draining, stopping).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::conn::{BodyBudget, Limits};
+use crate::metrics::Metrics;
+use crate::sink::{Completion, PublishError, PublishResult, Sink};
+use crate::smtp::{reply, MessageId, SealedMessage, SessionConfig};
 
 pub mod epoll;
+
+pub use crate::config::IoBackend;
+
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Everything the reactors need to serve connections.
+pub struct ReactorParams {
+    pub listen: SocketAddr,
+    pub reactors: usize,
+    pub session: Arc<SessionConfig>,
+    pub sink: Arc<dyn Sink>,
+    pub metrics: Arc<Metrics>,
+    pub max_connections: usize,
+    pub limits: Limits,
+    /// Across all reactors; each gets an equal share.
+    pub max_body_memory: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("--listen {addr}: cannot listen: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("--listen {addr}: already in use by another process (refusing to share it through SO_REUSEPORT)")]
+    InUse { addr: SocketAddr },
+    #[error("cannot start reactor thread: {0}")]
+    Reactor(io::Error),
+}
+
+/// What the reactors should be doing; it only ever moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    /// Listeners closed; sessions finish what is in flight and then get `421`.
+    Draining,
+    /// The drain deadline passed: every remaining connection gets `421` and closes.
+    Stop,
+}
+
+/// The id and time a message is sealed with; the one place the gateway reads the clock
+/// for it.
+pub fn stamp() -> (MessageId, DateTime<Utc>) {
+    (ulid::Ulid::new(), Utc::now())
+}
+
+/// Read-only after start, except the connection count.
+pub struct Shared {
+    pub session: Arc<SessionConfig>,
+    pub sink: Arc<dyn Sink>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
+    max_connections: usize,
+    budget_per_reactor: usize,
+    too_many: Box<[u8]>,
+    open: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(p: &ReactorParams) -> Arc<Shared> {
+        let reactors = p.reactors.max(1);
+        Arc::new(Shared {
+            too_many: reply::too_many_connections(&p.session.hostname)
+                .into_bytes()
+                .into_boxed_slice(),
+            session: p.session.clone(),
+            sink: p.sink.clone(),
+            metrics: p.metrics.clone(),
+            limits: Arc::new(p.limits.clone()),
+            max_connections: p.max_connections,
+            // Each reactor frees what its own connections hold, so each gets a share
+            // rather than all contending on one count. One message must always fit.
+            budget_per_reactor: (p.max_body_memory / reactors).max(
+                p.session
+                    .max_message_size
+                    .saturating_add(p.session.max_message_size / 8),
+            ),
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    /// A reactor's body memory budget.
+    pub fn new_budget(&self) -> BodyBudget {
+        BodyBudget::new(self.budget_per_reactor)
+    }
+
+    /// Connections open right now, across all reactors.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Takes a slot of `--max-connections`, or says why not: the caller then sends
+    /// [`Shared::too_many_reply`] and closes.
+    pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.connections_rejected_max.inc();
+            self.metrics.count_reply(421);
+            return None;
+        }
+        self.metrics.connections_accepted.inc();
+        self.metrics.connections_active.inc();
+        Some(Admitted(self.clone()))
+    }
+
+    /// `421 4.3.2 ... Too many connections`: sent instead of a greeting.
+    pub fn too_many_reply(&self) -> &[u8] {
+        &self.too_many
+    }
+
+    /// Hands a message to the sink; the answer comes back through `done`.
+    pub fn submit(&self, sealed: SealedMessage, done: Completion) -> InFlight {
+        let bytes = i64::try_from(sealed.value.len()).unwrap_or(i64::MAX);
+        self.metrics.publish_inflight_messages.inc();
+        self.metrics.publish_inflight_bytes.add(bytes);
+        self.sink.submit(sealed, done);
+        InFlight(bytes)
+    }
+
+    /// The sink answered the message `flight` stands for.
+    pub fn answered(&self, flight: InFlight, result: &PublishResult) {
+        let m = &self.metrics;
+        m.publish_inflight_messages.dec();
+        m.publish_inflight_bytes.sub(flight.0);
+        match result {
+            Ok(_) => {}
+            Err(PublishError::Temporary(_) | PublishError::StorageFull) => {
+                m.publish_failures_temporary.inc()
+            }
+            Err(PublishError::TooLarge) => m.publish_failures_too_large.inc(),
+        }
+    }
+}
+
+/// One slot of `--max-connections`, held for as long as the connection exists
+/// (including when a task is dropped by a panic or by the runtime shutting down).
+pub struct Admitted(Arc<Shared>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.metrics.connections_active.dec();
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A message with the sink: its bytes, for the in-flight gauge.
+#[derive(Debug)]
+pub struct InFlight(i64);
+
+/// Binds one SO_REUSEPORT listener per reactor. The first one picks the port when
+/// `listen` has port 0. Refuses an address some other socket already holds: with
+/// SO_REUSEPORT alone, a second gateway (with another spool) could bind the same
+/// address and silently take half the connections.
+pub fn bind_listeners(
+    listen: SocketAddr,
+    reactors: usize,
+) -> Result<Vec<std::net::TcpListener>, NetError> {
+    let bind_err = |addr, source| NetError::Bind { addr, source };
+    // A socket without SO_REUSEPORT cannot share the address with anyone: binding it
+    // fails if anything else holds the address, and it reserves the port for us.
+    let guard = Socket::new(
+        Domain::for_address(listen),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(|e| bind_err(listen, e))?;
+    guard
+        .set_reuse_address(true)
+        .map_err(|e| bind_err(listen, e))?;
+    match guard.bind(&listen.into()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            return Err(NetError::InUse { addr: listen })
+        }
+        Err(e) => return Err(bind_err(listen, e)),
+    }
+    let addr = guard
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .unwrap_or(listen);
+    // The guard is released just before our own listeners bind; a process that takes
+    // the address in that instant makes our bind fail rather than share it, because
+    // the first of ours does not set SO_REUSEPORT until the port is ours.
+    drop(guard);
+    let mut listeners = Vec::with_capacity(reactors);
+    for _ in 0..reactors.max(1) {
+        listeners.push(bind_one(addr).map_err(|e| bind_err(addr, e))?);
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Accept errors that mean "out of descriptors or memory": accepting again at once
+/// would spin, so the reactor backs off and says so.
+pub fn accept_exhausted(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENFILE | libc::EMFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// How long a reactor waits after an exhausted accept before trying again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The running reactors, whichever the backend.
+pub enum Reactors {
+    Epoll(epoll::Reactors),
+}
+
+impl Reactors {
+    /// Starts the reactors of the backend `choice` resolves to.
+    pub fn start(choice: IoBackend, p: ReactorParams) -> Result<Reactors, NetError> {
+        match choice {
+            IoBackend::Auto | IoBackend::Epoll => Ok(Reactors::Epoll(epoll::Reactors::start(p)?)),
+            IoBackend::Uring => Err(NetError::Reactor(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "--io-backend uring: the io_uring backend is not built yet",
+            ))),
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Reactors::Epoll(_) => "epoll",
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            Reactors::Epoll(r) => r.local_addr(),
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        match self {
+            Reactors::Epoll(r) => r.open_connections(),
+        }
+    }
+
+    /// Closes the listeners and asks every session to wind down.
+    pub fn begin_drain(&self) {
+        match self {
+            Reactors::Epoll(r) => r.set_phase(Phase::Draining),
+        }
+    }
+
+    /// Every remaining connection gets its `421`; waits for the reactor threads to end.
+    pub fn stop(self) {
+        match self {
+            Reactors::Epoll(r) => r.stop(),
+        }
+    }
+}

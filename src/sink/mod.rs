@@ -2,48 +2,113 @@
 //!
 //! A reactor submits a sealed message together with a [`Completion`]; the sink answers
 //! exactly once, from whatever thread it likes, when the message is durable or has
-//! failed. Only then does the session say `250` (or `451`).
+//! failed. The answer goes to the reactor's [`CompletionQueue`] with the connection's
+//! [`Ticket`] and wakes the reactor; only then does the session say `250` (or `451`).
 
 use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::SealedMessage;
 
 pub mod kafka;
 pub mod null;
 pub mod spool;
 
-/// Why a sink could not store a message. Both are the gateway's trouble or a limit,
-/// never the client's fault, so neither becomes a permanent refusal except `TooLarge`.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PublishError {
-    /// Try again later: `451 4.3.0`.
-    #[error("{0}")]
-    Temporary(Cow<'static, str>),
-    /// The sink will never take a message this large: `552 5.3.4`.
-    #[error("message too large for the sink")]
-    TooLarge,
+pub use crate::smtp::envelope::{PublishError, PublishResult};
+
+/// Which connection of a reactor waits for an answer. The generation tells a late
+/// answer for a connection that has since closed (and whose slot was reused) from the
+/// answer its new occupant waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub slot: u32,
+    pub generation: u32,
 }
 
-pub type PublishResult = Result<MessageId, PublishError>;
+/// How a reactor is woken when an answer is queued for it: an eventfd write for
+/// io_uring, a `Notify` for the epoll backend.
+pub trait Wake: Send + Sync + 'static {
+    fn wake(&self);
+}
+
+/// One reactor's inbox of sink answers. Sinks push from their own threads; the reactor
+/// takes the whole batch at once, so a burst of answers costs it one wake-up.
+pub struct CompletionQueue {
+    answers: Mutex<Vec<(Ticket, PublishResult)>>,
+    waker: Box<dyn Wake>,
+}
+
+impl CompletionQueue {
+    pub fn new(waker: Box<dyn Wake>) -> Arc<CompletionQueue> {
+        Arc::new(CompletionQueue {
+            answers: Mutex::new(Vec::with_capacity(256)),
+            waker,
+        })
+    }
+
+    fn push(&self, ticket: Ticket, result: PublishResult) {
+        let was_empty = {
+            let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+            answers.push((ticket, result));
+            answers.len() == 1
+        };
+        // The reactor takes every queued answer when it wakes, so only the push that
+        // makes the queue non-empty needs to wake it.
+        if was_empty {
+            self.waker.wake();
+        }
+    }
+
+    /// Moves every queued answer into `into` (which the caller reuses, so this does not
+    /// allocate once warm).
+    pub fn drain_into(&self, into: &mut Vec<(Ticket, PublishResult)>) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        into.append(&mut answers);
+    }
+}
 
 /// The way back from a sink to the one connection that waits for its answer.
-///
-/// The channel belongs to the connection and is reused for all its messages, so a
-/// message costs no allocation here.
 #[derive(Debug)]
-pub struct Completion(UnboundedSender<PublishResult>);
+pub struct Completion(Route);
+
+enum Route {
+    /// A reactor's connection: the answer goes to its reactor's queue.
+    Ticket(Arc<CompletionQueue>, Ticket),
+    /// A caller that waits on a channel of its own (tools and tests).
+    Channel(UnboundedSender<PublishResult>),
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::Ticket(_, t) => f.debug_tuple("Ticket").field(t).finish(),
+            Route::Channel(_) => f.write_str("Channel"),
+        }
+    }
+}
 
 impl Completion {
+    /// For a caller that waits for the answer on a channel (tools, tests).
     pub fn new(tx: UnboundedSender<PublishResult>) -> Self {
-        Completion(tx)
+        Completion(Route::Channel(tx))
+    }
+
+    /// For a reactor: the answer is queued for `ticket` and the reactor woken.
+    pub fn ticket(queue: Arc<CompletionQueue>, ticket: Ticket) -> Self {
+        Completion(Route::Ticket(queue, ticket))
     }
 
     /// Delivers the answer. A connection that has gone away no longer listens; its
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {
-        let _ = self.0.send(result);
+        match self.0 {
+            Route::Ticket(queue, ticket) => queue.push(ticket, result),
+            Route::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+        }
     }
 }
 
@@ -57,6 +122,19 @@ pub struct SinkStats {
     pub queue_bytes: u64,
     /// Average request round trip per broker (`host:port/id`), in seconds.
     pub broker_rtt: Vec<(String, f64)>,
+}
+
+/// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the
+/// metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpoolStats {
+    /// Total size of the segment files.
+    pub bytes: u64,
+    pub segments: u64,
+    /// When the oldest stored record was received; `None` when the spool is empty.
+    pub oldest_received_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Bytes available on the spool's file system, if the OS says.
+    pub free_bytes: Option<u64>,
 }
 
 /// A destination for accepted messages.
@@ -77,6 +155,16 @@ pub trait Sink: Send + Sync + 'static {
         true
     }
 
+    /// Like [`Sink::is_healthy`], with the reason when not (for `/readyz`); an empty
+    /// reason when the sink gives none.
+    fn health(&self) -> Result<(), Cow<'static, str>> {
+        if self.is_healthy() {
+            Ok(())
+        } else {
+            Err(Cow::Borrowed(""))
+        }
+    }
+
     /// True while the sink holds more unanswered messages (or bytes) than it was
     /// configured for. Reactors then stop reading from sessions in DATA, so a slow
     /// sink pushes back on clients through TCP instead of growing memory.
@@ -93,6 +181,11 @@ pub trait Sink: Send + Sync + 'static {
 
     /// The client library's latest statistics, if it keeps any.
     fn stats(&self) -> Option<SinkStats> {
+        None
+    }
+
+    /// The local spool's size and age, if the sink writes one.
+    fn spool_stats(&self) -> Option<SpoolStats> {
         None
     }
 }

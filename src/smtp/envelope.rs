@@ -17,6 +17,24 @@ use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 /// spool record's key, and what `250 ... queued as <id>` names.
 pub type MessageId = ulid::Ulid;
 
+/// Why a sink could not store a message. It lives in the core because the session maps
+/// each case to its reply; the sinks only produce it. Both are the gateway's trouble or a limit,
+/// never the client's fault, so neither becomes a permanent refusal except `TooLarge`.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// Try again later: `451 4.3.0`.
+    #[error("{0}")]
+    Temporary(Cow<'static, str>),
+    /// The sink will never take a message this large: `552 5.3.4`.
+    #[error("message too large for the sink")]
+    TooLarge,
+    /// The sink's storage is at its limit (size cap or free-space floor): `452 4.3.1`.
+    #[error("insufficient storage")]
+    StorageFull,
+}
+
+pub type PublishResult = Result<MessageId, PublishError>;
+
 /// The command that opened the transaction (RFC 821 keeps SEND, SOML and SAML).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {

@@ -12,6 +12,6 @@ pub mod session;
 pub mod stats;
 
 pub use data::BareLfPolicy;
-pub use envelope::{Envelope, Message, MessageId, SealedMessage};
+pub use envelope::{Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage};
 pub use session::{Session, SessionConfig};
 pub use stats::SessionStats;

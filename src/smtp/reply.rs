@@ -54,9 +54,13 @@ pub const RELAY_DENIED: &[u8] = b"550 5.7.1 Relay access denied\r\n";
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
 pub const MESSAGE_TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed limit\r\n";
 pub const SINK_TOO_BIG: &[u8] = b"552 5.3.4 Message too large for the message store\r\n";
+/// The message store is at its size limit or free-space floor: temporary, retry later.
+pub const STORAGE_FULL: &[u8] = b"452 4.3.1 Insufficient system storage, try again later\r\n";
 pub const BARE_LINE_ENDING: &[u8] =
     b"550 5.6.0 Message refused: bare CR or LF (RFC 5321 section 2.3.8)\r\n";
 
+/// A new transaction while the gateway holds as much message data as it may: temporary.
+pub const LOW_MEMORY: &[u8] = b"451 4.3.1 Insufficient system resources, try again later\r\n";
 pub const EXPN: &[u8] = b"502 5.5.1 EXPN not supported\r\n";
 pub const TURN: &[u8] = b"502 5.5.1 TURN not supported\r\n";
 pub const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 Command not implemented\r\n";
@@ -106,6 +110,14 @@ pub fn temporary_failure(out: &mut Vec<u8>, reason: &str) {
 
 pub fn timeout(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "421 4.4.2 {hostname} Timeout, closing connection\r\n");
+}
+
+/// The client sent its message slower than `--min-data-rate`.
+pub fn too_slow(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(
+        out,
+        "421 4.4.2 {hostname} Data rate too low, closing connection\r\n"
+    );
 }
 
 pub fn shutting_down(out: &mut Vec<u8>, hostname: &str) {

@@ -17,10 +17,9 @@ use memchr::memchr;
 use super::address::{AddressError, Domain, ForwardPath, ReversePath};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
-use super::envelope::{Envelope, Message, Verb, RECEIVED_HEADROOM};
+use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
 use super::reply;
 use super::stats::{self, SessionStats};
-use crate::sink::{PublishError, PublishResult};
 
 /// Per-listener settings every session of that listener shares.
 #[derive(Clone, Debug)]
@@ -110,6 +109,10 @@ pub struct Session {
     /// Inside a command line longer than the limit: drop bytes up to its LF.
     discarding_line: bool,
     draining: bool,
+    /// The gateway holds as much message data as it may: new transactions get `451 4.3.1`.
+    low_memory: bool,
+    /// No further command is taken while this much output is unwritten.
+    output_limit: usize,
     stats: SessionStats,
 }
 
@@ -130,6 +133,8 @@ impl Session {
             completed: None,
             discarding_line: false,
             draining: false,
+            low_memory: false,
+            output_limit: usize::MAX,
             stats,
         }
     }
@@ -153,6 +158,9 @@ impl Session {
             match &mut self.phase {
                 Phase::Closed | Phase::AwaitingPublish => return pos,
                 Phase::Command => {
+                    if self.out.len() >= self.output_limit {
+                        return pos;
+                    }
                     let Some(lf) = memchr(b'\n', rest) else {
                         // A line that cannot end within the limit is dropped as it
                         // arrives, so the caller's buffer stays bounded.
@@ -206,7 +214,7 @@ impl Session {
     }
 
     /// The sink's answer for the message taken last: `250 2.0.0 Ok: queued as <id>`,
-    /// `451 4.3.0` or `552 5.3.4`.
+    /// `451 4.3.0`, `452 4.3.1` or `552 5.3.4`.
     pub fn publish_result(&mut self, result: PublishResult) {
         if !matches!(self.phase, Phase::AwaitingPublish) {
             debug_assert!(false, "publish_result without a message in flight");
@@ -226,6 +234,10 @@ impl Session {
                 self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
                 self.out.extend_from_slice(reply::SINK_TOO_BIG)
             }
+            Err(PublishError::StorageFull) => {
+                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.out.extend_from_slice(reply::STORAGE_FULL)
+            }
         }
         self.stats.count_replies(&self.out[replied_from..]);
         self.phase = Phase::Command;
@@ -234,6 +246,11 @@ impl Session {
     /// Counts since the last call, for the caller to add to its totals (and so reset).
     pub fn stats_mut(&mut self) -> &mut SessionStats {
         &mut self.stats
+    }
+
+    /// Our name, as the greeting and trace lines give it.
+    pub fn hostname(&self) -> &str {
+        &self.config.hostname
     }
 
     /// Replies not yet written to the client.
@@ -264,10 +281,57 @@ impl Session {
 
     /// The client was silent too long: `421 4.4.2`, then close.
     pub fn timed_out(&mut self) {
+        self.close_with(reply::timeout);
+    }
+
+    /// The client sent its message body too slowly: `421 4.4.2`, then close.
+    pub fn too_slow(&mut self) {
+        self.close_with(reply::too_slow);
+    }
+
+    fn close_with(&mut self, write: fn(&mut Vec<u8>, &str)) {
         let replied_from = self.out.len();
-        reply::timeout(&mut self.out, &self.config.hostname);
+        write(&mut self.out, &self.config.hostname);
         self.stats.count_replies(&self.out[replied_from..]);
         self.close();
+    }
+
+    /// [`Self::feed`] takes no further command while more than `limit` bytes of
+    /// replies are unwritten, so a client that pipelines and never reads cannot make
+    /// the output grow without bound.
+    pub fn set_output_limit(&mut self, limit: usize) {
+        self.output_limit = limit;
+    }
+
+    /// While set, MAIL (a new transaction) gets `451 4.3.1`; bodies under way go on.
+    pub fn set_low_memory(&mut self, low: bool) {
+        self.low_memory = low;
+    }
+
+    /// Octets of message body this session holds: the DATA body or BDAT chunks read so
+    /// far, or the completed message not yet taken. The caller charges them against
+    /// its memory budget.
+    pub fn body_len(&self) -> usize {
+        let headroom = self.config.headroom();
+        let buffered = match &self.phase {
+            Phase::Data { body, .. } => body.len(),
+            _ => self
+                .txn
+                .as_ref()
+                .and_then(|t| t.bdat_body.as_ref())
+                .map_or(0, |b| b.len()),
+        };
+        let completed = self.completed.as_ref().map_or(0, |m| m.body().len());
+        buffered.saturating_sub(headroom) + completed
+    }
+
+    /// Inside a message body: reading DATA, a BDAT chunk, or between BDAT chunks.
+    pub fn in_body(&self) -> bool {
+        match self.phase {
+            Phase::Data { .. } | Phase::Bdat(_) => true,
+            Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat_body.is_some()),
+            Phase::AwaitingPublish | Phase::Closed => false,
+        }
     }
 
     /// The server is draining: from now on every command gets `421 4.3.2` and the
@@ -366,6 +430,9 @@ impl Session {
         };
         if self.txn.is_some() {
             return self.reply(reply::NESTED_MAIL);
+        }
+        if self.low_memory {
+            return self.reply(reply::LOW_MEMORY);
         }
         if !params.is_empty() && !greeting.esmtp {
             return self.reply(reply::PARAMS_NEED_EHLO);

@@ -397,7 +397,8 @@ def test_alert_expressions_have_the_values_of_the_traffic(scraped_gateway):
         "SmtpgwHigh5xxRatio": 3 / TOTAL_REPLIES,  # 550 relay, 552 size, 550 smuggling
         "SmtpgwSmugglingSpike": 1,
     }
-    assert set(want) | {"SmtpgwPublishLatencyHigh"} == set(rules), "an alert without a value check"
+    otherwise = {"SmtpgwPublishLatencyHigh", "SmtpgwSpoolDiskLow", "SmtpgwSpoolBacklogOld"}
+    assert set(want) | otherwise == set(rules), "an alert without a value check"
     for name, value in want.items():
         got = prometheus.vector(without_threshold(rules[name]), at)
         assert only(got) == pytest.approx(value), f"{name}: {got}"
@@ -406,3 +407,15 @@ def test_alert_expressions_have_the_values_of_the_traffic(scraped_gateway):
     p99 = only(prometheus.vector(without_threshold(rules["SmtpgwPublishLatencyHigh"]), at))
     assert 0 < p99 < 1, p99
     assert prometheus.vector(rules["SmtpgwPublishLatencyHigh"], at) == {}
+    # The spool alerts' inputs: the 3 accepted messages are in a segment, stored
+    # within this test, on a file system with room.
+    sel = f'{{job="{JOB}"}}'
+    assert only(prometheus.vector(f"smtpgw_spool_segments{sel}", at)) >= 1
+    free = only(prometheus.vector(f"smtpgw_spool_filesystem_free_bytes{sel}", at))
+    assert free > 0
+    age = only(prometheus.vector(f"smtpgw_spool_oldest_record_age_seconds{sel}", at))
+    assert 0 <= age < 300, age
+    assert prometheus.vector(rules["SmtpgwSpoolBacklogOld"], at) == {}
+    # The disk alert fires exactly when the spool's file system has under 2 GiB free.
+    disk_low = prometheus.vector(rules["SmtpgwSpoolDiskLow"], at)
+    assert (disk_low != {}) == (free < 2 * 1024**3), (free, disk_low)

@@ -227,6 +227,22 @@ impl Gateway {
             .clone()
     }
 
+    /// Waits (bounded) until a line of stderr contains `needle`; returns that line.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let find = || {
+            self.stderr()
+                .lines()
+                .find(|l| l.contains(needle))
+                .map(str::to_owned)
+        };
+        assert!(
+            wait_until(START_TIMEOUT, || find().is_some()),
+            "gateway never logged {needle:?}; stderr:\n{}",
+            self.stderr()
+        );
+        find().unwrap_or_default()
+    }
+
     /// Sends `signal` (e.g. "TERM") while the child is unreaped, so the PID is ours.
     pub fn signal(&mut self, signal: &str) {
         if self.child.try_wait().expect("try_wait").is_none() {

@@ -13,12 +13,27 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
 
+/// The one Rust gateway harness; the tests that include kafka_support reach it here.
+#[path = "../harness/mod.rs"]
+pub mod harness;
+
 /// One record as a consumer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The record the gateway writes for `msg`: key = id, value, headers in order.
+pub fn record_of(msg: &smtpgw::smtp::envelope::SealedMessage) -> Record {
+    let mut headers = Vec::new();
+    msg.for_each_header(|name, value| headers.push((name.to_owned(), value.to_vec())));
+    Record {
+        key: msg.id.to_string().into_bytes(),
+        value: msg.value.to_vec(),
+        headers,
+    }
 }
 
 pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOptions {
@@ -29,7 +44,7 @@ pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOp
     options
 }
 
-pub use crate::harness::wait_until;
+pub use harness::wait_until;
 
 pub fn healthy_sink(options: &KafkaOptions) -> KafkaSink {
     init_logs();
@@ -115,7 +130,7 @@ pub fn init_logs() {
         .try_init();
 }
 
-pub use crate::harness::Gateway;
+pub use harness::Gateway;
 
 /// Starts the built gateway (tests/harness) with `--sink kafka` and `extra` flags.
 pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {

@@ -1,0 +1,776 @@
+//! The connection driver: everything a connection decides beyond the SMTP state machine,
+//! shared by both I/O backends.
+//!
+//! Like quinn-proto's `Connection`, a [`Connection`] never touches a socket, a clock or a
+//! thread: the backend hands it received bytes and the current time, writes out what it
+//! asks to be written, forwards the messages it yields to a sink and reports the answers
+//! back. Time is an input: [`Connection::poll_timeout`] says when the driver next wants
+//! to be woken and [`Connection::handle_timeout`] is that wake-up.
+//!
+//! What lives here rather than in a backend:
+//! - the receive-side buffer (only for input not consumed yet: an idle connection holds
+//!   none), and when to stop reading: a message with the sink, replies the client does
+//!   not read (the output cap), the reactor's body memory budget;
+//! - deadlines: idle, session time, the minimum data rate of a body, a client that stops
+//!   reading our replies, and the linger after the last reply;
+//! - the drain policy, message timing and the counts the metrics publish.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session};
+use crate::smtp::{SessionConfig, SessionStats};
+
+/// After the last reply and a shut-down write side, how long input is still read and
+/// discarded, so that closing with unread client bytes does not turn into a RST that
+/// destroys the reply in flight.
+const LINGER: Duration = Duration::from_secs(2);
+/// At the drain deadline, how long a connection gets to write its final `421`.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+/// Unconsumed input the driver keeps at most. A backend reads only while
+/// [`Connection::wants_read`] says so, a batch at a time, so this is only reached by a
+/// backend bug or bytes that were already in flight when reading stopped; past it the
+/// connection is dropped rather than the buffer grown.
+const MAX_PENDING_INPUT: usize = 256 * 1024;
+/// The most a backend should read at once between commands (see
+/// [`Connection::read_size_hint`]).
+const COMMAND_READ: usize = 16 * 1024;
+
+/// The minimum average rate a message body must arrive at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MinDataRate {
+    pub bytes_per_second: u64,
+    /// Measured over windows this long; the first window is the grace period.
+    pub window: Duration,
+}
+
+/// Per-listener connection settings.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Closes with `421 4.4.2` after this long without progress from the client; a
+    /// client that does not read our replies gets as long before it is dropped.
+    pub idle_timeout: Duration,
+    /// Closes with `421 4.4.2` this long after the connection opened, whatever it does.
+    pub max_session_time: Duration,
+    pub min_data_rate: Option<MinDataRate>,
+    /// While more reply bytes than this are unwritten, no further input is processed, so
+    /// a client that pipelines and never reads cannot grow our memory.
+    pub output_cap: usize,
+    /// The sink's name, for the per-message log line.
+    pub sink: &'static str,
+}
+
+impl Limits {
+    pub const DEFAULT_OUTPUT_CAP: usize = 8 * 1024;
+}
+
+/// One reactor's allowance for message bodies: bytes of bodies being received plus
+/// bytes handed to the sink and not answered yet. Each reactor has its own, so charging
+/// it is an uncontended atomic, and the reactor that frees bytes (by an answer or a
+/// closed connection) is the one whose paused connections can use them.
+#[derive(Clone, Debug)]
+pub struct BodyBudget(Arc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    limit: usize,
+    used: AtomicUsize,
+    /// The part of `used` that is with the sink: it comes back when the sink answers.
+    at_sink: AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> BodyBudget {
+        BodyBudget(Arc::new(BudgetInner {
+            limit: limit.max(1),
+            used: AtomicUsize::new(0),
+            at_sink: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Bytes charged right now.
+    pub fn used(&self) -> usize {
+        self.0.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+
+    /// At or over the limit: bodies stop being read and new transactions are refused.
+    pub fn exhausted(&self) -> bool {
+        self.used() >= self.0.limit
+    }
+
+    /// Bodies being received stop being read. Only while some of the budget is with
+    /// the sink: its answer is sure to come (a publish times out), so the pause ends;
+    /// when partial bodies alone hold the budget, pausing them would deadlock, so they go
+    /// on (new transactions are still refused, which bounds them).
+    fn pauses_bodies(&self) -> bool {
+        self.exhausted() && self.0.at_sink.load(Ordering::Relaxed) > 0
+    }
+
+    fn charge(&self, n: usize) {
+        self.0.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn release(&self, n: usize) {
+        self.0.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn handed_to_sink(&self, n: usize) {
+        self.0.at_sink.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn answered_by_sink(&self, n: usize) {
+        self.0.at_sink.fetch_sub(n, Ordering::Relaxed);
+        self.release(n);
+    }
+}
+
+/// What the backend should do with the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Reading and writing as [`Connection::wants_read`] and
+    /// [`Connection::wants_write`] say.
+    Open,
+    /// The conversation is over: once the output is written, shut down the write side
+    /// and call [`Connection::write_shut`].
+    ShutdownWrite,
+    /// Close the socket. Output still pending is best-effort.
+    Done,
+}
+
+/// Why a connection ended, for the backend's debug log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// QUIT, or a reply that closes (timeout, drain, data rate), then the linger.
+    Closed,
+    /// The client closed its side.
+    Eof,
+    /// The client did not read our replies for the idle timeout.
+    WriteStalled,
+    /// The client sent more than the driver keeps while it was not reading.
+    Overrun,
+    /// The drain deadline passed.
+    Stopped,
+    /// The backend saw an I/O error.
+    Failed,
+}
+
+/// Where a connection's counts go: the reactor's metrics.
+pub trait Observer {
+    fn absorb(&mut self, stats: &mut SessionStats);
+    /// From the read that brought DATA (or the first BDAT) to the end of the body.
+    fn observe_data(&mut self, took: Duration);
+    /// From handing the message to the sink to its answer.
+    fn observe_publish(&mut self, took: Duration);
+    /// Body size of a stored message.
+    fn observe_message_size(&mut self, bytes: usize);
+}
+
+/// Samples taken between two [`Connection::take_stats`]; a few at most, since a
+/// connection publishes one message at a time.
+#[derive(Default)]
+struct Samples {
+    data: [Duration; 4],
+    data_len: usize,
+    publish: Option<Duration>,
+    stored_size: Option<usize>,
+}
+
+/// The message a connection has with the sink, and what its log line will say.
+struct InFlight {
+    since: Instant,
+    charged: usize,
+    body_len: usize,
+    id: MessageId,
+    /// From DATA (or the first BDAT) on.
+    body_since: Instant,
+    helo: Arc<str>,
+    rcpts: usize,
+}
+
+enum Life {
+    Open,
+    /// The session is over; waiting for the output to be written.
+    Closing,
+    /// Write side shut down; reading and discarding until EOF or the deadline.
+    Lingering {
+        until: Instant,
+    },
+    Done(Ending),
+}
+
+/// One client connection: the SMTP session plus everything around it.
+pub struct Connection {
+    session: Session,
+    limits: Arc<Limits>,
+    budget: BodyBudget,
+    peer: SocketAddr,
+    life: Life,
+    /// Input not consumed yet: a partial command line, or bytes that arrived while the
+    /// session could not take them. Empty (and unallocated) for an idle connection.
+    pending: Vec<u8>,
+    hard_deadline: Instant,
+    /// Last time the client made progress: a command consumed, body bytes taken.
+    idle_deadline: Instant,
+    /// Set while output is pending: the client must read some of it by then.
+    write_deadline: Option<Instant>,
+    /// The drain deadline passed: the final `421` gets this long.
+    stop_deadline: Option<Instant>,
+    draining: bool,
+    /// The client closed its side; once the output is written the connection is done.
+    eof: bool,
+    /// Body bytes of the session charged to the budget.
+    charged: usize,
+    in_flight: Option<InFlight>,
+    body_started: Option<Instant>,
+    /// The sender of the message with the sink, for its log line; reused across
+    /// messages so logging costs no allocation per message.
+    log_from: String,
+    /// When the current body began (kept for the log line after the body timing ends).
+    body_since: Option<Instant>,
+    /// Minimum data rate: the current window's start and the bytes taken in it.
+    rate_window: Option<(Instant, u64)>,
+    samples: Samples,
+}
+
+impl Connection {
+    /// A new connection; the `220` greeting is already in the output.
+    pub fn new(
+        now: Instant,
+        session: Arc<SessionConfig>,
+        limits: Arc<Limits>,
+        budget: BodyBudget,
+        peer: SocketAddr,
+    ) -> Connection {
+        let hard_deadline = now
+            .checked_add(limits.max_session_time)
+            .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
+        let mut conn = Connection {
+            session: Session::new(session, peer),
+            idle_deadline: now + limits.idle_timeout,
+            limits,
+            budget,
+            peer,
+            life: Life::Open,
+            pending: Vec::new(),
+            hard_deadline,
+            write_deadline: None,
+            stop_deadline: None,
+            draining: false,
+            eof: false,
+            charged: 0,
+            in_flight: None,
+            body_started: None,
+            log_from: String::new(),
+            body_since: None,
+            rate_window: None,
+            samples: Samples::default(),
+        };
+        conn.after_output_change(now);
+        conn
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Bytes received from the client. The driver takes them all and keeps what the
+    /// session cannot consume yet; a backend reads only while [`Self::wants_read`].
+    pub fn handle_input(&mut self, now: Instant, data: &[u8]) {
+        match self.life {
+            Life::Open => {}
+            // The conversation is over: whatever the client still sends is discarded.
+            Life::Closing | Life::Lingering { .. } | Life::Done(_) => return,
+        }
+        if data.is_empty() {
+            return;
+        }
+        if self.pending.is_empty() {
+            let consumed = self.feed(now, data);
+            if consumed < data.len() {
+                self.keep(&data[consumed..]);
+            }
+        } else {
+            self.keep(data);
+            self.process_pending(now);
+        }
+        self.after_output_change(now);
+    }
+
+    /// The client closed its side: nothing more will arrive. What it sent is answered
+    /// if the answer is already written out; the connection then ends.
+    pub fn handle_eof(&mut self, now: Instant) {
+        match self.life {
+            Life::Lingering { .. } => self.life = Life::Done(Ending::Closed),
+            Life::Done(_) => {}
+            Life::Open | Life::Closing => {
+                if self.session.output().is_empty() {
+                    self.life = Life::Done(Ending::Eof);
+                } else {
+                    // Write what is pending (a client may half-close after QUIT), then end
+                    // without a linger: the client has nothing more to send.
+                    self.life = Life::Closing;
+                    self.pending = Vec::new();
+                    self.eof = true;
+                    self.after_output_change(now);
+                }
+            }
+        }
+    }
+
+    /// Whether the backend should read from the socket now.
+    pub fn wants_read(&self) -> bool {
+        match self.life {
+            Life::Open => self.can_consume() && self.pending.len() < MAX_PENDING_INPUT,
+            Life::Lingering { .. } => true,
+            Life::Closing | Life::Done(_) => false,
+        }
+    }
+
+    /// How many bytes the backend should read at most now. Between commands a read
+    /// brings commands whose replies may stop at the output cap, and whatever is left
+    /// stays in the driver's buffer; a modest read keeps a client that pipelines and
+    /// never reads cheap. A body is consumed as it arrives, so it may come in bulk.
+    pub fn read_size_hint(&self) -> usize {
+        if self.session.in_body() {
+            usize::MAX
+        } else {
+            COMMAND_READ
+        }
+    }
+
+    /// Whether there are replies to write.
+    pub fn wants_write(&self) -> bool {
+        !self.session.output().is_empty() && !matches!(self.life, Life::Done(_))
+    }
+
+    /// Replies not yet written to the client.
+    pub fn pending_output(&self) -> &[u8] {
+        self.session.output()
+    }
+
+    /// The backend wrote the first `n` bytes of [`Self::pending_output`]. Input that
+    /// waited for the output to drain below the cap is processed now.
+    pub fn output_written(&mut self, now: Instant, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.session.advance_output(n);
+        self.write_deadline = None;
+        if matches!(self.life, Life::Open) && !self.pending.is_empty() {
+            self.process_pending(now);
+        }
+        self.after_output_change(now);
+    }
+
+    /// The message the session completed, sealed with `stamp`'s id and time, for the
+    /// backend to hand to the sink. The driver then waits for [`Self::handle_publish`].
+    pub fn poll_message(
+        &mut self,
+        now: Instant,
+        stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
+    ) -> Option<SealedMessage> {
+        let message = self.session.take_message()?;
+        let body_len = message.body().len();
+        let (id, received_at) = stamp();
+        self.log_from.clear();
+        self.log_from.push_str(message.envelope.mail_from());
+        let helo = message.envelope.helo.clone();
+        let rcpts = message.envelope.rcpt_count();
+        let sealed = message.seal(id, received_at, self.session.hostname());
+        // The body's charge stays until the sink answers: it is in memory until then.
+        let charged = std::mem::take(&mut self.charged);
+        self.budget.handed_to_sink(charged);
+        self.in_flight = Some(InFlight {
+            since: now,
+            charged,
+            body_len,
+            id,
+            body_since: self.body_since.take().unwrap_or(now),
+            helo,
+            rcpts,
+        });
+        Some(sealed)
+    }
+
+    /// True while a message is with the sink.
+    pub fn awaiting_publish(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// The sink's answer for the message taken last.
+    pub fn handle_publish(&mut self, now: Instant, result: PublishResult) {
+        let Some(flight) = self.in_flight.take() else {
+            debug_assert!(false, "handle_publish without a message in flight");
+            return;
+        };
+        self.budget.answered_by_sink(flight.charged);
+        self.samples.publish = Some(now.saturating_duration_since(flight.since));
+        self.log_transaction(now, &flight, &result);
+        if result.is_ok() {
+            self.samples.stored_size = Some(flight.body_len);
+        }
+        if matches!(self.life, Life::Done(_)) {
+            return;
+        }
+        self.session.publish_result(result);
+        // Waiting for the sink is the gateway's time, not the client's.
+        self.idle_deadline = now + self.limits.idle_timeout;
+        if !self.pending.is_empty() {
+            self.process_pending(now);
+        } else if self.draining {
+            self.wind_down();
+        }
+        self.after_output_change(now);
+    }
+
+    /// When the driver next needs [`Self::handle_timeout`], if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.life {
+            Life::Done(_) => None,
+            Life::Lingering { until } => Some(until),
+            Life::Closing => Some(self.stop_deadline.or(self.write_deadline).unwrap_or(
+                // Closing with nothing pending moves on at once; this is only a bound.
+                self.hard_deadline,
+            )),
+            Life::Open => {
+                let mut next = self.hard_deadline;
+                if let Some(w) = self.write_deadline {
+                    next = next.min(w);
+                }
+                if let Some(s) = self.stop_deadline {
+                    next = next.min(s);
+                }
+                // Waiting for the sink or for the client to read is not idleness.
+                if self.in_flight.is_none() && self.session.output().is_empty() {
+                    next = next.min(self.idle_deadline);
+                }
+                if let (Some(rate), Some((start, _))) =
+                    (self.limits.min_data_rate, self.rate_window)
+                {
+                    next = next.min(start + rate.window);
+                }
+                Some(next)
+            }
+        }
+    }
+
+    /// Time has passed; acts on every deadline that has come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.life {
+            Life::Done(_) => return,
+            Life::Lingering { until } => {
+                if now >= until {
+                    self.life = Life::Done(Ending::Closed);
+                }
+                return;
+            }
+            Life::Closing | Life::Open => {}
+        }
+        if self.stop_deadline.is_some_and(|d| now >= d) {
+            self.life = Life::Done(Ending::Stopped);
+            return;
+        }
+        if self.write_deadline.is_some_and(|d| now >= d) {
+            self.life = Life::Done(Ending::WriteStalled);
+            return;
+        }
+        if !matches!(self.life, Life::Open) {
+            return;
+        }
+        let idle = self.in_flight.is_none()
+            && self.session.output().is_empty()
+            && now >= self.idle_deadline;
+        if now >= self.hard_deadline || idle {
+            self.session.timed_out();
+        } else if let (Some(rate), Some((start, bytes))) =
+            (self.limits.min_data_rate, self.rate_window)
+        {
+            if now >= start + rate.window {
+                let wanted = rate
+                    .bytes_per_second
+                    .saturating_mul(rate.window.as_secs().max(1));
+                // A paused body (the gateway's doing) is not the client's slowness.
+                if bytes < wanted && self.can_consume() {
+                    self.session.too_slow();
+                } else {
+                    self.rate_window = Some((now, 0));
+                }
+            }
+        }
+        self.after_output_change(now);
+    }
+
+    /// The server is draining: a session idle between commands gets `421 4.3.2` now;
+    /// one in the middle of something finishes it (its 250 still goes out) and gets
+    /// `421` at its next command.
+    pub fn begin_drain(&mut self, now: Instant) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        self.session.begin_drain();
+        if matches!(self.life, Life::Open) {
+            self.wind_down();
+        }
+        self.after_output_change(now);
+    }
+
+    /// The drain deadline passed: `421 4.3.2` now (whatever the client had not finished
+    /// got no 250), a short grace to write it, then done.
+    pub fn stop(&mut self, now: Instant) {
+        if matches!(self.life, Life::Done(_)) {
+            return;
+        }
+        if !self.session.is_closed() {
+            self.session.shut_down_now();
+        }
+        self.stop_deadline = Some(now + STOP_GRACE);
+        if matches!(self.life, Life::Lingering { .. }) {
+            self.life = Life::Done(Ending::Stopped);
+        }
+        self.after_output_change(now);
+    }
+
+    /// What the backend should do with the socket.
+    pub fn state(&self) -> State {
+        match self.life {
+            Life::Open | Life::Lingering { .. } => State::Open,
+            Life::Closing => State::ShutdownWrite,
+            Life::Done(_) => State::Done,
+        }
+    }
+
+    /// Why the connection ended, once [`State::Done`].
+    pub fn ending(&self) -> Option<Ending> {
+        match self.life {
+            Life::Done(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The backend shut down the write side: linger, reading and discarding.
+    pub fn write_shut(&mut self, now: Instant) {
+        if matches!(self.life, Life::Closing) {
+            self.life = if self.eof {
+                Life::Done(Ending::Eof)
+            } else if self.stop_deadline.is_some() {
+                Life::Done(Ending::Stopped)
+            } else {
+                Life::Lingering {
+                    until: now + LINGER,
+                }
+            };
+        }
+    }
+
+    /// The backend saw an I/O error on the socket.
+    pub fn handle_io_error(&mut self) {
+        if !matches!(self.life, Life::Done(_)) {
+            self.life = Life::Done(Ending::Failed);
+        }
+    }
+
+    /// True while this connection's body waits for the reactor's budget; the backend
+    /// looks again when its reactor frees budget.
+    pub fn paused_for_budget(&self) -> bool {
+        matches!(self.life, Life::Open)
+            && self.session.in_body()
+            && self.budget.pauses_bodies()
+            && !self.session.is_awaiting_publish()
+    }
+
+    /// Hands everything counted since the last call to `to`.
+    pub fn take_stats(&mut self, to: &mut impl Observer) {
+        to.absorb(self.session.stats_mut());
+        let s = &mut self.samples;
+        for took in &s.data[..s.data_len] {
+            to.observe_data(*took);
+        }
+        s.data_len = 0;
+        if let Some(took) = s.publish.take() {
+            to.observe_publish(took);
+        }
+        if let Some(size) = s.stored_size.take() {
+            to.observe_message_size(size);
+        }
+    }
+
+    /// One line per message handed to the sink: what an operator greps for ("queued
+    /// as <id>", a client address, a sender). Client text is escaped by the logger's
+    /// own quoting (`?`), so it cannot forge lines or fields.
+    fn log_transaction(&self, now: Instant, flight: &InFlight, result: &PublishResult) {
+        let (code, error) = match result {
+            Ok(_) => (250u16, None),
+            Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
+            Err(e @ PublishError::StorageFull) => (452, Some(e)),
+            Err(e @ PublishError::TooLarge) => (552, Some(e)),
+        };
+        let took = now.saturating_duration_since(flight.body_since);
+        tracing::info!(
+            target: "smtpgw::message",
+            id = %flight.id,
+            client = %self.peer,
+            helo = ?&*flight.helo,
+            from = ?self.log_from.as_str(),
+            rcpts = flight.rcpts,
+            size = flight.body_len,
+            code,
+            ms = took.as_millis() as u64,
+            sink = self.limits.sink,
+            error = error.map(tracing::field::display),
+            "message"
+        );
+    }
+
+    fn keep(&mut self, data: &[u8]) {
+        if self.pending.len() + data.len() > MAX_PENDING_INPUT {
+            self.life = Life::Done(Ending::Overrun);
+            self.pending = Vec::new();
+            return;
+        }
+        self.pending.extend_from_slice(data);
+    }
+
+    /// Whether the session may take input now.
+    fn can_consume(&self) -> bool {
+        let blocked = self.session.is_closed()
+            || self.session.is_awaiting_publish()
+            || self.session.output().len() >= self.limits.output_cap
+            || (self.session.in_body() && self.budget.pauses_bodies());
+        !blocked
+    }
+
+    fn process_pending(&mut self, now: Instant) {
+        let pending = std::mem::take(&mut self.pending);
+        // (The session stops at the output cap by itself; see `feed`.)
+        let consumed = self.feed(now, &pending);
+        self.pending = pending;
+        self.pending.drain(..consumed);
+        if self.pending.is_empty() {
+            // An idle connection holds no receive buffer.
+            self.pending = Vec::new();
+        }
+    }
+
+    /// Feeds the session while it can take input; returns how much it took.
+    fn feed(&mut self, now: Instant, input: &[u8]) -> usize {
+        let mut pos = 0;
+        while pos < input.len() && self.can_consume() {
+            self.session.set_low_memory(self.budget.exhausted());
+            self.session.set_output_limit(self.limits.output_cap);
+            let was_in_body = self.session.in_body();
+            let stats = self.session.stats_mut();
+            let before = (stats.bodies_started, stats.bodies_ended);
+            let n = self.session.feed(&input[pos..]);
+            pos += n;
+            if n > 0 {
+                self.idle_deadline = now + self.limits.idle_timeout;
+            }
+            self.track_body(now, was_in_body, n, before);
+            if n == 0 {
+                break;
+            }
+        }
+        pos
+    }
+
+    /// Keeps the budget charge, body timing and data-rate window in step with what the
+    /// session just consumed.
+    fn track_body(&mut self, now: Instant, was_in_body: bool, consumed: usize, before: (u64, u64)) {
+        let stats = self.session.stats_mut();
+        let started = stats.bodies_started > before.0;
+        let ended = stats.bodies_ended > before.1;
+        // A body "starts" at the read that brought its DATA or first BDAT.
+        if started {
+            self.body_started = Some(now);
+            self.body_since = Some(now);
+        }
+        let held = self.session.body_len();
+        if held > self.charged {
+            self.budget.charge(held - self.charged);
+        } else {
+            self.budget.release(self.charged - held);
+        }
+        self.charged = held;
+        let in_body = self.session.in_body();
+        if in_body {
+            match &mut self.rate_window {
+                Some((_, bytes)) if was_in_body => *bytes += consumed as u64,
+                Some(_) => {}
+                None => self.rate_window = Some((now, 0)),
+            }
+        }
+        // A body ended: the final dot, the last chunk, or a refusal that ends it.
+        if ended {
+            self.end_body(now);
+        }
+    }
+
+    fn end_body(&mut self, now: Instant) {
+        if let Some(t) = self.body_started.take() {
+            let s = &mut self.samples;
+            if s.data_len < s.data.len() {
+                s.data[s.data_len] = now.saturating_duration_since(t);
+                s.data_len += 1;
+            }
+        }
+        self.rate_window = None;
+    }
+
+    /// Draining: a session idle between commands, with no partial command buffered,
+    /// gets its `421` now; any other finishes what it is doing first (the session
+    /// answers its next command with `421`).
+    fn wind_down(&mut self) {
+        let idle = self.in_flight.is_none()
+            && self.pending.is_empty()
+            && self.session.is_between_commands()
+            && !self.session.is_closed();
+        if idle {
+            self.session.shut_down_now();
+        }
+    }
+
+    /// Moves the lifecycle on after anything that may have changed the output or closed
+    /// the session, and keeps the write deadline.
+    fn after_output_change(&mut self, now: Instant) {
+        let has_output = !self.session.output().is_empty();
+        if has_output && self.write_deadline.is_none() {
+            // Writes get the same patience as reads, and never much past the session's
+            // hard limit.
+            let limit = self.hard_deadline.max(now + STOP_GRACE);
+            self.write_deadline = Some((now + self.limits.idle_timeout).min(limit));
+        } else if !has_output {
+            self.write_deadline = None;
+        }
+        if matches!(self.life, Life::Open) && self.session.is_closed() {
+            self.life = Life::Closing;
+            self.pending = Vec::new();
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
+        if let Some(flight) = &self.in_flight {
+            self.budget.answered_by_sink(flight.charged);
+        }
+    }
+}
+
+/// The temporary failure for a message whose answer can never come (the sink dropped it).
+pub fn sink_dropped() -> PublishResult {
+    Err(PublishError::Temporary("sink dropped the message".into()))
+}
+
+#[cfg(test)]
+mod tests;

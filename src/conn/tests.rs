@@ -1,0 +1,470 @@
+//! The driver, byte by byte and second by second: no sockets, time is an argument.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::smtp::{BareLfPolicy, SessionConfig};
+
+fn session_config() -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        hostname: "mx.test".into(),
+        accept_domains: vec!["example.com".into()],
+        max_message_size: 1 << 20,
+        max_recipients: 100,
+        bare_lf: BareLfPolicy::Reject,
+    })
+}
+
+fn limits() -> Limits {
+    Limits {
+        idle_timeout: Duration::from_secs(60),
+        max_session_time: Duration::from_secs(3600),
+        min_data_rate: Some(MinDataRate {
+            bytes_per_second: 1024,
+            window: Duration::from_secs(30),
+        }),
+        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: "test",
+    }
+}
+
+fn open(t0: Instant, limits: Limits, budget: &BodyBudget) -> Connection {
+    Connection::new(
+        t0,
+        session_config(),
+        Arc::new(limits),
+        budget.clone(),
+        "192.0.2.1:4000".parse().unwrap(),
+    )
+}
+
+fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
+    (
+        MessageId::from_parts(1, 2),
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+    )
+}
+
+/// Writes everything out and answers every message with `Ok`; returns the text.
+fn drain_output(conn: &mut Connection, now: Instant, out: &mut Vec<u8>) {
+    loop {
+        if conn.wants_write() {
+            let n = conn.pending_output().len();
+            out.extend_from_slice(conn.pending_output());
+            conn.output_written(now, n);
+        }
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+            conn.handle_publish(now, Ok(m.id));
+            continue;
+        }
+        if !conn.wants_write() {
+            return;
+        }
+    }
+}
+
+/// Feeds `input` in the given pieces, writing out and answering as a backend would.
+fn run_split(input: &[u8], cuts: &[usize]) -> (Vec<u8>, State) {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    let mut last = 0;
+    let mut points: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+    points.push(input.len());
+    points.sort_unstable();
+    for p in points {
+        drain_output(&mut conn, t0, &mut out);
+        conn.handle_input(t0, &input[last..p]);
+        last = p;
+    }
+    drain_output(&mut conn, t0, &mut out);
+    (out, conn.state())
+}
+
+const SESSION: &[u8] = b"EHLO c.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\n\
+DATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nMAIL FROM:<a@b.example>\r\n\
+RCPT TO:<y@example.com>\r\nBDAT 5\r\nhelloBDAT 3 LAST\r\nabcNOOP\r\nQUIT\r\n";
+
+#[test]
+fn whole_session_is_answered_and_closes() {
+    let (out, state) = run_split(SESSION, &[]);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("220 mx.test ESMTP"), "{text}");
+    assert_eq!(
+        text.matches("250 2.0.0 Ok: queued as ").count(),
+        2,
+        "{text}"
+    );
+    assert!(
+        text.ends_with("221 2.0.0 mx.test closing connection\r\n"),
+        "{text}"
+    );
+    assert_eq!(state, State::ShutdownWrite);
+}
+
+#[test]
+fn every_single_split_gives_the_same_replies() {
+    let (whole, _) = run_split(SESSION, &[]);
+    for cut in 0..=SESSION.len() {
+        let (split, _) = run_split(SESSION, &[cut]);
+        assert_eq!(split, whole, "split at {cut}");
+    }
+}
+
+#[test]
+fn byte_by_byte_gives_the_same_replies() {
+    let (whole, _) = run_split(SESSION, &[]);
+    let cuts: Vec<usize> = (0..SESSION.len()).collect();
+    assert_eq!(run_split(SESSION, &cuts).0, whole);
+}
+
+proptest! {
+    #[test]
+    fn any_splits_give_the_same_replies(cuts in proptest::collection::vec(0..SESSION.len(), 0..12)) {
+        let (whole, _) = run_split(SESSION, &[]);
+        prop_assert_eq!(run_split(SESSION, &cuts).0, whole);
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_stops_being_read() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let flood = b"HELP\r\n".repeat(10_000);
+    let mut offered = 0;
+    while conn.wants_read() && offered < flood.len() {
+        let end = (offered + 4096).min(flood.len());
+        conn.handle_input(t0, &flood[offered..end]);
+        offered = end;
+    }
+    assert!(!conn.wants_read());
+    // Replies stop at the cap (plus the one reply that crossed it).
+    assert!(conn.pending_output().len() < Limits::DEFAULT_OUTPUT_CAP + 1024);
+    assert!(offered < 16 * 1024, "kept reading: {offered}");
+    // It is dropped once it has not read for the idle timeout.
+    let later = t0 + Duration::from_secs(61);
+    assert!(conn.poll_timeout().unwrap() <= later);
+    conn.handle_timeout(later);
+    assert_eq!(conn.state(), State::Done);
+    assert_eq!(conn.ending(), Some(Ending::WriteStalled));
+}
+
+#[test]
+fn output_drained_resumes_buffered_commands() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut input = b"HELP\r\n".repeat(2_000);
+    input.extend_from_slice(b"QUIT\r\n");
+    conn.handle_input(t0, &input);
+    let mut out = Vec::new();
+    drain_output(&mut conn, t0, &mut out);
+    let text = String::from_utf8(out).unwrap();
+    let help_ends = text.lines().filter(|l| l.starts_with("214 ")).count();
+    assert_eq!(help_ends, 2_000);
+    assert!(text.ends_with("221 2.0.0 mx.test closing connection\r\n"));
+}
+
+#[test]
+fn idle_timeout_says_421_then_lingers_then_done() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    drain_output(&mut conn, t0, &mut out);
+    assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    conn.handle_timeout(t0 + Duration::from_secs(59));
+    assert_eq!(conn.state(), State::Open);
+    let t1 = t0 + Duration::from_secs(60);
+    conn.handle_timeout(t1);
+    let mut stats = Counts::default();
+    conn.take_stats(&mut stats);
+    assert_eq!(stats.replies_421, 1, "the idle 421 is counted");
+    assert!(conn
+        .pending_output()
+        .starts_with(b"421 4.4.2 mx.test Timeout"));
+    drain_output(&mut conn, t1, &mut out);
+    assert_eq!(conn.state(), State::ShutdownWrite);
+    conn.write_shut(t1);
+    assert_eq!(conn.state(), State::Open);
+    assert!(conn.wants_read());
+    conn.handle_input(t1, b"late bytes are discarded\r\n");
+    assert!(!conn.wants_write());
+    conn.handle_timeout(t1 + LINGER);
+    assert_eq!(conn.ending(), Some(Ending::Closed));
+}
+
+#[test]
+fn a_trickled_command_line_does_not_hold_the_connection() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    drain_output(&mut conn, t0, &mut out);
+    // One byte every 50 s: each arrives within the idle timeout, none completes a line.
+    for (i, b) in b"NOOP".iter().enumerate() {
+        let t = t0 + Duration::from_secs(50 * i as u64);
+        if conn.poll_timeout().is_some_and(|d| d <= t) {
+            conn.handle_timeout(t);
+        }
+        conn.handle_input(t, &[*b]);
+    }
+    drain_output(&mut conn, t0 + Duration::from_secs(200), &mut out);
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("421 4.4.2"), "{text}");
+}
+
+#[test]
+fn a_trickled_body_is_closed_by_the_data_rate() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    conn.handle_input(
+        t0,
+        b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n",
+    );
+    drain_output(&mut conn, t0, &mut out);
+    // 10 bytes every 10 s: never idle, far below 1 KiB/s; closed at the first window.
+    let mut t = t0;
+    while conn.state() == State::Open {
+        t += Duration::from_secs(10);
+        assert!(t <= t0 + Duration::from_secs(40), "still open");
+        if conn.poll_timeout().is_some_and(|d| d <= t) {
+            conn.handle_timeout(t);
+        }
+        conn.handle_input(t, b"slowslow\r\n");
+        drain_output(&mut conn, t, &mut out);
+    }
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.ends_with("421 4.4.2 mx.test Data rate too low, closing connection\r\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_fast_body_is_not_closed_by_the_data_rate() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    conn.handle_input(
+        t0,
+        b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n",
+    );
+    let line = [b'x'; 2046];
+    let mut t = t0;
+    for _ in 0..40 {
+        t += Duration::from_secs(1);
+        if conn.poll_timeout().is_some_and(|d| d <= t) {
+            conn.handle_timeout(t);
+        }
+        conn.handle_input(t, &line);
+        conn.handle_input(t, b"\r\n");
+        drain_output(&mut conn, t, &mut out);
+    }
+    conn.handle_input(t, b".\r\n");
+    drain_output(&mut conn, t, &mut out);
+    let text = String::from_utf8(out).unwrap();
+    assert!(!text.contains("421"), "{text}");
+    assert!(text.contains("250 2.0.0 Ok: queued as"), "{text}");
+}
+
+#[test]
+fn drain_closes_idle_sessions_now_and_busy_ones_after_their_message() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut idle = open(t0, limits(), &budget);
+    let mut busy = open(t0, limits(), &budget);
+    let (mut idle_out, mut busy_out) = (Vec::new(), Vec::new());
+    drain_output(&mut idle, t0, &mut idle_out);
+    busy.handle_input(
+        t0,
+        b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n",
+    );
+    drain_output(&mut busy, t0, &mut busy_out);
+    idle.begin_drain(t0);
+    busy.begin_drain(t0);
+    drain_output(&mut idle, t0, &mut idle_out);
+    assert!(String::from_utf8_lossy(&idle_out)
+        .ends_with("421 4.3.2 mx.test Service shutting down, closing connection\r\n"));
+    assert_eq!(idle.state(), State::ShutdownWrite);
+    // The busy one finishes its message and gets its 250, then 421 without waiting for
+    // another command.
+    busy.handle_input(t0, b".\r\n");
+    drain_output(&mut busy, t0, &mut busy_out);
+    let text = String::from_utf8(busy_out).unwrap();
+    assert!(text.contains("250 2.0.0 Ok: queued as"), "{text}");
+    assert!(
+        text.ends_with("421 4.3.2 mx.test Service shutting down, closing connection\r\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn stop_says_421_and_gives_a_short_grace() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    conn.handle_input(
+        t0,
+        b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhalf",
+    );
+    conn.stop(t0);
+    assert!(String::from_utf8_lossy(conn.pending_output())
+        .ends_with("421 4.3.2 mx.test Service shutting down, closing connection\r\n"));
+    // The client never reads: done at the grace.
+    conn.handle_timeout(t0 + STOP_GRACE);
+    assert_eq!(conn.ending(), Some(Ending::Stopped));
+}
+
+#[test]
+fn eof_after_quit_writes_the_reply_then_ends_without_linger() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    conn.handle_input(t0, b"NOOP\r\n");
+    conn.handle_eof(t0);
+    assert!(conn.wants_write());
+    let n = conn.pending_output().len();
+    conn.output_written(t0, n);
+    assert_eq!(conn.state(), State::ShutdownWrite);
+    conn.write_shut(t0);
+    assert_eq!(conn.ending(), Some(Ending::Eof));
+}
+
+#[test]
+fn budget_follows_bodies_and_answers() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(10_000);
+    let mut a = open(t0, limits(), &budget);
+    let mut b = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    let start = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
+    a.handle_input(t0, start);
+    drain_output(&mut b, t0, &mut out);
+    let line = [b'y'; 998];
+    for _ in 0..10 {
+        a.handle_input(t0, &line);
+        a.handle_input(t0, b"\r\n");
+    }
+    assert_eq!(budget.used(), 10_000);
+    assert!(budget.exhausted());
+    // A new transaction elsewhere is refused while the budget is spent.
+    b.handle_input(t0, b"EHLO c\r\nMAIL FROM:<a@b>\r\n");
+    let text = String::from_utf8_lossy(b.pending_output()).into_owned();
+    assert!(
+        text.ends_with("451 4.3.1 Insufficient system resources, try again later\r\n"),
+        "{text}"
+    );
+    // The message goes to the sink: still charged until the answer.
+    a.handle_input(t0, b".\r\n");
+    let msg = a.poll_message(t0, &mut fixed_stamp).expect("message");
+    assert_eq!(budget.used(), 10_000);
+    a.handle_publish(t0, Ok(msg.id));
+    assert_eq!(budget.used(), 0);
+    // A body abandoned by RSET... and one cut by a closed connection give theirs back.
+    a.handle_input(
+        t0,
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nBDAT 100\r\n",
+    );
+    a.handle_input(t0, &[b'z'; 100]);
+    assert_eq!(budget.used(), 100);
+    a.handle_input(t0, b"RSET\r\n");
+    assert_eq!(budget.used(), 0);
+    a.handle_input(
+        t0,
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\npartial\r\n",
+    );
+    assert!(budget.used() > 0);
+    drop(a);
+    assert_eq!(budget.used(), 0);
+}
+
+#[test]
+fn paused_body_is_not_read_and_resumes_when_budget_returns() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(2_000);
+    let mut a = open(t0, limits(), &budget);
+    let mut b = open(t0, limits(), &budget);
+    let start = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
+    a.handle_input(t0, start);
+    b.handle_input(t0, start);
+    // Partial bodies alone never pause each other: that could deadlock.
+    a.handle_input(t0, &[b'a'; 1_500]);
+    b.handle_input(t0, &[b'b'; 600]);
+    assert!(budget.exhausted());
+    assert!(!b.paused_for_budget());
+    // Once a message is with the sink, whose answer frees its bytes, bodies wait.
+    a.handle_input(t0, b"\r\n.\r\n");
+    let m = a.poll_message(t0, &mut fixed_stamp).expect("message");
+    assert!(b.paused_for_budget());
+    assert!(!b.wants_read());
+    b.handle_input(t0, b"more\r\n.\r\n");
+    assert!(
+        b.poll_message(t0, &mut fixed_stamp).is_none(),
+        "read while paused"
+    );
+    a.handle_publish(t0, Ok(m.id));
+    assert!(!budget.exhausted());
+    assert!(b.wants_read());
+    b.output_written(t0, 0);
+    b.handle_input(t0, b"");
+    assert!(!b.paused_for_budget());
+}
+
+/// What `take_stats` hands over, for the assertions above.
+#[derive(Default)]
+struct Counts {
+    replies_421: u64,
+    data: Vec<Duration>,
+}
+
+impl Observer for Counts {
+    fn absorb(&mut self, stats: &mut SessionStats) {
+        let at = crate::smtp::stats::REPLY_CODES
+            .iter()
+            .position(|&c| c == 421)
+            .unwrap();
+        self.replies_421 += stats.replies[at];
+        *stats = SessionStats::default();
+    }
+    fn observe_data(&mut self, took: Duration) {
+        self.data.push(took);
+    }
+    fn observe_publish(&mut self, _: Duration) {}
+    fn observe_message_size(&mut self, _: usize) {}
+}
+
+#[test]
+fn body_time_runs_from_data_to_the_final_dot() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    conn.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n",
+    );
+    conn.handle_input(t0 + Duration::from_secs(2), b"hi\r\n.\r\n");
+    let mut counts = Counts::default();
+    conn.take_stats(&mut counts);
+    assert_eq!(counts.data, vec![Duration::from_secs(2)]);
+}
+
+#[test]
+fn reads_are_modest_between_commands_and_bulk_in_a_body() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    assert_eq!(conn.read_size_hint(), COMMAND_READ);
+    conn.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n",
+    );
+    assert_eq!(conn.read_size_hint(), usize::MAX);
+}
