@@ -28,12 +28,12 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::sink::Sink;
 use crate::smtp::stats::{SessionStats, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS};
 
-/// How often reactors publish their local counts; the issue asks for at most 100 ms.
+/// How often reactors publish their local counts: counters lag by at most 100 ms.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Accepted body sizes: 1 KiB to 64 MiB in powers of 4.
@@ -77,6 +77,10 @@ pub struct Metrics {
     publish_duration: Histogram,
     pub publish_inflight_messages: IntGauge,
     pub publish_inflight_bytes: IntGauge,
+    /// The configured limits, so dashboards and alerts can show saturation.
+    pub connections_max: IntGauge,
+    pub publish_inflight_messages_limit: IntGauge,
+    pub publish_inflight_bytes_limit: IntGauge,
     pub publish_failures_temporary: IntCounter,
     pub publish_failures_too_large: IntCounter,
     reactor_busy: CounterVec,
@@ -84,6 +88,11 @@ pub struct Metrics {
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
+    forward_awaiting_records: IntGauge,
+    forward_awaiting_bytes: IntGauge,
+    forwarded_records: IntCounter,
+    forwarded_bytes: IntCounter,
+    forward_oldest_age: Gauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
@@ -188,6 +197,17 @@ impl Metrics {
             &["broker"],
         )?;
         registry.register(Box::new(kafka_broker_rtt.clone()))?;
+        let forward_oldest_age = Gauge::new(
+            "smtpgw_forward_oldest_age_seconds",
+            "Age of the oldest spooled message not yet forwarded to Kafka (--spool-fallback); 0 when none waits.",
+        )?;
+        registry.register(Box::new(forward_oldest_age.clone()))?;
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_start_time_seconds, ...: the standard names every
+        // dashboard knows, read from /proc at scrape time.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         Ok(Metrics {
             connections_accepted: counter(
@@ -205,7 +225,7 @@ impl Metrics {
             messages_rejected: resolve(&messages_rejected, &REJECT_REASONS),
             smuggling_attempts: counter(
                 "smtpgw_smuggling_attempts_total",
-                "DATA bodies containing a bare CR or LF, whatever --bare-lf did with them.",
+                "DATA bodies and BDAT messages containing a bare CR or LF, whatever --bare-lf did with them.",
             )?,
             message_size: histogram(
                 "smtpgw_message_size_bytes",
@@ -230,6 +250,18 @@ impl Metrics {
                 "smtpgw_publish_inflight_bytes",
                 "Bytes of messages handed to the sink and not yet answered.",
             )?,
+            connections_max: gauge(
+                "smtpgw_connections_max",
+                "--max-connections: open connections above which new ones get 421.",
+            )?,
+            publish_inflight_messages_limit: gauge(
+                "smtpgw_publish_inflight_messages_limit",
+                "--max-inflight-messages: unanswered messages above which bodies are not read (Kafka sink).",
+            )?,
+            publish_inflight_bytes_limit: gauge(
+                "smtpgw_publish_inflight_bytes_limit",
+                "--max-inflight-bytes: unanswered bytes above which bodies are not read (Kafka sink).",
+            )?,
             publish_failures_temporary: failures.with_label_values(&["temporary"]),
             publish_failures_too_large: failures.with_label_values(&["too_large"]),
             reactor_busy,
@@ -246,6 +278,23 @@ impl Metrics {
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
             )?,
             kafka_broker_rtt,
+            forward_awaiting_records: gauge(
+                "smtpgw_forward_awaiting_records",
+                "Spooled messages waiting to be forwarded to Kafka (--spool-fallback).",
+            )?,
+            forward_awaiting_bytes: gauge(
+                "smtpgw_forward_awaiting_bytes",
+                "Spool bytes waiting to be forwarded to Kafka (--spool-fallback).",
+            )?,
+            forwarded_records: counter(
+                "smtpgw_forwarded_records_total",
+                "Spooled messages Kafka acknowledged (--spool-fallback).",
+            )?,
+            forwarded_bytes: counter(
+                "smtpgw_forwarded_bytes_total",
+                "Bytes of spooled messages Kafka acknowledged (--spool-fallback).",
+            )?,
+            forward_oldest_age,
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
                 "Total size of the spool's segment files (0 without a spool).",
@@ -319,6 +368,19 @@ impl Metrics {
             for (broker, rtt) in &stats.broker_rtt {
                 let gauge: Gauge = self.kafka_broker_rtt.with_label_values(&[broker.as_str()]);
                 gauge.set(*rtt);
+            }
+            if let Some(forward) = &stats.forward {
+                self.forward_awaiting_records
+                    .set(clamp(forward.awaiting_records));
+                self.forward_awaiting_bytes
+                    .set(clamp(forward.awaiting_bytes));
+                // The sink keeps running totals; a counter only moves forward.
+                let add = |counter: &IntCounter, total: u64| {
+                    counter.inc_by(total.saturating_sub(counter.get()));
+                };
+                add(&self.forwarded_records, forward.forwarded_records);
+                add(&self.forwarded_bytes, forward.forwarded_bytes);
+                self.forward_oldest_age.set(forward.oldest_age_seconds);
             }
         }
         let mut out = Vec::with_capacity(16 * 1024);
@@ -418,6 +480,7 @@ impl ReactorMetrics {
             .inc_by(std::mem::take(&mut s.smuggling_attempts));
         s.bodies_started = 0;
         s.bodies_ended = 0;
+        s.bodies_abandoned = 0;
         self.message_size.flush();
         self.data_duration.flush();
         self.publish_duration.flush();
@@ -458,8 +521,10 @@ impl MetricsServer {
         let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let local_addr = std_listener.local_addr().map_err(bind_err)?;
+        // Timers are needed: the accept back-off and the per-connection deadlines.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(MetricsError::Thread)?;
         let listener = {
@@ -495,36 +560,66 @@ impl Drop for MetricsServer {
     }
 }
 
+/// Connections the endpoint serves at once; more are closed as soon as accepted, so
+/// clients that open connections and never finish a request cannot use up the
+/// process's descriptors. Far above what scrapers and probes need.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this long (slow or half-sent requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, however it behaves; scrapers simply reconnect.
+pub const MAX_CONNECTION_TIME: Duration = Duration::from_secs(120);
+/// After a failed accept (out of descriptors), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     sink: Arc<dyn Sink>,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut failing = false;
     loop {
         let stream = tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if std::mem::take(&mut failing) {
+                        info!("metrics endpoint: accepting again");
+                    }
+                    stream
+                }
                 Err(e) => {
-                    debug!(error = %e, "metrics accept failed");
-                    // Out of descriptors: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Once per streak of failures, not every back-off.
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %e, "metrics endpoint: accept failed; backing off");
+                    }
+                    // Out of descriptors: do not spin, and keep serving once they are back.
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!("metrics endpoint: connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
         let (metrics, sink) = (metrics.clone(), sink.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let reply = respond(&req, &metrics, &*sink);
                 async move { Ok::<_, Infallible>(reply) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "metrics connection");
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_TIME, conn).await {
+                Ok(Err(e)) => debug!(error = %e, "metrics connection"),
+                Err(_) => debug!("metrics connection open too long; closed"),
+                Ok(Ok(())) => {}
             }
         });
     }

@@ -16,9 +16,10 @@
 //!
 //! # Client text on a terminal
 //!
-//! `ls` escapes control characters, invalid UTF-8 and bidirectional overrides in what
-//! the client sent (`\xNN`, `\u{NNNN}`); `cat` does the same when asked to (when its
-//! output is a terminal) and writes the bytes exactly otherwise.
+//! `ls` escapes control characters, line separators, invalid UTF-8 and bidirectional
+//! overrides in what the client sent (`\xNN`, `\u{NNNN}`, see [`escape`]); `cat` escapes
+//! the same characters (keeping line breaks and tabs, see [`escape_for_terminal`]) when
+//! its output is a terminal and writes the bytes exactly otherwise.
 //!
 //! # Prune and a running gateway
 //!
@@ -58,6 +59,7 @@ use ulid::Ulid;
 use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
+use crate::smtp::address::is_hostile_char;
 
 /// What a tool met that was not a record, reported on `err` as it was met.
 pub struct Damage<'a> {
@@ -135,10 +137,9 @@ pub fn escape(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
-            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
             if c == '\\' {
                 out.push_str("\\\\");
-            } else if c.is_control() || bidi {
+            } else if is_hostile_char(c) {
                 if (c as u32) < 0x80 {
                     out.push_str(&format!("\\x{:02x}", c as u32));
                 } else {
@@ -153,28 +154,6 @@ pub fn escape(bytes: &[u8]) -> String {
         }
     }
     out
-}
-
-/// Like [`escape`], but keeps line breaks and tabs: for a whole message on a terminal.
-fn escape_text(bytes: &[u8]) -> String {
-    bytes
-        .split_inclusive(|&b| b == b'\n')
-        .map(|line| {
-            let (text, end): (&[u8], &str) = match line {
-                [t @ .., b'\r', b'\n'] => (t, "\n"),
-                [t @ .., b'\n'] => (t, "\n"),
-                t => (t, ""),
-            };
-            let mut s = String::new();
-            for part in text.split(|&b| b == b'\t').enumerate() {
-                if part.0 > 0 {
-                    s.push('\t');
-                }
-                s.push_str(&escape(part.1));
-            }
-            s + end
-        })
-        .collect()
 }
 
 /// One line per message, oldest first:
@@ -208,6 +187,8 @@ pub fn ls_reporting<'e>(
                 .received_at
                 .to_rfc3339_opts(SecondsFormat::Micros, true),
             record.body().len(),
+            // Client text on a terminal: nothing in it may move the cursor, recolour
+            // the screen or reorder what is shown.
             escape(record.mail_from()),
             record.rcpt_count()
         )
@@ -253,7 +234,7 @@ pub fn cat_reporting<'e>(
             record.value()
         };
         let written = if escaped {
-            out.write_all(escape_text(bytes).as_bytes())
+            out.write_all(&escape_for_terminal(bytes))
         } else {
             out.write_all(bytes)
         };
@@ -269,6 +250,27 @@ pub fn cat_reporting<'e>(
         });
     }
     Ok(damage)
+}
+
+/// A stored message made safe for a terminal: line breaks and tabs stay, every other
+/// control, line-separator or bidi character (and any byte that is not UTF-8) becomes a
+/// visible escape, so `spool cat` cannot drive the terminal a reader looks at.
+pub fn escape_for_terminal(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if matches!(c, '\r' | '\n' | '\t') || !is_hostile_char(c) {
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            } else {
+                out.extend_from_slice(format!("\\u{{{:x}}}", c as u32).as_bytes());
+            }
+        }
+        for b in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+    out
 }
 
 /// Writes every message of the spool to `mbox` as mboxrd (framing in the module
