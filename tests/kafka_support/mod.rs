@@ -132,6 +132,15 @@ pub fn init_logs() {
 
 pub use harness::Gateway;
 
+/// A loopback port that was free a moment ago. Racy (another process may take it
+/// before it is used): only for a server that cannot bind port 0 and report it.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// Starts the built gateway (tests/harness) with `--sink kafka` and `extra` flags.
 pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {
     let mut args = vec![
