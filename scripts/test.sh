@@ -63,15 +63,49 @@ else
     echo "up to date with $requirements"
 fi
 
+# Whatever this script starts or mounts is undone when it exits, however it exits.
+cleanup_steps=()
+cleanup() {
+    local step
+    for step in "${cleanup_steps[@]}"; do
+        eval "$step" || true
+    done
+}
+trap cleanup EXIT
+
 section "setup: Kafka-protocol test broker (tansu on loopback)"
 # The Kafka tests (tests/kafka_e2e.rs, tests/e2e/test_kafka.py) run against it; the
 # mock-cluster tests need nothing. A broker given in SMTPGW_TEST_KAFKA is used as is.
 if [ -z "${SMTPGW_TEST_KAFKA:-}" ]; then
     broker_env=$(scripts/kafka-broker.sh start)
     export "${broker_env?}"
-    trap 'scripts/kafka-broker.sh stop >/dev/null 2>&1 || true' EXIT
+    cleanup_steps+=('scripts/kafka-broker.sh stop >/dev/null 2>&1')
 fi
 echo "SMTPGW_TEST_KAFKA=$SMTPGW_TEST_KAFKA"
+
+section "setup: a small file system for the disk-full test (tmpfs, 3 MiB)"
+# tests/spool_sink.rs fills a file system for real; a write error is only real when the
+# disk is really full. Under CI=true a test whose prerequisite is missing fails.
+if [ -z "${SMTPGW_TEST_SMALL_FS:-}" ]; then
+    small_fs=$(mktemp -d "${TMPDIR:-/tmp}/smtpgw-small-fs.XXXXXX")
+    if as_root mount -t tmpfs -o size=3m,mode=1777 tmpfs "$small_fs"; then
+        cleanup_steps+=("as_root umount '$small_fs' && rmdir '$small_fs'")
+        export SMTPGW_TEST_SMALL_FS=$small_fs
+    else
+        rmdir "$small_fs"
+        echo "cannot mount a tmpfs (needs root): the disk-full test will skip, or fail under CI=true" >&2
+    fi
+fi
+echo "SMTPGW_TEST_SMALL_FS=${SMTPGW_TEST_SMALL_FS:-}"
+
+section "setup: I/O backends under test"
+# The one place that says which backends every started gateway runs on: pytest
+# parametrizes its gateway fixture over the list, and the Rust harness takes one entry
+# per `cargo test` run (the first with the whole workspace, the others with the test
+# targets that start the binary).
+export SMTPGW_TEST_IO_BACKENDS=${SMTPGW_TEST_IO_BACKENDS:-epoll,uring}
+IFS=, read -r -a io_backends <<<"$SMTPGW_TEST_IO_BACKENDS"
+echo "SMTPGW_TEST_IO_BACKENDS=$SMTPGW_TEST_IO_BACKENDS"
 
 section "alert rules: promtool check rules, promtool test rules"
 (cd dashboards && promtool check rules alerts.yml && promtool test rules alerts_test.yml)
@@ -82,14 +116,23 @@ section "dashboards: checked-in JSON equals a fresh generation"
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
-section "cargo clippy (workspace)"
+section "cargo clippy (workspace, the fuzz crate included)"
+# fuzz/ is a workspace member: its target and harness are checked and linted here on
+# stable, its seed corpus is replayed by `cargo test` (fuzz/tests/corpus.rs), and
+# `cargo +nightly fuzz run session_feed` fuzzes it (not in CI).
 cargo clippy --workspace --all-targets --release -- -D warnings
 
 section "cargo build --release (gateway and load client)"
 cargo build --release --workspace --bins
 
-section "cargo test --release"
-cargo test --release --workspace
+section "cargo test --release (I/O backend ${io_backends[0]})"
+SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} cargo test --release --workspace
+for backend in "${io_backends[@]:1}"; do
+    section "cargo test --release: the tests that start the binary, I/O backend $backend"
+    SMTPGW_TEST_IO_BACKENDS=$backend cargo test --release \
+        --test metrics --test kafka_gateway --test kafka_e2e --test binary \
+        --test spool_sink --test spool_disk --test spool_recovery
+done
 
 section "load client self-test (250 count == spool records)"
 loadtest/selftest.sh --no-build

@@ -243,7 +243,19 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                 // Only spool errors are about the directory; the others name their flag.
                 Err(ReplayError::Spool(e)) => return Err(e).with_context(in_dir),
                 Err(ReplayError::Unreachable { brokers, waited }) => {
-                    anyhow::bail!("--kafka-brokers {brokers}: no broker answered within {waited:?}")
+                    // Name what is left unpublished, as a partial replay does.
+                    let mut unpublished = 0usize;
+                    let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+                    while let Some(event) = reader.next_event() {
+                        if let ReadEvent::Record(record) = event.with_context(in_dir)? {
+                            eprintln!("{}: not published: no broker", record.id);
+                            unpublished += 1;
+                        }
+                    }
+                    anyhow::bail!(
+                        "--kafka-brokers {brokers}: no broker answered within {waited:?}; \
+                         {unpublished} messages not published"
+                    )
                 }
                 Err(e) => return Err(e.into()),
             };

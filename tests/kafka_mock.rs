@@ -6,14 +6,14 @@ mod spool_support;
 
 use std::time::Duration;
 
-use kafka_support::{consume, healthy_sink, options, wait_until, Record};
+use kafka_support::{consume, healthy_sink, options, record_of, wait_until, Record};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
 use smtpgw::sink::{PublishError, PublishResult, Sink};
 use smtpgw::smtp::envelope::SealedMessage;
-use spool_support::{headers_of, message, publish, submit};
+use spool_support::{message, publish, submit};
 
 const TOPIC: &str = "smtp.inbound";
 const WAIT: Duration = Duration::from_secs(20);
@@ -22,14 +22,6 @@ fn cluster() -> MockCluster<'static, DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("create topic");
     cluster
-}
-
-fn record_of(msg: &SealedMessage) -> Record {
-    Record {
-        key: msg.id.to_string().into_bytes(),
-        value: msg.value.to_vec(),
-        headers: headers_of(msg),
-    }
 }
 
 fn is_temporary(result: &PublishResult) -> bool {
@@ -348,15 +340,7 @@ fn spool_replay_publishes_every_record_with_its_own_key() {
     use smtpgw::sink::spool::SpoolSink;
 
     let tmp = tempfile::TempDir::new().expect("tempdir");
-    let sent = vec![
-        message(
-            "a@example.com",
-            &["b@example.com", "c@example.com", "b@example.com"],
-            b"one\r\n.\r\n",
-        ),
-        message("", &["postmaster"], b""),
-        message("x@example.com", &["y@example.com"], &[0xffu8; 100_000]),
-    ];
+    let sent = spool_support::replay_sample();
     {
         let spool = SpoolSink::open(tmp.path()).expect("spool");
         for msg in &sent {

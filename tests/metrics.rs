@@ -6,83 +6,28 @@
 
 mod kafka_support;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use kafka_support::harness;
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use harness::wait_until;
 use kafka_support::Client;
 use rdkafka::mocking::MockCluster;
 
-/// A gateway process with both of its addresses; killed by PID when dropped.
-struct Gw {
-    child: Child,
-    smtp: String,
-    metrics: String,
-    /// The I/O backend the `listening` line names.
-    backend: String,
-    _spool: tempfile::TempDir,
-}
+type Gw = harness::Gateway;
 
-impl Drop for Gw {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the gateway on port 0 for SMTP and metrics and learns both ports from its log.
+/// Starts the gateway (tests/harness: port 0 for SMTP and metrics, read back from its
+/// log) on a spool of its own.
 fn start(extra: &[&str]) -> Gw {
     let spool = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--hostname", "mx.test", "--accept-domain", "example.com"])
-        .args(["--spool-dir"])
-        .arg(spool.path())
-        .args(extra)
-        .env("SMTPGW_LOG", "info")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    // Keeps draining stderr for the process's life so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("gw: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    let field = |line: &str, key: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .map(str::to_owned)
-    };
-    let (mut smtp, mut metrics, mut backend) = (None, None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while smtp.is_none() || metrics.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = rx.recv_timeout(left) else {
-            panic!("gateway did not log both addresses in time");
-        };
-        if line.contains("listening") {
-            smtp = smtp.or(field(&line, "addr="));
-            backend = backend.or(field(&line, "backend="));
-        }
-        metrics = metrics.or(field(&line, "metrics_addr="));
-    }
-    Gw {
-        child,
-        smtp: smtp.unwrap_or_default(),
-        metrics: metrics.unwrap_or_default(),
-        backend: backend.unwrap_or_default(),
-        _spool: spool,
-    }
+    let mut args = vec!["--hostname", "mx.test", "--accept-domain", "example.com"];
+    args.extend(["--spool-dir", harness::path_str(spool.path())]);
+    args.extend_from_slice(extra);
+    Gw::start(&args, &[]).keep(spool)
 }
 
 /// One HTTP/1.1 request; the status code and body.
@@ -123,21 +68,25 @@ fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("{series} missing from the scrape"))
 }
 
-fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+/// Polls the scrape until every series has its expected value (counters are flushed
+/// by the reactors a little after the replies go out), then asserts each one, so a
+/// wrong value fails with its name.
+fn assert_values(gw: &Gw, expect: &[(&str, f64)]) -> HashMap<String, f64> {
+    let mut m = scrape(gw);
+    wait_until(Duration::from_secs(10), || {
+        m = scrape(gw);
+        expect.iter().all(|(k, v)| m.get(*k) == Some(v))
+    });
+    for (series, want) in expect {
+        assert_eq!(value(&m, series), *want, "{series}");
     }
-    ok()
+    m
 }
 
 #[test]
 fn counters_move_by_exactly_what_a_session_did() {
     let gw = start(&["--reactors", "2"]);
-    let mut c = Client::connect(&gw.smtp);
+    let mut c = Client::connect(&gw.addr);
     assert!(c.cmd("EHLO client.test").starts_with("250-"));
     assert!(c.cmd("MAIL FROM:<a@sender.test>").starts_with("250 "));
     assert!(c.cmd("RCPT TO:<x@example.com>").starts_with("250 "));
@@ -150,15 +99,6 @@ fn counters_move_by_exactly_what_a_session_did() {
     assert!(c.cmd("QUIT").starts_with("221 "));
     drop(c);
 
-    std::thread::sleep(Duration::from_millis(150));
-    let mut m = scrape(&gw);
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            m = scrape(&gw);
-            value(&m, "smtpgw_connections_active") == 0.0
-        }),
-        "connection still counted as active"
-    );
     let expect = [
         ("smtpgw_connections_accepted_total", 1.0),
         ("smtpgw_connections_active", 0.0),
@@ -204,9 +144,7 @@ fn counters_move_by_exactly_what_a_session_did() {
             1.0,
         ),
     ];
-    for (series, want) in expect {
-        assert_eq!(value(&m, series), want, "{series}");
-    }
+    let m = assert_values(&gw, &expect);
     // "Subject: hi\r\n\r\nhello\r\n" is 22 octets.
     assert_eq!(value(&m, "smtpgw_message_size_bytes_sum"), 22.0);
     assert!(m.contains_key("smtpgw_reactor_busy_seconds_total{reactor=\"0\"}"));
@@ -223,14 +161,12 @@ fn endpoints_and_readiness_during_drain() {
     assert_eq!(http(&gw.metrics, "DELETE", "/readyz").0, 405);
 
     // A session in the middle of a message keeps the drain going.
-    let mut c = Client::connect(&gw.smtp);
+    let mut c = Client::connect(&gw.addr);
     c.cmd("HELO client.test");
     c.cmd("MAIL FROM:<a@sender.test>");
     c.cmd("RCPT TO:<x@example.com>");
     assert!(c.cmd("DATA").starts_with("354 "));
-    let pid = gw.child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status();
-    assert!(killed.is_ok_and(|s| s.success()));
+    gw.signal("TERM");
     assert!(
         wait_until(Duration::from_secs(5), || http(
             &gw.metrics,
@@ -248,18 +184,8 @@ fn endpoints_and_readiness_during_drain() {
     // Finishing the message ends the drain and the process.
     assert!(c.cmd("hi\r\n.").starts_with("250 "));
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = gw.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateway did not exit after the drain"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status}");
+    // Exit 0 and no panic: the harness checks.
+    gw.wait_exit(Duration::from_secs(15));
 }
 
 #[test]
@@ -315,19 +241,25 @@ fn readyz_follows_the_kafka_broker() {
 /// refused and failed replies). Skips, saying so, where promtool is not installed.
 #[test]
 fn promtool_finds_no_lint_problems() {
-    if Command::new("promtool").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: promtool not installed (Debian package `prometheus`)");
+    let promtool = Command::new("promtool").arg("--version").output().is_ok();
+    if !harness::prerequisite(promtool, "promtool (Debian package `prometheus`)") {
         return;
     }
     let gw = start(&[]);
-    let mut c = Client::connect(&gw.smtp);
+    let mut c = Client::connect(&gw.addr);
     c.cmd("EHLO client.test");
     assert!(c.send(b"Subject: x\r\n\r\nbody\r\n").starts_with("250 "));
     c.cmd("RCPT TO:<x@example.com>");
     c.cmd("BOGUS");
     c.cmd("QUIT");
     drop(c);
-    std::thread::sleep(Duration::from_millis(150));
+    assert_values(
+        &gw,
+        &[
+            ("smtpgw_connections_active", 0.0),
+            ("smtpgw_replies_total{code=\"221\"}", 1.0),
+        ],
+    );
     let (status, body) = http(&gw.metrics, "GET", "/metrics");
     assert_eq!(status, 200);
     let mut p = Command::new("promtool")
@@ -355,8 +287,8 @@ fn promtool_finds_no_lint_problems() {
 #[test]
 fn refused_connections_are_counted_with_their_421() {
     let gw = start(&["--max-connections", "1", "--reactors", "1"]);
-    let held = Client::connect(&gw.smtp);
-    let mut refused = TcpStream::connect(&gw.smtp).expect("connect");
+    let held = Client::connect(&gw.addr);
+    let mut refused = TcpStream::connect(&gw.addr).expect("connect");
     refused
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -364,16 +296,17 @@ fn refused_connections_are_counted_with_their_421() {
     let _ = refused.read_to_string(&mut text);
     assert!(text.starts_with("421 4.3.2 "), "{text}");
     drop(held);
-    std::thread::sleep(Duration::from_millis(150));
-    let m = scrape(&gw);
-    assert_eq!(
-        value(
-            &m,
-            "smtpgw_connections_rejected_total{reason=\"max_connections\"}"
-        ),
-        1.0
+    assert_values(
+        &gw,
+        &[
+            (
+                "smtpgw_connections_rejected_total{reason=\"max_connections\"}",
+                1.0,
+            ),
+            ("smtpgw_connections_accepted_total", 1.0),
+            ("smtpgw_replies_total{code=\"421\"}", 1.0),
+            ("smtpgw_replies_total{code=\"220\"}", 1.0),
+            ("smtpgw_connections_active", 0.0),
+        ],
     );
-    assert_eq!(value(&m, "smtpgw_connections_accepted_total"), 1.0);
-    assert_eq!(value(&m, "smtpgw_replies_total{code=\"421\"}"), 1.0);
-    assert_eq!(value(&m, "smtpgw_replies_total{code=\"220\"}"), 1.0);
 }

@@ -370,4 +370,66 @@ mod tests {
         let flags: Vec<bool> = params.iter().map(|p| p.is_ok()).collect();
         assert_eq!(flags, vec![false, false, false, true]);
     }
+
+    #[test]
+    fn param_values_with_equals_del_or_controls_are_flagged() {
+        for bad in [
+            &b"MAIL FROM:<> X=a=b"[..],
+            b"MAIL FROM:<> X=a\x7f",
+            b"MAIL FROM:<> X=\x01",
+            b"MAIL FROM:<> X=a\x1fb",
+            b"MAIL FROM:<> X=",
+            b"MAIL FROM:<> =v",
+            b"MAIL FROM:<> -X=v",
+            b"MAIL FROM:<> X_Y=v",
+        ] {
+            let Ok(Command::Mail { params, .. }) = parse(bad) else {
+                panic!("{bad:?} should parse as MAIL")
+            };
+            assert_eq!(
+                params.iter().collect::<Vec<_>>(),
+                vec![Err(())],
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The same rules for RCPT; the printable ASCII range and a key with digits and
+        // hyphens (after its first character) are fine.
+        let Ok(Command::Rcpt { params, .. }) =
+            parse(b"RCPT TO:<b@example.com> NOTIFY=a!~ 9X-Y=1 X")
+        else {
+            panic!("RCPT should parse")
+        };
+        assert_eq!(
+            params.iter().collect::<Vec<_>>(),
+            vec![
+                Ok((&b"NOTIFY"[..], Some(&b"a!~"[..]))),
+                Ok((&b"9X-Y"[..], Some(&b"1"[..]))),
+                Ok((&b"X"[..], None)),
+            ]
+        );
+        let Ok(Command::Rcpt { params, .. }) = parse(b"RCPT TO:<b@example.com> X=a=b") else {
+            panic!("RCPT should parse")
+        };
+        assert_eq!(params.iter().collect::<Vec<_>>(), vec![Err(())]);
+        assert!(params.as_bytes() == b"X=a=b" && !params.is_empty());
+    }
+
+    #[test]
+    fn verbs_we_do_not_offer_are_known_not_unknown() {
+        // 502 (not implemented) rather than 500 (unknown): the session maps them apart.
+        for line in [
+            &b"STARTTLS"[..],
+            b"starttls",
+            b"AUTH PLAIN dGVzdA==",
+            b"auth login",
+            b"ETRN example.com",
+            b"ATRN",
+        ] {
+            assert_eq!(parse(line), Ok(Command::NotImplemented), "{line:?}");
+        }
+        for line in [&b"STARTTLSX"[..], b"AUTHX", b"XETRN"] {
+            assert_eq!(parse(line), Err(CommandError::UnknownVerb), "{line:?}");
+        }
+    }
 }

@@ -343,6 +343,52 @@ mod tests {
         assert_eq!(read(b"abc\r\n", 3, REJECT, 100), None);
     }
 
+    #[test]
+    fn size_counts_unstuffed_octets_also_past_the_limit() {
+        let mut reader = DataReader::new(4, REJECT);
+        let mut body = BytesMut::new();
+        assert_eq!(reader.size(), 0);
+        // "..x\r\n" is 4 octets once unstuffed; "yyyy\r\n" takes it past the limit,
+        // and the count goes on (RFC 1870 counts the message, not what was kept).
+        assert_eq!(reader.feed(b"..x\r\n", &mut body), (5, false));
+        assert_eq!(reader.size(), 4);
+        assert_eq!(reader.feed(b"yyyy\r\n.\r\n", &mut body), (9, true));
+        assert_eq!(reader.size(), 10);
+        assert_eq!(reader.outcome(), BodyOutcome::TooLarge);
+        assert!(body.is_empty());
+    }
+
+    #[test]
+    fn nothing_is_kept_after_a_bare_line_ending_under_reject() {
+        // The message will be refused with 550 whatever follows: holding on to the
+        // rest of it would only cost memory.
+        for bare in [&b"a\nb"[..], b"a\rb", b"\r\n.\rb"] {
+            let mut reader = DataReader::new(1 << 20, REJECT);
+            let mut body = BytesMut::new();
+            let (n, done) = reader.feed(bare, &mut body);
+            assert_eq!((n, done), (bare.len(), false));
+            let kept = body.len();
+            assert!(kept <= 2, "{bare:?}: {body:?}");
+            let more = vec![b'z'; 100_000];
+            reader.feed(&more, &mut body);
+            assert_eq!(
+                body.len(),
+                kept,
+                "{bare:?}: the body grew after the bare ending"
+            );
+            assert_eq!(reader.feed(b"\r\n.\r\n", &mut body), (5, true));
+            assert_eq!(reader.outcome(), BodyOutcome::BareLineEnding);
+            assert!(reader.saw_bare_line_ending());
+        }
+        // Under normalize the same bytes are all kept, as CRLF.
+        let mut reader = DataReader::new(1 << 20, NORMALIZE);
+        let mut body = BytesMut::new();
+        reader.feed(b"a\nbz\r\n.\r\n", &mut body);
+        assert_eq!(&body[..], b"a\r\nbz\r\n");
+        assert!(reader.saw_bare_line_ending());
+        assert_eq!(reader.outcome(), BodyOutcome::Complete);
+    }
+
     /// BDAT content through the same scanner: every split, chunk boundaries included,
     /// gives the same body and outcome; dots are plain content.
     #[test]

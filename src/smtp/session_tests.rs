@@ -440,6 +440,64 @@ fn bdat_chunks_are_raw_and_concatenated() {
 }
 
 #[test]
+fn rset_or_helo_between_bdat_chunks_ends_the_message() {
+    for reset in ["RSET", "HELO again.test", "EHLO again.test"] {
+        let helo_code = if reset == "RSET" { "250 2.0.0" } else { "250" };
+        let input = format!(
+            "{TXN}BDAT 3\r\nabc{reset}\r\nBDAT 3 LAST\r\nxyz\
+             MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nok\r\n.\r\n"
+        );
+        let t = run(input.as_bytes());
+        assert_eq!(
+            &codes(&t)[3..],
+            [
+                "250 2.0.0",
+                helo_code,
+                // No transaction any more (and after HELO no CHUNKING either): the
+                // chunk is refused and its bytes are skipped, never run as commands.
+                "503 5.5.1",
+                "250 2.1.0",
+                "250 2.1.5",
+                "354",
+                "250 2.0.0"
+            ],
+            "{reset}"
+        );
+        assert_eq!(t.messages.len(), 1, "{reset}");
+        assert_eq!(
+            t.messages[0].2, b"ok\r\n",
+            "{reset}: nothing of the first chunk"
+        );
+        let pieces: Vec<&[u8]> = input.as_bytes().chunks(1).collect();
+        assert_eq!(
+            run_pieces(config(BareLfPolicy::Reject), pieces),
+            t,
+            "{reset}"
+        );
+    }
+}
+
+#[test]
+fn bdat_chunk_carrying_a_dot_line_and_commands_is_one_message() {
+    // What would end a DATA body and start a second transaction is only content in a
+    // BDAT chunk: one message holding those bytes, no reply of its own.
+    let payload =
+        "Subject: x\r\n\r\nhi\r\n.\r\nMAIL FROM:<e@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n";
+    for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize] {
+        let input = format!("{TXN}BDAT {} LAST\r\n{payload}NOOP\r\n", payload.len());
+        let t = run_pieces(config(policy), [input.as_bytes()]);
+        assert_eq!(
+            &codes(&t)[3..],
+            ["250 2.0.0", "250 2.0.0"],
+            "{policy:?}: the chunk's reply, then NOOP"
+        );
+        assert_eq!(t.messages.len(), 1, "{policy:?}");
+        assert_eq!(t.messages[0].2, payload.as_bytes(), "{policy:?}");
+        assert_eq!(t.messages[0].1, ["b@example.com"], "{policy:?}");
+    }
+}
+
+#[test]
 fn refused_bdat_chunk_is_consumed() {
     // The chunk's bytes look like commands; they must not be run as such.
     let got = replies("EHLO c\r\nBDAT 6\r\nQUIT\r\nNOOP\r\n");

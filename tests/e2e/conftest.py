@@ -5,6 +5,17 @@
 and returns a `Gateway`. Every process a test starts is stopped by its PID when the test
 ends (SIGTERM, then SIGKILL), and its stderr is attached to the report of a failed test.
 
+Every gateway must end well, or its test fails at teardown: stopped with SIGTERM it exits
+0, and no process of it ever wrote "panicked" to stderr (a panic in a connection's task
+is caught by the runtime, so only its stderr tells). A test that kills one on purpose
+uses `kill9()`, which exempts that process's exit status, not its stderr.
+
+The I/O backends under test come from one place, `SMTPGW_TEST_IO_BACKENDS` (comma
+separated, default "epoll"): `start_gateway` is parametrized over them.
+
+Under `CI=true` a skipped test is a failure: a missing prerequisite must never pass as
+"ok".
+
 The binary is `$SMTPGW_BIN`, or `target/release/smtpgw` in the repository.
 """
 
@@ -18,6 +29,8 @@ import smtplib
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,6 +43,21 @@ LISTENING = re.compile(r"listening addr=(\S+)")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 TOOL_TIMEOUT = 60.0
+IO_BACKENDS = [b.strip() for b in os.environ.get("SMTPGW_TEST_IO_BACKENDS", "epoll").split(",") if b.strip()]
+CI = os.environ.get("CI", "") not in ("", "0", "false")
+
+
+def wait_for(what: str, check, timeout: float = 30.0, interval: float = 0.05):
+    """Polls `check()` until it returns something truthy and returns that; fails the test
+    after `timeout` seconds. For state a test can only observe from outside the process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 def gateway_binary() -> Path:
@@ -43,15 +71,36 @@ def gateway_env() -> dict[str, str]:
     return env
 
 
-def run_binary(*args: str, timeout: float = TOOL_TIMEOUT) -> subprocess.CompletedProcess:
-    """Runs the binary to completion (killed if it outlives `timeout`)."""
-    return subprocess.run(
+def run_binary(
+    *args: str, timeout: float = TOOL_TIMEOUT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs the binary to completion (killed if it outlives `timeout`), with `env` added
+    to `gateway_env()`; a panic in its stderr fails the test."""
+    result = subprocess.run(
         [str(gateway_binary()), *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=timeout,
-        env=gateway_env(),
+        env=gateway_env() | (env or {}),
     )
+    assert b"panicked" not in result.stderr, f"smtpgw {' '.join(args)} panicked:\n{result.stderr.decode(errors='replace')}"
+    return result
+
+
+_HAS_IO_BACKEND_FLAG: dict[str, bool] = {}
+
+
+def io_backend_args(backend: str) -> tuple[str, ...]:
+    """`--io-backend NAME` once the binary has the flag; before that only epoll exists,
+    and asking for another backend fails rather than silently testing epoll."""
+    binary = str(gateway_binary())
+    if binary not in _HAS_IO_BACKEND_FLAG:
+        help_text = subprocess.run([binary, "--help"], capture_output=True, timeout=TOOL_TIMEOUT, env=gateway_env())
+        _HAS_IO_BACKEND_FLAG[binary] = b"--io-backend" in help_text.stdout
+    if _HAS_IO_BACKEND_FLAG[binary]:
+        return ("--io-backend", backend)
+    assert backend == "epoll", f"{binary} has no --io-backend flag: only epoll can be tested, not {backend}"
+    return ()
 
 
 def listening_addr(line: str) -> str | None:
@@ -69,9 +118,21 @@ class Gateway:
 
     host = "127.0.0.1"
 
-    def __init__(self, spool_dir: Path, args: tuple[str, ...], sink: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        spool_dir: Path,
+        args: tuple[str, ...],
+        sink: tuple[str, ...] | None = None,
+        backend: str = "epoll",
+        env: dict[str, str] | None = None,
+    ):
         self.spool_dir = spool_dir
         self.args = args
+        self.backend = backend
+        self.env = env or {}
+        # (pid, exit code, killed on purpose) of every process that has ended.
+        self.exits: list[tuple[int, int, bool]] = []
+        self._killing = False
         self.sink = sink or ("--sink", "spool", "--spool-dir", str(spool_dir))
         self.log: list[str] = []  # stderr lines of the current process
         self.earlier_logs = ""  # stderr of the processes before a restart
@@ -94,13 +155,14 @@ class Gateway:
                 *("--listen", "127.0.0.1:0", "--accept-domain", "example.com"),
                 # The metrics port is fixed by default; parallel gateways need their own.
                 *("--metrics-listen", "127.0.0.1:0"),
+                *io_backend_args(self.backend),
                 *self.sink,
                 *self.args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=gateway_env(),
+            env=gateway_env() | self.env,
         )
         listening = threading.Event()
         self._reader = threading.Thread(target=self._read_stderr, args=(self.proc, listening, self.log), daemon=True)
@@ -154,6 +216,8 @@ class Gateway:
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout=timeout)
         self._reader.join(timeout=5)
+        if not self.exits or self.exits[-1][0] != self.proc.pid:
+            self.exits.append((self.proc.pid, code, self._killing))
         return code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
@@ -166,9 +230,14 @@ class Gateway:
             raise AssertionError(f"smtpgw did not exit within {timeout}s of signal {sig}")
 
     def kill9(self) -> None:
-        self.send_signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.wait(STOP_TIMEOUT)
+        """SIGKILL on purpose: this process's exit status is exempt from the teardown check."""
+        self._killing = True
+        try:
+            self.send_signal(signal.SIGKILL)
+            if self.proc is not None:
+                self.wait(STOP_TIMEOUT)
+        finally:
+            self._killing = False
 
     def restart(self) -> None:
         """Starts a new process with the same flags on the same spool."""
@@ -176,13 +245,49 @@ class Gateway:
             self.stop()
         self.start()
 
-    def close(self) -> None:
-        if not self.running():
-            return
+    def close(self) -> list[str]:
+        """Stops the process if it still runs; returns every way it or an earlier process
+        of this gateway did not end well (empty when all is well)."""
+        problems = []
+        if self.running():
+            try:
+                self.stop()
+            except AssertionError as error:
+                problems.append(str(error))
+        elif self.proc is not None:
+            self.wait(STOP_TIMEOUT)  # records an exit the test did not wait for
+        for pid, code, killed in self.exits:
+            if code != 0 and not killed:
+                problems.append(f"smtpgw pid {pid} exited with {code}, not 0")
+        if "panicked" in self.all_stderr:
+            problems.append("smtpgw panicked (see its stderr)")
+        return problems
+
+    # --- metrics endpoint ---------------------------------------------------------
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """GET `path` on the gateway's --metrics-listen address: (status, body)."""
+        assert self.metrics_addr, "no metrics_addr= in the gateway's log"
         try:
-            self.stop()
-        except AssertionError:
-            pass
+            with urllib.request.urlopen(f"http://{self.metrics_addr}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    def metric(self, series: str) -> float:
+        """The value of one series of /metrics, e.g. `smtpgw_connections_active`."""
+        status, body = self.http_get("/metrics")
+        assert status == 200, body
+        for line in body.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == series:
+                return float(value)
+        raise AssertionError(f"{series} is not in /metrics")
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Waits until the gateway holds no connection, so whatever its sessions did is
+        done (and counted) before a test looks at the spool or the counters."""
+        wait_for("no active connection", lambda: self.metric("smtpgw_connections_active") == 0, timeout)
 
     # --- clients ------------------------------------------------------------------
 
@@ -225,23 +330,36 @@ class Gateway:
 GATEWAYS = pytest.StashKey[list]()
 
 
+@pytest.fixture(params=IO_BACKENDS)
+def io_backend(request) -> str:
+    """The I/O backend of every gateway the test starts (SMTPGW_TEST_IO_BACKENDS)."""
+    return request.param
+
+
 @pytest.fixture
-def start_gateway(request, tmp_path):
-    """Factory: `start_gateway(*extra_flags, spool_dir=None, sink=None)` -> a running Gateway."""
+def start_gateway(request, tmp_path, io_backend):
+    """Factory: `start_gateway(*extra_flags, spool_dir=None, sink=None, env=None)` -> a
+    running Gateway. At teardown every gateway it started must have ended well."""
     binary = gateway_binary()
     if not os.access(binary, os.X_OK):
         pytest.fail(f"{binary} is missing: build it (cargo build --release) or set SMTPGW_BIN")
     started: list[Gateway] = []
     request.node.stash[GATEWAYS] = started
 
-    def start(*args: str, spool_dir: Path | None = None, sink: tuple[str, ...] | None = None) -> Gateway:
-        gateway = Gateway(spool_dir or tmp_path / f"spool-{len(started)}", args, sink)
+    def start(
+        *args: str,
+        spool_dir: Path | None = None,
+        sink: tuple[str, ...] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Gateway:
+        gateway = Gateway(spool_dir or tmp_path / f"spool-{len(started)}", args, sink, io_backend, env)
         started.append(gateway)
         return gateway
 
     yield start
-    for gateway in started:
-        gateway.close()
+    problems = [f"gateway #{i}: {p}" for i, gateway in enumerate(started) for p in gateway.close()]
+    if problems:
+        pytest.fail("a gateway did not end well:\n" + "\n".join(problems), pytrace=False)
 
 
 @pytest.fixture
@@ -254,6 +372,22 @@ def gateway(start_gateway) -> Gateway:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        # Under CI=true a skip is a failure: a missing prerequisite must not pass as ok.
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
     if report.failed:
         for i, gateway in enumerate(item.stash.get(GATEWAYS, [])):
             report.sections.append((f"smtpgw #{i} stderr (pid {gateway.proc.pid})", gateway.all_stderr[-20000:]))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """Under CI=true a module skipped as a whole (pytest.skip at import) fails too."""
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped under CI=true, which counts as a failure: {reason}"

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, wait_for
 from smtpwire import assert_reply, make_message
 
 DASHBOARDS = REPO / "dashboards"
@@ -38,7 +37,6 @@ ALERTS = DASHBOARDS / "alerts.yml"
 JOB = "smtpgw"  # the job name alerts.yml expects
 SIZE_LIMIT = 10_000
 MAX_CONNECTIONS = 2
-WAIT_TIMEOUT = 30.0
 # Grafana's built-in variables, set as Grafana would for a short range and 1 s scrapes.
 GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
 
@@ -46,23 +44,6 @@ pytestmark = pytest.mark.skipif(
     not (shutil.which("prometheus") and shutil.which("promtool")),
     reason="prometheus/promtool not installed (Debian package `prometheus`; scripts/test.sh installs it)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(what: str, check, timeout: float = WAIT_TIMEOUT):
-    """Polls `check()` until it returns something truthy; fails after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 # --- expressions from the dashboards and rules ---------------------------------------
@@ -133,8 +114,12 @@ def test_promtool_test_rules():
 # --- a real Prometheus scraping a real gateway -----------------------------------------
 
 
+LISTENING_ON = re.compile(r'msg="Listening on" address=(127\.0\.0\.1:\d+)')
+
+
 class Prometheus:
-    """A `prometheus` process on a free loopback port with its own config and storage."""
+    """A `prometheus` process on loopback port 0 (the port is read back from its log)
+    with its own config and storage."""
 
     def __init__(self, workdir: Path, metrics_addr: str):
         config = {
@@ -143,20 +128,26 @@ class Prometheus:
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [metrics_addr]}]}],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = open(workdir / "prometheus.log", "wb")
+        self.log_path = workdir / "prometheus.log"
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
                 "prometheus",
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address={self.url.removeprefix('http://')}",
+                "--web.listen-address=127.0.0.1:0",
             ],
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+        self.url = "http://" + wait_for("prometheus's 'Listening on' log line", self.listening)
         wait_for("prometheus /-/ready", self.ready)
+
+    def listening(self) -> str | None:
+        assert self.proc.poll() is None, f"prometheus exited with {self.proc.returncode}: {self.log_path.read_text()}"
+        match = LISTENING_ON.search(self.log_path.read_text(errors="replace"))
+        return match.group(1) if match else None
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, f"prometheus exited with {self.proc.returncode}"
@@ -174,8 +165,24 @@ class Prometheus:
         except urllib.error.HTTPError as error:  # 400/422 for a bad expression, with a JSON body
             return json.load(error)
 
-    def query(self, expr: str) -> dict:
-        return self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> dict:
+        if at is None:
+            return self.api("query", query=expr)
+        return self.api("query", query=expr, time=repr(at))
+
+    def vector(self, expr: str, at: float) -> dict[tuple, float]:
+        """The result at time `at` as {sorted label pairs without instance/job: value}."""
+        response = self.query(expr, at)
+        assert response["status"] == "success", f"{expr}: {response.get('error')}"
+        result = response["data"]["result"]
+        if response["data"]["resultType"] == "scalar":
+            return {(): float(result[1])}
+        return {
+            tuple(sorted((k, v) for k, v in r["metric"].items() if k not in ("instance", "job", "__name__"))): float(
+                r["value"][1]
+            )
+            for r in result
+        }
 
     def value(self, expr: str) -> float | None:
         result = self.query(expr)["data"]["result"]
@@ -232,6 +239,12 @@ def scraped_gateway(start_gateway, tmp_path):
     instance = metrics_addr(gateway)
     prometheus = Prometheus(tmp_path, instance)
     try:
+        # A first scrape before any traffic, so every counter's series starts at 0 and
+        # increases over the test's range are exact.
+        wait_for(
+            f"a first scrape of {instance}",
+            lambda: prometheus.value(f'sum(smtpgw_replies_total{{job="{JOB}"}})') == 0,
+        )
         sent = send_traffic(gateway)
         over_the_limit(gateway)
         wait_for(
@@ -268,3 +281,142 @@ def test_prometheus_loads_the_alert_rules(scraped_gateway):
     assert set(loaded) == {name for name, _ in alert_rules()}
     unhealthy = {name: rule.get("lastError") for name, rule in loaded.items() if rule["health"] != "ok"}
     assert not unhealthy, unhealthy
+
+
+# --- values, not only shapes ---------------------------------------------------------
+#
+# send_traffic() and over_the_limit() say exactly what happened, so the key panels and
+# the alert expressions must show exactly that. Every counter is exported at 0 before the
+# traffic and the first scrape precedes it (see scraped_gateway), so an increase over a
+# range that covers the whole test, evaluated at the time of a scrape taken after all
+# counters settled, is exact: Prometheus extrapolates neither end then. A query on the
+# wrong series or label gives 0 or nothing, and fails here.
+
+# Replies: a session (220, EHLO 250), 3 messages delivered (MAIL, RCPT, 250 each, a
+# 354), MAIL 250, RCPT 550 (relay), RCPT 250, 354, 552 (over size), MAIL 250, RCPT 250,
+# 354, 550 (smuggling); 2 held sessions (220, EHLO 250 each) and one refused (421).
+REPLIES = {"220": 3, "250": 16, "354": 5, "550": 2, "552": 1, "421": 1}
+COMMANDS = {"EHLO": 3, "MAIL": 5, "RCPT": 6, "DATA": 5}
+TOTAL_REPLIES = sum(REPLIES.values())
+RANGE = "5m"
+
+
+def exact(expr: str) -> str:
+    """A panel's expression with its rate over the Grafana interval turned into the
+    increase over the whole test."""
+    return expr.replace("rate(", "increase(").replace("$__rate_interval", RANGE).replace("$__range", RANGE)
+
+
+def settled_scrape_time(prometheus, instance: str) -> float:
+    """The time of a scrape that saw every count of the scripted traffic."""
+    sel = f'{{job="{JOB}", instance="{instance}"}}'
+
+    def settled():
+        replies = prometheus.value(f"sum(smtpgw_replies_total{sel})")
+        active = prometheus.value(f"sum(smtpgw_connections_active{sel})")
+        rejected = prometheus.value(f"sum(smtpgw_connections_rejected_total{sel})")
+        if (replies, active, rejected) == (TOTAL_REPLIES, 0, 1):
+            return prometheus.value(f"timestamp(smtpgw_connections_active{sel})")
+        return None
+
+    return wait_for(f"{TOTAL_REPLIES} replies, no active and 1 refused connection in a scrape", settled)
+
+
+def panel(board: str, title: str, metric: str) -> str:
+    """The expression of the target of `title` on `board` that reads `metric`."""
+    matches = [e for b, t, e in dashboard_targets() if b == board and t == title and metric in e]
+    assert len(matches) == 1, f"{board} / {title} / {metric}: {matches}"
+    return matches[0]
+
+
+def by(label: str, vector: dict[tuple, float]) -> dict[str, float]:
+    """{label value: value} for the entries with a non-zero value."""
+    return {dict(k)[label]: v for k, v in vector.items() if v != 0}
+
+
+def only(vector: dict[tuple, float]) -> float:
+    assert len(vector) == 1, vector
+    return next(iter(vector.values()))
+
+
+def test_key_panels_show_the_values_of_the_traffic(scraped_gateway, io_backend):
+    prometheus, instance = scraped_gateway
+    at = settled_scrape_time(prometheus, instance)
+
+    def value_of(board: str, title: str, metric: str) -> dict[tuple, float]:
+        return prometheus.vector(exact(substitute(panel(board, title, metric), instance)), at)
+
+    node, overview = "smtpgw-node.json", "smtpgw-overview.json"
+    assert only(value_of(node, "Up", "up{")) == 1
+    assert only(value_of(node, "Sink up", "smtpgw_sink_up")) == 1
+    assert only(value_of(node, "Draining", "smtpgw_draining")) == 0
+    assert only(value_of(node, "Active connections", "smtpgw_connections_active")) == 0
+    assert by("backend", value_of(node, "I/O backend", "smtpgw_io_backend_info")) == {io_backend: 1}
+    assert by("code", value_of(node, "Replies by code", "smtpgw_replies_total")) == REPLIES
+    commands = by("verb", value_of(node, "Commands by verb", "smtpgw_commands_total"))
+    assert {verb: commands.get(verb) for verb in COMMANDS} == COMMANDS
+    assert only(value_of(node, "Messages", "smtpgw_messages_accepted_total")) == 3
+    assert by("reason", value_of(node, "Messages", "smtpgw_messages_rejected_total")) == {
+        "too_large": 1,
+        "bare_line_ending": 1,
+    }
+
+    assert only(value_of(overview, "Nodes up", "sum(up")) == 1
+    assert only(value_of(overview, "Nodes up", "count(up")) == 1
+    assert only(value_of(overview, "Messages accepted / s", "smtpgw_messages_accepted_total")) == 3
+    assert only(value_of(overview, "Smuggling attempts", "smtpgw_smuggling_attempts_total")) == 1
+    assert only(value_of(overview, "Sink up (nodes)", "smtpgw_sink_up")) == 1
+    assert only(value_of(overview, "Draining (nodes)", "smtpgw_draining")) == 0
+    shares = by("class", value_of(overview, "Reply classes (share of all replies)", "smtpgw_replies_total"))
+    assert shares == pytest.approx({"2xx": 19 / 28, "3xx": 5 / 28, "4xx": 1 / 28, "5xx": 3 / 28}), shares
+    assert only(value_of(overview, "Connections", "smtpgw_connections_accepted_total")) == 3
+    assert by("reason", value_of(overview, "Connections", "smtpgw_connections_rejected_total")) == {
+        "max_connections": 1
+    }
+    accepted_bytes = sum(len(make_message(f"dash-{i}")) for i in range(3))
+    assert only(value_of(overview, "Accepted bytes", "smtpgw_message_size_bytes_sum")) == accepted_bytes
+    p99 = only(value_of(overview, "Publish latency", "histogram_quantile(0.99"))
+    assert 0 < p99 < 1, f"publish p99 {p99}s for 3 spool writes"
+
+
+def without_threshold(expr: str) -> str:
+    """An alert expression less its final comparison (`... > 0.05`, `... == 0`)."""
+    stripped = re.sub(r"\s*(>|==|<|!=|>=|<=)\s*[0-9.]+\s*$", "", expr.strip())
+    assert stripped != expr.strip(), f"no threshold found in {expr!r}"
+    return stripped
+
+
+def test_alert_expressions_have_the_values_of_the_traffic(scraped_gateway):
+    prometheus, instance = scraped_gateway
+    at = settled_scrape_time(prometheus, instance)
+    rules = dict(alert_rules())
+    want = {
+        "SmtpgwDown": 1,  # up
+        "SmtpgwSinkDown": 1,  # smtpgw_sink_up
+        "SmtpgwDrainStuck": 0,  # smtpgw_draining
+        "SmtpgwHigh4xxRatio": 1 / TOTAL_REPLIES,  # the refused connection's 421
+        "SmtpgwHigh5xxRatio": 3 / TOTAL_REPLIES,  # 550 relay, 552 size, 550 smuggling
+        "SmtpgwSmugglingSpike": 1,
+    }
+    otherwise = {"SmtpgwPublishLatencyHigh", "SmtpgwSpoolDiskLow", "SmtpgwSpoolBacklogOld"}
+    assert set(want) | otherwise == set(rules), "an alert without a value check"
+    for name, value in want.items():
+        got = prometheus.vector(without_threshold(rules[name]), at)
+        assert only(got) == pytest.approx(value), f"{name}: {got}"
+        # None of them fires on this traffic.
+        assert prometheus.vector(rules[name], at) == {}, f"{name} fires on ordinary traffic"
+    p99 = only(prometheus.vector(without_threshold(rules["SmtpgwPublishLatencyHigh"]), at))
+    assert 0 < p99 < 1, p99
+    assert prometheus.vector(rules["SmtpgwPublishLatencyHigh"], at) == {}
+    # The spool alerts' inputs: the 3 accepted messages are in a segment, stored
+    # within this test, on a file system with room.
+    sel = f'{{job="{JOB}"}}'
+    assert only(prometheus.vector(f"smtpgw_spool_segments{sel}", at)) >= 1
+    free = only(prometheus.vector(f"smtpgw_spool_filesystem_free_bytes{sel}", at))
+    assert free > 0
+    age = only(prometheus.vector(f"smtpgw_spool_oldest_record_age_seconds{sel}", at))
+    assert 0 <= age < 300, age
+    assert prometheus.vector(rules["SmtpgwSpoolBacklogOld"], at) == {}
+    # The disk alert fires exactly when the spool's file system has under 2 GiB free.
+    disk_low = prometheus.vector(rules["SmtpgwSpoolDiskLow"], at)
+    assert (disk_low != {}) == (free < 2 * 1024**3), (free, disk_low)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import wait_for
 from smtpwire import IO_TIMEOUT, assert_reply, data_payload, make_message, queued_id
 
 
@@ -68,9 +69,11 @@ def test_idle_timeout_replies_421_and_closes(start_gateway, where):
 
 
 def test_activity_keeps_a_session_alive(start_gateway):
-    gateway = start_gateway("--idle-timeout", "1")
+    # A NOOP every 0.5 s for 5 s against a 3 s idle timeout: a scheduling delay of
+    # 2.5 s on a busy machine still does not make the client look idle.
+    gateway = start_gateway("--idle-timeout", "3")
     with gateway.session() as wire:
-        for _ in range(6):
+        for _ in range(10):
             time.sleep(0.5)
             wire.expect("NOOP", "250 2.0.0")
         wire.deliver(make_message("kept-alive"))
@@ -173,12 +176,11 @@ def test_sigterm_drains_sessions_and_finishes_messages_in_flight(start_gateway):
     with gateway.session() as idle, gateway.session() as busy:
         busy.envelope()
         busy.expect("DATA", "354")
-        busy.send(payload[:2000])
-        time.sleep(0.2)
+        busy.send(payload[:2000])  # mid-DATA since the 354, whenever the server reads it
 
         gateway.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        time.sleep(0.5)
+        wait_for("/readyz 503 (draining)", lambda: gateway.http_get("/readyz")[0] == 503, timeout=5)
         assert_closes_with(idle, "421 4.3.2", "idle session during drain")
         busy.send(payload[2000:])
         message_id = queued_id(busy.reply())  # the message under way still gets its 250

@@ -261,3 +261,17 @@ def test_null_sender_is_exported_as_mailer_daemon(gateway, tmp_path):
     assert "<>" in line
     [exported] = gateway.export(tmp_path / "out.mbox")
     assert exported.sender == "MAILER-DAEMON"
+
+
+def test_one_hundred_recipients_are_stored_and_the_101st_is_refused(gateway):
+    rcpts = [f"r{i:03}@example.com" for i in range(101)]
+    with gateway.session() as wire:
+        wire.expect("MAIL FROM:<sender@b.example>", "250 2.1.0")
+        for rcpt in rcpts[:100]:
+            wire.expect(f"RCPT TO:<{rcpt}>", "250 2.1.5")
+        wire.expect(f"RCPT TO:<{rcpts[100]}>", "452 4.5.3")
+        message_id = queued_id(wire.data(make_message("hundred")))
+    [line] = gateway.spool_ls()
+    assert line.split()[0] == message_id and "  100 rcpt" in line, line
+    # The trace line names a recipient only when there is exactly one.
+    assert b"for <" not in gateway.cat(message_id).split(b"\r\n\r\n", 1)[0]

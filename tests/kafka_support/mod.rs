@@ -5,7 +5,6 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -14,12 +13,27 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
 
+/// The one Rust gateway harness; the tests that include kafka_support reach it here.
+#[path = "../harness/mod.rs"]
+pub mod harness;
+
 /// One record as a consumer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The record the gateway writes for `msg`: key = id, value, headers in order.
+pub fn record_of(msg: &smtpgw::smtp::envelope::SealedMessage) -> Record {
+    let mut headers = Vec::new();
+    msg.for_each_header(|name, value| headers.push((name.to_owned(), value.to_vec())));
+    Record {
+        key: msg.id.to_string().into_bytes(),
+        value: msg.value.to_vec(),
+        headers,
+    }
 }
 
 pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOptions {
@@ -30,19 +44,7 @@ pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOp
     options
 }
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use harness::wait_until;
 
 pub fn healthy_sink(options: &KafkaOptions) -> KafkaSink {
     init_logs();
@@ -128,19 +130,10 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// The gateway process; killed by its PID if a test fails before stopping it.
-pub struct Gateway {
-    pub child: Child,
-    pub addr: String,
-}
+pub use harness::Gateway;
 
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A loopback port that was free a moment ago. Racy (another process may take it
+/// before it is used): only for a server that cannot bind port 0 and report it.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -148,41 +141,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts the built gateway on a free loopback port with `--sink kafka` and `extra`
-/// flags, and waits until it listens.
+/// Starts the built gateway (tests/harness) with `--sink kafka` and `extra` flags.
 pub fn start_gateway(brokers: &str, topic: &str, extra: &[&str]) -> Gateway {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
-        .args([
-            "--listen",
-            &addr,
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--hostname",
-            "mx.test",
-            "--accept-domain",
-            "example.com",
-            "--sink",
-            "kafka",
-            "--kafka-brokers",
-            brokers,
-            "--kafka-topic",
-            topic,
-        ])
-        .args(extra)
-        .env("SMTPGW_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("gateway starts");
-    let gw = Gateway { child, addr };
-    assert!(
-        wait_until(Duration::from_secs(30), || TcpStream::connect(&gw.addr)
-            .is_ok()),
-        "gateway never listened"
-    );
-    gw
+    let mut args = vec![
+        "--hostname",
+        "mx.test",
+        "--accept-domain",
+        "example.com",
+        "--sink",
+        "kafka",
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        topic,
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(&args, &[])
 }
 
 pub struct Client {

@@ -6,99 +6,34 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-/// A gateway process on port 0 for SMTP and metrics; killed by PID when dropped.
+// The one Rust gateway harness (the spool tests include kafka_support, which holds it).
+use crate::kafka_support::harness;
+
+/// A gateway process on port 0 for SMTP and metrics (tests/harness): stopped with
+/// SIGTERM when dropped, and the test fails unless it exits 0 without a panic.
 pub struct Gateway {
-    child: std::process::Child,
+    inner: harness::Gateway,
     pub smtp: String,
     pub metrics: String,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Gateway {
     pub fn start(spool: &Path, extra: &[&str]) -> Gateway {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .args(["--hostname", "mx.test", "--accept-domain", "example.com"])
-            .arg("--spool-dir")
-            .arg(spool)
-            .args(extra)
-            .env("SMTPGW_LOG", "info")
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("gateway starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                eprintln!("gw: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut gw = Gateway {
-            child,
-            smtp: String::new(),
-            metrics: String::new(),
-            lines: rx,
-            seen: Vec::new(),
-        };
-        let field = |line: &str, key: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .map(str::to_owned)
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while gw.smtp.is_empty() || gw.metrics.is_empty() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = gw
-                .lines
-                .recv_timeout(left)
-                .expect("gateway logs both addresses");
-            gw.seen.push(line.clone());
-            if line.contains("listening") {
-                if let Some(a) = field(&line, "addr=") {
-                    gw.smtp = a;
-                }
-            }
-            if let Some(a) = field(&line, "metrics_addr=") {
-                gw.metrics = a;
-            }
+        let mut args = vec!["--hostname", "mx.test", "--accept-domain", "example.com"];
+        args.extend(["--spool-dir", harness::path_str(spool)]);
+        args.extend_from_slice(extra);
+        let inner = harness::Gateway::start(&args, &[]);
+        Gateway {
+            smtp: inner.addr.clone(),
+            metrics: inner.metrics.clone(),
+            inner,
         }
-        gw
     }
 
     pub fn wait_for_log(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("gateway never logged {needle:?}"));
-            if line.contains(needle) {
-                return line;
-            }
-        }
+        self.inner.wait_for_log(needle)
     }
 }
 

@@ -70,3 +70,17 @@ pub fn publish(sink: &dyn Sink, msg: SealedMessage) -> PublishResult {
         .blocking_recv()
         .expect("the sink answers every message")
 }
+
+/// Three messages that stress a replay: a repeated recipient and a stuffed-looking
+/// body, the null sender to postmaster with an empty body, and 100 kB of 0xff.
+pub fn replay_sample() -> Vec<SealedMessage> {
+    vec![
+        message(
+            "a@example.com",
+            &["b@example.com", "c@example.com", "b@example.com"],
+            b"one\r\n.\r\n",
+        ),
+        message("", &["postmaster"], b""),
+        message("x@example.com", &["y@example.com"], &[0xffu8; 100_000]),
+    ]
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Writes the seed corpus of the session_feed fuzz target (fuzz/corpus/session_feed/).
+
+Each seed is `[flags] [k] [k cuts, u16 LE] [client stream]` (see fuzz/src/lib.rs): a
+meaningful SMTP session, cut where a read boundary is most dangerous: inside the
+end-of-data marker, between a BDAT header and its chunk, inside a command line.
+Run it again after changing a seed; the files are checked in.
+"""
+
+import struct
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "corpus" / "session_feed"
+
+HELLO = b"EHLO client.test\r\n"
+TXN = HELLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n"
+SMUGGLED_IN_BDAT = b"hi\r\n.\r\nMAIL FROM:<e@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+AGAIN = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n"
+
+SEEDS = {
+    "data-simple": (0, TXN + b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n"),
+    "data-dot-stuffing": (0, TXN + b"DATA\r\n..dot\r\n.\r\n..\r\n\xe9t\xe9\r\n\r\n.\r\nNOOP\r\n"),
+    "data-empty-body": (0, TXN + b"DATA\r\n.\r\nQUIT\r\n"),
+    "bdat-chunks": (0, TXN + b"BDAT 5\r\n.\r\n\nxBDAT 3 LAST\r\nendQUIT\r\n"),
+    "bdat-zero-last": (0, TXN + b"BDAT 0 LAST\r\nNOOP\r\n"),
+    "bdat-carrying-dot-and-mail": (0, TXN + b"BDAT %d LAST\r\n%sNOOP\r\n" % (len(SMUGGLED_IN_BDAT), SMUGGLED_IN_BDAT)),
+    "bdat-rset-between-chunks": (0, TXN + b"BDAT 3\r\nabcRSET\r\nBDAT 3 LAST\r\nxyz" + AGAIN + b"BDAT 2 LAST\r\nok"),
+    "bdat-helo-between-chunks": (0, TXN + b"BDAT 3\r\nabcHELO again\r\nBDAT 3 LAST\r\nxyzNOOP\r\n"),
+    "smuggling-lf-dot-lf": (0, TXN + b"DATA\r\na\n.\nMAIL FROM:<e@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n"),
+    "smuggling-lf-dot-crlf-normalize": (1, TXN + b"DATA\r\na\n.\r\nMAIL FROM:<e@x.test>\r\nDATA\r\nx\r\n.\r\nNOOP\r\n"),
+    "smuggling-cr-dot-cr": (0, TXN + b"DATA\r\na\r.\r\nb\r\n.\rX\r\n.\r\nNOOP\r\n"),
+    "smuggling-crlf-dot-lf-normalize": (1, TXN + b"DATA\r\na\r\n.\nb\r\n.\r\nQUIT\r\n"),
+    "pipelined-two-messages": (0, TXN + b"DATA\r\none\r\n.\r\n" + AGAIN + b"DATA\r\ntwo\r\n.\r\nQUIT\r\n"),
+    "oversize-data-then-ok": (0, TXN + b"DATA\r\n" + (b"x" * 78 + b"\r\n") * 60 + b".\r\n" + AGAIN + b"DATA\r\nok\r\n.\r\n"),
+    "oversize-bdat": (0, TXN + b"BDAT 3000\r\n" + b"a" * 3000 + b"BDAT 3000 LAST\r\n" + b"b" * 3000 + b"DATA\r\n"),
+    "exact-size-limit": (0, TXN + b"DATA\r\n" + (b"y" * 62 + b"\r\n") * 64 + b".\r\n"),
+    "long-command-line": (0, b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n" + HELLO),
+    "too-many-recipients": (
+        0,
+        HELLO + b"MAIL FROM:<a@x.test>\r\n" + b"".join(b"RCPT TO:<r%d@example.com>\r\n" % i for i in range(6)) + b"DATA\r\nx\r\n.\r\n",
+    ),
+    "every-verb": (
+        0,
+        b"HELO c\r\nVRFY a\r\nEXPN b\r\nHELP\r\nNOOP\r\nTURN\r\nSTARTTLS\r\nAUTH PLAIN\r\nXYZZY\r\nRSET\r\nQUIT\r\n",
+    ),
+    "rfc821-verbs": (0, HELLO + b"SEND FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\ns\r\n.\r\nSOML FROM:<>\r\nRCPT TO:<Postmaster>\r\nDATA\r\nt\r\n.\r\n"),
+    "mail-params": (
+        0,
+        HELLO + b"MAIL FROM:<a@x.test> SIZE=99999 BODY=8BITMIME\r\nMAIL FROM:<a@x.test> SIZE=10 BODY=8BITMIME SMTPUTF8\r\n"
+        b"RCPT TO:<b@example.com> NOTIFY=NEVER\r\nMAIL FROM:<a@x.test> X=\x7f\r\nRSET\r\nMAIL FROM:<a@x.test> BAD=a=b\r\n",
+    ),
+    "sink-failures": (6, TXN + b"DATA\r\n1\r\n.\r\n" + AGAIN + b"DATA\r\n2\r\n.\r\n" + AGAIN + b"BDAT 1 LAST\r\n3" + AGAIN + b"DATA\r\n4\r\n.\r\n"),
+    "bare-lf-commands-nul": (0, b"EHLO c\nMAIL FROM:<a@x.test>\nRCPT TO:<b@example.com>\r\nNO\x00OP\r\nDATA\r\n\x00\r\n.\r\n"),
+    "order-errors": (0, b"MAIL FROM:<a@x.test>\r\nEHLO c\r\nRCPT TO:<b@example.com>\r\nDATA\r\nBDAT 4\r\nQUITMAIL FROM:<a@x.test>\r\nMAIL FROM:<a@x.test>\r\n"),
+}
+
+
+def cuts_for(stream: bytes) -> list[int]:
+    """Up to 16 cut points: inside each end-of-data marker and each BDAT header."""
+    cuts = set()
+    for marker in (b"\r\n.\r\n", b"\n.\n", b"\r.\r", b"BDAT "):
+        start = 0
+        while (at := stream.find(marker, start)) >= 0:
+            cuts.update(at + i for i in range(1, len(marker)))
+            start = at + 1
+    return sorted(cuts)[:16]
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for old in OUT.iterdir():
+        old.unlink()
+    for name, (flags, stream) in SEEDS.items():
+        cuts = cuts_for(stream)
+        data = bytes([flags, len(cuts)]) + b"".join(struct.pack("<H", c) for c in cuts) + stream
+        (OUT / name).write_bytes(data)
+    print(f"{len(SEEDS)} seeds in {OUT}")
+
+
+if __name__ == "__main__":
+    main()

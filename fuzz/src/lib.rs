@@ -1,0 +1,164 @@
+//! The differential harness behind the `session_feed` fuzz target and the corpus replay
+//! test: the same client stream fed to [`Session::feed`] whole and cut at chosen points
+//! must give byte-identical replies and identical messages. A terminator missed or seen
+//! early at a read boundary (the bug class behind SMTP smuggling) shows up as a
+//! difference, not only as a panic.
+//!
+//! Input format (what the fuzzer mutates and what the corpus files hold):
+//! `[flags] [k] [k cut positions, u16 little-endian] [client stream...]`.
+//! `flags` bit 0 picks the bare-LF policy (0 = reject, 1 = normalize), bit 1 makes the
+//! sink refuse every second message temporarily (451), bit 2 makes it refuse every third
+//! as too large (552). `k` is taken modulo 17; each cut position modulo the stream's
+//! length plus one.
+
+use std::sync::Arc;
+
+use smtpgw::sink::PublishError;
+use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
+
+/// The largest message the harness's sessions take; small, so the fuzzer reaches it.
+pub const MAX_MESSAGE_SIZE: usize = 4096;
+
+/// Everything a client and the sink would see of one session.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transcript {
+    /// Every byte the session wrote.
+    pub replies: Vec<u8>,
+    /// (MAIL FROM, RCPT TOs, body) of every completed message, in order.
+    pub messages: Vec<(String, Vec<String>, Vec<u8>)>,
+    /// Whether the session ended (QUIT) before the input did.
+    pub closed: bool,
+}
+
+/// A decoded fuzz input.
+#[derive(Debug, Clone)]
+pub struct Case<'a> {
+    pub flags: u8,
+    pub cuts: Vec<usize>,
+    pub stream: &'a [u8],
+}
+
+impl<'a> Case<'a> {
+    /// Decodes `data`; `None` if it is too short to hold the header.
+    pub fn decode(data: &'a [u8]) -> Option<Case<'a>> {
+        let (&flags, rest) = data.split_first()?;
+        let (&k, rest) = rest.split_first()?;
+        let k = usize::from(k) % 17;
+        let header = rest.get(..2 * k)?;
+        let stream = &rest[2 * k..];
+        let mut cuts: Vec<usize> = header
+            .chunks_exact(2)
+            .map(|c| usize::from(u16::from_le_bytes([c[0], c[1]])) % (stream.len() + 1))
+            .collect();
+        cuts.sort_unstable();
+        Some(Case {
+            flags,
+            cuts,
+            stream,
+        })
+    }
+
+    /// Encodes a case (for writing corpus files).
+    pub fn encode(flags: u8, cuts: &[u16], stream: &[u8]) -> Vec<u8> {
+        assert!(cuts.len() <= 16);
+        let mut out = vec![flags, cuts.len() as u8];
+        for c in cuts {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        out.extend_from_slice(stream);
+        out
+    }
+
+    /// The stream cut at `cuts` (sorted, within bounds), in order, empty pieces kept.
+    pub fn pieces(&self, cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::with_capacity(cuts.len() + 1);
+        let mut from = 0;
+        for &cut in cuts {
+            pieces.push(&self.stream[from..cut]);
+            from = cut;
+        }
+        pieces.push(&self.stream[from..]);
+        pieces
+    }
+}
+
+fn config(flags: u8) -> Arc<SessionConfig> {
+    Arc::new(SessionConfig {
+        hostname: "fuzz.test".into(),
+        accept_domains: vec!["example.com".into()],
+        max_message_size: MAX_MESSAGE_SIZE,
+        max_recipients: 4,
+        bare_lf: if flags & 1 == 0 {
+            BareLfPolicy::Reject
+        } else {
+            BareLfPolicy::Normalize
+        },
+    })
+}
+
+/// Feeds `pieces` as a reactor would: it keeps the unconsumed bytes, answers each
+/// completed message at once (per `flags`) and writes out all output after every read.
+/// Checks what a reactor relies on along the way.
+pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
+    let mut session = Session::new(config(flags), "192.0.2.1:25".parse().expect("literal"));
+    let mut buffer = Vec::new();
+    let mut replies = Vec::new();
+    let mut messages = Vec::new();
+    let mut taken = 0u32;
+    for piece in pieces {
+        buffer.extend_from_slice(piece);
+        loop {
+            let consumed = session.feed(&buffer);
+            assert!(consumed <= buffer.len());
+            buffer.drain(..consumed);
+            let Some(message) = session.take_message() else {
+                break;
+            };
+            assert!(message.body().len() <= MAX_MESSAGE_SIZE);
+            assert_eq!(session.feed(b"NOOP\r\n"), 0, "no input while publishing");
+            taken += 1;
+            let result = if flags & 2 != 0 && taken.is_multiple_of(2) {
+                Err(PublishError::Temporary("fuzz: sink down".into()))
+            } else if flags & 4 != 0 && taken.is_multiple_of(3) {
+                Err(PublishError::TooLarge)
+            } else {
+                messages.push((
+                    message.envelope.mail_from().to_owned(),
+                    message.envelope.rcpt_to().map(str::to_owned).collect(),
+                    message.body().to_vec(),
+                ));
+                Ok(MessageId::from(u128::from(taken)))
+            };
+            session.publish_result(result);
+        }
+        // A reactor's buffer only ever holds a partial command line.
+        assert!(buffer.len() < 512 || session.is_closed() || session.is_awaiting_publish());
+        replies.extend_from_slice(session.output());
+        let out = session.output().len();
+        session.advance_output(out);
+        if session.is_closed() {
+            break;
+        }
+    }
+    Transcript {
+        replies,
+        messages,
+        closed: session.is_closed(),
+    }
+}
+
+/// The differential check: the stream whole and cut at the case's points agree.
+pub fn check(data: &[u8]) {
+    let Some(case) = Case::decode(data) else {
+        return;
+    };
+    let whole = run(case.flags, &[case.stream]);
+    let split = run(case.flags, &case.pieces(&case.cuts));
+    assert_eq!(
+        whole,
+        split,
+        "whole and cut at {:?} differ for {:?}",
+        case.cuts,
+        String::from_utf8_lossy(case.stream)
+    );
+}

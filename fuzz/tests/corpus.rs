@@ -1,0 +1,70 @@
+//! Replays the session_feed seed corpus as an ordinary test (stable, in CI): each seed
+//! through the fuzz target's own check (whole vs. its recorded cuts), then whole vs. a
+//! cut at every single position and vs. one byte per read. Also checks that the corpus
+//! still means something: it has DATA and BDAT messages, a smuggling refusal, a refused
+//! oversize body and a temporary sink failure among its replies.
+
+use std::path::PathBuf;
+
+use smtpgw_fuzz::{check, run, Case};
+
+fn corpus() -> Vec<(String, Vec<u8>)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/session_feed");
+    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.expect("dir entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read(&path).expect("seed"))
+        })
+        .collect();
+    seeds.sort();
+    seeds
+}
+
+#[test]
+fn every_seed_gives_the_same_transcript_however_it_is_cut() {
+    let seeds = corpus();
+    assert!(seeds.len() >= 12, "only {} seeds", seeds.len());
+    for (name, data) in &seeds {
+        check(data);
+        let case = Case::decode(data).unwrap_or_else(|| panic!("{name}: too short"));
+        let whole = run(case.flags, &[case.stream]);
+        for cut in 0..=case.stream.len() {
+            let split = run(case.flags, &case.pieces(&[cut]));
+            assert_eq!(whole, split, "{name}: cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = case.stream.chunks(1).collect();
+        assert_eq!(whole, run(case.flags, &bytes), "{name}: byte by byte");
+    }
+}
+
+#[test]
+fn the_corpus_reaches_the_interesting_places() {
+    let mut replies = String::new();
+    let mut messages = 0;
+    for (_, data) in corpus() {
+        let case = Case::decode(&data).expect("seed decodes");
+        let t = run(case.flags, &[case.stream]);
+        replies.push_str(&String::from_utf8_lossy(&t.replies));
+        messages += t.messages.len();
+    }
+    for code in [
+        "250 2.0.0 Ok: queued as ",
+        "354 ",
+        "550 5.6.0",
+        "552 5.3.4",
+        "451 4.3.0",
+        "452 4.5.3",
+        "500 5.5.6",
+        "503 5.5.1",
+        "221 ",
+    ] {
+        assert!(replies.contains(code), "no seed gets {code:?}");
+    }
+    assert!(messages >= 10, "{messages} messages");
+}
