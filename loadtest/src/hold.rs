@@ -122,8 +122,10 @@ async fn setup(target: SocketAddr, a: &HoldArgs) -> Result<(TcpStream, u64)> {
                 .collect();
             let stall = Duration::from_secs_f64(a.stall);
             let mut written = 0u64;
-            // Bounded: at most 256 MiB per connection whatever the server does.
-            while written < 256 << 20 {
+            // Bounded: at most 256 MiB and 30 s of writing per connection whatever the
+            // server does (6-byte writes fill megabytes of socket buffers slowly).
+            let end = tokio::time::Instant::now() + Duration::from_secs(30);
+            while written < 256 << 20 && tokio::time::Instant::now() < end {
                 match timeout(stall, s.write(&chunk)).await {
                     Ok(Ok(n)) => written += n as u64,
                     Ok(Err(e)) => return Err(e.into()),
@@ -151,7 +153,7 @@ pub fn run(a: HoldArgs) -> Result<()> {
                 let (a, gate, bytes) = (a.clone(), gate.clone(), bytes.clone());
                 tokio::spawn(async move {
                     let permit = gate.acquire_owned().await;
-                    let r = timeout(Duration::from_secs(60), setup(target, &a)).await;
+                    let r = timeout(Duration::from_secs(90), setup(target, &a)).await;
                     drop(permit);
                     match r {
                         Ok(Ok((s, n))) => {
@@ -159,7 +161,7 @@ pub fn run(a: HoldArgs) -> Result<()> {
                             Ok(s)
                         }
                         Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("set-up timed out after 60 s".to_string()),
+                        Err(_) => Err("set-up timed out after 90 s".to_string()),
                     }
                 })
             })
