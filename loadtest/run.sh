@@ -232,7 +232,7 @@ stop_gateway() { # backend
 wait_listening() { # pid logfile what
     local i addr=""
     for i in $(seq 100); do
-        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$2" | grep -oP 'listening addr=\K\S+' | head -1 || true)
+        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$2" 2>/dev/null | grep -oP 'listening addr=\K\S+' | head -1 || true)
         [[ -n "$addr" ]] && break
         kill -0 "$1" 2>/dev/null || { cat "$2" >&2; echo "run.sh: $3 exited" >&2; exit 1; }
         sleep 0.1
@@ -246,6 +246,9 @@ start_gateway() { # backend [extra smtpgw flags...]
     shift
     name=$(gw_name "$backend")
     logf="$WORK/$name.log"
+    # The old log must go first: the new process truncates it only once it runs, and
+    # wait_listening must not read the previous gateway's address.
+    rm -f "$logf"
     rm -rf "$WORK/spool-$name"
     mkdir -p "$WORK/spool-$name"
     local flags=()
