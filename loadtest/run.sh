@@ -665,6 +665,9 @@ main() {
     fi
     python3 "$ROOT/loadtest/summarize.py" summary "$OUT" "$CEILING_MBPS" "$SINK" \
         "$MODE" "$(uptime)"
+    # The issue-9 table (README's Performance section), one column per gateway.
+    python3 "$ROOT/loadtest/summarize.py" table "$OUT" >"$OUT/table.md"
+    echo; cat "$OUT/table.md"
     if [[ "$SINK" == kafka ]]; then
         # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
         for b in "${BACKENDS[@]}"; do stop_gateway "$b"; done

@@ -271,10 +271,100 @@ def memory_summary(out):
     return recs
 
 
+def table(out):
+    """The issue-9 table in Markdown, from summary.json: one column per backend."""
+    with open(os.path.join(out, "summary.json")) as f:
+        sm = json.load(f)
+    gws = sorted({s for r in sm["rows"] for s in r["servers"] if s.startswith("smtpgw")}
+                 | {s for r in sm["smtp_source"] for s in r["servers"] if s.startswith("smtpgw")}
+                 | {m["server"] for m in sm["memory"]})
+    num = lambda sp, spec: "-" if not sp else format(sp[0], spec)
+    rng = lambda sp, spec: "" if not sp or sp[1] == sp[2] else f" ({format(sp[1], spec)}–{format(sp[2], spec)})"
+    ratio = lambda sp: "-" if not sp else f"{sp[0]:.2f}x" + ("" if sp[1] == sp[2] else f" ({sp[1]:.2f}–{sp[2]:.2f})")
+
+    def cell_row(size, conns, pipe):
+        return next((r for r in sm["rows"] if r["size"] == size and r["connections"] == conns
+                     and r["pipelining"] == pipe), None)
+
+    lines = ["| measured | " + " | ".join(gws) + " | target |", "|---|" + "---|" * (len(gws) + 1)]
+
+    def add(label, fn, target=""):
+        lines.append(f"| {label} | " + " | ".join(fn(g) for g in gws) + f" | {target} |")
+
+    def floor_of(g):
+        b = backend_of(g)
+        return f"floor-{b}" if b else None
+
+    for conns in (100, 1000):
+        r = cell_row("1k", conns, True)
+        if not r:
+            continue
+
+        def msgs(g, r=r):
+            sv = r["servers"].get(g, {}).get("msgs_per_s")
+            fl = r["servers"].get(floor_of(g), {}).get("msgs_per_s")
+            text = f"{num(sv, ',.0f')}{rng(sv, ',.0f')}"
+            if fl:
+                text += f"; floor {num(fl, ',.0f')}"
+            if g == "smtpgw-uring" and "uring/epoll" in r["ratios"]:
+                text += f"; uring/epoll {ratio(r['ratios']['uring/epoll']['msgs_per_s'])}"
+            return text
+
+        def cpu(g, r=r):
+            sv = r["servers"].get(g, {}).get("server_cpu_us_per_msg")
+            fr = r["ratios"].get(f"{g}/{floor_of(g)}", {}).get("server_cpu_us_per_msg")
+            return f"{num(sv, '.1f')} µs{rng(sv, '.1f')}; {ratio(fr)} floor"
+
+        add(f"own client, 1 KiB, {conns:,} connections, pipelined: msgs/s", msgs,
+            "≥ 200k" if conns == 100 else "uring ≥ 1.3x epoll")
+        add("same: gateway CPU per message", cpu)
+    for row in sm["smtp_source"]:
+        n = row["sessions"]
+
+        def src(g, row=row):
+            sv = row["servers"].get(g, {}).get("server_cpu_us_per_msg")
+            fr = row["ratios"].get(f"{g}/{floor_of(g)}", {}).get("server_cpu_us_per_msg")
+            sk = row["ratios"].get(f"{g}/smtp-sink", {}).get("server_cpu_us_per_msg")
+            fl = row["servers"].get(floor_of(g), {}).get("server_cpu_us_per_msg")
+            return (f"{num(sv, '.1f')} µs{rng(sv, '.1f')}; {ratio(fr)} floor ({num(fl, '.1f')} µs);"
+                    f" {ratio(sk)} smtp-sink")
+
+        sink = row["servers"].get("smtp-sink", {}).get("server_cpu_us_per_msg")
+        add(f"`smtp-source`, 1 KiB, {n} sessions, lock-step: server CPU per message"
+            f" (smtp-sink {num(sink, '.1f')} µs)", src, "≤ 1.1x floor, ≤ 0.7x smtp-sink")
+    r = cell_row("1m", 10, False)
+    if r and sm.get("loopback_ceiling_mb_per_s"):
+        ceil = sm["loopback_ceiling_mb_per_s"]
+        add(f"1 MiB, 10 connections, lock-step: MB/s (loopback iperf3 {ceil:.0f} MB/s)",
+            lambda g: (lambda mb: f"{num(mb, '.0f')}{rng(mb, '.0f')}; "
+                       f"{(mb[0] / ceil * 100 if mb else 0):.0f}% of loopback")(
+                r["servers"].get(g, {}).get("mb_per_s")), "≥ 60%")
+
+    def mem(stage, flags=""):
+        def f(g):
+            m = next((m for m in sm["memory"] if m["server"] == g and m["stage"] == stage
+                      and m["flags"] == flags), None)
+            if not m or m["rss_per_connection_kib"] is None:
+                return "-"
+            return (f"{m['rss_per_connection_kib']:.1f} KiB"
+                    + ("" if m["connections_held"] == m["connections_asked"]
+                       else f" ({m['connections_held']} of {m['connections_asked']} held)"))
+        return f
+
+    add("RSS per idle connection, 10,000 connections after the greeting", mem("greeting"), "≤ 8 KiB")
+    add("RSS per connection, 10,000 connections in the middle of DATA", mem("data"), "≤ 12 KiB")
+    add("40 clients pipelining `HELP` and never reading, 6-octet writes: RSS each",
+        mem("no-read", "--write-chunk 6"), "≤ 64 KiB")
+    add("same, 64 KiB writes", mem("no-read", "--write-chunk 65536"), "≤ 64 KiB")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "cell":
         cell(*sys.argv[2:])
     elif sys.argv[1] == "summary":
         summary(*sys.argv[2:])
+    elif sys.argv[1] == "table":
+        table(*sys.argv[2:])
     else:
-        sys.exit("usage: summarize.py cell|summary ...")
+        sys.exit("usage: summarize.py cell|summary|table ...")
