@@ -525,6 +525,18 @@ profile_gateway() { # name pid addr
         echo "## top symbols (self)"
         perf report -i "$data" --stdio --no-children --sort sym -g none --percent-limit 0.8 2>/dev/null \
             | grep -v '^#' | grep -v '^$' | head -45 || true
+        echo "## by category (self time; symbol patterns, so approximate)"
+        perf report -i "$data" --stdio --no-children --sort sym -g none 2>/dev/null | grep -v '^#' \
+            | awk '$1 ~ /%$/ { p = $1 + 0; line = $0
+                if ($2 == "[k]") c = "kernel"
+                else if (line ~ /tracing|core::fmt|nu_ansi_term|write_str|pad_integral|as core::fmt::Debug|fmt::Display/) c = "formatting (core::fmt, tracing)"
+                else if (line ~ /malloc|_int_free|cfree|unlink_chunk|consolidate|realloc/) c = "allocator"
+                else if (line ~ /memmove|memcpy|memset/) c = "memcpy/memmove"
+                else if (line ~ /smtpgw::/) c = "smtpgw code"
+                else if (line ~ /tokio|mio::/) c = "tokio/mio"
+                else c = "other user space"
+                sum[c] += p }
+              END { for (c in sum) printf "%7.2f%%  %s\n", sum[c], c }' | sort -rn || true
     } >"$OUT/perf/$name.txt"
     rm -f "$data"
     log "profile of $name: $OUT/perf/$name.txt"
