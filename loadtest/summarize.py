@@ -117,6 +117,18 @@ def comparisons(servers):
     return pairs
 
 
+def add_ratios(row, servers, rounds_of, msgs, cpu):
+    """Fills row["ratios"] and prints a line per comparison whose both sides ran."""
+    for label, a, b in comparisons(servers):
+        ra, rb = rounds_of(a), rounds_of(b)
+        if not ra or not rb:
+            continue
+        mr = paired_ratios(ra, rb, msgs)
+        cr = paired_ratios(ra, rb, cpu)
+        row["ratios"][label] = {"msgs_per_s": mr, "server_cpu_us_per_msg": cr}
+        print(f"  {label:<26} msgs/s {fmt_spread(mr, '.2f', 'x'):>22}   µs/msg {fmt_spread(cr, '.2f', 'x'):>20}")
+
+
 def summary(out, ceiling, sink, mode, uptime):
     cells = []
     for path in sorted(glob.glob(os.path.join(out, "cells", "*.json"))):
@@ -169,14 +181,7 @@ def summary(out, ceiling, sink, mode, uptime):
             row[s] = rep
             row["servers"][s] = {"rounds": len(recs), "msgs_per_s": m, "server_cpu_us_per_msg": u,
                                  "mb_per_s": mb, "p99_us": p99, "peak_rss_kib": rss, "errors": err}
-        for label, a, b in comparisons(servers):
-            ra, rb = by.get((a,) + k), by.get((b,) + k)
-            if not ra or not rb:
-                continue
-            mr = paired_ratios(ra, rb, msgs)
-            cr = paired_ratios(ra, rb, cpu)
-            row["ratios"][label] = {"msgs_per_s": mr, "server_cpu_us_per_msg": cr}
-            print(f"  {label:<26} msgs/s {fmt_spread(mr, '.2f', 'x'):>22}   µs/msg {fmt_spread(cr, '.2f', 'x'):>20}")
+        add_ratios(row, servers, lambda name: by.get((name,) + k), msgs, cpu)
         if ceiling and float(ceiling) > 0:
             for s in servers:
                 if s.startswith("smtpgw") and s in row:
@@ -243,14 +248,7 @@ def source_summary(out):
             row["servers"][s] = {"rounds": len(rounds), "msgs_per_s": m,
                                  "server_cpu_us_per_msg": u, "failed_rounds": failed}
             print(f"{s:<13} {sessions:>8} {fmt_spread(m, '.0f'):>22} {fmt_spread(u, '.1f'):>22} {failed:>6}")
-        for label, a, b in comparisons(servers):
-            ra, rb = by.get((a, sessions)), by.get((b, sessions))
-            if not ra or not rb:
-                continue
-            mr = paired_ratios(ra, rb, msgs)
-            cr = paired_ratios(ra, rb, cpu)
-            row["ratios"][label] = {"msgs_per_s": mr, "server_cpu_us_per_msg": cr}
-            print(f"  {label:<26} msgs/s {fmt_spread(mr, '.2f', 'x'):>22}   µs/msg {fmt_spread(cr, '.2f', 'x'):>20}")
+        add_ratios(row, servers, lambda name: by.get((name, sessions)), msgs, cpu)
         rows.append(row)
     return rows
 
