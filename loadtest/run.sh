@@ -24,13 +24,23 @@
 # for 40 clients that pipeline HELP and never read. --repeat runs every cell N times
 # (servers alternate each time) and reports medians, ranges and per-round ratios. --perf
 # records `perf record -g` of each gateway under the 1 KiB x 100 pipelined load.
+# --quick: 6 cells of 3 s each (about a minute); without it the full matrix (4 sizes x
+#   1/10/100/1000 connections x pipelining off/on) of 5 s cells. --duration sets the
+#   seconds per cell either way.
 # --sink kafka (or --kafka) publishes through a loopback tansu broker started by
 # scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
 # topic back and fails unless its new records equal the 250 replies the client counted.
 # tansu keeps every record in memory, so the kafka matrix stops at 10k messages.
 # --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
 # venv under target/plot-venv the first time.
+# --gateway-bin PATH measures that smtpgw binary (e.g. a release build from elsewhere);
+#   only the load client is built.
+# Root: only to install what is missing, with apt-get: iperf3 (the loopback ceiling) and,
+# for --compare, postfix (smtp-sink, the peer). With those installed, run it as anyone.
+# To measure a deployed node from another host, run smtpgw-loadtest yourself with
+# --allow-remote-target (this script only starts and measures local servers).
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
+# -h, --help prints this and builds nothing.
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
@@ -41,7 +51,6 @@ QUICK=0
 PLOTS=0
 IO_BACKEND=""
 FLOOR=0
-GW_BIN_ARG=""
 CELLS_ARG=""
 SMTP_SOURCE=0
 MEMORY=0
@@ -51,6 +60,7 @@ COMPARE=""
 SINK=null
 DURATION=""
 OUT=""
+GATEWAY_BIN=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -62,13 +72,13 @@ while [[ $# -gt 0 ]]; do
         --plots) PLOTS=1 ;;
         --io-backend) IO_BACKEND="${2:?--io-backend needs epoll, uring or both}"; shift ;;
         --floor) FLOOR=1 ;;
-        --gateway-bin) GW_BIN_ARG="${2:?--gateway-bin needs a path}"; shift ;;
+        --gateway-bin) GATEWAY_BIN="$(realpath -m "${2:?--gateway-bin needs a path}")"; shift ;;
         --cells) CELLS_ARG="${2:?--cells needs a list like '1k:100:pipe 1k:1000:pipe', or none}"; shift ;;
         --smtp-source) SMTP_SOURCE=1 ;;
         --memory) MEMORY=1 ;;
         --repeat) REPEAT="${2:?--repeat needs a count}"; shift ;;
         --perf) PERF=1 ;;
-        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -87,8 +97,8 @@ if [[ $FLOOR -eq 1 && -z "$IO_BACKEND" ]]; then
     echo "run.sh: --floor needs --io-backend (the floor imitates one backend's syscalls)" >&2; exit 2
 fi
 [[ "$REPEAT" =~ ^[1-9][0-9]?$ ]] || { echo "run.sh: --repeat takes 1 to 99" >&2; exit 2; }
-if [[ -n "$GW_BIN_ARG" && ! -x "$GW_BIN_ARG" ]]; then
-    echo "run.sh: --gateway-bin $GW_BIN_ARG is not an executable file" >&2; exit 2
+if [[ -n "$GATEWAY_BIN" && ! -x "$GATEWAY_BIN" ]]; then
+    echo "run.sh: --gateway-bin $GATEWAY_BIN: not an executable file" >&2; exit 2
 fi
 # smtp-source's figures are stated against smtp-sink, so that peer comes along.
 if [[ $SMTP_SOURCE -eq 1 ]] && ! wants smtp-sink; then COMPARE="${COMPARE:+$COMPARE,}smtp-sink"; fi
@@ -210,7 +220,7 @@ start_rss_sampler() { # pid file
     PIDS+=("$SAMPLER")
 }
 
-GW_BIN="${GW_BIN_ARG:-$ROOT/target/release/smtpgw}"
+GW_BIN="${GATEWAY_BIN:-$ROOT/target/release/smtpgw}"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
 # One gateway per backend ("" = the gateway's own default), named smtpgw or smtpgw-BACKEND.
@@ -544,8 +554,8 @@ profile_gateway() { # name pid addr
 
 main() {
     ensure_tools
-    if [[ -n "$GW_BIN_ARG" ]]; then
-        log "building the load client (gateway: $GW_BIN)"
+    if [[ -n "$GATEWAY_BIN" ]]; then
+        log "building the load client; measuring $GATEWAY_BIN"
         timeout 1200 cargo build --release -p smtpgw-loadtest -q
     else
         log "building release binaries"

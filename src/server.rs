@@ -1,5 +1,5 @@
 //! Wiring: turns a [`Config`] into a running gateway (sink, reactors, signals) and owns
-//! the graceful drain on SIGTERM/SIGINT.
+//! the graceful drain on SIGTERM/SIGINT and the reload on SIGHUP (see [`crate::reload`]).
 
 use std::io;
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use crate::config::{Config, SinkKind};
 use crate::conn::{Limits, MinDataRate};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{NetError, ReactorParams, Reactors};
+use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
-use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
@@ -56,10 +57,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             Arc::new(NullSink::new())
         }
         SinkKind::Spool => {
+            let options = SpoolOptions {
+                max_bytes: config.spool_max_bytes,
+                min_free_bytes: config.spool_min_free_bytes,
+                ..SpoolOptions::default()
+            };
             Arc::new(
-                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
-                    dir: config.spool_dir.display().to_string(),
-                    source,
+                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
+                    ServerError::Spool {
+                        dir: config.spool_dir.display().to_string(),
+                        source,
+                    }
                 })?,
             )
         }
@@ -87,6 +95,10 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
         }
     }
     session
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Descriptors the gateway needs beside its connections: listeners, the spool's files,
@@ -138,18 +150,20 @@ pub fn limits(config: &Config) -> Limits {
 }
 
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
-pub fn run(config: Config) -> Result<(), ServerError> {
+pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Setup)?;
     // Listen for signals before the first connection can arrive, so an early SIGTERM
     // drains instead of killing the process.
-    let (mut term, mut int) = {
+    // SIGHUP likewise: its default action would kill the process.
+    let (mut term, mut int, mut hup) = {
         let _guard = rt.enter();
         (
             signal(SignalKind::terminate()).map_err(ServerError::Setup)?,
             signal(SignalKind::interrupt()).map_err(ServerError::Setup)?,
+            signal(SignalKind::hangup()).map_err(ServerError::Setup)?,
         )
     };
 
@@ -163,18 +177,27 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     let max_connections = raise_fd_limit(config.max_connections);
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
+    metrics.connections_max.set(gauge_value(max_connections));
+    metrics
+        .publish_inflight_messages_limit
+        .set(gauge_value(config.kafka.max_inflight_messages));
+    metrics
+        .publish_inflight_bytes_limit
+        .set(gauge_value(config.kafka.max_inflight_bytes));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
         MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
-    let session = Arc::new(session_config_for(&config, &*sink));
-    let max_message_size = session.max_message_size;
+    let session = Arc::new(SessionConfigHandle::new(session_config_for(
+        &config, &*sink,
+    )));
+    let max_message_size = session.current().max_message_size;
     let reactors = Reactors::start(
         config.io_backend,
         ReactorParams {
             listen: config.listen,
             reactors: config.reactors,
-            session,
+            session: session.clone(),
             sink: sink.clone(),
             metrics: metrics.clone(),
             max_connections,
@@ -193,9 +216,15 @@ pub fn run(config: Config) -> Result<(), ServerError> {
     );
 
     rt.block_on(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    // Refusals are logged by the reloader; the gateway runs on as it was.
+                    let _ = reloader.reload(&mut config, &*sink, &session);
+                }
+            }
         };
         info!(
             signal = %which,
@@ -223,6 +252,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 }
                 _ = term.recv() => return Err(ServerError::Interrupted),
                 _ = int.recv() => return Err(ServerError::Interrupted),
+                _ = hup.recv() => info!("SIGHUP during the drain: ignored"),
             }
         }
 

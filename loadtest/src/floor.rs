@@ -127,7 +127,7 @@ pub fn run(listen: &str, mode: Mode) -> Result<()> {
     crate::raise_nofile();
     let listener = TcpListener::bind(listen).with_context(|| format!("--listen {listen}"))?;
     let addr = listener.local_addr()?;
-    crate::loopback_target(&addr.to_string()).context("--listen must be a loopback address")?;
+    crate::check_target(&addr.to_string(), false).context("--listen must be a loopback address")?;
     eprintln!("floor ({mode:?}) listening addr={addr}");
     match mode {
         Mode::Epoll => epoll::serve(listener),

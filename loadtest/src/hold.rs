@@ -138,7 +138,7 @@ async fn setup(target: SocketAddr, a: &HoldArgs) -> Result<(TcpStream, u64)> {
 }
 
 pub fn run(a: HoldArgs) -> Result<()> {
-    let target = crate::loopback_target(&a.target)?;
+    let target = crate::check_target(&a.target, false)?;
     crate::raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -611,6 +611,7 @@ impl Connection {
         let (code, error) = match result {
             Ok(_) => (250u16, None),
             Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
+            Err(e @ PublishError::StorageFull) => (452, Some(e)),
             Err(e @ PublishError::TooLarge) => (552, Some(e)),
         };
         let took = now.saturating_duration_since(flight.body_since);
@@ -668,7 +669,11 @@ impl Connection {
             self.session.set_output_limit(self.limits.output_cap);
             let was_in_body = self.session.in_body();
             let stats = self.session.stats_mut();
-            let before = (stats.bodies_started, stats.bodies_ended);
+            let before = (
+                stats.bodies_started,
+                stats.bodies_ended,
+                stats.bodies_abandoned,
+            );
             let n = self.session.feed(&input[pos..]);
             pos += n;
             if n > 0 {
@@ -684,10 +689,22 @@ impl Connection {
 
     /// Keeps the budget charge, body timing and data-rate window in step with what the
     /// session just consumed.
-    fn track_body(&mut self, now: Instant, was_in_body: bool, consumed: usize, before: (u64, u64)) {
+    fn track_body(
+        &mut self,
+        now: Instant,
+        was_in_body: bool,
+        consumed: usize,
+        before: (u64, u64, u64),
+    ) {
         let stats = self.session.stats_mut();
         let started = stats.bodies_started > before.0;
         let ended = stats.bodies_ended > before.1;
+        // RSET, HELO or EHLO in the middle of a body: no timing sample, no rate window.
+        if stats.bodies_abandoned > before.2 {
+            self.body_started = None;
+            self.body_since = None;
+            self.rate_window = None;
+        }
         // A body "starts" at the read that brought its DATA or first BDAT.
         if started {
             self.body_started = Some(now);

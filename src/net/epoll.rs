@@ -351,7 +351,7 @@ async fn serve(
     let shared = &reactor.shared;
     let mut conn = Connection::new(
         Instant::now(),
-        shared.session.clone(),
+        shared.session.current(),
         shared.limits.clone(),
         reactor.budget.clone(),
         peer,

@@ -53,6 +53,12 @@ pub struct SessionStats {
     pub bodies_started: u64,
     /// A body reached its end (final dot, last chunk, or a refusal that ends it).
     pub bodies_ended: u64,
+    /// A body started but ended without an outcome: RSET, HELO/EHLO or a close in the
+    /// middle of a BDAT transaction, a close in the middle of DATA. Every body started
+    /// is counted once in `bodies_ended` or here, and a refusal before any body (a
+    /// first BDAT chunk over the limit) in neither, so a caller timing bodies starts
+    /// its clock at `bodies_started` and forgets it at `bodies_abandoned`.
+    pub bodies_abandoned: u64,
 }
 
 impl SessionStats {
@@ -70,6 +76,7 @@ impl SessionStats {
         self.smuggling_attempts += std::mem::take(&mut other.smuggling_attempts);
         self.bodies_started += std::mem::take(&mut other.bodies_started);
         self.bodies_ended += std::mem::take(&mut other.bodies_ended);
+        self.bodies_abandoned += std::mem::take(&mut other.bodies_abandoned);
     }
 
     /// Commands counted for `verb` (a [`VERBS`] entry); 0 for anything else.

@@ -32,13 +32,16 @@ fn start_budget(
     Reactors::start(ReactorParams {
         listen: "127.0.0.1:0".parse().unwrap(),
         reactors: 2,
-        session: Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            accept_domains: vec!["example.com".into()],
-            max_message_size: 1 << 20,
-            max_recipients: 100,
-            bare_lf: BareLfPolicy::Reject,
-        }),
+        session: Arc::new(
+            SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: vec!["example.com".into()],
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                bare_lf: BareLfPolicy::Reject,
+            }
+            .into(),
+        ),
         sink,
         metrics: Arc::new(Metrics::new().expect("metrics registry")),
         max_connections,
@@ -172,13 +175,16 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
     let r = Reactors::start(ReactorParams {
         listen: "127.0.0.1:0".parse().unwrap(),
         reactors: 1,
-        session: Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            accept_domains: vec!["example.com".into()],
-            max_message_size: 1 << 20,
-            max_recipients: 100,
-            bare_lf: BareLfPolicy::Reject,
-        }),
+        session: Arc::new(
+            SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: vec!["example.com".into()],
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                bare_lf: BareLfPolicy::Reject,
+            }
+            .into(),
+        ),
         sink: sink.clone(),
         metrics: Arc::new(Metrics::new().expect("metrics registry")),
         max_connections: 100,
