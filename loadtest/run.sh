@@ -10,11 +10,11 @@
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
-#                        [--io-backend epoll|uring|both] [--floor] [--gateway-bin PATH]
+#                        [--io-backend auto|epoll|uring|both] [--floor] [--gateway-bin PATH]
 #                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
 #                        [--repeat N] [--perf]
-# --io-backend runs one gateway per backend (`--io-backend X`; `both` = epoll and uring,
-# alternating within every cell); --floor also runs the canned-reply floor server of each
+# --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
+# epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
 # backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
 # backend's floor. --gateway-bin uses that smtpgw binary (only the load client is built).
 # --cells replaces the matrix, e.g. '1k:100:pipe 1k:1000:pipe'. --smtp-source adds
@@ -40,6 +40,7 @@
 # To measure a deployed node from another host, run smtpgw-loadtest yourself with
 # --allow-remote-target (this script only starts and measures local servers).
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
+#        CELLS  "1k 100 1;1k 1000 1" (size conns pipelining;...), the same as --cells
 # -h, --help prints this and builds nothing.
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
@@ -78,7 +79,7 @@ while [[ $# -gt 0 ]]; do
         --memory) MEMORY=1 ;;
         --repeat) REPEAT="${2:?--repeat needs a count}"; shift ;;
         --perf) PERF=1 ;;
-        -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -89,10 +90,14 @@ wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
 case "$IO_BACKEND" in
     "") BACKENDS=("") ;;
-    epoll|uring) BACKENDS=("$IO_BACKEND") ;;
+    auto|epoll|uring) BACKENDS=("$IO_BACKEND") ;;
     both) BACKENDS=(epoll uring) ;;
-    *) echo "run.sh: --io-backend takes epoll, uring or both" >&2; exit 2 ;;
+    *) echo "run.sh: --io-backend takes auto, epoll, uring or both" >&2; exit 2 ;;
 esac
+# CELLS="1k 100 1;1k 1000 1" (size conns pipelining;...) is the older spelling of --cells.
+if [[ -z "$CELLS_ARG" && -n "${CELLS:-}" ]]; then
+    CELLS_ARG=$(tr ';' '\n' <<<"$CELLS" | awk 'NF == 3 { printf "%s%s:%s:%s", sep, $1, $2, ($3 == 1 ? "pipe" : "lock"); sep = " " }')
+fi
 if [[ $FLOOR -eq 1 && -z "$IO_BACKEND" ]]; then
     echo "run.sh: --floor needs --io-backend (the floor imitates one backend's syscalls)" >&2; exit 2
 fi
