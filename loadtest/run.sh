@@ -9,15 +9,24 @@
 # results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
-#                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR]
-#                        [--plots] [--gateway-bin PATH] [--io-backend auto|uring|epoll|both]
+#                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
+#                        [--io-backend auto|epoll|uring|both] [--floor] [--gateway-bin PATH]
+#                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
+#                        [--repeat N] [--perf]
+# --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
+# epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
+# backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
+# backend's floor. --gateway-bin uses that smtpgw binary (only the load client is built).
+# --cells replaces the matrix, e.g. '1k:100:pipe 1k:1000:pipe'. --smtp-source adds
+# Postfix's smtp-source lock-step cells (1 KiB, 10 and 100 sessions; server CPU per
+# message, with smtp-sink as a peer). --memory measures a fresh gateway per backend: RSS
+# per connection at 10,000 connections after the greeting and in the middle of DATA, and
+# for 40 clients that pipeline HELP and never read. --repeat runs every cell N times
+# (servers alternate each time) and reports medians, ranges and per-round ratios. --perf
+# records `perf record -g` of each gateway under the 1 KiB x 100 pipelined load.
 # --quick: 6 cells of 3 s each (about a minute); without it the full matrix (4 sizes x
 #   1/10/100/1000 connections x pipelining off/on) of 5 s cells. --duration sets the
-#   seconds per cell either way. CELLS="1k 100 1;1k 1000 1" (size conns pipelining;...)
-#   replaces the matrix.
-# --io-backend both runs two gateways side by side, `smtpgw` on io_uring and
-#   `smtpgw-epoll` on epoll, through the same cells (servers alternate within a cell), so
-#   the ratio rows compare the backends; one backend: that gateway only (default auto).
+#   seconds per cell either way.
 # --sink kafka (or --kafka) publishes through a loopback tansu broker started by
 # scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
 # topic back and fails unless its new records equal the 250 replies the client counted.
@@ -31,16 +40,23 @@
 # To measure a deployed node from another host, run smtpgw-loadtest yourself with
 # --allow-remote-target (this script only starts and measures local servers).
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
-#        CELLS  the cells to run instead of the matrix
+#        CELLS  "1k 100 1;1k 1000 1" (size conns pipelining;...), the same as --cells
 # -h, --help prints this and builds nothing.
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
 set -euo pipefail
 
+ORIG_ARGS="$(printf '%q ' "$@")"
 QUICK=0
 PLOTS=0
-IO_BACKEND=auto
+IO_BACKEND=""
+FLOOR=0
+CELLS_ARG=""
+SMTP_SOURCE=0
+MEMORY=0
+REPEAT=1
+PERF=0
 COMPARE=""
 SINK=null
 DURATION=""
@@ -55,9 +71,15 @@ while [[ $# -gt 0 ]]; do
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
         --plots) PLOTS=1 ;;
-        --io-backend) IO_BACKEND="${2:?--io-backend needs auto, uring, epoll or both}"; shift ;;
+        --io-backend) IO_BACKEND="${2:?--io-backend needs epoll, uring or both}"; shift ;;
+        --floor) FLOOR=1 ;;
         --gateway-bin) GATEWAY_BIN="$(realpath -m "${2:?--gateway-bin needs a path}")"; shift ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        --cells) CELLS_ARG="${2:?--cells needs a list like '1k:100:pipe 1k:1000:pipe', or none}"; shift ;;
+        --smtp-source) SMTP_SOURCE=1 ;;
+        --memory) MEMORY=1 ;;
+        --repeat) REPEAT="${2:?--repeat needs a count}"; shift ;;
+        --perf) PERF=1 ;;
+        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -66,13 +88,25 @@ case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
     *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
 wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
-case "$IO_BACKEND" in auto|uring|epoll|both) ;; *) echo "run.sh: --io-backend must be auto, uring, epoll or both" >&2; exit 2 ;; esac
-if [[ "$IO_BACKEND" == both && "$SINK" == kafka ]]; then
-    echo "run.sh: --io-backend both cannot be combined with --sink kafka (one topic, one record count)" >&2; exit 2
+case "$IO_BACKEND" in
+    "") BACKENDS=("") ;;
+    auto|epoll|uring) BACKENDS=("$IO_BACKEND") ;;
+    both) BACKENDS=(epoll uring) ;;
+    *) echo "run.sh: --io-backend takes auto, epoll, uring or both" >&2; exit 2 ;;
+esac
+# CELLS="1k 100 1;1k 1000 1" (size conns pipelining;...) is the older spelling of --cells.
+if [[ -z "$CELLS_ARG" && -n "${CELLS:-}" ]]; then
+    CELLS_ARG=$(tr ';' '\n' <<<"$CELLS" | awk 'NF == 3 { printf "%s%s:%s:%s", sep, $1, $2, ($3 == 1 ? "pipe" : "lock"); sep = " " }')
 fi
+if [[ $FLOOR -eq 1 && -z "$IO_BACKEND" ]]; then
+    echo "run.sh: --floor needs --io-backend (the floor imitates one backend's syscalls)" >&2; exit 2
+fi
+[[ "$REPEAT" =~ ^[1-9][0-9]?$ ]] || { echo "run.sh: --repeat takes 1 to 99" >&2; exit 2; }
 if [[ -n "$GATEWAY_BIN" && ! -x "$GATEWAY_BIN" ]]; then
     echo "run.sh: --gateway-bin $GATEWAY_BIN: not an executable file" >&2; exit 2
 fi
+# smtp-source's figures are stated against smtp-sink, so that peer comes along.
+if [[ $SMTP_SOURCE -eq 1 ]] && ! wants smtp-sink; then COMPARE="${COMPARE:+$COMPARE,}smtp-sink"; fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -194,52 +228,66 @@ start_rss_sampler() { # pid file
 GW_BIN="${GATEWAY_BIN:-$ROOT/target/release/smtpgw}"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
-stop_gateway() { # [pid]
-    local pid="${1:-$GW_PID}"
+# One gateway per backend ("" = the gateway's own default), named smtpgw or smtpgw-BACKEND.
+declare -A GW_PIDS=() GW_ADDRS=()
+gw_name() { if [[ -n "$1" ]]; then echo "smtpgw-$1"; else echo smtpgw; fi; }
+
+stop_gateway() { # backend
+    local name pid
+    name=$(gw_name "$1")
+    pid=${GW_PIDS[$name]:-}
+    [[ -n "$pid" ]] || return 0
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     forget_pid "$pid"
+    unset "GW_PIDS[$name]" "GW_ADDRS[$name]"
 }
 
-# The gateway(s) under test: "smtpgw" (and with --io-backend both, "smtpgw-epoll").
-start_gateways() {
-    if [[ "$IO_BACKEND" == both ]]; then
-        start_gateway epoll
-        EP_PID=$GW_PID EP_ADDR=$GW_ADDR
-        start_gateway uring
-        GATEWAYS=("smtpgw $GW_PID $GW_ADDR" "smtpgw-epoll $EP_PID $EP_ADDR")
-    else
-        start_gateway "$IO_BACKEND"
-        GATEWAYS=("smtpgw $GW_PID $GW_ADDR")
-    fi
-}
-stop_gateways() {
-    stop_gateway "$GW_PID"
-    [[ "$IO_BACKEND" == both ]] && stop_gateway "$EP_PID"
-    return 0
-}
-
-start_gateway() { # [backend]: auto unless given
-    local backend="${1:-auto}"
-    local logf="$WORK/gateway.$backend.log"
-    rm -rf "$WORK/spool.$backend"
-    mkdir -p "$WORK/spool.$backend"
-    # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool.$backend" \
-        --accept-domain example.com --max-connections 5000 --io-backend "$backend" "${KAFKA_ARGS[@]}" \
-        ${GATEWAY_ARGS:-} 2>"$logf" &
-    GW_PID=$!
-    PIDS+=("$GW_PID")
+# Reads `listening addr=...` from a log, waiting for the process to say it (10 s).
+wait_listening() { # pid logfile what
     local i addr=""
     for i in $(seq 100); do
-        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$logf" | grep -oP 'listening addr=\K\S+' | head -1 || true)
+        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$2" 2>/dev/null | grep -oP 'listening addr=\K\S+' | head -1 || true)
         [[ -n "$addr" ]] && break
-        kill -0 "$GW_PID" 2>/dev/null || { cat "$logf" >&2; echo "run.sh: smtpgw exited" >&2; exit 1; }
+        kill -0 "$1" 2>/dev/null || { cat "$2" >&2; echo "run.sh: $3 exited" >&2; exit 1; }
         sleep 0.1
     done
-    [[ -n "$addr" ]] || { cat "$logf" >&2; echo "run.sh: smtpgw never said 'listening addr='" >&2; exit 1; }
-    GW_ADDR="${addr//\"/}"
-    log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK, io backend: $(grep -oP 'backend=\K\S+' "$logf" | head -1))"
+    [[ -n "$addr" ]] || { cat "$2" >&2; echo "run.sh: $3 never said 'listening addr='" >&2; exit 1; }
+    echo "${addr//\"/}"
+}
+
+start_gateway() { # backend [extra smtpgw flags...]
+    local backend=$1 name logf pid addr
+    shift
+    name=$(gw_name "$backend")
+    logf="$WORK/$name.log"
+    # The old log must go first: the new process truncates it only once it runs, and
+    # wait_listening must not read the previous gateway's address.
+    rm -f "$logf"
+    rm -rf "$WORK/spool-$name"
+    mkdir -p "$WORK/spool-$name"
+    local flags=()
+    [[ -n "$backend" ]] && flags+=(--io-backend "$backend")
+    # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
+    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" \
+        --spool-dir "$WORK/spool-$name" --accept-domain example.com --max-connections "${GW_MAX_CONNS:-5000}" \
+        "${flags[@]}" "${KAFKA_ARGS[@]}" ${GATEWAY_ARGS:-} "$@" 2>"$logf" &
+    pid=$!
+    PIDS+=("$pid")
+    addr=$(wait_listening "$pid" "$logf" "smtpgw $name")
+    GW_PIDS[$name]=$pid
+    GW_ADDRS[$name]=$addr
+    log "$name pid $pid listening on $addr (sink $SINK) $(grep -m1 -oiE 'backend[^ ]*=[^ ]+' "$logf" || true)"
+}
+
+start_floor() { # backend
+    local logf="$WORK/floor-$1.log" pid addr
+    "$LT_BIN" floor --mode "$1" --listen 127.0.0.1:0 2>"$logf" &
+    pid=$!
+    PIDS+=("$pid")
+    addr=$(wait_listening "$pid" "$logf" "floor-$1")
+    FLOOR_SERVERS+=("floor-$1 $pid $addr")
+    log "floor-$1 pid $pid listening on $addr"
 }
 
 KAFKA_ARGS=()
@@ -287,10 +335,9 @@ accepted_by_gateway() {
     python3 - "$OUT/cells" "$WORK" <<'PY'
 import glob, json, os, sys
 cells, work = sys.argv[1], sys.argv[2]
-files = glob.glob(os.path.join(cells, "smtpgw_*.json"))
+files = glob.glob(os.path.join(cells, "smtpgw*.json"))
 total = sum(json.load(open(f)).get("client", {}).get("accepted", 0) for f in files)
-warm = os.path.join(work, "warmup.smtpgw.json")
-if os.path.exists(warm):
+for warm in glob.glob(os.path.join(work, "warmup.smtpgw*.json")):
     total += json.load(open(warm)).get("accepted", 0)
 print(total)
 PY
@@ -377,9 +424,9 @@ except Exception: print("0")' "$OUT/loopback_ceiling_P$streams.json")
 }
 
 # One cell against one server: the client's JSON plus the server's CPU and RSS.
-run_cell() { # name pid addr size conns pipelining(0|1)
-    local name=$1 pid=$2 addr=$3 size=$4 conns=$5 pipe=$6
-    local file="$OUT/cells/${name}_${size}_c${conns}_p${pipe}.json"
+run_cell() { # name pid addr size conns pipelining(0|1) round
+    local name=$1 pid=$2 addr=$3 size=$4 conns=$5 pipe=$6 round=$7
+    local file="$OUT/cells/${name}_${size}_c${conns}_p${pipe}_r${round}.json"
     local flags=() peak="$WORK/peak.$name"
     [[ $pipe -eq 1 ]] && flags+=(--pipelining)
     echo 0 >"$peak"
@@ -394,8 +441,120 @@ run_cell() { # name pid addr size conns pipelining(0|1)
     wait "$SAMPLER" 2>/dev/null || true
     forget_pid "$SAMPLER"
     python3 "$ROOT/loadtest/summarize.py" cell "$file" "$name" "$size" "$conns" "$pipe" \
-        "$((cpu1 - cpu0))" "$(getconf CLK_TCK)" "$(cat "$peak")" "$WORK/client.out"
+        "$((cpu1 - cpu0))" "$(getconf CLK_TCK)" "$(cat "$peak")" "$WORK/client.out" "$round"
     rm -f "$file.client"
+}
+
+# Postfix's smtp-source against one server: lock-step, persistent sessions (-d), 1 KiB.
+# Server CPU over the whole run divided by the messages; msgs/s from the wall clock.
+SOURCE_MSGS=${SOURCE_MSGS:-30000}
+run_source_cell() { # name pid addr sessions round
+    local name=$1 pid=$2 addr=$3 sessions=$4 round=$5
+    local file="$OUT/source/${name}_s${sessions}_r${round}.json"
+    local cpu0 cpu1 t0 t1 rc=0
+    cpu0=$(cpu_ticks "$pid")
+    t0=$(date +%s.%N)
+    timeout 300 smtp-source -d -s "$sessions" -m "$SOURCE_MSGS" -l 1024 -M loadtest.example \
+        -f sender@example.com -t user@example.com "$addr" >"$WORK/source.out" 2>&1 || rc=$?
+    t1=$(date +%s.%N)
+    cpu1=$(cpu_ticks "$pid")
+    python3 - "$file" "$name" "$sessions" "$round" "$SOURCE_MSGS" "$rc" "$t0" "$t1" \
+        "$((cpu1 - cpu0))" "$(getconf CLK_TCK)" "$WORK/source.out" <<'PY'
+import json, sys
+f, name, sessions, rnd, msgs, rc, t0, t1, ticks, clk, out = sys.argv[1:]
+msgs, elapsed, cpu = int(msgs), float(t1) - float(t0), int(ticks) / int(clk)
+ok = rc == "0"
+json.dump({"server": name, "tool": "smtp-source", "size": "1k", "sessions": int(sessions),
+           "round": int(rnd), "messages": msgs if ok else 0, "exit_status": int(rc),
+           "elapsed_s": elapsed, "msgs_per_s": msgs / elapsed if ok else 0,
+           "server_cpu_s": cpu, "server_cpu_us_per_msg": cpu * 1e6 / msgs if ok else None,
+           "output": open(out, errors="replace").read()[-500:]}, open(f, "w"), indent=2)
+PY
+    [[ $rc -eq 0 ]] || log "smtp-source against $name failed (exit $rc): $(tail -c 300 "$WORK/source.out")"
+}
+
+# RSS per connection of a fresh gateway: baseline, then N connections held at a stage by
+# `smtpgw-loadtest hold`, RSS again once all are there (and 1 s to settle).
+measure_memory() { # backend stage connections [hold flags...]
+    local backend=$1 stage=$2 n=$3 name pid addr r0 r1 hold line tag
+    shift 3
+    tag="$stage$(printf '%s' "$*" | tr -c 'a-z0-9' '_')"
+    name=$(gw_name "$backend")
+    # No data-rate rule or idle timeout may close a held connection while it is counted.
+    GW_MAX_CONNS=20000 start_gateway "$backend" --min-data-rate 0 --idle-timeout 600
+    pid=${GW_PIDS[$name]}
+    addr=${GW_ADDRS[$name]}
+    sleep 1
+    r0=$(rss_kib "$pid")
+    "$LT_BIN" hold --target "$addr" --connections "$n" --stage "$stage" --hold 150 "$@" \
+        >"$WORK/hold.out" 2>&1 &
+    hold=$!
+    PIDS+=("$hold")
+    line=""
+    for _ in $(seq 1200); do
+        line=$(grep -m1 '^ready' "$WORK/hold.out" || true)
+        [[ -n "$line" ]] && break
+        kill -0 "$hold" 2>/dev/null || break
+        sleep 0.1
+    done
+    sleep 1
+    r1=$(rss_kib "$pid")
+    kill "$hold" 2>/dev/null || true
+    wait "$hold" 2>/dev/null || true
+    forget_pid "$hold"
+    stop_gateway "$backend"
+    python3 - "$OUT/memory/${name}_${tag}.json" "$name" "$stage" "$n" "$r0" "$r1" "$line" "$*" <<'PY'
+import json, re, sys
+f, name, stage, n, r0, r1, line, flags = sys.argv[1:]
+held = int((re.search(r"connections=(\d+)", line) or [0, 0])[1])
+wrote = int((re.search(r"bytes_written=(\d+)", line) or [0, 0])[1])
+per = (int(r1) - int(r0)) / held if held else None
+json.dump({"server": name, "stage": stage, "flags": flags, "connections_asked": int(n),
+           "connections_held": held, "client_bytes_written": wrote,
+           "rss_before_kib": int(r0), "rss_held_kib": int(r1), "rss_per_connection_kib": per,
+           "hold_output": line}, open(f, "w"), indent=2)
+print(f"{name} {stage} {flags}: {held} held, RSS {r0} -> {r1} KiB, "
+      f"{'-' if per is None else f'{per:.1f}'} KiB per connection")
+PY
+}
+
+# perf record -g of one gateway under the 1 KiB x 100 pipelined load (not a measured
+# cell: perf costs CPU too). Writes the top of the flat profile and the kernel/user split.
+profile_gateway() { # name pid addr
+    local name=$1 pid=$2 addr=$3 data="$WORK/perf.$1.data" rec
+    # perf attaches slowly on a busy machine: it starts first and outlasts the load.
+    timeout $((DURATION + 30)) perf record -e cpu-clock -g -p "$pid" -o "$data" \
+        -- sleep $((DURATION + 2)) >/dev/null 2>&1 &
+    rec=$!
+    PIDS+=("$rec")
+    sleep 1
+    timeout $((DURATION + 90)) "$LT_BIN" --target "$addr" --connections 100 \
+        --duration "$DURATION" --size 1k --pipelining --threads "$CLIENT_THREADS" \
+        >"$OUT/perf/$name.client.txt" 2>&1 || true
+    wait "$rec" 2>/dev/null || true
+    forget_pid "$rec"
+    {
+        echo "# perf record -e cpu-clock -g -p <$name> during: smtpgw-loadtest --connections 100 --size 1k --pipelining ($DURATION s)"
+        echo "## by shared object"
+        perf report -i "$data" --stdio --no-children --sort dso -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 || true
+        echo "## top symbols (self)"
+        perf report -i "$data" --stdio --no-children --sort sym -g none --percent-limit 0.8 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -45 || true
+        echo "## by category (self time; symbol patterns, so approximate)"
+        perf report -i "$data" --stdio --no-children --sort sym -g none 2>/dev/null | grep -v '^#' \
+            | awk '$1 ~ /%$/ { p = $1 + 0; line = $0
+                if ($2 == "[k]") c = "kernel"
+                else if (line ~ /tracing|core::fmt|nu_ansi_term|write_str|pad_integral|as core::fmt::Debug|fmt::Display/) c = "formatting (core::fmt, tracing)"
+                else if (line ~ /malloc|_int_free|cfree|unlink_chunk|consolidate|realloc/) c = "allocator"
+                else if (line ~ /memmove|memcpy|memset/) c = "memcpy/memmove"
+                else if (line ~ /smtpgw::/) c = "smtpgw code"
+                else if (line ~ /tokio|mio::/) c = "tokio/mio"
+                else c = "other user space"
+                sum[c] += p }
+              END { for (c in sum) printf "%7.2f%%  %s\n", sum[c], c }' | sort -rn || true
+    } >"$OUT/perf/$name.txt"
+    rm -f "$data"
+    log "profile of $name: $OUT/perf/$name.txt"
 }
 
 main() {
@@ -407,11 +566,29 @@ main() {
         log "building release binaries"
         timeout 1200 cargo build --release --workspace --bins -q
     fi
-    mkdir -p "$OUT/cells"
+    mkdir -p "$OUT/cells" "$OUT/source" "$OUT/memory" "$OUT/perf"
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "command: loadtest/run.sh $ORIG_ARGS"
+        echo "env: CLIENT_THREADS=$CLIENT_THREADS GATEWAY_ARGS=${GATEWAY_ARGS:-}"
+        echo "gateway: $GW_BIN ($("$GW_BIN" --version 2>/dev/null || true), modified $(date -u -r "$GW_BIN" '+%Y-%m-%d %H:%M'))"
+        echo "loadtest: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo '?')"
+        echo "kernel: $(uname -r)  cpus: $(nproc)  load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+    } >"$OUT/run-info.txt"
 
-    local sizes conns_list cells=()
-    if [[ "$SINK" == kafka && $QUICK -eq 1 ]]; then
+    local sizes conns_list cells=() c
+    if [[ -n "$CELLS_ARG" ]]; then
+        if [[ "$CELLS_ARG" != none ]]; then
+            for c in $CELLS_ARG; do
+                IFS=: read -r sizes conns_list pipe_word <<<"$c"
+                case "$pipe_word" in pipe) pipe_word=1 ;; lock) pipe_word=0 ;;
+                    *) echo "run.sh: --cells entry $c: expected SIZE:CONNS:pipe|lock" >&2; exit 2 ;; esac
+                [[ "$conns_list" =~ ^[0-9]+$ ]] || { echo "run.sh: --cells entry $c: bad connection count" >&2; exit 2; }
+                cells+=("$sizes $conns_list $pipe_word")
+            done
+        fi
+    elif [[ "$SINK" == kafka && $QUICK -eq 1 ]]; then
         cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1")
     elif [[ "$SINK" == kafka ]]; then
         for sizes in 1k 10k; do
@@ -419,8 +596,6 @@ main() {
                 cells+=("$sizes $conns_list 0" "$sizes $conns_list 1")
             done
         done
-    elif [[ -n "${CELLS:-}" ]]; then
-        IFS=';' read -r -a cells <<<"$CELLS"
     elif [[ $QUICK -eq 1 ]]; then
         # About a minute with --compare: the cells the targets are stated for.
         cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1" "100k 10 1" "1m 10 0")
@@ -432,13 +607,18 @@ main() {
         done
     fi
 
-    measure_ceiling
+    if [[ ${#cells[@]} -gt 0 ]]; then measure_ceiling; else CEILING_MBPS=0; fi
     local records_before=0
     if [[ "$SINK" == kafka ]]; then
         start_kafka
         records_before=$(count_kafka_records)
     fi
-    start_gateways
+    local b
+    for b in "${BACKENDS[@]}"; do start_gateway "$b"; done
+    FLOOR_SERVERS=()
+    if [[ $FLOOR -eq 1 ]]; then
+        for b in "${BACKENDS[@]}"; do start_floor "$b"; done
+    fi
     local peers=()
     if wants smtp-sink; then
         start_smtp_sink
@@ -448,35 +628,76 @@ main() {
         start_postfix
         peers+=("postfix $PFX_PID $PFX_ADDR")
     fi
-    local s name pid addr servers=("${GATEWAYS[@]}" "${peers[@]}")
+    gateways() { for b in "${BACKENDS[@]}"; do local n; n=$(gw_name "$b"); echo "$n ${GW_PIDS[$n]} ${GW_ADDRS[$n]}"; done; }
+    local s name pid addr servers=()
+    mapfile -t servers < <(gateways)
+    servers+=("${FLOOR_SERVERS[@]}" "${peers[@]}")
     for s in "${servers[@]}"; do
         read -r name pid addr <<<"$s"
         log "warming up $name"
         timeout 60 "$LT_BIN" --target "$addr" --connections 10 --duration 1 --size 10k \
             --threads "$CLIENT_THREADS" --json "$WORK/warmup.$name.json" >/dev/null 2>&1 || true
     done
-    local c size conns pipe
-    for c in "${cells[@]}"; do
-        read -r size conns pipe <<<"$c"
-        if [[ "$SINK" == spool ]]; then
-            # A fresh gateway and spool per cell: the spool only grows, and a full
-            # matrix would otherwise write tens of GB.
-            stop_gateways
-            start_gateways
-        fi
-        servers=("${GATEWAYS[@]}" "${peers[@]}")
-        # Servers alternate within a cell, so slow drift in machine load hits both.
-        for s in "${servers[@]}"; do
-            read -r name pid addr <<<"$s"
-            log "cell $size x $conns conns, pipelining $pipe: $name"
-            run_cell "$name" "$pid" "$addr" "$size" "$conns" "$pipe"
+    local size conns pipe round
+    for round in $(seq "$REPEAT"); do
+        for c in "${cells[@]}"; do
+            read -r size conns pipe <<<"$c"
+            if [[ "$SINK" == spool ]]; then
+                # A fresh gateway and spool per cell: the spool only grows, and a full
+                # matrix would otherwise write tens of GB.
+                for b in "${BACKENDS[@]}"; do stop_gateway "$b"; start_gateway "$b"; done
+            fi
+            mapfile -t servers < <(gateways)
+            servers+=("${FLOOR_SERVERS[@]}" "${peers[@]}")
+            # Servers alternate within a cell, so slow drift in machine load hits all.
+            for s in "${servers[@]}"; do
+                read -r name pid addr <<<"$s"
+                log "round $round/$REPEAT cell $size x $conns conns, pipelining $pipe: $name"
+                run_cell "$name" "$pid" "$addr" "$size" "$conns" "$pipe" "$round"
+            done
         done
+        if [[ $SMTP_SOURCE -eq 1 ]]; then
+            for conns in 10 100; do
+                mapfile -t servers < <(gateways)
+                servers+=("${FLOOR_SERVERS[@]}" "smtp-sink $PEER_PID $PEER_ADDR")
+                for s in "${servers[@]}"; do
+                    read -r name pid addr <<<"$s"
+                    log "round $round/$REPEAT smtp-source 1k x $conns sessions: $name"
+                    run_source_cell "$name" "$pid" "$addr" "$conns" "$round"
+                done
+            done
+        fi
     done
+    if [[ $PERF -eq 1 ]]; then
+        if perf record -e cpu-clock -o "$WORK/perf.probe" -- true >/dev/null 2>&1; then
+            mapfile -t servers < <(gateways)
+            for s in "${servers[@]}"; do
+                read -r name pid addr <<<"$s"
+                profile_gateway "$name" "$pid" "$addr"
+            done
+        else
+            log "perf record does not work here; no profiles"
+        fi
+    fi
+    echo "load after cells: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/run-info.txt"
+    if [[ $MEMORY -eq 1 ]]; then
+        # Fresh gateways (the others stopped first, so only one holds memory at a time).
+        for b in "${BACKENDS[@]}"; do stop_gateway "$b"; done
+        for b in "${BACKENDS[@]}"; do
+            measure_memory "$b" greeting 10000
+            measure_memory "$b" data 10000
+            measure_memory "$b" no-read 40 --write-chunk 6
+            measure_memory "$b" no-read 40 --write-chunk 65536
+        done
+    fi
     python3 "$ROOT/loadtest/summarize.py" summary "$OUT" "$CEILING_MBPS" "$SINK" \
         "$MODE" "$(uptime)"
+    # The issue-9 table (README's Performance section), one column per gateway.
+    python3 "$ROOT/loadtest/summarize.py" table "$OUT" >"$OUT/table.md"
+    echo; cat "$OUT/table.md"
     if [[ "$SINK" == kafka ]]; then
         # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
-        stop_gateways
+        for b in "${BACKENDS[@]}"; do stop_gateway "$b"; done
         local accepted records
         accepted=$(accepted_by_gateway)
         records=$(( $(count_kafka_records) - records_before ))

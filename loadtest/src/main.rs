@@ -7,6 +7,8 @@
 //! omission). Only loopback targets are accepted: this tool generates real load.
 
 mod conn;
+mod floor;
+mod hold;
 mod message;
 mod reply;
 
@@ -24,10 +26,40 @@ use tokio::time::Instant;
 use crate::conn::{Plan, Stats};
 use crate::message::Mix;
 
+/// `smtpgw-loadtest floor ...` and `smtpgw-loadtest hold ...`: the helpers run.sh needs
+/// besides the load client. Chosen by the first argument, so every existing load-client
+/// command line keeps its meaning.
+#[derive(Parser, Debug)]
+#[command(name = "smtpgw-loadtest", version)]
+struct Helper {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// A canned-reply server, the cheapest thing a client can load: the floor that every
+    /// gateway figure is divided by.
+    Floor {
+        /// Address to listen on (loopback only); port 0 picks one, printed on stderr as
+        /// `listening addr=...`.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The syscall pattern: the epoll or the io_uring gateway backend's.
+        #[arg(long, value_enum)]
+        mode: floor::Mode,
+    },
+    /// Open many connections, bring each to a stage of a session and hold them there
+    /// (for measuring the server's memory per connection).
+    Hold(hold::HoldArgs),
+}
+
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "SMTP load generator (loopback targets unless --allow-remote-target)"
+    about = "SMTP load generator (loopback targets unless --allow-remote-target)",
+    after_help = "Helpers: `smtpgw-loadtest floor --help` (canned-reply floor server), \
+                  `smtpgw-loadtest hold --help` (hold many connections at one stage)"
 )]
 struct Args {
     /// Server to load, HOST:PORT; must be loopback (127.0.0.0/8 or ::1) unless
@@ -155,6 +187,19 @@ fn check_target(spec: &str, allow_remote: bool) -> Result<SocketAddr> {
     }
 }
 
+/// Raises the soft RLIMIT_NOFILE to the hard limit: thousands of connections need
+/// thousands of descriptors, and the default soft limit is often 1024.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -177,6 +222,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
+    let first = std::env::args_os().nth(1);
+    if first.as_ref().is_some_and(|a| a == "floor" || a == "hold") {
+        return match Helper::parse().command {
+            Command::Floor { listen, mode } => floor::run(&listen, mode),
+            Command::Hold(h) => hold::run(h),
+        };
+    }
     let args = Args::parse();
     let target = check_target(&args.target, args.allow_remote_target)?;
     if args.connections == 0 {
