@@ -172,10 +172,40 @@ pub struct Gw {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+/// A gateway the test left running must stop on SIGTERM with exit 0 and no panic in its
+/// log (issue 10: no swallowed panics). One the test already reaped (it was killed on
+/// purpose, or its exit was checked) is left alone.
 impl Drop for Gw {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+            }
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        let panicked = self.log_lines("panicked");
+        assert!(panicked.is_empty(), "the gateway panicked: {panicked:?}");
+        match status {
+            Some(status) => assert!(status.success(), "the gateway exited with {status}"),
+            None => panic!("the gateway did not stop within 45 s of SIGTERM"),
+        }
     }
 }
 
