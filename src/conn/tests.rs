@@ -36,6 +36,7 @@ fn open(t0: Instant, limits: Limits, budget: &BodyBudget) -> Connection {
         Arc::new(limits),
         budget.clone(),
         "192.0.2.1:4000".parse().unwrap(),
+        Arc::new(Edge::default()),
     )
 }
 
@@ -438,6 +439,7 @@ impl Observer for Counts {
     }
     fn observe_publish(&mut self, _: Duration) {}
     fn observe_message_size(&mut self, _: usize) {}
+    fn absorb_edge(&mut self, _: &mut EdgeStats) {}
 }
 
 #[test]

@@ -63,7 +63,9 @@ pub struct Envelope {
     pub client_addr: SocketAddr,
     /// The client asked for SMTPUTF8 in MAIL.
     pub smtputf8: bool,
-    pub tls: bool,
+    /// The session's TLS version and cipher suite, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`;
+    /// `None` over plaintext.
+    pub tls: Option<Arc<str>>,
     text: String,
     mail_from: Range<usize>,
     mail_params: Range<usize>,
@@ -89,7 +91,7 @@ impl Envelope {
             esmtp,
             client_addr,
             smtputf8: false,
-            tls: false,
+            tls: None,
             text,
             mail_from: 0..from_end,
             mail_params: from_end..from_end + mail_params.len(),
@@ -219,7 +221,7 @@ fn write_received_line(
     received_at: DateTime<Utc>,
     hostname: &str,
 ) -> std::io::Result<()> {
-    let protocol = match (env.smtputf8, env.esmtp, env.tls) {
+    let protocol = match (env.smtputf8, env.esmtp, env.tls.is_some()) {
         (true, _, false) => "UTF8SMTP",
         (true, _, true) => "UTF8SMTPS",
         (false, true, false) => "ESMTP",
@@ -295,6 +297,10 @@ impl SealedMessage {
                 .as_bytes(),
         );
         f("smtp.mail_params", env.mail_params().as_bytes());
-        f("smtp.tls", if env.tls { b"true" } else { b"false" });
+        // `false`, or the version and cipher suite the session negotiated.
+        f(
+            "smtp.tls",
+            env.tls.as_deref().map_or(&b"false"[..], str::as_bytes),
+        );
     }
 }

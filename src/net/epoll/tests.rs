@@ -30,7 +30,11 @@ fn start_budget(
     max_body_memory: usize,
 ) -> Reactors {
     Reactors::start(ReactorParams {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: vec![crate::net::ListenerSpec {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            kind: crate::net::ListenerKind::Smtp,
+            edge: Arc::new(crate::conn::Edge::default()),
+        }],
         reactors: 2,
         session: Arc::new(SessionConfig {
             hostname: "mx.test".into(),
@@ -169,7 +173,11 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
     // One reactor so both connections share one budget; the floor is one message of
     // the largest size (1 MiB here) plus an eighth.
     let r = Reactors::start(ReactorParams {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: vec![crate::net::ListenerSpec {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            kind: crate::net::ListenerKind::Smtp,
+            edge: Arc::new(crate::conn::Edge::default()),
+        }],
         reactors: 1,
         session: Arc::new(SessionConfig {
             hostname: "mx.test".into(),
