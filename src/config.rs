@@ -1074,10 +1074,7 @@ fn resolve_edge(
             cli.max_message_rate_per_ip.or(file.max_message_rate_per_ip),
             0,
         ),
-        error_budget: limit(
-            cli.error_budget.or(file.error_budget),
-            DEFAULT_ERROR_BUDGET,
-        ),
+        error_budget: limit(cli.error_budget.or(file.error_budget), DEFAULT_ERROR_BUDGET),
         greeting_delay,
     })
 }

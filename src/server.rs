@@ -9,9 +9,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::config::EdgeConfig;
 use crate::config::MIN_DATA_RATE_WINDOW;
 use crate::config::{Config, SinkKind};
-use crate::config::EdgeConfig;
 use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};

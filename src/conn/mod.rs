@@ -1069,3 +1069,6 @@ pub fn sink_dropped() -> PublishResult {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod edge_tests;

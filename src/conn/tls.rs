@@ -6,9 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
 
-use super::edge::{
-    TLS_FAIL_ALERT, TLS_FAIL_BAD_MESSAGE, TLS_FAIL_INCOMPATIBLE, TLS_FAIL_OTHER,
-};
+use super::edge::{TLS_FAIL_ALERT, TLS_FAIL_BAD_MESSAGE, TLS_FAIL_INCOMPATIBLE, TLS_FAIL_OTHER};
 
 /// The current server configuration, shared by every listener that offers TLS. Each
 /// handshake takes the configuration current at its start.

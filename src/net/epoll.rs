@@ -69,8 +69,9 @@ impl Reactors {
                 .map_err(NetError::Reactor)?;
             // Registers the sockets with this reactor's own I/O driver.
             let mut listener = Vec::with_capacity(std_listeners.len());
-            for ((std_listener, edge), (spec, addr)) in
-                std_listeners.into_iter().zip(p.listeners.iter().zip(&addrs))
+            for ((std_listener, edge), (spec, addr)) in std_listeners
+                .into_iter()
+                .zip(p.listeners.iter().zip(&addrs))
             {
                 let _guard = rt.enter();
                 let l = TcpListener::from_std(std_listener).map_err(|source| NetError::Bind {

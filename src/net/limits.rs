@@ -92,18 +92,24 @@ struct Entry {
     message_tat: AtomicU64,
 }
 
+type Shard = Mutex<HashMap<Key, Arc<Entry>>>;
+
 pub struct PeerLimiter {
     config: PeerLimitsConfig,
     connection_rate: Option<Gcra>,
     message_rate: Option<Gcra>,
     origin: Instant,
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<Key, Arc<Entry>>>]>,
+    shards: Box<[Shard]>,
     metrics: Arc<Metrics>,
 }
 
 impl PeerLimiter {
-    pub fn new(config: PeerLimitsConfig, origin: Instant, metrics: Arc<Metrics>) -> Arc<PeerLimiter> {
+    pub fn new(
+        config: PeerLimitsConfig,
+        origin: Instant,
+        metrics: Arc<Metrics>,
+    ) -> Arc<PeerLimiter> {
         Arc::new(PeerLimiter {
             connection_rate: config.connection_rate.map(PerMinute::gcra),
             message_rate: config.message_rate.map(PerMinute::gcra),
@@ -227,7 +233,10 @@ impl PeerSlot for Slot {
     fn message_allowed(&self, now: Instant) -> bool {
         match self.message_rate {
             None => true,
-            Some(rate) => rate.allows(self.host.message_tat.load(Ordering::Acquire), self.nanos(now)),
+            Some(rate) => rate.allows(
+                self.host.message_tat.load(Ordering::Acquire),
+                self.nanos(now),
+            ),
         }
     }
 
@@ -246,7 +255,6 @@ impl Drop for Slot {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -279,10 +287,16 @@ mod tests {
         let (l, t0) = limiter(config());
         let a1 = l.admit(t0, ip("198.51.100.1")).unwrap();
         let a2 = l.admit(t0, ip("198.51.100.1")).unwrap();
-        assert_eq!(l.admit(t0, ip("198.51.100.1")).err(), Some(LimitRefusal::ConnectionsPerIp));
+        assert_eq!(
+            l.admit(t0, ip("198.51.100.1")).err(),
+            Some(LimitRefusal::ConnectionsPerIp)
+        );
         let b1 = l.admit(t0, ip("198.51.100.2")).unwrap();
         // Three in the /24 now: a fourth address of it is refused for the prefix.
-        assert_eq!(l.admit(t0, ip("198.51.100.3")).err(), Some(LimitRefusal::ConnectionsPerPrefix));
+        assert_eq!(
+            l.admit(t0, ip("198.51.100.3")).err(),
+            Some(LimitRefusal::ConnectionsPerPrefix)
+        );
         // Another /24 is unaffected.
         let _c = l.admit(t0, ip("198.51.101.1")).unwrap();
         drop(a1);
@@ -291,7 +305,9 @@ mod tests {
         // Refusals gave back what they took.
         let _d = l.admit(t0, ip("198.51.100.4")).unwrap();
         // Trusted addresses are never counted.
-        let t: Vec<_> = (0..10).map(|_| l.admit(t0, ip("192.0.2.9")).unwrap()).collect();
+        let t: Vec<_> = (0..10)
+            .map(|_| l.admit(t0, ip("192.0.2.9")).unwrap())
+            .collect();
         assert_eq!(t.len(), 10);
     }
 
@@ -309,7 +325,10 @@ mod tests {
         // An IPv4-mapped address is the IPv4 client.
         let _e = l.admit(t0, ip("::ffff:198.51.100.7")).unwrap();
         let _f = l.admit(t0, ip("198.51.100.7")).unwrap();
-        assert_eq!(l.admit(t0, ip("::ffff:198.51.100.7")).err(), Some(LimitRefusal::ConnectionsPerIp));
+        assert_eq!(
+            l.admit(t0, ip("::ffff:198.51.100.7")).err(),
+            Some(LimitRefusal::ConnectionsPerIp)
+        );
     }
 
     #[test]
@@ -322,7 +341,10 @@ mod tests {
         for _ in 0..6 {
             drop(l.admit(t0, ip("203.0.113.5")).unwrap());
         }
-        assert_eq!(l.admit(t0, ip("203.0.113.5")).err(), Some(LimitRefusal::ConnectionRate));
+        assert_eq!(
+            l.admit(t0, ip("203.0.113.5")).err(),
+            Some(LimitRefusal::ConnectionRate)
+        );
         // One more every ten seconds.
         let t1 = t0 + Duration::from_secs(10);
         drop(l.admit(t1, ip("203.0.113.5")).unwrap());
@@ -364,7 +386,10 @@ mod tests {
         assert!(l.metrics.peer_table_evictions.get() > 0);
         // Entries held by live connections are never dropped.
         let held: Vec<_> = (0..100u32)
-            .map(|i| l.admit(t0, IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i))).unwrap())
+            .map(|i| {
+                l.admit(t0, IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i)))
+                    .unwrap()
+            })
             .collect();
         for i in 0..5_000u32 {
             let a = IpAddr::from(std::net::Ipv4Addr::from(0x0c00_0000 + i));

@@ -80,7 +80,10 @@ pub enum NetError {
         source: io::Error,
     },
     #[error("{flag} {addr}: already in use by another process (refusing to share it through SO_REUSEPORT)")]
-    InUse { flag: &'static str, addr: SocketAddr },
+    InUse {
+        flag: &'static str,
+        addr: SocketAddr,
+    },
     #[error("cannot start reactor thread: {0}")]
     Reactor(io::Error),
 }

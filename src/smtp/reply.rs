@@ -138,10 +138,7 @@ pub fn shutting_down(out: &mut Vec<u8>, hostname: &str) {
 /// A per-address limit (connections, connection rate, message rate, error budget):
 /// `421 4.7.0`, then close. `what` is a fixed phrase, never client text.
 pub fn policy_limit(out: &mut Vec<u8>, hostname: &str, what: &str) {
-    let _ = write!(
-        out,
-        "421 4.7.0 {hostname} {what}, try again later\r\n"
-    );
+    let _ = write!(out, "421 4.7.0 {hostname} {what}, try again later\r\n");
 }
 
 /// The client spoke before the greeting (a bulk sender that does not wait): close.
