@@ -127,6 +127,10 @@ pub enum SpoolCommand {
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
+        /// Print only the record headers (smtp.client_addr, smtp.tls, ...), one
+        /// `name: value` line each.
+        #[arg(long, conflicts_with = "body")]
+        headers: bool,
         /// The message id (as in `250 ... queued as <id>`).
         id: String,
     },
@@ -1718,7 +1722,7 @@ mod tests {
         ])
         .unwrap();
         match c.command {
-            Some(Command::Spool(SpoolCommand::Cat { dir, body, id })) => {
+            Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
                 assert_eq!(dir.spool_dir, PathBuf::from("/s"));
                 assert!(body);
                 assert_eq!(id, "ID");

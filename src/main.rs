@@ -102,9 +102,21 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             spool_tool::ls(&dir, &mut out)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
         }
-        SpoolCommand::Cat { dir, body, id } => {
+        SpoolCommand::Cat {
+            dir,
+            body,
+            headers,
+            id,
+        } => {
             let dir = dir.spool_dir;
-            spool_tool::cat(&dir, &id, body, &mut out)
+            let part = if headers {
+                spool_tool::Part::Headers
+            } else if body {
+                spool_tool::Part::Body
+            } else {
+                spool_tool::Part::Value
+            };
+            spool_tool::cat_part(&dir, &id, part, &mut out)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
         }
         SpoolCommand::Export { dir, mbox } => {

@@ -57,7 +57,37 @@ pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
 
 /// Writes one message: its stored value (the `Received:` line and the message exactly
 /// as received), or with `body_only` just the client's bytes.
+/// What `spool cat` prints of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The `Received:` line and the message.
+    Value,
+    /// The client's bytes only.
+    Body,
+    /// The record headers, `name: value` per line.
+    Headers,
+}
+
+/// The record headers in the order the gateway writes them.
+const HEADERS: [&str; 9] = [
+    "smtp.id",
+    "smtp.verb",
+    "smtp.mail_from",
+    "smtp.rcpt_to",
+    "smtp.helo",
+    "smtp.client_addr",
+    "smtp.received_at",
+    "smtp.mail_params",
+    "smtp.tls",
+];
+
 pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result<(), SpoolError> {
+    let part = if body_only { Part::Body } else { Part::Value };
+    cat_part(dir, id, part, out)
+}
+
+/// Writes one part of one message.
+pub fn cat_part(dir: &Path, id: &str, part: Part, out: &mut dyn Write) -> Result<(), SpoolError> {
     let wanted = Ulid::from_string(id).map_err(|_| SpoolError::BadId {
         id: id.to_owned(),
         dir: dir.to_path_buf(),
@@ -65,10 +95,23 @@ pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result
     for record in read_all(dir)? {
         let record = record?;
         if record.id == wanted {
-            let bytes = if body_only {
-                record.body()
-            } else {
-                record.value()
+            let headers;
+            let bytes = match part {
+                Part::Body => record.body(),
+                Part::Value => record.value(),
+                Part::Headers => {
+                    let mut text = Vec::new();
+                    for name in HEADERS {
+                        for value in record.headers_named(name) {
+                            text.extend_from_slice(name.as_bytes());
+                            text.extend_from_slice(b": ");
+                            text.extend_from_slice(value);
+                            text.push(b'\n');
+                        }
+                    }
+                    headers = text;
+                    &headers[..]
+                }
             };
             return out
                 .write_all(bytes)
