@@ -505,7 +505,8 @@ fn pump(
             conn.handle_publish(now, Ok(id));
             progress = true;
         }
-        if client.wants_write() {
+        // As a backend does: only while the driver wants input.
+        if client.wants_write() && conn.wants_read() {
             let mut buf = Vec::new();
             client.write_tls(&mut buf).unwrap();
             conn.handle_input(now, &buf);

@@ -917,7 +917,9 @@ impl Connection {
     fn can_consume(&self) -> bool {
         let blocked = self.session.is_closed()
             || self.session.is_awaiting_publish()
-            || self.session.is_starting_tls()
+            // After STARTTLS the session takes nothing until the handshake is done, but
+            // the handshake itself must be read.
+            || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
             || self.out_len() >= self.limits.output_cap
             || (self.session.in_body() && self.budget.pauses_bodies());
         !blocked

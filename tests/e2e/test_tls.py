@@ -1,0 +1,178 @@
+"""TLS through the binary, with Python's ssl module and swaks as clients and a
+self-signed certificate made in the test: STARTTLS and implicit TLS (RFC 8314), a full
+transaction stored byte-exact with `smtp.tls`, the STARTTLS injection (CVE-2011-0411),
+STARTTLS with an argument, and --require-tls."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import ssl
+import subprocess
+
+import pytest
+
+from conftest import run_binary
+from edge_support import client_context, headers, make_certificate, metric, tls_port
+from smtpwire import IO_TIMEOUT, assert_reply, make_message
+
+QUEUED = re.compile(r"queued as ([0-9A-HJKMNP-TV-Z]{26})")
+
+
+@pytest.fixture
+def cert(tmp_path):
+    return make_certificate(tmp_path)
+
+
+def tls_gateway(start_gateway, cert, *extra: str):
+    crt, key = cert
+    return start_gateway("--hostname", "mx.test", "--tls-cert", str(crt), "--tls-key", str(key), *extra)
+
+
+@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+def test_smtplib_starttls_full_transaction(start_gateway, cert, version):
+    gateway = tls_gateway(start_gateway, cert)
+    maximum = ssl.TLSVersion.TLSv1_2 if version == "TLSv1.2" else None
+    message = make_message("starttls", b"Over TLS.\r\n.leading dot\r\n")
+    with smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        code, text = client.starttls(context=client_context(cert[0], maximum))
+        assert (code, text) == (220, b"2.0.0 Ready to start TLS")
+        assert client.sock.version() == version
+        client.ehlo()
+        assert not client.has_extn("starttls"), "STARTTLS offered again after TLS"
+        client.sendmail("sender@b.example", ["x@example.com"], message)
+        client.quit()
+    [message_id] = gateway.spool_ids()
+    assert gateway.cat(message_id, body=True) == message
+    [tls] = headers(gateway, message_id)["smtp.tls"]
+    assert tls.startswith(version + " TLS"), tls
+    assert b"with ESMTPS id" in gateway.cat(message_id)
+    assert metric(gateway, f'smtpgw_tls_handshakes_total{{version="{version}"}}') >= 1
+
+
+def test_swaks_tls(start_gateway, cert, tmp_path):
+    gateway = tls_gateway(start_gateway, cert)
+    text = b"Subject: swaks tls\n\nbody line\n.dotted"
+    source = tmp_path / "message.txt"
+    source.write_bytes(text)
+    result = subprocess.run(
+        ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
+         "--from", "a@b.example", "--to", "x@example.com", "--data", f"@{source}", "--timeout", "10",
+         "--tls"],
+        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    transcript = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, transcript + result.stderr.decode("utf-8", "replace")
+    assert "TLS started" in transcript, transcript
+    [message_id] = gateway.spool_ids()
+    assert QUEUED.search(transcript).group(1) == message_id
+    assert gateway.cat(message_id, body=True) == text.replace(b"\n", b"\r\n") + b"\r\n"
+    assert headers(gateway, message_id)["smtp.tls"][0].startswith("TLSv1.")
+
+
+def test_commands_pipelined_after_starttls_are_never_executed(start_gateway, cert):
+    """CVE-2011-0411: a man in the middle appends plaintext commands to STARTTLS."""
+    gateway = tls_gateway(start_gateway, cert)
+    with gateway.wire() as wire:
+        assert_reply(wire.reply(), "220")
+        wire.send(b"EHLO client.test\r\nSTARTTLS\r\nMAIL FROM:<evil@attacker.example>\r\nRCPT TO:<x@example.com>\r\n")
+        assert_reply(wire.reply(), "250")
+        assert_reply(wire.reply(), "220 2.0.0", "STARTTLS")
+        assert wire.buf == b"", "a reply to the injected commands"
+        tls = client_context(cert[0]).wrap_socket(wire.sock, server_hostname="mx.test")
+        tls.sendall(b"EHLO client.test\r\n")
+        reply = b""
+        while not re.search(rb"^250 ", reply, re.M):
+            reply += tls.recv(4096)
+        tls.sendall(b"RCPT TO:<x@example.com>\r\nDATA\r\n")
+        reply = b""
+        while reply.count(b"\r\n") < 2:
+            reply += tls.recv(4096)
+        # The injected MAIL was discarded: no transaction exists.
+        assert reply.startswith(b"503 5.5.1 Need MAIL"), reply
+        tls.close()
+    assert gateway.spool_ids() == []
+    assert metric(gateway, "smtpgw_starttls_discarded_bytes_total") >= len(
+        b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<x@example.com>\r\n"
+    )
+
+
+def test_starttls_with_an_argument_and_without_a_certificate(start_gateway, cert):
+    gateway = tls_gateway(start_gateway, cert)
+    with gateway.session() as wire:
+        wire.expect("STARTTLS now", "501 5.5.4")
+        wire.expect("NOOP", "250")
+    plain = start_gateway()
+    with plain.session() as wire:
+        wire.expect("STARTTLS", "502 5.5.1")
+
+
+def test_require_tls(start_gateway, cert):
+    gateway = tls_gateway(start_gateway, cert, "--require-tls")
+    with smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT) as client:
+        client.ehlo()
+        code, text = client.mail("sender@b.example")
+        assert (code, text[:5]) == (530, b"5.7.0"), text
+        client.rset()
+        client.starttls(context=client_context(cert[0]))
+        client.ehlo()
+        client.sendmail("sender@b.example", ["x@example.com"], make_message("required"))
+    assert len(gateway.spool_ids()) == 1
+
+
+def test_implicit_tls_listener(start_gateway, cert):
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0")
+    port = tls_port(gateway)
+    assert port != gateway.port
+    message = make_message("implicit")
+    with smtplib.SMTP_SSL(gateway.host, port, local_hostname="client.test", timeout=IO_TIMEOUT,
+                          context=client_context(cert[0])) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        client.sendmail("sender@b.example", ["x@example.com"], message)
+    [message_id] = gateway.spool_ids()
+    assert gateway.cat(message_id, body=True) == message
+    assert headers(gateway, message_id)["smtp.tls"][0].startswith("TLSv1.3 ")
+    # The plaintext listener still offers STARTTLS.
+    with smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+
+
+def test_plaintext_on_the_implicit_tls_listener_is_a_failed_handshake(start_gateway, cert):
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0")
+    from edge_support import recv_all, wire_from
+
+    with wire_from(gateway, "127.0.0.1", tls_port(gateway)) as wire:
+        wire.send(b"EHLO client.test\r\n")
+        data = recv_all(wire.sock)
+    assert not data.startswith(b"220"), data
+    assert metric(gateway, 'smtpgw_tls_handshake_failures_total{reason="bad_message"}') >= 1
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--listen-tls", "127.0.0.1:0"], "--listen-tls"),
+        (["--require-tls"], "--require-tls"),
+        (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
+        (["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"),
+    ],
+)
+def test_tls_configuration_errors_name_the_flag(args, flag, tmp_path):
+    result = run_binary("--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                        "--spool-dir", str(tmp_path / "spool"), *args)
+    assert result.returncode != 0
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert flag in last, last
+
+
+def test_key_that_does_not_match_the_certificate(tmp_path):
+    crt, _ = make_certificate(tmp_path, "a.test")
+    _, other_key = make_certificate(tmp_path, "b.test")
+    result = run_binary("--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+                        "--spool-dir", str(tmp_path / "spool"), "--tls-cert", str(crt), "--tls-key", str(other_key))
+    assert result.returncode != 0
+    assert "--tls-cert/--tls-key" in result.stderr.decode(), result.stderr
