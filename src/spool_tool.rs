@@ -31,6 +31,7 @@ use chrono::SecondsFormat;
 use ulid::Ulid;
 
 use crate::sink::spool::{io_error, read_all, SpoolError, SpoolRecord};
+use crate::smtp::envelope::RECORD_HEADERS;
 
 /// One line per message, oldest first:
 /// `ID  RECEIVED_AT  BODY_BYTES  <MAIL_FROM>  N rcpt`. The id comes first so that
@@ -68,19 +69,6 @@ pub enum Part {
     Headers,
 }
 
-/// The record headers in the order the gateway writes them.
-const HEADERS: [&str; 9] = [
-    "smtp.id",
-    "smtp.verb",
-    "smtp.mail_from",
-    "smtp.rcpt_to",
-    "smtp.helo",
-    "smtp.client_addr",
-    "smtp.received_at",
-    "smtp.mail_params",
-    "smtp.tls",
-];
-
 pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result<(), SpoolError> {
     let part = if body_only { Part::Body } else { Part::Value };
     cat_part(dir, id, part, out)
@@ -101,7 +89,7 @@ pub fn cat_part(dir: &Path, id: &str, part: Part, out: &mut dyn Write) -> Result
                 Part::Value => record.value(),
                 Part::Headers => {
                     let mut text = Vec::new();
-                    for name in HEADERS {
+                    for name in RECORD_HEADERS {
                         for value in record.headers_named(name) {
                             text.extend_from_slice(name.as_bytes());
                             text.extend_from_slice(b": ");

@@ -11,22 +11,12 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
+use super::tests::{fixed_stamp, session_config};
 use super::*;
 use crate::metrics::Metrics;
 use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
-use crate::smtp::{BareLfPolicy, SessionConfig};
 
 const SOCKET_PEER: &str = "10.0.0.5:40000";
-
-fn session_config() -> Arc<SessionConfig> {
-    Arc::new(SessionConfig {
-        hostname: "mx.test".into(),
-        accept_domains: vec!["example.com".into()],
-        max_message_size: 1 << 20,
-        max_recipients: 100,
-        bare_lf: BareLfPolicy::Reject,
-    })
-}
 
 fn limits() -> Limits {
     Limits {
@@ -54,13 +44,6 @@ fn proxied(mode: ProxyMode) -> Edge {
         proxy_trusted: vec![Cidr::parse("10.0.0.0/8").unwrap()],
         ..Edge::default()
     }
-}
-
-fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
-    (
-        MessageId::from_parts(1, 2),
-        DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
-    )
 }
 
 /// Writes out everything and answers every message with `Ok`; returns the replies and

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::smtp::{BareLfPolicy, SessionConfig};
 
-fn session_config() -> Arc<SessionConfig> {
+pub(super) fn session_config() -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test".into(),
         accept_domains: vec!["example.com".into()],
@@ -40,7 +40,7 @@ fn open(t0: Instant, limits: Limits, budget: &BodyBudget) -> Connection {
     )
 }
 
-fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
+pub(super) fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
     (
         MessageId::from_parts(1, 2),
         DateTime::from_timestamp(1_700_000_000, 0).unwrap(),

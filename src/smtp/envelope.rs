@@ -261,6 +261,19 @@ fn write_received_line(
     )
 }
 
+/// The record headers [`SealedMessage::for_each_header`] writes, in its order.
+pub const RECORD_HEADERS: [&str; 9] = [
+    "smtp.id",
+    "smtp.verb",
+    "smtp.mail_from",
+    "smtp.rcpt_to",
+    "smtp.helo",
+    "smtp.client_addr",
+    "smtp.received_at",
+    "smtp.mail_params",
+    "smtp.tls",
+];
+
 /// A message with its id and trace line: what a sink stores.
 #[derive(Clone, Debug)]
 pub struct SealedMessage {
