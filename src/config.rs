@@ -1355,6 +1355,70 @@ mod tests {
     }
 
     #[test]
+    fn edge_settings() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.edge.max_connections_per_ip, Some(50));
+        assert_eq!(c.edge.max_connections_per_prefix, Some(200));
+        assert_eq!(c.edge.max_connection_rate_per_ip, Some(600));
+        assert_eq!(c.edge.max_message_rate_per_ip, None);
+        assert_eq!(c.edge.error_budget, Some(20));
+        assert_eq!(c.edge.greeting_delay, Duration::ZERO);
+        assert_eq!(c.edge.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(c.edge.trusted.len(), 2);
+        assert!(c.edge.tls.is_none());
+
+        let c = run(
+            &[
+                "--max-connections-per-ip",
+                "0",
+                "--trusted-cidr",
+                "10.0.0.0/8,192.0.2.1",
+            ],
+            "proxy-protocol = \"v2\"\nproxy-trusted-cidr = [\"10.1.0.0/16\"]\n\
+             greeting-delay = \"2s\"\nmax-message-rate-per-ip = 30\n\
+             tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\nlisten-tls = \"127.0.0.1:465\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.edge.max_connections_per_ip, None);
+        assert_eq!(c.edge.trusted.len(), 2);
+        assert_eq!(c.edge.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(
+            c.edge.proxy_trusted,
+            vec![Cidr::parse("10.1.0.0/16").unwrap()]
+        );
+        assert_eq!(c.edge.greeting_delay, Duration::from_secs(2));
+        assert_eq!(c.edge.max_message_rate_per_ip, Some(30));
+        assert_eq!(c.edge.listen_tls, Some("127.0.0.1:465".parse().unwrap()));
+        assert!(c.edge.tls.is_some());
+
+        for (args, flag) in [
+            (&["--proxy-protocol", "v1"][..], "--proxy-trusted-cidr:"),
+            (
+                &[
+                    "--proxy-protocol",
+                    "any",
+                    "--proxy-trusted-cidr",
+                    "10.0.0.0/33",
+                ][..],
+                "--proxy-trusted-cidr:",
+            ),
+            (&["--trusted-cidr", "nope"][..], "--trusted-cidr:"),
+            (&["--listen-tls", "127.0.0.1:465"][..], "--listen-tls:"),
+            (&["--require-tls"][..], "--require-tls:"),
+            (&["--tls-cert", "c.pem"][..], "--tls-key:"),
+            (&["--tls-key", "k.pem"][..], "--tls-cert:"),
+            (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
+            (
+                &["--tls-cert", "c", "--tls-key", "k", "--listen-tls", "x"][..],
+                "--listen-tls:",
+            ),
+        ] {
+            let e = err(args, "");
+            assert!(e.starts_with(flag), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = run(&[], "").unwrap();
         assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
