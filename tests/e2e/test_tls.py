@@ -176,3 +176,47 @@ def test_key_that_does_not_match_the_certificate(tmp_path):
                         "--spool-dir", str(tmp_path / "spool"), "--tls-cert", str(crt), "--tls-key", str(other_key))
     assert result.returncode != 0
     assert "--tls-cert/--tls-key" in result.stderr.decode(), result.stderr
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_tls_client_that_never_reads_is_bounded_and_dropped(start_gateway, cert):
+    """Pipelines commands over TLS and never reads a reply: the gateway stops reading
+    (its output cap), its memory stays flat, others are served, and the idle timeout
+    drops the connection."""
+    import socket
+
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0", "--idle-timeout", "3")
+    port = tls_port(gateway)
+    before = rss_kib(gateway.pid)
+    raw = socket.create_connection((gateway.host, port), timeout=IO_TIMEOUT)
+    tls = client_context(cert[0]).wrap_socket(raw, server_hostname="mx.test")
+    tls.settimeout(2)
+    sent = 0
+    chunk = b"NOOP\r\n" * 10_000
+    try:
+        while sent < 64 * 1024 * 1024:
+            tls.sendall(chunk)
+            sent += len(chunk)
+    except (TimeoutError, socket.timeout):
+        pass
+    assert sent < 64 * 1024 * 1024, "the gateway kept reading a client that never reads"
+    assert rss_kib(gateway.pid) - before < 64 * 1024, "memory grew with the unread replies"
+    with smtplib.SMTP_SSL(gateway.host, port, local_hostname="client.test", timeout=IO_TIMEOUT,
+                          context=client_context(cert[0])) as other:
+        assert other.noop()[0] == 250
+    # Dropped at the idle timeout: reading now finds the end (after whatever replies
+    # were in flight).
+    tls.settimeout(IO_TIMEOUT)
+    try:
+        while tls.recv(65536):
+            pass
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    tls.close()
