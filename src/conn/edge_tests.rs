@@ -105,7 +105,7 @@ fn v1_header_names_the_client_and_the_greeting_follows_it() {
     conn.handle_input(t0, b"PROXY TCP4 198.51.100.7 192.0.2.1 51000 25\r\n");
     let (out, _) = exchange(&mut conn, t0);
     assert!(out.starts_with("220 mx.test"), "{out}");
-    assert_eq!(conn.client_addr(), "198.51.100.7:51000".parse().unwrap());
+    assert_eq!(conn.peer(), "198.51.100.7:51000".parse().unwrap());
     conn.handle_input(t0, TXN);
     let (out, messages) = exchange(&mut conn, t0);
     assert!(out.contains("250 2.0.0 Ok: queued"), "{out}");
@@ -123,13 +123,13 @@ fn v1_tcp6_and_unknown() {
     let t0 = Instant::now();
     let mut conn = open_edge(t0, proxied(ProxyMode::Any), SOCKET_PEER);
     conn.handle_input(t0, b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 25\r\n");
-    assert_eq!(conn.client_addr(), "[2001:db8::7]:51000".parse().unwrap());
+    assert_eq!(conn.peer(), "[2001:db8::7]:51000".parse().unwrap());
     let (out, _) = exchange(&mut conn, t0);
     assert!(out.starts_with("220 "));
 
     let mut conn = open_edge(t0, proxied(ProxyMode::V1), SOCKET_PEER);
     conn.handle_input(t0, b"PROXY UNKNOWN\r\n");
-    assert_eq!(conn.client_addr(), SOCKET_PEER.parse().unwrap());
+    assert_eq!(conn.peer(), SOCKET_PEER.parse().unwrap());
     assert!(exchange(&mut conn, t0).0.starts_with("220 "));
 }
 
@@ -151,7 +151,7 @@ fn v2_ipv4_ipv6_local_and_tlvs() {
             "greeting before the whole header (cut {cut})"
         );
         conn.handle_input(t0, &header[cut..]);
-        assert_eq!(conn.client_addr(), "203.0.113.9:40001".parse().unwrap());
+        assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
         assert!(exchange(&mut conn, t0).0.starts_with("220 "));
     }
     // IPv6.
@@ -172,11 +172,11 @@ fn v2_ipv4_ipv6_local_and_tlvs() {
     a.extend_from_slice(&25u16.to_be_bytes());
     let mut conn = open_edge(t0, proxied(ProxyMode::Any), SOCKET_PEER);
     conn.handle_input(t0, &v2(0x1, 0x21, &a, &[]));
-    assert_eq!(conn.client_addr(), "[2001:db8::9]:40002".parse().unwrap());
+    assert_eq!(conn.peer(), "[2001:db8::9]:40002".parse().unwrap());
     // LOCAL (the balancer's health check): the socket's address stays.
     let mut conn = open_edge(t0, proxied(ProxyMode::V2), SOCKET_PEER);
     conn.handle_input(t0, &v2(0x0, 0x00, &[], &[]));
-    assert_eq!(conn.client_addr(), SOCKET_PEER.parse().unwrap());
+    assert_eq!(conn.peer(), SOCKET_PEER.parse().unwrap());
     assert!(exchange(&mut conn, t0).0.starts_with("220 "));
 }
 
@@ -693,7 +693,7 @@ fn implicit_tls_behind_proxy() {
     conn.handle_input(t0, &first);
     let (out, _) = pump(&mut c, &mut conn, t0);
     assert!(out.starts_with("220 mx.test"), "{out}");
-    assert_eq!(conn.client_addr(), "203.0.113.9:40001".parse().unwrap());
+    assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
 }
 
 #[test]

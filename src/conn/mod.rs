@@ -399,7 +399,7 @@ impl Connection {
         self.session.early_talker();
     }
 
-    /// The client's address.
+    /// The client's address: the socket's, or after a PROXY header the one it named.
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -583,12 +583,6 @@ impl Connection {
     /// Bytes of output not written yet, plaintext and TLS records together.
     fn out_len(&self) -> usize {
         self.session.output().len() + self.wire_out.len()
-    }
-
-    /// The client's address, as the session knows it (after a PROXY header, the one
-    /// the header named).
-    pub fn client_addr(&self) -> SocketAddr {
-        self.peer
     }
 
     /// The client closed its side: nothing more will arrive. What it sent is answered

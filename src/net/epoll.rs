@@ -391,7 +391,7 @@ async fn serve(
     )
     .await;
     // After a PROXY header, the client is the address it named.
-    debug!(client = %conn.client_addr(), %peer, ending = ?conn.ending(), "connection closed");
+    debug!(client = %conn.peer(), %peer, ending = ?conn.ending(), "connection closed");
     conn.take_stats(&mut *reactor.metrics.borrow_mut());
     // A closed connection shows up at once, not only at the next tick.
     reactor.metrics.borrow_mut().flush();
