@@ -282,6 +282,19 @@ fn greeting_delay_and_early_talker() {
     conn.handle_input(t0 + Duration::from_secs(3), TXN);
     assert!(exchange(&mut conn, t0).0.contains("queued"));
 
+    // A delay longer than the idle timeout does not time the client out before it
+    // was even greeted.
+    let slow = Edge {
+        greeting_delay: limits().idle_timeout + Duration::from_secs(5),
+        ..Edge::default()
+    };
+    let mut conn = open_edge(t0, slow.clone(), SOCKET_PEER);
+    let at = conn.poll_timeout().unwrap();
+    assert_eq!(at, t0 + slow.greeting_delay);
+    conn.handle_timeout(at);
+    assert!(exchange(&mut conn, at).0.starts_with("220 "));
+    assert_eq!(conn.poll_timeout(), Some(at + limits().idle_timeout));
+
     // Talking during the delay.
     let mut conn = open_edge(t0, edge, SOCKET_PEER);
     conn.handle_input(

@@ -296,7 +296,8 @@ impl Connection {
         session.set_error_budget(edge.error_budget);
         let mut conn = Connection {
             session,
-            idle_deadline: now + limits.idle_timeout,
+            // The client's idle time starts with the greeting (see `maybe_greet`).
+            idle_deadline: now + edge.greeting_delay + limits.idle_timeout,
             limits,
             budget,
             peer,
@@ -386,6 +387,7 @@ impl Connection {
         }
         if now >= self.greet_at {
             self.greeted = true;
+            self.idle_deadline = now + self.limits.idle_timeout;
             self.session.greet();
         }
     }
