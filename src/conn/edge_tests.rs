@@ -223,8 +223,7 @@ fn bad_headers_close_unanswered() {
         assert_eq!(conn.state(), State::Done, "{mode:?} {input:?}");
         assert_eq!(conn.ending(), Some(Ending::Refused));
         assert!(conn.pending_output().is_empty());
-        let mut stats = EdgeStats::default();
-        stats.absorb(&mut conn.edge_stats);
+        let stats = taken(&mut conn);
         assert_eq!(stats.refused[edge::REFUSED_PROXY_INVALID], 1);
     }
 }
@@ -349,8 +348,7 @@ fn per_ip_limit_uses_the_proxied_address() {
         "{out}"
     );
     assert_eq!(c.state(), State::ShutdownWrite);
-    let mut stats = EdgeStats::default();
-    stats.absorb(&mut c.edge_stats);
+    let stats = taken(&mut c);
     assert_eq!(stats.refused[edge::REFUSED_PER_IP], 1);
     // Closing the first frees its slot.
     drop(a);
@@ -528,6 +526,20 @@ fn starttls_edge(t: &Tls) -> Edge {
     }
 }
 
+fn implicit_edge(t: &Tls) -> Edge {
+    Edge {
+        implicit_tls: true,
+        ..starttls_edge(t)
+    }
+}
+
+/// The edge counts the connection kept since the last take.
+fn taken(conn: &mut Connection) -> EdgeStats {
+    let mut stats = EdgeStats::default();
+    stats.absorb(&mut conn.edge_stats);
+    stats
+}
+
 fn client(config: &Arc<ClientConfig>) -> ClientConnection {
     ClientConnection::new(config.clone(), ServerName::try_from("mx.test").unwrap()).unwrap()
 }
@@ -567,8 +579,7 @@ fn starttls_then_a_transaction_over_tls() {
     let (out, _) = pump(&mut c, &mut conn, t0);
     assert!(out.starts_with("221 "), "{out}");
     assert_eq!(conn.state(), State::ShutdownWrite);
-    let mut stats = EdgeStats::default();
-    stats.absorb(&mut conn.edge_stats);
+    let stats = taken(&mut conn);
     assert_eq!(stats.tls_handshakes, [0, 1]);
 }
 
@@ -590,8 +601,7 @@ fn tls12_handshake_is_counted_by_version() {
         .as_deref()
         .unwrap()
         .starts_with("TLSv1.2 TLS_ECDHE_"));
-    let mut stats = EdgeStats::default();
-    stats.absorb(&mut conn.edge_stats);
+    let stats = taken(&mut conn);
     assert_eq!(stats.tls_handshakes, [1, 0]);
 }
 
@@ -618,8 +628,7 @@ fn commands_pipelined_after_starttls_are_discarded() {
     let (out, _) = pump(&mut c, &mut conn, t0);
     // No transaction survived the switch.
     assert!(out.contains("503 5.5.1 Need MAIL"), "{out}");
-    let mut stats = EdgeStats::default();
-    stats.absorb(&mut conn.edge_stats);
+    let stats = taken(&mut conn);
     assert_eq!(
         stats.starttls_discarded_bytes,
         b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<x@example.com>\r\n".len() as u64
@@ -668,10 +677,7 @@ fn require_tls_refuses_mail_before_starttls() {
 fn implicit_tls_greets_inside_tls() {
     let t = tls();
     let t0 = Instant::now();
-    let edge = Edge {
-        implicit_tls: true,
-        ..starttls_edge(&t)
-    };
+    let edge = implicit_edge(&t);
     let mut conn = open_edge(t0, edge, SOCKET_PEER);
     assert!(!conn.wants_write(), "nothing in plaintext");
     let mut c = client(&t.client);
@@ -713,17 +719,13 @@ fn implicit_tls_behind_proxy() {
 fn garbage_instead_of_a_handshake_closes() {
     let t = tls();
     let t0 = Instant::now();
-    let edge = Edge {
-        implicit_tls: true,
-        ..starttls_edge(&t)
-    };
+    let edge = implicit_edge(&t);
     let mut conn = open_edge(t0, edge, SOCKET_PEER);
     conn.handle_input(t0, b"EHLO c.test\r\n");
     // An alert may be written, then the connection closes.
     exchange(&mut conn, t0);
     assert_ne!(conn.state(), State::Open);
-    let mut stats = EdgeStats::default();
-    stats.absorb(&mut conn.edge_stats);
+    let stats = taken(&mut conn);
     assert_eq!(stats.tls_failures.iter().sum::<u64>(), 1);
     assert_eq!(stats.tls_handshakes, [0, 0]);
 }
@@ -732,27 +734,13 @@ fn garbage_instead_of_a_handshake_closes() {
 fn a_reloaded_certificate_serves_new_handshakes_only() {
     let t = tls();
     let t0 = Instant::now();
-    let mut old = open_edge(
-        t0,
-        Edge {
-            implicit_tls: true,
-            ..starttls_edge(&t)
-        },
-        SOCKET_PEER,
-    );
+    let mut old = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
     let mut c_old = client(&t.client);
     pump(&mut c_old, &mut old, t0);
     // A new certificate the client does not trust.
     let other = tls();
     t.handle.replace(other.handle.current());
-    let mut new = open_edge(
-        t0,
-        Edge {
-            implicit_tls: true,
-            ..starttls_edge(&t)
-        },
-        SOCKET_PEER,
-    );
+    let mut new = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
     let mut c_new = client(&other.client);
     let (out, _) = pump(&mut c_new, &mut new, t0);
     assert!(out.starts_with("220 "), "{out}");
