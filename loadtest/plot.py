@@ -6,13 +6,14 @@ import json
 import os
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def main(out):
+    # Imported here so that --help works without matplotlib installed.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     rows = summary["rows"]
@@ -49,4 +50,8 @@ def main(out):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip() if __doc__ else "")
+        print("\nusage: plot.py RESULTS_DIR   (reads RESULTS_DIR/summary.json; run.sh --plots calls it)")
+        sys.exit(0 if len(sys.argv) == 2 else 2)
     main(sys.argv[1])

@@ -9,14 +9,25 @@
 # results/<date>/<quick|full>-<sink>/ as JSON; the table and gateway/peer ratios are printed.
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
-#                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
+#                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR]
+#                        [--plots] [--gateway-bin PATH]
+# --quick: 6 cells of 3 s each (about a minute); without it the full matrix (4 sizes x
+#   1/10/100/1000 connections x pipelining off/on) of 5 s cells. --duration sets the
+#   seconds per cell either way.
 # --sink kafka (or --kafka) publishes through a loopback tansu broker started by
 # scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
 # topic back and fails unless its new records equal the 250 replies the client counted.
 # tansu keeps every record in memory, so the kafka matrix stops at 10k messages.
 # --plots draws throughput.png and p99.png with matplotlib, installed from PyPI into a
 # venv under target/plot-venv the first time.
+# --gateway-bin PATH measures that smtpgw binary (e.g. a release build from elsewhere);
+#   only the load client is built.
+# Root: only to install what is missing, with apt-get: iperf3 (the loopback ceiling) and,
+# for --compare, postfix (smtp-sink, the peer). With those installed, run it as anyone.
+# To measure a deployed node from another host, run smtpgw-loadtest yourself with
+# --allow-remote-target (this script only starts and measures local servers).
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
+# -h, --help prints this and builds nothing.
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
@@ -28,6 +39,7 @@ COMPARE=""
 SINK=null
 DURATION=""
 OUT=""
+GATEWAY_BIN=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -37,7 +49,8 @@ while [[ $# -gt 0 ]]; do
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
         --plots) PLOTS=1 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        --gateway-bin) GATEWAY_BIN="$(realpath -m "${2:?--gateway-bin needs a path}")"; shift ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,6 +59,9 @@ case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
     *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
 wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
+if [[ -n "$GATEWAY_BIN" && ! -x "$GATEWAY_BIN" ]]; then
+    echo "run.sh: --gateway-bin $GATEWAY_BIN: not an executable file" >&2; exit 2
+fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -164,7 +180,7 @@ start_rss_sampler() { # pid file
     PIDS+=("$SAMPLER")
 }
 
-GW_BIN="$ROOT/target/release/smtpgw"
+GW_BIN="${GATEWAY_BIN:-$ROOT/target/release/smtpgw}"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
 stop_gateway() {
@@ -353,8 +369,13 @@ run_cell() { # name pid addr size conns pipelining(0|1)
 
 main() {
     ensure_tools
-    log "building release binaries"
-    timeout 1200 cargo build --release --workspace --bins -q
+    if [[ -n "$GATEWAY_BIN" ]]; then
+        log "building the load client; measuring $GATEWAY_BIN"
+        timeout 1200 cargo build --release -p smtpgw-loadtest -q
+    else
+        log "building release binaries"
+        timeout 1200 cargo build --release --workspace --bins -q
+    fi
     mkdir -p "$OUT/cells"
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 

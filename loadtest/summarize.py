@@ -125,6 +125,11 @@ def summary(out, ceiling, sink, mode, uptime):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\nusage: summarize.py cell PATH NAME SIZE CONNS PIPE TICKS CLK_TCK PEAK_KIB CLIENT_OUT")
+        print("       summarize.py summary OUT_DIR ...   (both called by loadtest/run.sh)")
+        sys.exit(0 if len(sys.argv) >= 2 else 2)
     if sys.argv[1] == "cell":
         cell(*sys.argv[2:])
     elif sys.argv[1] == "summary":

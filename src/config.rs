@@ -17,6 +17,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
 /// Loopback only by default: the endpoint has no authentication.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
 pub const DEFAULT_SPOOL_DIR: &str = "./spool";
+/// Room for a full batch (8 MiB) and a maximal message on top, so the gateway says
+/// `452` while the disk can still take the writes already under way.
+pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
@@ -52,6 +55,17 @@ pub enum SinkKind {
     Null,
     /// Publish to a Kafka topic (--kafka-brokers, --kafka-topic).
     Kafka,
+}
+
+impl SinkKind {
+    /// As logs and metrics name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Spool => "spool",
+            SinkKind::Null => "null",
+            SinkKind::Kafka => "kafka",
+        }
+    }
 }
 
 /// Which I/O backend the reactors use.
@@ -108,22 +122,27 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Read the local spool.
+    /// Read the local spool: list, print, export, replay to Kafka.
     #[command(subcommand)]
     Spool(SpoolCommand),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SpoolCommand {
-    /// List the stored messages.
+    /// List the stored messages, oldest first: id, time of receipt, size, sender and
+    /// recipient count, one line each.
     Ls {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
-    /// Print one stored message.
+    /// Print one stored message (on a terminal, control characters are escaped).
     Cat {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
@@ -138,24 +157,57 @@ pub enum SpoolCommand {
     Export {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
+        /// The mbox file to write; it appears complete or not at all.
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
     },
     /// Publish every stored message to Kafka, keyed by its id as the gateway would
     /// have, so consumers can drop what they already have.
     Replay {
         #[command(flatten)]
         dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
         /// Required: the only replay target.
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
+    /// Verify every record; print a summary; exit 1 if anything is corrupt.
+    Check {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+    },
+    /// Delete whole closed segments whose records are all older than a cut-off.
+    Prune {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// A message id (ULID) or an RFC 3339 time: segments whose every record was
+        /// received (ULID: has an id) before it are deleted.
+        #[arg(long, value_name = "ULID|RFC3339")]
+        before: String,
+        /// Say what would be deleted, delete nothing.
+        #[arg(long = "dry-run")]
+        dry_run: bool,
+    },
 }
 
-/// The Kafka settings, shared by the server and `spool replay`.
-#[derive(Debug, Default, Args)]
+#[derive(Debug, Args)]
+pub struct SkipCorruptArg {
+    /// Carry on past corrupt data (still reported on stderr) and exit 0.
+    #[arg(long = "skip-corrupt")]
+    pub skip_corrupt: bool,
+}
+
+// The Kafka settings, shared by the server and `spool replay`. (A `///` comment here
+// would become the help text of every command that flattens this.)
+#[derive(Clone, Debug, Default, Args)]
 pub struct KafkaArgs {
     /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
     #[arg(
@@ -167,11 +219,13 @@ pub struct KafkaArgs {
     /// Topic for accepted messages [default: smtp.inbound].
     #[arg(long = "kafka-topic", env = "SMTPGW_KAFKA_TOPIC", value_name = "TOPIC")]
     pub kafka_topic: Option<String>,
-    /// librdkafka setting KEY=VALUE, e.g. security.protocol=SSL; repeatable.
+    /// librdkafka setting KEY=VALUE, e.g. security.protocol=SSL; repeatable, or several
+    /// separated by ';' (as SMTPGW_KAFKA_CONFIG takes them).
     #[arg(
         long = "kafka-config",
         env = "SMTPGW_KAFKA_CONFIG",
-        value_name = "KEY=VALUE"
+        value_name = "KEY=VALUE",
+        value_delimiter = ';'
     )]
     pub kafka_config: Vec<String>,
     /// A message Kafka has not acknowledged by then gets 451 [default: 30s].
@@ -199,15 +253,146 @@ pub struct KafkaArgs {
     pub max_inflight_bytes: Option<String>,
 }
 
-#[derive(Debug, Args)]
+// Where a spool subcommand finds the spool: --spool-dir, else the gateway's --config
+// file's `spool-dir`, else the default, so a tool run next to a gateway reads the same
+// spool as the gateway with the same file.
+#[derive(Clone, Debug, Default, Args)]
 pub struct SpoolDirArg {
-    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR", default_value = DEFAULT_SPOOL_DIR)]
-    pub spool_dir: PathBuf,
+    /// The gateway's TOML configuration file; its `spool-dir` (and for replay its Kafka
+    /// settings) apply unless given as flags.
+    #[arg(long, env = "SMTPGW_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The spool's directory [default: the file's spool-dir, else ./spool].
+    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    #[arg(skip)]
+    pub sources: Sources,
 }
 
-/// The server's flags as given. Every field is an `Option` without a clap default, so
-/// that "not given" can fall through to the config file and then to the default.
-#[derive(Debug, Default, Args)]
+impl SpoolDirArg {
+    /// The spool directory and the config file's contents (empty without `--config`).
+    pub fn resolve(&self) -> Result<(PathBuf, FileConfig), ConfigError> {
+        let mut file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let dir = self
+            .spool_dir
+            .clone()
+            .or(file.spool_dir.take())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
+        if dir.as_os_str().is_empty() {
+            let e = invalid("--spool-dir", "must not be empty");
+            return Err(self.sources.name(e, self.config.as_deref(), &file.keys));
+        }
+        Ok((dir, file))
+    }
+}
+
+/// Where each flag's value came from when it was not the command line, so an error
+/// names what the user has to fix: `SMTPGW_REACTORS`, or the file and its key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    /// `(--flag, SMTPGW_VAR)` for values clap took from the environment.
+    pub from_env: Vec<(String, String)>,
+    /// Flags given on the command line.
+    pub from_cli: Vec<String>,
+}
+
+impl Sources {
+    /// Records the sources of every argument of `cmd` found in `matches`.
+    pub fn of(cmd: &clap::Command, matches: &clap::ArgMatches) -> Sources {
+        use clap::parser::ValueSource;
+        let mut sources = Sources::default();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let flag = format!("--{long}");
+            match matches.value_source(arg.get_id().as_str()) {
+                Some(ValueSource::EnvVariable) => {
+                    let var = arg
+                        .get_env()
+                        .map_or_else(String::new, |v| v.to_string_lossy().into_owned());
+                    sources.from_env.push((flag, var));
+                }
+                Some(ValueSource::CommandLine) => sources.from_cli.push(flag),
+                _ => {}
+            }
+        }
+        sources
+    }
+
+    /// Renames an error's flag after the source its value came from: the environment
+    /// variable, or `--config FILE: \`key\``, or the flag itself.
+    pub fn name(&self, e: ConfigError, file: Option<&Path>, file_keys: &[String]) -> ConfigError {
+        let ConfigError::Invalid { flag, msg } = e else {
+            return e;
+        };
+        if let Some((_, var)) = self.from_env.iter().find(|(f, _)| f == flag) {
+            return ConfigError::Source {
+                origin: var.clone(),
+                msg,
+            };
+        }
+        let key = flag.trim_start_matches('-');
+        match file {
+            Some(path)
+                if !self.from_cli.iter().any(|f| f == flag)
+                    && file_keys.iter().any(|k| k == key) =>
+            {
+                ConfigError::Source {
+                    origin: format!("--config {}: `{key}`", path.display()),
+                    msg,
+                }
+            }
+            _ => ConfigError::Invalid { flag, msg },
+        }
+    }
+}
+
+/// Parses the command line like `Cli::try_parse`, and records where each value came
+/// from (see [`Sources`]).
+pub fn parse_cli() -> Result<Cli, clap::Error> {
+    parse_cli_from(std::env::args_os())
+}
+
+pub fn parse_cli_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let cmd = Cli::command();
+    let matches = cmd.clone().try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.server.sources = Sources::of(&cmd, &matches);
+    if let (Some(Command::Spool(spool)), Some(("spool", m))) =
+        (cli.command.as_mut(), matches.subcommand())
+    {
+        if let (Some((name, m)), Some(spool_cmd)) = (m.subcommand(), cmd.find_subcommand("spool")) {
+            if let Some(sub) = spool_cmd.find_subcommand(name) {
+                spool.dir_mut().sources = Sources::of(sub, m);
+            }
+        }
+    }
+    Ok(cli)
+}
+
+impl SpoolCommand {
+    fn dir_mut(&mut self) -> &mut SpoolDirArg {
+        match self {
+            SpoolCommand::Ls { dir, .. }
+            | SpoolCommand::Cat { dir, .. }
+            | SpoolCommand::Export { dir, .. }
+            | SpoolCommand::Replay { dir, .. }
+            | SpoolCommand::Check { dir }
+            | SpoolCommand::Prune { dir, .. } => dir,
+        }
+    }
+}
+
+// The server's flags as given. Every field is an `Option` without a clap default, so
+// that "not given" can fall through to the config file and then to the default.
+#[derive(Clone, Debug, Default, Args)]
 pub struct ServerArgs {
     /// TOML file whose keys are the long flag names, e.g. `listen = "[::1]:2525"`.
     #[arg(long, env = "SMTPGW_CONFIG", value_name = "FILE")]
@@ -241,6 +426,22 @@ pub struct ServerArgs {
     /// Directory of the spool sink [default: ./spool].
     #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
+    /// K, M, G suffixes; 0 for no limit [default: 0].
+    #[arg(
+        long = "spool-max-bytes",
+        env = "SMTPGW_SPOOL_MAX_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_max_bytes: Option<String>,
+    /// Free space to leave on the spool's file system; messages that would go below it
+    /// get 452 4.3.1 before the disk fills; 0 turns it off [default: 64M].
+    #[arg(
+        long = "spool-min-free-bytes",
+        env = "SMTPGW_SPOOL_MIN_FREE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub spool_min_free_bytes: Option<String>,
     /// Reactor threads, 1..=1024 [default: the number of CPUs].
     #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
     pub reactors: Option<u64>,
@@ -256,12 +457,13 @@ pub struct ServerArgs {
         value_name = "BYTES"
     )]
     pub max_body_memory: Option<String>,
-    /// Slowest average rate, in bytes per second over 30 s windows, a message body may
-    /// arrive at before 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K].
+    /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
+    /// second, averaged over windows of WINDOW, the first being the grace), before
+    /// 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K/30s].
     #[arg(
         long = "min-data-rate",
         env = "SMTPGW_MIN_DATA_RATE",
-        value_name = "BYTES"
+        value_name = "RATE"
     )]
     pub min_data_rate: Option<String>,
     /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
@@ -384,8 +586,14 @@ pub struct ServerArgs {
         value_name = "DUR"
     )]
     pub greeting_delay: Option<String>,
+    /// Log filter, e.g. info or warn,smtpgw=debug; SIGHUP re-reads it from the file
+    /// [default: RUST_LOG, else info].
+    #[arg(long = "log-level", env = "SMTPGW_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
     #[command(flatten)]
     pub kafka: KafkaArgs,
+    #[arg(skip)]
+    pub sources: Sources,
 }
 
 /// The config file: the same settings as the flags, keyed by the long flag names.
@@ -398,6 +606,8 @@ pub struct FileConfig {
     pub accept_domain: Option<OneOrMany>,
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
+    pub spool_max_bytes: Option<IntOrStr>,
+    pub spool_min_free_bytes: Option<IntOrStr>,
     pub reactors: Option<u64>,
     pub io_backend: Option<IoBackend>,
     pub max_body_memory: Option<IntOrStr>,
@@ -410,6 +620,7 @@ pub struct FileConfig {
     pub drain_timeout: Option<IntOrStr>,
     pub bare_lf: Option<BareLfPolicy>,
     pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
     pub kafka_brokers: Option<String>,
     pub kafka_topic: Option<String>,
     pub kafka_config: Option<OneOrMany>,
@@ -429,6 +640,9 @@ pub struct FileConfig {
     pub max_message_rate_per_ip: Option<u32>,
     pub error_budget: Option<u32>,
     pub greeting_delay: Option<IntOrStr>,
+    /// The keys present in the file, so errors can name the file as their source.
+    #[serde(skip)]
+    pub keys: Vec<String>,
 }
 
 const FILE_KEYS: &[&str] = &[
@@ -451,6 +665,8 @@ const FILE_KEYS: &[&str] = &[
     "accept-domain",
     "sink",
     "spool-dir",
+    "spool-max-bytes",
+    "spool-min-free-bytes",
     "reactors",
     "io-backend",
     "max-body-memory",
@@ -463,6 +679,7 @@ const FILE_KEYS: &[&str] = &[
     "drain-timeout",
     "bare-lf",
     "log-format",
+    "log-level",
     "kafka-brokers",
     "kafka-topic",
     "kafka-config",
@@ -553,12 +770,16 @@ pub struct Config {
     pub accept_domains_defaulted: bool,
     pub sink: SinkKind,
     pub spool_dir: PathBuf,
+    /// `None`: no size limit.
+    pub spool_max_bytes: Option<u64>,
+    /// 0: no free-space floor.
+    pub spool_min_free_bytes: u64,
     pub reactors: usize,
     pub io_backend: IoBackend,
     /// Across all reactors; each gets an equal share.
     pub max_body_memory: usize,
-    /// Bytes per second over [`MIN_DATA_RATE_WINDOW`]; `None` when turned off.
-    pub min_data_rate: Option<u64>,
+    /// Bytes per second, and the window they are averaged over; `None` when off.
+    pub min_data_rate: Option<(u64, Duration)>,
     pub max_message_size: usize,
     pub max_recipients: usize,
     pub max_connections: usize,
@@ -567,6 +788,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub bare_lf: BareLfPolicy,
     pub log_format: LogFormat,
+    /// Tracing filter directives, already checked.
+    pub log_level: String,
     pub kafka: KafkaConfig,
     pub edge: EdgeConfig,
 }
@@ -622,6 +845,9 @@ pub enum ConfigError {
     Invalid { flag: &'static str, msg: String },
     #[error("--config {path}: {msg}")]
     File { path: String, msg: String },
+    /// A bad value from the environment or the file, named after where it came from.
+    #[error("{origin}: {msg}")]
+    Source { origin: String, msg: String },
 }
 
 fn invalid(flag: &'static str, msg: impl Into<String>) -> ConfigError {
@@ -638,7 +864,8 @@ impl ServerArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        resolve(self, file, system_hostname)
+        let (sources, path, keys) = (self.sources.clone(), self.config.clone(), file.keys.clone());
+        resolve(self, file, system_hostname).map_err(|e| sources.name(e, path.as_deref(), &keys))
     }
 }
 
@@ -663,7 +890,9 @@ pub fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
             "unknown key `{key}` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
         )));
     }
-    toml::from_str(text).map_err(|e| file_err(describe(&e, text)))
+    let mut file: FileConfig = toml::from_str(text).map_err(|e| file_err(describe(&e, text)))?;
+    file.keys = table.keys().cloned().collect();
+    Ok(file)
 }
 
 /// toml's own rendering spans several lines with a source excerpt; this keeps one line,
@@ -818,11 +1047,8 @@ pub fn resolve(
         None => default_body_memory().max(max_message_size.saturating_mul(2)),
     };
     let min_data_rate = match cli.min_data_rate.map(IntOrStr::Str).or(file.min_data_rate) {
-        Some(v) => {
-            let n = parse_size(&v).map_err(|m| invalid("--min-data-rate", m))?;
-            (n > 0).then_some(n)
-        }
-        None => Some(DEFAULT_MIN_DATA_RATE),
+        Some(v) => parse_rate(&v).map_err(|m| invalid("--min-data-rate", m))?,
+        None => Some((DEFAULT_MIN_DATA_RATE, MIN_DATA_RATE_WINDOW)),
     };
 
     let max_recipients = match cli.max_recipients.or(file.max_recipients) {
@@ -915,6 +1141,32 @@ pub fn resolve(
         greeting_delay,
         listen,
     )?;
+    let log_level = cli
+        .log_level
+        .or(file.log_level)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| crate::logging::DEFAULT_FILTER.to_owned());
+    crate::logging::parse_filter(&log_level).map_err(|m| invalid("--log-level", m))?;
+
+    let size = |flag: &'static str, cli: Option<String>, file: Option<IntOrStr>| {
+        cli.map(IntOrStr::Str)
+            .or(file)
+            .map(|v| parse_size(&v).map_err(|m| invalid(flag, m)))
+            .transpose()
+    };
+    let spool_max_bytes = size(
+        "--spool-max-bytes",
+        cli.spool_max_bytes,
+        file.spool_max_bytes,
+    )?
+    .filter(|&n| n > 0);
+    let spool_min_free_bytes = size(
+        "--spool-min-free-bytes",
+        cli.spool_min_free_bytes,
+        file.spool_min_free_bytes,
+    )?
+    .unwrap_or(DEFAULT_SPOOL_MIN_FREE_BYTES);
+
     let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
     let kafka = resolve_kafka(cli.kafka, file_kafka)?;
     if sink == SinkKind::Kafka && kafka.brokers.is_none() {
@@ -932,6 +1184,8 @@ pub fn resolve(
         accept_domains_defaulted,
         sink,
         spool_dir,
+        spool_max_bytes,
+        spool_min_free_bytes,
         reactors,
         io_backend: cli.io_backend.or(file.io_backend).unwrap_or_default(),
         max_body_memory,
@@ -947,6 +1201,7 @@ pub fn resolve(
             .log_format
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
+        log_level,
         kafka,
         edge,
     })
@@ -1231,6 +1486,26 @@ pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, Con
     })
 }
 
+/// `BYTES[/WINDOW]`: `1K`, `512/10s`; `0` turns the rule off.
+fn parse_rate(v: &IntOrStr) -> Result<Option<(u64, Duration)>, String> {
+    let text = match v {
+        IntOrStr::Int(n) => n.to_string(),
+        IntOrStr::Str(s) => s.clone(),
+    };
+    let (bytes, window) = match text.split_once('/') {
+        Some((b, w)) => {
+            let window = parse_duration(&IntOrStr::Str(w.to_owned()))?;
+            if window.is_zero() || window > MAX_DURATION {
+                return Err(format!("the window must be between 1s and 366d (got {w})"));
+            }
+            (b, window)
+        }
+        None => (text.as_str(), MIN_DATA_RATE_WINDOW),
+    };
+    let bytes = parse_size(&IntOrStr::Str(bytes.to_owned()))?;
+    Ok((bytes > 0).then_some((bytes, window)))
+}
+
 fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
     if (lo..=hi).contains(&n) {
         Ok(n)
@@ -1261,8 +1536,10 @@ fn validate_hostname(h: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Accepted domains are matched case-insensitively, so they are stored lower-case.
-/// There is deliberately no wildcard: the gateway must never be an open relay.
+/// Accepted domains are stored in the one form the session compares with (UTS #46
+/// A-labels in lower case, or a canonical address literal such as `[192.0.2.1]`), so a
+/// U-label and its A-label in any case are one domain on both sides. There is
+/// deliberately no wildcard: the gateway must never be an open relay.
 fn normalize_domain(d: &str) -> Result<String, String> {
     let d = d.trim();
     if d.is_empty() {
@@ -1273,14 +1550,7 @@ fn normalize_domain(d: &str) -> Result<String, String> {
             "wildcards are not supported (got {d:?}); list each domain, the gateway is never an open relay"
         ));
     }
-    let ok_char = |c: char| c.is_alphanumeric() || matches!(c, '-' | '_');
-    let labels_ok = d
-        .split('.')
-        .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(ok_char));
-    if !labels_ok || d.len() > 255 {
-        return Err(format!("not a valid domain (got {d:?})"));
-    }
-    Ok(d.to_lowercase())
+    crate::smtp::address::normalize_accept_domain(d).map_err(|e| e.to_string())
 }
 
 /// `10485760`, `512K`, `10M`, `1G` (powers of 1024; `KiB`/`KB` spellings too).
@@ -1510,6 +1780,26 @@ mod tests {
         assert_eq!(c.accept_domains, ["a.example", "b.example"]);
         let c = run(&[], "accept-domain = \"x.example\"").unwrap();
         assert_eq!(c.accept_domains, ["x.example"]);
+    }
+
+    #[test]
+    fn accept_domains_are_normalised_with_uts46_and_literals_are_taken() {
+        let c = run(
+            &[
+                "--accept-domain",
+                "Bücher.example,xn--BCHER-kva.example,[192.0.2.1],[IPv6:2001:DB8:0::1]",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            c.accept_domains,
+            ["xn--bcher-kva.example", "[192.0.2.1]", "[IPv6:2001:db8::1]"]
+        );
+        for bad in ["[300.1.1.1]", "[x-tag:abc]", "[192.0.2.1", "a/b.example"] {
+            let e = err(&["--accept-domain", bad], "");
+            assert!(e.starts_with("--accept-domain: not a valid"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1763,7 +2053,7 @@ mod tests {
         .unwrap();
         match c.command {
             Some(Command::Spool(SpoolCommand::Replay { dir, kafka, .. })) => {
-                assert_eq!(dir.spool_dir, PathBuf::from("/s"));
+                assert_eq!(dir.spool_dir, Some(PathBuf::from("/s")));
                 let k = resolve_kafka(kafka, KafkaFile::default()).unwrap();
                 assert_eq!(k.brokers.as_deref(), Some("h:1"));
                 assert_eq!(k.topic, "t");
@@ -1787,7 +2077,7 @@ mod tests {
         .unwrap();
         match c.command {
             Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
-                assert_eq!(dir.spool_dir, PathBuf::from("/s"));
+                assert_eq!(dir.spool_dir, Some(PathBuf::from("/s")));
                 assert!(body);
                 assert_eq!(id, "ID");
             }
@@ -1799,5 +2089,198 @@ mod tests {
             Some(Command::Spool(SpoolCommand::Export { .. }))
         ));
         assert!(parse(&["spool", "export"]).is_err());
+    }
+
+    /// Parses like the binary does, with sources recorded, under the ENV lock with the
+    /// given variables set for the duration.
+    fn parse_with_env(args: &[&str], env: &[(&str, &str)]) -> Cli {
+        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in env {
+            std::env::set_var(k, v);
+        }
+        let parsed = parse_cli_from(std::iter::once("smtpgw").chain(args.iter().copied()));
+        for (k, _) in env {
+            std::env::remove_var(k);
+        }
+        parsed.expect("parses")
+    }
+
+    #[test]
+    fn errors_name_the_source_of_the_bad_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "reactors = 0\nmax-recipients = 5\nkafka-topic = \"a b\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let resolve_err = |args: &[&str], env: &[(&str, &str)]| {
+            parse_with_env(args, env)
+                .server
+                .resolve()
+                .unwrap_err()
+                .to_string()
+        };
+        // From the file: the file and its key.
+        assert_eq!(
+            resolve_err(&["--config", p], &[]),
+            format!("--config {p}: `reactors`: must be between 1 and 1024 (got 0)")
+        );
+        // From the environment: the variable.
+        assert_eq!(
+            resolve_err(&["--config", p], &[("SMTPGW_REACTORS", "2000")]),
+            "SMTPGW_REACTORS: must be between 1 and 1024 (got 2000)"
+        );
+        // From the command line: the flag.
+        assert_eq!(
+            resolve_err(
+                &["--config", p, "--reactors", "0"],
+                &[("SMTPGW_REACTORS", "2")]
+            ),
+            "--reactors: must be between 1 and 1024 (got 0)"
+        );
+        assert_eq!(
+            resolve_err(&["--config", p, "--reactors", "1"], &[]),
+            format!("--config {p}: `kafka-topic`: not a Kafka topic name (got \"a b\"); use letters, digits, '.', '_' and '-'")
+        );
+        assert!(resolve_err(&[], &[("SMTPGW_MAX_MESSAGE_SIZE", "10X")])
+            .starts_with("SMTPGW_MAX_MESSAGE_SIZE: not a size"));
+        assert!(resolve_err(&[], &[("SMTPGW_LOG", "smtpgw=loud")])
+            .starts_with("SMTPGW_LOG: invalid log filter"));
+        assert!(resolve_err(&["--kafka-config", "acks=0"], &[])
+            .starts_with("--kafka-config: acks: not allowed"));
+        assert!(
+            resolve_err(&[], &[("SMTPGW_KAFKA_CONFIG", "linger.ms=5;acks=0")])
+                .starts_with("SMTPGW_KAFKA_CONFIG: acks: not allowed")
+        );
+    }
+
+    #[test]
+    fn kafka_config_from_the_environment_takes_several_settings() {
+        let cli = parse_with_env(
+            &["--sink", "kafka", "--kafka-brokers", "h:1"],
+            &[(
+                "SMTPGW_KAFKA_CONFIG",
+                "security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;ssl.cipher.suites=A,B",
+            )],
+        );
+        let c = resolve(cli.server, FileConfig::default(), host).unwrap();
+        assert_eq!(
+            c.kafka.extra,
+            [
+                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+                ("sasl.mechanism".to_owned(), "SCRAM-SHA-512".to_owned()),
+                ("ssl.cipher.suites".to_owned(), "A,B".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn spool_subcommands_read_the_spool_dir_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "spool-dir = \"/var/spool/gw\"\nkafka-topic = \"t.file\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let spool_dir = |args: &[&str]| match parse_with_env(args, &[]).command {
+            Some(Command::Spool(SpoolCommand::Ls { dir, .. })) => dir.resolve().map(|(d, _)| d),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            spool_dir(&["spool", "ls", "--config", p]).unwrap(),
+            PathBuf::from("/var/spool/gw")
+        );
+        assert_eq!(
+            spool_dir(&["spool", "ls", "--config", p, "--spool-dir", "/x"]).unwrap(),
+            PathBuf::from("/x")
+        );
+        assert_eq!(
+            spool_dir(&["spool", "ls"]).unwrap(),
+            PathBuf::from("./spool")
+        );
+        // Each spool subcommand has its own help, not the server's.
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let spool = cmd.find_subcommand_mut("spool").unwrap();
+        for (name, words) in [
+            ("ls", "List the stored messages"),
+            ("cat", "Print one stored message"),
+            ("export", "mbox"),
+            ("replay", "Publish every stored message to Kafka"),
+            ("check", "Verify every record"),
+            ("prune", "Delete whole closed segments"),
+        ] {
+            let help = spool
+                .find_subcommand_mut(name)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            assert!(help.contains(words), "{name}: {help}");
+            assert!(help.contains("--config"), "{name}: {help}");
+            assert!(!help.contains("--max-recipients"), "{name}: {help}");
+        }
+    }
+
+    #[test]
+    fn spool_check_prune_and_skip_corrupt_parse() {
+        let c = parse(&["spool", "ls", "--skip-corrupt"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Ls {
+                corrupt: SkipCorruptArg { skip_corrupt: true },
+                ..
+            }))
+        ));
+        let c = parse(&["spool", "export", "--mbox", "m", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Export { force: true, .. }))
+        ));
+        assert!(parse(&["spool", "check"]).is_ok());
+        let c = parse(&["spool", "prune", "--before", "2026-01-01T00:00:00Z"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
+        ));
+        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+    }
+
+    #[test]
+    fn spool_limits_parse_and_name_their_flag() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.spool_max_bytes, None);
+        assert_eq!(c.spool_min_free_bytes, DEFAULT_SPOOL_MIN_FREE_BYTES);
+        let c = run(&["--spool-max-bytes", "2G"], "spool-min-free-bytes = 0").unwrap();
+        assert_eq!(c.spool_max_bytes, Some(2 << 30));
+        assert_eq!(c.spool_min_free_bytes, 0);
+        assert!(
+            err(&["--spool-max-bytes", "lots"], "").starts_with("--spool-max-bytes: not a size")
+        );
+        assert!(err(&["--spool-min-free-bytes=-1"], "")
+            .starts_with("--spool-min-free-bytes: not a size"));
+        // Like every setting, a bad value names the variable or the file key it came from.
+        let e = parse_with_env(&[], &[("SMTPGW_SPOOL_MAX_BYTES", "lots")])
+            .server
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("SMTPGW_SPOOL_MAX_BYTES: not a size"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "spool-min-free-bytes = \"-1\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let e = parse_with_env(&["--config", p], &[])
+            .server
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("--config {p}: `spool-min-free-bytes`: not a size")),
+            "{e}"
+        );
     }
 }

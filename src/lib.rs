@@ -7,8 +7,10 @@
 
 pub mod config;
 pub mod conn;
+pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod reload;
 pub mod server;
 pub mod sink;
 pub mod smtp;

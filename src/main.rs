@@ -1,22 +1,21 @@
 //! The `smtpgw` command: parses the configuration, sets up logging and runs the gateway
-//! or a `spool` subcommand. Every failure ends as one `error: ...` line on stderr, with
-//! exit status 2 for usage errors and 1 for everything else.
+//! or a `spool` subcommand. A configuration error is one `error: ...` line on stderr
+//! naming the flag, environment variable or file key to fix; a command-line syntax error
+//! is clap's full message. Exit status 2 for usage errors, 1 for everything else.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
-use clap::Parser;
-use tracing_subscriber::EnvFilter;
-
-use smtpgw::config::{Cli, Command, LogFormat, SpoolCommand};
+use smtpgw::config::{Command, LogFormat, SpoolCommand};
+use smtpgw::logging;
 
 const USAGE: u8 = 2;
 const FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match smtpgw::config::parse_cli() {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
     };
@@ -26,14 +25,17 @@ fn main() -> ExitCode {
             Err(e) => fail(FAILURE, format_args!("{e:#}")),
         },
         None => {
+            let args = cli.server.clone();
             let config = match cli.server.resolve() {
                 Ok(c) => c,
                 Err(e) => return fail(USAGE, format_args!("{e}")),
             };
-            if let Err(msg) = init_logging(config.log_format) {
-                return fail(USAGE, format_args!("{msg}"));
-            }
-            match smtpgw::server::run(config) {
+            let log = match logging::init(config.log_format, &config.log_level) {
+                Ok(handle) => handle,
+                Err(msg) => return fail(USAGE, format_args!("{msg}")),
+            };
+            let reloader = smtpgw::reload::Reloader::new(args, Some(log));
+            match smtpgw::server::run(config, reloader) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(FAILURE, format_args!("{e}")),
             }
@@ -42,73 +44,71 @@ fn main() -> ExitCode {
 }
 
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {
-    eprintln!("error: {msg}");
+    // Never eprintln!: it panics when stderr is gone, turning any exit into 101.
+    logging::eprint_line(format_args!("error: {msg}"));
     ExitCode::from(code)
 }
 
-/// Help and version are output, not errors. For real parse errors clap's first line
-/// already names the flag; the usage block and hints after it would break the
-/// one-line promise.
+/// Help and version are output, not errors. A parse error is clap's whole message: its
+/// first line names the flag, the rest lists the valid values, the arguments still
+/// missing and the usage, which is what the user needs to fix it.
 fn clap_error(e: clap::Error) -> ExitCode {
+    let _ = e.print();
     match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = e.print();
-            ExitCode::SUCCESS
-        }
-        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = e.print();
-            ExitCode::from(USAGE)
-        }
-        _ => {
-            let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{first}");
-            ExitCode::from(USAGE)
-        }
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(USAGE),
     }
 }
 
-fn init_logging(format: LogFormat) -> Result<(), String> {
-    let (var, directives) = match std::env::var("SMTPGW_LOG") {
-        Ok(v) => ("SMTPGW_LOG", v),
-        Err(_) => match std::env::var("RUST_LOG") {
-            Ok(v) => ("RUST_LOG", v),
-            Err(_) => ("", "info".to_owned()),
-        },
-    };
-    let filter =
-        EnvFilter::try_new(&directives).map_err(|e| format!("{var}: invalid log filter: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    installed.map_err(|e| format!("cannot set up logging: {e}"))
+/// Logging for the spool tools: text, filtered by SMTPGW_LOG or RUST_LOG (else info).
+fn init_tool_logging() {
+    let directives = ["SMTPGW_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok())
+        .unwrap_or_else(|| logging::DEFAULT_FILTER.to_owned());
+    // A bad filter or a second subscriber only costs the tool its warnings.
+    let _ = logging::init(LogFormat::Text, &directives);
+}
+
+/// Turns what a tool skipped into its exit status: an error unless `--skip-corrupt`.
+fn skipped(
+    damage: &smtpgw::spool_tool::Damage,
+    skip_corrupt: bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    let n = damage.ranges.len();
+    if n > 0 && !skip_corrupt {
+        anyhow::bail!(
+            "{what}: skipped {n} corrupt range(s), {} bytes (listed above); \
+             give --skip-corrupt to accept that",
+            damage.corrupt_bytes()
+        );
+    }
+    Ok(())
 }
 
 fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
     use smtpgw::spool_tool;
     let stdout = std::io::stdout();
+    let escaped = stdout.is_terminal();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = std::io::stderr();
     match cmd {
-        SpoolCommand::Ls { dir } => {
-            let dir = dir.spool_dir;
-            spool_tool::ls(&dir, &mut out)
+        SpoolCommand::Ls { dir, corrupt } => {
+            let (dir, _) = dir.resolve()?;
+            let damage = spool_tool::ls_reporting(&dir, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool ls")?;
         }
         SpoolCommand::Cat {
             dir,
+            corrupt,
             body,
             headers,
             id,
         } => {
-            let dir = dir.spool_dir;
+            let (dir, _) = dir.resolve()?;
             let part = if headers {
                 spool_tool::Part::Headers
             } else if body {
@@ -116,47 +116,165 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             } else {
                 spool_tool::Part::Value
             };
-            spool_tool::cat_part(&dir, &id, part, &mut out)
+            let damage =
+                spool_tool::cat_part_reporting(&dir, &id, part, escaped, &mut out, &mut err)
+                    .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool cat")?;
+        }
+        SpoolCommand::Export {
+            dir,
+            corrupt,
+            mbox,
+            force,
+        } => {
+            let (dir, _) = dir.resolve()?;
+            let (n, damage) = spool_tool::export_mbox_reporting(
+                &dir,
+                &mbox,
+                force,
+                corrupt.skip_corrupt,
+                &mut err,
+            )
+            .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;
+            let skipped_ranges = damage.ranges.len();
+            drop(damage);
+            logging::eprint_line(format_args!(
+                "exported {n} messages to {}{}",
+                mbox.display(),
+                if skipped_ranges > 0 {
+                    format!("; skipped {skipped_ranges} corrupt range(s)")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        SpoolCommand::Check { dir } => {
+            let (dir, _) = dir.resolve()?;
+            let summary = spool_tool::check(&dir, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            if summary.corrupt_ranges > 0 {
+                anyhow::bail!(
+                    "spool check: {} corrupt range(s), {} bytes (listed above)",
+                    summary.corrupt_ranges,
+                    summary.corrupt_bytes
+                );
+            }
         }
-        SpoolCommand::Export { dir, mbox } => {
-            let dir = dir.spool_dir;
-            let n = spool_tool::export_mbox(&dir, &mbox).with_context(|| {
-                format!("--spool-dir {} --mbox {}", dir.display(), mbox.display())
-            })?;
-            eprintln!("exported {n} messages to {}", mbox.display());
+        SpoolCommand::Prune {
+            dir,
+            before,
+            dry_run,
+        } => {
+            let (dir, _) = dir.resolve()?;
+            let cutoff = spool_tool::Cutoff::parse(&before)?;
+            let report = spool_tool::prune(&dir, cutoff, dry_run, &mut out, &mut err)
+                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            logging::eprint_line(format_args!(
+                "{} {} segments ({} records, {} bytes); kept {}{}",
+                if dry_run { "would delete" } else { "deleted" },
+                report.deleted_segments,
+                report.deleted_records,
+                report.deleted_bytes,
+                report.kept_segments,
+                if report.kept_corrupt > 0 {
+                    format!(", {} of them for corrupt data", report.kept_corrupt)
+                } else {
+                    String::new()
+                }
+            ));
+            if report.kept_corrupt > 0 {
+                anyhow::bail!(
+                    "spool prune: kept {} segment(s) holding corrupt data (listed above); \
+                     `smtpgw spool check` shows it",
+                    report.kept_corrupt
+                );
+            }
         }
-        SpoolCommand::Replay { dir, kafka, .. } => {
+        SpoolCommand::Replay {
+            dir,
+            corrupt,
+            kafka,
+            ..
+        } => {
             // librdkafka's warnings (unreachable broker, auth) are what an operator
             // needs to see here; a second subscriber cannot exist yet, so ignore that.
-            let _ = init_logging(LogFormat::Text);
-            let dir = dir.spool_dir;
-            let kafka = smtpgw::config::resolve_kafka(kafka, Default::default())?;
+            init_tool_logging();
+            let (sources, config) = (dir.sources.clone(), dir.config.clone());
+            let (dir, mut file) = dir.resolve()?;
+            let keys = file.keys.clone();
+            let kafka = smtpgw::config::resolve_kafka(kafka, (&mut file).into())
+                .map_err(|e| sources.name(e, config.as_deref(), &keys))?;
             if kafka.brokers.is_none() {
                 anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
             }
-            use smtpgw::sink::kafka::{replay_spool, ReplayError};
-            let report =
-                match replay_spool(&dir, &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS)) {
-                    Ok(report) => report,
-                    // Only spool errors are about the directory; the others name their flag.
-                    Err(ReplayError::Spool(e)) => {
-                        return Err(e).with_context(|| format!("--spool-dir {}", dir.display()))
-                    }
-                    Err(ReplayError::Unreachable { brokers, waited }) => anyhow::bail!(
-                        "--kafka-brokers {brokers}: no broker answered within {waited:?}"
-                    ),
-                    Err(e) => return Err(e.into()),
-                };
-            for (id, why) in &report.failed {
-                eprintln!("{id}: not published: {why}");
+            let in_dir = || format!("--spool-dir {}", dir.display());
+            if !corrupt.skip_corrupt {
+                // All or nothing: a replay that stops half way would look like success
+                // to a consumer that does not read its exit status.
+                let summary =
+                    spool_tool::check(&dir, &mut std::io::sink(), &mut err).with_context(in_dir)?;
+                if summary.corrupt_ranges > 0 {
+                    anyhow::bail!(
+                        "spool replay: {} corrupt range(s) (listed above); nothing published; \
+                         give --skip-corrupt to publish the rest",
+                        summary.corrupt_ranges
+                    );
+                }
             }
-            eprintln!(
-                "published {} messages to {}; {} failed",
+            use smtpgw::sink::kafka::{replay_records, ReplayError};
+            use smtpgw::sink::spool::{ReadEvent, SpoolReader};
+            // Opened before the broker is contacted: a wrong directory fails at once.
+            let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+            let mut read_error = None;
+            let mut corrupt_ranges = 0usize;
+            let records = std::iter::from_fn(|| loop {
+                match reader.next_event()? {
+                    Ok(ReadEvent::Record(record)) => return Some(record),
+                    Ok(ReadEvent::Corrupt(range)) => {
+                        corrupt_ranges += 1;
+                        logging::eprint_line(format_args!("corrupt: {range}"));
+                    }
+                    Ok(ReadEvent::TornTail(_) | ReadEvent::SegmentEnd { .. }) => {}
+                    Err(e) => {
+                        read_error = Some(e);
+                        return None;
+                    }
+                }
+            });
+            let report = match replay_records(
+                records,
+                &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS),
+            ) {
+                Ok(report) => report,
+                // Only spool errors are about the directory; the others name their flag.
+                Err(ReplayError::Spool(e)) => return Err(e).with_context(in_dir),
+                Err(ReplayError::Unreachable { brokers, waited }) => {
+                    anyhow::bail!("--kafka-brokers {brokers}: no broker answered within {waited:?}")
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for (id, why) in &report.failed {
+                logging::eprint_line(format_args!("{id}: not published: {why}"));
+            }
+            logging::eprint_line(format_args!(
+                "published {} messages to {}; {} failed{}",
                 report.published,
                 kafka.topic,
-                report.failed.len()
-            );
+                report.failed.len(),
+                if corrupt_ranges > 0 {
+                    format!("; skipped {corrupt_ranges} corrupt range(s)")
+                } else {
+                    String::new()
+                }
+            ));
+            if let Some(e) = read_error {
+                return Err(e).with_context(|| {
+                    format!("{}: reading stopped; the rest is not published", in_dir())
+                });
+            }
             if !report.failed.is_empty() {
                 anyhow::bail!(
                     "{} messages not published; replaying again is safe (same keys)",

@@ -28,7 +28,7 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::conn::edge::{EdgeStats, REFUSED_REASONS, TLS_FAILURES, TLS_VERSIONS};
 use crate::sink::Sink;
@@ -36,7 +36,7 @@ use crate::smtp::stats::{
     SessionStats, LIMIT_CLOSES, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS,
 };
 
-/// How often reactors publish their local counts; the issue asks for at most 100 ms.
+/// How often reactors publish their local counts: counters lag by at most 100 ms.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Accepted body sizes: 1 KiB to 64 MiB in powers of 4.
@@ -89,6 +89,10 @@ pub struct Metrics {
     publish_duration: Histogram,
     pub publish_inflight_messages: IntGauge,
     pub publish_inflight_bytes: IntGauge,
+    /// The configured limits, so dashboards and alerts can show saturation.
+    pub connections_max: IntGauge,
+    pub publish_inflight_messages_limit: IntGauge,
+    pub publish_inflight_bytes_limit: IntGauge,
     pub publish_failures_temporary: IntCounter,
     pub publish_failures_too_large: IntCounter,
     reactor_busy: CounterVec,
@@ -96,6 +100,10 @@ pub struct Metrics {
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
+    spool_bytes: IntGauge,
+    spool_segments: IntGauge,
+    spool_oldest_age: Gauge,
+    spool_free_bytes: IntGauge,
     draining_gauge: IntGauge,
     listening: AtomicBool,
     draining: AtomicBool,
@@ -196,6 +204,12 @@ impl Metrics {
             &["broker"],
         )?;
         registry.register(Box::new(kafka_broker_rtt.clone()))?;
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_start_time_seconds, ...: the standard names every
+        // dashboard knows, read from /proc at scrape time.
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         Ok(Metrics {
             connections_accepted: counter(
@@ -254,7 +268,7 @@ impl Metrics {
             messages_rejected: resolve(&messages_rejected, &REJECT_REASONS),
             smuggling_attempts: counter(
                 "smtpgw_smuggling_attempts_total",
-                "DATA bodies containing a bare CR or LF, whatever --bare-lf did with them.",
+                "DATA bodies and BDAT messages containing a bare CR or LF, whatever --bare-lf did with them.",
             )?,
             message_size: histogram(
                 "smtpgw_message_size_bytes",
@@ -279,6 +293,18 @@ impl Metrics {
                 "smtpgw_publish_inflight_bytes",
                 "Bytes of messages handed to the sink and not yet answered.",
             )?,
+            connections_max: gauge(
+                "smtpgw_connections_max",
+                "--max-connections: open connections above which new ones get 421.",
+            )?,
+            publish_inflight_messages_limit: gauge(
+                "smtpgw_publish_inflight_messages_limit",
+                "--max-inflight-messages: unanswered messages above which bodies are not read (Kafka sink).",
+            )?,
+            publish_inflight_bytes_limit: gauge(
+                "smtpgw_publish_inflight_bytes_limit",
+                "--max-inflight-bytes: unanswered bytes above which bodies are not read (Kafka sink).",
+            )?,
             publish_failures_temporary: failures.with_label_values(&["temporary"]),
             publish_failures_too_large: failures.with_label_values(&["too_large"]),
             reactor_busy,
@@ -295,6 +321,26 @@ impl Metrics {
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
             )?,
             kafka_broker_rtt,
+            spool_bytes: gauge(
+                "smtpgw_spool_bytes",
+                "Total size of the spool's segment files (0 without a spool).",
+            )?,
+            spool_segments: gauge(
+                "smtpgw_spool_segments",
+                "Segment files in the spool (0 without a spool).",
+            )?,
+            spool_oldest_age: {
+                let g = Gauge::new(
+                    "smtpgw_spool_oldest_record_age_seconds",
+                    "Age of the oldest record in the spool (0 when empty or without a spool).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            spool_free_bytes: gauge(
+                "smtpgw_spool_filesystem_free_bytes",
+                "Bytes available on the spool's file system (0 without a spool).",
+            )?,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -325,7 +371,20 @@ impl Metrics {
 
     /// The text exposition of every metric, with the sampled gauges brought up to date.
     pub fn render(&self, sink: &dyn Sink) -> Vec<u8> {
-        self.sink_up.set(i64::from(sink.is_healthy()));
+        self.sink_up.set(i64::from(sink.health().is_ok()));
+        if let Some(spool) = sink.spool_stats() {
+            let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            self.spool_bytes.set(clamp(spool.bytes));
+            self.spool_segments.set(clamp(spool.segments));
+            let age = spool.oldest_received_at.map_or(0.0, |at| {
+                (chrono::Utc::now() - at)
+                    .num_microseconds()
+                    .unwrap_or(i64::MAX) as f64
+                    / 1e6
+            });
+            self.spool_oldest_age.set(age.max(0.0));
+            self.spool_free_bytes.set(spool.free_bytes.map_or(0, clamp));
+        }
         if let Some(stats) = sink.stats() {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             self.kafka_queue_messages.set(clamp(stats.queue_messages));
@@ -353,8 +412,12 @@ impl Metrics {
         if self.draining.load(Ordering::Acquire) {
             return Err("draining".into());
         }
-        if !sink.is_healthy() {
-            return Err(format!("sink {} unhealthy", sink.name()));
+        if let Err(why) = sink.health() {
+            return Err(if why.is_empty() {
+                format!("sink {} unhealthy", sink.name())
+            } else {
+                format!("sink {} unhealthy: {why}", sink.name())
+            });
         }
         Ok(())
     }
@@ -440,6 +503,7 @@ impl ReactorMetrics {
             .inc_by(std::mem::take(&mut s.smuggling_attempts));
         s.bodies_started = 0;
         s.bodies_ended = 0;
+        s.bodies_abandoned = 0;
         self.message_size.flush();
         self.data_duration.flush();
         self.publish_duration.flush();
@@ -483,8 +547,10 @@ impl MetricsServer {
         let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let local_addr = std_listener.local_addr().map_err(bind_err)?;
+        // Timers are needed: the accept back-off and the per-connection deadlines.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()
             .map_err(MetricsError::Thread)?;
         let listener = {
@@ -520,36 +586,66 @@ impl Drop for MetricsServer {
     }
 }
 
+/// Connections the endpoint serves at once; more are closed as soon as accepted, so
+/// clients that open connections and never finish a request cannot use up the
+/// process's descriptors. Far above what scrapers and probes need.
+pub const MAX_METRICS_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this long (slow or half-sent requests).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, however it behaves; scrapers simply reconnect.
+pub const MAX_CONNECTION_TIME: Duration = Duration::from_secs(120);
+/// After a failed accept (out of descriptors), wait this long before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     sink: Arc<dyn Sink>,
     mut stopped: oneshot::Receiver<()>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut failing = false;
     loop {
         let stream = tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => {
+                    if std::mem::take(&mut failing) {
+                        info!("metrics endpoint: accepting again");
+                    }
+                    stream
+                }
                 Err(e) => {
-                    debug!(error = %e, "metrics accept failed");
-                    // Out of descriptors: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Once per streak of failures, not every back-off.
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %e, "metrics endpoint: accept failed; backing off");
+                    }
+                    // Out of descriptors: do not spin, and keep serving once they are back.
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!("metrics endpoint: connection limit reached; closing a new connection");
+            drop(stream);
+            continue;
+        };
         let (metrics, sink) = (metrics.clone(), sink.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let reply = respond(&req, &metrics, &*sink);
                 async move { Ok::<_, Infallible>(reply) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(error = %e, "metrics connection");
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_TIME, conn).await {
+                Ok(Err(e)) => debug!(error = %e, "metrics connection"),
+                Err(_) => debug!("metrics connection open too long; closed"),
+                Ok(Ok(())) => {}
             }
         });
     }

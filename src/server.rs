@@ -1,5 +1,5 @@
 //! Wiring: turns a [`Config`] into a running gateway (sink, reactors, signals) and owns
-//! the graceful drain on SIGTERM/SIGINT.
+//! the graceful drain on SIGTERM/SIGINT and the reload on SIGHUP (see [`crate::reload`]).
 
 use std::io;
 use std::sync::Arc;
@@ -7,19 +7,19 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::EdgeConfig;
-use crate::config::MIN_DATA_RATE_WINDOW;
 use crate::config::{Config, SinkKind};
 use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::net::tls::TlsConfigError;
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
+use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
-use crate::sink::spool::{SpoolError, SpoolSink};
+use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
@@ -62,10 +62,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             Arc::new(NullSink::new())
         }
         SinkKind::Spool => {
+            let options = SpoolOptions {
+                max_bytes: config.spool_max_bytes,
+                min_free_bytes: config.spool_min_free_bytes,
+                ..SpoolOptions::default()
+            };
             Arc::new(
-                SpoolSink::open(&config.spool_dir).map_err(|source| ServerError::Spool {
-                    dir: config.spool_dir.display().to_string(),
-                    source,
+                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
+                    ServerError::Spool {
+                        dir: config.spool_dir.display().to_string(),
+                        source,
+                    }
                 })?,
             )
         }
@@ -95,16 +102,55 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Descriptors the gateway needs beside its connections: listeners, the spool's files,
+/// the broker connections, the metrics endpoint, eventfds.
+const FD_RESERVE: u64 = 256;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the connection limit
+/// that fits in it. When `--max-connections` does not fit, it is lowered, with a
+/// warning: past the real limit, accept fails with EMFILE and clients would hang with no
+/// greeting, whereas below it they get `421 Too many connections`.
+fn raise_fd_limit(max_connections: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the open-file limit (RLIMIT_NOFILE)");
+            return max_connections;
+        }
+    };
+    let fits = usize::try_from(limit.saturating_sub(FD_RESERVE))
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if max_connections > fits {
+        warn!(
+            configured = max_connections,
+            effective = fits,
+            nofile = limit,
+            "--max-connections lowered to fit the open-file limit (RLIMIT_NOFILE); raise \
+             the hard limit (systemd LimitNOFILE=, ulimit -Hn) to allow more"
+        );
+        return fits;
+    }
+    max_connections
+}
+
 /// The connection driver's limits from the configuration.
 pub fn limits(config: &Config) -> Limits {
     Limits {
         idle_timeout: config.idle_timeout,
         max_session_time: config.max_session_time,
-        min_data_rate: config.min_data_rate.map(|bytes_per_second| MinDataRate {
-            bytes_per_second,
-            window: MIN_DATA_RATE_WINDOW,
-        }),
+        min_data_rate: config
+            .min_data_rate
+            .map(|(bytes_per_second, window)| MinDataRate {
+                bytes_per_second,
+                window,
+            }),
         output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: config.sink.name(),
     }
 }
 
@@ -172,18 +218,20 @@ pub fn reload_tls(config: &Config, handle: &TlsHandle) -> Result<(), TlsConfigEr
 }
 
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
-pub fn run(config: Config) -> Result<(), ServerError> {
+pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ServerError::Setup)?;
     // Listen for signals before the first connection can arrive, so an early SIGTERM
     // drains instead of killing the process.
-    let (mut term, mut int) = {
+    // SIGHUP likewise: its default action would kill the process.
+    let (mut term, mut int, mut hup) = {
         let _guard = rt.enter();
         (
             signal(SignalKind::terminate()).map_err(ServerError::Setup)?,
             signal(SignalKind::interrupt()).map_err(ServerError::Setup)?,
+            signal(SignalKind::hangup()).map_err(ServerError::Setup)?,
         )
     };
 
@@ -194,25 +242,35 @@ pub fn run(config: Config) -> Result<(), ServerError> {
             config.accept_domains.join(" and ")
         );
     }
+    let max_connections = raise_fd_limit(config.max_connections);
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
+    metrics.connections_max.set(gauge_value(max_connections));
+    metrics
+        .publish_inflight_messages_limit
+        .set(gauge_value(config.kafka.max_inflight_messages));
+    metrics
+        .publish_inflight_bytes_limit
+        .set(gauge_value(config.kafka.max_inflight_bytes));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
         MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
-    let session = Arc::new(session_config_for(&config, &*sink));
-    let max_message_size = session.max_message_size;
-    // `_tls` is what a certificate reload replaces (`reload_tls`).
-    let (specs, _tls) = listeners(&config, &metrics)?;
+    let session = Arc::new(SessionConfigHandle::new(session_config_for(
+        &config, &*sink,
+    )));
+    let max_message_size = session.current().max_message_size;
+    // What a certificate reload on SIGHUP replaces (`reload_tls`).
+    let (specs, tls) = listeners(&config, &metrics)?;
     let reactors = Reactors::start(
         config.io_backend,
         ReactorParams {
             listeners: specs,
             reactors: config.reactors,
-            session,
+            session: session.clone(),
             sink: sink.clone(),
             metrics: metrics.clone(),
-            max_connections: config.max_connections,
+            max_connections,
             limits: limits(&config),
             max_body_memory: config.max_body_memory,
         },
@@ -223,14 +281,32 @@ pub fn run(config: Config) -> Result<(), ServerError> {
         sink = %sink.name(),
         accept_domains = %config.accept_domains.join(","),
         max_message_size,
-        max_connections = config.max_connections,
+        max_connections,
         "ready"
     );
 
     rt.block_on(async move {
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let which = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    // Refusals are logged by the reloader; the gateway runs on as it was.
+                    let _ = reloader.reload(&mut config, &*sink, &session);
+                    // The certificate files are re-read even when the configuration did
+                    // not change (or there is no --config): renewing a certificate in
+                    // place is the usual reason for a SIGHUP. Open sessions keep theirs.
+                    if let Some(tls) = &tls {
+                        match reload_tls(&config, tls) {
+                            Ok(()) => info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
+                            Err(e) => error!(
+                                error = %e,
+                                "SIGHUP: TLS certificate refused; the running one stays"
+                            ),
+                        }
+                    }
+                }
+            }
         };
         info!(
             signal = %which,
@@ -258,6 +334,7 @@ pub fn run(config: Config) -> Result<(), ServerError> {
                 }
                 _ = term.recv() => return Err(ServerError::Interrupted),
                 _ = int.recv() => return Err(ServerError::Interrupted),
+                _ = hup.recv() => info!("SIGHUP during the drain: ignored"),
             }
         }
 

@@ -1,7 +1,33 @@
-//! The `smtpgw spool` subcommands: list, print and export the messages of a spool.
+//! The `smtpgw spool` subcommands: list, print, export, check and prune a spool (and
+//! the record source for `replay`).
 //!
 //! They read without taking the spool's lock, so they work next to a running gateway;
 //! they see what was written before they opened each segment.
+//!
+//! # Damage
+//!
+//! Every corrupt range met is reported on the error stream as
+//! `corrupt: FILE offset N length L: REASON`, and reading goes on after it; the caller
+//! (`main`) exits non-zero when anything was skipped unless `--skip-corrupt` was given.
+//! `export` (and `replay`) without `--skip-corrupt` stop at the first corrupt range
+//! and write (publish) nothing. A torn tail of the newest segment (a write in progress
+//! or one a crash cut short, never acknowledged) is mentioned as a note and is not
+//! counted as corruption.
+//!
+//! # Client text on a terminal
+//!
+//! `ls` escapes control characters, line separators, invalid UTF-8 and bidirectional
+//! overrides in what the client sent (`\xNN`, `\u{NNNN}`, see [`escape`]); `cat` escapes
+//! the same characters (keeping line breaks and tabs, see [`escape_for_terminal`]) when
+//! its output is a terminal and writes the bytes exactly otherwise.
+//!
+//! # Prune and a running gateway
+//!
+//! `prune` deletes only whole segments that are not the highest-numbered one, and only
+//! when every record in them is older than the cut-off and none of their bytes is
+//! damaged. It takes no lock: the gateway appends only to the highest-numbered segment
+//! (a new one at every start and rotation), so every other segment is closed for good,
+//! and start-up recovery touches only the highest-numbered segment as well.
 //!
 //! # mbox export (mboxrd)
 //!
@@ -27,19 +53,133 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::SecondsFormat;
+use chrono::{DateTime, SecondsFormat, Utc};
 use ulid::Ulid;
 
-use crate::sink::spool::{io_error, read_all, SpoolError, SpoolRecord};
+use crate::sink::spool::reader::{open_segment, Opened};
+use crate::sink::spool::writer::{list_segments, sync_dir};
+use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
+use crate::smtp::address::is_hostile_char;
 use crate::smtp::envelope::RECORD_HEADERS;
+
+/// What a tool met that was not a record, reported on `err` as it was met.
+pub struct Damage<'a> {
+    err: &'a mut dyn Write,
+    pub ranges: Vec<CorruptRange>,
+    pub torn_tail: Option<CorruptRange>,
+}
+
+impl<'a> Damage<'a> {
+    pub fn new(err: &'a mut dyn Write) -> Damage<'a> {
+        Damage {
+            err,
+            ranges: Vec::new(),
+            torn_tail: None,
+        }
+    }
+
+    fn corrupt(&mut self, range: CorruptRange) {
+        let _ = writeln!(self.err, "corrupt: {range}");
+        self.ranges.push(range);
+    }
+
+    fn torn(&mut self, range: CorruptRange) {
+        let _ = writeln!(
+            self.err,
+            "note: torn tail, not counted as corruption (a write in progress or cut short \
+             by a crash, never acknowledged): {range}"
+        );
+        self.torn_tail = Some(range);
+    }
+
+    /// Bytes in corrupt ranges.
+    pub fn corrupt_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.len).sum()
+    }
+}
+
+/// What to do with the next record.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Walks the spool, reporting damage into `damage`; with `strict`, the first corrupt
+/// range ends the walk as an error.
+fn walk(
+    reader: &mut SpoolReader,
+    damage: &mut Damage,
+    strict: bool,
+    mut f: impl FnMut(SpoolRecord) -> Result<Flow, SpoolError>,
+) -> Result<(), SpoolError> {
+    while let Some(event) = reader.next_event() {
+        match event? {
+            ReadEvent::Record(record) => {
+                if let Flow::Stop = f(record)? {
+                    return Ok(());
+                }
+            }
+            ReadEvent::Corrupt(range) => {
+                damage.corrupt(range.clone());
+                if strict {
+                    return Err(range.into_error());
+                }
+            }
+            ReadEvent::TornTail(range) => damage.torn(range),
+            ReadEvent::SegmentEnd { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Client text for a terminal: printable UTF-8 as is; control characters, invalid
+/// bytes and bidirectional overrides escaped, and `\` doubled so escapes are unambiguous.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else if is_hostile_char(c) {
+                if (c as u32) < 0x80 {
+                    out.push_str(&format!("\\x{:02x}", c as u32));
+                } else {
+                    out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
 
 /// One line per message, oldest first:
 /// `ID  RECEIVED_AT  BODY_BYTES  <MAIL_FROM>  N rcpt`. The id comes first so that
-/// scripts can take the first field.
+/// scripts can take the first field. Errors on the first corrupt range, after listing
+/// everything; see [`ls_reporting`] to carry on.
 pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
+    let mut sink = io::sink();
+    let damage = ls_reporting(dir, out, &mut sink)?;
+    match damage.ranges.into_iter().next() {
+        Some(range) => Err(range.into_error()),
+        None => Ok(()),
+    }
+}
+
+/// [`ls`], reporting damage on `err` and returning it instead of failing.
+pub fn ls_reporting<'e>(
+    dir: &Path,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
     let mut out = BufWriter::new(out);
-    for record in read_all(dir)? {
-        let record = record?;
+    let mut damage = Damage::new(err);
+    let mut reader = SpoolReader::open(dir)?;
+    walk(&mut reader, &mut damage, false, |record| {
         writeln!(
             out,
             "{}  {}  {}  <{}>  {} rcpt",
@@ -48,16 +188,18 @@ pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
                 .received_at
                 .to_rfc3339_opts(SecondsFormat::Micros, true),
             record.body().len(),
-            String::from_utf8_lossy(record.mail_from()),
+            // Client text on a terminal: nothing in it may move the cursor, recolour
+            // the screen or reorder what is shown.
+            escape(record.mail_from()),
             record.rcpt_count()
         )
         .map_err(SpoolError::Output)?;
-    }
-    out.flush().map_err(SpoolError::Output)
+        Ok(Flow::Continue)
+    })?;
+    out.flush().map_err(SpoolError::Output)?;
+    Ok(damage)
 }
 
-/// Writes one message: its stored value (the `Received:` line and the message exactly
-/// as received), or with `body_only` just the client's bytes.
 /// What `spool cat` prints of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
@@ -69,69 +211,165 @@ pub enum Part {
     Headers,
 }
 
+/// Writes one message: its stored value (the `Received:` line and the message exactly
+/// as received), or with `body_only` just the client's bytes.
 pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result<(), SpoolError> {
+    let mut sink = io::sink();
     let part = if body_only { Part::Body } else { Part::Value };
-    cat_part(dir, id, part, out)
+    cat_part_reporting(dir, id, part, false, out, &mut sink).map(drop)
 }
 
 /// Writes one part of one message.
 pub fn cat_part(dir: &Path, id: &str, part: Part, out: &mut dyn Write) -> Result<(), SpoolError> {
+    let mut sink = io::sink();
+    cat_part_reporting(dir, id, part, false, out, &mut sink).map(drop)
+}
+
+/// [`cat`], reporting damage met before the message on `err`; with `escaped`, client
+/// text is escaped for a terminal.
+pub fn cat_reporting<'e>(
+    dir: &Path,
+    id: &str,
+    body_only: bool,
+    escaped: bool,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
+    let part = if body_only { Part::Body } else { Part::Value };
+    cat_part_reporting(dir, id, part, escaped, out, err)
+}
+
+/// [`cat_part`], reporting damage met before the message on `err`; with `escaped`,
+/// client text (headers included) is escaped for a terminal.
+pub fn cat_part_reporting<'e>(
+    dir: &Path,
+    id: &str,
+    part: Part,
+    escaped: bool,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
     let wanted = Ulid::from_string(id).map_err(|_| SpoolError::BadId {
         id: id.to_owned(),
         dir: dir.to_path_buf(),
     })?;
-    for record in read_all(dir)? {
-        let record = record?;
-        if record.id == wanted {
-            let headers;
-            let bytes = match part {
-                Part::Body => record.body(),
-                Part::Value => record.value(),
-                Part::Headers => {
-                    let mut text = Vec::new();
-                    for name in RECORD_HEADERS {
-                        for value in record.headers_named(name) {
-                            text.extend_from_slice(name.as_bytes());
-                            text.extend_from_slice(b": ");
-                            text.extend_from_slice(value);
-                            text.push(b'\n');
-                        }
+    let mut damage = Damage::new(err);
+    let mut reader = SpoolReader::open(dir)?;
+    let mut found = false;
+    walk(&mut reader, &mut damage, false, |record| {
+        if record.id != wanted {
+            return Ok(Flow::Continue);
+        }
+        found = true;
+        let headers;
+        let bytes = match part {
+            Part::Body => record.body(),
+            Part::Value => record.value(),
+            Part::Headers => {
+                let mut text = Vec::new();
+                for name in RECORD_HEADERS {
+                    for value in record.headers_named(name) {
+                        text.extend_from_slice(name.as_bytes());
+                        text.extend_from_slice(b": ");
+                        text.extend_from_slice(value);
+                        text.push(b'\n');
                     }
-                    headers = text;
-                    &headers[..]
                 }
-            };
-            return out
-                .write_all(bytes)
-                .and_then(|()| out.flush())
-                .map_err(SpoolError::Output);
+                headers = text;
+                &headers[..]
+            }
+        };
+        let written = if escaped {
+            out.write_all(&escape_for_terminal(bytes))
+        } else {
+            out.write_all(bytes)
+        };
+        written
+            .and_then(|()| out.flush())
+            .map_err(SpoolError::Output)?;
+        Ok(Flow::Stop)
+    })?;
+    if !found {
+        return Err(SpoolError::NotFound {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(damage)
+}
+
+/// A stored message made safe for a terminal: line breaks and tabs stay, every other
+/// control, line-separator or bidi character (and any byte that is not UTF-8) becomes a
+/// visible escape, so `spool cat` cannot drive the terminal a reader looks at.
+pub fn escape_for_terminal(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if matches!(c, '\r' | '\n' | '\t') || !is_hostile_char(c) {
+                let mut buf = [0; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            } else {
+                out.extend_from_slice(format!("\\u{{{:x}}}", c as u32).as_bytes());
+            }
+        }
+        for b in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
         }
     }
-    Err(SpoolError::NotFound {
-        id: id.to_owned(),
-        dir: dir.to_path_buf(),
-    })
+    out
 }
 
 /// Writes every message of the spool to `mbox` as mboxrd (framing in the module
 /// documentation) and returns how many. The file appears complete or not at all: it is
-/// written under a temporary name next to `mbox` and renamed into place.
+/// written under a temporary name next to `mbox` and moved into place. Refuses an
+/// existing `mbox` and any corrupt range.
 pub fn export_mbox(dir: &Path, mbox: &Path) -> Result<usize, SpoolError> {
+    let mut sink = io::sink();
+    export_mbox_reporting(dir, mbox, false, false, &mut sink).map(|(n, _)| n)
+}
+
+/// [`export_mbox`]; `force` replaces an existing file, `skip_corrupt` carries on past
+/// corrupt ranges (reported on `err`) instead of writing nothing.
+pub fn export_mbox_reporting<'e>(
+    dir: &Path,
+    mbox: &Path,
+    force: bool,
+    skip_corrupt: bool,
+    err: &'e mut dyn Write,
+) -> Result<(usize, Damage<'e>), SpoolError> {
+    if !force && fs::symlink_metadata(mbox).is_ok() {
+        return Err(SpoolError::Exists {
+            path: mbox.to_path_buf(),
+        });
+    }
+    // Open the spool before creating anything, so a wrong directory leaves no file.
+    let mut reader = SpoolReader::open(dir)?;
     let tmp = temp_path_for(mbox);
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .map_err(io_error("create", &tmp))?;
-    let result = write_mbox(dir, file, &tmp).and_then(|count| {
-        fs::rename(&tmp, mbox)
-            .map(|()| count)
-            .map_err(io_error("rename export to", mbox))
+    let mut damage = Damage::new(err);
+    let result = write_mbox(&mut reader, &mut damage, skip_corrupt, file, &tmp).and_then(|count| {
+        let placed = if force {
+            fs::rename(&tmp, mbox)
+        } else {
+            // Never replaces a file that appeared meanwhile.
+            fs::hard_link(&tmp, mbox).and_then(|()| fs::remove_file(&tmp))
+        };
+        match placed {
+            Ok(()) => Ok(count),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(SpoolError::Exists {
+                path: mbox.to_path_buf(),
+            }),
+            Err(e) => Err(io_error("move export to", mbox)(e)),
+        }
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result
+    result.map(|count| (count, damage))
 }
 
 fn temp_path_for(target: &Path) -> PathBuf {
@@ -140,14 +378,21 @@ fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
-fn write_mbox(dir: &Path, file: File, tmp: &Path) -> Result<usize, SpoolError> {
+fn write_mbox(
+    reader: &mut SpoolReader,
+    damage: &mut Damage,
+    skip_corrupt: bool,
+    file: File,
+    tmp: &Path,
+) -> Result<usize, SpoolError> {
     let write_error = io_error("write", tmp);
     let mut out = BufWriter::with_capacity(256 << 10, file);
     let mut count = 0;
-    for record in read_all(dir)? {
-        write_mbox_message(&mut out, &record?).map_err(write_error)?;
+    walk(reader, damage, !skip_corrupt, |record| {
+        write_mbox_message(&mut out, &record).map_err(write_error)?;
         count += 1;
-    }
+        Ok(Flow::Continue)
+    })?;
     let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
     file.sync_all().map_err(write_error)?;
     Ok(count)
@@ -183,4 +428,189 @@ fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<
 fn is_from_line(line: &[u8]) -> bool {
     let quotes = line.iter().take_while(|&&b| b == b'>').count();
     line[quotes..].starts_with(b"From ")
+}
+
+/// What `spool check` found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CheckSummary {
+    pub segments: u64,
+    pub records: u64,
+    /// Bytes of valid records, frames included.
+    pub record_bytes: u64,
+    pub corrupt_ranges: u64,
+    pub corrupt_bytes: u64,
+    pub torn_tail_bytes: u64,
+}
+
+/// Verifies every record (frame, checksum, payload) and writes a summary to `out`;
+/// each corrupt range goes to `err`.
+pub fn check(
+    dir: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<CheckSummary, SpoolError> {
+    let mut damage = Damage::new(err);
+    let mut reader = SpoolReader::open(dir)?;
+    let mut summary = CheckSummary::default();
+    while let Some(event) = reader.next_event() {
+        match event? {
+            ReadEvent::Record(record) => {
+                summary.records += 1;
+                summary.record_bytes += record.frame_len;
+            }
+            ReadEvent::Corrupt(range) => damage.corrupt(range),
+            ReadEvent::TornTail(range) => damage.torn(range),
+            ReadEvent::SegmentEnd { .. } => summary.segments += 1,
+        }
+    }
+    summary.corrupt_ranges = damage.ranges.len() as u64;
+    summary.corrupt_bytes = damage.corrupt_bytes();
+    summary.torn_tail_bytes = damage.torn_tail.as_ref().map_or(0, |r| r.len);
+    writeln!(
+        out,
+        "{} records, {} bytes in {} segments; {} corrupt ranges ({} bytes){}",
+        summary.records,
+        summary.record_bytes,
+        summary.segments,
+        summary.corrupt_ranges,
+        summary.corrupt_bytes,
+        if summary.torn_tail_bytes > 0 {
+            format!("; torn tail of {} bytes", summary.torn_tail_bytes)
+        } else {
+            String::new()
+        }
+    )
+    .and_then(|()| out.flush())
+    .map_err(SpoolError::Output)?;
+    Ok(summary)
+}
+
+/// The `--before` of `spool prune`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cutoff {
+    /// Records whose id sorts before this one.
+    Id(Ulid),
+    /// Records received before this time.
+    Time(DateTime<Utc>),
+}
+
+impl Cutoff {
+    pub fn parse(s: &str) -> Result<Cutoff, SpoolError> {
+        if s.len() == 26 {
+            if let Ok(id) = Ulid::from_string(s) {
+                return Ok(Cutoff::Id(id));
+            }
+        }
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| Cutoff::Time(t.with_timezone(&Utc)))
+            .map_err(|_| SpoolError::BadCutoff(s.to_owned()))
+    }
+
+    fn holds_older(&self, record: &SpoolRecord) -> bool {
+        match self {
+            Cutoff::Id(id) => record.id < *id,
+            Cutoff::Time(t) => record.received_at < *t,
+        }
+    }
+}
+
+/// What `spool prune` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub deleted_segments: u64,
+    pub deleted_records: u64,
+    pub deleted_bytes: u64,
+    pub kept_segments: u64,
+    /// Segments kept because some of their bytes are damaged.
+    pub kept_corrupt: u64,
+}
+
+/// Deletes every whole closed segment whose records are all older than `before` and
+/// whose bytes are all valid (see the module documentation for why this is safe next
+/// to a running gateway). Each deletion is written to `out`; with `dry_run` nothing is
+/// deleted. Damaged segments are reported on `err` and kept.
+pub fn prune(
+    dir: &Path,
+    before: Cutoff,
+    dry_run: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<PruneReport, SpoolError> {
+    let segments = list_segments(dir)?;
+    let mut report = PruneReport::default();
+    // The highest-numbered segment is never pruned: the gateway may be writing it.
+    let Some((_newest, closed)) = segments.split_last() else {
+        return Ok(report);
+    };
+    let mut damage = Damage::new(err);
+    let mut deleted_any = false;
+    for (seq, path) in closed {
+        let mut records = 0u64;
+        let mut all_older = true;
+        let mut damaged = false;
+        match open_segment(path, *seq, false, 0, None)? {
+            Opened::Empty => {}
+            Opened::Unreadable(range) => {
+                damage.corrupt(range);
+                damaged = true;
+            }
+            Opened::Cursor {
+                mut cursor,
+                damaged: head,
+            } => {
+                if let Some(range) = head {
+                    damage.corrupt(range);
+                    damaged = true;
+                }
+                use crate::sink::spool::reader::Step;
+                loop {
+                    match cursor.step().map_err(io_error("read segment", path))? {
+                        Step::Record(record) => {
+                            records += 1;
+                            all_older &= before.holds_older(&record);
+                        }
+                        Step::Corrupt(range) | Step::Torn(range) => {
+                            damage.corrupt(range);
+                            damaged = true;
+                        }
+                        Step::End => break,
+                    }
+                    if !all_older {
+                        break;
+                    }
+                }
+            }
+        }
+        if damaged {
+            report.kept_corrupt += 1;
+        }
+        if damaged || !all_older {
+            report.kept_segments += 1;
+            continue;
+        }
+        let bytes = fs::metadata(path).map_or(0, |m| m.len());
+        if !dry_run {
+            match fs::remove_file(path) {
+                Ok(()) => deleted_any = true,
+                // Gone already (another prune, or the Kafka forwarder).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error("remove segment", path)(e)),
+            }
+        }
+        writeln!(
+            out,
+            "{} {} ({records} records, {bytes} bytes)",
+            if dry_run { "would delete" } else { "deleted" },
+            path.display()
+        )
+        .map_err(SpoolError::Output)?;
+        report.deleted_segments += 1;
+        report.deleted_records += records;
+        report.deleted_bytes += bytes;
+    }
+    if deleted_any {
+        sync_dir(dir)?;
+    }
+    report.kept_segments += 1;
+    Ok(report)
 }

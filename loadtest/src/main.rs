@@ -25,11 +25,19 @@ use crate::conn::{Plan, Stats};
 use crate::message::Mix;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "SMTP load generator (loopback targets only)")]
+#[command(
+    version,
+    about = "SMTP load generator (loopback targets unless --allow-remote-target)"
+)]
 struct Args {
-    /// Server to load, HOST:PORT; must be loopback (127.0.0.0/8 or ::1).
+    /// Server to load, HOST:PORT; must be loopback (127.0.0.0/8 or ::1) unless
+    /// --allow-remote-target is given.
     #[arg(long)]
     target: String,
+    /// Allow a target that is not loopback, e.g. a deployed node measured from another
+    /// host. Only point it at servers you own: this generates real load.
+    #[arg(long)]
+    allow_remote_target: bool,
     /// Concurrent connections.
     #[arg(long, default_value_t = 1)]
     connections: usize,
@@ -122,9 +130,9 @@ struct Report {
     client_cpu_us_per_msg: f64,
 }
 
-/// Refuses anything that is not a loopback address: this tool must never load a host
-/// it does not own.
-fn loopback_target(spec: &str) -> Result<SocketAddr> {
+/// Refuses anything that is not a loopback address unless `allow_remote` (the operator
+/// said so explicitly): this tool must never load a host by accident.
+fn check_target(spec: &str, allow_remote: bool) -> Result<SocketAddr> {
     let addrs: Vec<SocketAddr> = spec
         .to_socket_addrs()
         .with_context(|| format!("--target {spec:?}: expected HOST:PORT"))?
@@ -137,8 +145,11 @@ fn loopback_target(spec: &str) -> Result<SocketAddr> {
     };
     match addrs.first() {
         None => bail!("--target {spec:?} resolves to nothing"),
-        Some(_) if addrs.iter().any(|a| !loopback(a.ip())) => {
-            bail!("--target {spec:?} is not loopback (only 127.0.0.0/8 and ::1 are allowed)")
+        Some(_) if !allow_remote && addrs.iter().any(|a| !loopback(a.ip())) => {
+            bail!(
+                "--target {spec:?} is not loopback (only 127.0.0.0/8 and ::1 are allowed; \
+                 add --allow-remote-target to load a server you own on another host)"
+            )
         }
         Some(a) => Ok(*a),
     }
@@ -167,7 +178,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    let target = loopback_target(&args.target)?;
+    let target = check_target(&args.target, args.allow_remote_target)?;
     if args.connections == 0 {
         bail!("--connections must be at least 1");
     }
@@ -377,6 +388,7 @@ mod tests {
 
     #[test]
     fn only_loopback() {
+        let loopback_target = |spec| check_target(spec, false);
         assert!(loopback_target("127.0.0.1:25").is_ok());
         assert!(loopback_target("127.3.2.1:25").is_ok());
         assert!(loopback_target("[::1]:25").is_ok());
@@ -385,5 +397,9 @@ mod tests {
         assert!(loopback_target("[::ffff:10.0.0.1]:25").is_err());
         assert!(loopback_target("8.8.8.8:25").is_err());
         assert!(loopback_target("nonsense").is_err());
+        // Only with the explicit flag (resolving the address makes no connection).
+        assert!(check_target("10.0.0.1:25", true).is_ok());
+        assert!(check_target("[2001:db8::1]:25", true).is_ok());
+        assert!(check_target("nonsense", true).is_err());
     }
 }

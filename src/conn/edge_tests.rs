@@ -24,6 +24,7 @@ fn limits() -> Limits {
         max_session_time: Duration::from_secs(3600),
         min_data_rate: None,
         output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: "test",
     }
 }
 

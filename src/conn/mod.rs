@@ -54,6 +54,9 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 const MAX_PENDING_INPUT: usize = 256 * 1024;
 /// How long a PROXY header may take to arrive (a balancer sends it at once).
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a backend should read at once between commands (see
+/// [`Connection::read_size_hint`]).
+const COMMAND_READ: usize = 16 * 1024;
 
 /// The minimum average rate a message body must arrive at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +78,8 @@ pub struct Limits {
     /// While more reply bytes than this are unwritten, no further input is processed, so
     /// a client that pipelines and never reads cannot grow our memory.
     pub output_cap: usize,
+    /// The sink's name, for the per-message log line.
+    pub sink: &'static str,
 }
 
 impl Limits {
@@ -210,11 +215,16 @@ struct Samples {
     stored_size: Option<usize>,
 }
 
-/// The message a connection has with the sink.
+/// The message a connection has with the sink, and what its log line will say.
 struct InFlight {
     since: Instant,
     charged: usize,
     body_len: usize,
+    id: MessageId,
+    /// From DATA (or the first BDAT) on.
+    body_since: Instant,
+    helo: Arc<str>,
+    rcpts: usize,
 }
 
 enum Life {
@@ -252,6 +262,11 @@ pub struct Connection {
     charged: usize,
     in_flight: Option<InFlight>,
     body_started: Option<Instant>,
+    /// The sender of the message with the sink, for its log line; reused across
+    /// messages so logging costs no allocation per message.
+    log_from: String,
+    /// When the current body began (kept for the log line after the body timing ends).
+    body_since: Option<Instant>,
     /// Minimum data rate: the current window's start and the bytes taken in it.
     rate_window: Option<(Instant, u64)>,
     samples: Samples,
@@ -311,6 +326,8 @@ impl Connection {
             charged: 0,
             in_flight: None,
             body_started: None,
+            log_from: String::new(),
+            body_since: None,
             rate_window: None,
             samples: Samples::default(),
             proxy_wait: false,
@@ -620,6 +637,18 @@ impl Connection {
         }
     }
 
+    /// How many bytes the backend should read at most now. Between commands a read
+    /// brings commands whose replies may stop at the output cap, and whatever is left
+    /// stays in the driver's buffer; a modest read keeps a client that pipelines and
+    /// never reads cheap. A body is consumed as it arrives, so it may come in bulk.
+    pub fn read_size_hint(&self) -> usize {
+        if self.session.in_body() {
+            usize::MAX
+        } else {
+            COMMAND_READ
+        }
+    }
+
     /// Whether there are replies to write.
     pub fn wants_write(&self) -> bool {
         !self.pending_output().is_empty() && !matches!(self.life, Life::Done(_))
@@ -665,6 +694,10 @@ impl Connection {
         }
         let body_len = message.body().len();
         let (id, received_at) = stamp();
+        self.log_from.clear();
+        self.log_from.push_str(message.envelope.mail_from());
+        let helo = message.envelope.helo.clone();
+        let rcpts = message.envelope.rcpt_count();
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
@@ -673,6 +706,10 @@ impl Connection {
             since: now,
             charged,
             body_len,
+            id,
+            body_since: self.body_since.take().unwrap_or(now),
+            helo,
+            rcpts,
         });
         Some(sealed)
     }
@@ -690,6 +727,7 @@ impl Connection {
         };
         self.budget.answered_by_sink(flight.charged);
         self.samples.publish = Some(now.saturating_duration_since(flight.since));
+        self.log_transaction(now, &flight, &result);
         if result.is_ok() {
             self.samples.stored_size = Some(flight.body_len);
         }
@@ -900,6 +938,33 @@ impl Connection {
         to.absorb_edge(&mut self.edge_stats);
     }
 
+    /// One line per message handed to the sink: what an operator greps for ("queued
+    /// as <id>", a client address, a sender). Client text is escaped by the logger's
+    /// own quoting (`?`), so it cannot forge lines or fields.
+    fn log_transaction(&self, now: Instant, flight: &InFlight, result: &PublishResult) {
+        let (code, error) = match result {
+            Ok(_) => (250u16, None),
+            Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
+            Err(e @ PublishError::StorageFull) => (452, Some(e)),
+            Err(e @ PublishError::TooLarge) => (552, Some(e)),
+        };
+        let took = now.saturating_duration_since(flight.body_since);
+        tracing::info!(
+            target: "smtpgw::message",
+            id = %flight.id,
+            client = %self.peer,
+            helo = ?&*flight.helo,
+            from = ?self.log_from.as_str(),
+            rcpts = flight.rcpts,
+            size = flight.body_len,
+            code,
+            ms = took.as_millis() as u64,
+            sink = self.limits.sink,
+            error = error.map(tracing::field::display),
+            "message"
+        );
+    }
+
     fn keep(&mut self, data: &[u8]) {
         if self.pending.len() + data.len() > MAX_PENDING_INPUT {
             self.life = Life::Done(Ending::Overrun);
@@ -946,7 +1011,11 @@ impl Connection {
             self.session.set_output_limit(self.limits.output_cap);
             let was_in_body = self.session.in_body();
             let stats = self.session.stats_mut();
-            let before = (stats.bodies_started, stats.bodies_ended);
+            let before = (
+                stats.bodies_started,
+                stats.bodies_ended,
+                stats.bodies_abandoned,
+            );
             let n = self.session.feed(&input[pos..]);
             pos += n;
             if n > 0 {
@@ -962,13 +1031,26 @@ impl Connection {
 
     /// Keeps the budget charge, body timing and data-rate window in step with what the
     /// session just consumed.
-    fn track_body(&mut self, now: Instant, was_in_body: bool, consumed: usize, before: (u64, u64)) {
+    fn track_body(
+        &mut self,
+        now: Instant,
+        was_in_body: bool,
+        consumed: usize,
+        before: (u64, u64, u64),
+    ) {
         let stats = self.session.stats_mut();
         let started = stats.bodies_started > before.0;
         let ended = stats.bodies_ended > before.1;
+        // RSET, HELO or EHLO in the middle of a body: no timing sample, no rate window.
+        if stats.bodies_abandoned > before.2 {
+            self.body_started = None;
+            self.body_since = None;
+            self.rate_window = None;
+        }
         // A body "starts" at the read that brought its DATA or first BDAT.
         if started {
             self.body_started = Some(now);
+            self.body_since = Some(now);
         }
         let held = self.session.body_len();
         if held > self.charged {

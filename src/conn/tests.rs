@@ -26,6 +26,7 @@ fn limits() -> Limits {
             window: Duration::from_secs(30),
         }),
         output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: "test",
     }
 }
 
@@ -455,4 +456,17 @@ fn body_time_runs_from_data_to_the_final_dot() {
     let mut counts = Counts::default();
     conn.take_stats(&mut counts);
     assert_eq!(counts.data, vec![Duration::from_secs(2)]);
+}
+
+#[test]
+fn reads_are_modest_between_commands_and_bulk_in_a_body() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    assert_eq!(conn.read_size_hint(), COMMAND_READ);
+    conn.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n",
+    );
+    assert_eq!(conn.read_size_hint(), usize::MAX);
 }

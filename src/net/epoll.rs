@@ -374,7 +374,7 @@ async fn serve(
     let shared = &reactor.shared;
     let mut conn = Connection::new(
         Instant::now(),
-        shared.session.clone(),
+        shared.session.current(),
         shared.limits.clone(),
         reactor.budget.clone(),
         peer,
@@ -498,7 +498,8 @@ fn follow_phase(conn: &mut Connection, phase: Phase) {
 fn read_in(stream: &TcpStream, conn: &mut Connection) {
     READ_BUFFER.with(|buf| {
         let mut buf = buf.borrow_mut();
-        match stream.try_read(&mut buf) {
+        let len = conn.read_size_hint().min(buf.len());
+        match stream.try_read(&mut buf[..len]) {
             Ok(0) => conn.handle_eof(Instant::now()),
             Ok(n) => conn.handle_input(Instant::now(), &buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

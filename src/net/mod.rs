@@ -18,8 +18,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::conn::{BodyBudget, Edge, Limits};
 use crate::metrics::Metrics;
+use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
-use crate::smtp::{reply, MessageId, SealedMessage, SessionConfig};
+use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
 pub mod limits;
@@ -62,7 +63,8 @@ pub struct ReactorParams {
     /// The first is the `--listen` one.
     pub listeners: Vec<ListenerSpec>,
     pub reactors: usize,
-    pub session: Arc<SessionConfig>,
+    /// New connections take their settings from it at accept (SIGHUP replaces them).
+    pub session: Arc<SessionConfigHandle>,
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub max_connections: usize,
@@ -106,7 +108,7 @@ pub fn stamp() -> (MessageId, DateTime<Utc>) {
 
 /// Read-only after start, except the connection count.
 pub struct Shared {
-    pub session: Arc<SessionConfig>,
+    pub session: Arc<SessionConfigHandle>,
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<Limits>,
@@ -132,8 +134,8 @@ impl Shared {
             // rather than all contending on one count. One message must always fit.
             budget_per_reactor: (p.max_body_memory / reactors).max(
                 p.session
-                    .max_message_size
-                    .saturating_add(p.session.max_message_size / 8),
+                    .max_message_size_cap
+                    .saturating_add(p.session.max_message_size_cap / 8),
             ),
             open: AtomicUsize::new(0),
         })
@@ -185,7 +187,9 @@ impl Shared {
         m.publish_inflight_bytes.sub(flight.0);
         match result {
             Ok(_) => {}
-            Err(PublishError::Temporary(_)) => m.publish_failures_temporary.inc(),
+            Err(PublishError::Temporary(_) | PublishError::StorageFull) => {
+                m.publish_failures_temporary.inc()
+            }
             Err(PublishError::TooLarge) => m.publish_failures_too_large.inc(),
         }
     }

@@ -1014,14 +1014,37 @@ pub fn replay_spool(
     dir: &std::path::Path,
     options: &KafkaOptions,
 ) -> Result<ReplayReport, ReplayError> {
+    // Open the spool first: a wrong directory should not wait for a broker.
+    let mut records = crate::sink::spool::read_all(dir)?;
+    let mut failed = None;
+    let report = replay_records(
+        std::iter::from_fn(|| match records.next()? {
+            Ok(record) => Some(record),
+            Err(e) => {
+                failed = Some(e);
+                None
+            }
+        }),
+        options,
+    )?;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(report),
+    }
+}
+
+/// [`replay_spool`] for records the caller reads (`spool replay --skip-corrupt` skips
+/// damaged ranges on the way).
+pub fn replay_records(
+    records: impl IntoIterator<Item = crate::sink::spool::SpoolRecord>,
+    options: &KafkaOptions,
+) -> Result<ReplayReport, ReplayError> {
     use std::collections::VecDeque;
 
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     use crate::sink::PublishResult;
 
-    // Open the spool first: a wrong directory should not wait for a broker.
-    let records = crate::sink::spool::read_all(dir)?;
     let sink = KafkaSink::new(options)?;
     let deadline = Instant::now() + options.publish_timeout;
     while !sink.is_healthy() {
@@ -1048,7 +1071,6 @@ pub fn replay_spool(
         }
     };
     for record in records {
-        let record = record?;
         while window.len() >= REPLAY_WINDOW {
             if let Some(pending) = window.pop_front() {
                 settle(&mut report, pending);

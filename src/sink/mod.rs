@@ -5,6 +5,7 @@
 //! failed. The answer goes to the reactor's [`CompletionQueue`] with the connection's
 //! [`Ticket`] and wakes the reactor; only then does the session say `250` (or `451`).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -123,6 +124,19 @@ pub struct SinkStats {
     pub broker_rtt: Vec<(String, f64)>,
 }
 
+/// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the
+/// metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpoolStats {
+    /// Total size of the segment files.
+    pub bytes: u64,
+    pub segments: u64,
+    /// When the oldest stored record was received; `None` when the spool is empty.
+    pub oldest_received_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Bytes available on the spool's file system, if the OS says.
+    pub free_bytes: Option<u64>,
+}
+
 /// A destination for accepted messages.
 pub trait Sink: Send + Sync + 'static {
     /// Takes ownership of a message; answers through `done` exactly once.
@@ -141,6 +155,16 @@ pub trait Sink: Send + Sync + 'static {
         true
     }
 
+    /// Like [`Sink::is_healthy`], with the reason when not (for `/readyz`); an empty
+    /// reason when the sink gives none.
+    fn health(&self) -> Result<(), Cow<'static, str>> {
+        if self.is_healthy() {
+            Ok(())
+        } else {
+            Err(Cow::Borrowed(""))
+        }
+    }
+
     /// True while the sink holds more unanswered messages (or bytes) than it was
     /// configured for. Reactors then stop reading from sessions in DATA, so a slow
     /// sink pushes back on clients through TCP instead of growing memory.
@@ -157,6 +181,11 @@ pub trait Sink: Send + Sync + 'static {
 
     /// The client library's latest statistics, if it keeps any.
     fn stats(&self) -> Option<SinkStats> {
+        None
+    }
+
+    /// The local spool's size and age, if the sink writes one.
+    fn spool_stats(&self) -> Option<SpoolStats> {
         None
     }
 }

@@ -72,6 +72,136 @@ pub enum AddressError {
     DomainTooLong,
     #[error("path longer than 256 octets")]
     PathTooLong,
+    #[error("control, line-separator or bidi-override character in the address")]
+    HostileCharacter,
+}
+
+/// Characters no address may carry even with SMTPUTF8: C0/C1 controls and DEL, the
+/// Unicode line and paragraph separators (a line break to some readers), and the bidi
+/// embedding/override/isolate controls that make a terminal or a mail client show
+/// text in another order than it is stored (Trojan Source, CVE-2021-42574).
+pub fn is_hostile_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+                | '\u{200E}' | '\u{200F}' | '\u{061C}'
+        )
+}
+
+/// Writes `text` with every character that is not plainly printable (see
+/// [`is_hostile_char`]) replaced by a visible `\u{..}` escape, so what a client sent can
+/// never change the structure of a trace line or a terminal screen. Backslashes stay as
+/// they are: quoted local parts use them legitimately.
+pub fn write_escaped(out: &mut impl std::io::Write, text: &str) -> std::io::Result<()> {
+    let mut rest = text;
+    while let Some(at) = rest.find(is_hostile_char) {
+        out.write_all(&rest.as_bytes()[..at])?;
+        let c = rest[at..].chars().next().unwrap_or_default();
+        write!(out, "\\u{{{:x}}}", c as u32)?;
+        rest = &rest[at + c.len_utf8()..];
+    }
+    out.write_all(rest.as_bytes())
+}
+
+/// [`write_escaped`] for bytes that may not be UTF-8: invalid sequences become `\x..`.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        let _ = write_escaped(&mut out, chunk.valid());
+        for b in chunk.invalid() {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        }
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Whether `name` is acceptable as a HELO/EHLO argument: an address literal, or a
+/// domain of ASCII letters, digits, `-` and `_` (underscores are common in Windows host
+/// names and harmless). Anything else could distort the `Received:` line it goes into.
+pub fn is_valid_helo(name: &str) -> bool {
+    if name.starts_with('[') {
+        return parse_address_literal(name).is_ok();
+    }
+    !name.is_empty()
+        && name.len() <= MAX_DOMAIN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        })
+}
+
+/// Why an accept-domain cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AcceptDomainError {
+    #[error("not a valid domain (got {0:?})")]
+    Domain(String),
+    #[error("not a valid address literal (got {0:?}); e.g. [192.0.2.1] or [IPv6:2001:db8::1]")]
+    Literal(String),
+}
+
+/// The one form in which an accept-domain is stored and compared: a domain name after
+/// UTS #46 processing (A-labels, lower case), so `bücher.example`, `BÜCHER.example` and
+/// `xn--bcher-kva.example` are one domain; an address literal as `[a.b.c.d]` or
+/// `[IPv6:<canonical>]`.
+pub fn normalize_accept_domain(text: &str) -> Result<String, AcceptDomainError> {
+    if text.starts_with('[') {
+        let bad = || AcceptDomainError::Literal(text.to_owned());
+        return match parse_address_literal(text).map_err(|_| bad())? {
+            Domain::Literal(l) => literal_ip(l).map(canonical_literal).ok_or_else(bad),
+            Domain::Name(_) => Err(bad()),
+        };
+    }
+    let bad = || AcceptDomainError::Domain(text.to_owned());
+    let ascii = idna::domain_to_ascii_cow(text.as_bytes(), idna::AsciiDenyList::EMPTY)
+        .map_err(|_| bad())?;
+    // UTS #46 without STD3 rules lets through ASCII that is no host name (space, `/`).
+    let ldh = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    if ascii.is_empty() || ascii.len() > MAX_DOMAIN || !ascii.split('.').all(ldh) {
+        return Err(bad());
+    }
+    Ok(ascii.into_owned())
+}
+
+fn canonical_literal(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    }
+}
+
+/// The IP address of an IPv4 or `IPv6:` address literal (brackets included).
+fn literal_ip(literal: &str) -> Option<std::net::IpAddr> {
+    let inner = literal.strip_prefix('[')?.strip_suffix(']')?;
+    match strip_prefix_ignore_case(inner, "IPv6:") {
+        Some(v6) => v6.parse::<Ipv6Addr>().ok().map(Into::into),
+        None => inner.parse::<Ipv4Addr>().ok().map(Into::into),
+    }
+}
+
+/// Whether a recipient's domain is the accept-domain `accepted` (which is in the form
+/// [`normalize_accept_domain`] returns). ASCII names compare without allocating; only
+/// a U-label domain (SMTPUTF8) is converted first.
+pub fn domain_matches(accepted: &str, domain: Domain<'_>) -> bool {
+    match domain {
+        Domain::Name(name) if name.is_ascii() => accepted.eq_ignore_ascii_case(name),
+        Domain::Name(name) => {
+            idna::domain_to_ascii_cow(name.as_bytes(), idna::AsciiDenyList::EMPTY)
+                .is_ok_and(|ascii| ascii == accepted)
+        }
+        Domain::Literal(literal) => {
+            accepted.starts_with('[')
+                && literal_ip(literal).is_some_and(|ip| literal_ip(accepted) == Some(ip))
+        }
+    }
 }
 
 /// Parses `<...>` at the start of `input` and returns it with the unparsed rest (the
@@ -93,6 +223,9 @@ fn parse_path(input: &[u8]) -> Result<(Option<Mailbox<'_>>, &[u8]), AddressError
         return Ok((None, rest));
     }
     let inner = std::str::from_utf8(inner).map_err(|_| AddressError::NotUtf8)?;
+    if !inner.is_ascii() && inner.chars().any(is_hostile_char) {
+        return Err(AddressError::HostileCharacter);
+    }
     let mailbox = skip_source_route(inner)?;
     Ok((Some(parse_mailbox(mailbox)?), rest))
 }

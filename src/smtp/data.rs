@@ -53,10 +53,16 @@ pub enum BodyOutcome {
     BareLineEnding,
 }
 
-/// Reads one DATA body into a buffer.
+/// Reads one DATA body, or the chunks of one BDAT message, into a buffer.
+///
+/// BDAT content has no terminator and no dot-stuffing, but a bare CR or LF in it is the
+/// same smuggling risk once a downstream relay re-sends the message with DATA, so the
+/// same scanner applies the same policy to it ([`DataReader::chunked`]).
 #[derive(Clone, Debug)]
 pub struct DataReader {
     state: State,
+    /// BDAT: no terminator, no dot-stuffing; the state carries across chunks.
+    chunked: bool,
     policy: BareLfPolicy,
     max_size: usize,
     size: usize,
@@ -68,12 +74,30 @@ impl DataReader {
     pub fn new(max_size: usize, policy: BareLfPolicy) -> Self {
         DataReader {
             state: State::LineStart,
+            chunked: false,
             policy,
             max_size,
             size: 0,
             too_large: false,
             bare_line_ending: false,
         }
+    }
+
+    /// A reader for BDAT content: give it each chunk's octets with [`Self::feed`] (it
+    /// never reports an end) and call [`Self::finish`] after the `LAST` chunk.
+    pub fn chunked(max_size: usize, policy: BareLfPolicy) -> Self {
+        DataReader {
+            chunked: true,
+            ..DataReader::new(max_size, policy)
+        }
+    }
+
+    /// The end of BDAT content: a CR still held at the very end was bare.
+    pub fn finish(&mut self, body: &mut BytesMut) {
+        if self.state == State::Cr {
+            self.bare(body);
+        }
+        self.state = State::LineStart;
     }
 
     /// Consumes body bytes from `input`, appending the unstuffed body to `body`. Returns
@@ -118,7 +142,7 @@ impl DataReader {
                     }
                 }
                 State::LineStart => {
-                    if input[i] == b'.' {
+                    if input[i] == b'.' && !self.chunked {
                         self.state = State::Dot;
                         i += 1;
                     } else {
@@ -317,5 +341,40 @@ mod tests {
     fn incomplete_body_waits_for_more() {
         assert_eq!(read(b"abc\r\n.\r", 1, REJECT, 100), None);
         assert_eq!(read(b"abc\r\n", 3, REJECT, 100), None);
+    }
+
+    /// BDAT content through the same scanner: every split, chunk boundaries included,
+    /// gives the same body and outcome; dots are plain content.
+    #[test]
+    fn chunked_content_follows_the_policy_across_any_split() {
+        let chunked = |input: &[u8], step: usize, policy| {
+            let mut reader = DataReader::chunked(1000, policy);
+            let mut body = BytesMut::new();
+            for piece in input.chunks(step) {
+                assert_eq!(reader.feed(piece, &mut body), (piece.len(), false));
+            }
+            reader.finish(&mut body);
+            (body.to_vec(), reader.outcome())
+        };
+        let cases: &[(&[u8], BodyOutcome, &[u8])] = &[
+            (b".\r\n..x\r\n", BodyOutcome::Complete, b".\r\n..x\r\n"),
+            (b"a\n.\nb", BodyOutcome::BareLineEnding, b"a\r\n.\r\nb"),
+            (b"a\r.\r\n", BodyOutcome::BareLineEnding, b"a\r\n.\r\n"),
+            (b"end\r", BodyOutcome::BareLineEnding, b"end\r\n"),
+        ];
+        for &(input, reject, normalized) in cases {
+            for step in 1..=input.len() {
+                assert_eq!(
+                    chunked(input, step, REJECT).1,
+                    reject,
+                    "{input:?} by {step}"
+                );
+                let (body, outcome) = chunked(input, step, NORMALIZE);
+                assert_eq!(
+                    (body.as_slice(), outcome),
+                    (normalized, BodyOutcome::Complete)
+                );
+            }
+        }
     }
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::borrow::Cow;
 
 use bytes::{Buf, Bytes, BytesMut};
+
+use super::address::write_escaped;
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 
 /// A message's identity: a ULID, sortable by arrival time. It is the Kafka key, the
@@ -28,6 +30,9 @@ pub enum PublishError {
     /// The sink will never take a message this large: `552 5.3.4`.
     #[error("message too large for the sink")]
     TooLarge,
+    /// The sink's storage is at its limit (size cap or free-space floor): `452 4.3.1`.
+    #[error("insufficient storage")]
+    StorageFull,
 }
 
 pub type PublishResult = Result<MessageId, PublishError>;
@@ -228,10 +233,13 @@ fn write_received_line(
         (false, true, true) => "ESMTPS",
         (false, false, _) => "SMTP",
     };
+    // Client text is validated where it is parsed (HELO argument, addresses) and
+    // escaped here as well, so no byte a client chose can break the line's structure.
+    out.write_all(b"Received: from ")?;
+    write_escaped(out, &env.helo)?;
     write!(
         out,
-        "Received: from {} ([{}])\r\n\tby {} (smtpgw) with {} id {}",
-        env.helo,
+        " ([{}])\r\n\tby {} (smtpgw) with {} id {}",
         env.client_addr.ip(),
         hostname,
         protocol,
@@ -239,7 +247,9 @@ fn write_received_line(
     )?;
     if env.rcpt_count() == 1 {
         if let Some(rcpt) = env.rcpt_to().next() {
-            write!(out, "\r\n\tfor <{rcpt}>")?;
+            out.write_all(b"\r\n\tfor <")?;
+            write_escaped(out, rcpt)?;
+            out.write_all(b">")?;
         }
     }
     // RFC 5322 date-time, as chrono's to_rfc2822 writes it; by hand because chrono's

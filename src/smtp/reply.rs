@@ -15,7 +15,7 @@ pub const VRFY: &[u8] =
     b"252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery\r\n";
 pub const HELP: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domains\r\n\
 214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT\r\n\
-214-2.0.0           VRFY EXPN HELP SEND SOML SAML\r\n\
+214-2.0.0           VRFY HELP SEND SOML SAML\r\n\
 214 2.0.0 End of HELP info\r\n";
 pub const HELP_UNKNOWN_TOPIC: &[u8] = b"504 5.5.4 HELP topic unknown\r\n";
 
@@ -54,6 +54,8 @@ pub const RELAY_DENIED: &[u8] = b"550 5.7.1 Relay access denied\r\n";
 pub const TOO_MANY_RECIPIENTS: &[u8] = b"452 4.5.3 Too many recipients\r\n";
 pub const MESSAGE_TOO_BIG: &[u8] = b"552 5.3.4 Message size exceeds fixed limit\r\n";
 pub const SINK_TOO_BIG: &[u8] = b"552 5.3.4 Message too large for the message store\r\n";
+/// The message store is at its size limit or free-space floor: temporary, retry later.
+pub const STORAGE_FULL: &[u8] = b"452 4.3.1 Insufficient system storage, try again later\r\n";
 pub const BARE_LINE_ENDING: &[u8] =
     b"550 5.6.0 Message refused: bare CR or LF (RFC 5321 section 2.3.8)\r\n";
 
@@ -77,18 +79,20 @@ pub fn helo(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "250 {hostname}\r\n");
 }
 
-/// Advertises only what the core implements; STARTTLS only while it can be used (a
-/// certificate is configured and the connection is not encrypted yet).
+/// Advertises only what the core implements: STARTTLS only while it can be used (a
+/// certificate is configured and the connection is not encrypted yet), and, as RFC 5321
+/// section 4.1.1.1 requires, a keyword for every command it implements beyond the
+/// required set of section 4.5.1: HELP, SEND, SOML and SAML.
 pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize, starttls: bool) {
     let _ = write!(
         out,
         "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
-         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"
+         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n"
     );
     if starttls {
         out.extend_from_slice(b"250-STARTTLS\r\n");
     }
-    out.extend_from_slice(b"250 CHUNKING\r\n");
+    out.extend_from_slice(b"250-HELP\r\n250-SEND\r\n250-SOML\r\n250 SAML\r\n");
 }
 
 pub fn bye(out: &mut Vec<u8>, hostname: &str) {

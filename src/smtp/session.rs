@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use memchr::memchr;
 
-use super::address::{AddressError, Domain, ForwardPath, ReversePath};
+use super::address::{self, AddressError, Domain, ForwardPath, ReversePath};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
@@ -26,7 +26,9 @@ use super::stats::{self, SessionStats};
 pub struct SessionConfig {
     /// Our name: the greeting, EHLO reply and `Received:` lines use it.
     pub hostname: String,
-    /// Recipient domains we take mail for, lower-case. Everything else gets `550 5.7.1`.
+    /// Recipient domains we take mail for, each in the form
+    /// [`address::normalize_accept_domain`] returns (A-labels in lower case, or a
+    /// canonical address literal). Everything else gets `550 5.7.1`.
     pub accept_domains: Vec<String>,
     /// Largest message body in octets, after dot-unstuffing. Advertised as SIZE.
     pub max_message_size: usize,
@@ -37,10 +39,9 @@ pub struct SessionConfig {
 
 impl SessionConfig {
     fn accepts(&self, domain: Domain<'_>) -> bool {
-        let domain = domain.as_str();
         self.accept_domains
             .iter()
-            .any(|accepted| accepted.eq_ignore_ascii_case(domain))
+            .any(|accepted| address::domain_matches(accepted, domain))
     }
 
     /// Room in front of a body for the `Received:` line, so sealing needs no copy.
@@ -101,9 +102,15 @@ struct Greeting {
 struct Transaction {
     envelope: Envelope,
     size_hint: Option<u64>,
-    /// BDAT chunks received so far (DATA bodies live in `Phase::Data`).
-    bdat_body: Option<BytesMut>,
+    /// BDAT chunks received so far (DATA bodies live in `Phase::Data`), read by the
+    /// same scanner as DATA so the bare CR/LF policy holds for both.
+    bdat: Option<BdatBody>,
     bdat_size: u64,
+}
+
+struct BdatBody {
+    reader: DataReader,
+    body: BytesMut,
 }
 
 /// One SMTP conversation, from greeting to close.
@@ -308,8 +315,8 @@ impl Session {
                     chunk.remaining -= take;
                     pos += bytes.len();
                     if chunk.refusal.is_none() {
-                        if let Some(body) = self.txn.as_mut().and_then(|t| t.bdat_body.as_mut()) {
-                            body.extend_from_slice(bytes);
+                        if let Some(b) = self.txn.as_mut().and_then(|t| t.bdat.as_mut()) {
+                            b.reader.feed(bytes, &mut b.body);
                         }
                     }
                     if chunk.remaining > 0 {
@@ -327,7 +334,7 @@ impl Session {
     }
 
     /// The sink's answer for the message taken last: `250 2.0.0 Ok: queued as <id>`,
-    /// `451 4.3.0` or `552 5.3.4`.
+    /// `451 4.3.0`, `452 4.3.1` or `552 5.3.4`.
     pub fn publish_result(&mut self, result: PublishResult) {
         if !matches!(self.phase, Phase::AwaitingPublish) {
             debug_assert!(false, "publish_result without a message in flight");
@@ -346,6 +353,10 @@ impl Session {
             Err(PublishError::TooLarge) => {
                 self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
                 self.out.extend_from_slice(reply::SINK_TOO_BIG)
+            }
+            Err(PublishError::StorageFull) => {
+                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.out.extend_from_slice(reply::STORAGE_FULL)
             }
         }
         self.stats.count_replies(&self.out[replied_from..]);
@@ -442,8 +453,8 @@ impl Session {
             _ => self
                 .txn
                 .as_ref()
-                .and_then(|t| t.bdat_body.as_ref())
-                .map_or(0, |b| b.len()),
+                .and_then(|t| t.bdat.as_ref())
+                .map_or(0, |b| b.body.len()),
         };
         let completed = self.completed.as_ref().map_or(0, |m| m.body().len());
         buffered.saturating_sub(headroom) + completed
@@ -453,7 +464,7 @@ impl Session {
     pub fn in_body(&self) -> bool {
         match self.phase {
             Phase::Data { .. } | Phase::Bdat(_) => true,
-            Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat_body.is_some()),
+            Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat.is_some()),
             Phase::AwaitingPublish | Phase::StartTls | Phase::Closed => false,
         }
     }
@@ -478,9 +489,20 @@ impl Session {
     }
 
     fn close(&mut self) {
+        if matches!(self.phase, Phase::Data { .. }) {
+            self.stats.bodies_abandoned += 1;
+        }
         self.phase = Phase::Closed;
-        self.txn = None;
+        self.abort_transaction();
         self.completed = None;
+    }
+
+    /// Drops the transaction. A BDAT body under way ends without an outcome, and is
+    /// counted so, so the caller never times it as if it had ended.
+    fn abort_transaction(&mut self) {
+        if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
+            self.stats.bodies_abandoned += 1;
+        }
     }
 
     fn reply(&mut self, text: &[u8]) {
@@ -505,7 +527,7 @@ impl Session {
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
-                self.txn = None;
+                self.abort_transaction();
                 self.reply(reply::OK);
             }
             Command::Noop => self.reply(reply::OK),
@@ -537,9 +559,12 @@ impl Session {
     fn hello(&mut self, name: &[u8], esmtp: bool) {
         // RFC 5321 allows one argument; some clients add more words, which we ignore.
         let name = name.split(|&b| b == b' ').next().unwrap_or_default();
+        // The argument goes into every Received: line of the session: only a domain or
+        // an address literal is taken (501 otherwise), never text that could change
+        // the line's structure.
         let Some(name) = std::str::from_utf8(name)
             .ok()
-            .filter(|n| n.len() <= MAX_HELO && !n.chars().any(char::is_control))
+            .filter(|n| n.len() <= MAX_HELO && address::is_valid_helo(n))
         else {
             return self.reply(reply::BAD_HELO);
         };
@@ -549,7 +574,7 @@ impl Session {
         };
         self.greeting = Some(Greeting { helo, esmtp });
         // HELO/EHLO also reset any transaction (RFC 5321 section 4.1.4).
-        self.txn = None;
+        self.abort_transaction();
         if esmtp {
             reply::ehlo(
                 &mut self.out,
@@ -590,6 +615,8 @@ impl Session {
             .size
             .is_some_and(|size| size > self.config.max_message_size as u64)
         {
+            // A message refused for its size, only earlier than its body.
+            self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
             return self.reply(reply::MESSAGE_TOO_BIG);
         }
         let from = match from {
@@ -616,7 +643,7 @@ impl Session {
         self.txn = Some(Transaction {
             envelope,
             size_hint: mail_params.size,
-            bdat_body: None,
+            bdat: None,
             bdat_size: 0,
         });
         self.reply(reply::MAIL_OK);
@@ -626,7 +653,7 @@ impl Session {
         let Some(txn) = &mut self.txn else {
             return self.reply(reply::NEED_MAIL);
         };
-        if txn.bdat_body.is_some() {
+        if txn.bdat.is_some() {
             return self.reply(reply::RCPT_AFTER_BDAT);
         }
         if !params.is_empty() {
@@ -654,7 +681,7 @@ impl Session {
         let Some(txn) = &self.txn else {
             return self.reply(reply::NEED_MAIL);
         };
-        if txn.bdat_body.is_some() {
+        if txn.bdat.is_some() {
             return self.reply(reply::DATA_AFTER_BDAT);
         }
         if txn.envelope.rcpt_count() == 0 {
@@ -672,15 +699,22 @@ impl Session {
             return;
         };
         // After the final dot the transaction is over, whatever the outcome.
+        let Some(txn) = self.txn.take() else {
+            self.stats.bodies_abandoned += 1;
+            return;
+        };
+        self.end_body(&reader, txn.envelope, body);
+    }
+
+    /// A DATA body after its final dot or a BDAT message after its last chunk: the
+    /// same outcomes, counts and replies for both.
+    fn end_body(&mut self, reader: &DataReader, envelope: Envelope, body: BytesMut) {
         self.stats.bodies_ended += 1;
         if reader.saw_bare_line_ending() {
             self.stats.smuggling_attempts += 1;
         }
-        let Some(txn) = self.txn.take() else {
-            return;
-        };
         match reader.outcome() {
-            BodyOutcome::Complete => self.complete(txn.envelope, body),
+            BodyOutcome::Complete => self.complete(envelope, body),
             BodyOutcome::TooLarge => {
                 self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
                 self.reply(reply::MESSAGE_TOO_BIG)
@@ -703,13 +737,17 @@ impl Session {
             _ => None,
         };
         if refusal.is_none() {
-            let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
-            let new_body = self.new_body(Some(hint));
-            if let Some(txn) = self.txn.as_mut() {
-                if txn.bdat_body.is_none() {
+            let first = self.txn.as_ref().is_some_and(|t| t.bdat.is_none());
+            if first {
+                let hint = self.txn.as_ref().and_then(|t| t.size_hint).unwrap_or(size);
+                let body = self.new_body(Some(hint));
+                let reader = DataReader::chunked(max as usize, self.config.bare_lf);
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.bdat = Some(BdatBody { reader, body });
                     self.stats.bodies_started += 1;
                 }
-                txn.bdat_body.get_or_insert(new_body);
+            }
+            if let Some(txn) = self.txn.as_mut() {
                 txn.bdat_size += size;
             }
         }
@@ -731,23 +769,30 @@ impl Session {
         match chunk.refusal {
             Some(refusal) => {
                 if refusal == reply::MESSAGE_TOO_BIG {
-                    // RFC 3030 section 2: after an error the transaction is aborted.
-                    self.txn = None;
+                    // RFC 3030 section 2: after an error the transaction is aborted. A
+                    // body ends here only if an earlier chunk had started it.
+                    if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
+                        self.stats.bodies_ended += 1;
+                    }
                     self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
-                    self.stats.bodies_ended += 1;
                 }
                 self.reply(refusal);
             }
             None if chunk.last => {
-                self.stats.bodies_ended += 1;
-                if let Some(Transaction {
+                let Some(Transaction {
                     envelope,
-                    bdat_body: Some(body),
+                    bdat:
+                        Some(BdatBody {
+                            mut reader,
+                            mut body,
+                        }),
                     ..
                 }) = self.txn.take()
-                {
-                    self.complete(envelope, body);
-                }
+                else {
+                    return;
+                };
+                reader.finish(&mut body);
+                self.end_body(&reader, envelope, body);
             }
             None => reply::chunk_received(&mut self.out, chunk.size),
         }

@@ -416,10 +416,11 @@ fn smuggling_is_refused_and_never_splits_a_message() {
 
 #[test]
 fn bdat_chunks_are_raw_and_concatenated() {
-    let t = run(format!("{TXN}BDAT 5\r\n.\r\n\nxBDAT 3 LAST\r\nend").as_bytes());
+    // No dot-unstuffing, no terminator: a chunk's octets are the message's.
+    let t = run(format!("{TXN}BDAT 6\r\n.\r\n\r\nxBDAT 3 LAST\r\nend").as_bytes());
     assert_eq!(&codes(&t)[3..], ["250 2.0.0", "250 2.0.0"]);
-    assert!(String::from_utf8_lossy(&t.replies).contains("250 2.0.0 5 octets received"));
-    assert_eq!(t.messages[0].2, b".\r\n\nxend");
+    assert!(String::from_utf8_lossy(&t.replies).contains("250 2.0.0 6 octets received"));
+    assert_eq!(t.messages[0].2, b".\r\n\r\nxend");
     assert_eq!(
         replies(&format!("{TXN}BDAT 1\r\nxDATA\r\n"))
             .last()
@@ -821,4 +822,255 @@ proptest! {
         prop_assert_eq!(s.replies[stats::REPLY_UNLISTED], 0);
         prop_assert_eq!(s.messages_accepted as u128, answered);
     }
+}
+
+#[test]
+fn ehlo_lists_every_implemented_command_beyond_the_required_ones() {
+    let text = String::from_utf8(run(b"EHLO client.test\r\n").replies).unwrap();
+    for keyword in ["HELP", "SEND", "SOML", "SAML"] {
+        assert!(
+            text.contains(&format!("250-{keyword}\r\n"))
+                || text.contains(&format!("250 {keyword}\r\n")),
+            "{keyword} missing from {text}"
+        );
+    }
+    let help = String::from_utf8(run(b"HELP\r\n").replies).unwrap();
+    assert!(
+        !help.contains("EXPN"),
+        "HELP lists EXPN, which answers 502: {help}"
+    );
+    for command in ["SEND", "SOML", "SAML", "VRFY", "BDAT"] {
+        assert!(help.contains(command), "{command} missing from {help}");
+    }
+}
+
+fn idn_config() -> Arc<SessionConfig> {
+    let accept = ["bücher.example", "[IPv6:2001:db8::1]", "Plain.Example"]
+        .iter()
+        .map(|d| address::normalize_accept_domain(d).unwrap())
+        .collect();
+    Arc::new(SessionConfig {
+        accept_domains: accept,
+        ..(*config(BareLfPolicy::Reject)).clone()
+    })
+}
+
+#[test]
+fn accept_domains_match_u_labels_a_labels_and_literals() {
+    let cfg = idn_config();
+    assert_eq!(
+        cfg.accept_domains,
+        [
+            "xn--bcher-kva.example",
+            "[IPv6:2001:db8::1]",
+            "plain.example"
+        ]
+    );
+    let rcpt = |mail: &str, to: &str| {
+        let input = format!("EHLO c\r\nMAIL FROM:<a@x.test>{mail}\r\nRCPT TO:<{to}>\r\n");
+        codes(&run_pieces(cfg.clone(), [input.as_bytes()]))
+            .pop()
+            .unwrap()
+    };
+    for to in [
+        "u@xn--bcher-kva.example",
+        "u@XN--BCHER-KVA.EXAMPLE",
+        "u@plain.EXAMPLE",
+        "u@[IPv6:2001:DB8:0::1]",
+        "u@[ipv6:2001:db8::0001]",
+    ] {
+        assert_eq!(rcpt("", to), "250 2.1.5", "{to}");
+    }
+    for to in ["u@bücher.example", "u@BÜCHER.example", "ü@Bücher.Example"] {
+        assert_eq!(rcpt(" SMTPUTF8", to), "250 2.1.5", "{to}");
+    }
+    for to in [
+        "u@xn--bcher-kva.example.org",
+        "u@[IPv6:2001:db8::2]",
+        "u@[192.0.2.1]",
+        "u@xn--bcher-kvb.example",
+    ] {
+        assert_eq!(rcpt("", to), "550 5.7.1", "{to}");
+    }
+}
+
+#[test]
+fn helo_argument_must_be_a_domain_or_an_address_literal() {
+    for good in [
+        "client.test",
+        "DESKTOP-AB_12",
+        "[127.0.0.1]",
+        "[IPv6:::1]",
+        "192.0.2.9",
+        "xn--bcher-kva.example",
+    ] {
+        for verb in ["HELO", "EHLO"] {
+            assert_eq!(
+                replies(&format!("{verb} {good}\r\n")),
+                ["250"],
+                "{verb} {good}"
+            );
+        }
+    }
+    for bad in [
+        "evil;x(foo)",
+        "[127.0.0.1])",
+        "a\u{202e}b.example",
+        "line\u{2028}sep",
+        "bücher.example",
+        "a..b",
+        "a,b",
+        "x\"y",
+        "[300.1.1.1]",
+        "a\u{85}b",
+        "(comment)",
+    ] {
+        for verb in ["HELO", "EHLO"] {
+            assert_eq!(
+                replies(&format!("{verb} {bad}\r\nNOOP\r\n")),
+                ["501 5.5.4", "250 2.0.0"],
+                "{verb} {bad:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn addresses_with_line_separators_c1_controls_or_bidi_overrides_are_refused() {
+    for hostile in [
+        "\u{2028}", "\u{2029}", "\u{85}", "\u{9b}", "\u{202e}", "\u{2066}", "\u{200f}",
+    ] {
+        let quoted = format!("\"a{hostile}b\"@example.com");
+        let dot = format!("a{hostile}b@example.com");
+        for addr in [&quoted, &dot] {
+            let mail = format!("EHLO c\r\nMAIL FROM:<{addr}> SMTPUTF8\r\n");
+            assert_eq!(replies(&mail).pop().unwrap(), "501 5.1.7", "{addr:?}");
+            let rcpt = format!("EHLO c\r\nMAIL FROM:<a@b.test> SMTPUTF8\r\nRCPT TO:<{addr}>\r\n");
+            assert_eq!(replies(&rcpt).pop().unwrap(), "501 5.1.3", "{addr:?}");
+        }
+    }
+    // Ordinary UTF-8 is still fine.
+    let ok = "EHLO c\r\nMAIL FROM:<\"ü x\"@b.test> SMTPUTF8\r\nRCPT TO:<用户@example.com>\r\n";
+    assert_eq!(replies(ok)[1..], ["250 2.1.0", "250 2.1.5"]);
+}
+
+#[test]
+fn trace_line_escapes_what_is_not_printable() {
+    // The parsers refuse such text; the trace line does not rely on it.
+    let mut env = Envelope::new(
+        Verb::Mail,
+        Arc::from("evil\r\nX-Injected: 1\u{202e}"),
+        true,
+        "192.0.2.7:1".parse().unwrap(),
+        "a@b",
+        "",
+    );
+    env.push_rcpt("\"x\u{85}\u{2028}y\"@example.com");
+    let line = crate::smtp::envelope::received_line(
+        &env,
+        MessageId::from(1u128),
+        chrono::DateTime::from_timestamp(0, 0).unwrap(),
+        "mx.test",
+    );
+    assert!(
+        line.starts_with("Received: from evil\\u{d}\\u{a}X-Injected: 1\\u{202e} ([192.0.2.7])"),
+        "{line}"
+    );
+    assert!(
+        line.contains("for <\"x\\u{85}\\u{2028}y\"@example.com>;"),
+        "{line}"
+    );
+    assert_eq!(line.matches("\r\n").count(), 4, "{line}");
+    assert!(!line
+        .chars()
+        .any(|c| c != '\r' && c != '\n' && c != '\t' && address::is_hostile_char(c)));
+}
+
+#[test]
+fn bdat_content_is_under_the_bare_lf_policy() {
+    let bdat = |chunks: &[&str]| {
+        let mut input = String::from(TXN);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = if i + 1 == chunks.len() { " LAST" } else { "" };
+            input.push_str(&format!("BDAT {}{last}\r\n{chunk}", chunk.len()));
+        }
+        input
+    };
+    let smuggle = bdat(&["a\n.\nMAIL FROM:<evil@x.test>\r\n"]);
+    let t = run_pieces(config(BareLfPolicy::Reject), [smuggle.as_bytes()]);
+    assert_eq!(codes(&t).pop().unwrap(), "550 5.6.0");
+    assert!(t.messages.is_empty());
+    for chunks in [
+        &["a\rb\r\n"][..],
+        &["ok\r\n", "x\n"],
+        &["trailing CR at the very end\r"],
+        &["a\r", "b"],
+    ] {
+        let t = run_pieces(config(BareLfPolicy::Reject), [bdat(chunks).as_bytes()]);
+        assert_eq!(codes(&t).pop().unwrap(), "550 5.6.0", "{chunks:?}");
+    }
+    // A CRLF split across chunks is not bare.
+    let t = run(bdat(&["a\r", "\nb\r\n"]).as_bytes());
+    assert_eq!(t.messages[0].2, b"a\r\nb\r\n");
+
+    let t = run_pieces(config(BareLfPolicy::Normalize), [smuggle.as_bytes()]);
+    assert_eq!(codes(&t).pop().unwrap(), "250 2.0.0");
+    assert_eq!(t.messages[0].2, b"a\r\n.\r\nMAIL FROM:<evil@x.test>\r\n");
+    let s = stats_of(config(BareLfPolicy::Reject), smuggle.as_bytes(), &[]);
+    assert_eq!(
+        (
+            s.smuggling_attempts,
+            s.messages_rejected[stats::REJECT_BARE_LINE_ENDING]
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+fn body_counts_start_and_end_once() {
+    let stats = |input: String| stats_of(config(BareLfPolicy::Reject), input.as_bytes(), &[]);
+    // A first chunk refused for its size: no body ever started.
+    let s = stats(format!("{TXN}BDAT 200 LAST\r\n{}", "z".repeat(200)));
+    assert_eq!(
+        (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
+        (0, 0, 0)
+    );
+    assert_eq!(s.messages_rejected[stats::REJECT_TOO_LARGE], 1);
+    // RSET, HELO and EHLO mid-BDAT abandon the body, never end it.
+    for reset in ["RSET", "HELO c", "EHLO c"] {
+        let s = stats(format!("{TXN}BDAT 2\r\nab{reset}\r\n"));
+        assert_eq!(
+            (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
+            (1, 0, 1),
+            "{reset}"
+        );
+    }
+    // A later chunk over the limit ends the body it is part of.
+    let s = stats(format!(
+        "{TXN}BDAT 60\r\n{}BDAT 60\r\n{}",
+        "a".repeat(60),
+        "b".repeat(60)
+    ));
+    assert_eq!(
+        (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
+        (1, 1, 0)
+    );
+    // A close mid-DATA or mid-BDAT abandons the body.
+    for input in [format!("{TXN}DATA\r\nhal"), format!("{TXN}BDAT 9\r\nhal")] {
+        let mut session = new_session();
+        session.feed(input.as_bytes());
+        session.timed_out();
+        let s = session.stats_mut();
+        assert_eq!(
+            (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
+            (1, 0, 1),
+            "{input}"
+        );
+    }
+    // MAIL ... SIZE= over the limit is a message refused for its size.
+    let s = stats(format!("{HELLO}MAIL FROM:<a@x.test> SIZE=101\r\n"));
+    assert_eq!(
+        (s.messages_rejected[stats::REJECT_TOO_LARGE], s.reply(552)),
+        (1, 1)
+    );
 }

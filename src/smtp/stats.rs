@@ -55,6 +55,12 @@ pub struct SessionStats {
     pub bodies_ended: u64,
     /// Sessions closed with `421 4.7.0` by a limit, indexed like [`LIMIT_CLOSES`].
     pub limit_closes: [u64; LIMIT_CLOSES.len()],
+    /// A body started but ended without an outcome: RSET, HELO/EHLO or a close in the
+    /// middle of a BDAT transaction, a close in the middle of DATA. Every body started
+    /// is counted once in `bodies_ended` or here, and a refusal before any body (a
+    /// first BDAT chunk over the limit) in neither, so a caller timing bodies starts
+    /// its clock at `bodies_started` and forgets it at `bodies_abandoned`.
+    pub bodies_abandoned: u64,
 }
 
 /// `smtpgw_session_limit_closes_total{reason}` label values.
@@ -78,6 +84,7 @@ impl SessionStats {
         self.smuggling_attempts += std::mem::take(&mut other.smuggling_attempts);
         self.bodies_started += std::mem::take(&mut other.bodies_started);
         self.bodies_ended += std::mem::take(&mut other.bodies_ended);
+        self.bodies_abandoned += std::mem::take(&mut other.bodies_abandoned);
     }
 
     /// Commands counted for `verb` (a [`VERBS`] entry); 0 for anything else.

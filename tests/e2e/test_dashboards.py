@@ -86,6 +86,7 @@ def alert_rules() -> list[tuple[str, str]]:
 def substitute(expr: str, instance: str) -> str:
     for name, value in GRAFANA_VARIABLES.items():
         expr = expr.replace(name, value)
+    expr = expr.replace("$job", JOB)
     # `$instance` is an exact label value (node) or a regex (overview), which Grafana
     # escapes the way PromQL strings want it: a backslash in the regex is `\\` in the string.
     regex = re.escape(instance).replace("\\", "\\\\")

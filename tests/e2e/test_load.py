@@ -219,7 +219,9 @@ def test_spool_tools_read_whole_messages_next_to_a_busy_gateway(gateway, tmp_pat
     with load(gateway, "busy") as log:
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline:
-            snapshots.append((gateway.spool_ids(), exported_by_token(gateway, tmp_path / "snapshot.mbox")))
+            # A fresh file each time: export refuses to replace one without --force.
+            mbox = tmp_path / f"snapshot-{len(snapshots)}.mbox"
+            snapshots.append((gateway.spool_ids(), exported_by_token(gateway, mbox)))
     final_ids = gateway.spool_ids()
     assert len(snapshots) > 1 and snapshots[-1][0], "no snapshot saw any message"
     for ids, stored in snapshots:

@@ -5,10 +5,15 @@ STARTTLS with an argument, and --require-tls."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
 import smtplib
 import ssl
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +155,95 @@ def test_plaintext_on_the_implicit_tls_listener_is_a_failed_handshake(start_gate
         data = recv_all(wire.sock)
     assert not data.startswith(b"220"), data
     assert metric(gateway, 'smtpgw_tls_handshake_failures_total{reason="bad_message"}') >= 1
+
+
+def replace_atomically(source: Path, target: Path) -> None:
+    tmp = target.with_suffix(".new")
+    shutil.copyfile(source, tmp)
+    os.rename(tmp, target)
+
+
+def wait_for_log(gateway, pattern: str, after: int, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, gateway.stderr[after:])
+        if match:
+            return match.group(0)
+        time.sleep(0.02)
+    raise AssertionError(f"no {pattern!r} in the log:\n{gateway.stderr[after:]}")
+
+
+def served_certificate(gateway, cafile: Path) -> bytes:
+    """The DER certificate a new STARTTLS handshake presents, verified against `cafile`."""
+    client = smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT)
+    try:
+        client.ehlo()
+        client.starttls(context=client_context(cafile))
+        der = client.sock.getpeercert(binary_form=True)
+        client.quit()
+    finally:
+        client.close()
+    return der
+
+
+def test_sighup_reloads_the_certificate_while_a_tls_session_is_open(start_gateway, tmp_path):
+    """A renewed certificate is picked up on SIGHUP: the session encrypted before it
+    completes its message, and a new handshake presents the new certificate."""
+    for name in ("old", "new", "live"):
+        (tmp_path / name).mkdir()
+    old_crt, old_key = make_certificate(tmp_path / "old")
+    new_crt, new_key = make_certificate(tmp_path / "new")
+    live = tmp_path / "live"
+    crt, key = live / "mx.crt", live / "mx.key"
+    replace_atomically(old_crt, crt)
+    replace_atomically(old_key, key)
+    gateway = tls_gateway(start_gateway, (crt, key), "--listen-tls", "127.0.0.1:0")
+    old_der = ssl.PEM_cert_to_DER_cert(old_crt.read_text())
+    new_der = ssl.PEM_cert_to_DER_cert(new_crt.read_text())
+    assert old_der != new_der
+    assert served_certificate(gateway, old_crt) == old_der
+
+    first = make_message("before-reload", b"Started before the reload.\r\n" * 20)
+    second = make_message("after-reload")
+    with smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT) as client:
+        client.ehlo()
+        client.starttls(context=client_context(old_crt))
+        client.ehlo()
+        assert client.mail("sender@b.example")[0] == 250
+        assert client.rcpt("x@example.com")[0] == 250
+
+        mark = len(gateway.stderr)
+        replace_atomically(new_crt, crt)
+        replace_atomically(new_key, key)
+        gateway.send_signal(signal.SIGHUP)
+        wait_for_log(gateway, r"TLS certificate reloaded", after=mark)
+
+        # The session encrypted with the old certificate carries on and is stored.
+        code, text = client.data(first)
+        assert code == 250, text
+        assert client.sock.getpeercert(binary_form=True) == old_der
+        # A new handshake (STARTTLS and implicit TLS) sees the new certificate only.
+        assert served_certificate(gateway, new_crt) == new_der
+        with pytest.raises(ssl.SSLCertVerificationError):
+            served_certificate(gateway, old_crt)
+        with smtplib.SMTP_SSL(gateway.host, tls_port(gateway), local_hostname="client.test",
+                              timeout=IO_TIMEOUT, context=client_context(new_crt)) as implicit:
+            assert implicit.sock.getpeercert(binary_form=True) == new_der
+        # And the old session is still usable after all that.
+        client.sendmail("sender@b.example", ["x@example.com"], second)
+        client.quit()
+
+    # A certificate that does not load is refused; the running one stays.
+    mark = len(gateway.stderr)
+    key.write_text("not a key\n")
+    gateway.send_signal(signal.SIGHUP)
+    wait_for_log(gateway, r"TLS certificate refused", after=mark)
+    assert served_certificate(gateway, new_crt) == new_der
+
+    ids = gateway.spool_ids()
+    assert len(ids) == 2, ids
+    assert [gateway.cat(i, body=True) for i in ids] == [first, second]
+    assert gateway.running()
 
 
 @pytest.mark.parametrize(

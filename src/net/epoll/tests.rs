@@ -41,13 +41,16 @@ fn start_budget(
     Reactors::start(ReactorParams {
         listeners: one_listener(),
         reactors: 2,
-        session: Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            accept_domains: vec!["example.com".into()],
-            max_message_size: 1 << 20,
-            max_recipients: 100,
-            bare_lf: BareLfPolicy::Reject,
-        }),
+        session: Arc::new(
+            SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: vec!["example.com".into()],
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                bare_lf: BareLfPolicy::Reject,
+            }
+            .into(),
+        ),
         sink,
         metrics: Arc::new(Metrics::new().expect("metrics registry")),
         max_connections,
@@ -56,6 +59,7 @@ fn start_budget(
             max_session_time: Duration::from_secs(60),
             min_data_rate: None,
             output_cap: Limits::DEFAULT_OUTPUT_CAP,
+            sink: "test",
         },
         max_body_memory,
     })
@@ -180,13 +184,16 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
     let r = Reactors::start(ReactorParams {
         listeners: one_listener(),
         reactors: 1,
-        session: Arc::new(SessionConfig {
-            hostname: "mx.test".into(),
-            accept_domains: vec!["example.com".into()],
-            max_message_size: 1 << 20,
-            max_recipients: 100,
-            bare_lf: BareLfPolicy::Reject,
-        }),
+        session: Arc::new(
+            SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: vec!["example.com".into()],
+                max_message_size: 1 << 20,
+                max_recipients: 100,
+                bare_lf: BareLfPolicy::Reject,
+            }
+            .into(),
+        ),
         sink: sink.clone(),
         metrics: Arc::new(Metrics::new().expect("metrics registry")),
         max_connections: 100,
@@ -195,6 +202,7 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
             max_session_time: Duration::from_secs(60),
             min_data_rate: None,
             output_cap: Limits::DEFAULT_OUTPUT_CAP,
+            sink: "test",
         },
         max_body_memory: 1,
     })

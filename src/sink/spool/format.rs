@@ -1,0 +1,270 @@
+//! The on-disk encoding of one record: the frame (length + CRC-32C) and the payload
+//! (version, id, time, headers, value), and the checks a reader makes before it
+//! believes a frame. The layout is documented in the parent module.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use ulid::Ulid;
+
+use crate::smtp::envelope::SealedMessage;
+
+/// The first bytes of every segment file.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"SMTPGWS1";
+/// The payload version this code writes and reads.
+pub const RECORD_VERSION: u8 = 1;
+pub(crate) const FRAME_HEADER_LEN: usize = 8;
+/// version + id + received_at + body_offset + header_count.
+pub(crate) const MIN_PAYLOAD_LEN: usize = 1 + 16 + 8 + 4 + 2;
+
+/// Bytes every record this code writes carries at payload offset 31: the first
+/// header's name length and name (`smtp.id`, 7 bytes) and its value's length (a ULID's
+/// 26 characters). Resynchronisation after corruption looks for them, then checks the
+/// frame's length and CRC, instead of computing a CRC at every byte offset.
+pub(crate) const RESYNC_NEEDLE: &[u8] = b"\x07\x00smtp.id\x1a\x00\x00\x00";
+/// Where [`RESYNC_NEEDLE`] sits relative to the start of its frame.
+pub(crate) const RESYNC_NEEDLE_AT: usize = FRAME_HEADER_LEN + 1 + 16 + 8 + 4 + 2;
+
+/// A message whose record would not fit the format's length fields.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct TooLarge;
+
+/// Appends one framed record to `buf`; on failure `buf` is left as it was.
+pub(crate) fn encode_record(buf: &mut Vec<u8>, msg: &SealedMessage) -> Result<(), TooLarge> {
+    let start = buf.len();
+    let result = encode_record_at(buf, start, msg);
+    if result.is_err() {
+        buf.truncate(start);
+    }
+    result
+}
+
+fn encode_record_at(buf: &mut Vec<u8>, start: usize, msg: &SealedMessage) -> Result<(), TooLarge> {
+    buf.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    buf.push(RECORD_VERSION);
+    buf.extend_from_slice(&msg.id.to_bytes());
+    buf.extend_from_slice(&msg.received_at.timestamp_micros().to_le_bytes());
+    let body_offset = u32::try_from(msg.body_offset).map_err(|_| TooLarge)?;
+    buf.extend_from_slice(&body_offset.to_le_bytes());
+
+    let count_at = buf.len();
+    buf.extend_from_slice(&[0; 2]);
+    let mut count: usize = 0;
+    let mut fits = true;
+    msg.for_each_header(|name, value| {
+        match (u16::try_from(name.len()), u32::try_from(value.len())) {
+            (Ok(name_len), Ok(value_len)) => {
+                buf.extend_from_slice(&name_len.to_le_bytes());
+                buf.extend_from_slice(name.as_bytes());
+                buf.extend_from_slice(&value_len.to_le_bytes());
+                buf.extend_from_slice(value);
+            }
+            _ => fits = false,
+        }
+        count += 1;
+    });
+    let count = u16::try_from(count).map_err(|_| TooLarge)?;
+    if !fits {
+        return Err(TooLarge);
+    }
+    buf[count_at..count_at + 2].copy_from_slice(&count.to_le_bytes());
+    buf.extend_from_slice(&msg.value);
+
+    let payload_len = buf.len() - start - FRAME_HEADER_LEN;
+    let payload_len = u32::try_from(payload_len).map_err(|_| TooLarge)?;
+    let len_bytes = payload_len.to_le_bytes();
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&len_bytes), &buf[start + FRAME_HEADER_LEN..]);
+    buf[start..start + 4].copy_from_slice(&len_bytes);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// The frame header's claim: payload length and checksum.
+pub(crate) fn frame_header(head: &[u8; FRAME_HEADER_LEN]) -> (u32, u32) {
+    let [l0, l1, l2, l3, c0, c1, c2, c3] = *head;
+    (
+        u32::from_le_bytes([l0, l1, l2, l3]),
+        u32::from_le_bytes([c0, c1, c2, c3]),
+    )
+}
+
+/// Whether `payload` is what the header's length and checksum describe.
+pub(crate) fn checksum_ok(head: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> bool {
+    let (_, crc) = frame_header(head);
+    crc32c::crc32c_append(crc32c::crc32c(&head[..4]), payload) == crc
+}
+
+/// A position in a spool: a segment's sequence number and a byte offset in it. Frames
+/// start at offsets of at least 8 (after the magic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.segment, self.offset)
+    }
+}
+
+/// One message read back from the spool.
+///
+/// For Kafka, the record is exactly what a direct publish sends: key = `id` as its
+/// 26-character string, value = [`SpoolRecord::value`], headers = `headers` in order
+/// (repeated names kept), timestamp = `received_at` in milliseconds.
+#[derive(Clone, Debug)]
+pub struct SpoolRecord {
+    pub id: Ulid,
+    pub received_at: DateTime<Utc>,
+    /// The record headers in stored order; `smtp.rcpt_to` repeats once per recipient.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The segment file and the offset of the record's frame in it.
+    pub segment: Arc<Path>,
+    pub offset: u64,
+    /// The segment's sequence number (its file name).
+    pub seq: u64,
+    /// The frame's length on disk, header included.
+    pub frame_len: u64,
+    payload: Vec<u8>,
+    value_start: usize,
+    body_offset: usize,
+}
+
+impl SpoolRecord {
+    /// The `Received:` line followed by the message: exactly `SealedMessage::value`.
+    pub fn value(&self) -> &[u8] {
+        &self.payload[self.value_start..]
+    }
+
+    /// The client's bytes, without the gateway's `Received:` line.
+    pub fn body(&self) -> &[u8] {
+        &self.value()[self.body_offset..]
+    }
+
+    pub fn body_offset(&self) -> usize {
+        self.body_offset
+    }
+
+    /// The Kafka key a direct publish uses: the id as its 26-character string.
+    pub fn key(&self) -> String {
+        self.id.to_string()
+    }
+
+    /// Where this record's frame starts.
+    pub fn position(&self) -> Position {
+        Position {
+            segment: self.seq,
+            offset: self.offset,
+        }
+    }
+
+    /// Where the next record of the same segment would start: a cursor saved after
+    /// this record was handled resumes here.
+    pub fn next_position(&self) -> Position {
+        Position {
+            segment: self.seq,
+            offset: self.offset + self.frame_len,
+        }
+    }
+
+    /// The first header with this name.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Every header with this name, in stored order (e.g. all `smtp.rcpt_to`).
+    pub fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The envelope sender; empty for the null reverse path `<>`.
+    pub fn mail_from(&self) -> &[u8] {
+        self.header("smtp.mail_from").unwrap_or_default()
+    }
+
+    pub fn rcpt_count(&self) -> usize {
+        self.headers_named("smtp.rcpt_to").count()
+    }
+}
+
+/// Where a record was found, for [`decode_payload`].
+pub(crate) struct Origin {
+    pub segment: Arc<Path>,
+    pub seq: u64,
+    pub offset: u64,
+}
+
+/// Parses a payload whose checksum has been verified, so any failure here is a format
+/// error, not a torn write.
+pub(crate) fn decode_payload(payload: Vec<u8>, at: Origin) -> Result<SpoolRecord, &'static str> {
+    let mut c = PayloadCursor {
+        buf: &payload,
+        pos: 0,
+    };
+    if c.array::<1>()? != [RECORD_VERSION] {
+        return Err("unknown record version");
+    }
+    let id = Ulid::from_bytes(c.array::<16>()?);
+    let received_at = DateTime::from_timestamp_micros(i64::from_le_bytes(c.array::<8>()?))
+        .ok_or("received_at out of range")?;
+    let body_offset = u32::from_le_bytes(c.array::<4>()?) as usize;
+    let header_count = u16::from_le_bytes(c.array::<2>()?);
+    let mut headers = Vec::with_capacity(usize::from(header_count));
+    for _ in 0..header_count {
+        let name_len = u16::from_le_bytes(c.array::<2>()?);
+        let name = c.take(usize::from(name_len))?;
+        let name = std::str::from_utf8(name).map_err(|_| "header name is not UTF-8")?;
+        let value_len = u32::from_le_bytes(c.array::<4>()?);
+        let value = c.take(value_len as usize)?;
+        headers.push((name.to_owned(), value.to_vec()));
+    }
+    let value_start = c.pos;
+    if body_offset > payload.len() - value_start {
+        return Err("body offset past the end of the value");
+    }
+    let frame_len = (FRAME_HEADER_LEN + payload.len()) as u64;
+    Ok(SpoolRecord {
+        id,
+        received_at,
+        headers,
+        segment: at.segment,
+        offset: at.offset,
+        seq: at.seq,
+        frame_len,
+        payload,
+        value_start,
+        body_offset,
+    })
+}
+
+struct PayloadCursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> PayloadCursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], &'static str> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or("field runs past the end of the record")?;
+        let field = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(field)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], &'static str> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| "field runs past the end of the record")
+    }
+}

@@ -1,0 +1,529 @@
+//! Reading a spool back: segment files read with positioned reads through one buffer,
+//! frames checked (length, CRC-32C) before they are believed, and resynchronisation
+//! past damaged bytes, so one bad record never hides the records after it.
+//!
+//! Readers take no lock: a live gateway may be appending to the newest segment. Each
+//! segment's length is taken when the reader opens it; bytes appended later are left
+//! for the next reader.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::format::{
+    checksum_ok, decode_payload, frame_header, Origin, Position, SpoolRecord, FRAME_HEADER_LEN,
+    MIN_PAYLOAD_LEN, RESYNC_NEEDLE, RESYNC_NEEDLE_AT, SEGMENT_MAGIC,
+};
+use super::writer::list_segments;
+use super::{io_error, SpoolError};
+
+const READ_BUFFER_BYTES: usize = 256 << 10;
+/// A buffer grown for one large record is given back once it is this much larger than
+/// the normal read size.
+const RETAINED_READ_BYTES: usize = 16 << 20;
+
+/// Bytes of a segment that are not a valid record: damage, or (at the end of the
+/// newest segment) a write a crash cut short.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorruptRange {
+    pub path: Arc<Path>,
+    /// The segment's sequence number.
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u64,
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for CorruptRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} offset {} length {}: {}",
+            self.path.display(),
+            self.offset,
+            self.len,
+            self.reason
+        )
+    }
+}
+
+impl CorruptRange {
+    pub fn into_error(self) -> SpoolError {
+        SpoolError::Corrupt {
+            path: self.path.to_path_buf(),
+            offset: self.offset,
+            len: self.len,
+            reason: self.reason,
+        }
+    }
+}
+
+/// What [`SpoolReader::next_event`] found next, in spool order.
+#[derive(Debug)]
+pub enum ReadEvent {
+    Record(SpoolRecord),
+    /// Bytes that are not a record; reading goes on after them.
+    Corrupt(CorruptRange),
+    /// Bytes at the end of the newest segment (as listed when the reader opened) that
+    /// are not a record and are not followed by one: a write still in progress, or one
+    /// a crash cut short. Never answered `250` unless the disk damaged the last record.
+    TornTail(CorruptRange),
+    /// The reader has passed the end of a segment. `closed` is true when a later
+    /// segment existed when the reader was opened (and no `until` stopped inside this
+    /// one): the gateway never writes to such a segment again, so every record it will
+    /// ever hold has been read.
+    SegmentEnd {
+        segment: u64,
+        closed: bool,
+    },
+}
+
+/// One segment file, read with `pread` through a buffer that serves both sequential
+/// reading and the resynchronisation scan.
+pub(crate) struct SegmentFile {
+    file: File,
+    pub path: Arc<Path>,
+    pub seq: u64,
+    /// The length when opened (or the reader's limit, if smaller).
+    pub len: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+}
+
+pub(crate) enum FrameAt {
+    /// A frame whose length and checksum hold; the payload length.
+    Valid(u32),
+    End,
+    Bad(&'static str),
+}
+
+impl SegmentFile {
+    /// `None` when the file is gone (a cleanup removed it after it was listed).
+    pub fn open(path: &Path, seq: u64, limit: Option<u64>) -> Result<Option<Self>, SpoolError> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error("open segment", path)(e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(io_error("read segment", path))?
+            .len();
+        let len = limit.map_or(len, |l| l.min(len));
+        Ok(Some(Self::from_file(file, path, seq, len)))
+    }
+
+    pub fn from_file(file: File, path: &Path, seq: u64, len: u64) -> Self {
+        SegmentFile {
+            file,
+            path: Arc::from(path),
+            seq,
+            len,
+            buf: Vec::new(),
+            buf_start: 0,
+        }
+    }
+
+    /// Up to `n` bytes at `off`; fewer only where the file ends (or shrank).
+    pub fn read_at(&mut self, off: u64, n: usize) -> io::Result<&[u8]> {
+        let buffered_end = self.buf_start + self.buf.len() as u64;
+        if off >= self.buf_start && off + n as u64 <= buffered_end {
+            let s = (off - self.buf_start) as usize;
+            return Ok(&self.buf[s..s + n]);
+        }
+        let available = usize::try_from(self.len.saturating_sub(off)).unwrap_or(usize::MAX);
+        let want = n.max(READ_BUFFER_BYTES).min(available);
+        if self.buf.capacity() > RETAINED_READ_BYTES && want <= READ_BUFFER_BYTES {
+            self.buf = Vec::new();
+        }
+        self.buf.resize(want, 0);
+        let mut got = 0;
+        while got < want {
+            match self.file.read_at(&mut self.buf[got..], off + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.clear();
+                    return Err(e);
+                }
+            }
+        }
+        self.buf.truncate(got);
+        self.buf_start = off;
+        Ok(&self.buf[..got.min(n)])
+    }
+
+    /// Checks the frame at `off` without decoding it.
+    pub fn frame_at(&mut self, off: u64) -> io::Result<FrameAt> {
+        let remaining = self.len.saturating_sub(off);
+        if remaining == 0 {
+            return Ok(FrameAt::End);
+        }
+        if remaining < FRAME_HEADER_LEN as u64 {
+            return Ok(FrameAt::Bad("short record header"));
+        }
+        let Ok(head) = <[u8; FRAME_HEADER_LEN]>::try_from(self.read_at(off, FRAME_HEADER_LEN)?)
+        else {
+            // The file shrank under us: a live writer undid a failed batch.
+            return Ok(FrameAt::Bad("file ended early"));
+        };
+        let (payload_len, _) = frame_header(&head);
+        if (payload_len as usize) < MIN_PAYLOAD_LEN {
+            return Ok(FrameAt::Bad("record length too small"));
+        }
+        if u64::from(payload_len) > remaining - FRAME_HEADER_LEN as u64 {
+            return Ok(FrameAt::Bad("record runs past the end of the file"));
+        }
+        let payload = self.read_at(off + FRAME_HEADER_LEN as u64, payload_len as usize)?;
+        if payload.len() != payload_len as usize {
+            return Ok(FrameAt::Bad("file ended early"));
+        }
+        if !checksum_ok(&head, payload) {
+            return Ok(FrameAt::Bad("checksum mismatch"));
+        }
+        Ok(FrameAt::Valid(payload_len))
+    }
+
+    /// The offset of the first valid frame at or after `from`, if any: the fixed bytes
+    /// every record carries are searched for (SIMD), and each candidate's length and
+    /// checksum must hold.
+    pub fn find_frame(&mut self, from: u64) -> io::Result<Option<u64>> {
+        let finder = memchr::memmem::Finder::new(RESYNC_NEEDLE);
+        let mut at = from + RESYNC_NEEDLE_AT as u64;
+        while at + RESYNC_NEEDLE.len() as u64 <= self.len {
+            let want = usize::try_from(self.len - at)
+                .unwrap_or(usize::MAX)
+                .min(READ_BUFFER_BYTES);
+            let chunk = self.read_at(at, want)?;
+            let got = chunk.len();
+            let hits: Vec<u64> = finder.find_iter(chunk).map(|h| at + h as u64).collect();
+            for hit in hits {
+                let candidate = hit - RESYNC_NEEDLE_AT as u64;
+                if let FrameAt::Valid(_) = self.frame_at(candidate)? {
+                    return Ok(Some(candidate));
+                }
+            }
+            if got < want || got < RESYNC_NEEDLE.len() {
+                break;
+            }
+            // Overlap by the needle's length less one, so no match spans two chunks.
+            at += (got - (RESYNC_NEEDLE.len() - 1)) as u64;
+        }
+        Ok(None)
+    }
+}
+
+/// What one step through a segment found.
+pub(crate) enum Step {
+    Record(SpoolRecord),
+    Corrupt(CorruptRange),
+    Torn(CorruptRange),
+    End,
+}
+
+/// Walks one segment's frames from a position.
+pub(crate) struct SegmentCursor {
+    pub file: SegmentFile,
+    pub pos: u64,
+    /// Bad bytes with nothing valid after them are a torn tail here, corruption
+    /// anywhere else.
+    pub newest: bool,
+}
+
+impl SegmentCursor {
+    fn range(&self, offset: u64, len: u64, reason: &'static str) -> CorruptRange {
+        CorruptRange {
+            path: Arc::clone(&self.file.path),
+            segment: self.file.seq,
+            offset,
+            len,
+            reason,
+        }
+    }
+
+    pub fn step(&mut self) -> io::Result<Step> {
+        let pos = self.pos;
+        match self.file.frame_at(pos)? {
+            FrameAt::End => Ok(Step::End),
+            FrameAt::Valid(payload_len) => {
+                let frame_len = FRAME_HEADER_LEN as u64 + u64::from(payload_len);
+                let payload = self
+                    .file
+                    .read_at(pos + FRAME_HEADER_LEN as u64, payload_len as usize)?
+                    .to_vec();
+                self.pos += frame_len;
+                let origin = Origin {
+                    segment: Arc::clone(&self.file.path),
+                    seq: self.file.seq,
+                    offset: pos,
+                };
+                Ok(match decode_payload(payload, origin) {
+                    Ok(record) => Step::Record(record),
+                    // The checksum holds, so the frame's bounds are right: skip just it.
+                    Err(reason) => Step::Corrupt(self.range(pos, frame_len, reason)),
+                })
+            }
+            FrameAt::Bad(reason) => match self.file.find_frame(pos + 1)? {
+                Some(next) => {
+                    self.pos = next;
+                    Ok(Step::Corrupt(self.range(pos, next - pos, reason)))
+                }
+                None => {
+                    let len = self.file.len;
+                    self.pos = len;
+                    let range = self.range(pos, len - pos, reason);
+                    Ok(if self.newest {
+                        Step::Torn(range)
+                    } else {
+                        Step::Corrupt(range)
+                    })
+                }
+            },
+        }
+    }
+}
+
+/// How a segment file begins.
+pub(crate) enum Opened {
+    /// Records follow from `cursor.pos`; `damaged` covers a bad magic that valid
+    /// records follow.
+    Cursor {
+        cursor: SegmentCursor,
+        damaged: Option<CorruptRange>,
+    },
+    /// Empty, a prefix of the magic in the newest segment (a crash while it was being
+    /// created), or gone.
+    Empty,
+    /// Nothing in it is a record: a cut-short header in an older segment, or a file
+    /// that is not a segment at all.
+    Unreadable(CorruptRange),
+}
+
+pub(crate) fn open_segment(
+    path: &Path,
+    seq: u64,
+    newest: bool,
+    start: u64,
+    limit: Option<u64>,
+) -> Result<Opened, SpoolError> {
+    let Some(mut file) = SegmentFile::open(path, seq, limit)? else {
+        return Ok(Opened::Empty);
+    };
+    let magic_len = SEGMENT_MAGIC.len() as u64;
+    let head = file
+        .read_at(0, SEGMENT_MAGIC.len())
+        .map_err(io_error("read segment", path))?
+        .to_vec();
+    let file_len = file.len;
+    let whole = |reason| CorruptRange {
+        path: Arc::from(path),
+        segment: seq,
+        offset: 0,
+        len: file_len,
+        reason,
+    };
+    if head.len() < SEGMENT_MAGIC.len() && SEGMENT_MAGIC.starts_with(&head) {
+        return Ok(if newest || head.is_empty() {
+            Opened::Empty
+        } else {
+            Opened::Unreadable(whole("segment header cut short"))
+        });
+    }
+    let pos = start.max(magic_len).min(file.len);
+    if head == SEGMENT_MAGIC {
+        return Ok(Opened::Cursor {
+            cursor: SegmentCursor { file, pos, newest },
+            damaged: None,
+        });
+    }
+    match file
+        .find_frame(magic_len)
+        .map_err(io_error("read segment", path))?
+    {
+        Some(first) => {
+            let damaged = CorruptRange {
+                path: Arc::from(path),
+                segment: seq,
+                offset: 0,
+                len: first,
+                reason: "bad segment magic",
+            };
+            Ok(Opened::Cursor {
+                cursor: SegmentCursor {
+                    file,
+                    pos: pos.max(first),
+                    newest,
+                },
+                damaged: (start < first).then_some(damaged),
+            })
+        }
+        None => Ok(Opened::Unreadable(whole(
+            "not a spool segment (bad magic, no records)",
+        ))),
+    }
+}
+
+/// Reads the records of a spool in the order they were written, from the start or
+/// from a [`Position`], reporting damaged bytes and carrying on after them. See the
+/// parent module for the reader contract.
+pub struct SpoolReader {
+    segments: Vec<(u64, PathBuf)>,
+    /// The highest segment number listed when the reader was opened: the only segment
+    /// the gateway may still append to.
+    highest: Option<u64>,
+    next_segment: usize,
+    current: Option<(SegmentCursor, bool)>,
+    start: Option<Position>,
+    until: Option<Position>,
+    pending: VecDeque<ReadEvent>,
+    torn_tail: Option<CorruptRange>,
+    /// After an I/O error the iteration ends.
+    failed: bool,
+}
+
+/// Opens the spool in `dir` for reading from its oldest record.
+pub fn read_all(dir: &Path) -> Result<SpoolReader, SpoolError> {
+    SpoolReader::open(dir)
+}
+
+impl SpoolReader {
+    pub fn open(dir: &Path) -> Result<SpoolReader, SpoolError> {
+        let segments = list_segments(dir)?;
+        Ok(SpoolReader {
+            highest: segments.last().map(|(seq, _)| *seq),
+            segments,
+            next_segment: 0,
+            current: None,
+            start: None,
+            until: None,
+            pending: VecDeque::new(),
+            torn_tail: None,
+            failed: false,
+        })
+    }
+
+    /// Reads from `from` on: records of segment `from.segment` at or after
+    /// `from.offset`, then every later segment. A position inside a record (never one
+    /// a record handed out) resynchronises to the next valid frame and reports the
+    /// bytes skipped as corruption.
+    pub fn open_from(dir: &Path, from: Position) -> Result<SpoolReader, SpoolError> {
+        let mut reader = Self::open(dir)?;
+        reader.segments.retain(|(seq, _)| *seq >= from.segment);
+        reader.start = Some(from);
+        Ok(reader)
+    }
+
+    /// Reads nothing at or after `until` (e.g. the sink's durable end, so that a
+    /// forwarder never sees a record that was written but not yet synced).
+    pub fn until(mut self, until: Position) -> SpoolReader {
+        self.segments.retain(|(seq, _)| *seq <= until.segment);
+        self.until = Some(until);
+        self
+    }
+
+    /// The torn tail of the newest segment, once the reader has passed it.
+    pub fn torn_tail(&self) -> Option<&CorruptRange> {
+        self.torn_tail.as_ref()
+    }
+
+    /// The next event; `None` at the end, and after an I/O error was returned.
+    pub fn next_event(&mut self) -> Option<Result<ReadEvent, SpoolError>> {
+        if let Some(event) = self.pending.pop_front() {
+            return Some(Ok(event));
+        }
+        if self.failed {
+            return None;
+        }
+        let result = self.advance();
+        if let Some(Err(_)) = result {
+            self.failed = true;
+            self.current = None;
+        }
+        result
+    }
+
+    fn advance(&mut self) -> Option<Result<ReadEvent, SpoolError>> {
+        loop {
+            let Some((cursor, closed)) = self.current.as_mut() else {
+                let (seq, path) = self.segments.get(self.next_segment)?.clone();
+                self.next_segment += 1;
+                let newest = self.highest == Some(seq);
+                let start = match self.start {
+                    Some(p) if p.segment == seq => p.offset,
+                    _ => 0,
+                };
+                let limit = match self.until {
+                    Some(u) if u.segment == seq => Some(u.offset),
+                    _ => None,
+                };
+                // Read to its end only if no `until` stops inside it.
+                let closed = self.highest.is_some_and(|h| seq < h) && limit.is_none();
+                match open_segment(&path, seq, newest, start, limit) {
+                    Ok(Opened::Cursor { cursor, damaged }) => {
+                        self.current = Some((cursor, closed));
+                        if let Some(range) = damaged {
+                            return Some(Ok(ReadEvent::Corrupt(range)));
+                        }
+                    }
+                    Ok(Opened::Empty) => {
+                        return Some(Ok(ReadEvent::SegmentEnd {
+                            segment: seq,
+                            closed,
+                        }))
+                    }
+                    Ok(Opened::Unreadable(range)) => {
+                        self.pending.push_back(ReadEvent::SegmentEnd {
+                            segment: seq,
+                            closed,
+                        });
+                        return Some(Ok(ReadEvent::Corrupt(range)));
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+                continue;
+            };
+            let step = match cursor.step() {
+                Ok(step) => step,
+                Err(e) => return Some(Err(io_error("read segment", &cursor.file.path)(e))),
+            };
+            return Some(Ok(match step {
+                Step::Record(record) => ReadEvent::Record(record),
+                Step::Corrupt(range) => ReadEvent::Corrupt(range),
+                Step::Torn(range) => {
+                    self.torn_tail = Some(range.clone());
+                    ReadEvent::TornTail(range)
+                }
+                Step::End => {
+                    let event = ReadEvent::SegmentEnd {
+                        segment: cursor.file.seq,
+                        closed: *closed,
+                    };
+                    self.current = None;
+                    event
+                }
+            }));
+        }
+    }
+}
+
+/// Records in order; damaged bytes come as `Err(SpoolError::Corrupt)` items and the
+/// iteration goes on after them. Any other error ends it. A torn tail of the newest
+/// segment is not an item (see [`SpoolReader::torn_tail`]).
+impl Iterator for SpoolReader {
+    type Item = Result<SpoolRecord, SpoolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            return match self.next_event()? {
+                Ok(ReadEvent::Record(record)) => Some(Ok(record)),
+                Ok(ReadEvent::Corrupt(range)) => Some(Err(range.into_error())),
+                Ok(ReadEvent::TornTail(_) | ReadEvent::SegmentEnd { .. }) => continue,
+                Err(e) => Some(Err(e)),
+            };
+        }
+    }
+}

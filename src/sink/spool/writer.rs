@@ -1,0 +1,503 @@
+//! The writer thread and the files it owns: segment creation and rotation, group
+//! commit (one `write` and one `fdatasync` per batch), the size and free-space limits
+//! checked before a batch is written, and the health the sink reports.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+
+use crossbeam_channel::Receiver;
+
+use super::format::{encode_record, Position, TooLarge, SEGMENT_MAGIC};
+use super::{io_error, SpoolError};
+use crate::sink::{Completion, PublishError};
+use crate::smtp::envelope::{MessageId, SealedMessage};
+
+pub(crate) const LOCK_FILE: &str = "LOCK";
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+const SEGMENT_SUFFIX: &str = ".seg";
+const SEGMENT_DIGITS: usize = 20;
+
+/// A batch stops growing at whichever comes first; the bytes cap keeps one group commit
+/// from holding many large messages (and their clients) hostage to one slow write.
+const MAX_BATCH_MESSAGES: usize = 1024;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// After an unusually large batch, give the memory back rather than keep it for good.
+const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
+
+pub(crate) type Request = (SealedMessage, Completion);
+
+/// Why the sink is not ready, as `/readyz` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Health {
+    Ok,
+    /// The last batch could not be written or synced; cleared by the next good batch.
+    Failed(String),
+    /// The last batch hit a limit with a record of this many bytes; ready again once
+    /// such a record would fit, or after the next good batch.
+    Full(u64),
+}
+
+/// What the writer thread and the sink's callers share.
+pub(crate) struct Shared {
+    pub dir: PathBuf,
+    pub limits: Limits,
+    pub health: Mutex<Health>,
+    /// The end of the last synced batch: everything before it is durable.
+    pub durable: Mutex<Position>,
+    pub durable_changed: Condvar,
+    /// The segment the writer appends to; every lower-numbered one is closed.
+    pub writing: AtomicU64,
+}
+
+impl Shared {
+    fn set_health(&self, health: Health) {
+        *self.health.lock().unwrap_or_else(PoisonError::into_inner) = health;
+    }
+
+    /// Why a message of `bytes` cannot be stored now, if a limit says so.
+    pub fn over_limit(&self, bytes: u64) -> Option<String> {
+        let limits = &self.limits;
+        if let Some(max) = limits.max_bytes {
+            let used = measure(&self.dir).map_or(0, |(bytes, _)| bytes);
+            if used.saturating_add(bytes) > max {
+                return Some(format!(
+                    "spool full: {used} bytes stored, --spool-max-bytes {max}"
+                ));
+            }
+        }
+        if limits.min_free_bytes > 0 {
+            if let Some(free) = free_bytes(&self.dir) {
+                if free.saturating_sub(bytes) < limits.min_free_bytes {
+                    return Some(format!(
+                        "spool file system nearly full: {free} bytes free, \
+                         --spool-min-free-bytes {}",
+                        limits.min_free_bytes
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Limits checked before each batch is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub max_bytes: Option<u64>,
+    pub min_free_bytes: u64,
+}
+
+/// Bytes available to an unprivileged writer on the file system holding `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Total bytes and number of the segment files in `dir`.
+pub(crate) fn measure(dir: &Path) -> Result<(u64, usize), SpoolError> {
+    let segments = list_segments(dir)?;
+    let mut bytes = 0;
+    for (_, path) in &segments {
+        match fs::metadata(path) {
+            Ok(m) => bytes += m.len(),
+            // Pruned between listing and looking.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("read segment", path)(e)),
+        }
+    }
+    Ok((bytes, segments.len()))
+}
+
+/// The segment being appended to.
+pub(crate) struct Segment {
+    file: File,
+    path: PathBuf,
+    seq: u64,
+    /// Bytes known to be durable: everything up to the end of the last synced batch.
+    len: u64,
+}
+
+impl Segment {
+    /// Appends and syncs; on failure puts the file back the way it was, as far as the
+    /// file system lets us, so that the failed batch never reads as messages.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let result = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(undo) = self
+                    .file
+                    .set_len(self.len)
+                    .and_then(|()| self.file.sync_all())
+                {
+                    tracing::error!(
+                        segment = %self.path.display(),
+                        error = %undo,
+                        "cannot truncate segment after a failed write; its tail may be torn"
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len <= SEGMENT_MAGIC.len() as u64
+    }
+}
+
+pub(crate) struct Writer {
+    shared: std::sync::Arc<Shared>,
+    segment_size: u64,
+    next_seq: u64,
+    /// `None` after a failed write until a new segment could be created.
+    segment: Option<Segment>,
+    rotate_due: bool,
+    /// The encoded batch, reused from one batch to the next.
+    buf: Vec<u8>,
+    /// Each message with where its record ends in `buf`.
+    batch: Vec<(MessageId, Completion, usize)>,
+}
+
+impl Writer {
+    pub fn new(shared: std::sync::Arc<Shared>, segment_size: u64, segment: Segment) -> Writer {
+        shared.writing.store(segment.seq, Ordering::Release);
+        *shared
+            .durable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Position {
+            segment: segment.seq,
+            offset: segment.len,
+        };
+        Writer {
+            shared,
+            segment_size: segment_size.max(1),
+            next_seq: segment.seq + 1,
+            segment: Some(segment),
+            rotate_due: false,
+            buf: Vec::with_capacity(64 << 10),
+            batch: Vec::with_capacity(64),
+        }
+    }
+
+    pub fn run(mut self, rx: Receiver<Request>) {
+        // `recv` fails only once every sender is gone and the queue is empty, so
+        // everything submitted before shutdown is answered.
+        while let Ok(first) = rx.recv() {
+            self.encode(first);
+            while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(request) => self.encode(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit();
+        }
+    }
+
+    fn encode(&mut self, (msg, done): Request) {
+        let start = self.buf.len();
+        match encode_record(&mut self.buf, &msg) {
+            // A record that could not fit even an empty spool would get 452 for ever.
+            Ok(())
+                if self.shared.limits.max_bytes.is_some_and(|max| {
+                    (self.buf.len() - start + SEGMENT_MAGIC.len()) as u64 > max
+                }) =>
+            {
+                self.buf.truncate(start);
+                done.complete(Err(PublishError::TooLarge));
+            }
+            Ok(()) => self.batch.push((msg.id, done, self.buf.len())),
+            Err(TooLarge) => done.complete(Err(PublishError::TooLarge)),
+        }
+    }
+
+    /// Refuses, with `452 4.3.1`, the messages at the end of the batch that would
+    /// take the spool past a limit. Returns whether any was refused.
+    fn enforce_limits(&mut self) -> bool {
+        let limits = self.shared.limits;
+        if limits.max_bytes.is_none() && limits.min_free_bytes == 0 {
+            return false;
+        }
+        // Measured per batch, not tracked: a prune or the Kafka forwarder may have
+        // deleted segments since the last one.
+        let mut allowed = u64::MAX;
+        let mut why = String::new();
+        if let Some(max) = limits.max_bytes {
+            let used = measure(&self.shared.dir).map_or(0, |(bytes, _)| bytes);
+            let room = max.saturating_sub(used);
+            if room < allowed {
+                allowed = room;
+                why = format!("spool at --spool-max-bytes {max} ({used} bytes stored)");
+            }
+        }
+        if limits.min_free_bytes > 0 {
+            // An unknown free space is not a reason to refuse mail.
+            if let Some(free) = free_bytes(&self.shared.dir) {
+                let room = free.saturating_sub(limits.min_free_bytes);
+                if room < allowed {
+                    allowed = room;
+                    why = format!(
+                        "spool file system has {free} bytes free, --spool-min-free-bytes {}",
+                        limits.min_free_bytes
+                    );
+                }
+            }
+        }
+        let keep = self
+            .batch
+            .iter()
+            .take_while(|(_, _, end)| *end as u64 <= allowed)
+            .count();
+        if keep == self.batch.len() {
+            return false;
+        }
+        let refused = self.batch.len() - keep;
+        let was_full = matches!(
+            *self
+                .shared
+                .health
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            Health::Full(_)
+        );
+        // Once per episode, not once per batch: a full disk under load would flood the log.
+        if !was_full {
+            tracing::warn!(
+                dir = %self.shared.dir.display(),
+                messages = refused,
+                reason = %why,
+                "spool limit reached; answering 452 4.3.1 until there is room"
+            );
+        }
+        let cut = keep.checked_sub(1).map_or(0, |i| self.batch[i].2);
+        // Before the answers go out, so `/readyz` already says why when a client
+        // has its 452.
+        self.shared
+            .set_health(Health::Full((self.batch[keep].2 - cut) as u64));
+        for (_, done, _) in self.batch.drain(keep..) {
+            done.complete(Err(PublishError::StorageFull));
+        }
+        self.buf.truncate(cut);
+        true
+    }
+
+    fn commit(&mut self) {
+        let refused = self.enforce_limits();
+        if !self.batch.is_empty() {
+            self.ensure_segment();
+            let result = match self.segment.as_mut() {
+                Some(segment) => segment.append(&self.buf).map_err(|e| (e, true)),
+                None => Err((io::Error::other("no writable segment"), false)),
+            };
+            match result {
+                Ok(()) => {
+                    if !refused {
+                        let mut health = self
+                            .shared
+                            .health
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        if *health != Health::Ok {
+                            tracing::info!(dir = %self.shared.dir.display(), "spool writes succeed again");
+                            *health = Health::Ok;
+                        }
+                    }
+                    if let Some(segment) = self.segment.as_ref() {
+                        *self
+                            .shared
+                            .durable
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Position {
+                            segment: segment.seq,
+                            offset: segment.len,
+                        };
+                        self.shared.durable_changed.notify_all();
+                        if segment.len >= self.segment_size {
+                            self.rotate_due = true;
+                        }
+                    }
+                    for (id, done, _) in self.batch.drain(..) {
+                        done.complete(Ok(id));
+                    }
+                }
+                Err((error, wrote)) => {
+                    tracing::error!(
+                        dir = %self.shared.dir.display(),
+                        error = %error,
+                        messages = self.batch.len(),
+                        "spool write failed; answering the batch with a temporary failure"
+                    );
+                    self.shared
+                        .set_health(Health::Failed(format!("spool write failed: {error}")));
+                    // After a failed fsync the kernel may have dropped the dirty pages
+                    // and report the next fsync as clean: never trust this file again.
+                    // Cleaned up before the answers go out, so a client that got its
+                    // 451 never sees the empty file.
+                    if wrote {
+                        if let Some(segment) = self.segment.take() {
+                            discard_if_empty(&self.shared.dir, segment);
+                        }
+                    }
+                    for (_, done, _) in self.batch.drain(..) {
+                        done.complete(Err(PublishError::Temporary("spool write failed".into())));
+                    }
+                }
+            }
+        }
+        self.buf.clear();
+        if self.buf.capacity() > RETAINED_BUFFER_BYTES {
+            self.buf = Vec::with_capacity(MAX_BATCH_BYTES);
+        }
+    }
+
+    /// Starts a new segment if the last write failed or the current one is full. A full
+    /// segment that cannot be replaced is still good to append to, as long as no file
+    /// with a higher number exists: readers and `prune` rely on the writer appending
+    /// only to the highest-numbered segment.
+    fn ensure_segment(&mut self) {
+        if self.segment.is_some() && !self.rotate_due {
+            return;
+        }
+        let seq = self.next_seq;
+        // A failed attempt may leave its file behind; never try that name again.
+        self.next_seq += 1;
+        match create_segment(&self.shared.dir, seq) {
+            Ok(segment) => {
+                tracing::debug!(segment = %segment.path.display(), "new spool segment");
+                if let Some(old) = self.segment.take() {
+                    discard_if_empty(&self.shared.dir, old);
+                }
+                self.shared.writing.store(seq, Ordering::Release);
+                self.segment = Some(segment);
+                self.rotate_due = false;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot start a new spool segment");
+                if segment_path(&self.shared.dir, seq).exists() {
+                    self.segment = None;
+                }
+            }
+        }
+    }
+}
+
+/// Removes a segment that holds no record (only its magic), so that failed writes
+/// leave no empty files behind.
+fn discard_if_empty(dir: &Path, segment: Segment) {
+    if !segment.is_empty() {
+        return;
+    }
+    let Segment { file, path, .. } = segment;
+    drop(file);
+    let removed = fs::remove_file(&path)
+        .map_err(io_error("remove empty segment", &path))
+        .and_then(|()| sync_dir(dir));
+    if let Err(error) = removed {
+        tracing::warn!(%error, "cannot remove an empty spool segment");
+    }
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("sync directory", dir))
+}
+
+/// Creates a directory so that its existence, like a segment's, survives a crash.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<(), SpoolError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(io_error("create spool directory", dir))?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
+}
+
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_error("open lock file", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io_error("lock", &path)(e)),
+    }
+}
+
+pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!(
+        "{seq:0width$}{SEGMENT_SUFFIX}",
+        width = SEGMENT_DIGITS
+    ))
+}
+
+pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != SEGMENT_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The segment files of `dir`, oldest first. Other files (the lock, an export's
+/// temporary file, the quarantine directory) are not ours to judge and are skipped.
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error("read spool directory", dir))? {
+        let entry = entry.map_err(io_error("read spool directory", dir))?;
+        let name = entry.file_name();
+        if let Some(seq) = name.to_str().and_then(parse_segment_name) {
+            segments.push((seq, entry.path()));
+        }
+    }
+    segments.sort_unstable_by_key(|(seq, _)| *seq);
+    Ok(segments)
+}
+
+/// Creates segment `seq` with its magic, durably (file and directory synced); on
+/// failure nothing is left behind, as far as the file system lets us.
+pub(crate) fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError> {
+    let path = segment_path(dir, seq);
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_error("create segment", &path))?;
+    let durable = file
+        .write_all(SEGMENT_MAGIC)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("write segment", &path))
+        .and_then(|()| sync_dir(dir));
+    if let Err(e) = durable {
+        drop(file);
+        if fs::remove_file(&path).is_ok() {
+            let _ = sync_dir(dir);
+        }
+        return Err(e);
+    }
+    Ok(Segment {
+        file,
+        path,
+        seq,
+        len: SEGMENT_MAGIC.len() as u64,
+    })
+}

@@ -1,0 +1,219 @@
+//! The gateway on a real small file system filling up: `451` when a write fails
+//! (`--spool-min-free-bytes 0`), `452 4.3.1` before it fails (with the floor), `/readyz`
+//! 503 with the reason and `smtpgw_sink_up 0` meanwhile, no corrupt record and no empty
+//! segment left behind, and `250` and ready again once space is freed.
+//!
+//! Needs a small file system: `SMTPGW_TEST_SMALL_FS=DIR` (a directory on one, as
+//! scripts/test.sh provides), or root to mount a 3 MiB tmpfs of its own. Without either
+//! it is skipped, except under `CI=true`, where that is a failure.
+
+mod kafka_support;
+mod spool_gateway;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kafka_support::Client;
+use spool_gateway::{http_get, metric, Gateway};
+use tempfile::TempDir;
+
+/// A directory on a small file system; unmounted (if we mounted it) when dropped.
+struct SmallFs {
+    dir: PathBuf,
+    mounted: Option<TempDir>,
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        match &self.mounted {
+            Some(tmp) => {
+                let _ = Command::new("umount").arg(tmp.path()).status();
+            }
+            None => {
+                let _ = fs::remove_dir_all(&self.dir);
+            }
+        }
+    }
+}
+
+fn small_fs() -> Option<SmallFs> {
+    if let Some(dir) = std::env::var_os("SMTPGW_TEST_SMALL_FS") {
+        let dir = PathBuf::from(dir).join(format!("spool-disk-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("a directory on SMTPGW_TEST_SMALL_FS");
+        return Some(SmallFs { dir, mounted: None });
+    }
+    let tmp = TempDir::new().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(tmp.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if mounted {
+        return Some(SmallFs {
+            dir: tmp.path().to_path_buf(),
+            mounted: Some(tmp),
+        });
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: this test needs SMTPGW_TEST_SMALL_FS or root to mount a tmpfs"
+    );
+    eprintln!("skipped: no SMTPGW_TEST_SMALL_FS and cannot mount a tmpfs (not root?)");
+    None
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let st = rustix::fs::statvfs(dir).expect("statvfs");
+    st.f_bavail * st.f_frsize
+}
+
+/// Fills the file system until `leave` bytes are free.
+fn ballast(dir: &Path, leave: u64) -> PathBuf {
+    let path = dir.join("ballast");
+    let size = free_bytes(dir).saturating_sub(leave);
+    fs::write(&path, vec![0u8; size as usize]).expect("ballast fits");
+    path
+}
+
+fn segments(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut segs: Vec<(PathBuf, u64)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| {
+            let len = fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .collect();
+    segs.sort();
+    segs
+}
+
+/// A message body of about `size` bytes in 78-character lines.
+fn body(size: usize, tag: usize) -> Vec<u8> {
+    let mut b = format!("Subject: {tag}\r\n\r\n").into_bytes();
+    while b.len() < size {
+        b.extend_from_slice(format!("{tag:08} {}\r\n", "x".repeat(67)).as_bytes());
+    }
+    b
+}
+
+fn ready(gw: &Gateway) -> (u16, String) {
+    http_get(&gw.metrics, "/readyz")
+}
+
+fn wait_ready(gw: &Gateway) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if ready(gw).0 == 200 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// `spool check` of a spool: (exit code, stdout, stderr).
+fn check(spool: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+        .args(["spool", "check", "--spool-dir"])
+        .arg(spool)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Sends messages until one is refused; returns how many got 250 and the refusal.
+fn send_until_refused(c: &mut Client, size: usize) -> (usize, String) {
+    for i in 0..500 {
+        let reply = c.send(&body(size, i));
+        if !reply.starts_with("250 ") {
+            return (i, reply);
+        }
+    }
+    panic!("the file system never filled up");
+}
+
+#[test]
+fn full_disk_refuses_reports_and_recovers() {
+    let Some(small) = small_fs() else { return };
+    let total = free_bytes(&small.dir);
+    let size = (total / 60) as usize;
+
+    // Without a floor, the write itself fails: 451, and not ready with the reason.
+    let spool = small.dir.join("a");
+    {
+        let gw = Gateway::start(&spool, &["--spool-min-free-bytes", "0"]);
+        let fill = ballast(&small.dir, total / 6);
+        let mut c = Client::connect(&gw.smtp);
+        assert!(c.cmd("EHLO client.test").starts_with("250"));
+        let (accepted, refusal) = send_until_refused(&mut c, size);
+        assert!(accepted > 0, "{refusal}");
+        assert!(refusal.starts_with("451 4.3.0 "), "{refusal}");
+        let (status, why) = ready(&gw);
+        assert_eq!(status, 503, "{why}");
+        assert!(
+            why.contains("sink spool unhealthy: spool write failed"),
+            "{why}"
+        );
+        assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 0.0);
+        // A second failure on a fresh segment leaves no empty file either.
+        assert!(c.send(&body(size, 999)).starts_with("451 "));
+        for (seg, len) in segments(&spool) {
+            assert!(len > 8, "empty segment {} left behind", seg.display());
+        }
+        let (code, out, err) = check(&spool);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(
+            out.starts_with(&format!("{accepted} records, ")),
+            "exactly the acknowledged records: {out}"
+        );
+        assert!(!err.contains("corrupt"), "{err}");
+
+        fs::remove_file(fill).unwrap();
+        assert!(c.send(&body(size, 1000)).starts_with("250 "));
+        assert!(wait_ready(&gw), "ready again after a good batch");
+        assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 1.0);
+        assert!(metric(&gw.metrics, "smtpgw_spool_bytes") > (accepted * size) as f64);
+        assert!(metric(&gw.metrics, "smtpgw_spool_filesystem_free_bytes") > 0.0);
+    }
+    fs::remove_dir_all(&spool).unwrap();
+
+    // With a floor, 452 4.3.1 comes before any write fails, and readiness follows the
+    // free space by itself.
+    let spool = small.dir.join("b");
+    let floor = total / 3;
+    let gw = Gateway::start(&spool, &["--spool-min-free-bytes", &floor.to_string()]);
+    let fill = ballast(&small.dir, total / 2);
+    let mut c = Client::connect(&gw.smtp);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let (accepted, refusal) = send_until_refused(&mut c, size);
+    assert!(accepted > 0, "{refusal}");
+    assert!(
+        refusal.starts_with("452 4.3.1 Insufficient system storage"),
+        "{refusal}"
+    );
+    let (status, why) = ready(&gw);
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("--spool-min-free-bytes"), "{why}");
+    assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 0.0);
+    assert!(free_bytes(&small.dir) >= floor, "the floor held");
+    let (code, out, err) = check(&spool);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.starts_with(&format!("{accepted} records, ")), "{out}");
+
+    fs::remove_file(fill).unwrap();
+    assert!(
+        wait_ready(&gw),
+        "ready once space is back, before any message"
+    );
+    assert!(c.send(&body(size, 1000)).starts_with("250 "));
+    drop(c);
+    drop(gw);
+}
