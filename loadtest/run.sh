@@ -10,10 +10,14 @@
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR]
-#                        [--plots] [--gateway-bin PATH]
+#                        [--plots] [--gateway-bin PATH] [--io-backend auto|uring|epoll|both]
 # --quick: 6 cells of 3 s each (about a minute); without it the full matrix (4 sizes x
 #   1/10/100/1000 connections x pipelining off/on) of 5 s cells. --duration sets the
-#   seconds per cell either way.
+#   seconds per cell either way. CELLS="1k 100 1;1k 1000 1" (size conns pipelining;...)
+#   replaces the matrix.
+# --io-backend both runs two gateways side by side, `smtpgw` on io_uring and
+#   `smtpgw-epoll` on epoll, through the same cells (servers alternate within a cell), so
+#   the ratio rows compare the backends; one backend: that gateway only (default auto).
 # --sink kafka (or --kafka) publishes through a loopback tansu broker started by
 # scripts/kafka-broker.sh (reused if one runs already) and, after the run, reads the
 # topic back and fails unless its new records equal the 250 replies the client counted.
@@ -27,6 +31,7 @@
 # To measure a deployed node from another host, run smtpgw-loadtest yourself with
 # --allow-remote-target (this script only starts and measures local servers).
 # Env:   GATEWAY_ARGS  extra smtpgw flags;  CLIENT_THREADS  loadtest worker threads (1)
+#        CELLS  the cells to run instead of the matrix
 # -h, --help prints this and builds nothing.
 #
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
@@ -35,6 +40,7 @@ set -euo pipefail
 
 QUICK=0
 PLOTS=0
+IO_BACKEND=auto
 COMPARE=""
 SINK=null
 DURATION=""
@@ -49,8 +55,9 @@ while [[ $# -gt 0 ]]; do
         --duration) DURATION="${2:?}"; shift ;;
         --out) OUT="${2:?}"; shift ;;
         --plots) PLOTS=1 ;;
+        --io-backend) IO_BACKEND="${2:?--io-backend needs auto, uring, epoll or both}"; shift ;;
         --gateway-bin) GATEWAY_BIN="$(realpath -m "${2:?--gateway-bin needs a path}")"; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -59,6 +66,10 @@ case "$COMPARE" in ""|smtp-sink|postfix|smtp-sink,postfix|postfix,smtp-sink) ;;
     *) echo "run.sh: --compare takes smtp-sink, postfix or smtp-sink,postfix" >&2; exit 2 ;; esac
 wants() { [[ ",$COMPARE," == *",$1,"* ]]; }
 case "$SINK" in null|spool|kafka) ;; *) echo "run.sh: --sink must be null, spool or kafka" >&2; exit 2 ;; esac
+case "$IO_BACKEND" in auto|uring|epoll|both) ;; *) echo "run.sh: --io-backend must be auto, uring, epoll or both" >&2; exit 2 ;; esac
+if [[ "$IO_BACKEND" == both && "$SINK" == kafka ]]; then
+    echo "run.sh: --io-backend both cannot be combined with --sink kafka (one topic, one record count)" >&2; exit 2
+fi
 if [[ -n "$GATEWAY_BIN" && ! -x "$GATEWAY_BIN" ]]; then
     echo "run.sh: --gateway-bin $GATEWAY_BIN: not an executable file" >&2; exit 2
 fi
@@ -183,19 +194,39 @@ start_rss_sampler() { # pid file
 GW_BIN="${GATEWAY_BIN:-$ROOT/target/release/smtpgw}"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
-stop_gateway() {
-    kill -TERM "$GW_PID" 2>/dev/null || true
-    wait "$GW_PID" 2>/dev/null || true
-    forget_pid "$GW_PID"
+stop_gateway() { # [pid]
+    local pid="${1:-$GW_PID}"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    forget_pid "$pid"
 }
 
-start_gateway() {
-    local logf="$WORK/gateway.log"
-    rm -rf "$WORK/spool"
-    mkdir -p "$WORK/spool"
+# The gateway(s) under test: "smtpgw" (and with --io-backend both, "smtpgw-epoll").
+start_gateways() {
+    if [[ "$IO_BACKEND" == both ]]; then
+        start_gateway epoll
+        EP_PID=$GW_PID EP_ADDR=$GW_ADDR
+        start_gateway uring
+        GATEWAYS=("smtpgw $GW_PID $GW_ADDR" "smtpgw-epoll $EP_PID $EP_ADDR")
+    else
+        start_gateway "$IO_BACKEND"
+        GATEWAYS=("smtpgw $GW_PID $GW_ADDR")
+    fi
+}
+stop_gateways() {
+    stop_gateway "$GW_PID"
+    [[ "$IO_BACKEND" == both ]] && stop_gateway "$EP_PID"
+    return 0
+}
+
+start_gateway() { # [backend]: auto unless given
+    local backend="${1:-auto}"
+    local logf="$WORK/gateway.$backend.log"
+    rm -rf "$WORK/spool.$backend"
+    mkdir -p "$WORK/spool.$backend"
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool" \
-        --accept-domain example.com --max-connections 5000 "${KAFKA_ARGS[@]}" \
+    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" --spool-dir "$WORK/spool.$backend" \
+        --accept-domain example.com --max-connections 5000 --io-backend "$backend" "${KAFKA_ARGS[@]}" \
         ${GATEWAY_ARGS:-} 2>"$logf" &
     GW_PID=$!
     PIDS+=("$GW_PID")
@@ -208,7 +239,7 @@ start_gateway() {
     done
     [[ -n "$addr" ]] || { cat "$logf" >&2; echo "run.sh: smtpgw never said 'listening addr='" >&2; exit 1; }
     GW_ADDR="${addr//\"/}"
-    log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK)"
+    log "smtpgw pid $GW_PID listening on $GW_ADDR (sink $SINK, io backend: $(grep -oP 'backend=\K\S+' "$logf" | head -1))"
 }
 
 KAFKA_ARGS=()
@@ -388,6 +419,8 @@ main() {
                 cells+=("$sizes $conns_list 0" "$sizes $conns_list 1")
             done
         done
+    elif [[ -n "${CELLS:-}" ]]; then
+        IFS=';' read -r -a cells <<<"$CELLS"
     elif [[ $QUICK -eq 1 ]]; then
         # About a minute with --compare: the cells the targets are stated for.
         cells=("1k 1 0" "1k 100 0" "1k 100 1" "10k 10 1" "100k 10 1" "1m 10 0")
@@ -405,7 +438,7 @@ main() {
         start_kafka
         records_before=$(count_kafka_records)
     fi
-    start_gateway
+    start_gateways
     local peers=()
     if wants smtp-sink; then
         start_smtp_sink
@@ -415,7 +448,7 @@ main() {
         start_postfix
         peers+=("postfix $PFX_PID $PFX_ADDR")
     fi
-    local s name pid addr servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
+    local s name pid addr servers=("${GATEWAYS[@]}" "${peers[@]}")
     for s in "${servers[@]}"; do
         read -r name pid addr <<<"$s"
         log "warming up $name"
@@ -428,10 +461,10 @@ main() {
         if [[ "$SINK" == spool ]]; then
             # A fresh gateway and spool per cell: the spool only grows, and a full
             # matrix would otherwise write tens of GB.
-            stop_gateway
-            start_gateway
+            stop_gateways
+            start_gateways
         fi
-        servers=("smtpgw $GW_PID $GW_ADDR" "${peers[@]}")
+        servers=("${GATEWAYS[@]}" "${peers[@]}")
         # Servers alternate within a cell, so slow drift in machine load hits both.
         for s in "${servers[@]}"; do
             read -r name pid addr <<<"$s"
@@ -443,7 +476,7 @@ main() {
         "$MODE" "$(uptime)"
     if [[ "$SINK" == kafka ]]; then
         # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
-        stop_gateway
+        stop_gateways
         local accepted records
         accepted=$(accepted_by_gateway)
         records=$(( $(count_kafka_records) - records_before ))

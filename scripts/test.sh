@@ -101,4 +101,10 @@ target_dir=${CARGO_TARGET_DIR:-target}
 export SMTPGW_BIN=${SMTPGW_BIN:-$(realpath "$target_dir")/release/smtpgw}
 "$venv/bin/python" -m pytest -q tests/e2e "$@"
 
+section "the edge (TLS, PROXY, limits) on each I/O backend"
+# The run above uses the binary's default backend (auto: io_uring where the kernel
+# allows it); the edge lives in the shared driver, and this proves it on both.
+SMTPGW_TEST_IO_BACKENDS=epoll,uring "$venv/bin/python" -m pytest -q \
+    tests/e2e/test_tls.py tests/e2e/test_proxy.py tests/e2e/test_limits.py "$@"
+
 section "all tests passed"

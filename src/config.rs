@@ -426,6 +426,10 @@ pub struct ServerArgs {
     /// Directory of the spool sink [default: ./spool].
     #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// With --sink kafka: store messages Kafka cannot take now in the spool
+    /// (--spool-dir) and forward them when it can, instead of answering 451.
+    #[arg(long = "spool-fallback", env = "SMTPGW_SPOOL_FALLBACK")]
+    pub spool_fallback: bool,
     /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
     /// K, M, G suffixes; 0 for no limit [default: 0].
     #[arg(
@@ -606,6 +610,7 @@ pub struct FileConfig {
     pub accept_domain: Option<OneOrMany>,
     pub sink: Option<SinkKind>,
     pub spool_dir: Option<PathBuf>,
+    pub spool_fallback: Option<bool>,
     pub spool_max_bytes: Option<IntOrStr>,
     pub spool_min_free_bytes: Option<IntOrStr>,
     pub reactors: Option<u64>,
@@ -665,6 +670,7 @@ const FILE_KEYS: &[&str] = &[
     "accept-domain",
     "sink",
     "spool-dir",
+    "spool-fallback",
     "spool-max-bytes",
     "spool-min-free-bytes",
     "reactors",
@@ -770,6 +776,9 @@ pub struct Config {
     pub accept_domains_defaulted: bool,
     pub sink: SinkKind,
     pub spool_dir: PathBuf,
+    /// `--sink kafka` only: messages Kafka cannot take go to the spool and are
+    /// forwarded later.
+    pub spool_fallback: bool,
     /// `None`: no size limit.
     pub spool_max_bytes: Option<u64>,
     /// 0: no free-space floor.
@@ -1175,6 +1184,13 @@ pub fn resolve(
             "required with --sink kafka (e.g. --kafka-brokers 127.0.0.1:9092)",
         ));
     }
+    let spool_fallback = cli.spool_fallback || file.spool_fallback.unwrap_or(false);
+    if spool_fallback && sink != SinkKind::Kafka {
+        return Err(invalid(
+            "--spool-fallback",
+            "only with --sink kafka (the spool is the fallback for Kafka)",
+        ));
+    }
 
     Ok(Config {
         listen,
@@ -1184,6 +1200,7 @@ pub fn resolve(
         accept_domains_defaulted,
         sink,
         spool_dir,
+        spool_fallback,
         spool_max_bytes,
         spool_min_free_bytes,
         reactors,
@@ -2223,6 +2240,55 @@ mod tests {
             assert!(help.contains("--config"), "{name}: {help}");
             assert!(!help.contains("--max-recipients"), "{name}: {help}");
         }
+    }
+
+    #[test]
+    fn spool_fallback_needs_the_kafka_sink() {
+        let k = ["--sink", "kafka", "--kafka-brokers", "h:1"];
+        assert!(!run(&k, "").unwrap().spool_fallback);
+        let mut args = k.to_vec();
+        args.push("--spool-fallback");
+        assert!(run(&args, "").unwrap().spool_fallback);
+        assert!(run(&k, "spool-fallback = true").unwrap().spool_fallback);
+        assert_eq!(
+            err(&["--spool-fallback"], ""),
+            "--spool-fallback: only with --sink kafka (the spool is the fallback for Kafka)"
+        );
+    }
+
+    #[test]
+    fn topic_prefixed_aliases_of_reserved_settings_are_refused() {
+        let k = |pair: &str| {
+            err(
+                &[
+                    "--sink",
+                    "kafka",
+                    "--kafka-brokers",
+                    "h:1",
+                    "--kafka-config",
+                    pair,
+                ],
+                "",
+            )
+        };
+        assert!(k("topic.message.timeout.ms=1").contains("--publish-timeout"));
+        assert!(k("topic.delivery.timeout.ms=1").contains("--publish-timeout"));
+        assert!(k("topic.acks=1").contains("acks=all"));
+        assert!(k("topic.request.required.acks=0").contains("acks=all"));
+        // A global setting whose own name starts with `topic.` stays allowed.
+        let ok = run(
+            &[
+                "--sink",
+                "kafka",
+                "--kafka-brokers",
+                "h:1",
+                "--kafka-config",
+                "topic.metadata.refresh.interval.ms=1000",
+            ],
+            "",
+        )
+        .unwrap();
+        assert_eq!(ok.kafka.extra.len(), 1);
     }
 
     #[test]

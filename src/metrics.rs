@@ -100,11 +100,17 @@ pub struct Metrics {
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
+    forward_awaiting_records: IntGauge,
+    forward_awaiting_bytes: IntGauge,
+    forwarded_records: IntCounter,
+    forwarded_bytes: IntCounter,
+    forward_oldest_age: Gauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
     spool_free_bytes: IntGauge,
     draining_gauge: IntGauge,
+    io_backend_info: IntGaugeVec,
     listening: AtomicBool,
     draining: AtomicBool,
 }
@@ -204,6 +210,11 @@ impl Metrics {
             &["broker"],
         )?;
         registry.register(Box::new(kafka_broker_rtt.clone()))?;
+        let forward_oldest_age = Gauge::new(
+            "smtpgw_forward_oldest_age_seconds",
+            "Age of the oldest spooled message not yet forwarded to Kafka (--spool-fallback); 0 when none waits.",
+        )?;
+        registry.register(Box::new(forward_oldest_age.clone()))?;
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
         // process_max_fds, process_start_time_seconds, ...: the standard names every
         // dashboard knows, read from /proc at scrape time.
@@ -321,6 +332,23 @@ impl Metrics {
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
             )?,
             kafka_broker_rtt,
+            forward_awaiting_records: gauge(
+                "smtpgw_forward_awaiting_records",
+                "Spooled messages waiting to be forwarded to Kafka (--spool-fallback).",
+            )?,
+            forward_awaiting_bytes: gauge(
+                "smtpgw_forward_awaiting_bytes",
+                "Spool bytes waiting to be forwarded to Kafka (--spool-fallback).",
+            )?,
+            forwarded_records: counter(
+                "smtpgw_forwarded_records_total",
+                "Spooled messages Kafka acknowledged (--spool-fallback).",
+            )?,
+            forwarded_bytes: counter(
+                "smtpgw_forwarded_bytes_total",
+                "Bytes of spooled messages Kafka acknowledged (--spool-fallback).",
+            )?,
+            forward_oldest_age,
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
                 "Total size of the spool's segment files (0 without a spool).",
@@ -342,6 +370,7 @@ impl Metrics {
                 "Bytes available on the spool's file system (0 without a spool).",
             )?,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
+            io_backend_info: backend,
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             registry,
@@ -356,6 +385,13 @@ impl Metrics {
         {
             self.replies[i].inc();
         }
+    }
+
+    /// Which I/O backend (`uring` or `epoll`) serves connections: that series is 1, no
+    /// other exists.
+    pub fn set_io_backend(&self, backend: &str) {
+        self.io_backend_info.reset();
+        self.io_backend_info.with_label_values(&[backend]).set(1);
     }
 
     /// The SMTP listeners are up; `/readyz` may say yes.
@@ -394,6 +430,19 @@ impl Metrics {
             for (broker, rtt) in &stats.broker_rtt {
                 let gauge: Gauge = self.kafka_broker_rtt.with_label_values(&[broker.as_str()]);
                 gauge.set(*rtt);
+            }
+            if let Some(forward) = &stats.forward {
+                self.forward_awaiting_records
+                    .set(clamp(forward.awaiting_records));
+                self.forward_awaiting_bytes
+                    .set(clamp(forward.awaiting_bytes));
+                // The sink keeps running totals; a counter only moves forward.
+                let add = |counter: &IntCounter, total: u64| {
+                    counter.inc_by(total.saturating_sub(counter.get()));
+                };
+                add(&self.forwarded_records, forward.forwarded_records);
+                add(&self.forwarded_bytes, forward.forwarded_bytes);
+                self.forward_oldest_age.set(forward.oldest_age_seconds);
             }
         }
         let mut out = Vec::with_capacity(16 * 1024);

@@ -17,6 +17,7 @@ use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::net::tls::TlsConfigError;
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
 use crate::reload::{Reloader, SessionConfigHandle};
+use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
 use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
@@ -33,6 +34,8 @@ pub enum ServerError {
     Spool { dir: String, source: SpoolError },
     #[error(transparent)]
     Kafka(#[from] KafkaSinkError),
+    #[error("--spool-fallback (--spool-dir {dir}): {source}")]
+    Fallback { dir: String, source: FallbackError },
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -76,6 +79,21 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
                 })?,
             )
         }
+        SinkKind::Kafka if config.spool_fallback => Arc::new(
+            FallbackSink::open(
+                &config.spool_dir,
+                SpoolOptions {
+                    max_bytes: config.spool_max_bytes,
+                    min_free_bytes: config.spool_min_free_bytes,
+                    ..SpoolOptions::default()
+                },
+                &config.kafka.options(config.max_recipients),
+            )
+            .map_err(|source| ServerError::Fallback {
+                dir: config.spool_dir.display().to_string(),
+                source,
+            })?,
+        ),
         SinkKind::Kafka => Arc::new(KafkaSink::new(
             &config.kafka.options(config.max_recipients),
         )?),

@@ -912,6 +912,16 @@ impl Connection {
         }
     }
 
+    /// The reactor freed body budget: input kept while this connection waited for it
+    /// is processed now, since its client may have nothing more to send that would
+    /// bring it through [`Self::handle_input`].
+    pub fn handle_budget_freed(&mut self, now: Instant) {
+        if matches!(self.life, Life::Open) && !self.pending.is_empty() && self.can_consume() {
+            self.process_pending(now);
+            self.after_output_change(now);
+        }
+    }
+
     /// True while this connection's body waits for the reactor's budget; the backend
     /// looks again when its reactor frees budget.
     pub fn paused_for_budget(&self) -> bool {

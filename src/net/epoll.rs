@@ -97,6 +97,9 @@ impl Reactors {
                 .map_err(NetError::Reactor)?;
             threads.push(handle);
         }
+        // Ready before the line that says so: tests and scripts act on it at once.
+        shared.metrics.set_io_backend("epoll");
+        shared.metrics.set_listening();
         for (spec, addr) in p.listeners.iter().zip(&addrs) {
             info!(addr = %addr, kind = ?spec.kind, reactors, backend = %"epoll", "listening");
         }
@@ -476,7 +479,9 @@ async fn converse(
                     conn.handle_io_error();
                 }
             }
-            () = reactor.budget_freed.notified(), if paused => {}
+            () = reactor.budget_freed.notified(), if paused => {
+                conn.handle_budget_freed(Instant::now());
+            }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 conn.handle_timeout(Instant::now());

@@ -24,7 +24,9 @@ use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
 pub mod limits;
+pub mod probe;
 pub mod tls;
+pub mod uring;
 
 pub use crate::config::IoBackend;
 
@@ -88,6 +90,8 @@ pub enum NetError {
     },
     #[error("cannot start reactor thread: {0}")]
     Reactor(io::Error),
+    #[error("--io-backend uring: io_uring is not usable here: {0}")]
+    UringUnavailable(probe::Unavailable),
 }
 
 /// What the reactors should be doing; it only ever moves forward.
@@ -307,35 +311,50 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The running reactors, whichever the backend.
 pub enum Reactors {
     Epoll(epoll::Reactors),
+    Uring(uring::Reactors),
 }
 
 impl Reactors {
-    /// Starts the reactors of the backend `choice` resolves to.
+    /// Starts the reactors of the backend `choice` resolves to: `auto` probes io_uring
+    /// and falls back to epoll with one log line saying why; `uring` fails instead.
+    /// The chosen backend is shown by `smtpgw_io_backend_info` and the `listening` line,
+    /// both set by the backend once it is ready.
     pub fn start(choice: IoBackend, p: ReactorParams) -> Result<Reactors, NetError> {
-        match choice {
-            IoBackend::Auto | IoBackend::Epoll => Ok(Reactors::Epoll(epoll::Reactors::start(p)?)),
-            IoBackend::Uring => Err(NetError::Reactor(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "--io-backend uring: the io_uring backend is not built yet",
-            ))),
-        }
+        let reactors = match choice {
+            IoBackend::Epoll => Reactors::Epoll(epoll::Reactors::start(p)?),
+            IoBackend::Uring => match probe::io_uring() {
+                Ok(_) => Reactors::Uring(uring::Reactors::start(p)?),
+                Err(why) => return Err(NetError::UringUnavailable(why)),
+            },
+            IoBackend::Auto => match probe::io_uring() {
+                Ok(_) => Reactors::Uring(uring::Reactors::start(p)?),
+                Err(why) => {
+                    tracing::warn!("io_uring unavailable ({why}); using the epoll backend");
+                    Reactors::Epoll(epoll::Reactors::start(p)?)
+                }
+            },
+        };
+        Ok(reactors)
     }
 
     pub fn backend(&self) -> &'static str {
         match self {
             Reactors::Epoll(_) => "epoll",
+            Reactors::Uring(_) => "uring",
         }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         match self {
             Reactors::Epoll(r) => r.local_addr(),
+            Reactors::Uring(r) => r.local_addr(),
         }
     }
 
     pub fn open_connections(&self) -> usize {
         match self {
             Reactors::Epoll(r) => r.open_connections(),
+            Reactors::Uring(r) => r.open_connections(),
         }
     }
 
@@ -343,6 +362,7 @@ impl Reactors {
     pub fn begin_drain(&self) {
         match self {
             Reactors::Epoll(r) => r.set_phase(Phase::Draining),
+            Reactors::Uring(r) => r.set_phase(Phase::Draining),
         }
     }
 
@@ -350,6 +370,7 @@ impl Reactors {
     pub fn stop(self) {
         match self {
             Reactors::Epoll(r) => r.stop(),
+            Reactors::Uring(r) => r.stop(),
         }
     }
 }

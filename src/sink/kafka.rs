@@ -40,7 +40,7 @@
 //! from noticing the recovery. Messages already queued when the brokers go away are not
 //! failed early: librdkafka keeps retrying them until their publish timeout.
 //!
-//! # Fatal errors
+//! # Fatal errors and stuck producers
 //!
 //! An idempotent producer can hit a fatal error (for example `PRODUCER_FENCED` or a
 //! sequence desynchronisation) after which it accepts nothing. Every error callback
@@ -50,6 +50,29 @@
 //! timeout) for in-flight requests to be answered, purges the rest and serves their
 //! delivery reports, so every message it held gets its answer (`Temporary` unless the
 //! broker did acknowledge it). Shutdown drains the current producer the same way.
+//!
+//! A producer can also be stuck without librdkafka calling it fatal: after a broker
+//! stall, a broker may fence it (`PRODUCER_FENCED`, `INVALID_PRODUCER_EPOCH`,
+//! `UNKNOWN_PRODUCER_ID` on every produce request) while answering metadata, and
+//! librdkafka fails each message with that error for good. The delivery reports are
+//! the event: the first such failure marks the sink unhealthy (`/readyz` 503, `451`
+//! or the fallback at once) and wakes the supervisor, which replaces the producer
+//! exactly as after a fatal error. A message timing out counts too when nothing at all
+//! was acknowledged for a whole publish timeout (one slow message among good ones is a
+//! slow broker, and a new producer would not help), and then the producer is replaced
+//! only once a broker answers metadata (until then it is an outage). Replacements
+//! in one failure streak back off (1 s doubling to 30 s) so a cluster that refuses
+//! every new producer is not flooded with them. One warning per streak (repeated at
+//! most every 10 s, with the count) and one line at recovery, the first
+//! acknowledgement after it.
+//!
+//! # Fallback
+//!
+//! Built with [`KafkaSink::with_fallback`], the sink keeps each session's message (a
+//! reference, not a copy) until its delivery report; a temporary failure (unavailable,
+//! queue full, timeout, stuck producer, purge) hands it to the fallback sink, the local
+//! spool of `--spool-fallback`, whose answer the session gets. A size refusal is still
+//! `552`. See [`crate::sink::forward`].
 //!
 //! # Size
 //!
@@ -81,7 +104,7 @@ use rdkafka::producer::{
 };
 use rdkafka::ClientContext;
 
-use crate::sink::{Completion, PublishError, Sink, SinkStats};
+use crate::sink::{Completion, PublishError, PublishResult, Sink, SinkStats};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
@@ -122,9 +145,13 @@ const RESERVED_KEYS: &[(&str, &str)] = &[
 
 /// Why `--kafka-config KEY=...` is refused, if it is.
 pub fn reserved_config(key: &str) -> Option<&'static str> {
+    // librdkafka hands a name the global configuration does not know to the default
+    // topic configuration, which strips a `topic.` prefix: `topic.acks=1` is `acks=1`
+    // and `topic.message.timeout.ms` overrides `--publish-timeout`.
+    let bare = key.strip_prefix("topic.").unwrap_or(key);
     RESERVED_KEYS
         .iter()
-        .find(|(k, _)| *k == key)
+        .find(|(k, _)| *k == key || *k == bare)
         .map(|(_, why)| *why)
 }
 
@@ -259,16 +286,102 @@ pub fn record_overhead(max_recipients: usize) -> usize {
 
 /// What the delivery callback needs to answer one message.
 struct InFlight {
-    done: Completion,
+    answer: Answer,
     id: MessageId,
     bytes: usize,
+}
+
+/// Who waits for a delivery report.
+// The session variant holds the sealed message (which grew with the edge's record
+// headers); the whole `InFlight` is already boxed once per message as the delivery
+// opaque, so boxing the variant too would only add a second allocation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Answer {
+    /// A session: `Ok` is its `250`. With a fallback sink, the message is kept until
+    /// the broker answers so that a temporary failure can still be stored there.
+    Session {
+        done: Completion,
+        keep: Option<SealedMessage>,
+    },
+    /// The store-and-forward thread, which tags its records with a sequence number
+    /// and never falls back (the record is already in the spool).
+    Forward {
+        seq: u64,
+        tx: Sender<(u64, PublishResult)>,
+    },
+}
+
+impl Answer {
+    fn answer(self, shared: &Shared, result: PublishResult) {
+        match self {
+            Answer::Session { done, keep } => match (result, keep, &shared.fallback) {
+                (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
+                    tracing::debug!(id = %msg.id, %why, "kafka failed the message; storing it in the fallback spool");
+                    fallback.submit(msg, done);
+                }
+                (result, _, _) => done.complete(result),
+            },
+            Answer::Forward { seq, tx } => {
+                let _ = tx.send((seq, result));
+            }
+        }
+    }
 }
 
 enum Notice {
     /// A producer reported an error: is the current one failed for good?
     Check,
+    /// The current producer's requests keep failing (see [`Liveness`]).
+    Stuck,
     Stop,
 }
+
+/// How a failed delivery bears on whether the producer itself still works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Liveness {
+    /// The broker answered, but refuses this producer's state (fenced, bad epoch,
+    /// unknown producer id, sequence out of order): librdkafka surfaces these only
+    /// when it cannot recover by itself, so only a new producer gets out of it.
+    Rejected,
+    /// Nothing acknowledged the message within the publish timeout. If a broker
+    /// answers metadata meanwhile, the producer is stuck; if none does, it is an
+    /// outage, and the producer is replaced once a broker answers again.
+    NoAck,
+}
+
+fn liveness(error: &KafkaError) -> Option<Liveness> {
+    match error.rdkafka_error_code()? {
+        RDKafkaErrorCode::ProducerFenced
+        | RDKafkaErrorCode::InvalidProducerEpoch
+        | RDKafkaErrorCode::UnknownProducerId
+        | RDKafkaErrorCode::OutOfOrderSequenceNumber
+        | RDKafkaErrorCode::InvalidProducerIdMapping
+        | RDKafkaErrorCode::Fatal => Some(Liveness::Rejected),
+        RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::RequestTimedOut => {
+            Some(Liveness::NoAck)
+        }
+        _ => None,
+    }
+}
+
+/// A run of liveness failures of the current producer with no delivery in between.
+#[derive(Debug, Default)]
+struct Streak {
+    started: Option<Instant>,
+    failures: u64,
+    last_warning: Option<Instant>,
+    /// What the supervisor should act on; cleared when it replaces the producer.
+    suspect: Option<Liveness>,
+    replacements: u32,
+    /// No replacement before this, so a cluster that rejects every new producer
+    /// does not make the gateway build one after another.
+    next_replacement: Option<Instant>,
+}
+
+/// A streak's warning is repeated at most this often, with the count so far.
+const STREAK_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+const FIRST_REPLACEMENT_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_REPLACEMENT_BACKOFF: Duration = Duration::from_secs(30);
 
 /// State shared by the sink, its supervisor and every producer's callbacks.
 struct Shared {
@@ -281,6 +394,17 @@ struct Shared {
     notices: Sender<Notice>,
     /// The current producer's latest librdkafka statistics.
     stats: Mutex<Option<SinkStats>>,
+    /// Set while a [`Streak`] runs, so a delivery checks the mutex only then.
+    streak_active: AtomicBool,
+    streak: Mutex<Streak>,
+    /// Where a session's message goes when Kafka fails it temporarily.
+    fallback: Option<Arc<dyn Sink>>,
+    /// Told each time the sink becomes ready (the forwarder waits for it).
+    ready_watch: Mutex<Vec<Sender<()>>>,
+    /// When the last acknowledgement (of any producer) came, in ms since `epoch`.
+    epoch: Instant,
+    last_ack_ms: AtomicU64,
+    publish_timeout: Duration,
 }
 
 impl Shared {
@@ -295,6 +419,19 @@ impl Shared {
         {
             if healthy {
                 tracing::info!(why, "kafka sink ready");
+                for tx in self
+                    .ready_watch
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                {
+                    let _ = tx.send(());
+                }
+            } else if self.fallback.is_some() {
+                tracing::warn!(
+                    why,
+                    "kafka sink not ready: storing messages in the fallback spool until a broker is back"
+                );
             } else {
                 tracing::warn!(
                     why,
@@ -302,6 +439,82 @@ impl Shared {
                 );
             }
         }
+    }
+
+    /// A delivery of the current producer failed in a way that says the producer may
+    /// be stuck: count it, say so (once per streak, then rate-limited), refuse mail
+    /// until the supervisor has a working producer, and wake the supervisor.
+    fn liveness_failure(&self, generation: u64, kind: Liveness, error: &KafkaError) {
+        if generation != self.generation.load(Ordering::Acquire)
+            || self.closed.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let now = Instant::now();
+        // One message timing out while others get through is a slow broker, not a
+        // stuck producer: only a whole publish timeout without any acknowledgement is.
+        if kind == Liveness::NoAck {
+            let since_ack = self.epoch.elapsed().saturating_sub(Duration::from_millis(
+                self.last_ack_ms.load(Ordering::Relaxed),
+            ));
+            if since_ack < self.publish_timeout {
+                return;
+            }
+        }
+        let mut streak = self.streak.lock().unwrap_or_else(PoisonError::into_inner);
+        let started = *streak.started.get_or_insert(now);
+        streak.failures += 1;
+        self.streak_active.store(true, Ordering::Release);
+        if streak
+            .last_warning
+            .is_none_or(|t| now.duration_since(t) >= STREAK_WARNING_INTERVAL)
+        {
+            streak.last_warning = Some(now);
+            tracing::warn!(
+                %error,
+                failures = streak.failures,
+                for_ms = now.duration_since(started).as_millis() as u64,
+                generation,
+                "kafka produce requests failing; replacing the producer"
+            );
+        }
+        // A rejection outranks a timeout: the broker is known to answer.
+        if streak.suspect != Some(Liveness::Rejected) {
+            streak.suspect = Some(kind);
+        }
+        drop(streak);
+        // A rejected producer fails whatever it is given: stop giving it mail now. A
+        // timeout is judged by the supervisor, which first asks whether a broker
+        // answers at all.
+        if kind == Liveness::Rejected {
+            self.set_healthy(generation, false, "the broker rejects the kafka producer");
+        }
+        let _ = self.notices.send(Notice::Stuck);
+    }
+
+    /// A delivery succeeded: a running streak is over.
+    fn delivered(&self, generation: u64) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ack_ms.store(ms, Ordering::Relaxed);
+        self.set_healthy(generation, true, "message delivered");
+        if !self.streak_active.load(Ordering::Acquire)
+            || generation != self.generation.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let mut streak = self.streak.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.streak_active.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let ended = std::mem::take(&mut *streak);
+        drop(streak);
+        tracing::info!(
+            failures = ended.failures,
+            for_ms = ended.started.map_or(0, |t| t.elapsed().as_millis() as u64),
+            replacements = ended.replacements,
+            generation,
+            "kafka sink recovered: messages acknowledged again"
+        );
     }
 
     fn add_inflight(&self, bytes: usize) {
@@ -382,6 +595,7 @@ impl GatewayContext {
             queue_messages: statistics.msg_cnt,
             queue_bytes: statistics.msg_size,
             broker_rtt,
+            forward: None,
         };
         *self
             .shared
@@ -396,16 +610,18 @@ impl ProducerContext for GatewayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
         self.shared.sub_inflight(inflight.bytes);
-        let InFlight { done, id, .. } = *inflight;
+        let InFlight { answer, id, .. } = *inflight;
         match result {
             Ok(_) => {
-                self.shared
-                    .set_healthy(self.generation, true, "message delivered");
-                done.complete(Ok(id));
+                self.shared.delivered(self.generation);
+                answer.answer(&self.shared, Ok(id));
             }
             Err((error, _)) => {
                 tracing::debug!(%id, %error, "kafka delivery failed");
-                done.complete(Err(classify(error)));
+                if let Some(kind) = liveness(error) {
+                    self.shared.liveness_failure(self.generation, kind, error);
+                }
+                answer.answer(&self.shared, Err(classify(error)));
             }
         }
     }
@@ -487,6 +703,16 @@ impl KafkaSink {
     /// starts the supervisor. No reachable broker is not an error: the sink starts
     /// unhealthy and becomes ready when a broker answers.
     pub fn new(options: &KafkaOptions) -> Result<KafkaSink, KafkaSinkError> {
+        Self::with_fallback(options, None)
+    }
+
+    /// As [`KafkaSink::new`]; a session's message that Kafka cannot take now (sink
+    /// unavailable, queue full, temporary delivery failure, publish timeout) is handed
+    /// to `fallback`, whose answer the session gets instead of `451`.
+    pub fn with_fallback(
+        options: &KafkaOptions,
+        fallback: Option<Arc<dyn Sink>>,
+    ) -> Result<KafkaSink, KafkaSinkError> {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
@@ -497,16 +723,20 @@ impl KafkaSink {
             inflight_bytes: AtomicUsize::new(0),
             notices: tx,
             stats: Mutex::new(None),
+            streak_active: AtomicBool::new(false),
+            streak: Mutex::new(Streak::default()),
+            fallback,
+            ready_watch: Mutex::new(Vec::new()),
+            epoch: Instant::now(),
+            last_ack_ms: AtomicU64::new(0),
+            publish_timeout: options.publish_timeout,
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
-        let reachable = probe(
-            &producer,
-            &shared,
-            &options.topic,
-            0,
-            options.startup_timeout,
-        );
+        let reachable = probe(&producer, &options.topic, options.startup_timeout);
+        if reachable {
+            shared.set_healthy(0, true, "broker answered");
+        }
         // Without a broker, describing the topic would only wait out the same timeout
         // again; SIZE then follows the producer's limit, and a broker that still
         // refuses a record as too large gets it answered with 552.
@@ -590,13 +820,7 @@ impl KafkaSink {
 }
 
 /// Asks the cluster for the topic's metadata; an answer proves a broker is up.
-fn probe(
-    producer: &GatewayProducer,
-    shared: &Shared,
-    topic: &str,
-    generation: u64,
-    timeout: Duration,
-) -> bool {
+fn probe(producer: &GatewayProducer, topic: &str, timeout: Duration) -> bool {
     match producer.client().fetch_metadata(Some(topic), timeout) {
         Ok(metadata) => {
             if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
@@ -604,7 +828,6 @@ fn probe(
                     tracing::warn!(topic, error = ?RDKafkaErrorCode::from(error), "kafka topic not usable; messages will get 451");
                 }
             }
-            shared.set_healthy(generation, true, "broker answered");
             true
         }
         Err(error) => {
@@ -690,79 +913,137 @@ fn describe_max_message_bytes(
     found
 }
 
-/// The supervisor: replaces a producer after a fatal error and probes the cluster
-/// while no broker is known to be up.
+/// The supervisor: replaces a producer after a fatal error or when it is stuck (see
+/// [`Liveness`]), and probes the cluster while no broker is known to be up. It sleeps
+/// on its channel: errors, stuck deliveries and shutdown wake it; the clock only paces
+/// the probes and the replacement backoff.
 fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
     // Probes are paced by the clock, not by notices: every failed connection attempt
     // raises an error (and a notice), and probing on each would make librdkafka
     // reconnect to a dead broker many times a second.
     let mut last_probe: Option<Instant> = None;
     loop {
-        match notices.recv_timeout(PROBE_INTERVAL) {
+        // Right after a replacement (no probe yet) a not-ready sink probes at once.
+        let wait = if last_probe.is_none() && !inner.shared.healthy.load(Ordering::Acquire) {
+            Duration::ZERO
+        } else {
+            PROBE_INTERVAL
+        };
+        match notices.recv_timeout(wait) {
             Ok(Notice::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             // A notice from a retired producer needs no action; checking the current
             // one costs an atomic load.
-            Ok(Notice::Check) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(Notice::Check | Notice::Stuck) | Err(RecvTimeoutError::Timeout) => {}
         }
         let shared = &inner.shared;
         if shared.closed.load(Ordering::Acquire) {
             return;
         }
-        let current = inner
-            .producer
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(producer) = current else {
+        let Some(producer) = current_producer(inner) else {
             return;
         };
+        let generation = shared.generation.load(Ordering::Acquire);
         let producer = if let Some((code, reason)) = producer.client().fatal_error() {
             drop(producer);
-            shared.set_healthy(
-                shared.generation.load(Ordering::Acquire),
-                false,
-                "fatal producer error",
-            );
+            shared.set_healthy(generation, false, "fatal producer error");
             tracing::error!(%code, reason, "kafka producer hit a fatal error");
-            replace_producer(inner);
+            replace_producer(inner, generation, false);
             // Probe the new producer now rather than a second later: until it has
             // seen a broker the sink refuses mail.
             last_probe = None;
-            match inner
-                .producer
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone()
-            {
+            match current_producer(inner) {
                 Some(p) => p,
                 None => return,
             }
         } else {
             producer
         };
+        let suspect = {
+            let streak = shared.streak.lock().unwrap_or_else(PoisonError::into_inner);
+            match streak.suspect {
+                Some(kind) if streak.next_replacement.is_none_or(|t| Instant::now() >= t) => {
+                    Some(kind)
+                }
+                _ => None,
+            }
+        };
         let due = last_probe.is_none_or(|t| t.elapsed() >= PROBE_INTERVAL);
-        if due && !shared.healthy.load(Ordering::Acquire) {
-            last_probe = Some(Instant::now());
-            let generation = shared.generation.load(Ordering::Acquire);
-            probe(&producer, shared, &inner.topic, generation, PROBE_TIMEOUT);
+        match suspect {
+            // The broker refused the producer: it answers, so replace at once, and
+            // probe with the new producer right away: it takes mail once it has seen
+            // a broker.
+            Some(Liveness::Rejected) => {
+                drop(producer);
+                replace_producer(inner, generation, false);
+                last_probe = Some(Instant::now());
+                if let Some(new) = current_producer(inner) {
+                    if probe(&new, &inner.topic, PROBE_TIMEOUT) {
+                        let generation = shared.generation.load(Ordering::Acquire);
+                        shared.set_healthy(generation, true, "broker answered");
+                    }
+                }
+            }
+            // Nothing was acknowledged in time. If a broker answers, the producer is
+            // stuck: replace it (the broker has just answered, so the new one takes
+            // mail at once). If none does, this is an outage like any other: not
+            // ready, and the producer is replaced once a broker answers again.
+            Some(Liveness::NoAck) if due => {
+                last_probe = Some(Instant::now());
+                if probe(&producer, &inner.topic, PROBE_TIMEOUT) {
+                    drop(producer);
+                    replace_producer(inner, generation, true);
+                } else {
+                    shared.set_healthy(
+                        generation,
+                        false,
+                        "nothing acknowledged within the publish timeout and no broker answers",
+                    );
+                }
+            }
+            None if due && !shared.healthy.load(Ordering::Acquire) => {
+                last_probe = Some(Instant::now());
+                // A producer under suspicion stays out of service even though the
+                // broker answers; its replacement is only waiting out its backoff.
+                let suspected = shared
+                    .streak
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .suspect
+                    .is_some();
+                if probe(&producer, &inner.topic, PROBE_TIMEOUT) && !suspected {
+                    shared.set_healthy(generation, true, "broker answered");
+                }
+            }
+            _ => {}
         }
     }
 }
 
-fn replace_producer(inner: &Arc<Inner>) {
+fn current_producer(inner: &Inner) -> Option<Arc<GatewayProducer>> {
+    inner
+        .producer
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+/// Swaps in a new producer if `generation` is still the current one, and retires the
+/// old one on a thread of its own, which answers everything it held. The sink is ready
+/// at once if `broker_answered` (a probe just succeeded), else after the next probe.
+fn replace_producer(inner: &Arc<Inner>, generation: u64, broker_answered: bool) {
     let shared = &inner.shared;
     let mut slot = inner
         .producer
         .write()
         .unwrap_or_else(PoisonError::into_inner);
-    let Some(old) = slot.as_ref() else {
+    if slot.is_none() {
         return; // shut down
-    };
-    if old.client().fatal_error().is_none() {
+    }
+    if shared.generation.load(Ordering::Acquire) != generation {
         return; // already replaced
     }
-    let generation = shared.generation.load(Ordering::Acquire) + 1;
-    let new = match new_producer(&inner.config, shared, generation) {
+    let next = generation + 1;
+    let new = match new_producer(&inner.config, shared, next) {
         Ok(new) => Arc::new(new),
         Err(error) => {
             // Keep the failed one; the supervisor tries again on its next round.
@@ -770,11 +1051,32 @@ fn replace_producer(inner: &Arc<Inner>) {
             return;
         }
     };
+    {
+        let mut streak = shared.streak.lock().unwrap_or_else(PoisonError::into_inner);
+        streak.suspect = None;
+        let backoff = FIRST_REPLACEMENT_BACKOFF
+            .saturating_mul(1 << streak.replacements.min(5))
+            .min(MAX_REPLACEMENT_BACKOFF);
+        streak.replacements += 1;
+        streak.next_replacement = Some(Instant::now() + backoff);
+    }
+    if !broker_answered {
+        // Not ready until the new producer has seen a broker.
+        shared.healthy.store(false, Ordering::Release);
+    }
+    shared.generation.store(next, Ordering::Release);
+    if broker_answered {
+        shared.set_healthy(next, true, "broker answered");
+    }
+    let answer = if shared.fallback.is_some() {
+        "go to the fallback spool"
+    } else {
+        "get 451"
+    };
     tracing::warn!(
-        generation,
-        "new kafka producer in place; the failed one's pending messages get 451"
+        generation = next,
+        "new kafka producer in place; the old one's unacknowledged messages {answer}"
     );
-    shared.generation.store(generation, Ordering::Release);
     let old = slot.replace(new);
     drop(slot);
     if let Some(old) = old {
@@ -826,20 +1128,23 @@ fn drain(producer: Arc<GatewayProducer>, timeout: Duration) {
 }
 
 impl KafkaSink {
-    /// Hands one record to librdkafka; `done` is answered from its delivery report, or
+    /// Hands one record to librdkafka; `answer` gets the delivery report, or an answer
     /// at once if the sink is unavailable or librdkafka refuses the record.
-    fn publish(
+    pub(crate) fn publish(
         &self,
         id: MessageId,
         timestamp_ms: i64,
         headers: Option<OwnedHeaders>,
         value: &[u8],
-        done: Completion,
+        answer: Answer,
     ) {
         let inner = &self.inner;
         let shared = &inner.shared;
         if !shared.healthy.load(Ordering::Acquire) {
-            done.complete(Err(PublishError::Temporary(Cow::Borrowed(UNAVAILABLE))));
+            answer.answer(
+                shared,
+                Err(PublishError::Temporary(Cow::Borrowed(UNAVAILABLE))),
+            );
             return;
         }
         let slot = inner
@@ -847,14 +1152,18 @@ impl KafkaSink {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         let Some(producer) = slot.as_ref() else {
-            done.complete(Err(PublishError::Temporary(Cow::Borrowed(SHUT_DOWN))));
+            drop(slot);
+            answer.answer(
+                shared,
+                Err(PublishError::Temporary(Cow::Borrowed(SHUT_DOWN))),
+            );
             return;
         };
         let mut key = [0u8; ulid::ULID_LEN];
         let key = id.array_to_str(&mut key);
         let bytes = value.len();
         let mut record =
-            BaseRecord::with_opaque_to(&inner.topic, Box::new(InFlight { done, id, bytes }))
+            BaseRecord::with_opaque_to(&inner.topic, Box::new(InFlight { answer, id, bytes }))
                 .key(key.as_bytes())
                 .payload(value)
                 .timestamp(timestamp_ms);
@@ -863,6 +1172,7 @@ impl KafkaSink {
         }
         shared.add_inflight(bytes);
         if let Err((error, record)) = producer.send(record) {
+            drop(slot);
             shared.sub_inflight(bytes);
             if !matches!(
                 error.rdkafka_error_code(),
@@ -870,8 +1180,54 @@ impl KafkaSink {
             ) {
                 tracing::debug!(%id, %error, "kafka refused the message");
             }
-            record.delivery_opaque.done.complete(Err(classify(&error)));
+            record
+                .delivery_opaque
+                .answer
+                .answer(shared, Err(classify(&error)));
         }
+    }
+
+    /// Publishes a spooled record exactly as [`Sink::submit`] published the message:
+    /// same key, value, headers and timestamp. The result goes to `tx` tagged `seq`.
+    pub(crate) fn forward(
+        &self,
+        record: &crate::sink::spool::SpoolRecord,
+        seq: u64,
+        tx: Sender<(u64, PublishResult)>,
+    ) {
+        self.publish_spooled(record, Answer::Forward { seq, tx });
+    }
+
+    /// Publishes a spooled record with its original key, value, headers and timestamp.
+    fn publish_spooled(&self, record: &crate::sink::spool::SpoolRecord, answer: Answer) {
+        let headers = owned_headers(record.headers.len(), |add| {
+            for (name, value) in &record.headers {
+                add(name, value);
+            }
+        });
+        self.publish(
+            record.id,
+            record.received_at.timestamp_millis(),
+            headers,
+            record.value(),
+            answer,
+        );
+    }
+
+    /// `tx` gets a message each time the sink becomes ready.
+    pub(crate) fn notify_ready(&self, tx: Sender<()>) {
+        self.inner
+            .shared
+            .ready_watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tx);
+    }
+
+    /// Whether the sink takes messages now; false while closed.
+    fn ready(&self) -> bool {
+        let shared = &self.inner.shared;
+        shared.healthy.load(Ordering::Acquire) && !shared.closed.load(Ordering::Acquire)
     }
 }
 
@@ -898,12 +1254,17 @@ impl Sink for KafkaSink {
         let headers = owned_headers(8 + msg.envelope.rcpt_count(), |add| {
             msg.for_each_header(|name, value| add(name, value))
         });
+        let (id, timestamp_ms) = (msg.id, msg.received_at.timestamp_millis());
+        // A reference-counted handle, not a copy of the bytes.
+        let value = msg.value.clone();
+        // Only a fallback needs the message after librdkafka has copied it.
+        let keep = self.inner.shared.fallback.is_some().then_some(msg);
         self.publish(
-            msg.id,
-            msg.received_at.timestamp_millis(),
+            id,
+            timestamp_ms,
             headers,
-            &msg.value,
-            done,
+            &value,
+            Answer::Session { done, keep },
         );
     }
 
@@ -955,8 +1316,7 @@ impl Sink for KafkaSink {
     }
 
     fn is_healthy(&self) -> bool {
-        let shared = &self.inner.shared;
-        shared.healthy.load(Ordering::Acquire) && !shared.closed.load(Ordering::Acquire)
+        self.ready()
     }
 
     fn over_inflight_limit(&self) -> bool {
@@ -1043,8 +1403,6 @@ pub fn replay_records(
 
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-    use crate::sink::PublishResult;
-
     let sink = KafkaSink::new(options)?;
     let deadline = Instant::now() + options.publish_timeout;
     while !sink.is_healthy() {
@@ -1077,17 +1435,12 @@ pub fn replay_records(
             }
         }
         let (tx, rx) = unbounded_channel();
-        let headers = owned_headers(record.headers.len(), |add| {
-            for (name, value) in &record.headers {
-                add(name, value);
-            }
-        });
-        sink.publish(
-            record.id,
-            record.received_at.timestamp_millis(),
-            headers,
-            record.value(),
-            Completion::new(tx),
+        sink.publish_spooled(
+            &record,
+            Answer::Session {
+                done: Completion::new(tx),
+                keep: None,
+            },
         );
         window.push_back((record.id, rx));
     }

@@ -12,6 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::smtp::envelope::SealedMessage;
 
+pub mod forward;
 pub mod kafka;
 pub mod null;
 pub mod spool;
@@ -122,6 +123,21 @@ pub struct SinkStats {
     pub queue_bytes: u64,
     /// Average request round trip per broker (`host:port/id`), in seconds.
     pub broker_rtt: Vec<(String, f64)>,
+    /// Store-and-forward (`--spool-fallback`) figures, when that is on.
+    pub forward: Option<ForwardStats>,
+}
+
+/// What the store-and-forward thread reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForwardStats {
+    /// Spooled records not yet acknowledged by Kafka, and their size on disk.
+    pub awaiting_records: u64,
+    pub awaiting_bytes: u64,
+    /// Records (and value bytes) forwarded since start-up.
+    pub forwarded_records: u64,
+    pub forwarded_bytes: u64,
+    /// Age of the oldest record not yet forwarded; 0 when none waits.
+    pub oldest_age_seconds: f64,
 }
 
 /// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the

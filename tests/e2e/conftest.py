@@ -225,8 +225,29 @@ class Gateway:
 GATEWAYS = pytest.StashKey[list]()
 
 
+def io_backends() -> list[str]:
+    """`SMTPGW_TEST_IO_BACKENDS=epoll,uring`: every test that starts gateways through
+    `start_gateway` runs once per backend named (unset: once, with the binary's default)."""
+    names = [b.strip() for b in os.environ.get("SMTPGW_TEST_IO_BACKENDS", "").split(",") if b.strip()]
+    for name in names:
+        assert name in ("epoll", "uring", "auto"), f"SMTPGW_TEST_IO_BACKENDS: unknown backend {name!r}"
+    return names
+
+
+def pytest_generate_tests(metafunc):
+    backends = io_backends()
+    if backends and "io_backend" in metafunc.fixturenames:
+        metafunc.parametrize("io_backend", backends, ids=[f"io-{b}" for b in backends])
+
+
 @pytest.fixture
-def start_gateway(request, tmp_path):
+def io_backend() -> str | None:
+    """The backend `start_gateway` passes as `--io-backend` (None: the binary's default)."""
+    return None
+
+
+@pytest.fixture
+def start_gateway(request, tmp_path, io_backend):
     """Factory: `start_gateway(*extra_flags, spool_dir=None, sink=None)` -> a running Gateway."""
     binary = gateway_binary()
     if not os.access(binary, os.X_OK):
@@ -235,6 +256,8 @@ def start_gateway(request, tmp_path):
     request.node.stash[GATEWAYS] = started
 
     def start(*args: str, spool_dir: Path | None = None, sink: tuple[str, ...] | None = None) -> Gateway:
+        if io_backend and "--io-backend" not in args:
+            args = ("--io-backend", io_backend, *args)
         gateway = Gateway(spool_dir or tmp_path / f"spool-{len(started)}", args, sink)
         started.append(gateway)
         return gateway

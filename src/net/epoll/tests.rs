@@ -1,4 +1,5 @@
-//! The epoll backend against real sockets on loopback.
+//! A reactor backend against real sockets on loopback: written for epoll and also
+//! compiled into the io_uring backend (`super` is whichever includes it).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,7 +21,7 @@ fn start(max_connections: usize, idle: Duration) -> Reactors {
 }
 
 /// A plain SMTP listener on a free loopback port, no edge settings.
-fn one_listener() -> Vec<crate::net::ListenerSpec> {
+pub(super) fn one_listener() -> Vec<crate::net::ListenerSpec> {
     vec![crate::net::ListenerSpec {
         addr: "127.0.0.1:0".parse().unwrap(),
         kind: crate::net::ListenerKind::Smtp,
@@ -66,20 +67,20 @@ fn start_budget(
     .expect("reactors start")
 }
 
-fn connect(r: &Reactors) -> TcpStream {
+pub(super) fn connect(r: &Reactors) -> TcpStream {
     let s = TcpStream::connect(r.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
 
 /// Reads until the peer closes; the text of everything it sent.
-fn read_to_close(s: &mut TcpStream) -> String {
+pub(super) fn read_to_close(s: &mut TcpStream) -> String {
     let mut all = Vec::new();
     let _ = s.read_to_end(&mut all);
     String::from_utf8_lossy(&all).into_owned()
 }
 
-fn read_line(s: &mut TcpStream) -> String {
+pub(super) fn read_line(s: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
@@ -88,7 +89,7 @@ fn read_line(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&line).into_owned()
 }
 
-fn wait_for_no_connections(r: &Reactors) {
+pub(super) fn wait_for_no_connections(r: &Reactors) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while r.open_connections() != 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));

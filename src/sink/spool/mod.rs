@@ -192,6 +192,18 @@ pub struct SpoolOptions {
     /// Messages that would leave less free space than this on the spool's file system
     /// get `452 4.3.1`; 0 turns the check off.
     pub min_free_bytes: u64,
+    /// Told after every durable batch (the Kafka fallback's forwarder).
+    pub commits: Option<Sender<SpoolCommit>>,
+}
+
+/// Sent after a batch is durable: the spool's new durable end, and what the batch added
+/// (`first_id`: its first message's id, whose ULID time is about when it arrived).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpoolCommit {
+    pub durable: Position,
+    pub records: usize,
+    pub bytes: u64,
+    pub first_id: Option<crate::smtp::envelope::MessageId>,
 }
 
 impl Default for SpoolOptions {
@@ -200,6 +212,7 @@ impl Default for SpoolOptions {
             segment_size: DEFAULT_SEGMENT_SIZE,
             max_bytes: None,
             min_free_bytes: 0,
+            commits: None,
         }
     }
 }
@@ -249,6 +262,7 @@ impl SpoolSink {
             durable: Mutex::new(Position::default()),
             durable_changed: Condvar::new(),
             writing: AtomicU64::new(seq),
+            commits: options.commits,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer::new(Arc::clone(&shared), options.segment_size, segment);

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub durable_changed: Condvar,
     /// The segment the writer appends to; every lower-numbered one is closed.
     pub writing: AtomicU64,
+    /// Told after every durable batch (the Kafka fallback's forwarder waits on it).
+    pub commits: Option<crossbeam_channel::Sender<super::SpoolCommit>>,
 }
 
 impl Shared {
@@ -322,6 +324,17 @@ impl Writer {
                             offset: segment.len,
                         };
                         self.shared.durable_changed.notify_all();
+                        if let Some(tx) = &self.shared.commits {
+                            let _ = tx.send(super::SpoolCommit {
+                                durable: Position {
+                                    segment: segment.seq,
+                                    offset: segment.len,
+                                },
+                                records: self.batch.len(),
+                                bytes: self.buf.len() as u64,
+                                first_id: self.batch.first().map(|(id, _, _)| *id),
+                            });
+                        }
                         if segment.len >= self.segment_size {
                             self.rotate_due = true;
                         }

@@ -1,0 +1,917 @@
+//! One io_uring reactor: the loop that turns completions into driver calls and driver
+//! output into submissions. One thread, one ring, one socket per listener (`--listen`,
+//! `--listen-tls`), each accepted connection given its listener's edge settings; no
+//! protocol decisions.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::types::{CancelBuilder, Fd};
+use io_uring::{cqueue, opcode, squeue, IoUring};
+use socket2::SockRef;
+use tracing::{debug, warn};
+
+use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
+use super::PhaseCell;
+use crate::conn::{BodyBudget, Connection, Edge, State};
+use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
+use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
+use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket};
+
+/// What a completion is about: the top byte of `user_data`. Connection operations carry
+/// the slot (low 32 bits) and its generation (24 bits) too.
+const OP_ACCEPT: u64 = 1;
+const OP_EVENT: u64 = 2;
+const OP_RECV: u64 = 3;
+const OP_SEND: u64 = 4;
+/// Cancellations: their own completions carry nothing we need.
+const OP_CANCEL: u64 = 5;
+
+const GEN_MASK: u32 = 0x00FF_FFFF;
+
+fn user_data(op: u64, slot: u32, gen: u32) -> u64 {
+    (op << 56) | (u64::from(gen & GEN_MASK) << 32) | u64::from(slot)
+}
+
+fn split(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) as u32) & GEN_MASK, ud as u32)
+}
+
+/// The provided-buffer group every receive of this ring selects from.
+const BGID: u16 = 0;
+/// With multishot receives: the most one completion carries. The kernel's retry loop
+/// can still post a few dozen of them in one wake-up after the driver paused.
+const RECV_CHUNK: u32 = 16 * 1024;
+/// With single-shot receives: the most one body read takes (the driver's hint between
+/// commands is smaller).
+const BODY_READ: usize = 64 * 1024;
+/// Held input goes to the driver in pieces of this, so it never holds more than it
+/// wants (its pending input is capped).
+const HAND_IN: usize = 16 * 1024;
+/// After the drain deadline, how long connections get to write their final `421`
+/// before the reactor closes what is left.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+/// How long the stop phase waits for the kernel to hand back every operation.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Recv {
+    /// No receive armed: idle of input on purpose (`wants_read` false) or ENOBUFS.
+    Off,
+    Armed,
+    /// A cancel was submitted; the final completion has not come yet.
+    Cancelling,
+}
+
+struct Conn {
+    driver: Connection,
+    fd: OwnedFd,
+    peer: SocketAddr,
+    recv: Recv,
+    /// The buffer of the one send in flight, if any; the kernel reads it until the
+    /// send's completion.
+    send: Option<SendBuf>,
+    /// The deadline this connection has in the timer heap (the earliest, if several).
+    timer: Option<Instant>,
+    /// Queued in `dirty` for this turn's flush.
+    dirty: bool,
+    /// Bytes arrived while the driver did not want any: the client keeps sending into
+    /// a paused session, so the receive is cancelled and TCP pushes back.
+    data_while_paused: bool,
+    /// Those bytes, kept here (not in the driver, whose pending input is capped) until
+    /// the driver wants input again. Bounded by what one wake-up of the multishot
+    /// receive delivers before its cancellation; empty and unallocated otherwise.
+    held: Vec<u8>,
+    /// `shutdown(SHUT_WR)` done.
+    shut: bool,
+    /// Done: waiting for the kernel to return the receive and the send before the
+    /// descriptor is closed and the slot reused.
+    closing: bool,
+    _admitted: Admitted,
+}
+
+/// A connection's place in the reactor. Free once both the connection and its message
+/// with the sink (if any) are gone; its generation then moves on.
+struct Slot {
+    gen: u32,
+    conn: Option<Conn>,
+    /// The message this slot has with the sink, for the in-flight gauge; kept after
+    /// the connection closed until the sink answers.
+    flight: Option<InFlight>,
+}
+
+/// One of the reactor's listening sockets; its accept's `user_data` carries its index.
+struct Listener {
+    /// `None` once the accept was cancelled and its final completion came back.
+    sock: Option<TcpListener>,
+    /// What every connection accepted here gets (`Connection::new`'s last argument).
+    edge: Arc<Edge>,
+    armed: bool,
+}
+
+/// Everything a reactor thread starts from.
+pub(super) struct Parts {
+    pub index: usize,
+    pub listeners: Vec<(TcpListener, Arc<Edge>)>,
+    pub shared: Arc<Shared>,
+    pub event: Arc<EventFd>,
+    pub queue: Arc<CompletionQueue>,
+    pub metrics: ReactorMetrics,
+    pub phase: Arc<PhaseCell>,
+    pub tuning: super::Tuning,
+    pub exhausted: Arc<std::sync::atomic::AtomicU64>,
+}
+
+pub(super) struct Reactor {
+    /// First field: dropped before the memory it may still point into.
+    ring: IoUring,
+    bufs: Option<BufRing>,
+    sends: Option<SendPool>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    dirty: Vec<u32>,
+    /// The other half of `dirty`'s double buffer.
+    spare: Vec<u32>,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    listeners: Vec<Listener>,
+    accept_retry: Option<Instant>,
+    event: Arc<EventFd>,
+    /// The eventfd read's 8-byte target; boxed so it does not move while the kernel
+    /// may write it.
+    event_buf: Box<u64>,
+    event_armed: bool,
+    queue: Arc<CompletionQueue>,
+    answers: Vec<(Ticket, PublishResult)>,
+    budget: BodyBudget,
+    /// Connections paused because the body budget is used up; looked at again when
+    /// this reactor frees some.
+    budget_waiters: Vec<(u32, u32)>,
+    budget_freed: bool,
+    cqes: Vec<(u64, i32, u32)>,
+    shared: Arc<Shared>,
+    metrics: ReactorMetrics,
+    metrics_dirty: bool,
+    next_flush: Instant,
+    busy: Duration,
+    /// Operations whose final completion has not been reaped (accept, eventfd read,
+    /// receives, sends): the kernel may still touch our memory while this is non-zero.
+    inflight: usize,
+    phase_cell: Arc<PhaseCell>,
+    /// Multishot receives (one request for many completions) rather than one receive
+    /// per completion; see `Tuning::multishot_recv`.
+    multishot: bool,
+    exhausted: Arc<std::sync::atomic::AtomicU64>,
+    phase: Phase,
+    stop_at: Option<Instant>,
+    index: usize,
+}
+
+impl Reactor {
+    /// Builds the ring and its buffers on the calling (reactor) thread.
+    pub(super) fn new(p: Parts) -> io::Result<(Reactor, ring::SetupKind, bool)> {
+        let (ring, setup) = ring::build_ring(4096, 32768)?;
+        let t = p.tuning;
+        let bufs = BufRing::new(&ring, BGID, t.inc_bufs, t.classic_bufs, t.incremental)?;
+        let inc = bufs.incremental;
+        let now = Instant::now();
+        Ok((
+            Reactor {
+                ring,
+                bufs: Some(bufs),
+                sends: Some(SendPool::default()),
+                slots: Vec::new(),
+                free: Vec::new(),
+                dirty: Vec::with_capacity(1024),
+                spare: Vec::with_capacity(1024),
+                timers: BinaryHeap::with_capacity(1024),
+                listeners: p
+                    .listeners
+                    .into_iter()
+                    .map(|(sock, edge)| Listener {
+                        sock: Some(sock),
+                        edge,
+                        armed: false,
+                    })
+                    .collect(),
+                accept_retry: None,
+                event: p.event,
+                event_buf: Box::new(0),
+                event_armed: false,
+                queue: p.queue,
+                answers: Vec::with_capacity(256),
+                budget: p.shared.new_budget(),
+                budget_waiters: Vec::new(),
+                budget_freed: false,
+                cqes: Vec::with_capacity(4096),
+                shared: p.shared,
+                metrics: p.metrics,
+                metrics_dirty: false,
+                next_flush: now + FLUSH_INTERVAL,
+                busy: Duration::ZERO,
+                inflight: 0,
+                phase_cell: p.phase,
+                multishot: t.multishot_recv,
+                exhausted: p.exhausted,
+                phase: Phase::Running,
+                stop_at: None,
+                index: p.index,
+            },
+            setup,
+            inc,
+        ))
+    }
+
+    /// Runs until the stop phase has closed every connection.
+    pub(super) fn run(mut self) {
+        if let Err(e) = self.serve() {
+            warn!(reactor = self.index, error = %e, "io_uring reactor failed; its connections are dropped");
+        }
+        self.teardown();
+    }
+
+    fn serve(&mut self) -> io::Result<()> {
+        let mut now = Instant::now();
+        loop {
+            self.arm_fixed(now)?;
+            if self.finished(now) {
+                return Ok(());
+            }
+            self.bufs_publish();
+            let wait = self
+                .next_wake(now)
+                .map(|t| t.saturating_duration_since(now));
+            let before_wait = Instant::now();
+            self.busy += before_wait.saturating_duration_since(now);
+            ring::submit_and_wait(&mut self.ring, wait)?;
+            now = Instant::now();
+
+            self.reap();
+            for i in 0..self.cqes.len() {
+                let (ud, res, flags) = self.cqes[i];
+                self.complete(now, ud, res, flags);
+            }
+            self.check_phase(now);
+            self.expire(now);
+            self.flush(now)?;
+            if now >= self.next_flush {
+                self.flush_metrics(now);
+            }
+        }
+    }
+
+    /// Copies the completion queue into `cqes` (so handling them may queue
+    /// submissions) and frees its slots for the kernel.
+    fn reap(&mut self) {
+        self.cqes.clear();
+        self.cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+    }
+
+    /// Keeps every listener's accept and the eventfd read armed.
+    fn arm_fixed(&mut self, now: Instant) -> io::Result<()> {
+        if !self.event_armed {
+            let buf: *mut u64 = &mut *self.event_buf;
+            let e = opcode::Read::new(Fd(self.event.raw()), buf.cast(), 8)
+                .build()
+                .user_data(user_data(OP_EVENT, 0, 0));
+            // SAFETY: `event_buf` is boxed, lives as long as the reactor and is read by
+            // us only after this read's completion.
+            unsafe { ring::push(&mut self.ring, &e)? };
+            self.event_armed = true;
+            self.inflight += 1;
+        }
+        let retry_due = self.accept_retry.is_none_or(|t| now >= t);
+        if !retry_due || self.phase != Phase::Running {
+            return Ok(());
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let Some(sock) = &l.sock else { continue };
+            if l.armed {
+                continue;
+            }
+            let e = opcode::AcceptMulti::new(Fd(sock.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(user_data(OP_ACCEPT, i as u32, 0));
+            // SAFETY: no memory is handed over; the listener is closed only after this
+            // accept's final completion.
+            unsafe { ring::push(&mut self.ring, &e)? };
+            l.armed = true;
+            self.inflight += 1;
+        }
+        self.accept_retry = None;
+        Ok(())
+    }
+
+    fn bufs_publish(&self) {
+        if let Some(b) = &self.bufs {
+            b.publish();
+        }
+    }
+
+    /// The nearest thing this reactor must do without being woken: a driver deadline,
+    /// an accept retry, the metrics flush (only when there is something to publish), the
+    /// stop grace.
+    fn next_wake(&self, _now: Instant) -> Option<Instant> {
+        let mut t = self.timers.peek().map(|Reverse((d, _, _))| *d);
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        consider(self.accept_retry);
+        consider(self.metrics_dirty.then_some(self.next_flush));
+        consider(self.stop_at);
+        t
+    }
+
+    fn complete(&mut self, now: Instant, ud: u64, res: i32, flags: u32) {
+        let (op, gen, slot) = split(ud);
+        match op {
+            OP_ACCEPT => self.accepted(now, slot as usize, res, flags),
+            OP_EVENT => {
+                self.event_armed = false;
+                self.inflight -= 1;
+            }
+            OP_RECV => self.received(now, slot, gen, res, flags),
+            OP_SEND => self.sent(now, slot, gen, res),
+            _ => {}
+        }
+    }
+
+    fn accepted(&mut self, now: Instant, listener: usize, res: i32, flags: u32) {
+        let Some(l) = self.listeners.get_mut(listener) else {
+            return;
+        };
+        if !cqueue::more(flags) {
+            l.armed = false;
+            self.inflight -= 1;
+            if self.phase != Phase::Running {
+                // The cancelled accept is back: nothing refers to the listener now.
+                l.sock = None;
+            }
+        }
+        let edge = l.edge.clone();
+        if res < 0 {
+            let err = io::Error::from_raw_os_error(-res);
+            if accept_exhausted(&err) {
+                warn!(reactor = self.index, error = %err, "accept failed; backing off");
+                self.accept_retry = Some(now + ACCEPT_BACKOFF);
+            } else if res != -libc::ECANCELED {
+                debug!(error = %err, "accept failed");
+            }
+            return;
+        }
+        // SAFETY: a successful accept completion carries a new descriptor that nothing
+        // else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        let Some(admitted) = self.shared.admit() else {
+            // Over --max-connections: one non-blocking send of the 421 into a fresh
+            // socket's empty buffer (if it does not fit, the client just sees the
+            // close), then close.
+            let _ = SockRef::from(&fd)
+                .send_with_flags(self.shared.too_many_reply(), libc::MSG_DONTWAIT);
+            debug!("refused: too many connections");
+            return;
+        };
+        let peer = match SockRef::from(&fd).peer_addr().map(|a| a.as_socket()) {
+            Ok(Some(peer)) => peer,
+            // Already reset by the client.
+            _ => return,
+        };
+        if let Err(e) = SockRef::from(&fd).set_tcp_nodelay(true) {
+            debug!(%peer, error = %e, "set TCP_NODELAY failed");
+        }
+        let mut driver = Connection::new(
+            now,
+            self.shared.session.current(),
+            self.shared.limits.clone(),
+            self.budget.clone(),
+            peer,
+            edge,
+        );
+        // Done at once (e.g. a PROXY header required from a source not trusted): the
+        // driver has nothing to send, so the socket closes here, as on epoll.
+        if driver.state() == State::Done {
+            driver.take_stats(&mut self.metrics);
+            self.metrics_dirty = true;
+            debug!(%peer, reactor = self.index, "connection refused by the edge");
+            return;
+        }
+        match self.phase {
+            Phase::Running => {}
+            Phase::Draining => driver.begin_drain(now),
+            Phase::Stop => driver.stop(now),
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    gen: 0,
+                    conn: None,
+                    flight: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.slots[slot as usize].conn = Some(Conn {
+            driver,
+            fd,
+            peer,
+            recv: Recv::Off,
+            send: None,
+            timer: None,
+            dirty: false,
+            data_while_paused: false,
+            held: Vec::new(),
+            shut: false,
+            closing: false,
+            _admitted: admitted,
+        });
+        debug!(%peer, reactor = self.index, "connection opened");
+        self.mark(slot);
+    }
+
+    fn conn_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if s.gen & GEN_MASK != gen {
+            return None;
+        }
+        s.conn.as_mut()
+    }
+
+    fn mark(&mut self, slot: u32) {
+        if let Some(c) = self
+            .slots
+            .get_mut(slot as usize)
+            .and_then(|s| s.conn.as_mut())
+        {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    fn received(&mut self, now: Instant, slot: u32, gen: u32, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if !more {
+            self.inflight -= 1;
+        }
+        // Take the buffer's bytes first: whatever happened to the connection, a buffer
+        // the kernel handed us goes back to it.
+        let bid = cqueue::buffer_select(flags);
+        let mut recycle = None;
+        let data: &[u8] = match (bid, &mut self.bufs) {
+            (Some(bid), Some(bufs)) if res > 0 => {
+                let buf_more = cqueue::buffer_more(flags);
+                if !buf_more {
+                    recycle = Some(bid);
+                }
+                bufs.take(bid, res as usize, buf_more).unwrap_or(&[])
+            }
+            _ => &[],
+        };
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        let conn = match s.conn.as_mut() {
+            Some(c) if s.gen & GEN_MASK == gen => c,
+            _ => {
+                if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
+                    b.recycle(bid);
+                }
+                return;
+            }
+        };
+        if !more {
+            conn.recv = Recv::Off;
+        }
+        if !conn.closing {
+            if res > 0 {
+                if !conn.held.is_empty() || !conn.driver.wants_read() {
+                    conn.data_while_paused = true;
+                    conn.held.extend_from_slice(data);
+                } else {
+                    conn.driver.handle_input(now, data);
+                }
+            } else if res == 0 {
+                conn.driver.handle_eof(now);
+            } else if res == -libc::ENOBUFS {
+                // Every buffer is in use this turn; they are recycled before the next
+                // submit and the receive is re-armed then. The data waits in the socket.
+                self.exhausted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            } else if res != -libc::ECANCELED {
+                debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "receive failed");
+                conn.driver.handle_io_error();
+            }
+        }
+        if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
+            b.recycle(bid);
+        }
+        self.mark(slot);
+    }
+
+    fn sent(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
+        self.inflight -= 1;
+        let Some(conn) = self.conn_mut(slot, gen) else {
+            return;
+        };
+        let buf = conn.send.take();
+        if !conn.closing {
+            if res >= 0 {
+                conn.driver.output_written(now, res as usize);
+            } else {
+                // EPIPE, ECONNRESET: nobody will read our replies any more.
+                debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "send failed");
+                conn.driver.handle_io_error();
+            }
+        }
+        if let (Some(p), Some(b)) = (&mut self.sends, buf) {
+            p.put(b);
+        }
+        self.mark(slot);
+    }
+
+    /// Sink answers that arrived since the last turn, matched to their connections by
+    /// slot and generation. An answer for a connection that has closed settles the
+    /// in-flight gauge and frees the slot; one for an older generation is dropped.
+    fn take_answers(&mut self, now: Instant) {
+        self.queue.drain_into(&mut self.answers);
+        if self.answers.is_empty() {
+            return;
+        }
+        let mut answers = std::mem::take(&mut self.answers);
+        for (ticket, result) in answers.drain(..) {
+            let Some(s) = self.slots.get_mut(ticket.slot as usize) else {
+                continue;
+            };
+            if s.gen & GEN_MASK != ticket.generation {
+                continue;
+            }
+            if let Some(flight) = s.flight.take() {
+                self.shared.answered(flight, &result);
+            }
+            match s.conn.as_mut() {
+                Some(c) => {
+                    c.driver.handle_publish(now, result);
+                    self.mark(ticket.slot);
+                }
+                None => self.release(ticket.slot),
+            }
+        }
+        self.answers = answers;
+        // Answered bodies no longer count against the budget.
+        self.budget_freed = true;
+    }
+
+    /// Frees a slot whose connection and message are both gone.
+    fn release(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        if s.conn.is_none() && s.flight.is_none() {
+            s.gen = s.gen.wrapping_add(1) & GEN_MASK;
+            self.free.push(slot);
+        }
+    }
+
+    /// Connections paused on the body budget get another look once some was freed.
+    fn wake_budget_waiters(&mut self) {
+        if !std::mem::take(&mut self.budget_freed) {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.budget_waiters);
+        let now = Instant::now();
+        for &(slot, gen) in &waiters {
+            if let Some(c) = self.conn_mut(slot, gen) {
+                c.driver.handle_budget_freed(now);
+                self.mark(slot);
+            }
+        }
+        let mut waiters = waiters;
+        waiters.clear();
+        self.budget_waiters = waiters;
+    }
+
+    /// Pops every deadline that has passed. Entries are not removed when a deadline
+    /// moves (lazy deletion): a popped entry counts only if it is still the connection's
+    /// current one, and the driver is asked again what its deadline really is.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((d, slot, gen))) = self.timers.peek() {
+            if d > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(c) = self.conn_mut(slot, gen) else {
+                continue;
+            };
+            if c.timer != Some(d) {
+                continue;
+            }
+            c.timer = None;
+            if c.driver.poll_timeout().is_some_and(|t| t <= now) {
+                c.driver.handle_timeout(now);
+            }
+            self.mark(slot);
+        }
+    }
+
+    fn check_phase(&mut self, now: Instant) {
+        let phase = self.phase_cell.get();
+        if phase <= self.phase {
+            return;
+        }
+        let was = self.phase;
+        self.phase = phase;
+        if was == Phase::Running {
+            // Stop accepting: cancel the multishot accept; the listener is closed when
+            // its final completion comes back.
+            for i in 0..self.listeners.len() {
+                if self.listeners[i].armed {
+                    self.cancel(CancelBuilder::user_data(user_data(OP_ACCEPT, i as u32, 0)));
+                } else {
+                    self.listeners[i].sock = None;
+                }
+            }
+        }
+        for slot in 0..self.slots.len() as u32 {
+            if let Some(c) = self.slots[slot as usize].conn.as_mut() {
+                match phase {
+                    Phase::Running => {}
+                    Phase::Draining => c.driver.begin_drain(now),
+                    Phase::Stop => c.driver.stop(now),
+                }
+                self.mark(slot);
+            }
+        }
+        if phase == Phase::Stop {
+            self.stop_at = Some(now + STOP_WAIT);
+        }
+    }
+
+    fn cancel(&mut self, what: CancelBuilder) {
+        let e = opcode::AsyncCancel2::new(what)
+            .build()
+            .user_data(user_data(OP_CANCEL, 0, 0));
+        // SAFETY: a cancellation hands over no memory.
+        if let Err(e) = unsafe { ring::push(&mut self.ring, &e) } {
+            warn!(error = %e, "cannot submit a cancellation");
+        }
+    }
+
+    /// The turn's output: for every connection touched this turn, hand messages to
+    /// the sink, then arm or cancel its receive, queue its one send, update its
+    /// deadline or start closing it. The sends go to the kernel with the next wait, all
+    /// in one `io_uring_enter`.
+    fn flush(&mut self, now: Instant) -> io::Result<()> {
+        // A sink may answer inside `submit` (the null sink does), and a closing
+        // connection frees budget others wait for: loop until nothing is left to do.
+        let mut batch = std::mem::take(&mut self.spare);
+        loop {
+            self.take_answers(now);
+            self.wake_budget_waiters();
+            if self.dirty.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut batch, &mut self.dirty);
+            for &slot in &batch {
+                self.process(now, slot)?;
+            }
+            batch.clear();
+        }
+        // Keep both allocations for the next turn.
+        if batch.capacity() > self.dirty.capacity() {
+            std::mem::swap(&mut batch, &mut self.dirty);
+        }
+        self.spare = batch;
+        Ok(())
+    }
+
+    fn process(&mut self, now: Instant, slot: u32) -> io::Result<()> {
+        let gen = self.slots[slot as usize].gen & GEN_MASK;
+        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            return Ok(());
+        };
+        c.dirty = false;
+        // Input that arrived while the driver was paused, in pieces while it wants it.
+        while !c.held.is_empty() && !c.closing && c.driver.wants_read() {
+            let n = c.held.len().min(HAND_IN);
+            c.driver.handle_input(now, &c.held[..n]);
+            c.held.drain(..n);
+        }
+        if c.held.is_empty() && c.held.capacity() > 0 {
+            c.held = Vec::new();
+        }
+        if !c.closing {
+            if let Some(sealed) = c.driver.poll_message(now, &mut stamp) {
+                let done = Completion::ticket(
+                    self.queue.clone(),
+                    Ticket {
+                        slot,
+                        generation: gen,
+                    },
+                );
+                let flight = self.shared.submit(sealed, done);
+                self.slots[slot as usize].flight = Some(flight);
+            }
+        }
+        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            return Ok(());
+        };
+        c.driver.take_stats(&mut self.metrics);
+        self.metrics_dirty = true;
+
+        if !c.closing {
+            if c.driver.state() == State::ShutdownWrite
+                && !c.shut
+                && c.send.is_none()
+                && !c.driver.wants_write()
+            {
+                // All replies are out: FIN, then keep reading (the driver lingers) so
+                // unread client bytes do not turn our close into a reset.
+                let _ = SockRef::from(&c.fd).shutdown(std::net::Shutdown::Write);
+                c.shut = true;
+                c.driver.write_shut(now);
+            }
+            if c.driver.state() == State::Done {
+                c.closing = true;
+            }
+        }
+        if c.closing {
+            return self.close(slot, gen);
+        }
+
+        let fd = c.fd.as_raw_fd();
+        let ud_recv = user_data(OP_RECV, slot, gen);
+        if c.driver.wants_read() {
+            c.data_while_paused = false;
+            if c.recv == Recv::Off {
+                let e = if self.multishot {
+                    opcode::RecvMulti::new(Fd(fd), BGID).len(RECV_CHUNK).build()
+                } else {
+                    // The buffer is picked when data arrives, so an armed receive holds
+                    // none; `len` caps what one completion takes at what the driver
+                    // wants at a time.
+                    let len = c.driver.read_size_hint().min(BODY_READ) as u32;
+                    opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
+                        .buf_group(BGID)
+                        .build()
+                        .flags(squeue::Flags::BUFFER_SELECT)
+                }
+                .user_data(ud_recv);
+                // SAFETY: the receive writes only into provided buffers, which live until
+                // the reactor has reaped every receive (see `teardown`); the descriptor
+                // stays open until this receive's final completion (see `close`).
+                unsafe { ring::push(&mut self.ring, &e)? };
+                c.recv = Recv::Armed;
+                self.inflight += 1;
+            }
+        } else if c.recv == Recv::Armed && (c.data_while_paused || !c.driver.awaiting_publish()) {
+            // Paused: stop receiving so TCP pushes back. Waiting for the sink is the
+            // exception while the client sends nothing more (lock-step clients): the
+            // answer usually comes within the turn, and cancelling and re-arming for
+            // every message would cost two operations each.
+            c.recv = Recv::Cancelling;
+            let e = opcode::AsyncCancel::new(ud_recv)
+                .build()
+                .user_data(user_data(OP_CANCEL, slot, gen));
+            // SAFETY: a cancellation hands over no memory.
+            unsafe { ring::push(&mut self.ring, &e)? };
+        }
+
+        if c.send.is_none() && c.driver.wants_write() {
+            let pool = self
+                .sends
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no send pool"))?;
+            let (buf, ptr, len) = pool.fill(c.driver.pending_output())?;
+            let e = opcode::Send::new(Fd(fd), ptr, len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(OP_SEND, slot, gen));
+            // SAFETY: `ptr..ptr+len` is the send buffer now held in `c.send`; nobody
+            // writes or frees it until this send's completion returns it to the pool.
+            unsafe { ring::push(&mut self.ring, &e)? };
+            c.send = Some(buf);
+            self.inflight += 1;
+        }
+
+        if c.driver.paused_for_budget() {
+            self.budget_waiters.push((slot, gen));
+        }
+        if let Some(d) = c.driver.poll_timeout() {
+            if c.timer.is_none_or(|t| d < t) {
+                c.timer = Some(d);
+                self.timers.push(Reverse((d, slot, gen)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes a finished connection once the kernel holds nothing of it: cancels its
+    /// receive and send, and when both have come back closes the descriptor and frees
+    /// the slot under a new generation.
+    fn close(&mut self, slot: u32, gen: u32) -> io::Result<()> {
+        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+            return Ok(());
+        };
+        let busy = c.recv != Recv::Off || c.send.is_some();
+        if busy {
+            if c.recv == Recv::Armed || c.send.is_some() {
+                if c.recv == Recv::Armed {
+                    c.recv = Recv::Cancelling;
+                }
+                let fd = c.fd.as_raw_fd();
+                let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
+                    .build()
+                    .user_data(user_data(OP_CANCEL, slot, gen));
+                // SAFETY: a cancellation hands over no memory.
+                unsafe { ring::push(&mut self.ring, &e)? };
+            }
+            return Ok(());
+        }
+        if let Some(c) = self.slots[slot as usize].conn.take() {
+            debug!(peer = %c.peer, reactor = self.index, "connection closed");
+            // Closes the descriptor and gives back the --max-connections slot.
+            drop(c);
+        }
+        self.release(slot);
+        // Its body budget is free now.
+        self.budget_freed = true;
+        Ok(())
+    }
+
+    fn flush_metrics(&mut self, now: Instant) {
+        self.metrics.set_busy(self.busy);
+        if self.metrics_dirty {
+            self.metrics.flush();
+            self.metrics_dirty = false;
+        }
+        self.next_flush = now + FLUSH_INTERVAL;
+    }
+
+    /// In the stop phase: every connection is gone, or the grace for their last
+    /// replies has run out.
+    fn finished(&self, now: Instant) -> bool {
+        let Some(stop_at) = self.stop_at else {
+            return false;
+        };
+        now >= stop_at || self.slots.iter().all(|s| s.conn.is_none())
+    }
+
+    /// Takes every operation back from the kernel before the memory they use is freed.
+    /// If the kernel does not return them all in time, the buffers are leaked rather
+    /// than freed under it.
+    fn teardown(mut self) {
+        self.cancel(CancelBuilder::any().all());
+        let deadline = Instant::now() + TEARDOWN_WAIT;
+        while self.inflight > 0 && Instant::now() < deadline {
+            if ring::submit_and_wait(&mut self.ring, Some(Duration::from_millis(50))).is_err() {
+                break;
+            }
+            let now = Instant::now();
+            self.reap();
+            for i in 0..self.cqes.len() {
+                let (ud, _res, flags) = self.cqes[i];
+                let (op, gen, slot) = split(ud);
+                match op {
+                    OP_ACCEPT | OP_EVENT | OP_RECV if !cqueue::more(flags) => self.inflight -= 1,
+                    OP_SEND => self.sent(now, slot, gen, -libc::ECANCELED),
+                    _ => {}
+                }
+                if op == OP_ACCEPT && !cqueue::more(flags) {
+                    if let Some(l) = self.listeners.get_mut(slot as usize) {
+                        l.sock = None;
+                        l.armed = false;
+                    }
+                }
+            }
+        }
+        self.metrics.set_busy(self.busy);
+        self.metrics.flush();
+        if self.inflight > 0 {
+            warn!(
+                reactor = self.index,
+                inflight = self.inflight,
+                "io_uring operations still in flight at exit; their buffers are not freed"
+            );
+            if let Some(b) = self.bufs.take() {
+                b.leak();
+            }
+            if let Some(p) = self.sends.take() {
+                p.leak();
+            }
+            std::mem::forget(std::mem::take(&mut self.event_buf));
+        }
+        // Connections (and their descriptors) go now, then the ring, then the memory.
+        self.slots.clear();
+    }
+}

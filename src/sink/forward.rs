@@ -1,0 +1,836 @@
+//! Store-and-forward for `--sink kafka --spool-fallback`: the sink that keeps taking
+//! mail while Kafka cannot, and the thread that hands the spooled messages to Kafka
+//! once it can.
+//!
+//! [`FallbackSink`] owns a [`KafkaSink`] built with the local [`SpoolSink`] as its
+//! fallback. While the broker is healthy nothing changes: `250` only after `acks=all`.
+//! When the producer is unavailable, refuses a message temporarily or lets the publish
+//! time out, the Kafka sink gives the message to the spool instead, which answers `250`
+//! after `fdatasync` (or `451`/`452` if it cannot store it either).
+//!
+//! # The forwarder
+//!
+//! One thread reads the spool oldest first, from a durable cursor, and publishes each
+//! record through the same Kafka sink with its original key, value, headers and
+//! timestamp, so a forwarded record is identical to a direct publish. At most
+//! [`WINDOW_RECORDS`] records ([`WINDOW_BYTES`] bytes) are in flight. The cursor moves
+//! over the longest prefix the broker has acknowledged with `acks=all`, and is written
+//! (two checksummed slots in `FORWARD`, `fdatasync`) before anything that depends on it:
+//! a segment whose every record is acknowledged, and which the writer has left, is
+//! deleted only after the cursor past it is durable.
+//!
+//! A crash between an acknowledgement and the cursor write forwards those records again
+//! after the restart: consumers may see a duplicate, never a gap. The record key (the
+//! message id) identifies duplicates.
+//!
+//! The thread sleeps on channels: acknowledgements, the spool writer's commits, the
+//! Kafka sink becoming ready, shutdown. The clock only paces retries after a failure.
+//!
+//! A record the forwarder cannot publish for good (Kafka refuses it as too large) or
+//! cannot read (a bad frame) is reported with its file and offset, and its segment is
+//! never deleted, so nothing acknowledged leaves the disk without reaching Kafka.
+
+use std::borrow::Cow;
+use std::collections::{HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
+use crate::sink::spool::writer::{list_segments, sync_dir};
+use crate::sink::spool::{
+    Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
+};
+use crate::sink::{
+    Completion, ForwardStats, PublishError, PublishResult, Sink, SinkStats, SpoolStats,
+};
+use crate::smtp::envelope::SealedMessage;
+
+/// Records in flight to Kafka at once: enough to batch well.
+pub const WINDOW_RECORDS: usize = 2000;
+/// Bytes of values in flight at once; this bounds the forwarder's memory.
+pub const WINDOW_BYTES: usize = 32 << 20;
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+
+const CURSOR_FILE: &str = "FORWARD";
+const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
+const CURSOR_SLOT: u64 = 32;
+
+#[derive(thiserror::Error, Debug)]
+pub enum FallbackError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaSinkError),
+    #[error("cannot start the forwarder thread: {0}")]
+    Thread(#[source] io::Error),
+}
+
+/// The forwarder's figures, shared with the metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    awaiting_records: AtomicI64,
+    awaiting_bytes: AtomicI64,
+    forwarded_records: AtomicU64,
+    forwarded_bytes: AtomicU64,
+    /// `received_at` of the oldest record not yet forwarded, in Unix microseconds; 0
+    /// when there is none.
+    oldest_micros: AtomicI64,
+}
+
+/// The sink of `--sink kafka --spool-fallback`. See the module documentation.
+pub struct FallbackSink {
+    kafka: Arc<KafkaSink>,
+    spool: Arc<SpoolSink>,
+    stop: Sender<()>,
+    forwarder: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<Counters>,
+}
+
+impl FallbackSink {
+    /// Opens the spool in `dir` (recovering it as `--sink spool` would), starts the
+    /// Kafka sink with the spool as its fallback, and the forwarder, which begins with
+    /// whatever earlier runs left unforwarded.
+    pub fn open(
+        dir: &Path,
+        spool_options: SpoolOptions,
+        kafka_options: &KafkaOptions,
+    ) -> Result<FallbackSink, FallbackError> {
+        let (commits_tx, commits) = crossbeam_channel::unbounded();
+        let mut spool_options = spool_options;
+        spool_options.commits = Some(commits_tx);
+        let spool = Arc::new(SpoolSink::open_with(dir, spool_options)?);
+        let fallback: Arc<dyn Sink> = spool.clone();
+        let kafka = Arc::new(KafkaSink::with_fallback(kafka_options, Some(fallback))?);
+        let (ready_tx, ready) = crossbeam_channel::unbounded();
+        kafka.notify_ready(ready_tx);
+
+        let cursor_file = CursorFile::open(dir)?;
+        let cursor = cursor_file.load();
+        let (acks_tx, acks) = crossbeam_channel::unbounded();
+        let (stop, stop_rx) = crossbeam_channel::bounded(1);
+        let counters = Arc::new(Counters::default());
+        let forwarder = Forwarder {
+            dir: dir.to_path_buf(),
+            kafka: Arc::clone(&kafka),
+            spool: Arc::clone(&spool),
+            cursor,
+            saved: cursor,
+            cursor_file,
+            reader: None,
+            read_pos: cursor,
+            counted_until: Position::default(),
+            window: VecDeque::new(),
+            window_bytes: 0,
+            next_tag: 0,
+            retry_at: None,
+            backoff: FIRST_RETRY,
+            keep: HashSet::new(),
+            to_delete: Vec::new(),
+            counters: Arc::clone(&counters),
+            acks,
+            acks_tx,
+            commits,
+            ready,
+            stop: stop_rx,
+            stopping: false,
+            last_error: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("smtpgw-forward".into())
+            .spawn(move || forwarder.run())
+            .map_err(FallbackError::Thread)?;
+        Ok(FallbackSink {
+            kafka,
+            spool,
+            stop,
+            forwarder: Mutex::new(Some(handle)),
+            counters,
+        })
+    }
+
+    /// The Kafka sink inside (for its size limit and producer generation).
+    pub fn kafka(&self) -> &KafkaSink {
+        &self.kafka
+    }
+
+    /// What the forwarder reports for the metrics.
+    pub fn forward_stats(&self) -> ForwardStats {
+        let c = &self.counters;
+        let oldest = c.oldest_micros.load(Ordering::Relaxed);
+        let now = chrono::Utc::now().timestamp_micros();
+        ForwardStats {
+            awaiting_records: c.awaiting_records.load(Ordering::Relaxed).max(0) as u64,
+            awaiting_bytes: c.awaiting_bytes.load(Ordering::Relaxed).max(0) as u64,
+            forwarded_records: c.forwarded_records.load(Ordering::Relaxed),
+            forwarded_bytes: c.forwarded_bytes.load(Ordering::Relaxed),
+            oldest_age_seconds: if oldest == 0 {
+                0.0
+            } else {
+                (now - oldest).max(0) as f64 / 1e6
+            },
+        }
+    }
+}
+
+impl Sink for FallbackSink {
+    fn submit(&self, msg: SealedMessage, done: Completion) {
+        self.kafka.submit(msg, done);
+    }
+
+    fn shutdown(&self) {
+        // The forwarder stops taking new records; the Kafka sink's drain answers the
+        // ones in flight (and sends the sessions' leftovers to the spool, which is
+        // still open); then the spool's writer drains.
+        let _ = self.stop.try_send(());
+        self.kafka.shutdown();
+        let handle = self
+            .forwarder
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("forwarder thread panicked");
+            }
+        }
+        self.spool.shutdown();
+    }
+
+    fn name(&self) -> &'static str {
+        "kafka+spool"
+    }
+
+    /// Mail is taken while either can store it.
+    fn is_healthy(&self) -> bool {
+        self.kafka.is_healthy() || self.spool.is_healthy()
+    }
+
+    fn health(&self) -> Result<(), Cow<'static, str>> {
+        if self.kafka.is_healthy() {
+            return Ok(());
+        }
+        self.spool.health().map_err(|why| {
+            Cow::Owned(format!(
+                "kafka unavailable and the fallback spool cannot store: {why}"
+            ))
+        })
+    }
+
+    fn over_inflight_limit(&self) -> bool {
+        self.kafka.over_inflight_limit()
+    }
+
+    fn max_message_value(&self) -> Option<usize> {
+        self.kafka.max_message_value()
+    }
+
+    fn stats(&self) -> Option<SinkStats> {
+        let mut stats = self.kafka.stats().unwrap_or_default();
+        stats.forward = Some(self.forward_stats());
+        Some(stats)
+    }
+
+    fn spool_stats(&self) -> Option<SpoolStats> {
+        self.spool.spool_stats()
+    }
+}
+
+impl Drop for FallbackSink {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The cursor on disk: two 32-byte slots written alternately, each `magic, segment,
+/// offset, counter, crc32c`, so a torn write leaves the other slot valid. With no
+/// valid slot the forwarder starts at the beginning of the spool (duplicates, no loss).
+struct CursorFile {
+    file: File,
+    path: PathBuf,
+    counter: u32,
+}
+
+impl CursorFile {
+    fn open(dir: &Path) -> Result<CursorFile, SpoolError> {
+        let path = dir.join(CURSOR_FILE);
+        let existed = path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|error| SpoolError::Io {
+                op: "open forward cursor",
+                path: path.clone(),
+                error,
+            })?;
+        if !existed {
+            sync_dir(dir)?;
+        }
+        let mut cursor = CursorFile {
+            file,
+            path,
+            counter: 0,
+        };
+        if let Some((_, counter)) = cursor.read() {
+            cursor.counter = counter;
+        }
+        Ok(cursor)
+    }
+
+    fn read(&self) -> Option<(Position, u32)> {
+        let mut best: Option<(Position, u32)> = None;
+        for slot in 0..2 {
+            let mut buf = [0u8; CURSOR_SLOT as usize];
+            if self
+                .file
+                .read_exact_at(&mut buf, slot * CURSOR_SLOT)
+                .is_err()
+            {
+                continue;
+            }
+            let Some(found) = decode_cursor(&buf) else {
+                continue;
+            };
+            if best.is_none_or(|(_, c)| found.1.wrapping_sub(c) as i32 > 0) {
+                best = Some(found);
+            }
+        }
+        best
+    }
+
+    fn load(&self) -> Position {
+        match self.read() {
+            Some((position, _)) => position,
+            None => {
+                let len = self.file.metadata().map_or(0, |m| m.len());
+                if len > 0 {
+                    tracing::error!(
+                        file = %self.path.display(),
+                        "forward cursor unreadable; forwarding the whole spool again (consumers will see duplicates)"
+                    );
+                }
+                Position::default()
+            }
+        }
+    }
+
+    fn save(&mut self, position: Position) -> io::Result<()> {
+        let counter = self.counter.wrapping_add(1);
+        let buf = encode_cursor(position, counter);
+        self.file
+            .write_all_at(&buf, u64::from(counter % 2) * CURSOR_SLOT)?;
+        self.file.sync_data()?;
+        self.counter = counter;
+        Ok(())
+    }
+}
+
+fn encode_cursor(position: Position, counter: u32) -> [u8; CURSOR_SLOT as usize] {
+    let mut buf = [0u8; CURSOR_SLOT as usize];
+    buf[..8].copy_from_slice(CURSOR_MAGIC);
+    buf[8..16].copy_from_slice(&position.segment.to_le_bytes());
+    buf[16..24].copy_from_slice(&position.offset.to_le_bytes());
+    buf[24..28].copy_from_slice(&counter.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[..28]);
+    buf[28..].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+fn decode_cursor(buf: &[u8; CURSOR_SLOT as usize]) -> Option<(Position, u32)> {
+    let field = |at: usize| -> [u8; 8] { buf[at..at + 8].try_into().unwrap_or_default() };
+    if &buf[..8] != CURSOR_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(buf[28..].try_into().ok()?);
+    if crc != crc32c::crc32c(&buf[..28]) {
+        return None;
+    }
+    let position = Position {
+        segment: u64::from_le_bytes(field(8)),
+        offset: u64::from_le_bytes(field(16)),
+    };
+    Some((position, u32::from_le_bytes(buf[24..28].try_into().ok()?)))
+}
+
+/// One entry of the in-flight window, in spool order.
+struct Slot {
+    tag: u64,
+    item: Item,
+    state: State,
+}
+
+enum Item {
+    Record(Box<SpoolRecord>),
+    /// Every record of a closed segment is before this point.
+    SegmentEnd {
+        segment: u64,
+        next: Position,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Pending,
+    Done,
+    Failed,
+}
+
+struct Forwarder {
+    dir: PathBuf,
+    kafka: Arc<KafkaSink>,
+    spool: Arc<SpoolSink>,
+    /// Acknowledged up to here, in memory and on disk.
+    cursor: Position,
+    saved: Position,
+    cursor_file: CursorFile,
+    /// Reading up to the durable end it was opened with.
+    reader: Option<(SpoolReader, Position)>,
+    /// Everything before this has been read.
+    read_pos: Position,
+    /// The start-up count of the backlog went this far; commits up to here are in it.
+    counted_until: Position,
+    window: VecDeque<Slot>,
+    window_bytes: usize,
+    next_tag: u64,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Segments that hold something not forwarded (unreadable or refused); never
+    /// deleted by the forwarder.
+    keep: HashSet<u64>,
+    to_delete: Vec<u64>,
+    counters: Arc<Counters>,
+    acks: Receiver<(u64, PublishResult)>,
+    acks_tx: Sender<(u64, PublishResult)>,
+    commits: Receiver<SpoolCommit>,
+    ready: Receiver<()>,
+    stop: Receiver<()>,
+    stopping: bool,
+    last_error: Option<Instant>,
+}
+
+impl Forwarder {
+    fn run(mut self) {
+        self.count_backlog();
+        // Handles of our own, so the select arms may borrow `self` mutably.
+        let (acks, mut commits, mut ready, mut stop) = (
+            self.acks.clone(),
+            self.commits.clone(),
+            self.ready.clone(),
+            self.stop.clone(),
+        );
+        loop {
+            if self.retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.retry();
+            }
+            self.fill();
+            self.advance();
+            if self.stopping && !self.window.iter().any(|s| s.state == State::Pending) {
+                break;
+            }
+            let timeout = self
+                .retry_at
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            let never = crossbeam_channel::never();
+            let timer = match timeout {
+                Some(t) => crossbeam_channel::after(t),
+                None => never,
+            };
+            select! {
+                recv(acks) -> ack => if let Ok((tag, result)) = ack { self.on_ack(tag, result) },
+                recv(commits) -> commit => match commit {
+                    Ok(commit) => self.on_commit(commit),
+                    // The spool's writer is gone: nothing more will be spooled.
+                    Err(_) => {
+                        commits = crossbeam_channel::never();
+                        self.stopping = true;
+                    }
+                },
+                recv(ready) -> notice => match notice {
+                    // Kafka is back: retry now instead of at the end of the backoff.
+                    Ok(()) => if self.retry_at.is_some() {
+                        self.retry_at = Some(Instant::now());
+                    },
+                    Err(_) => ready = crossbeam_channel::never(),
+                },
+                recv(stop) -> _ => {
+                    // Once is enough (and a dropped sender must not wake us again).
+                    stop = crossbeam_channel::never();
+                    self.stopping = true;
+                }
+                recv(timer) -> _ => {}
+            }
+            // Take everything else that is waiting before acting on it, so one cursor
+            // write covers a burst of acknowledgements.
+            while let Ok((tag, result)) = acks.try_recv() {
+                self.on_ack(tag, result);
+            }
+            while let Ok(commit) = commits.try_recv() {
+                self.on_commit(commit);
+            }
+        }
+        self.advance();
+        let left = self.counters.awaiting_records.load(Ordering::Relaxed);
+        if left > 0 {
+            tracing::info!(
+                records = left,
+                "forwarder stopped; the rest is forwarded at the next start"
+            );
+        }
+    }
+
+    /// Counts what earlier runs left unforwarded, for the metrics.
+    fn count_backlog(&mut self) {
+        let (mut records, mut bytes, mut oldest) = (0i64, 0i64, None);
+        match list_segments(&self.dir) {
+            Ok(segments) => {
+                let below = segments
+                    .iter()
+                    .filter(|(seq, _)| *seq < self.cursor.segment)
+                    .count();
+                if below > 0 {
+                    tracing::info!(
+                        segments = below,
+                        "spool segments before the forward cursor stay on disk (left by a crash, or holding records that could not be forwarded); see `smtpgw spool`"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot list the spool to count the forward backlog");
+                return;
+            }
+        }
+        let end = self.spool.durable_end();
+        self.counted_until = end;
+        let Ok(reader) = SpoolReader::open_from(&self.dir, self.cursor) else {
+            return;
+        };
+        let mut reader = reader.until(end);
+        while let Some(Ok(event)) = reader.next_event() {
+            if let ReadEvent::Record(record) = event {
+                records += 1;
+                bytes += record.frame_len as i64;
+                oldest.get_or_insert(record.received_at.timestamp_micros());
+            }
+        }
+        self.counters
+            .awaiting_records
+            .fetch_add(records, Ordering::Relaxed);
+        self.counters
+            .awaiting_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        if let Some(oldest) = oldest {
+            self.counters.oldest_micros.store(oldest, Ordering::Relaxed);
+        }
+        if records > 0 {
+            tracing::info!(
+                records,
+                bytes,
+                "spooled messages from an earlier run await forwarding to kafka"
+            );
+        }
+    }
+
+    fn on_commit(&mut self, commit: SpoolCommit) {
+        // Batches that were durable before the start-up count are in it already.
+        if commit.durable <= self.counted_until {
+            return;
+        }
+        let c = &self.counters;
+        c.awaiting_records
+            .fetch_add(commit.records as i64, Ordering::Relaxed);
+        c.awaiting_bytes
+            .fetch_add(commit.bytes as i64, Ordering::Relaxed);
+        // While Kafka is away nothing is read, so the oldest waiting record is the
+        // first one spooled since nothing waited.
+        if let Some(id) = commit.first_id {
+            let micros = i64::try_from(id.timestamp_ms()).unwrap_or(i64::MAX) * 1000;
+            let _ =
+                c.oldest_micros
+                    .compare_exchange(0, micros, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes records until the window is full or the spool has no more.
+    fn fill(&mut self) {
+        if self.stopping || self.retry_at.is_some() || !self.kafka.is_healthy() {
+            return;
+        }
+        while self.window.len() < WINDOW_RECORDS && self.window_bytes < WINDOW_BYTES {
+            let Some(item) = self.read_next() else {
+                break;
+            };
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            let state = match &item {
+                Item::Record(record) => {
+                    self.window_bytes += record.value().len();
+                    self.kafka.forward(record, tag, self.acks_tx.clone());
+                    State::Pending
+                }
+                Item::SegmentEnd { .. } => State::Done,
+            };
+            self.window.push_back(Slot { tag, item, state });
+        }
+        self.note_oldest();
+    }
+
+    /// The next record (or closed segment's end) in spool order, if one is durable.
+    fn read_next(&mut self) -> Option<Item> {
+        loop {
+            let (reader, until) = match &mut self.reader {
+                Some((reader, until)) => (reader, *until),
+                None => {
+                    // Only what the writer has synced: a record is forwarded only
+                    // once its sender could have had its 250.
+                    let end = self.spool.durable_end();
+                    if self.read_pos >= end {
+                        return None;
+                    }
+                    match SpoolReader::open_from(&self.dir, self.read_pos) {
+                        Ok(reader) => {
+                            let (reader, until) = self.reader.insert((reader.until(end), end));
+                            (reader, *until)
+                        }
+                        Err(error) => {
+                            self.failed_io(&error);
+                            return None;
+                        }
+                    }
+                }
+            };
+            match reader.next_event() {
+                Some(Ok(ReadEvent::Record(record))) => {
+                    self.read_pos = record.next_position();
+                    return Some(Item::Record(Box::new(record)));
+                }
+                Some(Ok(ReadEvent::SegmentEnd {
+                    segment,
+                    closed: true,
+                })) => {
+                    let next = Position {
+                        segment: segment + 1,
+                        offset: 0,
+                    };
+                    self.read_pos = self.read_pos.max(next);
+                    return Some(Item::SegmentEnd { segment, next });
+                }
+                // The writer's segment, read as far as it was durable.
+                Some(Ok(ReadEvent::SegmentEnd { closed: false, .. })) => {}
+                Some(Ok(ReadEvent::Corrupt(range) | ReadEvent::TornTail(range))) => {
+                    // Below the durable end a torn tail is damage too.
+                    tracing::error!(
+                        %range,
+                        "spool bytes unreadable: not forwarded, and the segment stays on disk; forwarding goes on after them"
+                    );
+                    self.keep.insert(range.segment);
+                }
+                Some(Err(error)) => {
+                    self.reader = None;
+                    self.failed_io(&error);
+                    return None;
+                }
+                // Everything before `until` has been read; reopen if more is durable.
+                None => {
+                    self.reader = None;
+                    self.read_pos = self.read_pos.max(until);
+                }
+            }
+        }
+    }
+
+    fn failed_io(&mut self, error: &SpoolError) {
+        if self
+            .last_error
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_error = Some(Instant::now());
+            tracing::error!(%error, "forwarder cannot read the spool; retrying");
+        }
+        self.schedule_retry();
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + self.backoff);
+            self.backoff = (self.backoff * 2).min(MAX_RETRY);
+        }
+    }
+
+    fn on_ack(&mut self, tag: u64, result: PublishResult) {
+        let Some(front) = self.window.front().map(|s| s.tag) else {
+            return;
+        };
+        let Some(slot) = tag
+            .checked_sub(front)
+            .and_then(|i| self.window.get_mut(i as usize))
+        else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                slot.state = State::Done;
+                self.backoff = FIRST_RETRY;
+            }
+            Err(PublishError::TooLarge) => {
+                slot.state = State::Done;
+                if let Item::Record(record) = &slot.item {
+                    tracing::error!(
+                        id = %record.id,
+                        segment = %record.segment.display(),
+                        offset = record.offset,
+                        "kafka refuses this spooled message as too large: not forwarded; its segment stays on disk"
+                    );
+                    self.keep.insert(record.seq);
+                }
+            }
+            // Kafka never says StorageFull; treat it as temporary all the same.
+            Err(why @ (PublishError::Temporary(_) | PublishError::StorageFull)) => {
+                slot.state = State::Failed;
+                if self.retry_at.is_none() {
+                    tracing::debug!(%why, "forwarding failed; retrying");
+                }
+                self.schedule_retry();
+            }
+        }
+    }
+
+    /// Publishes the failed records again, in order.
+    fn retry(&mut self) {
+        if !self.kafka.is_healthy() || self.stopping {
+            // Wait for the ready notice (or the next round of the backoff).
+            self.retry_at = None;
+            self.schedule_retry();
+            return;
+        }
+        self.retry_at = None;
+        for slot in self.window.iter_mut() {
+            if slot.state == State::Failed {
+                if let Item::Record(record) = &slot.item {
+                    slot.state = State::Pending;
+                    self.kafka.forward(record, slot.tag, self.acks_tx.clone());
+                }
+            }
+        }
+    }
+
+    /// Moves the cursor over the acknowledged prefix, writes it, then deletes the
+    /// segments it has passed.
+    fn advance(&mut self) {
+        let mut moved = false;
+        while self.window.front().is_some_and(|s| s.state == State::Done) {
+            let Some(slot) = self.window.pop_front() else {
+                break;
+            };
+            moved = true;
+            match slot.item {
+                Item::Record(record) => {
+                    self.window_bytes -= record.value().len();
+                    self.cursor = record.next_position();
+                    let c = &self.counters;
+                    c.awaiting_records.fetch_sub(1, Ordering::Relaxed);
+                    c.awaiting_bytes
+                        .fetch_sub(record.frame_len as i64, Ordering::Relaxed);
+                    c.forwarded_records.fetch_add(1, Ordering::Relaxed);
+                    c.forwarded_bytes
+                        .fetch_add(record.value().len() as u64, Ordering::Relaxed);
+                }
+                Item::SegmentEnd { segment, next } => {
+                    self.cursor = next;
+                    if !self.keep.remove(&segment) {
+                        self.to_delete.push(segment);
+                    }
+                }
+            }
+        }
+        if moved {
+            self.note_oldest();
+        }
+        if self.cursor == self.saved {
+            return;
+        }
+        if let Err(error) = self.cursor_file.save(self.cursor) {
+            // Without a durable cursor nothing may be deleted; the next attempt
+            // comes with the next acknowledgement.
+            tracing::error!(%error, file = %self.cursor_file.path.display(), "cannot write the forward cursor");
+            return;
+        }
+        self.saved = self.cursor;
+        for segment in std::mem::take(&mut self.to_delete) {
+            if let Err(error) = self.spool.remove_closed_segment(segment) {
+                tracing::warn!(%error, "cannot remove a forwarded spool segment");
+            }
+        }
+    }
+
+    fn note_oldest(&self) {
+        let oldest = self.window.iter().find_map(|s| match &s.item {
+            Item::Record(record) => Some(record.received_at.timestamp_micros()),
+            Item::SegmentEnd { .. } => None,
+        });
+        let awaiting = self.counters.awaiting_records.load(Ordering::Relaxed);
+        match oldest {
+            Some(t) => self.counters.oldest_micros.store(t, Ordering::Relaxed),
+            // Nothing in flight: if records still wait (not read yet), keep the last
+            // figure; it is at most as old as they are.
+            None if awaiting <= 0 => self.counters.oldest_micros.store(0, Ordering::Relaxed),
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_slots_round_trip_and_reject_damage() {
+        let p = Position {
+            segment: 7,
+            offset: 123_456,
+        };
+        let buf = encode_cursor(p, 9);
+        assert_eq!(decode_cursor(&buf), Some((p, 9)));
+        for i in 0..buf.len() {
+            let mut bad = buf;
+            bad[i] ^= 0x40;
+            assert_eq!(decode_cursor(&bad), None, "flipped byte {i}");
+        }
+    }
+
+    #[test]
+    fn the_newer_slot_wins_and_a_torn_one_falls_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut file = CursorFile::open(dir.path()).expect("open");
+        assert_eq!(file.load(), Position::default());
+        let a = Position {
+            segment: 1,
+            offset: 100,
+        };
+        let b = Position {
+            segment: 2,
+            offset: 8,
+        };
+        file.save(a).expect("save");
+        file.save(b).expect("save");
+        let reopened = CursorFile::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.load(), b);
+        // Tear the newer slot: the older one is still there.
+        let slot = u64::from(reopened.counter % 2) * CURSOR_SLOT;
+        reopened
+            .file
+            .write_all_at(&[0xff; 5], slot + 10)
+            .expect("tear");
+        assert_eq!(CursorFile::open(dir.path()).expect("reopen").load(), a);
+    }
+}

@@ -1,0 +1,378 @@
+//! Store-and-forward (`--sink kafka --spool-fallback`) against a real broker of the
+//! test's own (tansu, which keeps nothing across a restart, so each test starts the
+//! gateway while no broker runs and brings one up later):
+//!
+//! - a 10 s outage under load: every message gets `250` (none `451`); once the broker
+//!   is up the forwarder drains the backlog, and every acknowledged message is in the
+//!   topic, byte for byte, with the headers a direct publish gives it; forwarded
+//!   segments are deleted;
+//! - SIGKILL of the gateway in the middle of forwarding: a new gateway on the same spool
+//!   forwards the rest; nothing acknowledged is missing (duplicates allowed, counted).
+
+mod broker_support;
+mod kafka_support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use broker_support::{body, tansu_binary, wait, Gw, Load, Reply, Tansu};
+use kafka_support::{consume, Record};
+
+const SESSIONS: usize = 8;
+
+/// One scenario at a time: they share two cores.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fallback_gateway(broker: &Tansu, topic: &str, spool: &Path) -> Gw {
+    Gw::start(
+        &broker.addr(),
+        topic,
+        &[
+            "--reactors",
+            "2",
+            "--spool-fallback",
+            "--spool-dir",
+            spool.to_str().expect("utf-8 path"),
+            "--publish-timeout",
+            "5s",
+        ],
+    )
+}
+
+/// Every record, by key, with how often it appeared.
+fn read_topic(broker: &Tansu, topic: &str) -> (HashMap<Vec<u8>, Record>, usize) {
+    let records = consume(
+        &broker.addr(),
+        topic,
+        usize::MAX,
+        Duration::from_secs(5),
+        Duration::from_secs(180),
+    );
+    let total = records.len();
+    let mut by_key = HashMap::new();
+    for r in records {
+        by_key.insert(r.key.clone(), r);
+    }
+    (by_key, total)
+}
+
+/// The record a direct publish gives the message with this reply: key = id, value =
+/// one `Received:` line naming the id followed by exactly the bytes sent, and the
+/// headers in order.
+fn check_record(reply: &Reply, record: &Record) {
+    let id = reply.id.as_deref().expect("a 250");
+    let (s, n) = reply
+        .tag
+        .strip_prefix("load ")
+        .and_then(|t| t.split_once('/'))
+        .and_then(|(s, n)| Some((s.parse().ok()?, n.parse().ok()?)))
+        .expect("tag");
+    let sent = body(s, n);
+    assert!(
+        record.value.ends_with(&sent),
+        "{id}: value does not end with the message sent"
+    );
+    let trace = &record.value[..record.value.len() - sent.len()];
+    assert!(trace.starts_with(b"Received: "), "{id}: no Received line");
+    assert!(
+        trace.windows(id.len()).any(|w| w == id.as_bytes()),
+        "{id}: the Received line does not name the id"
+    );
+    assert!(trace.ends_with(b"\r\n"), "{id}: trace line not ended");
+    let names: Vec<&str> = record.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "smtp.id",
+            "smtp.verb",
+            "smtp.mail_from",
+            "smtp.rcpt_to",
+            "smtp.rcpt_to",
+            "smtp.helo",
+            "smtp.client_addr",
+            "smtp.received_at",
+            "smtp.mail_params",
+            "smtp.tls"
+        ],
+        "{id}: headers"
+    );
+    let header = |i: usize| record.headers[i].1.as_slice();
+    assert_eq!(header(0), id.as_bytes());
+    assert_eq!(header(1), b"MAIL");
+    assert_eq!(header(2), b"a@sender.test");
+    assert_eq!(header(3), b"x@example.com");
+    assert_eq!(header(4), b"y@example.com");
+    assert_eq!(header(5), b"load.test");
+}
+
+fn seg_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("spool dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+        .count()
+}
+
+#[test]
+fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.forward";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let gw = fallback_gateway(&broker, topic, spool.path());
+    assert!(
+        wait(Duration::from_secs(10), || gw.readyz() == 200),
+        "with the spool to fall back on, the gateway is ready without a broker"
+    );
+
+    let load = Load::start(&gw.smtp, SESSIONS);
+    let outage = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let during = load.count(250);
+    let backlog = gw.metric("smtpgw_forward_awaiting_records");
+    let oldest = gw.metric("smtpgw_forward_oldest_age_seconds");
+    broker.start(topic);
+    let back = Instant::now();
+    // Load goes on while the forwarder drains; new mail goes straight to Kafka.
+    let drained_live = wait(Duration::from_secs(60), || {
+        gw.metric("smtpgw_forward_awaiting_records") == 0.0
+    });
+    let drain = back.elapsed();
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(drain));
+    let replies = load.stop();
+    let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
+    let refused: Vec<u16> = replies
+        .iter()
+        .filter(|r| r.code != 250)
+        .map(|r| r.code)
+        .collect();
+
+    let drained = wait(Duration::from_secs(120), || {
+        gw.metric("smtpgw_forward_awaiting_records") == 0.0
+    });
+    let m = gw.scrape();
+    eprintln!(
+        "outage {:?}: {during} x 250 during it (backlog gauge {backlog}, oldest {oldest:.1}s), {} x 250 in all, {} refused; \
+         backlog drained {drain:?} after the broker came back, under load (forwarded {} records, {} bytes; oldest age now {}s)",
+        back - outage,
+        acked.len(),
+        refused.len(),
+        m.get("smtpgw_forwarded_records_total").copied().unwrap_or(f64::NAN),
+        m.get("smtpgw_forwarded_bytes_total").copied().unwrap_or(f64::NAN),
+        m.get("smtpgw_forward_oldest_age_seconds").copied().unwrap_or(f64::NAN),
+    );
+    assert!(
+        refused.is_empty(),
+        "refusals during the outage: {refused:?}"
+    );
+    assert!(
+        during >= 100,
+        "too little load during the outage ({during})"
+    );
+    assert!(
+        drained_live && drained,
+        "the forwarder did not drain the backlog"
+    );
+    assert!(
+        backlog >= during as f64 * 0.5,
+        "backlog gauge {backlog} for {during} spooled"
+    );
+    assert!(
+        oldest >= 5.0,
+        "oldest unforwarded age {oldest}s after a 10 s outage"
+    );
+    assert!(m["smtpgw_forwarded_records_total"] >= during as f64);
+    assert_eq!(m["smtpgw_forward_oldest_age_seconds"], 0.0);
+
+    let (records, total) = read_topic(&broker, topic);
+    let mut missing = 0;
+    for reply in &acked {
+        match records.get(reply.id.as_deref().unwrap_or_default().as_bytes()) {
+            Some(record) => check_record(reply, record),
+            None => missing += 1,
+        }
+    }
+    eprintln!(
+        "{} records in the topic for {} acknowledged messages ({} duplicates)",
+        total,
+        acked.len(),
+        total - records.len()
+    );
+    assert_eq!(missing, 0, "acknowledged messages missing from the topic");
+    // Forwarded segments are gone; the one being written stays.
+    assert!(
+        wait(Duration::from_secs(10), || seg_files(spool.path()) == 1),
+        "forwarded segments left behind: {}",
+        seg_files(spool.path())
+    );
+}
+
+#[test]
+fn sigkill_while_forwarding_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.forward.kill";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let mut first = fallback_gateway(&broker, topic, spool.path());
+    let load = Load::start(&first.smtp, SESSIONS);
+    std::thread::sleep(Duration::from_secs(8));
+    let replies = load.stop();
+    let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
+    assert_eq!(acked.len(), replies.len(), "every message gets 250");
+    assert!(acked.len() >= 1000, "too little backlog ({})", acked.len());
+
+    broker.start(topic);
+    // Kill as soon as forwarding has begun and before it has finished.
+    let mut at_kill = (0.0, f64::NAN);
+    assert!(
+        wait(Duration::from_secs(60), || {
+            let m = first.scrape();
+            at_kill = (
+                m.get("smtpgw_forwarded_records_total")
+                    .copied()
+                    .unwrap_or(0.0),
+                m.get("smtpgw_forward_awaiting_records")
+                    .copied()
+                    .unwrap_or(f64::NAN),
+            );
+            at_kill.0 > 0.0
+        }),
+        "forwarding never began"
+    );
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    eprintln!(
+        "killed with {} forwarded and {} awaiting of {} acknowledged",
+        at_kill.0,
+        at_kill.1,
+        acked.len()
+    );
+    assert!(
+        at_kill.1 > 0.0,
+        "the backlog was already drained at the kill"
+    );
+
+    let second = fallback_gateway(&broker, topic, spool.path());
+    let drained = wait(Duration::from_secs(120), || {
+        second.metric("smtpgw_forward_awaiting_records") == 0.0
+            && second.metric("smtpgw_forwarded_records_total") > 0.0
+    });
+    if !drained {
+        let m = second.scrape();
+        let show: Vec<_> = m
+            .iter()
+            .filter(|(k, _)| k.contains("forward") || k.contains("sink_up") || k.contains("spool_"))
+            .collect();
+        panic!(
+            "the restarted gateway did not forward the rest: {show:?}; segments {}",
+            seg_files(spool.path())
+        );
+    }
+    let (records, total) = read_topic(&broker, topic);
+    let missing: Vec<&str> = acked
+        .iter()
+        .filter_map(|r| r.id.as_deref())
+        .filter(|id| !records.contains_key(id.as_bytes()))
+        .collect();
+    eprintln!(
+        "after the restart: {} records in the topic for {} acknowledged messages: {} duplicates",
+        total,
+        acked.len(),
+        total - records.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged messages missing, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    for reply in &acked {
+        check_record(
+            reply,
+            &records[reply.id.as_deref().unwrap_or_default().as_bytes()],
+        );
+    }
+
+    // A clean stop of a fallback gateway: the forwarder, the Kafka sink and the spool
+    // all stop, and the process exits 0.
+    let mut second = second;
+    assert!(broker_support::send_signal(
+        second.child.id() as i32,
+        libc::SIGTERM
+    ));
+    let exited = wait(Duration::from_secs(60), || {
+        matches!(second.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "the gateway did not stop after SIGTERM");
+    let status = second.child.wait().expect("status");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// A byte flipped on disk in the middle of the backlog: the damaged record cannot be
+/// forwarded, everything else is, and the segment holding the damage stays on disk for
+/// `smtpgw spool` instead of being deleted with the forwarded ones.
+#[test]
+fn a_damaged_record_is_skipped_and_its_segment_kept() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.forward.damage";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let mut first = fallback_gateway(&broker, topic, spool.path());
+    let load = Load::start(&first.smtp, 2);
+    assert!(wait(Duration::from_secs(30), || load.count(250) >= 200));
+    let replies = load.stop();
+    let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
+    assert_eq!(acked.len(), replies.len(), "every message gets 250");
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+
+    // Flip one byte in the middle of the segment's records.
+    let segment = spool.path().join(format!("{:020}.seg", 0));
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(&segment, &bytes).expect("write back");
+
+    broker.start(topic);
+    let second = fallback_gateway(&broker, topic, spool.path());
+    assert!(
+        wait(Duration::from_secs(60), || second
+            .metric("smtpgw_forward_awaiting_records")
+            == 0.0
+            && second.metric("smtpgw_forwarded_records_total") > 0.0),
+        "the backlog was not forwarded"
+    );
+    let (records, _) = read_topic(&broker, topic);
+    let missing = acked
+        .iter()
+        .filter(|r| !records.contains_key(r.id.as_deref().unwrap_or_default().as_bytes()))
+        .count();
+    eprintln!(
+        "{} acknowledged, {missing} not forwarded after one flipped byte",
+        acked.len()
+    );
+    assert!(
+        (1..=2).contains(&missing),
+        "one flipped byte should cost about one record, {missing} missing"
+    );
+    assert!(
+        segment.exists(),
+        "the segment with the damaged record was deleted"
+    );
+    assert!(
+        !second
+            .log_lines("not forwarded, and the segment stays on disk")
+            .is_empty(),
+        "the damage was not reported"
+    );
+}
