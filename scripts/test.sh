@@ -24,12 +24,14 @@ as_root() {
     fi
 }
 
-section "setup: swaks"
-if command -v swaks >/dev/null 2>&1; then
+section "setup: swaks (with TLS: Net::SSLeay, IO::Socket::SSL) and openssl"
+if command -v swaks >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 \
+    && perl -MNet::SSLeay -MIO::Socket::SSL -e 1 2>/dev/null; then
     echo "swaks present: $(command -v swaks)"
 else
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends swaks
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        swaks libnet-ssleay-perl libio-socket-ssl-perl openssl
 fi
 
 section "setup: prometheus and promtool"

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Deserializer};
 
+use crate::conn::{Cidr, ProxyMode};
 use crate::smtp::BareLfPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
@@ -30,6 +31,15 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MIN_DATA_RATE: u64 = 1024;
 /// The minimum data rate is averaged over windows this long (the first is the grace).
 pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
+pub const DEFAULT_MAX_CONNECTIONS_PER_PREFIX: u32 = 200;
+pub const DEFAULT_MAX_CONNECTION_RATE_PER_IP: u32 = 600;
+pub const DEFAULT_ERROR_BUDGET: u32 = 20;
+/// Local clients (a health check, a co-located relay) are exempt from per-address
+/// limits unless `--trusted-cidr` says otherwise.
+pub const DEFAULT_TRUSTED_CIDRS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// Greeting delays beyond this would only make legitimate clients time out.
+const MAX_GREETING_DELAY: Duration = Duration::from_secs(60);
 /// Without a total memory figure (or below it), the body budget is this.
 const FALLBACK_BODY_MEMORY: usize = 256 * 1024 * 1024;
 /// Far beyond any sensible setting, and keeps deadline arithmetic far from overflow.
@@ -69,6 +79,28 @@ pub enum IoBackend {
     Uring,
     /// epoll (tokio), the portable fallback.
     Epoll,
+}
+
+/// Whether listeners expect a PROXY protocol header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+    Any,
+}
+
+impl From<ProxyProtocol> for ProxyMode {
+    fn from(p: ProxyProtocol) -> ProxyMode {
+        match p {
+            ProxyProtocol::Off => ProxyMode::Off,
+            ProxyProtocol::V1 => ProxyMode::V1,
+            ProxyProtocol::V2 => ProxyMode::V2,
+            ProxyProtocol::Any => ProxyMode::Any,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -114,6 +146,10 @@ pub enum SpoolCommand {
         /// Print only the message as the client sent it, without envelope or Received: line.
         #[arg(long)]
         body: bool,
+        /// Print only the record headers (smtp.client_addr, smtp.tls, ...), one
+        /// `name: value` line each.
+        #[arg(long, conflicts_with = "body")]
+        headers: bool,
         /// The message id (as in `250 ... queued as <id>`).
         id: String,
     },
@@ -478,6 +514,82 @@ pub struct ServerArgs {
     /// Log line format on stderr [default: text].
     #[arg(long = "log-format", env = "SMTPGW_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Second address, speaking TLS from the first byte (RFC 8314 submissions/465 style);
+    /// needs --tls-cert and --tls-key.
+    #[arg(long = "listen-tls", env = "SMTPGW_LISTEN_TLS", value_name = "ADDR")]
+    pub listen_tls: Option<String>,
+    /// Certificate chain (PEM, leaf first); with --tls-key, STARTTLS is offered.
+    #[arg(long = "tls-cert", env = "SMTPGW_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long = "tls-key", env = "SMTPGW_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// MAIL before STARTTLS gets 530 5.7.0.
+    #[arg(long = "require-tls", env = "SMTPGW_REQUIRE_TLS")]
+    pub require_tls: bool,
+    /// PROXY protocol header expected on every listener [default: off].
+    #[arg(long = "proxy-protocol", env = "SMTPGW_PROXY_PROTOCOL", value_enum)]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Address prefix allowed to send a PROXY header (the load balancers); repeatable,
+    /// or comma-separated. Required with --proxy-protocol.
+    #[arg(
+        long = "proxy-trusted-cidr",
+        env = "SMTPGW_PROXY_TRUSTED_CIDR",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub proxy_trusted_cidr: Vec<String>,
+    /// Address prefix exempt from the per-address limits; repeatable, or
+    /// comma-separated [default: 127.0.0.0/8,::1/128].
+    #[arg(
+        long = "trusted-cidr",
+        env = "SMTPGW_TRUSTED_CIDR",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub trusted_cidr: Vec<String>,
+    /// Open connections per client address; 0 turns it off [default: 50].
+    #[arg(
+        long = "max-connections-per-ip",
+        env = "SMTPGW_MAX_CONNECTIONS_PER_IP",
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: Option<u32>,
+    /// Open connections per /24 (IPv4) or /64 (IPv6); 0 turns it off [default: 200].
+    #[arg(
+        long = "max-connections-per-prefix",
+        env = "SMTPGW_MAX_CONNECTIONS_PER_PREFIX",
+        value_name = "N"
+    )]
+    pub max_connections_per_prefix: Option<u32>,
+    /// New connections per client address per minute (bursts of as many); 0 turns it
+    /// off [default: 600].
+    #[arg(
+        long = "max-connection-rate-per-ip",
+        env = "SMTPGW_MAX_CONNECTION_RATE_PER_IP",
+        value_name = "N"
+    )]
+    pub max_connection_rate_per_ip: Option<u32>,
+    /// Messages per client address per minute (bursts of as many); 0 turns it off
+    /// [default: 0].
+    #[arg(
+        long = "max-message-rate-per-ip",
+        env = "SMTPGW_MAX_MESSAGE_RATE_PER_IP",
+        value_name = "N"
+    )]
+    pub max_message_rate_per_ip: Option<u32>,
+    /// Commands refused with 5xx after which a session gets 421 4.7.0 and is closed; 0
+    /// turns it off [default: 20].
+    #[arg(long = "error-budget", env = "SMTPGW_ERROR_BUDGET", value_name = "N")]
+    pub error_budget: Option<u32>,
+    /// Wait this long before the greeting; a client that talks first gets 554 5.5.0
+    /// [default: 0, off].
+    #[arg(
+        long = "greeting-delay",
+        env = "SMTPGW_GREETING_DELAY",
+        value_name = "DUR"
+    )]
+    pub greeting_delay: Option<String>,
     /// Log filter, e.g. info or warn,smtpgw=debug; SIGHUP re-reads it from the file
     /// [default: RUST_LOG, else info].
     #[arg(long = "log-level", env = "SMTPGW_LOG", value_name = "FILTER")]
@@ -520,12 +632,38 @@ pub struct FileConfig {
     pub publish_timeout: Option<IntOrStr>,
     pub max_inflight_messages: Option<u64>,
     pub max_inflight_bytes: Option<IntOrStr>,
+    pub listen_tls: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub require_tls: Option<bool>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub proxy_trusted_cidr: Option<OneOrMany>,
+    pub trusted_cidr: Option<OneOrMany>,
+    pub max_connections_per_ip: Option<u32>,
+    pub max_connections_per_prefix: Option<u32>,
+    pub max_connection_rate_per_ip: Option<u32>,
+    pub max_message_rate_per_ip: Option<u32>,
+    pub error_budget: Option<u32>,
+    pub greeting_delay: Option<IntOrStr>,
     /// The keys present in the file, so errors can name the file as their source.
     #[serde(skip)]
     pub keys: Vec<String>,
 }
 
 const FILE_KEYS: &[&str] = &[
+    "listen-tls",
+    "tls-cert",
+    "tls-key",
+    "require-tls",
+    "proxy-protocol",
+    "proxy-trusted-cidr",
+    "trusted-cidr",
+    "max-connections-per-ip",
+    "max-connections-per-prefix",
+    "max-connection-rate-per-ip",
+    "max-message-rate-per-ip",
+    "error-budget",
+    "greeting-delay",
     "listen",
     "metrics-listen",
     "hostname",
@@ -662,6 +800,25 @@ pub struct Config {
     /// Tracing filter directives, already checked.
     pub log_level: String,
     pub kafka: KafkaConfig,
+    pub edge: EdgeConfig,
+}
+
+/// TLS, PROXY protocol and the per-address limits. Limits are `None` when off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EdgeConfig {
+    pub listen_tls: Option<SocketAddr>,
+    /// Certificate and key, both or neither.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub require_tls: bool,
+    pub proxy_protocol: ProxyProtocol,
+    pub proxy_trusted: Vec<Cidr>,
+    pub trusted: Vec<Cidr>,
+    pub max_connections_per_ip: Option<u32>,
+    pub max_connections_per_prefix: Option<u32>,
+    pub max_connection_rate_per_ip: Option<u32>,
+    pub max_message_rate_per_ip: Option<u32>,
+    pub error_budget: Option<u32>,
+    pub greeting_delay: Duration,
 }
 
 /// The Kafka sink's settings; `brokers` is `Some` whenever `sink` is `Kafka`.
@@ -782,6 +939,23 @@ pub fn resolve(
     default_hostname: impl FnOnce() -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let file_kafka = KafkaFile::from(&mut file);
+    // The edge keys, apart, so that they can be resolved after the rest moved out.
+    let mut file_edge = FileConfig {
+        listen_tls: file.listen_tls.take(),
+        tls_cert: file.tls_cert.take(),
+        tls_key: file.tls_key.take(),
+        require_tls: file.require_tls.take(),
+        proxy_protocol: file.proxy_protocol.take(),
+        proxy_trusted_cidr: file.proxy_trusted_cidr.take(),
+        trusted_cidr: file.trusted_cidr.take(),
+        max_connections_per_ip: file.max_connections_per_ip.take(),
+        max_connections_per_prefix: file.max_connections_per_prefix.take(),
+        max_connection_rate_per_ip: file.max_connection_rate_per_ip.take(),
+        max_message_rate_per_ip: file.max_message_rate_per_ip.take(),
+        error_budget: file.error_budget.take(),
+        greeting_delay: file.greeting_delay.take(),
+        ..FileConfig::default()
+    };
     let listen_s = cli
         .listen
         .or(file.listen)
@@ -944,6 +1118,38 @@ pub fn resolve(
         return Err(invalid("--spool-dir", "must not be empty"));
     }
 
+    let greeting_delay = duration(
+        "--greeting-delay",
+        cli.greeting_delay,
+        file_edge.greeting_delay.take(),
+        Duration::ZERO,
+        true,
+    )?;
+    if greeting_delay > MAX_GREETING_DELAY {
+        return Err(invalid(
+            "--greeting-delay",
+            format!("must be at most 60s (got {greeting_delay:?})"),
+        ));
+    }
+    let edge = resolve_edge(
+        EdgeCli {
+            listen_tls: cli.listen_tls,
+            tls_cert: cli.tls_cert,
+            tls_key: cli.tls_key,
+            require_tls: cli.require_tls,
+            proxy_protocol: cli.proxy_protocol,
+            proxy_trusted_cidr: cli.proxy_trusted_cidr,
+            trusted_cidr: cli.trusted_cidr,
+            max_connections_per_ip: cli.max_connections_per_ip,
+            max_connections_per_prefix: cli.max_connections_per_prefix,
+            max_connection_rate_per_ip: cli.max_connection_rate_per_ip,
+            max_message_rate_per_ip: cli.max_message_rate_per_ip,
+            error_budget: cli.error_budget,
+        },
+        &mut file_edge,
+        greeting_delay,
+        listen,
+    )?;
     let log_level = cli
         .log_level
         .or(file.log_level)
@@ -1014,6 +1220,138 @@ pub fn resolve(
             .unwrap_or(LogFormat::Text),
         log_level,
         kafka,
+        edge,
+    })
+}
+
+/// The edge flags as given on the command line (or environment).
+struct EdgeCli {
+    listen_tls: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    require_tls: bool,
+    proxy_protocol: Option<ProxyProtocol>,
+    proxy_trusted_cidr: Vec<String>,
+    trusted_cidr: Vec<String>,
+    max_connections_per_ip: Option<u32>,
+    max_connections_per_prefix: Option<u32>,
+    max_connection_rate_per_ip: Option<u32>,
+    max_message_rate_per_ip: Option<u32>,
+    error_budget: Option<u32>,
+}
+
+fn cidrs(
+    flag: &'static str,
+    cli: Vec<String>,
+    file: Option<OneOrMany>,
+    default: &[&str],
+) -> Result<Vec<Cidr>, ConfigError> {
+    let given: Vec<String> = if !cli.is_empty() {
+        cli
+    } else {
+        match file {
+            Some(OneOrMany(v)) => v,
+            None => default.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    };
+    given
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Cidr::parse(s).map_err(|e| invalid(flag, e.to_string())))
+        .collect()
+}
+
+fn resolve_edge(
+    cli: EdgeCli,
+    file: &mut FileConfig,
+    greeting_delay: Duration,
+    listen: SocketAddr,
+) -> Result<EdgeConfig, ConfigError> {
+    let listen_tls = match cli.listen_tls.or(file.listen_tls.take()) {
+        Some(s) => {
+            let addr: SocketAddr = s.trim().parse().map_err(|_| {
+                invalid(
+                    "--listen-tls",
+                    format!("not an IP:PORT address (got {s:?}); e.g. 0.0.0.0:465"),
+                )
+            })?;
+            if addr == listen && addr.port() != 0 {
+                return Err(invalid("--listen-tls", "must differ from --listen"));
+            }
+            Some(addr)
+        }
+        None => None,
+    };
+    let cert = cli.tls_cert.or(file.tls_cert.take());
+    let key = cli.tls_key.or(file.tls_key.take());
+    let tls = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("--tls-key", "required with --tls-cert")),
+        (None, Some(_)) => return Err(invalid("--tls-cert", "required with --tls-key")),
+    };
+    let require_tls = cli.require_tls || file.require_tls.unwrap_or(false);
+    if tls.is_none() {
+        if listen_tls.is_some() {
+            return Err(invalid("--listen-tls", "needs --tls-cert and --tls-key"));
+        }
+        if require_tls {
+            return Err(invalid("--require-tls", "needs --tls-cert and --tls-key"));
+        }
+    }
+    let proxy_protocol = cli
+        .proxy_protocol
+        .or(file.proxy_protocol)
+        .unwrap_or_default();
+    let proxy_trusted = cidrs(
+        "--proxy-trusted-cidr",
+        cli.proxy_trusted_cidr,
+        file.proxy_trusted_cidr.take(),
+        &[],
+    )?;
+    if proxy_protocol != ProxyProtocol::Off && proxy_trusted.is_empty() {
+        return Err(invalid(
+            "--proxy-trusted-cidr",
+            "required with --proxy-protocol: the load balancers' addresses, e.g. 10.0.0.0/8",
+        ));
+    }
+    let trusted = cidrs(
+        "--trusted-cidr",
+        cli.trusted_cidr,
+        file.trusted_cidr.take(),
+        &DEFAULT_TRUSTED_CIDRS,
+    )?;
+    let limit = |n: Option<u32>, default: u32| {
+        let n = n.unwrap_or(default);
+        (n > 0).then_some(n)
+    };
+    Ok(EdgeConfig {
+        listen_tls,
+        tls,
+        require_tls,
+        proxy_protocol,
+        proxy_trusted,
+        trusted,
+        max_connections_per_ip: limit(
+            cli.max_connections_per_ip.or(file.max_connections_per_ip),
+            DEFAULT_MAX_CONNECTIONS_PER_IP,
+        ),
+        max_connections_per_prefix: limit(
+            cli.max_connections_per_prefix
+                .or(file.max_connections_per_prefix),
+            DEFAULT_MAX_CONNECTIONS_PER_PREFIX,
+        ),
+        max_connection_rate_per_ip: limit(
+            cli.max_connection_rate_per_ip
+                .or(file.max_connection_rate_per_ip),
+            DEFAULT_MAX_CONNECTION_RATE_PER_IP,
+        ),
+        max_message_rate_per_ip: limit(
+            cli.max_message_rate_per_ip.or(file.max_message_rate_per_ip),
+            0,
+        ),
+        error_budget: limit(cli.error_budget.or(file.error_budget), DEFAULT_ERROR_BUDGET),
+        greeting_delay,
     })
 }
 
@@ -1302,6 +1640,70 @@ mod tests {
 
     fn err(args: &[&str], file: &str) -> String {
         run(args, file).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn edge_settings() {
+        let c = run(&[], "").unwrap();
+        assert_eq!(c.edge.max_connections_per_ip, Some(50));
+        assert_eq!(c.edge.max_connections_per_prefix, Some(200));
+        assert_eq!(c.edge.max_connection_rate_per_ip, Some(600));
+        assert_eq!(c.edge.max_message_rate_per_ip, None);
+        assert_eq!(c.edge.error_budget, Some(20));
+        assert_eq!(c.edge.greeting_delay, Duration::ZERO);
+        assert_eq!(c.edge.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!(c.edge.trusted.len(), 2);
+        assert!(c.edge.tls.is_none());
+
+        let c = run(
+            &[
+                "--max-connections-per-ip",
+                "0",
+                "--trusted-cidr",
+                "10.0.0.0/8,192.0.2.1",
+            ],
+            "proxy-protocol = \"v2\"\nproxy-trusted-cidr = [\"10.1.0.0/16\"]\n\
+             greeting-delay = \"2s\"\nmax-message-rate-per-ip = 30\n\
+             tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\nlisten-tls = \"127.0.0.1:465\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.edge.max_connections_per_ip, None);
+        assert_eq!(c.edge.trusted.len(), 2);
+        assert_eq!(c.edge.proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(
+            c.edge.proxy_trusted,
+            vec![Cidr::parse("10.1.0.0/16").unwrap()]
+        );
+        assert_eq!(c.edge.greeting_delay, Duration::from_secs(2));
+        assert_eq!(c.edge.max_message_rate_per_ip, Some(30));
+        assert_eq!(c.edge.listen_tls, Some("127.0.0.1:465".parse().unwrap()));
+        assert!(c.edge.tls.is_some());
+
+        for (args, flag) in [
+            (&["--proxy-protocol", "v1"][..], "--proxy-trusted-cidr:"),
+            (
+                &[
+                    "--proxy-protocol",
+                    "any",
+                    "--proxy-trusted-cidr",
+                    "10.0.0.0/33",
+                ][..],
+                "--proxy-trusted-cidr:",
+            ),
+            (&["--trusted-cidr", "nope"][..], "--trusted-cidr:"),
+            (&["--listen-tls", "127.0.0.1:465"][..], "--listen-tls:"),
+            (&["--require-tls"][..], "--require-tls:"),
+            (&["--tls-cert", "c.pem"][..], "--tls-key:"),
+            (&["--tls-key", "k.pem"][..], "--tls-cert:"),
+            (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
+            (
+                &["--tls-cert", "c", "--tls-key", "k", "--listen-tls", "x"][..],
+                "--listen-tls:",
+            ),
+        ] {
+            let e = err(args, "");
+            assert!(e.starts_with(flag), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -105,11 +105,20 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             dir,
             corrupt,
             body,
+            headers,
             id,
         } => {
             let (dir, _) = dir.resolve()?;
-            let damage = spool_tool::cat_reporting(&dir, &id, body, escaped, &mut out, &mut err)
-                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            let part = if headers {
+                spool_tool::Part::Headers
+            } else if body {
+                spool_tool::Part::Body
+            } else {
+                spool_tool::Part::Value
+            };
+            let damage =
+                spool_tool::cat_part_reporting(&dir, &id, part, escaped, &mut out, &mut err)
+                    .with_context(|| format!("--spool-dir {}", dir.display()))?;
             out.flush().context("writing to stdout")?;
             skipped(&damage, corrupt.skip_corrupt, "spool cat")?;
         }

@@ -30,8 +30,11 @@ use prometheus::{
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::conn::edge::{EdgeStats, REFUSED_REASONS, TLS_FAILURES, TLS_VERSIONS};
 use crate::sink::Sink;
-use crate::smtp::stats::{SessionStats, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS};
+use crate::smtp::stats::{
+    SessionStats, LIMIT_CLOSES, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS,
+};
 
 /// How often reactors publish their local counts: counters lag by at most 100 ms.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -67,6 +70,15 @@ pub struct Metrics {
     pub connections_accepted: IntCounter,
     pub connections_active: IntGauge,
     pub connections_rejected_max: IntCounter,
+    /// Indexed like [`REFUSED_REASONS`].
+    connections_refused: Vec<IntCounter>,
+    limit_closes: Vec<IntCounter>,
+    tls_handshakes: Vec<IntCounter>,
+    tls_failures: Vec<IntCounter>,
+    starttls_discarded: IntCounter,
+    proxy_headers: IntCounter,
+    pub peer_table_entries: IntGauge,
+    pub peer_table_evictions: IntCounter,
     commands: Vec<IntCounter>,
     replies: Vec<IntCounter>,
     messages_accepted: IntCounter,
@@ -217,6 +229,47 @@ impl Metrics {
             )?,
             connections_active: gauge("smtpgw_connections_active", "Connections open now.")?,
             connections_rejected_max: rejected.with_label_values(&["max_connections"]),
+            connections_refused: resolve(&rejected, &REFUSED_REASONS),
+            limit_closes: resolve(
+                &counter_vec(
+                    "smtpgw_session_limit_closes_total",
+                    "Sessions closed with 421 4.7.0 by a per-session or per-address limit, by limit.",
+                    "reason",
+                )?,
+                &LIMIT_CLOSES,
+            ),
+            tls_handshakes: resolve(
+                &counter_vec(
+                    "smtpgw_tls_handshakes_total",
+                    "Completed TLS handshakes (STARTTLS and implicit), by protocol version.",
+                    "version",
+                )?,
+                &TLS_VERSIONS,
+            ),
+            tls_failures: resolve(
+                &counter_vec(
+                    "smtpgw_tls_handshake_failures_total",
+                    "TLS handshakes that did not complete, by reason.",
+                    "reason",
+                )?,
+                &TLS_FAILURES,
+            ),
+            starttls_discarded: counter(
+                "smtpgw_starttls_discarded_bytes_total",
+                "Plaintext bytes pipelined after STARTTLS and discarded unread (CVE-2011-0411).",
+            )?,
+            proxy_headers: counter(
+                "smtpgw_proxy_headers_total",
+                "PROXY protocol headers accepted.",
+            )?,
+            peer_table_entries: gauge(
+                "smtpgw_peer_table_entries",
+                "Addresses and prefixes the per-address limiter tracks now.",
+            )?,
+            peer_table_evictions: counter(
+                "smtpgw_peer_table_evictions_total",
+                "Limiter entries dropped to keep the table bounded while they still held rate state.",
+            )?,
             commands: resolve(&commands, &VERBS),
             replies: resolve(&replies, &code_refs),
             messages_accepted: counter(
@@ -422,6 +475,7 @@ impl Metrics {
     pub fn reactor(self: &Arc<Self>, index: usize) -> ReactorMetrics {
         ReactorMetrics {
             stats: SessionStats::default(),
+            edge: EdgeStats::default(),
             message_size: self.message_size.local(),
             data_duration: self.data_duration.local(),
             publish_duration: self.publish_duration.local(),
@@ -436,6 +490,7 @@ impl Metrics {
 pub struct ReactorMetrics {
     metrics: Arc<Metrics>,
     stats: SessionStats,
+    edge: EdgeStats,
     message_size: LocalHistogram,
     data_duration: LocalHistogram,
     publish_duration: LocalHistogram,
@@ -483,6 +538,14 @@ impl ReactorMetrics {
         publish(&m.commands, &mut s.commands);
         publish(&m.replies, &mut s.replies[..REPLY_UNLISTED]);
         publish(&m.messages_rejected, &mut s.messages_rejected);
+        publish(&m.limit_closes, &mut s.limit_closes);
+        let e = &mut self.edge;
+        publish(&m.connections_refused, &mut e.refused);
+        publish(&m.tls_handshakes, &mut e.tls_handshakes);
+        publish(&m.tls_failures, &mut e.tls_failures);
+        m.starttls_discarded
+            .inc_by(std::mem::take(&mut e.starttls_discarded_bytes));
+        m.proxy_headers.inc_by(std::mem::take(&mut e.proxy_headers));
         m.messages_accepted
             .inc_by(std::mem::take(&mut s.messages_accepted));
         m.smuggling_attempts
@@ -508,6 +571,9 @@ impl crate::conn::Observer for ReactorMetrics {
     }
     fn observe_message_size(&mut self, bytes: usize) {
         ReactorMetrics::observe_message_size(self, bytes);
+    }
+    fn absorb_edge(&mut self, stats: &mut EdgeStats) {
+        self.edge.absorb(stats);
     }
 }
 

@@ -8,7 +8,9 @@
 //! accepted with, so a reload never drops or changes a conversation under way.
 //!
 //! What changes live: `accept-domain`, `max-message-size`, `max-recipients`, `bare-lf`,
-//! `log-level` and `drain-timeout`. Everything else (listeners, hostname, sink, reactors,
+//! `log-level` and `drain-timeout`; and the TLS certificate (`tls-cert`, `tls-key`, re-read
+//! from disk on every SIGHUP by `server::reload_tls`: new handshakes use the new one,
+//! sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
 //! connection limits and timeouts) needs a restart; a reload that changes it says so.
 
 use std::sync::{Arc, RwLock};
@@ -116,6 +118,11 @@ impl Reloader {
                 "SIGHUP: these settings only change at a restart; they keep their running values"
             );
         }
+        // The certificate paths follow the file while TLS stays on; the server re-reads
+        // the files themselves after this (`server::reload_tls`), config file or not.
+        if running.edge.tls.is_some() && new.edge.tls.is_some() {
+            running.edge.tls = new.edge.tls.clone();
+        }
         running.accept_domains = new.accept_domains;
         running.accept_domains_defaulted = new.accept_domains_defaulted;
         running.max_message_size = new.max_message_size;
@@ -174,5 +181,17 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     );
     check("log-format", running.log_format != new.log_format);
     check("kafka-*", running.kafka != new.kafka);
+    check(
+        "tls-cert,tls-key (turning TLS on or off)",
+        running.edge.tls.is_some() != new.edge.tls.is_some(),
+    );
+    let without_tls = |c: &Config| crate::config::EdgeConfig {
+        tls: None,
+        ..c.edge.clone()
+    };
+    check(
+        "listen-tls,require-tls,proxy-*,trusted-cidr,max-*-per-ip,error-budget,greeting-delay",
+        without_tls(running) != without_tls(new),
+    );
     changed
 }

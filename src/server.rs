@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::config::EdgeConfig;
 use crate::config::{Config, SinkKind};
-use crate::conn::{Limits, MinDataRate};
+use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::net::{NetError, ReactorParams, Reactors};
+use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
+use crate::net::tls::TlsConfigError;
+use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
 use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
@@ -37,6 +40,8 @@ pub enum ServerError {
     Net(#[from] NetError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
     #[error("cannot start: {0}")]
     Setup(io::Error),
     #[error("second signal during drain: exiting without waiting for sessions or the sink")]
@@ -167,6 +172,69 @@ pub fn limits(config: &Config) -> Limits {
     }
 }
 
+/// Entries the per-address limiter keeps at most, beyond those live connections hold.
+const PEER_TABLE_ENTRIES: usize = 64 * 1024;
+
+/// The listeners and their edge settings, and the TLS handle a certificate reload
+/// replaces (see [`reload_tls`]).
+pub fn listeners(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Vec<ListenerSpec>, Option<TlsHandle>), ServerError> {
+    let e: &EdgeConfig = &config.edge;
+    let tls = match &e.tls {
+        Some((cert, key)) => Some(TlsHandle::new(crate::net::tls::load(cert, key)?)),
+        None => None,
+    };
+    let peers: Arc<dyn PeerLimits> = PeerLimiter::new(
+        PeerLimitsConfig {
+            per_ip: e.max_connections_per_ip,
+            per_prefix: e.max_connections_per_prefix,
+            connection_rate: e.max_connection_rate_per_ip.map(PerMinute),
+            message_rate: e.max_message_rate_per_ip.map(PerMinute),
+            trusted: e.trusted.clone(),
+            max_entries: PEER_TABLE_ENTRIES,
+        },
+        std::time::Instant::now(),
+        metrics.clone(),
+    );
+    let edge = Edge {
+        proxy: e.proxy_protocol.into(),
+        proxy_trusted: e.proxy_trusted.clone(),
+        tls: tls.clone(),
+        implicit_tls: false,
+        require_tls: e.require_tls,
+        greeting_delay: e.greeting_delay,
+        error_budget: e.error_budget,
+        peers: Some(peers),
+    };
+    let mut specs = vec![ListenerSpec {
+        addr: config.listen,
+        kind: ListenerKind::Smtp,
+        edge: Arc::new(edge.clone()),
+    }];
+    if let Some(addr) = e.listen_tls {
+        specs.push(ListenerSpec {
+            addr,
+            kind: ListenerKind::ImplicitTls,
+            edge: Arc::new(Edge {
+                implicit_tls: true,
+                ..edge
+            }),
+        });
+    }
+    Ok((specs, tls))
+}
+
+/// Re-reads `--tls-cert` and `--tls-key` into `handle` (for SIGHUP): new handshakes use
+/// the new certificate, open sessions keep theirs; on an error the old one stays.
+pub fn reload_tls(config: &Config, handle: &TlsHandle) -> Result<(), TlsConfigError> {
+    match &config.edge.tls {
+        Some((cert, key)) => crate::net::tls::reload(handle, cert, key),
+        None => Ok(()),
+    }
+}
+
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
 pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -210,10 +278,12 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         &config, &*sink,
     )));
     let max_message_size = session.current().max_message_size;
+    // What a certificate reload on SIGHUP replaces (`reload_tls`).
+    let (specs, tls) = listeners(&config, &metrics)?;
     let reactors = Reactors::start(
         config.io_backend,
         ReactorParams {
-            listen: config.listen,
+            listeners: specs,
             reactors: config.reactors,
             session: session.clone(),
             sink: sink.clone(),
@@ -241,6 +311,18 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                 _ = hup.recv() => {
                     // Refusals are logged by the reloader; the gateway runs on as it was.
                     let _ = reloader.reload(&mut config, &*sink, &session);
+                    // The certificate files are re-read even when the configuration did
+                    // not change (or there is no --config): renewing a certificate in
+                    // place is the usual reason for a SIGHUP. Open sessions keep theirs.
+                    if let Some(tls) = &tls {
+                        match reload_tls(&config, tls) {
+                            Ok(()) => info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
+                            Err(e) => error!(
+                                error = %e,
+                                "SIGHUP: TLS certificate refused; the running one stays"
+                            ),
+                        }
+                    }
                 }
             }
         };

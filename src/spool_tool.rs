@@ -60,6 +60,7 @@ use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
 use crate::smtp::address::is_hostile_char;
+use crate::smtp::envelope::RECORD_HEADERS;
 
 /// What a tool met that was not a record, reported on `err` as it was met.
 pub struct Damage<'a> {
@@ -199,11 +200,29 @@ pub fn ls_reporting<'e>(
     Ok(damage)
 }
 
+/// What `spool cat` prints of a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The `Received:` line and the message.
+    Value,
+    /// The client's bytes only.
+    Body,
+    /// The record headers, `name: value` per line.
+    Headers,
+}
+
 /// Writes one message: its stored value (the `Received:` line and the message exactly
 /// as received), or with `body_only` just the client's bytes.
 pub fn cat(dir: &Path, id: &str, body_only: bool, out: &mut dyn Write) -> Result<(), SpoolError> {
     let mut sink = io::sink();
-    cat_reporting(dir, id, body_only, false, out, &mut sink).map(drop)
+    let part = if body_only { Part::Body } else { Part::Value };
+    cat_part_reporting(dir, id, part, false, out, &mut sink).map(drop)
+}
+
+/// Writes one part of one message.
+pub fn cat_part(dir: &Path, id: &str, part: Part, out: &mut dyn Write) -> Result<(), SpoolError> {
+    let mut sink = io::sink();
+    cat_part_reporting(dir, id, part, false, out, &mut sink).map(drop)
 }
 
 /// [`cat`], reporting damage met before the message on `err`; with `escaped`, client
@@ -212,6 +231,20 @@ pub fn cat_reporting<'e>(
     dir: &Path,
     id: &str,
     body_only: bool,
+    escaped: bool,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
+    let part = if body_only { Part::Body } else { Part::Value };
+    cat_part_reporting(dir, id, part, escaped, out, err)
+}
+
+/// [`cat_part`], reporting damage met before the message on `err`; with `escaped`,
+/// client text (headers included) is escaped for a terminal.
+pub fn cat_part_reporting<'e>(
+    dir: &Path,
+    id: &str,
+    part: Part,
     escaped: bool,
     out: &mut dyn Write,
     err: &'e mut dyn Write,
@@ -228,10 +261,23 @@ pub fn cat_reporting<'e>(
             return Ok(Flow::Continue);
         }
         found = true;
-        let bytes = if body_only {
-            record.body()
-        } else {
-            record.value()
+        let headers;
+        let bytes = match part {
+            Part::Body => record.body(),
+            Part::Value => record.value(),
+            Part::Headers => {
+                let mut text = Vec::new();
+                for name in RECORD_HEADERS {
+                    for value in record.headers_named(name) {
+                        text.extend_from_slice(name.as_bytes());
+                        text.extend_from_slice(b": ");
+                        text.extend_from_slice(value);
+                        text.push(b'\n');
+                    }
+                }
+                headers = text;
+                &headers[..]
+            }
         };
         let written = if escaped {
             out.write_all(&escape_for_terminal(bytes))

@@ -262,15 +262,19 @@ fn uring_reactor_allocation_budget() {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    use smtpgw::conn::Limits;
+    use smtpgw::conn::{Edge, Limits};
     use smtpgw::metrics::Metrics;
-    use smtpgw::net::{IoBackend, ReactorParams, Reactors};
+    use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
     use smtpgw::sink::null::NullSink;
 
     let r = Reactors::start(
         IoBackend::Uring,
         ReactorParams {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listeners: vec![ListenerSpec {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                kind: ListenerKind::Smtp,
+                edge: Arc::new(Edge::default()),
+            }],
             reactors: 1,
             session: Arc::new(Arc::unwrap_or_clone(config()).into()),
             sink: Arc::new(NullSink::new()),

@@ -13,9 +13,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use smtpgw::conn::Limits;
+use smtpgw::conn::{Edge, Limits};
 use smtpgw::metrics::Metrics;
-use smtpgw::net::{IoBackend, ReactorParams, Reactors};
+use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
 use smtpgw::sink::{Completion, Sink};
 use smtpgw::smtp::{BareLfPolicy, SealedMessage, SessionConfig};
 
@@ -45,7 +45,11 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
     Reactors::start(
         backend,
         ReactorParams {
-            listen: "127.0.0.1:0".parse().unwrap(),
+            listeners: vec![ListenerSpec {
+                addr: "127.0.0.1:0".parse().unwrap(),
+                kind: ListenerKind::Smtp,
+                edge: Arc::new(Edge::default()),
+            }],
             reactors: 2,
             session: Arc::new(
                 SessionConfig {

@@ -13,8 +13,19 @@
 //!   not read (the output cap), the reactor's body memory budget;
 //! - deadlines: idle, session time, the minimum data rate of a body, a client that stops
 //!   reading our replies, and the linger after the last reply;
-//! - the drain policy, message timing and the counts the metrics publish.
+//! - the drain policy, message timing and the counts the metrics publish;
+//! - the edge ([`edge`]): the PROXY protocol header before the greeting ([`proxy`]), TLS
+//!   through rustls' sans-IO API, STARTTLS or implicit ([`tls`]), the greeting delay and
+//!   early-talker check, and the per-address limits once the real address is known.
+//!
+//! Input flows header → TLS records → plaintext → session; output flows session →
+//! TLS records → the backend. A backend never sees which of them is in use.
 
+pub mod edge;
+pub mod proxy;
+pub mod tls;
+
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,8 +33,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use rustls::ServerConnection;
+
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session};
 use crate::smtp::{SessionConfig, SessionStats};
+
+pub use edge::{Cidr, Edge, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
+pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
 /// discarded, so that closing with unread client bytes does not turn into a RST that
@@ -36,6 +52,8 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 /// backend bug or bytes that were already in flight when reading stopped; past it the
 /// connection is dropped rather than the buffer grown.
 const MAX_PENDING_INPUT: usize = 256 * 1024;
+/// How long a PROXY header may take to arrive (a balancer sends it at once).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
@@ -160,6 +178,8 @@ pub enum Ending {
     Stopped,
     /// The backend saw an I/O error.
     Failed,
+    /// Closed unanswered: a missing, malformed or untrusted PROXY header.
+    Refused,
 }
 
 /// Where a connection's counts go: the reactor's metrics.
@@ -171,6 +191,18 @@ pub trait Observer {
     fn observe_publish(&mut self, took: Duration);
     /// Body size of a stored message.
     fn observe_message_size(&mut self, bytes: usize);
+    /// PROXY, TLS and limit counts.
+    fn absorb_edge(&mut self, stats: &mut EdgeStats);
+}
+
+/// What carries the session's bytes.
+enum Front {
+    Plain,
+    /// STARTTLS was accepted: its `220` is being written in plaintext, and whatever the
+    /// client sends meanwhile is discarded (it was sent before the client could have
+    /// seen the `220`: an injection, CVE-2011-0411).
+    StartTls,
+    Tls(Box<ServerConnection>),
 }
 
 /// Samples taken between two [`Connection::take_stats`]; a few at most, since a
@@ -238,23 +270,49 @@ pub struct Connection {
     /// Minimum data rate: the current window's start and the bytes taken in it.
     rate_window: Option<(Instant, u64)>,
     samples: Samples,
+    edge: Arc<Edge>,
+    /// A PROXY header is expected before anything else; its bytes so far (only when it
+    /// arrived in pieces).
+    proxy_wait: bool,
+    header: Vec<u8>,
+    front: Front,
+    /// TLS records to write (with TLS, the session's output moves here at once).
+    wire_out: Vec<u8>,
+    /// A TLS handshake completed.
+    tls_done: bool,
+    /// The greeting (or the refusal in its place) was written.
+    greeted: bool,
+    /// With a greeting delay, not before then.
+    greet_at: Instant,
+    /// A per-address limit refused the connection: said in place of the greeting.
+    refusal: Option<LimitRefusal>,
+    slot: Option<Box<dyn PeerSlot>>,
+    edge_stats: EdgeStats,
 }
 
 impl Connection {
-    /// A new connection; the `220` greeting is already in the output.
+    /// A new connection on a listener with `edge` settings. Without PROXY, TLS or a
+    /// greeting delay the `220` greeting is already in the output.
     pub fn new(
         now: Instant,
         session: Arc<SessionConfig>,
         limits: Arc<Limits>,
         budget: BodyBudget,
         peer: SocketAddr,
+        edge: Arc<Edge>,
     ) -> Connection {
         let hard_deadline = now
             .checked_add(limits.max_session_time)
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let mut session = Session::without_greeting(session, peer);
+        session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
+        session.set_tls_required(edge.require_tls);
+        session.set_error_budget(edge.error_budget);
         let mut conn = Connection {
-            session: Session::new(session, peer),
-            idle_deadline: now + limits.idle_timeout,
+            session,
+            // The client's idle time starts with the greeting (see `maybe_greet`).
+            idle_deadline: now + edge.greeting_delay + limits.idle_timeout,
             limits,
             budget,
             peer,
@@ -272,12 +330,95 @@ impl Connection {
             body_since: None,
             rate_window: None,
             samples: Samples::default(),
+            proxy_wait: false,
+            header: Vec::new(),
+            front: Front::Plain,
+            wire_out: Vec::new(),
+            tls_done: false,
+            greeted: false,
+            greet_at: now + edge.greeting_delay,
+            refusal: None,
+            slot: None,
+            edge_stats: EdgeStats::default(),
+            edge,
         };
+        conn.start(now);
         conn.after_output_change(now);
         conn
     }
 
-    /// The client's address.
+    fn start(&mut self, now: Instant) {
+        if self.edge.implicit_tls {
+            match self.edge.tls.as_ref().map(TlsHandle::accept) {
+                Some(Ok(tls)) => self.front = Front::Tls(Box::new(tls)),
+                _ => {
+                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.life = Life::Done(Ending::Failed);
+                    return;
+                }
+            }
+        }
+        if self.edge.proxy != ProxyMode::Off {
+            let ip = self.peer.ip();
+            if !self.edge.proxy_trusted.iter().any(|c| c.contains(ip)) {
+                self.edge_stats.refused[edge::REFUSED_PROXY_UNTRUSTED] += 1;
+                self.life = Life::Done(Ending::Refused);
+                return;
+            }
+            self.proxy_wait = true;
+            self.idle_deadline = now + self.limits.idle_timeout.min(PROXY_HEADER_TIMEOUT);
+            return;
+        }
+        self.peer_known(now);
+        self.maybe_greet(now);
+    }
+
+    /// The client's real address is known: the per-address limits count it.
+    fn peer_known(&mut self, now: Instant) {
+        let Some(peers) = &self.edge.peers else {
+            return;
+        };
+        match peers.admit(now, self.peer.ip()) {
+            Ok(slot) => self.slot = Some(slot),
+            Err(why) => {
+                self.edge_stats.refuse(why);
+                self.refusal = Some(why);
+            }
+        }
+    }
+
+    /// Writes the greeting (or the refusal in its place) once nothing holds it back.
+    fn maybe_greet(&mut self, now: Instant) {
+        if self.greeted
+            || self.proxy_wait
+            || !matches!(self.life, Life::Open)
+            || self.session.is_closed()
+            || (self.edge.implicit_tls && !self.tls_done)
+        {
+            return;
+        }
+        if let Some(why) = self.refusal.take() {
+            self.greeted = true;
+            self.session.refuse_over_limit(why.reply_text());
+            return;
+        }
+        if now >= self.greet_at {
+            self.greeted = true;
+            self.idle_deadline = now + self.limits.idle_timeout;
+            self.session.greet();
+        }
+    }
+
+    /// The client spoke before the greeting: `554 5.5.0` and close.
+    fn early_talk(&mut self) {
+        self.greeted = true;
+        self.refusal = None;
+        self.pending = Vec::new();
+        self.edge_stats.refused[edge::REFUSED_EARLY_TALKER] += 1;
+        self.session.early_talker();
+    }
+
+    /// The client's address: the socket's, or after a PROXY header the one it named.
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
@@ -293,6 +434,68 @@ impl Connection {
         if data.is_empty() {
             return;
         }
+        if self.proxy_wait {
+            self.proxy_input(now, data);
+        } else {
+            self.wire_input(now, data);
+        }
+        self.after_output_change(now);
+    }
+
+    /// Input while the PROXY header is expected.
+    fn proxy_input(&mut self, now: Instant, data: &[u8]) {
+        let buffered = !self.header.is_empty();
+        if buffered {
+            let room = proxy::MAX_HEADER.saturating_sub(self.header.len());
+            self.header
+                .extend_from_slice(&data[..data.len().min(room + 1)]);
+        }
+        let header = std::mem::take(&mut self.header);
+        let input = if buffered { &header[..] } else { data };
+        match proxy::parse(self.edge.proxy, input) {
+            proxy::Parsed::Incomplete => {
+                self.header = header;
+                if !buffered {
+                    self.header.extend_from_slice(data);
+                }
+            }
+            proxy::Parsed::Invalid => {
+                self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+                self.life = Life::Done(Ending::Refused);
+            }
+            proxy::Parsed::Header { len, source } => {
+                self.edge_stats.proxy_headers += 1;
+                self.proxy_wait = false;
+                if let Some(source) = source {
+                    self.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
+                    self.session.set_client_addr(self.peer);
+                }
+                self.idle_deadline = now + self.limits.idle_timeout;
+                self.peer_known(now);
+                // What followed the header in the same read: a TLS ClientHello on an
+                // implicit-TLS listener, else a client talking before the greeting.
+                let rest = &input[len.min(input.len())..];
+                if !rest.is_empty() {
+                    self.wire_input(now, rest);
+                }
+                self.maybe_greet(now);
+            }
+        }
+    }
+
+    /// Input past the PROXY header: TLS records or plaintext.
+    fn wire_input(&mut self, now: Instant, data: &[u8]) {
+        match self.front {
+            Front::Plain => self.plain_input(now, data),
+            Front::StartTls => self.edge_stats.starttls_discarded_bytes += data.len() as u64,
+            Front::Tls(_) => self.tls_input(now, data),
+        }
+    }
+
+    fn plain_input(&mut self, now: Instant, data: &[u8]) {
+        if !self.greeted {
+            return self.early_talk();
+        }
         if self.pending.is_empty() {
             let consumed = self.feed(now, data);
             if consumed < data.len() {
@@ -302,7 +505,103 @@ impl Connection {
             self.keep(data);
             self.process_pending(now);
         }
-        self.after_output_change(now);
+        self.check_starttls();
+    }
+
+    /// STARTTLS was accepted: whatever the client pipelined after it is discarded,
+    /// never executed, and the handshake starts once the `220` is written.
+    fn check_starttls(&mut self) {
+        if matches!(self.front, Front::Plain) && self.session.is_starting_tls() {
+            self.edge_stats.starttls_discarded_bytes += self.pending.len() as u64;
+            self.pending = Vec::new();
+            self.front = Front::StartTls;
+        }
+    }
+
+    /// TLS records: decrypted into the pending input, then handed to the session.
+    fn tls_input(&mut self, now: Instant, mut data: &[u8]) {
+        let mut plain = false;
+        while !data.is_empty() {
+            let Front::Tls(tls) = &mut self.front else {
+                return;
+            };
+            let processed = match tls.read_tls(&mut data) {
+                Ok(_) => tls.process_new_packets().map(|_| ()),
+                Err(_) => Err(rustls::Error::General("read_tls".into())),
+            };
+            if let Err(e) = processed {
+                if !self.tls_done {
+                    self.edge_stats.tls_failures[tls::failure_index(&e)] += 1;
+                }
+                // The alert rustls queued for the client goes out before the close.
+                let _ = tls.write_tls(&mut self.wire_out);
+                self.pending = Vec::new();
+                self.life = Life::Closing;
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            loop {
+                match tls.reader().read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if self.pending.len() + n > MAX_PENDING_INPUT {
+                            self.life = Life::Done(Ending::Overrun);
+                            self.pending = Vec::new();
+                            return;
+                        }
+                        self.pending.extend_from_slice(&buf[..n]);
+                        plain = true;
+                    }
+                }
+            }
+            if !self.tls_done && !tls.is_handshaking() {
+                self.handshake_done(now);
+            }
+        }
+        if plain {
+            if !self.greeted {
+                return self.early_talk();
+            }
+            self.process_pending(now);
+        }
+    }
+
+    fn handshake_done(&mut self, now: Instant) {
+        let Front::Tls(tls) = &self.front else {
+            return;
+        };
+        self.tls_done = true;
+        self.edge_stats.tls_handshakes[tls::version_index(tls)] += 1;
+        let description: Arc<str> = tls::describe(tls).into();
+        self.session.tls_started(description);
+        self.idle_deadline = now + self.limits.idle_timeout;
+        self.maybe_greet(now);
+    }
+
+    /// Moves the session's replies into TLS records.
+    fn flush_tls(&mut self) {
+        let Front::Tls(tls) = &mut self.front else {
+            return;
+        };
+        let out = self.session.output();
+        if !out.is_empty() {
+            let n = out.len();
+            // rustls buffers plaintext without limit unless one is set; ours is bounded
+            // by the output cap.
+            let _ = tls.writer().write_all(out);
+            self.session.advance_output(n);
+        }
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.wire_out) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Bytes of output not written yet, plaintext and TLS records together.
+    fn out_len(&self) -> usize {
+        self.session.output().len() + self.wire_out.len()
     }
 
     /// The client closed its side: nothing more will arrive. What it sent is answered
@@ -312,7 +611,10 @@ impl Connection {
             Life::Lingering { .. } => self.life = Life::Done(Ending::Closed),
             Life::Done(_) => {}
             Life::Open | Life::Closing => {
-                if self.session.output().is_empty() {
+                if matches!(self.front, Front::Tls(_)) && !self.tls_done {
+                    self.edge_stats.tls_failures[edge::TLS_FAIL_EOF] += 1;
+                }
+                if self.out_len() == 0 {
                     self.life = Life::Done(Ending::Eof);
                 } else {
                     // Write what is pending (a client may half-close after QUIT), then end
@@ -349,12 +651,15 @@ impl Connection {
 
     /// Whether there are replies to write.
     pub fn wants_write(&self) -> bool {
-        !self.session.output().is_empty() && !matches!(self.life, Life::Done(_))
+        !self.pending_output().is_empty() && !matches!(self.life, Life::Done(_))
     }
 
-    /// Replies not yet written to the client.
+    /// Replies not yet written to the client (TLS records when TLS is on).
     pub fn pending_output(&self) -> &[u8] {
-        self.session.output()
+        match self.front {
+            Front::Tls(_) => &self.wire_out,
+            Front::Plain | Front::StartTls => self.session.output(),
+        }
     }
 
     /// The backend wrote the first `n` bytes of [`Self::pending_output`]. Input that
@@ -363,7 +668,12 @@ impl Connection {
         if n == 0 {
             return;
         }
-        self.session.advance_output(n);
+        match self.front {
+            Front::Tls(_) => {
+                self.wire_out.drain(..n.min(self.wire_out.len()));
+            }
+            Front::Plain | Front::StartTls => self.session.advance_output(n),
+        }
         self.write_deadline = None;
         if matches!(self.life, Life::Open) && !self.pending.is_empty() {
             self.process_pending(now);
@@ -379,6 +689,9 @@ impl Connection {
         stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
     ) -> Option<SealedMessage> {
         let message = self.session.take_message()?;
+        if let Some(slot) = &self.slot {
+            slot.message_sent(now);
+        }
         let body_len = message.body().len();
         let (id, received_at) = stamp();
         self.log_from.clear();
@@ -450,8 +763,14 @@ impl Connection {
                     next = next.min(s);
                 }
                 // Waiting for the sink or for the client to read is not idleness.
-                if self.in_flight.is_none() && self.session.output().is_empty() {
+                if self.in_flight.is_none() && self.out_len() == 0 {
                     next = next.min(self.idle_deadline);
+                }
+                // Held back only by the greeting delay (not by a header or a handshake,
+                // which input moves on).
+                let held = self.proxy_wait || (self.edge.implicit_tls && !self.tls_done);
+                if !self.greeted && !held {
+                    next = next.min(self.greet_at);
                 }
                 if let (Some(rate), Some((start, _))) =
                     (self.limits.min_data_rate, self.rate_window)
@@ -486,10 +805,24 @@ impl Connection {
         if !matches!(self.life, Life::Open) {
             return;
         }
-        let idle = self.in_flight.is_none()
-            && self.session.output().is_empty()
-            && now >= self.idle_deadline;
+        let idle = self.in_flight.is_none() && self.out_len() == 0 && now >= self.idle_deadline;
+        if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
+            // Nothing was said yet (no header, no handshake): close unanswered.
+            if matches!(self.front, Front::Tls(_)) && !self.tls_done {
+                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+            }
+            self.life = Life::Done(if self.proxy_wait {
+                Ending::Refused
+            } else {
+                Ending::Closed
+            });
+            return;
+        }
+        self.maybe_greet(now);
         if now >= self.hard_deadline || idle {
+            if matches!(self.front, Front::Tls(_)) && !self.tls_done {
+                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+            }
             self.session.timed_out();
         } else if let (Some(rate), Some((start, bytes))) =
             (self.limits.min_data_rate, self.rate_window)
@@ -612,6 +945,7 @@ impl Connection {
         if let Some(size) = s.stored_size.take() {
             to.observe_message_size(size);
         }
+        to.absorb_edge(&mut self.edge_stats);
     }
 
     /// One line per message handed to the sink: what an operator greps for ("queued
@@ -654,7 +988,10 @@ impl Connection {
     fn can_consume(&self) -> bool {
         let blocked = self.session.is_closed()
             || self.session.is_awaiting_publish()
-            || self.session.output().len() >= self.limits.output_cap
+            // After STARTTLS the session takes nothing until the handshake is done, but
+            // the handshake itself must be read.
+            || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
+            || self.out_len() >= self.limits.output_cap
             || (self.session.in_body() && self.budget.pauses_bodies());
         !blocked
     }
@@ -669,12 +1006,17 @@ impl Connection {
             // An idle connection holds no receive buffer.
             self.pending = Vec::new();
         }
+        self.check_starttls();
     }
 
     /// Feeds the session while it can take input; returns how much it took.
     fn feed(&mut self, now: Instant, input: &[u8]) -> usize {
         let mut pos = 0;
         while pos < input.len() && self.can_consume() {
+            if let Some(slot) = &self.slot {
+                self.session
+                    .set_message_rate_exceeded(!slot.message_allowed(now));
+            }
             self.session.set_low_memory(self.budget.exhausted());
             self.session.set_output_limit(self.limits.output_cap);
             let was_in_body = self.session.in_body();
@@ -768,7 +1110,28 @@ impl Connection {
     /// Moves the lifecycle on after anything that may have changed the output or closed
     /// the session, and keeps the write deadline.
     fn after_output_change(&mut self, now: Instant) {
-        let has_output = !self.session.output().is_empty();
+        if matches!(self.life, Life::Open) && self.session.is_closed() {
+            self.life = Life::Closing;
+            self.pending = Vec::new();
+            self.flush_tls();
+            if let Front::Tls(tls) = &mut self.front {
+                if self.tls_done {
+                    tls.send_close_notify();
+                }
+            }
+        }
+        self.flush_tls();
+        if matches!(self.front, Front::StartTls) && self.session.output().is_empty() {
+            // The `220` is written: from here on the client's bytes are TLS records.
+            match self.edge.tls.as_ref().map(TlsHandle::accept) {
+                Some(Ok(tls)) => self.front = Front::Tls(Box::new(tls)),
+                _ => {
+                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.life = Life::Done(Ending::Failed);
+                }
+            }
+        }
+        let has_output = self.out_len() > 0;
         if has_output && self.write_deadline.is_none() {
             // Writes get the same patience as reads, and never much past the session's
             // hard limit.
@@ -776,10 +1139,6 @@ impl Connection {
             self.write_deadline = Some((now + self.limits.idle_timeout).min(limit));
         } else if !has_output {
             self.write_deadline = None;
-        }
-        if matches!(self.life, Life::Open) && self.session.is_closed() {
-            self.life = Life::Closing;
-            self.pending = Vec::new();
         }
     }
 }
@@ -800,3 +1159,6 @@ pub fn sink_dropped() -> PublishResult {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod edge_tests;

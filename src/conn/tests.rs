@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::smtp::{BareLfPolicy, SessionConfig};
 
-fn session_config() -> Arc<SessionConfig> {
+pub(super) fn session_config() -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test".into(),
         accept_domains: vec!["example.com".into()],
@@ -37,10 +37,11 @@ fn open(t0: Instant, limits: Limits, budget: &BodyBudget) -> Connection {
         Arc::new(limits),
         budget.clone(),
         "192.0.2.1:4000".parse().unwrap(),
+        Arc::new(Edge::default()),
     )
 }
 
-fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
+pub(super) fn fixed_stamp() -> (MessageId, DateTime<Utc>) {
     (
         MessageId::from_parts(1, 2),
         DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
@@ -439,6 +440,7 @@ impl Observer for Counts {
     }
     fn observe_publish(&mut self, _: Duration) {}
     fn observe_message_size(&mut self, _: usize) {}
+    fn absorb_edge(&mut self, _: &mut EdgeStats) {}
 }
 
 #[test]

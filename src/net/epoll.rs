@@ -24,10 +24,10 @@ use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
 use super::{
-    accept_exhausted, bind_listeners, stamp, Admitted, InFlight, NetError, Phase, ReactorParams,
-    Shared, ACCEPT_BACKOFF,
+    accept_exhausted, bind_all, stamp, Admitted, InFlight, NetError, Phase, ReactorParams, Shared,
+    ACCEPT_BACKOFF,
 };
-use crate::conn::{BodyBudget, Connection, State};
+use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket, Wake};
 
@@ -55,29 +55,32 @@ impl Reactors {
     /// the caller's thread, so a bad `--listen` fails before anything runs.
     pub fn start(p: ReactorParams) -> Result<Reactors, NetError> {
         let reactors = p.reactors.max(1);
-        let listeners = bind_listeners(p.listen, reactors)?;
-        let local_addr = listeners[0].local_addr().map_err(|source| NetError::Bind {
-            addr: p.listen,
-            source,
-        })?;
+        let (addrs, listeners) = bind_all(&p, reactors)?;
+        let local_addr = addrs[0];
         let shared = Shared::new(&p);
         let (phase, _) = watch::channel(Phase::Running);
 
         let mut threads = Vec::with_capacity(reactors);
-        for (i, std_listener) in listeners.into_iter().enumerate() {
+        for (i, std_listeners) in listeners.into_iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
                 .build()
                 .map_err(NetError::Reactor)?;
-            // Registers the socket with this reactor's own I/O driver.
-            let listener = {
+            // Registers the sockets with this reactor's own I/O driver.
+            let mut listener = Vec::with_capacity(std_listeners.len());
+            for ((std_listener, edge), (spec, addr)) in std_listeners
+                .into_iter()
+                .zip(p.listeners.iter().zip(&addrs))
+            {
                 let _guard = rt.enter();
-                TcpListener::from_std(std_listener).map_err(|source| NetError::Bind {
-                    addr: local_addr,
+                let l = TcpListener::from_std(std_listener).map_err(|source| NetError::Bind {
+                    flag: spec.kind.flag(),
+                    addr: *addr,
                     source,
-                })?
-            };
+                })?;
+                listener.push((l, edge));
+            }
             let shared = shared.clone();
             let phase_rx = phase.subscribe();
             let metrics = shared.metrics.reactor(i);
@@ -97,7 +100,9 @@ impl Reactors {
         // Ready before the line that says so: tests and scripts act on it at once.
         shared.metrics.set_io_backend("epoll");
         shared.metrics.set_listening();
-        info!(addr = %local_addr, reactors, backend = %"epoll", "listening");
+        for (spec, addr) in p.listeners.iter().zip(&addrs) {
+            info!(addr = %addr, kind = ?spec.kind, reactors, backend = %"epoll", "listening");
+        }
         Ok(Reactors {
             local_addr,
             shared,
@@ -268,28 +273,16 @@ impl Reactor {
 
 /// One reactor: accept until draining, then keep running the connections until they
 /// are done or stopped.
-async fn run(listener: TcpListener, reactor: Rc<Reactor>, mut phase: watch::Receiver<Phase>) {
+async fn run(
+    listeners: Vec<(TcpListener, Arc<Edge>)>,
+    reactor: Rc<Reactor>,
+    mut phase: watch::Receiver<Phase>,
+) {
     tokio::task::spawn_local(reactor.clone().dispatch());
     tokio::task::spawn_local(flush_metrics(reactor.clone()));
-    while *phase.borrow_and_update() == Phase::Running {
-        tokio::select! {
-            biased;
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&reactor, stream, peer, &phase),
-                Err(e) if accept_exhausted(&e) => {
-                    warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-                Err(e) => debug!(error = %e, "accept failed"),
-            },
-        }
+    for (listener, edge) in listeners {
+        tokio::task::spawn_local(accept(listener, edge, reactor.clone(), phase.clone()));
     }
-    drop(listener);
     while *phase.borrow_and_update() != Phase::Stop {
         if phase.changed().await.is_err() {
             break;
@@ -300,6 +293,33 @@ async fn run(listener: TcpListener, reactor: Rc<Reactor>, mut phase: watch::Rece
         let _ = tokio::time::timeout(STOP_WAIT, reactor.all_closed.notified()).await;
     }
     reactor.metrics.borrow_mut().flush();
+}
+
+/// Accepts on one listener until draining; dropping it then closes it.
+async fn accept(
+    listener: TcpListener,
+    edge: Arc<Edge>,
+    reactor: Rc<Reactor>,
+    mut phase: watch::Receiver<Phase>,
+) {
+    while *phase.borrow_and_update() == Phase::Running {
+        tokio::select! {
+            biased;
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => admit(&reactor, stream, peer, &edge, &phase),
+                Err(e) if accept_exhausted(&e) => {
+                    warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                Err(e) => debug!(error = %e, "accept failed"),
+            },
+        }
+    }
 }
 
 /// Publishes this reactor's counts every [`FLUSH_INTERVAL`], with the runtime's own
@@ -321,6 +341,7 @@ fn admit(
     reactor: &Rc<Reactor>,
     stream: TcpStream,
     peer: SocketAddr,
+    edge: &Arc<Edge>,
     phase: &watch::Receiver<Phase>,
 ) {
     let Some(admitted) = reactor.shared.admit() else {
@@ -338,6 +359,7 @@ fn admit(
         reactor.clone(),
         stream,
         peer,
+        edge.clone(),
         admitted,
         phase.clone(),
     ));
@@ -347,6 +369,7 @@ async fn serve(
     reactor: Rc<Reactor>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    edge: Arc<Edge>,
     admitted: Admitted,
     mut phase: watch::Receiver<Phase>,
 ) {
@@ -358,6 +381,7 @@ async fn serve(
         shared.limits.clone(),
         reactor.budget.clone(),
         peer,
+        edge,
     );
     debug!(%peer, "connection opened");
     converse(
@@ -369,7 +393,8 @@ async fn serve(
         &mut phase,
     )
     .await;
-    debug!(%peer, ending = ?conn.ending(), "connection closed");
+    // After a PROXY header, the client is the address it named.
+    debug!(client = %conn.peer(), %peer, ending = ?conn.ending(), "connection closed");
     conn.take_stats(&mut *reactor.metrics.borrow_mut());
     // A closed connection shows up at once, not only at the next tick.
     reactor.metrics.borrow_mut().flush();

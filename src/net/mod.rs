@@ -1,9 +1,11 @@
 //! I/O backends: they move bytes between sockets and connection drivers, and nothing
 //! else. Every protocol decision is the driver's (`crate::conn`) or the session's.
 //!
-//! This module holds what both backends share: the listeners, admission against
-//! `--max-connections`, handing messages to the sink with their publish metrics, the
-//! clock that stamps messages, and the run phase (running, draining, stopping).
+//! This module holds what both backends share: the listeners (each with its edge
+//! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
+//! the sink with their publish metrics, the clock that stamps messages, and the run
+//! phase (running, draining, stopping). [`limits`] is the per-address limiter the
+//! drivers call and [`tls`] loads certificates.
 
 use std::io;
 use std::net::SocketAddr;
@@ -14,23 +16,54 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::conn::{BodyBudget, Limits};
+use crate::conn::{BodyBudget, Edge, Limits};
 use crate::metrics::Metrics;
 use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
+pub mod limits;
 pub mod probe;
+pub mod tls;
 pub mod uring;
 
 pub use crate::config::IoBackend;
 
 const LISTEN_BACKLOG: i32 = 1024;
 
+/// What a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// SMTP, with STARTTLS when a certificate is configured (`--listen`).
+    Smtp,
+    /// TLS from the first byte, RFC 8314 (`--listen-tls`).
+    ImplicitTls,
+}
+
+impl ListenerKind {
+    pub fn flag(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "--listen",
+            ListenerKind::ImplicitTls => "--listen-tls",
+        }
+    }
+}
+
+/// One listening address and the edge settings of its connections. A backend binds
+/// every listener on every reactor and hands each accepted connection its listener's
+/// `edge` (`Connection::new`'s last argument).
+#[derive(Clone, Debug)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    pub edge: Arc<Edge>,
+}
+
 /// Everything the reactors need to serve connections.
 pub struct ReactorParams {
-    pub listen: SocketAddr,
+    /// The first is the `--listen` one.
+    pub listeners: Vec<ListenerSpec>,
     pub reactors: usize,
     /// New connections take their settings from it at accept (SIGHUP replaces them).
     pub session: Arc<SessionConfigHandle>,
@@ -44,10 +77,17 @@ pub struct ReactorParams {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("--listen {addr}: cannot listen: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
-    #[error("--listen {addr}: already in use by another process (refusing to share it through SO_REUSEPORT)")]
-    InUse { addr: SocketAddr },
+    #[error("{flag} {addr}: cannot listen: {source}")]
+    Bind {
+        flag: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("{flag} {addr}: already in use by another process (refusing to share it through SO_REUSEPORT)")]
+    InUse {
+        flag: &'static str,
+        addr: SocketAddr,
+    },
     #[error("cannot start reactor thread: {0}")]
     Reactor(io::Error),
     #[error("--io-backend uring: io_uring is not usable here: {0}")]
@@ -179,10 +219,11 @@ pub struct InFlight(i64);
 /// SO_REUSEPORT alone, a second gateway (with another spool) could bind the same
 /// address and silently take half the connections.
 pub fn bind_listeners(
+    flag: &'static str,
     listen: SocketAddr,
     reactors: usize,
 ) -> Result<Vec<std::net::TcpListener>, NetError> {
-    let bind_err = |addr, source| NetError::Bind { addr, source };
+    let bind_err = |addr, source| NetError::Bind { flag, addr, source };
     // A socket without SO_REUSEPORT cannot share the address with anyone: binding it
     // fails if anything else holds the address, and it reserves the port for us.
     let guard = Socket::new(
@@ -197,7 +238,7 @@ pub fn bind_listeners(
     match guard.bind(&listen.into()) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            return Err(NetError::InUse { addr: listen })
+            return Err(NetError::InUse { flag, addr: listen })
         }
         Err(e) => return Err(bind_err(listen, e)),
     }
@@ -215,6 +256,34 @@ pub fn bind_listeners(
         listeners.push(bind_one(addr).map_err(|e| bind_err(addr, e))?);
     }
     Ok(listeners)
+}
+
+/// Every reactor's listeners: one per [`ListenerSpec`], each with its edge settings.
+pub type ReactorListeners = Vec<(std::net::TcpListener, Arc<Edge>)>;
+
+/// Binds every listener of `p` once per reactor (see [`bind_listeners`]); returns the
+/// addresses bound (port 0 resolved), in the order of `p.listeners`, and each reactor's
+/// listeners.
+pub fn bind_all(
+    p: &ReactorParams,
+    reactors: usize,
+) -> Result<(Vec<SocketAddr>, Vec<ReactorListeners>), NetError> {
+    let mut addrs = Vec::with_capacity(p.listeners.len());
+    let mut per_reactor: Vec<ReactorListeners> = (0..reactors.max(1)).map(|_| Vec::new()).collect();
+    for spec in &p.listeners {
+        let flag = spec.kind.flag();
+        let bound = bind_listeners(flag, spec.addr, reactors)?;
+        let addr = bound[0].local_addr().map_err(|source| NetError::Bind {
+            flag,
+            addr: spec.addr,
+            source,
+        })?;
+        addrs.push(addr);
+        for (i, l) in bound.into_iter().enumerate() {
+            per_reactor[i].push((l, spec.edge.clone()));
+        }
+    }
+    Ok((addrs, per_reactor))
 }
 
 fn bind_one(addr: SocketAddr) -> io::Result<std::net::TcpListener> {

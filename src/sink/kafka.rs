@@ -292,6 +292,10 @@ struct InFlight {
 }
 
 /// Who waits for a delivery report.
+// The session variant holds the sealed message (which grew with the edge's record
+// headers); the whole `InFlight` is already boxed once per message as the delivery
+// opaque, so boxing the variant too would only add a second allocation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Answer {
     /// A session: `Ok` is its `250`. With a fallback sink, the message is kept until
     /// the broker answers so that a temporary failure can still be stored there.

@@ -35,8 +35,9 @@ pub enum Command<'a> {
     Expn(&'a [u8]),
     Help(&'a [u8]),
     Turn,
-    /// Known SMTP verbs we do not offer: STARTTLS (until certificates are configured),
-    /// AUTH, ETRN, ATRN.
+    /// RFC 3207; it takes no argument.
+    StartTls,
+    /// Known SMTP verbs we do not offer: AUTH, ETRN, ATRN.
     NotImplemented,
 }
 
@@ -156,7 +157,9 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, CommandError> {
         mail(Verb::Soml, args)
     } else if is(b"SAML") {
         mail(Verb::Saml, args)
-    } else if is(b"STARTTLS") || is(b"AUTH") || is(b"ETRN") || is(b"ATRN") {
+    } else if is(b"STARTTLS") {
+        no_args(Command::StartTls)
+    } else if is(b"AUTH") || is(b"ETRN") || is(b"ATRN") {
         Ok(Command::NotImplemented)
     } else {
         Err(CommandError::UnknownVerb)
@@ -358,7 +361,11 @@ mod tests {
         );
         assert_eq!(parse(b"FOO"), Err(CommandError::UnknownVerb));
         assert_eq!(parse(b""), Err(CommandError::UnknownVerb));
-        assert_eq!(parse(b"STARTTLS"), Ok(Command::NotImplemented));
+        assert_eq!(parse(b"STARTTLS"), Ok(Command::StartTls));
+        assert_eq!(
+            parse(b"STARTTLS now"),
+            Err(CommandError::Syntax(SyntaxOf::NoArguments))
+        );
         assert_eq!(parse(b"TURN"), Ok(Command::Turn));
     }
 

@@ -68,7 +68,9 @@ pub struct Envelope {
     pub client_addr: SocketAddr,
     /// The client asked for SMTPUTF8 in MAIL.
     pub smtputf8: bool,
-    pub tls: bool,
+    /// The session's TLS version and cipher suite, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`;
+    /// `None` over plaintext.
+    pub tls: Option<Arc<str>>,
     text: String,
     mail_from: Range<usize>,
     mail_params: Range<usize>,
@@ -94,7 +96,7 @@ impl Envelope {
             esmtp,
             client_addr,
             smtputf8: false,
-            tls: false,
+            tls: None,
             text,
             mail_from: 0..from_end,
             mail_params: from_end..from_end + mail_params.len(),
@@ -224,7 +226,7 @@ fn write_received_line(
     received_at: DateTime<Utc>,
     hostname: &str,
 ) -> std::io::Result<()> {
-    let protocol = match (env.smtputf8, env.esmtp, env.tls) {
+    let protocol = match (env.smtputf8, env.esmtp, env.tls.is_some()) {
         (true, _, false) => "UTF8SMTP",
         (true, _, true) => "UTF8SMTPS",
         (false, true, false) => "ESMTP",
@@ -269,6 +271,19 @@ fn write_received_line(
     )
 }
 
+/// The record headers [`SealedMessage::for_each_header`] writes, in its order.
+pub const RECORD_HEADERS: [&str; 9] = [
+    "smtp.id",
+    "smtp.verb",
+    "smtp.mail_from",
+    "smtp.rcpt_to",
+    "smtp.helo",
+    "smtp.client_addr",
+    "smtp.received_at",
+    "smtp.mail_params",
+    "smtp.tls",
+];
+
 /// A message with its id and trace line: what a sink stores.
 #[derive(Clone, Debug)]
 pub struct SealedMessage {
@@ -305,6 +320,10 @@ impl SealedMessage {
                 .as_bytes(),
         );
         f("smtp.mail_params", env.mail_params().as_bytes());
-        f("smtp.tls", if env.tls { b"true" } else { b"false" });
+        // `false`, or the version and cipher suite the session negotiated.
+        f(
+            "smtp.tls",
+            env.tls.as_deref().map_or(&b"false"[..], str::as_bytes),
+        );
     }
 }

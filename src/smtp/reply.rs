@@ -65,6 +65,12 @@ pub const EXPN: &[u8] = b"502 5.5.1 EXPN not supported\r\n";
 pub const TURN: &[u8] = b"502 5.5.1 TURN not supported\r\n";
 pub const NOT_IMPLEMENTED: &[u8] = b"502 5.5.1 Command not implemented\r\n";
 
+/// RFC 3207: after this line the client starts its TLS handshake.
+pub const READY_FOR_TLS: &[u8] = b"220 2.0.0 Ready to start TLS\r\n";
+pub const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
+/// `--require-tls`: no transaction over a plaintext connection (RFC 3207 section 4).
+pub const TLS_REQUIRED: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
+
 pub fn greeting(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "220 {hostname} ESMTP smtpgw\r\n");
 }
@@ -73,16 +79,20 @@ pub fn helo(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "250 {hostname}\r\n");
 }
 
-/// Advertises only what the core implements (STARTTLS joins once certificates can be
-/// configured), and, as RFC 5321 section 4.1.1.1 requires, a keyword for every command
-/// it implements beyond the required set of section 4.5.1: HELP, SEND, SOML and SAML.
-pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize) {
+/// Advertises only what the core implements: STARTTLS only while it can be used (a
+/// certificate is configured and the connection is not encrypted yet), and, as RFC 5321
+/// section 4.1.1.1 requires, a keyword for every command it implements beyond the
+/// required set of section 4.5.1: HELP, SEND, SOML and SAML.
+pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize, starttls: bool) {
     let _ = write!(
         out,
         "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
-         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n\
-         250-HELP\r\n250-SEND\r\n250-SOML\r\n250 SAML\r\n"
+         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n"
     );
+    if starttls {
+        out.extend_from_slice(b"250-STARTTLS\r\n");
+    }
+    out.extend_from_slice(b"250-HELP\r\n250-SEND\r\n250-SOML\r\n250 SAML\r\n");
 }
 
 pub fn bye(out: &mut Vec<u8>, hostname: &str) {
@@ -126,6 +136,20 @@ pub fn shutting_down(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(
         out,
         "421 4.3.2 {hostname} Service shutting down, closing connection\r\n"
+    );
+}
+
+/// A per-address limit (connections, connection rate, message rate, error budget):
+/// `421 4.7.0`, then close. `what` is a fixed phrase, never client text.
+pub fn policy_limit(out: &mut Vec<u8>, hostname: &str, what: &str) {
+    let _ = write!(out, "421 4.7.0 {hostname} {what}, try again later\r\n");
+}
+
+/// The client spoke before the greeting (a bulk sender that does not wait): close.
+pub fn early_talker(out: &mut Vec<u8>, hostname: &str) {
+    let _ = write!(
+        out,
+        "554 5.5.0 {hostname} Protocol error: client sent data before the greeting\r\n"
     );
 }
 

@@ -67,7 +67,21 @@ enum Phase {
     Bdat(Chunk),
     /// A message is with the sink; no input is consumed until its answer arrives.
     AwaitingPublish,
+    /// `220 Ready to start TLS` was sent: no further input is consumed as SMTP until
+    /// [`Session::tls_started`]; the caller discards whatever followed the command.
+    StartTls,
     Closed,
+}
+
+/// What the session knows about TLS; the caller tells it through setters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Tls {
+    /// No certificate: STARTTLS is not offered and gets `502`.
+    Unavailable,
+    /// STARTTLS is offered.
+    Available,
+    /// Encrypted: the version and cipher suite, for the envelope.
+    Active(Arc<str>),
 }
 
 struct Chunk {
@@ -120,20 +134,32 @@ pub struct Session {
     low_memory: bool,
     /// No further command is taken while this much output is unwritten.
     output_limit: usize,
+    tls: Tls,
+    /// MAIL before TLS gets `530 5.7.0`.
+    tls_required: bool,
+    /// Commands refused with a `5xx` so far, and how many end the session.
+    errors: u32,
+    error_budget: Option<u32>,
+    /// The client's address is over its message rate: MAIL gets `421 4.7.0`.
+    message_rate_exceeded: bool,
     stats: SessionStats,
 }
 
 impl Session {
     /// A new session; its `220` greeting is already in the output.
     pub fn new(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
-        let mut out = Vec::with_capacity(512);
-        reply::greeting(&mut out, &config.hostname);
-        let mut stats = SessionStats::default();
-        stats.count_replies(&out);
+        let mut session = Session::without_greeting(config, client_addr);
+        session.greet();
+        session
+    }
+
+    /// A new session whose greeting the caller sends later with [`Self::greet`]: after a
+    /// PROXY header, a TLS handshake or a greeting delay.
+    pub fn without_greeting(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
         Session {
             config,
             client_addr,
-            out,
+            out: Vec::with_capacity(512),
             phase: Phase::Command,
             greeting: None,
             txn: None,
@@ -142,8 +168,93 @@ impl Session {
             draining: false,
             low_memory: false,
             output_limit: usize::MAX,
-            stats,
+            tls: Tls::Unavailable,
+            tls_required: false,
+            errors: 0,
+            error_budget: None,
+            message_rate_exceeded: false,
+            stats: SessionStats::default(),
         }
+    }
+
+    /// Writes the `220` greeting.
+    pub fn greet(&mut self) {
+        let replied_from = self.out.len();
+        reply::greeting(&mut self.out, &self.config.hostname);
+        self.stats.count_replies(&self.out[replied_from..]);
+    }
+
+    /// The client's real address, once a PROXY header has named it.
+    pub fn set_client_addr(&mut self, addr: SocketAddr) {
+        self.client_addr = addr;
+    }
+
+    /// Whether STARTTLS can be offered (a certificate is configured). Ignored once TLS
+    /// is active.
+    pub fn set_tls_available(&mut self, available: bool) {
+        if !matches!(self.tls, Tls::Active(_)) {
+            self.tls = if available {
+                Tls::Available
+            } else {
+                Tls::Unavailable
+            };
+        }
+    }
+
+    /// While set, MAIL over plaintext gets `530 5.7.0`.
+    pub fn set_tls_required(&mut self, required: bool) {
+        self.tls_required = required;
+    }
+
+    /// This many commands refused with `5xx` end the session with `421 4.7.0`.
+    pub fn set_error_budget(&mut self, budget: Option<u32>) {
+        self.error_budget = budget;
+    }
+
+    /// While set, MAIL gets `421 4.7.0` and the session closes.
+    pub fn set_message_rate_exceeded(&mut self, exceeded: bool) {
+        self.message_rate_exceeded = exceeded;
+    }
+
+    /// STARTTLS was accepted and its `220` written: the caller now runs the handshake
+    /// and discards input until it completes.
+    pub fn is_starting_tls(&self) -> bool {
+        matches!(self.phase, Phase::StartTls)
+    }
+
+    /// The TLS handshake completed (after STARTTLS, or on an implicit-TLS listener before
+    /// the greeting). RFC 3207 section 4.2: the session starts over, forgetting HELO and
+    /// any transaction, and EHLO no longer offers STARTTLS.
+    pub fn tls_started(&mut self, description: Arc<str>) {
+        self.tls = Tls::Active(description);
+        self.greeting = None;
+        self.txn = None;
+        if matches!(self.phase, Phase::StartTls) {
+            self.phase = Phase::Command;
+        }
+    }
+
+    /// Encrypted: TLS is active.
+    pub fn tls_active(&self) -> bool {
+        matches!(self.tls, Tls::Active(_))
+    }
+
+    /// A per-address limit refused the connection: `421 4.7.0 <what>`, then close.
+    pub fn refuse_over_limit(&mut self, what: &str) {
+        let replied_from = self.out.len();
+        self.over_limit(what);
+        self.stats.count_replies(&self.out[replied_from..]);
+    }
+
+    /// `421 4.7.0` and close, uncounted: for callers inside `feed`, which counts.
+    fn over_limit(&mut self, what: &str) {
+        reply::policy_limit(&mut self.out, &self.config.hostname, what);
+        self.close();
+    }
+
+    /// The client sent data before the greeting: `554 5.5.0`, then close.
+    pub fn early_talker(&mut self) {
+        self.close_with(reply::early_talker);
     }
 
     /// Processes as much of `input` as it can and returns how many bytes it consumed.
@@ -163,7 +274,7 @@ impl Session {
         loop {
             let rest = &input[pos..];
             match &mut self.phase {
-                Phase::Closed | Phase::AwaitingPublish => return pos,
+                Phase::Closed | Phase::AwaitingPublish | Phase::StartTls => return pos,
                 Phase::Command => {
                     if self.out.len() >= self.output_limit {
                         return pos;
@@ -185,7 +296,9 @@ impl Session {
                     }
                     let line = &rest[..lf];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    let replied_from = self.out.len();
                     self.command(line);
+                    self.count_error(replied_from);
                 }
                 Phase::Data { reader, body } => {
                     let (consumed, done) = reader.feed(rest, body);
@@ -296,6 +409,21 @@ impl Session {
         self.close_with(reply::too_slow);
     }
 
+    /// Spends the error budget on a command refused with `5xx`.
+    fn count_error(&mut self, replied_from: usize) {
+        let Some(budget) = self.error_budget else {
+            return;
+        };
+        if self.out.get(replied_from) != Some(&b'5') || self.is_closed() {
+            return;
+        }
+        self.errors += 1;
+        if self.errors >= budget {
+            self.stats.limit_closes[stats::CLOSE_ERROR_BUDGET] += 1;
+            self.over_limit("Too many errors in this session");
+        }
+    }
+
     fn close_with(&mut self, write: fn(&mut Vec<u8>, &str)) {
         let replied_from = self.out.len();
         write(&mut self.out, &self.config.hostname);
@@ -337,7 +465,7 @@ impl Session {
         match self.phase {
             Phase::Data { .. } | Phase::Bdat(_) => true,
             Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat.is_some()),
-            Phase::AwaitingPublish | Phase::Closed => false,
+            Phase::AwaitingPublish | Phase::StartTls | Phase::Closed => false,
         }
     }
 
@@ -411,7 +539,20 @@ impl Session {
             Command::Expn(_) => self.reply(reply::EXPN),
             Command::Help(topic) => self.help(topic),
             Command::Turn => self.reply(reply::TURN),
+            Command::StartTls => self.starttls(),
             Command::NotImplemented => self.reply(reply::NOT_IMPLEMENTED),
+        }
+    }
+
+    fn starttls(&mut self) {
+        match self.tls {
+            Tls::Unavailable => self.reply(reply::NOT_IMPLEMENTED),
+            Tls::Active(_) => self.reply(reply::TLS_ALREADY_ACTIVE),
+            Tls::Available => {
+                self.reply(reply::READY_FOR_TLS);
+                self.txn = None;
+                self.phase = Phase::StartTls;
+            }
         }
     }
 
@@ -439,6 +580,7 @@ impl Session {
                 &mut self.out,
                 &self.config.hostname,
                 self.config.max_message_size,
+                self.tls == Tls::Available,
             );
         } else {
             reply::helo(&mut self.out, &self.config.hostname);
@@ -451,6 +593,13 @@ impl Session {
         };
         if self.txn.is_some() {
             return self.reply(reply::NESTED_MAIL);
+        }
+        if self.tls_required && !matches!(self.tls, Tls::Active(_)) {
+            return self.reply(reply::TLS_REQUIRED);
+        }
+        if self.message_rate_exceeded {
+            self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
+            return self.over_limit("Too many messages from your address");
         }
         if self.low_memory {
             return self.reply(reply::LOW_MEMORY);
@@ -488,6 +637,9 @@ impl Session {
             params_text,
         );
         envelope.smtputf8 = mail_params.smtputf8;
+        if let Tls::Active(description) = &self.tls {
+            envelope.tls = Some(description.clone());
+        }
         self.txn = Some(Transaction {
             envelope,
             size_hint: mail_params.size,
@@ -744,6 +896,7 @@ fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
         Command::Expn(_) => 10,
         Command::Help(_) => 11,
         Command::Turn => 15,
+        Command::StartTls => 16,
         Command::NotImplemented => stats::VERB_OTHER,
     }
 }

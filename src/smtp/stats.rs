@@ -6,23 +6,23 @@
 //! reactors. Every label value is one of the fixed tables here, never client text.
 
 /// `smtpgw_commands_total{verb}` label values; the index is [`SessionStats::commands`]'.
-pub const VERBS: [&str; 17] = [
+pub const VERBS: [&str; 18] = [
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
-    "SEND", "SOML", "SAML", "TURN", "OTHER",
+    "SEND", "SOML", "SAML", "TURN", "STARTTLS", "OTHER",
 ];
 
 /// Index of `OTHER` in [`VERBS`]: unknown, not implemented or unparsable lines.
-pub const VERB_OTHER: usize = 16;
+pub const VERB_OTHER: usize = 17;
 
 /// Every reply code the gateway can send, for `smtpgw_replies_total{code}`.
-pub const REPLY_CODES: [u16; 20] = [
-    214, 220, 221, 250, 252, 354, 421, 451, 452, 500, 501, 502, 503, 504, 550, 552, 553, 554, 555,
-    0,
+pub const REPLY_CODES: [u16; 21] = [
+    214, 220, 221, 250, 252, 354, 421, 451, 452, 500, 501, 502, 503, 504, 530, 550, 552, 553, 554,
+    555, 0,
 ];
 
 /// Index of the catch-all slot in [`REPLY_CODES`]; only a reply added to `reply.rs`
 /// without being added above lands here (a unit test keeps it empty).
-pub const REPLY_UNLISTED: usize = 19;
+pub const REPLY_UNLISTED: usize = 20;
 
 /// `smtpgw_messages_rejected_total{reason}` label values.
 pub const REJECT_REASONS: [&str; 4] = [
@@ -53,6 +53,8 @@ pub struct SessionStats {
     pub bodies_started: u64,
     /// A body reached its end (final dot, last chunk, or a refusal that ends it).
     pub bodies_ended: u64,
+    /// Sessions closed with `421 4.7.0` by a limit, indexed like [`LIMIT_CLOSES`].
+    pub limit_closes: [u64; LIMIT_CLOSES.len()],
     /// A body started but ended without an outcome: RSET, HELO/EHLO or a close in the
     /// middle of a BDAT transaction, a close in the middle of DATA. Every body started
     /// is counted once in `bodies_ended` or here, and a refusal before any body (a
@@ -60,6 +62,11 @@ pub struct SessionStats {
     /// its clock at `bodies_started` and forgets it at `bodies_abandoned`.
     pub bodies_abandoned: u64,
 }
+
+/// `smtpgw_session_limit_closes_total{reason}` label values.
+pub const LIMIT_CLOSES: [&str; 2] = ["error_budget", "message_rate"];
+pub const CLOSE_ERROR_BUDGET: usize = 0;
+pub const CLOSE_MESSAGE_RATE: usize = 1;
 
 impl SessionStats {
     /// Adds `other` to `self` and zeroes `other`, so the same counts are never added twice.
@@ -72,6 +79,7 @@ impl SessionStats {
         add(&mut self.commands, &mut other.commands);
         add(&mut self.replies, &mut other.replies);
         add(&mut self.messages_rejected, &mut other.messages_rejected);
+        add(&mut self.limit_closes, &mut other.limit_closes);
         self.messages_accepted += std::mem::take(&mut other.messages_accepted);
         self.smuggling_attempts += std::mem::take(&mut other.smuggling_attempts);
         self.bodies_started += std::mem::take(&mut other.bodies_started);

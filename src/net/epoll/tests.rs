@@ -20,6 +20,15 @@ fn start(max_connections: usize, idle: Duration) -> Reactors {
     start_with(max_connections, idle, Arc::new(NullSink::new()))
 }
 
+/// A plain SMTP listener on a free loopback port, no edge settings.
+pub(super) fn one_listener() -> Vec<crate::net::ListenerSpec> {
+    vec![crate::net::ListenerSpec {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        kind: crate::net::ListenerKind::Smtp,
+        edge: Arc::new(crate::conn::Edge::default()),
+    }]
+}
+
 fn start_with(max_connections: usize, idle: Duration, sink: Arc<dyn Sink>) -> Reactors {
     start_budget(max_connections, idle, sink, 1 << 30)
 }
@@ -31,7 +40,7 @@ fn start_budget(
     max_body_memory: usize,
 ) -> Reactors {
     Reactors::start(ReactorParams {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: one_listener(),
         reactors: 2,
         session: Arc::new(
             SessionConfig {
@@ -174,7 +183,7 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
     // One reactor so both connections share one budget; the floor is one message of
     // the largest size (1 MiB here) plus an eighth.
     let r = Reactors::start(ReactorParams {
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listeners: one_listener(),
         reactors: 1,
         session: Arc::new(
             SessionConfig {

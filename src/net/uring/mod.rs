@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 
 use tracing::{info, warn};
 
-use crate::net::{bind_listeners, NetError, Phase, ReactorParams, Shared};
+use crate::net::{bind_all, NetError, Phase, ReactorParams, Shared};
 use crate::sink::{CompletionQueue, Wake};
 use ring::EventFd;
 
@@ -125,18 +125,16 @@ impl Reactors {
     /// to exercise buffer exhaustion).
     pub(crate) fn start_tuned(p: ReactorParams, tuning: Tuning) -> Result<Reactors, NetError> {
         let reactors = p.reactors.max(1);
-        let listeners = bind_listeners(p.listen, reactors)?;
-        let local_addr = listeners[0].local_addr().map_err(|source| NetError::Bind {
-            addr: p.listen,
-            source,
-        })?;
+        // Every listener (--listen, --listen-tls) on every reactor, each with its edge.
+        let (addrs, listeners) = bind_all(&p, reactors)?;
+        let local_addr = addrs[0];
         let shared = Shared::new(&p);
         let phase = Arc::new(PhaseCell::default());
         let buffers_exhausted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut threads = Vec::with_capacity(reactors);
         let mut wakers = Vec::with_capacity(reactors);
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<(ring::SetupKind, bool)>>();
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, listeners) in listeners.into_iter().enumerate() {
             let event = Arc::new(EventFd::new().map_err(NetError::Reactor)?);
             wakers.push(event.clone());
             let queue = CompletionQueue::new(Box::new(Waker(event.clone())));
@@ -153,7 +151,7 @@ impl Reactors {
                     }
                     let parts = reactor::Parts {
                         index: i,
-                        listener,
+                        listeners,
                         shared,
                         event,
                         queue,
@@ -200,14 +198,17 @@ impl Reactors {
         // Ready before the line that says so: tests and scripts act on it at once.
         r.shared.metrics.set_io_backend("uring");
         r.shared.metrics.set_listening();
-        info!(
-            addr = %local_addr,
-            reactors,
-            backend = %"uring",
-            ring_setup = %setup.0,
-            incremental_buffers = setup.1,
-            "listening"
-        );
+        for (spec, addr) in p.listeners.iter().zip(&addrs) {
+            info!(
+                addr = %addr,
+                kind = ?spec.kind,
+                reactors,
+                backend = %"uring",
+                ring_setup = %setup.0,
+                incremental_buffers = setup.1,
+                "listening"
+            );
+        }
         Ok(r)
     }
 
@@ -281,7 +282,7 @@ mod tests {
     fn start_tuned(max_connections: usize, idle: Duration, tuning: Tuning) -> Reactors {
         Reactors::start_tuned(
             ReactorParams {
-                listen: "127.0.0.1:0".parse().unwrap(),
+                listeners: super::shared_tests::one_listener(),
                 reactors: 2,
                 session: Arc::new(
                     SessionConfig {

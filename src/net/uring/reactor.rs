@@ -1,5 +1,7 @@
 //! One io_uring reactor: the loop that turns completions into driver calls and driver
-//! output into submissions. One thread, one ring, one listener; no protocol decisions.
+//! output into submissions. One thread, one ring, one socket per listener (`--listen`,
+//! `--listen-tls`), each accepted connection given its listener's edge settings; no
+//! protocol decisions.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -16,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
-use crate::conn::{BodyBudget, Connection, State};
+use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
 use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket};
@@ -103,10 +105,19 @@ struct Slot {
     flight: Option<InFlight>,
 }
 
+/// One of the reactor's listening sockets; its accept's `user_data` carries its index.
+struct Listener {
+    /// `None` once the accept was cancelled and its final completion came back.
+    sock: Option<TcpListener>,
+    /// What every connection accepted here gets (`Connection::new`'s last argument).
+    edge: Arc<Edge>,
+    armed: bool,
+}
+
 /// Everything a reactor thread starts from.
 pub(super) struct Parts {
     pub index: usize,
-    pub listener: TcpListener,
+    pub listeners: Vec<(TcpListener, Arc<Edge>)>,
     pub shared: Arc<Shared>,
     pub event: Arc<EventFd>,
     pub queue: Arc<CompletionQueue>,
@@ -127,8 +138,7 @@ pub(super) struct Reactor {
     /// The other half of `dirty`'s double buffer.
     spare: Vec<u32>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
-    listener: Option<TcpListener>,
-    accept_armed: bool,
+    listeners: Vec<Listener>,
     accept_retry: Option<Instant>,
     event: Arc<EventFd>,
     /// The eventfd read's 8-byte target; boxed so it does not move while the kernel
@@ -179,8 +189,15 @@ impl Reactor {
                 dirty: Vec::with_capacity(1024),
                 spare: Vec::with_capacity(1024),
                 timers: BinaryHeap::with_capacity(1024),
-                listener: Some(p.listener),
-                accept_armed: false,
+                listeners: p
+                    .listeners
+                    .into_iter()
+                    .map(|(sock, edge)| Listener {
+                        sock: Some(sock),
+                        edge,
+                        armed: false,
+                    })
+                    .collect(),
                 accept_retry: None,
                 event: p.event,
                 event_buf: Box::new(0),
@@ -258,7 +275,7 @@ impl Reactor {
         );
     }
 
-    /// Keeps the listener's accept and the eventfd read armed.
+    /// Keeps every listener's accept and the eventfd read armed.
     fn arm_fixed(&mut self, now: Instant) -> io::Result<()> {
         if !self.event_armed {
             let buf: *mut u64 = &mut *self.event_buf;
@@ -272,20 +289,25 @@ impl Reactor {
             self.inflight += 1;
         }
         let retry_due = self.accept_retry.is_none_or(|t| now >= t);
-        if let (Some(l), false, true, Phase::Running) =
-            (&self.listener, self.accept_armed, retry_due, self.phase)
-        {
-            let e = opcode::AcceptMulti::new(Fd(l.as_raw_fd()))
+        if !retry_due || self.phase != Phase::Running {
+            return Ok(());
+        }
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            let Some(sock) = &l.sock else { continue };
+            if l.armed {
+                continue;
+            }
+            let e = opcode::AcceptMulti::new(Fd(sock.as_raw_fd()))
                 .flags(libc::SOCK_CLOEXEC)
                 .build()
-                .user_data(user_data(OP_ACCEPT, 0, 0));
+                .user_data(user_data(OP_ACCEPT, i as u32, 0));
             // SAFETY: no memory is handed over; the listener is closed only after this
             // accept's final completion.
             unsafe { ring::push(&mut self.ring, &e)? };
-            self.accept_armed = true;
-            self.accept_retry = None;
+            l.armed = true;
             self.inflight += 1;
         }
+        self.accept_retry = None;
         Ok(())
     }
 
@@ -314,7 +336,7 @@ impl Reactor {
     fn complete(&mut self, now: Instant, ud: u64, res: i32, flags: u32) {
         let (op, gen, slot) = split(ud);
         match op {
-            OP_ACCEPT => self.accepted(now, res, flags),
+            OP_ACCEPT => self.accepted(now, slot as usize, res, flags),
             OP_EVENT => {
                 self.event_armed = false;
                 self.inflight -= 1;
@@ -325,15 +347,19 @@ impl Reactor {
         }
     }
 
-    fn accepted(&mut self, now: Instant, res: i32, flags: u32) {
+    fn accepted(&mut self, now: Instant, listener: usize, res: i32, flags: u32) {
+        let Some(l) = self.listeners.get_mut(listener) else {
+            return;
+        };
         if !cqueue::more(flags) {
-            self.accept_armed = false;
+            l.armed = false;
             self.inflight -= 1;
             if self.phase != Phase::Running {
                 // The cancelled accept is back: nothing refers to the listener now.
-                self.listener = None;
+                l.sock = None;
             }
         }
+        let edge = l.edge.clone();
         if res < 0 {
             let err = io::Error::from_raw_os_error(-res);
             if accept_exhausted(&err) {
@@ -370,7 +396,16 @@ impl Reactor {
             self.shared.limits.clone(),
             self.budget.clone(),
             peer,
+            edge,
         );
+        // Done at once (e.g. a PROXY header required from a source not trusted): the
+        // driver has nothing to send, so the socket closes here, as on epoll.
+        if driver.state() == State::Done {
+            driver.take_stats(&mut self.metrics);
+            self.metrics_dirty = true;
+            debug!(%peer, reactor = self.index, "connection refused by the edge");
+            return;
+        }
         match self.phase {
             Phase::Running => {}
             Phase::Draining => driver.begin_drain(now),
@@ -599,10 +634,12 @@ impl Reactor {
         if was == Phase::Running {
             // Stop accepting: cancel the multishot accept; the listener is closed when
             // its final completion comes back.
-            if self.accept_armed {
-                self.cancel(CancelBuilder::user_data(user_data(OP_ACCEPT, 0, 0)));
-            } else {
-                self.listener = None;
+            for i in 0..self.listeners.len() {
+                if self.listeners[i].armed {
+                    self.cancel(CancelBuilder::user_data(user_data(OP_ACCEPT, i as u32, 0)));
+                } else {
+                    self.listeners[i].sock = None;
+                }
             }
         }
         for slot in 0..self.slots.len() as u32 {
@@ -851,7 +888,10 @@ impl Reactor {
                     _ => {}
                 }
                 if op == OP_ACCEPT && !cqueue::more(flags) {
-                    self.listener = None;
+                    if let Some(l) = self.listeners.get_mut(slot as usize) {
+                        l.sock = None;
+                        l.armed = false;
+                    }
                 }
             }
         }

@@ -1,0 +1,769 @@
+//! The edge of the driver: PROXY headers (byte vectors from the specification), TLS with
+//! a real rustls client in memory, the greeting delay and early talkers, and the
+//! per-address limits through the real limiter.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use super::tests::{fixed_stamp, session_config};
+use super::*;
+use crate::metrics::Metrics;
+use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
+
+const SOCKET_PEER: &str = "10.0.0.5:40000";
+
+fn limits() -> Limits {
+    Limits {
+        idle_timeout: Duration::from_secs(60),
+        max_session_time: Duration::from_secs(3600),
+        min_data_rate: None,
+        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        sink: "test",
+    }
+}
+
+fn open_edge(t0: Instant, edge: Edge, peer: &str) -> Connection {
+    Connection::new(
+        t0,
+        session_config(),
+        Arc::new(limits()),
+        BodyBudget::new(1 << 30),
+        peer.parse().unwrap(),
+        Arc::new(edge),
+    )
+}
+
+fn proxied(mode: ProxyMode) -> Edge {
+    Edge {
+        proxy: mode,
+        proxy_trusted: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+        ..Edge::default()
+    }
+}
+
+/// Writes out everything and answers every message with `Ok`; returns the replies and
+/// the messages.
+fn exchange(conn: &mut Connection, now: Instant) -> (String, Vec<SealedMessage>) {
+    let mut out = Vec::new();
+    let mut messages = Vec::new();
+    loop {
+        if conn.wants_write() {
+            let n = conn.pending_output().len();
+            out.extend_from_slice(conn.pending_output());
+            conn.output_written(now, n);
+            continue;
+        }
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+            let id = m.id;
+            messages.push(m);
+            conn.handle_publish(now, Ok(id));
+            continue;
+        }
+        return (String::from_utf8(out).unwrap(), messages);
+    }
+}
+
+const TXN: &[u8] =
+    b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n.\r\n";
+
+/// The v2 signature, from section 2.2 of the specification.
+const SIG: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+fn v2(command: u8, family: u8, addresses: &[u8], tlvs: &[u8]) -> Vec<u8> {
+    let mut h = SIG.to_vec();
+    h.push(0x20 | command);
+    h.push(family);
+    let len = (addresses.len() + tlvs.len()) as u16;
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(addresses);
+    h.extend_from_slice(tlvs);
+    h
+}
+
+fn v2_tcp4(src: [u8; 4], sport: u16, tlvs: &[u8]) -> Vec<u8> {
+    let mut a = src.to_vec();
+    a.extend_from_slice(&[192, 0, 2, 1]);
+    a.extend_from_slice(&sport.to_be_bytes());
+    a.extend_from_slice(&25u16.to_be_bytes());
+    v2(0x1, 0x11, &a, tlvs)
+}
+
+#[test]
+fn v1_header_names_the_client_and_the_greeting_follows_it() {
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, proxied(ProxyMode::V1), SOCKET_PEER);
+    // Nothing before the header.
+    assert!(!conn.wants_write());
+    assert_eq!(conn.state(), State::Open);
+    conn.handle_input(t0, b"PROXY TCP4 198.51.100.7 192.0.2.1 51000 25\r\n");
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    assert_eq!(conn.peer(), "198.51.100.7:51000".parse().unwrap());
+    conn.handle_input(t0, TXN);
+    let (out, messages) = exchange(&mut conn, t0);
+    assert!(out.contains("250 2.0.0 Ok: queued"), "{out}");
+    let env = &messages[0].envelope;
+    assert_eq!(env.client_addr, "198.51.100.7:51000".parse().unwrap());
+    let value = String::from_utf8_lossy(&messages[0].value);
+    assert!(
+        value.starts_with("Received: from c.test ([198.51.100.7])"),
+        "{value}"
+    );
+}
+
+#[test]
+fn v1_tcp6_and_unknown() {
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, proxied(ProxyMode::Any), SOCKET_PEER);
+    conn.handle_input(t0, b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 25\r\n");
+    assert_eq!(conn.peer(), "[2001:db8::7]:51000".parse().unwrap());
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.starts_with("220 "));
+
+    let mut conn = open_edge(t0, proxied(ProxyMode::V1), SOCKET_PEER);
+    conn.handle_input(t0, b"PROXY UNKNOWN\r\n");
+    assert_eq!(conn.peer(), SOCKET_PEER.parse().unwrap());
+    assert!(exchange(&mut conn, t0).0.starts_with("220 "));
+}
+
+#[test]
+fn v2_ipv4_ipv6_local_and_tlvs() {
+    let t0 = Instant::now();
+    // IPv4, with TLVs (an AWS NLB sends PP2_TYPE_AWS 0xEA with the endpoint id), which
+    // are skipped.
+    let tlvs = [
+        0xEA, 0x00, 0x05, 0x01, b'v', b'p', b'c', b'e', 0x04, 0x00, 0x01, 0x00,
+    ];
+    let header = v2_tcp4([203, 0, 113, 9], 40001, &tlvs);
+    for cut in [1, 12, 15, 16, header.len() - 1] {
+        let mut conn = open_edge(t0, proxied(ProxyMode::V2), SOCKET_PEER);
+        // In two pieces: the first is not enough.
+        conn.handle_input(t0, &header[..cut]);
+        assert!(
+            !conn.wants_write(),
+            "greeting before the whole header (cut {cut})"
+        );
+        conn.handle_input(t0, &header[cut..]);
+        assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
+        assert!(exchange(&mut conn, t0).0.starts_with("220 "));
+    }
+    // IPv6.
+    let mut a = Vec::new();
+    a.extend_from_slice(
+        &"2001:db8::9"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    a.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    a.extend_from_slice(&40002u16.to_be_bytes());
+    a.extend_from_slice(&25u16.to_be_bytes());
+    let mut conn = open_edge(t0, proxied(ProxyMode::Any), SOCKET_PEER);
+    conn.handle_input(t0, &v2(0x1, 0x21, &a, &[]));
+    assert_eq!(conn.peer(), "[2001:db8::9]:40002".parse().unwrap());
+    // LOCAL (the balancer's health check): the socket's address stays.
+    let mut conn = open_edge(t0, proxied(ProxyMode::V2), SOCKET_PEER);
+    conn.handle_input(t0, &v2(0x0, 0x00, &[], &[]));
+    assert_eq!(conn.peer(), SOCKET_PEER.parse().unwrap());
+    assert!(exchange(&mut conn, t0).0.starts_with("220 "));
+}
+
+#[test]
+fn bad_headers_close_unanswered() {
+    let t0 = Instant::now();
+    let v2h = v2_tcp4([203, 0, 113, 9], 40001, &[]);
+    let cases: Vec<(ProxyMode, Vec<u8>)> = vec![
+        // No header at all: a client speaking SMTP.
+        (ProxyMode::V1, b"EHLO c.test\r\n".to_vec()),
+        (ProxyMode::Any, b"EHLO c.test\r\n".to_vec()),
+        (ProxyMode::V2, b"EHLO c.test\r\n".to_vec()),
+        // Garbage.
+        (ProxyMode::Any, vec![0xff; 64]),
+        (
+            ProxyMode::V1,
+            b"PROXY TCP4 not-an-address 192.0.2.1 1 2\r\n".to_vec(),
+        ),
+        (
+            ProxyMode::V1,
+            b"PROXY TCP4 198.51.100.7 192.0.2.1 99999 25\r\n".to_vec(),
+        ),
+        // The other version than the listener takes.
+        (ProxyMode::V1, v2h.clone()),
+        (
+            ProxyMode::V2,
+            b"PROXY TCP4 198.51.100.7 192.0.2.1 51000 25\r\n".to_vec(),
+        ),
+        // A v2 header with a bad version nibble.
+        (ProxyMode::V2, {
+            let mut h = v2h.clone();
+            h[12] = 0x11;
+            h
+        }),
+        // A v1 line that never ends within 107 bytes.
+        (
+            ProxyMode::V1,
+            [b"PROXY TCP4 ".as_slice(), &[b'1'; 120]].concat(),
+        ),
+    ];
+    for (mode, input) in cases {
+        let mut conn = open_edge(t0, proxied(mode), SOCKET_PEER);
+        conn.handle_input(t0, &input);
+        assert_eq!(conn.state(), State::Done, "{mode:?} {input:?}");
+        assert_eq!(conn.ending(), Some(Ending::Refused));
+        assert!(conn.pending_output().is_empty());
+        let stats = taken(&mut conn);
+        assert_eq!(stats.refused[edge::REFUSED_PROXY_INVALID], 1);
+    }
+}
+
+#[test]
+fn truncated_header_times_out_unanswered() {
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, proxied(ProxyMode::V2), SOCKET_PEER);
+    let header = v2_tcp4([203, 0, 113, 9], 40001, &[]);
+    conn.handle_input(t0, &header[..20]);
+    let deadline = conn.poll_timeout().unwrap();
+    assert!(deadline <= t0 + PROXY_HEADER_TIMEOUT);
+    conn.handle_timeout(deadline);
+    assert_eq!(conn.state(), State::Done);
+    assert!(conn.pending_output().is_empty());
+}
+
+#[test]
+fn untrusted_source_is_refused_at_once() {
+    let t0 = Instant::now();
+    let conn = open_edge(t0, proxied(ProxyMode::Any), "198.51.100.200:5000");
+    assert_eq!(conn.state(), State::Done);
+    assert_eq!(conn.ending(), Some(Ending::Refused));
+    assert!(conn.pending_output().is_empty());
+}
+
+#[test]
+fn bytes_after_the_header_before_the_greeting_are_an_early_talker() {
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, proxied(ProxyMode::V1), SOCKET_PEER);
+    conn.handle_input(
+        t0,
+        b"PROXY TCP4 198.51.100.7 192.0.2.1 51000 25\r\nEHLO c.test\r\n",
+    );
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.starts_with("554 5.5.0"), "{out}");
+    assert_eq!(conn.state(), State::ShutdownWrite);
+}
+
+#[test]
+fn greeting_delay_and_early_talker() {
+    let t0 = Instant::now();
+    let edge = Edge {
+        greeting_delay: Duration::from_secs(3),
+        ..Edge::default()
+    };
+    let mut conn = open_edge(t0, edge.clone(), SOCKET_PEER);
+    assert!(!conn.wants_write());
+    assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(3)));
+    conn.handle_timeout(t0 + Duration::from_secs(1));
+    assert!(!conn.wants_write());
+    conn.handle_timeout(t0 + Duration::from_secs(3));
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    conn.handle_input(t0 + Duration::from_secs(3), TXN);
+    assert!(exchange(&mut conn, t0).0.contains("queued"));
+
+    // A delay longer than the idle timeout does not time the client out before it
+    // was even greeted.
+    let slow = Edge {
+        greeting_delay: limits().idle_timeout + Duration::from_secs(5),
+        ..Edge::default()
+    };
+    let mut conn = open_edge(t0, slow.clone(), SOCKET_PEER);
+    let at = conn.poll_timeout().unwrap();
+    assert_eq!(at, t0 + slow.greeting_delay);
+    conn.handle_timeout(at);
+    assert!(exchange(&mut conn, at).0.starts_with("220 "));
+    assert_eq!(conn.poll_timeout(), Some(at + limits().idle_timeout));
+
+    // Talking during the delay.
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    conn.handle_input(
+        t0 + Duration::from_secs(1),
+        b"EHLO spam.test\r\nMAIL FROM:<a@b>\r\n",
+    );
+    let (out, _) = exchange(&mut conn, t0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with("554 5.5.0 mx.test"), "{out}");
+    assert_eq!(conn.state(), State::ShutdownWrite);
+}
+
+fn limiter(config: PeerLimitsConfig) -> Arc<dyn PeerLimits> {
+    PeerLimiter::new(config, Instant::now(), Arc::new(Metrics::new().unwrap()))
+}
+
+fn no_limits() -> PeerLimitsConfig {
+    PeerLimitsConfig {
+        per_ip: None,
+        per_prefix: None,
+        connection_rate: None,
+        message_rate: None,
+        trusted: Vec::new(),
+        max_entries: 1024,
+    }
+}
+
+#[test]
+fn per_ip_limit_uses_the_proxied_address() {
+    let t0 = Instant::now();
+    let peers = limiter(PeerLimitsConfig {
+        per_ip: Some(1),
+        ..no_limits()
+    });
+    let edge = Edge {
+        peers: Some(peers),
+        ..proxied(ProxyMode::V1)
+    };
+    let header = |ip: &str| format!("PROXY TCP4 {ip} 192.0.2.1 51000 25\r\n");
+    // All from the same balancer: only the header's address counts.
+    let mut a = open_edge(t0, edge.clone(), SOCKET_PEER);
+    a.handle_input(t0, header("198.51.100.7").as_bytes());
+    assert!(exchange(&mut a, t0).0.starts_with("220 "));
+    let mut b = open_edge(t0, edge.clone(), SOCKET_PEER);
+    b.handle_input(t0, header("198.51.100.8").as_bytes());
+    assert!(exchange(&mut b, t0).0.starts_with("220 "));
+    let mut c = open_edge(t0, edge.clone(), SOCKET_PEER);
+    c.handle_input(t0, header("198.51.100.7").as_bytes());
+    let (out, _) = exchange(&mut c, t0);
+    assert!(
+        out.starts_with("421 4.7.0 mx.test Too many connections from your address"),
+        "{out}"
+    );
+    assert_eq!(c.state(), State::ShutdownWrite);
+    let stats = taken(&mut c);
+    assert_eq!(stats.refused[edge::REFUSED_PER_IP], 1);
+    // Closing the first frees its slot.
+    drop(a);
+    let mut d = open_edge(t0, edge, SOCKET_PEER);
+    d.handle_input(t0, header("198.51.100.7").as_bytes());
+    assert!(exchange(&mut d, t0).0.starts_with("220 "));
+}
+
+#[test]
+fn message_rate_refuses_mail_with_421() {
+    let t0 = Instant::now();
+    let edge = Edge {
+        peers: Some(limiter(PeerLimitsConfig {
+            message_rate: Some(PerMinute(2)),
+            ..no_limits()
+        })),
+        ..Edge::default()
+    };
+    let mut conn = open_edge(t0, edge, "198.51.100.9:1000");
+    let txn = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nhi\r\n.\r\n";
+    conn.handle_input(t0, b"EHLO c.test\r\n");
+    for _ in 0..2 {
+        conn.handle_input(t0, txn);
+        assert!(exchange(&mut conn, t0).0.contains("queued"));
+    }
+    conn.handle_input(t0, txn);
+    let (out, messages) = exchange(&mut conn, t0);
+    assert!(messages.is_empty());
+    assert!(
+        out.starts_with("421 4.7.0 mx.test Too many messages from your address"),
+        "{out}"
+    );
+    assert_eq!(conn.state(), State::ShutdownWrite);
+}
+
+#[test]
+fn error_budget_closes_with_421() {
+    let t0 = Instant::now();
+    let edge = Edge {
+        error_budget: Some(3),
+        ..Edge::default()
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    exchange(&mut conn, t0);
+    conn.handle_input(
+        t0,
+        b"XYZZY\r\nRCPT TO:<x@example.com>\r\nNOOP\r\nBAD\r\nNOOP\r\n",
+    );
+    let (out, _) = exchange(&mut conn, t0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    assert!(lines[0].starts_with("500 ") && lines[1].starts_with("503 "));
+    assert!(lines[2].starts_with("250 ") && lines[3].starts_with("500 "));
+    assert!(
+        lines[4].starts_with("421 4.7.0 mx.test Too many errors"),
+        "{out}"
+    );
+    assert_eq!(conn.state(), State::ShutdownWrite);
+}
+
+// --- TLS ------------------------------------------------------------------------------
+
+/// A self-signed certificate for `mx.test`, made by the openssl CLI.
+fn certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=mx.test"])
+        .args(["-addext", "subjectAltName=DNS:mx.test"])
+        // An end-entity certificate (webpki refuses a CA certificate as a server's).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl CLI (needed to make a test certificate)");
+    assert!(status.success());
+    (cert, key)
+}
+
+struct Tls {
+    _dir: tempfile::TempDir,
+    handle: TlsHandle,
+    client: Arc<ClientConfig>,
+    client12: Arc<ClientConfig>,
+}
+
+fn tls() -> Tls {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let handle = TlsHandle::new(crate::net::tls::load(&cert, &key).unwrap());
+    let mut roots = RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let build = |versions: &[&'static rustls::SupportedProtocolVersion]| {
+        Arc::new(
+            ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth(),
+        )
+    };
+    Tls {
+        client: build(&[&rustls::version::TLS13, &rustls::version::TLS12]),
+        client12: build(&[&rustls::version::TLS12]),
+        handle,
+        _dir: dir,
+    }
+}
+
+/// Moves bytes both ways until neither side has anything to say; returns the
+/// plaintext the client received and the messages the server completed.
+fn pump(
+    client: &mut ClientConnection,
+    conn: &mut Connection,
+    now: Instant,
+) -> (String, Vec<SealedMessage>) {
+    let mut messages = Vec::new();
+    let mut plain = Vec::new();
+    loop {
+        let mut progress = false;
+        if conn.wants_write() {
+            let out = conn.pending_output().to_vec();
+            conn.output_written(now, out.len());
+            let mut rd = &out[..];
+            while !rd.is_empty() {
+                client.read_tls(&mut rd).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            progress = true;
+        }
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+            let id = m.id;
+            messages.push(m);
+            conn.handle_publish(now, Ok(id));
+            progress = true;
+        }
+        // As a backend does: only while the driver wants input.
+        if client.wants_write() && conn.wants_read() {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).unwrap();
+            conn.handle_input(now, &buf);
+            progress = true;
+        }
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = client.reader().read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&chunk[..n]);
+        }
+        if !progress {
+            return (String::from_utf8(plain).unwrap(), messages);
+        }
+    }
+}
+
+fn starttls_edge(t: &Tls) -> Edge {
+    Edge {
+        tls: Some(t.handle.clone()),
+        ..Edge::default()
+    }
+}
+
+fn implicit_edge(t: &Tls) -> Edge {
+    Edge {
+        implicit_tls: true,
+        ..starttls_edge(t)
+    }
+}
+
+/// The edge counts the connection kept since the last take.
+fn taken(conn: &mut Connection) -> EdgeStats {
+    let mut stats = EdgeStats::default();
+    stats.absorb(&mut conn.edge_stats);
+    stats
+}
+
+fn client(config: &Arc<ClientConfig>) -> ClientConnection {
+    ClientConnection::new(config.clone(), ServerName::try_from("mx.test").unwrap()).unwrap()
+}
+
+#[test]
+fn starttls_then_a_transaction_over_tls() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, starttls_edge(&t), SOCKET_PEER);
+    conn.handle_input(t0, b"EHLO c.test\r\n");
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.contains("250-STARTTLS\r\n"), "{out}");
+    conn.handle_input(t0, b"STARTTLS\r\n");
+    let (out, _) = exchange(&mut conn, t0);
+    assert_eq!(out, "220 2.0.0 Ready to start TLS\r\n");
+    let mut c = client(&t.client);
+    pump(&mut c, &mut conn, t0);
+    assert!(!c.is_handshaking());
+    // The session started over: EHLO again, without STARTTLS.
+    c.writer().write_all(b"EHLO c.test\r\n").unwrap();
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(
+        out.starts_with("250-mx.test") && !out.contains("STARTTLS"),
+        "{out}"
+    );
+    c.writer().write_all(b"STARTTLS\r\n").unwrap();
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("503 5.5.1"), "{out}");
+    c.writer().write_all(&TXN[13..]).unwrap();
+    let (out, messages) = pump(&mut c, &mut conn, t0);
+    assert!(out.contains("queued"), "{out}");
+    let tls = messages[0].envelope.tls.as_deref().unwrap();
+    assert!(tls.starts_with("TLSv1.3 TLS13_"), "{tls}");
+    let value = String::from_utf8_lossy(&messages[0].value);
+    assert!(value.contains("with ESMTPS id"), "{value}");
+    c.writer().write_all(b"QUIT\r\n").unwrap();
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("221 "), "{out}");
+    assert_eq!(conn.state(), State::ShutdownWrite);
+    let stats = taken(&mut conn);
+    assert_eq!(stats.tls_handshakes, [0, 1]);
+}
+
+#[test]
+fn tls12_handshake_is_counted_by_version() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, starttls_edge(&t), SOCKET_PEER);
+    conn.handle_input(t0, b"STARTTLS\r\n");
+    exchange(&mut conn, t0);
+    let mut c = client(&t.client12);
+    pump(&mut c, &mut conn, t0);
+    c.writer().write_all(TXN).unwrap();
+    let (out, messages) = pump(&mut c, &mut conn, t0);
+    assert!(out.contains("queued"), "{out}");
+    assert!(messages[0]
+        .envelope
+        .tls
+        .as_deref()
+        .unwrap()
+        .starts_with("TLSv1.2 TLS_ECDHE_"));
+    let stats = taken(&mut conn);
+    assert_eq!(stats.tls_handshakes, [1, 0]);
+}
+
+/// CVE-2011-0411: commands pipelined after STARTTLS, in the same packet, must never be
+/// executed, neither before nor after the handshake.
+#[test]
+fn commands_pipelined_after_starttls_are_discarded() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, starttls_edge(&t), SOCKET_PEER);
+    conn.handle_input(
+        t0,
+        b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<x@example.com>\r\n",
+    );
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{out}");
+    assert!(!out.contains("250 2.1.0"), "{out}");
+    // More plaintext before the handshake is discarded too.
+    let mut c = client(&t.client);
+    pump(&mut c, &mut conn, t0);
+    c.writer()
+        .write_all(b"EHLO c.test\r\nRCPT TO:<x@example.com>\r\n")
+        .unwrap();
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    // No transaction survived the switch.
+    assert!(out.contains("503 5.5.1 Need MAIL"), "{out}");
+    let stats = taken(&mut conn);
+    assert_eq!(
+        stats.starttls_discarded_bytes,
+        b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<x@example.com>\r\n".len() as u64
+    );
+}
+
+#[test]
+fn starttls_with_an_argument_and_without_a_certificate() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, starttls_edge(&t), SOCKET_PEER);
+    conn.handle_input(t0, b"STARTTLS now\r\n");
+    assert!(exchange(&mut conn, t0)
+        .0
+        .ends_with("501 5.5.4 This command takes no arguments\r\n"));
+    let mut conn = open_edge(t0, Edge::default(), SOCKET_PEER);
+    conn.handle_input(t0, b"EHLO c.test\r\nSTARTTLS\r\n");
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(!out.contains("STARTTLS") && out.ends_with("502 5.5.1 Command not implemented\r\n"));
+}
+
+#[test]
+fn require_tls_refuses_mail_before_starttls() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = Edge {
+        require_tls: true,
+        ..starttls_edge(&t)
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    conn.handle_input(t0, b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n");
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(
+        out.ends_with("530 5.7.0 Must issue a STARTTLS command first\r\n"),
+        "{out}"
+    );
+    conn.handle_input(t0, b"STARTTLS\r\n");
+    exchange(&mut conn, t0);
+    let mut c = client(&t.client);
+    pump(&mut c, &mut conn, t0);
+    c.writer().write_all(TXN).unwrap();
+    assert!(pump(&mut c, &mut conn, t0).0.contains("queued"));
+}
+
+#[test]
+fn implicit_tls_greets_inside_tls() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = implicit_edge(&t);
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    assert!(!conn.wants_write(), "nothing in plaintext");
+    let mut c = client(&t.client);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    c.writer().write_all(TXN).unwrap();
+    let (out, messages) = pump(&mut c, &mut conn, t0);
+    assert!(
+        out.contains("250-mx.test") && !out.contains("STARTTLS"),
+        "{out}"
+    );
+    assert!(out.contains("queued"), "{out}");
+    assert!(messages[0].envelope.tls.is_some());
+}
+
+#[test]
+fn implicit_tls_behind_proxy() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = Edge {
+        implicit_tls: true,
+        ..Edge {
+            tls: Some(t.handle.clone()),
+            ..proxied(ProxyMode::V2)
+        }
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    let mut c = client(&t.client);
+    // Header and ClientHello in one read.
+    let mut first = v2_tcp4([203, 0, 113, 9], 40001, &[]);
+    c.write_tls(&mut first).unwrap();
+    conn.handle_input(t0, &first);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
+}
+
+#[test]
+fn garbage_instead_of_a_handshake_closes() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = implicit_edge(&t);
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    conn.handle_input(t0, b"EHLO c.test\r\n");
+    // An alert may be written, then the connection closes.
+    exchange(&mut conn, t0);
+    assert_ne!(conn.state(), State::Open);
+    let stats = taken(&mut conn);
+    assert_eq!(stats.tls_failures.iter().sum::<u64>(), 1);
+    assert_eq!(stats.tls_handshakes, [0, 0]);
+}
+
+#[test]
+fn a_reloaded_certificate_serves_new_handshakes_only() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut old = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c_old = client(&t.client);
+    pump(&mut c_old, &mut old, t0);
+    // A new certificate the client does not trust.
+    let other = tls();
+    t.handle.replace(other.handle.current());
+    let mut new = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c_new = client(&other.client);
+    let (out, _) = pump(&mut c_new, &mut new, t0);
+    assert!(out.starts_with("220 "), "{out}");
+    // The open session goes on with its own keys.
+    c_old.writer().write_all(TXN).unwrap();
+    assert!(pump(&mut c_old, &mut old, t0).0.contains("queued"));
+}
+
+#[test]
+fn cidr_parsing_and_matching() {
+    let c = Cidr::parse("10.1.0.0/16").unwrap();
+    assert!(c.contains("10.1.200.3".parse::<IpAddr>().unwrap()));
+    assert!(c.contains("::ffff:10.1.2.3".parse::<IpAddr>().unwrap()));
+    assert!(!c.contains("10.2.0.1".parse::<IpAddr>().unwrap()));
+    assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+    assert!(Cidr::parse("2001:db8::/32")
+        .unwrap()
+        .contains("2001:db8:ffff::1".parse().unwrap()));
+    assert!(Cidr::parse("0.0.0.0/0")
+        .unwrap()
+        .contains("192.0.2.1".parse().unwrap()));
+    for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129", ""] {
+        assert!(Cidr::parse(bad).is_err(), "{bad}");
+    }
+}

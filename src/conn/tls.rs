@@ -1,0 +1,73 @@
+//! TLS for the driver: the swappable server configuration (certificate reloads replace
+//! it for new handshakes while open sessions keep theirs) and the bits of rustls'
+//! sans-IO connection the driver reads for the envelope and the metrics.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
+
+use super::edge::{TLS_FAIL_ALERT, TLS_FAIL_BAD_MESSAGE, TLS_FAIL_INCOMPATIBLE, TLS_FAIL_OTHER};
+
+/// The current server configuration, shared by every listener that offers TLS. Each
+/// handshake takes the configuration current at its start.
+#[derive(Clone, Debug)]
+pub struct TlsHandle(Arc<RwLock<Arc<ServerConfig>>>);
+
+impl TlsHandle {
+    pub fn new(config: Arc<ServerConfig>) -> TlsHandle {
+        TlsHandle(Arc::new(RwLock::new(config)))
+    }
+
+    /// The configuration new handshakes use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        // A poisoned lock only means a writer panicked mid-swap of an Arc: the value is
+        // still a whole configuration.
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// From now on, handshakes use `config` (a reloaded certificate).
+    pub fn replace(&self, config: Arc<ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = config;
+    }
+
+    pub(crate) fn accept(&self) -> Result<ServerConnection, rustls::Error> {
+        ServerConnection::new(self.current())
+    }
+}
+
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`: what `smtp.tls` carries.
+pub(crate) fn describe(conn: &ServerConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    let suite = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown");
+    format!("{version} {suite}")
+}
+
+/// The `TLS_VERSIONS` slot of a completed handshake.
+pub(crate) fn version_index(conn: &ServerConnection) -> usize {
+    match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_2) => 0,
+        _ => 1,
+    }
+}
+
+/// The `TLS_FAILURES` slot of a handshake error.
+pub(crate) fn failure_index(e: &rustls::Error) -> usize {
+    use rustls::Error;
+    match e {
+        Error::AlertReceived(_) => TLS_FAIL_ALERT,
+        Error::PeerIncompatible(_) | Error::NoCertificatesPresented => TLS_FAIL_INCOMPATIBLE,
+        Error::InvalidMessage(_)
+        | Error::InappropriateMessage { .. }
+        | Error::InappropriateHandshakeMessage { .. }
+        | Error::DecryptError
+        | Error::PeerMisbehaved(_) => TLS_FAIL_BAD_MESSAGE,
+        _ => TLS_FAIL_OTHER,
+    }
+}
