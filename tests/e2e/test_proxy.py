@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from edge_support import headers, metric, recv_all, wire_from
 from smtpwire import assert_reply, make_message
@@ -40,6 +41,20 @@ def test_v2_header_address_is_the_client_everywhere(start_gateway):
     assert headers(gateway, message_id)["smtp.client_addr"] == ["203.0.113.9:40001"]
     assert gateway.cat(message_id).startswith(b"Received: from client.test ([203.0.113.9])")
     assert metric(gateway, "smtpgw_proxy_headers_total") >= 1
+    # The per-message log line (target smtpgw::message) names the header's client too.
+    line = wait_for_line(gateway, message_id)
+    assert "client=203.0.113.9:40001" in line, line
+    assert "127.0.0.1" not in line, line
+
+
+def wait_for_line(gateway, needle: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in gateway.stderr.splitlines():
+            if needle in line and "smtpgw::message" in line:
+                return line
+        time.sleep(0.02)
+    raise AssertionError(f"no smtpgw::message line with {needle} in the log:\n{gateway.stderr}")
 
 
 def test_v1_header(start_gateway):
