@@ -131,10 +131,13 @@ def tls_broker(tmp_path_factory):
             start_new_session=True,
         ))
         wait_port(broker_port, broker)
-        subprocess.run(
-            [str(tansu), "topic", "create", "--broker", f"tcp://127.0.0.1:{broker_port}", "--partitions", "1", TOPIC],
-            check=True, capture_output=True, timeout=30,
-        )
+        # One topic per I/O backend: the broker serves every parametrized run of the
+        # module, and each run must find exactly its own records.
+        for backend in ("epoll", "uring", "auto"):
+            subprocess.run(
+                [str(tansu), "topic", "create", "--broker", f"tcp://127.0.0.1:{broker_port}", "--partitions", "1", f"{TOPIC}.{backend}"],
+                check=True, capture_output=True, timeout=30,
+            )
         proxy = started.add(subprocess.Popen(
             [sys.executable, str(HERE / "tls_proxy.py"), str(proxy_port), str(broker_port), str(cert), str(key)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -157,13 +160,14 @@ def tls_settings(ca: Path) -> str:
 
 
 @pytest.mark.timeout(120)
-def test_gateway_publishes_through_tls_byte_exact(start_gateway, tls_broker):
+def test_gateway_publishes_through_tls_byte_exact(start_gateway, tls_broker, io_backend):
+    topic = f"{TOPIC}.{io_backend}"
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     address, ca, proxy = tls_broker
     gateway = start_gateway(
         "--hostname", "mx.test", "--kafka-config", tls_settings(ca) + ";compression.type=zstd",
-        sink=("--sink", "kafka", "--kafka-brokers", address, "--kafka-topic", TOPIC),
+        sink=("--sink", "kafka", "--kafka-brokers", address, "--kafka-topic", topic),
     )
     rng = random.Random(13)
     eight_bit = bytes(b for b in range(256) if b not in (10, 13))
@@ -195,7 +199,7 @@ def test_gateway_publishes_through_tls_byte_exact(start_gateway, tls_broker):
     })
     found: dict[bytes, bytes] = {}
     try:
-        consumer.assign([TopicPartition(TOPIC, 0, OFFSET_BEGINNING)])
+        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and set(found) != set(sent):
             m = consumer.poll(0.5)
@@ -226,12 +230,12 @@ def test_gateway_publishes_through_tls_byte_exact(start_gateway, tls_broker):
     assert proxy.poll() is None
 
 
-def test_gateway_refuses_a_broker_certificate_from_another_ca(start_gateway, tls_broker, tmp_path):
+def test_gateway_refuses_a_broker_certificate_from_another_ca(start_gateway, tls_broker, tmp_path, io_backend):
     address, _, _ = tls_broker
     other_ca, _, _ = make_ca_and_server_cert(tmp_path)
     gateway = start_gateway(
         "--kafka-config", tls_settings(other_ca), "--publish-timeout", "3s",
-        sink=("--sink", "kafka", "--kafka-brokers", address, "--kafka-topic", TOPIC),
+        sink=("--sink", "kafka", "--kafka-brokers", address, "--kafka-topic", f"{TOPIC}.{io_backend}"),
     )
     with gateway.session() as wire:
         wire.envelope()
