@@ -9,12 +9,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::certs::TlsConfigError;
 use crate::config::EdgeConfig;
 use crate::config::{Config, SinkKind};
 use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
+use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
-use crate::net::tls::TlsConfigError;
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
 use crate::reload::{Reloader, SessionConfigHandle};
 use crate::sink::forward::{FallbackError, FallbackSink};
@@ -186,7 +186,7 @@ pub fn listeners(
 ) -> Result<(Vec<ListenerSpec>, Option<TlsHandle>), ServerError> {
     let e: &EdgeConfig = &config.edge;
     let tls = match &e.tls {
-        Some((cert, key)) => Some(TlsHandle::new(crate::net::tls::load(cert, key)?)),
+        Some((cert, key)) => Some(TlsHandle::new(crate::certs::load(cert, key)?)),
         None => None,
     };
     let peers: Arc<dyn PeerLimits> = PeerLimiter::new(
@@ -233,7 +233,7 @@ pub fn listeners(
 /// the new certificate, open sessions keep theirs; on an error the old one stays.
 pub fn reload_tls(config: &Config, handle: &TlsHandle) -> Result<(), TlsConfigError> {
     match &config.edge.tls {
-        Some((cert, key)) => crate::net::tls::reload(handle, cert, key),
+        Some((cert, key)) => crate::certs::reload(handle, cert, key),
         None => Ok(()),
     }
 }

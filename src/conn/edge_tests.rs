@@ -13,8 +13,8 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use super::tests::{fixed_stamp, session_config};
 use super::*;
+use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::Metrics;
-use crate::net::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 
 const SOCKET_PEER: &str = "10.0.0.5:40000";
 
@@ -449,7 +449,7 @@ struct Tls {
 fn tls() -> Tls {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = certificate(dir.path());
-    let handle = TlsHandle::new(crate::net::tls::load(&cert, &key).unwrap());
+    let handle = TlsHandle::new(crate::certs::load(&cert, &key).unwrap());
     let mut roots = RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {

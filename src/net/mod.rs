@@ -4,8 +4,8 @@
 //! This module holds what both backends share: the listeners (each with its edge
 //! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
 //! the sink with their publish metrics, the clock that stamps messages, and the run
-//! phase (running, draining, stopping). [`limits`] is the per-address limiter the
-//! drivers call and [`tls`] loads certificates.
+//! phase (running, draining, stopping). The per-address limiter the drivers call is
+//! [`crate::limits`]; certificates are loaded by [`crate::certs`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,9 +23,7 @@ use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
-pub mod limits;
 pub mod probe;
-pub mod tls;
 pub mod uring;
 
 pub use crate::config::IoBackend;
