@@ -12,7 +12,7 @@
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
 #                        [--io-backend auto|epoll|uring|both] [--floor] [--gateway-bin PATH]
 #                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
-#                        [--repeat N] [--perf]
+#                        [--repeat N] [--perf] [--tls]
 # --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
 # epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
 # backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
@@ -24,6 +24,12 @@
 # for 40 clients that pipeline HELP and never read. --repeat runs every cell N times
 # (servers alternate each time) and reports medians, ranges and per-round ratios. --perf
 # records `perf record -g` of each gateway under the 1 KiB x 100 pipelined load.
+# --tls gives every gateway a certificate (a CA and a leaf for 127.0.0.1, made with
+#   openssl for the run) and runs each cell twice per gateway, plaintext and STARTTLS
+#   (the client verifies the certificate; full handshakes, no resumption), shown as
+#   smtpgw-B and smtpgw-B+tls with the TLS/plaintext ratios; it adds session cells
+#   (a new connection per message, 1 KiB, 50 connections): sessions, i.e. handshakes,
+#   per second and server CPU per session, plaintext and TLS.
 # --quick: 6 cells of 3 s each (about a minute); without it the full matrix (4 sizes x
 #   1/10/100/1000 connections x pipelining off/on) of 5 s cells. --duration sets the
 #   seconds per cell either way.
@@ -57,6 +63,7 @@ SMTP_SOURCE=0
 MEMORY=0
 REPEAT=1
 PERF=0
+TLS=0
 COMPARE=""
 SINK=null
 DURATION=""
@@ -79,7 +86,8 @@ while [[ $# -gt 0 ]]; do
         --memory) MEMORY=1 ;;
         --repeat) REPEAT="${2:?--repeat needs a count}"; shift ;;
         --perf) PERF=1 ;;
-        -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+        --tls) TLS=1 ;;
+        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -268,6 +276,7 @@ start_gateway() { # backend [extra smtpgw flags...]
     mkdir -p "$WORK/spool-$name"
     local flags=()
     [[ -n "$backend" ]] && flags+=(--io-backend "$backend")
+    [[ $TLS -eq 1 ]] && flags+=(--tls-cert "$WORK/tls/leaf.pem" --tls-key "$WORK/tls/leaf.key")
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
     NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" \
         --spool-dir "$WORK/spool-$name" --accept-domain example.com --max-connections "${GW_MAX_CONNS:-5000}" \
@@ -336,6 +345,7 @@ accepted_by_gateway() {
 import glob, json, os, sys
 cells, work = sys.argv[1], sys.argv[2]
 files = glob.glob(os.path.join(cells, "smtpgw*.json"))
+files += glob.glob(os.path.join(os.path.dirname(cells), "sessions", "smtpgw*.json"))
 total = sum(json.load(open(f)).get("client", {}).get("accepted", 0) for f in files)
 for warm in glob.glob(os.path.join(work, "warmup.smtpgw*.json")):
     total += json.load(open(warm)).get("accepted", 0)
@@ -429,6 +439,7 @@ run_cell() { # name pid addr size conns pipelining(0|1) round
     local file="$OUT/cells/${name}_${size}_c${conns}_p${pipe}_r${round}.json"
     local flags=() peak="$WORK/peak.$name"
     [[ $pipe -eq 1 ]] && flags+=(--pipelining)
+    [[ "$name" == *+tls ]] && flags+=(--tls starttls --tls-ca "$WORK/tls/ca.pem")
     echo 0 >"$peak"
     local cpu0 cpu1
     cpu0=$(cpu_ticks "$pid")
@@ -443,6 +454,37 @@ run_cell() { # name pid addr size conns pipelining(0|1) round
     python3 "$ROOT/loadtest/summarize.py" cell "$file" "$name" "$size" "$conns" "$pipe" \
         "$((cpu1 - cpu0))" "$(getconf CLK_TCK)" "$(cat "$peak")" "$WORK/client.out" "$round"
     rm -f "$file.client"
+}
+
+# A new session per message (50 connections, 1 KiB): sessions per second and server CPU
+# per session; for NAME+tls every session is a full STARTTLS handshake.
+run_session_cell() { # name pid addr round
+    local name=$1 pid=$2 addr=$3 round=$4
+    local file="$OUT/sessions/${name}_r${round}.json" flags=() cpu0 cpu1
+    [[ "$name" == *+tls ]] && flags+=(--tls starttls --tls-ca "$WORK/tls/ca.pem")
+    cpu0=$(cpu_ticks "$pid")
+    timeout $((DURATION + 90)) "$LT_BIN" --target "$addr" --connections 50 --duration "$DURATION" \
+        --size 1k --messages-per-session 1 "${flags[@]}" --threads "$CLIENT_THREADS" --timeout 30 \
+        --json "$file.client" >"$WORK/client.out" 2>&1 || true
+    cpu1=$(cpu_ticks "$pid")
+    python3 "$ROOT/loadtest/summarize.py" session "$file" "$name" "$((cpu1 - cpu0))" \
+        "$(getconf CLK_TCK)" "$WORK/client.out" "$round"
+    rm -f "$file.client"
+}
+
+# A CA and a leaf certificate for 127.0.0.1 (the load client verifies the chain as a
+# real MTA with a CA file would; webpki refuses a self-signed CA certificate as a leaf).
+make_certificates() {
+    local d="$WORK/tls"
+    mkdir -p "$d"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=smtpgw-loadtest-ca -keyout "$d/ca.key" -out "$d/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+        -keyout "$d/leaf.key" -out "$d/leaf.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$d/ext"
+    openssl x509 -req -in "$d/leaf.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+        -days 2 -extfile "$d/ext" -out "$d/leaf.pem" 2>/dev/null
+    log "TLS: ECDSA P-256 leaf for 127.0.0.1 signed by a CA made for this run ($d)"
 }
 
 # Postfix's smtp-source against one server: lock-step, persistent sessions (-d), 1 KiB.
@@ -566,7 +608,8 @@ main() {
         log "building release binaries"
         timeout 1200 cargo build --release --workspace --bins -q
     fi
-    mkdir -p "$OUT/cells" "$OUT/source" "$OUT/memory" "$OUT/perf"
+    mkdir -p "$OUT/cells" "$OUT/source" "$OUT/memory" "$OUT/perf" "$OUT/sessions"
+    [[ $TLS -eq 1 ]] && make_certificates
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     {
         echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -628,7 +671,16 @@ main() {
         start_postfix
         peers+=("postfix $PFX_PID $PFX_ADDR")
     fi
-    gateways() { for b in "${BACKENDS[@]}"; do local n; n=$(gw_name "$b"); echo "$n ${GW_PIDS[$n]} ${GW_ADDRS[$n]}"; done; }
+    # With --tls each gateway is measured twice: NAME (plaintext) and NAME+tls (STARTTLS).
+    gateways() {
+        local b n
+        for b in "${BACKENDS[@]}"; do
+            n=$(gw_name "$b")
+            echo "$n ${GW_PIDS[$n]} ${GW_ADDRS[$n]}"
+            [[ $TLS -eq 1 ]] && echo "$n+tls ${GW_PIDS[$n]} ${GW_ADDRS[$n]}"
+        done
+        return 0
+    }
     local s name pid addr servers=()
     mapfile -t servers < <(gateways)
     servers+=("${FLOOR_SERVERS[@]}" "${peers[@]}")
@@ -656,12 +708,21 @@ main() {
                 run_cell "$name" "$pid" "$addr" "$size" "$conns" "$pipe" "$round"
             done
         done
+        if [[ $TLS -eq 1 ]]; then
+            mapfile -t servers < <(gateways)
+            for s in "${servers[@]}"; do
+                read -r name pid addr <<<"$s"
+                log "round $round/$REPEAT session cell (a session per message): $name"
+                run_session_cell "$name" "$pid" "$addr" "$round"
+            done
+        fi
         if [[ $SMTP_SOURCE -eq 1 ]]; then
             for conns in 10 100; do
                 mapfile -t servers < <(gateways)
                 servers+=("${FLOOR_SERVERS[@]}" "smtp-sink $PEER_PID $PEER_ADDR")
                 for s in "${servers[@]}"; do
                     read -r name pid addr <<<"$s"
+                    [[ "$name" == *+tls ]] && continue # smtp-source speaks plaintext only
                     log "round $round/$REPEAT smtp-source 1k x $conns sessions: $name"
                     run_source_cell "$name" "$pid" "$addr" "$conns" "$round"
                 done
@@ -673,6 +734,7 @@ main() {
             mapfile -t servers < <(gateways)
             for s in "${servers[@]}"; do
                 read -r name pid addr <<<"$s"
+                [[ "$name" == *+tls ]] && continue # profile_gateway's load is plaintext
                 profile_gateway "$name" "$pid" "$addr"
             done
         else

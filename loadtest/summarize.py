@@ -40,6 +40,28 @@ def cell(path, name, size, conns, pipe, ticks, clk_tck, peak_kib, client_out, rn
         json.dump(record, f, indent=2)
 
 
+def session(path, name, ticks, clk_tck, client_out, rnd="1"):
+    """A session cell (run.sh --tls): a new connection per message."""
+    try:
+        with open(path + ".client") as f:
+            client = json.load(f)
+    except (OSError, ValueError):
+        with open(client_out, errors="replace") as f:
+            client = {"error": f.read()[-2000:], "accepted": 0, "sessions": 0}
+    cpu_s = int(ticks) / int(clk_tck)
+    sessions = client.get("sessions", 0)
+    record = {
+        "server": name,
+        "round": int(rnd),
+        "sessions_per_s": client.get("sessions_per_s", 0.0),
+        "server_cpu_s": cpu_s,
+        "server_cpu_us_per_session": cpu_s * 1e6 / sessions if sessions else None,
+        "client": client,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 def errors(c):
     return (
         c.get("rejected", 0)
@@ -105,6 +127,12 @@ def comparisons(servers):
     peers = [s for s in servers if not s.startswith("smtpgw") and not s.startswith("floor-")]
     pairs = []
     for g in gws:
+        if g.endswith("+tls"):
+            # The same gateway over STARTTLS against plaintext (run.sh --tls).
+            plain = g[: -len("+tls")]
+            if plain in servers:
+                pairs.append((f"{g}/plaintext", g, plain))
+            continue
         b = backend_of(g)
         if b and f"floor-{b}" in servers:
             pairs.append((f"{g}/floor-{b}", g, f"floor-{b}"))
@@ -197,6 +225,7 @@ def summary(out, ceiling, sink, mode, uptime):
                       f"{frac * 100:.0f}% of the loopback ceiling")
 
     source_rows = source_summary(out)
+    session_rows = session_summary(out)
     memory = memory_summary(out)
     perf = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "perf", "*.txt"))
                   if not p.endswith(".client.txt"))
@@ -212,7 +241,7 @@ def summary(out, ceiling, sink, mode, uptime):
         json.dump(
             {"loopback_ceiling_mb_per_s": float(ceiling or 0), "sink": sink, "mode": mode,
              "load": uptime.strip(), "run": info, "rows": rows, "smtp_source": source_rows,
-             "memory": memory, "profiles": perf},
+             "sessions": session_rows, "memory": memory, "profiles": perf},
             f, indent=2,
         )
     print(f"\nresults: {out}/summary.json, cells/, source/, memory/, perf/")
@@ -253,6 +282,44 @@ def source_summary(out):
     return rows
 
 
+def session_summary(out):
+    """Session cells: sessions (with +tls, full handshakes) per second, CPU per session."""
+    recs = []
+    for path in sorted(glob.glob(os.path.join(out, "sessions", "*.json"))):
+        with open(path) as f:
+            recs.append(json.load(f))
+    if not recs:
+        return {}
+    servers = server_order({r["server"] for r in recs})
+    by = {}
+    for r in recs:
+        by.setdefault(r["server"], {})[r["round"]] = r
+    print("\nsessions: a new connection per message, 1 KiB, 50 connections (median over rounds (min-max))")
+    hdr = f"{'server':<18} {'sessions/s':>22} {'srv µs/session':>24} {'errors':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    rate = lambda r: r["sessions_per_s"]
+    cpu = lambda r: r["server_cpu_us_per_session"]
+    row = {"servers": {}, "ratios": {}}
+    for s in servers:
+        rounds = by.get(s)
+        if not rounds:
+            continue
+        m = spread([rate(r) for r in rounds.values()])
+        u = spread([cpu(r) for r in rounds.values()])
+        err = sum(errors(r["client"]) for r in rounds.values())
+        row["servers"][s] = {"rounds": len(rounds), "sessions_per_s": m,
+                             "server_cpu_us_per_session": u, "errors": err}
+        print(f"{s:<18} {fmt_spread(m, '.0f'):>22} {fmt_spread(u, '.1f'):>24} {err:>6}")
+    for label, a, b in comparisons(servers):
+        ra, rb = by.get(a), by.get(b)
+        if ra and rb:
+            mr, cr = paired_ratios(ra, rb, rate), paired_ratios(ra, rb, cpu)
+            row["ratios"][label] = {"sessions_per_s": mr, "server_cpu_us_per_session": cr}
+            print(f"  {label:<26} sessions/s {fmt_spread(mr, '.2f', 'x'):>22}   µs/session {fmt_spread(cr, '.2f', 'x'):>20}")
+    return row
+
+
 def memory_summary(out):
     recs = []
     for path in sorted(glob.glob(os.path.join(out, "memory", "*.json"))):
@@ -273,9 +340,11 @@ def table(out):
     """The issue-9 table in Markdown, from summary.json: one column per backend."""
     with open(os.path.join(out, "summary.json")) as f:
         sm = json.load(f)
+    # One column per gateway; its STARTTLS figures (NAME+tls) are rows of that column.
     gws = sorted({s for r in sm["rows"] for s in r["servers"] if s.startswith("smtpgw")}
                  | {s for r in sm["smtp_source"] for s in r["servers"] if s.startswith("smtpgw")}
                  | {m["server"] for m in sm["memory"]})
+    gws = [g for g in gws if not g.endswith("+tls")]
     num = lambda sp, spec: "-" if not sp else format(sp[0], spec)
     rng = lambda sp, spec: "" if not sp or sp[1] == sp[2] else f" ({format(sp[1], spec)}–{format(sp[2], spec)})"
     ratio = lambda sp: "-" if not sp else f"{sp[0]:.2f}x" + ("" if sp[1] == sp[2] else f" ({sp[1]:.2f}–{sp[2]:.2f})")
@@ -316,6 +385,18 @@ def table(out):
         add(f"own client, 1 KiB, {conns:,} connections, pipelined: msgs/s", msgs,
             "≥ 200k" if conns == 100 else "uring ≥ 1.3x epoll")
         add("same: gateway CPU per message", cpu)
+
+        def tls(g, r=r, field="msgs_per_s", spec=",.0f", unit=""):
+            sv = r["servers"].get(f"{g}+tls", {}).get(field)
+            if not sv:
+                return "-"
+            ra = r["ratios"].get(f"{g}+tls/plaintext", {}).get(field)
+            return f"{num(sv, spec)}{unit}{rng(sv, spec)}; {ratio(ra)} plaintext"
+
+        if any(f"{g}+tls" in r["servers"] for g in gws):
+            add("same over STARTTLS: msgs/s", tls)
+            add("same over STARTTLS: gateway CPU per message",
+                lambda g, r=r: tls(g, r, "server_cpu_us_per_msg", ".1f", " µs"))
     for row in sm["smtp_source"]:
         n = row["sessions"]
 
@@ -342,6 +423,24 @@ def table(out):
         add(f"1 MiB, 10 connections, lock-step: MB/s (loopback iperf3 {ceil:.0f} MB/s)", big,
             "≥ 60% of loopback")
 
+    ses = sm.get("sessions") or {}
+
+    def sessions(g, field="sessions_per_s", spec=",.0f", unit=""):
+        def f(g=g, name=None):
+            return ses.get("servers", {}).get(name or g, {}).get(field)
+        plain, tls = f(), f(name=f"{g}+tls")
+        if not plain and not tls:
+            return "-"
+        ra = ses.get("ratios", {}).get(f"{g}+tls/plaintext", {}).get(field)
+        return (f"plaintext {num(plain, spec)}{unit}{rng(plain, spec)};"
+                f" TLS {num(tls, spec)}{unit}{rng(tls, spec)} ({ratio(ra)})")
+
+    if ses.get("servers"):
+        add("a new session per message, 1 KiB, 50 connections: sessions (TLS: full handshakes)/s",
+            sessions)
+        add("same: gateway CPU per session",
+            lambda g: sessions(g, "server_cpu_us_per_session", ".0f", " µs"))
+
     def mem(stage, flags=""):
         def f(g):
             m = next((m for m in sm["memory"] if m["server"] == g and m["stage"] == stage
@@ -365,10 +464,13 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nusage: summarize.py cell PATH NAME SIZE CONNS PIPE TICKS CLK_TCK PEAK_KIB CLIENT_OUT")
-        print("       summarize.py summary OUT_DIR ...   (both called by loadtest/run.sh)")
+        print("       summarize.py session PATH NAME TICKS CLK_TCK CLIENT_OUT [ROUND]")
+        print("       summarize.py summary OUT_DIR ...   (all called by loadtest/run.sh)")
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     if sys.argv[1] == "cell":
         cell(*sys.argv[2:])
+    elif sys.argv[1] == "session":
+        session(*sys.argv[2:])
     elif sys.argv[1] == "summary":
         summary(*sys.argv[2:])
     elif sys.argv[1] == "table":

@@ -1,5 +1,7 @@
-//! One client connection: greeting, EHLO/HELO, then messages until its budget or the
-//! deadline, then QUIT. Every reply is read, verified and counted.
+//! One client connection: greeting, EHLO/HELO (with `--tls`, STARTTLS or an implicit-TLS
+//! handshake), then messages until its budget or the deadline, then QUIT; with
+//! `--messages-per-session` it reconnects after that many messages. Every reply is read,
+//! verified and counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::message::{Mix, Template, XorShift};
 use crate::reply::{ProtocolError, ReplyReader};
+use crate::tls::{self, Stream};
 
 /// What the connection tasks share (read-only).
 pub struct Plan {
@@ -26,6 +29,11 @@ pub struct Plan {
     pub interval: Option<Duration>,
     pub timeout: Duration,
     pub connections: usize,
+    pub tls: tls::Mode,
+    /// Set unless `tls` is `None`.
+    pub tls_client: Option<tls::Client>,
+    /// Close the session (QUIT) and open a new one after this many messages.
+    pub messages_per_session: Option<u64>,
 }
 
 /// Counters of one connection, summed at the end.
@@ -46,6 +54,8 @@ pub struct Stats {
     pub timeouts: u64,
     /// Connections that asked for PIPELINING/CHUNKING and were not offered it.
     pub fallbacks: u64,
+    /// Sessions that got through the greeting, EHLO and (with TLS) the handshake.
+    pub sessions: u64,
     pub first_error: Option<String>,
 }
 
@@ -63,6 +73,7 @@ impl Stats {
             connect_errors: 0,
             timeouts: 0,
             fallbacks: 0,
+            sessions: 0,
             first_error: None,
         }
     }
@@ -81,6 +92,7 @@ impl Stats {
         self.connect_errors += other.connect_errors;
         self.timeouts += other.timeouts;
         self.fallbacks += other.fallbacks;
+        self.sessions += other.sessions;
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
@@ -99,7 +111,7 @@ impl Stats {
 }
 
 struct Conn {
-    io: ReplyReader<TcpStream>,
+    io: ReplyReader<Stream>,
     stats: Stats,
     timeout: Duration,
     /// What the server's EHLO offered.
@@ -127,26 +139,47 @@ impl Conn {
     }
 
     async fn write(&mut self, bytes: &[u8], step: &'static str) -> Result<(), ProtocolError> {
-        match timeout(self.timeout, self.io.get_mut().write_all(bytes)).await {
+        let io = self.io.get_mut();
+        // The flush matters for TLS only: rustls may still hold the record when the
+        // socket was full, and nothing else would send it before we wait for a reply.
+        let written = async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        };
+        match timeout(self.timeout, written).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ProtocolError::Timeout(step)),
         }
     }
 
-    /// `220`, then EHLO (or HELO); returns (PIPELINING, CHUNKING) as offered.
-    async fn hello(&mut self, helo: bool) -> Result<(bool, bool), ProtocolError> {
-        let code = self.reply("connect").await?;
-        if code != 220 {
-            return Err(ProtocolError::Unexpected {
+    fn new(stream: Stream, stats: Stats, timeout: Duration) -> Self {
+        Conn {
+            io: ReplyReader::new(stream),
+            stats,
+            timeout,
+            size: false,
+            next_sent_at: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    async fn greeting(&mut self) -> Result<(), ProtocolError> {
+        match self.reply("connect").await? {
+            220 => Ok(()),
+            code => Err(ProtocolError::Unexpected {
                 step: "connect",
                 code,
-            });
+            }),
         }
+    }
+
+    /// EHLO (or HELO); returns (PIPELINING, CHUNKING, STARTTLS) as offered.
+    async fn hello(&mut self, helo: bool) -> Result<(bool, bool, bool), ProtocolError> {
         let verb: &[u8] = if helo { b"HELO" } else { b"EHLO" };
         let mut line = verb.to_vec();
         line.extend_from_slice(b" loadtest.client.example\r\n");
         self.write(&line, "EHLO").await?;
-        let (mut pipelining, mut chunking, mut size) = (false, false, false);
+        let (mut pipelining, mut chunking, mut size, mut starttls) = (false, false, false, false);
         let code = match timeout(
             self.timeout,
             self.io.read(|text| {
@@ -154,6 +187,7 @@ impl Conn {
                 pipelining |= kw.eq_ignore_ascii_case(b"PIPELINING");
                 chunking |= kw.eq_ignore_ascii_case(b"CHUNKING");
                 size |= kw.eq_ignore_ascii_case(b"SIZE");
+                starttls |= kw.eq_ignore_ascii_case(b"STARTTLS");
             }),
         )
         .await
@@ -166,7 +200,19 @@ impl Conn {
             return Err(ProtocolError::Unexpected { step: "EHLO", code });
         }
         self.size = size && !helo;
-        Ok((pipelining && !helo, chunking && !helo))
+        Ok((pipelining && !helo, chunking && !helo, starttls && !helo))
+    }
+
+    async fn quit(&mut self) {
+        if self.write(b"QUIT\r\n", "QUIT").await.is_ok() {
+            match self.reply("QUIT").await {
+                Ok(221) => {}
+                Ok(code) => self
+                    .stats
+                    .error(&ProtocolError::Unexpected { step: "QUIT", code }),
+                Err(e) => self.stats.error(&e),
+            }
+        }
     }
 
     /// One transaction. Ok(true): the final reply was 2xx. Ok(false): the server refused
@@ -298,6 +344,106 @@ impl Conn {
     }
 }
 
+/// A session ready for mail: connected, greeted, EHLO answered (with TLS, after the
+/// handshake), and what the server offered: (PIPELINING, CHUNKING). On failure the
+/// stats come back with the error counted.
+async fn open(plan: &Plan, mut stats: Stats) -> Result<(Conn, bool, bool), Stats> {
+    let tcp = match timeout(plan.timeout, TcpStream::connect(plan.target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            stats.connect_errors += 1;
+            stats.first_error.get_or_insert(format!("connect: {e}"));
+            return Err(stats);
+        }
+        Err(_) => {
+            stats.connect_errors += 1;
+            stats.first_error.get_or_insert("connect: timed out".into());
+            return Err(stats);
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let stream = match (plan.tls, &plan.tls_client) {
+        (tls::Mode::Implicit, Some(client)) => match handshake(plan, client, tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                stats.error(&e);
+                return Err(stats);
+            }
+        },
+        _ => Stream::Plain(tcp),
+    };
+    let mut conn = Conn::new(stream, stats, plan.timeout);
+    let opened = async {
+        conn.greeting().await?;
+        let offered = conn.hello(plan.helo).await?;
+        if plan.tls != tls::Mode::Starttls {
+            return Ok(offered);
+        }
+        if !offered.2 {
+            return Err(ProtocolError::Tls(
+                "the server does not offer STARTTLS".into(),
+            ));
+        }
+        conn.write(b"STARTTLS\r\n", "STARTTLS").await?;
+        match conn.reply("STARTTLS").await? {
+            220 => Ok(offered),
+            code => Err(ProtocolError::Unexpected {
+                step: "STARTTLS",
+                code,
+            }),
+        }
+    }
+    .await;
+    let (pipelining, chunking, _) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            conn.stats.error(&e);
+            return Err(conn.stats);
+        }
+    };
+    if plan.tls != tls::Mode::Starttls {
+        conn.stats.sessions += 1;
+        return Ok((conn, pipelining, chunking));
+    }
+    // RFC 3207 section 4.2: after the handshake the session starts over with EHLO.
+    let Conn { io, mut stats, .. } = conn;
+    let upgraded = match (io.into_inner(), &plan.tls_client) {
+        (Ok(Stream::Plain(tcp)), Some(client)) => handshake(plan, client, tcp).await,
+        (Ok(_), _) => Err(ProtocolError::Tls("STARTTLS without a TLS client".into())),
+        (Err(e), _) => Err(e),
+    };
+    let stream = match upgraded {
+        Ok(s) => s,
+        Err(e) => {
+            stats.error(&e);
+            return Err(stats);
+        }
+    };
+    let mut conn = Conn::new(stream, stats, plan.timeout);
+    match conn.hello(plan.helo).await {
+        Ok((pipelining, chunking, _)) => {
+            conn.stats.sessions += 1;
+            Ok((conn, pipelining, chunking))
+        }
+        Err(e) => {
+            conn.stats.error(&e);
+            Err(conn.stats)
+        }
+    }
+}
+
+async fn handshake(
+    plan: &Plan,
+    client: &tls::Client,
+    tcp: TcpStream,
+) -> Result<Stream, ProtocolError> {
+    match timeout(plan.timeout, client.handshake(tcp)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(ProtocolError::Tls(format!("handshake: {e}"))),
+        Err(_) => Err(ProtocolError::Timeout("TLS handshake")),
+    }
+}
+
 /// Runs one connection to completion. Always waits on `ready` exactly once, so a
 /// connection that fails to connect cannot hold up the others.
 pub async fn run(
@@ -307,46 +453,19 @@ pub async fn run(
     start: Arc<tokio::sync::OnceCell<Instant>>,
     deadline: Option<Duration>,
 ) -> Stats {
-    let mut stats = Stats::new();
-    let connected = match timeout(plan.timeout, TcpStream::connect(plan.target)).await {
-        Ok(Ok(s)) => Some(s),
-        Ok(Err(e)) => {
-            stats.connect_errors += 1;
-            stats.first_error = Some(format!("connect: {e}"));
-            None
-        }
-        Err(_) => {
-            stats.connect_errors += 1;
-            stats.first_error = Some("connect: timed out".into());
-            None
-        }
-    };
-    let Some(stream) = connected else {
-        ready.wait().await;
-        return stats;
-    };
-    let _ = stream.set_nodelay(true);
-    let mut conn = Conn {
-        io: ReplyReader::new(stream),
-        stats,
-        timeout: plan.timeout,
-        size: false,
-        next_sent_at: None,
-        scratch: Vec::new(),
-    };
-    let offered = conn.hello(plan.helo).await;
+    let first = open(&plan, Stats::new()).await;
     ready.wait().await;
-    let (pipelining, chunking) = match offered {
+    let (mut conn, offered_pipelining, offered_chunking) = match first {
         Ok(o) => o,
-        Err(e) => {
-            conn.stats.error(&e);
-            return conn.stats;
-        }
+        Err(stats) => return stats,
     };
-    if (plan.pipelining && !pipelining) || (plan.chunking && !chunking) {
+    if (plan.pipelining && !offered_pipelining) || (plan.chunking && !offered_chunking) {
         conn.stats.fallbacks += 1;
     }
-    let (pipelining, chunking) = (plan.pipelining && pipelining, plan.chunking && chunking);
+    let (mut pipelining, mut chunking) = (
+        plan.pipelining && offered_pipelining,
+        plan.chunking && offered_chunking,
+    );
     let start = *start.get_or_init(|| async { Instant::now() }).await;
     let end = deadline.map(|d| start + d);
     let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15 ^ index as u64);
@@ -360,7 +479,25 @@ pub async fn run(
     // A message whose envelope is already on the wire, and when it was written.
     let mut prefetched: Option<(Arc<Template>, Instant)> = None;
     let mut sent = 0u64;
+    let mut in_session = 0u64;
     loop {
+        let session_full = plan.messages_per_session.is_some_and(|n| in_session >= n);
+        if session_full && prefetched.is_none() {
+            if plan.messages.is_some_and(|m| sent >= m) || end.is_some_and(|e| Instant::now() >= e)
+            {
+                break;
+            }
+            conn.quit().await;
+            let stats = std::mem::replace(&mut conn.stats, Stats::new());
+            match open(&plan, stats).await {
+                Ok((c, p, ch)) => {
+                    conn = c;
+                    (pipelining, chunking) = (plan.pipelining && p, plan.chunking && ch);
+                }
+                Err(stats) => return stats,
+            }
+            in_session = 0;
+        }
         let (t, started, envelope_sent) = match prefetched.take() {
             Some((t, at)) => (t, at, true),
             None => {
@@ -387,8 +524,12 @@ pub async fn run(
             }
         };
         sent += 1;
+        in_session += 1;
+        // The next envelope rides with this body only if the next message is in this
+        // session.
         let next = (overlap
             && plan.messages.is_none_or(|m| sent < m)
+            && plan.messages_per_session.is_none_or(|n| in_session < n)
             && end.is_none_or(|e| Instant::now() < e))
         .then(|| plan.mix.pick(&mut rng).clone());
         // Closed loop: the clock starts at the first write. Open loop: at the intended
@@ -413,14 +554,6 @@ pub async fn run(
             }
         }
     }
-    if conn.write(b"QUIT\r\n", "QUIT").await.is_ok() {
-        match conn.reply("QUIT").await {
-            Ok(221) => {}
-            Ok(code) => conn
-                .stats
-                .error(&ProtocolError::Unexpected { step: "QUIT", code }),
-            Err(e) => conn.stats.error(&e),
-        }
-    }
+    conn.quit().await;
     conn.stats
 }

@@ -11,6 +11,7 @@ mod floor;
 mod hold;
 mod message;
 mod reply;
+mod tls;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -112,6 +113,24 @@ struct Args {
     /// Exit non-zero when any error (non-2xx final reply, protocol, connect, timeout) occurs.
     #[arg(long)]
     strict: bool,
+    /// TLS: `starttls` (EHLO, STARTTLS, handshake, EHLO) or `implicit` (handshake first,
+    /// as on the gateway's --listen-tls port). Needs --tls-ca.
+    #[arg(long, value_enum, default_value_t = tls::Mode::None)]
+    tls: tls::Mode,
+    /// PEM file of the CA (or the self-signed certificate) the server's certificate must
+    /// chain to; the certificate is always verified.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Name to verify the server's certificate against [default: the target's IP address].
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
+    /// Resume TLS sessions across reconnects (default: a full handshake every session).
+    #[arg(long)]
+    tls_resume: bool,
+    /// QUIT and reconnect after this many messages (with --tls, one handshake each):
+    /// `--messages-per-session 1` measures sessions (handshakes) per second.
+    #[arg(long, value_name = "N")]
+    messages_per_session: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -137,7 +156,15 @@ struct Report {
     chunking: bool,
     helo: bool,
     rate: Option<f64>,
+    tls: tls::Mode,
+    messages_per_session: Option<u64>,
     elapsed_s: f64,
+    /// Sessions opened (greeted, EHLO answered, TLS handshake done), the first of each
+    /// connection included.
+    sessions: u64,
+    /// Sessions opened per second while measuring (the first ones, opened before the
+    /// clock starts, excluded): with --tls, full handshakes per second.
+    sessions_per_s: f64,
     /// Messages whose final reply was 250 (the number a sink must have stored).
     accepted: u64,
     /// Messages refused with 4xx/5xx somewhere in the transaction.
@@ -243,6 +270,23 @@ fn run() -> Result<()> {
     if args.duration.is_some_and(|d| !(d > 0.0 && d <= 86_400.0)) {
         bail!("--duration must be between 0 and 86400 seconds");
     }
+    if args.messages_per_session == Some(0) {
+        bail!("--messages-per-session must be at least 1");
+    }
+    if args.tls == tls::Mode::Starttls && args.helo {
+        bail!("--tls starttls needs EHLO (STARTTLS is an ESMTP extension): drop --helo");
+    }
+    let tls_client = match (args.tls, &args.tls_ca) {
+        (tls::Mode::None, None) => None,
+        (tls::Mode::None, Some(_)) => bail!("--tls-ca needs --tls starttls or --tls implicit"),
+        (_, None) => bail!("--tls {:?} needs --tls-ca FILE", args.tls),
+        (_, Some(ca)) => Some(tls::Client::new(
+            ca,
+            args.tls_server_name.as_deref(),
+            target,
+            args.tls_resume,
+        )?),
+    };
     let sizes = message::parse_sizes(&args.size)?;
     let messages = match (args.messages_per_connection, args.duration) {
         (Some(m), _) => Some(m),
@@ -261,6 +305,9 @@ fn run() -> Result<()> {
             .map(|r| Duration::from_secs_f64(args.connections as f64 / r)),
         timeout: Duration::from_secs_f64(args.timeout),
         connections: args.connections,
+        tls: args.tls,
+        tls_client,
+        messages_per_session: args.messages_per_session,
     });
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(t) = args.threads {
@@ -351,7 +398,12 @@ fn report(args: &Args, s: Stats, elapsed: f64, cpu: f64) -> Report {
         chunking: args.chunking,
         helo: args.helo,
         rate: args.rate,
+        tls: args.tls,
+        messages_per_session: args.messages_per_session,
         elapsed_s: elapsed,
+        sessions: s.sessions,
+        sessions_per_s: s.sessions.saturating_sub(args.connections as u64) as f64
+            / elapsed.max(1e-9),
         accepted: s.accepted,
         rejected: s.rejected,
         msgs_per_s: s.accepted as f64 / elapsed.max(1e-9),
@@ -376,7 +428,7 @@ fn print_table(r: &Report) {
         None => "closed loop".into(),
     };
     println!(
-        "target {}  connections {}  size {}  recipients {}  pipelining {}  chunking {}  {}{}",
+        "target {}  connections {}  size {}  recipients {}  pipelining {}  chunking {}  {}{}{}",
         r.target,
         r.connections,
         r.size,
@@ -385,6 +437,11 @@ fn print_table(r: &Report) {
         if r.chunking { "on" } else { "off" },
         mode,
         if r.helo { "  HELO" } else { "" },
+        match r.tls {
+            tls::Mode::None => "",
+            tls::Mode::Starttls => "  STARTTLS",
+            tls::Mode::Implicit => "  implicit TLS",
+        },
     );
     println!(
         "{:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>10}",
@@ -423,6 +480,12 @@ fn print_table(r: &Report) {
         r.extension_fallbacks,
         r.elapsed_s
     );
+    if r.messages_per_session.is_some() || r.tls != tls::Mode::None {
+        println!(
+            "tls {:?}  sessions {}  new sessions/s {:.1}",
+            r.tls, r.sessions, r.sessions_per_s
+        );
+    }
     if let Some(lag) = &r.send_lag_us {
         println!(
             "open-loop send lag µs (client's own lateness, included in latency): p50 {} p99 {} max {}",

@@ -29,6 +29,8 @@ pub enum ProtocolError {
         code: u16,
     },
     Timeout(&'static str),
+    /// The TLS handshake failed, or the server does not offer STARTTLS.
+    Tls(String),
 }
 
 impl fmt::Display for ProtocolError {
@@ -41,6 +43,7 @@ impl fmt::Display for ProtocolError {
                 write!(f, "reply {code} is impossible after {step}")
             }
             ProtocolError::Timeout(step) => write!(f, "timed out waiting after {step}"),
+            ProtocolError::Tls(e) => write!(f, "TLS: {e}"),
         }
     }
 }
@@ -67,6 +70,18 @@ impl<R: AsyncRead + Unpin> ReplyReader<R> {
 
     pub fn get_mut(&mut self) -> &mut R {
         self.inner.get_mut()
+    }
+
+    /// The stream back, for STARTTLS. Bytes already buffered after the last reply would
+    /// be plaintext the server sent after `220` (the CVE-2011-0411 shape from the other
+    /// side): a protocol error, not something to carry into TLS.
+    pub fn into_inner(self) -> Result<R, ProtocolError> {
+        if !self.inner.buffer().is_empty() {
+            return Err(ProtocolError::Malformed(
+                "plaintext after the STARTTLS reply".into(),
+            ));
+        }
+        Ok(self.inner.into_inner())
     }
 
     /// Reads one complete reply and returns its code. `on_line` sees the text after

@@ -4,6 +4,7 @@ gateway with --gateway-bin, and the client refuses a non-loopback target unless 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,58 @@ def test_selftest_measures_a_prebuilt_gateway():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "selftest: 1 passed, 0 failed" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+def test_client_over_tls_verifies_and_reconnects(start_gateway, tmp_path, mode):
+    """`--tls` sessions really are TLS (the gateway counts a handshake for each), every
+    message is accepted, `--messages-per-session` reconnects (one handshake per session),
+    and a certificate that does not chain to `--tls-ca` is refused, never skipped."""
+    from edge_support import make_certificate, metric, tls_port
+
+    crt, key = make_certificate(tmp_path)
+    gateway = start_gateway("--tls-cert", str(crt), "--tls-key", str(key), "--listen-tls", "127.0.0.1:0")
+    port = gateway.port if mode == "starttls" else tls_port(gateway)
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [str(loadtest_binary()), "--target", f"127.0.0.1:{port}", "--connections", "4",
+         "--messages-per-connection", "6", "--messages-per-session", "2", "--pipelining",
+         "--tls", mode, "--tls-ca", str(crt), "--strict", "--json", str(report)],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads(report.read_text())
+    assert stats["accepted"] == 24, stats
+    assert stats["sessions"] == 12, stats  # 4 connections x 3 sessions of 2 messages
+    assert stats["protocol_errors"] == 0 and stats["timeouts"] == 0, stats
+    handshakes = sum(
+        metric(gateway, f'smtpgw_tls_handshakes_total{{version="{v}"}}', deadline=0.5)
+        for v in ("TLSv1.2", "TLSv1.3")
+    )
+    assert handshakes == 12, handshakes
+
+    (tmp_path / "other").mkdir()
+    other_crt, _ = make_certificate(tmp_path / "other")
+    refused = subprocess.run(
+        [str(loadtest_binary()), "--target", f"127.0.0.1:{port}", "--connections", "1",
+         "--messages-per-connection", "1", "--tls", mode, "--tls-ca", str(other_crt), "--strict"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert refused.returncode != 0
+    assert "invalid peer certificate" in refused.stdout, refused.stdout
+
+
+def test_client_tls_flags_are_checked():
+    for args, words in [
+        (["--tls", "starttls"], "--tls-ca"),
+        (["--tls-ca", "/nonexistent.pem"], "--tls starttls"),
+        (["--tls", "starttls", "--helo", "--tls-ca", "/nonexistent.pem"], "drop --helo"),
+        (["--tls", "implicit", "--tls-ca", "/nonexistent.pem"], "/nonexistent.pem"),
+        (["--messages-per-session", "0"], "at least 1"),
+    ]:
+        result = subprocess.run(
+            [str(loadtest_binary()), "--target", "127.0.0.1:9", *args],
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode != 0 and words in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
