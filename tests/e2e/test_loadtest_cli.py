@@ -26,12 +26,13 @@ def no_cargo_env() -> dict[str, str]:
 @pytest.mark.parametrize(
     ("script", "words"),
     [
-        (["bash", str(LOADTEST / "run.sh")], ["--gateway-bin", "Root:", "3 s", "5 s", "--allow-remote-target"]),
+        (["bash", str(LOADTEST / "run.sh")], ["--gateway-bin", "Root:", "3 s", "5 s", "--allow-remote-target", "--tls"]),
         (["bash", str(LOADTEST / "selftest.sh")], ["--gateway-bin", "root", "--no-build"]),
+        (["bash", str(LOADTEST / "limit_cost.sh")], ["--gateway-bin", "Root is not needed", "callgrind"]),
         ([sys.executable, str(LOADTEST / "summarize.py")], ["usage:"]),
         ([sys.executable, str(LOADTEST / "plot.py")], ["usage:"]),
     ],
-    ids=["run.sh", "selftest.sh", "summarize.py", "plot.py"],
+    ids=["run.sh", "selftest.sh", "limit_cost.sh", "summarize.py", "plot.py"],
 )
 def test_every_script_has_help_and_builds_nothing(script, words):
     result = subprocess.run(
