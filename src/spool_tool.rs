@@ -59,7 +59,7 @@ use ulid::Ulid;
 use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
-use crate::smtp::address::is_hostile_char;
+use crate::smtp::address::{escaped, write_escaped, EscapeFor};
 use crate::smtp::envelope::RECORD_HEADERS;
 
 /// What a tool met that was not a record, reported on `err` as it was met.
@@ -132,29 +132,11 @@ fn walk(
     Ok(())
 }
 
-/// Client text for a terminal: printable UTF-8 as is; control characters, invalid
-/// bytes and bidirectional overrides escaped, and `\` doubled so escapes are unambiguous.
+/// Client text as one field of a tool's output line: printable UTF-8 as is; controls
+/// (line breaks included), invalid bytes and bidirectional overrides escaped, and `\`
+/// doubled so escapes are unambiguous.
 pub fn escape(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c == '\\' {
-                out.push_str("\\\\");
-            } else if is_hostile_char(c) {
-                if (c as u32) < 0x80 {
-                    out.push_str(&format!("\\x{:02x}", c as u32));
-                } else {
-                    out.push_str(&format!("\\u{{{:04x}}}", c as u32));
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
+    escaped(bytes, EscapeFor::TerminalField)
 }
 
 /// One line per message, oldest first:
@@ -303,19 +285,7 @@ pub fn cat_part_reporting<'e>(
 /// visible escape, so `spool cat` cannot drive the terminal a reader looks at.
 pub fn escape_for_terminal(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if matches!(c, '\r' | '\n' | '\t') || !is_hostile_char(c) {
-                let mut buf = [0; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            } else {
-                out.extend_from_slice(format!("\\u{{{:x}}}", c as u32).as_bytes());
-            }
-        }
-        for b in chunk.invalid() {
-            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
-        }
-    }
+    let _ = write_escaped(&mut out, bytes, EscapeFor::TerminalText);
     out
 }
 

@@ -507,7 +507,7 @@ fn escape_keeps_text_and_escapes_what_could_drive_a_terminal() {
     );
     assert_eq!(
         spool_tool::escape(b"a\x1b[2Jb\r\n\x7f\\"),
-        "a\\x1b[2Jb\\x0d\\x0a\\x7f\\\\"
+        "a\\u{1b}[2Jb\\u{d}\\u{a}\\u{7f}\\\\"
     );
     assert_eq!(spool_tool::escape(b"\xff\xfe"), "\\xff\\xfe");
     assert_eq!(spool_tool::escape("x\u{202e}y".as_bytes()), "x\\u{202e}y");

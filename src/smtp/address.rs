@@ -89,31 +89,60 @@ pub fn is_hostile_char(c: char) -> bool {
         )
 }
 
-/// Writes `text` with every character that is not plainly printable (see
-/// [`is_hostile_char`]) replaced by a visible `\u{..}` escape, so what a client sent can
-/// never change the structure of a trace line or a terminal screen. Backslashes stay as
-/// they are: quoted local parts use them legitimately.
-pub fn write_escaped(out: &mut impl std::io::Write, text: &str) -> std::io::Result<()> {
-    let mut rest = text;
-    while let Some(at) = rest.find(is_hostile_char) {
-        out.write_all(&rest.as_bytes()[..at])?;
-        let c = rest[at..].chars().next().unwrap_or_default();
-        write!(out, "\\u{{{:x}}}", c as u32)?;
-        rest = &rest[at + c.len_utf8()..];
-    }
-    out.write_all(rest.as_bytes())
+/// Where escaped client text goes, which decides the two things that differ between
+/// places: whether line breaks and tabs stay (a message body shown whole) and whether a
+/// backslash is doubled (so every escape is unambiguous where nothing else reads `\`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EscapeFor {
+    /// A `Received:` trace line: backslashes stay, since quoted local parts use them
+    /// legitimately (RFC 5321 quoted-pair).
+    TraceLine,
+    /// One field of a tool's output line (`spool ls`).
+    TerminalField,
+    /// A message shown whole on a terminal (`spool cat`): line breaks and tabs stay.
+    TerminalText,
 }
 
-/// [`write_escaped`] for bytes that may not be UTF-8: invalid sequences become `\x..`.
-pub fn escape_bytes(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len());
+/// Writes client text with every character that is not plainly printable (see
+/// [`is_hostile_char`]) as a visible `\u{..}` escape and every byte that is not UTF-8 as
+/// `\x..`, so what a client sent can never change the structure of a trace line or what
+/// a terminal shows. The one escaper for client text.
+pub fn write_escaped(
+    out: &mut impl std::io::Write,
+    bytes: &[u8],
+    place: EscapeFor,
+) -> std::io::Result<()> {
+    let keep = |c: char| match c {
+        '\\' => place != EscapeFor::TerminalField,
+        '\r' | '\n' | '\t' => place == EscapeFor::TerminalText,
+        c => !is_hostile_char(c),
+    };
     for chunk in bytes.utf8_chunks() {
-        let _ = write_escaped(&mut out, chunk.valid());
+        let mut rest = chunk.valid();
+        while let Some(at) = rest.find(|c| !keep(c)) {
+            out.write_all(&rest.as_bytes()[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            if c == '\\' {
+                out.write_all(b"\\\\")?;
+            } else {
+                write!(out, "\\u{{{:x}}}", c as u32)?;
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        out.write_all(rest.as_bytes())?;
         for b in chunk.invalid() {
-            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+            write!(out, "\\x{b:02x}")?;
         }
     }
-    String::from_utf8(out).unwrap_or_default()
+    Ok(())
+}
+
+/// [`write_escaped`] into a string.
+pub fn escaped(bytes: &[u8], place: EscapeFor) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let _ = write_escaped(&mut out, bytes, place);
+    // Only whole UTF-8 characters and ASCII escapes were written.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `name` is acceptable as a HELO/EHLO argument: an address literal, or a

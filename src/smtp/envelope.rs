@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::address::write_escaped;
+use super::address::{write_escaped, EscapeFor};
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 
 /// A message's identity: a ULID, sortable by arrival time. It is the Kafka key, the
@@ -236,7 +236,7 @@ fn write_received_line(
     // Client text is validated where it is parsed (HELO argument, addresses) and
     // escaped here as well, so no byte a client chose can break the line's structure.
     out.write_all(b"Received: from ")?;
-    write_escaped(out, &env.helo)?;
+    write_escaped(out, env.helo.as_bytes(), EscapeFor::TraceLine)?;
     write!(
         out,
         " ([{}])\r\n\tby {} (smtpgw) with {} id {}",
@@ -248,7 +248,7 @@ fn write_received_line(
     if env.rcpt_count() == 1 {
         if let Some(rcpt) = env.rcpt_to().next() {
             out.write_all(b"\r\n\tfor <")?;
-            write_escaped(out, rcpt)?;
+            write_escaped(out, rcpt.as_bytes(), EscapeFor::TraceLine)?;
             out.write_all(b">")?;
         }
     }
