@@ -16,13 +16,18 @@ import statistics
 import sys
 
 
-def cell(path, name, size, conns, pipe, ticks, clk_tck, peak_kib, client_out, rnd="1"):
+def client_report(path, client_out):
+    """The load client's JSON report, or (it failed) the tail of its output as the error."""
     try:
         with open(path + ".client") as f:
-            client = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
         with open(client_out, errors="replace") as f:
-            client = {"error": f.read()[-2000:], "accepted": 0, "msgs_per_s": 0.0}
+            return {"error": f.read()[-2000:], "accepted": 0, "msgs_per_s": 0.0, "sessions": 0}
+
+
+def cell(path, name, size, conns, pipe, ticks, clk_tck, peak_kib, client_out, rnd="1"):
+    client = client_report(path, client_out)
     cpu_s = int(ticks) / int(clk_tck)
     accepted = client.get("accepted", 0)
     record = {
@@ -42,12 +47,7 @@ def cell(path, name, size, conns, pipe, ticks, clk_tck, peak_kib, client_out, rn
 
 def session(path, name, ticks, clk_tck, client_out, rnd="1"):
     """A session cell (run.sh --tls): a new connection per message."""
-    try:
-        with open(path + ".client") as f:
-            client = json.load(f)
-    except (OSError, ValueError):
-        with open(client_out, errors="replace") as f:
-            client = {"error": f.read()[-2000:], "accepted": 0, "sessions": 0}
+    client = client_report(path, client_out)
     cpu_s = int(ticks) / int(clk_tck)
     sessions = client.get("sessions", 0)
     record = {
