@@ -247,11 +247,17 @@ def summary(out, ceiling, sink, mode, uptime):
     print(f"\nresults: {out}/summary.json, cells/, source/, memory/, perf/")
 
 
-def source_summary(out):
+def records(out, folder):
+    """Every JSON record run.sh wrote under OUT/folder, in file-name order."""
     recs = []
-    for path in sorted(glob.glob(os.path.join(out, "source", "*.json"))):
+    for path in sorted(glob.glob(os.path.join(out, folder, "*.json"))):
         with open(path) as f:
             recs.append(json.load(f))
+    return recs
+
+
+def source_summary(out):
+    recs = records(out, "source")
     if not recs:
         return []
     servers = server_order({r["server"] for r in recs})
@@ -284,10 +290,7 @@ def source_summary(out):
 
 def session_summary(out):
     """Session cells: sessions (with +tls, full handshakes) per second, CPU per session."""
-    recs = []
-    for path in sorted(glob.glob(os.path.join(out, "sessions", "*.json"))):
-        with open(path) as f:
-            recs.append(json.load(f))
+    recs = records(out, "sessions")
     if not recs:
         return {}
     servers = server_order({r["server"] for r in recs})
@@ -321,10 +324,7 @@ def session_summary(out):
 
 
 def memory_summary(out):
-    recs = []
-    for path in sorted(glob.glob(os.path.join(out, "memory", "*.json"))):
-        with open(path) as f:
-            recs.append(json.load(f))
+    recs = records(out, "memory")
     if recs:
         print("\nmemory of a fresh gateway per measurement: RSS growth / connections held")
         for r in recs:
