@@ -2,14 +2,15 @@
 //!
 //! `smtp` is the sans-IO protocol core, `conn` the sans-IO connection driver around it
 //! (deadlines, drain, memory limits), `net` moves bytes between sockets and drivers,
-//! `sink` stores accepted messages, `metrics` exports what they do, `server` wires
-//! them together.
+//! `sink` stores accepted messages, `metrics` exports what they do, `notify` tells
+//! systemd, `server` wires them together.
 
 pub mod config;
 pub mod conn;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod reload;
 pub mod server;
 pub mod sink;

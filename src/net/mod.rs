@@ -5,7 +5,8 @@
 //! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
 //! the sink with their publish metrics, the clock that stamps messages, and the run
 //! phase (running, draining, stopping). [`limits`] is the per-address limiter the
-//! drivers call and [`tls`] loads certificates.
+//! drivers call, [`tls`] loads certificates and [`liveness`] is how every reactor shows
+//! the systemd watchdog that its loop still turns.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
 pub mod limits;
+pub mod liveness;
 pub mod probe;
 pub mod tls;
 pub mod uring;
@@ -116,6 +118,8 @@ pub struct Shared {
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<Limits>,
+    /// Each reactor answers the watchdog's questions here (see [`liveness`]).
+    pub liveness: Arc<liveness::Liveness>,
     max_connections: usize,
     budget_per_reactor: usize,
     too_many: Box<[u8]>,
@@ -133,6 +137,7 @@ impl Shared {
             sink: p.sink.clone(),
             metrics: p.metrics.clone(),
             limits: Arc::new(p.limits.clone()),
+            liveness: Arc::new(liveness::Liveness::new(reactors)),
             max_connections: p.max_connections,
             // Each reactor frees what its own connections hold, so each gets a share
             // rather than all contending on one count. One message must always fit.
@@ -355,6 +360,14 @@ impl Reactors {
         match self {
             Reactors::Epoll(r) => r.open_connections(),
             Reactors::Uring(r) => r.open_connections(),
+        }
+    }
+
+    /// Where the reactors answer the watchdog (see [`liveness`]).
+    pub fn liveness(&self) -> Arc<liveness::Liveness> {
+        match self {
+            Reactors::Epoll(r) => r.liveness(),
+            Reactors::Uring(r) => r.liveness(),
         }
     }
 
