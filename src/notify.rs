@@ -94,6 +94,15 @@ impl Watchdog {
     /// it checks the answers to the previous question, pings if all came, and asks
     /// again (which wakes each reactor once).
     pub fn start(interval: Duration, liveness: Arc<Liveness>) -> std::io::Result<Watchdog> {
+        Self::start_with(interval, liveness, || send(&[NotifyState::Watchdog]))
+    }
+
+    /// [`Watchdog::start`] with `ping` in place of `WATCHDOG=1` (tests count pings).
+    fn start_with(
+        interval: Duration,
+        liveness: Arc<Liveness>,
+        ping: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Watchdog> {
         let period = interval / 2;
         let (stop, stopped) = bounded::<()>(0);
         let reactors_stopped = Arc::new(AtomicBool::new(false));
@@ -125,7 +134,7 @@ impl Watchdog {
                         if silent_since.take().is_some() {
                             info!("every reactor answers again; watchdog pings resume");
                         }
-                        send(&[NotifyState::Watchdog]);
+                        ping();
                     } else {
                         let periods = silent_since.get_or_insert(0);
                         *periods += 1;
@@ -162,5 +171,103 @@ impl Drop for Watchdog {
                 debug!("watchdog thread panicked");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Weak;
+
+    /// A reactor that answers when woken, while `alive`.
+    struct Reactor {
+        liveness: Weak<Liveness>,
+        index: usize,
+        alive: Arc<AtomicBool>,
+    }
+
+    impl crate::sink::Wake for Reactor {
+        fn wake(&self) {
+            if self.alive.load(Ordering::Acquire) {
+                if let Some(l) = self.liveness.upgrade() {
+                    l.answer(self.index);
+                }
+            }
+        }
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn pings_only_while_every_reactor_answers() {
+        let liveness = Arc::new(Liveness::new(2));
+        let alive: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(true))).collect();
+        liveness.set_wakers(
+            (0..2)
+                .map(|index| {
+                    Box::new(Reactor {
+                        liveness: Arc::downgrade(&liveness),
+                        index,
+                        alive: alive[index].clone(),
+                    }) as Box<dyn crate::sink::Wake>
+                })
+                .collect(),
+        );
+        let pings = Arc::new(AtomicUsize::new(0));
+        let counted = pings.clone();
+        let watchdog =
+            Watchdog::start_with(Duration::from_millis(40), liveness.clone(), move || {
+                counted.fetch_add(1, Ordering::Relaxed);
+            })
+            .expect("watchdog thread");
+        wait_until("pings while both answer", || {
+            pings.load(Ordering::Relaxed) >= 3
+        });
+
+        // Reactor 1 hangs: once a ping already under way is out (no new one for 10
+        // periods), no more.
+        alive[1].store(false, Ordering::Release);
+        let mut before = pings.load(Ordering::Relaxed);
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = pings.load(Ordering::Relaxed);
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            pings.load(Ordering::Relaxed),
+            before,
+            "pinged for a hung reactor"
+        );
+
+        // It recovers: its loop turns again and finds the wake-up it missed (a real
+        // reactor's eventfd count or Notify permit), so it answers the question still
+        // standing, and pings resume.
+        alive[1].store(true, Ordering::Release);
+        liveness.answer(1);
+        wait_until("pings after recovery", || {
+            pings.load(Ordering::Relaxed) >= before + 2
+        });
+
+        // After the reactors have stopped, the sink's flush is bounded by systemd's
+        // TimeoutStopSec, not by the watchdog: pings go on.
+        alive[0].store(false, Ordering::Release);
+        alive[1].store(false, Ordering::Release);
+        watchdog.reactors_stopped();
+        let stopped = pings.load(Ordering::Relaxed);
+        wait_until("pings after the reactors stopped", || {
+            pings.load(Ordering::Relaxed) >= stopped + 2
+        });
+        drop(watchdog);
     }
 }
