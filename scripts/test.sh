@@ -63,7 +63,7 @@ fi
 section "setup: Docker's default seccomp profile (base of deploy/container/seccomp.json)"
 # From Debian's golang-github-docker-docker-dev (moby's source), downloaded and unpacked
 # into a cache, not installed; tests/e2e/test_deploy.py regenerates seccomp.json from it.
-seccomp_cache=${XDG_CACHE_HOME:-$HOME/.cache}/smtpgw-test/docker-seccomp
+seccomp_cache=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/smtpgw-test/docker-seccomp
 seccomp_base=usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json
 if [ ! -f "$seccomp_cache/$seccomp_base" ]; then
     mkdir -p "$seccomp_cache"
