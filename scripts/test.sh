@@ -49,6 +49,33 @@ else
     fi
 fi
 
+section "setup: systemd-analyze (Debian's systemd package) for the unit in deploy/systemd"
+# `systemd-analyze verify` and `security --offline` load the unit into an offline
+# manager: they work in a container without systemd as PID 1. Installing the package
+# starts nothing here.
+if command -v systemd-analyze >/dev/null 2>&1; then
+    echo "systemd-analyze present: $(command -v systemd-analyze)"
+else
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd
+fi
+
+section "setup: Docker's default seccomp profile (base of deploy/container/seccomp.json)"
+# From Debian's golang-github-docker-docker-dev (moby's source), downloaded and unpacked
+# into a cache, not installed; tests/e2e/test_deploy.py regenerates seccomp.json from it.
+seccomp_cache=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/smtpgw-test/docker-seccomp
+seccomp_base=usr/share/gocode/src/github.com/docker/docker/profiles/seccomp/default.json
+if [ ! -f "$seccomp_cache/$seccomp_base" ]; then
+    mkdir -p "$seccomp_cache"
+    (cd "$seccomp_cache" && { apt-get download golang-github-docker-docker-dev 2>/dev/null \
+        || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q \
+             && apt-get download golang-github-docker-docker-dev; }; } \
+        && dpkg-deb --fsys-tarfile golang-github-docker-docker-dev_*.deb | tar -x "./$seccomp_base" \
+        && rm -f golang-github-docker-docker-dev_*.deb)
+fi
+export SMTPGW_TEST_DOCKER_SECCOMP=$seccomp_cache
+echo "SMTPGW_TEST_DOCKER_SECCOMP=$SMTPGW_TEST_DOCKER_SECCOMP"
+
 section "setup: python venv (.venv)"
 venv=.venv
 requirements=tests/e2e/requirements.txt

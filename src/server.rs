@@ -1,5 +1,6 @@
 //! Wiring: turns a [`Config`] into a running gateway (sink, reactors, signals) and owns
-//! the graceful drain on SIGTERM/SIGINT and the reload on SIGHUP (see [`crate::reload`]).
+//! the graceful drain on SIGTERM/SIGINT and the reload on SIGHUP (see [`crate::reload`]),
+//! telling systemd about each step (see [`crate::notify`]).
 
 use std::io;
 use std::sync::Arc;
@@ -305,6 +306,22 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         max_connections,
         "ready"
     );
+    // Every listener is bound and its reactors run: only now may systemd start what
+    // depends on us (and count the start as done).
+    let status = format!(
+        "accepting on {} ({} backend, sink {})",
+        reactors.local_addr(),
+        reactors.backend(),
+        sink.name()
+    );
+    crate::notify::ready(&status);
+    let watchdog = match crate::notify::watchdog_interval() {
+        Some(interval) => Some(
+            crate::notify::Watchdog::start(interval, reactors.liveness())
+                .map_err(ServerError::Setup)?,
+        ),
+        None => None,
+    };
 
     rt.block_on(async move {
         let which = loop {
@@ -312,8 +329,9 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = hup.recv() => {
+                    crate::notify::reloading();
                     // Refusals are logged by the reloader; the gateway runs on as it was.
-                    let _ = reloader.reload(&mut config, &*sink, &session);
+                    let reloaded = reloader.reload(&mut config, &*sink, &session);
                     // The certificate files are re-read even when the configuration did
                     // not change (or there is no --config): renewing a certificate in
                     // place is the usual reason for a SIGHUP. Open sessions keep theirs.
@@ -326,9 +344,15 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                             ),
                         }
                     }
+                    // Serving either way: a refused configuration leaves the old one.
+                    crate::notify::reloaded(match reloaded {
+                        Ok(()) => &status,
+                        Err(_) => "configuration reload refused (see the log); serving with the previous one",
+                    });
                 }
             }
         };
+        crate::notify::stopping();
         info!(
             signal = %which,
             open = reactors.open_connections(),
@@ -361,6 +385,9 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
 
         // Joining threads and flushing the sink block, so they run off this thread and a
         // further signal can still cut them short.
+        if let Some(w) = &watchdog {
+            w.reactors_stopped();
+        }
         let finish = tokio::task::spawn_blocking(move || {
             reactors.stop();
             sink.shutdown();

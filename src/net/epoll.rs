@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
+use super::liveness::Liveness;
 use super::{
     accept_exhausted, bind_all, stamp, Admitted, InFlight, NetError, Phase, ReactorParams, Shared,
     ACCEPT_BACKOFF,
@@ -61,6 +62,7 @@ impl Reactors {
         let (phase, _) = watch::channel(Phase::Running);
 
         let mut threads = Vec::with_capacity(reactors);
+        let mut liveness_wakers: Vec<Box<dyn Wake>> = Vec::with_capacity(reactors);
         for (i, std_listeners) in listeners.into_iter().enumerate() {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
@@ -84,12 +86,14 @@ impl Reactors {
             let shared = shared.clone();
             let phase_rx = phase.subscribe();
             let metrics = shared.metrics.reactor(i);
+            let asked = Arc::new(Notify::new());
+            liveness_wakers.push(Box::new(NotifyWake(asked.clone())));
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-reactor-{i}"))
                 .spawn(move || {
                     let local = LocalSet::new();
                     let reactor = Reactor::new(shared, metrics);
-                    rt.block_on(local.run_until(run(listener, reactor, phase_rx)));
+                    rt.block_on(local.run_until(run(listener, reactor, phase_rx, (i, asked))));
                     // Dropping the runtime drops whatever connections are left.
                     drop(local);
                     drop(rt);
@@ -97,6 +101,7 @@ impl Reactors {
                 .map_err(NetError::Reactor)?;
             threads.push(handle);
         }
+        shared.liveness.set_wakers(liveness_wakers);
         // Ready before the line that says so: tests and scripts act on it at once.
         shared.metrics.set_io_backend("epoll");
         shared.metrics.set_listening();
@@ -118,6 +123,10 @@ impl Reactors {
     /// Connections open right now, across all reactors.
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections()
+    }
+
+    pub fn liveness(&self) -> Arc<Liveness> {
+        self.shared.liveness.clone()
     }
 
     /// Moves every reactor to `phase` (it only ever moves forward).
@@ -277,9 +286,11 @@ async fn run(
     listeners: Vec<(TcpListener, Arc<Edge>)>,
     reactor: Rc<Reactor>,
     mut phase: watch::Receiver<Phase>,
+    (index, asked): (usize, Arc<Notify>),
 ) {
     tokio::task::spawn_local(reactor.clone().dispatch());
     tokio::task::spawn_local(flush_metrics(reactor.clone()));
+    tokio::task::spawn_local(answer_liveness(reactor.shared.clone(), index, asked));
     for (listener, edge) in listeners {
         tokio::task::spawn_local(accept(listener, edge, reactor.clone(), phase.clone()));
     }
@@ -334,6 +345,16 @@ async fn flush_metrics(reactor: Rc<Reactor>) {
         let mut m = reactor.metrics.borrow_mut();
         m.set_busy(busy);
         m.flush();
+    }
+}
+
+/// Answers the watchdog's questions: a task of this reactor's runtime, so it runs only
+/// while the reactor's loop turns (a task that never yields starves it, as it would
+/// every connection).
+async fn answer_liveness(shared: Arc<Shared>, index: usize, asked: Arc<Notify>) {
+    loop {
+        asked.notified().await;
+        shared.liveness.answer(index);
     }
 }
 

@@ -305,3 +305,31 @@ fn never_reading_client_is_bounded_and_dropped() {
     wait_for_no_connections(&r);
     r.stop();
 }
+
+/// Idle reactors answer the watchdog's question (woken by it, not by a timer), and
+/// reactors whose loops have ended never do: the watchdog pings only for live loops.
+#[test]
+fn reactors_answer_the_watchdog_only_while_their_loops_run() {
+    let r = start(10, Duration::from_secs(60));
+    let liveness = r.liveness();
+    for round in 0..3 {
+        liveness.ask();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !liveness.silent().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: reactors {:?} never answered",
+                liveness.silent()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    r.stop();
+    liveness.ask();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        liveness.silent(),
+        vec![0, 1],
+        "stopped reactors must not answer"
+    );
+}

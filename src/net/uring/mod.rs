@@ -174,6 +174,12 @@ impl Reactors {
             threads.push(handle);
         }
         drop(ready_tx);
+        shared.liveness.set_wakers(
+            wakers
+                .iter()
+                .map(|w| Box::new(Waker(w.clone())) as Box<dyn Wake>)
+                .collect(),
+        );
         let mut setup = ("", false);
         let mut failure = None;
         for _ in 0..reactors {
@@ -219,6 +225,10 @@ impl Reactors {
     /// Connections open right now, across all reactors.
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections()
+    }
+
+    pub fn liveness(&self) -> Arc<crate::net::liveness::Liveness> {
+        self.shared.liveness.clone()
     }
 
     /// Moves every reactor to `phase` (it only ever moves forward) and wakes them.
