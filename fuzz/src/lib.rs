@@ -13,6 +13,8 @@
 
 use std::sync::Arc;
 
+pub mod connection;
+
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
 
