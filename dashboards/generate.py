@@ -222,6 +222,40 @@ def kafka_panels(scope: str) -> list:
     ]
 
 
+def forward_panels(scope: str) -> list:
+    """Store-and-forward (--spool-fallback): mail Kafka could not take, spooled and forwarded later."""
+    return [
+        timeseries(
+            "Store-and-forward backlog (messages)",
+            "Messages stored in the spool because Kafka could not take them (--spool-fallback) and not yet "
+            "forwarded. They are safe (answered 250 after fdatasync); a backlog that does not shrink means "
+            "Kafka is still down or refusing. 0 without --spool-fallback.",
+            (f"sum by (instance) ({sel('smtpgw_forward_awaiting_records', scope)})", "{{instance}}"),
+        ),
+        timeseries(
+            "Store-and-forward backlog (bytes)",
+            "The same backlog in spool bytes; it counts against --spool-max-bytes and the file system's "
+            "free space until forwarded and pruned. 0 without --spool-fallback.",
+            (f"sum by (instance) ({sel('smtpgw_forward_awaiting_bytes', scope)})", "{{instance}}"),
+            unit="bytes",
+        ),
+        timeseries(
+            "Forwarded to Kafka / s",
+            "Spooled messages the forwarder published to Kafka per second, acknowledged by the brokers. "
+            "Non-zero while a backlog drains after an outage.",
+            (rate("smtpgw_forwarded_records_total", scope, by="instance"), "{{instance}}"),
+            unit="ops",
+        ),
+        timeseries(
+            "Oldest message waiting to be forwarded",
+            "Age of the oldest spooled message not yet in Kafka: how late consumers see it. 0 when nothing "
+            "waits. The SmtpgwForwardBacklogOld alert fires above 15 minutes.",
+            (f"max by (instance) ({sel('smtpgw_forward_oldest_age_seconds', scope)})", "{{instance}}"),
+            unit="s",
+        ),
+    ]
+
+
 def process_panels(scope: str) -> list:
     return [
         timeseries(
@@ -405,6 +439,7 @@ def overview() -> g.Dashboard:
             unit="ops",
         ),
         *kafka_panels(fleet),
+        *forward_panels(fleet),
         timeseries(
             "Sink up by node",
             "1 while a node's sink is healthy (the readiness condition).",
@@ -430,7 +465,7 @@ def overview() -> g.Dashboard:
             (f"max by (instance, version) ({sel('smtpgw_build_info', fleet)})", "version"),
         ),
     ]
-    description = "SMTP gateway fleet: traffic, replies, publish latency, saturation, Kafka, process"
+    description = "SMTP gateway fleet: traffic, replies, publish latency, saturation, Kafka, store-and-forward, process"
     return dashboard("smtpgw-overview", "smtpgw / Overview", description, panels, multi_instance=True)
 
 
@@ -535,6 +570,7 @@ def node() -> g.Dashboard:
             thresholds=steps(("green", None), ("orange", 2 * 86400)),
         ),
         *kafka_panels(one),
+        *forward_panels(one),
         *process_panels(one),
     ]
     return dashboard("smtpgw-node", "smtpgw / Node", "One smtpgw node in detail", panels, multi_instance=False)

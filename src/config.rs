@@ -1,49 +1,37 @@
-//! The gateway's configuration: command-line flags, `SMTPGW_*` environment variables and
-//! an optional TOML file, merged (CLI > env > file > default) and validated into one
-//! [`Config`] before anything starts, so a bad value fails with one line naming its flag.
+//! The gateway's configuration: one struct per settings group, each deriving clap's
+//! `Args` and serde's `Deserialize`, so that a setting (its flag, `SMTPGW_*` variable,
+//! file key, help text and default) is declared once, on one field. The layers are
+//! merged flag > environment > `--config` file > default with clap's value sources, then
+//! validated into one [`Config`] before anything starts, so a bad value fails with one
+//! line naming where it came from: the flag, the variable or the file and its key.
 
+use std::ffi::OsString;
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::conn::{Cidr, ProxyMode};
 use crate::smtp::BareLfPolicy;
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:2525";
-/// Loopback only by default: the endpoint has no authentication.
-pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9025";
-pub const DEFAULT_SPOOL_DIR: &str = "./spool";
-/// Room for a full batch (8 MiB) and a maximal message on top, so the gateway says
-/// `452` while the disk can still take the writes already under way.
-pub const DEFAULT_SPOOL_MIN_FREE_BYTES: u64 = 64 << 20;
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
-pub const MAX_MESSAGE_SIZE_LIMIT: usize = 1024 * 1024 * 1024;
-pub const DEFAULT_MAX_RECIPIENTS: usize = 100;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-pub const MAX_REACTORS: usize = 1024;
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-pub const DEFAULT_MAX_SESSION_TIME: Duration = Duration::from_secs(3600);
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_MIN_DATA_RATE: u64 = 1024;
-/// The minimum data rate is averaged over windows this long (the first is the grace).
-pub const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 50;
-pub const DEFAULT_MAX_CONNECTIONS_PER_PREFIX: u32 = 200;
-pub const DEFAULT_MAX_CONNECTION_RATE_PER_IP: u32 = 600;
-pub const DEFAULT_ERROR_BUDGET: u32 = 20;
-/// Local clients (a health check, a co-located relay) are exempt from per-address
-/// limits unless `--trusted-cidr` says otherwise.
-pub const DEFAULT_TRUSTED_CIDRS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+pub const MAX_MESSAGE_SIZE_LIMIT: u64 = 1024 * 1024 * 1024;
+pub const MAX_REACTORS: u64 = 1024;
 /// Greeting delays beyond this would only make legitimate clients time out.
 const MAX_GREETING_DELAY: Duration = Duration::from_secs(60);
 /// Without a total memory figure (or below it), the body budget is this.
 const FALLBACK_BODY_MEMORY: usize = 256 * 1024 * 1024;
 /// Far beyond any sensible setting, and keeps deadline arithmetic far from overflow.
 const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// librdkafka takes message.timeout.ms as a 32-bit count of milliseconds.
+const MAX_PUBLISH_TIMEOUT: Duration = Duration::from_secs(24 * 24 * 3600);
+/// The minimum data rate's window when none is given (the first window is the grace).
+const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 
 /// Where accepted messages go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -109,6 +97,553 @@ pub enum LogFormat {
     Text,
     Json,
 }
+
+// ---- Value types: each parses from a flag's text and from a file value alike. --------
+
+/// A number of bytes. Plain digits are bytes; a single letter `K`, `M`, `G` or `T` is
+/// a power of 1024 (as this gateway has always read it); IEC units (`KiB`, `MiB`,
+/// `GiB`, `TiB`) are powers of 1024 and SI units (`kB`, `MB`, `GB`, `TB`) powers of
+/// 1000, as the `bytesize` crate reads them: `10MB` is 10,000,000 and `10MiB`
+/// 10,485,760. Case does not matter; a fraction is allowed with a unit (`1.5G`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let s = text.trim();
+        let bad = || {
+            format!("not a size (got {s:?}); e.g. 10485760, 512K, 10M (= 10MiB), 10MB (= 10000000)")
+        };
+        let unit_at = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        if unit_at == 0 {
+            return Err(bad());
+        }
+        let unit = s[unit_at..].trim();
+        let spelled = if unit.len() == 1 && "kmgtKMGT".contains(unit) {
+            format!("{}{unit}iB", &s[..unit_at])
+        } else {
+            s.to_owned()
+        };
+        // bytesize saturates instead of failing on overflow.
+        match spelled.parse::<bytesize::ByteSize>() {
+            Ok(n) if n.as_u64() == u64::MAX => Err(format!("too large (got {s:?})")),
+            Ok(n) => Ok(ByteSize(n.as_u64())),
+            Err(_) => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A duration: plain seconds (`300`) or humantime units (`5m`, `1h 30m`, `500ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let s = text.trim();
+        if let Ok(secs) = s.parse::<u64>() {
+            return Ok(Dur(Duration::from_secs(secs)));
+        }
+        humantime::parse_duration(s)
+            .map(Dur)
+            .map_err(|_| format!("not a duration (got {s:?}); e.g. 300, 30s, 5m, 1h"))
+    }
+}
+
+/// In seconds: humantime would render 400d as "1year 1month 4days 7h 26m 24s".
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.0.subsec_nanos() == 0 {
+            write!(f, "{}s", self.0.as_secs())
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+/// `BYTES[/WINDOW]`: bytes per second averaged over windows of WINDOW (default 30s);
+/// `0` turns the rule off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataRate(pub Option<(u64, Duration)>);
+
+impl FromStr for DataRate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (bytes, window) = match s.split_once('/') {
+            Some((b, w)) => {
+                let Dur(window) = w.parse()?;
+                if window.is_zero() || window > MAX_DURATION {
+                    return Err(format!("the window must be between 1s and 366d (got {w})"));
+                }
+                (b, window)
+            }
+            None => (s, MIN_DATA_RATE_WINDOW),
+        };
+        let ByteSize(bytes) = bytes.parse()?;
+        Ok(DataRate((bytes > 0).then_some((bytes, window))))
+    }
+}
+
+/// A Kafka topic name, by Kafka's own rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaTopic(pub String);
+
+impl FromStr for KafkaTopic {
+    type Err = String;
+    fn from_str(t: &str) -> Result<Self, String> {
+        let ok = !t.is_empty()
+            && t.len() <= 249
+            && t != "."
+            && t != ".."
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !ok {
+            return Err(format!(
+                "not a Kafka topic name (got {t:?}); use letters, digits, '.', '_' and '-'"
+            ));
+        }
+        Ok(KafkaTopic(t.to_owned()))
+    }
+}
+
+/// One librdkafka setting, `KEY=VALUE`; the ones the gateway owns are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaSetting {
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for KafkaSetting {
+    type Err = String;
+    fn from_str(pair: &str) -> Result<Self, String> {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(format!(
+                "expected KEY=VALUE (got {pair:?}), e.g. security.protocol=SSL"
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("empty key in {pair:?}"));
+        }
+        if let Some(why) = crate::sink::kafka::reserved_config(key) {
+            return Err(format!("{key}: not allowed, {why}"));
+        }
+        Ok(KafkaSetting {
+            key: key.to_owned(),
+            value: value.trim().to_owned(),
+        })
+    }
+}
+
+/// `IP:PORT`, with an example in the error (std's says only "invalid socket address").
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("not an IP:PORT address (got {s:?}); e.g. 127.0.0.1:2525 or [::1]:2525")
+    })
+}
+
+/// A file value for a text-parsed type: a string, or a number read as its digits.
+struct TextVisitor<T>(PhantomData<T>);
+
+impl<T: FromStr<Err = E>, E: fmt::Display> serde::de::Visitor<'_> for TextVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or a number")
+    }
+    fn visit_str<Er: serde::de::Error>(self, v: &str) -> Result<T, Er> {
+        v.parse().map_err(Er::custom)
+    }
+    fn visit_i64<Er: serde::de::Error>(self, v: i64) -> Result<T, Er> {
+        self.visit_str(&v.to_string())
+    }
+    fn visit_u64<Er: serde::de::Error>(self, v: u64) -> Result<T, Er> {
+        self.visit_str(&v.to_string())
+    }
+}
+
+macro_rules! deserialize_from_text {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_any(TextVisitor(PhantomData))
+            }
+        }
+    )*};
+}
+deserialize_from_text!(ByteSize, Dur, DataRate, KafkaTopic, KafkaSetting);
+
+/// A list in the file: one value (`"a.example"`) or an array of them.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    struct V<T>(PhantomData<T>);
+    impl<'de, T: FromStr> serde::de::Visitor<'de> for V<T>
+    where
+        T::Err: fmt::Display,
+    {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or a list of strings")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            v.parse().map(|t| vec![t]).map_err(E::custom)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element::<String>()? {
+                out.push(s.parse().map_err(serde::de::Error::custom)?);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(PhantomData))
+}
+
+/// `accept-domain` in the file: an empty list would accept nothing at all.
+fn domains<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v: Vec<String> = one_or_many(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "empty list; leave it out to accept only localhost and --hostname",
+        ));
+    }
+    Ok(v)
+}
+
+// ---- The settings groups. ------------------------------------------------------------
+
+/// A settings group: clap gives its flags and environment, serde its file keys.
+pub trait Group: Args + FromArgMatches + DeserializeOwned + Default + Clone {
+    /// Takes `file`'s value for every setting not given as a flag or variable.
+    fn layer(&mut self, file: Self, explicit: &dyn Fn(&str) -> bool);
+
+    /// The group's file keys: its long flag names.
+    fn keys() -> Vec<String> {
+        Self::augment_args(clap::Command::new("keys"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// A group's defaults are what clap gives with no flags and no environment.
+fn defaults<G: Args + FromArgMatches>() -> G {
+    let cmd = G::augment_args(clap::Command::new("defaults").no_binary_name(true));
+    let matches = cmd.try_get_matches_from(Vec::<OsString>::new());
+    // Only a malformed `default_value` gets here: a bug the `defaults` test catches.
+    #[allow(clippy::expect_used)]
+    matches
+        .and_then(|m| G::from_arg_matches(&m))
+        .expect("the settings' defaults parse")
+}
+
+/// Declares a settings group: the struct (each field one setting, its flag, help and
+/// default in clap's attributes; its file key the long flag name) and the layering that
+/// picks, per field, the flag or variable if given, else the file's value.
+macro_rules! settings_group {
+    ($(#[$attr:meta])* pub struct $name:ident {
+        $($(#[$fattr:meta])* pub $field:ident: $ty:ty,)*
+    }) => {
+        #[derive(Clone, Debug, PartialEq, Eq, Args, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+        $(#[$attr])*
+        pub struct $name {
+            $($(#[$fattr])* pub $field: $ty,)*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                defaults()
+            }
+        }
+
+        impl Group for $name {
+            fn layer(&mut self, file: Self, explicit: &dyn Fn(&str) -> bool) {
+                $(if !explicit(stringify!($field)) {
+                    self.$field = file.$field;
+                })*
+            }
+        }
+    };
+}
+
+settings_group! {
+    // Listeners, identity and threads; these change only at a restart.
+    #[command(next_help_heading = "Listeners")]
+    pub struct Server {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", value_parser = socket_addr, default_value = "127.0.0.1:2525")]
+        pub listen: SocketAddr,
+        /// Address of the HTTP endpoint for /metrics, /healthz and /readyz (loopback by
+        /// default: it has no authentication).
+        #[arg(long, value_name = "ADDR", value_parser = socket_addr, default_value = "127.0.0.1:9025")]
+        pub metrics_listen: SocketAddr,
+        /// Our name in the greeting and Received: lines [default: the system hostname].
+        #[arg(long, value_name = "NAME")]
+        pub hostname: Option<String>,
+        /// Reactor threads, 1..=1024 [default: the number of CPUs].
+        #[arg(long, value_name = "N")]
+        pub reactors: Option<u64>,
+        /// I/O backend of the reactors.
+        #[arg(long, value_enum, default_value = "auto")]
+        pub io_backend: IoBackend,
+    }
+}
+
+settings_group! {
+    // What a session accepts; SIGHUP re-reads these from the file.
+    #[command(next_help_heading = "Session (SIGHUP reloads these)")]
+    pub struct Session {
+        /// Recipient domain to accept mail for; repeatable, or comma-separated
+        /// [default: localhost and --hostname].
+        #[arg(long, value_name = "DOMAIN", value_delimiter = ',')]
+        #[serde(deserialize_with = "domains")]
+        pub accept_domain: Vec<String>,
+        /// Largest message; see "Sizes" in the README for units.
+        #[arg(long, value_name = "BYTES", default_value = "10M")]
+        pub max_message_size: ByteSize,
+        /// Recipients per message.
+        #[arg(long, value_name = "N", default_value = "100")]
+        pub max_recipients: u64,
+        /// Bare CR or LF in a message body.
+        #[arg(long, value_enum, default_value = "reject")]
+        pub bare_lf: BareLfPolicy,
+    }
+}
+
+settings_group! {
+    // Connections, memory and time.
+    #[command(next_help_heading = "Connections and memory")]
+    pub struct Limits {
+        /// Open connections across all reactors.
+        #[arg(long, value_name = "N", default_value = "10000")]
+        pub max_connections: u64,
+        /// Message bodies held in memory across the gateway (being received or with the
+        /// sink); over it bodies stop being read and MAIL gets 451 4.3.1
+        /// [default: 25% of the machine's memory].
+        #[arg(long, value_name = "BYTES")]
+        pub max_body_memory: Option<ByteSize>,
+        /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
+        /// second, averaged over windows of WINDOW, the first being the grace), before
+        /// 421 4.4.2; 0 turns it off.
+        #[arg(long, value_name = "RATE", default_value = "1K/30s")]
+        pub min_data_rate: DataRate,
+        /// Close a connection silent this long, e.g. 300 or 5m.
+        #[arg(long, value_name = "DUR", default_value = "300")]
+        pub idle_timeout: Dur,
+        /// Close any connection open this long, however active.
+        #[arg(long, value_name = "DUR", default_value = "1h")]
+        pub max_session_time: Dur,
+        /// On SIGTERM/SIGINT, wait this long for sessions to finish (SIGHUP reloads it).
+        #[arg(long, value_name = "DUR", default_value = "30s")]
+        pub drain_timeout: Dur,
+    }
+}
+
+settings_group! {
+    // TLS, the PROXY protocol and the per-address limits.
+    #[command(next_help_heading = "The internet edge")]
+    pub struct Edge {
+        /// Second address, speaking TLS from the first byte (RFC 8314 submissions/465
+        /// style); needs --tls-cert and --tls-key.
+        #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
+        pub listen_tls: Option<SocketAddr>,
+        /// Certificate chain (PEM, leaf first); with --tls-key, STARTTLS is offered.
+        #[arg(long, value_name = "FILE")]
+        pub tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE")]
+        pub tls_key: Option<PathBuf>,
+        /// MAIL before STARTTLS gets 530 5.7.0.
+        #[arg(long)]
+        pub require_tls: bool,
+        /// PROXY protocol header expected on every listener.
+        #[arg(long, value_enum, default_value = "off")]
+        pub proxy_protocol: ProxyProtocol,
+        /// Address prefix allowed to send a PROXY header (the load balancers);
+        /// repeatable, or comma-separated. Required with --proxy-protocol.
+        #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+        #[serde(deserialize_with = "one_or_many")]
+        pub proxy_trusted_cidr: Vec<Cidr>,
+        /// Address prefix exempt from the per-address limits; repeatable, or
+        /// comma-separated; giving it replaces the default.
+        #[arg(long, value_name = "CIDR", value_delimiter = ',',
+              default_values = ["127.0.0.0/8", "::1/128"])]
+        #[serde(deserialize_with = "one_or_many")]
+        pub trusted_cidr: Vec<Cidr>,
+        /// Open connections per client address; 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "50")]
+        pub max_connections_per_ip: u32,
+        /// Open connections per /24 (IPv4) or /64 (IPv6); 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "200")]
+        pub max_connections_per_prefix: u32,
+        /// New connections per client address per minute (bursts of as many); 0 turns
+        /// it off.
+        #[arg(long, value_name = "N", default_value = "600")]
+        pub max_connection_rate_per_ip: u32,
+        /// Messages per client address per minute (bursts of as many); 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "0")]
+        pub max_message_rate_per_ip: u32,
+        /// Commands refused with 5xx after which a session gets 421 4.7.0 and is
+        /// closed; 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "20")]
+        pub error_budget: u32,
+        /// Wait this long before the greeting; a client that talks first gets 554 5.5.0;
+        /// 0 turns it off.
+        #[arg(long, value_name = "DUR", default_value = "0")]
+        pub greeting_delay: Dur,
+    }
+}
+
+impl Edge {
+    /// Certificate and key, when TLS is on (validation makes them both or neither).
+    pub fn tls(&self) -> Option<(&Path, &Path)> {
+        self.tls_cert.as_deref().zip(self.tls_key.as_deref())
+    }
+}
+
+settings_group! {
+    // Where the spool is; shared by the server and the `spool` tools.
+    #[command(next_help_heading = "Sink and spool")]
+    pub struct SpoolDir {
+        /// The spool's directory.
+        #[arg(long, value_name = "DIR", default_value = "./spool")]
+        pub spool_dir: PathBuf,
+    }
+}
+
+settings_group! {
+    // The sink and the spool's limits.
+    #[command(next_help_heading = "Sink and spool")]
+    pub struct Spool {
+        /// Where accepted messages go.
+        #[arg(long, value_enum, default_value = "spool")]
+        pub sink: SinkKind,
+        /// With --sink kafka: store messages Kafka cannot take now in the spool
+        /// (--spool-dir) and forward them when it can, instead of answering 451.
+        #[arg(long)]
+        pub spool_fallback: bool,
+        /// Largest total size of the spool's segments; messages beyond it get 452
+        /// 4.3.1; 0 for no limit.
+        #[arg(long, value_name = "BYTES", default_value = "0")]
+        pub spool_max_bytes: ByteSize,
+        /// Free space to leave on the spool's file system; messages that would go below
+        /// it get 452 4.3.1 before the disk fills; 0 turns it off. The default leaves
+        /// room for a full batch and a maximal message.
+        #[arg(long, value_name = "BYTES", default_value = "64M")]
+        pub spool_min_free_bytes: ByteSize,
+    }
+}
+
+settings_group! {
+    // The Kafka sink's settings, shared by the server and `spool replay`; the sink
+    // builds its producer from this group.
+    #[command(next_help_heading = "Kafka")]
+    pub struct Kafka {
+        /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
+        #[arg(long, value_name = "LIST")]
+        pub kafka_brokers: Option<String>,
+        /// Topic for accepted messages.
+        #[arg(long, value_name = "TOPIC", default_value = "smtp.inbound")]
+        pub kafka_topic: KafkaTopic,
+        /// librdkafka setting KEY=VALUE, e.g. security.protocol=SSL; repeatable, or
+        /// several separated by ';' (as SMTPGW_KAFKA_CONFIG takes them).
+        #[arg(long, value_name = "KEY=VALUE", value_delimiter = ';')]
+        #[serde(deserialize_with = "one_or_many")]
+        pub kafka_config: Vec<KafkaSetting>,
+        /// A message Kafka has not acknowledged by then gets 451.
+        #[arg(long, value_name = "DUR", default_value = "30s")]
+        pub publish_timeout: Dur,
+        /// Unacknowledged messages above which reactors stop reading message bodies.
+        #[arg(long, value_name = "N", default_value = "10000")]
+        pub max_inflight_messages: u64,
+        /// Unacknowledged bytes above which reactors stop reading message bodies.
+        #[arg(long, value_name = "BYTES", default_value = "256M")]
+        pub max_inflight_bytes: ByteSize,
+    }
+}
+
+impl Kafka {
+    /// The checks the value types cannot make alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(b) = &self.kafka_brokers {
+            if b.trim().is_empty() {
+                return Err(invalid("--kafka-brokers", "must not be empty"));
+            }
+        }
+        let d = self.publish_timeout.0;
+        if d < Duration::from_millis(1) || d > MAX_PUBLISH_TIMEOUT {
+            return Err(invalid(
+                "--publish-timeout",
+                format!("must be between 1ms and 24d (got {})", self.publish_timeout),
+            ));
+        }
+        at_least_one("--max-inflight-messages", self.max_inflight_messages)?;
+        at_least_one("--max-inflight-bytes", self.max_inflight_bytes.0)?;
+        Ok(())
+    }
+
+    /// The brokers, trimmed; empty when none are set (validation requires them with
+    /// `--sink kafka`).
+    pub fn brokers(&self) -> &str {
+        self.kafka_brokers.as_deref().map_or("", str::trim)
+    }
+
+    /// The sink's options, with the session's recipient limit (it bounds a record's
+    /// headers).
+    pub fn options(&self, max_recipients: usize) -> crate::sink::kafka::KafkaOptions {
+        crate::sink::kafka::KafkaOptions::new(self.clone(), max_recipients)
+    }
+}
+
+settings_group! {
+    // Log lines on stderr.
+    #[command(next_help_heading = "Logging")]
+    pub struct Logging {
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value = "text")]
+        pub log_format: LogFormat,
+        /// Log filter, e.g. info or warn,smtpgw=debug; SIGHUP re-reads it from the file;
+        /// its variable is SMTPGW_LOG [default: RUST_LOG, else info,smtpgw::message=warn].
+        #[arg(long, value_name = "FILTER")]
+        pub log_level: Option<String>,
+    }
+}
+
+/// `--config FILE` (or `SMTPGW_CONFIG`), for the server and the `spool` tools alike.
+#[derive(Clone, Debug, Default, Args)]
+pub struct ConfigFileArg {
+    /// TOML file whose keys are the long flag names, e.g. `listen = "[::1]:2525"`;
+    /// flags and SMTPGW_* variables win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl ConfigFileArg {
+    pub fn load(&self) -> Result<Option<ConfigFile>, ConfigError> {
+        self.config.as_deref().map(ConfigFile::load).transpose()
+    }
+}
+
+// ---- The command line. --------------------------------------------------------------
 
 /// smtpgw: an SMTP ingestion gateway that says 250 only once a message is stored durably.
 #[derive(Debug, Parser)]
@@ -177,7 +712,7 @@ pub enum SpoolCommand {
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
         #[command(flatten)]
-        kafka: KafkaArgs,
+        kafka: Kafka,
     },
     /// Verify every record; print a summary; exit 1 if anything is corrupt.
     Check {
@@ -205,164 +740,203 @@ pub struct SkipCorruptArg {
     pub skip_corrupt: bool,
 }
 
-// The Kafka settings, shared by the server and `spool replay`. (A `///` comment here
-// would become the help text of every command that flattens this.)
-#[derive(Clone, Debug, Default, Args)]
-pub struct KafkaArgs {
-    /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
-    #[arg(
-        long = "kafka-brokers",
-        env = "SMTPGW_KAFKA_BROKERS",
-        value_name = "LIST"
-    )]
-    pub kafka_brokers: Option<String>,
-    /// Topic for accepted messages [default: smtp.inbound].
-    #[arg(long = "kafka-topic", env = "SMTPGW_KAFKA_TOPIC", value_name = "TOPIC")]
-    pub kafka_topic: Option<String>,
-    /// librdkafka setting KEY=VALUE, e.g. security.protocol=SSL; repeatable, or several
-    /// separated by ';' (as SMTPGW_KAFKA_CONFIG takes them).
-    #[arg(
-        long = "kafka-config",
-        env = "SMTPGW_KAFKA_CONFIG",
-        value_name = "KEY=VALUE",
-        value_delimiter = ';'
-    )]
-    pub kafka_config: Vec<String>,
-    /// A message Kafka has not acknowledged by then gets 451 [default: 30s].
-    #[arg(
-        long = "publish-timeout",
-        env = "SMTPGW_PUBLISH_TIMEOUT",
-        value_name = "DUR"
-    )]
-    pub publish_timeout: Option<String>,
-    /// Unacknowledged messages above which reactors stop reading message bodies
-    /// [default: 10000].
-    #[arg(
-        long = "max-inflight-messages",
-        env = "SMTPGW_MAX_INFLIGHT_MESSAGES",
-        value_name = "N"
-    )]
-    pub max_inflight_messages: Option<u64>,
-    /// Unacknowledged bytes above which reactors stop reading message bodies; K, M, G
-    /// suffixes [default: 256M].
-    #[arg(
-        long = "max-inflight-bytes",
-        env = "SMTPGW_MAX_INFLIGHT_BYTES",
-        value_name = "BYTES"
-    )]
-    pub max_inflight_bytes: Option<String>,
-}
-
-// Where a spool subcommand finds the spool: --spool-dir, else the gateway's --config
-// file's `spool-dir`, else the default, so a tool run next to a gateway reads the same
-// spool as the gateway with the same file.
+// Where a spool subcommand finds the spool: --spool-dir, else the --config file's
+// `spool-dir`, else the default, so a tool run next to a gateway reads the same spool
+// as the gateway with the same file.
 #[derive(Clone, Debug, Default, Args)]
 pub struct SpoolDirArg {
-    /// The gateway's TOML configuration file; its `spool-dir` (and for replay its Kafka
-    /// settings) apply unless given as flags.
-    #[arg(long, env = "SMTPGW_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// The spool's directory [default: the file's spool-dir, else ./spool].
-    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
-    pub spool_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub file: ConfigFileArg,
+    #[command(flatten)]
+    pub store: SpoolDir,
     #[arg(skip)]
     pub sources: Sources,
 }
 
 impl SpoolDirArg {
-    /// The spool directory and the config file's contents (empty without `--config`).
-    pub fn resolve(&self) -> Result<(PathBuf, FileConfig), ConfigError> {
-        let mut file = match &self.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
-        let dir = self
-            .spool_dir
-            .clone()
-            .or(file.spool_dir.take())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
-        if dir.as_os_str().is_empty() {
+    /// The spool directory, and the config file if one is named.
+    pub fn resolve(&self) -> Result<(PathBuf, Option<ConfigFile>), ConfigError> {
+        let file = self.file.load()?;
+        let store = layer(self.store.clone(), file.as_ref(), &self.sources)?;
+        if store.spool_dir.as_os_str().is_empty() {
             let e = invalid("--spool-dir", "must not be empty");
-            return Err(self.sources.name(e, self.config.as_deref(), &file.keys));
+            return Err(self.sources.name(e, file.as_ref()));
         }
-        Ok((dir, file))
+        Ok((store.spool_dir, file))
+    }
+
+    /// `spool replay`'s Kafka settings over the file's, validated.
+    pub fn kafka(&self, kafka: Kafka, file: Option<&ConfigFile>) -> Result<Kafka, ConfigError> {
+        let kafka = layer(kafka, file, &self.sources)?;
+        kafka.validate().map_err(|e| self.sources.name(e, file))?;
+        Ok(kafka)
     }
 }
 
-/// Where each flag's value came from when it was not the command line, so an error
-/// names what the user has to fix: `SMTPGW_REACTORS`, or the file and its key.
+/// The server's settings as given by flags and environment, before the file.
+#[derive(Clone, Debug, Default, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub file: ConfigFileArg,
+    #[command(flatten)]
+    pub server: Server,
+    #[command(flatten)]
+    pub session: Session,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub edge: Edge,
+    #[command(flatten)]
+    pub store: SpoolDir,
+    #[command(flatten)]
+    pub spool: Spool,
+    #[command(flatten)]
+    pub kafka: Kafka,
+    #[command(flatten)]
+    pub log: Logging,
+    #[arg(skip)]
+    pub sources: Sources,
+}
+
+/// Checks one file value against its group's type, so an error names the key; `None`
+/// for a key no group has.
+fn check_file_value(key: &str, value: &toml::Value) -> Option<Result<(), String>> {
+    fn check<G: Group>(key: &str, value: &toml::Value) -> Option<Result<(), String>> {
+        if !G::keys().iter().any(|k| k == key) {
+            return None;
+        }
+        let one = toml::Table::from_iter([(key.to_owned(), value.clone())]);
+        Some(
+            toml::Value::Table(one)
+                .try_into::<G>()
+                .map(drop)
+                .map_err(|e| e.message().trim().replace('\n', " ")),
+        )
+    }
+    check::<Server>(key, value)
+        .or_else(|| check::<Session>(key, value))
+        .or_else(|| check::<Limits>(key, value))
+        .or_else(|| check::<Edge>(key, value))
+        .or_else(|| check::<SpoolDir>(key, value))
+        .or_else(|| check::<Spool>(key, value))
+        .or_else(|| check::<Kafka>(key, value))
+        .or_else(|| check::<Logging>(key, value))
+}
+
+/// The env variable of a setting: `SMTPGW_` and its long flag name in upper case.
+fn env_var(long: &str) -> String {
+    match long {
+        "log-level" => "SMTPGW_LOG".to_owned(),
+        _ => format!("SMTPGW_{}", long.to_ascii_uppercase().replace('-', "_")),
+    }
+}
+
+/// Gives every setting (and `--config`) its `SMTPGW_*` variable, in every subcommand.
+fn with_env(cmd: clap::Command, settings: &[String]) -> clap::Command {
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    let mut cmd = cmd.mut_args(|a| match a.get_long() {
+        Some(long) if long == "config" || settings.iter().any(|s| s == long) => {
+            let var = env_var(long);
+            a.env(var)
+        }
+        _ => a,
+    });
+    for name in subs {
+        cmd = cmd.mut_subcommand(name, |s| with_env(s, settings));
+    }
+    cmd
+}
+
+/// The whole command line as the binary parses it.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let settings = ServerArgs::augment_args(clap::Command::new("settings"))
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect::<Vec<_>>();
+    with_env(Cli::command(), &settings)
+}
+
+/// Which settings were given as a flag or an environment variable (and which
+/// variable), so the file does not override them and an error names what the user has
+/// to fix: the flag, `SMTPGW_REACTORS`, or the file and its key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Sources {
-    /// `(--flag, SMTPGW_VAR)` for values clap took from the environment.
-    pub from_env: Vec<(String, String)>,
-    /// Flags given on the command line.
-    pub from_cli: Vec<String>,
+    /// `(long flag name, Some(variable) when from the environment)`.
+    explicit: Vec<(String, Option<String>)>,
 }
 
 impl Sources {
     /// Records the sources of every argument of `cmd` found in `matches`.
     pub fn of(cmd: &clap::Command, matches: &clap::ArgMatches) -> Sources {
         use clap::parser::ValueSource;
-        let mut sources = Sources::default();
+        let mut explicit = Vec::new();
         for arg in cmd.get_arguments() {
             let Some(long) = arg.get_long() else { continue };
-            let flag = format!("--{long}");
             match matches.value_source(arg.get_id().as_str()) {
-                Some(ValueSource::EnvVariable) => {
-                    let var = arg
-                        .get_env()
-                        .map_or_else(String::new, |v| v.to_string_lossy().into_owned());
-                    sources.from_env.push((flag, var));
-                }
-                Some(ValueSource::CommandLine) => sources.from_cli.push(flag),
+                Some(ValueSource::EnvVariable) => explicit.push((
+                    long.to_owned(),
+                    arg.get_env().map(|v| v.to_string_lossy().into_owned()),
+                )),
+                Some(ValueSource::CommandLine) => explicit.push((long.to_owned(), None)),
                 _ => {}
             }
         }
-        sources
+        Sources { explicit }
+    }
+
+    /// The setting (a field name) was given as a flag or variable.
+    fn is_explicit(&self, field: &str) -> bool {
+        let long = field.replace('_', "-");
+        self.explicit.iter().any(|(f, _)| *f == long)
     }
 
     /// Renames an error's flag after the source its value came from: the environment
     /// variable, or `--config FILE: \`key\``, or the flag itself.
-    pub fn name(&self, e: ConfigError, file: Option<&Path>, file_keys: &[String]) -> ConfigError {
+    pub fn name(&self, e: ConfigError, file: Option<&ConfigFile>) -> ConfigError {
         let ConfigError::Invalid { flag, msg } = e else {
             return e;
         };
-        if let Some((_, var)) = self.from_env.iter().find(|(f, _)| f == flag) {
-            return ConfigError::Source {
+        let key = flag.trim_start_matches('-');
+        match self.explicit.iter().find(|(f, _)| f == key) {
+            Some((_, Some(var))) => ConfigError::Source {
                 origin: var.clone(),
                 msg,
-            };
-        }
-        let key = flag.trim_start_matches('-');
-        match file {
-            Some(path)
-                if !self.from_cli.iter().any(|f| f == flag)
-                    && file_keys.iter().any(|k| k == key) =>
-            {
-                ConfigError::Source {
-                    origin: format!("--config {}: `{key}`", path.display()),
+            },
+            Some((_, None)) => ConfigError::Invalid { flag, msg },
+            None => match file {
+                Some(file) if file.table.contains_key(key) => ConfigError::Source {
+                    origin: format!("--config {}: `{key}`", file.path.display()),
                     msg,
-                }
-            }
-            _ => ConfigError::Invalid { flag, msg },
+                },
+                _ => ConfigError::Invalid { flag, msg },
+            },
         }
     }
 }
 
-/// Parses the command line like `Cli::try_parse`, and records where each value came
-/// from (see [`Sources`]).
+/// Parses the process's command line; see [`parse_cli_from`].
 pub fn parse_cli() -> Result<Cli, clap::Error> {
     parse_cli_from(std::env::args_os())
 }
 
+/// Parses like `Cli::try_parse_from`, gives every setting its `SMTPGW_*` variable, and
+/// records where each value came from (see [`Sources`]). A bad value from a variable is
+/// named after the variable.
 pub fn parse_cli_from<I, T>(args: I) -> Result<Cli, clap::Error>
 where
     I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
+    T: Into<OsString> + Clone,
 {
-    use clap::{CommandFactory, FromArgMatches};
-    let cmd = Cli::command();
-    let matches = cmd.clone().try_get_matches_from(args)?;
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = command();
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .map_err(|e| name_the_variable(&cmd, &args, e))?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.server.sources = Sources::of(&cmd, &matches);
     if let (Some(Command::Spool(spool)), Some(("spool", m))) =
@@ -375,6 +949,55 @@ where
         }
     }
     Ok(cli)
+}
+
+/// clap names the flag when a variable's value does not parse; say the variable.
+fn name_the_variable(cmd: &clap::Command, args: &[OsString], e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return e;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let long = arg.trim_start_matches('-');
+    let long = long.split([' ', '=']).next().unwrap_or(long).to_owned();
+    let on_command_line = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a.strip_prefix("--")
+            .and_then(|a| a.strip_prefix(long.as_str()))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    });
+    let var = env_var(&long);
+    let from_env = std::env::var_os(&var).is_some() && has_arg(cmd, &long);
+    if on_command_line || !from_env {
+        return e;
+    }
+    let reason = match std::error::Error::source(&e) {
+        Some(source) => source.to_string(),
+        None => {
+            let value = match e.get(ContextKind::InvalidValue) {
+                Some(ContextValue::String(v)) => v.clone(),
+                _ => String::new(),
+            };
+            match e.get(ContextKind::ValidValue) {
+                Some(ContextValue::Strings(valid)) => format!(
+                    "invalid value {value:?}; possible values: {}",
+                    valid.join(", ")
+                ),
+                _ => format!("invalid value {value:?}"),
+            }
+        }
+    };
+    clap::Error::raw(e.kind(), format!("{var}: {reason}\n"))
+}
+
+fn has_arg(cmd: &clap::Command, long: &str) -> bool {
+    cmd.get_arguments().any(|a| a.get_long() == Some(long))
+        || cmd.get_subcommands().any(|s| has_arg(s, long))
 }
 
 impl SpoolCommand {
@@ -390,460 +1013,138 @@ impl SpoolCommand {
     }
 }
 
-// The server's flags as given. Every field is an `Option` without a clap default, so
-// that "not given" can fall through to the config file and then to the default.
-#[derive(Clone, Debug, Default, Args)]
-pub struct ServerArgs {
-    /// TOML file whose keys are the long flag names, e.g. `listen = "[::1]:2525"`.
-    #[arg(long, env = "SMTPGW_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:2525].
-    #[arg(long, env = "SMTPGW_LISTEN", value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Address of the HTTP endpoint for /metrics, /healthz and /readyz
-    /// [default: 127.0.0.1:9025].
-    #[arg(
-        long = "metrics-listen",
-        env = "SMTPGW_METRICS_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub metrics_listen: Option<String>,
-    /// Our name in the greeting and Received: lines [default: the system hostname].
-    #[arg(long, env = "SMTPGW_HOSTNAME", value_name = "NAME")]
-    pub hostname: Option<String>,
-    /// Recipient domain to accept mail for; repeatable, or comma-separated
-    /// [default: localhost and --hostname].
-    #[arg(
-        long = "accept-domain",
-        env = "SMTPGW_ACCEPT_DOMAIN",
-        value_name = "DOMAIN",
-        value_delimiter = ','
-    )]
-    pub accept_domain: Vec<String>,
-    /// Where accepted messages go [default: spool].
-    #[arg(long, env = "SMTPGW_SINK", value_enum)]
-    pub sink: Option<SinkKind>,
-    /// Directory of the spool sink [default: ./spool].
-    #[arg(long = "spool-dir", env = "SMTPGW_SPOOL_DIR", value_name = "DIR")]
-    pub spool_dir: Option<PathBuf>,
-    /// With --sink kafka: store messages Kafka cannot take now in the spool
-    /// (--spool-dir) and forward them when it can, instead of answering 451.
-    #[arg(long = "spool-fallback", env = "SMTPGW_SPOOL_FALLBACK")]
-    pub spool_fallback: bool,
-    /// Largest total size of the spool's segments; messages beyond it get 452 4.3.1;
-    /// K, M, G suffixes; 0 for no limit [default: 0].
-    #[arg(
-        long = "spool-max-bytes",
-        env = "SMTPGW_SPOOL_MAX_BYTES",
-        value_name = "BYTES"
-    )]
-    pub spool_max_bytes: Option<String>,
-    /// Free space to leave on the spool's file system; messages that would go below it
-    /// get 452 4.3.1 before the disk fills; 0 turns it off [default: 64M].
-    #[arg(
-        long = "spool-min-free-bytes",
-        env = "SMTPGW_SPOOL_MIN_FREE_BYTES",
-        value_name = "BYTES"
-    )]
-    pub spool_min_free_bytes: Option<String>,
-    /// Reactor threads, 1..=1024 [default: the number of CPUs].
-    #[arg(long, env = "SMTPGW_REACTORS", value_name = "N")]
-    pub reactors: Option<u64>,
-    /// I/O backend of the reactors [default: auto].
-    #[arg(long = "io-backend", env = "SMTPGW_IO_BACKEND", value_enum)]
-    pub io_backend: Option<IoBackend>,
-    /// Message bodies held in memory across the gateway (being received or with the
-    /// sink); over it bodies stop being read and MAIL gets 451 4.3.1; K, M, G suffixes
-    /// [default: 25% of the machine's memory].
-    #[arg(
-        long = "max-body-memory",
-        env = "SMTPGW_MAX_BODY_MEMORY",
-        value_name = "BYTES"
-    )]
-    pub max_body_memory: Option<String>,
-    /// Slowest average rate a message body may arrive at, as BYTES[/WINDOW] (bytes per
-    /// second, averaged over windows of WINDOW, the first being the grace), before
-    /// 421 4.4.2; 0 turns it off; K, M suffixes [default: 1K/30s].
-    #[arg(
-        long = "min-data-rate",
-        env = "SMTPGW_MIN_DATA_RATE",
-        value_name = "RATE"
-    )]
-    pub min_data_rate: Option<String>,
-    /// Largest message in bytes; K, M, G suffixes (powers of 1024) [default: 10M].
-    #[arg(
-        long = "max-message-size",
-        env = "SMTPGW_MAX_MESSAGE_SIZE",
-        value_name = "BYTES"
-    )]
-    pub max_message_size: Option<String>,
-    /// Recipients per message [default: 100].
-    #[arg(
-        long = "max-recipients",
-        env = "SMTPGW_MAX_RECIPIENTS",
-        value_name = "N"
-    )]
-    pub max_recipients: Option<u64>,
-    /// Open connections across all reactors [default: 10000].
-    #[arg(
-        long = "max-connections",
-        env = "SMTPGW_MAX_CONNECTIONS",
-        value_name = "N"
-    )]
-    pub max_connections: Option<u64>,
-    /// Close a connection silent this long, e.g. 300 or 5m [default: 300s].
-    #[arg(long = "idle-timeout", env = "SMTPGW_IDLE_TIMEOUT", value_name = "DUR")]
-    pub idle_timeout: Option<String>,
-    /// Close any connection open this long, however active [default: 1h].
-    #[arg(
-        long = "max-session-time",
-        env = "SMTPGW_MAX_SESSION_TIME",
-        value_name = "DUR"
-    )]
-    pub max_session_time: Option<String>,
-    /// On SIGTERM/SIGINT, wait this long for sessions to finish [default: 30s].
-    #[arg(
-        long = "drain-timeout",
-        env = "SMTPGW_DRAIN_TIMEOUT",
-        value_name = "DUR"
-    )]
-    pub drain_timeout: Option<String>,
-    /// Bare CR or LF in a message body [default: reject].
-    #[arg(long = "bare-lf", env = "SMTPGW_BARE_LF", value_enum)]
-    pub bare_lf: Option<BareLfPolicy>,
-    /// Log line format on stderr [default: text].
-    #[arg(long = "log-format", env = "SMTPGW_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Second address, speaking TLS from the first byte (RFC 8314 submissions/465 style);
-    /// needs --tls-cert and --tls-key.
-    #[arg(long = "listen-tls", env = "SMTPGW_LISTEN_TLS", value_name = "ADDR")]
-    pub listen_tls: Option<String>,
-    /// Certificate chain (PEM, leaf first); with --tls-key, STARTTLS is offered.
-    #[arg(long = "tls-cert", env = "SMTPGW_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long = "tls-key", env = "SMTPGW_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// MAIL before STARTTLS gets 530 5.7.0.
-    #[arg(long = "require-tls", env = "SMTPGW_REQUIRE_TLS")]
-    pub require_tls: bool,
-    /// PROXY protocol header expected on every listener [default: off].
-    #[arg(long = "proxy-protocol", env = "SMTPGW_PROXY_PROTOCOL", value_enum)]
-    pub proxy_protocol: Option<ProxyProtocol>,
-    /// Address prefix allowed to send a PROXY header (the load balancers); repeatable,
-    /// or comma-separated. Required with --proxy-protocol.
-    #[arg(
-        long = "proxy-trusted-cidr",
-        env = "SMTPGW_PROXY_TRUSTED_CIDR",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub proxy_trusted_cidr: Vec<String>,
-    /// Address prefix exempt from the per-address limits; repeatable, or
-    /// comma-separated [default: 127.0.0.0/8,::1/128].
-    #[arg(
-        long = "trusted-cidr",
-        env = "SMTPGW_TRUSTED_CIDR",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub trusted_cidr: Vec<String>,
-    /// Open connections per client address; 0 turns it off [default: 50].
-    #[arg(
-        long = "max-connections-per-ip",
-        env = "SMTPGW_MAX_CONNECTIONS_PER_IP",
-        value_name = "N"
-    )]
-    pub max_connections_per_ip: Option<u32>,
-    /// Open connections per /24 (IPv4) or /64 (IPv6); 0 turns it off [default: 200].
-    #[arg(
-        long = "max-connections-per-prefix",
-        env = "SMTPGW_MAX_CONNECTIONS_PER_PREFIX",
-        value_name = "N"
-    )]
-    pub max_connections_per_prefix: Option<u32>,
-    /// New connections per client address per minute (bursts of as many); 0 turns it
-    /// off [default: 600].
-    #[arg(
-        long = "max-connection-rate-per-ip",
-        env = "SMTPGW_MAX_CONNECTION_RATE_PER_IP",
-        value_name = "N"
-    )]
-    pub max_connection_rate_per_ip: Option<u32>,
-    /// Messages per client address per minute (bursts of as many); 0 turns it off
-    /// [default: 0].
-    #[arg(
-        long = "max-message-rate-per-ip",
-        env = "SMTPGW_MAX_MESSAGE_RATE_PER_IP",
-        value_name = "N"
-    )]
-    pub max_message_rate_per_ip: Option<u32>,
-    /// Commands refused with 5xx after which a session gets 421 4.7.0 and is closed; 0
-    /// turns it off [default: 20].
-    #[arg(long = "error-budget", env = "SMTPGW_ERROR_BUDGET", value_name = "N")]
-    pub error_budget: Option<u32>,
-    /// Wait this long before the greeting; a client that talks first gets 554 5.5.0
-    /// [default: 0, off].
-    #[arg(
-        long = "greeting-delay",
-        env = "SMTPGW_GREETING_DELAY",
-        value_name = "DUR"
-    )]
-    pub greeting_delay: Option<String>,
-    /// Log filter, e.g. info or warn,smtpgw=debug; SIGHUP re-reads it from the file
-    /// [default: RUST_LOG, else info].
-    #[arg(long = "log-level", env = "SMTPGW_LOG", value_name = "FILTER")]
-    pub log_level: Option<String>,
-    #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[arg(skip)]
-    pub sources: Sources,
+// ---- The file. ----------------------------------------------------------------------
+
+/// A `--config` file, read and checked: every key known, every value of its type.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    table: toml::Table,
 }
 
-/// The config file: the same settings as the flags, keyed by the long flag names.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FileConfig {
-    pub listen: Option<String>,
-    pub metrics_listen: Option<String>,
-    pub hostname: Option<String>,
-    pub accept_domain: Option<OneOrMany>,
-    pub sink: Option<SinkKind>,
-    pub spool_dir: Option<PathBuf>,
-    pub spool_fallback: Option<bool>,
-    pub spool_max_bytes: Option<IntOrStr>,
-    pub spool_min_free_bytes: Option<IntOrStr>,
-    pub reactors: Option<u64>,
-    pub io_backend: Option<IoBackend>,
-    pub max_body_memory: Option<IntOrStr>,
-    pub min_data_rate: Option<IntOrStr>,
-    pub max_message_size: Option<IntOrStr>,
-    pub max_recipients: Option<u64>,
-    pub max_connections: Option<u64>,
-    pub idle_timeout: Option<IntOrStr>,
-    pub max_session_time: Option<IntOrStr>,
-    pub drain_timeout: Option<IntOrStr>,
-    pub bare_lf: Option<BareLfPolicy>,
-    pub log_format: Option<LogFormat>,
-    pub log_level: Option<String>,
-    pub kafka_brokers: Option<String>,
-    pub kafka_topic: Option<String>,
-    pub kafka_config: Option<OneOrMany>,
-    pub publish_timeout: Option<IntOrStr>,
-    pub max_inflight_messages: Option<u64>,
-    pub max_inflight_bytes: Option<IntOrStr>,
-    pub listen_tls: Option<String>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub require_tls: Option<bool>,
-    pub proxy_protocol: Option<ProxyProtocol>,
-    pub proxy_trusted_cidr: Option<OneOrMany>,
-    pub trusted_cidr: Option<OneOrMany>,
-    pub max_connections_per_ip: Option<u32>,
-    pub max_connections_per_prefix: Option<u32>,
-    pub max_connection_rate_per_ip: Option<u32>,
-    pub max_message_rate_per_ip: Option<u32>,
-    pub error_budget: Option<u32>,
-    pub greeting_delay: Option<IntOrStr>,
-    /// The keys present in the file, so errors can name the file as their source.
-    #[serde(skip)]
-    pub keys: Vec<String>,
-}
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.display().to_string(),
+            msg: format!("cannot read: {e}"),
+        })?;
+        ConfigFile::parse(&text, path)
+    }
 
-const FILE_KEYS: &[&str] = &[
-    "listen-tls",
-    "tls-cert",
-    "tls-key",
-    "require-tls",
-    "proxy-protocol",
-    "proxy-trusted-cidr",
-    "trusted-cidr",
-    "max-connections-per-ip",
-    "max-connections-per-prefix",
-    "max-connection-rate-per-ip",
-    "max-message-rate-per-ip",
-    "error-budget",
-    "greeting-delay",
-    "listen",
-    "metrics-listen",
-    "hostname",
-    "accept-domain",
-    "sink",
-    "spool-dir",
-    "spool-fallback",
-    "spool-max-bytes",
-    "spool-min-free-bytes",
-    "reactors",
-    "io-backend",
-    "max-body-memory",
-    "min-data-rate",
-    "max-message-size",
-    "max-recipients",
-    "max-connections",
-    "idle-timeout",
-    "max-session-time",
-    "drain-timeout",
-    "bare-lf",
-    "log-format",
-    "log-level",
-    "kafka-brokers",
-    "kafka-topic",
-    "kafka-config",
-    "publish-timeout",
-    "max-inflight-messages",
-    "max-inflight-bytes",
-];
-
-/// `accept-domain = "a.example"` or `accept-domain = ["a.example", "b.example"]`.
-#[derive(Debug)]
-pub struct OneOrMany(pub Vec<String>);
-
-impl<'de> Deserialize<'de> for OneOrMany {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = OneOrMany;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a domain or a list of domains")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![v.to_owned()]))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<OneOrMany, A::Error> {
-                let mut v = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    v.push(s);
+    /// Parses the file's text. Errors are one line and name the offending key.
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+        let file_err = |msg: String| ConfigError::File {
+            path: path.display().to_string(),
+            msg,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| file_err(describe(&e, text)))?;
+        for (key, value) in &table {
+            match check_file_value(key, value) {
+                None => {
+                    return Err(file_err(format!(
+                        "unknown key `{key}` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
+                    )))
                 }
-                Ok(OneOrMany(v))
+                Some(Err(msg)) => {
+                    return Err(ConfigError::Source {
+                        origin: format!("--config {}: `{key}`", path.display()),
+                        msg,
+                    })
+                }
+                Some(Ok(())) => {}
             }
         }
-        d.deserialize_any(V)
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            table,
+        })
+    }
+
+    /// The group's values from the file, its defaults for keys the file does not have.
+    fn group<G: Group>(&self) -> Result<G, ConfigError> {
+        let keys = G::keys();
+        let sub: toml::Table = self
+            .table
+            .iter()
+            .filter(|(k, _)| keys.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // Each value was checked on loading; this only fails on a bug.
+        toml::Value::Table(sub)
+            .try_into()
+            .map_err(|e| ConfigError::File {
+                path: self.path.display().to_string(),
+                msg: e.message().trim().replace('\n', " "),
+            })
     }
 }
 
-/// Sizes and durations: `10485760` or `"10M"`, `300` or `"5m"`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IntOrStr {
-    Int(i64),
-    Str(String),
+/// The group as given, with the file's value for every setting not given as a flag or
+/// variable.
+fn layer<G: Group>(
+    mut given: G,
+    file: Option<&ConfigFile>,
+    sources: &Sources,
+) -> Result<G, ConfigError> {
+    if let Some(file) = file {
+        given.layer(file.group()?, &|field| sources.is_explicit(field));
+    }
+    Ok(given)
 }
 
-impl<'de> Deserialize<'de> for IntOrStr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = IntOrStr;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an integer or a string such as \"10M\" or \"5m\"")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntOrStr, E> {
-                Ok(IntOrStr::Int(v))
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntOrStr, E> {
-                i64::try_from(v)
-                    .map(IntOrStr::Int)
-                    .map_err(|_| E::custom("integer too large"))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntOrStr, E> {
-                Ok(IntOrStr::Str(v.to_owned()))
-            }
+/// toml's own rendering spans several lines with a source excerpt; this keeps one line,
+/// with the line number (and key) so the user can find the spot.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let start = span.start.min(text.len());
+    let line_no = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !key.trim().starts_with('[') => {
+            format!("line {line_no}: `{}`: {msg}", key.trim())
         }
-        d.deserialize_any(V)
+        _ => format!("line {line_no}: {msg}"),
     }
 }
 
-impl fmt::Display for IntOrStr {
-    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        match self {
-            IntOrStr::Int(i) => write!(f, "{i}"),
-            IntOrStr::Str(s) => write!(f, "{s:?}"),
-        }
-    }
-}
+// ---- The validated configuration. ---------------------------------------------------
 
-/// A configuration the gateway can run with: merged, defaulted and validated.
+/// A configuration the gateway can run with: layered, defaulted and validated. The
+/// groups are as given; the fields after them are what their defaults resolve to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
+    pub server: Server,
+    pub session: Session,
+    pub limits: Limits,
+    pub edge: Edge,
+    pub store: SpoolDir,
+    pub spool: Spool,
+    pub kafka: Kafka,
+    pub log: Logging,
+    /// `--hostname`, else the system's, else `localhost`.
     pub hostname: String,
-    /// Lower-case, deduplicated, never empty.
+    /// Normalised (UTS #46 A-labels in lower case), deduplicated, never empty.
     pub accept_domains: Vec<String>,
     /// No --accept-domain was given; start-up says what that means.
     pub accept_domains_defaulted: bool,
-    pub sink: SinkKind,
-    pub spool_dir: PathBuf,
-    /// `--sink kafka` only: messages Kafka cannot take go to the spool and are
-    /// forwarded later.
-    pub spool_fallback: bool,
-    /// `None`: no size limit.
-    pub spool_max_bytes: Option<u64>,
-    /// 0: no free-space floor.
-    pub spool_min_free_bytes: u64,
     pub reactors: usize,
-    pub io_backend: IoBackend,
     /// Across all reactors; each gets an equal share.
     pub max_body_memory: usize,
-    /// Bytes per second, and the window they are averaged over; `None` when off.
-    pub min_data_rate: Option<(u64, Duration)>,
-    pub max_message_size: usize,
-    pub max_recipients: usize,
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
-    pub max_session_time: Duration,
-    pub drain_timeout: Duration,
-    pub bare_lf: BareLfPolicy,
-    pub log_format: LogFormat,
     /// Tracing filter directives, already checked.
     pub log_level: String,
-    pub kafka: KafkaConfig,
-    pub edge: EdgeConfig,
 }
 
-/// TLS, PROXY protocol and the per-address limits. Limits are `None` when off.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EdgeConfig {
-    pub listen_tls: Option<SocketAddr>,
-    /// Certificate and key, both or neither.
-    pub tls: Option<(PathBuf, PathBuf)>,
-    pub require_tls: bool,
-    pub proxy_protocol: ProxyProtocol,
-    pub proxy_trusted: Vec<Cidr>,
-    pub trusted: Vec<Cidr>,
-    pub max_connections_per_ip: Option<u32>,
-    pub max_connections_per_prefix: Option<u32>,
-    pub max_connection_rate_per_ip: Option<u32>,
-    pub max_message_rate_per_ip: Option<u32>,
-    pub error_budget: Option<u32>,
-    pub greeting_delay: Duration,
-}
+impl Config {
+    pub fn max_message_size(&self) -> usize {
+        self.session.max_message_size.as_usize()
+    }
 
-/// The Kafka sink's settings; `brokers` is `Some` whenever `sink` is `Kafka`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KafkaConfig {
-    pub brokers: Option<String>,
-    pub topic: String,
-    /// `--kafka-config` pairs in the order given; later ones win in librdkafka.
-    pub extra: Vec<(String, String)>,
-    pub publish_timeout: Duration,
-    pub max_inflight_messages: usize,
-    pub max_inflight_bytes: usize,
-}
-
-impl KafkaConfig {
-    /// The sink's options; `brokers` must be set (it is whenever `--sink kafka`).
-    pub fn options(&self, max_recipients: usize) -> crate::sink::kafka::KafkaOptions {
-        let mut o = crate::sink::kafka::KafkaOptions::new(self.brokers.clone().unwrap_or_default());
-        o.topic = self.topic.clone();
-        o.extra = self.extra.clone();
-        o.publish_timeout = self.publish_timeout;
-        o.max_inflight_messages = self.max_inflight_messages;
-        o.max_inflight_bytes = self.max_inflight_bytes;
-        o.max_recipients = max_recipients;
-        o
+    pub fn max_recipients(&self) -> usize {
+        usize::try_from(self.session.max_recipients).unwrap_or(usize::MAX)
     }
 }
 
@@ -867,59 +1168,27 @@ fn invalid(flag: &'static str, msg: impl Into<String>) -> ConfigError {
 }
 
 impl ServerArgs {
-    /// Reads the config file if one is named, then merges and validates.
+    /// Reads the config file if one is named, then layers and validates.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
-        let (sources, path, keys) = (self.sources.clone(), self.config.clone(), file.keys.clone());
-        resolve(self, file, system_hostname).map_err(|e| sources.name(e, path.as_deref(), &keys))
+        let file = self.file.load()?;
+        resolve(self, file.as_ref(), system_hostname)
     }
-}
 
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.display().to_string(),
-        msg: format!("cannot read: {e}"),
-    })?;
-    parse_file(&text, &path.display().to_string())
-}
-
-/// Parses the file's text. Errors name the offending key: unknown keys are checked first
-/// so a typo is reported as such rather than as a confusing type error.
-pub fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
-    let file_err = |msg: String| ConfigError::File {
-        path: path.to_owned(),
-        msg,
-    };
-    let table: toml::Table = toml::from_str(text).map_err(|e| file_err(describe(&e, text)))?;
-    if let Some(key) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
-        return Err(file_err(format!(
-            "unknown key `{key}` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
-        )));
-    }
-    let mut file: FileConfig = toml::from_str(text).map_err(|e| file_err(describe(&e, text)))?;
-    file.keys = table.keys().cloned().collect();
-    Ok(file)
-}
-
-/// toml's own rendering spans several lines with a source excerpt; this keeps one line,
-/// with the key and line number so the user can find the spot.
-fn describe(e: &toml::de::Error, text: &str) -> String {
-    let msg = e.message().trim().replace('\n', " ");
-    let Some(span) = e.span() else {
-        return msg;
-    };
-    let start = span.start.min(text.len());
-    let line_no = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("");
-    match line.split_once('=') {
-        Some((key, _)) if !key.trim().is_empty() && !key.trim().starts_with('[') => {
-            format!("line {line_no}: `{}`: {msg}", key.trim())
-        }
-        _ => format!("line {line_no}: {msg}"),
+    /// Every group with the file's values under the flags and variables.
+    fn layered(self, file: Option<&ConfigFile>) -> Result<ServerArgs, ConfigError> {
+        let s = &self.sources;
+        Ok(ServerArgs {
+            server: layer(self.server, file, s)?,
+            session: layer(self.session, file, s)?,
+            limits: layer(self.limits, file, s)?,
+            edge: layer(self.edge, file, s)?,
+            store: layer(self.store, file, s)?,
+            spool: layer(self.spool, file, s)?,
+            kafka: layer(self.kafka, file, s)?,
+            log: layer(self.log, file, s)?,
+            file: self.file,
+            sources: self.sources,
+        })
     }
 }
 
@@ -931,82 +1200,38 @@ pub fn system_hostname() -> Option<String> {
     Some(name.to_owned())
 }
 
-/// Merges CLI/env (already combined by clap) over the file over the defaults, and
-/// validates. `default_hostname` is only consulted when no hostname is configured.
+/// Layers `file` under the flags and environment of `args`, and validates; errors name
+/// the source of the bad value. `default_hostname` is only consulted when no hostname is
+/// configured.
 pub fn resolve(
-    cli: ServerArgs,
-    mut file: FileConfig,
+    args: ServerArgs,
+    file: Option<&ConfigFile>,
     default_hostname: impl FnOnce() -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let file_kafka = KafkaFile::from(&mut file);
-    // The edge keys, apart, so that they can be resolved after the rest moved out.
-    let mut file_edge = FileConfig {
-        listen_tls: file.listen_tls.take(),
-        tls_cert: file.tls_cert.take(),
-        tls_key: file.tls_key.take(),
-        require_tls: file.require_tls.take(),
-        proxy_protocol: file.proxy_protocol.take(),
-        proxy_trusted_cidr: file.proxy_trusted_cidr.take(),
-        trusted_cidr: file.trusted_cidr.take(),
-        max_connections_per_ip: file.max_connections_per_ip.take(),
-        max_connections_per_prefix: file.max_connections_per_prefix.take(),
-        max_connection_rate_per_ip: file.max_connection_rate_per_ip.take(),
-        max_message_rate_per_ip: file.max_message_rate_per_ip.take(),
-        error_budget: file.error_budget.take(),
-        greeting_delay: file.greeting_delay.take(),
-        ..FileConfig::default()
-    };
-    let listen_s = cli
-        .listen
-        .or(file.listen)
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    let listen: SocketAddr = listen_s.trim().parse().map_err(|_| {
-        invalid(
-            "--listen",
-            format!("not an IP:PORT address (got {listen_s:?}); e.g. 127.0.0.1:2525 or [::1]:2525"),
-        )
-    })?;
-    let metrics_s = cli
-        .metrics_listen
-        .or(file.metrics_listen)
-        .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.to_owned());
-    let metrics_listen: SocketAddr = metrics_s.trim().parse().map_err(|_| {
-        invalid(
-            "--metrics-listen",
-            format!("not an IP:PORT address (got {metrics_s:?}); e.g. 127.0.0.1:9025"),
-        )
-    })?;
+    let sources = args.sources.clone();
+    let args = args.layered(file)?;
+    validate(args, default_hostname).map_err(|e| sources.name(e, file))
+}
 
-    let hostname = match cli.hostname.or(file.hostname) {
+fn validate(
+    a: ServerArgs,
+    default_hostname: impl FnOnce() -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let hostname = match &a.server.hostname {
         Some(h) => {
-            validate_hostname(&h).map_err(|m| invalid("--hostname", m))?;
-            h
+            validate_hostname(h).map_err(|m| invalid("--hostname", m))?;
+            h.clone()
         }
         None => default_hostname().unwrap_or_else(|| "localhost".to_owned()),
     };
-
-    let domains: Vec<String> = if !cli.accept_domain.is_empty() {
-        cli.accept_domain
-    } else {
-        match file.accept_domain {
-            Some(OneOrMany(v)) if v.is_empty() => {
-                return Err(invalid(
-                    "--accept-domain",
-                    "empty list; leave it out to accept only localhost and --hostname",
-                ))
-            }
-            Some(OneOrMany(v)) => v,
-            None => Vec::new(),
-        }
-    };
-    let accept_domains_defaulted = domains.is_empty();
-    let mut accept_domains = Vec::new();
+    let accept_domains_defaulted = a.session.accept_domain.is_empty();
     let defaults = ["localhost".to_owned(), hostname.clone()];
     let given = if accept_domains_defaulted {
         &defaults[..]
     } else {
-        &domains[..]
+        &a.session.accept_domain[..]
     };
+    let mut accept_domains = Vec::new();
     for d in given {
         let d = normalize_domain(d).map_err(|m| invalid("--accept-domain", m))?;
         if !accept_domains.contains(&d) {
@@ -1014,178 +1239,66 @@ pub fn resolve(
         }
     }
 
-    let reactors = match cli.reactors.or(file.reactors) {
-        Some(n) => ranged("--reactors", n, 1, MAX_REACTORS as u64)? as usize,
+    let reactors = match a.server.reactors {
+        Some(n) => ranged("--reactors", n, 1, MAX_REACTORS)? as usize,
         None => std::thread::available_parallelism()
             .map_or(1, |n| n.get())
-            .min(MAX_REACTORS),
+            .min(MAX_REACTORS as usize),
     };
-
-    let max_message_size = match cli
-        .max_message_size
-        .map(IntOrStr::Str)
-        .or(file.max_message_size)
-    {
-        Some(v) => {
-            let n = parse_size(&v).map_err(|m| invalid("--max-message-size", m))?;
-            ranged("--max-message-size", n, 1, MAX_MESSAGE_SIZE_LIMIT as u64).map_err(|_| {
-                invalid(
-                    "--max-message-size",
-                    format!("must be between 1 and 1G (got {v})"),
-                )
-            })? as usize
+    let max_message_size = a.session.max_message_size.0;
+    if !(1..=MAX_MESSAGE_SIZE_LIMIT).contains(&max_message_size) {
+        return Err(invalid(
+            "--max-message-size",
+            format!("must be between 1 and 1G (got {max_message_size})"),
+        ));
+    }
+    let max_body_memory = match a.limits.max_body_memory {
+        // One message of the largest size must fit, or it could never be received.
+        Some(ByteSize(n)) if n < max_message_size => {
+            return Err(invalid(
+                "--max-body-memory",
+                format!("must be at least --max-message-size ({max_message_size}) (got {n})"),
+            ))
         }
-        None => DEFAULT_MAX_MESSAGE_SIZE,
+        Some(n) => n.as_usize(),
+        None => default_body_memory().max(a.session.max_message_size.as_usize().saturating_mul(2)),
     };
-
-    let max_body_memory = match cli
-        .max_body_memory
-        .map(IntOrStr::Str)
-        .or(file.max_body_memory)
-    {
-        Some(v) => {
-            let n = parse_size(&v).map_err(|m| invalid("--max-body-memory", m))?;
-            // One message of the largest size must fit, or it could never be received.
-            ranged("--max-body-memory", n, max_message_size as u64, u64::MAX).map_err(|_| {
-                invalid(
-                    "--max-body-memory",
-                    format!("must be at least --max-message-size ({max_message_size}) (got {v})"),
-                )
-            })? as usize
-        }
-        None => default_body_memory().max(max_message_size.saturating_mul(2)),
-    };
-    let min_data_rate = match cli.min_data_rate.map(IntOrStr::Str).or(file.min_data_rate) {
-        Some(v) => parse_rate(&v).map_err(|m| invalid("--min-data-rate", m))?,
-        None => Some((DEFAULT_MIN_DATA_RATE, MIN_DATA_RATE_WINDOW)),
-    };
-
-    let max_recipients = match cli.max_recipients.or(file.max_recipients) {
-        Some(n) => at_least_one("--max-recipients", n)?,
-        None => DEFAULT_MAX_RECIPIENTS,
-    };
-    let max_connections = match cli.max_connections.or(file.max_connections) {
-        Some(n) => at_least_one("--max-connections", n)?,
-        None => DEFAULT_MAX_CONNECTIONS,
-    };
-
-    let duration = |flag: &'static str,
-                    cli: Option<String>,
-                    file: Option<IntOrStr>,
-                    default: Duration,
-                    allow_zero: bool|
-     -> Result<Duration, ConfigError> {
-        let Some(v) = cli.map(IntOrStr::Str).or(file) else {
-            return Ok(default);
-        };
-        let d = parse_duration(&v).map_err(|m| invalid(flag, m))?;
+    at_least_one("--max-recipients", a.session.max_recipients)?;
+    at_least_one("--max-connections", a.limits.max_connections)?;
+    for (flag, Dur(d), allow_zero) in [
+        ("--idle-timeout", a.limits.idle_timeout, false),
+        ("--max-session-time", a.limits.max_session_time, false),
+        ("--drain-timeout", a.limits.drain_timeout, true),
+    ] {
         if (d.is_zero() && !allow_zero) || d > MAX_DURATION {
             let low = if allow_zero { "0" } else { "1s" };
             return Err(invalid(
                 flag,
-                format!("must be between {low} and 366d (got {v})"),
+                format!("must be between {low} and 366d (got {})", Dur(d)),
             ));
         }
-        Ok(d)
-    };
-    let idle_timeout = duration(
-        "--idle-timeout",
-        cli.idle_timeout,
-        file.idle_timeout,
-        DEFAULT_IDLE_TIMEOUT,
-        false,
-    )?;
-    let max_session_time = duration(
-        "--max-session-time",
-        cli.max_session_time,
-        file.max_session_time,
-        DEFAULT_MAX_SESSION_TIME,
-        false,
-    )?;
-    let drain_timeout = duration(
-        "--drain-timeout",
-        cli.drain_timeout,
-        file.drain_timeout,
-        DEFAULT_DRAIN_TIMEOUT,
-        true,
-    )?;
-
-    let spool_dir = cli
-        .spool_dir
-        .or(file.spool_dir)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SPOOL_DIR));
-    if spool_dir.as_os_str().is_empty() {
+    }
+    if a.store.spool_dir.as_os_str().is_empty() {
         return Err(invalid("--spool-dir", "must not be empty"));
     }
+    validate_edge(&a.edge, a.server.listen)?;
 
-    let greeting_delay = duration(
-        "--greeting-delay",
-        cli.greeting_delay,
-        file_edge.greeting_delay.take(),
-        Duration::ZERO,
-        true,
-    )?;
-    if greeting_delay > MAX_GREETING_DELAY {
-        return Err(invalid(
-            "--greeting-delay",
-            format!("must be at most 60s (got {greeting_delay:?})"),
-        ));
-    }
-    let edge = resolve_edge(
-        EdgeCli {
-            listen_tls: cli.listen_tls,
-            tls_cert: cli.tls_cert,
-            tls_key: cli.tls_key,
-            require_tls: cli.require_tls,
-            proxy_protocol: cli.proxy_protocol,
-            proxy_trusted_cidr: cli.proxy_trusted_cidr,
-            trusted_cidr: cli.trusted_cidr,
-            max_connections_per_ip: cli.max_connections_per_ip,
-            max_connections_per_prefix: cli.max_connections_per_prefix,
-            max_connection_rate_per_ip: cli.max_connection_rate_per_ip,
-            max_message_rate_per_ip: cli.max_message_rate_per_ip,
-            error_budget: cli.error_budget,
-        },
-        &mut file_edge,
-        greeting_delay,
-        listen,
-    )?;
-    let log_level = cli
+    let log_level = a
+        .log
         .log_level
-        .or(file.log_level)
+        .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| crate::logging::DEFAULT_FILTER.to_owned());
     crate::logging::parse_filter(&log_level).map_err(|m| invalid("--log-level", m))?;
 
-    let size = |flag: &'static str, cli: Option<String>, file: Option<IntOrStr>| {
-        cli.map(IntOrStr::Str)
-            .or(file)
-            .map(|v| parse_size(&v).map_err(|m| invalid(flag, m)))
-            .transpose()
-    };
-    let spool_max_bytes = size(
-        "--spool-max-bytes",
-        cli.spool_max_bytes,
-        file.spool_max_bytes,
-    )?
-    .filter(|&n| n > 0);
-    let spool_min_free_bytes = size(
-        "--spool-min-free-bytes",
-        cli.spool_min_free_bytes,
-        file.spool_min_free_bytes,
-    )?
-    .unwrap_or(DEFAULT_SPOOL_MIN_FREE_BYTES);
-
-    let sink = cli.sink.or(file.sink).unwrap_or(SinkKind::Spool);
-    let kafka = resolve_kafka(cli.kafka, file_kafka)?;
-    if sink == SinkKind::Kafka && kafka.brokers.is_none() {
+    a.kafka.validate()?;
+    if a.spool.sink == SinkKind::Kafka && a.kafka.kafka_brokers.is_none() {
         return Err(invalid(
             "--kafka-brokers",
             "required with --sink kafka (e.g. --kafka-brokers 127.0.0.1:9092)",
         ));
     }
-    let spool_fallback = cli.spool_fallback || file.spool_fallback.unwrap_or(false);
-    if spool_fallback && sink != SinkKind::Kafka {
+    if a.spool.spool_fallback && a.spool.sink != SinkKind::Kafka {
         return Err(invalid(
             "--spool-fallback",
             "only with --sink kafka (the spool is the fallback for Kafka)",
@@ -1193,166 +1306,55 @@ pub fn resolve(
     }
 
     Ok(Config {
-        listen,
-        metrics_listen,
+        server: a.server,
+        session: a.session,
+        limits: a.limits,
+        edge: a.edge,
+        store: a.store,
+        spool: a.spool,
+        kafka: a.kafka,
+        log: a.log,
         hostname,
         accept_domains,
         accept_domains_defaulted,
-        sink,
-        spool_dir,
-        spool_fallback,
-        spool_max_bytes,
-        spool_min_free_bytes,
         reactors,
-        io_backend: cli.io_backend.or(file.io_backend).unwrap_or_default(),
         max_body_memory,
-        min_data_rate,
-        max_message_size,
-        max_recipients,
-        max_connections,
-        idle_timeout,
-        max_session_time,
-        drain_timeout,
-        bare_lf: cli.bare_lf.or(file.bare_lf).unwrap_or_default(),
-        log_format: cli
-            .log_format
-            .or(file.log_format)
-            .unwrap_or(LogFormat::Text),
         log_level,
-        kafka,
-        edge,
     })
 }
 
-/// The edge flags as given on the command line (or environment).
-struct EdgeCli {
-    listen_tls: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    require_tls: bool,
-    proxy_protocol: Option<ProxyProtocol>,
-    proxy_trusted_cidr: Vec<String>,
-    trusted_cidr: Vec<String>,
-    max_connections_per_ip: Option<u32>,
-    max_connections_per_prefix: Option<u32>,
-    max_connection_rate_per_ip: Option<u32>,
-    max_message_rate_per_ip: Option<u32>,
-    error_budget: Option<u32>,
-}
-
-fn cidrs(
-    flag: &'static str,
-    cli: Vec<String>,
-    file: Option<OneOrMany>,
-    default: &[&str],
-) -> Result<Vec<Cidr>, ConfigError> {
-    let given: Vec<String> = if !cli.is_empty() {
-        cli
-    } else {
-        match file {
-            Some(OneOrMany(v)) => v,
-            None => default.iter().map(|s| (*s).to_owned()).collect(),
+fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
+    if let Some(addr) = e.listen_tls {
+        if addr == listen && addr.port() != 0 {
+            return Err(invalid("--listen-tls", "must differ from --listen"));
         }
-    };
-    given
-        .iter()
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| Cidr::parse(s).map_err(|e| invalid(flag, e.to_string())))
-        .collect()
-}
-
-fn resolve_edge(
-    cli: EdgeCli,
-    file: &mut FileConfig,
-    greeting_delay: Duration,
-    listen: SocketAddr,
-) -> Result<EdgeConfig, ConfigError> {
-    let listen_tls = match cli.listen_tls.or(file.listen_tls.take()) {
-        Some(s) => {
-            let addr: SocketAddr = s.trim().parse().map_err(|_| {
-                invalid(
-                    "--listen-tls",
-                    format!("not an IP:PORT address (got {s:?}); e.g. 0.0.0.0:465"),
-                )
-            })?;
-            if addr == listen && addr.port() != 0 {
-                return Err(invalid("--listen-tls", "must differ from --listen"));
-            }
-            Some(addr)
-        }
-        None => None,
-    };
-    let cert = cli.tls_cert.or(file.tls_cert.take());
-    let key = cli.tls_key.or(file.tls_key.take());
-    let tls = match (cert, key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
+    }
+    match (&e.tls_cert, &e.tls_key) {
         (Some(_), None) => return Err(invalid("--tls-key", "required with --tls-cert")),
         (None, Some(_)) => return Err(invalid("--tls-cert", "required with --tls-key")),
-    };
-    let require_tls = cli.require_tls || file.require_tls.unwrap_or(false);
-    if tls.is_none() {
-        if listen_tls.is_some() {
+        _ => {}
+    }
+    if e.tls().is_none() {
+        if e.listen_tls.is_some() {
             return Err(invalid("--listen-tls", "needs --tls-cert and --tls-key"));
         }
-        if require_tls {
+        if e.require_tls {
             return Err(invalid("--require-tls", "needs --tls-cert and --tls-key"));
         }
     }
-    let proxy_protocol = cli
-        .proxy_protocol
-        .or(file.proxy_protocol)
-        .unwrap_or_default();
-    let proxy_trusted = cidrs(
-        "--proxy-trusted-cidr",
-        cli.proxy_trusted_cidr,
-        file.proxy_trusted_cidr.take(),
-        &[],
-    )?;
-    if proxy_protocol != ProxyProtocol::Off && proxy_trusted.is_empty() {
+    if e.proxy_protocol != ProxyProtocol::Off && e.proxy_trusted_cidr.is_empty() {
         return Err(invalid(
             "--proxy-trusted-cidr",
             "required with --proxy-protocol: the load balancers' addresses, e.g. 10.0.0.0/8",
         ));
     }
-    let trusted = cidrs(
-        "--trusted-cidr",
-        cli.trusted_cidr,
-        file.trusted_cidr.take(),
-        &DEFAULT_TRUSTED_CIDRS,
-    )?;
-    let limit = |n: Option<u32>, default: u32| {
-        let n = n.unwrap_or(default);
-        (n > 0).then_some(n)
-    };
-    Ok(EdgeConfig {
-        listen_tls,
-        tls,
-        require_tls,
-        proxy_protocol,
-        proxy_trusted,
-        trusted,
-        max_connections_per_ip: limit(
-            cli.max_connections_per_ip.or(file.max_connections_per_ip),
-            DEFAULT_MAX_CONNECTIONS_PER_IP,
-        ),
-        max_connections_per_prefix: limit(
-            cli.max_connections_per_prefix
-                .or(file.max_connections_per_prefix),
-            DEFAULT_MAX_CONNECTIONS_PER_PREFIX,
-        ),
-        max_connection_rate_per_ip: limit(
-            cli.max_connection_rate_per_ip
-                .or(file.max_connection_rate_per_ip),
-            DEFAULT_MAX_CONNECTION_RATE_PER_IP,
-        ),
-        max_message_rate_per_ip: limit(
-            cli.max_message_rate_per_ip.or(file.max_message_rate_per_ip),
-            0,
-        ),
-        error_budget: limit(cli.error_budget.or(file.error_budget), DEFAULT_ERROR_BUDGET),
-        greeting_delay,
-    })
+    if e.greeting_delay.0 > MAX_GREETING_DELAY {
+        return Err(invalid(
+            "--greeting-delay",
+            format!("must be at most 60s (got {})", e.greeting_delay),
+        ));
+    }
+    Ok(())
 }
 
 /// A quarter of the machine's memory (`MemTotal` of /proc/meminfo): bodies in flight
@@ -1374,155 +1376,6 @@ fn default_body_memory() -> usize {
     }
 }
 
-/// The config file's Kafka keys, taken out of [`FileConfig`] so that `spool replay`
-/// can share the resolution with the server.
-#[derive(Debug, Default)]
-pub struct KafkaFile {
-    pub kafka_brokers: Option<String>,
-    pub kafka_topic: Option<String>,
-    pub kafka_config: Option<OneOrMany>,
-    pub publish_timeout: Option<IntOrStr>,
-    pub max_inflight_messages: Option<u64>,
-    pub max_inflight_bytes: Option<IntOrStr>,
-}
-
-impl From<&mut FileConfig> for KafkaFile {
-    fn from(f: &mut FileConfig) -> Self {
-        KafkaFile {
-            kafka_brokers: f.kafka_brokers.take(),
-            kafka_topic: f.kafka_topic.take(),
-            kafka_config: f.kafka_config.take(),
-            publish_timeout: f.publish_timeout.take(),
-            max_inflight_messages: f.max_inflight_messages.take(),
-            max_inflight_bytes: f.max_inflight_bytes.take(),
-        }
-    }
-}
-
-/// librdkafka takes message.timeout.ms as a 32-bit count of milliseconds.
-const MAX_PUBLISH_TIMEOUT: Duration = Duration::from_secs(24 * 24 * 3600);
-
-/// Merges and validates the Kafka settings (CLI/env over file over default).
-pub fn resolve_kafka(cli: KafkaArgs, file: KafkaFile) -> Result<KafkaConfig, ConfigError> {
-    use crate::sink::kafka;
-
-    let brokers = match cli.kafka_brokers.or(file.kafka_brokers) {
-        Some(b) if b.trim().is_empty() => {
-            return Err(invalid("--kafka-brokers", "must not be empty"))
-        }
-        Some(b) => Some(b.trim().to_owned()),
-        None => None,
-    };
-    let topic = cli
-        .kafka_topic
-        .or(file.kafka_topic)
-        .unwrap_or_else(|| kafka::DEFAULT_TOPIC.to_owned());
-    // Kafka's own rule for topic names.
-    let topic_ok = |t: &str| {
-        !t.is_empty()
-            && t.len() <= 249
-            && t != "."
-            && t != ".."
-            && t.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
-    if !topic_ok(&topic) {
-        return Err(invalid(
-            "--kafka-topic",
-            format!(
-                "not a Kafka topic name (got {topic:?}); use letters, digits, '.', '_' and '-'"
-            ),
-        ));
-    }
-
-    let pairs = if !cli.kafka_config.is_empty() {
-        cli.kafka_config
-    } else {
-        file.kafka_config.map(|OneOrMany(v)| v).unwrap_or_default()
-    };
-    let mut extra = Vec::with_capacity(pairs.len());
-    for pair in pairs {
-        let Some((key, value)) = pair.split_once('=') else {
-            return Err(invalid(
-                "--kafka-config",
-                format!("expected KEY=VALUE (got {pair:?}), e.g. security.protocol=SSL"),
-            ));
-        };
-        let key = key.trim();
-        if key.is_empty() {
-            return Err(invalid("--kafka-config", format!("empty key in {pair:?}")));
-        }
-        if let Some(why) = kafka::reserved_config(key) {
-            return Err(invalid(
-                "--kafka-config",
-                format!("{key}: not allowed, {why}"),
-            ));
-        }
-        extra.push((key.to_owned(), value.trim().to_owned()));
-    }
-
-    let publish_timeout = match cli
-        .publish_timeout
-        .map(IntOrStr::Str)
-        .or(file.publish_timeout)
-    {
-        Some(v) => {
-            let d = parse_duration(&v).map_err(|m| invalid("--publish-timeout", m))?;
-            if d < Duration::from_millis(1) || d > MAX_PUBLISH_TIMEOUT {
-                return Err(invalid(
-                    "--publish-timeout",
-                    format!("must be between 1ms and 24d (got {v})"),
-                ));
-            }
-            d
-        }
-        None => kafka::DEFAULT_PUBLISH_TIMEOUT,
-    };
-    let max_inflight_messages = match cli.max_inflight_messages.or(file.max_inflight_messages) {
-        Some(n) => at_least_one("--max-inflight-messages", n)?,
-        None => kafka::DEFAULT_MAX_INFLIGHT_MESSAGES,
-    };
-    let max_inflight_bytes = match cli
-        .max_inflight_bytes
-        .map(IntOrStr::Str)
-        .or(file.max_inflight_bytes)
-    {
-        Some(v) => {
-            let n = parse_size(&v).map_err(|m| invalid("--max-inflight-bytes", m))?;
-            at_least_one("--max-inflight-bytes", n)?
-        }
-        None => kafka::DEFAULT_MAX_INFLIGHT_BYTES,
-    };
-    Ok(KafkaConfig {
-        brokers,
-        topic,
-        extra,
-        publish_timeout,
-        max_inflight_messages,
-        max_inflight_bytes,
-    })
-}
-
-/// `BYTES[/WINDOW]`: `1K`, `512/10s`; `0` turns the rule off.
-fn parse_rate(v: &IntOrStr) -> Result<Option<(u64, Duration)>, String> {
-    let text = match v {
-        IntOrStr::Int(n) => n.to_string(),
-        IntOrStr::Str(s) => s.clone(),
-    };
-    let (bytes, window) = match text.split_once('/') {
-        Some((b, w)) => {
-            let window = parse_duration(&IntOrStr::Str(w.to_owned()))?;
-            if window.is_zero() || window > MAX_DURATION {
-                return Err(format!("the window must be between 1s and 366d (got {w})"));
-            }
-            (b, window)
-        }
-        None => (text.as_str(), MIN_DATA_RATE_WINDOW),
-    };
-    let bytes = parse_size(&IntOrStr::Str(bytes.to_owned()))?;
-    Ok((bytes > 0).then_some((bytes, window)))
-}
-
 fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigError> {
     if (lo..=hi).contains(&n) {
         Ok(n)
@@ -1534,11 +1387,11 @@ fn ranged(flag: &'static str, n: u64, lo: u64, hi: u64) -> Result<u64, ConfigErr
     }
 }
 
-fn at_least_one(flag: &'static str, n: u64) -> Result<usize, ConfigError> {
+fn at_least_one(flag: &'static str, n: u64) -> Result<(), ConfigError> {
     if n == 0 {
         return Err(invalid(flag, "must be at least 1 (got 0)"));
     }
-    Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    Ok(())
 }
 
 /// The hostname goes verbatim into every greeting and `Received:` line, so anything
@@ -1570,46 +1423,6 @@ fn normalize_domain(d: &str) -> Result<String, String> {
     crate::smtp::address::normalize_accept_domain(d).map_err(|e| e.to_string())
 }
 
-/// `10485760`, `512K`, `10M`, `1G` (powers of 1024; `KiB`/`KB` spellings too).
-pub fn parse_size(v: &IntOrStr) -> Result<u64, String> {
-    let s = match v {
-        IntOrStr::Int(i) => {
-            return u64::try_from(*i).map_err(|_| format!("must be positive (got {i})"));
-        }
-        IntOrStr::Str(s) => s.trim(),
-    };
-    let bad = || format!("not a size (got {s:?}); e.g. 10485760, 512K, 10M, 1G");
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("too large (got {s:?})"))
-}
-
-/// Plain seconds (`300`) or humantime (`5m`, `1h 30m`, `500ms`).
-pub fn parse_duration(v: &IntOrStr) -> Result<Duration, String> {
-    match v {
-        IntOrStr::Int(i) => u64::try_from(*i)
-            .map(Duration::from_secs)
-            .map_err(|_| format!("must not be negative (got {i})")),
-        IntOrStr::Str(s) => {
-            let s = s.trim();
-            if let Ok(secs) = s.parse::<u64>() {
-                return Ok(Duration::from_secs(secs));
-            }
-            humantime::parse_duration(s)
-                .map_err(|_| format!("not a duration (got {s:?}); e.g. 300, 30s, 5m, 1h"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1619,9 +1432,26 @@ mod tests {
     /// see tests/binary.rs for the way through the binary with an env map.)
     static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+    /// Parses like the binary does, with sources recorded, under the ENV lock with the
+    /// given variables set for the duration.
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Cli, clap::Error> {
         let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        Cli::try_parse_from(std::iter::once("smtpgw").chain(args.iter().copied()))
+        for (k, v) in env {
+            std::env::set_var(k, v);
+        }
+        let parsed = parse_cli_from(std::iter::once("smtpgw").chain(args.iter().copied()));
+        for (k, _) in env {
+            std::env::remove_var(k);
+        }
+        parsed
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        parse_env(args, &[])
+    }
+
+    fn parse_with_env(args: &[&str], env: &[(&str, &str)]) -> Cli {
+        parse_env(args, env).expect("parses")
     }
 
     fn cli(args: &[&str]) -> ServerArgs {
@@ -1630,30 +1460,102 @@ mod tests {
         c.server
     }
 
+    /// The whole message of a command line clap refuses.
+    fn clap_err(args: &[&str], env: &[(&str, &str)]) -> String {
+        parse_env(args, env)
+            .expect_err("must not parse")
+            .render()
+            .to_string()
+    }
+
     fn host() -> Option<String> {
         Some("mx.test".to_owned())
     }
 
-    fn run(args: &[&str], file: &str) -> Result<Config, ConfigError> {
-        resolve(cli(args), parse_file(file, "f.toml")?, host)
+    fn pairs(kafka: &Kafka) -> Vec<(&str, &str)> {
+        kafka
+            .kafka_config
+            .iter()
+            .map(|s| (s.key.as_str(), s.value.as_str()))
+            .collect()
     }
 
-    fn err(args: &[&str], file: &str) -> String {
-        run(args, file).expect_err("must fail").to_string()
+    fn file(text: &str) -> Result<ConfigFile, ConfigError> {
+        ConfigFile::parse(text, Path::new("f.toml"))
+    }
+
+    fn run(args: &[&str], text: &str) -> Result<Config, ConfigError> {
+        let f = file(text)?;
+        resolve(cli(args), Some(&f), host)
+    }
+
+    fn err(args: &[&str], text: &str) -> String {
+        run(args, text).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn every_group_has_defaults_that_parse() {
+        // `Default` is clap's parse of no arguments: a bad default_value panics here.
+        assert_eq!(Server::default().listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(Session::default().max_message_size, ByteSize(10 << 20));
+        assert_eq!(
+            Limits::default().idle_timeout,
+            Dur(Duration::from_secs(300))
+        );
+        assert_eq!(Edge::default().trusted_cidr.len(), 2);
+        assert_eq!(SpoolDir::default().spool_dir, PathBuf::from("./spool"));
+        assert_eq!(Spool::default().spool_min_free_bytes, ByteSize(64 << 20));
+        assert_eq!(Kafka::default().kafka_topic.0, "smtp.inbound");
+        assert_eq!(Logging::default().log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_setting_has_one_variable_and_one_file_key() {
+        let cmd = command();
+        let mut n = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            n += 1;
+            let var = arg.get_env().map(|v| v.to_string_lossy().into_owned());
+            assert_eq!(var, Some(env_var(long)), "{long}");
+            if long != "config" {
+                assert!(
+                    check_file_value(long, &toml::Value::String(String::new())).is_some(),
+                    "{long} is not a file key"
+                );
+            }
+        }
+        assert!(n > 40, "{n} settings");
+        assert_eq!(env_var("log-level"), "SMTPGW_LOG");
+        // The tools' own flags are not settings.
+        let spool = cmd.find_subcommand("spool").unwrap();
+        let replay = spool.find_subcommand("replay").unwrap();
+        for arg in replay.get_arguments() {
+            let long = arg.get_long().unwrap_or_default();
+            let has_env = arg.get_env().is_some();
+            let setting = matches!(long, "config" | "spool-dir")
+                || long.contains("kafka") && long != "to-kafka"
+                || long.contains("inflight")
+                || long == "publish-timeout";
+            assert_eq!(has_env, setting, "{long}");
+        }
     }
 
     #[test]
     fn edge_settings() {
         let c = run(&[], "").unwrap();
-        assert_eq!(c.edge.max_connections_per_ip, Some(50));
-        assert_eq!(c.edge.max_connections_per_prefix, Some(200));
-        assert_eq!(c.edge.max_connection_rate_per_ip, Some(600));
-        assert_eq!(c.edge.max_message_rate_per_ip, None);
-        assert_eq!(c.edge.error_budget, Some(20));
-        assert_eq!(c.edge.greeting_delay, Duration::ZERO);
+        assert_eq!(c.edge.max_connections_per_ip, 50);
+        assert_eq!(c.edge.max_connections_per_prefix, 200);
+        assert_eq!(c.edge.max_connection_rate_per_ip, 600);
+        assert_eq!(c.edge.max_message_rate_per_ip, 0);
+        assert_eq!(c.edge.error_budget, 20);
+        assert_eq!(c.edge.greeting_delay, Dur(Duration::ZERO));
         assert_eq!(c.edge.proxy_protocol, ProxyProtocol::Off);
-        assert_eq!(c.edge.trusted.len(), 2);
-        assert!(c.edge.tls.is_none());
+        assert_eq!(c.edge.trusted_cidr.len(), 2);
+        assert!(c.edge.tls().is_none());
 
         let c = run(
             &[
@@ -1667,75 +1569,83 @@ mod tests {
              tls-cert = \"c.pem\"\ntls-key = \"k.pem\"\nlisten-tls = \"127.0.0.1:465\"\n",
         )
         .unwrap();
-        assert_eq!(c.edge.max_connections_per_ip, None);
-        assert_eq!(c.edge.trusted.len(), 2);
+        assert_eq!(c.edge.max_connections_per_ip, 0);
+        assert_eq!(c.edge.trusted_cidr.len(), 2);
         assert_eq!(c.edge.proxy_protocol, ProxyProtocol::V2);
         assert_eq!(
-            c.edge.proxy_trusted,
+            c.edge.proxy_trusted_cidr,
             vec![Cidr::parse("10.1.0.0/16").unwrap()]
         );
-        assert_eq!(c.edge.greeting_delay, Duration::from_secs(2));
-        assert_eq!(c.edge.max_message_rate_per_ip, Some(30));
+        assert_eq!(c.edge.greeting_delay, Dur(Duration::from_secs(2)));
+        assert_eq!(c.edge.max_message_rate_per_ip, 30);
         assert_eq!(c.edge.listen_tls, Some("127.0.0.1:465".parse().unwrap()));
-        assert!(c.edge.tls.is_some());
+        assert!(c.edge.tls().is_some());
 
         for (args, flag) in [
             (&["--proxy-protocol", "v1"][..], "--proxy-trusted-cidr:"),
-            (
-                &[
-                    "--proxy-protocol",
-                    "any",
-                    "--proxy-trusted-cidr",
-                    "10.0.0.0/33",
-                ][..],
-                "--proxy-trusted-cidr:",
-            ),
-            (&["--trusted-cidr", "nope"][..], "--trusted-cidr:"),
             (&["--listen-tls", "127.0.0.1:465"][..], "--listen-tls:"),
             (&["--require-tls"][..], "--require-tls:"),
             (&["--tls-cert", "c.pem"][..], "--tls-key:"),
             (&["--tls-key", "k.pem"][..], "--tls-cert:"),
             (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
-            (
-                &["--tls-cert", "c", "--tls-key", "k", "--listen-tls", "x"][..],
-                "--listen-tls:",
-            ),
         ] {
             let e = err(args, "");
             assert!(e.starts_with(flag), "{args:?}: {e}");
+        }
+        // Values that do not parse are clap's to report, whole, naming the flag.
+        for (args, flag) in [
+            (
+                &["--proxy-trusted-cidr", "10.0.0.0/33"][..],
+                "--proxy-trusted-cidr",
+            ),
+            (&["--trusted-cidr", "nope"][..], "--trusted-cidr"),
+            (&["--listen-tls", "x"][..], "--listen-tls"),
+        ] {
+            let e = clap_err(args, &[]);
+            let first = e.lines().next().unwrap();
+            assert!(first.starts_with("error:") && first.contains(flag), "{e}");
         }
     }
 
     #[test]
     fn defaults() {
         let c = run(&[], "").unwrap();
-        assert_eq!(c.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.server.listen, "127.0.0.1:2525".parse().unwrap());
         assert_eq!(c.hostname, "mx.test");
         assert_eq!(c.accept_domains, ["localhost", "mx.test"]);
         assert!(c.accept_domains_defaulted);
-        assert_eq!(c.sink, SinkKind::Spool);
-        assert_eq!(c.spool_dir, PathBuf::from("./spool"));
+        assert_eq!(c.spool.sink, SinkKind::Spool);
+        assert_eq!(c.store.spool_dir, PathBuf::from("./spool"));
         assert!(c.reactors >= 1);
-        assert_eq!(c.max_message_size, 10 * 1024 * 1024);
-        assert_eq!(c.max_recipients, 100);
-        assert_eq!(c.max_connections, 10_000);
-        assert_eq!(c.idle_timeout, Duration::from_secs(300));
-        assert_eq!(c.max_session_time, Duration::from_secs(3600));
-        assert_eq!(c.drain_timeout, Duration::from_secs(30));
-        assert_eq!(c.bare_lf, BareLfPolicy::Reject);
-        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.max_message_size(), 10 * 1024 * 1024);
+        assert_eq!(c.max_recipients(), 100);
+        assert_eq!(c.limits.max_connections, 10_000);
+        assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(300));
+        assert_eq!(c.limits.max_session_time.0, Duration::from_secs(3600));
+        assert_eq!(c.limits.drain_timeout.0, Duration::from_secs(30));
+        assert_eq!(
+            c.limits.min_data_rate,
+            DataRate(Some((1024, Duration::from_secs(30))))
+        );
+        assert_eq!(c.session.bare_lf, BareLfPolicy::Reject);
+        assert_eq!(c.log.log_format, LogFormat::Text);
+        assert_eq!(c.spool.spool_max_bytes, ByteSize(0));
+        // The help shows each default once, from the field that declares it.
+        let help = command().render_long_help().to_string();
+        assert!(help.contains("[default: 10M]"), "{help}");
+        assert!(help.contains("[env: SMTPGW_MAX_MESSAGE_SIZE=]"), "{help}");
     }
 
     #[test]
     fn hostname_falls_back_to_localhost() {
-        let c = resolve(cli(&[]), FileConfig::default(), || None).unwrap();
+        let c = resolve(cli(&[]), None, || None).unwrap();
         assert_eq!(c.hostname, "localhost");
         assert_eq!(c.accept_domains, ["localhost"]);
     }
 
     #[test]
     fn cli_beats_file_beats_default() {
-        let file = r#"
+        let text = r#"
             listen = "[::1]:0"
             hostname = "file.example"
             accept-domain = ["A.example", "b.example"]
@@ -1746,27 +1656,66 @@ mod tests {
             sink = "null"
             bare-lf = "normalize"
         "#;
-        let c = run(&["--reactors", "2", "--accept-domain", "c.EXAMPLE"], file).unwrap();
-        assert_eq!(c.listen, "[::1]:0".parse().unwrap());
+        let c = run(&["--reactors", "2", "--accept-domain", "c.EXAMPLE"], text).unwrap();
+        assert_eq!(c.server.listen, "[::1]:0".parse().unwrap());
         assert_eq!(c.hostname, "file.example");
         assert_eq!(c.accept_domains, ["c.example"]);
         assert!(!c.accept_domains_defaulted);
         assert_eq!(c.reactors, 2);
-        assert_eq!(c.max_message_size, 2 << 20);
-        assert_eq!(c.idle_timeout, Duration::from_secs(300));
-        assert_eq!(c.drain_timeout, Duration::ZERO);
-        assert_eq!(c.sink, SinkKind::Null);
-        assert_eq!(c.bare_lf, BareLfPolicy::Normalize);
+        assert_eq!(c.max_message_size(), 2 << 20);
+        assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(300));
+        assert_eq!(c.limits.drain_timeout.0, Duration::ZERO);
+        assert_eq!(c.spool.sink, SinkKind::Null);
+        assert_eq!(c.session.bare_lf, BareLfPolicy::Normalize);
+        // A flag given with the default's value still beats the file.
+        let c = run(&["--sink", "spool", "--drain-timeout", "30s"], text).unwrap();
+        assert_eq!(c.spool.sink, SinkKind::Spool);
+        assert_eq!(c.limits.drain_timeout.0, Duration::from_secs(30));
 
-        let c = run(&[], file).unwrap();
+        let c = run(&[], text).unwrap();
         assert_eq!(c.reactors, 3);
         assert_eq!(c.accept_domains, ["a.example", "b.example"]);
     }
 
-    // Flag over environment over file is tested through the binary (tests/binary.rs,
-    // `config_precedence_is_flag_then_environment_then_file`), with the environment
-    // passed to the child process: setting variables in this multi-threaded test
-    // binary would race with every other test that parses.
+    #[test]
+    fn flag_beats_environment_beats_file_beats_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "max-recipients = 7\nidle-timeout = \"7s\"\n").unwrap();
+        let p = path.to_str().unwrap();
+        let resolved = |args: &[&str], env: &[(&str, &str)]| {
+            let mut all = vec!["--config", p];
+            all.extend_from_slice(args);
+            parse_with_env(&all, env).server.resolve().unwrap()
+        };
+        let c = resolved(&[], &[]);
+        assert_eq!(
+            (c.max_recipients(), c.limits.idle_timeout.0.as_secs()),
+            (7, 7)
+        );
+        assert_eq!(c.limits.max_connections, 10_000, "default");
+        let env = [
+            ("SMTPGW_MAX_RECIPIENTS", "8"),
+            ("SMTPGW_MAX_CONNECTIONS", "9"),
+        ];
+        let c = resolved(&[], &env);
+        assert_eq!(
+            (c.max_recipients(), c.limits.idle_timeout.0.as_secs()),
+            (8, 7)
+        );
+        assert_eq!(c.limits.max_connections, 9);
+        let c = resolved(&["--max-recipients", "10", "--idle-timeout", "10"], &env);
+        assert_eq!(
+            (c.max_recipients(), c.limits.idle_timeout.0.as_secs()),
+            (10, 10)
+        );
+        // The file named by the environment counts like --config.
+        let c = parse_with_env(&[], &[("SMTPGW_CONFIG", p)])
+            .server
+            .resolve()
+            .unwrap();
+        assert_eq!(c.max_recipients(), 7);
+    }
 
     #[test]
     fn accept_domain_repeats_and_commas() {
@@ -1809,11 +1758,17 @@ mod tests {
     fn no_open_relay() {
         assert!(err(&["--accept-domain", "*"], "").starts_with("--accept-domain: wildcards"));
         assert!(err(&["--accept-domain", "*.example"], "").starts_with("--accept-domain:"));
-        assert!(err(&[], "accept-domain = [\"\"]").starts_with("--accept-domain: empty"));
         assert!(err(&["--accept-domain", "a b"], "").starts_with("--accept-domain:"));
         assert!(err(&["--accept-domain", "a..b"], "").starts_with("--accept-domain:"));
         assert!(err(&["--accept-domain", ""], "").starts_with("--accept-domain: empty"));
-        assert!(err(&[], "accept-domain = []").starts_with("--accept-domain: empty list"));
+        assert_eq!(
+            err(&[], "accept-domain = [\"\"]"),
+            "--config f.toml: `accept-domain`: empty domain; there is no way to accept every domain"
+        );
+        assert_eq!(
+            err(&[], "accept-domain = []"),
+            "--config f.toml: `accept-domain`: empty list; leave it out to accept only localhost and --hostname"
+        );
     }
 
     #[test]
@@ -1837,35 +1792,23 @@ mod tests {
             ),
             (
                 &["--max-message-size", "0"],
-                "--max-message-size: must be between 1 and 1G (got \"0\")",
+                "--max-message-size: must be between 1 and 1G (got 0)",
             ),
             (
                 &["--max-message-size", "2G"],
-                "--max-message-size: must be between 1 and 1G (got \"2G\")",
+                "--max-message-size: must be between 1 and 1G (got 2147483648)",
             ),
             (
-                &["--max-message-size", "10X"],
-                "--max-message-size: not a size (got \"10X\"); e.g. 10485760, 512K, 10M, 1G",
+                &["--max-body-memory", "1M"],
+                "--max-body-memory: must be at least --max-message-size (10485760) (got 1048576)",
             ),
             (
                 &["--idle-timeout", "0"],
-                "--idle-timeout: must be between 1s and 366d (got \"0\")",
-            ),
-            (
-                &["--idle-timeout", "soon"],
-                "--idle-timeout: not a duration (got \"soon\"); e.g. 300, 30s, 5m, 1h",
+                "--idle-timeout: must be between 1s and 366d (got 0s)",
             ),
             (
                 &["--max-session-time", "400d"],
-                "--max-session-time: must be between 1s and 366d (got \"400d\")",
-            ),
-            (
-                &["--listen", "localhost"],
-                "--listen: not an IP:PORT address (got \"localhost\"); e.g. 127.0.0.1:2525 or [::1]:2525",
-            ),
-            (
-                &["--metrics-listen", "localhost:9025"],
-                "--metrics-listen: not an IP:PORT address (got \"localhost:9025\"); e.g. 127.0.0.1:9025",
+                "--max-session-time: must be between 1s and 366d (got 34560000s)",
             ),
             (
                 &["--hostname", "bad\r\nname"],
@@ -1877,63 +1820,176 @@ mod tests {
             assert_eq!(&got, want, "for {args:?}");
             assert!(!got.contains('\n'));
         }
+        // What does not parse at all is clap's whole message, naming the flag first.
+        for (args, words) in [
+            (
+                &["--max-message-size", "10X"][..],
+                "not a size (got \"10X\")",
+            ),
+            (
+                &["--idle-timeout", "soon"][..],
+                "not a duration (got \"soon\")",
+            ),
+            (
+                &["--listen", "localhost"][..],
+                "not an IP:PORT address (got \"localhost\")",
+            ),
+            (
+                &["--metrics-listen", "localhost:9025"][..],
+                "not an IP:PORT address",
+            ),
+        ] {
+            let e = clap_err(args, &[]);
+            let first = e.lines().next().unwrap();
+            assert!(
+                first.starts_with("error:") && first.contains(args[0]),
+                "{e}"
+            );
+            assert!(first.contains(words), "{e}");
+            assert!(e.contains("--help"), "{e}");
+        }
     }
 
     #[test]
     fn sizes_and_durations() {
-        let s = |x: &str| parse_size(&IntOrStr::Str(x.into()));
+        let s = |x: &str| x.parse::<ByteSize>().map(|b| b.0);
         assert_eq!(s("10485760"), Ok(10485760));
+        // A single letter is a power of 1024, as the gateway always read it.
         assert_eq!(s("512K"), Ok(512 * 1024));
         assert_eq!(s("10m"), Ok(10 << 20));
+        assert_eq!(s("10M"), Ok(10 << 20));
+        assert_eq!(s("1G"), Ok(1 << 30));
+        // IEC units are powers of 1024, SI units powers of 1000: never the same.
+        assert_eq!(s("10MiB"), Ok(10 << 20));
+        assert_eq!(s("10 MiB"), Ok(10 << 20));
+        assert_eq!(s("10MB"), Ok(10_000_000));
+        assert_eq!(s("10mb"), Ok(10_000_000));
         assert_eq!(s("1GiB"), Ok(1 << 30));
-        assert!(s("").is_err());
-        assert!(s("-1").is_err());
-        assert!(s("99999999999999999999G").is_err());
-        assert_eq!(parse_size(&IntOrStr::Int(42)), Ok(42));
-        assert!(parse_size(&IntOrStr::Int(-1)).is_err());
-        let d = |x: &str| parse_duration(&IntOrStr::Str(x.into()));
+        assert_eq!(s("1GB"), Ok(1_000_000_000));
+        assert_eq!(s("64kB"), Ok(64_000));
+        assert_eq!(s("64KiB"), Ok(65_536));
+        assert_eq!(s("1.5K"), Ok(1536));
+        assert_eq!(s("7b"), Ok(7));
+        for bad in [
+            "",
+            "-1",
+            "10X",
+            "M",
+            "10 MiBs",
+            "1.5",
+            "99999999999999999999G",
+        ] {
+            assert!(s(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            s("10X"),
+            Err(
+                "not a size (got \"10X\"); e.g. 10485760, 512K, 10M (= 10MiB), 10MB (= 10000000)"
+                    .into()
+            )
+        );
+        let d = |x: &str| x.parse::<Dur>().map(|d| d.0);
         assert_eq!(d("300"), Ok(Duration::from_secs(300)));
         assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(d("1h 30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert!(d("-1").is_err() && d("soon").is_err() && d("").is_err());
+        let r = |x: &str| x.parse::<DataRate>().map(|r| r.0);
+        assert_eq!(r("0"), Ok(None));
+        assert_eq!(r("1K"), Ok(Some((1024, Duration::from_secs(30)))));
+        assert_eq!(r("512/10s"), Ok(Some((512, Duration::from_secs(10)))));
+        assert!(r("1K/0").is_err() && r("x/1s").is_err());
+    }
+
+    #[test]
+    fn sizes_mean_the_same_from_every_source() {
+        // 10MB and 10MiB differ, from a flag and from the file alike; the file also
+        // takes plain integers (bytes) and, for durations, seconds.
         assert_eq!(
-            parse_duration(&IntOrStr::Int(7)),
-            Ok(Duration::from_secs(7))
+            run(&["--max-message-size", "10MB"], "")
+                .unwrap()
+                .max_message_size(),
+            10_000_000
+        );
+        assert_eq!(
+            run(&["--max-message-size", "10MiB"], "")
+                .unwrap()
+                .max_message_size(),
+            10 << 20
+        );
+        assert_eq!(
+            run(&[], "max-message-size = \"10MB\"")
+                .unwrap()
+                .max_message_size(),
+            10_000_000
+        );
+        assert_eq!(
+            run(&[], "max-message-size = \"10MiB\"")
+                .unwrap()
+                .max_message_size(),
+            10 << 20
+        );
+        assert_eq!(
+            run(&[], "max-message-size = 1234")
+                .unwrap()
+                .max_message_size(),
+            1234
+        );
+        let c = run(&[], "idle-timeout = 7\nmax-session-time = \"2h\"").unwrap();
+        assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(7));
+        assert_eq!(c.limits.max_session_time.0, Duration::from_secs(7200));
+        assert_eq!(
+            err(&[], "idle-timeout = -1"),
+            "--config f.toml: `idle-timeout`: not a duration (got \"-1\"); e.g. 300, 30s, 5m, 1h"
         );
     }
 
     #[test]
-    fn file_errors_are_one_line_and_name_the_key() {
+    fn file_errors_are_one_line_and_name_the_file_and_key() {
         let e = err(&[], "listen = \"127.0.0.1:1\"\nlisen = \"x\"\n");
         assert_eq!(
             e,
             "--config f.toml: unknown key `lisen` (keys are the long flag names, e.g. `listen`, `accept-domain`)"
         );
-        let e = err(&[], "sink = \"null\"\nreactors = \"many\"\n");
-        assert!(e.starts_with("--config f.toml: line 2: `reactors`:"), "{e}");
+        // Not even a flag that overrides it makes a bad file value acceptable.
+        let e = err(
+            &["--reactors", "2"],
+            "sink = \"null\"\nreactors = \"many\"\n",
+        );
+        assert!(
+            e.starts_with("--config f.toml: `reactors`: invalid type"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
         let e = err(&[], "reactors = \n");
         assert!(e.starts_with("--config f.toml: line 1"), "{e}");
         assert!(!e.contains('\n'));
         let e = err(&[], "sink = \"s3\"\n");
-        assert!(e.contains("`sink`"), "{e}");
+        assert!(
+            e.starts_with("--config f.toml: `sink`: unknown variant `s3`"),
+            "{e}"
+        );
         let e = err(&[], "accept-domain = 1\n");
-        assert!(e.contains("expected a domain or a list of domains"), "{e}");
+        assert!(e.contains("expected a string or a list of strings"), "{e}");
         let e = err(&[], "accept-domain = [1]\n");
-        assert!(e.contains("`accept-domain`"), "{e}");
+        assert!(e.starts_with("--config f.toml: `accept-domain`:"), "{e}");
         let e = err(&[], "[server]\nlisten = \"x\"\n");
         assert!(e.contains("unknown key `server`"), "{e}");
-        // Values from the file are validated like flags.
+        let e = err(&[], "config = \"other.toml\"\n");
+        assert!(e.contains("unknown key `config`"), "{e}");
+        // Values from the file are validated like flags, and named after the file.
         assert_eq!(
             err(&[], "max-recipients = 0"),
-            "--max-recipients: must be at least 1 (got 0)"
+            "--config f.toml: `max-recipients`: must be at least 1 (got 0)"
         );
         assert_eq!(
             err(&[], "max-message-size = 0"),
-            "--max-message-size: must be between 1 and 1G (got 0)"
+            "--config f.toml: `max-message-size`: must be between 1 and 1G (got 0)"
         );
         let missing = ServerArgs {
-            config: Some(PathBuf::from("/nonexistent/smtpgw.toml")),
+            file: ConfigFileArg {
+                config: Some(PathBuf::from("/nonexistent/smtpgw.toml")),
+            },
             ..Default::default()
         };
         let e = missing.resolve().unwrap_err().to_string();
@@ -1942,31 +1998,25 @@ mod tests {
 
     #[test]
     fn clap_errors_name_the_flag_on_their_first_line() {
-        let e = parse(&["--reactors", "abc"]).unwrap_err();
-        let first = e.render().to_string();
-        let first = first.lines().next().unwrap();
+        let e = clap_err(&["--reactors", "abc"], &[]);
+        let first = e.lines().next().unwrap();
         assert!(
             first.starts_with("error:") && first.contains("--reactors"),
             "{first}"
         );
-        let e = parse(&["--sink", "s3"]).unwrap_err();
-        assert!(e
-            .render()
-            .to_string()
-            .lines()
-            .next()
-            .unwrap()
-            .contains("--sink"));
+        let e = clap_err(&["--sink", "s3"], &[]);
+        assert!(e.lines().next().unwrap().contains("--sink"), "{e}");
+        assert!(e.contains("possible values: spool, null, kafka"), "{e}");
     }
 
     #[test]
     fn kafka_settings() {
         let c = run(&[], "").unwrap();
-        assert_eq!(c.kafka.brokers, None);
-        assert_eq!(c.kafka.topic, "smtp.inbound");
-        assert_eq!(c.kafka.publish_timeout, Duration::from_secs(30));
+        assert_eq!(c.kafka.kafka_brokers, None);
+        assert_eq!(c.kafka.kafka_topic.0, "smtp.inbound");
+        assert_eq!(c.kafka.publish_timeout.0, Duration::from_secs(30));
         assert_eq!(c.kafka.max_inflight_messages, 10_000);
-        assert_eq!(c.kafka.max_inflight_bytes, 256 << 20);
+        assert_eq!(c.kafka.max_inflight_bytes, ByteSize(256 << 20));
 
         let c = run(
             &[
@@ -1986,26 +2036,25 @@ mod tests {
             "kafka-topic = \"mail.in\"\nmax-inflight-messages = 7\nkafka-config = [\"linger.ms=5\"]",
         )
         .unwrap();
-        assert_eq!(c.sink, SinkKind::Kafka);
-        assert_eq!(
-            c.kafka.brokers.as_deref(),
-            Some("127.0.0.1:9092,127.0.0.1:9093")
-        );
-        assert_eq!(c.kafka.topic, "mail.in");
+        assert_eq!(c.spool.sink, SinkKind::Kafka);
+        assert_eq!(c.kafka.brokers(), "127.0.0.1:9092,127.0.0.1:9093");
+        assert_eq!(c.kafka.kafka_topic.0, "mail.in");
         // Flags replace the file's list rather than adding to it, like --accept-domain.
+        let pairs = pairs(&c.kafka);
         assert_eq!(
-            c.kafka.extra,
-            vec![
-                ("security.protocol".to_owned(), "SSL".to_owned()),
-                ("ssl.ca.location".to_owned(), "/etc/ca.pem".to_owned()),
+            pairs,
+            [
+                ("security.protocol", "SSL"),
+                ("ssl.ca.location", "/etc/ca.pem")
             ]
         );
-        assert_eq!(c.kafka.publish_timeout, Duration::from_secs(5));
+        assert_eq!(c.kafka.publish_timeout.0, Duration::from_secs(5));
         assert_eq!(c.kafka.max_inflight_messages, 7);
-        assert_eq!(c.kafka.max_inflight_bytes, 64 << 20);
-        let o = c.kafka.options(c.max_recipients);
-        assert_eq!(o.topic, "mail.in");
-        assert_eq!(o.publish_timeout, Duration::from_secs(5));
+        assert_eq!(c.kafka.max_inflight_bytes, ByteSize(64 << 20));
+        // The sink's options are this group, not a copy of its fields.
+        let o = c.kafka.options(c.max_recipients());
+        assert_eq!(o.settings, c.kafka);
+        assert_eq!(o.max_recipients, 100);
     }
 
     #[test]
@@ -2019,23 +2068,30 @@ mod tests {
             args.extend_from_slice(extra);
             err(&args, "")
         };
-        assert!(
-            k(&["--kafka-config", "linger.ms"]).starts_with("--kafka-config: expected KEY=VALUE")
+        let bad_value = |extra: &[&str], words: &str| {
+            let e = clap_err(extra, &[]);
+            let first = e.lines().next().unwrap();
+            assert!(first.contains(extra[0]) && first.contains(words), "{e}");
+        };
+        bad_value(&["--kafka-config", "linger.ms"], "expected KEY=VALUE");
+        bad_value(&["--kafka-config", "=1"], "empty key");
+        bad_value(
+            &["--kafka-config", "acks=1"],
+            "acks: not allowed, the gateway always uses acks=all",
         );
-        assert!(k(&["--kafka-config", "=1"]).starts_with("--kafka-config: empty key"));
-        assert_eq!(
-            k(&["--kafka-config", "acks=1"]),
-            "--kafka-config: acks: not allowed, the gateway always uses acks=all"
+        bad_value(
+            &["--kafka-config", "enable.idempotence=false"],
+            "not allowed",
         );
-        assert!(k(&["--kafka-config", "enable.idempotence=false"]).starts_with("--kafka-config:"));
-        assert!(k(&["--kafka-config", "message.timeout.ms=1"]).contains("--publish-timeout"));
-        assert!(k(&["--kafka-topic", "a b"]).starts_with("--kafka-topic: not a Kafka topic name"));
+        bad_value(
+            &["--kafka-config", "message.timeout.ms=1"],
+            "--publish-timeout",
+        );
+        bad_value(&["--kafka-topic", "a b"], "not a Kafka topic name");
+        bad_value(&["--max-inflight-bytes", "lots"], "not a size");
         assert!(k(&["--publish-timeout", "0"]).starts_with("--publish-timeout: must be between"));
         assert!(k(&["--publish-timeout", "30d"]).starts_with("--publish-timeout: must be between"));
         assert!(k(&["--max-inflight-messages", "0"]).starts_with("--max-inflight-messages:"));
-        assert!(
-            k(&["--max-inflight-bytes", "lots"]).starts_with("--max-inflight-bytes: not a size")
-        );
         assert!(err(&["--sink", "kafka", "--kafka-brokers", " "], "")
             .starts_with("--kafka-brokers: must not be empty"));
     }
@@ -2056,10 +2112,11 @@ mod tests {
         .unwrap();
         match c.command {
             Some(Command::Spool(SpoolCommand::Replay { dir, kafka, .. })) => {
-                assert_eq!(dir.spool_dir, Some(PathBuf::from("/s")));
-                let k = resolve_kafka(kafka, KafkaFile::default()).unwrap();
-                assert_eq!(k.brokers.as_deref(), Some("h:1"));
-                assert_eq!(k.topic, "t");
+                let (spool, file) = dir.resolve().unwrap();
+                assert_eq!(spool, PathBuf::from("/s"));
+                let k = dir.kafka(kafka, file.as_ref()).unwrap();
+                assert_eq!(k.brokers(), "h:1");
+                assert_eq!(k.kafka_topic.0, "t");
             }
             other => panic!("{other:?}"),
         }
@@ -2068,19 +2125,10 @@ mod tests {
 
     #[test]
     fn spool_subcommands() {
-        let c = Cli::try_parse_from([
-            "smtpgw",
-            "spool",
-            "cat",
-            "--body",
-            "--spool-dir",
-            "/s",
-            "ID",
-        ])
-        .unwrap();
+        let c = parse(&["spool", "cat", "--body", "--spool-dir", "/s", "ID"]).unwrap();
         match c.command {
             Some(Command::Spool(SpoolCommand::Cat { dir, body, id, .. })) => {
-                assert_eq!(dir.spool_dir, Some(PathBuf::from("/s")));
+                assert_eq!(dir.store.spool_dir, PathBuf::from("/s"));
                 assert!(body);
                 assert_eq!(id, "ID");
             }
@@ -2094,29 +2142,11 @@ mod tests {
         assert!(parse(&["spool", "export"]).is_err());
     }
 
-    /// Parses like the binary does, with sources recorded, under the ENV lock with the
-    /// given variables set for the duration.
-    fn parse_with_env(args: &[&str], env: &[(&str, &str)]) -> Cli {
-        let _g = ENV.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, v) in env {
-            std::env::set_var(k, v);
-        }
-        let parsed = parse_cli_from(std::iter::once("smtpgw").chain(args.iter().copied()));
-        for (k, _) in env {
-            std::env::remove_var(k);
-        }
-        parsed.expect("parses")
-    }
-
     #[test]
     fn errors_name_the_source_of_the_bad_value() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");
-        std::fs::write(
-            &path,
-            "reactors = 0\nmax-recipients = 5\nkafka-topic = \"a b\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "reactors = 0\nmax-recipients = 5\n").unwrap();
         let p = path.to_str().unwrap();
         let resolve_err = |args: &[&str], env: &[(&str, &str)]| {
             parse_with_env(args, env)
@@ -2143,19 +2173,47 @@ mod tests {
             ),
             "--reactors: must be between 1 and 1024 (got 0)"
         );
-        assert_eq!(
-            resolve_err(&["--config", p, "--reactors", "1"], &[]),
-            format!("--config {p}: `kafka-topic`: not a Kafka topic name (got \"a b\"); use letters, digits, '.', '_' and '-'")
-        );
-        assert!(resolve_err(&[], &[("SMTPGW_MAX_MESSAGE_SIZE", "10X")])
-            .starts_with("SMTPGW_MAX_MESSAGE_SIZE: not a size"));
         assert!(resolve_err(&[], &[("SMTPGW_LOG", "smtpgw=loud")])
             .starts_with("SMTPGW_LOG: invalid log filter"));
-        assert!(resolve_err(&["--kafka-config", "acks=0"], &[])
-            .starts_with("--kafka-config: acks: not allowed"));
+
+        // A value of the wrong type, from each source: the file's is refused on
+        // loading, the variable's and the flag's by clap, named after their source.
+        std::fs::write(&path, "kafka-topic = \"a b\"\n").unwrap();
+        assert_eq!(
+            resolve_err(&["--config", p], &[]),
+            format!("--config {p}: `kafka-topic`: not a Kafka topic name (got \"a b\"); use letters, digits, '.', '_' and '-'")
+        );
+        let e = clap_err(&[], &[("SMTPGW_MAX_MESSAGE_SIZE", "10X")]);
+        assert_eq!(
+            e,
+            "error: SMTPGW_MAX_MESSAGE_SIZE: not a size (got \"10X\"); e.g. 10485760, 512K, 10M (= 10MiB), 10MB (= 10000000)\n"
+        );
+        let e = clap_err(&[], &[("SMTPGW_SINK", "tape")]);
+        assert_eq!(
+            e,
+            "error: SMTPGW_SINK: invalid value \"tape\"; possible values: spool, null, kafka\n"
+        );
+        let e = clap_err(
+            &["--max-message-size", "10X"],
+            &[("SMTPGW_MAX_MESSAGE_SIZE", "1M")],
+        );
         assert!(
-            resolve_err(&[], &[("SMTPGW_KAFKA_CONFIG", "linger.ms=5;acks=0")])
-                .starts_with("SMTPGW_KAFKA_CONFIG: acks: not allowed")
+            e.starts_with("error: invalid value '10X' for '--max-message-size"),
+            "{e}"
+        );
+        let e = clap_err(&[], &[("SMTPGW_KAFKA_CONFIG", "linger.ms=5;acks=0")]);
+        assert!(
+            e.starts_with("error: SMTPGW_KAFKA_CONFIG: acks: not allowed"),
+            "{e}"
+        );
+        // A spool tool's variables are named too.
+        let e = clap_err(
+            &["spool", "replay", "--to-kafka"],
+            &[("SMTPGW_PUBLISH_TIMEOUT", "soon")],
+        );
+        assert!(
+            e.starts_with("error: SMTPGW_PUBLISH_TIMEOUT: not a duration"),
+            "{e}"
         );
     }
 
@@ -2168,13 +2226,14 @@ mod tests {
                 "security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;ssl.cipher.suites=A,B",
             )],
         );
-        let c = resolve(cli.server, FileConfig::default(), host).unwrap();
+        let c = resolve(cli.server, None, host).unwrap();
+        let pairs = pairs(&c.kafka);
         assert_eq!(
-            c.kafka.extra,
+            pairs,
             [
-                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
-                ("sasl.mechanism".to_owned(), "SCRAM-SHA-512".to_owned()),
-                ("ssl.cipher.suites".to_owned(), "A,B".to_owned()),
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("ssl.cipher.suites", "A,B"),
             ]
         );
     }
@@ -2205,24 +2264,31 @@ mod tests {
             spool_dir(&["spool", "ls"]).unwrap(),
             PathBuf::from("./spool")
         );
-        // Each spool subcommand has its own help, not the server's.
-        use clap::CommandFactory;
-        let mut cmd = Cli::command();
+        // Replay takes the file's Kafka settings under its flags.
+        match parse_with_env(&["spool", "replay", "--to-kafka", "--config", p], &[]).command {
+            Some(Command::Spool(SpoolCommand::Replay { dir, kafka, .. })) => {
+                let (_, file) = dir.resolve().unwrap();
+                assert_eq!(
+                    dir.kafka(kafka, file.as_ref()).unwrap().kafka_topic.0,
+                    "t.file"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Each spool subcommand has its own help (its about text, --config), not the
+        // server's; tests/e2e/test_cli.py checks the words through the binary.
+        let mut cmd = command();
         let spool = cmd.find_subcommand_mut("spool").unwrap();
-        for (name, words) in [
-            ("ls", "List the stored messages"),
-            ("cat", "Print one stored message"),
-            ("export", "mbox"),
-            ("replay", "Publish every stored message to Kafka"),
-            ("check", "Verify every record"),
-            ("prune", "Delete whole closed segments"),
-        ] {
-            let help = spool
-                .find_subcommand_mut(name)
-                .unwrap()
-                .render_long_help()
-                .to_string();
-            assert!(help.contains(words), "{name}: {help}");
+        let names: Vec<String> = spool
+            .get_subcommands()
+            .map(|s| s.get_name().to_owned())
+            .collect();
+        assert_eq!(names.len(), 6, "{names:?}");
+        for name in names {
+            let sub = spool.find_subcommand_mut(&name).unwrap();
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            let help = sub.render_long_help().to_string();
+            assert!(!about.is_empty() && help.contains(&about), "{name}: {help}");
             assert!(help.contains("--config"), "{name}: {help}");
             assert!(!help.contains("--max-recipients"), "{name}: {help}");
         }
@@ -2231,11 +2297,16 @@ mod tests {
     #[test]
     fn spool_fallback_needs_the_kafka_sink() {
         let k = ["--sink", "kafka", "--kafka-brokers", "h:1"];
-        assert!(!run(&k, "").unwrap().spool_fallback);
+        assert!(!run(&k, "").unwrap().spool.spool_fallback);
         let mut args = k.to_vec();
         args.push("--spool-fallback");
-        assert!(run(&args, "").unwrap().spool_fallback);
-        assert!(run(&k, "spool-fallback = true").unwrap().spool_fallback);
+        assert!(run(&args, "").unwrap().spool.spool_fallback);
+        assert!(
+            run(&k, "spool-fallback = true")
+                .unwrap()
+                .spool
+                .spool_fallback
+        );
         assert_eq!(
             err(&["--spool-fallback"], ""),
             "--spool-fallback: only with --sink kafka (the spool is the fallback for Kafka)"
@@ -2244,19 +2315,7 @@ mod tests {
 
     #[test]
     fn topic_prefixed_aliases_of_reserved_settings_are_refused() {
-        let k = |pair: &str| {
-            err(
-                &[
-                    "--sink",
-                    "kafka",
-                    "--kafka-brokers",
-                    "h:1",
-                    "--kafka-config",
-                    pair,
-                ],
-                "",
-            )
-        };
+        let k = |pair: &str| clap_err(&["--kafka-config", pair], &[]);
         assert!(k("topic.message.timeout.ms=1").contains("--publish-timeout"));
         assert!(k("topic.delivery.timeout.ms=1").contains("--publish-timeout"));
         assert!(k("topic.acks=1").contains("acks=all"));
@@ -2274,7 +2333,7 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(ok.kafka.extra.len(), 1);
+        assert_eq!(ok.kafka.kafka_config.len(), 1);
     }
 
     #[test]
@@ -2302,36 +2361,31 @@ mod tests {
     }
 
     #[test]
-    fn spool_limits_parse_and_name_their_flag() {
+    fn spool_limits_parse_and_name_their_source() {
         let c = run(&[], "").unwrap();
-        assert_eq!(c.spool_max_bytes, None);
-        assert_eq!(c.spool_min_free_bytes, DEFAULT_SPOOL_MIN_FREE_BYTES);
+        assert_eq!(c.spool.spool_max_bytes, ByteSize(0));
+        assert_eq!(c.spool.spool_min_free_bytes, ByteSize(64 << 20));
         let c = run(&["--spool-max-bytes", "2G"], "spool-min-free-bytes = 0").unwrap();
-        assert_eq!(c.spool_max_bytes, Some(2 << 30));
-        assert_eq!(c.spool_min_free_bytes, 0);
+        assert_eq!(c.spool.spool_max_bytes, ByteSize(2 << 30));
+        assert_eq!(c.spool.spool_min_free_bytes, ByteSize(0));
+        let e = clap_err(&["--spool-max-bytes", "lots"], &[]);
         assert!(
-            err(&["--spool-max-bytes", "lots"], "").starts_with("--spool-max-bytes: not a size")
+            e.contains("--spool-max-bytes") && e.contains("not a size"),
+            "{e}"
         );
-        assert!(err(&["--spool-min-free-bytes=-1"], "")
-            .starts_with("--spool-min-free-bytes: not a size"));
-        // Like every setting, a bad value names the variable or the file key it came from.
-        let e = parse_with_env(&[], &[("SMTPGW_SPOOL_MAX_BYTES", "lots")])
-            .server
-            .resolve()
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("SMTPGW_SPOOL_MAX_BYTES: not a size"), "{e}");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gw.toml");
-        std::fs::write(&path, "spool-min-free-bytes = \"-1\"\n").unwrap();
-        let p = path.to_str().unwrap();
-        let e = parse_with_env(&["--config", p], &[])
-            .server
-            .resolve()
-            .unwrap_err()
-            .to_string();
+        let e = clap_err(&["--spool-min-free-bytes=-1"], &[]);
         assert!(
-            e.starts_with(&format!("--config {p}: `spool-min-free-bytes`: not a size")),
+            e.contains("--spool-min-free-bytes") && e.contains("not a size"),
+            "{e}"
+        );
+        let e = clap_err(&[], &[("SMTPGW_SPOOL_MAX_BYTES", "lots")]);
+        assert!(
+            e.starts_with("error: SMTPGW_SPOOL_MAX_BYTES: not a size"),
+            "{e}"
+        );
+        let e = err(&[], "spool-min-free-bytes = \"-1\"\n");
+        assert!(
+            e.starts_with("--config f.toml: `spool-min-free-bytes`: not a size"),
             "{e}"
         );
     }

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(USAGE, format_args!("{e}")),
             };
-            let log = match logging::init(config.log_format, &config.log_level) {
+            let log = match logging::init(config.log.log_format, &config.log_level) {
                 Ok(handle) => handle,
                 Err(msg) => return fail(USAGE, format_args!("{msg}")),
             };
@@ -202,12 +202,10 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             // librdkafka's warnings (unreachable broker, auth) are what an operator
             // needs to see here; a second subscriber cannot exist yet, so ignore that.
             init_tool_logging();
-            let (sources, config) = (dir.sources.clone(), dir.config.clone());
-            let (dir, mut file) = dir.resolve()?;
-            let keys = file.keys.clone();
-            let kafka = smtpgw::config::resolve_kafka(kafka, (&mut file).into())
-                .map_err(|e| sources.name(e, config.as_deref(), &keys))?;
-            if kafka.brokers.is_none() {
+            let (spool_dir, file) = dir.resolve()?;
+            let kafka = dir.kafka(kafka, file.as_ref())?;
+            let dir = spool_dir;
+            if kafka.kafka_brokers.is_none() {
                 anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
             }
             let in_dir = || format!("--spool-dir {}", dir.display());
@@ -244,10 +242,10 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     }
                 }
             });
-            let report = match replay_records(
-                records,
-                &kafka.options(smtpgw::config::DEFAULT_MAX_RECIPIENTS),
-            ) {
+            // The recipient limit bounds a record's headers: the server's default.
+            let max_recipients = smtpgw::config::Session::default().max_recipients;
+            let options = kafka.options(usize::try_from(max_recipients).unwrap_or(usize::MAX));
+            let report = match replay_records(records, &options) {
                 Ok(report) => report,
                 // Only spool errors are about the directory; the others name their flag.
                 Err(ReplayError::Spool(e)) => return Err(e).with_context(in_dir),
@@ -274,7 +272,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             logging::eprint_line(format_args!(
                 "published {} messages to {}; {} failed{}",
                 report.published,
-                kafka.topic,
+                kafka.kafka_topic.0,
                 report.failed.len(),
                 if corrupt_ranges > 0 {
                     format!("; skipped {corrupt_ranges} corrupt range(s)")

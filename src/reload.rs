@@ -86,7 +86,7 @@ impl Reloader {
         sink: &dyn Sink,
         session: &SessionConfigHandle,
     ) -> Result<(), ConfigError> {
-        let Some(path) = &self.args.config else {
+        let Some(path) = &self.args.file.config else {
             info!(
                 "SIGHUP: no --config file; flags and environment cannot change, nothing to reload"
             );
@@ -120,16 +120,17 @@ impl Reloader {
         }
         // The certificate paths follow the file while TLS stays on; the server re-reads
         // the files themselves after this (`server::reload_tls`), config file or not.
-        if running.edge.tls.is_some() && new.edge.tls.is_some() {
-            running.edge.tls = new.edge.tls.clone();
+        if running.edge.tls().is_some() && new.edge.tls().is_some() {
+            running.edge.tls_cert = new.edge.tls_cert.clone();
+            running.edge.tls_key = new.edge.tls_key.clone();
         }
+        // The session group is what changes live, with the domains it resolves to.
+        running.session = new.session;
         running.accept_domains = new.accept_domains;
         running.accept_domains_defaulted = new.accept_domains_defaulted;
-        running.max_message_size = new.max_message_size;
-        running.max_recipients = new.max_recipients;
-        running.bare_lf = new.bare_lf;
+        running.log.log_level = new.log.log_level;
         running.log_level = new.log_level;
-        running.drain_timeout = new.drain_timeout;
+        running.limits.drain_timeout = new.limits.drain_timeout;
         let mut applied = crate::server::session_config_for(running, sink);
         if applied.max_message_size > session.max_message_size_cap {
             warn!(
@@ -145,7 +146,7 @@ impl Reloader {
             max_recipients = applied.max_recipients,
             bare_lf = ?applied.bare_lf,
             log_level = %running.log_level,
-            drain_timeout = ?running.drain_timeout,
+            drain_timeout = ?running.limits.drain_timeout.0,
             "SIGHUP: configuration reloaded; new connections use it"
         );
         session.replace(applied);
@@ -153,7 +154,8 @@ impl Reloader {
     }
 }
 
-/// The settings that differ between `running` and `new` but cannot change live.
+/// The settings that differ between `running` and `new` but cannot change live, by
+/// group (the session group and the log level always change live).
 fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();
     let mut check = |name, differs: bool| {
@@ -161,32 +163,32 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
             changed.push(name);
         }
     };
-    check("listen", running.listen != new.listen);
     check(
-        "metrics-listen",
-        running.metrics_listen != new.metrics_listen,
+        "listen,metrics-listen,hostname,reactors,io-backend",
+        running.server != new.server,
     );
-    check("hostname", running.hostname != new.hostname);
-    check("sink", running.sink != new.sink);
-    check("spool-dir", running.spool_dir != new.spool_dir);
-    check("reactors", running.reactors != new.reactors);
+    let but_drain = crate::config::Limits {
+        drain_timeout: new.limits.drain_timeout,
+        ..running.limits.clone()
+    };
     check(
-        "max-connections",
-        running.max_connections != new.max_connections,
+        "max-connections,max-body-memory,min-data-rate,idle-timeout,max-session-time",
+        but_drain != new.limits,
     );
-    check("idle-timeout", running.idle_timeout != new.idle_timeout);
+    check("spool-dir", running.store != new.store);
+    check("sink,spool-*", running.spool != new.spool);
     check(
-        "max-session-time",
-        running.max_session_time != new.max_session_time,
+        "kafka-*,publish-timeout,max-inflight-*",
+        running.kafka != new.kafka,
     );
-    check("log-format", running.log_format != new.log_format);
-    check("kafka-*", running.kafka != new.kafka);
+    check("log-format", running.log.log_format != new.log.log_format);
     check(
         "tls-cert,tls-key (turning TLS on or off)",
-        running.edge.tls.is_some() != new.edge.tls.is_some(),
+        running.edge.tls().is_some() != new.edge.tls().is_some(),
     );
-    let without_tls = |c: &Config| crate::config::EdgeConfig {
-        tls: None,
+    let without_tls = |c: &Config| crate::config::Edge {
+        tls_cert: None,
+        tls_key: None,
         ..c.edge.clone()
     };
     check(

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::certs::TlsConfigError;
-use crate::config::EdgeConfig;
 use crate::config::{Config, SinkKind};
 use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
@@ -53,51 +52,40 @@ pub fn session_config(config: &Config) -> SessionConfig {
     SessionConfig {
         hostname: config.hostname.clone(),
         accept_domains: config.accept_domains.clone(),
-        max_message_size: config.max_message_size,
-        max_recipients: config.max_recipients,
-        bare_lf: config.bare_lf,
+        max_message_size: config.max_message_size(),
+        max_recipients: config.max_recipients(),
+        bare_lf: config.session.bare_lf,
     }
 }
 
 fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
-    Ok(match config.sink {
+    let spool_dir = &config.store.spool_dir;
+    let spool_options = || SpoolOptions {
+        max_bytes: Some(config.spool.spool_max_bytes.0).filter(|&n| n > 0),
+        min_free_bytes: config.spool.spool_min_free_bytes.0,
+        ..SpoolOptions::default()
+    };
+    let kafka = || config.kafka.options(config.max_recipients());
+    Ok(match config.spool.sink {
         SinkKind::Null => {
             warn!("--sink null: accepted messages are discarded (benchmarks only)");
             Arc::new(NullSink::new())
         }
-        SinkKind::Spool => {
-            let options = SpoolOptions {
-                max_bytes: config.spool_max_bytes,
-                min_free_bytes: config.spool_min_free_bytes,
-                ..SpoolOptions::default()
-            };
-            Arc::new(
-                SpoolSink::open_with(&config.spool_dir, options).map_err(|source| {
-                    ServerError::Spool {
-                        dir: config.spool_dir.display().to_string(),
-                        source,
-                    }
-                })?,
-            )
-        }
-        SinkKind::Kafka if config.spool_fallback => Arc::new(
-            FallbackSink::open(
-                &config.spool_dir,
-                SpoolOptions {
-                    max_bytes: config.spool_max_bytes,
-                    min_free_bytes: config.spool_min_free_bytes,
-                    ..SpoolOptions::default()
-                },
-                &config.kafka.options(config.max_recipients),
-            )
-            .map_err(|source| ServerError::Fallback {
-                dir: config.spool_dir.display().to_string(),
+        SinkKind::Spool => Arc::new(SpoolSink::open_with(spool_dir, spool_options()).map_err(
+            |source| ServerError::Spool {
+                dir: spool_dir.display().to_string(),
                 source,
+            },
+        )?),
+        SinkKind::Kafka if config.spool.spool_fallback => Arc::new(
+            FallbackSink::open(spool_dir, spool_options(), &kafka()).map_err(|source| {
+                ServerError::Fallback {
+                    dir: spool_dir.display().to_string(),
+                    source,
+                }
             })?,
         ),
-        SinkKind::Kafka => Arc::new(KafkaSink::new(
-            &config.kafka.options(config.max_recipients),
-        )?),
+        SinkKind::Kafka => Arc::new(KafkaSink::new(&kafka())?),
     })
 }
 
@@ -163,16 +151,18 @@ fn raise_fd_limit(max_connections: usize) -> usize {
 /// The connection driver's limits from the configuration.
 pub fn limits(config: &Config) -> Limits {
     Limits {
-        idle_timeout: config.idle_timeout,
-        max_session_time: config.max_session_time,
+        idle_timeout: config.limits.idle_timeout.0,
+        max_session_time: config.limits.max_session_time.0,
         min_data_rate: config
+            .limits
             .min_data_rate
+            .0
             .map(|(bytes_per_second, window)| MinDataRate {
                 bytes_per_second,
                 window,
             }),
         output_cap: Limits::DEFAULT_OUTPUT_CAP,
-        sink: config.sink.name(),
+        sink: config.spool.sink.name(),
     }
 }
 
@@ -185,18 +175,20 @@ pub fn listeners(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<(Vec<ListenerSpec>, Option<TlsHandle>), ServerError> {
-    let e: &EdgeConfig = &config.edge;
-    let tls = match &e.tls {
+    let e = &config.edge;
+    let tls = match e.tls() {
         Some((cert, key)) => Some(TlsHandle::new(crate::certs::load(cert, key)?)),
         None => None,
     };
+    // 0 turns a per-address limit off.
+    let on = |n: u32| (n > 0).then_some(n);
     let peers: Arc<dyn PeerLimits> = PeerLimiter::new(
         PeerLimitsConfig {
-            per_ip: e.max_connections_per_ip,
-            per_prefix: e.max_connections_per_prefix,
-            connection_rate: e.max_connection_rate_per_ip.map(PerMinute),
-            message_rate: e.max_message_rate_per_ip.map(PerMinute),
-            trusted: e.trusted.clone(),
+            per_ip: on(e.max_connections_per_ip),
+            per_prefix: on(e.max_connections_per_prefix),
+            connection_rate: on(e.max_connection_rate_per_ip).map(PerMinute),
+            message_rate: on(e.max_message_rate_per_ip).map(PerMinute),
+            trusted: e.trusted_cidr.clone(),
             max_entries: PEER_TABLE_ENTRIES,
         },
         std::time::Instant::now(),
@@ -204,16 +196,16 @@ pub fn listeners(
     );
     let edge = Edge {
         proxy: e.proxy_protocol.into(),
-        proxy_trusted: e.proxy_trusted.clone(),
+        proxy_trusted: e.proxy_trusted_cidr.clone(),
         tls: tls.clone(),
         implicit_tls: false,
         require_tls: e.require_tls,
-        greeting_delay: e.greeting_delay,
-        error_budget: e.error_budget,
+        greeting_delay: e.greeting_delay.0,
+        error_budget: on(e.error_budget),
         peers: Some(peers),
     };
     let mut specs = vec![ListenerSpec {
-        addr: config.listen,
+        addr: config.server.listen,
         kind: ListenerKind::Smtp,
         edge: Arc::new(edge.clone()),
     }];
@@ -233,7 +225,7 @@ pub fn listeners(
 /// Re-reads `--tls-cert` and `--tls-key` into `handle` (for SIGHUP): new handshakes use
 /// the new certificate, open sessions keep theirs; on an error the old one stays.
 pub fn reload_tls(config: &Config, handle: &TlsHandle) -> Result<(), TlsConfigError> {
-    match &config.edge.tls {
+    match config.edge.tls() {
         Some((cert, key)) => crate::certs::reload(handle, cert, key),
         None => Ok(()),
     }
@@ -264,20 +256,21 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
             config.accept_domains.join(" and ")
         );
     }
-    let max_connections = raise_fd_limit(config.max_connections);
+    let max_connections =
+        raise_fd_limit(usize::try_from(config.limits.max_connections).unwrap_or(usize::MAX));
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
     metrics.connections_max.set(gauge_value(max_connections));
     metrics
         .publish_inflight_messages_limit
-        .set(gauge_value(config.kafka.max_inflight_messages));
+        .set(i64::try_from(config.kafka.max_inflight_messages).unwrap_or(i64::MAX));
     metrics
         .publish_inflight_bytes_limit
-        .set(gauge_value(config.kafka.max_inflight_bytes));
+        .set(i64::try_from(config.kafka.max_inflight_bytes.0).unwrap_or(i64::MAX));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
-        MetricsServer::start(config.metrics_listen, metrics.clone(), sink.clone())?;
+        MetricsServer::start(config.server.metrics_listen, metrics.clone(), sink.clone())?;
     let session = Arc::new(SessionConfigHandle::new(session_config_for(
         &config, &*sink,
     )));
@@ -285,7 +278,7 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     // What a certificate reload on SIGHUP replaces (`reload_tls`).
     let (specs, tls) = listeners(&config, &metrics)?;
     let reactors = Reactors::start(
-        config.io_backend,
+        config.server.io_backend,
         ReactorParams {
             listeners: specs,
             reactors: config.reactors,
@@ -356,13 +349,13 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         info!(
             signal = %which,
             open = reactors.open_connections(),
-            drain_timeout = ?config.drain_timeout,
+            drain_timeout = ?config.limits.drain_timeout.0,
             "draining: no new connections; sessions finish their message in flight"
         );
         metrics.set_draining();
         reactors.begin_drain();
 
-        let deadline = Instant::now() + config.drain_timeout;
+        let deadline = Instant::now() + config.limits.drain_timeout.0;
         let mut tick = tokio::time::interval(DRAIN_POLL);
         loop {
             tokio::select! {

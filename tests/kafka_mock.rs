@@ -10,7 +10,7 @@ use kafka_support::{consume, healthy_sink, options, record_of, wait_until, Recor
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use smtpgw::sink::kafka::{KafkaOptions, KafkaSink};
+use smtpgw::sink::kafka::KafkaSink;
 use smtpgw::sink::{PublishError, PublishResult, Sink};
 use smtpgw::smtp::envelope::SealedMessage;
 use spool_support::{message, publish, submit};
@@ -224,7 +224,7 @@ fn too_large_for_the_producer_is_refused_permanently() {
     let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     let mut opts = options(&brokers, TOPIC, Duration::from_secs(5));
-    opts.extra = vec![("message.max.bytes".into(), "200000".into())];
+    opts.settings.kafka_config = vec!["message.max.bytes=200000".parse().unwrap()];
     let sink = healthy_sink(&opts);
     // The advertised limit leaves room for the record's overhead.
     assert!(sink.max_record_value() < 200_000 - 50_000);
@@ -242,8 +242,12 @@ fn too_large_for_the_producer_is_refused_permanently() {
 
 #[test]
 fn reserved_settings_are_refused_with_the_flag_named() {
-    let mut opts = KafkaOptions::new("127.0.0.1:1");
-    opts.extra = vec![("acks".into(), "1".into())];
+    // Past the config's own check, as a library user could build it.
+    let mut opts = options("127.0.0.1:1", TOPIC, Duration::from_secs(5));
+    opts.settings.kafka_config = vec![smtpgw::config::KafkaSetting {
+        key: "acks".into(),
+        value: "1".into(),
+    }];
     let err = KafkaSink::new(&opts).expect_err("acks=1 breaks the durability promise");
     assert!(err.to_string().contains("--kafka-config acks"), "{err}");
 }
@@ -271,7 +275,7 @@ fn inflight_limit_and_queue_full_while_the_broker_is_slow() {
     let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     let mut opts = options(&brokers, TOPIC, Duration::from_secs(20));
-    opts.max_inflight_messages = 2;
+    opts.settings.max_inflight_messages = 2;
     let sink = healthy_sink(&opts);
     cluster
         .broker_round_trip_time(1, Duration::from_millis(1500))

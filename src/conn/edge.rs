@@ -62,6 +62,13 @@ impl Cidr {
     }
 }
 
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+    fn from_str(text: &str) -> Result<Cidr, CidrError> {
+        Cidr::parse(text)
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)

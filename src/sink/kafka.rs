@@ -108,10 +108,6 @@ use crate::sink::{Completion, PublishError, PublishResult, Sink, SinkStats};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
-pub const DEFAULT_TOPIC: &str = "smtp.inbound";
-pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_MAX_INFLIGHT_MESSAGES: usize = 10_000;
-pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 256 << 20;
 /// librdkafka's default `message.max.bytes`, used when the user does not set it.
 pub const DEFAULT_PRODUCER_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
@@ -164,19 +160,11 @@ const UNKNOWN_TOPIC: &str = "kafka topic unknown";
 const FAILED: &str = "kafka publish failed";
 const SHUT_DOWN: &str = "kafka sink is shut down";
 
-/// Everything the Kafka sink is configured with.
+/// Everything the Kafka sink is configured with: its settings group (brokers, topic,
+/// `--kafka-config`, publish timeout, in-flight limits) and what the gateway adds.
 #[derive(Clone, Debug)]
 pub struct KafkaOptions {
-    /// `bootstrap.servers`: comma-separated `host:port` list.
-    pub brokers: String,
-    pub topic: String,
-    /// `message.timeout.ms`: a message not acknowledged by then gets `451`.
-    pub publish_timeout: Duration,
-    /// Passed to librdkafka after the gateway's own settings (TLS, SASL, tuning).
-    pub extra: Vec<(String, String)>,
-    /// Above either limit [`Sink::over_inflight_limit`] says so.
-    pub max_inflight_messages: usize,
-    pub max_inflight_bytes: usize,
+    pub settings: crate::config::Kafka,
     /// The session's recipient limit: it bounds how many headers a record carries.
     pub max_recipients: usize,
     /// Bounds the start-up metadata and size probes.
@@ -184,33 +172,37 @@ pub struct KafkaOptions {
 }
 
 impl KafkaOptions {
-    pub fn new(brokers: impl Into<String>) -> Self {
+    pub fn new(settings: crate::config::Kafka, max_recipients: usize) -> Self {
         KafkaOptions {
-            brokers: brokers.into(),
-            topic: DEFAULT_TOPIC.to_owned(),
-            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
-            extra: Vec::new(),
-            max_inflight_messages: DEFAULT_MAX_INFLIGHT_MESSAGES,
-            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
-            max_recipients: 100,
+            settings,
+            max_recipients,
             startup_timeout: STARTUP_PROBE_TIMEOUT,
         }
     }
 
+    fn topic(&self) -> &str {
+        &self.settings.kafka_topic.0
+    }
+
+    fn publish_timeout(&self) -> Duration {
+        self.settings.publish_timeout.0
+    }
+
     /// The producer configuration: the gateway's settings, then the user's.
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSinkError> {
-        for (key, _) in &self.extra {
-            if let Some(why) = reserved_config(key) {
+        let extra = &self.settings.kafka_config;
+        for setting in extra {
+            if let Some(why) = reserved_config(&setting.key) {
                 return Err(KafkaSinkError::ReservedConfig {
-                    key: key.clone(),
+                    key: setting.key.clone(),
                     why,
                 });
             }
         }
-        let timeout_ms = self.publish_timeout.as_millis().max(1);
+        let timeout_ms = self.publish_timeout().as_millis().max(1);
         let mut config = ClientConfig::new();
         config
-            .set("bootstrap.servers", &self.brokers)
+            .set("bootstrap.servers", self.settings.brokers())
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("compression.type", "lz4")
@@ -226,29 +218,31 @@ impl KafkaOptions {
             // the reactors honour; sessions already past DATA can still add to it.
             .set(
                 "queue.buffering.max.messages",
-                self.max_inflight_messages
+                self.settings
+                    .max_inflight_messages
                     .saturating_mul(2)
                     .clamp(1, 10_000_000)
                     .to_string(),
             )
             .set(
                 "queue.buffering.max.kbytes",
-                (self.max_inflight_bytes.saturating_mul(2) / 1024)
-                    .clamp(1, i32::MAX as usize)
+                (self.settings.max_inflight_bytes.0.saturating_mul(2) / 1024)
+                    .clamp(1, i32::MAX as u64)
                     .to_string(),
             );
-        for (key, value) in &self.extra {
-            config.set(key, value);
+        for setting in extra {
+            config.set(&setting.key, &setting.value);
         }
         Ok(config)
     }
 
     fn producer_message_max_bytes(&self) -> usize {
-        self.extra
+        self.settings
+            .kafka_config
             .iter()
             .rev()
-            .find(|(k, _)| k == "message.max.bytes")
-            .and_then(|(_, v)| v.parse().ok())
+            .find(|s| s.key == "message.max.bytes")
+            .and_then(|s| s.value.parse().ok())
             .unwrap_or(DEFAULT_PRODUCER_MESSAGE_MAX_BYTES)
     }
 }
@@ -657,10 +651,8 @@ type GatewayProducer = ThreadedProducer<GatewayContext>;
 struct Inner {
     shared: Arc<Shared>,
     config: ClientConfig,
-    topic: String,
-    publish_timeout: Duration,
-    max_inflight_messages: usize,
-    max_inflight_bytes: usize,
+    /// The topic, timeout and in-flight limits come from here.
+    options: KafkaOptions,
     /// `None` once shut down. Submitters hold the read lock across `send`, so once
     /// `shutdown` has taken the producer under the write lock nothing more enters it.
     producer: RwLock<Option<Arc<GatewayProducer>>>,
@@ -679,7 +671,7 @@ pub struct KafkaSink {
 impl fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KafkaSink")
-            .field("topic", &self.inner.topic)
+            .field("topic", &self.inner.options.topic())
             .field("healthy", &self.is_healthy())
             .field("max_record_value", &self.max_record_value)
             .finish_non_exhaustive()
@@ -729,11 +721,11 @@ impl KafkaSink {
             ready_watch: Mutex::new(Vec::new()),
             epoch: Instant::now(),
             last_ack_ms: AtomicU64::new(0),
-            publish_timeout: options.publish_timeout,
+            publish_timeout: options.publish_timeout(),
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
-        let reachable = probe(&producer, &options.topic, options.startup_timeout);
+        let reachable = probe(&producer, options.topic(), options.startup_timeout);
         if reachable {
             shared.set_healthy(0, true, "broker answered");
         }
@@ -741,10 +733,10 @@ impl KafkaSink {
         // again; SIZE then follows the producer's limit, and a broker that still
         // refuses a record as too large gets it answered with 552.
         let topic_max = if reachable {
-            topic_max_message_bytes(&config, &options.topic, options.startup_timeout)
+            topic_max_message_bytes(&config, options.topic(), options.startup_timeout)
         } else {
             tracing::warn!(
-                brokers = %options.brokers,
+                brokers = %options.settings.brokers(),
                 "no kafka broker answered at start-up; not ready until one does"
             );
             None
@@ -756,7 +748,7 @@ impl KafkaSink {
             .saturating_sub(record_overhead(options.max_recipients))
             .saturating_sub(limit / 255 + 16);
         tracing::info!(
-            topic = %options.topic,
+            topic = %options.topic(),
             topic_max_message_bytes = ?topic_max,
             producer_message_max_bytes = producer_max,
             max_record_value,
@@ -772,10 +764,7 @@ impl KafkaSink {
         let inner = Arc::new(Inner {
             shared,
             config,
-            topic: options.topic.clone(),
-            publish_timeout: options.publish_timeout,
-            max_inflight_messages: options.max_inflight_messages,
-            max_inflight_bytes: options.max_inflight_bytes,
+            options: options.clone(),
             producer: RwLock::new(Some(producer)),
             retiring: Mutex::new(Vec::new()),
         });
@@ -977,7 +966,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
                 replace_producer(inner, generation, false);
                 last_probe = Some(Instant::now());
                 if let Some(new) = current_producer(inner) {
-                    if probe(&new, &inner.topic, PROBE_TIMEOUT) {
+                    if probe(&new, inner.options.topic(), PROBE_TIMEOUT) {
                         let generation = shared.generation.load(Ordering::Acquire);
                         shared.set_healthy(generation, true, "broker answered");
                     }
@@ -989,7 +978,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
             // ready, and the producer is replaced once a broker answers again.
             Some(Liveness::NoAck) if due => {
                 last_probe = Some(Instant::now());
-                if probe(&producer, &inner.topic, PROBE_TIMEOUT) {
+                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT) {
                     drop(producer);
                     replace_producer(inner, generation, true);
                 } else {
@@ -1010,7 +999,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
                     .unwrap_or_else(PoisonError::into_inner)
                     .suspect
                     .is_some();
-                if probe(&producer, &inner.topic, PROBE_TIMEOUT) && !suspected {
+                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT) && !suspected {
                     shared.set_healthy(generation, true, "broker answered");
                 }
             }
@@ -1080,7 +1069,7 @@ fn replace_producer(inner: &Arc<Inner>, generation: u64, broker_answered: bool) 
     let old = slot.replace(new);
     drop(slot);
     if let Some(old) = old {
-        let timeout = inner.publish_timeout;
+        let timeout = inner.options.publish_timeout();
         let spawned = std::thread::Builder::new()
             .name("smtpgw-kafka-retire".into())
             .spawn(move || drain(old, timeout));
@@ -1162,11 +1151,13 @@ impl KafkaSink {
         let mut key = [0u8; ulid::ULID_LEN];
         let key = id.array_to_str(&mut key);
         let bytes = value.len();
-        let mut record =
-            BaseRecord::with_opaque_to(&inner.topic, Box::new(InFlight { answer, id, bytes }))
-                .key(key.as_bytes())
-                .payload(value)
-                .timestamp(timestamp_ms);
+        let mut record = BaseRecord::with_opaque_to(
+            inner.options.topic(),
+            Box::new(InFlight { answer, id, bytes }),
+        )
+        .key(key.as_bytes())
+        .payload(value)
+        .timestamp(timestamp_ms);
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
@@ -1288,7 +1279,7 @@ impl Sink for KafkaSink {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(producer) = producer {
-            drain(producer, inner.publish_timeout);
+            drain(producer, inner.options.publish_timeout());
         }
         let retiring = std::mem::take(
             &mut *inner
@@ -1321,7 +1312,9 @@ impl Sink for KafkaSink {
 
     fn over_inflight_limit(&self) -> bool {
         let (messages, bytes) = self.inflight();
-        messages >= self.inner.max_inflight_messages || bytes >= self.inner.max_inflight_bytes
+        let limits = &self.inner.options.settings;
+        messages as u64 >= limits.max_inflight_messages
+            || bytes as u64 >= limits.max_inflight_bytes.0
     }
 
     fn max_message_value(&self) -> Option<usize> {
@@ -1404,12 +1397,12 @@ pub fn replay_records(
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     let sink = KafkaSink::new(options)?;
-    let deadline = Instant::now() + options.publish_timeout;
+    let deadline = Instant::now() + options.publish_timeout();
     while !sink.is_healthy() {
         if Instant::now() >= deadline {
             return Err(ReplayError::Unreachable {
-                brokers: options.brokers.clone(),
-                waited: options.publish_timeout,
+                brokers: options.settings.brokers().to_owned(),
+                waited: options.publish_timeout(),
             });
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -68,6 +68,24 @@ def test_kafka_process_and_saturation_panels_exist():
             assert metric in exprs, (path.name, metric)
 
 
+def test_store_and_forward_has_panels_and_an_alert():
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        shown = {
+            t["expr"]: p for p in json.loads(path.read_text())["panels"] for t in p["targets"]
+        }
+        for metric, unit in (
+            ("smtpgw_forward_awaiting_records", "short"),
+            ("smtpgw_forward_awaiting_bytes", "bytes"),
+            ("smtpgw_forwarded_records_total", "ops"),
+            ("smtpgw_forward_oldest_age_seconds", "s"),
+        ):
+            panels_of = [p for expr, p in shown.items() if metric in expr]
+            assert panels_of, (path.name, metric)
+            assert all(p["fieldConfig"]["defaults"]["unit"] == unit for p in panels_of), (path.name, metric)
+    rules = {r["alert"]: r for g in yaml.safe_load((DASHBOARDS / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    assert "smtpgw_forward_oldest_age_seconds" in rules["SmtpgwForwardBacklogOld"]["expr"]
+
+
 def runbook_anchors() -> set[str]:
     """GitHub's anchors for the `## ` headings of docs/runbooks.md."""
     headings = re.findall(r"^## (.+)$", RUNBOOKS.read_text(), re.M)

@@ -9,7 +9,7 @@ import pytest
 import subprocess
 
 from conftest import gateway_binary, gateway_env, run_binary
-from smtpwire import make_message
+from smtpwire import assert_reply, make_message
 
 BAD_FLAGS = [
     ("--no-such-flag",),
@@ -111,7 +111,10 @@ def test_bad_listen_address_exits_2(tmp_path):
     result = run_binary("--listen", "not-an-address", "--spool-dir", str(tmp_path / "spool"), timeout=10)
     stderr = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 2, stderr
-    assert len(stderr.splitlines()) == 1 and "--listen" in stderr, stderr
+    # A value clap cannot parse is clap's whole message, its first line naming the flag.
+    lines = stderr.splitlines()
+    assert lines[0].startswith("error:") and "--listen" in lines[0], stderr
+    assert "not an IP:PORT address" in lines[0] and "--help" in lines[-1], stderr
 
 
 def test_gateway_serves_on_the_logged_loopback_port(gateway):
@@ -163,3 +166,65 @@ def test_metrics_endpoint_of_a_running_gateway(gateway):
         assert "smtpgw_messages_accepted_total" in resp.read().decode()
     with urllib.request.urlopen(f"http://{gateway.metrics_addr}/healthz", timeout=10) as resp:
         assert (resp.status, resp.read()) == (200, b"ok\n")
+
+
+# --- one configuration model: units, sources, unknown keys ------------------------------
+
+
+def advertised_size(gateway) -> int:
+    with gateway.wire() as wire:
+        assert_reply(wire.reply(), "220")
+        ehlo = wire.expect("EHLO client.test", "250")
+        wire.expect("QUIT", "221")
+    sizes = [line[4:].split()[1] for line in ehlo.lines if line[4:].startswith("SIZE ")]
+    assert len(sizes) == 1, ehlo.lines
+    return int(sizes[0])
+
+
+def test_sizes_in_si_and_iec_units_differ_from_flag_env_and_file(start_gateway, tmp_path):
+    # 10MB is 10^7 bytes, 10MiB (and the old single-letter 10M) 10 * 2^20, from every source.
+    assert advertised_size(start_gateway("--max-message-size", "10MB")) == 10_000_000
+    assert advertised_size(start_gateway(env={"SMTPGW_MAX_MESSAGE_SIZE": "10MiB"})) == 10 * 1024 * 1024
+    config = tmp_path / "gw.toml"
+    config.write_text('max-message-size = "10M"\n')
+    assert advertised_size(start_gateway("--config", str(config))) == 10 * 1024 * 1024
+    config.write_text('max-message-size = "1.5MB"\n')
+    assert advertised_size(start_gateway("--config", str(config))) == 1_500_000
+
+
+def test_unknown_file_key_is_refused_naming_the_file_and_key(tmp_path):
+    config = tmp_path / "gw.toml"
+    config.write_text('listen = "127.0.0.1:0"\nmax-mesage-size = "10M"\n')
+    result = run_binary("--config", str(config), "--spool-dir", str(tmp_path / "spool"), timeout=10)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode() == (
+        f"error: --config {config}: unknown key `max-mesage-size` "
+        "(keys are the long flag names, e.g. `listen`, `accept-domain`)\n"
+    )
+    # The spool tools read the same file and refuse it the same way.
+    result = run_binary("spool", "ls", "--config", str(config), timeout=10)
+    assert result.returncode != 0
+    assert f"--config {config}: unknown key `max-mesage-size`" in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("flag", "error: invalid value '10X' for '--max-message-size <BYTES>': not a size (got \"10X\")"),
+        ("env", "error: SMTPGW_MAX_MESSAGE_SIZE: not a size (got \"10X\")"),
+        ("file", "error: --config {config}: `max-message-size`: not a size (got \"10X\")"),
+    ],
+)
+def test_a_value_that_does_not_parse_names_its_source(tmp_path, source, expected):
+    config = tmp_path / "gw.toml"
+    config.write_text('max-message-size = "10X"\n' if source == "file" else "")
+    args = ["--config", str(config), "--listen", "127.0.0.1:0", "--spool-dir", str(tmp_path / "spool")]
+    if source == "flag":
+        args += ["--max-message-size", "10X"]
+    env = env_with(SMTPGW_MAX_MESSAGE_SIZE="10X") if source == "env" else gateway_env()
+    result = subprocess.run(
+        [str(gateway_binary()), *args], capture_output=True, timeout=10, stdin=subprocess.DEVNULL, env=env
+    )
+    assert result.returncode == 2, result.stderr
+    first = result.stderr.decode().splitlines()[0]
+    assert first.startswith(expected.format(config=config)), first

@@ -37,9 +37,13 @@ pub fn record_of(msg: &smtpgw::smtp::envelope::SealedMessage) -> Record {
 }
 
 pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOptions {
-    let mut options = KafkaOptions::new(brokers);
-    options.topic = topic.to_owned();
-    options.publish_timeout = publish_timeout;
+    let settings = smtpgw::config::Kafka {
+        kafka_brokers: Some(brokers.to_owned()),
+        kafka_topic: smtpgw::config::KafkaTopic(topic.to_owned()),
+        publish_timeout: smtpgw::config::Dur(publish_timeout),
+        ..Default::default()
+    };
+    let mut options = KafkaOptions::new(settings, 100);
     options.startup_timeout = Duration::from_secs(2);
     options
 }
