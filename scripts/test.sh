@@ -144,4 +144,14 @@ target_dir=${CARGO_TARGET_DIR:-target}
 export SMTPGW_BIN=${SMTPGW_BIN:-$(realpath "$target_dir")/release/smtpgw}
 "$venv/bin/python" -m pytest -q tests/e2e "$@"
 
+section "failure drills (pytest tests/drills)"
+# SIGKILL, broker outage, SIGTERM, disk full, idle crowd and connect flood, rolling
+# restart (README, "Durability"); each prints one "DRILL ..." line of counts. Extra
+# arguments go here too; a -k that selects no drill is not a failure.
+status=0
+"$venv/bin/python" -m pytest -q -s tests/drills "$@" || status=$?
+if [ "$status" -ne 0 ] && ! { [ "$status" -eq 5 ] && [ "$#" -gt 0 ]; }; then
+    exit "$status"
+fi
+
 section "all tests passed"
