@@ -539,13 +539,16 @@ class OutageProxy:
 
     def up(self) -> None:
         async def listen():
-            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+            if self.server is None:
+                self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
 
         self._call(listen())
 
     def down(self) -> None:
         async def cut():
-            self.server.close()
+            if self.server is not None:
+                self.server.close()
+                self.server = None
             for pair in list(self.pairs):
                 for writer in pair:
                     reset(writer)
