@@ -127,6 +127,8 @@ def test_d_disk_full_refuses_then_recovers(small_fs, start_gateway, io_backend, 
         first_250_after_s=back,
     )
     print(f"  /readyz while full: {readyz_503}\n  spool check: {summary}")
+    # Readiness names the cause, whichever write failed.
+    assert ("No space left on device" if mode == "enospc" else "--spool-min-free-bytes") in readyz_503, readyz_503
     assert check.returncode == 0, f"spool check after the disk filled: {summary}\n{check.stderr.decode(errors='replace')}"
     assert " 0 corrupt ranges" in summary, summary
     assert counts.lost == 0, f"acknowledged but missing or altered: {counts.lost_ids[:10]}"
