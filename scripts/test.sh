@@ -169,6 +169,22 @@ loadtest/selftest.sh --no-build
 section "end-to-end tests (pytest tests/e2e)"
 target_dir=${CARGO_TARGET_DIR:-target}
 export SMTPGW_BIN=${SMTPGW_BIN:-$(realpath "$target_dir")/release/smtpgw}
-"$venv/bin/python" -m pytest -q tests/e2e "$@"
+# Extra arguments go to both pytest runs below; pytest exits 5 when they select no test,
+# which is an error only when neither run selected one.
+suite_failed() { [ "$1" -ne 0 ] && { [ "$1" -ne 5 ] || [ "$2" -eq 0 ]; }; }
+e2e_status=0
+"$venv/bin/python" -m pytest -q tests/e2e "$@" || e2e_status=$?
+suite_failed "$e2e_status" "$#" && exit "$e2e_status"
+
+section "failure drills (pytest tests/drills)"
+# SIGKILL, broker outage, SIGTERM, disk full, idle crowd and connect flood, rolling
+# restart (README, "Durability"); each prints one "DRILL ..." line of counts.
+drills_status=0
+"$venv/bin/python" -m pytest -q -s tests/drills "$@" || drills_status=$?
+suite_failed "$drills_status" "$#" && exit "$drills_status"
+if [ "$e2e_status" -eq 5 ] && [ "$drills_status" -eq 5 ]; then
+    echo "no test selected by: $*" >&2
+    exit 5
+fi
 
 section "all tests passed"

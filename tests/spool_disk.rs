@@ -11,6 +11,7 @@ mod kafka_support;
 mod spool_gateway;
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -74,6 +75,18 @@ fn ballast(dir: &Path, leave: u64) -> PathBuf {
     let path = dir.join("ballast");
     let size = free_bytes(dir).saturating_sub(leave);
     fs::write(&path, vec![0u8; size as usize]).expect("ballast fits");
+    path
+}
+
+/// Takes every block still free, down to the last byte: then not even a new segment's
+/// magic fits.
+fn fill_up(dir: &Path) -> PathBuf {
+    let path = dir.join("last-blocks");
+    let mut file = fs::File::create(&path).expect("an inode for one more file");
+    for chunk in [4096, 1] {
+        let block = vec![0u8; chunk];
+        while file.write(&block).is_ok_and(|n| n == chunk) {}
+    }
     path
 }
 
@@ -165,6 +178,13 @@ fn full_disk_refuses_reports_and_recovers() {
         assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 0.0);
         // A second failure on a fresh segment leaves no empty file either.
         assert!(c.send(&body(size, 999)).starts_with("451 "));
+        // With not a byte left no segment can even be started; readiness still says
+        // why, not only that no segment is open.
+        let last = fill_up(&small.dir);
+        assert!(c.send(&body(size, 998)).starts_with("451 "));
+        let (_, why) = ready(&gw);
+        assert!(why.contains("No space left on device"), "{why}");
+        fs::remove_file(last).unwrap();
         for (seg, len) in segments(&spool) {
             assert!(len > 8, "empty segment {} left behind", seg.display());
         }

@@ -296,10 +296,16 @@ impl Writer {
     fn commit(&mut self) {
         let refused = self.enforce_limits();
         if !self.batch.is_empty() {
-            self.ensure_segment();
+            let not_started = self.ensure_segment();
             let result = match self.segment.as_mut() {
                 Some(segment) => segment.append(&self.buf).map_err(|e| (e, true)),
-                None => Err((io::Error::other("no writable segment"), false)),
+                // Why no segment could be started (a full disk, say) is what `/readyz`
+                // and the log must say, not only that none is open.
+                None => Err((
+                    not_started
+                        .map_or_else(|| io::Error::other("no writable segment"), io::Error::other),
+                    false,
+                )),
             };
             match result {
                 Ok(()) => {
@@ -376,10 +382,11 @@ impl Writer {
     /// Starts a new segment if the last write failed or the current one is full. A full
     /// segment that cannot be replaced is still good to append to, as long as no file
     /// with a higher number exists: readers and `prune` rely on the writer appending
-    /// only to the highest-numbered segment.
-    fn ensure_segment(&mut self) {
+    /// only to the highest-numbered segment. Returns why a new segment could not be
+    /// started, if it could not.
+    fn ensure_segment(&mut self) -> Option<SpoolError> {
         if self.segment.is_some() && !self.rotate_due {
-            return;
+            return None;
         }
         let seq = self.next_seq;
         // A failed attempt may leave its file behind; never try that name again.
@@ -393,12 +400,14 @@ impl Writer {
                 self.shared.writing.store(seq, Ordering::Release);
                 self.segment = Some(segment);
                 self.rotate_due = false;
+                None
             }
             Err(error) => {
                 tracing::error!(%error, "cannot start a new spool segment");
                 if segment_path(&self.shared.dir, seq).exists() {
                     self.segment = None;
                 }
+                Some(error)
             }
         }
     }
