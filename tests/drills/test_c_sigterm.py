@@ -116,7 +116,6 @@ def test_c_sigterm_under_load_drains_cleanly(start_gateway, io_backend, tmp_path
     assert acked(attempts), "the load got no 250 before the signal"
 
 
-@pytest.mark.xfail(strict=True, reason="sd_notify lands with the deploy branch")
 @pytest.mark.timeout(60)
 def test_c_sigterm_sends_sd_notify_stopping_when_the_drain_begins(start_gateway):
     """systemd's notify protocol: a datagram `STOPPING=1` on $NOTIFY_SOCKET as the drain
