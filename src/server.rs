@@ -4,10 +4,8 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::certs::TlsConfigError;
@@ -24,9 +22,6 @@ use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
-
-/// How often the drain looks at the connection count; shutdown latency, not hot path.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -355,20 +350,18 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         metrics.set_draining();
         reactors.begin_drain();
 
-        let deadline = Instant::now() + config.limits.drain_timeout.0;
-        let mut tick = tokio::time::interval(DRAIN_POLL);
+        let deadline = tokio::time::sleep(config.limits.drain_timeout.0);
+        tokio::pin!(deadline);
         loop {
             tokio::select! {
-                _ = tick.tick() => {
+                _ = reactors.all_closed() => {
+                    info!("all sessions finished");
+                    break;
+                }
+                _ = &mut deadline => {
                     let open = reactors.open_connections();
-                    if open == 0 {
-                        info!("all sessions finished");
-                        break;
-                    }
-                    if Instant::now() >= deadline {
-                        warn!(open, "drain timeout: closing the remaining connections");
-                        break;
-                    }
+                    warn!(open, "drain timeout: closing the remaining connections");
+                    break;
                 }
                 _ = term.recv() => return Err(ServerError::Interrupted),
                 _ = int.recv() => return Err(ServerError::Interrupted),

@@ -46,7 +46,7 @@ thread_local! {
 /// The running reactors.
 pub struct Reactors {
     local_addr: SocketAddr,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
     phase: watch::Sender<Phase>,
     threads: Vec<JoinHandle<()>>,
 }

@@ -122,6 +122,8 @@ pub struct Shared {
     budget_per_reactor: usize,
     too_many: Box<[u8]>,
     open: AtomicUsize,
+    /// Told when the last open connection closes, so a drain waits without polling.
+    none_open: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -145,6 +147,7 @@ impl Shared {
                     .saturating_add(p.session.max_message_size_cap / 8),
             ),
             open: AtomicUsize::new(0),
+            none_open: tokio::sync::Notify::new(),
         })
     }
 
@@ -156,6 +159,15 @@ impl Shared {
     /// Connections open right now, across all reactors.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open (at once if none is).
+    pub async fn all_closed(&self) {
+        // A notification that raced the check is kept as Notify's permit, so the
+        // loop at worst looks once more; none is ever missed.
+        while self.open_connections() > 0 {
+            self.none_open.notified().await;
+        }
     }
 
     /// Takes a slot of `--max-connections`, or says why not: the caller then sends
@@ -209,7 +221,9 @@ pub struct Admitted(Arc<Shared>);
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.0.metrics.connections_active.dec();
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_open.notify_one();
+        }
     }
 }
 
@@ -355,9 +369,18 @@ impl Reactors {
     }
 
     pub fn open_connections(&self) -> usize {
+        self.shared().open_connections()
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn all_closed(&self) {
+        self.shared().all_closed().await
+    }
+
+    fn shared(&self) -> &Shared {
         match self {
-            Reactors::Epoll(r) => r.open_connections(),
-            Reactors::Uring(r) => r.open_connections(),
+            Reactors::Epoll(r) => &r.shared,
+            Reactors::Uring(r) => &r.shared,
         }
     }
 

@@ -92,7 +92,7 @@ impl Wake for Waker {
 /// The running io_uring reactors.
 pub struct Reactors {
     local_addr: SocketAddr,
-    shared: Arc<Shared>,
+    pub(in crate::net) shared: Arc<Shared>,
     phase: Arc<PhaseCell>,
     /// How often a receive found the buffer ring empty (ENOBUFS), for tests and logs.
     buffers_exhausted: Arc<std::sync::atomic::AtomicU64>,
