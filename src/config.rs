@@ -475,9 +475,15 @@ settings_group! {
         /// MAIL before STARTTLS gets 530 5.7.0.
         #[arg(long)]
         pub require_tls: bool,
-        /// PROXY protocol header expected on every listener.
+        /// PROXY protocol header expected on every listener, or with --proxy-listen only
+        /// on that one.
         #[arg(long, value_enum, default_value = "off")]
         pub proxy_protocol: ProxyProtocol,
+        /// Another SMTP address, for the load balancers: only it expects the
+        /// --proxy-protocol header, while --listen and --listen-tls take clients
+        /// directly.
+        #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
+        pub proxy_listen: Option<SocketAddr>,
         /// Address prefix allowed to send a PROXY header (the load balancers);
         /// repeatable, or comma-separated. Required with --proxy-protocol.
         #[arg(long, value_name = "CIDR", value_delimiter = ',')]
@@ -1342,6 +1348,20 @@ fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
             return Err(invalid("--require-tls", "needs --tls-cert and --tls-key"));
         }
     }
+    if let Some(addr) = e.proxy_listen {
+        if e.proxy_protocol == ProxyProtocol::Off {
+            return Err(invalid(
+                "--proxy-listen",
+                "needs --proxy-protocol v1, v2 or any (the header that listener expects)",
+            ));
+        }
+        if addr.port() != 0 && (addr == listen || Some(addr) == e.listen_tls) {
+            return Err(invalid(
+                "--proxy-listen",
+                "must differ from --listen and --listen-tls",
+            ));
+        }
+    }
     if e.proxy_protocol != ProxyProtocol::Off && e.proxy_trusted_cidr.is_empty() {
         return Err(invalid(
             "--proxy-trusted-cidr",
@@ -1580,6 +1600,13 @@ mod tests {
         assert_eq!(c.edge.max_message_rate_per_ip, 30);
         assert_eq!(c.edge.listen_tls, Some("127.0.0.1:465".parse().unwrap()));
         assert!(c.edge.tls().is_some());
+        assert_eq!(c.edge.proxy_listen, None);
+        let c = run(
+            &["--proxy-listen", "127.0.0.1:2526"],
+            "proxy-protocol = \"v1\"\nproxy-trusted-cidr = \"10.0.0.0/8\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.edge.proxy_listen, Some("127.0.0.1:2526".parse().unwrap()));
 
         for (args, flag) in [
             (&["--proxy-protocol", "v1"][..], "--proxy-trusted-cidr:"),
@@ -1588,6 +1615,21 @@ mod tests {
             (&["--tls-cert", "c.pem"][..], "--tls-key:"),
             (&["--tls-key", "k.pem"][..], "--tls-cert:"),
             (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
+            (
+                &["--proxy-listen", "127.0.0.1:2526"][..],
+                "--proxy-listen: needs",
+            ),
+            (
+                &[
+                    "--proxy-protocol",
+                    "v2",
+                    "--proxy-trusted-cidr",
+                    "10.0.0.0/8",
+                    "--proxy-listen",
+                    "127.0.0.1:2525",
+                ][..],
+                "--proxy-listen: must differ",
+            ),
         ] {
             let e = err(args, "");
             assert!(e.starts_with(flag), "{args:?}: {e}");
