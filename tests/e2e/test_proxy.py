@@ -4,12 +4,11 @@ a valid header from a trusted balancer is closed with nothing sent."""
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 import time
 
-from edge_support import headers, metric, recv_all, wire_from
+from edge_support import headers, listener_port, metric, recv_all, wire_from
 from smtpwire import assert_reply, make_message
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -120,24 +119,11 @@ def test_proxy_protocol_needs_trusted_cidrs():
     assert result.stderr.decode().strip().splitlines()[-1].count("--proxy-trusted-cidr") == 1
 
 
-PROXY_LISTENING = re.compile(r"listening addr=(\S+) kind=ProxiedSmtp")
-
-
-def proxy_port(gateway, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = PROXY_LISTENING.search(gateway.stderr)
-        if match:
-            return int(match.group(1).rpartition(":")[2])
-        time.sleep(0.02)
-    raise AssertionError(f"no --proxy-listen listener in the log:\n{gateway.stderr}")
-
-
 def test_proxy_listen_is_the_only_listener_that_expects_the_header(start_gateway):
     # One gateway, two SMTP listeners: --listen for direct clients, --proxy-listen for
     # the load balancer, which alone must send the header.
     gateway = proxied(start_gateway, "v2", "--proxy-listen", "127.0.0.1:0", "--idle-timeout", "2")
-    port = proxy_port(gateway)
+    port = listener_port(gateway, "ProxiedSmtp")
     assert port != gateway.port
 
     with gateway.wire() as direct:
