@@ -527,8 +527,9 @@ impl Edge {
 }
 
 settings_group! {
-    // Where the spool is; shared by the server and the `spool` tools.
-    #[command(next_help_heading = "Sink and spool")]
+    // Where the spool is; shared by the server and the `spool` tools. No help heading
+    // of its own: in the tools it would carry over to their own flags after it; in the
+    // server's help it follows the "Sink and spool" group.
     pub struct SpoolDir {
         /// The spool's directory.
         #[arg(long, value_name = "DIR", default_value = "./spool")]
@@ -564,7 +565,8 @@ settings_group! {
     // builds its producer from this group.
     #[command(next_help_heading = "Kafka")]
     pub struct Kafka {
-        /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
+        /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka
+        /// and by spool replay).
         #[arg(long, value_name = "LIST")]
         pub kafka_brokers: Option<String>,
         /// Topic for accepted messages.
@@ -793,9 +795,9 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub edge: Edge,
     #[command(flatten)]
-    pub store: SpoolDir,
-    #[command(flatten)]
     pub spool: Spool,
+    #[command(flatten)]
+    pub store: SpoolDir,
     #[command(flatten)]
     pub kafka: Kafka,
     #[command(flatten)]
