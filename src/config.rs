@@ -475,9 +475,15 @@ settings_group! {
         /// MAIL before STARTTLS gets 530 5.7.0.
         #[arg(long)]
         pub require_tls: bool,
-        /// PROXY protocol header expected on every listener.
+        /// PROXY protocol header expected on every listener, or with --proxy-listen only
+        /// on that one.
         #[arg(long, value_enum, default_value = "off")]
         pub proxy_protocol: ProxyProtocol,
+        /// Another SMTP address, for the load balancers: only it expects the
+        /// --proxy-protocol header, while --listen and --listen-tls take clients
+        /// directly.
+        #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
+        pub proxy_listen: Option<SocketAddr>,
         /// Address prefix allowed to send a PROXY header (the load balancers);
         /// repeatable, or comma-separated. Required with --proxy-protocol.
         #[arg(long, value_name = "CIDR", value_delimiter = ',')]
@@ -521,8 +527,9 @@ impl Edge {
 }
 
 settings_group! {
-    // Where the spool is; shared by the server and the `spool` tools.
-    #[command(next_help_heading = "Sink and spool")]
+    // Where the spool is; shared by the server and the `spool` tools. No help heading
+    // of its own: in the tools it would carry over to their own flags after it; in the
+    // server's help it follows the "Sink and spool" group.
     pub struct SpoolDir {
         /// The spool's directory.
         #[arg(long, value_name = "DIR", default_value = "./spool")]
@@ -558,7 +565,8 @@ settings_group! {
     // builds its producer from this group.
     #[command(next_help_heading = "Kafka")]
     pub struct Kafka {
-        /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka).
+        /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka
+        /// and by spool replay).
         #[arg(long, value_name = "LIST")]
         pub kafka_brokers: Option<String>,
         /// Topic for accepted messages.
@@ -787,9 +795,9 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub edge: Edge,
     #[command(flatten)]
-    pub store: SpoolDir,
-    #[command(flatten)]
     pub spool: Spool,
+    #[command(flatten)]
+    pub store: SpoolDir,
     #[command(flatten)]
     pub kafka: Kafka,
     #[command(flatten)]
@@ -1342,6 +1350,20 @@ fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
             return Err(invalid("--require-tls", "needs --tls-cert and --tls-key"));
         }
     }
+    if let Some(addr) = e.proxy_listen {
+        if e.proxy_protocol == ProxyProtocol::Off {
+            return Err(invalid(
+                "--proxy-listen",
+                "needs --proxy-protocol v1, v2 or any (the header that listener expects)",
+            ));
+        }
+        if addr.port() != 0 && (addr == listen || Some(addr) == e.listen_tls) {
+            return Err(invalid(
+                "--proxy-listen",
+                "must differ from --listen and --listen-tls",
+            ));
+        }
+    }
     if e.proxy_protocol != ProxyProtocol::Off && e.proxy_trusted_cidr.is_empty() {
         return Err(invalid(
             "--proxy-trusted-cidr",
@@ -1580,6 +1602,13 @@ mod tests {
         assert_eq!(c.edge.max_message_rate_per_ip, 30);
         assert_eq!(c.edge.listen_tls, Some("127.0.0.1:465".parse().unwrap()));
         assert!(c.edge.tls().is_some());
+        assert_eq!(c.edge.proxy_listen, None);
+        let c = run(
+            &["--proxy-listen", "127.0.0.1:2526"],
+            "proxy-protocol = \"v1\"\nproxy-trusted-cidr = \"10.0.0.0/8\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.edge.proxy_listen, Some("127.0.0.1:2526".parse().unwrap()));
 
         for (args, flag) in [
             (&["--proxy-protocol", "v1"][..], "--proxy-trusted-cidr:"),
@@ -1588,6 +1617,21 @@ mod tests {
             (&["--tls-cert", "c.pem"][..], "--tls-key:"),
             (&["--tls-key", "k.pem"][..], "--tls-cert:"),
             (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
+            (
+                &["--proxy-listen", "127.0.0.1:2526"][..],
+                "--proxy-listen: needs",
+            ),
+            (
+                &[
+                    "--proxy-protocol",
+                    "v2",
+                    "--proxy-trusted-cidr",
+                    "10.0.0.0/8",
+                    "--proxy-listen",
+                    "127.0.0.1:2525",
+                ][..],
+                "--proxy-listen: must differ",
+            ),
         ] {
             let e = err(args, "");
             assert!(e.starts_with(flag), "{args:?}: {e}");

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use crate::certs::TlsConfigError;
 use crate::config::{Config, SinkKind};
-use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, TlsHandle};
+use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, ProxyMode, TlsHandle};
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
@@ -189,8 +189,14 @@ pub fn listeners(
         std::time::Instant::now(),
         metrics.clone(),
     );
+    // With --proxy-listen only that listener expects the header; without it, all do.
+    let proxy = e.proxy_protocol.into();
     let edge = Edge {
-        proxy: e.proxy_protocol.into(),
+        proxy: if e.proxy_listen.is_some() {
+            ProxyMode::Off
+        } else {
+            proxy
+        },
         proxy_trusted: e.proxy_trusted_cidr.clone(),
         tls: tls.clone(),
         implicit_tls: false,
@@ -204,6 +210,16 @@ pub fn listeners(
         kind: ListenerKind::Smtp,
         edge: Arc::new(edge.clone()),
     }];
+    if let Some(addr) = e.proxy_listen {
+        specs.push(ListenerSpec {
+            addr,
+            kind: ListenerKind::ProxiedSmtp,
+            edge: Arc::new(Edge {
+                proxy,
+                ..edge.clone()
+            }),
+        });
+    }
     if let Some(addr) = e.listen_tls {
         specs.push(ListenerSpec {
             addr,

@@ -39,6 +39,8 @@ pub enum ListenerKind {
     Smtp,
     /// TLS from the first byte, RFC 8314 (`--listen-tls`).
     ImplicitTls,
+    /// SMTP behind a load balancer: the PROXY header first (`--proxy-listen`).
+    ProxiedSmtp,
 }
 
 impl ListenerKind {
@@ -46,6 +48,7 @@ impl ListenerKind {
         match self {
             ListenerKind::Smtp => "--listen",
             ListenerKind::ImplicitTls => "--listen-tls",
+            ListenerKind::ProxiedSmtp => "--proxy-listen",
         }
     }
 }

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from smtpwire import IO_TIMEOUT, Wire
 
-TLS_LISTENING = re.compile(r"listening addr=(\S+) kind=ImplicitTls")
 
 
 def wire_from(gateway, source: str, port: int | None = None) -> Wire:
@@ -49,14 +48,20 @@ def client_context(cafile: Path, maximum: ssl.TLSVersion | None = None) -> ssl.S
     return ctx
 
 
-def tls_port(gateway, timeout: float = 10.0) -> int:
+def listener_port(gateway, kind: str, timeout: float = 10.0) -> int:
+    """The port of the gateway's listener of `kind` (`ImplicitTls`, `ProxiedSmtp`), from its log."""
+    pattern = re.compile(rf"listening addr=(\S+) kind={kind}\b")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = TLS_LISTENING.search(gateway.stderr)
+        match = pattern.search(gateway.stderr)
         if match:
             return int(match.group(1).rpartition(":")[2])
         time.sleep(0.02)
-    raise AssertionError(f"no implicit-TLS listener in the log:\n{gateway.stderr}")
+    raise AssertionError(f"no {kind} listener in the log:\n{gateway.stderr}")
+
+
+def tls_port(gateway) -> int:
+    return listener_port(gateway, "ImplicitTls")
 
 
 def headers(gateway, message_id: str) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ import socket
 import struct
 import time
 
-from edge_support import headers, metric, recv_all, wire_from
+from edge_support import headers, listener_port, metric, recv_all, wire_from
 from smtpwire import assert_reply, make_message
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -117,3 +117,34 @@ def test_proxy_protocol_needs_trusted_cidrs():
     result = run_binary("--proxy-protocol", "v2")
     assert result.returncode != 0
     assert result.stderr.decode().strip().splitlines()[-1].count("--proxy-trusted-cidr") == 1
+
+
+def test_proxy_listen_is_the_only_listener_that_expects_the_header(start_gateway):
+    # One gateway, two SMTP listeners: --listen for direct clients, --proxy-listen for
+    # the load balancer, which alone must send the header.
+    gateway = proxied(start_gateway, "v2", "--proxy-listen", "127.0.0.1:0", "--idle-timeout", "2")
+    port = listener_port(gateway, "ProxiedSmtp")
+    assert port != gateway.port
+
+    with gateway.wire() as direct:
+        assert_reply(direct.reply(), "220", "--listen greets a client at once")
+        direct.hello()
+        direct_id = direct.deliver(make_message("direct"))
+    assert headers(gateway, direct_id)["smtp.client_addr"][0].startswith("127.0.0.1:")
+
+    with wire_from(gateway, "127.0.0.1", port) as balanced:
+        balanced.send(v2_tcp4("203.0.113.9", 40001))
+        assert_reply(balanced.reply(), "220", "greeting after the header")
+        balanced.hello()
+        balanced_id = balanced.deliver(make_message("balanced"))
+    assert headers(gateway, balanced_id)["smtp.client_addr"] == ["203.0.113.9:40001"]
+
+    # A client without the header on the PROXY listener gets nothing; a header sent to
+    # --listen is not a header there but a command line, refused as one.
+    with wire_from(gateway, "127.0.0.1", port) as bare:
+        bare.send(b"EHLO client.test\r\n")
+        assert recv_all(bare.sock) == b""
+    with gateway.wire() as direct:
+        assert_reply(direct.reply(), "220")
+        assert_reply(direct.cmd(b"PROXY TCP4 203.0.113.9 192.0.2.1 1 25"), "500")
+    assert metric(gateway, 'smtpgw_connections_rejected_total{reason="proxy_invalid"}') >= 1
