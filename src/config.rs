@@ -405,6 +405,11 @@ settings_group! {
         /// I/O backend of the reactors.
         #[arg(long, value_enum, default_value = "auto")]
         pub io_backend: IoBackend,
+        /// Leave the io_uring reactor threads unpinned (by default each is pinned to one
+        /// of the CPUs the process may use). For hosts where other busy processes share
+        /// those CPUs: several gateways, or Kubernetes pods without exclusive CPUs.
+        #[arg(long)]
+        pub no_cpu_pinning: bool,
     }
 }
 

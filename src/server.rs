@@ -293,6 +293,7 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         ReactorParams {
             listeners: specs,
             reactors: config.reactors,
+            pin_cpus: !config.server.no_cpu_pinning,
             session: session.clone(),
             sink: sink.clone(),
             metrics: metrics.clone(),

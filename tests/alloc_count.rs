@@ -276,6 +276,7 @@ fn uring_reactor_allocation_budget() {
                 edge: Arc::new(Edge::default()),
             }],
             reactors: 1,
+            pin_cpus: true,
             session: Arc::new(Arc::unwrap_or_clone(config()).into()),
             sink: Arc::new(NullSink::new()),
             metrics: Arc::new(Metrics::new().expect("metrics")),

@@ -51,6 +51,7 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
                 edge: Arc::new(Edge::default()),
             }],
             reactors: 2,
+            pin_cpus: true,
             session: Arc::new(
                 SessionConfig {
                     hostname: "mx.test".into(),

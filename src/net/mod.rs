@@ -68,6 +68,8 @@ pub struct ReactorParams {
     /// The first is the `--listen` one.
     pub listeners: Vec<ListenerSpec>,
     pub reactors: usize,
+    /// io_uring: pin each reactor thread to a CPU.
+    pub pin_cpus: bool,
     /// New connections take their settings from it at accept (SIGHUP replaces them).
     pub session: Arc<SessionConfigHandle>,
     pub sink: Arc<dyn Sink>,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +213,47 @@ def test_drain_timeout_bounds_shutdown_with_a_stuck_client(start_gateway):
     assert code == 0
     assert time.monotonic() - signalled <= 2 + 2
     assert gateway.spool_ids() == []
+
+
+def reactor_cpus(pid: int) -> dict[str, str]:
+    """Each reactor thread's allowed CPUs (`Cpus_allowed_list`), by thread id (names are
+    cut to 15 bytes, so `smtpgw-reactor-0` and `-1` read the same)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        if name.startswith(("smtpgw-uring-", "smtpgw-reactor-")):
+            status = (task / "status").read_text()
+            out[task.name] = re.search(r"^Cpus_allowed_list:\s*(\S+)", status, re.M).group(1)
+    return out
+
+
+@pytest.mark.parametrize("pinning", ["default", "off"])
+def test_reactor_threads_are_pinned_unless_told_not_to(start_gateway, io_backend, pinning):
+    """io_uring reactors each run on one CPU by default; `--no-cpu-pinning` leaves them
+    the process's whole CPU set, as epoll reactors always have."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.fail("needs a machine with at least 2 CPUs to tell pinned from unpinned")
+    extra = ("--no-cpu-pinning",) if pinning == "off" else ()
+    gateway = start_gateway("--reactors", "2", *extra)
+    # A reactor thread may still be starting when the listener is announced.
+    def both():
+        threads = reactor_cpus(gateway.proc.pid)
+        return threads if len(threads) == 2 else None
+
+    threads = wait_for("both reactor threads", both, timeout=10)
+    everything = {str(c) for c in allowed}
+
+    def cpus(spec: str) -> set[str]:
+        result = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            result |= {str(c) for c in range(int(lo), int(hi or lo) + 1)}
+        return result
+
+    if io_backend == "uring" and pinning == "default":
+        assert all(len(cpus(v)) == 1 for v in threads.values()), threads
+        assert len({v for v in threads.values()}) == 2, f"both reactors on one CPU: {threads}"
+        assert "pinned_to_cpus=true" in gateway.stderr
+    else:
+        assert all(cpus(v) == everything for v in threads.values()), threads

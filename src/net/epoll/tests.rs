@@ -42,6 +42,7 @@ fn start_budget(
     Reactors::start(ReactorParams {
         listeners: one_listener(),
         reactors: 2,
+        pin_cpus: true,
         session: Arc::new(
             SessionConfig {
                 hostname: "mx.test".into(),
@@ -185,6 +186,7 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
     let r = Reactors::start(ReactorParams {
         listeners: one_listener(),
         reactors: 1,
+        pin_cpus: true,
         session: Arc::new(
             SessionConfig {
                 hostname: "mx.test".into(),

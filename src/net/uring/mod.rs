@@ -131,6 +131,7 @@ impl Reactors {
         let shared = Shared::new(&p);
         let phase = Arc::new(PhaseCell::default());
         let buffers_exhausted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let pin_cpus = p.pin_cpus;
         let mut threads = Vec::with_capacity(reactors);
         let mut wakers = Vec::with_capacity(reactors);
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<(ring::SetupKind, bool)>>();
@@ -146,8 +147,10 @@ impl Reactors {
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-uring-{i}"))
                 .spawn(move || {
-                    if let Err(e) = ring::pin_to_cpu(i) {
-                        warn!(reactor = i, error = %e, "cannot pin reactor thread to a CPU");
+                    if pin_cpus {
+                        if let Err(e) = ring::pin_to_cpu(i) {
+                            warn!(reactor = i, error = %e, "cannot pin reactor thread to a CPU");
+                        }
                     }
                     let parts = reactor::Parts {
                         index: i,
@@ -212,6 +215,7 @@ impl Reactors {
                 backend = %"uring",
                 ring_setup = %setup.0,
                 incremental_buffers = setup.1,
+                pinned_to_cpus = pin_cpus,
                 "listening"
             );
         }
@@ -294,6 +298,7 @@ mod tests {
             ReactorParams {
                 listeners: super::shared_tests::one_listener(),
                 reactors: 2,
+                pin_cpus: true,
                 session: Arc::new(
                     SessionConfig {
                         hostname: "mx.test".into(),
