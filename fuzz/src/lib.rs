@@ -164,3 +164,25 @@ pub fn check(data: &[u8]) {
         String::from_utf8_lossy(case.stream)
     );
 }
+
+/// The seed corpus of a fuzz target (`fuzz/corpus/<target>`), sorted by file name, for
+/// the replay tests.
+pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
+    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.expect("dir entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read(&path).expect("seed"))
+        })
+        .collect();
+    seeds.sort();
+    seeds
+}

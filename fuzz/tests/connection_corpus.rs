@@ -4,28 +4,12 @@
 //! client address from PROXY v1 and v2 headers in the trace line, a header refused with
 //! nothing written, the error budget's 421, MAIL refused without TLS, a sink failure.
 
-use std::path::PathBuf;
-
 use smtpgw::conn::State;
 use smtpgw_fuzz::connection::{case_pieces, check_connection, run_connection};
 use smtpgw_fuzz::Case;
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/connection_feed");
-    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| {
-            let path = entry.expect("dir entry").path();
-            let name = path
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
-            (name, std::fs::read(&path).expect("seed"))
-        })
-        .collect();
-    seeds.sort();
-    seeds
+    smtpgw_fuzz::seeds("connection_feed")
 }
 
 fn seed(name: &str) -> Vec<u8> {

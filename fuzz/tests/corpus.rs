@@ -4,26 +4,10 @@
 //! still means something: it has DATA and BDAT messages, a smuggling refusal, a refused
 //! oversize body and a temporary sink failure among its replies.
 
-use std::path::PathBuf;
-
 use smtpgw_fuzz::{check, run, Case};
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/session_feed");
-    let mut seeds: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|entry| {
-            let path = entry.expect("dir entry").path();
-            let name = path
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
-            (name, std::fs::read(&path).expect("seed"))
-        })
-        .collect();
-    seeds.sort();
-    seeds
+    smtpgw_fuzz::seeds("session_feed")
 }
 
 #[test]
