@@ -46,7 +46,7 @@ fn every_seed_gives_the_same_transcript_however_it_is_cut() {
             let split = run_connection(case.flags, &case_pieces(&case, &[cut], false));
             assert_eq!(whole, split, "{name}: cut at {cut}");
         }
-        // One byte per read after the opening.
+        // One byte per read, the header's too.
         let every: Vec<usize> = (0..case.stream.len()).collect();
         let bytes = case_pieces(&case, &every, false);
         assert_eq!(
