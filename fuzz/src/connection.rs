@@ -4,11 +4,11 @@
 //! (their `Received:` line included, which carries the PROXY header's address) and end
 //! in the same state.
 //!
-//! Input format: the same as `session_feed`'s ([`crate::Case`]), except that the
-//! stream's first byte is the length of its opening, which is always a read of its own:
-//! a PROXY header arrives before the greeting, and the client's first command only after
-//! it (bytes in the same read as the header are an early talker's, refused by design, so
-//! cutting there would rightly change the outcome). Other flag bits:
+//! Input format: the same as `session_feed`'s ([`crate::Case`]), with the end of a
+//! PROXY header at the stream's start always a read boundary in both runs: a client
+//! speaks only once it has the greeting, which comes after the header; bytes in the
+//! header's own read are an early talker's (`554`), rightly, so a cut there would
+//! change the outcome. Cuts inside the header are made like any other. Flag bits:
 //! bits 0-1 pick the PROXY mode (off, v1, v2, either), bit 2 turns on an error budget of
 //! 3, bit 3 makes the sink refuse every second message temporarily, bit 4 requires TLS
 //! for MAIL (there is no certificate, so MAIL gets `530`), bit 5 trusts no PROXY source
@@ -129,58 +129,52 @@ pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
     }
 }
 
-/// The opening's length and the stream after that byte, and the case's cuts with the
-/// opening's end among them. Cuts inside the opening are dropped: the fuzzer's opening
-/// may run past the header into the first command, and a client whose command is in
-/// the header's read is an early talker while one whose command comes in a later read
-/// (after the greeting went out) is not, rightly. Cuts inside a header are covered by
-/// the corpus replay, whose openings are exactly the headers.
-fn opening(case: &crate::Case<'_>) -> Option<(usize, Vec<usize>)> {
-    let (&len, rest) = case.stream.split_first()?;
-    let header = usize::from(len).min(rest.len());
-    let mut cuts: Vec<usize> = case
-        .cuts
-        .iter()
-        .map(|c| c.saturating_sub(1).min(rest.len()))
-        .filter(|&c| c >= header)
-        .collect();
-    cuts.push(header);
-    cuts.sort_unstable();
-    Some((header, cuts))
+/// How long the PROXY header at the start of `stream` is, by the specification (v1: up
+/// to the first CRLF of a line starting `PROXY `, at most 107 bytes; v2: the 16-byte
+/// preamble and the length it gives), or 0 if the stream does not start with one.
+/// Written from the spec, not the driver's parser, so the two cannot agree by mistake.
+pub fn proxy_header_len(stream: &[u8]) -> usize {
+    const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    if stream.starts_with(b"PROXY ") {
+        let line = &stream[..stream.len().min(107)];
+        return line
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map_or(0, |at| at + 2);
+    }
+    if stream.starts_with(V2_SIGNATURE) && stream.len() >= 16 {
+        let len = 16 + usize::from(u16::from_be_bytes([stream[14], stream[15]]));
+        return if len <= stream.len() { len } else { 0 };
+    }
+    0
 }
 
-/// The case's stream after its opening-length byte, cut at the opening's end and
-/// (`split`) at the case's points past it, and at `extra` points anywhere (for seeds,
-/// whose opening is exactly the PROXY header).
+/// The case's stream cut at the end of its PROXY header (if any) and, with `split`, at
+/// the case's points; plus `extra` points.
 pub fn case_pieces<'a>(case: &crate::Case<'a>, extra: &[usize], split: bool) -> Vec<&'a [u8]> {
-    let Some((header, mut cuts)) = opening(case) else {
-        return Vec::new();
-    };
-    if !split {
-        cuts = vec![header];
+    let stream = case.stream;
+    let mut cuts = vec![proxy_header_len(stream)];
+    if split {
+        cuts.extend(&case.cuts);
     }
-    cuts.extend(extra.iter().map(|&c| c.min(case.stream.len() - 1)));
+    cuts.extend(extra.iter().map(|&c| c.min(stream.len())));
     cuts.sort_unstable();
-    let rest = &case.stream[1..];
     let mut pieces = Vec::with_capacity(cuts.len() + 1);
     let mut from = 0;
     for cut in cuts {
-        pieces.push(&rest[from..cut]);
+        pieces.push(&stream[from..cut]);
         from = cut;
     }
-    pieces.push(&rest[from..]);
+    pieces.push(&stream[from..]);
     pieces
 }
 
-/// The differential check: the stream whole (but for its opening) and cut at the case's
-/// points agree.
+/// The differential check: the stream whole (but for the end of its PROXY header) and
+/// cut at the case's points agree.
 pub fn check_connection(data: &[u8]) {
     let Some(case) = crate::Case::decode(data) else {
         return;
     };
-    if case.stream.is_empty() {
-        return;
-    }
     let whole = run_connection(case.flags, &case_pieces(&case, &[], false));
     let split = run_connection(case.flags, &case_pieces(&case, &[], true));
     assert_eq!(

@@ -42,7 +42,7 @@ fn every_seed_gives_the_same_transcript_however_it_is_cut() {
         check_connection(data);
         let case = Case::decode(data).unwrap_or_else(|| panic!("{name}: too short"));
         let whole = run_connection(case.flags, &case_pieces(&case, &[], false));
-        for cut in 0..case.stream.len() {
+        for cut in 0..=case.stream.len() {
             let split = run_connection(case.flags, &case_pieces(&case, &[cut], false));
             assert_eq!(whole, split, "{name}: cut at {cut}");
         }
