@@ -104,8 +104,8 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     session
 }
 
-fn gauge_value(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
+fn gauge_value(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
 }
 
 /// Descriptors the gateway needs beside its connections (listeners, the spool's files,
@@ -274,10 +274,10 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     metrics.connections_max.set(gauge_value(max_connections));
     metrics
         .publish_inflight_messages_limit
-        .set(i64::try_from(config.kafka.max_inflight_messages).unwrap_or(i64::MAX));
+        .set(gauge_value(config.kafka.max_inflight_messages));
     metrics
         .publish_inflight_bytes_limit
-        .set(i64::try_from(config.kafka.max_inflight_bytes.0).unwrap_or(i64::MAX));
+        .set(gauge_value(config.kafka.max_inflight_bytes.0));
     // Up before the SMTP listeners, so /healthz answers (and /readyz says "not
     // listening yet") while the reactors start.
     let _metrics_server =
