@@ -391,10 +391,7 @@ impl Reactors {
 
     /// Where the reactors answer the watchdog (see [`liveness`]).
     pub fn liveness(&self) -> Arc<liveness::Liveness> {
-        match self {
-            Reactors::Epoll(r) => r.liveness(),
-            Reactors::Uring(r) => r.liveness(),
-        }
+        self.shared().liveness.clone()
     }
 
     /// Closes the listeners and asks every session to wind down.
