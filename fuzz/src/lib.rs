@@ -71,6 +71,17 @@ impl<'a> Case<'a> {
         out
     }
 
+    /// Fails the differential check unless the run whole and the run cut agree.
+    pub fn assert_agree<T: PartialEq + std::fmt::Debug>(&self, whole: &T, split: &T) {
+        assert_eq!(
+            whole,
+            split,
+            "whole and cut at {:?} differ for {:?}",
+            self.cuts,
+            String::from_utf8_lossy(self.stream)
+        );
+    }
+
     /// The stream cut at `cuts` (sorted, within bounds), in order, empty pieces kept.
     pub fn pieces(&self, cuts: &[usize]) -> Vec<&'a [u8]> {
         let mut pieces = Vec::with_capacity(cuts.len() + 1);
@@ -156,13 +167,7 @@ pub fn check(data: &[u8]) {
     };
     let whole = run(case.flags, &[case.stream]);
     let split = run(case.flags, &case.pieces(&case.cuts));
-    assert_eq!(
-        whole,
-        split,
-        "whole and cut at {:?} differ for {:?}",
-        case.cuts,
-        String::from_utf8_lossy(case.stream)
-    );
+    case.assert_agree(&whole, &split);
 }
 
 /// The seed corpus of a fuzz target (`fuzz/corpus/<target>`), sorted by file name, for
