@@ -1037,10 +1037,14 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        let file_err = |msg: String| ConfigError::File {
             path: path.display().to_string(),
-            msg: format!("cannot read: {e}"),
-        })?;
+            msg,
+        };
+        let bytes = crate::files::read_regular_file(path, crate::files::CONFIG_CAP)
+            .map_err(|e| file_err(e.to_string()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| file_err(format!("not UTF-8 (byte {})", e.utf8_error().valid_up_to())))?;
         ConfigFile::parse(&text, path)
     }
 
@@ -1244,10 +1248,13 @@ fn validate(
     } else {
         &a.session.accept_domain[..]
     };
-    let mut accept_domains = Vec::new();
+    // Order kept (it is what the log shows), duplicates dropped in O(n): a list of
+    // hundreds of thousands of domains must not cost quadratic time on reload.
+    let mut seen = std::collections::HashSet::with_capacity(given.len());
+    let mut accept_domains = Vec::with_capacity(given.len());
     for d in given {
         let d = normalize_domain(d).map_err(|m| invalid("--accept-domain", m))?;
-        if !accept_domains.contains(&d) {
+        if seen.insert(d.clone()) {
             accept_domains.push(d);
         }
     }

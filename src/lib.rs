@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod config;
 pub mod conn;
+pub mod files;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -37,6 +37,8 @@ fn main() -> ExitCode {
             let reloader = smtpgw::reload::Reloader::new(args, Some(log));
             match smtpgw::server::run(config, reloader) {
                 Ok(()) => ExitCode::SUCCESS,
+                // A certificate or key that does not load is a configuration error.
+                Err(e @ smtpgw::server::ServerError::Tls(_)) => fail(USAGE, format_args!("{e}")),
                 Err(e) => fail(FAILURE, format_args!("{e}")),
             }
         }

@@ -7,15 +7,23 @@
 //! line and the running one stays. Connections already open keep the settings they were
 //! accepted with, so a reload never drops or changes a conversation under way.
 //!
+//! The files are read and parsed on a thread of their own, within [`RELOAD_DEADLINE`],
+//! so the signal thread stays free to drain on SIGTERM whatever the files are.
+//!
 //! What changes live: `accept-domain`, `max-message-size`, `max-recipients`, `bare-lf`,
 //! `log-level` and `drain-timeout`; and the TLS certificate (`tls-cert`, `tls-key`, re-read
-//! from disk on every SIGHUP by `server::reload_tls`: new handshakes use the new one,
-//! sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
+//! from disk on every SIGHUP by [`Reloader::read`] and applied by the server: new
+//! handshakes use the new one, sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
 //! connection limits and timeouts) needs a restart; a reload that changes it says so.
 
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
+
+use crate::certs::TlsConfigError;
 
 use crate::config::{Config, ConfigError, ServerArgs};
 use crate::logging::LogHandle;
@@ -78,21 +86,56 @@ impl Reloader {
         Reloader { args, log }
     }
 
-    /// Re-reads and applies the configuration. On error nothing changed; the error is
-    /// also logged.
-    pub fn reload(
+    /// Starts reading the configuration file and the certificate files on a thread of
+    /// their own, so the thread that handles signals never waits on a file system or a
+    /// long parse: it awaits the answer with [`RELOAD_DEADLINE`] beside SIGTERM. `tls`
+    /// is the running certificate and key paths (`None` when TLS is off); when the
+    /// re-read file keeps TLS on, its paths are the ones read.
+    pub fn read(&self, tls: Option<(PathBuf, PathBuf)>) -> oneshot::Receiver<ReadReload> {
+        let (tx, rx) = oneshot::channel();
+        let args = self.args.clone();
+        let work = move || {
+            let config = args.file.config.is_some().then(|| args.resolve());
+            let tls = tls.map(|running| {
+                let (cert, key) = match &config {
+                    Some(Ok(new)) => new
+                        .edge
+                        .tls()
+                        .map(|(c, k)| (c.to_owned(), k.to_owned()))
+                        .unwrap_or(running),
+                    _ => running,
+                };
+                crate::certs::load(&cert, &key)
+            });
+            // The receiver is gone only when the deadline passed or the gateway stops.
+            let _ = tx.send(ReadReload { config, tls });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("smtpgw-reload".into())
+            .spawn(work)
+        {
+            // Without a thread the receiver reports a closed channel: a refused reload.
+            error!(error = %e, "SIGHUP: cannot start the thread that reads the configuration");
+        }
+        rx
+    }
+
+    /// Applies the configuration [`Reloader::read`] read (the certificate is the
+    /// server's to apply). On error nothing changed; the error is also logged.
+    pub fn apply(
         &self,
+        read: Option<Result<Config, ConfigError>>,
         running: &mut Config,
         sink: &dyn Sink,
         session: &SessionConfigHandle,
     ) -> Result<(), ConfigError> {
-        let Some(path) = &self.args.file.config else {
+        let (Some(path), Some(read)) = (&self.args.file.config, read) else {
             info!(
                 "SIGHUP: no --config file; flags and environment cannot change, nothing to reload"
             );
             return Ok(());
         };
-        let new = match self.args.clone().resolve() {
+        let new = match read {
             Ok(new) => new,
             Err(e) => {
                 error!(
@@ -119,7 +162,7 @@ impl Reloader {
             );
         }
         // The certificate paths follow the file while TLS stays on; the server re-reads
-        // the files themselves after this (`server::reload_tls`), config file or not.
+        // the files themselves (`Reloader::read`), config file or not.
         if running.edge.tls().is_some() && new.edge.tls().is_some() {
             running.edge.tls_cert = new.edge.tls_cert.clone();
             running.edge.tls_key = new.edge.tls_key.clone();
@@ -141,7 +184,7 @@ impl Reloader {
             applied.max_message_size = session.max_message_size_cap;
         }
         info!(
-            accept_domains = %applied.accept_domains.join(","),
+            accept_domains = %summarise(&applied.accept_domains),
             max_message_size = applied.max_message_size,
             max_recipients = applied.max_recipients,
             bare_lf = ?applied.bare_lf,
@@ -152,6 +195,28 @@ impl Reloader {
         session.replace(applied);
         Ok(())
     }
+}
+
+/// How long a SIGHUP's reading and parsing may take before it is abandoned (the
+/// running configuration stays). Only a hung file system or a pathological file gets
+/// near it: a 300,000-domain file takes well under a second.
+pub const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
+
+/// What a reload read, off the signal thread: the configuration (`None` without
+/// `--config`) and the certificate (`None` with TLS off).
+pub struct ReadReload {
+    pub config: Option<Result<Config, ConfigError>>,
+    pub tls: Option<Result<Arc<rustls::ServerConfig>, TlsConfigError>>,
+}
+
+/// Lists in log lines are cut to their first few entries and their count: a log line
+/// stays readable (and small) with an accept list of hundreds of thousands of domains.
+pub fn summarise(list: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if list.len() <= SHOWN {
+        return list.join(",");
+    }
+    format!("{},... ({} in all)", list[..SHOWN].join(","), list.len())
 }
 
 /// The settings that differ between `running` and `new` but cannot change live, by

@@ -3,9 +3,11 @@
 //! telling systemd about each step (see [`crate::notify`]).
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::certs::TlsConfigError;
@@ -14,7 +16,7 @@ use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, ProxyMode, TlsHandle};
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
-use crate::reload::{Reloader, SessionConfigHandle};
+use crate::reload::{summarise, ReadReload, Reloader, SessionConfigHandle, RELOAD_DEADLINE};
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
@@ -233,13 +235,41 @@ pub fn listeners(
     Ok((specs, tls))
 }
 
-/// Re-reads `--tls-cert` and `--tls-key` into `handle` (for SIGHUP): new handshakes use
-/// the new certificate, open sessions keep theirs; on an error the old one stays.
-pub fn reload_tls(config: &Config, handle: &TlsHandle) -> Result<(), TlsConfigError> {
-    match config.edge.tls() {
-        Some((cert, key)) => crate::certs::reload(handle, cert, key),
-        None => Ok(()),
+/// The running certificate and key paths, when TLS is on, for a reload to re-read.
+fn tls_paths(config: &Config, tls: Option<&TlsHandle>) -> Option<(PathBuf, PathBuf)> {
+    tls?;
+    config
+        .edge
+        .tls()
+        .map(|(cert, key)| (cert.to_owned(), key.to_owned()))
+}
+
+/// Applies what a SIGHUP read: the configuration (see [`Reloader::apply`]) and the
+/// certificate, which is re-read even when the configuration did not change (or there
+/// is no --config): renewing a certificate in place is the usual reason for a SIGHUP.
+/// Open sessions keep theirs. True when something was refused.
+fn apply_reload(
+    reloader: &Reloader,
+    read: ReadReload,
+    config: &mut Config,
+    sink: &dyn Sink,
+    session: &SessionConfigHandle,
+    tls: Option<&TlsHandle>,
+) -> bool {
+    // Refusals are logged by the reloader; the gateway runs on as it was.
+    let mut refused = reloader.apply(read.config, config, sink, session).is_err();
+    match (tls, read.tls) {
+        (Some(handle), Some(Ok(server_config))) => {
+            handle.replace(server_config);
+            info!("SIGHUP: TLS certificate reloaded; new handshakes use it");
+        }
+        (Some(_), Some(Err(e))) => {
+            refused = true;
+            error!(error = %e, "SIGHUP: TLS certificate refused; the running one stays");
+        }
+        _ => {}
     }
+    refused
 }
 
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
@@ -306,7 +336,7 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     info!(
         hostname = %config.hostname,
         sink = %sink.name(),
-        accept_domains = %config.accept_domains.join(","),
+        accept_domains = %summarise(&config.accept_domains),
         max_message_size,
         max_connections,
         "ready"
@@ -329,31 +359,61 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     };
 
     rt.block_on(async move {
+        // A SIGHUP's files are read on a thread of their own (`Reloader::read`); this
+        // loop only waits for the result, beside SIGTERM, so a file that is slow to read
+        // never delays a drain. One read at a time: a SIGHUP during one asks for another
+        // after it, since the files may have changed since it began.
+        let mut pending: Option<oneshot::Receiver<ReadReload>> = None;
+        let mut again = false;
+        let deadline = tokio::time::sleep(RELOAD_DEADLINE);
+        tokio::pin!(deadline);
         let which = loop {
+            if pending.is_none() && again {
+                again = false;
+                pending = Some(reloader.read(tls_paths(&config, tls.as_ref())));
+                deadline.as_mut().reset(tokio::time::Instant::now() + RELOAD_DEADLINE);
+            }
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = hup.recv() => {
-                    crate::notify::reloading();
-                    // Refusals are logged by the reloader; the gateway runs on as it was.
-                    let reloaded = reloader.reload(&mut config, &*sink, &session);
-                    // The certificate files are re-read even when the configuration did
-                    // not change (or there is no --config): renewing a certificate in
-                    // place is the usual reason for a SIGHUP. Open sessions keep theirs.
-                    if let Some(tls) = &tls {
-                        match reload_tls(&config, tls) {
-                            Ok(()) => info!("SIGHUP: TLS certificate reloaded; new handshakes use it"),
-                            Err(e) => error!(
-                                error = %e,
-                                "SIGHUP: TLS certificate refused; the running one stays"
-                            ),
-                        }
+                    if pending.is_none() {
+                        crate::notify::reloading();
                     }
+                    again = true;
+                }
+                read = async {
+                    match pending.as_mut() {
+                        Some(rx) => rx.await,
+                        None => std::future::pending().await,
+                    }
+                }, if pending.is_some() => {
+                    pending = None;
+                    let refused = match read {
+                        Ok(read) => apply_reload(&reloader, read, &mut config, &*sink, &session, tls.as_ref()),
+                        Err(_) => {
+                            error!("SIGHUP: the configuration could not be read; the running one stays");
+                            true
+                        }
+                    };
                     // Serving either way: a refused configuration leaves the old one.
-                    crate::notify::reloaded(match reloaded {
-                        Ok(()) => &status,
-                        Err(_) => "configuration reload refused (see the log); serving with the previous one",
+                    crate::notify::reloaded(if refused {
+                        "configuration reload refused (see the log); serving with the previous one"
+                    } else {
+                        &status
                     });
+                }
+                _ = &mut deadline, if pending.is_some() => {
+                    // Dropping the receiver abandons the read; its thread ends on its own.
+                    pending = None;
+                    error!(
+                        deadline = ?RELOAD_DEADLINE,
+                        "SIGHUP: reading the configuration and certificate took too long; \
+                         abandoned, the running configuration stays"
+                    );
+                    crate::notify::reloaded(
+                        "configuration reload timed out (see the log); serving with the previous one",
+                    );
                 }
             }
         };
