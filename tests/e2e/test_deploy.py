@@ -100,7 +100,7 @@ def verify_unit(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     directory = tmp_path / "units"
     directory.mkdir(exist_ok=True)
     unit = directory / "smtpgw.service"
-    unit.write_text(text.replace("ExecStart=/usr/local/bin/smtpgw ", f"ExecStart={gateway_binary()} "))
+    unit.write_text(text.replace("=/usr/local/bin/smtpgw ", f"={gateway_binary()} "))
     return subprocess.run(
         [systemd_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60, cwd=directory
     )
@@ -116,6 +116,22 @@ def test_systemd_unit_verifies_without_a_warning(tmp_path):
     # The check sees what it must: a misspelt directive is reported.
     broken = verify_unit(text.replace("ProtectSystem=strict", "ProtectSystme=strict"), tmp_path)
     assert "ProtectSystme" in broken.stderr, broken.stderr
+
+
+def test_systemd_reload_fails_on_a_file_the_gateway_would_refuse(tmp_path):
+    """The unit's first ExecReload, run as systemd runs it (any failure stops the reload
+    before the SIGHUP): exit 0 for a good file, 2 with the reason for a refused one."""
+    check = unit_directives(UNIT.read_text())["Service.ExecReload"][0].split()
+    config = tmp_path / "smtpgw.toml"
+    run = lambda: subprocess.run(  # noqa: E731
+        [str(gateway_binary()), *check[1:-1], str(config)], capture_output=True, text=True, timeout=60,
+        env=gateway_env(),
+    )
+    config.write_text('accept-domain = ["example.com"]\n')
+    assert run().returncode == 0
+    config.write_text('accept-domain = ["example.com"]\nmax-recipients = "many"\n')
+    refused = run()
+    assert refused.returncode == 2 and "max-recipients" in refused.stderr, refused.stderr
 
 
 def test_systemd_unit_exposure_is_low(tmp_path):
@@ -144,7 +160,11 @@ def test_systemd_unit_matches_its_config_and_the_binary():
     assert exec_start[0] == "/usr/local/bin/smtpgw"
     assert exec_start[1:] == ["--config", "/etc/smtpgw/smtpgw.toml"]
     assert {a for a in exec_start if a.startswith("--")} <= flags
-    assert one("Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    # A reload checks the file first, so `systemctl reload` fails when it is refused.
+    assert unit["Service.ExecReload"] == [
+        "/usr/local/bin/smtpgw check-config " + " ".join(exec_start[1:]),
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert one("Service.ConfigurationDirectory") == "smtpgw"
 
     assert one("Service.DynamicUser") == "yes" or "Service.User" in unit
