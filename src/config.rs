@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::conn::{Cidr, ProxyMode};
 use crate::smtp::BareLfPolicy;
@@ -34,7 +34,7 @@ const MAX_PUBLISH_TIMEOUT: Duration = Duration::from_secs(24 * 24 * 3600);
 const MIN_DATA_RATE_WINDOW: Duration = Duration::from_secs(30);
 
 /// Where accepted messages go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SinkKind {
     /// Durable local append-only log under --spool-dir.
@@ -57,7 +57,7 @@ impl SinkKind {
 }
 
 /// Which I/O backend the reactors use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoBackend {
     /// io_uring where this process may use it, else epoll (one log line says why).
@@ -70,7 +70,7 @@ pub enum IoBackend {
 }
 
 /// Whether listeners expect a PROXY protocol header.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     #[default]
@@ -91,7 +91,7 @@ impl From<ProxyProtocol> for ProxyMode {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -287,6 +287,45 @@ macro_rules! deserialize_from_text {
 }
 deserialize_from_text!(ByteSize, Dur, DataRate, KafkaTopic, KafkaSetting);
 
+/// Written as the text its `FromStr` reads back (for `smtpgw print-config`).
+macro_rules! serialize_as_text {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    )*};
+}
+serialize_as_text!(ByteSize, Dur, DataRate, KafkaTopic, KafkaSetting, Cidr);
+
+impl fmt::Display for DataRate {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("0"),
+            Some((bytes, window)) => write!(f, "{bytes}/{}", Dur(window)),
+        }
+    }
+}
+
+impl fmt::Display for KafkaTopic {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `KEY=VALUE`, with the value of a credential (a key naming a password, secret or
+/// private key) shown as `(redacted)`: this is what `print-config` shows an operator.
+impl fmt::Display for KafkaSetting {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let secret = ["password", "secret", "key.pem", "private"]
+            .iter()
+            .any(|word| self.key.contains(word));
+        let value = if secret { "(redacted)" } else { &self.value };
+        write!(f, "{}={value}", self.key)
+    }
+}
+
 /// A list in the file: one value (`"a.example"`) or an array of them.
 fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
@@ -362,7 +401,7 @@ macro_rules! settings_group {
     ($(#[$attr:meta])* pub struct $name:ident {
         $($(#[$fattr:meta])* pub $field:ident: $ty:ty,)*
     }) => {
-        #[derive(Clone, Debug, PartialEq, Eq, Args, Deserialize)]
+        #[derive(Clone, Debug, PartialEq, Eq, Args, Deserialize, Serialize)]
         #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
         $(#[$attr])*
         pub struct $name {
@@ -420,7 +459,8 @@ settings_group! {
         /// Recipient domain to accept mail for; repeatable, or comma-separated
         /// [default: localhost and --hostname].
         #[arg(long, value_name = "DOMAIN", value_delimiter = ',')]
-        #[serde(deserialize_with = "domains")]
+        // Left out when empty, as a file must (an empty list would accept nothing).
+        #[serde(deserialize_with = "domains", skip_serializing_if = "Vec::is_empty")]
         pub accept_domain: Vec<String>,
         /// Largest message; see "Sizes" in the README for units.
         #[arg(long, value_name = "BYTES", default_value = "10M")]
@@ -673,6 +713,13 @@ pub enum Command {
     /// Read the local spool: list, print, export, replay to Kafka.
     #[command(subcommand)]
     Spool(SpoolCommand),
+    /// Check the configuration (flags, SMTPGW_* variables, --config file) exactly as a
+    /// start would, the TLS certificate and key and the librdkafka setting names
+    /// included, without starting: exit 0, or 2 with the error a start would give.
+    CheckConfig(Box<ServerArgs>),
+    /// Print the effective configuration, one `key = value` a line in the file's
+    /// syntax, each with where it came from (default, file, environment or flag).
+    PrintConfig(Box<ServerArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -952,6 +999,13 @@ where
         .map_err(|e| name_the_variable(&cmd, &args, e))?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.server.sources = Sources::of(&cmd, &matches);
+    if let (Some(Command::CheckConfig(args) | Command::PrintConfig(args)), Some((name, m))) =
+        (cli.command.as_mut(), matches.subcommand())
+    {
+        if let Some(sub) = cmd.find_subcommand(name) {
+            args.sources = Sources::of(sub, m);
+        }
+    }
     if let (Some(Command::Spool(spool)), Some(("spool", m))) =
         (cli.command.as_mut(), matches.subcommand())
     {
@@ -1207,6 +1261,83 @@ impl ServerArgs {
             sources: self.sources,
         })
     }
+}
+
+/// Where a setting's effective value came from, as `print-config` says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File,
+    Environment(String),
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::File => f.write_str("file"),
+            Origin::Environment(var) => write!(f, "environment {var}"),
+            Origin::Flag => f.write_str("flag"),
+        }
+    }
+}
+
+impl ServerArgs {
+    /// The effective configuration in the file's syntax, one `key = value  # origin`
+    /// a line, group by group, like `postconf`: what a start with the same flags,
+    /// variables and file would run with (settings without a value and no default are
+    /// `# key (unset)` lines). Validates first, so a configuration a start would refuse
+    /// is refused here with the same error.
+    pub fn print_config(self) -> Result<String, ConfigError> {
+        let file = self.file.load()?;
+        resolve(self.clone(), file.as_ref(), system_hostname)?;
+        let sources = self.sources.clone();
+        let args = self.layered(file.as_ref())?;
+        let origin = |key: &str| match sources.explicit.iter().find(|(f, _)| f == key) {
+            Some((_, Some(var))) => Origin::Environment(var.clone()),
+            Some((_, None)) => Origin::Flag,
+            None if file.as_ref().is_some_and(|f| f.table.contains_key(key)) => Origin::File,
+            None => Origin::Default,
+        };
+        let mut out = String::new();
+        if let Some(file) = &file {
+            out.push_str(&format!("# --config {}\n", file.path.display()));
+        }
+        print_group(&mut out, &args.server, &origin)?;
+        print_group(&mut out, &args.session, &origin)?;
+        print_group(&mut out, &args.limits, &origin)?;
+        print_group(&mut out, &args.edge, &origin)?;
+        print_group(&mut out, &args.store, &origin)?;
+        print_group(&mut out, &args.spool, &origin)?;
+        print_group(&mut out, &args.kafka, &origin)?;
+        print_group(&mut out, &args.log, &origin)?;
+        Ok(out)
+    }
+}
+
+/// Appends one group's settings in flag order.
+fn print_group<G: Group + Serialize>(
+    out: &mut String,
+    group: &G,
+    origin: &dyn Fn(&str) -> Origin,
+) -> Result<(), ConfigError> {
+    use fmt::Write;
+    let values = toml::Table::try_from(group).map_err(|e| ConfigError::File {
+        path: "(print-config)".to_owned(),
+        msg: e.to_string(),
+    })?;
+    for key in G::keys() {
+        let _ = match values.get(&key) {
+            Some(value) => {
+                let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+                let line = toml::to_string(&one).unwrap_or_default();
+                writeln!(out, "{}  # {}", line.trim_end(), origin(&key))
+            }
+            None => writeln!(out, "# {key} (unset)  # {}", origin(&key)),
+        };
+    }
+    Ok(())
 }
 
 /// The system's hostname, if it has a usable one.
@@ -1541,6 +1672,69 @@ mod tests {
         assert_eq!(Spool::default().spool_min_free_bytes, ByteSize(64 << 20));
         assert_eq!(Kafka::default().kafka_topic.0, "smtp.inbound");
         assert_eq!(Logging::default().log_format, LogFormat::Text);
+    }
+
+    /// `print-config` writes each value as text its parser reads back to the same value.
+    fn round_trips<G: Group + Serialize + PartialEq + std::fmt::Debug>(group: G) {
+        let text = toml::to_string(&group).unwrap();
+        let back: G = toml::from_str(&text).unwrap();
+        assert_eq!(back, group, "{text}");
+    }
+
+    #[test]
+    fn printed_settings_read_back_as_the_same_values() {
+        let a = cli(&[
+            "--min-data-rate",
+            "3K/7s",
+            "--idle-timeout",
+            "1500ms",
+            "--max-message-size",
+            "1.5M",
+            "--proxy-trusted-cidr",
+            "10.1.0.0/16,2001:db8::/32",
+            "--bare-lf",
+            "normalize",
+            "--reactors",
+            "3",
+            "--max-body-memory",
+            "1G",
+            "--kafka-topic",
+            "t.x",
+            "--kafka-config",
+            "linger.ms=5;compression.type=zstd",
+            "--sink",
+            "kafka",
+            "--io-backend",
+            "epoll",
+            "--proxy-protocol",
+            "v2",
+            "--log-format",
+            "json",
+        ]);
+        round_trips(a.server);
+        round_trips(a.session);
+        round_trips(a.limits);
+        round_trips(a.edge);
+        round_trips(a.store);
+        round_trips(a.spool);
+        round_trips(a.kafka);
+        round_trips(a.log);
+        round_trips(Limits {
+            min_data_rate: DataRate(None),
+            ..Limits::default()
+        });
+    }
+
+    #[test]
+    fn printed_kafka_credentials_are_redacted() {
+        let shown = |pair: &str| pair.parse::<KafkaSetting>().unwrap().to_string();
+        assert_eq!(shown("sasl.password=hunter2"), "sasl.password=(redacted)");
+        assert_eq!(shown("ssl.key.pem=-----BEGIN"), "ssl.key.pem=(redacted)");
+        assert_eq!(
+            shown("sasl.oauthbearer.client.secret=s"),
+            "sasl.oauthbearer.client.secret=(redacted)"
+        );
+        assert_eq!(shown("linger.ms=5"), "linger.ms=5");
     }
 
     #[test]

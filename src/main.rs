@@ -24,6 +24,21 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(FAILURE, format_args!("{e:#}")),
         },
+        Some(Command::CheckConfig(args)) => match check_config(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            // `{e}`: each error names its cause already, as at start.
+            Err(e) => fail(USAGE, format_args!("{e}")),
+        },
+        Some(Command::PrintConfig(args)) => match args.print_config() {
+            Ok(text) => {
+                let mut out = std::io::stdout().lock();
+                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(FAILURE, format_args!("writing to stdout: {e}")),
+                }
+            }
+            Err(e) => fail(USAGE, format_args!("{e}")),
+        },
         None => {
             let args = cli.server.clone();
             let config = match cli.server.resolve() {
@@ -43,6 +58,16 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `smtpgw check-config`: everything a start checks before it binds or opens anything.
+fn check_config(args: smtpgw::config::ServerArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    logging::parse_filter(&config.log_level).map_err(anyhow::Error::msg)?;
+    smtpgw::server::check(&config)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "configuration ok").context("writing to stdout")?;
+    Ok(())
 }
 
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {

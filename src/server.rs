@@ -55,6 +55,26 @@ pub fn session_config(config: &Config) -> SessionConfig {
     }
 }
 
+/// What `smtpgw check-config` checks beyond the configuration's own validation, without
+/// starting anything: the TLS certificate chain and key load as a start would load them,
+/// and librdkafka accepts every producer setting's name and value (no broker is
+/// contacted). Listen addresses are checked for syntax by the configuration; whether
+/// they can be bound is only known at start.
+pub fn check(config: &Config) -> Result<(), ServerError> {
+    if let Some((cert, key)) = config.edge.tls() {
+        crate::certs::load(cert, key)?;
+    }
+    if config.spool.sink == SinkKind::Kafka {
+        config
+            .kafka
+            .options(config.max_recipients())
+            .client_config()?
+            .create_native_config()
+            .map_err(KafkaSinkError::Producer)?;
+    }
+    Ok(())
+}
+
 fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
     let spool_dir = &config.store.spool_dir;
     let spool_options = || SpoolOptions {

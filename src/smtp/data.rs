@@ -18,7 +18,17 @@ use bytes::BytesMut;
 use memchr::memchr2;
 
 /// What to do with a bare CR or LF in a DATA body (SMTP smuggling defence).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BareLfPolicy {
     /// Refuse the whole message with `550 5.6.0` once its real end has been read.

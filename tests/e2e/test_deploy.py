@@ -100,7 +100,7 @@ def verify_unit(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     directory = tmp_path / "units"
     directory.mkdir(exist_ok=True)
     unit = directory / "smtpgw.service"
-    unit.write_text(text.replace("ExecStart=/usr/local/bin/smtpgw ", f"ExecStart={gateway_binary()} "))
+    unit.write_text(text.replace("=/usr/local/bin/smtpgw ", f"={gateway_binary()} "))
     return subprocess.run(
         [systemd_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60, cwd=directory
     )
@@ -116,6 +116,22 @@ def test_systemd_unit_verifies_without_a_warning(tmp_path):
     # The check sees what it must: a misspelt directive is reported.
     broken = verify_unit(text.replace("ProtectSystem=strict", "ProtectSystme=strict"), tmp_path)
     assert "ProtectSystme" in broken.stderr, broken.stderr
+
+
+def test_systemd_reload_fails_on_a_file_the_gateway_would_refuse(tmp_path):
+    """The unit's first ExecReload, run as systemd runs it (any failure stops the reload
+    before the SIGHUP): exit 0 for a good file, 2 with the reason for a refused one."""
+    check = unit_directives(UNIT.read_text())["Service.ExecReload"][0].split()
+    config = tmp_path / "smtpgw.toml"
+    run = lambda: subprocess.run(  # noqa: E731
+        [str(gateway_binary()), *check[1:-1], str(config)], capture_output=True, text=True, timeout=60,
+        env=gateway_env(),
+    )
+    config.write_text('accept-domain = ["example.com"]\n')
+    assert run().returncode == 0
+    config.write_text('accept-domain = ["example.com"]\nmax-recipients = "many"\n')
+    refused = run()
+    assert refused.returncode == 2 and "max-recipients" in refused.stderr, refused.stderr
 
 
 def test_systemd_unit_exposure_is_low(tmp_path):
@@ -144,7 +160,11 @@ def test_systemd_unit_matches_its_config_and_the_binary():
     assert exec_start[0] == "/usr/local/bin/smtpgw"
     assert exec_start[1:] == ["--config", "/etc/smtpgw/smtpgw.toml"]
     assert {a for a in exec_start if a.startswith("--")} <= flags
-    assert one("Service.ExecReload") == "/bin/kill -HUP $MAINPID"
+    # A reload checks the file first, so `systemctl reload` fails when it is refused.
+    assert unit["Service.ExecReload"] == [
+        "/usr/local/bin/smtpgw check-config " + " ".join(exec_start[1:]),
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert one("Service.ConfigurationDirectory") == "smtpgw"
 
     assert one("Service.DynamicUser") == "yes" or "Service.User" in unit
@@ -442,13 +462,26 @@ def test_gateway_under_the_seccomp_profile(tmp_path, profile_case, backend):
 # --- Kubernetes ---------------------------------------------------------------------
 
 
+OVERLAY = KUBE / "operator"
+
+
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def patch_files() -> set[Path]:
+    """The overlay's patches: partial objects, not manifests of their own."""
+    return {OVERLAY / p["path"] for p in kustomization(OVERLAY).get("patches", [])}
+
+
 def manifests() -> dict[str, list[dict]]:
-    """Every YAML document under deploy/kubernetes but the kustomization, by file."""
+    """Every YAML document under deploy/kubernetes (the overlay's too) but the
+    kustomizations and patches, by path relative to deploy/kubernetes."""
     out = {}
-    for path in sorted(KUBE.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
+    for path in sorted(KUBE.rglob("*.yaml")):
+        if path.name == "kustomization.yaml" or path in patch_files():
             continue
-        out[path.name] = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        out[str(path.relative_to(KUBE))] = [d for d in yaml.safe_load_all(path.read_text()) if d]
     return out
 
 
@@ -465,12 +498,81 @@ def configmap_toml() -> dict:
     return tomllib.loads(cm["data"]["smtpgw.toml"])
 
 
+def merged(base, patch):
+    """A strategic merge patch of maps into maps (all these patches need): patch wins."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {k: merged(base[k], v) if k in base else v for k, v in patch.items()} | {
+            k: v for k, v in base.items() if k not in patch
+        }
+    return patch
+
+
+def overlay_objects() -> list[dict]:
+    """What `kubectl apply -k deploy/kubernetes/operator` applies: the base's objects
+    with the overlay's patches applied to their targets, plus the overlay's own."""
+    spec = kustomization(OVERLAY)
+    assert spec["resources"][0] == "..", spec["resources"]
+    objects = [d for f in kustomization(KUBE)["resources"] for d in yaml.safe_load_all((KUBE / f).read_text()) if d]
+    objects += [d for f in spec["resources"][1:] for d in yaml.safe_load_all((OVERLAY / f).read_text()) if d]
+    for entry in spec["patches"]:
+        target = entry["target"]
+        patch = yaml.safe_load((OVERLAY / entry["path"]).read_text())
+        hits = [i for i, o in enumerate(objects) if (o["kind"], o["metadata"]["name"]) == (target["kind"], target["name"])]
+        assert len(hits) == 1, (target, hits)
+        objects[hits[0]] = merged(objects[hits[0]], patch)
+    return objects
+
+
 def test_kustomization_lists_existing_files():
-    listed = yaml.safe_load((KUBE / "kustomization.yaml").read_text())["resources"]
-    assert all((KUBE / f).exists() for f in listed), listed
-    # One workload and one monitor: the variants are alternatives.
-    assert "deployment.yaml" in listed and "daemonset.yaml" not in listed
-    assert "podmonitor.yaml" in listed and "servicemonitor.yaml" not in listed
+    base = kustomization(KUBE)["resources"]
+    assert all((KUBE / f).is_file() for f in base), base
+    # One workload: the variants are alternatives.
+    assert "deployment.yaml" in base and "daemonset.yaml" not in base
+    overlay = kustomization(OVERLAY)
+    assert all((OVERLAY / f).exists() for f in overlay["resources"]), overlay
+    assert "podmonitor.yaml" in overlay["resources"] and "servicemonitor.yaml" not in overlay["resources"]
+    assert all(p.is_file() for p in patch_files())
+
+
+def test_base_runs_without_the_operator_or_a_node_seccomp_profile():
+    """The base applies on a cluster with no Prometheus Operator CRDs and no profile
+    installed on the nodes: only built-in kinds, each valid, and the runtime's default
+    seccomp profile; the overlay brings the Operator's kinds and the Localhost profile."""
+    base = [d for f in kustomization(KUBE)["resources"] for d in yaml.safe_load_all((KUBE / f).read_text()) if d]
+    assert not [d["kind"] for d in base if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    for doc in base:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    for workload in workloads():
+        assert workload["spec"]["template"]["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    applied = overlay_objects()
+    (deployment,) = [o for o in applied if o["kind"] == "Deployment"]
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert security["seccompProfile"] == {"type": "Localhost", "localhostProfile": "profiles/smtpgw.json"}
+    assert security["runAsNonRoot"] is True  # the patch merged, it did not replace
+    assert {o["kind"] for o in applied} >= {"PodMonitor", "PrometheusRule", "Deployment", "ConfigMap"}
+
+
+def test_each_pod_names_itself_and_replicas_spread_over_nodes():
+    """--hostname is the pod's own name (the node's for the DaemonSet), so a Received:
+    line and a record's smtp.node say which one took the message."""
+    wanted = {"Deployment": "metadata.name", "DaemonSet": "spec.nodeName"}
+    for workload in workloads():
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["SMTPGW_HOSTNAME"]["valueFrom"]["fieldRef"]["fieldPath"] == wanted[workload["kind"]]
+        # The metrics endpoint binds the pod's own address, not every address.
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["SMTPGW_METRICS_LISTEN"]["value"].startswith("$(POD_IP):")
+    (deployment,) = kind("Deployment")
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= (
+        deployment["spec"]["template"]["metadata"]["labels"].items())
+    # The line per message and per refusal are on in every shipped config.
+    for config in (configmap_toml(), tomllib.loads(UNIT_CONFIG.read_text()), tomllib.loads(CONTAINER_CONFIG.read_text())):
+        assert config["log-level"] == "info", config
 
 
 def test_builtin_kinds_validate_against_the_kubernetes_schemas():
@@ -567,6 +669,17 @@ def test_prometheus_operator_kinds_by_structure():
 def test_prometheus_rule_is_exactly_the_alert_rules():
     (rule,) = kind("PrometheusRule")
     alerts = yaml.safe_load((REPO / "dashboards" / "alerts.yml").read_text())
+    # Equal but for the runbook links: alerts.yml's point into the repository, the
+    # rule's at one base URL that generate.py sets (RUNBOOK_BASE_URL).
+    base = re.search(r'^RUNBOOK_BASE_URL = "([^"]+)"', (REPO / "dashboards" / "generate.py").read_text(), re.M)[1]
+    links = 0
+    for group in alerts["groups"]:
+        for alert in group["rules"]:
+            url = alert["annotations"]["runbook_url"]
+            assert url.startswith("docs/runbooks.md#"), url
+            alert["annotations"]["runbook_url"] = base + url[len("docs/runbooks.md"):]
+            links += 1
+    assert links >= 10
     assert rule["spec"]["groups"] == alerts["groups"], "run python dashboards/generate.py"
     result = subprocess.run(
         [sys.executable, str(REPO / "dashboards" / "generate.py"), "--check"], capture_output=True, text=True, timeout=120
@@ -596,15 +709,19 @@ def test_manifests_match_each_other_and_the_binary():
         spec = pod["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True
         assert spec["securityContext"]["runAsUser"] == image_uid
-        assert spec["securityContext"]["seccompProfile"] == {"type": "Localhost", "localhostProfile": "profiles/smtpgw.json"}
         (container,) = spec["containers"]
         args = container["args"]
         assert {a for a in args if a.startswith("--")} <= flags
         assert args == ["--config", "/etc/smtpgw/smtpgw.toml"]
-        # Environment variables are flags too: SMTPGW_ + the flag in upper case.
+        # Environment variables are flags too: SMTPGW_ + the flag in upper case; the
+        # others only carry a Downward API value into one of them ($(NAME)).
         for env in container["env"]:
-            assert env["name"].startswith("SMTPGW_")
-            assert "--" + env["name"][len("SMTPGW_"):].lower().replace("_", "-") in flags, env["name"]
+            if env["name"].startswith("SMTPGW_"):
+                assert "--" + env["name"][len("SMTPGW_"):].lower().replace("_", "-") in flags, env["name"]
+            else:
+                assert any(f"$({env['name']})" in e.get("value", "") for e in container["env"]), env["name"]
+        metrics_listen = next(e["value"] for e in container["env"] if e["name"] == "SMTPGW_METRICS_LISTEN")
+        assert int(metrics_listen.rpartition(":")[2]) == metrics_port
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"smtp": smtp_port, "metrics": metrics_port}
         if spec.get("hostNetwork"):
