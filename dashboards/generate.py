@@ -264,6 +264,53 @@ def forward_panels(scope: str) -> list:
     ]
 
 
+def tls_panels(scope: str) -> list:
+    """TLS: handshakes, why they fail, how much of the traffic is encrypted, and the
+    certificate's remaining life."""
+    return [
+        timeseries(
+            "TLS handshakes / s",
+            "Completed TLS handshakes (STARTTLS and implicit TLS) per second, by protocol version.",
+            (rate("smtpgw_tls_handshakes_total", scope, by="version"), "{{version}}"),
+            unit="ops",
+            width=6,
+        ),
+        timeseries(
+            "TLS handshake failures / s",
+            "Handshakes that did not complete, by reason: alert (the client refused us, e.g. our "
+            "certificate), incompatible (no common version or cipher), timeout, eof, bad_message.",
+            (rate("smtpgw_tls_handshake_failures_total", scope, by="reason"), "{{reason}}"),
+            unit="ops",
+            width=6,
+        ),
+        timeseries(
+            "Sessions over TLS",
+            "Completed handshakes against connections accepted: the share of sessions that were "
+            "encrypted (STARTTLS or implicit TLS).",
+            (
+                f"sum({rate('smtpgw_tls_handshakes_total', scope)}) / sum({rate('smtpgw_connections_accepted_total', scope)})",
+                "over TLS",
+            ),
+            unit="percentunit",
+            width=6,
+        ),
+        stat(
+            "Days to certificate expiry",
+            "Days until the certificate handshakes present expires, per node and subject "
+            "(smtpgw_tls_certificate_expiry_timestamp_seconds). The SmtpgwTlsCertificateExpiring "
+            "alert fires below 14 days. No data: TLS is off.",
+            (
+                f"min by (instance, subject) ({sel('smtpgw_tls_certificate_expiry_timestamp_seconds', scope)} - time()) / 86400",
+                "{{instance}} {{subject}}",
+            ),
+            unit="d",
+            width=6,
+            height=8,
+            thresholds=steps(("red", None), ("orange", 7), ("green", 14)),
+        ),
+    ]
+
+
 def process_panels(scope: str) -> list:
     return [
         timeseries(
@@ -448,6 +495,7 @@ def overview() -> g.Dashboard:
         ),
         *kafka_panels(fleet),
         *forward_panels(fleet),
+        *tls_panels(fleet),
         timeseries(
             "Sink up by node",
             "1 while a node's sink is healthy (the readiness condition).",
@@ -579,6 +627,7 @@ def node() -> g.Dashboard:
         ),
         *kafka_panels(one),
         *forward_panels(one),
+        *tls_panels(one),
         *process_panels(one),
     ]
     return dashboard("smtpgw-node", "smtpgw / Node", "One smtpgw node in detail", panels, multi_instance=False)

@@ -17,6 +17,7 @@ use clap::{Args, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::certs::TlsMinVersion;
 use crate::conn::{Cidr, ProxyMode};
 use crate::smtp::BareLfPolicy;
 
@@ -520,6 +521,9 @@ settings_group! {
         /// MAIL before STARTTLS gets 530 5.7.0.
         #[arg(long)]
         pub require_tls: bool,
+        /// Oldest TLS version a handshake may use.
+        #[arg(long, value_enum, value_name = "VERSION", default_value = "1.2")]
+        pub tls_min_version: TlsMinVersion,
         /// PROXY protocol header expected on every listener, or with --proxy-listen only
         /// on that one.
         #[arg(long, value_enum, default_value = "off")]

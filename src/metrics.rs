@@ -111,6 +111,9 @@ pub struct Metrics {
     spool_free_bytes: IntGauge,
     draining_gauge: IntGauge,
     io_backend_info: IntGaugeVec,
+    tls_certificate_expiry: IntGaugeVec,
+    config_reloads: IntCounterVec,
+    config_last_reload_success: IntGauge,
     listening: AtomicBool,
     draining: AtomicBool,
 }
@@ -210,6 +213,22 @@ impl Metrics {
             &["broker"],
         )?;
         registry.register(Box::new(kafka_broker_rtt.clone()))?;
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "smtpgw_tls_certificate_expiry_timestamp_seconds",
+                "When the certificate handshakes present expires (notAfter, Unix time), by subject.",
+            ),
+            &["subject"],
+        )?;
+        registry.register(Box::new(tls_certificate_expiry.clone()))?;
+        let config_reloads = counter_vec(
+            "smtpgw_config_reloads_total",
+            "Reloads (SIGHUP, or a changed certificate file) by result: ok, or refused (the running configuration stayed).",
+            "result",
+        )?;
+        for result in ["ok", "refused"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let forward_oldest_age = Gauge::new(
             "smtpgw_forward_oldest_age_seconds",
             "Age of the oldest spooled message not yet forwarded to Kafka (--spool-fallback); 0 when none waits.",
@@ -223,6 +242,12 @@ impl Metrics {
         ))?;
 
         Ok(Metrics {
+            tls_certificate_expiry,
+            config_reloads,
+            config_last_reload_success: gauge(
+                "smtpgw_config_last_reload_success_timestamp_seconds",
+                "When the configuration was last loaded whole (start or reload), Unix time.",
+            )?,
             connections_accepted: counter(
                 "smtpgw_connections_accepted_total",
                 "Connections accepted and greeted.",
@@ -392,6 +417,28 @@ impl Metrics {
     pub fn set_io_backend(&self, backend: &str) {
         self.io_backend_info.reset();
         self.io_backend_info.with_label_values(&[backend]).set(1);
+    }
+
+    /// The certificate handshakes now present: its series is the only one.
+    pub fn set_certificate(&self, leaf: &crate::certs::LeafInfo) {
+        self.tls_certificate_expiry.reset();
+        self.tls_certificate_expiry
+            .with_label_values(&[leaf.subject.as_str()])
+            .set(leaf.not_after);
+    }
+
+    /// A start or reload finished: `ok` when everything it read was taken.
+    pub fn count_reload(&self, ok: bool, now_unix: i64) {
+        let result = if ok { "ok" } else { "refused" };
+        self.config_reloads.with_label_values(&[result]).inc();
+        if ok {
+            self.config_last_reload_success.set(now_unix);
+        }
+    }
+
+    /// The configuration was loaded at start.
+    pub fn set_loaded_at(&self, now_unix: i64) {
+        self.config_last_reload_success.set(now_unix);
     }
 
     /// The SMTP listeners are up; `/readyz` may say yes.

@@ -11,9 +11,10 @@
 //! so the signal thread stays free to drain on SIGTERM whatever the files are.
 //!
 //! What changes live: `accept-domain`, `max-message-size`, `max-recipients`, `bare-lf`,
-//! `log-level` and `drain-timeout`; and the TLS certificate (`tls-cert`, `tls-key`, re-read
-//! from disk on every SIGHUP by [`Reloader::read`] and applied by the server: new
-//! handshakes use the new one, sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
+//! `log-level` and `drain-timeout`; and the TLS certificate (`tls-cert`, `tls-key`,
+//! `tls-min-version`, re-read from disk on every SIGHUP and whenever the files change, by
+//! [`Reloader::read`], and applied by the server: new handshakes use the new one,
+//! sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
 //! connection limits and timeouts) needs a restart; a reload that changes it says so.
 
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use crate::certs::TlsConfigError;
+use crate::certs::{LoadedCert, TlsConfigError, TlsMinVersion};
 
 use crate::config::{Config, ConfigError, ServerArgs};
 use crate::logging::LogHandle;
@@ -91,21 +92,25 @@ impl Reloader {
     /// long parse: it awaits the answer with [`RELOAD_DEADLINE`] beside SIGTERM. `tls`
     /// is the running certificate and key paths (`None` when TLS is off); when the
     /// re-read file keeps TLS on, its paths are the ones read.
-    pub fn read(&self, tls: Option<(PathBuf, PathBuf)>) -> oneshot::Receiver<ReadReload> {
+    ///
+    /// `what` says whether the configuration file is re-read too (a signal), or only
+    /// the certificate (its files changed on disk).
+    pub fn read(&self, tls: Option<TlsFiles>, what: Reread) -> oneshot::Receiver<ReadReload> {
         let (tx, rx) = oneshot::channel();
         let args = self.args.clone();
         let work = move || {
-            let config = args.file.config.is_some().then(|| args.resolve());
+            let config =
+                (what == Reread::Everything && args.file.config.is_some()).then(|| args.resolve());
             let tls = tls.map(|running| {
-                let (cert, key) = match &config {
-                    Some(Ok(new)) => new
-                        .edge
-                        .tls()
-                        .map(|(c, k)| (c.to_owned(), k.to_owned()))
-                        .unwrap_or(running),
+                let files = match &config {
+                    Some(Ok(new)) => new.edge.tls().map_or(running, |(cert, key)| TlsFiles {
+                        cert: cert.to_owned(),
+                        key: key.to_owned(),
+                        min: new.edge.tls_min_version,
+                    }),
                     _ => running,
                 };
-                crate::certs::load(&cert, &key)
+                crate::certs::load(&files.cert, &files.key, files.min)
             });
             // The receiver is gone only when the deadline passed or the gateway stops.
             let _ = tx.send(ReadReload { config, tls });
@@ -166,7 +171,11 @@ impl Reloader {
         if running.edge.tls().is_some() && new.edge.tls().is_some() {
             running.edge.tls_cert = new.edge.tls_cert.clone();
             running.edge.tls_key = new.edge.tls_key.clone();
+            running.edge.tls_min_version = new.edge.tls_min_version;
         }
+        let before = crate::server::session_config_for(running, sink);
+        let (log_level_before, drain_before) =
+            (running.log_level.clone(), running.limits.drain_timeout);
         // The session group is what changes live, with the domains it resolves to.
         running.session = new.session;
         running.accept_domains = new.accept_domains;
@@ -183,15 +192,50 @@ impl Reloader {
             );
             applied.max_message_size = session.max_message_size_cap;
         }
-        info!(
-            accept_domains = %summarise(&applied.accept_domains),
-            max_message_size = applied.max_message_size,
-            max_recipients = applied.max_recipients,
-            bare_lf = ?applied.bare_lf,
-            log_level = %running.log_level,
-            drain_timeout = ?running.limits.drain_timeout.0,
-            "SIGHUP: configuration reloaded; new connections use it"
+        // One line naming what changed, old and new, so that a reload of an unchanged
+        // (or large) file says so in a few words.
+        let mut changed = Vec::new();
+        if before.accept_domains != applied.accept_domains {
+            changed.push(format!(
+                "accept-domain: {} -> {}",
+                summarise(&before.accept_domains),
+                summarise(&applied.accept_domains)
+            ));
+        }
+        let mut differs = |name: &str, old: String, new: String| {
+            if old != new {
+                changed.push(format!("{name}: {old} -> {new}"));
+            }
+        };
+        differs(
+            "max-message-size",
+            before.max_message_size.to_string(),
+            applied.max_message_size.to_string(),
         );
+        differs(
+            "max-recipients",
+            before.max_recipients.to_string(),
+            applied.max_recipients.to_string(),
+        );
+        differs(
+            "bare-lf",
+            format!("{:?}", before.bare_lf),
+            format!("{:?}", applied.bare_lf),
+        );
+        differs("log-level", log_level_before, running.log_level.clone());
+        differs(
+            "drain-timeout",
+            drain_before.to_string(),
+            running.limits.drain_timeout.to_string(),
+        );
+        if changed.is_empty() {
+            info!("SIGHUP: configuration reloaded; no setting changed");
+        } else {
+            info!(
+                changed = %changed.join("; "),
+                "SIGHUP: configuration reloaded; new connections use it"
+            );
+        }
         session.replace(applied);
         Ok(())
     }
@@ -203,10 +247,28 @@ impl Reloader {
 pub const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
 
 /// What a reload read, off the signal thread: the configuration (`None` without
-/// `--config`) and the certificate (`None` with TLS off).
+/// `--config`, or when only the certificate was re-read) and the certificate (`None`
+/// with TLS off).
 pub struct ReadReload {
     pub config: Option<Result<Config, ConfigError>>,
-    pub tls: Option<Result<Arc<rustls::ServerConfig>, TlsConfigError>>,
+    pub tls: Option<Result<LoadedCert, TlsConfigError>>,
+}
+
+/// The running certificate's files and the TLS versions it allows.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub min: TlsMinVersion,
+}
+
+/// What a reload re-reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reread {
+    /// SIGHUP: the configuration file and the certificate.
+    Everything,
+    /// The certificate or key file changed on disk.
+    Certificate,
 }
 
 /// Lists in log lines are cut to their first few entries and their count: a log line
@@ -254,6 +316,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     let without_tls = |c: &Config| crate::config::Edge {
         tls_cert: None,
         tls_key: None,
+        tls_min_version: TlsMinVersion::default(),
         ..c.edge.clone()
     };
     check(

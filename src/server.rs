@@ -3,7 +3,6 @@
 //! telling systemd about each step (see [`crate::notify`]).
 
 use std::io;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -16,7 +15,9 @@ use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, ProxyMode, TlsHandle};
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
-use crate::reload::{summarise, ReadReload, Reloader, SessionConfigHandle, RELOAD_DEADLINE};
+use crate::reload::{
+    summarise, ReadReload, Reloader, Reread, SessionConfigHandle, TlsFiles, RELOAD_DEADLINE,
+};
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
@@ -62,7 +63,7 @@ pub fn session_config(config: &Config) -> SessionConfig {
 /// they can be bound is only known at start.
 pub fn check(config: &Config) -> Result<(), ServerError> {
     if let Some((cert, key)) = config.edge.tls() {
-        crate::certs::load(cert, key)?;
+        crate::certs::load(cert, key, config.edge.tls_min_version)?;
     }
     if config.spool.sink == SinkKind::Kafka {
         config
@@ -194,7 +195,11 @@ pub fn listeners(
 ) -> Result<(Vec<ListenerSpec>, Option<TlsHandle>), ServerError> {
     let e = &config.edge;
     let tls = match e.tls() {
-        Some((cert, key)) => Some(TlsHandle::new(crate::certs::load(cert, key)?)),
+        Some((cert, key)) => {
+            let loaded = crate::certs::load(cert, key, e.tls_min_version)?;
+            report_certificate(&loaded.leaf, metrics, "TLS certificate loaded");
+            Some(TlsHandle::new(loaded.config))
+        }
         None => None,
     };
     // 0 turns a per-address limit off.
@@ -255,42 +260,84 @@ pub fn listeners(
     Ok((specs, tls))
 }
 
-/// The running certificate and key paths, when TLS is on, for a reload to re-read.
-fn tls_paths(config: &Config, tls: Option<&TlsHandle>) -> Option<(PathBuf, PathBuf)> {
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Certificates expiring within this many days are logged at `warn` (the alert
+/// `SmtpgwTlsCertificateExpiring` uses the same 14 days).
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// Logs the subject and expiry of the certificate handshakes now present, and exports
+/// its expiry.
+fn report_certificate(leaf: &crate::certs::LeafInfo, metrics: &Metrics, what: &str) {
+    metrics.set_certificate(leaf);
+    let days_left = leaf.days_left(unix_now());
+    let not_after = chrono::DateTime::from_timestamp(leaf.not_after, 0)
+        .map_or_else(|| leaf.not_after.to_string(), |t| t.to_rfc3339());
+    if days_left < EXPIRY_WARNING_DAYS {
+        warn!(subject = %leaf.subject, %not_after, days_left, "{what}; it expires soon");
+    } else {
+        info!(subject = %leaf.subject, %not_after, days_left, "{what}");
+    }
+}
+
+/// The running certificate's files, when TLS is on, for a reload to re-read.
+fn tls_files(config: &Config, tls: Option<&TlsHandle>) -> Option<TlsFiles> {
     tls?;
-    config
-        .edge
-        .tls()
-        .map(|(cert, key)| (cert.to_owned(), key.to_owned()))
+    config.edge.tls().map(|(cert, key)| TlsFiles {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        min: config.edge.tls_min_version,
+    })
 }
 
 /// Applies what a SIGHUP read: the configuration (see [`Reloader::apply`]) and the
 /// certificate, which is re-read even when the configuration did not change (or there
 /// is no --config): renewing a certificate in place is the usual reason for a SIGHUP.
 /// Open sessions keep theirs. True when something was refused.
+#[allow(clippy::too_many_arguments)]
 fn apply_reload(
     reloader: &Reloader,
     read: ReadReload,
+    what: Reread,
     config: &mut Config,
     sink: &dyn Sink,
     session: &SessionConfigHandle,
     tls: Option<&TlsHandle>,
+    metrics: &Metrics,
 ) -> bool {
     // Refusals are logged by the reloader; the gateway runs on as it was.
-    let mut refused = reloader.apply(read.config, config, sink, session).is_err();
+    let mut refused =
+        what == Reread::Everything && reloader.apply(read.config, config, sink, session).is_err();
+    let cause = match what {
+        Reread::Everything => "SIGHUP",
+        Reread::Certificate => "certificate files changed",
+    };
     match (tls, read.tls) {
-        (Some(handle), Some(Ok(server_config))) => {
-            handle.replace(server_config);
-            info!("SIGHUP: TLS certificate reloaded; new handshakes use it");
+        (Some(handle), Some(Ok(loaded))) => {
+            handle.replace(loaded.config);
+            report_certificate(
+                &loaded.leaf,
+                metrics,
+                &format!("{cause}: TLS certificate reloaded; new handshakes use it"),
+            );
         }
         (Some(_), Some(Err(e))) => {
             refused = true;
-            error!(error = %e, "SIGHUP: TLS certificate refused; the running one stays");
+            error!(error = %e, "{cause}: TLS certificate refused; the running one stays");
         }
         _ => {}
     }
+    metrics.count_reload(!refused, unix_now());
     refused
 }
+
+/// How long the certificate files must be quiet after a change before they are
+/// re-read: a renewal writes the certificate and the key (or swaps a Secret volume's
+/// links) in several steps, and the pair is only consistent after the last one.
+const CERT_CHANGE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Runs the gateway until a signal has drained it. `Ok` means a clean drain (exit 0).
 pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
@@ -321,6 +368,8 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         raise_fd_limit(usize::try_from(config.limits.max_connections).unwrap_or(usize::MAX));
     let sink = open_sink(&config)?;
     let metrics = Arc::new(Metrics::new()?);
+    // The configuration in force was read and checked before anything started.
+    metrics.set_loaded_at(unix_now());
     metrics.connections_max.set(gauge_value(max_connections));
     metrics
         .publish_inflight_messages_limit
@@ -383,15 +432,35 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         // loop only waits for the result, beside SIGTERM, so a file that is slow to read
         // never delays a drain. One read at a time: a SIGHUP during one asks for another
         // after it, since the files may have changed since it began.
-        let mut pending: Option<oneshot::Receiver<ReadReload>> = None;
-        let mut again = false;
+        let mut pending: Option<(oneshot::Receiver<ReadReload>, Reread)> = None;
+        // What the next read re-reads, once none is under way.
+        let mut again: Option<Reread> = None;
         let deadline = tokio::time::sleep(RELOAD_DEADLINE);
         tokio::pin!(deadline);
+        // A renewed certificate is picked up without a signal: the watcher's thread
+        // says that the files changed, and the read starts once they are quiet.
+        let (cert_changed_tx, mut cert_changed) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = match tls_files(&config, tls.as_ref()) {
+            Some(files) => match crate::certs::watch(&[&files.cert, &files.key], move || {
+                let _ = cert_changed_tx.send(());
+            }) {
+                Ok(watcher) => Some(watcher),
+                Err(e) => {
+                    warn!(error = %e, "cannot watch the certificate files; a renewal needs a SIGHUP");
+                    None
+                }
+            },
+            None => None,
+        };
+        let settle = tokio::time::sleep(CERT_CHANGE_SETTLE);
+        tokio::pin!(settle);
+        let mut settling = false;
         let which = loop {
-            if pending.is_none() && again {
-                again = false;
-                pending = Some(reloader.read(tls_paths(&config, tls.as_ref())));
-                deadline.as_mut().reset(tokio::time::Instant::now() + RELOAD_DEADLINE);
+            if pending.is_none() {
+                if let Some(what) = again.take() {
+                    pending = Some((reloader.read(tls_files(&config, tls.as_ref()), what), what));
+                    deadline.as_mut().reset(tokio::time::Instant::now() + RELOAD_DEADLINE);
+                }
             }
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
@@ -400,19 +469,31 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                     if pending.is_none() {
                         crate::notify::reloading();
                     }
-                    again = true;
+                    again = Some(Reread::Everything);
+                }
+                Some(()) = cert_changed.recv() => {
+                    settle.as_mut().reset(tokio::time::Instant::now() + CERT_CHANGE_SETTLE);
+                    settling = true;
+                }
+                _ = &mut settle, if settling => {
+                    settling = false;
+                    // A signal's reload re-reads the certificate too.
+                    again.get_or_insert(Reread::Certificate);
                 }
                 read = async {
                     match pending.as_mut() {
-                        Some(rx) => rx.await,
+                        Some((rx, _)) => rx.await,
                         None => std::future::pending().await,
                     }
                 }, if pending.is_some() => {
-                    pending = None;
+                    let what = pending.take().map_or(Reread::Everything, |(_, what)| what);
                     let refused = match read {
-                        Ok(read) => apply_reload(&reloader, read, &mut config, &*sink, &session, tls.as_ref()),
+                        Ok(read) => apply_reload(
+                            &reloader, read, what, &mut config, &*sink, &session, tls.as_ref(), &metrics,
+                        ),
                         Err(_) => {
                             error!("SIGHUP: the configuration could not be read; the running one stays");
+                            metrics.count_reload(false, unix_now());
                             true
                         }
                     };
@@ -426,6 +507,7 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                 _ = &mut deadline, if pending.is_some() => {
                     // Dropping the receiver abandons the read; its thread ends on its own.
                     pending = None;
+                    metrics.count_reload(false, unix_now());
                     error!(
                         deadline = ?RELOAD_DEADLINE,
                         "SIGHUP: reading the configuration and certificate took too long; \

@@ -449,7 +449,11 @@ struct Tls {
 fn tls() -> Tls {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = certificate(dir.path());
-    let handle = TlsHandle::new(crate::certs::load(&cert, &key).unwrap());
+    let handle = TlsHandle::new(
+        crate::certs::load(&cert, &key, crate::certs::TlsMinVersion::Tls12)
+            .unwrap()
+            .config,
+    );
     let mut roots = RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for c in rustls::pki_types::CertificateDer::pem_file_iter(&cert).unwrap() {

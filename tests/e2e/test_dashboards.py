@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from conftest import REPO, wait_for
+from edge_support import make_certificate
 from smtpwire import assert_reply, make_message
 
 DASHBOARDS = REPO / "dashboards"
@@ -235,7 +236,13 @@ def over_the_limit(gateway) -> None:
 @pytest.fixture
 def scraped_gateway(start_gateway, tmp_path):
     """A gateway that has served mail and a Prometheus that has scraped it several times."""
-    gateway = start_gateway("--max-message-size", str(SIZE_LIMIT), "--max-connections", str(MAX_CONNECTIONS))
+    # A certificate, so the TLS panels' expiry has its series (the handshake counters
+    # exist at 0 from the start).
+    cert, key = make_certificate(tmp_path)
+    gateway = start_gateway(
+        "--max-message-size", str(SIZE_LIMIT), "--max-connections", str(MAX_CONNECTIONS),
+        "--hostname", "mx.test", "--tls-cert", str(cert), "--tls-key", str(key),
+    )
     instance = metrics_addr(gateway)
     prometheus = Prometheus(tmp_path, instance)
     try:
@@ -416,8 +423,14 @@ def test_alert_expressions_have_the_values_of_the_traffic(scraped_gateway):
         # Now the share of transactions refused with 451 above a traffic floor: three
         # messages are below the floor, so it has no value on this traffic.
         "SmtpgwHigh4xxRatio",
+        # Checked below: the fixture's certificate is valid for two days, so it fires.
+        "SmtpgwTlsCertificateExpiring",
     }
     assert set(want) | otherwise == set(rules), "an alert without a value check"
+    expiring = rules["SmtpgwTlsCertificateExpiring"]
+    left = only(prometheus.vector(without_threshold(expiring), at))
+    assert 1.9 * 86400 < left <= 2 * 86400, left
+    assert prometheus.vector(expiring, at) != {}, "a two-day certificate is within the 14 days"
     for name, value in want.items():
         got = prometheus.vector(without_threshold(rules[name]), at)
         assert len(got) == 1, f"{name}: {without_threshold(rules[name])} gave {got}"
