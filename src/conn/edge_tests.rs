@@ -716,6 +716,106 @@ fn implicit_tls_behind_proxy() {
     assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
 }
 
+/// A client whose ClientHello is large (24 ALPN names of 250 bytes: over 6,000 bytes,
+/// several TCP segments), as a client with many extensions or a long SNI sends.
+fn big_hello_client(t: &Tls) -> ClientConnection {
+    let mut config = (*t.client).clone();
+    config.alpn_protocols = (0..24u8).map(|i| vec![b'a' + i; 250]).collect();
+    client(&Arc::new(config))
+}
+
+/// A client sends `header` and its ClientHello cut at `cuts` (positions in the two
+/// together); returns what it reads once the handshake has run: the greeting inside
+/// TLS proves every byte of the ClientHello arrived.
+fn through_split_proxy(t: &Tls, mode: ProxyMode, header: &[u8], cuts: &[usize]) -> String {
+    let t0 = Instant::now();
+    let edge = Edge {
+        implicit_tls: true,
+        tls: Some(t.handle.clone()),
+        ..proxied(mode)
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    let mut c = big_hello_client(t);
+    let mut wire = header.to_vec();
+    c.write_tls(&mut wire).unwrap();
+    let mut from = 0;
+    for &cut in cuts.iter().chain([wire.len()].iter()) {
+        let cut = cut.clamp(from, wire.len());
+        conn.handle_input(t0, &wire[from..cut]);
+        from = cut;
+    }
+    pump(&mut c, &mut conn, t0).0
+}
+
+/// Issue 20 item 6: a PROXY header that arrives in pieces, its last piece followed by a
+/// large ClientHello in the same read: every byte after the header reaches TLS, for
+/// every cut of header + ClientHello into two reads, the header in three pieces, and
+/// one byte per read.
+#[test]
+fn every_byte_after_a_split_proxy_header_reaches_tls() {
+    let t = tls();
+    let mut hello = Vec::new();
+    big_hello_client(&t).write_tls(&mut hello).unwrap();
+    assert!(hello.len() > 6_000, "{}", hello.len());
+    let v1 = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 465\r\n".to_vec();
+    let v2 = v2_tcp4([203, 0, 113, 9], 40001, &[]);
+    for (mode, header) in [(ProxyMode::V1, v1), (ProxyMode::V2, v2)] {
+        let total = header.len() + hello.len();
+        let greeted = |cuts: &[usize]| through_split_proxy(&t, mode, &header, cuts);
+        for cut in 1..total {
+            let out = greeted(&[cut]);
+            assert!(
+                out.starts_with("220 mx.test"),
+                "{mode:?} cut at {cut}: {out:?}"
+            );
+        }
+        // The header in three pieces, the last with the whole ClientHello.
+        for first in 1..header.len() - 1 {
+            let out = greeted(&[first, header.len() - 1]);
+            assert!(
+                out.starts_with("220 mx.test"),
+                "{mode:?} header cut at {first}"
+            );
+        }
+        let every: Vec<usize> = (1..total).collect();
+        let out = greeted(&every);
+        assert!(
+            out.starts_with("220 mx.test"),
+            "{mode:?} byte by byte: {out:?}"
+        );
+    }
+}
+
+/// The same with a real client all the way: the header in two pieces, the second with
+/// the whole ClientHello; the handshake completes and the session runs inside TLS.
+#[test]
+fn a_split_proxy_header_then_a_big_client_hello_gets_a_session() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = Edge {
+        implicit_tls: true,
+        tls: Some(t.handle.clone()),
+        ..proxied(ProxyMode::V1)
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    let mut c = big_hello_client(&t);
+    let header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 465\r\n";
+    conn.handle_input(t0, &header[..10]);
+    let mut second = header[10..].to_vec();
+    c.write_tls(&mut second).unwrap();
+    conn.handle_input(t0, &second);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
+    c.writer().write_all(TXN).unwrap();
+    let (out, messages) = pump(&mut c, &mut conn, t0);
+    assert!(out.contains("queued"), "{out}");
+    assert_eq!(
+        messages[0].envelope.client_addr,
+        "203.0.113.9:40001".parse().unwrap()
+    );
+}
+
 #[test]
 fn garbage_instead_of_a_handshake_closes() {
     let t = tls();

@@ -442,28 +442,35 @@ impl Connection {
         self.after_output_change(now);
     }
 
-    /// Input while the PROXY header is expected.
+    /// Input while the PROXY header is expected. Every byte after the header goes on
+    /// to the wire, however the reads cut the header and what follows it.
     fn proxy_input(&mut self, now: Instant, data: &[u8]) {
-        let buffered = !self.header.is_empty();
-        if buffered {
-            let room = proxy::MAX_HEADER.saturating_sub(self.header.len());
+        // Bytes of the header buffered from earlier reads (they held no whole header).
+        let before = self.header.len();
+        if before > 0 {
+            // One byte more than a header can take, so an endless one is seen as such.
+            let room = proxy::MAX_HEADER.saturating_sub(before);
             self.header
                 .extend_from_slice(&data[..data.len().min(room + 1)]);
         }
         let header = std::mem::take(&mut self.header);
-        let input = if buffered { &header[..] } else { data };
+        let input = if before > 0 { &header[..] } else { data };
         match proxy::parse(self.edge.proxy, input) {
             proxy::Parsed::Incomplete => {
                 self.header = header;
-                if !buffered {
+                if before == 0 {
                     self.header.extend_from_slice(data);
                 }
             }
-            proxy::Parsed::Invalid => {
-                self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
-                self.life = Life::Done(Ending::Refused);
-            }
+            proxy::Parsed::Invalid => self.proxy_invalid(),
             proxy::Parsed::Header { len, source } => {
+                // The buffered bytes held no whole header, so this one ends in `data`:
+                // what follows it is all of `data` from there, not only the part copied
+                // into the buffer. (A parser that found a header inside bytes it had
+                // called incomplete would be a bug; refusing beats dropping bytes.)
+                let Some(rest) = len.checked_sub(before).and_then(|at| data.get(at..)) else {
+                    return self.proxy_invalid();
+                };
                 self.edge_stats.proxy_headers += 1;
                 self.proxy_wait = false;
                 if let Some(source) = source {
@@ -474,13 +481,18 @@ impl Connection {
                 self.peer_known(now);
                 // What followed the header in the same read: a TLS ClientHello on an
                 // implicit-TLS listener, else a client talking before the greeting.
-                let rest = &input[len.min(input.len())..];
                 if !rest.is_empty() {
                     self.wire_input(now, rest);
                 }
                 self.maybe_greet(now);
             }
         }
+    }
+
+    /// Not a header this listener accepts: closed unanswered.
+    fn proxy_invalid(&mut self) {
+        self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+        self.life = Life::Done(Ending::Refused);
     }
 
     /// Input past the PROXY header: TLS records or plaintext.
