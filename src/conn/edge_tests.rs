@@ -816,6 +816,87 @@ fn a_split_proxy_header_then_a_big_client_hello_gets_a_session() {
     );
 }
 
+/// Issue 20 item 7: a message's final dot and, in the same read, a record that fails
+/// to decrypt. The message whose end arrived intact is stored and its `250` is written,
+/// encrypted before the alert, then the connection closes.
+#[test]
+fn a_final_dot_before_a_bad_record_in_the_same_read_is_answered() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c = client(&t.client);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    let mut wire = Vec::new();
+    c.writer().write_all(TXN).unwrap();
+    c.write_tls(&mut wire).unwrap();
+    let mut bad = Vec::new();
+    c.writer().write_all(b"QUIT\r\n").unwrap();
+    c.write_tls(&mut bad).unwrap();
+    // A flipped bit in the tag: the record fails authentication (bad_record_mac).
+    *bad.last_mut().unwrap() ^= 1;
+    wire.extend_from_slice(&bad);
+    conn.handle_input(t0, &wire);
+    let message = conn
+        .poll_message(t0, &mut fixed_stamp)
+        .expect("the message whose end arrived intact goes to the sink");
+    assert_eq!(message.body(), b"hi\r\n");
+    conn.handle_publish(t0, Ok(message.id));
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        let n = conn.pending_output().len();
+        out.extend_from_slice(conn.pending_output());
+        conn.output_written(t0, n);
+    }
+    assert_eq!(conn.state(), State::ShutdownWrite, "the bad record ends it");
+    // The client reads the replies, then the alert.
+    let mut rd = &out[..];
+    let mut failed = None;
+    while !rd.is_empty() && failed.is_none() {
+        c.read_tls(&mut rd).unwrap();
+        failed = c.process_new_packets().err();
+    }
+    assert!(
+        matches!(failed, Some(rustls::Error::AlertReceived(_))),
+        "{failed:?}"
+    );
+    let mut plain = String::new();
+    let _ = c.reader().read_to_string(&mut plain);
+    // The last reply before the alert is the message's; QUIT never arrived intact.
+    let last = plain.lines().last().unwrap_or_default();
+    assert!(last.starts_with("250 2.0.0 Ok: queued as "), "{plain}");
+}
+
+/// Records are decrypted only as the session takes their plaintext: a command cut
+/// across records, and far more pipelined replies than the output cap, all answered.
+#[test]
+fn records_wait_while_the_session_cannot_take_input() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c = client(&t.client);
+    pump(&mut c, &mut conn, t0);
+    let mut wire = Vec::new();
+    for piece in [
+        &b"EHLO c.test\r\nNO"[..],
+        b"OP\r\n",
+        &b"HELP\r\n".repeat(500),
+        b"QUIT\r\n",
+    ] {
+        c.writer().write_all(piece).unwrap();
+        c.write_tls(&mut wire).unwrap();
+    }
+    conn.handle_input(t0, &wire);
+    assert!(!conn.wants_read(), "replies past the cap stop the reading");
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert_eq!(out.matches("\r\n214 ").count(), 500, "{out}");
+    assert!(out.contains("\r\n250 2.0.0 Ok\r\n214"), "{out}");
+    assert!(
+        out.ends_with("221 2.0.0 mx.test closing connection\r\n"),
+        "{out}"
+    );
+}
+
 #[test]
 fn garbage_instead_of_a_handshake_closes() {
     let t = tls();

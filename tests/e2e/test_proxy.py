@@ -5,11 +5,10 @@ a valid header from a trusted balancer is closed with nothing sent."""
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 import time
 
-from edge_support import headers, listener_port, metric, recv_all, wire_from
+from edge_support import BioTls, headers, listener_port, metric, recv_all, wire_from
 from smtpwire import assert_reply, data_payload, make_message
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -149,61 +148,6 @@ def test_proxy_listen_is_the_only_listener_that_expects_the_header(start_gateway
         assert_reply(direct.reply(), "220")
         assert_reply(direct.cmd(b"PROXY TCP4 203.0.113.9 192.0.2.1 1 25"), "500")
     assert metric(gateway, 'smtpgw_connections_rejected_total{reason="proxy_invalid"}') >= 1
-
-
-class BioTls:
-    """A TLS client over a socket the test controls (ssl's MemoryBIO), so its first
-    flight can be sent exactly as the test chooses: here after a PROXY header."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext):
-        self.sock = sock
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="mx.test")
-        self.buf = b""
-
-    def client_hello(self) -> bytes:
-        try:
-            self.obj.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-        return self.outgoing.read()
-
-    def _flush_and_fill(self) -> None:
-        out = self.outgoing.read()
-        if out:
-            self.sock.sendall(out)
-        data = self.sock.recv(65536)
-        if not data:
-            raise AssertionError("server closed during the handshake")
-        self.incoming.write(data)
-
-    def handshake(self) -> None:
-        while True:
-            try:
-                self.obj.do_handshake()
-                self.sock.sendall(self.outgoing.read())
-                return
-            except ssl.SSLWantReadError:
-                self._flush_and_fill()
-
-    def send(self, data: bytes) -> None:
-        self.obj.write(data)
-        self.sock.sendall(self.outgoing.read())
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            try:
-                self.buf += self.obj.read(65536)
-            except ssl.SSLWantReadError:
-                self._flush_and_fill()
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def reply(self) -> bytes:
-        lines = [self.line()]
-        while lines[-1][3:4] == b"-":
-            lines.append(self.line())
-        return b"\n".join(lines)
 
 
 def test_split_header_then_a_big_client_hello_on_the_implicit_tls_listener(start_gateway, tmp_path):
