@@ -141,7 +141,7 @@ impl Reloader {
             applied.max_message_size = session.max_message_size_cap;
         }
         info!(
-            accept_domains = %applied.accept_domains.join(","),
+            accept_domains = %running.accept_domains.join(","),
             max_message_size = applied.max_message_size,
             max_recipients = applied.max_recipients,
             bare_lf = ?applied.bare_lf,

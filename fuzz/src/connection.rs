@@ -98,7 +98,7 @@ pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
     let now = Instant::now();
     let session = Arc::new(SessionConfig {
         hostname: "fuzz.test".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: MAX_MESSAGE_SIZE,
         max_recipients: 4,
         bare_lf: BareLfPolicy::Reject,
