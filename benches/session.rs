@@ -73,7 +73,7 @@ fn run(config: &Arc<SessionConfig>, input: &[u8]) -> usize {
 fn bench_session(c: &mut Criterion) {
     let config = Arc::new(SessionConfig {
         hostname: "mx.bench.example".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: 10 * 1024 * 1024,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,

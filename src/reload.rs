@@ -176,6 +176,7 @@ impl Reloader {
         let before = crate::server::session_config_for(running, sink);
         let (log_level_before, drain_before) =
             (running.log_level.clone(), running.limits.drain_timeout);
+        let domains_before = running.accept_domains.clone();
         // The session group is what changes live, with the domains it resolves to.
         running.session = new.session;
         running.accept_domains = new.accept_domains;
@@ -195,11 +196,11 @@ impl Reloader {
         // One line naming what changed, old and new, so that a reload of an unchanged
         // (or large) file says so in a few words.
         let mut changed = Vec::new();
-        if before.accept_domains != applied.accept_domains {
+        if domains_before != running.accept_domains {
             changed.push(format!(
                 "accept-domain: {} -> {}",
-                summarise(&before.accept_domains),
-                summarise(&applied.accept_domains)
+                summarise(&domains_before),
+                summarise(&running.accept_domains)
             ));
         }
         let mut differs = |name: &str, old: String, new: String| {

@@ -49,7 +49,7 @@ pub enum ServerError {
 pub fn session_config(config: &Config) -> SessionConfig {
     SessionConfig {
         hostname: config.hostname.clone(),
-        accept_domains: config.accept_domains.clone(),
+        accept_domains: config.accept_domains.iter().cloned().collect(),
         max_message_size: config.max_message_size(),
         max_recipients: config.max_recipients(),
         bare_lf: config.session.bare_lf,

@@ -57,7 +57,7 @@ fn allocs() -> u64 {
 fn config() -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test.example".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: 10 * 1024 * 1024,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,

@@ -55,7 +55,7 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
             session: Arc::new(
                 SessionConfig {
                     hostname: "mx.test".into(),
-                    accept_domains: vec!["example.com".into()],
+                    accept_domains: ["example.com"].into_iter().collect(),
                     max_message_size: 2048,
                     max_recipients: 3,
                     bare_lf: BareLfPolicy::Reject,

@@ -14,10 +14,14 @@
 //! for MAIL (there is no certificate, so MAIL gets `530`), bit 5 trusts no PROXY source
 //! (a header is then refused with nothing sent).
 
-use std::sync::Arc;
+use std::io::{Read, Write};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use smtpgw::conn::{BodyBudget, Cidr, Connection, Edge, Limits, ProxyMode, State};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
+use smtpgw::conn::{BodyBudget, Cidr, Connection, Edge, Limits, ProxyMode, State, TlsHandle};
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
 
@@ -47,17 +51,54 @@ fn edge(flags: u8) -> Edge {
         },
         error_budget: (flags & 4 != 0).then_some(3),
         require_tls: flags & 16 != 0,
+        implicit_tls: flags & TLS != 0,
+        tls: (flags & TLS != 0).then(|| TlsHandle::new(tls_configs().0.clone())),
         ..Edge::default()
     }
 }
 
+/// Flag bit 6: an implicit-TLS listener.
+pub const TLS: u8 = 64;
+
+const CERT: &[u8] = include_bytes!("../tls/mx.test.crt");
+const KEY: &[u8] = include_bytes!("../tls/mx.test.key");
+
+/// The server's configuration and a client's that trusts it and sends a ClientHello of
+/// over 6 KB (24 ALPN names of 250 bytes, which a server without ALPN ignores).
+fn tls_configs() -> &'static (Arc<ServerConfig>, Arc<ClientConfig>) {
+    static CONFIGS: OnceLock<(Arc<ServerConfig>, Arc<ClientConfig>)> = OnceLock::new();
+    CONFIGS.get_or_init(|| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(CERT)
+            .collect::<Result<_, _>>()
+            .expect("fuzz/tls certificate");
+        let key = PrivateKeyDer::from_pem_slice(KEY).expect("fuzz/tls key");
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(certs.clone(), key)
+            .expect("certificate and key");
+        let mut roots = RootCertStore::empty();
+        roots.add(certs[0].clone()).expect("root");
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = (0..24u8).map(|i| vec![b'a' + i; 250]).collect();
+        (Arc::new(server), Arc::new(client))
+    })
+}
+
 /// Feeds `pieces` as a backend would: after every read, writes out everything pending
-/// and answers every message at once; then the end of the stream.
+/// and answers every message at once; then the end of the stream. With [`TLS`] the
+/// pieces' boundaries cut the client's first flight instead (see the module doc).
 pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
     let now = Instant::now();
     let session = Arc::new(SessionConfig {
         hostname: "fuzz.test".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: MAX_MESSAGE_SIZE,
         max_recipients: 4,
         bare_lf: BareLfPolicy::Reject,
@@ -78,54 +119,143 @@ pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
         "127.0.0.1:40000".parse().expect("literal"),
         Arc::new(edge(flags)),
     );
-    let mut written = Vec::new();
-    let mut published = Vec::new();
-    let mut taken = 0u64;
-    let mut settle = |conn: &mut Connection, written: &mut Vec<u8>| loop {
-        let mut progressed = false;
-        if conn.wants_write() {
-            let n = conn.pending_output().len();
-            written.extend_from_slice(conn.pending_output());
-            conn.output_written(now, n);
-            progressed = true;
-        }
-        let mut stamp = || {
-            taken += 1;
-            (
-                MessageId::from(u128::from(taken)),
-                chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("literal"),
-            )
-        };
-        if let Some(message) = conn.poll_message(now, &mut stamp) {
-            let result = if flags & 8 != 0 && taken.is_multiple_of(2) {
-                Err(PublishError::Temporary("fuzz: sink down".into()))
-            } else {
-                published.push(message.value.to_vec());
-                Ok(message.id)
-            };
-            conn.handle_publish(now, result);
-            progressed = true;
-        }
-        if !progressed {
-            return;
-        }
+    let mut run = Run {
+        now,
+        flags,
+        out: Vec::new(),
+        published: Vec::new(),
+        taken: 0,
     };
+    if flags & TLS != 0 {
+        return run.tls(conn, pieces);
+    }
     for piece in pieces {
-        settle(&mut conn, &mut written);
+        run.settle(&mut conn);
         if conn.state() != State::Open {
             break;
         }
         conn.handle_input(now, piece);
     }
-    settle(&mut conn, &mut written);
+    run.settle(&mut conn);
     if conn.state() == State::Open {
         conn.handle_eof(now);
-        settle(&mut conn, &mut written);
+        run.settle(&mut conn);
     }
     ConnectionTranscript {
-        written,
-        published,
+        written: run.out,
+        published: run.published,
         state: conn.state(),
+    }
+}
+
+/// One run's sink and what the connection wrote.
+struct Run {
+    now: Instant,
+    flags: u8,
+    /// The driver's output (with TLS: records, which the client takes).
+    out: Vec<u8>,
+    published: Vec<Vec<u8>>,
+    taken: u64,
+}
+
+impl Run {
+    /// Writes out everything pending and answers every message, until neither moves.
+    fn settle(&mut self, conn: &mut Connection) {
+        loop {
+            let mut progressed = false;
+            if conn.wants_write() {
+                let n = conn.pending_output().len();
+                self.out.extend_from_slice(conn.pending_output());
+                conn.output_written(self.now, n);
+                progressed = true;
+            }
+            let taken = &mut self.taken;
+            let mut stamp = || {
+                *taken += 1;
+                (
+                    MessageId::from(u128::from(*taken)),
+                    chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("literal"),
+                )
+            };
+            if let Some(message) = conn.poll_message(self.now, &mut stamp) {
+                let result = if self.flags & 8 != 0 && self.taken.is_multiple_of(2) {
+                    Err(PublishError::Temporary("fuzz: sink down".into()))
+                } else {
+                    self.published.push(message.value.to_vec());
+                    Ok(message.id)
+                };
+                conn.handle_publish(self.now, result);
+                progressed = true;
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    /// The TLS run: header and ClientHello cut where `pieces` are, then the handshake
+    /// and the plaintext through a real client; the transcript is what it decrypts.
+    fn tls(mut self, mut conn: Connection, pieces: &[&[u8]]) -> ConnectionTranscript {
+        let stream = pieces.concat();
+        let header = proxy_header_len(&stream);
+        let mut client = ClientConnection::new(
+            tls_configs().1.clone(),
+            ServerName::try_from("mx.test").expect("literal"),
+        )
+        .expect("client");
+        let mut flight = stream[..header].to_vec();
+        client.write_tls(&mut flight).expect("ClientHello");
+        // Sent once the handshake is done (rustls holds it until then).
+        client
+            .writer()
+            .write_all(&stream[header..])
+            .expect("client buffer");
+        // The pieces' boundaries (not the stream's end) cut the first flight.
+        let mut from = 0;
+        let mut at = 0;
+        for piece in pieces.split_last().map_or(&[][..], |(_, init)| init) {
+            at += piece.len();
+            if at > from && at < flight.len() {
+                conn.handle_input(self.now, &flight[from..at]);
+                from = at;
+            }
+        }
+        conn.handle_input(self.now, &flight[from..]);
+        let mut plain = Vec::new();
+        let mut client_ok = true;
+        loop {
+            self.settle(&mut conn);
+            let mut progressed = false;
+            if !self.out.is_empty() && client_ok {
+                let mut rd = &self.out[..];
+                while !rd.is_empty() && client_ok {
+                    client_ok =
+                        client.read_tls(&mut rd).is_ok() && client.process_new_packets().is_ok();
+                }
+                self.out.clear();
+                let _ = client.reader().read_to_end(&mut plain);
+                progressed = true;
+            }
+            if client_ok && client.wants_write() && conn.state() == State::Open && conn.wants_read()
+            {
+                let mut records = Vec::new();
+                client.write_tls(&mut records).expect("client records");
+                conn.handle_input(self.now, &records);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if conn.state() == State::Open {
+            conn.handle_eof(self.now);
+            self.settle(&mut conn);
+        }
+        ConnectionTranscript {
+            written: plain,
+            published: self.published,
+            state: conn.state(),
+        }
     }
 }
 
@@ -149,11 +279,16 @@ pub fn proxy_header_len(stream: &[u8]) -> usize {
     0
 }
 
-/// The case's stream cut at the end of its PROXY header (if any) and, with `split`, at
-/// the case's points; plus `extra` points.
+/// The case's stream cut at the end of its PROXY header (if any, and not with [`TLS`])
+/// and, with `split`, at the case's points; plus `extra` points.
 pub fn case_pieces<'a>(case: &crate::Case<'a>, extra: &[usize], split: bool) -> Vec<&'a [u8]> {
     let stream = case.stream;
-    let mut cuts = vec![proxy_header_len(stream)];
+    // With TLS the header's end is no boundary: the ClientHello follows it at once.
+    let mut cuts = if case.flags & TLS == 0 {
+        vec![proxy_header_len(stream)]
+    } else {
+        Vec::new()
+    };
     if split {
         cuts.extend(&case.cuts);
     }

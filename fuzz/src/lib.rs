@@ -98,7 +98,7 @@ impl<'a> Case<'a> {
 fn config(flags: u8) -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "fuzz.test".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: MAX_MESSAGE_SIZE,
         max_recipients: 4,
         bare_lf: if flags & 1 == 0 {

@@ -2,7 +2,8 @@
 //! seed through the fuzz target's own check, then whole vs. a cut at every position and
 //! vs. one byte per read. Also checks that the corpus reaches the driver's edge: a
 //! client address from PROXY v1 and v2 headers in the trace line, a header refused with
-//! nothing written, the error budget's 421, MAIL refused without TLS, a sink failure.
+//! nothing written, the error budget's 421, MAIL refused without TLS, a sink failure,
+//! and on an implicit-TLS listener a split header followed by a large ClientHello.
 
 use smtpgw::conn::State;
 use smtpgw_fuzz::connection::{case_pieces, check_connection, run_connection};
@@ -85,6 +86,25 @@ fn the_corpus_reaches_the_edge() {
         out.contains("451 4.3.0") && published.len() == 2,
         "{out} {published:?}"
     );
+    // Implicit TLS: a header in pieces, its last piece with a 6 KB ClientHello.
+    for (seed, client) in [
+        ("tls-proxy-v1-split-header-big-hello", "([203.0.113.7])"),
+        ("tls-proxy-v2-split-header-big-hello", "([203.0.113.7])"),
+        ("tls-no-proxy-big-hello-cut", "([127.0.0.1])"),
+    ] {
+        let (out, published, _) = transcript(seed);
+        assert!(out.starts_with("220 fuzz.test"), "{seed}: {out}");
+        assert!(
+            out.ends_with("221 2.0.0 fuzz.test closing connection\r\n"),
+            "{seed}: {out}"
+        );
+        assert_eq!(published.len(), 1, "{seed}: {out}");
+        assert!(published[0].contains(client), "{seed}: {published:?}");
+        assert!(
+            published[0].contains("with ESMTPS"),
+            "{seed}: {published:?}"
+        );
+    }
     let (out, _, _) = transcript("output-cap-pipelined-help");
     // 60 HELP replies of ~400 bytes each: far more than the 512-byte output cap, so
     // input waited behind unwritten output and every command was still answered.

@@ -720,6 +720,187 @@ fn implicit_tls_behind_proxy() {
     assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
 }
 
+/// A client whose ClientHello is large (24 ALPN names of 250 bytes: over 6,000 bytes,
+/// several TCP segments), as a client with many extensions or a long SNI sends.
+fn big_hello_client(t: &Tls) -> ClientConnection {
+    let mut config = (*t.client).clone();
+    config.alpn_protocols = (0..24u8).map(|i| vec![b'a' + i; 250]).collect();
+    client(&Arc::new(config))
+}
+
+/// A client sends `header` and its ClientHello cut at `cuts` (positions in the two
+/// together); returns what it reads once the handshake has run: the greeting inside
+/// TLS proves every byte of the ClientHello arrived.
+fn through_split_proxy(t: &Tls, mode: ProxyMode, header: &[u8], cuts: &[usize]) -> String {
+    let t0 = Instant::now();
+    let edge = Edge {
+        implicit_tls: true,
+        tls: Some(t.handle.clone()),
+        ..proxied(mode)
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    let mut c = big_hello_client(t);
+    let mut wire = header.to_vec();
+    c.write_tls(&mut wire).unwrap();
+    let mut from = 0;
+    for &cut in cuts.iter().chain([wire.len()].iter()) {
+        let cut = cut.clamp(from, wire.len());
+        conn.handle_input(t0, &wire[from..cut]);
+        from = cut;
+    }
+    pump(&mut c, &mut conn, t0).0
+}
+
+/// Issue 20 item 6: a PROXY header that arrives in pieces, its last piece followed by a
+/// large ClientHello in the same read: every byte after the header reaches TLS, for
+/// every cut of header + ClientHello into two reads, the header in three pieces, and
+/// one byte per read.
+#[test]
+fn every_byte_after_a_split_proxy_header_reaches_tls() {
+    let t = tls();
+    let mut hello = Vec::new();
+    big_hello_client(&t).write_tls(&mut hello).unwrap();
+    assert!(hello.len() > 6_000, "{}", hello.len());
+    let v1 = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 465\r\n".to_vec();
+    let v2 = v2_tcp4([203, 0, 113, 9], 40001, &[]);
+    for (mode, header) in [(ProxyMode::V1, v1), (ProxyMode::V2, v2)] {
+        let total = header.len() + hello.len();
+        let greeted = |cuts: &[usize]| through_split_proxy(&t, mode, &header, cuts);
+        for cut in 1..total {
+            let out = greeted(&[cut]);
+            assert!(
+                out.starts_with("220 mx.test"),
+                "{mode:?} cut at {cut}: {out:?}"
+            );
+        }
+        // The header in three pieces, the last with the whole ClientHello.
+        for first in 1..header.len() - 1 {
+            let out = greeted(&[first, header.len() - 1]);
+            assert!(
+                out.starts_with("220 mx.test"),
+                "{mode:?} header cut at {first}"
+            );
+        }
+        let every: Vec<usize> = (1..total).collect();
+        let out = greeted(&every);
+        assert!(
+            out.starts_with("220 mx.test"),
+            "{mode:?} byte by byte: {out:?}"
+        );
+    }
+}
+
+/// The same with a real client all the way: the header in two pieces, the second with
+/// the whole ClientHello; the handshake completes and the session runs inside TLS.
+#[test]
+fn a_split_proxy_header_then_a_big_client_hello_gets_a_session() {
+    let t = tls();
+    let t0 = Instant::now();
+    let edge = Edge {
+        implicit_tls: true,
+        tls: Some(t.handle.clone()),
+        ..proxied(ProxyMode::V1)
+    };
+    let mut conn = open_edge(t0, edge, SOCKET_PEER);
+    let mut c = big_hello_client(&t);
+    let header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 465\r\n";
+    conn.handle_input(t0, &header[..10]);
+    let mut second = header[10..].to_vec();
+    c.write_tls(&mut second).unwrap();
+    conn.handle_input(t0, &second);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    assert_eq!(conn.peer(), "203.0.113.9:40001".parse().unwrap());
+    c.writer().write_all(TXN).unwrap();
+    let (out, messages) = pump(&mut c, &mut conn, t0);
+    assert!(out.contains("queued"), "{out}");
+    assert_eq!(
+        messages[0].envelope.client_addr,
+        "203.0.113.9:40001".parse().unwrap()
+    );
+}
+
+/// Issue 20 item 7: a message's final dot and, in the same read, a record that fails
+/// to decrypt. The message whose end arrived intact is stored and its `250` is written,
+/// encrypted before the alert, then the connection closes.
+#[test]
+fn a_final_dot_before_a_bad_record_in_the_same_read_is_answered() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c = client(&t.client);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 mx.test"), "{out}");
+    let mut wire = Vec::new();
+    c.writer().write_all(TXN).unwrap();
+    c.write_tls(&mut wire).unwrap();
+    let mut bad = Vec::new();
+    c.writer().write_all(b"QUIT\r\n").unwrap();
+    c.write_tls(&mut bad).unwrap();
+    // A flipped bit in the tag: the record fails authentication (bad_record_mac).
+    *bad.last_mut().unwrap() ^= 1;
+    wire.extend_from_slice(&bad);
+    conn.handle_input(t0, &wire);
+    let message = conn
+        .poll_message(t0, &mut fixed_stamp)
+        .expect("the message whose end arrived intact goes to the sink");
+    assert_eq!(message.body(), b"hi\r\n");
+    conn.handle_publish(t0, Ok(message.id));
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        let n = conn.pending_output().len();
+        out.extend_from_slice(conn.pending_output());
+        conn.output_written(t0, n);
+    }
+    assert_eq!(conn.state(), State::ShutdownWrite, "the bad record ends it");
+    // The client reads the replies, then the alert.
+    let mut rd = &out[..];
+    let mut failed = None;
+    while !rd.is_empty() && failed.is_none() {
+        c.read_tls(&mut rd).unwrap();
+        failed = c.process_new_packets().err();
+    }
+    assert!(
+        matches!(failed, Some(rustls::Error::AlertReceived(_))),
+        "{failed:?}"
+    );
+    let mut plain = String::new();
+    let _ = c.reader().read_to_string(&mut plain);
+    // The last reply before the alert is the message's; QUIT never arrived intact.
+    let last = plain.lines().last().unwrap_or_default();
+    assert!(last.starts_with("250 2.0.0 Ok: queued as "), "{plain}");
+}
+
+/// Records are decrypted only as the session takes their plaintext: a command cut
+/// across records, and far more pipelined replies than the output cap, all answered.
+#[test]
+fn records_wait_while_the_session_cannot_take_input() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut conn = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+    let mut c = client(&t.client);
+    pump(&mut c, &mut conn, t0);
+    let mut wire = Vec::new();
+    for piece in [
+        &b"EHLO c.test\r\nNO"[..],
+        b"OP\r\n",
+        &b"HELP\r\n".repeat(500),
+        b"QUIT\r\n",
+    ] {
+        c.writer().write_all(piece).unwrap();
+        c.write_tls(&mut wire).unwrap();
+    }
+    conn.handle_input(t0, &wire);
+    assert!(!conn.wants_read(), "replies past the cap stop the reading");
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert_eq!(out.matches("\r\n214 ").count(), 500, "{out}");
+    assert!(out.contains("\r\n250 2.0.0 Ok\r\n214"), "{out}");
+    assert!(
+        out.ends_with("221 2.0.0 mx.test closing connection\r\n"),
+        "{out}"
+    );
+}
+
 #[test]
 fn garbage_instead_of_a_handshake_closes() {
     let t = tls();

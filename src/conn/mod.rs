@@ -278,6 +278,9 @@ pub struct Connection {
     front: Front,
     /// TLS records to write (with TLS, the session's output moves here at once).
     wire_out: Vec<u8>,
+    /// TLS records received and not handed to rustls yet: a partial record, or records
+    /// behind plaintext the session has not taken (see [`Self::tls_input`]).
+    tls_in: Vec<u8>,
     /// A TLS handshake completed.
     tls_done: bool,
     /// The greeting (or the refusal in its place) was written.
@@ -334,6 +337,7 @@ impl Connection {
             header: Vec::new(),
             front: Front::Plain,
             wire_out: Vec::new(),
+            tls_in: Vec::new(),
             tls_done: false,
             greeted: false,
             greet_at: now + edge.greeting_delay,
@@ -442,28 +446,35 @@ impl Connection {
         self.after_output_change(now);
     }
 
-    /// Input while the PROXY header is expected.
+    /// Input while the PROXY header is expected. Every byte after the header goes on
+    /// to the wire, however the reads cut the header and what follows it.
     fn proxy_input(&mut self, now: Instant, data: &[u8]) {
-        let buffered = !self.header.is_empty();
-        if buffered {
-            let room = proxy::MAX_HEADER.saturating_sub(self.header.len());
+        // Bytes of the header buffered from earlier reads (they held no whole header).
+        let before = self.header.len();
+        if before > 0 {
+            // One byte more than a header can take, so an endless one is seen as such.
+            let room = proxy::MAX_HEADER.saturating_sub(before);
             self.header
                 .extend_from_slice(&data[..data.len().min(room + 1)]);
         }
         let header = std::mem::take(&mut self.header);
-        let input = if buffered { &header[..] } else { data };
+        let input = if before > 0 { &header[..] } else { data };
         match proxy::parse(self.edge.proxy, input) {
             proxy::Parsed::Incomplete => {
                 self.header = header;
-                if !buffered {
+                if before == 0 {
                     self.header.extend_from_slice(data);
                 }
             }
-            proxy::Parsed::Invalid => {
-                self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
-                self.life = Life::Done(Ending::Refused);
-            }
+            proxy::Parsed::Invalid => self.proxy_invalid(),
             proxy::Parsed::Header { len, source } => {
+                // The buffered bytes held no whole header, so this one ends in `data`:
+                // what follows it is all of `data` from there, not only the part copied
+                // into the buffer. (A parser that found a header inside bytes it had
+                // called incomplete would be a bug; refusing beats dropping bytes.)
+                let Some(rest) = len.checked_sub(before).and_then(|at| data.get(at..)) else {
+                    return self.proxy_invalid();
+                };
                 self.edge_stats.proxy_headers += 1;
                 self.proxy_wait = false;
                 if let Some(source) = source {
@@ -474,13 +485,18 @@ impl Connection {
                 self.peer_known(now);
                 // What followed the header in the same read: a TLS ClientHello on an
                 // implicit-TLS listener, else a client talking before the greeting.
-                let rest = &input[len.min(input.len())..];
                 if !rest.is_empty() {
                     self.wire_input(now, rest);
                 }
                 self.maybe_greet(now);
             }
         }
+    }
+
+    /// Not a header this listener accepts: closed unanswered.
+    fn proxy_invalid(&mut self) {
+        self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+        self.life = Life::Done(Ending::Refused);
     }
 
     /// Input past the PROXY header: TLS records or plaintext.
@@ -518,45 +534,113 @@ impl Connection {
         }
     }
 
-    /// TLS records: decrypted into the pending input, then handed to the session.
-    fn tls_input(&mut self, now: Instant, mut data: &[u8]) {
-        let mut plain = false;
-        while !data.is_empty() {
-            let Front::Tls(tls) = &mut self.front else {
-                return;
+    /// TLS records. rustls gets one whole record at a time, and each record's plaintext
+    /// goes to the session before the next record is decrypted; while the session cannot
+    /// take input (a message with the sink, unread replies), further records wait here
+    /// undecrypted. So whatever arrived intact is acted on, its reply
+    /// (a final dot's `250`) encrypted and queued, before an alert that a later, bad
+    /// record in the same read brings.
+    fn tls_input(&mut self, now: Instant, data: &[u8]) {
+        if self.tls_in.is_empty() {
+            let used = self.decrypt(now, data);
+            if used < data.len() && matches!(self.life, Life::Open) {
+                self.keep_records(&data[used..]);
+            }
+        } else {
+            self.keep_records(data);
+            self.resume_records(now);
+        }
+    }
+
+    /// Ciphertext not handed to rustls yet, bounded like plaintext input.
+    fn keep_records(&mut self, data: &[u8]) {
+        if self.tls_in.len() + data.len() > MAX_PENDING_INPUT {
+            self.life = Life::Done(Ending::Overrun);
+            self.tls_in = Vec::new();
+            self.pending = Vec::new();
+            return;
+        }
+        self.tls_in.extend_from_slice(data);
+    }
+
+    /// Decrypts held records as far as the session can take their plaintext.
+    fn resume_records(&mut self, now: Instant) {
+        let held = std::mem::take(&mut self.tls_in);
+        let used = self.decrypt(now, &held);
+        if matches!(self.life, Life::Open) && used < held.len() {
+            self.tls_in = held;
+            self.tls_in.drain(..used);
+        }
+    }
+
+    /// Hands whole records of `data` to rustls while the session can take what they
+    /// bring; returns how many bytes it handed over (all of them if the connection
+    /// failed: the rest is never read).
+    fn decrypt(&mut self, now: Instant, data: &[u8]) -> usize {
+        let mut pos = 0;
+        while matches!(self.life, Life::Open) && self.takes_records() {
+            let Some(len) = tls::record_len(&data[pos..]) else {
+                break;
             };
-            let processed = match tls.read_tls(&mut data) {
+            // Replies so far are encrypted before anything this record brings.
+            self.flush_tls();
+            let record = &data[pos..pos + len];
+            pos += len;
+            self.decrypt_record(now, record);
+        }
+        if matches!(self.life, Life::Open) {
+            pos
+        } else {
+            data.len()
+        }
+    }
+
+    /// During the handshake every record is read; after it, only while the session
+    /// takes input (plaintext it holds then is only a partial line waiting for more).
+    fn takes_records(&self) -> bool {
+        !self.tls_done || self.can_consume()
+    }
+
+    fn decrypt_record(&mut self, now: Instant, mut record: &[u8]) {
+        let Front::Tls(tls) = &mut self.front else {
+            return;
+        };
+        let mut processed = Ok(());
+        while !record.is_empty() && processed.is_ok() {
+            processed = match tls.read_tls(&mut record) {
                 Ok(_) => tls.process_new_packets().map(|_| ()),
                 Err(_) => Err(rustls::Error::General("read_tls".into())),
             };
-            if let Err(e) = processed {
-                if !self.tls_done {
-                    self.edge_stats.tls_failures[tls::failure_index(&e)] += 1;
-                }
-                // The alert rustls queued for the client goes out before the close.
-                let _ = tls.write_tls(&mut self.wire_out);
-                self.pending = Vec::new();
-                self.life = Life::Closing;
-                return;
+        }
+        if let Err(e) = processed {
+            if !self.tls_done {
+                self.edge_stats.tls_failures[tls::failure_index(&e)] += 1;
             }
-            let mut buf = [0u8; 4096];
-            loop {
-                match tls.reader().read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if self.pending.len() + n > MAX_PENDING_INPUT {
-                            self.life = Life::Done(Ending::Overrun);
-                            self.pending = Vec::new();
-                            return;
-                        }
-                        self.pending.extend_from_slice(&buf[..n]);
-                        plain = true;
+            // The alert rustls queued for the client goes out before the close.
+            let _ = tls.write_tls(&mut self.wire_out);
+            self.pending = Vec::new();
+            self.tls_in = Vec::new();
+            self.life = Life::Closing;
+            return;
+        }
+        let mut plain = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.reader().read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if self.pending.len() + n > MAX_PENDING_INPUT {
+                        self.life = Life::Done(Ending::Overrun);
+                        self.pending = Vec::new();
+                        return;
                     }
+                    self.pending.extend_from_slice(&buf[..n]);
+                    plain = true;
                 }
             }
-            if !self.tls_done && !tls.is_handshaking() {
-                self.handshake_done(now);
-            }
+        }
+        if !self.tls_done && !tls.is_handshaking() {
+            self.handshake_done(now);
         }
         if plain {
             if !self.greeted {
@@ -621,6 +705,7 @@ impl Connection {
                     // without a linger: the client has nothing more to send.
                     self.life = Life::Closing;
                     self.pending = Vec::new();
+                    self.tls_in = Vec::new();
                     self.eof = true;
                     self.after_output_change(now);
                 }
@@ -675,8 +760,8 @@ impl Connection {
             Front::Plain | Front::StartTls => self.session.advance_output(n),
         }
         self.write_deadline = None;
-        if matches!(self.life, Life::Open) && !self.pending.is_empty() {
-            self.process_pending(now);
+        if matches!(self.life, Life::Open) && self.has_input() {
+            self.process_input(now);
         }
         self.after_output_change(now);
     }
@@ -737,8 +822,8 @@ impl Connection {
         self.session.publish_result(result);
         // Waiting for the sink is the gateway's time, not the client's.
         self.idle_deadline = now + self.limits.idle_timeout;
-        if !self.pending.is_empty() {
-            self.process_pending(now);
+        if self.has_input() {
+            self.process_input(now);
         } else if self.draining {
             self.wind_down();
         }
@@ -916,8 +1001,8 @@ impl Connection {
     /// is processed now, since its client may have nothing more to send that would
     /// bring it through [`Self::handle_input`].
     pub fn handle_budget_freed(&mut self, now: Instant) {
-        if matches!(self.life, Life::Open) && !self.pending.is_empty() && self.can_consume() {
-            self.process_pending(now);
+        if matches!(self.life, Life::Open) && self.has_input() && self.can_consume() {
+            self.process_input(now);
             self.after_output_change(now);
         }
     }
@@ -994,6 +1079,22 @@ impl Connection {
             || self.out_len() >= self.limits.output_cap
             || (self.session.in_body() && self.budget.pauses_bodies());
         !blocked
+    }
+
+    /// Input received and not consumed: plaintext, or TLS records not decrypted yet.
+    fn has_input(&self) -> bool {
+        !self.pending.is_empty() || !self.tls_in.is_empty()
+    }
+
+    /// Goes on with held input once the session may take more: the plaintext first,
+    /// then the TLS records behind it.
+    fn process_input(&mut self, now: Instant) {
+        if !self.pending.is_empty() {
+            self.process_pending(now);
+        }
+        if !self.tls_in.is_empty() {
+            self.resume_records(now);
+        }
     }
 
     fn process_pending(&mut self, now: Instant) {
@@ -1099,7 +1200,7 @@ impl Connection {
     /// answers its next command with `421`).
     fn wind_down(&mut self) {
         let idle = self.in_flight.is_none()
-            && self.pending.is_empty()
+            && !self.has_input()
             && self.session.is_between_commands()
             && !self.session.is_closed();
         if idle {
@@ -1113,6 +1214,7 @@ impl Connection {
         if matches!(self.life, Life::Open) && self.session.is_closed() {
             self.life = Life::Closing;
             self.pending = Vec::new();
+            self.tls_in = Vec::new();
             self.flush_tls();
             if let Front::Tls(tls) = &mut self.front {
                 if self.tls_done {

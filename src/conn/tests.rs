@@ -10,7 +10,7 @@ use crate::smtp::{BareLfPolicy, SessionConfig};
 pub(super) fn session_config() -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test".into(),
-        accept_domains: vec!["example.com".into()],
+        accept_domains: ["example.com"].into_iter().collect(),
         max_message_size: 1 << 20,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,

@@ -35,6 +35,26 @@ impl TlsHandle {
     }
 }
 
+/// A record's header, and the most it may carry: 2^14 bytes of plaintext plus the 2,048
+/// bytes of expansion TLS 1.2 allows (RFC 5246 section 6.2.3); rustls refuses a header
+/// that claims as much or more.
+const RECORD_HEADER: usize = 5;
+const MAX_PAYLOAD: usize = (1 << 14) + 2048;
+
+/// The length of the whole TLS record at the start of `input`, header included, or
+/// `None` while it has not all arrived. A header that is not a TLS record's (content
+/// type 20-24, version 3.x, a length below the maximum) is given back alone, so rustls
+/// refuses it at once instead of the driver waiting for a length that means nothing.
+pub(crate) fn record_len(input: &[u8]) -> Option<usize> {
+    let header = input.get(..RECORD_HEADER)?;
+    let payload = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    if !(20..=24).contains(&header[0]) || header[1] != 3 || payload >= MAX_PAYLOAD {
+        return Some(RECORD_HEADER);
+    }
+    let len = RECORD_HEADER + payload;
+    (input.len() >= len).then_some(len)
+}
+
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`: what `smtp.tls` carries.
 pub(crate) fn describe(conn: &ServerConnection) -> String {
     let version = match conn.protocol_version() {

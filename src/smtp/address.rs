@@ -3,6 +3,7 @@
 //! Parsing borrows from the command line and allocates nothing; the session copies an
 //! address into its envelope only once it has accepted it.
 
+use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// RFC 5321 section 4.5.3.1.1.
@@ -216,20 +217,60 @@ fn literal_ip(literal: &str) -> Option<std::net::IpAddr> {
     }
 }
 
-/// Whether a recipient's domain is the accept-domain `accepted` (which is in the form
-/// [`normalize_accept_domain`] returns). ASCII names compare without allocating; only
-/// a U-label domain (SMTPUTF8) is converted first.
-pub fn domain_matches(accepted: &str, domain: Domain<'_>) -> bool {
-    match domain {
-        Domain::Name(name) if name.is_ascii() => accepted.eq_ignore_ascii_case(name),
-        Domain::Name(name) => {
-            idna::domain_to_ascii_cow(name.as_bytes(), idna::AsciiDenyList::EMPTY)
-                .is_ok_and(|ascii| ascii == accepted)
+/// The accept-domains, each in the form [`normalize_accept_domain`] returns, in a hash
+/// set: a recipient's domain is normalised once and looked up, so a RCPT costs the same
+/// whether the list has ten domains or ten thousand.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AcceptDomains(HashSet<String>);
+
+impl AcceptDomains {
+    /// From domains already normalised (the configuration normalises them at load).
+    pub fn new<S: Into<String>>(normalised: impl IntoIterator<Item = S>) -> AcceptDomains {
+        AcceptDomains(normalised.into_iter().map(Into::into).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `normalised` (in the stored form) is one of them.
+    pub fn contains_normalised(&self, normalised: &str) -> bool {
+        self.0.contains(normalised)
+    }
+
+    /// Whether a recipient's domain is accepted. An ASCII name is lower-cased on the
+    /// stack, without allocating; only a U-label name (SMTPUTF8) is IDNA-converted, and
+    /// an address literal put in its canonical form, once per call.
+    pub fn accepts(&self, domain: Domain<'_>) -> bool {
+        match domain {
+            Domain::Name(name) if name.is_ascii() => {
+                let mut lower = [0u8; MAX_DOMAIN];
+                let Some(buf) = lower.get_mut(..name.len()) else {
+                    return false;
+                };
+                buf.copy_from_slice(name.as_bytes());
+                buf.make_ascii_lowercase();
+                // Lower-casing ASCII keeps it ASCII, so this never fails.
+                std::str::from_utf8(buf).is_ok_and(|n| self.0.contains(n))
+            }
+            Domain::Name(name) => {
+                idna::domain_to_ascii_cow(name.as_bytes(), idna::AsciiDenyList::EMPTY)
+                    .is_ok_and(|ascii| self.0.contains(ascii.as_ref()))
+            }
+            Domain::Literal(literal) => {
+                literal_ip(literal).is_some_and(|ip| self.0.contains(&canonical_literal(ip)))
+            }
         }
-        Domain::Literal(literal) => {
-            accepted.starts_with('[')
-                && literal_ip(literal).is_some_and(|ip| literal_ip(accepted) == Some(ip))
-        }
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for AcceptDomains {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> AcceptDomains {
+        AcceptDomains::new(iter)
     }
 }
 

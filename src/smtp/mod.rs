@@ -11,6 +11,7 @@ pub mod reply;
 pub mod session;
 pub mod stats;
 
+pub use address::AcceptDomains;
 pub use data::BareLfPolicy;
 pub use envelope::{Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage};
 pub use session::{Session, SessionConfig};

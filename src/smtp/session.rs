@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use memchr::memchr;
 
-use super::address::{self, AddressError, Domain, ForwardPath, ReversePath};
+use super::address::{self, AcceptDomains, AddressError, Domain, ForwardPath, ReversePath};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
@@ -29,7 +29,7 @@ pub struct SessionConfig {
     /// Recipient domains we take mail for, each in the form
     /// [`address::normalize_accept_domain`] returns (A-labels in lower case, or a
     /// canonical address literal). Everything else gets `550 5.7.1`.
-    pub accept_domains: Vec<String>,
+    pub accept_domains: AcceptDomains,
     /// Largest message body in octets, after dot-unstuffing. Advertised as SIZE.
     pub max_message_size: usize,
     /// More recipients than this get `452 4.5.3`.
@@ -39,9 +39,7 @@ pub struct SessionConfig {
 
 impl SessionConfig {
     fn accepts(&self, domain: Domain<'_>) -> bool {
-        self.accept_domains
-            .iter()
-            .any(|accepted| address::domain_matches(accepted, domain))
+        self.accept_domains.accepts(domain)
     }
 
     /// Room in front of a body for the `Received:` line, so sealing needs no copy.
@@ -140,6 +138,9 @@ pub struct Session {
     /// Commands refused with a `5xx` so far, and how many end the session.
     errors: u32,
     error_budget: Option<u32>,
+    /// The command just answered was refused with a `4xx` that spends the error budget
+    /// (`452 4.5.3`, too many recipients).
+    spends_budget: bool,
     /// The client's address is over its message rate: MAIL gets `421 4.7.0`.
     message_rate_exceeded: bool,
     stats: SessionStats,
@@ -172,6 +173,7 @@ impl Session {
             tls_required: false,
             errors: 0,
             error_budget: None,
+            spends_budget: false,
             message_rate_exceeded: false,
             stats: SessionStats::default(),
         }
@@ -409,12 +411,14 @@ impl Session {
         self.close_with(reply::too_slow);
     }
 
-    /// Spends the error budget on a command refused with `5xx`.
+    /// Spends the error budget on a command refused with `5xx`, or with a `4xx` that
+    /// says it counts ([`Self::spends_budget`]).
     fn count_error(&mut self, replied_from: usize) {
+        let counts = mem::take(&mut self.spends_budget);
         let Some(budget) = self.error_budget else {
             return;
         };
-        if self.out.get(replied_from) != Some(&b'5') || self.is_closed() {
+        if !(counts || self.out.get(replied_from) == Some(&b'5')) || self.is_closed() {
             return;
         }
         self.errors += 1;
@@ -671,6 +675,9 @@ impl Session {
             ForwardPath::Mailbox(m) => m.text,
         };
         if txn.envelope.rcpt_count() >= self.config.max_recipients {
+            // Spends the error budget like a 5xx: a client that keeps adding recipients
+            // past the limit is refused over and over, and must not go on forever.
+            self.spends_budget = true;
             return self.reply(reply::TOO_MANY_RECIPIENTS);
         }
         txn.envelope.push_rcpt(rcpt);

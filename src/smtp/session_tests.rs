@@ -7,7 +7,7 @@ use proptest::prelude::*;
 fn config(bare_lf: BareLfPolicy) -> Arc<SessionConfig> {
     Arc::new(SessionConfig {
         hostname: "mx.test".into(),
-        accept_domains: vec!["example.com".into(), "[192.0.2.1]".into()],
+        accept_domains: ["example.com", "[192.0.2.1]"].into_iter().collect(),
         max_message_size: 100,
         max_recipients: 3,
         bare_lf,
@@ -918,11 +918,11 @@ fn accept_domains_match_u_labels_a_labels_and_literals() {
     let cfg = idn_config();
     assert_eq!(
         cfg.accept_domains,
-        [
+        AcceptDomains::new([
             "xn--bcher-kva.example",
             "[IPv6:2001:db8::1]",
             "plain.example"
-        ]
+        ])
     );
     let rcpt = |mail: &str, to: &str| {
         let input = format!("EHLO c\r\nMAIL FROM:<a@x.test>{mail}\r\nRCPT TO:<{to}>\r\n");
@@ -1131,4 +1131,72 @@ fn body_counts_start_and_end_once() {
         (s.messages_rejected[stats::REJECT_TOO_LARGE], s.reply(552)),
         (1, 1)
     );
+}
+
+/// Issue 20 item 2: `452 4.5.3` for too many recipients spends the error budget like a
+/// `5xx`, so a client that keeps being refused is closed with `421 4.7.0`.
+#[test]
+fn too_many_recipients_spend_the_error_budget() {
+    let mut session = new_session();
+    session.set_error_budget(Some(5));
+    let mut input = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\n".to_vec();
+    // 3 accepted (the limit), then refused ones.
+    for i in 0..20 {
+        input.extend_from_slice(format!("RCPT TO:<r{i}@example.com>\r\n").as_bytes());
+    }
+    let n = session.feed(&input);
+    assert!(
+        session.is_closed(),
+        "still open after {n} of {} bytes",
+        input.len()
+    );
+    let replies = String::from_utf8_lossy(session.output()).into_owned();
+    assert_eq!(replies.matches("250 2.1.5").count(), 3, "{replies}");
+    // The fifth refusal spends the budget of 5: closed, the rest never answered.
+    assert_eq!(replies.matches("452 4.5.3").count(), 5, "{replies}");
+    let last = replies.lines().last().unwrap_or_default();
+    assert!(last.starts_with("421 4.7.0 "), "{replies}");
+    // Without a budget, the same client is only refused.
+    let mut session = new_session();
+    session.feed(&input);
+    assert!(!session.is_closed());
+}
+
+/// The accept-domains are a set: a large list matches an ASCII, a U-label and a
+/// literal recipient exactly as a short one does, and refuses what is not in it.
+#[test]
+fn ten_thousand_accept_domains_match_like_three() {
+    let mut domains: Vec<String> = (0..10_000).map(|i| format!("d{i}.example")).collect();
+    domains.push(address::normalize_accept_domain("bücher.example").unwrap());
+    domains.push("[192.0.2.1]".into());
+    let cfg = Arc::new(SessionConfig {
+        accept_domains: domains.into_iter().collect(),
+        ..(*config(BareLfPolicy::Reject)).clone()
+    });
+    assert_eq!(cfg.accept_domains.len(), 10_002);
+    let rcpt = |to: &str| {
+        let input = format!("EHLO c\r\nMAIL FROM:<a@x.test> SMTPUTF8\r\nRCPT TO:<{to}>\r\n");
+        codes(&run_pieces(cfg.clone(), [input.as_bytes()]))
+            .pop()
+            .unwrap()
+    };
+    for to in [
+        "u@d9999.example",
+        "u@D0.EXAMPLE",
+        "u@bücher.example",
+        "u@BÜCHER.example",
+        "u@ｂüｃｈｅｒ.example",
+        "u@xn--bcher-kva.example",
+        "u@[192.0.2.1]",
+    ] {
+        assert_eq!(rcpt(to), "250 2.1.5", "{to}");
+    }
+    for to in [
+        "u@d10000.example",
+        "u@example.com",
+        "u@bucher.example",
+        "u@[192.0.2.2]",
+    ] {
+        assert_eq!(rcpt(to), "550 5.7.1", "{to}");
+    }
 }

@@ -104,3 +104,62 @@ def recv_all(sock: socket.socket, timeout: float = IO_TIMEOUT) -> bytes:
         if not chunk:
             return data
         data += chunk
+
+
+class BioTls:
+    """A TLS client over a socket the test controls (ssl's MemoryBIO), so its first
+    flight can be sent exactly as the test chooses: here after a PROXY header."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="mx.test")
+        self.buf = b""
+
+    def client_hello(self) -> bytes:
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return self.outgoing.read()
+
+    def _flush_and_fill(self) -> None:
+        out = self.outgoing.read()
+        if out:
+            self.sock.sendall(out)
+        data = self.sock.recv(65536)
+        if not data:
+            raise AssertionError("server closed during the handshake")
+        self.incoming.write(data)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self.sock.sendall(self.outgoing.read())
+                return
+            except ssl.SSLWantReadError:
+                self._flush_and_fill()
+
+    def records(self, data: bytes) -> bytes:
+        """`data` encrypted, for the test to send as it likes."""
+        self.obj.write(data)
+        return self.outgoing.read()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(self.records(data))
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            try:
+                self.buf += self.obj.read(65536)
+            except ssl.SSLWantReadError:
+                self._flush_and_fill()
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line
+
+    def reply(self) -> bytes:
+        lines = [self.line()]
+        while lines[-1][3:4] == b"-":
+            lines.append(self.line())
+        return b"\n".join(lines)

@@ -9,6 +9,8 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from edge_support import metric, recv_all, wire_from
 from smtpwire import assert_reply, make_message
 
@@ -118,6 +120,35 @@ def test_error_budget(start_gateway):
         assert_reply(wire.cmd("BOGUS"), "500")
         assert_reply(wire.reply(), "421 4.7.0", "after the third refused command")
         assert wire.closed_by_server()
+    assert metric(gateway, 'smtpgw_session_limit_closes_total{reason="error_budget"}') >= 1
+
+
+def test_too_many_recipients_spend_the_error_budget(start_gateway):
+    """Issue 20 item 2: a client that pipelines RCPTs past --max-recipients gets `452`
+    for each, and those spend the error budget like `5xx`: the session is closed."""
+    import smtplib
+
+    from smtpwire import IO_TIMEOUT
+
+    gateway = start_gateway(*TRUSTED, "--error-budget", "5", "--max-recipients", "3")
+    client = smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT,
+                          source_address=("127.0.0.12", 0))
+    try:
+        client.ehlo()
+        assert client.has_extn("pipelining")
+        assert client.mail("sender@b.example")[0] == 250
+        client.send("".join(f"RCPT TO:<r{i}@example.com>\r\n" for i in range(50)))
+        codes = []
+        for _ in range(50):
+            code, _ = client.getreply()
+            codes.append(code)
+            if code == 421:
+                break
+        assert codes == [250] * 3 + [452] * 5 + [421], codes
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            client.getreply()
+    finally:
+        client.close()
     assert metric(gateway, 'smtpgw_session_limit_closes_total{reason="error_budget"}') >= 1
 
 

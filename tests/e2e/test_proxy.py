@@ -8,8 +8,8 @@ import socket
 import struct
 import time
 
-from edge_support import headers, listener_port, metric, recv_all, wire_from
-from smtpwire import assert_reply, make_message
+from edge_support import BioTls, headers, listener_port, metric, recv_all, wire_from
+from smtpwire import assert_reply, data_payload, make_message
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -148,3 +148,40 @@ def test_proxy_listen_is_the_only_listener_that_expects_the_header(start_gateway
         assert_reply(direct.reply(), "220")
         assert_reply(direct.cmd(b"PROXY TCP4 203.0.113.9 192.0.2.1 1 25"), "500")
     assert metric(gateway, 'smtpgw_connections_rejected_total{reason="proxy_invalid"}') >= 1
+
+
+def test_split_header_then_a_big_client_hello_on_the_implicit_tls_listener(start_gateway, tmp_path):
+    """Issue 20 item 6: the header as 10 bytes, then the rest of it with a ClientHello of
+    over 6 KB in one send; every byte after the header must reach TLS."""
+    from edge_support import client_context, make_certificate, tls_port
+
+    crt, key = make_certificate(tmp_path)
+    gateway = proxied(start_gateway, "v1", "--hostname", "mx.test", "--tls-cert", str(crt),
+                      "--tls-key", str(key), "--listen-tls", "127.0.0.1:0")
+    context = client_context(crt)
+    # Many long ALPN names make the ClientHello span several segments, as a client
+    # with many extensions does.
+    context.set_alpn_protocols([chr(ord("a") + i) * 250 for i in range(24)])
+    with wire_from(gateway, "127.0.0.1", tls_port(gateway)) as wire:
+        tls = BioTls(wire.sock, context)
+        hello = tls.client_hello()
+        assert len(hello) > 6000, len(hello)
+        header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 465\r\n"
+        wire.send(header[:10])
+        # Its own read: the gateway buffers a partial header.
+        time.sleep(0.3)
+        wire.send(header[10:] + hello)
+        tls.handshake()
+        assert tls.reply().startswith(b"220 mx.test"), "greeting inside TLS"
+        tls.send(b"EHLO client.test\r\n")
+        assert tls.reply().startswith(b"250")
+        message = make_message("split-proxy-big-hello")
+        tls.send(b"MAIL FROM:<sender@b.example>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+        for code in (b"250", b"250", b"354"):
+            assert tls.reply().startswith(code)
+        tls.send(data_payload(message))
+        queued = tls.reply()
+        assert queued.startswith(b"250"), queued
+    [message_id] = gateway.spool_ids()
+    assert gateway.cat(message_id, body=True) == message
+    assert headers(gateway, message_id)["smtp.client_addr"] == ["203.0.113.9:40001"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_binary
-from edge_support import client_context, headers, make_certificate, metric, tls_port
-from smtpwire import IO_TIMEOUT, assert_reply, make_message
+from edge_support import BioTls, client_context, headers, make_certificate, metric, tls_port, wire_from
+from smtpwire import IO_TIMEOUT, assert_reply, data_payload, make_message
 
 QUEUED = re.compile(r"queued as ([0-9A-HJKMNP-TV-Z]{26})")
 
@@ -314,3 +314,27 @@ def test_tls_client_that_never_reads_is_bounded_and_dropped(start_gateway, cert)
     except (ssl.SSLError, ConnectionResetError):
         pass
     tls.close()
+
+
+def test_a_final_dot_before_a_bad_record_in_the_same_segment_is_answered(start_gateway, cert):
+    """Issue 20 item 7: the message's last record and a record that fails to decrypt
+    arrive together: the message is stored and answered `250` before the connection
+    fails."""
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0")
+    message = make_message("final-dot-then-bad-record")
+    with wire_from(gateway, "127.0.0.1", tls_port(gateway)) as wire:
+        tls = BioTls(wire.sock, client_context(cert[0]))
+        tls.handshake()
+        assert tls.reply().startswith(b"220 mx.test")
+        tls.send(b"EHLO client.test\r\nMAIL FROM:<sender@b.example>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+        for code in (b"250", b"250", b"250", b"354"):
+            assert tls.reply().startswith(code)
+        good = tls.records(data_payload(message))
+        bad = bytearray(tls.records(b"QUIT\r\n"))
+        bad[-1] ^= 1  # the record's authentication tag: bad_record_mac
+        wire.sock.sendall(good + bytes(bad))
+        assert tls.reply().startswith(b"250 2.0.0 Ok: queued as ")
+        with pytest.raises(ssl.SSLError):
+            tls.reply()
+    [message_id] = gateway.spool_ids()
+    assert gateway.cat(message_id, body=True) == message

@@ -46,7 +46,7 @@ fn start_budget(
         session: Arc::new(
             SessionConfig {
                 hostname: "mx.test".into(),
-                accept_domains: vec!["example.com".into()],
+                accept_domains: ["example.com"].into_iter().collect(),
                 max_message_size: 1 << 20,
                 max_recipients: 100,
                 bare_lf: BareLfPolicy::Reject,
@@ -190,7 +190,7 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
         session: Arc::new(
             SessionConfig {
                 hostname: "mx.test".into(),
-                accept_domains: vec!["example.com".into()],
+                accept_domains: ["example.com"].into_iter().collect(),
                 max_message_size: 1 << 20,
                 max_recipients: 100,
                 bare_lf: BareLfPolicy::Reject,
