@@ -7,11 +7,14 @@ pub mod address;
 pub mod command;
 pub mod data;
 pub mod envelope;
+pub mod headers;
+pub mod refusal;
 pub mod reply;
 pub mod session;
 pub mod stats;
 
 pub use data::BareLfPolicy;
 pub use envelope::{Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage};
-pub use session::{Session, SessionConfig};
+pub use refusal::Refusal;
+pub use session::{Session, SessionConfig, SessionEvent};
 pub use stats::SessionStats;
