@@ -75,7 +75,10 @@ impl Formatter {
         if self.second.0 != secs {
             self.second = (secs, now.format("%Y-%m-%dT%H:%M:%S").to_string());
         }
-        let micros = now.timestamp_subsec_micros().min(999_999);
+        let micros = u64::from(now.timestamp_subsec_micros().min(999_999));
+        // Six digits, zero-padded: 1_000_000 + micros without its leading 1.
+        let frac = itoa_buf(1_000_000 + micros);
+        let frac = &frac.as_slice()[1..];
         let level_text = match level {
             Level::ERROR => "ERROR",
             Level::WARN => "WARN",
@@ -84,20 +87,29 @@ impl Formatter {
             Level::TRACE => "TRACE",
         };
         if self.json {
-            let _ = write!(
-                out,
-                "{{\"timestamp\":\"{}.{micros:06}Z\",\"level\":\"{level_text}\",\"target\":",
-                self.second.1
-            );
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            out.extend_from_slice(self.second.1.as_bytes());
+            out.push(b'.');
+            out.extend_from_slice(frac);
+            out.extend_from_slice(b"Z\",\"level\":\"");
+            out.extend_from_slice(level_text.as_bytes());
+            out.extend_from_slice(b"\",\"target\":");
             json_str(out, target.as_bytes());
             out.extend_from_slice(b",\"fields\":{\"message\":");
             json_str(out, message.as_bytes());
         } else {
-            let _ = write!(
-                out,
-                "{}.{micros:06}Z {level_text:>5} {target}: {message}",
-                self.second.1
-            );
+            out.extend_from_slice(self.second.1.as_bytes());
+            out.push(b'.');
+            out.extend_from_slice(frac);
+            out.extend_from_slice(b"Z ");
+            for _ in level_text.len()..5 {
+                out.push(b' ');
+            }
+            out.extend_from_slice(level_text.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(message.as_bytes());
         }
         Line {
             out,
@@ -121,16 +133,18 @@ impl Formatter {
         };
         let mut l = self.begin(out, now, level, super::TARGET_MESSAGE, "message");
         l.num("session", m.session);
-        l.display("id", &m.id);
+        l.ulid("id", &m.id);
         l.addr("client", m.client);
         l.client_text("helo", m.helo());
         l.plain("tls", m.tls.unwrap_or("none"));
         l.client_text("from", m.from());
         match recipients {
-            LogRecipients::Full => l.client_list("rcpts", m.rcpts(), |b| b.to_vec()),
-            LogRecipients::Hash => l.client_list("rcpts", m.rcpts(), |b| {
-                format!("{:016x}", key.hash_one(b)).into_bytes()
-            }),
+            LogRecipients::Full => l.client_list("rcpts", m.rcpts(), None),
+            LogRecipients::Hash => l.client_list(
+                "rcpts",
+                m.rcpts(),
+                Some(&|b: &[u8]| format!("{:016x}", key.hash_one(b)).into_bytes()),
+            ),
             LogRecipients::Count => {}
         }
         l.num("nrcpt", m.rcpt_count as u64);
@@ -295,13 +309,31 @@ impl Line<'_> {
 
     /// Client text: escaped first, then quoted as the format needs.
     fn client_text(&mut self, name: &str, v: &[u8]) {
-        self.scratch.clear();
-        let _ = write_escaped(self.scratch, v, EscapeFor::TerminalField);
         self.key(name);
-        if self.json {
-            json_str(self.out, self.scratch);
+        // Plain printable ASCII is what the escaper leaves as it is: skip the copy.
+        let v = if needs_escaping(v) {
+            self.scratch.clear();
+            let _ = write_escaped(self.scratch, v, EscapeFor::TerminalField);
+            &self.scratch[..]
         } else {
-            text_value(self.out, self.scratch);
+            v
+        };
+        if self.json {
+            json_str(self.out, v);
+        } else {
+            text_value(self.out, v);
+        }
+    }
+
+    /// The message id, without the formatting machinery.
+    fn ulid(&mut self, name: &str, id: &crate::smtp::MessageId) {
+        self.key(name);
+        let mut buf = [0u8; ulid::ULID_LEN];
+        let text = id.array_to_str(&mut buf);
+        if self.json {
+            json_str(self.out, text.as_bytes());
+        } else {
+            self.out.extend_from_slice(text.as_bytes());
         }
     }
 
@@ -310,7 +342,7 @@ impl Line<'_> {
         &mut self,
         name: &str,
         items: impl Iterator<Item = &'v [u8]>,
-        map: impl Fn(&[u8]) -> Vec<u8>,
+        map: Option<&dyn Fn(&[u8]) -> Vec<u8>>,
     ) {
         self.scratch.clear();
         let mut first = true;
@@ -318,21 +350,33 @@ impl Line<'_> {
             self.scratch.push(b'[');
         }
         for item in items {
-            let item = map(item);
+            let mapped;
+            let item = match &map {
+                Some(map) => {
+                    mapped = map(item);
+                    &mapped[..]
+                }
+                None => item,
+            };
             if !first {
                 self.scratch.push(b',');
             }
             first = false;
+            let escaped_copy;
+            let escaped = if needs_escaping(item) {
+                let mut e = Vec::with_capacity(item.len() + 8);
+                let _ = write_escaped(&mut e, item, EscapeFor::TerminalField);
+                escaped_copy = e;
+                &escaped_copy[..]
+            } else {
+                item
+            };
             if self.json {
-                let mut escaped = Vec::with_capacity(item.len());
-                let _ = write_escaped(&mut escaped, &item, EscapeFor::TerminalField);
-                json_str(self.scratch, &escaped);
+                json_str(self.scratch, escaped);
             } else {
                 // A comma inside an address (a quoted local part) is escaped so the
                 // list splits back the same way.
-                let mut escaped = Vec::with_capacity(item.len());
-                let _ = write_escaped(&mut escaped, &item, EscapeFor::TerminalField);
-                for b in escaped {
+                for &b in escaped {
                     if b == b',' {
                         self.scratch.extend_from_slice(b"\\u{2c}");
                     } else {
@@ -357,6 +401,11 @@ impl Line<'_> {
             self.out.push(b'\n');
         }
     }
+}
+
+/// Whether [`write_escaped`] would change `v` (anything but printable ASCII without `\`).
+fn needs_escaping(v: &[u8]) -> bool {
+    !v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
 }
 
 /// Decimal digits of `n` without the formatting machinery.
