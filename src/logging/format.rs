@@ -249,6 +249,9 @@ impl Formatter {
     }
 }
 
+/// Turns a list item into what is logged (the keyed hash of a recipient).
+type MapItem = dyn Fn(&[u8]) -> Vec<u8>;
+
 /// One line being written.
 struct Line<'a> {
     out: &'a mut Vec<u8>,
@@ -342,7 +345,7 @@ impl Line<'_> {
         &mut self,
         name: &str,
         items: impl Iterator<Item = &'v [u8]>,
-        map: Option<&dyn Fn(&[u8]) -> Vec<u8>>,
+        map: Option<&MapItem>,
     ) {
         self.scratch.clear();
         let mut first = true;
