@@ -250,7 +250,7 @@ impl Formatter {
 }
 
 /// Turns a list item into what is logged (the keyed hash of a recipient).
-type MapItem = dyn Fn(&[u8]) -> Vec<u8>;
+type MapItem<'a> = dyn Fn(&[u8]) -> Vec<u8> + 'a;
 
 /// One line being written.
 struct Line<'a> {
@@ -345,7 +345,7 @@ impl Line<'_> {
         &mut self,
         name: &str,
         items: impl Iterator<Item = &'v [u8]>,
-        map: Option<&MapItem>,
+        map: Option<&MapItem<'_>>,
     ) {
         self.scratch.clear();
         let mut first = true;
