@@ -566,7 +566,8 @@ impl ReactorMetrics {
         publish(&m.limit_closes, &mut s.limit_closes);
         let e = &mut self.edge;
         publish(&m.connections_refused, &mut e.refused);
-        publish(&m.refusals, &mut e.refusals);
+        publish(&m.refusals, &mut e.refusals.0);
+        publish(&m.refusals, &mut s.refusals.0);
         publish(&m.tls_handshakes, &mut e.tls_handshakes);
         publish(&m.tls_failures, &mut e.tls_failures);
         m.starttls_discarded

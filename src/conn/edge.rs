@@ -220,7 +220,7 @@ pub const TLS_FAIL_EOF: usize = 4;
 pub const TLS_FAIL_TIMEOUT: usize = 5;
 
 /// What the driver counted about the edge since the caller last took it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EdgeStats {
     pub refused: [u64; REFUSED_REASONS.len()],
     pub tls_handshakes: [u64; TLS_VERSIONS.len()],
@@ -229,21 +229,10 @@ pub struct EdgeStats {
     pub starttls_discarded_bytes: u64,
     /// PROXY headers accepted.
     pub proxy_headers: u64,
-    /// Every refusal, indexed by [`crate::smtp::Refusal::index`].
-    pub refusals: [u64; crate::smtp::Refusal::ALL.len()],
-}
-
-impl Default for EdgeStats {
-    fn default() -> Self {
-        EdgeStats {
-            refused: Default::default(),
-            tls_handshakes: Default::default(),
-            tls_failures: Default::default(),
-            starttls_discarded_bytes: 0,
-            proxy_headers: 0,
-            refusals: [0; crate::smtp::Refusal::ALL.len()],
-        }
-    }
+    /// Refusals the driver decided (the session counts its own in [`SessionStats`]).
+    ///
+    /// [`SessionStats`]: crate::smtp::SessionStats
+    pub refusals: crate::smtp::refusal::RefusalCounts,
 }
 
 impl EdgeStats {
@@ -261,7 +250,7 @@ impl EdgeStats {
         add(&mut self.refused, &mut other.refused);
         add(&mut self.tls_handshakes, &mut other.tls_handshakes);
         add(&mut self.tls_failures, &mut other.tls_failures);
-        add(&mut self.refusals, &mut other.refusals);
+        self.refusals.absorb(&mut other.refusals);
         self.starttls_discarded_bytes += std::mem::take(&mut other.starttls_discarded_bytes);
         self.proxy_headers += std::mem::take(&mut other.proxy_headers);
     }

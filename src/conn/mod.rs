@@ -1055,8 +1055,10 @@ impl Connection {
         }
     }
 
-    /// A refusal the driver itself decided (the session reports its own as events).
+    /// A refusal the driver itself decided (the session reports its own as events,
+    /// and counts them itself).
     fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
+        self.edge_stats.refusals.add(refusal);
         self.note_refusal(refusal, "", None, detail.map(Box::from));
     }
 
@@ -1067,7 +1069,6 @@ impl Connection {
         address: Option<Box<str>>,
         detail: Option<Box<str>>,
     ) {
-        self.edge_stats.refusals[refusal.index()] += 1;
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
                 Some(EndedBy::Timeout)
@@ -1109,18 +1110,14 @@ impl Connection {
 
     /// Takes what the session reported since the last call.
     fn log_events(&mut self) {
-        while let Some(event) = self.session.poll_event() {
-            match event {
-                SessionEvent::Refused {
-                    refusal,
-                    verb,
-                    address,
-                    detail,
-                } => self.note_refusal(refusal, verb, address, detail),
-                SessionEvent::Quit => {
-                    self.record.ended.get_or_insert(EndedBy::Quit);
-                }
-            }
+        while let Some(SessionEvent::Refused {
+            refusal,
+            verb,
+            address,
+            detail,
+        }) = self.session.poll_event()
+        {
+            self.note_refusal(refusal, verb, address, detail);
         }
     }
 
@@ -1128,6 +1125,9 @@ impl Connection {
     fn log_end(&mut self) {
         if !logging::session_lines() {
             return;
+        }
+        if self.session.quit_received() {
+            self.record.ended.get_or_insert(EndedBy::Quit);
         }
         let r = &self.record;
         let ended = r.ended.unwrap_or(match self.life {
@@ -1204,6 +1204,8 @@ impl Connection {
             );
             let n = self.session.feed(&input[pos..]);
             pos += n;
+            // Taken after each feed: the session keeps only a few between polls.
+            self.log_events();
             if n > 0 {
                 self.idle_deadline = now + self.limits.idle_timeout;
             }

@@ -152,30 +152,18 @@ impl Writer {
         match self.flood.get_mut(&(reason, ip)) {
             Some(f) if now < f.since + FLOOD_PERIOD => {
                 f.suppressed += 1;
-                false
+                return false;
             }
-            Some(_) => {
-                self.summary(reason, ip);
-                self.flood.insert(
-                    (reason, ip),
-                    Flood {
-                        since: now,
-                        suppressed: 0,
-                    },
-                );
-                true
-            }
-            None => {
-                self.flood.insert(
-                    (reason, ip),
-                    Flood {
-                        since: now,
-                        suppressed: 0,
-                    },
-                );
-                true
-            }
+            // A new period: the last one's count first.
+            Some(_) => self.summary(reason, ip),
+            None => {}
         }
+        let fresh = Flood {
+            since: now,
+            suppressed: 0,
+        };
+        self.flood.insert((reason, ip), fresh);
+        true
     }
 
     fn summary(&mut self, reason: &'static str, ip: IpAddr) {

@@ -110,6 +110,29 @@ impl Refusal {
     }
 }
 
+/// A count per [`Refusal`], for `smtpgw_refusals_total`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusalCounts(pub [u64; Refusal::ALL.len()]);
+
+impl Default for RefusalCounts {
+    fn default() -> Self {
+        RefusalCounts([0; Refusal::ALL.len()])
+    }
+}
+
+impl RefusalCounts {
+    pub fn add(&mut self, r: Refusal) {
+        self.0[r.index()] += 1;
+    }
+
+    /// Adds `other` to `self` and zeroes `other`.
+    pub fn absorb(&mut self, other: &mut RefusalCounts) {
+        for (t, f) in self.0.iter_mut().zip(other.0.iter_mut()) {
+            *t += std::mem::take(f);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,13 +37,24 @@ pub enum SessionEvent {
         /// A sink's reason for a temporary failure.
         detail: Option<Box<str>>,
     },
-    /// QUIT was answered.
-    Quit,
 }
 
-/// Events kept at most between two polls; more are dropped (a caller that never polls,
-/// such as a bench, must not grow the session).
-const MAX_EVENTS: usize = 64;
+/// Events kept at most between two polls; more are dropped (their counts are in
+/// [`SessionStats::refusals`] all the same). Room for them is taken once, at the first
+/// event, so a session that refuses never allocates per refusal, and a caller that never
+/// polls (a bench) cannot grow it.
+const MAX_EVENTS: usize = 16;
+/// Room for the addresses and details of the events kept; one that does not fit is left
+/// out of its event.
+const EVENT_TEXT: usize = 1024;
+
+/// An event as kept: its text is a range of `Session::event_text`.
+struct Kept {
+    refusal: Refusal,
+    verb: &'static str,
+    address: Option<(u16, u16)>,
+    detail: Option<(u16, u16)>,
+}
 
 /// Per-listener settings every session of that listener shares.
 #[derive(Clone, Debug)]
@@ -169,7 +180,10 @@ pub struct Session {
     stats: SessionStats,
     /// The verb of the command being handled, for refusal events.
     verb: &'static str,
-    events: VecDeque<SessionEvent>,
+    events: VecDeque<Kept>,
+    event_text: String,
+    /// QUIT was answered.
+    quit: bool,
 }
 
 impl Session {
@@ -203,6 +217,8 @@ impl Session {
             stats: SessionStats::default(),
             verb: "",
             events: VecDeque::new(),
+            event_text: String::new(),
+            quit: false,
         }
     }
 
@@ -287,20 +303,59 @@ impl Session {
         self.close_with(Refusal::EarlyTalker, reply::early_talker);
     }
 
+    /// The client said QUIT (and got its `221`).
+    pub fn quit_received(&self) -> bool {
+        self.quit
+    }
+
     /// What happened since the last call, oldest first.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+        let kept = self.events.pop_front()?;
+        let text = |r: Option<(u16, u16)>| {
+            r.and_then(|(a, b)| self.event_text.get(usize::from(a)..usize::from(b)))
+                .map(Box::from)
+        };
+        let event = SessionEvent::Refused {
+            refusal: kept.refusal,
+            verb: kept.verb,
+            address: text(kept.address),
+            detail: text(kept.detail),
+        };
+        if self.events.is_empty() {
+            self.event_text.clear();
+        }
+        Some(event)
     }
 
     fn event(&mut self, refusal: Refusal, address: Option<&str>, detail: Option<&str>) {
-        if self.events.len() < MAX_EVENTS {
-            self.events.push_back(SessionEvent::Refused {
-                refusal,
-                verb: self.verb,
-                address: address.map(Box::from),
-                detail: detail.map(Box::from),
-            });
+        self.stats.refusals.add(refusal);
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(MAX_EVENTS);
         }
+        if self.events.len() >= MAX_EVENTS {
+            return;
+        }
+        let mut text = |t: Option<&str>| {
+            let t = t?;
+            if self.event_text.capacity() == 0 {
+                self.event_text.reserve_exact(EVENT_TEXT);
+            }
+            let start = self.event_text.len();
+            if start + t.len() > EVENT_TEXT {
+                return None;
+            }
+            self.event_text.push_str(t);
+            // Both fit in u16: the buffer holds at most EVENT_TEXT bytes.
+            Some((start as u16, self.event_text.len() as u16))
+        };
+        let address = text(address);
+        let detail = text(detail);
+        self.events.push_back(Kept {
+            refusal,
+            verb: self.verb,
+            address,
+            detail,
+        });
     }
 
     /// A refusal with a fixed reply.
@@ -601,9 +656,7 @@ impl Session {
             Command::Noop => self.reply(reply::OK),
             Command::Quit => {
                 reply::bye(&mut self.out, &self.config.hostname);
-                if self.events.len() < MAX_EVENTS {
-                    self.events.push_back(SessionEvent::Quit);
-                }
+                self.quit = true;
                 self.close();
             }
             Command::Vrfy(_) => self.reply(reply::VRFY),

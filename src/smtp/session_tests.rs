@@ -326,10 +326,7 @@ fn every_refusal_is_one_event_agreeing_with_the_wire() {
         let events: Vec<_> = std::iter::from_fn(|| session.poll_event()).collect();
         let refusals: Vec<Refusal> = events
             .iter()
-            .filter_map(|e| match e {
-                SessionEvent::Refused { refusal, .. } => Some(*refusal),
-                SessionEvent::Quit => None,
-            })
+            .map(|SessionEvent::Refused { refusal, .. }| *refusal)
             .collect();
         let refused = expected.starts_with('4') || expected.starts_with('5');
         assert_eq!(
@@ -1184,4 +1181,31 @@ fn body_counts_start_and_end_once() {
         (s.messages_rejected[stats::REJECT_TOO_LARGE], s.reply(552)),
         (1, 1)
     );
+}
+
+/// A caller that does not poll loses events past the few kept, never their counts, and
+/// the session does not grow for them.
+#[test]
+fn refusals_are_counted_even_when_their_events_are_not_kept() {
+    let mut session = new_session();
+    let input = "BOGUS\r\n".repeat(100);
+    session.set_output_limit(usize::MAX);
+    let n = session.feed(input.as_bytes());
+    assert_eq!(n, input.len());
+    assert_eq!(
+        session.stats_mut().refusals.0[Refusal::UnknownCommand.index()],
+        100
+    );
+    let events = std::iter::from_fn(|| session.poll_event()).count();
+    assert_eq!(events, MAX_EVENTS);
+    session.feed(b"RCPT TO:<x@example.com>\r\n");
+    match session.poll_event() {
+        Some(SessionEvent::Refused {
+            refusal: Refusal::BadSequence,
+            verb: "RCPT",
+            address: Some(a),
+            detail: None,
+        }) => assert_eq!(&*a, "x@example.com"),
+        other => panic!("{other:?}"),
+    }
 }
