@@ -15,6 +15,13 @@ const USAGE: u8 = 2;
 const FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
+    let code = run();
+    // Lines still with the log writer go out before the process ends.
+    logging::flush();
+    code
+}
+
+fn run() -> ExitCode {
     let cli = match smtpgw::config::parse_cli() {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
@@ -45,7 +52,11 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(USAGE, format_args!("{e}")),
             };
-            let log = match logging::init(config.log.log_format, &config.log_level) {
+            let log = match logging::init(
+                config.log.log_format,
+                &config.log_level,
+                config.log.log_recipients,
+            ) {
                 Ok(handle) => handle,
                 Err(msg) => return fail(USAGE, format_args!("{msg}")),
             };
@@ -71,7 +82,9 @@ fn check_config(args: smtpgw::config::ServerArgs) -> anyhow::Result<()> {
 }
 
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {
-    // Never eprintln!: it panics when stderr is gone, turning any exit into 101.
+    // Never eprintln!: it panics when stderr is gone, turning any exit into 101. Lines
+    // queued before go first, so the error is the last line.
+    logging::flush();
     logging::eprint_line(format_args!("error: {msg}"));
     ExitCode::from(code)
 }
@@ -94,7 +107,7 @@ fn init_tool_logging() {
         .find_map(|var| std::env::var(var).ok())
         .unwrap_or_else(|| logging::DEFAULT_FILTER.to_owned());
     // A bad filter or a second subscriber only costs the tool its warnings.
-    let _ = logging::init(LogFormat::Text, &directives);
+    let _ = logging::init(LogFormat::Text, &directives, Default::default());
 }
 
 /// Turns what a tool skipped into its exit status: an error unless `--skip-corrupt`.

@@ -35,6 +35,7 @@ use crate::sink::Sink;
 use crate::smtp::stats::{
     SessionStats, LIMIT_CLOSES, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS,
 };
+use crate::smtp::Refusal;
 
 /// How often reactors publish their local counts: counters lag by at most 100 ms.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -77,6 +78,9 @@ pub struct Metrics {
     tls_failures: Vec<IntCounter>,
     starttls_discarded: IntCounter,
     proxy_headers: IntCounter,
+    /// Indexed like [`Refusal::ALL`].
+    refusals: Vec<IntCounter>,
+    log_lines_dropped: IntCounter,
     pub peer_table_entries: IntGauge,
     pub peer_table_evictions: IntCounter,
     commands: Vec<IntCounter>,
@@ -283,6 +287,20 @@ impl Metrics {
                 "smtpgw_starttls_discarded_bytes_total",
                 "Plaintext bytes pipelined after STARTTLS and discarded unread (CVE-2011-0411).",
             )?,
+            refusals: {
+                let v = counter_vec(
+                    "smtpgw_refusals_total",
+                    "Replies 4xx/5xx and closes for a reason of the gateway's own, by reason \
+                     (the reason word of the refusal's log line).",
+                    "reason",
+                )?;
+                let words: Vec<&str> = Refusal::ALL.iter().map(|r| r.as_str()).collect();
+                resolve(&v, &words)
+            },
+            log_lines_dropped: counter(
+                "smtpgw_log_lines_dropped_total",
+                "Log lines dropped because the log writer's queue was full.",
+            )?,
             proxy_headers: counter(
                 "smtpgw_proxy_headers_total",
                 "PROXY protocol headers accepted.",
@@ -454,6 +472,13 @@ impl Metrics {
 
     /// The text exposition of every metric, with the sampled gauges brought up to date.
     pub fn render(&self, sink: &dyn Sink) -> Vec<u8> {
+        // Counted elsewhere (the log writer, the backends at accept), brought up to date.
+        let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.log_lines_dropped, crate::logging::lines_dropped());
+        catch_up(
+            &self.refusals[Refusal::MaxConnections.index()],
+            self.connections_rejected_max.get(),
+        );
         self.sink_up.set(i64::from(sink.health().is_ok()));
         if let Some(spool) = sink.spool_stats() {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -588,6 +613,8 @@ impl ReactorMetrics {
         publish(&m.limit_closes, &mut s.limit_closes);
         let e = &mut self.edge;
         publish(&m.connections_refused, &mut e.refused);
+        publish(&m.refusals, &mut e.refusals.0);
+        publish(&m.refusals, &mut s.refusals.0);
         publish(&m.tls_handshakes, &mut e.tls_handshakes);
         publish(&m.tls_failures, &mut e.tls_failures);
         m.starttls_discarded

@@ -116,6 +116,15 @@ impl LimitRefusal {
         }
     }
 
+    /// The refusal it is, for the log line and `smtpgw_refusals_total`.
+    pub fn refusal(self) -> crate::smtp::Refusal {
+        match self {
+            LimitRefusal::ConnectionsPerIp => crate::smtp::Refusal::PerIp,
+            LimitRefusal::ConnectionsPerPrefix => crate::smtp::Refusal::PerPrefix,
+            LimitRefusal::ConnectionRate => crate::smtp::Refusal::ConnectionRate,
+        }
+    }
+
     fn index(self) -> usize {
         match self {
             LimitRefusal::ConnectionsPerIp => REFUSED_PER_IP,
@@ -220,6 +229,10 @@ pub struct EdgeStats {
     pub starttls_discarded_bytes: u64,
     /// PROXY headers accepted.
     pub proxy_headers: u64,
+    /// Refusals the driver decided (the session counts its own in [`SessionStats`]).
+    ///
+    /// [`SessionStats`]: crate::smtp::SessionStats
+    pub refusals: crate::smtp::refusal::RefusalCounts,
 }
 
 impl EdgeStats {
@@ -237,6 +250,7 @@ impl EdgeStats {
         add(&mut self.refused, &mut other.refused);
         add(&mut self.tls_handshakes, &mut other.tls_handshakes);
         add(&mut self.tls_failures, &mut other.tls_failures);
+        self.refusals.absorb(&mut other.refusals);
         self.starttls_discarded_bytes += std::mem::take(&mut other.starttls_discarded_bytes);
         self.proxy_headers += std::mem::take(&mut other.proxy_headers);
     }

@@ -27,7 +27,7 @@ pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,9 @@ use chrono::{DateTime, Utc};
 
 use rustls::ServerConnection;
 
+use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session};
-use crate::smtp::{SessionConfig, SessionStats};
+use crate::smtp::{Refusal, SessionConfig, SessionEvent, SessionStats};
 
 pub use edge::{Cidr, Edge, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
 pub use tls::TlsHandle;
@@ -57,6 +58,29 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
+
+/// Session ids: one per connection, in every log line of that connection.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// A new session id (also for a connection a backend refuses before it has a driver).
+pub fn next_session_id() -> u64 {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A refusal before a connection has a driver (`--max-connections` at accept): its
+/// line, and the caller counts it.
+pub fn log_refused_at_accept(peer: SocketAddr) {
+    if logging::refusal_lines() {
+        logging::submit(logging::Event::Refusal(RefusalLine {
+            session: next_session_id(),
+            client: SocketAddr::new(peer.ip().to_canonical(), peer.port()),
+            refusal: Refusal::MaxConnections,
+            verb: "",
+            address: None,
+            detail: None,
+        }));
+    }
+}
 
 /// The minimum average rate a message body must arrive at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,11 +244,24 @@ struct InFlight {
     since: Instant,
     charged: usize,
     body_len: usize,
-    id: MessageId,
     /// From DATA (or the first BDAT) on.
     body_since: Instant,
-    helo: Arc<str>,
-    rcpts: usize,
+    /// The transaction line's fields, when that line is on.
+    line: Option<MessageLine>,
+}
+
+/// What the connection-end line reports.
+struct Record {
+    session: u64,
+    opened: Instant,
+    /// The last time the backend called in: a connection's end has no clock of its own.
+    seen: Instant,
+    bytes_in: u64,
+    bytes_out: u64,
+    accepted: u64,
+    refused: u64,
+    ended: Option<EndedBy>,
+    tls: Option<&'static str>,
 }
 
 enum Life {
@@ -262,9 +299,6 @@ pub struct Connection {
     charged: usize,
     in_flight: Option<InFlight>,
     body_started: Option<Instant>,
-    /// The sender of the message with the sink, for its log line; reused across
-    /// messages so logging costs no allocation per message.
-    log_from: String,
     /// When the current body began (kept for the log line after the body timing ends).
     body_since: Option<Instant>,
     /// Minimum data rate: the current window's start and the bytes taken in it.
@@ -291,6 +325,7 @@ pub struct Connection {
     refusal: Option<LimitRefusal>,
     slot: Option<Box<dyn PeerSlot>>,
     edge_stats: EdgeStats,
+    record: Record,
 }
 
 impl Connection {
@@ -329,7 +364,6 @@ impl Connection {
             charged: 0,
             in_flight: None,
             body_started: None,
-            log_from: String::new(),
             body_since: None,
             rate_window: None,
             samples: Samples::default(),
@@ -345,6 +379,17 @@ impl Connection {
             slot: None,
             edge_stats: EdgeStats::default(),
             edge,
+            record: Record {
+                session: next_session_id(),
+                opened: now,
+                seen: now,
+                bytes_in: 0,
+                bytes_out: 0,
+                accepted: 0,
+                refused: 0,
+                ended: None,
+                tls: None,
+            },
         };
         conn.start(now);
         conn.after_output_change(now);
@@ -366,6 +411,7 @@ impl Connection {
             let ip = self.peer.ip();
             if !self.edge.proxy_trusted.iter().any(|c| c.contains(ip)) {
                 self.edge_stats.refused[edge::REFUSED_PROXY_UNTRUSTED] += 1;
+                self.refused(Refusal::ProxyUntrusted, None);
                 self.life = Life::Done(Ending::Refused);
                 return;
             }
@@ -403,7 +449,8 @@ impl Connection {
         }
         if let Some(why) = self.refusal.take() {
             self.greeted = true;
-            self.session.refuse_over_limit(why.reply_text());
+            self.session
+                .refuse_over_limit(why.refusal(), why.reply_text());
             return;
         }
         if now >= self.greet_at {
@@ -438,6 +485,8 @@ impl Connection {
         if data.is_empty() {
             return;
         }
+        self.seen(now);
+        self.record.bytes_in += data.len() as u64;
         if self.proxy_wait {
             self.proxy_input(now, data);
         } else {
@@ -496,6 +545,7 @@ impl Connection {
     /// Not a header this listener accepts: closed unanswered.
     fn proxy_invalid(&mut self) {
         self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+        self.refused(Refusal::ProxyInvalid, None);
         self.life = Life::Done(Ending::Refused);
     }
 
@@ -614,7 +664,11 @@ impl Connection {
         }
         if let Err(e) = processed {
             if !self.tls_done {
-                self.edge_stats.tls_failures[tls::failure_index(&e)] += 1;
+                let failure = tls::failure_index(&e);
+                self.edge_stats.tls_failures[failure] += 1;
+                // The failure's kind and rustls' text (which names an alert).
+                let detail = format!("{}: {e}", edge::TLS_FAILURES[failure]);
+                self.refused(Refusal::TlsHandshake, Some(&detail));
             }
             // The alert rustls queued for the client goes out before the close.
             let _ = tls.write_tls(&mut self.wire_out);
@@ -655,7 +709,9 @@ impl Connection {
             return;
         };
         self.tls_done = true;
-        self.edge_stats.tls_handshakes[tls::version_index(tls)] += 1;
+        let version = tls::version_index(tls);
+        self.edge_stats.tls_handshakes[version] += 1;
+        self.record.tls = Some(edge::TLS_VERSIONS[version]);
         let description: Arc<str> = tls::describe(tls).into();
         self.session.tls_started(description);
         self.idle_deadline = now + self.limits.idle_timeout;
@@ -697,7 +753,9 @@ impl Connection {
             Life::Open | Life::Closing => {
                 if matches!(self.front, Front::Tls(_)) && !self.tls_done {
                     self.edge_stats.tls_failures[edge::TLS_FAIL_EOF] += 1;
+                    self.refused(Refusal::TlsHandshake, Some("eof"));
                 }
+                self.seen(now);
                 if self.out_len() == 0 {
                     self.life = Life::Done(Ending::Eof);
                 } else {
@@ -753,6 +811,8 @@ impl Connection {
         if n == 0 {
             return;
         }
+        self.seen(now);
+        self.record.bytes_out += n as u64;
         match self.front {
             Front::Tls(_) => {
                 self.wire_out.drain(..n.min(self.wire_out.len()));
@@ -779,10 +839,22 @@ impl Connection {
         }
         let body_len = message.body().len();
         let (id, received_at) = stamp();
-        self.log_from.clear();
-        self.log_from.push_str(message.envelope.mail_from());
-        let helo = message.envelope.helo.clone();
-        let rcpts = message.envelope.rcpt_count();
+        let line = logging::message_lines().then(|| {
+            let env = &message.envelope;
+            MessageLine::new(
+                self.record.session,
+                id,
+                self.peer,
+                self.record.tls,
+                &env.helo,
+                env.mail_from(),
+                crate::smtp::headers::message_id(message.body()),
+                env.rcpt_to(),
+                body_len,
+                self.limits.sink,
+                logging::recipients_listed(),
+            )
+        });
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
@@ -791,10 +863,8 @@ impl Connection {
             since: now,
             charged,
             body_len,
-            id,
             body_since: self.body_since.take().unwrap_or(now),
-            helo,
-            rcpts,
+            line,
         });
         Some(sealed)
     }
@@ -806,15 +876,17 @@ impl Connection {
 
     /// The sink's answer for the message taken last.
     pub fn handle_publish(&mut self, now: Instant, result: PublishResult) {
-        let Some(flight) = self.in_flight.take() else {
+        let Some(mut flight) = self.in_flight.take() else {
             debug_assert!(false, "handle_publish without a message in flight");
             return;
         };
+        self.seen(now);
         self.budget.answered_by_sink(flight.charged);
         self.samples.publish = Some(now.saturating_duration_since(flight.since));
-        self.log_transaction(now, &flight, &result);
+        self.log_transaction(now, &mut flight, &result);
         if result.is_ok() {
             self.samples.stored_size = Some(flight.body_len);
+            self.record.accepted += 1;
         }
         if matches!(self.life, Life::Done(_)) {
             return;
@@ -869,6 +941,7 @@ impl Connection {
 
     /// Time has passed; acts on every deadline that has come.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.seen(now);
         match self.life {
             Life::Done(_) => return,
             Life::Lingering { until } => {
@@ -895,7 +968,11 @@ impl Connection {
             // Nothing was said yet (no header, no handshake): close unanswered.
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
                 self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.refused(Refusal::TlsHandshake, Some("timeout"));
+            } else if self.proxy_wait {
+                self.refused(Refusal::ProxyInvalid, Some("timeout"));
             }
+            self.record.ended.get_or_insert(EndedBy::Timeout);
             self.life = Life::Done(if self.proxy_wait {
                 Ending::Refused
             } else {
@@ -907,8 +984,13 @@ impl Connection {
         if now >= self.hard_deadline || idle {
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
                 self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.refused(Refusal::TlsHandshake, Some("timeout"));
             }
-            self.session.timed_out();
+            self.session.timed_out(if now >= self.hard_deadline {
+                Refusal::SessionTimeout
+            } else {
+                Refusal::IdleTimeout
+            });
         } else if let (Some(rate), Some((start, bytes))) =
             (self.limits.min_data_rate, self.rate_window)
         {
@@ -1033,31 +1115,125 @@ impl Connection {
         to.absorb_edge(&mut self.edge_stats);
     }
 
-    /// One line per message handed to the sink: what an operator greps for ("queued
-    /// as <id>", a client address, a sender). Client text is escaped by the logger's
-    /// own quoting (`?`), so it cannot forge lines or fields.
-    fn log_transaction(&self, now: Instant, flight: &InFlight, result: &PublishResult) {
+    /// The transaction line of a message the sink answered: its fields go to the log
+    /// writer, which formats them (see [`crate::logging`]).
+    fn log_transaction(&self, now: Instant, flight: &mut InFlight, result: &PublishResult) {
+        let Some(mut line) = flight.line.take() else {
+            return;
+        };
         let (code, error) = match result {
             Ok(_) => (250u16, None),
             Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
             Err(e @ PublishError::StorageFull) => (452, Some(e)),
             Err(e @ PublishError::TooLarge) => (552, Some(e)),
         };
-        let took = now.saturating_duration_since(flight.body_since);
-        tracing::info!(
-            target: "smtpgw::message",
-            id = %flight.id,
-            client = %self.peer,
-            helo = ?&*flight.helo,
-            from = ?self.log_from.as_str(),
-            rcpts = flight.rcpts,
-            size = flight.body_len,
-            code,
-            ms = took.as_millis() as u64,
-            sink = self.limits.sink,
-            error = error.map(tracing::field::display),
-            "message"
-        );
+        line.code = code;
+        line.ms = now.saturating_duration_since(flight.body_since).as_millis() as u64;
+        line.error = error.map(ToString::to_string);
+        logging::submit(logging::Event::Message(line));
+    }
+
+    /// Notes the time of a call from the backend (for the connection-end line).
+    fn seen(&mut self, now: Instant) {
+        if now > self.record.seen {
+            self.record.seen = now;
+        }
+    }
+
+    /// A refusal the driver itself decided (the session reports its own as events,
+    /// and counts them itself).
+    fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
+        self.edge_stats.refusals.add(refusal);
+        self.note_refusal(refusal, "", None, detail.map(Box::from));
+    }
+
+    fn note_refusal(
+        &mut self,
+        refusal: Refusal,
+        verb: &'static str,
+        address: Option<Box<str>>,
+        detail: Option<Box<str>>,
+    ) {
+        let ended = match refusal {
+            Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
+                Some(EndedBy::Timeout)
+            }
+            Refusal::PerIp
+            | Refusal::PerPrefix
+            | Refusal::ConnectionRate
+            | Refusal::MessageRate
+            | Refusal::ErrorBudget
+            | Refusal::EarlyTalker => Some(EndedBy::Limit),
+            Refusal::ShuttingDown => Some(EndedBy::Drain),
+            Refusal::ProxyInvalid | Refusal::ProxyUntrusted | Refusal::TlsHandshake => {
+                Some(EndedBy::Refused)
+            }
+            Refusal::TooLarge | Refusal::BareLineEnding => {
+                self.record.refused += 1;
+                None
+            }
+            Refusal::SinkTemporary | Refusal::StorageFull | Refusal::SinkTooLarge => {
+                self.record.refused += 1;
+                None
+            }
+            _ => None,
+        };
+        if let Some(e) = ended {
+            self.record.ended.get_or_insert(e);
+        }
+        if logging::refusal_lines() {
+            logging::submit(logging::Event::Refusal(RefusalLine {
+                session: self.record.session,
+                client: self.peer,
+                refusal,
+                verb,
+                address,
+                detail,
+            }));
+        }
+    }
+
+    /// Takes what the session reported since the last call.
+    fn log_events(&mut self) {
+        while let Some(SessionEvent::Refused {
+            refusal,
+            verb,
+            address,
+            detail,
+        }) = self.session.poll_event()
+        {
+            self.note_refusal(refusal, verb, address, detail);
+        }
+    }
+
+    /// The connection-end line.
+    fn log_end(&mut self) {
+        if !logging::session_lines() {
+            return;
+        }
+        if self.session.quit_received() {
+            self.record.ended.get_or_insert(EndedBy::Quit);
+        }
+        let r = &self.record;
+        let ended = r.ended.unwrap_or(match self.life {
+            Life::Done(Ending::Eof | Ending::Closed) => EndedBy::ClientClosed,
+            Life::Done(Ending::WriteStalled) => EndedBy::Timeout,
+            Life::Done(Ending::Stopped) => EndedBy::Drain,
+            Life::Done(Ending::Refused) => EndedBy::Refused,
+            Life::Done(Ending::Overrun | Ending::Failed) => EndedBy::Error,
+            // Dropped by the backend while still open: its reactor stopped.
+            _ => EndedBy::Drain,
+        });
+        logging::submit(logging::Event::Closed(ClosedLine {
+            session: r.session,
+            client: self.peer,
+            ms: r.seen.saturating_duration_since(r.opened).as_millis() as u64,
+            accepted: r.accepted,
+            refused: r.refused,
+            bytes_in: r.bytes_in,
+            bytes_out: r.bytes_out,
+            ended,
+        }));
     }
 
     fn keep(&mut self, data: &[u8]) {
@@ -1129,6 +1305,8 @@ impl Connection {
             );
             let n = self.session.feed(&input[pos..]);
             pos += n;
+            // Taken after each feed: the session keeps only a few between polls.
+            self.log_events();
             if n > 0 {
                 self.idle_deadline = now + self.limits.idle_timeout;
             }
@@ -1211,6 +1389,7 @@ impl Connection {
     /// Moves the lifecycle on after anything that may have changed the output or closed
     /// the session, and keeps the write deadline.
     fn after_output_change(&mut self, now: Instant) {
+        self.log_events();
         if matches!(self.life, Life::Open) && self.session.is_closed() {
             self.life = Life::Closing;
             self.pending = Vec::new();
@@ -1251,6 +1430,8 @@ impl Drop for Connection {
         if let Some(flight) = &self.in_flight {
             self.budget.answered_by_sink(flight.charged);
         }
+        self.log_events();
+        self.log_end();
     }
 }
 

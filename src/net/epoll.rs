@@ -369,7 +369,7 @@ fn admit(
         // A fresh socket's send buffer is empty, so this one non-blocking send fits; if
         // it does not, the client just sees the connection close.
         let _ = SockRef::from(&stream).send(reactor.shared.too_many_reply());
-        debug!(%peer, "refused: too many connections");
+        crate::conn::log_refused_at_accept(peer);
         return;
     };
     if let Err(e) = stream.set_nodelay(true) {

@@ -7,6 +7,7 @@
 //! further input while it waits, so pipelined replies stay in order (RFC 2920) and a
 //! client that gets `250` can trust that its message is stored.
 
+use std::collections::VecDeque;
 use std::mem;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +19,42 @@ use super::address::{self, AcceptDomains, AddressError, Domain, ForwardPath, Rev
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
+use super::refusal::Refusal;
 use super::reply;
 use super::stats::{self, SessionStats};
+
+/// What happened in a session, for the caller's log: taken with [`Session::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A reply or close for a reason of the gateway's own.
+    Refused {
+        refusal: Refusal,
+        /// The command's verb (a [`stats::VERBS`] entry), or "" outside a command.
+        verb: &'static str,
+        /// For MAIL and RCPT, the address as the client gave it (already checked to carry
+        /// no control characters; the log escapes it anyway).
+        address: Option<Box<str>>,
+        /// A sink's reason for a temporary failure.
+        detail: Option<Box<str>>,
+    },
+}
+
+/// Events kept at most between two polls; more are dropped (their counts are in
+/// [`SessionStats::refusals`] all the same). Room for them is taken once, at the first
+/// event, so a session that refuses never allocates per refusal, and a caller that never
+/// polls (a bench) cannot grow it.
+const MAX_EVENTS: usize = 16;
+/// Room for the addresses and details of the events kept; one that does not fit is left
+/// out of its event.
+const EVENT_TEXT: usize = 1024;
+
+/// An event as kept: its text is a range of `Session::event_text`.
+struct Kept {
+    refusal: Refusal,
+    verb: &'static str,
+    address: Option<(u16, u16)>,
+    detail: Option<(u16, u16)>,
+}
 
 /// Per-listener settings every session of that listener shares.
 #[derive(Clone, Debug)]
@@ -88,7 +123,7 @@ struct Chunk {
     last: bool,
     /// When set, the chunk is read and dropped, then this is the reply (RFC 3030 has the
     /// server consume a refused chunk so the byte stream stays in step).
-    refusal: Option<&'static [u8]>,
+    refusal: Option<(Refusal, &'static [u8])>,
 }
 
 /// What HELO/EHLO established; it survives transactions.
@@ -144,6 +179,12 @@ pub struct Session {
     /// The client's address is over its message rate: MAIL gets `421 4.7.0`.
     message_rate_exceeded: bool,
     stats: SessionStats,
+    /// The verb of the command being handled, for refusal events.
+    verb: &'static str,
+    events: VecDeque<Kept>,
+    event_text: String,
+    /// QUIT was answered.
+    quit: bool,
 }
 
 impl Session {
@@ -176,6 +217,10 @@ impl Session {
             spends_budget: false,
             message_rate_exceeded: false,
             stats: SessionStats::default(),
+            verb: "",
+            events: VecDeque::new(),
+            event_text: String::new(),
+            quit: false,
         }
     }
 
@@ -242,21 +287,89 @@ impl Session {
     }
 
     /// A per-address limit refused the connection: `421 4.7.0 <what>`, then close.
-    pub fn refuse_over_limit(&mut self, what: &str) {
+    pub fn refuse_over_limit(&mut self, why: Refusal, what: &str) {
         let replied_from = self.out.len();
-        self.over_limit(what);
+        self.over_limit(why, what);
         self.stats.count_replies(&self.out[replied_from..]);
     }
 
     /// `421 4.7.0` and close, uncounted: for callers inside `feed`, which counts.
-    fn over_limit(&mut self, what: &str) {
+    fn over_limit(&mut self, why: Refusal, what: &str) {
+        self.event(why, None, None);
         reply::policy_limit(&mut self.out, &self.config.hostname, what);
         self.close();
     }
 
     /// The client sent data before the greeting: `554 5.5.0`, then close.
     pub fn early_talker(&mut self) {
-        self.close_with(reply::early_talker);
+        self.close_with(Refusal::EarlyTalker, reply::early_talker);
+    }
+
+    /// The client said QUIT (and got its `221`).
+    pub fn quit_received(&self) -> bool {
+        self.quit
+    }
+
+    /// What happened since the last call, oldest first.
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        let kept = self.events.pop_front()?;
+        let text = |r: Option<(u16, u16)>| {
+            r.and_then(|(a, b)| self.event_text.get(usize::from(a)..usize::from(b)))
+                .map(Box::from)
+        };
+        let event = SessionEvent::Refused {
+            refusal: kept.refusal,
+            verb: kept.verb,
+            address: text(kept.address),
+            detail: text(kept.detail),
+        };
+        if self.events.is_empty() {
+            self.event_text.clear();
+        }
+        Some(event)
+    }
+
+    fn event(&mut self, refusal: Refusal, address: Option<&str>, detail: Option<&str>) {
+        self.stats.refusals.add(refusal);
+        if self.events.capacity() == 0 {
+            self.events.reserve_exact(MAX_EVENTS);
+        }
+        if self.events.len() >= MAX_EVENTS {
+            return;
+        }
+        let mut text = |t: Option<&str>| {
+            let t = t?;
+            if self.event_text.capacity() == 0 {
+                self.event_text.reserve_exact(EVENT_TEXT);
+            }
+            let start = self.event_text.len();
+            if start + t.len() > EVENT_TEXT {
+                return None;
+            }
+            self.event_text.push_str(t);
+            // Both fit in u16: the buffer holds at most EVENT_TEXT bytes.
+            Some((start as u16, self.event_text.len() as u16))
+        };
+        let address = text(address);
+        let detail = text(detail);
+        self.events.push_back(Kept {
+            refusal,
+            verb: self.verb,
+            address,
+            detail,
+        });
+    }
+
+    /// A refusal with a fixed reply.
+    fn refuse(&mut self, refusal: Refusal, text: &'static [u8]) {
+        self.event(refusal, None, None);
+        self.reply(text);
+    }
+
+    /// A refusal of MAIL or RCPT, naming the address.
+    fn refuse_address(&mut self, refusal: Refusal, text: &'static [u8], address: &str) {
+        self.event(refusal, Some(address), None);
+        self.reply(text);
     }
 
     /// Processes as much of `input` as it can and returns how many bytes it consumed.
@@ -293,7 +406,8 @@ impl Session {
                     pos += lf + 1;
                     if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_COMMAND_LINE {
                         self.stats.commands[stats::VERB_OTHER] += 1;
-                        self.out.extend_from_slice(reply::LINE_TOO_LONG);
+                        self.verb = stats::VERBS[stats::VERB_OTHER];
+                        self.refuse(Refusal::LineTooLong, reply::LINE_TOO_LONG);
                         continue;
                     }
                     let line = &rest[..lf];
@@ -350,15 +464,16 @@ impl Session {
             }
             Err(PublishError::Temporary(reason)) => {
                 self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.event(Refusal::SinkTemporary, None, Some(&reason));
                 reply::temporary_failure(&mut self.out, &reason)
             }
             Err(PublishError::TooLarge) => {
                 self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
-                self.out.extend_from_slice(reply::SINK_TOO_BIG)
+                self.refuse(Refusal::SinkTooLarge, reply::SINK_TOO_BIG)
             }
             Err(PublishError::StorageFull) => {
                 self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
-                self.out.extend_from_slice(reply::STORAGE_FULL)
+                self.refuse(Refusal::StorageFull, reply::STORAGE_FULL)
             }
         }
         self.stats.count_replies(&self.out[replied_from..]);
@@ -401,14 +516,15 @@ impl Session {
         matches!(self.phase, Phase::Command) && !self.discarding_line
     }
 
-    /// The client was silent too long: `421 4.4.2`, then close.
-    pub fn timed_out(&mut self) {
-        self.close_with(reply::timeout);
+    /// The client was silent too long (`IdleTimeout`) or its session lasted too long
+    /// (`SessionTimeout`): `421 4.4.2`, then close.
+    pub fn timed_out(&mut self, why: Refusal) {
+        self.close_with(why, reply::timeout);
     }
 
     /// The client sent its message body too slowly: `421 4.4.2`, then close.
     pub fn too_slow(&mut self) {
-        self.close_with(reply::too_slow);
+        self.close_with(Refusal::DataRate, reply::too_slow);
     }
 
     /// Spends the error budget on a command refused with `5xx`, or with a `4xx` that
@@ -424,11 +540,12 @@ impl Session {
         self.errors += 1;
         if self.errors >= budget {
             self.stats.limit_closes[stats::CLOSE_ERROR_BUDGET] += 1;
-            self.over_limit("Too many errors in this session");
+            self.over_limit(Refusal::ErrorBudget, "Too many errors in this session");
         }
     }
 
-    fn close_with(&mut self, write: fn(&mut Vec<u8>, &str)) {
+    fn close_with(&mut self, why: Refusal, write: fn(&mut Vec<u8>, &str)) {
+        self.event(why, None, None);
         let replied_from = self.out.len();
         write(&mut self.out, &self.config.hostname);
         self.stats.count_replies(&self.out[replied_from..]);
@@ -488,6 +605,7 @@ impl Session {
 
     /// `421 4.3.2` and close, uncounted: for callers inside `feed`, which counts.
     fn shut_down(&mut self) {
+        self.event(Refusal::ShuttingDown, None, None);
         reply::shutting_down(&mut self.out, &self.config.hostname);
         self.close();
     }
@@ -515,13 +633,18 @@ impl Session {
 
     fn command(&mut self, line: &[u8]) {
         let parsed = command::parse(line);
-        self.stats.commands[verb_index(&parsed)] += 1;
+        let verb = verb_index(&parsed);
+        self.stats.commands[verb] += 1;
+        self.verb = stats::VERBS[verb];
         if self.draining {
             return self.shut_down();
         }
         let command = match parsed {
             Ok(command) => command,
-            Err(error) => return self.reply(command_error_reply(error)),
+            Err(error) => {
+                let (refusal, text) = command_error_reply(error);
+                return self.refuse(refusal, text);
+            }
         };
         match command {
             Command::Ehlo(name) => self.hello(name, true),
@@ -537,21 +660,22 @@ impl Session {
             Command::Noop => self.reply(reply::OK),
             Command::Quit => {
                 reply::bye(&mut self.out, &self.config.hostname);
+                self.quit = true;
                 self.close();
             }
             Command::Vrfy(_) => self.reply(reply::VRFY),
-            Command::Expn(_) => self.reply(reply::EXPN),
+            Command::Expn(_) => self.refuse(Refusal::NotImplemented, reply::EXPN),
             Command::Help(topic) => self.help(topic),
-            Command::Turn => self.reply(reply::TURN),
+            Command::Turn => self.refuse(Refusal::NotImplemented, reply::TURN),
             Command::StartTls => self.starttls(),
-            Command::NotImplemented => self.reply(reply::NOT_IMPLEMENTED),
+            Command::NotImplemented => self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED),
         }
     }
 
     fn starttls(&mut self) {
         match self.tls {
-            Tls::Unavailable => self.reply(reply::NOT_IMPLEMENTED),
-            Tls::Active(_) => self.reply(reply::TLS_ALREADY_ACTIVE),
+            Tls::Unavailable => self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED),
+            Tls::Active(_) => self.refuse(Refusal::BadSequence, reply::TLS_ALREADY_ACTIVE),
             Tls::Available => {
                 self.reply(reply::READY_FOR_TLS);
                 self.txn = None;
@@ -570,7 +694,7 @@ impl Session {
             .ok()
             .filter(|n| n.len() <= MAX_HELO && address::is_valid_helo(n))
         else {
-            return self.reply(reply::BAD_HELO);
+            return self.refuse(Refusal::Syntax, reply::BAD_HELO);
         };
         let helo = match self.greeting.take() {
             Some(g) if &*g.helo == name => g.helo,
@@ -592,28 +716,36 @@ impl Session {
     }
 
     fn mail(&mut self, verb: Verb, from: ReversePath<'_>, params: Params<'_>) {
+        let address = match from {
+            ReversePath::Null => "",
+            ReversePath::Mailbox(m) => m.text,
+        };
         let Some(greeting) = &self.greeting else {
-            return self.reply(reply::NEED_HELO);
+            return self.refuse_address(Refusal::BadSequence, reply::NEED_HELO, address);
         };
         if self.txn.is_some() {
-            return self.reply(reply::NESTED_MAIL);
+            return self.refuse_address(Refusal::BadSequence, reply::NESTED_MAIL, address);
         }
         if self.tls_required && !matches!(self.tls, Tls::Active(_)) {
-            return self.reply(reply::TLS_REQUIRED);
+            return self.refuse_address(Refusal::TlsRequired, reply::TLS_REQUIRED, address);
         }
         if self.message_rate_exceeded {
             self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
-            return self.over_limit("Too many messages from your address");
+            return self.over_limit(Refusal::MessageRate, "Too many messages from your address");
         }
         if self.low_memory {
-            return self.reply(reply::LOW_MEMORY);
+            return self.refuse_address(Refusal::BodyMemory, reply::LOW_MEMORY, address);
         }
         if !params.is_empty() && !greeting.esmtp {
-            return self.reply(reply::PARAMS_NEED_EHLO);
+            return self.refuse_address(
+                Refusal::UnsupportedParameter,
+                reply::PARAMS_NEED_EHLO,
+                address,
+            );
         }
         let mail_params = match MailParams::parse(params) {
             Ok(p) => p,
-            Err(text) => return self.reply(text),
+            Err((refusal, text)) => return self.refuse_address(refusal, text, address),
         };
         if mail_params
             .size
@@ -621,12 +753,12 @@ impl Session {
         {
             // A message refused for its size, only earlier than its body.
             self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
-            return self.reply(reply::MESSAGE_TOO_BIG);
+            return self.refuse_address(Refusal::TooLarge, reply::MESSAGE_TOO_BIG, address);
         }
         let from = match from {
             ReversePath::Null => "",
             ReversePath::Mailbox(m) if !m.is_ascii() && !mail_params.smtputf8 => {
-                return self.reply(reply::NEEDS_SMTPUTF8)
+                return self.refuse_address(Refusal::NeedsSmtpUtf8, reply::NEEDS_SMTPUTF8, address)
             }
             ReversePath::Mailbox(m) => m.text,
         };
@@ -654,23 +786,34 @@ impl Session {
     }
 
     fn rcpt(&mut self, to: ForwardPath<'_>, params: Params<'_>) {
+        let address = match to {
+            ForwardPath::Null => "",
+            ForwardPath::Postmaster => "Postmaster",
+            ForwardPath::Mailbox(m) => m.text,
+        };
         let Some(txn) = &mut self.txn else {
-            return self.reply(reply::NEED_MAIL);
+            return self.refuse_address(Refusal::BadSequence, reply::NEED_MAIL, address);
         };
         if txn.bdat.is_some() {
-            return self.reply(reply::RCPT_AFTER_BDAT);
+            return self.refuse_address(Refusal::BadSequence, reply::RCPT_AFTER_BDAT, address);
         }
         if !params.is_empty() {
-            return self.reply(reply::UNKNOWN_RCPT_PARAM);
+            return self.refuse_address(
+                Refusal::UnsupportedParameter,
+                reply::UNKNOWN_RCPT_PARAM,
+                address,
+            );
         }
         let rcpt = match to {
-            ForwardPath::Null => return self.reply(reply::NULL_RECIPIENT),
+            ForwardPath::Null => {
+                return self.refuse_address(Refusal::BadRecipient, reply::NULL_RECIPIENT, address)
+            }
             ForwardPath::Postmaster => "Postmaster",
             ForwardPath::Mailbox(m) if !m.is_ascii() && !txn.envelope.smtputf8 => {
-                return self.reply(reply::NEEDS_SMTPUTF8)
+                return self.refuse_address(Refusal::NeedsSmtpUtf8, reply::NEEDS_SMTPUTF8, address)
             }
             ForwardPath::Mailbox(m) if !self.config.accepts(m.domain) => {
-                return self.reply(reply::RELAY_DENIED)
+                return self.refuse_address(Refusal::RelayDenied, reply::RELAY_DENIED, address)
             }
             ForwardPath::Mailbox(m) => m.text,
         };
@@ -678,7 +821,11 @@ impl Session {
             // Spends the error budget like a 5xx: a client that keeps adding recipients
             // past the limit is refused over and over, and must not go on forever.
             self.spends_budget = true;
-            return self.reply(reply::TOO_MANY_RECIPIENTS);
+            return self.refuse_address(
+                Refusal::TooManyRecipients,
+                reply::TOO_MANY_RECIPIENTS,
+                address,
+            );
         }
         txn.envelope.push_rcpt(rcpt);
         self.reply(reply::RCPT_OK);
@@ -686,13 +833,13 @@ impl Session {
 
     fn data(&mut self) {
         let Some(txn) = &self.txn else {
-            return self.reply(reply::NEED_MAIL);
+            return self.refuse(Refusal::BadSequence, reply::NEED_MAIL);
         };
         if txn.bdat.is_some() {
-            return self.reply(reply::DATA_AFTER_BDAT);
+            return self.refuse(Refusal::BadSequence, reply::DATA_AFTER_BDAT);
         }
         if txn.envelope.rcpt_count() == 0 {
-            return self.reply(reply::NO_VALID_RECIPIENTS);
+            return self.refuse(Refusal::NoValidRecipients, reply::NO_VALID_RECIPIENTS);
         }
         let body = self.new_body(txn.size_hint);
         let reader = DataReader::new(self.config.max_message_size, self.config.bare_lf);
@@ -724,11 +871,11 @@ impl Session {
             BodyOutcome::Complete => self.complete(envelope, body),
             BodyOutcome::TooLarge => {
                 self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
-                self.reply(reply::MESSAGE_TOO_BIG)
+                self.refuse(Refusal::TooLarge, reply::MESSAGE_TOO_BIG)
             }
             BodyOutcome::BareLineEnding => {
                 self.stats.messages_rejected[stats::REJECT_BARE_LINE_ENDING] += 1;
-                self.reply(reply::BARE_LINE_ENDING)
+                self.refuse(Refusal::BareLineEnding, reply::BARE_LINE_ENDING)
             }
         }
     }
@@ -736,11 +883,15 @@ impl Session {
     fn bdat(&mut self, size: u64, last: bool) {
         let max = self.config.max_message_size as u64;
         let refusal = match (&self.greeting, &self.txn) {
-            (None, _) => Some(reply::NEED_HELO),
-            (Some(g), _) if !g.esmtp => Some(reply::BDAT_NEEDS_EHLO),
-            (_, None) => Some(reply::NEED_MAIL),
-            (_, Some(t)) if t.envelope.rcpt_count() == 0 => Some(reply::NO_VALID_RECIPIENTS),
-            (_, Some(t)) if t.bdat_size.saturating_add(size) > max => Some(reply::MESSAGE_TOO_BIG),
+            (None, _) => Some((Refusal::BadSequence, reply::NEED_HELO)),
+            (Some(g), _) if !g.esmtp => Some((Refusal::BadSequence, reply::BDAT_NEEDS_EHLO)),
+            (_, None) => Some((Refusal::BadSequence, reply::NEED_MAIL)),
+            (_, Some(t)) if t.envelope.rcpt_count() == 0 => {
+                Some((Refusal::NoValidRecipients, reply::NO_VALID_RECIPIENTS))
+            }
+            (_, Some(t)) if t.bdat_size.saturating_add(size) > max => {
+                Some((Refusal::TooLarge, reply::MESSAGE_TOO_BIG))
+            }
             _ => None,
         };
         if refusal.is_none() {
@@ -774,8 +925,8 @@ impl Session {
             return;
         };
         match chunk.refusal {
-            Some(refusal) => {
-                if refusal == reply::MESSAGE_TOO_BIG {
+            Some((refusal, text)) => {
+                if refusal == Refusal::TooLarge {
                     // RFC 3030 section 2: after an error the transaction is aborted. A
                     // body ends here only if an earlier chunk had started it.
                     if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
@@ -783,7 +934,7 @@ impl Session {
                     }
                     self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
                 }
-                self.reply(refusal);
+                self.refuse(refusal, text);
             }
             None if chunk.last => {
                 let Some(Transaction {
@@ -828,7 +979,7 @@ impl Session {
         } else if let Some(text) = help_topic(topic) {
             self.reply(text);
         } else {
-            self.reply(reply::HELP_UNKNOWN_TOPIC);
+            self.refuse(Refusal::UnknownHelpTopic, reply::HELP_UNKNOWN_TOPIC);
         }
     }
 }
@@ -842,36 +993,38 @@ struct MailParams {
 }
 
 impl MailParams {
-    fn parse(params: Params<'_>) -> Result<Self, &'static [u8]> {
+    fn parse(params: Params<'_>) -> Result<Self, (Refusal, &'static [u8])> {
+        const BAD: (Refusal, &[u8]) = (Refusal::BadParameter, reply::BAD_PARAM);
+        const DUPLICATE: (Refusal, &[u8]) = (Refusal::BadParameter, reply::DUPLICATE_PARAM);
+        const UNSUPPORTED: (Refusal, &[u8]) =
+            (Refusal::UnsupportedParameter, reply::UNKNOWN_MAIL_PARAM);
         let mut parsed = MailParams::default();
         for param in params.iter() {
-            let (key, value) = param.map_err(|()| reply::BAD_PARAM)?;
+            let (key, value) = param.map_err(|()| BAD)?;
             if key.eq_ignore_ascii_case(b"SIZE") {
-                let size = value
-                    .and_then(command::parse_decimal)
-                    .ok_or(reply::BAD_PARAM)?;
+                let size = value.and_then(command::parse_decimal).ok_or(BAD)?;
                 if parsed.size.replace(size).is_some() {
-                    return Err(reply::DUPLICATE_PARAM);
+                    return Err(DUPLICATE);
                 }
             } else if key.eq_ignore_ascii_case(b"BODY") {
-                let value = value.ok_or(reply::BAD_PARAM)?;
+                let value = value.ok_or(BAD)?;
                 if !(value.eq_ignore_ascii_case(b"7BIT") || value.eq_ignore_ascii_case(b"8BITMIME"))
                 {
                     // BINARYMIME is not advertised.
-                    return Err(reply::UNKNOWN_MAIL_PARAM);
+                    return Err(UNSUPPORTED);
                 }
                 if mem::replace(&mut parsed.body, true) {
-                    return Err(reply::DUPLICATE_PARAM);
+                    return Err(DUPLICATE);
                 }
             } else if key.eq_ignore_ascii_case(b"SMTPUTF8") {
                 if value.is_some() {
-                    return Err(reply::BAD_PARAM);
+                    return Err(BAD);
                 }
                 if mem::replace(&mut parsed.smtputf8, true) {
-                    return Err(reply::DUPLICATE_PARAM);
+                    return Err(DUPLICATE);
                 }
             } else {
-                return Err(reply::UNKNOWN_MAIL_PARAM);
+                return Err(UNSUPPORTED);
             }
         }
         Ok(parsed)
@@ -908,18 +1061,21 @@ fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
     }
 }
 
-fn command_error_reply(error: CommandError) -> &'static [u8] {
+fn command_error_reply(error: CommandError) -> (Refusal, &'static [u8]) {
     match error {
-        CommandError::UnknownVerb => reply::UNKNOWN_COMMAND,
-        CommandError::Syntax(of) => match of {
-            SyntaxOf::Helo => reply::SYNTAX_HELO,
-            SyntaxOf::Ehlo => reply::SYNTAX_EHLO,
-            SyntaxOf::Mail => reply::SYNTAX_MAIL,
-            SyntaxOf::Rcpt => reply::SYNTAX_RCPT,
-            SyntaxOf::Bdat => reply::SYNTAX_BDAT,
-            SyntaxOf::Vrfy => reply::SYNTAX_VRFY,
-            SyntaxOf::NoArguments => reply::NO_ARGUMENTS,
-        },
+        CommandError::UnknownVerb => (Refusal::UnknownCommand, reply::UNKNOWN_COMMAND),
+        CommandError::Syntax(of) => (
+            Refusal::Syntax,
+            match of {
+                SyntaxOf::Helo => reply::SYNTAX_HELO,
+                SyntaxOf::Ehlo => reply::SYNTAX_EHLO,
+                SyntaxOf::Mail => reply::SYNTAX_MAIL,
+                SyntaxOf::Rcpt => reply::SYNTAX_RCPT,
+                SyntaxOf::Bdat => reply::SYNTAX_BDAT,
+                SyntaxOf::Vrfy => reply::SYNTAX_VRFY,
+                SyntaxOf::NoArguments => reply::NO_ARGUMENTS,
+            },
+        ),
         CommandError::Address(kind, error) => {
             let too_long = matches!(
                 error,
@@ -928,10 +1084,12 @@ fn command_error_reply(error: CommandError) -> &'static [u8] {
                     | AddressError::PathTooLong
             );
             match (kind, too_long) {
-                (PathKind::Sender, false) => reply::BAD_SENDER,
-                (PathKind::Sender, true) => reply::SENDER_TOO_LONG,
-                (PathKind::Recipient, false) => reply::BAD_RECIPIENT,
-                (PathKind::Recipient, true) => reply::RECIPIENT_TOO_LONG,
+                (PathKind::Sender, false) => (Refusal::BadSender, reply::BAD_SENDER),
+                (PathKind::Sender, true) => (Refusal::SenderTooLong, reply::SENDER_TOO_LONG),
+                (PathKind::Recipient, false) => (Refusal::BadRecipient, reply::BAD_RECIPIENT),
+                (PathKind::Recipient, true) => {
+                    (Refusal::RecipientTooLong, reply::RECIPIENT_TOO_LONG)
+                }
             }
         }
     }

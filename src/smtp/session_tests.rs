@@ -148,10 +148,10 @@ fn full_transaction_and_a_second_one_in_the_same_session() {
 
 /// (commands before, command, expected final reply). The table covers every reply the
 /// core can give to a command, and each row also checks the state was kept afterwards.
-#[test]
-fn every_reply() {
+/// (what came before, the command, its reply's code and enhanced code).
+fn reply_cases() -> Vec<(String, String, &'static str)> {
     let long_local = format!("{}@example.com", "l".repeat(65));
-    let cases: Vec<(String, String, &str)> = vec![
+    vec![
         ("".into(), "HELO client.test".into(), "250"),
         ("".into(), "HELO".into(), "501 5.5.4"),
         ("".into(), "EHLO".into(), "501 5.5.4"),
@@ -282,7 +282,12 @@ fn every_reply() {
         (TXN.into(), "BDAT x".into(), "501 5.5.4"),
         ("".into(), "QUIT".into(), "221 2.0.0"),
         ("".into(), "QUIT now".into(), "501 5.5.4"),
-    ];
+    ]
+}
+
+#[test]
+fn every_reply() {
+    let cases = reply_cases();
     for (before, command, expected) in cases {
         // A NOOP afterwards shows the session is still there, except after QUIT.
         let input = format!("{before}{command}\r\nNOOP\r\n");
@@ -300,6 +305,51 @@ fn every_reply() {
         );
         if let Some(after) = after {
             assert_eq!(after, "250 2.0.0", "session survives {command:?}");
+        }
+    }
+}
+
+/// Every 4xx/5xx is reported as exactly one typed refusal whose code and enhanced code
+/// are the reply's, and nothing else is.
+#[test]
+fn every_refusal_is_one_event_agreeing_with_the_wire() {
+    for (before, command, expected) in reply_cases() {
+        let mut session = new_session();
+        let mut buffer = before.into_bytes();
+        let n = session.feed(&buffer);
+        buffer.drain(..n);
+        while session.poll_event().is_some() {}
+        let mark = session.output().len();
+        buffer.extend_from_slice(format!("{command}\r\n").as_bytes());
+        let n = session.feed(&buffer);
+        buffer.drain(..n);
+        let events: Vec<_> = std::iter::from_fn(|| session.poll_event()).collect();
+        let refusals: Vec<Refusal> = events
+            .iter()
+            .map(|SessionEvent::Refused { refusal, .. }| *refusal)
+            .collect();
+        let refused = expected.starts_with('4') || expected.starts_with('5');
+        assert_eq!(
+            refusals.len(),
+            usize::from(refused),
+            "{command:?}: {events:?}"
+        );
+        if let Some(r) = refusals.first() {
+            assert_eq!(
+                format!("{} {}", r.code(), r.enhanced()),
+                expected,
+                "{command:?}"
+            );
+            let written = String::from_utf8_lossy(&session.output()[mark..]).into_owned();
+            assert!(written.starts_with(expected), "{command:?}: {written:?}");
+            if let Some(SessionEvent::Refused { address, verb, .. }) = events.first() {
+                let mail_or_rcpt = command.starts_with("MAIL") || command.starts_with("RCPT");
+                assert_eq!(
+                    address.is_some(),
+                    mail_or_rcpt && *verb != "OTHER",
+                    "{command:?}"
+                );
+            }
         }
     }
 }
@@ -548,7 +598,7 @@ fn sink_refusing_size_gives_552() {
 #[test]
 fn timeout_and_drain() {
     let mut session = new_session();
-    session.timed_out();
+    session.timed_out(Refusal::IdleTimeout);
     assert!(session.is_closed());
     assert!(String::from_utf8_lossy(session.output())
         .ends_with("421 4.4.2 mx.test Timeout, closing connection\r\n"));
@@ -842,7 +892,7 @@ fn stats_count_drain_and_timeout_replies() {
     assert_eq!((s.reply(220), s.reply(250), s.reply(421)), (1, 1, 1));
     assert_eq!(s.command("NOOP"), 1);
     let mut session = new_session();
-    session.timed_out();
+    session.timed_out(Refusal::IdleTimeout);
     assert_eq!(session.stats_mut().reply(421), 1);
     let mut session = new_session();
     session.shut_down_now();
@@ -1117,7 +1167,7 @@ fn body_counts_start_and_end_once() {
     for input in [format!("{TXN}DATA\r\nhal"), format!("{TXN}BDAT 9\r\nhal")] {
         let mut session = new_session();
         session.feed(input.as_bytes());
-        session.timed_out();
+        session.timed_out(Refusal::IdleTimeout);
         let s = session.stats_mut();
         assert_eq!(
             (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
@@ -1198,5 +1248,29 @@ fn ten_thousand_accept_domains_match_like_three() {
         "u@[192.0.2.2]",
     ] {
         assert_eq!(rcpt(to), "550 5.7.1", "{to}");
+/// A caller that does not poll loses events past the few kept, never their counts, and
+/// the session does not grow for them.
+#[test]
+fn refusals_are_counted_even_when_their_events_are_not_kept() {
+    let mut session = new_session();
+    let input = "BOGUS\r\n".repeat(100);
+    session.set_output_limit(usize::MAX);
+    let n = session.feed(input.as_bytes());
+    assert_eq!(n, input.len());
+    assert_eq!(
+        session.stats_mut().refusals.0[Refusal::UnknownCommand.index()],
+        100
+    );
+    let events = std::iter::from_fn(|| session.poll_event()).count();
+    assert_eq!(events, MAX_EVENTS);
+    session.feed(b"RCPT TO:<x@example.com>\r\n");
+    match session.poll_event() {
+        Some(SessionEvent::Refused {
+            refusal: Refusal::BadSequence,
+            verb: "RCPT",
+            address: Some(a),
+            detail: None,
+        }) => assert_eq!(&*a, "x@example.com"),
+        other => panic!("{other:?}"),
     }
 }

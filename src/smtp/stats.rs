@@ -61,6 +61,8 @@ pub struct SessionStats {
     /// first BDAT chunk over the limit) in neither, so a caller timing bodies starts
     /// its clock at `bodies_started` and forgets it at `bodies_abandoned`.
     pub bodies_abandoned: u64,
+    /// Every refusal the session made, whether or not its event was taken.
+    pub refusals: super::refusal::RefusalCounts,
 }
 
 /// `smtpgw_session_limit_closes_total{reason}` label values.
@@ -85,6 +87,7 @@ impl SessionStats {
         self.bodies_started += std::mem::take(&mut other.bodies_started);
         self.bodies_ended += std::mem::take(&mut other.bodies_ended);
         self.bodies_abandoned += std::mem::take(&mut other.bodies_abandoned);
+        self.refusals.absorb(&mut other.refusals);
     }
 
     /// Commands counted for `verb` (a [`VERBS`] entry); 0 for anything else.

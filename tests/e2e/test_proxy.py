@@ -28,8 +28,8 @@ def proxied(start_gateway, mode: str = "v2", *extra: str):
 
 
 def test_v2_header_address_is_the_client_everywhere(start_gateway):
-    # The per-message log line is off by default; this test reads it.
-    gateway = proxied(start_gateway, "any", "--log-level", "info")
+    # The per-message log line is on by default.
+    gateway = proxied(start_gateway, "any")
     message = make_message("proxy-v2")
     # An AWS NLB adds a TLV (type 0xEA) with its endpoint id: ignored.
     tlv = b"\xea\x00\x05\x01vpce"

@@ -382,7 +382,9 @@ impl Reactor {
             // close), then close.
             let _ = SockRef::from(&fd)
                 .send_with_flags(self.shared.too_many_reply(), libc::MSG_DONTWAIT);
-            debug!("refused: too many connections");
+            if let Ok(Some(peer)) = SockRef::from(&fd).peer_addr().map(|a| a.as_socket()) {
+                crate::conn::log_refused_at_accept(peer);
+            }
             return;
         };
         let peer = match SockRef::from(&fd).peer_addr().map(|a| a.as_socket()) {

@@ -1,0 +1,597 @@
+//! Formats log lines, text or JSON, with the same field names in both.
+//!
+//! Text: `2026-12-07T04:35:31.123456Z  INFO smtpgw::message: message session=7 id=...`,
+//! a value quoted only when it holds a space, `"` or `=`. JSON:
+//! `{"timestamp":"...","level":"INFO","target":"...","fields":{"message":"...",...}}`
+//! with strings as JSON strings and numbers as numbers. Client text goes through the
+//! project's escaper ([`write_escaped`]) in both, so the two carry the same value and no
+//! client can forge a line or a field.
+
+use std::hash::BuildHasher;
+use std::io::Write;
+use std::net::SocketAddr;
+
+use tracing::Level;
+
+use super::event::{ClosedLine, MessageLine, RefusalLine, TraceLine, Value};
+use crate::smtp::address::{write_escaped, EscapeFor};
+
+/// How recipients appear on the transaction line (`--log-recipients`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogRecipients {
+    /// Each address as given.
+    #[default]
+    Full,
+    /// Only their number.
+    Count,
+    /// A keyed hash of each (the key is random per process): the same address gives the
+    /// same hash within a run, and cannot be read back.
+    Hash,
+}
+
+/// Writes one line at a time into a batch buffer.
+pub struct Formatter {
+    pub json: bool,
+    /// `<N>` priority prefixes for journald (`JOURNAL_STREAM` set).
+    pub journal: bool,
+    pub recipients: LogRecipients,
+    pub hash_key: std::collections::hash_map::RandomState,
+    /// The timestamp's text up to the second, and which second it is.
+    second: (i64, String),
+    scratch: Vec<u8>,
+}
+
+impl Formatter {
+    pub fn new(json: bool, journal: bool, recipients: LogRecipients) -> Formatter {
+        Formatter {
+            json,
+            journal,
+            recipients,
+            hash_key: Default::default(),
+            second: (i64::MIN, String::new()),
+            scratch: Vec::with_capacity(256),
+        }
+    }
+
+    fn begin<'a>(
+        &'a mut self,
+        out: &'a mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &str,
+        message: &str,
+    ) -> Line<'a> {
+        if self.journal {
+            let prio = match level {
+                Level::ERROR => b"<3>",
+                Level::WARN => b"<4>",
+                Level::INFO => b"<6>",
+                _ => b"<7>",
+            };
+            out.extend_from_slice(prio);
+        }
+        let secs = now.timestamp();
+        if self.second.0 != secs {
+            self.second = (secs, now.format("%Y-%m-%dT%H:%M:%S").to_string());
+        }
+        let micros = u64::from(now.timestamp_subsec_micros().min(999_999));
+        // Six digits, zero-padded: 1_000_000 + micros without its leading 1.
+        let frac = itoa_buf(1_000_000 + micros);
+        let frac = &frac.as_slice()[1..];
+        let level_text = match level {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARN",
+            Level::INFO => "INFO",
+            Level::DEBUG => "DEBUG",
+            Level::TRACE => "TRACE",
+        };
+        if self.json {
+            out.extend_from_slice(b"{\"timestamp\":\"");
+            out.extend_from_slice(self.second.1.as_bytes());
+            out.push(b'.');
+            out.extend_from_slice(frac);
+            out.extend_from_slice(b"Z\",\"level\":\"");
+            out.extend_from_slice(level_text.as_bytes());
+            out.extend_from_slice(b"\",\"target\":");
+            json_str(out, target.as_bytes());
+            out.extend_from_slice(b",\"fields\":{\"message\":");
+            json_str(out, message.as_bytes());
+        } else {
+            out.extend_from_slice(self.second.1.as_bytes());
+            out.push(b'.');
+            out.extend_from_slice(frac);
+            out.extend_from_slice(b"Z ");
+            for _ in level_text.len()..5 {
+                out.push(b' ');
+            }
+            out.extend_from_slice(level_text.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(target.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(message.as_bytes());
+        }
+        Line {
+            out,
+            json: self.json,
+            scratch: &mut self.scratch,
+        }
+    }
+
+    pub fn message(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        m: &MessageLine,
+    ) {
+        let recipients = self.recipients;
+        let key = self.hash_key.clone();
+        let level = if m.code == 250 {
+            Level::INFO
+        } else {
+            Level::WARN
+        };
+        let mut l = self.begin(out, now, level, super::TARGET_MESSAGE, "message");
+        l.num("session", m.session);
+        l.ulid("id", &m.id);
+        l.addr("client", m.client);
+        l.client_text("helo", m.helo());
+        l.plain("tls", m.tls.unwrap_or("none"));
+        l.client_text("from", m.from());
+        match recipients {
+            LogRecipients::Full => l.client_list("rcpts", m.rcpts(), None),
+            LogRecipients::Hash => l.client_list(
+                "rcpts",
+                m.rcpts(),
+                Some(&|b: &[u8]| format!("{:016x}", key.hash_one(b)).into_bytes()),
+            ),
+            LogRecipients::Count => {}
+        }
+        l.num("nrcpt", m.rcpt_count as u64);
+        l.num("size", m.size as u64);
+        if let Some(id) = m.message_id() {
+            l.client_text("message_id", id);
+        }
+        l.num("code", u64::from(m.code));
+        l.num("ms", m.ms);
+        l.plain("sink", m.sink);
+        if let Some(e) = &m.error {
+            l.client_text("error", e.as_bytes());
+        }
+        l.end();
+    }
+
+    pub fn refusal(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        r: &RefusalLine,
+    ) {
+        let mut l = self.begin(out, now, Level::WARN, super::TARGET_REFUSAL, "refused");
+        l.num("session", r.session);
+        l.addr("client", r.client);
+        if !r.verb.is_empty() {
+            l.plain("command", r.verb);
+        }
+        if let Some(a) = &r.address {
+            l.client_text("address", a.as_bytes());
+        }
+        l.num("code", u64::from(r.refusal.code()));
+        if !r.refusal.enhanced().is_empty() {
+            l.plain("enhanced", r.refusal.enhanced());
+        }
+        l.plain("reason", r.refusal.as_str());
+        if let Some(d) = &r.detail {
+            l.client_text("detail", d.as_bytes());
+        }
+        l.end();
+    }
+
+    /// The line that says how many refusals of `reason` from `ip` were not logged.
+    pub fn suppressed(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        reason: &str,
+        ip: std::net::IpAddr,
+        count: u64,
+    ) {
+        let mut l = self.begin(
+            out,
+            now,
+            Level::WARN,
+            super::TARGET_REFUSAL,
+            "refusals suppressed",
+        );
+        l.display("client_ip", &ip);
+        l.plain("reason", reason);
+        l.num("suppressed", count);
+        l.end();
+    }
+
+    pub fn closed(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        c: &ClosedLine,
+    ) {
+        let mut l = self.begin(
+            out,
+            now,
+            Level::INFO,
+            super::TARGET_SESSION,
+            "connection closed",
+        );
+        l.num("session", c.session);
+        l.addr("client", c.client);
+        l.num("ms", c.ms);
+        l.num("accepted", c.accepted);
+        l.num("refused", c.refused);
+        l.num("bytes_in", c.bytes_in);
+        l.num("bytes_out", c.bytes_out);
+        l.plain("ended", c.ended.as_str());
+        l.end();
+    }
+
+    pub fn trace(&mut self, out: &mut Vec<u8>, now: chrono::DateTime<chrono::Utc>, t: &TraceLine) {
+        let mut l = self.begin(out, now, t.level, t.target, &t.message);
+        for (name, value) in &t.fields {
+            match value {
+                Value::Str(s) => l.client_text(name, s.as_bytes()),
+                Value::U64(n) => l.num(name, *n),
+                Value::I64(n) => l.display_num(name, n),
+                Value::F64(n) if n.is_finite() => l.display_num(name, n),
+                Value::F64(n) => l.display(name, n),
+                Value::Bool(b) => l.display_num(name, b),
+            }
+        }
+        l.end();
+    }
+}
+
+/// Turns a list item into what is logged (the keyed hash of a recipient).
+type MapItem<'a> = dyn Fn(&[u8]) -> Vec<u8> + 'a;
+
+/// One line being written.
+struct Line<'a> {
+    out: &'a mut Vec<u8>,
+    json: bool,
+    scratch: &'a mut Vec<u8>,
+}
+
+impl Line<'_> {
+    fn key(&mut self, name: &str) {
+        if self.json {
+            self.out.extend_from_slice(b",\"");
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
+        } else {
+            self.out.push(b' ');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b'=');
+        }
+    }
+
+    fn num(&mut self, name: &str, n: u64) {
+        self.key(name);
+        let mut buf = itoa_buf(n);
+        self.out.extend_from_slice(buf.as_slice());
+        buf.clear();
+    }
+
+    /// A number or boolean (unquoted in both formats).
+    fn display_num(&mut self, name: &str, v: &dyn std::fmt::Display) {
+        self.key(name);
+        let _ = write!(self.out, "{v}");
+    }
+
+    /// Our own text, known to need no escaping (labels, versions, ids).
+    fn plain(&mut self, name: &str, v: &str) {
+        self.key(name);
+        if self.json {
+            json_str(self.out, v.as_bytes());
+        } else {
+            text_value(self.out, v.as_bytes());
+        }
+    }
+
+    fn display(&mut self, name: &str, v: &dyn std::fmt::Display) {
+        self.scratch.clear();
+        let _ = write!(self.scratch, "{v}");
+        self.key(name);
+        if self.json {
+            json_str(self.out, self.scratch);
+        } else {
+            text_value(self.out, self.scratch);
+        }
+    }
+
+    fn addr(&mut self, name: &str, a: SocketAddr) {
+        self.display(name, &a);
+    }
+
+    /// Client text: escaped first, then quoted as the format needs.
+    fn client_text(&mut self, name: &str, v: &[u8]) {
+        self.key(name);
+        // Plain printable ASCII is what the escaper leaves as it is: skip the copy.
+        let v = if needs_escaping(v) {
+            self.scratch.clear();
+            let _ = write_escaped(self.scratch, v, EscapeFor::TerminalField);
+            &self.scratch[..]
+        } else {
+            v
+        };
+        if self.json {
+            json_str(self.out, v);
+        } else {
+            text_value(self.out, v);
+        }
+    }
+
+    /// The message id, without the formatting machinery.
+    fn ulid(&mut self, name: &str, id: &crate::smtp::MessageId) {
+        self.key(name);
+        let mut buf = [0u8; ulid::ULID_LEN];
+        let text = id.array_to_str(&mut buf);
+        if self.json {
+            json_str(self.out, text.as_bytes());
+        } else {
+            self.out.extend_from_slice(text.as_bytes());
+        }
+    }
+
+    /// A list: a JSON array of strings, or comma-separated text.
+    fn client_list<'v>(
+        &mut self,
+        name: &str,
+        items: impl Iterator<Item = &'v [u8]>,
+        map: Option<&MapItem<'_>>,
+    ) {
+        self.scratch.clear();
+        let mut first = true;
+        if self.json {
+            self.scratch.push(b'[');
+        }
+        for item in items {
+            let mapped;
+            let item = match &map {
+                Some(map) => {
+                    mapped = map(item);
+                    &mapped[..]
+                }
+                None => item,
+            };
+            if !first {
+                self.scratch.push(b',');
+            }
+            first = false;
+            let escaped_copy;
+            let escaped = if needs_escaping(item) {
+                let mut e = Vec::with_capacity(item.len() + 8);
+                let _ = write_escaped(&mut e, item, EscapeFor::TerminalField);
+                escaped_copy = e;
+                &escaped_copy[..]
+            } else {
+                item
+            };
+            if self.json {
+                json_str(self.scratch, escaped);
+            } else {
+                // A comma inside an address (a quoted local part) is escaped so the
+                // list splits back the same way.
+                for &b in escaped {
+                    if b == b',' {
+                        self.scratch.extend_from_slice(b"\\u{2c}");
+                    } else {
+                        self.scratch.push(b);
+                    }
+                }
+            }
+        }
+        self.key(name);
+        if self.json {
+            self.scratch.push(b']');
+            self.out.extend_from_slice(self.scratch);
+        } else {
+            text_value(self.out, self.scratch);
+        }
+    }
+
+    fn end(self) {
+        if self.json {
+            self.out.extend_from_slice(b"}}\n");
+        } else {
+            self.out.push(b'\n');
+        }
+    }
+}
+
+/// Whether [`write_escaped`] would change `v` (anything but printable ASCII without `\`).
+fn needs_escaping(v: &[u8]) -> bool {
+    !v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
+/// Decimal digits of `n` without the formatting machinery.
+fn itoa_buf(mut n: u64) -> SmallDigits {
+    let mut d = SmallDigits {
+        buf: [0; 20],
+        start: 20,
+    };
+    loop {
+        d.start -= 1;
+        d.buf[d.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    d
+}
+
+struct SmallDigits {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl SmallDigits {
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+    fn clear(&mut self) {
+        self.start = 20;
+    }
+}
+
+/// A text value: as is when it is one plain token, else in double quotes with `"`
+/// escaped (backslashes are already escaped by `write_escaped`).
+fn text_value(out: &mut Vec<u8>, v: &[u8]) {
+    let plain = !v.is_empty()
+        && v.iter()
+            .all(|&b| b > b' ' && b != b'"' && b != b'=' && b != 0x7f);
+    if plain {
+        out.extend_from_slice(v);
+        return;
+    }
+    out.push(b'"');
+    for &b in v {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// A JSON string. `v` is UTF-8 (escaped client text or our own).
+pub fn json_str(out: &mut Vec<u8>, v: &[u8]) {
+    out.push(b'"');
+    for &b in v {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f | 0x7f => {
+                let _ = write!(out, "\\u{:04x}", b);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logging::event::EndedBy;
+    use crate::smtp::Refusal;
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_796_000_000, 123_456_000).unwrap_or_default()
+    }
+
+    fn message() -> MessageLine {
+        let mut m = MessageLine::new(
+            7,
+            ulid::Ulid::from_parts(1, 2),
+            "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
+            Some("TLSv1.3"),
+            "mx.test",
+            "a\"b c@x.org",
+            Some(b"<id@x> \x1b[31m"),
+            ["r1@example.com", "r,2@example.com"].into_iter(),
+            1024,
+            "spool",
+            true,
+        );
+        m.code = 250;
+        m.ms = 3;
+        m
+    }
+
+    #[test]
+    fn json_values_are_plain_json() {
+        let mut f = Formatter::new(true, false, LogRecipients::Full);
+        let mut out = Vec::new();
+        f.message(&mut out, now(), &message());
+        let text = String::from_utf8(out).unwrap_or_default();
+        assert!(text.ends_with("}}\n"), "{text}");
+        assert!(text.contains(r#""helo":"mx.test""#), "{text}");
+        assert!(text.contains(r#""from":"a\"b c@x.org""#), "{text}");
+        assert!(
+            text.contains(r#""rcpts":["r1@example.com","r,2@example.com"]"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""code":250,"ms":3"#), "{text}");
+        // The escape sequence from the client is made visible, not passed on.
+        assert!(
+            text.contains(r#""message_id":"<id@x> \\u{1b}[31m""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn text_quotes_only_when_needed_and_journal_prefixes() {
+        let mut f = Formatter::new(false, true, LogRecipients::Count);
+        let mut out = Vec::new();
+        f.message(&mut out, now(), &message());
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.starts_with("<6>2026-"), "{line}");
+        assert!(
+            line.contains(" INFO smtpgw::message: message session=7 "),
+            "{line}"
+        );
+        assert!(line.contains(r#" from="a\"b c@x.org" "#), "{line}");
+        assert!(line.contains(" helo=mx.test tls=TLSv1.3 "), "{line}");
+        assert!(!line.contains("rcpts="), "{line}");
+        assert!(line.contains(" nrcpt=2 "), "{line}");
+        let mut out = Vec::new();
+        let r = RefusalLine {
+            session: 1,
+            client: "[::1]:25".parse().unwrap_or_else(|_| unreachable!()),
+            refusal: Refusal::RelayDenied,
+            verb: "RCPT",
+            address: Some("x@elsewhere.test".into()),
+            detail: None,
+        };
+        f.refusal(&mut out, now(), &r);
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.starts_with("<4>"), "{line}");
+        assert!(line.ends_with(
+            "client=[::1]:25 command=RCPT address=x@elsewhere.test code=550 enhanced=5.7.1 reason=relay_denied\n"
+        ), "{line}");
+    }
+
+    #[test]
+    fn hashed_recipients_are_stable_and_unreadable() {
+        let mut f = Formatter::new(false, false, LogRecipients::Hash);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        f.message(&mut a, now(), &message());
+        f.message(&mut b, now(), &message());
+        let a = String::from_utf8(a).unwrap_or_default();
+        assert_eq!(a, String::from_utf8(b).unwrap_or_default());
+        assert!(!a.contains("r1@example.com"), "{a}");
+        assert!(a.contains(" rcpts="), "{a}");
+        let mut out = Vec::new();
+        f.closed(
+            &mut out,
+            now(),
+            &ClosedLine {
+                session: 3,
+                client: "192.0.2.1:1".parse().unwrap_or_else(|_| unreachable!()),
+                ms: 5,
+                accepted: 1,
+                refused: 0,
+                bytes_in: 10,
+                bytes_out: 20,
+                ended: EndedBy::Quit,
+            },
+        );
+        let line = String::from_utf8(out).unwrap_or_default();
+        assert!(line.ends_with("ms=5 accepted=1 refused=0 bytes_in=10 bytes_out=20 ended=quit\n"));
+    }
+}

@@ -1,0 +1,211 @@
+//! Logging: the gateway's lines to stderr as text or JSON, with a filter SIGHUP can
+//! replace.
+//!
+//! Every line goes through one writer thread ([`writer`]): a reactor hands over the
+//! fields of a transaction, refusal or connection-end line ([`event`]) and returns; a
+//! `tracing` event from elsewhere is turned into fields by [`QueueLayer`] on its own
+//! thread. The writer formats ([`format`]) and writes in batches. Under systemd
+//! (`JOURNAL_STREAM` set) each line starts with its `<N>` priority.
+//!
+//! A log line must never take the process down. stderr is often a pipe to a log shipper
+//! or journald; when its reader goes away, writes fail with EPIPE (SIGPIPE is ignored:
+//! Rust's runtime sets it so before `main`, and the gateway never resets it) or EIO. The
+//! writer here drops such lines, and tracing-subscriber's own fallback of reporting
+//! write errors with `eprintln!` (which panics when stderr is gone) is switched off.
+
+pub mod event;
+pub mod format;
+mod writer;
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tracing::field::{Field, Visit};
+use tracing::{Level, Subscriber};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::reload;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::config::LogFormat;
+pub use event::{
+    ClosedLine, EndedBy, Event, MessageLine, RefusalLine, TARGET_MESSAGE, TARGET_REFUSAL,
+    TARGET_SESSION,
+};
+pub use format::LogRecipients;
+
+/// The filter used when neither the configuration nor `RUST_LOG` sets one: the
+/// transaction line per message, a line per refusal and per connection end are on.
+pub const DEFAULT_FILTER: &str = "info";
+
+static QUEUE: OnceLock<writer::Queue> = OnceLock::new();
+/// `--log-recipients`, as the reactors need it (whether to copy the addresses).
+static RECIPIENTS: AtomicU8 = AtomicU8::new(0);
+
+/// Hands a line's fields to the writer thread; dropped (and counted) when its queue is
+/// full, and dropped silently before [`init`] (unit tests, tools).
+pub fn submit(event: Event) {
+    if let Some(q) = QUEUE.get() {
+        q.submit(event);
+    }
+}
+
+/// Lines dropped because the writer's queue was full.
+pub fn lines_dropped() -> u64 {
+    QUEUE.get().map_or(0, writer::Queue::dropped)
+}
+
+/// Whether the transaction line is on (the filter lets `smtpgw::message` at info
+/// through); a reactor asks before copying the fields.
+pub fn message_lines() -> bool {
+    QUEUE.get().is_some() && tracing::enabled!(target: "smtpgw::message", Level::INFO)
+}
+
+/// Whether refusal lines are on.
+pub fn refusal_lines() -> bool {
+    QUEUE.get().is_some() && tracing::enabled!(target: "smtpgw::refusal", Level::WARN)
+}
+
+/// Whether connection-end lines are on.
+pub fn session_lines() -> bool {
+    QUEUE.get().is_some() && tracing::enabled!(target: "smtpgw::session", Level::INFO)
+}
+
+/// Whether the transaction line carries the recipients themselves (full or hashed).
+pub fn recipients_listed() -> bool {
+    RECIPIENTS.load(Ordering::Relaxed) != 1
+}
+
+/// Writes every line queued so far (bounded wait); called before the process exits.
+pub fn flush() {
+    if let Some(q) = QUEUE.get() {
+        q.flush(Duration::from_secs(2));
+    }
+}
+
+/// Writes a line to stderr without ever panicking (unlike `eprintln!`).
+pub fn eprint_line(line: std::fmt::Arguments) {
+    let mut err = io::stderr().lock();
+    let _ = err.write_fmt(line);
+    let _ = err.write_all(b"\n");
+}
+
+/// Changes the log filter of the running process (SIGHUP).
+#[derive(Clone)]
+pub struct LogHandle(reload::Handle<EnvFilter, Registry>);
+
+impl LogHandle {
+    /// Replaces the filter; the directives were checked by [`parse_filter`].
+    pub fn set_filter(&self, directives: &str) -> Result<(), String> {
+        let filter = parse_filter(directives)?;
+        self.0.reload(filter).map_err(|e| e.to_string())
+    }
+}
+
+/// An `EnvFilter` from directives such as `info` or `info,smtpgw=debug`.
+pub fn parse_filter(directives: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))
+}
+
+/// Installs the global subscriber and starts the writer thread. `directives` were
+/// validated with [`parse_filter`].
+pub fn init(
+    format: LogFormat,
+    directives: &str,
+    recipients: LogRecipients,
+) -> Result<LogHandle, String> {
+    let (filter, handle) = reload::Layer::new(parse_filter(directives)?);
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some_and(|v| !v.is_empty());
+    let formatter = format::Formatter::new(format == LogFormat::Json, journal, recipients);
+    let queue = writer::Queue::new(formatter)
+        .map_err(|e| format!("cannot start the log writer thread: {e}"))?;
+    RECIPIENTS.store(
+        match recipients {
+            LogRecipients::Full => 0,
+            LogRecipients::Count => 1,
+            LogRecipients::Hash => 2,
+        },
+        Ordering::Relaxed,
+    );
+    if QUEUE.set(queue).is_err() {
+        return Err("cannot set up logging: already set up".into());
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(QueueLayer)
+        .try_init()
+        .map_err(|e| format!("cannot set up logging: {e}"))?;
+    Ok(LogHandle(handle))
+}
+
+/// Turns `tracing` events into [`event::TraceLine`]s for the writer. Runs on the thread
+/// that logs, which is never a reactor's hot path (reactors hand over their own lines).
+struct QueueLayer;
+
+impl<S: Subscriber> Layer<S> for QueueLayer {
+    fn on_event(&self, ev: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let meta = ev.metadata();
+        let mut line = event::TraceLine {
+            level: *meta.level(),
+            target: meta.target(),
+            message: String::new(),
+            fields: Vec::new(),
+        };
+        ev.record(&mut Fields(&mut line));
+        submit(Event::Trace(line));
+    }
+}
+
+struct Fields<'a>(&'a mut event::TraceLine);
+
+impl Visit for Fields<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.message = value.to_owned();
+        } else {
+            self.0
+                .fields
+                .push((field.name(), event::Value::Str(value.to_owned())));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.fields.push((field.name(), event::Value::U64(value)));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.fields.push((field.name(), event::Value::I64(value)));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.fields.push((field.name(), event::Value::F64(value)));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0
+            .fields
+            .push((field.name(), event::Value::Bool(value)));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.0.message = text;
+        } else {
+            self.0.fields.push((field.name(), event::Value::Str(text)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_are_checked() {
+        assert!(parse_filter("info,smtpgw=debug").is_ok());
+        assert!(parse_filter("smtpgw=loud").is_err());
+    }
+}

@@ -1,0 +1,220 @@
+//! The one thread that formats and writes log lines.
+//!
+//! Reactors hand it [`Event`]s through a bounded queue and never wait: a full queue drops
+//! the line and counts it (`smtpgw_log_lines_dropped_total`). Woken by the first line, the
+//! writer lingers a moment so a busy gateway's lines arrive in batches, formats the batch
+//! and writes it to stderr with one `write`. Refusal floods are summarised here, off the
+//! reactors: per reason and client address at most one line a second, then one line with
+//! the count of those not written.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use super::event::Event;
+use super::format::Formatter;
+
+/// Lines queued at most; past it lines are dropped. About 4 MiB of fields when full.
+pub const QUEUE_LINES: usize = 16 * 1024;
+/// After the first line of a batch, how long the writer waits for more before writing.
+const LINGER: Duration = Duration::from_millis(2);
+/// A batch is written once it is this large, whatever is still queued.
+const BATCH_BYTES: usize = 256 * 1024;
+/// Refusals per reason and client address written at most once per this period.
+const FLOOD_PERIOD: Duration = Duration::from_secs(1);
+/// Addresses the flood table remembers at most; past it, it starts over.
+const FLOOD_TABLE: usize = 16 * 1024;
+
+pub struct Queue {
+    tx: Sender<Event>,
+    dropped: AtomicU64,
+}
+
+impl Queue {
+    pub fn new(formatter: Formatter) -> io::Result<Queue> {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("smtpgw-log".into())
+            .spawn(move || Writer::new(formatter).run(rx))?;
+        Ok(Queue {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues `event`, or drops and counts it when the queue is full. Never blocks.
+    pub fn submit(&self, event: Event) {
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits (at most `limit`) until every line queued before is written.
+    pub fn flush(&self, limit: Duration) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if self.tx.send_timeout(Event::Flush(done_tx), limit).is_ok() {
+            let _ = done_rx.recv_timeout(limit);
+        }
+    }
+}
+
+struct Flood {
+    since: Instant,
+    suppressed: u64,
+}
+
+struct Writer {
+    fmt: Formatter,
+    out: Vec<u8>,
+    flood: HashMap<(&'static str, IpAddr), Flood>,
+}
+
+impl Writer {
+    fn new(fmt: Formatter) -> Writer {
+        Writer {
+            fmt,
+            out: Vec::with_capacity(BATCH_BYTES + 4096),
+            flood: HashMap::new(),
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Event>) {
+        loop {
+            // With suppressed refusals pending, wake in time to write their count.
+            let first = match self.next_summary() {
+                Some(at) => match rx.recv_deadline(at) {
+                    Ok(e) => Some(e),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return self.write(),
+                },
+                None => match rx.recv() {
+                    Ok(e) => Some(e),
+                    Err(_) => return self.write(),
+                },
+            };
+            let mut flushed = Vec::new();
+            if let Some(e) = first {
+                if !rx.is_empty() || !matches!(e, Event::Flush(_)) {
+                    std::thread::sleep(LINGER);
+                }
+                self.handle(e, &mut flushed);
+                while self.out.len() < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(e) => self.handle(e, &mut flushed),
+                        Err(_) => break,
+                    }
+                }
+            }
+            self.summaries(false);
+            self.write();
+            for done in flushed {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn handle(&mut self, e: Event, flushed: &mut Vec<Sender<()>>) {
+        let now = chrono::Utc::now();
+        match e {
+            Event::Message(m) => self.fmt.message(&mut self.out, now, &m),
+            Event::Refusal(r) => {
+                if self.admit(r.refusal.as_str(), r.client.ip()) {
+                    self.fmt.refusal(&mut self.out, now, &r);
+                }
+            }
+            Event::Closed(c) => self.fmt.closed(&mut self.out, now, &c),
+            Event::Trace(t) => self.fmt.trace(&mut self.out, now, &t),
+            Event::Flush(done) => {
+                self.summaries(true);
+                flushed.push(done);
+            }
+        }
+    }
+
+    /// Whether a refusal of `reason` from `ip` is written, or counted as suppressed.
+    fn admit(&mut self, reason: &'static str, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        if self.flood.len() >= FLOOD_TABLE {
+            self.summaries(true);
+            self.flood.clear();
+        }
+        match self.flood.get_mut(&(reason, ip)) {
+            Some(f) if now < f.since + FLOOD_PERIOD => {
+                f.suppressed += 1;
+                return false;
+            }
+            // A new period: the last one's count first.
+            Some(_) => self.summary(reason, ip),
+            None => {}
+        }
+        let fresh = Flood {
+            since: now,
+            suppressed: 0,
+        };
+        self.flood.insert((reason, ip), fresh);
+        true
+    }
+
+    fn summary(&mut self, reason: &'static str, ip: IpAddr) {
+        if let Some(f) = self.flood.get_mut(&(reason, ip)) {
+            if f.suppressed > 0 {
+                let n = std::mem::take(&mut f.suppressed);
+                self.fmt
+                    .suppressed(&mut self.out, chrono::Utc::now(), reason, ip, n);
+            }
+        }
+    }
+
+    /// Writes the counts of periods that are over (all of them with `all`), and forgets
+    /// addresses quiet for a whole period.
+    fn summaries(&mut self, all: bool) {
+        let now = Instant::now();
+        let due: Vec<(&'static str, IpAddr)> = self
+            .flood
+            .iter()
+            .filter(|(_, f)| all || now >= f.since + FLOOD_PERIOD)
+            .map(|(k, _)| *k)
+            .collect();
+        for (reason, ip) in due {
+            self.summary(reason, ip);
+            if self
+                .flood
+                .get(&(reason, ip))
+                .is_some_and(|f| now >= f.since + FLOOD_PERIOD)
+            {
+                self.flood.remove(&(reason, ip));
+            }
+        }
+    }
+
+    /// When the next summary is due: the end of the earliest period with suppressed lines.
+    fn next_summary(&self) -> Option<Instant> {
+        self.flood
+            .values()
+            .filter(|f| f.suppressed > 0)
+            .map(|f| f.since + FLOOD_PERIOD)
+            .min()
+    }
+
+    /// One write for the whole batch; a failed write loses the batch, never the process.
+    fn write(&mut self) {
+        if !self.out.is_empty() {
+            let _ = io::stderr().lock().write_all(&self.out);
+            self.out.clear();
+            if self.out.capacity() > 4 * BATCH_BYTES {
+                self.out.shrink_to(BATCH_BYTES + 4096);
+            }
+        }
+    }
+}
