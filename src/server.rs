@@ -73,11 +73,15 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             },
         )?),
         SinkKind::Kafka if config.spool.spool_fallback => Arc::new(
-            FallbackSink::open(spool_dir, spool_options(), &kafka()).map_err(|source| {
-                ServerError::Fallback {
-                    dir: spool_dir.display().to_string(),
-                    source,
-                }
+            FallbackSink::open(
+                spool_dir,
+                spool_options(),
+                &kafka(),
+                config.spool.forward_window as usize,
+            )
+            .map_err(|source| ServerError::Fallback {
+                dir: spool_dir.display().to_string(),
+                source,
             })?,
         ),
         SinkKind::Kafka => Arc::new(KafkaSink::new(&kafka())?),

@@ -169,6 +169,10 @@ pub struct KafkaOptions {
     pub max_recipients: usize,
     /// Bounds the start-up metadata and size probes.
     pub startup_timeout: Duration,
+    /// Messages and bytes the store-and-forward thread may have in flight (its window);
+    /// librdkafka's queue is made that much larger than live traffic can fill, so the
+    /// forwarder is never refused with `QueueFull` behind live mail.
+    pub forward_reserve: (usize, usize),
 }
 
 impl KafkaOptions {
@@ -177,6 +181,7 @@ impl KafkaOptions {
             settings,
             max_recipients,
             startup_timeout: STARTUP_PROBE_TIMEOUT,
+            forward_reserve: (0, 0),
         }
     }
 
@@ -200,6 +205,7 @@ impl KafkaOptions {
             }
         }
         let timeout_ms = self.publish_timeout().as_millis().max(1);
+        let (reserve_messages, reserve_bytes) = self.forward_reserve;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.settings.brokers())
@@ -215,18 +221,26 @@ impl KafkaOptions {
             // statistics.interval.ms=0` turns them off.
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             // librdkafka's own queue is the hard limit behind the soft in-flight limit
-            // the reactors honour; sessions already past DATA can still add to it.
+            // the reactors honour; sessions already past DATA can still add to it. The
+            // forwarder's window comes on top, so live mail cannot crowd it out.
             .set(
                 "queue.buffering.max.messages",
                 self.settings
                     .max_inflight_messages
                     .saturating_mul(2)
+                    .saturating_add(reserve_messages as u64)
                     .clamp(1, 10_000_000)
                     .to_string(),
             )
             .set(
                 "queue.buffering.max.kbytes",
-                (self.settings.max_inflight_bytes.0.saturating_mul(2) / 1024)
+                (self
+                    .settings
+                    .max_inflight_bytes
+                    .0
+                    .saturating_mul(2)
+                    .saturating_add(reserve_bytes as u64)
+                    / 1024)
                     .clamp(1, i32::MAX as u64)
                     .to_string(),
             );
