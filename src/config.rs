@@ -2397,7 +2397,7 @@ mod tests {
         );
         assert_eq!(
             err(&[], "forward-window = 2001"),
-            "--forward-window: must be between 1 and 2000 (got 2001)"
+            "--config f.toml: `forward-window`: must be between 1 and 2000 (got 2001)"
         );
     }
 
