@@ -60,7 +60,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
         min_free_bytes: config.spool.spool_min_free_bytes.0,
         ..SpoolOptions::default()
     };
-    let kafka = || config.kafka.options(config.max_recipients());
+    // The producer's message.max.bytes follows --max-message-size with room for the
+    // Received: line, as the session computes it.
+    let kafka = || {
+        let mut options = config.kafka.options(config.max_recipients());
+        options.max_value = Some(
+            config
+                .max_message_size()
+                .saturating_add(RECEIVED_HEADROOM + config.hostname.len()),
+        );
+        options
+    };
     Ok(match config.spool.sink {
         SinkKind::Null => {
             warn!("--sink null: accepted messages are discarded (benchmarks only)");
