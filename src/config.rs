@@ -606,6 +606,11 @@ settings_group! {
         /// room for a full batch and a maximal message.
         #[arg(long, value_name = "BYTES", default_value = "64M")]
         pub spool_min_free_bytes: ByteSize,
+        /// With --spool-fallback: spooled records in flight to Kafka at once, 1..=2000.
+        /// The producer's queue keeps this much room for them beyond live traffic, so a
+        /// backlog drains while mail keeps coming.
+        #[arg(long, value_name = "N", default_value = "2000")]
+        pub forward_window: u64,
     }
 }
 
@@ -1457,6 +1462,16 @@ fn validate(
         return Err(invalid(
             "--kafka-brokers",
             "required with --sink kafka (e.g. --kafka-brokers 127.0.0.1:9092)",
+        ));
+    }
+    let window = a.spool.forward_window;
+    if !(1..=crate::sink::forward::WINDOW_RECORDS as u64).contains(&window) {
+        return Err(invalid(
+            "--forward-window",
+            format!(
+                "must be between 1 and {} (got {window})",
+                crate::sink::forward::WINDOW_RECORDS
+            ),
         ));
     }
     if a.spool.spool_fallback && a.spool.sink != SinkKind::Kafka {
@@ -2570,6 +2585,30 @@ mod tests {
         assert_eq!(
             err(&["--spool-fallback"], ""),
             "--spool-fallback: only with --sink kafka (the spool is the fallback for Kafka)"
+        );
+    }
+
+    #[test]
+    fn the_forward_window_is_bounded() {
+        assert_eq!(run(&[], "").unwrap().spool.forward_window, 2000);
+        assert_eq!(
+            run(&["--forward-window", "1"], "")
+                .unwrap()
+                .spool
+                .forward_window,
+            1
+        );
+        assert_eq!(
+            run(&[], "forward-window = 7").unwrap().spool.forward_window,
+            7
+        );
+        assert_eq!(
+            err(&["--forward-window", "0"], ""),
+            "--forward-window: must be between 1 and 2000 (got 0)"
+        );
+        assert_eq!(
+            err(&[], "forward-window = 2001"),
+            "--config f.toml: `forward-window`: must be between 1 and 2000 (got 2001)"
         );
     }
 

@@ -108,6 +108,8 @@ pub struct Metrics {
     forward_awaiting_bytes: IntGauge,
     forwarded_records: IntCounter,
     forwarded_bytes: IntCounter,
+    forward_redelivered: IntCounter,
+    forward_restarts: IntCounter,
     forward_oldest_age: Gauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
@@ -391,6 +393,14 @@ impl Metrics {
                 "smtpgw_forwarded_bytes_total",
                 "Bytes of spooled messages Kafka acknowledged (--spool-fallback).",
             )?,
+            forward_redelivered: counter(
+                "smtpgw_forward_redelivered_total",
+                "Spooled messages forwarded again after a restart or a forwarder restart: possible duplicates (at most one --forward-window each time).",
+            )?,
+            forward_restarts: counter(
+                "smtpgw_forward_restarts_total",
+                "Times the watchdog restarted a forwarder that made no progress (--spool-fallback).",
+            )?,
             forward_oldest_age,
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
@@ -514,6 +524,8 @@ impl Metrics {
                 };
                 add(&self.forwarded_records, forward.forwarded_records);
                 add(&self.forwarded_bytes, forward.forwarded_bytes);
+                add(&self.forward_redelivered, forward.redelivered_records);
+                add(&self.forward_restarts, forward.restarts);
                 self.forward_oldest_age.set(forward.oldest_age_seconds);
             }
         }

@@ -83,7 +83,17 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
         min_free_bytes: config.spool.spool_min_free_bytes.0,
         ..SpoolOptions::default()
     };
-    let kafka = || config.kafka.options(config.max_recipients());
+    // The producer's message.max.bytes follows --max-message-size with room for the
+    // Received: line, as the session computes it.
+    let kafka = || {
+        let mut options = config.kafka.options(config.max_recipients());
+        options.max_value = Some(
+            config
+                .max_message_size()
+                .saturating_add(RECEIVED_HEADROOM + config.hostname.len()),
+        );
+        options
+    };
     Ok(match config.spool.sink {
         SinkKind::Null => {
             warn!("--sink null: accepted messages are discarded (benchmarks only)");
@@ -96,11 +106,15 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
             },
         )?),
         SinkKind::Kafka if config.spool.spool_fallback => Arc::new(
-            FallbackSink::open(spool_dir, spool_options(), &kafka()).map_err(|source| {
-                ServerError::Fallback {
-                    dir: spool_dir.display().to_string(),
-                    source,
-                }
+            FallbackSink::open(
+                spool_dir,
+                spool_options(),
+                &kafka(),
+                config.spool.forward_window as usize,
+            )
+            .map_err(|source| ServerError::Fallback {
+                dir: spool_dir.display().to_string(),
+                source,
             })?,
         ),
         SinkKind::Kafka => Arc::new(KafkaSink::new(&kafka())?),

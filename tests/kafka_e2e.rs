@@ -213,3 +213,66 @@ fn sigkill_during_load_loses_no_acknowledged_message() {
         started.elapsed()
     );
 }
+
+/// Issue 19 item 1: with the defaults (`--max-message-size 10M`) the gateway sets the
+/// producer's `message.max.bytes` to fit, advertises `SIZE 10485760` (not librdkafka's
+/// 1 MB default less the overhead) and publishes a 9 MiB message byte for byte. (tansu
+/// enforces no topic limit and answers no DescribeConfigs, so the topic's own limit is
+/// not in play here; see the sink's unit tests for the refusal.)
+#[test]
+fn a_nine_mib_message_goes_through_with_the_default_size_limit() {
+    let Some((addr, topic)) = broker() else {
+        return;
+    };
+    let gw = start_gateway(&addr, &topic, &[]);
+    let mut c = Client::connect(&gw.addr);
+    let ehlo = c.cmd("EHLO big.test");
+    assert!(ehlo.contains("SIZE 10485760\r\n"), "EHLO: {ehlo}");
+    // 9 MiB of lines of mixed bytes (8-bit included), none starting with a dot, so the
+    // stuffed body is the body.
+    let mut body = Vec::with_capacity(9 << 20);
+    let mut seed = 0x9E3779B97F4A7C15u64;
+    while body.len() < (9 << 20) - 100 {
+        for _ in 0..76 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let b = (seed >> 24) as u8;
+            body.push(if b == b'\r' || b == b'\n' || b == b'.' {
+                b'x'
+            } else {
+                b
+            });
+        }
+        body.extend_from_slice(b"\r\n");
+    }
+    // The sink turns ready once it has seen the broker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let reply = c.send(&body);
+        if reply.starts_with("250 ") || std::time::Instant::now() >= deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(reply.starts_with("250 "), "9 MiB message: {reply}");
+    let id = queued_id(&reply);
+    let got: Vec<Record> = consume(
+        &addr,
+        &topic,
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .into_iter()
+    .filter(|r| r.key == id.as_bytes())
+    .collect();
+    assert_eq!(got.len(), 1, "{id}: one record");
+    let value = &got[0].value;
+    assert!(value.starts_with(b"Received: "), "{id}: trace line first");
+    assert!(
+        value.ends_with(&body),
+        "{id}: the value does not end with the 9 MiB sent ({} bytes in the record)",
+        value.len()
+    );
+}

@@ -7,7 +7,10 @@
 //!   topic, byte for byte, with the headers a direct publish gives it; forwarded
 //!   segments are deleted;
 //! - SIGKILL of the gateway in the middle of forwarding: a new gateway on the same spool
-//!   forwards the rest; nothing acknowledged is missing (duplicates allowed, counted).
+//!   forwards the rest; nothing acknowledged is missing; duplicates are at most one
+//!   window and no more than `smtpgw_forward_redelivered_total` counts;
+//! - a backlog of many windows drains with no new mail to wake the forwarder (the
+//!   stall of issue 19, made certain with a window of one record).
 
 mod broker_support;
 mod kafka_support;
@@ -25,20 +28,25 @@ const SESSIONS: usize = 8;
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn fallback_gateway(broker: &Tansu, topic: &str, spool: &Path) -> Gw {
-    Gw::start(
-        &broker.addr(),
-        topic,
-        &[
-            "--reactors",
-            "2",
-            "--spool-fallback",
-            "--spool-dir",
-            spool.to_str().expect("utf-8 path"),
-            "--publish-timeout",
-            "5s",
-        ],
-    )
+    fallback_gateway_with(broker, topic, spool, &[])
 }
+
+fn fallback_gateway_with(broker: &Tansu, topic: &str, spool: &Path, extra: &[&str]) -> Gw {
+    let mut args = vec![
+        "--reactors",
+        "2",
+        "--spool-fallback",
+        "--spool-dir",
+        spool.to_str().expect("utf-8 path"),
+        "--publish-timeout",
+        "5s",
+    ];
+    args.extend_from_slice(extra);
+    Gw::start(&broker.addr(), topic, &args)
+}
+
+/// The default `--forward-window`: the most records one restart may send twice.
+const WINDOW: f64 = 2000.0;
 
 /// Every record, by key, with how often it appeared.
 fn read_topic(broker: &Tansu, topic: &str) -> (HashMap<Vec<u8>, Record>, usize) {
@@ -281,11 +289,16 @@ fn sigkill_while_forwarding_loses_nothing() {
         .filter_map(|r| r.id.as_deref())
         .filter(|id| !records.contains_key(id.as_bytes()))
         .collect();
+    let duplicates = (total - records.len()) as f64;
+    let redelivered = second.metric("smtpgw_forward_redelivered_total");
     eprintln!(
-        "after the restart: {} records in the topic for {} acknowledged messages: {} duplicates",
+        "after the restart: {} records in the topic for {} acknowledged messages: {duplicates} duplicates, {redelivered} counted as redelivered",
         total,
         acked.len(),
-        total - records.len()
+    );
+    assert!(
+        duplicates <= redelivered && redelivered <= WINDOW,
+        "duplicates {duplicates}, redelivered counter {redelivered}, window {WINDOW}"
     );
     assert!(
         missing.is_empty(),
@@ -375,4 +388,47 @@ fn a_damaged_record_is_skipped_and_its_segment_kept() {
             .is_empty(),
         "the damage was not reported"
     );
+}
+
+/// The stall of issue 19: when every record of the window was acknowledged before the
+/// forwarder looked, it dropped them from the window and went to sleep with nothing
+/// in flight, waking only on new spooled mail, which never comes once Kafka takes live
+/// mail again. A window of one record makes that happen at the first acknowledgement;
+/// with no load after the outage, only the forwarder's own pumping drains the rest.
+#[test]
+fn a_backlog_of_many_windows_drains_with_no_new_mail() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.forward.window";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let gw = fallback_gateway_with(&broker, topic, spool.path(), &["--forward-window", "1"]);
+    let load = Load::start(&gw.smtp, 2);
+    assert!(wait(Duration::from_secs(30), || load.count(250) >= 300));
+    let replies = load.stop();
+    let acked: Vec<&Reply> = replies.iter().filter(|r| r.code == 250).collect();
+    assert_eq!(acked.len(), replies.len(), "every message gets 250");
+
+    broker.start(topic);
+    let drained = wait(Duration::from_secs(60), || {
+        gw.metric("smtpgw_forward_awaiting_records") == 0.0
+    });
+    let forwarded = gw.metric("smtpgw_forwarded_records_total");
+    assert!(
+        drained,
+        "the backlog of {} did not drain one record at a time: {forwarded} forwarded",
+        acked.len()
+    );
+    assert_eq!(forwarded, acked.len() as f64);
+    assert_eq!(gw.metric("smtpgw_forward_redelivered_total"), 0.0);
+    assert_eq!(gw.metric("smtpgw_forward_restarts_total"), 0.0);
+    let (records, _) = read_topic(&broker, topic);
+    for reply in &acked {
+        let record = records
+            .get(reply.id.as_deref().unwrap_or_default().as_bytes())
+            .expect("every acknowledged message is in the topic");
+        check_record(reply, record);
+    }
 }

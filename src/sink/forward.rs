@@ -13,7 +13,9 @@
 //! One thread reads the spool oldest first, from a durable cursor, and publishes each
 //! record through the same Kafka sink with its original key, value, headers and
 //! timestamp, so a forwarded record is identical to a direct publish. At most
-//! [`WINDOW_RECORDS`] records ([`WINDOW_BYTES`] bytes) are in flight. The cursor moves
+//! `--forward-window` records (at most [`WINDOW_RECORDS`], and [`WINDOW_BYTES`] bytes)
+//! are in flight; the producer's queue holds that much room beyond what live mail may
+//! fill, so live traffic cannot crowd the forwarder out. The cursor moves
 //! over the longest prefix the broker has acknowledged with `acks=all`, and is written
 //! (two checksummed slots in `FORWARD`, `fdatasync`) before anything that depends on it:
 //! a segment whose every record is acknowledged, and which the writer has left, is
@@ -21,10 +23,24 @@
 //!
 //! A crash between an acknowledgement and the cursor write forwards those records again
 //! after the restart: consumers may see a duplicate, never a gap. The record key (the
-//! message id) identifies duplicates.
+//! message id) identifies duplicates. There are at most one window of them: before a
+//! window's records are handed to Kafka, how far they reach is written to
+//! `FORWARD-SENT` (no `fdatasync`: the cursor's own sync carries it, and a power loss
+//! can only make the count low), and after a restart the records up to that mark are
+//! counted as they are forwarded again (`smtpgw_forward_redelivered_total`).
 //!
 //! The thread sleeps on channels: acknowledgements, the spool writer's commits, the
-//! Kafka sink becoming ready, shutdown. The clock only paces retries after a failure.
+//! Kafka sink becoming ready, shutdown. Each wake-up pumps until nothing moves: the
+//! acknowledged prefix is dropped from the window and the window refilled, again, so a
+//! burst of acknowledgements that empties the window at once is followed by the next
+//! records rather than by a sleep with nothing in flight to wake it (the stall of
+//! issue 19: forwarding stopped after one window while live mail, going straight to
+//! Kafka, made no spool commits). The clock paces retries after a failure, and a
+//! watchdog: with work outstanding and no acknowledgement or send for
+//! `2 × --publish-timeout + 15 s` (librdkafka answers every message within the publish
+//! timeout, a retired producer within the timeout and its purge), the forwarder logs
+//! it, counts it (`smtpgw_forward_restarts_total`) and starts again from the durable
+//! cursor; what it sends again is counted as redelivered.
 //!
 //! A record the forwarder cannot publish for good (Kafka refuses it as too large) or
 //! cannot read (a bad frame) is reported with its file and offset, and its segment is
@@ -61,6 +77,11 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
 const CURSOR_FILE: &str = "FORWARD";
+const SENT_FILE: &str = "FORWARD-SENT";
+const SENT_MAGIC: &[u8; 8] = b"SGWSNT01";
+/// Added to twice the publish timeout before a forwarder with work outstanding and
+/// no progress is restarted (see the module documentation).
+const STALL_MARGIN: Duration = Duration::from_secs(15);
 const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
 const CURSOR_SLOT: u64 = 32;
 
@@ -84,6 +105,10 @@ struct Counters {
     /// `received_at` of the oldest record not yet forwarded, in Unix microseconds; 0
     /// when there is none.
     oldest_micros: AtomicI64,
+    /// Records forwarded that may have reached Kafka before (a restart, or the
+    /// watchdog's restart of a stalled forwarder).
+    redelivered_records: AtomicU64,
+    restarts: AtomicU64,
 }
 
 /// The sink of `--sink kafka --spool-fallback`. See the module documentation.
@@ -99,22 +124,29 @@ impl FallbackSink {
     /// Opens the spool in `dir` (recovering it as `--sink spool` would), starts the
     /// Kafka sink with the spool as its fallback, and the forwarder, which begins with
     /// whatever earlier runs left unforwarded.
+    /// At most `window` records (1..=[`WINDOW_RECORDS`]) are in flight from the spool.
     pub fn open(
         dir: &Path,
         spool_options: SpoolOptions,
         kafka_options: &KafkaOptions,
+        window: usize,
     ) -> Result<FallbackSink, FallbackError> {
+        let window = window.clamp(1, WINDOW_RECORDS);
+        let mut kafka_options = kafka_options.clone();
+        kafka_options.forward_reserve = (window, WINDOW_BYTES);
         let (commits_tx, commits) = crossbeam_channel::unbounded();
         let mut spool_options = spool_options;
         spool_options.commits = Some(commits_tx);
         let spool = Arc::new(SpoolSink::open_with(dir, spool_options)?);
         let fallback: Arc<dyn Sink> = spool.clone();
-        let kafka = Arc::new(KafkaSink::with_fallback(kafka_options, Some(fallback))?);
+        let kafka = Arc::new(KafkaSink::with_fallback(&kafka_options, Some(fallback))?);
         let (ready_tx, ready) = crossbeam_channel::unbounded();
         kafka.notify_ready(ready_tx);
 
         let cursor_file = CursorFile::open(dir)?;
         let cursor = cursor_file.load();
+        let sent_mark = SentMark::open(dir);
+        let stall_after = kafka_options.settings.publish_timeout.0 * 2 + STALL_MARGIN;
         let (acks_tx, acks) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let counters = Arc::new(Counters::default());
@@ -136,6 +168,12 @@ impl FallbackSink {
             keep: HashSet::new(),
             to_delete: Vec::new(),
             counters: Arc::clone(&counters),
+            window_records: window,
+            redeliver_until: sent_mark.load().unwrap_or_default(),
+            sent_mark,
+            last_activity: Instant::now(),
+            outstanding_since: None,
+            stall_after,
             acks,
             acks_tx,
             commits,
@@ -177,6 +215,8 @@ impl FallbackSink {
             } else {
                 (now - oldest).max(0) as f64 / 1e6
             },
+            redelivered_records: c.redelivered_records.load(Ordering::Relaxed),
+            restarts: c.restarts.load(Ordering::Relaxed),
         }
     }
 }
@@ -363,6 +403,71 @@ fn decode_cursor(buf: &[u8; CURSOR_SLOT as usize]) -> Option<(Position, u32)> {
     Some((position, u32::from_le_bytes(buf[24..28].try_into().ok()?)))
 }
 
+/// How far the forwarder has handed records to Kafka: `FORWARD-SENT`, one 32-byte slot
+/// `magic, segment, offset, crc32c`, rewritten before each window is sent and never
+/// synced on its own (see the module documentation). It only counts duplicates; losing
+/// it loses nothing but the count.
+struct SentMark {
+    file: Option<File>,
+}
+
+impl SentMark {
+    fn open(dir: &Path) -> SentMark {
+        let path = dir.join(SENT_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|error| {
+                tracing::warn!(%error, file = %path.display(), "cannot open the forwarder's sent mark; redeliveries after a restart are not counted");
+            })
+            .ok();
+        SentMark { file }
+    }
+
+    fn load(&self) -> Option<Position> {
+        let mut buf = [0u8; CURSOR_SLOT as usize];
+        self.file.as_ref()?.read_exact_at(&mut buf, 0).ok()?;
+        decode_sent(&buf)
+    }
+
+    fn save(&mut self, position: Position) {
+        let Some(file) = &self.file else {
+            return;
+        };
+        if let Err(error) = file.write_all_at(&encode_sent(position), 0) {
+            tracing::warn!(%error, "cannot write the forwarder's sent mark; redeliveries after a restart are not counted");
+            self.file = None;
+        }
+    }
+}
+
+fn encode_sent(position: Position) -> [u8; CURSOR_SLOT as usize] {
+    let mut buf = [0u8; CURSOR_SLOT as usize];
+    buf[..8].copy_from_slice(SENT_MAGIC);
+    buf[8..16].copy_from_slice(&position.segment.to_le_bytes());
+    buf[16..24].copy_from_slice(&position.offset.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[..24]);
+    buf[24..28].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+fn decode_sent(buf: &[u8; CURSOR_SLOT as usize]) -> Option<Position> {
+    if &buf[..8] != SENT_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(buf[24..28].try_into().ok()?);
+    if crc != crc32c::crc32c(&buf[..24]) {
+        return None;
+    }
+    Some(Position {
+        segment: u64::from_le_bytes(buf[8..16].try_into().ok()?),
+        offset: u64::from_le_bytes(buf[16..24].try_into().ok()?),
+    })
+}
+
 /// One entry of the in-flight window, in spool order.
 struct Slot {
     tag: u64,
@@ -410,6 +515,17 @@ struct Forwarder {
     keep: HashSet<u64>,
     to_delete: Vec<u64>,
     counters: Arc<Counters>,
+    /// `--forward-window`: records in flight at most.
+    window_records: usize,
+    sent_mark: SentMark,
+    /// Records before this were handed to Kafka before a restart: forwarding them
+    /// again counts as a redelivery.
+    redeliver_until: Position,
+    /// The last acknowledgement received or record sent, and since when work has been
+    /// outstanding: the watchdog's clock (see [`Forwarder::stall_deadline`]).
+    last_activity: Instant,
+    outstanding_since: Option<Instant>,
+    stall_after: Duration,
     acks: Receiver<(u64, PublishResult)>,
     acks_tx: Sender<(u64, PublishResult)>,
     commits: Receiver<SpoolCommit>,
@@ -433,14 +549,24 @@ impl Forwarder {
             if self.retry_at.is_some_and(|t| Instant::now() >= t) {
                 self.retry();
             }
-            self.fill();
-            self.advance();
+            if self.stall_deadline().is_some_and(|t| Instant::now() >= t) {
+                self.restart();
+            }
+            self.pump();
             if self.stopping && !self.window.iter().any(|s| s.state == State::Pending) {
                 break;
             }
-            let timeout = self
-                .retry_at
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            if self.outstanding() {
+                self.outstanding_since.get_or_insert(now);
+            } else {
+                self.outstanding_since = None;
+            }
+            let timeout = [self.retry_at, self.stall_deadline()]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(|t| t.saturating_duration_since(now));
             let never = crossbeam_channel::never();
             let timer = match timeout {
                 Some(t) => crossbeam_channel::after(t),
@@ -479,7 +605,8 @@ impl Forwarder {
                 self.on_commit(commit);
             }
         }
-        self.advance();
+        self.pop_done();
+        self.persist();
         let left = self.counters.awaiting_records.load(Ordering::Relaxed);
         if left > 0 {
             tracing::info!(
@@ -516,8 +643,12 @@ impl Forwarder {
             return;
         };
         let mut reader = reader.until(end);
+        let mut sent_before = 0u64;
         while let Some(Ok(event)) = reader.next_event() {
             if let ReadEvent::Record(record) = event {
+                if record.next_position() <= self.redeliver_until {
+                    sent_before += 1;
+                }
                 records += 1;
                 bytes += record.frame_len as i64;
                 oldest.get_or_insert(record.received_at.timestamp_micros());
@@ -536,7 +667,8 @@ impl Forwarder {
             tracing::info!(
                 records,
                 bytes,
-                "spooled messages from an earlier run await forwarding to kafka"
+                sent_before,
+                "spooled messages from an earlier run await forwarding to kafka; the first sent_before of them were handed to kafka before the stop and may reach consumers twice (same key)"
             );
         }
     }
@@ -561,12 +693,29 @@ impl Forwarder {
         }
     }
 
-    /// Publishes records until the window is full or the spool has no more.
-    fn fill(&mut self) {
-        if self.stopping || self.retry_at.is_some() || !self.kafka.is_healthy() {
-            return;
+    /// Until nothing moves: drops the acknowledged prefix of the window and refills
+    /// it; then makes the cursor durable. Refilling after dropping (not only before)
+    /// is what keeps a window that was acknowledged all at once from ending the
+    /// forwarding until some unrelated wake-up.
+    fn pump(&mut self) {
+        loop {
+            let popped = self.pop_done();
+            let filled = self.fill();
+            if !popped && !filled {
+                break;
+            }
         }
-        while self.window.len() < WINDOW_RECORDS && self.window_bytes < WINDOW_BYTES {
+        self.persist();
+    }
+
+    /// Reads records into the window until it is full or the spool has no more, notes
+    /// how far that reaches, then publishes them. Whether anything was added.
+    fn fill(&mut self) -> bool {
+        if self.stopping || self.retry_at.is_some() || !self.kafka.is_healthy() {
+            return false;
+        }
+        let first = self.window.len();
+        while self.window.len() < self.window_records && self.window_bytes < WINDOW_BYTES {
             let Some(item) = self.read_next() else {
                 break;
             };
@@ -575,14 +724,68 @@ impl Forwarder {
             let state = match &item {
                 Item::Record(record) => {
                     self.window_bytes += record.value().len();
-                    self.kafka.forward(record, tag, self.acks_tx.clone());
                     State::Pending
                 }
                 Item::SegmentEnd { .. } => State::Done,
             };
             self.window.push_back(Slot { tag, item, state });
         }
+        if self.window.len() == first {
+            return false;
+        }
+        self.sent_mark.save(self.read_pos);
+        for slot in self.window.range(first..) {
+            if let Item::Record(record) = &slot.item {
+                self.kafka.forward(record, slot.tag, self.acks_tx.clone());
+            }
+        }
+        self.last_activity = Instant::now();
         self.note_oldest();
+        true
+    }
+
+    /// Whether the forwarder has work it should be making progress on: records
+    /// awaiting an acknowledgement, or (Kafka ready, no retry pending, room in the
+    /// window) durable records not yet read.
+    fn outstanding(&self) -> bool {
+        if self.stopping {
+            return false;
+        }
+        if self.window.iter().any(|s| s.state == State::Pending) {
+            return true;
+        }
+        self.retry_at.is_none()
+            && self.window.len() < self.window_records
+            && self.window_bytes < WINDOW_BYTES
+            && self.kafka.is_healthy()
+            && self.read_pos < self.spool.durable_end()
+    }
+
+    /// When the watchdog restarts the forwarder if nothing moves until then.
+    fn stall_deadline(&self) -> Option<Instant> {
+        let since = self.outstanding_since?;
+        Some(since.max(self.last_activity) + self.stall_after)
+    }
+
+    /// Starts again from the durable cursor, as a new forwarder would: everything in
+    /// the window is read and sent again (and counted as redelivered), and answers to
+    /// the abandoned window's records are ignored (their tags are below the new ones).
+    fn restart(&mut self) {
+        tracing::warn!(
+            stalled_for_s = self.stall_after.as_secs(),
+            in_window = self.window.len(),
+            "the forwarder made no progress with work outstanding; restarting it from its cursor (records in flight are forwarded again)"
+        );
+        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+        self.redeliver_until = self.redeliver_until.max(self.read_pos);
+        self.window.clear();
+        self.window_bytes = 0;
+        self.reader = None;
+        self.read_pos = self.cursor;
+        self.retry_at = None;
+        self.backoff = FIRST_RETRY;
+        self.last_activity = Instant::now();
+        self.outstanding_since = None;
     }
 
     /// The next record (or closed segment's end) in spool order, if one is durable.
@@ -668,6 +871,7 @@ impl Forwarder {
     }
 
     fn on_ack(&mut self, tag: u64, result: PublishResult) {
+        self.last_activity = Instant::now();
         let Some(front) = self.window.front().map(|s| s.tag) else {
             return;
         };
@@ -714,6 +918,7 @@ impl Forwarder {
             return;
         }
         self.retry_at = None;
+        self.last_activity = Instant::now();
         for slot in self.window.iter_mut() {
             if slot.state == State::Failed {
                 if let Item::Record(record) = &slot.item {
@@ -724,9 +929,9 @@ impl Forwarder {
         }
     }
 
-    /// Moves the cursor over the acknowledged prefix, writes it, then deletes the
-    /// segments it has passed.
-    fn advance(&mut self) {
+    /// Moves the cursor (in memory) over the acknowledged prefix of the window.
+    /// Whether anything moved.
+    fn pop_done(&mut self) -> bool {
         let mut moved = false;
         while self.window.front().is_some_and(|s| s.state == State::Done) {
             let Some(slot) = self.window.pop_front() else {
@@ -744,6 +949,9 @@ impl Forwarder {
                     c.forwarded_records.fetch_add(1, Ordering::Relaxed);
                     c.forwarded_bytes
                         .fetch_add(record.value().len() as u64, Ordering::Relaxed);
+                    if self.cursor <= self.redeliver_until {
+                        c.redelivered_records.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Item::SegmentEnd { segment, next } => {
                     self.cursor = next;
@@ -756,6 +964,11 @@ impl Forwarder {
         if moved {
             self.note_oldest();
         }
+        moved
+    }
+
+    /// Writes the cursor if it moved, then deletes the segments it has passed.
+    fn persist(&mut self) {
         if self.cursor == self.saved {
             return;
         }

@@ -169,6 +169,15 @@ pub struct KafkaOptions {
     pub max_recipients: usize,
     /// Bounds the start-up metadata and size probes.
     pub startup_timeout: Duration,
+    /// Messages and bytes the store-and-forward thread may have in flight (its window);
+    /// librdkafka's queue is made that much larger than live traffic can fill, so the
+    /// forwarder is never refused with `QueueFull` behind live mail.
+    pub forward_reserve: (usize, usize),
+    /// The largest record value a session can produce (`--max-message-size` plus the
+    /// `Received:` line). The producer's `message.max.bytes` is set to fit it (unless
+    /// `--kafka-config` sets it), and a topic whose `max.message.bytes` cannot hold it
+    /// makes the sink refuse to start. `None`: librdkafka's default, no check.
+    pub max_value: Option<usize>,
 }
 
 impl KafkaOptions {
@@ -177,6 +186,8 @@ impl KafkaOptions {
             settings,
             max_recipients,
             startup_timeout: STARTUP_PROBE_TIMEOUT,
+            forward_reserve: (0, 0),
+            max_value: None,
         }
     }
 
@@ -200,6 +211,7 @@ impl KafkaOptions {
             }
         }
         let timeout_ms = self.publish_timeout().as_millis().max(1);
+        let (reserve_messages, reserve_bytes) = self.forward_reserve;
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.settings.brokers())
@@ -215,40 +227,116 @@ impl KafkaOptions {
             // statistics.interval.ms=0` turns them off.
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             // librdkafka's own queue is the hard limit behind the soft in-flight limit
-            // the reactors honour; sessions already past DATA can still add to it.
+            // the reactors honour; sessions already past DATA can still add to it. The
+            // forwarder's window comes on top, so live mail cannot crowd it out.
             .set(
                 "queue.buffering.max.messages",
                 self.settings
                     .max_inflight_messages
                     .saturating_mul(2)
+                    .saturating_add(reserve_messages as u64)
                     .clamp(1, 10_000_000)
                     .to_string(),
             )
             .set(
                 "queue.buffering.max.kbytes",
-                (self.settings.max_inflight_bytes.0.saturating_mul(2) / 1024)
+                (self
+                    .settings
+                    .max_inflight_bytes
+                    .0
+                    .saturating_mul(2)
+                    .saturating_add(reserve_bytes as u64)
+                    / 1024)
                     .clamp(1, i32::MAX as u64)
                     .to_string(),
             );
+        if self.user_message_max_bytes().is_none() {
+            config.set(
+                "message.max.bytes",
+                self.producer_message_max_bytes().to_string(),
+            );
+        }
         for setting in extra {
             config.set(&setting.key, &setting.value);
         }
         Ok(config)
     }
 
-    fn producer_message_max_bytes(&self) -> usize {
+    fn user_message_max_bytes(&self) -> Option<usize> {
         self.settings
             .kafka_config
             .iter()
             .rev()
             .find(|s| s.key == "message.max.bytes")
             .and_then(|s| s.value.parse().ok())
-            .unwrap_or(DEFAULT_PRODUCER_MESSAGE_MAX_BYTES)
     }
+
+    /// The producer's `message.max.bytes`: the user's, else what a value of
+    /// [`KafkaOptions::max_value`] needs, else librdkafka's default.
+    fn producer_message_max_bytes(&self) -> usize {
+        self.user_message_max_bytes().unwrap_or_else(|| {
+            self.max_value
+                .map_or(DEFAULT_PRODUCER_MESSAGE_MAX_BYTES, |v| {
+                    limit_for_value(v, self.max_recipients)
+                })
+        })
+    }
+}
+
+/// librdkafka's largest `message.max.bytes`.
+const LIBRDKAFKA_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
+/// The largest value a record may carry under a `message.max.bytes` (or a topic's
+/// `max.message.bytes`) of `limit`: less the record overhead and lz4's worst-case
+/// growth of incompressible data (1/255 plus 16 bytes).
+pub fn value_limit(limit: usize, max_recipients: usize) -> usize {
+    limit
+        .saturating_sub(record_overhead(max_recipients))
+        .saturating_sub(limit / 255 + 16)
+}
+
+/// The smallest `message.max.bytes` under which a value of `value` bytes fits
+/// ([`value_limit`] inverted), at most librdkafka's maximum.
+pub fn limit_for_value(value: usize, max_recipients: usize) -> usize {
+    let need = value
+        .saturating_add(record_overhead(max_recipients))
+        .saturating_add(16);
+    // limit - limit/255 >= need holds for limit = need + need/254 + 1.
+    need.saturating_add(need / 254 + 1)
+        .min(LIBRDKAFKA_MAX_MESSAGE_BYTES)
+}
+
+/// A topic that cannot hold the largest message `--max-message-size` allows stops the
+/// start-up: advertising a SIZE and then bouncing what fits it with `552` is worse.
+fn check_topic_limit(
+    topic_max: Option<usize>,
+    options: &KafkaOptions,
+) -> Result<(), KafkaSinkError> {
+    if let (Some(topic_max), Some(value)) = (topic_max, options.max_value) {
+        if value_limit(topic_max, options.max_recipients) < value {
+            return Err(KafkaSinkError::TopicTooSmall {
+                topic: options.topic().to_owned(),
+                topic_max,
+                needed: limit_for_value(value, options.max_recipients),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[derive(thiserror::Error, Debug)]
 pub enum KafkaSinkError {
+    #[error(
+        "--max-message-size: kafka topic {topic} takes records of at most max.message.bytes={topic_max}, \
+         and messages of --max-message-size need {needed}: raise the topic's max.message.bytes to {needed} \
+         (kafka-configs --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={needed}) \
+         or lower --max-message-size"
+    )]
+    TopicTooSmall {
+        topic: String,
+        topic_max: usize,
+        needed: usize,
+    },
     #[error("--kafka-config {key}: not allowed, {why}")]
     ReservedConfig { key: String, why: &'static str },
     #[error("cannot create the Kafka producer (check --kafka-brokers and --kafka-config): {0}")]
@@ -742,11 +830,9 @@ impl KafkaSink {
             None
         };
         let producer_max = options.producer_message_max_bytes();
+        check_topic_limit(topic_max, options)?;
         let limit = topic_max.map_or(producer_max, |t| t.min(producer_max));
-        // lz4 can grow incompressible data by 1/255 plus 16 bytes.
-        let max_record_value = limit
-            .saturating_sub(record_overhead(options.max_recipients))
-            .saturating_sub(limit / 255 + 16);
+        let max_record_value = value_limit(limit, options.max_recipients);
         tracing::info!(
             topic = %options.topic(),
             topic_max_message_bytes = ?topic_max,
@@ -1442,4 +1528,84 @@ pub fn replay_records(
     }
     sink.shutdown();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_limit_for_a_value_is_the_least_that_holds_it() {
+        for recipients in [1, 100, 1000] {
+            for value in [1, 1000, 936_625, 10 << 20, 25 << 20, 100 << 20] {
+                let limit = limit_for_value(value, recipients);
+                assert!(
+                    value_limit(limit, recipients) >= value,
+                    "{value} in {limit}"
+                );
+                assert!(
+                    value_limit(limit - 2, recipients) < value,
+                    "{limit} is more than {value} needs"
+                );
+            }
+        }
+        assert_eq!(
+            limit_for_value(usize::MAX, 100),
+            LIBRDKAFKA_MAX_MESSAGE_BYTES
+        );
+    }
+
+    #[test]
+    fn a_topic_too_small_for_the_size_limit_is_refused_in_one_line() {
+        let mut options = KafkaOptions::new(crate::config::Kafka::default(), 100);
+        options.max_value = Some(10 << 20);
+        let needed = limit_for_value(10 << 20, 100);
+        assert!(
+            check_topic_limit(None, &options).is_ok(),
+            "unknown: no check"
+        );
+        assert!(check_topic_limit(Some(needed), &options).is_ok());
+        let error = check_topic_limit(Some(1_048_588), &options)
+            .expect_err("Apache Kafka's default topic limit holds no 10 MiB message")
+            .to_string();
+        assert_eq!(
+            error,
+            format!(
+                "--max-message-size: kafka topic smtp.inbound takes records of at most max.message.bytes=1048588, \
+                 and messages of --max-message-size need {needed}: raise the topic's max.message.bytes to {needed} \
+                 (kafka-configs --alter --entity-type topics --entity-name smtp.inbound --add-config max.message.bytes={needed}) \
+                 or lower --max-message-size"
+            )
+        );
+        assert!(!error.contains('\n'));
+        options.max_value = None;
+        assert!(check_topic_limit(Some(1_048_588), &options).is_ok());
+    }
+
+    #[test]
+    fn message_max_bytes_follows_the_largest_value_unless_set() {
+        let settings = crate::config::Kafka {
+            kafka_brokers: Some("127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let mut options = KafkaOptions::new(settings, 100);
+        let get = |o: &KafkaOptions| {
+            o.client_config()
+                .expect("config")
+                .get("message.max.bytes")
+                .map(str::to_owned)
+        };
+        assert_eq!(
+            get(&options),
+            Some("1000000".into()),
+            "librdkafka's default without a size"
+        );
+        options.max_value = Some(10 << 20);
+        let limit = limit_for_value(10 << 20, 100);
+        assert_eq!(get(&options), Some(limit.to_string()));
+        assert!(limit > 10 << 20);
+        options.settings.kafka_config = vec!["message.max.bytes=2000000".parse().expect("setting")];
+        assert_eq!(get(&options), Some("2000000".into()));
+        assert_eq!(options.producer_message_max_bytes(), 2_000_000);
+    }
 }

@@ -138,6 +138,12 @@ pub struct ForwardStats {
     pub forwarded_bytes: u64,
     /// Age of the oldest record not yet forwarded; 0 when none waits.
     pub oldest_age_seconds: f64,
+    /// Records forwarded since start-up that had been handed to Kafka before (by the
+    /// run before a restart, or before the watchdog restarted a stalled forwarder):
+    /// possible duplicates in the topic.
+    pub redelivered_records: u64,
+    /// Times the watchdog restarted a stalled forwarder.
+    pub restarts: u64,
 }
 
 /// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the

@@ -225,6 +225,8 @@ impl Gw {
                 topic,
             ])
             .args(extra)
+            // The I/O backend of this test run (SMTPGW_TEST_IO_BACKENDS).
+            .args(crate::kafka_support::harness::backend_args())
             .env("SMTPGW_LOG", "info,librdkafka=warn")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

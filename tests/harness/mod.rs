@@ -58,7 +58,7 @@ pub fn io_backend() -> String {
 
 /// `--io-backend NAME` once the binary has the flag. Before that only "epoll" exists,
 /// and asking for another backend fails rather than silently testing epoll.
-fn backend_args() -> Vec<String> {
+pub fn backend_args() -> Vec<String> {
     static HAS_FLAG: OnceLock<bool> = OnceLock::new();
     let has_flag = *HAS_FLAG.get_or_init(|| {
         let help = Command::new(binary())
