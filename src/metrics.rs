@@ -115,6 +115,7 @@ pub struct Metrics {
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
     spool_free_bytes: IntGauge,
+    spool_corrupt: IntCounter,
     draining_gauge: IntGauge,
     io_backend_info: IntGaugeVec,
     tls_certificate_expiry: IntGaugeVec,
@@ -422,6 +423,10 @@ impl Metrics {
                 "smtpgw_spool_filesystem_free_bytes",
                 "Bytes available on the spool's file system (0 without a spool).",
             )?,
+            spool_corrupt: counter(
+                "smtpgw_spool_corrupt_records_total",
+                "Corrupt ranges in the spool found since start-up (acknowledged records damaged on disk; `smtpgw spool check` lists them).",
+            )?,
             draining_gauge: gauge("smtpgw_draining", "Whether the gateway is draining (0/1).")?,
             io_backend_info: backend,
             listening: AtomicBool::new(false),
@@ -502,6 +507,11 @@ impl Metrics {
             });
             self.spool_oldest_age.set(age.max(0.0));
             self.spool_free_bytes.set(spool.free_bytes.map_or(0, clamp));
+            // A running total sampled at each scrape: add what is new since the last.
+            let seen = self.spool_corrupt.get();
+            if spool.corrupt_ranges > seen {
+                self.spool_corrupt.inc_by(spool.corrupt_ranges - seen);
+            }
         }
         if let Some(stats) = sink.stats() {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);

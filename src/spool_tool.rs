@@ -528,7 +528,7 @@ pub fn prune(
                 mut cursor,
                 damaged: head,
             } => {
-                if let Some(range) = head {
+                for range in head {
                     damage.corrupt(range);
                     damaged = true;
                 }

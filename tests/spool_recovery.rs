@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kafka_support::Client;
+use smtpgw::sink::spool::format::SEGMENT_HEADER_LEN;
 use smtpgw::sink::spool::{
     CorruptRange, ReadEvent, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
@@ -19,7 +20,7 @@ use smtpgw::sink::{PublishError, Sink};
 use smtpgw::smtp::envelope::SealedMessage;
 use smtpgw::spool_tool;
 use spool_gateway::Gateway;
-use spool_support::{message, publish};
+use spool_support::{mark_acknowledged_up_to, message, publish};
 use tempfile::TempDir;
 use ulid::Ulid;
 
@@ -312,8 +313,11 @@ fn torn_tail_is_saved_to_quarantine_before_it_is_cut() {
     let segs = segments(tmp.path());
     let (records, _) = read(tmp.path());
     let last = records[4].clone();
-    let full = fs::read(&segs[0]).unwrap();
-    // A flipped byte in the last record: nothing valid follows, so a torn tail.
+    // The last batch was written but never acknowledged (its commit mark not
+    // rewritten), and a flipped byte in it: nothing valid follows, so a torn tail.
+    let mut full = fs::read(&segs[0]).unwrap();
+    mark_acknowledged_up_to(&mut full, last.offset);
+    fs::write(&segs[0], &full).unwrap();
     flip(&segs[0], last.offset + 20);
     let damaged = fs::read(&segs[0]).unwrap();
     let mut reader = SpoolReader::open(tmp.path()).unwrap();
@@ -350,7 +354,8 @@ fn damaged_magic_with_records_after_it_is_reported_and_kept() {
     let (records, corrupt) = read(tmp.path());
     assert_eq!(ids(&records), sent.iter().map(|m| m.id).collect::<Vec<_>>());
     assert_eq!(corrupt.len(), 1);
-    assert_eq!((corrupt[0].offset, corrupt[0].len), (0, 8));
+    // The range runs to the first record: the header, magic and commit marks.
+    assert_eq!((corrupt[0].offset, corrupt[0].len), (0, SEGMENT_HEADER_LEN));
 }
 
 #[test]
@@ -625,4 +630,245 @@ fn binary_case(older: bool, class: Class) {
         "{}",
         text(&check.stdout)
     );
+}
+
+// --- acknowledged records at the end of the newest segment -----------------------------
+
+/// Damage to the end of the newest segment after every record in it was answered `250`.
+#[derive(Clone, Copy, Debug)]
+enum TailDamage {
+    /// A byte of the last record's message.
+    LastPayload,
+    /// A byte of the last record's CRC.
+    LastCrc,
+    /// A byte in each of the last two records.
+    LastTwo,
+    /// The last 4 KiB zeroed.
+    Zeroed4K,
+    /// The file shortened by 10 bytes.
+    Shortened10,
+    /// A byte of the first copy of the commit mark.
+    FirstMark,
+    /// A byte of the second copy of the commit mark.
+    SecondMark,
+}
+
+const TAIL_DAMAGE: [TailDamage; 7] = [
+    TailDamage::LastPayload,
+    TailDamage::LastCrc,
+    TailDamage::LastTwo,
+    TailDamage::Zeroed4K,
+    TailDamage::Shortened10,
+    TailDamage::FirstMark,
+    TailDamage::SecondMark,
+];
+
+/// Applies `damage` to `path`; returns the byte ranges it touched.
+fn damage_tail(path: &Path, records: &[SpoolRecord], damage: TailDamage) -> Vec<(u64, u64)> {
+    use smtpgw::sink::spool::format::COMMIT_MARK_AT;
+    let mut bytes = fs::read(path).unwrap();
+    let len = bytes.len() as u64;
+    let last = &records[records.len() - 1];
+    let before = &records[records.len() - 2];
+    let touched = match damage {
+        TailDamage::LastPayload => vec![(last.offset + last.frame_len - 5, 1)],
+        TailDamage::LastCrc => vec![(last.offset + 5, 1)],
+        TailDamage::LastTwo => vec![
+            (before.offset + before.frame_len - 5, 1),
+            (last.offset + last.frame_len - 5, 1),
+        ],
+        TailDamage::Zeroed4K => vec![(len - 4096, 4096)],
+        TailDamage::Shortened10 => vec![(len - 10, 10)],
+        TailDamage::FirstMark => vec![(COMMIT_MARK_AT[0] + 3, 1)],
+        TailDamage::SecondMark => vec![(COMMIT_MARK_AT[1] + 9, 1)],
+    };
+    match damage {
+        TailDamage::Zeroed4K => bytes[(len - 4096) as usize..].fill(0),
+        TailDamage::Shortened10 => bytes.truncate((len - 10) as usize),
+        _ => {
+            for &(at, _) in &touched {
+                bytes[at as usize] ^= 0xa5;
+            }
+        }
+    }
+    fs::write(path, &bytes).unwrap();
+    touched
+}
+
+/// Every record the damage did not touch reads back exactly; every one it touched is
+/// inside a reported corrupt range; nothing is a torn tail (`read` panics on one).
+fn assert_all_accounted(
+    dir: &Path,
+    acked: &[SpoolRecord],
+    touched: &[(u64, u64)],
+    what: &str,
+) -> Vec<CorruptRange> {
+    let (records, corrupt) = read(dir);
+    assert!(!corrupt.is_empty(), "{what}: the damage is reported");
+    let hit = |r: &SpoolRecord| {
+        touched
+            .iter()
+            .any(|&(at, n)| at < r.offset + r.frame_len && r.offset < at + n)
+    };
+    let intact: Vec<&SpoolRecord> = acked.iter().filter(|r| !hit(r)).collect();
+    let mut got = records.iter().filter(|r| r.seq == acked[0].seq);
+    for want in &intact {
+        let r = got
+            .next()
+            .unwrap_or_else(|| panic!("{what}: {} missing", want.id));
+        assert_eq!((r.id, r.value()), (want.id, want.value()), "{what}");
+    }
+    assert!(got.next().is_none(), "{what}: nothing else read");
+    for damaged in acked.iter().filter(|r| hit(r)) {
+        assert!(
+            corrupt.iter().any(|c| c.segment == damaged.seq
+                && c.offset <= damaged.offset
+                && damaged.offset < c.offset + c.len),
+            "{what}: damaged record at {} is reported: {corrupt:?}",
+            damaged.offset
+        );
+    }
+    corrupt
+}
+
+/// The five hostile-audit cases and the commit mark itself, through a real
+/// gateway: every message answered `250`, the gateway stopped, the end of the newest
+/// segment damaged. Nothing acknowledged is taken for a torn tail: `spool check` exits
+/// 1, `spool cat` of a damaged message fails, start-up keeps the bytes, logs the
+/// damage at error, counts it, and takes mail.
+#[test]
+fn damage_to_the_last_acknowledged_records_is_corruption_not_a_torn_tail() {
+    let _alone = FORKS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for damage in TAIL_DAMAGE {
+        let what = format!("{damage:?}");
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path();
+        let gw = Gateway::start(dir, &[]);
+        let mut c = Client::connect(&gw.smtp);
+        assert!(c.cmd("EHLO client.test").starts_with("250"));
+        let mut ids_sent = Vec::new();
+        for i in 0..30 {
+            let body = format!("Subject: m{i}\r\n\r\n{}\r\n", "x".repeat(300));
+            let reply = c.send(body.as_bytes());
+            assert!(reply.starts_with("250 "), "{what}: {reply}");
+            ids_sent.push(kafka_support::queued_id(&reply));
+        }
+        drop(c);
+        drop(gw);
+        let (acked, corrupt) = read(dir);
+        assert!(corrupt.is_empty());
+        assert_eq!(
+            acked.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
+            ids_sent,
+            "{what}"
+        );
+        let path = acked[0].segment.to_path_buf();
+        let touched = damage_tail(&path, &acked, damage);
+        let damaged_bytes = fs::read(&path).unwrap();
+        assert_all_accounted(dir, &acked, &touched, &what);
+
+        let d = dir.to_str().unwrap();
+        let check = smtpgw(&["spool", "check", "--spool-dir", d]);
+        assert_eq!(
+            check.status.code(),
+            Some(1),
+            "{what}: {}",
+            text(&check.stderr)
+        );
+        assert!(!text(&check.stderr).contains("torn tail"), "{what}");
+        let victims: Vec<&SpoolRecord> = acked
+            .iter()
+            .filter(|r| {
+                touched
+                    .iter()
+                    .any(|&(at, n)| at < r.offset + r.frame_len && r.offset < at + n)
+            })
+            .collect();
+        for victim in &victims {
+            let cat = smtpgw(&["spool", "cat", "--spool-dir", d, &victim.id.to_string()]);
+            assert_ne!(
+                cat.status.code(),
+                Some(0),
+                "{what}: cat of a damaged message"
+            );
+            assert!(cat.stdout.is_empty(), "{what}");
+        }
+
+        // Start-up: error, counted, bytes kept, mail taken.
+        let mut gw = Gateway::start(dir, &[]);
+        gw.wait_for_log("spool holds corrupt data");
+        assert!(
+            spool_gateway::metric(&gw.metrics, "smtpgw_spool_corrupt_records_total") >= 1.0,
+            "{what}"
+        );
+        let mut c = Client::connect(&gw.smtp);
+        assert!(c.cmd("EHLO client.test").starts_with("250"));
+        assert!(c.send(b"Subject: after\r\n\r\nhi\r\n").starts_with("250 "));
+        drop(c);
+        drop(gw);
+        assert_eq!(
+            fs::read(&path).unwrap(),
+            damaged_bytes,
+            "{what}: nothing cut"
+        );
+        assert!(!dir.join("quarantine").exists(), "{what}: nothing torn");
+        assert_all_accounted(dir, &acked, &touched, &what);
+    }
+}
+
+mod flipped_anywhere {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// One spool of acknowledged records (several group commits, one segment), built
+    /// once: its directory, bytes and records.
+    fn spool() -> &'static (TempDir, Vec<u8>, Vec<SpoolRecord>) {
+        static SPOOL: OnceLock<(TempDir, Vec<u8>, Vec<SpoolRecord>)> = OnceLock::new();
+        SPOOL.get_or_init(|| {
+            let _forks = opens_sinks();
+            let tmp = TempDir::new().unwrap();
+            run_storing(tmp.path(), 12, "p");
+            let (records, corrupt) = read(tmp.path());
+            assert!(corrupt.is_empty());
+            let bytes = fs::read(&records[0].segment).unwrap();
+            (tmp, bytes, records)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// One byte flipped anywhere in a segment of acknowledged records (header,
+        /// commit marks, frames, last record): every other record reads back exactly,
+        /// the damaged one is reported, before and after a restart's recovery, and
+        /// nothing is cut.
+        #[test]
+        fn one_flipped_byte_anywhere_is_reported_and_costs_at_most_its_record(
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let (_keep, bytes, acked) = spool();
+            let at = at.index(bytes.len());
+            let tmp = TempDir::new().unwrap();
+            let name = acked[0].segment.file_name().unwrap();
+            let path = tmp.path().join(name);
+            let mut damaged = bytes.clone();
+            damaged[at] ^= flip;
+            fs::write(&path, &damaged).unwrap();
+            let what = format!("byte {at} ^ {flip:#04x}");
+            // Same segment name and offsets in another directory.
+            let check = |dir: &Path| assert_all_accounted(dir, acked, &[(at as u64, 1)], &what);
+            check(tmp.path());
+            {
+                let _forks = opens_sinks();
+                drop(SpoolSink::open(tmp.path()).unwrap_or_else(|e| panic!("{what}: {e}")));
+            }
+            prop_assert_eq!(fs::read(&path).unwrap(), damaged, "{}: nothing cut", what);
+            prop_assert!(!tmp.path().join("quarantine").exists(), "{}", what);
+            check(tmp.path());
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use smtpgw::sink::spool::{read_all, SpoolError, SpoolOptions, SpoolRecord, SpoolSink};
 use smtpgw::sink::{PublishError, Sink};
 use smtpgw::smtp::envelope::SealedMessage;
-use spool_support::{headers_of, message, publish, submit};
+use spool_support::{headers_of, mark_acknowledged_up_to, message, publish, submit};
 use tempfile::TempDir;
 use ulid::Ulid;
 
@@ -92,7 +92,10 @@ fn round_trip_keeps_repeated_recipients_and_binary_bodies() {
 }
 
 /// Writes three messages in one run and returns the spool's only segment, its bytes
-/// and where the last record starts.
+/// and where the last record starts. The bytes' commit marks name the end of the
+/// second record, as if a crash came after the third was written and before it was
+/// acknowledged: the third is a torn tail if damaged. (Damage to acknowledged records
+/// is in tests/spool_recovery.rs.)
 fn spool_with_three(tmp: &TempDir) -> (Vec<SealedMessage>, Vec<u8>, usize) {
     let sink = SpoolSink::open(tmp.path()).unwrap();
     let sent: Vec<SealedMessage> = (0..3)
@@ -110,8 +113,9 @@ fn spool_with_three(tmp: &TempDir) -> (Vec<SealedMessage>, Vec<u8>, usize) {
     drop(sink);
     let segs = segments(tmp.path());
     assert_eq!(segs.len(), 1);
-    let bytes = fs::read(&segs[0]).unwrap();
+    let mut bytes = fs::read(&segs[0]).unwrap();
     let last = records(tmp.path())[2].offset as usize;
+    mark_acknowledged_up_to(&mut bytes, last as u64);
     (sent, bytes, last)
 }
 
@@ -445,4 +449,36 @@ fn full_disk_answers_temporary_and_recovers_when_space_returns() {
         "a failed segment is never written again"
     );
     fs::remove_dir_all(&spool).unwrap();
+}
+
+/// A format 1 segment (magic `SMTPGWS1`, records right after it, no commit marks) as
+/// an earlier version wrote it: read, and at start-up its bad last record is still a
+/// torn tail (format 1 cannot tell), and the next segment is format 2.
+#[test]
+fn format_1_segments_are_still_read() {
+    use smtpgw::sink::spool::format::{SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_MAGIC_V1};
+    let tmp = TempDir::new().unwrap();
+    let (sent, v2, last) = spool_with_three(&tmp);
+    let header = SEGMENT_HEADER_LEN as usize;
+    let mut v1 = SEGMENT_MAGIC_V1.to_vec();
+    v1.extend_from_slice(&v2[header..]);
+    let (spool, path) = spool_with_segment(&v1);
+    assert_eq!(
+        ids(&records(spool.path())),
+        sent.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    let last_v1 = last - header + SEGMENT_MAGIC_V1.len();
+    let mut damaged = v1.clone();
+    damaged[last_v1 + 20] ^= 0x5a;
+    fs::write(&path, &damaged).unwrap();
+    check_torn_tail_recovers(&damaged, last_v1, &[sent[0].id, sent[1].id], "format 1");
+    let (spool, _) = spool_with_segment(&v1);
+    drop(SpoolSink::open(spool.path()).unwrap());
+    let segs = segments(spool.path());
+    assert_eq!(
+        fs::read(&segs[0]).unwrap(),
+        v1,
+        "an old segment is left as it is"
+    );
+    assert!(fs::read(&segs[1]).unwrap().starts_with(SEGMENT_MAGIC));
 }

@@ -157,6 +157,9 @@ pub struct SpoolStats {
     pub oldest_received_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Bytes available on the spool's file system, if the OS says.
     pub free_bytes: Option<u64>,
+    /// Corrupt ranges found since start-up (recovery of the newest segment and the
+    /// verification of the older ones), each logged at `error`.
+    pub corrupt_ranges: u64,
 }
 
 /// A destination for accepted messages.

@@ -84,3 +84,13 @@ pub fn replay_sample() -> Vec<SealedMessage> {
         message("x@example.com", &["y@example.com"], &[0xffu8; 100_000]),
     ]
 }
+
+/// Rewrites a format 2 segment's commit marks (in `bytes`, a whole segment) to name
+/// `end`: what a crash leaves when the batch after `end` was written but never
+/// acknowledged (the marks are rewritten only after a batch's `fdatasync`).
+pub fn mark_acknowledged_up_to(bytes: &mut [u8], end: u64) {
+    use smtpgw::sink::spool::format::{encode_commit_marks, COMMIT_MARK_AT};
+    let at = COMMIT_MARK_AT[0] as usize;
+    let marks = encode_commit_marks(end);
+    bytes[at..at + marks.len()].copy_from_slice(&marks);
+}

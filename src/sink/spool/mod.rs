@@ -12,7 +12,7 @@
 //! queued up while the previous `fdatasync` ran, writes it with one `write`, syncs once,
 //! and then answers every message of the batch.
 //!
-//! # On-disk format (version 1)
+//! # On-disk format (segment format 2)
 //!
 //! All integers are little-endian unless stated otherwise.
 //!
@@ -29,7 +29,23 @@
 //! - `quarantine/`: bytes recovery took out of a segment (a torn tail), kept for an
 //!   operator to inspect; nothing reads them.
 //!
-//! A segment starts with the 8-byte magic `SMTPGWS1`, followed by records back to back:
+//! A segment starts with a 64-byte header, followed by records back to back:
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     magic         `SMTPGWS2`
+//! 16      16    commit mark   end u64 | CRC-32C of the 8 end bytes u32 | `CMIT`
+//! 40      16    commit mark   the same again (a second copy)
+//!               (bytes 8..16, 32..40, 56..64 are zero)
+//! ```
+//!
+//! The commit mark names the end of the last group commit that was `fdatasync`ed and
+//! answered: every byte before `end` was acknowledged. It is rewritten in place after
+//! each batch's sync and made durable by the next batch's (see [`format`] for why that
+//! costs no `fdatasync` and still never names bytes that were not synced). Format 1
+//! segments (magic `SMTPGWS1`, records from offset 8, no marks) are still read.
+//!
+//! Each record:
 //!
 //! ```text
 //! offset  size  field
@@ -68,15 +84,19 @@
 //! # Crashes and corruption
 //!
 //! A crash can leave the newest segment with a torn tail: a short record, an impossible
-//! length or a CRC mismatch, with no valid record after it. None of those records was
-//! ever answered `Ok`, because a batch is answered only after its `fdatasync`. On
-//! start-up the gateway copies such a tail to `quarantine/` (in case the disk, not a
-//! crash, damaged the last record), truncates the segment at its last valid record
-//! (deleting it if a crash cut even its magic short), then starts a new segment.
+//! length or a CRC mismatch, with no valid record after it, past the commit mark. None
+//! of those records was ever answered `Ok`, because a batch is answered only after its
+//! `fdatasync` and the mark never names bytes before that. On start-up the gateway
+//! copies such a tail to `quarantine/`, truncates the segment there (deleting it if a
+//! crash cut even its header short), then starts a new segment.
 //!
-//! Bad bytes followed by a valid record, or anywhere in an older segment, are
-//! corruption: nothing is cut or deleted, the range is logged (file, offset, length),
-//! and readers report it and carry on with the next valid record. A newest segment whose
+//! Bad bytes before the commit mark (the last acknowledged record included, and bytes
+//! missing from a file shorter than its mark), bad bytes followed by a valid record, a
+//! damaged copy of the mark, and bad bytes anywhere in an older segment are corruption:
+//! nothing is cut or deleted, the range is logged at `error` (file, offset, length) and
+//! counted in `smtpgw_spool_corrupt_records_total`, and readers report it and carry on
+//! with the next valid record. (In a format 1 segment, which has no mark, a damaged
+//! last record still looks like a torn tail.) A newest segment whose
 //! magic is damaged and which holds no valid record at all is refused at start-up (it
 //! may not be ours); move it aside to start. Older segments are verified by a
 //! background thread after start-up, which logs what is damaged.
@@ -262,6 +282,7 @@ impl SpoolSink {
             durable: Mutex::new(Position::default()),
             durable_changed: Condvar::new(),
             writing: AtomicU64::new(seq),
+            corrupt: AtomicU64::new(newest_corrupt),
             commits: options.commits,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -272,11 +293,15 @@ impl SpoolSink {
             .map_err(SpoolError::Thread)?;
         if seq > 1 || newest_corrupt > 0 {
             let verify_dir = dir.to_path_buf();
+            let verified = Arc::clone(&shared);
             // Reading a large spool takes a while; mail is accepted meanwhile. The
             // newest segment before this start was read by recovery already.
             if let Err(error) = std::thread::Builder::new()
                 .name("smtpgw-spool-verify".into())
-                .spawn(move || recovery::verify_older(&verify_dir, seq - 1, newest_corrupt))
+                .spawn(move || {
+                    let older = recovery::verify_older(&verify_dir, seq - 1, newest_corrupt);
+                    verified.corrupt.fetch_add(older, Ordering::Relaxed);
+                })
             {
                 tracing::warn!(%error, "cannot start the spool verification thread");
             }
@@ -444,6 +469,7 @@ impl Sink for SpoolSink {
             segments: segments.len() as u64,
             oldest_received_at,
             free_bytes: writer::free_bytes(&self.dir),
+            corrupt_ranges: self.shared.corrupt.load(Ordering::Relaxed),
         })
     }
 }
@@ -498,6 +524,7 @@ mod tests {
             file,
             pos: 0,
             newest,
+            acked: 0,
         };
         let mut out = Vec::new();
         loop {

@@ -3,8 +3,9 @@
 //! past damaged bytes, so one bad record never hides the records after it.
 //!
 //! Readers take no lock: a live gateway may be appending to the newest segment. Each
-//! segment's length is taken when the reader opens it; bytes appended later are left
-//! for the next reader.
+//! segment's commit marks and then its length are taken when the reader opens it (in
+//! that order, so the marks never name bytes past the length); bytes appended later
+//! are left for the next reader.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -14,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::format::{
-    checksum_ok, decode_payload, frame_header, Origin, Position, SpoolRecord, FRAME_HEADER_LEN,
-    MIN_PAYLOAD_LEN, RESYNC_NEEDLE, RESYNC_NEEDLE_AT, SEGMENT_MAGIC,
+    checksum_ok, decode_commit_marks, decode_payload, encode_commit_marks, frame_header, Origin,
+    Position, SpoolRecord, COMMIT_MARK_AT, COMMIT_MARK_LEN, FRAME_HEADER_LEN, MIN_PAYLOAD_LEN,
+    RESYNC_NEEDLE, RESYNC_NEEDLE_AT, SEGMENT_HEADER_LEN, SEGMENT_MAGIC, SEGMENT_MAGIC_V1,
 };
 use super::writer::list_segments;
 use super::{io_error, SpoolError};
@@ -68,8 +70,10 @@ pub enum ReadEvent {
     /// Bytes that are not a record; reading goes on after them.
     Corrupt(CorruptRange),
     /// Bytes at the end of the newest segment (as listed when the reader opened) that
-    /// are not a record and are not followed by one: a write still in progress, or one
-    /// a crash cut short. Never answered `250` unless the disk damaged the last record.
+    /// are not a record, are not followed by one, and lie past the segment's commit
+    /// mark: a write still in progress, or one a crash cut short; never answered `250`.
+    /// (In a format 1 segment, which has no commit mark, the disk damaging the last
+    /// record looks the same.)
     TornTail(CorruptRange),
     /// The reader has passed the end of a segment. `closed` is true when a later
     /// segment existed when the reader was opened (and no `until` stopped inside this
@@ -101,19 +105,36 @@ pub(crate) enum FrameAt {
 }
 
 impl SegmentFile {
-    /// `None` when the file is gone (a cleanup removed it after it was listed).
-    pub fn open(path: &Path, seq: u64, limit: Option<u64>) -> Result<Option<Self>, SpoolError> {
+    /// `None` when the file is gone (a cleanup removed it after it was listed). Also
+    /// returns the segment's header (up to [`SEGMENT_HEADER_LEN`] bytes), read before
+    /// the length is taken.
+    pub fn open(
+        path: &Path,
+        seq: u64,
+        limit: Option<u64>,
+    ) -> Result<Option<(Self, Vec<u8>)>, SpoolError> {
         let file = match File::open(path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_error("open segment", path)(e)),
         };
+        let mut header = vec![0u8; SEGMENT_HEADER_LEN as usize];
+        let mut got = 0;
+        while got < header.len() {
+            match file.read_at(&mut header[got..], got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error("read segment", path)(e)),
+            }
+        }
+        header.truncate(got);
         let len = file
             .metadata()
             .map_err(io_error("read segment", path))?
             .len();
         let len = limit.map_or(len, |l| l.min(len));
-        Ok(Some(Self::from_file(file, path, seq, len)))
+        Ok(Some((Self::from_file(file, path, seq, len), header)))
     }
 
     pub fn from_file(file: File, path: &Path, seq: u64, len: u64) -> Self {
@@ -229,9 +250,13 @@ pub(crate) enum Step {
 pub(crate) struct SegmentCursor {
     pub file: SegmentFile,
     pub pos: u64,
-    /// Bad bytes with nothing valid after them are a torn tail here, corruption
-    /// anywhere else.
+    /// Bad bytes with nothing valid after them are a torn tail here (if they lie past
+    /// `acked`), corruption anywhere else.
     pub newest: bool,
+    /// The segment's commit mark: every byte before it was acknowledged, so bad bytes
+    /// there are corruption, and bytes missing there (a shortened file) too. 0 when
+    /// unknown (format 1, or both marks damaged).
+    pub acked: u64,
 }
 
 impl SegmentCursor {
@@ -248,6 +273,14 @@ impl SegmentCursor {
     pub fn step(&mut self) -> io::Result<Step> {
         let pos = self.pos;
         match self.file.frame_at(pos)? {
+            FrameAt::End if pos < self.acked => {
+                self.pos = self.acked;
+                Ok(Step::Corrupt(self.range(
+                    pos,
+                    self.acked - pos,
+                    "acknowledged bytes missing: the file is shorter than its commit mark",
+                )))
+            }
             FrameAt::End => Ok(Step::End),
             FrameAt::Valid(payload_len) => {
                 let frame_len = FRAME_HEADER_LEN as u64 + u64::from(payload_len);
@@ -272,6 +305,12 @@ impl SegmentCursor {
                     self.pos = next;
                     Ok(Step::Corrupt(self.range(pos, next - pos, reason)))
                 }
+                // Up to the commit mark (even past the end of a shortened file) the bytes
+                // were acknowledged: corruption, whatever follows.
+                None if pos < self.acked => {
+                    self.pos = self.acked;
+                    Ok(Step::Corrupt(self.range(pos, self.acked - pos, reason)))
+                }
                 None => {
                     let len = self.file.len;
                     self.pos = len;
@@ -290,12 +329,12 @@ impl SegmentCursor {
 /// How a segment file begins.
 pub(crate) enum Opened {
     /// Records follow from `cursor.pos`; `damaged` covers a bad magic that valid
-    /// records follow.
+    /// records follow, and a damaged commit mark.
     Cursor {
         cursor: SegmentCursor,
-        damaged: Option<CorruptRange>,
+        damaged: Vec<CorruptRange>,
     },
-    /// Empty, a prefix of the magic in the newest segment (a crash while it was being
+    /// Empty, a prefix of the header in the newest segment (a crash while it was being
     /// created), or gone.
     Empty,
     /// Nothing in it is a record: a cut-short header in an older segment, or a file
@@ -310,61 +349,130 @@ pub(crate) fn open_segment(
     start: u64,
     limit: Option<u64>,
 ) -> Result<Opened, SpoolError> {
-    let Some(mut file) = SegmentFile::open(path, seq, limit)? else {
+    let Some((mut file, head)) = SegmentFile::open(path, seq, limit)? else {
         return Ok(Opened::Empty);
     };
-    let magic_len = SEGMENT_MAGIC.len() as u64;
-    let head = file
-        .read_at(0, SEGMENT_MAGIC.len())
-        .map_err(io_error("read segment", path))?
-        .to_vec();
     let file_len = file.len;
-    let whole = |reason| CorruptRange {
+    let range = |offset, len, reason| CorruptRange {
         path: Arc::from(path),
         segment: seq,
-        offset: 0,
-        len: file_len,
+        offset,
+        len,
         reason,
     };
-    if head.len() < SEGMENT_MAGIC.len() && SEGMENT_MAGIC.starts_with(&head) {
+    let fresh = fresh_header();
+    let short = head.len() < SEGMENT_MAGIC.len()
+        && (SEGMENT_MAGIC.starts_with(&head) || SEGMENT_MAGIC_V1.starts_with(&head));
+    // A format 2 header is written and synced whole before any record: a prefix of it
+    // is a creation a crash cut short.
+    let short = short || (head.len() < fresh.len() && fresh.starts_with(&head));
+    if short {
         return Ok(if newest || head.is_empty() {
             Opened::Empty
         } else {
-            Opened::Unreadable(whole("segment header cut short"))
+            Opened::Unreadable(range(0, file_len, "segment header cut short"))
         });
     }
-    let pos = start.max(magic_len).min(file.len);
-    if head == SEGMENT_MAGIC {
+    let magic = head.get(..SEGMENT_MAGIC.len());
+    let v1 = magic == Some(&SEGMENT_MAGIC_V1[..]);
+    let mut damaged = Vec::new();
+    let marks = decode_commit_marks(&head);
+    let mut acked = marks.end.unwrap_or(0);
+    if let Some(limit) = limit {
+        acked = acked.min(limit);
+    }
+    if !v1 {
+        // Bytes the format keeps zero: damage there costs nothing but is still damage.
+        let padding = [
+            SEGMENT_MAGIC.len() as u64..COMMIT_MARK_AT[0],
+            COMMIT_MARK_AT[0] + COMMIT_MARK_LEN as u64..COMMIT_MARK_AT[1],
+            COMMIT_MARK_AT[1] + COMMIT_MARK_LEN as u64..SEGMENT_HEADER_LEN,
+        ];
+        for gap in padding {
+            let bytes = head.get(gap.start as usize..gap.end as usize);
+            if bytes.is_some_and(|b| b.iter().any(|&b| b != 0)) {
+                damaged.push(range(
+                    gap.start,
+                    gap.end - gap.start,
+                    "damaged segment header (bytes that must be zero are not)",
+                ));
+            }
+        }
+        match marks.damaged {
+            Some(i) => damaged.push(range(
+                COMMIT_MARK_AT[i],
+                COMMIT_MARK_LEN as u64,
+                "damaged commit mark (the other copy holds)",
+            )),
+            None if marks.end.is_none() => damaged.push(range(
+                COMMIT_MARK_AT[0],
+                COMMIT_MARK_AT[1] + COMMIT_MARK_LEN as u64 - COMMIT_MARK_AT[0],
+                "both commit marks damaged: a damaged last record cannot be told from a torn tail",
+            )),
+            None => {}
+        }
+    }
+    let data_start = if v1 {
+        SEGMENT_MAGIC_V1.len() as u64
+    } else {
+        SEGMENT_HEADER_LEN
+    };
+    let pos = start.max(data_start).min(file.len.max(data_start));
+    if magic == Some(&SEGMENT_MAGIC[..]) || v1 {
+        // Damage to the marks is reported once, by a reader starting at the beginning.
+        if start > data_start {
+            damaged.clear();
+        }
         return Ok(Opened::Cursor {
-            cursor: SegmentCursor { file, pos, newest },
-            damaged: None,
+            cursor: SegmentCursor {
+                file,
+                pos,
+                newest,
+                acked,
+            },
+            damaged,
         });
     }
     match file
-        .find_frame(magic_len)
+        .find_frame(SEGMENT_MAGIC.len() as u64)
         .map_err(io_error("read segment", path))?
     {
         Some(first) => {
-            let damaged = CorruptRange {
-                path: Arc::from(path),
-                segment: seq,
-                offset: 0,
-                len: first,
-                reason: "bad segment magic",
-            };
+            let reported = start < first;
+            let mut ranges = vec![range(0, first, "bad segment magic")];
+            // Inside the range just reported.
+            damaged.retain(|r| r.offset >= first);
+            ranges.append(&mut damaged);
+            if !reported {
+                ranges.clear();
+            }
             Ok(Opened::Cursor {
                 cursor: SegmentCursor {
                     file,
                     pos: pos.max(first),
                     newest,
+                    acked,
                 },
-                damaged: (start < first).then_some(damaged),
+                damaged: ranges,
             })
         }
-        None => Ok(Opened::Unreadable(whole(
+        None => Ok(Opened::Unreadable(range(
+            0,
+            file_len,
             "not a spool segment (bad magic, no records)",
         ))),
     }
+}
+
+/// The header a new format 2 segment starts with: magic, then commit marks naming the
+/// empty segment.
+pub(crate) fn fresh_header() -> [u8; SEGMENT_HEADER_LEN as usize] {
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    header[..SEGMENT_MAGIC.len()].copy_from_slice(SEGMENT_MAGIC);
+    let at = COMMIT_MARK_AT[0] as usize;
+    let marks = encode_commit_marks(SEGMENT_HEADER_LEN);
+    header[at..at + marks.len()].copy_from_slice(&marks);
+    header
 }
 
 /// Reads the records of a spool in the order they were written, from the start or
@@ -465,8 +573,10 @@ impl SpoolReader {
                 match open_segment(&path, seq, newest, start, limit) {
                     Ok(Opened::Cursor { cursor, damaged }) => {
                         self.current = Some((cursor, closed));
-                        if let Some(range) = damaged {
-                            return Some(Ok(ReadEvent::Corrupt(range)));
+                        self.pending
+                            .extend(damaged.into_iter().map(ReadEvent::Corrupt));
+                        if let Some(event) = self.pending.pop_front() {
+                            return Some(Ok(event));
                         }
                     }
                     Ok(Opened::Empty) => {

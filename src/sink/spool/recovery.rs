@@ -2,82 +2,47 @@
 //! ones.
 //!
 //! The rule: a bad frame is a crash's torn tail only if nothing valid follows it in
-//! the newest segment. Such a tail was never answered `250` (a batch is answered only
-//! after its `fdatasync`), unless the disk damaged the last record, so its bytes are
-//! first copied to `quarantine/` and only then cut off. Anything else is corruption:
-//! the file is kept as it is, the range is logged, and readers skip it.
+//! the newest segment and it lies past the segment's commit mark. Such a tail was never
+//! answered `250` (a batch is answered only after its `fdatasync`, and the mark names
+//! only answered batches); its bytes are still copied to `quarantine/` before they are
+//! cut off. Anything else is corruption: the file is kept as it is, the range is
+//! logged at `error`, counted, and readers skip it.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::format::SEGMENT_MAGIC;
-use super::reader::{open_segment, CorruptRange, Opened, SegmentCursor, SegmentFile, Step};
+use super::reader::{open_segment, CorruptRange, Opened, SegmentFile, Step};
 use super::writer::{create_dir_durably, sync_dir, QUARANTINE_DIR};
 use super::{io_error, SpoolError};
 
 /// Repairs the newest segment (`seq` at `path`) before a new one is started after it;
 /// returns how many corrupt ranges it kept (and logged).
 pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, SpoolError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io_error("open segment", path))?;
-    let len = file
-        .metadata()
-        .map_err(io_error("read segment", path))?
-        .len();
-    let mut segment = SegmentFile::from_file(
-        file.try_clone().map_err(io_error("open segment", path))?,
-        path,
-        seq,
-        len,
-    );
-    let head = segment
-        .read_at(0, SEGMENT_MAGIC.len())
-        .map_err(io_error("read segment", path))?
-        .to_vec();
-    let mut corrupt = 0u64;
-    let start = if head == SEGMENT_MAGIC {
-        SEGMENT_MAGIC.len() as u64
-    } else if head.len() < SEGMENT_MAGIC.len() && SEGMENT_MAGIC.starts_with(&head) {
-        // A crash while the segment was being created: no record can be in it.
-        drop(segment);
-        drop(file);
-        fs::remove_file(path).map_err(io_error("remove unfinished segment", path))?;
-        sync_dir(dir)?;
-        tracing::warn!(segment = %path.display(), bytes = len, "removed a segment whose creation a crash cut short");
-        return Ok(0);
-    } else {
-        match segment
-            .find_frame(SEGMENT_MAGIC.len() as u64)
-            .map_err(io_error("read segment", path))?
-        {
-            Some(first) => {
-                corrupt += 1;
-                tracing::error!(
-                    segment = %path.display(),
-                    offset = 0,
-                    len = first,
-                    "corrupt spool segment header; the file is kept and readers skip the range"
-                );
-                first
+    let (mut cursor, damaged) = match open_segment(path, seq, true, 0, None)? {
+        Opened::Cursor { cursor, damaged } => (cursor, damaged),
+        Opened::Empty => {
+            // A crash while the segment was being created: no record can be in it.
+            match fs::remove_file(path) {
+                Ok(()) => sync_dir(dir)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(io_error("remove unfinished segment", path)(e)),
             }
-            // Nothing in it is ours: refuse rather than guess.
-            None => {
-                return Err(SpoolError::BadMagic {
-                    path: path.to_path_buf(),
-                })
-            }
+            tracing::warn!(segment = %path.display(), "removed a segment whose creation a crash cut short");
+            return Ok(0);
+        }
+        // Nothing in it is ours: refuse rather than guess.
+        Opened::Unreadable(_) => {
+            return Err(SpoolError::BadMagic {
+                path: path.to_path_buf(),
+            })
         }
     };
-
-    let mut cursor = SegmentCursor {
-        file: segment,
-        pos: start,
-        newest: true,
-    };
+    let mut corrupt = 0u64;
+    for range in &damaged {
+        corrupt += 1;
+        log_corrupt(range);
+    }
     let mut records = 0u64;
     let torn = loop {
         match cursor.step().map_err(io_error("read segment", path))? {
@@ -92,11 +57,19 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, S
     };
     drop(cursor);
     if let Some(range) = torn {
-        match quarantine_tail(dir, path, &range) {
+        let cut = quarantine_tail(dir, path, &range).and_then(|saved| {
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|file| {
+                    file.set_len(range.offset)?;
+                    file.sync_all()
+                })
+                .map_err(io_error("truncate torn segment", path))
+                .map(|()| saved)
+        });
+        match cut {
             Ok(saved) => {
-                file.set_len(range.offset)
-                    .and_then(|()| file.sync_all())
-                    .map_err(io_error("truncate torn segment", path))?;
                 tracing::warn!(
                     segment = %path.display(),
                     offset = range.offset,
@@ -104,7 +77,8 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, S
                     reason = range.reason,
                     saved = %saved.display(),
                     records_kept = records,
-                    "truncated the torn tail a crash left in the spool (its bytes are saved)"
+                    "truncated the torn tail a crash left in the spool (past the commit mark, \
+                     never acknowledged; its bytes are saved)"
                 );
             }
             // Without a copy the tail stays: readers will report it as corruption,
@@ -116,7 +90,7 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, S
                     offset = range.offset,
                     len = range.len,
                     %error,
-                    "cannot save the torn tail to quarantine; leaving it in place"
+                    "cannot save the torn tail to quarantine and cut it; leaving it in place"
                 )
             }
         }
@@ -140,7 +114,7 @@ fn quarantine_tail(dir: &Path, path: &Path, range: &CorruptRange) -> Result<Path
     create_dir_durably(&qdir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let target = qdir.join(format!("{name}.{}.torn", range.offset));
-    let mut segment = SegmentFile::open(path, range.segment, None)?
+    let (mut segment, _) = SegmentFile::open(path, range.segment, None)?
         .ok_or_else(|| io_error("read segment", path)(std::io::ErrorKind::NotFound.into()))?;
     let bytes = segment
         .read_at(
@@ -164,13 +138,14 @@ fn quarantine_tail(dir: &Path, path: &Path, range: &CorruptRange) -> Result<Path
 
 /// Reads every segment below `below` once and logs what is damaged, so a start-up
 /// says so without waiting for the whole spool to be read; `found` ranges were already
-/// logged by [`recover_newest`].
-pub(crate) fn verify_older(dir: &Path, below: u64, found: u64) {
+/// logged by [`recover_newest`]. Returns how many corrupt ranges it found (beyond
+/// `found`).
+pub(crate) fn verify_older(dir: &Path, below: u64, found: u64) -> u64 {
     let segments = match super::writer::list_segments(dir) {
         Ok(s) => s,
         Err(error) => {
             tracing::warn!(%error, "cannot list the spool to verify it");
-            return;
+            return 0;
         }
     };
     // The newest segment counts: recovery read it.
@@ -182,7 +157,7 @@ pub(crate) fn verify_older(dir: &Path, below: u64, found: u64) {
                 mut cursor,
                 damaged: head,
             }) => {
-                if let Some(range) = head {
+                for range in head {
                     damaged += 1;
                     log_corrupt(&range);
                 }
@@ -219,4 +194,5 @@ pub(crate) fn verify_older(dir: &Path, below: u64, found: u64) {
     } else {
         tracing::info!(dir = %dir.display(), segments = checked, "spool verified");
     }
+    damaged - found
 }

@@ -1,16 +1,20 @@
 //! The writer thread and the files it owns: segment creation and rotation, group
 //! commit (one `write` and one `fdatasync` per batch), the size and free-space limits
-//! checked before a batch is written, and the health the sink reports.
+//! checked before a batch is written, the commit marks, and the health the sink
+//! reports.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use super::format::{encode_record, Position, TooLarge, SEGMENT_MAGIC};
+use super::format::{
+    encode_commit_marks, encode_record, Position, TooLarge, COMMIT_MARK_AT, SEGMENT_HEADER_LEN,
+};
 use super::{io_error, SpoolError};
 use crate::sink::{Completion, PublishError};
 use crate::smtp::envelope::{MessageId, SealedMessage};
@@ -26,6 +30,9 @@ const MAX_BATCH_MESSAGES: usize = 1024;
 const MAX_BATCH_BYTES: usize = 8 << 20;
 /// After an unusually large batch, give the memory back rather than keep it for good.
 const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
+/// How long the writer waits for the next batch before it syncs the commit marks of
+/// the last one on their own; under load the next batch's `fdatasync` carries them.
+const MARK_SYNC_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(crate) type Request = (SealedMessage, Completion);
 
@@ -50,6 +57,8 @@ pub(crate) struct Shared {
     pub durable_changed: Condvar,
     /// The segment the writer appends to; every lower-numbered one is closed.
     pub writing: AtomicU64,
+    /// Corrupt ranges found since start-up, for `smtpgw_spool_corrupt_records_total`.
+    pub corrupt: AtomicU64,
     /// Told after every durable batch (the Kafka fallback's forwarder waits on it).
     pub commits: Option<crossbeam_channel::Sender<super::SpoolCommit>>,
 }
@@ -120,19 +129,36 @@ pub(crate) struct Segment {
     seq: u64,
     /// Bytes known to be durable: everything up to the end of the last synced batch.
     len: u64,
+    /// The commit marks name `len` but have not been synced yet.
+    marks_dirty: bool,
 }
 
 impl Segment {
     /// Appends and syncs; on failure puts the file back the way it was, as far as the
     /// file system lets us, so that the failed batch never reads as messages.
+    ///
+    /// After the sync, the commit marks are rewritten to name the new end, without a
+    /// sync of their own: the next batch's `fdatasync` (or [`Segment::sync_marks`] when
+    /// none comes) makes them durable. The format module explains why this order.
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let result = self
             .file
-            .write_all(bytes)
+            .write_all_at(bytes, self.len)
             .and_then(|()| self.file.sync_data());
         match result {
             Ok(()) => {
                 self.len += bytes.len() as u64;
+                self.marks_dirty = false;
+                if let Err(error) = self
+                    .file
+                    .write_all_at(&encode_commit_marks(self.len), COMMIT_MARK_AT[0])
+                {
+                    // The batch is durable all the same; only a damaged last record
+                    // of it would be taken for a torn tail.
+                    tracing::warn!(segment = %self.path.display(), %error, "cannot write the spool's commit mark");
+                } else {
+                    self.marks_dirty = true;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -153,7 +179,20 @@ impl Segment {
     }
 
     fn is_empty(&self) -> bool {
-        self.len <= SEGMENT_MAGIC.len() as u64
+        self.len <= SEGMENT_HEADER_LEN
+    }
+
+    /// Makes the commit marks durable when no batch's `fdatasync` will.
+    fn sync_marks(&mut self) {
+        if !self.marks_dirty {
+            return;
+        }
+        match self.file.sync_data() {
+            Ok(()) => self.marks_dirty = false,
+            Err(error) => {
+                tracing::warn!(segment = %self.path.display(), %error, "cannot sync the spool's commit mark")
+            }
+        }
     }
 }
 
@@ -194,7 +233,25 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<Request>) {
         // `recv` fails only once every sender is gone and the queue is empty, so
         // everything submitted before shutdown is answered.
-        while let Ok(first) = rx.recv() {
+        loop {
+            let marks_dirty = self.segment.as_ref().is_some_and(|s| s.marks_dirty);
+            let first = if marks_dirty {
+                match rx.recv_timeout(MARK_SYNC_DELAY) {
+                    Ok(request) => request,
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Some(segment) = self.segment.as_mut() {
+                            segment.sync_marks();
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            };
             self.encode(first);
             while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
                 match rx.try_recv() {
@@ -204,6 +261,9 @@ impl Writer {
             }
             self.commit();
         }
+        if let Some(segment) = self.segment.as_mut() {
+            segment.sync_marks();
+        }
     }
 
     fn encode(&mut self, (msg, done): Request) {
@@ -212,7 +272,7 @@ impl Writer {
             // A record that could not fit even an empty spool would get 452 for ever.
             Ok(())
                 if self.shared.limits.max_bytes.is_some_and(|max| {
-                    (self.buf.len() - start + SEGMENT_MAGIC.len()) as u64 > max
+                    (self.buf.len() - start) as u64 + SEGMENT_HEADER_LEN > max
                 }) =>
             {
                 self.buf.truncate(start);
@@ -394,7 +454,9 @@ impl Writer {
         match create_segment(&self.shared.dir, seq) {
             Ok(segment) => {
                 tracing::debug!(segment = %segment.path.display(), "new spool segment");
-                if let Some(old) = self.segment.take() {
+                if let Some(mut old) = self.segment.take() {
+                    // Its last commit mark must not wait for a batch that goes elsewhere.
+                    old.sync_marks();
                     discard_if_empty(&self.shared.dir, old);
                 }
                 self.shared.writing.store(seq, Ordering::Release);
@@ -495,17 +557,20 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolErro
     Ok(segments)
 }
 
-/// Creates segment `seq` with its magic, durably (file and directory synced); on
-/// failure nothing is left behind, as far as the file system lets us.
+/// Creates segment `seq` with its header (magic, commit marks naming the empty
+/// segment), durably (file and directory synced); on failure nothing is left behind,
+/// as far as the file system lets us. Records are written at explicit offsets (not
+/// `O_APPEND`, under which Linux's `pwrite` ignores the offset the marks need).
 pub(crate) fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError> {
     let path = segment_path(dir, seq);
-    let mut file = OpenOptions::new()
-        .append(true)
+    let file = OpenOptions::new()
+        .write(true)
         .create_new(true)
         .open(&path)
         .map_err(io_error("create segment", &path))?;
+    let header = super::reader::fresh_header();
     let durable = file
-        .write_all(SEGMENT_MAGIC)
+        .write_all_at(&header, 0)
         .and_then(|()| file.sync_all())
         .map_err(io_error("write segment", &path))
         .and_then(|()| sync_dir(dir));
@@ -520,6 +585,7 @@ pub(crate) fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError
         file,
         path,
         seq,
-        len: SEGMENT_MAGIC.len() as u64,
+        len: SEGMENT_HEADER_LEN,
+        marks_dirty: false,
     })
 }
