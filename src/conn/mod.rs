@@ -663,6 +663,8 @@ impl Connection {
             };
         }
         if let Err(e) = processed {
+            // The alert rustls queued for the client goes out before the close.
+            let _ = tls.write_tls(&mut self.wire_out);
             if !self.tls_done {
                 let failure = tls::failure_index(&e);
                 self.edge_stats.tls_failures[failure] += 1;
@@ -670,8 +672,6 @@ impl Connection {
                 let detail = format!("{}: {e}", edge::TLS_FAILURES[failure]);
                 self.refused(Refusal::TlsHandshake, Some(&detail));
             }
-            // The alert rustls queued for the client goes out before the close.
-            let _ = tls.write_tls(&mut self.wire_out);
             self.pending = Vec::new();
             self.tls_in = Vec::new();
             self.life = Life::Closing;

@@ -17,7 +17,9 @@ use super::event::{ClosedLine, MessageLine, RefusalLine, TraceLine, Value};
 use crate::smtp::address::{write_escaped, EscapeFor};
 
 /// How recipients appear on the transaction line (`--log-recipients`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogRecipients {
     /// Each address as given.
