@@ -18,7 +18,15 @@ use crate::smtp::address::{write_escaped, EscapeFor};
 
 /// How recipients appear on the transaction line (`--log-recipients`).
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum LogRecipients {

@@ -1248,6 +1248,9 @@ fn ten_thousand_accept_domains_match_like_three() {
         "u@[192.0.2.2]",
     ] {
         assert_eq!(rcpt(to), "550 5.7.1", "{to}");
+    }
+}
+
 /// A caller that does not poll loses events past the few kept, never their counts, and
 /// the session does not grow for them.
 #[test]
