@@ -333,3 +333,43 @@ def test_journald_priorities(start_gateway):
         assert line.startswith(want), line
     assert any(line.startswith("<4>") and "reason=bad_sequence" in line for line in lines)
     assert any(line.startswith("<6>") and "smtpgw::message" in line for line in lines)
+
+
+def test_more_refusal_reasons(start_gateway):
+    """Per prefix, connection rate, session time, data rate and the drain: each a line
+    with its reason word and the same label on the metric."""
+    gw = start_gateway(
+        *TRUSTED, "--max-connections-per-prefix", "1", "--max-connection-rate-per-ip", "1",
+        "--max-session-time", "2s", "--min-data-rate", "1000000/1s",
+    )
+    with wire_from(gw, "127.0.0.2") as held:
+        assert_reply(held.reply(), "220")
+        with wire_from(gw, "127.0.0.3") as same_prefix:
+            assert_reply(same_prefix.reply(), "421 4.7.0")
+    gw.wait_idle()
+    with wire_from(gw, "127.0.0.2") as second:
+        assert_reply(second.reply(), "421 4.7.0")  # the second connection this minute
+    with gw.session() as slow:
+        slow.envelope()
+        slow.expect("DATA", "354")
+        slow.send(b"Subject: slow\r\n")
+        assert_reply(slow.reply(), "421 4.4.2")
+    with gw.session() as long:
+        deadline = time.monotonic() + 10
+        reply = None
+        while time.monotonic() < deadline:
+            reply = long.cmd("NOOP")
+            if not reply.text.startswith("250"):
+                break
+            time.sleep(0.2)
+        assert_reply(reply, "421 4.4.2")
+    for reason in ("per_prefix", "connection_rate", "data_rate", "session_timeout"):
+        assert refusals(gw, reason)[0]["code"] in ("421", 421), reason
+        assert refusal_metric(gw, reason) >= 1, reason
+    with gw.session() as draining:
+        gw.send_signal(15)
+        assert_reply(draining.reply(), "421 4.3.2")
+    assert refusals(gw, "shutting_down")[0]["code"] in ("421", 421)
+    assert gw.wait(30) == 0
+    ends = [p for p in (parse(line) for line in gw.log) if p["target"] == "smtpgw::session"]
+    assert {p["ended"] for p in ends} >= {"limit", "timeout", "drain"}, ends
