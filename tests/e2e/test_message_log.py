@@ -373,3 +373,37 @@ def test_more_refusal_reasons(start_gateway):
     assert gw.wait(30) == 0
     ends = [p for p in (parse(line) for line in gw.log) if p["target"] == "smtpgw::session"]
     assert {p["ended"] for p in ends} >= {"limit", "timeout", "drain"}, ends
+
+
+def test_sink_refusals_and_their_transaction_lines(start_gateway):
+    """A Kafka sink with no broker answers 451 (sink_temporary); a full spool 452
+    (storage_full). Each message has its transaction line with the code and the sink's
+    reason, and its refusal line."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    kafka = start_gateway(sink=("--sink", "kafka", "--kafka-brokers", f"127.0.0.1:{port}", "--publish-timeout", "1s"))
+    with kafka.session() as w:
+        w.envelope()
+        w.expect("DATA", "354")
+        w.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert_reply(w.reply(), "451 4.3.0")
+    line = refusals(kafka, "sink_temporary")[0]
+    assert line["command"] == "DATA" and line["detail"]
+    [tx] = wait_lines(kafka, lambda p: p["target"] == "smtpgw::message")
+    assert tx["level"] == "WARN" and int(tx["code"]) == 451 and tx["sink"] == "kafka" and tx["error"]
+    assert refusal_metric(kafka, "sink_temporary") >= 1
+
+    spool = start_gateway("--spool-max-bytes", "2K")
+    codes = []
+    with spool.session() as w:
+        for _ in range(10):
+            w.envelope()
+            w.expect("DATA", "354")
+            w.send(b"Subject: x\r\n\r\n" + b"z" * 1000 + b"\r\n.\r\n")
+            codes.append(w.reply().text[:3])
+            if codes[-1] == "452":
+                break
+    assert codes[-1] == "452", codes
+    assert refusals(spool, "storage_full")[0]["enhanced"] == "4.3.1"
+    assert refusal_metric(spool, "storage_full") >= 1
