@@ -6,6 +6,7 @@ that a log pipeline takes as is, and journald priorities."""
 from __future__ import annotations
 
 import json
+import signal
 import re
 import smtplib
 import socket
@@ -407,3 +408,17 @@ def test_sink_refusals_and_their_transaction_lines(start_gateway):
     assert codes[-1] == "452", codes
     assert refusals(spool, "storage_full")[0]["enhanced"] == "4.3.1"
     assert refusal_metric(spool, "storage_full") >= 1
+
+
+def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_path):
+    config = tmp_path / "smtpgw.toml"
+    config.write_text('log-recipients = "count"\n')
+    gw = start_gateway("--config", str(config))
+    with gw.session() as w:
+        w.deliver(make_message("counted"), rcpts=("a@example.com", "b@example.com"))
+    [line] = wait_lines(gw, lambda p: p["target"] == "smtpgw::message")
+    assert "rcpts" not in line and int(line["nrcpt"]) == 2
+    config.write_text('log-recipients = "full"\n')
+    gw.send_signal(signal.SIGHUP)
+    [warning] = wait_lines(gw, lambda p: "only change at a restart" in p["message"])
+    assert "log-recipients" in warning["settings"], warning
