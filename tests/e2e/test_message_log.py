@@ -10,6 +10,8 @@ import signal
 import re
 import smtplib
 import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -422,3 +424,72 @@ def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_p
     gw.send_signal(signal.SIGHUP)
     [warning] = wait_lines(gw, lambda p: "only change at a restart" in p["message"])
     assert "log-recipients" in warning["settings"], warning
+
+
+def test_a_stalled_log_reader_costs_lines_not_mail(io_backend, tmp_path):
+    """stderr is a pipe nobody reads (a stuck log shipper): the writer thread blocks, its
+    queue fills, and then lines are dropped and counted while every message still gets
+    its 250 at full speed."""
+    import urllib.request
+
+    from conftest import gateway_binary, gateway_env, io_backend_args
+
+    proc = subprocess.Popen(
+        [str(gateway_binary()), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--accept-domain", "example.com", "--sink", "null", *io_backend_args(io_backend)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=gateway_env(),
+    )
+    try:
+        addr = metrics = None
+        deadline = time.monotonic() + 10
+        while (addr is None or metrics is None) and time.monotonic() < deadline:
+            line = proc.stderr.readline().decode()
+            metrics = metrics or (re.search(r"metrics_addr=(\S+)", line) or [None, None])[1]
+            addr = addr or (re.search(r"listening addr=(\S+)", line) or [None, None])[1]
+        assert addr and metrics, "no addresses in the log"
+        # From here on nobody reads stderr.
+        host, _, port = addr.rpartition(":")
+        one = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\nBDAT 10 LAST\r\n0123456789"
+        per_connection, connections = 6000, 4
+
+        def blast(results: list) -> None:
+            with socket.create_connection((host, int(port)), timeout=IO_TIMEOUT) as s:
+                s.settimeout(IO_TIMEOUT)
+                reader_buf = bytearray()
+                sender = threading.Thread(target=s.sendall, args=(b"EHLO c.test\r\n" + one * per_connection,))
+                sender.start()
+                while reader_buf.count(b"queued as") < per_connection:
+                    chunk = s.recv(1 << 16)
+                    if not chunk:
+                        break
+                    reader_buf += chunk
+                sender.join()
+                results.append(reader_buf.count(b"250 2.0.0 Ok: queued as"))
+
+        results: list[int] = []
+        threads = [threading.Thread(target=blast, args=(results,)) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [per_connection] * connections, results
+
+        def dropped() -> float:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as resp:
+                body = resp.read().decode()
+            match = re.search(r"^smtpgw_log_lines_dropped_total (\S+)$", body, re.M)
+            return float(match.group(1)) if match else -1
+
+        # 24,000 lines against a queue of 16,384 and a 64 KiB pipe: thousands dropped.
+        assert dropped() > 1000
+    finally:
+        proc.terminate()
+        try:
+            # The exit's flush waits a bounded time for the stuck pipe.
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert proc.returncode == 0
