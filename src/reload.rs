@@ -309,7 +309,11 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         "kafka-*,publish-timeout,max-inflight-*",
         running.kafka != new.kafka,
     );
-    check("log-format", running.log.log_format != new.log.log_format);
+    check(
+        "log-format,log-recipients",
+        running.log.log_format != new.log.log_format
+            || running.log.log_recipients != new.log.log_recipients,
+    );
     check(
         "tls-cert,tls-key (turning TLS on or off)",
         running.edge.tls().is_some() != new.edge.tls().is_some(),

@@ -6,9 +6,12 @@ that a log pipeline takes as is, and journald priorities."""
 from __future__ import annotations
 
 import json
+import signal
 import re
 import smtplib
 import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -333,3 +336,160 @@ def test_journald_priorities(start_gateway):
         assert line.startswith(want), line
     assert any(line.startswith("<4>") and "reason=bad_sequence" in line for line in lines)
     assert any(line.startswith("<6>") and "smtpgw::message" in line for line in lines)
+
+
+def test_more_refusal_reasons(start_gateway):
+    """Per prefix, connection rate, session time, data rate and the drain: each a line
+    with its reason word and the same label on the metric."""
+    gw = start_gateway(
+        *TRUSTED, "--max-connections-per-prefix", "1", "--max-connection-rate-per-ip", "1",
+        "--max-session-time", "2s", "--min-data-rate", "1000000/1s",
+    )
+    with wire_from(gw, "127.0.0.2") as held:
+        assert_reply(held.reply(), "220")
+        with wire_from(gw, "127.0.0.3") as same_prefix:
+            assert_reply(same_prefix.reply(), "421 4.7.0")
+    gw.wait_idle()
+    with wire_from(gw, "127.0.0.2") as second:
+        assert_reply(second.reply(), "421 4.7.0")  # the second connection this minute
+    with gw.session() as slow:
+        slow.envelope()
+        slow.expect("DATA", "354")
+        slow.send(b"Subject: slow\r\n")
+        assert_reply(slow.reply(), "421 4.4.2")
+    with gw.session() as long:
+        deadline = time.monotonic() + 10
+        reply = None
+        while time.monotonic() < deadline:
+            reply = long.cmd("NOOP")
+            if not reply.text.startswith("250"):
+                break
+            time.sleep(0.2)
+        assert_reply(reply, "421 4.4.2")
+    for reason in ("per_prefix", "connection_rate", "data_rate", "session_timeout"):
+        assert refusals(gw, reason)[0]["code"] in ("421", 421), reason
+        assert refusal_metric(gw, reason) >= 1, reason
+    with gw.session() as draining:
+        gw.send_signal(15)
+        assert_reply(draining.reply(), "421 4.3.2")
+    assert refusals(gw, "shutting_down")[0]["code"] in ("421", 421)
+    assert gw.wait(30) == 0
+    ends = [p for p in (parse(line) for line in gw.log) if p["target"] == "smtpgw::session"]
+    assert {p["ended"] for p in ends} >= {"limit", "timeout", "drain"}, ends
+
+
+def test_sink_refusals_and_their_transaction_lines(start_gateway):
+    """A Kafka sink with no broker answers 451 (sink_temporary); a full spool 452
+    (storage_full). Each message has its transaction line with the code and the sink's
+    reason, and its refusal line."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    kafka = start_gateway(sink=("--sink", "kafka", "--kafka-brokers", f"127.0.0.1:{port}", "--publish-timeout", "1s"))
+    with kafka.session() as w:
+        w.envelope()
+        w.expect("DATA", "354")
+        w.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert_reply(w.reply(), "451 4.3.0")
+    line = refusals(kafka, "sink_temporary")[0]
+    assert line["command"] == "DATA" and line["detail"]
+    [tx] = wait_lines(kafka, lambda p: p["target"] == "smtpgw::message")
+    assert tx["level"] == "WARN" and int(tx["code"]) == 451 and tx["sink"] == "kafka" and tx["error"]
+    assert refusal_metric(kafka, "sink_temporary") >= 1
+
+    spool = start_gateway("--spool-max-bytes", "2K")
+    codes = []
+    with spool.session() as w:
+        for _ in range(10):
+            w.envelope()
+            w.expect("DATA", "354")
+            w.send(b"Subject: x\r\n\r\n" + b"z" * 1000 + b"\r\n.\r\n")
+            codes.append(w.reply().text[:3])
+            if codes[-1] == "452":
+                break
+    assert codes[-1] == "452", codes
+    assert refusals(spool, "storage_full")[0]["enhanced"] == "4.3.1"
+    assert refusal_metric(spool, "storage_full") >= 1
+
+
+def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_path):
+    config = tmp_path / "smtpgw.toml"
+    config.write_text('log-recipients = "count"\n')
+    gw = start_gateway("--config", str(config))
+    with gw.session() as w:
+        w.deliver(make_message("counted"), rcpts=("a@example.com", "b@example.com"))
+    [line] = wait_lines(gw, lambda p: p["target"] == "smtpgw::message")
+    assert "rcpts" not in line and int(line["nrcpt"]) == 2
+    config.write_text('log-recipients = "full"\n')
+    gw.send_signal(signal.SIGHUP)
+    [warning] = wait_lines(gw, lambda p: "only change at a restart" in p["message"])
+    assert "log-recipients" in warning["settings"], warning
+
+
+def test_a_stalled_log_reader_costs_lines_not_mail(io_backend, tmp_path):
+    """stderr is a pipe nobody reads (a stuck log shipper): the writer thread blocks, its
+    queue fills, and then lines are dropped and counted while every message still gets
+    its 250 at full speed."""
+    import urllib.request
+
+    from conftest import gateway_binary, gateway_env, io_backend_args
+
+    proc = subprocess.Popen(
+        [str(gateway_binary()), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--accept-domain", "example.com", "--sink", "null", *io_backend_args(io_backend)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=gateway_env(),
+    )
+    try:
+        addr = metrics = None
+        deadline = time.monotonic() + 10
+        while (addr is None or metrics is None) and time.monotonic() < deadline:
+            line = proc.stderr.readline().decode()
+            metrics = metrics or (re.search(r"metrics_addr=(\S+)", line) or [None, None])[1]
+            addr = addr or (re.search(r"listening addr=(\S+)", line) or [None, None])[1]
+        assert addr and metrics, "no addresses in the log"
+        # From here on nobody reads stderr.
+        host, _, port = addr.rpartition(":")
+        one = b"MAIL FROM:<a@b.example>\r\nRCPT TO:<x@example.com>\r\nBDAT 10 LAST\r\n0123456789"
+        per_connection, connections = 6000, 4
+
+        def blast(results: list) -> None:
+            with socket.create_connection((host, int(port)), timeout=IO_TIMEOUT) as s:
+                s.settimeout(IO_TIMEOUT)
+                reader_buf = bytearray()
+                sender = threading.Thread(target=s.sendall, args=(b"EHLO c.test\r\n" + one * per_connection,))
+                sender.start()
+                while reader_buf.count(b"queued as") < per_connection:
+                    chunk = s.recv(1 << 16)
+                    if not chunk:
+                        break
+                    reader_buf += chunk
+                sender.join()
+                results.append(reader_buf.count(b"250 2.0.0 Ok: queued as"))
+
+        results: list[int] = []
+        threads = [threading.Thread(target=blast, args=(results,)) for _ in range(connections)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [per_connection] * connections, results
+
+        def dropped() -> float:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as resp:
+                body = resp.read().decode()
+            match = re.search(r"^smtpgw_log_lines_dropped_total (\S+)$", body, re.M)
+            return float(match.group(1)) if match else -1
+
+        # 24,000 lines against a queue of 16,384 and a 64 KiB pipe: thousands dropped.
+        assert dropped() > 1000
+    finally:
+        proc.terminate()
+        try:
+            # The exit's flush waits a bounded time for the stuck pipe.
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+    assert proc.returncode == 0
