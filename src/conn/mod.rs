@@ -54,11 +54,13 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 const MAX_PENDING_INPUT: usize = 256 * 1024;
 /// How long a PROXY header may take to arrive (a balancer sends it at once).
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most a client may send before its TLS handshake is done: records with rustls and
-/// a partial one held here together. A ClientHello is a few hundred bytes to a few KB
-/// (6 KB with many extensions); beyond this a half-open connection would cost far more
-/// than an open one, so the handshake is failed instead.
-pub const MAX_HANDSHAKE_INPUT: usize = 16 * 1024;
+/// The most a client may send before its TLS handshake is done: records handed to
+/// rustls and a partial one held here together. A ClientHello is a few hundred bytes
+/// to 2 KB (6 KB with very many extensions). rustls grows its buffer by doubling, so
+/// 8 KiB of input costs at most about 12 KiB of buffers, which with the rustls
+/// connection itself keeps a half-open TLS connection within 16 KiB of a plaintext
+/// one; a client that sends more is failed instead of buffered.
+pub const MAX_HANDSHAKE_INPUT: usize = 8 * 1024;
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
@@ -584,6 +586,20 @@ impl Connection {
             self.tls_in = Vec::new();
             self.pending = Vec::new();
             return;
+        }
+        if !self.tls_done {
+            // A partial handshake record: room for exactly the record as far as the
+            // handshake's bound allows, so the buffer never doubles past what was sent.
+            let held = self.tls_in.len() + data.len();
+            let mut header = [0u8; 5];
+            for (h, b) in header.iter_mut().zip(self.tls_in.iter().chain(data)) {
+                *h = *b;
+            }
+            let room = MAX_HANDSHAKE_INPUT.saturating_sub(self.handshake_bytes);
+            let want = tls::declared_record_len(&header)
+                .unwrap_or(held)
+                .clamp(held, room.max(held));
+            self.tls_in.reserve_exact(want - self.tls_in.len());
         }
         self.tls_in.extend_from_slice(data);
     }
