@@ -65,29 +65,45 @@ def recv_line(s: socket.socket) -> bytes:
     return data
 
 
+def start(binary: str, backend: str, n: int, spool: str, kinds: set[str], *extra: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """The gateway (null sink, loopback, port 0) with room for `n` connections, once it
+    logs a listener of each of `kinds`; returns it and each kind's address."""
+    gw = subprocess.Popen(
+        [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--sink", "null",
+         "--spool-dir", spool, "--accept-domain", "example.com", "--io-backend", backend,
+         "--max-connections", str(n + 100), "--idle-timeout", "600s", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "NO_COLOR": "1", "SMTPGW_LOG": "info"}, text=True,
+    )
+    addrs: dict[str, str] = {}
+    deadline = time.monotonic() + 15
+    while not kinds <= addrs.keys() and time.monotonic() < deadline:
+        m = re.search(r"listening addr=(\S+) kind=(\w+)", gw.stderr.readline())
+        if m:
+            addrs[m.group(2)] = m.group(1)
+    if not kinds <= addrs.keys():
+        gw.kill()
+        gw.wait()
+        sys.exit(f"idle_rss: gateway ({backend}) did not start")
+    time.sleep(0.3)
+    return gw, addrs
+
+
+def stop(gw: subprocess.Popen, socks: list[socket.socket]) -> None:
+    """Closes the client sockets and kills the gateway by its PID."""
+    for s in socks:
+        s.close()
+    gw.send_signal(signal.SIGKILL)
+    gw.wait()
+
+
 def measure(binary: str, backend: str, n: int) -> None:
     with tempfile.TemporaryDirectory() as spool:
-        gw = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--sink", "null",
-             "--spool-dir", spool, "--accept-domain", "example.com", "--io-backend", backend,
-             "--max-connections", str(n + 100), "--idle-timeout", "600s"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "NO_COLOR": "1", "SMTPGW_LOG": "info"}, text=True,
-        )
+        gw, addrs = start(binary, backend, n, spool, {"Smtp"})
+        socks: list[socket.socket] = []
         try:
-            addr = None
-            deadline = time.monotonic() + 15
-            while addr is None and time.monotonic() < deadline:
-                line = gw.stderr.readline()
-                m = re.search(r"listening addr=(\S+)", line)
-                if m:
-                    addr = m.group(1)
-            if addr is None:
-                sys.exit(f"idle_rss: gateway ({backend}) did not start")
-            host, port = addr.rsplit(":", 1)
-            time.sleep(0.3)
+            host, port = addrs["Smtp"].rsplit(":", 1)
             base = settle(gw.pid)
-            socks = []
             for _ in range(n):
                 s = socket.create_connection((host, int(port)))
                 socks.append(s)
@@ -102,11 +118,8 @@ def measure(binary: str, backend: str, n: int) -> None:
             data = settle(gw.pid)
             print(f"{backend:6} {n} connections in the middle of DATA: {(data - base) / n:.1f} KiB per connection"
                   f" (RSS {base} -> {data} KiB)", flush=True)
-            for s in socks:
-                s.close()
         finally:
-            gw.send_signal(signal.SIGKILL)
-            gw.wait()
+            stop(gw, socks)
 
 
 def partial_client_hello(size: int, record: int = 16_384) -> bytes:
@@ -150,30 +163,15 @@ def measure_tls(binary: str, backend: str, n: int, size: int, record: int) -> No
         # A binary from before the handshake deadline has no such flag.
         helptext = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30).stdout
         timeout = ["--tls-handshake-timeout", "600s"] if "--tls-handshake-timeout" in helptext else []
-        gw = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
-             "--metrics-listen", "127.0.0.1:0", "--sink", "null", "--spool-dir", f"{tmp}/spool",
-             "--accept-domain", "example.com", "--io-backend", backend, "--max-connections", str(n + 100),
-             "--max-connections-per-ip", "0", "--max-connection-rate-per-ip", "0",
-             "--idle-timeout", "600s", *timeout],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env={**os.environ, "NO_COLOR": "1", "SMTPGW_LOG": "info"}, text=True,
-        )
+        gw, addrs = start(binary, backend, n, f"{tmp}/spool", {"Smtp", "ImplicitTls"},
+                          "--listen-tls", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
+                          "--max-connections-per-ip", "0", "--max-connection-rate-per-ip", "0", *timeout)
+        socks: list[socket.socket] = []
         try:
-            addrs = {}
-            deadline = time.monotonic() + 15
-            while len(addrs) < 2 and time.monotonic() < deadline:
-                line = gw.stderr.readline()
-                m = re.search(r"listening addr=(\S+) kind=(\w+)", line)
-                if m:
-                    addrs[m.group(2)] = m.group(1)
-            if len(addrs) < 2:
-                sys.exit(f"idle_rss: gateway ({backend}) did not start")
             host, port = addrs["Smtp" if size < 0 else "ImplicitTls"].rsplit(":", 1)
-            time.sleep(0.3)
             base = settle(gw.pid)
             payload = partial_client_hello(max(size, 0), record)
-            socks = [socket.create_connection((host, int(port))) for _ in range(n)]
+            socks += [socket.create_connection((host, int(port))) for _ in range(n)]
             for s in socks:
                 if size < 0:
                     recv_line(s)
@@ -188,11 +186,8 @@ def measure_tls(binary: str, backend: str, n: int, size: int, record: int) -> No
                 f"half-open TLS connections, {size}-byte partial ClientHello in {record}-byte records"
             print(f"{backend:6} {n} {what}: {(held - base) / n:.1f} KiB per connection "
                   f"(RSS {base} -> {held} KiB), {alive} of {n} kept open", flush=True)
-            for s in socks:
-                s.close()
         finally:
-            gw.send_signal(signal.SIGKILL)
-            gw.wait()
+            stop(gw, socks)
 
 
 def main() -> None:
