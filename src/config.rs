@@ -518,6 +518,10 @@ settings_group! {
         /// Private key (PEM) of --tls-cert.
         #[arg(long, value_name = "FILE")]
         pub tls_key: Option<PathBuf>,
+        /// Close a TLS handshake (implicit or after STARTTLS) not done this long after it
+        /// began, silent or trickling, e.g. 10 or 10s.
+        #[arg(long, value_name = "DUR", default_value = "10s")]
+        pub tls_handshake_timeout: Dur,
         /// MAIL before STARTTLS gets 530 5.7.0.
         #[arg(long)]
         pub require_tls: bool,
@@ -1538,6 +1542,12 @@ fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
             "required with --proxy-protocol: the load balancers' addresses, e.g. 10.0.0.0/8",
         ));
     }
+    if e.tls_handshake_timeout.0.is_zero() {
+        return Err(invalid(
+            "--tls-handshake-timeout",
+            "must be more than 0 (a handshake needs a round trip), e.g. 10s",
+        ));
+    }
     if e.greeting_delay.0 > MAX_GREETING_DELAY {
         return Err(invalid(
             "--greeting-delay",
@@ -1806,6 +1816,7 @@ mod tests {
         assert_eq!(c.edge.max_message_rate_per_ip, 0);
         assert_eq!(c.edge.error_budget, 20);
         assert_eq!(c.edge.greeting_delay, Dur(Duration::ZERO));
+        assert_eq!(c.edge.tls_handshake_timeout, Dur(Duration::from_secs(10)));
         assert_eq!(c.edge.proxy_protocol, ProxyProtocol::Off);
         assert_eq!(c.edge.trusted_cidr.len(), 2);
         assert!(c.edge.tls().is_none());
@@ -1848,6 +1859,10 @@ mod tests {
             (&["--tls-cert", "c.pem"][..], "--tls-key:"),
             (&["--tls-key", "k.pem"][..], "--tls-cert:"),
             (&["--greeting-delay", "2m"][..], "--greeting-delay:"),
+            (
+                &["--tls-handshake-timeout", "0"][..],
+                "--tls-handshake-timeout:",
+            ),
             (
                 &["--proxy-listen", "127.0.0.1:2526"][..],
                 "--proxy-listen: needs",

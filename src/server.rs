@@ -241,6 +241,7 @@ pub fn listeners(
         proxy_trusted: e.proxy_trusted_cidr.clone(),
         tls: tls.clone(),
         implicit_tls: false,
+        tls_handshake_timeout: Some(e.tls_handshake_timeout.0),
         require_tls: e.require_tls,
         greeting_delay: e.greeting_delay.0,
         error_budget: on(e.error_budget),

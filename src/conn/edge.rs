@@ -160,6 +160,9 @@ pub struct Edge {
     /// connection is TLS (RFC 8314).
     pub tls: Option<TlsHandle>,
     pub implicit_tls: bool,
+    /// A TLS handshake not done this long after it began is closed unanswered; `None`
+    /// leaves it to the idle timeout.
+    pub tls_handshake_timeout: Option<Duration>,
     /// MAIL before TLS gets `530 5.7.0`.
     pub require_tls: bool,
     /// The greeting waits this long; a client that talks before it is an early talker.
@@ -176,6 +179,7 @@ impl fmt::Debug for Edge {
             .field("proxy_trusted", &self.proxy_trusted)
             .field("tls", &self.tls.is_some())
             .field("implicit_tls", &self.implicit_tls)
+            .field("tls_handshake_timeout", &self.tls_handshake_timeout)
             .field("require_tls", &self.require_tls)
             .field("greeting_delay", &self.greeting_delay)
             .field("error_budget", &self.error_budget)

@@ -901,6 +901,100 @@ fn records_wait_while_the_session_cannot_take_input() {
     );
 }
 
+fn timed_edge(t: &Tls, implicit: bool) -> Edge {
+    Edge {
+        implicit_tls: implicit,
+        tls_handshake_timeout: Some(Duration::from_secs(10)),
+        ..starttls_edge(t)
+    }
+}
+
+/// Issue 20 item 5: a handshake that never starts, or trickles, is closed at the
+/// handshake deadline (10 s here, the idle timeout being 60 s), unanswered.
+#[test]
+fn silent_and_trickling_handshakes_close_at_the_deadline() {
+    let t = tls();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(10);
+    // Silent.
+    let mut conn = open_edge(t0, timed_edge(&t, true), SOCKET_PEER);
+    assert_eq!(conn.poll_timeout(), Some(deadline));
+    conn.handle_timeout(deadline - Duration::from_millis(1));
+    assert_eq!(conn.state(), State::Open);
+    conn.handle_timeout(deadline);
+    assert_eq!(conn.state(), State::Done);
+    assert!(!conn.wants_write());
+    assert_eq!(taken(&mut conn).tls_failures[edge::TLS_FAIL_TIMEOUT], 1);
+    // Trickling: a byte of the ClientHello a second keeps it no longer.
+    let mut conn = open_edge(t0, timed_edge(&t, true), SOCKET_PEER);
+    let mut hello = Vec::new();
+    client(&t.client).write_tls(&mut hello).unwrap();
+    let mut now = t0;
+    for byte in hello.chunks(1) {
+        now += Duration::from_secs(1);
+        if conn.poll_timeout().is_some_and(|d| d <= now) {
+            conn.handle_timeout(now);
+        }
+        if conn.state() != State::Open {
+            break;
+        }
+        conn.handle_input(now, byte);
+    }
+    assert_eq!(conn.state(), State::Done, "closed at {:?}", now - t0);
+    assert_eq!(now, deadline);
+    // After STARTTLS the clock starts once the 220 is written.
+    let mut conn = open_edge(t0, timed_edge(&t, false), SOCKET_PEER);
+    assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    let later = t0 + Duration::from_secs(30);
+    conn.handle_input(later, b"STARTTLS\r\n");
+    exchange(&mut conn, later);
+    assert_eq!(conn.poll_timeout(), Some(later + Duration::from_secs(10)));
+    conn.handle_timeout(later + Duration::from_secs(10));
+    assert_eq!(conn.state(), State::Done);
+    // A handshake done in time leaves only the idle timeout.
+    let mut conn = open_edge(t0, timed_edge(&t, true), SOCKET_PEER);
+    let mut c = client(&t.client);
+    let (out, _) = pump(&mut c, &mut conn, t0);
+    assert!(out.starts_with("220 "), "{out}");
+    assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+}
+
+/// Issue 20 item 5: a client may send at most `MAX_HANDSHAKE_INPUT` before its
+/// handshake is done; a ClientHello larger than that (here 18 KB, cut short or not)
+/// fails the handshake instead of being buffered.
+#[test]
+fn a_handshake_larger_than_its_bound_is_failed() {
+    let t = tls();
+    let t0 = Instant::now();
+    let mut config = (*t.client).clone();
+    config.alpn_protocols = (0..72u8).map(|i| vec![b'!' + i; 250]).collect();
+    let mut hello = Vec::new();
+    client(&Arc::new(config)).write_tls(&mut hello).unwrap();
+    assert!(hello.len() > MAX_HANDSHAKE_INPUT + 1000, "{}", hello.len());
+    for cut in [
+        MAX_HANDSHAKE_INPUT - 100,
+        MAX_HANDSHAKE_INPUT + 1,
+        hello.len(),
+    ] {
+        let mut conn = open_edge(t0, implicit_edge(&t), SOCKET_PEER);
+        // In reads of 1,000 bytes, as segments arrive.
+        for piece in hello[..cut].chunks(1000) {
+            conn.handle_input(t0, piece);
+        }
+        if cut <= MAX_HANDSHAKE_INPUT {
+            assert_eq!(
+                conn.state(),
+                State::Open,
+                "{cut} bytes are within the bound"
+            );
+            continue;
+        }
+        assert_eq!(conn.state(), State::Done, "{cut}");
+        assert_eq!(conn.ending(), Some(Ending::Overrun));
+        assert_eq!(taken(&mut conn).tls_failures[edge::TLS_FAIL_BAD_MESSAGE], 1);
+    }
+}
+
 #[test]
 fn garbage_instead_of_a_handshake_closes() {
     let t = tls();

@@ -55,6 +55,13 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 const MAX_PENDING_INPUT: usize = 256 * 1024;
 /// How long a PROXY header may take to arrive (a balancer sends it at once).
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a client may send before its TLS handshake is done: records handed to
+/// rustls and a partial one held here together. A ClientHello is a few hundred bytes
+/// to 2 KB (6 KB with very many extensions). rustls grows its buffer by doubling, so
+/// 8 KiB of input costs at most about 12 KiB of buffers, which with the rustls
+/// connection itself keeps a half-open TLS connection within 16 KiB of a plaintext
+/// one; a client that sends more is failed instead of buffered.
+pub const MAX_HANDSHAKE_INPUT: usize = 8 * 1024;
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
@@ -317,6 +324,10 @@ pub struct Connection {
     tls_in: Vec<u8>,
     /// A TLS handshake completed.
     tls_done: bool,
+    /// While a handshake is under way: when it must be done by.
+    handshake_deadline: Option<Instant>,
+    /// Bytes of TLS records handed to rustls before the handshake completed.
+    handshake_bytes: usize,
     /// The greeting (or the refusal in its place) was written.
     greeted: bool,
     /// With a greeting delay, not before then.
@@ -373,6 +384,8 @@ impl Connection {
             wire_out: Vec::new(),
             tls_in: Vec::new(),
             tls_done: false,
+            handshake_deadline: None,
+            handshake_bytes: 0,
             greeted: false,
             greet_at: now + edge.greeting_delay,
             refusal: None,
@@ -419,8 +432,17 @@ impl Connection {
             self.idle_deadline = now + self.limits.idle_timeout.min(PROXY_HEADER_TIMEOUT);
             return;
         }
+        self.handshake_begins(now);
         self.peer_known(now);
         self.maybe_greet(now);
+    }
+
+    /// A TLS handshake can begin (implicit TLS once any PROXY header is read, STARTTLS
+    /// once its `220` is written): its deadline starts.
+    fn handshake_begins(&mut self, now: Instant) {
+        if matches!(self.front, Front::Tls(_)) && !self.tls_done {
+            self.handshake_deadline = self.edge.tls_handshake_timeout.map(|t| now + t);
+        }
     }
 
     /// The client's real address is known: the per-address limits count it.
@@ -531,6 +553,7 @@ impl Connection {
                     self.session.set_client_addr(self.peer);
                 }
                 self.idle_deadline = now + self.limits.idle_timeout;
+                self.handshake_begins(now);
                 self.peer_known(now);
                 // What followed the header in the same read: a TLS ClientHello on an
                 // implicit-TLS listener, else a client talking before the greeting.
@@ -594,11 +617,15 @@ impl Connection {
         if self.tls_in.is_empty() {
             let used = self.decrypt(now, data);
             if used < data.len() && matches!(self.life, Life::Open) {
+                if self.handshake_too_large(data.len() - used) {
+                    return;
+                }
                 self.keep_records(&data[used..]);
             }
         } else {
             self.keep_records(data);
             self.resume_records(now);
+            self.handshake_too_large(self.tls_in.len());
         }
     }
 
@@ -609,6 +636,20 @@ impl Connection {
             self.tls_in = Vec::new();
             self.pending = Vec::new();
             return;
+        }
+        if !self.tls_done {
+            // A partial handshake record: room for exactly the record as far as the
+            // handshake's bound allows, so the buffer never doubles past what was sent.
+            let held = self.tls_in.len() + data.len();
+            let mut header = [0u8; 5];
+            for (h, b) in header.iter_mut().zip(self.tls_in.iter().chain(data)) {
+                *h = *b;
+            }
+            let room = MAX_HANDSHAKE_INPUT.saturating_sub(self.handshake_bytes);
+            let want = tls::declared_record_len(&header)
+                .unwrap_or(held)
+                .clamp(held, room.max(held));
+            self.tls_in.reserve_exact(want - self.tls_in.len());
         }
         self.tls_in.extend_from_slice(data);
     }
@@ -632,6 +673,12 @@ impl Connection {
             let Some(len) = tls::record_len(&data[pos..]) else {
                 break;
             };
+            if !self.tls_done {
+                self.handshake_bytes += len;
+                if self.handshake_too_large(0) {
+                    return data.len();
+                }
+            }
             // Replies so far are encrypted before anything this record brings.
             self.flush_tls();
             let record = &data[pos..pos + len];
@@ -643,6 +690,22 @@ impl Connection {
         } else {
             data.len()
         }
+    }
+
+    /// Whether a handshake, with `held` more bytes of it waiting, is over
+    /// [`MAX_HANDSHAKE_INPUT`]; if so the connection is failed.
+    fn handshake_too_large(&mut self, held: usize) -> bool {
+        if self.tls_done || self.handshake_bytes + held <= MAX_HANDSHAKE_INPUT {
+            return false;
+        }
+        if !matches!(self.life, Life::Open) {
+            return true;
+        }
+        self.edge_stats.tls_failures[edge::TLS_FAIL_BAD_MESSAGE] += 1;
+        self.life = Life::Done(Ending::Overrun);
+        self.tls_in = Vec::new();
+        self.pending = Vec::new();
+        true
     }
 
     /// During the handshake every record is read; after it, only while the session
@@ -709,6 +772,7 @@ impl Connection {
             return;
         };
         self.tls_done = true;
+        self.handshake_deadline = None;
         let version = tls::version_index(tls);
         self.edge_stats.tls_handshakes[version] += 1;
         self.record.tls = Some(edge::TLS_VERSIONS[version]);
@@ -919,6 +983,9 @@ impl Connection {
                 if let Some(s) = self.stop_deadline {
                     next = next.min(s);
                 }
+                if let Some(h) = self.handshake_deadline.filter(|_| !self.tls_done) {
+                    next = next.min(h);
+                }
                 // Waiting for the sink or for the client to read is not idleness.
                 if self.in_flight.is_none() && self.out_len() == 0 {
                     next = next.min(self.idle_deadline);
@@ -961,6 +1028,13 @@ impl Connection {
             return;
         }
         if !matches!(self.life, Life::Open) {
+            return;
+        }
+        if !self.tls_done && self.handshake_deadline.is_some_and(|d| now >= d) {
+            // A silent or trickling handshake: nothing can be said to it, so it is
+            // closed unanswered.
+            self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+            self.life = Life::Done(Ending::Closed);
             return;
         }
         let idle = self.in_flight.is_none() && self.out_len() == 0 && now >= self.idle_deadline;
@@ -1405,7 +1479,10 @@ impl Connection {
         if matches!(self.front, Front::StartTls) && self.session.output().is_empty() {
             // The `220` is written: from here on the client's bytes are TLS records.
             match self.edge.tls.as_ref().map(TlsHandle::accept) {
-                Some(Ok(tls)) => self.front = Front::Tls(Box::new(tls)),
+                Some(Ok(tls)) => {
+                    self.front = Front::Tls(Box::new(tls));
+                    self.handshake_begins(now);
+                }
                 _ => {
                     self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
                     self.life = Life::Done(Ending::Failed);

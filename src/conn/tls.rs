@@ -46,13 +46,19 @@ const MAX_PAYLOAD: usize = (1 << 14) + 2048;
 /// type 20-24, version 3.x, a length below the maximum) is given back alone, so rustls
 /// refuses it at once instead of the driver waiting for a length that means nothing.
 pub(crate) fn record_len(input: &[u8]) -> Option<usize> {
+    let len = declared_record_len(input)?;
+    (input.len() >= len).then_some(len)
+}
+
+/// The length the record at the start of `input` declares, header included (just the
+/// header's for one that is no TLS record's), once its header has arrived.
+pub(crate) fn declared_record_len(input: &[u8]) -> Option<usize> {
     let header = input.get(..RECORD_HEADER)?;
     let payload = usize::from(u16::from_be_bytes([header[3], header[4]]));
     if !(20..=24).contains(&header[0]) || header[1] != 3 || payload >= MAX_PAYLOAD {
         return Some(RECORD_HEADER);
     }
-    let len = RECORD_HEADER + payload;
-    (input.len() >= len).then_some(len)
+    Some(RECORD_HEADER + payload)
 }
 
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`: what `smtp.tls` carries.

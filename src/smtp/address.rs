@@ -237,11 +237,6 @@ impl AcceptDomains {
         self.0.is_empty()
     }
 
-    /// Whether `normalised` (in the stored form) is one of them.
-    pub fn contains_normalised(&self, normalised: &str) -> bool {
-        self.0.contains(normalised)
-    }
-
     /// Whether a recipient's domain is accepted. An ASCII name is lower-cased on the
     /// stack, without allocating; only a U-label name (SMTPUTF8) is IDNA-converted, and
     /// an address literal put in its canonical form, once per call.

@@ -338,3 +338,61 @@ def test_a_final_dot_before_a_bad_record_in_the_same_segment_is_answered(start_g
             tls.reply()
     [message_id] = gateway.spool_ids()
     assert gateway.cat(message_id, body=True) == message
+
+
+def test_silent_and_trickling_handshakes_are_closed_at_the_handshake_timeout(start_gateway, cert):
+    """Issue 20 item 5: with --tls-handshake-timeout 1s a handshake that is silent or
+    trickles a byte at a time is closed unanswered after about a second, long before the
+    idle timeout (300 s here); after STARTTLS the same."""
+    import socket
+
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0", "--tls-handshake-timeout", "1s",
+                          "--idle-timeout", "300")
+    port = tls_port(gateway)
+    context = client_context(cert[0])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello_obj = context.wrap_bio(incoming, outgoing, server_hostname="mx.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello_obj.do_handshake()
+    hello = outgoing.read()
+
+    def closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> int | None:
+        """How many bytes of `trickle` (sent a byte every 0.2 s) were out when the
+        server closed, or None if it did not within `seconds`."""
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + seconds
+        sent = 0
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+                if not data:
+                    return sent
+                raise AssertionError(f"the server answered an unfinished handshake: {data!r}")
+            except (TimeoutError, socket.timeout):
+                pass
+            except ConnectionResetError:
+                return sent
+            if sent < len(trickle):
+                try:
+                    sock.sendall(trickle[sent:sent + 1])
+                except (BrokenPipeError, ConnectionResetError):
+                    return sent
+                sent += 1
+        return None
+
+    with socket.create_connection((gateway.host, port), timeout=IO_TIMEOUT) as silent:
+        assert closed_within(silent, 15) is not None, "silent handshake still open"
+    with socket.create_connection((gateway.host, port), timeout=IO_TIMEOUT) as trickling:
+        sent = closed_within(trickling, 15, hello)
+        # Closed while still being fed: the bytes did not extend its time.
+        assert sent is not None and 0 < sent < len(hello), (sent, len(hello))
+    with socket.create_connection((gateway.host, gateway.port), timeout=IO_TIMEOUT) as plain:
+        plain.recv(1024)
+        plain.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+        replies = b""
+        while b"220 2.0.0" not in replies:
+            data = plain.recv(65536)
+            assert data, replies
+            replies += data
+        assert closed_within(plain, 15) is not None, "silent handshake after STARTTLS still open"
+    assert metric(gateway, 'smtpgw_tls_handshake_failures_total{reason="timeout"}') >= 3
