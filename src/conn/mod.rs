@@ -27,7 +27,7 @@ pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,15 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
+
+/// Session ids: one per connection, in every record the connection publishes
+/// (`smtp.session`) and in the logs.
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// A new session id.
+pub fn next_session_id() -> u64 {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
 
 /// The minimum average rate a message body must arrive at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +297,10 @@ pub struct Connection {
     refusal: Option<LimitRefusal>,
     slot: Option<Box<dyn PeerSlot>>,
     edge_stats: EdgeStats,
+    /// This connection's session id and our name, for the records' `smtp.session` and
+    /// `smtp.node` (one allocation per connection, none per message).
+    session_id: u64,
+    node: Arc<str>,
 }
 
 impl Connection {
@@ -305,6 +318,7 @@ impl Connection {
             .checked_add(limits.max_session_time)
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let node = Arc::from(session.hostname.as_str());
         let mut session = Session::without_greeting(session, peer);
         session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
         session.set_tls_required(edge.require_tls);
@@ -341,6 +355,8 @@ impl Connection {
             slot: None,
             edge_stats: EdgeStats::default(),
             edge,
+            session_id: next_session_id(),
+            node,
         };
         conn.start(now);
         conn.after_output_change(now);
@@ -688,7 +704,7 @@ impl Connection {
         now: Instant,
         stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
     ) -> Option<SealedMessage> {
-        let message = self.session.take_message()?;
+        let mut message = self.session.take_message()?;
         if let Some(slot) = &self.slot {
             slot.message_sent(now);
         }
@@ -698,6 +714,8 @@ impl Connection {
         self.log_from.push_str(message.envelope.mail_from());
         let helo = message.envelope.helo.clone();
         let rcpts = message.envelope.rcpt_count();
+        message.envelope.node = Some(self.node.clone());
+        message.envelope.session = self.session_id;
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);

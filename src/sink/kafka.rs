@@ -352,7 +352,7 @@ pub enum KafkaSinkError {
 /// - record framing: length, attributes, timestamp and offset deltas, key and value
 ///   lengths, header count: at most 6 varints of 5 bytes and 1 byte;
 /// - key: the 26-character ULID;
-/// - headers: 8 fixed ones plus one `smtp.rcpt_to` per recipient, each at most two
+/// - headers: 11 fixed ones plus one `smtp.rcpt_to` per recipient, each at most two
 ///   5-byte varints, a name of at most 16 bytes and a value of at most one command line
 ///   (512 octets; every header value comes from one SMTP command or is shorter).
 ///
@@ -363,7 +363,7 @@ pub fn record_overhead(max_recipients: usize) -> usize {
     const RECORD_FRAMING: usize = 6 * 5 + 1;
     const KEY: usize = 26;
     const PER_HEADER: usize = 2 * 5 + 16 + MAX_COMMAND_LINE;
-    BATCH_HEADER + RECORD_FRAMING + KEY + (8 + max_recipients) * PER_HEADER
+    BATCH_HEADER + RECORD_FRAMING + KEY + (11 + max_recipients) * PER_HEADER
 }
 
 /// What the delivery callback needs to answer one message.
@@ -1328,7 +1328,7 @@ fn owned_headers(
 
 impl Sink for KafkaSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
-        let headers = owned_headers(8 + msg.envelope.rcpt_count(), |add| {
+        let headers = owned_headers(11 + msg.envelope.rcpt_count(), |add| {
             msg.for_each_header(|name, value| add(name, value))
         });
         let (id, timestamp_ms) = (msg.id, msg.received_at.timestamp_millis());
