@@ -733,6 +733,9 @@ impl Forwarder {
         if self.window.len() == first {
             return false;
         }
+        // The durable cursor first: then what a crash can send twice, from the cursor
+        // on disk to the mark, is exactly this window.
+        self.persist();
         self.sent_mark.save(self.read_pos);
         for slot in self.window.range(first..) {
             if let Item::Record(record) = &slot.item {
