@@ -34,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CONSUMER = ROOT / "examples" / "consumer.py"
 
 
+def rust_consumer() -> Path:
+    """examples/consumer.rs, built next to the gateway (`cargo test --release` or
+    `cargo build --release --example consumer` builds it)."""
+    binary = Path(os.environ.get("SMTPGW_BIN", ROOT / "target" / "release" / "smtpgw")).parent / "examples" / "consumer"
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"{binary} is missing: cargo build --release --example consumer")
+    return binary
+
+
 def sendmail_until_ready(gateway, sender: str, rcpts: list[str], body: bytes, options=()) -> tuple[str, bytes]:
     """smtplib until the sink has seen the broker; (id, the message as the gateway
     received it: smtplib ends it with CRLF)."""
@@ -103,19 +112,21 @@ def test_the_example_consumer_writes_exactly_what_was_sent(start_gateway, tmp_pa
     id_, got = sendmail_until_ready(gw, "retry@client.test", ["x@example.com"], whole)
     sent[id_] = ("retry@client.test", ["x@example.com"], got)
 
-    out = tmp_path / "consumed"
-    run = subprocess.run(
-        [sys.executable, str(CONSUMER), "--brokers", BROKER, "--topic", TOPIC, "--out", str(out), "--idle", "3"],
-        capture_output=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    flags = ["--brokers", BROKER, "--topic", TOPIC, "--idle", "3"]
+    for name, command in [("python", [sys.executable, str(CONSUMER)]), ("rust", [str(rust_consumer())])]:
+        out = tmp_path / f"consumed-{name}"
+        run = subprocess.run([*command, *flags, "--out", str(out)], capture_output=True, timeout=120)
+        assert run.returncode == 0, f"{name}: {run.stderr.decode(errors='replace')}"
+        check_written(out, sent, marker, run.stderr)
 
+
+def check_written(out: Path, sent: dict, marker: bytes, stderr: bytes) -> None:
+    """What one consumer wrote in `out`, against what was sent."""
     sessions = set()
     for id_, (sender, rcpts, message) in sent.items():
         eml = out / f"{id_}.eml"
-        assert eml.exists(), f"{id_} not written; consumer said {run.stderr!r}"
-        assert eml.read_bytes() == message, f"{id_}: the message differs from what was sent"
+        assert eml.exists(), f"{out.name}: {id_} not written; consumer said {stderr!r}"
+        assert eml.read_bytes() == message, f"{out.name}: {id_}: the message differs from what was sent"
         env = json.loads((out / f"{id_}.json").read_text(encoding="utf-8"))
         assert env["id"] == id_
         assert env["schema"] == "1"
