@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpwire import IO_TIMEOUT, ULID, assert_reply, open_session, queued_id
+from smtpwire import IO_TIMEOUT, assert_reply, open_session, queued_id
+from test_kafka import accepted
 
 BROKER = os.environ.get("SMTPGW_TEST_KAFKA")
 TOPIC = os.environ.get("SMTPGW_TEST_KAFKA_TOPIC", "smtp.inbound")
@@ -46,8 +47,8 @@ def rust_consumer() -> Path:
 def sendmail_until_ready(gateway, sender: str, rcpts: list[str], body: bytes, options=()) -> tuple[str, bytes]:
     """smtplib until the sink has seen the broker; (id, the message as the gateway
     received it: smtplib ends it with CRLF)."""
-    deadline = time.monotonic() + 20
-    while True:
+
+    def send():
         s = smtplib.SMTP(gateway.host, gateway.port, local_hostname="client.test", timeout=IO_TIMEOUT)
         try:
             s.ehlo("client.test")
@@ -57,15 +58,12 @@ def sendmail_until_ready(gateway, sender: str, rcpts: list[str], body: bytes, op
                 assert s.rcpt(r)[0] == 250
             code, reply = s.data(body)
             s.quit()
+            return code, reply
         finally:
             s.close()
-        if code == 451 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            continue
-        assert code == 250, reply
-        match = ULID.search(reply.decode())
-        assert match, reply
-        return match.group(0), body if body.endswith(b"\r\n") else body + b"\r\n"
+
+    id_ = accepted(send, time.monotonic() + 20).decode()
+    return id_, body if body.endswith(b"\r\n") else body + b"\r\n"
 
 
 def test_the_example_consumer_writes_exactly_what_was_sent(start_gateway, tmp_path, io_backend):
