@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
-use crate::sink::spool::writer::{list_segments, sync_dir};
+use crate::sink::spool::writer::{list_segments, open_or_create, sync_dir};
 use crate::sink::spool::{
     Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
@@ -414,12 +414,7 @@ struct SentMark {
 impl SentMark {
     fn open(dir: &Path) -> SentMark {
         let path = dir.join(SENT_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let file = open_or_create(&path)
             .map_err(|error| {
                 tracing::warn!(%error, file = %path.display(), "cannot open the forwarder's sent mark; redeliveries after a restart are not counted");
             })
