@@ -61,6 +61,20 @@ fn bodies(max_value: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// The records of the whole topic whose key passes `keep` (the topic may be shared).
+fn records_where(addr: &str, topic: &str, keep: impl Fn(&[u8]) -> bool) -> Vec<Record> {
+    consume(
+        addr,
+        topic,
+        usize::MAX,
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+    )
+    .into_iter()
+    .filter(|r| keep(&r.key))
+    .collect()
+}
+
 #[test]
 fn every_acknowledged_message_is_in_the_topic_byte_for_byte() {
     let Some((addr, topic)) = broker() else {
@@ -85,16 +99,7 @@ fn every_acknowledged_message_is_in_the_topic_byte_for_byte() {
         .iter()
         .map(|m| (m.id.to_string().into_bytes(), m))
         .collect();
-    let got: Vec<Record> = consume(
-        &addr,
-        &topic,
-        usize::MAX,
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-    )
-    .into_iter()
-    .filter(|r| want.contains_key(&r.key))
-    .collect();
+    let got = records_where(&addr, &topic, |key| want.contains_key(key));
     assert_eq!(got.len(), sent.len(), "each 250 is exactly one record");
     for record in &got {
         let msg = want[&record.key];
@@ -257,16 +262,7 @@ fn a_nine_mib_message_goes_through_with_the_default_size_limit() {
     };
     assert!(reply.starts_with("250 "), "9 MiB message: {reply}");
     let id = queued_id(&reply);
-    let got: Vec<Record> = consume(
-        &addr,
-        &topic,
-        usize::MAX,
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-    )
-    .into_iter()
-    .filter(|r| r.key == id.as_bytes())
-    .collect();
+    let got = records_where(&addr, &topic, |key| key == id.as_bytes());
     assert_eq!(got.len(), 1, "{id}: one record");
     let value = &got[0].value;
     assert!(value.starts_with(b"Received: "), "{id}: trace line first");

@@ -66,7 +66,8 @@ pub const MAX_HANDSHAKE_INPUT: usize = 8 * 1024;
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
 
-/// Session ids: one per connection, in every log line of that connection.
+/// Session ids: one per connection, in every log line of that connection and in every
+/// record it publishes (`smtp.session`).
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// A new session id (also for a connection a backend refuses before it has a driver).
@@ -337,6 +338,9 @@ pub struct Connection {
     slot: Option<Box<dyn PeerSlot>>,
     edge_stats: EdgeStats,
     record: Record,
+    /// Our name, for the records' `smtp.node` (one allocation per connection, none per
+    /// message).
+    node: Arc<str>,
 }
 
 impl Connection {
@@ -354,6 +358,7 @@ impl Connection {
             .checked_add(limits.max_session_time)
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let node = Arc::from(session.hostname.as_str());
         let mut session = Session::without_greeting(session, peer);
         session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
         session.set_tls_required(edge.require_tls);
@@ -403,6 +408,7 @@ impl Connection {
                 ended: None,
                 tls: None,
             },
+            node,
         };
         conn.start(now);
         conn.after_output_change(now);
@@ -897,12 +903,14 @@ impl Connection {
         now: Instant,
         stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
     ) -> Option<SealedMessage> {
-        let message = self.session.take_message()?;
+        let mut message = self.session.take_message()?;
         if let Some(slot) = &self.slot {
             slot.message_sent(now);
         }
         let body_len = message.body().len();
         let (id, received_at) = stamp();
+        message.envelope.node = Some(self.node.clone());
+        message.envelope.session = self.record.session;
         let line = logging::message_lines().then(|| {
             let env = &message.envelope;
             MessageLine::new(

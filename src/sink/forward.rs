@@ -60,7 +60,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
-use crate::sink::spool::writer::{list_segments, sync_dir};
+use crate::sink::spool::writer::{list_segments, open_or_create, sync_dir};
 use crate::sink::spool::{
     Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
@@ -414,12 +414,7 @@ struct SentMark {
 impl SentMark {
     fn open(dir: &Path) -> SentMark {
         let path = dir.join(SENT_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let file = open_or_create(&path)
             .map_err(|error| {
                 tracing::warn!(%error, file = %path.display(), "cannot open the forwarder's sent mark; redeliveries after a restart are not counted");
             })
@@ -733,6 +728,9 @@ impl Forwarder {
         if self.window.len() == first {
             return false;
         }
+        // The durable cursor first: then what a crash can send twice, from the cursor
+        // on disk to the mark, is exactly this window.
+        self.persist();
         self.sent_mark.save(self.read_pos);
         for slot in self.window.range(first..) {
             if let Item::Record(record) = &slot.item {

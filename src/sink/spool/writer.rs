@@ -509,15 +509,20 @@ pub(crate) fn create_dir_durably(dir: &Path) -> Result<(), SpoolError> {
     }
 }
 
-pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
-    let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
+/// Opens `path` for reading and writing, creating it empty if it does not exist and
+/// keeping its contents if it does.
+pub(crate) fn open_or_create(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(io_error("open lock file", &path))?;
+        .open(path)
+}
+
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE);
+    let file = open_or_create(&path).map_err(io_error("open lock file", &path))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Locked {
