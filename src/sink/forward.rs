@@ -63,6 +63,8 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 const CURSOR_FILE: &str = "FORWARD";
 const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
 const CURSOR_SLOT: u64 = 32;
+/// Why a start-up found the cursor damaged (`smtpgw_forward_cursor_resets_total{reason}`).
+pub const CURSOR_RESET_REASONS: [&str; 3] = ["empty", "truncated", "unreadable"];
 
 #[derive(thiserror::Error, Debug)]
 pub enum FallbackError {
@@ -93,6 +95,8 @@ pub struct FallbackSink {
     stop: Sender<()>,
     forwarder: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    /// Why this start found the forward cursor damaged, if it did.
+    cursor_reset: Option<&'static str>,
 }
 
 impl FallbackSink {
@@ -114,7 +118,7 @@ impl FallbackSink {
         kafka.notify_ready(ready_tx);
 
         let cursor_file = CursorFile::open(dir)?;
-        let cursor = cursor_file.load();
+        let (cursor, cursor_reset) = cursor_file.load();
         let (acks_tx, acks) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let counters = Arc::new(Counters::default());
@@ -154,6 +158,7 @@ impl FallbackSink {
             stop,
             forwarder: Mutex::new(Some(handle)),
             counters,
+            cursor_reset,
         })
     }
 
@@ -172,6 +177,7 @@ impl FallbackSink {
             awaiting_bytes: c.awaiting_bytes.load(Ordering::Relaxed).max(0) as u64,
             forwarded_records: c.forwarded_records.load(Ordering::Relaxed),
             forwarded_bytes: c.forwarded_bytes.load(Ordering::Relaxed),
+            cursor_reset: self.cursor_reset,
             oldest_age_seconds: if oldest == 0 {
                 0.0
             } else {
@@ -274,14 +280,23 @@ impl CursorFile {
                 path: path.clone(),
                 error,
             })?;
-        if !existed {
-            sync_dir(dir)?;
-        }
         let mut cursor = CursorFile {
             file,
             path,
             counter: 0,
         };
+        if !existed {
+            // A valid cursor from the start, so an empty or short file is always damage
+            // (reported by `load`), never a cursor that was not written yet.
+            cursor
+                .save(Position::default())
+                .map_err(|error| SpoolError::Io {
+                    op: "write forward cursor",
+                    path: cursor.path.clone(),
+                    error,
+                })?;
+            sync_dir(dir)?;
+        }
         if let Some((_, counter)) = cursor.read() {
             cursor.counter = counter;
         }
@@ -309,20 +324,29 @@ impl CursorFile {
         best
     }
 
-    fn load(&self) -> Position {
-        match self.read() {
-            Some((position, _)) => position,
-            None => {
-                let len = self.file.metadata().map_or(0, |m| m.len());
-                if len > 0 {
-                    tracing::error!(
-                        file = %self.path.display(),
-                        "forward cursor unreadable; forwarding the whole spool again (consumers will see duplicates)"
-                    );
-                }
-                Position::default()
-            }
-        }
+    /// Where forwarding resumes, and why it starts over when the file is damaged (one
+    /// of [`CURSOR_RESET_REASONS`], logged at `error` here and counted in the
+    /// metrics): empty, truncated (shorter than its two slots; a slot that survives is
+    /// still used) or unreadable (neither slot valid, or the file cannot be read).
+    fn load(&self) -> (Position, Option<&'static str>) {
+        let len = self.file.metadata().ok().map(|meta| meta.len());
+        let found = self.read().map(|(position, _)| position);
+        let reason = match (len, found) {
+            (Some(len), Some(position)) if len >= 2 * CURSOR_SLOT => return (position, None),
+            (Some(0), _) => "empty",
+            (Some(len), _) if len < 2 * CURSOR_SLOT => "truncated",
+            _ => "unreadable",
+        };
+        let position = found.unwrap_or_default();
+        tracing::error!(
+            file = %self.path.display(),
+            reason,
+            segment = position.segment,
+            offset = position.offset,
+            "forward cursor {reason}; forwarding again from there: every record still in \
+             the spool after it is published again (consumers will see duplicates, same keys)"
+        );
+        (position, Some(reason))
     }
 
     fn save(&mut self, position: Position) -> io::Result<()> {
@@ -812,7 +836,7 @@ mod tests {
     fn the_newer_slot_wins_and_a_torn_one_falls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut file = CursorFile::open(dir.path()).expect("open");
-        assert_eq!(file.load(), Position::default());
+        assert_eq!(file.load(), (Position::default(), None));
         let a = Position {
             segment: 1,
             offset: 100,
@@ -824,13 +848,17 @@ mod tests {
         file.save(a).expect("save");
         file.save(b).expect("save");
         let reopened = CursorFile::open(dir.path()).expect("reopen");
-        assert_eq!(reopened.load(), b);
+        assert_eq!(reopened.load(), (b, None));
         // Tear the newer slot: the older one is still there.
         let slot = u64::from(reopened.counter % 2) * CURSOR_SLOT;
         reopened
             .file
             .write_all_at(&[0xff; 5], slot + 10)
             .expect("tear");
-        assert_eq!(CursorFile::open(dir.path()).expect("reopen").load(), a);
+        // A torn slot is what the two slots are for: no reset to report.
+        assert_eq!(
+            CursorFile::open(dir.path()).expect("reopen").load(),
+            (a, None)
+        );
     }
 }

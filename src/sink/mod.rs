@@ -138,6 +138,9 @@ pub struct ForwardStats {
     pub forwarded_bytes: u64,
     /// Age of the oldest record not yet forwarded; 0 when none waits.
     pub oldest_age_seconds: f64,
+    /// Why this start found the forward cursor damaged (one of
+    /// `forward::CURSOR_RESET_REASONS`), if it did.
+    pub cursor_reset: Option<&'static str>,
 }
 
 /// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the

@@ -601,10 +601,18 @@ def test_manifests_match_each_other_and_the_binary():
         args = container["args"]
         assert {a for a in args if a.startswith("--")} <= flags
         assert args == ["--config", "/etc/smtpgw/smtpgw.toml"]
-        # Environment variables are flags too: SMTPGW_ + the flag in upper case.
+        # Environment variables are flags too: SMTPGW_ + the flag in upper case, or feed
+        # one through $(NAME) (the pod's address into SMTPGW_METRICS_LISTEN).
+        feeds = {name for env in container["env"] for name in re.findall(r"\$\((\w+)\)", env.get("value", ""))}
         for env in container["env"]:
+            if env["name"] in feeds:
+                continue
             assert env["name"].startswith("SMTPGW_")
             assert "--" + env["name"][len("SMTPGW_"):].lower().replace("_", "-") in flags, env["name"]
+        # Issue 20 item 1: the endpoint binds the pod's address, not every address.
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["SMTPGW_METRICS_LISTEN"]["value"] == f"$(POD_IP):{metrics_port}"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"smtp": smtp_port, "metrics": metrics_port}
         if spec.get("hostNetwork"):

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Probe latency of the metrics endpoint while clients hold connections to it (README
+"Observability", issue 20 item 1).
+
+    scripts/metrics-probe-latency.py target/release/smtpgw HOLDERS ADDRESSES
+
+starts the gateway on loopback with port 0, runs HOLDERS threads that connect from
+127.0.0.2 .. 127.0.0.(1+ADDRESSES), read until closed and reconnect, then sends 40
+`/healthz` probes from 127.0.0.1 (5 s timeout each) and prints how many were answered
+and the median and maximum latency. The gateway is stopped by its PID."""
+
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+
+def main() -> None:
+    binary, holders, addresses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    with tempfile.TemporaryDirectory() as spool:
+        p = subprocess.Popen(
+            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--spool-dir", spool],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            addr = None
+            deadline = time.monotonic() + 10
+            while not addr and time.monotonic() < deadline:
+                match = re.search(r"metrics_addr=(\S+)", p.stderr.readline().decode())
+                addr = match and match.group(1)
+            host, _, port = addr.rpartition(":")
+            stop = threading.Event()
+
+            def hold(source: str) -> None:
+                while not stop.is_set():
+                    try:
+                        with socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0)) as s:
+                            while s.recv(4096):
+                                pass
+                    except OSError:
+                        time.sleep(0.01)
+
+            threads = [threading.Thread(target=hold, args=(f"127.0.0.{2 + i % addresses}",), daemon=True)
+                       for i in range(holders)]
+            for t in threads:
+                t.start()
+            time.sleep(2)
+            latencies = []
+            for _ in range(40):
+                started = time.monotonic()
+                try:
+                    urllib.request.urlopen(f"http://{addr}/healthz", timeout=5).read()
+                    latencies.append(time.monotonic() - started)
+                except OSError:
+                    pass
+                time.sleep(0.1)
+            stop.set()
+            for t in threads:
+                t.join(10)
+        finally:
+            p.terminate()
+            p.wait(10)
+    if latencies:
+        print(f"holders={holders} addresses={addresses} answered={len(latencies)}/40 "
+              f"median={statistics.median(latencies) * 1000:.0f}ms max={max(latencies) * 1000:.0f}ms")
+    else:
+        print(f"holders={holders} addresses={addresses} answered=0/40")
+
+
+if __name__ == "__main__":
+    main()
