@@ -109,6 +109,7 @@ pub struct Metrics {
     /// Indexed like [`CURSOR_RESET_REASONS`].
     forward_cursor_resets: Vec<IntCounter>,
     forward_oldest_age: Gauge,
+    fallback_available: IntGauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
@@ -353,6 +354,11 @@ impl Metrics {
                 "Bytes of spooled messages Kafka acknowledged (--spool-fallback).",
             )?,
             forward_oldest_age,
+            fallback_available: gauge(
+                "smtpgw_spool_fallback_available",
+                "--spool-fallback: 1 while its spool can store, 0 while Kafka alone is used \
+                 (a full file system at start, a failed write); 0 without a fallback.",
+            )?,
             forward_cursor_resets: resolve(
                 &counter_vec(
                     "smtpgw_forward_cursor_resets_total",
@@ -456,6 +462,8 @@ impl Metrics {
                 add(&self.forwarded_records, forward.forwarded_records);
                 add(&self.forwarded_bytes, forward.forwarded_bytes);
                 self.forward_oldest_age.set(forward.oldest_age_seconds);
+                self.fallback_available
+                    .set(i64::from(sink.degraded().is_none()));
                 let reset = CURSOR_RESET_REASONS
                     .iter()
                     .position(|r| Some(*r) == forward.cursor_reset);
@@ -890,7 +898,10 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics, sink: &dyn Sink) -> Respo
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         _ => match metrics.readiness(sink) {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(()) => match sink.degraded() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(why) => text(StatusCode::OK, format!("ready; degraded: {why}\n")),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),

@@ -111,7 +111,18 @@ impl FallbackSink {
         let (commits_tx, commits) = crossbeam_channel::unbounded();
         let mut spool_options = spool_options;
         spool_options.commits = Some(commits_tx);
+        // Kafka alone can take mail: a full file system makes the fallback unavailable,
+        // not the gateway (it recovers when room returns).
+        spool_options.start_when_full = true;
         let spool = Arc::new(SpoolSink::open_with(dir, spool_options)?);
+        if let Err(why) = spool.health() {
+            tracing::warn!(
+                dir = %dir.display(),
+                reason = %why,
+                "--spool-fallback unavailable: starting with Kafka only; the fallback \
+                 becomes available once the spool can store again"
+            );
+        }
         let fallback: Arc<dyn Sink> = spool.clone();
         let kafka = Arc::new(KafkaSink::with_fallback(kafka_options, Some(fallback))?);
         let (ready_tx, ready) = crossbeam_channel::unbounded();
@@ -235,6 +246,11 @@ impl Sink for FallbackSink {
         self.kafka.over_inflight_limit()
     }
 
+    fn degraded(&self) -> Option<String> {
+        let why = self.spool.health().err()?;
+        Some(format!("spool fallback unavailable: {why}"))
+    }
+
     fn max_message_value(&self) -> Option<usize> {
         self.kafka.max_message_value()
     }
@@ -263,6 +279,8 @@ struct CursorFile {
     file: File,
     path: PathBuf,
     counter: u32,
+    /// Created by this start but not written yet (no room): empty is no damage.
+    unwritten: bool,
 }
 
 impl CursorFile {
@@ -284,17 +302,17 @@ impl CursorFile {
             file,
             path,
             counter: 0,
+            unwritten: false,
         };
         if !existed {
             // A valid cursor from the start, so an empty or short file is always damage
-            // (reported by `load`), never a cursor that was not written yet.
-            cursor
-                .save(Position::default())
-                .map_err(|error| SpoolError::Io {
-                    op: "write forward cursor",
-                    path: cursor.path.clone(),
-                    error,
-                })?;
+            // (reported by `load`), never a cursor that was not written yet. On a full
+            // file system it is written with the first forwarded record instead.
+            if let Err(error) = cursor.save(Position::default()) {
+                // The spool cannot hold a record either then (its warning says so).
+                tracing::info!(file = %cursor.path.display(), %error, "cannot write the first forward cursor yet");
+                cursor.unwritten = true;
+            }
             sync_dir(dir)?;
         }
         if let Some((_, counter)) = cursor.read() {
@@ -329,6 +347,9 @@ impl CursorFile {
     /// metrics): empty, truncated (shorter than its two slots; a slot that survives is
     /// still used) or unreadable (neither slot valid, or the file cannot be read).
     fn load(&self) -> (Position, Option<&'static str>) {
+        if self.unwritten {
+            return (Position::default(), None);
+        }
         let len = self.file.metadata().ok().map(|meta| meta.len());
         let found = self.read().map(|(position, _)| position);
         let reason = match (len, found) {

@@ -207,4 +207,10 @@ pub trait Sink: Send + Sync + 'static {
     fn spool_stats(&self) -> Option<SpoolStats> {
         None
     }
+
+    /// Why the sink, though healthy, runs without a part of itself (`/readyz` says so
+    /// beside its 200): the Kafka sink's spool fallback that cannot store.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }

@@ -7,6 +7,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
@@ -28,6 +29,11 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
 
 pub(crate) type Request = (SealedMessage, Completion);
+
+/// How soon a spool that started without room for a segment tries again, doubling up
+/// to [`MAX_SEGMENT_RETRY`].
+const FIRST_SEGMENT_RETRY: Duration = Duration::from_secs(1);
+const MAX_SEGMENT_RETRY: Duration = Duration::from_secs(8);
 
 /// Why the sink is not ready, as `/readyz` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +169,9 @@ pub(crate) struct Writer {
     next_seq: u64,
     /// `None` after a failed write until a new segment could be created.
     segment: Option<Segment>,
+    /// Started without a segment (no room): when to try again without waiting for a
+    /// batch. `None` once one exists.
+    retry: Option<Duration>,
     rotate_due: bool,
     /// The encoded batch, reused from one batch to the next.
     buf: Vec<u8>,
@@ -171,30 +180,88 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: std::sync::Arc<Shared>, segment_size: u64, segment: Segment) -> Writer {
-        shared.writing.store(segment.seq, Ordering::Release);
+    /// A writer appending to `segment`, or, without one (the file system was full at
+    /// start, see `SpoolOptions::start_when_full`), one that starts segment `seq` as
+    /// soon as there is room: at the next batch, or when its retry comes.
+    pub fn new(
+        shared: std::sync::Arc<Shared>,
+        segment_size: u64,
+        segment: Option<Segment>,
+        seq: u64,
+    ) -> Writer {
+        let seq = segment.as_ref().map_or(seq, |s| s.seq);
+        shared.writing.store(seq, Ordering::Release);
         *shared
             .durable
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Position {
-            segment: segment.seq,
-            offset: segment.len,
+            segment: seq,
+            offset: segment.as_ref().map_or(0, |s| s.len),
         };
         Writer {
             shared,
             segment_size: segment_size.max(1),
-            next_seq: segment.seq + 1,
-            segment: Some(segment),
+            next_seq: if segment.is_some() { seq + 1 } else { seq },
+            retry: segment.is_none().then_some(FIRST_SEGMENT_RETRY),
+            segment,
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
         }
     }
 
+    /// Waits for the next request; while the spool has no segment since start-up, at
+    /// most until the next attempt to start one (with back-off), so that room coming
+    /// back makes the spool healthy without a message having to fail first.
+    fn next(&mut self, rx: &Receiver<Request>) -> Option<Request> {
+        loop {
+            if self.segment.is_some() {
+                // A batch started one.
+                self.retry = None;
+            }
+            let Some(wait) = self.retry else {
+                return rx.recv().ok();
+            };
+            match rx.recv_timeout(wait) {
+                Ok(request) => return Some(request),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.retry_first_segment(),
+            }
+        }
+    }
+
+    fn retry_first_segment(&mut self) {
+        match create_segment(&self.shared.dir, self.next_seq) {
+            Ok(segment) => {
+                tracing::info!(
+                    segment = %segment.path.display(),
+                    "spool: room for a segment again; writes can succeed"
+                );
+                self.shared.writing.store(segment.seq, Ordering::Release);
+                *self
+                    .shared
+                    .durable
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Position {
+                    segment: segment.seq,
+                    offset: segment.len,
+                };
+                self.next_seq = segment.seq + 1;
+                self.segment = Some(segment);
+                self.retry = None;
+                self.shared.set_health(Health::Ok);
+            }
+            // `create_segment` removed what it had made; the same name is tried again.
+            Err(_) => {
+                self.retry = self.retry.map(|wait| (wait * 2).min(MAX_SEGMENT_RETRY));
+            }
+        }
+    }
+
     pub fn run(mut self, rx: Receiver<Request>) {
         // `recv` fails only once every sender is gone and the queue is empty, so
         // everything submitted before shutdown is answered.
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = self.next(&rx) {
             self.encode(first);
             while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
                 match rx.try_recv() {
