@@ -313,5 +313,27 @@ fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
     );
     assert!(!gw.log_lines("spool: room for a segment again").is_empty());
     drop(gw);
+    // The cursor that found no room at that start is no damage at the next one.
+    let again = broker_support::Gw::start(
+        &broker.addr(),
+        topic,
+        &[
+            "--spool-fallback",
+            "--spool-dir",
+            spool.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(again
+        .log_lines("forward cursor")
+        .iter()
+        .all(|l| !l.contains("ERROR")));
+    assert_eq!(
+        metric(
+            &again.metrics,
+            "smtpgw_forward_cursor_resets_total{reason=\"empty\"}"
+        ),
+        0.0
+    );
+    drop(again);
     broker.stop();
 }

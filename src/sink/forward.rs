@@ -279,7 +279,7 @@ struct CursorFile {
     file: File,
     path: PathBuf,
     counter: u32,
-    /// Created by this start but not written yet (no room): empty is no damage.
+    /// Not on disk yet: there was no room for it at start (see `first_save`).
     unwritten: bool,
 }
 
@@ -309,8 +309,11 @@ impl CursorFile {
             // (reported by `load`), never a cursor that was not written yet. On a full
             // file system it is written with the first forwarded record instead.
             if let Err(error) = cursor.save(Position::default()) {
-                // The spool cannot hold a record either then (its warning says so).
+                // No room (the spool cannot hold a record either then; its warning says
+                // so). No file rather than an empty one, which a later start would
+                // report as damage: `save` creates it with the first cursor.
                 tracing::info!(file = %cursor.path.display(), %error, "cannot write the first forward cursor yet");
+                let _ = std::fs::remove_file(&cursor.path);
                 cursor.unwritten = true;
             }
             sync_dir(dir)?;
@@ -371,6 +374,9 @@ impl CursorFile {
     }
 
     fn save(&mut self, position: Position) -> io::Result<()> {
+        if self.unwritten {
+            return self.first_save(position);
+        }
         let counter = self.counter.wrapping_add(1);
         let buf = encode_cursor(position, counter);
         self.file
@@ -378,6 +384,27 @@ impl CursorFile {
         self.file.sync_data()?;
         self.counter = counter;
         Ok(())
+    }
+
+    /// Creates the file that could not be written at start, with its first cursor; on
+    /// failure it is removed again, so no empty file is left to look like damage.
+    fn first_save(&mut self, position: Position) -> io::Result<()> {
+        self.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)?;
+        self.unwritten = false;
+        let saved = self.save(position).and_then(|()| {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            sync_dir(dir).map_err(io::Error::other)
+        });
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+            self.unwritten = true;
+        }
+        saved
     }
 }
 
