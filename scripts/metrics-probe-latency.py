@@ -5,9 +5,11 @@
     scripts/metrics-probe-latency.py target/release/smtpgw HOLDERS ADDRESSES
 
 starts the gateway on loopback with port 0, runs HOLDERS threads that connect from
-127.0.0.2 .. 127.0.0.(1+ADDRESSES), read until closed and reconnect, then sends 40
-`/healthz` probes from 127.0.0.1 (5 s timeout each) and prints how many were answered
-and the median and maximum latency. The gateway is stopped by its PID."""
+127.0.0.2 .. 127.0.0.(1+ADDRESSES), read until closed and reconnect, then, once they
+have made HOLDERS connections, sends 40 probes from 127.0.0.1, `/healthz` and `/readyz`
+in turn (5 s timeout each), and prints how many were answered (`ok`, `ready`) and the
+median and maximum latency. Exit status 1 unless all were. The gateway is stopped by
+its PID. tests/e2e/test_operations.py runs it."""
 
 import re
 import socket
@@ -35,11 +37,13 @@ def main() -> None:
                 addr = match and match.group(1)
             host, _, port = addr.rpartition(":")
             stop = threading.Event()
+            held = [0]
 
             def hold(source: str) -> None:
                 while not stop.is_set():
                     try:
                         with socket.create_connection((host, int(port)), timeout=5, source_address=(source, 0)) as s:
+                            held[0] += 1
                             while s.recv(4096):
                                 pass
                     except OSError:
@@ -49,13 +53,17 @@ def main() -> None:
                        for i in range(holders)]
             for t in threads:
                 t.start()
-            time.sleep(2)
+            deadline = time.monotonic() + 20
+            while held[0] < holders and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if held[0] < holders:
+                sys.exit(f"only {held[0]} of {holders} holders connected")
             latencies = []
-            for _ in range(40):
+            for path, want in [("/healthz", b"ok\n"), ("/readyz", b"ready\n")] * 20:
                 started = time.monotonic()
                 try:
-                    urllib.request.urlopen(f"http://{addr}/healthz", timeout=5).read()
-                    latencies.append(time.monotonic() - started)
+                    if urllib.request.urlopen(f"http://{addr}{path}", timeout=5).read() == want:
+                        latencies.append(time.monotonic() - started)
                 except OSError:
                     pass
                 time.sleep(0.1)
@@ -70,6 +78,7 @@ def main() -> None:
               f"median={statistics.median(latencies) * 1000:.0f}ms max={max(latencies) * 1000:.0f}ms")
     else:
         print(f"holders={holders} addresses={addresses} answered=0/40")
+    sys.exit(0 if len(latencies) == 40 else 1)
 
 
 if __name__ == "__main__":

@@ -405,7 +405,12 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
         let series = format!("smtpgw_forward_cursor_resets_total{{reason=\"{reason}\"}}");
         // A new spool writes a valid cursor: nothing to report, then or at a restart.
         for _ in 0..2 {
-            let gw = fallback_gateway_at(&nobody, "smtp.forward.cursor", spool.path());
+            let gw = broker_support::fallback_on_one_reactor(
+                &nobody,
+                "smtp.forward.cursor",
+                spool.path(),
+                &[],
+            );
             assert_eq!(gw.metric(&series), 0.0, "{reason}: a fresh cursor counted");
             assert!(gw.log_lines("forward cursor").is_empty(), "{reason}");
         }
@@ -417,7 +422,12 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
             .expect("cursor file");
         damage(&file);
         drop(file);
-        let gw = fallback_gateway_at(&nobody, "smtp.forward.cursor", spool.path());
+        let gw = broker_support::fallback_on_one_reactor(
+            &nobody,
+            "smtp.forward.cursor",
+            spool.path(),
+            &[],
+        );
         let lines = gw.log_lines(&format!("forward cursor {reason}"));
         assert_eq!(lines.len(), 1, "{reason}: {lines:?}");
         assert!(lines[0].contains("ERROR"), "{reason}: {}", lines[0]);
@@ -430,18 +440,4 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
             }
         }
     }
-}
-
-fn fallback_gateway_at(brokers: &str, topic: &str, spool: &Path) -> Gw {
-    Gw::start(
-        brokers,
-        topic,
-        &[
-            "--reactors",
-            "1",
-            "--spool-fallback",
-            "--spool-dir",
-            spool.to_str().expect("utf-8 path"),
-        ],
-    )
 }

@@ -261,18 +261,11 @@ fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
     broker.start(topic);
     let spool = small.dir.join("fallback");
     let full = fill_up(&small.dir);
-    let gw = broker_support::Gw::start(
+    let gw = broker_support::fallback_on_one_reactor(
         &broker.addr(),
         topic,
-        &[
-            "--reactors",
-            "1",
-            "--spool-fallback",
-            "--spool-dir",
-            spool.to_str().expect("utf-8 path"),
-            "--spool-min-free-bytes",
-            "0",
-        ],
+        &spool,
+        &["--spool-min-free-bytes", "0"],
     );
     let available = || metric(&gw.metrics, "smtpgw_spool_fallback_available");
     assert!(
@@ -314,15 +307,7 @@ fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
     assert!(!gw.log_lines("spool: room for a segment again").is_empty());
     drop(gw);
     // The cursor that found no room at that start is no damage at the next one.
-    let again = broker_support::Gw::start(
-        &broker.addr(),
-        topic,
-        &[
-            "--spool-fallback",
-            "--spool-dir",
-            spool.to_str().expect("utf-8 path"),
-        ],
-    );
+    let again = broker_support::fallback_on_one_reactor(&broker.addr(), topic, &spool, &[]);
     assert!(again
         .log_lines("forward cursor")
         .iter()

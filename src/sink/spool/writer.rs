@@ -61,6 +61,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Everything before `position` is durable now.
+    fn set_durable(&self, position: Position) {
+        *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = position;
+    }
+
     fn set_health(&self, health: Health) {
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = health;
     }
@@ -191,13 +196,10 @@ impl Writer {
     ) -> Writer {
         let seq = segment.as_ref().map_or(seq, |s| s.seq);
         shared.writing.store(seq, Ordering::Release);
-        *shared
-            .durable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Position {
+        shared.set_durable(Position {
             segment: seq,
             offset: segment.as_ref().map_or(0, |s| s.len),
-        };
+        });
         Writer {
             shared,
             segment_size: segment_size.max(1),
@@ -238,14 +240,10 @@ impl Writer {
                     "spool: room for a segment again; writes can succeed"
                 );
                 self.shared.writing.store(segment.seq, Ordering::Release);
-                *self
-                    .shared
-                    .durable
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Position {
+                self.shared.set_durable(Position {
                     segment: segment.seq,
                     offset: segment.len,
-                };
+                });
                 self.next_seq = segment.seq + 1;
                 self.segment = Some(segment);
                 self.retry = None;
@@ -388,14 +386,10 @@ impl Writer {
                         }
                     }
                     if let Some(segment) = self.segment.as_ref() {
-                        *self
-                            .shared
-                            .durable
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = Position {
+                        self.shared.set_durable(Position {
                             segment: segment.seq,
                             offset: segment.len,
-                        };
+                        });
                         self.shared.durable_changed.notify_all();
                         if let Some(tx) = &self.shared.commits {
                             let _ = tx.send(super::SpoolCommit {
