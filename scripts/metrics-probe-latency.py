@@ -26,15 +26,20 @@ def main() -> None:
     binary, holders, addresses = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     with tempfile.TemporaryDirectory() as spool:
         p = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--spool-dir", spool],
+            # The endpoint runs on its own thread whatever the backend; epoll on one
+            # reactor keeps the run clear of io_uring's locked-memory limit.
+            [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--spool-dir", spool,
+             "--io-backend", "epoll", "--reactors", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         try:
             addr = None
             deadline = time.monotonic() + 10
-            while not addr and time.monotonic() < deadline:
+            while not addr and time.monotonic() < deadline and p.poll() is None:
                 match = re.search(r"metrics_addr=(\S+)", p.stderr.readline().decode())
                 addr = match and match.group(1)
+            if not addr:
+                sys.exit(f"the gateway did not start (exit status {p.poll()})")
             host, _, port = addr.rpartition(":")
             stop = threading.Event()
             held = [0]
