@@ -7,13 +7,14 @@
 //! [`ReactorMetrics`] of its own and publishes it here every
 //! [`FLUSH_INTERVAL`] and when a connection closes.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -27,10 +28,11 @@ use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
 use crate::conn::edge::{EdgeStats, REFUSED_REASONS, TLS_FAILURES, TLS_VERSIONS};
+use crate::sink::forward::CURSOR_RESET_REASONS;
 use crate::sink::Sink;
 use crate::smtp::stats::{
     SessionStats, LIMIT_CLOSES, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS,
@@ -110,7 +112,10 @@ pub struct Metrics {
     forwarded_bytes: IntCounter,
     forward_redelivered: IntCounter,
     forward_restarts: IntCounter,
+    /// Indexed like [`CURSOR_RESET_REASONS`].
+    forward_cursor_resets: Vec<IntCounter>,
     forward_oldest_age: Gauge,
+    fallback_available: IntGauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
@@ -403,6 +408,20 @@ impl Metrics {
                 "Times the watchdog restarted a forwarder that made no progress (--spool-fallback).",
             )?,
             forward_oldest_age,
+            fallback_available: gauge(
+                "smtpgw_spool_fallback_available",
+                "--spool-fallback: 1 while its spool can store, 0 while Kafka alone is used \
+                 (a full file system at start, a failed write); 0 without a fallback.",
+            )?,
+            forward_cursor_resets: resolve(
+                &counter_vec(
+                    "smtpgw_forward_cursor_resets_total",
+                    "Starts that found the forward cursor damaged (--spool-fallback), by reason; \
+                     records after the position used are forwarded again.",
+                    "reason",
+                )?,
+                &CURSOR_RESET_REASONS,
+            ),
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
                 "Total size of the spool's segment files (0 without a spool).",
@@ -537,6 +556,14 @@ impl Metrics {
                 add(&self.forward_redelivered, forward.redelivered_records);
                 add(&self.forward_restarts, forward.restarts);
                 self.forward_oldest_age.set(forward.oldest_age_seconds);
+                self.fallback_available
+                    .set(i64::from(sink.degraded().is_none()));
+                let reset = CURSOR_RESET_REASONS
+                    .iter()
+                    .position(|r| Some(*r) == forward.cursor_reset);
+                if let Some(counter) = reset.and_then(|i| self.forward_cursor_resets.get(i)) {
+                    add(counter, 1);
+                }
             }
         }
         let mut out = Vec::with_capacity(16 * 1024);
@@ -689,8 +716,7 @@ impl MetricsServer {
         sink: Arc<dyn Sink>,
     ) -> Result<MetricsServer, MetricsError> {
         let bind_err = |source| MetricsError::Bind { addr, source };
-        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
-        std_listener.set_nonblocking(true).map_err(bind_err)?;
+        let std_listener = bind(addr).map_err(bind_err)?;
         let local_addr = std_listener.local_addr().map_err(bind_err)?;
         // Timers are needed: the accept back-off and the per-connection deadlines.
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -720,6 +746,21 @@ impl MetricsServer {
     }
 }
 
+/// Connections waiting to be accepted; the kernel drops SYNs beyond it. Waiting in this
+/// queue is how a probe gets its turn when the endpoint is full (see
+/// [`MAX_METRICS_CONNECTIONS`]), so it is well above std's 128.
+const LISTEN_BACKLOG: i32 = 1024;
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -731,16 +772,126 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Connections the endpoint serves at once; more are closed as soon as accepted, so
-/// clients that open connections and never finish a request cannot use up the
-/// process's descriptors. Far above what scrapers and probes need.
+/// Connections the endpoint holds at once. A connection past it (or past
+/// [`MAX_METRICS_CONNECTIONS_PER_ADDR`]) closes the least recently active one instead of
+/// being refused, once that one has had [`EVICTION_GRACE`] to send its request; until
+/// then accepting waits, and new connections queue in the kernel's backlog, first come
+/// first served. So clients that open connections and never finish a request can
+/// neither use up the process's descriptors nor keep a probe out: a probe waits its
+/// turn in the backlog, and once accepted it has the grace to be answered. Far above
+/// what scrapers and probes need.
 pub const MAX_METRICS_CONNECTIONS: usize = 64;
-/// A request's headers must arrive within this long (slow or half-sent requests).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections one client address holds before a new one from it closes its own least
+/// recently active one (past its grace) rather than another address's.
+pub const MAX_METRICS_CONNECTIONS_PER_ADDR: usize = 16;
+/// How long a connection, once accepted or after its last request, cannot be closed to
+/// make room for another.
+pub const EVICTION_GRACE: Duration = Duration::from_millis(250);
+/// A request's headers must arrive within this long (slow or half-sent requests, and
+/// an idle keep-alive connection waiting for its next request).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// No connection lives longer, however it behaves; scrapers simply reconnect.
 pub const MAX_CONNECTION_TIME: Duration = Duration::from_secs(120);
 /// After a failed accept (out of descriptors), wait this long before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// One open endpoint connection, as the caps see it.
+struct Held {
+    addr: IpAddr,
+    /// When it was accepted or last had a request.
+    active: Instant,
+    evict: Arc<Notify>,
+}
+
+/// The open connections, for the caps. Touched at accept, per request and at close
+/// (on the endpoint's own thread); a scan of at most [`MAX_METRICS_CONNECTIONS`].
+#[derive(Default)]
+struct Holders {
+    next_id: u64,
+    held: HashMap<u64, Held>,
+}
+
+/// What a new connection from an address needs before it is served.
+#[derive(Debug, PartialEq)]
+enum Room {
+    /// Under both caps.
+    Free,
+    /// Close this connection first.
+    Evict(u64),
+    /// The total cap is reached and every connection is within its grace until then.
+    WaitUntil(Instant),
+}
+
+impl Holders {
+    fn room(&self, addr: IpAddr, now: Instant) -> Room {
+        let past_grace =
+            |(id, active): (u64, Instant)| (now >= active + EVICTION_GRACE).then_some(id);
+        let same = self.held.values().filter(|h| h.addr == addr).count();
+        if same >= MAX_METRICS_CONNECTIONS_PER_ADDR {
+            if let Some(id) = self.oldest(|h| h.addr == addr).and_then(past_grace) {
+                return Room::Evict(id);
+            }
+            // All its own are within their grace: the total cap decides.
+        }
+        if self.held.len() < MAX_METRICS_CONNECTIONS {
+            return Room::Free;
+        }
+        match self.oldest(|_| true) {
+            Some(oldest) if past_grace(oldest).is_some() => Room::Evict(oldest.0),
+            Some((_, active)) => Room::WaitUntil(active + EVICTION_GRACE),
+            None => Room::Free,
+        }
+    }
+
+    fn oldest(&self, which: impl Fn(&Held) -> bool) -> Option<(u64, Instant)> {
+        self.held
+            .iter()
+            .filter(|(_, h)| which(h))
+            .min_by_key(|(_, h)| h.active)
+            .map(|(&id, h)| (id, h.active))
+    }
+
+    fn evict(&mut self, id: u64) {
+        if let Some(h) = self.held.remove(&id) {
+            h.evict.notify_one();
+        }
+    }
+
+    fn admit(&mut self, addr: IpAddr, now: Instant, evict: Arc<Notify>) -> u64 {
+        self.next_id += 1;
+        let held = Held {
+            addr,
+            active: now,
+            evict,
+        };
+        self.held.insert(self.next_id, held);
+        self.next_id
+    }
+
+    fn touch(&mut self, id: u64, now: Instant) {
+        if let Some(h) = self.held.get_mut(&id) {
+            h.active = now;
+        }
+    }
+}
+
+/// Removes its connection from the table when the connection's task ends, however.
+struct Release {
+    holders: Arc<Mutex<Holders>>,
+    id: u64,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        lock(&self.holders).held.remove(&self.id);
+    }
+}
+
+fn lock(holders: &Mutex<Holders>) -> std::sync::MutexGuard<'_, Holders> {
+    holders
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 async fn serve(
     listener: tokio::net::TcpListener,
@@ -748,17 +899,17 @@ async fn serve(
     sink: Arc<dyn Sink>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let holders = Arc::new(Mutex::new(Holders::default()));
     let mut failing = false;
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut stopped => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok(accepted) => {
                     if std::mem::take(&mut failing) {
                         info!("metrics endpoint: accepting again");
                     }
-                    stream
+                    accepted
                 }
                 Err(e) => {
                     // Once per streak of failures, not every back-off.
@@ -771,15 +922,39 @@ async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!("metrics endpoint: connection limit reached; closing a new connection");
-            drop(stream);
-            continue;
+        // Make room: close the least recently active connection once its grace is
+        // over. Waiting here holds the next connections in the backlog, in order.
+        let evict = Arc::new(Notify::new());
+        let id = loop {
+            let now = Instant::now();
+            let room = {
+                let mut table = lock(&holders);
+                match table.room(peer.ip(), now) {
+                    Room::Free => Ok(table.admit(peer.ip(), now, evict.clone())),
+                    Room::Evict(old) => {
+                        debug!("metrics endpoint: connection cap reached; closing the least recently active");
+                        table.evict(old);
+                        Ok(table.admit(peer.ip(), now, evict.clone()))
+                    }
+                    Room::WaitUntil(until) => Err(until),
+                }
+            };
+            match room {
+                Ok(id) => break id,
+                Err(until) => tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                },
+            }
+        };
+        let release = Release {
+            holders: holders.clone(),
+            id,
         };
         let (metrics, sink) = (metrics.clone(), sink.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |req| {
+            let service = service_fn(|req| {
+                lock(&release.holders).touch(release.id, Instant::now());
                 let reply = respond(&req, &metrics, &*sink);
                 async move { Ok::<_, Infallible>(reply) }
             });
@@ -787,10 +962,14 @@ async fn serve(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(MAX_CONNECTION_TIME, conn).await {
-                Ok(Err(e)) => debug!(error = %e, "metrics connection"),
-                Err(_) => debug!("metrics connection open too long; closed"),
-                Ok(Ok(())) => {}
+            tokio::select! {
+                done = tokio::time::timeout(MAX_CONNECTION_TIME, conn) => match done {
+                    Ok(Err(e)) => debug!(error = %e, "metrics connection"),
+                    Err(_) => debug!("metrics connection open too long; closed"),
+                    Ok(Ok(())) => {}
+                },
+                // Dropping the connection closes it.
+                _ = evict.notified() => {}
             }
         });
     }
@@ -815,7 +994,10 @@ fn respond(req: &Request<Incoming>, metrics: &Metrics, sink: &dyn Sink) -> Respo
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         _ => match metrics.readiness(sink) {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(()) => match sink.degraded() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(why) => text(StatusCode::OK, format!("ready; degraded: {why}\n")),
+            },
             Err(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
@@ -828,4 +1010,60 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    fn addr(last: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, last])
+    }
+
+    #[test]
+    fn the_least_recently_active_goes_first_and_only_after_its_grace() {
+        let t0 = Instant::now();
+        let mut table = Holders::default();
+        let ids: Vec<u64> = (0..MAX_METRICS_CONNECTIONS)
+            .map(|i| {
+                let at = t0 + Duration::from_millis(i as u64);
+                table.admit(addr((i % 4) as u8), at, Arc::new(Notify::new()))
+            })
+            .collect();
+        // Full: the oldest is within its grace, so the newcomer waits for it.
+        assert_eq!(
+            table.room(addr(9), t0),
+            Room::WaitUntil(t0 + EVICTION_GRACE)
+        );
+        // A request makes the first one the most recently active.
+        let later = t0 + EVICTION_GRACE + Duration::from_secs(1);
+        table.touch(ids[0], later);
+        assert_eq!(table.room(addr(9), later), Room::Evict(ids[1]));
+        table.evict(ids[1]);
+        assert_eq!(table.room(addr(9), later), Room::Free);
+    }
+
+    #[test]
+    fn one_address_is_capped_on_its_own_connections() {
+        let t0 = Instant::now();
+        let mut table = Holders::default();
+        let other = table.admit(addr(1), t0, Arc::new(Notify::new()));
+        let first = table.admit(
+            addr(2),
+            t0 + Duration::from_millis(1),
+            Arc::new(Notify::new()),
+        );
+        for i in 1..MAX_METRICS_CONNECTIONS_PER_ADDR {
+            let at = t0 + Duration::from_millis(1 + i as u64);
+            table.admit(addr(2), at, Arc::new(Notify::new()));
+        }
+        let later = t0 + EVICTION_GRACE + Duration::from_secs(1);
+        // Within the grace, address 2's next connection fits under the total cap...
+        assert_eq!(table.room(addr(2), t0), Room::Free);
+        // ...after it, address 2 loses its own oldest, not address 1's older one...
+        assert_eq!(table.room(addr(2), later), Room::Evict(first));
+        // ...and another address is under both caps.
+        assert_eq!(table.room(addr(3), later), Room::Free);
+        assert!(table.held.contains_key(&other));
+    }
 }

@@ -441,3 +441,68 @@ fn a_backlog_of_many_windows_drains_with_no_new_mail() {
         check_record(reply, record);
     }
 }
+
+/// Issue 20 item 9: an emptied, truncated or unreadable forward cursor used to restart
+/// forwarding from the beginning of the spool silently (empty) or with a log line only
+/// (bad CRC). Each is now an `error` line naming the reason and a count in
+/// `smtpgw_forward_cursor_resets_total{reason}`; an intact cursor is neither. Needs no
+/// broker: the cursor is read at start, whether Kafka answers or not.
+#[test]
+fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let nobody = format!("127.0.0.1:{}", kafka_support::free_port());
+    type Damage = fn(&std::fs::File);
+    let damages: [(&str, Damage); 3] = [
+        ("empty", |f| f.set_len(0).expect("truncate")),
+        ("truncated", |f| f.set_len(40).expect("truncate")),
+        ("unreadable", |f| {
+            use std::os::unix::fs::FileExt;
+            // One flipped byte in each slot: neither checks out.
+            for at in [4u64, 40] {
+                let mut byte = [0u8];
+                f.read_exact_at(&mut byte, at).expect("read");
+                f.write_all_at(&[byte[0] ^ 0x5a], at).expect("write");
+            }
+        }),
+    ];
+    for (reason, damage) in damages {
+        let spool = tempfile::tempdir().expect("tempdir");
+        let series = format!("smtpgw_forward_cursor_resets_total{{reason=\"{reason}\"}}");
+        // A new spool writes a valid cursor: nothing to report, then or at a restart.
+        for _ in 0..2 {
+            let gw = broker_support::fallback_on_one_reactor(
+                &nobody,
+                "smtp.forward.cursor",
+                spool.path(),
+                &[],
+            );
+            assert_eq!(gw.metric(&series), 0.0, "{reason}: a fresh cursor counted");
+            assert!(gw.log_lines("forward cursor").is_empty(), "{reason}");
+        }
+        let cursor = spool.path().join("FORWARD");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&cursor)
+            .expect("cursor file");
+        damage(&file);
+        drop(file);
+        let gw = broker_support::fallback_on_one_reactor(
+            &nobody,
+            "smtp.forward.cursor",
+            spool.path(),
+            &[],
+        );
+        let lines = gw.log_lines(&format!("forward cursor {reason}"));
+        assert_eq!(lines.len(), 1, "{reason}: {lines:?}");
+        assert!(lines[0].contains("ERROR"), "{reason}: {}", lines[0]);
+        assert!(lines[0].contains("published again"), "{}", lines[0]);
+        assert_eq!(gw.metric(&series), 1.0, "{reason}");
+        for other in smtpgw::sink::forward::CURSOR_RESET_REASONS {
+            if other != reason {
+                let series = format!("smtpgw_forward_cursor_resets_total{{reason=\"{other}\"}}");
+                assert_eq!(gw.metric(&series), 0.0, "{reason} counted as {other}");
+            }
+        }
+    }
+}

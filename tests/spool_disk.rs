@@ -6,7 +6,12 @@
 //! Needs a small file system: `SMTPGW_TEST_SMALL_FS=DIR` (a directory on one, as
 //! scripts/test.sh provides), or root to mount a 3 MiB tmpfs of its own. Without either
 //! it is skipped, except under `CI=true`, where that is a failure.
+//!
+//! Also `--sink kafka --spool-fallback` starting on a full file system (issue 20 item
+//! 8), against a real broker (tansu, see tests/broker_support): it starts with Kafka,
+//! the fallback marked unavailable, and recovers it when room returns.
 
+mod broker_support;
 mod kafka_support;
 mod spool_gateway;
 
@@ -153,8 +158,12 @@ fn send_until_refused(c: &mut Client, size: usize) -> (usize, String) {
     panic!("the file system never filled up");
 }
 
+/// One test at a time: they fill the same small file system.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn full_disk_refuses_reports_and_recovers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(small) = small_fs() else { return };
     let total = free_bytes(&small.dir);
     let size = (total / 60) as usize;
@@ -236,4 +245,80 @@ fn full_disk_refuses_reports_and_recovers() {
     assert!(c.send(&body(size, 1000)).starts_with("250 "));
     drop(c);
     drop(gw);
+}
+
+/// Issue 20 item 8: the fallback's file system full at start used to stop start-up
+/// (`cannot write segment ...: No space left on device`) although Kafka was healthy.
+#[test]
+fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = broker_support::tansu_binary() else {
+        return;
+    };
+    let Some(small) = small_fs() else { return };
+    let topic = "smtp.fallback.full";
+    let mut broker = broker_support::Tansu::on_free_port(bin);
+    broker.start(topic);
+    let spool = small.dir.join("fallback");
+    let full = fill_up(&small.dir);
+    let gw = broker_support::fallback_on_one_reactor(
+        &broker.addr(),
+        topic,
+        &spool,
+        &["--spool-min-free-bytes", "0"],
+    );
+    let available = || metric(&gw.metrics, "smtpgw_spool_fallback_available");
+    assert!(
+        broker_support::wait(Duration::from_secs(30), || gw.readyz() == 200),
+        "not ready with a healthy broker"
+    );
+    let (_, why) = http_get(&gw.metrics, "/readyz");
+    assert!(
+        why.starts_with("ready; degraded: spool fallback unavailable: ")
+            && why.contains("No space left on device"),
+        "{why}"
+    );
+    assert_eq!(available(), 0.0);
+    let warned = gw.log_lines("--spool-fallback unavailable");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+    assert!(gw
+        .log_lines("forward cursor")
+        .iter()
+        .all(|l| !l.contains("ERROR")));
+
+    // Kafka takes the mail meanwhile.
+    let mut c = Client::connect(&gw.smtp);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let reply = c.send(&body(2000, 1));
+    assert!(reply.starts_with("250 "), "{reply}");
+    drop(c);
+
+    // Room again: the fallback comes back by itself, without a message failing first.
+    fs::remove_file(full).expect("free the blocks");
+    assert!(
+        broker_support::wait(Duration::from_secs(30), || available() == 1.0),
+        "the fallback did not recover"
+    );
+    assert_eq!(
+        http_get(&gw.metrics, "/readyz"),
+        (200, "ready\n".to_owned())
+    );
+    assert!(!gw.log_lines("spool: room for a segment again").is_empty());
+    drop(gw);
+    // The cursor that found no room at that start is no damage at the next one.
+    let again = broker_support::fallback_on_one_reactor(&broker.addr(), topic, &spool, &[]);
+    assert!(again
+        .log_lines("forward cursor")
+        .iter()
+        .all(|l| !l.contains("ERROR")));
+    assert_eq!(
+        metric(
+            &again.metrics,
+            "smtpgw_forward_cursor_resets_total{reason=\"empty\"}"
+        ),
+        0.0
+    );
+    drop(again);
+    broker.stop();
 }

@@ -84,6 +84,8 @@ const SENT_MAGIC: &[u8; 8] = b"SGWSNT01";
 const STALL_MARGIN: Duration = Duration::from_secs(15);
 const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
 const CURSOR_SLOT: u64 = 32;
+/// Why a start-up found the cursor damaged (`smtpgw_forward_cursor_resets_total{reason}`).
+pub const CURSOR_RESET_REASONS: [&str; 3] = ["empty", "truncated", "unreadable"];
 
 #[derive(thiserror::Error, Debug)]
 pub enum FallbackError {
@@ -118,6 +120,8 @@ pub struct FallbackSink {
     stop: Sender<()>,
     forwarder: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
+    /// Why this start found the forward cursor damaged, if it did.
+    cursor_reset: Option<&'static str>,
 }
 
 impl FallbackSink {
@@ -137,14 +141,25 @@ impl FallbackSink {
         let (commits_tx, commits) = crossbeam_channel::unbounded();
         let mut spool_options = spool_options;
         spool_options.commits = Some(commits_tx);
+        // Kafka alone can take mail: a full file system makes the fallback unavailable,
+        // not the gateway (it recovers when room returns).
+        spool_options.start_when_full = true;
         let spool = Arc::new(SpoolSink::open_with(dir, spool_options)?);
+        if let Err(why) = spool.health() {
+            tracing::warn!(
+                dir = %dir.display(),
+                reason = %why,
+                "--spool-fallback unavailable: starting with Kafka only; the fallback \
+                 becomes available once the spool can store again"
+            );
+        }
         let fallback: Arc<dyn Sink> = spool.clone();
         let kafka = Arc::new(KafkaSink::with_fallback(&kafka_options, Some(fallback))?);
         let (ready_tx, ready) = crossbeam_channel::unbounded();
         kafka.notify_ready(ready_tx);
 
         let cursor_file = CursorFile::open(dir)?;
-        let cursor = cursor_file.load();
+        let (cursor, cursor_reset) = cursor_file.load();
         let sent_mark = SentMark::open(dir);
         let stall_after = kafka_options.settings.publish_timeout.0 * 2 + STALL_MARGIN;
         let (acks_tx, acks) = crossbeam_channel::unbounded();
@@ -192,6 +207,7 @@ impl FallbackSink {
             stop,
             forwarder: Mutex::new(Some(handle)),
             counters,
+            cursor_reset,
         })
     }
 
@@ -210,6 +226,7 @@ impl FallbackSink {
             awaiting_bytes: c.awaiting_bytes.load(Ordering::Relaxed).max(0) as u64,
             forwarded_records: c.forwarded_records.load(Ordering::Relaxed),
             forwarded_bytes: c.forwarded_bytes.load(Ordering::Relaxed),
+            cursor_reset: self.cursor_reset,
             oldest_age_seconds: if oldest == 0 {
                 0.0
             } else {
@@ -269,6 +286,11 @@ impl Sink for FallbackSink {
         self.kafka.over_inflight_limit()
     }
 
+    fn degraded(&self) -> Option<String> {
+        let why = self.spool.health().err()?;
+        Some(format!("spool fallback unavailable: {why}"))
+    }
+
     fn max_message_value(&self) -> Option<usize> {
         self.kafka.max_message_value()
     }
@@ -297,6 +319,8 @@ struct CursorFile {
     file: File,
     path: PathBuf,
     counter: u32,
+    /// Not on disk yet: there was no room for it at start (see `first_save`).
+    unwritten: bool,
 }
 
 impl CursorFile {
@@ -314,14 +338,26 @@ impl CursorFile {
                 path: path.clone(),
                 error,
             })?;
-        if !existed {
-            sync_dir(dir)?;
-        }
         let mut cursor = CursorFile {
             file,
             path,
             counter: 0,
+            unwritten: false,
         };
+        if !existed {
+            // A valid cursor from the start, so an empty or short file is always damage
+            // (reported by `load`), never a cursor that was not written yet. On a full
+            // file system it is written with the first forwarded record instead.
+            if let Err(error) = cursor.save(Position::default()) {
+                // No room (the spool cannot hold a record either then; its warning says
+                // so). No file rather than an empty one, which a later start would
+                // report as damage: `save` creates it with the first cursor.
+                tracing::info!(file = %cursor.path.display(), %error, "cannot write the first forward cursor yet");
+                let _ = std::fs::remove_file(&cursor.path);
+                cursor.unwritten = true;
+            }
+            sync_dir(dir)?;
+        }
         if let Some((_, counter)) = cursor.read() {
             cursor.counter = counter;
         }
@@ -349,23 +385,38 @@ impl CursorFile {
         best
     }
 
-    fn load(&self) -> Position {
-        match self.read() {
-            Some((position, _)) => position,
-            None => {
-                let len = self.file.metadata().map_or(0, |m| m.len());
-                if len > 0 {
-                    tracing::error!(
-                        file = %self.path.display(),
-                        "forward cursor unreadable; forwarding the whole spool again (consumers will see duplicates)"
-                    );
-                }
-                Position::default()
-            }
+    /// Where forwarding resumes, and why it starts over when the file is damaged (one
+    /// of [`CURSOR_RESET_REASONS`], logged at `error` here and counted in the
+    /// metrics): empty, truncated (shorter than its two slots; a slot that survives is
+    /// still used) or unreadable (neither slot valid, or the file cannot be read).
+    fn load(&self) -> (Position, Option<&'static str>) {
+        if self.unwritten {
+            return (Position::default(), None);
         }
+        let len = self.file.metadata().ok().map(|meta| meta.len());
+        let found = self.read().map(|(position, _)| position);
+        let reason = match (len, found) {
+            (Some(len), Some(position)) if len >= 2 * CURSOR_SLOT => return (position, None),
+            (Some(0), _) => "empty",
+            (Some(len), _) if len < 2 * CURSOR_SLOT => "truncated",
+            _ => "unreadable",
+        };
+        let position = found.unwrap_or_default();
+        tracing::error!(
+            file = %self.path.display(),
+            reason,
+            segment = position.segment,
+            offset = position.offset,
+            "forward cursor {reason}; forwarding again from there: every record still in \
+             the spool after it is published again (consumers will see duplicates, same keys)"
+        );
+        (position, Some(reason))
     }
 
     fn save(&mut self, position: Position) -> io::Result<()> {
+        if self.unwritten {
+            return self.first_save(position);
+        }
         let counter = self.counter.wrapping_add(1);
         let buf = encode_cursor(position, counter);
         self.file
@@ -373,6 +424,27 @@ impl CursorFile {
         self.file.sync_data()?;
         self.counter = counter;
         Ok(())
+    }
+
+    /// Creates the file that could not be written at start, with its first cursor; on
+    /// failure it is removed again, so no empty file is left to look like damage.
+    fn first_save(&mut self, position: Position) -> io::Result<()> {
+        self.file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&self.path)?;
+        self.unwritten = false;
+        let saved = self.save(position).and_then(|()| {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
+            sync_dir(dir).map_err(io::Error::other)
+        });
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+            self.unwritten = true;
+        }
+        saved
     }
 }
 
@@ -1023,7 +1095,7 @@ mod tests {
     fn the_newer_slot_wins_and_a_torn_one_falls_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut file = CursorFile::open(dir.path()).expect("open");
-        assert_eq!(file.load(), Position::default());
+        assert_eq!(file.load(), (Position::default(), None));
         let a = Position {
             segment: 1,
             offset: 100,
@@ -1035,13 +1107,17 @@ mod tests {
         file.save(a).expect("save");
         file.save(b).expect("save");
         let reopened = CursorFile::open(dir.path()).expect("reopen");
-        assert_eq!(reopened.load(), b);
+        assert_eq!(reopened.load(), (b, None));
         // Tear the newer slot: the older one is still there.
         let slot = u64::from(reopened.counter % 2) * CURSOR_SLOT;
         reopened
             .file
             .write_all_at(&[0xff; 5], slot + 10)
             .expect("tear");
-        assert_eq!(CursorFile::open(dir.path()).expect("reopen").load(), a);
+        // A torn slot is what the two slots are for: no reset to report.
+        assert_eq!(
+            CursorFile::open(dir.path()).expect("reopen").load(),
+            (a, None)
+        );
     }
 }

@@ -144,6 +144,9 @@ pub struct ForwardStats {
     pub redelivered_records: u64,
     /// Times the watchdog restarted a stalled forwarder.
     pub restarts: u64,
+    /// Why this start found the forward cursor damaged (one of
+    /// `forward::CURSOR_RESET_REASONS`), if it did.
+    pub cursor_reset: Option<&'static str>,
 }
 
 /// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the
@@ -211,6 +214,12 @@ pub trait Sink: Send + Sync + 'static {
 
     /// The local spool's size and age, if the sink writes one.
     fn spool_stats(&self) -> Option<SpoolStats> {
+        None
+    }
+
+    /// Why the sink, though healthy, runs without a part of itself (`/readyz` says so
+    /// beside its 200): the Kafka sink's spool fallback that cannot store.
+    fn degraded(&self) -> Option<String> {
         None
     }
 }

@@ -209,6 +209,14 @@ impl Drop for Gw {
     }
 }
 
+/// `smtpgw --sink kafka --spool-fallback --spool-dir SPOOL` on one reactor, with `extra`.
+pub fn fallback_on_one_reactor(brokers: &str, topic: &str, spool: &Path, extra: &[&str]) -> Gw {
+    let spool = spool.to_str().expect("utf-8 path");
+    let mut args = vec!["--reactors", "1", "--spool-fallback", "--spool-dir", spool];
+    args.extend_from_slice(extra);
+    Gw::start(brokers, topic, &args)
+}
+
 impl Gw {
     /// Starts `smtpgw --sink kafka` on port 0 with `extra` flags, and learns both
     /// ports from its log.

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import gateway_binary, gateway_env, listening_addr
+from conftest import REPO, gateway_binary, gateway_env, listening_addr
 from smtpwire import Wire, assert_reply, data_payload, make_message, open_session, queued_id
 
 START_TIMEOUT = 10.0
@@ -261,6 +262,24 @@ def test_half_sent_requests_are_closed_and_scrapes_go_on(procs, tmp_path):
         for s in many:
             s.close()
     assert "smtpgw_connections_active" in scrape(p.metrics_addr)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("holders, addresses", [(80, 1), (100, 5)])
+def test_probes_are_answered_while_many_clients_hold_connections(holders, addresses):
+    """Issue 20 item 1: clients that connect to the endpoint, read until closed and
+    reconnect used to keep every probe out once 64 of them held connections. From one
+    address they stay within its cap (16); from five they also fill the total cap (64),
+    and a probe waits its turn in the backlog instead of being closed. The script is the
+    one the README's figures come from; it starts and stops the gateway by its PID."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "metrics-probe-latency.py"), str(gateway_binary()),
+         str(holders), str(addresses)],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=150, env=gateway_env(),
+    )
+    out = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, out
+    assert "answered=40/40" in out, out
 
 
 # --- item 5: SIGHUP reloads the configuration -------------------------------------------

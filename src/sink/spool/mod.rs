@@ -189,6 +189,14 @@ pub enum SpoolError {
     Thread(io::Error),
 }
 
+impl SpoolError {
+    /// The file system (or the user's quota) is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, SpoolError::Io { error, .. }
+            if matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 pub(crate) fn io_error<'a>(
     op: &'static str,
     path: &'a Path,
@@ -214,6 +222,10 @@ pub struct SpoolOptions {
     pub min_free_bytes: u64,
     /// Told after every durable batch (the Kafka fallback's forwarder).
     pub commits: Option<Sender<SpoolCommit>>,
+    /// When the file system has no room for a first segment, open anyway, unhealthy,
+    /// and keep trying to start one (the Kafka fallback: Kafka alone can take mail);
+    /// otherwise that is an error.
+    pub start_when_full: bool,
 }
 
 /// Sent after a batch is durable: the spool's new durable end, and what the batch added
@@ -233,6 +245,7 @@ impl Default for SpoolOptions {
             max_bytes: None,
             min_free_bytes: 0,
             commits: None,
+            start_when_full: false,
         }
     }
 }
@@ -269,8 +282,17 @@ impl SpoolSink {
             None => 0,
         };
         let seq = segments.last().map_or(0, |(seq, _)| seq + 1);
-        let segment = writer::create_segment(dir, seq)?;
-        tracing::info!(dir = %dir.display(), segment = seq, "spool open");
+        let (segment, health) = match writer::create_segment(dir, seq) {
+            Ok(segment) => {
+                tracing::info!(dir = %dir.display(), segment = seq, "spool open");
+                (Some(segment), Health::Ok)
+            }
+            Err(error) if options.start_when_full && error.is_no_space() => {
+                let why = format!("no space to start a spool segment: {error}");
+                (None, Health::Failed(why))
+            }
+            Err(error) => return Err(error),
+        };
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -278,7 +300,7 @@ impl SpoolSink {
                 max_bytes: options.max_bytes,
                 min_free_bytes: options.min_free_bytes,
             },
-            health: Mutex::new(Health::Ok),
+            health: Mutex::new(health),
             durable: Mutex::new(Position::default()),
             durable_changed: Condvar::new(),
             writing: AtomicU64::new(seq),
@@ -286,7 +308,7 @@ impl SpoolSink {
             commits: options.commits,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let writer = Writer::new(Arc::clone(&shared), options.segment_size, segment);
+        let writer = Writer::new(Arc::clone(&shared), options.segment_size, segment, seq);
         let handle = std::thread::Builder::new()
             .name("smtpgw-spool".into())
             .spawn(move || writer.run(rx))

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -35,6 +36,11 @@ const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
 const MARK_SYNC_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(crate) type Request = (SealedMessage, Completion);
+
+/// How soon a spool that started without room for a segment tries again, doubling up
+/// to [`MAX_SEGMENT_RETRY`].
+const FIRST_SEGMENT_RETRY: Duration = Duration::from_secs(1);
+const MAX_SEGMENT_RETRY: Duration = Duration::from_secs(8);
 
 /// Why the sink is not ready, as `/readyz` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +70,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Everything before `position` is durable now.
+    fn set_durable(&self, position: Position) {
+        *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = position;
+    }
+
     fn set_health(&self, health: Health) {
         *self.health.lock().unwrap_or_else(PoisonError::into_inner) = health;
     }
@@ -202,6 +213,9 @@ pub(crate) struct Writer {
     next_seq: u64,
     /// `None` after a failed write until a new segment could be created.
     segment: Option<Segment>,
+    /// Started without a segment (no room): when to try again without waiting for a
+    /// batch. `None` once one exists.
+    retry: Option<Duration>,
     rotate_due: bool,
     /// The encoded batch, reused from one batch to the next.
     buf: Vec<u8>,
@@ -210,48 +224,94 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: std::sync::Arc<Shared>, segment_size: u64, segment: Segment) -> Writer {
-        shared.writing.store(segment.seq, Ordering::Release);
-        *shared
-            .durable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Position {
-            segment: segment.seq,
-            offset: segment.len,
-        };
+    /// A writer appending to `segment`, or, without one (the file system was full at
+    /// start, see `SpoolOptions::start_when_full`), one that starts segment `seq` as
+    /// soon as there is room: at the next batch, or when its retry comes.
+    pub fn new(
+        shared: std::sync::Arc<Shared>,
+        segment_size: u64,
+        segment: Option<Segment>,
+        seq: u64,
+    ) -> Writer {
+        let seq = segment.as_ref().map_or(seq, |s| s.seq);
+        shared.writing.store(seq, Ordering::Release);
+        shared.set_durable(Position {
+            segment: seq,
+            offset: segment.as_ref().map_or(0, |s| s.len),
+        });
         Writer {
             shared,
             segment_size: segment_size.max(1),
-            next_seq: segment.seq + 1,
-            segment: Some(segment),
+            next_seq: if segment.is_some() { seq + 1 } else { seq },
+            retry: segment.is_none().then_some(FIRST_SEGMENT_RETRY),
+            segment,
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
         }
     }
 
+    /// Waits for the next request; while the spool has no segment since start-up, at
+    /// most until the next attempt to start one (with back-off), so that room coming
+    /// back makes the spool healthy without a message having to fail first.
+    fn next(&mut self, rx: &Receiver<Request>) -> Option<Request> {
+        loop {
+            if self.segment.is_some() {
+                // A batch started one.
+                self.retry = None;
+            }
+            // Commit marks not yet synced are synced once the queue is quiet for a
+            // moment; a segment to retry is retried on its own schedule.
+            let marks_dirty = self.segment.as_ref().is_some_and(|s| s.marks_dirty);
+            let wait = if marks_dirty {
+                Some(MARK_SYNC_DELAY)
+            } else {
+                self.retry
+            };
+            let Some(wait) = wait else {
+                return rx.recv().ok();
+            };
+            match rx.recv_timeout(wait) {
+                Ok(request) => return Some(request),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) if marks_dirty => {
+                    if let Some(segment) = self.segment.as_mut() {
+                        segment.sync_marks();
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => self.retry_first_segment(),
+            }
+        }
+    }
+
+    fn retry_first_segment(&mut self) {
+        match create_segment(&self.shared.dir, self.next_seq) {
+            Ok(segment) => {
+                tracing::info!(
+                    segment = %segment.path.display(),
+                    "spool: room for a segment again; writes can succeed"
+                );
+                self.shared.writing.store(segment.seq, Ordering::Release);
+                self.shared.set_durable(Position {
+                    segment: segment.seq,
+                    offset: segment.len,
+                });
+                self.next_seq = segment.seq + 1;
+                self.segment = Some(segment);
+                self.retry = None;
+                self.shared.set_health(Health::Ok);
+            }
+            // `create_segment` removed what it had made; the same name is tried again.
+            Err(_) => {
+                self.retry = self.retry.map(|wait| (wait * 2).min(MAX_SEGMENT_RETRY));
+            }
+        }
+    }
+
     pub fn run(mut self, rx: Receiver<Request>) {
         // `recv` fails only once every sender is gone and the queue is empty, so
         // everything submitted before shutdown is answered.
-        loop {
-            let marks_dirty = self.segment.as_ref().is_some_and(|s| s.marks_dirty);
-            let first = if marks_dirty {
-                match rx.recv_timeout(MARK_SYNC_DELAY) {
-                    Ok(request) => request,
-                    Err(RecvTimeoutError::Timeout) => {
-                        if let Some(segment) = self.segment.as_mut() {
-                            segment.sync_marks();
-                        }
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(request) => request,
-                    Err(_) => break,
-                }
-            };
+        while let Some(first) = self.next(&rx) {
             self.encode(first);
             while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
                 match rx.try_recv() {
@@ -381,14 +441,10 @@ impl Writer {
                         }
                     }
                     if let Some(segment) = self.segment.as_ref() {
-                        *self
-                            .shared
-                            .durable
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = Position {
+                        self.shared.set_durable(Position {
                             segment: segment.seq,
                             offset: segment.len,
-                        };
+                        });
                         self.shared.durable_changed.notify_all();
                         if let Some(tx) = &self.shared.commits {
                             let _ = tx.send(super::SpoolCommit {
