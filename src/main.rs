@@ -210,6 +210,12 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     String::new()
                 }
             ));
+            if report.kept_unforwarded > 0 {
+                logging::eprint_line(format_args!(
+                    "kept {} segment(s) the Kafka forwarder has not published yet",
+                    report.kept_unforwarded
+                ));
+            }
             if report.kept_corrupt > 0 {
                 anyhow::bail!(
                     "spool prune: kept {} segment(s) holding corrupt data (listed above); \

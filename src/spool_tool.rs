@@ -493,6 +493,49 @@ pub struct PruneReport {
     pub kept_segments: u64,
     /// Segments kept because some of their bytes are damaged.
     pub kept_corrupt: u64,
+    /// Segments kept because the Kafka forwarder (`--spool-fallback`) has not
+    /// published all of their records yet.
+    pub kept_unforwarded: u64,
+}
+
+/// The spool's Kafka forward cursor file (`--spool-fallback`); its layout is owned by
+/// `sink::forward`: two 32-byte slots, each `SGWFWD01`, segment u64, offset u64,
+/// counter u32, CRC-32C of the first 28 bytes.
+const FORWARD_CURSOR_FILE: &str = "FORWARD";
+
+/// Segments below the returned number have been forwarded entirely; `None` when the
+/// spool has no forwarder (no cursor file). An unreadable cursor forwards everything
+/// again, so then nothing counts as forwarded.
+fn forwarded_below(dir: &Path) -> Result<Option<u64>, SpoolError> {
+    let path = dir.join(FORWARD_CURSOR_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("read forward cursor", &path)(e)),
+    };
+    let best = bytes
+        .chunks_exact(32)
+        .take(2)
+        .filter(|slot| {
+            &slot[..8] == b"SGWFWD01" && slot[28..] == crc32c::crc32c(&slot[..28]).to_le_bytes()
+        })
+        .map(|slot| {
+            let field = |at: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&slot[at..at + 8]);
+                u64::from_le_bytes(b)
+            };
+            let counter = u32::from_le_bytes([slot[24], slot[25], slot[26], slot[27]]);
+            (counter, field(8))
+        })
+        .reduce(|a, b| {
+            if b.0.wrapping_sub(a.0) as i32 > 0 {
+                b
+            } else {
+                a
+            }
+        });
+    Ok(Some(best.map_or(0, |(_, segment)| segment)))
 }
 
 /// Deletes every whole closed segment whose records are all older than `before` and
@@ -513,8 +556,15 @@ pub fn prune(
         return Ok(report);
     };
     let mut damage = Damage::new(err);
+    let forwarded_below = forwarded_below(dir)?;
     let mut deleted_any = false;
     for (seq, path) in closed {
+        if forwarded_below.is_some_and(|below| *seq >= below) {
+            // The Kafka forwarder has not published all of it yet.
+            report.kept_segments += 1;
+            report.kept_unforwarded += 1;
+            continue;
+        }
         let mut records = 0u64;
         let mut all_older = true;
         let mut damaged = false;
