@@ -37,16 +37,22 @@
 //!    received (`MAILER-DAEMON` for the null reverse path `<>`) and DATE is the time of
 //!    receipt in UTC in `asctime` form, e.g. `Mon Nov 23 09:52:59 2026` (day of month
 //!    padded with a space: `Mon Nov  3 ...`);
-//! 2. the stored value (the `Received:` line followed by the message), with every line
+//! 2. the envelope as header lines the export adds, each ending in
+//!    `(added by smtpgw spool export)` and then the line ending of the message's first
+//!    line (CRLF or LF): `X-Envelope-From: <SENDER>` (`<>` for the null reverse path),
+//!    then `X-Envelope-To: <RCPT>` once per recipient in the order given, so a Bcc
+//!    recipient, which only the envelope holds, survives the export;
+//! 3. the stored value (the `Received:` line followed by the message), with every line
 //!    that matches `^>*From ` given one more leading `>`; a line is what follows the
 //!    start of the value or a `\n`. All other bytes are written verbatim, CRLF included;
-//! 3. `\n` if the value does not already end with `\n`;
-//! 4. one empty line, `\n`.
+//! 4. `\n` if the value does not already end with `\n`;
+//! 5. one empty line, `\n`.
 //!
 //! To invert: split at lines starting with `From ` (no message line can, after
-//! quoting), drop the separator line, drop the final `\n` of each message (step 4), and
-//! remove one `>` from every line matching `^>+From `. This gives back the value
-//! exactly, except that a value which did not end in `\n` gains one (step 3). Mail
+//! quoting), drop the separator line and the leading lines that end with the export's
+//! mark (step 2), drop the final `\n` of each message (step 5), and remove one `>` from
+//! every line matching `^>+From `. This gives back the value exactly, except that a
+//! value which did not end in `\n` gains one (step 4). Mail
 //! received through DATA always ends in CRLF, so for it the round trip is exact.
 
 use std::fs::{self, File, OpenOptions};
@@ -382,6 +388,24 @@ fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<
     )?;
 
     let value = record.value();
+    // The envelope is not in the message (a Bcc recipient is only there): header
+    // lines marked as the export's, ending like the message's own lines.
+    let eol: &[u8] = match value.iter().position(|&b| b == b'\n') {
+        Some(at) if at > 0 && value[at - 1] == b'\r' => b"\r\n",
+        _ => b"\n",
+    };
+    let mut added = |name: &[u8], address: &[u8]| -> io::Result<()> {
+        out.write_all(name)?;
+        out.write_all(b": <")?;
+        out.write_all(address)?;
+        out.write_all(b"> ")?;
+        out.write_all(EXPORT_MARK)?;
+        out.write_all(eol)
+    };
+    added(b"X-Envelope-From", record.mail_from())?;
+    for rcpt in record.headers_named("smtp.rcpt_to") {
+        added(b"X-Envelope-To", rcpt)?;
+    }
     for line in value.split_inclusive(|&b| b == b'\n') {
         if is_from_line(line) {
             out.write_all(b">")?;
@@ -393,6 +417,10 @@ fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<
     }
     out.write_all(b"\n")
 }
+
+/// Ends every header line the mbox export adds, so a reader can tell them from the
+/// message's own.
+pub const EXPORT_MARK: &[u8] = b"(added by smtpgw spool export)";
 
 /// `^>*From `: the lines an mboxrd reader would unquote, or take for a separator.
 fn is_from_line(line: &[u8]) -> bool {

@@ -959,7 +959,7 @@ fn a_full_spool_recovers_by_prune_without_a_restart() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
-    let gw = Gateway::start(dir, &["--spool-max-bytes", "4K"]);
+    let mut gw = Gateway::start(dir, &["--spool-max-bytes", "4K"]);
     let mut c = Client::connect(&gw.smtp);
     assert!(c.cmd("EHLO client.test").starts_with("250"));
     let body = format!("Subject: fill\r\n\r\n{}\r\n", "z".repeat(700));
@@ -977,6 +977,8 @@ fn a_full_spool_recovers_by_prune_without_a_restart() {
         "the spool filled up"
     );
     assert!(c.cmd("RSET").starts_with("250"));
+    // The seal follows the 452 (the answers go out first).
+    gw.wait_for_log("spool segment sealed");
     let pruned = prune_all(dir);
     assert_eq!(pruned.status.code(), Some(0), "{}", text(&pruned.stderr));
     assert!(
