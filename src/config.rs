@@ -765,6 +765,10 @@ pub enum SpoolCommand {
         /// The mbox file to write; it appears complete or not at all.
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Only the messages stored after this one (the last id an earlier export
+        /// wrote): incremental exports. An id not in the spool is an error.
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,

@@ -152,13 +152,15 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             corrupt,
             mbox,
             force,
+            since,
         } => {
             let (dir, _) = dir.resolve()?;
-            let (n, damage) = spool_tool::export_mbox_reporting(
+            let (n, damage) = spool_tool::export_mbox_since(
                 &dir,
                 &mbox,
                 force,
                 corrupt.skip_corrupt,
+                since.as_deref(),
                 &mut err,
             )
             .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;

@@ -313,6 +313,29 @@ pub fn export_mbox_reporting<'e>(
     skip_corrupt: bool,
     err: &'e mut dyn Write,
 ) -> Result<(usize, Damage<'e>), SpoolError> {
+    export_mbox_since(dir, mbox, force, skip_corrupt, None, err)
+}
+
+/// [`export_mbox_reporting`] of only the messages stored after message `since` (in
+/// spool order): run again with the last id a run wrote, an export picks up where it
+/// left off. An id the spool does not hold (pruned, or a typo) is an error and writes
+/// nothing, rather than everything again.
+pub fn export_mbox_since<'e>(
+    dir: &Path,
+    mbox: &Path,
+    force: bool,
+    skip_corrupt: bool,
+    since: Option<&str>,
+    err: &'e mut dyn Write,
+) -> Result<(usize, Damage<'e>), SpoolError> {
+    let since = since
+        .map(|id| {
+            Ulid::from_string(id).map_err(|_| SpoolError::BadId {
+                id: id.to_owned(),
+                dir: dir.to_path_buf(),
+            })
+        })
+        .transpose()?;
     if !force && fs::symlink_metadata(mbox).is_ok() {
         return Err(SpoolError::Exists {
             path: mbox.to_path_buf(),
@@ -327,7 +350,15 @@ pub fn export_mbox_reporting<'e>(
         .open(&tmp)
         .map_err(io_error("create", &tmp))?;
     let mut damage = Damage::new(err);
-    let result = write_mbox(&mut reader, &mut damage, skip_corrupt, file, &tmp).and_then(|count| {
+    let result = write_mbox(
+        &mut reader,
+        &mut damage,
+        skip_corrupt,
+        since.map(|id| (id, dir)),
+        file,
+        &tmp,
+    )
+    .and_then(|count| {
         let placed = if force {
             fs::rename(&tmp, mbox)
         } else {
@@ -358,17 +389,29 @@ fn write_mbox(
     reader: &mut SpoolReader,
     damage: &mut Damage,
     skip_corrupt: bool,
+    since: Option<(Ulid, &Path)>,
     file: File,
     tmp: &Path,
 ) -> Result<usize, SpoolError> {
     let write_error = io_error("write", tmp);
     let mut out = BufWriter::with_capacity(256 << 10, file);
     let mut count = 0;
+    let mut started = since.is_none();
     walk(reader, damage, !skip_corrupt, |record| {
+        if !started {
+            started = since.is_some_and(|(id, _)| record.id == id);
+            return Ok(Flow::Continue);
+        }
         write_mbox_message(&mut out, &record).map_err(write_error)?;
         count += 1;
         Ok(Flow::Continue)
     })?;
+    if let Some((id, dir)) = since.filter(|_| !started) {
+        return Err(SpoolError::NotFound {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        });
+    }
     let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
     file.sync_all().map_err(write_error)?;
     Ok(count)
