@@ -282,30 +282,25 @@ fn export_keeps_the_envelope_so_a_bcc_recipient_is_recoverable() {
 fn export_since_an_id_is_incremental() {
     let tmp = TempDir::new().unwrap();
     let spool = tmp.path().join("spool");
-    let first: Vec<SealedMessage> = (0..3)
-        .map(|i| {
-            message(
-                "a@example.com",
-                &["b@example.com"],
-                format!("first {i}\r\n").as_bytes(),
-            )
-        })
-        .collect();
+    let batch = |tag: &str, n: usize| -> Vec<SealedMessage> {
+        (0..n)
+            .map(|i| {
+                message(
+                    "a@example.com",
+                    &["b@example.com"],
+                    format!("{tag} {i}\r\n").as_bytes(),
+                )
+            })
+            .collect()
+    };
+    let first = batch("first", 3);
     spool_of(&spool, &first);
     let one = tmp.path().join("1.mbox");
     let (n, _) =
         smtpgw::spool_tool::export_mbox_since(&spool, &one, false, false, None, &mut Vec::new())
             .unwrap();
     assert_eq!(n, 3);
-    let later: Vec<SealedMessage> = (0..2)
-        .map(|i| {
-            message(
-                "a@example.com",
-                &["b@example.com"],
-                format!("later {i}\r\n").as_bytes(),
-            )
-        })
-        .collect();
+    let later = batch("later", 2);
     spool_of(&spool, &later);
     let last = first[2].id.to_string();
     let two = tmp.path().join("2.mbox");
