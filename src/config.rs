@@ -622,6 +622,14 @@ settings_group! {
         /// room for a full batch and a maximal message.
         #[arg(long, value_name = "BYTES", default_value = "64M")]
         pub spool_min_free_bytes: ByteSize,
+        /// Seal the segment being written once it holds this many bytes, so that
+        /// `spool prune` and `spool export` can take it while the gateway runs.
+        #[arg(long, value_name = "BYTES", default_value = "64M")]
+        pub spool_segment_size: ByteSize,
+        /// Seal the segment being written once its first record is this old, even
+        /// when no more mail comes.
+        #[arg(long, value_name = "DUR", default_value = "1h")]
+        pub spool_segment_age: Dur,
         /// With --spool-fallback: spooled records in flight to Kafka at once, 1..=2000.
         /// The producer's queue keeps this much room for them beyond live traffic, so a
         /// backlog drains while mail keeps coming.
@@ -793,6 +801,10 @@ pub enum SpoolCommand {
         /// The mbox file to write; it appears complete or not at all.
         #[arg(long, value_name = "FILE")]
         mbox: PathBuf,
+        /// Only the messages stored after this one (the last id an earlier export
+        /// wrote): incremental exports. An id not in the spool is an error.
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -1465,6 +1477,19 @@ fn validate(
             ));
         }
     }
+    if a.spool.spool_segment_size.0 == 0 {
+        return Err(invalid(
+            "--spool-segment-size",
+            "must be at least 1 (got 0)",
+        ));
+    }
+    let Dur(age) = a.spool.spool_segment_age;
+    if age < Duration::from_secs(1) || age > MAX_DURATION {
+        return Err(invalid(
+            "--spool-segment-age",
+            format!("must be between 1s and 366d (got {})", Dur(age)),
+        ));
+    }
     if a.store.spool_dir.as_os_str().is_empty() {
         return Err(invalid("--spool-dir", "must not be empty"));
     }
@@ -2081,6 +2106,14 @@ mod tests {
     #[test]
     fn one_line_errors_name_the_flag() {
         let cases: &[(&[&str], &str)] = &[
+            (
+                &["--spool-segment-size", "0"],
+                "--spool-segment-size: must be at least 1 (got 0)",
+            ),
+            (
+                &["--spool-segment-age", "0"],
+                "--spool-segment-age: must be between 1s and 366d (got 0s)",
+            ),
             (
                 &["--reactors", "0"],
                 "--reactors: must be between 1 and 1024 (got 0)",

@@ -167,13 +167,15 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             corrupt,
             mbox,
             force,
+            since,
         } => {
             let (dir, _) = dir.resolve()?;
-            let (n, damage) = spool_tool::export_mbox_reporting(
+            let (n, damage) = spool_tool::export_mbox_since(
                 &dir,
                 &mbox,
                 force,
                 corrupt.skip_corrupt,
+                since.as_deref(),
                 &mut err,
             )
             .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;
@@ -225,6 +227,12 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     String::new()
                 }
             ));
+            if report.kept_unforwarded > 0 {
+                logging::eprint_line(format_args!(
+                    "kept {} segment(s) the Kafka forwarder has not published yet",
+                    report.kept_unforwarded
+                ));
+            }
             if report.kept_corrupt > 0 {
                 anyhow::bail!(
                     "spool prune: kept {} segment(s) holding corrupt data (listed above); \

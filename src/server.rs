@@ -81,6 +81,8 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
     let spool_options = || SpoolOptions {
         max_bytes: Some(config.spool.spool_max_bytes.0).filter(|&n| n > 0),
         min_free_bytes: config.spool.spool_min_free_bytes.0,
+        segment_size: config.spool.spool_segment_size.0,
+        segment_age: Some(config.spool.spool_segment_age.0),
         ..SpoolOptions::default()
     };
     // The producer's message.max.bytes follows --max-message-size with room for the

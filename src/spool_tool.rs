@@ -37,16 +37,22 @@
 //!    received (`MAILER-DAEMON` for the null reverse path `<>`) and DATE is the time of
 //!    receipt in UTC in `asctime` form, e.g. `Mon Nov 23 09:52:59 2026` (day of month
 //!    padded with a space: `Mon Nov  3 ...`);
-//! 2. the stored value (the `Received:` line followed by the message), with every line
+//! 2. the envelope as header lines the export adds, each ending in
+//!    `(added by smtpgw spool export)` and then the line ending of the message's first
+//!    line (CRLF or LF): `X-Envelope-From: <SENDER>` (`<>` for the null reverse path),
+//!    then `X-Envelope-To: <RCPT>` once per recipient in the order given, so a Bcc
+//!    recipient, which only the envelope holds, survives the export;
+//! 3. the stored value (the `Received:` line followed by the message), with every line
 //!    that matches `^>*From ` given one more leading `>`; a line is what follows the
 //!    start of the value or a `\n`. All other bytes are written verbatim, CRLF included;
-//! 3. `\n` if the value does not already end with `\n`;
-//! 4. one empty line, `\n`.
+//! 4. `\n` if the value does not already end with `\n`;
+//! 5. one empty line, `\n`.
 //!
 //! To invert: split at lines starting with `From ` (no message line can, after
-//! quoting), drop the separator line, drop the final `\n` of each message (step 4), and
-//! remove one `>` from every line matching `^>+From `. This gives back the value
-//! exactly, except that a value which did not end in `\n` gains one (step 3). Mail
+//! quoting), drop the separator line and the leading lines that end with the export's
+//! mark (step 2), drop the final `\n` of each message (step 5), and remove one `>` from
+//! every line matching `^>+From `. This gives back the value exactly, except that a
+//! value which did not end in `\n` gains one (step 4). Mail
 //! received through DATA always ends in CRLF, so for it the round trip is exact.
 
 use std::fs::{self, File, OpenOptions};
@@ -307,6 +313,29 @@ pub fn export_mbox_reporting<'e>(
     skip_corrupt: bool,
     err: &'e mut dyn Write,
 ) -> Result<(usize, Damage<'e>), SpoolError> {
+    export_mbox_since(dir, mbox, force, skip_corrupt, None, err)
+}
+
+/// [`export_mbox_reporting`] of only the messages stored after message `since` (in
+/// spool order): run again with the last id a run wrote, an export picks up where it
+/// left off. An id the spool does not hold (pruned, or a typo) is an error and writes
+/// nothing, rather than everything again.
+pub fn export_mbox_since<'e>(
+    dir: &Path,
+    mbox: &Path,
+    force: bool,
+    skip_corrupt: bool,
+    since: Option<&str>,
+    err: &'e mut dyn Write,
+) -> Result<(usize, Damage<'e>), SpoolError> {
+    let since = since
+        .map(|id| {
+            Ulid::from_string(id).map_err(|_| SpoolError::BadId {
+                id: id.to_owned(),
+                dir: dir.to_path_buf(),
+            })
+        })
+        .transpose()?;
     if !force && fs::symlink_metadata(mbox).is_ok() {
         return Err(SpoolError::Exists {
             path: mbox.to_path_buf(),
@@ -321,7 +350,15 @@ pub fn export_mbox_reporting<'e>(
         .open(&tmp)
         .map_err(io_error("create", &tmp))?;
     let mut damage = Damage::new(err);
-    let result = write_mbox(&mut reader, &mut damage, skip_corrupt, file, &tmp).and_then(|count| {
+    let result = write_mbox(
+        &mut reader,
+        &mut damage,
+        skip_corrupt,
+        since.map(|id| (id, dir)),
+        file,
+        &tmp,
+    )
+    .and_then(|count| {
         let placed = if force {
             fs::rename(&tmp, mbox)
         } else {
@@ -352,17 +389,29 @@ fn write_mbox(
     reader: &mut SpoolReader,
     damage: &mut Damage,
     skip_corrupt: bool,
+    since: Option<(Ulid, &Path)>,
     file: File,
     tmp: &Path,
 ) -> Result<usize, SpoolError> {
     let write_error = io_error("write", tmp);
     let mut out = BufWriter::with_capacity(256 << 10, file);
     let mut count = 0;
+    let mut started = since.is_none();
     walk(reader, damage, !skip_corrupt, |record| {
+        if !started {
+            started = since.is_some_and(|(id, _)| record.id == id);
+            return Ok(Flow::Continue);
+        }
         write_mbox_message(&mut out, &record).map_err(write_error)?;
         count += 1;
         Ok(Flow::Continue)
     })?;
+    if let Some((id, dir)) = since.filter(|_| !started) {
+        return Err(SpoolError::NotFound {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        });
+    }
     let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
     file.sync_all().map_err(write_error)?;
     Ok(count)
@@ -382,6 +431,24 @@ fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<
     )?;
 
     let value = record.value();
+    // The envelope is not in the message (a Bcc recipient is only there): header
+    // lines marked as the export's, ending like the message's own lines.
+    let eol: &[u8] = match value.iter().position(|&b| b == b'\n') {
+        Some(at) if at > 0 && value[at - 1] == b'\r' => b"\r\n",
+        _ => b"\n",
+    };
+    let mut added = |name: &[u8], address: &[u8]| -> io::Result<()> {
+        out.write_all(name)?;
+        out.write_all(b": <")?;
+        out.write_all(address)?;
+        out.write_all(b"> ")?;
+        out.write_all(EXPORT_MARK)?;
+        out.write_all(eol)
+    };
+    added(b"X-Envelope-From", record.mail_from())?;
+    for rcpt in record.headers_named("smtp.rcpt_to") {
+        added(b"X-Envelope-To", rcpt)?;
+    }
     for line in value.split_inclusive(|&b| b == b'\n') {
         if is_from_line(line) {
             out.write_all(b">")?;
@@ -393,6 +460,10 @@ fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<
     }
     out.write_all(b"\n")
 }
+
+/// Ends every header line the mbox export adds, so a reader can tell them from the
+/// message's own.
+pub const EXPORT_MARK: &[u8] = b"(added by smtpgw spool export)";
 
 /// `^>*From `: the lines an mboxrd reader would unquote, or take for a separator.
 fn is_from_line(line: &[u8]) -> bool {
@@ -493,6 +564,49 @@ pub struct PruneReport {
     pub kept_segments: u64,
     /// Segments kept because some of their bytes are damaged.
     pub kept_corrupt: u64,
+    /// Segments kept because the Kafka forwarder (`--spool-fallback`) has not
+    /// published all of their records yet.
+    pub kept_unforwarded: u64,
+}
+
+/// The spool's Kafka forward cursor file (`--spool-fallback`); its layout is owned by
+/// `sink::forward`: two 32-byte slots, each `SGWFWD01`, segment u64, offset u64,
+/// counter u32, CRC-32C of the first 28 bytes.
+const FORWARD_CURSOR_FILE: &str = "FORWARD";
+
+/// Segments below the returned number have been forwarded entirely; `None` when the
+/// spool has no forwarder (no cursor file). An unreadable cursor forwards everything
+/// again, so then nothing counts as forwarded.
+fn forwarded_below(dir: &Path) -> Result<Option<u64>, SpoolError> {
+    let path = dir.join(FORWARD_CURSOR_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("read forward cursor", &path)(e)),
+    };
+    let best = bytes
+        .chunks_exact(32)
+        .take(2)
+        .filter(|slot| {
+            &slot[..8] == b"SGWFWD01" && slot[28..] == crc32c::crc32c(&slot[..28]).to_le_bytes()
+        })
+        .map(|slot| {
+            let field = |at: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&slot[at..at + 8]);
+                u64::from_le_bytes(b)
+            };
+            let counter = u32::from_le_bytes([slot[24], slot[25], slot[26], slot[27]]);
+            (counter, field(8))
+        })
+        .reduce(|a, b| {
+            if b.0.wrapping_sub(a.0) as i32 > 0 {
+                b
+            } else {
+                a
+            }
+        });
+    Ok(Some(best.map_or(0, |(_, segment)| segment)))
 }
 
 /// Deletes every whole closed segment whose records are all older than `before` and
@@ -513,8 +627,15 @@ pub fn prune(
         return Ok(report);
     };
     let mut damage = Damage::new(err);
+    let forwarded_below = forwarded_below(dir)?;
     let mut deleted_any = false;
     for (seq, path) in closed {
+        if forwarded_below.is_some_and(|below| *seq >= below) {
+            // The Kafka forwarder has not published all of it yet.
+            report.kept_segments += 1;
+            report.kept_unforwarded += 1;
+            continue;
+        }
         let mut records = 0u64;
         let mut all_older = true;
         let mut damaged = false;

@@ -872,3 +872,204 @@ mod flipped_anywhere {
         }
     }
 }
+
+// --- rotation under a running gateway, and prune -------------------------------------
+
+fn prune_all(dir: &Path) -> Output {
+    let far = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    smtpgw(&[
+        "spool",
+        "prune",
+        "--spool-dir",
+        dir.to_str().unwrap(),
+        "--before",
+        &far,
+    ])
+}
+
+fn listed(dir: &Path) -> Vec<String> {
+    let ls = smtpgw(&["spool", "ls", "--spool-dir", dir.to_str().unwrap()]);
+    assert_eq!(ls.status.code(), Some(0), "{}", text(&ls.stderr));
+    text(&ls.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect()
+}
+
+/// The segment being written is sealed by age and by size while the gateway runs, so
+/// `spool prune` deletes what it held without a restart, and mail keeps flowing.
+#[test]
+fn segments_seal_by_age_and_size_under_a_running_gateway_and_prune_takes_them() {
+    let _alone = FORKS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for flags in [
+        ["--spool-segment-age", "1s"],
+        ["--spool-segment-size", "3K"],
+    ] {
+        let what = flags.join(" ");
+        let tmp = TempDir::new().unwrap();
+        let dir = tmp.path();
+        let mut gw = Gateway::start(dir, &flags);
+        let mut c = Client::connect(&gw.smtp);
+        assert!(c.cmd("EHLO client.test").starts_with("250"));
+        let mut first = Vec::new();
+        for i in 0..4 {
+            let reply = c.send(format!("Subject: {i}\r\n\r\n{}\r\n", "y".repeat(900)).as_bytes());
+            assert!(reply.starts_with("250 "), "{what}: {reply}");
+            first.push(kafka_support::queued_id(&reply));
+        }
+        gw.wait_for_log("spool segment sealed");
+        let pruned = prune_all(dir);
+        assert_eq!(
+            pruned.status.code(),
+            Some(0),
+            "{what}: {}",
+            text(&pruned.stderr)
+        );
+        assert!(
+            text(&pruned.stderr).starts_with("deleted ")
+                && !text(&pruned.stderr).starts_with("deleted 0 "),
+            "{what}: {}",
+            text(&pruned.stderr)
+        );
+        let left = listed(dir);
+        assert!(
+            first.iter().any(|id| !left.contains(id)),
+            "{what}: a sealed segment's messages are gone: {left:?}"
+        );
+        let reply = c.send(b"Subject: later\r\n\r\nstill here\r\n");
+        assert!(reply.starts_with("250 "), "{what}: {reply}");
+        assert!(
+            listed(dir).contains(&kafka_support::queued_id(&reply)),
+            "{what}"
+        );
+        drop(c);
+        drop(gw);
+    }
+}
+
+/// The case: a full spool (`--spool-max-bytes`) answers 452; the gateway seals
+/// the segment it was writing, so a prune makes room and mail is taken again without a
+/// restart.
+#[test]
+fn a_full_spool_recovers_by_prune_without_a_restart() {
+    let _alone = FORKS
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    let mut gw = Gateway::start(dir, &["--spool-max-bytes", "4K"]);
+    let mut c = Client::connect(&gw.smtp);
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let body = format!("Subject: fill\r\n\r\n{}\r\n", "z".repeat(700));
+    let mut full = None;
+    for _ in 0..20 {
+        let reply = c.send(body.as_bytes());
+        if reply.starts_with("452") {
+            full = Some(reply);
+            break;
+        }
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    assert!(
+        full.is_some_and(|r| r.starts_with("452 4.3.1")),
+        "the spool filled up"
+    );
+    assert!(c.cmd("RSET").starts_with("250"));
+    // The seal follows the 452 (the answers go out first).
+    gw.wait_for_log("spool segment sealed");
+    let pruned = prune_all(dir);
+    assert_eq!(pruned.status.code(), Some(0), "{}", text(&pruned.stderr));
+    assert!(
+        !text(&pruned.stderr).starts_with("deleted 0 "),
+        "{}",
+        text(&pruned.stderr)
+    );
+    let reply = c.send(body.as_bytes());
+    assert!(reply.starts_with("250 "), "room again after prune: {reply}");
+    drop(c);
+    drop(gw);
+}
+
+/// A Kafka forward cursor slot as `sink::forward` writes it.
+fn forward_slot(segment: u64, offset: u64, counter: u32) -> Vec<u8> {
+    let mut slot = b"SGWFWD01".to_vec();
+    slot.extend_from_slice(&segment.to_le_bytes());
+    slot.extend_from_slice(&offset.to_le_bytes());
+    slot.extend_from_slice(&counter.to_le_bytes());
+    let crc = crc32c::crc32c(&slot);
+    slot.extend_from_slice(&crc.to_le_bytes());
+    slot
+}
+
+/// `spool prune` never deletes what the Kafka forwarder has not published: segments
+/// at or after its cursor are kept, and all of them when the cursor is unreadable.
+#[test]
+fn prune_keeps_what_the_forwarder_has_not_published() {
+    let _forks = opens_sinks();
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    for tag in ["a", "b", "c"] {
+        run_storing(dir, 2, tag);
+    }
+    let segs = segments(dir);
+    assert_eq!(segs.len(), 3);
+    // The newer slot (counter 7) points into segment 1; the older one into segment 0.
+    let mut cursor = forward_slot(0, 100, 6);
+    cursor.extend(forward_slot(1, 80, 7));
+    fs::write(dir.join("FORWARD"), &cursor).unwrap();
+    let far = spool_tool::Cutoff::parse("2999-01-01T00:00:00Z").unwrap();
+    let report = spool_tool::prune(dir, far, false, &mut Vec::new(), &mut Vec::new()).unwrap();
+    assert_eq!((report.deleted_segments, report.kept_unforwarded), (1, 1));
+    assert_eq!(segments(dir), segs[1..].to_vec());
+
+    fs::write(
+        dir.join("FORWARD"),
+        b"not a cursor at all, not at all, not at all....",
+    )
+    .unwrap();
+    let report = spool_tool::prune(dir, far, false, &mut Vec::new(), &mut Vec::new()).unwrap();
+    assert_eq!((report.deleted_segments, report.kept_unforwarded), (0, 1));
+    assert_eq!(segments(dir), segs[1..].to_vec());
+}
+
+/// Readers next to a writer in full flow (what `spool check` and `ls` do next to a
+/// running gateway) never report damage: each takes the commit marks before the
+/// length, and looks again at a mark a concurrent rewrite may have shown half done.
+/// A batch being written past the mark is at most a torn tail.
+#[test]
+fn readers_next_to_a_busy_writer_never_report_damage() {
+    let _forks = opens_sinks();
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let sink = std::sync::Arc::new(SpoolSink::open(&dir).unwrap());
+    let writing = {
+        let sink = std::sync::Arc::clone(&sink);
+        std::thread::spawn(move || {
+            for i in 0..3000 {
+                let msg = message(
+                    "a@example.com",
+                    &["b@example.com"],
+                    format!("m{i}\r\n").as_bytes(),
+                );
+                assert_eq!(publish(&*sink, msg.clone()), Ok(msg.id));
+            }
+        })
+    };
+    let mut passes = 0;
+    while !writing.is_finished() {
+        let mut reader = SpoolReader::open(&dir).unwrap();
+        while let Some(event) = reader.next_event() {
+            if let ReadEvent::Corrupt(range) = event.unwrap() {
+                panic!("a live reader reported damage: {range}");
+            }
+        }
+        passes += 1;
+    }
+    writing.join().unwrap();
+    assert!(passes > 0);
+    drop(sink);
+    let (records, corrupt) = read(&dir);
+    assert_eq!((records.len(), corrupt.len()), (3000, 0));
+}

@@ -132,6 +132,25 @@ fn read_mboxrd(mbox: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     messages
 }
 
+/// Splits an exported message into the header lines the export added (marked) and the
+/// stored value.
+fn added_lines(exported: &[u8]) -> (Vec<String>, Vec<u8>) {
+    let mut added = Vec::new();
+    let mut rest = exported;
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(&rest[..=end]).into_owned();
+        let Some(field) = line
+            .trim_end()
+            .strip_suffix(" (added by smtpgw spool export)")
+        else {
+            break;
+        };
+        added.push(field.to_owned());
+        rest = &rest[end + 1..];
+    }
+    (added, rest.to_vec())
+}
+
 #[test]
 fn export_quotes_from_lines_and_round_trips() {
     let tmp = TempDir::new().unwrap();
@@ -179,8 +198,20 @@ fn export_quotes_from_lines_and_round_trips() {
         if !expected.ends_with(b"\n") {
             expected.push(b'\n');
         }
-        assert_eq!(body, &expected);
+        let (added, value) = added_lines(body);
+        assert_eq!(value, expected);
+        assert_eq!(added.len(), 2, "{added:?}");
     }
+    assert_eq!(
+        added_lines(&got[1].1).0,
+        ["X-Envelope-From: <>", "X-Envelope-To: <b@example.com>"]
+    );
+    assert!(
+        got[0]
+            .1
+            .starts_with(b"X-Envelope-From: <a@example.com> (added by smtpgw spool export)\r\n"),
+        "CRLF mail gets CRLF header lines"
+    );
     let leftovers: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -212,4 +243,121 @@ fn failed_export_leaves_no_file() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("spool")]);
+}
+
+/// A message to a visible and a Bcc recipient: the Bcc recipient is only in the
+/// envelope, and the export keeps it, so export-then-prune loses nothing.
+#[test]
+fn export_keeps_the_envelope_so_a_bcc_recipient_is_recoverable() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let sent = message(
+        "sender@example.com",
+        &["visible@example.com", "hidden@example.net"],
+        b"From: sender@example.com\r\nTo: visible@example.com\r\nSubject: hi\r\n\r\nbody\r\n",
+    );
+    assert!(
+        !sent.value.windows(6).any(|w| w == b"hidden"),
+        "only the envelope has it"
+    );
+    spool_of(&spool, std::slice::from_ref(&sent));
+    let mbox = tmp.path().join("out.mbox");
+    assert_eq!(export_mbox(&spool, &mbox).unwrap(), 1);
+    let got = read_mboxrd(&fs::read(&mbox).unwrap());
+    let (added, value) = added_lines(&got[0].1);
+    assert_eq!(
+        added,
+        [
+            "X-Envelope-From: <sender@example.com>",
+            "X-Envelope-To: <visible@example.com>",
+            "X-Envelope-To: <hidden@example.net>",
+        ]
+    );
+    assert_eq!(value, &sent.value[..]);
+}
+
+/// `export --since ID` writes only what was stored after ID: two incremental runs
+/// together hold every message exactly once; an id the spool lacks writes nothing.
+#[test]
+fn export_since_an_id_is_incremental() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let batch = |tag: &str, n: usize| -> Vec<SealedMessage> {
+        (0..n)
+            .map(|i| {
+                message(
+                    "a@example.com",
+                    &["b@example.com"],
+                    format!("{tag} {i}\r\n").as_bytes(),
+                )
+            })
+            .collect()
+    };
+    let first = batch("first", 3);
+    spool_of(&spool, &first);
+    let one = tmp.path().join("1.mbox");
+    let (n, _) =
+        smtpgw::spool_tool::export_mbox_since(&spool, &one, false, false, None, &mut Vec::new())
+            .unwrap();
+    assert_eq!(n, 3);
+    let later = batch("later", 2);
+    spool_of(&spool, &later);
+    let last = first[2].id.to_string();
+    let two = tmp.path().join("2.mbox");
+    let (n, _) = smtpgw::spool_tool::export_mbox_since(
+        &spool,
+        &two,
+        false,
+        false,
+        Some(&last),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    assert_eq!(n, 2);
+    let values = |path: &Path| -> Vec<Vec<u8>> {
+        read_mboxrd(&fs::read(path).unwrap())
+            .into_iter()
+            .map(|(_, body)| added_lines(&body).1)
+            .collect()
+    };
+    let mut all = values(&one);
+    all.extend(values(&two));
+    let sent: Vec<Vec<u8>> = first
+        .iter()
+        .chain(&later)
+        .map(|m| m.value.to_vec())
+        .collect();
+    assert_eq!(all, sent, "each message exactly once, in order");
+
+    let three = tmp.path().join("3.mbox");
+    let missing = ulid::Ulid::new().to_string();
+    let err = smtpgw::spool_tool::export_mbox_since(
+        &spool,
+        &three,
+        false,
+        false,
+        Some(&missing),
+        &mut Vec::new(),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, SpoolError::NotFound { .. }), "{err}");
+    assert!(!three.exists(), "nothing written for an unknown id");
+
+    // The binary: the flag, and a one-line error naming the id.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+        .args([
+            "spool",
+            "export",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--mbox",
+        ])
+        .arg(tmp.path().join("4.mbox"))
+        .args(["--since", &missing])
+        .env_remove("SMTPGW_SPOOL_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&missing));
 }

@@ -14,11 +14,17 @@ SEPARATOR = re.compile(rb"From (\S+) (\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\
 QUOTED_FROM = re.compile(rb">+From ")
 
 
+# `smtpgw spool export` adds the envelope as header lines ending with this mark.
+EXPORT_MARK = re.compile(rb"([^\n]*) \(added by smtpgw spool export\)\r?\n")
+
+
 @dataclass
 class MboxMessage:
     sender: str
     date: str
     value: bytes
+    # The header lines the export added (the envelope), without their mark.
+    added: list[str]
 
 
 def lines(data: bytes) -> list[bytes]:
@@ -40,5 +46,9 @@ def parse(data: bytes) -> list[MboxMessage]:
     for match, body in chunks:
         value = b"".join(body)
         assert value.endswith(b"\n"), "an mboxrd message must end with its blank line"
-        messages.append(MboxMessage(match.group(1).decode(), match.group(2).decode(), value[:-1]))
+        added = []
+        while mark := EXPORT_MARK.match(value):
+            added.append(mark.group(1).decode())
+            value = value[mark.end():]
+        messages.append(MboxMessage(match.group(1).decode(), match.group(2).decode(), value[:-1], added))
     return messages

@@ -63,6 +63,8 @@ def test_mbox_export_gives_back_the_exact_bytes(gateway, tmp_path):
         assert record.value.endswith(messages[name])
         assert record.value.startswith(b"Received: ")
         assert record.sender == (senders[name] or "MAILER-DAEMON")
+        assert record.added[0] == f"X-Envelope-From: <{senders[name]}>", record.added
+        assert all(line.startswith("X-Envelope-To: <") for line in record.added[1:]), record.added
 
 
 def test_8bit_and_utf8_mail_with_smtplib(gateway):

@@ -23,8 +23,10 @@
 //! - Segment files `NNNNNNNNNNNNNNNNNNNN.seg`: the sequence number in 20 zero-padded
 //!   decimal digits. Numbers increase; reading the segments in ascending order gives the
 //!   records in the order they were written. Every start of the gateway begins a new
-//!   segment, and a segment is closed once it has passed the segment size (64 MiB by
-//!   default; a segment can exceed it by at most one batch). The writer only ever
+//!   segment, and the writer seals the one it writes (starts the next) once it has
+//!   passed the segment size (64 MiB by default; it can exceed it by at most one
+//!   batch), once its first record is older than the segment age (even when idle),
+//!   and when a limit refused mail (so a prune can make room). The writer only ever
 //!   appends to the highest-numbered segment: every other segment is closed for good.
 //! - `quarantine/`: bytes recovery took out of a segment (a torn tail), kept for an
 //!   operator to inspect; nothing reads them.
@@ -215,6 +217,9 @@ pub struct SpoolOptions {
     /// A segment is closed, and the next batch goes to a new one, once it has reached
     /// this many bytes.
     pub segment_size: u64,
+    /// A segment holding records is closed once its first record is this old, even
+    /// when no more mail comes (so `spool prune` can take it); `None`: never by age.
+    pub segment_age: Option<Duration>,
     /// Messages that would take the segments' total size past this get `452 4.3.1`.
     pub max_bytes: Option<u64>,
     /// Messages that would leave less free space than this on the spool's file system
@@ -242,6 +247,7 @@ impl Default for SpoolOptions {
     fn default() -> Self {
         SpoolOptions {
             segment_size: DEFAULT_SEGMENT_SIZE,
+            segment_age: None,
             max_bytes: None,
             min_free_bytes: 0,
             commits: None,
@@ -308,7 +314,13 @@ impl SpoolSink {
             commits: options.commits,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let writer = Writer::new(Arc::clone(&shared), options.segment_size, segment, seq);
+        let writer = Writer::new(
+            Arc::clone(&shared),
+            options.segment_size,
+            options.segment_age,
+            segment,
+            seq,
+        );
         let handle = std::thread::Builder::new()
             .name("smtpgw-spool".into())
             .spawn(move || writer.run(rx))

@@ -376,7 +376,20 @@ pub(crate) fn open_segment(
     let magic = head.get(..SEGMENT_MAGIC.len());
     let v1 = magic == Some(&SEGMENT_MAGIC_V1[..]);
     let mut damaged = Vec::new();
-    let marks = decode_commit_marks(&head);
+    let mut marks = decode_commit_marks(&head);
+    if newest && marks.end.is_some() && marks.damaged.is_some() {
+        // A live writer rewrites both copies with one `pwrite`, which a concurrent
+        // read may see half done: look again before calling it damage. A mark read
+        // now may name bytes written after the length was taken.
+        let again = file
+            .read_at(0, SEGMENT_HEADER_LEN as usize)
+            .map_err(io_error("read segment", path))?;
+        let reread = decode_commit_marks(again);
+        if reread.damaged.is_none() {
+            marks = reread;
+            marks.end = marks.end.map(|end| end.min(file_len));
+        }
+    }
     let mut acked = marks.end.unwrap_or(0);
     if let Some(limit) = limit {
         acked = acked.min(limit);

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -33,7 +33,7 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
 /// How long the writer waits for the next batch before it syncs the commit marks of
 /// the last one on their own; under load the next batch's `fdatasync` carries them.
-const MARK_SYNC_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+const MARK_SYNC_DELAY: Duration = Duration::from_millis(100);
 
 pub(crate) type Request = (SealedMessage, Completion);
 
@@ -210,12 +210,18 @@ impl Segment {
 pub(crate) struct Writer {
     shared: std::sync::Arc<Shared>,
     segment_size: u64,
+    segment_age: Option<Duration>,
+    /// When the segment being written got its first record.
+    first_record_at: Option<Instant>,
+    /// When the commit marks of the last batch are synced on their own if no batch
+    /// comes first.
+    marks_due: Option<Instant>,
     next_seq: u64,
     /// `None` after a failed write until a new segment could be created.
     segment: Option<Segment>,
     /// Started without a segment (no room): when to try again without waiting for a
-    /// batch. `None` once one exists.
-    retry: Option<Duration>,
+    /// batch, and the back-off after that. `None` once one exists.
+    retry: Option<(Instant, Duration)>,
     rotate_due: bool,
     /// The encoded batch, reused from one batch to the next.
     buf: Vec<u8>,
@@ -230,6 +236,7 @@ impl Writer {
     pub fn new(
         shared: std::sync::Arc<Shared>,
         segment_size: u64,
+        segment_age: Option<Duration>,
         segment: Option<Segment>,
         seq: u64,
     ) -> Writer {
@@ -242,45 +249,17 @@ impl Writer {
         Writer {
             shared,
             segment_size: segment_size.max(1),
+            segment_age,
+            first_record_at: None,
+            marks_due: None,
             next_seq: if segment.is_some() { seq + 1 } else { seq },
-            retry: segment.is_none().then_some(FIRST_SEGMENT_RETRY),
+            retry: segment
+                .is_none()
+                .then(|| (Instant::now() + FIRST_SEGMENT_RETRY, FIRST_SEGMENT_RETRY)),
             segment,
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
-        }
-    }
-
-    /// Waits for the next request; while the spool has no segment since start-up, at
-    /// most until the next attempt to start one (with back-off), so that room coming
-    /// back makes the spool healthy without a message having to fail first.
-    fn next(&mut self, rx: &Receiver<Request>) -> Option<Request> {
-        loop {
-            if self.segment.is_some() {
-                // A batch started one.
-                self.retry = None;
-            }
-            // Commit marks not yet synced are synced once the queue is quiet for a
-            // moment; a segment to retry is retried on its own schedule.
-            let marks_dirty = self.segment.as_ref().is_some_and(|s| s.marks_dirty);
-            let wait = if marks_dirty {
-                Some(MARK_SYNC_DELAY)
-            } else {
-                self.retry
-            };
-            let Some(wait) = wait else {
-                return rx.recv().ok();
-            };
-            match rx.recv_timeout(wait) {
-                Ok(request) => return Some(request),
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(RecvTimeoutError::Timeout) if marks_dirty => {
-                    if let Some(segment) = self.segment.as_mut() {
-                        segment.sync_marks();
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => self.retry_first_segment(),
-            }
         }
     }
 
@@ -303,7 +282,10 @@ impl Writer {
             }
             // `create_segment` removed what it had made; the same name is tried again.
             Err(_) => {
-                self.retry = self.retry.map(|wait| (wait * 2).min(MAX_SEGMENT_RETRY));
+                self.retry = self.retry.map(|(_, wait)| {
+                    let wait = (wait * 2).min(MAX_SEGMENT_RETRY);
+                    (Instant::now() + wait, wait)
+                });
             }
         }
     }
@@ -311,7 +293,35 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<Request>) {
         // `recv` fails only once every sender is gone and the queue is empty, so
         // everything submitted before shutdown is answered.
-        while let Some(first) = self.next(&rx) {
+        loop {
+            if self.segment.is_some() {
+                // A batch started one.
+                self.retry = None;
+            }
+            let age_due = self
+                .first_record_at
+                .zip(self.segment_age)
+                .map(|(first, age)| first + age);
+            let retry_due = self.retry.map(|(at, _)| at);
+            let due = [self.marks_due, age_due, retry_due]
+                .into_iter()
+                .flatten()
+                .min();
+            let first = if let Some(due) = due {
+                match rx.recv_deadline(due) {
+                    Ok(request) => request,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.on_deadline();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(request) => request,
+                    Err(_) => break,
+                }
+            };
             self.encode(first);
             while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
                 match rx.try_recv() {
@@ -323,6 +333,54 @@ impl Writer {
         }
         if let Some(segment) = self.segment.as_mut() {
             segment.sync_marks();
+        }
+    }
+
+    /// Nothing came before a deadline: sync the commit marks, seal an old segment, try
+    /// again to start the first segment (room may have come back: nothing else says so).
+    fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if self.retry.is_some_and(|(at, _)| at <= now) {
+            self.retry_first_segment();
+        }
+        if self.marks_due.is_some_and(|due| due <= now) {
+            self.marks_due = None;
+            if let Some(segment) = self.segment.as_mut() {
+                segment.sync_marks();
+            }
+        }
+        if self.age_reached(now) {
+            self.seal("--spool-segment-age");
+        }
+    }
+
+    fn age_reached(&self, now: Instant) -> bool {
+        self.first_record_at
+            .zip(self.segment_age)
+            .is_some_and(|(first, age)| now >= first + age)
+    }
+
+    /// Closes the segment being written (if it holds records) and starts the next, so
+    /// that `spool prune` and the tools can take it while the gateway runs.
+    fn seal(&mut self, why: &'static str) {
+        let Some(segment) = self.segment.as_ref() else {
+            return;
+        };
+        if segment.is_empty() {
+            return;
+        }
+        let (seq, len) = (segment.seq, segment.len);
+        self.rotate_due = true;
+        match self.ensure_segment() {
+            None => tracing::info!(
+                segment = seq,
+                bytes = len,
+                reason = why,
+                "spool segment sealed"
+            ),
+            // Logged by `ensure_segment`; the next batch tries again, and so does the
+            // age deadline, one age from now rather than at once.
+            Some(_) => self.first_record_at = Some(Instant::now()),
         }
     }
 
@@ -415,6 +473,7 @@ impl Writer {
 
     fn commit(&mut self) {
         let refused = self.enforce_limits();
+        let mut seal = refused.then_some("spool limit reached");
         if !self.batch.is_empty() {
             let not_started = self.ensure_segment();
             let result = match self.segment.as_mut() {
@@ -457,8 +516,16 @@ impl Writer {
                                 first_id: self.batch.first().map(|(id, _, _)| *id),
                             });
                         }
+                        if self.first_record_at.is_none() {
+                            self.first_record_at = Some(Instant::now());
+                        }
+                        if segment.marks_dirty {
+                            self.marks_due = Some(Instant::now() + MARK_SYNC_DELAY);
+                        }
                         if segment.len >= self.segment_size {
-                            self.rotate_due = true;
+                            seal = Some("--spool-segment-size");
+                        } else if self.age_reached(Instant::now()) {
+                            seal = Some("--spool-segment-age");
                         }
                     }
                     for (id, done, _) in self.batch.drain(..) {
@@ -489,6 +556,12 @@ impl Writer {
                 }
             }
         }
+        // After the answers went out. A full spool frees space only by `spool prune`
+        // (or the forwarder), which never takes the segment being written: seal it,
+        // or 452 would last until a restart.
+        if let Some(why) = seal {
+            self.seal(why);
+        }
         self.buf.clear();
         if self.buf.capacity() > RETAINED_BUFFER_BYTES {
             self.buf = Vec::with_capacity(MAX_BATCH_BYTES);
@@ -518,6 +591,8 @@ impl Writer {
                 self.shared.writing.store(seq, Ordering::Release);
                 self.segment = Some(segment);
                 self.rotate_due = false;
+                self.first_record_at = None;
+                self.marks_due = None;
                 None
             }
             Err(error) => {
