@@ -101,7 +101,10 @@ fn check_record(reply: &Reply, record: &Record) {
             "smtp.client_addr",
             "smtp.received_at",
             "smtp.mail_params",
-            "smtp.tls"
+            "smtp.tls",
+            "smtp.schema",
+            "smtp.node",
+            "smtp.session"
         ],
         "{id}: headers"
     );
@@ -112,6 +115,12 @@ fn check_record(reply: &Reply, record: &Record) {
     assert_eq!(header(3), b"x@example.com");
     assert_eq!(header(4), b"y@example.com");
     assert_eq!(header(5), b"load.test");
+    assert_eq!(header(10), b"1");
+    assert_eq!(header(11), b"mx.test");
+    assert!(
+        std::str::from_utf8(header(12)).is_ok_and(|s| s.parse::<u64>().is_ok_and(|n| n > 0)),
+        "{id}: smtp.session"
+    );
 }
 
 fn seg_files(dir: &Path) -> usize {

@@ -6,7 +6,9 @@ mod spool_support;
 
 use std::time::Duration;
 
-use kafka_support::{consume, healthy_sink, options, record_of, wait_until, Record};
+use kafka_support::{
+    consume, consume_partitions, healthy_sink, options, record_of, wait_until, Record,
+};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -446,4 +448,87 @@ fn sink_starts_inside_a_tokio_runtime() {
     assert!(wait_until(WAIT, || sink.is_healthy()));
     let msg = message("a@example.com", &["b@example.com"], b"x\r\n");
     assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+}
+
+/// `--kafka-partition-key`: by sender or first recipient domain, every message of one
+/// domain (whatever its case) lands in the partition docs/record.md says,
+/// CRC-32C(lower-cased domain) mod partitions, with the key still the message id; by id
+/// (the default) one domain's mail spreads over the partitions.
+#[test]
+fn the_partition_key_puts_each_domain_in_its_documented_partition() {
+    use smtpgw::config::PartitionKey;
+    use smtpgw::sink::kafka::domain_partition;
+    const PARTITIONS: usize = 4;
+    let domains = [
+        "a.test",
+        "B.test",
+        "c.example",
+        "d.example",
+        "e.org",
+        "b.TEST",
+    ];
+    for (mode, topic) in [
+        (PartitionKey::SenderDomain, "by.sender"),
+        (PartitionKey::RecipientDomain, "by.rcpt"),
+        (PartitionKey::Id, "by.id"),
+    ] {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster
+            .create_topic(topic, PARTITIONS as i32, 1)
+            .expect("create topic");
+        let brokers = cluster.bootstrap_servers();
+        let mut opts = options(&brokers, topic, Duration::from_secs(10));
+        opts.settings.kafka_partition_key = mode;
+        let sink = healthy_sink(&opts);
+        let mut sent = Vec::new();
+        for n in 0..8 {
+            for d in domains {
+                let from = format!("s{n}@{d}");
+                let to = format!("r{n}@{d}");
+                let msg = message(&from, &[&to, "other@z.test"], b"x");
+                assert_eq!(publish(&sink, msg.clone()), Ok(msg.id));
+                sent.push((msg.id.to_string().into_bytes(), d));
+            }
+        }
+        sink.shutdown();
+        let got = consume_partitions(&brokers, topic, sent.len(), WAIT, WAIT);
+        assert_eq!(got.len(), sent.len(), "{mode:?}");
+        let mut spread = std::collections::HashSet::new();
+        for (key, domain) in &sent {
+            let (partition, record) = got
+                .iter()
+                .find(|(_, r)| &r.key == key)
+                .expect("every message in the topic, keyed by its id");
+            assert_eq!(&record.key, key);
+            if mode == PartitionKey::Id {
+                if domain.eq_ignore_ascii_case("b.test") {
+                    spread.insert(*partition);
+                }
+            } else {
+                let want = domain_partition(format!("x@{domain}").as_bytes(), PARTITIONS)
+                    .expect("a partition");
+                assert_eq!(*partition, want, "{mode:?}: {domain}");
+            }
+        }
+        if mode == PartitionKey::Id {
+            assert!(
+                spread.len() > 1,
+                "by id, 16 messages of one domain in one partition"
+            );
+        }
+    }
+    // Lower case, after the last '@', and every domain of the test is not all in one.
+    assert_eq!(
+        domain_partition(b"x@B.TEST", 4),
+        domain_partition(b"\"a@b\"@b.test", 4)
+    );
+    assert_eq!(domain_partition(b"x@b.test", 0), None);
+    let parts: std::collections::HashSet<_> = domains
+        .iter()
+        .filter_map(|d| domain_partition(d.as_bytes(), PARTITIONS))
+        .collect();
+    assert!(
+        parts.len() > 1,
+        "the test's domains all hash to one partition"
+    );
 }

@@ -59,7 +59,8 @@ const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
 
-/// Session ids: one per connection, in every log line of that connection.
+/// Session ids: one per connection, in every log line of that connection and in
+/// every record it publishes (`smtp.session`).
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// A new session id (also for a connection a backend refuses before it has a driver).
@@ -326,6 +327,9 @@ pub struct Connection {
     slot: Option<Box<dyn PeerSlot>>,
     edge_stats: EdgeStats,
     record: Record,
+    /// Our name, for the records' `smtp.node` (one allocation per connection, none
+    /// per message).
+    node: Arc<str>,
 }
 
 impl Connection {
@@ -343,6 +347,7 @@ impl Connection {
             .checked_add(limits.max_session_time)
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let node = Arc::from(session.hostname.as_str());
         let mut session = Session::without_greeting(session, peer);
         session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
         session.set_tls_required(edge.require_tls);
@@ -390,6 +395,7 @@ impl Connection {
                 ended: None,
                 tls: None,
             },
+            node,
         };
         conn.start(now);
         conn.after_output_change(now);
@@ -833,7 +839,7 @@ impl Connection {
         now: Instant,
         stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
     ) -> Option<SealedMessage> {
-        let message = self.session.take_message()?;
+        let mut message = self.session.take_message()?;
         if let Some(slot) = &self.slot {
             slot.message_sent(now);
         }
@@ -855,6 +861,8 @@ impl Connection {
                 logging::recipients_listed(),
             )
         });
+        message.envelope.node = Some(self.node.clone());
+        message.envelope.session = self.record.session;
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);

@@ -104,6 +104,7 @@ use rdkafka::producer::{
 };
 use rdkafka::ClientContext;
 
+use crate::config::PartitionKey;
 use crate::sink::{Completion, PublishError, PublishResult, Sink, SinkStats};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
@@ -352,7 +353,7 @@ pub enum KafkaSinkError {
 /// - record framing: length, attributes, timestamp and offset deltas, key and value
 ///   lengths, header count: at most 6 varints of 5 bytes and 1 byte;
 /// - key: the 26-character ULID;
-/// - headers: 8 fixed ones plus one `smtp.rcpt_to` per recipient, each at most two
+/// - headers: 11 fixed ones plus one `smtp.rcpt_to` per recipient, each at most two
 ///   5-byte varints, a name of at most 16 bytes and a value of at most one command line
 ///   (512 octets; every header value comes from one SMTP command or is shorter).
 ///
@@ -363,7 +364,7 @@ pub fn record_overhead(max_recipients: usize) -> usize {
     const RECORD_FRAMING: usize = 6 * 5 + 1;
     const KEY: usize = 26;
     const PER_HEADER: usize = 2 * 5 + 16 + MAX_COMMAND_LINE;
-    BATCH_HEADER + RECORD_FRAMING + KEY + (8 + max_recipients) * PER_HEADER
+    BATCH_HEADER + RECORD_FRAMING + KEY + (11 + max_recipients) * PER_HEADER
 }
 
 /// What the delivery callback needs to answer one message.
@@ -483,6 +484,9 @@ struct Shared {
     fallback: Option<Arc<dyn Sink>>,
     /// Told each time the sink becomes ready (the forwarder waits for it).
     ready_watch: Mutex<Vec<Sender<()>>>,
+    /// The topic's partition count from the last metadata answer; 0 while unknown
+    /// (records are then partitioned by key).
+    partitions: AtomicUsize,
     /// When the last acknowledgement (of any producer) came, in ms since `epoch`.
     epoch: Instant,
     last_ack_ms: AtomicU64,
@@ -807,13 +811,14 @@ impl KafkaSink {
             streak: Mutex::new(Streak::default()),
             fallback,
             ready_watch: Mutex::new(Vec::new()),
+            partitions: AtomicUsize::new(0),
             epoch: Instant::now(),
             last_ack_ms: AtomicU64::new(0),
             publish_timeout: options.publish_timeout(),
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
-        let reachable = probe(&producer, options.topic(), options.startup_timeout);
+        let reachable = probe(&producer, options.topic(), options.startup_timeout, &shared);
         if reachable {
             shared.set_healthy(0, true, "broker answered");
         }
@@ -894,13 +899,18 @@ impl KafkaSink {
     }
 }
 
-/// Asks the cluster for the topic's metadata; an answer proves a broker is up.
-fn probe(producer: &GatewayProducer, topic: &str, timeout: Duration) -> bool {
+/// Asks the cluster for the topic's metadata; an answer proves a broker is up. Notes
+/// the topic's partition count for `--kafka-partition-key`.
+fn probe(producer: &GatewayProducer, topic: &str, timeout: Duration, shared: &Shared) -> bool {
     match producer.client().fetch_metadata(Some(topic), timeout) {
         Ok(metadata) => {
             if let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) {
                 if let Some(error) = t.error() {
                     tracing::warn!(topic, error = ?RDKafkaErrorCode::from(error), "kafka topic not usable; messages will get 451");
+                } else {
+                    shared
+                        .partitions
+                        .store(t.partitions().len(), Ordering::Relaxed);
                 }
             }
             true
@@ -1052,7 +1062,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
                 replace_producer(inner, generation, false);
                 last_probe = Some(Instant::now());
                 if let Some(new) = current_producer(inner) {
-                    if probe(&new, inner.options.topic(), PROBE_TIMEOUT) {
+                    if probe(&new, inner.options.topic(), PROBE_TIMEOUT, shared) {
                         let generation = shared.generation.load(Ordering::Acquire);
                         shared.set_healthy(generation, true, "broker answered");
                     }
@@ -1064,7 +1074,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
             // ready, and the producer is replaced once a broker answers again.
             Some(Liveness::NoAck) if due => {
                 last_probe = Some(Instant::now());
-                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT) {
+                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT, shared) {
                     drop(producer);
                     replace_producer(inner, generation, true);
                 } else {
@@ -1085,7 +1095,7 @@ fn supervise(inner: &Arc<Inner>, notices: &Receiver<Notice>) {
                     .unwrap_or_else(PoisonError::into_inner)
                     .suspect
                     .is_some();
-                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT) && !suspected {
+                if probe(&producer, inner.options.topic(), PROBE_TIMEOUT, shared) && !suspected {
                     shared.set_healthy(generation, true, "broker answered");
                 }
             }
@@ -1211,6 +1221,7 @@ impl KafkaSink {
         timestamp_ms: i64,
         headers: Option<OwnedHeaders>,
         value: &[u8],
+        partition: Option<i32>,
         answer: Answer,
     ) {
         let inner = &self.inner;
@@ -1247,6 +1258,9 @@ impl KafkaSink {
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         shared.add_inflight(bytes);
         if let Err((error, record)) = producer.send(record) {
             drop(slot);
@@ -1282,13 +1296,39 @@ impl KafkaSink {
                 add(name, value);
             }
         });
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(&[][..], |(_, v)| v.as_slice())
+        };
+        let partition = self.partition_for(header("smtp.mail_from"), || header("smtp.rcpt_to"));
         self.publish(
             record.id,
             record.received_at.timestamp_millis(),
             headers,
             record.value(),
+            partition,
             answer,
         );
+    }
+
+    /// The partition `--kafka-partition-key` picks for a message from `sender` whose
+    /// first recipient is `first_rcpt`; `None` to let librdkafka partition by key (by
+    /// id, or while the partition count is unknown).
+    fn partition_for<'a>(
+        &self,
+        sender: &'a [u8],
+        first_rcpt: impl FnOnce() -> &'a [u8],
+    ) -> Option<i32> {
+        let address = match self.inner.options.settings.kafka_partition_key {
+            PartitionKey::Id => return None,
+            PartitionKey::SenderDomain => sender,
+            PartitionKey::RecipientDomain => first_rcpt(),
+        };
+        let partitions = self.inner.shared.partitions.load(Ordering::Relaxed);
+        domain_partition(address, partitions)
     }
 
     /// `tx` gets a message each time the sink becomes ready.
@@ -1326,12 +1366,33 @@ fn owned_headers(
     headers
 }
 
+/// CRC-32C of the address's domain (after its last `@`; the whole address without
+/// one, empty for the null sender), lower-cased, modulo `partitions`. docs/record.md
+/// states it so that consumers can compute it too.
+pub fn domain_partition(address: &[u8], partitions: usize) -> Option<i32> {
+    if partitions == 0 {
+        return None;
+    }
+    let domain = address
+        .iter()
+        .rposition(|&b| b == b'@')
+        .map_or(address, |at| &address[at + 1..]);
+    let crc = domain.iter().fold(0u32, |crc, b| {
+        crc32c::crc32c_append(crc, &[b.to_ascii_lowercase()])
+    });
+    i32::try_from(crc as usize % partitions).ok()
+}
+
 impl Sink for KafkaSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
-        let headers = owned_headers(8 + msg.envelope.rcpt_count(), |add| {
+        let headers = owned_headers(11 + msg.envelope.rcpt_count(), |add| {
             msg.for_each_header(|name, value| add(name, value))
         });
         let (id, timestamp_ms) = (msg.id, msg.received_at.timestamp_millis());
+        let env = &msg.envelope;
+        let partition = self.partition_for(env.mail_from().as_bytes(), || {
+            env.rcpt_to().next().map_or(&[][..], str::as_bytes)
+        });
         // A reference-counted handle, not a copy of the bytes.
         let value = msg.value.clone();
         // Only a fallback needs the message after librdkafka has copied it.
@@ -1341,6 +1402,7 @@ impl Sink for KafkaSink {
             timestamp_ms,
             headers,
             &value,
+            partition,
             Answer::Session { done, keep },
         );
     }

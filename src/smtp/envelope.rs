@@ -71,6 +71,10 @@ pub struct Envelope {
     /// The session's TLS version and cipher suite, e.g. `TLSv1.3 TLS13_AES_256_GCM_SHA384`;
     /// `None` over plaintext.
     pub tls: Option<Arc<str>>,
+    /// The gateway that took the message (`--hostname`) and its session (connection)
+    /// id there, as the logs give it; set by the connection driver before sealing.
+    pub node: Option<Arc<str>>,
+    pub session: u64,
     text: String,
     mail_from: Range<usize>,
     mail_params: Range<usize>,
@@ -97,6 +101,8 @@ impl Envelope {
             client_addr,
             smtputf8: false,
             tls: None,
+            node: None,
+            session: 0,
             text,
             mail_from: 0..from_end,
             mail_params: from_end..from_end + mail_params.len(),
@@ -194,6 +200,23 @@ impl Message {
             envelope: self.envelope,
             body_offset: line.len(),
             value,
+        }
+    }
+}
+
+/// The version of the record contract (docs/record.md) in every record's `smtp.schema`
+/// header. Changes that a consumer of the previous version could misread bump it.
+pub const RECORD_SCHEMA: &str = "1";
+
+/// `n` in decimal, in `buf`: no allocation per message.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
         }
     }
 }
@@ -301,8 +324,8 @@ impl SealedMessage {
         &self.value[self.body_offset..]
     }
 
-    /// The record headers of design.md, in order; `smtp.rcpt_to` once per recipient.
-    /// Kafka and the spool both store exactly these.
+    /// The record headers of docs/record.md (version [`RECORD_SCHEMA`]), in order;
+    /// `smtp.rcpt_to` once per recipient. Kafka and the spool both store exactly these.
     pub fn for_each_header(&self, mut f: impl FnMut(&'static str, &[u8])) {
         let env = &self.envelope;
         f("smtp.id", self.id.to_string().as_bytes());
@@ -325,5 +348,27 @@ impl SealedMessage {
             "smtp.tls",
             env.tls.as_deref().map_or(&b"false"[..], str::as_bytes),
         );
+        // From version 1 on; after the older ones so that nothing moves for a reader
+        // that went by position.
+        f("smtp.schema", RECORD_SCHEMA.as_bytes());
+        f(
+            "smtp.node",
+            env.node.as_deref().unwrap_or_default().as_bytes(),
+        );
+        let mut digits = [0u8; 20];
+        f("smtp.session", decimal(env.session, &mut digits));
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::decimal;
+
+    #[test]
+    fn session_ids_are_written_in_decimal() {
+        let mut buf = [0u8; 20];
+        for n in [0u64, 7, 10, 1_234_567, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 }

@@ -656,9 +656,16 @@ fn received_line_is_prepended_without_touching_the_body() {
             "smtp.client_addr",
             "smtp.received_at",
             "smtp.mail_params",
-            "smtp.tls"
+            "smtp.tls",
+            "smtp.schema",
+            "smtp.node",
+            "smtp.session"
         ]
     );
+    assert_eq!(headers[9].1, "1");
+    // The connection driver sets these; a bare session leaves them empty and 0.
+    assert_eq!(headers[10].1, "");
+    assert_eq!(headers[11].1, "0");
     assert_eq!(headers[6].1, "2027-01-15T08:00:00.000000Z");
 }
 

@@ -142,6 +142,9 @@ def test_every_message_is_in_the_topic_byte_for_byte(gateway):
         assert headers["smtp.helo"] == [b"client.test"]
         assert headers["smtp.client_addr"][0].startswith(b"127.0.0.1:")
         assert headers["smtp.tls"] == [b"false"]
+        assert headers["smtp.schema"] == [b"1"]
+        assert len(headers["smtp.node"]) == 1 and headers["smtp.node"][0]
+        assert int(headers["smtp.session"][0]) > 0
         assert len(headers["smtp.received_at"]) == 1 and len(headers["smtp.mail_params"]) == 1
 
 

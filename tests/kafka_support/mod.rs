@@ -72,6 +72,20 @@ pub fn consume(
     idle: Duration,
     timeout: Duration,
 ) -> Vec<Record> {
+    consume_partitions(brokers, topic, want, idle, timeout)
+        .into_iter()
+        .map(|(_, record)| record)
+        .collect()
+}
+
+/// As [`consume`], with the partition each record came from.
+pub fn consume_partitions(
+    brokers: &str,
+    topic: &str,
+    want: usize,
+    idle: Duration,
+    timeout: Duration,
+) -> Vec<(i32, Record)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "smtpgw-test")
@@ -108,11 +122,14 @@ pub fn consume(
                             .collect()
                     })
                     .unwrap_or_default();
-                out.push(Record {
-                    key: m.key().unwrap_or_default().to_vec(),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                });
+                out.push((
+                    m.partition(),
+                    Record {
+                        key: m.key().unwrap_or_default().to_vec(),
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        headers,
+                    },
+                ));
                 last = Instant::now();
             }
             Some(Err(e)) => panic!("consumer error: {e}"),
