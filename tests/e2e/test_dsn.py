@@ -1,0 +1,79 @@
+"""DSN (RFC 3461) end to end through the spool: Python's smtplib sends RET/ENVID on
+MAIL and NOTIFY/ORCPT on RCPT, the stored record carries them (`smtpgw spool cat
+--headers`), one NOTIFY and one ORCPT per `smtp.rcpt_to` in its order, and every
+malformed parameter gets a 501 5.5.4 that names it while the session goes on."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_support import headers
+from smtpwire import ULID
+
+
+def queued(reply: bytes) -> str:
+    match = ULID.search(reply.decode())
+    assert match, reply
+    return match.group(0)
+
+
+def test_dsn_parameters_are_stored_per_recipient(gateway):
+    with gateway.smtplib() as client:
+        client.ehlo("client.test")
+        assert client.has_extn("DSN")
+        refused = client.sendmail(
+            "sender@client.test",
+            ["bob@example.com", "carol@example.com"],
+            b"Subject: dsn\r\n\r\nbody\r\n",
+            mail_options=["RET=HDRS", "ENVID=abc+2Bdef"],
+            rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob+40x.example"],
+        )
+        assert refused == {}
+        # A second transaction without DSN parameters: every header is still there,
+        # empty, so a consumer can zip the lists.
+        client.mail("sender@client.test")
+        client.rcpt("dave@example.com")
+        code, reply = client.data(b"Subject: plain\r\n\r\nbody\r\n")
+        assert code == 250
+        plain_id = queued(reply)
+    ids = gateway.spool_ids()
+    assert len(ids) == 2 and plain_id in ids
+    [dsn_id] = [i for i in ids if i != plain_id]
+    stored = headers(gateway, dsn_id)
+    assert stored["smtp.rcpt_to"] == ["bob@example.com", "carol@example.com"]
+    assert stored["smtp.rcpt_notify"] == ["SUCCESS,FAILURE", "SUCCESS,FAILURE"]
+    assert stored["smtp.rcpt_orcpt"] == ["rfc822;bob+40x.example"] * 2
+    assert stored["smtp.dsn_ret"] == ["HDRS"]
+    assert stored["smtp.dsn_envid"] == ["abc+2Bdef"]
+    # smtplib adds SIZE itself; the parameters as sent stay in smtp.mail_params.
+    [params] = stored["smtp.mail_params"]
+    assert params.endswith(" RET=HDRS ENVID=abc+2Bdef"), params
+    plain = headers(gateway, plain_id)
+    assert plain["smtp.rcpt_to"] == ["dave@example.com"]
+    for name in ("smtp.dsn_ret", "smtp.dsn_envid", "smtp.rcpt_notify", "smtp.rcpt_orcpt"):
+        assert plain[name] == [""], name
+
+
+@pytest.mark.parametrize(
+    "command,text",
+    [
+        ("MAIL FROM:<a@client.test> RET=NONE", "Malformed RET parameter"),
+        ("MAIL FROM:<a@client.test> RET=FULL RET=FULL", "Duplicate MAIL parameter"),
+        ("MAIL FROM:<a@client.test> ENVID=" + "e" * 101, "Malformed ENVID parameter"),
+        ("MAIL FROM:<a@client.test> ENVID=a+2b", "Malformed ENVID parameter"),
+        ("RCPT TO:<b@example.com> NOTIFY=NEVER,DELAY", "Malformed NOTIFY parameter"),
+        ("RCPT TO:<b@example.com> NOTIFY=DELAY,DELAY", "Malformed NOTIFY parameter"),
+        ("RCPT TO:<b@example.com> NOTIFY=NEVER NOTIFY=NEVER", "Duplicate RCPT parameter"),
+        ("RCPT TO:<b@example.com> ORCPT=b@x.example", "Malformed ORCPT parameter"),
+        ("RCPT TO:<b@example.com> ORCPT=rfc822;" + "o" * 494, "Malformed ORCPT parameter"),
+    ],
+)
+def test_malformed_dsn_parameters_get_501(gateway, command, text):
+    with gateway.smtplib() as client:
+        client.ehlo("client.test")
+        if command.startswith("RCPT"):
+            assert client.mail("a@client.test")[0] == 250
+        code, reply = client.docmd(command)
+        assert (code, reply.decode().split(" ", 1)[1].startswith(text)) == (501, True), reply
+        assert reply.startswith(b"5.5.4 "), reply
+        assert client.noop()[0] == 250
