@@ -21,6 +21,9 @@ use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
 /// The largest message the harness's sessions take; small, so the fuzzer reaches it.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 
+/// One completed message: (MAIL FROM, RCPT TOs, DSN parameters, body).
+pub type Completed = (String, Vec<String>, Vec<String>, Vec<u8>);
+
 /// Everything a client and the sink would see of one session.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transcript {
@@ -29,7 +32,7 @@ pub struct Transcript {
     /// (MAIL FROM, RCPT TOs, DSN parameters, body) of every completed message, in
     /// order; the DSN ones as the record has them (RET, ENVID, then each recipient's
     /// NOTIFY and ORCPT).
-    pub messages: Vec<(String, Vec<String>, Vec<String>, Vec<u8>)>,
+    pub messages: Vec<Completed>,
     /// Whether the session ended (QUIT) before the input did.
     pub closed: bool,
 }

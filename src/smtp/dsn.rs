@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(parse_envid(&[b'x'; MAX_ENVID + 1]), Err(DsnError::Envid));
         assert_eq!(parse_envid(b"a+0Ab"), Err(DsnError::Envid), "decodes to LF");
         assert_eq!(parse_envid(b"a+2b"), Err(DsnError::Envid));
-        assert_eq!(parse_orcpt(b"rfc822;bob+40x.example"), Ok("rfc822;bob+40x.example"));
+        assert_eq!(
+            parse_orcpt(b"rfc822;bob+40x.example"),
+            Ok("rfc822;bob+40x.example")
+        );
         let long = format!("rfc822;{}", "y".repeat(MAX_ORCPT - 7));
         assert_eq!(parse_orcpt(long.as_bytes()), Ok(long.as_str()));
         let longer = format!("rfc822;{}", "y".repeat(MAX_ORCPT - 6));
@@ -309,7 +312,12 @@ mod tests {
 
     #[test]
     fn every_dsn_error_is_a_501_5_5_4() {
-        for e in [DsnError::Ret, DsnError::Envid, DsnError::Notify, DsnError::Orcpt] {
+        for e in [
+            DsnError::Ret,
+            DsnError::Envid,
+            DsnError::Notify,
+            DsnError::Orcpt,
+        ] {
             assert!(e.reply().starts_with(b"501 5.5.4 "), "{e:?}");
         }
     }

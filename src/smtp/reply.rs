@@ -44,7 +44,8 @@ pub const BAD_RET: &[u8] = b"501 5.5.4 Malformed RET parameter: RET=FULL or RET=
 pub const BAD_ENVID: &[u8] =
     b"501 5.5.4 Malformed ENVID parameter: xtext of printable ASCII, at most 100 characters\r\n";
 pub const BAD_NOTIFY: &[u8] = b"501 5.5.4 Malformed NOTIFY parameter: NEVER, or SUCCESS, FAILURE and DELAY each at most once\r\n";
-pub const BAD_ORCPT: &[u8] = b"501 5.5.4 Malformed ORCPT parameter: addr-type;xtext, at most 500 characters\r\n";
+pub const BAD_ORCPT: &[u8] =
+    b"501 5.5.4 Malformed ORCPT parameter: addr-type;xtext, at most 500 characters\r\n";
 pub const UNKNOWN_MAIL_PARAM: &[u8] = b"555 5.5.4 Unsupported MAIL parameter\r\n";
 pub const UNKNOWN_RCPT_PARAM: &[u8] = b"555 5.5.4 Unsupported RCPT parameter\r\n";
 pub const PARAMS_NEED_EHLO: &[u8] = b"555 5.5.4 Parameters require EHLO\r\n";

@@ -1376,7 +1376,9 @@ fn every_dsn_refusal_names_its_parameter() {
 #[test]
 fn ehlo_advertises_dsn() {
     let t = run(b"EHLO client.test\r\n");
-    assert!(String::from_utf8(t.replies).unwrap().contains("\r\n250-DSN\r\n"));
+    assert!(String::from_utf8(t.replies)
+        .unwrap()
+        .contains("\r\n250-DSN\r\n"));
 }
 
 /// Runs `pieces` and returns each message's record headers (name, value).
@@ -1474,10 +1476,7 @@ fn dsn_lengthens_mail_and_rcpt_lines() {
     let rcpt = pad("RCPT TO:<c@example.com> ORCPT=rfc822;", 1012);
     assert_eq!(mail.len() + 2, 612);
     // The ENVID is over 100 characters, so the line is read and the parameter refused.
-    assert_eq!(
-        replies(&format!("{HELLO}{mail}\r\n")),
-        ["250", "501 5.5.4"]
-    );
+    assert_eq!(replies(&format!("{HELLO}{mail}\r\n")), ["250", "501 5.5.4"]);
     assert_eq!(
         replies(&format!("{HELLO}{mail}x\r\nNOOP\r\n")),
         ["250", "500 5.5.6", "250 2.0.0"]
