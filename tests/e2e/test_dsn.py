@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from edge_support import headers
-from smtpwire import ULID
+from smtpwire import ULID, assert_reply, queued_id
 
 
 def queued(reply: bytes) -> str:
@@ -77,3 +77,25 @@ def test_malformed_dsn_parameters_get_501(gateway, command, text):
         assert (code, reply.decode().split(" ", 1)[1].startswith(text)) == (501, True), reply
         assert reply.startswith(b"5.5.4 "), reply
         assert client.noop()[0] == 250
+
+
+def test_dsn_session_written_one_byte_at_a_time(gateway):
+    """One byte per write, a refused DSN parameter in the middle: the same replies and
+    the same record as whole commands (the Rust session tests try every split)."""
+    with gateway.wire() as wire:
+        assert_reply(wire.reply(), "220", "greeting")
+        wire.send_bytewise(
+            b"EHLO client.test\r\nMAIL FROM:<a@b.example> RET=FULL ENVID=x+2By\r\n"
+            b"RCPT TO:<x@example.com> NOTIFY=NEVER,DELAY\r\n"
+            b"RCPT TO:<x@example.com> NOTIFY=delay,failure ORCPT=rfc822;x+40example.com\r\n"
+            b"RCPT TO:<y@example.com>\r\nDATA\r\nSubject: b\r\n\r\nbytewise\r\n.\r\nQUIT\r\n"
+        )
+        for spec in ["250", "250 2.1.0", "501 5.5.4", "250 2.1.5", "250 2.1.5", "354"]:
+            assert_reply(wire.reply(), spec, "byte-at-a-time DSN session")
+        message_id = queued_id(wire.reply())
+        assert_reply(wire.reply(), "221 2.0.0", "QUIT")
+    stored = headers(gateway, message_id)
+    assert stored["smtp.rcpt_to"] == ["x@example.com", "y@example.com"]
+    assert stored["smtp.rcpt_notify"] == ["FAILURE,DELAY", ""]
+    assert stored["smtp.rcpt_orcpt"] == ["rfc822;x+40example.com", ""]
+    assert (stored["smtp.dsn_ret"], stored["smtp.dsn_envid"]) == (["FULL"], ["x+2By"])
