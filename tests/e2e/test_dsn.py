@@ -99,3 +99,25 @@ def test_dsn_session_written_one_byte_at_a_time(gateway):
     assert stored["smtp.rcpt_notify"] == ["FAILURE,DELAY", ""]
     assert stored["smtp.rcpt_orcpt"] == ["rfc822;x+40example.com", ""]
     assert (stored["smtp.dsn_ret"], stored["smtp.dsn_envid"]) == (["FULL"], ["x+2By"])
+
+
+def test_longest_dsn_lines_are_read_whole(gateway):
+    """RFC 3461 lets a RCPT line grow by 500 octets for ORCPT and a MAIL line by 100 for
+    ENVID: a 500-character ORCPT and a 100-character ENVID are accepted and stored."""
+    envid = "e" * 100
+    orcpt = "rfc822;" + "o" * 493
+    with gateway.smtplib() as client:
+        client.ehlo("client.test")
+        assert client.mail("a@client.test", [f"ENVID={envid}"])[0] == 250
+        code, reply = client.docmd(f"RCPT TO:<{'r' * 40}@example.com> ORCPT={orcpt}")
+        assert code == 250, reply
+        code, reply = client.data(b"Subject: long\r\n\r\nx\r\n")
+        assert code == 250, reply
+        message_id = queued(reply)
+        # One octet more than RCPT's 1012 is a line too long; the session goes on.
+        code, _ = client.docmd("RCPT TO:<b@example.com> ORCPT=rfc822;" + "p" * 974)
+        assert code == 500
+        assert client.noop()[0] == 250
+    stored = headers(gateway, message_id)
+    assert stored["smtp.dsn_envid"] == [envid]
+    assert stored["smtp.rcpt_orcpt"] == [orcpt]
