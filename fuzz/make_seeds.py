@@ -49,6 +49,28 @@ SEEDS = {
         HELLO + b"MAIL FROM:<a@x.test> SIZE=99999 BODY=8BITMIME\r\nMAIL FROM:<a@x.test> SIZE=10 BODY=8BITMIME SMTPUTF8\r\n"
         b"RCPT TO:<b@example.com> NOTIFY=NEVER\r\nMAIL FROM:<a@x.test> X=\x7f\r\nRSET\r\nMAIL FROM:<a@x.test> BAD=a=b\r\n",
     ),
+    # DSN (RFC 3461): every parameter accepted, then each way to get it wrong.
+    "dsn-params": (
+        0,
+        HELLO + b"MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bdef\r\n"
+        b"RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n"
+        b"RCPT TO:<c@example.com>\r\nRCPT TO:<d@example.com> notify=never orcpt=x-local;d\r\n"
+        b"DATA\r\ndsn\r\n.\r\n"
+        b"MAIL FROM:<a@x.test> RET=FULL ENVID=" + b"e" * 100 + b"\r\nRCPT TO:<b@example.com> ORCPT=rfc822;" + b"o" * 493 + b"\r\n"
+        b"BDAT 3 LAST\r\nxyzQUIT\r\n",
+    ),
+    "dsn-malformed": (
+        0,
+        HELLO + b"MAIL FROM:<a@x.test> RET=BOTH\r\nMAIL FROM:<a@x.test> RET=FULL RET=HDRS\r\n"
+        b"MAIL FROM:<a@x.test> ENVID=a+2b\r\nMAIL FROM:<a@x.test> ENVID=a+0A\r\n"
+        b"MAIL FROM:<a@x.test> ENVID=" + b"e" * 101 + b"\r\nMAIL FROM:<a@x.test> ENVID=" + b"e" * 600 + b"\r\n"
+        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com> NOTIFY=NEVER,DELAY\r\n"
+        b"RCPT TO:<b@example.com> NOTIFY=DELAY,DELAY\r\nRCPT TO:<b@example.com> NOTIFY=\r\n"
+        b"RCPT TO:<b@example.com> ORCPT=rfc822\r\nRCPT TO:<b@example.com> ORCPT=rfc822;a+\r\n"
+        b"RCPT TO:<b@example.com> ORCPT=rfc822;\xc3\xbc\r\nRCPT TO:<b@example.com> ORCPT=a;b ORCPT=a;b\r\n"
+        b"RCPT TO:<b@example.com> ORCPT=rfc822;" + b"o" * 494 + b"\r\nRCPT TO:<b@example.com> ORCPT=rfc822;" + b"o" * 1000 + b"\r\n"
+        b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com> NOTIFY=NEVER\r\nQUIT\r\n",
+    ),
     "sink-failures": (6, TXN + b"DATA\r\n1\r\n.\r\n" + AGAIN + b"DATA\r\n2\r\n.\r\n" + AGAIN + b"BDAT 1 LAST\r\n3" + AGAIN + b"DATA\r\n4\r\n.\r\n"),
     "bare-lf-commands-nul": (0, b"EHLO c\nMAIL FROM:<a@x.test>\nRCPT TO:<b@example.com>\r\nNO\x00OP\r\nDATA\r\n\x00\r\n.\r\n"),
     "order-errors": (0, b"MAIL FROM:<a@x.test>\r\nEHLO c\r\nRCPT TO:<b@example.com>\r\nDATA\r\nBDAT 4\r\nQUITMAIL FROM:<a@x.test>\r\nMAIL FROM:<a@x.test>\r\n"),

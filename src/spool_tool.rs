@@ -66,7 +66,6 @@ use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
 use crate::smtp::address::{escaped, write_escaped, EscapeFor};
-use crate::smtp::envelope::RECORD_HEADERS;
 
 /// What a tool met that was not a record, reported on `err` as it was met.
 pub struct Damage<'a> {
@@ -254,14 +253,14 @@ pub fn cat_part_reporting<'e>(
             Part::Body => record.body(),
             Part::Value => record.value(),
             Part::Headers => {
+                // Every stored header in stored order, so headers a later version adds
+                // (schema 1's node, session and DSN ones) show without a change here.
                 let mut text = Vec::new();
-                for name in RECORD_HEADERS {
-                    for value in record.headers_named(name) {
-                        text.extend_from_slice(name.as_bytes());
-                        text.extend_from_slice(b": ");
-                        text.extend_from_slice(value);
-                        text.push(b'\n');
-                    }
+                for (name, value) in &record.headers {
+                    text.extend_from_slice(name.as_bytes());
+                    text.extend_from_slice(b": ");
+                    text.extend_from_slice(value);
+                    text.push(b'\n');
                 }
                 headers = text;
                 &headers[..]

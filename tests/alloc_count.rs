@@ -164,6 +164,17 @@ RCPT TO:<carol@example.com>\r\nRSET\r\n";
         2 * 100,
         "MAIL+RCPT+RSET"
     );
+    // DSN parameters (RFC 3461) are checked in place and kept in the same arena: the
+    // same two allocations, and a refused one costs nothing.
+    let dsn = b"MAIL FROM:<a@client.example.org> RET=HDRS ENVID=abc+2Bdef\r\n\
+RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n\
+RCPT TO:<carol@example.com> NOTIFY=NEVER\r\nRCPT TO:<bob@example.com> NOTIFY=NEVER,DELAY\r\n\
+RCPT TO:<bob@example.com> ORCPT=rfc822;a+2\r\nRSET\r\n";
+    assert_eq!(
+        count(&mut session, dsn, 100, &mut id),
+        2 * 100,
+        "MAIL+RCPT with DSN parameters, refused ones, RSET"
+    );
 
     // The same message step by step, to attribute each allocation.
     let cmds_end = message.windows(6).position(|w| w == b"DATA\r\n").unwrap() + 6;

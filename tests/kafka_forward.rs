@@ -104,7 +104,13 @@ fn check_record(reply: &Reply, record: &Record) {
             "smtp.tls",
             "smtp.schema",
             "smtp.node",
-            "smtp.session"
+            "smtp.session",
+            "smtp.dsn_ret",
+            "smtp.dsn_envid",
+            "smtp.rcpt_notify",
+            "smtp.rcpt_notify",
+            "smtp.rcpt_orcpt",
+            "smtp.rcpt_orcpt"
         ],
         "{id}: headers"
     );

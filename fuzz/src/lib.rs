@@ -21,13 +21,18 @@ use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
 /// The largest message the harness's sessions take; small, so the fuzzer reaches it.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 
+/// One completed message: (MAIL FROM, RCPT TOs, DSN parameters, body).
+pub type Completed = (String, Vec<String>, Vec<String>, Vec<u8>);
+
 /// Everything a client and the sink would see of one session.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Transcript {
     /// Every byte the session wrote.
     pub replies: Vec<u8>,
-    /// (MAIL FROM, RCPT TOs, body) of every completed message, in order.
-    pub messages: Vec<(String, Vec<String>, Vec<u8>)>,
+    /// (MAIL FROM, RCPT TOs, DSN parameters, body) of every completed message, in
+    /// order; the DSN ones as the record has them (RET, ENVID, then each recipient's
+    /// NOTIFY and ORCPT).
+    pub messages: Vec<Completed>,
     /// Whether the session ended (QUIT) before the input did.
     pub closed: bool,
 }
@@ -135,17 +140,33 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
             } else if flags & 4 != 0 && taken.is_multiple_of(3) {
                 Err(PublishError::TooLarge)
             } else {
+                let env = &message.envelope;
+                let mut dsn = vec![
+                    env.dsn_ret.map_or("", |r| r.as_str()).to_owned(),
+                    env.dsn_envid().to_owned(),
+                ];
+                assert_eq!(env.rcpt_notify().len(), env.rcpt_count());
+                assert_eq!(env.rcpt_orcpt().len(), env.rcpt_count());
+                for (notify, orcpt) in env.rcpt_notify().zip(env.rcpt_orcpt()) {
+                    dsn.push(format!("{} {orcpt}", notify.as_str()));
+                }
                 messages.push((
-                    message.envelope.mail_from().to_owned(),
-                    message.envelope.rcpt_to().map(str::to_owned).collect(),
+                    env.mail_from().to_owned(),
+                    env.rcpt_to().map(str::to_owned).collect(),
+                    dsn,
                     message.body().to_vec(),
                 ));
                 Ok(MessageId::from(u128::from(taken)))
             };
             session.publish_result(result);
         }
-        // A reactor's buffer only ever holds a partial command line.
-        assert!(buffer.len() < 512 || session.is_closed() || session.is_awaiting_publish());
+        // A reactor's buffer only ever holds a partial command line (RCPT's, with DSN's
+        // ORCPT, is the longest).
+        assert!(
+            buffer.len() < smtpgw::smtp::command::MAX_RCPT_LINE
+                || session.is_closed()
+                || session.is_awaiting_publish()
+        );
         replies.extend_from_slice(session.output());
         let out = session.output().len();
         session.advance_output(out);

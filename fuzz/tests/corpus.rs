@@ -31,11 +31,16 @@ fn every_seed_gives_the_same_transcript_however_it_is_cut() {
 fn the_corpus_reaches_the_interesting_places() {
     let mut replies = String::new();
     let mut messages = 0;
+    let mut dsn = false;
     for (_, data) in corpus() {
         let case = Case::decode(&data).expect("seed decodes");
         let t = run(case.flags, &[case.stream]);
         replies.push_str(&String::from_utf8_lossy(&t.replies));
         messages += t.messages.len();
+        dsn |= t.messages.iter().any(|m| {
+            m.2.iter()
+                .any(|d| d == "SUCCESS,FAILURE rfc822;bob+40x.example")
+        });
     }
     for code in [
         "250 2.0.0 Ok: queued as ",
@@ -45,10 +50,16 @@ fn the_corpus_reaches_the_interesting_places() {
         "451 4.3.0",
         "452 4.5.3",
         "500 5.5.6",
+        "501 5.5.4 Malformed RET",
+        "501 5.5.4 Malformed ENVID",
+        "501 5.5.4 Malformed NOTIFY",
+        "501 5.5.4 Malformed ORCPT",
+        "501 5.5.4 Duplicate RCPT",
         "503 5.5.1",
         "221 ",
     ] {
         assert!(replies.contains(code), "no seed gets {code:?}");
     }
     assert!(messages >= 10, "{messages} messages");
+    assert!(dsn, "no seed carries DSN parameters into a message");
 }

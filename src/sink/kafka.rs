@@ -353,9 +353,11 @@ pub enum KafkaSinkError {
 /// - record framing: length, attributes, timestamp and offset deltas, key and value
 ///   lengths, header count: at most 6 varints of 5 bytes and 1 byte;
 /// - key: the 26-character ULID;
-/// - headers: 11 fixed ones plus one `smtp.rcpt_to` per recipient, each at most two
-///   5-byte varints, a name of at most 16 bytes and a value of at most one command line
-///   (512 octets; every header value comes from one SMTP command or is shorter).
+/// - headers: 13 fixed ones plus `smtp.rcpt_to`, `smtp.rcpt_notify` and
+///   `smtp.rcpt_orcpt` per recipient, each at most two 5-byte varints, a name of at most
+///   17 bytes and a value of at most one command line (512 octets; every header value
+///   comes from one SMTP command or is shorter; ORCPT is at most 500 characters and
+///   NOTIFY at most 21).
 ///
 /// lz4's worst-case expansion of incompressible data is added separately, since it
 /// scales with the value ([`KafkaSink::max_record_value`]).
@@ -363,8 +365,13 @@ pub fn record_overhead(max_recipients: usize) -> usize {
     const BATCH_HEADER: usize = 61;
     const RECORD_FRAMING: usize = 6 * 5 + 1;
     const KEY: usize = 26;
-    const PER_HEADER: usize = 2 * 5 + 16 + MAX_COMMAND_LINE;
-    BATCH_HEADER + RECORD_FRAMING + KEY + (11 + max_recipients) * PER_HEADER
+    const PER_HEADER: usize = 2 * 5 + 17 + MAX_COMMAND_LINE;
+    const NOTIFY_HEADER: usize = 2 * 5 + 17 + 21;
+    BATCH_HEADER
+        + RECORD_FRAMING
+        + KEY
+        + (13 + 2 * max_recipients) * PER_HEADER
+        + max_recipients * NOTIFY_HEADER
 }
 
 /// What the delivery callback needs to answer one message.

@@ -8,6 +8,26 @@ use super::envelope::Verb;
 
 /// RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
+/// RFC 3461 section 4: DSN's ENVID lengthens a MAIL line by up to 100 octets, NOTIFY
+/// and ORCPT a RCPT line by up to 500.
+pub const MAX_MAIL_LINE: usize = MAX_COMMAND_LINE + 100;
+pub const MAX_RCPT_LINE: usize = MAX_COMMAND_LINE + 500;
+
+/// The longest line (with its CRLF) the command starting `line` may have; `line` may be
+/// a part that has not ended yet.
+pub fn line_limit(line: &[u8]) -> usize {
+    let Some(verb) = line.get(..4) else {
+        return MAX_COMMAND_LINE;
+    };
+    let is = |name: &[u8]| verb.eq_ignore_ascii_case(name);
+    if is(b"RCPT") {
+        MAX_RCPT_LINE
+    } else if is(b"MAIL") || is(b"SEND") || is(b"SOML") || is(b"SAML") {
+        MAX_MAIL_LINE
+    } else {
+        MAX_COMMAND_LINE
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command<'a> {

@@ -13,6 +13,7 @@ use std::borrow::Cow;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::address::{write_escaped, EscapeFor};
+use super::dsn::{Notify, Ret};
 use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 
 /// A message's identity: a ULID, sortable by arrival time. It is the Kafka key, the
@@ -75,10 +76,23 @@ pub struct Envelope {
     /// id there, as the logs give it; set by the connection driver before sealing.
     pub node: Option<Arc<str>>,
     pub session: u64,
+    /// RFC 3461 `RET` from MAIL, if given.
+    pub dsn_ret: Option<Ret>,
     text: String,
     mail_from: Range<usize>,
     mail_params: Range<usize>,
-    rcpt_to: Vec<Range<usize>>,
+    /// RFC 3461 `ENVID` from MAIL, as sent (xtext); empty if not given.
+    dsn_envid: Range<usize>,
+    rcpt_to: Vec<Rcpt>,
+}
+
+/// One recipient: its address and its RFC 3461 parameters, all in the arena.
+#[derive(Clone, Debug)]
+struct Rcpt {
+    address: Range<usize>,
+    notify: Notify,
+    /// `ORCPT` as sent (`addr-type;xtext`); empty if not given.
+    orcpt: Range<usize>,
 }
 
 impl Envelope {
@@ -103,17 +117,40 @@ impl Envelope {
             tls: None,
             node: None,
             session: 0,
+            dsn_ret: None,
             text,
             mail_from: 0..from_end,
             mail_params: from_end..from_end + mail_params.len(),
+            dsn_envid: 0..0,
             rcpt_to: Vec::with_capacity(4),
         }
     }
 
+    /// MAIL's DSN parameters (RFC 3461), `envid` as sent (xtext).
+    pub fn set_dsn(&mut self, ret: Option<Ret>, envid: Option<&str>) {
+        self.dsn_ret = ret;
+        self.dsn_envid = self.push_text(envid.unwrap_or_default());
+    }
+
     pub fn push_rcpt(&mut self, rcpt: &str) {
+        self.push_rcpt_dsn(rcpt, Notify::default(), None);
+    }
+
+    /// A recipient with its DSN parameters (RFC 3461), `orcpt` as sent.
+    pub fn push_rcpt_dsn(&mut self, rcpt: &str, notify: Notify, orcpt: Option<&str>) {
+        let address = self.push_text(rcpt);
+        let orcpt = self.push_text(orcpt.unwrap_or_default());
+        self.rcpt_to.push(Rcpt {
+            address,
+            notify,
+            orcpt,
+        });
+    }
+
+    fn push_text(&mut self, s: &str) -> Range<usize> {
         let start = self.text.len();
-        self.text.push_str(rcpt);
-        self.rcpt_to.push(start..self.text.len());
+        self.text.push_str(s);
+        start..self.text.len()
     }
 
     /// The reverse path without angle brackets; empty for the null path `<>`.
@@ -127,7 +164,24 @@ impl Envelope {
     }
 
     pub fn rcpt_to(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
-        self.rcpt_to.iter().map(|r| &self.text[r.clone()])
+        self.rcpt_to.iter().map(|r| &self.text[r.address.clone()])
+    }
+
+    /// Each recipient's `NOTIFY`, in [`Self::rcpt_to`]'s order ([`Notify::default`] when
+    /// not given).
+    pub fn rcpt_notify(&self) -> impl ExactSizeIterator<Item = Notify> + '_ {
+        self.rcpt_to.iter().map(|r| r.notify)
+    }
+
+    /// Each recipient's `ORCPT` as sent, in [`Self::rcpt_to`]'s order; empty when not
+    /// given.
+    pub fn rcpt_orcpt(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        self.rcpt_to.iter().map(|r| &self.text[r.orcpt.clone()])
+    }
+
+    /// MAIL's `ENVID` as sent (xtext); empty when not given.
+    pub fn dsn_envid(&self) -> &str {
+        &self.text[self.dsn_envid.clone()]
     }
 
     pub fn rcpt_count(&self) -> usize {
@@ -294,8 +348,9 @@ fn write_received_line(
     )
 }
 
-/// The record headers [`SealedMessage::for_each_header`] writes, in its order.
-pub const RECORD_HEADERS: [&str; 9] = [
+/// The record headers [`SealedMessage::for_each_header`] writes, in its order (the
+/// `smtp.rcpt_*` ones once per recipient).
+pub const RECORD_HEADERS: [&str; 16] = [
     "smtp.id",
     "smtp.verb",
     "smtp.mail_from",
@@ -305,6 +360,13 @@ pub const RECORD_HEADERS: [&str; 9] = [
     "smtp.received_at",
     "smtp.mail_params",
     "smtp.tls",
+    "smtp.schema",
+    "smtp.node",
+    "smtp.session",
+    "smtp.dsn_ret",
+    "smtp.dsn_envid",
+    "smtp.rcpt_notify",
+    "smtp.rcpt_orcpt",
 ];
 
 /// A message with its id and trace line: what a sink stores.
@@ -357,6 +419,20 @@ impl SealedMessage {
         );
         let mut digits = [0u8; 20];
         f("smtp.session", decimal(env.session, &mut digits));
+        // DSN (RFC 3461), added to version 1 after its first headers: MAIL's RET and
+        // ENVID, then NOTIFY and ORCPT once per `smtp.rcpt_to`, in its order, empty when
+        // the client gave none, so that a consumer can zip them with the recipients.
+        f(
+            "smtp.dsn_ret",
+            env.dsn_ret.map_or(&b""[..], |r| r.as_str().as_bytes()),
+        );
+        f("smtp.dsn_envid", env.dsn_envid().as_bytes());
+        for notify in env.rcpt_notify() {
+            f("smtp.rcpt_notify", notify.as_str().as_bytes());
+        }
+        for orcpt in env.rcpt_orcpt() {
+            f("smtp.rcpt_orcpt", orcpt.as_bytes());
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod address;
 pub mod command;
 pub mod data;
+pub mod dsn;
 pub mod envelope;
 pub mod headers;
 pub mod refusal;

@@ -20,7 +20,8 @@ pub const HELP: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domai
 pub const HELP_UNKNOWN_TOPIC: &[u8] = b"504 5.5.4 HELP topic unknown\r\n";
 
 pub const UNKNOWN_COMMAND: &[u8] = b"500 5.5.2 Command unrecognized\r\n";
-pub const LINE_TOO_LONG: &[u8] = b"500 5.5.6 Line too long (512 octets at most)\r\n";
+pub const LINE_TOO_LONG: &[u8] =
+    b"500 5.5.6 Line too long (512 octets at most; MAIL 612, RCPT 1012)\r\n";
 pub const SYNTAX_HELO: &[u8] = b"501 5.5.4 Syntax: HELO hostname\r\n";
 pub const SYNTAX_EHLO: &[u8] = b"501 5.5.4 Syntax: EHLO hostname\r\n";
 pub const SYNTAX_MAIL: &[u8] = b"501 5.5.4 Syntax: MAIL FROM:<address> [parameters]\r\n";
@@ -38,6 +39,13 @@ pub const NEEDS_SMTPUTF8: &[u8] =
     b"553 5.6.7 Non-ASCII addresses require the SMTPUTF8 parameter\r\n";
 pub const DUPLICATE_PARAM: &[u8] = b"501 5.5.4 Duplicate MAIL parameter\r\n";
 pub const BAD_PARAM: &[u8] = b"501 5.5.4 Malformed parameter\r\n";
+pub const DUPLICATE_RCPT_PARAM: &[u8] = b"501 5.5.4 Duplicate RCPT parameter\r\n";
+pub const BAD_RET: &[u8] = b"501 5.5.4 Malformed RET parameter: RET=FULL or RET=HDRS\r\n";
+pub const BAD_ENVID: &[u8] =
+    b"501 5.5.4 Malformed ENVID parameter: xtext of printable ASCII, at most 100 characters\r\n";
+pub const BAD_NOTIFY: &[u8] = b"501 5.5.4 Malformed NOTIFY parameter: NEVER, or SUCCESS, FAILURE and DELAY each at most once\r\n";
+pub const BAD_ORCPT: &[u8] =
+    b"501 5.5.4 Malformed ORCPT parameter: addr-type;xtext, at most 500 characters\r\n";
 pub const UNKNOWN_MAIL_PARAM: &[u8] = b"555 5.5.4 Unsupported MAIL parameter\r\n";
 pub const UNKNOWN_RCPT_PARAM: &[u8] = b"555 5.5.4 Unsupported RCPT parameter\r\n";
 pub const PARAMS_NEED_EHLO: &[u8] = b"555 5.5.4 Parameters require EHLO\r\n";
@@ -87,7 +95,7 @@ pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize, starttls
     let _ = write!(
         out,
         "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
-         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n"
+         250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-CHUNKING\r\n250-DSN\r\n"
     );
     if starttls {
         out.extend_from_slice(b"250-STARTTLS\r\n");

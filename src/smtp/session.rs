@@ -18,6 +18,7 @@ use memchr::memchr;
 use super::address::{self, AcceptDomains, AddressError, Domain, ForwardPath, ReversePath};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
+use super::dsn::{self, DsnError, Notify, Ret};
 use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
 use super::refusal::Refusal;
 use super::reply;
@@ -397,14 +398,14 @@ impl Session {
                     let Some(lf) = memchr(b'\n', rest) else {
                         // A line that cannot end within the limit is dropped as it
                         // arrives, so the caller's buffer stays bounded.
-                        if self.discarding_line || rest.len() >= command::MAX_COMMAND_LINE {
+                        if self.discarding_line || rest.len() >= command::line_limit(rest) {
                             self.discarding_line = true;
                             return input.len();
                         }
                         return pos;
                     };
                     pos += lf + 1;
-                    if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_COMMAND_LINE {
+                    if mem::take(&mut self.discarding_line) || lf + 1 > command::line_limit(rest) {
                         self.stats.commands[stats::VERB_OTHER] += 1;
                         self.verb = stats::VERBS[stats::VERB_OTHER];
                         self.refuse(Refusal::LineTooLong, reply::LINE_TOO_LONG);
@@ -773,6 +774,7 @@ impl Session {
             params_text,
         );
         envelope.smtputf8 = mail_params.smtputf8;
+        envelope.set_dsn(mail_params.ret, mail_params.envid);
         if let Tls::Active(description) = &self.tls {
             envelope.tls = Some(description.clone());
         }
@@ -797,13 +799,17 @@ impl Session {
         if txn.bdat.is_some() {
             return self.refuse_address(Refusal::BadSequence, reply::RCPT_AFTER_BDAT, address);
         }
-        if !params.is_empty() {
+        if !params.is_empty() && !txn.envelope.esmtp {
             return self.refuse_address(
                 Refusal::UnsupportedParameter,
-                reply::UNKNOWN_RCPT_PARAM,
+                reply::PARAMS_NEED_EHLO,
                 address,
             );
         }
+        let rcpt_params = match RcptParams::parse(params) {
+            Ok(p) => p,
+            Err((refusal, text)) => return self.refuse_address(refusal, text, address),
+        };
         let rcpt = match to {
             ForwardPath::Null => {
                 return self.refuse_address(Refusal::BadRecipient, reply::NULL_RECIPIENT, address)
@@ -827,7 +833,8 @@ impl Session {
                 address,
             );
         }
-        txn.envelope.push_rcpt(rcpt);
+        txn.envelope
+            .push_rcpt_dsn(rcpt, rcpt_params.notify, rcpt_params.orcpt);
         self.reply(reply::RCPT_OK);
     }
 
@@ -984,16 +991,24 @@ impl Session {
     }
 }
 
-/// The MAIL parameters we implement (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8).
+/// The MAIL parameters we implement (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8,
+/// RFC 3461 RET and ENVID), borrowed from the command line.
 #[derive(Default)]
-struct MailParams {
+struct MailParams<'a> {
     size: Option<u64>,
     body: bool,
     smtputf8: bool,
+    ret: Option<Ret>,
+    envid: Option<&'a str>,
 }
 
-impl MailParams {
-    fn parse(params: Params<'_>) -> Result<Self, (Refusal, &'static [u8])> {
+/// A refused DSN parameter: `501 5.5.4` with the parameter's own text.
+fn dsn_refusal(e: DsnError) -> (Refusal, &'static [u8]) {
+    (Refusal::BadParameter, e.reply())
+}
+
+impl<'a> MailParams<'a> {
+    fn parse(params: Params<'a>) -> Result<Self, (Refusal, &'static [u8])> {
         const BAD: (Refusal, &[u8]) = (Refusal::BadParameter, reply::BAD_PARAM);
         const DUPLICATE: (Refusal, &[u8]) = (Refusal::BadParameter, reply::DUPLICATE_PARAM);
         const UNSUPPORTED: (Refusal, &[u8]) =
@@ -1023,8 +1038,50 @@ impl MailParams {
                 if mem::replace(&mut parsed.smtputf8, true) {
                     return Err(DUPLICATE);
                 }
+            } else if key.eq_ignore_ascii_case(b"RET") {
+                let ret = value.ok_or(DsnError::Ret).and_then(Ret::parse);
+                if parsed.ret.replace(ret.map_err(dsn_refusal)?).is_some() {
+                    return Err(DUPLICATE);
+                }
+            } else if key.eq_ignore_ascii_case(b"ENVID") {
+                let envid = value.ok_or(DsnError::Envid).and_then(dsn::parse_envid);
+                if parsed.envid.replace(envid.map_err(dsn_refusal)?).is_some() {
+                    return Err(DUPLICATE);
+                }
             } else {
                 return Err(UNSUPPORTED);
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// The RCPT parameters we implement (RFC 3461 NOTIFY and ORCPT), borrowed from the
+/// command line.
+#[derive(Default)]
+struct RcptParams<'a> {
+    notify: Notify,
+    orcpt: Option<&'a str>,
+}
+
+impl<'a> RcptParams<'a> {
+    fn parse(params: Params<'a>) -> Result<Self, (Refusal, &'static [u8])> {
+        const DUPLICATE: (Refusal, &[u8]) = (Refusal::BadParameter, reply::DUPLICATE_RCPT_PARAM);
+        let mut parsed = RcptParams::default();
+        for param in params.iter() {
+            let (key, value) = param.map_err(|()| (Refusal::BadParameter, reply::BAD_PARAM))?;
+            if key.eq_ignore_ascii_case(b"NOTIFY") {
+                let notify = value.ok_or(DsnError::Notify).and_then(Notify::parse);
+                if mem::replace(&mut parsed.notify, notify.map_err(dsn_refusal)?).is_given() {
+                    return Err(DUPLICATE);
+                }
+            } else if key.eq_ignore_ascii_case(b"ORCPT") {
+                let orcpt = value.ok_or(DsnError::Orcpt).and_then(dsn::parse_orcpt);
+                if parsed.orcpt.replace(orcpt.map_err(dsn_refusal)?).is_some() {
+                    return Err(DUPLICATE);
+                }
+            } else {
+                return Err((Refusal::UnsupportedParameter, reply::UNKNOWN_RCPT_PARAM));
             }
         }
         Ok(parsed)

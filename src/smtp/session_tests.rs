@@ -27,9 +27,30 @@ fn run_pieces<'a>(
     cfg: Arc<SessionConfig>,
     pieces: impl IntoIterator<Item = &'a [u8]>,
 ) -> Transcript {
+    let mut messages = Vec::new();
+    let session = feed_pieces(cfg, pieces, |message| {
+        messages.push((
+            message.envelope.mail_from().as_bytes().to_vec(),
+            message.envelope.rcpt_to().map(String::from).collect(),
+            message.body().to_vec(),
+        ));
+    });
+    Transcript {
+        replies: session.output().to_vec(),
+        messages,
+    }
+}
+
+/// The reactor's loop of [`run_pieces`]: each completed message goes to `store`, then
+/// is answered `250` with the next counter id.
+fn feed_pieces<'a>(
+    cfg: Arc<SessionConfig>,
+    pieces: impl IntoIterator<Item = &'a [u8]>,
+    mut store: impl FnMut(Message),
+) -> Session {
     let mut session = Session::new(cfg, "192.0.2.7:4321".parse().unwrap());
     let mut buffer = Vec::new();
-    let mut messages = Vec::new();
+    let mut stored = 0u128;
     for piece in pieces {
         buffer.extend_from_slice(piece);
         loop {
@@ -38,21 +59,15 @@ fn run_pieces<'a>(
             let Some(message) = session.take_message() else {
                 break;
             };
-            messages.push((
-                message.envelope.mail_from().as_bytes().to_vec(),
-                message.envelope.rcpt_to().map(String::from).collect(),
-                message.body().to_vec(),
-            ));
-            session.publish_result(Ok(MessageId::from(messages.len() as u128)));
+            store(message);
+            stored += 1;
+            session.publish_result(Ok(MessageId::from(stored)));
         }
         if session.is_closed() {
             break;
         }
     }
-    Transcript {
-        replies: session.output().to_vec(),
-        messages,
-    }
+    session
 }
 
 /// A session with the reject policy, as a reactor would create it.
@@ -151,7 +166,10 @@ fn full_transaction_and_a_second_one_in_the_same_session() {
 /// (what came before, the command, its reply's code and enhanced code).
 fn reply_cases() -> Vec<(String, String, &'static str)> {
     let long_local = format!("{}@example.com", "l".repeat(65));
-    vec![
+    let dsn = dsn_cases()
+        .into_iter()
+        .map(|(before, command, code, _)| (before, command, code));
+    let mut cases = vec![
         ("".into(), "HELO client.test".into(), "250"),
         ("".into(), "HELO".into(), "501 5.5.4"),
         ("".into(), "EHLO".into(), "501 5.5.4"),
@@ -197,11 +215,6 @@ fn reply_cases() -> Vec<(String, String, &'static str)> {
             "555 5.5.4",
         ),
         (
-            HELLO.into(),
-            "MAIL FROM:<a@x.test> RET=FULL".into(),
-            "555 5.5.4",
-        ),
-        (
             "HELO c\r\n".into(),
             "MAIL FROM:<a@x.test> SIZE=1".into(),
             "555 5.5.4",
@@ -226,6 +239,11 @@ fn reply_cases() -> Vec<(String, String, &'static str)> {
         (TXN.into(), format!("RCPT TO:<{long_local}>"), "553 5.1.3"),
         (
             TXN.into(),
+            "RCPT TO:<c@example.com> XNOTIFY=NEVER".into(),
+            "555 5.5.4",
+        ),
+        (
+            "HELO c\r\nMAIL FROM:<a@x.test>\r\n".into(),
             "RCPT TO:<c@example.com> NOTIFY=NEVER".into(),
             "555 5.5.4",
         ),
@@ -282,7 +300,9 @@ fn reply_cases() -> Vec<(String, String, &'static str)> {
         (TXN.into(), "BDAT x".into(), "501 5.5.4"),
         ("".into(), "QUIT".into(), "221 2.0.0"),
         ("".into(), "QUIT now".into(), "501 5.5.4"),
-    ]
+    ];
+    cases.extend(dsn);
+    cases
 }
 
 #[test]
@@ -645,23 +665,9 @@ fn received_line_is_prepended_without_touching_the_body() {
     let mut headers = Vec::new();
     sealed.for_each_header(|k, v| headers.push((k, String::from_utf8_lossy(v).to_string())));
     let names: Vec<_> = headers.iter().map(|(k, _)| *k).collect();
-    assert_eq!(
-        names,
-        [
-            "smtp.id",
-            "smtp.verb",
-            "smtp.mail_from",
-            "smtp.rcpt_to",
-            "smtp.helo",
-            "smtp.client_addr",
-            "smtp.received_at",
-            "smtp.mail_params",
-            "smtp.tls",
-            "smtp.schema",
-            "smtp.node",
-            "smtp.session"
-        ]
-    );
+    // With one recipient, every header once, in the documented order.
+    assert_eq!(names, crate::smtp::envelope::RECORD_HEADERS);
+    assert_eq!(names[9..12], ["smtp.schema", "smtp.node", "smtp.session"]);
     assert_eq!(headers[9].1, "1");
     // The connection driver sets these; a bare session leaves them empty and 0.
     assert_eq!(headers[10].1, "");
@@ -713,11 +719,16 @@ fn session_input() -> impl Strategy<Value = Vec<u8>> {
         0..12,
     )
     .prop_map(|parts| parts.concat());
-    let transaction = (body, 0usize..3).prop_map(|(body, kind)| match kind {
+    let transaction = (body, 0usize..4).prop_map(|(body, kind)| match kind {
         0 => format!("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n{body}\r\n.\r\n"),
         1 => format!(
             "MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nBDAT {} LAST\r\n{body}",
             body.len()
+        ),
+        2 => format!(
+            "MAIL FROM:<a@x.test> RET=HDRS ENVID=a+2Bb\r\n\
+             RCPT TO:<b@example.com> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+40example.com\r\n\
+             RCPT TO:<c@example.com> NOTIFY=NEVER,DELAY\r\nDATA\r\n{body}\r\n.\r\n"
         ),
         _ => "RSET\r\nNOOP\r\nVRFY x\r\nBOGUS\r\n".to_string(),
     });
@@ -1283,4 +1294,198 @@ fn refusals_are_counted_even_when_their_events_are_not_kept() {
         }) => assert_eq!(&*a, "x@example.com"),
         other => panic!("{other:?}"),
     }
+}
+
+/// DSN (RFC 3461) rows of the reply table: (before, command, code, the reply's text).
+fn dsn_cases() -> Vec<(String, String, &'static str, &'static str)> {
+    const MAIL: &str = "MAIL FROM:<a@x.test>";
+    const RCPT: &str = "RCPT TO:<c@example.com>";
+    let ok_mail = |p: &str| (HELLO.to_string(), format!("{MAIL} {p}"), "250 2.1.0", "Ok");
+    let ok_rcpt = |p: &str| (TXN.to_string(), format!("{RCPT} {p}"), "250 2.1.5", "Ok");
+    let bad_mail = |p: String, text| (HELLO.to_string(), format!("{MAIL} {p}"), "501 5.5.4", text);
+    let bad_rcpt = |p: String, text| (TXN.to_string(), format!("{RCPT} {p}"), "501 5.5.4", text);
+    let ret = "Malformed RET parameter";
+    let envid = "Malformed ENVID parameter";
+    let notify = "Malformed NOTIFY parameter";
+    let orcpt = "Malformed ORCPT parameter";
+    vec![
+        ok_mail("RET=FULL"),
+        ok_mail("ret=hdrs ENVID=abc+2Bdef SIZE=10"),
+        ok_mail(&format!("ENVID={}", "e".repeat(100))),
+        ok_rcpt("NOTIFY=NEVER"),
+        ok_rcpt("NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;bob+40x.example"),
+        ok_rcpt("orcpt=RFC822;c+40example.com notify=delay"),
+        ok_rcpt(&format!("ORCPT=rfc822;{}", "o".repeat(493))),
+        bad_mail("RET=BOTH".into(), ret),
+        bad_mail("RET".into(), ret),
+        bad_mail("RET=FULL RET=HDRS".into(), "Duplicate MAIL parameter"),
+        bad_mail("ENVID".into(), envid),
+        bad_mail(format!("ENVID={}", "e".repeat(101)), envid),
+        bad_mail("ENVID=a+2b".into(), envid),
+        bad_mail("ENVID=a+2".into(), envid),
+        bad_mail("ENVID=a+0D+0Ab".into(), envid),
+        bad_mail("ENVID=caf\u{e9}".into(), envid),
+        bad_mail("ENVID=a ENVID=b".into(), "Duplicate MAIL parameter"),
+        bad_rcpt("NOTIFY".into(), notify),
+        bad_rcpt("NOTIFY=NEVER,SUCCESS".into(), notify),
+        bad_rcpt("NOTIFY=SUCCESS,NEVER".into(), notify),
+        bad_rcpt("NOTIFY=SUCCESS,SUCCESS".into(), notify),
+        bad_rcpt("NOTIFY=SUCCESS,".into(), notify),
+        bad_rcpt("NOTIFY=ALWAYS".into(), notify),
+        bad_rcpt(
+            "NOTIFY=NEVER NOTIFY=DELAY".into(),
+            "Duplicate RCPT parameter",
+        ),
+        bad_rcpt("ORCPT".into(), orcpt),
+        bad_rcpt("ORCPT=bob@x.example".into(), orcpt),
+        bad_rcpt("ORCPT=;bob".into(), orcpt),
+        bad_rcpt("ORCPT=rfc822;".into(), orcpt),
+        bad_rcpt("ORCPT=rfc822;bob+4".into(), orcpt),
+        bad_rcpt("ORCPT=rfc822;b\u{fc}b".into(), orcpt),
+        bad_rcpt(format!("ORCPT=rfc822;{}", "o".repeat(494)), orcpt),
+        bad_rcpt(
+            "ORCPT=rfc822;a ORCPT=rfc822;b".into(),
+            "Duplicate RCPT parameter",
+        ),
+        (
+            TXN.to_string(),
+            format!("{RCPT} NOTIFY=NEVER X=1"),
+            "555 5.5.4",
+            "Unsupported RCPT parameter",
+        ),
+    ]
+}
+
+/// Every DSN refusal says which parameter is wrong and how it should look.
+#[test]
+fn every_dsn_refusal_names_its_parameter() {
+    for (before, command, code, text) in dsn_cases() {
+        let t = run(format!("{before}{command}\r\n").as_bytes());
+        let wire = String::from_utf8(t.replies).unwrap();
+        let last = wire.trim_end().rsplit("\r\n").next().unwrap_or_default();
+        assert!(
+            last.starts_with(&format!("{code} {text}")),
+            "{command:?}: {last:?}"
+        );
+    }
+}
+
+#[test]
+fn ehlo_advertises_dsn() {
+    let t = run(b"EHLO client.test\r\n");
+    assert!(String::from_utf8(t.replies)
+        .unwrap()
+        .contains("\r\n250-DSN\r\n"));
+}
+
+/// Runs `pieces` and returns each message's record headers (name, value).
+fn record_headers<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    feed_pieces(config(BareLfPolicy::Reject), pieces, |message| {
+        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let sealed = message.seal(MessageId::from(7u128), at, "mx.test");
+        let mut headers = Vec::new();
+        sealed.for_each_header(|k, v| {
+            headers.push((k.to_string(), String::from_utf8_lossy(v).into_owned()))
+        });
+        out.push(headers);
+    });
+    out
+}
+
+fn named<'h>(headers: &'h [(String, String)], name: &str) -> Vec<&'h str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// DSN parameters reach the record, per recipient and in RCPT order, whatever the reads:
+/// every split into two reads and one byte at a time give the same records.
+#[test]
+fn dsn_parameters_reach_the_record_for_every_split_of_reads() {
+    let input = "EHLO c.test\r\n\
+        MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bdef\r\n\
+        RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n\
+        RCPT TO:<c@example.com>\r\n\
+        RCPT TO:<d@example.com> NOTIFY=never\r\n\
+        DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n\
+        MAIL FROM:<>\r\nRCPT TO:<e@example.com>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n";
+    let input = input.as_bytes();
+    let whole = record_headers([input]);
+    assert_eq!(whole.len(), 2);
+    let first = &whole[0];
+    assert_eq!(
+        named(first, "smtp.rcpt_to"),
+        ["b@example.com", "c@example.com", "d@example.com"]
+    );
+    assert_eq!(
+        named(first, "smtp.rcpt_notify"),
+        ["SUCCESS,FAILURE", "", "NEVER"]
+    );
+    assert_eq!(
+        named(first, "smtp.rcpt_orcpt"),
+        ["rfc822;bob+40x.example", "", ""]
+    );
+    assert_eq!(named(first, "smtp.dsn_ret"), ["HDRS"]);
+    assert_eq!(named(first, "smtp.dsn_envid"), ["abc+2Bdef"]);
+    assert_eq!(
+        named(first, "smtp.mail_params"),
+        ["RET=HDRS ENVID=abc+2Bdef"]
+    );
+    // The DSN headers come after schema 1's first twelve, in RECORD_HEADERS order.
+    let mut order: Vec<&str> = first.iter().map(|(k, _)| k.as_str()).collect();
+    order.dedup();
+    assert_eq!(order, crate::smtp::envelope::RECORD_HEADERS);
+    // A transaction without DSN parameters still has one (empty) of each.
+    let second = &whole[1];
+    assert_eq!(named(second, "smtp.dsn_ret"), [""]);
+    assert_eq!(named(second, "smtp.dsn_envid"), [""]);
+    assert_eq!(named(second, "smtp.rcpt_notify"), [""]);
+    assert_eq!(named(second, "smtp.rcpt_orcpt"), [""]);
+    for cut in 0..=input.len() {
+        assert_eq!(
+            record_headers([&input[..cut], &input[cut..]]),
+            whole,
+            "split at {cut}"
+        );
+    }
+    assert_eq!(record_headers(input.chunks(1)), whole);
+}
+
+/// RFC 3461 section 4: MAIL lines may be 100 octets longer, RCPT lines 500.
+#[test]
+fn dsn_lengthens_mail_and_rcpt_lines() {
+    let pad = |line: &str, len: usize| format!("{line}{}", "x".repeat(len - line.len() - 2));
+    let mail = pad("MAIL FROM:<a@x.test> ENVID=", 612);
+    let rcpt = pad("RCPT TO:<c@example.com> ORCPT=rfc822;", 1012);
+    assert_eq!(mail.len() + 2, 612);
+    // The ENVID is over 100 characters, so the line is read and the parameter refused.
+    assert_eq!(replies(&format!("{HELLO}{mail}\r\n")), ["250", "501 5.5.4"]);
+    assert_eq!(
+        replies(&format!("{HELLO}{mail}x\r\nNOOP\r\n")),
+        ["250", "500 5.5.6", "250 2.0.0"]
+    );
+    // A 500-character ORCPT makes a RCPT line just over 1012 octets: refused as too long
+    // when the line is, and as a malformed ORCPT when only the value is.
+    assert_eq!(
+        replies(&format!("{TXN}{rcpt}\r\n")),
+        ["250", "250 2.1.0", "250 2.1.5", "501 5.5.4"]
+    );
+    assert_eq!(
+        replies(&format!("{TXN}{rcpt}x\r\nNOOP\r\n")),
+        ["250", "250 2.1.0", "250 2.1.5", "500 5.5.6", "250 2.0.0"]
+    );
+    let orcpt = format!("RCPT TO:<c@example.com> ORCPT=rfc822;{}", "o".repeat(493));
+    assert!(orcpt.len() + 2 > 512);
+    assert_eq!(
+        replies(&format!("{TXN}{orcpt}\r\n")),
+        ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5"]
+    );
+    // Other commands keep the 512-octet limit.
+    assert_eq!(
+        replies(&format!("NOOP {}\r\n", "x".repeat(506))),
+        ["500 5.5.6"]
+    );
 }

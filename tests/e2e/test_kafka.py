@@ -201,3 +201,30 @@ def test_empty_data_and_raw_bdat_are_published_exactly(gateway):
         value = found[key][0].value() or b""
         assert RECEIVED.match(value[: len(value) - len(body)]), value[:300]
         assert value.endswith(body) and len(found[key]) == 1
+
+
+def test_dsn_parameters_are_record_headers_per_recipient(gateway):
+    """RFC 3461 parameters sent by smtplib reach the record: RET and ENVID once, NOTIFY
+    and ORCPT once per smtp.rcpt_to in its order (empty where the client gave none)."""
+    s = smtp(gateway)
+    assert s.has_extn("DSN")
+
+    def send():
+        s.mail("sender@client.test", ["RET=HDRS", "ENVID=abc+2Bdef"])
+        assert s.rcpt("bob@example.com", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob+40x.example"])[0] == 250
+        assert s.rcpt("carol@example.com")[0] == 250
+        assert s.rcpt("dan@example.com", ["NOTIFY=NEVER"])[0] == 250
+        return s.data(b"Subject: dsn\r\n\r\nbody\r\n")
+
+    key = accepted(send, time.monotonic() + 20)
+    s.quit()
+    found = consume({key})
+    assert len(found.get(key, [])) == 1, found
+    headers: dict[str, list[bytes]] = {}
+    for k, v in found[key][0].headers() or []:
+        headers.setdefault(k, []).append(v or b"")
+    assert headers["smtp.rcpt_to"] == [b"bob@example.com", b"carol@example.com", b"dan@example.com"]
+    assert headers["smtp.rcpt_notify"] == [b"SUCCESS,FAILURE", b"", b"NEVER"]
+    assert headers["smtp.rcpt_orcpt"] == [b"rfc822;bob+40x.example", b"", b""]
+    assert headers["smtp.dsn_ret"] == [b"HDRS"]
+    assert headers["smtp.dsn_envid"] == [b"abc+2Bdef"]

@@ -9,7 +9,7 @@ import pytest
 
 from smtpwire import QUEUED, assert_reply, data_payload, make_message, queued_id
 
-EXTENSIONS = ["PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "HELP", "SEND", "SOML", "SAML"]
+EXTENSIONS = ["PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING", "DSN", "HELP", "SEND", "SOML", "SAML"]
 
 
 def ehlo_keywords(reply) -> dict[str, str]:
