@@ -286,3 +286,142 @@ fn outage_with_many_sessions_keeps_memory_bounded() {
         "RSS grew by {growth} bytes while {sent} were sent"
     );
 }
+
+/// One sample of a gauge from the gateway's `/metrics`.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A slow broker (every request takes 400 ms) and more sessions than
+/// `--max-inflight-messages`: bodies pause instead of filling librdkafka's queue (twice
+/// the limit, past which a message would get `451 kafka queue full`), so the broker
+/// being slow costs no `451`; the in-flight gauge stays within the limit plus what the
+/// two reactors were finishing, and within the body memory budget; every `250` is
+/// exactly one record in the topic.
+#[test]
+fn slow_broker_pauses_bodies_instead_of_refusing() {
+    const LIMIT: usize = 4;
+    const SESSIONS: usize = 12;
+    const MESSAGES: usize = 3;
+    const BUDGET: u64 = 64 << 20;
+
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gw = start_gateway(
+        &brokers,
+        TOPIC,
+        &[
+            "--reactors",
+            "2",
+            "--max-inflight-messages",
+            "4",
+            "--max-body-memory",
+            "64M",
+            "--publish-timeout",
+            "60s",
+        ],
+    );
+    let mut c = Client::connect(&gw.addr);
+    c.cmd("EHLO client.test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reply = c.send(b"warm up\r\n");
+    while !reply.starts_with("250 ") {
+        assert!(Instant::now() < deadline, "sink never became healthy");
+        std::thread::sleep(Duration::from_millis(200));
+        reply = c.send(b"warm up\r\n");
+    }
+    let mut acked = vec![(queued_id(&reply), b"warm up\r\n".to_vec())];
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(400))
+        .expect("rtt");
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, metrics) = (done.clone(), gw.metrics.clone());
+        std::thread::spawn(move || {
+            let (mut messages, mut bytes) = (0f64, 0f64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = gauge(&metrics, "smtpgw_publish_inflight_messages");
+                let b = gauge(&metrics, "smtpgw_publish_inflight_bytes");
+                messages = messages.max(m.unwrap_or(0.0));
+                bytes = bytes.max(b.unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (messages, bytes)
+        })
+    };
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|s| {
+            let addr = gw.addr.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr);
+                c.cmd("EHLO client.test");
+                (0..MESSAGES)
+                    .map(|m| {
+                        // A few reads' worth, unique per message.
+                        let mut body = format!("session {s} message {m}\r\n").into_bytes();
+                        body.extend_from_slice(&lines_of(48 << 10));
+                        let reply = c.send(&body);
+                        (reply, body)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    // Commands outside a body are answered meanwhile.
+    for _ in 0..10 {
+        assert!(c.cmd("NOOP").starts_with("250 "));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut refused = Vec::new();
+    for client in clients {
+        for (reply, body) in client.join().expect("client thread") {
+            if reply.starts_with("250 2.0.0 Ok: queued as ") {
+                acked.push((queued_id(&reply), body));
+            } else {
+                refused.push(reply);
+            }
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, most_bytes) = sampler.join().expect("sampler");
+    eprintln!("slow broker: at most {most} messages, {most_bytes} bytes in flight");
+    assert!(
+        refused.is_empty(),
+        "refused while the broker is only slow: {refused:?}"
+    );
+    assert!(
+        most <= (LIMIT + 2) as f64,
+        "{most} messages in flight, limit {LIMIT}"
+    );
+    assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    let mut gw = gw;
+    gw.stop();
+
+    let records = consume(
+        &brokers,
+        TOPIC,
+        usize::MAX,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    );
+    assert_eq!(acked.len(), 1 + SESSIONS * MESSAGES);
+    for (id, body) in &acked {
+        let found: Vec<_> = records.iter().filter(|r| r.key == id.as_bytes()).collect();
+        assert_eq!(found.len(), 1, "{id} got 250: records {found:?}");
+        assert!(found[0].value.ends_with(body), "{id}: another body");
+    }
+}
