@@ -522,7 +522,7 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     let second = b
         .poll_message(t0, &mut fixed_stamp)
         .expect("second message");
-    assert_eq!(second.value.ends_with(b"second\r\n"), true);
+    assert!(second.value.ends_with(b"second\r\n"));
     b.handle_publish(t0, Ok(second.id));
     assert_eq!(budget.used(), 0);
 }
