@@ -24,10 +24,16 @@ fn lines_of(n: usize) -> Vec<u8> {
     body
 }
 
-#[test]
-fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
+/// A one-broker mock cluster with the topic.
+fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    cluster
+}
+
+#[test]
+fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
+    let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     let gw = start_gateway(
         &brokers,
@@ -135,19 +141,7 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
         assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
         acked.push((queued_id(&reply), body.into_bytes()));
     }
-    assert!(c.cmd("QUIT").starts_with("221 "));
-
-    // SIGTERM drains (flushes the producer) and exits 0 without a panic.
-    let mut gw = gw;
-    gw.stop();
-
-    let records = consume(
-        &brokers,
-        TOPIC,
-        usize::MAX,
-        Duration::from_secs(2),
-        Duration::from_secs(20),
-    );
+    let records = quit_stop_and_read(c, gw, &brokers);
     let first = records
         .iter()
         .find(|r| r.key == id.as_bytes())
@@ -168,7 +162,39 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
     assert_eq!(rcpts, vec![&b"x@example.com"[..], &b"y@example.com"[..]]);
     // Every 250 is exactly one record, with the body that was sent (the "during" loop
     // may have 250s from before the gateway noticed the outage: those count too).
-    for (acked_id, body) in &acked {
+    each_acked_is_one_record(&records, &acked);
+    assert!(acked.len() >= 5, "{acked:?}");
+    // 451 means no record.
+    for body in &refused {
+        assert!(
+            !records.iter().any(|r| r.value.ends_with(body.as_bytes())),
+            "{body:?} got 451 but is in the topic"
+        );
+    }
+}
+
+/// QUIT, then SIGTERM, which drains (flushes the producer) and exits 0 without a
+/// panic; then everything in the topic.
+fn quit_stop_and_read(
+    mut c: Client,
+    mut gw: kafka_support::Gateway,
+    brokers: &str,
+) -> Vec<kafka_support::Record> {
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    gw.stop();
+    consume(
+        brokers,
+        TOPIC,
+        usize::MAX,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    )
+}
+
+/// Every message that got `250` (its queued id and the body sent) is exactly one record,
+/// with that body after the `Received:` line.
+fn each_acked_is_one_record(records: &[kafka_support::Record], acked: &[(String, Vec<u8>)]) {
+    for (acked_id, body) in acked {
         let found: Vec<_> = records
             .iter()
             .filter(|r| r.key == acked_id.as_bytes())
@@ -179,14 +205,6 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
                 && found[0].value.ends_with(body),
             "{acked_id}: value {:?} does not end with {body:?}",
             String::from_utf8_lossy(&found[0].value)
-        );
-    }
-    assert!(acked.len() >= 5, "{acked:?}");
-    // 451 means no record.
-    for body in &refused {
-        assert!(
-            !records.iter().any(|r| r.value.ends_with(body.as_bytes())),
-            "{body:?} got 451 but is in the topic"
         );
     }
 }
@@ -211,8 +229,7 @@ fn outage_with_many_sessions_keeps_memory_bounded() {
     const MESSAGES: usize = 10;
     const BODY: usize = 512 * 1024;
 
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let cluster = cluster();
     let gw = start_gateway(
         &cluster.bootstrap_servers(),
         TOPIC,
@@ -316,8 +333,7 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
     const MESSAGES: usize = 3;
     const BUDGET: u64 = 64 << 20;
 
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     let gw = start_gateway(
         &brokers,
@@ -407,21 +423,7 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
         "{most} messages in flight, limit {LIMIT}"
     );
     assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");
-    assert!(c.cmd("QUIT").starts_with("221 "));
-    let mut gw = gw;
-    gw.stop();
-
-    let records = consume(
-        &brokers,
-        TOPIC,
-        usize::MAX,
-        Duration::from_secs(2),
-        Duration::from_secs(20),
-    );
+    let records = quit_stop_and_read(c, gw, &brokers);
     assert_eq!(acked.len(), 1 + SESSIONS * MESSAGES);
-    for (id, body) in &acked {
-        let found: Vec<_> = records.iter().filter(|r| r.key == id.as_bytes()).collect();
-        assert_eq!(found.len(), 1, "{id} got 250: records {found:?}");
-        assert!(found[0].value.ends_with(body), "{id}: another body");
-    }
+    each_acked_is_one_record(&records, &acked);
 }
