@@ -485,6 +485,7 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     let mut a = open(t0, limits(), &budget);
     let mut b = open(t0, limits(), &budget);
     let mut c = open(t0, limits(), &budget);
+    let mut d = open(t0, limits(), &budget);
     let start = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
     // Over the limit with nothing of this reactor at the sink: no answer would wake
     // a pause, so bodies go on.
@@ -502,6 +503,17 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     assert!(
         b.poll_message(t0, &mut fixed_stamp).is_none(),
         "body read while paused"
+    );
+    // A BDAT chunk waits the same way.
+    d.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nBDAT 7 LAST\r\n",
+    );
+    assert!(d.paused_for_budget());
+    d.handle_input(t0, b"chunk\r\n");
+    assert!(
+        d.poll_message(t0, &mut fixed_stamp).is_none(),
+        "chunk read while paused"
     );
     // Commands are answered, with no refusal: only bodies wait.
     let mut out = Vec::new();
@@ -523,6 +535,10 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
         .poll_message(t0, &mut fixed_stamp)
         .expect("second message");
     assert!(second.value.ends_with(b"second\r\n"));
+    d.handle_budget_freed(t0);
+    let chunked = d.poll_message(t0, &mut fixed_stamp).expect("BDAT message");
+    assert!(chunked.value.ends_with(b"chunk\r\n"));
     b.handle_publish(t0, Ok(second.id));
+    d.handle_publish(t0, Ok(chunked.id));
     assert_eq!(budget.used(), 0);
 }
