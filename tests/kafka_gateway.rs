@@ -173,6 +173,90 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
     }
 }
 
+/// `sessions` clients each send `messages` bodies of 48 KiB (a few reads each, unique)
+/// while `c` checks that commands outside a body are answered; the `250`s go to
+/// `acked`, the other replies are returned. A client that waits for a reply longer than
+/// its read timeout (20 s) fails the test.
+fn load(
+    addr: &str,
+    sessions: usize,
+    messages: usize,
+    c: &mut Client,
+    acked: &mut Acked,
+) -> Vec<String> {
+    let clients: Vec<_> = (0..sessions)
+        .map(|s| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr);
+                c.cmd("EHLO client.test");
+                (0..messages)
+                    .map(|m| {
+                        let mut body = format!("session {s} message {m}\r\n").into_bytes();
+                        body.extend_from_slice(&lines_of(48 << 10));
+                        let reply = c.send(&body);
+                        (reply, body)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        assert!(c.cmd("NOOP").starts_with("250 "));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut refused = Vec::new();
+    for client in clients {
+        for (reply, body) in client.join().expect("client thread") {
+            if reply.starts_with("250 2.0.0 Ok: queued as ") {
+                acked.push((queued_id(&reply), body));
+            } else {
+                refused.push(reply);
+            }
+        }
+    }
+    refused
+}
+
+/// A connected client whose first message got `250` (the gateway takes mail only once
+/// its sink has seen a broker), with that message as `(id, body)`.
+fn warmed_up(addr: &str) -> (Client, (String, Vec<u8>)) {
+    let mut c = Client::connect(addr);
+    c.cmd("EHLO client.test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reply = c.send(b"warm up\r\n");
+    while !reply.starts_with("250 ") {
+        assert!(Instant::now() < deadline, "sink never became healthy");
+        std::thread::sleep(Duration::from_millis(200));
+        reply = c.send(b"warm up\r\n");
+    }
+    (c, (queued_id(&reply), b"warm up\r\n".to_vec()))
+}
+
+type Acked = Vec<(String, Vec<u8>)>;
+
+/// A gateway with two reactors, `extra` flags and `--publish-timeout publish_timeout`
+/// on a mock cluster whose broker takes `rtt` for every request once a first message
+/// got `250` (returned in the acked list, with the client that sent it).
+fn slowed_broker(
+    extra: &[&str],
+    publish_timeout: &str,
+    rtt: Duration,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    kafka_support::Gateway,
+    Client,
+    Acked,
+) {
+    let cluster = cluster();
+    let mut args = vec!["--reactors", "2", "--publish-timeout", publish_timeout];
+    args.extend_from_slice(extra);
+    let gw = start_gateway(&cluster.bootstrap_servers(), TOPIC, &args);
+    let (c, first) = warmed_up(&gw.addr);
+    cluster.broker_round_trip_time(1, rtt).expect("rtt");
+    (cluster, gw, c, vec![first])
+}
+
 /// QUIT, then SIGTERM, which drains (flushes the producer) and exits 0 without a
 /// panic; then everything in the topic.
 fn quit_stop_and_read(
@@ -235,13 +319,7 @@ fn outage_with_many_sessions_keeps_memory_bounded() {
         TOPIC,
         &["--publish-timeout", "3s", "--max-connections", "1000"],
     );
-    let mut c = Client::connect(&gw.addr);
-    c.cmd("EHLO client.test");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !c.send(b"warm up\r\n").starts_with("250 ") {
-        assert!(Instant::now() < deadline, "sink never became healthy");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (mut c, _) = warmed_up(&gw.addr);
     cluster.broker_down(1).expect("down");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.send(b"probe\r\n").starts_with("451 ") {
@@ -333,35 +411,12 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
     const MESSAGES: usize = 3;
     const BUDGET: u64 = 64 << 20;
 
-    let cluster = cluster();
-    let brokers = cluster.bootstrap_servers();
-    let gw = start_gateway(
-        &brokers,
-        TOPIC,
-        &[
-            "--reactors",
-            "2",
-            "--max-inflight-messages",
-            "4",
-            "--max-body-memory",
-            "64M",
-            "--publish-timeout",
-            "60s",
-        ],
+    let (cluster, gw, mut c, mut acked) = slowed_broker(
+        &["--max-inflight-messages", "4", "--max-body-memory", "64M"],
+        "60s",
+        Duration::from_millis(400),
     );
-    let mut c = Client::connect(&gw.addr);
-    c.cmd("EHLO client.test");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut reply = c.send(b"warm up\r\n");
-    while !reply.starts_with("250 ") {
-        assert!(Instant::now() < deadline, "sink never became healthy");
-        std::thread::sleep(Duration::from_millis(200));
-        reply = c.send(b"warm up\r\n");
-    }
-    let mut acked = vec![(queued_id(&reply), b"warm up\r\n".to_vec())];
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(400))
-        .expect("rtt");
+    let brokers = cluster.bootstrap_servers();
 
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
@@ -378,39 +433,7 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
             (messages, bytes)
         })
     };
-    let clients: Vec<_> = (0..SESSIONS)
-        .map(|s| {
-            let addr = gw.addr.clone();
-            std::thread::spawn(move || {
-                let mut c = Client::connect(&addr);
-                c.cmd("EHLO client.test");
-                (0..MESSAGES)
-                    .map(|m| {
-                        // A few reads' worth, unique per message.
-                        let mut body = format!("session {s} message {m}\r\n").into_bytes();
-                        body.extend_from_slice(&lines_of(48 << 10));
-                        let reply = c.send(&body);
-                        (reply, body)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    // Commands outside a body are answered meanwhile.
-    for _ in 0..10 {
-        assert!(c.cmd("NOOP").starts_with("250 "));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut refused = Vec::new();
-    for client in clients {
-        for (reply, body) in client.join().expect("client thread") {
-            if reply.starts_with("250 2.0.0 Ok: queued as ") {
-                acked.push((queued_id(&reply), body));
-            } else {
-                refused.push(reply);
-            }
-        }
-    }
+    let refused = load(&gw.addr, SESSIONS, MESSAGES, &mut c, &mut acked);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (most, most_bytes) = sampler.join().expect("sampler");
     eprintln!("slow broker: at most {most} messages, {most_bytes} bytes in flight");
@@ -425,5 +448,34 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
     assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");
     let records = quit_stop_and_read(c, gw, &brokers);
     assert_eq!(acked.len(), 1 + SESSIONS * MESSAGES);
+    each_acked_is_one_record(&records, &acked);
+}
+
+/// A broker slower than `--publish-timeout` (every request takes 2.5 s, the timeout is
+/// 1 s): the messages it cannot take in time get `451 4.3.0`, and the bodies paused
+/// behind them are never stuck: every message gets a reply (a client waits at most
+/// 20 s), commands are answered meanwhile, and every `250` is a record.
+#[test]
+fn broker_slower_than_the_publish_timeout_gets_451_and_never_hangs() {
+    let (cluster, gw, mut c, mut acked) = slowed_broker(
+        &["--max-inflight-messages", "2"],
+        "1s",
+        Duration::from_millis(2500),
+    );
+    let brokers = cluster.bootstrap_servers();
+    let refused = load(&gw.addr, 6, 2, &mut c, &mut acked);
+    eprintln!("{} × 250, {} refused", acked.len(), refused.len());
+    assert!(
+        !refused.is_empty(),
+        "a 2.5 s broker met a 1 s publish timeout"
+    );
+    for reply in &refused {
+        assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    }
+    assert_eq!(acked.len() + refused.len(), 1 + 6 * 2);
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    let records = quit_stop_and_read(c, gw, &brokers);
     each_acked_is_one_record(&records, &acked);
 }
