@@ -24,10 +24,16 @@ fn lines_of(n: usize) -> Vec<u8> {
     body
 }
 
-#[test]
-fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
+/// A one-broker mock cluster with the topic.
+fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    cluster
+}
+
+#[test]
+fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
+    let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     let gw = start_gateway(
         &brokers,
@@ -135,19 +141,7 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
         assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
         acked.push((queued_id(&reply), body.into_bytes()));
     }
-    assert!(c.cmd("QUIT").starts_with("221 "));
-
-    // SIGTERM drains (flushes the producer) and exits 0 without a panic.
-    let mut gw = gw;
-    gw.stop();
-
-    let records = consume(
-        &brokers,
-        TOPIC,
-        usize::MAX,
-        Duration::from_secs(2),
-        Duration::from_secs(20),
-    );
+    let records = quit_stop_and_read(c, gw, &brokers);
     let first = records
         .iter()
         .find(|r| r.key == id.as_bytes())
@@ -168,7 +162,123 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
     assert_eq!(rcpts, vec![&b"x@example.com"[..], &b"y@example.com"[..]]);
     // Every 250 is exactly one record, with the body that was sent (the "during" loop
     // may have 250s from before the gateway noticed the outage: those count too).
-    for (acked_id, body) in &acked {
+    each_acked_is_one_record(&records, &acked);
+    assert!(acked.len() >= 5, "{acked:?}");
+    // 451 means no record.
+    for body in &refused {
+        assert!(
+            !records.iter().any(|r| r.value.ends_with(body.as_bytes())),
+            "{body:?} got 451 but is in the topic"
+        );
+    }
+}
+
+/// `sessions` clients each send `messages` bodies of 48 KiB (a few reads each, unique)
+/// while `c` checks that commands outside a body are answered; the `250`s go to
+/// `acked`, the other replies are returned. A client that waits for a reply longer than
+/// its read timeout (20 s) fails the test.
+fn load(
+    addr: &str,
+    sessions: usize,
+    messages: usize,
+    c: &mut Client,
+    acked: &mut Acked,
+) -> Vec<String> {
+    let clients: Vec<_> = (0..sessions)
+        .map(|s| {
+            let addr = addr.to_owned();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&addr);
+                c.cmd("EHLO client.test");
+                (0..messages)
+                    .map(|m| {
+                        let mut body = format!("session {s} message {m}\r\n").into_bytes();
+                        body.extend_from_slice(&lines_of(48 << 10));
+                        let reply = c.send(&body);
+                        (reply, body)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        assert!(c.cmd("NOOP").starts_with("250 "));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut refused = Vec::new();
+    for client in clients {
+        for (reply, body) in client.join().expect("client thread") {
+            if reply.starts_with("250 2.0.0 Ok: queued as ") {
+                acked.push((queued_id(&reply), body));
+            } else {
+                refused.push(reply);
+            }
+        }
+    }
+    refused
+}
+
+/// A connected client whose first message got `250` (the gateway takes mail only once
+/// its sink has seen a broker), with that message as `(id, body)`.
+fn warmed_up(addr: &str) -> (Client, (String, Vec<u8>)) {
+    let mut c = Client::connect(addr);
+    c.cmd("EHLO client.test");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reply = c.send(b"warm up\r\n");
+    while !reply.starts_with("250 ") {
+        assert!(Instant::now() < deadline, "sink never became healthy");
+        std::thread::sleep(Duration::from_millis(200));
+        reply = c.send(b"warm up\r\n");
+    }
+    (c, (queued_id(&reply), b"warm up\r\n".to_vec()))
+}
+
+type Acked = Vec<(String, Vec<u8>)>;
+
+/// A gateway with two reactors, `extra` flags and `--publish-timeout publish_timeout`
+/// on a mock cluster whose broker takes `rtt` for every request once a first message
+/// got `250` (returned in the acked list, with the client that sent it).
+fn slowed_broker(
+    extra: &[&str],
+    publish_timeout: &str,
+    rtt: Duration,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    kafka_support::Gateway,
+    Client,
+    Acked,
+) {
+    let cluster = cluster();
+    let mut args = vec!["--reactors", "2", "--publish-timeout", publish_timeout];
+    args.extend_from_slice(extra);
+    let gw = start_gateway(&cluster.bootstrap_servers(), TOPIC, &args);
+    let (c, first) = warmed_up(&gw.addr);
+    cluster.broker_round_trip_time(1, rtt).expect("rtt");
+    (cluster, gw, c, vec![first])
+}
+
+/// QUIT, then SIGTERM, which drains (flushes the producer) and exits 0 without a
+/// panic; then everything in the topic.
+fn quit_stop_and_read(
+    mut c: Client,
+    mut gw: kafka_support::Gateway,
+    brokers: &str,
+) -> Vec<kafka_support::Record> {
+    assert!(c.cmd("QUIT").starts_with("221 "));
+    gw.stop();
+    consume(
+        brokers,
+        TOPIC,
+        usize::MAX,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    )
+}
+
+/// Every message that got `250` (its queued id and the body sent) is exactly one record,
+/// with that body after the `Received:` line.
+fn each_acked_is_one_record(records: &[kafka_support::Record], acked: &[(String, Vec<u8>)]) {
+    for (acked_id, body) in acked {
         let found: Vec<_> = records
             .iter()
             .filter(|r| r.key == acked_id.as_bytes())
@@ -179,14 +289,6 @@ fn gateway_publishes_then_answers_451_while_the_broker_is_down() {
                 && found[0].value.ends_with(body),
             "{acked_id}: value {:?} does not end with {body:?}",
             String::from_utf8_lossy(&found[0].value)
-        );
-    }
-    assert!(acked.len() >= 5, "{acked:?}");
-    // 451 means no record.
-    for body in &refused {
-        assert!(
-            !records.iter().any(|r| r.value.ends_with(body.as_bytes())),
-            "{body:?} got 451 but is in the topic"
         );
     }
 }
@@ -211,20 +313,13 @@ fn outage_with_many_sessions_keeps_memory_bounded() {
     const MESSAGES: usize = 10;
     const BODY: usize = 512 * 1024;
 
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let cluster = cluster();
     let gw = start_gateway(
         &cluster.bootstrap_servers(),
         TOPIC,
         &["--publish-timeout", "3s", "--max-connections", "1000"],
     );
-    let mut c = Client::connect(&gw.addr);
-    c.cmd("EHLO client.test");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !c.send(b"warm up\r\n").starts_with("250 ") {
-        assert!(Instant::now() < deadline, "sink never became healthy");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let (mut c, _) = warmed_up(&gw.addr);
     cluster.broker_down(1).expect("down");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.send(b"probe\r\n").starts_with("451 ") {
@@ -285,4 +380,102 @@ fn outage_with_many_sessions_keeps_memory_bounded() {
         growth < (SESSIONS * BODY) as u64 + (64 << 20),
         "RSS grew by {growth} bytes while {sent} were sent"
     );
+}
+
+/// One sample of a gauge from the gateway's `/metrics`.
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    raw.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A slow broker (every request takes 400 ms) and more sessions than
+/// `--max-inflight-messages`: bodies pause instead of filling librdkafka's queue (twice
+/// the limit, past which a message would get `451 kafka queue full`), so the broker
+/// being slow costs no `451`; the in-flight gauge stays within the limit plus what the
+/// two reactors were finishing, and within the body memory budget; every `250` is
+/// exactly one record in the topic.
+#[test]
+fn slow_broker_pauses_bodies_instead_of_refusing() {
+    const LIMIT: usize = 4;
+    const SESSIONS: usize = 12;
+    const MESSAGES: usize = 3;
+    const BUDGET: u64 = 64 << 20;
+
+    let (cluster, gw, mut c, mut acked) = slowed_broker(
+        &["--max-inflight-messages", "4", "--max-body-memory", "64M"],
+        "60s",
+        Duration::from_millis(400),
+    );
+    let brokers = cluster.bootstrap_servers();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, metrics) = (done.clone(), gw.metrics.clone());
+        std::thread::spawn(move || {
+            let (mut messages, mut bytes) = (0f64, 0f64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = gauge(&metrics, "smtpgw_publish_inflight_messages");
+                let b = gauge(&metrics, "smtpgw_publish_inflight_bytes");
+                messages = messages.max(m.unwrap_or(0.0));
+                bytes = bytes.max(b.unwrap_or(0.0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (messages, bytes)
+        })
+    };
+    let refused = load(&gw.addr, SESSIONS, MESSAGES, &mut c, &mut acked);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (most, most_bytes) = sampler.join().expect("sampler");
+    eprintln!("slow broker: at most {most} messages, {most_bytes} bytes in flight");
+    assert!(
+        refused.is_empty(),
+        "refused while the broker is only slow: {refused:?}"
+    );
+    assert!(
+        most <= (LIMIT + 2) as f64,
+        "{most} messages in flight, limit {LIMIT}"
+    );
+    assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");
+    let records = quit_stop_and_read(c, gw, &brokers);
+    assert_eq!(acked.len(), 1 + SESSIONS * MESSAGES);
+    each_acked_is_one_record(&records, &acked);
+}
+
+/// A broker slower than `--publish-timeout` (every request takes 2.5 s, the timeout is
+/// 1 s): the messages it cannot take in time get `451 4.3.0`, and the bodies paused
+/// behind them are never stuck: every message gets a reply (a client waits at most
+/// 20 s), commands are answered meanwhile, and every `250` is a record.
+#[test]
+fn broker_slower_than_the_publish_timeout_gets_451_and_never_hangs() {
+    let (cluster, gw, mut c, mut acked) = slowed_broker(
+        &["--max-inflight-messages", "2"],
+        "1s",
+        Duration::from_millis(2500),
+    );
+    let brokers = cluster.bootstrap_servers();
+    let refused = load(&gw.addr, 6, 2, &mut c, &mut acked);
+    eprintln!("{} × 250, {} refused", acked.len(), refused.len());
+    assert!(
+        !refused.is_empty(),
+        "a 2.5 s broker met a 1 s publish timeout"
+    );
+    for reply in &refused {
+        assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+    }
+    assert_eq!(acked.len() + refused.len(), 1 + 6 * 2);
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    let records = quit_stop_and_read(c, gw, &brokers);
+    each_acked_is_one_record(&records, &acked);
 }

@@ -122,23 +122,56 @@ impl Limits {
 /// bytes handed to the sink and not answered yet. Each reactor has its own, so charging
 /// it is an uncontended atomic, and the reactor that frees bytes (by an answer or a
 /// closed connection) is the one whose paused connections can use them.
-#[derive(Clone, Debug)]
+///
+/// It also carries the sink's in-flight limit (`--max-inflight-messages/-bytes`), so
+/// that a slow sink pauses bodies through the same pause and wake-up as spent memory.
+#[derive(Clone)]
 pub struct BodyBudget(Arc<BudgetInner>);
 
-#[derive(Debug)]
+/// True while the sink holds more unanswered messages than it was configured for
+/// (`Sink::over_inflight_limit`); called whenever a body could be read.
+pub type SinkLimit = Arc<dyn Fn() -> bool + Send + Sync>;
+
 struct BudgetInner {
     limit: usize,
     used: AtomicUsize,
     /// The part of `used` that is with the sink: it comes back when the sink answers.
     at_sink: AtomicUsize,
+    /// Messages of this reactor with the sink. An answer to one of them is sure to
+    /// come (a publish times out) and wakes this reactor's paused connections, so a
+    /// pause on the sink's limit holds only while there is one.
+    messages_at_sink: AtomicUsize,
+    sink_limit: Option<SinkLimit>,
+}
+
+impl std::fmt::Debug for BodyBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyBudget")
+            .field("limit", &self.0.limit)
+            .field("used", &self.used())
+            .field("at_sink", &self.0.at_sink.load(Ordering::Relaxed))
+            .field(
+                "messages_at_sink",
+                &self.0.messages_at_sink.load(Ordering::Relaxed),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl BodyBudget {
     pub fn new(limit: usize) -> BodyBudget {
+        BodyBudget::with_sink_limit(limit, None)
+    }
+
+    /// A budget whose bodies also pause while `sink_limit` says the sink is over its
+    /// in-flight limit.
+    pub fn with_sink_limit(limit: usize, sink_limit: Option<SinkLimit>) -> BodyBudget {
         BodyBudget(Arc::new(BudgetInner {
             limit: limit.max(1),
             used: AtomicUsize::new(0),
             at_sink: AtomicUsize::new(0),
+            messages_at_sink: AtomicUsize::new(0),
+            sink_limit,
         }))
     }
 
@@ -156,12 +189,20 @@ impl BodyBudget {
         self.used() >= self.0.limit
     }
 
-    /// Bodies being received stop being read. Only while some of the budget is with
-    /// the sink: its answer is sure to come (a publish times out), so the pause ends;
-    /// when partial bodies alone hold the budget, pausing them would deadlock, so they go
-    /// on (new transactions are still refused, which bounds them).
+    /// Bodies being received stop being read: while the budget is spent, or while the
+    /// sink is over its in-flight limit. Only while some of this reactor's messages are
+    /// with the sink: its answer is sure to come (a publish times out) and wakes the
+    /// paused connections, so the pause ends; when partial bodies alone hold the budget,
+    /// pausing them would deadlock, so they go on (new transactions are still refused
+    /// while the budget is spent, which bounds them). The sink's limit refuses nothing:
+    /// commands are answered, only bodies wait.
     fn pauses_bodies(&self) -> bool {
-        self.exhausted() && self.0.at_sink.load(Ordering::Relaxed) > 0
+        let inner = &*self.0;
+        if inner.messages_at_sink.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        (self.exhausted() && inner.at_sink.load(Ordering::Relaxed) > 0)
+            || inner.sink_limit.as_ref().is_some_and(|over| over())
     }
 
     fn charge(&self, n: usize) {
@@ -173,10 +214,12 @@ impl BodyBudget {
     }
 
     fn handed_to_sink(&self, n: usize) {
+        self.0.messages_at_sink.fetch_add(1, Ordering::Relaxed);
         self.0.at_sink.fetch_add(n, Ordering::Relaxed);
     }
 
     fn answered_by_sink(&self, n: usize) {
+        self.0.messages_at_sink.fetch_sub(1, Ordering::Relaxed);
         self.0.at_sink.fetch_sub(n, Ordering::Relaxed);
         self.release(n);
     }
@@ -1161,9 +1204,10 @@ impl Connection {
         }
     }
 
-    /// The reactor freed body budget: input kept while this connection waited for it
-    /// is processed now, since its client may have nothing more to send that would
-    /// bring it through [`Self::handle_input`].
+    /// The reactor freed body budget or had a message answered (the sink may be back
+    /// under its in-flight limit): input kept while this connection waited is processed
+    /// now, since its client may have nothing more to send that would bring it through
+    /// [`Self::handle_input`].
     pub fn handle_budget_freed(&mut self, now: Instant) {
         if matches!(self.life, Life::Open) && self.has_input() && self.can_consume() {
             self.process_input(now);
@@ -1171,8 +1215,9 @@ impl Connection {
         }
     }
 
-    /// True while this connection's body waits for the reactor's budget; the backend
-    /// looks again when its reactor frees budget.
+    /// True while this connection's body waits for the reactor's budget or for the
+    /// sink to fall under its in-flight limit; the backend looks again when its reactor
+    /// frees budget or gets a sink answer.
     pub fn paused_for_budget(&self) -> bool {
         matches!(self.life, Life::Open)
             && self.session.in_body()

@@ -470,3 +470,75 @@ fn reads_are_modest_between_commands_and_bulk_in_a_body() {
     );
     assert_eq!(conn.read_size_hint(), usize::MAX);
 }
+
+/// Over the sink's in-flight limit, a body stops being read while this reactor has a
+/// message with the sink; commands elsewhere are still answered (nothing is refused);
+/// the answer to that message lets the body go on.
+#[test]
+fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
+    use std::sync::atomic::AtomicBool;
+    let t0 = Instant::now();
+    let over = Arc::new(AtomicBool::new(false));
+    let flag = over.clone();
+    let budget =
+        BodyBudget::with_sink_limit(1 << 30, Some(Arc::new(move || flag.load(Ordering::SeqCst))));
+    let mut a = open(t0, limits(), &budget);
+    let mut b = open(t0, limits(), &budget);
+    let mut c = open(t0, limits(), &budget);
+    let mut d = open(t0, limits(), &budget);
+    let start = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
+    // Over the limit with nothing of this reactor at the sink: no answer would wake
+    // a pause, so bodies go on.
+    over.store(true, Ordering::SeqCst);
+    a.handle_input(t0, start);
+    a.handle_input(t0, b"first\r\n.\r\n");
+    let first = a.poll_message(t0, &mut fixed_stamp).expect("first message");
+    b.handle_input(t0, start);
+    assert!(
+        b.paused_for_budget(),
+        "a message is with the sink over its limit"
+    );
+    assert!(!b.wants_read());
+    b.handle_input(t0, b"second\r\n.\r\n");
+    assert!(
+        b.poll_message(t0, &mut fixed_stamp).is_none(),
+        "body read while paused"
+    );
+    // A BDAT chunk waits the same way.
+    d.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nBDAT 7 LAST\r\n",
+    );
+    assert!(d.paused_for_budget());
+    d.handle_input(t0, b"chunk\r\n");
+    assert!(
+        d.poll_message(t0, &mut fixed_stamp).is_none(),
+        "chunk read while paused"
+    );
+    // Commands are answered, with no refusal: only bodies wait.
+    let mut out = Vec::new();
+    drain_output(&mut c, t0, &mut out);
+    c.handle_input(
+        t0,
+        b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nNOOP\r\n",
+    );
+    drain_output(&mut c, t0, &mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.ends_with("250 2.0.0 Ok\r\n"), "{text}");
+    assert!(!text.contains("451") && !text.contains("452"), "{text}");
+    // The sink answers and is back under its limit: the paused body goes on.
+    over.store(false, Ordering::SeqCst);
+    a.handle_publish(t0, Ok(first.id));
+    assert!(!b.paused_for_budget());
+    b.handle_budget_freed(t0);
+    let second = b
+        .poll_message(t0, &mut fixed_stamp)
+        .expect("second message");
+    assert!(second.value.ends_with(b"second\r\n"));
+    d.handle_budget_freed(t0);
+    let chunked = d.poll_message(t0, &mut fixed_stamp).expect("BDAT message");
+    assert!(chunked.value.ends_with(b"chunk\r\n"));
+    b.handle_publish(t0, Ok(second.id));
+    d.handle_publish(t0, Ok(chunked.id));
+    assert_eq!(budget.used(), 0);
+}

@@ -156,9 +156,14 @@ impl Shared {
         })
     }
 
-    /// A reactor's body memory budget.
+    /// A reactor's body memory budget, which also pauses bodies while the sink is over
+    /// its in-flight limit (`Sink::over_inflight_limit`).
     pub fn new_budget(&self) -> BodyBudget {
-        BodyBudget::new(self.budget_per_reactor)
+        let sink = self.sink.clone();
+        BodyBudget::with_sink_limit(
+            self.budget_per_reactor,
+            Some(Arc::new(move || sink.over_inflight_limit())),
+        )
     }
 
     /// Connections open right now, across all reactors.

@@ -194,8 +194,11 @@ pub trait Sink: Send + Sync + 'static {
     }
 
     /// True while the sink holds more unanswered messages (or bytes) than it was
-    /// configured for. Reactors then stop reading from sessions in DATA, so a slow
-    /// sink pushes back on clients through TCP instead of growing memory.
+    /// configured for. Reactors then stop reading from sessions in DATA/BDAT, so a slow
+    /// sink pushes back on clients through TCP instead of growing memory (commands are
+    /// still answered). A reactor looks again when one of its messages is answered, so
+    /// the count must drop before the answer is sent. Asked whenever a body could be
+    /// read: keep it cheap.
     fn over_inflight_limit(&self) -> bool {
         false
     }

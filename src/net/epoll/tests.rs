@@ -335,3 +335,156 @@ fn reactors_answer_the_watchdog_only_while_their_loops_run() {
         "stopped reactors must not answer"
     );
 }
+
+/// A sink that answers late, one message at a time, with an in-flight limit like the
+/// Kafka sink's (`--max-inflight-messages`); it records the most it ever held.
+struct Slow {
+    limit: usize,
+    queue: std::sync::Mutex<Option<std::sync::mpsc::Sender<(crate::smtp::MessageId, Completion)>>>,
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::atomic::AtomicUsize,
+    taken: std::sync::Mutex<Vec<crate::smtp::MessageId>>,
+}
+
+impl Slow {
+    /// Answers each message `delay` after the previous answer, from its own thread.
+    fn new(limit: usize, delay: Duration) -> (Arc<Slow>, std::thread::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::channel::<(crate::smtp::MessageId, Completion)>();
+        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = inflight.clone();
+        let answerer = std::thread::spawn(move || {
+            for (id, done) in rx {
+                std::thread::sleep(delay);
+                // Down before the answer, as the Kafka sink does: the answer is what
+                // wakes the paused bodies.
+                count.fetch_sub(1, Ordering::SeqCst);
+                done.complete(Ok(id));
+            }
+        });
+        let sink = Arc::new(Slow {
+            limit,
+            queue: std::sync::Mutex::new(Some(tx)),
+            inflight,
+            most: Default::default(),
+            taken: Default::default(),
+        });
+        (sink, answerer)
+    }
+}
+
+impl Sink for Slow {
+    fn submit(&self, msg: crate::smtp::SealedMessage, done: Completion) {
+        let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        self.taken.lock().unwrap().push(msg.id);
+        match &*self.queue.lock().unwrap() {
+            Some(tx) => tx.send((msg.id, done)).unwrap(),
+            None => done.complete(Err(crate::sink::PublishError::Temporary("shut".into()))),
+        }
+    }
+    fn shutdown(&self) {
+        self.queue.lock().unwrap().take();
+    }
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn over_inflight_limit(&self) -> bool {
+        self.inflight.load(Ordering::SeqCst) >= self.limit
+    }
+}
+
+/// A sink slower than its clients, with an in-flight limit: bodies stop being read
+/// while it is over the limit (it never holds more than the limit plus the bodies the
+/// reactors were finishing), commands are still answered, every message gets its
+/// `250` (nothing is refused for the sink being slow) and each `250` is a message the
+/// sink took.
+#[test]
+fn slow_sink_over_its_inflight_limit_pauses_bodies() {
+    const LIMIT: usize = 3;
+    const SESSIONS: usize = 10;
+    const MESSAGES: usize = 4;
+    let (sink, answerer) = Slow::new(LIMIT, Duration::from_millis(15));
+    let r = start_with(100, Duration::from_secs(60), sink.clone());
+    let addr = r.local_addr();
+    // Bodies of a few reads each, so some are paused half-way.
+    let mut body = Vec::new();
+    while body.len() < 40 << 10 {
+        body.extend_from_slice(&[b'b'; 998]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    let body = Arc::new(body);
+    let clients: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                assert!(read_line(&mut s).starts_with("220 "));
+                s.write_all(b"HELO c\r\n").unwrap();
+                assert!(read_line(&mut s).starts_with("250 "));
+                let mut queued = Vec::new();
+                for _ in 0..MESSAGES {
+                    s.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+                        .unwrap();
+                    for code in ["250 ", "250 ", "354 "] {
+                        let line = read_line(&mut s);
+                        assert!(line.starts_with(code), "{line}");
+                    }
+                    s.write_all(&body).unwrap();
+                    let line = read_line(&mut s);
+                    let id = line
+                        .strip_prefix("250 2.0.0 Ok: queued as ")
+                        .unwrap_or_else(|| panic!("{line}"))
+                        .trim_end()
+                        .to_owned();
+                    queued.push(id);
+                }
+                s.write_all(b"QUIT\r\n").unwrap();
+                queued
+            })
+        })
+        .collect();
+    // Meanwhile, commands outside a body are answered, and nothing is refused.
+    let mut c = connect(&r);
+    assert!(read_line(&mut c).starts_with("220 "));
+    c.write_all(b"HELO c\r\n").unwrap();
+    assert!(read_line(&mut c).starts_with("250 "));
+    for _ in 0..20 {
+        c.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nRSET\r\n")
+            .unwrap();
+        for _ in 0..3 {
+            let line = read_line(&mut c);
+            assert!(line.starts_with("250 "), "{line}");
+        }
+    }
+    let mut queued: Vec<String> = clients
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    drop(c);
+    wait_for_no_connections(&r);
+    r.stop();
+    sink.shutdown();
+    answerer.join().unwrap();
+    // Every 250 is a message the sink took, and the sink took nothing else.
+    let mut taken: Vec<String> = sink
+        .taken
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|id| id.to_string())
+        .collect();
+    queued.sort();
+    taken.sort();
+    assert_eq!(queued.len(), SESSIONS * MESSAGES);
+    assert_eq!(queued, taken);
+    // Two reactors: each may finish a body it was reading when the other's message
+    // took the sink to its limit.
+    let most = sink.most.load(Ordering::SeqCst);
+    eprintln!("most in flight: {most} (limit {LIMIT}, {SESSIONS} sessions)");
+    assert!(
+        most <= LIMIT + 2,
+        "the sink held {most} messages, limit {LIMIT}"
+    );
+}

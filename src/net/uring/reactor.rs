@@ -87,6 +87,10 @@ struct Conn {
     /// the driver wants input again. Bounded by what one wake-up of the multishot
     /// receive delivers before its cancellation; empty and unallocated otherwise.
     held: Vec<u8>,
+    /// Paused on the budget or the sink's in-flight limit, and some was freed: look
+    /// again in this turn's `process`, right before its message goes to the sink, so
+    /// each woken connection sees what the ones before it submitted.
+    budget_wake: bool,
     /// `shutdown(SHUT_WR)` done.
     shut: bool,
     /// Done: waiting for the kernel to return the receive and the send before the
@@ -436,6 +440,7 @@ impl Reactor {
             timer: None,
             dirty: false,
             data_while_paused: false,
+            budget_wake: false,
             held: Vec::new(),
             shut: false,
             closing: false,
@@ -507,6 +512,10 @@ impl Reactor {
                     conn.held.extend_from_slice(data);
                 } else {
                     conn.driver.handle_input(now, data);
+                    // A message this input completed goes to the sink now rather than
+                    // at the end of the turn, so the bodies of the other completions
+                    // of this batch see the sink's in-flight count with it.
+                    self.hand_off(now, slot, gen);
                 }
             } else if res == 0 {
                 conn.driver.handle_eof(now);
@@ -524,6 +533,24 @@ impl Reactor {
             b.recycle(bid);
         }
         self.mark(slot);
+    }
+
+    /// Hands the message the connection completed, if any, to the sink.
+    fn hand_off(&mut self, now: Instant, slot: u32, gen: u32) {
+        let Some(c) = self.conn_mut(slot, gen) else {
+            return;
+        };
+        if let Some(sealed) = c.driver.poll_message(now, &mut stamp) {
+            let done = Completion::ticket(
+                self.queue.clone(),
+                Ticket {
+                    slot,
+                    generation: gen,
+                },
+            );
+            let flight = self.shared.submit(sealed, done);
+            self.slots[slot as usize].flight = Some(flight);
+        }
     }
 
     fn sent(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
@@ -588,16 +615,16 @@ impl Reactor {
         }
     }
 
-    /// Connections paused on the body budget get another look once some was freed.
+    /// Connections paused on the body budget or the sink's in-flight limit get another
+    /// look once some budget was freed or a message answered.
     fn wake_budget_waiters(&mut self) {
         if !std::mem::take(&mut self.budget_freed) {
             return;
         }
         let waiters = std::mem::take(&mut self.budget_waiters);
-        let now = Instant::now();
         for &(slot, gen) in &waiters {
             if let Some(c) = self.conn_mut(slot, gen) {
-                c.driver.handle_budget_freed(now);
+                c.budget_wake = true;
                 self.mark(slot);
             }
         }
@@ -706,6 +733,9 @@ impl Reactor {
             return Ok(());
         };
         c.dirty = false;
+        if std::mem::take(&mut c.budget_wake) {
+            c.driver.handle_budget_freed(now);
+        }
         // Input that arrived while the driver was paused, in pieces while it wants it.
         while !c.held.is_empty() && !c.closing && c.driver.wants_read() {
             let n = c.held.len().min(HAND_IN);
@@ -716,17 +746,7 @@ impl Reactor {
             c.held = Vec::new();
         }
         if !c.closing {
-            if let Some(sealed) = c.driver.poll_message(now, &mut stamp) {
-                let done = Completion::ticket(
-                    self.queue.clone(),
-                    Ticket {
-                        slot,
-                        generation: gen,
-                    },
-                );
-                let flight = self.shared.submit(sealed, done);
-                self.slots[slot as usize].flight = Some(flight);
-            }
+            self.hand_off(now, slot, gen);
         }
         let Some(c) = self.slots[slot as usize].conn.as_mut() else {
             return Ok(());
