@@ -116,6 +116,7 @@ pub struct Metrics {
     forward_cursor_resets: Vec<IntCounter>,
     forward_oldest_age: Gauge,
     fallback_available: IntGauge,
+    fallback_active: IntGauge,
     spool_bytes: IntGauge,
     spool_segments: IntGauge,
     spool_oldest_age: Gauge,
@@ -408,6 +409,10 @@ impl Metrics {
                 "Times the watchdog restarted a forwarder that made no progress (--spool-fallback).",
             )?,
             forward_oldest_age,
+            fallback_active: gauge(
+                "smtpgw_sink_fallback_active",
+                "--spool-fallback: 1 while mail goes to the fallback spool because Kafka could not take the latest message; 0 otherwise.",
+            )?,
             fallback_available: gauge(
                 "smtpgw_spool_fallback_available",
                 "--spool-fallback: 1 while its spool can store, 0 while Kafka alone is used \
@@ -556,6 +561,7 @@ impl Metrics {
                 add(&self.forward_redelivered, forward.redelivered_records);
                 add(&self.forward_restarts, forward.restarts);
                 self.forward_oldest_age.set(forward.oldest_age_seconds);
+                self.fallback_active.set(i64::from(forward.fallback_active));
                 self.fallback_available
                     .set(i64::from(sink.degraded().is_none()));
                 let reset = CURSOR_RESET_REASONS

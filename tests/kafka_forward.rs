@@ -158,6 +158,8 @@ fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
     let during = load.count(250);
     let backlog = gw.metric("smtpgw_forward_awaiting_records");
     let oldest = gw.metric("smtpgw_forward_oldest_age_seconds");
+    // Issue 18 item 9: the fallback in use is visible, and its start is one line.
+    let active_during = gw.metric("smtpgw_sink_fallback_active");
     broker.start(topic);
     let back = Instant::now();
     // Load goes on while the forwarder drains; new mail goes straight to Kafka.
@@ -191,6 +193,31 @@ fn a_ten_second_outage_under_load_gets_no_451_and_loses_nothing() {
     assert!(
         refused.is_empty(),
         "refusals during the outage: {refused:?}"
+    );
+    assert_eq!(
+        active_during, 1.0,
+        "smtpgw_sink_fallback_active during the outage"
+    );
+    assert_eq!(
+        gw.metric("smtpgw_sink_fallback_active"),
+        0.0,
+        "live mail went to Kafka again after the outage"
+    );
+    // A line when mail starts going to the fallback and one when it stops (a message
+    // Kafka fails while it drains may start another run: as many stops as starts).
+    let starts = gw.log_lines("mail goes to the fallback spool").len();
+    let stops = gw.log_lines("mail goes to Kafka again").len();
+    assert!(
+        starts >= 1 && stops == starts,
+        "{starts} start and {stops} stop lines"
+    );
+    let batches = gw.log_lines("forwarded spooled messages to kafka");
+    assert!(
+        !batches.is_empty()
+            && batches
+                .iter()
+                .all(|l| l.contains("first=") && l.contains("lag_ms=")),
+        "the forwarder's progress lines: {batches:?}"
     );
     assert!(
         during >= 100,

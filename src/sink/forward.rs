@@ -177,6 +177,7 @@ impl FallbackSink {
             counted_until: Position::default(),
             window: VecDeque::new(),
             window_bytes: 0,
+            forwarded_log: ForwardedLog::default(),
             next_tag: 0,
             retry_at: None,
             backoff: FIRST_RETRY,
@@ -234,6 +235,7 @@ impl FallbackSink {
             },
             redelivered_records: c.redelivered_records.load(Ordering::Relaxed),
             restarts: c.restarts.load(Ordering::Relaxed),
+            fallback_active: self.kafka.fallback_active(),
         }
     }
 }
@@ -535,6 +537,59 @@ fn decode_sent(buf: &[u8; CURSOR_SLOT as usize]) -> Option<Position> {
     })
 }
 
+/// The forwarder's progress line: what Kafka acknowledged since the last one, at most
+/// one a second while a backlog drains, and one when it is drained.
+struct ForwardedLog {
+    count: u64,
+    first: Option<ulid::Ulid>,
+    last: Option<ulid::Ulid>,
+    /// How long the last one forwarded had waited since it was received.
+    lag: Duration,
+    written: Instant,
+}
+
+impl Default for ForwardedLog {
+    fn default() -> Self {
+        ForwardedLog {
+            count: 0,
+            first: None,
+            last: None,
+            lag: Duration::ZERO,
+            written: Instant::now(),
+        }
+    }
+}
+
+impl ForwardedLog {
+    fn add(&mut self, record: &SpoolRecord) {
+        self.count += 1;
+        self.first.get_or_insert(record.id);
+        self.last = Some(record.id);
+        self.lag = (chrono::Utc::now() - record.received_at)
+            .to_std()
+            .unwrap_or_default();
+    }
+
+    fn write_if_due(&mut self, drained: bool) {
+        if self.count == 0 || !(drained || self.written.elapsed() >= Duration::from_secs(1)) {
+            return;
+        }
+        let (Some(first), Some(last)) = (self.first.take(), self.last.take()) else {
+            return;
+        };
+        tracing::info!(
+            count = self.count,
+            %first,
+            %last,
+            lag_ms = u64::try_from(self.lag.as_millis()).unwrap_or(u64::MAX),
+            drained,
+            "forwarded spooled messages to kafka"
+        );
+        self.count = 0;
+        self.written = Instant::now();
+    }
+}
+
 /// One entry of the in-flight window, in spool order.
 struct Slot {
     tag: u64,
@@ -574,6 +629,8 @@ struct Forwarder {
     counted_until: Position,
     window: VecDeque<Slot>,
     window_bytes: usize,
+    /// What was forwarded since the last `forwarded spooled messages` line.
+    forwarded_log: ForwardedLog,
     next_tag: u64,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -773,6 +830,8 @@ impl Forwarder {
             }
         }
         self.persist();
+        let drained = self.counters.awaiting_records.load(Ordering::Relaxed) <= 0;
+        self.forwarded_log.write_if_due(drained);
     }
 
     /// Reads records into the window until it is full or the spool has no more, notes
@@ -1019,6 +1078,7 @@ impl Forwarder {
                     c.forwarded_records.fetch_add(1, Ordering::Relaxed);
                     c.forwarded_bytes
                         .fetch_add(record.value().len() as u64, Ordering::Relaxed);
+                    self.forwarded_log.add(&record);
                     if self.cursor <= self.redeliver_until {
                         c.redelivered_records.fetch_add(1, Ordering::Relaxed);
                     }

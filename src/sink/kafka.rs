@@ -407,9 +407,15 @@ impl Answer {
             Answer::Session { done, keep } => match (result, keep, &shared.fallback) {
                 (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
                     tracing::debug!(id = %msg.id, %why, "kafka failed the message; storing it in the fallback spool");
+                    shared.stored_in_fallback(&why);
                     fallback.submit(msg, done);
                 }
-                (result, _, _) => done.complete(result),
+                (result, _, fallback) => {
+                    if result.is_ok() && fallback.is_some() {
+                        shared.stored_in_kafka();
+                    }
+                    done.complete(result)
+                }
             },
             Answer::Forward { seq, tx } => {
                 let _ = tx.send((seq, result));
@@ -475,6 +481,11 @@ const MAX_REPLACEMENT_BACKOFF: Duration = Duration::from_secs(30);
 
 /// State shared by the sink, its supervisor and every producer's callbacks.
 struct Shared {
+    /// Store-and-forward: whether the latest session message went to the fallback
+    /// spool, and how many went there since it began (for the lines that say when
+    /// mail starts and stops going there).
+    fallback_active: AtomicBool,
+    fallback_stored: AtomicU64,
     healthy: AtomicBool,
     closed: AtomicBool,
     /// Which producer is current; callbacks of a retired one must not flip health.
@@ -501,6 +512,33 @@ struct Shared {
 }
 
 impl Shared {
+    /// A session message goes to the fallback spool: the first of a run says so.
+    fn stored_in_fallback(&self, why: &str) {
+        self.fallback_stored.fetch_add(1, Ordering::Relaxed);
+        if !self.fallback_active.load(Ordering::Relaxed)
+            && !self.fallback_active.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(
+                why,
+                "store-and-forward: Kafka could not take a message; mail goes to the fallback spool (250 after fdatasync) until it can"
+            );
+        }
+    }
+
+    /// Kafka acknowledged a session message: a run of fallback storage ends here.
+    fn stored_in_kafka(&self) {
+        // A plain load keeps the common case free of a read-modify-write.
+        if self.fallback_active.load(Ordering::Relaxed)
+            && self.fallback_active.swap(false, Ordering::AcqRel)
+        {
+            let stored = self.fallback_stored.swap(0, Ordering::AcqRel);
+            tracing::info!(
+                stored,
+                "store-and-forward: mail goes to Kafka again; the messages stored in the fallback spool meanwhile are being forwarded"
+            );
+        }
+    }
+
     fn set_healthy(&self, generation: u64, healthy: bool, why: &str) {
         if generation != self.generation.load(Ordering::Acquire) {
             return;
@@ -807,6 +845,8 @@ impl KafkaSink {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
+            fallback_active: AtomicBool::new(false),
+            fallback_stored: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -1349,6 +1389,11 @@ impl KafkaSink {
     }
 
     /// Whether the sink takes messages now; false while closed.
+    /// Whether session messages go to the fallback spool now (the latest one did).
+    pub fn fallback_active(&self) -> bool {
+        self.inner.shared.fallback_active.load(Ordering::Relaxed)
+    }
+
     fn ready(&self) -> bool {
         let shared = &self.inner.shared;
         shared.healthy.load(Ordering::Acquire) && !shared.closed.load(Ordering::Acquire)

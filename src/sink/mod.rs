@@ -144,6 +144,8 @@ pub struct ForwardStats {
     pub redelivered_records: u64,
     /// Times the watchdog restarted a stalled forwarder.
     pub restarts: u64,
+    /// Session messages go to the fallback spool now (Kafka could not take the latest).
+    pub fallback_active: bool,
     /// Why this start found the forward cursor damaged (one of
     /// `forward::CURSOR_RESET_REASONS`), if it did.
     pub cursor_reset: Option<&'static str>,

@@ -408,6 +408,8 @@ def test_alert_expressions_have_the_values_of_the_traffic(scraped_gateway):
         "SmtpgwSmugglingSpike": 1,
         # Exported at 0 by a gateway without --spool-fallback: nothing waits to be forwarded.
         "SmtpgwForwardBacklogOld": 0,
+        # Likewise: a spool sink has no fallback in use.
+        "SmtpgwFallbackActive": 0,
     }
     # Not checked for a value here (their promtool unit tests in alerts_test.yml are):
     # the absence/no-traffic/saturation/queue rules came with the ops branch after this
