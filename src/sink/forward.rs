@@ -24,10 +24,17 @@
 //! A crash between an acknowledgement and the cursor write forwards those records again
 //! after the restart: consumers may see a duplicate, never a gap. The record key (the
 //! message id) identifies duplicates. There are at most one window of them: before a
-//! window's records are handed to Kafka, how far they reach is written to
-//! `FORWARD-SENT` (no `fdatasync`: the cursor's own sync carries it, and a power loss
-//! can only make the count low), and after a restart the records up to that mark are
-//! counted as they are forwarded again (`smtpgw_forward_redelivered_total`).
+//! window's records are handed to Kafka, the cursor is made durable and then how far
+//! the records reach is written to `FORWARD-SENT` (no `fdatasync`: a power loss can
+//! only leave an older mark, which makes the count low, never high), and after a
+//! restart the records up to that mark are counted as they are forwarded again
+//! (`smtpgw_forward_redelivered_total`). Why one window: the window holds exactly the
+//! records from the cursor to how far reading has gone, and the mark is written only
+//! while the cursor on disk equals the one in memory (see [`Ledger`]); if the cursor
+//! cannot be written, the records just read are put back and nothing is sent, so a
+//! failed cursor write can never let the mark run a second window ahead of it. The
+//! mark never moves back, so a watchdog restart (below) does not forget what the
+//! abandoned window sent.
 //!
 //! The thread sleeps on channels: acknowledgements, the spool writer's commits, the
 //! Kafka sink becoming ready, shutdown. Each wake-up pumps until nothing moves: the
@@ -158,9 +165,8 @@ impl FallbackSink {
         let (ready_tx, ready) = crossbeam_channel::unbounded();
         kafka.notify_ready(ready_tx);
 
-        let cursor_file = CursorFile::open(dir)?;
-        let (cursor, cursor_reset) = cursor_file.load();
-        let sent_mark = SentMark::open(dir);
+        let (ledger, cursor_reset) = Ledger::open(dir)?;
+        let cursor = ledger.saved;
         let stall_after = kafka_options.settings.publish_timeout.0 * 2 + STALL_MARGIN;
         let (acks_tx, acks) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
@@ -170,8 +176,8 @@ impl FallbackSink {
             kafka: Arc::clone(&kafka),
             spool: Arc::clone(&spool),
             cursor,
-            saved: cursor,
-            cursor_file,
+            redeliver_until: ledger.sent,
+            ledger,
             reader: None,
             read_pos: cursor,
             counted_until: Position::default(),
@@ -185,8 +191,6 @@ impl FallbackSink {
             to_delete: Vec::new(),
             counters: Arc::clone(&counters),
             window_records: window,
-            redeliver_until: sent_mark.load().unwrap_or_default(),
-            sent_mark,
             last_activity: Instant::now(),
             outstanding_since: None,
             stall_after,
@@ -513,6 +517,67 @@ impl SentMark {
     }
 }
 
+/// The forwarder's two files and the rule that ties them together: the sent mark is
+/// written only while the cursor on disk is the cursor in memory. The window holds
+/// exactly the records between the cursor and how far reading has gone, so the mark is
+/// never more than one window ahead of the durable cursor, and after a crash what is
+/// forwarded again and counted as redelivered (durable cursor to mark) is at most one
+/// window, whatever failed before the crash.
+struct Ledger {
+    cursor_file: CursorFile,
+    /// The cursor on disk.
+    saved: Position,
+    sent_mark: SentMark,
+    /// The mark on disk (as far as we know: its writes are not synced); it only grows,
+    /// so a watchdog restart that reads again from the cursor does not forget what the
+    /// abandoned window sent.
+    sent: Position,
+}
+
+impl Ledger {
+    /// The ledger, and why the cursor on disk was found damaged, if it was.
+    fn open(dir: &Path) -> Result<(Ledger, Option<&'static str>), SpoolError> {
+        let cursor_file = CursorFile::open(dir)?;
+        let (saved, cursor_reset) = cursor_file.load();
+        let sent_mark = SentMark::open(dir);
+        let sent = sent_mark.load().unwrap_or_default();
+        let ledger = Ledger {
+            cursor_file,
+            saved,
+            sent_mark,
+            sent,
+        };
+        Ok((ledger, cursor_reset))
+    }
+
+    /// Makes `cursor` durable if it moved. Whether the cursor on disk is `cursor`.
+    fn save_cursor(&mut self, cursor: Position) -> bool {
+        if cursor == self.saved {
+            return true;
+        }
+        if let Err(error) = self.cursor_file.save(cursor) {
+            tracing::error!(%error, file = %self.cursor_file.path.display(), "cannot write the forward cursor; nothing more is forwarded or deleted until it can be");
+            return false;
+        }
+        self.saved = cursor;
+        true
+    }
+
+    /// Before the records from `cursor` up to `until` go to Kafka: makes `cursor`
+    /// durable, then notes `until` in the sent mark. `false` (and the mark untouched)
+    /// if the cursor cannot be written: then nothing may be sent.
+    fn mark_sent(&mut self, cursor: Position, until: Position) -> bool {
+        if !self.save_cursor(cursor) {
+            return false;
+        }
+        if until > self.sent {
+            self.sent = until;
+            self.sent_mark.save(until);
+        }
+        true
+    }
+}
+
 fn encode_sent(position: Position) -> [u8; CURSOR_SLOT as usize] {
     let mut buf = [0u8; CURSOR_SLOT as usize];
     buf[..8].copy_from_slice(SENT_MAGIC);
@@ -617,10 +682,10 @@ struct Forwarder {
     dir: PathBuf,
     kafka: Arc<KafkaSink>,
     spool: Arc<SpoolSink>,
-    /// Acknowledged up to here, in memory and on disk.
+    /// Acknowledged up to here, in memory; on disk once [`Forwarder::persist`] ran.
     cursor: Position,
-    saved: Position,
-    cursor_file: CursorFile,
+    /// The cursor and the sent mark on disk.
+    ledger: Ledger,
     /// Reading up to the durable end it was opened with.
     reader: Option<(SpoolReader, Position)>,
     /// Everything before this has been read.
@@ -641,7 +706,6 @@ struct Forwarder {
     counters: Arc<Counters>,
     /// `--forward-window`: records in flight at most.
     window_records: usize,
-    sent_mark: SentMark,
     /// Records before this were handed to Kafka before a restart: forwarding them
     /// again counts as a redelivery.
     redeliver_until: Position,
@@ -841,6 +905,7 @@ impl Forwarder {
             return false;
         }
         let first = self.window.len();
+        let (from, bytes_before, tag_before) = (self.read_pos, self.window_bytes, self.next_tag);
         while self.window.len() < self.window_records && self.window_bytes < WINDOW_BYTES {
             let Some(item) = self.read_next() else {
                 break;
@@ -860,9 +925,20 @@ impl Forwarder {
             return false;
         }
         // The durable cursor first: then what a crash can send twice, from the cursor
-        // on disk to the mark, is exactly this window.
-        self.persist();
-        self.sent_mark.save(self.read_pos);
+        // on disk to the mark, is exactly this window. If the cursor cannot be written,
+        // nothing is sent: the records go back unread and the next try comes after
+        // the backoff.
+        if !self.ledger.mark_sent(self.cursor, self.read_pos) {
+            self.window.truncate(first);
+            self.window_bytes = bytes_before;
+            // Tags stay contiguous in the window: `on_ack` finds a slot by its tag.
+            self.next_tag = tag_before;
+            self.reader = None;
+            self.read_pos = from;
+            self.schedule_retry();
+            return false;
+        }
+        self.delete_forwarded();
         for slot in self.window.range(first..) {
             if let Item::Record(record) = &slot.item {
                 self.kafka.forward(record, slot.tag, self.acks_tx.clone());
@@ -1099,16 +1175,15 @@ impl Forwarder {
 
     /// Writes the cursor if it moved, then deletes the segments it has passed.
     fn persist(&mut self) {
-        if self.cursor == self.saved {
-            return;
+        // Without a durable cursor nothing may be deleted; the next attempt comes with
+        // the next acknowledgement or fill.
+        if self.ledger.save_cursor(self.cursor) {
+            self.delete_forwarded();
         }
-        if let Err(error) = self.cursor_file.save(self.cursor) {
-            // Without a durable cursor nothing may be deleted; the next attempt
-            // comes with the next acknowledgement.
-            tracing::error!(%error, file = %self.cursor_file.path.display(), "cannot write the forward cursor");
-            return;
-        }
-        self.saved = self.cursor;
+    }
+
+    /// Deletes the segments the durable cursor has passed.
+    fn delete_forwarded(&mut self) {
         for segment in std::mem::take(&mut self.to_delete) {
             if let Err(error) = self.spool.remove_closed_segment(segment) {
                 tracing::warn!(%error, "cannot remove a forwarded spool segment");
@@ -1149,6 +1224,43 @@ mod tests {
             bad[i] ^= 0x40;
             assert_eq!(decode_cursor(&bad), None, "flipped byte {i}");
         }
+    }
+
+    /// The bound on redeliveries: the sent mark never moves while the cursor cannot be
+    /// made durable (here its file is only readable), so after a crash the records
+    /// between the cursor on disk and the mark are at most the one window sent after
+    /// the last good cursor write. It also never moves back.
+    #[test]
+    fn the_sent_mark_waits_for_a_durable_cursor() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |offset| Position { segment: 0, offset };
+        let mut ledger = Ledger::open(dir.path()).expect("open");
+        assert_eq!(
+            (ledger.saved, ledger.sent),
+            (Position::default(), Position::default())
+        );
+        // First window: nothing acknowledged yet, records up to 100 sent.
+        assert!(ledger.mark_sent(Position::default(), at(100)));
+        // Acknowledged up to 100, the next window reaches 200.
+        assert!(ledger.mark_sent(at(100), at(200)));
+        let reopened = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!((reopened.saved, reopened.sent), (at(100), at(200)));
+
+        // The cursor file can no longer be written: acknowledged up to 200, but the next
+        // window must not be marked (nor sent).
+        ledger.cursor_file.file = File::open(dir.path().join(CURSOR_FILE)).expect("read-only");
+        assert!(!ledger.save_cursor(at(200)));
+        assert!(!ledger.mark_sent(at(200), at(300)));
+        let reopened = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!((reopened.saved, reopened.sent), (at(100), at(200)));
+
+        // Writable again: the cursor goes to disk first, then the mark.
+        ledger.cursor_file = CursorFile::open(dir.path()).expect("reopen cursor");
+        assert!(ledger.mark_sent(at(200), at(300)));
+        // A restart of the window from the cursor reads less far: the mark stays.
+        assert!(ledger.mark_sent(at(200), at(250)));
+        let reopened = Ledger::open(dir.path()).expect("reopen");
+        assert_eq!((reopened.saved, reopened.sent), (at(200), at(300)));
     }
 
     #[test]
