@@ -1234,7 +1234,7 @@ mod tests {
     fn the_sent_mark_waits_for_a_durable_cursor() {
         let dir = tempfile::tempdir().expect("tempdir");
         let at = |offset| Position { segment: 0, offset };
-        let mut ledger = Ledger::open(dir.path()).expect("open");
+        let mut ledger = Ledger::open(dir.path()).expect("open").0;
         assert_eq!(
             (ledger.saved, ledger.sent),
             (Position::default(), Position::default())
@@ -1243,7 +1243,7 @@ mod tests {
         assert!(ledger.mark_sent(Position::default(), at(100)));
         // Acknowledged up to 100, the next window reaches 200.
         assert!(ledger.mark_sent(at(100), at(200)));
-        let reopened = Ledger::open(dir.path()).expect("reopen");
+        let reopened = Ledger::open(dir.path()).expect("reopen").0;
         assert_eq!((reopened.saved, reopened.sent), (at(100), at(200)));
 
         // The cursor file can no longer be written: acknowledged up to 200, but the next
@@ -1251,7 +1251,7 @@ mod tests {
         ledger.cursor_file.file = File::open(dir.path().join(CURSOR_FILE)).expect("read-only");
         assert!(!ledger.save_cursor(at(200)));
         assert!(!ledger.mark_sent(at(200), at(300)));
-        let reopened = Ledger::open(dir.path()).expect("reopen");
+        let reopened = Ledger::open(dir.path()).expect("reopen").0;
         assert_eq!((reopened.saved, reopened.sent), (at(100), at(200)));
 
         // Writable again: the cursor goes to disk first, then the mark.
@@ -1259,7 +1259,7 @@ mod tests {
         assert!(ledger.mark_sent(at(200), at(300)));
         // A restart of the window from the cursor reads less far: the mark stays.
         assert!(ledger.mark_sent(at(200), at(250)));
-        let reopened = Ledger::open(dir.path()).expect("reopen");
+        let reopened = Ledger::open(dir.path()).expect("reopen").0;
         assert_eq!((reopened.saved, reopened.sent), (at(200), at(300)));
     }
 
