@@ -173,7 +173,8 @@ impl Reloader {
             running.edge.tls_key = new.edge.tls_key.clone();
             running.edge.tls_min_version = new.edge.tls_min_version;
         }
-        let before = crate::server::session_config_for(running, sink);
+        // What new connections use now, to say what the reload changes.
+        let before = session.current();
         let (log_level_before, drain_before) =
             (running.log_level.clone(), running.limits.drain_timeout);
         let domains_before = running.accept_domains.clone();

@@ -608,8 +608,9 @@ struct ForwardedLog {
     count: u64,
     first: Option<ulid::Ulid>,
     last: Option<ulid::Ulid>,
-    /// How long the last one forwarded had waited since it was received.
-    lag: Duration,
+    /// When the last one forwarded was received (its lag is taken when the line is
+    /// written, not per record).
+    last_received: Option<chrono::DateTime<chrono::Utc>>,
     written: Instant,
 }
 
@@ -619,7 +620,7 @@ impl Default for ForwardedLog {
             count: 0,
             first: None,
             last: None,
-            lag: Duration::ZERO,
+            last_received: None,
             written: Instant::now(),
         }
     }
@@ -630,9 +631,7 @@ impl ForwardedLog {
         self.count += 1;
         self.first.get_or_insert(record.id);
         self.last = Some(record.id);
-        self.lag = (chrono::Utc::now() - record.received_at)
-            .to_std()
-            .unwrap_or_default();
+        self.last_received = Some(record.received_at);
     }
 
     fn write_if_due(&mut self, drained: bool) {
@@ -646,7 +645,9 @@ impl ForwardedLog {
             count = self.count,
             %first,
             %last,
-            lag_ms = u64::try_from(self.lag.as_millis()).unwrap_or(u64::MAX),
+            lag_ms = self
+                .last_received
+                .map_or(0, |at| (chrono::Utc::now() - at).num_milliseconds().max(0)),
             drained,
             "forwarded spooled messages to kafka"
         );
