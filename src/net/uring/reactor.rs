@@ -509,6 +509,9 @@ impl Reactor {
             if res > 0 {
                 if !conn.held.is_empty() || !conn.driver.wants_read() {
                     conn.data_while_paused = true;
+                    // Exact: a client that never reads makes every connection hold
+                    // this, and doubling would round 40 KiB up to 64.
+                    conn.held.reserve_exact(data.len());
                     conn.held.extend_from_slice(data);
                 } else {
                     conn.driver.handle_input(now, data);
