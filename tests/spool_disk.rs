@@ -171,7 +171,7 @@ fn full_disk_refuses_reports_and_recovers() {
     // Without a floor, the write itself fails: 451, and not ready with the reason.
     let spool = small.dir.join("a");
     {
-        let gw = Gateway::start(&spool, &["--spool-min-free-bytes", "0"]);
+        let mut gw = Gateway::start(&spool, &["--spool-min-free-bytes", "0"]);
         let fill = ballast(&small.dir, total / 6);
         let mut c = Client::connect(&gw.smtp);
         assert!(c.cmd("EHLO client.test").starts_with("250"));
@@ -209,6 +209,13 @@ fn full_disk_refuses_reports_and_recovers() {
         assert!(c.send(&body(size, 1000)).starts_with("250 "));
         assert!(wait_ready(&gw), "ready again after a good batch");
         assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 1.0);
+        // Three failed batches, one line: a full disk under load must not flood the
+        // log. The line at the end says what the episode cost.
+        let failed = gw.log_lines("spool write failed;");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(gw.log_lines("cannot start a new spool segment").is_empty());
+        let recovered = gw.wait_for_log("spool writes succeed again");
+        assert!(recovered.contains("failed_messages=3"), "{recovered}");
         assert!(metric(&gw.metrics, "smtpgw_spool_bytes") > (accepted * size) as f64);
         assert!(metric(&gw.metrics, "smtpgw_spool_filesystem_free_bytes") > 0.0);
     }

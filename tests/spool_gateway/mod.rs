@@ -35,6 +35,16 @@ impl Gateway {
     pub fn wait_for_log(&mut self, needle: &str) -> String {
         self.inner.wait_for_log(needle)
     }
+
+    /// The lines the gateway logged so far that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.inner
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// One HTTP/1.1 GET; the status code and body.

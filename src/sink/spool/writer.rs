@@ -227,6 +227,56 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     /// Each message with where its record ends in `buf`.
     batch: Vec<(MessageId, Completion, usize)>,
+    failures: FailureEpisode,
+}
+
+/// How often, at most, a failure episode (a full disk, say) writes a line while it goes
+/// on: every batch fails in one, and under load that is hundreds a second.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The write failures since the last success: the first is logged at once, then at most
+/// one line per [`FAILURE_LOG_INTERVAL`] with how many there were in between, and one
+/// when writes succeed again.
+#[derive(Default)]
+struct FailureEpisode {
+    started: Option<Instant>,
+    last_logged: Option<Instant>,
+    /// Failed batches and their messages since the last line.
+    unlogged_batches: u64,
+    unlogged_messages: u64,
+    /// Messages answered with a temporary failure in the whole episode.
+    messages: u64,
+}
+
+impl FailureEpisode {
+    /// Counts a failed batch of `messages`; returns the batches and messages not logged
+    /// since the last line when this one is to be logged, `None` when it is only counted.
+    fn failed(&mut self, now: Instant, messages: usize) -> Option<(u64, u64)> {
+        self.started.get_or_insert(now);
+        self.messages += messages as u64;
+        let due = self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= FAILURE_LOG_INTERVAL);
+        if !due {
+            self.unlogged_batches += 1;
+            self.unlogged_messages += messages as u64;
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some((
+            std::mem::take(&mut self.unlogged_batches),
+            std::mem::take(&mut self.unlogged_messages),
+        ))
+    }
+
+    /// Ends the episode, if there was one: how long it lasted and how many messages
+    /// were answered with a temporary failure in it.
+    fn ended(&mut self, now: Instant) -> Option<(Duration, u64)> {
+        let episode = std::mem::take(self);
+        episode
+            .started
+            .map(|started| (now.duration_since(started), episode.messages))
+    }
 }
 
 impl Writer {
@@ -260,6 +310,7 @@ impl Writer {
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
             batch: Vec::with_capacity(64),
+            failures: FailureEpisode::default(),
         }
     }
 
@@ -378,9 +429,20 @@ impl Writer {
                 reason = why,
                 "spool segment sealed"
             ),
-            // Logged by `ensure_segment`; the next batch tries again, and so does the
-            // age deadline, one age from now rather than at once.
-            Some(_) => self.first_record_at = Some(Instant::now()),
+            // The next batch tries again, and so does the age deadline, one age from
+            // now rather than at once.
+            Some(error) => {
+                let now = Instant::now();
+                if let Some((batches, messages)) = self.failures.failed(now, 0) {
+                    tracing::error!(
+                        %error,
+                        failed_batches_since_last_line = batches,
+                        failed_messages_since_last_line = messages,
+                        "cannot start a new spool segment; the full one stays open"
+                    );
+                }
+                self.first_record_at = Some(now);
+            }
         }
     }
 
@@ -494,8 +556,15 @@ impl Writer {
                             .health
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner);
-                        if *health != Health::Ok {
-                            tracing::info!(dir = %self.shared.dir.display(), "spool writes succeed again");
+                        let episode = self.failures.ended(Instant::now());
+                        if *health != Health::Ok || episode.is_some() {
+                            let (lasted, failed) = episode.unwrap_or_default();
+                            tracing::info!(
+                                dir = %self.shared.dir.display(),
+                                failed_messages = failed,
+                                failing_ms = lasted.as_millis() as u64,
+                                "spool writes succeed again"
+                            );
                             *health = Health::Ok;
                         }
                     }
@@ -533,12 +602,18 @@ impl Writer {
                     }
                 }
                 Err((error, wrote)) => {
-                    tracing::error!(
-                        dir = %self.shared.dir.display(),
-                        error = %error,
-                        messages = self.batch.len(),
-                        "spool write failed; answering the batch with a temporary failure"
-                    );
+                    if let Some((batches, messages)) =
+                        self.failures.failed(Instant::now(), self.batch.len())
+                    {
+                        tracing::error!(
+                            dir = %self.shared.dir.display(),
+                            error = %error,
+                            messages = self.batch.len(),
+                            failed_batches_since_last_line = batches,
+                            failed_messages_since_last_line = messages,
+                            "spool write failed; answering with a temporary failure until writes succeed"
+                        );
+                    }
                     self.shared
                         .set_health(Health::Failed(format!("spool write failed: {error}")));
                     // After a failed fsync the kernel may have dropped the dirty pages
@@ -595,8 +670,8 @@ impl Writer {
                 self.marks_due = None;
                 None
             }
+            // Logged by the caller, with the batch it cost, once per episode.
             Err(error) => {
-                tracing::error!(%error, "cannot start a new spool segment");
                 if segment_path(&self.shared.dir, seq).exists() {
                     self.segment = None;
                 }
@@ -724,4 +799,28 @@ pub(crate) fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError
         len: SEGMENT_HEADER_LEN,
         marks_dirty: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_episode_logs_its_first_failure_then_one_line_per_interval() {
+        let mut episode = FailureEpisode::default();
+        let t0 = Instant::now();
+        assert_eq!(episode.ended(t0), None, "no episode, no recovery line");
+        assert_eq!(episode.failed(t0, 5), Some((0, 0)));
+        for i in 1..=10 {
+            assert_eq!(episode.failed(t0 + Duration::from_secs(i), 2), None);
+        }
+        let later = t0 + FAILURE_LOG_INTERVAL;
+        assert_eq!(episode.failed(later, 1), Some((10, 20)));
+        assert_eq!(episode.failed(later, 1), None);
+        assert_eq!(
+            episode.ended(later + Duration::from_secs(1)),
+            Some((FAILURE_LOG_INTERVAL + Duration::from_secs(1), 27))
+        );
+        assert_eq!(episode.failed(later, 3), Some((0, 0)), "a new episode");
+    }
 }
