@@ -166,24 +166,42 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             dir,
             corrupt,
             mbox,
+            format,
+            out: target,
             force,
             since,
+            after_cursor,
         } => {
             let (dir, _) = dir.resolve()?;
-            let (n, damage) = spool_tool::export_mbox_since(
-                &dir,
-                &mbox,
+            let (format, target) = match (mbox, target) {
+                (Some(mbox), _) => (spool_tool::ExportFormat::Mbox, mbox),
+                (None, Some(target)) => (format.unwrap_or(spool_tool::ExportFormat::Mbox), target),
+                (None, None) => anyhow::bail!("spool export: give OUT (or --mbox FILE)"),
+            };
+            let options = spool_tool::ExportOptions {
                 force,
-                corrupt.skip_corrupt,
-                since.as_deref(),
-                &mut err,
-            )
-            .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;
+                skip_corrupt: corrupt.skip_corrupt,
+                since: since.as_deref(),
+                after_cursor: after_cursor.as_deref(),
+            };
+            let (report, damage) = spool_tool::export(&dir, format, &target, &options, &mut err)
+                .with_context(|| {
+                    format!(
+                        "--spool-dir {} export to {}",
+                        dir.display(),
+                        target.display()
+                    )
+                })?;
             let skipped_ranges = damage.ranges.len();
             drop(damage);
             logging::eprint_line(format_args!(
-                "exported {n} messages to {}{}",
-                mbox.display(),
+                "exported {} messages to {}{}{}",
+                report.count,
+                target.display(),
+                match report.cursor {
+                    Some(at) => format!("; cursor at {at}"),
+                    None => String::new(),
+                },
                 if skipped_ranges > 0 {
                     format!("; skipped {skipped_ranges} corrupt range(s)")
                 } else {
@@ -245,6 +263,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             dir,
             corrupt,
             kafka,
+            after_cursor,
             ..
         } => {
             // librdkafka's warnings (unreachable broker, auth) are what an operator
@@ -272,13 +291,26 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             }
             use smtpgw::sink::kafka::{replay_records, ReplayError};
             use smtpgw::sink::spool::{ReadEvent, SpoolReader};
+            let start = match &after_cursor {
+                Some(path) => spool_tool::load_cursor(path)?,
+                None => None,
+            };
+            let open = || match start {
+                Some(position) => SpoolReader::open_from(&dir, position),
+                None => SpoolReader::open(&dir),
+            };
             // Opened before the broker is contacted: a wrong directory fails at once.
-            let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+            let mut reader = open().with_context(in_dir)?;
             let mut read_error = None;
             let mut corrupt_ranges = 0usize;
+            // Every record handed to Kafka, in spool order, for the cursor.
+            let mut handled = Vec::new();
             let records = std::iter::from_fn(|| loop {
                 match reader.next_event()? {
-                    Ok(ReadEvent::Record(record)) => return Some(record),
+                    Ok(ReadEvent::Record(record)) => {
+                        handled.push((record.id, record.next_position()));
+                        return Some(record);
+                    }
                     Ok(ReadEvent::Corrupt(range)) => {
                         corrupt_ranges += 1;
                         logging::eprint_line(format_args!("corrupt: {range}"));
@@ -300,7 +332,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                 Err(ReplayError::Unreachable { brokers, waited }) => {
                     // Name what is left unpublished, as a partial replay does.
                     let mut unpublished = 0usize;
-                    let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+                    let mut reader = open().with_context(in_dir)?;
                     while let Some(event) = reader.next_event() {
                         if let ReadEvent::Record(record) = event.with_context(in_dir)? {
                             eprintln!("{}: not published: no broker", record.id);
@@ -316,6 +348,23 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             };
             for (id, why) in &report.failed {
                 logging::eprint_line(format_args!("{id}: not published: {why}"));
+            }
+            if let Some(path) = &after_cursor {
+                // Past the longest prefix Kafka acknowledged: a rerun starts at the
+                // first message not published, and repeats nothing before it.
+                let failed: std::collections::HashSet<_> =
+                    report.failed.iter().map(|(id, _)| *id).collect();
+                let done = handled
+                    .iter()
+                    .take_while(|(id, _)| !failed.contains(id))
+                    .last();
+                if let Some((id, position)) = done {
+                    spool_tool::save_cursor(path, *position, *id)?;
+                    logging::eprint_line(format_args!(
+                        "cursor {} at {position} (after {id})",
+                        path.display()
+                    ));
+                }
             }
             logging::eprint_line(format_args!(
                 "published {} messages to {}; {} failed{}",

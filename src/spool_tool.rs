@@ -64,7 +64,9 @@ use ulid::Ulid;
 
 use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::writer::{list_segments, sync_dir};
-use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
+use crate::sink::spool::{
+    io_error, CorruptRange, Position, ReadEvent, SpoolError, SpoolReader, SpoolRecord,
+};
 use crate::smtp::address::{escaped, write_escaped, EscapeFor};
 
 /// What a tool met that was not a record, reported on `err` as it was met.
@@ -327,7 +329,62 @@ pub fn export_mbox_since<'e>(
     since: Option<&str>,
     err: &'e mut dyn Write,
 ) -> Result<(usize, Damage<'e>), SpoolError> {
-    let since = since
+    let options = ExportOptions {
+        force,
+        skip_corrupt,
+        since,
+        after_cursor: None,
+    };
+    export(dir, ExportFormat::Mbox, mbox, &options, err).map(|(r, d)| (r.count, d))
+}
+
+/// The layout `spool export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One mboxrd file (see the module documentation).
+    Mbox,
+    /// A directory with `ID.eml` (the stored value) and `ID.json` (the envelope) per
+    /// message (see [`write_eml_message`]).
+    Eml,
+}
+
+/// How `spool export` chooses and writes what it exports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExportOptions<'a> {
+    /// Replace an existing mbox file (an eml export always replaces `ID.*` files: a
+    /// rerun after a crash writes the same bytes again).
+    pub force: bool,
+    pub skip_corrupt: bool,
+    /// Only the messages stored after this id.
+    pub since: Option<&'a str>,
+    /// Only the messages after the position in this cursor file (all if it does not
+    /// exist); once the output is durable, the cursor is moved past what was read.
+    pub after_cursor: Option<&'a Path>,
+}
+
+/// What `spool export` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Messages written.
+    pub count: usize,
+    /// Where the next incremental run starts (the cursor now on disk), if a cursor was
+    /// given and anything was read.
+    pub cursor: Option<Position>,
+}
+
+/// Exports the spool in `format` to `out` (a file for mbox, a directory for eml).
+/// Refuses any corrupt range unless `skip_corrupt`. Nothing counts as exported until
+/// the output is durable: the mbox file is synced and placed whole, eml files are
+/// synced, and only then is the cursor moved (see [`save_cursor`]).
+pub fn export<'e>(
+    dir: &Path,
+    format: ExportFormat,
+    out: &Path,
+    options: &ExportOptions,
+    err: &'e mut dyn Write,
+) -> Result<(ExportReport, Damage<'e>), SpoolError> {
+    let since = options
+        .since
         .map(|id| {
             Ulid::from_string(id).map_err(|_| SpoolError::BadId {
                 id: id.to_owned(),
@@ -335,47 +392,229 @@ pub fn export_mbox_since<'e>(
             })
         })
         .transpose()?;
-    if !force && fs::symlink_metadata(mbox).is_ok() {
+    let start = match options.after_cursor {
+        Some(path) => load_cursor(path)?,
+        None => None,
+    };
+    if format == ExportFormat::Mbox && !options.force && fs::symlink_metadata(out).is_ok() {
         return Err(SpoolError::Exists {
-            path: mbox.to_path_buf(),
+            path: out.to_path_buf(),
         });
     }
     // Open the spool before creating anything, so a wrong directory leaves no file.
-    let mut reader = SpoolReader::open(dir)?;
-    let tmp = temp_path_for(mbox);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_error("create", &tmp))?;
+    let mut reader = match start {
+        Some(position) => SpoolReader::open_from(dir, position)?,
+        None => SpoolReader::open(dir)?,
+    };
     let mut damage = Damage::new(err);
-    let result = write_mbox(
-        &mut reader,
-        &mut damage,
-        skip_corrupt,
-        since.map(|id| (id, dir)),
-        file,
-        &tmp,
-    )
-    .and_then(|count| {
-        let placed = if force {
-            fs::rename(&tmp, mbox)
-        } else {
-            // Never replaces a file that appeared meanwhile.
-            fs::hard_link(&tmp, mbox).and_then(|()| fs::remove_file(&tmp))
-        };
-        match placed {
-            Ok(()) => Ok(count),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(SpoolError::Exists {
-                path: mbox.to_path_buf(),
-            }),
-            Err(e) => Err(io_error("move export to", mbox)(e)),
+    let mut sink: Box<dyn ExportSink> = match format {
+        ExportFormat::Mbox => Box::new(MboxSink::create(out, options.force)?),
+        ExportFormat::Eml => Box::new(EmlSink::create(out)?),
+    };
+    let mut count = 0;
+    let mut last = None;
+    let mut started = since.is_none();
+    let walked = walk(&mut reader, &mut damage, !options.skip_corrupt, |record| {
+        last = Some((record.next_position(), record.id));
+        if !started {
+            started = since.is_some_and(|id| record.id == id);
+            return Ok(Flow::Continue);
         }
+        sink.write(&record)?;
+        count += 1;
+        Ok(Flow::Continue)
+    })
+    .and_then(|()| match since.filter(|_| !started) {
+        Some(id) => Err(SpoolError::NotFound {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+        None => Ok(()),
     });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if let Err(e) = walked {
+        sink.abandon();
+        return Err(e);
     }
-    result.map(|count| (count, damage))
+    sink.finish()?;
+    let mut report = ExportReport {
+        count,
+        cursor: None,
+    };
+    if let (Some(path), Some((position, id))) = (options.after_cursor, last) {
+        save_cursor(path, position, id)?;
+        report.cursor = Some(position);
+    }
+    Ok((report, damage))
+}
+
+/// Where `spool export` puts messages.
+trait ExportSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError>;
+    /// Makes everything written durable and visible.
+    fn finish(self: Box<Self>) -> Result<(), SpoolError>;
+    /// Leaves as little as possible behind after a failure.
+    fn abandon(self: Box<Self>);
+}
+
+/// An mbox written under a temporary name and placed whole.
+struct MboxSink {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    target: PathBuf,
+    force: bool,
+}
+
+impl MboxSink {
+    fn create(target: &Path, force: bool) -> Result<MboxSink, SpoolError> {
+        let tmp = temp_path_for(target);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_error("create", &tmp))?;
+        Ok(MboxSink {
+            out: BufWriter::with_capacity(256 << 10, file),
+            tmp,
+            target: target.to_path_buf(),
+            force,
+        })
+    }
+}
+
+impl ExportSink for MboxSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError> {
+        write_mbox_message(&mut self.out, record).map_err(io_error("write", &self.tmp))
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), SpoolError> {
+        let MboxSink {
+            out,
+            tmp,
+            target,
+            force,
+        } = *self;
+        let write_error = io_error("write", &tmp);
+        let placed = out
+            .into_inner()
+            .map_err(|e| write_error(e.into_error()))
+            .and_then(|file| file.sync_all().map_err(write_error))
+            .and_then(|()| {
+                let placed = if force {
+                    fs::rename(&tmp, &target)
+                } else {
+                    // Never replaces a file that appeared meanwhile.
+                    fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp))
+                };
+                placed.map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        SpoolError::Exists {
+                            path: target.clone(),
+                        }
+                    } else {
+                        io_error("move export to", &target)(e)
+                    }
+                })
+            })
+            .and_then(|()| sync_dir(parent_of(&target)));
+        if placed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        placed
+    }
+
+    fn abandon(self: Box<Self>) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A directory of `ID.eml` and `ID.json` files.
+struct EmlSink {
+    dir: PathBuf,
+}
+
+impl EmlSink {
+    fn create(dir: &Path) -> Result<EmlSink, SpoolError> {
+        fs::create_dir_all(dir).map_err(io_error("create export directory", dir))?;
+        Ok(EmlSink {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl ExportSink for EmlSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError> {
+        write_eml_message(&self.dir, record)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), SpoolError> {
+        // One sync of the file system the directory is on, rather than two `fsync`s
+        // per message: nothing counts as exported (the cursor does not move) before it
+        // returns, and `syncfs` reports a write-back error since the directory was
+        // opened.
+        let dir = File::open(&self.dir).map_err(io_error("open export directory", &self.dir))?;
+        rustix::fs::syncfs(&dir)
+            .map_err(|e| io_error("sync export directory", &self.dir)(io::Error::from(e)))
+    }
+
+    fn abandon(self: Box<Self>) {}
+}
+
+/// Writes `ID.eml`, the stored value (the `Received:` line, then the message exactly
+/// as received), and `ID.json`, the envelope: `id`, `received_at` (RFC 3339, UTC,
+/// microseconds), `timestamp_ms` (the Kafka record's timestamp), `eml` (the file
+/// name), `body_offset` (where the client's bytes start in the `.eml`), `mail_from`,
+/// `rcpt_to` (a list, in RCPT order; a Bcc recipient is only here) and `headers`:
+/// every record header in stored order, repeats kept, as `{"name": N, "value": V}`,
+/// exactly as the Kafka record has them (docs/record.md). A value that is not UTF-8
+/// is written as `{"hex": "..."}`. Each file is written under a temporary name and
+/// renamed, so a file named `ID.*` is never half written.
+pub fn write_eml_message(dir: &Path, record: &SpoolRecord) -> Result<(), SpoolError> {
+    let id = record.id.to_string();
+    let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+        Ok(s) => serde_json::Value::from(s),
+        Err(_) => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({ "hex": hex })
+        }
+    };
+    let headers: Vec<serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(name, value)| serde_json::json!({ "name": name, "value": text(value) }))
+        .collect();
+    let envelope = serde_json::json!({
+        "id": id,
+        "received_at": record.received_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "timestamp_ms": record.received_at.timestamp_millis(),
+        "eml": format!("{id}.eml"),
+        "body_offset": record.body_offset(),
+        "mail_from": text(record.mail_from()),
+        "rcpt_to": record.headers_named("smtp.rcpt_to").map(text).collect::<Vec<_>>(),
+        "headers": headers,
+    });
+    let mut json = serde_json::to_vec_pretty(&envelope).unwrap_or_default();
+    json.push(b'\n');
+    place_file(dir, &format!("{id}.eml"), record.value())?;
+    place_file(dir, &format!("{id}.json"), &json)
+}
+
+fn place_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    let target = dir.join(name);
+    let tmp = temp_path_for(&target);
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| fs::rename(&tmp, &target));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write", &target)(e));
+    }
+    Ok(())
 }
 
 fn temp_path_for(target: &Path) -> PathBuf {
@@ -384,36 +623,63 @@ fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
-fn write_mbox(
-    reader: &mut SpoolReader,
-    damage: &mut Damage,
-    skip_corrupt: bool,
-    since: Option<(Ulid, &Path)>,
-    file: File,
-    tmp: &Path,
-) -> Result<usize, SpoolError> {
-    let write_error = io_error("write", tmp);
-    let mut out = BufWriter::with_capacity(256 << 10, file);
-    let mut count = 0;
-    let mut started = since.is_none();
-    walk(reader, damage, !skip_corrupt, |record| {
-        if !started {
-            started = since.is_some_and(|(id, _)| record.id == id);
-            return Ok(Flow::Continue);
+/// The first words of a cursor file, naming its format.
+const CURSOR_TAG: &str = "smtpgw-spool-cursor 1";
+
+/// Reads an export/replay cursor: `None` if the file does not exist (start at the
+/// oldest message). The file is one line, `smtpgw-spool-cursor 1 SEGMENT:OFFSET ID`:
+/// the position right after the last message handled (segment number and byte offset,
+/// which stay valid when the segments before it are pruned) and that message's id
+/// (for people). Anything else is an error naming the file, never a silent restart.
+pub fn load_cursor(path: &Path) -> Result<Option<Position>, SpoolError> {
+    let bad = |why: &str| SpoolError::BadCursor {
+        path: path.to_path_buf(),
+        why: why.to_owned(),
+    };
+    let text = match crate::files::read_regular_file(path, 4096) {
+        Ok(bytes) => bytes,
+        Err(crate::files::FileError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(None)
         }
-        write_mbox_message(&mut out, &record).map_err(write_error)?;
-        count += 1;
-        Ok(Flow::Continue)
-    })?;
-    if let Some((id, dir)) = since.filter(|_| !started) {
-        return Err(SpoolError::NotFound {
-            id: id.to_string(),
-            dir: dir.to_path_buf(),
-        });
+        Err(e) => return Err(bad(&e.to_string())),
+    };
+    let text = std::str::from_utf8(&text).map_err(|_| bad("not UTF-8"))?;
+    let rest = text
+        .strip_suffix('\n')
+        .and_then(|line| line.strip_prefix(CURSOR_TAG))
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or_else(|| {
+            bad(&format!(
+                "not a cursor (expected one line `{CURSOR_TAG} SEGMENT:OFFSET ID`)"
+            ))
+        })?;
+    let mut fields = rest.split(' ');
+    let (Some(position), Some(id), None) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(bad("expected `SEGMENT:OFFSET ID` after the tag"));
+    };
+    Ulid::from_string(id).map_err(|_| bad("the id is not a ULID"))?;
+    let (segment, offset) = position
+        .split_once(':')
+        .and_then(|(s, o)| Some((s.parse().ok()?, o.parse().ok()?)))
+        .ok_or_else(|| bad("the position is not SEGMENT:OFFSET"))?;
+    Ok(Some(Position { segment, offset }))
+}
+
+/// Replaces the cursor at `path` atomically: written to a temporary file next to it,
+/// `fsync`ed, renamed over it, and the directory `fsync`ed. A crash leaves the old
+/// cursor or the new one, so a rerun repeats at most the last run's messages and never
+/// skips one. Call only once the output it stands for is durable.
+pub fn save_cursor(path: &Path, position: Position, last: Ulid) -> Result<(), SpoolError> {
+    let tmp = temp_path_for(path);
+    let line = format!("{CURSOR_TAG} {position} {last}\n");
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write cursor", path)(e));
     }
-    let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
-    file.sync_all().map_err(write_error)?;
-    Ok(count)
+    sync_dir(parent_of(path))
 }
 
 fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<()> {

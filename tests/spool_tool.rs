@@ -361,3 +361,173 @@ fn export_since_an_id_is_incremental() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&missing));
 }
+
+fn smtpgw_bin() -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_smtpgw"));
+    cmd.env_remove("SMTPGW_SPOOL_DIR");
+    cmd
+}
+
+/// `--format eml`: one `.eml` per message holding the stored value exactly, and a JSON
+/// envelope with every record header as stored (the Bcc recipient included), through
+/// the binary.
+#[test]
+fn eml_export_writes_the_value_and_the_whole_envelope() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let sent = [
+        message(
+            "sender@example.com",
+            &["visible@example.com", "hidden@example.net"],
+            b"From: sender@example.com\r\nTo: visible@example.com\r\n\r\nbody\r\n",
+        ),
+        message("", &["postmaster"], b"\xff\0binary\r\n"),
+    ];
+    spool_of(&spool, &sent);
+    let out_dir = tmp.path().join("eml");
+    let out = smtpgw_bin()
+        .args(["spool", "export", "--spool-dir"])
+        .arg(&spool)
+        .args(["--format", "eml"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut names: Vec<String> = fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = sent
+        .iter()
+        .flat_map(|m| [format!("{}.eml", m.id), format!("{}.json", m.id)])
+        .collect();
+    want.sort();
+    assert_eq!(names, want, "no temporary file left");
+    for msg in &sent {
+        let eml = fs::read(out_dir.join(format!("{}.eml", msg.id))).unwrap();
+        assert_eq!(eml, &msg.value[..]);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(out_dir.join(format!("{}.json", msg.id))).unwrap())
+                .unwrap();
+        assert_eq!(json["id"], msg.id.to_string());
+        assert_eq!(json["body_offset"], msg.body_offset);
+        let headers: Vec<(String, Vec<u8>)> = json["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                let value = h["value"].as_str().unwrap().as_bytes().to_vec();
+                (h["name"].as_str().unwrap().to_owned(), value)
+            })
+            .collect();
+        assert_eq!(
+            headers,
+            spool_support::headers_of(msg),
+            "every header, in order"
+        );
+    }
+    let first: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_dir.join(format!("{}.json", sent[0].id))).unwrap())
+            .unwrap();
+    assert_eq!(first["mail_from"], "sender@example.com");
+    assert_eq!(
+        first["rcpt_to"],
+        serde_json::json!(["visible@example.com", "hidden@example.net"]),
+        "the Bcc recipient survives the export"
+    );
+}
+
+/// `--after-cursor`: two runs with new mail in between emit each message once, a run
+/// with nothing new writes nothing and leaves the cursor; a damaged cursor file is an
+/// error naming it, never a silent restart from the beginning.
+#[test]
+fn export_after_a_cursor_emits_each_message_once() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let cursor = tmp.path().join("export.cursor");
+    let batch = |tag: &str, n: usize| -> Vec<SealedMessage> {
+        (0..n)
+            .map(|i| {
+                message(
+                    "a@example.com",
+                    &["b@example.com"],
+                    format!("{tag} {i}\r\n").as_bytes(),
+                )
+            })
+            .collect()
+    };
+    let run = |out: &Path, format: &str| {
+        let out = smtpgw_bin()
+            .args(["spool", "export", "--spool-dir"])
+            .arg(&spool)
+            .args(["--format", format])
+            .arg(out)
+            .arg("--after-cursor")
+            .arg(&cursor)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = batch("first", 3);
+    spool_of(&spool, &first);
+    let stderr = run(&tmp.path().join("1.mbox"), "mbox");
+    assert!(stderr.contains("exported 3 messages"), "{stderr}");
+    let saved = fs::read_to_string(&cursor).unwrap();
+    assert!(
+        saved.starts_with("smtpgw-spool-cursor 1 ")
+            && saved.ends_with(&format!(" {}\n", first[2].id)),
+        "{saved}"
+    );
+
+    let later = batch("later", 2);
+    spool_of(&spool, &later);
+    let stderr = run(&tmp.path().join("2.mbox"), "mbox");
+    assert!(stderr.contains("exported 2 messages"), "{stderr}");
+    let values = |path: &Path| -> Vec<Vec<u8>> {
+        read_mboxrd(&fs::read(path).unwrap())
+            .into_iter()
+            .map(|(_, body)| added_lines(&body).1)
+            .collect()
+    };
+    let mut all = values(&tmp.path().join("1.mbox"));
+    all.extend(values(&tmp.path().join("2.mbox")));
+    let sent: Vec<Vec<u8>> = first
+        .iter()
+        .chain(&later)
+        .map(|m| m.value.to_vec())
+        .collect();
+    assert_eq!(all, sent, "each message exactly once, in order");
+
+    // Nothing new: nothing written, the cursor stays.
+    let before = fs::read(&cursor).unwrap();
+    let eml = tmp.path().join("eml");
+    let stderr = run(&eml, "eml");
+    assert!(stderr.contains("exported 0 messages"), "{stderr}");
+    assert_eq!(fs::read_dir(&eml).unwrap().count(), 0);
+    assert_eq!(fs::read(&cursor).unwrap(), before);
+    // The same cursor drives an eml export of what comes next.
+    let third = batch("third", 1);
+    spool_of(&spool, &third);
+    run(&eml, "eml");
+    assert_eq!(
+        fs::read(eml.join(format!("{}.eml", third[0].id))).unwrap(),
+        &third[0].value[..]
+    );
+    assert_eq!(fs::read_dir(&eml).unwrap().count(), 2);
+
+    fs::write(&cursor, b"smtpgw-spool-cursor 1 garbage\n").unwrap();
+    let out = smtpgw_bin()
+        .args(["spool", "export", "--spool-dir"])
+        .arg(&spool)
+        .arg(tmp.path().join("3.mbox"))
+        .arg("--after-cursor")
+        .arg(&cursor)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&cursor.display().to_string()), "{stderr}");
+    assert!(!tmp.path().join("3.mbox").exists());
+}

@@ -191,6 +191,8 @@ pub enum SpoolError {
     SegmentOpen { seq: u64 },
     #[error("cannot start the spool writer thread: {0}")]
     Thread(io::Error),
+    #[error("cursor file {}: {why}; fix or remove it (removing it starts from the oldest message)", path.display())]
+    BadCursor { path: PathBuf, why: String },
 }
 
 impl SpoolError {
