@@ -49,7 +49,8 @@ def test_missing_spool_argument_is_named():
     result = run_binary("spool", "export", timeout=10)
     stderr = result.stderr.decode()
     assert result.returncode == 2, stderr
-    assert "--mbox <FILE>" in stderr, stderr
+    # OUT (the mbox file or eml directory), or the older `--mbox FILE`.
+    assert "<OUT>" in stderr, stderr
 
 
 @pytest.mark.parametrize(
