@@ -778,6 +778,46 @@ pub enum SpoolCommand {
         dir: SpoolDirArg,
         #[command(flatten)]
         corrupt: SkipCorruptArg,
+        /// Also the state (pending, forwarded, held, deleted; stored without a
+        /// forwarder), the client address and every recipient.
+        #[arg(long)]
+        long: bool,
+        /// Only the messages the Kafka forwarder (`--spool-fallback`) has not
+        /// forwarded yet.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Keep a message from forwarding, replay and export until `release` (appends a
+    /// tombstone; safe while the gateway runs). Exit 2 if the id is not in the spool.
+    Hold {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Undo `hold`: the message is forwarded (if the spool has a forwarder) and
+    /// replayed and exported again.
+    Release {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Never forward, replay or export a message again (final; its bytes stay in its
+    /// segment until `prune` deletes the segment).
+    Delete {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Counts and bytes by state and by age, the oldest pending message and the
+    /// forwarder's lag.
+    Stat {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
     /// Print one stored message (on a terminal, control characters are escaped).
     Cat {
@@ -1141,6 +1181,10 @@ impl SpoolCommand {
     fn dir_mut(&mut self) -> &mut SpoolDirArg {
         match self {
             SpoolCommand::Ls { dir, .. }
+            | SpoolCommand::Hold { dir, .. }
+            | SpoolCommand::Release { dir, .. }
+            | SpoolCommand::Delete { dir, .. }
+            | SpoolCommand::Stat { dir, .. }
             | SpoolCommand::Cat { dir, .. }
             | SpoolCommand::Export { dir, .. }
             | SpoolCommand::Replay { dir, .. }

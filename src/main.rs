@@ -27,10 +27,21 @@ fn run() -> ExitCode {
         Err(e) => return clap_error(e),
     };
     match cli.command {
-        Some(Command::Spool(cmd)) => match spool(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(FAILURE, format_args!("{e:#}")),
-        },
+        Some(Command::Spool(cmd)) => {
+            let marks = matches!(
+                cmd,
+                SpoolCommand::Hold { .. }
+                    | SpoolCommand::Release { .. }
+                    | SpoolCommand::Delete { .. }
+            );
+            match spool(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                // A hold, release or delete of an id the spool does not hold is a
+                // usage error: nothing was written.
+                Err(e) if marks && unknown_id(&e) => fail(USAGE, format_args!("{e:#}")),
+                Err(e) => fail(FAILURE, format_args!("{e:#}")),
+            }
+        }
         Some(Command::CheckConfig(args)) => match check_config(*args) {
             Ok(()) => ExitCode::SUCCESS,
             // `{e}`: each error names its cause already, as at start.
@@ -81,6 +92,16 @@ fn check_config(args: smtpgw::config::ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn unknown_id(e: &anyhow::Error) -> bool {
+    use smtpgw::sink::spool::SpoolError;
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<SpoolError>(),
+            Some(SpoolError::NotFound { .. } | SpoolError::BadId { .. })
+        )
+    })
+}
+
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {
     // Never eprintln!: it panics when stderr is gone, turning any exit into 101. Lines
     // queued before go first, so the error is the last line.
@@ -127,19 +148,59 @@ fn skipped(
     Ok(())
 }
 
+/// `spool hold | release | delete ID`.
+fn mark(
+    dir: &smtpgw::config::SpoolDirArg,
+    id: &str,
+    action: smtpgw::sink::spool::tombstone::Action,
+) -> anyhow::Result<()> {
+    use smtpgw::sink::spool::tombstone::Action;
+    use smtpgw::spool_tool::{self, Marked};
+    let (dir, _) = dir.resolve()?;
+    let marked = spool_tool::mark(&dir, id, action)
+        .with_context(|| format!("--spool-dir {}", dir.display()))?;
+    let what = match (action, marked) {
+        (Action::Hold, Marked::Done) => "held",
+        (Action::Hold, Marked::Already) => "already held",
+        (Action::Release, _) => "released",
+        (_, Marked::Done) => "deleted",
+        (_, Marked::Already) => "already deleted",
+    };
+    logging::eprint_line(format_args!("{id}: {what}"));
+    Ok(())
+}
+
 fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
+    use smtpgw::sink::spool::tombstone::Action;
     use smtpgw::spool_tool;
+
     let stdout = std::io::stdout();
     let escaped = stdout.is_terminal();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut err = std::io::stderr();
     match cmd {
-        SpoolCommand::Ls { dir, corrupt } => {
+        SpoolCommand::Ls {
+            dir,
+            corrupt,
+            long,
+            pending,
+        } => {
             let (dir, _) = dir.resolve()?;
-            let damage = spool_tool::ls_reporting(&dir, &mut out, &mut err)
+            let options = spool_tool::LsOptions { long, pending };
+            let damage = spool_tool::ls_with(&dir, options, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
             out.flush().context("writing to stdout")?;
             skipped(&damage, corrupt.skip_corrupt, "spool ls")?;
+        }
+        SpoolCommand::Hold { dir, id } => mark(&dir, &id, Action::Hold)?,
+        SpoolCommand::Release { dir, id } => mark(&dir, &id, Action::Release)?,
+        SpoolCommand::Delete { dir, id } => mark(&dir, &id, Action::Delete)?,
+        SpoolCommand::Stat { dir, corrupt } => {
+            let (dir, _) = dir.resolve()?;
+            let damage = spool_tool::stat(&dir, chrono::Utc::now(), &mut out, &mut err)
+                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool stat")?;
         }
         SpoolCommand::Cat {
             dir,
@@ -195,9 +256,14 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             let skipped_ranges = damage.ranges.len();
             drop(damage);
             logging::eprint_line(format_args!(
-                "exported {} messages to {}{}{}",
+                "exported {} messages to {}{}{}{}",
                 report.count,
                 target.display(),
+                if report.skipped > 0 {
+                    format!("; left out {} held or deleted", report.skipped)
+                } else {
+                    String::new()
+                },
                 match report.cursor {
                     Some(at) => format!("; cursor at {at}"),
                     None => String::new(),
@@ -245,6 +311,12 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     String::new()
                 }
             ));
+            if report.kept_held > 0 {
+                logging::eprint_line(format_args!(
+                    "kept {} segment(s) holding held messages (or released ones not yet forwarded)",
+                    report.kept_held
+                ));
+            }
             if report.kept_unforwarded > 0 {
                 logging::eprint_line(format_args!(
                     "kept {} segment(s) the Kafka forwarder has not published yet",
@@ -305,10 +377,18 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             let mut corrupt_ranges = 0usize;
             // Every record handed to Kafka, in spool order, for the cursor.
             let mut handled = Vec::new();
+            // Held and deleted messages are not published (but the cursor passes them).
+            let tombstones =
+                smtpgw::sink::spool::tombstone::read_tombstones(&dir).with_context(in_dir)?;
+            let mut held_back = 0usize;
             let records = std::iter::from_fn(|| loop {
                 match reader.next_event()? {
                     Ok(ReadEvent::Record(record)) => {
                         handled.push((record.id, record.next_position()));
+                        if tombstones.skips(&record.id) {
+                            held_back += 1;
+                            continue;
+                        }
                         return Some(record);
                     }
                     Ok(ReadEvent::Corrupt(range)) => {
@@ -365,6 +445,11 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                         path.display()
                     ));
                 }
+            }
+            if held_back > 0 {
+                logging::eprint_line(format_args!(
+                    "left out {held_back} held or deleted message(s)"
+                ));
             }
             logging::eprint_line(format_args!(
                 "published {} messages to {}; {} failed{}",

@@ -62,7 +62,11 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use ulid::Ulid;
 
+use crate::sink::forward::{read_forward_progress, ForwardProgress};
 use crate::sink::spool::reader::{open_segment, Opened};
+use crate::sink::spool::tombstone::{
+    append_tombstone, read_tombstones, Action, Tombstone, Tombstones,
+};
 use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{
     io_error, CorruptRange, Position, ReadEvent, SpoolError, SpoolReader, SpoolRecord,
@@ -159,34 +163,354 @@ pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
     }
 }
 
+/// What `spool ls` shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LsOptions {
+    /// `--long`: state, client and every recipient too.
+    pub long: bool,
+    /// `--pending`: only what the forwarder has not forwarded yet.
+    pub pending: bool,
+}
+
+/// A message's state for `ls --long` and `stat`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MessageState {
+    /// The forwarder (`--spool-fallback`) has not published it yet.
+    Pending,
+    /// Kafka acknowledged it (the forward cursor is past it).
+    Forwarded,
+    /// Kept from forwarding, replay and export (`spool hold`).
+    Held,
+    /// `spool delete`d: never forwarded, replayed or exported again.
+    Deleted,
+    /// In a spool without a forwarder (`--sink spool`): stored, nothing sends it.
+    Stored,
+}
+
+impl MessageState {
+    pub const ALL: [MessageState; 5] = [
+        MessageState::Pending,
+        MessageState::Forwarded,
+        MessageState::Held,
+        MessageState::Deleted,
+        MessageState::Stored,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageState::Pending => "pending",
+            MessageState::Forwarded => "forwarded",
+            MessageState::Held => "held",
+            MessageState::Deleted => "deleted",
+            MessageState::Stored => "stored",
+        }
+    }
+}
+
+/// What the tools know about the spool beside its records: the tombstones and the
+/// forwarder's progress.
+pub struct SpoolView {
+    pub tombstones: Tombstones,
+    pub forward: Option<ForwardProgress>,
+}
+
+impl SpoolView {
+    pub fn open(dir: &Path) -> Result<SpoolView, SpoolError> {
+        Ok(SpoolView {
+            tombstones: read_tombstones(dir)?,
+            forward: read_forward_progress(dir)?,
+        })
+    }
+
+    pub fn state(&self, record: &SpoolRecord) -> MessageState {
+        let tomb = self.tombstones.state(&record.id);
+        match tomb {
+            Some(t) if t.deleted => return MessageState::Deleted,
+            Some(t) if t.held => return MessageState::Held,
+            _ => {}
+        }
+        let Some(forward) = self.forward else {
+            return MessageState::Stored;
+        };
+        match tomb {
+            Some(t) if t.forwarded || (t.released && t.sent_before_hold) => MessageState::Forwarded,
+            Some(t) if t.awaits_forwarding() => MessageState::Pending,
+            _ if forward.forwarded(record) => MessageState::Forwarded,
+            _ => MessageState::Pending,
+        }
+    }
+}
+
 /// [`ls`], reporting damage on `err` and returning it instead of failing.
 pub fn ls_reporting<'e>(
     dir: &Path,
     out: &mut dyn Write,
     err: &'e mut dyn Write,
 ) -> Result<Damage<'e>, SpoolError> {
+    ls_with(dir, LsOptions::default(), out, err)
+}
+
+/// [`ls_reporting`] with `--long` / `--pending`. The long line is
+/// `ID  RECEIVED_AT  BODY_BYTES  STATE  CLIENT  <MAIL_FROM>  <RCPT>,<RCPT>...`.
+pub fn ls_with<'e>(
+    dir: &Path,
+    options: LsOptions,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
     let mut out = BufWriter::new(out);
     let mut damage = Damage::new(err);
     let mut reader = SpoolReader::open(dir)?;
+    let view = if options.long || options.pending {
+        Some(SpoolView::open(dir)?)
+    } else {
+        None
+    };
     walk(&mut reader, &mut damage, false, |record| {
-        writeln!(
-            out,
-            "{}  {}  {}  <{}>  {} rcpt",
-            record.id,
-            record
-                .received_at
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
-            record.body().len(),
-            // Client text on a terminal: nothing in it may move the cursor, recolour
-            // the screen or reorder what is shown.
-            escape(record.mail_from()),
-            record.rcpt_count()
-        )
-        .map_err(SpoolError::Output)?;
+        let state = view.as_ref().map(|v| v.state(&record));
+        if options.pending && state != Some(MessageState::Pending) {
+            return Ok(Flow::Continue);
+        }
+        let received = record
+            .received_at
+            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        // Client text on a terminal: nothing in it may move the cursor, recolour the
+        // screen or reorder what is shown.
+        let line = match state.filter(|_| options.long) {
+            Some(state) => {
+                let rcpts: Vec<String> = record
+                    .headers_named("smtp.rcpt_to")
+                    .map(|r| format!("<{}>", escape(r)))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}  {received}  {}  {}  {}  <{}>  {}",
+                    record.id,
+                    record.body().len(),
+                    state.name(),
+                    escape(record.header("smtp.client_addr").unwrap_or_default()),
+                    escape(record.mail_from()),
+                    rcpts.join(",")
+                )
+            }
+            None => writeln!(
+                out,
+                "{}  {received}  {}  <{}>  {} rcpt",
+                record.id,
+                record.body().len(),
+                escape(record.mail_from()),
+                record.rcpt_count()
+            ),
+        };
+        line.map_err(SpoolError::Output)?;
         Ok(Flow::Continue)
     })?;
     out.flush().map_err(SpoolError::Output)?;
     Ok(damage)
+}
+
+/// What `spool hold | release | delete` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Marked {
+    /// A tombstone was appended.
+    Done,
+    /// The message was in that state already; nothing was written.
+    Already,
+}
+
+/// Appends a hold, release or delete tombstone for message `id` (see
+/// [`crate::sink::spool::tombstone`]). The message must be in the spool: an unknown
+/// or malformed id is [`SpoolError::NotFound`] / [`SpoolError::BadId`] (the command
+/// exits 2); releasing a message that is not held, or holding or releasing a deleted
+/// one, is [`SpoolError::State`]. Safe next to a running gateway: the forwarder reads
+/// the log before it reads more records.
+pub fn mark(dir: &Path, id: &str, action: Action) -> Result<Marked, SpoolError> {
+    let wanted = Ulid::from_string(id).map_err(|_| SpoolError::BadId {
+        id: id.to_owned(),
+        dir: dir.to_path_buf(),
+    })?;
+    let mut reader = SpoolReader::open(dir)?;
+    let mut found = None;
+    let mut sink = io::sink();
+    let mut damage = Damage::new(&mut sink);
+    walk(&mut reader, &mut damage, false, |record| {
+        if record.id == wanted {
+            found = Some(record);
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    })?;
+    let Some(record) = found else {
+        return Err(SpoolError::NotFound {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+        });
+    };
+    let view = SpoolView::open(dir)?;
+    let state = view.tombstones.state(&wanted).copied();
+    let conflict = |why: &str| SpoolError::State {
+        id: wanted.to_string(),
+        why: why.to_owned(),
+    };
+    let deleted = state.is_some_and(|s| s.deleted);
+    let held = state.is_some_and(|s| s.held);
+    match action {
+        Action::Hold if deleted => return Err(conflict("it is deleted")),
+        Action::Hold if held => return Ok(Marked::Already),
+        Action::Release if deleted => return Err(conflict("it is deleted")),
+        Action::Release if !held => return Err(conflict("it is not held")),
+        Action::Delete if deleted => return Ok(Marked::Already),
+        Action::Forwarded => return Err(conflict("only the forwarder marks messages forwarded")),
+        _ => {}
+    }
+    let sent = view.forward.is_some_and(|f| f.handed_over(&record));
+    append_tombstone(
+        dir,
+        &Tombstone {
+            action,
+            id: wanted,
+            position: record.position(),
+            at: Utc::now(),
+            sent: action == Action::Hold && sent,
+        },
+    )?;
+    Ok(Marked::Done)
+}
+
+/// The age buckets of `spool stat`: upper bounds in seconds (the last is open).
+const AGE_BUCKETS: [(u64, &str); 5] = [
+    (60, "< 1 min"),
+    (3600, "< 1 h"),
+    (86_400, "< 1 day"),
+    (7 * 86_400, "< 7 days"),
+    (u64::MAX, ">= 7 days"),
+];
+
+/// What `spool stat` counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// (messages, bytes on disk) per state, in [`MessageState::ALL`] order.
+    pub by_state: [(u64, u64); 5],
+    /// (messages, bytes on disk) per age bucket.
+    pub by_age: [(u64, u64); 5],
+    /// The oldest message not yet forwarded (pending), or without a forwarder the
+    /// oldest stored one: id and time of receipt.
+    pub oldest_pending: Option<(Ulid, DateTime<Utc>)>,
+    /// The forwarder's durable cursor, if the spool has a forwarder.
+    pub forward_cursor: Option<Position>,
+}
+
+/// Counts the spool's messages by state and by age at `now` and prints a summary (a
+/// `postqueue -p`-like view): per state and per age bucket the messages and their bytes
+/// on disk, the oldest pending message, and the forwarder's lag (the age of that
+/// message: how far behind the forwarder is). Damage is reported on `err` and counted
+/// in the returned [`Damage`].
+pub fn stat<'e>(
+    dir: &Path,
+    now: DateTime<Utc>,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
+    let (stat, damage) = stat_of(dir, now, err)?;
+    let mut out = BufWriter::new(out);
+    let w = &mut out;
+    let has_forwarder = stat.forward_cursor.is_some();
+    let mut lines = String::new();
+    lines.push_str(&format!(
+        "{:<12}{:>12}{:>16}\n",
+        "state", "messages", "bytes"
+    ));
+    let (mut total, mut total_bytes) = (0, 0);
+    for (state, (n, bytes)) in MessageState::ALL.iter().zip(stat.by_state) {
+        let shown = match state {
+            MessageState::Stored => !has_forwarder,
+            MessageState::Pending | MessageState::Forwarded => has_forwarder,
+            _ => true,
+        };
+        if shown {
+            lines.push_str(&format!("{:<12}{n:>12}{bytes:>16}\n", state.name()));
+        }
+        total += n;
+        total_bytes += bytes;
+    }
+    lines.push_str(&format!("{:<12}{total:>12}{total_bytes:>16}\n", "total"));
+    lines.push_str(&format!(
+        "\n{:<12}{:>12}{:>16}\n",
+        "age", "messages", "bytes"
+    ));
+    for ((_, name), (n, bytes)) in AGE_BUCKETS.iter().zip(stat.by_age) {
+        lines.push_str(&format!("{name:<12}{n:>12}{bytes:>16}\n"));
+    }
+    lines.push('\n');
+    let age = |at: DateTime<Utc>| {
+        let secs = (now - at).num_seconds().max(0) as u64;
+        humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    };
+    let waiting = if has_forwarder { "pending" } else { "stored" };
+    match stat.oldest_pending {
+        Some((id, at)) => lines.push_str(&format!(
+            "oldest {waiting}: {id} received {} ({} ago)\n",
+            at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            age(at)
+        )),
+        None => lines.push_str(&format!("oldest {waiting}: none\n")),
+    }
+    match stat.forward_cursor {
+        Some(cursor) => lines.push_str(&format!(
+            "forwarder: cursor {cursor}; {} pending ({} bytes); lag {}\n",
+            stat.by_state[0].0,
+            stat.by_state[0].1,
+            stat.oldest_pending
+                .map_or_else(|| "0s".to_owned(), |(_, at)| age(at)),
+        )),
+        None => lines.push_str(
+            "forwarder: none (no FORWARD cursor: this spool is not a --spool-fallback)\n",
+        ),
+    }
+    w.write_all(lines.as_bytes())
+        .and_then(|()| w.flush())
+        .map_err(SpoolError::Output)?;
+    Ok(damage)
+}
+
+/// The counting of [`stat`], without the printing.
+pub fn stat_of<'e>(
+    dir: &Path,
+    now: DateTime<Utc>,
+    err: &'e mut dyn Write,
+) -> Result<(Stat, Damage<'e>), SpoolError> {
+    let mut damage = Damage::new(err);
+    let mut reader = SpoolReader::open(dir)?;
+    let view = SpoolView::open(dir)?;
+    let mut stat = Stat {
+        forward_cursor: view.forward.map(|f| f.cursor),
+        ..Stat::default()
+    };
+    walk(&mut reader, &mut damage, false, |record| {
+        let state = view.state(&record);
+        let index = MessageState::ALL
+            .iter()
+            .position(|s| *s == state)
+            .unwrap_or_default();
+        stat.by_state[index].0 += 1;
+        stat.by_state[index].1 += record.frame_len;
+        let age = (now - record.received_at).num_seconds().max(0) as u64;
+        let bucket = AGE_BUCKETS
+            .iter()
+            .position(|(limit, _)| age < *limit)
+            .unwrap_or(AGE_BUCKETS.len() - 1);
+        stat.by_age[bucket].0 += 1;
+        stat.by_age[bucket].1 += record.frame_len;
+        if matches!(state, MessageState::Pending | MessageState::Stored)
+            && stat
+                .oldest_pending
+                .is_none_or(|(_, at)| record.received_at < at)
+        {
+            stat.oldest_pending = Some((record.id, record.received_at));
+        }
+        Ok(Flow::Continue)
+    })?;
+    Ok((stat, damage))
 }
 
 /// What `spool cat` prints of a message.
@@ -367,6 +691,8 @@ pub struct ExportOptions<'a> {
 pub struct ExportReport {
     /// Messages written.
     pub count: usize,
+    /// Messages left out because they are held or deleted.
+    pub skipped: usize,
     /// Where the next incremental run starts (the cursor now on disk), if a cursor was
     /// given and anything was read.
     pub cursor: Option<Position>,
@@ -411,13 +737,19 @@ pub fn export<'e>(
         ExportFormat::Mbox => Box::new(MboxSink::create(out, options.force)?),
         ExportFormat::Eml => Box::new(EmlSink::create(out)?),
     };
+    let tombstones = read_tombstones(dir)?;
     let mut count = 0;
+    let mut skipped = 0;
     let mut last = None;
     let mut started = since.is_none();
     let walked = walk(&mut reader, &mut damage, !options.skip_corrupt, |record| {
         last = Some((record.next_position(), record.id));
         if !started {
             started = since.is_some_and(|id| record.id == id);
+            return Ok(Flow::Continue);
+        }
+        if tombstones.skips(&record.id) {
+            skipped += 1;
             return Ok(Flow::Continue);
         }
         sink.write(&record)?;
@@ -438,6 +770,7 @@ pub fn export<'e>(
     sink.finish()?;
     let mut report = ExportReport {
         count,
+        skipped,
         cursor: None,
     };
     if let (Some(path), Some((position, id))) = (options.after_cursor, last) {
@@ -746,6 +1079,8 @@ pub struct CheckSummary {
     pub corrupt_ranges: u64,
     pub corrupt_bytes: u64,
     pub torn_tail_bytes: u64,
+    /// Records in the tombstone log (damaged ones included).
+    pub tombstones: u64,
 }
 
 /// Verifies every record (frame, checksum, payload) and writes a summary to `out`;
@@ -769,15 +1104,28 @@ pub fn check(
             ReadEvent::SegmentEnd { .. } => summary.segments += 1,
         }
     }
+    let tombstones = read_tombstones(dir)?;
+    summary.tombstones = tombstones.records;
+    for range in tombstones.damaged {
+        damage.corrupt(range);
+    }
+    if let Some(range) = tombstones.torn_tail {
+        let _ = writeln!(
+            damage.err,
+            "note: tombstone append cut short, not counted as corruption (never reported \
+             as done; the next hold, release or delete cuts it off): {range}"
+        );
+    }
     summary.corrupt_ranges = damage.ranges.len() as u64;
     summary.corrupt_bytes = damage.corrupt_bytes();
     summary.torn_tail_bytes = damage.torn_tail.as_ref().map_or(0, |r| r.len);
     writeln!(
         out,
-        "{} records, {} bytes in {} segments; {} corrupt ranges ({} bytes){}",
+        "{} records, {} bytes in {} segments, {} tombstones; {} corrupt ranges ({} bytes){}",
         summary.records,
         summary.record_bytes,
         summary.segments,
+        summary.tombstones,
         summary.corrupt_ranges,
         summary.corrupt_bytes,
         if summary.torn_tail_bytes > 0 {
@@ -832,46 +1180,16 @@ pub struct PruneReport {
     /// Segments kept because the Kafka forwarder (`--spool-fallback`) has not
     /// published all of their records yet.
     pub kept_unforwarded: u64,
+    /// Segments kept because they hold a held message (`spool hold`), or a released
+    /// one the forwarder has not published yet.
+    pub kept_held: u64,
 }
-
-/// The spool's Kafka forward cursor file (`--spool-fallback`); its layout is owned by
-/// `sink::forward`: two 32-byte slots, each `SGWFWD01`, segment u64, offset u64,
-/// counter u32, CRC-32C of the first 28 bytes.
-const FORWARD_CURSOR_FILE: &str = "FORWARD";
 
 /// Segments below the returned number have been forwarded entirely; `None` when the
 /// spool has no forwarder (no cursor file). An unreadable cursor forwards everything
 /// again, so then nothing counts as forwarded.
 fn forwarded_below(dir: &Path) -> Result<Option<u64>, SpoolError> {
-    let path = dir.join(FORWARD_CURSOR_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_error("read forward cursor", &path)(e)),
-    };
-    let best = bytes
-        .chunks_exact(32)
-        .take(2)
-        .filter(|slot| {
-            &slot[..8] == b"SGWFWD01" && slot[28..] == crc32c::crc32c(&slot[..28]).to_le_bytes()
-        })
-        .map(|slot| {
-            let field = |at: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&slot[at..at + 8]);
-                u64::from_le_bytes(b)
-            };
-            let counter = u32::from_le_bytes([slot[24], slot[25], slot[26], slot[27]]);
-            (counter, field(8))
-        })
-        .reduce(|a, b| {
-            if b.0.wrapping_sub(a.0) as i32 > 0 {
-                b
-            } else {
-                a
-            }
-        });
-    Ok(Some(best.map_or(0, |(_, segment)| segment)))
+    Ok(read_forward_progress(dir)?.map(|p| p.cursor.segment))
 }
 
 /// Deletes every whole closed segment whose records are all older than `before` and
@@ -893,6 +1211,8 @@ pub fn prune(
     };
     let mut damage = Damage::new(err);
     let forwarded_below = forwarded_below(dir)?;
+    let tombstones = read_tombstones(dir)?;
+    let has_forwarder = forwarded_below.is_some();
     let mut deleted_any = false;
     for (seq, path) in closed {
         if forwarded_below.is_some_and(|below| *seq >= below) {
@@ -904,6 +1224,7 @@ pub fn prune(
         let mut records = 0u64;
         let mut all_older = true;
         let mut damaged = false;
+        let mut held = false;
         match open_segment(path, *seq, false, 0, None)? {
             Opened::Empty => {}
             Opened::Unreadable(range) => {
@@ -924,6 +1245,9 @@ pub fn prune(
                         Step::Record(record) => {
                             records += 1;
                             all_older &= before.holds_older(&record);
+                            held |= tombstones.state(&record.id).is_some_and(|s| {
+                                s.held || (has_forwarder && s.awaits_forwarding())
+                            });
                         }
                         Step::Corrupt(range) | Step::Torn(range) => {
                             damage.corrupt(range);
@@ -931,7 +1255,7 @@ pub fn prune(
                         }
                         Step::End => break,
                     }
-                    if !all_older {
+                    if !all_older || held {
                         break;
                     }
                 }
@@ -940,7 +1264,10 @@ pub fn prune(
         if damaged {
             report.kept_corrupt += 1;
         }
-        if damaged || !all_older {
+        if held && !damaged && all_older {
+            report.kept_held += 1;
+        }
+        if damaged || !all_older || held {
             report.kept_segments += 1;
             continue;
         }

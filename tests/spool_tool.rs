@@ -531,3 +531,215 @@ fn export_after_a_cursor_emits_each_message_once() {
     assert!(stderr.contains(&cursor.display().to_string()), "{stderr}");
     assert!(!tmp.path().join("3.mbox").exists());
 }
+
+fn tool(spool: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = smtpgw_bin()
+        .arg("spool")
+        .arg(args[0])
+        .arg("--spool-dir")
+        .arg(spool)
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `hold`, `release`, `delete` through the binary: `ls --long` shows the state, export
+/// leaves held and deleted messages out, prune keeps a segment holding a held message,
+/// an unknown or malformed id exits 2 and writes nothing, a release of a message that
+/// is not held exits 1.
+#[test]
+fn hold_release_and_delete_are_honoured_by_ls_export_and_prune() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let old = message_at(
+        DateTime::from_timestamp_micros(1_700_000_000_000_000).unwrap(),
+        "a@example.com",
+        &["b@example.com", "bcc@example.net"],
+        b"held\r\n",
+    );
+    spool_of(&spool, std::slice::from_ref(&old));
+    let sent = [
+        message("a@example.com", &["c@example.com"], b"kept\r\n"),
+        message("a@example.com", &["d@example.com"], b"deleted\r\n"),
+    ];
+    spool_of(&spool, &sent);
+    let (held, kept, deleted) = (
+        old.id.to_string(),
+        sent[0].id.to_string(),
+        sent[1].id.to_string(),
+    );
+
+    assert_eq!(tool(&spool, &["hold", &held]).0, Some(0));
+    let (code, _, err) = tool(&spool, &["hold", &held]);
+    assert_eq!(code, Some(0));
+    assert!(err.contains("already held"), "{err}");
+    assert_eq!(tool(&spool, &["delete", &deleted]).0, Some(0));
+    let missing = ulid::Ulid::new().to_string();
+    for bad in [missing.as_str(), "not-an-id"] {
+        let (code, _, err) = tool(&spool, &["hold", bad]);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(bad), "{err}");
+    }
+    let (code, _, err) = tool(&spool, &["release", &kept]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not held"), "{err}");
+    let (code, _, err) = tool(&spool, &["release", &deleted]);
+    assert_eq!(code, Some(1), "{err}");
+
+    let (code, out, _) = tool(&spool, &["ls", "--long"]);
+    assert_eq!(code, Some(0));
+    let states: Vec<(String, String)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split("  ").collect();
+            (f[0].to_owned(), f[3].to_owned())
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (held.clone(), "held".to_owned()),
+            (kept.clone(), "stored".to_owned()),
+            (deleted.clone(), "deleted".to_owned())
+        ]
+    );
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .ends_with("<b@example.com>,<bcc@example.net>"),
+        "{out}"
+    );
+
+    let eml = tmp.path().join("eml");
+    let (code, _, err) = tool(
+        &spool,
+        &["export", "--format", "eml", eml.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("exported 1 messages") && err.contains("left out 2"),
+        "{err}"
+    );
+    assert!(eml.join(format!("{kept}.eml")).exists());
+
+    // The held message is alone in the older, closed segment: prune keeps it.
+    let (code, _, err) = tool(&spool, &["prune", "--before", "2100-01-01T00:00:00Z"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("deleted 0 segments") && err.contains("held"),
+        "{err}"
+    );
+    assert_eq!(tool(&spool, &["release", &held]).0, Some(0));
+    let (_, out, _) = tool(&spool, &["ls", "--long"]);
+    assert!(out.lines().next().unwrap().contains("  stored  "), "{out}");
+    let (code, _, err) = tool(&spool, &["prune", "--before", "2100-01-01T00:00:00Z"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("deleted 1 segments"), "{err}");
+}
+
+/// A damaged tombstone is reported by `spool check` (exit 1) and ignored by the rest
+/// (the message keeps the state the other tombstones give it); half a record at the
+/// end (an append a crash cut short) is a note, not corruption.
+#[test]
+fn a_damaged_tombstone_is_reported_by_check_and_never_crashes() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let sent = [
+        message("a@example.com", &["b@example.com"], b"one\r\n"),
+        message("a@example.com", &["b@example.com"], b"two\r\n"),
+    ];
+    spool_of(&spool, &sent);
+    assert_eq!(tool(&spool, &["hold", &sent[0].id.to_string()]).0, Some(0));
+    assert_eq!(tool(&spool, &["hold", &sent[1].id.to_string()]).0, Some(0));
+    let path = spool.join("TOMBSTONES");
+    let mut bytes = fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 8 + 2 * 48);
+    let (code, out, _) = tool(&spool, &["check"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("2 tombstones; 0 corrupt"), "{out}");
+
+    bytes[8 + 48 + 20] ^= 0x01; // the second hold's position
+    bytes.extend_from_slice(&[2, 1, 0, 0, 7]);
+    fs::write(&path, &bytes).unwrap();
+    let (code, _, err) = tool(&spool, &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("TOMBSTONES offset 56 length 48: tombstone checksum mismatch"),
+        "{err}"
+    );
+    assert!(err.contains("note: tombstone append cut short"), "{err}");
+    let (code, out, _) = tool(&spool, &["ls", "--long"]);
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("  held  ") && lines[1].contains("  stored  "),
+        "{out}"
+    );
+    // Holding again repairs it: the cut-short append is cut off, the new one counts.
+    assert_eq!(tool(&spool, &["hold", &sent[1].id.to_string()]).0, Some(0));
+    let (_, out, _) = tool(&spool, &["ls", "--long"]);
+    assert!(out.lines().nth(1).unwrap().contains("  held  "), "{out}");
+    let (code, _, err) = tool(&spool, &["check"]);
+    assert_eq!(code, Some(1), "the damaged record is still reported: {err}");
+    assert!(!err.contains("cut short"), "{err}");
+
+    // Garbage instead of a log: reported, and nothing crashes.
+    fs::write(&path, b"not a tombstone log at all, just text\n").unwrap();
+    let (code, _, err) = tool(&spool, &["check"]);
+    assert_eq!(code, Some(1), "{err}");
+    for cmd in ["ls", "stat"] {
+        let (code, _, err) = tool(&spool, &[cmd]);
+        assert_eq!(code, Some(0), "{cmd}: {err}");
+    }
+}
+
+/// `spool stat`: counts and bytes by state and age, the oldest stored message; with no
+/// forwarder it says so.
+#[test]
+fn stat_counts_by_state_and_age() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let now = chrono::Utc::now();
+    let sent = [
+        message_at(
+            now - chrono::Duration::days(10),
+            "a@example.com",
+            &["b@example.com"],
+            b"old\r\n",
+        ),
+        message_at(
+            now - chrono::Duration::hours(2),
+            "a@example.com",
+            &["b@example.com"],
+            b"hours\r\n",
+        ),
+        message_at(now, "a@example.com", &["b@example.com"], b"new\r\n"),
+    ];
+    spool_of(&spool, &sent);
+    assert_eq!(tool(&spool, &["hold", &sent[1].id.to_string()]).0, Some(0));
+    let (stat, _) = smtpgw::spool_tool::stat_of(&spool, now, &mut Vec::new()).unwrap();
+    let held = smtpgw::spool_tool::MessageState::ALL
+        .iter()
+        .position(|s| *s == smtpgw::spool_tool::MessageState::Held)
+        .unwrap();
+    assert_eq!(stat.by_state[held].0, 1);
+    assert_eq!(stat.by_state.iter().map(|s| s.0).sum::<u64>(), 3);
+    assert_eq!(stat.by_age.map(|b| b.0), [1, 0, 1, 0, 1]);
+    assert_eq!(stat.oldest_pending.map(|(id, _)| id), Some(sent[0].id));
+    assert_eq!(stat.forward_cursor, None);
+
+    let (code, out, err) = tool(&spool, &["stat"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("held"), "{out}");
+    assert!(
+        out.contains(&format!("oldest stored: {}", sent[0].id)),
+        "{out}"
+    );
+    assert!(out.contains("forwarder: none"), "{out}");
+}
