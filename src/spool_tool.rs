@@ -1,5 +1,8 @@
-//! The `smtpgw spool` subcommands: list, print, export, check and prune a spool (and
-//! the record source for `replay`).
+//! The `smtpgw spool` subcommands: list, print, export (mbox or eml, optionally after
+//! a cursor), check, prune, hold/release/delete (tombstones, see
+//! [`crate::sink::spool::tombstone`]) and stat a spool (and the record source for
+//! `replay`). The forwarder's progress comes from [`read_forward_progress`], which
+//! owns the cursor's layout.
 //!
 //! They read without taking the spool's lock, so they work next to a running gateway;
 //! they see what was written before they opened each segment.

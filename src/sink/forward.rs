@@ -49,6 +49,14 @@
 //! it, counts it (`smtpgw_forward_restarts_total`) and starts again from the durable
 //! cursor; what it sends again is counted as redelivered.
 //!
+//! Per-message control: the forwarder reads the spool's tombstone log
+//! ([`crate::sink::spool::tombstone`]) again whenever it changed (an inotify watch on
+//! the file wakes it; its length is checked before each read of records). A held or
+//! deleted record is passed over (the cursor moves past it; a held one's segment is
+//! not deleted); a released record it passed is read back from its position and sent
+//! out of order, and a `forwarded` tombstone notes it once Kafka acknowledged it, so a
+//! restart does not send it again (a crash before that note does: same key).
+//!
 //! A record the forwarder cannot publish for good (Kafka refuses it as too large) or
 //! cannot read (a bad frame) is reported with its file and offset, and its segment is
 //! never deleted, so nothing acknowledged leaves the disk without reaching Kafka.
@@ -958,9 +966,7 @@ impl Forwarder {
         let mut sent_before = 0u64;
         while let Some(Ok(event)) = reader.next_event() {
             if let ReadEvent::Record(record) = event {
-                if self.tombstones.skips(&record.id) {
-                    continue;
-                }
+                // Held and deleted ones are counted too: passing them takes them off.
                 if record.next_position() <= self.redeliver_until {
                     sent_before += 1;
                 }
