@@ -269,6 +269,13 @@ pub fn ls_with<'e>(
     } else {
         None
     };
+    if options.pending && view.as_ref().is_some_and(|v| v.forward.is_none()) {
+        let _ = writeln!(
+            damage.err,
+            "note: no forwarder on this spool (no FORWARD cursor: not a --spool-fallback \
+             spool), so nothing is pending; `spool ls --long` shows every message as stored"
+        );
+    }
     walk(&mut reader, &mut damage, false, |record| {
         let state = view.as_ref().map(|v| v.state(&record));
         if options.pending && state != Some(MessageState::Pending) {

@@ -743,3 +743,69 @@ fn stat_counts_by_state_and_age() {
     );
     assert!(out.contains("forwarder: none"), "{out}");
 }
+
+/// The cursor moves only once the output is durable: an export that fails (its mbox
+/// exists, its eml directory is a file) leaves the cursor as it was, and the next
+/// run that succeeds exports what the failed ones did not.
+#[test]
+fn a_failed_export_leaves_the_cursor_where_it_was() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let cursor = tmp.path().join("cursor");
+    let sent = [
+        message("a@example.com", &["b@example.com"], b"one\r\n"),
+        message("a@example.com", &["b@example.com"], b"two\r\n"),
+    ];
+    spool_of(&spool, &sent[..1]);
+    let c = cursor.to_str().unwrap();
+    let first = tmp.path().join("1.mbox");
+    let (code, _, err) = tool(
+        &spool,
+        &["export", first.to_str().unwrap(), "--after-cursor", c],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let saved = fs::read(&cursor).unwrap();
+    spool_of(&spool, &sent[1..]);
+
+    // The mbox exists already (no --force), and a file stands where the eml
+    // directory should be.
+    let (code, _, err) = tool(
+        &spool,
+        &["export", first.to_str().unwrap(), "--after-cursor", c],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("exists"), "{err}");
+    let blocked = tmp.path().join("blocked");
+    fs::write(&blocked, b"").unwrap();
+    let (code, _, err) = tool(
+        &spool,
+        &[
+            "export",
+            "--format",
+            "eml",
+            blocked.to_str().unwrap(),
+            "--after-cursor",
+            c,
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(fs::read(&cursor).unwrap(), saved, "the cursor did not move");
+
+    let eml = tmp.path().join("eml");
+    let (code, _, err) = tool(
+        &spool,
+        &[
+            "export",
+            "--format",
+            "eml",
+            eml.to_str().unwrap(),
+            "--after-cursor",
+            c,
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("exported 1 messages"), "{err}");
+    assert!(eml.join(format!("{}.eml", sent[1].id)).exists());
+    let (_, out, err) = tool(&spool, &["ls", "--pending"]);
+    assert!(out.is_empty() && err.contains("no forwarder"), "{err}");
+}
