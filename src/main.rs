@@ -367,9 +367,16 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                 Some(path) => spool_tool::load_cursor(path)?,
                 None => None,
             };
-            let open = || match start {
-                Some(position) => SpoolReader::open_from(&dir, position),
-                None => SpoolReader::open(&dir),
+            let open = || {
+                let reader = match start {
+                    Some(position) => SpoolReader::open_from(&dir, position),
+                    None => SpoolReader::open(&dir),
+                };
+                // With a cursor, never past records a failed batch may still undo.
+                match &after_cursor {
+                    Some(_) => reader.map(SpoolReader::acknowledged_only),
+                    None => reader,
+                }
             };
             // Opened before the broker is contacted: a wrong directory fails at once.
             let mut reader = open().with_context(in_dir)?;

@@ -739,7 +739,9 @@ pub fn export<'e>(
     }
     // Open the spool before creating anything, so a wrong directory leaves no file.
     let mut reader = match start {
-        Some(position) => SpoolReader::open_from(dir, position)?,
+        // A cursor must never be saved past records a failed batch may still undo.
+        Some(position) => SpoolReader::open_from(dir, position)?.acknowledged_only(),
+        None if options.after_cursor.is_some() => SpoolReader::open(dir)?.acknowledged_only(),
         None => SpoolReader::open(dir)?,
     };
     let mut damage = Damage::new(err);
