@@ -414,6 +414,27 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes at all: parsing never panics, and every byte after the magic is
+        /// a whole record (valid or reported) or the cut-short tail.
+        #[test]
+        fn any_bytes_parse_without_panic(
+            mut bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            magic in proptest::bool::ANY,
+        ) {
+            if magic && bytes.len() >= MAGIC.len() {
+                bytes[..MAGIC.len()].copy_from_slice(MAGIC);
+            }
+            let log = parse(Path::new("TOMBSTONES"), &bytes);
+            if bytes.len() >= MAGIC.len() {
+                let records = (bytes.len() - MAGIC.len()) / RECORD_LEN;
+                proptest::prop_assert_eq!(log.records as usize, records);
+                let tail = log.torn_tail.as_ref().map_or(0, |r| r.len as usize);
+                proptest::prop_assert_eq!(MAGIC.len() + records * RECORD_LEN + tail, bytes.len());
+            }
+        }
+    }
+
     #[test]
     fn states_follow_the_log_and_damage_is_local() {
         let dir = tempfile::tempdir().expect("tempdir");
