@@ -62,6 +62,10 @@ def test_missing_spool_argument_is_named():
         ("replay", "Publish every stored message to Kafka"),
         ("check", "Verify every record"),
         ("prune", "Delete whole closed segments"),
+        ("hold", "Keep a message from forwarding"),
+        ("release", "Undo `hold`"),
+        ("delete", "Never forward, replay or export a message again"),
+        ("stat", "Counts and bytes by state and by age"),
     ],
 )
 def test_spool_subcommands_have_their_own_help_and_take_config(sub, words):
