@@ -895,8 +895,17 @@ pub enum SpoolCommand {
         dir: SpoolDirArg,
         /// A message id (ULID) or an RFC 3339 time: segments whose every record was
         /// received (ULID: has an id) before it are deleted.
-        #[arg(long, value_name = "ULID|RFC3339")]
-        before: String,
+        #[arg(
+            long,
+            value_name = "ULID|RFC3339",
+            required_unless_present = "before_cursor"
+        )]
+        before: Option<String>,
+        /// Segments whose every record lies before the position in this export or
+        /// replay cursor (`--after-cursor FILE`) are deleted: exactly what the
+        /// incremental runs have handed on.
+        #[arg(long = "before-cursor", value_name = "FILE", conflicts_with = "before")]
+        before_cursor: Option<PathBuf>,
         /// Say what would be deleted, delete nothing.
         #[arg(long = "dry-run")]
         dry_run: bool,
@@ -2689,7 +2698,7 @@ mod tests {
             .get_subcommands()
             .map(|s| s.get_name().to_owned())
             .collect();
-        assert_eq!(names.len(), 6, "{names:?}");
+        assert_eq!(names.len(), 10, "{names:?}");
         for name in names {
             let sub = spool.find_subcommand_mut(&name).unwrap();
             let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
@@ -2810,7 +2819,15 @@ mod tests {
             c.command,
             Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
         ));
-        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+        assert!(
+            parse(&["spool", "prune"]).is_err(),
+            "--before or --before-cursor is required"
+        );
+        assert!(parse(&["spool", "prune", "--before-cursor", "c"]).is_ok());
+        assert!(
+            parse(&["spool", "prune", "--before", "x", "--before-cursor", "c"]).is_err(),
+            "one cut-off"
+        );
     }
 
     #[test]

@@ -291,10 +291,21 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
         SpoolCommand::Prune {
             dir,
             before,
+            before_cursor,
             dry_run,
         } => {
             let (dir, _) = dir.resolve()?;
-            let cutoff = spool_tool::Cutoff::parse(&before)?;
+            let cutoff = match (before, before_cursor) {
+                (Some(before), _) => spool_tool::Cutoff::parse(&before)?,
+                (None, Some(path)) => match spool_tool::load_cursor(&path)? {
+                    Some(position) => spool_tool::Cutoff::Position(position),
+                    None => anyhow::bail!(
+                        "--before-cursor {}: no such cursor (nothing handed on yet)",
+                        path.display()
+                    ),
+                },
+                (None, None) => anyhow::bail!("spool prune: give --before or --before-cursor"),
+            };
             let report = spool_tool::prune(&dir, cutoff, dry_run, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
             out.flush().context("writing to stdout")?;

@@ -1158,6 +1158,9 @@ pub enum Cutoff {
     Id(Ulid),
     /// Records received before this time.
     Time(DateTime<Utc>),
+    /// Records that end at or before this position (an export or replay cursor):
+    /// what an incremental run has handed on, in spool order.
+    Position(Position),
 }
 
 impl Cutoff {
@@ -1176,6 +1179,7 @@ impl Cutoff {
         match self {
             Cutoff::Id(id) => record.id < *id,
             Cutoff::Time(t) => record.received_at < *t,
+            Cutoff::Position(p) => record.next_position() <= *p,
         }
     }
 }

@@ -882,3 +882,47 @@ fn an_incremental_export_stops_at_the_commit_mark() {
     assert!(err.contains("exported 1 messages"), "{err}");
     assert!(two.join(format!("{}.eml", sent[1].id)).exists());
 }
+
+/// `prune --before-cursor FILE`: the retention loop with a cursor deletes exactly the
+/// closed segments the incremental export has handed on, never one it has not read,
+/// however old.
+#[test]
+fn prune_before_a_cursor_deletes_only_what_was_exported() {
+    let tmp = TempDir::new().unwrap();
+    let spool = tmp.path().join("spool");
+    let cursor = tmp.path().join("cursor");
+    let c = cursor.to_str().unwrap();
+    let old = |body: &[u8]| {
+        message_at(
+            DateTime::from_timestamp_micros(1_700_000_000_000_000).unwrap(),
+            "a@example.com",
+            &["b@example.com"],
+            body,
+        )
+    };
+    let (code, _, err) = tool(&spool, &["prune", "--before-cursor", c]);
+    assert_eq!(code, Some(1), "no cursor yet: {err}");
+    assert!(err.contains(c), "{err}");
+
+    spool_of(&spool, &[old(b"exported\r\n")]);
+    let one = tmp.path().join("1.mbox");
+    let (code, _, err) = tool(
+        &spool,
+        &["export", one.to_str().unwrap(), "--after-cursor", c],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    // Two more segments after the export: the first is closed and old, but unexported.
+    spool_of(&spool, &[old(b"not exported\r\n")]);
+    spool_of(&spool, &[old(b"newest\r\n")]);
+    let (code, _, err) = tool(&spool, &["prune", "--before-cursor", c]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("deleted 1 segments"), "{err}");
+    let (_, out, _) = tool(&spool, &["ls"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    // A time cut-off would have taken the unexported one as well.
+    let (_, _, err) = tool(
+        &spool,
+        &["prune", "--before", "2100-01-01T00:00:00Z", "--dry-run"],
+    );
+    assert!(err.contains("would delete 1 segments"), "{err}");
+}
