@@ -752,6 +752,9 @@ pub struct Cli {
     pub server: ServerArgs,
 }
 
+// Parsed once per process and matched by value all over the tests: boxing the spool
+// commands would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read the local spool: list, print, export, replay to Kafka.
@@ -775,6 +778,46 @@ pub enum SpoolCommand {
         dir: SpoolDirArg,
         #[command(flatten)]
         corrupt: SkipCorruptArg,
+        /// Also the state (pending, forwarded, held, deleted; stored without a
+        /// forwarder), the client address and every recipient.
+        #[arg(long)]
+        long: bool,
+        /// Only the messages the Kafka forwarder (`--spool-fallback`) has not
+        /// forwarded yet.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Keep a message from forwarding, replay and export until `release` (appends a
+    /// tombstone; safe while the gateway runs). Exit 2 if the id is not in the spool.
+    Hold {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Undo `hold`: the message is forwarded (if the spool has a forwarder) and
+    /// replayed and exported again.
+    Release {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Never forward, replay or export a message again (final; its bytes stay in its
+    /// segment until `prune` deletes the segment).
+    Delete {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        /// The message id.
+        id: String,
+    },
+    /// Counts and bytes by state and by age, the oldest pending message and the
+    /// forwarder's lag.
+    Stat {
+        #[command(flatten)]
+        dir: SpoolDirArg,
+        #[command(flatten)]
+        corrupt: SkipCorruptArg,
     },
     /// Print one stored message (on a terminal, control characters are escaped).
     Cat {
@@ -792,19 +835,33 @@ pub enum SpoolCommand {
         /// The message id (as in `250 ... queued as <id>`).
         id: String,
     },
-    /// Write every stored message to an mbox file (mboxrd quoting).
+    /// Write every stored message to an mbox file (mboxrd quoting, the envelope in
+    /// added headers), or with `--format eml` to a directory: ID.eml and ID.json (the
+    /// whole envelope) per message.
     Export {
         #[command(flatten)]
         dir: SpoolDirArg,
         #[command(flatten)]
         corrupt: SkipCorruptArg,
-        /// The mbox file to write; it appears complete or not at all.
-        #[arg(long, value_name = "FILE")]
-        mbox: PathBuf,
+        /// The mbox file to write (same as `--format mbox FILE`); it appears complete
+        /// or not at all.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["format", "out"])]
+        mbox: Option<PathBuf>,
+        /// What to write: `mbox` (OUT is a file) or `eml` (OUT is a directory).
+        #[arg(long, value_enum, requires = "out")]
+        format: Option<crate::spool_tool::ExportFormat>,
+        /// The mbox file, or the eml directory (created if missing).
+        #[arg(value_name = "OUT", required_unless_present = "mbox")]
+        out: Option<PathBuf>,
         /// Only the messages stored after this one (the last id an earlier export
         /// wrote): incremental exports. An id not in the spool is an error.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", conflicts_with = "after_cursor")]
         since: Option<String>,
+        /// Incremental and restartable: start after the position in FILE (from the
+        /// oldest message if FILE does not exist), and once the output is durable,
+        /// move FILE (atomically) past what was exported.
+        #[arg(long = "after-cursor", value_name = "FILE")]
+        after_cursor: Option<PathBuf>,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -819,6 +876,11 @@ pub enum SpoolCommand {
         /// Required: the only replay target.
         #[arg(long = "to-kafka", required = true)]
         to_kafka: bool,
+        /// Incremental and restartable: start after the position in FILE (from the
+        /// oldest message if FILE does not exist), and once Kafka acknowledged them,
+        /// move FILE (atomically) past the messages published.
+        #[arg(long = "after-cursor", value_name = "FILE")]
+        after_cursor: Option<PathBuf>,
         #[command(flatten)]
         kafka: Kafka,
     },
@@ -833,8 +895,17 @@ pub enum SpoolCommand {
         dir: SpoolDirArg,
         /// A message id (ULID) or an RFC 3339 time: segments whose every record was
         /// received (ULID: has an id) before it are deleted.
-        #[arg(long, value_name = "ULID|RFC3339")]
-        before: String,
+        #[arg(
+            long,
+            value_name = "ULID|RFC3339",
+            required_unless_present = "before_cursor"
+        )]
+        before: Option<String>,
+        /// Segments whose every record lies before the position in this export or
+        /// replay cursor (`--after-cursor FILE`) are deleted: exactly what the
+        /// incremental runs have handed on.
+        #[arg(long = "before-cursor", value_name = "FILE", conflicts_with = "before")]
+        before_cursor: Option<PathBuf>,
         /// Say what would be deleted, delete nothing.
         #[arg(long = "dry-run")]
         dry_run: bool,
@@ -1119,6 +1190,10 @@ impl SpoolCommand {
     fn dir_mut(&mut self) -> &mut SpoolDirArg {
         match self {
             SpoolCommand::Ls { dir, .. }
+            | SpoolCommand::Hold { dir, .. }
+            | SpoolCommand::Release { dir, .. }
+            | SpoolCommand::Delete { dir, .. }
+            | SpoolCommand::Stat { dir, .. }
             | SpoolCommand::Cat { dir, .. }
             | SpoolCommand::Export { dir, .. }
             | SpoolCommand::Replay { dir, .. }
@@ -2623,7 +2698,7 @@ mod tests {
             .get_subcommands()
             .map(|s| s.get_name().to_owned())
             .collect();
-        assert_eq!(names.len(), 6, "{names:?}");
+        assert_eq!(names.len(), 10, "{names:?}");
         for name in names {
             let sub = spool.find_subcommand_mut(&name).unwrap();
             let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
@@ -2744,7 +2819,15 @@ mod tests {
             c.command,
             Some(Command::Spool(SpoolCommand::Prune { dry_run: false, .. }))
         ));
-        assert!(parse(&["spool", "prune"]).is_err(), "--before is required");
+        assert!(
+            parse(&["spool", "prune"]).is_err(),
+            "--before or --before-cursor is required"
+        );
+        assert!(parse(&["spool", "prune", "--before-cursor", "c"]).is_ok());
+        assert!(
+            parse(&["spool", "prune", "--before", "x", "--before-cursor", "c"]).is_err(),
+            "one cut-off"
+        );
     }
 
     #[test]

@@ -27,10 +27,21 @@ fn run() -> ExitCode {
         Err(e) => return clap_error(e),
     };
     match cli.command {
-        Some(Command::Spool(cmd)) => match spool(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(FAILURE, format_args!("{e:#}")),
-        },
+        Some(Command::Spool(cmd)) => {
+            let marks = matches!(
+                cmd,
+                SpoolCommand::Hold { .. }
+                    | SpoolCommand::Release { .. }
+                    | SpoolCommand::Delete { .. }
+            );
+            match spool(cmd) {
+                Ok(()) => ExitCode::SUCCESS,
+                // A hold, release or delete of an id the spool does not hold is a
+                // usage error: nothing was written.
+                Err(e) if marks && unknown_id(&e) => fail(USAGE, format_args!("{e:#}")),
+                Err(e) => fail(FAILURE, format_args!("{e:#}")),
+            }
+        }
         Some(Command::CheckConfig(args)) => match check_config(*args) {
             Ok(()) => ExitCode::SUCCESS,
             // `{e}`: each error names its cause already, as at start.
@@ -81,6 +92,16 @@ fn check_config(args: smtpgw::config::ServerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn unknown_id(e: &anyhow::Error) -> bool {
+    use smtpgw::sink::spool::SpoolError;
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<SpoolError>(),
+            Some(SpoolError::NotFound { .. } | SpoolError::BadId { .. })
+        )
+    })
+}
+
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {
     // Never eprintln!: it panics when stderr is gone, turning any exit into 101. Lines
     // queued before go first, so the error is the last line.
@@ -127,19 +148,59 @@ fn skipped(
     Ok(())
 }
 
+/// `spool hold | release | delete ID`.
+fn mark(
+    dir: &smtpgw::config::SpoolDirArg,
+    id: &str,
+    action: smtpgw::sink::spool::tombstone::Action,
+) -> anyhow::Result<()> {
+    use smtpgw::sink::spool::tombstone::Action;
+    use smtpgw::spool_tool::{self, Marked};
+    let (dir, _) = dir.resolve()?;
+    let marked = spool_tool::mark(&dir, id, action)
+        .with_context(|| format!("--spool-dir {}", dir.display()))?;
+    let what = match (action, marked) {
+        (Action::Hold, Marked::Done) => "held",
+        (Action::Hold, Marked::Already) => "already held",
+        (Action::Release, _) => "released",
+        (_, Marked::Done) => "deleted",
+        (_, Marked::Already) => "already deleted",
+    };
+    logging::eprint_line(format_args!("{id}: {what}"));
+    Ok(())
+}
+
 fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
+    use smtpgw::sink::spool::tombstone::Action;
     use smtpgw::spool_tool;
+
     let stdout = std::io::stdout();
     let escaped = stdout.is_terminal();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut err = std::io::stderr();
     match cmd {
-        SpoolCommand::Ls { dir, corrupt } => {
+        SpoolCommand::Ls {
+            dir,
+            corrupt,
+            long,
+            pending,
+        } => {
             let (dir, _) = dir.resolve()?;
-            let damage = spool_tool::ls_reporting(&dir, &mut out, &mut err)
+            let options = spool_tool::LsOptions { long, pending };
+            let damage = spool_tool::ls_with(&dir, options, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
             out.flush().context("writing to stdout")?;
             skipped(&damage, corrupt.skip_corrupt, "spool ls")?;
+        }
+        SpoolCommand::Hold { dir, id } => mark(&dir, &id, Action::Hold)?,
+        SpoolCommand::Release { dir, id } => mark(&dir, &id, Action::Release)?,
+        SpoolCommand::Delete { dir, id } => mark(&dir, &id, Action::Delete)?,
+        SpoolCommand::Stat { dir, corrupt } => {
+            let (dir, _) = dir.resolve()?;
+            let damage = spool_tool::stat(&dir, chrono::Utc::now(), &mut out, &mut err)
+                .with_context(|| format!("--spool-dir {}", dir.display()))?;
+            out.flush().context("writing to stdout")?;
+            skipped(&damage, corrupt.skip_corrupt, "spool stat")?;
         }
         SpoolCommand::Cat {
             dir,
@@ -166,24 +227,47 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             dir,
             corrupt,
             mbox,
+            format,
+            out: target,
             force,
             since,
+            after_cursor,
         } => {
             let (dir, _) = dir.resolve()?;
-            let (n, damage) = spool_tool::export_mbox_since(
-                &dir,
-                &mbox,
+            let (format, target) = match (mbox, target) {
+                (Some(mbox), _) => (spool_tool::ExportFormat::Mbox, mbox),
+                (None, Some(target)) => (format.unwrap_or(spool_tool::ExportFormat::Mbox), target),
+                (None, None) => anyhow::bail!("spool export: give OUT (or --mbox FILE)"),
+            };
+            let options = spool_tool::ExportOptions {
                 force,
-                corrupt.skip_corrupt,
-                since.as_deref(),
-                &mut err,
-            )
-            .with_context(|| format!("--spool-dir {} --mbox {}", dir.display(), mbox.display()))?;
+                skip_corrupt: corrupt.skip_corrupt,
+                since: since.as_deref(),
+                after_cursor: after_cursor.as_deref(),
+            };
+            let (report, damage) = spool_tool::export(&dir, format, &target, &options, &mut err)
+                .with_context(|| {
+                    format!(
+                        "--spool-dir {} export to {}",
+                        dir.display(),
+                        target.display()
+                    )
+                })?;
             let skipped_ranges = damage.ranges.len();
             drop(damage);
             logging::eprint_line(format_args!(
-                "exported {n} messages to {}{}",
-                mbox.display(),
+                "exported {} messages to {}{}{}{}",
+                report.count,
+                target.display(),
+                if report.skipped > 0 {
+                    format!("; left out {} held or deleted", report.skipped)
+                } else {
+                    String::new()
+                },
+                match report.cursor {
+                    Some(at) => format!("; cursor at {at}"),
+                    None => String::new(),
+                },
                 if skipped_ranges > 0 {
                     format!("; skipped {skipped_ranges} corrupt range(s)")
                 } else {
@@ -207,10 +291,21 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
         SpoolCommand::Prune {
             dir,
             before,
+            before_cursor,
             dry_run,
         } => {
             let (dir, _) = dir.resolve()?;
-            let cutoff = spool_tool::Cutoff::parse(&before)?;
+            let cutoff = match (before, before_cursor) {
+                (Some(before), _) => spool_tool::Cutoff::parse(&before)?,
+                (None, Some(path)) => match spool_tool::load_cursor(&path)? {
+                    Some(position) => spool_tool::Cutoff::Position(position),
+                    None => anyhow::bail!(
+                        "--before-cursor {}: no such cursor (nothing handed on yet)",
+                        path.display()
+                    ),
+                },
+                (None, None) => anyhow::bail!("spool prune: give --before or --before-cursor"),
+            };
             let report = spool_tool::prune(&dir, cutoff, dry_run, &mut out, &mut err)
                 .with_context(|| format!("--spool-dir {}", dir.display()))?;
             out.flush().context("writing to stdout")?;
@@ -227,6 +322,12 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     String::new()
                 }
             ));
+            if report.kept_held > 0 {
+                logging::eprint_line(format_args!(
+                    "kept {} segment(s) holding held messages (or released ones not yet forwarded)",
+                    report.kept_held
+                ));
+            }
             if report.kept_unforwarded > 0 {
                 logging::eprint_line(format_args!(
                     "kept {} segment(s) the Kafka forwarder has not published yet",
@@ -245,6 +346,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             dir,
             corrupt,
             kafka,
+            after_cursor,
             ..
         } => {
             // librdkafka's warnings (unreachable broker, auth) are what an operator
@@ -272,13 +374,41 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             }
             use smtpgw::sink::kafka::{replay_records, ReplayError};
             use smtpgw::sink::spool::{ReadEvent, SpoolReader};
+            let start = match &after_cursor {
+                Some(path) => spool_tool::load_cursor(path)?,
+                None => None,
+            };
+            let open = || {
+                let reader = match start {
+                    Some(position) => SpoolReader::open_from(&dir, position),
+                    None => SpoolReader::open(&dir),
+                };
+                // With a cursor, never past records a failed batch may still undo.
+                match &after_cursor {
+                    Some(_) => reader.map(SpoolReader::acknowledged_only),
+                    None => reader,
+                }
+            };
             // Opened before the broker is contacted: a wrong directory fails at once.
-            let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+            let mut reader = open().with_context(in_dir)?;
             let mut read_error = None;
             let mut corrupt_ranges = 0usize;
+            // Every record handed to Kafka, in spool order, for the cursor.
+            let mut handled = Vec::new();
+            // Held and deleted messages are not published (but the cursor passes them).
+            let tombstones =
+                smtpgw::sink::spool::tombstone::read_tombstones(&dir).with_context(in_dir)?;
+            let mut held_back = 0usize;
             let records = std::iter::from_fn(|| loop {
                 match reader.next_event()? {
-                    Ok(ReadEvent::Record(record)) => return Some(record),
+                    Ok(ReadEvent::Record(record)) => {
+                        handled.push((record.id, record.next_position()));
+                        if tombstones.skips(&record.id) {
+                            held_back += 1;
+                            continue;
+                        }
+                        return Some(record);
+                    }
                     Ok(ReadEvent::Corrupt(range)) => {
                         corrupt_ranges += 1;
                         logging::eprint_line(format_args!("corrupt: {range}"));
@@ -300,7 +430,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                 Err(ReplayError::Unreachable { brokers, waited }) => {
                     // Name what is left unpublished, as a partial replay does.
                     let mut unpublished = 0usize;
-                    let mut reader = SpoolReader::open(&dir).with_context(in_dir)?;
+                    let mut reader = open().with_context(in_dir)?;
                     while let Some(event) = reader.next_event() {
                         if let ReadEvent::Record(record) = event.with_context(in_dir)? {
                             eprintln!("{}: not published: no broker", record.id);
@@ -316,6 +446,28 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             };
             for (id, why) in &report.failed {
                 logging::eprint_line(format_args!("{id}: not published: {why}"));
+            }
+            if let Some(path) = &after_cursor {
+                // Past the longest prefix Kafka acknowledged: a rerun starts at the
+                // first message not published, and repeats nothing before it.
+                let failed: std::collections::HashSet<_> =
+                    report.failed.iter().map(|(id, _)| *id).collect();
+                let done = handled
+                    .iter()
+                    .take_while(|(id, _)| !failed.contains(id))
+                    .last();
+                if let Some((id, position)) = done {
+                    spool_tool::save_cursor(path, *position, *id)?;
+                    logging::eprint_line(format_args!(
+                        "cursor {} at {position} (after {id})",
+                        path.display()
+                    ));
+                }
+            }
+            if held_back > 0 {
+                logging::eprint_line(format_args!(
+                    "left out {held_back} held or deleted message(s)"
+                ));
             }
             logging::eprint_line(format_args!(
                 "published {} messages to {}; {} failed{}",

@@ -1,5 +1,8 @@
-//! The `smtpgw spool` subcommands: list, print, export, check and prune a spool (and
-//! the record source for `replay`).
+//! The `smtpgw spool` subcommands: list, print, export (mbox or eml, optionally after
+//! a cursor), check, prune, hold/release/delete (tombstones, see
+//! [`crate::sink::spool::tombstone`]) and stat a spool (and the record source for
+//! `replay`). The forwarder's progress comes from [`read_forward_progress`], which
+//! owns the cursor's layout.
 //!
 //! They read without taking the spool's lock, so they work next to a running gateway;
 //! they see what was written before they opened each segment.
@@ -62,9 +65,15 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use ulid::Ulid;
 
+use crate::sink::forward::{read_forward_progress, ForwardProgress};
 use crate::sink::spool::reader::{open_segment, Opened};
+use crate::sink::spool::tombstone::{
+    append_tombstone, read_tombstones, Action, Tombstone, Tombstones,
+};
 use crate::sink::spool::writer::{list_segments, sync_dir};
-use crate::sink::spool::{io_error, CorruptRange, ReadEvent, SpoolError, SpoolReader, SpoolRecord};
+use crate::sink::spool::{
+    io_error, CorruptRange, Position, ReadEvent, SpoolError, SpoolReader, SpoolRecord,
+};
 use crate::smtp::address::{escaped, write_escaped, EscapeFor};
 
 /// What a tool met that was not a record, reported on `err` as it was met.
@@ -157,34 +166,361 @@ pub fn ls(dir: &Path, out: &mut dyn Write) -> Result<(), SpoolError> {
     }
 }
 
+/// What `spool ls` shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LsOptions {
+    /// `--long`: state, client and every recipient too.
+    pub long: bool,
+    /// `--pending`: only what the forwarder has not forwarded yet.
+    pub pending: bool,
+}
+
+/// A message's state for `ls --long` and `stat`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MessageState {
+    /// The forwarder (`--spool-fallback`) has not published it yet.
+    Pending,
+    /// Kafka acknowledged it (the forward cursor is past it).
+    Forwarded,
+    /// Kept from forwarding, replay and export (`spool hold`).
+    Held,
+    /// `spool delete`d: never forwarded, replayed or exported again.
+    Deleted,
+    /// In a spool without a forwarder (`--sink spool`): stored, nothing sends it.
+    Stored,
+}
+
+impl MessageState {
+    pub const ALL: [MessageState; 5] = [
+        MessageState::Pending,
+        MessageState::Forwarded,
+        MessageState::Held,
+        MessageState::Deleted,
+        MessageState::Stored,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageState::Pending => "pending",
+            MessageState::Forwarded => "forwarded",
+            MessageState::Held => "held",
+            MessageState::Deleted => "deleted",
+            MessageState::Stored => "stored",
+        }
+    }
+}
+
+/// What the tools know about the spool beside its records: the tombstones and the
+/// forwarder's progress.
+pub struct SpoolView {
+    pub tombstones: Tombstones,
+    pub forward: Option<ForwardProgress>,
+}
+
+impl SpoolView {
+    pub fn open(dir: &Path) -> Result<SpoolView, SpoolError> {
+        Ok(SpoolView {
+            tombstones: read_tombstones(dir)?,
+            forward: read_forward_progress(dir)?,
+        })
+    }
+
+    pub fn state(&self, record: &SpoolRecord) -> MessageState {
+        let tomb = self.tombstones.state(&record.id);
+        match tomb {
+            Some(t) if t.deleted => return MessageState::Deleted,
+            Some(t) if t.held => return MessageState::Held,
+            _ => {}
+        }
+        let Some(forward) = self.forward else {
+            return MessageState::Stored;
+        };
+        match tomb {
+            Some(t) if t.forwarded || (t.released && t.sent_before_hold) => MessageState::Forwarded,
+            Some(t) if t.awaits_forwarding() => MessageState::Pending,
+            _ if forward.forwarded(record) => MessageState::Forwarded,
+            _ => MessageState::Pending,
+        }
+    }
+}
+
 /// [`ls`], reporting damage on `err` and returning it instead of failing.
 pub fn ls_reporting<'e>(
     dir: &Path,
     out: &mut dyn Write,
     err: &'e mut dyn Write,
 ) -> Result<Damage<'e>, SpoolError> {
+    ls_with(dir, LsOptions::default(), out, err)
+}
+
+/// [`ls_reporting`] with `--long` / `--pending`. The long line is
+/// `ID  RECEIVED_AT  BODY_BYTES  STATE  CLIENT  <MAIL_FROM>  <RCPT>,<RCPT>...`.
+pub fn ls_with<'e>(
+    dir: &Path,
+    options: LsOptions,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
     let mut out = BufWriter::new(out);
     let mut damage = Damage::new(err);
     let mut reader = SpoolReader::open(dir)?;
+    let view = if options.long || options.pending {
+        Some(SpoolView::open(dir)?)
+    } else {
+        None
+    };
+    if options.pending && view.as_ref().is_some_and(|v| v.forward.is_none()) {
+        let _ = writeln!(
+            damage.err,
+            "note: no forwarder on this spool (no FORWARD cursor: not a --spool-fallback \
+             spool), so nothing is pending; `spool ls --long` shows every message as stored"
+        );
+    }
     walk(&mut reader, &mut damage, false, |record| {
-        writeln!(
-            out,
-            "{}  {}  {}  <{}>  {} rcpt",
-            record.id,
-            record
-                .received_at
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
-            record.body().len(),
-            // Client text on a terminal: nothing in it may move the cursor, recolour
-            // the screen or reorder what is shown.
-            escape(record.mail_from()),
-            record.rcpt_count()
-        )
-        .map_err(SpoolError::Output)?;
+        let state = view.as_ref().map(|v| v.state(&record));
+        if options.pending && state != Some(MessageState::Pending) {
+            return Ok(Flow::Continue);
+        }
+        let received = record
+            .received_at
+            .to_rfc3339_opts(SecondsFormat::Micros, true);
+        // Client text on a terminal: nothing in it may move the cursor, recolour the
+        // screen or reorder what is shown.
+        let line = match state.filter(|_| options.long) {
+            Some(state) => {
+                let rcpts: Vec<String> = record
+                    .headers_named("smtp.rcpt_to")
+                    .map(|r| format!("<{}>", escape(r)))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}  {received}  {}  {}  {}  <{}>  {}",
+                    record.id,
+                    record.body().len(),
+                    state.name(),
+                    escape(record.header("smtp.client_addr").unwrap_or_default()),
+                    escape(record.mail_from()),
+                    rcpts.join(",")
+                )
+            }
+            None => writeln!(
+                out,
+                "{}  {received}  {}  <{}>  {} rcpt",
+                record.id,
+                record.body().len(),
+                escape(record.mail_from()),
+                record.rcpt_count()
+            ),
+        };
+        line.map_err(SpoolError::Output)?;
         Ok(Flow::Continue)
     })?;
     out.flush().map_err(SpoolError::Output)?;
     Ok(damage)
+}
+
+/// What `spool hold | release | delete` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Marked {
+    /// A tombstone was appended.
+    Done,
+    /// The message was in that state already; nothing was written.
+    Already,
+}
+
+/// Appends a hold, release or delete tombstone for message `id` (see
+/// [`crate::sink::spool::tombstone`]). The message must be in the spool: an unknown
+/// or malformed id is [`SpoolError::NotFound`] / [`SpoolError::BadId`] (the command
+/// exits 2); releasing a message that is not held, or holding or releasing a deleted
+/// one, is [`SpoolError::State`]. Safe next to a running gateway: the forwarder reads
+/// the log before it reads more records.
+pub fn mark(dir: &Path, id: &str, action: Action) -> Result<Marked, SpoolError> {
+    let wanted = Ulid::from_string(id).map_err(|_| SpoolError::BadId {
+        id: id.to_owned(),
+        dir: dir.to_path_buf(),
+    })?;
+    let mut reader = SpoolReader::open(dir)?;
+    let mut found = None;
+    let mut sink = io::sink();
+    let mut damage = Damage::new(&mut sink);
+    walk(&mut reader, &mut damage, false, |record| {
+        if record.id == wanted {
+            found = Some(record);
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    })?;
+    let Some(record) = found else {
+        return Err(SpoolError::NotFound {
+            id: id.to_owned(),
+            dir: dir.to_path_buf(),
+        });
+    };
+    let view = SpoolView::open(dir)?;
+    let state = view.tombstones.state(&wanted).copied();
+    let conflict = |why: &str| SpoolError::State {
+        id: wanted.to_string(),
+        why: why.to_owned(),
+    };
+    let deleted = state.is_some_and(|s| s.deleted);
+    let held = state.is_some_and(|s| s.held);
+    match action {
+        Action::Hold if deleted => return Err(conflict("it is deleted")),
+        Action::Hold if held => return Ok(Marked::Already),
+        Action::Release if deleted => return Err(conflict("it is deleted")),
+        Action::Release if !held => return Err(conflict("it is not held")),
+        Action::Delete if deleted => return Ok(Marked::Already),
+        Action::Forwarded => return Err(conflict("only the forwarder marks messages forwarded")),
+        _ => {}
+    }
+    let sent = view.forward.is_some_and(|f| f.handed_over(&record));
+    append_tombstone(
+        dir,
+        &Tombstone {
+            action,
+            id: wanted,
+            position: record.position(),
+            at: Utc::now(),
+            sent: action == Action::Hold && sent,
+        },
+    )?;
+    Ok(Marked::Done)
+}
+
+/// The age buckets of `spool stat`: upper bounds in seconds (the last is open).
+const AGE_BUCKETS: [(u64, &str); 5] = [
+    (60, "< 1 min"),
+    (3600, "< 1 h"),
+    (86_400, "< 1 day"),
+    (7 * 86_400, "< 7 days"),
+    (u64::MAX, ">= 7 days"),
+];
+
+/// What `spool stat` counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// (messages, bytes on disk) per state, in [`MessageState::ALL`] order.
+    pub by_state: [(u64, u64); 5],
+    /// (messages, bytes on disk) per age bucket.
+    pub by_age: [(u64, u64); 5],
+    /// The oldest message not yet forwarded (pending), or without a forwarder the
+    /// oldest stored one: id and time of receipt.
+    pub oldest_pending: Option<(Ulid, DateTime<Utc>)>,
+    /// The forwarder's durable cursor, if the spool has a forwarder.
+    pub forward_cursor: Option<Position>,
+}
+
+/// Counts the spool's messages by state and by age at `now` and prints a summary (a
+/// `postqueue -p`-like view): per state and per age bucket the messages and their bytes
+/// on disk, the oldest pending message, and the forwarder's lag (the age of that
+/// message: how far behind the forwarder is). Damage is reported on `err` and counted
+/// in the returned [`Damage`].
+pub fn stat<'e>(
+    dir: &Path,
+    now: DateTime<Utc>,
+    out: &mut dyn Write,
+    err: &'e mut dyn Write,
+) -> Result<Damage<'e>, SpoolError> {
+    let (stat, damage) = stat_of(dir, now, err)?;
+    let mut out = BufWriter::new(out);
+    let w = &mut out;
+    let has_forwarder = stat.forward_cursor.is_some();
+    let mut lines = String::new();
+    lines.push_str(&format!(
+        "{:<12}{:>12}{:>16}\n",
+        "state", "messages", "bytes"
+    ));
+    let (mut total, mut total_bytes) = (0, 0);
+    for (state, (n, bytes)) in MessageState::ALL.iter().zip(stat.by_state) {
+        let shown = match state {
+            MessageState::Stored => !has_forwarder,
+            MessageState::Pending | MessageState::Forwarded => has_forwarder,
+            _ => true,
+        };
+        if shown {
+            lines.push_str(&format!("{:<12}{n:>12}{bytes:>16}\n", state.name()));
+        }
+        total += n;
+        total_bytes += bytes;
+    }
+    lines.push_str(&format!("{:<12}{total:>12}{total_bytes:>16}\n", "total"));
+    lines.push_str(&format!(
+        "\n{:<12}{:>12}{:>16}\n",
+        "age", "messages", "bytes"
+    ));
+    for ((_, name), (n, bytes)) in AGE_BUCKETS.iter().zip(stat.by_age) {
+        lines.push_str(&format!("{name:<12}{n:>12}{bytes:>16}\n"));
+    }
+    lines.push('\n');
+    let age = |at: DateTime<Utc>| {
+        let secs = (now - at).num_seconds().max(0) as u64;
+        humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    };
+    let waiting = if has_forwarder { "pending" } else { "stored" };
+    match stat.oldest_pending {
+        Some((id, at)) => lines.push_str(&format!(
+            "oldest {waiting}: {id} received {} ({} ago)\n",
+            at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            age(at)
+        )),
+        None => lines.push_str(&format!("oldest {waiting}: none\n")),
+    }
+    match stat.forward_cursor {
+        Some(cursor) => lines.push_str(&format!(
+            "forwarder: cursor {cursor}; {} pending ({} bytes); lag {}\n",
+            stat.by_state[0].0,
+            stat.by_state[0].1,
+            stat.oldest_pending
+                .map_or_else(|| "0s".to_owned(), |(_, at)| age(at)),
+        )),
+        None => lines.push_str(
+            "forwarder: none (no FORWARD cursor: this spool is not a --spool-fallback)\n",
+        ),
+    }
+    w.write_all(lines.as_bytes())
+        .and_then(|()| w.flush())
+        .map_err(SpoolError::Output)?;
+    Ok(damage)
+}
+
+/// The counting of [`stat`], without the printing.
+pub fn stat_of<'e>(
+    dir: &Path,
+    now: DateTime<Utc>,
+    err: &'e mut dyn Write,
+) -> Result<(Stat, Damage<'e>), SpoolError> {
+    let mut damage = Damage::new(err);
+    let mut reader = SpoolReader::open(dir)?;
+    let view = SpoolView::open(dir)?;
+    let mut stat = Stat {
+        forward_cursor: view.forward.map(|f| f.cursor),
+        ..Stat::default()
+    };
+    walk(&mut reader, &mut damage, false, |record| {
+        let state = view.state(&record);
+        let index = MessageState::ALL
+            .iter()
+            .position(|s| *s == state)
+            .unwrap_or_default();
+        stat.by_state[index].0 += 1;
+        stat.by_state[index].1 += record.frame_len;
+        let age = (now - record.received_at).num_seconds().max(0) as u64;
+        let bucket = AGE_BUCKETS
+            .iter()
+            .position(|(limit, _)| age < *limit)
+            .unwrap_or(AGE_BUCKETS.len() - 1);
+        stat.by_age[bucket].0 += 1;
+        stat.by_age[bucket].1 += record.frame_len;
+        if matches!(state, MessageState::Pending | MessageState::Stored)
+            && stat
+                .oldest_pending
+                .is_none_or(|(_, at)| record.received_at < at)
+        {
+            stat.oldest_pending = Some((record.id, record.received_at));
+        }
+        Ok(Flow::Continue)
+    })?;
+    Ok((stat, damage))
 }
 
 /// What `spool cat` prints of a message.
@@ -327,7 +663,64 @@ pub fn export_mbox_since<'e>(
     since: Option<&str>,
     err: &'e mut dyn Write,
 ) -> Result<(usize, Damage<'e>), SpoolError> {
-    let since = since
+    let options = ExportOptions {
+        force,
+        skip_corrupt,
+        since,
+        after_cursor: None,
+    };
+    export(dir, ExportFormat::Mbox, mbox, &options, err).map(|(r, d)| (r.count, d))
+}
+
+/// The layout `spool export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One mboxrd file (see the module documentation).
+    Mbox,
+    /// A directory with `ID.eml` (the stored value) and `ID.json` (the envelope) per
+    /// message (see [`write_eml_message`]).
+    Eml,
+}
+
+/// How `spool export` chooses and writes what it exports.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExportOptions<'a> {
+    /// Replace an existing mbox file (an eml export always replaces `ID.*` files: a
+    /// rerun after a crash writes the same bytes again).
+    pub force: bool,
+    pub skip_corrupt: bool,
+    /// Only the messages stored after this id.
+    pub since: Option<&'a str>,
+    /// Only the messages after the position in this cursor file (all if it does not
+    /// exist); once the output is durable, the cursor is moved past what was read.
+    pub after_cursor: Option<&'a Path>,
+}
+
+/// What `spool export` did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Messages written.
+    pub count: usize,
+    /// Messages left out because they are held or deleted.
+    pub skipped: usize,
+    /// Where the next incremental run starts (the cursor now on disk), if a cursor was
+    /// given and anything was read.
+    pub cursor: Option<Position>,
+}
+
+/// Exports the spool in `format` to `out` (a file for mbox, a directory for eml).
+/// Refuses any corrupt range unless `skip_corrupt`. Nothing counts as exported until
+/// the output is durable: the mbox file is synced and placed whole, eml files are
+/// synced, and only then is the cursor moved (see [`save_cursor`]).
+pub fn export<'e>(
+    dir: &Path,
+    format: ExportFormat,
+    out: &Path,
+    options: &ExportOptions,
+    err: &'e mut dyn Write,
+) -> Result<(ExportReport, Damage<'e>), SpoolError> {
+    let since = options
+        .since
         .map(|id| {
             Ulid::from_string(id).map_err(|_| SpoolError::BadId {
                 id: id.to_owned(),
@@ -335,47 +728,238 @@ pub fn export_mbox_since<'e>(
             })
         })
         .transpose()?;
-    if !force && fs::symlink_metadata(mbox).is_ok() {
+    let start = match options.after_cursor {
+        Some(path) => load_cursor(path)?,
+        None => None,
+    };
+    if format == ExportFormat::Mbox && !options.force && fs::symlink_metadata(out).is_ok() {
         return Err(SpoolError::Exists {
-            path: mbox.to_path_buf(),
+            path: out.to_path_buf(),
         });
     }
     // Open the spool before creating anything, so a wrong directory leaves no file.
-    let mut reader = SpoolReader::open(dir)?;
-    let tmp = temp_path_for(mbox);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(io_error("create", &tmp))?;
+    let mut reader = match start {
+        // A cursor must never be saved past records a failed batch may still undo.
+        Some(position) => SpoolReader::open_from(dir, position)?.acknowledged_only(),
+        None if options.after_cursor.is_some() => SpoolReader::open(dir)?.acknowledged_only(),
+        None => SpoolReader::open(dir)?,
+    };
     let mut damage = Damage::new(err);
-    let result = write_mbox(
-        &mut reader,
-        &mut damage,
-        skip_corrupt,
-        since.map(|id| (id, dir)),
-        file,
-        &tmp,
-    )
-    .and_then(|count| {
-        let placed = if force {
-            fs::rename(&tmp, mbox)
-        } else {
-            // Never replaces a file that appeared meanwhile.
-            fs::hard_link(&tmp, mbox).and_then(|()| fs::remove_file(&tmp))
-        };
-        match placed {
-            Ok(()) => Ok(count),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(SpoolError::Exists {
-                path: mbox.to_path_buf(),
-            }),
-            Err(e) => Err(io_error("move export to", mbox)(e)),
+    let mut sink: Box<dyn ExportSink> = match format {
+        ExportFormat::Mbox => Box::new(MboxSink::create(out, options.force)?),
+        ExportFormat::Eml => Box::new(EmlSink::create(out)?),
+    };
+    let tombstones = read_tombstones(dir)?;
+    let mut count = 0;
+    let mut skipped = 0;
+    let mut last = None;
+    let mut started = since.is_none();
+    let walked = walk(&mut reader, &mut damage, !options.skip_corrupt, |record| {
+        last = Some((record.next_position(), record.id));
+        if !started {
+            started = since.is_some_and(|id| record.id == id);
+            return Ok(Flow::Continue);
         }
+        if tombstones.skips(&record.id) {
+            skipped += 1;
+            return Ok(Flow::Continue);
+        }
+        sink.write(&record)?;
+        count += 1;
+        Ok(Flow::Continue)
+    })
+    .and_then(|()| match since.filter(|_| !started) {
+        Some(id) => Err(SpoolError::NotFound {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+        }),
+        None => Ok(()),
     });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    if let Err(e) = walked {
+        sink.abandon();
+        return Err(e);
     }
-    result.map(|count| (count, damage))
+    sink.finish()?;
+    let mut report = ExportReport {
+        count,
+        skipped,
+        cursor: None,
+    };
+    if let (Some(path), Some((position, id))) = (options.after_cursor, last) {
+        save_cursor(path, position, id)?;
+        report.cursor = Some(position);
+    }
+    Ok((report, damage))
+}
+
+/// Where `spool export` puts messages.
+trait ExportSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError>;
+    /// Makes everything written durable and visible.
+    fn finish(self: Box<Self>) -> Result<(), SpoolError>;
+    /// Leaves as little as possible behind after a failure.
+    fn abandon(self: Box<Self>);
+}
+
+/// An mbox written under a temporary name and placed whole.
+struct MboxSink {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    target: PathBuf,
+    force: bool,
+}
+
+impl MboxSink {
+    fn create(target: &Path, force: bool) -> Result<MboxSink, SpoolError> {
+        let tmp = temp_path_for(target);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_error("create", &tmp))?;
+        Ok(MboxSink {
+            out: BufWriter::with_capacity(256 << 10, file),
+            tmp,
+            target: target.to_path_buf(),
+            force,
+        })
+    }
+}
+
+impl ExportSink for MboxSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError> {
+        write_mbox_message(&mut self.out, record).map_err(io_error("write", &self.tmp))
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), SpoolError> {
+        let MboxSink {
+            out,
+            tmp,
+            target,
+            force,
+        } = *self;
+        let write_error = io_error("write", &tmp);
+        let placed = out
+            .into_inner()
+            .map_err(|e| write_error(e.into_error()))
+            .and_then(|file| file.sync_all().map_err(write_error))
+            .and_then(|()| {
+                let placed = if force {
+                    fs::rename(&tmp, &target)
+                } else {
+                    // Never replaces a file that appeared meanwhile.
+                    fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp))
+                };
+                placed.map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        SpoolError::Exists {
+                            path: target.clone(),
+                        }
+                    } else {
+                        io_error("move export to", &target)(e)
+                    }
+                })
+            })
+            .and_then(|()| sync_dir(parent_of(&target)));
+        if placed.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        placed
+    }
+
+    fn abandon(self: Box<Self>) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// A directory of `ID.eml` and `ID.json` files.
+struct EmlSink {
+    dir: PathBuf,
+}
+
+impl EmlSink {
+    fn create(dir: &Path) -> Result<EmlSink, SpoolError> {
+        fs::create_dir_all(dir).map_err(io_error("create export directory", dir))?;
+        Ok(EmlSink {
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+impl ExportSink for EmlSink {
+    fn write(&mut self, record: &SpoolRecord) -> Result<(), SpoolError> {
+        write_eml_message(&self.dir, record)
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), SpoolError> {
+        // One sync of the file system the directory is on, rather than two `fsync`s
+        // per message: nothing counts as exported (the cursor does not move) before it
+        // returns, and `syncfs` reports a write-back error since the directory was
+        // opened.
+        let dir = File::open(&self.dir).map_err(io_error("open export directory", &self.dir))?;
+        rustix::fs::syncfs(&dir)
+            .map_err(|e| io_error("sync export directory", &self.dir)(io::Error::from(e)))
+    }
+
+    fn abandon(self: Box<Self>) {}
+}
+
+/// Writes `ID.eml`, the stored value (the `Received:` line, then the message exactly
+/// as received), and `ID.json`, the envelope: `id`, `received_at` (RFC 3339, UTC,
+/// microseconds), `timestamp_ms` (the Kafka record's timestamp), `eml` (the file
+/// name), `body_offset` (where the client's bytes start in the `.eml`), `mail_from`,
+/// `rcpt_to` (a list, in RCPT order; a Bcc recipient is only here) and `headers`:
+/// every record header in stored order, repeats kept, as `{"name": N, "value": V}`,
+/// exactly as the Kafka record has them (docs/record.md). A value that is not UTF-8
+/// is written as `{"hex": "..."}`. Each file is written under a temporary name and
+/// renamed, so a file named `ID.*` is never half written.
+pub fn write_eml_message(dir: &Path, record: &SpoolRecord) -> Result<(), SpoolError> {
+    let id = record.id.to_string();
+    let text = |bytes: &[u8]| match std::str::from_utf8(bytes) {
+        Ok(s) => serde_json::Value::from(s),
+        Err(_) => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({ "hex": hex })
+        }
+    };
+    let headers: Vec<serde_json::Value> = record
+        .headers
+        .iter()
+        .map(|(name, value)| serde_json::json!({ "name": name, "value": text(value) }))
+        .collect();
+    let envelope = serde_json::json!({
+        "id": id,
+        "received_at": record.received_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "timestamp_ms": record.received_at.timestamp_millis(),
+        "eml": format!("{id}.eml"),
+        "body_offset": record.body_offset(),
+        "mail_from": text(record.mail_from()),
+        "rcpt_to": record.headers_named("smtp.rcpt_to").map(text).collect::<Vec<_>>(),
+        "headers": headers,
+    });
+    let mut json = serde_json::to_vec_pretty(&envelope).unwrap_or_default();
+    json.push(b'\n');
+    place_file(dir, &format!("{id}.eml"), record.value())?;
+    place_file(dir, &format!("{id}.json"), &json)
+}
+
+fn place_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SpoolError> {
+    let target = dir.join(name);
+    let tmp = temp_path_for(&target);
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes))
+        .and_then(|()| fs::rename(&tmp, &target));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write", &target)(e));
+    }
+    Ok(())
 }
 
 fn temp_path_for(target: &Path) -> PathBuf {
@@ -384,36 +968,63 @@ fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(name)
 }
 
-fn write_mbox(
-    reader: &mut SpoolReader,
-    damage: &mut Damage,
-    skip_corrupt: bool,
-    since: Option<(Ulid, &Path)>,
-    file: File,
-    tmp: &Path,
-) -> Result<usize, SpoolError> {
-    let write_error = io_error("write", tmp);
-    let mut out = BufWriter::with_capacity(256 << 10, file);
-    let mut count = 0;
-    let mut started = since.is_none();
-    walk(reader, damage, !skip_corrupt, |record| {
-        if !started {
-            started = since.is_some_and(|(id, _)| record.id == id);
-            return Ok(Flow::Continue);
+/// The first words of a cursor file, naming its format.
+const CURSOR_TAG: &str = "smtpgw-spool-cursor 1";
+
+/// Reads an export/replay cursor: `None` if the file does not exist (start at the
+/// oldest message). The file is one line, `smtpgw-spool-cursor 1 SEGMENT:OFFSET ID`:
+/// the position right after the last message handled (segment number and byte offset,
+/// which stay valid when the segments before it are pruned) and that message's id
+/// (for people). Anything else is an error naming the file, never a silent restart.
+pub fn load_cursor(path: &Path) -> Result<Option<Position>, SpoolError> {
+    let bad = |why: &str| SpoolError::BadCursor {
+        path: path.to_path_buf(),
+        why: why.to_owned(),
+    };
+    let text = match crate::files::read_regular_file(path, 4096) {
+        Ok(bytes) => bytes,
+        Err(crate::files::FileError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(None)
         }
-        write_mbox_message(&mut out, &record).map_err(write_error)?;
-        count += 1;
-        Ok(Flow::Continue)
-    })?;
-    if let Some((id, dir)) = since.filter(|_| !started) {
-        return Err(SpoolError::NotFound {
-            id: id.to_string(),
-            dir: dir.to_path_buf(),
-        });
+        Err(e) => return Err(bad(&e.to_string())),
+    };
+    let text = std::str::from_utf8(&text).map_err(|_| bad("not UTF-8"))?;
+    let rest = text
+        .strip_suffix('\n')
+        .and_then(|line| line.strip_prefix(CURSOR_TAG))
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or_else(|| {
+            bad(&format!(
+                "not a cursor (expected one line `{CURSOR_TAG} SEGMENT:OFFSET ID`)"
+            ))
+        })?;
+    let mut fields = rest.split(' ');
+    let (Some(position), Some(id), None) = (fields.next(), fields.next(), fields.next()) else {
+        return Err(bad("expected `SEGMENT:OFFSET ID` after the tag"));
+    };
+    Ulid::from_string(id).map_err(|_| bad("the id is not a ULID"))?;
+    let (segment, offset) = position
+        .split_once(':')
+        .and_then(|(s, o)| Some((s.parse().ok()?, o.parse().ok()?)))
+        .ok_or_else(|| bad("the position is not SEGMENT:OFFSET"))?;
+    Ok(Some(Position { segment, offset }))
+}
+
+/// Replaces the cursor at `path` atomically: written to a temporary file next to it,
+/// `fsync`ed, renamed over it, and the directory `fsync`ed. A crash leaves the old
+/// cursor or the new one, so a rerun repeats at most the last run's messages and never
+/// skips one. Call only once the output it stands for is durable.
+pub fn save_cursor(path: &Path, position: Position, last: Ulid) -> Result<(), SpoolError> {
+    let tmp = temp_path_for(path);
+    let line = format!("{CURSOR_TAG} {position} {last}\n");
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error("write cursor", path)(e));
     }
-    let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
-    file.sync_all().map_err(write_error)?;
-    Ok(count)
+    sync_dir(parent_of(path))
 }
 
 fn write_mbox_message(out: &mut impl Write, record: &SpoolRecord) -> io::Result<()> {
@@ -480,6 +1091,8 @@ pub struct CheckSummary {
     pub corrupt_ranges: u64,
     pub corrupt_bytes: u64,
     pub torn_tail_bytes: u64,
+    /// Records in the tombstone log (damaged ones included).
+    pub tombstones: u64,
 }
 
 /// Verifies every record (frame, checksum, payload) and writes a summary to `out`;
@@ -503,15 +1116,28 @@ pub fn check(
             ReadEvent::SegmentEnd { .. } => summary.segments += 1,
         }
     }
+    let tombstones = read_tombstones(dir)?;
+    summary.tombstones = tombstones.records;
+    for range in tombstones.damaged {
+        damage.corrupt(range);
+    }
+    if let Some(range) = tombstones.torn_tail {
+        let _ = writeln!(
+            damage.err,
+            "note: tombstone append cut short, not counted as corruption (never reported \
+             as done; the next hold, release or delete cuts it off): {range}"
+        );
+    }
     summary.corrupt_ranges = damage.ranges.len() as u64;
     summary.corrupt_bytes = damage.corrupt_bytes();
     summary.torn_tail_bytes = damage.torn_tail.as_ref().map_or(0, |r| r.len);
     writeln!(
         out,
-        "{} records, {} bytes in {} segments; {} corrupt ranges ({} bytes){}",
+        "{} records, {} bytes in {} segments, {} tombstones; {} corrupt ranges ({} bytes){}",
         summary.records,
         summary.record_bytes,
         summary.segments,
+        summary.tombstones,
         summary.corrupt_ranges,
         summary.corrupt_bytes,
         if summary.torn_tail_bytes > 0 {
@@ -532,6 +1158,9 @@ pub enum Cutoff {
     Id(Ulid),
     /// Records received before this time.
     Time(DateTime<Utc>),
+    /// Records that end at or before this position (an export or replay cursor):
+    /// what an incremental run has handed on, in spool order.
+    Position(Position),
 }
 
 impl Cutoff {
@@ -550,6 +1179,7 @@ impl Cutoff {
         match self {
             Cutoff::Id(id) => record.id < *id,
             Cutoff::Time(t) => record.received_at < *t,
+            Cutoff::Position(p) => record.next_position() <= *p,
         }
     }
 }
@@ -566,46 +1196,16 @@ pub struct PruneReport {
     /// Segments kept because the Kafka forwarder (`--spool-fallback`) has not
     /// published all of their records yet.
     pub kept_unforwarded: u64,
+    /// Segments kept because they hold a held message (`spool hold`), or a released
+    /// one the forwarder has not published yet.
+    pub kept_held: u64,
 }
-
-/// The spool's Kafka forward cursor file (`--spool-fallback`); its layout is owned by
-/// `sink::forward`: two 32-byte slots, each `SGWFWD01`, segment u64, offset u64,
-/// counter u32, CRC-32C of the first 28 bytes.
-const FORWARD_CURSOR_FILE: &str = "FORWARD";
 
 /// Segments below the returned number have been forwarded entirely; `None` when the
 /// spool has no forwarder (no cursor file). An unreadable cursor forwards everything
 /// again, so then nothing counts as forwarded.
 fn forwarded_below(dir: &Path) -> Result<Option<u64>, SpoolError> {
-    let path = dir.join(FORWARD_CURSOR_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_error("read forward cursor", &path)(e)),
-    };
-    let best = bytes
-        .chunks_exact(32)
-        .take(2)
-        .filter(|slot| {
-            &slot[..8] == b"SGWFWD01" && slot[28..] == crc32c::crc32c(&slot[..28]).to_le_bytes()
-        })
-        .map(|slot| {
-            let field = |at: usize| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(&slot[at..at + 8]);
-                u64::from_le_bytes(b)
-            };
-            let counter = u32::from_le_bytes([slot[24], slot[25], slot[26], slot[27]]);
-            (counter, field(8))
-        })
-        .reduce(|a, b| {
-            if b.0.wrapping_sub(a.0) as i32 > 0 {
-                b
-            } else {
-                a
-            }
-        });
-    Ok(Some(best.map_or(0, |(_, segment)| segment)))
+    Ok(read_forward_progress(dir)?.map(|p| p.cursor.segment))
 }
 
 /// Deletes every whole closed segment whose records are all older than `before` and
@@ -627,6 +1227,8 @@ pub fn prune(
     };
     let mut damage = Damage::new(err);
     let forwarded_below = forwarded_below(dir)?;
+    let tombstones = read_tombstones(dir)?;
+    let has_forwarder = forwarded_below.is_some();
     let mut deleted_any = false;
     for (seq, path) in closed {
         if forwarded_below.is_some_and(|below| *seq >= below) {
@@ -638,6 +1240,7 @@ pub fn prune(
         let mut records = 0u64;
         let mut all_older = true;
         let mut damaged = false;
+        let mut held = false;
         match open_segment(path, *seq, false, 0, None)? {
             Opened::Empty => {}
             Opened::Unreadable(range) => {
@@ -658,6 +1261,9 @@ pub fn prune(
                         Step::Record(record) => {
                             records += 1;
                             all_older &= before.holds_older(&record);
+                            held |= tombstones.state(&record.id).is_some_and(|s| {
+                                s.held || (has_forwarder && s.awaits_forwarding())
+                            });
                         }
                         Step::Corrupt(range) | Step::Torn(range) => {
                             damage.corrupt(range);
@@ -665,7 +1271,7 @@ pub fn prune(
                         }
                         Step::End => break,
                     }
-                    if !all_older {
+                    if !all_older || held {
                         break;
                     }
                 }
@@ -674,7 +1280,10 @@ pub fn prune(
         if damaged {
             report.kept_corrupt += 1;
         }
-        if damaged || !all_older {
+        if held && !damaged && all_older {
+            report.kept_held += 1;
+        }
+        if damaged || !all_older || held {
             report.kept_segments += 1;
             continue;
         }

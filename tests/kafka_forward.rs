@@ -10,10 +10,15 @@
 //!   forwards the rest; nothing acknowledged is missing; duplicates are at most one
 //!   window and no more than `smtpgw_forward_redelivered_total` counts;
 //! - a backlog of many windows drains with no new mail to wake the forwarder (the
-//!   stall of issue 19, made certain with a window of one record).
+//!   stall of issue 19, made certain with a window of one record);
+//! - `spool replay --after-cursor` run again and again publishes each message once;
+//! - `spool hold | delete` while the forwarder waits for the broker: those messages
+//!   never reach the topic; `spool release` sends a held one once the forwarder has
+//!   passed it, with no new mail to wake it.
 
 mod broker_support;
 mod kafka_support;
+mod spool_support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -538,4 +543,165 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
             }
         }
     }
+}
+
+/// `spool replay --after-cursor FILE`: three runs with new mail between the first two
+/// publish each message exactly once (the third publishes nothing and leaves the
+/// cursor as it was).
+#[test]
+fn incremental_replay_publishes_each_message_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.replay.incremental";
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spool = tmp.path().join("spool");
+    let cursor = tmp.path().join("replay.cursor");
+    let mut broker = Tansu::on_free_port(bin);
+    broker.start(topic);
+    let store = |n: usize| -> Vec<smtpgw::smtp::envelope::SealedMessage> {
+        let sink = smtpgw::sink::spool::SpoolSink::open(&spool).expect("spool");
+        let sent: Vec<_> = (0..n)
+            .map(|i| {
+                spool_support::message(
+                    "a@example.com",
+                    &["b@example.com"],
+                    format!("m {i}\r\n").as_bytes(),
+                )
+            })
+            .collect();
+        for msg in &sent {
+            assert_eq!(spool_support::publish(&sink, msg.clone()), Ok(msg.id));
+        }
+        smtpgw::sink::Sink::shutdown(&sink);
+        sent
+    };
+    let replay = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+            .args(["spool", "replay", "--to-kafka", "--spool-dir"])
+            .arg(&spool)
+            .args(["--kafka-brokers", &broker.addr(), "--kafka-topic", topic])
+            .arg("--after-cursor")
+            .arg(&cursor)
+            .env_remove("SMTPGW_SPOOL_DIR")
+            .output()
+            .expect("replay runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let mut sent = store(3);
+    let stderr = replay();
+    assert!(stderr.contains("published 3 messages"), "{stderr}");
+    sent.extend(store(2));
+    let stderr = replay();
+    assert!(stderr.contains("published 2 messages"), "{stderr}");
+    let before = std::fs::read(&cursor).expect("cursor");
+    let stderr = replay();
+    assert!(stderr.contains("published 0 messages"), "{stderr}");
+    assert_eq!(std::fs::read(&cursor).expect("cursor"), before);
+
+    let (records, total) = read_topic(&broker, topic);
+    assert_eq!(total, sent.len(), "each message once");
+    for msg in &sent {
+        let record = records
+            .get(msg.id.to_string().as_bytes())
+            .expect("every message published");
+        assert_eq!(record.value, &msg.value[..]);
+    }
+}
+
+fn spool_tool(spool: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_smtpgw"))
+        .arg("spool")
+        .arg(args[0])
+        .arg("--spool-dir")
+        .arg(spool)
+        .args(&args[1..])
+        .env_remove("SMTPGW_SPOOL_DIR")
+        .output()
+        .expect("tool runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 23 item 4, against the running gateway's forwarder: messages spooled while
+/// the broker is down; one held, one deleted, one held and later released, all while
+/// the forwarder is retrying. Once the broker is up everything else is forwarded and
+/// the held and deleted ones are not; the release alone (no new mail) gets the
+/// released one to the topic, once; the held one never arrives.
+#[test]
+fn hold_and_delete_while_the_forwarder_runs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(bin) = tansu_binary() else {
+        return;
+    };
+    let topic = "smtp.forward.hold";
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut broker = Tansu::on_free_port(bin);
+    let gw = fallback_gateway(&broker, topic, spool.path());
+    let load = Load::start(&gw.smtp, 2);
+    assert!(wait(Duration::from_secs(30), || load.count(250) >= 100));
+    let replies = load.stop();
+    let acked: Vec<String> = replies.iter().filter_map(|r| r.id.clone()).collect();
+    assert_eq!(acked.len(), replies.len(), "every message gets 250");
+    let (held, deleted, released) = (&acked[10], &acked[20], &acked[30]);
+    for (cmd, id) in [("hold", held), ("delete", deleted), ("hold", released)] {
+        let (ok, _, err) = spool_tool(spool.path(), &[cmd, id]);
+        assert!(ok, "{cmd} {id}: {err}");
+    }
+    let (ok, out, _) = spool_tool(spool.path(), &["ls", "--pending"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), acked.len() - 3, "{out}");
+
+    broker.start(topic);
+    let others = (acked.len() - 3) as f64;
+    assert!(
+        wait(Duration::from_secs(60), || gw
+            .metric("smtpgw_forward_awaiting_records")
+            == 0.0
+            && gw.metric("smtpgw_forwarded_records_total") >= others),
+        "the backlog was not forwarded"
+    );
+    assert_eq!(gw.metric("smtpgw_forwarded_records_total"), others);
+    let (ok, out, _) = spool_tool(spool.path(), &["ls", "--pending"]);
+    assert!(ok && out.is_empty(), "nothing pending once drained: {out}");
+
+    let (ok, _, err) = spool_tool(spool.path(), &["release", released]);
+    assert!(ok, "{err}");
+    assert!(
+        wait(Duration::from_secs(30), || gw
+            .metric("smtpgw_forwarded_records_total")
+            == others + 1.0),
+        "the released message was not forwarded"
+    );
+    let (records, total) = read_topic(&broker, topic);
+    assert_eq!(total, acked.len() - 2, "each forwarded message once");
+    for id in &acked {
+        let there = records.contains_key(id.as_bytes());
+        assert_eq!(
+            there,
+            id != held && id != deleted,
+            "{id} in the topic: {there}"
+        );
+    }
+    let (ok, out, _) = spool_tool(spool.path(), &["ls", "--long"]);
+    assert!(ok);
+    let state = |id: &str| {
+        out.lines()
+            .find(|l| l.starts_with(id))
+            .map(|l| l.split("  ").nth(3).unwrap_or_default().to_owned())
+    };
+    assert_eq!(state(held).as_deref(), Some("held"), "{out}");
+    assert_eq!(state(released).as_deref(), Some("forwarded"), "{out}");
+    let (ok, out, _) = spool_tool(spool.path(), &["stat"]);
+    assert!(ok);
+    assert!(
+        out.contains("forwarder: cursor") && out.contains("; 0 pending"),
+        "{out}"
+    );
 }

@@ -49,6 +49,14 @@
 //! it, counts it (`smtpgw_forward_restarts_total`) and starts again from the durable
 //! cursor; what it sends again is counted as redelivered.
 //!
+//! Per-message control: the forwarder reads the spool's tombstone log
+//! ([`crate::sink::spool::tombstone`]) again whenever it changed (an inotify watch on
+//! the file wakes it; its length is checked before each read of records). A held or
+//! deleted record is passed over (the cursor moves past it; a held one's segment is
+//! not deleted); a released record it passed is read back from its position and sent
+//! out of order, and a `forwarded` tombstone notes it once Kafka acknowledged it, so a
+//! restart does not send it again (a crash before that note does: same key).
+//!
 //! A record the forwarder cannot publish for good (Kafka refuses it as too large) or
 //! cannot read (a bad frame) is reported with its file and offset, and its segment is
 //! never deleted, so nothing acknowledged leaves the disk without reaching Kafka.
@@ -67,6 +75,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
+use crate::sink::spool::tombstone::{
+    append_tombstone, ensure_tombstone_log, read_tombstones, tombstone_path, tombstones_len,
+    Action, Tombstone, Tombstones,
+};
 use crate::sink::spool::writer::{list_segments, open_or_create, sync_dir};
 use crate::sink::spool::{
     Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
@@ -90,6 +102,8 @@ const SENT_MAGIC: &[u8; 8] = b"SGWSNT01";
 /// no progress is restarted (see the module documentation).
 const STALL_MARGIN: Duration = Duration::from_secs(15);
 const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
+/// Tags of released messages sent out of order start here, far above the window's.
+const RELEASED_TAGS: u64 = 1 << 62;
 const CURSOR_SLOT: u64 = 32;
 /// Why a start-up found the cursor damaged (`smtpgw_forward_cursor_resets_total{reason}`).
 pub const CURSOR_RESET_REASONS: [&str; 3] = ["empty", "truncated", "unreadable"];
@@ -129,6 +143,8 @@ pub struct FallbackSink {
     counters: Arc<Counters>,
     /// Why this start found the forward cursor damaged, if it did.
     cursor_reset: Option<&'static str>,
+    /// Wakes the forwarder when the tombstone log changes; dropping it stops it.
+    _tombstone_watch: Option<notify::RecommendedWatcher>,
 }
 
 impl FallbackSink {
@@ -166,6 +182,33 @@ impl FallbackSink {
         kafka.notify_ready(ready_tx);
 
         let (ledger, cursor_reset) = Ledger::open(dir)?;
+        // `spool hold | release | delete` append to the tombstone log: a change wakes
+        // the forwarder (inotify on that one file), so a release is sent at once even
+        // when nothing else moves.
+        let (tombstones_tx, tombstones_changed) = crossbeam_channel::bounded(1);
+        let watch = ensure_tombstone_log(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                use notify::Watcher;
+                let mut watcher =
+                    notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                        if event.is_ok_and(|e| !e.kind.is_access()) {
+                            let _ = tombstones_tx.try_send(());
+                        }
+                    })
+                    .map_err(|e| e.to_string())?;
+                watcher
+                    .watch(&tombstone_path(dir), notify::RecursiveMode::NonRecursive)
+                    .map_err(|e| e.to_string())?;
+                Ok(watcher)
+            });
+        let tombstone_watch = match watch {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch the spool's tombstone log; a hold, release or delete takes effect at the forwarder's next wake-up");
+                None
+            }
+        };
         let cursor = ledger.saved;
         let stall_after = kafka_options.settings.publish_timeout.0 * 2 + STALL_MARGIN;
         let (acks_tx, acks) = crossbeam_channel::unbounded();
@@ -184,6 +227,11 @@ impl FallbackSink {
             window: VecDeque::new(),
             window_bytes: 0,
             forwarded_log: ForwardedLog::default(),
+            tombstones: Tombstones::default(),
+            tombstones_seen: None,
+            released: std::collections::HashMap::new(),
+            released_lost: HashSet::new(),
+            next_released_tag: RELEASED_TAGS,
             next_tag: 0,
             retry_at: None,
             backoff: FIRST_RETRY,
@@ -198,6 +246,7 @@ impl FallbackSink {
             acks_tx,
             commits,
             ready,
+            tombstones_changed,
             stop: stop_rx,
             stopping: false,
             last_error: None,
@@ -213,6 +262,7 @@ impl FallbackSink {
             forwarder: Mutex::new(Some(handle)),
             counters,
             cursor_reset,
+            _tombstone_watch: tombstone_watch,
         })
     }
 
@@ -454,6 +504,65 @@ impl CursorFile {
     }
 }
 
+/// How far the forwarder of the spool in `dir` has come, as its files say: the
+/// durable cursor (every record before it was acknowledged by Kafka) and the sent mark
+/// (records before it may have been handed to Kafka). `None` when the spool has no
+/// forwarder (no `FORWARD` file). A cursor with no valid slot reads as the start of
+/// the spool, as the forwarder itself would take it (it forwards everything again).
+/// For the tools (`spool ls`, `prune`, `stat`, `hold`), which must not duplicate the
+/// layout.
+pub fn read_forward_progress(dir: &Path) -> Result<Option<ForwardProgress>, SpoolError> {
+    let path = dir.join(CURSOR_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(SpoolError::Io {
+                op: "read forward cursor",
+                path,
+                error,
+            })
+        }
+    };
+    let cursor = CursorFile {
+        file,
+        path,
+        counter: 0,
+        unwritten: false,
+    }
+    .read()
+    .map(|(position, _)| position)
+    .unwrap_or_default();
+    let sent = SentMark {
+        file: File::open(dir.join(SENT_FILE)).ok(),
+    }
+    .load()
+    .unwrap_or_default();
+    Ok(Some(ForwardProgress {
+        cursor,
+        sent: sent.max(cursor),
+    }))
+}
+
+/// See [`read_forward_progress`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForwardProgress {
+    pub cursor: Position,
+    pub sent: Position,
+}
+
+impl ForwardProgress {
+    /// Whether Kafka acknowledged this record (the durable cursor is past it).
+    pub fn forwarded(&self, record: &SpoolRecord) -> bool {
+        record.next_position() <= self.cursor
+    }
+
+    /// Whether the forwarder may have handed this record to Kafka already.
+    pub fn handed_over(&self, record: &SpoolRecord) -> bool {
+        record.next_position() <= self.sent
+    }
+}
+
 fn encode_cursor(position: Position, counter: u32) -> [u8; CURSOR_SLOT as usize] {
     let mut buf = [0u8; CURSOR_SLOT as usize];
     buf[..8].copy_from_slice(CURSOR_MAGIC);
@@ -665,6 +774,11 @@ struct Slot {
 
 enum Item {
     Record(Box<SpoolRecord>),
+    /// A held or deleted message: not sent; the cursor passes it.
+    Skipped {
+        next: Position,
+        frame_len: u64,
+    },
     /// Every record of a closed segment is before this point.
     SegmentEnd {
         segment: u64,
@@ -697,6 +811,16 @@ struct Forwarder {
     window_bytes: usize,
     /// What was forwarded since the last `forwarded spooled messages` line.
     forwarded_log: ForwardedLog,
+    /// `spool hold | release | delete`, read again whenever the log's length changes
+    /// (checked before each read of records).
+    tombstones: Tombstones,
+    tombstones_seen: Option<u64>,
+    /// Released messages the forwarder had passed while they were held, in flight out
+    /// of order, by tag (from [`RELEASED_TAGS`] on).
+    released: std::collections::HashMap<u64, Box<SpoolRecord>>,
+    /// Released messages that cannot be sent (gone, or refused for good): not retried.
+    released_lost: HashSet<ulid::Ulid>,
+    next_released_tag: u64,
     next_tag: u64,
     retry_at: Option<Instant>,
     backoff: Duration,
@@ -719,6 +843,7 @@ struct Forwarder {
     acks_tx: Sender<(u64, PublishResult)>,
     commits: Receiver<SpoolCommit>,
     ready: Receiver<()>,
+    tombstones_changed: Receiver<()>,
     stop: Receiver<()>,
     stopping: bool,
     last_error: Option<Instant>,
@@ -726,13 +851,15 @@ struct Forwarder {
 
 impl Forwarder {
     fn run(mut self) {
+        self.refresh_tombstones();
         self.count_backlog();
         // Handles of our own, so the select arms may borrow `self` mutably.
-        let (acks, mut commits, mut ready, mut stop) = (
+        let (acks, mut commits, mut ready, mut stop, mut tombstones) = (
             self.acks.clone(),
             self.commits.clone(),
             self.ready.clone(),
             self.stop.clone(),
+            self.tombstones_changed.clone(),
         );
         loop {
             if self.retry_at.is_some_and(|t| Instant::now() >= t) {
@@ -783,6 +910,10 @@ impl Forwarder {
                     stop = crossbeam_channel::never();
                     self.stopping = true;
                 }
+                // Read at the next fill (in `pump`).
+                recv(tombstones) -> changed => if changed.is_err() {
+                    tombstones = crossbeam_channel::never();
+                },
                 recv(timer) -> _ => {}
             }
             // Take everything else that is waiting before acting on it, so one cursor
@@ -835,6 +966,7 @@ impl Forwarder {
         let mut sent_before = 0u64;
         while let Some(Ok(event)) = reader.next_event() {
             if let ReadEvent::Record(record) = event {
+                // Held and deleted ones are counted too: passing them takes them off.
                 if record.next_position() <= self.redeliver_until {
                     sent_before += 1;
                 }
@@ -905,6 +1037,8 @@ impl Forwarder {
         if self.stopping || self.retry_at.is_some() || !self.kafka.is_healthy() {
             return false;
         }
+        self.refresh_tombstones();
+        self.send_released();
         let first = self.window.len();
         let (from, bytes_before, tag_before) = (self.read_pos, self.window_bytes, self.next_tag);
         while self.window.len() < self.window_records && self.window_bytes < WINDOW_BYTES {
@@ -918,7 +1052,7 @@ impl Forwarder {
                     self.window_bytes += record.value().len();
                     State::Pending
                 }
-                Item::SegmentEnd { .. } => State::Done,
+                Item::SegmentEnd { .. } | Item::Skipped { .. } => State::Done,
             };
             self.window.push_back(Slot { tag, item, state });
         }
@@ -986,6 +1120,8 @@ impl Forwarder {
         self.redeliver_until = self.redeliver_until.max(self.read_pos);
         self.window.clear();
         self.window_bytes = 0;
+        // Answers to released messages in flight are ignored too; they are sent again.
+        self.released.clear();
         self.reader = None;
         self.read_pos = self.cursor;
         self.retry_at = None;
@@ -1021,6 +1157,21 @@ impl Forwarder {
             match reader.next_event() {
                 Some(Ok(ReadEvent::Record(record))) => {
                     self.read_pos = record.next_position();
+                    if let Some(state) = self.tombstones.state(&record.id).filter(|s| s.skipped()) {
+                        tracing::info!(
+                            id = %record.id,
+                            state = if state.deleted { "deleted" } else { "held" },
+                            "spooled message not forwarded (spool hold / delete)"
+                        );
+                        if state.held {
+                            // Released later, it is read from here again.
+                            self.keep.insert(record.seq);
+                        }
+                        return Some(Item::Skipped {
+                            next: record.next_position(),
+                            frame_len: record.frame_len,
+                        });
+                    }
                     return Some(Item::Record(Box::new(record)));
                 }
                 Some(Ok(ReadEvent::SegmentEnd {
@@ -1078,6 +1229,10 @@ impl Forwarder {
 
     fn on_ack(&mut self, tag: u64, result: PublishResult) {
         self.last_activity = Instant::now();
+        if tag >= RELEASED_TAGS {
+            self.on_released_ack(tag, result);
+            return;
+        }
         let Some(front) = self.window.front().map(|s| s.tag) else {
             return;
         };
@@ -1159,6 +1314,22 @@ impl Forwarder {
                     if self.cursor <= self.redeliver_until {
                         c.redelivered_records.fetch_add(1, Ordering::Relaxed);
                     }
+                    if self
+                        .tombstones
+                        .state(&record.id)
+                        .is_some_and(|s| s.awaits_forwarding())
+                    {
+                        // Released before the forwarder reached it: say it is done, so
+                        // a restart does not send it out of order as well.
+                        self.note_forwarded(&record);
+                    }
+                }
+                Item::Skipped { next, frame_len } => {
+                    self.cursor = next;
+                    let c = &self.counters;
+                    c.awaiting_records.fetch_sub(1, Ordering::Relaxed);
+                    c.awaiting_bytes
+                        .fetch_sub(frame_len as i64, Ordering::Relaxed);
                 }
                 Item::SegmentEnd { segment, next } => {
                     self.cursor = next;
@@ -1172,6 +1343,104 @@ impl Forwarder {
             self.note_oldest();
         }
         moved
+    }
+
+    /// Reads the tombstone log again if its length changed since the last look (one
+    /// `fstat` per read of records: a `spool hold` is honoured from the next read on).
+    fn refresh_tombstones(&mut self) {
+        let len = tombstones_len(&self.dir);
+        if self.tombstones_seen == Some(len) {
+            return;
+        }
+        match read_tombstones(&self.dir) {
+            Ok(log) => {
+                for range in &log.damaged {
+                    if self.tombstones_seen.is_none_or(|seen| range.offset >= seen) {
+                        tracing::error!(%range, "damaged tombstone ignored (`smtpgw spool check` reports it); the message keeps the state the other tombstones give it");
+                    }
+                }
+                self.tombstones = log;
+                self.tombstones_seen = Some(len);
+            }
+            Err(error) => self.failed_io(&error),
+        }
+    }
+
+    /// Sends the released messages the forwarder passed while they were held, out of
+    /// order (each is marked `forwarded` in the log once Kafka has it).
+    fn send_released(&mut self) {
+        let due: Vec<(ulid::Ulid, Position)> = self
+            .tombstones
+            .states
+            .iter()
+            .filter(|(id, s)| {
+                s.awaits_forwarding()
+                    && s.position < self.read_pos
+                    && !self.released_lost.contains(id)
+                    && !self.released.values().any(|r| r.id == **id)
+            })
+            .map(|(id, s)| (*id, s.position))
+            .collect();
+        for (id, position) in due {
+            let found = SpoolReader::open_from(&self.dir, position)
+                .map(|mut reader| reader.find_map(|r| r.ok()).filter(|r| r.id == id));
+            match found {
+                Ok(Some(record)) => {
+                    let tag = self.next_released_tag;
+                    self.next_released_tag += 1;
+                    self.kafka.forward(&record, tag, self.acks_tx.clone());
+                    self.released.insert(tag, Box::new(record));
+                    self.last_activity = Instant::now();
+                }
+                Ok(None) => {
+                    tracing::error!(%id, segment = position.segment, offset = position.offset, "a released message is no longer in the spool (pruned?): not forwarded");
+                    self.released_lost.insert(id);
+                }
+                Err(error) => {
+                    self.failed_io(&error);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_released_ack(&mut self, tag: u64, result: PublishResult) {
+        let Some(record) = self.released.remove(&tag) else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                let c = &self.counters;
+                c.forwarded_records.fetch_add(1, Ordering::Relaxed);
+                c.forwarded_bytes
+                    .fetch_add(record.value().len() as u64, Ordering::Relaxed);
+                self.forwarded_log.add(&record);
+                self.note_forwarded(&record);
+            }
+            Err(PublishError::TooLarge) => {
+                tracing::error!(id = %record.id, "kafka refuses this released message as too large: not forwarded");
+                self.released_lost.insert(record.id);
+            }
+            // Sent again at the next fill.
+            Err(PublishError::Temporary(_) | PublishError::StorageFull) => self.schedule_retry(),
+        }
+    }
+
+    /// Notes in the tombstone log that a released message reached Kafka.
+    fn note_forwarded(&mut self, record: &SpoolRecord) {
+        let stone = Tombstone {
+            action: Action::Forwarded,
+            id: record.id,
+            position: record.position(),
+            at: chrono::Utc::now(),
+            sent: false,
+        };
+        if let Err(error) = append_tombstone(&self.dir, &stone) {
+            tracing::warn!(%error, id = %record.id, "cannot note a released message as forwarded; a restart forwards it again (same key)");
+        }
+        if let Some(state) = self.tombstones.states.get_mut(&record.id) {
+            state.forwarded = true;
+        }
     }
 
     /// Writes the cursor if it moved, then deletes the segments it has passed.
@@ -1195,7 +1464,7 @@ impl Forwarder {
     fn note_oldest(&self) {
         let oldest = self.window.iter().find_map(|s| match &s.item {
             Item::Record(record) => Some(record.received_at.timestamp_micros()),
-            Item::SegmentEnd { .. } => None,
+            Item::SegmentEnd { .. } | Item::Skipped { .. } => None,
         });
         let awaiting = self.counters.awaiting_records.load(Ordering::Relaxed);
         match oldest {

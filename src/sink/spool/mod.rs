@@ -28,6 +28,8 @@
 //!   batch), once its first record is older than the segment age (even when idle),
 //!   and when a limit refused mail (so a prune can make room). The writer only ever
 //!   appends to the highest-numbered segment: every other segment is closed for good.
+//! - `TOMBSTONES`: the per-message hold/release/delete log (see [`tombstone`]); the
+//!   segments are never rewritten for it.
 //! - `quarantine/`: bytes recovery took out of a segment (a torn tail), kept for an
 //!   operator to inspect; nothing reads them.
 //!
@@ -148,6 +150,7 @@ use crate::smtp::envelope::SealedMessage;
 pub mod format;
 pub mod reader;
 mod recovery;
+pub mod tombstone;
 pub(crate) mod writer;
 
 pub use format::{Position, SpoolRecord, RECORD_VERSION, SEGMENT_MAGIC};
@@ -191,6 +194,10 @@ pub enum SpoolError {
     SegmentOpen { seq: u64 },
     #[error("cannot start the spool writer thread: {0}")]
     Thread(io::Error),
+    #[error("message {id}: {why}")]
+    State { id: String, why: String },
+    #[error("cursor file {}: {why}; fix or remove it (removing it starts from the oldest message)", path.display())]
+    BadCursor { path: PathBuf, why: String },
 }
 
 impl SpoolError {

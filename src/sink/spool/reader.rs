@@ -502,6 +502,8 @@ pub struct SpoolReader {
     until: Option<Position>,
     pending: VecDeque<ReadEvent>,
     torn_tail: Option<CorruptRange>,
+    /// Stop the newest segment at its commit mark (see [`SpoolReader::acknowledged_only`]).
+    acknowledged_only: bool,
     /// After an I/O error the iteration ends.
     failed: bool,
 }
@@ -523,6 +525,7 @@ impl SpoolReader {
             until: None,
             pending: VecDeque::new(),
             torn_tail: None,
+            acknowledged_only: false,
             failed: false,
         })
     }
@@ -543,6 +546,16 @@ impl SpoolReader {
     pub fn until(mut self, until: Position) -> SpoolReader {
         self.segments.retain(|(seq, _)| *seq <= until.segment);
         self.until = Some(until);
+        self
+    }
+
+    /// Reads the newest segment only up to its commit mark: records a running gateway
+    /// has written but not yet answered are left for a later reader. Their batch may
+    /// still fail, and the writer then cuts it off and writes other records there, so a
+    /// cursor saved past them would point into the middle of a record. A segment
+    /// without a usable mark (format 1, both copies damaged) is read to its end.
+    pub fn acknowledged_only(mut self) -> SpoolReader {
+        self.acknowledged_only = true;
         self
     }
 
@@ -584,7 +597,13 @@ impl SpoolReader {
                 // Read to its end only if no `until` stops inside it.
                 let closed = self.highest.is_some_and(|h| seq < h) && limit.is_none();
                 match open_segment(&path, seq, newest, start, limit) {
-                    Ok(Opened::Cursor { cursor, damaged }) => {
+                    Ok(Opened::Cursor {
+                        mut cursor,
+                        damaged,
+                    }) => {
+                        if newest && self.acknowledged_only && cursor.acked > 0 {
+                            cursor.file.len = cursor.file.len.min(cursor.acked);
+                        }
                         self.current = Some((cursor, closed));
                         self.pending
                             .extend(damaged.into_iter().map(ReadEvent::Corrupt));
