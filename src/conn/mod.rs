@@ -86,6 +86,7 @@ pub fn log_refused_at_accept(peer: SocketAddr) {
             verb: "",
             address: None,
             detail: None,
+            user: None,
         }));
     }
 }
@@ -1271,7 +1272,7 @@ impl Connection {
     /// and counts them itself).
     fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
         self.edge_stats.refusals.add(refusal);
-        self.note_refusal(refusal, "", None, detail.map(Box::from));
+        self.note_refusal(refusal, "", None, detail.map(Box::from), None);
     }
 
     fn note_refusal(
@@ -1280,6 +1281,7 @@ impl Connection {
         verb: &'static str,
         address: Option<Box<str>>,
         detail: Option<Box<str>>,
+        user: Option<Box<str>>,
     ) {
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
@@ -1316,6 +1318,7 @@ impl Connection {
                 verb,
                 address,
                 detail,
+                user,
             }));
         }
     }
@@ -1327,9 +1330,10 @@ impl Connection {
             verb,
             address,
             detail,
+            user,
         }) = self.session.poll_event()
         {
-            self.note_refusal(refusal, verb, address, detail);
+            self.note_refusal(refusal, verb, address, detail, user);
         }
     }
 

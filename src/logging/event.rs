@@ -125,6 +125,8 @@ pub struct RefusalLine {
     pub address: Option<Box<str>>,
     /// A sink's reason, or a TLS failure's kind.
     pub detail: Option<Box<str>>,
+    /// For AUTH, the user name the client gave.
+    pub user: Option<Box<str>>,
 }
 
 /// How a connection ended, for its last line.

@@ -186,6 +186,9 @@ impl Formatter {
         if let Some(a) = &r.address {
             l.client_text("address", a.as_bytes());
         }
+        if let Some(u) = &r.user {
+            l.client_text("user", u.as_bytes());
+        }
         l.num("code", u64::from(r.refusal.code()));
         if !r.refusal.enhanced().is_empty() {
             l.plain("enhanced", r.refusal.enhanced());
@@ -566,6 +569,7 @@ mod tests {
             verb: "RCPT",
             address: Some("x@elsewhere.test".into()),
             detail: None,
+            user: None,
         };
         f.refusal(&mut out, now(), &r);
         let line = String::from_utf8(out).unwrap_or_default();
