@@ -41,6 +41,8 @@ pub struct MessageLine {
     pub ms: u64,
     pub sink: &'static str,
     pub error: Option<String>,
+    /// The user the session authenticated as (SMTP AUTH), if it did.
+    pub auth: Option<std::sync::Arc<str>>,
 }
 
 impl MessageLine {
@@ -89,6 +91,7 @@ impl MessageLine {
             ms: 0,
             sink,
             error: None,
+            auth: None,
         }
     }
 

@@ -147,6 +147,9 @@ impl Formatter {
         l.addr("client", m.client);
         l.client_text("helo", m.helo());
         l.plain("tls", m.tls.unwrap_or("none"));
+        if let Some(user) = &m.auth {
+            l.client_text("auth", user.as_bytes());
+        }
         l.client_text("from", m.from());
         match recipients {
             LogRecipients::Full => l.client_list("rcpts", m.rcpts(), None),
