@@ -118,17 +118,24 @@ impl Users {
                     parsed.algorithm
                 )));
             }
+            if parsed.salt.is_none() || parsed.hash.is_none() {
+                return Err(err(format!(
+                    "`{name}`: the hash string has no salt or no hash (make one with `smtpgw auth hash`)"
+                )));
+            }
             let mut user = User {
                 hash: parsed.serialize(),
                 rate: None,
             };
             for option in fields {
                 match option.split_once('=') {
-                    Some(("rate", n)) => user.rate = Some(n.parse().map_err(|_| {
-                        err(format!(
+                    Some(("rate", n)) => {
+                        user.rate = Some(n.parse().map_err(|_| {
+                            err(format!(
                             "`{name}`: rate must be a number of messages per minute (got `{n}`)"
                         ))
-                    })?),
+                        })?)
+                    }
                     _ => {
                         return Err(err(format!(
                             "`{name}`: unknown option `{option}` (known: rate=N)"
@@ -453,6 +460,10 @@ mod tests {
                 "line 1: `a`: unknown option `color=red`",
             ),
             (format!(":{h}\n"), "line 1: user name must be"),
+            (
+                "a:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0\n".into(),
+                "line 1: `a`: the hash string has no salt or no hash",
+            ),
             (
                 "a:$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\n".into(),
                 "line 1: `a`: hash algorithm pbkdf2-sha256 is not argon2",

@@ -1014,13 +1014,16 @@ impl Connection {
             return;
         }
         self.seen(now);
-        self.edge_stats.auth[crate::auth::result_index(verdict)] += 1;
+        // `locked` is counted from the session's refusal (see `note_refusal`), which
+        // also covers an address already over its limit when AUTH arrives.
+        if verdict != AuthVerdict::Locked {
+            self.edge_stats.auth[crate::auth::result_index(verdict)] += 1;
+        }
         self.session.auth_result(verdict);
         if verdict == AuthVerdict::Rejected {
             if let Some(slot) = &self.slot {
                 slot.auth_failed(now);
                 if !slot.auth_allowed(now) {
-                    self.edge_stats.auth[crate::auth::result_index(AuthVerdict::Locked)] += 1;
                     self.session.refuse_over_limit(
                         Refusal::AuthFailures,
                         "Too many authentication failures",
@@ -1341,6 +1344,9 @@ impl Connection {
         detail: Option<Box<str>>,
         user: Option<Box<str>>,
     ) {
+        if refusal == Refusal::AuthFailures {
+            self.edge_stats.auth[crate::auth::result_index(AuthVerdict::Locked)] += 1;
+        }
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
                 Some(EndedBy::Timeout)
@@ -1350,6 +1356,7 @@ impl Connection {
             | Refusal::ConnectionRate
             | Refusal::MessageRate
             | Refusal::ErrorBudget
+            | Refusal::AuthFailures
             | Refusal::EarlyTalker => Some(EndedBy::Limit),
             Refusal::ShuttingDown => Some(EndedBy::Drain),
             Refusal::ProxyInvalid | Refusal::ProxyUntrusted | Refusal::TlsHandshake => {
