@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import smtplib
 import statistics
@@ -381,3 +382,96 @@ def test_auth_hash_takes_no_password_argument():
     result = subprocess.run([str(gateway_binary()), "auth", "hash"], input=b"", capture_output=True,
                             timeout=60, env=gateway_env())
     assert result.returncode == 1 and b"no password" in result.stderr, result.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_postfix(d: Path, relay_to: int, sasl: str) -> tuple[Path, int]:
+    """A private Postfix (its own config, queue and log under `d`, nothing of the
+    system's) that relays everything to 127.0.0.1:`relay_to` with SASL over mandatory
+    TLS. Returns its config dir and SMTP port."""
+    etc, queue, data = d / "etc", d / "queue", d / "data"
+    for p in (etc, queue, data):
+        p.mkdir(parents=True)
+    # The postfix user must reach its data directory; pytest's tmp dirs are 0700.
+    for p in [d, *d.parents]:
+        if str(p) in ("/", "/tmp"):
+            break
+        p.chmod(p.stat().st_mode | 0o755)
+    subprocess.run(["chown", "postfix", str(data)], check=True)
+    port = free_port()
+    master = []
+    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+        fields = line.split()
+        if line[:1] not in ("", "#", " ", "\t") and len(fields) >= 8:
+            if fields[0] == "smtp" and fields[1] == "inet":
+                fields[0] = f"127.0.0.1:{port}"
+            fields[4] = "n"  # no chroot: the SASL plugins and TLS live outside the queue
+            line = "  ".join(fields[:8]) + (" " + " ".join(fields[8:]) if len(fields) > 8 else "")
+        master.append(line)
+    (etc / "master.cf").write_text("\n".join(master) + "\n")
+    if Path("/etc/postfix/dynamicmaps.cf").exists():
+        (etc / "dynamicmaps.cf").write_text(Path("/etc/postfix/dynamicmaps.cf").read_text())
+    (etc / "main.cf").write_text(f"""compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = relay.test
+mydestination =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{relay_to}
+smtp_sasl_auth_enable = yes
+smtp_sasl_password_maps = static:{sasl}
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_tls_security_level = encrypt
+smtp_tls_mandatory_protocols = >=TLSv1.2
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+biff = no
+""")
+    result = subprocess.run(["postfix", "-c", str(etc), "start"], capture_output=True, timeout=60)
+    log = d / "maillog"
+    assert result.returncode == 0, result.stderr.decode() + (log.read_text() if log.exists() else "")
+    return etc, port
+
+
+def test_postfix_relays_with_sasl_over_mandatory_tls(start_gateway, cert, users, tmp_path):
+    """A real MTA nobody here wrote: Postfix with smtp_sasl_auth_enable and
+    smtp_tls_security_level = encrypt relays to the gateway, which requires AUTH."""
+    if not shutil.which("postfix"):
+        pytest.skip("postfix is not installed (scripts/test.sh installs it)")
+    gateway = tls_auth_gateway(start_gateway, cert, users, "--require-auth", "--auth-relay")
+    d = tmp_path / "postfix"
+    etc, port = start_postfix(d, gateway.port, "alice:secret")
+    try:
+        message = make_message("via-postfix", b"Relayed by Postfix.\r\n")
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=IO_TIMEOUT) as client:
+            client.sendmail("app@client.test", ["someone@elsewhere.test"], message)
+        deadline = time.monotonic() + 60
+        while not gateway.spool_ids():
+            log = (d / "maillog").read_text() if (d / "maillog").exists() else ""
+            assert time.monotonic() < deadline, f"Postfix did not relay:\n{log}\n{gateway.stderr}"
+            time.sleep(0.2)
+        [message_id] = gateway.spool_ids()
+        stored = headers(gateway, message_id)
+        assert stored["smtp.auth"] == ["alice"]
+        assert stored["smtp.tls"][0].startswith("TLSv1."), stored["smtp.tls"]
+        assert stored["smtp.rcpt_to"] == ["someone@elsewhere.test"]
+        assert stored["smtp.helo"] == ["relay.test"]
+        assert b" with ESMTPSA id " in gateway.cat(message_id)
+        assert b"Relayed by Postfix." in gateway.cat(message_id, body=True)
+        # Postfix says how it got in: SASL over TLS, and the gateway's 250.
+        log = (d / "maillog").read_text()
+        assert "status=sent" in log, log
+    finally:
+        subprocess.run(["postfix", "-c", str(etc), "stop"], capture_output=True, timeout=60)
