@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gateway_binary, gateway_env, run_binary
-from edge_support import client_context, headers, make_certificate, metric
+from edge_support import client_context, headers, make_certificate, metric, tls_port
 from smtpwire import IO_TIMEOUT, Wire, assert_reply, make_message
 from test_message_log import parse, refusals, wait_lines
 
@@ -129,6 +129,21 @@ def test_smtplib_login_over_starttls_records_the_user(start_gateway, cert, users
     lines = wait_lines(gateway, lambda p: p["target"] == "smtpgw::message", 2)
     assert {line.get("auth") for line in lines} == {"alice"}, lines
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="success"}', 2) == 2
+
+
+def test_auth_on_the_implicit_tls_listener(start_gateway, cert, users):
+    gateway = tls_auth_gateway(start_gateway, cert, users, "--listen-tls", "127.0.0.1:0", "--require-auth")
+    with smtplib.SMTP_SSL(gateway.host, tls_port(gateway), local_hostname="client.test", timeout=IO_TIMEOUT,
+                          context=client_context(cert[0])) as client:
+        client.ehlo()
+        assert client.has_extn("auth") and not client.has_extn("starttls")
+        code, _ = client.mail("a@client.test")
+        assert code == 530
+        client.login("alice", "secret")
+        client.sendmail("alice@client.test", ["x@example.com"], make_message("implicit-auth"))
+    [message_id] = gateway.spool_ids()
+    assert headers(gateway, message_id)["smtp.auth"] == ["alice"]
+    assert b" with ESMTPSA id " in gateway.cat(message_id)
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
