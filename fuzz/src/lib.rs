@@ -121,7 +121,7 @@ fn config(flags: u8) -> Arc<SessionConfig> {
 }
 
 /// The stand-in verifier (see the module comment).
-fn verify(r: &AuthRequest) -> AuthVerdict {
+pub fn verify(r: &AuthRequest) -> AuthVerdict {
     match (&*r.user, &r.password[..]) {
         ("alice", b"secret") => AuthVerdict::Accepted,
         ("busy", _) => AuthVerdict::Temporary,
