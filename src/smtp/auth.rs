@@ -42,12 +42,23 @@ impl Mechanism {
     }
 }
 
-/// Credentials to verify. The password is wiped from memory when dropped.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Credentials to verify. The password is wiped from memory when dropped, and never
+/// shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct AuthRequest {
     pub user: Box<str>,
     pub password: Zeroizing<Vec<u8>>,
     pub mechanism: Mechanism,
+}
+
+impl std::fmt::Debug for AuthRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRequest")
+            .field("user", &self.user)
+            .field("password", &format_args!("<{} bytes>", self.password.len()))
+            .field("mechanism", &self.mechanism)
+            .finish()
+    }
 }
 
 /// The verifier's answer.
@@ -168,6 +179,20 @@ mod tests {
         assert_eq!(
             parse_plain(b"\0alice\0se\0cret"),
             Err(ResponseError::Malformed)
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let r = parse_plain(b"\0alice\0hunter2").unwrap();
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("alice") && shown.contains("<7 bytes>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("104"),
+            "{shown}"
         );
     }
 
