@@ -475,6 +475,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_or_a_directory_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("users");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Users::load(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
+        let e = Users::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("directory"), "{e}");
+        let e = Users::load(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing"), "{e}");
+    }
+
+    #[test]
     fn verifies_and_does_not_tell_unknown_from_wrong() {
         let h = hash_password(b"secret").unwrap();
         let (v, _f) = verifier(&format!("alice:{h}\n"), None);
