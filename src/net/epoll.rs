@@ -5,9 +5,10 @@
 //! A connection is one local task that moves bytes between its socket and its
 //! [`Connection`] driver and does nothing else: it reads while the driver wants input
 //! (into the reactor's one receive buffer, so an idle connection holds none), writes
-//! what the driver has to say, hands the driver's messages to the sink, and wakes the
-//! driver at its deadlines. Sink answers arrive on the reactor's [`CompletionQueue`]
-//! with a ticket; a dispatcher task routes each to its connection.
+//! what the driver has to say, hands the driver's messages to the sink (and its AUTH
+//! credentials to the verifier), and wakes the driver at its deadlines. Sink answers and
+//! AUTH verdicts arrive on the reactor's [`CompletionQueue`] with a ticket; a dispatcher
+//! task routes each to its connection.
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -535,7 +535,8 @@ impl Reactor {
         self.mark(slot);
     }
 
-    /// Hands the message the connection completed, if any, to the sink.
+    /// Hands the credentials the connection took, if any, to the AUTH verifier, and the
+    /// message it completed, if any, to the sink; both answer on the completion queue.
     fn hand_off(&mut self, now: Instant, slot: u32, gen: u32) {
         let Some(c) = self.conn_mut(slot, gen) else {
             return;
