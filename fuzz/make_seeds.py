@@ -17,6 +17,17 @@ TXN = HELLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n"
 SMUGGLED_IN_BDAT = b"hi\r\n.\r\nMAIL FROM:<e@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
 AGAIN = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n"
 
+import base64
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+# Flags for AUTH seeds: 8 offers AUTH, 16 requires it, 32 lets it relay.
+AUTH, REQUIRED, RELAY = 8, 16, 32
+GOOD = b64(b"\0alice\0secret")
+
 SEEDS = {
     "data-simple": (0, TXN + b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nQUIT\r\n"),
     "data-dot-stuffing": (0, TXN + b"DATA\r\n..dot\r\n.\r\n..\r\n\xe9t\xe9\r\n\r\n.\r\nNOOP\r\n"),
@@ -73,6 +84,29 @@ SEEDS = {
     ),
     "sink-failures": (6, TXN + b"DATA\r\n1\r\n.\r\n" + AGAIN + b"DATA\r\n2\r\n.\r\n" + AGAIN + b"BDAT 1 LAST\r\n3" + AGAIN + b"DATA\r\n4\r\n.\r\n"),
     "bare-lf-commands-nul": (0, b"EHLO c\nMAIL FROM:<a@x.test>\nRCPT TO:<b@example.com>\r\nNO\x00OP\r\nDATA\r\n\x00\r\n.\r\n"),
+    # AUTH (RFC 4954): PLAIN and LOGIN with and without an initial response, then a
+    # message (recorded with its user, relayed anywhere with flag 32).
+    "auth-plain-login-relay": (
+        AUTH | RELAY,
+        HELLO + b"AUTH PLAIN " + GOOD + b"\r\nMAIL FROM:<a@x.test> AUTH=<>\r\nRCPT TO:<b@elsewhere.test>\r\n"
+        b"DATA\r\nrelayed\r\n.\r\nRSET\r\n",
+    ),
+    "auth-login-challenges": (
+        AUTH,
+        HELLO + b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n" + b64(b"secret") + b"\r\n" + AGAIN + b"DATA\r\nx\r\n.\r\n",
+    ),
+    # Every way to get AUTH wrong: cancel, bad base64, unknown mechanism, twice, inside
+    # a transaction, wrong password, a temporary failure, required before MAIL, locked.
+    "auth-refusals": (
+        AUTH | REQUIRED,
+        HELLO + b"MAIL FROM:<a@x.test>\r\nAUTH PLAIN\r\n*\r\nAUTH LOGIN " + b64(b"alice") + b"\r\n*\r\n"
+        b"AUTH PLAIN !!!\r\nAUTH CRAM-MD5\r\nAUTH\r\nAUTH PLAIN " + b64(b"\0alice\0wrong") + b"\r\n"
+        b"AUTH PLAIN " + b64(b"\0busy\0x") + b"\r\nAUTH PLAIN " + GOOD + b"\r\nAUTH PLAIN " + GOOD + b"\r\n"
+        b"MAIL FROM:<a@x.test>\r\nAUTH LOGIN\r\n",
+    ),
+    "auth-locked": (AUTH, HELLO + b"AUTH PLAIN " + b64(b"\0locked\0x") + b"\r\nNOOP\r\n"),
+    "auth-long-response": (AUTH, HELLO + b"AUTH PLAIN\r\n" + b"A" * 12300 + b"\r\nNOOP\r\n"),
+    "auth-not-offered": (0, HELLO + b"AUTH PLAIN " + GOOD + b"\r\nQUIT\r\n"),
     "order-errors": (0, b"MAIL FROM:<a@x.test>\r\nEHLO c\r\nRCPT TO:<b@example.com>\r\nDATA\r\nBDAT 4\r\nQUITMAIL FROM:<a@x.test>\r\nMAIL FROM:<a@x.test>\r\n"),
 }
 

@@ -5,7 +5,7 @@
 #   scripts/test.sh                # everything
 #   scripts/test.sh -k smuggling   # extra arguments go to pytest
 #
-# Setup is idempotent: swaks and prometheus/promtool are installed only when missing, and the Python venv in .venv
+# Setup is idempotent: swaks, postfix and prometheus/promtool are installed only when missing, and the Python venv in .venv
 # is refreshed only when tests/e2e/requirements.txt changed since the last install.
 set -euo pipefail
 
@@ -32,6 +32,24 @@ else
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         swaks libnet-ssleay-perl libio-socket-ssl-perl openssl
+fi
+
+section "setup: postfix and the Cyrus SASL client plugins (test_auth.py relays through a private Postfix)"
+# Unconfigured ("No configuration"), so no system MTA starts; the test runs its own
+# instance with its own config, queue and log under its tmp dir. If the package's own
+# scripts started a system Postfix anyway, it is stopped again.
+if command -v postfix >/dev/null 2>&1 && ls /usr/lib/*/sasl2/libplain.so >/dev/null 2>&1; then
+    echo "postfix present: $(command -v postfix)"
+else
+    master_before=0
+    pgrep -x master >/dev/null 2>&1 && master_before=1
+    echo "postfix postfix/main_mailer_type select No configuration" | as_root debconf-set-selections
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        postfix libsasl2-modules
+    if [ "$master_before" -eq 0 ] && pgrep -x master >/dev/null 2>&1; then
+        as_root postfix stop >/dev/null 2>&1 || true
+    fi
 fi
 
 section "setup: prometheus and promtool"

@@ -581,6 +581,29 @@ settings_group! {
         /// 0 turns it off.
         #[arg(long, value_name = "DUR", default_value = "0")]
         pub greeting_delay: Dur,
+        /// Users for SMTP AUTH (PLAIN, LOGIN), one `name:hash[:rate=N]` a line, hashes
+        /// made by `smtpgw auth hash`; re-read on SIGHUP and when it changes. AUTH is
+        /// offered only over TLS (STARTTLS or --listen-tls).
+        #[arg(long, value_name = "FILE")]
+        pub auth_users: Option<PathBuf>,
+        /// Offer AUTH before TLS as well; only for a loopback --listen.
+        #[arg(long)]
+        pub auth_allow_plaintext: bool,
+        /// MAIL before a successful AUTH gets 530 5.7.0.
+        #[arg(long)]
+        pub require_auth: bool,
+        /// Authenticated sessions may send to any recipient domain (unauthenticated ones
+        /// stay limited to --accept-domain).
+        #[arg(long)]
+        pub auth_relay: bool,
+        /// Failed AUTH attempts per client address, and per user name, per hour before
+        /// 421 4.7.0; 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "10")]
+        pub max_auth_failures_per_ip: u32,
+        /// Messages per authenticated user per minute (bursts of as many), unless its
+        /// line in the users file says rate=N; 0 turns it off.
+        #[arg(long, value_name = "N", default_value = "0")]
+        pub max_message_rate_per_user: u32,
     }
 }
 
@@ -767,6 +790,17 @@ pub enum Command {
     /// Print the effective configuration, one `key = value` a line in the file's
     /// syntax, each with where it came from (default, file, environment or flag).
     PrintConfig(Box<ServerArgs>),
+    /// SMTP AUTH users (`--auth-users`).
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Print the argon2 hash of a password for the users file: the password is read from
+    /// standard input (its first line), or prompted for without echo on a terminal;
+    /// never from the command line. Add the output as `name:HASH` to the file.
+    Hash,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1658,6 +1692,41 @@ fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
             "--proxy-trusted-cidr",
             "required with --proxy-protocol: the load balancers' addresses, e.g. 10.0.0.0/8",
         ));
+    }
+    match &e.auth_users {
+        None => {
+            for (flag, on) in [
+                ("--auth-allow-plaintext", e.auth_allow_plaintext),
+                ("--require-auth", e.require_auth),
+                ("--auth-relay", e.auth_relay),
+            ] {
+                if on {
+                    return Err(invalid(flag, "needs --auth-users FILE"));
+                }
+            }
+        }
+        Some(_) if e.auth_allow_plaintext => {
+            // Credentials in the clear only where they never leave the host.
+            for (flag, addr) in [
+                ("--listen", Some(listen)),
+                ("--proxy-listen", e.proxy_listen),
+            ] {
+                if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                    return Err(invalid(
+                        "--auth-allow-plaintext",
+                        format!("only for loopback listeners ({flag} is {addr}); elsewhere AUTH needs TLS"),
+                    ));
+                }
+            }
+        }
+        Some(_) if e.tls().is_none() => {
+            return Err(invalid(
+                "--auth-users",
+                "AUTH is offered only over TLS: needs --tls-cert and --tls-key \
+                 (or --auth-allow-plaintext on a loopback --listen)",
+            ));
+        }
+        Some(_) => {}
     }
     if e.tls_handshake_timeout.0.is_zero() {
         return Err(invalid(

@@ -7,6 +7,7 @@
 //! `certs` (certificate loading) are the edge's shared state, which the driver reaches
 //! through its own traits and handles, so neither it nor the backends depend on them.
 
+pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod conn;

@@ -68,6 +68,16 @@ impl Gcra {
     }
 }
 
+/// `n` events per hour, in bursts of up to as many.
+fn per_hour(n: u32) -> Gcra {
+    let per = n.max(1);
+    let interval = 3_600_000_000_000u64 / u64::from(per);
+    Gcra {
+        interval,
+        tolerance: interval * u64::from(per - 1),
+    }
+}
+
 /// The limiter's settings; `None` turns a limit off.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerLimitsConfig {
@@ -75,6 +85,8 @@ pub struct PeerLimitsConfig {
     pub per_prefix: Option<u32>,
     pub connection_rate: Option<PerMinute>,
     pub message_rate: Option<PerMinute>,
+    /// Failed AUTH attempts per address per hour (`--max-auth-failures-per-ip`).
+    pub auth_failures: Option<u32>,
     /// Exempt from every limit.
     pub trusted: Vec<Cidr>,
     /// Entries the table keeps at most (beyond those live connections hold).
@@ -90,6 +102,7 @@ struct Entry {
     connections: AtomicU32,
     connection_tat: AtomicU64,
     message_tat: AtomicU64,
+    auth_failure_tat: AtomicU64,
 }
 
 type Shard = Mutex<HashMap<Key, Arc<Entry>>>;
@@ -98,6 +111,7 @@ pub struct PeerLimiter {
     config: PeerLimitsConfig,
     connection_rate: Option<Gcra>,
     message_rate: Option<Gcra>,
+    auth_failures: Option<Gcra>,
     origin: Instant,
     hasher: RandomState,
     shards: Box<[Shard]>,
@@ -113,6 +127,7 @@ impl PeerLimiter {
         Arc::new(PeerLimiter {
             connection_rate: config.connection_rate.map(PerMinute::gcra),
             message_rate: config.message_rate.map(PerMinute::gcra),
+            auth_failures: config.auth_failures.map(per_hour),
             config,
             origin,
             hasher: RandomState::new(),
@@ -149,6 +164,7 @@ impl PeerLimiter {
             Arc::strong_count(e) == 1
                 && e.connection_tat.load(Ordering::Relaxed) <= now
                 && e.message_tat.load(Ordering::Relaxed) <= now
+                && e.auth_failure_tat.load(Ordering::Relaxed) <= now
         };
         map.retain(|_, e| !idle(e));
         if map.len() >= cap {
@@ -181,6 +197,7 @@ impl PeerLimits for PeerLimiter {
             host,
             prefix: None,
             message_rate: self.message_rate,
+            auth_failures: self.auth_failures,
             origin: self.origin,
         };
         // The slot gives back whatever it took if a later check refuses.
@@ -220,6 +237,7 @@ struct Slot {
     host: Arc<Entry>,
     prefix: Option<Arc<Entry>>,
     message_rate: Option<Gcra>,
+    auth_failures: Option<Gcra>,
     origin: Instant,
 }
 
@@ -243,6 +261,21 @@ impl PeerSlot for Slot {
     fn message_sent(&self, now: Instant) {
         if let Some(rate) = self.message_rate {
             rate.spend(&self.host.message_tat, self.nanos(now));
+        }
+    }
+
+    fn auth_allowed(&self, now: Instant) -> bool {
+        self.auth_failures.is_none_or(|rate| {
+            rate.allows(
+                self.host.auth_failure_tat.load(Ordering::Acquire),
+                self.nanos(now),
+            )
+        })
+    }
+
+    fn auth_failed(&self, now: Instant) {
+        if let Some(rate) = self.auth_failures {
+            rate.spend(&self.host.auth_failure_tat, self.nanos(now));
         }
     }
 }
@@ -273,6 +306,7 @@ mod tests {
             per_prefix: Some(3),
             connection_rate: None,
             message_rate: None,
+            auth_failures: None,
             trusted: vec![Cidr::parse("192.0.2.9").unwrap()],
             max_entries: 1024,
         }
@@ -368,6 +402,30 @@ mod tests {
         let s2 = l.admit(t0, ip("203.0.113.7")).unwrap();
         assert!(!s2.message_allowed(t0));
         assert!(s2.message_allowed(t0 + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn auth_failures_per_address_per_hour() {
+        let mut c = config();
+        c.auth_failures = Some(3);
+        let (l, t0) = limiter(c);
+        let s = l.admit(t0, ip("203.0.113.8")).unwrap();
+        for _ in 0..3 {
+            assert!(s.auth_allowed(t0));
+            s.auth_failed(t0);
+        }
+        assert!(!s.auth_allowed(t0));
+        // Another connection of the address is over it too; another address is not.
+        assert!(!l.admit(t0, ip("203.0.113.8")).unwrap().auth_allowed(t0));
+        assert!(l.admit(t0, ip("203.0.113.9")).unwrap().auth_allowed(t0));
+        // One more every twenty minutes.
+        assert!(s.auth_allowed(t0 + Duration::from_secs(20 * 60)));
+        // Trusted addresses are never limited.
+        let t = l.admit(t0, ip("192.0.2.9")).unwrap();
+        for _ in 0..10 {
+            t.auth_failed(t0);
+        }
+        assert!(t.auth_allowed(t0));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
-use smtpgw::config::{Command, LogFormat, SpoolCommand};
+use smtpgw::config::{AuthCommand, Command, LogFormat, SpoolCommand};
 use smtpgw::logging;
 
 const USAGE: u8 = 2;
@@ -42,6 +42,10 @@ fn run() -> ExitCode {
                 Err(e) => fail(FAILURE, format_args!("{e:#}")),
             }
         }
+        Some(Command::Auth(AuthCommand::Hash)) => match auth_hash() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(FAILURE, format_args!("{e:#}")),
+        },
         Some(Command::CheckConfig(args)) => match check_config(*args) {
             Ok(()) => ExitCode::SUCCESS,
             // `{e}`: each error names its cause already, as at start.
@@ -75,7 +79,10 @@ fn run() -> ExitCode {
             match smtpgw::server::run(config, reloader) {
                 Ok(()) => ExitCode::SUCCESS,
                 // A certificate or key that does not load is a configuration error.
-                Err(e @ smtpgw::server::ServerError::Tls(_)) => fail(USAGE, format_args!("{e}")),
+                Err(
+                    e
+                    @ (smtpgw::server::ServerError::Tls(_) | smtpgw::server::ServerError::Auth(_)),
+                ) => fail(USAGE, format_args!("{e}")),
                 Err(e) => fail(FAILURE, format_args!("{e}")),
             }
         }
@@ -100,6 +107,82 @@ fn unknown_id(e: &anyhow::Error) -> bool {
             Some(SpoolError::NotFound { .. } | SpoolError::BadId { .. })
         )
     })
+}
+
+/// `smtpgw auth hash`: one password in, its PHC hash out.
+fn auth_hash() -> anyhow::Result<()> {
+    use std::io::{BufRead, Read};
+    use zeroize::Zeroizing;
+    let stdin = std::io::stdin();
+    let mut line = Zeroizing::new(String::new());
+    if stdin.is_terminal() {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "Password: ");
+        let _ = err.flush();
+        let _echo = EchoOff::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password")?;
+        let _ = writeln!(err);
+    } else {
+        // Only the first line: `printf '%s\n' "$pw" | smtpgw auth hash` and a file alike.
+        let mut all = Zeroizing::new(Vec::new());
+        stdin
+            .lock()
+            .take(64 * 1024)
+            .read_to_end(&mut all)
+            .context("reading the password from standard input")?;
+        let text = std::str::from_utf8(&all).context("the password is not UTF-8")?;
+        line.push_str(text.split('\n').next().unwrap_or_default());
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        anyhow::bail!("no password given (standard input was empty)");
+    }
+    if password.len() > smtpgw::smtp::auth::MAX_PASSWORD {
+        anyhow::bail!(
+            "the password is longer than {} bytes, which AUTH refuses",
+            smtpgw::smtp::auth::MAX_PASSWORD
+        );
+    }
+    let hash = smtpgw::auth::hash_password(password.as_bytes())
+        .map_err(|e| anyhow::anyhow!("hashing the password: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{hash}").context("writing to stdout")?;
+    Ok(())
+}
+
+/// Turns the terminal's echo off while it lives (for the password prompt).
+struct EchoOff(Option<libc::termios>);
+
+impl EchoOff {
+    fn new() -> EchoOff {
+        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return EchoOff(None);
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return EchoOff(None);
+            }
+            EchoOff(Some(saved))
+        }
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            // SAFETY: restores the settings read in `new`.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, t);
+            }
+        }
+    }
 }
 
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {

@@ -78,6 +78,7 @@ pub struct Metrics {
     limit_closes: Vec<IntCounter>,
     tls_handshakes: Vec<IntCounter>,
     tls_failures: Vec<IntCounter>,
+    auth: Vec<IntCounter>,
     starttls_discarded: IntCounter,
     proxy_headers: IntCounter,
     /// Indexed like [`Refusal::ALL`].
@@ -291,6 +292,16 @@ impl Metrics {
                     "reason",
                 )?,
                 &TLS_FAILURES,
+            ),
+            auth: resolve(
+                &counter_vec(
+                    "smtpgw_auth_total",
+                    "AUTH attempts by result: success, failure (wrong or unknown credentials), \
+                     temporary (the verifier's queue was full) and locked (over the failure \
+                     limit per address or per user).",
+                    "result",
+                )?,
+                &crate::auth::RESULTS,
             ),
             starttls_discarded: counter(
                 "smtpgw_starttls_discarded_bytes_total",
@@ -672,6 +683,7 @@ impl ReactorMetrics {
         publish(&m.refusals, &mut s.refusals.0);
         publish(&m.tls_handshakes, &mut e.tls_handshakes);
         publish(&m.tls_failures, &mut e.tls_failures);
+        publish(&m.auth, &mut e.auth);
         m.starttls_discarded
             .inc_by(std::mem::take(&mut e.starttls_discarded_bytes));
         m.proxy_headers.inc_by(std::mem::take(&mut e.proxy_headers));

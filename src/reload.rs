@@ -14,7 +14,9 @@
 //! `log-level` and `drain-timeout`; and the TLS certificate (`tls-cert`, `tls-key`,
 //! `tls-min-version`, re-read from disk on every SIGHUP and whenever the files change, by
 //! [`Reloader::read`], and applied by the server: new handshakes use the new one,
-//! sessions already encrypted keep theirs). Everything else (listeners, hostname, sink, reactors,
+//! sessions already encrypted keep theirs); and the SMTP AUTH users file's contents
+//! (`--auth-users`, re-read by `crate::auth::Verifier::reload` on every SIGHUP and
+//! whenever the file changes). Everything else (listeners, hostname, sink, reactors,
 //! connection limits and timeouts) needs a restart; a reload that changes it says so.
 
 use std::path::PathBuf;
@@ -326,7 +328,9 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         ..c.edge.clone()
     };
     check(
-        "listen-tls,require-tls,proxy-*,trusted-cidr,max-*-per-ip,error-budget,greeting-delay",
+        "listen-tls,require-tls,proxy-*,trusted-cidr,max-*-per-ip,error-budget,greeting-delay,\
+         auth-users,auth-allow-plaintext,require-auth,auth-relay,max-message-rate-per-user \
+         (the users file's contents reload)",
         without_tls(running) != without_tls(new),
     );
     changed

@@ -40,6 +40,8 @@ pub enum ServerError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    #[error("--auth-users {0}")]
+    Auth(#[from] crate::auth::UsersError),
     #[error("cannot start: {0}")]
     Setup(io::Error),
     #[error("second signal during drain: exiting without waiting for sessions or the sink")]
@@ -64,6 +66,9 @@ pub fn session_config(config: &Config) -> SessionConfig {
 pub fn check(config: &Config) -> Result<(), ServerError> {
     if let Some((cert, key)) = config.edge.tls() {
         crate::certs::load(cert, key, config.edge.tls_min_version)?;
+    }
+    if let Some(users) = &config.edge.auth_users {
+        crate::auth::Users::load(users)?;
     }
     if config.spool.sink == SinkKind::Kafka {
         config
@@ -205,9 +210,29 @@ const PEER_TABLE_ENTRIES: usize = 64 * 1024;
 
 /// The listeners and their edge settings, and the TLS handle a certificate reload
 /// replaces (see [`reload_tls`]).
+/// The AUTH verifier, when `--auth-users` is given: the file loaded (an error names
+/// it and the line) and its threads started.
+pub fn auth_verifier(config: &Config) -> Result<Option<Arc<crate::auth::Verifier>>, ServerError> {
+    let e = &config.edge;
+    let Some(users_file) = &e.auth_users else {
+        return Ok(None);
+    };
+    let on = |n: u32| (n > 0).then_some(n);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    Ok(Some(crate::auth::Verifier::start(
+        crate::auth::AuthSettings {
+            users_file: users_file.clone(),
+            max_failures_per_user: on(e.max_auth_failures_per_ip),
+            message_rate: on(e.max_message_rate_per_user),
+            threads,
+        },
+    )?))
+}
+
 pub fn listeners(
     config: &Config,
     metrics: &Arc<Metrics>,
+    verifier: Option<&Arc<crate::auth::Verifier>>,
 ) -> Result<(Vec<ListenerSpec>, Option<TlsHandle>), ServerError> {
     let e = &config.edge;
     let tls = match e.tls() {
@@ -226,6 +251,7 @@ pub fn listeners(
             per_prefix: on(e.max_connections_per_prefix),
             connection_rate: on(e.max_connection_rate_per_ip).map(PerMinute),
             message_rate: on(e.max_message_rate_per_ip).map(PerMinute),
+            auth_failures: on(e.max_auth_failures_per_ip),
             trusted: e.trusted_cidr.clone(),
             max_entries: PEER_TABLE_ENTRIES,
         },
@@ -248,6 +274,15 @@ pub fn listeners(
         greeting_delay: e.greeting_delay.0,
         error_budget: on(e.error_budget),
         peers: Some(peers),
+        auth: verifier.map(|v| crate::conn::EdgeAuth {
+            policy: crate::smtp::session::AuthPolicy {
+                // Validation allows it only when the plaintext listeners are loopback.
+                plaintext: e.auth_allow_plaintext,
+                required: e.require_auth,
+                relay: e.auth_relay,
+            },
+            verifier: v.clone(),
+        }),
     };
     let mut specs = vec![ListenerSpec {
         addr: config.server.listen,
@@ -403,7 +438,8 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     )));
     let max_message_size = session.current().max_message_size;
     // What a certificate reload on SIGHUP replaces (`reload_tls`).
-    let (specs, tls) = listeners(&config, &metrics)?;
+    let verifier = auth_verifier(&config)?;
+    let (specs, tls) = listeners(&config, &metrics, verifier.as_ref())?;
     let reactors = Reactors::start(
         config.server.io_backend,
         ReactorParams {
@@ -472,6 +508,36 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         let settle = tokio::time::sleep(CERT_CHANGE_SETTLE);
         tokio::pin!(settle);
         let mut settling = false;
+        // The AUTH users file likewise: re-read (on a thread of its own) on SIGHUP and
+        // once its changes are quiet.
+        let (users_changed_tx, mut users_changed) = tokio::sync::mpsc::unbounded_channel();
+        let _users_watcher = verifier.as_ref().and_then(|v| {
+            match crate::certs::watch(&[v.users_file()], move || {
+                let _ = users_changed_tx.send(());
+            }) {
+                Ok(watcher) => Some(watcher),
+                Err(e) => {
+                    warn!(error = %e, "cannot watch the AUTH users file; a change needs a SIGHUP");
+                    None
+                }
+            }
+        });
+        let reload_users = |why: &'static str| {
+            if let Some(v) = verifier.clone() {
+                let spawned = std::thread::Builder::new()
+                    .name("smtpgw-auth-reload".into())
+                    .spawn(move || {
+                        info!(trigger = why, "re-reading the AUTH users file");
+                        v.reload();
+                    });
+                if let Err(e) = spawned {
+                    error!(error = %e, "cannot start the thread that re-reads the AUTH users file");
+                }
+            }
+        };
+        let users_settle = tokio::time::sleep(CERT_CHANGE_SETTLE);
+        tokio::pin!(users_settle);
+        let mut users_settling = false;
         let which = loop {
             if pending.is_none() {
                 if let Some(what) = again.take() {
@@ -487,6 +553,15 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                         crate::notify::reloading();
                     }
                     again = Some(Reread::Everything);
+                    reload_users("SIGHUP");
+                }
+                Some(()) = users_changed.recv() => {
+                    users_settle.as_mut().reset(tokio::time::Instant::now() + CERT_CHANGE_SETTLE);
+                    users_settling = true;
+                }
+                _ = &mut users_settle, if users_settling => {
+                    users_settling = false;
+                    reload_users("file changed");
                 }
                 Some(()) = cert_changed.recv() => {
                     settle.as_mut().reset(tokio::time::Instant::now() + CERT_CHANGE_SETTLE);

@@ -115,7 +115,8 @@ fn check_record(reply: &Reply, record: &Record) {
             "smtp.rcpt_notify",
             "smtp.rcpt_notify",
             "smtp.rcpt_orcpt",
-            "smtp.rcpt_orcpt"
+            "smtp.rcpt_orcpt",
+            "smtp.auth"
         ],
         "{id}: headers"
     );

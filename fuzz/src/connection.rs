@@ -12,7 +12,9 @@
 //! bits 0-1 pick the PROXY mode (off, v1, v2, either), bit 2 turns on an error budget of
 //! 3, bit 3 makes the sink refuse every second message temporarily, bit 4 requires TLS
 //! for MAIL (there is no certificate, so MAIL gets `530`), bit 5 trusts no PROXY source
-//! (a header is then refused with nothing sent).
+//! (a header is then refused with nothing sent), bit 7 offers AUTH (in plaintext, as on
+//! loopback; credentials answered at once by `crate::verify`'s stand-in, the address
+//! locked after 3 failures).
 
 use std::io::{Read, Write};
 use std::sync::{Arc, OnceLock};
@@ -21,7 +23,9 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
-use smtpgw::conn::{BodyBudget, Cidr, Connection, Edge, Limits, ProxyMode, State, TlsHandle};
+use smtpgw::conn::{
+    BodyBudget, Cidr, Connection, Edge, EdgeAuth, Limits, PeerLimits, ProxyMode, State, TlsHandle,
+};
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
 
@@ -53,8 +57,54 @@ fn edge(flags: u8) -> Edge {
         require_tls: flags & 16 != 0,
         implicit_tls: flags & TLS != 0,
         tls: (flags & TLS != 0).then(|| TlsHandle::new(tls_configs().0.clone())),
+        auth: (flags & AUTH != 0).then(|| EdgeAuth {
+            policy: smtpgw::smtp::session::AuthPolicy {
+                plaintext: true,
+                required: false,
+                relay: true,
+            },
+            verifier: verifier().clone(),
+        }),
+        peers: (flags & AUTH != 0).then(|| {
+            smtpgw::limits::PeerLimiter::new(
+                smtpgw::limits::PeerLimitsConfig {
+                    per_ip: None,
+                    per_prefix: None,
+                    connection_rate: None,
+                    message_rate: None,
+                    auth_failures: Some(3),
+                    trusted: Vec::new(),
+                    max_entries: 1024,
+                },
+                Instant::now(),
+                Arc::new(smtpgw::metrics::Metrics::new().expect("metrics")),
+            ) as Arc<dyn PeerLimits>
+        }),
         ..Edge::default()
     }
+}
+
+/// Flag bit 7: AUTH offered.
+pub const AUTH: u8 = 128;
+
+/// The verifier an AUTH edge needs; the harness never calls it (its stand-in answers
+/// at once), so its users file is empty.
+fn verifier() -> &'static Arc<smtpgw::auth::Verifier> {
+    static VERIFIER: OnceLock<Arc<smtpgw::auth::Verifier>> = OnceLock::new();
+    VERIFIER.get_or_init(|| {
+        let file = std::env::temp_dir().join(format!("smtpgw-fuzz-users-{}", std::process::id()));
+        std::fs::write(&file, "").expect("users file");
+        let verifier = smtpgw::auth::Verifier::start(smtpgw::auth::AuthSettings {
+            users_file: file.clone(),
+            max_failures_per_user: None,
+            message_rate: None,
+            threads: 1,
+        })
+        .expect("verifier");
+        // Read once; never reloaded.
+        let _ = std::fs::remove_file(&file);
+        verifier
+    })
 }
 
 /// Flag bit 6: an implicit-TLS listener.
@@ -177,6 +227,10 @@ impl Run {
                     chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("literal"),
                 )
             };
+            if let Some((request, _)) = conn.poll_auth() {
+                conn.handle_auth(self.now, crate::verify(&request));
+                progressed = true;
+            }
             if let Some(message) = conn.poll_message(self.now, &mut stamp) {
                 let result = if self.flags & 8 != 0 && self.taken.is_multiple_of(2) {
                     Err(PublishError::Temporary("fuzz: sink down".into()))

@@ -8,20 +8,26 @@
 //! `[flags] [k] [k cut positions, u16 little-endian] [client stream...]`.
 //! `flags` bit 0 picks the bare-LF policy (0 = reject, 1 = normalize), bit 1 makes the
 //! sink refuse every second message temporarily (451), bit 2 makes it refuse every third
-//! as too large (552). `k` is taken modulo 17; each cut position modulo the stream's
-//! length plus one.
+//! as too large (552), bit 3 offers AUTH (RFC 4954, in plaintext as on a loopback
+//! listener), bit 4 requires it before MAIL and bit 5 lets an authenticated session
+//! relay anywhere. Credentials are judged by a stand-in verifier: alice/secret is
+//! right, `busy` gets a temporary failure, `locked` is over its failure limit. `k` is
+//! taken modulo 17; each cut position modulo the stream's length plus one.
 
 use std::sync::Arc;
 
 pub mod connection;
 
 use smtpgw::sink::PublishError;
+use smtpgw::smtp::auth::{AuthRequest, AuthVerdict};
+use smtpgw::smtp::session::AuthPolicy;
 use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
 
 /// The largest message the harness's sessions take; small, so the fuzzer reaches it.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
 
-/// One completed message: (MAIL FROM, RCPT TOs, DSN parameters, body).
+/// One completed message: (MAIL FROM, RCPT TOs, DSN parameters and the AUTH user,
+/// body).
 pub type Completed = (String, Vec<String>, Vec<String>, Vec<u8>);
 
 /// Everything a client and the sink would see of one session.
@@ -114,11 +120,32 @@ fn config(flags: u8) -> Arc<SessionConfig> {
     })
 }
 
+/// The stand-in verifier (see the module comment).
+pub fn verify(r: &AuthRequest) -> AuthVerdict {
+    match (&*r.user, &r.password[..]) {
+        ("alice", b"secret") => AuthVerdict::Accepted,
+        ("busy", _) => AuthVerdict::Temporary,
+        ("locked", _) => AuthVerdict::Locked,
+        _ => AuthVerdict::Rejected,
+    }
+}
+
+fn auth_policy(flags: u8) -> Option<AuthPolicy> {
+    (flags & 8 != 0).then_some(AuthPolicy {
+        plaintext: true,
+        required: flags & 16 != 0,
+        relay: flags & 32 != 0,
+    })
+}
+
 /// Feeds `pieces` as a reactor would: it keeps the unconsumed bytes, answers each
 /// completed message at once (per `flags`) and writes out all output after every read.
 /// Checks what a reactor relies on along the way.
 pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
-    let mut session = Session::new(config(flags), "192.0.2.1:25".parse().expect("literal"));
+    let mut session =
+        Session::without_greeting(config(flags), "192.0.2.1:25".parse().expect("literal"));
+    session.set_auth(auth_policy(flags));
+    session.greet();
     let mut buffer = Vec::new();
     let mut replies = Vec::new();
     let mut messages = Vec::new();
@@ -129,6 +156,11 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
             let consumed = session.feed(&buffer);
             assert!(consumed <= buffer.len());
             buffer.drain(..consumed);
+            if let Some(request) = session.take_auth_request() {
+                assert_eq!(session.feed(b"NOOP\r\n"), 0, "no input while verifying");
+                session.auth_result(verify(&request));
+                continue;
+            }
             let Some(message) = session.take_message() else {
                 break;
             };
@@ -150,6 +182,9 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
                 for (notify, orcpt) in env.rcpt_notify().zip(env.rcpt_orcpt()) {
                     dsn.push(format!("{} {orcpt}", notify.as_str()));
                 }
+                if let Some(user) = &env.auth {
+                    dsn.push(format!("auth={user}"));
+                }
                 messages.push((
                     env.mail_from().to_owned(),
                     env.rcpt_to().map(str::to_owned).collect(),
@@ -160,10 +195,10 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
             };
             session.publish_result(result);
         }
-        // A reactor's buffer only ever holds a partial command line (RCPT's, with DSN's
-        // ORCPT, is the longest).
+        // A reactor's buffer only ever holds a partial command line (an AUTH line or
+        // SASL response, RFC 4954's 12288 octets, is the longest).
         assert!(
-            buffer.len() < smtpgw::smtp::command::MAX_RCPT_LINE
+            buffer.len() < smtpgw::smtp::command::MAX_AUTH_LINE
                 || session.is_closed()
                 || session.is_awaiting_publish()
         );

@@ -35,6 +35,31 @@ fn transcript(name: &str) -> (String, Vec<String>, State) {
     )
 }
 
+/// AUTH through the driver: the verdict comes back through `handle_auth`, an
+/// authenticated session relays (trace line `ESMTPA`), and the address is locked after
+/// three failures.
+#[test]
+fn auth_seeds_reach_the_verdicts() {
+    let (written, published, _) = transcript("auth-relay");
+    assert!(written.contains("250-AUTH PLAIN LOGIN\r\n"), "{written}");
+    assert!(written.contains("235 2.7.0 "), "{written}");
+    assert_eq!(published.len(), 1, "{written}");
+    assert!(
+        published[0].contains(" with ESMTPA id "),
+        "{}",
+        published[0]
+    );
+    let (written, published, state) = transcript("auth-brute-force");
+    assert!(published.is_empty());
+    assert_eq!(written.matches("535 5.7.8 ").count(), 3, "{written}");
+    assert!(
+        written
+            .ends_with("421 4.7.0 fuzz.test Too many authentication failures, try again later\r\n"),
+        "{written}"
+    );
+    assert_ne!(state, State::Open);
+}
+
 #[test]
 fn every_seed_gives_the_same_transcript_however_it_is_cut() {
     let seeds = corpus();

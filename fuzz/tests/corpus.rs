@@ -32,11 +32,16 @@ fn the_corpus_reaches_the_interesting_places() {
     let mut replies = String::new();
     let mut messages = 0;
     let mut dsn = false;
+    let mut auth = false;
     for (_, data) in corpus() {
         let case = Case::decode(&data).expect("seed decodes");
         let t = run(case.flags, &[case.stream]);
         replies.push_str(&String::from_utf8_lossy(&t.replies));
         messages += t.messages.len();
+        auth |= t
+            .messages
+            .iter()
+            .any(|m| m.2.iter().any(|d| d == "auth=alice"));
         dsn |= t.messages.iter().any(|m| {
             m.2.iter()
                 .any(|d| d == "SUCCESS,FAILURE rfc822;bob+40x.example")
@@ -57,9 +62,19 @@ fn the_corpus_reaches_the_interesting_places() {
         "501 5.5.4 Duplicate RCPT",
         "503 5.5.1",
         "221 ",
+        "235 2.7.0",
+        "334 VXNlcm5hbWU6",
+        "501 5.7.0",
+        "501 5.5.2",
+        "504 5.5.4",
+        "535 5.7.8",
+        "454 4.7.0",
+        "530 5.7.0 Authentication required",
+        "421 4.7.0 fuzz.test Too many authentication failures",
     ] {
         assert!(replies.contains(code), "no seed gets {code:?}");
     }
     assert!(messages >= 10, "{messages} messages");
     assert!(dsn, "no seed carries DSN parameters into a message");
+    assert!(auth, "no seed carries an AUTH user into a message");
 }

@@ -147,6 +147,19 @@ pub trait PeerSlot: Send {
     fn message_allowed(&self, now: Instant) -> bool;
     /// The address completed a message.
     fn message_sent(&self, now: Instant);
+    /// Whether the address may try AUTH again (`--max-auth-failures-per-ip`).
+    fn auth_allowed(&self, _now: Instant) -> bool {
+        true
+    }
+    /// The address failed AUTH once more.
+    fn auth_failed(&self, _now: Instant) {}
+}
+
+/// How a listener offers AUTH, and who verifies.
+#[derive(Clone)]
+pub struct EdgeAuth {
+    pub policy: crate::smtp::session::AuthPolicy,
+    pub verifier: Arc<crate::auth::Verifier>,
 }
 
 /// Everything about a listener's edge a connection needs; one per listener, shared by
@@ -170,6 +183,8 @@ pub struct Edge {
     /// Commands refused with `5xx` that end a session with `421 4.7.0`.
     pub error_budget: Option<u32>,
     pub peers: Option<Arc<dyn PeerLimits>>,
+    /// `None`: AUTH is not offered (`502`).
+    pub auth: Option<EdgeAuth>,
 }
 
 impl fmt::Debug for Edge {
@@ -184,6 +199,7 @@ impl fmt::Debug for Edge {
             .field("greeting_delay", &self.greeting_delay)
             .field("error_budget", &self.error_budget)
             .field("peers", &self.peers.is_some())
+            .field("auth", &self.auth.as_ref().map(|a| a.policy))
             .finish()
     }
 }
@@ -229,6 +245,8 @@ pub struct EdgeStats {
     pub refused: [u64; REFUSED_REASONS.len()],
     pub tls_handshakes: [u64; TLS_VERSIONS.len()],
     pub tls_failures: [u64; TLS_FAILURES.len()],
+    /// `smtpgw_auth_total{result}`, indexed like [`crate::auth::RESULTS`].
+    pub auth: [u64; crate::auth::RESULTS.len()],
     /// Plaintext bytes pipelined after STARTTLS and discarded unread (CVE-2011-0411).
     pub starttls_discarded_bytes: u64,
     /// PROXY headers accepted.
@@ -254,6 +272,7 @@ impl EdgeStats {
         add(&mut self.refused, &mut other.refused);
         add(&mut self.tls_handshakes, &mut other.tls_handshakes);
         add(&mut self.tls_failures, &mut other.tls_failures);
+        add(&mut self.auth, &mut other.auth);
         self.refusals.absorb(&mut other.refusals);
         self.starttls_discarded_bytes += std::mem::take(&mut other.starttls_discarded_bytes);
         self.proxy_headers += std::mem::take(&mut other.proxy_headers);

@@ -317,6 +317,7 @@ fn no_limits() -> PeerLimitsConfig {
         per_prefix: None,
         connection_rate: None,
         message_rate: None,
+        auth_failures: None,
         trusted: Vec::new(),
         max_entries: 1024,
     }
@@ -383,6 +384,110 @@ fn message_rate_refuses_mail_with_421() {
         "{out}"
     );
     assert_eq!(conn.state(), State::ShutdownWrite);
+}
+
+/// An edge offering AUTH in plaintext (as on loopback), with a real verifier over a
+/// users file holding alice/secret.
+fn auth_edge(peers: Option<Arc<dyn PeerLimits>>) -> (Edge, tempfile::NamedTempFile) {
+    let mut users = tempfile::NamedTempFile::new().unwrap();
+    let hash = crate::auth::hash_password(b"secret").unwrap();
+    users
+        .write_all(format!("alice:{hash}\n").as_bytes())
+        .unwrap();
+    let verifier = crate::auth::Verifier::start(crate::auth::AuthSettings {
+        users_file: users.path().to_owned(),
+        max_failures_per_user: None,
+        message_rate: None,
+        threads: 1,
+    })
+    .unwrap();
+    let edge = Edge {
+        peers,
+        auth: Some(EdgeAuth {
+            policy: crate::smtp::session::AuthPolicy {
+                plaintext: true,
+                required: false,
+                relay: false,
+            },
+            verifier,
+        }),
+        ..Edge::default()
+    };
+    (edge, users)
+}
+
+/// The driver hands credentials out, consumes nothing while they are verified, and
+/// goes on with the pipelined input once the verdict is back.
+#[test]
+fn auth_waits_for_the_verifier_without_consuming_input() {
+    let t0 = Instant::now();
+    let (edge, _users) = auth_edge(None);
+    let mut conn = open_edge(t0, edge, "198.51.100.9:1000");
+    exchange(&mut conn, t0);
+    // base64 of "\0alice\0secret", then a pipelined transaction.
+    conn.handle_input(
+        t0,
+        b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nMAIL FROM:<a@b.test>\r\n",
+    );
+    let (out, _) = exchange(&mut conn, t0);
+    assert!(out.contains("250-AUTH PLAIN LOGIN\r\n"), "{out}");
+    assert!(!out.contains("235"), "{out}");
+    assert!(conn.awaiting_auth() && !conn.wants_read());
+    // Waiting for the verifier is not idleness.
+    assert_eq!(conn.poll_timeout(), Some(conn.hard_deadline));
+    let (request, verifier) = conn.poll_auth().unwrap();
+    assert!(conn.poll_auth().is_none());
+    let verdict = verifier.verify(&request);
+    conn.handle_auth(t0, verdict);
+    let (out, _) = exchange(&mut conn, t0);
+    assert_eq!(
+        out,
+        "235 2.7.0 Authentication successful\r\n250 2.1.0 Ok\r\n"
+    );
+    let stats = taken(&mut conn);
+    assert_eq!(stats.auth, [1, 0, 0, 0]);
+}
+
+#[test]
+fn auth_failures_per_address_close_with_421() {
+    let t0 = Instant::now();
+    let peers = limiter(PeerLimitsConfig {
+        auth_failures: Some(2),
+        ..no_limits()
+    });
+    let (edge, _users) = auth_edge(Some(peers));
+    let wrong = b"AUTH PLAIN AGFsaWNlAHdyb25n\r\n";
+    let mut conn = open_edge(t0, edge.clone(), "198.51.100.9:1000");
+    exchange(&mut conn, t0);
+    conn.handle_input(t0, b"EHLO c.test\r\n");
+    exchange(&mut conn, t0);
+    conn.handle_input(t0, wrong);
+    let (request, verifier) = conn.poll_auth().unwrap();
+    conn.handle_auth(t0, verifier.verify(&request));
+    assert!(exchange(&mut conn, t0).0.starts_with("535 5.7.8 "));
+    conn.handle_input(t0, wrong);
+    let (request, verifier) = conn.poll_auth().unwrap();
+    conn.handle_auth(t0, verifier.verify(&request));
+    let (out, _) = exchange(&mut conn, t0);
+    assert_eq!(
+        out,
+        "535 5.7.8 Authentication credentials invalid\r\n\
+         421 4.7.0 mx.test Too many authentication failures, try again later\r\n"
+    );
+    assert_eq!(conn.state(), State::ShutdownWrite);
+    assert_eq!(taken(&mut conn).auth, [0, 2, 0, 1]);
+    // A new connection from the address gets 421 at its first AUTH, unverified.
+    let mut again = open_edge(t0, edge, "198.51.100.9:1001");
+    exchange(&mut again, t0);
+    again.handle_input(t0, b"EHLO c.test\r\n");
+    exchange(&mut again, t0);
+    again.handle_input(t0, wrong);
+    assert!(again.poll_auth().is_none());
+    let (out, _) = exchange(&mut again, t0);
+    assert!(
+        out.starts_with("421 4.7.0 mx.test Too many authentication failures"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -36,10 +36,11 @@ use chrono::{DateTime, Utc};
 use rustls::ServerConnection;
 
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
+use crate::smtp::auth::{AuthRequest, AuthVerdict};
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session};
 use crate::smtp::{Refusal, SessionConfig, SessionEvent, SessionStats};
 
-pub use edge::{Cidr, Edge, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
+pub use edge::{Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
 pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
@@ -86,6 +87,7 @@ pub fn log_refused_at_accept(peer: SocketAddr) {
             verb: "",
             address: None,
             detail: None,
+            user: None,
         }));
     }
 }
@@ -406,6 +408,7 @@ impl Connection {
         session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
         session.set_tls_required(edge.require_tls);
         session.set_error_budget(edge.error_budget);
+        session.set_auth(edge.auth.as_ref().map(|a| a.policy));
         let mut conn = Connection {
             session,
             // The client's idle time starts with the greeting (see `maybe_greet`).
@@ -950,13 +953,16 @@ impl Connection {
         if let Some(slot) = &self.slot {
             slot.message_sent(now);
         }
+        if let (Some(auth), Some(user)) = (&self.edge.auth, &message.envelope.auth) {
+            auth.verifier.message_sent(user, now);
+        }
         let body_len = message.body().len();
         let (id, received_at) = stamp();
         message.envelope.node = Some(self.node.clone());
         message.envelope.session = self.record.session;
         let line = logging::message_lines().then(|| {
             let env = &message.envelope;
-            MessageLine::new(
+            let mut line = MessageLine::new(
                 self.record.session,
                 id,
                 self.peer,
@@ -968,7 +974,9 @@ impl Connection {
                 body_len,
                 self.limits.sink,
                 logging::recipients_listed(),
-            )
+            );
+            line.auth = env.auth.clone();
+            line
         });
         let sealed = message.seal(id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
@@ -982,6 +990,56 @@ impl Connection {
             line,
         });
         Some(sealed)
+    }
+
+    /// Credentials the session took, for the backend to hand to the verifier (off the
+    /// reactor) with a way back to [`Self::handle_auth`]. The session consumes no
+    /// input until then.
+    pub fn poll_auth(&mut self) -> Option<(AuthRequest, Arc<crate::auth::Verifier>)> {
+        let verifier = self.edge.auth.as_ref()?.verifier.clone();
+        let request = self.session.take_auth_request()?;
+        Some((request, verifier))
+    }
+
+    /// True while credentials are with the verifier.
+    pub fn awaiting_auth(&self) -> bool {
+        self.session.is_awaiting_auth()
+    }
+
+    /// The verifier's answer for the credentials taken last. A failure counts against
+    /// the client's address; past `--max-auth-failures-per-ip` the session gets
+    /// `421 4.7.0` and closes.
+    pub fn handle_auth(&mut self, now: Instant, verdict: AuthVerdict) {
+        if !matches!(self.life, Life::Open) || !self.session.is_awaiting_auth() {
+            return;
+        }
+        self.seen(now);
+        // `locked` is counted from the session's refusal (see `note_refusal`), which
+        // also covers an address already over its limit when AUTH arrives.
+        if verdict != AuthVerdict::Locked {
+            self.edge_stats.auth[crate::auth::result_index(verdict)] += 1;
+        }
+        self.session.auth_result(verdict);
+        if verdict == AuthVerdict::Rejected {
+            if let Some(slot) = &self.slot {
+                slot.auth_failed(now);
+                if !slot.auth_allowed(now) {
+                    self.session.refuse_over_limit(
+                        Refusal::AuthFailures,
+                        "Too many authentication failures",
+                    );
+                }
+            }
+        }
+        self.log_events();
+        // Verifying is the gateway's time, not the client's.
+        self.idle_deadline = now + self.limits.idle_timeout;
+        if self.has_input() {
+            self.process_input(now);
+        } else if self.draining {
+            self.wind_down();
+        }
+        self.after_output_change(now);
     }
 
     /// True while a message is with the sink.
@@ -1037,8 +1095,12 @@ impl Connection {
                 if let Some(h) = self.handshake_deadline.filter(|_| !self.tls_done) {
                     next = next.min(h);
                 }
-                // Waiting for the sink or for the client to read is not idleness.
-                if self.in_flight.is_none() && self.out_len() == 0 {
+                // Waiting for the sink, the verifier or for the client to read is not
+                // idleness.
+                if self.in_flight.is_none()
+                    && !self.session.is_awaiting_auth()
+                    && self.out_len() == 0
+                {
                     next = next.min(self.idle_deadline);
                 }
                 // Held back only by the greeting delay (not by a header or a handshake,
@@ -1271,7 +1333,7 @@ impl Connection {
     /// and counts them itself).
     fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
         self.edge_stats.refusals.add(refusal);
-        self.note_refusal(refusal, "", None, detail.map(Box::from));
+        self.note_refusal(refusal, "", None, detail.map(Box::from), None);
     }
 
     fn note_refusal(
@@ -1280,7 +1342,11 @@ impl Connection {
         verb: &'static str,
         address: Option<Box<str>>,
         detail: Option<Box<str>>,
+        user: Option<Box<str>>,
     ) {
+        if refusal == Refusal::AuthFailures {
+            self.edge_stats.auth[crate::auth::result_index(AuthVerdict::Locked)] += 1;
+        }
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
                 Some(EndedBy::Timeout)
@@ -1290,6 +1356,7 @@ impl Connection {
             | Refusal::ConnectionRate
             | Refusal::MessageRate
             | Refusal::ErrorBudget
+            | Refusal::AuthFailures
             | Refusal::EarlyTalker => Some(EndedBy::Limit),
             Refusal::ShuttingDown => Some(EndedBy::Drain),
             Refusal::ProxyInvalid | Refusal::ProxyUntrusted | Refusal::TlsHandshake => {
@@ -1316,6 +1383,7 @@ impl Connection {
                 verb,
                 address,
                 detail,
+                user,
             }));
         }
     }
@@ -1327,9 +1395,10 @@ impl Connection {
             verb,
             address,
             detail,
+            user,
         }) = self.session.poll_event()
         {
-            self.note_refusal(refusal, verb, address, detail);
+            self.note_refusal(refusal, verb, address, detail, user);
         }
     }
 
@@ -1376,6 +1445,7 @@ impl Connection {
     fn can_consume(&self) -> bool {
         let blocked = self.session.is_closed()
             || self.session.is_awaiting_publish()
+            || self.session.is_awaiting_auth()
             // After STARTTLS the session takes nothing until the handshake is done, but
             // the handshake itself must be read.
             || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
@@ -1420,6 +1490,12 @@ impl Connection {
             if let Some(slot) = &self.slot {
                 self.session
                     .set_message_rate_exceeded(!slot.message_allowed(now));
+                self.session
+                    .set_auth_failures_exceeded(!slot.auth_allowed(now));
+            }
+            if let (Some(auth), Some(user)) = (&self.edge.auth, self.session.authenticated()) {
+                let over = !auth.verifier.message_allowed(user, now);
+                self.session.set_user_rate_exceeded(over);
             }
             self.session.set_low_memory(self.budget.exhausted());
             self.session.set_output_limit(self.limits.output_cap);

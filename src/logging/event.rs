@@ -41,6 +41,8 @@ pub struct MessageLine {
     pub ms: u64,
     pub sink: &'static str,
     pub error: Option<String>,
+    /// The user the session authenticated as (SMTP AUTH), if it did.
+    pub auth: Option<std::sync::Arc<str>>,
 }
 
 impl MessageLine {
@@ -89,6 +91,7 @@ impl MessageLine {
             ms: 0,
             sink,
             error: None,
+            auth: None,
         }
     }
 
@@ -125,6 +128,8 @@ pub struct RefusalLine {
     pub address: Option<Box<str>>,
     /// A sink's reason, or a TLS failure's kind.
     pub detail: Option<Box<str>>,
+    /// For AUTH, the user name the client gave.
+    pub user: Option<Box<str>>,
 }
 
 /// How a connection ended, for its last line.

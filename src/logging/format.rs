@@ -147,6 +147,9 @@ impl Formatter {
         l.addr("client", m.client);
         l.client_text("helo", m.helo());
         l.plain("tls", m.tls.unwrap_or("none"));
+        if let Some(user) = &m.auth {
+            l.client_text("auth", user.as_bytes());
+        }
         l.client_text("from", m.from());
         match recipients {
             LogRecipients::Full => l.client_list("rcpts", m.rcpts(), None),
@@ -185,6 +188,9 @@ impl Formatter {
         }
         if let Some(a) = &r.address {
             l.client_text("address", a.as_bytes());
+        }
+        if let Some(u) = &r.user {
+            l.client_text("user", u.as_bytes());
         }
         l.num("code", u64::from(r.refusal.code()));
         if !r.refusal.enhanced().is_empty() {
@@ -566,6 +572,7 @@ mod tests {
             verb: "RCPT",
             address: Some("x@elsewhere.test".into()),
             detail: None,
+            user: None,
         };
         f.refusal(&mut out, now(), &r);
         let line = String::from_utf8(out).unwrap_or_default();

@@ -137,7 +137,10 @@ impl Writer {
         match e {
             Event::Message(m) => self.fmt.message(&mut self.out, now, &m),
             Event::Refusal(r) => {
-                if self.admit(r.refusal.as_str(), r.client.ip()) {
+                // Every failed AUTH is written, naming its user (an audit trail);
+                // `--max-auth-failures-per-ip` is what bounds them.
+                let audited = r.refusal == crate::smtp::Refusal::AuthFailed;
+                if audited || self.admit(r.refusal.as_str(), r.client.ip()) {
                     self.fmt.refusal(&mut self.out, now, &r);
                 }
             }

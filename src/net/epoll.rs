@@ -5,9 +5,10 @@
 //! A connection is one local task that moves bytes between its socket and its
 //! [`Connection`] driver and does nothing else: it reads while the driver wants input
 //! (into the reactor's one receive buffer, so an idle connection holds none), writes
-//! what the driver has to say, hands the driver's messages to the sink, and wakes the
-//! driver at its deadlines. Sink answers arrive on the reactor's [`CompletionQueue`]
-//! with a ticket; a dispatcher task routes each to its connection.
+//! what the driver has to say, hands the driver's messages to the sink (and its AUTH
+//! credentials to the verifier), and wakes the driver at its deadlines. Sink answers and
+//! AUTH verdicts arrive on the reactor's [`CompletionQueue`] with a ticket; a dispatcher
+//! task routes each to its connection.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -30,7 +31,10 @@ use super::{
 };
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket, Wake};
+use crate::sink::{
+    auth_completion, Answer, Completion, CompletionQueue, PublishResult, Ticket, Wake,
+};
+use crate::smtp::auth::AuthVerdict;
 
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
 /// and is handed to the driver at once, which keeps only what it cannot consume yet.
@@ -166,6 +170,8 @@ struct SlotEntry {
     live: bool,
     notify: Rc<Notify>,
     answer: Option<PublishResult>,
+    /// The AUTH verifier's answer it waits for.
+    auth: Option<AuthVerdict>,
     /// The message this slot has with the sink, for the in-flight gauge; kept after
     /// the connection closed until the sink answers.
     flight: Option<InFlight>,
@@ -213,6 +219,7 @@ impl Reactor {
                     live: false,
                     notify: Rc::new(Notify::new()),
                     answer: None,
+                    auth: None,
                     flight: None,
                 });
                 (slots.len() - 1) as u32
@@ -222,6 +229,7 @@ impl Reactor {
         entry.generation = entry.generation.wrapping_add(1);
         entry.live = true;
         entry.answer = None;
+        entry.auth = None;
         (
             Ticket {
                 slot,
@@ -238,9 +246,14 @@ impl Reactor {
         let entry = &mut slots[ticket.slot as usize];
         entry.live = false;
         entry.answer = None;
+        entry.auth = None;
         if entry.flight.is_none() {
             self.free.borrow_mut().push(ticket.slot);
         }
+    }
+
+    fn take_auth(&self, ticket: Ticket) -> Option<AuthVerdict> {
+        self.slots.borrow_mut()[ticket.slot as usize].auth.take()
     }
 
     fn take_answer(&self, ticket: Ticket) -> Option<(PublishResult, Option<InFlight>)> {
@@ -258,13 +271,23 @@ impl Reactor {
             self.queue.drain_into(&mut batch);
             {
                 let mut slots = self.slots.borrow_mut();
-                for (ticket, result) in batch.drain(..) {
+                for (ticket, answer) in batch.drain(..) {
                     let Some(entry) = slots.get_mut(ticket.slot as usize) else {
                         continue;
                     };
                     if entry.generation != ticket.generation {
                         continue;
                     }
+                    let result = match answer {
+                        Answer::Publish(result) => result,
+                        Answer::Auth(verdict) => {
+                            if entry.live {
+                                entry.auth = Some(verdict);
+                                entry.notify.notify_one();
+                            }
+                            continue;
+                        }
+                    };
                     if entry.live {
                         entry.answer = Some(result);
                         entry.notify.notify_one();
@@ -451,6 +474,10 @@ async fn converse(
             follow_phase(conn, seen);
         }
         write_out(stream, conn);
+        if let Some((request, verifier)) = conn.poll_auth() {
+            // Off the reactor; a full queue answers at once, through the same queue.
+            verifier.submit(request, auth_completion(reactor.queue.clone(), ticket));
+        }
         if let Some(sealed) = conn.poll_message(Instant::now(), &mut stamp) {
             let flight = shared.submit(sealed, Completion::ticket(reactor.queue.clone(), ticket));
             reactor.slots.borrow_mut()[ticket.slot as usize].flight = Some(flight);
@@ -474,10 +501,16 @@ async fn converse(
             armed = deadline;
         }
         let (want_read, want_write) = (conn.wants_read(), conn.wants_write());
-        let (awaiting, paused) = (conn.awaiting_publish(), conn.paused_for_budget());
+        let (awaiting, paused) = (
+            conn.awaiting_publish() || conn.awaiting_auth(),
+            conn.paused_for_budget(),
+        );
         tokio::select! {
             biased;
             () = answered.notified(), if awaiting => {
+                if let Some(verdict) = reactor.take_auth(ticket) {
+                    conn.handle_auth(Instant::now(), verdict);
+                }
                 if let Some((result, flight)) = reactor.take_answer(ticket) {
                     if let Some(flight) = flight {
                         shared.answered(flight, &result);

@@ -353,7 +353,7 @@ pub enum KafkaSinkError {
 /// - record framing: length, attributes, timestamp and offset deltas, key and value
 ///   lengths, header count: at most 6 varints of 5 bytes and 1 byte;
 /// - key: the 26-character ULID;
-/// - headers: 13 fixed ones plus `smtp.rcpt_to`, `smtp.rcpt_notify` and
+/// - headers: 14 fixed ones (`smtp.auth` the last) plus `smtp.rcpt_to`, `smtp.rcpt_notify` and
 ///   `smtp.rcpt_orcpt` per recipient, each at most two 5-byte varints, a name of at most
 ///   17 bytes and a value of at most one command line (512 octets; every header value
 ///   comes from one SMTP command or is shorter; ORCPT is at most 500 characters and
@@ -370,7 +370,7 @@ pub fn record_overhead(max_recipients: usize) -> usize {
     BATCH_HEADER
         + RECORD_FRAMING
         + KEY
-        + (13 + 2 * max_recipients) * PER_HEADER
+        + (14 + 2 * max_recipients) * PER_HEADER
         + max_recipients * NOTIFY_HEADER
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::smtp::auth::AuthVerdict;
 use crate::smtp::envelope::SealedMessage;
 
 pub mod forward;
@@ -34,10 +35,19 @@ pub trait Wake: Send + Sync + 'static {
     fn wake(&self);
 }
 
-/// One reactor's inbox of sink answers. Sinks push from their own threads; the reactor
-/// takes the whole batch at once, so a burst of answers costs it one wake-up.
+/// What comes back to a connection from another thread: a sink's answer for its
+/// message, or the AUTH verifier's for its credentials (`crate::auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Publish(PublishResult),
+    Auth(AuthVerdict),
+}
+
+/// One reactor's inbox of sink (and AUTH verifier) answers. Sinks push from their own
+/// threads; the reactor takes the whole batch at once, so a burst of answers costs it
+/// one wake-up.
 pub struct CompletionQueue {
-    answers: Mutex<Vec<(Ticket, PublishResult)>>,
+    answers: Mutex<Vec<(Ticket, Answer)>>,
     waker: Box<dyn Wake>,
 }
 
@@ -49,7 +59,7 @@ impl CompletionQueue {
         })
     }
 
-    fn push(&self, ticket: Ticket, result: PublishResult) {
+    fn push(&self, ticket: Ticket, result: Answer) {
         let was_empty = {
             let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
             answers.push((ticket, result));
@@ -64,10 +74,19 @@ impl CompletionQueue {
 
     /// Moves every queued answer into `into` (which the caller reuses, so this does not
     /// allocate once warm).
-    pub fn drain_into(&self, into: &mut Vec<(Ticket, PublishResult)>) {
+    pub fn drain_into(&self, into: &mut Vec<(Ticket, Answer)>) {
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         into.append(&mut answers);
     }
+}
+
+/// The way back from the AUTH verifier to the connection `ticket`: the same queue and
+/// wake-up as a sink's answer.
+pub fn auth_completion(
+    queue: Arc<CompletionQueue>,
+    ticket: Ticket,
+) -> Box<dyn FnOnce(AuthVerdict) + Send> {
+    Box::new(move |verdict| queue.push(ticket, Answer::Auth(verdict)))
 }
 
 /// The way back from a sink to the one connection that waits for its answer.
@@ -105,7 +124,7 @@ impl Completion {
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {
         match self.0 {
-            Route::Ticket(queue, ticket) => queue.push(ticket, result),
+            Route::Ticket(queue, ticket) => queue.push(ticket, Answer::Publish(result)),
             Route::Channel(tx) => {
                 let _ = tx.send(result);
             }

@@ -78,6 +78,8 @@ pub struct Envelope {
     pub session: u64,
     /// RFC 3461 `RET` from MAIL, if given.
     pub dsn_ret: Option<Ret>,
+    /// The user the session authenticated as (RFC 4954), if it did.
+    pub auth: Option<Arc<str>>,
     text: String,
     mail_from: Range<usize>,
     mail_params: Range<usize>,
@@ -118,6 +120,7 @@ impl Envelope {
             node: None,
             session: 0,
             dsn_ret: None,
+            auth: None,
             text,
             mail_from: 0..from_end,
             mail_params: from_end..from_end + mail_params.len(),
@@ -303,12 +306,22 @@ fn write_received_line(
     received_at: DateTime<Utc>,
     hostname: &str,
 ) -> std::io::Result<()> {
-    let protocol = match (env.smtputf8, env.esmtp, env.tls.is_some()) {
-        (true, _, false) => "UTF8SMTP",
-        (true, _, true) => "UTF8SMTPS",
-        (false, true, false) => "ESMTP",
-        (false, true, true) => "ESMTPS",
-        (false, false, _) => "SMTP",
+    // RFC 3848 (and RFC 6531 for UTF8SMTP): S for TLS, A for an authenticated sender.
+    let protocol = match (
+        env.smtputf8,
+        env.esmtp,
+        env.tls.is_some(),
+        env.auth.is_some(),
+    ) {
+        (true, _, false, false) => "UTF8SMTP",
+        (true, _, true, false) => "UTF8SMTPS",
+        (true, _, false, true) => "UTF8SMTPA",
+        (true, _, true, true) => "UTF8SMTPSA",
+        (false, true, false, false) => "ESMTP",
+        (false, true, true, false) => "ESMTPS",
+        (false, true, false, true) => "ESMTPA",
+        (false, true, true, true) => "ESMTPSA",
+        (false, false, _, _) => "SMTP",
     };
     // Client text is validated where it is parsed (HELO argument, addresses) and
     // escaped here as well, so no byte a client chose can break the line's structure.
@@ -350,7 +363,7 @@ fn write_received_line(
 
 /// The record headers [`SealedMessage::for_each_header`] writes, in its order (the
 /// `smtp.rcpt_*` ones once per recipient).
-pub const RECORD_HEADERS: [&str; 16] = [
+pub const RECORD_HEADERS: [&str; 17] = [
     "smtp.id",
     "smtp.verb",
     "smtp.mail_from",
@@ -367,6 +380,7 @@ pub const RECORD_HEADERS: [&str; 16] = [
     "smtp.dsn_envid",
     "smtp.rcpt_notify",
     "smtp.rcpt_orcpt",
+    "smtp.auth",
 ];
 
 /// A message with its id and trace line: what a sink stores.
@@ -433,6 +447,11 @@ impl SealedMessage {
         for orcpt in env.rcpt_orcpt() {
             f("smtp.rcpt_orcpt", orcpt.as_bytes());
         }
+        // RFC 4954: the user the session authenticated as; empty when it did not.
+        f(
+            "smtp.auth",
+            env.auth.as_deref().map_or(&b""[..], str::as_bytes),
+        );
     }
 }
 

@@ -4,6 +4,7 @@
 //! io_uring and epoll reactors, the unit and property tests, the fuzzers and the benches.
 
 pub mod address;
+pub mod auth;
 pub mod command;
 pub mod data;
 pub mod dsn;

@@ -82,6 +82,14 @@ refusals! {
     SinkTemporary => "sink_temporary", 451, "4.3.0";
     StorageFull => "storage_full", 452, "4.3.1";
     SinkTooLarge => "sink_too_large", 552, "5.3.4";
+    AuthFailed => "auth_failed", 535, "5.7.8";
+    AuthRequired => "auth_required", 530, "5.7.0";
+    AuthNeedsTls => "auth_needs_tls", 538, "5.7.11";
+    AuthMechanism => "auth_mechanism", 504, "5.5.4";
+    AuthCancelled => "auth_cancelled", 501, "5.7.0";
+    AuthMalformed => "auth_malformed", 501, "5.5.2";
+    AuthTemporary => "auth_temporary", 454, "4.7.0";
+    AuthFailures => "auth_failures", 421, "4.7.0";
 }
 
 impl Refusal {
@@ -105,6 +113,13 @@ impl Refusal {
             Refusal::NoValidRecipients => reply::NO_VALID_RECIPIENTS,
             Refusal::StorageFull => reply::STORAGE_FULL,
             Refusal::SinkTooLarge => reply::SINK_TOO_BIG,
+            Refusal::AuthFailed => reply::AUTH_FAILED,
+            Refusal::AuthRequired => reply::AUTH_REQUIRED,
+            Refusal::AuthNeedsTls => reply::AUTH_NEEDS_TLS,
+            Refusal::AuthMechanism => reply::AUTH_MECHANISM,
+            Refusal::AuthCancelled => reply::AUTH_CANCELLED,
+            Refusal::AuthMalformed => reply::AUTH_MALFORMED,
+            Refusal::AuthTemporary => reply::AUTH_TEMPORARY,
             _ => return None,
         })
     }

@@ -79,6 +79,22 @@ pub const TLS_ALREADY_ACTIVE: &[u8] = b"503 5.5.1 TLS already active\r\n";
 /// `--require-tls`: no transaction over a plaintext connection (RFC 3207 section 4).
 pub const TLS_REQUIRED: &[u8] = b"530 5.7.0 Must issue a STARTTLS command first\r\n";
 
+/// RFC 4954 section 6.
+pub const AUTH_OK: &[u8] = b"235 2.7.0 Authentication successful\r\n";
+pub const AUTH_FAILED: &[u8] = b"535 5.7.8 Authentication credentials invalid\r\n";
+/// `--require-auth`: no transaction before AUTH.
+pub const AUTH_REQUIRED: &[u8] = b"530 5.7.0 Authentication required\r\n";
+pub const AUTH_NEEDS_TLS: &[u8] =
+    b"538 5.7.11 Encryption required for requested authentication mechanism\r\n";
+pub const AUTH_MECHANISM: &[u8] = b"504 5.5.4 Unrecognized authentication type\r\n";
+pub const AUTH_CANCELLED: &[u8] = b"501 5.7.0 Authentication cancelled\r\n";
+pub const AUTH_MALFORMED: &[u8] = b"501 5.5.2 Cannot decode response\r\n";
+pub const AUTH_TEMPORARY: &[u8] = b"454 4.7.0 Temporary authentication failure\r\n";
+pub const AUTH_TWICE: &[u8] = b"503 5.5.1 Already authenticated\r\n";
+pub const AUTH_IN_TRANSACTION: &[u8] =
+    b"503 5.5.1 AUTH not permitted during a mail transaction\r\n";
+pub const SYNTAX_AUTH: &[u8] = b"501 5.5.4 Syntax: AUTH mechanism [initial-response]\r\n";
+
 pub fn greeting(out: &mut Vec<u8>, hostname: &str) {
     let _ = write!(out, "220 {hostname} ESMTP smtpgw\r\n");
 }
@@ -91,7 +107,15 @@ pub fn helo(out: &mut Vec<u8>, hostname: &str) {
 /// certificate is configured and the connection is not encrypted yet), and, as RFC 5321
 /// section 4.1.1.1 requires, a keyword for every command it implements beyond the
 /// required set of section 4.5.1: HELP, SEND, SOML and SAML.
-pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize, starttls: bool) {
+/// `AUTH PLAIN LOGIN` only where AUTH may be used (`auth`): over TLS, or on a loopback
+/// listener that allows it in plaintext.
+pub fn ehlo(
+    out: &mut Vec<u8>,
+    hostname: &str,
+    max_message_size: usize,
+    starttls: bool,
+    auth: bool,
+) {
     let _ = write!(
         out,
         "250-{hostname}\r\n250-PIPELINING\r\n250-SIZE {max_message_size}\r\n\
@@ -99,6 +123,9 @@ pub fn ehlo(out: &mut Vec<u8>, hostname: &str, max_message_size: usize, starttls
     );
     if starttls {
         out.extend_from_slice(b"250-STARTTLS\r\n");
+    }
+    if auth {
+        let _ = write!(out, "250-AUTH {}\r\n", super::auth::MECHANISMS);
     }
     out.extend_from_slice(b"250-HELP\r\n250-SEND\r\n250-SOML\r\n250 SAML\r\n");
 }

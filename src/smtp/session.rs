@@ -16,6 +16,7 @@ use bytes::BytesMut;
 use memchr::memchr;
 
 use super::address::{self, AcceptDomains, AddressError, Domain, ForwardPath, ReversePath};
+use super::auth::{self, AuthRequest, AuthVerdict, Mechanism, ResponseError};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::dsn::{self, DsnError, Notify, Ret};
@@ -37,6 +38,8 @@ pub enum SessionEvent {
         address: Option<Box<str>>,
         /// A sink's reason for a temporary failure.
         detail: Option<Box<str>>,
+        /// For AUTH, the user name the client gave.
+        user: Option<Box<str>>,
     },
 }
 
@@ -55,6 +58,7 @@ struct Kept {
     verb: &'static str,
     address: Option<(u16, u16)>,
     detail: Option<(u16, u16)>,
+    user: Option<(u16, u16)>,
 }
 
 /// Per-listener settings every session of that listener shares.
@@ -101,10 +105,33 @@ enum Phase {
     Bdat(Chunk),
     /// A message is with the sink; no input is consumed until its answer arrives.
     AwaitingPublish,
+    /// AUTH sent a `334` challenge: the next line is the client's SASL response.
+    AuthResponse(AuthStep),
+    /// Credentials are with the verifier; no input is consumed until
+    /// [`Session::auth_result`].
+    AwaitingAuth,
     /// `220 Ready to start TLS` was sent: no further input is consumed as SMTP until
     /// [`Session::tls_started`]; the caller discards whatever followed the command.
     StartTls,
     Closed,
+}
+
+/// Which response an AUTH exchange waits for.
+enum AuthStep {
+    Plain,
+    LoginUser,
+    LoginPassword(Box<str>),
+}
+
+/// How a listener offers AUTH (RFC 4954); the caller sets it with [`Session::set_auth`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthPolicy {
+    /// AUTH may be used before TLS (`--auth-allow-plaintext`, loopback listeners only).
+    pub plaintext: bool,
+    /// MAIL before a successful AUTH gets `530 5.7.0` (`--require-auth`).
+    pub required: bool,
+    /// An authenticated session may send to any recipient domain (`--auth-relay`).
+    pub relay: bool,
 }
 
 /// What the session knows about TLS; the caller tells it through setters.
@@ -179,6 +206,18 @@ pub struct Session {
     spends_budget: bool,
     /// The client's address is over its message rate: MAIL gets `421 4.7.0`.
     message_rate_exceeded: bool,
+    /// The authenticated user is over its message rate: MAIL gets `421 4.7.0`.
+    user_rate_exceeded: bool,
+    /// `None`: AUTH is not offered on this listener (`502`).
+    auth: Option<AuthPolicy>,
+    /// The user a successful AUTH named.
+    authenticated: Option<Arc<str>>,
+    /// Credentials for the caller to verify ([`Session::take_auth_request`]).
+    auth_request: Option<AuthRequest>,
+    /// The user whose credentials are being verified.
+    auth_user: Option<Box<str>>,
+    /// The client's address is over its AUTH failure limit: AUTH gets `421 4.7.0`.
+    auth_failures_exceeded: bool,
     stats: SessionStats,
     /// The verb of the command being handled, for refusal events.
     verb: &'static str,
@@ -217,6 +256,12 @@ impl Session {
             error_budget: None,
             spends_budget: false,
             message_rate_exceeded: false,
+            user_rate_exceeded: false,
+            auth: None,
+            authenticated: None,
+            auth_request: None,
+            auth_user: None,
+            auth_failures_exceeded: false,
             stats: SessionStats::default(),
             verb: "",
             events: VecDeque::new(),
@@ -264,6 +309,76 @@ impl Session {
         self.message_rate_exceeded = exceeded;
     }
 
+    /// While set, MAIL gets `421 4.7.0` (the authenticated user's message rate) and the
+    /// session closes.
+    pub fn set_user_rate_exceeded(&mut self, exceeded: bool) {
+        self.user_rate_exceeded = exceeded;
+    }
+
+    /// Offers AUTH with `policy`; `None` (the default) does not offer it.
+    pub fn set_auth(&mut self, policy: Option<AuthPolicy>) {
+        self.auth = policy;
+    }
+
+    /// While set, AUTH gets `421 4.7.0` and the session closes.
+    pub fn set_auth_failures_exceeded(&mut self, exceeded: bool) {
+        self.auth_failures_exceeded = exceeded;
+    }
+
+    /// The user a successful AUTH named, if any.
+    pub fn authenticated(&self) -> Option<&Arc<str>> {
+        self.authenticated.as_ref()
+    }
+
+    /// Credentials the client gave, to be verified off the reactor; the session then
+    /// waits for [`Self::auth_result`] and consumes no input.
+    pub fn take_auth_request(&mut self) -> Option<AuthRequest> {
+        self.auth_request.take()
+    }
+
+    /// Credentials are being verified.
+    pub fn is_awaiting_auth(&self) -> bool {
+        matches!(self.phase, Phase::AwaitingAuth)
+    }
+
+    /// The verifier's answer for the credentials taken last.
+    pub fn auth_result(&mut self, verdict: AuthVerdict) {
+        if !matches!(self.phase, Phase::AwaitingAuth) {
+            debug_assert!(false, "auth_result without credentials in flight");
+            return;
+        }
+        self.phase = Phase::Command;
+        self.auth_request = None;
+        let user = self.auth_user.take();
+        let replied_from = self.out.len();
+        self.verb = "AUTH";
+        match verdict {
+            AuthVerdict::Accepted => {
+                self.authenticated = user.map(Arc::from);
+                self.reply(reply::AUTH_OK);
+            }
+            AuthVerdict::Rejected => {
+                self.event_user(Refusal::AuthFailed, user.as_deref());
+                self.reply(reply::AUTH_FAILED);
+            }
+            AuthVerdict::Temporary => {
+                self.event_user(Refusal::AuthTemporary, user.as_deref());
+                self.reply(reply::AUTH_TEMPORARY);
+            }
+            AuthVerdict::Locked => {
+                self.event_user(Refusal::AuthFailures, user.as_deref());
+                reply::policy_limit(
+                    &mut self.out,
+                    &self.config.hostname,
+                    "Too many authentication failures",
+                );
+                self.close();
+            }
+        }
+        self.count_error(replied_from);
+        self.stats.count_replies(&self.out[replied_from..]);
+    }
+
     /// STARTTLS was accepted and its `220` written: the caller now runs the handshake
     /// and discards input until it completes.
     pub fn is_starting_tls(&self) -> bool {
@@ -277,6 +392,7 @@ impl Session {
         self.tls = Tls::Active(description);
         self.greeting = None;
         self.txn = None;
+        self.authenticated = None;
         if matches!(self.phase, Phase::StartTls) {
             self.phase = Phase::Command;
         }
@@ -323,6 +439,7 @@ impl Session {
             verb: kept.verb,
             address: text(kept.address),
             detail: text(kept.detail),
+            user: text(kept.user),
         };
         if self.events.is_empty() {
             self.event_text.clear();
@@ -331,6 +448,21 @@ impl Session {
     }
 
     fn event(&mut self, refusal: Refusal, address: Option<&str>, detail: Option<&str>) {
+        self.event_with(refusal, address, detail, None);
+    }
+
+    /// A refusal of AUTH, naming the user when the client gave one.
+    fn event_user(&mut self, refusal: Refusal, user: Option<&str>) {
+        self.event_with(refusal, None, None, user);
+    }
+
+    fn event_with(
+        &mut self,
+        refusal: Refusal,
+        address: Option<&str>,
+        detail: Option<&str>,
+        user: Option<&str>,
+    ) {
         self.stats.refusals.add(refusal);
         if self.events.capacity() == 0 {
             self.events.reserve_exact(MAX_EVENTS);
@@ -353,11 +485,13 @@ impl Session {
         };
         let address = text(address);
         let detail = text(detail);
+        let user = text(user);
         self.events.push_back(Kept {
             refusal,
             verb: self.verb,
             address,
             detail,
+            user,
         });
     }
 
@@ -390,7 +524,33 @@ impl Session {
         loop {
             let rest = &input[pos..];
             match &mut self.phase {
-                Phase::Closed | Phase::AwaitingPublish | Phase::StartTls => return pos,
+                Phase::Closed | Phase::AwaitingPublish | Phase::AwaitingAuth | Phase::StartTls => {
+                    return pos
+                }
+                Phase::AuthResponse(_) => {
+                    if self.out.len() >= self.output_limit {
+                        return pos;
+                    }
+                    let Some(lf) = memchr(b'\n', rest) else {
+                        if self.discarding_line || rest.len() >= command::MAX_AUTH_LINE {
+                            self.discarding_line = true;
+                            return input.len();
+                        }
+                        return pos;
+                    };
+                    pos += lf + 1;
+                    let replied_from = self.out.len();
+                    if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_AUTH_LINE {
+                        // The exchange is over (RFC 4954 has no way to go on after it).
+                        self.phase = Phase::Command;
+                        self.refuse(Refusal::LineTooLong, reply::LINE_TOO_LONG);
+                    } else {
+                        let line = &rest[..lf];
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        self.auth_response(line);
+                    }
+                    self.count_error(replied_from);
+                }
                 Phase::Command => {
                     if self.out.len() >= self.output_limit {
                         return pos;
@@ -587,7 +747,11 @@ impl Session {
         match self.phase {
             Phase::Data { .. } | Phase::Bdat(_) => true,
             Phase::Command => self.txn.as_ref().is_some_and(|t| t.bdat.is_some()),
-            Phase::AwaitingPublish | Phase::StartTls | Phase::Closed => false,
+            Phase::AwaitingPublish
+            | Phase::AuthResponse(_)
+            | Phase::AwaitingAuth
+            | Phase::StartTls
+            | Phase::Closed => false,
         }
     }
 
@@ -669,8 +833,99 @@ impl Session {
             Command::Help(topic) => self.help(topic),
             Command::Turn => self.refuse(Refusal::NotImplemented, reply::TURN),
             Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
             Command::NotImplemented => self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED),
         }
+    }
+
+    /// AUTH may be used now: it is offered, and TLS is on or plaintext is allowed.
+    fn auth_usable(&self) -> bool {
+        self.auth
+            .is_some_and(|a| a.plaintext || matches!(self.tls, Tls::Active(_)))
+    }
+
+    fn auth(&mut self, mechanism: &[u8], initial: Option<&[u8]>) {
+        if self.auth.is_none() {
+            return self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED);
+        }
+        if !self.greeting.as_ref().is_some_and(|g| g.esmtp) {
+            return self.refuse(Refusal::BadSequence, reply::NEED_HELO);
+        }
+        if self.authenticated.is_some() {
+            return self.refuse(Refusal::BadSequence, reply::AUTH_TWICE);
+        }
+        if self.txn.is_some() {
+            return self.refuse(Refusal::BadSequence, reply::AUTH_IN_TRANSACTION);
+        }
+        if !self.auth_usable() {
+            return self.refuse(Refusal::AuthNeedsTls, reply::AUTH_NEEDS_TLS);
+        }
+        if self.auth_failures_exceeded {
+            return self.over_limit(Refusal::AuthFailures, "Too many authentication failures");
+        }
+        let Some(mechanism) = Mechanism::parse(mechanism) else {
+            return self.refuse(Refusal::AuthMechanism, reply::AUTH_MECHANISM);
+        };
+        match (mechanism, initial) {
+            (Mechanism::Plain, None) => {
+                self.phase = Phase::AuthResponse(AuthStep::Plain);
+                self.reply(auth::CHALLENGE_EMPTY);
+            }
+            (Mechanism::Login, None) => {
+                self.phase = Phase::AuthResponse(AuthStep::LoginUser);
+                self.reply(auth::CHALLENGE_USERNAME);
+            }
+            (Mechanism::Plain, Some(initial)) => self.auth_step(AuthStep::Plain, initial),
+            (Mechanism::Login, Some(initial)) => self.auth_step(AuthStep::LoginUser, initial),
+        }
+    }
+
+    /// A response line while an AUTH exchange waits for one.
+    fn auth_response(&mut self, line: &[u8]) {
+        let Phase::AuthResponse(step) = mem::replace(&mut self.phase, Phase::Command) else {
+            return;
+        };
+        self.verb = "AUTH";
+        self.auth_step(step, line);
+    }
+
+    fn auth_step(&mut self, step: AuthStep, response: &[u8]) {
+        let decoded = match auth::decode_response(response) {
+            Ok(d) => d,
+            Err(ResponseError::Cancelled) => {
+                return self.refuse(Refusal::AuthCancelled, reply::AUTH_CANCELLED)
+            }
+            Err(ResponseError::Malformed) => {
+                return self.refuse(Refusal::AuthMalformed, reply::AUTH_MALFORMED)
+            }
+        };
+        let request = match step {
+            AuthStep::Plain => match auth::parse_plain(&decoded) {
+                Ok(r) => r,
+                Err(_) => return self.refuse(Refusal::AuthMalformed, reply::AUTH_MALFORMED),
+            },
+            AuthStep::LoginUser => {
+                let Some(user) = auth::valid_user(&decoded) else {
+                    return self.refuse(Refusal::AuthMalformed, reply::AUTH_MALFORMED);
+                };
+                self.phase = Phase::AuthResponse(AuthStep::LoginPassword(user.into()));
+                return self.reply(auth::CHALLENGE_PASSWORD);
+            }
+            AuthStep::LoginPassword(user) => {
+                if decoded.is_empty() || decoded.len() > auth::MAX_PASSWORD {
+                    self.event_user(Refusal::AuthMalformed, Some(&user));
+                    return self.reply(reply::AUTH_MALFORMED);
+                }
+                AuthRequest {
+                    user,
+                    password: decoded,
+                    mechanism: Mechanism::Login,
+                }
+            }
+        };
+        self.auth_user = Some(request.user.clone());
+        self.auth_request = Some(request);
+        self.phase = Phase::AwaitingAuth;
     }
 
     fn starttls(&mut self) {
@@ -705,11 +960,13 @@ impl Session {
         // HELO/EHLO also reset any transaction (RFC 5321 section 4.1.4).
         self.abort_transaction();
         if esmtp {
+            let auth = self.auth_usable();
             reply::ehlo(
                 &mut self.out,
                 &self.config.hostname,
                 self.config.max_message_size,
                 self.tls == Tls::Available,
+                auth,
             );
         } else {
             reply::helo(&mut self.out, &self.config.hostname);
@@ -729,6 +986,13 @@ impl Session {
         }
         if self.tls_required && !matches!(self.tls, Tls::Active(_)) {
             return self.refuse_address(Refusal::TlsRequired, reply::TLS_REQUIRED, address);
+        }
+        if self.auth.is_some_and(|a| a.required) && self.authenticated.is_none() {
+            return self.refuse_address(Refusal::AuthRequired, reply::AUTH_REQUIRED, address);
+        }
+        if self.user_rate_exceeded && self.authenticated.is_some() {
+            self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
+            return self.over_limit(Refusal::MessageRate, "Too many messages for your user");
         }
         if self.message_rate_exceeded {
             self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
@@ -775,6 +1039,7 @@ impl Session {
         );
         envelope.smtputf8 = mail_params.smtputf8;
         envelope.set_dsn(mail_params.ret, mail_params.envid);
+        envelope.auth = self.authenticated.clone();
         if let Tls::Active(description) = &self.tls {
             envelope.tls = Some(description.clone());
         }
@@ -793,6 +1058,8 @@ impl Session {
             ForwardPath::Postmaster => "Postmaster",
             ForwardPath::Mailbox(m) => m.text,
         };
+        // `--auth-relay`: an authenticated sender may send anywhere.
+        let relays = self.authenticated.is_some() && self.auth.is_some_and(|a| a.relay);
         let Some(txn) = &mut self.txn else {
             return self.refuse_address(Refusal::BadSequence, reply::NEED_MAIL, address);
         };
@@ -818,7 +1085,7 @@ impl Session {
             ForwardPath::Mailbox(m) if !m.is_ascii() && !txn.envelope.smtputf8 => {
                 return self.refuse_address(Refusal::NeedsSmtpUtf8, reply::NEEDS_SMTPUTF8, address)
             }
-            ForwardPath::Mailbox(m) if !self.config.accepts(m.domain) => {
+            ForwardPath::Mailbox(m) if !self.config.accepts(m.domain) && !relays => {
                 return self.refuse_address(Refusal::RelayDenied, reply::RELAY_DENIED, address)
             }
             ForwardPath::Mailbox(m) => m.text,
@@ -1000,6 +1267,9 @@ struct MailParams<'a> {
     smtputf8: bool,
     ret: Option<Ret>,
     envid: Option<&'a str>,
+    /// RFC 4954 section 5: `AUTH=<>` or the xtext of a mailbox. Kept in the
+    /// recorded parameters; the identity recorded is the session's own AUTH.
+    auth: bool,
 }
 
 /// A refused DSN parameter: `501 5.5.4` with the parameter's own text.
@@ -1041,6 +1311,14 @@ impl<'a> MailParams<'a> {
             } else if key.eq_ignore_ascii_case(b"RET") {
                 let ret = value.ok_or(DsnError::Ret).and_then(Ret::parse);
                 if parsed.ret.replace(ret.map_err(dsn_refusal)?).is_some() {
+                    return Err(DUPLICATE);
+                }
+            } else if key.eq_ignore_ascii_case(b"AUTH") {
+                let value = value.ok_or(BAD)?;
+                if value != b"<>" && dsn::decode_to_vec(value).is_err() {
+                    return Err(BAD);
+                }
+                if mem::replace(&mut parsed.auth, true) {
                     return Err(DUPLICATE);
                 }
             } else if key.eq_ignore_ascii_case(b"ENVID") {
@@ -1114,6 +1392,7 @@ fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
         Command::Help(_) => 11,
         Command::Turn => 15,
         Command::StartTls => 16,
+        Command::Auth { .. } => 17,
         Command::NotImplemented => stats::VERB_OTHER,
     }
 }
@@ -1130,6 +1409,7 @@ fn command_error_reply(error: CommandError) -> (Refusal, &'static [u8]) {
                 SyntaxOf::Rcpt => reply::SYNTAX_RCPT,
                 SyntaxOf::Bdat => reply::SYNTAX_BDAT,
                 SyntaxOf::Vrfy => reply::SYNTAX_VRFY,
+                SyntaxOf::Auth => reply::SYNTAX_AUTH,
                 SyntaxOf::NoArguments => reply::NO_ARGUMENTS,
             },
         ),
@@ -1191,3 +1471,7 @@ fn help_topic(topic: &[u8]) -> Option<&'static [u8]> {
 #[cfg(test)]
 #[path = "session_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "auth_session_tests.rs"]
+mod auth_tests;

@@ -1291,6 +1291,7 @@ fn refusals_are_counted_even_when_their_events_are_not_kept() {
             verb: "RCPT",
             address: Some(a),
             detail: None,
+            user: None,
         }) => assert_eq!(&*a, "x@example.com"),
         other => panic!("{other:?}"),
     }

@@ -6,23 +6,23 @@
 //! reactors. Every label value is one of the fixed tables here, never client text.
 
 /// `smtpgw_commands_total{verb}` label values; the index is [`SessionStats::commands`]'.
-pub const VERBS: [&str; 18] = [
+pub const VERBS: [&str; 19] = [
     "HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
-    "SEND", "SOML", "SAML", "TURN", "STARTTLS", "OTHER",
+    "SEND", "SOML", "SAML", "TURN", "STARTTLS", "AUTH", "OTHER",
 ];
 
 /// Index of `OTHER` in [`VERBS`]: unknown, not implemented or unparsable lines.
-pub const VERB_OTHER: usize = 17;
+pub const VERB_OTHER: usize = 18;
 
 /// Every reply code the gateway can send, for `smtpgw_replies_total{code}`.
-pub const REPLY_CODES: [u16; 21] = [
-    214, 220, 221, 250, 252, 354, 421, 451, 452, 500, 501, 502, 503, 504, 530, 550, 552, 553, 554,
-    555, 0,
+pub const REPLY_CODES: [u16; 26] = [
+    214, 220, 221, 235, 250, 252, 334, 354, 421, 451, 452, 454, 500, 501, 502, 503, 504, 530, 535,
+    538, 550, 552, 553, 554, 555, 0,
 ];
 
 /// Index of the catch-all slot in [`REPLY_CODES`]; only a reply added to `reply.rs`
 /// without being added above lands here (a unit test keeps it empty).
-pub const REPLY_UNLISTED: usize = 20;
+pub const REPLY_UNLISTED: usize = 25;
 
 /// `smtpgw_messages_rejected_total{reason}` label values.
 pub const REJECT_REASONS: [&str; 4] = [

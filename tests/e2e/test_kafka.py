@@ -228,3 +228,40 @@ def test_dsn_parameters_are_record_headers_per_recipient(gateway):
     assert headers["smtp.rcpt_orcpt"] == [b"rfc822;bob+40x.example", b"", b""]
     assert headers["smtp.dsn_ret"] == [b"HDRS"]
     assert headers["smtp.dsn_envid"] == [b"abc+2Bdef"]
+
+
+def test_authenticated_sender_is_a_record_header(start_gateway, tmp_path):
+    """SMTP AUTH: the user the session authenticated as reaches the Kafka record as
+    smtp.auth (and the Received: line says ESMTPA, loopback plaintext here); a session
+    that did not authenticate has it empty."""
+    import subprocess
+
+    from conftest import gateway_binary, gateway_env
+
+    hashed = subprocess.run([str(gateway_binary()), "auth", "hash"], input=b"secret\n",
+                            capture_output=True, timeout=60, env=gateway_env())
+    assert hashed.returncode == 0, hashed.stderr
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hashed.stdout.decode().strip()}\n")
+    gateway = start_gateway("--hostname", "mx.test", "--auth-users", str(users), "--auth-allow-plaintext",
+                            sink=KAFKA_SINK)
+    keys = {}
+    for user in ("alice", None):
+        s = smtp(gateway)
+        if user:
+            s.login(user, "secret")
+
+        def send():
+            s.mail("app@client.test")
+            assert s.rcpt("x@example.com")[0] == 250
+            return s.data(b"Subject: auth\r\n\r\nbody\r\n")
+
+        keys[user] = accepted(send, time.monotonic() + 20)
+        s.quit()
+    found = consume(set(keys.values()))
+    for user, key in keys.items():
+        [record] = found[key]
+        headers = dict(record.headers() or [])
+        assert headers["smtp.auth"] == (user or "").encode(), headers
+        protocol = b" with ESMTPA id " if user else b" with ESMTP id "
+        assert protocol in (record.value() or b"")[:300]

@@ -21,7 +21,7 @@ use super::PhaseCell;
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
-use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket};
+use crate::sink::{auth_completion, Answer, Completion, CompletionQueue, Ticket};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
@@ -150,7 +150,7 @@ pub(super) struct Reactor {
     event_buf: Box<u64>,
     event_armed: bool,
     queue: Arc<CompletionQueue>,
-    answers: Vec<(Ticket, PublishResult)>,
+    answers: Vec<(Ticket, Answer)>,
     budget: BodyBudget,
     /// Connections paused because the body budget is used up; looked at again when
     /// this reactor frees some.
@@ -538,8 +538,20 @@ impl Reactor {
         self.mark(slot);
     }
 
-    /// Hands the message the connection completed, if any, to the sink.
+    /// Hands the credentials the connection took, if any, to the AUTH verifier, and the
+    /// message it completed, if any, to the sink; both answer on the completion queue.
     fn hand_off(&mut self, now: Instant, slot: u32, gen: u32) {
+        let Some(c) = self.conn_mut(slot, gen) else {
+            return;
+        };
+        if let Some((request, verifier)) = c.driver.poll_auth() {
+            let ticket = Ticket {
+                slot,
+                generation: gen,
+            };
+            // Off the reactor; a full queue answers at once, through the same queue.
+            verifier.submit(request, auth_completion(self.queue.clone(), ticket));
+        }
         let Some(c) = self.conn_mut(slot, gen) else {
             return;
         };
@@ -586,13 +598,24 @@ impl Reactor {
             return;
         }
         let mut answers = std::mem::take(&mut self.answers);
-        for (ticket, result) in answers.drain(..) {
+        for (ticket, answer) in answers.drain(..) {
             let Some(s) = self.slots.get_mut(ticket.slot as usize) else {
                 continue;
             };
             if s.gen & GEN_MASK != ticket.generation {
                 continue;
             }
+            let result = match answer {
+                Answer::Publish(result) => result,
+                Answer::Auth(verdict) => {
+                    // A connection gone meanwhile has nothing to hear (and no flight).
+                    if let Some(c) = s.conn.as_mut() {
+                        c.driver.handle_auth(now, verdict);
+                        self.mark(ticket.slot);
+                    }
+                    continue;
+                }
+            };
             if let Some(flight) = s.flight.take() {
                 self.shared.answered(flight, &result);
             }

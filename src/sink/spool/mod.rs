@@ -81,8 +81,8 @@
 //! in the same order: `smtp.id`, `smtp.verb`, `smtp.mail_from`, `smtp.rcpt_to` once per
 //! recipient, `smtp.helo`, `smtp.client_addr`, `smtp.received_at`, `smtp.mail_params`,
 //! `smtp.tls`, `smtp.schema`, `smtp.node`, `smtp.session`, `smtp.dsn_ret`,
-//! `smtp.dsn_envid`, `smtp.rcpt_notify` and `smtp.rcpt_orcpt` once per recipient
-//! (docs/record.md). So every record has the same 13 bytes at payload offset 31 (`07 00`
+//! `smtp.dsn_envid`, `smtp.rcpt_notify` and `smtp.rcpt_orcpt` once per recipient, and
+//! `smtp.auth` (docs/record.md). So every record has the same 13 bytes at payload offset 31 (`07 00`
 //! `smtp.id` `1a 00 00 00`): after damage, a reader resynchronises by searching for
 //! them and accepting the first candidate whose length and CRC-32C hold (a false match
 //! must also pass a 32-bit checksum).
@@ -640,8 +640,9 @@ mod tests {
             1_795_428_779_123_456
         );
         assert_eq!(u32::from_le_bytes(p[25..29].try_into().unwrap()), 13);
-        // Twelve headers of schema 1 with one recipient, then the four DSN ones.
-        assert_eq!(u16::from_le_bytes(p[29..31].try_into().unwrap()), 16);
+        // Twelve headers of schema 1 with one recipient, then the four DSN ones and
+        // `smtp.auth`.
+        assert_eq!(u16::from_le_bytes(p[29..31].try_into().unwrap()), 17);
         assert_eq!(u16::from_le_bytes(p[31..33].try_into().unwrap()), 7);
         assert_eq!(&p[33..40], b"smtp.id");
         assert!(p.ends_with(b"Received: x\r\nhi"));
