@@ -478,9 +478,7 @@ mod tests {
     fn a_fifo_or_a_directory_is_refused_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("users");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).expect("mkfifo");
         let e = Users::load(&fifo).unwrap_err().to_string();
         assert!(e.contains("FIFO"), "{e}");
         let e = Users::load(dir.path()).unwrap_err().to_string();

@@ -111,20 +111,15 @@ fn unknown_id(e: &anyhow::Error) -> bool {
 
 /// `smtpgw auth hash`: one password in, its PHC hash out.
 fn auth_hash() -> anyhow::Result<()> {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
     use zeroize::Zeroizing;
     let stdin = std::io::stdin();
     let mut line = Zeroizing::new(String::new());
     if stdin.is_terminal() {
-        let mut err = std::io::stderr().lock();
-        let _ = write!(err, "Password: ");
-        let _ = err.flush();
-        let _echo = EchoOff::new();
-        stdin
-            .lock()
-            .read_line(&mut line)
-            .context("reading the password")?;
-        let _ = writeln!(err);
+        // rpassword turns the terminal's echo off and back on (also on an error).
+        line = Zeroizing::new(
+            rpassword::prompt_password("Password: ").context("reading the password")?,
+        );
     } else {
         // Only the first line: `printf '%s\n' "$pw" | smtpgw auth hash` and a file alike.
         let mut all = Zeroizing::new(Vec::new());
@@ -151,38 +146,6 @@ fn auth_hash() -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{hash}").context("writing to stdout")?;
     Ok(())
-}
-
-/// Turns the terminal's echo off while it lives (for the password prompt).
-struct EchoOff(Option<libc::termios>);
-
-impl EchoOff {
-    fn new() -> EchoOff {
-        // SAFETY: tcgetattr/tcsetattr on fd 0 with a termios we own.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(0, &mut t) != 0 {
-                return EchoOff(None);
-            }
-            let saved = t;
-            t.c_lflag &= !libc::ECHO;
-            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
-                return EchoOff(None);
-            }
-            EchoOff(Some(saved))
-        }
-    }
-}
-
-impl Drop for EchoOff {
-    fn drop(&mut self) {
-        if let Some(t) = &self.0 {
-            // SAFETY: restores the settings read in `new`.
-            unsafe {
-                libc::tcsetattr(0, libc::TCSANOW, t);
-            }
-        }
-    }
 }
 
 fn fail(code: u8, msg: std::fmt::Arguments) -> ExitCode {
