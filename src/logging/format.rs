@@ -270,6 +270,7 @@ struct Line<'a> {
 }
 
 impl Line<'_> {
+    #[inline(always)]
     fn key(&mut self, name: &str) {
         if self.json {
             self.out.extend_from_slice(b",\"");
@@ -282,6 +283,7 @@ impl Line<'_> {
         }
     }
 
+    #[inline(always)]
     fn num(&mut self, name: &str, n: u64) {
         self.key(name);
         let mut buf = itoa_buf(n);
@@ -296,6 +298,7 @@ impl Line<'_> {
     }
 
     /// Our own text, known to need no escaping (labels, versions, ids).
+    #[inline(always)]
     fn plain(&mut self, name: &str, v: &str) {
         self.key(name);
         if self.json {
@@ -316,29 +319,55 @@ impl Line<'_> {
         }
     }
 
+    #[inline(always)]
     fn addr(&mut self, name: &str, a: SocketAddr) {
-        self.display(name, &a);
+        let SocketAddr::V4(v4) = a else {
+            return self.display(name, &a);
+        };
+        // The common case without the formatting machinery: digits, dots and a colon,
+        // which need no quoting in either format.
+        self.key(name);
+        if self.json {
+            self.out.push(b'"');
+        }
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            self.out
+                .extend_from_slice(itoa_buf(u64::from(octet)).as_slice());
+        }
+        self.out.push(b':');
+        self.out
+            .extend_from_slice(itoa_buf(u64::from(v4.port())).as_slice());
+        if self.json {
+            self.out.push(b'"');
+        }
     }
 
     /// Client text: escaped first, then quoted as the format needs.
+    #[inline(always)]
     fn client_text(&mut self, name: &str, v: &[u8]) {
         self.key(name);
+        let class = classify(v);
         // Plain printable ASCII is what the escaper leaves as it is: skip the copy.
-        let v = if needs_escaping(v) {
+        if class & ESCAPE != 0 {
             self.scratch.clear();
             let _ = write_escaped(self.scratch, v, EscapeFor::TerminalField);
-            &self.scratch[..]
+            if self.json {
+                json_str(self.out, self.scratch);
+            } else {
+                text_value(self.out, self.scratch);
+            }
+        } else if self.json {
+            json_str_classified(self.out, v, class);
         } else {
-            v
-        };
-        if self.json {
-            json_str(self.out, v);
-        } else {
-            text_value(self.out, v);
+            text_value_classified(self.out, v, class);
         }
     }
 
     /// The message id, without the formatting machinery.
+    #[inline(always)]
     fn ulid(&mut self, name: &str, id: &crate::smtp::MessageId) {
         self.key(name);
         let mut buf = [0u8; ulid::ULID_LEN];
@@ -418,7 +447,41 @@ impl Line<'_> {
 
 /// Whether [`write_escaped`] would change `v` (anything but printable ASCII without `\`).
 fn needs_escaping(v: &[u8]) -> bool {
-    !v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+    classify(v) & ESCAPE != 0
+}
+
+/// [`classify`] bits: the escaper would change the byte (anything but printable ASCII,
+/// and `\`)...
+const ESCAPE: u8 = 1;
+/// ...the text format must quote a value holding it (space, `"`, `=`, controls)...
+const QUOTE: u8 = 2;
+/// ...a JSON string must escape it (`"`, `\`, controls).
+const JSON: u8 = 4;
+
+/// What each byte asks of a value, so one pass over it decides all three.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut c = 0;
+        if b < 0x20 || b >= 0x7f || b == b'\\' as usize {
+            c |= ESCAPE;
+        }
+        if b <= b' ' as usize || b == b'"' as usize || b == b'=' as usize || b == 0x7f {
+            c |= QUOTE;
+        }
+        if b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f {
+            c |= JSON;
+        }
+        t[b] = c;
+        b += 1;
+    }
+    t
+};
+
+/// The union of the [`CLASS`] bits of `v`'s bytes.
+fn classify(v: &[u8]) -> u8 {
+    v.iter().fold(0, |acc, &b| acc | CLASS[usize::from(b)])
 }
 
 /// Decimal digits of `n` without the formatting machinery.
@@ -455,10 +518,12 @@ impl SmallDigits {
 /// A text value: as is when it is one plain token, else in double quotes with `"`
 /// escaped (backslashes are already escaped by `write_escaped`).
 fn text_value(out: &mut Vec<u8>, v: &[u8]) {
-    let plain = !v.is_empty()
-        && v.iter()
-            .all(|&b| b > b' ' && b != b'"' && b != b'=' && b != 0x7f);
-    if plain {
+    text_value_classified(out, v, classify(v));
+}
+
+/// [`text_value`] of a value already [`classify`]d.
+fn text_value_classified(out: &mut Vec<u8>, v: &[u8], class: u8) {
+    if !v.is_empty() && class & QUOTE == 0 {
         out.extend_from_slice(v);
         return;
     }
@@ -476,7 +541,17 @@ fn text_value(out: &mut Vec<u8>, v: &[u8]) {
 
 /// A JSON string. `v` is UTF-8 (escaped client text or our own).
 pub fn json_str(out: &mut Vec<u8>, v: &[u8]) {
+    json_str_classified(out, v, classify(v));
+}
+
+/// [`json_str`] of a value already [`classify`]d.
+fn json_str_classified(out: &mut Vec<u8>, v: &[u8], class: u8) {
     out.push(b'"');
+    if class & JSON == 0 {
+        out.extend_from_slice(v);
+        out.push(b'"');
+        return;
+    }
     for &b in v {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -530,6 +605,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap_or_default();
         assert!(text.ends_with("}}\n"), "{text}");
         assert!(text.contains(r#""helo":"mx.test""#), "{text}");
+        assert!(text.contains(r#""client":"192.0.2.1:4000""#), "{text}");
         assert!(text.contains(r#""from":"a\"b c@x.org""#), "{text}");
         assert!(
             text.contains(r#""rcpts":["r1@example.com","r,2@example.com"]"#),
@@ -573,6 +649,39 @@ mod tests {
         assert!(line.ends_with(
             "client=[::1]:25 command=RCPT address=x@elsewhere.test code=550 enhanced=5.7.1 reason=relay_denied\n"
         ), "{line}");
+    }
+
+    #[test]
+    fn fields_come_back_whole_from_a_reused_buffer() {
+        // The second line fills the buffer the first gave back.
+        drop(message());
+        let m = MessageLine::new(
+            1,
+            ulid::Ulid::from_parts(1, 2),
+            "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
+            None,
+            "",
+            "",
+            Some(b"<a\0b@x>"),
+            ["r@x"].into_iter(),
+            1,
+            "spool",
+            true,
+        );
+        assert_eq!(m.helo(), b"");
+        assert_eq!(m.from(), b"");
+        assert_eq!(m.message_id(), Some(&b"<a\0b@x>"[..]));
+        assert_eq!(m.rcpts().collect::<Vec<_>>(), vec![&b"r@x"[..]]);
+        let mut f = Formatter::new(false, false, LogRecipients::Full);
+        let mut out = Vec::new();
+        f.message(&mut out, now(), &m);
+        let line = String::from_utf8(out).unwrap_or_default();
+        // An empty value is quoted, a NUL made visible.
+        assert!(
+            line.contains(r#" helo="" tls=none from="" rcpts=r@x "#),
+            "{line}"
+        );
+        assert!(line.contains(r#" message_id=<a\u{0}b@x> "#), "{line}");
     }
 
     #[test]

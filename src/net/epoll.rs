@@ -30,7 +30,7 @@ use super::{
 };
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket, Wake};
+use crate::sink::{Completion, CompletionQueue, PublishResult, StoredIn, Ticket, Wake};
 
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
 /// and is handed to the driver at once, which keeps only what it cannot consume yet.
@@ -165,7 +165,7 @@ struct SlotEntry {
     generation: u32,
     live: bool,
     notify: Rc<Notify>,
-    answer: Option<PublishResult>,
+    answer: Option<(PublishResult, StoredIn)>,
     /// The message this slot has with the sink, for the in-flight gauge; kept after
     /// the connection closed until the sink answers.
     flight: Option<InFlight>,
@@ -243,7 +243,7 @@ impl Reactor {
         }
     }
 
-    fn take_answer(&self, ticket: Ticket) -> Option<(PublishResult, Option<InFlight>)> {
+    fn take_answer(&self, ticket: Ticket) -> Option<((PublishResult, StoredIn), Option<InFlight>)> {
         let mut slots = self.slots.borrow_mut();
         let entry = &mut slots[ticket.slot as usize];
         let answer = entry.answer.take()?;
@@ -258,7 +258,7 @@ impl Reactor {
             self.queue.drain_into(&mut batch);
             {
                 let mut slots = self.slots.borrow_mut();
-                for (ticket, result) in batch.drain(..) {
+                for (ticket, result, stored_in) in batch.drain(..) {
                     let Some(entry) = slots.get_mut(ticket.slot as usize) else {
                         continue;
                     };
@@ -266,7 +266,7 @@ impl Reactor {
                         continue;
                     }
                     if entry.live {
-                        entry.answer = Some(result);
+                        entry.answer = Some((result, stored_in));
                         entry.notify.notify_one();
                     } else if let Some(flight) = entry.flight.take() {
                         // The connection closed while its message was with the sink.
@@ -478,11 +478,11 @@ async fn converse(
         tokio::select! {
             biased;
             () = answered.notified(), if awaiting => {
-                if let Some((result, flight)) = reactor.take_answer(ticket) {
+                if let Some(((result, stored_in), flight)) = reactor.take_answer(ticket) {
                     if let Some(flight) = flight {
                         shared.answered(flight, &result);
                     }
-                    conn.handle_publish(Instant::now(), result);
+                    conn.handle_answer(Instant::now(), result, stored_in);
                 }
             }
             changed = phase.changed(), if seen != Phase::Stop => {

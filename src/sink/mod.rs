@@ -17,7 +17,7 @@ pub mod kafka;
 pub mod null;
 pub mod spool;
 
-pub use crate::smtp::envelope::{PublishError, PublishResult};
+pub use crate::smtp::envelope::{PublishError, PublishResult, StoredIn};
 
 /// Which connection of a reactor waits for an answer. The generation tells a late
 /// answer for a connection that has since closed (and whose slot was reused) from the
@@ -37,7 +37,7 @@ pub trait Wake: Send + Sync + 'static {
 /// One reactor's inbox of sink answers. Sinks push from their own threads; the reactor
 /// takes the whole batch at once, so a burst of answers costs it one wake-up.
 pub struct CompletionQueue {
-    answers: Mutex<Vec<(Ticket, PublishResult)>>,
+    answers: Mutex<Vec<(Ticket, PublishResult, StoredIn)>>,
     waker: Box<dyn Wake>,
 }
 
@@ -49,10 +49,10 @@ impl CompletionQueue {
         })
     }
 
-    fn push(&self, ticket: Ticket, result: PublishResult) {
+    fn push(&self, ticket: Ticket, result: PublishResult, stored_in: StoredIn) {
         let was_empty = {
             let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
-            answers.push((ticket, result));
+            answers.push((ticket, result, stored_in));
             answers.len() == 1
         };
         // The reactor takes every queued answer when it wakes, so only the push that
@@ -64,7 +64,7 @@ impl CompletionQueue {
 
     /// Moves every queued answer into `into` (which the caller reuses, so this does not
     /// allocate once warm).
-    pub fn drain_into(&self, into: &mut Vec<(Ticket, PublishResult)>) {
+    pub fn drain_into(&self, into: &mut Vec<(Ticket, PublishResult, StoredIn)>) {
         let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
         into.append(&mut answers);
     }
@@ -72,7 +72,7 @@ impl CompletionQueue {
 
 /// The way back from a sink to the one connection that waits for its answer.
 #[derive(Debug)]
-pub struct Completion(Route);
+pub struct Completion(Route, StoredIn);
 
 enum Route {
     /// A reactor's connection: the answer goes to its reactor's queue.
@@ -93,19 +93,25 @@ impl std::fmt::Debug for Route {
 impl Completion {
     /// For a caller that waits for the answer on a channel (tools, tests).
     pub fn new(tx: UnboundedSender<PublishResult>) -> Self {
-        Completion(Route::Channel(tx))
+        Completion(Route::Channel(tx), StoredIn::Sink)
     }
 
     /// For a reactor: the answer is queued for `ticket` and the reactor woken.
     pub fn ticket(queue: Arc<CompletionQueue>, ticket: Ticket) -> Self {
-        Completion(Route::Ticket(queue, ticket))
+        Completion(Route::Ticket(queue, ticket), StoredIn::Sink)
+    }
+
+    /// The same way back, for a message handed on to the fallback spool: its answer
+    /// says it was stored there.
+    pub fn into_fallback(self) -> Self {
+        Completion(self.0, StoredIn::Fallback)
     }
 
     /// Delivers the answer. A connection that has gone away no longer listens; its
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {
         match self.0 {
-            Route::Ticket(queue, ticket) => queue.push(ticket, result),
+            Route::Ticket(queue, ticket) => queue.push(ticket, result, self.1),
             Route::Channel(tx) => {
                 let _ = tx.send(result);
             }

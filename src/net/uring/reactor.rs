@@ -21,7 +21,7 @@ use super::PhaseCell;
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
-use crate::sink::{Completion, CompletionQueue, PublishResult, Ticket};
+use crate::sink::{Completion, CompletionQueue, PublishResult, StoredIn, Ticket};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
@@ -150,7 +150,7 @@ pub(super) struct Reactor {
     event_buf: Box<u64>,
     event_armed: bool,
     queue: Arc<CompletionQueue>,
-    answers: Vec<(Ticket, PublishResult)>,
+    answers: Vec<(Ticket, PublishResult, StoredIn)>,
     budget: BodyBudget,
     /// Connections paused because the body budget is used up; looked at again when
     /// this reactor frees some.
@@ -583,7 +583,7 @@ impl Reactor {
             return;
         }
         let mut answers = std::mem::take(&mut self.answers);
-        for (ticket, result) in answers.drain(..) {
+        for (ticket, result, stored_in) in answers.drain(..) {
             let Some(s) = self.slots.get_mut(ticket.slot as usize) else {
                 continue;
             };
@@ -595,7 +595,7 @@ impl Reactor {
             }
             match s.conn.as_mut() {
                 Some(c) => {
-                    c.driver.handle_publish(now, result);
+                    c.driver.handle_answer(now, result, stored_in);
                     self.mark(ticket.slot);
                 }
                 None => self.release(ticket.slot),
