@@ -19,6 +19,8 @@ pub enum Event {
     Closed(ClosedLine),
     /// A `tracing` event from anywhere else in the gateway.
     Trace(TraceLine),
+    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]).
+    Batch(Vec<Event>),
     /// Write everything before this, then signal the sender (at exit).
     Flush(crossbeam_channel::Sender<()>),
 }

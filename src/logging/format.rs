@@ -388,6 +388,7 @@ impl Line<'_> {
     ) {
         self.scratch.clear();
         let mut first = true;
+        let mut list_class = 0;
         if self.json {
             self.scratch.push(b'[');
         }
@@ -404,17 +405,23 @@ impl Line<'_> {
                 self.scratch.push(b',');
             }
             first = false;
+            let mut class = classify(item);
             let escaped_copy;
-            let escaped = if needs_escaping(item) {
+            let escaped = if class & ESCAPE != 0 {
                 let mut e = Vec::with_capacity(item.len() + 8);
                 let _ = write_escaped(&mut e, item, EscapeFor::TerminalField);
                 escaped_copy = e;
+                class = classify(&escaped_copy);
                 &escaped_copy[..]
             } else {
                 item
             };
+            // What the whole list needs: the separators and `\u{2c}` add no quoting.
+            list_class |= class;
             if self.json {
-                json_str(self.scratch, escaped);
+                json_str_classified(self.scratch, escaped, class);
+            } else if class & COMMA == 0 {
+                self.scratch.extend_from_slice(escaped);
             } else {
                 // A comma inside an address (a quoted local part) is escaped so the
                 // list splits back the same way.
@@ -432,7 +439,7 @@ impl Line<'_> {
             self.scratch.push(b']');
             self.out.extend_from_slice(self.scratch);
         } else {
-            text_value(self.out, self.scratch);
+            text_value_classified(self.out, self.scratch, list_class);
         }
     }
 
@@ -445,20 +452,17 @@ impl Line<'_> {
     }
 }
 
-/// Whether [`write_escaped`] would change `v` (anything but printable ASCII without `\`).
-fn needs_escaping(v: &[u8]) -> bool {
-    classify(v) & ESCAPE != 0
-}
-
 /// [`classify`] bits: the escaper would change the byte (anything but printable ASCII,
 /// and `\`)...
 const ESCAPE: u8 = 1;
 /// ...the text format must quote a value holding it (space, `"`, `=`, controls)...
 const QUOTE: u8 = 2;
-/// ...a JSON string must escape it (`"`, `\`, controls).
+/// ...a JSON string must escape it (`"`, `\`, controls)...
 const JSON: u8 = 4;
+/// ...it is a comma (escaped inside an item of a text list).
+const COMMA: u8 = 8;
 
-/// What each byte asks of a value, so one pass over it decides all three.
+/// What each byte asks of a value, so one pass over it decides all four.
 static CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut b = 0;
@@ -472,6 +476,9 @@ static CLASS: [u8; 256] = {
         }
         if b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f {
             c |= JSON;
+        }
+        if b == b',' as usize {
+            c |= COMMA;
         }
         t[b] = c;
         b += 1;

@@ -17,6 +17,7 @@ pub mod event;
 pub mod format;
 mod writer;
 
+use std::cell::RefCell;
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -44,11 +45,107 @@ static QUEUE: OnceLock<writer::Queue> = OnceLock::new();
 /// `--log-recipients`, as the reactors need it (whether to copy the addresses).
 static RECIPIENTS: AtomicU8 = AtomicU8::new(0);
 
-/// Hands a line's fields to the writer thread; dropped (and counted) when its queue is
-/// full, and dropped silently before [`init`] (unit tests, tools).
-pub fn submit(event: Event) {
+/// Lines a reactor gathers before it hands them over as one batch (it hands over what
+/// it has sooner, whenever it is about to wait: [`flush_this_thread`]).
+const LOCAL_BATCH: usize = 64;
+
+/// A reactor thread's lines not yet handed over; `None` on other threads, which hand
+/// each line over at once.
+struct Local(Vec<Event>);
+
+impl Drop for Local {
+    /// A reactor thread that ends hands over what it still holds.
+    fn drop(&mut self) {
+        if let (Some(q), false) = (QUEUE.get(), self.0.is_empty()) {
+            q.submit(Event::Batch(std::mem::take(&mut self.0)));
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread (a reactor) gather its lines and hand them to the writer in
+/// batches: one queue operation (and at most one wake-up of the writer) for many lines
+/// instead of one each. The thread must call [`flush_this_thread`] before it waits.
+pub fn batch_this_thread() {
+    let _ = LOCAL.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            l.get_or_insert_with(|| Local(Vec::with_capacity(LOCAL_BATCH)));
+        }
+    });
+}
+
+/// Hands this thread's gathered lines to the writer; a reactor calls it before it
+/// waits for events, and at least every [`crate::metrics`] flush.
+pub fn flush_this_thread() {
+    let _ = LOCAL.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            if let Some(local) = l.as_mut() {
+                hand_over(local);
+            }
+        }
+    });
+}
+
+/// Emptied batches the writer gives back, so that a batch is never freed on a thread
+/// other than the one that allocated it (glibc then consolidates its heap, which showed
+/// as the writer's largest cost after formatting).
+static SPARE_BATCHES: OnceLock<SpareBatches> = OnceLock::new();
+
+type SpareBatches = (
+    crossbeam_channel::Sender<Vec<Event>>,
+    crossbeam_channel::Receiver<Vec<Event>>,
+);
+
+fn spare_batches() -> &'static SpareBatches {
+    SPARE_BATCHES.get_or_init(|| crossbeam_channel::bounded(256))
+}
+
+/// The writer is done with a batch's lines: the empty batch goes back for reuse.
+fn recycle_batch(batch: Vec<Event>) {
+    if batch.is_empty() && batch.capacity() == LOCAL_BATCH {
+        let _ = spare_batches().0.try_send(batch);
+    }
+}
+
+fn hand_over(local: &mut Local) {
+    if local.0.is_empty() {
+        return;
+    }
+    let fresh = spare_batches()
+        .1
+        .try_recv()
+        .unwrap_or_else(|_| Vec::with_capacity(LOCAL_BATCH));
+    let batch = std::mem::replace(&mut local.0, fresh);
     if let Some(q) = QUEUE.get() {
-        q.submit(event);
+        q.submit(Event::Batch(batch));
+    }
+}
+
+/// Hands a line's fields to the writer thread (on a reactor, into its next batch);
+/// dropped (and counted) when the writer's queue is full, and dropped silently before
+/// [`init`] (unit tests, tools).
+pub fn submit(event: Event) {
+    let Some(q) = QUEUE.get() else {
+        return;
+    };
+    let mut event = Some(event);
+    let _ = LOCAL.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            if let Some(local) = l.as_mut() {
+                if let Some(e) = event.take() {
+                    local.0.push(e);
+                }
+                if local.0.len() >= LOCAL_BATCH {
+                    hand_over(local);
+                }
+            }
+        }
+    });
+    if let Some(e) = event {
+        q.submit(e);
     }
 }
 

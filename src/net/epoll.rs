@@ -67,6 +67,8 @@ impl Reactors {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
+                // The reactor's log lines go to the writer before it sleeps.
+                .on_thread_park(crate::logging::flush_this_thread)
                 .build()
                 .map_err(NetError::Reactor)?;
             // Registers the sockets with this reactor's own I/O driver.
@@ -91,12 +93,14 @@ impl Reactors {
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-reactor-{i}"))
                 .spawn(move || {
+                    crate::logging::batch_this_thread();
                     let local = LocalSet::new();
                     let reactor = Reactor::new(shared, metrics);
                     rt.block_on(local.run_until(run(listener, reactor, phase_rx, (i, asked))));
                     // Dropping the runtime drops whatever connections are left.
                     drop(local);
                     drop(rt);
+                    crate::logging::flush_this_thread();
                 })
                 .map_err(NetError::Reactor)?;
             threads.push(handle);
@@ -345,6 +349,8 @@ async fn flush_metrics(reactor: Rc<Reactor>) {
         let mut m = reactor.metrics.borrow_mut();
         m.set_busy(busy);
         m.flush();
+        // A reactor too busy to park still hands its lines over this often.
+        crate::logging::flush_this_thread();
     }
 }
 

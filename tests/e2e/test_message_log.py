@@ -477,6 +477,25 @@ def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_p
     assert "log-recipients" in warning["settings"], warning
 
 
+def test_a_reload_turns_the_transaction_line_off_and_on(start_gateway, tmp_path):
+    """Reactors decide whether to copy a line's fields when the filter is set, so a
+    SIGHUP that changes --log-level must reach them."""
+    config = tmp_path / "smtpgw.toml"
+    config.write_text('log-level = "info"\n')
+    gw = start_gateway("--config", str(config))
+    sent = []
+    for level in ("info,smtpgw::message=warn", "info"):
+        config.write_text(f'log-level = "{level}"\n')
+        gw.send_signal(signal.SIGHUP)
+        wait_lines(gw, lambda p: "configuration reloaded" in p["message"], count=len(sent) + 1)
+        with gw.session() as w:
+            sent.append(w.deliver(make_message(f"reload-{len(sent)}")))
+        # The connection's last line is written after its transaction line would be.
+        wait_lines(gw, lambda p: p["target"] == "smtpgw::session", count=len(sent))
+    lines = wait_lines(gw, lambda p: p["target"] == "smtpgw::message")
+    assert [p["id"] for p in lines] == [sent[1]], lines
+
+
 def test_a_stalled_log_reader_costs_lines_not_mail(io_backend, tmp_path):
     """stderr is a pipe nobody reads (a stuck log shipper): the writer thread blocks, its
     queue fills, and then lines are dropped and counted while every message still gets

@@ -236,9 +236,11 @@ impl Reactor {
             warn!(reactor = self.index, error = %e, "io_uring reactor failed; its connections are dropped");
         }
         self.teardown();
+        crate::logging::flush_this_thread();
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        crate::logging::batch_this_thread();
         let mut now = Instant::now();
         loop {
             self.arm_fixed(now)?;
@@ -251,6 +253,8 @@ impl Reactor {
                 .map(|t| t.saturating_duration_since(now));
             let before_wait = Instant::now();
             self.busy += before_wait.saturating_duration_since(now);
+            // This turn's log lines go to the writer as one batch.
+            crate::logging::flush_this_thread();
             ring::submit_and_wait(&mut self.ring, wait)?;
             now = Instant::now();
 
