@@ -49,6 +49,13 @@ pub struct Formatter {
     pub hash_key: std::collections::hash_map::RandomState,
     /// The timestamp's text up to the second, and which second it is.
     second: (i64, String),
+    /// The start of the last line begun (everything up to its fields) and what it was
+    /// made from: the lines of a batch share their timestamp, so consecutive lines of
+    /// one kind start with the same bytes.
+    prefix: Vec<u8>,
+    prefix_of: Option<(chrono::DateTime<chrono::Utc>, Level)>,
+    prefix_target: String,
+    prefix_message: String,
     scratch: Vec<u8>,
 }
 
@@ -60,6 +67,10 @@ impl Formatter {
             recipients,
             hash_key: Default::default(),
             second: (i64::MIN, String::new()),
+            prefix: Vec::with_capacity(128),
+            prefix_of: None,
+            prefix_target: String::new(),
+            prefix_message: String::new(),
             scratch: Vec::with_capacity(256),
         }
     }
@@ -72,6 +83,35 @@ impl Formatter {
         target: &str,
         message: &str,
     ) -> Line<'a> {
+        // Same instant, level, target and message text: the same bytes.
+        let of = Some((now, level));
+        if self.prefix_of != of || self.prefix_target != target || self.prefix_message != message {
+            let mut prefix = std::mem::take(&mut self.prefix);
+            prefix.clear();
+            self.write_prefix(&mut prefix, now, level, target, message);
+            self.prefix = prefix;
+            self.prefix_of = of;
+            self.prefix_target.clear();
+            self.prefix_target.push_str(target);
+            self.prefix_message.clear();
+            self.prefix_message.push_str(message);
+        }
+        out.extend_from_slice(&self.prefix);
+        Line {
+            out,
+            json: self.json,
+            scratch: &mut self.scratch,
+        }
+    }
+
+    fn write_prefix(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &str,
+        message: &str,
+    ) {
         if self.journal {
             let prio = match level {
                 Level::ERROR => b"<3>",
@@ -120,11 +160,6 @@ impl Formatter {
             out.extend_from_slice(target.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(message.as_bytes());
-        }
-        Line {
-            out,
-            json: self.json,
-            scratch: &mut self.scratch,
         }
     }
 
@@ -718,6 +753,13 @@ mod tests {
             },
         );
         let line = String::from_utf8(out).unwrap_or_default();
+        // The same instant as the lines before, another kind: its own start.
+        assert!(
+            line.starts_with(
+                "2026-11-30T00:53:20.123456Z  INFO smtpgw::session: connection closed session=3 "
+            ),
+            "{line}"
+        );
         assert!(line.ends_with("ms=5 accepted=1 refused=0 bytes_in=10 bytes_out=20 ended=quit\n"));
     }
 }
