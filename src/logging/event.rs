@@ -19,8 +19,9 @@ pub enum Event {
     Closed(ClosedLine),
     /// A `tracing` event from anywhere else in the gateway.
     Trace(TraceLine),
-    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]).
-    Batch(Vec<Event>),
+    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]), and
+    /// an empty list the writer fills with their text buffers for the reactors to reuse.
+    Batch(Vec<Event>, Vec<Vec<u8>>),
     /// Write everything before this, then signal the sender (at exit).
     Flush(crossbeam_channel::Sender<()>),
 }
@@ -64,8 +65,13 @@ fn spare() -> &'static Spare {
     SPARE_TEXT.get_or_init(|| crossbeam_channel::bounded(SPARE_BUFFERS))
 }
 
-/// An empty buffer with room for `need` bytes, reused when the writer gave one back.
+/// An empty buffer with room for `need` bytes, reused when the writer gave one back:
+/// on a reactor from the buffers its batches brought back, elsewhere from the pool.
 fn take_text(need: usize) -> Vec<u8> {
+    if let Some(mut v) = super::local_text() {
+        v.reserve(need);
+        return v;
+    }
     match spare().1.try_recv() {
         Ok(mut v) => {
             v.reserve(need);
@@ -134,6 +140,13 @@ impl MessageLine {
             sink,
             error: None,
         }
+    }
+
+    /// The text buffer, emptied, for reuse (the writer, once the line is formatted).
+    pub(super) fn take_text_buffer(&mut self) -> Vec<u8> {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        text
     }
 
     fn part(&self, n: usize) -> &[u8] {

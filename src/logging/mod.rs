@@ -49,17 +49,28 @@ static RECIPIENTS: AtomicU8 = AtomicU8::new(0);
 /// it has sooner, whenever it is about to wait: [`flush_this_thread`]).
 const LOCAL_BATCH: usize = 64;
 
-/// A reactor thread's lines not yet handed over; `None` on other threads, which hand
-/// each line over at once.
-struct Local(Vec<Event>);
+/// Text buffers a reactor keeps for its next lines at most.
+const LOCAL_TEXTS: usize = 256;
+
+/// A reactor thread's lines not yet handed over, and the text buffers its batches
+/// brought back; `None` on other threads, which hand each line over at once.
+struct Local(Vec<Event>, Vec<Vec<u8>>);
 
 impl Drop for Local {
     /// A reactor thread that ends hands over what it still holds.
     fn drop(&mut self) {
         if let (Some(q), false) = (QUEUE.get(), self.0.is_empty()) {
-            q.submit(Event::Batch(std::mem::take(&mut self.0)));
+            q.submit(Event::Batch(std::mem::take(&mut self.0), Vec::new()));
         }
     }
+}
+
+/// A text buffer the writer gave back to this reactor thread, if it holds one.
+fn local_text() -> Option<Vec<u8>> {
+    LOCAL
+        .try_with(|l| l.try_borrow_mut().ok()?.as_mut()?.1.pop())
+        .ok()
+        .flatten()
 }
 
 thread_local! {
@@ -72,7 +83,12 @@ thread_local! {
 pub fn batch_this_thread() {
     let _ = LOCAL.try_with(|l| {
         if let Ok(mut l) = l.try_borrow_mut() {
-            l.get_or_insert_with(|| Local(Vec::with_capacity(LOCAL_BATCH)));
+            l.get_or_insert_with(|| {
+                Local(
+                    Vec::with_capacity(LOCAL_BATCH),
+                    Vec::with_capacity(LOCAL_TEXTS),
+                )
+            });
         }
     });
 }
@@ -95,18 +111,19 @@ pub fn flush_this_thread() {
 static SPARE_BATCHES: OnceLock<SpareBatches> = OnceLock::new();
 
 type SpareBatches = (
-    crossbeam_channel::Sender<Vec<Event>>,
-    crossbeam_channel::Receiver<Vec<Event>>,
+    crossbeam_channel::Sender<(Vec<Event>, Vec<Vec<u8>>)>,
+    crossbeam_channel::Receiver<(Vec<Event>, Vec<Vec<u8>>)>,
 );
 
 fn spare_batches() -> &'static SpareBatches {
     SPARE_BATCHES.get_or_init(|| crossbeam_channel::bounded(256))
 }
 
-/// The writer is done with a batch's lines: the empty batch goes back for reuse.
-fn recycle_batch(batch: Vec<Event>) {
+/// The writer is done with a batch's lines: the empty batch goes back for reuse, with
+/// the lines' text buffers.
+fn recycle_batch(batch: Vec<Event>, texts: Vec<Vec<u8>>) {
     if batch.is_empty() && batch.capacity() == LOCAL_BATCH {
-        let _ = spare_batches().0.try_send(batch);
+        let _ = spare_batches().0.try_send((batch, texts));
     }
 }
 
@@ -114,13 +131,19 @@ fn hand_over(local: &mut Local) {
     if local.0.is_empty() {
         return;
     }
-    let fresh = spare_batches()
-        .1
-        .try_recv()
-        .unwrap_or_else(|_| Vec::with_capacity(LOCAL_BATCH));
+    let (fresh, mut texts) = spare_batches().1.try_recv().unwrap_or_else(|_| {
+        (
+            Vec::with_capacity(LOCAL_BATCH),
+            Vec::with_capacity(LOCAL_BATCH),
+        )
+    });
+    // The buffers come back to this thread; the list goes out again to carry the next.
+    let room = LOCAL_TEXTS.saturating_sub(local.1.len());
+    local.1.extend(texts.drain(..).take(room));
+    texts.clear();
     let batch = std::mem::replace(&mut local.0, fresh);
     if let Some(q) = QUEUE.get() {
-        q.submit(Event::Batch(batch));
+        q.submit(Event::Batch(batch, texts));
     }
 }
 

@@ -60,7 +60,7 @@ impl Queue {
     /// the queue is full. Never blocks.
     pub fn submit(&self, event: Event) {
         let lines = match &event {
-            Event::Batch(b) => b.len(),
+            Event::Batch(b, _) => b.len(),
             _ => 1,
         };
         if self.queued.fetch_add(lines, Ordering::Relaxed) + lines > QUEUE_LINES {
@@ -159,7 +159,7 @@ impl Writer {
         flushed: &mut Vec<Sender<()>>,
     ) {
         let lines = match &e {
-            Event::Batch(b) => b.len(),
+            Event::Batch(b, _) => b.len(),
             _ => 1,
         };
         self.queued.fetch_sub(lines, Ordering::Relaxed);
@@ -173,11 +173,20 @@ impl Writer {
         flushed: &mut Vec<Sender<()>>,
     ) {
         match e {
-            Event::Batch(mut batch) => {
+            Event::Batch(mut batch, mut texts) => {
                 for e in batch.drain(..) {
-                    self.line(e, now, flushed);
+                    match e {
+                        Event::Message(mut m) => {
+                            self.fmt.message(&mut self.out, now, &m);
+                            let text = m.take_text_buffer();
+                            if texts.len() < texts.capacity() && text.capacity() <= 4096 {
+                                texts.push(text);
+                            }
+                        }
+                        e => self.line(e, now, flushed),
+                    }
                 }
-                super::recycle_batch(batch);
+                super::recycle_batch(batch, texts);
             }
             Event::Message(m) => self.fmt.message(&mut self.out, now, &m),
             Event::Refusal(r) => {
