@@ -37,7 +37,7 @@ use rustls::ServerConnection;
 
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
-use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session};
+use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session, StoredIn};
 use crate::smtp::{Refusal, SessionConfig, SessionEvent, SessionStats};
 
 pub use edge::{Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
@@ -66,6 +66,10 @@ pub const MAX_HANDSHAKE_INPUT: usize = 8 * 1024;
 /// The most a backend should read at once between commands (see
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
+
+/// The transaction line's `sink` for a message the Kafka sink stored in its fallback
+/// spool.
+pub const SINK_FALLBACK: &str = "spool-fallback";
 
 /// Session ids: one per connection, in every log line of that connection and in every
 /// record it publishes (`smtp.session`).
@@ -1047,8 +1051,13 @@ impl Connection {
         self.in_flight.is_some()
     }
 
-    /// The sink's answer for the message taken last.
+    /// The sink's answer for the message taken last, stored in the sink's own store.
     pub fn handle_publish(&mut self, now: Instant, result: PublishResult) {
+        self.handle_answer(now, result, StoredIn::Sink);
+    }
+
+    /// The sink's answer for the message taken last, and where the sink stored it.
+    pub fn handle_answer(&mut self, now: Instant, result: PublishResult, stored_in: StoredIn) {
         let Some(mut flight) = self.in_flight.take() else {
             debug_assert!(false, "handle_publish without a message in flight");
             return;
@@ -1056,7 +1065,7 @@ impl Connection {
         self.seen(now);
         self.budget.answered_by_sink(flight.charged);
         self.samples.publish = Some(now.saturating_duration_since(flight.since));
-        self.log_transaction(now, &mut flight, &result);
+        self.log_transaction(now, &mut flight, &result, stored_in);
         if result.is_ok() {
             self.samples.stored_size = Some(flight.body_len);
             self.record.accepted += 1;
@@ -1306,7 +1315,13 @@ impl Connection {
 
     /// The transaction line of a message the sink answered: its fields go to the log
     /// writer, which formats them (see [`crate::logging`]).
-    fn log_transaction(&self, now: Instant, flight: &mut InFlight, result: &PublishResult) {
+    fn log_transaction(
+        &self,
+        now: Instant,
+        flight: &mut InFlight,
+        result: &PublishResult,
+        stored_in: StoredIn,
+    ) {
         let Some(mut line) = flight.line.take() else {
             return;
         };
@@ -1319,6 +1334,10 @@ impl Connection {
         line.code = code;
         line.ms = now.saturating_duration_since(flight.body_since).as_millis() as u64;
         line.error = error.map(ToString::to_string);
+        if stored_in == StoredIn::Fallback {
+            // The fallback spool answered (Kafka had failed the message).
+            line.sink = SINK_FALLBACK;
+        }
         logging::submit(logging::Event::Message(line));
     }
 

@@ -19,21 +19,26 @@ pub enum Event {
     Closed(ClosedLine),
     /// A `tracing` event from anywhere else in the gateway.
     Trace(TraceLine),
+    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]), and
+    /// an empty list the writer fills with their text buffers for the reactors to reuse.
+    Batch(Vec<Event>, Vec<Vec<u8>>),
     /// Write everything before this, then signal the sender (at exit).
     Flush(crossbeam_channel::Sender<()>),
 }
 
 /// A message's transaction line: from its hand-off to the sink to the sink's answer.
-/// The client's text (HELO, sender, recipients, Message-ID) is in one buffer, so the
-/// line costs the reactor a single allocation.
+/// The client's text (HELO, sender, Message-ID, recipients) is in one buffer, so the
+/// line costs the reactor at most one allocation, and none once the writer has handed
+/// buffers back ([`take_text`]).
 pub struct MessageLine {
     pub session: u64,
     pub id: MessageId,
     pub client: SocketAddr,
     pub tls: Option<&'static str>,
-    /// helo, from, message-id, then each recipient, each ended by NUL (no address can
-    /// carry a NUL; a Message-ID's NULs are cut off when it is copied).
+    /// helo, from and message-id back to back (their ends in `ends`), then each
+    /// recipient ended by NUL (no address can carry a NUL).
     text: Vec<u8>,
+    ends: [u32; 3],
     pub has_message_id: bool,
     pub rcpt_count: usize,
     pub size: usize,
@@ -43,6 +48,50 @@ pub struct MessageLine {
     pub error: Option<String>,
     /// The user the session authenticated as (SMTP AUTH), if it did.
     pub auth: Option<std::sync::Arc<str>>,
+}
+
+/// Text buffers the writer has finished with, for the reactors to fill again: a line
+/// then costs a reactor no allocation, and no buffer is freed on a thread other than
+/// the one that allocated it (which glibc's allocator makes slow on both sides).
+static SPARE_TEXT: std::sync::OnceLock<Spare> = std::sync::OnceLock::new();
+/// Buffers kept for reuse at most, and the largest kept.
+const SPARE_BUFFERS: usize = 4096;
+const SPARE_CAPACITY: usize = 4096;
+
+type Spare = (
+    crossbeam_channel::Sender<Vec<u8>>,
+    crossbeam_channel::Receiver<Vec<u8>>,
+);
+
+fn spare() -> &'static Spare {
+    SPARE_TEXT.get_or_init(|| crossbeam_channel::bounded(SPARE_BUFFERS))
+}
+
+/// An empty buffer with room for `need` bytes, reused when the writer gave one back:
+/// on a reactor from the buffers its batches brought back, elsewhere from the pool.
+fn take_text(need: usize) -> Vec<u8> {
+    if let Some(mut v) = super::local_text() {
+        v.reserve(need);
+        return v;
+    }
+    match spare().1.try_recv() {
+        Ok(mut v) => {
+            v.reserve(need);
+            v
+        }
+        Err(_) => Vec::with_capacity(need.max(256)),
+    }
+}
+
+impl Drop for MessageLine {
+    /// The writer drops a line once it is formatted: its buffer goes back for reuse.
+    fn drop(&mut self) {
+        let mut text = std::mem::take(&mut self.text);
+        if text.capacity() > 0 && text.capacity() <= SPARE_CAPACITY {
+            text.clear();
+            let _ = spare().0.try_send(text);
+        }
+    }
 }
 
 impl MessageLine {
@@ -61,17 +110,17 @@ impl MessageLine {
         with_rcpts: bool,
     ) -> MessageLine {
         let rcpt_count = rcpts.len();
-        let mut text = Vec::with_capacity(
-            helo.len() + from.len() + message_id.map_or(0, <[u8]>::len) + 8 + 32 * rcpt_count,
+        let mut text = take_text(
+            helo.len() + from.len() + message_id.map_or(0, <[u8]>::len) + 32 * rcpt_count,
         );
         text.extend_from_slice(helo.as_bytes());
-        text.push(0);
+        let helo_end = text.len() as u32;
         text.extend_from_slice(from.as_bytes());
-        text.push(0);
+        let from_end = text.len() as u32;
         if let Some(m) = message_id {
-            text.extend(m.iter().copied().filter(|&b| b != 0));
+            text.extend_from_slice(m);
         }
-        text.push(0);
+        let mid_end = text.len() as u32;
         if with_rcpts {
             for r in rcpts {
                 text.extend_from_slice(r.as_bytes());
@@ -84,6 +133,7 @@ impl MessageLine {
             client,
             tls,
             text,
+            ends: [helo_end, from_end, mid_end],
             has_message_id: message_id.is_some(),
             rcpt_count,
             size,
@@ -95,8 +145,18 @@ impl MessageLine {
         }
     }
 
+    /// The text buffer, emptied, for reuse (the writer, once the line is formatted).
+    pub(super) fn take_text_buffer(&mut self) -> Vec<u8> {
+        let mut text = std::mem::take(&mut self.text);
+        text.clear();
+        text
+    }
+
     fn part(&self, n: usize) -> &[u8] {
-        self.text.split(|&b| b == 0).nth(n).unwrap_or_default()
+        let start = if n == 0 { 0 } else { self.ends[n - 1] as usize };
+        self.text
+            .get(start..self.ends[n] as usize)
+            .unwrap_or_default()
     }
 
     pub fn helo(&self) -> &[u8] {
@@ -113,7 +173,8 @@ impl MessageLine {
 
     /// The recipients, when they were copied (not with `--log-recipients count`).
     pub fn rcpts(&self) -> impl Iterator<Item = &[u8]> {
-        let mut parts = self.text.split(|&b| b == 0).skip(3);
+        let rest = self.text.get(self.ends[2] as usize..).unwrap_or_default();
+        let mut parts = rest.split(|&b| b == 0);
         // The buffer ends with a NUL, which leaves one empty piece at the end.
         std::iter::from_fn(move || parts.next().filter(|p| !p.is_empty()))
     }

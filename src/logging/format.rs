@@ -49,6 +49,13 @@ pub struct Formatter {
     pub hash_key: std::collections::hash_map::RandomState,
     /// The timestamp's text up to the second, and which second it is.
     second: (i64, String),
+    /// The start of the last line begun (everything up to its fields) and what it was
+    /// made from: the lines of a batch share their timestamp, so consecutive lines of
+    /// one kind start with the same bytes.
+    prefix: Vec<u8>,
+    prefix_of: Option<(chrono::DateTime<chrono::Utc>, Level)>,
+    prefix_target: String,
+    prefix_message: String,
     scratch: Vec<u8>,
 }
 
@@ -60,6 +67,10 @@ impl Formatter {
             recipients,
             hash_key: Default::default(),
             second: (i64::MIN, String::new()),
+            prefix: Vec::with_capacity(128),
+            prefix_of: None,
+            prefix_target: String::new(),
+            prefix_message: String::new(),
             scratch: Vec::with_capacity(256),
         }
     }
@@ -72,6 +83,35 @@ impl Formatter {
         target: &str,
         message: &str,
     ) -> Line<'a> {
+        // Same instant, level, target and message text: the same bytes.
+        let of = Some((now, level));
+        if self.prefix_of != of || self.prefix_target != target || self.prefix_message != message {
+            let mut prefix = std::mem::take(&mut self.prefix);
+            prefix.clear();
+            self.write_prefix(&mut prefix, now, level, target, message);
+            self.prefix = prefix;
+            self.prefix_of = of;
+            self.prefix_target.clear();
+            self.prefix_target.push_str(target);
+            self.prefix_message.clear();
+            self.prefix_message.push_str(message);
+        }
+        out.extend_from_slice(&self.prefix);
+        Line {
+            out,
+            json: self.json,
+            scratch: &mut self.scratch,
+        }
+    }
+
+    fn write_prefix(
+        &mut self,
+        out: &mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &str,
+        message: &str,
+    ) {
         if self.journal {
             let prio = match level {
                 Level::ERROR => b"<3>",
@@ -120,11 +160,6 @@ impl Formatter {
             out.extend_from_slice(target.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(message.as_bytes());
-        }
-        Line {
-            out,
-            json: self.json,
-            scratch: &mut self.scratch,
         }
     }
 
@@ -276,6 +311,7 @@ struct Line<'a> {
 }
 
 impl Line<'_> {
+    #[inline(always)]
     fn key(&mut self, name: &str) {
         if self.json {
             self.out.extend_from_slice(b",\"");
@@ -288,6 +324,7 @@ impl Line<'_> {
         }
     }
 
+    #[inline(always)]
     fn num(&mut self, name: &str, n: u64) {
         self.key(name);
         let mut buf = itoa_buf(n);
@@ -302,6 +339,7 @@ impl Line<'_> {
     }
 
     /// Our own text, known to need no escaping (labels, versions, ids).
+    #[inline(always)]
     fn plain(&mut self, name: &str, v: &str) {
         self.key(name);
         if self.json {
@@ -322,29 +360,55 @@ impl Line<'_> {
         }
     }
 
+    #[inline(always)]
     fn addr(&mut self, name: &str, a: SocketAddr) {
-        self.display(name, &a);
+        let SocketAddr::V4(v4) = a else {
+            return self.display(name, &a);
+        };
+        // The common case without the formatting machinery: digits, dots and a colon,
+        // which need no quoting in either format.
+        self.key(name);
+        if self.json {
+            self.out.push(b'"');
+        }
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            self.out
+                .extend_from_slice(itoa_buf(u64::from(octet)).as_slice());
+        }
+        self.out.push(b':');
+        self.out
+            .extend_from_slice(itoa_buf(u64::from(v4.port())).as_slice());
+        if self.json {
+            self.out.push(b'"');
+        }
     }
 
     /// Client text: escaped first, then quoted as the format needs.
+    #[inline(always)]
     fn client_text(&mut self, name: &str, v: &[u8]) {
         self.key(name);
+        let class = classify(v);
         // Plain printable ASCII is what the escaper leaves as it is: skip the copy.
-        let v = if needs_escaping(v) {
+        if class & ESCAPE != 0 {
             self.scratch.clear();
             let _ = write_escaped(self.scratch, v, EscapeFor::TerminalField);
-            &self.scratch[..]
+            if self.json {
+                json_str(self.out, self.scratch);
+            } else {
+                text_value(self.out, self.scratch);
+            }
+        } else if self.json {
+            json_str_classified(self.out, v, class);
         } else {
-            v
-        };
-        if self.json {
-            json_str(self.out, v);
-        } else {
-            text_value(self.out, v);
+            text_value_classified(self.out, v, class);
         }
     }
 
     /// The message id, without the formatting machinery.
+    #[inline(always)]
     fn ulid(&mut self, name: &str, id: &crate::smtp::MessageId) {
         self.key(name);
         let mut buf = [0u8; ulid::ULID_LEN];
@@ -365,6 +429,7 @@ impl Line<'_> {
     ) {
         self.scratch.clear();
         let mut first = true;
+        let mut list_class = 0;
         if self.json {
             self.scratch.push(b'[');
         }
@@ -381,17 +446,23 @@ impl Line<'_> {
                 self.scratch.push(b',');
             }
             first = false;
+            let mut class = classify(item);
             let escaped_copy;
-            let escaped = if needs_escaping(item) {
+            let escaped = if class & ESCAPE != 0 {
                 let mut e = Vec::with_capacity(item.len() + 8);
                 let _ = write_escaped(&mut e, item, EscapeFor::TerminalField);
                 escaped_copy = e;
+                class = classify(&escaped_copy);
                 &escaped_copy[..]
             } else {
                 item
             };
+            // What the whole list needs: the separators and `\u{2c}` add no quoting.
+            list_class |= class;
             if self.json {
-                json_str(self.scratch, escaped);
+                json_str_classified(self.scratch, escaped, class);
+            } else if class & COMMA == 0 {
+                self.scratch.extend_from_slice(escaped);
             } else {
                 // A comma inside an address (a quoted local part) is escaped so the
                 // list splits back the same way.
@@ -409,7 +480,7 @@ impl Line<'_> {
             self.scratch.push(b']');
             self.out.extend_from_slice(self.scratch);
         } else {
-            text_value(self.out, self.scratch);
+            text_value_classified(self.out, self.scratch, list_class);
         }
     }
 
@@ -422,9 +493,43 @@ impl Line<'_> {
     }
 }
 
-/// Whether [`write_escaped`] would change `v` (anything but printable ASCII without `\`).
-fn needs_escaping(v: &[u8]) -> bool {
-    !v.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+/// [`classify`] bits: the escaper would change the byte (anything but printable ASCII,
+/// and `\`)...
+const ESCAPE: u8 = 1;
+/// ...the text format must quote a value holding it (space, `"`, `=`, controls)...
+const QUOTE: u8 = 2;
+/// ...a JSON string must escape it (`"`, `\`, controls)...
+const JSON: u8 = 4;
+/// ...it is a comma (escaped inside an item of a text list).
+const COMMA: u8 = 8;
+
+/// What each byte asks of a value, so one pass over it decides all four.
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut c = 0;
+        if b < 0x20 || b >= 0x7f || b == b'\\' as usize {
+            c |= ESCAPE;
+        }
+        if b <= b' ' as usize || b == b'"' as usize || b == b'=' as usize || b == 0x7f {
+            c |= QUOTE;
+        }
+        if b < 0x20 || b == b'"' as usize || b == b'\\' as usize || b == 0x7f {
+            c |= JSON;
+        }
+        if b == b',' as usize {
+            c |= COMMA;
+        }
+        t[b] = c;
+        b += 1;
+    }
+    t
+};
+
+/// The union of the [`CLASS`] bits of `v`'s bytes.
+fn classify(v: &[u8]) -> u8 {
+    v.iter().fold(0, |acc, &b| acc | CLASS[usize::from(b)])
 }
 
 /// Decimal digits of `n` without the formatting machinery.
@@ -461,10 +566,12 @@ impl SmallDigits {
 /// A text value: as is when it is one plain token, else in double quotes with `"`
 /// escaped (backslashes are already escaped by `write_escaped`).
 fn text_value(out: &mut Vec<u8>, v: &[u8]) {
-    let plain = !v.is_empty()
-        && v.iter()
-            .all(|&b| b > b' ' && b != b'"' && b != b'=' && b != 0x7f);
-    if plain {
+    text_value_classified(out, v, classify(v));
+}
+
+/// [`text_value`] of a value already [`classify`]d.
+fn text_value_classified(out: &mut Vec<u8>, v: &[u8], class: u8) {
+    if !v.is_empty() && class & QUOTE == 0 {
         out.extend_from_slice(v);
         return;
     }
@@ -482,7 +589,17 @@ fn text_value(out: &mut Vec<u8>, v: &[u8]) {
 
 /// A JSON string. `v` is UTF-8 (escaped client text or our own).
 pub fn json_str(out: &mut Vec<u8>, v: &[u8]) {
+    json_str_classified(out, v, classify(v));
+}
+
+/// [`json_str`] of a value already [`classify`]d.
+fn json_str_classified(out: &mut Vec<u8>, v: &[u8], class: u8) {
     out.push(b'"');
+    if class & JSON == 0 {
+        out.extend_from_slice(v);
+        out.push(b'"');
+        return;
+    }
     for &b in v {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -536,6 +653,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap_or_default();
         assert!(text.ends_with("}}\n"), "{text}");
         assert!(text.contains(r#""helo":"mx.test""#), "{text}");
+        assert!(text.contains(r#""client":"192.0.2.1:4000""#), "{text}");
         assert!(text.contains(r#""from":"a\"b c@x.org""#), "{text}");
         assert!(
             text.contains(r#""rcpts":["r1@example.com","r,2@example.com"]"#),
@@ -583,6 +701,39 @@ mod tests {
     }
 
     #[test]
+    fn fields_come_back_whole_from_a_reused_buffer() {
+        // The second line fills the buffer the first gave back.
+        drop(message());
+        let m = MessageLine::new(
+            1,
+            ulid::Ulid::from_parts(1, 2),
+            "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
+            None,
+            "",
+            "",
+            Some(b"<a\0b@x>"),
+            ["r@x"].into_iter(),
+            1,
+            "spool",
+            true,
+        );
+        assert_eq!(m.helo(), b"");
+        assert_eq!(m.from(), b"");
+        assert_eq!(m.message_id(), Some(&b"<a\0b@x>"[..]));
+        assert_eq!(m.rcpts().collect::<Vec<_>>(), vec![&b"r@x"[..]]);
+        let mut f = Formatter::new(false, false, LogRecipients::Full);
+        let mut out = Vec::new();
+        f.message(&mut out, now(), &m);
+        let line = String::from_utf8(out).unwrap_or_default();
+        // An empty value is quoted, a NUL made visible.
+        assert!(
+            line.contains(r#" helo="" tls=none from="" rcpts=r@x "#),
+            "{line}"
+        );
+        assert!(line.contains(r#" message_id=<a\u{0}b@x> "#), "{line}");
+    }
+
+    #[test]
     fn hashed_recipients_are_stable_and_unreadable() {
         let mut f = Formatter::new(false, false, LogRecipients::Hash);
         let mut a = Vec::new();
@@ -609,6 +760,13 @@ mod tests {
             },
         );
         let line = String::from_utf8(out).unwrap_or_default();
+        // The same instant as the lines before, another kind: its own start.
+        assert!(
+            line.starts_with(
+                "2026-11-30T00:53:20.123456Z  INFO smtpgw::session: connection closed session=3 "
+            ),
+            "{line}"
+        );
         assert!(line.ends_with("ms=5 accepted=1 refused=0 bytes_in=10 bytes_out=20 ended=quit\n"));
     }
 }

@@ -32,7 +32,7 @@ use super::{
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{
-    auth_completion, Answer, Completion, CompletionQueue, PublishResult, Ticket, Wake,
+    auth_completion, Answer, Completion, CompletionQueue, PublishResult, StoredIn, Ticket, Wake,
 };
 use crate::smtp::auth::AuthVerdict;
 
@@ -71,6 +71,8 @@ impl Reactors {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
                 .enable_time()
+                // The reactor's log lines go to the writer before it sleeps.
+                .on_thread_park(crate::logging::flush_this_thread)
                 .build()
                 .map_err(NetError::Reactor)?;
             // Registers the sockets with this reactor's own I/O driver.
@@ -95,12 +97,14 @@ impl Reactors {
             let handle = std::thread::Builder::new()
                 .name(format!("smtpgw-reactor-{i}"))
                 .spawn(move || {
+                    crate::logging::batch_this_thread();
                     let local = LocalSet::new();
                     let reactor = Reactor::new(shared, metrics);
                     rt.block_on(local.run_until(run(listener, reactor, phase_rx, (i, asked))));
                     // Dropping the runtime drops whatever connections are left.
                     drop(local);
                     drop(rt);
+                    crate::logging::flush_this_thread();
                 })
                 .map_err(NetError::Reactor)?;
             threads.push(handle);
@@ -169,7 +173,7 @@ struct SlotEntry {
     generation: u32,
     live: bool,
     notify: Rc<Notify>,
-    answer: Option<PublishResult>,
+    answer: Option<(PublishResult, StoredIn)>,
     /// The AUTH verifier's answer it waits for.
     auth: Option<AuthVerdict>,
     /// The message this slot has with the sink, for the in-flight gauge; kept after
@@ -256,7 +260,7 @@ impl Reactor {
         self.slots.borrow_mut()[ticket.slot as usize].auth.take()
     }
 
-    fn take_answer(&self, ticket: Ticket) -> Option<(PublishResult, Option<InFlight>)> {
+    fn take_answer(&self, ticket: Ticket) -> Option<((PublishResult, StoredIn), Option<InFlight>)> {
         let mut slots = self.slots.borrow_mut();
         let entry = &mut slots[ticket.slot as usize];
         let answer = entry.answer.take()?;
@@ -278,8 +282,8 @@ impl Reactor {
                     if entry.generation != ticket.generation {
                         continue;
                     }
-                    let result = match answer {
-                        Answer::Publish(result) => result,
+                    let (result, stored_in) = match answer {
+                        Answer::Publish(result, stored_in) => (result, stored_in),
                         Answer::Auth(verdict) => {
                             if entry.live {
                                 entry.auth = Some(verdict);
@@ -289,7 +293,7 @@ impl Reactor {
                         }
                     };
                     if entry.live {
-                        entry.answer = Some(result);
+                        entry.answer = Some((result, stored_in));
                         entry.notify.notify_one();
                     } else if let Some(flight) = entry.flight.take() {
                         // The connection closed while its message was with the sink.
@@ -368,6 +372,8 @@ async fn flush_metrics(reactor: Rc<Reactor>) {
         let mut m = reactor.metrics.borrow_mut();
         m.set_busy(busy);
         m.flush();
+        // A reactor too busy to park still hands its lines over this often.
+        crate::logging::flush_this_thread();
     }
 }
 
@@ -511,11 +517,11 @@ async fn converse(
                 if let Some(verdict) = reactor.take_auth(ticket) {
                     conn.handle_auth(Instant::now(), verdict);
                 }
-                if let Some((result, flight)) = reactor.take_answer(ticket) {
+                if let Some(((result, stored_in), flight)) = reactor.take_answer(ticket) {
                     if let Some(flight) = flight {
                         shared.answered(flight, &result);
                     }
-                    conn.handle_publish(Instant::now(), result);
+                    conn.handle_answer(Instant::now(), result, stored_in);
                 }
             }
             changed = phase.changed(), if seen != Phase::Stop => {

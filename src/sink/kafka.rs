@@ -408,7 +408,7 @@ impl Answer {
                 (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
                     tracing::debug!(id = %msg.id, %why, "kafka failed the message; storing it in the fallback spool");
                     shared.stored_in_fallback(&why);
-                    fallback.submit(msg, done);
+                    fallback.submit(msg, done.into_fallback());
                 }
                 (result, _, fallback) => {
                     if result.is_ok() && fallback.is_some() {

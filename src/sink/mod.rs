@@ -18,7 +18,7 @@ pub mod kafka;
 pub mod null;
 pub mod spool;
 
-pub use crate::smtp::envelope::{PublishError, PublishResult};
+pub use crate::smtp::envelope::{PublishError, PublishResult, StoredIn};
 
 /// Which connection of a reactor waits for an answer. The generation tells a late
 /// answer for a connection that has since closed (and whose slot was reused) from the
@@ -39,7 +39,8 @@ pub trait Wake: Send + Sync + 'static {
 /// message, or the AUTH verifier's for its credentials (`crate::auth`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
-    Publish(PublishResult),
+    /// With where the message went (the transaction line's `sink=`).
+    Publish(PublishResult, StoredIn),
     Auth(AuthVerdict),
 }
 
@@ -91,7 +92,7 @@ pub fn auth_completion(
 
 /// The way back from a sink to the one connection that waits for its answer.
 #[derive(Debug)]
-pub struct Completion(Route);
+pub struct Completion(Route, StoredIn);
 
 enum Route {
     /// A reactor's connection: the answer goes to its reactor's queue.
@@ -112,19 +113,25 @@ impl std::fmt::Debug for Route {
 impl Completion {
     /// For a caller that waits for the answer on a channel (tools, tests).
     pub fn new(tx: UnboundedSender<PublishResult>) -> Self {
-        Completion(Route::Channel(tx))
+        Completion(Route::Channel(tx), StoredIn::Sink)
     }
 
     /// For a reactor: the answer is queued for `ticket` and the reactor woken.
     pub fn ticket(queue: Arc<CompletionQueue>, ticket: Ticket) -> Self {
-        Completion(Route::Ticket(queue, ticket))
+        Completion(Route::Ticket(queue, ticket), StoredIn::Sink)
+    }
+
+    /// The same way back, for a message handed on to the fallback spool: its answer
+    /// says it was stored there.
+    pub fn into_fallback(self) -> Self {
+        Completion(self.0, StoredIn::Fallback)
     }
 
     /// Delivers the answer. A connection that has gone away no longer listens; its
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {
         match self.0 {
-            Route::Ticket(queue, ticket) => queue.push(ticket, Answer::Publish(result)),
+            Route::Ticket(queue, ticket) => queue.push(ticket, Answer::Publish(result, self.1)),
             Route::Channel(tx) => {
                 let _ = tx.send(result);
             }

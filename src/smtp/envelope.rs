@@ -38,6 +38,16 @@ pub enum PublishError {
 
 pub type PublishResult = Result<MessageId, PublishError>;
 
+/// Where a sink stored a message it answered for: its own store, or (the Kafka sink's
+/// store-and-forward) the fallback spool. The transaction line names it
+/// (`sink=spool-fallback`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoredIn {
+    #[default]
+    Sink,
+    Fallback,
+}
+
 /// The command that opened the transaction (RFC 821 keeps SEND, SOML and SAML).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {

@@ -17,7 +17,9 @@ pub mod stats;
 
 pub use address::AcceptDomains;
 pub use data::BareLfPolicy;
-pub use envelope::{Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage};
+pub use envelope::{
+    Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage, StoredIn,
+};
 pub use refusal::Refusal;
 pub use session::{Session, SessionConfig, SessionEvent};
 pub use stats::SessionStats;

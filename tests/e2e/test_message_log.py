@@ -412,6 +412,57 @@ def test_sink_refusals_and_their_transaction_lines(start_gateway):
     assert refusal_metric(spool, "storage_full") >= 1
 
 
+def test_a_message_stored_in_the_fallback_spool_says_so(start_gateway, tmp_path):
+    """Kafka sink, nothing listening at the broker's address, --spool-fallback: the
+    message gets 250 from the fallback spool, and its transaction line names that
+    (`sink=spool-fallback`), not Kafka."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    spool = tmp_path / "fallback"
+    gw = start_gateway(
+        spool_dir=spool,
+        sink=(
+            "--sink", "kafka", "--kafka-brokers", f"127.0.0.1:{port}", "--publish-timeout", "1s",
+            "--spool-fallback", "--spool-dir", str(spool),
+        ),
+    )
+    with gw.session() as w:
+        qid = w.deliver(make_message("fallback"))
+    [tx] = wait_lines(gw, lambda p: p["target"] == "smtpgw::message")
+    assert tx["level"] == "INFO" and int(tx["code"]) == 250, tx
+    assert tx["id"] == qid and tx["sink"] == "spool-fallback", tx
+    assert "error" not in tx, tx
+    assert qid in gw.spool_ids()
+
+
+def test_body_memory_refusal(start_gateway):
+    """One reactor whose body memory budget two partial bodies spend: a new transaction
+    is refused with 451 4.3.1, its line's reason word the metric's label."""
+    gw = start_gateway("--reactors", "1", "--max-message-size", "10K", "--max-body-memory", "10K")
+    with gw.session() as a, gw.session() as b, gw.session() as c:
+        for w in (a, b):
+            w.envelope()
+            w.expect("DATA", "354")
+            w.send(b"Subject: held\r\n\r\n" + b"x" * 7000 + b"\r\n")
+        # Both partial bodies are read (and charged) before the third client asks.
+        deadline = time.monotonic() + 10
+        while True:
+            reply = c.cmd("MAIL FROM:<m@b.example>")
+            if reply.text.startswith("451") or time.monotonic() > deadline:
+                break
+            c.expect("RSET", "250")
+            time.sleep(0.05)
+        assert_reply(reply, "451 4.3.1")
+        for w in (a, b):
+            w.send(b".\r\n")
+            assert_reply(w.reply(), "250")
+    line = refusals(gw, "body_memory")[0]
+    assert line["command"] == "MAIL" and line["address"] == "m@b.example", line
+    assert line["code"] in ("451", 451) and line["enhanced"] == "4.3.1", line
+    assert refusal_metric(gw, "body_memory") >= 1
+
+
 def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_path):
     config = tmp_path / "smtpgw.toml"
     config.write_text('log-recipients = "count"\n')
@@ -424,6 +475,25 @@ def test_log_recipients_from_the_file_and_only_at_a_restart(start_gateway, tmp_p
     gw.send_signal(signal.SIGHUP)
     [warning] = wait_lines(gw, lambda p: "only change at a restart" in p["message"])
     assert "log-recipients" in warning["settings"], warning
+
+
+def test_a_reload_turns_the_transaction_line_off_and_on(start_gateway, tmp_path):
+    """Reactors decide whether to copy a line's fields when the filter is set, so a
+    SIGHUP that changes --log-level must reach them."""
+    config = tmp_path / "smtpgw.toml"
+    config.write_text('log-level = "info"\n')
+    gw = start_gateway("--config", str(config))
+    sent = []
+    for level in ("info,smtpgw::message=warn", "info"):
+        config.write_text(f'log-level = "{level}"\n')
+        gw.send_signal(signal.SIGHUP)
+        wait_lines(gw, lambda p: "configuration reloaded" in p["message"], count=len(sent) + 1)
+        with gw.session() as w:
+            sent.append(w.deliver(make_message(f"reload-{len(sent)}")))
+        # The connection's last line is written after its transaction line would be.
+        wait_lines(gw, lambda p: p["target"] == "smtpgw::session", count=len(sent))
+    lines = wait_lines(gw, lambda p: p["target"] == "smtpgw::message")
+    assert [p["id"] for p in lines] == [sent[1]], lines
 
 
 def test_a_stalled_log_reader_costs_lines_not_mail(io_backend, tmp_path):

@@ -236,9 +236,11 @@ impl Reactor {
             warn!(reactor = self.index, error = %e, "io_uring reactor failed; its connections are dropped");
         }
         self.teardown();
+        crate::logging::flush_this_thread();
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        crate::logging::batch_this_thread();
         let mut now = Instant::now();
         loop {
             self.arm_fixed(now)?;
@@ -251,6 +253,8 @@ impl Reactor {
                 .map(|t| t.saturating_duration_since(now));
             let before_wait = Instant::now();
             self.busy += before_wait.saturating_duration_since(now);
+            // This turn's log lines go to the writer as one batch.
+            crate::logging::flush_this_thread();
             ring::submit_and_wait(&mut self.ring, wait)?;
             now = Instant::now();
 
@@ -605,8 +609,8 @@ impl Reactor {
             if s.gen & GEN_MASK != ticket.generation {
                 continue;
             }
-            let result = match answer {
-                Answer::Publish(result) => result,
+            let (result, stored_in) = match answer {
+                Answer::Publish(result, stored_in) => (result, stored_in),
                 Answer::Auth(verdict) => {
                     // A connection gone meanwhile has nothing to hear (and no flight).
                     if let Some(c) = s.conn.as_mut() {
@@ -621,7 +625,7 @@ impl Reactor {
             }
             match s.conn.as_mut() {
                 Some(c) => {
-                    c.driver.handle_publish(now, result);
+                    c.driver.handle_answer(now, result, stored_in);
                     self.mark(ticket.slot);
                 }
                 None => self.release(ticket.slot),
