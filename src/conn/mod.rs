@@ -604,6 +604,7 @@ impl Connection {
                     self.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
                     self.session.set_client_addr(self.peer);
                 }
+                self.plaintext_auth_for(source.map(|s| s.ip().to_canonical()));
                 self.idle_deadline = now + self.limits.idle_timeout;
                 self.handshake_begins(now);
                 self.peer_known(now);
@@ -613,6 +614,22 @@ impl Connection {
                     self.wire_input(now, rest);
                 }
                 self.maybe_greet(now);
+            }
+        }
+    }
+
+    /// `--auth-allow-plaintext` is for clients on this host. Behind a balancer the
+    /// real client decides: one that is not loopback (or that the header does not
+    /// name) sent its credentials across the network in the clear, so it gets AUTH
+    /// only after STARTTLS.
+    fn plaintext_auth_for(&mut self, client: Option<std::net::IpAddr>) {
+        if let Some(auth) = &self.edge.auth {
+            if auth.policy.plaintext && !client.is_some_and(|ip| ip.is_loopback()) {
+                self.session
+                    .set_auth(Some(crate::smtp::session::AuthPolicy {
+                        plaintext: false,
+                        ..auth.policy
+                    }));
             }
         }
     }
