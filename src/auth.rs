@@ -162,9 +162,40 @@ pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::E
 
 /// The per-user and per-name counts, by GCRA like the per-address limiter.
 struct Rates {
-    /// Failures per name: theoretical arrival times in ns since `origin`.
-    failures: Mutex<HashMap<String, u64>>,
-    messages: Mutex<HashMap<String, u64>>,
+    /// Failures per name, known or not.
+    failures: NameRates,
+    /// Messages per authenticated user.
+    messages: NameRates,
+}
+
+/// Names and their GCRA theoretical arrival times (ns since `Verifier::origin`), at
+/// most [`MAX_TRACKED_USERS`]: past it the expired entries go, and if every one is
+/// live, all go (forgetting lets a name try again early; it never costs memory).
+#[derive(Default)]
+struct NameRates(Mutex<HashMap<String, u64>>);
+
+impl NameRates {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `name` may have another event now (spends nothing).
+    fn allows(&self, name: &str, g: Gcra, now: u64) -> bool {
+        self.map().get(name).is_none_or(|&tat| g.allows(tat, now))
+    }
+
+    /// `name` had an event.
+    fn spend(&self, name: &str, g: Gcra, now: u64) {
+        let mut map = self.map();
+        if map.len() >= MAX_TRACKED_USERS && !map.contains_key(name) {
+            map.retain(|_, tat| *tat > now);
+            if map.len() >= MAX_TRACKED_USERS {
+                map.clear();
+            }
+        }
+        let tat = map.entry(name.to_owned()).or_insert(0);
+        *tat = (*tat).max(now) + g.interval;
+    }
 }
 
 /// `n` events per `period`, in bursts of up to `n`.
@@ -246,8 +277,8 @@ impl Verifier {
             dummy,
             jobs,
             rates: Rates {
-                failures: Mutex::new(HashMap::new()),
-                messages: Mutex::new(HashMap::new()),
+                failures: NameRates::default(),
+                messages: NameRates::default(),
             },
             origin: Instant::now(),
             settings,
@@ -324,18 +355,8 @@ impl Verifier {
             .settings
             .max_failures_per_user
             .map(|n| Gcra::new(n, Duration::from_secs(3600)));
-        if let Some(g) = failures {
-            let map = self
-                .rates
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map
-                .get(&*request.user)
-                .is_some_and(|&tat| !g.allows(tat, now))
-            {
-                return AuthVerdict::Locked;
-            }
+        if failures.is_some_and(|g| !self.rates.failures.allows(&request.user, g, now)) {
+            return AuthVerdict::Locked;
         }
         let users = self.users();
         let known = users.users.get(&*request.user);
@@ -350,19 +371,7 @@ impl Verifier {
             return AuthVerdict::Accepted;
         }
         if let Some(g) = failures {
-            let mut map = self
-                .rates
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_TRACKED_USERS {
-                map.retain(|_, tat| *tat > now);
-                if map.len() >= MAX_TRACKED_USERS {
-                    map.clear();
-                }
-            }
-            let tat = map.entry(request.user.to_string()).or_insert(0);
-            *tat = (*tat).max(now) + g.interval;
+            self.rates.failures.spend(&request.user, g, now);
         }
         AuthVerdict::Rejected
     }
@@ -379,34 +388,15 @@ impl Verifier {
 
     /// Whether `user` may start another message now (spends nothing).
     pub fn message_allowed(&self, user: &str, now: Instant) -> bool {
-        let Some(g) = self.user_rate(user) else {
-            return true;
-        };
-        let map = self
-            .rates
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.get(user)
-            .is_none_or(|&tat| g.allows(tat, self.nanos(now)))
+        self.user_rate(user)
+            .is_none_or(|g| self.rates.messages.allows(user, g, self.nanos(now)))
     }
 
     /// `user` completed a message.
     pub fn message_sent(&self, user: &str, now: Instant) {
-        let Some(g) = self.user_rate(user) else {
-            return;
-        };
-        let now = self.nanos(now);
-        let mut map = self
-            .rates
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_TRACKED_USERS {
-            map.retain(|_, tat| *tat > now);
+        if let Some(g) = self.user_rate(user) {
+            self.rates.messages.spend(user, g, self.nanos(now));
         }
-        let tat = map.entry(user.to_owned()).or_insert(0);
-        *tat = (*tat).max(now) + g.interval;
     }
 }
 
@@ -569,6 +559,20 @@ mod tests {
             .collect();
         assert!(got.contains(&AuthVerdict::Temporary));
         assert!(got.contains(&AuthVerdict::Rejected));
+    }
+
+    /// Per-user message counts are bounded like failure counts, even when every entry
+    /// is live (user names come from the users file, but it may hold many).
+    #[test]
+    fn name_rates_stay_bounded_when_every_entry_is_live() {
+        let rates = NameRates::default();
+        let g = Gcra::new(1, Duration::from_secs(3600));
+        for i in 0..=MAX_TRACKED_USERS {
+            rates.spend(&format!("user{i}"), g, 0);
+        }
+        assert!(rates.map().len() <= MAX_TRACKED_USERS);
+        // The newest is remembered.
+        assert!(!rates.allows(&format!("user{MAX_TRACKED_USERS}"), g, 0));
     }
 
     #[test]

@@ -1049,7 +1049,12 @@ impl Connection {
             }
         }
         self.log_events();
-        // Verifying is the gateway's time, not the client's.
+        self.resume_after_answer(now);
+    }
+
+    /// The verifier or the sink answered: waiting for it was the gateway's time, not
+    /// the client's, and the input held meanwhile is taken up again.
+    fn resume_after_answer(&mut self, now: Instant) {
         self.idle_deadline = now + self.limits.idle_timeout;
         if self.has_input() {
             self.process_input(now);
@@ -1082,14 +1087,7 @@ impl Connection {
             return;
         }
         self.session.publish_result(result);
-        // Waiting for the sink is the gateway's time, not the client's.
-        self.idle_deadline = now + self.limits.idle_timeout;
-        if self.has_input() {
-            self.process_input(now);
-        } else if self.draining {
-            self.wind_down();
-        }
-        self.after_output_change(now);
+        self.resume_after_answer(now);
     }
 
     /// When the driver next needs [`Self::handle_timeout`], if ever.

@@ -150,26 +150,23 @@ def test_auth_on_the_implicit_tls_listener(start_gateway, cert, users):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_auth(start_gateway, cert, users, mechanism):
     gateway = tls_auth_gateway(start_gateway, cert, users)
-    result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
-         "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
-         "--auth", mechanism, "--auth-user", "alice", "--auth-password", "secret"],
-        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-    transcript = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, transcript + result.stderr.decode("utf-8", "replace")
+    def swaks(password: str) -> tuple[int, str]:
+        result = subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
+             "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
+             "--auth", mechanism, "--auth-user", "alice", "--auth-password", password],
+            capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        return result.returncode, result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace")
+
+    code, transcript = swaks("secret")
+    assert code == 0, transcript
     assert "235 2.7.0 Authentication successful" in transcript, transcript
     [message_id] = gateway.spool_ids()
     assert headers(gateway, message_id)["smtp.auth"] == ["alice"]
     # A wrong password is refused by swaks' own account, and nothing is stored.
-    result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
-         "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
-         "--auth", mechanism, "--auth-user", "alice", "--auth-password", "wrong"],
-        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-    transcript = result.stdout.decode("utf-8", "replace")
-    assert result.returncode != 0 and "535 5.7.8" in transcript, transcript
+    code, transcript = swaks("wrong")
+    assert code != 0 and "535 5.7.8" in transcript, transcript
     assert len(gateway.spool_ids()) == 1
 
 
