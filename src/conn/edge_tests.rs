@@ -1193,3 +1193,35 @@ fn plaintext_auth_only_for_a_loopback_client_behind_proxy() {
         }
     }
 }
+
+/// A client that leaves while its credentials are verified never hears the verdict,
+/// so the driver never counts it: without counting the abandoned attempt, one address
+/// could keep the verifier pool busy (AUTH, close, again) and never reach
+/// `--max-auth-failures-per-ip`.
+#[test]
+fn auth_abandoned_during_verification_counts_as_a_failure() {
+    let t0 = Instant::now();
+    let peers = limiter(PeerLimitsConfig {
+        auth_failures: Some(2),
+        ..no_limits()
+    });
+    let (edge, _users) = auth_edge(Some(peers));
+    for port in [1000, 1001] {
+        let mut conn = open_edge(t0, edge.clone(), &format!("198.51.100.9:{port}"));
+        exchange(&mut conn, t0);
+        conn.handle_input(t0, b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHdyb25n\r\n");
+        exchange(&mut conn, t0);
+        assert!(conn.poll_auth().is_some());
+        conn.handle_eof(t0);
+        drop(conn);
+    }
+    let mut again = open_edge(t0, edge, "198.51.100.9:1002");
+    exchange(&mut again, t0);
+    again.handle_input(t0, b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+    assert!(again.poll_auth().is_none());
+    let (out, _) = exchange(&mut again, t0);
+    assert!(
+        out.contains("421 4.7.0 mx.test Too many authentication failures"),
+        "{out}"
+    );
+}

@@ -1647,6 +1647,14 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // Credentials still with the verifier: the client left before its verdict, which
+        // is then never counted against its address. Counted here as a failure, or one
+        // address could keep the verifier pool busy (AUTH, close, again) unlimited.
+        if self.session.is_awaiting_auth() {
+            if let Some(slot) = &self.slot {
+                slot.auth_failed(self.record.seen);
+            }
+        }
         self.budget.release(self.charged);
         if let Some(flight) = &self.in_flight {
             self.budget.answered_by_sink(flight.charged);
