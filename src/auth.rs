@@ -11,9 +11,10 @@
 //! credentials to [`Verifier::submit`] with a callback, a small pool of threads works a
 //! bounded queue, and the callback puts the verdict on the reactor's completion queue,
 //! the wake-up path the sink's answers use. A full queue answers `Temporary` at once.
-//! An unknown user is verified against a dummy hash of the same parameters, and an
-//! authzid that names someone else against an empty password, so every answer costs
-//! the same work and tells nothing about which names exist.
+//! An unknown user is verified against a dummy hash of the parameters most users'
+//! hashes have (argon2's defaults for an empty file), and an authzid that names someone
+//! else against an empty password, so every answer costs the same work and tells
+//! nothing about which names exist.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ struct User {
 #[derive(Clone, Debug, Default)]
 pub struct Users {
     users: HashMap<String, User>,
+    /// What an unknown name is verified against (see [`Users::with_dummy`]).
+    dummy: Option<PasswordHashString>,
 }
 
 /// Why a users file cannot be used: its line and what is wrong.
@@ -147,8 +150,59 @@ impl Users {
                 return Err(err(format!("user `{name}` appears twice")));
             }
         }
-        Ok(Users { users })
+        Ok(Users { users, dummy: None })
     }
+
+    /// Makes the hash an unknown name is verified against, with the parameters most
+    /// of the file's hashes have (argon2's defaults for an empty file): hashes made by
+    /// another tool, with other costs, would otherwise tell a known name (a wrong
+    /// password at their cost) from an unknown one (at the default cost).
+    pub fn with_dummy(mut self, path: &Path) -> Result<Users, UsersError> {
+        // Algorithm, version and parameters: the hash without its salt and output.
+        let mut costs: HashMap<String, (usize, &PasswordHashString)> = HashMap::new();
+        for user in self.users.values() {
+            let h = user.hash.password_hash();
+            let key = format!("{}${:?}${}", h.algorithm, h.version, h.params);
+            costs.entry(key).or_insert((0, &user.hash)).0 += 1;
+        }
+        let made = match costs
+            .into_iter()
+            .max_by(|a, b| (a.1 .0, &b.0).cmp(&(b.1 .0, &a.0)))
+        {
+            Some((_, (_, like))) => hash_like(DUMMY_PASSWORD, &like.password_hash()),
+            None => hash_password(DUMMY_PASSWORD),
+        };
+        let dummy = made
+            .ok()
+            .and_then(|h| PasswordHashString::new(&h).ok())
+            .ok_or_else(|| UsersError::File {
+                path: path.display().to_string(),
+                msg: "cannot make the hash unknown names are verified against".into(),
+            })?;
+        self.dummy = Some(dummy);
+        Ok(self)
+    }
+}
+
+/// The password of the hash unknown names are verified against (never accepted).
+const DUMMY_PASSWORD: &[u8] = b"dummy password for unknown users";
+
+/// A hash of `password` with the algorithm, version and parameters of `like`.
+fn hash_like(
+    password: &[u8],
+    like: &PasswordHash<'_>,
+) -> Result<String, argon2::password_hash::Error> {
+    let algorithm = argon2::Algorithm::try_from(like.algorithm)?;
+    let version = like
+        .version
+        .map(argon2::Version::try_from)
+        .transpose()?
+        .unwrap_or_default();
+    let params = argon2::Params::try_from(like)?;
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::new(algorithm, version, params)
+        .hash_password(password, &salt)?
+        .to_string())
 }
 
 /// The hash `smtpgw auth hash` prints: argon2id with the crate's default (OWASP)
@@ -241,7 +295,6 @@ struct Job {
 pub struct Verifier {
     settings: AuthSettings,
     users: RwLock<Arc<Users>>,
-    dummy: PasswordHashString,
     jobs: Sender<Job>,
     rates: Rates,
     origin: Instant,
@@ -263,18 +316,10 @@ pub fn result_index(verdict: AuthVerdict) -> usize {
 impl Verifier {
     /// Loads the users file and starts the threads. The error names the file and line.
     pub fn start(settings: AuthSettings) -> Result<Arc<Verifier>, UsersError> {
-        let users = Users::load(&settings.users_file)?;
-        let dummy = hash_password(b"dummy password for unknown users")
-            .ok()
-            .and_then(|h| PasswordHashString::new(&h).ok())
-            .ok_or_else(|| UsersError::File {
-                path: settings.users_file.display().to_string(),
-                msg: "cannot make the dummy hash".into(),
-            })?;
+        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
         let (jobs, rx) = bounded(QUEUE);
         let verifier = Arc::new(Verifier {
             users: RwLock::new(Arc::new(users)),
-            dummy,
             jobs,
             rates: Rates {
                 failures: NameRates::default(),
@@ -316,7 +361,8 @@ impl Verifier {
     /// Re-reads the users file; one that does not load keeps the users in force.
     /// Returns whether the new file is in force.
     pub fn reload(&self) -> bool {
-        match Users::load(&self.settings.users_file) {
+        let path = &self.settings.users_file;
+        match Users::load(path).and_then(|u| u.with_dummy(path)) {
             Ok(users) => {
                 info!(users = users.len(), file = %self.settings.users_file.display(), "AUTH users reloaded");
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
@@ -360,7 +406,10 @@ impl Verifier {
         }
         let users = self.users();
         let known = users.users.get(&*request.user);
-        let hash = known.map_or(&self.dummy, |u| &u.hash);
+        // Always made by `Verifier::start` and `reload`.
+        let Some(hash) = known.map(|u| &u.hash).or(users.dummy.as_ref()) else {
+            return AuthVerdict::Temporary;
+        };
         // An empty password never matches (PLAIN's authzid of someone else), but is
         // verified all the same so that it costs what a wrong one does.
         let password = Zeroizing::new(request.password.to_vec());
@@ -495,6 +544,45 @@ mod tests {
         assert_eq!(
             v.verify(&request("nobody", b"dummy password for unknown users")),
             AuthVerdict::Rejected
+        );
+    }
+
+    /// Hashes made by another tool, with other costs: an unknown name is verified at
+    /// the cost most of the file's users have, not at argon2's defaults.
+    #[test]
+    fn unknown_names_cost_what_the_files_hashes_cost() {
+        let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+        let other = Argon2::new(
+            argon2::Algorithm::Argon2i,
+            argon2::Version::V0x13,
+            params.clone(),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let h = other.hash_password(b"secret", &salt).unwrap().to_string();
+        let (v, _f) = verifier(&format!("alice:{h}\nbob:{h}\n"), None);
+        let users = v.users();
+        let dummy = users.dummy.as_ref().unwrap().password_hash();
+        assert_eq!(dummy.algorithm.as_str(), "argon2i");
+        let costs = |p: &argon2::Params| (p.m_cost(), p.t_cost(), p.p_cost());
+        assert_eq!(
+            costs(&argon2::Params::try_from(&dummy).unwrap()),
+            costs(&params)
+        );
+        assert_eq!(
+            v.verify(&request("alice", b"secret")),
+            AuthVerdict::Accepted
+        );
+        assert_eq!(
+            v.verify(&request("nobody", b"secret")),
+            AuthVerdict::Rejected
+        );
+        // An empty file: argon2's defaults, as `smtpgw auth hash` makes them.
+        let (v, _f) = verifier("", None);
+        let users = v.users();
+        let dummy = users.dummy.as_ref().unwrap().password_hash();
+        assert_eq!(
+            costs(&argon2::Params::try_from(&dummy).unwrap()),
+            costs(&argon2::Params::default())
         );
     }
 
