@@ -627,29 +627,30 @@ fn user_message_rate_closes_only_authenticated_sessions() {
 /// that goes over it with this failure (the driver's `refuse_over_limit`).
 #[test]
 fn auth_failure_closes_count_as_limit_closes() {
+    // An encrypted session offering AUTH that has sent `AUTH PLAIN` as `user`.
+    let after_auth = |user: &[u8], over: bool| {
+        let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
+        s.tls_started(Arc::from("TLSv1.3 x"));
+        s.set_auth(Some(OFFERED));
+        s.set_auth_failures_exceeded(over);
+        let response = b64(&[b"\0", user, b"\0pw"].concat());
+        s.feed(format!("EHLO c\r\nAUTH PLAIN {response}\r\n").as_bytes());
+        s
+    };
     let closes = |s: &mut Session| s.stats_mut().limit_closes[stats::CLOSE_AUTH_FAILURES];
-    let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-    s.tls_started(Arc::from("TLSv1.3 x"));
-    s.set_auth(Some(OFFERED));
-    s.feed(format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64(b"\0locked\0pw")).as_bytes());
+
+    let mut s = after_auth(b"locked", false);
     let request = s.take_auth_request().unwrap();
     s.auth_result(verify(&request));
     assert!(s.is_closed());
     assert_eq!(closes(&mut s), 1);
 
-    let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-    s.tls_started(Arc::from("TLSv1.3 x"));
-    s.set_auth(Some(OFFERED));
-    s.set_auth_failures_exceeded(true);
-    s.feed(format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64(b"\0bob\0pw")).as_bytes());
+    let mut s = after_auth(b"bob", true);
     assert!(s.take_auth_request().is_none());
     assert!(s.is_closed());
     assert_eq!(closes(&mut s), 1);
 
-    let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-    s.tls_started(Arc::from("TLSv1.3 x"));
-    s.set_auth(Some(OFFERED));
-    s.feed(format!("EHLO c\r\nAUTH PLAIN {}\r\n", b64(b"\0bob\0pw")).as_bytes());
+    let mut s = after_auth(b"bob", false);
     let request = s.take_auth_request().unwrap();
     s.auth_result(verify(&request));
     s.refuse_over_limit(Refusal::AuthFailures, "Too many authentication failures");

@@ -268,19 +268,24 @@ def test_brute_force_limit_per_address(start_gateway, users):
         assert_reply(w.reply(), "421 4.7.0")
         assert w.closed_by_server()
     # Another connection from the address: refused at AUTH, even with the right password.
-    with Wire(gateway.host, gateway.port) as w:
-        w.reply()
-        w.cmd("EHLO client.test")
-        w.send(plain(b"alice", b"secret") + "\r\n")
-        reply = assert_reply(w.reply(), "421 4.7.0")
-        assert "authentication failures" in reply.text, reply.text
-        assert w.closed_by_server()
+    assert_locked_out(gateway, b"alice", b"secret")
     failures = refusals(gateway, "auth_failed", 3)
     assert [f.get("user") for f in failures] == ["alice", "eve", "alice"], failures
     assert all(f.get("client", "").startswith("127.0.0.1:") for f in failures), failures
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="failure"}', 3) == 3
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="locked"}', 2) == 2
     assert metric_reaches(gateway, 'smtpgw_session_limit_closes_total{reason="auth_failures"}', 2) == 2
+
+
+def assert_locked_out(gateway, user: bytes, password: bytes) -> None:
+    """AUTH gets `421 4.7.0` for too many failures, unverified, and the session closes."""
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        w.send(plain(user, password) + "\r\n")
+        reply = assert_reply(w.reply(), "421 4.7.0")
+        assert "authentication failures" in reply.text, reply.text
+        assert w.closed_by_server()
 
 
 def login(gateway, user: bytes, password: bytes) -> str:
@@ -498,13 +503,7 @@ def test_per_user_lockout_across_connections(start_gateway, users):
     for _ in range(3):
         assert login(gateway, b"alice", b"guess") == "535"
     # The right password no longer opens alice, from any connection; bob is untouched.
-    with Wire(gateway.host, gateway.port) as w:
-        w.reply()
-        w.cmd("EHLO client.test")
-        w.send(plain(b"alice", b"secret") + "\r\n")
-        reply = assert_reply(w.reply(), "421 4.7.0")
-        assert "authentication failures" in reply.text, reply.text
-        assert w.closed_by_server()
+    assert_locked_out(gateway, b"alice", b"secret")
     assert login(gateway, b"bob", b"hunter2") == "235"
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="locked"}', 1) == 1
     assert metric_reaches(gateway, 'smtpgw_session_limit_closes_total{reason="auth_failures"}', 1) == 1
