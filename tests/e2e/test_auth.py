@@ -644,3 +644,28 @@ def test_plaintext_auth_behind_proxy_only_for_a_loopback_client(start_gateway, u
             assert ("AUTH PLAIN LOGIN" in w.cmd("EHLO client.test").text) == offered, source
             assert_reply(w.cmd(plain(b"alice", b"secret")), "235" if offered else "538 5.7.11")
     assert login(gateway, b"alice", b"secret") == "235"
+
+
+def test_sigterm_during_verification_answers_the_verdict_then_drains(start_gateway, users):
+    # 40 verifications queued (about half a second of argon2 on two threads), then
+    # SIGTERM: each client gets its verdict or the drain's 421, never silence, and the
+    # gateway exits in time and cleanly.
+    gateway = plain_auth_gateway(start_gateway, users, "--max-auth-failures-per-ip", "0")
+    wires = []
+    try:
+        for _ in range(40):
+            w = Wire(gateway.host, gateway.port)
+            w.reply()
+            w.cmd("EHLO client.test")
+            wires.append(w)
+        for w in wires:
+            w.send(plain(b"alice", b"secret") + "\r\n")
+        started = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        codes = [str(w.reply().code) for w in wires]
+    finally:
+        for w in wires:
+            w.close()
+    assert set(codes) <= {"235", "454", "421"} and "235" in codes, codes
+    assert gateway.wait(30) == 0
+    assert time.monotonic() - started < 30
