@@ -4,7 +4,10 @@ offered in plaintext (unless allowed on loopback), the brute-force limit per add
 the users file re-read on SIGHUP and on change (a broken one keeps the old users), the
 same order of time for an unknown user as for a wrong password, what an authenticated
 sender gets (smtp.auth, ESMTPSA, the transaction line, --auth-relay, --require-auth,
-the per-user message rate), and the start-up errors that name the flag."""
+the per-user message rate), and the start-up errors that name the flag. Hostile
+clients: byte-by-byte and maximal AUTH lines, AUTH and MAIL in one write, clients
+leaving mid-verification, 300 concurrent AUTHs, SIGHUP and SIGTERM mid-verification,
+the users file replaced by a FIFO or /dev/zero, plaintext AUTH behind PROXY."""
 
 from __future__ import annotations
 
