@@ -11,9 +11,10 @@
 //! credentials to [`Verifier::submit`] with a callback, a small pool of threads works a
 //! bounded queue, and the callback puts the verdict on the reactor's completion queue,
 //! the wake-up path the sink's answers use. A full queue answers `Temporary` at once.
-//! An unknown user is verified against a dummy hash of the same parameters, and an
-//! authzid that names someone else against an empty password, so every answer costs
-//! the same work and tells nothing about which names exist.
+//! An unknown user is verified against a dummy hash of the parameters most users'
+//! hashes have (argon2's defaults for an empty file), and an authzid that names someone
+//! else against an empty password, so every answer costs the same work and tells
+//! nothing about which names exist.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ struct User {
 #[derive(Clone, Debug, Default)]
 pub struct Users {
     users: HashMap<String, User>,
+    /// What an unknown name is verified against (see [`Users::with_dummy`]).
+    dummy: Option<PasswordHashString>,
 }
 
 /// Why a users file cannot be used: its line and what is wrong.
@@ -147,8 +150,59 @@ impl Users {
                 return Err(err(format!("user `{name}` appears twice")));
             }
         }
-        Ok(Users { users })
+        Ok(Users { users, dummy: None })
     }
+
+    /// Makes the hash an unknown name is verified against, with the parameters most
+    /// of the file's hashes have (argon2's defaults for an empty file): hashes made by
+    /// another tool, with other costs, would otherwise tell a known name (a wrong
+    /// password at their cost) from an unknown one (at the default cost).
+    pub fn with_dummy(mut self, path: &Path) -> Result<Users, UsersError> {
+        // Algorithm, version and parameters: the hash without its salt and output.
+        let mut costs: HashMap<String, (usize, &PasswordHashString)> = HashMap::new();
+        for user in self.users.values() {
+            let h = user.hash.password_hash();
+            let key = format!("{}${:?}${}", h.algorithm, h.version, h.params);
+            costs.entry(key).or_insert((0, &user.hash)).0 += 1;
+        }
+        let made = match costs
+            .into_iter()
+            .max_by(|a, b| (a.1 .0, &b.0).cmp(&(b.1 .0, &a.0)))
+        {
+            Some((_, (_, like))) => hash_like(DUMMY_PASSWORD, &like.password_hash()),
+            None => hash_password(DUMMY_PASSWORD),
+        };
+        let dummy = made
+            .ok()
+            .and_then(|h| PasswordHashString::new(&h).ok())
+            .ok_or_else(|| UsersError::File {
+                path: path.display().to_string(),
+                msg: "cannot make the hash unknown names are verified against".into(),
+            })?;
+        self.dummy = Some(dummy);
+        Ok(self)
+    }
+}
+
+/// The password of the hash unknown names are verified against (never accepted).
+const DUMMY_PASSWORD: &[u8] = b"dummy password for unknown users";
+
+/// A hash of `password` with the algorithm, version and parameters of `like`.
+fn hash_like(
+    password: &[u8],
+    like: &PasswordHash<'_>,
+) -> Result<String, argon2::password_hash::Error> {
+    let algorithm = argon2::Algorithm::try_from(like.algorithm)?;
+    let version = like
+        .version
+        .map(argon2::Version::try_from)
+        .transpose()?
+        .unwrap_or_default();
+    let params = argon2::Params::try_from(like)?;
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::new(algorithm, version, params)
+        .hash_password(password, &salt)?
+        .to_string())
 }
 
 /// The hash `smtpgw auth hash` prints: argon2id with the crate's default (OWASP)
@@ -162,9 +216,40 @@ pub fn hash_password(password: &[u8]) -> Result<String, argon2::password_hash::E
 
 /// The per-user and per-name counts, by GCRA like the per-address limiter.
 struct Rates {
-    /// Failures per name: theoretical arrival times in ns since `origin`.
-    failures: Mutex<HashMap<String, u64>>,
-    messages: Mutex<HashMap<String, u64>>,
+    /// Failures per name, known or not.
+    failures: NameRates,
+    /// Messages per authenticated user.
+    messages: NameRates,
+}
+
+/// Names and their GCRA theoretical arrival times (ns since `Verifier::origin`), at
+/// most [`MAX_TRACKED_USERS`]: past it the expired entries go, and if every one is
+/// live, all go (forgetting lets a name try again early; it never costs memory).
+#[derive(Default)]
+struct NameRates(Mutex<HashMap<String, u64>>);
+
+impl NameRates {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `name` may have another event now (spends nothing).
+    fn allows(&self, name: &str, g: Gcra, now: u64) -> bool {
+        self.map().get(name).is_none_or(|&tat| g.allows(tat, now))
+    }
+
+    /// `name` had an event.
+    fn spend(&self, name: &str, g: Gcra, now: u64) {
+        let mut map = self.map();
+        if map.len() >= MAX_TRACKED_USERS && !map.contains_key(name) {
+            map.retain(|_, tat| *tat > now);
+            if map.len() >= MAX_TRACKED_USERS {
+                map.clear();
+            }
+        }
+        let tat = map.entry(name.to_owned()).or_insert(0);
+        *tat = (*tat).max(now) + g.interval;
+    }
 }
 
 /// `n` events per `period`, in bursts of up to `n`.
@@ -210,7 +295,6 @@ struct Job {
 pub struct Verifier {
     settings: AuthSettings,
     users: RwLock<Arc<Users>>,
-    dummy: PasswordHashString,
     jobs: Sender<Job>,
     rates: Rates,
     origin: Instant,
@@ -232,22 +316,14 @@ pub fn result_index(verdict: AuthVerdict) -> usize {
 impl Verifier {
     /// Loads the users file and starts the threads. The error names the file and line.
     pub fn start(settings: AuthSettings) -> Result<Arc<Verifier>, UsersError> {
-        let users = Users::load(&settings.users_file)?;
-        let dummy = hash_password(b"dummy password for unknown users")
-            .ok()
-            .and_then(|h| PasswordHashString::new(&h).ok())
-            .ok_or_else(|| UsersError::File {
-                path: settings.users_file.display().to_string(),
-                msg: "cannot make the dummy hash".into(),
-            })?;
+        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
         let (jobs, rx) = bounded(QUEUE);
         let verifier = Arc::new(Verifier {
             users: RwLock::new(Arc::new(users)),
-            dummy,
             jobs,
             rates: Rates {
-                failures: Mutex::new(HashMap::new()),
-                messages: Mutex::new(HashMap::new()),
+                failures: NameRates::default(),
+                messages: NameRates::default(),
             },
             origin: Instant::now(),
             settings,
@@ -285,7 +361,8 @@ impl Verifier {
     /// Re-reads the users file; one that does not load keeps the users in force.
     /// Returns whether the new file is in force.
     pub fn reload(&self) -> bool {
-        match Users::load(&self.settings.users_file) {
+        let path = &self.settings.users_file;
+        match Users::load(path).and_then(|u| u.with_dummy(path)) {
             Ok(users) => {
                 info!(users = users.len(), file = %self.settings.users_file.display(), "AUTH users reloaded");
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
@@ -324,22 +401,15 @@ impl Verifier {
             .settings
             .max_failures_per_user
             .map(|n| Gcra::new(n, Duration::from_secs(3600)));
-        if let Some(g) = failures {
-            let map = self
-                .rates
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map
-                .get(&*request.user)
-                .is_some_and(|&tat| !g.allows(tat, now))
-            {
-                return AuthVerdict::Locked;
-            }
+        if failures.is_some_and(|g| !self.rates.failures.allows(&request.user, g, now)) {
+            return AuthVerdict::Locked;
         }
         let users = self.users();
         let known = users.users.get(&*request.user);
-        let hash = known.map_or(&self.dummy, |u| &u.hash);
+        // Always made by `Verifier::start` and `reload`.
+        let Some(hash) = known.map(|u| &u.hash).or(users.dummy.as_ref()) else {
+            return AuthVerdict::Temporary;
+        };
         // An empty password never matches (PLAIN's authzid of someone else), but is
         // verified all the same so that it costs what a wrong one does.
         let password = Zeroizing::new(request.password.to_vec());
@@ -350,19 +420,7 @@ impl Verifier {
             return AuthVerdict::Accepted;
         }
         if let Some(g) = failures {
-            let mut map = self
-                .rates
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_TRACKED_USERS {
-                map.retain(|_, tat| *tat > now);
-                if map.len() >= MAX_TRACKED_USERS {
-                    map.clear();
-                }
-            }
-            let tat = map.entry(request.user.to_string()).or_insert(0);
-            *tat = (*tat).max(now) + g.interval;
+            self.rates.failures.spend(&request.user, g, now);
         }
         AuthVerdict::Rejected
     }
@@ -379,34 +437,15 @@ impl Verifier {
 
     /// Whether `user` may start another message now (spends nothing).
     pub fn message_allowed(&self, user: &str, now: Instant) -> bool {
-        let Some(g) = self.user_rate(user) else {
-            return true;
-        };
-        let map = self
-            .rates
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.get(user)
-            .is_none_or(|&tat| g.allows(tat, self.nanos(now)))
+        self.user_rate(user)
+            .is_none_or(|g| self.rates.messages.allows(user, g, self.nanos(now)))
     }
 
     /// `user` completed a message.
     pub fn message_sent(&self, user: &str, now: Instant) {
-        let Some(g) = self.user_rate(user) else {
-            return;
-        };
-        let now = self.nanos(now);
-        let mut map = self
-            .rates
-            .messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if map.len() >= MAX_TRACKED_USERS {
-            map.retain(|_, tat| *tat > now);
+        if let Some(g) = self.user_rate(user) {
+            self.rates.messages.spend(user, g, self.nanos(now));
         }
-        let tat = map.entry(user.to_owned()).or_insert(0);
-        *tat = (*tat).max(now) + g.interval;
     }
 }
 
@@ -508,6 +547,45 @@ mod tests {
         );
     }
 
+    /// Hashes made by another tool, with other costs: an unknown name is verified at
+    /// the cost most of the file's users have, not at argon2's defaults.
+    #[test]
+    fn unknown_names_cost_what_the_files_hashes_cost() {
+        let params = argon2::Params::new(1024, 1, 1, None).unwrap();
+        let other = Argon2::new(
+            argon2::Algorithm::Argon2i,
+            argon2::Version::V0x13,
+            params.clone(),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let h = other.hash_password(b"secret", &salt).unwrap().to_string();
+        let (v, _f) = verifier(&format!("alice:{h}\nbob:{h}\n"), None);
+        let users = v.users();
+        let dummy = users.dummy.as_ref().unwrap().password_hash();
+        assert_eq!(dummy.algorithm.as_str(), "argon2i");
+        let costs = |p: &argon2::Params| (p.m_cost(), p.t_cost(), p.p_cost());
+        assert_eq!(
+            costs(&argon2::Params::try_from(&dummy).unwrap()),
+            costs(&params)
+        );
+        assert_eq!(
+            v.verify(&request("alice", b"secret")),
+            AuthVerdict::Accepted
+        );
+        assert_eq!(
+            v.verify(&request("nobody", b"secret")),
+            AuthVerdict::Rejected
+        );
+        // An empty file: argon2's defaults, as `smtpgw auth hash` makes them.
+        let (v, _f) = verifier("", None);
+        let users = v.users();
+        let dummy = users.dummy.as_ref().unwrap().password_hash();
+        assert_eq!(
+            costs(&argon2::Params::try_from(&dummy).unwrap()),
+            costs(&argon2::Params::default())
+        );
+    }
+
     #[test]
     fn failures_per_user_lock_the_name_for_an_hour() {
         let h = hash_password(b"secret").unwrap();
@@ -569,6 +647,20 @@ mod tests {
             .collect();
         assert!(got.contains(&AuthVerdict::Temporary));
         assert!(got.contains(&AuthVerdict::Rejected));
+    }
+
+    /// Per-user message counts are bounded like failure counts, even when every entry
+    /// is live (user names come from the users file, but it may hold many).
+    #[test]
+    fn name_rates_stay_bounded_when_every_entry_is_live() {
+        let rates = NameRates::default();
+        let g = Gcra::new(1, Duration::from_secs(3600));
+        for i in 0..=MAX_TRACKED_USERS {
+            rates.spend(&format!("user{i}"), g, 0);
+        }
+        assert!(rates.map().len() <= MAX_TRACKED_USERS);
+        // The newest is remembered.
+        assert!(!rates.allows(&format!("user{MAX_TRACKED_USERS}"), g, 0));
     }
 
     #[test]

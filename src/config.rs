@@ -586,7 +586,8 @@ settings_group! {
         /// offered only over TLS (STARTTLS or --listen-tls).
         #[arg(long, value_name = "FILE")]
         pub auth_users: Option<PathBuf>,
-        /// Offer AUTH before TLS as well; only for a loopback --listen.
+        /// Offer AUTH before TLS as well; only for loopback listeners, and behind a
+        /// PROXY header only to a client whose real address is loopback.
         #[arg(long)]
         pub auth_allow_plaintext: bool,
         /// MAIL before a successful AUTH gets 530 5.7.0.

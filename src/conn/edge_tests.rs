@@ -1151,3 +1151,77 @@ fn cidr_parsing_and_matching() {
         assert!(Cidr::parse(bad).is_err(), "{bad}");
     }
 }
+
+/// `--auth-allow-plaintext` is for clients on the gateway's own host. Behind a PROXY
+/// header the real client decides: a remote one (whose credentials crossed the network
+/// to the balancer in the clear) gets no AUTH before TLS; a loopback one keeps it.
+#[test]
+fn plaintext_auth_only_for_a_loopback_client_behind_proxy() {
+    let t0 = Instant::now();
+    for (header, offered) in [
+        (
+            &b"PROXY TCP4 198.51.100.7 127.0.0.1 51000 25\r\n"[..],
+            false,
+        ),
+        (b"PROXY UNKNOWN\r\n", false),
+        (b"PROXY TCP4 127.0.0.1 127.0.0.1 51000 25\r\n", true),
+        (b"PROXY TCP6 ::1 ::1 51000 25\r\n", true),
+    ] {
+        let (mut edge, _users) = auth_edge(None);
+        edge.proxy = ProxyMode::V1;
+        edge.proxy_trusted = vec![Cidr::parse("127.0.0.0/8").unwrap()];
+        let mut conn = open_edge(t0, edge, "127.0.0.1:4000");
+        conn.handle_input(t0, header);
+        conn.handle_input(t0, b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+        let (out, _) = exchange(&mut conn, t0);
+        let name = String::from_utf8_lossy(header);
+        assert_eq!(
+            out.contains("250-AUTH PLAIN LOGIN\r\n"),
+            offered,
+            "{name}: {out}"
+        );
+        if offered {
+            let (request, verifier) = conn.poll_auth().expect("credentials taken");
+            conn.handle_auth(t0, verifier.verify(&request));
+            assert!(exchange(&mut conn, t0).0.starts_with("235 "), "{name}");
+        } else {
+            assert!(conn.poll_auth().is_none(), "{name}");
+            assert!(
+                out.ends_with(std::str::from_utf8(crate::smtp::reply::AUTH_NEEDS_TLS).unwrap()),
+                "{name}: {out}"
+            );
+        }
+    }
+}
+
+/// A client that leaves while its credentials are verified never hears the verdict,
+/// so the driver never counts it: without counting the abandoned attempt, one address
+/// could keep the verifier pool busy (AUTH, close, again) and never reach
+/// `--max-auth-failures-per-ip`.
+#[test]
+fn auth_abandoned_during_verification_counts_as_a_failure() {
+    let t0 = Instant::now();
+    let peers = limiter(PeerLimitsConfig {
+        auth_failures: Some(2),
+        ..no_limits()
+    });
+    let (edge, _users) = auth_edge(Some(peers));
+    for port in [1000, 1001] {
+        let mut conn = open_edge(t0, edge.clone(), &format!("198.51.100.9:{port}"));
+        exchange(&mut conn, t0);
+        conn.handle_input(t0, b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHdyb25n\r\n");
+        exchange(&mut conn, t0);
+        assert!(conn.poll_auth().is_some());
+        conn.handle_eof(t0);
+        drop(conn);
+    }
+    let mut again = open_edge(t0, edge, "198.51.100.9:1002");
+    exchange(&mut again, t0);
+    again.handle_input(t0, b"EHLO c.test\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+    assert!(again.poll_auth().is_none());
+    let (out, _) = exchange(&mut again, t0);
+    assert!(
+        out.contains("421 4.7.0 mx.test Too many authentication failures"),
+        "{out}"
+    );
+}

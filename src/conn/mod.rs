@@ -608,6 +608,7 @@ impl Connection {
                     self.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
                     self.session.set_client_addr(self.peer);
                 }
+                self.plaintext_auth_for(source.map(|s| s.ip().to_canonical()));
                 self.idle_deadline = now + self.limits.idle_timeout;
                 self.handshake_begins(now);
                 self.peer_known(now);
@@ -617,6 +618,22 @@ impl Connection {
                     self.wire_input(now, rest);
                 }
                 self.maybe_greet(now);
+            }
+        }
+    }
+
+    /// `--auth-allow-plaintext` is for clients on this host. Behind a balancer the
+    /// real client decides: one that is not loopback (or that the header does not
+    /// name) sent its credentials across the network in the clear, so it gets AUTH
+    /// only after STARTTLS.
+    fn plaintext_auth_for(&mut self, client: Option<std::net::IpAddr>) {
+        if let Some(auth) = &self.edge.auth {
+            if auth.policy.plaintext && !client.is_some_and(|ip| ip.is_loopback()) {
+                self.session
+                    .set_auth(Some(crate::smtp::session::AuthPolicy {
+                        plaintext: false,
+                        ..auth.policy
+                    }));
             }
         }
     }
@@ -1036,7 +1053,12 @@ impl Connection {
             }
         }
         self.log_events();
-        // Verifying is the gateway's time, not the client's.
+        self.resume_after_answer(now);
+    }
+
+    /// The verifier or the sink answered: waiting for it was the gateway's time, not
+    /// the client's, and the input held meanwhile is taken up again.
+    fn resume_after_answer(&mut self, now: Instant) {
         self.idle_deadline = now + self.limits.idle_timeout;
         if self.has_input() {
             self.process_input(now);
@@ -1074,14 +1096,7 @@ impl Connection {
             return;
         }
         self.session.publish_result(result);
-        // Waiting for the sink is the gateway's time, not the client's.
-        self.idle_deadline = now + self.limits.idle_timeout;
-        if self.has_input() {
-            self.process_input(now);
-        } else if self.draining {
-            self.wind_down();
-        }
-        self.after_output_change(now);
+        self.resume_after_answer(now);
     }
 
     /// When the driver next needs [`Self::handle_timeout`], if ever.
@@ -1651,6 +1666,14 @@ impl Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
+        // Credentials still with the verifier: the client left before its verdict, which
+        // is then never counted against its address. Counted here as a failure, or one
+        // address could keep the verifier pool busy (AUTH, close, again) unlimited.
+        if self.session.is_awaiting_auth() {
+            if let Some(slot) = &self.slot {
+                slot.auth_failed(self.record.seen);
+            }
+        }
         self.budget.release(self.charged);
         if let Some(flight) = &self.in_flight {
             self.budget.answered_by_sink(flight.charged);

@@ -620,3 +620,69 @@ fn user_message_rate_closes_only_authenticated_sessions() {
     assert!(text.ends_with("235 2.7.0 Authentication successful\r\n421 4.7.0 mx.test Too many messages for your user, try again later\r\n"), "{text}");
     assert!(s.is_closed());
 }
+
+/// Every close for too many AUTH failures counts in
+/// `smtpgw_session_limit_closes_total{reason="auth_failures"}` like the other limits:
+/// a user locked by the verifier, an address already over its limit, and an address
+/// that goes over it with this failure (the driver's `refuse_over_limit`).
+#[test]
+fn auth_failure_closes_count_as_limit_closes() {
+    // An encrypted session offering AUTH that has sent `AUTH PLAIN` as `user`.
+    let after_auth = |user: &[u8], over: bool| {
+        let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
+        s.tls_started(Arc::from("TLSv1.3 x"));
+        s.set_auth(Some(OFFERED));
+        s.set_auth_failures_exceeded(over);
+        let response = b64(&[b"\0", user, b"\0pw"].concat());
+        s.feed(format!("EHLO c\r\nAUTH PLAIN {response}\r\n").as_bytes());
+        s
+    };
+    let closes = |s: &mut Session| s.stats_mut().limit_closes[stats::CLOSE_AUTH_FAILURES];
+
+    let mut s = after_auth(b"locked", false);
+    let request = s.take_auth_request().unwrap();
+    s.auth_result(verify(&request));
+    assert!(s.is_closed());
+    assert_eq!(closes(&mut s), 1);
+
+    let mut s = after_auth(b"bob", true);
+    assert!(s.take_auth_request().is_none());
+    assert!(s.is_closed());
+    assert_eq!(closes(&mut s), 1);
+
+    let mut s = after_auth(b"bob", false);
+    let request = s.take_auth_request().unwrap();
+    s.auth_result(verify(&request));
+    s.refuse_over_limit(Refusal::AuthFailures, "Too many authentication failures");
+    assert!(s.is_closed());
+    assert_eq!(closes(&mut s), 1);
+    assert_eq!(
+        stats::LIMIT_CLOSES[stats::CLOSE_AUTH_FAILURES],
+        "auth_failures"
+    );
+}
+
+/// HELP lists AUTH where EHLO offers it, and explains it as a topic; elsewhere neither.
+#[test]
+fn help_mentions_auth_only_where_it_is_offered() {
+    for (policy, tls, offered) in [
+        (Some(OFFERED), true, true),
+        (Some(OFFERED), false, false),
+        (None, true, false),
+    ] {
+        let r = run_auth(policy, tls, [&b"HELP\r\nHELP AUTH\r\n"[..]]);
+        let commands = r
+            .replies
+            .lines()
+            .filter(|l| l.contains("Commands:") || l.contains("VRFY"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(commands.contains(" AUTH"), offered, "{:?}", r.replies);
+        assert_eq!(
+            r.replies.contains("214 2.0.0 AUTH PLAIN|LOGIN"),
+            offered,
+            "{}",
+            r.replies
+        );
+    }
+}

@@ -17,6 +17,12 @@ pub const HELP: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domai
 214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT\r\n\
 214-2.0.0           VRFY HELP SEND SOML SAML\r\n\
 214 2.0.0 End of HELP info\r\n";
+/// HELP where EHLO offers AUTH.
+pub const HELP_AUTH: &[u8] = b"214-2.0.0 smtpgw accepts mail for its configured domains\r\n\
+214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT\r\n\
+214-2.0.0           VRFY HELP SEND SOML SAML AUTH\r\n\
+214 2.0.0 End of HELP info\r\n";
+pub const HELP_TOPIC_AUTH: &[u8] = b"214 2.0.0 AUTH PLAIN|LOGIN [initial-response] (RFC 4954)\r\n";
 pub const HELP_UNKNOWN_TOPIC: &[u8] = b"504 5.5.4 HELP topic unknown\r\n";
 
 pub const UNKNOWN_COMMAND: &[u8] = b"500 5.5.2 Command unrecognized\r\n";

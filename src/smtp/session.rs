@@ -365,15 +365,11 @@ impl Session {
                 self.event_user(Refusal::AuthTemporary, user.as_deref());
                 self.reply(reply::AUTH_TEMPORARY);
             }
-            AuthVerdict::Locked => {
-                self.event_user(Refusal::AuthFailures, user.as_deref());
-                reply::policy_limit(
-                    &mut self.out,
-                    &self.config.hostname,
-                    "Too many authentication failures",
-                );
-                self.close();
-            }
+            AuthVerdict::Locked => self.limit_close(
+                Refusal::AuthFailures,
+                "Too many authentication failures",
+                user.as_deref(),
+            ),
         }
         self.count_error(replied_from);
         self.stats.count_replies(&self.out[replied_from..]);
@@ -410,9 +406,25 @@ impl Session {
         self.stats.count_replies(&self.out[replied_from..]);
     }
 
-    /// `421 4.7.0` and close, uncounted: for callers inside `feed`, which counts.
+    /// `421 4.7.0` and close, the reply uncounted: for callers inside `feed`, which
+    /// counts.
     fn over_limit(&mut self, why: Refusal, what: &str) {
-        self.event(why, None, None);
+        self.limit_close(why, what, None);
+    }
+
+    /// `421 4.7.0` and close, counted in `smtpgw_session_limit_closes_total` by `why`;
+    /// `user` names the AUTH user the limit is about.
+    fn limit_close(&mut self, why: Refusal, what: &str, user: Option<&str>) {
+        let close = match why {
+            Refusal::ErrorBudget => Some(stats::CLOSE_ERROR_BUDGET),
+            Refusal::MessageRate => Some(stats::CLOSE_MESSAGE_RATE),
+            Refusal::AuthFailures => Some(stats::CLOSE_AUTH_FAILURES),
+            _ => None,
+        };
+        if let Some(i) = close {
+            self.stats.limit_closes[i] += 1;
+        }
+        self.event_user(why, user);
         reply::policy_limit(&mut self.out, &self.config.hostname, what);
         self.close();
     }
@@ -700,7 +712,6 @@ impl Session {
         }
         self.errors += 1;
         if self.errors >= budget {
-            self.stats.limit_closes[stats::CLOSE_ERROR_BUDGET] += 1;
             self.over_limit(Refusal::ErrorBudget, "Too many errors in this session");
         }
     }
@@ -991,11 +1002,9 @@ impl Session {
             return self.refuse_address(Refusal::AuthRequired, reply::AUTH_REQUIRED, address);
         }
         if self.user_rate_exceeded && self.authenticated.is_some() {
-            self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
             return self.over_limit(Refusal::MessageRate, "Too many messages for your user");
         }
         if self.message_rate_exceeded {
-            self.stats.limit_closes[stats::CLOSE_MESSAGE_RATE] += 1;
             return self.over_limit(Refusal::MessageRate, "Too many messages from your address");
         }
         if self.low_memory {
@@ -1248,8 +1257,11 @@ impl Session {
     }
 
     fn help(&mut self, topic: &[u8]) {
+        let auth = self.auth_usable();
         if topic.is_empty() {
-            self.reply(reply::HELP);
+            self.reply(if auth { reply::HELP_AUTH } else { reply::HELP });
+        } else if auth && topic.eq_ignore_ascii_case(b"AUTH") {
+            self.reply(reply::HELP_TOPIC_AUTH);
         } else if let Some(text) = help_topic(topic) {
             self.reply(text);
         } else {

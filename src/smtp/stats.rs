@@ -66,9 +66,10 @@ pub struct SessionStats {
 }
 
 /// `smtpgw_session_limit_closes_total{reason}` label values.
-pub const LIMIT_CLOSES: [&str; 2] = ["error_budget", "message_rate"];
+pub const LIMIT_CLOSES: [&str; 3] = ["error_budget", "message_rate", "auth_failures"];
 pub const CLOSE_ERROR_BUDGET: usize = 0;
 pub const CLOSE_MESSAGE_RATE: usize = 1;
+pub const CLOSE_AUTH_FAILURES: usize = 2;
 
 impl SessionStats {
     /// Adds `other` to `self` and zeroes `other`, so the same counts are never added twice.

@@ -4,7 +4,10 @@ offered in plaintext (unless allowed on loopback), the brute-force limit per add
 the users file re-read on SIGHUP and on change (a broken one keeps the old users), the
 same order of time for an unknown user as for a wrong password, what an authenticated
 sender gets (smtp.auth, ESMTPSA, the transaction line, --auth-relay, --require-auth,
-the per-user message rate), and the start-up errors that name the flag."""
+the per-user message rate), and the start-up errors that name the flag. Hostile
+clients: byte-by-byte and maximal AUTH lines, AUTH and MAIL in one write, clients
+leaving mid-verification, 300 concurrent AUTHs, SIGHUP and SIGTERM mid-verification,
+the users file replaced by a FIFO or /dev/zero, plaintext AUTH behind PROXY."""
 
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from conftest import gateway_binary, gateway_env, run_binary
-from edge_support import client_context, headers, make_certificate, metric, tls_port
+from edge_support import client_context, headers, listener_port, make_certificate, metric, tls_port, wire_from
 from smtpwire import IO_TIMEOUT, Wire, assert_reply, make_message
 from test_message_log import parse, refusals, wait_lines
+from test_proxy import v2_tcp4
 
 
 def hash_password(password: str) -> str:
@@ -149,26 +153,23 @@ def test_auth_on_the_implicit_tls_listener(start_gateway, cert, users):
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 def test_swaks_auth(start_gateway, cert, users, mechanism):
     gateway = tls_auth_gateway(start_gateway, cert, users)
-    result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
-         "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
-         "--auth", mechanism, "--auth-user", "alice", "--auth-password", "secret"],
-        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-    transcript = result.stdout.decode("utf-8", "replace")
-    assert result.returncode == 0, transcript + result.stderr.decode("utf-8", "replace")
+    def swaks(password: str) -> tuple[int, str]:
+        result = subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
+             "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
+             "--auth", mechanism, "--auth-user", "alice", "--auth-password", password],
+            capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        return result.returncode, result.stdout.decode("utf-8", "replace") + result.stderr.decode("utf-8", "replace")
+
+    code, transcript = swaks("secret")
+    assert code == 0, transcript
     assert "235 2.7.0 Authentication successful" in transcript, transcript
     [message_id] = gateway.spool_ids()
     assert headers(gateway, message_id)["smtp.auth"] == ["alice"]
     # A wrong password is refused by swaks' own account, and nothing is stored.
-    result = subprocess.run(
-        ["swaks", "--server", "127.0.0.1", "--port", str(gateway.port), "--helo", "client.test",
-         "--from", "alice@client.test", "--to", "x@example.com", "--timeout", "20", "--tls",
-         "--auth", mechanism, "--auth-user", "alice", "--auth-password", "wrong"],
-        capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
-    )
-    transcript = result.stdout.decode("utf-8", "replace")
-    assert result.returncode != 0 and "535 5.7.8" in transcript, transcript
+    code, transcript = swaks("wrong")
+    assert code != 0 and "535 5.7.8" in transcript, transcript
     assert len(gateway.spool_ids()) == 1
 
 
@@ -270,18 +271,24 @@ def test_brute_force_limit_per_address(start_gateway, users):
         assert_reply(w.reply(), "421 4.7.0")
         assert w.closed_by_server()
     # Another connection from the address: refused at AUTH, even with the right password.
-    with Wire(gateway.host, gateway.port) as w:
-        w.reply()
-        w.cmd("EHLO client.test")
-        w.send(plain(b"alice", b"secret") + "\r\n")
-        reply = assert_reply(w.reply(), "421 4.7.0")
-        assert "authentication failures" in reply.text, reply.text
-        assert w.closed_by_server()
+    assert_locked_out(gateway, b"alice", b"secret")
     failures = refusals(gateway, "auth_failed", 3)
     assert [f.get("user") for f in failures] == ["alice", "eve", "alice"], failures
     assert all(f.get("client", "").startswith("127.0.0.1:") for f in failures), failures
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="failure"}', 3) == 3
     assert metric_reaches(gateway, 'smtpgw_auth_total{result="locked"}', 2) == 2
+    assert metric_reaches(gateway, 'smtpgw_session_limit_closes_total{reason="auth_failures"}', 2) == 2
+
+
+def assert_locked_out(gateway, user: bytes, password: bytes) -> None:
+    """AUTH gets `421 4.7.0` for too many failures, unverified, and the session closes."""
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        w.send(plain(user, password) + "\r\n")
+        reply = assert_reply(w.reply(), "421 4.7.0")
+        assert "authentication failures" in reply.text, reply.text
+        assert w.closed_by_server()
 
 
 def login(gateway, user: bytes, password: bytes) -> str:
@@ -490,3 +497,178 @@ def test_postfix_relays_with_sasl_over_mandatory_tls(start_gateway, cert, users,
         assert "status=sent" in log, log
     finally:
         subprocess.run(["postfix", "-c", str(etc), "stop"], capture_output=True, timeout=60)
+
+
+def test_per_user_lockout_across_connections(start_gateway, users):
+    # Loopback is exempt from the per-address limit by default, so only the per-user
+    # count (same flag) can lock: three failures for alice, each on its own connection.
+    gateway = plain_auth_gateway(start_gateway, users, "--max-auth-failures-per-ip", "3")
+    for _ in range(3):
+        assert login(gateway, b"alice", b"guess") == "535"
+    # The right password no longer opens alice, from any connection; bob is untouched.
+    assert_locked_out(gateway, b"alice", b"secret")
+    assert login(gateway, b"bob", b"hunter2") == "235"
+    assert metric_reaches(gateway, 'smtpgw_auth_total{result="locked"}', 1) == 1
+    assert metric_reaches(gateway, 'smtpgw_session_limit_closes_total{reason="auth_failures"}', 1) == 1
+
+
+def test_help_lists_auth_where_it_is_offered(start_gateway, cert, users):
+    gateway = tls_auth_gateway(start_gateway, cert, users)
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        assert "AUTH" not in w.cmd("HELP").text
+        assert_reply(w.cmd("HELP AUTH"), "504")
+    client = starttls_client(gateway, cert)
+    code, text = client.docmd("HELP")
+    assert code == 214 and b" AUTH" in text, text
+    code, text = client.docmd("HELP", "AUTH")
+    assert code == 214 and b"PLAIN|LOGIN" in text, text
+    client.quit()
+
+
+# Hostile clients.
+
+def test_auth_line_trickled_byte_by_byte_and_maximal_responses(start_gateway, users):
+    gateway = plain_auth_gateway(start_gateway, users)
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        w.send_bytewise((plain(b"alice", b"secret") + "\r\n").encode())
+        assert_reply(w.reply(), "235 2.7.0")
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        # The longest name and password the gateway takes: verified (and wrong).
+        w.expect(plain(b"u" * 255, b"p" * 1024), "535 5.7.8")
+        # Base64 that fills the response line but decodes past the limits: 501.
+        w.expect("AUTH PLAIN " + b64(b"\0alice\0" + b"p" * 9000), "501 5.5.2")
+        # Past the line limit: 500 and the exchange is over, the session is not.
+        w.expect("AUTH PLAIN " + "A" * 20000, "500 5.5.6")
+        w.expect("AUTH LOGIN", "334")
+        w.expect("A" * 20000, "500 5.5.6")
+        w.expect(plain(b"alice", b"secret"), "235 2.7.0")
+
+
+@pytest.mark.parametrize("password,auth_code,mail_code", [(b"secret", "235", "250"), (b"wrong", "535", "530")])
+def test_pipelined_auth_and_mail_wait_for_the_verdict(start_gateway, users, password, auth_code, mail_code):
+    # RFC 4954: the client must wait for AUTH's reply. One that does not gets MAIL
+    # judged after the verdict, never before it.
+    gateway = plain_auth_gateway(start_gateway, users, "--require-auth")
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        w.send(plain(b"alice", password) + "\r\nMAIL FROM:<a@example.com>\r\n")
+        assert_reply(w.reply(), auth_code)
+        assert_reply(w.reply(), mail_code)
+
+
+def test_clients_leaving_during_verification_get_no_verdict_misrouted(start_gateway, users):
+    # A right password whose client vanished (reset, or QUIT pipelined behind it) must
+    # not answer the next connection, which reuses its slot: that one's wrong password
+    # always gets 535.
+    gateway = plain_auth_gateway(start_gateway, users, "--max-auth-failures-per-ip", "0")
+    for i in range(12):
+        gone = Wire(gateway.host, gateway.port)
+        gone.reply()
+        gone.cmd("EHLO client.test")
+        if i % 2:
+            gone.send(plain(b"alice", b"secret") + "\r\n")
+            gone.abort()
+        else:
+            gone.send(plain(b"alice", b"secret") + "\r\nQUIT\r\n")
+            gone.close()
+        with Wire(gateway.host, gateway.port) as w:
+            w.reply()
+            w.cmd("EHLO client.test")
+            assert_reply(w.cmd(plain(b"eve", b"guess")), "535 5.7.8")
+    # QUIT behind AUTH is answered after the verdict.
+    with Wire(gateway.host, gateway.port) as w:
+        w.reply()
+        w.cmd("EHLO client.test")
+        w.send(plain(b"alice", b"secret") + "\r\nQUIT\r\n")
+        assert_reply(w.reply(), "235")
+        assert_reply(w.reply(), "221")
+
+
+def test_a_full_verifier_queue_answers_454_and_nothing_hangs(start_gateway, users):
+    gateway = plain_auth_gateway(start_gateway, users, "--max-auth-failures-per-ip", "0")
+    wires = []
+    try:
+        for _ in range(300):
+            w = Wire(gateway.host, gateway.port, timeout=120)
+            w.reply()
+            w.cmd("EHLO client.test")
+            wires.append(w)
+        line = (plain(b"alice", b"guess") + "\r\n").encode()
+        for w in wires:
+            w.send(line)
+        # SIGHUP while the verifiers work: the users file is re-read, nothing is lost.
+        gateway.send_signal(signal.SIGHUP)
+        codes = [str(w.reply().code) for w in wires]
+    finally:
+        for w in wires:
+            w.close()
+    assert set(codes) <= {"535", "454"}, codes
+    assert "454" in codes and "535" in codes, codes
+    assert login(gateway, b"alice", b"secret") == "235"
+    assert metric_reaches(gateway, 'smtpgw_auth_total{result="temporary"}', 1) >= 1
+
+
+@pytest.mark.parametrize("replacement", ["fifo", "dev-zero"])
+def test_users_file_replaced_by_a_fifo_or_dev_zero(start_gateway, users, tmp_path, replacement):
+    gateway = plain_auth_gateway(start_gateway, users)
+    assert login(gateway, b"alice", b"secret") == "235"
+    users.unlink()
+    if replacement == "fifo":
+        os.mkfifo(users)
+    else:
+        os.symlink("/dev/zero", users)
+    gateway.send_signal(signal.SIGHUP)
+    wait_lines(gateway, lambda p: "AUTH users file refused" in p.get("message", ""))
+    # Still serving, with the users in force.
+    assert login(gateway, b"alice", b"secret") == "235"
+    assert gateway.proc.poll() is None
+
+
+def test_plaintext_auth_behind_proxy_only_for_a_loopback_client(start_gateway, users):
+    # A balancer on this host forwards remote clients to a loopback --proxy-listen:
+    # their credentials crossed the network in the clear, so they get no AUTH before
+    # TLS; a client on this host (per the header) and --listen keep it.
+    gateway = plain_auth_gateway(
+        start_gateway, users, "--proxy-protocol", "v2", "--proxy-trusted-cidr", "127.0.0.1/32",
+        "--proxy-listen", "127.0.0.1:0",
+    )
+    port = listener_port(gateway, "ProxiedSmtp")
+    for source, offered in [("203.0.113.9", False), ("127.0.0.1", True)]:
+        with wire_from(gateway, "127.0.0.1", port) as w:
+            w.send(v2_tcp4(source, 40001))
+            w.reply()
+            assert ("AUTH PLAIN LOGIN" in w.cmd("EHLO client.test").text) == offered, source
+            assert_reply(w.cmd(plain(b"alice", b"secret")), "235" if offered else "538 5.7.11")
+    assert login(gateway, b"alice", b"secret") == "235"
+
+
+def test_sigterm_during_verification_answers_the_verdict_then_drains(start_gateway, users):
+    # 40 verifications queued (about half a second of argon2 on two threads), then
+    # SIGTERM: each client gets its verdict or the drain's 421, never silence, and the
+    # gateway exits in time and cleanly.
+    gateway = plain_auth_gateway(start_gateway, users, "--max-auth-failures-per-ip", "0")
+    wires = []
+    try:
+        for _ in range(40):
+            w = Wire(gateway.host, gateway.port)
+            w.reply()
+            w.cmd("EHLO client.test")
+            wires.append(w)
+        for w in wires:
+            w.send(plain(b"alice", b"secret") + "\r\n")
+        started = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        codes = [str(w.reply().code) for w in wires]
+    finally:
+        for w in wires:
+            w.close()
+    assert set(codes) <= {"235", "454", "421"} and "235" in codes, codes
+    assert gateway.wait(30) == 0
+    assert time.monotonic() - started < 30
