@@ -1349,9 +1349,11 @@ impl Connection {
         line.code = code;
         line.ms = now.saturating_duration_since(flight.body_since).as_millis() as u64;
         line.error = error.map(ToString::to_string);
-        if stored_in == StoredIn::Fallback {
+        match stored_in {
             // The fallback spool answered (Kafka had failed the message).
-            line.sink = SINK_FALLBACK;
+            StoredIn::Fallback => line.sink = SINK_FALLBACK,
+            StoredIn::Kafka { partition, offset } => line.kafka = Some((partition, offset)),
+            StoredIn::Sink => {}
         }
         logging::submit(logging::Event::Message(line));
     }

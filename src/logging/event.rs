@@ -45,6 +45,8 @@ pub struct MessageLine {
     pub code: u16,
     pub ms: u64,
     pub sink: &'static str,
+    /// The partition and offset the Kafka record got.
+    pub kafka: Option<(i32, i64)>,
     pub error: Option<String>,
     /// The user the session authenticated as (SMTP AUTH), if it did.
     pub auth: Option<std::sync::Arc<str>>,
@@ -140,6 +142,7 @@ impl MessageLine {
             code: 0,
             ms: 0,
             sink,
+            kafka: None,
             error: None,
             auth: None,
         }

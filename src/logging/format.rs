@@ -203,6 +203,14 @@ impl Formatter {
         l.num("code", u64::from(m.code));
         l.num("ms", m.ms);
         l.plain("sink", m.sink);
+        // Never negative for a delivered record (librdkafka's "unknown" offset, -1001,
+        // is only seen before delivery); a negative one is left out rather than shown.
+        if let Some((Ok(partition), Ok(offset))) =
+            m.kafka.map(|(p, o)| (u64::try_from(p), u64::try_from(o)))
+        {
+            l.num("partition", partition);
+            l.num("offset", offset);
+        }
         if let Some(e) = &m.error {
             l.client_text("error", e.as_bytes());
         }

@@ -402,7 +402,8 @@ pub(crate) enum Answer {
 }
 
 impl Answer {
-    fn answer(self, shared: &Shared, result: PublishResult) {
+    /// `at`: the partition and offset of a delivered record.
+    fn answer(self, shared: &Shared, result: PublishResult, at: Option<(i32, i64)>) {
         match self {
             Answer::Session { done, keep } => match (result, keep, &shared.fallback) {
                 (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
@@ -414,7 +415,11 @@ impl Answer {
                     if result.is_ok() && fallback.is_some() {
                         shared.stored_in_kafka();
                     }
-                    done.complete(result)
+                    match at {
+                        Some((partition, offset)) => done.at_kafka(partition, offset),
+                        None => done,
+                    }
+                    .complete(result)
                 }
             },
             Answer::Forward { seq, tx } => {
@@ -743,16 +748,20 @@ impl ProducerContext for GatewayContext {
         self.shared.sub_inflight(inflight.bytes);
         let InFlight { answer, id, .. } = *inflight;
         match result {
-            Ok(_) => {
+            Ok(record) => {
                 self.shared.delivered(self.generation);
-                answer.answer(&self.shared, Ok(id));
+                let at = (
+                    rdkafka::Message::partition(record),
+                    rdkafka::Message::offset(record),
+                );
+                answer.answer(&self.shared, Ok(id), Some(at));
             }
             Err((error, _)) => {
                 tracing::debug!(%id, %error, "kafka delivery failed");
                 if let Some(kind) = liveness(error) {
                     self.shared.liveness_failure(self.generation, kind, error);
                 }
-                answer.answer(&self.shared, Err(classify(error)));
+                answer.answer(&self.shared, Err(classify(error)), None);
             }
         }
     }
@@ -1277,6 +1286,7 @@ impl KafkaSink {
             answer.answer(
                 shared,
                 Err(PublishError::Temporary(Cow::Borrowed(UNAVAILABLE))),
+                None,
             );
             return;
         }
@@ -1289,6 +1299,7 @@ impl KafkaSink {
             answer.answer(
                 shared,
                 Err(PublishError::Temporary(Cow::Borrowed(SHUT_DOWN))),
+                None,
             );
             return;
         };
@@ -1321,7 +1332,7 @@ impl KafkaSink {
             record
                 .delivery_opaque
                 .answer
-                .answer(shared, Err(classify(&error)));
+                .answer(shared, Err(classify(&error)), None);
         }
     }
 

@@ -127,6 +127,11 @@ impl Completion {
         Completion(self.0, StoredIn::Fallback)
     }
 
+    /// The same way back, saying where the broker put the record.
+    pub fn at_kafka(self, partition: i32, offset: i64) -> Self {
+        Completion(self.0, StoredIn::Kafka { partition, offset })
+    }
+
     /// Delivers the answer. A connection that has gone away no longer listens; its
     /// client got no 250 and will send the message again, which is the SMTP contract.
     pub fn complete(self, result: PublishResult) {

@@ -38,13 +38,17 @@ pub enum PublishError {
 
 pub type PublishResult = Result<MessageId, PublishError>;
 
-/// Where a sink stored a message it answered for: its own store, or (the Kafka sink's
-/// store-and-forward) the fallback spool. The transaction line names it
-/// (`sink=spool-fallback`).
+/// Where a sink stored a message it answered for: its own store, the Kafka topic's
+/// partition and offset, or (the Kafka sink's store-and-forward) the fallback spool. The
+/// transaction line names it (`partition=` `offset=`, `sink=spool-fallback`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StoredIn {
     #[default]
     Sink,
+    Kafka {
+        partition: i32,
+        offset: i64,
+    },
     Fallback,
 }
 

@@ -230,6 +230,34 @@ def test_dsn_parameters_are_record_headers_per_recipient(gateway):
     assert headers["smtp.dsn_envid"] == [b"abc+2Bdef"]
 
 
+def test_transaction_line_names_the_partition_and_offset_the_record_got(gateway):
+    """Issue 18 item 1: for Kafka the transaction line carries where the record is, so an
+    operator can go from a log line straight to the record."""
+    s = smtp(gateway)
+    deadline = time.monotonic() + 20
+
+    def send():
+        s.mail("sender@client.test")
+        s.rcpt("x@example.com")
+        return s.data(b"Subject: where\r\n\r\nfind me\r\n")
+
+    keys = [accepted(send, deadline) for _ in range(3)]
+    s.quit()
+    found = consume(set(keys))
+    for key in keys:
+        [record] = found[key]
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [l for l in gateway.stderr.splitlines() if f"id={key.decode()}" in l and " code=250" in l]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert len(lines) == 1, lines
+        assert "sink=kafka" in lines[0], lines[0]
+        assert f" partition={record.partition()} " in lines[0], (lines[0], record.partition())
+        assert re.search(rf" offset={record.offset()}( |$)", lines[0]), (lines[0], record.offset())
+
+
 def test_authenticated_sender_is_a_record_header(start_gateway, tmp_path):
     """SMTP AUTH: the user the session authenticated as reaches the Kafka record as
     smtp.auth (and the Received: line says ESMTPA, loopback plaintext here); a session

@@ -298,7 +298,8 @@ def test_every_json_line_is_plain_typed_json(start_gateway, tmp_path):
         w.abort()
     wait_lines(gw, lambda p: p["target"] == "smtpgw::session", 2)
     gw.stop()
-    numbers = {"session", "nrcpt", "size", "code", "ms", "accepted", "refused", "bytes_in", "bytes_out", "suppressed"}
+    numbers = {"session", "nrcpt", "size", "code", "ms", "accepted", "refused", "bytes_in", "bytes_out", "suppressed",
+               "partition", "offset"}
     strings = {"id", "client", "helo", "tls", "from", "message_id", "sink", "command", "address",
                "enhanced", "reason", "detail", "ended", "error", "client_ip", "message"}
     seen = set()
