@@ -179,6 +179,9 @@ pub struct KafkaOptions {
     /// `--kafka-config` sets it), and a topic whose `max.message.bytes` cannot hold it
     /// makes the sink refuse to start. `None`: librdkafka's default, no check.
     pub max_value: Option<usize>,
+    /// `--max-message-size auto`: a topic smaller than [`KafkaOptions::max_value`]
+    /// lowers the size limit (with a warning) instead of stopping the start-up.
+    pub fit_topic: bool,
 }
 
 impl KafkaOptions {
@@ -189,6 +192,7 @@ impl KafkaOptions {
             startup_timeout: STARTUP_PROBE_TIMEOUT,
             forward_reserve: (0, 0),
             max_value: None,
+            fit_topic: false,
         }
     }
 
@@ -309,17 +313,28 @@ pub fn limit_for_value(value: usize, max_recipients: usize) -> usize {
 
 /// A topic that cannot hold the largest message `--max-message-size` allows stops the
 /// start-up: advertising a SIZE and then bouncing what fits it with `552` is worse.
+/// With `--max-message-size auto` ([`KafkaOptions::fit_topic`]) it is said at `warn`
+/// instead, and the size limit follows the topic's (see `server::session_config_for`).
 fn check_topic_limit(
     topic_max: Option<usize>,
     options: &KafkaOptions,
 ) -> Result<(), KafkaSinkError> {
     if let (Some(topic_max), Some(value)) = (topic_max, options.max_value) {
         if value_limit(topic_max, options.max_recipients) < value {
-            return Err(KafkaSinkError::TopicTooSmall {
+            let too_small = KafkaSinkError::TopicTooSmall {
                 topic: options.topic().to_owned(),
                 topic_max,
                 needed: limit_for_value(value, options.max_recipients),
-            });
+            };
+            if !options.fit_topic {
+                return Err(too_small);
+            }
+            tracing::warn!(
+                topic = %options.topic(),
+                topic_max_message_bytes = topic_max,
+                max_record_value = value_limit(topic_max, options.max_recipients),
+                "--max-message-size auto: advertising what the kafka topic holds ({too_small})"
+            );
         }
     }
     Ok(())
@@ -1692,6 +1707,10 @@ mod tests {
             )
         );
         assert!(!error.contains('\n'));
+        // --max-message-size auto: the same topic lowers the limit instead.
+        options.fit_topic = true;
+        assert!(check_topic_limit(Some(1_048_588), &options).is_ok());
+        options.fit_topic = false;
         options.max_value = None;
         assert!(check_topic_limit(Some(1_048_588), &options).is_ok());
     }
