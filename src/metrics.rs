@@ -98,6 +98,9 @@ pub struct Metrics {
     pub publish_inflight_bytes: IntGauge,
     /// The configured limits, so dashboards and alerts can show saturation.
     pub connections_max: IntGauge,
+    /// The SIZE new sessions advertise: `--max-message-size`, or less when the sink
+    /// holds less (`auto`, or a Kafka producer limit set by hand).
+    pub max_message_size: IntGauge,
     pub publish_inflight_messages_limit: IntGauge,
     pub publish_inflight_bytes_limit: IntGauge,
     pub publish_failures_temporary: IntCounter,
@@ -370,6 +373,10 @@ impl Metrics {
             connections_max: gauge(
                 "smtpgw_connections_max",
                 "--max-connections: open connections above which new ones get 421.",
+            )?,
+            max_message_size: gauge(
+                "smtpgw_max_message_size_bytes",
+                "The largest message new sessions accept (the SIZE they advertise).",
             )?,
             publish_inflight_messages_limit: gauge(
                 "smtpgw_publish_inflight_messages_limit",

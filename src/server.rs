@@ -99,6 +99,7 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
                 .max_message_size()
                 .saturating_add(RECEIVED_HEADROOM + config.hostname.len()),
         );
+        options.fit_topic = config.max_message_size_auto();
         options
     };
     Ok(match config.spool.sink {
@@ -136,12 +137,20 @@ pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
         let room = RECEIVED_HEADROOM + config.hostname.len();
         let cap = max_value.saturating_sub(room).max(1);
         if cap < session.max_message_size {
-            warn!(
-                configured = session.max_message_size,
-                effective = cap,
-                sink = %sink.name(),
-                "--max-message-size lowered to what the sink accepts"
-            );
+            if config.max_message_size_auto() {
+                warn!(
+                    effective = cap,
+                    sink = %sink.name(),
+                    "--max-message-size auto: advertising SIZE {cap}, what the sink accepts"
+                );
+            } else {
+                warn!(
+                    configured = session.max_message_size,
+                    effective = cap,
+                    sink = %sink.name(),
+                    "--max-message-size lowered to what the sink accepts"
+                );
+            }
             session.max_message_size = cap;
         }
     }
@@ -363,6 +372,9 @@ fn apply_reload(
     // Refusals are logged by the reloader; the gateway runs on as it was.
     let mut refused =
         what == Reread::Everything && reloader.apply(read.config, config, sink, session).is_err();
+    metrics
+        .max_message_size
+        .set(gauge_value(session.current().max_message_size));
     let cause = match what {
         Reread::Everything => "SIGHUP",
         Reread::Certificate => "certificate files changed",
@@ -437,6 +449,7 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
         &config, &*sink,
     )));
     let max_message_size = session.current().max_message_size;
+    metrics.max_message_size.set(gauge_value(max_message_size));
     // What a certificate reload on SIGHUP replaces (`reload_tls`).
     let verifier = auth_verifier(&config)?;
     let (specs, tls) = listeners(&config, &metrics, verifier.as_ref())?;

@@ -1093,6 +1093,10 @@ pub struct CheckSummary {
     pub torn_tail_bytes: u64,
     /// Records in the tombstone log (damaged ones included).
     pub tombstones: u64,
+    /// The longest record value (`Received:` line and message) and the most recipients
+    /// of one record: what `spool replay` sizes the producer's `message.max.bytes` by.
+    pub largest_value: u64,
+    pub most_recipients: u64,
 }
 
 /// Verifies every record (frame, checksum, payload) and writes a summary to `out`;
@@ -1110,6 +1114,13 @@ pub fn check(
             ReadEvent::Record(record) => {
                 summary.records += 1;
                 summary.record_bytes += record.frame_len;
+                summary.largest_value = summary.largest_value.max(record.value().len() as u64);
+                let recipients = record
+                    .headers
+                    .iter()
+                    .filter(|(name, _)| name == "smtp.rcpt_to")
+                    .count() as u64;
+                summary.most_recipients = summary.most_recipients.max(recipients);
             }
             ReadEvent::Corrupt(range) => damage.corrupt(range),
             ReadEvent::TornTail(range) => damage.torn(range),

@@ -84,6 +84,30 @@ fn spool_replay_twice_publishes_identical_records() {
     );
 }
 
+/// librdkafka's default `message.max.bytes` (1 MB) would refuse this record on the
+/// client side: the replay sizes the producer by the spool's largest record.
+#[test]
+fn spool_replay_publishes_a_record_larger_than_librdkafkas_default() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let big = spool_support::message("x@example.com", &["y@example.com"], &vec![b'a'; 3 << 20]);
+    let spool = SpoolSink::open(tmp.path()).expect("spool");
+    assert_eq!(publish(&spool, big.clone()), Ok(big.id));
+    spool.shutdown();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+
+    let out = replay(tmp.path(), &brokers);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+    assert!(
+        stderr.contains(&format!("published 1 messages to {TOPIC}; 0 failed")),
+        "{stderr}"
+    );
+    let got = consume(&brokers, TOPIC, 1, WAIT, WAIT);
+    assert_eq!(got, vec![record_of(&big)]);
+}
+
 #[test]
 fn spool_replay_without_a_broker_fails_naming_every_id() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -139,6 +163,87 @@ fn config_precedence_is_flag_then_environment_then_file() {
     // The file named by the environment counts like --config.
     let via_env = [("SMTPGW_CONFIG", path_str(&file))];
     assert_eq!(advertised_size(&[], &via_env), "1111", "SMTPGW_CONFIG");
+}
+
+/// The EHLO SIZE and `smtpgw_max_message_size_bytes` of a fresh gateway, and its stderr.
+fn size_and_gauge(args: &[&str]) -> (u64, u64, String) {
+    use std::io::{Read, Write};
+    let spool = tempfile::tempdir().expect("tempdir");
+    let mut all = vec!["--accept-domain", "example.com", "--spool-dir"];
+    all.push(path_str(spool.path()));
+    all.extend_from_slice(args);
+    let mut gw = Gateway::start(&all, &[]).keep(spool);
+    let mut c = Client::connect(&gw.addr);
+    let ehlo = c.cmd("EHLO client.test");
+    c.cmd("QUIT");
+    let size = ehlo
+        .lines()
+        .find_map(|l| l.get(4..).and_then(|l| l.strip_prefix("SIZE ")))
+        .unwrap_or_else(|| panic!("no SIZE in {ehlo:?}"))
+        .trim()
+        .parse()
+        .expect("SIZE number");
+    let mut s = std::net::TcpStream::connect(&gw.metrics).expect("metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut scrape = String::new();
+    s.read_to_string(&mut scrape).expect("scrape");
+    let gauge = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("smtpgw_max_message_size_bytes "))
+        .unwrap_or_else(|| panic!("no smtpgw_max_message_size_bytes in {scrape}"))
+        .trim()
+        .parse()
+        .expect("gauge number");
+    gw.stop();
+    (size, gauge, gw.stderr())
+}
+
+/// `smtpgw_max_message_size_bytes` is the SIZE sessions advertise, whatever the mode;
+/// `auto` is 10M lowered to what the sink holds, said at warn, where a set size the
+/// producer cannot hold is lowered with the configured value named.
+#[test]
+fn max_message_size_gauge_and_auto_follow_what_the_sink_holds() {
+    let (size, gauge, _) = size_and_gauge(&["--max-message-size", "1234"]);
+    assert_eq!((size, gauge), (1234, 1234));
+    let (size, gauge, _) = size_and_gauge(&["--max-message-size", "auto"]);
+    assert_eq!((size, gauge), (10 << 20, 10 << 20), "auto with the spool");
+
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let kafka = |size: &'static str| {
+        size_and_gauge(&[
+            "--sink",
+            "kafka",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            TOPIC,
+            "--kafka-config",
+            "message.max.bytes=300000",
+            "--max-message-size",
+            size,
+        ])
+    };
+    let (size, gauge, stderr) = kafka("auto");
+    assert_eq!(size, gauge);
+    assert!((100_000..300_000).contains(&size), "SIZE {size}");
+    assert!(
+        stderr.contains(&format!("--max-message-size auto: advertising SIZE {size}")),
+        "{stderr}"
+    );
+    let (size, gauge, stderr) = kafka("2M");
+    assert_eq!(size, gauge);
+    assert!(
+        stderr.contains("--max-message-size lowered to what the sink accepts"),
+        "{stderr}"
+    );
 }
 
 #[test]
