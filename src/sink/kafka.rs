@@ -1265,6 +1265,11 @@ fn flush_when_idle(inner: &std::sync::Weak<Inner>, kicks: &Receiver<()>) {
             // Not low load: let linger.ms batch. A wake that came meanwhile is stale.
             std::thread::sleep(FLUSH_HOLDOFF);
             let _ = kicks.try_recv();
+            // The wake just dropped may have been shutdown's: it sets `closed` before
+            // it wakes, and joins this thread, which must not wait for another wake.
+            if shared.closed.load(Ordering::Acquire) {
+                return;
+            }
         }
     }
 }
