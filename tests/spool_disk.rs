@@ -210,12 +210,13 @@ fn full_disk_refuses_reports_and_recovers() {
         assert!(wait_ready(&gw), "ready again after a good batch");
         assert_eq!(metric(&gw.metrics, "smtpgw_sink_up"), 1.0);
         // Three failed batches, one line: a full disk under load must not flood the
-        // log. The line at the end says what the episode cost.
+        // log. The line at the end says what the episode cost; the writer thread logs
+        // it after the failures, so once it is out they are too.
+        let recovered = gw.wait_for_log("spool writes succeed again");
+        assert!(recovered.contains("failed_messages=3"), "{recovered}");
         let failed = gw.log_lines("spool write failed;");
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert!(gw.log_lines("cannot start a new spool segment").is_empty());
-        let recovered = gw.wait_for_log("spool writes succeed again");
-        assert!(recovered.contains("failed_messages=3"), "{recovered}");
         assert!(metric(&gw.metrics, "smtpgw_spool_bytes") > (accepted * size) as f64);
         assert!(metric(&gw.metrics, "smtpgw_spool_filesystem_free_bytes") > 0.0);
     }
@@ -286,6 +287,9 @@ fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
         "{why}"
     );
     assert_eq!(available(), 0.0);
+    assert!(broker_support::wait(Duration::from_secs(10), || !gw
+        .log_lines("--spool-fallback unavailable")
+        .is_empty()));
     let warned = gw.log_lines("--spool-fallback unavailable");
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert!(warned[0].contains("WARN"), "{}", warned[0]);
@@ -311,7 +315,13 @@ fn a_full_fallback_file_system_at_start_degrades_and_recovers() {
         http_get(&gw.metrics, "/readyz"),
         (200, "ready\n".to_owned())
     );
-    assert!(!gw.log_lines("spool: room for a segment again").is_empty());
+    // The log writer hands lines out within a few tens of milliseconds, not at once.
+    assert!(
+        broker_support::wait(Duration::from_secs(10), || !gw
+            .log_lines("spool: room for a segment again")
+            .is_empty()),
+        "no line says the fallback has room again"
+    );
     drop(gw);
     // The cursor that found no room at that start is no damage at the next one.
     let again = broker_support::fallback_on_one_reactor(&broker.addr(), topic, &spool, &[]);
