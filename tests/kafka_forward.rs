@@ -431,9 +431,9 @@ fn a_damaged_record_is_skipped_and_its_segment_kept() {
         "the segment with the damaged record was deleted"
     );
     assert!(
-        !second
+        broker_support::wait(Duration::from_secs(10), || !second
             .log_lines("not forwarded, and the segment stays on disk")
-            .is_empty(),
+            .is_empty()),
         "the damage was not reported"
     );
 }
@@ -532,7 +532,12 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
             spool.path(),
             &[],
         );
-        let lines = gw.log_lines(&format!("forward cursor {reason}"));
+        // Lines reach the log a few tens of milliseconds after their event.
+        let needle = format!("forward cursor {reason}");
+        broker_support::wait(Duration::from_secs(10), || {
+            !gw.log_lines(&needle).is_empty()
+        });
+        let lines = gw.log_lines(&needle);
         assert_eq!(lines.len(), 1, "{reason}: {lines:?}");
         assert!(lines[0].contains("ERROR"), "{reason}: {}", lines[0]);
         assert!(lines[0].contains("published again"), "{}", lines[0]);
