@@ -215,7 +215,7 @@ def test_unknown_file_key_is_refused_naming_the_file_and_key(tmp_path):
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ("flag", "error: invalid value '10X' for '--max-message-size <BYTES>': not a size (got \"10X\")"),
+        ("flag", "error: invalid value '10X' for '--max-message-size <BYTES|auto>': not a size (got \"10X\")"),
         ("env", "error: SMTPGW_MAX_MESSAGE_SIZE: not a size (got \"10X\")"),
         ("file", "error: --config {config}: `max-message-size`: not a size (got \"10X\")"),
     ],
