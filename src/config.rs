@@ -298,7 +298,7 @@ impl FromStr for KafkaSetting {
         if key.is_empty() {
             return Err(format!("empty key in {pair:?}"));
         }
-        if let Some(why) = crate::sink::kafka::reserved_config(key) {
+        if let Some(why) = reserved_kafka_config(key) {
             return Err(format!("{key}: not allowed, {why}"));
         }
         Ok(KafkaSetting {
@@ -783,12 +783,37 @@ impl Kafka {
     pub fn brokers(&self) -> &str {
         self.kafka_brokers.as_deref().map_or("", str::trim)
     }
+}
 
-    /// The sink's options, with the session's recipient limit (it bounds a record's
-    /// headers).
-    pub fn options(&self, max_recipients: usize) -> crate::sink::kafka::KafkaOptions {
-        crate::sink::kafka::KafkaOptions::new(self.clone(), max_recipients)
-    }
+/// The most records the forwarder keeps in flight to Kafka (`--forward-window`).
+pub const MAX_FORWARD_WINDOW: u64 = 2000;
+
+/// Settings librdkafka must not take from `--kafka-config`, because the durability
+/// promise or the sink's own flags depend on them.
+const RESERVED_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use --kafka-brokers"),
+    ("metadata.broker.list", "use --kafka-brokers"),
+    ("acks", "the gateway always uses acks=all"),
+    ("request.required.acks", "the gateway always uses acks=all"),
+    (
+        "enable.idempotence",
+        "the gateway always uses the idempotent producer",
+    ),
+    ("message.timeout.ms", "use --publish-timeout"),
+    ("delivery.timeout.ms", "use --publish-timeout"),
+    ("transactional.id", "the gateway does not use transactions"),
+];
+
+/// Why `--kafka-config KEY=...` is refused, if it is.
+pub fn reserved_kafka_config(key: &str) -> Option<&'static str> {
+    // librdkafka hands a name the global configuration does not know to the default
+    // topic configuration, which strips a `topic.` prefix: `topic.acks=1` is `acks=1`
+    // and `topic.message.timeout.ms` overrides `--publish-timeout`.
+    let bare = key.strip_prefix("topic.").unwrap_or(key);
+    RESERVED_KEYS
+        .iter()
+        .find(|(k, _)| *k == key || *k == bare)
+        .map(|(_, why)| *why)
 }
 
 settings_group! {
@@ -1688,12 +1713,12 @@ fn validate(
         ));
     }
     let window = a.spool.forward_window;
-    if !(1..=crate::sink::forward::WINDOW_RECORDS as u64).contains(&window) {
+    if !(1..=MAX_FORWARD_WINDOW).contains(&window) {
         return Err(invalid(
             "--forward-window",
             format!(
                 "must be between 1 and {} (got {window})",
-                crate::sink::forward::WINDOW_RECORDS
+                MAX_FORWARD_WINDOW
             ),
         ));
     }
@@ -2620,7 +2645,7 @@ mod tests {
         assert_eq!(c.kafka.max_inflight_messages, 7);
         assert_eq!(c.kafka.max_inflight_bytes, ByteSize(64 << 20));
         // The sink's options are this group, not a copy of its fields.
-        let o = c.kafka.options(c.max_recipients());
+        let o = crate::sink::kafka::KafkaOptions::new(c.kafka.clone(), c.max_recipients());
         assert_eq!(o.settings, c.kafka);
         assert_eq!(o.max_recipients, 100);
     }

@@ -479,7 +479,10 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             let max_recipients = smtpgw::config::Session::default()
                 .max_recipients
                 .max(summary.most_recipients);
-            let mut options = kafka.options(usize::try_from(max_recipients).unwrap_or(usize::MAX));
+            let mut options = smtpgw::sink::kafka::KafkaOptions::new(
+                kafka.clone(),
+                usize::try_from(max_recipients).unwrap_or(usize::MAX),
+            );
             options.max_value = Some(usize::try_from(summary.largest_value).unwrap_or(usize::MAX));
             let report = match replay_records(records, &options) {
                 Ok(report) => report,

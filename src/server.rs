@@ -19,7 +19,7 @@ use crate::reload::{
     summarise, ReadReload, Reloader, Reread, SessionConfigHandle, TlsFiles, RELOAD_DEADLINE,
 };
 use crate::sink::forward::{FallbackError, FallbackSink};
-use crate::sink::kafka::{KafkaSink, KafkaSinkError};
+use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
 use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
@@ -71,9 +71,7 @@ pub fn check(config: &Config) -> Result<(), ServerError> {
         crate::auth::Users::load(users)?;
     }
     if config.spool.sink == SinkKind::Kafka {
-        config
-            .kafka
-            .options(config.max_recipients())
+        KafkaOptions::new(config.kafka.clone(), config.max_recipients())
             .client_config()?
             .create_native_config()
             .map_err(KafkaSinkError::Producer)?;
@@ -93,7 +91,7 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
     // The producer's message.max.bytes follows --max-message-size with room for the
     // Received: line, as the session computes it.
     let kafka = || {
-        let mut options = config.kafka.options(config.max_recipients());
+        let mut options = KafkaOptions::new(config.kafka.clone(), config.max_recipients());
         options.max_value = Some(
             config
                 .max_message_size()

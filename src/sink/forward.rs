@@ -88,8 +88,9 @@ use crate::sink::{
 };
 use crate::smtp::envelope::SealedMessage;
 
-/// Records in flight to Kafka at once: enough to batch well.
-pub const WINDOW_RECORDS: usize = 2000;
+/// Records in flight to Kafka at once: enough to batch well. The bound of
+/// `--forward-window`, which the configuration checks.
+pub const WINDOW_RECORDS: usize = crate::config::MAX_FORWARD_WINDOW as usize;
 /// Bytes of values in flight at once; this bounds the forwarder's memory.
 pub const WINDOW_BYTES: usize = 32 << 20;
 const FIRST_RETRY: Duration = Duration::from_millis(200);

@@ -155,34 +155,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// After a purge, delivery reports come back at once; this only bounds a bug.
 const AFTER_PURGE_FLUSH: Duration = Duration::from_secs(5);
 
-/// Settings librdkafka must not take from `--kafka-config`, because the durability
-/// promise or the sink's own flags depend on them.
-const RESERVED_KEYS: &[(&str, &str)] = &[
-    ("bootstrap.servers", "use --kafka-brokers"),
-    ("metadata.broker.list", "use --kafka-brokers"),
-    ("acks", "the gateway always uses acks=all"),
-    ("request.required.acks", "the gateway always uses acks=all"),
-    (
-        "enable.idempotence",
-        "the gateway always uses the idempotent producer",
-    ),
-    ("message.timeout.ms", "use --publish-timeout"),
-    ("delivery.timeout.ms", "use --publish-timeout"),
-    ("transactional.id", "the gateway does not use transactions"),
-];
-
-/// Why `--kafka-config KEY=...` is refused, if it is.
-pub fn reserved_config(key: &str) -> Option<&'static str> {
-    // librdkafka hands a name the global configuration does not know to the default
-    // topic configuration, which strips a `topic.` prefix: `topic.acks=1` is `acks=1`
-    // and `topic.message.timeout.ms` overrides `--publish-timeout`.
-    let bare = key.strip_prefix("topic.").unwrap_or(key);
-    RESERVED_KEYS
-        .iter()
-        .find(|(k, _)| *k == key || *k == bare)
-        .map(|(_, why)| *why)
-}
-
 const UNAVAILABLE: &str = "kafka unavailable";
 const QUEUE_FULL: &str = "kafka queue full";
 const TIMED_OUT: &str = "kafka publish timed out";
@@ -239,7 +211,7 @@ impl KafkaOptions {
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSinkError> {
         let extra = &self.settings.kafka_config;
         for setting in extra {
-            if let Some(why) = reserved_config(&setting.key) {
+            if let Some(why) = crate::config::reserved_kafka_config(&setting.key) {
                 return Err(KafkaSinkError::ReservedConfig {
                     key: setting.key.clone(),
                     why,
