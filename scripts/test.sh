@@ -160,6 +160,9 @@ section "alert rules: promtool check rules, promtool test rules"
 section "dashboards: checked-in JSON equals a fresh generation"
 "$venv/bin/python" dashboards/generate.py --check
 
+section "module graph: no import cycle between the crate's modules"
+python3 scripts/module-cycles.py
+
 section "cargo fmt --check"
 cargo fmt --all -- --check
 

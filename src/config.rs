@@ -104,11 +104,16 @@ impl From<ProxyProtocol> for ProxyMode {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
+pub use crate::logging::LogFormat;
+
+/// The layout `spool export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// One mboxrd file (see `spool_tool`'s module documentation).
+    Mbox,
+    /// A directory with `ID.eml` (the stored value) and `ID.json` (the envelope) per
+    /// message (see `spool_tool::write_eml_message`).
+    Eml,
 }
 
 // ---- Value types: each parses from a flag's text and from a file value alike. --------
@@ -971,7 +976,7 @@ pub enum SpoolCommand {
         mbox: Option<PathBuf>,
         /// What to write: `mbox` (OUT is a file) or `eml` (OUT is a directory).
         #[arg(long, value_enum, requires = "out")]
-        format: Option<crate::spool_tool::ExportFormat>,
+        format: Option<ExportFormat>,
         /// The mbox file, or the eml directory (created if missing).
         #[arg(value_name = "OUT", required_unless_present = "mbox")]
         out: Option<PathBuf>,

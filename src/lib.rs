@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn;
 pub mod files;
 pub mod limits;
+pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod net;

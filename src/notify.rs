@@ -1,7 +1,7 @@
 //! The conversation with systemd (`sd_notify(3)`): `READY=1` once every listener is
 //! bound, `RELOADING=1`/`READY=1` around a SIGHUP reload, `STOPPING=1` when the drain
 //! begins, and the watchdog thread that sends `WATCHDOG=1` while every reactor still
-//! answers (see [`crate::net::liveness`]).
+//! answers (see [`crate::liveness`]).
 //!
 //! Nothing is sent when `NOTIFY_SOCKET` is unset, and no watchdog runs unless
 //! `WATCHDOG_USEC` is set (for this process, when `WATCHDOG_PID` is set too). A failed
@@ -16,7 +16,7 @@ use crossbeam_channel::{bounded, RecvTimeoutError, Sender};
 use sd_notify::NotifyState;
 use tracing::{debug, info, warn};
 
-use crate::net::liveness::Liveness;
+use crate::liveness::Liveness;
 
 fn enabled() -> bool {
     std::env::var_os("NOTIFY_SOCKET").is_some_and(|s| !s.is_empty())

@@ -31,6 +31,7 @@ use crate::certs::{LoadedCert, TlsConfigError, TlsMinVersion};
 use crate::config::{Config, ConfigError, ServerArgs};
 use crate::logging::LogHandle;
 use crate::sink::Sink;
+use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
 
 /// The session settings new connections start with; SIGHUP replaces them.
@@ -187,7 +188,7 @@ impl Reloader {
         running.log.log_level = new.log.log_level;
         running.log_level = new.log_level;
         running.limits.drain_timeout = new.limits.drain_timeout;
-        let mut applied = crate::server::session_config_for(running, sink);
+        let mut applied = session_config_for(running, sink);
         if applied.max_message_size > session.max_message_size_cap {
             warn!(
                 requested = applied.max_message_size,
@@ -334,4 +335,43 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         without_tls(running) != without_tls(new),
     );
     changed
+}
+
+/// The session settings a configuration gives, before the sink has a say.
+pub fn session_config(config: &Config) -> SessionConfig {
+    SessionConfig {
+        hostname: config.hostname.clone(),
+        accept_domains: config.accept_domains.iter().cloned().collect(),
+        max_message_size: config.max_message_size(),
+        max_recipients: config.max_recipients(),
+        bare_lf: config.session.bare_lf,
+    }
+}
+
+/// The session settings, with `max_message_size` (and so the advertised SIZE) lowered
+/// to what the sink can store once the `Received:` line is in front of the body.
+pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
+    let mut session = session_config(config);
+    if let Some(max_value) = sink.max_message_value() {
+        let room = RECEIVED_HEADROOM + config.hostname.len();
+        let cap = max_value.saturating_sub(room).max(1);
+        if cap < session.max_message_size {
+            if config.max_message_size_auto() {
+                warn!(
+                    effective = cap,
+                    sink = %sink.name(),
+                    "--max-message-size auto: advertising SIZE {cap}, what the sink accepts"
+                );
+            } else {
+                warn!(
+                    configured = session.max_message_size,
+                    effective = cap,
+                    sink = %sink.name(),
+                    "--max-message-size lowered to what the sink accepts"
+                );
+            }
+            session.max_message_size = cap;
+        }
+    }
+    session
 }

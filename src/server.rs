@@ -16,7 +16,8 @@ use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
 use crate::reload::{
-    summarise, ReadReload, Reloader, Reread, SessionConfigHandle, TlsFiles, RELOAD_DEADLINE,
+    session_config_for, summarise, ReadReload, Reloader, Reread, SessionConfigHandle, TlsFiles,
+    RELOAD_DEADLINE,
 };
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
@@ -24,7 +25,6 @@ use crate::sink::null::NullSink;
 use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
 use crate::smtp::envelope::RECEIVED_HEADROOM;
-use crate::smtp::SessionConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,16 +46,6 @@ pub enum ServerError {
     Setup(io::Error),
     #[error("second signal during drain: exiting without waiting for sessions or the sink")]
     Interrupted,
-}
-
-pub fn session_config(config: &Config) -> SessionConfig {
-    SessionConfig {
-        hostname: config.hostname.clone(),
-        accept_domains: config.accept_domains.iter().cloned().collect(),
-        max_message_size: config.max_message_size(),
-        max_recipients: config.max_recipients(),
-        bare_lf: config.session.bare_lf,
-    }
 }
 
 /// What `smtpgw check-config` checks beyond the configuration's own validation, without
@@ -125,34 +115,6 @@ fn open_sink(config: &Config) -> Result<Arc<dyn Sink>, ServerError> {
         ),
         SinkKind::Kafka => Arc::new(KafkaSink::new(&kafka())?),
     })
-}
-
-/// The session settings, with `max_message_size` (and so the advertised SIZE) lowered
-/// to what the sink can store once the `Received:` line is in front of the body.
-pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
-    let mut session = session_config(config);
-    if let Some(max_value) = sink.max_message_value() {
-        let room = RECEIVED_HEADROOM + config.hostname.len();
-        let cap = max_value.saturating_sub(room).max(1);
-        if cap < session.max_message_size {
-            if config.max_message_size_auto() {
-                warn!(
-                    effective = cap,
-                    sink = %sink.name(),
-                    "--max-message-size auto: advertising SIZE {cap}, what the sink accepts"
-                );
-            } else {
-                warn!(
-                    configured = session.max_message_size,
-                    effective = cap,
-                    sink = %sink.name(),
-                    "--max-message-size lowered to what the sink accepts"
-                );
-            }
-            session.max_message_size = cap;
-        }
-    }
-    session
 }
 
 fn gauge_value(n: impl TryInto<i64>) -> i64 {

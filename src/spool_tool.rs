@@ -65,6 +65,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use ulid::Ulid;
 
+pub use crate::config::ExportFormat;
 use crate::sink::forward::{read_forward_progress, ForwardProgress};
 use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::tombstone::{
@@ -670,16 +671,6 @@ pub fn export_mbox_since<'e>(
         after_cursor: None,
     };
     export(dir, ExportFormat::Mbox, mbox, &options, err).map(|(r, d)| (r.count, d))
-}
-
-/// The layout `spool export` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// One mboxrd file (see the module documentation).
-    Mbox,
-    /// A directory with `ID.eml` (the stored value) and `ID.json` (the envelope) per
-    /// message (see [`write_eml_message`]).
-    Eml,
 }
 
 /// How `spool export` chooses and writes what it exports.

@@ -16,6 +16,16 @@ use tracing::Level;
 use super::event::{ClosedLine, MessageLine, RefusalLine, TraceLine, Value};
 use crate::smtp::address::{write_escaped, EscapeFor};
 
+/// How lines are written (`--log-format`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// How recipients appear on the transaction line (`--log-recipients`).
 #[derive(
     Clone,

@@ -30,12 +30,11 @@ use tracing_subscriber::reload;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
-use crate::config::LogFormat;
 pub use event::{
     ClosedLine, EndedBy, Event, MessageLine, RefusalLine, TARGET_MESSAGE, TARGET_REFUSAL,
     TARGET_SESSION,
 };
-pub use format::LogRecipients;
+pub use format::{LogFormat, LogRecipients};
 
 /// The filter used when neither the configuration nor `RUST_LOG` sets one: the
 /// transaction line per message, a line per refusal and per connection end are on.

@@ -24,12 +24,12 @@ use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
-use super::liveness::Liveness;
 use super::{
     accept_exhausted, bind_all, stamp, Admitted, InFlight, NetError, Phase, ReactorParams, Shared,
     ACCEPT_BACKOFF,
 };
 use crate::conn::{BodyBudget, Connection, Edge, State};
+use crate::liveness::Liveness;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{
     auth_completion, Answer, Completion, CompletionQueue, PublishResult, StoredIn, Ticket, Wake,

@@ -4,9 +4,9 @@
 //! This module holds what both backends share: the listeners (each with its edge
 //! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
 //! the sink with their publish metrics, the clock that stamps messages, and the run
-//! phase (running, draining, stopping), and [`liveness`], how every reactor shows the
-//! systemd watchdog that its loop still turns. The per-address limiter the drivers call
-//! is [`crate::limits`]; certificates are loaded by [`crate::certs`].
+//! phase (running, draining, stopping). How every reactor shows the systemd watchdog
+//! that its loop still turns is [`crate::liveness`]; the per-address limiter the drivers
+//! call is [`crate::limits`]; certificates are loaded by [`crate::certs`].
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +24,6 @@ use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
-pub mod liveness;
 pub mod probe;
 pub mod uring;
 
@@ -121,8 +120,8 @@ pub struct Shared {
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub limits: Arc<Limits>,
-    /// Each reactor answers the watchdog's questions here (see [`liveness`]).
-    pub liveness: Arc<liveness::Liveness>,
+    /// Each reactor answers the watchdog's questions here (see [`crate::liveness`]).
+    pub liveness: Arc<crate::liveness::Liveness>,
     max_connections: usize,
     budget_per_reactor: usize,
     too_many: Box<[u8]>,
@@ -142,7 +141,7 @@ impl Shared {
             sink: p.sink.clone(),
             metrics: p.metrics.clone(),
             limits: Arc::new(p.limits.clone()),
-            liveness: Arc::new(liveness::Liveness::new(reactors)),
+            liveness: Arc::new(crate::liveness::Liveness::new(reactors)),
             max_connections: p.max_connections,
             // Each reactor frees what its own connections hold, so each gets a share
             // rather than all contending on one count. One message must always fit.
@@ -395,7 +394,7 @@ impl Reactors {
     }
 
     /// Where the reactors answer the watchdog (see [`liveness`]).
-    pub fn liveness(&self) -> Arc<liveness::Liveness> {
+    pub fn liveness(&self) -> Arc<crate::liveness::Liveness> {
         self.shared().liveness.clone()
     }
 

@@ -317,7 +317,7 @@ pub fn limit_for_value(value: usize, max_recipients: usize) -> usize {
 /// A topic that cannot hold the largest message `--max-message-size` allows stops the
 /// start-up: advertising a SIZE and then bouncing what fits it with `552` is worse.
 /// With `--max-message-size auto` ([`KafkaOptions::fit_topic`]) it is said at `warn`
-/// instead, and the size limit follows the topic's (see `server::session_config_for`).
+/// instead, and the size limit follows the topic's (see `reload::session_config_for`).
 fn check_topic_limit(
     topic_max: Option<usize>,
     options: &KafkaOptions,

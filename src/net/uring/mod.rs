@@ -231,7 +231,7 @@ impl Reactors {
         self.shared.open_connections()
     }
 
-    pub fn liveness(&self) -> Arc<crate::net::liveness::Liveness> {
+    pub fn liveness(&self) -> Arc<crate::liveness::Liveness> {
         self.shared.liveness.clone()
     }
 
