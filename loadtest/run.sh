@@ -10,13 +10,15 @@
 #
 # Usage: loadtest/run.sh [--quick] [--compare smtp-sink|postfix|smtp-sink,postfix]
 #                        [--sink null|spool|kafka] [--kafka] [--duration SECONDS] [--out DIR] [--plots]
-#                        [--io-backend auto|epoll|uring|both] [--floor] [--gateway-bin PATH]
+#                        [--io-backend auto|epoll|uring|both] [--floor] [--floor-threads N]
+#                        [--gateway-bin PATH]
 #                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
 #                        [--repeat N] [--perf] [--tls] [--sinks null,kafka] [--producer-anchor]
 # --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
 # epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
 # backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
-# backend's floor. --gateway-bin uses that smtpgw binary (only the load client is built).
+# backend's floor; the floor runs --floor-threads loops (default: the CPU count, as many as
+# the gateway's default --reactors), each on its own SO_REUSEPORT listener. --gateway-bin uses that smtpgw binary (only the load client is built).
 # --cells replaces the matrix, e.g. '1k:100:pipe 1k:1000:pipe'. --smtp-source adds
 # Postfix's smtp-source lock-step cells (1 KiB, 10 and 100 sessions; server CPU per
 # message, with smtp-sink as a peer). --memory measures a fresh gateway per backend: RSS
@@ -66,6 +68,7 @@ QUICK=0
 PLOTS=0
 IO_BACKEND=""
 FLOOR=0
+FLOOR_THREADS=$(nproc)
 CELLS_ARG=""
 SMTP_SOURCE=0
 MEMORY=0
@@ -90,6 +93,7 @@ while [[ $# -gt 0 ]]; do
         --plots) PLOTS=1 ;;
         --io-backend) IO_BACKEND="${2:?--io-backend needs epoll, uring or both}"; shift ;;
         --floor) FLOOR=1 ;;
+        --floor-threads) FLOOR_THREADS="${2:?--floor-threads needs a count}"; shift ;;
         --gateway-bin) GATEWAY_BIN="$(realpath -m "${2:?--gateway-bin needs a path}")"; shift ;;
         --cells) CELLS_ARG="${2:?--cells needs a list like '1k:100:pipe 1k:1000:pipe', or none}"; shift ;;
         --smtp-source) SMTP_SOURCE=1 ;;
@@ -327,12 +331,12 @@ start_gateway() { # backend[:sink] [extra smtpgw flags...]
 
 start_floor() { # backend
     local logf="$WORK/floor-$1.log" pid addr
-    "$LT_BIN" floor --mode "$1" --listen 127.0.0.1:0 2>"$logf" &
+    "$LT_BIN" floor --mode "$1" --threads "$FLOOR_THREADS" --listen 127.0.0.1:0 2>"$logf" &
     pid=$!
     PIDS+=("$pid")
     addr=$(wait_listening "$pid" "$logf" "floor-$1")
     FLOOR_SERVERS+=("floor-$1 $pid $addr")
-    log "floor-$1 pid $pid listening on $addr"
+    log "floor-$1 ($FLOOR_THREADS loops) pid $pid listening on $addr"
 }
 
 KAFKA_ARGS=()

@@ -5,7 +5,8 @@
 //! It answers every line with a canned reply and recognises only what it must: the first
 //! four bytes of a command line (`DATA` switches to data mode, `EHLO`/`HELO` get a reply
 //! offering PIPELINING so pipelined cells compare like with like, `QUIT` closes) and, in
-//! data mode, the end-of-data line `.`. No parsing, no storage, no timers; one thread.
+//! data mode, the end-of-data line `.`. No parsing, no storage, no timers; one thread
+//! per loop (`--threads`, one by default), each with its own listener on the same port.
 //! Two variants, one per gateway backend:
 //! - `epoll`: nonblocking sockets on mio (edge-triggered epoll): on readiness, read once
 //!   (again only if the read filled the buffer), then every reply that read produced in
@@ -15,9 +16,10 @@
 //!   prepared submitted with a single `io_uring_enter` (which also waits).
 
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 
 use anyhow::{Context, Result};
+use socket2::{Domain, Protocol, Socket, Type};
 
 const GREETING: &[u8] = b"220 floor ESMTP\r\n";
 const EHLO_REPLY: &[u8] = b"250-floor\r\n250-PIPELINING\r\n250 8BITMIME\r\n";
@@ -121,18 +123,52 @@ pub enum Mode {
     Uring,
 }
 
-/// Binds, says `listening addr=HOST:PORT` on stderr (the form run.sh waits for), and
-/// serves until killed.
-pub fn run(listen: &str, mode: Mode) -> Result<()> {
+/// Binds `threads` listeners on one port (SO_REUSEPORT), says `listening addr=HOST:PORT`
+/// on stderr (the form run.sh waits for), and serves on one thread per listener until
+/// killed.
+pub fn run(listen: &str, mode: Mode, threads: usize) -> Result<()> {
     crate::raise_nofile();
-    let listener = TcpListener::bind(listen).with_context(|| format!("--listen {listen}"))?;
-    let addr = listener.local_addr()?;
-    crate::check_target(&addr.to_string(), false).context("--listen must be a loopback address")?;
-    eprintln!("floor ({mode:?}) listening addr={addr}");
-    match mode {
-        Mode::Epoll => epoll::serve(listener),
-        Mode::Uring => uring::serve(listener),
+    let wanted: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--listen {listen}: not an address HOST:PORT"))?;
+    crate::check_target(&wanted.to_string(), false)
+        .context("--listen must be a loopback address")?;
+    let first = reuseport_listener(wanted).with_context(|| format!("--listen {listen}"))?;
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..threads {
+        listeners.push(reuseport_listener(addr).with_context(|| format!("--threads: {addr}"))?);
     }
+    eprintln!("floor ({mode:?}, {threads} loops) listening addr={addr}");
+    let serve = match mode {
+        Mode::Epoll => epoll::serve,
+        Mode::Uring => uring::serve,
+    };
+    let mut loops = Vec::with_capacity(threads);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        loops.push(
+            std::thread::Builder::new()
+                .name(format!("floor-{i}"))
+                .spawn(move || serve(listener))?,
+        );
+    }
+    // A loop only ends on an error; the first one to end ends the floor.
+    for handle in loops {
+        match handle.join() {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("a floor loop panicked"),
+        }
+    }
+    Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 mod epoll {

@@ -49,6 +49,11 @@ enum Command {
         /// The syscall pattern: the epoll or the io_uring gateway backend's.
         #[arg(long, value_enum)]
         mode: floor::Mode,
+        /// Serving loops, each on its own thread with its own SO_REUSEPORT listener on
+        /// the same port (the kernel spreads connections over them), as the gateway runs
+        /// one reactor per CPU: compare a gateway with the floor of as many loops.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: u16,
     },
     /// Open many connections, bring each to a stage of a session and hold them there
     /// (for measuring the server's memory per connection).
@@ -252,7 +257,11 @@ fn run() -> Result<()> {
     let first = std::env::args_os().nth(1);
     if first.as_ref().is_some_and(|a| a == "floor" || a == "hold") {
         return match Helper::parse().command {
-            Command::Floor { listen, mode } => floor::run(&listen, mode),
+            Command::Floor {
+                listen,
+                mode,
+                threads,
+            } => floor::run(&listen, mode, threads.into()),
             Command::Hold(h) => hold::run(h),
         };
     }

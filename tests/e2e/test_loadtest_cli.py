@@ -128,3 +128,31 @@ def test_client_tls_flags_are_checked():
         )
         assert result.returncode != 0 and words in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["epoll", "uring"])
+def test_floor_serves_on_as_many_loops_as_asked(mode, tmp_path):
+    """`floor --threads 3`: three serving threads, each with its own listener on the one
+    port (SO_REUSEPORT), and every message of the load client answered."""
+    floor = subprocess.Popen(
+        [str(loadtest_binary()), "floor", "--mode", mode, "--threads", "3", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    try:
+        line = floor.stderr.readline()
+        assert "3 loops" in line and "addr=" in line, line
+        addr = line.rsplit("addr=", 1)[1].strip()
+        tasks = f"/proc/{floor.pid}/task"
+        names = sorted(open(f"{tasks}/{tid}/comm").read().strip() for tid in os.listdir(tasks))
+        assert [n for n in names if n.startswith("floor-")] == ["floor-0", "floor-1", "floor-2"], names
+        out = tmp_path / "result.json"
+        result = subprocess.run(
+            [str(loadtest_binary()), "--target", addr, "--connections", "12",
+             "--messages-per-connection", "50", "--pipelining", "--strict", "--json", str(out)],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(out.read_text())["accepted"] == 600, out.read_text()
+    finally:
+        floor.kill()
+        floor.wait(timeout=10)
