@@ -1,8 +1,10 @@
 """The files the gateway reads (the --config file, the TLS certificate and key), at start
 and on SIGHUP: a FIFO or a device in their place is a one-line error, never a hang or an
-abort; a certificate chain with an unparseable member is refused before it replaces the
-running one; a reload that is refused still lets SIGTERM drain; a 300,000-domain accept
-list reloads and its log line stays short (issue 20, items 3 and 4)."""
+abort; a file one byte over its size cap (16 MiB for the config, 1 MiB for a PEM file)
+is refused and one at the cap is read; a certificate chain with an unparseable member
+is refused before it replaces the running one; a reload that is refused still lets
+SIGTERM drain; a 300,000-domain accept list reloads and its log line stays short
+(issue 20, items 3 and 4)."""
 
 from __future__ import annotations
 
@@ -94,6 +96,42 @@ def test_special_file_as_certificate_or_key_at_start_is_a_one_line_error(tmp_pat
     last = result.stderr.decode().strip().splitlines()[-1]
     assert last.startswith(f"error: {flag} {path}: "), last
     assert "not a regular file" in last, last
+
+
+# The caps README "Reloading" states: 16 MiB for --config, 1 MiB for each PEM file.
+CONFIG_CAP = 16 * 1024 * 1024
+PEM_CAP = 1024 * 1024
+
+
+@pytest.mark.parametrize("flag", ["--config", "--tls-cert", "--tls-key"])
+def test_a_file_over_its_size_cap_is_refused_at_start(tmp_path, flag):
+    """One byte over the cap is refused, in one line naming the flag and the cap; at the
+    cap the file is read (a valid file padded to exactly its cap). `check-config` reads
+    the files exactly as a start does (the same function as on SIGHUP), without
+    binding anything."""
+    crt, key = make_certificate(tmp_path)
+    config = tmp_path / "smtpgw.toml"
+    write_config(config, 'accept-domain = ["a.example"]\n')
+    path, cap = {"--config": (config, CONFIG_CAP), "--tls-cert": (crt, PEM_CAP), "--tls-key": (key, PEM_CAP)}[flag]
+    # Padding a parser skips: a TOML comment, text outside the PEM blocks.
+    pad = b"#" if flag == "--config" else b"x"
+
+    def run() -> subprocess.CompletedProcess:
+        return run_binary("check-config", "--config", str(config), "--spool-dir", str(tmp_path / "spool"),
+                          "--tls-cert", str(crt), "--tls-key", str(key), timeout=60)
+
+    content = path.read_bytes()
+    path.write_bytes(content + b"\n" + pad * (cap - len(content) - 2) + b"\n")
+    assert path.stat().st_size == cap
+    at_cap = run()
+    assert at_cap.returncode == 0, at_cap.stderr
+    with path.open("ab") as f:
+        f.write(b"\n")
+    over = run()
+    assert over.returncode == 2, over.stderr
+    last = over.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"error: {flag} {path}: "), last
+    assert f"larger than {cap} bytes" in last, last
 
 
 @pytest.mark.timeout(60)

@@ -396,3 +396,46 @@ def test_silent_and_trickling_handshakes_are_closed_at_the_handshake_timeout(sta
             replies += data
         assert closed_within(plain, 15) is not None, "silent handshake after STARTTLS still open"
     assert metric(gateway, 'smtpgw_tls_handshake_failures_total{reason="timeout"}') >= 3
+
+
+def test_a_large_partial_client_hello_is_failed_at_once_not_held(start_gateway, cert):
+    """Issue 20 item 5: the audit's half-open connection, 48 KiB of a ClientHello that
+    never completes, was held whole until the idle timeout. A client may send at most
+    8 KiB before its handshake is done (README "TLS"), so the connection is failed as
+    soon as it is over that, unanswered, long before the handshake timeout (60 s here)."""
+    import socket
+
+    gateway = tls_gateway(start_gateway, cert, "--listen-tls", "127.0.0.1:0", "--tls-handshake-timeout", "60s",
+                          "--idle-timeout", "300")
+    context = client_context(cert[0])
+    # A real client's ClientHello made large by many long ALPN names (about 50 KB,
+    # several records), as a client with very many extensions would send.
+    context.set_alpn_protocols([chr(ord("a") + i % 26) * 250 for i in range(200)])
+    outgoing = ssl.MemoryBIO()
+    hello_obj = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="mx.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello_obj.do_handshake()
+    hello = outgoing.read()
+    assert len(hello) > 48 * 1024, len(hello)
+    partial = hello[:48 * 1024]
+
+    with socket.create_connection((gateway.host, tls_port(gateway)), timeout=IO_TIMEOUT) as sock:
+        started = time.monotonic()
+        try:
+            sock.sendall(partial)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while the rest was still being sent: what the bound is for
+        sock.settimeout(10)
+        try:
+            answered = sock.recv(65536)
+        except ConnectionResetError:
+            answered = b""
+        except (TimeoutError, socket.timeout):
+            raise AssertionError("a 48 KiB partial ClientHello is still held open after 10 s") from None
+        assert answered == b"", f"the server answered an unfinished handshake: {answered!r}"
+        assert time.monotonic() - started < 10
+    assert metric(gateway, 'smtpgw_tls_handshake_failures_total{reason="bad_message"}') >= 1
+    # Other clients are unaffected.
+    with smtplib.SMTP_SSL(gateway.host, tls_port(gateway), local_hostname="client.test", timeout=IO_TIMEOUT,
+                          context=client_context(cert[0])) as other:
+        assert other.noop()[0] == 250
