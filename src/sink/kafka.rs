@@ -122,7 +122,9 @@ use rdkafka::producer::{
 use rdkafka::ClientContext;
 
 use crate::config::PartitionKey;
-use crate::sink::{Completion, PublishError, PublishResult, Sink, SinkStats};
+use crate::sink::{
+    join_handle_logged, join_logged, Completion, PublishError, PublishResult, Sink, SinkStats,
+};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
@@ -1567,26 +1569,8 @@ impl Sink for KafkaSink {
         let _ = inner.shared.notices.send(Notice::Stop);
         // The flusher sees `closed` at its next wake: this one, or the one it has.
         let _ = inner.kick.try_send(());
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = flusher {
-            if handle.join().is_err() {
-                tracing::error!("kafka flusher thread panicked");
-            }
-        }
-        let supervisor = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = supervisor {
-            if handle.join().is_err() {
-                tracing::error!("kafka supervisor thread panicked");
-            }
-        }
+        join_logged(&self.flusher, "kafka flusher");
+        join_logged(&self.supervisor, "kafka supervisor");
         let producer = inner
             .producer
             .write()
@@ -1602,9 +1586,7 @@ impl Sink for KafkaSink {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         for handle in retiring {
-            if handle.join().is_err() {
-                tracing::error!("kafka drain thread panicked");
-            }
+            join_handle_logged(handle, "kafka drain");
         }
         let (messages, bytes) = self.inflight();
         if messages > 0 {

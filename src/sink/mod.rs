@@ -6,7 +6,8 @@
 //! [`Ticket`] and wakes the reactor; only then does the session say `250` (or `451`).
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -141,6 +142,23 @@ impl Completion {
                 let _ = tx.send(result);
             }
         }
+    }
+}
+
+/// Takes the thread out of `slot` (so a second shutdown finds nothing to join) and
+/// joins it; a panic is logged with `what` rather than passed on, since shutdown must
+/// go on to drain the rest of the sink whatever one of its threads did.
+pub(crate) fn join_logged(slot: &Mutex<Option<JoinHandle<()>>>, what: &str) {
+    let handle = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(handle) = handle {
+        join_handle_logged(handle, what);
+    }
+}
+
+/// [`join_logged`] for a handle already taken.
+pub(crate) fn join_handle_logged(handle: JoinHandle<()>, what: &str) {
+    if handle.join().is_err() {
+        tracing::error!("{what} thread panicked");
     }
 }
 
