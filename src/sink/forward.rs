@@ -343,6 +343,10 @@ impl Sink for FallbackSink {
         self.kafka.max_message_value()
     }
 
+    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        self.kafka.watch_size(on_change);
+    }
+
     fn stats(&self) -> Option<SinkStats> {
         let mut stats = self.kafka.stats().unwrap_or_default();
         stats.forward = Some(self.forward_stats());

@@ -174,6 +174,11 @@ pub struct SinkStats {
     pub broker_rtt: Vec<(String, f64)>,
     /// Store-and-forward (`--spool-fallback`) figures, when that is on.
     pub forward: Option<ForwardStats>,
+    /// The cluster's limit for the topic at its last reading (Kafka sink), if known.
+    pub topic_max_message_bytes: Option<u64>,
+    /// The topic fell below what `--max-message-size` needs (no `auto`): messages
+    /// too large for it get 451.
+    pub topic_too_small: bool,
 }
 
 /// What the store-and-forward thread reports.
@@ -259,6 +264,13 @@ pub trait Sink: Send + Sync + 'static {
     /// the trace line's room.
     fn max_message_value(&self) -> Option<usize> {
         None
+    }
+
+    /// Calls `on_change` (from a thread of the sink's) each time
+    /// [`Sink::max_message_value`] changes while running: the Kafka sink with
+    /// `--max-message-size auto` when the topic's limit changed.
+    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        drop(on_change);
     }
 
     /// The client library's latest statistics, if it keeps any.
