@@ -18,7 +18,9 @@
 //! | what happened                                  | answer                         |
 //! |------------------------------------------------|--------------------------------|
 //! | broker acknowledged (acks=all, idempotent)     | `Ok(id)` → `250`               |
-//! | broker or librdkafka refused it as too large   | `TooLarge` → `552 5.3.4`       |
+//! | librdkafka refused it as too large             | `TooLarge` → `552 5.3.4`       |
+//! | broker refused it as too large, over our SIZE  | `TooLarge` → `552 5.3.4`       |
+//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never the fallback |
 //! | no broker reachable (fail fast, see below)     | `Temporary("kafka unavailable")` |
 //! | producer queue full                            | `Temporary("kafka queue full")` |
 //! | not acknowledged within `--publish-timeout`    | `Temporary("kafka publish timed out")` |
@@ -77,8 +79,24 @@
 //! # Size
 //!
 //! At start-up the sink reads the topic's `max.message.bytes` (admin client, bounded
-//! wait) and the producer's `message.max.bytes`; the smaller one, less the record
-//! overhead (see [`record_overhead`]), is [`KafkaSink::max_record_value`].
+//! wait), or the broker's `message.max.bytes` where the topic lists none (Apache Kafka
+//! reports the inherited value as the topic's; tansu lists only settings given at the
+//! topic's creation, and nothing for its broker), and the producer's
+//! `message.max.bytes`; the smaller one, less the record overhead (see
+//! [`record_overhead`]), is [`KafkaSink::max_record_value`].
+//!
+//! A topic's limit can change while the gateway runs, so the limit reader thread reads
+//! it again each time the sink becomes ready after not being ready (a broker back after
+//! an outage, or first seen after a start without one), after a producer replacement,
+//! and after a broker refused as too large a message within the advertised size:
+//! - with `--max-message-size auto` the advertised value follows it, up and down (up
+//!   to what the producer was sized for), said at `warn`; the server re-derives the
+//!   SIZE of new sessions ([`Sink::watch_size`]);
+//! - without, the value stays (the operator chose it, and SIZE changing under senders
+//!   would bounce mail they sized for it): a topic below what `--max-message-size`
+//!   needs is logged at `error` with both settings and the fix, and session messages
+//!   the topic cannot hold get `451` until a reading finds it large enough again.
+//!   `451`, not the fallback spool: the forwarder could not publish them either.
 //!
 //! # Latency at low load
 //!
