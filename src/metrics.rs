@@ -110,6 +110,8 @@ pub struct Metrics {
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
+    kafka_topic_max_message_bytes: IntGauge,
+    kafka_topic_too_small: IntGauge,
     forward_awaiting_records: IntGauge,
     forward_awaiting_bytes: IntGauge,
     forwarded_records: IntCounter,
@@ -397,6 +399,14 @@ impl Metrics {
                 "smtpgw_kafka_queue_messages",
                 "Messages in librdkafka's queue or in flight (0 for other sinks).",
             )?,
+            kafka_topic_max_message_bytes: gauge(
+                "smtpgw_kafka_topic_max_message_bytes",
+                "The Kafka topic's record size limit at its last reading (its max.message.bytes, else the broker's message.max.bytes); 0 while unknown.",
+            )?,
+            kafka_topic_too_small: gauge(
+                "smtpgw_kafka_topic_too_small",
+                "1 while the Kafka topic holds less than --max-message-size needs (without auto): larger messages get 451 until the topic is raised.",
+            )?,
             kafka_queue_bytes: gauge(
                 "smtpgw_kafka_queue_bytes",
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
@@ -559,6 +569,10 @@ impl Metrics {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             self.kafka_queue_messages.set(clamp(stats.queue_messages));
             self.kafka_queue_bytes.set(clamp(stats.queue_bytes));
+            self.kafka_topic_max_message_bytes
+                .set(stats.topic_max_message_bytes.map_or(0, clamp));
+            self.kafka_topic_too_small
+                .set(i64::from(stats.topic_too_small));
             // Brokers come and go with the cluster's metadata; show only current ones.
             self.kafka_broker_rtt.reset();
             for (broker, rtt) in &stats.broker_rtt {

@@ -41,8 +41,8 @@ use crate::smtp::SessionConfig;
 pub struct SessionConfigHandle {
     /// Our name; fixed for the life of the process (it is in pre-rendered replies).
     pub hostname: String,
-    /// The start-up `max_message_size`: memory budgets are sized from it, so a reload
-    /// may lower the limit but not raise it above this.
+    /// The start-up `--max-message-size`: memory budgets are sized from it, so a reload
+    /// (or a sink whose limit grew) may lower the limit but not raise it above this.
     pub max_message_size_cap: usize,
     current: RwLock<Arc<SessionConfig>>,
 }
@@ -55,11 +55,40 @@ impl From<SessionConfig> for SessionConfigHandle {
 
 impl SessionConfigHandle {
     pub fn new(config: SessionConfig) -> Self {
+        let cap = config.max_message_size;
+        SessionConfigHandle::with_cap(config, cap)
+    }
+
+    /// As [`SessionConfigHandle::new`], for settings already lowered to what the sink
+    /// holds: `cap` is the configured `--max-message-size`, which the advertised size
+    /// may climb back to when the sink's limit grows.
+    pub fn with_cap(config: SessionConfig, cap: usize) -> Self {
         SessionConfigHandle {
             hostname: config.hostname.clone(),
-            max_message_size_cap: config.max_message_size,
+            max_message_size_cap: cap.max(config.max_message_size),
             current: RwLock::new(Arc::new(config)),
         }
+    }
+
+    /// The sink's size limit changed while running (`--max-message-size auto` and a
+    /// Kafka topic whose limit was read again): new connections get the size derived
+    /// from it, as at start-up; open ones keep theirs. Says so at `warn` and returns the
+    /// size new connections advertise.
+    pub fn follow_sink(&self, running: &Config, sink: &dyn Sink) -> usize {
+        let before = self.current().max_message_size;
+        let mut applied = crate::server::session_config_for(running, sink);
+        applied.max_message_size = applied.max_message_size.min(self.max_message_size_cap);
+        let after = applied.max_message_size;
+        if after != before {
+            warn!(
+                before,
+                after,
+                sink = %sink.name(),
+                "the sink's size limit changed: new sessions advertise SIZE {after} (was {before})"
+            );
+            self.replace(applied);
+        }
+        after
     }
 
     /// The settings for a connection accepted now.

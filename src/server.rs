@@ -405,9 +405,17 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
     // listening yet") while the reactors start.
     let _metrics_server =
         MetricsServer::start(config.server.metrics_listen, metrics.clone(), sink.clone())?;
-    let session = Arc::new(SessionConfigHandle::new(session_config_for(
-        &config, &*sink,
-    )));
+    let session = Arc::new(SessionConfigHandle::with_cap(
+        session_config_for(&config, &*sink),
+        config.max_message_size(),
+    ));
+    // With `--max-message-size auto`, SIZE follows a Kafka topic whose limit changes
+    // while running (read again when the sink reconnects); the sink's thread says so
+    // here, and the loop below re-derives the session settings.
+    let (size_changed_tx, mut size_changed) = tokio::sync::mpsc::unbounded_channel();
+    sink.watch_size(Box::new(move || {
+        let _ = size_changed_tx.send(());
+    }));
     let max_message_size = session.current().max_message_size;
     metrics.max_message_size.set(gauge_value(max_message_size));
     // What a certificate reload on SIGHUP replaces (`reload_tls`).
@@ -535,6 +543,10 @@ pub fn run(mut config: Config, reloader: Reloader) -> Result<(), ServerError> {
                 _ = &mut users_settle, if users_settling => {
                     users_settling = false;
                     reload_users("file changed");
+                }
+                Some(()) = size_changed.recv() => {
+                    let size = session.follow_sink(&config, &*sink);
+                    metrics.max_message_size.set(gauge_value(size));
                 }
                 Some(()) = cert_changed.recv() => {
                     settle.as_mut().reset(tokio::time::Instant::now() + CERT_CHANGE_SETTLE);

@@ -68,7 +68,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -306,16 +306,7 @@ impl Sink for FallbackSink {
         // still open); then the spool's writer drains.
         let _ = self.stop.try_send(());
         self.kafka.shutdown();
-        let handle = self
-            .forwarder
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("forwarder thread panicked");
-            }
-        }
+        crate::sink::join_logged(&self.forwarder, "forwarder");
         self.spool.shutdown();
     }
 
@@ -350,6 +341,10 @@ impl Sink for FallbackSink {
 
     fn max_message_value(&self) -> Option<usize> {
         self.kafka.max_message_value()
+    }
+
+    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        self.kafka.watch_size(on_change);
     }
 
     fn stats(&self) -> Option<SinkStats> {

@@ -18,7 +18,9 @@
 //! | what happened                                  | answer                         |
 //! |------------------------------------------------|--------------------------------|
 //! | broker acknowledged (acks=all, idempotent)     | `Ok(id)` → `250`               |
-//! | broker or librdkafka refused it as too large   | `TooLarge` → `552 5.3.4`       |
+//! | librdkafka refused it as too large             | `TooLarge` → `552 5.3.4`       |
+//! | broker refused it as too large, over our SIZE  | `TooLarge` → `552 5.3.4`       |
+//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never the fallback |
 //! | no broker reachable (fail fast, see below)     | `Temporary("kafka unavailable")` |
 //! | producer queue full                            | `Temporary("kafka queue full")` |
 //! | not acknowledged within `--publish-timeout`    | `Temporary("kafka publish timed out")` |
@@ -77,8 +79,24 @@
 //! # Size
 //!
 //! At start-up the sink reads the topic's `max.message.bytes` (admin client, bounded
-//! wait) and the producer's `message.max.bytes`; the smaller one, less the record
-//! overhead (see [`record_overhead`]), is [`KafkaSink::max_record_value`].
+//! wait), or the broker's `message.max.bytes` where the topic lists none (Apache Kafka
+//! reports the inherited value as the topic's; tansu lists only settings given at the
+//! topic's creation, and nothing for its broker), and the producer's
+//! `message.max.bytes`; the smaller one, less the record overhead (see
+//! [`record_overhead`]), is [`KafkaSink::max_record_value`].
+//!
+//! A topic's limit can change while the gateway runs, so the limit reader thread reads
+//! it again each time the sink becomes ready after not being ready (a broker back after
+//! an outage, or first seen after a start without one), after a producer replacement,
+//! and after a broker refused as too large a message within the advertised size:
+//! - with `--max-message-size auto` the advertised value follows it, up and down (up
+//!   to what the producer was sized for), said at `warn`; the server re-derives the
+//!   SIZE of new sessions ([`Sink::watch_size`]);
+//! - without, the value stays (the operator chose it, and SIZE changing under senders
+//!   would bounce mail they sized for it): a topic below what `--max-message-size`
+//!   needs is logged at `error` with both settings and the fix, and session messages
+//!   the topic cannot hold get `451` until a reading finds it large enough again.
+//!   `451`, not the fallback spool: the forwarder could not publish them either.
 //!
 //! # Latency at low load
 //!
@@ -111,7 +129,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::admin::{AdminClient, AdminOptions, ConfigResource, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -122,7 +140,9 @@ use rdkafka::producer::{
 use rdkafka::ClientContext;
 
 use crate::config::PartitionKey;
-use crate::sink::{Completion, PublishError, PublishResult, Sink, SinkStats};
+use crate::sink::{
+    join_handle_logged, join_logged, Completion, PublishError, PublishResult, Sink, SinkStats,
+};
 use crate::smtp::command::MAX_COMMAND_LINE;
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
@@ -163,6 +183,9 @@ const ABORTED: &str = "kafka publish aborted";
 const UNKNOWN_TOPIC: &str = "kafka topic unknown";
 const FAILED: &str = "kafka publish failed";
 const SHUT_DOWN: &str = "kafka sink is shut down";
+/// A session's message within the advertised SIZE that the topic cannot hold: its limit
+/// fell below `--max-message-size` at runtime. The operator's to fix, so not a bounce.
+const TOPIC_TOO_SMALL: &str = "kafka topic max.message.bytes below --max-message-size";
 
 /// Everything the Kafka sink is configured with: its settings group (brokers, topic,
 /// `--kafka-config`, publish timeout, in-flight limits) and what the gateway adds.
@@ -420,6 +443,17 @@ pub(crate) enum Answer {
 }
 
 impl Answer {
+    /// Answers without the fallback spool: for a failure that storing the message
+    /// locally cannot cure (the topic is too small for it), the sender retrying later is.
+    fn refuse(self, result: PublishResult) {
+        match self {
+            Answer::Session { done, .. } => done.complete(result),
+            Answer::Forward { seq, tx } => {
+                let _ = tx.send((seq, result));
+            }
+        }
+    }
+
     /// `at`: the partition and offset of a delivered record.
     fn answer(self, shared: &Shared, result: PublishResult, at: Option<(i32, i64)>) {
         match self {
@@ -535,6 +569,18 @@ struct Shared {
     epoch: Instant,
     last_ack_ms: AtomicU64,
     publish_timeout: Duration,
+    /// The largest value a session may send ([`KafkaSink::max_record_value`]). With
+    /// `--max-message-size auto` it follows the topic's limit each time it is read.
+    max_record_value: AtomicUsize,
+    /// The cluster's limit for the topic at its last reading; 0 while unknown.
+    topic_max: AtomicUsize,
+    /// Without `auto`: the largest value the topic holds, when that fell below what
+    /// `--max-message-size` needs (session messages over it get 451); else `usize::MAX`.
+    topic_value_limit: AtomicUsize,
+    /// Wakes the limit reader (see "Size"); one pending wake is enough.
+    reread: Sender<()>,
+    /// Told each time `max_record_value` changes (the server re-derives SIZE).
+    size_watch: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
 impl Shared {
@@ -576,6 +622,8 @@ impl Shared {
         {
             if healthy {
                 tracing::info!(why, "kafka sink ready");
+                // A broker is back (or first seen): its topic may have changed meanwhile.
+                let _ = self.reread.try_send(());
                 for tx in self
                     .ready_watch
                     .lock()
@@ -758,7 +806,7 @@ impl GatewayContext {
             queue_messages: statistics.msg_cnt,
             queue_bytes: statistics.msg_size,
             broker_rtt,
-            forward: None,
+            ..SinkStats::default()
         };
         *self
             .shared
@@ -773,7 +821,7 @@ impl ProducerContext for GatewayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
         self.shared.sub_inflight(inflight.bytes);
-        let InFlight { answer, id, .. } = *inflight;
+        let InFlight { answer, id, bytes } = *inflight;
         match result {
             Ok(record) => {
                 self.shared.delivered(self.generation);
@@ -785,6 +833,18 @@ impl ProducerContext for GatewayContext {
             }
             Err((error, _)) => {
                 tracing::debug!(%id, %error, "kafka delivery failed");
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+                    && matches!(answer, Answer::Session { .. })
+                    && bytes <= self.shared.max_record_value.load(Ordering::Relaxed)
+                {
+                    // The session took it within the SIZE we advertised, so the topic's
+                    // limit dropped since it was read: the operator's to fix, not the
+                    // sender's. 451 (no fallback: the spool could not forward it either),
+                    // and read the limit again (SIZE follows it with `auto`).
+                    let _ = self.shared.reread.try_send(());
+                    answer.refuse(Err(PublishError::Temporary(Cow::Borrowed(TOPIC_TOO_SMALL))));
+                    return;
+                }
                 if let Some(kind) = liveness(error) {
                     self.shared.liveness_failure(self.generation, kind, error);
                 }
@@ -840,8 +900,7 @@ pub struct KafkaSink {
     inner: Arc<Inner>,
     supervisor: Mutex<Option<JoinHandle<()>>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
-    max_record_value: usize,
-    topic_max_message_bytes: Option<usize>,
+    limits: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -849,7 +908,7 @@ impl fmt::Debug for KafkaSink {
         f.debug_struct("KafkaSink")
             .field("topic", &self.inner.options.topic())
             .field("healthy", &self.is_healthy())
-            .field("max_record_value", &self.max_record_value)
+            .field("max_record_value", &self.max_record_value())
             .finish_non_exhaustive()
     }
 }
@@ -883,6 +942,7 @@ impl KafkaSink {
     ) -> Result<KafkaSink, KafkaSinkError> {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (reread, rereads) = crossbeam_channel::bounded(1);
         let shared = Arc::new(Shared {
             fallback_active: AtomicBool::new(false),
             fallback_stored: AtomicU64::new(0),
@@ -902,6 +962,11 @@ impl KafkaSink {
             epoch: Instant::now(),
             last_ack_ms: AtomicU64::new(0),
             publish_timeout: options.publish_timeout(),
+            max_record_value: AtomicUsize::new(0),
+            topic_max: AtomicUsize::new(0),
+            topic_value_limit: AtomicUsize::new(usize::MAX),
+            reread,
+            size_watch: Mutex::new(Vec::new()),
         });
         let producer = Arc::new(new_producer(&config, &shared, 0)?);
 
@@ -913,7 +978,7 @@ impl KafkaSink {
         // again; SIZE then follows the producer's limit, and a broker that still
         // refuses a record as too large gets it answered with 552.
         let topic_max = if reachable {
-            topic_max_message_bytes(&config, options.topic(), options.startup_timeout)
+            read_topic_limit(&config, options.topic(), options.startup_timeout)
         } else {
             tracing::warn!(
                 brokers = %options.settings.brokers(),
@@ -938,6 +1003,14 @@ impl KafkaSink {
                 "kafka accepts very small records; raise the topic's max.message.bytes"
             );
         }
+        shared
+            .max_record_value
+            .store(max_record_value, Ordering::Release);
+        shared
+            .topic_max
+            .store(topic_max.unwrap_or(0), Ordering::Release);
+        // The start-up probe's own wake: the limit was just read.
+        while rereads.try_recv().is_ok() {}
 
         let (kick, kicks) = crossbeam_channel::bounded(1);
         let inner = Arc::new(Inner {
@@ -962,23 +1035,42 @@ impl KafkaSink {
                 .spawn(move || supervise(&inner, &rx))
                 .map_err(KafkaSinkError::Thread)?
         };
+        let limits = {
+            let (shared, config, options) = (
+                Arc::clone(&inner.shared),
+                inner.config.clone(),
+                options.clone(),
+            );
+            std::thread::Builder::new()
+                .name("smtpgw-klimit".into())
+                .spawn(move || follow_topic_limit(&shared, &config, &options, &rereads))
+                .map_err(KafkaSinkError::Thread)?
+        };
         Ok(KafkaSink {
             inner,
             supervisor: Mutex::new(Some(supervisor)),
             flusher: Mutex::new(Some(flusher)),
-            max_record_value,
-            topic_max_message_bytes: topic_max,
+            limits: Mutex::new(Some(limits)),
         })
     }
 
-    /// The largest [`SealedMessage::value`] (trace line included) that Kafka accepts.
+    /// The largest [`SealedMessage::value`] (trace line included) that Kafka accepts;
+    /// with `--max-message-size auto` it follows the topic's limit as re-read.
     pub fn max_record_value(&self) -> usize {
-        self.max_record_value
+        self.inner.shared.max_record_value.load(Ordering::Acquire)
     }
 
-    /// The topic's `max.message.bytes`, if the cluster told us at start-up.
+    /// The cluster's limit for the topic (its `max.message.bytes`, else the broker's
+    /// `message.max.bytes`) at the last reading, if it said.
     pub fn topic_max_message_bytes(&self) -> Option<usize> {
-        self.topic_max_message_bytes
+        Some(self.inner.shared.topic_max.load(Ordering::Acquire)).filter(|&n| n > 0)
+    }
+
+    /// Without `auto`: the largest value the topic holds when it fell below what
+    /// `--max-message-size` needs (larger session messages get 451), else `None`.
+    pub fn topic_shortfall(&self) -> Option<usize> {
+        Some(self.inner.shared.topic_value_limit.load(Ordering::Acquire))
+            .filter(|&n| n != usize::MAX)
     }
 
     /// Messages and bytes handed to librdkafka and not yet answered.
@@ -1019,15 +1111,17 @@ fn probe(producer: &GatewayProducer, topic: &str, timeout: Duration, shared: &Sh
     }
 }
 
-/// The topic's `max.message.bytes`, or `None` if the cluster does not say in time.
-fn topic_max_message_bytes(config: &ClientConfig, topic: &str, timeout: Duration) -> Option<usize> {
+/// The cluster's limit for records to `topic`: the topic's `max.message.bytes`, else
+/// the broker's `message.max.bytes` (what a topic without its own inherits); `None` if
+/// the cluster does not say in time.
+fn read_topic_limit(config: &ClientConfig, topic: &str, timeout: Duration) -> Option<usize> {
     // The admin API answers with a future. Run it on a runtime of its own on a thread
     // of its own, so that creating the sink from inside a tokio runtime cannot panic
     // with a nested `block_on`.
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("smtpgw-kafka-admin".into())
-            .spawn_scoped(scope, || describe_max_message_bytes(config, topic, timeout))
+            .spawn_scoped(scope, || describe_limit(config, topic, timeout))
             .map_err(|error| tracing::warn!(%error, "cannot start the kafka admin thread"))
             .ok()?
             .join()
@@ -1035,11 +1129,27 @@ fn topic_max_message_bytes(config: &ClientConfig, topic: &str, timeout: Duration
     })
 }
 
-fn describe_max_message_bytes(
-    config: &ClientConfig,
-    topic: &str,
-    timeout: Duration,
+/// A size setting's value in a described resource.
+fn config_size(resource: &ConfigResource, name: &str) -> Option<usize> {
+    resource
+        .get(name)
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+}
+
+/// The topic's `max.message.bytes` if it has one, else (asking only then) the
+/// broker's `message.max.bytes`. Apache Kafka reports the inherited value as the
+/// topic's; brokers that list only explicit topic settings (tansu) need the second.
+fn limit_of(
+    topic: Option<&ConfigResource>,
+    broker: impl FnOnce() -> Option<ConfigResource>,
 ) -> Option<usize> {
+    topic
+        .and_then(|t| config_size(t, "max.message.bytes"))
+        .or_else(|| config_size(&broker()?, "message.max.bytes"))
+}
+
+fn describe_limit(config: &ClientConfig, topic: &str, timeout: Duration) -> Option<usize> {
     let admin: AdminClient<DefaultClientContext> = match config.create() {
         Ok(admin) => admin,
         Err(error) => {
@@ -1058,41 +1168,143 @@ fn describe_max_message_bytes(
         }
     };
     let opts = AdminOptions::new().request_timeout(Some(timeout));
-    let resource = ResourceSpecifier::Topic(topic);
-    let result = runtime.block_on(async {
-        tokio::time::timeout(
-            timeout + Duration::from_millis(500),
-            admin.describe_configs([&resource], &opts),
-        )
-        .await
-    });
-    let found = match result {
-        Ok(Ok(results)) => results.into_iter().find_map(|r| match r {
-            Ok(resource) => resource
-                .get("max.message.bytes")
-                .and_then(|e| e.value.as_deref())
-                .and_then(|v| v.parse::<usize>().ok()),
-            Err(code) => {
-                tracing::warn!(topic, error = %code, "kafka cannot describe the topic");
+    let describe = |resource: ResourceSpecifier<'_>| -> Option<ConfigResource> {
+        let result = runtime.block_on(async {
+            tokio::time::timeout(
+                timeout + Duration::from_millis(500),
+                admin.describe_configs([&resource], &opts),
+            )
+            .await
+        });
+        match result {
+            Ok(Ok(results)) => results.into_iter().find_map(|r| {
+                r.map_err(|code| {
+                    tracing::warn!(?resource, error = %code, "kafka cannot describe the configuration")
+                })
+                .ok()
+            }),
+            Ok(Err(error)) => {
+                tracing::warn!(?resource, %error, "kafka cannot describe the configuration");
                 None
             }
-        }),
-        Ok(Err(error)) => {
-            tracing::warn!(topic, %error, "kafka cannot describe the topic");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(topic, "kafka did not describe the topic in time");
-            None
+            Err(_) => {
+                tracing::warn!(?resource, "kafka did not describe the configuration in time");
+                None
+            }
         }
     };
+    let described = describe(ResourceSpecifier::Topic(topic));
+    let found = limit_of(described.as_ref(), || {
+        // Any broker serves: message.max.bytes is a cluster-wide default.
+        let metadata = admin.inner().fetch_metadata(Some(topic), timeout).ok()?;
+        let id = metadata.brokers().first()?.id();
+        describe(ResourceSpecifier::Broker(id))
+    });
     if found.is_none() {
         tracing::warn!(
             topic,
-            "topic max.message.bytes unknown; using the producer's message.max.bytes only"
+            "neither the topic's max.message.bytes nor the broker's message.max.bytes is known; using the producer's message.max.bytes only"
         );
     }
     found
+}
+
+/// What the sink holds to after a reading of the topic's limit (`topic_max`), given
+/// the value it advertises now: `(max_record_value, shortfall)`.
+///
+/// With `--max-message-size auto` (or no size to hold: a library caller) the advertised
+/// value follows the topic, up to what the producer takes. Without it, the advertised
+/// value stays (the operator set it, and SIZE changing under the senders would bounce
+/// mail they already sized): a topic that fell below what `--max-message-size` needs is
+/// the shortfall, the largest value that still fits.
+fn next_limits(
+    topic_max: usize,
+    options: &KafkaOptions,
+    advertised: usize,
+) -> (usize, Option<usize>) {
+    let fits = value_limit(
+        topic_max.min(options.producer_message_max_bytes()),
+        options.max_recipients,
+    );
+    match options.max_value {
+        Some(needed) if !options.fit_topic => (advertised, (fits < needed).then_some(fits)),
+        _ => (fits, None),
+    }
+}
+
+/// The limit reader's thread: each wake (a broker seen again after an outage, a new
+/// producer, a size refusal the sink did not expect) reads the topic's limit and
+/// applies it. Ends once the sink is closed.
+fn follow_topic_limit(
+    shared: &Shared,
+    config: &ClientConfig,
+    options: &KafkaOptions,
+    rereads: &Receiver<()>,
+) {
+    while rereads.recv().is_ok() {
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let read = read_topic_limit(config, options.topic(), options.startup_timeout);
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        match read {
+            Some(topic_max) => shared.apply_topic_limit(topic_max, options),
+            None => tracing::debug!("kafka topic limit not read; the last one stays"),
+        }
+    }
+}
+
+impl Shared {
+    /// Applies a reading of the topic's limit (see [`next_limits`]), saying what changed.
+    fn apply_topic_limit(&self, topic_max: usize, options: &KafkaOptions) {
+        self.topic_max.store(topic_max, Ordering::Release);
+        let advertised = self.max_record_value.load(Ordering::Acquire);
+        let (value, shortfall) = next_limits(topic_max, options, advertised);
+        let topic = options.topic();
+        if value != advertised {
+            self.max_record_value.store(value, Ordering::Release);
+            tracing::warn!(
+                topic,
+                topic_max_message_bytes = topic_max,
+                max_record_value = value,
+                was = advertised,
+                "--max-message-size auto: the kafka topic's limit changed; new sessions advertise the SIZE it holds"
+            );
+            for watch in self
+                .size_watch
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+            {
+                watch();
+            }
+        }
+        let limit = shortfall.unwrap_or(usize::MAX);
+        let before = self.topic_value_limit.swap(limit, Ordering::AcqRel);
+        match (shortfall, options.max_value) {
+            (Some(fits), Some(needed)) if before != limit => {
+                let too_small = KafkaSinkError::TopicTooSmall {
+                    topic: topic.to_owned(),
+                    topic_max,
+                    needed: limit_for_value(needed, options.max_recipients),
+                };
+                tracing::error!(
+                    topic,
+                    topic_max_message_bytes = topic_max,
+                    max_record_value = fits,
+                    "{too_small}; until then, messages over {fits} bytes get 451 (SIZE stays)"
+                );
+            }
+            (None, _) if before != usize::MAX => tracing::info!(
+                topic,
+                topic_max_message_bytes = topic_max,
+                "kafka topic holds --max-message-size again; no more 451 for size"
+            ),
+            _ => {}
+        }
+    }
 }
 
 /// The supervisor: replaces a producer after a fatal error or when it is stuck (see
@@ -1306,6 +1518,8 @@ fn replace_producer(inner: &Arc<Inner>, generation: u64, broker_answered: bool) 
     );
     let old = slot.replace(new);
     drop(slot);
+    // A new producer is a new connection: read the topic's limit again with it.
+    let _ = shared.reread.try_send(());
     if let Some(old) = old {
         let timeout = inner.options.publish_timeout();
         let spawned = std::thread::Builder::new()
@@ -1368,6 +1582,14 @@ impl KafkaSink {
     ) {
         let inner = &self.inner;
         let shared = &inner.shared;
+        if value.len() > shared.topic_value_limit.load(Ordering::Relaxed)
+            && matches!(answer, Answer::Session { .. })
+        {
+            // The topic fell below --max-message-size (see "Size"): real Kafka would
+            // refuse it, tansu would take what consumers are not sized for.
+            answer.refuse(Err(PublishError::Temporary(Cow::Borrowed(TOPIC_TOO_SMALL))));
+            return;
+        }
         if !shared.healthy.load(Ordering::Acquire) {
             answer.answer(
                 shared,
@@ -1567,26 +1789,11 @@ impl Sink for KafkaSink {
         let _ = inner.shared.notices.send(Notice::Stop);
         // The flusher sees `closed` at its next wake: this one, or the one it has.
         let _ = inner.kick.try_send(());
-        let flusher = self
-            .flusher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = flusher {
-            if handle.join().is_err() {
-                tracing::error!("kafka flusher thread panicked");
-            }
-        }
-        let supervisor = self
-            .supervisor
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = supervisor {
-            if handle.join().is_err() {
-                tracing::error!("kafka supervisor thread panicked");
-            }
-        }
+        // The limit reader sees `closed` likewise (a reading under way ends first).
+        let _ = inner.shared.reread.try_send(());
+        join_logged(&self.flusher, "kafka flusher");
+        join_logged(&self.supervisor, "kafka supervisor");
+        join_logged(&self.limits, "kafka limit reader");
         let producer = inner
             .producer
             .write()
@@ -1602,9 +1809,7 @@ impl Sink for KafkaSink {
                 .unwrap_or_else(PoisonError::into_inner),
         );
         for handle in retiring {
-            if handle.join().is_err() {
-                tracing::error!("kafka drain thread panicked");
-            }
+            join_handle_logged(handle, "kafka drain");
         }
         let (messages, bytes) = self.inflight();
         if messages > 0 {
@@ -1632,16 +1837,30 @@ impl Sink for KafkaSink {
     }
 
     fn max_message_value(&self) -> Option<usize> {
-        Some(self.max_record_value)
+        Some(self.max_record_value())
+    }
+
+    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        self.inner
+            .shared
+            .size_watch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(on_change);
     }
 
     fn stats(&self) -> Option<SinkStats> {
-        self.inner
+        let mut stats = self
+            .inner
             .shared
             .stats
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+            .unwrap_or_default();
+        stats.topic_max_message_bytes = self.topic_max_message_bytes().map(|n| n as u64);
+        stats.topic_too_small = self.topic_shortfall().is_some();
+        Some(stats)
     }
 }
 
@@ -1812,6 +2031,115 @@ mod tests {
         options.fit_topic = false;
         options.max_value = None;
         assert!(check_topic_limit(Some(1_048_588), &options).is_ok());
+    }
+
+    fn described(
+        specifier: rdkafka::admin::OwnedResourceSpecifier,
+        entries: &[(&str, &str)],
+    ) -> ConfigResource {
+        ConfigResource {
+            specifier,
+            entries: entries
+                .iter()
+                .map(|(name, value)| rdkafka::admin::ConfigEntry {
+                    name: (*name).to_owned(),
+                    value: Some((*value).to_owned()),
+                    source: rdkafka::admin::ConfigSource::DynamicTopic,
+                    is_read_only: false,
+                    is_default: false,
+                    is_sensitive: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_brokers_message_max_bytes_stands_in_for_a_topic_without_its_own() {
+        use rdkafka::admin::OwnedResourceSpecifier::{Broker, Topic};
+        let topic = |entries: &[(&str, &str)]| described(Topic("t".into()), entries);
+        let broker = |entries: &[(&str, &str)]| Some(described(Broker(111), entries));
+        // The topic's own setting wins, and the broker is not asked then.
+        let own = topic(&[
+            ("cleanup.policy", "delete"),
+            ("max.message.bytes", "2000000"),
+        ]);
+        assert_eq!(
+            limit_of(Some(&own), || panic!(
+                "broker asked although the topic says"
+            )),
+            Some(2_000_000)
+        );
+        // tansu lists no entry for a topic created without one: the broker's default.
+        let bare = topic(&[]);
+        assert_eq!(
+            limit_of(Some(&bare), || broker(&[("message.max.bytes", "3000000")])),
+            Some(3_000_000)
+        );
+        // The topic could not be described at all: the broker's still counts.
+        assert_eq!(
+            limit_of(None, || broker(&[("message.max.bytes", "1048588")])),
+            Some(1_048_588)
+        );
+        // Neither says (tansu's broker lists nothing), or says nonsense: unknown.
+        assert_eq!(limit_of(Some(&bare), || broker(&[])), None);
+        assert_eq!(limit_of(Some(&bare), || None), None);
+        let junk = topic(&[("max.message.bytes", "lots")]);
+        assert_eq!(
+            limit_of(Some(&junk), || broker(&[("message.max.bytes", "500000")])),
+            Some(500_000)
+        );
+        // The broker's name for it is not the topic's, and the other way round.
+        assert_eq!(
+            limit_of(Some(&topic(&[("message.max.bytes", "9")])), || broker(&[(
+                "max.message.bytes",
+                "9"
+            )])),
+            None
+        );
+    }
+
+    #[test]
+    fn a_changed_topic_limit_moves_size_with_auto_and_is_a_shortfall_without() {
+        let mut options = KafkaOptions::new(crate::config::Kafka::default(), 100);
+        let needed = 10 << 20;
+        options.max_value = Some(needed);
+        let fits = |topic: usize| value_limit(topic, 100);
+        let big = limit_for_value(needed, 100) + 5_000_000;
+        let advertised = fits(limit_for_value(needed, 100));
+
+        // Without auto the advertised value stays; a topic too small is a shortfall
+        // of exactly what it still holds, and one large enough again ends it.
+        assert_eq!(
+            next_limits(1_048_588, &options, advertised),
+            (advertised, Some(fits(1_048_588)))
+        );
+        assert_eq!(next_limits(big, &options, advertised), (advertised, None));
+        assert_eq!(
+            next_limits(limit_for_value(needed, 100), &options, advertised),
+            (advertised, None),
+            "a topic that just holds --max-message-size is no shortfall"
+        );
+
+        // With auto the advertised value follows the topic both ways, up to what the
+        // producer takes (sized for --max-message-size), and there is no shortfall.
+        options.fit_topic = true;
+        assert_eq!(
+            next_limits(1_048_588, &options, advertised),
+            (fits(1_048_588), None)
+        );
+        assert_eq!(
+            next_limits(big, &options, fits(1_048_588)),
+            (fits(options.producer_message_max_bytes()), None)
+        );
+        assert!(fits(options.producer_message_max_bytes()) >= needed);
+
+        // A library caller with no size to hold follows the topic too.
+        options.fit_topic = false;
+        options.max_value = None;
+        assert_eq!(
+            next_limits(500_000, &options, advertised),
+            (fits(500_000), None)
+        );
     }
 
     #[test]

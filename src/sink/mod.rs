@@ -6,7 +6,8 @@
 //! [`Ticket`] and wakes the reactor; only then does the session say `250` (or `451`).
 
 use std::borrow::Cow;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -144,6 +145,23 @@ impl Completion {
     }
 }
 
+/// Takes the thread out of `slot` (so a second shutdown finds nothing to join) and
+/// joins it; a panic is logged with `what` rather than passed on, since shutdown must
+/// go on to drain the rest of the sink whatever one of its threads did.
+pub(crate) fn join_logged(slot: &Mutex<Option<JoinHandle<()>>>, what: &str) {
+    let handle = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(handle) = handle {
+        join_handle_logged(handle, what);
+    }
+}
+
+/// [`join_logged`] for a handle already taken.
+pub(crate) fn join_handle_logged(handle: JoinHandle<()>, what: &str) {
+    if handle.join().is_err() {
+        tracing::error!("{what} thread panicked");
+    }
+}
+
 /// What a sink's client library reports about itself (librdkafka's statistics), for
 /// the metrics.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -156,6 +174,11 @@ pub struct SinkStats {
     pub broker_rtt: Vec<(String, f64)>,
     /// Store-and-forward (`--spool-fallback`) figures, when that is on.
     pub forward: Option<ForwardStats>,
+    /// The cluster's limit for the topic at its last reading (Kafka sink), if known.
+    pub topic_max_message_bytes: Option<u64>,
+    /// The topic fell below what `--max-message-size` needs (no `auto`): messages
+    /// too large for it get 451.
+    pub topic_too_small: bool,
 }
 
 /// What the store-and-forward thread reports.
@@ -241,6 +264,13 @@ pub trait Sink: Send + Sync + 'static {
     /// the trace line's room.
     fn max_message_value(&self) -> Option<usize> {
         None
+    }
+
+    /// Calls `on_change` (from a thread of the sink's) each time
+    /// [`Sink::max_message_value`] changes while running: the Kafka sink with
+    /// `--max-message-size auto` when the topic's limit changed.
+    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
+        drop(on_change);
     }
 
     /// The client library's latest statistics, if it keeps any.

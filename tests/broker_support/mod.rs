@@ -56,17 +56,29 @@ pub fn tansu_binary() -> Option<PathBuf> {
 pub struct Tansu {
     bin: PathBuf,
     pub port: u16,
+    /// The port clients are told to use (metadata): `port`, or a proxy's in front.
+    advertised: u16,
     child: Option<Child>,
 }
 
 impl Tansu {
     /// Not started yet: `start` brings it up on `port`.
     pub fn on_free_port(bin: PathBuf) -> Tansu {
+        let port = free_port();
         Tansu {
             bin,
-            port: free_port(),
+            port,
+            advertised: port,
             child: None,
         }
+    }
+
+    /// Not started yet; clients are sent to `advertised` (a proxy the test runs in
+    /// front of it, which can cut every connection while the broker keeps its state).
+    pub fn behind(bin: PathBuf, advertised: u16) -> Tansu {
+        let mut tansu = Tansu::on_free_port(bin);
+        tansu.advertised = advertised;
+        tansu
     }
 
     pub fn addr(&self) -> String {
@@ -75,15 +87,23 @@ impl Tansu {
 
     /// Starts the broker (memory storage: it starts empty) and creates `topic`.
     pub fn start(&mut self, topic: &str) {
+        self.start_empty();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        self.create_topic(&url, topic);
+    }
+
+    /// Starts the broker (memory storage: it starts empty) with no topic.
+    pub fn start_empty(&mut self) {
         assert!(self.child.is_none(), "already running");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let child = Command::new(&self.bin)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
@@ -98,12 +118,15 @@ impl Tansu {
             "tansu never listened on {}",
             self.addr()
         );
+    }
+
+    fn create_topic(&self, url: &str, topic: &str) {
         // A client's metadata request may have created the topic already (tansu
         // auto-creates), so "exists" is success; a broker still starting gets retries.
         let mut last = String::new();
         for _ in 0..20 {
             let out = Command::new(&self.bin)
-                .args(["topic", "create", "--broker", &url])
+                .args(["topic", "create", "--broker", url])
                 .args(["--partitions", "1", topic])
                 .output()
                 .expect("tansu topic create runs");

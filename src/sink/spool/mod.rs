@@ -456,16 +456,10 @@ impl Sink for SpoolSink {
             .take();
         // Dropping the last sender lets the writer drain the queue and then stop.
         drop(tx);
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!(dir = %self.dir.display(), "spool writer thread panicked");
-            }
-        }
+        crate::sink::join_logged(
+            &self.writer,
+            &format!("spool writer ({})", self.dir.display()),
+        );
     }
 
     fn name(&self) -> &'static str {
