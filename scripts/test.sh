@@ -181,7 +181,7 @@ for backend in "${io_backends[@]:1}"; do
     section "cargo test --release: the tests that start the binary, I/O backend $backend"
     # --workspace as above: the same feature unification, so nothing is rebuilt.
     SMTPGW_TEST_IO_BACKENDS=$backend cargo test --release --workspace \
-        --test metrics --test kafka_gateway --test kafka_e2e --test kafka_forward --test binary \
+        --test metrics --test kafka_gateway --test kafka_e2e --test kafka_forward --test kafka_limit --test binary \
         --test spool_sink --test spool_disk --test spool_recovery
 done
 

@@ -76,7 +76,7 @@ impl SessionConfigHandle {
     /// size new connections advertise.
     pub fn follow_sink(&self, running: &Config, sink: &dyn Sink) -> usize {
         let before = self.current().max_message_size;
-        let mut applied = crate::server::session_config_for(running, sink);
+        let mut applied = session_config_for(running, sink);
         applied.max_message_size = applied.max_message_size.min(self.max_message_size_cap);
         let after = applied.max_message_size;
         if after != before {
