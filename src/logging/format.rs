@@ -187,7 +187,10 @@ impl Formatter {
         }
         l.client_text("from", m.from());
         match recipients {
-            LogRecipients::Full => l.client_list("rcpts", m.rcpts(), None),
+            LogRecipients::Full => match m.only_rcpt() {
+                Some(rcpt) => l.one_item_list("rcpts", rcpt),
+                None => l.client_list("rcpts", m.rcpts(), None),
+            },
             LogRecipients::Hash => l.client_list(
                 "rcpts",
                 m.rcpts(),
@@ -335,9 +338,7 @@ impl Line<'_> {
     #[inline(always)]
     fn num(&mut self, name: &str, n: u64) {
         self.key(name);
-        let mut buf = itoa_buf(n);
-        self.out.extend_from_slice(buf.as_slice());
-        buf.clear();
+        push_decimal(self.out, n);
     }
 
     /// A number or boolean (unquoted in both formats).
@@ -383,12 +384,10 @@ impl Line<'_> {
             if i > 0 {
                 self.out.push(b'.');
             }
-            self.out
-                .extend_from_slice(itoa_buf(u64::from(octet)).as_slice());
+            push_decimal(self.out, u64::from(octet));
         }
         self.out.push(b':');
-        self.out
-            .extend_from_slice(itoa_buf(u64::from(v4.port())).as_slice());
+        push_decimal(self.out, u64::from(v4.port()));
         if self.json {
             self.out.push(b'"');
         }
@@ -420,11 +419,34 @@ impl Line<'_> {
     fn ulid(&mut self, name: &str, id: &crate::smtp::MessageId) {
         self.key(name);
         let mut buf = [0u8; ulid::ULID_LEN];
-        let text = id.array_to_str(&mut buf);
+        // Crockford base32, which needs no quoting or escaping: the fixed-size copy is
+        // a few stores, where the `&str` it returns would be a call to `memcpy`.
+        let _ = id.array_to_str(&mut buf);
         if self.json {
-            json_str(self.out, text.as_bytes());
+            self.out.push(b'"');
+            self.out.extend_from_slice(&buf);
+            self.out.push(b'"');
         } else {
-            self.out.extend_from_slice(text.as_bytes());
+            self.out.extend_from_slice(&buf);
+        }
+    }
+
+    /// A list of one item, as [`Self::client_list`] writes it, without its copy through
+    /// the scratch buffer when the item needs no escaping (a message has one recipient
+    /// more often than not).
+    #[inline(always)]
+    fn one_item_list(&mut self, name: &str, item: &[u8]) {
+        let class = classify(item);
+        if class & (ESCAPE | COMMA) != 0 {
+            return self.client_list(name, std::iter::once(item), None);
+        }
+        self.key(name);
+        if self.json {
+            self.out.push(b'[');
+            json_str_classified(self.out, item, class);
+            self.out.push(b']');
+        } else {
+            text_value_classified(self.out, item, class);
         }
     }
 
@@ -540,6 +562,61 @@ fn classify(v: &[u8]) -> u8 {
     v.iter().fold(0, |acc, &b| acc | CLASS[usize::from(b)])
 }
 
+/// "00", "01", ... "99": two digits per division.
+static DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        t[2 * i] = b'0' + (i / 10) as u8;
+        t[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Appends `n` in decimal. A line has ten or so numbers, nearly all under 10^8: those
+/// are written a digit pair at a time with pushes the compiler inlines, where copying a
+/// variable-length digit buffer called `memcpy` for every number. (Eight bytes put
+/// together on the stack and copied at once measured slower.)
+#[inline]
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    if n < 10_000 {
+        push_upto4(out, n);
+    } else if n < 100_000_000 {
+        let (hi, lo) = (n / 10_000, n % 10_000);
+        push_upto4(out, hi);
+        push_pair(out, lo / 100);
+        push_pair(out, lo % 100);
+    } else {
+        out.extend_from_slice(itoa_buf(n).as_slice());
+    }
+}
+
+/// `n` < 10,000 without leading zeros.
+#[inline(always)]
+fn push_upto4(out: &mut Vec<u8>, n: u64) {
+    if n < 10 {
+        out.push(b'0' + n as u8);
+    } else if n < 100 {
+        push_pair(out, n);
+    } else {
+        let (hi, lo) = (n / 100, n % 100);
+        if hi < 10 {
+            out.push(b'0' + hi as u8);
+        } else {
+            push_pair(out, hi);
+        }
+        push_pair(out, lo);
+    }
+}
+
+/// `n` < 100 as two digits.
+#[inline(always)]
+fn push_pair(out: &mut Vec<u8>, n: u64) {
+    let i = (n % 100) as usize * 2;
+    out.extend_from_slice(&[DIGIT_PAIRS[i], DIGIT_PAIRS[i + 1]]);
+}
+
 /// Decimal digits of `n` without the formatting machinery.
 fn itoa_buf(mut n: u64) -> SmallDigits {
     let mut d = SmallDigits {
@@ -566,9 +643,6 @@ impl SmallDigits {
     fn as_slice(&self) -> &[u8] {
         &self.buf[self.start..]
     }
-    fn clear(&mut self) {
-        self.start = 20;
-    }
 }
 
 /// A text value: as is when it is one plain token, else in double quotes with `"`
@@ -577,12 +651,19 @@ fn text_value(out: &mut Vec<u8>, v: &[u8]) {
     text_value_classified(out, v, classify(v));
 }
 
-/// [`text_value`] of a value already [`classify`]d.
+/// [`text_value`] of a value already [`classify`]d. Inlined for the common plain
+/// token; the quoted form is out of line.
+#[inline(always)]
 fn text_value_classified(out: &mut Vec<u8>, v: &[u8], class: u8) {
     if !v.is_empty() && class & QUOTE == 0 {
         out.extend_from_slice(v);
-        return;
+    } else {
+        text_quoted(out, v);
     }
+}
+
+#[cold]
+fn text_quoted(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
     for &b in v {
         match b {
@@ -651,6 +732,76 @@ mod tests {
         m.code = 250;
         m.ms = 3;
         m
+    }
+
+    #[test]
+    fn decimals_match_display() {
+        let mut values = vec![0, u64::MAX, u64::MAX - 1];
+        let mut p = 1u64;
+        while let Some(next) = p.checked_mul(10) {
+            values.extend([p - 1, p, p + 1, p * 5 + 7]);
+            p = next;
+        }
+        values.extend([p - 1, p, 255, 65_535, 12_345_678_901]);
+        let mut out = b"x".to_vec();
+        let mut want = String::from("x");
+        for n in values {
+            push_decimal(&mut out, n);
+            out.push(b' ');
+            want.push_str(&format!("{n} "));
+        }
+        assert_eq!(String::from_utf8(out).unwrap_or_default(), want);
+    }
+
+    #[test]
+    fn a_lone_recipient_is_written_as_the_general_list_writes_it() {
+        let items: [&[u8]; 7] = [
+            b"a@b.example",
+            b"r,2@x",
+            b"\"q x\"@z",
+            b"x=y@z",
+            b"esc\x1b@z",
+            b"back\\slash@z",
+            b"",
+        ];
+        for json in [false, true] {
+            for item in items {
+                let (mut scratch, mut fast, mut general) = (Vec::new(), Vec::new(), Vec::new());
+                let mut l = Line {
+                    out: &mut fast,
+                    json,
+                    scratch: &mut scratch,
+                };
+                l.one_item_list("rcpts", item);
+                let mut l = Line {
+                    out: &mut general,
+                    json,
+                    scratch: &mut scratch,
+                };
+                l.client_list("rcpts", std::iter::once(item), None);
+                assert_eq!(fast, general, "{json} {item:?}");
+            }
+        }
+        // Only a copied, single recipient takes that path.
+        let m = message();
+        assert_eq!(m.only_rcpt(), None);
+        let one = |with_rcpts| {
+            MessageLine::new(
+                1,
+                ulid::Ulid::from_parts(1, 2),
+                "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
+                None,
+                "h",
+                "f@x",
+                None,
+                ["r@x"].into_iter(),
+                1,
+                "null",
+                with_rcpts,
+            )
+        };
+        assert_eq!(one(true).only_rcpt(), Some(&b"r@x"[..]));
+        assert_eq!(one(false).only_rcpt(), None);
     }
 
     #[test]
