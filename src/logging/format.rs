@@ -56,6 +56,8 @@ pub struct Formatter {
     prefix_of: Option<(chrono::DateTime<chrono::Utc>, Level)>,
     prefix_target: String,
     prefix_message: String,
+    /// The static target and message `prefix` was last made from ([`Self::begin_static`]).
+    prefix_static: Option<(&'static str, &'static str)>,
     scratch: Vec<u8>,
 }
 
@@ -71,6 +73,7 @@ impl Formatter {
             prefix_of: None,
             prefix_target: String::new(),
             prefix_message: String::new(),
+            prefix_static: None,
             scratch: Vec::with_capacity(256),
         }
     }
@@ -83,6 +86,41 @@ impl Formatter {
         target: &str,
         message: &str,
     ) -> Line<'a> {
+        self.prepare(now, level, target, message);
+        self.prefix_static = None;
+        self.line(out)
+    }
+
+    /// [`Self::begin`] for the gateway's own lines, whose target and message text are
+    /// static: the same two strings as the last line's are recognised by address,
+    /// without comparing their bytes (two `memcmp` calls a line).
+    fn begin_static<'a>(
+        &'a mut self,
+        out: &'a mut Vec<u8>,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &'static str,
+        message: &'static str,
+    ) -> Line<'a> {
+        let same = self.prefix_of == Some((now, level))
+            && self
+                .prefix_static
+                .is_some_and(|(t, m)| std::ptr::eq(t, target) && std::ptr::eq(m, message));
+        if !same {
+            self.prepare(now, level, target, message);
+            self.prefix_static = Some((target, message));
+        }
+        self.line(out)
+    }
+
+    /// Makes `prefix` the start of a line of this instant, level, target and message.
+    fn prepare(
+        &mut self,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &str,
+        message: &str,
+    ) {
         // Same instant, level, target and message text: the same bytes.
         let of = Some((now, level));
         if self.prefix_of != of || self.prefix_target != target || self.prefix_message != message {
@@ -96,6 +134,9 @@ impl Formatter {
             self.prefix_message.clear();
             self.prefix_message.push_str(message);
         }
+    }
+
+    fn line<'a>(&'a mut self, out: &'a mut Vec<u8>) -> Line<'a> {
         out.extend_from_slice(&self.prefix);
         Line {
             out,
@@ -176,7 +217,7 @@ impl Formatter {
         } else {
             Level::WARN
         };
-        let mut l = self.begin(out, now, level, super::TARGET_MESSAGE, "message");
+        let mut l = self.begin_static(out, now, level, super::TARGET_MESSAGE, "message");
         l.num("session", m.session);
         l.ulid("id", &m.id);
         l.addr("client", m.client);
@@ -226,7 +267,7 @@ impl Formatter {
         now: chrono::DateTime<chrono::Utc>,
         r: &RefusalLine,
     ) {
-        let mut l = self.begin(out, now, Level::WARN, super::TARGET_REFUSAL, "refused");
+        let mut l = self.begin_static(out, now, Level::WARN, super::TARGET_REFUSAL, "refused");
         l.num("session", r.session);
         l.addr("client", r.client);
         if !r.verb.is_empty() {
@@ -258,7 +299,7 @@ impl Formatter {
         ip: std::net::IpAddr,
         count: u64,
     ) {
-        let mut l = self.begin(
+        let mut l = self.begin_static(
             out,
             now,
             Level::WARN,
@@ -277,7 +318,7 @@ impl Formatter {
         now: chrono::DateTime<chrono::Utc>,
         c: &ClosedLine,
     ) {
-        let mut l = self.begin(
+        let mut l = self.begin_static(
             out,
             now,
             Level::INFO,
@@ -802,6 +843,43 @@ mod tests {
         };
         assert_eq!(one(true).only_rcpt(), Some(&b"r@x"[..]));
         assert_eq!(one(false).only_rcpt(), None);
+    }
+
+    #[test]
+    fn each_kind_of_line_starts_with_its_own_prefix_whatever_came_before() {
+        let mut f = Formatter::new(false, false, LogRecipients::Count);
+        let trace = |message: &str| TraceLine {
+            level: Level::INFO,
+            target: "smtpgw::net",
+            message: message.into(),
+            fields: Vec::new(),
+        };
+        let mut out = Vec::new();
+        f.message(&mut out, now(), &message());
+        f.trace(&mut out, now(), &trace("listening"));
+        f.message(&mut out, now(), &message());
+        f.trace(&mut out, now(), &trace("stopping"));
+        f.trace(&mut out, now(), &trace("listening"));
+        f.message(&mut out, now(), &message());
+        let text = String::from_utf8(out).unwrap_or_default();
+        let starts: Vec<&str> = text
+            .lines()
+            .map(|l| l.split(" session=").next().unwrap_or(l))
+            .collect();
+        let m = "2026-11-30T00:53:20.123456Z  INFO smtpgw::message: message";
+        let t = "2026-11-30T00:53:20.123456Z  INFO smtpgw::net: ";
+        assert_eq!(
+            starts,
+            [
+                m,
+                &format!("{t}listening"),
+                m,
+                &format!("{t}stopping"),
+                &format!("{t}listening"),
+                m
+            ],
+            "{text}"
+        );
     }
 
     #[test]
