@@ -990,7 +990,7 @@ impl Connection {
                 self.record.tls,
                 &env.helo,
                 env.mail_from(),
-                crate::smtp::headers::message_id(message.body()),
+                message.message_id(),
                 env.rcpt_to(),
                 body_len,
                 self.limits.sink,

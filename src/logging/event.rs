@@ -174,6 +174,15 @@ impl MessageLine {
         self.has_message_id.then(|| self.part(2))
     }
 
+    /// The recipient, when there is exactly one and it was copied.
+    pub fn only_rcpt(&self) -> Option<&[u8]> {
+        if self.rcpt_count != 1 {
+            return None;
+        }
+        let rest = self.text.get(self.ends[2] as usize..).unwrap_or_default();
+        rest.strip_suffix(b"\0").filter(|r| !r.is_empty())
+    }
+
     /// The recipients, when they were copied (not with `--log-recipients count`).
     pub fn rcpts(&self) -> impl Iterator<Item = &[u8]> {
         let rest = self.text.get(self.ends[2] as usize..).unwrap_or_default();

@@ -53,6 +53,69 @@ enum State {
     DotCr,
 }
 
+/// The lines of a body's header section that start with `M` or `m`, noted on the
+/// reader's way past every line start: the only lines a `Message-ID:` field can be on,
+/// so the transaction line's look-up ([`super::headers::message_id_among`]) reads
+/// those instead of walking the header line by line again. Positions are offsets in the
+/// body buffer as the reader stored it (headroom included).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderLines {
+    starts: [u32; HEADER_LINES],
+    count: u8,
+    /// No blank line yet: the reader is still in the header section.
+    open: bool,
+    /// The list may miss a line (more candidates than it holds, a dot dropped at a
+    /// header line's start, a bare CR or LF, a body past 4 GiB): look the whole way.
+    incomplete: bool,
+}
+
+/// Candidate lines noted at most; `From`, `To`, `MIME-Version`, `Message-ID` and a few
+/// more fit.
+const HEADER_LINES: usize = 6;
+
+impl Default for HeaderLines {
+    fn default() -> Self {
+        HeaderLines {
+            starts: [0; HEADER_LINES],
+            count: 0,
+            open: true,
+            incomplete: false,
+        }
+    }
+}
+
+impl HeaderLines {
+    /// The candidates' offsets in the body without its first `headroom` bytes, in order;
+    /// `None` when the list is not complete.
+    pub fn starts(&self, headroom: usize) -> Option<impl Iterator<Item = usize> + '_> {
+        if self.incomplete {
+            return None;
+        }
+        let starts = &self.starts[..usize::from(self.count)];
+        if starts.iter().any(|&s| (s as usize) < headroom) {
+            return None;
+        }
+        Some(starts.iter().map(move |&s| s as usize - headroom))
+    }
+
+    /// A line of the body starts with `first` at offset `at`.
+    #[inline]
+    fn line_start(&mut self, first: u8, at: usize) {
+        if first == b'\r' || first == b'\n' {
+            // A blank line ends the header (a CR that is not one is bare: incomplete).
+            self.open = false;
+        } else if first | 0x20 == b'm' {
+            match u32::try_from(at) {
+                Ok(at) if usize::from(self.count) < HEADER_LINES => {
+                    self.starts[usize::from(self.count)] = at;
+                    self.count += 1;
+                }
+                _ => self.incomplete = true,
+            }
+        }
+    }
+}
+
 /// How a complete body turned out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BodyOutcome {
@@ -78,6 +141,7 @@ pub struct DataReader {
     size: usize,
     too_large: bool,
     bare_line_ending: bool,
+    header: HeaderLines,
 }
 
 impl DataReader {
@@ -90,6 +154,7 @@ impl DataReader {
             size: 0,
             too_large: false,
             bare_line_ending: false,
+            header: HeaderLines::default(),
         }
     }
 
@@ -152,6 +217,9 @@ impl DataReader {
                     }
                 }
                 State::LineStart => {
+                    if self.header.open {
+                        self.header.line_start(input[i], body.len());
+                    }
                     if input[i] == b'.' && !self.chunked {
                         self.state = State::Dot;
                         i += 1;
@@ -165,6 +233,7 @@ impl DataReader {
                         i += 1;
                     } else {
                         // Dot-stuffing: the leading dot is dropped, the line goes on.
+                        self.header.incomplete |= self.header.open;
                         self.state = State::Text;
                     }
                 }
@@ -174,6 +243,7 @@ impl DataReader {
                         return (i + 1, true);
                     }
                     // `.` CR X: the dot was stuffing, the CR is bare.
+                    self.header.incomplete |= self.header.open;
                     self.bare(body);
                     self.state = State::Text;
                 }
@@ -193,6 +263,11 @@ impl DataReader {
         }
     }
 
+    /// The header section's candidate lines for a `Message-ID:` field.
+    pub fn header_lines(&self) -> HeaderLines {
+        self.header
+    }
+
     /// A bare CR or LF was seen, whatever the policy made of it (a smuggling attempt).
     pub fn saw_bare_line_ending(&self) -> bool {
         self.bare_line_ending
@@ -205,6 +280,8 @@ impl DataReader {
 
     fn bare(&mut self, body: &mut BytesMut) {
         self.bare_line_ending = true;
+        // Lines then differ between the reader and a search by LF.
+        self.header.incomplete = true;
         if self.policy == BareLfPolicy::Normalize {
             self.store(body, b"\r\n");
         }
@@ -274,6 +351,82 @@ mod tests {
 
     const REJECT: BareLfPolicy = BareLfPolicy::Reject;
     const NORMALIZE: BareLfPolicy = BareLfPolicy::Normalize;
+
+    #[test]
+    fn header_lines_give_the_message_id_a_full_search_gives() {
+        use crate::smtp::headers::{message_id, message_id_among};
+        let cases: &[(&[u8], BareLfPolicy, bool)] = &[
+            (
+                b"From: A <a@x>\r\nTo: <b@x>\r\nSubject: s\r\nMessage-ID: <1.2@lt>\r\n\
+                  MIME-Version: 1.0\r\n\r\nmessage-id: <body@x>\r\n.\r\n",
+                REJECT,
+                true,
+            ),
+            (
+                b"MIME-Version: 1.0\r\nmessage-id: <a>\r\n\r\nx\r\n.\r\n",
+                REJECT,
+                true,
+            ),
+            (
+                b"Mxx\r\nMessage-IDx: <no>\r\nMESSAGE-ID:  <yes> \r\n\r\n.\r\n",
+                REJECT,
+                true,
+            ),
+            (b"Message-ID:\r\n <f@b>\r\nX: y\r\n\r\n.\r\n", REJECT, true),
+            (
+                b"Message-ID:  \r\nMessage-ID: <second>\r\n\r\n.\r\n",
+                REJECT,
+                true,
+            ),
+            (b"Subject: x\r\n\r\nMessage-ID: <b>\r\n.\r\n", REJECT, true),
+            (b"Message-ID: <no-blank-line>\r\n.\r\n", REJECT, true),
+            (b"Subject: x\r\n\r\n.\r\n", REJECT, true),
+            (b".\r\n", REJECT, true),
+            // More candidates than noted, a dot dropped, a bare LF: the full search.
+            (
+                b"M1: a\r\nM2: a\r\nM3: a\r\nM4: a\r\nM5: a\r\nM6: a\r\nM7: a\r\n\
+                  Message-ID: <late>\r\n\r\n.\r\n",
+                REJECT,
+                false,
+            ),
+            (b".Message-ID: <d>\r\n\r\n.\r\n", REJECT, false),
+            (
+                b"Subject: x\nMessage-ID: <l>\r\n\r\n.\r\n",
+                NORMALIZE,
+                false,
+            ),
+        ];
+        for &(input, policy, noted) in cases {
+            for step in 1..=input.len() {
+                let headroom = 7;
+                let mut reader = DataReader::new(1000, policy);
+                let mut body = BytesMut::from(&[0u8; 7][..]);
+                let mut pos = 0;
+                while pos < input.len() {
+                    let end = (pos + step).min(input.len());
+                    let (n, done) = reader.feed(&input[pos..end], &mut body);
+                    pos += n;
+                    if done {
+                        break;
+                    }
+                }
+                let body = &body[headroom..];
+                let lines = reader.header_lines();
+                let starts = lines.starts(headroom);
+                assert_eq!(starts.is_some(), noted, "{input:?} step {step}");
+                if let Some(starts) = starts {
+                    assert_eq!(
+                        message_id_among(body, starts),
+                        message_id(body),
+                        "{input:?} step {step}"
+                    );
+                }
+            }
+        }
+        // A reader that saw no line start notes nothing: an empty BDAT body.
+        let empty = DataReader::chunked(10, REJECT).header_lines();
+        assert_eq!(empty.starts(0).map(Iterator::count), Some(0));
+    }
 
     #[test]
     fn finds_the_terminator_and_leaves_what_follows() {

@@ -215,6 +215,8 @@ pub struct Message {
     pub envelope: Envelope,
     buf: BytesMut,
     headroom: usize,
+    /// Where a `Message-ID:` field can be, as the body reader saw the header.
+    header_lines: Option<super::data::HeaderLines>,
 }
 
 impl Message {
@@ -224,6 +226,26 @@ impl Message {
             envelope,
             buf,
             headroom,
+            header_lines: None,
+        }
+    }
+
+    /// Keeps what the body reader noted about the header section, for
+    /// [`Self::message_id`].
+    pub(crate) fn with_header_lines(mut self, lines: super::data::HeaderLines) -> Self {
+        self.header_lines = Some(lines);
+        self
+    }
+
+    /// The value of the first `Message-ID:` field ([`super::headers::message_id`]).
+    pub fn message_id(&self) -> Option<&[u8]> {
+        match self
+            .header_lines
+            .as_ref()
+            .and_then(|l| l.starts(self.headroom))
+        {
+            Some(starts) => super::headers::message_id_among(self.body(), starts),
+            None => super::headers::message_id(self.body()),
         }
     }
 

@@ -18,7 +18,7 @@ use memchr::memchr;
 use super::address::{self, AcceptDomains, AddressError, Domain, ForwardPath, ReversePath};
 use super::auth::{self, AuthRequest, AuthVerdict, Mechanism, ResponseError};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
-use super::data::{BareLfPolicy, BodyOutcome, DataReader};
+use super::data::{BareLfPolicy, BodyOutcome, DataReader, HeaderLines};
 use super::dsn::{self, DsnError, Notify, Ret};
 use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
 use super::refusal::Refusal;
@@ -1151,7 +1151,7 @@ impl Session {
             self.stats.smuggling_attempts += 1;
         }
         match reader.outcome() {
-            BodyOutcome::Complete => self.complete(envelope, body),
+            BodyOutcome::Complete => self.complete(envelope, body, reader.header_lines()),
             BodyOutcome::TooLarge => {
                 self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
                 self.refuse(Refusal::TooLarge, reply::MESSAGE_TOO_BIG)
@@ -1239,8 +1239,9 @@ impl Session {
         }
     }
 
-    fn complete(&mut self, envelope: Envelope, body: BytesMut) {
-        self.completed = Some(Message::new(envelope, body, self.config.headroom()));
+    fn complete(&mut self, envelope: Envelope, body: BytesMut, header: HeaderLines) {
+        let message = Message::new(envelope, body, self.config.headroom());
+        self.completed = Some(message.with_header_lines(header));
         self.phase = Phase::AwaitingPublish;
     }
 
