@@ -227,6 +227,16 @@ def kafka_panels(scope: str) -> list:
             (f"max by (broker) ({sel('smtpgw_kafka_broker_rtt_seconds', scope)}) or on() vector(0)", "{{broker}}"),
             unit="s",
         ),
+        timeseries(
+            "Advertised SIZE and the topic's limit",
+            "The SIZE new sessions advertise, and the topic's max.message.bytes (or the broker's) as read "
+            "at start and at each reconnection (0 while unknown or with other sinks). Without "
+            "--max-message-size auto, a topic limit below what SIZE needs turns larger messages into 451 "
+            "(SmtpgwKafkaTopicTooSmall).",
+            (f"max by (instance) ({sel('smtpgw_max_message_size_bytes', scope)})", "{{instance}} SIZE"),
+            (f"max by (instance) ({sel('smtpgw_kafka_topic_max_message_bytes', scope)})", "{{instance}} topic"),
+            unit="bytes",
+        ),
     ]
 
 
