@@ -31,6 +31,11 @@ const NO_LINGER_LINES: usize = 2048;
 const BATCH_BYTES: usize = 512 * 1024;
 /// Refusals per reason and client address written at most once per this period.
 const FLOOD_PERIOD: Duration = Duration::from_secs(1);
+/// Failed AUTH lines per client address written per period before they too are counted
+/// instead: each names its user (an audit trail), and `--max-auth-failures-per-ip`
+/// keeps an ordinary client far below this, but it does not apply to trusted networks
+/// or when set to 0, and a log must not be floodable from anywhere.
+const AUDIT_BURST: u32 = 20;
 /// Addresses the flood table remembers at most; past it, it starts over.
 const FLOOD_TABLE: usize = 16 * 1024;
 
@@ -45,7 +50,7 @@ impl Queue {
     pub fn new(formatter: Formatter) -> io::Result<Queue> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_LINES);
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = Writer::new(formatter, queued.clone());
+        let mut writer = Writer::new(formatter, queued.clone());
         std::thread::Builder::new()
             .name("smtpgw-log".into())
             .spawn(move || writer.run(rx))?;
@@ -92,6 +97,8 @@ impl Queue {
 
 struct Flood {
     since: Instant,
+    /// Lines written in this period.
+    written: u32,
     suppressed: u64,
 }
 
@@ -112,18 +119,18 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<Event>) {
+    fn run(&mut self, rx: Receiver<Event>) {
         loop {
             // With suppressed refusals pending, wake in time to write their count.
             let first = match self.next_summary() {
                 Some(at) => match rx.recv_deadline(at) {
                     Ok(e) => Some(e),
                     Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return self.write(),
+                    Err(RecvTimeoutError::Disconnected) => return self.last_write(),
                 },
                 None => match rx.recv() {
                     Ok(e) => Some(e),
-                    Err(_) => return self.write(),
+                    Err(_) => return self.last_write(),
                 },
             };
             let mut flushed = Vec::new();
@@ -190,10 +197,14 @@ impl Writer {
             }
             Event::Message(m) => self.fmt.message(&mut self.out, now, &m),
             Event::Refusal(r) => {
-                // Every failed AUTH is written, naming its user (an audit trail);
-                // `--max-auth-failures-per-ip` is what bounds them.
-                let audited = r.refusal == crate::smtp::Refusal::AuthFailed;
-                if audited || self.admit(r.refusal.as_str(), r.client.ip()) {
+                // Failed AUTH lines name their user (an audit trail), so a burst of
+                // them is written before the flood rule counts the rest.
+                let burst = if r.refusal == crate::smtp::Refusal::AuthFailed {
+                    AUDIT_BURST
+                } else {
+                    1
+                };
+                if self.admit(r.refusal.as_str(), r.client.ip(), burst) {
                     self.fmt.refusal(&mut self.out, now, &r);
                 }
             }
@@ -206,8 +217,16 @@ impl Writer {
         }
     }
 
-    /// Whether a refusal of `reason` from `ip` is written, or counted as suppressed.
-    fn admit(&mut self, reason: &'static str, ip: IpAddr) -> bool {
+    /// The queue is gone (the process is ending): the counts still pending are written
+    /// with the last lines, not lost.
+    fn last_write(&mut self) {
+        self.summaries(true);
+        self.write();
+    }
+
+    /// Whether a refusal of `reason` from `ip` is written (the first `burst` of a
+    /// period), or counted as suppressed.
+    fn admit(&mut self, reason: &'static str, ip: IpAddr, burst: u32) -> bool {
         let now = Instant::now();
         if self.flood.len() >= FLOOD_TABLE {
             self.summaries(true);
@@ -215,6 +234,10 @@ impl Writer {
         }
         match self.flood.get_mut(&(reason, ip)) {
             Some(f) if now < f.since + FLOOD_PERIOD => {
+                if f.written < burst {
+                    f.written += 1;
+                    return true;
+                }
                 f.suppressed += 1;
                 return false;
             }
@@ -224,6 +247,7 @@ impl Writer {
         }
         let fresh = Flood {
             since: now,
+            written: 1,
             suppressed: 0,
         };
         self.flood.insert((reason, ip), fresh);
@@ -280,5 +304,81 @@ impl Writer {
                 self.out.shrink_to(BATCH_BYTES + 4096);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logging::{LogRecipients, RefusalLine};
+    use crate::smtp::Refusal;
+
+    fn writer() -> Writer {
+        Writer::new(
+            Formatter::new(false, false, LogRecipients::Count),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    }
+
+    fn refusal(refusal: Refusal, client: &str) -> Event {
+        Event::Refusal(RefusalLine {
+            session: 7,
+            client: client.parse().expect("address"),
+            refusal,
+            verb: "AUTH",
+            address: None,
+            detail: None,
+            user: Some("alice".into()),
+        })
+    }
+
+    fn feed(w: &mut Writer, n: usize, what: Refusal, client: &str) {
+        let now = chrono::Utc::now();
+        for _ in 0..n {
+            w.line(refusal(what, client), now, &mut Vec::new());
+        }
+    }
+
+    fn lines_with(w: &Writer, needle: &str) -> usize {
+        String::from_utf8_lossy(&w.out)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    #[test]
+    fn failed_auth_lines_are_written_in_a_burst_then_counted() {
+        let mut w = writer();
+        feed(&mut w, 1000, Refusal::AuthFailed, "127.0.0.1:4000");
+        assert_eq!(lines_with(&w, "reason=auth_failed"), AUDIT_BURST as usize);
+        assert_eq!(lines_with(&w, "refusals suppressed"), 0);
+        w.summaries(true);
+        let text = String::from_utf8_lossy(&w.out).into_owned();
+        let summary = text
+            .lines()
+            .find(|l| l.contains("refusals suppressed"))
+            .unwrap_or_else(|| panic!("no summary in {text}"));
+        assert!(summary.contains("suppressed=980"), "{summary}");
+    }
+
+    #[test]
+    fn other_refusals_are_written_once_a_period_per_address() {
+        let mut w = writer();
+        feed(&mut w, 50, Refusal::RelayDenied, "127.0.0.1:4000");
+        feed(&mut w, 50, Refusal::RelayDenied, "127.0.0.2:4000");
+        assert_eq!(lines_with(&w, "reason=relay_denied"), 2);
+    }
+
+    #[test]
+    fn pending_counts_are_written_when_the_queue_closes() {
+        let mut w = writer();
+        feed(&mut w, 5, Refusal::RelayDenied, "127.0.0.1:4000");
+        assert_eq!(w.flood.values().map(|f| f.suppressed).sum::<u64>(), 4);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        drop(tx);
+        // Every sender is gone: run() writes what it has (to stderr) and returns; the
+        // count of the 4 suppressed lines went with it.
+        w.run(rx);
+        assert_eq!(w.flood.values().map(|f| f.suppressed).sum::<u64>(), 0);
     }
 }
