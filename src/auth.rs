@@ -35,6 +35,14 @@ use crate::smtp::auth::{AuthRequest, AuthVerdict, MAX_USER};
 const MAX_FILE: u64 = 16 * 1024 * 1024;
 /// Credentials waiting for a verifier thread at most; past it AUTH gets `454 4.7.0`.
 pub const QUEUE: usize = 256;
+/// The most an argon2 hash of the users file may ask of a verification: memory in KiB
+/// (each of the verifier threads holds this much while it works), passes and lanes.
+/// argon2's default, which `smtpgw auth hash` uses, is 19 MiB, 2 passes, 1 lane; a hash
+/// asking for gigabytes would take the process down at the first AUTH instead of at
+/// start, where the file's line can be named.
+const MAX_M_COST_KIB: u32 = 64 * 1024;
+const MAX_T_COST: u32 = 10;
+const MAX_P_COST: u32 = 16;
 /// User names whose failures are remembered at most (expired ones are dropped first).
 const MAX_TRACKED_USERS: usize = 64 * 1024;
 
@@ -124,6 +132,22 @@ impl Users {
             if parsed.salt.is_none() || parsed.hash.is_none() {
                 return Err(err(format!(
                     "`{name}`: the hash string has no salt or no hash (make one with `smtpgw auth hash`)"
+                )));
+            }
+            let params = argon2::Params::try_from(&parsed)
+                .map_err(|e| err(format!("`{name}`: the hash's argon2 parameters: {e}")))?;
+            if params.m_cost() > MAX_M_COST_KIB
+                || params.t_cost() > MAX_T_COST
+                || params.p_cost() > MAX_P_COST
+            {
+                return Err(err(format!(
+                    "`{name}`: the hash asks for m={} KiB, t={}, p={}; at most m={MAX_M_COST_KIB} \
+                     KiB ({} MiB), t={MAX_T_COST}, p={MAX_P_COST} are accepted, so that a \
+                     verification cannot exhaust memory (make one with `smtpgw auth hash`)",
+                    params.m_cost(),
+                    params.t_cost(),
+                    params.p_cost(),
+                    MAX_M_COST_KIB / 1024,
                 )));
             }
             let mut user = User {
@@ -506,6 +530,15 @@ mod tests {
             (
                 "a:$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\n".into(),
                 "line 1: `a`: hash algorithm pbkdf2-sha256 is not argon2",
+            ),
+            (
+                // 4 GiB a verification: refused at load, not at the first AUTH.
+                format!("a:{}\n", h.replacen("m=19456", "m=4194304", 1)),
+                "line 1: `a`: the hash asks for m=4194304 KiB, t=2, p=1; at most m=65536",
+            ),
+            (
+                format!("a:{}\n", h.replacen("t=2", "t=1000", 1)),
+                "line 1: `a`: the hash asks for m=19456 KiB, t=1000",
             ),
         ] {
             let e = Users::parse(&text, p).unwrap_err().to_string();
