@@ -24,6 +24,7 @@ use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
 pub mod epoll;
+pub mod host;
 pub mod liveness;
 pub mod probe;
 pub mod uring;
