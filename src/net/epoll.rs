@@ -443,6 +443,3 @@ fn write_out(stream: &TcpStream, conn: &mut Connection) {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

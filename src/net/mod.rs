@@ -4,8 +4,10 @@
 //! This module holds what both backends share: the listeners (each with its edge
 //! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
 //! the sink with their publish metrics, the clock that stamps messages, and the run
-//! phase (running, draining, stopping), and [`liveness`], how every reactor shows the
-//! systemd watchdog that its loop still turns. The per-address limiter the drivers call
+//! phase (running, draining, stopping), [`host`], the sans-IO reactor core that owns
+//! each reactor's connections, and [`liveness`], how every reactor shows the
+//! systemd watchdog that its loop still turns. What every backend must do on real
+//! sockets is `contract_tests`, run once per backend. The per-address limiter the drivers call
 //! is [`crate::limits`]; certificates are loaded by [`crate::certs`].
 
 use std::io;
@@ -23,6 +25,8 @@ use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
+#[cfg(test)]
+pub(crate) mod contract_tests;
 pub mod epoll;
 pub mod host;
 pub mod liveness;

@@ -6,11 +6,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::*;
-use crate::conn::Limits;
 use crate::metrics::Metrics;
-use crate::net::ReactorParams;
+use crate::net::contract_tests::params;
 use crate::sink::{Completion, Sink, Wake};
-use crate::smtp::{BareLfPolicy, SealedMessage, SessionConfig};
+use crate::smtp::SealedMessage;
 
 /// Keeps every message with its completion for the test to answer; says it is over its
 /// in-flight limit while `over` is set.
@@ -60,32 +59,9 @@ struct Fixture {
 fn fixture(max_connections: usize) -> Fixture {
     let sink = Arc::new(Held::default());
     let metrics = Arc::new(Metrics::new().expect("metrics registry"));
-    let shared = Shared::new(&ReactorParams {
-        listeners: Vec::new(),
-        reactors: 1,
-        pin_cpus: false,
-        session: Arc::new(
-            SessionConfig {
-                hostname: "mx.test".into(),
-                accept_domains: ["example.com"].into_iter().collect(),
-                max_message_size: 1 << 20,
-                max_recipients: 100,
-                bare_lf: BareLfPolicy::Reject,
-            }
-            .into(),
-        ),
-        sink: sink.clone(),
-        metrics: metrics.clone(),
-        max_connections,
-        limits: Limits {
-            idle_timeout: Duration::from_secs(60),
-            max_session_time: Duration::from_secs(600),
-            min_data_rate: None,
-            output_cap: Limits::DEFAULT_OUTPUT_CAP,
-            sink: "test",
-        },
-        max_body_memory: 1 << 30,
-    });
+    let mut p = params(sink.clone(), max_connections, Duration::from_secs(60));
+    p.metrics = metrics.clone();
+    let shared = Shared::new(&p);
     let queue = CompletionQueue::new(Box::new(NoWake));
     let host = Host::new(shared, queue, metrics.reactor(0));
     Fixture {

@@ -272,55 +272,21 @@ impl Reactors {
     }
 }
 
-/// The backend-neutral reactor tests, written for epoll, run against io_uring too:
-/// the same file compiled a second time with this module as its `super` (on purpose,
-/// hence the allow).
-#[cfg(test)]
-#[allow(clippy::duplicate_mod)]
-#[path = "../epoll/tests.rs"]
-mod shared_tests;
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
     use std::net::TcpStream;
     use std::time::Duration;
 
-    use super::shared_tests::{connect, read_line, read_to_close, wait_for_no_connections};
     use super::*;
-    use crate::conn::Limits;
-    use crate::metrics::Metrics;
+    use crate::net::contract_tests::{
+        connect, params, read_line, read_to_close, wait_for_no_connections,
+    };
     use crate::sink::null::NullSink;
-    use crate::smtp::{BareLfPolicy, SessionConfig};
 
     fn start_tuned(max_connections: usize, idle: Duration, tuning: Tuning) -> Reactors {
         Reactors::start_tuned(
-            ReactorParams {
-                listeners: super::shared_tests::one_listener(),
-                reactors: 2,
-                pin_cpus: true,
-                session: Arc::new(
-                    SessionConfig {
-                        hostname: "mx.test".into(),
-                        accept_domains: ["example.com"].into_iter().collect(),
-                        max_message_size: 1 << 20,
-                        max_recipients: 100,
-                        bare_lf: BareLfPolicy::Reject,
-                    }
-                    .into(),
-                ),
-                sink: Arc::new(NullSink::new()),
-                metrics: Arc::new(Metrics::new().expect("metrics registry")),
-                max_connections,
-                limits: Limits {
-                    idle_timeout: idle,
-                    max_session_time: Duration::from_secs(60),
-                    min_data_rate: None,
-                    output_cap: Limits::DEFAULT_OUTPUT_CAP,
-                    sink: "test",
-                },
-                max_body_memory: 1 << 30,
-            },
+            params(Arc::new(NullSink::new()), max_connections, idle),
             tuning,
         )
         .expect("reactors start")

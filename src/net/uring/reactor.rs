@@ -412,10 +412,7 @@ impl Reactor {
             }
             _ => &[],
         };
-        let t = Ticket {
-            slot,
-            generation: gen,
-        };
+        let t = ticket(slot, gen);
         let Some(Entry {
             driver, io: conn, ..
         }) = self.host.get(t)
@@ -463,10 +460,7 @@ impl Reactor {
 
     fn sent(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
         self.inflight -= 1;
-        let t = Ticket {
-            slot,
-            generation: gen,
-        };
+        let t = ticket(slot, gen);
         let Some(Entry {
             driver, io: conn, ..
         }) = self.host.get(t)
@@ -498,10 +492,7 @@ impl Reactor {
                 break;
             }
             self.timers.pop();
-            let t = Ticket {
-                slot,
-                generation: gen,
-            };
+            let t = ticket(slot, gen);
             let Some(Entry { driver, io: c, .. }) = self.host.get(t) else {
                 continue;
             };
@@ -791,4 +782,8 @@ fn mark(dirty: &mut Vec<u32>, t: Ticket, c: &mut Conn) {
         c.dirty = true;
         dirty.push(t.slot);
     }
+}
+
+fn ticket(slot: u32, generation: u32) -> Ticket {
+    Ticket { slot, generation }
 }
