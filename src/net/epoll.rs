@@ -24,10 +24,10 @@ use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
-use super::host::Host;
+use super::host::{self, Host};
 use super::liveness::Liveness;
 use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
-use crate::conn::{Connection, Edge, State};
+use crate::conn::{Connection, Edge};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{CompletionQueue, Ticket, Wake};
 
@@ -363,19 +363,17 @@ async fn converse(reactor: &Reactor, stream: &mut TcpStream, ticket: Ticket, wak
             write_out(stream, &mut e.driver);
             host.hand_off(now, ticket);
             let Some(e) = host.get(ticket) else { return };
-            let conn = &mut e.driver;
-            match conn.state() {
-                State::Done => return,
-                State::ShutdownWrite if !conn.wants_write() => {
-                    let _ = SockRef::from(&*stream).shutdown(Shutdown::Write);
-                    conn.write_shut(Instant::now());
-                    continue;
-                }
-                _ => {}
+            let next = host::next(&e.driver);
+            if next.close {
+                return;
             }
-            let next = (conn.wants_read(), conn.wants_write(), conn.poll_timeout());
+            if next.shutdown_write {
+                let _ = SockRef::from(&*stream).shutdown(Shutdown::Write);
+                e.driver.write_shut(Instant::now());
+                continue;
+            }
             host.end(ticket);
-            next
+            (next.read.is_some(), next.write, next.deadline)
         };
         if deadline != armed {
             if let Some(d) = deadline {

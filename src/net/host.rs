@@ -381,6 +381,38 @@ impl<B> Host<B> {
     }
 }
 
+/// What a backend does next with a connection's socket, as its driver says; the one
+/// place both backends read the driver's wishes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Next {
+    /// The driver is done: close the socket (once the kernel holds nothing of it).
+    pub close: bool,
+    /// Every reply is out and the driver closes: shut down the write side (FIN), then
+    /// call `Connection::write_shut` and ask again. Reading goes on (the driver
+    /// lingers) so unread client bytes do not turn the close into a reset.
+    pub shutdown_write: bool,
+    /// Read at most this many bytes when the socket has some; `None`: leave input in
+    /// the socket, so TCP pushes back on the client.
+    pub read: Option<usize>,
+    /// Replies wait to be written (`Connection::pending_output`).
+    pub write: bool,
+    /// When to call `Connection::handle_timeout`, if ever.
+    pub deadline: Option<Instant>,
+}
+
+/// See [`Next`].
+pub fn next(driver: &Connection) -> Next {
+    let state = driver.state();
+    let write = driver.wants_write();
+    Next {
+        close: state == State::Done,
+        shutdown_write: state == State::ShutdownWrite && !write,
+        read: driver.wants_read().then(|| driver.read_size_hint()),
+        write,
+        deadline: driver.poll_timeout(),
+    }
+}
+
 fn follow(driver: &mut Connection, now: Instant, phase: Phase) {
     match phase {
         Phase::Running => {}

@@ -272,3 +272,35 @@ fn a_verdict_for_a_closed_connection_does_not_reach_its_slot_successor() {
     auth_completion(f.host.queue.clone(), t)(crate::smtp::auth::AuthVerdict::Rejected);
     assert!(f.take_answers(Duration::from_millis(1)).is_empty());
 }
+
+#[test]
+fn next_says_read_write_shut_down_and_close_in_turn() {
+    let mut f = fixture(10);
+    let t = f.open(1);
+    let n = next(&f.host.get(t).unwrap().driver);
+    assert!(n.read.is_some() && !n.write && !n.shutdown_write && !n.close);
+    assert_eq!(
+        n.deadline,
+        Some(f.t0 + Duration::from_secs(60)),
+        "the idle timeout"
+    );
+
+    f.feed(t, Duration::from_millis(1), b"QUIT\r\n");
+    let n = next(&f.host.get(t).unwrap().driver);
+    assert!(n.write, "the 221 waits");
+    assert!(!n.shutdown_write, "not before the 221 is out");
+    assert!(f.output(t).starts_with("221 "));
+    let n = next(&f.host.get(t).unwrap().driver);
+    assert!(n.shutdown_write && !n.write && !n.close);
+
+    let d = &mut f.host.get(t).unwrap().driver;
+    d.write_shut(f.t0 + Duration::from_millis(2));
+    let n = next(d);
+    assert!(!n.shutdown_write);
+    assert!(
+        n.read.is_some(),
+        "lingers, reading what the client still sends"
+    );
+    d.handle_eof(f.t0 + Duration::from_millis(3));
+    assert!(next(d).close);
+}

@@ -18,9 +18,9 @@ use tracing::{debug, warn};
 
 use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
-use crate::conn::{Edge, State};
+use crate::conn::Edge;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::net::host::{Entry, Host, GEN_MASK};
+use crate::net::host::{self, Entry, Host, GEN_MASK};
 use crate::net::{accept_exhausted, Phase, Shared, ACCEPT_BACKOFF};
 use crate::sink::{CompletionQueue, Ticket};
 
@@ -595,19 +595,15 @@ impl Reactor {
             return Ok(());
         };
 
+        let mut next = host::next(driver);
         if !c.closing {
-            if driver.state() == State::ShutdownWrite
-                && !c.shut
-                && c.send.is_none()
-                && !driver.wants_write()
-            {
-                // All replies are out: FIN, then keep reading (the driver lingers) so
-                // unread client bytes do not turn our close into a reset.
+            if next.shutdown_write && !c.shut && c.send.is_none() {
                 let _ = SockRef::from(&c.fd).shutdown(std::net::Shutdown::Write);
                 c.shut = true;
                 driver.write_shut(now);
+                next = host::next(driver);
             }
-            if driver.state() == State::Done {
+            if next.close {
                 c.closing = true;
             }
         }
@@ -617,7 +613,7 @@ impl Reactor {
 
         let fd = c.fd.as_raw_fd();
         let ud_recv = user_data(OP_RECV, slot, gen);
-        if driver.wants_read() {
+        if let Some(want) = next.read {
             c.data_while_paused = false;
             if c.recv == Recv::Off {
                 let e = if self.multishot {
@@ -626,7 +622,7 @@ impl Reactor {
                     // The buffer is picked when data arrives, so an armed receive holds
                     // none; `len` caps what one completion takes at what the driver
                     // wants at a time.
-                    let len = driver.read_size_hint().min(BODY_READ) as u32;
+                    let len = want.min(BODY_READ) as u32;
                     opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
                         .buf_group(BGID)
                         .build()
@@ -653,7 +649,7 @@ impl Reactor {
             unsafe { ring::push(&mut self.ring, &e)? };
         }
 
-        if c.send.is_none() && driver.wants_write() {
+        if c.send.is_none() && next.write {
             let pool = self
                 .sends
                 .as_mut()
@@ -670,7 +666,7 @@ impl Reactor {
             self.inflight += 1;
         }
 
-        if let Some(d) = driver.poll_timeout() {
+        if let Some(d) = next.deadline {
             if c.timer.is_none_or(|t| d < t) {
                 c.timer = Some(d);
                 self.timers.push(Reverse((d, slot, gen)));
