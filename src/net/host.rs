@@ -394,6 +394,13 @@ pub struct Next {
     /// Read at most this many bytes when the socket has some; `None`: leave input in
     /// the socket, so TCP pushes back on the client.
     pub read: Option<usize>,
+    /// Not reading, but a read already posted may stay posted: the driver waits only
+    /// for the sink's answer, which usually comes within the reactor's turn, and a
+    /// lock-step client sends nothing before it has its reply; cancelling and posting
+    /// again for every message would cost a completion-based backend two operations
+    /// each. Bytes that do arrive go to the driver (its pending-input cap leaves room
+    /// for one read posted before the pause), and then the read is cancelled.
+    pub keep_posted_read: bool,
     /// Replies wait to be written (`Connection::pending_output`).
     pub write: bool,
     /// When to call `Connection::handle_timeout`, if ever.
@@ -404,10 +411,12 @@ pub struct Next {
 pub fn next(driver: &Connection) -> Next {
     let state = driver.state();
     let write = driver.wants_write();
+    let read = driver.wants_read().then(|| driver.read_size_hint());
     Next {
         close: state == State::Done,
         shutdown_write: state == State::ShutdownWrite && !write,
-        read: driver.wants_read().then(|| driver.read_size_hint()),
+        read,
+        keep_posted_read: read.is_none() && driver.awaiting_publish(),
         write,
         deadline: driver.poll_timeout(),
     }

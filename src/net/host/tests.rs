@@ -122,13 +122,17 @@ fn a_sink_answer_reaches_its_connection_and_settles_the_one_flight_record() {
     f.feed(t, Duration::from_millis(1), TRANSACTION);
     assert_eq!(f.sink.taken.lock().unwrap().len(), 1);
     assert_eq!(f.inflight(), 1);
-    assert!(f.host.get(t).unwrap().driver.awaiting_publish());
+    let n = next(&f.host.get(t).unwrap().driver);
+    assert!(n.read.is_none(), "nothing more is read before the answer");
+    assert!(n.keep_posted_read, "but a read already posted may stay");
 
     assert_eq!(f.sink.answer_all(), 1);
     assert_eq!(f.take_answers(Duration::from_millis(2)), vec![(t, 7)]);
     assert_eq!(f.inflight(), 0);
     let text = f.output(t);
     assert!(text.contains("250 2.0.0 Ok: queued as "), "{text}");
+    let n = next(&f.host.get(t).unwrap().driver);
+    assert!(n.read.is_some() && !n.keep_posted_read);
     // Nothing more queued: no connection is touched again.
     assert!(f.take_answers(Duration::from_millis(3)).is_empty());
 }
@@ -279,6 +283,7 @@ fn next_says_read_write_shut_down_and_close_in_turn() {
     let t = f.open(1);
     let n = next(&f.host.get(t).unwrap().driver);
     assert!(n.read.is_some() && !n.write && !n.shutdown_write && !n.close);
+    assert!(!n.keep_posted_read);
     assert_eq!(
         n.deadline,
         Some(f.t0 + Duration::from_secs(60)),

@@ -60,8 +60,11 @@ pub(crate) struct Tuning {
     /// Multishot receives. Off by default: the kernel's multishot retry loop posts up
     /// to 32 completions per wake-up, and a cancellation cannot stop the ones already
     /// under way, so a client that keeps sending into a paused session (never reading
-    /// its replies, or a body over the budget) lands up to 32 x 16 KiB in memory
-    /// (measured: 476 KiB per never-reading client). A single-shot receive with a
+    /// its replies, or a body over the budget) lands up to 32 x 16 KiB in the driver,
+    /// past its cap on pending input (256 KiB): the connection is then dropped as an
+    /// overrun (before the host held no input outside the driver, this backend kept
+    /// such bytes aside: measured 476 KiB per never-reading client). A single-shot
+    /// receive with a
     /// provided buffer also holds no buffer while idle, is re-armed in the same
     /// batched submit, and brings at most one completion after a pause.
     pub multishot_recv: bool,

@@ -49,9 +49,6 @@ const RECV_CHUNK: u32 = 16 * 1024;
 /// With single-shot receives: the most one body read takes (the driver's hint between
 /// commands is smaller).
 const BODY_READ: usize = 64 * 1024;
-/// Held input goes to the driver in pieces of this, so it never holds more than it
-/// wants (its pending input is capped).
-const HAND_IN: usize = 16 * 1024;
 /// After the drain deadline, how long connections get to write their final `421`
 /// before the reactor closes what is left.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -80,12 +77,10 @@ struct Conn {
     /// Queued in `dirty` for this turn's flush.
     dirty: bool,
     /// Bytes arrived while the driver did not want any: the client keeps sending into
-    /// a paused session, so the receive is cancelled and TCP pushes back.
+    /// a paused session, so a receive kept posted (`Next::keep_posted_read`) is
+    /// cancelled and TCP pushes back. The bytes themselves went to the driver, whose
+    /// cap on pending input leaves room for a receive already posted.
     data_while_paused: bool,
-    /// Those bytes, kept here (not in the driver, whose pending input is capped) until
-    /// the driver wants input again. Bounded by what one wake-up of the multishot
-    /// receive delivers before its cancellation; empty and unallocated otherwise.
-    held: Vec<u8>,
     /// `shutdown(SHUT_WR)` done.
     shut: bool,
     /// Done: waiting for the kernel to return the receive and the send before the
@@ -373,7 +368,6 @@ impl Reactor {
             timer: None,
             dirty: false,
             data_while_paused: false,
-            held: Vec::new(),
             shut: false,
             closing: false,
         };
@@ -427,19 +421,14 @@ impl Reactor {
         }
         if !conn.closing {
             if res > 0 {
-                if !conn.held.is_empty() || !driver.wants_read() {
+                if !driver.wants_read() {
                     conn.data_while_paused = true;
-                    // Exact: a client that never reads makes every connection hold
-                    // this, and doubling would round 40 KiB up to 64.
-                    conn.held.reserve_exact(data.len());
-                    conn.held.extend_from_slice(data);
-                } else {
-                    driver.handle_input(now, data);
-                    // A message this input completed goes to the sink now rather than
-                    // at the end of the turn, so the bodies of the other completions
-                    // of this batch see the sink's in-flight count with it.
-                    self.host.hand_off(now, t);
                 }
+                driver.handle_input(now, data);
+                // A message this input completed goes to the sink now rather than at
+                // the end of the turn, so the bodies of the other completions of this
+                // batch see the sink's in-flight count with it.
+                self.host.hand_off(now, t);
             } else if res == 0 {
                 driver.handle_eof(now);
             } else if res == -libc::ENOBUFS {
@@ -575,19 +564,10 @@ impl Reactor {
         };
         let gen = t.generation;
         self.host.begin(now, t);
-        let Some(Entry { driver, io: c, .. }) = self.host.get(t) else {
+        let Some(Entry { io: c, .. }) = self.host.get(t) else {
             return Ok(());
         };
         c.dirty = false;
-        // Input that arrived while the driver was paused, in pieces while it wants it.
-        while !c.held.is_empty() && !c.closing && driver.wants_read() {
-            let n = c.held.len().min(HAND_IN);
-            driver.handle_input(now, &c.held[..n]);
-            c.held.drain(..n);
-        }
-        if c.held.is_empty() && c.held.capacity() > 0 {
-            c.held = Vec::new();
-        }
         if !c.closing {
             self.host.hand_off(now, t);
         }
@@ -608,6 +588,8 @@ impl Reactor {
             }
         }
         if c.closing {
+            // Its last counts now, not when the kernel has handed its operations back.
+            self.host.end(t);
             return self.close(t);
         }
 
@@ -636,11 +618,8 @@ impl Reactor {
                 c.recv = Recv::Armed;
                 self.inflight += 1;
             }
-        } else if c.recv == Recv::Armed && (c.data_while_paused || !driver.awaiting_publish()) {
-            // Paused: stop receiving so TCP pushes back. Waiting for the sink is the
-            // exception while the client sends nothing more (lock-step clients): the
-            // answer usually comes within the turn, and cancelling and re-arming for
-            // every message would cost two operations each.
+        } else if c.recv == Recv::Armed && (c.data_while_paused || !next.keep_posted_read) {
+            // Paused: stop receiving so TCP pushes back.
             c.recv = Recv::Cancelling;
             let e = opcode::AsyncCancel::new(ud_recv)
                 .build()
