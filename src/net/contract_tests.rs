@@ -42,6 +42,7 @@ contract!(
     never_reading_client_is_bounded_and_dropped,
     reactors_answer_the_watchdog_only_while_their_loops_run,
     slow_sink_over_its_inflight_limit_pauses_bodies,
+    commands_sent_while_the_sink_holds_the_message_are_answered_after_it,
 );
 
 /// What the helpers need of running reactors, whichever the backend (the io_uring
@@ -238,6 +239,48 @@ impl Held {
             done.complete(Ok(id));
         }
     }
+}
+
+/// A client that sends its next commands while its message is with the sink: the
+/// bytes reach a connection that reads nothing more until the answer (io_uring keeps
+/// a posted receive for this, `Next::keep_posted_read`); they wait in the driver and
+/// are answered, in order, after the `250`.
+fn commands_sent_while_the_sink_holds_the_message_are_answered_after_it(backend: IoBackend) {
+    let sink = Arc::new(Held::default());
+    let r = start_with(backend, 10, Duration::from_secs(60), sink.clone());
+    let mut s = connect(&r);
+    assert!(read_line(&mut s).starts_with("220 "));
+    s.write_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+        .unwrap();
+    for code in ["250 ", "250 ", "250 ", "354 "] {
+        let line = read_line(&mut s);
+        assert!(line.starts_with(code), "{line}");
+    }
+    s.write_all(b"hi\r\n.\r\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sink.0.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink never got it"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.write_all(b"NOOP\r\nQUIT\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(s.read(&mut b).is_err(), "answered before the sink did");
+    sink.release();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let text = read_to_close(&mut s);
+    assert!(text.starts_with("250 2.0.0 Ok: queued as "), "{text}");
+    assert!(
+        text.ends_with("\r\n250 2.0.0 Ok\r\n221 2.0.0 mx.test closing connection\r\n"),
+        "{text}"
+    );
+    drop(s);
+    wait_for_no_connections(&r);
+    r.stop();
 }
 
 /// With the body budget spent by a message the sink holds, another session's body is

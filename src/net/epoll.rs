@@ -2,13 +2,15 @@
 //! runtime and its own SO_REUSEPORT listener, so nothing on the hot path is shared
 //! between reactors except the global connection count.
 //!
-//! A connection is one local task that moves bytes between its socket and its
-//! [`Connection`] driver and does nothing else: it reads while the driver wants input
-//! (into the reactor's one receive buffer, so an idle connection holds none), writes
-//! what the driver has to say, hands the driver's messages to the sink (and its AUTH
-//! credentials to the verifier), and wakes the driver at its deadlines. Sink answers and
-//! AUTH verdicts arrive on the reactor's [`CompletionQueue`] with a ticket; a dispatcher
-//! task routes each to its connection.
+//! The connections, their drivers and everything about them that is not I/O belong to
+//! the reactor's [`Host`]. A connection is one local task that moves bytes between its
+//! socket and its [`Connection`] driver as [`host::next`] says and does nothing else:
+//! it reads while the driver wants input (into the reactor's one receive buffer, so an
+//! idle connection holds none), writes what the driver has to say, has the host hand
+//! off the driver's messages and AUTH credentials, and wakes the driver at its
+//! deadlines. Sink answers and AUTH verdicts arrive on the reactor's
+//! [`CompletionQueue`] with a ticket; a dispatcher task has the host route them, and
+//! the host wakes each connection it changed through the `Notify` kept beside it.
 
 use std::cell::RefCell;
 use std::io;
@@ -24,7 +26,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
-use super::host::{self, Host};
+use super::host::{self, Host, STOP_WAIT};
 use super::liveness::Liveness;
 use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
 use crate::conn::{Connection, Edge};
@@ -34,9 +36,6 @@ use crate::sink::{CompletionQueue, Ticket, Wake};
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
 /// and is handed to the driver at once, which keeps only what it cannot consume yet.
 const READ_BUF: usize = 64 * 1024;
-/// After the drain deadline, how long a reactor waits for its connections to write
-/// their final `421` before its runtime (and every task) is dropped.
-const STOP_WAIT: Duration = Duration::from_secs(1);
 
 thread_local! {
     static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());

@@ -30,6 +30,10 @@ use crate::sink::{auth_completion, Answer, Completion, CompletionQueue, Ticket};
 /// a connection into each operation's 64-bit `user_data` next to an opcode byte.
 pub const GEN_MASK: u32 = 0x00FF_FFFF;
 
+/// After the drain deadline, how long a reactor gives its connections to write their
+/// final `421` before it drops what is left.
+pub const STOP_WAIT: Duration = Duration::from_secs(1);
+
 /// A connection the host owns: its driver and what the backend keeps beside it.
 pub struct Entry<B> {
     pub driver: Connection,

@@ -20,7 +20,7 @@ use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
 use crate::conn::Edge;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::net::host::{self, Entry, Host, GEN_MASK};
+use crate::net::host::{self, Entry, Host, GEN_MASK, STOP_WAIT};
 use crate::net::{accept_exhausted, Phase, Shared, ACCEPT_BACKOFF};
 use crate::sink::{CompletionQueue, Ticket};
 
@@ -49,9 +49,6 @@ const RECV_CHUNK: u32 = 16 * 1024;
 /// With single-shot receives: the most one body read takes (the driver's hint between
 /// commands is smaller).
 const BODY_READ: usize = 64 * 1024;
-/// After the drain deadline, how long connections get to write their final `421`
-/// before the reactor closes what is left.
-const STOP_WAIT: Duration = Duration::from_secs(1);
 /// How long the stop phase waits for the kernel to hand back every operation.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
