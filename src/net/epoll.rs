@@ -2,15 +2,17 @@
 //! runtime and its own SO_REUSEPORT listener, so nothing on the hot path is shared
 //! between reactors except the global connection count.
 //!
-//! A connection is one local task that moves bytes between its socket and its
-//! [`Connection`] driver and does nothing else: it reads while the driver wants input
-//! (into the reactor's one receive buffer, so an idle connection holds none), writes
-//! what the driver has to say, hands the driver's messages to the sink (and its AUTH
-//! credentials to the verifier), and wakes the driver at its deadlines. Sink answers and
-//! AUTH verdicts arrive on the reactor's [`CompletionQueue`] with a ticket; a dispatcher
-//! task routes each to its connection.
+//! The connections, their drivers and everything about them that is not I/O belong to
+//! the reactor's [`Host`]. A connection is one local task that moves bytes between its
+//! socket and its [`Connection`] driver as [`host::next`] says and does nothing else:
+//! it reads while the driver wants input (into the reactor's one receive buffer, so an
+//! idle connection holds none), writes what the driver has to say, has the host hand
+//! off the driver's messages and AUTH credentials, and wakes the driver at its
+//! deadlines. Sink answers and AUTH verdicts arrive on the reactor's
+//! [`CompletionQueue`] with a ticket; a dispatcher task has the host route them, and
+//! the host wakes each connection it changed through the `Notify` kept beside it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
@@ -24,24 +26,16 @@ use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
-use super::{
-    accept_exhausted, bind_all, stamp, Admitted, InFlight, NetError, Phase, ReactorParams, Shared,
-    ACCEPT_BACKOFF,
-};
-use crate::conn::{BodyBudget, Connection, Edge, State};
+use super::host::{self, Host, STOP_WAIT};
 use crate::liveness::Liveness;
+use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
+use crate::conn::{Connection, Edge};
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::sink::{
-    auth_completion, Answer, Completion, CompletionQueue, PublishResult, StoredIn, Ticket, Wake,
-};
-use crate::smtp::auth::AuthVerdict;
+use crate::sink::{CompletionQueue, Ticket, Wake};
 
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
 /// and is handed to the driver at once, which keeps only what it cannot consume yet.
 const READ_BUF: usize = 64 * 1024;
-/// After the drain deadline, how long a reactor waits for its connections to write
-/// their final `421` before its runtime (and every task) is dropped.
-const STOP_WAIT: Duration = Duration::from_secs(1);
 
 thread_local! {
     static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; READ_BUF].into_boxed_slice());
@@ -168,141 +162,40 @@ impl Wake for NotifyWake {
     }
 }
 
-/// One connection slot: its generation, and the answer it waits for.
-struct SlotEntry {
-    generation: u32,
-    live: bool,
-    notify: Rc<Notify>,
-    answer: Option<(PublishResult, StoredIn)>,
-    /// The AUTH verifier's answer it waits for.
-    auth: Option<AuthVerdict>,
-    /// The message this slot has with the sink, for the in-flight gauge; kept after
-    /// the connection closed until the sink answers.
-    flight: Option<InFlight>,
-}
-
-/// One reactor's state, shared by its tasks on its one thread.
+/// One reactor's state, shared by its tasks on its one thread. The connections, their
+/// answers, the budget and the phase are the [`Host`]'s; each connection's task is
+/// woken through the `Notify` it keeps there whenever the host changed its driver.
 struct Reactor {
-    shared: Arc<Shared>,
-    queue: Arc<CompletionQueue>,
+    host: RefCell<Host<Rc<Notify>>>,
     answers_ready: Arc<Notify>,
-    slots: RefCell<Vec<SlotEntry>>,
-    free: RefCell<Vec<u32>>,
-    budget: BodyBudget,
-    /// Notified whenever this reactor frees body budget, for connections paused on it.
-    budget_freed: Notify,
-    metrics: RefCell<ReactorMetrics>,
-    live: Cell<usize>,
+    /// Wake-ups of closed connections, reused so a connection costs no allocation here.
+    spare: RefCell<Vec<Rc<Notify>>>,
     all_closed: Notify,
 }
 
 impl Reactor {
     fn new(shared: Arc<Shared>, metrics: ReactorMetrics) -> Rc<Reactor> {
         let answers_ready = Arc::new(Notify::new());
+        let queue = CompletionQueue::new(Box::new(NotifyWake(answers_ready.clone())));
         Rc::new(Reactor {
-            queue: CompletionQueue::new(Box::new(NotifyWake(answers_ready.clone()))),
+            host: RefCell::new(Host::new(shared, queue, metrics)),
             answers_ready,
-            budget: shared.new_budget(),
-            shared,
-            slots: RefCell::new(Vec::new()),
-            free: RefCell::new(Vec::new()),
-            budget_freed: Notify::new(),
-            metrics: RefCell::new(metrics),
-            live: Cell::new(0),
+            spare: RefCell::new(Vec::new()),
             all_closed: Notify::new(),
         })
     }
 
-    fn open_slot(&self) -> (Ticket, Rc<Notify>) {
-        let mut slots = self.slots.borrow_mut();
-        let slot = match self.free.borrow_mut().pop() {
-            Some(i) => i,
-            None => {
-                slots.push(SlotEntry {
-                    generation: 0,
-                    live: false,
-                    notify: Rc::new(Notify::new()),
-                    answer: None,
-                    auth: None,
-                    flight: None,
-                });
-                (slots.len() - 1) as u32
-            }
-        };
-        let entry = &mut slots[slot as usize];
-        entry.generation = entry.generation.wrapping_add(1);
-        entry.live = true;
-        entry.answer = None;
-        entry.auth = None;
-        (
-            Ticket {
-                slot,
-                generation: entry.generation,
-            },
-            entry.notify.clone(),
-        )
-    }
-
-    /// The connection is gone. A slot whose message is still with the sink stays taken
-    /// until the answer arrives, so the in-flight gauge stays right.
-    fn close_slot(&self, ticket: Ticket) {
-        let mut slots = self.slots.borrow_mut();
-        let entry = &mut slots[ticket.slot as usize];
-        entry.live = false;
-        entry.answer = None;
-        entry.auth = None;
-        if entry.flight.is_none() {
-            self.free.borrow_mut().push(ticket.slot);
-        }
-    }
-
-    fn take_auth(&self, ticket: Ticket) -> Option<AuthVerdict> {
-        self.slots.borrow_mut()[ticket.slot as usize].auth.take()
-    }
-
-    fn take_answer(&self, ticket: Ticket) -> Option<((PublishResult, StoredIn), Option<InFlight>)> {
-        let mut slots = self.slots.borrow_mut();
-        let entry = &mut slots[ticket.slot as usize];
-        let answer = entry.answer.take()?;
-        Some((answer, entry.flight.take()))
+    fn shared(&self) -> Arc<Shared> {
+        self.host.borrow().shared().clone()
     }
 
     /// Routes every queued sink answer to its connection.
     async fn dispatch(self: Rc<Self>) {
-        let mut batch = Vec::with_capacity(256);
         loop {
             self.answers_ready.notified().await;
-            self.queue.drain_into(&mut batch);
-            {
-                let mut slots = self.slots.borrow_mut();
-                for (ticket, answer) in batch.drain(..) {
-                    let Some(entry) = slots.get_mut(ticket.slot as usize) else {
-                        continue;
-                    };
-                    if entry.generation != ticket.generation {
-                        continue;
-                    }
-                    let (result, stored_in) = match answer {
-                        Answer::Publish(result, stored_in) => (result, stored_in),
-                        Answer::Auth(verdict) => {
-                            if entry.live {
-                                entry.auth = Some(verdict);
-                                entry.notify.notify_one();
-                            }
-                            continue;
-                        }
-                    };
-                    if entry.live {
-                        entry.answer = Some((result, stored_in));
-                        entry.notify.notify_one();
-                    } else if let Some(flight) = entry.flight.take() {
-                        // The connection closed while its message was with the sink.
-                        self.shared.answered(flight, &result);
-                        self.free.borrow_mut().push(ticket.slot);
-                    }
-                }
-            }
-            self.budget_freed.notify_waiters();
+            let mut host = self.host.borrow_mut();
+            host.take_answers(Instant::now(), |_, wake| wake.notify_one());
+            host.wake_budget_waiters(|_, wake| wake.notify_one());
         }
     }
 }
@@ -317,20 +210,34 @@ async fn run(
 ) {
     tokio::task::spawn_local(reactor.clone().dispatch());
     tokio::task::spawn_local(flush_metrics(reactor.clone()));
-    tokio::task::spawn_local(answer_liveness(reactor.shared.clone(), index, asked));
+    tokio::task::spawn_local(answer_liveness(reactor.shared(), index, asked));
     for (listener, edge) in listeners {
         tokio::task::spawn_local(accept(listener, edge, reactor.clone(), phase.clone()));
     }
-    while *phase.borrow_and_update() != Phase::Stop {
+    loop {
+        let current = *phase.borrow_and_update();
+        // Every connection follows, and its task is woken to act on it.
+        reactor
+            .host
+            .borrow_mut()
+            .set_phase(Instant::now(), current, |_, wake| wake.notify_one());
+        if current == Phase::Stop {
+            break;
+        }
         if phase.changed().await.is_err() {
+            // The phase can no longer move: as good as stopped.
+            reactor
+                .host
+                .borrow_mut()
+                .set_phase(Instant::now(), Phase::Stop, |_, wake| wake.notify_one());
             break;
         }
     }
-    // Connections see Stop too and write their last 421 within their grace.
-    if reactor.live.get() > 0 {
+    // Connections write their last 421 within their grace.
+    if !reactor.host.borrow().is_empty() {
         let _ = tokio::time::timeout(STOP_WAIT, reactor.all_closed.notified()).await;
     }
-    reactor.metrics.borrow_mut().flush();
+    reactor.host.borrow_mut().flush_metrics();
 }
 
 /// Accepts on one listener until draining; dropping it then closes it.
@@ -349,7 +256,7 @@ async fn accept(
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => admit(&reactor, stream, peer, &edge, &phase),
+                Ok((stream, peer)) => admit(&reactor, stream, peer, &edge),
                 Err(e) if accept_exhausted(&e) => {
                     warn!(error = %e, "accept failed; backing off");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -369,9 +276,9 @@ async fn flush_metrics(reactor: Rc<Reactor>) {
     loop {
         tick.tick().await;
         let busy = handle.metrics().worker_total_busy_duration(0);
-        let mut m = reactor.metrics.borrow_mut();
-        m.set_busy(busy);
-        m.flush();
+        let mut host = reactor.host.borrow_mut();
+        host.set_busy(busy);
+        host.flush_metrics();
         // A reactor too busy to park still hands its lines over this often.
         crate::logging::flush_this_thread();
     }
@@ -387,175 +294,118 @@ async fn answer_liveness(shared: Arc<Shared>, index: usize, asked: Arc<Notify>) 
     }
 }
 
-fn admit(
-    reactor: &Rc<Reactor>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    edge: &Arc<Edge>,
-    phase: &watch::Receiver<Phase>,
-) {
-    let Some(admitted) = reactor.shared.admit() else {
-        // A fresh socket's send buffer is empty, so this one non-blocking send fits; if
-        // it does not, the client just sees the connection close.
-        let _ = SockRef::from(&stream).send(reactor.shared.too_many_reply());
+fn admit(reactor: &Rc<Reactor>, stream: TcpStream, peer: SocketAddr, edge: &Arc<Edge>) {
+    let host = reactor.host.borrow();
+    let Some(admitted) = host.admit() else {
+        let _ = SockRef::from(&stream).send(host.too_many_reply());
         crate::conn::log_refused_at_accept(peer);
         return;
     };
+    drop(host);
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "set TCP_NODELAY failed");
     }
-    reactor.live.set(reactor.live.get() + 1);
-    tokio::task::spawn_local(serve(
-        reactor.clone(),
-        stream,
-        peer,
-        edge.clone(),
-        admitted,
-        phase.clone(),
-    ));
+    let wake = reactor
+        .spare
+        .borrow_mut()
+        .pop()
+        .unwrap_or_else(|| Rc::new(Notify::new()));
+    let opened =
+        reactor
+            .host
+            .borrow_mut()
+            .open(Instant::now(), peer, edge.clone(), admitted, wake.clone());
+    match opened {
+        Some(ticket) => {
+            tokio::task::spawn_local(serve(reactor.clone(), stream, peer, ticket, wake));
+        }
+        // Refused by the edge: nothing to say, the socket closes here.
+        None => reactor.spare.borrow_mut().push(wake),
+    }
 }
 
 async fn serve(
     reactor: Rc<Reactor>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    edge: Arc<Edge>,
-    admitted: Admitted,
-    mut phase: watch::Receiver<Phase>,
+    ticket: Ticket,
+    wake: Rc<Notify>,
 ) {
-    let (ticket, answered) = reactor.open_slot();
-    let shared = &reactor.shared;
-    let mut conn = Connection::new(
-        Instant::now(),
-        shared.session.current(),
-        shared.limits.clone(),
-        reactor.budget.clone(),
-        peer,
-        edge,
-    );
     debug!(%peer, "connection opened");
-    converse(
-        &reactor,
-        &mut stream,
-        &mut conn,
-        ticket,
-        &answered,
-        &mut phase,
-    )
-    .await;
-    // After a PROXY header, the client is the address it named.
-    debug!(client = %conn.peer(), %peer, ending = ?conn.ending(), "connection closed");
-    conn.take_stats(&mut *reactor.metrics.borrow_mut());
+    converse(&reactor, &mut stream, ticket, &wake).await;
+    let mut host = reactor.host.borrow_mut();
+    if let Some((conn, wake)) = host.close(ticket) {
+        // After a PROXY header, the client is the address it named.
+        debug!(client = %conn.peer(), %peer, ending = ?conn.ending(), "connection closed");
+        // A permit left from its last wake-up costs the next user one spurious look.
+        reactor.spare.borrow_mut().push(wake);
+    }
     // A closed connection shows up at once, not only at the next tick.
-    reactor.metrics.borrow_mut().flush();
-    reactor.close_slot(ticket);
-    drop(conn);
-    drop(admitted);
-    reactor.budget_freed.notify_waiters();
-    reactor.live.set(reactor.live.get() - 1);
-    if reactor.live.get() == 0 {
+    host.flush_metrics();
+    host.wake_budget_waiters(|_, wake| wake.notify_one());
+    if host.is_empty() {
         reactor.all_closed.notify_waiters();
     }
 }
 
 /// Moves bytes and events between the socket and the driver until the driver is done.
-async fn converse(
-    reactor: &Reactor,
-    stream: &mut TcpStream,
-    conn: &mut Connection,
-    ticket: Ticket,
-    answered: &Notify,
-    phase: &mut watch::Receiver<Phase>,
-) {
-    let shared = &reactor.shared;
-    let mut seen = Phase::Running;
+async fn converse(reactor: &Reactor, stream: &mut TcpStream, ticket: Ticket, wake: &Notify) {
     let sleep = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
     loop {
-        // Accepted just as a drain began, or the phase moved while we were busy.
-        let current = *phase.borrow_and_update();
-        if current > seen {
-            seen = current;
-            follow_phase(conn, seen);
-        }
-        write_out(stream, conn);
-        if let Some((request, verifier)) = conn.poll_auth() {
-            // Off the reactor; a full queue answers at once, through the same queue.
-            verifier.submit(request, auth_completion(reactor.queue.clone(), ticket));
-        }
-        if let Some(sealed) = conn.poll_message(Instant::now(), &mut stamp) {
-            let flight = shared.submit(sealed, Completion::ticket(reactor.queue.clone(), ticket));
-            reactor.slots.borrow_mut()[ticket.slot as usize].flight = Some(flight);
-        }
-        match conn.state() {
-            State::Done => return,
-            State::ShutdownWrite if !conn.wants_write() => {
+        let (want_read, want_write, deadline) = {
+            let mut host = reactor.host.borrow_mut();
+            let now = Instant::now();
+            host.begin(now, ticket);
+            let Some(e) = host.get(ticket) else { return };
+            write_out(stream, &mut e.driver);
+            host.hand_off(now, ticket);
+            let Some(e) = host.get(ticket) else { return };
+            let next = host::next(&e.driver);
+            if next.close {
+                return;
+            }
+            if next.shutdown_write {
                 let _ = SockRef::from(&*stream).shutdown(Shutdown::Write);
-                conn.write_shut(Instant::now());
+                e.driver.write_shut(Instant::now());
                 continue;
             }
-            _ => {}
-        }
-        conn.take_stats(&mut *reactor.metrics.borrow_mut());
-
-        let deadline = conn.poll_timeout();
+            host.end(ticket);
+            (next.read.is_some(), next.write, next.deadline)
+        };
         if deadline != armed {
             if let Some(d) = deadline {
                 sleep.as_mut().reset(tokio::time::Instant::from_std(d));
             }
             armed = deadline;
         }
-        let (want_read, want_write) = (conn.wants_read(), conn.wants_write());
-        let (awaiting, paused) = (
-            conn.awaiting_publish() || conn.awaiting_auth(),
-            conn.paused_for_budget(),
-        );
         tokio::select! {
             biased;
-            () = answered.notified(), if awaiting => {
-                if let Some(verdict) = reactor.take_auth(ticket) {
-                    conn.handle_auth(Instant::now(), verdict);
-                }
-                if let Some(((result, stored_in), flight)) = reactor.take_answer(ticket) {
-                    if let Some(flight) = flight {
-                        shared.answered(flight, &result);
-                    }
-                    conn.handle_answer(Instant::now(), result, stored_in);
-                }
-            }
-            changed = phase.changed(), if seen != Phase::Stop => {
-                if changed.is_err() {
-                    seen = Phase::Stop;
-                    follow_phase(conn, seen);
+            // The host changed the driver: an answer, a verdict, the phase, budget.
+            () = wake.notified() => {}
+            ready = stream.readable(), if want_read => {
+                let mut host = reactor.host.borrow_mut();
+                let Some(e) = host.get(ticket) else { return };
+                match ready {
+                    Ok(()) => read_in(stream, &mut e.driver),
+                    Err(_) => e.driver.handle_io_error(),
                 }
             }
-            ready = stream.readable(), if want_read => match ready {
-                Ok(()) => read_in(stream, conn),
-                Err(_) => conn.handle_io_error(),
-            },
             ready = stream.writable(), if want_write => {
                 if ready.is_err() {
-                    conn.handle_io_error();
+                    let mut host = reactor.host.borrow_mut();
+                    let Some(e) = host.get(ticket) else { return };
+                    e.driver.handle_io_error();
                 }
-            }
-            () = reactor.budget_freed.notified(), if paused => {
-                conn.handle_budget_freed(Instant::now());
             }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
-                conn.handle_timeout(Instant::now());
+                let mut host = reactor.host.borrow_mut();
+                let Some(e) = host.get(ticket) else { return };
+                e.driver.handle_timeout(Instant::now());
             }
         }
-    }
-}
-
-fn follow_phase(conn: &mut Connection, phase: Phase) {
-    let now = Instant::now();
-    match phase {
-        Phase::Running => {}
-        Phase::Draining => conn.begin_drain(now),
-        Phase::Stop => conn.stop(now),
     }
 }
 
@@ -590,6 +440,3 @@ fn write_out(stream: &TcpStream, conn: &mut Connection) {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

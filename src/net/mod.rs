@@ -4,7 +4,9 @@
 //! This module holds what both backends share: the listeners (each with its edge
 //! settings: PROXY, TLS), admission against `--max-connections`, handing messages to
 //! the sink with their publish metrics, the clock that stamps messages, and the run
-//! phase (running, draining, stopping). How every reactor shows the systemd watchdog
+//! phase (running, draining, stopping), and [`host`], the sans-IO reactor core that
+//! owns each reactor's connections. What every backend must do on real sockets is
+//! `contract_tests`, run once per backend. How every reactor shows the systemd watchdog
 //! that its loop still turns is [`crate::liveness`]; the per-address limiter the drivers
 //! call is [`crate::limits`]; certificates are loaded by [`crate::certs`].
 
@@ -23,7 +25,10 @@ use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::{reply, MessageId, SealedMessage};
 
+#[cfg(test)]
+pub(crate) mod contract_tests;
 pub mod epoll;
+pub mod host;
 pub mod probe;
 pub mod uring;
 

@@ -18,10 +18,11 @@ use tracing::{debug, warn};
 
 use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
-use crate::conn::{BodyBudget, Connection, Edge, State};
+use crate::conn::Edge;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::net::{accept_exhausted, stamp, Admitted, InFlight, Phase, Shared, ACCEPT_BACKOFF};
-use crate::sink::{auth_completion, Answer, Completion, CompletionQueue, Ticket};
+use crate::net::host::{self, Entry, Host, GEN_MASK, STOP_WAIT};
+use crate::net::{accept_exhausted, Phase, Shared, ACCEPT_BACKOFF};
+use crate::sink::{CompletionQueue, Ticket};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
@@ -31,8 +32,6 @@ const OP_RECV: u64 = 3;
 const OP_SEND: u64 = 4;
 /// Cancellations: their own completions carry nothing we need.
 const OP_CANCEL: u64 = 5;
-
-const GEN_MASK: u32 = 0x00FF_FFFF;
 
 fn user_data(op: u64, slot: u32, gen: u32) -> u64 {
     (op << 56) | (u64::from(gen & GEN_MASK) << 32) | u64::from(slot)
@@ -50,12 +49,6 @@ const RECV_CHUNK: u32 = 16 * 1024;
 /// With single-shot receives: the most one body read takes (the driver's hint between
 /// commands is smaller).
 const BODY_READ: usize = 64 * 1024;
-/// Held input goes to the driver in pieces of this, so it never holds more than it
-/// wants (its pending input is capped).
-const HAND_IN: usize = 16 * 1024;
-/// After the drain deadline, how long connections get to write their final `421`
-/// before the reactor closes what is left.
-const STOP_WAIT: Duration = Duration::from_secs(1);
 /// How long the stop phase waits for the kernel to hand back every operation.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(2);
 
@@ -68,8 +61,8 @@ enum Recv {
     Cancelling,
 }
 
+/// What this backend keeps beside each driver the [`Host`] owns.
 struct Conn {
-    driver: Connection,
     fd: OwnedFd,
     peer: SocketAddr,
     recv: Recv,
@@ -81,32 +74,15 @@ struct Conn {
     /// Queued in `dirty` for this turn's flush.
     dirty: bool,
     /// Bytes arrived while the driver did not want any: the client keeps sending into
-    /// a paused session, so the receive is cancelled and TCP pushes back.
+    /// a paused session, so a receive kept posted (`Next::keep_posted_read`) is
+    /// cancelled and TCP pushes back. The bytes themselves went to the driver, whose
+    /// cap on pending input leaves room for a receive already posted.
     data_while_paused: bool,
-    /// Those bytes, kept here (not in the driver, whose pending input is capped) until
-    /// the driver wants input again. Bounded by what one wake-up of the multishot
-    /// receive delivers before its cancellation; empty and unallocated otherwise.
-    held: Vec<u8>,
-    /// Paused on the budget or the sink's in-flight limit, and some was freed: look
-    /// again in this turn's `process`, right before its message goes to the sink, so
-    /// each woken connection sees what the ones before it submitted.
-    budget_wake: bool,
     /// `shutdown(SHUT_WR)` done.
     shut: bool,
     /// Done: waiting for the kernel to return the receive and the send before the
     /// descriptor is closed and the slot reused.
     closing: bool,
-    _admitted: Admitted,
-}
-
-/// A connection's place in the reactor. Free once both the connection and its message
-/// with the sink (if any) are gone; its generation then moves on.
-struct Slot {
-    gen: u32,
-    conn: Option<Conn>,
-    /// The message this slot has with the sink, for the in-flight gauge; kept after
-    /// the connection closed until the sink answers.
-    flight: Option<InFlight>,
 }
 
 /// One of the reactor's listening sockets; its accept's `user_data` carries its index.
@@ -136,8 +112,8 @@ pub(super) struct Reactor {
     ring: IoUring,
     bufs: Option<BufRing>,
     sends: Option<SendPool>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// The connections and everything about them that is not I/O.
+    host: Host<Conn>,
     dirty: Vec<u32>,
     /// The other half of `dirty`'s double buffer.
     spare: Vec<u32>,
@@ -149,17 +125,8 @@ pub(super) struct Reactor {
     /// may write it.
     event_buf: Box<u64>,
     event_armed: bool,
-    queue: Arc<CompletionQueue>,
-    answers: Vec<(Ticket, Answer)>,
-    budget: BodyBudget,
-    /// Connections paused because the body budget is used up; looked at again when
-    /// this reactor frees some.
-    budget_waiters: Vec<(u32, u32)>,
-    budget_freed: bool,
     cqes: Vec<(u64, i32, u32)>,
     shared: Arc<Shared>,
-    metrics: ReactorMetrics,
-    metrics_dirty: bool,
     next_flush: Instant,
     busy: Duration,
     /// Operations whose final completion has not been reaped (accept, eventfd read,
@@ -170,7 +137,6 @@ pub(super) struct Reactor {
     /// per completion; see `Tuning::multishot_recv`.
     multishot: bool,
     exhausted: Arc<std::sync::atomic::AtomicU64>,
-    phase: Phase,
     stop_at: Option<Instant>,
     index: usize,
 }
@@ -188,8 +154,7 @@ impl Reactor {
                 ring,
                 bufs: Some(bufs),
                 sends: Some(SendPool::default()),
-                slots: Vec::new(),
-                free: Vec::new(),
+                host: Host::new(p.shared.clone(), p.queue, p.metrics),
                 dirty: Vec::with_capacity(1024),
                 spare: Vec::with_capacity(1024),
                 timers: BinaryHeap::with_capacity(1024),
@@ -206,22 +171,14 @@ impl Reactor {
                 event: p.event,
                 event_buf: Box::new(0),
                 event_armed: false,
-                queue: p.queue,
-                answers: Vec::with_capacity(256),
-                budget: p.shared.new_budget(),
-                budget_waiters: Vec::new(),
-                budget_freed: false,
                 cqes: Vec::with_capacity(4096),
                 shared: p.shared,
-                metrics: p.metrics,
-                metrics_dirty: false,
                 next_flush: now + FLUSH_INTERVAL,
                 busy: Duration::ZERO,
                 inflight: 0,
                 phase_cell: p.phase,
                 multishot: t.multishot_recv,
                 exhausted: p.exhausted,
-                phase: Phase::Running,
                 stop_at: None,
                 index: p.index,
             },
@@ -300,7 +257,7 @@ impl Reactor {
             self.inflight += 1;
         }
         let retry_due = self.accept_retry.is_none_or(|t| now >= t);
-        if !retry_due || self.phase != Phase::Running {
+        if !retry_due || self.host.phase() != Phase::Running {
             return Ok(());
         }
         for (i, l) in self.listeners.iter_mut().enumerate() {
@@ -339,7 +296,7 @@ impl Reactor {
             }
         };
         consider(self.accept_retry);
-        consider(self.metrics_dirty.then_some(self.next_flush));
+        consider(self.host.metrics_dirty().then_some(self.next_flush));
         consider(self.stop_at);
         t
     }
@@ -365,7 +322,7 @@ impl Reactor {
         if !cqueue::more(flags) {
             l.armed = false;
             self.inflight -= 1;
-            if self.phase != Phase::Running {
+            if self.host.phase() != Phase::Running {
                 // The cancelled accept is back: nothing refers to the listener now.
                 l.sock = None;
             }
@@ -384,12 +341,9 @@ impl Reactor {
         // SAFETY: a successful accept completion carries a new descriptor that nothing
         // else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(res) };
-        let Some(admitted) = self.shared.admit() else {
-            // Over --max-connections: one non-blocking send of the 421 into a fresh
-            // socket's empty buffer (if it does not fit, the client just sees the
-            // close), then close.
-            let _ = SockRef::from(&fd)
-                .send_with_flags(self.shared.too_many_reply(), libc::MSG_DONTWAIT);
+        let Some(admitted) = self.host.admit() else {
+            let _ =
+                SockRef::from(&fd).send_with_flags(self.host.too_many_reply(), libc::MSG_DONTWAIT);
             if let Ok(Some(peer)) = SockRef::from(&fd).peer_addr().map(|a| a.as_socket()) {
                 crate::conn::log_refused_at_accept(peer);
             }
@@ -403,40 +357,7 @@ impl Reactor {
         if let Err(e) = SockRef::from(&fd).set_tcp_nodelay(true) {
             debug!(%peer, error = %e, "set TCP_NODELAY failed");
         }
-        let mut driver = Connection::new(
-            now,
-            self.shared.session.current(),
-            self.shared.limits.clone(),
-            self.budget.clone(),
-            peer,
-            edge,
-        );
-        // Done at once (e.g. a PROXY header required from a source not trusted): the
-        // driver has nothing to send, so the socket closes here, as on epoll.
-        if driver.state() == State::Done {
-            driver.take_stats(&mut self.metrics);
-            self.metrics_dirty = true;
-            debug!(%peer, reactor = self.index, "connection refused by the edge");
-            return;
-        }
-        match self.phase {
-            Phase::Running => {}
-            Phase::Draining => driver.begin_drain(now),
-            Phase::Stop => driver.stop(now),
-        }
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(Slot {
-                    gen: 0,
-                    conn: None,
-                    flight: None,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.slots[slot as usize].conn = Some(Conn {
-            driver,
+        let conn = Conn {
             fd,
             peer,
             recv: Recv::Off,
@@ -444,33 +365,21 @@ impl Reactor {
             timer: None,
             dirty: false,
             data_while_paused: false,
-            budget_wake: false,
-            held: Vec::new(),
             shut: false,
             closing: false,
-            _admitted: admitted,
-        });
-        debug!(%peer, reactor = self.index, "connection opened");
-        self.mark(slot);
-    }
-
-    fn conn_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
-        let s = self.slots.get_mut(slot as usize)?;
-        if s.gen & GEN_MASK != gen {
-            return None;
+        };
+        // `None`: refused by the edge at once, with nothing to send; the socket closes
+        // here, as on epoll.
+        if let Some(t) = self.host.open(now, peer, edge, admitted, conn) {
+            debug!(%peer, reactor = self.index, "connection opened");
+            self.mark(t.slot);
         }
-        s.conn.as_mut()
     }
 
     fn mark(&mut self, slot: u32) {
-        if let Some(c) = self
-            .slots
-            .get_mut(slot as usize)
-            .and_then(|s| s.conn.as_mut())
-        {
-            if !c.dirty {
-                c.dirty = true;
-                self.dirty.push(slot);
+        if let Some(t) = self.host.ticket(slot) {
+            if let Some(e) = self.host.get(t) {
+                mark(&mut self.dirty, t, &mut e.io);
             }
         }
     }
@@ -494,38 +403,31 @@ impl Reactor {
             }
             _ => &[],
         };
-        let Some(s) = self.slots.get_mut(slot as usize) else {
-            return;
-        };
-        let conn = match s.conn.as_mut() {
-            Some(c) if s.gen & GEN_MASK == gen => c,
-            _ => {
-                if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
-                    b.recycle(bid);
-                }
-                return;
+        let t = ticket(slot, gen);
+        let Some(Entry {
+            driver, io: conn, ..
+        }) = self.host.get(t)
+        else {
+            if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
+                b.recycle(bid);
             }
+            return;
         };
         if !more {
             conn.recv = Recv::Off;
         }
         if !conn.closing {
             if res > 0 {
-                if !conn.held.is_empty() || !conn.driver.wants_read() {
+                if !driver.wants_read() {
                     conn.data_while_paused = true;
-                    // Exact: a client that never reads makes every connection hold
-                    // this, and doubling would round 40 KiB up to 64.
-                    conn.held.reserve_exact(data.len());
-                    conn.held.extend_from_slice(data);
-                } else {
-                    conn.driver.handle_input(now, data);
-                    // A message this input completed goes to the sink now rather than
-                    // at the end of the turn, so the bodies of the other completions
-                    // of this batch see the sink's in-flight count with it.
-                    self.hand_off(now, slot, gen);
                 }
+                driver.handle_input(now, data);
+                // A message this input completed goes to the sink now rather than at
+                // the end of the turn, so the bodies of the other completions of this
+                // batch see the sink's in-flight count with it.
+                self.host.hand_off(now, t);
             } else if res == 0 {
-                conn.driver.handle_eof(now);
+                driver.handle_eof(now);
             } else if res == -libc::ENOBUFS {
                 // Every buffer is in use this turn; they are recycled before the next
                 // submit and the receive is re-armed then. The data waits in the socket.
@@ -533,7 +435,7 @@ impl Reactor {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             } else if res != -libc::ECANCELED {
                 debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "receive failed");
-                conn.driver.handle_io_error();
+                driver.handle_io_error();
             }
         }
         if let (Some(b), Some(bid)) = (&mut self.bufs, recycle) {
@@ -542,125 +444,29 @@ impl Reactor {
         self.mark(slot);
     }
 
-    /// Hands the credentials the connection took, if any, to the AUTH verifier, and the
-    /// message it completed, if any, to the sink; both answer on the completion queue.
-    fn hand_off(&mut self, now: Instant, slot: u32, gen: u32) {
-        let Some(c) = self.conn_mut(slot, gen) else {
-            return;
-        };
-        if let Some((request, verifier)) = c.driver.poll_auth() {
-            let ticket = Ticket {
-                slot,
-                generation: gen,
-            };
-            // Off the reactor; a full queue answers at once, through the same queue.
-            verifier.submit(request, auth_completion(self.queue.clone(), ticket));
-        }
-        let Some(c) = self.conn_mut(slot, gen) else {
-            return;
-        };
-        if let Some(sealed) = c.driver.poll_message(now, &mut stamp) {
-            let done = Completion::ticket(
-                self.queue.clone(),
-                Ticket {
-                    slot,
-                    generation: gen,
-                },
-            );
-            let flight = self.shared.submit(sealed, done);
-            self.slots[slot as usize].flight = Some(flight);
-        }
-    }
-
     fn sent(&mut self, now: Instant, slot: u32, gen: u32, res: i32) {
         self.inflight -= 1;
-        let Some(conn) = self.conn_mut(slot, gen) else {
+        let t = ticket(slot, gen);
+        let Some(Entry {
+            driver, io: conn, ..
+        }) = self.host.get(t)
+        else {
             return;
         };
         let buf = conn.send.take();
         if !conn.closing {
             if res >= 0 {
-                conn.driver.output_written(now, res as usize);
+                driver.output_written(now, res as usize);
             } else {
                 // EPIPE, ECONNRESET: nobody will read our replies any more.
                 debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "send failed");
-                conn.driver.handle_io_error();
+                driver.handle_io_error();
             }
         }
         if let (Some(p), Some(b)) = (&mut self.sends, buf) {
             p.put(b);
         }
         self.mark(slot);
-    }
-
-    /// Sink answers that arrived since the last turn, matched to their connections by
-    /// slot and generation. An answer for a connection that has closed settles the
-    /// in-flight gauge and frees the slot; one for an older generation is dropped.
-    fn take_answers(&mut self, now: Instant) {
-        self.queue.drain_into(&mut self.answers);
-        if self.answers.is_empty() {
-            return;
-        }
-        let mut answers = std::mem::take(&mut self.answers);
-        for (ticket, answer) in answers.drain(..) {
-            let Some(s) = self.slots.get_mut(ticket.slot as usize) else {
-                continue;
-            };
-            if s.gen & GEN_MASK != ticket.generation {
-                continue;
-            }
-            let (result, stored_in) = match answer {
-                Answer::Publish(result, stored_in) => (result, stored_in),
-                Answer::Auth(verdict) => {
-                    // A connection gone meanwhile has nothing to hear (and no flight).
-                    if let Some(c) = s.conn.as_mut() {
-                        c.driver.handle_auth(now, verdict);
-                        self.mark(ticket.slot);
-                    }
-                    continue;
-                }
-            };
-            if let Some(flight) = s.flight.take() {
-                self.shared.answered(flight, &result);
-            }
-            match s.conn.as_mut() {
-                Some(c) => {
-                    c.driver.handle_answer(now, result, stored_in);
-                    self.mark(ticket.slot);
-                }
-                None => self.release(ticket.slot),
-            }
-        }
-        self.answers = answers;
-        // Answered bodies no longer count against the budget.
-        self.budget_freed = true;
-    }
-
-    /// Frees a slot whose connection and message are both gone.
-    fn release(&mut self, slot: u32) {
-        let s = &mut self.slots[slot as usize];
-        if s.conn.is_none() && s.flight.is_none() {
-            s.gen = s.gen.wrapping_add(1) & GEN_MASK;
-            self.free.push(slot);
-        }
-    }
-
-    /// Connections paused on the body budget or the sink's in-flight limit get another
-    /// look once some budget was freed or a message answered.
-    fn wake_budget_waiters(&mut self) {
-        if !std::mem::take(&mut self.budget_freed) {
-            return;
-        }
-        let waiters = std::mem::take(&mut self.budget_waiters);
-        for &(slot, gen) in &waiters {
-            if let Some(c) = self.conn_mut(slot, gen) {
-                c.budget_wake = true;
-                self.mark(slot);
-            }
-        }
-        let mut waiters = waiters;
-        waiters.clear();
-        self.budget_waiters = waiters;
     }
 
     /// Pops every deadline that has passed. Entries are not removed when a deadline
@@ -672,15 +478,16 @@ impl Reactor {
                 break;
             }
             self.timers.pop();
-            let Some(c) = self.conn_mut(slot, gen) else {
+            let t = ticket(slot, gen);
+            let Some(Entry { driver, io: c, .. }) = self.host.get(t) else {
                 continue;
             };
             if c.timer != Some(d) {
                 continue;
             }
             c.timer = None;
-            if c.driver.poll_timeout().is_some_and(|t| t <= now) {
-                c.driver.handle_timeout(now);
+            if driver.poll_timeout().is_some_and(|t| t <= now) {
+                driver.handle_timeout(now);
             }
             self.mark(slot);
         }
@@ -688,11 +495,11 @@ impl Reactor {
 
     fn check_phase(&mut self, now: Instant) {
         let phase = self.phase_cell.get();
-        if phase <= self.phase {
+        let was = self.host.phase();
+        let dirty = &mut self.dirty;
+        if !self.host.set_phase(now, phase, |t, c| mark(dirty, t, c)) {
             return;
         }
-        let was = self.phase;
-        self.phase = phase;
         if was == Phase::Running {
             // Stop accepting: cancel the multishot accept; the listener is closed when
             // its final completion comes back.
@@ -702,16 +509,6 @@ impl Reactor {
                 } else {
                     self.listeners[i].sock = None;
                 }
-            }
-        }
-        for slot in 0..self.slots.len() as u32 {
-            if let Some(c) = self.slots[slot as usize].conn.as_mut() {
-                match phase {
-                    Phase::Running => {}
-                    Phase::Draining => c.driver.begin_drain(now),
-                    Phase::Stop => c.driver.stop(now),
-                }
-                self.mark(slot);
             }
         }
         if phase == Phase::Stop {
@@ -738,8 +535,9 @@ impl Reactor {
         // connection frees budget others wait for: loop until nothing is left to do.
         let mut batch = std::mem::take(&mut self.spare);
         loop {
-            self.take_answers(now);
-            self.wake_budget_waiters();
+            let dirty = &mut self.dirty;
+            self.host.take_answers(now, |t, c| mark(dirty, t, c));
+            self.host.wake_budget_waiters(|t, c| mark(dirty, t, c));
             if self.dirty.is_empty() {
                 break;
             }
@@ -758,55 +556,43 @@ impl Reactor {
     }
 
     fn process(&mut self, now: Instant, slot: u32) -> io::Result<()> {
-        let gen = self.slots[slot as usize].gen & GEN_MASK;
-        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+        let Some(t) = self.host.ticket(slot) else {
+            return Ok(());
+        };
+        let gen = t.generation;
+        self.host.begin(now, t);
+        let Some(Entry { io: c, .. }) = self.host.get(t) else {
             return Ok(());
         };
         c.dirty = false;
-        if std::mem::take(&mut c.budget_wake) {
-            c.driver.handle_budget_freed(now);
-        }
-        // Input that arrived while the driver was paused, in pieces while it wants it.
-        while !c.held.is_empty() && !c.closing && c.driver.wants_read() {
-            let n = c.held.len().min(HAND_IN);
-            c.driver.handle_input(now, &c.held[..n]);
-            c.held.drain(..n);
-        }
-        if c.held.is_empty() && c.held.capacity() > 0 {
-            c.held = Vec::new();
-        }
         if !c.closing {
-            self.hand_off(now, slot, gen);
+            self.host.hand_off(now, t);
         }
-        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+        let Some(Entry { driver, io: c, .. }) = self.host.get(t) else {
             return Ok(());
         };
-        c.driver.take_stats(&mut self.metrics);
-        self.metrics_dirty = true;
 
+        let mut next = host::next(driver);
         if !c.closing {
-            if c.driver.state() == State::ShutdownWrite
-                && !c.shut
-                && c.send.is_none()
-                && !c.driver.wants_write()
-            {
-                // All replies are out: FIN, then keep reading (the driver lingers) so
-                // unread client bytes do not turn our close into a reset.
+            if next.shutdown_write && !c.shut && c.send.is_none() {
                 let _ = SockRef::from(&c.fd).shutdown(std::net::Shutdown::Write);
                 c.shut = true;
-                c.driver.write_shut(now);
+                driver.write_shut(now);
+                next = host::next(driver);
             }
-            if c.driver.state() == State::Done {
+            if next.close {
                 c.closing = true;
             }
         }
         if c.closing {
-            return self.close(slot, gen);
+            // Its last counts now, not when the kernel has handed its operations back.
+            self.host.end(t);
+            return self.close(t);
         }
 
         let fd = c.fd.as_raw_fd();
         let ud_recv = user_data(OP_RECV, slot, gen);
-        if c.driver.wants_read() {
+        if let Some(want) = next.read {
             c.data_while_paused = false;
             if c.recv == Recv::Off {
                 let e = if self.multishot {
@@ -815,7 +601,7 @@ impl Reactor {
                     // The buffer is picked when data arrives, so an armed receive holds
                     // none; `len` caps what one completion takes at what the driver
                     // wants at a time.
-                    let len = c.driver.read_size_hint().min(BODY_READ) as u32;
+                    let len = want.min(BODY_READ) as u32;
                     opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
                         .buf_group(BGID)
                         .build()
@@ -829,11 +615,8 @@ impl Reactor {
                 c.recv = Recv::Armed;
                 self.inflight += 1;
             }
-        } else if c.recv == Recv::Armed && (c.data_while_paused || !c.driver.awaiting_publish()) {
-            // Paused: stop receiving so TCP pushes back. Waiting for the sink is the
-            // exception while the client sends nothing more (lock-step clients): the
-            // answer usually comes within the turn, and cancelling and re-arming for
-            // every message would cost two operations each.
+        } else if c.recv == Recv::Armed && (c.data_while_paused || !next.keep_posted_read) {
+            // Paused: stop receiving so TCP pushes back.
             c.recv = Recv::Cancelling;
             let e = opcode::AsyncCancel::new(ud_recv)
                 .build()
@@ -842,12 +625,12 @@ impl Reactor {
             unsafe { ring::push(&mut self.ring, &e)? };
         }
 
-        if c.send.is_none() && c.driver.wants_write() {
+        if c.send.is_none() && next.write {
             let pool = self
                 .sends
                 .as_mut()
                 .ok_or_else(|| io::Error::other("no send pool"))?;
-            let (buf, ptr, len) = pool.fill(c.driver.pending_output())?;
+            let (buf, ptr, len) = pool.fill(driver.pending_output())?;
             let e = opcode::Send::new(Fd(fd), ptr, len as u32)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
@@ -859,23 +642,21 @@ impl Reactor {
             self.inflight += 1;
         }
 
-        if c.driver.paused_for_budget() {
-            self.budget_waiters.push((slot, gen));
-        }
-        if let Some(d) = c.driver.poll_timeout() {
+        if let Some(d) = next.deadline {
             if c.timer.is_none_or(|t| d < t) {
                 c.timer = Some(d);
                 self.timers.push(Reverse((d, slot, gen)));
             }
         }
+        self.host.end(t);
         Ok(())
     }
 
     /// Closes a finished connection once the kernel holds nothing of it: cancels its
     /// receive and send, and when both have come back closes the descriptor and frees
     /// the slot under a new generation.
-    fn close(&mut self, slot: u32, gen: u32) -> io::Result<()> {
-        let Some(c) = self.slots[slot as usize].conn.as_mut() else {
+    fn close(&mut self, t: Ticket) -> io::Result<()> {
+        let Some(Entry { io: c, .. }) = self.host.get(t) else {
             return Ok(());
         };
         let busy = c.recv != Recv::Off || c.send.is_some();
@@ -887,28 +668,24 @@ impl Reactor {
                 let fd = c.fd.as_raw_fd();
                 let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all())
                     .build()
-                    .user_data(user_data(OP_CANCEL, slot, gen));
+                    .user_data(user_data(OP_CANCEL, t.slot, t.generation));
                 // SAFETY: a cancellation hands over no memory.
                 unsafe { ring::push(&mut self.ring, &e)? };
             }
             return Ok(());
         }
-        if let Some(c) = self.slots[slot as usize].conn.take() {
+        // Gives back the --max-connections slot and the body budget; dropping `c`
+        // closes the descriptor.
+        if let Some((_, c)) = self.host.close(t) {
             debug!(peer = %c.peer, reactor = self.index, "connection closed");
-            // Closes the descriptor and gives back the --max-connections slot.
-            drop(c);
         }
-        self.release(slot);
-        // Its body budget is free now.
-        self.budget_freed = true;
         Ok(())
     }
 
     fn flush_metrics(&mut self, now: Instant) {
-        self.metrics.set_busy(self.busy);
-        if self.metrics_dirty {
-            self.metrics.flush();
-            self.metrics_dirty = false;
+        self.host.set_busy(self.busy);
+        if self.host.metrics_dirty() {
+            self.host.flush_metrics();
         }
         self.next_flush = now + FLUSH_INTERVAL;
     }
@@ -919,7 +696,7 @@ impl Reactor {
         let Some(stop_at) = self.stop_at else {
             return false;
         };
-        now >= stop_at || self.slots.iter().all(|s| s.conn.is_none())
+        now >= stop_at || self.host.is_empty()
     }
 
     /// Takes every operation back from the kernel before the memory they use is freed.
@@ -950,8 +727,8 @@ impl Reactor {
                 }
             }
         }
-        self.metrics.set_busy(self.busy);
-        self.metrics.flush();
+        self.host.set_busy(self.busy);
+        self.host.flush_metrics();
         if self.inflight > 0 {
             warn!(
                 reactor = self.index,
@@ -967,6 +744,18 @@ impl Reactor {
             std::mem::forget(std::mem::take(&mut self.event_buf));
         }
         // Connections (and their descriptors) go now, then the ring, then the memory.
-        self.slots.clear();
+        self.host.clear();
     }
+}
+
+/// Queues a connection for this turn's flush, once.
+fn mark(dirty: &mut Vec<u32>, t: Ticket, c: &mut Conn) {
+    if !c.dirty {
+        c.dirty = true;
+        dirty.push(t.slot);
+    }
+}
+
+fn ticket(slot: u32, generation: u32) -> Ticket {
+    Ticket { slot, generation }
 }

@@ -1,27 +1,81 @@
-//! A reactor backend against real sockets on loopback: written for epoll and also
-//! compiled into the io_uring backend (`super` is whichever includes it).
+//! The contract every I/O backend keeps, against real sockets on loopback: each test
+//! is written once, takes the backend, and is instantiated once per backend by
+//! [`contract!`] (`net::contract_tests::epoll::*`, `net::contract_tests::uring::*`).
+//! The helpers are shared with the io_uring backend's own tests.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::*;
 use crate::conn::Limits;
 use crate::metrics::Metrics;
-use crate::net::ReactorParams;
+use crate::net::{IoBackend, ReactorParams, Reactors};
 use crate::sink::null::NullSink;
 use crate::sink::{Completion, Sink};
 use crate::smtp::{BareLfPolicy, SessionConfig};
 
-fn start(max_connections: usize, idle: Duration) -> Reactors {
-    start_with(max_connections, idle, Arc::new(NullSink::new()))
+/// Every test below, once per backend.
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod epoll {
+            $(#[test]
+            fn $test() {
+                super::$test(crate::net::IoBackend::Epoll);
+            })*
+        }
+        mod uring {
+            $(#[test]
+            fn $test() {
+                super::$test(crate::net::IoBackend::Uring);
+            })*
+        }
+    };
+}
+
+contract!(
+    pipelined_session_then_drain,
+    connection_limit_and_idle_timeout,
+    body_budget_stops_reading_bodies_and_refuses_new_transactions,
+    never_reading_client_is_bounded_and_dropped,
+    reactors_answer_the_watchdog_only_while_their_loops_run,
+    slow_sink_over_its_inflight_limit_pauses_bodies,
+    commands_sent_while_the_sink_holds_the_message_are_answered_after_it,
+);
+
+/// What the helpers need of running reactors, whichever the backend (the io_uring
+/// tests hold its own `Reactors` to read its counters).
+pub(crate) trait Served {
+    fn local_addr(&self) -> SocketAddr;
+    fn open_connections(&self) -> usize;
+}
+
+impl Served for Reactors {
+    fn local_addr(&self) -> SocketAddr {
+        Reactors::local_addr(self)
+    }
+    fn open_connections(&self) -> usize {
+        Reactors::open_connections(self)
+    }
+}
+
+impl Served for crate::net::uring::Reactors {
+    fn local_addr(&self) -> SocketAddr {
+        crate::net::uring::Reactors::local_addr(self)
+    }
+    fn open_connections(&self) -> usize {
+        crate::net::uring::Reactors::open_connections(self)
+    }
+}
+
+fn start(backend: IoBackend, max_connections: usize, idle: Duration) -> Reactors {
+    start_with(backend, max_connections, idle, Arc::new(NullSink::new()))
 }
 
 /// A plain SMTP listener on a free loopback port, no edge settings.
-pub(super) fn one_listener() -> Vec<crate::net::ListenerSpec> {
+pub(crate) fn one_listener() -> Vec<crate::net::ListenerSpec> {
     vec![crate::net::ListenerSpec {
         addr: "127.0.0.1:0".parse().unwrap(),
         kind: crate::net::ListenerKind::Smtp,
@@ -29,17 +83,31 @@ pub(super) fn one_listener() -> Vec<crate::net::ListenerSpec> {
     }]
 }
 
-fn start_with(max_connections: usize, idle: Duration, sink: Arc<dyn Sink>) -> Reactors {
-    start_budget(max_connections, idle, sink, 1 << 30)
+fn start_with(
+    backend: IoBackend,
+    max_connections: usize,
+    idle: Duration,
+    sink: Arc<dyn Sink>,
+) -> Reactors {
+    start_budget(backend, max_connections, idle, sink, 1 << 30)
 }
 
 fn start_budget(
+    backend: IoBackend,
     max_connections: usize,
     idle: Duration,
     sink: Arc<dyn Sink>,
     max_body_memory: usize,
 ) -> Reactors {
-    Reactors::start(ReactorParams {
+    let mut p = params(sink, max_connections, idle);
+    p.max_body_memory = max_body_memory;
+    Reactors::start(backend, p).expect("reactors start")
+}
+
+/// Two reactors on one plain listener, `mx.test` accepting `example.com`, 1 MiB
+/// messages, a session time of a minute and no body budget to speak of.
+pub(crate) fn params(sink: Arc<dyn Sink>, max_connections: usize, idle: Duration) -> ReactorParams {
+    ReactorParams {
         listeners: one_listener(),
         reactors: 2,
         pin_cpus: true,
@@ -63,25 +131,24 @@ fn start_budget(
             output_cap: Limits::DEFAULT_OUTPUT_CAP,
             sink: "test",
         },
-        max_body_memory,
-    })
-    .expect("reactors start")
+        max_body_memory: 1 << 30,
+    }
 }
 
-pub(super) fn connect(r: &Reactors) -> TcpStream {
+pub(crate) fn connect(r: &impl Served) -> TcpStream {
     let s = TcpStream::connect(r.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s
 }
 
 /// Reads until the peer closes; the text of everything it sent.
-pub(super) fn read_to_close(s: &mut TcpStream) -> String {
+pub(crate) fn read_to_close(s: &mut TcpStream) -> String {
     let mut all = Vec::new();
     let _ = s.read_to_end(&mut all);
     String::from_utf8_lossy(&all).into_owned()
 }
 
-pub(super) fn read_line(s: &mut TcpStream) -> String {
+pub(crate) fn read_line(s: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     while !line.ends_with(b"\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
@@ -90,7 +157,7 @@ pub(super) fn read_line(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&line).into_owned()
 }
 
-pub(super) fn wait_for_no_connections(r: &Reactors) {
+pub(crate) fn wait_for_no_connections(r: &impl Served) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while r.open_connections() != 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -98,9 +165,8 @@ pub(super) fn wait_for_no_connections(r: &Reactors) {
     assert_eq!(r.open_connections(), 0);
 }
 
-#[test]
-fn pipelined_session_then_drain() {
-    let r = start(100, Duration::from_secs(60));
+fn pipelined_session_then_drain(backend: IoBackend) {
+    let r = start(backend, 100, Duration::from_secs(60));
     assert_ne!(r.local_addr().port(), 0);
     let mut s = connect(&r);
     s.write_all(
@@ -119,7 +185,7 @@ fn pipelined_session_then_drain() {
 
     let mut idle = connect(&r);
     assert!(read_line(&mut idle).starts_with("220 "));
-    r.set_phase(Phase::Draining);
+    r.begin_drain();
     let text = read_to_close(&mut idle);
     assert!(text.starts_with("421 4.3.2 "), "{text}");
     drop(idle);
@@ -127,9 +193,8 @@ fn pipelined_session_then_drain() {
     r.stop();
 }
 
-#[test]
-fn connection_limit_and_idle_timeout() {
-    let r = start(1, Duration::from_millis(300));
+fn connection_limit_and_idle_timeout(backend: IoBackend) {
+    let r = start(backend, 1, Duration::from_millis(300));
     let mut first = connect(&r);
     assert!(read_line(&mut first).starts_with("220 "));
     let mut second = connect(&r);
@@ -176,40 +241,58 @@ impl Held {
     }
 }
 
+/// A client that sends its next commands while its message is with the sink: the
+/// bytes reach a connection that reads nothing more until the answer (io_uring keeps
+/// a posted receive for this, `Next::keep_posted_read`); they wait in the driver and
+/// are answered, in order, after the `250`.
+fn commands_sent_while_the_sink_holds_the_message_are_answered_after_it(backend: IoBackend) {
+    let sink = Arc::new(Held::default());
+    let r = start_with(backend, 10, Duration::from_secs(60), sink.clone());
+    let mut s = connect(&r);
+    assert!(read_line(&mut s).starts_with("220 "));
+    s.write_all(b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n")
+        .unwrap();
+    for code in ["250 ", "250 ", "250 ", "354 "] {
+        let line = read_line(&mut s);
+        assert!(line.starts_with(code), "{line}");
+    }
+    s.write_all(b"hi\r\n.\r\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sink.0.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sink never got it"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.write_all(b"NOOP\r\nQUIT\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(s.read(&mut b).is_err(), "answered before the sink did");
+    sink.release();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let text = read_to_close(&mut s);
+    assert!(text.starts_with("250 2.0.0 Ok: queued as "), "{text}");
+    assert!(
+        text.ends_with("\r\n250 2.0.0 Ok\r\n221 2.0.0 mx.test closing connection\r\n"),
+        "{text}"
+    );
+    drop(s);
+    wait_for_no_connections(&r);
+    r.stop();
+}
+
 /// With the body budget spent by a message the sink holds, another session's body is
 /// not read and a new MAIL gets 451 4.3.1; once the sink answers, both go on.
-#[test]
-fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
+fn body_budget_stops_reading_bodies_and_refuses_new_transactions(backend: IoBackend) {
     let sink = Arc::new(Held::default());
     // One reactor so both connections share one budget; the floor is one message of
     // the largest size (1 MiB here) plus an eighth.
-    let r = Reactors::start(ReactorParams {
-        listeners: one_listener(),
-        reactors: 1,
-        pin_cpus: true,
-        session: Arc::new(
-            SessionConfig {
-                hostname: "mx.test".into(),
-                accept_domains: ["example.com"].into_iter().collect(),
-                max_message_size: 1 << 20,
-                max_recipients: 100,
-                bare_lf: BareLfPolicy::Reject,
-            }
-            .into(),
-        ),
-        sink: sink.clone(),
-        metrics: Arc::new(Metrics::new().expect("metrics registry")),
-        max_connections: 100,
-        limits: Limits {
-            idle_timeout: Duration::from_secs(60),
-            max_session_time: Duration::from_secs(60),
-            min_data_rate: None,
-            output_cap: Limits::DEFAULT_OUTPUT_CAP,
-            sink: "test",
-        },
-        max_body_memory: 1,
-    })
-    .expect("reactors start");
+    let mut p = params(sink.clone(), 100, Duration::from_secs(60));
+    p.reactors = 1;
+    p.max_body_memory = 1;
+    let r = Reactors::start(backend, p).expect("reactors start");
     let start = b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
     let body = |len: usize| {
         let mut body = Vec::with_capacity(len + len / 998 * 2 + 5);
@@ -288,9 +371,8 @@ fn body_budget_stops_reading_bodies_and_refuses_new_transactions() {
 
 /// A client that pipelines commands and never reads our replies: the output cap stops
 /// the session, so the gateway's memory stays bounded, and the write deadline drops it.
-#[test]
-fn never_reading_client_is_bounded_and_dropped() {
-    let r = start(100, Duration::from_millis(500));
+fn never_reading_client_is_bounded_and_dropped(backend: IoBackend) {
+    let r = start(backend, 100, Duration::from_millis(500));
     let mut s = connect(&r);
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
     let line = b"HELP\r\n".repeat(1000);
@@ -310,9 +392,8 @@ fn never_reading_client_is_bounded_and_dropped() {
 
 /// Idle reactors answer the watchdog's question (woken by it, not by a timer), and
 /// reactors whose loops have ended never do: the watchdog pings only for live loops.
-#[test]
-fn reactors_answer_the_watchdog_only_while_their_loops_run() {
-    let r = start(10, Duration::from_secs(60));
+fn reactors_answer_the_watchdog_only_while_their_loops_run(backend: IoBackend) {
+    let r = start(backend, 10, Duration::from_secs(60));
     let liveness = r.liveness();
     for round in 0..3 {
         liveness.ask();
@@ -398,13 +479,12 @@ impl Sink for Slow {
 /// reactors were finishing), commands are still answered, every message gets its
 /// `250` (nothing is refused for the sink being slow) and each `250` is a message the
 /// sink took.
-#[test]
-fn slow_sink_over_its_inflight_limit_pauses_bodies() {
+fn slow_sink_over_its_inflight_limit_pauses_bodies(backend: IoBackend) {
     const LIMIT: usize = 3;
     const SESSIONS: usize = 10;
     const MESSAGES: usize = 4;
     let (sink, answerer) = Slow::new(LIMIT, Duration::from_millis(15));
-    let r = start_with(100, Duration::from_secs(60), sink.clone());
+    let r = start_with(backend, 100, Duration::from_secs(60), sink.clone());
     let addr = r.local_addr();
     // Bodies of a few reads each, so some are paused half-way.
     let mut body = Vec::new();
