@@ -698,9 +698,6 @@ impl ReactorMetrics {
             .inc_by(std::mem::take(&mut s.messages_accepted));
         m.smuggling_attempts
             .inc_by(std::mem::take(&mut s.smuggling_attempts));
-        s.bodies_started = 0;
-        s.bodies_ended = 0;
-        s.bodies_abandoned = 0;
         self.message_size.flush();
         self.data_duration.flush();
         self.publish_duration.flush();

@@ -37,8 +37,8 @@ use rustls::ServerConnection;
 
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
+use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session, StoredIn};
-use crate::smtp::{Refusal, SessionConfig, SessionEvent, SessionStats};
 
 pub use edge::{Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
 pub use tls::TlsHandle;
@@ -378,6 +378,9 @@ pub struct Connection {
     handshake_deadline: Option<Instant>,
     /// Bytes of TLS records handed to rustls before the handshake completed.
     handshake_bytes: usize,
+    /// The session accepted STARTTLS (its event): what the client pipelined after the
+    /// command is discarded and the handshake follows the `220`.
+    starttls_accepted: bool,
     /// The greeting (or the refusal in its place) was written.
     greeted: bool,
     /// With a greeting delay, not before then.
@@ -408,11 +411,16 @@ impl Connection {
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let node = Arc::from(session.hostname.as_str());
-        let mut session = Session::without_greeting(session, peer);
-        session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
-        session.set_tls_required(edge.require_tls);
-        session.set_error_budget(edge.error_budget);
-        session.set_auth(edge.auth.as_ref().map(|a| a.policy));
+        // The listener's policy, given once: nothing about it changes while the
+        // connection runs (a PROXY header's effect on AUTH is the session's own rule).
+        let policy = SessionPolicy {
+            starttls: edge.tls.is_some() && !edge.implicit_tls,
+            tls_required: edge.require_tls,
+            error_budget: edge.error_budget,
+            auth: edge.auth.as_ref().map(|a| a.policy),
+            output_limit: limits.output_cap,
+        };
+        let session = Session::without_greeting(session, policy, peer);
         let mut conn = Connection {
             session,
             // The client's idle time starts with the greeting (see `maybe_greet`).
@@ -441,6 +449,7 @@ impl Connection {
             tls_done: false,
             handshake_deadline: None,
             handshake_bytes: 0,
+            starttls_accepted: false,
             greeted: false,
             greet_at: now + edge.greeting_delay,
             refusal: None,
@@ -606,9 +615,8 @@ impl Connection {
                 self.proxy_wait = false;
                 if let Some(source) = source {
                     self.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
-                    self.session.set_client_addr(self.peer);
                 }
-                self.plaintext_auth_for(source.map(|s| s.ip().to_canonical()));
+                self.session.proxied(source.map(|_| self.peer));
                 self.idle_deadline = now + self.limits.idle_timeout;
                 self.handshake_begins(now);
                 self.peer_known(now);
@@ -618,22 +626,6 @@ impl Connection {
                     self.wire_input(now, rest);
                 }
                 self.maybe_greet(now);
-            }
-        }
-    }
-
-    /// `--auth-allow-plaintext` is for clients on this host. Behind a balancer the
-    /// real client decides: one that is not loopback (or that the header does not
-    /// name) sent its credentials across the network in the clear, so it gets AUTH
-    /// only after STARTTLS.
-    fn plaintext_auth_for(&mut self, client: Option<std::net::IpAddr>) {
-        if let Some(auth) = &self.edge.auth {
-            if auth.policy.plaintext && !client.is_some_and(|ip| ip.is_loopback()) {
-                self.session
-                    .set_auth(Some(crate::smtp::session::AuthPolicy {
-                        plaintext: false,
-                        ..auth.policy
-                    }));
             }
         }
     }
@@ -673,7 +665,7 @@ impl Connection {
     /// STARTTLS was accepted: whatever the client pipelined after it is discarded,
     /// never executed, and the handshake starts once the `220` is written.
     fn check_starttls(&mut self) {
-        if matches!(self.front, Front::Plain) && self.session.is_starting_tls() {
+        if matches!(self.front, Front::Plain) && std::mem::take(&mut self.starttls_accepted) {
             self.edge_stats.starttls_discarded_bytes += self.pending.len() as u64;
             self.pending = Vec::new();
             self.front = Front::StartTls;
@@ -1052,7 +1044,7 @@ impl Connection {
                 }
             }
         }
-        self.log_events();
+        self.take_events(now);
         self.resume_after_answer(now);
     }
 
@@ -1424,17 +1416,34 @@ impl Connection {
         }
     }
 
-    /// Takes what the session reported since the last call.
-    fn log_events(&mut self) {
-        while let Some(SessionEvent::Refused {
-            refusal,
-            verb,
-            address,
-            detail,
-            user,
-        }) = self.session.poll_event()
-        {
-            self.note_refusal(refusal, verb, address, detail, user);
+    /// Acts on what the session reported since the last call, in order: refusals go
+    /// to the log, body events move the body timing, STARTTLS the front.
+    fn take_events(&mut self, now: Instant) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                SessionEvent::Refused {
+                    refusal,
+                    verb,
+                    address,
+                    detail,
+                    user,
+                } => self.note_refusal(refusal, verb, address, detail, user),
+                // A body "starts" at the read that brought its DATA or first BDAT.
+                SessionEvent::BodyStarted => {
+                    self.body_started = Some(now);
+                    self.body_since = Some(now);
+                    self.rate_window = None;
+                }
+                SessionEvent::BodyEnded => self.end_body(now),
+                // RSET, HELO or EHLO in the middle of a body, or a close: no timing
+                // sample, no rate window.
+                SessionEvent::BodyAbandoned => {
+                    self.body_started = None;
+                    self.body_since = None;
+                    self.rate_window = None;
+                }
+                SessionEvent::StartTls => self.starttls_accepted = true,
+            }
         }
     }
 
@@ -1523,33 +1532,22 @@ impl Connection {
     fn feed(&mut self, now: Instant, input: &[u8]) -> usize {
         let mut pos = 0;
         while pos < input.len() && self.can_consume() {
-            if let Some(slot) = &self.slot {
-                self.session
-                    .set_message_rate_exceeded(!slot.message_allowed(now));
-                self.session
-                    .set_auth_failures_exceeded(!slot.auth_allowed(now));
-            }
-            if let (Some(auth), Some(user)) = (&self.edge.auth, self.session.authenticated()) {
-                let over = !auth.verifier.message_allowed(user, now);
-                self.session.set_user_rate_exceeded(over);
-            }
-            self.session.set_low_memory(self.budget.exhausted());
-            self.session.set_output_limit(self.limits.output_cap);
             let was_in_body = self.session.in_body();
-            let stats = self.session.stats_mut();
-            let before = (
-                stats.bodies_started,
-                stats.bodies_ended,
-                stats.bodies_abandoned,
-            );
-            let n = self.session.feed(&input[pos..]);
+            let mut gate = ConnGate {
+                now,
+                slot: self.slot.as_deref(),
+                auth: self.edge.auth.as_ref(),
+                budget: &self.budget,
+            };
+            let n = self.session.feed_with(&input[pos..], &mut gate);
             pos += n;
-            // Taken after each feed: the session keeps only a few between polls.
-            self.log_events();
+            // Taken after each feed: the session keeps only a few between polls, and
+            // takes no further command while its body events wait.
+            self.take_events(now);
             if n > 0 {
                 self.idle_deadline = now + self.limits.idle_timeout;
             }
-            self.track_body(now, was_in_body, n, before);
+            self.track_body(now, was_in_body, n);
             if n == 0 {
                 break;
             }
@@ -1557,29 +1555,9 @@ impl Connection {
         pos
     }
 
-    /// Keeps the budget charge, body timing and data-rate window in step with what the
-    /// session just consumed.
-    fn track_body(
-        &mut self,
-        now: Instant,
-        was_in_body: bool,
-        consumed: usize,
-        before: (u64, u64, u64),
-    ) {
-        let stats = self.session.stats_mut();
-        let started = stats.bodies_started > before.0;
-        let ended = stats.bodies_ended > before.1;
-        // RSET, HELO or EHLO in the middle of a body: no timing sample, no rate window.
-        if stats.bodies_abandoned > before.2 {
-            self.body_started = None;
-            self.body_since = None;
-            self.rate_window = None;
-        }
-        // A body "starts" at the read that brought its DATA or first BDAT.
-        if started {
-            self.body_started = Some(now);
-            self.body_since = Some(now);
-        }
+    /// Keeps the budget charge and the data-rate window in step with what the session
+    /// holds and just consumed (the body events have moved the timing).
+    fn track_body(&mut self, now: Instant, was_in_body: bool, consumed: usize) {
         let held = self.session.body_len();
         if held > self.charged {
             self.budget.charge(held - self.charged);
@@ -1587,17 +1565,12 @@ impl Connection {
             self.budget.release(self.charged - held);
         }
         self.charged = held;
-        let in_body = self.session.in_body();
-        if in_body {
+        if self.session.in_body() {
             match &mut self.rate_window {
                 Some((_, bytes)) if was_in_body => *bytes += consumed as u64,
                 Some(_) => {}
                 None => self.rate_window = Some((now, 0)),
             }
-        }
-        // A body ended: the final dot, the last chunk, or a refusal that ends it.
-        if ended {
-            self.end_body(now);
         }
     }
 
@@ -1628,7 +1601,7 @@ impl Connection {
     /// Moves the lifecycle on after anything that may have changed the output or closed
     /// the session, and keeps the write deadline.
     fn after_output_change(&mut self, now: Instant) {
-        self.log_events();
+        self.take_events(now);
         if matches!(self.life, Life::Open) && self.session.is_closed() {
             self.life = Life::Closing;
             self.pending = Vec::new();
@@ -1680,8 +1653,34 @@ impl Drop for Connection {
         if let Some(flight) = &self.in_flight {
             self.budget.answered_by_sink(flight.charged);
         }
-        self.log_events();
+        let seen = self.record.seen;
+        self.take_events(seen);
         self.log_end();
+    }
+}
+
+/// The limits that change while a connection runs, answered when the session meets
+/// one (MAIL, AUTH) rather than pushed into it before every read.
+struct ConnGate<'a> {
+    now: Instant,
+    slot: Option<&'a dyn PeerSlot>,
+    auth: Option<&'a EdgeAuth>,
+    budget: &'a BodyBudget,
+}
+
+impl Gate for ConnGate<'_> {
+    fn message_allowed(&mut self) -> bool {
+        self.slot.is_none_or(|s| s.message_allowed(self.now))
+    }
+    fn user_message_allowed(&mut self, user: &str) -> bool {
+        self.auth
+            .is_none_or(|a| a.verifier.message_allowed(user, self.now))
+    }
+    fn auth_allowed(&mut self) -> bool {
+        self.slot.is_none_or(|s| s.auth_allowed(self.now))
+    }
+    fn body_memory_available(&mut self) -> bool {
+        !self.budget.exhausted()
     }
 }
 

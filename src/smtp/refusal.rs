@@ -98,6 +98,14 @@ impl Refusal {
         self as usize
     }
 
+    /// Whether a command refused for this reason spends the session's error budget
+    /// (`--error-budget`): every `5xx`, and `452 4.5.3` for too many recipients, since a
+    /// client that keeps adding recipients past the limit is refused over and over and
+    /// must not go on forever. Decided from the typed value, never from reply bytes.
+    pub fn spends_error_budget(self) -> bool {
+        self.code() >= 500 || self == Refusal::TooManyRecipients
+    }
+
     /// The fixed reply of a refusal that has one (the others name the host or a reason
     /// and are written by [`reply`]'s functions).
     pub fn fixed_reply(self) -> Option<&'static [u8]> {

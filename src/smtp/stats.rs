@@ -1,7 +1,9 @@
 //! What a session counts for the metrics: plain integers, no clocks, no atomics.
 //!
 //! The session bumps these as it works; the caller takes them after each `feed` and adds
-//! them to its own per-thread totals, which it publishes now and then. Keeping the core
+//! them to its own per-thread totals, which it publishes now and then. They are output
+//! only: what the caller acts on it learns from the session's events
+//! ([`super::session::SessionEvent`]), never by comparing counts. Keeping the core
 //! free of shared counters is what lets a command cost no cache-line traffic between
 //! reactors. Every label value is one of the fixed tables here, never client text.
 
@@ -49,18 +51,8 @@ pub struct SessionStats {
     pub messages_rejected: [u64; REJECT_REASONS.len()],
     /// DATA bodies with a bare CR or LF, whatever the policy did with them.
     pub smuggling_attempts: u64,
-    /// A DATA body or a message's first BDAT chunk began (for the DATA duration).
-    pub bodies_started: u64,
-    /// A body reached its end (final dot, last chunk, or a refusal that ends it).
-    pub bodies_ended: u64,
     /// Sessions closed with `421 4.7.0` by a limit, indexed like [`LIMIT_CLOSES`].
     pub limit_closes: [u64; LIMIT_CLOSES.len()],
-    /// A body started but ended without an outcome: RSET, HELO/EHLO or a close in the
-    /// middle of a BDAT transaction, a close in the middle of DATA. Every body started
-    /// is counted once in `bodies_ended` or here, and a refusal before any body (a
-    /// first BDAT chunk over the limit) in neither, so a caller timing bodies starts
-    /// its clock at `bodies_started` and forgets it at `bodies_abandoned`.
-    pub bodies_abandoned: u64,
     /// Every refusal the session made, whether or not its event was taken.
     pub refusals: super::refusal::RefusalCounts,
 }
@@ -85,9 +77,6 @@ impl SessionStats {
         add(&mut self.limit_closes, &mut other.limit_closes);
         self.messages_accepted += std::mem::take(&mut other.messages_accepted);
         self.smuggling_attempts += std::mem::take(&mut other.smuggling_attempts);
-        self.bodies_started += std::mem::take(&mut other.bodies_started);
-        self.bodies_ended += std::mem::take(&mut other.bodies_ended);
-        self.bodies_abandoned += std::mem::take(&mut other.bodies_abandoned);
         self.refusals.absorb(&mut other.refusals);
     }
 
