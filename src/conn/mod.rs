@@ -35,12 +35,16 @@ use chrono::{DateTime, Utc};
 
 use rustls::ServerConnection;
 
+use crate::auth::AuthResult;
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
 use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session, StoredIn};
 
-pub use edge::{Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
+pub use edge::{
+    Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode, Rejected,
+    TlsFailure, TlsVersion,
+};
 pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
@@ -479,7 +483,7 @@ impl Connection {
             match self.edge.tls.as_ref().map(TlsHandle::accept) {
                 Some(Ok(tls)) => self.front = Front::Tls(Box::new(tls)),
                 _ => {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Other] += 1;
                     self.life = Life::Done(Ending::Failed);
                     return;
                 }
@@ -488,7 +492,7 @@ impl Connection {
         if self.edge.proxy != ProxyMode::Off {
             let ip = self.peer.ip();
             if !self.edge.proxy_trusted.iter().any(|c| c.contains(ip)) {
-                self.edge_stats.refused[edge::REFUSED_PROXY_UNTRUSTED] += 1;
+                self.edge_stats.refused[Rejected::ProxyUntrusted] += 1;
                 self.refused(Refusal::ProxyUntrusted, None);
                 self.life = Life::Done(Ending::Refused);
                 return;
@@ -552,7 +556,7 @@ impl Connection {
         self.greeted = true;
         self.refusal = None;
         self.pending = Vec::new();
-        self.edge_stats.refused[edge::REFUSED_EARLY_TALKER] += 1;
+        self.edge_stats.refused[Rejected::EarlyTalker] += 1;
         self.session.early_talker();
     }
 
@@ -632,7 +636,7 @@ impl Connection {
 
     /// Not a header this listener accepts: closed unanswered.
     fn proxy_invalid(&mut self) {
-        self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+        self.edge_stats.refused[Rejected::ProxyInvalid] += 1;
         self.refused(Refusal::ProxyInvalid, None);
         self.life = Life::Done(Ending::Refused);
     }
@@ -766,7 +770,7 @@ impl Connection {
         if !matches!(self.life, Life::Open) {
             return true;
         }
-        self.edge_stats.tls_failures[edge::TLS_FAIL_BAD_MESSAGE] += 1;
+        self.edge_stats.tls_failures[TlsFailure::BadMessage] += 1;
         self.life = Life::Done(Ending::Overrun);
         self.tls_in = Vec::new();
         self.pending = Vec::new();
@@ -794,10 +798,10 @@ impl Connection {
             // The alert rustls queued for the client goes out before the close.
             let _ = tls.write_tls(&mut self.wire_out);
             if !self.tls_done {
-                let failure = tls::failure_index(&e);
+                let failure = tls::failure(&e);
                 self.edge_stats.tls_failures[failure] += 1;
                 // The failure's kind and rustls' text (which names an alert).
-                let detail = format!("{}: {e}", edge::TLS_FAILURES[failure]);
+                let detail = format!("{}: {e}", failure.as_str());
                 self.refused(Refusal::TlsHandshake, Some(&detail));
             }
             self.pending = Vec::new();
@@ -838,9 +842,9 @@ impl Connection {
         };
         self.tls_done = true;
         self.handshake_deadline = None;
-        let version = tls::version_index(tls);
+        let version = tls::version(tls);
         self.edge_stats.tls_handshakes[version] += 1;
-        self.record.tls = Some(edge::TLS_VERSIONS[version]);
+        self.record.tls = Some(version.as_str());
         let description: Arc<str> = tls::describe(tls).into();
         self.session.tls_started(description);
         self.idle_deadline = now + self.limits.idle_timeout;
@@ -881,7 +885,7 @@ impl Connection {
             Life::Done(_) => {}
             Life::Open | Life::Closing => {
                 if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_EOF] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Eof] += 1;
                     self.refused(Refusal::TlsHandshake, Some("eof"));
                 }
                 self.seen(now);
@@ -1030,7 +1034,7 @@ impl Connection {
         // `locked` is counted from the session's refusal (see `note_refusal`), which
         // also covers an address already over its limit when AUTH arrives.
         if verdict != AuthVerdict::Locked {
-            self.edge_stats.auth[crate::auth::result_index(verdict)] += 1;
+            self.edge_stats.auth[AuthResult::of(verdict)] += 1;
         }
         self.session.auth_result(verdict);
         if verdict == AuthVerdict::Rejected {
@@ -1162,7 +1166,7 @@ impl Connection {
         if !self.tls_done && self.handshake_deadline.is_some_and(|d| now >= d) {
             // A silent or trickling handshake: nothing can be said to it, so it is
             // closed unanswered.
-            self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+            self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
             self.life = Life::Done(Ending::Closed);
             return;
         }
@@ -1170,7 +1174,7 @@ impl Connection {
         if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
             // Nothing was said yet (no header, no handshake): close unanswered.
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
                 self.refused(Refusal::TlsHandshake, Some("timeout"));
             } else if self.proxy_wait {
                 self.refused(Refusal::ProxyInvalid, Some("timeout"));
@@ -1186,7 +1190,7 @@ impl Connection {
         self.maybe_greet(now);
         if now >= self.hard_deadline || idle {
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
                 self.refused(Refusal::TlsHandshake, Some("timeout"));
             }
             self.session.timed_out(if now >= self.hard_deadline {
@@ -1360,7 +1364,7 @@ impl Connection {
     /// A refusal the driver itself decided (the session reports its own as events,
     /// and counts them itself).
     fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
-        self.edge_stats.refusals.add(refusal);
+        self.edge_stats.refusals[refusal] += 1;
         self.note_refusal(refusal, "", None, detail.map(Box::from), None);
     }
 
@@ -1373,7 +1377,7 @@ impl Connection {
         user: Option<Box<str>>,
     ) {
         if refusal == Refusal::AuthFailures {
-            self.edge_stats.auth[crate::auth::result_index(AuthVerdict::Locked)] += 1;
+            self.edge_stats.auth[AuthResult::Locked] += 1;
         }
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
@@ -1622,7 +1626,7 @@ impl Connection {
                     self.handshake_begins(now);
                 }
                 _ => {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Other] += 1;
                     self.life = Life::Done(Ending::Failed);
                 }
             }

@@ -428,11 +428,7 @@ struct Counts {
 
 impl Observer for Counts {
     fn absorb(&mut self, stats: &mut SessionStats) {
-        let at = crate::smtp::stats::REPLY_CODES
-            .iter()
-            .position(|&c| c == 421)
-            .unwrap();
-        self.replies_421 += stats.replies[at];
+        self.replies_421 += stats.reply(421);
         *stats = SessionStats::default();
     }
     fn observe_data(&mut self, took: Duration) {

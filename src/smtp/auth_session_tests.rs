@@ -690,7 +690,7 @@ fn auth_failure_closes_count_as_limit_closes() {
         );
         s
     };
-    let closes = |s: &mut Session| s.stats_mut().limit_closes[stats::CLOSE_AUTH_FAILURES];
+    let closes = |s: &mut Session| s.stats_mut().limit_closes[LimitClose::AuthFailures];
 
     let mut s = after_auth(b"locked", false);
     let request = s.take_auth_request().unwrap();
@@ -709,10 +709,7 @@ fn auth_failure_closes_count_as_limit_closes() {
     s.refuse_over_limit(Refusal::AuthFailures, "Too many authentication failures");
     assert!(s.is_closed());
     assert_eq!(closes(&mut s), 1);
-    assert_eq!(
-        stats::LIMIT_CLOSES[stats::CLOSE_AUTH_FAILURES],
-        "auth_failures"
-    );
+    assert_eq!(LimitClose::AuthFailures.as_str(), "auth_failures");
 }
 
 /// HELP lists AUTH where EHLO offers it, and explains it as a topic; elsewhere neither.

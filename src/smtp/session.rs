@@ -20,10 +20,10 @@ use super::auth::{self, AuthRequest, AuthVerdict, Mechanism, ResponseError};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader};
 use super::dsn::{self, DsnError, Notify, Ret};
-use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
+use super::envelope::{self, Envelope, Message, PublishError, PublishResult, RECEIVED_HEADROOM};
 use super::refusal::Refusal;
 use super::reply;
-use super::stats::{self, SessionStats};
+use super::stats::{LimitClose, RejectReason, SessionStats, Verb};
 
 /// What happened in a session, taken with [`Session::poll_event`], oldest first: what
 /// the caller's log says (refusals) and what the caller keeps in step with the session
@@ -34,7 +34,7 @@ pub enum SessionEvent {
     /// A reply or close for a reason of the gateway's own.
     Refused {
         refusal: Refusal,
-        /// The command's verb (a [`stats::Verb`]'s label), or "" outside a command.
+        /// The command's verb (a [`Verb`]'s label), or "" outside a command.
         verb: &'static str,
         /// For MAIL and RCPT, the address as the client gave it (already checked to carry
         /// no control characters; the log escapes it anyway).
@@ -488,14 +488,8 @@ impl Session {
     /// `421 4.7.0` and close, counted in `smtpgw_session_limit_closes_total` by `why`;
     /// `user` names the AUTH user the limit is about.
     fn limit_close(&mut self, why: Refusal, what: &str, user: Option<&str>) {
-        let close = match why {
-            Refusal::ErrorBudget => Some(stats::CLOSE_ERROR_BUDGET),
-            Refusal::MessageRate => Some(stats::CLOSE_MESSAGE_RATE),
-            Refusal::AuthFailures => Some(stats::CLOSE_AUTH_FAILURES),
-            _ => None,
-        };
-        if let Some(i) = close {
-            self.stats.limit_closes[i] += 1;
+        if let Some(close) = LimitClose::of(why) {
+            self.stats.limit_closes[close] += 1;
         }
         self.event_user(why, user);
         reply::policy_limit(&mut self.out, &self.config.hostname, what);
@@ -585,7 +579,7 @@ impl Session {
         detail: Option<&str>,
         user: Option<&str>,
     ) {
-        self.stats.refusals.add(refusal);
+        self.stats.refusals[refusal] += 1;
         self.refused = Some(refusal);
         self.reserve_events();
         if self.kept_refusals >= MAX_EVENTS {
@@ -702,8 +696,8 @@ impl Session {
                     };
                     pos += lf + 1;
                     if mem::take(&mut self.discarding_line) || lf + 1 > command::line_limit(rest) {
-                        self.stats.commands[stats::VERB_OTHER] += 1;
-                        self.verb = stats::VERBS[stats::VERB_OTHER];
+                        self.stats.commands[Verb::Other] += 1;
+                        self.verb = Verb::Other.as_str();
                         self.refuse(Refusal::LineTooLong, reply::LINE_TOO_LONG);
                         continue;
                     }
@@ -760,16 +754,16 @@ impl Session {
                 reply::queued(&mut self.out, id)
             }
             Err(PublishError::Temporary(reason)) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTemporary] += 1;
                 self.event(Refusal::SinkTemporary, None, Some(&reason));
                 reply::temporary_failure(&mut self.out, &reason)
             }
             Err(PublishError::TooLarge) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTooLarge] += 1;
                 self.refuse(Refusal::SinkTooLarge, reply::SINK_TOO_BIG)
             }
             Err(PublishError::StorageFull) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTemporary] += 1;
                 self.refuse(Refusal::StorageFull, reply::STORAGE_FULL)
             }
         }
@@ -922,9 +916,9 @@ impl Session {
 
     fn command(&mut self, line: &[u8], gate: &mut dyn Gate) {
         let parsed = command::parse(line);
-        let verb = verb_index(&parsed);
+        let verb = verb_of(&parsed);
         self.stats.commands[verb] += 1;
-        self.verb = stats::VERBS[verb];
+        self.verb = verb.as_str();
         if self.draining {
             return self.shut_down();
         }
@@ -1100,7 +1094,13 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, verb: Verb, from: ReversePath<'_>, params: Params<'_>, gate: &mut dyn Gate) {
+    fn mail(
+        &mut self,
+        verb: envelope::Verb,
+        from: ReversePath<'_>,
+        params: Params<'_>,
+        gate: &mut dyn Gate,
+    ) {
         let address = match from {
             ReversePath::Null => "",
             ReversePath::Mailbox(m) => m.text,
@@ -1144,7 +1144,7 @@ impl Session {
             .is_some_and(|size| size > self.config.max_message_size as u64)
         {
             // A message refused for its size, only earlier than its body.
-            self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+            self.stats.messages_rejected[RejectReason::TooLarge] += 1;
             return self.refuse_address(Refusal::TooLarge, reply::MESSAGE_TOO_BIG, address);
         }
         let from = match from {
@@ -1269,11 +1269,11 @@ impl Session {
         match reader.outcome() {
             BodyOutcome::Complete => self.complete(envelope, body),
             BodyOutcome::TooLarge => {
-                self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                self.stats.messages_rejected[RejectReason::TooLarge] += 1;
                 self.refuse(Refusal::TooLarge, reply::MESSAGE_TOO_BIG)
             }
             BodyOutcome::BareLineEnding => {
-                self.stats.messages_rejected[stats::REJECT_BARE_LINE_ENDING] += 1;
+                self.stats.messages_rejected[RejectReason::BareLineEnding] += 1;
                 self.refuse(Refusal::BareLineEnding, reply::BARE_LINE_ENDING)
             }
         }
@@ -1331,7 +1331,7 @@ impl Session {
                     if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
                         self.step(Step::BodyEnded);
                     }
-                    self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                    self.stats.messages_rejected[RejectReason::TooLarge] += 1;
                 }
                 self.refuse(refusal, text);
             }
@@ -1494,34 +1494,34 @@ impl<'a> RcptParams<'a> {
     }
 }
 
-/// The `smtpgw_commands_total` slot for a parsed line: the verb, or `OTHER` for lines
+/// The `smtpgw_commands_total` label of a parsed line: the verb, or `OTHER` for lines
 /// that are unknown, not implemented or do not parse (their verb may be client junk).
-fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
+fn verb_of(parsed: &Result<Command<'_>, CommandError>) -> Verb {
     let Ok(command) = parsed else {
-        return stats::VERB_OTHER;
+        return Verb::Other;
     };
     match command {
-        Command::Helo(_) => 0,
-        Command::Ehlo(_) => 1,
+        Command::Helo(_) => Verb::Helo,
+        Command::Ehlo(_) => Verb::Ehlo,
         Command::Mail { verb, .. } => match verb {
-            Verb::Mail => 2,
-            Verb::Send => 12,
-            Verb::Soml => 13,
-            Verb::Saml => 14,
+            envelope::Verb::Mail => Verb::Mail,
+            envelope::Verb::Send => Verb::Send,
+            envelope::Verb::Soml => Verb::Soml,
+            envelope::Verb::Saml => Verb::Saml,
         },
-        Command::Rcpt { .. } => 3,
-        Command::Data => 4,
-        Command::Bdat { .. } => 5,
-        Command::Rset => 6,
-        Command::Noop => 7,
-        Command::Quit => 8,
-        Command::Vrfy(_) => 9,
-        Command::Expn(_) => 10,
-        Command::Help(_) => 11,
-        Command::Turn => 15,
-        Command::StartTls => 16,
-        Command::Auth { .. } => 17,
-        Command::NotImplemented => stats::VERB_OTHER,
+        Command::Rcpt { .. } => Verb::Rcpt,
+        Command::Data => Verb::Data,
+        Command::Bdat { .. } => Verb::Bdat,
+        Command::Rset => Verb::Rset,
+        Command::Noop => Verb::Noop,
+        Command::Quit => Verb::Quit,
+        Command::Vrfy(_) => Verb::Vrfy,
+        Command::Expn(_) => Verb::Expn,
+        Command::Help(_) => Verb::Help,
+        Command::Turn => Verb::Turn,
+        Command::StartTls => Verb::StartTls,
+        Command::Auth { .. } => Verb::Auth,
+        Command::NotImplemented => Verb::Other,
     }
 }
 
