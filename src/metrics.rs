@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::AuthResult;
 use crate::conn::edge::{EdgeStats, Rejected, TlsFailure, TlsVersion};
-use crate::sink::forward::CURSOR_RESET_REASONS;
+use crate::sink::forward::CursorReset;
 use crate::sink::Sink;
 use crate::smtp::stats::{Counts, Label, LimitClose, RejectReason, ReplyCode, SessionStats, Verb};
 use crate::smtp::Refusal;
@@ -142,8 +142,7 @@ pub struct Metrics {
     forwarded_bytes: IntCounter,
     forward_redelivered: IntCounter,
     forward_restarts: IntCounter,
-    /// Indexed like [`CURSOR_RESET_REASONS`].
-    forward_cursor_resets: Vec<IntCounter>,
+    forward_cursor_resets: Series<CursorReset>,
     forward_oldest_age: Gauge,
     fallback_available: IntGauge,
     fallback_active: IntGauge,
@@ -188,12 +187,7 @@ impl Metrics {
                 r.register(Box::new(h.clone()))?;
                 Ok(h)
             };
-        // Label values are resolved once here, so every series exists (at 0) from the
-        // start and the hot path never hashes a label.
-        let resolve = |v: &IntCounterVec, values: &[&str]| -> Vec<IntCounter> {
-            values.iter().map(|l| v.with_label_values(&[*l])).collect()
-        };
-
+        // Labelled counters are `Series`: resolved once here, never hashed per count.
         let rejected = counter_vec(
             "smtpgw_connections_rejected_total",
             "Connections refused before the greeting, by reason.",
@@ -452,14 +446,13 @@ impl Metrics {
                 "--spool-fallback: 1 while its spool can store, 0 while Kafka alone is used \
                  (a full file system at start, a failed write); 0 without a fallback.",
             )?,
-            forward_cursor_resets: resolve(
+            forward_cursor_resets: Series::new(
                 &counter_vec(
                     "smtpgw_forward_cursor_resets_total",
                     "Starts that found the forward cursor damaged (--spool-fallback), by reason; \
                      records after the position used are forwarded again.",
                     "reason",
                 )?,
-                &CURSOR_RESET_REASONS,
             ),
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
@@ -595,11 +588,8 @@ impl Metrics {
                 self.fallback_active.set(i64::from(forward.fallback_active));
                 self.fallback_available
                     .set(i64::from(sink.degraded().is_none()));
-                let reset = CURSOR_RESET_REASONS
-                    .iter()
-                    .position(|r| Some(*r) == forward.cursor_reset);
-                if let Some(counter) = reset.and_then(|i| self.forward_cursor_resets.get(i)) {
-                    add(counter, 1);
+                if let Some(reset) = forward.cursor_reset {
+                    add(self.forward_cursor_resets.of(reset), 1);
                 }
             }
         }
