@@ -507,7 +507,7 @@ impl Session {
     }
 
     /// What happened since the last call, oldest first. A caller polls after each call
-    /// that feeds or answers the session: while [`MAX_STEPS`] body or STARTTLS events
+    /// that feeds or answers the session: while 16 (`MAX_STEPS`) body or STARTTLS events
     /// wait, the session takes no further command.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         let kept = self.events.pop_front()?;
@@ -626,7 +626,7 @@ impl Session {
     /// Processes as much of `input` as it can and returns how many bytes it consumed.
     /// The caller keeps the rest (an incomplete line) and offers it again with more bytes
     /// appended. Stops early while a message awaits its publish result, once closed, at
-    /// the output limit, or while [`MAX_STEPS`] events wait to be polled. No limit that
+    /// the output limit, or while 16 (`MAX_STEPS`) events wait to be polled. No limit that
     /// changes applies ([`Unlimited`]); see [`Self::feed_with`].
     pub fn feed(&mut self, input: &[u8]) -> usize {
         self.feed_with(input, &mut Unlimited)
