@@ -48,6 +48,9 @@ fn run(config: &Arc<SessionConfig>, input: &[u8]) -> usize {
     loop {
         let n = session.feed(&buf[start..]);
         start += n;
+        // As a reactor does after every read (the session holds commands back while
+        // its body events wait).
+        while black_box(session.poll_event()).is_some() {}
         if let Some(message) = session.take_message() {
             done += 1;
             let id = MessageId::from(done as u128);

@@ -324,16 +324,25 @@ pub struct Verifier {
     origin: Instant,
 }
 
-/// `smtpgw_auth_total{result}` labels, in the order of [`result_index`].
-pub const RESULTS: [&str; 4] = ["success", "failure", "temporary", "locked"];
+crate::smtp::stats::labels! {
+    /// `smtpgw_auth_total{result}`.
+    pub enum AuthResult {
+        Success => "success",
+        Failure => "failure",
+        Temporary => "temporary",
+        Locked => "locked",
+    }
+}
 
-/// The slot of `verdict` in [`RESULTS`].
-pub fn result_index(verdict: AuthVerdict) -> usize {
-    match verdict {
-        AuthVerdict::Accepted => 0,
-        AuthVerdict::Rejected => 1,
-        AuthVerdict::Temporary => 2,
-        AuthVerdict::Locked => 3,
+impl AuthResult {
+    /// The result a verdict counts as.
+    pub fn of(verdict: AuthVerdict) -> AuthResult {
+        match verdict {
+            AuthVerdict::Accepted => AuthResult::Success,
+            AuthVerdict::Rejected => AuthResult::Failure,
+            AuthVerdict::Temporary => AuthResult::Temporary,
+            AuthVerdict::Locked => AuthResult::Locked,
+        }
     }
 }
 

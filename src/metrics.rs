@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
+use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,12 +32,11 @@ use prometheus::{
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use crate::conn::edge::{EdgeStats, REFUSED_REASONS, TLS_FAILURES, TLS_VERSIONS};
-use crate::sink::forward::CURSOR_RESET_REASONS;
+use crate::auth::AuthResult;
+use crate::conn::edge::{EdgeStats, Rejected, TlsFailure, TlsVersion};
+use crate::sink::forward::CursorReset;
 use crate::sink::Sink;
-use crate::smtp::stats::{
-    SessionStats, LIMIT_CLOSES, REJECT_REASONS, REPLY_CODES, REPLY_UNLISTED, VERBS,
-};
+use crate::smtp::stats::{Counts, Label, LimitClose, RejectReason, ReplyCode, SessionStats, Verb};
 use crate::smtp::Refusal;
 
 /// How often reactors publish their local counts: counters lag by at most 100 ms.
@@ -67,29 +67,55 @@ pub enum MetricsError {
     Registry(#[from] prometheus::Error),
 }
 
+/// One metric's series, one per value of the label set `L`, resolved once at start so
+/// every series exists (at 0) from the start and the hot path never hashes a label.
+struct Series<L: Label> {
+    counters: Vec<IntCounter>,
+    label: PhantomData<L>,
+}
+
+impl<L: Label> Series<L> {
+    fn new(vec: &IntCounterVec) -> Series<L> {
+        Series {
+            counters: L::ALL
+                .iter()
+                .map(|l| vec.with_label_values(&[l.as_str()]))
+                .collect(),
+            label: PhantomData,
+        }
+    }
+
+    fn of(&self, l: L) -> &IntCounter {
+        &self.counters[l.index()]
+    }
+
+    /// Adds `counts` to the series and zeroes them.
+    fn publish(&self, counts: &mut Counts<L>) {
+        counts.drain(|l, n| self.of(l).inc_by(n));
+    }
+}
+
 /// Every metric the gateway exports, in one registry.
 pub struct Metrics {
     registry: Registry,
     pub connections_accepted: IntCounter,
     pub connections_active: IntGauge,
     pub connections_rejected_max: IntCounter,
-    /// Indexed like [`REFUSED_REASONS`].
-    connections_refused: Vec<IntCounter>,
-    limit_closes: Vec<IntCounter>,
-    tls_handshakes: Vec<IntCounter>,
-    tls_failures: Vec<IntCounter>,
-    auth: Vec<IntCounter>,
+    connections_refused: Series<Rejected>,
+    limit_closes: Series<LimitClose>,
+    tls_handshakes: Series<TlsVersion>,
+    tls_failures: Series<TlsFailure>,
+    auth: Series<AuthResult>,
     starttls_discarded: IntCounter,
     proxy_headers: IntCounter,
-    /// Indexed like [`Refusal::ALL`].
-    refusals: Vec<IntCounter>,
+    refusals: Series<Refusal>,
     log_lines_dropped: IntCounter,
     pub peer_table_entries: IntGauge,
     pub peer_table_evictions: IntCounter,
-    commands: Vec<IntCounter>,
-    replies: Vec<IntCounter>,
+    commands: Series<Verb>,
+    replies: Series<ReplyCode>,
     messages_accepted: IntCounter,
-    messages_rejected: Vec<IntCounter>,
+    messages_rejected: Series<RejectReason>,
     smuggling_attempts: IntCounter,
     message_size: Histogram,
     data_duration: Histogram,
@@ -118,8 +144,7 @@ pub struct Metrics {
     forwarded_bytes: IntCounter,
     forward_redelivered: IntCounter,
     forward_restarts: IntCounter,
-    /// Indexed like [`CURSOR_RESET_REASONS`].
-    forward_cursor_resets: Vec<IntCounter>,
+    forward_cursor_resets: Series<CursorReset>,
     forward_oldest_age: Gauge,
     fallback_available: IntGauge,
     fallback_active: IntGauge,
@@ -164,12 +189,7 @@ impl Metrics {
                 r.register(Box::new(h.clone()))?;
                 Ok(h)
             };
-        // Label values are resolved once here, so every series exists (at 0) from the
-        // start and the hot path never hashes a label.
-        let resolve = |v: &IntCounterVec, values: &[&str]| -> Vec<IntCounter> {
-            values.iter().map(|l| v.with_label_values(&[*l])).collect()
-        };
-
+        // Labelled counters are `Series`: resolved once here, never hashed per count.
         let rejected = counter_vec(
             "smtpgw_connections_rejected_total",
             "Connections refused before the greeting, by reason.",
@@ -185,11 +205,6 @@ impl Metrics {
             "Final SMTP replies sent, greeting included, by 3-digit code.",
             "code",
         )?;
-        let codes: Vec<String> = REPLY_CODES[..REPLY_UNLISTED]
-            .iter()
-            .map(u16::to_string)
-            .collect();
-        let code_refs: Vec<&str> = codes.iter().map(String::as_str).collect();
         let messages_rejected = counter_vec(
             "smtpgw_messages_rejected_total",
             "Messages refused at or after the end of data, by reason.",
@@ -273,32 +288,29 @@ impl Metrics {
             )?,
             connections_active: gauge("smtpgw_connections_active", "Connections open now.")?,
             connections_rejected_max: rejected.with_label_values(&["max_connections"]),
-            connections_refused: resolve(&rejected, &REFUSED_REASONS),
-            limit_closes: resolve(
+            connections_refused: Series::new(&rejected),
+            limit_closes: Series::new(
                 &counter_vec(
                     "smtpgw_session_limit_closes_total",
                     "Sessions closed with 421 4.7.0 by a per-session or per-address limit, by limit.",
                     "reason",
                 )?,
-                &LIMIT_CLOSES,
             ),
-            tls_handshakes: resolve(
+            tls_handshakes: Series::new(
                 &counter_vec(
                     "smtpgw_tls_handshakes_total",
                     "Completed TLS handshakes (STARTTLS and implicit), by protocol version.",
                     "version",
                 )?,
-                &TLS_VERSIONS,
             ),
-            tls_failures: resolve(
+            tls_failures: Series::new(
                 &counter_vec(
                     "smtpgw_tls_handshake_failures_total",
                     "TLS handshakes that did not complete, by reason.",
                     "reason",
                 )?,
-                &TLS_FAILURES,
             ),
-            auth: resolve(
+            auth: Series::new(
                 &counter_vec(
                     "smtpgw_auth_total",
                     "AUTH attempts by result: success, failure (wrong or unknown credentials), \
@@ -306,7 +318,6 @@ impl Metrics {
                      limit per address or per user).",
                     "result",
                 )?,
-                &crate::auth::RESULTS,
             ),
             starttls_discarded: counter(
                 "smtpgw_starttls_discarded_bytes_total",
@@ -319,8 +330,7 @@ impl Metrics {
                      (the reason word of the refusal's log line).",
                     "reason",
                 )?;
-                let words: Vec<&str> = Refusal::ALL.iter().map(|r| r.as_str()).collect();
-                resolve(&v, &words)
+                Series::new(&v)
             },
             log_lines_dropped: counter(
                 "smtpgw_log_lines_dropped_total",
@@ -338,13 +348,13 @@ impl Metrics {
                 "smtpgw_peer_table_evictions_total",
                 "Limiter entries dropped to keep the table bounded while they still held rate state.",
             )?,
-            commands: resolve(&commands, &VERBS),
-            replies: resolve(&replies, &code_refs),
+            commands: Series::new(&commands),
+            replies: Series::new(&replies),
             messages_accepted: counter(
                 "smtpgw_messages_accepted_total",
                 "Messages the sink stored and the client got 250 for.",
             )?,
-            messages_rejected: resolve(&messages_rejected, &REJECT_REASONS),
+            messages_rejected: Series::new(&messages_rejected),
             smuggling_attempts: counter(
                 "smtpgw_smuggling_attempts_total",
                 "DATA bodies and BDAT messages containing a bare CR or LF, whatever --bare-lf did with them.",
@@ -446,14 +456,13 @@ impl Metrics {
                 "--spool-fallback: 1 while its spool can store, 0 while Kafka alone is used \
                  (a full file system at start, a failed write); 0 without a fallback.",
             )?,
-            forward_cursor_resets: resolve(
+            forward_cursor_resets: Series::new(
                 &counter_vec(
                     "smtpgw_forward_cursor_resets_total",
                     "Starts that found the forward cursor damaged (--spool-fallback), by reason; \
                      records after the position used are forwarded again.",
                     "reason",
                 )?,
-                &CURSOR_RESET_REASONS,
             ),
             spool_bytes: gauge(
                 "smtpgw_spool_bytes",
@@ -489,11 +498,8 @@ impl Metrics {
 
     /// A reply sent outside any session (the `421` for a connection over the limit).
     pub fn count_reply(&self, code: u16) {
-        if let Some(i) = REPLY_CODES[..REPLY_UNLISTED]
-            .iter()
-            .position(|&c| c == code)
-        {
-            self.replies[i].inc();
+        if let Some(c) = ReplyCode::from_code(code) {
+            self.replies.of(c).inc();
         }
     }
 
@@ -543,7 +549,7 @@ impl Metrics {
         let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&self.log_lines_dropped, crate::logging::lines_dropped());
         catch_up(
-            &self.refusals[Refusal::MaxConnections.index()],
+            self.refusals.of(Refusal::MaxConnections),
             self.connections_rejected_max.get(),
         );
         self.sink_up.set(i64::from(sink.health().is_ok()));
@@ -596,11 +602,8 @@ impl Metrics {
                 self.fallback_active.set(i64::from(forward.fallback_active));
                 self.fallback_available
                     .set(i64::from(sink.degraded().is_none()));
-                let reset = CURSOR_RESET_REASONS
-                    .iter()
-                    .position(|r| Some(*r) == forward.cursor_reset);
-                if let Some(counter) = reset.and_then(|i| self.forward_cursor_resets.get(i)) {
-                    add(counter, 1);
+                if let Some(reset) = forward.cursor_reset {
+                    add(self.forward_cursor_resets.of(reset), 1);
                 }
             }
         }
@@ -687,24 +690,19 @@ impl ReactorMetrics {
     pub fn flush(&mut self) {
         let m = &*self.metrics;
         let s = &mut self.stats;
-        fn publish(counters: &[IntCounter], counts: &mut [u64]) {
-            for (c, n) in counters.iter().zip(counts.iter_mut()) {
-                if *n > 0 {
-                    c.inc_by(std::mem::take(n));
-                }
-            }
-        }
-        publish(&m.commands, &mut s.commands);
-        publish(&m.replies, &mut s.replies[..REPLY_UNLISTED]);
-        publish(&m.messages_rejected, &mut s.messages_rejected);
-        publish(&m.limit_closes, &mut s.limit_closes);
+        m.commands.publish(&mut s.commands);
+        m.replies.publish(&mut s.replies);
+        // A code outside the set has no series (a unit test keeps it from happening).
+        s.replies_unlisted = 0;
+        m.messages_rejected.publish(&mut s.messages_rejected);
+        m.limit_closes.publish(&mut s.limit_closes);
         let e = &mut self.edge;
-        publish(&m.connections_refused, &mut e.refused);
-        publish(&m.refusals, &mut e.refusals.0);
-        publish(&m.refusals, &mut s.refusals.0);
-        publish(&m.tls_handshakes, &mut e.tls_handshakes);
-        publish(&m.tls_failures, &mut e.tls_failures);
-        publish(&m.auth, &mut e.auth);
+        m.connections_refused.publish(&mut e.refused);
+        m.refusals.publish(&mut e.refusals);
+        m.refusals.publish(&mut s.refusals);
+        m.tls_handshakes.publish(&mut e.tls_handshakes);
+        m.tls_failures.publish(&mut e.tls_failures);
+        m.auth.publish(&mut e.auth);
         m.starttls_discarded
             .inc_by(std::mem::take(&mut e.starttls_discarded_bytes));
         m.proxy_headers.inc_by(std::mem::take(&mut e.proxy_headers));
@@ -712,9 +710,6 @@ impl ReactorMetrics {
             .inc_by(std::mem::take(&mut s.messages_accepted));
         m.smuggling_attempts
             .inc_by(std::mem::take(&mut s.smuggling_attempts));
-        s.bodies_started = 0;
-        s.bodies_ended = 0;
-        s.bodies_abandoned = 0;
         self.message_size.flush();
         self.data_duration.flush();
         self.publish_duration.flush();

@@ -542,7 +542,7 @@ fn a_damaged_forward_cursor_is_logged_at_error_and_counted() {
         assert!(lines[0].contains("ERROR"), "{reason}: {}", lines[0]);
         assert!(lines[0].contains("published again"), "{}", lines[0]);
         assert_eq!(gw.metric(&series), 1.0, "{reason}");
-        for other in smtpgw::sink::forward::CURSOR_RESET_REASONS {
+        for other in smtpgw::sink::forward::CursorReset::ALL.map(|r| r.as_str()) {
             if other != reason {
                 let series = format!("smtpgw_forward_cursor_resets_total{{reason=\"{other}\"}}");
                 assert_eq!(gw.metric(&series), 0.0, "{reason} counted as {other}");

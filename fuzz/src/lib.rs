@@ -21,7 +21,7 @@ pub mod connection;
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::auth::{AuthRequest, AuthVerdict};
 use smtpgw::smtp::session::AuthPolicy;
-use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
+use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig, SessionEvent, SessionPolicy};
 
 /// The largest message the harness's sessions take; small, so the fuzzer reaches it.
 pub const MAX_MESSAGE_SIZE: usize = 4096;
@@ -41,6 +41,31 @@ pub struct Transcript {
     pub messages: Vec<Completed>,
     /// Whether the session ended (QUIT) before the input did.
     pub closed: bool,
+    /// The session's events other than refusals (body started, ended, abandoned), in
+    /// order: however the reads are cut, a reactor must see the same bodies. (Refusal
+    /// events are left out: past a few per read they are counted, not kept.)
+    pub steps: Vec<SessionEvent>,
+}
+
+/// Takes the session's events as a reactor does after every call, keeping the steps in
+/// `steps` and checking that every body started ends or is abandoned exactly once
+/// before the next starts (`open`: a body is under way).
+fn poll(session: &mut Session, steps: &mut Vec<SessionEvent>, open: &mut bool) {
+    while let Some(event) = session.poll_event() {
+        match event {
+            SessionEvent::Refused { .. } => continue,
+            SessionEvent::BodyStarted => {
+                assert!(!*open, "a body started while another was under way");
+                *open = true;
+            }
+            SessionEvent::BodyEnded | SessionEvent::BodyAbandoned => {
+                assert!(*open, "a body ended that never started");
+                *open = false;
+            }
+            SessionEvent::StartTls => {}
+        }
+        steps.push(event);
+    }
 }
 
 /// A decoded fuzz input.
@@ -142,27 +167,41 @@ fn auth_policy(flags: u8) -> Option<AuthPolicy> {
 /// completed message at once (per `flags`) and writes out all output after every read.
 /// Checks what a reactor relies on along the way.
 pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
-    let mut session =
-        Session::without_greeting(config(flags), "192.0.2.1:25".parse().expect("literal"));
-    session.set_auth(auth_policy(flags));
+    let policy = SessionPolicy {
+        auth: auth_policy(flags),
+        ..SessionPolicy::default()
+    };
+    let mut session = Session::without_greeting(
+        config(flags),
+        policy,
+        "192.0.2.1:25".parse().expect("literal"),
+    );
     session.greet();
     let mut buffer = Vec::new();
     let mut replies = Vec::new();
     let mut messages = Vec::new();
     let mut taken = 0u32;
+    let mut steps = Vec::new();
+    let mut open = false;
     for piece in pieces {
         buffer.extend_from_slice(piece);
         loop {
             let consumed = session.feed(&buffer);
             assert!(consumed <= buffer.len());
             buffer.drain(..consumed);
+            poll(&mut session, &mut steps, &mut open);
             if let Some(request) = session.take_auth_request() {
                 assert_eq!(session.feed(b"NOOP\r\n"), 0, "no input while verifying");
                 session.auth_result(verify(&request));
+                poll(&mut session, &mut steps, &mut open);
                 continue;
             }
             let Some(message) = session.take_message() else {
-                break;
+                // The session may have stopped for its events to be polled (they were).
+                if consumed == 0 || buffer.is_empty() || session.is_closed() {
+                    break;
+                }
+                continue;
             };
             assert!(message.body().len() <= MAX_MESSAGE_SIZE);
             assert_eq!(session.feed(b"NOOP\r\n"), 0, "no input while publishing");
@@ -194,6 +233,7 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
                 Ok(MessageId::from(u128::from(taken)))
             };
             session.publish_result(result);
+            poll(&mut session, &mut steps, &mut open);
         }
         // A reactor's buffer only ever holds a partial command line (an AUTH line or
         // SASL response, RFC 4954's 12288 octets, is the longest).
@@ -213,6 +253,7 @@ pub fn run(flags: u8, pieces: &[&[u8]]) -> Transcript {
         replies,
         messages,
         closed: session.is_closed(),
+        steps,
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::tls::TlsHandle;
+use crate::smtp::stats::Counts;
 
 /// Whether a listener expects a PROXY protocol header before anything else.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,11 +126,11 @@ impl LimitRefusal {
         }
     }
 
-    fn index(self) -> usize {
+    fn rejected(self) -> Rejected {
         match self {
-            LimitRefusal::ConnectionsPerIp => REFUSED_PER_IP,
-            LimitRefusal::ConnectionsPerPrefix => REFUSED_PER_PREFIX,
-            LimitRefusal::ConnectionRate => REFUSED_CONNECTION_RATE,
+            LimitRefusal::ConnectionsPerIp => Rejected::PerIp,
+            LimitRefusal::ConnectionsPerPrefix => Rejected::PerPrefix,
+            LimitRefusal::ConnectionRate => Rejected::ConnectionRate,
         }
     }
 }
@@ -204,49 +205,46 @@ impl fmt::Debug for Edge {
     }
 }
 
-/// `smtpgw_connections_refused_total{reason}` label values, indexed by the
-/// `REFUSED_*` constants.
-pub const REFUSED_REASONS: [&str; 6] = [
-    "per_ip",
-    "per_prefix",
-    "connection_rate",
-    "early_talker",
-    "proxy_invalid",
-    "proxy_untrusted",
-];
-pub const REFUSED_PER_IP: usize = 0;
-pub const REFUSED_PER_PREFIX: usize = 1;
-pub const REFUSED_CONNECTION_RATE: usize = 2;
-pub const REFUSED_EARLY_TALKER: usize = 3;
-pub const REFUSED_PROXY_INVALID: usize = 4;
-pub const REFUSED_PROXY_UNTRUSTED: usize = 5;
+crate::smtp::stats::labels! {
+    /// `smtpgw_connections_rejected_total{reason}` for the refusals the driver decides
+    /// (`max_connections`, decided at accept, is counted by the backend).
+    pub enum Rejected {
+        PerIp => "per_ip",
+        PerPrefix => "per_prefix",
+        ConnectionRate => "connection_rate",
+        EarlyTalker => "early_talker",
+        ProxyInvalid => "proxy_invalid",
+        ProxyUntrusted => "proxy_untrusted",
+    }
+}
 
-/// `smtpgw_tls_handshakes_total{version}` label values.
-pub const TLS_VERSIONS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
-/// `smtpgw_tls_handshake_failures_total{reason}` label values.
-pub const TLS_FAILURES: [&str; 6] = [
-    "alert_received",
-    "incompatible",
-    "bad_message",
-    "other",
-    "eof",
-    "timeout",
-];
-pub const TLS_FAIL_ALERT: usize = 0;
-pub const TLS_FAIL_INCOMPATIBLE: usize = 1;
-pub const TLS_FAIL_BAD_MESSAGE: usize = 2;
-pub const TLS_FAIL_OTHER: usize = 3;
-pub const TLS_FAIL_EOF: usize = 4;
-pub const TLS_FAIL_TIMEOUT: usize = 5;
+crate::smtp::stats::labels! {
+    /// `smtpgw_tls_handshakes_total{version}`.
+    pub enum TlsVersion {
+        Tls12 => "TLSv1.2",
+        Tls13 => "TLSv1.3",
+    }
+}
+
+crate::smtp::stats::labels! {
+    /// `smtpgw_tls_handshake_failures_total{reason}`.
+    pub enum TlsFailure {
+        Alert => "alert_received",
+        Incompatible => "incompatible",
+        BadMessage => "bad_message",
+        Other => "other",
+        Eof => "eof",
+        Timeout => "timeout",
+    }
+}
 
 /// What the driver counted about the edge since the caller last took it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EdgeStats {
-    pub refused: [u64; REFUSED_REASONS.len()],
-    pub tls_handshakes: [u64; TLS_VERSIONS.len()],
-    pub tls_failures: [u64; TLS_FAILURES.len()],
-    /// `smtpgw_auth_total{result}`, indexed like [`crate::auth::RESULTS`].
-    pub auth: [u64; crate::auth::RESULTS.len()],
+    pub refused: Counts<Rejected>,
+    pub tls_handshakes: Counts<TlsVersion>,
+    pub tls_failures: Counts<TlsFailure>,
+    pub auth: Counts<crate::auth::AuthResult>,
     /// Plaintext bytes pipelined after STARTTLS and discarded unread (CVE-2011-0411).
     pub starttls_discarded_bytes: u64,
     /// PROXY headers accepted.
@@ -254,25 +252,20 @@ pub struct EdgeStats {
     /// Refusals the driver decided (the session counts its own in [`SessionStats`]).
     ///
     /// [`SessionStats`]: crate::smtp::SessionStats
-    pub refusals: crate::smtp::refusal::RefusalCounts,
+    pub refusals: Counts<crate::smtp::Refusal>,
 }
 
 impl EdgeStats {
     pub(crate) fn refuse(&mut self, why: LimitRefusal) {
-        self.refused[why.index()] += 1;
+        self.refused[why.rejected()] += 1;
     }
 
     /// Adds `other` to `self` and zeroes `other`.
     pub fn absorb(&mut self, other: &mut EdgeStats) {
-        fn add<const N: usize>(to: &mut [u64; N], from: &mut [u64; N]) {
-            for (t, f) in to.iter_mut().zip(from.iter_mut()) {
-                *t += std::mem::take(f);
-            }
-        }
-        add(&mut self.refused, &mut other.refused);
-        add(&mut self.tls_handshakes, &mut other.tls_handshakes);
-        add(&mut self.tls_failures, &mut other.tls_failures);
-        add(&mut self.auth, &mut other.auth);
+        self.refused.absorb(&mut other.refused);
+        self.tls_handshakes.absorb(&mut other.tls_handshakes);
+        self.tls_failures.absorb(&mut other.tls_failures);
+        self.auth.absorb(&mut other.auth);
         self.refusals.absorb(&mut other.refusals);
         self.starttls_discarded_bytes += std::mem::take(&mut other.starttls_discarded_bytes);
         self.proxy_headers += std::mem::take(&mut other.proxy_headers);

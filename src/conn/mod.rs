@@ -35,12 +35,16 @@ use chrono::{DateTime, Utc};
 
 use rustls::ServerConnection;
 
+use crate::auth::AuthResult;
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
+use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session, StoredIn};
-use crate::smtp::{Refusal, SessionConfig, SessionEvent, SessionStats};
 
-pub use edge::{Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode};
+pub use edge::{
+    Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode, Rejected,
+    TlsFailure, TlsVersion,
+};
 pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
@@ -378,6 +382,9 @@ pub struct Connection {
     handshake_deadline: Option<Instant>,
     /// Bytes of TLS records handed to rustls before the handshake completed.
     handshake_bytes: usize,
+    /// The session accepted STARTTLS (its event): what the client pipelined after the
+    /// command is discarded and the handshake follows the `220`.
+    starttls_accepted: bool,
     /// The greeting (or the refusal in its place) was written.
     greeted: bool,
     /// With a greeting delay, not before then.
@@ -408,11 +415,16 @@ impl Connection {
             .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600));
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let node = Arc::from(session.hostname.as_str());
-        let mut session = Session::without_greeting(session, peer);
-        session.set_tls_available(edge.tls.is_some() && !edge.implicit_tls);
-        session.set_tls_required(edge.require_tls);
-        session.set_error_budget(edge.error_budget);
-        session.set_auth(edge.auth.as_ref().map(|a| a.policy));
+        // The listener's policy, given once: nothing about it changes while the
+        // connection runs (a PROXY header's effect on AUTH is the session's own rule).
+        let policy = SessionPolicy {
+            starttls: edge.tls.is_some() && !edge.implicit_tls,
+            tls_required: edge.require_tls,
+            error_budget: edge.error_budget,
+            auth: edge.auth.as_ref().map(|a| a.policy),
+            output_limit: limits.output_cap,
+        };
+        let session = Session::without_greeting(session, policy, peer);
         let mut conn = Connection {
             session,
             // The client's idle time starts with the greeting (see `maybe_greet`).
@@ -441,6 +453,7 @@ impl Connection {
             tls_done: false,
             handshake_deadline: None,
             handshake_bytes: 0,
+            starttls_accepted: false,
             greeted: false,
             greet_at: now + edge.greeting_delay,
             refusal: None,
@@ -470,7 +483,7 @@ impl Connection {
             match self.edge.tls.as_ref().map(TlsHandle::accept) {
                 Some(Ok(tls)) => self.front = Front::Tls(Box::new(tls)),
                 _ => {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Other] += 1;
                     self.life = Life::Done(Ending::Failed);
                     return;
                 }
@@ -479,7 +492,7 @@ impl Connection {
         if self.edge.proxy != ProxyMode::Off {
             let ip = self.peer.ip();
             if !self.edge.proxy_trusted.iter().any(|c| c.contains(ip)) {
-                self.edge_stats.refused[edge::REFUSED_PROXY_UNTRUSTED] += 1;
+                self.edge_stats.refused[Rejected::ProxyUntrusted] += 1;
                 self.refused(Refusal::ProxyUntrusted, None);
                 self.life = Life::Done(Ending::Refused);
                 return;
@@ -543,7 +556,7 @@ impl Connection {
         self.greeted = true;
         self.refusal = None;
         self.pending = Vec::new();
-        self.edge_stats.refused[edge::REFUSED_EARLY_TALKER] += 1;
+        self.edge_stats.refused[Rejected::EarlyTalker] += 1;
         self.session.early_talker();
     }
 
@@ -606,9 +619,8 @@ impl Connection {
                 self.proxy_wait = false;
                 if let Some(source) = source {
                     self.peer = SocketAddr::new(source.ip().to_canonical(), source.port());
-                    self.session.set_client_addr(self.peer);
                 }
-                self.plaintext_auth_for(source.map(|s| s.ip().to_canonical()));
+                self.session.proxied(source.map(|_| self.peer));
                 self.idle_deadline = now + self.limits.idle_timeout;
                 self.handshake_begins(now);
                 self.peer_known(now);
@@ -622,25 +634,9 @@ impl Connection {
         }
     }
 
-    /// `--auth-allow-plaintext` is for clients on this host. Behind a balancer the
-    /// real client decides: one that is not loopback (or that the header does not
-    /// name) sent its credentials across the network in the clear, so it gets AUTH
-    /// only after STARTTLS.
-    fn plaintext_auth_for(&mut self, client: Option<std::net::IpAddr>) {
-        if let Some(auth) = &self.edge.auth {
-            if auth.policy.plaintext && !client.is_some_and(|ip| ip.is_loopback()) {
-                self.session
-                    .set_auth(Some(crate::smtp::session::AuthPolicy {
-                        plaintext: false,
-                        ..auth.policy
-                    }));
-            }
-        }
-    }
-
     /// Not a header this listener accepts: closed unanswered.
     fn proxy_invalid(&mut self) {
-        self.edge_stats.refused[edge::REFUSED_PROXY_INVALID] += 1;
+        self.edge_stats.refused[Rejected::ProxyInvalid] += 1;
         self.refused(Refusal::ProxyInvalid, None);
         self.life = Life::Done(Ending::Refused);
     }
@@ -673,7 +669,7 @@ impl Connection {
     /// STARTTLS was accepted: whatever the client pipelined after it is discarded,
     /// never executed, and the handshake starts once the `220` is written.
     fn check_starttls(&mut self) {
-        if matches!(self.front, Front::Plain) && self.session.is_starting_tls() {
+        if matches!(self.front, Front::Plain) && std::mem::take(&mut self.starttls_accepted) {
             self.edge_stats.starttls_discarded_bytes += self.pending.len() as u64;
             self.pending = Vec::new();
             self.front = Front::StartTls;
@@ -774,7 +770,7 @@ impl Connection {
         if !matches!(self.life, Life::Open) {
             return true;
         }
-        self.edge_stats.tls_failures[edge::TLS_FAIL_BAD_MESSAGE] += 1;
+        self.edge_stats.tls_failures[TlsFailure::BadMessage] += 1;
         self.life = Life::Done(Ending::Overrun);
         self.tls_in = Vec::new();
         self.pending = Vec::new();
@@ -802,10 +798,10 @@ impl Connection {
             // The alert rustls queued for the client goes out before the close.
             let _ = tls.write_tls(&mut self.wire_out);
             if !self.tls_done {
-                let failure = tls::failure_index(&e);
+                let failure = tls::failure(&e);
                 self.edge_stats.tls_failures[failure] += 1;
                 // The failure's kind and rustls' text (which names an alert).
-                let detail = format!("{}: {e}", edge::TLS_FAILURES[failure]);
+                let detail = format!("{}: {e}", failure.as_str());
                 self.refused(Refusal::TlsHandshake, Some(&detail));
             }
             self.pending = Vec::new();
@@ -846,9 +842,9 @@ impl Connection {
         };
         self.tls_done = true;
         self.handshake_deadline = None;
-        let version = tls::version_index(tls);
+        let version = tls::version(tls);
         self.edge_stats.tls_handshakes[version] += 1;
-        self.record.tls = Some(edge::TLS_VERSIONS[version]);
+        self.record.tls = Some(version.as_str());
         let description: Arc<str> = tls::describe(tls).into();
         self.session.tls_started(description);
         self.idle_deadline = now + self.limits.idle_timeout;
@@ -889,7 +885,7 @@ impl Connection {
             Life::Done(_) => {}
             Life::Open | Life::Closing => {
                 if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_EOF] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Eof] += 1;
                     self.refused(Refusal::TlsHandshake, Some("eof"));
                 }
                 self.seen(now);
@@ -1038,7 +1034,7 @@ impl Connection {
         // `locked` is counted from the session's refusal (see `note_refusal`), which
         // also covers an address already over its limit when AUTH arrives.
         if verdict != AuthVerdict::Locked {
-            self.edge_stats.auth[crate::auth::result_index(verdict)] += 1;
+            self.edge_stats.auth[AuthResult::of(verdict)] += 1;
         }
         self.session.auth_result(verdict);
         if verdict == AuthVerdict::Rejected {
@@ -1052,7 +1048,7 @@ impl Connection {
                 }
             }
         }
-        self.log_events();
+        self.take_events(now);
         self.resume_after_answer(now);
     }
 
@@ -1170,7 +1166,7 @@ impl Connection {
         if !self.tls_done && self.handshake_deadline.is_some_and(|d| now >= d) {
             // A silent or trickling handshake: nothing can be said to it, so it is
             // closed unanswered.
-            self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+            self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
             self.life = Life::Done(Ending::Closed);
             return;
         }
@@ -1178,7 +1174,7 @@ impl Connection {
         if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
             // Nothing was said yet (no header, no handshake): close unanswered.
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
                 self.refused(Refusal::TlsHandshake, Some("timeout"));
             } else if self.proxy_wait {
                 self.refused(Refusal::ProxyInvalid, Some("timeout"));
@@ -1194,7 +1190,7 @@ impl Connection {
         self.maybe_greet(now);
         if now >= self.hard_deadline || idle {
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
-                self.edge_stats.tls_failures[edge::TLS_FAIL_TIMEOUT] += 1;
+                self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
                 self.refused(Refusal::TlsHandshake, Some("timeout"));
             }
             self.session.timed_out(if now >= self.hard_deadline {
@@ -1368,7 +1364,7 @@ impl Connection {
     /// A refusal the driver itself decided (the session reports its own as events,
     /// and counts them itself).
     fn refused(&mut self, refusal: Refusal, detail: Option<&str>) {
-        self.edge_stats.refusals.add(refusal);
+        self.edge_stats.refusals[refusal] += 1;
         self.note_refusal(refusal, "", None, detail.map(Box::from), None);
     }
 
@@ -1381,7 +1377,7 @@ impl Connection {
         user: Option<Box<str>>,
     ) {
         if refusal == Refusal::AuthFailures {
-            self.edge_stats.auth[crate::auth::result_index(AuthVerdict::Locked)] += 1;
+            self.edge_stats.auth[AuthResult::Locked] += 1;
         }
         let ended = match refusal {
             Refusal::IdleTimeout | Refusal::SessionTimeout | Refusal::DataRate => {
@@ -1424,17 +1420,34 @@ impl Connection {
         }
     }
 
-    /// Takes what the session reported since the last call.
-    fn log_events(&mut self) {
-        while let Some(SessionEvent::Refused {
-            refusal,
-            verb,
-            address,
-            detail,
-            user,
-        }) = self.session.poll_event()
-        {
-            self.note_refusal(refusal, verb, address, detail, user);
+    /// Acts on what the session reported since the last call, in order: refusals go
+    /// to the log, body events move the body timing, STARTTLS the front.
+    fn take_events(&mut self, now: Instant) {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                SessionEvent::Refused {
+                    refusal,
+                    verb,
+                    address,
+                    detail,
+                    user,
+                } => self.note_refusal(refusal, verb, address, detail, user),
+                // A body "starts" at the read that brought its DATA or first BDAT.
+                SessionEvent::BodyStarted => {
+                    self.body_started = Some(now);
+                    self.body_since = Some(now);
+                    self.rate_window = None;
+                }
+                SessionEvent::BodyEnded => self.end_body(now),
+                // RSET, HELO or EHLO in the middle of a body, or a close: no timing
+                // sample, no rate window.
+                SessionEvent::BodyAbandoned => {
+                    self.body_started = None;
+                    self.body_since = None;
+                    self.rate_window = None;
+                }
+                SessionEvent::StartTls => self.starttls_accepted = true,
+            }
         }
     }
 
@@ -1523,33 +1536,22 @@ impl Connection {
     fn feed(&mut self, now: Instant, input: &[u8]) -> usize {
         let mut pos = 0;
         while pos < input.len() && self.can_consume() {
-            if let Some(slot) = &self.slot {
-                self.session
-                    .set_message_rate_exceeded(!slot.message_allowed(now));
-                self.session
-                    .set_auth_failures_exceeded(!slot.auth_allowed(now));
-            }
-            if let (Some(auth), Some(user)) = (&self.edge.auth, self.session.authenticated()) {
-                let over = !auth.verifier.message_allowed(user, now);
-                self.session.set_user_rate_exceeded(over);
-            }
-            self.session.set_low_memory(self.budget.exhausted());
-            self.session.set_output_limit(self.limits.output_cap);
             let was_in_body = self.session.in_body();
-            let stats = self.session.stats_mut();
-            let before = (
-                stats.bodies_started,
-                stats.bodies_ended,
-                stats.bodies_abandoned,
-            );
-            let n = self.session.feed(&input[pos..]);
+            let mut gate = ConnGate {
+                now,
+                slot: self.slot.as_deref(),
+                auth: self.edge.auth.as_ref(),
+                budget: &self.budget,
+            };
+            let n = self.session.feed_with(&input[pos..], &mut gate);
             pos += n;
-            // Taken after each feed: the session keeps only a few between polls.
-            self.log_events();
+            // Taken after each feed: the session keeps only a few between polls, and
+            // takes no further command while its body events wait.
+            self.take_events(now);
             if n > 0 {
                 self.idle_deadline = now + self.limits.idle_timeout;
             }
-            self.track_body(now, was_in_body, n, before);
+            self.track_body(now, was_in_body, n);
             if n == 0 {
                 break;
             }
@@ -1557,29 +1559,9 @@ impl Connection {
         pos
     }
 
-    /// Keeps the budget charge, body timing and data-rate window in step with what the
-    /// session just consumed.
-    fn track_body(
-        &mut self,
-        now: Instant,
-        was_in_body: bool,
-        consumed: usize,
-        before: (u64, u64, u64),
-    ) {
-        let stats = self.session.stats_mut();
-        let started = stats.bodies_started > before.0;
-        let ended = stats.bodies_ended > before.1;
-        // RSET, HELO or EHLO in the middle of a body: no timing sample, no rate window.
-        if stats.bodies_abandoned > before.2 {
-            self.body_started = None;
-            self.body_since = None;
-            self.rate_window = None;
-        }
-        // A body "starts" at the read that brought its DATA or first BDAT.
-        if started {
-            self.body_started = Some(now);
-            self.body_since = Some(now);
-        }
+    /// Keeps the budget charge and the data-rate window in step with what the session
+    /// holds and just consumed (the body events have moved the timing).
+    fn track_body(&mut self, now: Instant, was_in_body: bool, consumed: usize) {
         let held = self.session.body_len();
         if held > self.charged {
             self.budget.charge(held - self.charged);
@@ -1587,17 +1569,12 @@ impl Connection {
             self.budget.release(self.charged - held);
         }
         self.charged = held;
-        let in_body = self.session.in_body();
-        if in_body {
+        if self.session.in_body() {
             match &mut self.rate_window {
                 Some((_, bytes)) if was_in_body => *bytes += consumed as u64,
                 Some(_) => {}
                 None => self.rate_window = Some((now, 0)),
             }
-        }
-        // A body ended: the final dot, the last chunk, or a refusal that ends it.
-        if ended {
-            self.end_body(now);
         }
     }
 
@@ -1628,7 +1605,7 @@ impl Connection {
     /// Moves the lifecycle on after anything that may have changed the output or closed
     /// the session, and keeps the write deadline.
     fn after_output_change(&mut self, now: Instant) {
-        self.log_events();
+        self.take_events(now);
         if matches!(self.life, Life::Open) && self.session.is_closed() {
             self.life = Life::Closing;
             self.pending = Vec::new();
@@ -1649,7 +1626,7 @@ impl Connection {
                     self.handshake_begins(now);
                 }
                 _ => {
-                    self.edge_stats.tls_failures[edge::TLS_FAIL_OTHER] += 1;
+                    self.edge_stats.tls_failures[TlsFailure::Other] += 1;
                     self.life = Life::Done(Ending::Failed);
                 }
             }
@@ -1680,8 +1657,34 @@ impl Drop for Connection {
         if let Some(flight) = &self.in_flight {
             self.budget.answered_by_sink(flight.charged);
         }
-        self.log_events();
+        let seen = self.record.seen;
+        self.take_events(seen);
         self.log_end();
+    }
+}
+
+/// The limits that change while a connection runs, answered when the session meets
+/// one (MAIL, AUTH) rather than pushed into it before every read.
+struct ConnGate<'a> {
+    now: Instant,
+    slot: Option<&'a dyn PeerSlot>,
+    auth: Option<&'a EdgeAuth>,
+    budget: &'a BodyBudget,
+}
+
+impl Gate for ConnGate<'_> {
+    fn message_allowed(&mut self) -> bool {
+        self.slot.is_none_or(|s| s.message_allowed(self.now))
+    }
+    fn user_message_allowed(&mut self, user: &str) -> bool {
+        self.auth
+            .is_none_or(|a| a.verifier.message_allowed(user, self.now))
+    }
+    fn auth_allowed(&mut self) -> bool {
+        self.slot.is_none_or(|s| s.auth_allowed(self.now))
+    }
+    fn body_memory_available(&mut self) -> bool {
+        !self.budget.exhausted()
     }
 }
 

@@ -428,11 +428,7 @@ struct Counts {
 
 impl Observer for Counts {
     fn absorb(&mut self, stats: &mut SessionStats) {
-        let at = crate::smtp::stats::REPLY_CODES
-            .iter()
-            .position(|&c| c == 421)
-            .unwrap();
-        self.replies_421 += stats.replies[at];
+        self.replies_421 += stats.reply(421);
         *stats = SessionStats::default();
     }
     fn observe_data(&mut self, took: Duration) {
@@ -456,6 +452,28 @@ fn body_time_runs_from_data_to_the_final_dot() {
     let mut counts = Counts::default();
     conn.take_stats(&mut counts);
     assert_eq!(counts.data, vec![Duration::from_secs(2)]);
+}
+
+/// The driver times bodies from the session's events in order: a body refused and the
+/// next one started in the same read each get their own time (counter diffs folded
+/// them into one sample and lost the second body's), and an abandoned body none.
+#[test]
+fn bodies_ending_and_starting_in_one_read_are_each_timed() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let txn = "MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\n";
+    // Refused for a bare LF, then a BDAT body abandoned by RSET, then a DATA body
+    // that ends two reads later.
+    let first =
+        format!("EHLO c\r\n{txn}DATA\r\na\nb\r\n.\r\n{txn}BDAT 2\r\nabRSET\r\n{txn}DATA\r\nhi");
+    conn.handle_input(t0, first.as_bytes());
+    conn.handle_input(t0 + Duration::from_secs(1), b"\r\nmore");
+    conn.handle_input(t0 + Duration::from_secs(3), b"\r\n.\r\n");
+    assert!(conn.poll_message(t0, &mut fixed_stamp).is_some());
+    let mut counts = Counts::default();
+    conn.take_stats(&mut counts);
+    assert_eq!(counts.data, vec![Duration::ZERO, Duration::from_secs(3)]);
 }
 
 #[test]

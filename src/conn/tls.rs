@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use rustls::{ProtocolVersion, ServerConfig, ServerConnection};
 
-use super::edge::{TLS_FAIL_ALERT, TLS_FAIL_BAD_MESSAGE, TLS_FAIL_INCOMPATIBLE, TLS_FAIL_OTHER};
+use super::edge::{TlsFailure, TlsVersion};
 
 /// The current server configuration, shared by every listener that offers TLS. Each
 /// handshake takes the configuration current at its start.
@@ -75,25 +75,25 @@ pub(crate) fn describe(conn: &ServerConnection) -> String {
     format!("{version} {suite}")
 }
 
-/// The `TLS_VERSIONS` slot of a completed handshake.
-pub(crate) fn version_index(conn: &ServerConnection) -> usize {
+/// The version of a completed handshake (rustls offers 1.2 and 1.3 only).
+pub(crate) fn version(conn: &ServerConnection) -> TlsVersion {
     match conn.protocol_version() {
-        Some(ProtocolVersion::TLSv1_2) => 0,
-        _ => 1,
+        Some(ProtocolVersion::TLSv1_2) => TlsVersion::Tls12,
+        _ => TlsVersion::Tls13,
     }
 }
 
-/// The `TLS_FAILURES` slot of a handshake error.
-pub(crate) fn failure_index(e: &rustls::Error) -> usize {
+/// Why a handshake failed, as its metric says.
+pub(crate) fn failure(e: &rustls::Error) -> TlsFailure {
     use rustls::Error;
     match e {
-        Error::AlertReceived(_) => TLS_FAIL_ALERT,
-        Error::PeerIncompatible(_) | Error::NoCertificatesPresented => TLS_FAIL_INCOMPATIBLE,
+        Error::AlertReceived(_) => TlsFailure::Alert,
+        Error::PeerIncompatible(_) | Error::NoCertificatesPresented => TlsFailure::Incompatible,
         Error::InvalidMessage(_)
         | Error::InappropriateMessage { .. }
         | Error::InappropriateHandshakeMessage { .. }
         | Error::DecryptError
-        | Error::PeerMisbehaved(_) => TLS_FAIL_BAD_MESSAGE,
-        _ => TLS_FAIL_OTHER,
+        | Error::PeerMisbehaved(_) => TlsFailure::BadMessage,
+        _ => TlsFailure::Other,
     }
 }

@@ -106,8 +106,14 @@ const CURSOR_MAGIC: &[u8; 8] = b"SGWFWD01";
 /// Tags of released messages sent out of order start here, far above the window's.
 const RELEASED_TAGS: u64 = 1 << 62;
 const CURSOR_SLOT: u64 = 32;
-/// Why a start-up found the cursor damaged (`smtpgw_forward_cursor_resets_total{reason}`).
-pub const CURSOR_RESET_REASONS: [&str; 3] = ["empty", "truncated", "unreadable"];
+crate::smtp::stats::labels! {
+    /// Why a start-up found the cursor damaged (`smtpgw_forward_cursor_resets_total{reason}`).
+    pub enum CursorReset {
+        Empty => "empty",
+        Truncated => "truncated",
+        Unreadable => "unreadable",
+    }
+}
 
 #[derive(thiserror::Error, Debug)]
 pub enum FallbackError {
@@ -143,7 +149,7 @@ pub struct FallbackSink {
     forwarder: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
     /// Why this start found the forward cursor damaged, if it did.
-    cursor_reset: Option<&'static str>,
+    cursor_reset: Option<CursorReset>,
     /// Wakes the forwarder when the tombstone log changes; dropping it stops it.
     _tombstone_watch: Option<notify::RecommendedWatcher>,
 }
@@ -438,10 +444,10 @@ impl CursorFile {
     }
 
     /// Where forwarding resumes, and why it starts over when the file is damaged (one
-    /// of [`CURSOR_RESET_REASONS`], logged at `error` here and counted in the
+    /// [`CursorReset`], logged at `error` here and counted in the
     /// metrics): empty, truncated (shorter than its two slots; a slot that survives is
     /// still used) or unreadable (neither slot valid, or the file cannot be read).
-    fn load(&self) -> (Position, Option<&'static str>) {
+    fn load(&self) -> (Position, Option<CursorReset>) {
         if self.unwritten {
             return (Position::default(), None);
         }
@@ -449,18 +455,19 @@ impl CursorFile {
         let found = self.read().map(|(position, _)| position);
         let reason = match (len, found) {
             (Some(len), Some(position)) if len >= 2 * CURSOR_SLOT => return (position, None),
-            (Some(0), _) => "empty",
-            (Some(len), _) if len < 2 * CURSOR_SLOT => "truncated",
-            _ => "unreadable",
+            (Some(0), _) => CursorReset::Empty,
+            (Some(len), _) if len < 2 * CURSOR_SLOT => CursorReset::Truncated,
+            _ => CursorReset::Unreadable,
         };
         let position = found.unwrap_or_default();
         tracing::error!(
             file = %self.path.display(),
-            reason,
+            reason = reason.as_str(),
             segment = position.segment,
             offset = position.offset,
-            "forward cursor {reason}; forwarding again from there: every record still in \
-             the spool after it is published again (consumers will see duplicates, same keys)"
+            "forward cursor {}; forwarding again from there: every record still in \
+             the spool after it is published again (consumers will see duplicates, same keys)",
+            reason.as_str()
         );
         (position, Some(reason))
     }
@@ -641,7 +648,7 @@ struct Ledger {
 
 impl Ledger {
     /// The ledger, and why the cursor on disk was found damaged, if it was.
-    fn open(dir: &Path) -> Result<(Ledger, Option<&'static str>), SpoolError> {
+    fn open(dir: &Path) -> Result<(Ledger, Option<CursorReset>), SpoolError> {
         let cursor_file = CursorFile::open(dir)?;
         let (saved, cursor_reset) = cursor_file.load();
         let sent_mark = SentMark::open(dir);

@@ -200,9 +200,8 @@ pub struct ForwardStats {
     pub restarts: u64,
     /// Session messages go to the fallback spool now (Kafka could not take the latest).
     pub fallback_active: bool,
-    /// Why this start found the forward cursor damaged (one of
-    /// `forward::CURSOR_RESET_REASONS`), if it did.
-    pub cursor_reset: Option<&'static str>,
+    /// Why this start found the forward cursor damaged, if it did.
+    pub cursor_reset: Option<forward::CursorReset>,
 }
 
 /// The state of a local spool (the spool sink's, or a Kafka sink's fallback), for the

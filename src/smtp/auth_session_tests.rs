@@ -48,11 +48,14 @@ fn run_auth<'a>(
     tls: bool,
     pieces: impl IntoIterator<Item = &'a [u8]>,
 ) -> Run {
-    let mut s = Session::without_greeting(config(), "192.0.2.7:4321".parse().unwrap());
+    let policy = SessionPolicy {
+        auth: policy,
+        ..SessionPolicy::default()
+    };
+    let mut s = Session::without_greeting(config(), policy, "192.0.2.7:4321".parse().unwrap());
     if tls {
         s.tls_started(Arc::from("TLSv1.3 TLS13_AES_128_GCM_SHA256"));
     }
-    s.set_auth(policy);
     s.greet();
     let mut buffer = Vec::new();
     let mut records = Vec::new();
@@ -449,14 +452,15 @@ fn failures_are_events_naming_the_user() {
     let got: Vec<_> = r
         .events
         .iter()
-        .map(
-            |SessionEvent::Refused {
-                 refusal,
-                 verb,
-                 user,
-                 ..
-             }| (*refusal, *verb, user.as_deref().map(String::from)),
-        )
+        .filter_map(|e| match e {
+            SessionEvent::Refused {
+                refusal,
+                verb,
+                user,
+                ..
+            } => Some((*refusal, *verb, user.as_deref().map(String::from))),
+            _ => None,
+        })
         .collect();
     assert_eq!(
         got,
@@ -466,11 +470,12 @@ fn failures_are_events_naming_the_user() {
         ]
     );
     // Events carry the user name only: nothing else the client sent.
-    assert!(r.events.iter().all(
-        |SessionEvent::Refused {
-             address, detail, ..
-         }| address.is_none() && detail.is_none()
-    ));
+    assert!(r.events.iter().all(|e| match e {
+        SessionEvent::Refused {
+            address, detail, ..
+        } => address.is_none() && detail.is_none(),
+        _ => false,
+    }));
 }
 
 #[test]
@@ -589,33 +594,77 @@ fn starttls_forgets_the_authentication() {
         plaintext: true,
         ..OFFERED
     };
-    let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-    s.set_tls_available(true);
-    s.set_auth(Some(plaintext));
+    let policy = SessionPolicy {
+        starttls: true,
+        auth: Some(plaintext),
+        ..SessionPolicy::default()
+    };
+    let mut s = Session::without_greeting(config(), policy, "192.0.2.7:1".parse().unwrap());
+    s.greet();
     let input = format!("EHLO c\r\nAUTH PLAIN {good}\r\n");
     assert_eq!(s.feed(input.as_bytes()), input.len());
     let request = s.take_auth_request().unwrap();
     s.auth_result(verify(&request));
     assert_eq!(s.authenticated().map(|u| &**u), Some("alice"));
+    while s.poll_event().is_some() {}
     s.feed(b"STARTTLS\r\n");
     assert!(s.is_starting_tls());
+    assert_eq!(s.poll_event(), Some(SessionEvent::StartTls));
     s.tls_started(Arc::from("TLSv1.3 x"));
     assert_eq!(s.authenticated(), None);
+}
+
+/// An encrypted, greeted session offering AUTH with `auth`.
+fn offering(auth: Option<AuthPolicy>) -> Session {
+    let policy = SessionPolicy {
+        auth,
+        ..SessionPolicy::default()
+    };
+    let mut s = Session::without_greeting(config(), policy, "192.0.2.7:1".parse().unwrap());
+    s.tls_started(Arc::from("TLSv1.3 x"));
+    s.greet();
+    s
+}
+
+/// A gate with the limits a test sets, noting whom it was asked about.
+#[derive(Default)]
+struct Limited {
+    user_over: bool,
+    auth_over: bool,
+    users_asked: Vec<String>,
+}
+
+impl Gate for Limited {
+    fn message_allowed(&mut self) -> bool {
+        true
+    }
+    fn user_message_allowed(&mut self, user: &str) -> bool {
+        self.users_asked.push(user.into());
+        !self.user_over
+    }
+    fn auth_allowed(&mut self) -> bool {
+        !self.auth_over
+    }
+    fn body_memory_available(&mut self) -> bool {
+        true
+    }
 }
 
 #[test]
 fn user_message_rate_closes_only_authenticated_sessions() {
     let good = b64(b"\0alice\0secret");
-    let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-    s.tls_started(Arc::from("TLSv1.3 x"));
-    s.set_auth(Some(OFFERED));
-    s.set_user_rate_exceeded(true);
-    s.feed(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRSET\r\n");
+    let mut s = offering(Some(OFFERED));
+    let mut over = Limited {
+        user_over: true,
+        ..Limited::default()
+    };
+    s.feed_with(b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRSET\r\n", &mut over);
     let input = format!("AUTH PLAIN {good}\r\n");
-    s.feed(input.as_bytes());
+    s.feed_with(input.as_bytes(), &mut over);
     let request = s.take_auth_request().unwrap();
     s.auth_result(verify(&request));
-    s.feed(b"MAIL FROM:<a@x.test>\r\n");
+    s.feed_with(b"MAIL FROM:<a@x.test>\r\n", &mut over);
+    assert_eq!(over.users_asked, ["alice"]);
     let text = String::from_utf8_lossy(s.output()).into_owned();
     assert!(text.ends_with("235 2.7.0 Authentication successful\r\n421 4.7.0 mx.test Too many messages for your user, try again later\r\n"), "{text}");
     assert!(s.is_closed());
@@ -629,15 +678,19 @@ fn user_message_rate_closes_only_authenticated_sessions() {
 fn auth_failure_closes_count_as_limit_closes() {
     // An encrypted session offering AUTH that has sent `AUTH PLAIN` as `user`.
     let after_auth = |user: &[u8], over: bool| {
-        let mut s = Session::new(config(), "192.0.2.7:1".parse().unwrap());
-        s.tls_started(Arc::from("TLSv1.3 x"));
-        s.set_auth(Some(OFFERED));
-        s.set_auth_failures_exceeded(over);
+        let mut s = offering(Some(OFFERED));
+        let mut gate = Limited {
+            auth_over: over,
+            ..Limited::default()
+        };
         let response = b64(&[b"\0", user, b"\0pw"].concat());
-        s.feed(format!("EHLO c\r\nAUTH PLAIN {response}\r\n").as_bytes());
+        s.feed_with(
+            format!("EHLO c\r\nAUTH PLAIN {response}\r\n").as_bytes(),
+            &mut gate,
+        );
         s
     };
-    let closes = |s: &mut Session| s.stats_mut().limit_closes[stats::CLOSE_AUTH_FAILURES];
+    let closes = |s: &mut Session| s.stats_mut().limit_closes[LimitClose::AuthFailures];
 
     let mut s = after_auth(b"locked", false);
     let request = s.take_auth_request().unwrap();
@@ -656,10 +709,7 @@ fn auth_failure_closes_count_as_limit_closes() {
     s.refuse_over_limit(Refusal::AuthFailures, "Too many authentication failures");
     assert!(s.is_closed());
     assert_eq!(closes(&mut s), 1);
-    assert_eq!(
-        stats::LIMIT_CLOSES[stats::CLOSE_AUTH_FAILURES],
-        "auth_failures"
-    );
+    assert_eq!(LimitClose::AuthFailures.as_str(), "auth_failures");
 }
 
 /// HELP lists AUTH where EHLO offers it, and explains it as a topic; elsewhere neither.

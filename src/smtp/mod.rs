@@ -21,5 +21,5 @@ pub use envelope::{
     Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage, StoredIn,
 };
 pub use refusal::Refusal;
-pub use session::{Session, SessionConfig, SessionEvent};
+pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy, Unlimited};
 pub use stats::SessionStats;

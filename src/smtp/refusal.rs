@@ -7,6 +7,7 @@
 //! what happened.
 
 use super::reply;
+use super::stats::Label;
 
 macro_rules! refusals {
     ($($variant:ident => $word:literal, $code:literal, $enhanced:literal;)*) => {
@@ -17,7 +18,7 @@ macro_rules! refusals {
         }
 
         impl Refusal {
-            /// Every reason, in the order of [`Refusal::index`].
+            /// Every reason, in the order of its [`Label::index`].
             pub const ALL: &'static [Refusal] = &[$(Refusal::$variant,)*];
 
             /// The log line's `reason` and the metric's label.
@@ -92,10 +93,26 @@ refusals! {
     AuthFailures => "auth_failures", 421, "4.7.0";
 }
 
-impl Refusal {
-    /// The slot of `smtpgw_refusals_total`'s counter array.
-    pub fn index(self) -> usize {
+/// `smtpgw_refusals_total{reason}`: one counter per reason, its word the label.
+impl Label for Refusal {
+    type Array = [u64; Refusal::ALL.len()];
+    const ALL: &'static [Refusal] = Refusal::ALL;
+    const ZERO: Self::Array = [0; Refusal::ALL.len()];
+    fn index(self) -> usize {
         self as usize
+    }
+    fn as_str(self) -> &'static str {
+        Refusal::as_str(self)
+    }
+}
+
+impl Refusal {
+    /// Whether a command refused for this reason spends the session's error budget
+    /// (`--error-budget`): every `5xx`, and `452 4.5.3` for too many recipients, since a
+    /// client that keeps adding recipients past the limit is refused over and over and
+    /// must not go on forever. Decided from the typed value, never from reply bytes.
+    pub fn spends_error_budget(self) -> bool {
+        self.code() >= 500 || self == Refusal::TooManyRecipients
     }
 
     /// The fixed reply of a refusal that has one (the others name the host or a reason
@@ -122,29 +139,6 @@ impl Refusal {
             Refusal::AuthTemporary => reply::AUTH_TEMPORARY,
             _ => return None,
         })
-    }
-}
-
-/// A count per [`Refusal`], for `smtpgw_refusals_total`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RefusalCounts(pub [u64; Refusal::ALL.len()]);
-
-impl Default for RefusalCounts {
-    fn default() -> Self {
-        RefusalCounts([0; Refusal::ALL.len()])
-    }
-}
-
-impl RefusalCounts {
-    pub fn add(&mut self, r: Refusal) {
-        self.0[r.index()] += 1;
-    }
-
-    /// Adds `other` to `self` and zeroes `other`.
-    pub fn absorb(&mut self, other: &mut RefusalCounts) {
-        for (t, f) in self.0.iter_mut().zip(other.0.iter_mut()) {
-            *t += std::mem::take(f);
-        }
     }
 }
 

@@ -20,18 +20,21 @@ use super::auth::{self, AuthRequest, AuthVerdict, Mechanism, ResponseError};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader, HeaderLines};
 use super::dsn::{self, DsnError, Notify, Ret};
-use super::envelope::{Envelope, Message, PublishError, PublishResult, Verb, RECEIVED_HEADROOM};
+use super::envelope::{self, Envelope, Message, PublishError, PublishResult, RECEIVED_HEADROOM};
 use super::refusal::Refusal;
 use super::reply;
-use super::stats::{self, SessionStats};
+use super::stats::{LimitClose, RejectReason, SessionStats, Verb};
 
-/// What happened in a session, for the caller's log: taken with [`Session::poll_event`].
+/// What happened in a session, taken with [`Session::poll_event`], oldest first: what
+/// the caller's log says (refusals) and what the caller keeps in step with the session
+/// (body timing and memory, the STARTTLS hand-over). The caller learns these from events,
+/// never by comparing counters or reading reply bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionEvent {
     /// A reply or close for a reason of the gateway's own.
     Refused {
         refusal: Refusal,
-        /// The command's verb (a [`stats::VERBS`] entry), or "" outside a command.
+        /// The command's verb (a [`Verb`]'s label), or "" outside a command.
         verb: &'static str,
         /// For MAIL and RCPT, the address as the client gave it (already checked to carry
         /// no control characters; the log escapes it anyway).
@@ -41,24 +44,124 @@ pub enum SessionEvent {
         /// For AUTH, the user name the client gave.
         user: Option<Box<str>>,
     },
+    /// A DATA body or a message's first BDAT chunk began (`354`, or the first chunk's
+    /// command was read).
+    BodyStarted,
+    /// The body began last reached its end: the final dot, the last chunk, or a later
+    /// chunk over the size limit. A first chunk refused before any body began is neither
+    /// started nor ended.
+    BodyEnded,
+    /// The body began last ended without an outcome: RSET, HELO/EHLO or STARTTLS between
+    /// BDAT chunks, or the session closed in the middle of a body. Every
+    /// [`SessionEvent::BodyStarted`] is followed by exactly one `BodyEnded` or
+    /// `BodyAbandoned`.
+    BodyAbandoned,
+    /// STARTTLS was accepted and its `220` written: whatever the client sent after the
+    /// command is to be discarded unread, and the TLS handshake starts once the `220` is
+    /// out ([`Session::tls_started`] ends the wait).
+    StartTls,
 }
 
-/// Events kept at most between two polls; more are dropped (their counts are in
+/// Refusal events kept at most between two polls; more are dropped (their counts are in
 /// [`SessionStats::refusals`] all the same). Room for them is taken once, at the first
 /// event, so a session that refuses never allocates per refusal, and a caller that never
 /// polls (a bench) cannot grow it.
 const MAX_EVENTS: usize = 16;
+/// Body and STARTTLS events kept at most between two polls. Unlike refusals they are
+/// never dropped (the caller's body budget and timing follow them), so at this many the
+/// session takes no further command until they are polled, as at the output limit.
+const MAX_STEPS: usize = 16;
+/// The most step events one command can bring before the check above runs again: a
+/// body abandoned, one started and ended (`BDAT 0 LAST`), or STARTTLS.
+const STEPS_PER_COMMAND: usize = 3;
 /// Room for the addresses and details of the events kept; one that does not fit is left
 /// out of its event.
 const EVENT_TEXT: usize = 1024;
 
-/// An event as kept: its text is a range of `Session::event_text`.
-struct Kept {
-    refusal: Refusal,
-    verb: &'static str,
-    address: Option<(u16, u16)>,
-    detail: Option<(u16, u16)>,
-    user: Option<(u16, u16)>,
+/// An event as kept: a refusal's text is a range of `Session::event_text`.
+enum Kept {
+    Refused {
+        refusal: Refusal,
+        verb: &'static str,
+        address: Option<(u16, u16)>,
+        detail: Option<(u16, u16)>,
+        user: Option<(u16, u16)>,
+    },
+    Step(Step),
+}
+
+/// The events that carry no text and are never dropped.
+#[derive(Clone, Copy)]
+enum Step {
+    BodyStarted,
+    BodyEnded,
+    BodyAbandoned,
+    StartTls,
+}
+
+/// What a listener allows, fixed for a session's life: the caller gives it once, when
+/// it creates the session ([`Session::without_greeting`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionPolicy {
+    /// STARTTLS is offered (a certificate is configured and the connection did not
+    /// start in TLS); otherwise it gets `502`.
+    pub starttls: bool,
+    /// MAIL over plaintext gets `530 5.7.0` (`--require-tls`).
+    pub tls_required: bool,
+    /// This many commands refused with `5xx` (or another refusal that
+    /// [`Refusal::spends_error_budget`]) end the session with `421 4.7.0`.
+    pub error_budget: Option<u32>,
+    /// How AUTH is offered; `None` does not offer it (`502`).
+    pub auth: Option<AuthPolicy>,
+    /// [`Session::feed`] takes no further command while this many bytes of replies are
+    /// unwritten, so a client that pipelines and never reads cannot make the output
+    /// grow without bound.
+    pub output_limit: usize,
+}
+
+impl Default for SessionPolicy {
+    /// Nothing offered beyond the core, no budget, no output limit.
+    fn default() -> Self {
+        SessionPolicy {
+            starttls: false,
+            tls_required: false,
+            error_budget: None,
+            auth: None,
+            output_limit: usize::MAX,
+        }
+    }
+}
+
+/// Limits that change while a session runs (per-address and per-user rates, the
+/// reactor's memory). The session asks at the moment a command meets one, through the
+/// caller's [`Session::feed_with`], rather than being told before every read.
+pub trait Gate {
+    /// MAIL may open a transaction: the client's address is under its message rate.
+    fn message_allowed(&mut self) -> bool;
+    /// MAIL may open a transaction for the authenticated `user` (its message rate).
+    fn user_message_allowed(&mut self, user: &str) -> bool;
+    /// AUTH may be tried: the client's address is under its AUTH failure limit.
+    fn auth_allowed(&mut self) -> bool;
+    /// A new transaction may hold a body: the gateway's body memory is not spent.
+    fn body_memory_available(&mut self) -> bool;
+}
+
+/// No limit that changes: what [`Session::feed`] asks.
+pub struct Unlimited;
+
+impl Gate for Unlimited {
+    fn message_allowed(&mut self) -> bool {
+        true
+    }
+    fn user_message_allowed(&mut self, _user: &str) -> bool {
+        true
+    }
+    fn auth_allowed(&mut self) -> bool {
+        true
+    }
+    fn body_memory_available(&mut self) -> bool {
+        true
+    }
 }
 
 /// Per-listener settings every session of that listener shares.
@@ -123,7 +226,7 @@ enum AuthStep {
     LoginPassword(Box<str>),
 }
 
-/// How a listener offers AUTH (RFC 4954); the caller sets it with [`Session::set_auth`].
+/// How a listener offers AUTH (RFC 4954), part of the [`SessionPolicy`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AuthPolicy {
     /// AUTH may be used before TLS (`--auth-allow-plaintext`, loopback listeners only).
@@ -134,7 +237,8 @@ pub struct AuthPolicy {
     pub relay: bool,
 }
 
-/// What the session knows about TLS; the caller tells it through setters.
+/// What the session knows about TLS: offered by the policy, active once the caller says
+/// so ([`Session::tls_started`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Tls {
     /// No certificate: STARTTLS is not offered and gets `502`.
@@ -191,24 +295,16 @@ pub struct Session {
     /// Inside a command line longer than the limit: drop bytes up to its LF.
     discarding_line: bool,
     draining: bool,
-    /// The gateway holds as much message data as it may: new transactions get `451 4.3.1`.
-    low_memory: bool,
-    /// No further command is taken while this much output is unwritten.
-    output_limit: usize,
+    policy: SessionPolicy,
     tls: Tls,
-    /// MAIL before TLS gets `530 5.7.0`.
-    tls_required: bool,
-    /// Commands refused with a `5xx` so far, and how many end the session.
+    /// Commands that spent the error budget so far.
     errors: u32,
-    error_budget: Option<u32>,
-    /// The command just answered was refused with a `4xx` that spends the error budget
-    /// (`452 4.5.3`, too many recipients).
-    spends_budget: bool,
-    /// The client's address is over its message rate: MAIL gets `421 4.7.0`.
-    message_rate_exceeded: bool,
-    /// The authenticated user is over its message rate: MAIL gets `421 4.7.0`.
-    user_rate_exceeded: bool,
-    /// `None`: AUTH is not offered on this listener (`502`).
+    /// The refusal of the command being handled, if it was refused: whether it spends
+    /// the error budget is the refusal's to say ([`Refusal::spends_error_budget`]).
+    refused: Option<Refusal>,
+    /// `None`: AUTH is not offered (`502`). The policy's, except that a PROXY header
+    /// naming a client that is not loopback withdraws plaintext AUTH
+    /// ([`Session::proxied`]).
     auth: Option<AuthPolicy>,
     /// The user a successful AUTH named.
     authenticated: Option<Arc<str>>,
@@ -216,28 +312,35 @@ pub struct Session {
     auth_request: Option<AuthRequest>,
     /// The user whose credentials are being verified.
     auth_user: Option<Box<str>>,
-    /// The client's address is over its AUTH failure limit: AUTH gets `421 4.7.0`.
-    auth_failures_exceeded: bool,
     stats: SessionStats,
     /// The verb of the command being handled, for refusal events.
     verb: &'static str,
     events: VecDeque<Kept>,
+    /// Refusal events in `events` (bounded by [`MAX_EVENTS`]).
+    kept_refusals: usize,
+    /// Step events in `events` (bounded by [`MAX_STEPS`]).
+    steps: usize,
     event_text: String,
     /// QUIT was answered.
     quit: bool,
 }
 
 impl Session {
-    /// A new session; its `220` greeting is already in the output.
+    /// A new session under the default policy (nothing beyond the core offered, no
+    /// limits); its `220` greeting is already in the output.
     pub fn new(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
-        let mut session = Session::without_greeting(config, client_addr);
+        let mut session = Session::without_greeting(config, SessionPolicy::default(), client_addr);
         session.greet();
         session
     }
 
-    /// A new session whose greeting the caller sends later with [`Self::greet`]: after a
-    /// PROXY header, a TLS handshake or a greeting delay.
-    pub fn without_greeting(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
+    /// A new session under `policy` whose greeting the caller sends later with
+    /// [`Self::greet`]: after a PROXY header, a TLS handshake or a greeting delay.
+    pub fn without_greeting(
+        config: Arc<SessionConfig>,
+        policy: SessionPolicy,
+        client_addr: SocketAddr,
+    ) -> Self {
         Session {
             config,
             client_addr,
@@ -248,23 +351,23 @@ impl Session {
             completed: None,
             discarding_line: false,
             draining: false,
-            low_memory: false,
-            output_limit: usize::MAX,
-            tls: Tls::Unavailable,
-            tls_required: false,
+            policy,
+            tls: if policy.starttls {
+                Tls::Available
+            } else {
+                Tls::Unavailable
+            },
             errors: 0,
-            error_budget: None,
-            spends_budget: false,
-            message_rate_exceeded: false,
-            user_rate_exceeded: false,
-            auth: None,
+            refused: None,
+            auth: policy.auth,
             authenticated: None,
             auth_request: None,
             auth_user: None,
-            auth_failures_exceeded: false,
             stats: SessionStats::default(),
             verb: "",
             events: VecDeque::new(),
+            kept_refusals: 0,
+            steps: 0,
             event_text: String::new(),
             quit: false,
         }
@@ -277,52 +380,21 @@ impl Session {
         self.stats.count_replies(&self.out[replied_from..]);
     }
 
-    /// The client's real address, once a PROXY header has named it.
-    pub fn set_client_addr(&mut self, addr: SocketAddr) {
-        self.client_addr = addr;
-    }
-
-    /// Whether STARTTLS can be offered (a certificate is configured). Ignored once TLS
-    /// is active.
-    pub fn set_tls_available(&mut self, available: bool) {
-        if !matches!(self.tls, Tls::Active(_)) {
-            self.tls = if available {
-                Tls::Available
-            } else {
-                Tls::Unavailable
-            };
+    /// A PROXY header arrived: `source` is the client it names (`None`: it named none,
+    /// the connection is the balancer's own). `--auth-allow-plaintext` is for clients
+    /// on this host; behind a balancer the real client decides, and one that is not
+    /// loopback (or that the header does not name) would send its credentials across
+    /// the network in the clear, so it gets AUTH only after STARTTLS.
+    pub fn proxied(&mut self, source: Option<SocketAddr>) {
+        if let Some(addr) = source {
+            self.client_addr = addr;
         }
-    }
-
-    /// While set, MAIL over plaintext gets `530 5.7.0`.
-    pub fn set_tls_required(&mut self, required: bool) {
-        self.tls_required = required;
-    }
-
-    /// This many commands refused with `5xx` end the session with `421 4.7.0`.
-    pub fn set_error_budget(&mut self, budget: Option<u32>) {
-        self.error_budget = budget;
-    }
-
-    /// While set, MAIL gets `421 4.7.0` and the session closes.
-    pub fn set_message_rate_exceeded(&mut self, exceeded: bool) {
-        self.message_rate_exceeded = exceeded;
-    }
-
-    /// While set, MAIL gets `421 4.7.0` (the authenticated user's message rate) and the
-    /// session closes.
-    pub fn set_user_rate_exceeded(&mut self, exceeded: bool) {
-        self.user_rate_exceeded = exceeded;
-    }
-
-    /// Offers AUTH with `policy`; `None` (the default) does not offer it.
-    pub fn set_auth(&mut self, policy: Option<AuthPolicy>) {
-        self.auth = policy;
-    }
-
-    /// While set, AUTH gets `421 4.7.0` and the session closes.
-    pub fn set_auth_failures_exceeded(&mut self, exceeded: bool) {
-        self.auth_failures_exceeded = exceeded;
+        let loopback = source.is_some_and(|a| a.ip().to_canonical().is_loopback());
+        if let Some(auth) = &mut self.auth {
+            if !loopback {
+                auth.plaintext = false;
+            }
+        }
     }
 
     /// The user a successful AUTH named, if any.
@@ -352,6 +424,7 @@ impl Session {
         let user = self.auth_user.take();
         let replied_from = self.out.len();
         self.verb = "AUTH";
+        self.refused = None;
         match verdict {
             AuthVerdict::Accepted => {
                 self.authenticated = user.map(Arc::from);
@@ -371,7 +444,7 @@ impl Session {
                 user.as_deref(),
             ),
         }
-        self.count_error(replied_from);
+        self.count_error();
         self.stats.count_replies(&self.out[replied_from..]);
     }
 
@@ -415,14 +488,8 @@ impl Session {
     /// `421 4.7.0` and close, counted in `smtpgw_session_limit_closes_total` by `why`;
     /// `user` names the AUTH user the limit is about.
     fn limit_close(&mut self, why: Refusal, what: &str, user: Option<&str>) {
-        let close = match why {
-            Refusal::ErrorBudget => Some(stats::CLOSE_ERROR_BUDGET),
-            Refusal::MessageRate => Some(stats::CLOSE_MESSAGE_RATE),
-            Refusal::AuthFailures => Some(stats::CLOSE_AUTH_FAILURES),
-            _ => None,
-        };
-        if let Some(i) = close {
-            self.stats.limit_closes[i] += 1;
+        if let Some(close) = LimitClose::of(why) {
+            self.stats.limit_closes[close] += 1;
         }
         self.event_user(why, user);
         reply::policy_limit(&mut self.out, &self.config.hostname, what);
@@ -439,24 +506,61 @@ impl Session {
         self.quit
     }
 
-    /// What happened since the last call, oldest first.
+    /// What happened since the last call, oldest first. A caller polls after each call
+    /// that feeds or answers the session: while 16 (`MAX_STEPS`) body or STARTTLS events
+    /// wait, the session takes no further command.
     pub fn poll_event(&mut self) -> Option<SessionEvent> {
         let kept = self.events.pop_front()?;
-        let text = |r: Option<(u16, u16)>| {
-            r.and_then(|(a, b)| self.event_text.get(usize::from(a)..usize::from(b)))
-                .map(Box::from)
-        };
-        let event = SessionEvent::Refused {
-            refusal: kept.refusal,
-            verb: kept.verb,
-            address: text(kept.address),
-            detail: text(kept.detail),
-            user: text(kept.user),
+        let event = match kept {
+            Kept::Refused {
+                refusal,
+                verb,
+                address,
+                detail,
+                user,
+            } => {
+                self.kept_refusals -= 1;
+                let text = |r: Option<(u16, u16)>| {
+                    r.and_then(|(a, b)| self.event_text.get(usize::from(a)..usize::from(b)))
+                        .map(Box::from)
+                };
+                SessionEvent::Refused {
+                    refusal,
+                    verb,
+                    address: text(address),
+                    detail: text(detail),
+                    user: text(user),
+                }
+            }
+            Kept::Step(step) => {
+                self.steps -= 1;
+                match step {
+                    Step::BodyStarted => SessionEvent::BodyStarted,
+                    Step::BodyEnded => SessionEvent::BodyEnded,
+                    Step::BodyAbandoned => SessionEvent::BodyAbandoned,
+                    Step::StartTls => SessionEvent::StartTls,
+                }
+            }
         };
         if self.events.is_empty() {
             self.event_text.clear();
         }
         Some(event)
+    }
+
+    /// Queues a body or STARTTLS event. Room for them is reserved with the refusals',
+    /// once; the check before each command keeps them within it.
+    fn step(&mut self, step: Step) {
+        self.reserve_events();
+        self.steps += 1;
+        self.events.push_back(Kept::Step(step));
+    }
+
+    fn reserve_events(&mut self) {
+        if self.events.capacity() == 0 {
+            self.events
+                .reserve_exact(MAX_EVENTS + MAX_STEPS + STEPS_PER_COMMAND);
+        }
     }
 
     fn event(&mut self, refusal: Refusal, address: Option<&str>, detail: Option<&str>) {
@@ -475,11 +579,10 @@ impl Session {
         detail: Option<&str>,
         user: Option<&str>,
     ) {
-        self.stats.refusals.add(refusal);
-        if self.events.capacity() == 0 {
-            self.events.reserve_exact(MAX_EVENTS);
-        }
-        if self.events.len() >= MAX_EVENTS {
+        self.stats.refusals[refusal] += 1;
+        self.refused = Some(refusal);
+        self.reserve_events();
+        if self.kept_refusals >= MAX_EVENTS {
             return;
         }
         let mut text = |t: Option<&str>| {
@@ -498,7 +601,8 @@ impl Session {
         let address = text(address);
         let detail = text(detail);
         let user = text(user);
-        self.events.push_back(Kept {
+        self.kept_refusals += 1;
+        self.events.push_back(Kept::Refused {
             refusal,
             verb: self.verb,
             address,
@@ -521,17 +625,31 @@ impl Session {
 
     /// Processes as much of `input` as it can and returns how many bytes it consumed.
     /// The caller keeps the rest (an incomplete line) and offers it again with more bytes
-    /// appended. Stops early while a message awaits its publish result or once closed.
+    /// appended. Stops early while a message awaits its publish result, once closed, at
+    /// the output limit, or while 16 (`MAX_STEPS`) events wait to be polled. No limit that
+    /// changes applies ([`Unlimited`]); see [`Self::feed_with`].
     pub fn feed(&mut self, input: &[u8]) -> usize {
+        self.feed_with(input, &mut Unlimited)
+    }
+
+    /// [`Self::feed`], asking `gate` about the limits that change while the session
+    /// runs when a command meets one.
+    pub fn feed_with(&mut self, input: &[u8], gate: &mut dyn Gate) -> usize {
         // Replies are counted from what was written, so every path that replies is
         // counted without each one having to remember to.
         let replied_from = self.out.len();
-        let consumed = self.feed_commands(input);
+        let consumed = self.feed_commands(input, gate);
         self.stats.count_replies(&self.out[replied_from..]);
         consumed
     }
 
-    fn feed_commands(&mut self, input: &[u8]) -> usize {
+    /// No further command while the client does not read its replies or the caller
+    /// does not poll its events.
+    fn command_blocked(&self) -> bool {
+        self.out.len() >= self.policy.output_limit || self.steps >= MAX_STEPS
+    }
+
+    fn feed_commands(&mut self, input: &[u8], gate: &mut dyn Gate) -> usize {
         let mut pos = 0;
         loop {
             let rest = &input[pos..];
@@ -540,7 +658,7 @@ impl Session {
                     return pos
                 }
                 Phase::AuthResponse(_) => {
-                    if self.out.len() >= self.output_limit {
+                    if self.command_blocked() {
                         return pos;
                     }
                     let Some(lf) = memchr(b'\n', rest) else {
@@ -551,7 +669,7 @@ impl Session {
                         return pos;
                     };
                     pos += lf + 1;
-                    let replied_from = self.out.len();
+                    self.refused = None;
                     if mem::take(&mut self.discarding_line) || lf + 1 > command::MAX_AUTH_LINE {
                         // The exchange is over (RFC 4954 has no way to go on after it).
                         self.phase = Phase::Command;
@@ -561,10 +679,10 @@ impl Session {
                         let line = line.strip_suffix(b"\r").unwrap_or(line);
                         self.auth_response(line);
                     }
-                    self.count_error(replied_from);
+                    self.count_error();
                 }
                 Phase::Command => {
-                    if self.out.len() >= self.output_limit {
+                    if self.command_blocked() {
                         return pos;
                     }
                     let Some(lf) = memchr(b'\n', rest) else {
@@ -578,16 +696,16 @@ impl Session {
                     };
                     pos += lf + 1;
                     if mem::take(&mut self.discarding_line) || lf + 1 > command::line_limit(rest) {
-                        self.stats.commands[stats::VERB_OTHER] += 1;
-                        self.verb = stats::VERBS[stats::VERB_OTHER];
+                        self.stats.commands[Verb::Other] += 1;
+                        self.verb = Verb::Other.as_str();
                         self.refuse(Refusal::LineTooLong, reply::LINE_TOO_LONG);
                         continue;
                     }
                     let line = &rest[..lf];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
-                    let replied_from = self.out.len();
-                    self.command(line);
-                    self.count_error(replied_from);
+                    self.refused = None;
+                    self.command(line, gate);
+                    self.count_error();
                 }
                 Phase::Data { reader, body } => {
                     let (consumed, done) = reader.feed(rest, body);
@@ -636,16 +754,16 @@ impl Session {
                 reply::queued(&mut self.out, id)
             }
             Err(PublishError::Temporary(reason)) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTemporary] += 1;
                 self.event(Refusal::SinkTemporary, None, Some(&reason));
                 reply::temporary_failure(&mut self.out, &reason)
             }
             Err(PublishError::TooLarge) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TOO_LARGE] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTooLarge] += 1;
                 self.refuse(Refusal::SinkTooLarge, reply::SINK_TOO_BIG)
             }
             Err(PublishError::StorageFull) => {
-                self.stats.messages_rejected[stats::REJECT_SINK_TEMPORARY] += 1;
+                self.stats.messages_rejected[RejectReason::SinkTemporary] += 1;
                 self.refuse(Refusal::StorageFull, reply::STORAGE_FULL)
             }
         }
@@ -700,14 +818,15 @@ impl Session {
         self.close_with(Refusal::DataRate, reply::too_slow);
     }
 
-    /// Spends the error budget on a command refused with `5xx`, or with a `4xx` that
-    /// says it counts ([`Self::spends_budget`]).
-    fn count_error(&mut self, replied_from: usize) {
-        let counts = mem::take(&mut self.spends_budget);
-        let Some(budget) = self.error_budget else {
+    /// Spends the error budget on the command just handled if its refusal says so
+    /// ([`Refusal::spends_error_budget`]); a command that closed the session spends
+    /// nothing more.
+    fn count_error(&mut self) {
+        let refused = self.refused.take();
+        let Some(budget) = self.policy.error_budget else {
             return;
         };
-        if !(counts || self.out.get(replied_from) == Some(&b'5')) || self.is_closed() {
+        if !refused.is_some_and(Refusal::spends_error_budget) || self.is_closed() {
             return;
         }
         self.errors += 1;
@@ -722,18 +841,6 @@ impl Session {
         write(&mut self.out, &self.config.hostname);
         self.stats.count_replies(&self.out[replied_from..]);
         self.close();
-    }
-
-    /// [`Self::feed`] takes no further command while more than `limit` bytes of
-    /// replies are unwritten, so a client that pipelines and never reads cannot make
-    /// the output grow without bound.
-    pub fn set_output_limit(&mut self, limit: usize) {
-        self.output_limit = limit;
-    }
-
-    /// While set, MAIL (a new transaction) gets `451 4.3.1`; bodies under way go on.
-    pub fn set_low_memory(&mut self, low: bool) {
-        self.low_memory = low;
     }
 
     /// Octets of message body this session holds: the DATA body or BDAT chunks read so
@@ -788,7 +895,7 @@ impl Session {
 
     fn close(&mut self) {
         if matches!(self.phase, Phase::Data { .. }) {
-            self.stats.bodies_abandoned += 1;
+            self.step(Step::BodyAbandoned);
         }
         self.phase = Phase::Closed;
         self.abort_transaction();
@@ -799,7 +906,7 @@ impl Session {
     /// counted so, so the caller never times it as if it had ended.
     fn abort_transaction(&mut self) {
         if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
-            self.stats.bodies_abandoned += 1;
+            self.step(Step::BodyAbandoned);
         }
     }
 
@@ -807,11 +914,11 @@ impl Session {
         self.out.extend_from_slice(text);
     }
 
-    fn command(&mut self, line: &[u8]) {
+    fn command(&mut self, line: &[u8], gate: &mut dyn Gate) {
         let parsed = command::parse(line);
-        let verb = verb_index(&parsed);
+        let verb = verb_of(&parsed);
         self.stats.commands[verb] += 1;
-        self.verb = stats::VERBS[verb];
+        self.verb = verb.as_str();
         if self.draining {
             return self.shut_down();
         }
@@ -825,7 +932,7 @@ impl Session {
         match command {
             Command::Ehlo(name) => self.hello(name, true),
             Command::Helo(name) => self.hello(name, false),
-            Command::Mail { verb, from, params } => self.mail(verb, from, params),
+            Command::Mail { verb, from, params } => self.mail(verb, from, params, gate),
             Command::Rcpt { to, params } => self.rcpt(to, params),
             Command::Data => self.data(),
             Command::Bdat { size, last } => self.bdat(size, last),
@@ -844,7 +951,7 @@ impl Session {
             Command::Help(topic) => self.help(topic),
             Command::Turn => self.refuse(Refusal::NotImplemented, reply::TURN),
             Command::StartTls => self.starttls(),
-            Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial, gate),
             Command::NotImplemented => self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED),
         }
     }
@@ -855,7 +962,7 @@ impl Session {
             .is_some_and(|a| a.plaintext || matches!(self.tls, Tls::Active(_)))
     }
 
-    fn auth(&mut self, mechanism: &[u8], initial: Option<&[u8]>) {
+    fn auth(&mut self, mechanism: &[u8], initial: Option<&[u8]>, gate: &mut dyn Gate) {
         if self.auth.is_none() {
             return self.refuse(Refusal::NotImplemented, reply::NOT_IMPLEMENTED);
         }
@@ -871,7 +978,7 @@ impl Session {
         if !self.auth_usable() {
             return self.refuse(Refusal::AuthNeedsTls, reply::AUTH_NEEDS_TLS);
         }
-        if self.auth_failures_exceeded {
+        if !gate.auth_allowed() {
             return self.over_limit(Refusal::AuthFailures, "Too many authentication failures");
         }
         let Some(mechanism) = Mechanism::parse(mechanism) else {
@@ -945,8 +1052,11 @@ impl Session {
             Tls::Active(_) => self.refuse(Refusal::BadSequence, reply::TLS_ALREADY_ACTIVE),
             Tls::Available => {
                 self.reply(reply::READY_FOR_TLS);
-                self.txn = None;
+                // RFC 3207 section 4.2: the session starts over after the handshake; a
+                // BDAT body under way ends here without an outcome.
+                self.abort_transaction();
                 self.phase = Phase::StartTls;
+                self.step(Step::StartTls);
             }
         }
     }
@@ -984,7 +1094,13 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, verb: Verb, from: ReversePath<'_>, params: Params<'_>) {
+    fn mail(
+        &mut self,
+        verb: envelope::Verb,
+        from: ReversePath<'_>,
+        params: Params<'_>,
+        gate: &mut dyn Gate,
+    ) {
         let address = match from {
             ReversePath::Null => "",
             ReversePath::Mailbox(m) => m.text,
@@ -995,19 +1111,21 @@ impl Session {
         if self.txn.is_some() {
             return self.refuse_address(Refusal::BadSequence, reply::NESTED_MAIL, address);
         }
-        if self.tls_required && !matches!(self.tls, Tls::Active(_)) {
+        if self.policy.tls_required && !matches!(self.tls, Tls::Active(_)) {
             return self.refuse_address(Refusal::TlsRequired, reply::TLS_REQUIRED, address);
         }
         if self.auth.is_some_and(|a| a.required) && self.authenticated.is_none() {
             return self.refuse_address(Refusal::AuthRequired, reply::AUTH_REQUIRED, address);
         }
-        if self.user_rate_exceeded && self.authenticated.is_some() {
-            return self.over_limit(Refusal::MessageRate, "Too many messages for your user");
+        if let Some(user) = &self.authenticated {
+            if !gate.user_message_allowed(user) {
+                return self.over_limit(Refusal::MessageRate, "Too many messages for your user");
+            }
         }
-        if self.message_rate_exceeded {
+        if !gate.message_allowed() {
             return self.over_limit(Refusal::MessageRate, "Too many messages from your address");
         }
-        if self.low_memory {
+        if !gate.body_memory_available() {
             return self.refuse_address(Refusal::BodyMemory, reply::LOW_MEMORY, address);
         }
         if !params.is_empty() && !greeting.esmtp {
@@ -1026,7 +1144,7 @@ impl Session {
             .is_some_and(|size| size > self.config.max_message_size as u64)
         {
             // A message refused for its size, only earlier than its body.
-            self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+            self.stats.messages_rejected[RejectReason::TooLarge] += 1;
             return self.refuse_address(Refusal::TooLarge, reply::MESSAGE_TOO_BIG, address);
         }
         let from = match from {
@@ -1100,9 +1218,7 @@ impl Session {
             ForwardPath::Mailbox(m) => m.text,
         };
         if txn.envelope.rcpt_count() >= self.config.max_recipients {
-            // Spends the error budget like a 5xx: a client that keeps adding recipients
-            // past the limit is refused over and over, and must not go on forever.
-            self.spends_budget = true;
+            // Spends the error budget like a 5xx (see `Refusal::spends_error_budget`).
             return self.refuse_address(
                 Refusal::TooManyRecipients,
                 reply::TOO_MANY_RECIPIENTS,
@@ -1127,7 +1243,7 @@ impl Session {
         let body = self.new_body(txn.size_hint);
         let reader = DataReader::new(self.config.max_message_size, self.config.bare_lf);
         self.phase = Phase::Data { reader, body };
-        self.stats.bodies_started += 1;
+        self.step(Step::BodyStarted);
         self.reply(reply::START_DATA);
     }
 
@@ -1137,7 +1253,7 @@ impl Session {
         };
         // After the final dot the transaction is over, whatever the outcome.
         let Some(txn) = self.txn.take() else {
-            self.stats.bodies_abandoned += 1;
+            self.step(Step::BodyAbandoned);
             return;
         };
         self.end_body(&reader, txn.envelope, body);
@@ -1146,18 +1262,18 @@ impl Session {
     /// A DATA body after its final dot or a BDAT message after its last chunk: the
     /// same outcomes, counts and replies for both.
     fn end_body(&mut self, reader: &DataReader, envelope: Envelope, body: BytesMut) {
-        self.stats.bodies_ended += 1;
+        self.step(Step::BodyEnded);
         if reader.saw_bare_line_ending() {
             self.stats.smuggling_attempts += 1;
         }
         match reader.outcome() {
             BodyOutcome::Complete => self.complete(envelope, body, reader.header_lines()),
             BodyOutcome::TooLarge => {
-                self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                self.stats.messages_rejected[RejectReason::TooLarge] += 1;
                 self.refuse(Refusal::TooLarge, reply::MESSAGE_TOO_BIG)
             }
             BodyOutcome::BareLineEnding => {
-                self.stats.messages_rejected[stats::REJECT_BARE_LINE_ENDING] += 1;
+                self.stats.messages_rejected[RejectReason::BareLineEnding] += 1;
                 self.refuse(Refusal::BareLineEnding, reply::BARE_LINE_ENDING)
             }
         }
@@ -1185,7 +1301,7 @@ impl Session {
                 let reader = DataReader::chunked(max as usize, self.config.bare_lf);
                 if let Some(txn) = self.txn.as_mut() {
                     txn.bdat = Some(BdatBody { reader, body });
-                    self.stats.bodies_started += 1;
+                    self.step(Step::BodyStarted);
                 }
             }
             if let Some(txn) = self.txn.as_mut() {
@@ -1213,9 +1329,9 @@ impl Session {
                     // RFC 3030 section 2: after an error the transaction is aborted. A
                     // body ends here only if an earlier chunk had started it.
                     if self.txn.take().is_some_and(|t| t.bdat.is_some()) {
-                        self.stats.bodies_ended += 1;
+                        self.step(Step::BodyEnded);
                     }
-                    self.stats.messages_rejected[stats::REJECT_TOO_LARGE] += 1;
+                    self.stats.messages_rejected[RejectReason::TooLarge] += 1;
                 }
                 self.refuse(refusal, text);
             }
@@ -1379,34 +1495,34 @@ impl<'a> RcptParams<'a> {
     }
 }
 
-/// The `smtpgw_commands_total` slot for a parsed line: the verb, or `OTHER` for lines
+/// The `smtpgw_commands_total` label of a parsed line: the verb, or `OTHER` for lines
 /// that are unknown, not implemented or do not parse (their verb may be client junk).
-fn verb_index(parsed: &Result<Command<'_>, CommandError>) -> usize {
+fn verb_of(parsed: &Result<Command<'_>, CommandError>) -> Verb {
     let Ok(command) = parsed else {
-        return stats::VERB_OTHER;
+        return Verb::Other;
     };
     match command {
-        Command::Helo(_) => 0,
-        Command::Ehlo(_) => 1,
+        Command::Helo(_) => Verb::Helo,
+        Command::Ehlo(_) => Verb::Ehlo,
         Command::Mail { verb, .. } => match verb {
-            Verb::Mail => 2,
-            Verb::Send => 12,
-            Verb::Soml => 13,
-            Verb::Saml => 14,
+            envelope::Verb::Mail => Verb::Mail,
+            envelope::Verb::Send => Verb::Send,
+            envelope::Verb::Soml => Verb::Soml,
+            envelope::Verb::Saml => Verb::Saml,
         },
-        Command::Rcpt { .. } => 3,
-        Command::Data => 4,
-        Command::Bdat { .. } => 5,
-        Command::Rset => 6,
-        Command::Noop => 7,
-        Command::Quit => 8,
-        Command::Vrfy(_) => 9,
-        Command::Expn(_) => 10,
-        Command::Help(_) => 11,
-        Command::Turn => 15,
-        Command::StartTls => 16,
-        Command::Auth { .. } => 17,
-        Command::NotImplemented => stats::VERB_OTHER,
+        Command::Rcpt { .. } => Verb::Rcpt,
+        Command::Data => Verb::Data,
+        Command::Bdat { .. } => Verb::Bdat,
+        Command::Rset => Verb::Rset,
+        Command::Noop => Verb::Noop,
+        Command::Quit => Verb::Quit,
+        Command::Vrfy(_) => Verb::Vrfy,
+        Command::Expn(_) => Verb::Expn,
+        Command::Help(_) => Verb::Help,
+        Command::Turn => Verb::Turn,
+        Command::StartTls => Verb::StartTls,
+        Command::Auth { .. } => Verb::Auth,
+        Command::NotImplemented => Verb::Other,
     }
 }
 

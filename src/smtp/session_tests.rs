@@ -346,7 +346,10 @@ fn every_refusal_is_one_event_agreeing_with_the_wire() {
         let events: Vec<_> = std::iter::from_fn(|| session.poll_event()).collect();
         let refusals: Vec<Refusal> = events
             .iter()
-            .map(|SessionEvent::Refused { refusal, .. }| *refusal)
+            .filter_map(|e| match e {
+                SessionEvent::Refused { refusal, .. } => Some(*refusal),
+                _ => None,
+            })
             .collect();
         let refused = expected.starts_with('4') || expected.starts_with('5');
         assert_eq!(
@@ -850,11 +853,10 @@ fn stats_count_commands_replies_and_messages() {
     for (code, n) in replies {
         assert_eq!(s.reply(code), n, "{code}");
     }
-    assert_eq!(s.replies.iter().sum::<u64>(), 16);
-    assert_eq!(s.replies[stats::REPLY_UNLISTED], 0);
+    assert_eq!(s.replies.total(), 16);
+    assert_eq!(s.replies_unlisted, 0);
     assert_eq!(s.messages_accepted, 1);
-    assert_eq!(s.messages_rejected, [0; 4]);
-    assert_eq!((s.bodies_started, s.bodies_ended), (1, 1));
+    assert_eq!(s.messages_rejected.total(), 0);
 }
 
 #[test]
@@ -878,7 +880,16 @@ fn stats_count_rejections_and_smuggling() {
             Err(PublishError::TooLarge),
         ],
     );
-    assert_eq!(s.messages_rejected, [2, 1, 1, 1]);
+    let rejected: Vec<(RejectReason, u64)> = s.messages_rejected.iter().collect();
+    assert_eq!(
+        rejected,
+        [
+            (RejectReason::TooLarge, 2),
+            (RejectReason::BareLineEnding, 1),
+            (RejectReason::SinkTemporary, 1),
+            (RejectReason::SinkTooLarge, 1),
+        ]
+    );
     assert_eq!(s.smuggling_attempts, 1);
     assert_eq!(s.messages_accepted, 0);
     assert_eq!(s.reply(451), 1);
@@ -944,8 +955,8 @@ proptest! {
             .filter(|l| l.len() > 3 && l[3] == b' ')
             .count() as u64;
         let s = session.stats_mut();
-        prop_assert_eq!(s.replies.iter().sum::<u64>(), finals);
-        prop_assert_eq!(s.replies[stats::REPLY_UNLISTED], 0);
+        prop_assert_eq!(s.replies.total(), finals);
+        prop_assert_eq!(s.replies_unlisted, 0);
         prop_assert_eq!(s.messages_accepted as u128, answered);
     }
 }
@@ -1084,7 +1095,7 @@ fn addresses_with_line_separators_c1_controls_or_bidi_overrides_are_refused() {
 fn trace_line_escapes_what_is_not_printable() {
     // The parsers refuse such text; the trace line does not rely on it.
     let mut env = Envelope::new(
-        Verb::Mail,
+        envelope::Verb::Mail,
         Arc::from("evil\r\nX-Injected: 1\u{202e}"),
         true,
         "192.0.2.7:1".parse().unwrap(),
@@ -1146,67 +1157,324 @@ fn bdat_content_is_under_the_bare_lf_policy() {
     assert_eq!(
         (
             s.smuggling_attempts,
-            s.messages_rejected[stats::REJECT_BARE_LINE_ENDING]
+            s.messages_rejected[RejectReason::BareLineEnding]
         ),
         (1, 1)
     );
 }
 
+/// Feeds `pieces` like a reactor that polls after every call: keeps unconsumed bytes,
+/// answers each message `250` at once, and feeds again while the session takes input.
+/// Returns every event in order, refusals as their reason only.
+fn events_of<'a>(policy: SessionPolicy, pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Ev> {
+    let mut session = Session::without_greeting(
+        config(BareLfPolicy::Reject),
+        policy,
+        "192.0.2.7:1".parse().unwrap(),
+    );
+    session.greet();
+    let mut events = Vec::new();
+    let mut buffer = Vec::new();
+    let mut stored = 0u128;
+    let poll = |session: &mut Session, events: &mut Vec<Ev>| {
+        while let Some(e) = session.poll_event() {
+            events.push(Ev::from(e));
+        }
+    };
+    for piece in pieces {
+        buffer.extend_from_slice(piece);
+        loop {
+            let n = session.feed(&buffer);
+            buffer.drain(..n);
+            poll(&mut session, &mut events);
+            if session.take_message().is_some() {
+                stored += 1;
+                session.publish_result(Ok(MessageId::from(stored)));
+                poll(&mut session, &mut events);
+                continue;
+            }
+            if n == 0 || buffer.is_empty() || session.is_closed() {
+                break;
+            }
+        }
+        // STARTTLS: what followed the command is discarded (the rest of the input is
+        // plaintext, never TLS records), and the handshake completes.
+        if session.is_starting_tls() {
+            session.tls_started(Arc::from("TLSv1.3 x"));
+            break;
+        }
+    }
+    events
+}
+
+/// An event as the tests compare it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    Refused(Refusal),
+    Started,
+    Ended,
+    Abandoned,
+    StartTls,
+}
+
+impl From<SessionEvent> for Ev {
+    fn from(e: SessionEvent) -> Ev {
+        match e {
+            SessionEvent::Refused { refusal, .. } => Ev::Refused(refusal),
+            SessionEvent::BodyStarted => Ev::Started,
+            SessionEvent::BodyEnded => Ev::Ended,
+            SessionEvent::BodyAbandoned => Ev::Abandoned,
+            SessionEvent::StartTls => Ev::StartTls,
+        }
+    }
+}
+
+/// Every body started is followed by exactly one end or abandonment before the next
+/// starts.
+fn assert_bodies_pair(events: &[Ev], what: &str) {
+    let mut open = false;
+    for e in events {
+        match e {
+            Ev::Started => {
+                assert!(!open, "{what}: started twice: {events:?}");
+                open = true;
+            }
+            Ev::Ended | Ev::Abandoned => {
+                assert!(open, "{what}: ended without a start: {events:?}");
+                open = false;
+            }
+            Ev::Refused(_) | Ev::StartTls => {}
+        }
+    }
+}
+
+/// The body and STARTTLS events, in order, for each way a body can start and end; the
+/// same for the input whole, cut at every position, and byte by byte.
 #[test]
-fn body_counts_start_and_end_once() {
-    let stats = |input: String| stats_of(config(BareLfPolicy::Reject), input.as_bytes(), &[]);
-    // A first chunk refused for its size: no body ever started.
-    let s = stats(format!("{TXN}BDAT 200 LAST\r\n{}", "z".repeat(200)));
-    assert_eq!(
-        (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
-        (0, 0, 0)
-    );
-    assert_eq!(s.messages_rejected[stats::REJECT_TOO_LARGE], 1);
-    // RSET, HELO and EHLO mid-BDAT abandon the body, never end it.
-    for reset in ["RSET", "HELO c", "EHLO c"] {
-        let s = stats(format!("{TXN}BDAT 2\r\nab{reset}\r\n"));
+fn body_events_come_in_order_however_the_reads_are_cut() {
+    use Ev::*;
+    let starttls = SessionPolicy {
+        starttls: true,
+        ..SessionPolicy::default()
+    };
+    let plain = SessionPolicy::default();
+    let big = "z".repeat(200);
+    let cases: Vec<(SessionPolicy, String, Vec<Ev>)> = vec![
+        (
+            plain,
+            format!("{TXN}DATA\r\nhi\r\n.\r\n"),
+            vec![Started, Ended],
+        ),
+        (
+            plain,
+            format!("{TXN}DATA\r\n{big}\r\n.\r\nNOOP\r\n"),
+            vec![Started, Ended, Refused(Refusal::TooLarge)],
+        ),
+        (
+            plain,
+            format!("{TXN}BDAT 2\r\nabBDAT 3 LAST\r\ncde"),
+            vec![Started, Ended],
+        ),
+        (plain, format!("{TXN}BDAT 0 LAST\r\n"), vec![Started, Ended]),
+        // A first chunk refused for its size: no body ever started.
+        (
+            plain,
+            format!("{TXN}BDAT 200 LAST\r\n{big}"),
+            vec![Refused(Refusal::TooLarge)],
+        ),
+        // A later chunk over the limit ends the body it is part of.
+        (
+            plain,
+            format!(
+                "{TXN}BDAT 60\r\n{}BDAT 60\r\n{}",
+                "a".repeat(60),
+                "b".repeat(60)
+            ),
+            vec![Started, Ended, Refused(Refusal::TooLarge)],
+        ),
+        // RSET, HELO, EHLO and STARTTLS between chunks abandon the body.
+        (
+            plain,
+            format!("{TXN}BDAT 2\r\nabRSET\r\n"),
+            vec![Started, Abandoned],
+        ),
+        (
+            plain,
+            format!("{TXN}BDAT 2\r\nabHELO c\r\n"),
+            vec![Started, Abandoned],
+        ),
+        (
+            plain,
+            format!("{TXN}BDAT 2\r\nabEHLO c\r\n"),
+            vec![Started, Abandoned],
+        ),
+        (
+            starttls,
+            format!("{TXN}BDAT 2\r\nabSTARTTLS\r\nMAIL FROM:<evil@x.test>\r\n"),
+            vec![Started, Abandoned, StartTls],
+        ),
+        // Pipelined after STARTTLS: discarded, never executed.
+        (
+            starttls,
+            format!("{HELLO}STARTTLS\r\nMAIL FROM:<a@x.test>\r\n"),
+            vec![StartTls],
+        ),
+        (
+            plain,
+            format!("{HELLO}STARTTLS\r\n"),
+            vec![Refused(Refusal::NotImplemented)],
+        ),
+        // Two bodies refused and a third stored, all in one read when whole.
+        (
+            plain,
+            format!(
+                "{TXN}DATA\r\na\nb\r\n.\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n\
+                 BDAT 3 LAST\r\na\rbMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n\
+                 DATA\r\nok\r\n.\r\nQUIT\r\n"
+            ),
+            vec![
+                Started,
+                Ended,
+                Refused(Refusal::BareLineEnding),
+                Started,
+                Ended,
+                Refused(Refusal::BareLineEnding),
+                Started,
+                Ended,
+            ],
+        ),
+    ];
+    for (policy, input, want) in cases {
+        let bytes = input.as_bytes();
+        let whole = events_of(policy, [bytes]);
+        assert_eq!(whole, want, "{input:?}");
+        assert_bodies_pair(&whole, &input);
         assert_eq!(
-            (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
-            (1, 0, 1),
-            "{reset}"
+            events_of(policy, bytes.chunks(1)),
+            want,
+            "{input:?} byte by byte"
         );
+        for cut in 0..=bytes.len() {
+            let (a, b) = bytes.split_at(cut);
+            assert_eq!(events_of(policy, [a, b]), want, "{input:?} cut at {cut}");
+        }
     }
-    // A later chunk over the limit ends the body it is part of.
-    let s = stats(format!(
-        "{TXN}BDAT 60\r\n{}BDAT 60\r\n{}",
-        "a".repeat(60),
-        "b".repeat(60)
-    ));
-    assert_eq!(
-        (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
-        (1, 1, 0)
-    );
-    // A close mid-DATA or mid-BDAT abandons the body.
+}
+
+/// A close in the middle of DATA or of a BDAT body abandons it, after whatever the
+/// read brought.
+#[test]
+fn a_close_mid_body_abandons_it() {
     for input in [format!("{TXN}DATA\r\nhal"), format!("{TXN}BDAT 9\r\nhal")] {
-        let mut session = new_session();
-        session.feed(input.as_bytes());
-        session.timed_out(Refusal::IdleTimeout);
-        let s = session.stats_mut();
+        for close in [
+            |s: &mut Session| s.timed_out(Refusal::IdleTimeout),
+            |s: &mut Session| s.shut_down_now(),
+            |s: &mut Session| s.too_slow(),
+        ] {
+            let mut session = new_session();
+            session.feed(input.as_bytes());
+            close(&mut session);
+            let events: Vec<Ev> = std::iter::from_fn(|| session.poll_event())
+                .map(Ev::from)
+                .collect();
+            // The close's refusal, then the body it abandons.
+            assert!(
+                matches!(events[..], [Ev::Started, Ev::Refused(_), Ev::Abandoned]),
+                "{input}: {events:?}"
+            );
+        }
+    }
+}
+
+/// A caller that does not poll stops the session at [`MAX_STEPS`] body events, never
+/// loses one, and the session does not grow for them; polling lets it go on.
+#[test]
+fn unpolled_body_events_hold_commands_back_and_are_never_dropped() {
+    let bodies = 3 * MAX_STEPS;
+    let mut input = HELLO.to_string();
+    for _ in 0..bodies {
+        // Each refused for a bare LF: a body that starts and ends in the same read.
+        input.push_str("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\nDATA\r\na\nb\r\n.\r\n");
+    }
+    let mut session = new_session();
+    let first = session.feed(input.as_bytes());
+    assert!(first < input.len());
+    let capacity = session.events.capacity();
+    // Nothing more is taken until the events are polled.
+    assert_eq!(session.feed(&input.as_bytes()[first..]), 0);
+    let mut events: Vec<Ev> = Vec::new();
+    let mut pos = first;
+    loop {
+        events.extend(std::iter::from_fn(|| session.poll_event()).map(Ev::from));
+        if pos == input.len() {
+            break;
+        }
+        let n = session.feed(&input.as_bytes()[pos..]);
+        assert!(n > 0);
+        pos += n;
+    }
+    assert_eq!(session.events.capacity(), capacity);
+    let steps: Vec<Ev> = events
+        .iter()
+        .copied()
+        .filter(|e| !matches!(e, Ev::Refused(_)))
+        .collect();
+    assert_eq!(steps.len(), 2 * bodies);
+    assert_bodies_pair(&events, "pipelined");
+    assert_eq!(
+        session.stats_mut().messages_rejected[RejectReason::BareLineEnding],
+        bodies as u64
+    );
+}
+
+/// The error budget is spent by the refusal's type, not by the reply's first byte:
+/// every 5xx refusal and `452 4.5.3`, never another 4xx.
+#[test]
+fn the_error_budget_follows_the_refusals_type() {
+    for &r in Refusal::ALL {
         assert_eq!(
-            (s.bodies_started, s.bodies_ended, s.bodies_abandoned),
-            (1, 0, 1),
-            "{input}"
+            r.spends_error_budget(),
+            r.code() >= 500 || r == Refusal::TooManyRecipients,
+            "{r:?}"
         );
     }
-    // MAIL ... SIZE= over the limit is a message refused for its size.
-    let s = stats(format!("{HELLO}MAIL FROM:<a@x.test> SIZE=101\r\n"));
-    assert_eq!(
-        (s.messages_rejected[stats::REJECT_TOO_LARGE], s.reply(552)),
-        (1, 1)
-    );
+    let budget = SessionPolicy {
+        error_budget: Some(2),
+        ..SessionPolicy::default()
+    };
+    let open = |input: &str| {
+        let mut s = Session::without_greeting(
+            config(BareLfPolicy::Reject),
+            budget,
+            "192.0.2.7:1".parse().unwrap(),
+        );
+        s.greet();
+        s.feed(input.as_bytes());
+        !s.is_closed()
+    };
+    // Two 5xx refusals close; 4xx refusals (low memory aside, none here) and 2xx do not.
+    assert!(!open("BOGUS\r\nBOGUS\r\n"));
+    assert!(open("BOGUS\r\nNOOP\r\n"));
+    // 252 and 214 are not refusals.
+    assert!(open("VRFY x\r\nHELP\r\nVRFY y\r\n"));
+    // A refused body does not spend it (it is no command's reply).
+    assert!(open(&format!("{TXN}DATA\r\na\nb\r\n.\r\nBOGUS\r\n")));
 }
 
 /// Issue 20 item 2: `452 4.5.3` for too many recipients spends the error budget like a
 /// `5xx`, so a client that keeps being refused is closed with `421 4.7.0`.
 #[test]
 fn too_many_recipients_spend_the_error_budget() {
-    let mut session = new_session();
-    session.set_error_budget(Some(5));
+    let budget = SessionPolicy {
+        error_budget: Some(5),
+        ..SessionPolicy::default()
+    };
+    let mut session = Session::without_greeting(
+        config(BareLfPolicy::Reject),
+        budget,
+        "192.0.2.7:1".parse().unwrap(),
+    );
+    session.greet();
     let mut input = b"EHLO c\r\nMAIL FROM:<a@x.test>\r\n".to_vec();
     // 3 accepted (the limit), then refused ones.
     for i in 0..20 {
@@ -1275,13 +1543,9 @@ fn ten_thousand_accept_domains_match_like_three() {
 fn refusals_are_counted_even_when_their_events_are_not_kept() {
     let mut session = new_session();
     let input = "BOGUS\r\n".repeat(100);
-    session.set_output_limit(usize::MAX);
     let n = session.feed(input.as_bytes());
     assert_eq!(n, input.len());
-    assert_eq!(
-        session.stats_mut().refusals.0[Refusal::UnknownCommand.index()],
-        100
-    );
+    assert_eq!(session.stats_mut().refusals[Refusal::UnknownCommand], 100);
     let events = std::iter::from_fn(|| session.poll_event()).count();
     assert_eq!(events, MAX_EVENTS);
     session.feed(b"RCPT TO:<x@example.com>\r\n");
