@@ -27,9 +27,9 @@ use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
 use super::host::{self, Host, STOP_WAIT};
-use crate::liveness::Liveness;
 use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
 use crate::conn::{Connection, Edge};
+use crate::liveness::Liveness;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::sink::{CompletionQueue, Ticket, Wake};
 
