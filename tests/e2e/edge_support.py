@@ -79,15 +79,18 @@ def metrics(gateway) -> str:
         return resp.read().decode()
 
 
-def metric(gateway, name: str, deadline: float = 5.0) -> float:
-    """A sample's value (`name` with its labels as exposed), waiting out the flush."""
+def metric(gateway, name: str, deadline: float = 5.0, at_least: float | None = None) -> float:
+    """A sample's value (`name` with its labels as exposed), waiting out the flush: until
+    it is above 0, or with `at_least` until it reaches that (reactors flush their counts
+    separately, so a first non-zero reading can still miss a later event's count)."""
     pattern = re.compile(r"^" + re.escape(name) + r" (\S+)$", re.M)
     end = time.monotonic() + deadline
     value = 0.0
     while True:
         match = pattern.search(metrics(gateway))
         value = float(match.group(1)) if match else 0.0
-        if value > 0 or time.monotonic() > end:
+        reached = value >= at_least if at_least is not None else value > 0
+        if reached or time.monotonic() > end:
             return value
         time.sleep(0.1)
 
