@@ -139,7 +139,6 @@ pub fn run(listen: &str, mode: Mode, threads: usize) -> Result<()> {
     for _ in 1..threads {
         listeners.push(reuseport_listener(addr).with_context(|| format!("--threads: {addr}"))?);
     }
-    eprintln!("floor ({mode:?}, {threads} loops) listening addr={addr}");
     let serve = match mode {
         Mode::Epoll => epoll::serve,
         Mode::Uring => uring::serve,
@@ -152,6 +151,8 @@ pub fn run(listen: &str, mode: Mode, threads: usize) -> Result<()> {
                 .spawn(move || serve(listener))?,
         );
     }
+    // Said once every loop runs: run.sh (and the tests) take the line to mean ready.
+    eprintln!("floor ({mode:?}, {threads} loops) listening addr={addr}");
     // A loop only ends on an error; the first one to end ends the floor.
     for handle in loops {
         match handle.join() {
