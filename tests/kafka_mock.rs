@@ -293,8 +293,8 @@ fn inflight_limit_and_queue_full_while_the_broker_is_slow() {
         .expect("rtt");
 
     assert!(!sink.over_inflight_limit());
-    // librdkafka's queue holds twice the soft limit: 4 messages.
-    let msgs: Vec<SealedMessage> = (0..6)
+    // librdkafka's queue holds four times the soft limit: 8 messages.
+    let msgs: Vec<SealedMessage> = (0..10)
         .map(|i| {
             message(
                 "a@example.com",

@@ -13,6 +13,10 @@ use crate::smtp::command::MAX_COMMAND_LINE;
 /// librdkafka's default `message.max.bytes`, used when the user does not set it.
 pub const DEFAULT_PRODUCER_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
+/// librdkafka's queue holds this many times `--max-inflight-messages/-bytes` before a
+/// message gets `451 kafka queue full` (see the producer settings).
+const HARD_QUEUE_FACTOR: u64 = 4;
+
 /// How long start-up waits for the cluster's metadata and the topic's configuration.
 /// A gateway with no reachable broker still starts (and answers `451`) after this.
 const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,13 +92,19 @@ impl KafkaOptions {
             // statistics.interval.ms=0` turns them off.
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
             // librdkafka's own queue is the hard limit behind the soft in-flight limit
-            // the reactors honour; sessions already past DATA can still add to it. The
-            // forwarder's window comes on top, so live mail cannot crowd it out.
+            // the reactors honour; sessions already past DATA can still add to it, and
+            // it counts a batch of delivered messages until the last of the batch's
+            // delivery reports has run, while the sink's count (and so the reactors'
+            // pause) drops with each report: reactors resuming in that window saw
+            // `queue full` at twice the limit under CPU load. Memory is bounded by the
+            // body budget (a message at the sink stays charged to it until answered),
+            // so this cap is only the backstop. The forwarder's window comes on top, so
+            // live mail cannot crowd it out.
             .set(
                 "queue.buffering.max.messages",
                 self.settings
                     .max_inflight_messages
-                    .saturating_mul(2)
+                    .saturating_mul(HARD_QUEUE_FACTOR)
                     .saturating_add(reserve_messages as u64)
                     .clamp(1, 10_000_000)
                     .to_string(),
@@ -105,7 +115,7 @@ impl KafkaOptions {
                     .settings
                     .max_inflight_bytes
                     .0
-                    .saturating_mul(2)
+                    .saturating_mul(HARD_QUEUE_FACTOR)
                     .saturating_add(reserve_bytes as u64)
                     / 1024)
                     .clamp(1, i32::MAX as u64)
