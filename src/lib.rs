@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod certs;
+pub mod completion;
 pub mod config;
 pub mod conn;
 pub mod files;

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use crate::sink::Wake;
+use crate::completion::Wake;
 
 pub struct Liveness {
     asked: AtomicU64,

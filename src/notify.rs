@@ -187,7 +187,7 @@ mod tests {
         alive: Arc<AtomicBool>,
     }
 
-    impl crate::sink::Wake for Reactor {
+    impl crate::completion::Wake for Reactor {
         fn wake(&self) {
             if self.alive.load(Ordering::Acquire) {
                 if let Some(l) = self.liveness.upgrade() {
@@ -216,7 +216,7 @@ mod tests {
                         liveness: Arc::downgrade(&liveness),
                         index,
                         alive: alive[index].clone(),
-                    }) as Box<dyn crate::sink::Wake>
+                    }) as Box<dyn crate::completion::Wake>
                 })
                 .collect(),
         );

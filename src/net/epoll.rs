@@ -28,10 +28,10 @@ use tracing::{debug, info, warn};
 
 use super::host::{self, Host, STOP_WAIT};
 use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
+use crate::completion::{CompletionQueue, Ticket, Wake};
 use crate::conn::{Connection, Edge};
 use crate::liveness::Liveness;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
-use crate::sink::{CompletionQueue, Ticket, Wake};
 
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
 /// and is handed to the driver at once, which keeps only what it cannot consume yet.

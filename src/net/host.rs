@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use super::{stamp, Admitted, InFlight, Phase, Shared};
+use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket};
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::ReactorMetrics;
-use crate::sink::{auth_completion, Answer, Completion, CompletionQueue, Ticket};
+use crate::sink::Completion;
 
 /// Generations wrap within 24 bits: the io_uring backend packs slot and generation of
 /// a connection into each operation's 64-bit `user_data` next to an opcode byte.

@@ -6,9 +6,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::*;
+use crate::completion::Wake;
 use crate::metrics::Metrics;
 use crate::net::contract_tests::params;
-use crate::sink::{Completion, Sink, Wake};
+use crate::sink::{Completion, Sink};
 use crate::smtp::SealedMessage;
 
 /// Keeps every message with its completion for the test to answer; says it is over its

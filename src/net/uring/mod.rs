@@ -43,8 +43,8 @@ use std::thread::JoinHandle;
 
 use tracing::{info, warn};
 
+use crate::completion::{CompletionQueue, Wake};
 use crate::net::{bind_all, NetError, Phase, ReactorParams, Shared};
-use crate::sink::{CompletionQueue, Wake};
 use ring::EventFd;
 
 /// The receive-buffer ring of each reactor.

@@ -18,11 +18,11 @@ use tracing::{debug, warn};
 
 use super::ring::{self, BufRing, EventFd, SendBuf, SendPool};
 use super::PhaseCell;
+use crate::completion::{CompletionQueue, Ticket};
 use crate::conn::Edge;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::net::host::{self, Entry, Host, GEN_MASK, STOP_WAIT};
 use crate::net::{accept_exhausted, Phase, Shared, ACCEPT_BACKOFF};
-use crate::sink::{CompletionQueue, Ticket};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
