@@ -6,23 +6,10 @@ mod kafka_support;
 
 use std::time::{Duration, Instant};
 
-use kafka_support::{consume, queued_id, start_gateway, Client};
+use kafka_support::{consume, lines_of, queued_id, start_gateway, Client};
 use rdkafka::mocking::MockCluster;
 
 const TOPIC: &str = "mail.in";
-
-/// A body of exactly `n` octets (n >= 2) in lines of at most 80 octets.
-fn lines_of(n: usize) -> Vec<u8> {
-    let mut body = Vec::with_capacity(n);
-    while n - body.len() > 81 {
-        body.extend_from_slice(&[b's'; 78]);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.resize(n - 2, b't');
-    body.extend_from_slice(b"\r\n");
-    assert_eq!(body.len(), n);
-    body
-}
 
 /// A one-broker mock cluster with the topic.
 fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {

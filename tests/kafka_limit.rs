@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use broker_support::{tansu_binary, wait, Gw, Tansu};
-use kafka_support::Client;
+use kafka_support::{lines_of, Client};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -156,18 +156,6 @@ fn outage(gw: &Gw, proxy: &Proxy) {
         wait(WAIT, || gw.readyz() == 200),
         "the gateway never came back"
     );
-}
-
-/// A body of exactly `n` octets (n >= 2) in lines of at most 80 octets.
-fn lines_of(n: usize) -> Vec<u8> {
-    let mut body = Vec::with_capacity(n);
-    while n - body.len() > 81 {
-        body.extend_from_slice(&[b's'; 78]);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.resize(n - 2, b't');
-    body.extend_from_slice(b"\r\n");
-    body
 }
 
 #[test]

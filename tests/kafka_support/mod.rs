@@ -271,3 +271,16 @@ pub fn queued_id(reply: &str) -> String {
         .expect("an id")
         .to_owned()
 }
+
+/// A body of exactly `n` octets (n >= 2) in lines of at most 80 octets.
+pub fn lines_of(n: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(n);
+    while n - body.len() > 81 {
+        body.extend_from_slice(&[b's'; 78]);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.resize(n - 2, b't');
+    body.extend_from_slice(b"\r\n");
+    assert_eq!(body.len(), n);
+    body
+}

@@ -193,3 +193,14 @@ fn message_max_bytes_follows_the_largest_value_unless_set() {
     assert_eq!(get(&options), Some("2000000".into()));
     assert_eq!(options.producer_message_max_bytes(), 2_000_000);
 }
+
+#[test]
+fn the_options_are_the_configurations_kafka_group_not_a_copy_of_its_fields() {
+    let settings = crate::config::Kafka {
+        max_inflight_messages: 7,
+        ..crate::config::Kafka::default()
+    };
+    let o = KafkaOptions::new(settings.clone(), 100);
+    assert_eq!(o.settings, settings);
+    assert_eq!(o.max_recipients, 100);
+}
