@@ -476,7 +476,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             });
             // The record overhead counts room for every recipient's headers: at least
             // the server's default limit, more if a record has more.
-            let max_recipients = smtpgw::config::Session::default()
+            let max_recipients = smtpgw::config::SessionSettings::default()
                 .max_recipients
                 .max(summary.most_recipients);
             let mut options = smtpgw::sink::kafka::KafkaOptions::new(

@@ -328,7 +328,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         "listen,metrics-listen,hostname,reactors,io-backend",
         running.server != new.server,
     );
-    let but_drain = crate::config::Limits {
+    let but_drain = crate::config::LimitSettings {
         drain_timeout: new.limits.drain_timeout,
         ..running.limits.clone()
     };
@@ -351,7 +351,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         "tls-cert,tls-key (turning TLS on or off)",
         running.edge.tls().is_some() != new.edge.tls().is_some(),
     );
-    let without_tls = |c: &Config| crate::config::Edge {
+    let without_tls = |c: &Config| crate::config::EdgeSettings {
         tls_cert: None,
         tls_key: None,
         tls_min_version: TlsMinVersion::default(),

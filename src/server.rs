@@ -11,7 +11,7 @@ use tracing::{error, info, warn};
 
 use crate::certs::TlsConfigError;
 use crate::config::{Config, SinkKind};
-use crate::conn::{Edge, Limits, MinDataRate, PeerLimits, ProxyMode, TlsHandle};
+use crate::conn::{ConnectionSettings, Edge, MinDataRate, PeerLimits, ProxyMode, TlsHandle};
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::net::{ListenerKind, ListenerSpec, NetError, ReactorParams, Reactors};
@@ -157,8 +157,8 @@ fn raise_fd_limit(max_connections: usize) -> usize {
 }
 
 /// The connection driver's limits from the configuration.
-pub fn limits(config: &Config) -> Limits {
-    Limits {
+pub fn limits(config: &Config) -> ConnectionSettings {
+    ConnectionSettings {
         idle_timeout: config.limits.idle_timeout.0,
         max_session_time: config.limits.max_session_time.0,
         min_data_rate: config
@@ -169,7 +169,7 @@ pub fn limits(config: &Config) -> Limits {
                 bytes_per_second,
                 window,
             }),
-        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
         sink: config.spool.sink.name(),
     }
 }

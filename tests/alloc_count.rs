@@ -281,7 +281,7 @@ fn uring_reactor_allocation_budget() {
     use std::io::{Read, Write};
     use std::time::Duration;
 
-    use smtpgw::conn::{Edge, Limits};
+    use smtpgw::conn::{ConnectionSettings, Edge};
     use smtpgw::metrics::Metrics;
     use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
     use smtpgw::sink::null::NullSink;
@@ -300,11 +300,11 @@ fn uring_reactor_allocation_budget() {
             sink: Arc::new(NullSink::new()),
             metrics: Arc::new(Metrics::new().expect("metrics")),
             max_connections: 10,
-            limits: Limits {
+            limits: ConnectionSettings {
                 idle_timeout: Duration::from_secs(60),
                 max_session_time: Duration::from_secs(600),
                 min_data_rate: None,
-                output_cap: Limits::DEFAULT_OUTPUT_CAP,
+                output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
                 sink: "null",
             },
             max_body_memory: 1 << 30,

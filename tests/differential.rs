@@ -13,7 +13,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use smtpgw::conn::{Edge, Limits};
+use smtpgw::conn::{ConnectionSettings, Edge};
 use smtpgw::metrics::Metrics;
 use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
 use smtpgw::sink::{Completion, Sink};
@@ -65,11 +65,11 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
             sink,
             metrics: Arc::new(Metrics::new().expect("metrics")),
             max_connections: 100,
-            limits: Limits {
+            limits: ConnectionSettings {
                 idle_timeout: Duration::from_secs(30),
                 max_session_time: Duration::from_secs(60),
                 min_data_rate: None,
-                output_cap: Limits::DEFAULT_OUTPUT_CAP,
+                output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
                 sink: "recording",
             },
             max_body_memory: 1 << 30,

@@ -24,7 +24,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig};
 use smtpgw::conn::{
-    BodyBudget, Cidr, Connection, Edge, EdgeAuth, Limits, PeerLimits, ProxyMode, State, TlsHandle,
+    BodyBudget, Cidr, Connection, ConnectionSettings, Edge, EdgeAuth, PeerLimits, ProxyMode, State,
+    TlsHandle,
 };
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
@@ -153,7 +154,7 @@ pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
         max_recipients: 4,
         bare_lf: BareLfPolicy::Reject,
     });
-    let limits = Arc::new(Limits {
+    let limits = Arc::new(ConnectionSettings {
         idle_timeout: Duration::from_secs(60),
         max_session_time: Duration::from_secs(3600),
         min_data_rate: None,

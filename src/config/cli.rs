@@ -154,7 +154,7 @@ pub enum SpoolCommand {
         #[arg(long = "after-cursor", value_name = "FILE")]
         after_cursor: Option<PathBuf>,
         #[command(flatten)]
-        kafka: Kafka,
+        kafka: KafkaSettings,
     },
     /// Verify every record; print a summary; exit 1 if anything is corrupt.
     Check {
@@ -199,7 +199,7 @@ pub struct SpoolDirArg {
     #[command(flatten)]
     pub file: ConfigFileArg,
     #[command(flatten)]
-    pub store: SpoolDir,
+    pub store: SpoolDirSettings,
     #[arg(skip)]
     pub sources: Sources,
 }
@@ -217,7 +217,11 @@ impl SpoolDirArg {
     }
 
     /// `spool replay`'s Kafka settings over the file's, validated.
-    pub fn kafka(&self, kafka: Kafka, file: Option<&ConfigFile>) -> Result<Kafka, ConfigError> {
+    pub fn kafka(
+        &self,
+        kafka: KafkaSettings,
+        file: Option<&ConfigFile>,
+    ) -> Result<KafkaSettings, ConfigError> {
         let kafka = layer(kafka, file, &self.sources)?;
         kafka.validate().map_err(|e| self.sources.name(e, file))?;
         Ok(kafka)
@@ -230,21 +234,21 @@ pub struct ServerArgs {
     #[command(flatten)]
     pub file: ConfigFileArg,
     #[command(flatten)]
-    pub server: Server,
+    pub server: ServerSettings,
     #[command(flatten)]
-    pub session: Session,
+    pub session: SessionSettings,
     #[command(flatten)]
-    pub limits: Limits,
+    pub limits: LimitSettings,
     #[command(flatten)]
-    pub edge: Edge,
+    pub edge: EdgeSettings,
     #[command(flatten)]
-    pub spool: Spool,
+    pub spool: SpoolSettings,
     #[command(flatten)]
-    pub store: SpoolDir,
+    pub store: SpoolDirSettings,
     #[command(flatten)]
-    pub kafka: Kafka,
+    pub kafka: KafkaSettings,
     #[command(flatten)]
-    pub log: Logging,
+    pub log: LogSettings,
     #[arg(skip)]
     pub sources: Sources,
 }
@@ -264,14 +268,14 @@ pub(super) fn check_file_value(key: &str, value: &toml::Value) -> Option<Result<
                 .map_err(|e| e.message().trim().replace('\n', " ")),
         )
     }
-    check::<Server>(key, value)
-        .or_else(|| check::<Session>(key, value))
-        .or_else(|| check::<Limits>(key, value))
-        .or_else(|| check::<Edge>(key, value))
-        .or_else(|| check::<SpoolDir>(key, value))
-        .or_else(|| check::<Spool>(key, value))
-        .or_else(|| check::<Kafka>(key, value))
-        .or_else(|| check::<Logging>(key, value))
+    check::<ServerSettings>(key, value)
+        .or_else(|| check::<SessionSettings>(key, value))
+        .or_else(|| check::<LimitSettings>(key, value))
+        .or_else(|| check::<EdgeSettings>(key, value))
+        .or_else(|| check::<SpoolDirSettings>(key, value))
+        .or_else(|| check::<SpoolSettings>(key, value))
+        .or_else(|| check::<KafkaSettings>(key, value))
+        .or_else(|| check::<LogSettings>(key, value))
 }
 
 /// The env variable of a setting: `SMTPGW_` and its long flag name in upper case.

@@ -5,7 +5,7 @@ use super::*;
 settings_group! {
     // TLS, the PROXY protocol and the per-address limits.
     #[command(next_help_heading = "The internet edge")]
-    pub struct Edge {
+    pub struct EdgeSettings {
         /// Second address, speaking TLS from the first byte (RFC 8314 submissions/465
         /// style); needs --tls-cert and --tls-key.
         #[arg(long, value_name = "ADDR", value_parser = socket_addr)]
@@ -94,7 +94,7 @@ settings_group! {
     }
 }
 
-impl Edge {
+impl EdgeSettings {
     /// Certificate and key, when TLS is on (validation makes them both or neither).
     pub fn tls(&self) -> Option<(&Path, &Path)> {
         self.tls_cert.as_deref().zip(self.tls_key.as_deref())

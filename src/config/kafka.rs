@@ -7,7 +7,7 @@ settings_group! {
     // The Kafka sink's settings, shared by the server and `spool replay`; the sink
     // builds its producer from this group.
     #[command(next_help_heading = "Kafka")]
-    pub struct Kafka {
+    pub struct KafkaSettings {
         /// Kafka bootstrap servers, host:port[,host:port...] (required with --sink kafka
         /// and by spool replay).
         #[arg(long, value_name = "LIST")]
@@ -37,7 +37,7 @@ settings_group! {
     }
 }
 
-impl Kafka {
+impl KafkaSettings {
     /// The checks the value types cannot make alone.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(b) = &self.kafka_brokers {

@@ -5,7 +5,7 @@ use super::*;
 settings_group! {
     // Connections, memory and time.
     #[command(next_help_heading = "Connections and memory")]
-    pub struct Limits {
+    pub struct LimitSettings {
         /// Open connections across all reactors.
         #[arg(long, value_name = "N", default_value = "10000")]
         pub max_connections: u64,

@@ -5,7 +5,7 @@ use super::*;
 settings_group! {
     // Log lines on stderr.
     #[command(next_help_heading = "Logging")]
-    pub struct Logging {
+    pub struct LogSettings {
         /// Log line format on stderr.
         #[arg(long, value_enum, default_value = "text")]
         pub log_format: LogFormat,

@@ -5,7 +5,7 @@ use super::*;
 settings_group! {
     // Listeners, identity and threads; these change only at a restart.
     #[command(next_help_heading = "Listeners")]
-    pub struct Server {
+    pub struct ServerSettings {
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", value_parser = socket_addr, default_value = "127.0.0.1:2525")]
         pub listen: SocketAddr,

@@ -5,7 +5,7 @@ use super::*;
 settings_group! {
     // What a session accepts; SIGHUP re-reads these from the file.
     #[command(next_help_heading = "Session (SIGHUP reloads these)")]
-    pub struct Session {
+    pub struct SessionSettings {
         /// Recipient domain to accept mail for; repeatable, or comma-separated
         /// [default: localhost and --hostname].
         #[arg(long, value_name = "DOMAIN", value_delimiter = ',')]

@@ -6,7 +6,7 @@ settings_group! {
     // Where the spool is; shared by the server and the `spool` tools. No help heading
     // of its own: in the tools it would carry over to their own flags after it; in the
     // server's help it follows the "Sink and spool" group.
-    pub struct SpoolDir {
+    pub struct SpoolDirSettings {
         /// The spool's directory.
         #[arg(long, value_name = "DIR", default_value = "./spool")]
         pub spool_dir: PathBuf,
@@ -16,7 +16,7 @@ settings_group! {
 settings_group! {
     // The sink and the spool's limits.
     #[command(next_help_heading = "Sink and spool")]
-    pub struct Spool {
+    pub struct SpoolSettings {
         /// Where accepted messages go.
         #[arg(long, value_enum, default_value = "spool")]
         pub sink: SinkKind,

@@ -45,7 +45,7 @@ fn host() -> Option<String> {
     Some("mx.test".to_owned())
 }
 
-fn pairs(kafka: &Kafka) -> Vec<(&str, &str)> {
+fn pairs(kafka: &KafkaSettings) -> Vec<(&str, &str)> {
     kafka
         .kafka_config
         .iter()
@@ -69,23 +69,32 @@ fn err(args: &[&str], text: &str) -> String {
 #[test]
 fn every_group_has_defaults_that_parse() {
     // `Default` is clap's parse of no arguments: a bad default_value panics here.
-    assert_eq!(Server::default().listen, "127.0.0.1:2525".parse().unwrap());
     assert_eq!(
-        Session::default().max_message_size,
+        ServerSettings::default().listen,
+        "127.0.0.1:2525".parse().unwrap()
+    );
+    assert_eq!(
+        SessionSettings::default().max_message_size,
         MaxMessageSize {
             bytes: ByteSize(10 << 20),
             auto: false
         }
     );
     assert_eq!(
-        Limits::default().idle_timeout,
+        LimitSettings::default().idle_timeout,
         Dur(Duration::from_secs(300))
     );
-    assert_eq!(Edge::default().trusted_cidr.len(), 2);
-    assert_eq!(SpoolDir::default().spool_dir, PathBuf::from("./spool"));
-    assert_eq!(Spool::default().spool_min_free_bytes, ByteSize(64 << 20));
-    assert_eq!(Kafka::default().kafka_topic.0, "smtp.inbound");
-    assert_eq!(Logging::default().log_format, LogFormat::Text);
+    assert_eq!(EdgeSettings::default().trusted_cidr.len(), 2);
+    assert_eq!(
+        SpoolDirSettings::default().spool_dir,
+        PathBuf::from("./spool")
+    );
+    assert_eq!(
+        SpoolSettings::default().spool_min_free_bytes,
+        ByteSize(64 << 20)
+    );
+    assert_eq!(KafkaSettings::default().kafka_topic.0, "smtp.inbound");
+    assert_eq!(LogSettings::default().log_format, LogFormat::Text);
 }
 
 /// `print-config` writes each value as text its parser reads back to the same value.
@@ -133,9 +142,9 @@ fn printed_settings_read_back_as_the_same_values() {
     round_trips(a.spool);
     round_trips(a.kafka);
     round_trips(a.log);
-    round_trips(Limits {
+    round_trips(LimitSettings {
         min_data_rate: DataRate(None),
-        ..Limits::default()
+        ..LimitSettings::default()
     });
 }
 

@@ -7,14 +7,14 @@ use super::*;
 /// groups are as given; the fields after them are what their defaults resolve to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
-    pub server: Server,
-    pub session: Session,
-    pub limits: Limits,
-    pub edge: Edge,
-    pub store: SpoolDir,
-    pub spool: Spool,
-    pub kafka: Kafka,
-    pub log: Logging,
+    pub server: ServerSettings,
+    pub session: SessionSettings,
+    pub limits: LimitSettings,
+    pub edge: EdgeSettings,
+    pub store: SpoolDirSettings,
+    pub spool: SpoolSettings,
+    pub kafka: KafkaSettings,
+    pub log: LogSettings,
     /// `--hostname`, else the system's, else `localhost`.
     pub hostname: String,
     /// Normalised (UTS #46 A-labels in lower case), deduplicated, never empty.
@@ -321,7 +321,7 @@ pub(super) fn validate(
     })
 }
 
-pub(super) fn validate_edge(e: &Edge, listen: SocketAddr) -> Result<(), ConfigError> {
+pub(super) fn validate_edge(e: &EdgeSettings, listen: SocketAddr) -> Result<(), ConfigError> {
     if let Some(addr) = e.listen_tls {
         if addr == listen && addr.port() != 0 {
             return Err(invalid("--listen-tls", "must differ from --listen"));

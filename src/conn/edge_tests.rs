@@ -18,12 +18,12 @@ use crate::metrics::Metrics;
 
 const SOCKET_PEER: &str = "10.0.0.5:40000";
 
-fn limits() -> Limits {
-    Limits {
+fn limits() -> ConnectionSettings {
+    ConnectionSettings {
         idle_timeout: Duration::from_secs(60),
         max_session_time: Duration::from_secs(3600),
         min_data_rate: None,
-        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
         sink: "test",
     }
 }

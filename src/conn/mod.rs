@@ -110,7 +110,7 @@ pub struct MinDataRate {
 
 /// Per-listener connection settings.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub struct ConnectionSettings {
     /// Closes with `421 4.4.2` after this long without progress from the client; a
     /// client that does not read our replies gets as long before it is dropped.
     pub idle_timeout: Duration,
@@ -124,7 +124,7 @@ pub struct Limits {
     pub sink: &'static str,
 }
 
-impl Limits {
+impl ConnectionSettings {
     pub const DEFAULT_OUTPUT_CAP: usize = 8 * 1024;
 }
 
@@ -301,7 +301,7 @@ struct Samples {
 }
 
 /// The message a connection has with the sink, and what its log line will say.
-struct InFlight {
+struct PendingPublish {
     since: Instant,
     charged: usize,
     body_len: usize,
@@ -339,7 +339,7 @@ enum Life {
 /// One client connection: the SMTP session plus everything around it.
 pub struct Connection {
     session: Session,
-    limits: Arc<Limits>,
+    limits: Arc<ConnectionSettings>,
     budget: BodyBudget,
     peer: SocketAddr,
     life: Life,
@@ -358,7 +358,7 @@ pub struct Connection {
     eof: bool,
     /// Body bytes of the session charged to the budget.
     charged: usize,
-    in_flight: Option<InFlight>,
+    in_flight: Option<PendingPublish>,
     body_started: Option<Instant>,
     /// When the current body began (kept for the log line after the body timing ends).
     body_since: Option<Instant>,
@@ -405,7 +405,7 @@ impl Connection {
     pub fn new(
         now: Instant,
         session: Arc<SessionConfig>,
-        limits: Arc<Limits>,
+        limits: Arc<ConnectionSettings>,
         budget: BodyBudget,
         peer: SocketAddr,
         edge: Arc<Edge>,
@@ -999,7 +999,7 @@ impl Connection {
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
         self.budget.handed_to_sink(charged);
-        self.in_flight = Some(InFlight {
+        self.in_flight = Some(PendingPublish {
             since: now,
             charged,
             body_len,
@@ -1329,7 +1329,7 @@ impl Connection {
     fn log_transaction(
         &self,
         now: Instant,
-        flight: &mut InFlight,
+        flight: &mut PendingPublish,
         result: &PublishResult,
         stored_in: StoredIn,
     ) {

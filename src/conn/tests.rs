@@ -17,20 +17,20 @@ pub(super) fn session_config() -> Arc<SessionConfig> {
     })
 }
 
-fn limits() -> Limits {
-    Limits {
+fn limits() -> ConnectionSettings {
+    ConnectionSettings {
         idle_timeout: Duration::from_secs(60),
         max_session_time: Duration::from_secs(3600),
         min_data_rate: Some(MinDataRate {
             bytes_per_second: 1024,
             window: Duration::from_secs(30),
         }),
-        output_cap: Limits::DEFAULT_OUTPUT_CAP,
+        output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
         sink: "test",
     }
 }
 
-fn open(t0: Instant, limits: Limits, budget: &BodyBudget) -> Connection {
+fn open(t0: Instant, limits: ConnectionSettings, budget: &BodyBudget) -> Connection {
     Connection::new(
         t0,
         session_config(),
@@ -144,7 +144,7 @@ fn a_client_that_never_reads_stops_being_read() {
     }
     assert!(!conn.wants_read());
     // Replies stop at the cap (plus the one reply that crossed it).
-    assert!(conn.pending_output().len() < Limits::DEFAULT_OUTPUT_CAP + 1024);
+    assert!(conn.pending_output().len() < ConnectionSettings::DEFAULT_OUTPUT_CAP + 1024);
     assert!(offered < 16 * 1024, "kept reading: {offered}");
     // It is dropped once it has not read for the idle timeout.
     let later = t0 + Duration::from_secs(61);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conn::Limits;
+use crate::conn::ConnectionSettings;
 use crate::metrics::Metrics;
 use crate::net::{IoBackend, ReactorParams, Reactors};
 use crate::sink::null::NullSink;
@@ -124,11 +124,11 @@ pub(crate) fn params(sink: Arc<dyn Sink>, max_connections: usize, idle: Duration
         sink,
         metrics: Arc::new(Metrics::new().expect("metrics registry")),
         max_connections,
-        limits: Limits {
+        limits: ConnectionSettings {
             idle_timeout: idle,
             max_session_time: Duration::from_secs(60),
             min_data_rate: None,
-            output_cap: Limits::DEFAULT_OUTPUT_CAP,
+            output_cap: ConnectionSettings::DEFAULT_OUTPUT_CAP,
             sink: "test",
         },
         max_body_memory: 1 << 30,

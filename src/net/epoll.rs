@@ -27,7 +27,9 @@ use tokio::task::LocalSet;
 use tracing::{debug, info, warn};
 
 use super::host::{self, Host, STOP_WAIT};
-use super::{accept_exhausted, bind_all, NetError, Phase, ReactorParams, Shared, ACCEPT_BACKOFF};
+use super::{
+    accept_exhausted, bind_all, NetError, Phase, ReactorParams, ReactorShared, ACCEPT_BACKOFF,
+};
 use crate::completion::{CompletionQueue, Ticket, Wake};
 use crate::conn::{Connection, Edge};
 use crate::liveness::Liveness;
@@ -44,7 +46,7 @@ thread_local! {
 /// The running reactors.
 pub struct Reactors {
     local_addr: SocketAddr,
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<ReactorShared>,
     phase: watch::Sender<Phase>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -56,7 +58,7 @@ impl Reactors {
         let reactors = p.reactors.max(1);
         let (addrs, listeners) = bind_all(&p, reactors)?;
         let local_addr = addrs[0];
-        let shared = Shared::new(&p);
+        let shared = ReactorShared::new(&p);
         let (phase, _) = watch::channel(Phase::Running);
 
         let mut threads = Vec::with_capacity(reactors);
@@ -174,7 +176,7 @@ struct Reactor {
 }
 
 impl Reactor {
-    fn new(shared: Arc<Shared>, metrics: ReactorMetrics) -> Rc<Reactor> {
+    fn new(shared: Arc<ReactorShared>, metrics: ReactorMetrics) -> Rc<Reactor> {
         let answers_ready = Arc::new(Notify::new());
         let queue = CompletionQueue::new(Box::new(NotifyWake(answers_ready.clone())));
         Rc::new(Reactor {
@@ -185,7 +187,7 @@ impl Reactor {
         })
     }
 
-    fn shared(&self) -> Arc<Shared> {
+    fn shared(&self) -> Arc<ReactorShared> {
         self.host.borrow().shared().clone()
     }
 
@@ -287,7 +289,7 @@ async fn flush_metrics(reactor: Rc<Reactor>) {
 /// Answers the watchdog's questions: a task of this reactor's runtime, so it runs only
 /// while the reactor's loop turns (a task that never yields starves it, as it would
 /// every connection).
-async fn answer_liveness(shared: Arc<Shared>, index: usize, asked: Arc<Notify>) {
+async fn answer_liveness(shared: Arc<ReactorShared>, index: usize, asked: Arc<Notify>) {
     loop {
         asked.notified().await;
         shared.liveness.answer(index);

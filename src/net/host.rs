@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use super::{stamp, Admitted, InFlight, Phase, Shared};
+use super::{stamp, Admitted, Phase, PublishGauge, ReactorShared};
 use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket};
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::ReactorMetrics;
@@ -55,12 +55,12 @@ struct Slot<B> {
     conn: Option<Entry<B>>,
     /// The message this slot has with the sink, for the in-flight gauge; kept after
     /// the connection closed until the sink answers.
-    flight: Option<InFlight>,
+    flight: Option<PublishGauge>,
 }
 
 /// One reactor's connections and everything about them that is not I/O.
 pub struct Host<B> {
-    shared: Arc<Shared>,
+    shared: Arc<ReactorShared>,
     queue: Arc<CompletionQueue>,
     slots: Vec<Slot<B>>,
     free: Vec<u32>,
@@ -79,7 +79,11 @@ pub struct Host<B> {
 
 impl<B> Host<B> {
     /// `queue` is where this reactor's sinks and AUTH verifier answer.
-    pub fn new(shared: Arc<Shared>, queue: Arc<CompletionQueue>, metrics: ReactorMetrics) -> Self {
+    pub fn new(
+        shared: Arc<ReactorShared>,
+        queue: Arc<CompletionQueue>,
+        metrics: ReactorMetrics,
+    ) -> Self {
         Host {
             budget: shared.new_budget(),
             shared,
@@ -96,7 +100,7 @@ impl<B> Host<B> {
         }
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<ReactorShared> {
         &self.shared
     }
 

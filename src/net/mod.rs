@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::conn::{BodyBudget, Edge, Limits};
+use crate::conn::{BodyBudget, ConnectionSettings, Edge};
 use crate::metrics::Metrics;
 use crate::reload::SessionConfigHandle;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
@@ -79,7 +79,7 @@ pub struct ReactorParams {
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
     pub max_connections: usize,
-    pub limits: Limits,
+    pub limits: ConnectionSettings,
     /// Across all reactors; each gets an equal share.
     pub max_body_memory: usize,
 }
@@ -120,11 +120,11 @@ pub fn stamp() -> (MessageId, DateTime<Utc>) {
 }
 
 /// Read-only after start, except the connection count.
-pub struct Shared {
+pub struct ReactorShared {
     pub session: Arc<SessionConfigHandle>,
     pub sink: Arc<dyn Sink>,
     pub metrics: Arc<Metrics>,
-    pub limits: Arc<Limits>,
+    pub limits: Arc<ConnectionSettings>,
     /// Each reactor answers the watchdog's questions here (see [`crate::liveness`]).
     pub liveness: Arc<crate::liveness::Liveness>,
     max_connections: usize,
@@ -135,10 +135,10 @@ pub struct Shared {
     none_open: tokio::sync::Notify,
 }
 
-impl Shared {
-    pub fn new(p: &ReactorParams) -> Arc<Shared> {
+impl ReactorShared {
+    pub fn new(p: &ReactorParams) -> Arc<ReactorShared> {
         let reactors = p.reactors.max(1);
-        Arc::new(Shared {
+        Arc::new(ReactorShared {
             too_many: reply::too_many_connections(&p.session.hostname)
                 .into_bytes()
                 .into_boxed_slice(),
@@ -205,16 +205,16 @@ impl Shared {
     }
 
     /// Hands a message to the sink; the answer comes back through `done`.
-    pub fn submit(&self, sealed: SealedMessage, done: Completion) -> InFlight {
+    pub fn submit(&self, sealed: SealedMessage, done: Completion) -> PublishGauge {
         let bytes = i64::try_from(sealed.value.len()).unwrap_or(i64::MAX);
         self.metrics.publish_inflight_messages.inc();
         self.metrics.publish_inflight_bytes.add(bytes);
         self.sink.submit(sealed, done);
-        InFlight(bytes)
+        PublishGauge(bytes)
     }
 
     /// The sink answered the message `flight` stands for.
-    pub fn answered(&self, flight: InFlight, result: &PublishResult) {
+    pub fn answered(&self, flight: PublishGauge, result: &PublishResult) {
         let m = &self.metrics;
         m.publish_inflight_messages.dec();
         m.publish_inflight_bytes.sub(flight.0);
@@ -230,7 +230,7 @@ impl Shared {
 
 /// One slot of `--max-connections`, held for as long as the connection exists
 /// (including when a task is dropped by a panic or by the runtime shutting down).
-pub struct Admitted(Arc<Shared>);
+pub struct Admitted(Arc<ReactorShared>);
 
 impl Drop for Admitted {
     fn drop(&mut self) {
@@ -243,7 +243,7 @@ impl Drop for Admitted {
 
 /// A message with the sink: its bytes, for the in-flight gauge.
 #[derive(Debug)]
-pub struct InFlight(i64);
+pub struct PublishGauge(i64);
 
 /// Binds one SO_REUSEPORT listener per reactor. The first one picks the port when
 /// `listen` has port 0. Refuses an address some other socket already holds: with
@@ -391,7 +391,7 @@ impl Reactors {
         self.shared().all_closed().await
     }
 
-    fn shared(&self) -> &Shared {
+    fn shared(&self) -> &ReactorShared {
         match self {
             Reactors::Epoll(r) => &r.shared,
             Reactors::Uring(r) => &r.shared,

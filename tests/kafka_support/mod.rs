@@ -37,7 +37,7 @@ pub fn record_of(msg: &smtpgw::smtp::envelope::SealedMessage) -> Record {
 }
 
 pub fn options(brokers: &str, topic: &str, publish_timeout: Duration) -> KafkaOptions {
-    let settings = smtpgw::config::Kafka {
+    let settings = smtpgw::config::KafkaSettings {
         kafka_brokers: Some(brokers.to_owned()),
         kafka_topic: smtpgw::config::KafkaTopic(topic.to_owned()),
         publish_timeout: smtpgw::config::Dur(publish_timeout),

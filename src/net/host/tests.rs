@@ -62,7 +62,7 @@ fn fixture(max_connections: usize) -> Fixture {
     let metrics = Arc::new(Metrics::new().expect("metrics registry"));
     let mut p = params(sink.clone(), max_connections, Duration::from_secs(60));
     p.metrics = metrics.clone();
-    let shared = Shared::new(&p);
+    let shared = ReactorShared::new(&p);
     let queue = CompletionQueue::new(Box::new(NoWake));
     let host = Host::new(shared, queue, metrics.reactor(0));
     Fixture {

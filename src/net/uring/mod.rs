@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use tracing::{info, warn};
 
 use crate::completion::{CompletionQueue, Wake};
-use crate::net::{bind_all, NetError, Phase, ReactorParams, Shared};
+use crate::net::{bind_all, NetError, Phase, ReactorParams, ReactorShared};
 use ring::EventFd;
 
 /// The receive-buffer ring of each reactor.
@@ -95,7 +95,7 @@ impl Wake for Waker {
 /// The running io_uring reactors.
 pub struct Reactors {
     local_addr: SocketAddr,
-    pub(in crate::net) shared: Arc<Shared>,
+    pub(in crate::net) shared: Arc<ReactorShared>,
     phase: Arc<PhaseCell>,
     /// How often a receive found the buffer ring empty (ENOBUFS), for tests and logs.
     buffers_exhausted: Arc<std::sync::atomic::AtomicU64>,
@@ -131,7 +131,7 @@ impl Reactors {
         // Every listener (--listen, --listen-tls) on every reactor, each with its edge.
         let (addrs, listeners) = bind_all(&p, reactors)?;
         let local_addr = addrs[0];
-        let shared = Shared::new(&p);
+        let shared = ReactorShared::new(&p);
         let phase = Arc::new(PhaseCell::default());
         let buffers_exhausted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let pin_cpus = p.pin_cpus;

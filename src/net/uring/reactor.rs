@@ -22,7 +22,7 @@ use crate::completion::{CompletionQueue, Ticket};
 use crate::conn::Edge;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 use crate::net::host::{self, Entry, Host, GEN_MASK, STOP_WAIT};
-use crate::net::{accept_exhausted, Phase, Shared, ACCEPT_BACKOFF};
+use crate::net::{accept_exhausted, Phase, ReactorShared, ACCEPT_BACKOFF};
 
 /// What a completion is about: the top byte of `user_data`. Connection operations carry
 /// the slot (low 32 bits) and its generation (24 bits) too.
@@ -98,7 +98,7 @@ struct Listener {
 pub(super) struct Parts {
     pub index: usize,
     pub listeners: Vec<(TcpListener, Arc<Edge>)>,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<ReactorShared>,
     pub event: Arc<EventFd>,
     pub queue: Arc<CompletionQueue>,
     pub metrics: ReactorMetrics,
@@ -126,7 +126,7 @@ pub(super) struct Reactor {
     event_buf: Box<u64>,
     event_armed: bool,
     cqes: Vec<(u64, i32, u32)>,
-    shared: Arc<Shared>,
+    shared: Arc<ReactorShared>,
     next_flush: Instant,
     busy: Duration,
     /// Operations whose final completion has not been reaped (accept, eventfd read,

@@ -1,5 +1,5 @@
 //! The producer side of a message: what waits for its delivery report ([`Answer`],
-//! [`InFlight`]), the producer's callbacks ([`GatewayContext`]), how a delivery error maps to
+//! [`PendingDelivery`]), the producer's callbacks ([`GatewayContext`]), how a delivery error maps to
 //! an answer ([`classify`]) and bears on the producer's liveness ([`liveness`]), and how a
 //! record's headers and partition are built.
 
@@ -16,14 +16,14 @@ use rdkafka::ClientContext;
 
 use super::supervisor::Notice;
 use super::{
-    Shared, ABORTED, FAILED, PRODUCER_FAILED, QUEUE_FULL, TIMED_OUT, TOPIC_TOO_SMALL, UNAVAILABLE,
-    UNKNOWN_TOPIC,
+    KafkaShared, ABORTED, FAILED, PRODUCER_FAILED, QUEUE_FULL, TIMED_OUT, TOPIC_TOO_SMALL,
+    UNAVAILABLE, UNKNOWN_TOPIC,
 };
 use crate::sink::{Completion, PublishError, PublishResult, SinkStats};
 use crate::smtp::envelope::{MessageId, SealedMessage};
 
 /// What the delivery callback needs to answer one message.
-pub(super) struct InFlight {
+pub(super) struct PendingDelivery {
     pub(super) answer: Answer,
     pub(super) id: MessageId,
     pub(super) bytes: usize,
@@ -62,7 +62,12 @@ impl Answer {
     }
 
     /// `at`: the partition and offset of a delivered record.
-    pub(super) fn answer(self, shared: &Shared, result: PublishResult, at: Option<(i32, i64)>) {
+    pub(super) fn answer(
+        self,
+        shared: &KafkaShared,
+        result: PublishResult,
+        at: Option<(i32, i64)>,
+    ) {
         match self {
             Answer::Session { done, keep } => match (result, keep, &shared.fallback) {
                 (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
@@ -118,7 +123,7 @@ pub(super) fn liveness(error: &KafkaError) -> Option<Liveness> {
 
 /// The producer's callbacks. One per producer, tagged with its generation.
 pub(super) struct GatewayContext {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<KafkaShared>,
     pub(super) generation: u64,
 }
 
@@ -194,11 +199,11 @@ impl GatewayContext {
 }
 
 impl ProducerContext for GatewayContext {
-    type DeliveryOpaque = Box<InFlight>;
+    type DeliveryOpaque = Box<PendingDelivery>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<PendingDelivery>) {
         self.shared.sub_inflight(inflight.bytes);
-        let InFlight { answer, id, bytes } = *inflight;
+        let PendingDelivery { answer, id, bytes } = *inflight;
         match result {
             Ok(record) => {
                 self.shared.delivered(self.generation);

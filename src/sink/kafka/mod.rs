@@ -163,7 +163,7 @@ pub use options::{
 };
 pub use replay::{replay_records, replay_spool, ReplayError, ReplayReport};
 
-use delivery::{classify, owned_headers, GatewayContext, InFlight, Liveness};
+use delivery::{classify, owned_headers, GatewayContext, Liveness, PendingDelivery};
 use size::{check_topic_limit, follow_topic_limit, read_topic_limit};
 use supervisor::{
     drain, flush_when_idle, probe, supervise, Notice, Streak, STREAK_WARNING_INTERVAL,
@@ -203,7 +203,7 @@ pub enum KafkaSinkError {
 }
 
 /// State shared by the sink, its supervisor and every producer's callbacks.
-struct Shared {
+struct KafkaShared {
     /// Store-and-forward: whether the latest session message went to the fallback
     /// spool, and how many went there since it began (for the lines that say when
     /// mail starts and stops going there).
@@ -249,7 +249,7 @@ struct Shared {
     size_watch: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
 }
 
-impl Shared {
+impl KafkaShared {
     /// A session message goes to the fallback spool: the first of a run says so.
     fn stored_in_fallback(&self, why: &str) {
         self.fallback_stored.fetch_add(1, Ordering::Relaxed);
@@ -408,7 +408,7 @@ impl Shared {
 type GatewayProducer = ThreadedProducer<GatewayContext>;
 
 struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<KafkaShared>,
     config: ClientConfig,
     /// The topic, timeout and in-flight limits come from here.
     options: KafkaOptions,
@@ -441,7 +441,7 @@ impl fmt::Debug for KafkaSink {
 
 fn new_producer(
     config: &ClientConfig,
-    shared: &Arc<Shared>,
+    shared: &Arc<KafkaShared>,
     generation: u64,
 ) -> Result<GatewayProducer, KafkaSinkError> {
     let context = GatewayContext {
@@ -469,7 +469,7 @@ impl KafkaSink {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (reread, rereads) = crossbeam_channel::bounded(1);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(KafkaShared {
             fallback_active: AtomicBool::new(false),
             fallback_stored: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
@@ -662,7 +662,7 @@ impl KafkaSink {
         let bytes = value.len();
         let mut record = BaseRecord::with_opaque_to(
             inner.options.topic(),
-            Box::new(InFlight { answer, id, bytes }),
+            Box::new(PendingDelivery { answer, id, bytes }),
         )
         .key(key.as_bytes())
         .payload(value)

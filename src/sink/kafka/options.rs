@@ -25,7 +25,7 @@ const STARTUP_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `--kafka-config`, publish timeout, in-flight limits) and what the gateway adds.
 #[derive(Clone, Debug)]
 pub struct KafkaOptions {
-    pub settings: crate::config::Kafka,
+    pub settings: crate::config::KafkaSettings,
     /// The session's recipient limit: it bounds how many headers a record carries.
     pub max_recipients: usize,
     /// Bounds the start-up metadata and size probes.
@@ -45,7 +45,7 @@ pub struct KafkaOptions {
 }
 
 impl KafkaOptions {
-    pub fn new(settings: crate::config::Kafka, max_recipients: usize) -> Self {
+    pub fn new(settings: crate::config::KafkaSettings, max_recipients: usize) -> Self {
         KafkaOptions {
             settings,
             max_recipients,

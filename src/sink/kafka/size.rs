@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, ConfigResource, ResourceSpecifie
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 
-use super::{limit_for_value, value_limit, KafkaOptions, KafkaSinkError, Shared};
+use super::{limit_for_value, value_limit, KafkaOptions, KafkaShared, KafkaSinkError};
 
 /// A topic that cannot hold the largest message `--max-message-size` allows stops the
 /// start-up: advertising a SIZE and then bouncing what fits it with `552` is worse.
@@ -172,7 +172,7 @@ pub(super) fn next_limits(
 /// producer, a size refusal the sink did not expect) reads the topic's limit and
 /// applies it. Ends once the sink is closed.
 pub(super) fn follow_topic_limit(
-    shared: &Shared,
+    shared: &KafkaShared,
     config: &ClientConfig,
     options: &KafkaOptions,
     rereads: &Receiver<()>,
@@ -192,7 +192,7 @@ pub(super) fn follow_topic_limit(
     }
 }
 
-impl Shared {
+impl KafkaShared {
     /// Applies a reading of the topic's limit (see [`next_limits`]), saying what changed.
     fn apply_topic_limit(&self, topic_max: usize, options: &KafkaOptions) {
         self.topic_max.store(topic_max, Ordering::Release);

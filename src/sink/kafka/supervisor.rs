@@ -12,7 +12,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{Producer, PurgeConfig};
 
 use super::delivery::Liveness;
-use super::{new_producer, GatewayProducer, Inner, Shared};
+use super::{new_producer, GatewayProducer, Inner, KafkaShared};
 
 /// The longest one low-load flush waits for the messages in flight (see "Latency at low
 /// load"); at low load it ends sooner, when they are acknowledged.
@@ -70,7 +70,7 @@ pub(super) fn probe(
     producer: &GatewayProducer,
     topic: &str,
     timeout: Duration,
-    shared: &Shared,
+    shared: &KafkaShared,
 ) -> bool {
     match producer.client().fetch_metadata(Some(topic), timeout) {
         Ok(metadata) => {

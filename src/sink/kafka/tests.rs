@@ -29,7 +29,7 @@ fn the_producer_limit_for_a_value_is_the_least_that_holds_it() {
 
 #[test]
 fn a_topic_too_small_for_the_size_limit_is_refused_in_one_line() {
-    let mut options = KafkaOptions::new(crate::config::Kafka::default(), 100);
+    let mut options = KafkaOptions::new(crate::config::KafkaSettings::default(), 100);
     options.max_value = Some(10 << 20);
     let needed = limit_for_value(10 << 20, 100);
     assert!(
@@ -125,7 +125,7 @@ fn the_brokers_message_max_bytes_stands_in_for_a_topic_without_its_own() {
 
 #[test]
 fn a_changed_topic_limit_moves_size_with_auto_and_is_a_shortfall_without() {
-    let mut options = KafkaOptions::new(crate::config::Kafka::default(), 100);
+    let mut options = KafkaOptions::new(crate::config::KafkaSettings::default(), 100);
     let needed = 10 << 20;
     options.max_value = Some(needed);
     let fits = |topic: usize| value_limit(topic, 100);
@@ -169,7 +169,7 @@ fn a_changed_topic_limit_moves_size_with_auto_and_is_a_shortfall_without() {
 
 #[test]
 fn message_max_bytes_follows_the_largest_value_unless_set() {
-    let settings = crate::config::Kafka {
+    let settings = crate::config::KafkaSettings {
         kafka_brokers: Some("127.0.0.1:1".into()),
         ..Default::default()
     };
@@ -196,9 +196,9 @@ fn message_max_bytes_follows_the_largest_value_unless_set() {
 
 #[test]
 fn the_options_are_the_configurations_kafka_group_not_a_copy_of_its_fields() {
-    let settings = crate::config::Kafka {
+    let settings = crate::config::KafkaSettings {
         max_inflight_messages: 7,
-        ..crate::config::Kafka::default()
+        ..crate::config::KafkaSettings::default()
     };
     let o = KafkaOptions::new(settings.clone(), 100);
     assert_eq!(o.settings, settings);

@@ -155,7 +155,7 @@ pub(crate) mod writer;
 
 pub use format::{Position, SpoolRecord, RECORD_VERSION, SEGMENT_MAGIC};
 pub use reader::{read_all, CorruptRange, ReadEvent, SpoolReader};
-use writer::{Health, Limits, Request, Shared, Writer};
+use writer::{DiskLimits, Health, Request, Writer, WriterShared};
 
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
 
@@ -273,7 +273,7 @@ pub struct SpoolSink {
     /// after the writer has seen it close and leave its completion unanswered.
     tx: RwLock<Option<Sender<Request>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    shared: Arc<Shared>,
+    shared: Arc<WriterShared>,
     /// The oldest segment and its first record's time, so a scrape reads it once.
     oldest: Mutex<Option<(u64, DateTime<Utc>)>>,
     /// Held for the sink's whole life: the `flock` goes with the file handle.
@@ -309,9 +309,9 @@ impl SpoolSink {
             Err(error) => return Err(error),
         };
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(WriterShared {
             dir: dir.to_path_buf(),
-            limits: Limits {
+            limits: DiskLimits {
                 max_bytes: options.max_bytes,
                 min_free_bytes: options.min_free_bytes,
             },

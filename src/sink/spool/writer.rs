@@ -54,9 +54,9 @@ pub(crate) enum Health {
 }
 
 /// What the writer thread and the sink's callers share.
-pub(crate) struct Shared {
+pub(crate) struct WriterShared {
     pub dir: PathBuf,
-    pub limits: Limits,
+    pub limits: DiskLimits,
     pub health: Mutex<Health>,
     /// The end of the last synced batch: everything before it is durable.
     pub durable: Mutex<Position>,
@@ -69,7 +69,7 @@ pub(crate) struct Shared {
     pub commits: Option<crossbeam_channel::Sender<super::SpoolCommit>>,
 }
 
-impl Shared {
+impl WriterShared {
     /// Everything before `position` is durable now.
     fn set_durable(&self, position: Position) {
         *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = position;
@@ -107,7 +107,7 @@ impl Shared {
 
 /// Limits checked before each batch is written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Limits {
+pub(crate) struct DiskLimits {
     pub max_bytes: Option<u64>,
     pub min_free_bytes: u64,
 }
@@ -208,7 +208,7 @@ impl Segment {
 }
 
 pub(crate) struct Writer {
-    shared: std::sync::Arc<Shared>,
+    shared: std::sync::Arc<WriterShared>,
     segment_size: u64,
     segment_age: Option<Duration>,
     /// When the segment being written got its first record.
@@ -284,7 +284,7 @@ impl Writer {
     /// start, see `SpoolOptions::start_when_full`), one that starts segment `seq` as
     /// soon as there is room: at the next batch, or when its retry comes.
     pub fn new(
-        shared: std::sync::Arc<Shared>,
+        shared: std::sync::Arc<WriterShared>,
         segment_size: u64,
         segment_age: Option<Duration>,
         segment: Option<Segment>,
