@@ -10,10 +10,12 @@
 //! off the driver's messages and AUTH credentials, and wakes the driver at its
 //! deadlines. Sink answers and AUTH verdicts arrive on the reactor's
 //! [`CompletionQueue`] with a ticket; a dispatcher task has the host route them, and
-//! the host wakes each connection it changed through the `Notify` kept beside it.
+//! the host wakes each connection it changed through the `Notify` kept beside it. An
+//! answer the sink gives inside the hand-off (the null sink's) never takes that way: the
+//! connection's own task has it when the hand-off returns and writes it at once.
 
 use std::cell::RefCell;
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::LocalSet;
@@ -360,10 +363,12 @@ async fn converse(reactor: &Reactor, stream: &mut TcpStream, ticket: Ticket, wak
             let mut host = reactor.host.borrow_mut();
             let now = Instant::now();
             host.begin(now, ticket);
+            // Before writing: a sink that answers at once (the null sink) has its reply
+            // go out in this write, with no wake-up and no further turn.
+            host.hand_off(now, ticket);
+            host.wake_budget_waiters(|_, wake| wake.notify_one());
             let Some(e) = host.get(ticket) else { return };
             write_out(stream, &mut e.driver);
-            host.hand_off(now, ticket);
-            let Some(e) = host.get(ticket) else { return };
             let next = host::next(&e.driver);
             if next.close {
                 return;
@@ -411,15 +416,33 @@ async fn converse(reactor: &Reactor, stream: &mut TcpStream, ticket: Ticket, wak
     }
 }
 
-/// One read into the reactor's buffer, handed to the driver at once.
+/// One read into the reactor's buffer, handed to the driver at once. A read that
+/// fills less than it asked for has emptied the socket: it tells tokio so (as a read
+/// that would block does), and the task waits for the next readiness event instead of
+/// trying another read that would find nothing, one syscall per lock-step round trip.
+/// New bytes (or the client's FIN) arriving after it raise a new event, as epoll is
+/// edge-triggered; a FIN already seen stays in tokio's readiness.
 fn read_in(stream: &TcpStream, conn: &mut Connection) {
     READ_BUFFER.with(|buf| {
         let mut buf = buf.borrow_mut();
         let len = conn.read_size_hint().min(buf.len());
-        match stream.try_read(&mut buf[..len]) {
+        let mut drained = 0;
+        let read = stream.try_io(Interest::READABLE, || {
+            let n = (&*SockRef::from(stream)).read(&mut buf[..len])?;
+            if n > 0 && n < len {
+                drained = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match read {
             Ok(0) => conn.handle_eof(Instant::now()),
             Ok(n) => conn.handle_input(Instant::now(), &buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if drained > 0 {
+                    conn.handle_input(Instant::now(), &buf[..drained]);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => conn.handle_io_error(),
         }

@@ -210,7 +210,10 @@ impl<B> Host<B> {
     }
 
     /// Hands the credentials the connection took, if any, to the AUTH verifier, and
-    /// the message it completed, if any, to the sink; both answer on the queue.
+    /// the message it completed, if any, to the sink; both answer on the queue. A sink
+    /// that answers inside its `submit` (the null sink) is answered here and now: the
+    /// driver has its reply when this returns, and goes on with the input it held
+    /// meanwhile, so the next message it completes is handed off in the same call.
     pub fn hand_off(&mut self, now: Instant, t: Ticket) {
         let queue = &self.queue;
         let Some(s) = self.slots.get_mut(t.slot as usize) else {
@@ -223,9 +226,17 @@ impl<B> Host<B> {
             // Off the reactor; a full queue answers at once, through the same queue.
             verifier.submit(request, auth_completion(queue.clone(), t));
         }
-        if let Some(sealed) = e.driver.poll_message(now, &mut stamp) {
+        while let Some(sealed) = e.driver.poll_message(now, &mut stamp) {
             let done = Completion::ticket(queue.clone(), t);
-            s.flight = Some(self.shared.submit(sealed, done));
+            let (flight, answer) = queue.hand_off(t, || self.shared.submit(sealed, done));
+            let Some(Answer::Publish(result, stored_in)) = answer else {
+                s.flight = Some(flight);
+                return;
+            };
+            self.shared.answered(flight, &result);
+            e.driver.handle_answer(now, result, stored_in);
+            // Answered bodies no longer count against the budget.
+            self.budget_freed = true;
         }
     }
 

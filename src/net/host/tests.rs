@@ -310,3 +310,80 @@ fn next_says_read_write_shut_down_and_close_in_turn() {
     d.handle_eof(f.t0 + Duration::from_millis(3));
     assert!(next(d).close);
 }
+
+/// Counts the reactor's wake-ups.
+#[derive(Clone, Default)]
+struct CountWake(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Wake for CountWake {
+    fn wake(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A host over `sink` whose queue counts its wake-ups.
+fn counting_host(sink: Arc<dyn Sink>) -> (Host<u32>, CountWake, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new().expect("metrics registry"));
+    let mut p = params(sink, 10, Duration::from_secs(60));
+    p.metrics = metrics.clone();
+    let wake = CountWake::default();
+    let queue = CompletionQueue::new(Box::new(wake.clone()));
+    let host = Host::new(ReactorShared::new(&p), queue, metrics.reactor(0));
+    (host, wake, metrics)
+}
+
+#[test]
+fn an_answer_given_inside_the_hand_off_is_taken_there_without_a_wake_up() {
+    let (mut host, wake, metrics) = counting_host(Arc::new(crate::sink::null::NullSink::new()));
+    let t0 = Instant::now();
+    let admitted = host.admit().unwrap();
+    let peer = "127.0.0.1:4000".parse().unwrap();
+    let t = host
+        .open(t0, peer, Arc::new(Edge::default()), admitted, 1)
+        .unwrap();
+    // Two messages in one read: the first one's answer lets the driver go on to the
+    // second, which is handed off (and answered) in the same call.
+    let two = [
+        TRANSACTION,
+        b"MAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\nagain\r\n.\r\n",
+    ]
+    .concat();
+    host.get(t).unwrap().driver.handle_input(t0, &two);
+    host.hand_off(t0, t);
+    assert_eq!(wake.0.load(Ordering::SeqCst), 0, "the reactor woke itself");
+    let d = &host.get(t).unwrap().driver;
+    assert!(!d.awaiting_publish());
+    let text = String::from_utf8_lossy(d.pending_output()).into_owned();
+    assert_eq!(
+        text.matches("250 2.0.0 Ok: queued as ").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(metrics.publish_inflight_messages.get(), 0);
+    // Nothing was queued for a later turn.
+    host.take_answers(t0, |_, _| panic!("touched again"));
+    let n = next(&host.get(t).unwrap().driver);
+    assert!(n.write && n.read.is_some());
+}
+
+#[test]
+fn an_answer_given_after_the_hand_off_still_wakes_the_reactor() {
+    let sink = Arc::new(Held::default());
+    let (mut host, wake, _) = counting_host(sink.clone());
+    let t0 = Instant::now();
+    let admitted = host.admit().unwrap();
+    let peer = "127.0.0.1:4000".parse().unwrap();
+    let t = host
+        .open(t0, peer, Arc::new(Edge::default()), admitted, 1)
+        .unwrap();
+    host.get(t).unwrap().driver.handle_input(t0, TRANSACTION);
+    host.hand_off(t0, t);
+    // As the spool writer does: from another thread, once the hand-off is over.
+    std::thread::scope(|s| {
+        s.spawn(|| sink.answer_all());
+    });
+    assert_eq!(wake.0.load(Ordering::SeqCst), 1);
+    let mut touched = Vec::new();
+    host.take_answers(t0, |t, io| touched.push((t, *io)));
+    assert_eq!(touched, vec![(t, 1)]);
+}
