@@ -16,7 +16,9 @@
 //! - **Send buffers** come from a per-reactor pool ([`ring::SendPool`]): the driver's
 //!   pending output is copied into one when the send is submitted, because the driver
 //!   keeps appending replies and the kernel may read the bytes at any time until the
-//!   send completes. The connection holds the buffer until that completion returns it.
+//!   send completes. The connection holds the buffer until that completion returns it;
+//!   a send linked to the receive queued after it (`IOSQE_IO_LINK`, no completion of
+//!   its own when it succeeds) is complete when that receive's completion comes.
 //! - **The eventfd read target** is a boxed `u64` of the reactor, read only after the
 //!   read's completion.
 //!

@@ -69,6 +69,9 @@ struct Conn {
     /// The buffer of the one send in flight, if any; the kernel reads it until the
     /// send's completion.
     send: Option<SendBuf>,
+    /// The send in flight is linked to the receive armed behind it and has no
+    /// completion of its own when it succeeds (see `Reactor::link_sends`).
+    linked: Option<Linked>,
     /// The deadline this connection has in the timer heap (the earliest, if several).
     timer: Option<Instant>,
     /// Queued in `dirty` for this turn's flush.
@@ -83,6 +86,17 @@ struct Conn {
     /// Done: waiting for the kernel to return the receive and the send before the
     /// descriptor is closed and the slot reused.
     closing: bool,
+}
+
+/// A send linked to the receive after it. The driver was told its bytes were
+/// written when it was queued: a send that goes out whole says nothing, and the
+/// driver's clocks (idle, write stall) must not take the reply for unsent.
+#[derive(Clone, Copy, Debug)]
+struct Linked {
+    /// The receive behind it was cancelled, because the driver has more to say and the
+    /// one send slot is held until one of the pair's completions comes (see
+    /// `process`).
+    cancelled: bool,
 }
 
 /// One of the reactor's listening sockets; its accept's `user_data` carries its index.
@@ -136,6 +150,15 @@ pub(super) struct Reactor {
     /// Multishot receives (one request for many completions) rather than one receive
     /// per completion; see `Tuning::multishot_recv`.
     multishot: bool,
+    /// A send queued in the same turn as the receive after it goes first, linked to
+    /// it (`IOSQE_IO_LINK`), whole (`MSG_WAITALL`) and with no completion when it
+    /// succeeds (`IOSQE_CQE_SKIP_SUCCESS`). Its own completion would come back at
+    /// once, as the socket takes a reply's bytes inline, and end the loop's wait
+    /// before the client has answered: a lock-step round trip took two
+    /// `io_uring_enter`, now one. A send that fails still completes, and the receive
+    /// behind it then posts nothing. Single-shot receives only, on kernels with
+    /// `IORING_FEAT_CQE_SKIP` (5.17).
+    link_sends: bool,
     exhausted: Arc<std::sync::atomic::AtomicU64>,
     stop_at: Option<Instant>,
     index: usize,
@@ -148,6 +171,7 @@ impl Reactor {
         let t = p.tuning;
         let bufs = BufRing::new(&ring, BGID, t.inc_bufs, t.classic_bufs, t.incremental)?;
         let inc = bufs.incremental;
+        let link_sends = !t.multishot_recv && ring.params().is_feature_skip_cqe_on_success();
         let now = Instant::now();
         Ok((
             Reactor {
@@ -178,6 +202,7 @@ impl Reactor {
                 inflight: 0,
                 phase_cell: p.phase,
                 multishot: t.multishot_recv,
+                link_sends,
                 exhausted: p.exhausted,
                 stop_at: None,
                 index: p.index,
@@ -362,6 +387,7 @@ impl Reactor {
             peer,
             recv: Recv::Off,
             send: None,
+            linked: None,
             timer: None,
             dirty: false,
             data_while_paused: false,
@@ -416,6 +442,15 @@ impl Reactor {
         if !more {
             conn.recv = Recv::Off;
         }
+        if conn.linked.take().is_some() {
+            // The send linked before this receive went out whole: had it failed, its
+            // own completion would have come first, taken the buffer, and no
+            // completion would have come for this receive.
+            self.inflight -= 1;
+            if let (Some(p), Some(b)) = (&mut self.sends, conn.send.take()) {
+                p.put(b);
+            }
+        }
         if !conn.closing {
             if res > 0 {
                 if !driver.wants_read() {
@@ -454,10 +489,23 @@ impl Reactor {
             return;
         };
         let buf = conn.send.take();
-        if !conn.closing {
+        if conn.linked.take().is_some() {
+            // A linked send completes on its own only when it failed (after `res`
+            // bytes, if any: MSG_WAITALL retries short sends): the socket is broken, or
+            // the connection is closing and cancelled it. The receive behind it failed
+            // with it and posts no completion (a skip-on-success request's chain).
+            if conn.recv != Recv::Off {
+                conn.recv = Recv::Off;
+                self.inflight -= 1;
+            }
+            if !conn.closing && res != -libc::ECANCELED {
+                debug!(peer = %conn.peer, result = res, "linked send failed");
+                driver.handle_io_error();
+            }
+        } else if !conn.closing {
             if res >= 0 {
                 driver.output_written(now, res as usize);
-            } else {
+            } else if res != -libc::ECANCELED {
                 // EPIPE, ECONNRESET: nobody will read our replies any more.
                 debug!(peer = %conn.peer, error = %io::Error::from_raw_os_error(-res), "send failed");
                 driver.handle_io_error();
@@ -592,29 +640,76 @@ impl Reactor {
 
         let fd = c.fd.as_raw_fd();
         let ud_recv = user_data(OP_RECV, slot, gen);
-        if let Some(want) = next.read {
-            c.data_while_paused = false;
-            if c.recv == Recv::Off {
-                let e = if self.multishot {
-                    opcode::RecvMulti::new(Fd(fd), BGID).len(RECV_CHUNK).build()
-                } else {
-                    // The buffer is picked when data arrives, so an armed receive holds
-                    // none; `len` caps what one completion takes at what the driver
-                    // wants at a time.
-                    let len = want.min(BODY_READ) as u32;
-                    opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
-                        .buf_group(BGID)
-                        .build()
-                        .flags(squeue::Flags::BUFFER_SELECT)
+        let arm_recv = next.read.filter(|_| c.recv == Recv::Off);
+        // More to say while a linked send of an earlier turn holds the one send slot.
+        let unlink = (next.write || next.shutdown_write) && c.linked.is_some_and(|l| !l.cancelled);
+        let mut send = None;
+        if c.send.is_none() && next.write {
+            let pool = self
+                .sends
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no send pool"))?;
+            let (buf, ptr, len) = pool.fill(driver.pending_output())?;
+            // Linked to the receive queued right after it: see `Reactor::link_sends`.
+            let link = self.link_sends && arm_recv.is_some();
+            let e = if link {
+                opcode::Send::new(Fd(fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+                    .build()
+                    .flags(squeue::Flags::IO_LINK | squeue::Flags::SKIP_SUCCESS)
+            } else {
+                opcode::Send::new(Fd(fd), ptr, len as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            };
+            send = Some(e.user_data(user_data(OP_SEND, slot, gen)));
+            c.send = Some(buf);
+            self.inflight += 1;
+            if link {
+                c.linked = Some(Linked { cancelled: false });
+                driver.output_written(now, len);
+                // Written, the reply may let the driver go on (input held at the output
+                // cap, the close after a last reply): another look this turn.
+                let after = host::next(driver);
+                if after.write || after.shutdown_write || after.close {
+                    mark(&mut self.dirty, t, c);
                 }
-                .user_data(ud_recv);
-                // SAFETY: the receive writes only into provided buffers, which live until
-                // the reactor has reaped every receive (see `teardown`); the descriptor
-                // stays open until this receive's final completion (see `close`).
-                unsafe { ring::push(&mut self.ring, &e)? };
-                c.recv = Recv::Armed;
-                self.inflight += 1;
             }
+        }
+        let mut recv = None;
+        if let Some(want) = arm_recv {
+            let e = if self.multishot {
+                opcode::RecvMulti::new(Fd(fd), BGID).len(RECV_CHUNK).build()
+            } else {
+                // The buffer is picked when data arrives, so an armed receive holds
+                // none; `len` caps what one completion takes at what the driver
+                // wants at a time.
+                let len = want.min(BODY_READ) as u32;
+                opcode::Recv::new(Fd(fd), std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT)
+            };
+            recv = Some(e.user_data(ud_recv));
+            c.recv = Recv::Armed;
+            self.inflight += 1;
+        }
+        // SAFETY: a send reads `ptr..ptr+len`, the send buffer now held in `c.send`,
+        // which nobody writes or frees until the send's completion (or, linked, the
+        // completion of the receive after it) returns it to the pool. A receive writes
+        // only into provided buffers, which live until the reactor has reaped every
+        // receive (see `teardown`); the descriptor stays open until both operations'
+        // final completions (see `close`).
+        unsafe {
+            match (send, recv) {
+                // Both in one batch, so a link is never cut by a full queue.
+                (Some(s), Some(r)) => ring::push_all(&mut self.ring, &[s, r])?,
+                (Some(e), None) | (None, Some(e)) => ring::push(&mut self.ring, &e)?,
+                (None, None) => {}
+            }
+        }
+        if next.read.is_some() {
+            c.data_while_paused = false;
         } else if c.recv == Recv::Armed && (c.data_while_paused || !next.keep_posted_read) {
             // Paused: stop receiving so TCP pushes back.
             c.recv = Recv::Cancelling;
@@ -624,22 +719,23 @@ impl Reactor {
             // SAFETY: a cancellation hands over no memory.
             unsafe { ring::push(&mut self.ring, &e)? };
         }
-
-        if c.send.is_none() && next.write {
-            let pool = self
-                .sends
-                .as_mut()
-                .ok_or_else(|| io::Error::other("no send pool"))?;
-            let (buf, ptr, len) = pool.fill(driver.pending_output())?;
-            let e = opcode::Send::new(Fd(fd), ptr, len as u32)
-                .flags(libc::MSG_NOSIGNAL)
+        if let Some(l) = c.linked.as_mut().filter(|_| unlink) {
+            // More to say (a phase change, a timeout, a late answer) while a linked send
+            // holds the one send slot: it went out silently and its receive waits for
+            // the client. Cancelling that receive brings its completion, which frees
+            // the slot. (If the send still waits for the client to read, the receive has
+            // not started and cannot be cancelled; it starts once the send is out, and
+            // its completion frees the slot then: the new reply waits as it would
+            // behind any send.)
+            l.cancelled = true;
+            if c.recv == Recv::Armed {
+                c.recv = Recv::Cancelling;
+            }
+            let e = opcode::AsyncCancel::new(ud_recv)
                 .build()
-                .user_data(user_data(OP_SEND, slot, gen));
-            // SAFETY: `ptr..ptr+len` is the send buffer now held in `c.send`; nobody
-            // writes or frees it until this send's completion returns it to the pool.
+                .user_data(user_data(OP_CANCEL, slot, gen));
+            // SAFETY: a cancellation hands over no memory.
             unsafe { ring::push(&mut self.ring, &e)? };
-            c.send = Some(buf);
-            self.inflight += 1;
         }
 
         if let Some(d) = next.deadline {
@@ -715,7 +811,19 @@ impl Reactor {
                 let (ud, _res, flags) = self.cqes[i];
                 let (op, gen, slot) = split(ud);
                 match op {
-                    OP_ACCEPT | OP_EVENT | OP_RECV if !cqueue::more(flags) => self.inflight -= 1,
+                    OP_RECV if !cqueue::more(flags) => {
+                        self.inflight -= 1;
+                        // A send linked before it is over too (see `received`).
+                        if let Some(Entry { io: c, .. }) = self.host.get(ticket(slot, gen)) {
+                            if c.linked.take().is_some() {
+                                self.inflight -= 1;
+                                if let (Some(p), Some(b)) = (&mut self.sends, c.send.take()) {
+                                    p.put(b);
+                                }
+                            }
+                        }
+                    }
+                    OP_ACCEPT | OP_EVENT if !cqueue::more(flags) => self.inflight -= 1,
                     OP_SEND => self.sent(now, slot, gen, -libc::ECANCELED),
                     _ => {}
                 }

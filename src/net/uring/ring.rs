@@ -68,6 +68,21 @@ pub unsafe fn push(ring: &mut IoUring, entry: &squeue::Entry) -> io::Result<()> 
     }
 }
 
+/// Queues `entries` together (a linked chain must not be cut by a submit in its
+/// middle), handing the queue to the kernel first if they do not fit.
+///
+/// # Safety
+/// As for [`push`], for every entry.
+pub unsafe fn push_all(ring: &mut IoUring, entries: &[squeue::Entry]) -> io::Result<()> {
+    loop {
+        // SAFETY: forwarded from this function's contract.
+        if unsafe { ring.submission().push_multiple(entries) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+    }
+}
+
 /// Hands the queued submissions to the kernel and waits for at least one completion or
 /// until `timeout` (None: no limit). One `io_uring_enter` per call.
 pub fn submit_and_wait(ring: &mut IoUring, timeout: Option<Duration>) -> io::Result<()> {
