@@ -8,7 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use chrono::{TimeZone, Utc};
 use smtpgw::smtp::{BareLfPolicy, MessageId, Session, SessionConfig};
@@ -120,6 +120,7 @@ fn count(session: &mut Session, input: &[u8], times: u64, id: &mut u128) -> u64 
 
 #[test]
 fn allocation_budget() {
+    let _serial = serial();
     let mut session = Session::new(config(), "192.0.2.7:4321".parse().unwrap());
     let mut id = 0;
     let small = body(1024);
@@ -269,25 +270,34 @@ RCPT TO:<bob@example.com> ORCPT=rfc822;a+2\r\nRSET\r\n";
     assert_eq!(n, 7 * 20, "100 KiB without SIZE=");
 }
 
-/// The io_uring reactor around the core, in-process with the null sink and one
-/// reactor: once warm, a pipelined command allocates nothing and a message nothing
-/// beyond the core's four (envelope text and recipients, body buffer, sealed bytes),
-/// with receives, sends, timers and sink answers all on the reactor's thread. The
-/// client side (this thread) writes prebuilt bytes and reads into a fixed buffer, so
-/// it allocates nothing either; a little slack covers the reactor's periodic metrics
+/// The tests here count allocations of the whole process (the reactors run on threads
+/// of their own), so they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A reactor of `backend` around the core (the host, the connection driver, the
+/// session), in-process with the null sink and one reactor: once warm, a pipelined
+/// command allocates nothing and a message nothing beyond the core's four (envelope
+/// text and recipients, body buffer, sealed bytes), pipelined or lock-step, with
+/// receives, sends, timers and sink answers all on the reactor's thread. The client
+/// side (this thread) writes prebuilt bytes and reads into a fixed buffer, so it
+/// allocates nothing either; a little slack covers the reactor's periodic metrics
 /// flush.
-#[test]
-fn uring_reactor_allocation_budget() {
+fn reactor_allocation_budget(backend: smtpgw::net::IoBackend, name: &str) {
     use std::io::{Read, Write};
     use std::time::Duration;
 
     use smtpgw::conn::{ConnectionSettings, Edge};
     use smtpgw::metrics::Metrics;
-    use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
+    use smtpgw::net::{ListenerKind, ListenerSpec, ReactorParams, Reactors};
     use smtpgw::sink::null::NullSink;
 
+    let _serial = serial();
     let r = Reactors::start(
-        IoBackend::Uring,
+        backend,
         ReactorParams {
             listeners: vec![ListenerSpec {
                 addr: "127.0.0.1:0".parse().unwrap(),
@@ -310,8 +320,8 @@ fn uring_reactor_allocation_budget() {
             max_body_memory: 1 << 30,
         },
     )
-    .expect("io_uring reactor starts");
-    assert_eq!(r.backend(), "uring");
+    .unwrap_or_else(|e| panic!("{name} reactor starts: {e}"));
+    assert_eq!(r.backend(), name);
     let mut s = std::net::TcpStream::connect(r.local_addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut buf = vec![0u8; 1 << 16];
@@ -349,6 +359,15 @@ fn uring_reactor_allocation_budget() {
     message.extend_from_slice(&body(1024));
     let messages = message.repeat(batch);
     let noops = b"NOOP\r\n".repeat(batch);
+    // The same message as a lock-step client sends it: each command once the reply
+    // to the one before has come.
+    let data_at = message.windows(6).position(|w| w == b"DATA\r\n").unwrap() + 6;
+    let lock_step: [(&[u8], &[u8]); 4] = [
+        (b"MAIL FROM:<alice@client.example.org>\r\n", b"250 "),
+        (b"RCPT TO:<bob@example.com>\r\n", b"250 "),
+        (b"DATA\r\n", b"354 "),
+        (&message[data_at..], b"Ok: queued as"),
+    ];
 
     s.write_all(b"EHLO client.example.org\r\n").unwrap();
     wait_for(&mut s, b"250 ", 1);
@@ -357,6 +376,10 @@ fn uring_reactor_allocation_budget() {
         wait_for(&mut s, b"Ok: queued as", batch);
         s.write_all(&noops).unwrap();
         wait_for(&mut s, b"250 2.0.0 Ok", batch);
+        for (command, reply) in lock_step {
+            s.write_all(command).unwrap();
+            wait_for(&mut s, reply, 1);
+        }
     }
 
     let rounds = 40;
@@ -373,13 +396,25 @@ fn uring_reactor_allocation_budget() {
         wait_for(&mut s, b"Ok: queued as", batch);
     }
     let per_messages = ALL_ALLOCS.load(Ordering::Relaxed) - before;
+
+    let lock_step_messages = 200u64;
+    let before = ALL_ALLOCS.load(Ordering::Relaxed);
+    for _ in 0..lock_step_messages {
+        for (command, reply) in lock_step {
+            s.write_all(command).unwrap();
+            wait_for(&mut s, reply, 1);
+        }
+    }
+    let per_lock_step = ALL_ALLOCS.load(Ordering::Relaxed) - before;
+
     let n = (rounds * batch) as u64;
     eprintln!(
-        "uring reactor: {per_noops} allocations for {n} NOOPs, {per_messages} for {n} messages"
+        "{name} reactor: {per_noops} allocations for {n} NOOPs, {per_messages} for {n} \
+         messages, {per_lock_step} for {lock_step_messages} lock-step messages"
     );
     assert!(
         per_noops <= 16,
-        "{per_noops} allocations for {n} pipelined NOOPs"
+        "{name}: {per_noops} allocations for {n} pipelined NOOPs"
     );
     // Besides the core's four per message, the driver keeps the tail of a read that
     // ends inside a line or body in a buffer it frees once drained (so idle
@@ -389,9 +424,25 @@ fn uring_reactor_allocation_budget() {
     let reads = (rounds * messages.len()).div_ceil(16 * 1024) as u64;
     assert!(
         per_messages <= 4 * n + reads + 16,
-        "{per_messages} allocations for {n} messages in about {reads} reads (budget: 4 per \
-         message, 1 per read)"
+        "{name}: {per_messages} allocations for {n} messages in about {reads} reads (budget: \
+         4 per message, 1 per read)"
+    );
+    // Lock-step reads end where the client's writes do, at a line's end: no tail.
+    assert!(
+        per_lock_step <= 4 * lock_step_messages + 16,
+        "{name}: {per_lock_step} allocations for {lock_step_messages} lock-step messages \
+         (budget: 4 per message)"
     );
     drop(s);
     r.stop();
+}
+
+#[test]
+fn uring_reactor_allocation_budget() {
+    reactor_allocation_budget(smtpgw::net::IoBackend::Uring, "uring");
+}
+
+#[test]
+fn epoll_reactor_allocation_budget() {
+    reactor_allocation_budget(smtpgw::net::IoBackend::Epoll, "epoll");
 }
