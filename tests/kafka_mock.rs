@@ -13,8 +13,8 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use smtpgw::sink::kafka::KafkaSink;
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::{PublishError, PublishResult, Sink};
-use smtpgw::smtp::envelope::SealedMessage;
 use spool_support::{message, publish, submit};
 
 const TOPIC: &str = "smtp.inbound";

@@ -39,7 +39,8 @@ use crate::auth::AuthResult;
 use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
 use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
-use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session, StoredIn};
+use crate::smtp::envelope::Message;
+use crate::smtp::{MessageId, PublishError, PublishResult, Session, StoredIn};
 
 pub use edge::{
     Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode, Rejected,
@@ -963,13 +964,17 @@ impl Connection {
         self.after_output_change(now);
     }
 
-    /// The message the session completed, sealed with `stamp`'s id and time, for the
-    /// backend to hand to the sink. The driver then waits for [`Self::handle_publish`].
-    pub fn poll_message(
+    /// The message the session completed, sealed with `stamp`'s id and time and our
+    /// hostname by `seal`, for the backend to hand to the sink. `seal` is the sink
+    /// layer's (`sink::record::SealedMessage::seal`, the record's layout), given rather
+    /// than imported because the driver sits below that layer. The driver then waits for
+    /// [`Self::handle_publish`].
+    pub fn poll_message<M>(
         &mut self,
         now: Instant,
         stamp: &mut impl FnMut() -> (MessageId, DateTime<Utc>),
-    ) -> Option<SealedMessage> {
+        seal: impl FnOnce(Message, MessageId, DateTime<Utc>, &str) -> M,
+    ) -> Option<M> {
         let mut message = self.session.take_message()?;
         if let Some(slot) = &self.slot {
             slot.message_sent(now);
@@ -999,7 +1004,7 @@ impl Connection {
             line.auth = env.auth.clone();
             line
         });
-        let sealed = message.seal(id, received_at, self.session.hostname());
+        let sealed = seal(message, id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
         self.budget.handed_to_sink(charged);

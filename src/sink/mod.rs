@@ -11,11 +11,12 @@ use std::thread::JoinHandle;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::smtp::envelope::SealedMessage;
+use record::SealedMessage;
 
 pub mod forward;
 pub mod kafka;
 pub mod null;
+pub mod record;
 pub mod spool;
 
 pub use crate::completion::{Answer, CompletionQueue, Ticket};

@@ -19,8 +19,9 @@ use super::{
     KafkaShared, ABORTED, FAILED, PRODUCER_FAILED, QUEUE_FULL, TIMED_OUT, TOPIC_TOO_SMALL,
     UNAVAILABLE, UNKNOWN_TOPIC,
 };
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError, PublishResult, SinkStats};
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::MessageId;
 
 /// What the delivery callback needs to answer one message.
 pub(super) struct PendingDelivery {

@@ -143,10 +143,11 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use crate::config::PartitionKey;
+use crate::sink::record::SealedMessage;
 use crate::sink::{
     join_handle_logged, join_logged, Completion, PublishError, PublishResult, Sink, SinkStats,
 };
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::MessageId;
 
 mod delivery;
 mod options;
