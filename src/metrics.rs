@@ -749,6 +749,7 @@ impl crate::conn::Observer for ReactorMetrics {
 
 /// The running HTTP endpoint; dropping it stops the server thread.
 pub struct MetricsServer {
+    #[cfg(any(test, feature = "testing"))]
     local_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
@@ -782,12 +783,14 @@ impl MetricsServer {
             .map_err(MetricsError::Thread)?;
         info!(metrics_addr = %local_addr, "metrics endpoint");
         Ok(MetricsServer {
+            #[cfg(any(test, feature = "testing"))]
             local_addr,
             stop: Some(stop),
             thread: Some(thread),
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }

@@ -43,8 +43,10 @@ use crate::smtp::{MessageId, PublishError, PublishResult, SealedMessage, Session
 
 pub use edge::{
     Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode, Rejected,
-    TlsFailure, TlsVersion,
+    TlsFailure,
 };
+#[cfg(any(test, feature = "testing"))]
+pub use edge::TlsVersion;
 pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
@@ -169,6 +171,7 @@ impl std::fmt::Debug for BodyBudget {
 }
 
 impl BodyBudget {
+    #[cfg(any(test, feature = "testing"))]
     pub fn new(limit: usize) -> BodyBudget {
         BodyBudget::with_sink_limit(limit, None)
     }
@@ -190,6 +193,7 @@ impl BodyBudget {
         self.0.used.load(Ordering::Relaxed)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn limit(&self) -> usize {
         self.0.limit
     }
@@ -1018,6 +1022,7 @@ impl Connection {
         Some((request, verifier))
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// True while credentials are with the verifier.
     pub fn awaiting_auth(&self) -> bool {
         self.session.is_awaiting_auth()
@@ -1069,6 +1074,7 @@ impl Connection {
         self.in_flight.is_some()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// The sink's answer for the message taken last, stored in the sink's own store.
     pub fn handle_publish(&mut self, now: Instant, result: PublishResult) {
         self.handle_answer(now, result, StoredIn::Sink);
@@ -1688,6 +1694,7 @@ impl Gate for ConnGate<'_> {
     }
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// The temporary failure for a message whose answer can never come (the sink dropped it).
 pub fn sink_dropped() -> PublishResult {
     Err(PublishError::Temporary("sink dropped the message".into()))

@@ -108,6 +108,7 @@ impl<B> Host<B> {
         self.phase
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Connections open on this reactor.
     pub fn len(&self) -> usize {
         self.live

@@ -273,6 +273,7 @@ impl FallbackSink {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// The Kafka sink inside (for its size limit and producer generation).
     pub fn kafka(&self) -> &KafkaSink {
         &self.kafka

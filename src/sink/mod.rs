@@ -18,7 +18,9 @@ pub mod kafka;
 pub mod null;
 pub mod spool;
 
-pub use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket, Wake};
+pub use crate::completion::{Answer, CompletionQueue, Ticket};
+#[cfg(any(test, feature = "testing"))]
+pub use crate::completion::{auth_completion, Wake};
 pub use crate::smtp::envelope::{PublishError, PublishResult, StoredIn};
 
 /// The way back from a sink to the one connection that waits for its answer.

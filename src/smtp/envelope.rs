@@ -397,6 +397,7 @@ fn write_received_line(
     )
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// The record headers [`SealedMessage::for_each_header`] writes, in its order (the
 /// `smtp.rcpt_*` ones once per recipient).
 pub const RECORD_HEADERS: [&str; 17] = [

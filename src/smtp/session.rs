@@ -146,9 +146,11 @@ pub trait Gate {
     fn body_memory_available(&mut self) -> bool;
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// No limit that changes: what [`Session::feed`] asks.
 pub struct Unlimited;
 
+#[cfg(any(test, feature = "testing"))]
 impl Gate for Unlimited {
     fn message_allowed(&mut self) -> bool {
         true
@@ -326,6 +328,7 @@ pub struct Session {
 }
 
 impl Session {
+    #[cfg(any(test, feature = "testing"))]
     /// A new session under the default policy (nothing beyond the core offered, no
     /// limits); its `220` greeting is already in the output.
     pub fn new(config: Arc<SessionConfig>, client_addr: SocketAddr) -> Self {
@@ -397,6 +400,7 @@ impl Session {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// The user a successful AUTH named, if any.
     pub fn authenticated(&self) -> Option<&Arc<str>> {
         self.authenticated.as_ref()
@@ -467,6 +471,7 @@ impl Session {
         }
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Encrypted: TLS is active.
     pub fn tls_active(&self) -> bool {
         matches!(self.tls, Tls::Active(_))
@@ -623,6 +628,7 @@ impl Session {
         self.reply(text);
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Processes as much of `input` as it can and returns how many bytes it consumed.
     /// The caller keeps the rest (an incomplete line) and offers it again with more bytes
     /// appended. Stops early while a message awaits its publish result, once closed, at

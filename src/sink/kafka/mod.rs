@@ -188,10 +188,12 @@ mod tests;
 
 pub use delivery::domain_partition;
 pub(crate) use delivery::Answer;
-pub use options::{
-    limit_for_value, record_overhead, value_limit, KafkaOptions, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES,
-};
-pub use replay::{replay_records, replay_spool, ReplayError, ReplayReport};
+pub use options::{limit_for_value, value_limit, KafkaOptions};
+#[cfg(any(test, feature = "testing"))]
+pub use options::{record_overhead, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES};
+pub use replay::{replay_records, ReplayError};
+#[cfg(any(test, feature = "testing"))]
+pub use replay::{replay_spool, ReplayReport};
 
 use delivery::{classify, owned_headers, GatewayContext, Liveness, PendingDelivery};
 use room::{hand_over, Room, Waiting};
@@ -720,6 +722,7 @@ impl KafkaSink {
         self.inner.shared.room.waiting()
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// How many times the producer has been replaced after a fatal error.
     pub fn producer_generation(&self) -> u64 {
         self.inner.shared.generation.load(Ordering::Acquire)
