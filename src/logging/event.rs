@@ -42,8 +42,9 @@ pub(super) const TAG_EVENT: u8 = 1;
 const TAG_MESSAGE: u8 = 2;
 
 /// The fixed part of an encoded transaction line: the tag, the length of what follows
-/// the first five bytes, then the fields of fixed size at fixed offsets.
-const HEADER: usize = 87;
+/// the first five bytes, then the fields of fixed size at fixed offsets, then the
+/// lengths of the texts that follow (in the order of [`Text`]).
+const HEADER: usize = AT_LENGTHS + 4 * TEXTS;
 const AT_SESSION: usize = 5;
 const AT_ID: usize = 13;
 const AT_FAMILY: usize = 29;
@@ -57,6 +58,28 @@ const AT_FLAGS: usize = 66;
 const AT_MS: usize = 67;
 const AT_PARTITION: usize = 75;
 const AT_OFFSET: usize = 79;
+const AT_LENGTHS: usize = 87;
+
+/// The texts after the header, in order; each is absent (length 0) unless its flag
+/// says otherwise.
+#[derive(Clone, Copy)]
+enum Text {
+    Tls,
+    Helo,
+    Auth,
+    From,
+    MessageId,
+    Rcpts,
+    Sink,
+    Error,
+}
+const TEXTS: usize = 8;
+
+impl Text {
+    const fn at(self) -> usize {
+        AT_LENGTHS + 4 * self as usize
+    }
+}
 /// [`AT_FLAGS`] bits: which optional fields follow.
 const HAS_AUTH: u8 = 1;
 const HAS_MESSAGE_ID: u8 = 2;
@@ -70,30 +93,26 @@ const HAS_ERROR: u8 = 16;
 /// answers. The finished line is copied into the reactor's [`Batch`] in one piece
 /// ([`super::submit_message`]); the writer formats it from there ([`MessageLine`]).
 ///
-/// After the fixed [`HEADER`]: the TLS version (a length byte, then the text), the
-/// HELO, the user if authenticated, the sender, the Message-ID if any, the recipients if
-/// listed (the length of them all, then each with its length), the sink (a length byte)
-/// and the error if any; each length not said otherwise is four bytes, little-endian.
+/// After the fixed [`HEADER`], which holds their lengths: the TLS version, the HELO,
+/// the user if authenticated, the sender, the Message-ID if any, the recipients if
+/// listed (each with its length, four bytes little-endian), the sink and the error if
+/// any. So a line is a handful of copies to encode and a handful of slices to read.
 #[derive(Default)]
 pub struct PendingLine {
     buf: Vec<u8>,
 }
 
-/// Appends `v` with its four-byte length (client text is bounded far below 4 GiB by the
-/// line and header limits; anything longer would be cut).
+/// A text's length as stored (client text is bounded far below 4 GiB by the line and
+/// header limits; anything longer would be cut).
 #[inline(always)]
-fn push_text(buf: &mut Vec<u8>, v: &[u8]) {
-    let n = u32::try_from(v.len()).unwrap_or(u32::MAX);
-    buf.extend_from_slice(&n.to_le_bytes());
-    buf.extend_from_slice(&v[..n as usize]);
+fn clamp(v: &[u8]) -> &[u8] {
+    &v[..v.len().min(u32::MAX as usize)]
 }
 
-/// Appends our own short text (a TLS version, a sink's name) with a one-byte length.
 #[inline(always)]
-fn push_short(buf: &mut Vec<u8>, v: &str) {
-    let v = &v.as_bytes()[..v.len().min(255)];
-    buf.push(v.len() as u8);
-    buf.extend_from_slice(v);
+fn put_len(head: &mut [u8], text: Text, len: usize) {
+    let at = text.at();
+    head[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
 }
 
 impl PendingLine {
@@ -113,6 +132,11 @@ impl PendingLine {
         size: usize,
         with_rcpts: bool,
     ) {
+        let tls = clamp(tls.unwrap_or("none").as_bytes());
+        let helo = clamp(helo.as_bytes());
+        let auth = auth.map(|a| clamp(a.as_bytes()));
+        let from = clamp(from.as_bytes());
+        let message_id = message_id.map(clamp);
         let mut head = [0u8; HEADER];
         head[0] = TAG_MESSAGE;
         head[AT_SESSION..AT_SESSION + 8].copy_from_slice(&session.to_le_bytes());
@@ -143,26 +167,33 @@ impl PendingLine {
             flags |= HAS_RCPTS;
         }
         head[AT_FLAGS] = flags;
+        put_len(&mut head, Text::Tls, tls.len());
+        put_len(&mut head, Text::Helo, helo.len());
+        put_len(&mut head, Text::Auth, auth.map_or(0, <[u8]>::len));
+        put_len(&mut head, Text::From, from.len());
+        put_len(
+            &mut head,
+            Text::MessageId,
+            message_id.map_or(0, <[u8]>::len),
+        );
         let buf = &mut self.buf;
         buf.clear();
         buf.extend_from_slice(&head);
-        push_short(buf, tls.unwrap_or("none"));
-        push_text(buf, helo.as_bytes());
-        if let Some(user) = auth {
-            push_text(buf, user.as_bytes());
-        }
-        push_text(buf, from.as_bytes());
-        if let Some(m) = message_id {
-            push_text(buf, m);
-        }
+        buf.extend_from_slice(tls);
+        buf.extend_from_slice(helo);
+        buf.extend_from_slice(auth.unwrap_or_default());
+        buf.extend_from_slice(from);
+        buf.extend_from_slice(message_id.unwrap_or_default());
         if with_rcpts {
+            // Each recipient with its length (four bytes, little-endian).
             let at = buf.len();
-            buf.extend_from_slice(&[0; 4]);
             for r in rcpts {
-                push_text(buf, r.as_bytes());
+                let r = clamp(r.as_bytes());
+                buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                buf.extend_from_slice(r);
             }
-            let n = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
-            buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            let n = buf.len() - at;
+            put_len(buf, Text::Rcpts, n);
         }
     }
 
@@ -188,15 +219,16 @@ impl PendingLine {
             buf[AT_PARTITION..AT_PARTITION + 4].copy_from_slice(&partition.to_le_bytes());
             buf[AT_OFFSET..AT_OFFSET + 8].copy_from_slice(&offset.to_le_bytes());
         }
-        push_short(buf, sink);
+        let sink = clamp(sink.as_bytes());
+        put_len(buf, Text::Sink, sink.len());
+        buf.extend_from_slice(sink);
         if let Some(e) = error {
             use std::io::Write;
             buf[AT_FLAGS] |= HAS_ERROR;
             let at = buf.len();
-            buf.extend_from_slice(&[0; 4]);
             let _ = write!(buf, "{e}");
-            let n = u32::try_from(buf.len() - at - 4).unwrap_or(u32::MAX);
-            buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+            let n = (buf.len() - at).min(u32::MAX as usize);
+            put_len(buf, Text::Error, n);
         }
         let n = u32::try_from(buf.len() - 5).unwrap_or(u32::MAX);
         buf[1..5].copy_from_slice(&n.to_le_bytes());
@@ -222,12 +254,6 @@ impl<'a> Reader<'a> {
     fn text(&mut self) -> Option<&'a [u8]> {
         let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
         self.take(n as usize)
-    }
-
-    #[inline(always)]
-    fn short(&mut self) -> Option<&'a [u8]> {
-        let n = *self.take(1)?.first()?;
-        self.take(usize::from(n))
     }
 }
 
@@ -283,30 +309,18 @@ impl<'a> MessageLine<'a> {
         };
         let flags = h[AT_FLAGS];
         let mut r = Reader(line);
-        let tls = r.short()?;
-        let helo = r.text()?;
-        let auth = if flags & HAS_AUTH != 0 {
-            Some(r.text()?)
-        } else {
-            None
-        };
-        let from = r.text()?;
-        let message_id = if flags & HAS_MESSAGE_ID != 0 {
-            Some(r.text()?)
-        } else {
-            None
-        };
-        let rcpts = if flags & HAS_RCPTS != 0 {
-            Some(r.text()?)
-        } else {
-            None
-        };
-        let sink = r.short()?;
-        let error = if flags & HAS_ERROR != 0 {
-            Some(r.text()?)
-        } else {
-            None
-        };
+        let mut next = |text: Text| r.take(u32::from_le_bytes(le(h, text.at())) as usize);
+        let tls = next(Text::Tls)?;
+        let helo = next(Text::Helo)?;
+        let auth = next(Text::Auth)?;
+        let from = next(Text::From)?;
+        let message_id = next(Text::MessageId)?;
+        let rcpts = next(Text::Rcpts)?;
+        let sink = next(Text::Sink)?;
+        let error = next(Text::Error)?;
+        let given = |flag: u8, v: &'a [u8]| (flags & flag != 0).then_some(v);
+        let (auth, message_id) = (given(HAS_AUTH, auth), given(HAS_MESSAGE_ID, message_id));
+        let (rcpts, error) = (given(HAS_RCPTS, rcpts), given(HAS_ERROR, error));
         let kafka = (flags & HAS_KAFKA != 0).then(|| {
             (
                 i32::from_le_bytes(le(h, AT_PARTITION)),
