@@ -172,6 +172,12 @@ section "cargo clippy (workspace, the fuzz crate included)"
 # `cargo +nightly fuzz run session_feed` fuzzes it (not in CI).
 cargo clippy --workspace --all-targets --release -- -D warnings
 
+section "cargo clippy: the library and binary as shipped (without the testing feature)"
+# The workspace build above enables `testing` (tests, benches and the fuzz crate open the
+# crate's internal modules with it); an item only the tests use would be dead code in the
+# shipped library, and only this check sees it.
+cargo clippy --release -p smtpgw --lib --bins -- -D warnings
+
 section "cargo build --release (gateway and load client)"
 cargo build --release --workspace --bins
 

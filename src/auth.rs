@@ -29,6 +29,8 @@ use password_hash::SaltString;
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
+/// The longest password AUTH takes, for `smtpgw auth hash` to refuse a longer one.
+pub use crate::smtp::auth::MAX_PASSWORD;
 use crate::smtp::auth::{AuthRequest, AuthVerdict, MAX_USER};
 
 /// The users file is small; anything larger is a mistake, not a users file.

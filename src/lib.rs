@@ -6,21 +6,29 @@
 //! systemd, `server` wires them together. `limits` (the per-address limiter) and
 //! `certs` (certificate loading) are the edge's shared state, which the driver reaches
 //! through its own traits and handles, so neither it nor the backends depend on them.
+//!
+//! The public surface is what the `smtpgw` binary needs: the configuration, the
+//! server, reloading, logging and the offline tools. Everything else is the crate's
+//! own; the `testing` feature opens those modules to the integration tests, benches
+//! and fuzz targets (which enable it through the crate's dev-dependency on itself).
+
+/// Declares modules that are private unless the `testing` feature is on.
+macro_rules! internal {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {$(
+        $(#[$attr])*
+        #[cfg(feature = "testing")]
+        pub mod $name;
+        $(#[$attr])*
+        #[cfg(not(feature = "testing"))]
+        mod $name;
+    )*};
+}
 
 pub mod auth;
-pub mod certs;
-pub mod completion;
 pub mod config;
-pub mod conn;
-pub mod files;
-pub mod limits;
-pub mod liveness;
 pub mod logging;
-pub mod metrics;
-pub mod net;
-pub mod notify;
 pub mod reload;
 pub mod server;
-pub mod sink;
-pub mod smtp;
 pub mod spool_tool;
+
+internal!(certs, completion, conn, files, limits, liveness, metrics, net, notify, sink, smtp);

@@ -100,7 +100,7 @@ fn check_config(args: smtpgw::config::ServerArgs) -> anyhow::Result<()> {
 }
 
 fn unknown_id(e: &anyhow::Error) -> bool {
-    use smtpgw::sink::spool::SpoolError;
+    use smtpgw::spool_tool::SpoolError;
     e.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<SpoolError>(),
@@ -135,10 +135,10 @@ fn auth_hash() -> anyhow::Result<()> {
     if password.is_empty() {
         anyhow::bail!("no password given (standard input was empty)");
     }
-    if password.len() > smtpgw::smtp::auth::MAX_PASSWORD {
+    if password.len() > smtpgw::auth::MAX_PASSWORD {
         anyhow::bail!(
             "the password is longer than {} bytes, which AUTH refuses",
-            smtpgw::smtp::auth::MAX_PASSWORD
+            smtpgw::auth::MAX_PASSWORD
         );
     }
     let hash = smtpgw::auth::hash_password(password.as_bytes())
@@ -198,9 +198,9 @@ fn skipped(
 fn mark(
     dir: &smtpgw::config::SpoolDirArg,
     id: &str,
-    action: smtpgw::sink::spool::tombstone::Action,
+    action: smtpgw::spool_tool::Action,
 ) -> anyhow::Result<()> {
-    use smtpgw::sink::spool::tombstone::Action;
+    use smtpgw::spool_tool::Action;
     use smtpgw::spool_tool::{self, Marked};
     let (dir, _) = dir.resolve()?;
     let marked = spool_tool::mark(&dir, id, action)
@@ -217,8 +217,8 @@ fn mark(
 }
 
 fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
-    use smtpgw::sink::spool::tombstone::Action;
     use smtpgw::spool_tool;
+    use smtpgw::spool_tool::Action;
 
     let stdout = std::io::stdout();
     let escaped = stdout.is_terminal();
@@ -426,8 +426,8 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     );
                 }
             }
-            use smtpgw::sink::kafka::{replay_records, ReplayError};
-            use smtpgw::sink::spool::{ReadEvent, SpoolReader};
+            use smtpgw::spool_tool::{replay_records, ReplayError};
+            use smtpgw::spool_tool::{ReadEvent, SpoolReader};
             let start = match &after_cursor {
                 Some(path) => spool_tool::load_cursor(path)?,
                 None => None,
@@ -450,8 +450,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             // Every record handed to Kafka, in spool order, for the cursor.
             let mut handled = Vec::new();
             // Held and deleted messages are not published (but the cursor passes them).
-            let tombstones =
-                smtpgw::sink::spool::tombstone::read_tombstones(&dir).with_context(in_dir)?;
+            let tombstones = smtpgw::spool_tool::read_tombstones(&dir).with_context(in_dir)?;
             let mut held_back = 0usize;
             let records = std::iter::from_fn(|| loop {
                 match reader.next_event()? {
@@ -479,7 +478,7 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
             let max_recipients = smtpgw::config::SessionSettings::default()
                 .max_recipients
                 .max(summary.most_recipients);
-            let mut options = smtpgw::sink::kafka::KafkaOptions::new(
+            let mut options = smtpgw::spool_tool::KafkaOptions::new(
                 kafka.clone(),
                 usize::try_from(max_recipients).unwrap_or(usize::MAX),
             );

@@ -67,14 +67,14 @@ use ulid::Ulid;
 
 pub use crate::config::ExportFormat;
 use crate::sink::forward::{read_forward_progress, ForwardProgress};
+/// What the binary's spool commands use of the spool and of Kafka directly.
+pub use crate::sink::kafka::{replay_records, KafkaOptions, ReplayError};
 use crate::sink::spool::reader::{open_segment, Opened};
-use crate::sink::spool::tombstone::{
-    append_tombstone, read_tombstones, Action, Tombstone, Tombstones,
-};
+use crate::sink::spool::tombstone::{append_tombstone, Tombstone, Tombstones};
+pub use crate::sink::spool::tombstone::{read_tombstones, Action};
 use crate::sink::spool::writer::{list_segments, sync_dir};
-use crate::sink::spool::{
-    io_error, CorruptRange, Position, ReadEvent, SpoolError, SpoolReader, SpoolRecord,
-};
+use crate::sink::spool::{io_error, CorruptRange, Position, SpoolRecord};
+pub use crate::sink::spool::{ReadEvent, SpoolError, SpoolReader};
 use crate::smtp::address::{escaped, write_escaped, EscapeFor};
 
 /// What a tool met that was not a record, reported on `err` as it was met.

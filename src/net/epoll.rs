@@ -35,7 +35,6 @@ use super::{
 };
 use crate::completion::{CompletionQueue, Ticket, Wake};
 use crate::conn::{Connection, Edge};
-use crate::liveness::Liveness;
 use crate::metrics::{ReactorMetrics, FLUSH_INTERVAL};
 
 /// The reactor's receive buffer: every read of every connection of a reactor lands here
@@ -127,12 +126,14 @@ impl Reactors {
         self.local_addr
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Connections open right now, across all reactors.
     pub fn open_connections(&self) -> usize {
         self.shared.open_connections()
     }
 
-    pub fn liveness(&self) -> Arc<Liveness> {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn liveness(&self) -> Arc<crate::liveness::Liveness> {
         self.shared.liveness.clone()
     }
 

@@ -273,6 +273,7 @@ impl DataReader {
         self.bare_line_ending
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Message octets so far, after unstuffing (RFC 1870 counts them this way).
     pub fn size(&self) -> usize {
         self.size

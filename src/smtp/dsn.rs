@@ -197,6 +197,7 @@ pub fn decode_to_vec(value: &[u8]) -> Result<Vec<u8>, XtextError> {
     decode(value).collect()
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Encodes `bytes` as xtext: `+`, `=` and everything outside 33..=126 as `+XX`.
 pub fn encode(bytes: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";

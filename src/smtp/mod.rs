@@ -15,11 +15,14 @@ pub mod reply;
 pub mod session;
 pub mod stats;
 
+#[cfg(any(test, feature = "testing"))]
 pub use address::AcceptDomains;
 pub use data::BareLfPolicy;
-pub use envelope::{
-    Envelope, Message, MessageId, PublishError, PublishResult, SealedMessage, StoredIn,
-};
+#[cfg(any(test, feature = "testing"))]
+pub use envelope::{Envelope, Message};
+pub use envelope::{MessageId, PublishError, PublishResult, StoredIn};
 pub use refusal::Refusal;
-pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy, Unlimited};
+pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy};
+#[cfg(any(test, feature = "testing"))]
+pub use session::Unlimited;
 pub use stats::SessionStats;

@@ -294,8 +294,11 @@ impl SessionStats {
     /// whole replies the session just wrote. (Metrics only: what the caller acts on
     /// comes from the session's typed events.)
     pub(crate) fn count_replies(&mut self, out: &[u8]) {
-        for line in out.split(|&b| b == b'\n') {
-            if let [a, b, c, b' ', ..] = *line {
+        // Line starts found with memchr rather than a split that visits every byte: a
+        // reply is mostly text, and this runs for every reply the gateway writes.
+        let starts = std::iter::once(0).chain(memchr::memchr_iter(b'\n', out).map(|i| i + 1));
+        for start in starts {
+            if let [a, b, c, b' ', ..] = out[start..] {
                 let code = [a, b, c].iter().try_fold(0u16, |n, d| {
                     d.is_ascii_digit().then(|| n * 10 + u16::from(d - b'0'))
                 });

@@ -417,6 +417,8 @@ pub fn pin_to_cpu(index: usize) -> io::Result<usize> {
     Ok(cpu)
 }
 
+// Only the tests read what the probe found; the server needs only that it passed.
+#[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
 /// What the probe found usable.
 #[derive(Clone, Copy, Debug)]
 pub struct Capabilities {

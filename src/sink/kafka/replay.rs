@@ -30,6 +30,7 @@ pub struct ReplayReport {
     pub failed: Vec<(MessageId, PublishError)>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Publishes every record of the spool in `dir`, oldest first, with the key, value,
 /// headers and timestamp the gateway would have given it, so a message replayed twice
 /// (or replayed after it reached Kafka live) has the same key and consumers can drop

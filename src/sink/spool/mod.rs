@@ -144,8 +144,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Sender;
 
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError, Sink, SpoolStats};
-use crate::smtp::envelope::SealedMessage;
 
 pub mod format;
 pub mod reader;
@@ -153,8 +153,12 @@ mod recovery;
 pub mod tombstone;
 pub(crate) mod writer;
 
-pub use format::{Position, SpoolRecord, RECORD_VERSION, SEGMENT_MAGIC};
-pub use reader::{read_all, CorruptRange, ReadEvent, SpoolReader};
+pub use format::{Position, SpoolRecord};
+#[cfg(any(test, feature = "testing"))]
+pub use format::{RECORD_VERSION, SEGMENT_MAGIC};
+#[cfg(any(test, feature = "testing"))]
+pub use reader::read_all;
+pub use reader::{CorruptRange, ReadEvent, SpoolReader};
 use writer::{DiskLimits, Health, Request, Writer, WriterShared};
 
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
@@ -281,6 +285,7 @@ pub struct SpoolSink {
 }
 
 impl SpoolSink {
+    #[cfg(any(test, feature = "testing"))]
     /// Opens (creating it if needed) the spool in `dir`, repairs a torn tail left by a
     /// crash, and starts a new segment and the writer thread.
     pub fn open(dir: &Path) -> Result<SpoolSink, SpoolError> {
@@ -360,6 +365,7 @@ impl SpoolSink {
         })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -373,6 +379,7 @@ impl SpoolSink {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    #[cfg(any(test, feature = "testing"))]
     /// Blocks until the durable end is past `pos` or `timeout` has passed; returns the
     /// durable end.
     pub fn wait_durable_beyond(&self, pos: Position, timeout: Duration) -> Position {

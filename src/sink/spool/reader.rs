@@ -508,6 +508,7 @@ pub struct SpoolReader {
     failed: bool,
 }
 
+#[cfg(any(test, feature = "testing"))]
 /// Opens the spool in `dir` for reading from its oldest record.
 pub fn read_all(dir: &Path) -> Result<SpoolReader, SpoolError> {
     SpoolReader::open(dir)
