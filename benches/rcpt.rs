@@ -22,6 +22,7 @@ fn config(domains: usize) -> Arc<SessionConfig> {
         max_message_size: 10 * 1024 * 1024,
         max_recipients: RCPTS,
         bare_lf: BareLfPolicy::Reject,
+        headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "mx.bench.example".len(),
     })
 }
 

@@ -54,7 +54,12 @@ fn run(config: &Arc<SessionConfig>, input: &[u8]) -> usize {
         if let Some(message) = session.take_message() {
             done += 1;
             let id = MessageId::from(done as u128);
-            black_box(message.seal(id, received_at, &config.hostname));
+            black_box(smtpgw::sink::record::SealedMessage::seal(
+                message,
+                id,
+                received_at,
+                &config.hostname,
+            ));
             session.publish_result(Ok(id));
             continue;
         }
@@ -80,6 +85,7 @@ fn bench_session(c: &mut Criterion) {
         max_message_size: 10 * 1024 * 1024,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,
+        headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "mx.bench.example".len(),
     });
     let mut group = c.benchmark_group("session_pipelined");
     for (label, size) in [("1KiB", 1024), ("100KiB", 100 * 1024)] {

@@ -30,8 +30,8 @@ use crate::certs::{LoadedCert, TlsConfigError, TlsMinVersion};
 
 use crate::config::{Config, ConfigError, ServerArgs};
 use crate::logging::LogHandle;
+use crate::sink::record::RECEIVED_HEADROOM;
 use crate::sink::Sink;
-use crate::smtp::envelope::RECEIVED_HEADROOM;
 use crate::smtp::SessionConfig;
 
 /// The session settings new connections start with; SIGHUP replaces them.
@@ -374,6 +374,7 @@ pub fn session_config(config: &Config) -> SessionConfig {
         max_message_size: config.max_message_size(),
         max_recipients: config.max_recipients(),
         bare_lf: config.session.bare_lf,
+        headroom: RECEIVED_HEADROOM + config.hostname.len(),
     }
 }
 
@@ -382,7 +383,7 @@ pub fn session_config(config: &Config) -> SessionConfig {
 pub fn session_config_for(config: &Config, sink: &dyn Sink) -> SessionConfig {
     let mut session = session_config(config);
     if let Some(max_value) = sink.max_message_value() {
-        let room = RECEIVED_HEADROOM + config.hostname.len();
+        let room = session.headroom;
         let cap = max_value.saturating_sub(room).max(1);
         if cap < session.max_message_size {
             if config.max_message_size_auto() {

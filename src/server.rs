@@ -22,9 +22,9 @@ use crate::reload::{
 use crate::sink::forward::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
+use crate::sink::record::RECEIVED_HEADROOM;
 use crate::sink::spool::{SpoolError, SpoolOptions, SpoolSink};
 use crate::sink::Sink;
-use crate::smtp::envelope::RECEIVED_HEADROOM;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

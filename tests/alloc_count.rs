@@ -61,6 +61,7 @@ fn config() -> Arc<SessionConfig> {
         max_message_size: 10 * 1024 * 1024,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,
+        headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "mx.test.example".len(),
     })
 }
 
@@ -87,7 +88,12 @@ fn drive(session: &mut Session, input: &[u8], id: &mut u128) {
         match session.take_message() {
             Some(message) => {
                 *id += 1;
-                let sealed = message.seal(MessageId::from(*id), at, "mx.test.example");
+                let sealed = smtpgw::sink::record::SealedMessage::seal(
+                    message,
+                    MessageId::from(*id),
+                    at,
+                    "mx.test.example",
+                );
                 drop(sealed);
                 session.publish_result(Ok(MessageId::from(*id)));
             }
@@ -210,9 +216,9 @@ RCPT TO:<bob@example.com> ORCPT=rfc822;a+2\r\nRSET\r\n";
     step("take_message", &mut || taken = session.take_message());
     let mut sealed = None;
     step("seal", &mut || {
-        sealed = taken
-            .take()
-            .map(|m| m.seal(MessageId::from(1), at, "mx.test.example"))
+        sealed = taken.take().map(|m| {
+            smtpgw::sink::record::SealedMessage::seal(m, MessageId::from(1), at, "mx.test.example")
+        })
     });
     step("drop sealed", &mut || drop(sealed.take()));
     step("publish_result", &mut || {

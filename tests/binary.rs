@@ -14,9 +14,9 @@ use std::time::Duration;
 use harness::{path_str, run, Gateway};
 use kafka_support::{consume, record_of, Client, Record};
 use rdkafka::mocking::MockCluster;
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::spool::SpoolSink;
 use smtpgw::sink::Sink;
-use smtpgw::smtp::envelope::SealedMessage;
 use spool_support::publish;
 
 const TOPIC: &str = "mail.replayed";

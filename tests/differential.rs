@@ -16,8 +16,9 @@ use proptest::test_runner::{Config, TestRunner};
 use smtpgw::conn::{ConnectionSettings, Edge};
 use smtpgw::metrics::Metrics;
 use smtpgw::net::{IoBackend, ListenerKind, ListenerSpec, ReactorParams, Reactors};
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::{Completion, Sink};
-use smtpgw::smtp::{BareLfPolicy, SealedMessage, SessionConfig};
+use smtpgw::smtp::{BareLfPolicy, SessionConfig};
 
 /// What a sink stored: sender, recipients, body.
 type Stored = (String, Vec<String>, Vec<u8>);
@@ -59,6 +60,7 @@ fn start(backend: IoBackend, sink: Arc<Recording>) -> Reactors {
                     max_message_size: 2048,
                     max_recipients: 3,
                     bare_lf: BareLfPolicy::Reject,
+                    headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
                 }
                 .into(),
             ),

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kafka_support::{consume, healthy_sink, options, queued_id, start_gateway, Client, Record};
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::Sink;
-use smtpgw::smtp::envelope::SealedMessage;
 use spool_support::{headers_of, message, submit};
 
 /// The broker and topic; `None` (a skip, or a failure under `CI=true`) without one.

@@ -566,7 +566,7 @@ fn incremental_replay_publishes_each_message_once() {
     let cursor = tmp.path().join("replay.cursor");
     let mut broker = Tansu::on_free_port(bin);
     broker.start(topic);
-    let store = |n: usize| -> Vec<smtpgw::smtp::envelope::SealedMessage> {
+    let store = |n: usize| -> Vec<smtpgw::sink::record::SealedMessage> {
         let sink = smtpgw::sink::spool::SpoolSink::open(&spool).expect("spool");
         let sent: Vec<_> = (0..n)
             .map(|i| {

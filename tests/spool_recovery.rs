@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kafka_support::Client;
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::spool::format::SEGMENT_HEADER_LEN;
 use smtpgw::sink::spool::{
     CorruptRange, ReadEvent, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
 };
 use smtpgw::sink::{PublishError, Sink};
-use smtpgw::smtp::envelope::SealedMessage;
 use smtpgw::spool_tool;
 use spool_gateway::Gateway;
 use spool_support::{mark_acknowledged_up_to, message, publish};

@@ -9,9 +9,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::spool::{read_all, SpoolError, SpoolOptions, SpoolRecord, SpoolSink};
 use smtpgw::sink::{PublishError, Sink};
-use smtpgw::smtp::envelope::SealedMessage;
 use spool_support::{headers_of, mark_acknowledged_up_to, message, publish, submit};
 use tempfile::TempDir;
 use ulid::Ulid;

@@ -6,8 +6,8 @@ use std::fs;
 use std::path::Path;
 
 use chrono::DateTime;
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::spool::{SpoolError, SpoolSink};
-use smtpgw::smtp::envelope::SealedMessage;
 use smtpgw::spool_tool::{cat, export_mbox, ls};
 use spool_support::{message, message_at, publish};
 use tempfile::TempDir;

@@ -27,6 +27,7 @@ use smtpgw::conn::{
     BodyBudget, Cidr, Connection, ConnectionSettings, Edge, EdgeAuth, PeerLimits, ProxyMode, State,
     TlsHandle,
 };
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::PublishError;
 use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
 
@@ -153,6 +154,7 @@ pub fn run_connection(flags: u8, pieces: &[&[u8]]) -> ConnectionTranscript {
         max_message_size: MAX_MESSAGE_SIZE,
         max_recipients: 4,
         bare_lf: BareLfPolicy::Reject,
+        headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "fuzz.test".len(),
     });
     let limits = Arc::new(ConnectionSettings {
         idle_timeout: Duration::from_secs(60),
@@ -232,7 +234,7 @@ impl Run {
                 conn.handle_auth(self.now, crate::verify(&request));
                 progressed = true;
             }
-            if let Some(message) = conn.poll_message(self.now, &mut stamp) {
+            if let Some(message) = conn.poll_message(self.now, &mut stamp, SealedMessage::seal) {
                 let result = if self.flags & 8 != 0 && self.taken.is_multiple_of(2) {
                     Err(PublishError::Temporary("fuzz: sink down".into()))
                 } else {

@@ -142,6 +142,7 @@ fn config(flags: u8) -> Arc<SessionConfig> {
         } else {
             BareLfPolicy::Normalize
         },
+        headroom: smtpgw::sink::record::RECEIVED_HEADROOM + "fuzz.test".len(),
     })
 }
 

@@ -15,6 +15,7 @@ use super::tests::{fixed_stamp, session_config};
 use super::*;
 use crate::limits::{PeerLimiter, PeerLimitsConfig, PerMinute};
 use crate::metrics::Metrics;
+use crate::sink::record::SealedMessage;
 
 const SOCKET_PEER: &str = "10.0.0.5:40000";
 
@@ -59,7 +60,7 @@ fn exchange(conn: &mut Connection, now: Instant) -> (String, Vec<SealedMessage>)
             conn.output_written(now, n);
             continue;
         }
-        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp, SealedMessage::seal) {
             let id = m.id;
             messages.push(m);
             conn.handle_publish(now, Ok(id));
@@ -607,7 +608,7 @@ fn pump(
             }
             progress = true;
         }
-        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp, SealedMessage::seal) {
             let id = m.id;
             messages.push(m);
             conn.handle_publish(now, Ok(id));
@@ -953,7 +954,7 @@ fn a_final_dot_before_a_bad_record_in_the_same_read_is_answered() {
     wire.extend_from_slice(&bad);
     conn.handle_input(t0, &wire);
     let message = conn
-        .poll_message(t0, &mut fixed_stamp)
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
         .expect("the message whose end arrived intact goes to the sink");
     assert_eq!(message.body(), b"hi\r\n");
     conn.handle_publish(t0, Ok(message.id));

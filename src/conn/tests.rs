@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
+use crate::sink::record::SealedMessage;
 use crate::smtp::{BareLfPolicy, SessionConfig};
 
 pub(super) fn session_config() -> Arc<SessionConfig> {
@@ -14,6 +15,7 @@ pub(super) fn session_config() -> Arc<SessionConfig> {
         max_message_size: 1 << 20,
         max_recipients: 100,
         bare_lf: BareLfPolicy::Reject,
+        headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
     })
 }
 
@@ -56,7 +58,7 @@ fn drain_output(conn: &mut Connection, now: Instant, out: &mut Vec<u8>) {
             out.extend_from_slice(conn.pending_output());
             conn.output_written(now, n);
         }
-        if let Some(m) = conn.poll_message(now, &mut fixed_stamp) {
+        if let Some(m) = conn.poll_message(now, &mut fixed_stamp, SealedMessage::seal) {
             conn.handle_publish(now, Ok(m.id));
             continue;
         }
@@ -365,7 +367,9 @@ fn budget_follows_bodies_and_answers() {
     );
     // The message goes to the sink: still charged until the answer.
     a.handle_input(t0, b".\r\n");
-    let msg = a.poll_message(t0, &mut fixed_stamp).expect("message");
+    let msg = a
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+        .expect("message");
     assert_eq!(budget.used(), 10_000);
     a.handle_publish(t0, Ok(msg.id));
     assert_eq!(budget.used(), 0);
@@ -403,12 +407,15 @@ fn paused_body_is_not_read_and_resumes_when_budget_returns() {
     assert!(!b.paused_for_budget());
     // Once a message is with the sink, whose answer frees its bytes, bodies wait.
     a.handle_input(t0, b"\r\n.\r\n");
-    let m = a.poll_message(t0, &mut fixed_stamp).expect("message");
+    let m = a
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+        .expect("message");
     assert!(b.paused_for_budget());
     assert!(!b.wants_read());
     b.handle_input(t0, b"more\r\n.\r\n");
     assert!(
-        b.poll_message(t0, &mut fixed_stamp).is_none(),
+        b.poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+            .is_none(),
         "read while paused"
     );
     a.handle_publish(t0, Ok(m.id));
@@ -470,7 +477,9 @@ fn bodies_ending_and_starting_in_one_read_are_each_timed() {
     conn.handle_input(t0, first.as_bytes());
     conn.handle_input(t0 + Duration::from_secs(1), b"\r\nmore");
     conn.handle_input(t0 + Duration::from_secs(3), b"\r\n.\r\n");
-    assert!(conn.poll_message(t0, &mut fixed_stamp).is_some());
+    assert!(conn
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+        .is_some());
     let mut counts = Counts::default();
     conn.take_stats(&mut counts);
     assert_eq!(counts.data, vec![Duration::ZERO, Duration::from_secs(3)]);
@@ -510,7 +519,9 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     over.store(true, Ordering::SeqCst);
     a.handle_input(t0, start);
     a.handle_input(t0, b"first\r\n.\r\n");
-    let first = a.poll_message(t0, &mut fixed_stamp).expect("first message");
+    let first = a
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+        .expect("first message");
     b.handle_input(t0, start);
     assert!(
         b.paused_for_budget(),
@@ -519,7 +530,8 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     assert!(!b.wants_read());
     b.handle_input(t0, b"second\r\n.\r\n");
     assert!(
-        b.poll_message(t0, &mut fixed_stamp).is_none(),
+        b.poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+            .is_none(),
         "body read while paused"
     );
     // A BDAT chunk waits the same way.
@@ -530,7 +542,8 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     assert!(d.paused_for_budget());
     d.handle_input(t0, b"chunk\r\n");
     assert!(
-        d.poll_message(t0, &mut fixed_stamp).is_none(),
+        d.poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+            .is_none(),
         "chunk read while paused"
     );
     // Commands are answered, with no refusal: only bodies wait.
@@ -550,11 +563,13 @@ fn sink_over_its_inflight_limit_pauses_bodies_not_commands() {
     assert!(!b.paused_for_budget());
     b.handle_budget_freed(t0);
     let second = b
-        .poll_message(t0, &mut fixed_stamp)
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
         .expect("second message");
     assert!(second.value.ends_with(b"second\r\n"));
     d.handle_budget_freed(t0);
-    let chunked = d.poll_message(t0, &mut fixed_stamp).expect("BDAT message");
+    let chunked = d
+        .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+        .expect("BDAT message");
     assert!(chunked.value.ends_with(b"chunk\r\n"));
     b.handle_publish(t0, Ok(second.id));
     d.handle_publish(t0, Ok(chunked.id));

@@ -118,6 +118,7 @@ pub(crate) fn params(sink: Arc<dyn Sink>, max_connections: usize, idle: Duration
                 max_message_size: 1 << 20,
                 max_recipients: 100,
                 bare_lf: BareLfPolicy::Reject,
+                headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
             }
             .into(),
         ),
@@ -220,7 +221,7 @@ struct Held(
 );
 
 impl Sink for Held {
-    fn submit(&self, msg: crate::smtp::SealedMessage, done: Completion) {
+    fn submit(&self, msg: crate::sink::record::SealedMessage, done: Completion) {
         if self.1.load(Ordering::Acquire) {
             return done.complete(Ok(msg.id));
         }
@@ -454,7 +455,7 @@ impl Slow {
 }
 
 impl Sink for Slow {
-    fn submit(&self, msg: crate::smtp::SealedMessage, done: Completion) {
+    fn submit(&self, msg: crate::sink::record::SealedMessage, done: Completion) {
         let now = self.inflight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most.fetch_max(now, Ordering::SeqCst);
         self.taken.lock().unwrap().push(msg.id);

@@ -25,6 +25,7 @@ use super::{stamp, Admitted, Phase, PublishGauge, ReactorShared};
 use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket};
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::ReactorMetrics;
+use crate::sink::record::SealedMessage;
 use crate::sink::Completion;
 
 /// Generations wrap within 24 bits: the io_uring backend packs slot and generation of
@@ -224,7 +225,7 @@ impl<B> Host<B> {
             // Off the reactor; a full queue answers at once, through the same queue.
             verifier.submit(request, auth_completion(queue.clone(), t));
         }
-        if let Some(sealed) = e.driver.poll_message(now, &mut stamp) {
+        if let Some(sealed) = e.driver.poll_message(now, &mut stamp, SealedMessage::seal) {
             let done = Completion::ticket(queue.clone(), t);
             s.flight = Some(self.shared.submit(sealed, done));
         }

@@ -22,8 +22,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::conn::{BodyBudget, ConnectionSettings, Edge};
 use crate::metrics::Metrics;
 use crate::reload::SessionConfigHandle;
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
-use crate::smtp::{reply, MessageId, SealedMessage};
+use crate::smtp::{reply, MessageId};
 
 #[cfg(test)]
 pub(crate) mod contract_tests;

@@ -75,6 +75,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
+use crate::sink::record::SealedMessage;
 use crate::sink::spool::tombstone::{
     append_tombstone, ensure_tombstone_log, read_tombstones, tombstone_path, tombstones_len,
     Action, Tombstone, Tombstones,
@@ -86,7 +87,6 @@ use crate::sink::spool::{
 use crate::sink::{
     Completion, ForwardStats, PublishError, PublishResult, Sink, SinkStats, SpoolStats,
 };
-use crate::smtp::envelope::SealedMessage;
 
 /// Records in flight to Kafka at once: enough to batch well. The bound of
 /// `--forward-window`, which the configuration checks.

@@ -2,7 +2,7 @@
 //! without storage and must never be used where mail matters.
 
 use super::{Completion, Sink};
-use crate::smtp::envelope::SealedMessage;
+use crate::sink::record::SealedMessage;
 
 #[derive(Debug, Default)]
 pub struct NullSink;
@@ -43,7 +43,10 @@ mod tests {
         );
         let msg = crate::smtp::Message::new(env, bytes::BytesMut::from(&b"hi\r\n"[..]), 0);
         let id = ulid::Ulid::new();
-        sink.submit(msg.seal(id, chrono::Utc::now(), "mx"), Completion::new(tx));
+        sink.submit(
+            SealedMessage::seal(msg, id, chrono::Utc::now(), "mx"),
+            Completion::new(tx),
+        );
         assert_eq!(rx.try_recv().unwrap(), Ok(id));
         assert_eq!(sink.name(), "null");
     }

@@ -13,6 +13,7 @@ fn config() -> Arc<SessionConfig> {
         max_message_size: 1000,
         max_recipients: 3,
         bare_lf: BareLfPolicy::Reject,
+        headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
     })
 }
 
@@ -81,7 +82,12 @@ fn run_auth<'a>(
             };
             stored += 1;
             let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-            let sealed = message.seal(MessageId::from(stored), at, "mx.test");
+            let sealed = crate::sink::record::SealedMessage::seal(
+                message,
+                MessageId::from(stored),
+                at,
+                "mx.test",
+            );
             let mut headers = vec![(
                 "value".to_string(),
                 String::from_utf8_lossy(&sealed.value).into_owned(),

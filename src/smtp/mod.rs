@@ -20,7 +20,7 @@ pub use address::AcceptDomains;
 pub use data::BareLfPolicy;
 #[cfg(any(test, feature = "testing"))]
 pub use envelope::{Envelope, Message};
-pub use envelope::{MessageId, PublishError, PublishResult, SealedMessage, StoredIn};
+pub use envelope::{MessageId, PublishError, PublishResult, StoredIn};
 pub use refusal::Refusal;
 pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy};
 #[cfg(any(test, feature = "testing"))]

@@ -20,7 +20,7 @@ use super::auth::{self, AuthRequest, AuthVerdict, Mechanism, ResponseError};
 use super::command::{self, Command, CommandError, Params, PathKind, SyntaxOf};
 use super::data::{BareLfPolicy, BodyOutcome, DataReader, HeaderLines};
 use super::dsn::{self, DsnError, Notify, Ret};
-use super::envelope::{self, Envelope, Message, PublishError, PublishResult, RECEIVED_HEADROOM};
+use super::envelope::{self, Envelope, Message, PublishError, PublishResult};
 use super::refusal::Refusal;
 use super::reply;
 use super::stats::{LimitClose, RejectReason, SessionStats, Verb};
@@ -180,16 +180,14 @@ pub struct SessionConfig {
     /// More recipients than this get `452 4.5.3`.
     pub max_recipients: usize,
     pub bare_lf: BareLfPolicy,
+    /// Room left in front of each body for the trace line the sink layer puts there
+    /// (`sink::record::RECEIVED_HEADROOM` plus the hostname), so sealing copies no body.
+    pub headroom: usize,
 }
 
 impl SessionConfig {
     fn accepts(&self, domain: Domain<'_>) -> bool {
         self.accept_domains.accepts(domain)
-    }
-
-    /// Room in front of a body for the `Received:` line, so sealing needs no copy.
-    fn headroom(&self) -> usize {
-        RECEIVED_HEADROOM + self.hostname.len()
     }
 }
 
@@ -853,7 +851,7 @@ impl Session {
     /// far, or the completed message not yet taken. The caller charges them against
     /// its memory budget.
     pub fn body_len(&self) -> usize {
-        let headroom = self.config.headroom();
+        let headroom = self.config.headroom;
         let buffered = match &self.phase {
             Phase::Data { body, .. } => body.len(),
             _ => self
@@ -1362,7 +1360,7 @@ impl Session {
     }
 
     fn complete(&mut self, envelope: Envelope, body: BytesMut, header: HeaderLines) {
-        let message = Message::new(envelope, body, self.config.headroom());
+        let message = Message::new(envelope, body, self.config.headroom);
         self.completed = Some(message.with_header_lines(header));
         self.phase = Phase::AwaitingPublish;
     }
@@ -1370,7 +1368,7 @@ impl Session {
     /// One allocation per message: the body with headroom for the trace line, sized by
     /// the client's SIZE hint when it gave one (bounded by our limit).
     fn new_body(&self, size_hint: Option<u64>) -> BytesMut {
-        let headroom = self.config.headroom();
+        let headroom = self.config.headroom;
         let expected = size_hint
             .map_or(INITIAL_BODY_CAPACITY as u64, |s| s.saturating_add(2))
             .min(self.config.max_message_size as u64) as usize;

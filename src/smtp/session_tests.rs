@@ -11,6 +11,7 @@ fn config(bare_lf: BareLfPolicy) -> Arc<SessionConfig> {
         max_message_size: 100,
         max_recipients: 3,
         bare_lf,
+        headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
     })
 }
 
@@ -652,7 +653,8 @@ fn received_line_is_prepended_without_touching_the_body() {
     session.feed(format!("{TXN}DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n").as_bytes());
     let message = session.take_message().unwrap();
     let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-    let sealed = message.seal(MessageId::from(7u128), at, "mx.test");
+    let sealed =
+        crate::sink::record::SealedMessage::seal(message, MessageId::from(7u128), at, "mx.test");
     assert_eq!(sealed.body(), b"Subject: x\r\n\r\nbody\r\n");
     let value = String::from_utf8(sealed.value.to_vec()).unwrap();
     assert!(
@@ -669,7 +671,7 @@ fn received_line_is_prepended_without_touching_the_body() {
     sealed.for_each_header(|k, v| headers.push((k, String::from_utf8_lossy(v).to_string())));
     let names: Vec<_> = headers.iter().map(|(k, _)| *k).collect();
     // With one recipient, every header once, in the documented order.
-    assert_eq!(names, crate::smtp::envelope::RECORD_HEADERS);
+    assert_eq!(names, crate::sink::record::RECORD_HEADERS);
     assert_eq!(names[9..12], ["smtp.schema", "smtp.node", "smtp.session"]);
     assert_eq!(headers[9].1, "1");
     // The connection driver sets these; a bare session leaves them empty and 0.
@@ -696,7 +698,7 @@ fn received_date_matches_rfc2822() {
         for day in 0..7 {
             let at = at + chrono::Duration::days(day);
             let line =
-                crate::smtp::envelope::received_line(&envelope, MessageId::from(1u128), at, "h");
+                crate::sink::record::received_line(&envelope, MessageId::from(1u128), at, "h");
             assert!(
                 line.ends_with(&format!(";\r\n\t{}\r\n", at.to_rfc2822())),
                 "{line}"
@@ -1103,7 +1105,7 @@ fn trace_line_escapes_what_is_not_printable() {
         "",
     );
     env.push_rcpt("\"x\u{85}\u{2028}y\"@example.com");
-    let line = crate::smtp::envelope::received_line(
+    let line = crate::sink::record::received_line(
         &env,
         MessageId::from(1u128),
         chrono::DateTime::from_timestamp(0, 0).unwrap(),
@@ -1648,7 +1650,12 @@ fn record_headers<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<(St
     let mut out = Vec::new();
     feed_pieces(config(BareLfPolicy::Reject), pieces, |message| {
         let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        let sealed = message.seal(MessageId::from(7u128), at, "mx.test");
+        let sealed = crate::sink::record::SealedMessage::seal(
+            message,
+            MessageId::from(7u128),
+            at,
+            "mx.test",
+        );
         let mut headers = Vec::new();
         sealed.for_each_header(|k, v| {
             headers.push((k.to_string(), String::from_utf8_lossy(v).into_owned()))
@@ -1702,7 +1709,7 @@ fn dsn_parameters_reach_the_record_for_every_split_of_reads() {
     // The DSN headers come after schema 1's first twelve, in RECORD_HEADERS order.
     let mut order: Vec<&str> = first.iter().map(|(k, _)| k.as_str()).collect();
     order.dedup();
-    assert_eq!(order, crate::smtp::envelope::RECORD_HEADERS);
+    assert_eq!(order, crate::sink::record::RECORD_HEADERS);
     // A transaction without DSN parameters still has one (empty) of each.
     let second = &whole[1];
     assert_eq!(named(second, "smtp.dsn_ret"), [""]);

@@ -26,7 +26,7 @@ pub struct Record {
 }
 
 /// The record the gateway writes for `msg`: key = id, value, headers in order.
-pub fn record_of(msg: &smtpgw::smtp::envelope::SealedMessage) -> Record {
+pub fn record_of(msg: &smtpgw::sink::record::SealedMessage) -> Record {
     let mut headers = Vec::new();
     msg.for_each_header(|name, value| headers.push((name.to_owned(), value.to_vec())));
     Record {

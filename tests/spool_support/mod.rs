@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use smtpgw::sink::record::{received_line, SealedMessage};
 use smtpgw::sink::{Completion, PublishResult, Sink};
-use smtpgw::smtp::envelope::{received_line, Envelope, SealedMessage, Verb};
+use smtpgw::smtp::envelope::{Envelope, Verb};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use ulid::Ulid;
 

@@ -9,8 +9,8 @@ use super::*;
 use crate::completion::Wake;
 use crate::metrics::Metrics;
 use crate::net::contract_tests::params;
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, Sink};
-use crate::smtp::SealedMessage;
 
 /// Keeps every message with its completion for the test to answer; says it is over its
 /// in-flight limit while `over` is set.

@@ -19,14 +19,17 @@ use super::{
     KafkaShared, ABORTED, FAILED, PRODUCER_FAILED, QUEUE_FULL, TIMED_OUT, TOPIC_TOO_SMALL,
     UNAVAILABLE, UNKNOWN_TOPIC,
 };
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError, PublishResult, SinkStats};
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::MessageId;
 
 /// What the delivery callback needs to answer one message.
 pub(super) struct PendingDelivery {
     pub(super) answer: Answer,
     pub(super) id: MessageId,
     pub(super) bytes: usize,
+    /// Holds a place at the waiting room's gate (a session's record; see `room`).
+    pub(super) gated: bool,
 }
 
 /// Who waits for a delivery report.
@@ -203,7 +206,12 @@ impl ProducerContext for GatewayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<PendingDelivery>) {
         self.shared.sub_inflight(inflight.bytes);
-        let PendingDelivery { answer, id, bytes } = *inflight;
+        if inflight.gated {
+            self.shared.room.release(inflight.bytes);
+        }
+        let PendingDelivery {
+            answer, id, bytes, ..
+        } = *inflight;
         match result {
             Ok(record) => {
                 self.shared.delivered(self.generation);

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use ulid::Ulid;
 
-use crate::smtp::envelope::SealedMessage;
+use crate::sink::record::SealedMessage;
 
 /// The first bytes of every segment file this code writes (segment format 2).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"SMTPGWS2";

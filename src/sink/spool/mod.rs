@@ -144,8 +144,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use crossbeam_channel::Sender;
 
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError, Sink, SpoolStats};
-use crate::smtp::envelope::SealedMessage;
 
 pub mod format;
 pub mod reader;

@@ -17,8 +17,9 @@ use super::format::{
     encode_commit_marks, encode_record, Position, TooLarge, COMMIT_MARK_AT, SEGMENT_HEADER_LEN,
 };
 use super::{io_error, SpoolError};
+use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError};
-use crate::smtp::envelope::{MessageId, SealedMessage};
+use crate::smtp::envelope::MessageId;
 
 pub(crate) const LOCK_FILE: &str = "LOCK";
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
