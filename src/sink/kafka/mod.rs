@@ -20,7 +20,7 @@
 //! | broker acknowledged (acks=all, idempotent)     | `Ok(id)` → `250`               |
 //! | librdkafka refused it as too large             | `TooLarge` → `552 5.3.4`       |
 //! | broker refused it as too large, over our SIZE  | `TooLarge` → `552 5.3.4`       |
-//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never the fallback |
+//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never handed back |
 //! | no broker reachable (fail fast, see below)     | `Temporary("kafka unavailable")` |
 //! | producer queue full                            | `Temporary("kafka queue full")` |
 //! | not acknowledged within `--publish-timeout`    | `Temporary("kafka publish timed out")` |
@@ -58,7 +58,7 @@
 //! `UNKNOWN_PRODUCER_ID` on every produce request) while answering metadata, and
 //! librdkafka fails each message with that error for good. The delivery reports are
 //! the event: the first such failure marks the sink unhealthy (`/readyz` 503, `451`
-//! or the fallback at once) and wakes the supervisor, which replaces the producer
+//! or the handback at once) and wakes the supervisor, which replaces the producer
 //! exactly as after a fatal error. A message timing out counts too when nothing at all
 //! was acknowledged for a whole publish timeout (one slow message among good ones is a
 //! slow broker, and a new producer would not help), and then the producer is replaced
@@ -68,13 +68,14 @@
 //! most every 10 s, with the count) and one line at recovery, the first
 //! acknowledgement after it.
 //!
-//! # Fallback
+//! # Handback
 //!
-//! Built with [`KafkaSink::with_fallback`], the sink keeps each session's message (a
+//! Built with [`KafkaSink::with_handback`], the sink keeps each session's message (a
 //! reference, not a copy) until its delivery report; a temporary failure (unavailable,
-//! queue full, timeout, stuck producer, purge) hands it to the fallback sink, the local
-//! spool of `--spool-fallback`, whose answer the session gets. A size refusal is still
-//! `552`. See [`crate::sink::forward`].
+//! queue full, timeout, stuck producer, purge) hands it back to the [`Handback`], whose
+//! answer the session gets: the fallback sink of `--spool-fallback`
+//! ([`crate::sink::fallback`]) wraps this one and stores it there. A size refusal is
+//! still `552`.
 //!
 //! # Size
 //!
@@ -96,7 +97,7 @@
 //!   would bounce mail they sized for it): a topic below what `--max-message-size`
 //!   needs is logged at `error` with both settings and the fix, and session messages
 //!   the topic cannot hold get `451` until a reading finds it large enough again.
-//!   `451`, not the fallback spool: the forwarder could not publish them either.
+//!   `451`, not the handback: forwarded later, they would not fit either.
 //!
 //! # Latency at low load
 //!
@@ -143,7 +144,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use crate::config::PartitionKey;
-use crate::sink::record::SealedMessage;
+use crate::sink::record::{Record, SealedMessage};
 use crate::sink::{
     join_handle_logged, join_logged, Completion, PublishError, PublishResult, Sink, SinkStats,
 };
@@ -205,13 +206,20 @@ pub enum KafkaSinkError {
     Thread(#[source] io::Error),
 }
 
+/// Who takes a session's message that Kafka cannot take now, instead of the session
+/// getting `451`: the fallback sink ([`crate::sink::fallback`]), which wraps this one.
+/// The Kafka sink knows no more of it than this.
+pub(crate) trait Handback: Send + Sync {
+    /// Kafka failed `msg` for now (`why`); `done` is the session's way back.
+    fn take(&self, msg: SealedMessage, why: Cow<'static, str>, done: Completion);
+    /// Kafka acknowledged a session's message.
+    fn delivered(&self);
+    /// Where handed-back messages go, for the sink's log lines (`the fallback spool`).
+    fn place(&self) -> &'static str;
+}
+
 /// State shared by the sink, its supervisor and every producer's callbacks.
 struct KafkaShared {
-    /// Store-and-forward: whether the latest session message went to the fallback
-    /// spool, and how many went there since it began (for the lines that say when
-    /// mail starts and stops going there).
-    fallback_active: AtomicBool,
-    fallback_stored: AtomicU64,
     healthy: AtomicBool,
     closed: AtomicBool,
     /// Which producer is current; callbacks of a retired one must not flip health.
@@ -228,7 +236,7 @@ struct KafkaShared {
     streak_active: AtomicBool,
     streak: Mutex<Streak>,
     /// Where a session's message goes when Kafka fails it temporarily.
-    fallback: Option<Arc<dyn Sink>>,
+    handback: Option<Arc<dyn Handback>>,
     /// Told each time the sink becomes ready (the forwarder waits for it).
     ready_watch: Mutex<Vec<Sender<()>>>,
     /// The topic's partition count from the last metadata answer; 0 while unknown
@@ -253,33 +261,6 @@ struct KafkaShared {
 }
 
 impl KafkaShared {
-    /// A session message goes to the fallback spool: the first of a run says so.
-    fn stored_in_fallback(&self, why: &str) {
-        self.fallback_stored.fetch_add(1, Ordering::Relaxed);
-        if !self.fallback_active.load(Ordering::Relaxed)
-            && !self.fallback_active.swap(true, Ordering::AcqRel)
-        {
-            tracing::warn!(
-                why,
-                "store-and-forward: Kafka could not take a message; mail goes to the fallback spool (250 after fdatasync) until it can"
-            );
-        }
-    }
-
-    /// Kafka acknowledged a session message: a run of fallback storage ends here.
-    fn stored_in_kafka(&self) {
-        // A plain load keeps the common case free of a read-modify-write.
-        if self.fallback_active.load(Ordering::Relaxed)
-            && self.fallback_active.swap(false, Ordering::AcqRel)
-        {
-            let stored = self.fallback_stored.swap(0, Ordering::AcqRel);
-            tracing::info!(
-                stored,
-                "store-and-forward: mail goes to Kafka again; the messages stored in the fallback spool meanwhile are being forwarded"
-            );
-        }
-    }
-
     fn set_healthy(&self, generation: u64, healthy: bool, why: &str) {
         if generation != self.generation.load(Ordering::Acquire) {
             return;
@@ -301,10 +282,11 @@ impl KafkaShared {
                 {
                     let _ = tx.send(());
                 }
-            } else if self.fallback.is_some() {
+            } else if let Some(handback) = &self.handback {
                 tracing::warn!(
                     why,
-                    "kafka sink not ready: storing messages in the fallback spool until a broker is back"
+                    "kafka sink not ready: storing messages in {} until a broker is back",
+                    handback.place()
                 );
             } else {
                 tracing::warn!(
@@ -459,22 +441,20 @@ impl KafkaSink {
     /// starts the supervisor. No reachable broker is not an error: the sink starts
     /// unhealthy and becomes ready when a broker answers.
     pub fn new(options: &KafkaOptions) -> Result<KafkaSink, KafkaSinkError> {
-        Self::with_fallback(options, None)
+        Self::with_handback(options, None)
     }
 
     /// As [`KafkaSink::new`]; a session's message that Kafka cannot take now (sink
     /// unavailable, queue full, temporary delivery failure, publish timeout) is handed
-    /// to `fallback`, whose answer the session gets instead of `451`.
-    pub fn with_fallback(
+    /// back to `handback`, whose answer the session gets instead of `451`.
+    pub(crate) fn with_handback(
         options: &KafkaOptions,
-        fallback: Option<Arc<dyn Sink>>,
+        handback: Option<Arc<dyn Handback>>,
     ) -> Result<KafkaSink, KafkaSinkError> {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (reread, rereads) = crossbeam_channel::bounded(1);
         let shared = Arc::new(KafkaShared {
-            fallback_active: AtomicBool::new(false),
-            fallback_stored: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -485,7 +465,7 @@ impl KafkaSink {
             stats: Mutex::new(None),
             streak_active: AtomicBool::new(false),
             streak: Mutex::new(Streak::default()),
-            fallback,
+            handback,
             ready_watch: Mutex::new(Vec::new()),
             partitions: AtomicUsize::new(0),
             epoch: Instant::now(),
@@ -699,40 +679,37 @@ impl KafkaSink {
         }
     }
 
-    /// Publishes a spooled record exactly as [`Sink::submit`] published the message:
-    /// same key, value, headers and timestamp. The result goes to `tx` tagged `seq`.
-    pub(crate) fn forward(
-        &self,
-        record: &crate::sink::spool::SpoolRecord,
-        seq: u64,
-        tx: Sender<(u64, PublishResult)>,
-    ) {
-        self.publish_spooled(record, Answer::Forward { seq, tx });
+    /// Publishes a record stored earlier (the forwarder's) exactly as [`Sink::submit`]
+    /// published the message: same key, value, headers and timestamp. The result goes
+    /// to `tx` tagged `seq`.
+    pub(crate) fn forward(&self, record: &impl Record, seq: u64, tx: Sender<(u64, PublishResult)>) {
+        self.publish_record(record, Answer::Forward { seq, tx });
     }
 
-    /// Publishes a spooled record with its original key, value, headers and timestamp.
-    fn publish_spooled(&self, record: &crate::sink::spool::SpoolRecord, answer: Answer) {
-        let headers = owned_headers(record.headers.len(), |add| {
-            for (name, value) in &record.headers {
-                add(name, value);
-            }
+    /// Publishes `record` with its key, value, headers and timestamp; `done` gets the
+    /// answer, never handed back.
+    pub(crate) fn publish_stored(&self, record: &impl Record, done: Completion) {
+        self.publish_record(record, Answer::Session { done, keep: None });
+    }
+
+    fn publish_record(&self, record: &impl Record, answer: Answer) {
+        let (id, timestamp_ms, headers, partition) = self.head_of(record);
+        self.publish(id, timestamp_ms, headers, record.value(), partition, answer);
+    }
+
+    /// What the producer gets of `record` besides its value: key, timestamp, headers
+    /// and the partition `--kafka-partition-key` picks.
+    fn head_of(&self, record: &impl Record) -> (MessageId, i64, Option<OwnedHeaders>, Option<i32>) {
+        let headers = owned_headers(record.header_count(), |add| {
+            record.for_each_header(|name, value| add(name, value))
         });
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(&[][..], |(_, v)| v.as_slice())
-        };
-        let partition = self.partition_for(header("smtp.mail_from"), || header("smtp.rcpt_to"));
-        self.publish(
-            record.id,
-            record.received_at.timestamp_millis(),
+        let partition = self.partition_for(record.mail_from(), || record.first_rcpt());
+        (
+            record.id(),
+            record.received_at().timestamp_millis(),
             headers,
-            record.value(),
             partition,
-            answer,
-        );
+        )
     }
 
     /// The partition `--kafka-partition-key` picks for a message from `sender` whose
@@ -763,11 +740,6 @@ impl KafkaSink {
     }
 
     /// Whether the sink takes messages now; false while closed.
-    /// Whether session messages go to the fallback spool now (the latest one did).
-    pub fn fallback_active(&self) -> bool {
-        self.inner.shared.fallback_active.load(Ordering::Relaxed)
-    }
-
     fn ready(&self) -> bool {
         let shared = &self.inner.shared;
         shared.healthy.load(Ordering::Acquire) && !shared.closed.load(Ordering::Acquire)
@@ -776,18 +748,11 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
-        let headers = owned_headers(11 + msg.envelope.rcpt_count(), |add| {
-            msg.for_each_header(|name, value| add(name, value))
-        });
-        let (id, timestamp_ms) = (msg.id, msg.received_at.timestamp_millis());
-        let env = &msg.envelope;
-        let partition = self.partition_for(env.mail_from().as_bytes(), || {
-            env.rcpt_to().next().map_or(&[][..], str::as_bytes)
-        });
+        let (id, timestamp_ms, headers, partition) = self.head_of(&msg);
         // A reference-counted handle, not a copy of the bytes.
         let value = msg.value.clone();
-        // Only a fallback needs the message after librdkafka has copied it.
-        let keep = self.inner.shared.fallback.is_some().then_some(msg);
+        // Only a handback needs the message after librdkafka has copied it.
+        let keep = self.inner.shared.handback.is_some().then_some(msg);
         self.publish(
             id,
             timestamp_ms,

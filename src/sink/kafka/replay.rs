@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use super::{Answer, KafkaOptions, KafkaSink, KafkaSinkError, FAILED};
+use super::{KafkaOptions, KafkaSink, KafkaSinkError, FAILED};
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::envelope::MessageId;
 
@@ -100,13 +100,7 @@ pub fn replay_records(
             }
         }
         let (tx, rx) = unbounded_channel();
-        sink.publish_spooled(
-            &record,
-            Answer::Session {
-                done: Completion::new(tx),
-                keep: None,
-            },
-        );
+        sink.publish_stored(&record, Completion::new(tx));
         window.push_back((record.id, rx));
     }
     while let Some(pending) = window.pop_front() {
