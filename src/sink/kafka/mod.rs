@@ -116,18 +116,19 @@
 //! a closed-loop load empties the queue with each acknowledged batch, and the
 //! unbatched windows fed themselves: 15-19k msgs/s.)
 //!
-//! # Replay
+//! # Stored records
 //!
-//! [`replay_spool`] publishes a spool's records through the same path, with their
-//! original keys, headers and timestamps, for `smtpgw spool replay --to-kafka`.
+//! [`KafkaSink::publish_stored`] publishes a record stored earlier through the same
+//! path, with its original key, headers and timestamp: `smtpgw spool replay --to-kafka`
+//! (`crate::spool_tool::replay`) and, tagged, the forwarder (`crate::sink::forward`).
 //!
 //! # Files
 //!
 //! This file holds the sink itself (its shared state, start-up and `submit`); the rest
 //! is split by concern: `options` (settings, librdkafka configuration, record-size
 //! arithmetic), `delivery` (delivery reports and the answers they make), `supervisor`
-//! (probing, producer replacement, the low-load flusher, draining), `size` (the topic's
-//! limit) and `replay` (`spool replay`).
+//! (probing, producer replacement, the low-load flusher, draining) and `size` (the
+//! topic's limit).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -152,7 +153,6 @@ use crate::smtp::envelope::MessageId;
 
 mod delivery;
 mod options;
-mod replay;
 mod size;
 mod supervisor;
 #[cfg(test)]
@@ -163,9 +163,6 @@ pub(crate) use delivery::Answer;
 pub use options::{limit_for_value, value_limit, KafkaOptions};
 #[cfg(any(test, feature = "testing"))]
 pub use options::{record_overhead, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES};
-pub use replay::{replay_records, ReplayError};
-#[cfg(any(test, feature = "testing"))]
-pub use replay::{replay_spool, ReplayReport};
 
 use delivery::{classify, owned_headers, GatewayContext, Liveness, PendingDelivery};
 use size::{check_topic_limit, follow_topic_limit, read_topic_limit};
@@ -179,7 +176,7 @@ const TIMED_OUT: &str = "kafka publish timed out";
 const PRODUCER_FAILED: &str = "kafka producer failed";
 const ABORTED: &str = "kafka publish aborted";
 const UNKNOWN_TOPIC: &str = "kafka topic unknown";
-const FAILED: &str = "kafka publish failed";
+pub(crate) const FAILED: &str = "kafka publish failed";
 const SHUT_DOWN: &str = "kafka sink is shut down";
 /// A session's message within the advertised SIZE that the topic cannot hold: its limit
 /// fell below `--max-message-size` at runtime. The operator's to fix, so not a bounce.
