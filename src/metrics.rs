@@ -135,6 +135,8 @@ pub struct Metrics {
     sink_up: IntGauge,
     kafka_queue_messages: IntGauge,
     kafka_queue_bytes: IntGauge,
+    kafka_waiting_messages: IntGauge,
+    kafka_waiting_bytes: IntGauge,
     kafka_broker_rtt: GaugeVec,
     kafka_topic_max_message_bytes: IntGauge,
     kafka_topic_too_small: IntGauge,
@@ -421,6 +423,14 @@ impl Metrics {
                 "smtpgw_kafka_queue_bytes",
                 "Bytes in librdkafka's queue or in flight (0 for other sinks).",
             )?,
+            kafka_waiting_messages: gauge(
+                "smtpgw_kafka_waiting_messages",
+                "Messages waiting in the Kafka sink for room in librdkafka's queue (counted in smtpgw_publish_inflight_messages, not in smtpgw_kafka_queue_messages).",
+            )?,
+            kafka_waiting_bytes: gauge(
+                "smtpgw_kafka_waiting_bytes",
+                "Bytes of the messages waiting in the Kafka sink for room in librdkafka's queue.",
+            )?,
             kafka_broker_rtt,
             forward_awaiting_records: gauge(
                 "smtpgw_forward_awaiting_records",
@@ -575,6 +585,9 @@ impl Metrics {
             let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             self.kafka_queue_messages.set(clamp(stats.queue_messages));
             self.kafka_queue_bytes.set(clamp(stats.queue_bytes));
+            self.kafka_waiting_messages
+                .set(clamp(stats.waiting_messages));
+            self.kafka_waiting_bytes.set(clamp(stats.waiting_bytes));
             self.kafka_topic_max_message_bytes
                 .set(stats.topic_max_message_bytes.map_or(0, clamp));
             self.kafka_topic_too_small

@@ -386,11 +386,12 @@ fn gauge(metrics: &str, name: &str) -> Option<f64> {
 }
 
 /// A slow broker (every request takes 400 ms) and more sessions than
-/// `--max-inflight-messages`: bodies pause instead of filling librdkafka's queue (four
-/// times the limit, past which a message would get `451 kafka queue full`), so the broker
-/// being slow costs no `451`; the in-flight gauge stays within the limit plus the bodies
-/// the two reactors held whole, and within the body memory budget; every `250` is
-/// exactly one record in the topic.
+/// `--max-inflight-messages`: bodies pause, and the bodies the reactors were finishing
+/// wait in the sink for room in librdkafka's queue (never `451 kafka queue full`), so
+/// the broker being slow costs no `451`; librdkafka's queue, twice what the sink lets in,
+/// never refuses a message the sink let in (the gateway would say so); the in-flight
+/// gauge stays within the limit plus the bodies the two reactors held whole, and within
+/// the body memory budget; every `250` is exactly one record in the topic.
 #[test]
 fn slow_broker_pauses_bodies_instead_of_refusing() {
     const LIMIT: usize = 4;
@@ -437,6 +438,11 @@ fn slow_broker_pauses_bodies_instead_of_refusing() {
         "{most} messages in flight, limit {LIMIT}"
     );
     assert!(most_bytes <= BUDGET as f64, "{most_bytes} bytes in flight");
+    let log = gw.stderr();
+    assert!(
+        !log.contains("librdkafka's queue is full below"),
+        "librdkafka refused a message the sink let in:\n{log}"
+    );
     let records = quit_stop_and_read(c, gw, &brokers);
     assert_eq!(acked.len(), 1 + SESSIONS * MESSAGES);
     each_acked_is_one_record(&records, &acked);

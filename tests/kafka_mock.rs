@@ -281,20 +281,8 @@ fn unreachable_cluster_starts_unhealthy_and_fails_fast() {
     );
 }
 
-#[test]
-fn inflight_limit_and_queue_full_while_the_broker_is_slow() {
-    let cluster = cluster();
-    let brokers = cluster.bootstrap_servers();
-    let mut opts = options(&brokers, TOPIC, Duration::from_secs(20));
-    opts.settings.max_inflight_messages = 2;
-    let sink = healthy_sink(&opts);
-    cluster
-        .broker_round_trip_time(1, Duration::from_millis(1500))
-        .expect("rtt");
-
-    assert!(!sink.over_inflight_limit());
-    // librdkafka's queue holds four times the soft limit: 8 messages.
-    let msgs: Vec<SealedMessage> = (0..10)
+fn numbered(n: usize) -> Vec<SealedMessage> {
+    (0..n)
         .map(|i| {
             message(
                 "a@example.com",
@@ -302,49 +290,147 @@ fn inflight_limit_and_queue_full_while_the_broker_is_slow() {
                 format!("m{i}\r\n").as_bytes(),
             )
         })
-        .collect();
-    let mut answers = Vec::new();
-    for msg in &msgs {
-        answers.push(submit(&sink, msg.clone()));
-    }
+        .collect()
+}
+
+const TIMED_OUT: &str = "kafka publish timed out";
+
+/// A slow broker (every request takes 500 ms) and ten records against an in-flight
+/// limit of 2, so librdkafka's queue (twice the limit) cannot hold them all: the
+/// records it has no room for wait in the sink and are handed over as delivery reports
+/// free room, in order, so every one gets `250` within the publish timeout and the
+/// topic holds them in the order they came.
+#[test]
+fn slow_broker_records_wait_for_room_and_all_get_250_in_order() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let mut opts = options(&brokers, TOPIC, Duration::from_secs(20));
+    opts.settings.max_inflight_messages = 2;
+    let sink = healthy_sink(&opts);
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(500))
+        .expect("rtt");
+
+    assert!(!sink.over_inflight_limit());
+    let msgs = numbered(10);
+    let answers: Vec<_> = msgs.iter().map(|m| submit(&sink, m.clone())).collect();
     assert!(sink.over_inflight_limit());
+    let (waiting, _) = sink.waiting();
+    assert!(waiting > 0, "nothing waits for room");
+    assert!(sink.inflight().0 >= waiting);
+    assert_eq!(
+        sink.stats().map(|s| s.waiting_messages),
+        Some(waiting as u64)
+    );
     let results: Vec<PublishResult> = answers
         .into_iter()
         .map(|mut rx| rx.blocking_recv().expect("answered"))
         .collect();
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    let full = results
-        .iter()
-        .filter(|r| **r == Err(PublishError::Temporary("kafka queue full".into())))
-        .count();
-    assert_eq!(ok + full, msgs.len(), "{results:?}");
-    assert!(full >= 1, "{results:?}");
+    let want: Vec<PublishResult> = msgs.iter().map(|m| Ok(m.id)).collect();
+    assert_eq!(results, want);
     assert!(!sink.over_inflight_limit());
     assert_eq!(sink.inflight(), (0, 0));
+    assert_eq!(sink.waiting(), (0, 0));
+    sink.shutdown();
+
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    let got = consume(&brokers, TOPIC, msgs.len(), WAIT, WAIT);
+    let keys: Vec<Vec<u8>> = got.iter().map(|r| r.key.clone()).collect();
+    let sent: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.to_string().into_bytes()).collect();
+    assert_eq!(keys, sent, "the topic holds them once each, in order");
 }
 
+/// One record at a time (limit 1) to a broker that takes 700 ms a request, eight
+/// records, a publish timeout of 2 s: the first ones get `250`, and those still
+/// waiting for room when their timeout runs out get the timed-out `451` then, not
+/// later; never `kafka queue full`, every `250` is a record, in order, and a `451`
+/// is none.
+#[test]
+fn records_without_room_within_the_publish_timeout_get_the_timed_out_451() {
+    let cluster = cluster();
+    let brokers = cluster.bootstrap_servers();
+    let timeout = Duration::from_secs(2);
+    let mut opts = options(&brokers, TOPIC, timeout);
+    opts.settings.max_inflight_messages = 1;
+    let sink = healthy_sink(&opts);
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(700))
+        .expect("rtt");
+
+    let msgs = numbered(8);
+    let started = std::time::Instant::now();
+    let answers: Vec<_> = msgs.iter().map(|m| submit(&sink, m.clone())).collect();
+    let mut results = Vec::new();
+    for mut rx in answers {
+        results.push(rx.blocking_recv().expect("answered"));
+    }
+    let took = started.elapsed();
+    // Oldest first: the first gets through, the last cannot.
+    assert_eq!(results[0], Ok(msgs[0].id), "{results:?}");
+    assert_eq!(
+        results[msgs.len() - 1],
+        Err(PublishError::Temporary(TIMED_OUT.into()))
+    );
+    let mut acked = Vec::new();
+    for (msg, result) in msgs.iter().zip(&results) {
+        match result {
+            Ok(id) => {
+                assert_eq!(*id, msg.id);
+                acked.push(msg.id.to_string().into_bytes());
+            }
+            Err(e) => assert_eq!(*e, PublishError::Temporary(TIMED_OUT.into())),
+        }
+    }
+    // The last waited its whole timeout and no more (a record handed over just before
+    // its deadline has librdkafka's timeout on top, at worst).
+    assert!(took >= timeout, "answered after {took:?}");
+    assert!(took < 2 * timeout + Duration::from_secs(3), "{took:?}");
+    assert_eq!(sink.inflight(), (0, 0));
+    sink.shutdown();
+
+    cluster
+        .broker_round_trip_time(1, Duration::ZERO)
+        .expect("rtt");
+    let got = consume(&brokers, TOPIC, usize::MAX, Duration::from_secs(2), WAIT);
+    let keys: Vec<Vec<u8>> = got.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys, acked, "every 250 a record, in order; no 451 one");
+}
+
+/// Shutdown with records in librdkafka and records waiting for room (limit 1, a
+/// broker that takes 10 s a request): it answers every one before it returns, the
+/// waiting ones at once, and bounded by the publish timeout for the rest.
 #[test]
 fn shutdown_answers_everything_it_holds() {
     let cluster = cluster();
     let brokers = cluster.bootstrap_servers();
     // The publish timeout bounds the flush; the broker is too slow for it.
-    let sink = healthy_sink(&options(&brokers, TOPIC, Duration::from_secs(2)));
+    let timeout = Duration::from_secs(5);
+    let mut opts = options(&brokers, TOPIC, timeout);
+    opts.settings.max_inflight_messages = 1;
+    let sink = healthy_sink(&opts);
     cluster
         .broker_round_trip_time(1, Duration::from_secs(10))
         .expect("rtt");
-    let answers: Vec<_> = (0..5)
-        .map(|_| {
-            submit(
-                &sink,
-                message("a@example.com", &["b@example.com"], b"x\r\n"),
-            )
-        })
-        .collect();
+    let answers: Vec<_> = numbered(5).into_iter().map(|m| submit(&sink, m)).collect();
+    assert_eq!(sink.waiting().0, 4);
+    let started = std::time::Instant::now();
     sink.shutdown();
-    for mut rx in answers {
-        let answer = rx.try_recv().expect("answered before shutdown returned");
-        assert!(is_temporary(&answer), "got {answer:?}");
+    assert!(started.elapsed() < timeout + Duration::from_secs(5));
+    let answers: Vec<PublishResult> = answers
+        .into_iter()
+        .map(|mut rx| rx.try_recv().expect("answered before shutdown returned"))
+        .collect();
+    assert!(is_temporary(&answers[0]), "got {:?}", answers[0]);
+    for answer in &answers[1..] {
+        assert_eq!(
+            *answer,
+            Err(PublishError::Temporary("kafka sink is shut down".into()))
+        );
     }
+    assert_eq!(sink.inflight(), (0, 0));
+    assert_eq!(sink.waiting(), (0, 0));
     let late = message("a@example.com", &["b@example.com"], b"late\r\n");
     assert!(is_temporary(&publish(&sink, late)));
 }

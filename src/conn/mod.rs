@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use rustls::ServerConnection;
 
 use crate::auth::AuthResult;
-use crate::logging::{self, ClosedLine, EndedBy, MessageLine, RefusalLine};
+use crate::logging::{self, ClosedLine, EndedBy, PendingLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
 use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::envelope::Message;
@@ -312,8 +312,9 @@ struct PendingPublish {
     body_len: usize,
     /// From DATA (or the first BDAT) on.
     body_since: Instant,
-    /// The transaction line's fields, when that line is on.
-    line: Option<MessageLine>,
+    /// Whether the transaction line is on for this message (its fields are in
+    /// [`Connection::line`]).
+    line: bool,
 }
 
 /// What the connection-end line reports.
@@ -364,6 +365,9 @@ pub struct Connection {
     /// Body bytes of the session charged to the budget.
     charged: usize,
     in_flight: Option<PendingPublish>,
+    /// The transaction line of the message in flight, encoded (the buffer serves all
+    /// the connection's messages).
+    line: PendingLine,
     body_started: Option<Instant>,
     /// When the current body began (kept for the log line after the body timing ends).
     body_since: Option<Instant>,
@@ -446,6 +450,7 @@ impl Connection {
             eof: false,
             charged: 0,
             in_flight: None,
+            line: PendingLine::default(),
             body_started: None,
             body_since: None,
             rate_window: None,
@@ -986,24 +991,23 @@ impl Connection {
         let (id, received_at) = stamp();
         message.envelope.node = Some(self.node.clone());
         message.envelope.session = self.record.session;
-        let line = logging::message_lines().then(|| {
+        let line = logging::message_lines();
+        if line {
             let env = &message.envelope;
-            let mut line = MessageLine::new(
+            self.line.begin(
                 self.record.session,
                 id,
                 self.peer,
                 self.record.tls,
                 &env.helo,
+                env.auth.as_deref(),
                 env.mail_from(),
                 message.message_id(),
                 env.rcpt_to(),
                 body_len,
-                self.limits.sink,
                 logging::recipients_listed(),
             );
-            line.auth = env.auth.clone();
-            line
-        });
+        }
         let sealed = seal(message, id, received_at, self.session.hostname());
         // The body's charge stays until the sink answers: it is in memory until then.
         let charged = std::mem::take(&mut self.charged);
@@ -1087,14 +1091,14 @@ impl Connection {
 
     /// The sink's answer for the message taken last, and where the sink stored it.
     pub fn handle_answer(&mut self, now: Instant, result: PublishResult, stored_in: StoredIn) {
-        let Some(mut flight) = self.in_flight.take() else {
+        let Some(flight) = self.in_flight.take() else {
             debug_assert!(false, "handle_publish without a message in flight");
             return;
         };
         self.seen(now);
         self.budget.answered_by_sink(flight.charged);
         self.samples.publish = Some(now.saturating_duration_since(flight.since));
-        self.log_transaction(now, &mut flight, &result, stored_in);
+        self.log_transaction(now, &flight, &result, stored_in);
         if result.is_ok() {
             self.samples.stored_size = Some(flight.body_len);
             self.record.accepted += 1;
@@ -1338,31 +1342,30 @@ impl Connection {
     /// The transaction line of a message the sink answered: its fields go to the log
     /// writer, which formats them (see [`crate::logging`]).
     fn log_transaction(
-        &self,
+        &mut self,
         now: Instant,
-        flight: &mut PendingPublish,
+        flight: &PendingPublish,
         result: &PublishResult,
         stored_in: StoredIn,
     ) {
-        let Some(mut line) = flight.line.take() else {
+        if !flight.line {
             return;
-        };
+        }
         let (code, error) = match result {
             Ok(_) => (250u16, None),
             Err(e @ PublishError::Temporary(_)) => (451, Some(e)),
             Err(e @ PublishError::StorageFull) => (452, Some(e)),
             Err(e @ PublishError::TooLarge) => (552, Some(e)),
         };
-        line.code = code;
-        line.ms = now.saturating_duration_since(flight.body_since).as_millis() as u64;
-        line.error = error.map(ToString::to_string);
-        match stored_in {
+        let ms = now.saturating_duration_since(flight.body_since).as_millis() as u64;
+        let (sink, kafka) = match stored_in {
             // The fallback spool answered (Kafka had failed the message).
-            StoredIn::Fallback => line.sink = SINK_FALLBACK,
-            StoredIn::Kafka { partition, offset } => line.kafka = Some((partition, offset)),
-            StoredIn::Sink => {}
-        }
-        logging::submit(logging::Event::Message(line));
+            StoredIn::Fallback => (SINK_FALLBACK, None),
+            StoredIn::Kafka { partition, offset } => (self.limits.sink, Some((partition, offset))),
+            StoredIn::Sink => (self.limits.sink, None),
+        };
+        let error = error.map(|e| e as &dyn std::fmt::Display);
+        logging::submit_message(self.line.finish(code, ms, sink, kafka, error));
     }
 
     /// Notes the time of a call from the backend (for the connection-end line).

@@ -14,181 +14,353 @@ pub const TARGET_SESSION: &str = "smtpgw::session";
 
 /// One line's worth of fields.
 pub enum Event {
-    Message(MessageLine),
     Refusal(RefusalLine),
     Closed(ClosedLine),
     /// A `tracing` event from anywhere else in the gateway.
     Trace(TraceLine),
-    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]), and
-    /// an empty list the writer fills with their text buffers for the reactors to reuse.
-    Batch(Vec<Event>, Vec<Vec<u8>>),
+    /// A reactor's lines since its last hand-over ([`super::flush_this_thread`]).
+    Batch(Batch),
     /// Write everything before this, then signal the sender (at exit).
     Flush(crossbeam_channel::Sender<()>),
 }
 
-/// A message's transaction line: from its hand-off to the sink to the sink's answer.
-/// The client's text (HELO, sender, Message-ID, recipients) is in one buffer, so the
-/// line costs the reactor at most one allocation, and none once the writer has handed
-/// buffers back ([`take_text`]).
-pub struct MessageLine {
-    pub session: u64,
-    pub id: MessageId,
-    pub client: SocketAddr,
-    pub tls: Option<&'static str>,
-    /// helo, from and message-id back to back (their ends in `ends`), then each
-    /// recipient ended by NUL (no address can carry a NUL).
-    text: Vec<u8>,
-    ends: [u32; 3],
-    pub has_message_id: bool,
-    pub rcpt_count: usize,
-    pub size: usize,
-    pub code: u16,
-    pub ms: u64,
-    pub sink: &'static str,
-    /// The partition and offset the Kafka record got.
-    pub kafka: Option<(i32, i64)>,
-    pub error: Option<String>,
-    /// The user the session authenticated as (SMTP AUTH), if it did.
-    pub auth: Option<std::sync::Arc<str>>,
+/// A reactor's lines in the order it logged them: transaction lines encoded in `bytes`
+/// ([`PendingLine`]), each other line a [`TAG_EVENT`] byte there standing for the next
+/// of `events`. The batch goes to the writer whole (one queue operation for many lines)
+/// and comes back emptied for reuse, so its buffers never move between threads' heaps.
+#[derive(Default)]
+pub struct Batch {
+    pub(super) bytes: Vec<u8>,
+    pub(super) events: Vec<Event>,
+    /// Lines in the batch, as the queue counts them (and the dropped-lines counter).
+    pub(super) lines: usize,
 }
 
-/// Text buffers the writer has finished with, for the reactors to fill again: a line
-/// then costs a reactor no allocation, and no buffer is freed on a thread other than
-/// the one that allocated it (which glibc's allocator makes slow on both sides).
-static SPARE_TEXT: std::sync::OnceLock<Spare> = std::sync::OnceLock::new();
-/// Buffers kept for reuse at most, and the largest kept.
-const SPARE_BUFFERS: usize = 4096;
-const SPARE_CAPACITY: usize = 4096;
+/// In a [`Batch`]'s bytes: the next line is the next of its events...
+pub(super) const TAG_EVENT: u8 = 1;
+/// ...or a transaction line encoded by [`PendingLine`].
+const TAG_MESSAGE: u8 = 2;
 
-type Spare = (
-    crossbeam_channel::Sender<Vec<u8>>,
-    crossbeam_channel::Receiver<Vec<u8>>,
-);
+/// The fixed part of an encoded transaction line: the tag, the length of what follows
+/// the first five bytes, then the fields of fixed size at fixed offsets, then the
+/// lengths of the texts that follow (in the order of [`Text`]).
+const HEADER: usize = AT_LENGTHS + 4 * TEXTS;
+const AT_SESSION: usize = 5;
+const AT_ID: usize = 13;
+const AT_FAMILY: usize = 29;
+const AT_IP: usize = 30;
+const AT_PORT: usize = 46;
+const AT_SCOPE: usize = 48;
+const AT_SIZE: usize = 52;
+const AT_RCPT_COUNT: usize = 60;
+const AT_CODE: usize = 64;
+const AT_FLAGS: usize = 66;
+const AT_MS: usize = 67;
+const AT_PARTITION: usize = 75;
+const AT_OFFSET: usize = 79;
+const AT_LENGTHS: usize = 87;
 
-fn spare() -> &'static Spare {
-    SPARE_TEXT.get_or_init(|| crossbeam_channel::bounded(SPARE_BUFFERS))
+/// The texts after the header, in order; each is absent (length 0) unless its flag
+/// says otherwise.
+#[derive(Clone, Copy)]
+enum Text {
+    Tls,
+    Helo,
+    Auth,
+    From,
+    MessageId,
+    Rcpts,
+    Sink,
+    Error,
 }
+const TEXTS: usize = 8;
 
-/// An empty buffer with room for `need` bytes, reused when the writer gave one back:
-/// on a reactor from the buffers its batches brought back, elsewhere from the pool.
-fn take_text(need: usize) -> Vec<u8> {
-    if let Some(mut v) = super::local_text() {
-        v.reserve(need);
-        return v;
-    }
-    match spare().1.try_recv() {
-        Ok(mut v) => {
-            v.reserve(need);
-            v
-        }
-        Err(_) => Vec::with_capacity(need.max(256)),
+impl Text {
+    const fn at(self) -> usize {
+        AT_LENGTHS + 4 * self as usize
     }
 }
+/// [`AT_FLAGS`] bits: which optional fields follow.
+const HAS_AUTH: u8 = 1;
+const HAS_MESSAGE_ID: u8 = 2;
+const HAS_RCPTS: u8 = 4;
+const HAS_KAFKA: u8 = 8;
+const HAS_ERROR: u8 = 16;
 
-impl Drop for MessageLine {
-    /// The writer drops a line once it is formatted: its buffer goes back for reuse.
-    fn drop(&mut self) {
-        let mut text = std::mem::take(&mut self.text);
-        if text.capacity() > 0 && text.capacity() <= SPARE_CAPACITY {
-            text.clear();
-            let _ = spare().0.try_send(text);
-        }
-    }
+/// A message's transaction line in the making, encoded into a buffer the connection
+/// keeps for all its messages (one in flight at a time): [`Self::begin`] when the
+/// message goes to the sink (the envelope goes with it), [`Self::finish`] when the sink
+/// answers. The finished line is copied into the reactor's [`Batch`] in one piece
+/// ([`super::submit_message`]); the writer formats it from there ([`MessageLine`]).
+///
+/// After the fixed [`HEADER`], which holds their lengths: the TLS version, the HELO,
+/// the user if authenticated, the sender, the Message-ID if any, the recipients if
+/// listed (each with its length, four bytes little-endian), the sink and the error if
+/// any. So a line is a handful of copies to encode and a handful of slices to read.
+#[derive(Default)]
+pub struct PendingLine {
+    buf: Vec<u8>,
 }
 
-impl MessageLine {
+/// A text's length as stored (client text is bounded far below 4 GiB by the line and
+/// header limits; anything longer would be cut).
+#[inline(always)]
+fn clamp(v: &[u8]) -> &[u8] {
+    &v[..v.len().min(u32::MAX as usize)]
+}
+
+#[inline(always)]
+fn put_len(head: &mut [u8], text: Text, len: usize) {
+    let at = text.at();
+    head[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+}
+
+impl PendingLine {
+    /// Encodes the fields known when the message goes to the sink.
     #[allow(clippy::too_many_arguments)]
-    pub fn new<'a>(
+    pub fn begin<'a>(
+        &mut self,
         session: u64,
         id: MessageId,
         client: SocketAddr,
-        tls: Option<&'static str>,
+        tls: Option<&str>,
         helo: &str,
+        auth: Option<&str>,
         from: &str,
         message_id: Option<&[u8]>,
         rcpts: impl ExactSizeIterator<Item = &'a str>,
         size: usize,
-        sink: &'static str,
         with_rcpts: bool,
-    ) -> MessageLine {
-        let rcpt_count = rcpts.len();
-        let mut text = take_text(
-            helo.len() + from.len() + message_id.map_or(0, <[u8]>::len) + 32 * rcpt_count,
-        );
-        text.extend_from_slice(helo.as_bytes());
-        let helo_end = text.len() as u32;
-        text.extend_from_slice(from.as_bytes());
-        let from_end = text.len() as u32;
-        if let Some(m) = message_id {
-            text.extend_from_slice(m);
-        }
-        let mid_end = text.len() as u32;
-        if with_rcpts {
-            for r in rcpts {
-                text.extend_from_slice(r.as_bytes());
-                text.push(0);
+    ) {
+        let tls = clamp(tls.unwrap_or("none").as_bytes());
+        let helo = clamp(helo.as_bytes());
+        let auth = auth.map(|a| clamp(a.as_bytes()));
+        let from = clamp(from.as_bytes());
+        let message_id = message_id.map(clamp);
+        let mut head = [0u8; HEADER];
+        head[0] = TAG_MESSAGE;
+        head[AT_SESSION..AT_SESSION + 8].copy_from_slice(&session.to_le_bytes());
+        head[AT_ID..AT_ID + 16].copy_from_slice(&id.0.to_le_bytes());
+        match client {
+            SocketAddr::V4(a) => {
+                head[AT_FAMILY] = 4;
+                head[AT_IP..AT_IP + 4].copy_from_slice(&a.ip().octets());
+            }
+            SocketAddr::V6(a) => {
+                head[AT_FAMILY] = 6;
+                head[AT_IP..AT_IP + 16].copy_from_slice(&a.ip().octets());
+                head[AT_SCOPE..AT_SCOPE + 4].copy_from_slice(&a.scope_id().to_le_bytes());
             }
         }
-        MessageLine {
-            session,
-            id,
-            client,
-            tls,
-            text,
-            ends: [helo_end, from_end, mid_end],
-            has_message_id: message_id.is_some(),
-            rcpt_count,
-            size,
-            code: 0,
-            ms: 0,
-            sink,
-            kafka: None,
-            error: None,
-            auth: None,
+        head[AT_PORT..AT_PORT + 2].copy_from_slice(&client.port().to_le_bytes());
+        head[AT_SIZE..AT_SIZE + 8].copy_from_slice(&(size as u64).to_le_bytes());
+        let rcpt_count = u32::try_from(rcpts.len()).unwrap_or(u32::MAX);
+        head[AT_RCPT_COUNT..AT_RCPT_COUNT + 4].copy_from_slice(&rcpt_count.to_le_bytes());
+        let mut flags = 0;
+        if auth.is_some() {
+            flags |= HAS_AUTH;
+        }
+        if message_id.is_some() {
+            flags |= HAS_MESSAGE_ID;
+        }
+        if with_rcpts {
+            flags |= HAS_RCPTS;
+        }
+        head[AT_FLAGS] = flags;
+        put_len(&mut head, Text::Tls, tls.len());
+        put_len(&mut head, Text::Helo, helo.len());
+        put_len(&mut head, Text::Auth, auth.map_or(0, <[u8]>::len));
+        put_len(&mut head, Text::From, from.len());
+        put_len(
+            &mut head,
+            Text::MessageId,
+            message_id.map_or(0, <[u8]>::len),
+        );
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.extend_from_slice(&head);
+        buf.extend_from_slice(tls);
+        buf.extend_from_slice(helo);
+        buf.extend_from_slice(auth.unwrap_or_default());
+        buf.extend_from_slice(from);
+        buf.extend_from_slice(message_id.unwrap_or_default());
+        if with_rcpts {
+            // Each recipient with its length (four bytes, little-endian).
+            let at = buf.len();
+            for r in rcpts {
+                let r = clamp(r.as_bytes());
+                buf.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                buf.extend_from_slice(r);
+            }
+            let n = buf.len() - at;
+            put_len(buf, Text::Rcpts, n);
         }
     }
 
-    /// The text buffer, emptied, for reuse (the writer, once the line is formatted).
-    pub(super) fn take_text_buffer(&mut self) -> Vec<u8> {
-        let mut text = std::mem::take(&mut self.text);
-        text.clear();
-        text
+    /// Adds the sink's answer; the line is then complete (empty if [`Self::begin`] was
+    /// not called), and stays so until the next `begin`.
+    pub fn finish(
+        &mut self,
+        code: u16,
+        ms: u64,
+        sink: &str,
+        kafka: Option<(i32, i64)>,
+        error: Option<&dyn std::fmt::Display>,
+    ) -> &[u8] {
+        let buf = &mut self.buf;
+        if buf.len() < HEADER {
+            buf.clear();
+            return buf;
+        }
+        buf[AT_CODE..AT_CODE + 2].copy_from_slice(&code.to_le_bytes());
+        buf[AT_MS..AT_MS + 8].copy_from_slice(&ms.to_le_bytes());
+        if let Some((partition, offset)) = kafka {
+            buf[AT_FLAGS] |= HAS_KAFKA;
+            buf[AT_PARTITION..AT_PARTITION + 4].copy_from_slice(&partition.to_le_bytes());
+            buf[AT_OFFSET..AT_OFFSET + 8].copy_from_slice(&offset.to_le_bytes());
+        }
+        let sink = clamp(sink.as_bytes());
+        put_len(buf, Text::Sink, sink.len());
+        buf.extend_from_slice(sink);
+        if let Some(e) = error {
+            use std::io::Write;
+            buf[AT_FLAGS] |= HAS_ERROR;
+            let at = buf.len();
+            let _ = write!(buf, "{e}");
+            let n = (buf.len() - at).min(u32::MAX as usize);
+            put_len(buf, Text::Error, n);
+        }
+        let n = u32::try_from(buf.len() - 5).unwrap_or(u32::MAX);
+        buf[1..5].copy_from_slice(&n.to_le_bytes());
+        buf
+    }
+}
+
+/// Reads an encoded line's variable part.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    #[inline(always)]
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (v, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(v)
     }
 
-    fn part(&self, n: usize) -> &[u8] {
-        let start = if n == 0 { 0 } else { self.ends[n - 1] as usize };
-        self.text
-            .get(start..self.ends[n] as usize)
-            .unwrap_or_default()
+    #[inline(always)]
+    fn text(&mut self) -> Option<&'a [u8]> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
+        self.take(n as usize)
     }
+}
 
-    pub fn helo(&self) -> &[u8] {
-        self.part(0)
-    }
+#[inline(always)]
+fn le<const N: usize>(h: &[u8; HEADER], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&h[at..at + N]);
+    a
+}
 
-    pub fn from(&self) -> &[u8] {
-        self.part(1)
-    }
+/// A transaction line's fields, read on the writer thread from the bytes
+/// [`PendingLine`] encoded.
+pub struct MessageLine<'a> {
+    pub session: u64,
+    pub id: MessageId,
+    pub client: SocketAddr,
+    pub tls: &'a [u8],
+    pub helo: &'a [u8],
+    /// The user the session authenticated as (SMTP AUTH), if it did.
+    pub auth: Option<&'a [u8]>,
+    pub from: &'a [u8],
+    pub message_id: Option<&'a [u8]>,
+    /// Each with its length, when they were copied (not with `--log-recipients count`).
+    rcpts: Option<&'a [u8]>,
+    pub rcpt_count: u32,
+    pub size: u64,
+    pub code: u16,
+    pub ms: u64,
+    pub sink: &'a [u8],
+    /// The partition and offset the Kafka record got.
+    pub kafka: Option<(i32, i64)>,
+    pub error: Option<&'a [u8]>,
+}
 
-    pub fn message_id(&self) -> Option<&[u8]> {
-        self.has_message_id.then(|| self.part(2))
+impl<'a> MessageLine<'a> {
+    /// The line `bytes` starts with ([`TAG_MESSAGE`] and all), and what follows it;
+    /// `None` if they do not start with a whole one.
+    pub(super) fn decode(bytes: &'a [u8]) -> Option<(MessageLine<'a>, &'a [u8])> {
+        let h: &[u8; HEADER] = bytes.get(..HEADER)?.try_into().ok()?;
+        if h[0] != TAG_MESSAGE {
+            return None;
+        }
+        let len = u32::from_le_bytes(le(h, 1)) as usize;
+        let line = bytes.get(HEADER..len.checked_add(5)?)?;
+        let rest = bytes.get(len + 5..)?;
+        let port = u16::from_le_bytes(le(h, AT_PORT));
+        let client = if h[AT_FAMILY] == 4 {
+            SocketAddr::from((le::<4>(h, AT_IP), port))
+        } else {
+            let ip = std::net::Ipv6Addr::from(le::<16>(h, AT_IP));
+            let scope = u32::from_le_bytes(le(h, AT_SCOPE));
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+        };
+        let flags = h[AT_FLAGS];
+        let mut r = Reader(line);
+        let mut next = |text: Text| r.take(u32::from_le_bytes(le(h, text.at())) as usize);
+        let tls = next(Text::Tls)?;
+        let helo = next(Text::Helo)?;
+        let auth = next(Text::Auth)?;
+        let from = next(Text::From)?;
+        let message_id = next(Text::MessageId)?;
+        let rcpts = next(Text::Rcpts)?;
+        let sink = next(Text::Sink)?;
+        let error = next(Text::Error)?;
+        let given = |flag: u8, v: &'a [u8]| (flags & flag != 0).then_some(v);
+        let (auth, message_id) = (given(HAS_AUTH, auth), given(HAS_MESSAGE_ID, message_id));
+        let (rcpts, error) = (given(HAS_RCPTS, rcpts), given(HAS_ERROR, error));
+        let kafka = (flags & HAS_KAFKA != 0).then(|| {
+            (
+                i32::from_le_bytes(le(h, AT_PARTITION)),
+                i64::from_le_bytes(le(h, AT_OFFSET)),
+            )
+        });
+        let m = MessageLine {
+            session: u64::from_le_bytes(le(h, AT_SESSION)),
+            id: ulid::Ulid(u128::from_le_bytes(le(h, AT_ID))),
+            client,
+            tls,
+            helo,
+            auth,
+            from,
+            message_id,
+            rcpts,
+            rcpt_count: u32::from_le_bytes(le(h, AT_RCPT_COUNT)),
+            size: u64::from_le_bytes(le(h, AT_SIZE)),
+            code: u16::from_le_bytes(le(h, AT_CODE)),
+            ms: u64::from_le_bytes(le(h, AT_MS)),
+            sink,
+            kafka,
+            error,
+        };
+        Some((m, rest))
     }
 
     /// The recipient, when there is exactly one and it was copied.
-    pub fn only_rcpt(&self) -> Option<&[u8]> {
+    pub fn only_rcpt(&self) -> Option<&'a [u8]> {
         if self.rcpt_count != 1 {
             return None;
         }
-        let rest = self.text.get(self.ends[2] as usize..).unwrap_or_default();
-        rest.strip_suffix(b"\0").filter(|r| !r.is_empty())
+        let mut r = Reader(self.rcpts?);
+        r.text().filter(|v| !v.is_empty())
     }
 
     /// The recipients, when they were copied (not with `--log-recipients count`).
-    pub fn rcpts(&self) -> impl Iterator<Item = &[u8]> {
-        let rest = self.text.get(self.ends[2] as usize..).unwrap_or_default();
-        let mut parts = rest.split(|&b| b == 0);
-        // The buffer ends with a NUL, which leaves one empty piece at the end.
-        std::iter::from_fn(move || parts.next().filter(|p| !p.is_empty()))
+    pub fn rcpts(&self) -> impl Iterator<Item = &'a [u8]> {
+        let mut r = Reader(self.rcpts.unwrap_or_default());
+        std::iter::from_fn(move || r.text()).filter(|v| !v.is_empty())
     }
 }
 

@@ -31,8 +31,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub use event::{
-    ClosedLine, EndedBy, Event, MessageLine, RefusalLine, TARGET_MESSAGE, TARGET_REFUSAL,
-    TARGET_SESSION,
+    Batch, ClosedLine, EndedBy, Event, MessageLine, PendingLine, RefusalLine, TARGET_MESSAGE,
+    TARGET_REFUSAL, TARGET_SESSION,
 };
 pub use format::{LogFormat, LogRecipients};
 
@@ -45,35 +45,34 @@ static QUEUE: OnceLock<writer::Queue> = OnceLock::new();
 static RECIPIENTS: AtomicU8 = AtomicU8::new(0);
 
 /// Lines a reactor gathers before it hands them over as one batch (it hands over what
-/// it has sooner, whenever it is about to wait: [`flush_this_thread`]).
+/// it has sooner, whenever it is about to wait: [`flush_this_thread`])...
 const LOCAL_BATCH: usize = 64;
+/// ...or bytes of encoded transaction lines (a line with many recipients is long).
+const LOCAL_BYTES: usize = 32 * 1024;
 
-/// Text buffers a reactor keeps for its next lines at most.
-const LOCAL_TEXTS: usize = 256;
-
-/// A reactor thread's lines not yet handed over, and the text buffers its batches
-/// brought back; `None` on other threads, which hand each line over at once.
-struct Local(Vec<Event>, Vec<Vec<u8>>);
+/// A reactor thread's lines not yet handed over; `None` on other threads, which hand
+/// each line over at once.
+struct Local(Batch);
 
 impl Drop for Local {
     /// A reactor thread that ends hands over what it still holds.
     fn drop(&mut self) {
-        if let (Some(q), false) = (QUEUE.get(), self.0.is_empty()) {
-            q.submit(Event::Batch(std::mem::take(&mut self.0), Vec::new()));
+        if let (Some(q), true) = (QUEUE.get(), self.0.lines > 0) {
+            q.submit(Event::Batch(std::mem::take(&mut self.0)));
         }
     }
 }
 
-/// A text buffer the writer gave back to this reactor thread, if it holds one.
-fn local_text() -> Option<Vec<u8>> {
-    LOCAL
-        .try_with(|l| l.try_borrow_mut().ok()?.as_mut()?.1.pop())
-        .ok()
-        .flatten()
-}
-
 thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+fn new_batch() -> Batch {
+    Batch {
+        bytes: Vec::with_capacity(LOCAL_BYTES / 2),
+        events: Vec::with_capacity(LOCAL_BATCH),
+        lines: 0,
+    }
 }
 
 /// Makes this thread (a reactor) gather its lines and hand them to the writer in
@@ -82,12 +81,7 @@ thread_local! {
 pub fn batch_this_thread() {
     let _ = LOCAL.try_with(|l| {
         if let Ok(mut l) = l.try_borrow_mut() {
-            l.get_or_insert_with(|| {
-                Local(
-                    Vec::with_capacity(LOCAL_BATCH),
-                    Vec::with_capacity(LOCAL_TEXTS),
-                )
-            });
+            l.get_or_insert_with(|| Local(new_batch()));
         }
     });
 }
@@ -110,39 +104,33 @@ pub fn flush_this_thread() {
 static SPARE_BATCHES: OnceLock<SpareBatches> = OnceLock::new();
 
 type SpareBatches = (
-    crossbeam_channel::Sender<(Vec<Event>, Vec<Vec<u8>>)>,
-    crossbeam_channel::Receiver<(Vec<Event>, Vec<Vec<u8>>)>,
+    crossbeam_channel::Sender<Batch>,
+    crossbeam_channel::Receiver<Batch>,
 );
 
 fn spare_batches() -> &'static SpareBatches {
     SPARE_BATCHES.get_or_init(|| crossbeam_channel::bounded(256))
 }
 
-/// The writer is done with a batch's lines: the empty batch goes back for reuse, with
-/// the lines' text buffers.
-fn recycle_batch(batch: Vec<Event>, texts: Vec<Vec<u8>>) {
-    if batch.is_empty() && batch.capacity() == LOCAL_BATCH {
-        let _ = spare_batches().0.try_send((batch, texts));
+/// The writer is done with a batch's lines: the emptied batch goes back for reuse
+/// (unless it grew far past the usual size).
+fn recycle_batch(mut batch: Batch) {
+    if batch.bytes.capacity() <= 4 * LOCAL_BYTES && batch.events.capacity() <= 4 * LOCAL_BATCH {
+        batch.bytes.clear();
+        batch.events.clear();
+        batch.lines = 0;
+        let _ = spare_batches().0.try_send(batch);
     }
 }
 
 fn hand_over(local: &mut Local) {
-    if local.0.is_empty() {
+    if local.0.lines == 0 {
         return;
     }
-    let (fresh, mut texts) = spare_batches().1.try_recv().unwrap_or_else(|_| {
-        (
-            Vec::with_capacity(LOCAL_BATCH),
-            Vec::with_capacity(LOCAL_BATCH),
-        )
-    });
-    // The buffers come back to this thread; the list goes out again to carry the next.
-    let room = LOCAL_TEXTS.saturating_sub(local.1.len());
-    local.1.extend(texts.drain(..).take(room));
-    texts.clear();
+    let fresh = spare_batches().1.try_recv().unwrap_or_else(|_| new_batch());
     let batch = std::mem::replace(&mut local.0, fresh);
     if let Some(q) = QUEUE.get() {
-        q.submit(Event::Batch(batch, texts));
+        q.submit(Event::Batch(batch));
     }
 }
 
@@ -158,9 +146,11 @@ pub fn submit(event: Event) {
         if let Ok(mut l) = l.try_borrow_mut() {
             if let Some(local) = l.as_mut() {
                 if let Some(e) = event.take() {
-                    local.0.push(e);
+                    local.0.bytes.push(event::TAG_EVENT);
+                    local.0.events.push(e);
+                    local.0.lines += 1;
                 }
-                if local.0.len() >= LOCAL_BATCH {
+                if local.0.lines >= LOCAL_BATCH {
                     hand_over(local);
                 }
             }
@@ -168,6 +158,40 @@ pub fn submit(event: Event) {
     });
     if let Some(e) = event {
         q.submit(e);
+    }
+}
+
+/// Hands a finished transaction line ([`PendingLine::finish`]) to the writer: on a
+/// reactor, one copy of its bytes into the reactor's batch. Dropped as [`submit`] says.
+pub fn submit_message(line: &[u8]) {
+    let Some(q) = QUEUE.get() else {
+        return;
+    };
+    if line.is_empty() {
+        return;
+    }
+    let batched = LOCAL
+        .try_with(|l| {
+            let Ok(mut l) = l.try_borrow_mut() else {
+                return false;
+            };
+            let Some(local) = l.as_mut() else {
+                return false;
+            };
+            local.0.bytes.extend_from_slice(line);
+            local.0.lines += 1;
+            if local.0.lines >= LOCAL_BATCH || local.0.bytes.len() >= LOCAL_BYTES {
+                hand_over(local);
+            }
+            true
+        })
+        .unwrap_or(false);
+    if !batched {
+        q.submit(Event::Batch(Batch {
+            bytes: line.to_vec(),
+            events: Vec::new(),
+            lines: 1,
+        }));
     }
 }
 

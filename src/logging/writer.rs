@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use super::event::Event;
+use super::event::{Event, MessageLine, TAG_EVENT};
 use super::format::Formatter;
 
 /// Lines queued at most; past it lines are dropped. About 4 MiB of fields when full.
@@ -65,7 +65,7 @@ impl Queue {
     /// the queue is full. Never blocks.
     pub fn submit(&self, event: Event) {
         let lines = match &event {
-            Event::Batch(b, _) => b.len(),
+            Event::Batch(b) => b.lines,
             _ => 1,
         };
         if self.queued.fetch_add(lines, Ordering::Relaxed) + lines > QUEUE_LINES {
@@ -166,7 +166,7 @@ impl Writer {
         flushed: &mut Vec<Sender<()>>,
     ) {
         let lines = match &e {
-            Event::Batch(b, _) => b.len(),
+            Event::Batch(b) => b.lines,
             _ => 1,
         };
         self.queued.fetch_sub(lines, Ordering::Relaxed);
@@ -180,22 +180,26 @@ impl Writer {
         flushed: &mut Vec<Sender<()>>,
     ) {
         match e {
-            Event::Batch(mut batch, mut texts) => {
-                for e in batch.drain(..) {
-                    match e {
-                        Event::Message(mut m) => {
-                            self.fmt.message(&mut self.out, now, &m);
-                            let text = m.take_text_buffer();
-                            if texts.len() < texts.capacity() && text.capacity() <= 4096 {
-                                texts.push(text);
-                            }
+            Event::Batch(mut batch) => {
+                let mut events = batch.events.drain(..);
+                let mut rest = &batch.bytes[..];
+                while let Some((&tag, after)) = rest.split_first() {
+                    if tag == TAG_EVENT {
+                        rest = after;
+                        if let Some(e) = events.next() {
+                            self.line(e, now, flushed);
                         }
-                        e => self.line(e, now, flushed),
+                    } else {
+                        let Some((m, after)) = MessageLine::decode(rest) else {
+                            break;
+                        };
+                        rest = after;
+                        self.fmt.message(&mut self.out, now, &m);
                     }
                 }
-                super::recycle_batch(batch, texts);
+                drop(events);
+                super::recycle_batch(batch);
             }
-            Event::Message(m) => self.fmt.message(&mut self.out, now, &m),
             Event::Refusal(r) => {
                 // Failed AUTH lines name their user (an audit trail), so a burst of
                 // them is written before the flood rule counts the rest.

@@ -104,6 +104,9 @@ pub struct SinkStats {
     pub queue_messages: u64,
     /// Their size in bytes.
     pub queue_bytes: u64,
+    /// Messages (and value bytes) waiting in the sink for room in the client's queue.
+    pub waiting_messages: u64,
+    pub waiting_bytes: u64,
     /// Average request round trip per broker (`host:port/id`), in seconds.
     pub broker_rtt: Vec<(String, f64)>,
     /// Store-and-forward (`--spool-fallback`) figures, when that is on.

@@ -28,6 +28,8 @@ pub(super) struct PendingDelivery {
     pub(super) answer: Answer,
     pub(super) id: MessageId,
     pub(super) bytes: usize,
+    /// Holds a place at the waiting room's gate (a session's record; see `room`).
+    pub(super) gated: bool,
 }
 
 /// Who waits for a delivery report.
@@ -202,7 +204,12 @@ impl ProducerContext for GatewayContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<PendingDelivery>) {
         self.shared.sub_inflight(inflight.bytes);
-        let PendingDelivery { answer, id, bytes } = *inflight;
+        if inflight.gated {
+            self.shared.room.release(inflight.bytes);
+        }
+        let PendingDelivery {
+            answer, id, bytes, ..
+        } = *inflight;
         match result {
             Ok(record) => {
                 self.shared.delivered(self.generation);

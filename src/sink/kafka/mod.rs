@@ -22,10 +22,37 @@
 //! | broker refused it as too large, over our SIZE  | `TooLarge` → `552 5.3.4`       |
 //! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never handed back |
 //! | no broker reachable (fail fast, see below)     | `Temporary("kafka unavailable")` |
-//! | producer queue full                            | `Temporary("kafka queue full")` |
+//! | no room in the producer's queue                | waits in the sink (see below)  |
 //! | not acknowledged within `--publish-timeout`    | `Temporary("kafka publish timed out")` |
+//! | no room within `--publish-timeout`             | `Temporary("kafka publish timed out")` |
+//! | forwarder's record, producer queue full        | `Temporary("kafka queue full")` |
 //! | producer hit a fatal error                     | `Temporary("kafka producer failed")` |
 //! | any other delivery error                       | `Temporary("kafka publish failed")` |
+//!
+//! # Waiting for room
+//!
+//! librdkafka's queue takes a session's record only while the sink's gate has room:
+//! librdkafka then holds at most `--max-inflight-messages` session records and
+//! `--max-inflight-bytes` of their values (a larger record goes in alone). The reactors
+//! stop reading bodies at the same counts, so what finds the gate full is the bodies
+//! they were finishing; it waits in the sink, in the order it came, its body still
+//! charged to the reactors' budget and to the in-flight counts. Each delivery report
+//! of a session record frees its place and, when records wait, wakes the hand-over
+//! thread, which sends the oldest ones while there is room (an event, no timer);
+//! a record that has waited its whole `--publish-timeout` gets the timed-out answer
+//! instead (`451`, or the fallback spool). Once sent, librdkafka's own timeout (the
+//! same `--publish-timeout`) runs from the hand-over, so a record that waited is
+//! answered within twice the timeout at worst. A record waiting while the sink
+//! becomes unavailable gets `Temporary("kafka unavailable")` at its turn, as a new one
+//! would; shutdown answers what still waits with `Temporary("kafka sink is shut down")`
+//! before it drains the producer. See the `room` module.
+//!
+//! The forwarder's records (`Answer::Forward`) do not wait: they are already durable
+//! and their client has its `250`, their window has room reserved in librdkafka's
+//! queue (so a refusal does not happen as the queue is sized), and waiting would put
+//! them in line ahead of live sessions. A refusal is answered at once and the forwarder
+//! sends the record again after its backoff. `spool replay` publishes as a session
+//! does, so its records wait instead of failing with `kafka queue full`.
 //!
 //! # Readiness and failing fast
 //!
@@ -72,8 +99,8 @@
 //!
 //! Built with [`KafkaSink::with_handback`], the sink keeps each session's message (a
 //! reference, not a copy) until its delivery report; a temporary failure (unavailable,
-//! queue full, timeout, stuck producer, purge) hands it back to the [`Handback`], whose
-//! answer the session gets: the fallback sink of `--spool-fallback`
+//! timeout, no room within the timeout, stuck producer, purge) hands it back to the
+//! [`Handback`], whose answer the session gets: the fallback sink of `--spool-fallback`
 //! ([`crate::sink::fallback`]) wraps this one and stores it there. A size refusal is
 //! still `552`.
 //!
@@ -126,7 +153,8 @@
 //!
 //! This file holds the sink itself (its shared state, start-up and `submit`); the rest
 //! is split by concern: `options` (settings, librdkafka configuration, record-size
-//! arithmetic), `delivery` (delivery reports and the answers they make), `supervisor`
+//! arithmetic), `delivery` (delivery reports and the answers they make), `room`
+//! (records waiting for room in librdkafka's queue), `supervisor`
 //! (probing, producer replacement, the low-load flusher, draining) and `size` (the
 //! topic's limit).
 
@@ -138,6 +166,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::Sender;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -153,6 +182,7 @@ use crate::smtp::envelope::MessageId;
 
 mod delivery;
 mod options;
+mod room;
 mod size;
 mod supervisor;
 #[cfg(test)]
@@ -165,6 +195,7 @@ pub use options::{limit_for_value, value_limit, KafkaOptions};
 pub use options::{record_overhead, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES};
 
 use delivery::{classify, owned_headers, GatewayContext, Liveness, PendingDelivery};
+use room::{hand_over, Room, Waiting};
 use size::{check_topic_limit, follow_topic_limit, read_topic_limit};
 use supervisor::{
     drain, flush_when_idle, probe, supervise, Notice, Streak, STREAK_WARNING_INTERVAL,
@@ -226,6 +257,9 @@ struct KafkaShared {
     /// load by how many were in flight together during one of its flushes.
     peak_inflight: AtomicUsize,
     inflight_bytes: AtomicUsize,
+    /// Session records waiting for a place in librdkafka's queue, and the gate that
+    /// gives the places (see "Waiting for room"). Counted in `inflight_*` too.
+    room: Room,
     notices: Sender<Notice>,
     /// The current producer's latest librdkafka statistics.
     stats: Mutex<Option<SinkStats>>,
@@ -409,6 +443,8 @@ pub struct KafkaSink {
     supervisor: Mutex<Option<JoinHandle<()>>>,
     flusher: Mutex<Option<JoinHandle<()>>>,
     limits: Mutex<Option<JoinHandle<()>>>,
+    /// The waiting room's hand-over thread.
+    room: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -433,6 +469,64 @@ fn new_producer(
     ThreadedProducer::from_config_and_context(config, context).map_err(KafkaSinkError::Producer)
 }
 
+/// A record's value: a session's own bytes (shared, so waiting for room copies
+/// nothing), or a spooled record's, copied only if it has to wait.
+pub(crate) enum Payload<'a> {
+    Shared(Bytes),
+    Borrowed(&'a [u8]),
+}
+
+impl Payload<'_> {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Borrowed(b) => b,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Borrowed(b) => Bytes::copy_from_slice(b),
+        }
+    }
+}
+
+/// What a refused send gives back: the error, the headers and the pending delivery.
+type Refused = (KafkaError, Option<OwnedHeaders>, Box<PendingDelivery>);
+
+/// Hands one record to `producer` (librdkafka copies the value); its delivery report
+/// goes to `pending`.
+fn send_record(
+    producer: &GatewayProducer,
+    topic: &str,
+    timestamp_ms: i64,
+    headers: Option<OwnedHeaders>,
+    value: &[u8],
+    partition: Option<i32>,
+    pending: Box<PendingDelivery>,
+) -> Result<(), Refused> {
+    let mut key = [0u8; ulid::ULID_LEN];
+    let key = pending.id.array_to_str(&mut key);
+    let mut record = BaseRecord::with_opaque_to(topic, pending)
+        .key(key.as_bytes())
+        .payload(value)
+        .timestamp(timestamp_ms);
+    if let Some(headers) = headers {
+        record = record.headers(headers);
+    }
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    producer
+        .send(record)
+        .map_err(|(error, record)| (error, record.headers, record.delivery_opaque))
+}
+
 impl KafkaSink {
     /// Creates the producer, probes the cluster (bounded by `startup_timeout`) and
     /// starts the supervisor. No reachable broker is not an error: the sink starts
@@ -442,8 +536,8 @@ impl KafkaSink {
     }
 
     /// As [`KafkaSink::new`]; a session's message that Kafka cannot take now (sink
-    /// unavailable, queue full, temporary delivery failure, publish timeout) is handed
-    /// back to `handback`, whose answer the session gets instead of `451`.
+    /// unavailable, temporary delivery failure, publish timeout, no room in time) is
+    /// handed back to `handback`, whose answer the session gets instead of `451`.
     pub(crate) fn with_handback(
         options: &KafkaOptions,
         handback: Option<Arc<dyn Handback>>,
@@ -451,6 +545,8 @@ impl KafkaSink {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let (reread, rereads) = crossbeam_channel::bounded(1);
+        let (gate_messages, gate_bytes) = options.gate();
+        let (room, room_wakes) = Room::new(gate_messages, gate_bytes, options.publish_timeout());
         let shared = Arc::new(KafkaShared {
             healthy: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -458,6 +554,7 @@ impl KafkaSink {
             inflight_messages: AtomicUsize::new(0),
             peak_inflight: AtomicUsize::new(0),
             inflight_bytes: AtomicUsize::new(0),
+            room,
             notices: tx,
             stats: Mutex::new(None),
             streak_active: AtomicBool::new(false),
@@ -552,11 +649,19 @@ impl KafkaSink {
                 .spawn(move || follow_topic_limit(&shared, &config, &options, &rereads))
                 .map_err(KafkaSinkError::Thread)?
         };
+        let room = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("smtpgw-kroom".into())
+                .spawn(move || hand_over(&inner, &room_wakes))
+                .map_err(KafkaSinkError::Thread)?
+        };
         Ok(KafkaSink {
             inner,
             supervisor: Mutex::new(Some(supervisor)),
             flusher: Mutex::new(Some(flusher)),
             limits: Mutex::new(Some(limits)),
+            room: Mutex::new(Some(room)),
         })
     }
 
@@ -579,13 +684,20 @@ impl KafkaSink {
             .filter(|&n| n != usize::MAX)
     }
 
-    /// Messages and bytes handed to librdkafka and not yet answered.
+    /// Messages and bytes the sink holds unanswered: handed to librdkafka, or waiting
+    /// for room in its queue.
     pub fn inflight(&self) -> (usize, usize) {
         let shared = &self.inner.shared;
         (
             shared.inflight_messages.load(Ordering::Relaxed),
             shared.inflight_bytes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Messages and bytes waiting for room in librdkafka's queue (see "Waiting for
+    /// room"); part of [`KafkaSink::inflight`].
+    pub fn waiting(&self) -> (usize, usize) {
+        self.inner.shared.room.waiting()
     }
 
     #[cfg(any(test, feature = "testing"))]
@@ -597,21 +709,21 @@ impl KafkaSink {
 
 impl KafkaSink {
     /// Hands one record to librdkafka; `answer` gets the delivery report, or an answer
-    /// at once if the sink is unavailable or librdkafka refuses the record.
+    /// at once if the sink is unavailable or librdkafka refuses the record. A session's
+    /// record that finds the gate full waits in the room (see "Waiting for room").
     pub(crate) fn publish(
         &self,
         id: MessageId,
         timestamp_ms: i64,
         headers: Option<OwnedHeaders>,
-        value: &[u8],
+        value: Payload<'_>,
         partition: Option<i32>,
         answer: Answer,
     ) {
         let inner = &self.inner;
         let shared = &inner.shared;
-        if value.len() > shared.topic_value_limit.load(Ordering::Relaxed)
-            && matches!(answer, Answer::Session { .. })
-        {
+        let gated = matches!(answer, Answer::Session { .. });
+        if value.len() > shared.topic_value_limit.load(Ordering::Relaxed) && gated {
             // The topic fell below --max-message-size (see "Size"): real Kafka would
             // refuse it, tansu would take what consumers are not sized for.
             answer.refuse(Err(PublishError::Temporary(Cow::Borrowed(TOPIC_TOO_SMALL))));
@@ -638,41 +750,64 @@ impl KafkaSink {
             );
             return;
         };
-        let mut key = [0u8; ulid::ULID_LEN];
-        let key = id.array_to_str(&mut key);
         let bytes = value.len();
-        let mut record = BaseRecord::with_opaque_to(
-            inner.options.topic(),
-            Box::new(PendingDelivery { answer, id, bytes }),
-        )
-        .key(key.as_bytes())
-        .payload(value)
-        .timestamp(timestamp_ms);
-        if let Some(headers) = headers {
-            record = record.headers(headers);
-        }
-        if let Some(partition) = partition {
-            record = record.partition(partition);
-        }
+        let pending = Box::new(PendingDelivery {
+            answer,
+            id,
+            bytes,
+            gated,
+        });
         let idle = shared.add_inflight(bytes);
-        let sent = producer.send(record);
+        if gated && !shared.room.try_enter(bytes) {
+            // Still under the producer's read lock: shutdown takes the producer before
+            // it answers what waits, so it finds this record there.
+            shared.room.wait(Waiting::new(
+                pending,
+                timestamp_ms,
+                headers,
+                value.into_bytes(),
+                partition,
+            ));
+            return;
+        }
+        let sent = send_record(
+            producer,
+            inner.options.topic(),
+            timestamp_ms,
+            headers,
+            value.as_slice(),
+            partition,
+            pending,
+        );
         if idle && sent.is_ok() {
             // Nothing else in flight: send now rather than after linger.ms.
             let _ = inner.kick.try_send(());
         }
-        if let Err((error, record)) = sent {
+        if let Err((error, headers, pending)) = sent {
+            let full = error.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull);
+            if gated && full {
+                // Not for what the gate let in, as librdkafka's queue is sized; if
+                // `--kafka-config` made it smaller, the record waits all the same.
+                shared.room.refused_after_all();
+                shared.room.release(bytes);
+                shared.room.wait(Waiting::new(
+                    pending,
+                    timestamp_ms,
+                    headers,
+                    value.into_bytes(),
+                    partition,
+                ));
+                return;
+            }
             drop(slot);
+            if gated {
+                shared.room.release(bytes);
+            }
             shared.sub_inflight(bytes);
-            if !matches!(
-                error.rdkafka_error_code(),
-                Some(RDKafkaErrorCode::QueueFull)
-            ) {
+            if !full {
                 tracing::debug!(%id, %error, "kafka refused the message");
             }
-            record
-                .delivery_opaque
-                .answer
-                .answer(shared, Err(classify(&error)), None);
+            pending.answer.answer(shared, Err(classify(&error)), None);
         }
     }
 
@@ -691,7 +826,14 @@ impl KafkaSink {
 
     fn publish_record(&self, record: &impl Record, answer: Answer) {
         let (id, timestamp_ms, headers, partition) = self.head_of(record);
-        self.publish(id, timestamp_ms, headers, record.value(), partition, answer);
+        self.publish(
+            id,
+            timestamp_ms,
+            headers,
+            Payload::Borrowed(record.value()),
+            partition,
+            answer,
+        );
     }
 
     /// What the producer gets of `record` besides its value: key, timestamp, headers
@@ -747,14 +889,14 @@ impl Sink for KafkaSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
         let (id, timestamp_ms, headers, partition) = self.head_of(&msg);
         // A reference-counted handle, not a copy of the bytes.
-        let value = msg.value.clone();
+        let value = Payload::Shared(msg.value.clone());
         // Only a handback needs the message after librdkafka has copied it.
         let keep = self.inner.shared.handback.is_some().then_some(msg);
         self.publish(
             id,
             timestamp_ms,
             headers,
-            &value,
+            value,
             partition,
             Answer::Session { done, keep },
         );
@@ -768,14 +910,23 @@ impl Sink for KafkaSink {
         let _ = inner.kick.try_send(());
         // The limit reader sees `closed` likewise (a reading under way ends first).
         let _ = inner.shared.reread.try_send(());
+        // And the hand-over (a pass under way ends first).
+        inner.shared.room.wake();
         join_logged(&self.flusher, "kafka flusher");
         join_logged(&self.supervisor, "kafka supervisor");
         join_logged(&self.limits, "kafka limit reader");
+        join_logged(&self.room, "kafka hand-over");
         let producer = inner
             .producer
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        // Records start waiting only under the producer's read lock, and with the
+        // producer gone none can: what waits now is all there will be. Answered before
+        // the drain, which may wait out the publish timeout.
+        for record in inner.shared.room.take_all() {
+            record.fail(&inner.shared, SHUT_DOWN);
+        }
         if let Some(producer) = producer {
             drain(producer, inner.options.publish_timeout());
         }
@@ -837,6 +988,9 @@ impl Sink for KafkaSink {
             .unwrap_or_default();
         stats.topic_max_message_bytes = self.topic_max_message_bytes().map(|n| n as u64);
         stats.topic_too_small = self.topic_shortfall().is_some();
+        let (waiting_messages, waiting_bytes) = self.waiting();
+        stats.waiting_messages = waiting_messages as u64;
+        stats.waiting_bytes = waiting_bytes as u64;
         Some(stats)
     }
 }

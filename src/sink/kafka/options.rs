@@ -13,9 +13,11 @@ use crate::smtp::command::MAX_COMMAND_LINE;
 /// librdkafka's default `message.max.bytes`, used when the user does not set it.
 pub const DEFAULT_PRODUCER_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
-/// librdkafka's queue holds this many times `--max-inflight-messages/-bytes` before a
-/// message gets `451 kafka queue full` (see the producer settings).
-const HARD_QUEUE_FACTOR: u64 = 4;
+/// librdkafka's queue holds this many times what the sink lets into it: the sink's
+/// gate (`--max-inflight-messages/-bytes`, see "Waiting for room") plus the forwarder's
+/// window, and as much again for delivered batches librdkafka still counts (see the
+/// producer settings). Twice is the least that never refuses what the gate let in.
+const QUEUE_FACTOR: u64 = 2;
 
 /// How long start-up waits for the cluster's metadata and the topic's configuration.
 /// A gateway with no reachable broker still starts (and answers `451`) after this.
@@ -64,6 +66,18 @@ impl KafkaOptions {
         self.settings.publish_timeout.0
     }
 
+    /// The waiting room's gate: how many session records and value bytes librdkafka
+    /// may hold at once, `--max-inflight-messages` and `--max-inflight-bytes`. The
+    /// reactors stop reading bodies at the same counts (which also hold the waiting
+    /// records), so what waits is the bodies they were finishing.
+    pub(super) fn gate(&self) -> (usize, usize) {
+        let limits = &self.settings;
+        (
+            usize::try_from(limits.max_inflight_messages).unwrap_or(usize::MAX),
+            usize::try_from(limits.max_inflight_bytes.0).unwrap_or(usize::MAX),
+        )
+    }
+
     /// The producer configuration: the gateway's settings, then the user's.
     pub fn client_config(&self) -> Result<ClientConfig, KafkaSinkError> {
         let extra = &self.settings.kafka_config;
@@ -77,6 +91,9 @@ impl KafkaOptions {
         }
         let timeout_ms = self.publish_timeout().as_millis().max(1);
         let (reserve_messages, reserve_bytes) = self.forward_reserve;
+        let (gate_messages, gate_bytes) = self.gate();
+        // A record larger than the gate's bytes goes in alone (see `room`).
+        let gate_bytes = gate_bytes.max(self.producer_message_max_bytes());
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.settings.brokers())
@@ -91,35 +108,28 @@ impl KafkaOptions {
             // Queue depth and broker round trips for the metrics; `--kafka-config
             // statistics.interval.ms=0` turns them off.
             .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
-            // librdkafka's own queue is the hard limit behind the soft in-flight limit
-            // the reactors honour; sessions already past DATA can still add to it, and
-            // it counts a batch of delivered messages until the last of the batch's
-            // delivery reports has run, while the sink's count (and so the reactors'
-            // pause) drops with each report: reactors resuming in that window saw
-            // `queue full` at twice the limit under CPU load. Memory is bounded by the
-            // body budget (a message at the sink stays charged to it until answered),
-            // so this cap is only the backstop. The forwarder's window comes on top, so
-            // live mail cannot crowd it out.
+            // librdkafka frees a delivered batch's places in its queue only once the
+            // batch's last delivery report has run, while the sink's gate frees each
+            // record's place in its report: at any moment librdkafka may count, beside
+            // what the gate holds, a batch the gate no longer does, at most as much again.
+            // Twice the gate (and the forwarder's window) therefore never refuses a
+            // record the gate let in: what finds no room waits in the sink instead.
             .set(
                 "queue.buffering.max.messages",
-                self.settings
-                    .max_inflight_messages
-                    .saturating_mul(HARD_QUEUE_FACTOR)
+                (gate_messages as u64)
                     .saturating_add(reserve_messages as u64)
+                    .saturating_mul(QUEUE_FACTOR)
                     .clamp(1, 10_000_000)
                     .to_string(),
             )
             .set(
                 "queue.buffering.max.kbytes",
-                (self
-                    .settings
-                    .max_inflight_bytes
-                    .0
-                    .saturating_mul(HARD_QUEUE_FACTOR)
+                ((gate_bytes as u64)
                     .saturating_add(reserve_bytes as u64)
-                    / 1024)
-                    .clamp(1, i32::MAX as u64)
-                    .to_string(),
+                    .saturating_mul(QUEUE_FACTOR)
+                    .div_ceil(1024))
+                .clamp(1, i32::MAX as u64)
+                .to_string(),
             );
         if self.user_message_max_bytes().is_none() {
             config.set(
