@@ -19,7 +19,7 @@ use crate::reload::{
     session_config_for, summarise, ReadReload, Reloader, Reread, SessionConfigHandle, TlsFiles,
     RELOAD_DEADLINE,
 };
-use crate::sink::forward::{FallbackError, FallbackSink};
+use crate::sink::fallback::{FallbackError, FallbackSink};
 use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
 use crate::sink::null::NullSink;
 use crate::sink::record::RECEIVED_HEADROOM;

@@ -1,8 +1,8 @@
 //! The `smtpgw spool` subcommands: list, print, export (mbox or eml, optionally after
 //! a cursor), check, prune, hold/release/delete (tombstones, see
-//! [`crate::sink::spool::tombstone`]) and stat a spool (and the record source for
-//! `replay`). The forwarder's progress comes from [`read_forward_progress`], which
-//! owns the cursor's layout.
+//! [`crate::sink::spool::tombstone`]), stat a spool, and replay it to Kafka (the
+//! `replay` module, through the Kafka sink's publish path). The forwarder's progress
+//! comes from [`read_forward_progress`], which owns the cursor's layout.
 //!
 //! They read without taking the spool's lock, so they work next to a running gateway;
 //! they see what was written before they opened each segment.
@@ -68,7 +68,7 @@ use ulid::Ulid;
 pub use crate::config::ExportFormat;
 use crate::sink::forward::{read_forward_progress, ForwardProgress};
 /// What the binary's spool commands use of the spool and of Kafka directly.
-pub use crate::sink::kafka::{replay_records, KafkaOptions, ReplayError};
+pub use crate::sink::kafka::KafkaOptions;
 use crate::sink::spool::reader::{open_segment, Opened};
 use crate::sink::spool::tombstone::{append_tombstone, Tombstone, Tombstones};
 pub use crate::sink::spool::tombstone::{read_tombstones, Action};
@@ -76,6 +76,11 @@ use crate::sink::spool::writer::{list_segments, sync_dir};
 use crate::sink::spool::{io_error, CorruptRange, Position, SpoolRecord};
 pub use crate::sink::spool::{ReadEvent, SpoolError, SpoolReader};
 use crate::smtp::address::{escaped, write_escaped, EscapeFor};
+
+mod replay;
+pub use replay::{replay_records, ReplayError};
+#[cfg(any(test, feature = "testing"))]
+pub use replay::{replay_spool, ReplayReport};
 
 /// What a tool met that was not a record, reported on `err` as it was met.
 pub struct Damage<'a> {

@@ -437,8 +437,8 @@ fn shutdown_answers_everything_it_holds() {
 
 #[test]
 fn spool_replay_publishes_every_record_with_its_own_key() {
-    use smtpgw::sink::kafka::replay_spool;
     use smtpgw::sink::spool::SpoolSink;
+    use smtpgw::spool_tool::replay_spool;
 
     let tmp = tempfile::TempDir::new().expect("tempdir");
     let sent = spool_support::replay_sample();
@@ -470,8 +470,8 @@ fn spool_replay_publishes_every_record_with_its_own_key() {
 
 #[test]
 fn spool_replay_without_a_broker_says_so() {
-    use smtpgw::sink::kafka::{replay_spool, ReplayError};
     use smtpgw::sink::spool::SpoolSink;
+    use smtpgw::spool_tool::{replay_spool, ReplayError};
 
     let tmp = tempfile::TempDir::new().expect("tempdir");
     SpoolSink::open(tmp.path()).expect("spool").shutdown();

@@ -1,12 +1,6 @@
-//! Store-and-forward for `--sink kafka --spool-fallback`: the sink that keeps taking
-//! mail while Kafka cannot, and the thread that hands the spooled messages to Kafka
-//! once it can.
-//!
-//! [`FallbackSink`] owns a [`KafkaSink`] built with the local [`SpoolSink`] as its
-//! fallback. While the broker is healthy nothing changes: `250` only after `acks=all`.
-//! When the producer is unavailable, refuses a message temporarily or lets the publish
-//! time out, the Kafka sink gives the message to the spool instead, which answers `250`
-//! after `fdatasync` (or `451`/`452` if it cannot store it either).
+//! Store-and-forward for `--sink kafka --spool-fallback`, its second half: the thread
+//! that hands the messages the fallback sink ([`crate::sink::fallback`]) stored in the
+//! spool to Kafka once it can take them.
 //!
 //! # The forwarder
 //!
@@ -61,7 +55,6 @@
 //! cannot read (a bad frame) is reported with its file and offset, and its segment is
 //! never deleted, so nothing acknowledged leaves the disk without reaching Kafka.
 
-use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -74,19 +67,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError};
-use crate::sink::record::SealedMessage;
+use crate::sink::fallback::FallbackError;
+use crate::sink::kafka::KafkaSink;
 use crate::sink::spool::tombstone::{
     append_tombstone, ensure_tombstone_log, read_tombstones, tombstone_path, tombstones_len,
     Action, Tombstone, Tombstones,
 };
 use crate::sink::spool::writer::{list_segments, open_or_create, sync_dir};
 use crate::sink::spool::{
-    Position, ReadEvent, SpoolCommit, SpoolError, SpoolOptions, SpoolReader, SpoolRecord, SpoolSink,
+    Position, ReadEvent, SpoolCommit, SpoolError, SpoolReader, SpoolRecord, SpoolSink,
 };
-use crate::sink::{
-    Completion, ForwardStats, PublishError, PublishResult, Sink, SinkStats, SpoolStats,
-};
+use crate::sink::{ForwardStats, PublishError, PublishResult, Sink};
 
 /// Records in flight to Kafka at once: enough to batch well. The bound of
 /// `--forward-window`, which the configuration checks.
@@ -115,16 +106,6 @@ crate::smtp::stats::labels! {
     }
 }
 
-#[derive(thiserror::Error, Debug)]
-pub enum FallbackError {
-    #[error(transparent)]
-    Spool(#[from] SpoolError),
-    #[error(transparent)]
-    Kafka(#[from] KafkaSinkError),
-    #[error("cannot start the forwarder thread: {0}")]
-    Thread(#[source] io::Error),
-}
-
 /// The forwarder's figures, shared with the metrics.
 #[derive(Debug, Default)]
 struct Counters {
@@ -141,12 +122,10 @@ struct Counters {
     restarts: AtomicU64,
 }
 
-/// The sink of `--sink kafka --spool-fallback`. See the module documentation.
-pub struct FallbackSink {
-    kafka: Arc<KafkaSink>,
-    spool: Arc<SpoolSink>,
+/// The running forwarder, as the fallback sink ([`crate::sink::fallback`]) keeps it.
+pub(crate) struct Forwarding {
     stop: Sender<()>,
-    forwarder: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     counters: Arc<Counters>,
     /// Why this start found the forward cursor damaged, if it did.
     cursor_reset: Option<CursorReset>,
@@ -154,37 +133,18 @@ pub struct FallbackSink {
     _tombstone_watch: Option<notify::RecommendedWatcher>,
 }
 
-impl FallbackSink {
-    /// Opens the spool in `dir` (recovering it as `--sink spool` would), starts the
-    /// Kafka sink with the spool as its fallback, and the forwarder, which begins with
-    /// whatever earlier runs left unforwarded.
-    /// At most `window` records (1..=[`WINDOW_RECORDS`]) are in flight from the spool.
-    pub fn open(
+impl Forwarding {
+    /// Starts the forwarder over the spool in `dir`, which `spool` writes and whose
+    /// commits arrive on `commits`; it begins with whatever earlier runs left
+    /// unforwarded. At most `window` records (1..=[`WINDOW_RECORDS`]) are in flight.
+    pub(crate) fn start(
         dir: &Path,
-        spool_options: SpoolOptions,
-        kafka_options: &KafkaOptions,
+        kafka: &Arc<KafkaSink>,
+        spool: &Arc<SpoolSink>,
+        commits: Receiver<SpoolCommit>,
         window: usize,
-    ) -> Result<FallbackSink, FallbackError> {
-        let window = window.clamp(1, WINDOW_RECORDS);
-        let mut kafka_options = kafka_options.clone();
-        kafka_options.forward_reserve = (window, WINDOW_BYTES);
-        let (commits_tx, commits) = crossbeam_channel::unbounded();
-        let mut spool_options = spool_options;
-        spool_options.commits = Some(commits_tx);
-        // Kafka alone can take mail: a full file system makes the fallback unavailable,
-        // not the gateway (it recovers when room returns).
-        spool_options.start_when_full = true;
-        let spool = Arc::new(SpoolSink::open_with(dir, spool_options)?);
-        if let Err(why) = spool.health() {
-            tracing::warn!(
-                dir = %dir.display(),
-                reason = %why,
-                "--spool-fallback unavailable: starting with Kafka only; the fallback \
-                 becomes available once the spool can store again"
-            );
-        }
-        let fallback: Arc<dyn Sink> = spool.clone();
-        let kafka = Arc::new(KafkaSink::with_fallback(&kafka_options, Some(fallback))?);
+        publish_timeout: Duration,
+    ) -> Result<Forwarding, FallbackError> {
         let (ready_tx, ready) = crossbeam_channel::unbounded();
         kafka.notify_ready(ready_tx);
 
@@ -217,14 +177,14 @@ impl FallbackSink {
             }
         };
         let cursor = ledger.saved;
-        let stall_after = kafka_options.settings.publish_timeout.0 * 2 + STALL_MARGIN;
+        let stall_after = publish_timeout * 2 + STALL_MARGIN;
         let (acks_tx, acks) = crossbeam_channel::unbounded();
         let (stop, stop_rx) = crossbeam_channel::bounded(1);
         let counters = Arc::new(Counters::default());
         let forwarder = Forwarder {
             dir: dir.to_path_buf(),
-            kafka: Arc::clone(&kafka),
-            spool: Arc::clone(&spool),
+            kafka: Arc::clone(kafka),
+            spool: Arc::clone(spool),
             cursor,
             redeliver_until: ledger.sent,
             ledger,
@@ -262,25 +222,27 @@ impl FallbackSink {
             .name("smtpgw-forward".into())
             .spawn(move || forwarder.run())
             .map_err(FallbackError::Thread)?;
-        Ok(FallbackSink {
-            kafka,
-            spool,
+        Ok(Forwarding {
             stop,
-            forwarder: Mutex::new(Some(handle)),
+            thread: Mutex::new(Some(handle)),
             counters,
             cursor_reset,
             _tombstone_watch: tombstone_watch,
         })
     }
 
-    #[cfg(any(test, feature = "testing"))]
-    /// The Kafka sink inside (for its size limit and producer generation).
-    pub fn kafka(&self) -> &KafkaSink {
-        &self.kafka
+    /// Stops taking new records; what is in flight is still answered.
+    pub(crate) fn stop(&self) {
+        let _ = self.stop.try_send(());
+    }
+
+    /// Waits for the thread to end (after [`Forwarding::stop`]).
+    pub(crate) fn join(&self) {
+        crate::sink::join_logged(&self.thread, "forwarder");
     }
 
     /// What the forwarder reports for the metrics.
-    pub fn forward_stats(&self) -> ForwardStats {
+    pub(crate) fn stats(&self, fallback_active: bool) -> ForwardStats {
         let c = &self.counters;
         let oldest = c.oldest_micros.load(Ordering::Relaxed);
         let now = chrono::Utc::now().timestamp_micros();
@@ -297,77 +259,8 @@ impl FallbackSink {
             },
             redelivered_records: c.redelivered_records.load(Ordering::Relaxed),
             restarts: c.restarts.load(Ordering::Relaxed),
-            fallback_active: self.kafka.fallback_active(),
+            fallback_active,
         }
-    }
-}
-
-impl Sink for FallbackSink {
-    fn submit(&self, msg: SealedMessage, done: Completion) {
-        self.kafka.submit(msg, done);
-    }
-
-    fn shutdown(&self) {
-        // The forwarder stops taking new records; the Kafka sink's drain answers the
-        // ones in flight (and sends the sessions' leftovers to the spool, which is
-        // still open); then the spool's writer drains.
-        let _ = self.stop.try_send(());
-        self.kafka.shutdown();
-        crate::sink::join_logged(&self.forwarder, "forwarder");
-        self.spool.shutdown();
-    }
-
-    fn name(&self) -> &'static str {
-        "kafka+spool"
-    }
-
-    /// Mail is taken while either can store it.
-    fn is_healthy(&self) -> bool {
-        self.kafka.is_healthy() || self.spool.is_healthy()
-    }
-
-    fn health(&self) -> Result<(), Cow<'static, str>> {
-        if self.kafka.is_healthy() {
-            return Ok(());
-        }
-        self.spool.health().map_err(|why| {
-            Cow::Owned(format!(
-                "kafka unavailable and the fallback spool cannot store: {why}"
-            ))
-        })
-    }
-
-    fn over_inflight_limit(&self) -> bool {
-        self.kafka.over_inflight_limit()
-    }
-
-    fn degraded(&self) -> Option<String> {
-        let why = self.spool.health().err()?;
-        Some(format!("spool fallback unavailable: {why}"))
-    }
-
-    fn max_message_value(&self) -> Option<usize> {
-        self.kafka.max_message_value()
-    }
-
-    fn watch_size(&self, on_change: Box<dyn Fn() + Send + Sync>) {
-        self.kafka.watch_size(on_change);
-    }
-
-    fn stats(&self) -> Option<SinkStats> {
-        let mut stats = self.kafka.stats().unwrap_or_default();
-        stats.forward = Some(self.forward_stats());
-        Some(stats)
-    }
-
-    fn spool_stats(&self) -> Option<SpoolStats> {
-        self.spool.spool_stats()
-    }
-}
-
-impl Drop for FallbackSink {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
 
@@ -1080,7 +973,7 @@ impl Forwarder {
         self.delete_forwarded();
         for slot in self.window.range(first..) {
             if let Item::Record(record) = &slot.item {
-                self.kafka.forward(record, slot.tag, self.acks_tx.clone());
+                self.kafka.forward(&**record, slot.tag, self.acks_tx.clone());
             }
         }
         self.last_activity = Instant::now();
@@ -1288,7 +1181,7 @@ impl Forwarder {
             if slot.state == State::Failed {
                 if let Item::Record(record) = &slot.item {
                     slot.state = State::Pending;
-                    self.kafka.forward(record, slot.tag, self.acks_tx.clone());
+                    self.kafka.forward(&**record, slot.tag, self.acks_tx.clone());
                 }
             }
         }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use record::SealedMessage;
 
+pub mod fallback;
 pub mod forward;
 pub mod kafka;
 pub mod null;

@@ -6,6 +6,10 @@
 //! body; [`SealedMessage::seal`] writes the trace line there, so the body is never
 //! copied. The connection driver is given `seal` rather than importing it (the driver
 //! sits below the sink layer).
+//!
+//! A record read back from the spool (forwarded or replayed) keeps the headers it was
+//! stored with, which may be an older version's; [`Record`] is what publishing needs of
+//! either kind, so the Kafka sink takes both without knowing the spool.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -326,6 +330,55 @@ impl SealedMessage {
             "smtp.auth",
             env.auth.as_deref().map_or(&b""[..], str::as_bytes),
         );
+    }
+}
+
+/// What the Kafka sink publishes of a record: a session's [`SealedMessage`], or a
+/// spool's record read back (`sink::spool::SpoolRecord`), published exactly as stored.
+pub trait Record {
+    /// The key.
+    fn id(&self) -> MessageId;
+    /// The record's timestamp.
+    fn received_at(&self) -> DateTime<Utc>;
+    /// The `Received:` line followed by the message.
+    fn value(&self) -> &[u8];
+    /// How many headers [`Record::for_each_header`] yields, to size their list.
+    fn header_count(&self) -> usize;
+    /// The headers, in order (`smtp.rcpt_to` once per recipient).
+    fn for_each_header(&self, f: impl FnMut(&str, &[u8]));
+    /// `smtp.mail_from` and the first `smtp.rcpt_to`, which `--kafka-partition-key` may
+    /// partition by; empty when absent.
+    fn mail_from(&self) -> &[u8];
+    fn first_rcpt(&self) -> &[u8];
+}
+
+impl Record for SealedMessage {
+    fn id(&self) -> MessageId {
+        self.id
+    }
+
+    fn received_at(&self) -> DateTime<Utc> {
+        self.received_at
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    fn header_count(&self) -> usize {
+        11 + self.envelope.rcpt_count()
+    }
+
+    fn for_each_header(&self, f: impl FnMut(&str, &[u8])) {
+        SealedMessage::for_each_header(self, f)
+    }
+
+    fn mail_from(&self) -> &[u8] {
+        self.envelope.mail_from().as_bytes()
+    }
+
+    fn first_rcpt(&self) -> &[u8] {
+        self.envelope.rcpt_to().next().map_or(&[][..], str::as_bytes)
     }
 }
 

@@ -38,14 +38,14 @@ pub(super) struct PendingDelivery {
 // opaque, so boxing the variant too would only add a second allocation.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Answer {
-    /// A session: `Ok` is its `250`. With a fallback sink, the message is kept until
-    /// the broker answers so that a temporary failure can still be stored there.
+    /// A session: `Ok` is its `250`. With a [`Handback`](super::Handback), the message
+    /// is kept until the broker answers so that a temporary failure can go there.
     Session {
         done: Completion,
         keep: Option<SealedMessage>,
     },
-    /// The store-and-forward thread, which tags its records with a sequence number
-    /// and never falls back (the record is already in the spool).
+    /// The store-and-forward thread, which tags its records with a sequence number;
+    /// never handed back (the record is already stored).
     Forward {
         seq: u64,
         tx: Sender<(u64, PublishResult)>,
@@ -53,8 +53,8 @@ pub(crate) enum Answer {
 }
 
 impl Answer {
-    /// Answers without the fallback spool: for a failure that storing the message
-    /// locally cannot cure (the topic is too small for it), the sender retrying later is.
+    /// Answers without the handback: for a failure that storing the message elsewhere
+    /// cannot cure (the topic is too small for it), the sender retrying later is.
     pub(super) fn refuse(self, result: PublishResult) {
         match self {
             Answer::Session { done, .. } => done.complete(result),
@@ -72,15 +72,13 @@ impl Answer {
         at: Option<(i32, i64)>,
     ) {
         match self {
-            Answer::Session { done, keep } => match (result, keep, &shared.fallback) {
-                (Err(PublishError::Temporary(why)), Some(msg), Some(fallback)) => {
-                    tracing::debug!(id = %msg.id, %why, "kafka failed the message; storing it in the fallback spool");
-                    shared.stored_in_fallback(&why);
-                    fallback.submit(msg, done.into_fallback());
+            Answer::Session { done, keep } => match (result, keep, &shared.handback) {
+                (Err(PublishError::Temporary(why)), Some(msg), Some(handback)) => {
+                    handback.take(msg, why, done);
                 }
-                (result, _, fallback) => {
-                    if result.is_ok() && fallback.is_some() {
-                        shared.stored_in_kafka();
+                (result, _, handback) => {
+                    if let (Ok(_), Some(handback)) = (&result, handback) {
+                        handback.delivered();
                     }
                     match at {
                         Some((partition, offset)) => done.at_kafka(partition, offset),
@@ -229,7 +227,7 @@ impl ProducerContext for GatewayContext {
                 {
                     // The session took it within the SIZE we advertised, so the topic's
                     // limit dropped since it was read: the operator's to fix, not the
-                    // sender's. 451 (no fallback: the spool could not forward it either),
+                    // sender's. 451 (not handed back: it would not fit later either),
                     // and read the limit again (SIZE follows it with `auto`).
                     let _ = self.shared.reread.try_send(());
                     answer.refuse(Err(PublishError::Temporary(Cow::Borrowed(TOPIC_TOO_SMALL))));

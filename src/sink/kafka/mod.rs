@@ -20,7 +20,7 @@
 //! | broker acknowledged (acks=all, idempotent)     | `Ok(id)` → `250`               |
 //! | librdkafka refused it as too large             | `TooLarge` → `552 5.3.4`       |
 //! | broker refused it as too large, over our SIZE  | `TooLarge` → `552 5.3.4`       |
-//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never the fallback |
+//! | too large for the topic, within our SIZE       | `Temporary("kafka topic max.message.bytes below --max-message-size")`, never handed back |
 //! | no broker reachable (fail fast, see below)     | `Temporary("kafka unavailable")` |
 //! | no room in the producer's queue                | waits in the sink (see below)  |
 //! | not acknowledged within `--publish-timeout`    | `Temporary("kafka publish timed out")` |
@@ -85,7 +85,7 @@
 //! `UNKNOWN_PRODUCER_ID` on every produce request) while answering metadata, and
 //! librdkafka fails each message with that error for good. The delivery reports are
 //! the event: the first such failure marks the sink unhealthy (`/readyz` 503, `451`
-//! or the fallback at once) and wakes the supervisor, which replaces the producer
+//! or the handback at once) and wakes the supervisor, which replaces the producer
 //! exactly as after a fatal error. A message timing out counts too when nothing at all
 //! was acknowledged for a whole publish timeout (one slow message among good ones is a
 //! slow broker, and a new producer would not help), and then the producer is replaced
@@ -95,13 +95,14 @@
 //! most every 10 s, with the count) and one line at recovery, the first
 //! acknowledgement after it.
 //!
-//! # Fallback
+//! # Handback
 //!
-//! Built with [`KafkaSink::with_fallback`], the sink keeps each session's message (a
+//! Built with [`KafkaSink::with_handback`], the sink keeps each session's message (a
 //! reference, not a copy) until its delivery report; a temporary failure (unavailable,
-//! timeout, no room within the timeout, stuck producer, purge) hands it to the fallback
-//! sink, the local spool of `--spool-fallback`, whose answer the session gets. A size
-//! refusal is still `552`. See [`crate::sink::forward`].
+//! timeout, no room within the timeout, stuck producer, purge) hands it back to the
+//! [`Handback`], whose answer the session gets: the fallback sink of `--spool-fallback`
+//! ([`crate::sink::fallback`]) wraps this one and stores it there. A size refusal is
+//! still `552`.
 //!
 //! # Size
 //!
@@ -123,7 +124,7 @@
 //!   would bounce mail they sized for it): a topic below what `--max-message-size`
 //!   needs is logged at `error` with both settings and the fix, and session messages
 //!   the topic cannot hold get `451` until a reading finds it large enough again.
-//!   `451`, not the fallback spool: the forwarder could not publish them either.
+//!   `451`, not the handback: forwarded later, they would not fit either.
 //!
 //! # Latency at low load
 //!
@@ -142,10 +143,11 @@
 //! a closed-loop load empties the queue with each acknowledged batch, and the
 //! unbatched windows fed themselves: 15-19k msgs/s.)
 //!
-//! # Replay
+//! # Stored records
 //!
-//! [`replay_spool`] publishes a spool's records through the same path, with their
-//! original keys, headers and timestamps, for `smtpgw spool replay --to-kafka`.
+//! [`KafkaSink::publish_stored`] publishes a record stored earlier through the same
+//! path, with its original key, headers and timestamp: `smtpgw spool replay --to-kafka`
+//! (`crate::spool_tool::replay`) and, tagged, the forwarder (`crate::sink::forward`).
 //!
 //! # Files
 //!
@@ -153,8 +155,8 @@
 //! is split by concern: `options` (settings, librdkafka configuration, record-size
 //! arithmetic), `delivery` (delivery reports and the answers they make), `room`
 //! (records waiting for room in librdkafka's queue), `supervisor`
-//! (probing, producer replacement, the low-load flusher, draining), `size` (the topic's
-//! limit) and `replay` (`spool replay`).
+//! (probing, producer replacement, the low-load flusher, draining) and `size` (the
+//! topic's limit).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -172,7 +174,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, ThreadedProducer};
 
 use crate::config::PartitionKey;
-use crate::sink::record::SealedMessage;
+use crate::sink::record::{Record, SealedMessage};
 use crate::sink::{
     join_handle_logged, join_logged, Completion, PublishError, PublishResult, Sink, SinkStats,
 };
@@ -180,7 +182,6 @@ use crate::smtp::envelope::MessageId;
 
 mod delivery;
 mod options;
-mod replay;
 mod room;
 mod size;
 mod supervisor;
@@ -192,9 +193,6 @@ pub(crate) use delivery::Answer;
 pub use options::{limit_for_value, value_limit, KafkaOptions};
 #[cfg(any(test, feature = "testing"))]
 pub use options::{record_overhead, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES};
-pub use replay::{replay_records, ReplayError};
-#[cfg(any(test, feature = "testing"))]
-pub use replay::{replay_spool, ReplayReport};
 
 use delivery::{classify, owned_headers, GatewayContext, Liveness, PendingDelivery};
 use room::{hand_over, Room, Waiting};
@@ -209,7 +207,7 @@ const TIMED_OUT: &str = "kafka publish timed out";
 const PRODUCER_FAILED: &str = "kafka producer failed";
 const ABORTED: &str = "kafka publish aborted";
 const UNKNOWN_TOPIC: &str = "kafka topic unknown";
-const FAILED: &str = "kafka publish failed";
+pub(crate) const FAILED: &str = "kafka publish failed";
 const SHUT_DOWN: &str = "kafka sink is shut down";
 /// A session's message within the advertised SIZE that the topic cannot hold: its limit
 /// fell below `--max-message-size` at runtime. The operator's to fix, so not a bounce.
@@ -236,13 +234,20 @@ pub enum KafkaSinkError {
     Thread(#[source] io::Error),
 }
 
+/// Who takes a session's message that Kafka cannot take now, instead of the session
+/// getting `451`: the fallback sink ([`crate::sink::fallback`]), which wraps this one.
+/// The Kafka sink knows no more of it than this.
+pub(crate) trait Handback: Send + Sync {
+    /// Kafka failed `msg` for now (`why`); `done` is the session's way back.
+    fn take(&self, msg: SealedMessage, why: Cow<'static, str>, done: Completion);
+    /// Kafka acknowledged a session's message.
+    fn delivered(&self);
+    /// Where handed-back messages go, for the sink's log lines (`the fallback spool`).
+    fn place(&self) -> &'static str;
+}
+
 /// State shared by the sink, its supervisor and every producer's callbacks.
 struct KafkaShared {
-    /// Store-and-forward: whether the latest session message went to the fallback
-    /// spool, and how many went there since it began (for the lines that say when
-    /// mail starts and stops going there).
-    fallback_active: AtomicBool,
-    fallback_stored: AtomicU64,
     healthy: AtomicBool,
     closed: AtomicBool,
     /// Which producer is current; callbacks of a retired one must not flip health.
@@ -262,7 +267,7 @@ struct KafkaShared {
     streak_active: AtomicBool,
     streak: Mutex<Streak>,
     /// Where a session's message goes when Kafka fails it temporarily.
-    fallback: Option<Arc<dyn Sink>>,
+    handback: Option<Arc<dyn Handback>>,
     /// Told each time the sink becomes ready (the forwarder waits for it).
     ready_watch: Mutex<Vec<Sender<()>>>,
     /// The topic's partition count from the last metadata answer; 0 while unknown
@@ -287,33 +292,6 @@ struct KafkaShared {
 }
 
 impl KafkaShared {
-    /// A session message goes to the fallback spool: the first of a run says so.
-    fn stored_in_fallback(&self, why: &str) {
-        self.fallback_stored.fetch_add(1, Ordering::Relaxed);
-        if !self.fallback_active.load(Ordering::Relaxed)
-            && !self.fallback_active.swap(true, Ordering::AcqRel)
-        {
-            tracing::warn!(
-                why,
-                "store-and-forward: Kafka could not take a message; mail goes to the fallback spool (250 after fdatasync) until it can"
-            );
-        }
-    }
-
-    /// Kafka acknowledged a session message: a run of fallback storage ends here.
-    fn stored_in_kafka(&self) {
-        // A plain load keeps the common case free of a read-modify-write.
-        if self.fallback_active.load(Ordering::Relaxed)
-            && self.fallback_active.swap(false, Ordering::AcqRel)
-        {
-            let stored = self.fallback_stored.swap(0, Ordering::AcqRel);
-            tracing::info!(
-                stored,
-                "store-and-forward: mail goes to Kafka again; the messages stored in the fallback spool meanwhile are being forwarded"
-            );
-        }
-    }
-
     fn set_healthy(&self, generation: u64, healthy: bool, why: &str) {
         if generation != self.generation.load(Ordering::Acquire) {
             return;
@@ -335,10 +313,11 @@ impl KafkaShared {
                 {
                     let _ = tx.send(());
                 }
-            } else if self.fallback.is_some() {
+            } else if let Some(handback) = &self.handback {
                 tracing::warn!(
                     why,
-                    "kafka sink not ready: storing messages in the fallback spool until a broker is back"
+                    "kafka sink not ready: storing messages in {} until a broker is back",
+                    handback.place()
                 );
             } else {
                 tracing::warn!(
@@ -553,15 +532,15 @@ impl KafkaSink {
     /// starts the supervisor. No reachable broker is not an error: the sink starts
     /// unhealthy and becomes ready when a broker answers.
     pub fn new(options: &KafkaOptions) -> Result<KafkaSink, KafkaSinkError> {
-        Self::with_fallback(options, None)
+        Self::with_handback(options, None)
     }
 
     /// As [`KafkaSink::new`]; a session's message that Kafka cannot take now (sink
-    /// unavailable, temporary delivery failure, publish timeout, no room in time) is handed
-    /// to `fallback`, whose answer the session gets instead of `451`.
-    pub fn with_fallback(
+    /// unavailable, temporary delivery failure, publish timeout, no room in time) is
+    /// handed back to `handback`, whose answer the session gets instead of `451`.
+    pub(crate) fn with_handback(
         options: &KafkaOptions,
-        fallback: Option<Arc<dyn Sink>>,
+        handback: Option<Arc<dyn Handback>>,
     ) -> Result<KafkaSink, KafkaSinkError> {
         let config = options.client_config()?;
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -569,8 +548,6 @@ impl KafkaSink {
         let (gate_messages, gate_bytes) = options.gate();
         let (room, room_wakes) = Room::new(gate_messages, gate_bytes, options.publish_timeout());
         let shared = Arc::new(KafkaShared {
-            fallback_active: AtomicBool::new(false),
-            fallback_stored: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -582,7 +559,7 @@ impl KafkaSink {
             stats: Mutex::new(None),
             streak_active: AtomicBool::new(false),
             streak: Mutex::new(Streak::default()),
-            fallback,
+            handback,
             ready_watch: Mutex::new(Vec::new()),
             partitions: AtomicUsize::new(0),
             epoch: Instant::now(),
@@ -834,40 +811,44 @@ impl KafkaSink {
         }
     }
 
-    /// Publishes a spooled record exactly as [`Sink::submit`] published the message:
-    /// same key, value, headers and timestamp. The result goes to `tx` tagged `seq`.
-    pub(crate) fn forward(
-        &self,
-        record: &crate::sink::spool::SpoolRecord,
-        seq: u64,
-        tx: Sender<(u64, PublishResult)>,
-    ) {
-        self.publish_spooled(record, Answer::Forward { seq, tx });
+    /// Publishes a record stored earlier (the forwarder's) exactly as [`Sink::submit`]
+    /// published the message: same key, value, headers and timestamp. The result goes
+    /// to `tx` tagged `seq`.
+    pub(crate) fn forward(&self, record: &impl Record, seq: u64, tx: Sender<(u64, PublishResult)>) {
+        self.publish_record(record, Answer::Forward { seq, tx });
     }
 
-    /// Publishes a spooled record with its original key, value, headers and timestamp.
-    fn publish_spooled(&self, record: &crate::sink::spool::SpoolRecord, answer: Answer) {
-        let headers = owned_headers(record.headers.len(), |add| {
-            for (name, value) in &record.headers {
-                add(name, value);
-            }
-        });
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(&[][..], |(_, v)| v.as_slice())
-        };
-        let partition = self.partition_for(header("smtp.mail_from"), || header("smtp.rcpt_to"));
+    /// Publishes `record` with its key, value, headers and timestamp; `done` gets the
+    /// answer, never handed back.
+    pub(crate) fn publish_stored(&self, record: &impl Record, done: Completion) {
+        self.publish_record(record, Answer::Session { done, keep: None });
+    }
+
+    fn publish_record(&self, record: &impl Record, answer: Answer) {
+        let (id, timestamp_ms, headers, partition) = self.head_of(record);
         self.publish(
-            record.id,
-            record.received_at.timestamp_millis(),
+            id,
+            timestamp_ms,
             headers,
             Payload::Borrowed(record.value()),
             partition,
             answer,
         );
+    }
+
+    /// What the producer gets of `record` besides its value: key, timestamp, headers
+    /// and the partition `--kafka-partition-key` picks.
+    fn head_of(&self, record: &impl Record) -> (MessageId, i64, Option<OwnedHeaders>, Option<i32>) {
+        let headers = owned_headers(record.header_count(), |add| {
+            record.for_each_header(|name, value| add(name, value))
+        });
+        let partition = self.partition_for(record.mail_from(), || record.first_rcpt());
+        (
+            record.id(),
+            record.received_at().timestamp_millis(),
+            headers,
+            partition,
+        )
     }
 
     /// The partition `--kafka-partition-key` picks for a message from `sender` whose
@@ -898,11 +879,6 @@ impl KafkaSink {
     }
 
     /// Whether the sink takes messages now; false while closed.
-    /// Whether session messages go to the fallback spool now (the latest one did).
-    pub fn fallback_active(&self) -> bool {
-        self.inner.shared.fallback_active.load(Ordering::Relaxed)
-    }
-
     fn ready(&self) -> bool {
         let shared = &self.inner.shared;
         shared.healthy.load(Ordering::Acquire) && !shared.closed.load(Ordering::Acquire)
@@ -911,18 +887,11 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
-        let headers = owned_headers(11 + msg.envelope.rcpt_count(), |add| {
-            msg.for_each_header(|name, value| add(name, value))
-        });
-        let (id, timestamp_ms) = (msg.id, msg.received_at.timestamp_millis());
-        let env = &msg.envelope;
-        let partition = self.partition_for(env.mail_from().as_bytes(), || {
-            env.rcpt_to().next().map_or(&[][..], str::as_bytes)
-        });
+        let (id, timestamp_ms, headers, partition) = self.head_of(&msg);
         // A reference-counted handle, not a copy of the bytes.
         let value = Payload::Shared(msg.value.clone());
-        // Only a fallback needs the message after librdkafka has copied it.
-        let keep = self.inner.shared.fallback.is_some().then_some(msg);
+        // Only a handback needs the message after librdkafka has copied it.
+        let keep = self.inner.shared.handback.is_some().then_some(msg);
         self.publish(
             id,
             timestamp_ms,

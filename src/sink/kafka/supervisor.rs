@@ -292,15 +292,17 @@ fn replace_producer(inner: &Arc<Inner>, generation: u64, broker_answered: bool) 
     if broker_answered {
         shared.set_healthy(next, true, "broker answered");
     }
-    let answer = if shared.fallback.is_some() {
-        "go to the fallback spool"
-    } else {
-        "get 451"
-    };
-    tracing::warn!(
-        generation = next,
-        "new kafka producer in place; the old one's unacknowledged messages {answer}"
-    );
+    match &shared.handback {
+        Some(handback) => tracing::warn!(
+            generation = next,
+            "new kafka producer in place; the old one's unacknowledged messages go to {}",
+            handback.place()
+        ),
+        None => tracing::warn!(
+            generation = next,
+            "new kafka producer in place; the old one's unacknowledged messages get 451"
+        ),
+    }
     let old = slot.replace(new);
     drop(slot);
     // A new producer is a new connection: read the topic's limit again with it.

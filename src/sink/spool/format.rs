@@ -39,7 +39,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use ulid::Ulid;
 
-use crate::sink::record::SealedMessage;
+use crate::sink::record::{Record, SealedMessage};
 
 /// The first bytes of every segment file this code writes (segment format 2).
 pub const SEGMENT_MAGIC: &[u8; 8] = b"SMTPGWS2";
@@ -282,6 +282,39 @@ impl SpoolRecord {
 
     pub fn rcpt_count(&self) -> usize {
         self.headers_named("smtp.rcpt_to").count()
+    }
+}
+
+/// Published as stored: the headers it was written with, whatever their version.
+impl Record for SpoolRecord {
+    fn id(&self) -> Ulid {
+        self.id
+    }
+
+    fn received_at(&self) -> DateTime<Utc> {
+        self.received_at
+    }
+
+    fn value(&self) -> &[u8] {
+        SpoolRecord::value(self)
+    }
+
+    fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    fn for_each_header(&self, mut f: impl FnMut(&str, &[u8])) {
+        for (name, value) in &self.headers {
+            f(name, value);
+        }
+    }
+
+    fn mail_from(&self) -> &[u8] {
+        SpoolRecord::mail_from(self)
+    }
+
+    fn first_rcpt(&self) -> &[u8] {
+        self.header("smtp.rcpt_to").unwrap_or_default()
     }
 }
 

@@ -1,10 +1,11 @@
-//! `smtpgw spool replay --to-kafka`: publishes a spool's records through the sink's own
-//! path, with their original keys, headers and timestamps (see "Replay" in the module above).
+//! `smtpgw spool replay --to-kafka`: publishes a spool's records through the Kafka
+//! sink's own path ([`KafkaSink`]'s `publish_stored`), with their original keys,
+//! headers and timestamps, so a replayed record is identical to a direct publish.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use super::{Answer, KafkaOptions, KafkaSink, KafkaSinkError, FAILED};
+use crate::sink::kafka::{KafkaOptions, KafkaSink, KafkaSinkError, FAILED};
 use crate::sink::{Completion, PublishError, PublishResult, Sink};
 use crate::smtp::envelope::MessageId;
 
@@ -69,12 +70,12 @@ pub fn replay_records(
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     let sink = KafkaSink::new(options)?;
-    let deadline = Instant::now() + options.publish_timeout();
+    let deadline = Instant::now() + options.settings.publish_timeout.0;
     while !sink.is_healthy() {
         if Instant::now() >= deadline {
             return Err(ReplayError::Unreachable {
                 brokers: options.settings.brokers().to_owned(),
-                waited: options.publish_timeout(),
+                waited: options.settings.publish_timeout.0,
             });
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -100,13 +101,7 @@ pub fn replay_records(
             }
         }
         let (tx, rx) = unbounded_channel();
-        sink.publish_spooled(
-            &record,
-            Answer::Session {
-                done: Completion::new(tx),
-                keep: None,
-            },
-        );
+        sink.publish_stored(&record, Completion::new(tx));
         window.push_back((record.id, rx));
     }
     while let Some(pending) = window.pop_front() {
