@@ -367,9 +367,15 @@ async fn converse(reactor: &Reactor, stream: &mut TcpStream, ticket: Ticket, wak
             // Before writing: a sink that answers at once (the null sink) has its reply
             // go out in this write, with no wake-up and no further turn.
             host.hand_off(now, ticket);
-            host.wake_budget_waiters(|_, wake| wake.notify_one());
             let Some(e) = host.get(ticket) else { return };
             write_out(stream, &mut e.driver);
+            // Writing lets a driver paused at its output cap go on with the input it
+            // holds, which may complete another message: hand that off too, or nothing
+            // would wake this task for it (its answer, if immediate, leaves output to
+            // write, so the task then waits for writability, which is at hand).
+            host.hand_off(now, ticket);
+            host.wake_budget_waiters(|_, wake| wake.notify_one());
+            let Some(e) = host.get(ticket) else { return };
             let next = host::next(&e.driver);
             if next.close {
                 return;
