@@ -67,7 +67,7 @@ impl Served for crate::net::uring::Reactors {
         crate::net::uring::Reactors::local_addr(self)
     }
     fn open_connections(&self) -> usize {
-        crate::net::uring::Reactors::open_connections(self)
+        self.shared.open_connections()
     }
 }
 

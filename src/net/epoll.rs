@@ -126,17 +126,6 @@ impl Reactors {
         self.local_addr
     }
 
-    #[cfg(any(test, feature = "testing"))]
-    /// Connections open right now, across all reactors.
-    pub fn open_connections(&self) -> usize {
-        self.shared.open_connections()
-    }
-
-    #[cfg(any(test, feature = "testing"))]
-    pub fn liveness(&self) -> Arc<crate::liveness::Liveness> {
-        self.shared.liveness.clone()
-    }
-
     /// Moves every reactor to `phase` (it only ever moves forward).
     pub fn set_phase(&self, phase: Phase) {
         self.phase.send_if_modified(|p| {

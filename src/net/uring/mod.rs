@@ -231,17 +231,6 @@ impl Reactors {
         self.local_addr
     }
 
-    #[cfg(any(test, feature = "testing"))]
-    /// Connections open right now, across all reactors.
-    pub fn open_connections(&self) -> usize {
-        self.shared.open_connections()
-    }
-
-    #[cfg(any(test, feature = "testing"))]
-    pub fn liveness(&self) -> Arc<crate::liveness::Liveness> {
-        self.shared.liveness.clone()
-    }
-
     /// Moves every reactor to `phase` (it only ever moves forward) and wakes them.
     pub fn set_phase(&self, phase: Phase) {
         let v = match phase {
