@@ -204,7 +204,6 @@ fn write_received_line(
     )
 }
 
-#[cfg(any(test, feature = "testing"))]
 /// The record headers [`SealedMessage::for_each_header`] writes, in its order (the
 /// `smtp.rcpt_*` ones once per recipient).
 pub const RECORD_HEADERS: [&str; 17] = [
@@ -226,6 +225,10 @@ pub const RECORD_HEADERS: [&str; 17] = [
     "smtp.rcpt_orcpt",
     "smtp.auth",
 ];
+
+/// How many of [`RECORD_HEADERS`] come once per recipient (`smtp.rcpt_to`,
+/// `smtp.rcpt_notify`, `smtp.rcpt_orcpt`); the rest come once per record.
+const PER_RECIPIENT_HEADERS: usize = 3;
 
 /// A message with its id and trace line: what a sink stores.
 #[derive(Clone, Debug)]
@@ -366,7 +369,8 @@ impl Record for SealedMessage {
     }
 
     fn header_count(&self) -> usize {
-        11 + self.envelope.rcpt_count()
+        RECORD_HEADERS.len() - PER_RECIPIENT_HEADERS
+            + PER_RECIPIENT_HEADERS * self.envelope.rcpt_count()
     }
 
     fn for_each_header(&self, f: impl FnMut(&str, &[u8])) {
@@ -387,6 +391,38 @@ mod tests {
     use super::{client_addr_text, decimal, received_at_text, StackText};
     use chrono::{DateTime, SecondsFormat, TimeZone, Timelike, Utc};
     use std::net::SocketAddr;
+
+    /// The Kafka sink sizes each record's header list by `header_count`; librdkafka
+    /// grows an undersized one on every record.
+    #[test]
+    fn header_count_is_what_for_each_header_yields() {
+        use super::{Record, SealedMessage};
+        use crate::smtp::envelope::MessageId;
+        use crate::smtp::{BareLfPolicy, Session, SessionConfig};
+        for rcpts in 1..=3 {
+            let config = std::sync::Arc::new(SessionConfig {
+                hostname: "mx.test".into(),
+                accept_domains: ["example.com"].into_iter().collect(),
+                max_message_size: 100,
+                max_recipients: 3,
+                bare_lf: BareLfPolicy::Reject,
+                headroom: super::RECEIVED_HEADROOM + "mx.test".len(),
+            });
+            let mut session = Session::new(config, "192.0.2.7:1".parse().unwrap());
+            let mut input = String::from("EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
+            for r in 0..rcpts {
+                input.push_str(&format!("RCPT TO:<r{r}@example.com>\r\n"));
+            }
+            input.push_str("DATA\r\nx\r\n.\r\n");
+            session.feed(input.as_bytes());
+            let message = session.take_message().expect("a message");
+            let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+            let sealed = SealedMessage::seal(message, MessageId::from(7u128), at, "mx.test");
+            let mut yielded = 0;
+            Record::for_each_header(&sealed, |_, _| yielded += 1);
+            assert_eq!(sealed.header_count(), yielded, "{rcpts} recipients");
+        }
+    }
 
     #[test]
     fn client_addresses_are_written_as_display_writes_them() {
