@@ -182,7 +182,12 @@ section "cargo build --release (gateway and load client)"
 cargo build --release --workspace --bins
 
 section "cargo test --release (I/O backend ${io_backends[0]})"
-SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} cargo test --release --workspace
+# This run includes tests/sim_disk: the spool's writer, recovery and reader on a
+# simulated failing disk, fresh seeds for SMTPGW_SIM_SECONDS (each logged as
+# `sim_disk seed=N`, replayed with SMTPGW_SIM_SEED=N), after its determinism check and
+# the hunt for the reintroduced defects it must find.
+SMTPGW_SIM_SECONDS=${SMTPGW_SIM_SECONDS:-60} SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} \
+    cargo test --release --workspace
 for backend in "${io_backends[@]:1}"; do
     section "cargo test --release: the tests that start the binary, I/O backend $backend"
     # --workspace as above: the same feature unification, so nothing is rebuilt.

@@ -27,6 +27,13 @@
 //!   batch is read as before (its records are valid and kept); only if the disk also
 //!   damaged it in that window would its damage be taken for a torn tail (and still
 //!   saved to `quarantine/`). A process crash loses nothing: the page cache keeps it.
+//! - The mark is a frame boundary, and resynchronisation after a bad frame never
+//!   crosses it; past it, the search starts after the length the bad frame claims.
+//!   A client's body may hold a valid frame: a write torn inside such a record must
+//!   not turn it into a message (`tests/sim_disk` found that it did). Inside
+//!   acknowledged bytes the disk may have damaged the length itself, so every offset
+//!   is still a candidate there, and damage to a record can still expose a frame its
+//!   body holds.
 //! - The mark is two copies with a CRC each, rewritten by one 40-byte `pwrite`
 //!   inside one 512-byte sector: a single damaged byte leaves one copy good (and the
 //!   damage is reported), a torn sector write leaves the old or the new copies.
@@ -118,10 +125,10 @@ pub(crate) fn decode_commit_marks(header: &[u8]) -> CommitMarks {
 
 /// A message whose record would not fit the format's length fields.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct TooLarge;
+pub struct TooLarge;
 
 /// Appends one framed record to `buf`; on failure `buf` is left as it was.
-pub(crate) fn encode_record(buf: &mut Vec<u8>, msg: &SealedMessage) -> Result<(), TooLarge> {
+pub fn encode_record(buf: &mut Vec<u8>, msg: &SealedMessage) -> Result<(), TooLarge> {
     let start = buf.len();
     let result = encode_record_at(buf, start, msg);
     if result.is_err() {

@@ -149,11 +149,36 @@ use crate::sink::{Completion, PublishError, Sink, SpoolStats};
 
 pub mod format;
 pub mod reader;
+// Open to `tests/sim_disk`, which runs them on a simulated disk.
+#[cfg(feature = "testing")]
+pub mod recovery;
+#[cfg(not(feature = "testing"))]
 mod recovery;
 pub mod tombstone;
+#[cfg(feature = "testing")]
+pub mod writer;
+#[cfg(not(feature = "testing"))]
 pub(crate) mod writer;
 
 pub use format::{Position, SpoolRecord};
+
+/// Defects this project fixed in the spool, put back behind switches (all off unless a
+/// test turns one on) so that `tests/sim_disk` can show it finds each.
+#[cfg(feature = "testing")]
+pub mod defects {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The first recovery (ef97575): the newest segment is cut at its first bad
+    /// record, and the acknowledged records after a damaged one go with it.
+    pub static TRUNCATE_AT_CORRUPTION: AtomicBool = AtomicBool::new(false);
+    /// Before the commit marks (3fdba89): a damaged last record of the newest segment
+    /// is taken for a torn tail and cut, though it was acknowledged.
+    pub static IGNORE_COMMIT_MARKS: AtomicBool = AtomicBool::new(false);
+
+    pub(crate) fn on(switch: &AtomicBool) -> bool {
+        switch.load(Ordering::Relaxed)
+    }
+}
 #[cfg(any(test, feature = "testing"))]
 pub use format::{RECORD_VERSION, SEGMENT_MAGIC};
 #[cfg(any(test, feature = "testing"))]
@@ -302,7 +327,7 @@ impl SpoolSink {
             None => 0,
         };
         let seq = segments.last().map_or(0, |(seq, _)| seq + 1);
-        let (segment, health) = match writer::create_segment(dir, seq) {
+        let (segment, health) = match writer::create_segment(&writer::StdFs, dir, seq) {
             Ok(segment) => {
                 tracing::info!(dir = %dir.display(), segment = seq, "spool open");
                 (Some(segment), Health::Ok)
@@ -329,11 +354,13 @@ impl SpoolSink {
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer::new(
+            writer::StdFs,
             Arc::clone(&shared),
             options.segment_size,
             options.segment_age,
             segment,
             seq,
+            std::time::Instant::now(),
         );
         let handle = std::thread::Builder::new()
             .name("smtpgw-spool".into())
@@ -561,6 +588,15 @@ mod tests {
     /// Walks `bytes` as a segment body (frames from offset 0) and collects what a
     /// reader sees.
     fn walk(bytes: &[u8], newest: bool) -> Vec<Result<SpoolRecord, (u64, u64, bool)>> {
+        walk_acked(bytes, newest, 0)
+    }
+
+    /// [`walk`] with a commit mark at `acked`.
+    fn walk_acked(
+        bytes: &[u8],
+        newest: bool,
+        acked: u64,
+    ) -> Vec<Result<SpoolRecord, (u64, u64, bool)>> {
         let mut tmp = tempfile::tempfile().unwrap();
         tmp.write_all(bytes).unwrap();
         let file = SegmentFile::from_file(tmp, Path::new("t"), 0, bytes.len() as u64);
@@ -568,7 +604,7 @@ mod tests {
             file,
             pos: 0,
             newest,
-            acked: 0,
+            acked,
         };
         let mut out = Vec::new();
         loop {
@@ -681,6 +717,56 @@ mod tests {
             prop_assert_eq!(got[1].as_ref().err(), Some(&(start as u64, (end - start) as u64, false)));
             prop_assert_eq!(got[2].as_ref().map(|r| r.id).ok(), Some(msgs[2].id));
         }
+    }
+
+    /// A record whose body holds a whole encoded record, and where that inner record
+    /// ends in the outer one's encoding.
+    fn record_holding_a_record() -> (Vec<u8>, SealedMessage, usize) {
+        let inner = sealed(&["victim@x"], b"not a message anyone sent");
+        let mut body = b"before ".to_vec();
+        encode_record(&mut body, &inner).unwrap();
+        let inner_end_in_body = body.len();
+        body.extend_from_slice(b" after, and more bytes after that");
+        let outer = sealed(&["r@x"], &body);
+        let mut frame = Vec::new();
+        encode_record(&mut frame, &outer).unwrap();
+        let at = memchr::memmem::find(&frame, &body).unwrap() + inner_end_in_body;
+        (frame, inner, at)
+    }
+
+    /// Found by tests/sim_disk: a write torn inside a record whose body holds a valid
+    /// frame made that frame a message of its own (any envelope a client liked).
+    #[test]
+    fn a_frame_inside_a_torn_record_past_the_mark_is_not_a_record() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &sealed(&["r@x"], b"acknowledged")).unwrap();
+        let mark = buf.len() as u64;
+        let (outer, _, inner_end) = record_holding_a_record();
+        buf.extend_from_slice(&outer[..inner_end + 3]);
+        let len = buf.len() as u64;
+        for newest in [true, false] {
+            let got = walk_acked(&buf, newest, mark);
+            assert_eq!(got.len(), 2, "{got:?}");
+            assert!(got[0].is_ok());
+            assert_eq!(got[1].as_ref().err(), Some(&(mark, len - mark, newest)));
+        }
+    }
+
+    /// Found by tests/sim_disk: resynchronising after damage before the mark went on
+    /// past it, into the body of a torn record.
+    #[test]
+    fn resynchronisation_does_not_cross_the_commit_mark() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, &sealed(&["r@x"], b"acknowledged, then damaged")).unwrap();
+        let mark = buf.len() as u64;
+        buf[20] ^= 0xff;
+        let (outer, _, inner_end) = record_holding_a_record();
+        buf.extend_from_slice(&outer[..inner_end + 3]);
+        let len = buf.len() as u64;
+        let got = walk_acked(&buf, true, mark);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].as_ref().err(), Some(&(0, mark, false)));
+        assert_eq!(got[1].as_ref().err(), Some(&(mark, len - mark, true)));
     }
 
     #[test]

@@ -270,6 +270,25 @@ impl SegmentCursor {
         }
     }
 
+    /// Where to look for the next frame after a bad one at `pos`. Past the commit mark
+    /// the bad frame is most likely a torn write whose header is whole: a valid frame
+    /// inside the length it claims would be one a client put in its body, so the search
+    /// starts after it. (Before the mark the bytes were acknowledged and the header
+    /// itself may be what the disk damaged: every offset is a candidate.)
+    fn resync_from(&mut self, pos: u64) -> io::Result<u64> {
+        if self.acked == 0 || pos < self.acked {
+            return Ok(pos + 1);
+        }
+        let claimed = match <[u8; FRAME_HEADER_LEN]>::try_from(self.file.read_at(pos, FRAME_HEADER_LEN)?) {
+            Ok(head) => frame_header(&head).0,
+            Err(_) => return Ok(pos + 1),
+        };
+        if (claimed as usize) < MIN_PAYLOAD_LEN {
+            return Ok(pos + 1);
+        }
+        Ok(pos + FRAME_HEADER_LEN as u64 + u64::from(claimed))
+    }
+
     pub fn step(&mut self) -> io::Result<Step> {
         let pos = self.pos;
         match self.file.frame_at(pos)? {
@@ -300,28 +319,38 @@ impl SegmentCursor {
                     Err(reason) => Step::Corrupt(self.range(pos, frame_len, reason)),
                 })
             }
-            FrameAt::Bad(reason) => match self.file.find_frame(pos + 1)? {
-                Some(next) => {
-                    self.pos = next;
-                    Ok(Step::Corrupt(self.range(pos, next - pos, reason)))
+            FrameAt::Bad(reason) => {
+                let from = self.resync_from(pos)?;
+                match self.file.find_frame(from)? {
+                    // The mark is the end of a batch, so a frame starts there: the search
+                    // does not cross it (past it, it would skip to frames a torn write
+                    // left in a body; see `resync_from`).
+                    Some(next) if pos < self.acked && next > self.acked => {
+                        self.pos = self.acked;
+                        Ok(Step::Corrupt(self.range(pos, self.acked - pos, reason)))
+                    }
+                    Some(next) => {
+                        self.pos = next;
+                        Ok(Step::Corrupt(self.range(pos, next - pos, reason)))
+                    }
+                    // Up to the commit mark (even past the end of a shortened file) the bytes
+                    // were acknowledged: corruption, whatever follows.
+                    None if pos < self.acked => {
+                        self.pos = self.acked;
+                        Ok(Step::Corrupt(self.range(pos, self.acked - pos, reason)))
+                    }
+                    None => {
+                        let len = self.file.len;
+                        self.pos = len;
+                        let range = self.range(pos, len - pos, reason);
+                        Ok(if self.newest {
+                            Step::Torn(range)
+                        } else {
+                            Step::Corrupt(range)
+                        })
+                    }
                 }
-                // Up to the commit mark (even past the end of a shortened file) the bytes
-                // were acknowledged: corruption, whatever follows.
-                None if pos < self.acked => {
-                    self.pos = self.acked;
-                    Ok(Step::Corrupt(self.range(pos, self.acked - pos, reason)))
-                }
-                None => {
-                    let len = self.file.len;
-                    self.pos = len;
-                    let range = self.range(pos, len - pos, reason);
-                    Ok(if self.newest {
-                        Step::Torn(range)
-                    } else {
-                        Step::Corrupt(range)
-                    })
-                }
-            },
+            }
         }
     }
 }
@@ -391,6 +420,10 @@ pub(crate) fn open_segment(
         }
     }
     let mut acked = marks.end.unwrap_or(0);
+    #[cfg(feature = "testing")]
+    if super::defects::on(&super::defects::IGNORE_COMMIT_MARKS) {
+        acked = 0;
+    }
     if let Some(limit) = limit {
         acked = acked.min(limit);
     }

@@ -18,7 +18,7 @@ use super::{io_error, SpoolError};
 
 /// Repairs the newest segment (`seq` at `path`) before a new one is started after it;
 /// returns how many corrupt ranges it kept (and logged).
-pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, SpoolError> {
+pub fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, SpoolError> {
     let (mut cursor, damaged) = match open_segment(path, seq, true, 0, None)? {
         Opened::Cursor { cursor, damaged } => (cursor, damaged),
         Opened::Empty => {
@@ -47,6 +47,11 @@ pub(crate) fn recover_newest(dir: &Path, seq: u64, path: &Path) -> Result<u64, S
     let torn = loop {
         match cursor.step().map_err(io_error("read segment", path))? {
             Step::Record(_) => records += 1,
+            #[cfg(feature = "testing")]
+            Step::Corrupt(range) if super::defects::on(&super::defects::TRUNCATE_AT_CORRUPTION) => {
+                let len = cursor.file.len - range.offset;
+                break Some(super::reader::CorruptRange { len, ..range });
+            }
             Step::Corrupt(range) => {
                 corrupt += 1;
                 log_corrupt(&range)

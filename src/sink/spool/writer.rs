@@ -2,6 +2,11 @@
 //! commit (one `write` and one `fdatasync` per batch), the size and free-space limits
 //! checked before a batch is written, the commit marks, and the health the sink
 //! reports.
+//!
+//! The writer reaches the file system only through [`SpoolFs`] and learns the time
+//! only from its callers, so that `tests/sim_disk` can run this same code on a
+//! simulated disk that tears writes, fails `fdatasync` and crashes, under a simulated
+//! clock. Production uses [`StdFs`], a zero-sized type the compiler inlines away.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -21,8 +26,8 @@ use crate::sink::record::SealedMessage;
 use crate::sink::{Completion, PublishError};
 use crate::smtp::envelope::MessageId;
 
-pub(crate) const LOCK_FILE: &str = "LOCK";
-pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+pub const LOCK_FILE: &str = "LOCK";
+pub const QUARANTINE_DIR: &str = "quarantine";
 const SEGMENT_SUFFIX: &str = ".seg";
 const SEGMENT_DIGITS: usize = 20;
 
@@ -36,7 +41,85 @@ const RETAINED_BUFFER_BYTES: usize = 4 * MAX_BATCH_BYTES;
 /// the last one on their own; under load the next batch's `fdatasync` carries them.
 const MARK_SYNC_DELAY: Duration = Duration::from_millis(100);
 
-pub(crate) type Request = (SealedMessage, Completion);
+pub type Request = (SealedMessage, Completion);
+
+/// The file operations the spool's durability rests on, as the writer uses them:
+/// [`StdFs`] in production; a simulated disk in `tests/sim_disk`.
+pub trait SpoolFs {
+    type File;
+    /// Creates `path`, which must not exist, for writing.
+    fn create_new(&self, path: &Path) -> io::Result<Self::File>;
+    fn write_all_at(&self, file: &Self::File, bytes: &[u8], offset: u64) -> io::Result<()>;
+    fn sync_data(&self, file: &Self::File) -> io::Result<()>;
+    fn sync_all(&self, file: &Self::File) -> io::Result<()>;
+    fn set_len(&self, file: &Self::File, len: u64) -> io::Result<()>;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Makes the creation and removal of the files in `dir` durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// Bytes available to the writer on the file system holding `dir`, if known.
+    fn free_bytes(&self, dir: &Path) -> Option<u64>;
+    /// Total bytes of the segment files in `dir`, if they can be listed.
+    fn segment_bytes(&self, dir: &Path) -> Option<u64>;
+}
+
+/// The real file system, through `std::fs`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StdFs;
+
+impl SpoolFs for StdFs {
+    type File = File;
+
+    #[inline]
+    fn create_new(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new().write(true).create_new(true).open(path)
+    }
+
+    #[inline]
+    fn write_all_at(&self, file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+        file.write_all_at(bytes, offset)
+    }
+
+    #[inline]
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    #[inline]
+    fn sync_all(&self, file: &File) -> io::Result<()> {
+        file.sync_all()
+    }
+
+    #[inline]
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
+
+    #[inline]
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    #[inline]
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir).and_then(|d| d.sync_all())
+    }
+
+    #[inline]
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    #[inline]
+    fn free_bytes(&self, dir: &Path) -> Option<u64> {
+        free_bytes(dir)
+    }
+
+    #[inline]
+    fn segment_bytes(&self, dir: &Path) -> Option<u64> {
+        measure(dir).ok().map(|(bytes, _)| bytes)
+    }
+}
 
 /// How soon a spool that started without room for a segment tries again, doubling up
 /// to [`MAX_SEGMENT_RETRY`].
@@ -45,7 +128,7 @@ const MAX_SEGMENT_RETRY: Duration = Duration::from_secs(8);
 
 /// Why the sink is not ready, as `/readyz` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Health {
+pub enum Health {
     Ok,
     /// The last batch could not be written or synced; cleared by the next good batch.
     Failed(String),
@@ -55,7 +138,7 @@ pub(crate) enum Health {
 }
 
 /// What the writer thread and the sink's callers share.
-pub(crate) struct WriterShared {
+pub struct WriterShared {
     pub dir: PathBuf,
     pub limits: DiskLimits,
     pub health: Mutex<Health>,
@@ -108,19 +191,19 @@ impl WriterShared {
 
 /// Limits checked before each batch is written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct DiskLimits {
+pub struct DiskLimits {
     pub max_bytes: Option<u64>,
     pub min_free_bytes: u64,
 }
 
 /// Bytes available to an unprivileged writer on the file system holding `dir`.
-pub(crate) fn free_bytes(dir: &Path) -> Option<u64> {
+pub fn free_bytes(dir: &Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Total bytes and number of the segment files in `dir`.
-pub(crate) fn measure(dir: &Path) -> Result<(u64, usize), SpoolError> {
+pub fn measure(dir: &Path) -> Result<(u64, usize), SpoolError> {
     let segments = list_segments(dir)?;
     let mut bytes = 0;
     for (_, path) in &segments {
@@ -135,8 +218,8 @@ pub(crate) fn measure(dir: &Path) -> Result<(u64, usize), SpoolError> {
 }
 
 /// The segment being appended to.
-pub(crate) struct Segment {
-    file: File,
+pub struct Segment<F = File> {
+    file: F,
     path: PathBuf,
     seq: u64,
     /// Bytes known to be durable: everything up to the end of the last synced batch.
@@ -145,25 +228,23 @@ pub(crate) struct Segment {
     marks_dirty: bool,
 }
 
-impl Segment {
+impl<F> Segment<F> {
     /// Appends and syncs; on failure puts the file back the way it was, as far as the
     /// file system lets us, so that the failed batch never reads as messages.
     ///
     /// After the sync, the commit marks are rewritten to name the new end, without a
     /// sync of their own: the next batch's `fdatasync` (or [`Segment::sync_marks`] when
     /// none comes) makes them durable. The format module explains why this order.
-    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let result = self
-            .file
-            .write_all_at(bytes, self.len)
-            .and_then(|()| self.file.sync_data());
+    fn append<S: SpoolFs<File = F>>(&mut self, fs: &S, bytes: &[u8]) -> io::Result<()> {
+        let result = fs
+            .write_all_at(&self.file, bytes, self.len)
+            .and_then(|()| fs.sync_data(&self.file));
         match result {
             Ok(()) => {
                 self.len += bytes.len() as u64;
                 self.marks_dirty = false;
-                if let Err(error) = self
-                    .file
-                    .write_all_at(&encode_commit_marks(self.len), COMMIT_MARK_AT[0])
+                if let Err(error) =
+                    fs.write_all_at(&self.file, &encode_commit_marks(self.len), COMMIT_MARK_AT[0])
                 {
                     // The batch is durable all the same; only a damaged last record
                     // of it would be taken for a torn tail.
@@ -174,10 +255,9 @@ impl Segment {
                 Ok(())
             }
             Err(e) => {
-                if let Err(undo) = self
-                    .file
-                    .set_len(self.len)
-                    .and_then(|()| self.file.sync_all())
+                if let Err(undo) = fs
+                    .set_len(&self.file, self.len)
+                    .and_then(|()| fs.sync_all(&self.file))
                 {
                     tracing::error!(
                         segment = %self.path.display(),
@@ -195,11 +275,11 @@ impl Segment {
     }
 
     /// Makes the commit marks durable when no batch's `fdatasync` will.
-    fn sync_marks(&mut self) {
+    fn sync_marks<S: SpoolFs<File = F>>(&mut self, fs: &S) {
         if !self.marks_dirty {
             return;
         }
-        match self.file.sync_data() {
+        match fs.sync_data(&self.file) {
             Ok(()) => self.marks_dirty = false,
             Err(error) => {
                 tracing::warn!(segment = %self.path.display(), %error, "cannot sync the spool's commit mark")
@@ -208,7 +288,8 @@ impl Segment {
     }
 }
 
-pub(crate) struct Writer {
+pub struct Writer<S: SpoolFs = StdFs> {
+    fs: S,
     shared: std::sync::Arc<WriterShared>,
     segment_size: u64,
     segment_age: Option<Duration>,
@@ -219,7 +300,7 @@ pub(crate) struct Writer {
     marks_due: Option<Instant>,
     next_seq: u64,
     /// `None` after a failed write until a new segment could be created.
-    segment: Option<Segment>,
+    segment: Option<Segment<S::File>>,
     /// Started without a segment (no room): when to try again without waiting for a
     /// batch, and the back-off after that. `None` once one exists.
     retry: Option<(Instant, Duration)>,
@@ -280,17 +361,20 @@ impl FailureEpisode {
     }
 }
 
-impl Writer {
+impl<S: SpoolFs> Writer<S> {
     /// A writer appending to `segment`, or, without one (the file system was full at
     /// start, see `SpoolOptions::start_when_full`), one that starts segment `seq` as
-    /// soon as there is room: at the next batch, or when its retry comes.
+    /// soon as there is room: at the next batch, or when its retry comes (counted from
+    /// `now`).
     pub fn new(
+        fs: S,
         shared: std::sync::Arc<WriterShared>,
         segment_size: u64,
         segment_age: Option<Duration>,
-        segment: Option<Segment>,
+        segment: Option<Segment<S::File>>,
         seq: u64,
-    ) -> Writer {
+        now: Instant,
+    ) -> Writer<S> {
         let seq = segment.as_ref().map_or(seq, |s| s.seq);
         shared.writing.store(seq, Ordering::Release);
         shared.set_durable(Position {
@@ -298,6 +382,7 @@ impl Writer {
             offset: segment.as_ref().map_or(0, |s| s.len),
         });
         Writer {
+            fs,
             shared,
             segment_size: segment_size.max(1),
             segment_age,
@@ -306,7 +391,7 @@ impl Writer {
             next_seq: if segment.is_some() { seq + 1 } else { seq },
             retry: segment
                 .is_none()
-                .then(|| (Instant::now() + FIRST_SEGMENT_RETRY, FIRST_SEGMENT_RETRY)),
+                .then(|| (now + FIRST_SEGMENT_RETRY, FIRST_SEGMENT_RETRY)),
             segment,
             rotate_due: false,
             buf: Vec::with_capacity(64 << 10),
@@ -315,8 +400,8 @@ impl Writer {
         }
     }
 
-    fn retry_first_segment(&mut self) {
-        match create_segment(&self.shared.dir, self.next_seq) {
+    fn retry_first_segment(&mut self, now: Instant) {
+        match create_segment(&self.fs, &self.shared.dir, self.next_seq) {
             Ok(segment) => {
                 tracing::info!(
                     segment = %segment.path.display(),
@@ -336,34 +421,23 @@ impl Writer {
             Err(_) => {
                 self.retry = self.retry.map(|(_, wait)| {
                     let wait = (wait * 2).min(MAX_SEGMENT_RETRY);
-                    (Instant::now() + wait, wait)
+                    (now + wait, wait)
                 });
             }
         }
     }
 
+    /// The writer thread: the loop below with the real clock. Each batch is what
+    /// queued up while the previous one was written and synced.
     pub fn run(mut self, rx: Receiver<Request>) {
         // `recv` fails only once every sender is gone and the queue is empty, so
         // everything submitted before shutdown is answered.
         loop {
-            if self.segment.is_some() {
-                // A batch started one.
-                self.retry = None;
-            }
-            let age_due = self
-                .first_record_at
-                .zip(self.segment_age)
-                .map(|(first, age)| first + age);
-            let retry_due = self.retry.map(|(at, _)| at);
-            let due = [self.marks_due, age_due, retry_due]
-                .into_iter()
-                .flatten()
-                .min();
-            let first = if let Some(due) = due {
+            let first = if let Some(due) = self.next_deadline() {
                 match rx.recv_deadline(due) {
                     Ok(request) => request,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.on_deadline();
+                        self.on_deadline(Instant::now());
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -374,35 +448,63 @@ impl Writer {
                     Err(_) => break,
                 }
             };
-            self.encode(first);
-            while self.batch.len() < MAX_BATCH_MESSAGES && self.buf.len() < MAX_BATCH_BYTES {
+            self.submit(first);
+            while !self.batch_is_full() {
                 match rx.try_recv() {
-                    Ok(request) => self.encode(request),
+                    Ok(request) => self.submit(request),
                     Err(_) => break,
                 }
             }
-            self.commit();
+            self.commit(Instant::now());
         }
+        self.finish();
+    }
+
+    /// When [`Writer::on_deadline`] is due if no batch comes first: the commit marks'
+    /// own sync, the segment's age, the retry of a first segment.
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        if self.segment.is_some() {
+            // A batch started one.
+            self.retry = None;
+        }
+        let age_due = self
+            .first_record_at
+            .zip(self.segment_age)
+            .map(|(first, age)| first + age);
+        let retry_due = self.retry.map(|(at, _)| at);
+        [self.marks_due, age_due, retry_due]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The batch being gathered has reached its message or byte cap: commit it.
+    pub fn batch_is_full(&self) -> bool {
+        self.batch.len() >= MAX_BATCH_MESSAGES || self.buf.len() >= MAX_BATCH_BYTES
+    }
+
+    /// At shutdown, after the last batch: the commit marks must not wait for a batch
+    /// that will never come.
+    pub fn finish(&mut self) {
         if let Some(segment) = self.segment.as_mut() {
-            segment.sync_marks();
+            segment.sync_marks(&self.fs);
         }
     }
 
     /// Nothing came before a deadline: sync the commit marks, seal an old segment, try
     /// again to start the first segment (room may have come back: nothing else says so).
-    fn on_deadline(&mut self) {
-        let now = Instant::now();
+    pub fn on_deadline(&mut self, now: Instant) {
         if self.retry.is_some_and(|(at, _)| at <= now) {
-            self.retry_first_segment();
+            self.retry_first_segment(now);
         }
         if self.marks_due.is_some_and(|due| due <= now) {
             self.marks_due = None;
             if let Some(segment) = self.segment.as_mut() {
-                segment.sync_marks();
+                segment.sync_marks(&self.fs);
             }
         }
         if self.age_reached(now) {
-            self.seal("--spool-segment-age");
+            self.seal(now, "--spool-segment-age");
         }
     }
 
@@ -414,7 +516,7 @@ impl Writer {
 
     /// Closes the segment being written (if it holds records) and starts the next, so
     /// that `spool prune` and the tools can take it while the gateway runs.
-    fn seal(&mut self, why: &'static str) {
+    fn seal(&mut self, now: Instant, why: &'static str) {
         let Some(segment) = self.segment.as_ref() else {
             return;
         };
@@ -433,7 +535,6 @@ impl Writer {
             // The next batch tries again, and so does the age deadline, one age from
             // now rather than at once.
             Some(error) => {
-                let now = Instant::now();
                 if let Some((batches, messages)) = self.failures.failed(now, 0) {
                     tracing::error!(
                         %error,
@@ -447,7 +548,9 @@ impl Writer {
         }
     }
 
-    fn encode(&mut self, (msg, done): Request) {
+    /// Adds a message to the batch being gathered; one the format or the limits can
+    /// never take is answered at once.
+    pub fn submit(&mut self, (msg, done): Request) {
         let start = self.buf.len();
         match encode_record(&mut self.buf, &msg) {
             // A record that could not fit even an empty spool would get 452 for ever.
@@ -476,7 +579,7 @@ impl Writer {
         let mut allowed = u64::MAX;
         let mut why = String::new();
         if let Some(max) = limits.max_bytes {
-            let used = measure(&self.shared.dir).map_or(0, |(bytes, _)| bytes);
+            let used = self.fs.segment_bytes(&self.shared.dir).unwrap_or(0);
             let room = max.saturating_sub(used);
             if room < allowed {
                 allowed = room;
@@ -485,7 +588,7 @@ impl Writer {
         }
         if limits.min_free_bytes > 0 {
             // An unknown free space is not a reason to refuse mail.
-            if let Some(free) = free_bytes(&self.shared.dir) {
+            if let Some(free) = self.fs.free_bytes(&self.shared.dir) {
                 let room = free.saturating_sub(limits.min_free_bytes);
                 if room < allowed {
                     allowed = room;
@@ -534,13 +637,14 @@ impl Writer {
         true
     }
 
-    fn commit(&mut self) {
+    /// Writes and syncs the batch gathered since the last commit, then answers it.
+    pub fn commit(&mut self, now: Instant) {
         let refused = self.enforce_limits();
         let mut seal = refused.then_some("spool limit reached");
         if !self.batch.is_empty() {
             let not_started = self.ensure_segment();
             let result = match self.segment.as_mut() {
-                Some(segment) => segment.append(&self.buf).map_err(|e| (e, true)),
+                Some(segment) => segment.append(&self.fs, &self.buf).map_err(|e| (e, true)),
                 // Why no segment could be started (a full disk, say) is what `/readyz`
                 // and the log must say, not only that none is open.
                 None => Err((
@@ -557,7 +661,7 @@ impl Writer {
                             .health
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner);
-                        let episode = self.failures.ended(Instant::now());
+                        let episode = self.failures.ended(now);
                         if *health != Health::Ok || episode.is_some() {
                             let (lasted, failed) = episode.unwrap_or_default();
                             tracing::info!(
@@ -587,14 +691,14 @@ impl Writer {
                             });
                         }
                         if self.first_record_at.is_none() {
-                            self.first_record_at = Some(Instant::now());
+                            self.first_record_at = Some(now);
                         }
                         if segment.marks_dirty {
-                            self.marks_due = Some(Instant::now() + MARK_SYNC_DELAY);
+                            self.marks_due = Some(now + MARK_SYNC_DELAY);
                         }
                         if segment.len >= self.segment_size {
                             seal = Some("--spool-segment-size");
-                        } else if self.age_reached(Instant::now()) {
+                        } else if self.age_reached(now) {
                             seal = Some("--spool-segment-age");
                         }
                     }
@@ -604,7 +708,7 @@ impl Writer {
                 }
                 Err((error, wrote)) => {
                     if let Some((batches, messages)) =
-                        self.failures.failed(Instant::now(), self.batch.len())
+                        self.failures.failed(now, self.batch.len())
                     {
                         tracing::error!(
                             dir = %self.shared.dir.display(),
@@ -623,7 +727,7 @@ impl Writer {
                     // 451 never sees the empty file.
                     if wrote {
                         if let Some(segment) = self.segment.take() {
-                            discard_if_empty(&self.shared.dir, segment);
+                            discard_if_empty(&self.fs, &self.shared.dir, segment);
                         }
                     }
                     for (_, done, _) in self.batch.drain(..) {
@@ -636,7 +740,7 @@ impl Writer {
         // (or the forwarder), which never takes the segment being written: seal it,
         // or 452 would last until a restart.
         if let Some(why) = seal {
-            self.seal(why);
+            self.seal(now, why);
         }
         self.buf.clear();
         if self.buf.capacity() > RETAINED_BUFFER_BYTES {
@@ -656,13 +760,13 @@ impl Writer {
         let seq = self.next_seq;
         // A failed attempt may leave its file behind; never try that name again.
         self.next_seq += 1;
-        match create_segment(&self.shared.dir, seq) {
+        match create_segment(&self.fs, &self.shared.dir, seq) {
             Ok(segment) => {
                 tracing::debug!(segment = %segment.path.display(), "new spool segment");
                 if let Some(mut old) = self.segment.take() {
                     // Its last commit mark must not wait for a batch that goes elsewhere.
-                    old.sync_marks();
-                    discard_if_empty(&self.shared.dir, old);
+                    old.sync_marks(&self.fs);
+                    discard_if_empty(&self.fs, &self.shared.dir, old);
                 }
                 self.shared.writing.store(seq, Ordering::Release);
                 self.segment = Some(segment);
@@ -673,7 +777,7 @@ impl Writer {
             }
             // Logged by the caller, with the batch it cost, once per episode.
             Err(error) => {
-                if segment_path(&self.shared.dir, seq).exists() {
+                if self.fs.exists(&segment_path(&self.shared.dir, seq)) {
                     self.segment = None;
                 }
                 Some(error)
@@ -684,21 +788,22 @@ impl Writer {
 
 /// Removes a segment that holds no record (only its magic), so that failed writes
 /// leave no empty files behind.
-fn discard_if_empty(dir: &Path, segment: Segment) {
+fn discard_if_empty<S: SpoolFs>(fs: &S, dir: &Path, segment: Segment<S::File>) {
     if !segment.is_empty() {
         return;
     }
     let Segment { file, path, .. } = segment;
     drop(file);
-    let removed = fs::remove_file(&path)
+    let removed = fs
+        .remove_file(&path)
         .map_err(io_error("remove empty segment", &path))
-        .and_then(|()| sync_dir(dir));
+        .and_then(|()| fs.sync_dir(dir).map_err(io_error("sync directory", dir)));
     if let Err(error) = removed {
         tracing::warn!(%error, "cannot remove an empty spool segment");
     }
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+pub fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("sync directory", dir))
@@ -739,14 +844,14 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     }
 }
 
-pub(crate) fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!(
         "{seq:0width$}{SEGMENT_SUFFIX}",
         width = SEGMENT_DIGITS
     ))
 }
 
-pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
+pub fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
     if digits.len() != SEGMENT_DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -756,7 +861,7 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
 
 /// The segment files of `dir`, oldest first. Other files (the lock, an export's
 /// temporary file, the quarantine directory) are not ours to judge and are skipped.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
+pub fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolError> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_error("read spool directory", dir))? {
         let entry = entry.map_err(io_error("read spool directory", dir))?;
@@ -773,23 +878,25 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SpoolErro
 /// segment), durably (file and directory synced); on failure nothing is left behind,
 /// as far as the file system lets us. Records are written at explicit offsets (not
 /// `O_APPEND`, under which Linux's `pwrite` ignores the offset the marks need).
-pub(crate) fn create_segment(dir: &Path, seq: u64) -> Result<Segment, SpoolError> {
+pub fn create_segment<S: SpoolFs>(
+    fs: &S,
+    dir: &Path,
+    seq: u64,
+) -> Result<Segment<S::File>, SpoolError> {
     let path = segment_path(dir, seq);
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
+    let file = fs
+        .create_new(&path)
         .map_err(io_error("create segment", &path))?;
     let header = super::reader::fresh_header();
-    let durable = file
-        .write_all_at(&header, 0)
-        .and_then(|()| file.sync_all())
+    let durable = fs
+        .write_all_at(&file, &header, 0)
+        .and_then(|()| fs.sync_all(&file))
         .map_err(io_error("write segment", &path))
-        .and_then(|()| sync_dir(dir));
+        .and_then(|()| fs.sync_dir(dir).map_err(io_error("sync directory", dir)));
     if let Err(e) = durable {
         drop(file);
-        if fs::remove_file(&path).is_ok() {
-            let _ = sync_dir(dir);
+        if fs.remove_file(&path).is_ok() {
+            let _ = fs.sync_dir(dir);
         }
         return Err(e);
     }
