@@ -106,6 +106,7 @@ for targets in "${groups[@]}"; do
         cargo mutants --list "${file_args[@]}" "$@"
         continue
     fi
+    mkdir -p "mutants.out/$name"
     # A mutant that makes a test loop forever is a "timeout" (caught, differently): the
     # limit is a multiple of the unmutated test time.
     CARGO_INCREMENTAL=1 nice -n 19 cargo mutants --in-place --package smtpgw \
