@@ -343,6 +343,11 @@ def main():
     if not LT_BIN.exists():
         die(f"no load client at {LT_BIN} (cargo build --release --workspace --bins)")
     broker = Broker() if "kafka" in args.sinks else None
+    if broker:
+        # Every topic before round 1: the first rounds on a topic created seconds before
+        # spread more (README, "Kafka: line rate", partitions).
+        for n in args.partitions:
+            broker.topic(n)
     try:
         with tempfile.TemporaryDirectory(prefix="smtpgw-kafka-cost.") as work:
             print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC; load average "
