@@ -279,10 +279,11 @@ impl SegmentCursor {
         if self.acked == 0 || pos < self.acked {
             return Ok(pos + 1);
         }
-        let claimed = match <[u8; FRAME_HEADER_LEN]>::try_from(self.file.read_at(pos, FRAME_HEADER_LEN)?) {
-            Ok(head) => frame_header(&head).0,
-            Err(_) => return Ok(pos + 1),
-        };
+        let claimed =
+            match <[u8; FRAME_HEADER_LEN]>::try_from(self.file.read_at(pos, FRAME_HEADER_LEN)?) {
+                Ok(head) => frame_header(&head).0,
+                Err(_) => return Ok(pos + 1),
+            };
         if (claimed as usize) < MIN_PAYLOAD_LEN {
             return Ok(pos + 1);
         }

@@ -243,9 +243,11 @@ impl<F> Segment<F> {
             Ok(()) => {
                 self.len += bytes.len() as u64;
                 self.marks_dirty = false;
-                if let Err(error) =
-                    fs.write_all_at(&self.file, &encode_commit_marks(self.len), COMMIT_MARK_AT[0])
-                {
+                if let Err(error) = fs.write_all_at(
+                    &self.file,
+                    &encode_commit_marks(self.len),
+                    COMMIT_MARK_AT[0],
+                ) {
                     // The batch is durable all the same; only a damaged last record
                     // of it would be taken for a torn tail.
                     tracing::warn!(segment = %self.path.display(), %error, "cannot write the spool's commit mark");
@@ -707,9 +709,7 @@ impl<S: SpoolFs> Writer<S> {
                     }
                 }
                 Err((error, wrote)) => {
-                    if let Some((batches, messages)) =
-                        self.failures.failed(now, self.batch.len())
-                    {
+                    if let Some((batches, messages)) = self.failures.failed(now, self.batch.len()) {
                         tracing::error!(
                             dir = %self.shared.dir.display(),
                             error = %error,
