@@ -38,16 +38,16 @@ use rustls::ServerConnection;
 use crate::auth::AuthResult;
 use crate::logging::{self, ClosedLine, EndedBy, PendingLine, RefusalLine};
 use crate::smtp::auth::{AuthRequest, AuthVerdict};
-use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::envelope::Message;
+use crate::smtp::{Gate, Refusal, SessionConfig, SessionEvent, SessionPolicy, SessionStats};
 use crate::smtp::{MessageId, PublishError, PublishResult, Session, StoredIn};
 
+#[cfg(any(test, feature = "testing"))]
+pub use edge::TlsVersion;
 pub use edge::{
     Cidr, Edge, EdgeAuth, EdgeStats, LimitRefusal, PeerLimits, PeerSlot, ProxyMode, Rejected,
     TlsFailure,
 };
-#[cfg(any(test, feature = "testing"))]
-pub use edge::TlsVersion;
 pub use tls::TlsHandle;
 
 /// After the last reply and a shut-down write side, how long input is still read and
