@@ -7,7 +7,8 @@
 //!   it breaks an invariant);
 //! - otherwise: the determinism check, the hunts for the reintroduced defects, then
 //!   fresh seeds from the OS for `SMTPGW_SIM_SECONDS` (default 10), each logged as
-//!   `sim seed=N`; the counts at the end.
+//!   `sim seed=N`; the counts at the end. `SMTPGW_SIM_BASE_SEED=B` draws the seeds from
+//!   B instead of the OS, for a repeatable set (mutation testing).
 //!
 //! Exits non-zero on a violated invariant, a seed that replays differently, or a
 //! reintroduced defect not found within its budget.
@@ -194,7 +195,11 @@ fn main() -> ExitCode {
     }
     let budget_start = Instant::now();
     let budget = Duration::from_secs_f64(seconds.max(0.0));
-    let mut rng = fastrand::Rng::with_seed(os_seed());
+    let base = std::env::var("SMTPGW_SIM_BASE_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(os_seed);
+    let mut rng = fastrand::Rng::with_seed(base);
     let mut counts = Counts::default();
     let mut seeds = 0;
     while budget_start.elapsed() < budget {
