@@ -32,6 +32,8 @@ use run::{execute, plan, Counts};
 
 /// How long shrinking a failure may take.
 const SHRINK_TIME: Duration = Duration::from_secs(60);
+/// How long shrinking what a defect hunt found may take (it runs in every CI run).
+const HUNT_SHRINK_TIME: Duration = Duration::from_secs(5);
 /// How long each reintroduced defect may take to be found.
 const DEFECT_BUDGET: Duration = Duration::from_secs(60);
 
@@ -49,22 +51,23 @@ fn os_seed() -> u64 {
 }
 
 /// Runs `seed`; on a violation prints it, shrinks it and prints the shortest trace.
-fn run_seed(seed: u64, counts: &mut Counts, quiet: bool) -> Result<u64, String> {
+/// `shrink`: how long to shrink a failure, if at all.
+fn run_seed(seed: u64, counts: &mut Counts, shrink: Option<Duration>) -> Result<u64, String> {
     let steps = plan(seed);
     let result = execute(seed, &steps);
     counts.add(&result.counts);
     let Some((at, v)) = result.violation else {
         return Ok(result.trace);
     };
-    if quiet {
+    let Some(shrink_time) = shrink else {
         return Err(v.to_string());
-    }
+    };
     println!(
         "sim seed={seed}: VIOLATION after step {at} of {}: {v}",
         steps.len()
     );
     let cut: Vec<_> = steps[..(at + 1).min(steps.len())].to_vec();
-    let (short, v, runs) = shrink::shrink(seed, cut, v, Instant::now() + SHRINK_TIME);
+    let (short, v, runs) = shrink::shrink(seed, cut, v, Instant::now() + shrink_time);
     println!(
         "shortest trace found ({} steps, {runs} runs to shrink; the whole run replays with SMTPGW_SIM_SEED={seed}):",
         short.len()
@@ -93,8 +96,8 @@ fn report(title: &str, seeds: u64, c: &Counts, wall: Duration) {
 /// Two runs of one seed give one trace.
 fn determinism(seed: u64) -> Result<(), String> {
     let mut c = Counts::default();
-    let a = run_seed(seed, &mut c, true);
-    let b = run_seed(seed, &mut c, true);
+    let a = run_seed(seed, &mut c, None);
+    let b = run_seed(seed, &mut c, None);
     match (a, b) {
         (Ok(x), Ok(y)) if x == y => {
             println!("sim determinism: seed={seed} twice, trace={x:016x} both times");
@@ -120,28 +123,31 @@ fn hunt(name: &str, switch: &AtomicBool, kind: &str) -> Result<(), String> {
         let seed = rng.u64(..);
         seeds += 1;
         let mut c = Counts::default();
-        if let Err(v) = run_seed(seed, &mut c, true) {
-            found = Some((seed, v));
+        if let Err(v) = run_seed(seed, &mut c, None) {
+            found = Some((seed, v, started.elapsed()));
             break;
         }
     }
-    switch.store(false, Ordering::Relaxed);
-    match found {
-        Some((seed, v)) if v.starts_with(kind) => {
+    let result = match found {
+        Some((seed, v, took)) if v.starts_with(kind) => {
             println!(
                 "sim finds reintroduced defect {name}: seed={seed} after {seeds} seeds, {:.2} s: {v}",
-                started.elapsed().as_secs_f64()
+                took.as_secs_f64()
             );
+            // What a failure looks like: the seed and its shortest trace.
+            let _ = run_seed(seed, &mut Counts::default(), Some(HUNT_SHRINK_TIME));
             Ok(())
         }
-        Some((seed, v)) => Err(format!(
+        Some((seed, v, _)) => Err(format!(
             "defect {name}: seed {seed} broke another invariant: {v}"
         )),
         None => Err(format!(
             "defect {name} not found in {seeds} seeds ({} s)",
             DEFECT_BUDGET.as_secs()
         )),
-    }
+    };
+    switch.store(false, Ordering::Relaxed);
+    result
 }
 
 fn main() -> ExitCode {
@@ -158,7 +164,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         };
         let mut c = Counts::default();
-        let r = run_seed(seed, &mut c, false);
+        let r = run_seed(seed, &mut c, Some(SHRINK_TIME));
         report("sim replay", 1, &c, started.elapsed());
         return match r {
             Ok(trace) => {
@@ -206,7 +212,7 @@ fn main() -> ExitCode {
         let seed = rng.u64(..);
         println!("sim seed={seed}");
         seeds += 1;
-        if run_seed(seed, &mut counts, false).is_err() {
+        if run_seed(seed, &mut counts, Some(SHRINK_TIME)).is_err() {
             failures.push(format!("seed {seed} broke an invariant (above)"));
             break;
         }
