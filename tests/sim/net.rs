@@ -34,6 +34,8 @@ pub struct SimSock {
     pub reset: bool,
     /// The gateway shut its write side.
     pub fin_sent: bool,
+    /// The gateway wrote something since the run last looked.
+    pub wrote: bool,
 }
 
 impl SimSock {
@@ -48,6 +50,7 @@ impl SimSock {
             eof_given: false,
             reset: false,
             fin_sent: false,
+            wrote: false,
         }
     }
 }
@@ -71,6 +74,7 @@ fn write_out(e: &mut host::Entry<SimSock>, now: Instant, bad: &mut Vec<Violation
         }
         e.io.to_client
             .extend_from_slice(&e.driver.pending_output()[..n]);
+        e.io.wrote = true;
         e.driver.output_written(now, n);
     }
 }

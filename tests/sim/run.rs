@@ -27,7 +27,7 @@ use crate::clients::{Client, Expect, Kind, Settings, KINDS};
 use crate::clock::Clock;
 use crate::invariants::{self, violation, Acks, Violation};
 use crate::net::{pump, SimSock};
-use crate::sink::{Outcome, SimSink};
+use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUT};
 
 const HOSTNAME: &str = "mx.sim.test";
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -284,6 +284,11 @@ struct World {
     proxied: Arc<Edge>,
     clients: Vec<Client>,
     early_edge: Vec<bool>,
+    /// Per client: when it last sent or read a byte, the gateway last wrote to it
+    /// (which restarts the time a client that does not read gets), or it was last seen
+    /// waiting on the gateway (its message with the sink, its body paused on the
+    /// budget), which restarts its idle time when that wait ends.
+    active: Vec<Duration>,
     live: BTreeMap<u32, Live>,
     dirty: BTreeSet<(u32, u32)>,
     stop_at: Option<Duration>,
@@ -345,6 +350,7 @@ impl World {
             proxied: Arc::new(proxied),
             clients: Vec::new(),
             early_edge: Vec::new(),
+            active: Vec::new(),
             live: BTreeMap::new(),
             dirty: BTreeSet::new(),
             stop_at: None,
@@ -399,6 +405,7 @@ impl World {
         self.clients
             .push(Client::new(id as u32, kind, seed, settings));
         self.early_edge.push(kind == Kind::EarlyTalker);
+        self.active.push(self.clock.elapsed());
         self.counts.sessions += 1;
         self.trace.add(&format!("open c{id} {kind:?}"));
         match self.host.open(now, peer, edge, admitted, sock) {
@@ -434,6 +441,7 @@ impl World {
         }
         e.io.inbound.extend_from_slice(&out[..n]);
         client.sent(n);
+        self.active[c] = self.clock.elapsed();
         self.trace.add(&format!("c{c} sent {n}"));
         if client.reset_pending {
             e.io.reset = true;
@@ -459,6 +467,7 @@ impl World {
             return;
         }
         let data: Vec<u8> = e.io.to_client.drain(..n).collect();
+        self.active[c] = self.clock.elapsed();
         self.dirty.insert((t.slot, t.generation));
         self.client_gets(c, &data);
     }
@@ -615,6 +624,13 @@ impl World {
                 });
                 self.exit_at = Some(elapsed + STOP_WAIT);
             }
+            for l in self.live.values() {
+                if let Some(e) = self.host.get(l.ticket) {
+                    if e.driver.awaiting_publish() || e.driver.paused_for_budget() {
+                        self.active[l.client] = elapsed;
+                    }
+                }
+            }
             let dirty = &mut self.dirty;
             self.host.take_answers(now, |t, _| {
                 dirty.insert((t.slot, t.generation));
@@ -672,6 +688,11 @@ impl World {
             );
             if paused > 0 {
                 *self.counts.faults.entry("budget_pause").or_default() += paused;
+            }
+            if let Some(e) = self.host.get(t) {
+                if std::mem::take(&mut e.io.wrote) {
+                    self.active[e.io.client] = elapsed;
+                }
             }
             if let Some((driver, sock)) = closed {
                 self.closed(t, driver, sock);
@@ -738,6 +759,36 @@ impl World {
             ));
         }
         for l in self.live.values() {
+            // Silent that long, a client has been timed out: idle, or not reading its
+            // replies, counted from its last byte, our last write or the end of a wait
+            // on us.
+            let quiet = self.active[l.client];
+            if now > quiet + IDLE + PUBLISH_TIMEOUT + END_SLACK {
+                let state = self.host.get(l.ticket).map(|e| {
+                    format!(
+                        "{} bytes unread by it, {} by us, eof {}, fin {}: {:?}, deadline in {:?}",
+                        e.io.to_client.len(),
+                        e.io.inbound.len(),
+                        e.io.peer_eof,
+                        e.io.fin_sent,
+                        host::next(&e.driver),
+                        host::next(&e.driver)
+                            .deadline
+                            .map(|d| self.clock.offset_of(d).saturating_sub(now))
+                    )
+                });
+                self.bad.push(violation(
+                    "deadline",
+                    format!(
+                        "client {} ({:?}) still open {} s after its last byte, our last write to it or its last wait on us (idle timeout {} s); {}",
+                        l.client,
+                        self.clients[l.client].kind,
+                        (now - quiet).as_secs(),
+                        IDLE.as_secs(),
+                        state.unwrap_or_default()
+                    ),
+                ));
+            }
             if now > l.opened + SESSION + END_SLACK {
                 self.bad.push(violation(
                     "deadline",
