@@ -21,15 +21,16 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use chrono::{DateTime, Utc};
-
 use super::{stamp, Admitted, Phase, PublishGauge, ReactorShared};
 use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket};
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::ReactorMetrics;
 use crate::sink::record::SealedMessage;
 use crate::sink::Completion;
-use crate::smtp::MessageId;
+
+/// Where a message's id and time come from (see [`Host::set_stamp`]).
+#[cfg(any(test, feature = "testing"))]
+pub type Stamp = fn() -> (crate::smtp::MessageId, chrono::DateTime<chrono::Utc>);
 
 /// Generations wrap within 24 bits: the io_uring backend packs slot and generation of
 /// a connection into each operation's 64-bit `user_data` next to an opcode byte.
@@ -80,8 +81,10 @@ pub struct Host<B> {
     metrics: ReactorMetrics,
     metrics_dirty: bool,
     /// The id and time each message is sealed with: [`super::stamp`], except in a
-    /// simulation, which needs them to follow from its seed.
-    stamp: fn() -> (MessageId, DateTime<Utc>),
+    /// simulation, which needs them to follow from its seed (the shipped build calls
+    /// `stamp` directly).
+    #[cfg(any(test, feature = "testing"))]
+    stamp: Stamp,
 }
 
 impl<B> Host<B> {
@@ -104,6 +107,7 @@ impl<B> Host<B> {
             phase: Phase::Running,
             metrics,
             metrics_dirty: false,
+            #[cfg(any(test, feature = "testing"))]
             stamp,
         }
     }
@@ -111,7 +115,7 @@ impl<B> Host<B> {
     #[cfg(any(test, feature = "testing"))]
     /// Seals messages with `stamp`'s ids and times instead of the clock's (the
     /// deterministic simulation, `tests/sim`).
-    pub fn set_stamp(&mut self, stamp: fn() -> (MessageId, DateTime<Utc>)) {
+    pub fn set_stamp(&mut self, stamp: Stamp) {
         self.stamp = stamp;
     }
 
@@ -238,6 +242,7 @@ impl<B> Host<B> {
     /// meanwhile, so the next message it completes is handed off in the same call.
     pub fn hand_off(&mut self, now: Instant, t: Ticket) {
         let queue = &self.queue;
+        #[cfg(any(test, feature = "testing"))]
         let mut stamp = self.stamp;
         let Some(s) = self.slots.get_mut(t.slot as usize) else {
             return;
