@@ -12,13 +12,12 @@
 //! own; the `testing` feature opens those modules to the integration tests, benches
 //! and fuzz targets (which enable it through the crate's dev-dependency on itself).
 
-/// Declares modules that are private unless the `testing` feature is on.
-macro_rules! internal {
-    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {$(
-        $(#[$attr])*
-        #[cfg(feature = "testing")]
-        pub mod $name;
-        $(#[$attr])*
+/// Declares the private variant of the modules below. A macro on purpose: cargo-mutants
+/// finds a crate's files by following `mod` items and does not look inside macro
+/// invocations, so each file is reached once, through its `testing` declaration (with
+/// both spelled out it lists every mutant twice; with both in a macro, none).
+macro_rules! private_unless_testing {
+    ($($name:ident),* $(,)?) => {$(
         #[cfg(not(feature = "testing"))]
         mod $name;
     )*};
@@ -31,4 +30,29 @@ pub mod reload;
 pub mod server;
 pub mod spool_tool;
 
-internal!(certs, completion, conn, files, limits, liveness, metrics, net, notify, sink, smtp);
+// Private unless the `testing` feature is on.
+#[cfg(feature = "testing")]
+pub mod certs;
+#[cfg(feature = "testing")]
+pub mod completion;
+#[cfg(feature = "testing")]
+pub mod conn;
+#[cfg(feature = "testing")]
+pub mod files;
+#[cfg(feature = "testing")]
+pub mod limits;
+#[cfg(feature = "testing")]
+pub mod liveness;
+#[cfg(feature = "testing")]
+pub mod metrics;
+#[cfg(feature = "testing")]
+pub mod net;
+#[cfg(feature = "testing")]
+pub mod notify;
+#[cfg(feature = "testing")]
+pub mod sink;
+#[cfg(feature = "testing")]
+pub mod smtp;
+private_unless_testing!(
+    certs, completion, conn, files, limits, liveness, metrics, net, notify, sink, smtp
+);

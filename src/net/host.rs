@@ -21,12 +21,15 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
+use chrono::{DateTime, Utc};
+
 use super::{stamp, Admitted, Phase, PublishGauge, ReactorShared};
 use crate::completion::{auth_completion, Answer, CompletionQueue, Ticket};
 use crate::conn::{BodyBudget, Connection, Edge, State};
 use crate::metrics::ReactorMetrics;
 use crate::sink::record::SealedMessage;
 use crate::sink::Completion;
+use crate::smtp::MessageId;
 
 /// Generations wrap within 24 bits: the io_uring backend packs slot and generation of
 /// a connection into each operation's 64-bit `user_data` next to an opcode byte.
@@ -76,6 +79,9 @@ pub struct Host<B> {
     phase: Phase,
     metrics: ReactorMetrics,
     metrics_dirty: bool,
+    /// The id and time each message is sealed with: [`super::stamp`], except in a
+    /// simulation, which needs them to follow from its seed.
+    stamp: fn() -> (MessageId, DateTime<Utc>),
 }
 
 impl<B> Host<B> {
@@ -98,7 +104,21 @@ impl<B> Host<B> {
             phase: Phase::Running,
             metrics,
             metrics_dirty: false,
+            stamp,
         }
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// Seals messages with `stamp`'s ids and times instead of the clock's (the
+    /// deterministic simulation, `tests/sim`).
+    pub fn set_stamp(&mut self, stamp: fn() -> (MessageId, DateTime<Utc>)) {
+        self.stamp = stamp;
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// This reactor's body budget, for tests that hold it to its bound.
+    pub fn budget(&self) -> &BodyBudget {
+        &self.budget
     }
 
     pub fn shared(&self) -> &Arc<ReactorShared> {
@@ -218,6 +238,7 @@ impl<B> Host<B> {
     /// meanwhile, so the next message it completes is handed off in the same call.
     pub fn hand_off(&mut self, now: Instant, t: Ticket) {
         let queue = &self.queue;
+        let mut stamp = self.stamp;
         let Some(s) = self.slots.get_mut(t.slot as usize) else {
             return;
         };

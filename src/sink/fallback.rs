@@ -31,7 +31,6 @@ pub enum FallbackError {
     Thread(#[source] io::Error),
 }
 
-
 /// The sink of `--sink kafka --spool-fallback`. See the module documentation.
 pub struct FallbackSink {
     kafka: Arc<KafkaSink>,

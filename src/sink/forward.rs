@@ -973,7 +973,8 @@ impl Forwarder {
         self.delete_forwarded();
         for slot in self.window.range(first..) {
             if let Item::Record(record) = &slot.item {
-                self.kafka.forward(&**record, slot.tag, self.acks_tx.clone());
+                self.kafka
+                    .forward(&**record, slot.tag, self.acks_tx.clone());
             }
         }
         self.last_activity = Instant::now();
@@ -1181,7 +1182,8 @@ impl Forwarder {
             if slot.state == State::Failed {
                 if let Item::Record(record) = &slot.item {
                     slot.state = State::Pending;
-                    self.kafka.forward(&**record, slot.tag, self.acks_tx.clone());
+                    self.kafka
+                        .forward(&**record, slot.tag, self.acks_tx.clone());
                 }
             }
         }

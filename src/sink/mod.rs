@@ -20,9 +20,9 @@ pub mod null;
 pub mod record;
 pub mod spool;
 
-pub use crate::completion::{Answer, CompletionQueue, Ticket};
 #[cfg(any(test, feature = "testing"))]
 pub use crate::completion::{auth_completion, Wake};
+pub use crate::completion::{Answer, CompletionQueue, Ticket};
 pub use crate::smtp::envelope::{PublishError, PublishResult, StoredIn};
 
 /// The way back from a sink to the one connection that waits for its answer.

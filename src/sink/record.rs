@@ -382,7 +382,10 @@ impl Record for SealedMessage {
     }
 
     fn first_rcpt(&self) -> &[u8] {
-        self.envelope.rcpt_to().next().map_or(&[][..], str::as_bytes)
+        self.envelope
+            .rcpt_to()
+            .next()
+            .map_or(&[][..], str::as_bytes)
     }
 }
 
@@ -470,7 +473,6 @@ mod tests {
             assert_eq!(&*text, chrono.as_bytes(), "{chrono}");
         }
     }
-
 
     #[test]
     fn session_ids_are_written_in_decimal() {

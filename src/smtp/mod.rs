@@ -22,7 +22,7 @@ pub use data::BareLfPolicy;
 pub use envelope::{Envelope, Message};
 pub use envelope::{MessageId, PublishError, PublishResult, StoredIn};
 pub use refusal::Refusal;
-pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy};
 #[cfg(any(test, feature = "testing"))]
 pub use session::Unlimited;
+pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy};
 pub use stats::SessionStats;
