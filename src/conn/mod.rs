@@ -1030,7 +1030,7 @@ impl Connection {
                 self.peer,
                 self.record.tls,
                 &env.helo,
-                env.auth.as_deref(),
+                env.auth.as_ref(),
                 env.mail_from(),
                 message.message_id(),
                 env.rcpt_to(),
