@@ -5,13 +5,15 @@
 //! directory sync, from `create`, from `ftruncate`); a capacity (ENOSPC past it, a
 //! short write first); and a crash that keeps, per file, its durable image plus any
 //! subset of the later writes, each whole, torn at any byte or dropped, and names
-//! created or removed without a directory sync either way.
+//! created or removed without a directory sync either way. The disk keeps the
+//! simulated clock, which each `fdatasync` moves on by the disk's sync time.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use smtpgw::sink::spool::writer::SpoolFs;
 
@@ -88,8 +90,42 @@ struct FileState {
     pending: Vec<Op>,
 }
 
+/// The simulated time, in milliseconds from an arbitrary start; clones share it, so it
+/// outlives the disk a crash replaces.
+#[derive(Clone)]
+pub struct Clock {
+    base: Instant,
+    ms: Rc<Cell<u64>>,
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock {
+            base: Instant::now(),
+            ms: Rc::default(),
+        }
+    }
+}
+
+impl Clock {
+    pub fn ms(&self) -> u64 {
+        self.ms.get()
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.ms.set(self.ms.get() + ms);
+    }
+
+    pub fn now(&self) -> Instant {
+        self.base + Duration::from_millis(self.ms.get())
+    }
+}
+
 #[derive(Default)]
 pub struct Disk {
+    pub clock: Clock,
+    /// How long each `fdatasync`/`fsync` takes, failed or not.
+    pub sync_ms: u64,
     files: BTreeMap<u64, FileState>,
     /// The directory as `readdir` shows it, and as the last directory sync left it.
     names: BTreeMap<String, u64>,
@@ -122,6 +158,7 @@ impl Disk {
     }
 
     fn sync(&mut self, id: u64) -> io::Result<()> {
+        self.clock.advance(self.sync_ms);
         if let Some(Fault::SyncFail { seed }) = self.take(|f| matches!(f, Fault::SyncFail { .. })) {
             self.fire("fdatasync_eio");
             let mut rng = Rng::new(seed);
@@ -160,15 +197,25 @@ fn name_of(path: &Path) -> String {
 pub struct SimFs(pub Rc<RefCell<Disk>>);
 
 impl SimFs {
-    pub fn new(capacity: u64) -> SimFs {
+    pub fn new(capacity: u64, clock: Clock, sync_ms: u64) -> SimFs {
         let fs = SimFs::default();
-        fs.0.borrow_mut().capacity = capacity;
+        {
+            let mut disk = fs.0.borrow_mut();
+            disk.capacity = capacity;
+            disk.clock = clock;
+            disk.sync_ms = sync_ms;
+        }
         fs
     }
 
-    /// A disk holding `files`, all durable (what recovery left on a real one).
-    pub fn from_files(files: BTreeMap<String, Vec<u8>>, capacity: u64) -> SimFs {
-        let fs = SimFs::new(capacity);
+    /// A disk like this one (capacity, clock, sync time) holding `files`, all durable
+    /// (what recovery left on a real one).
+    pub fn with_files(&self, files: BTreeMap<String, Vec<u8>>) -> SimFs {
+        let (capacity, clock, sync_ms) = {
+            let disk = self.0.borrow();
+            (disk.capacity, disk.clock.clone(), disk.sync_ms)
+        };
+        let fs = SimFs::new(capacity, clock, sync_ms);
         {
             let mut disk = fs.0.borrow_mut();
             for (name, bytes) in files {
@@ -380,5 +427,9 @@ impl SpoolFs for SimFs {
                 .map(|f| f.data.len() as u64)
                 .sum(),
         )
+    }
+
+    fn now(&self) -> Instant {
+        self.0.borrow().clock.now()
     }
 }

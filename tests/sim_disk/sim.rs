@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -23,7 +23,7 @@ use smtpgw::smtp::envelope::{Envelope, Verb};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use ulid::Ulid;
 
-use crate::disk::{Fault, SimFs};
+use crate::disk::{Clock, Fault, SimFs};
 use crate::rng::Rng;
 
 const SIM_DIR: &str = "/sim/spool";
@@ -37,6 +37,9 @@ pub struct Config {
     pub max_bytes: Option<u64>,
     pub min_free_bytes: u64,
     pub capacity: u64,
+    /// How long each `fdatasync` takes: at or above the writer's 100 ms mark delay
+    /// when not 0.
+    pub sync_ms: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +88,11 @@ pub fn generate(seed: u64) -> (Config, Vec<Step>) {
             40_000 + rng.below(400_000)
         } else {
             AMPLE
+        },
+        sync_ms: if rng.one_in(3) {
+            100 + rng.below(300)
+        } else {
+            0
         },
     };
     let n = 200 + rng.below(1200) as usize;
@@ -194,8 +202,6 @@ struct World<'a> {
     fs: SimFs,
     shared: Arc<WriterShared>,
     writer: Option<Writer<SimFs>>,
-    base: Instant,
-    now_ms: u64,
     msgs: BTreeMap<Ulid, Msg>,
     /// Submitted to the current writer, not yet answered, in order.
     queued: Vec<Ulid>,
@@ -210,7 +216,7 @@ fn violation(step: usize, what: String) -> Violation {
 }
 
 pub fn run(config: &Config, steps: &[Step]) -> Result<Summary, Violation> {
-    let fs = SimFs::new(config.capacity);
+    let fs = SimFs::new(config.capacity, Clock::default(), config.sync_ms);
     let shared = new_shared(config, 0);
     let scratch = tempfile::tempdir().map_err(|e| violation(0, format!("tempdir: {e}")))?;
     let mut world = World {
@@ -218,8 +224,6 @@ pub fn run(config: &Config, steps: &[Step]) -> Result<Summary, Violation> {
         fs,
         shared,
         writer: None,
-        base: Instant::now(),
-        now_ms: 0,
         msgs: BTreeMap::new(),
         queued: Vec::new(),
         last_durable: Position::default(),
@@ -360,12 +364,12 @@ fn seg_name(seq: u64) -> String {
 }
 
 impl World<'_> {
-    fn now(&self) -> Instant {
-        self.base + Duration::from_millis(self.now_ms)
+    fn now_ms(&self) -> u64 {
+        self.fs.0.borrow().clock.ms()
     }
 
     fn received_at(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp_micros(1_800_000_000_000_000 + self.now_ms as i64 * 1000)
+        DateTime::from_timestamp_micros(1_800_000_000_000_000 + self.now_ms() as i64 * 1000)
             .expect("in range")
     }
 
@@ -389,7 +393,6 @@ impl World<'_> {
             self.config.segment_age,
             segment,
             seq,
-            self.now(),
         ));
         self.last_durable = *self.shared.durable.lock().expect("durable");
         Ok(())
@@ -438,11 +441,11 @@ impl World<'_> {
             }
             Step::Commit => self.commit()?,
             Step::Advance { ms } => {
-                self.now_ms += ms;
-                let now = self.now();
+                let clock = self.fs.0.borrow().clock.clone();
+                clock.advance(ms);
                 if let Some(writer) = self.writer.as_mut() {
-                    if writer.next_deadline().is_some_and(|due| due <= now) {
-                        writer.on_deadline(now);
+                    if writer.next_deadline().is_some_and(|due| due <= clock.now()) {
+                        writer.on_deadline();
                     }
                 }
                 self.check_durable()?;
@@ -486,13 +489,28 @@ impl World<'_> {
     }
 
     fn commit(&mut self) -> Result<(), String> {
-        let now = self.now();
         let Some(writer) = self.writer.as_mut() else {
             return Ok(());
         };
         let errors = self.fs.errors();
-        writer.commit(now);
+        let clock = self.fs.0.borrow().clock.clone();
+        let before = clock.ms();
+        writer.commit();
         let faulted = self.fs.errors() > errors;
+        // Every deadline counts from when the batch's sync ended, however long it took:
+        // one already due after a commit that synced without a fault means the writer
+        // read the clock before the sync. (A failed or empty commit may leave an older
+        // one due, which the thread then handles at once.)
+        let synced = clock.ms() > before && !faulted;
+        if let Some(due) = writer
+            .next_deadline()
+            .filter(|due| synced && *due <= clock.now())
+        {
+            return Err(format!(
+                "right after a commit the writer has a deadline {} ms in the past",
+                clock.now().duration_since(due).as_millis()
+            ));
+        }
         let answers = self.collect(faulted)?;
         if let Some(id) = self.queued.first() {
             return Err(format!(
@@ -612,11 +630,10 @@ impl World<'_> {
     /// checks, and a new writer.
     fn crash(&mut self, seed: u64, damage: Option<u64>, clean: bool) -> Result<(), String> {
         if clean {
-            let now = self.now();
             if let Some(writer) = self.writer.as_mut() {
                 let errors = self.fs.errors();
                 if !self.queued.is_empty() {
-                    writer.commit(now);
+                    writer.commit();
                 }
                 writer.finish();
                 self.collect(self.fs.errors() > errors)?;
@@ -674,8 +691,7 @@ impl World<'_> {
         for (kind, n) in self.fs.0.borrow().fired.iter() {
             *self.summary.faults.entry(kind).or_default() += n;
         }
-        let capacity = self.fs.0.borrow().capacity;
-        self.fs = SimFs::from_files(files, capacity);
+        self.fs = self.fs.with_files(files);
         let generation = self.summary.generations;
         self.start(next_seq, generation)
     }

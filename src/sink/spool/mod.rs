@@ -360,7 +360,6 @@ impl SpoolSink {
             options.segment_age,
             segment,
             seq,
-            std::time::Instant::now(),
         );
         let handle = std::thread::Builder::new()
             .name("smtpgw-spool".into())

@@ -3,10 +3,9 @@
 //! checked before a batch is written, the commit marks, and the health the sink
 //! reports.
 //!
-//! The writer reaches the file system only through [`SpoolFs`] and learns the time
-//! only from its callers, so that `tests/sim_disk` can run this same code on a
-//! simulated disk that tears writes, fails `fdatasync` and crashes, under a simulated
-//! clock. Production uses [`StdFs`], a zero-sized type the compiler inlines away.
+//! The writer reaches the file system, and the clock, only through [`SpoolFs`], so
+//! that `tests/sim_disk` can run this same code on a simulated disk that tears writes,
+//! fails `fdatasync`, syncs slowly and crashes, under a simulated clock. Production uses [`StdFs`], a zero-sized type the compiler inlines away.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -61,6 +60,10 @@ pub trait SpoolFs {
     fn free_bytes(&self, dir: &Path) -> Option<u64>;
     /// Total bytes of the segment files in `dir`, if they can be listed.
     fn segment_bytes(&self, dir: &Path) -> Option<u64>;
+    /// The time now. Read after the operations it follows (a batch's `fdatasync`
+    /// above all, which can take longer than [`MARK_SYNC_DELAY`]), so that the marks'
+    /// own sync, a segment's age and a failure episode count from when they ended.
+    fn now(&self) -> Instant;
 }
 
 /// The real file system, through `std::fs`.
@@ -118,6 +121,11 @@ impl SpoolFs for StdFs {
     #[inline]
     fn segment_bytes(&self, dir: &Path) -> Option<u64> {
         measure(dir).ok().map(|(bytes, _)| bytes)
+    }
+
+    #[inline]
+    fn now(&self) -> Instant {
+        Instant::now()
     }
 }
 
@@ -366,8 +374,7 @@ impl FailureEpisode {
 impl<S: SpoolFs> Writer<S> {
     /// A writer appending to `segment`, or, without one (the file system was full at
     /// start, see `SpoolOptions::start_when_full`), one that starts segment `seq` as
-    /// soon as there is room: at the next batch, or when its retry comes (counted from
-    /// `now`).
+    /// soon as there is room: at the next batch, or when its retry comes.
     pub fn new(
         fs: S,
         shared: std::sync::Arc<WriterShared>,
@@ -375,9 +382,9 @@ impl<S: SpoolFs> Writer<S> {
         segment_age: Option<Duration>,
         segment: Option<Segment<S::File>>,
         seq: u64,
-        now: Instant,
     ) -> Writer<S> {
         let seq = segment.as_ref().map_or(seq, |s| s.seq);
+        let now = fs.now();
         shared.writing.store(seq, Ordering::Release);
         shared.set_durable(Position {
             segment: seq,
@@ -402,7 +409,7 @@ impl<S: SpoolFs> Writer<S> {
         }
     }
 
-    fn retry_first_segment(&mut self, now: Instant) {
+    fn retry_first_segment(&mut self) {
         match create_segment(&self.fs, &self.shared.dir, self.next_seq) {
             Ok(segment) => {
                 tracing::info!(
@@ -421,6 +428,7 @@ impl<S: SpoolFs> Writer<S> {
             }
             // `create_segment` removed what it had made; the same name is tried again.
             Err(_) => {
+                let now = self.fs.now();
                 self.retry = self.retry.map(|(_, wait)| {
                     let wait = (wait * 2).min(MAX_SEGMENT_RETRY);
                     (now + wait, wait)
@@ -439,7 +447,7 @@ impl<S: SpoolFs> Writer<S> {
                 match rx.recv_deadline(due) {
                     Ok(request) => request,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.on_deadline(Instant::now());
+                        self.on_deadline();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -457,7 +465,7 @@ impl<S: SpoolFs> Writer<S> {
                     Err(_) => break,
                 }
             }
-            self.commit(Instant::now());
+            self.commit();
         }
         self.finish();
     }
@@ -495,9 +503,10 @@ impl<S: SpoolFs> Writer<S> {
 
     /// Nothing came before a deadline: sync the commit marks, seal an old segment, try
     /// again to start the first segment (room may have come back: nothing else says so).
-    pub fn on_deadline(&mut self, now: Instant) {
+    pub fn on_deadline(&mut self) {
+        let now = self.fs.now();
         if self.retry.is_some_and(|(at, _)| at <= now) {
-            self.retry_first_segment(now);
+            self.retry_first_segment();
         }
         if self.marks_due.is_some_and(|due| due <= now) {
             self.marks_due = None;
@@ -506,7 +515,7 @@ impl<S: SpoolFs> Writer<S> {
             }
         }
         if self.age_reached(now) {
-            self.seal(now, "--spool-segment-age");
+            self.seal("--spool-segment-age");
         }
     }
 
@@ -518,7 +527,7 @@ impl<S: SpoolFs> Writer<S> {
 
     /// Closes the segment being written (if it holds records) and starts the next, so
     /// that `spool prune` and the tools can take it while the gateway runs.
-    fn seal(&mut self, now: Instant, why: &'static str) {
+    fn seal(&mut self, why: &'static str) {
         let Some(segment) = self.segment.as_ref() else {
             return;
         };
@@ -537,6 +546,7 @@ impl<S: SpoolFs> Writer<S> {
             // The next batch tries again, and so does the age deadline, one age from
             // now rather than at once.
             Some(error) => {
+                let now = self.fs.now();
                 if let Some((batches, messages)) = self.failures.failed(now, 0) {
                     tracing::error!(
                         %error,
@@ -640,7 +650,7 @@ impl<S: SpoolFs> Writer<S> {
     }
 
     /// Writes and syncs the batch gathered since the last commit, then answers it.
-    pub fn commit(&mut self, now: Instant) {
+    pub fn commit(&mut self) {
         let refused = self.enforce_limits();
         let mut seal = refused.then_some("spool limit reached");
         if !self.batch.is_empty() {
@@ -655,6 +665,8 @@ impl<S: SpoolFs> Writer<S> {
                     false,
                 )),
             };
+            // After the write and its `fdatasync`, however long they took.
+            let now = self.fs.now();
             match result {
                 Ok(()) => {
                     if !refused {
@@ -740,7 +752,7 @@ impl<S: SpoolFs> Writer<S> {
         // (or the forwarder), which never takes the segment being written: seal it,
         // or 452 would last until a restart.
         if let Some(why) = seal {
-            self.seal(now, why);
+            self.seal(why);
         }
         self.buf.clear();
         if self.buf.capacity() > RETAINED_BUFFER_BYTES {
