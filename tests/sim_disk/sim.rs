@@ -860,14 +860,20 @@ impl World<'_> {
             }
             let (name, at) = msg.loc.clone().expect("acknowledged messages are located");
             let mark = marks.get(&name).copied().unwrap_or(0);
+            let end = at + msg.frame.len() as u64;
+            let reported = corrupt
+                .iter()
+                .any(|(n, off, len)| *n == name && *off < end && off + len > at);
             if !msg.damaged {
                 if !seen.contains(id)
+                    && reported
                     && at >= mark
                     && damaged_past_mark.iter().any(|(n, d)| *n == name && *d < at)
                 {
                     // Documented: a damaged record past a lagging mark can take the
-                    // records after it in that region along (kept in `quarantine/`
-                    // or reported as corrupt).
+                    // records after it in that region along, in the range reported
+                    // as corrupt (or a torn tail); one not in any reported range was
+                    // dropped silently.
                     msg.excused = true;
                     self.summary.excused += 1;
                     continue;
@@ -879,10 +885,6 @@ impl World<'_> {
                 }
                 continue;
             }
-            let end = at + msg.frame.len() as u64;
-            let reported = corrupt
-                .iter()
-                .any(|(n, off, len)| *n == name && *off < end && off + len > at);
             if reported {
                 continue;
             }
