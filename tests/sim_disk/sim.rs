@@ -836,8 +836,18 @@ impl World<'_> {
                             r.id
                         ));
                     }
-                    if msg.state == State::Failed {
-                        self.summary.resurrected += 1;
+                    match msg.state {
+                        // Documented: a 451 after a failed `fdatasync` may have reached
+                        // the disk all the same (a duplicate when the client retries).
+                        State::Failed => self.summary.resurrected += 1,
+                        // Refused before its batch was written: never on the disk.
+                        State::Refused | State::TooLarge => {
+                            return Err(format!(
+                                "message {} was answered {:?} but recovery returned it ({name}:{})",
+                                r.id, msg.state, r.offset
+                            ));
+                        }
+                        State::Queued | State::Acked | State::Lost => {}
                     }
                 }
                 ReadEvent::Corrupt(range) | ReadEvent::TornTail(range) => {
