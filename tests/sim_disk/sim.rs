@@ -209,6 +209,9 @@ struct World<'a> {
     trace: Trace,
     summary: Summary,
     scratch: tempfile::TempDir,
+    /// The bytes the limits let the next commit write, from the disk as it was before
+    /// it: a batch's records past this get 452, none before it does.
+    room: u64,
 }
 
 fn violation(step: usize, what: String) -> Violation {
@@ -230,6 +233,7 @@ pub fn run(config: &Config, steps: &[Step]) -> Result<Summary, Violation> {
         trace: Trace(0xcbf2_9ce4_8422_2325),
         summary: Summary::default(),
         scratch,
+        room: u64::MAX,
     };
     world.start(0, 0).map_err(|what| violation(0, what))?;
     for (i, step) in steps.iter().enumerate() {
@@ -354,6 +358,24 @@ fn mark_end(image: &[u8]) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+/// The bytes `--spool-max-bytes` and `--spool-min-free-bytes` leave for the next batch
+/// on `fs` (`u64::MAX` with neither set).
+fn room(config: &Config, fs: &SimFs) -> u64 {
+    let used = fs.used();
+    let capacity = fs.0.borrow().capacity;
+    let by_max = config
+        .max_bytes
+        .map_or(u64::MAX, |max| max.saturating_sub(used));
+    let by_free = if config.min_free_bytes > 0 {
+        capacity
+            .saturating_sub(used)
+            .saturating_sub(config.min_free_bytes)
+    } else {
+        u64::MAX
+    };
+    by_max.min(by_free)
 }
 
 fn seg_name(seq: u64) -> String {
@@ -495,6 +517,7 @@ impl World<'_> {
         let errors = self.fs.errors();
         let clock = self.fs.0.borrow().clock.clone();
         let before = clock.ms();
+        self.room = room(self.config, &self.fs);
         writer.commit();
         let faulted = self.fs.errors() > errors;
         // Every deadline counts from when the batch's sync ended, however long it took:
@@ -558,8 +581,12 @@ impl World<'_> {
     fn collect(&mut self, faulted: bool) -> Result<Vec<State>, String> {
         let mut states = Vec::new();
         let mut still = Vec::new();
+        // Where each record ends in its batch (answered messages only ever leave the
+        // front of the queue, so the running sum is the writer's offset).
+        let mut end = 0u64;
         for id in std::mem::take(&mut self.queued) {
             let msg = self.msgs.get_mut(&id).expect("queued message is known");
+            end += msg.frame.len() as u64;
             let answer = match msg.rx.as_mut().map(|rx| rx.try_recv()) {
                 Some(Ok(answer)) => answer,
                 _ => {
@@ -572,8 +599,12 @@ impl World<'_> {
                 Ok(got) if got == id => State::Acked,
                 Ok(got) => return Err(format!("message {id} answered with id {got}")),
                 Err(PublishError::StorageFull) => {
-                    if self.config.max_bytes.is_none() && self.config.min_free_bytes == 0 {
-                        return Err(format!("{id} refused 452 with no limit configured"));
+                    if end <= self.room {
+                        return Err(format!(
+                            "{id} refused 452 though its batch's first {end} bytes fit the {} \
+                             the limits left",
+                            self.room
+                        ));
                     }
                     State::Refused
                 }
@@ -633,6 +664,7 @@ impl World<'_> {
             if let Some(writer) = self.writer.as_mut() {
                 let errors = self.fs.errors();
                 if !self.queued.is_empty() {
+                    self.room = room(self.config, &self.fs);
                     writer.commit();
                 }
                 writer.finish();
