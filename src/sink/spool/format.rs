@@ -123,18 +123,35 @@ pub(crate) fn decode_commit_marks(header: &[u8]) -> CommitMarks {
     }
 }
 
-/// A message whose record would not fit the format's length fields.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooLarge;
+/// Public only to the tests (`tests/sim_disk` frames the records it looks for), as the
+/// writer and recovery modules are; the crate's API does not promise the encoder.
+macro_rules! pub_for_tests {
+    ($(#[$meta:meta])* $kind:ident $($rest:tt)*) => {
+        $(#[$meta])*
+        #[cfg(any(test, feature = "testing"))]
+        pub $kind $($rest)*
+        $(#[$meta])*
+        #[cfg(not(any(test, feature = "testing")))]
+        pub(crate) $kind $($rest)*
+    };
+}
 
-/// Appends one framed record to `buf`; on failure `buf` is left as it was.
-pub fn encode_record(buf: &mut Vec<u8>, msg: &SealedMessage) -> Result<(), TooLarge> {
-    let start = buf.len();
-    let result = encode_record_at(buf, start, msg);
-    if result.is_err() {
-        buf.truncate(start);
+pub_for_tests! {
+    /// A message whose record would not fit the format's length fields.
+    #[derive(Debug, PartialEq, Eq)]
+    struct TooLarge;
+}
+
+pub_for_tests! {
+    /// Appends one framed record to `buf`; on failure `buf` is left as it was.
+    fn encode_record(buf: &mut Vec<u8>, msg: &SealedMessage) -> Result<(), TooLarge> {
+        let start = buf.len();
+        let result = encode_record_at(buf, start, msg);
+        if result.is_err() {
+            buf.truncate(start);
+        }
+        result
     }
-    result
 }
 
 fn encode_record_at(buf: &mut Vec<u8>, start: usize, msg: &SealedMessage) -> Result<(), TooLarge> {
