@@ -4,7 +4,9 @@
 //! the real recovery and reader after every simulated crash, all driven by one seeded
 //! RNG (issue 24, the spool's part).
 //!
-//! - `SMTPGW_SIM_SEED=N`: replay one seed (and shrink it if it fails).
+//! - `SMTPGW_SIM_SEED=N`: replay one seed (and shrink it if it fails); with
+//!   `SMTPGW_SIM_DEFECT=truncate-at-corruption` or `ignore-commit-marks`, with that
+//!   reintroduced defect on, as a hunt found it.
 //! - `SMTPGW_SIM_SECONDS=S` (default 60): fresh seeds from the OS for S seconds
 //!   (`SMTPGW_SIM_BASE_SEED=B`: seeds B, B+1, ... instead); 0 runs one.
 //! - Arguments select parts: `determinism`, `defects`, `seeds` (default: all).
@@ -201,7 +203,8 @@ fn hunt(name: &str, switch: &AtomicBool, expect: &str, budget: Duration) -> bool
     };
     println!(
         "sim_disk defect {name}: found by seed={seed} after {} seeds in {:.2}s \
-         ({other} seeds before it broke another invariant): {}",
+         ({other} seeds before it broke another invariant; replay: SMTPGW_SIM_DEFECT={name} \
+         SMTPGW_SIM_SEED={seed}): {}",
         totals.seeds,
         started.elapsed().as_secs_f64(),
         violation.what
@@ -230,15 +233,40 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let fixed: Option<u64> = std::env::var("SMTPGW_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok());
+    // A seed that does not parse must not turn a replay into a run of fresh seeds.
+    let fixed: Option<u64> = match std::env::var("SMTPGW_SIM_SEED") {
+        Ok(s) => match s.trim().parse() {
+            Ok(seed) => Some(seed),
+            Err(_) => {
+                eprintln!("SMTPGW_SIM_SEED: not a number: {s:?}");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => None,
+    };
+    let defect = std::env::var("SMTPGW_SIM_DEFECT").ok();
+    match defect.as_deref() {
+        Some("truncate-at-corruption") => {
+            defects::TRUNCATE_AT_CORRUPTION.store(true, Ordering::Relaxed)
+        }
+        Some("ignore-commit-marks") => defects::IGNORE_COMMIT_MARKS.store(true, Ordering::Relaxed),
+        Some(other) => {
+            eprintln!(
+                "SMTPGW_SIM_DEFECT: unknown defect {other:?} \
+                 (truncate-at-corruption, ignore-commit-marks)"
+            );
+            std::process::exit(2);
+        }
+        None => {}
+    }
+    // With a defect on, only the seeds run: the hunts turn the switches off.
+    let alone = fixed.is_none() && defect.is_none();
     let mut failed = false;
 
-    if want("determinism") && fixed.is_none() && !determinism() {
+    if want("determinism") && alone && !determinism() {
         failed = true;
     }
-    if want("defects") && fixed.is_none() {
+    if want("defects") && alone {
         // Each hunt stops at its first find (a few seconds at most so far).
         let budget = Duration::from_secs(60);
         failed |= !hunt(
