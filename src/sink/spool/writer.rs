@@ -472,11 +472,7 @@ impl<S: SpoolFs> Writer<S> {
 
     /// When [`Writer::on_deadline`] is due if no batch comes first: the commit marks'
     /// own sync, the segment's age, the retry of a first segment.
-    pub fn next_deadline(&mut self) -> Option<Instant> {
-        if self.segment.is_some() {
-            // A batch started one.
-            self.retry = None;
-        }
+    pub fn next_deadline(&self) -> Option<Instant> {
         let age_due = self
             .first_record_at
             .zip(self.segment_age)
@@ -782,6 +778,8 @@ impl<S: SpoolFs> Writer<S> {
                 }
                 self.shared.writing.store(seq, Ordering::Release);
                 self.segment = Some(segment);
+                // A batch started the first segment: no retry is due any more.
+                self.retry = None;
                 self.rotate_due = false;
                 self.first_record_at = None;
                 self.marks_due = None;
