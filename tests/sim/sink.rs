@@ -35,6 +35,9 @@ pub type Tag = (u32, u32);
 pub struct Record {
     pub tag: Option<Tag>,
     pub body: Vec<u8>,
+    /// The record's `smtp.mail_from` and `smtp.rcpt_to` headers, as a sink stores them.
+    pub mail_from: Vec<u8>,
+    pub rcpt_to: Vec<Vec<u8>>,
     pub outcome: Outcome,
 }
 
@@ -42,6 +45,8 @@ struct Held {
     id: u128,
     tag: Option<Tag>,
     body: Vec<u8>,
+    mail_from: Vec<u8>,
+    rcpt_to: Vec<Vec<u8>>,
     done: Completion,
     due: Duration,
 }
@@ -174,6 +179,8 @@ fn settle(s: &mut State, h: Held, outcome: Outcome) {
     let record = Record {
         tag: h.tag,
         body: h.body,
+        mail_from: h.mail_from,
+        rcpt_to: h.rcpt_to,
         outcome,
     };
     if s.records.insert(h.id, record).is_some() {
@@ -184,12 +191,21 @@ fn settle(s: &mut State, h: Held, outcome: Outcome) {
 
 impl Sink for SimSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
+        let mut mail_from = Vec::new();
+        let mut rcpt_to = Vec::new();
+        msg.for_each_header(|name, value| match name {
+            "smtp.mail_from" => mail_from = value.to_vec(),
+            "smtp.rcpt_to" => rcpt_to.push(value.to_vec()),
+            _ => {}
+        });
         let mut s = self.lock();
         s.submitted += 1;
         let held = Held {
             id: u128::from(msg.id),
             tag: tag_of(msg.body()),
             body: msg.body().to_vec(),
+            mail_from,
+            rcpt_to,
             done,
             due: s.now + PUBLISH_TIMEOUT,
         };
