@@ -1,7 +1,8 @@
 //! The invariants the run holds the gateway to, at every step and at the end: replies
 //! in command order with a code the command allows; every `250` for a message backed by
 //! exactly one record the sink stored, byte-exact with what the client sent (its body,
-//! and its envelope: the reverse path and the recipients the session accepted), and no id
+//! and its envelope: the reverse path and the recipients the session accepted), no
+//! message stored twice (checked by the sink, per client and message), and no id
 //! acknowledged twice; output per connection and the body budget within their bounds;
 //! no byte written after a connection's write side was shut; every connection ended
 //! within its deadlines; no idle timeout for a client that waits on the gateway; after

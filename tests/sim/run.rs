@@ -805,6 +805,12 @@ impl World {
             self.bad
                 .push(violation("record", format!("id {twice:x} answered twice")));
         }
+        if let Some((c, m)) = self.sink.stored_twice().first() {
+            self.bad.push(violation(
+                "record",
+                format!("client {c}'s message {m} stored twice (two Ok records)"),
+            ));
+        }
         if self.exit_at.is_some_and(|x| now >= x) && !self.live.is_empty() {
             let mut open = Vec::new();
             for l in self.live.values() {

@@ -5,7 +5,7 @@
 //! answer inside `submit`, as the null sink does. Every message it answered is kept as
 //! a record, for the invariants to compare with what the clients sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -60,6 +60,11 @@ struct State {
     /// By message id.
     records: BTreeMap<u128, Record>,
     answered_twice: Vec<u128>,
+    /// The tags answered `Ok`, and those answered `Ok` a second time: a client sends
+    /// each message once, so a second stored record of it is a duplicate, whatever id
+    /// the gateway gave it.
+    stored: BTreeSet<Tag>,
+    stored_twice: Vec<Tag>,
     submitted: u64,
 }
 
@@ -160,14 +165,16 @@ impl SimSink {
 
     /// Whether any message with `tag` was answered `Ok`.
     pub fn stored(&self, tag: Tag) -> bool {
-        self.lock()
-            .records
-            .values()
-            .any(|r| r.tag == Some(tag) && r.outcome == Outcome::Ok)
+        self.lock().stored.contains(&tag)
     }
 
     pub fn answered_twice(&self) -> Vec<u128> {
         self.lock().answered_twice.clone()
+    }
+
+    /// The messages (client, message) answered `Ok` more than once.
+    pub fn stored_twice(&self) -> Vec<Tag> {
+        self.lock().stored_twice.clone()
     }
 
     pub fn submitted(&self) -> u64 {
@@ -176,6 +183,11 @@ impl SimSink {
 }
 
 fn settle(s: &mut State, h: Held, outcome: Outcome) {
+    if let Some(tag) = h.tag.filter(|_| outcome == Outcome::Ok) {
+        if !s.stored.insert(tag) {
+            s.stored_twice.push(tag);
+        }
+    }
     let record = Record {
         tag: h.tag,
         body: h.body,
