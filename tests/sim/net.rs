@@ -117,16 +117,6 @@ pub fn pump(
                 let data: Vec<u8> = e.io.inbound.drain(..n).collect();
                 e.driver.handle_input(now, &data);
                 progressed = true;
-                let held = e.driver.pending_output().len();
-                if held > output_cap + OUTPUT_SLACK {
-                    bad.push(violation(
-                        "output bound",
-                        format!(
-                            "client {}: {held} bytes of output buffered (cap {output_cap})",
-                            e.io.client
-                        ),
-                    ));
-                }
             } else if e.io.peer_eof && !e.io.eof_given {
                 e.io.eof_given = true;
                 e.driver.handle_eof(now);
@@ -135,6 +125,18 @@ pub fn pump(
         }
         if e.driver.paused_for_budget() {
             *paused += 1;
+        }
+        // At the end of the look, not after the read alone: `begin` (budget freed, a
+        // sink answer) and `output_written` take input too, and so can add output.
+        let held = e.driver.pending_output().len();
+        if held > output_cap + OUTPUT_SLACK {
+            bad.push(violation(
+                "output bound",
+                format!(
+                    "client {}: {held} bytes of output buffered (cap {output_cap})",
+                    e.io.client
+                ),
+            ));
         }
         host.end(t);
         if !progressed || !bad.is_empty() {
