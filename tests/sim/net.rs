@@ -92,6 +92,13 @@ pub fn pump(
     // A driver that goes on taking input without end is a violation of its own (the
     // output and input bounds); the cap only keeps the simulation from spinning.
     for _ in 0..100_000 {
+        // A body paused on the budget takes no more of it until the budget frees up,
+        // which nothing in a look of this connection alone can do (its message is not
+        // complete, so it hands nothing to the sink).
+        let paused_at = host
+            .get(t)
+            .filter(|e| e.driver.paused_for_budget())
+            .map(|e| e.driver.charged());
         host.begin(now, t);
         host.hand_off(now, t);
         let e = host.get(t)?;
@@ -125,6 +132,16 @@ pub fn pump(
         }
         if e.driver.paused_for_budget() {
             *paused += 1;
+        }
+        if let Some(was) = paused_at.filter(|&was| e.driver.charged() > was) {
+            bad.push(violation(
+                "body budget",
+                format!(
+                    "client {}: its body was paused on the budget with {was} bytes charged, and took {} more in one look",
+                    e.io.client,
+                    e.driver.charged() - was
+                ),
+            ));
         }
         // At the end of the look, not after the read alone: `begin` (budget freed, a
         // sink answer) and `output_written` take input too, and so can add output.

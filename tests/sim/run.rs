@@ -750,14 +750,6 @@ impl World {
                 ));
             }
         }
-        let budget = self.host.budget();
-        let bound = budget.limit() + self.live.len() * (MAX_MESSAGE_SIZE + 64 * 1024);
-        if budget.used() > bound {
-            self.bad.push(violation(
-                "body budget",
-                format!("{} bytes charged, bound {bound}", budget.used()),
-            ));
-        }
         for l in self.live.values() {
             // Silent that long, a client has been timed out: idle, or not reading its
             // replies, counted from its last byte, our last write or the end of a wait
