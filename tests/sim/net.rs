@@ -67,6 +67,11 @@ fn write_out(e: &mut host::Entry<SimSock>, now: Instant, bad: &mut Vec<Violation
             ));
             return;
         }
+        // As the backends do: a reset is noticed only by a write or a read that fails.
+        if e.io.reset {
+            e.driver.handle_io_error();
+            return;
+        }
         let room = e.io.window.saturating_sub(e.io.to_client.len());
         let n = room.min(e.driver.pending_output().len());
         if n == 0 {
@@ -102,9 +107,6 @@ pub fn pump(
         host.begin(now, t);
         host.hand_off(now, t);
         let e = host.get(t)?;
-        if e.io.reset {
-            e.driver.handle_io_error();
-        }
         write_out(e, now, bad);
         host.hand_off(now, t);
         let e = host.get(t)?;
@@ -119,7 +121,10 @@ pub fn pump(
         }
         let mut progressed = false;
         if let Some(max) = next.read {
-            if !e.io.inbound.is_empty() {
+            if e.io.reset {
+                e.driver.handle_io_error();
+                progressed = true;
+            } else if !e.io.inbound.is_empty() {
                 let n = max.min(e.io.read_chunk).min(e.io.inbound.len());
                 let data: Vec<u8> = e.io.inbound.drain(..n).collect();
                 e.driver.handle_input(now, &data);
