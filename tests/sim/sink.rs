@@ -168,6 +168,13 @@ impl SimSink {
         self.lock().stored.contains(&tag)
     }
 
+    /// Every record, in id order.
+    pub fn for_each_record(&self, mut f: impl FnMut(u128, &Record)) {
+        for (id, r) in &self.lock().records {
+            f(*id, r);
+        }
+    }
+
     pub fn answered_twice(&self) -> Vec<u128> {
         self.lock().answered_twice.clone()
     }
