@@ -92,6 +92,13 @@ for f in "${files[@]}"; do
     group_files[$targets]+=" --file $f"
 done
 
+# A mutant that makes a test loop forever is a "timeout" (caught, differently): the
+# limit is a multiple of the unmutated test time, unless given (`-- --baseline=skip
+# --timeout 300` saves the baseline run when resuming).
+timeout_args=(--timeout-multiplier 3)
+for a in "$@"; do
+    case "$a" in --timeout | --timeout=*) timeout_args=() ;; esac
+done
 status=0
 for targets in "${groups[@]}"; do
     # shellcheck disable=SC2206 # word splitting wanted: space-free paths and flags
@@ -107,12 +114,10 @@ for targets in "${groups[@]}"; do
         continue
     fi
     mkdir -p "mutants.out/$name"
-    # A mutant that makes a test loop forever is a "timeout" (caught, differently): the
-    # limit is a multiple of the unmutated test time.
     CARGO_INCREMENTAL=1 nice -n 19 cargo mutants --in-place --package smtpgw \
         --profile release "${cargo_args[@]}" \
         --cargo-arg=--config=profile.release.package.smtpgw.opt-level=0 \
-        --timeout-multiplier 3 --output "mutants.out/$name" "${file_args[@]}" "$@" ||
+        "${timeout_args[@]}" --output "mutants.out/$name" "${file_args[@]}" "$@" ||
         status=$? # 2: missed mutants, 3: timeouts; go on with the next group
 done
 exit "$status"
