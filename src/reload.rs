@@ -99,6 +99,12 @@ impl SessionConfigHandle {
             .clone()
     }
 
+    #[cfg(any(test, feature = "testing"))]
+    /// New connections get `config` from now on, as a reload gives them.
+    pub fn set(&self, config: SessionConfig) {
+        self.replace(config);
+    }
+
     fn replace(&self, config: SessionConfig) {
         *self
             .current

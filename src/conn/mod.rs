@@ -74,6 +74,27 @@ pub const MAX_HANDSHAKE_INPUT: usize = 8 * 1024;
 /// [`Connection::read_size_hint`]).
 const COMMAND_READ: usize = 16 * 1024;
 
+#[cfg(feature = "testing")]
+/// Defects this project fixed, back behind switches the simulator (`tests/sim`) turns on
+/// to show that it finds them. Off unless a test sets them; absent from a build without
+/// the `testing` feature.
+pub mod reintroduced {
+    use std::sync::atomic::AtomicBool;
+
+    /// Input is processed whatever the output cap says, so a client that pipelines and
+    /// never reads grows our output without bound.
+    pub static IGNORE_OUTPUT_CAP: AtomicBool = AtomicBool::new(false);
+    /// `handle_budget_freed` does nothing: a body paused on the budget whose client has
+    /// sent everything stalls (the defect 2d62cfb fixed).
+    pub static NO_RESUME_ON_BUDGET: AtomicBool = AtomicBool::new(false);
+}
+
+/// Whether the reintroduced defect `switch` is on (never without `testing`).
+#[cfg(feature = "testing")]
+fn defect(switch: &std::sync::atomic::AtomicBool) -> bool {
+    switch.load(Ordering::Relaxed)
+}
+
 /// The transaction line's `sink` for a message the Kafka sink stored in its fallback
 /// spool.
 pub const SINK_FALLBACK: &str = "spool-fallback";
@@ -432,6 +453,15 @@ impl Connection {
             error_budget: edge.error_budget,
             auth: edge.auth.as_ref().map(|a| a.policy),
             output_limit: limits.output_cap,
+        };
+        #[cfg(feature = "testing")]
+        let policy = SessionPolicy {
+            output_limit: if defect(&reintroduced::IGNORE_OUTPUT_CAP) {
+                usize::MAX
+            } else {
+                policy.output_limit
+            },
+            ..policy
         };
         let session = Session::without_greeting(session, policy, peer);
         let mut conn = Connection {
@@ -1000,7 +1030,7 @@ impl Connection {
                 self.peer,
                 self.record.tls,
                 &env.helo,
-                env.auth.as_deref(),
+                env.auth.as_ref(),
                 env.mail_from(),
                 message.message_id(),
                 env.rcpt_to(),
@@ -1306,6 +1336,10 @@ impl Connection {
     /// now, since its client may have nothing more to send that would bring it through
     /// [`Self::handle_input`].
     pub fn handle_budget_freed(&mut self, now: Instant) {
+        #[cfg(feature = "testing")]
+        if defect(&reintroduced::NO_RESUME_ON_BUDGET) {
+            return;
+        }
         if matches!(self.life, Life::Open) && self.has_input() && self.can_consume() {
             self.process_input(now);
             self.after_output_change(now);
@@ -1512,9 +1546,18 @@ impl Connection {
             // After STARTTLS the session takes nothing until the handshake is done, but
             // the handshake itself must be read.
             || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
-            || self.out_len() >= self.limits.output_cap
+            || self.over_output_cap()
             || (self.session.in_body() && self.budget.pauses_bodies());
         !blocked
+    }
+
+    /// Replies the client has not read fill the output cap: no more input is taken.
+    fn over_output_cap(&self) -> bool {
+        #[cfg(feature = "testing")]
+        if defect(&reintroduced::IGNORE_OUTPUT_CAP) {
+            return false;
+        }
+        self.out_len() >= self.limits.output_cap
     }
 
     /// Input received and not consumed: plaintext, or TLS records not decrypted yet.

@@ -2,6 +2,7 @@
 //! connection, never a formatted line. Formatting happens on the writer thread.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tracing::Level;
 
@@ -58,7 +59,8 @@ const AT_FLAGS: usize = 66;
 const AT_MS: usize = 67;
 const AT_PARTITION: usize = 75;
 const AT_OFFSET: usize = 79;
-const AT_LENGTHS: usize = 87;
+const AT_FIXED: usize = 87;
+const AT_LENGTHS: usize = 91;
 
 /// The texts after the header, in order; each is absent (length 0) unless its flag
 /// says otherwise.
@@ -97,9 +99,21 @@ const HAS_ERROR: u8 = 16;
 /// the user if authenticated, the sender, the Message-ID if any, the recipients if
 /// listed (each with its length, four bytes little-endian), the sink and the error if
 /// any. So a line is a handful of copies to encode and a handful of slices to read.
+///
+/// The client, TLS version, HELO and user (the line's fixed part) are the same for
+/// most of a connection's messages: the line carries a version of them that changes
+/// whenever they do ([`MessageLine::fixed`]), so the writer formats them once per
+/// version and copies that text for the connection's other lines.
 #[derive(Default)]
 pub struct PendingLine {
     buf: Vec<u8>,
+    /// The fixed part's version; 0 before the first line.
+    fixed: u32,
+    /// What the fixed part was made from.
+    last_client: Option<SocketAddr>,
+    last_tls: Option<&'static str>,
+    last_helo: Option<Arc<str>>,
+    last_auth: Option<Arc<str>>,
 }
 
 /// A text's length as stored (client text is bounded far below 4 GiB by the line and
@@ -123,15 +137,16 @@ impl PendingLine {
         session: u64,
         id: MessageId,
         client: SocketAddr,
-        tls: Option<&str>,
-        helo: &str,
-        auth: Option<&str>,
+        tls: Option<&'static str>,
+        helo: &Arc<str>,
+        auth: Option<&Arc<str>>,
         from: &str,
         message_id: Option<&[u8]>,
         rcpts: impl ExactSizeIterator<Item = &'a str>,
         size: usize,
         with_rcpts: bool,
     ) {
+        let (tls_given, helo_given, auth_given) = (tls, helo, auth);
         let tls = clamp(tls.unwrap_or("none").as_bytes());
         let helo = clamp(helo.as_bytes());
         let auth = auth.map(|a| clamp(a.as_bytes()));
@@ -176,6 +191,32 @@ impl PendingLine {
             Text::MessageId,
             message_id.map_or(0, <[u8]>::len),
         );
+        // The same client, TLS version and the very same HELO and user texts (shared
+        // with the session, held here so that their memory is not reused for others)
+        // as the last line's: the same fixed part. Anything else, even the same words
+        // sent again, counts as a change: a new version only costs the writer one
+        // formatting, where comparing the texts cost more than that per message.
+        let same = self.fixed != 0
+            && self.last_client == Some(client)
+            && self.last_tls.map(str::as_ptr) == tls_given.map(str::as_ptr)
+            && self.last_tls.map(str::len) == tls_given.map(str::len)
+            && self
+                .last_helo
+                .as_ref()
+                .is_some_and(|h| Arc::ptr_eq(h, helo_given))
+            && match (&self.last_auth, auth_given) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+        if !same {
+            self.fixed = self.fixed.wrapping_add(1).max(1);
+            self.last_client = Some(client);
+            self.last_tls = tls_given;
+            self.last_helo = Some(helo_given.clone());
+            self.last_auth = auth_given.cloned();
+        }
+        head[AT_FIXED..AT_FIXED + 4].copy_from_slice(&self.fixed.to_le_bytes());
         let buf = &mut self.buf;
         buf.clear();
         buf.extend_from_slice(&head);
@@ -268,6 +309,9 @@ fn le<const N: usize>(h: &[u8; HEADER], at: usize) -> [u8; N] {
 /// [`PendingLine`] encoded.
 pub struct MessageLine<'a> {
     pub session: u64,
+    /// The version of the fixed part (client, TLS, HELO, user) within the session:
+    /// two lines of one session with the same version have the same fixed part.
+    pub fixed: u32,
     pub id: MessageId,
     pub client: SocketAddr,
     pub tls: &'a [u8],
@@ -329,6 +373,7 @@ impl<'a> MessageLine<'a> {
         });
         let m = MessageLine {
             session: u64::from_le_bytes(le(h, AT_SESSION)),
+            fixed: u32::from_le_bytes(le(h, AT_FIXED)),
             id: ulid::Ulid(u128::from_le_bytes(le(h, AT_ID))),
             client,
             tls,

@@ -117,7 +117,23 @@ pub struct Formatter {
     /// The static target and message `prefix` was last made from ([`Self::begin_static`]).
     prefix_static: Option<(&'static str, &'static str)>,
     scratch: Vec<u8>,
+    /// Transaction lines' fixed parts as formatted last, by session (direct-mapped on
+    /// its low bits: sessions are numbered in order, so the connections open at once
+    /// rarely share a slot, and one that does only costs a formatting).
+    fixed: Vec<Fixed>,
 }
+
+/// A session's ` client=… helo=… tls=…[ auth=…]`, formatted, and which version of
+/// that session's fixed part it is ([`MessageLine::fixed`]).
+#[derive(Default)]
+struct Fixed {
+    session: u64,
+    version: u32,
+    text: Vec<u8>,
+}
+
+/// Slots of [`Formatter::fixed`], a power of two.
+const FIXED_SLOTS: usize = 1024;
 
 impl Formatter {
     pub fn new(json: bool, journal: bool, recipients: LogRecipients) -> Formatter {
@@ -133,6 +149,7 @@ impl Formatter {
             prefix_message: String::new(),
             prefix_static: None,
             scratch: Vec::with_capacity(256),
+            fixed: Vec::new(),
         }
     }
 
@@ -275,14 +292,30 @@ impl Formatter {
         } else {
             Level::WARN
         };
+        if self.fixed.is_empty() {
+            self.fixed.resize_with(FIXED_SLOTS, Fixed::default);
+        }
+        let slot = m.session as usize & (FIXED_SLOTS - 1);
+        let cached = {
+            let f = &self.fixed[slot];
+            m.fixed != 0 && f.version == m.fixed && f.session == m.session
+        };
+        let mut fixed = std::mem::take(&mut self.fixed[slot].text);
         let mut l = self.begin_static(out, now, level, super::TARGET_MESSAGE, "message");
         l.num(key!("session"), m.session);
         l.ulid(key!("id"), &m.id);
-        l.addr(key!("client"), m.client);
-        l.client_text(key!("helo"), m.helo);
-        l.plain_bytes(key!("tls"), m.tls);
-        if let Some(user) = m.auth {
-            l.client_text(key!("auth"), user);
+        if cached {
+            l.out.extend_from_slice(&fixed);
+        } else {
+            let at = l.out.len();
+            l.addr(key!("client"), m.client);
+            l.client_text(key!("helo"), m.helo);
+            l.plain_bytes(key!("tls"), m.tls);
+            if let Some(user) = m.auth {
+                l.client_text(key!("auth"), user);
+            }
+            fixed.clear();
+            fixed.extend_from_slice(&l.out[at..]);
         }
         l.client_text(key!("from"), m.from);
         match recipients {
@@ -317,6 +350,8 @@ impl Formatter {
             l.client_text(key!("error"), e);
         }
         l.end();
+        let f = &mut self.fixed[slot];
+        (f.session, f.version, f.text) = (m.session, m.fixed, fixed);
     }
 
     pub fn refusal(
@@ -873,6 +908,7 @@ mod tests {
     use super::*;
     use crate::logging::event::{EndedBy, PendingLine};
     use crate::smtp::Refusal;
+    use std::sync::Arc;
 
     fn now() -> chrono::DateTime<chrono::Utc> {
         chrono::DateTime::from_timestamp(1_796_000_000, 123_456_000).unwrap_or_default()
@@ -886,7 +922,7 @@ mod tests {
             ulid::Ulid::from_parts(1, 2),
             "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
             Some("TLSv1.3"),
-            "mx.test",
+            &Arc::from("mx.test"),
             None,
             "a\"b c@x.org",
             Some(b"<id@x> \x1b[31m"),
@@ -1014,7 +1050,7 @@ mod tests {
                 ulid::Ulid::from_parts(1, 2),
                 "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
                 None,
-                "h",
+                &Arc::from("h"),
                 None,
                 "f@x",
                 None,
@@ -1130,8 +1166,8 @@ mod tests {
             ulid::Ulid::from_parts(3, 4),
             "192.0.2.9:9".parse().unwrap_or_else(|_| unreachable!()),
             Some("TLSv1.2"),
-            "a.long.helo.name.example",
-            Some("user"),
+            &Arc::from("a.long.helo.name.example"),
+            Some(&Arc::from("user")),
             "sender@example.org",
             Some(b"<long-message-id@example.org>"),
             ["one@example.com", "two@example.com", "three@example.com"].into_iter(),
@@ -1144,7 +1180,7 @@ mod tests {
             ulid::Ulid::from_parts(1, 2),
             "192.0.2.1:4000".parse().unwrap_or_else(|_| unreachable!()),
             None,
-            "",
+            &Arc::from(""),
             None,
             "",
             Some(b"<a\0b@x>"),
@@ -1169,6 +1205,105 @@ mod tests {
             "{line}"
         );
         assert!(line.contains(r#" message_id=<a\u{0}b@x> "#), "{line}");
+    }
+
+    /// One message of a connection's: session 5, from `client`, with this TLS
+    /// version, HELO and user (shared with the session, as a connection has them); the
+    /// rest the same for all.
+    fn connection_line(
+        p: &mut PendingLine,
+        client: &str,
+        tls: Option<&'static str>,
+        helo: &Arc<str>,
+        auth: Option<&Arc<str>>,
+    ) -> Vec<u8> {
+        p.begin(
+            5,
+            ulid::Ulid::from_parts(1, 2),
+            client.parse().unwrap_or_else(|_| unreachable!()),
+            tls,
+            helo,
+            auth,
+            "s@x.org",
+            None,
+            ["r@x.org"].into_iter(),
+            10,
+            true,
+        );
+        p.finish(250, 1, "null", None, None).to_vec()
+    }
+
+    #[test]
+    fn the_fixed_part_gets_a_new_version_whenever_it_may_have_changed() {
+        let mut p = PendingLine::default();
+        let mut version = |client, tls, helo: &Arc<str>, auth: Option<&Arc<str>>| {
+            decoded(&connection_line(&mut p, client, tls, helo, auth)).fixed
+        };
+        let a = "192.0.2.1:25";
+        let (mx, mx2, user) = (Arc::from("mx"), Arc::from("mx2"), Arc::from("u"));
+        let first = version(a, None, &mx, None);
+        assert_ne!(first, 0);
+        // The session's own texts again: the same version.
+        assert_eq!(version(a, None, &mx, None), first);
+        assert_eq!(version(a, None, &mx.clone(), None), first);
+        let helo = version(a, None, &mx2, None);
+        assert_ne!(helo, first);
+        // The same words sent again (a new EHLO) count as a change.
+        let again = version(a, None, &Arc::from("mx2"), None);
+        assert_ne!(again, helo);
+        let tls = version(a, Some("TLSv1.3"), &mx2, None);
+        assert_ne!(tls, again);
+        let auth = version(a, Some("TLSv1.3"), &mx2, Some(&user));
+        assert_ne!(auth, tls);
+        assert_eq!(version(a, Some("TLSv1.3"), &mx2, Some(&user)), auth);
+        let client = version("192.0.2.1:26", Some("TLSv1.3"), &mx2, Some(&user));
+        assert_ne!(client, auth);
+        let no_auth = version("192.0.2.1:26", Some("TLSv1.3"), &mx2, None);
+        assert_ne!(no_auth, client);
+    }
+
+    #[test]
+    fn a_cached_fixed_part_is_what_formatting_it_writes() {
+        let (mx, ab, user) = (Arc::from("mx"), Arc::from("a b"), Arc::from("u\\1"));
+        for json in [false, true] {
+            let mut p = PendingLine::default();
+            let v6 = "[2001:db8::1]:25";
+            let lines = [
+                connection_line(&mut p, "192.0.2.1:25", None, &mx, None),
+                connection_line(&mut p, "192.0.2.1:25", None, &mx, None),
+                // Not seen by the writer (dropped): the next line must not pass for
+                // the first one's version.
+                connection_line(&mut p, "192.0.2.1:25", None, &ab, Some(&user)),
+                connection_line(&mut p, "192.0.2.1:25", None, &ab, Some(&user)),
+                connection_line(&mut p, v6, Some("TLSv1.3"), &ab, None),
+                connection_line(&mut p, v6, Some("TLSv1.3"), &ab, None),
+            ];
+            let mut cached = Formatter::new(json, false, LogRecipients::Full);
+            let mut fixed = Vec::new();
+            for (i, line) in lines.iter().enumerate() {
+                if i == 2 {
+                    continue;
+                }
+                let m = decoded(line);
+                fixed.push(m.fixed);
+                let mut out = Vec::new();
+                cached.message(&mut out, now(), &m);
+                // A formatter that has seen no other line formats the fixed part.
+                let mut fresh = Vec::new();
+                Formatter::new(json, false, LogRecipients::Full).message(&mut fresh, now(), &m);
+                assert_eq!(
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&fresh),
+                    "line {i}"
+                );
+            }
+            // The second and the last line's fixed parts came from the cache; the
+            // line after the dropped one shares its version, not the first line's.
+            assert_eq!(fixed[0], fixed[1]);
+            assert_ne!(fixed[1], fixed[2]);
+            assert_ne!(fixed[2], fixed[3]);
+            assert_eq!(fixed[3], fixed[4]);
+        }
     }
 
     #[test]
@@ -1222,8 +1357,8 @@ mod tests {
             ulid::Ulid::from_parts(5, 6),
             SocketAddr::V6(client),
             Some("TLSv1.3"),
-            "h.example",
-            Some("alice"),
+            &Arc::from("h.example"),
+            Some(&Arc::from("alice")),
             "f@x",
             None,
             ["a@x", "", "b@x"].into_iter(),

@@ -28,6 +28,10 @@ use crate::metrics::ReactorMetrics;
 use crate::sink::record::SealedMessage;
 use crate::sink::Completion;
 
+/// Where a message's id and time come from (see [`Host::set_stamp`]).
+#[cfg(any(test, feature = "testing"))]
+pub type Stamp = fn() -> (crate::smtp::MessageId, chrono::DateTime<chrono::Utc>);
+
 /// Generations wrap within 24 bits: the io_uring backend packs slot and generation of
 /// a connection into each operation's 64-bit `user_data` next to an opcode byte.
 pub const GEN_MASK: u32 = 0x00FF_FFFF;
@@ -76,6 +80,11 @@ pub struct Host<B> {
     phase: Phase,
     metrics: ReactorMetrics,
     metrics_dirty: bool,
+    /// The id and time each message is sealed with: [`super::stamp`], except in a
+    /// simulation, which needs them to follow from its seed (the shipped build calls
+    /// `stamp` directly).
+    #[cfg(any(test, feature = "testing"))]
+    stamp: Stamp,
 }
 
 impl<B> Host<B> {
@@ -98,7 +107,22 @@ impl<B> Host<B> {
             phase: Phase::Running,
             metrics,
             metrics_dirty: false,
+            #[cfg(any(test, feature = "testing"))]
+            stamp,
         }
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// Seals messages with `stamp`'s ids and times instead of the clock's (the
+    /// deterministic simulation, `tests/sim`).
+    pub fn set_stamp(&mut self, stamp: Stamp) {
+        self.stamp = stamp;
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// This reactor's body budget, for tests that hold it to its bound.
+    pub fn budget(&self) -> &BodyBudget {
+        &self.budget
     }
 
     pub fn shared(&self) -> &Arc<ReactorShared> {
@@ -218,6 +242,8 @@ impl<B> Host<B> {
     /// meanwhile, so the next message it completes is handed off in the same call.
     pub fn hand_off(&mut self, now: Instant, t: Ticket) {
         let queue = &self.queue;
+        #[cfg(any(test, feature = "testing"))]
+        let mut stamp = self.stamp;
         let Some(s) = self.slots.get_mut(t.slot as usize) else {
             return;
         };

@@ -220,6 +220,15 @@ pub(super) fn flush_when_idle(inner: &std::sync::Weak<Inner>, kicks: &Receiver<(
             shared.inflight_messages.load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        // Not the safe `Producer::flush`: rdkafka 0.39 implements it as
+        // `rd_kafka_flush(rk, 0)` in a loop with `poll(≤100 ms)` in between, and
+        // librdkafka sets its "flushing" state (linger.ms counts as 0) only for the
+        // duration of an `rd_kafka_flush` call (rdkafka.c, `rk_flushing`), so that loop
+        // is flushing for an instant and lingering for the rest: the lone message this
+        // thread is woken for would still wait its linger.ms. Its `poll` would also run
+        // delivery reports on this thread beside the producer's polling thread. No
+        // other safe call sets the flushing state.
+        //
         // SAFETY: the pointer is the live producer's (held by `producer` for the whole
         // call); rd_kafka_flush may be called from any thread, and with delivery
         // reports as events (as rust-rdkafka sets them) it only waits for the count of
