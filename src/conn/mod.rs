@@ -1108,6 +1108,13 @@ impl Connection {
         self.after_output_change(now);
     }
 
+    #[cfg(any(test, feature = "testing"))]
+    /// Body bytes of the session charged to the reactor's budget right now: a body
+    /// paused on the budget must not charge more until it resumes.
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
     /// True while a message is with the sink.
     pub fn awaiting_publish(&self) -> bool {
         self.in_flight.is_some()

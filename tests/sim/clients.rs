@@ -53,8 +53,11 @@ pub enum Expect {
     Ehlo,
     Noop,
     Mail,
+    /// `user`: the address is `user{user}@example.com`, or `user@elsewhere.test` when
+    /// not `good`.
     Rcpt {
         good: bool,
+        user: u8,
     },
     Data,
     /// The end of a DATA body, or the last BDAT chunk: message `msg` of the client.
@@ -186,17 +189,23 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn envelope(&mut self) -> Vec<Cmd> {
-        let mut cmds = vec![cmd("MAIL FROM:<sender@sim.test>\r\n", Expect::Mail)];
+        let mut cmds = vec![cmd(&format!("MAIL FROM:<{MAIL_FROM}>\r\n"), Expect::Mail)];
         for r in 0..self.rng.usize(1..4) {
             cmds.push(cmd(
                 &format!("RCPT TO:<user{r}@example.com>\r\n"),
-                Expect::Rcpt { good: true },
+                Expect::Rcpt {
+                    good: true,
+                    user: r as u8,
+                },
             ));
         }
         if self.rng.u8(..5) == 0 {
             cmds.push(cmd(
                 "RCPT TO:<user@elsewhere.test>\r\n",
-                Expect::Rcpt { good: false },
+                Expect::Rcpt {
+                    good: false,
+                    user: 0,
+                },
             ));
         }
         cmds
@@ -438,7 +447,14 @@ pub struct Client {
     pub got_421: bool,
     pub reset_pending: bool,
     pub replies: u64,
+    /// The recipients the open transaction's RCPTs got `250` for, in order.
+    accepted: Vec<String>,
+    /// Per message that got to its end: the recipients accepted for it.
+    pub envelopes: Vec<Option<Vec<String>>>,
 }
+
+/// The reverse path every simulated transaction gives.
+pub const MAIL_FROM: &str = "sender@sim.test";
 
 impl Client {
     pub fn new(id: u32, kind: Kind, seed: u64, settings: Settings) -> Client {
@@ -457,6 +473,8 @@ impl Client {
             got_421: false,
             reset_pending: false,
             replies: 0,
+            accepted: Vec::new(),
+            envelopes: Vec::new(),
             script,
         }
     }
@@ -556,8 +574,23 @@ impl Client {
         } else {
             self.outstanding.pop_front()
         };
-        if expect == Some(Expect::Data) {
-            self.last_data_354 = code == 354;
+        match expect {
+            Some(Expect::Data) => self.last_data_354 = code == 354,
+            // Every transaction starts with MAIL, whatever RSET or a failed one left.
+            Some(Expect::Mail) => self.accepted.clear(),
+            Some(Expect::Rcpt { good, user }) if code == 250 => self.accepted.push(if good {
+                format!("user{user}@example.com")
+            } else {
+                "user@elsewhere.test".into()
+            }),
+            Some(Expect::MessageEnd { msg }) => {
+                let msg = msg as usize;
+                if self.envelopes.len() <= msg {
+                    self.envelopes.resize(msg + 1, None);
+                }
+                self.envelopes[msg] = Some(self.accepted.clone());
+            }
+            _ => {}
         }
         Reply { code, text, expect }
     }

@@ -1,6 +1,8 @@
 //! The invariants the run holds the gateway to, at every step and at the end: replies
 //! in command order with a code the command allows; every `250` for a message backed by
-//! exactly one record the sink stored, byte-exact with what the client sent, and no id
+//! exactly one record the sink stored, byte-exact with what the client sent (its body,
+//! and its envelope: the reverse path and the recipients the session accepted), no
+//! message stored twice (checked by the sink, per client and message), and no id
 //! acknowledged twice; output per connection and the body budget within their bounds;
 //! no byte written after a connection's write side was shut; every connection ended
 //! within its deadlines; no idle timeout for a client that waits on the gateway; after
@@ -9,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
-use crate::clients::{Client, Expect, Reply};
+use crate::clients::{Client, Expect, Reply, MAIL_FROM};
 use crate::sink::{Outcome, SimSink};
 
 /// A broken invariant: which, and what the run saw.
@@ -44,8 +46,8 @@ fn allowed(expect: Expect, code: u16) -> bool {
         Expect::Greeting => code == 220,
         Expect::Ehlo | Expect::Noop => code == 250,
         Expect::Mail => matches!(code, 250 | 451 | 452),
-        Expect::Rcpt { good: true } => matches!(code, 250 | 452 | 503),
-        Expect::Rcpt { good: false } => matches!(code, 550 | 452 | 503),
+        Expect::Rcpt { good: true, .. } => matches!(code, 250 | 452 | 503),
+        Expect::Rcpt { good: false, .. } => matches!(code, 550 | 452 | 503),
         Expect::Data => matches!(code, 354 | 503 | 554),
         Expect::MessageEnd { .. } => matches!(code, 250 | 451 | 452 | 503 | 550 | 552 | 554),
         Expect::BdatChunk => matches!(code, 250 | 451 | 452 | 503 | 550 | 552 | 554),
@@ -143,6 +145,24 @@ pub fn reply(
             return Err(violation(
                 "record",
                 format!("{who}: 250 for message {msg} names the record of {:?}", rec.tag),
+            ));
+        }
+        let sent: Vec<&[u8]> = client
+            .envelopes
+            .get(msg as usize)
+            .and_then(Option::as_ref)
+            .map(|v| v.iter().map(|r| r.as_bytes()).collect())
+            .unwrap_or_default();
+        let stored: Vec<&[u8]> = rec.rcpt_to.iter().map(Vec::as_slice).collect();
+        if rec.mail_from != MAIL_FROM.as_bytes() || stored != sent {
+            return Err(violation(
+                "record",
+                format!(
+                    "{who}: message {msg}: stored envelope from {:?} to {:?}, the session accepted from {MAIL_FROM:?} to {:?}",
+                    rec.mail_from.escape_ascii().to_string(),
+                    stored.iter().map(|r| r.escape_ascii().to_string()).collect::<Vec<_>>(),
+                    sent.iter().map(|r| r.escape_ascii().to_string()).collect::<Vec<_>>(),
+                ),
             ));
         }
         if rec.body != m.stored_body {

@@ -67,6 +67,11 @@ fn write_out(e: &mut host::Entry<SimSock>, now: Instant, bad: &mut Vec<Violation
             ));
             return;
         }
+        // As the backends do: a reset is noticed only by a write or a read that fails.
+        if e.io.reset {
+            e.driver.handle_io_error();
+            return;
+        }
         let room = e.io.window.saturating_sub(e.io.to_client.len());
         let n = room.min(e.driver.pending_output().len());
         if n == 0 {
@@ -92,12 +97,16 @@ pub fn pump(
     // A driver that goes on taking input without end is a violation of its own (the
     // output and input bounds); the cap only keeps the simulation from spinning.
     for _ in 0..100_000 {
+        // A body paused on the budget takes no more of it until the budget frees up,
+        // which nothing in a look of this connection alone can do (its message is not
+        // complete, so it hands nothing to the sink).
+        let paused_at = host
+            .get(t)
+            .filter(|e| e.driver.paused_for_budget())
+            .map(|e| e.driver.charged());
         host.begin(now, t);
         host.hand_off(now, t);
         let e = host.get(t)?;
-        if e.io.reset {
-            e.driver.handle_io_error();
-        }
         write_out(e, now, bad);
         host.hand_off(now, t);
         let e = host.get(t)?;
@@ -112,21 +121,14 @@ pub fn pump(
         }
         let mut progressed = false;
         if let Some(max) = next.read {
-            if !e.io.inbound.is_empty() {
+            if e.io.reset {
+                e.driver.handle_io_error();
+                progressed = true;
+            } else if !e.io.inbound.is_empty() {
                 let n = max.min(e.io.read_chunk).min(e.io.inbound.len());
                 let data: Vec<u8> = e.io.inbound.drain(..n).collect();
                 e.driver.handle_input(now, &data);
                 progressed = true;
-                let held = e.driver.pending_output().len();
-                if held > output_cap + OUTPUT_SLACK {
-                    bad.push(violation(
-                        "output bound",
-                        format!(
-                            "client {}: {held} bytes of output buffered (cap {output_cap})",
-                            e.io.client
-                        ),
-                    ));
-                }
             } else if e.io.peer_eof && !e.io.eof_given {
                 e.io.eof_given = true;
                 e.driver.handle_eof(now);
@@ -135,6 +137,28 @@ pub fn pump(
         }
         if e.driver.paused_for_budget() {
             *paused += 1;
+        }
+        if let Some(was) = paused_at.filter(|&was| e.driver.charged() > was) {
+            bad.push(violation(
+                "body budget",
+                format!(
+                    "client {}: its body was paused on the budget with {was} bytes charged, and took {} more in one look",
+                    e.io.client,
+                    e.driver.charged() - was
+                ),
+            ));
+        }
+        // At the end of the look, not after the read alone: `begin` (budget freed, a
+        // sink answer) and `output_written` take input too, and so can add output.
+        let held = e.driver.pending_output().len();
+        if held > output_cap + OUTPUT_SLACK {
+            bad.push(violation(
+                "output bound",
+                format!(
+                    "client {}: {held} bytes of output buffered (cap {output_cap})",
+                    e.io.client
+                ),
+            ));
         }
         host.end(t);
         if !progressed || !bad.is_empty() {

@@ -222,7 +222,9 @@ impl Wake for NoWake {
     fn wake(&self) {}
 }
 
-/// FNV-1a over everything the run did: two runs of one seed must agree.
+/// FNV-1a over everything the run did (steps, opens and closes, each reply's text, and
+/// each record the sink kept: id, outcome and a hash of its envelope and body): two
+/// runs of one seed must agree.
 #[derive(Clone, Copy)]
 pub struct TraceHash(pub u64, pub bool);
 
@@ -231,7 +233,12 @@ impl TraceHash {
         if self.1 {
             println!("    trace: {text}");
         }
-        for b in text.bytes().chain([b'\n']) {
+        self.bytes(text.as_bytes());
+        self.bytes(b"\n");
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
             self.0 ^= u64::from(b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
@@ -476,7 +483,7 @@ impl World {
     fn client_gets(&mut self, c: usize, data: &[u8]) {
         let replies = self.clients[c].received(data);
         for r in replies {
-            self.trace.add(&format!("c{c} {}", r.code));
+            self.trace.add(&format!("c{c} {}", r.text.trim_end()));
             let client = &self.clients[c];
             if let Err(v) =
                 invariants::reply(client, &r, &self.sink, &mut self.acks, self.early_edge[c])
@@ -750,14 +757,6 @@ impl World {
                 ));
             }
         }
-        let budget = self.host.budget();
-        let bound = budget.limit() + self.live.len() * (MAX_MESSAGE_SIZE + 64 * 1024);
-        if budget.used() > bound {
-            self.bad.push(violation(
-                "body budget",
-                format!("{} bytes charged, bound {bound}", budget.used()),
-            ));
-        }
         for l in self.live.values() {
             // Silent that long, a client has been timed out: idle, or not reading its
             // replies, counted from its last byte, our last write or the end of a wait
@@ -804,6 +803,12 @@ impl World {
         if let Some(twice) = self.sink.answered_twice().first() {
             self.bad
                 .push(violation("record", format!("id {twice:x} answered twice")));
+        }
+        if let Some((c, m)) = self.sink.stored_twice().first() {
+            self.bad.push(violation(
+                "record",
+                format!("client {c}'s message {m} stored twice (two Ok records)"),
+            ));
         }
         if self.exit_at.is_some_and(|x| now >= x) && !self.live.is_empty() {
             let mut open = Vec::new();
@@ -923,6 +928,24 @@ pub fn execute(seed: u64, steps: &[Step]) -> RunResult {
         if let Some(v) = w.bad.first() {
             found = Some((steps.len(), v.clone()));
         }
+    }
+    // What the sink was left with belongs to the trace too: each record's id, what
+    // it was answered, and its stored bytes.
+    let mut records = Vec::new();
+    w.sink.for_each_record(|id, r| {
+        let mut h = TraceHash(0xcbf2_9ce4_8422_2325, false);
+        h.bytes(&r.body);
+        h.bytes(&r.mail_from);
+        for rcpt in &r.rcpt_to {
+            h.bytes(rcpt);
+        }
+        records.push(format!(
+            "record {id:x} {:?} {:?} {:016x}",
+            r.tag, r.outcome, h.0
+        ));
+    });
+    for r in records {
+        w.trace.add(&r);
     }
     w.counts.messages = w.sink.submitted();
     w.counts.acked = w.acks.count;

@@ -5,7 +5,7 @@
 //! answer inside `submit`, as the null sink does. Every message it answered is kept as
 //! a record, for the invariants to compare with what the clients sent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ pub type Tag = (u32, u32);
 pub struct Record {
     pub tag: Option<Tag>,
     pub body: Vec<u8>,
+    /// The record's `smtp.mail_from` and `smtp.rcpt_to` headers, as a sink stores them.
+    pub mail_from: Vec<u8>,
+    pub rcpt_to: Vec<Vec<u8>>,
     pub outcome: Outcome,
 }
 
@@ -42,6 +45,8 @@ struct Held {
     id: u128,
     tag: Option<Tag>,
     body: Vec<u8>,
+    mail_from: Vec<u8>,
+    rcpt_to: Vec<Vec<u8>>,
     done: Completion,
     due: Duration,
 }
@@ -55,6 +60,11 @@ struct State {
     /// By message id.
     records: BTreeMap<u128, Record>,
     answered_twice: Vec<u128>,
+    /// The tags answered `Ok`, and those answered `Ok` a second time: a client sends
+    /// each message once, so a second stored record of it is a duplicate, whatever id
+    /// the gateway gave it.
+    stored: BTreeSet<Tag>,
+    stored_twice: Vec<Tag>,
     submitted: u64,
 }
 
@@ -155,14 +165,23 @@ impl SimSink {
 
     /// Whether any message with `tag` was answered `Ok`.
     pub fn stored(&self, tag: Tag) -> bool {
-        self.lock()
-            .records
-            .values()
-            .any(|r| r.tag == Some(tag) && r.outcome == Outcome::Ok)
+        self.lock().stored.contains(&tag)
+    }
+
+    /// Every record, in id order.
+    pub fn for_each_record(&self, mut f: impl FnMut(u128, &Record)) {
+        for (id, r) in &self.lock().records {
+            f(*id, r);
+        }
     }
 
     pub fn answered_twice(&self) -> Vec<u128> {
         self.lock().answered_twice.clone()
+    }
+
+    /// The messages (client, message) answered `Ok` more than once.
+    pub fn stored_twice(&self) -> Vec<Tag> {
+        self.lock().stored_twice.clone()
     }
 
     pub fn submitted(&self) -> u64 {
@@ -171,9 +190,16 @@ impl SimSink {
 }
 
 fn settle(s: &mut State, h: Held, outcome: Outcome) {
+    if let Some(tag) = h.tag.filter(|_| outcome == Outcome::Ok) {
+        if !s.stored.insert(tag) {
+            s.stored_twice.push(tag);
+        }
+    }
     let record = Record {
         tag: h.tag,
         body: h.body,
+        mail_from: h.mail_from,
+        rcpt_to: h.rcpt_to,
         outcome,
     };
     if s.records.insert(h.id, record).is_some() {
@@ -184,12 +210,21 @@ fn settle(s: &mut State, h: Held, outcome: Outcome) {
 
 impl Sink for SimSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
+        let mut mail_from = Vec::new();
+        let mut rcpt_to = Vec::new();
+        msg.for_each_header(|name, value| match name {
+            "smtp.mail_from" => mail_from = value.to_vec(),
+            "smtp.rcpt_to" => rcpt_to.push(value.to_vec()),
+            _ => {}
+        });
         let mut s = self.lock();
         s.submitted += 1;
         let held = Held {
             id: u128::from(msg.id),
             tag: tag_of(msg.body()),
             body: msg.body().to_vec(),
+            mail_from,
+            rcpt_to,
             done,
             due: s.now + PUBLISH_TIMEOUT,
         };

@@ -120,6 +120,8 @@ const TRANSACTION: &[u8] =
 fn a_sink_answer_reaches_its_connection_and_settles_the_one_flight_record() {
     let mut f = fixture(10);
     let t = f.open(7);
+    // The backends end a drain when the host is empty.
+    assert_eq!((f.host.len(), f.host.is_empty()), (1, false));
     f.feed(t, Duration::from_millis(1), TRANSACTION);
     assert_eq!(f.sink.taken.lock().unwrap().len(), 1);
     assert_eq!(f.inflight(), 1);
@@ -146,6 +148,7 @@ fn a_slot_whose_message_is_with_the_sink_outlives_its_connection() {
     let (_, io) = f.host.close(t).expect("was open");
     assert_eq!(io, 1);
     assert!(f.host.is_empty());
+    assert_eq!(f.host.len(), 0);
     assert_eq!(
         f.metrics.connections_active.get(),
         0,
