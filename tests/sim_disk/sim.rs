@@ -817,7 +817,18 @@ impl World<'_> {
                                     && r.offset + r.frame_len <= at + m.frame.len() as u64
                             })
                     });
-                    if inside_damage && !self.msgs.contains_key(&r.id) {
+                    // Past a lagging mark, after an acknowledged record the disk
+                    // damaged (power loss and damage in one window), the reader skips
+                    // the length the bad frame claims, and that length may be the
+                    // damage: it can land in a later body, on a frame a client put
+                    // there. The same known limit as inside a damaged record.
+                    let past_lagging_damage = marks.get(&name).is_some_and(|mark| {
+                        r.offset >= *mark
+                            && damaged_past_mark
+                                .iter()
+                                .any(|(n, d)| *n == name && *d < r.offset)
+                    });
+                    if (inside_damage || past_lagging_damage) && !self.msgs.contains_key(&r.id) {
                         // A known limit of resynchronisation: past damage, the reader
                         // looks for the next valid frame, and a valid frame a client
                         // put in its body is one. Only disk damage exposes it.

@@ -33,7 +33,9 @@
 //!   not turn it into a message (`tests/sim_disk` found that it did). Inside
 //!   acknowledged bytes the disk may have damaged the length itself, so every offset
 //!   is still a candidate there, and damage to a record can still expose a frame its
-//!   body holds.
+//!   body holds. So can power loss and damage in one window: past a lagging mark the
+//!   claimed length may be the damage and land in a later body. Frames a client
+//!   cannot forge (a per-segment nonce under each frame's CRC) would close both.
 //! - The mark is two copies with a CRC each, rewritten by one 40-byte `pwrite`
 //!   inside one 512-byte sector: a single damaged byte leaves one copy good (and the
 //!   damage is reported), a torn sector write leaves the old or the new copies.
