@@ -91,6 +91,10 @@ skips_for() {
         ;;
     src/conn/* | src/net/host.rs)
         mods=(auth files liveness logging notify)
+        # Flaky on io_uring in an unmutated tree (2026-12-08: 10 of 38 runs alone, the
+        # greeting or a reply never came), so it would count any mutant as caught;
+        # its epoll twin stays.
+        printf -- '--skip contract_tests::uring::body_budget_stops_reading_bodies '
         ;;
     esac
     for m in "${mods[@]}"; do

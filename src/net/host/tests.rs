@@ -311,7 +311,10 @@ fn next_says_read_write_shut_down_and_close_in_turn() {
         "lingers, reading what the client still sends"
     );
     d.handle_eof(f.t0 + Duration::from_millis(3));
-    assert!(next(d).close);
+    let n = next(d);
+    assert!(n.close && n.read.is_none());
+    // Not reading and no message with the sink: no read stays posted.
+    assert!(!n.keep_posted_read);
 }
 
 /// Counts the reactor's wake-ups.
@@ -389,4 +392,107 @@ fn an_answer_given_after_the_hand_off_still_wakes_the_reactor() {
     let mut touched = Vec::new();
     host.take_answers(t0, |t, io| touched.push((t, *io)));
     assert_eq!(touched, vec![(t, 1)]);
+}
+
+/// A slot's generation moves on at every reuse, differs from every earlier one and
+/// stays within `GEN_MASK` (the io_uring backend packs it into 24 bits of each
+/// operation's `user_data`), wrapping to 0: an answer for any earlier connection in
+/// the slot, not only the last, is dropped.
+#[test]
+fn a_reused_slot_never_repeats_a_generation_and_wraps_within_the_mask() {
+    let mut f = fixture(10);
+    let mut earlier: Vec<Ticket> = Vec::new();
+    let mut t = f.open(1);
+    for _ in 0..4 {
+        earlier.push(t);
+        f.host.close(t);
+        t = f.open(1);
+        assert_eq!(t.slot, earlier[0].slot, "the slot was free at once");
+        assert!(t.generation <= GEN_MASK, "{:#x}", t.generation);
+        assert!(
+            earlier.iter().all(|e| e.generation != t.generation),
+            "{:#x} again after {earlier:?}",
+            t.generation
+        );
+    }
+    // A verdict for the connection two generations back is dropped.
+    auth_completion(f.host.queue.clone(), earlier[earlier.len() - 2])(
+        crate::smtp::auth::AuthVerdict::Rejected,
+    );
+    assert!(f.take_answers(Duration::from_millis(1)).is_empty());
+
+    // At the top of the mask the next generation is 0.
+    f.host.slots[t.slot as usize].gen = GEN_MASK;
+    let top = Ticket {
+        slot: t.slot,
+        generation: GEN_MASK,
+    };
+    f.host.close(top).expect("open under the top generation");
+    let wrapped = f.open(1);
+    assert_eq!((wrapped.slot, wrapped.generation), (t.slot, 0));
+}
+
+/// The backend's busy time reaches `smtpgw_reactor_busy_seconds_total` through the
+/// host, by the difference from what it last said (a smaller total moves nothing).
+#[test]
+fn busy_time_reaches_the_reactors_counter() {
+    let mut f = fixture(10);
+    let busy = |f: &Fixture| {
+        let text = String::from_utf8(f.metrics.render(&*f.sink)).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("smtpgw_reactor_busy_seconds_total{reactor=\"0\"} "))
+            .map(str::to_owned);
+        line.expect("the reactor's series")
+    };
+    f.host.set_busy(Duration::from_millis(250));
+    f.host.set_busy(Duration::from_millis(1500));
+    f.host.set_busy(Duration::from_millis(1000));
+    assert_eq!(
+        busy(&f),
+        "smtpgw_reactor_busy_seconds_total{reactor=\"0\"} 1.5"
+    );
+}
+
+/// The drivers' counts wait in the host until the backend flushes them (once per
+/// interval, or at exit), then reach the registry, once.
+#[test]
+fn counts_reach_the_registry_when_flushed_and_once() {
+    let mut f = fixture(10);
+    let mails = |f: &Fixture| {
+        let text = String::from_utf8(f.metrics.render(&*f.sink)).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("smtpgw_commands_total{verb=\"MAIL\"} "))
+            .map(str::to_owned)
+    };
+    assert!(!f.host.metrics_dirty());
+    let t = f.open(1);
+    f.feed(t, Duration::from_millis(1), TRANSACTION);
+    assert!(f.host.metrics_dirty());
+    assert!(
+        matches!(mails(&f).as_deref(), None | Some("0")),
+        "not before the flush"
+    );
+    f.host.flush_metrics();
+    assert!(!f.host.metrics_dirty());
+    assert_eq!(mails(&f).as_deref(), Some("1"));
+    f.host.flush_metrics();
+    assert_eq!(mails(&f).as_deref(), Some("1"), "counted once");
+}
+
+/// At reactor exit every connection goes, its admission with it, and the host is
+/// empty.
+#[test]
+fn clear_drops_every_connection() {
+    let mut f = fixture(10);
+    let t = f.open(1);
+    let u = f.open(2);
+    f.host.clear();
+    assert!(f.host.get(t).is_none() && f.host.get(u).is_none());
+    assert_eq!((f.host.len(), f.host.is_empty()), (0, true));
+    assert_eq!(
+        f.metrics.connections_active.get(),
+        0,
+        "admissions given back"
+    );
 }
