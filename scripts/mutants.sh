@@ -91,10 +91,11 @@ skips_for() {
         ;;
     src/conn/* | src/net/host.rs)
         mods=(auth files liveness logging notify)
-        # Flaky on io_uring in an unmutated tree (2026-12-08: 10 of 38 runs alone, the
-        # greeting or a reply never came), so it would count any mutant as caught;
-        # its epoll twin stays.
-        printf -- '--skip contract_tests::uring::body_budget_stops_reading_bodies '
+        # The io_uring contract tests fail now and then in an unmutated tree under
+        # load (2026-12-08: the greeting or a reply never came within 5 s; one of
+        # them 10 of 38 runs alone), so they would count any mutant as caught; their
+        # epoll twins, which drive the same Host and drivers, stay.
+        printf -- '--skip net::contract_tests::uring:: '
         ;;
     esac
     for m in "${mods[@]}"; do
