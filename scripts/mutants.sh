@@ -31,8 +31,10 @@
 #   or a Host are skipped, as the spool's are: `auth::` alone took 13-18 s (argon2) of
 #   the 20 s `--lib` run.
 # - the simulator's budget per mutant is 5 s (`SMTPGW_SIM_SECONDS`), from the fixed
-#   base seed (about 50 seeds), after its fixed part (determinism check and defect
-#   hunts, 6-30 s at opt-level 0).
+#   base seed, after its fixed part (determinism check and defect hunts, 6-30 s at
+#   opt-level 0): 16-26 seeds, 500-800 sessions under load 6-9 (10 s at load 1: 107).
+#   The hunts and the second determinism seed draw from the OS even so, so the fixed
+#   part varies from mutant to mutant.
 # - opt-level 0 stays (`SMTPGW_MUTANTS_OPT`): at 1 the simulator runs 5 times faster,
 #   but a mutant that replaces a function body rebuilt smtpgw in 180 s instead of 37 s
 #   (cross-unit inlining), and half the mutants are of that kind.

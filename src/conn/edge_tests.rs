@@ -1235,3 +1235,50 @@ fn auth_abandoned_during_verification_counts_as_a_failure() {
         "{out}"
     );
 }
+
+/// A v2 header may be `MAX_HEADER` bytes long and no longer, also when it arrives
+/// whole in one read (the incomplete case has its own bound).
+#[test]
+fn a_whole_v2_header_longer_than_its_bound_is_invalid() {
+    let header_of = |total: usize| {
+        // One NOOP TLV pads the header: 16 fixed bytes, 12 of addresses, 3 of TLV head.
+        let mut tlv = vec![0x04];
+        let value = vec![0u8; total - 16 - 12 - 3];
+        tlv.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        tlv.extend_from_slice(&value);
+        let h = v2_tcp4([203, 0, 113, 9], 40001, &tlv);
+        assert_eq!(h.len(), total);
+        h
+    };
+    let at = header_of(proxy::MAX_HEADER);
+    assert!(matches!(
+        proxy::parse(ProxyMode::V2, &at),
+        proxy::Parsed::Header { len, .. } if len == proxy::MAX_HEADER
+    ));
+    let over = header_of(proxy::MAX_HEADER + 1);
+    assert!(matches!(
+        proxy::parse(ProxyMode::V2, &over),
+        proxy::Parsed::Invalid
+    ));
+}
+
+/// Taking a connection's counts adds every one of them and leaves the source at zero.
+#[test]
+fn absorbing_edge_stats_adds_every_count_and_zeroes_the_source() {
+    let mut total = EdgeStats {
+        proxy_headers: 2,
+        starttls_discarded_bytes: 5,
+        ..EdgeStats::default()
+    };
+    let mut more = EdgeStats {
+        proxy_headers: 3,
+        starttls_discarded_bytes: 7,
+        ..EdgeStats::default()
+    };
+    total.absorb(&mut more);
+    assert_eq!(
+        (total.proxy_headers, total.starttls_discarded_bytes),
+        (5, 12)
+    );
+    assert_eq!(more, EdgeStats::default());
+}
