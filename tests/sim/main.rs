@@ -91,6 +91,10 @@ fn report(title: &str, seeds: u64, c: &Counts, wall: Duration) {
         wall.as_secs_f64()
     );
     println!(
+        "{title}: {} runs driven as the epoll backend drives the reactor core, {} as the io_uring one",
+        c.epoll_runs, c.uring_runs
+    );
+    println!(
         "{title}: TLS begun {} times, {} messages acknowledged over TLS, {} of them authenticated",
         c.tls_begun, c.tls_acked, c.auth_acked
     );

@@ -26,7 +26,7 @@ use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
 use crate::clients::{Client, Expect, Kind, Settings, TlsPlan, KINDS};
 use crate::clock::Clock;
 use crate::invariants::{self, violation, Acks, Violation};
-use crate::net::{pump, SimSock};
+use crate::net::{pump, pump_uring, Drive, SimSock};
 use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUT};
 use crate::tls::{self, Edges, HANDSHAKE_TIMEOUT};
 
@@ -257,6 +257,9 @@ pub struct Counts {
     pub tls_begun: u64,
     pub tls_acked: u64,
     pub auth_acked: u64,
+    /// Runs driven as the epoll backend drives `Host`, and as the io_uring one does.
+    pub epoll_runs: u64,
+    pub uring_runs: u64,
     pub sim_time: Duration,
     pub faults: BTreeMap<&'static str, u64>,
 }
@@ -269,6 +272,8 @@ impl Counts {
         self.tls_begun += o.tls_begun;
         self.tls_acked += o.tls_acked;
         self.auth_acked += o.auth_acked;
+        self.epoll_runs += o.epoll_runs;
+        self.uring_runs += o.uring_runs;
         self.sim_time += o.sim_time;
         for (k, v) in &o.faults {
             *self.faults.entry(k).or_default() += v;
@@ -289,6 +294,8 @@ pub struct RunResult {
 }
 
 struct World {
+    /// The backend whose way of driving `Host` the run imitates.
+    drive: Drive,
     clock: Clock,
     host: Host<SimSock>,
     sink: Arc<SimSink>,
@@ -360,7 +367,24 @@ impl World {
             proxy_trusted: vec![Cidr::parse("127.0.0.0/8").expect("cidr")],
             ..Edge::default()
         };
+        // Its own stream, so that the plan and the scripts stay what the seed made them.
+        let drive = match fastrand::Rng::with_seed(seed ^ 0x7572_696e_6721_2121).u8(..4) {
+            0 | 1 => Drive::Epoll,
+            2 => Drive::Uring { link_sends: false },
+            _ => Drive::Uring { link_sends: true },
+        };
+        let mut counts = Counts::default();
+        match drive {
+            Drive::Epoll => counts.epoll_runs += 1,
+            Drive::Uring { .. } => counts.uring_runs += 1,
+        }
+        let mut trace = TraceHash(
+            0xcbf2_9ce4_8422_2325,
+            std::env::var_os("SMTPGW_SIM_TRACE").is_some(),
+        );
+        trace.add(&format!("drive {drive:?}"));
         World {
+            drive,
             clock: Clock::new(Instant::now()),
             host,
             sink,
@@ -380,11 +404,8 @@ impl World {
             stop_at: None,
             exit_at: None,
             acks: Acks::default(),
-            trace: TraceHash(
-                0xcbf2_9ce4_8422_2325,
-                std::env::var_os("SMTPGW_SIM_TRACE").is_some(),
-            ),
-            counts: Counts::default(),
+            trace,
+            counts,
             bad: Vec::new(),
             rng_windows: fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
@@ -775,14 +796,25 @@ impl World {
             };
             let t = Ticket { slot, generation };
             let mut paused = 0;
-            let closed = pump(
-                &mut self.host,
-                now,
-                t,
-                self.output_cap,
-                &mut self.bad,
-                &mut paused,
-            );
+            let closed = match self.drive {
+                Drive::Epoll => pump(
+                    &mut self.host,
+                    now,
+                    t,
+                    self.output_cap,
+                    &mut self.bad,
+                    &mut paused,
+                ),
+                Drive::Uring { link_sends } => pump_uring(
+                    &mut self.host,
+                    now,
+                    t,
+                    self.output_cap,
+                    link_sends,
+                    &mut self.bad,
+                    &mut paused,
+                ),
+            };
             if paused > 0 {
                 *self.counts.faults.entry("budget_pause").or_default() += paused;
             }
@@ -869,7 +901,13 @@ impl World {
             // replies, counted from its last byte, our last write or the end of a wait
             // on us.
             let quiet = self.active[l.client];
-            if now > quiet + IDLE + PUBLISH_TIMEOUT + END_SLACK {
+            // With linked sends (io_uring) a reply counts as written when its send is
+            // queued, so a client that never reads is idle-timed-out rather than
+            // write-stalled, and the `421` of that timeout then waits out the write
+            // stall in its turn: a second idle timeout (measured, see README).
+            let linked = matches!(self.drive, Drive::Uring { link_sends: true });
+            let stall = if linked { IDLE } else { Duration::ZERO };
+            if now > quiet + IDLE + stall + PUBLISH_TIMEOUT + END_SLACK {
                 let state = self.host.get(l.ticket).map(|e| {
                     format!(
                         "{} bytes unread by it, {} by us, eof {}, fin {}: {:?}, deadline in {:?}",
