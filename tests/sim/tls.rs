@@ -34,27 +34,11 @@ fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sim")
 }
 
-/// The users file: `USER` with a cheap argon2id hash (8 KiB, one pass: a verification
-/// costs microseconds, and the simulation verifies on its one thread).
-fn users_file() -> &'static PathBuf {
-    static FILE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &FILE
-        .get_or_init(|| {
-            use argon2::password_hash::{PasswordHasher, SaltString};
-            let params = argon2::Params::new(8, 1, 1, None).expect("argon2 parameters");
-            let argon =
-                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-            let salt = SaltString::encode_b64(b"smtpgw-sim-salt!").expect("salt");
-            let hash = argon
-                .hash_password(PASSWORD.as_bytes(), &salt)
-                .expect("argon2 hash")
-                .to_string();
-            let d = tempfile::tempdir().expect("temporary directory");
-            let path = d.path().join("users");
-            std::fs::write(&path, format!("{USER}:{hash}\n")).expect("users file");
-            (d, path)
-        })
-        .1
+/// The users file (`tests/sim/users`): `USER` with a cheap argon2id hash of
+/// `PASSWORD` (8 KiB, one pass: a verification costs microseconds, and the simulation
+/// verifies on its one thread).
+fn users_file() -> PathBuf {
+    dir().join("users")
 }
 
 /// The gateway's configuration for the run, parsed as the binary parses its flags.
@@ -110,7 +94,7 @@ pub struct Edges {
 /// is never seen by the next.
 pub fn edges(metrics: &Arc<Metrics>) -> Edges {
     let verifier = Verifier::start_inline(AuthSettings {
-        users_file: users_file().clone(),
+        users_file: users_file(),
         max_failures_per_user: None,
         message_rate: None,
         threads: 0,
