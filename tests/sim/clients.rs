@@ -28,7 +28,8 @@ pub enum Kind {
     Mta,
     /// MAIL, RCPT and DATA in one write (RFC 2920), the body after the 354.
     Pipelining,
-    /// MAIL, RCPT and every BDAT chunk in one write (RFC 3030).
+    /// MAIL, RCPT and every BDAT chunk in one write (RFC 3030); some pipeline the
+    /// next transaction behind `BDAT 0 LAST`.
     Bdat,
     /// Lock-step, one byte per write.
     Trickle,
@@ -517,9 +518,17 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
             }
         }
         Kind::Bdat => {
+            // A third pipeline the next transaction right behind `BDAT 0 LAST` (RFC
+            // 3030 allows it): its bytes arrive while the message is with the sink.
+            let pipelined = b.rng.u8(..3) == 0;
             for _ in 0..b.rng.usize(1..5) {
                 let size = b.size();
                 b.bdat_message(size);
+                if pipelined {
+                    if let Some(g) = b.groups.last_mut() {
+                        g.wait = false;
+                    }
+                }
             }
         }
         Kind::ResetMidData => {

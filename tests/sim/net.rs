@@ -56,6 +56,10 @@ pub struct SimSock {
     linked: bool,
     /// io_uring: bytes arrived while the driver did not want any.
     data_while_paused: bool,
+    /// io_uring, for the run's counts: receives that handed bytes to a driver that no
+    /// longer wanted any, and linked sends queued.
+    pub read_while_paused: u64,
+    pub linked_sends: u64,
 }
 
 impl SimSock {
@@ -76,6 +80,8 @@ impl SimSock {
             send_posted: false,
             linked: false,
             data_while_paused: false,
+            read_while_paused: 0,
+            linked_sends: 0,
         }
     }
 }
@@ -252,6 +258,7 @@ fn uring_turn(
         e.io.send_posted = true;
         if link_sends && arm.is_some() {
             e.io.linked = true;
+            e.io.linked_sends += 1;
             e.driver.output_written(now, len);
             // The driver counts it written from here (its write-stall clock starts
             // over), so the run's liveness bound does too: one send buffer at most, the
@@ -353,6 +360,7 @@ fn uring_kernel(
             let data: Vec<u8> = e.io.inbound.drain(..n).collect();
             if !e.driver.wants_read() {
                 e.io.data_while_paused = true;
+                e.io.read_while_paused += 1;
             }
             e.driver.handle_input(now, &data);
             // A message this input completed goes to the sink at once.
@@ -369,9 +377,11 @@ fn uring_kernel(
     completed
 }
 
-/// One look at connection `t` as the io_uring backend takes it: turns and the
-/// kernel's completions until nothing more completes. Returns the driver and socket if
-/// it closed; counts the looks that left it paused on the body budget in `paused`.
+/// One look at connection `t` as the io_uring backend takes it: first the
+/// completions of what earlier turns posted (bytes that arrived for a receive kept
+/// posted reach the driver before any turn can cancel it), then turns and the kernel's
+/// completions until nothing more completes. Returns the driver and socket if it
+/// closed; counts the looks that left it paused on the body budget in `paused`.
 pub fn pump_uring(
     host: &mut Host<SimSock>,
     now: Instant,
@@ -381,19 +391,20 @@ pub fn pump_uring(
     bad: &mut Vec<Violation>,
     paused: &mut u64,
 ) -> Option<(Connection, SimSock)> {
+    let mut paused_at = host
+        .get(t)
+        .filter(|e| e.driver.paused_for_budget())
+        .map(|e| e.driver.charged());
+    uring_kernel(host, now, t, bad);
     for _ in 0..100_000 {
-        let paused_at = host
-            .get(t)
-            .filter(|e| e.driver.paused_for_budget())
-            .map(|e| e.driver.charged());
         let mut closed = None;
         if uring_turn(host, now, t, link_sends, &mut closed) {
             return closed;
         }
-        let completed = uring_kernel(host, now, t, bad);
         let e = host.get(t)?;
         end_of_look(e, paused_at, output_cap, bad, paused);
-        if !completed || !bad.is_empty() {
+        paused_at = Some(e.driver.charged()).filter(|_| e.driver.paused_for_budget());
+        if !bad.is_empty() || !uring_kernel(host, now, t, bad) {
             return None;
         }
     }

@@ -822,6 +822,16 @@ impl World {
                 if std::mem::take(&mut e.io.wrote) {
                     self.active[e.io.client] = elapsed;
                 }
+                let paused_reads = std::mem::take(&mut e.io.read_while_paused);
+                let linked = std::mem::take(&mut e.io.linked_sends);
+                for (k, n) in [
+                    ("uring_read_while_paused", paused_reads),
+                    ("uring_linked_send", linked),
+                ] {
+                    if n > 0 {
+                        *self.counts.faults.entry(k).or_default() += n;
+                    }
+                }
             }
             if let Some((driver, sock)) = closed {
                 self.closed(t, driver, sock);
