@@ -1282,3 +1282,46 @@ fn absorbing_edge_stats_adds_every_count_and_zeroes_the_source() {
     );
     assert_eq!(more, EdgeStats::default());
 }
+
+/// A record header that is no TLS record's (content type outside 20-24, a version
+/// other than 3.x) or that claims the most a record may carry (2^14 + 2,048 bytes of
+/// payload) or more is given back alone, for rustls to refuse at once; any other is
+/// awaited whole.
+#[test]
+fn a_tls_record_header_that_cannot_be_one_is_not_awaited() {
+    let max: u16 = (1 << 14) + 2048;
+    let header = |kind: u8, major: u8, payload: u16| {
+        let [hi, lo] = payload.to_be_bytes();
+        [kind, major, 3, hi, lo]
+    };
+    assert_eq!(tls::declared_record_len(&header(22, 3, max)), Some(5));
+    assert_eq!(tls::declared_record_len(&header(22, 3, u16::MAX)), Some(5));
+    assert_eq!(tls::declared_record_len(&header(25, 3, 10)), Some(5));
+    assert_eq!(tls::declared_record_len(&header(19, 3, 10)), Some(5));
+    assert_eq!(tls::declared_record_len(&header(22, 2, 10)), Some(5));
+    assert_eq!(tls::declared_record_len(&header(23, 3, 10)), Some(15));
+    assert_eq!(
+        tls::declared_record_len(&header(22, 3, max - 1)),
+        Some(5 + usize::from(max - 1))
+    );
+}
+
+/// Each failed handshake is counted under its cause (`smtpgw_tls_handshake_failures_total`).
+#[test]
+fn handshake_failures_are_counted_by_their_cause() {
+    use rustls::{AlertDescription, Error, PeerIncompatible};
+    let label = |e: Error| tls::failure(&e).as_str();
+    assert_eq!(
+        label(Error::AlertReceived(AlertDescription::HandshakeFailure)),
+        "alert_received"
+    );
+    assert_eq!(
+        label(Error::PeerIncompatible(
+            PeerIncompatible::NoCipherSuitesInCommon
+        )),
+        "incompatible"
+    );
+    assert_eq!(label(Error::NoCertificatesPresented), "incompatible");
+    assert_eq!(label(Error::DecryptError), "bad_message");
+    assert_eq!(label(Error::General("other".into())), "other");
+}
