@@ -1071,6 +1071,26 @@ fn silent_and_trickling_handshakes_close_at_the_deadline() {
     assert_eq!(conn.poll_timeout(), Some(t0 + Duration::from_secs(60)));
 }
 
+/// A drain that begins during a handshake closes the session, but the handshake's
+/// deadline still holds: a client that stops mid-handshake is not kept until the drain
+/// deadline (or its 421, which it cannot read, is written).
+#[test]
+fn a_handshake_cut_by_a_drain_still_ends_at_its_deadline() {
+    let t = tls();
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(10);
+    let mut conn = open_edge(t0, timed_edge(&t, true), SOCKET_PEER);
+    let mut hello = Vec::new();
+    client(&t.client).write_tls(&mut hello).unwrap();
+    // The whole ClientHello: the server's flight goes out, the client's never comes.
+    conn.handle_input(t0 + Duration::from_secs(1), &hello);
+    conn.begin_drain(t0 + Duration::from_secs(2));
+    assert_eq!(conn.poll_timeout(), Some(deadline));
+    conn.handle_timeout(deadline);
+    assert_eq!(conn.state(), State::Done);
+    assert_eq!(taken(&mut conn).tls_failures[edge::TlsFailure::Timeout], 1);
+}
+
 /// Issue 20 item 5: a client may send at most `MAX_HANDSHAKE_INPUT` before its
 /// handshake is done; a ClientHello larger than that (here 18 KB, cut short or not)
 /// fails the handshake instead of being buffered.

@@ -202,6 +202,23 @@ fn idle_timeout_says_421_then_lingers_then_done() {
 }
 
 #[test]
+fn a_timeout_421_that_is_not_taken_ends_the_connection_after_a_short_grace() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(1 << 30);
+    let mut conn = open(t0, limits(), &budget);
+    let mut out = Vec::new();
+    drain_output(&mut conn, t0, &mut out);
+    // As io_uring's linked sends do, the greeting counted as written when its send was
+    // queued; the client never read it, so the 421 of the idle timeout cannot go out.
+    let t1 = t0 + Duration::from_secs(60);
+    conn.handle_timeout(t1);
+    assert!(conn.pending_output().starts_with(b"421 4.4.2"));
+    assert_eq!(conn.poll_timeout(), Some(t1 + Duration::from_secs(10)));
+    conn.handle_timeout(t1 + Duration::from_secs(10));
+    assert_eq!(conn.ending(), Some(Ending::WriteStalled));
+}
+
+#[test]
 fn a_trickled_command_line_does_not_hold_the_connection() {
     let t0 = Instant::now();
     let budget = BodyBudget::new(1 << 30);
@@ -213,6 +230,7 @@ fn a_trickled_command_line_does_not_hold_the_connection() {
         let t = t0 + Duration::from_secs(50 * i as u64);
         if conn.poll_timeout().is_some_and(|d| d <= t) {
             conn.handle_timeout(t);
+            drain_output(&mut conn, t, &mut out);
         }
         conn.handle_input(t, &[*b]);
     }
