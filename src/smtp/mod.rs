@@ -26,3 +26,14 @@ pub use refusal::Refusal;
 pub use session::Unlimited;
 pub use session::{Gate, Session, SessionConfig, SessionEvent, SessionPolicy};
 pub use stats::SessionStats;
+
+/// What the protocol core's tests and the connection driver's share, so that neither
+/// names the sink layer's record (`sink::record`), which sits above both.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Room left in front of each body: what production leaves for the sink layer's
+    /// `Received:` line (`sink::record::RECEIVED_HEADROOM`, 1,200 bytes, plus the
+    /// hostname, `mx.test` here), so that bodies are laid out as they are in production.
+    /// What is written there is the record's concern and is tested with it.
+    pub const HEADROOM: usize = 1200 + "mx.test".len();
+}
