@@ -6,9 +6,12 @@
 //! - `SMTPGW_SIM_SEED=N`: replay seed N (print its trace hash, and the shrunk trace if
 //!   it breaks an invariant);
 //! - otherwise: the determinism check, the hunts for the reintroduced defects, then
-//!   fresh seeds from the OS for `SMTPGW_SIM_SECONDS` (default 10), each logged as
-//!   `sim seed=N`; the counts at the end. `SMTPGW_SIM_BASE_SEED=B` draws the seeds from
-//!   B instead of the OS, for a repeatable set (mutation testing).
+//!   fresh seeds from the OS for `SMTPGW_SIM_SECONDS` (default 10; 0: none), each
+//!   logged as `sim seed=N`; the counts at the end. `SMTPGW_SIM_BASE_SEED=B` draws the
+//!   seeds from B instead of the OS, for a repeatable set (mutation testing).
+//! - Arguments select parts: `determinism`, `defects`, `seeds` (default: all), as in
+//!   `tests/sim_disk`. `scripts/test.sh` runs the first two in `cargo test` and
+//!   `scripts/sim.sh` the third, so that each runs once.
 //!
 //! Exits non-zero on a violated invariant, a seed that replays differently, or a
 //! reintroduced defect not found within its budget.
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 use smtpgw::conn::reintroduced;
 
 use run::{execute, plan, Counts};
-use sim_support::{os_seed, Env, Seeds};
+use sim_support::{os_seed, Env, Parts, Seeds};
 
 /// How long shrinking a failure may take.
 const SHRINK_TIME: Duration = Duration::from_secs(60);
@@ -141,6 +144,7 @@ fn hunt(name: &str, switch: &AtomicBool, kind: &str) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let parts = Parts::from_args();
     // Replaying a seed a defect hunt reported: the same switch on.
     let switches = [
         ("output", &reintroduced::IGNORE_OUTPUT_CAP),
@@ -160,8 +164,10 @@ fn main() -> ExitCode {
         };
     }
     let mut failures = Vec::new();
-    if let Err(e) = determinism(1).and_then(|()| determinism(os_seed())) {
-        failures.push(e);
+    if parts.wants("determinism") {
+        if let Err(e) = determinism(1).and_then(|()| determinism(os_seed())) {
+            failures.push(e);
+        }
     }
     let defects: [(&str, &AtomicBool, &str); 2] = [
         (
@@ -175,24 +181,26 @@ fn main() -> ExitCode {
             "stall",
         ),
     ];
-    for (name, switch, kind) in defects {
+    for (name, switch, kind) in defects.into_iter().filter(|_| parts.wants("defects")) {
         if let Err(e) = hunt(name, switch, kind) {
             failures.push(e);
         }
     }
-    let budget_start = Instant::now();
-    let mut counts = Counts::default();
-    let mut seeds = 0;
-    while budget_start.elapsed() < env.budget {
-        let seed = env.seeds.next();
-        println!("sim seed={seed}");
-        seeds += 1;
-        if run_seed(seed, &mut counts, Some(SHRINK_TIME)).is_err() {
-            failures.push(format!("seed {seed} broke an invariant (above)"));
-            break;
+    if parts.wants("seeds") && !env.budget.is_zero() {
+        let budget_start = Instant::now();
+        let mut counts = Counts::default();
+        let mut seeds = 0;
+        while budget_start.elapsed() < env.budget {
+            let seed = env.seeds.next();
+            println!("sim seed={seed}");
+            seeds += 1;
+            if run_seed(seed, &mut counts, Some(SHRINK_TIME)).is_err() {
+                failures.push(format!("seed {seed} broke an invariant (above)"));
+                break;
+            }
         }
+        report("sim", seeds, &counts, budget_start.elapsed());
     }
-    report("sim", seeds, &counts, budget_start.elapsed());
     println!(
         "sim: wall time in all {:.1} s",
         started.elapsed().as_secs_f64()

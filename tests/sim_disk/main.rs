@@ -8,7 +8,7 @@
 //!   `SMTPGW_SIM_DEFECT=truncate-at-corruption` or `ignore-commit-marks`, with that
 //!   reintroduced defect on, as a hunt found it.
 //! - `SMTPGW_SIM_SECONDS=S` (default 60): fresh seeds from the OS for S seconds
-//!   (`SMTPGW_SIM_BASE_SEED=B`: drawn from B instead, a repeatable set); 0 runs one.
+//!   (`SMTPGW_SIM_BASE_SEED=B`: drawn from B instead, a repeatable set); 0 runs none.
 //!   The environment is read as `tests/sim` reads it (`tests/sim_support`).
 //! - Arguments select parts: `determinism`, `defects`, `seeds` (default: all).
 //!
@@ -248,7 +248,7 @@ fn main() {
             budget,
         );
     }
-    if parts.wants("seeds") {
+    if parts.wants("seeds") && (fixed.is_some() || !env.budget.is_zero()) {
         let started = Instant::now();
         let mut totals = Totals::default();
         if let Some((seed, config, steps, _)) =

@@ -76,8 +76,12 @@ impl Seeds {
     }
 }
 
-/// Which parts of a run the arguments ask for: all when none is named. Arguments that
-/// start with `-` (ones cargo passes on) are ignored.
+/// The parts of a run a target has: `determinism`, `defects` (the hunts), `seeds`.
+const PARTS: [&str; 3] = ["determinism", "defects", "seeds"];
+
+/// Which parts of a run the arguments ask for: all when none is named. Only the parts'
+/// names count: whatever else cargo passes on to every test target (`--skip conn::`
+/// from `scripts/mutants.sh`, `--nocapture`) must not turn a run into one of nothing.
 pub struct Parts {
     named: Vec<String>,
 }
@@ -87,7 +91,7 @@ impl Parts {
         Parts {
             named: std::env::args()
                 .skip(1)
-                .filter(|a| !a.starts_with('-'))
+                .filter(|a| PARTS.contains(&a.as_str()))
                 .collect(),
         }
     }
