@@ -581,14 +581,7 @@ mod tests {
     /// first twelve; a transaction without them still has one (empty) of each.
     #[test]
     fn dsn_parameters_are_headers_per_recipient_in_rcpt_order() {
-        let input = "EHLO c.test\r\n\
-            MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bdef\r\n\
-            RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n\
-            RCPT TO:<c@example.com>\r\n\
-            RCPT TO:<d@example.com> NOTIFY=never\r\n\
-            DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n\
-            MAIL FROM:<>\r\nRCPT TO:<e@example.com>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n";
-        let records: Vec<_> = messages(input)
+        let records: Vec<_> = messages(crate::smtp::test_support::DSN_SESSION)
             .into_iter()
             .map(|m| headers(&seal(m)))
             .collect();

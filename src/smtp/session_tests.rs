@@ -1587,14 +1587,7 @@ fn dsn_of<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Dsn> {
 /// reads: every split into two reads and one byte at a time give the same envelopes.
 #[test]
 fn dsn_parameters_reach_the_envelope_for_every_split_of_reads() {
-    let input = "EHLO c.test\r\n\
-        MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bdef\r\n\
-        RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n\
-        RCPT TO:<c@example.com>\r\n\
-        RCPT TO:<d@example.com> NOTIFY=never\r\n\
-        DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n\
-        MAIL FROM:<>\r\nRCPT TO:<e@example.com>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n";
-    let input = input.as_bytes();
+    let input = crate::smtp::test_support::DSN_SESSION.as_bytes();
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let whole = dsn_of([input]);
     assert_eq!(
