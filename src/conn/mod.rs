@@ -1169,9 +1169,12 @@ impl Connection {
                 }
                 // Waiting for the sink, the verifier or for the client to read is not
                 // idleness.
+                // Nor is a body paused on the reactor's budget: the gateway stopped
+                // reading it.
                 if self.in_flight.is_none()
                     && !self.session.is_awaiting_auth()
                     && self.out_len() == 0
+                    && !self.body_held_by_budget()
                 {
                     next = next.min(self.idle_deadline);
                 }
@@ -1222,7 +1225,10 @@ impl Connection {
             self.life = Life::Done(Ending::Closed);
             return;
         }
-        let idle = self.in_flight.is_none() && self.out_len() == 0 && now >= self.idle_deadline;
+        let idle = self.in_flight.is_none()
+            && self.out_len() == 0
+            && !self.body_held_by_budget()
+            && now >= self.idle_deadline;
         if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
             // Nothing was said yet (no header, no handshake): close unanswered.
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
@@ -1347,7 +1353,18 @@ impl Connection {
         if defect(&reintroduced::NO_RESUME_ON_BUDGET) {
             return;
         }
-        if matches!(self.life, Life::Open) && self.has_input() && self.can_consume() {
+        if !matches!(self.life, Life::Open) || !self.can_consume() {
+            return;
+        }
+        if self.session.in_body() {
+            // The client's clocks stood still while the gateway did not read: it gets
+            // a whole idle timeout and a fresh data-rate window from now.
+            self.idle_deadline = now + self.limits.idle_timeout;
+            if self.rate_window.is_some() {
+                self.rate_window = Some((now, 0));
+            }
+        }
+        if self.has_input() {
             self.process_input(now);
             self.after_output_change(now);
         }
@@ -1358,8 +1375,7 @@ impl Connection {
     /// frees budget or gets a sink answer.
     pub fn paused_for_budget(&self) -> bool {
         matches!(self.life, Life::Open)
-            && self.session.in_body()
-            && self.budget.pauses_bodies()
+            && self.body_held_by_budget()
             && !self.session.is_awaiting_publish()
     }
 
@@ -1554,8 +1570,14 @@ impl Connection {
             // the handshake itself must be read.
             || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
             || self.over_output_cap()
-            || (self.session.in_body() && self.budget.pauses_bodies());
+            || self.body_held_by_budget();
         !blocked
+    }
+
+    /// A body the reactor's budget (or the sink's in-flight limit) holds back: the
+    /// gateway, not the client, is the one waiting.
+    fn body_held_by_budget(&self) -> bool {
+        self.session.in_body() && self.budget.pauses_bodies()
     }
 
     /// Replies the client has not read fill the output cap: no more input is taken.

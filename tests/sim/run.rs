@@ -27,7 +27,7 @@ use crate::clients::{Client, Expect, Kind, Settings, KINDS};
 use crate::clock::Clock;
 use crate::invariants::{self, violation, Acks, Violation};
 use crate::net::{pump, SimSock};
-use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUT};
+use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUTS};
 
 const HOSTNAME: &str = "mx.sim.test";
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -310,7 +310,9 @@ struct World {
 impl World {
     fn new(seed: u64) -> World {
         STAMPS.with(|s| s.set(0));
-        let sink = Arc::new(SimSink::default());
+        let timeouts = PUBLISH_TIMEOUTS.len();
+        let long_waits = fastrand::Rng::with_seed(seed ^ 0x5851_f42d_4c95_7f2d).usize(..timeouts);
+        let sink = Arc::new(SimSink::new(PUBLISH_TIMEOUTS[long_waits]));
         let metrics = Arc::new(Metrics::new().expect("metrics registry"));
         let session = Arc::new(SessionConfigHandle::new(session_config(0)));
         let output_cap = ConnectionSettings::DEFAULT_OUTPUT_CAP;
@@ -660,12 +662,22 @@ impl World {
                         && e.io.to_client.is_empty()
                         && !e.io.peer_eof
                         && !e.io.reset;
+                    // A body the gateway stopped reading: the client is not idle.
+                    let paused = e.driver.paused_for_budget();
                     let before = e.driver.pending_output().len();
                     e.driver.handle_timeout(now);
                     let said =
                         &e.driver.pending_output()[before.min(e.driver.pending_output().len())..];
                     let idle = said.windows(5).any(|w| w == b"4.4.2");
-                    if waiting && idle && elapsed < l.opened + SESSION {
+                    if paused && idle && elapsed < l.opened + SESSION {
+                        self.bad.push(violation(
+                            "idle timeout",
+                            format!(
+                                "client {} ({:?}) idle-timed-out while its body was paused on the budget",
+                                l.client, client.kind
+                            ),
+                        ));
+                    } else if waiting && idle && elapsed < l.opened + SESSION {
                         self.bad.push(violation(
                             "idle timeout",
                             format!(
@@ -762,7 +774,7 @@ impl World {
             // replies, counted from its last byte, our last write or the end of a wait
             // on us.
             let quiet = self.active[l.client];
-            if now > quiet + IDLE + PUBLISH_TIMEOUT + END_SLACK {
+            if now > quiet + IDLE + self.sink.publish_timeout() + END_SLACK {
                 let state = self.host.get(l.ticket).map(|e| {
                     format!(
                         "{} bytes unread by it, {} by us, eof {}, fin {}: {:?}, deadline in {:?}",

@@ -13,9 +13,10 @@ use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::{Completion, PublishError, PublishResult, Sink};
 
 /// A held message no step answers is answered `Temporary` this long after it arrived,
-/// as the Kafka sink's publish timeout does; kept well under the idle timeout, so that
-/// a session paused behind the sink is never idle-timed-out for the sink's slowness.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// as the Kafka sink's publish timeout does: a short one, or (in some seeds) one longer
+/// than the idle timeout, which an operator may set, so that bodies stay paused on the
+/// budget for longer than the idle timeout.
+pub const PUBLISH_TIMEOUTS: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(90)];
 /// `over_inflight_limit` while the sink holds this many.
 pub const INFLIGHT_LIMIT: usize = 2;
 
@@ -57,6 +58,7 @@ struct State {
     held: Vec<Held>,
     crashed_until: Option<Duration>,
     inline_ok: bool,
+    publish_timeout: Duration,
     /// By message id.
     records: BTreeMap<u128, Record>,
     answered_twice: Vec<u128>,
@@ -68,7 +70,6 @@ struct State {
     submitted: u64,
 }
 
-#[derive(Default)]
 pub struct SimSink {
     state: Mutex<State>,
 }
@@ -93,6 +94,19 @@ fn result(outcome: Outcome, id: u128) -> PublishResult {
 }
 
 impl SimSink {
+    pub fn new(publish_timeout: Duration) -> SimSink {
+        SimSink {
+            state: Mutex::new(State {
+                publish_timeout,
+                ..State::default()
+            }),
+        }
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        self.lock().publish_timeout
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -226,7 +240,7 @@ impl Sink for SimSink {
             mail_from,
             rcpt_to,
             done,
-            due: s.now + PUBLISH_TIMEOUT,
+            due: s.now + s.publish_timeout,
         };
         if s.crashed_until.is_some() {
             settle(&mut s, held, Outcome::Temporary);
