@@ -87,6 +87,13 @@ pub mod reintroduced {
     /// `handle_budget_freed` does nothing: a body paused on the budget whose client has
     /// sent everything stalls (the defect 2d62cfb fixed).
     pub static NO_RESUME_ON_BUDGET: AtomicBool = AtomicBool::new(false);
+    /// Commands pipelined behind STARTTLS are kept, not discarded, and run once the
+    /// handshake is done as if they had come over TLS (CVE-2011-0411, the plaintext
+    /// injection RFC 3207 section 4.2 forbids).
+    pub static KEEP_PIPELINED_AFTER_STARTTLS: AtomicBool = AtomicBool::new(false);
+    /// No handshake deadline: a client that stops mid-handshake holds its connection
+    /// until the idle timeout instead of `--tls-handshake-timeout`.
+    pub static NO_HANDSHAKE_DEADLINE: AtomicBool = AtomicBool::new(false);
 }
 
 /// Whether the reintroduced defect `switch` is on (never without `testing`).
@@ -551,6 +558,10 @@ impl Connection {
     fn handshake_begins(&mut self, now: Instant) {
         if matches!(self.front, Front::Tls(_)) && !self.tls_done {
             self.handshake_deadline = self.edge.tls_handshake_timeout.map(|t| now + t);
+            #[cfg(feature = "testing")]
+            if defect(&reintroduced::NO_HANDSHAKE_DEADLINE) {
+                self.handshake_deadline = None;
+            }
         }
     }
 
@@ -710,6 +721,11 @@ impl Connection {
     /// never executed, and the handshake starts once the `220` is written.
     fn check_starttls(&mut self) {
         if matches!(self.front, Front::Plain) && std::mem::take(&mut self.starttls_accepted) {
+            #[cfg(feature = "testing")]
+            if defect(&reintroduced::KEEP_PIPELINED_AFTER_STARTTLS) {
+                self.front = Front::StartTls;
+                return;
+            }
             self.edge_stats.starttls_discarded_bytes += self.pending.len() as u64;
             self.pending = Vec::new();
             self.front = Front::StartTls;
@@ -1377,6 +1393,13 @@ impl Connection {
         matches!(self.life, Life::Open)
             && self.body_held_by_budget()
             && !self.session.is_awaiting_publish()
+    }
+
+    #[cfg(feature = "testing")]
+    /// A TLS handshake has begun and is not done (the simulator holds it to
+    /// `--tls-handshake-timeout`).
+    pub fn handshake_pending(&self) -> bool {
+        matches!(self.front, Front::Tls(_)) && !self.tls_done
     }
 
     /// Hands everything counted since the last call to `to`.

@@ -25,6 +25,7 @@ mod shrink;
 #[path = "../sim_support/mod.rs"]
 mod sim_support;
 mod sink;
+mod tls;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -80,6 +81,14 @@ fn report(title: &str, seeds: u64, c: &Counts, wall: Duration) {
         c.acked,
         c.sim_time.as_secs_f64() / 3600.0,
         wall.as_secs_f64()
+    );
+    println!(
+        "{title}: {} runs driven as the epoll backend drives the reactor core, {} as the io_uring one",
+        c.epoll_runs, c.uring_runs
+    );
+    println!(
+        "{title}: TLS begun {} times, {} messages acknowledged over TLS, {} of them authenticated",
+        c.tls_begun, c.tls_acked, c.auth_acked
     );
     let faults: Vec<String> = c.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("{title}: faults injected: {}", faults.join(" "));
@@ -149,6 +158,8 @@ fn main() -> ExitCode {
     let switches = [
         ("output", &reintroduced::IGNORE_OUTPUT_CAP),
         ("budget", &reintroduced::NO_RESUME_ON_BUDGET),
+        ("starttls", &reintroduced::KEEP_PIPELINED_AFTER_STARTTLS),
+        ("handshake", &reintroduced::NO_HANDSHAKE_DEADLINE),
     ];
     let mut env = Env::read_or_exit(10, &switches);
     if let Some(seed) = env.seed {
@@ -169,7 +180,7 @@ fn main() -> ExitCode {
             failures.push(e);
         }
     }
-    let defects: [(&str, &AtomicBool, &str); 2] = [
+    let defects: [(&str, &AtomicBool, &str); 4] = [
         (
             "never-reading client's unbounded output",
             &reintroduced::IGNORE_OUTPUT_CAP,
@@ -179,6 +190,16 @@ fn main() -> ExitCode {
             "body paused on the budget never resumed",
             &reintroduced::NO_RESUME_ON_BUDGET,
             "stall",
+        ),
+        (
+            "commands pipelined behind STARTTLS run over TLS (CVE-2011-0411)",
+            &reintroduced::KEEP_PIPELINED_AFTER_STARTTLS,
+            "reply order",
+        ),
+        (
+            "a stalled handshake held until the idle timeout",
+            &reintroduced::NO_HANDSHAKE_DEADLINE,
+            "handshake deadline",
         ),
     ];
     for (name, switch, kind) in defects.into_iter().filter(|_| parts.wants("defects")) {

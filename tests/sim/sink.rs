@@ -39,6 +39,9 @@ pub struct Record {
     /// The record's `smtp.mail_from` and `smtp.rcpt_to` headers, as a sink stores them.
     pub mail_from: Vec<u8>,
     pub rcpt_to: Vec<Vec<u8>>,
+    /// `smtp.tls` and `smtp.auth`.
+    pub tls: Vec<u8>,
+    pub auth: Vec<u8>,
     pub outcome: Outcome,
 }
 
@@ -48,6 +51,8 @@ struct Held {
     body: Vec<u8>,
     mail_from: Vec<u8>,
     rcpt_to: Vec<Vec<u8>>,
+    tls: Vec<u8>,
+    auth: Vec<u8>,
     done: Completion,
     due: Duration,
 }
@@ -214,6 +219,8 @@ fn settle(s: &mut State, h: Held, outcome: Outcome) {
         body: h.body,
         mail_from: h.mail_from,
         rcpt_to: h.rcpt_to,
+        tls: h.tls,
+        auth: h.auth,
         outcome,
     };
     if s.records.insert(h.id, record).is_some() {
@@ -226,9 +233,13 @@ impl Sink for SimSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
         let mut mail_from = Vec::new();
         let mut rcpt_to = Vec::new();
+        let mut tls = Vec::new();
+        let mut auth = Vec::new();
         msg.for_each_header(|name, value| match name {
             "smtp.mail_from" => mail_from = value.to_vec(),
             "smtp.rcpt_to" => rcpt_to.push(value.to_vec()),
+            "smtp.tls" => tls = value.to_vec(),
+            "smtp.auth" => auth = value.to_vec(),
             _ => {}
         });
         let mut s = self.lock();
@@ -239,6 +250,8 @@ impl Sink for SimSink {
             body: msg.body().to_vec(),
             mail_from,
             rcpt_to,
+            tls,
+            auth,
             done,
             due: s.now + s.publish_timeout,
         };
