@@ -27,6 +27,7 @@ use crate::clients::{Client, Expect, Kind, Settings, TlsPlan, KINDS};
 use crate::clock::Clock;
 use crate::invariants::{self, violation, Acks, Violation};
 use crate::net::{pump, pump_uring, Drive, SimSock};
+use crate::sim_support::Rng;
 use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUTS};
 use crate::tls::{self, Edges, HANDSHAKE_TIMEOUT};
 
@@ -123,7 +124,7 @@ impl fmt::Display for Step {
 
 /// The steps seed `seed` chooses.
 pub fn plan(seed: u64) -> Vec<Step> {
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut rng = Rng::with_seed(seed);
     let n = rng.usize(100..1_500);
     let mut clients = 0;
     let mut steps = Vec::with_capacity(n);
@@ -327,14 +328,14 @@ struct World {
     trace: TraceHash,
     counts: Counts,
     bad: Vec<Violation>,
-    rng_windows: fastrand::Rng,
+    rng_windows: Rng,
 }
 
 impl World {
     fn new(seed: u64) -> World {
         STAMPS.with(|s| s.set(0));
         // Its own stream, so that the plan and the scripts stay what the seed made them.
-        let drive = match fastrand::Rng::with_seed(seed ^ 0x7572_696e_6721_2121).u8(..4) {
+        let drive = match Rng::with_seed(seed ^ 0x7572_696e_6721_2121).u8(..4) {
             0 | 1 => Drive::Epoll,
             2 => Drive::Uring { link_sends: false },
             _ => Drive::Uring { link_sends: true },
@@ -347,7 +348,7 @@ impl World {
         } else {
             1
         };
-        let long_waits = fastrand::Rng::with_seed(seed ^ 0x5851_f42d_4c95_7f2d).usize(..timeouts);
+        let long_waits = Rng::with_seed(seed ^ 0x5851_f42d_4c95_7f2d).usize(..timeouts);
         let sink = Arc::new(SimSink::new(PUBLISH_TIMEOUTS[long_waits]));
         let metrics = Arc::new(Metrics::new().expect("metrics registry"));
         let session = Arc::new(SessionConfigHandle::new(session_config(0)));
@@ -418,7 +419,7 @@ impl World {
             trace,
             counts,
             bad: Vec::new(),
-            rng_windows: fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
+            rng_windows: Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
     }
 
