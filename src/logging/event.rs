@@ -152,7 +152,13 @@ impl PendingLine {
         let auth = auth.map(|a| clamp(a.as_bytes()));
         let from = clamp(from.as_bytes());
         let message_id = message_id.map(clamp);
-        let mut head = [0u8; HEADER];
+        // The header is written in place: the buffer's first bytes, zeroed.
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.resize(HEADER, 0);
+        let Some(head) = buf.first_chunk_mut::<HEADER>() else {
+            return;
+        };
         head[0] = TAG_MESSAGE;
         head[AT_SESSION..AT_SESSION + 8].copy_from_slice(&session.to_le_bytes());
         head[AT_ID..AT_ID + 16].copy_from_slice(&id.0.to_le_bytes());
@@ -182,15 +188,11 @@ impl PendingLine {
             flags |= HAS_RCPTS;
         }
         head[AT_FLAGS] = flags;
-        put_len(&mut head, Text::Tls, tls.len());
-        put_len(&mut head, Text::Helo, helo.len());
-        put_len(&mut head, Text::Auth, auth.map_or(0, <[u8]>::len));
-        put_len(&mut head, Text::From, from.len());
-        put_len(
-            &mut head,
-            Text::MessageId,
-            message_id.map_or(0, <[u8]>::len),
-        );
+        put_len(head, Text::Tls, tls.len());
+        put_len(head, Text::Helo, helo.len());
+        put_len(head, Text::Auth, auth.map_or(0, <[u8]>::len));
+        put_len(head, Text::From, from.len());
+        put_len(head, Text::MessageId, message_id.map_or(0, <[u8]>::len));
         // The same client, TLS version and the very same HELO and user texts (shared
         // with the session, held here so that their memory is not reused for others)
         // as the last line's: the same fixed part. Anything else, even the same words
@@ -217,9 +219,6 @@ impl PendingLine {
             self.last_auth = auth_given.cloned();
         }
         head[AT_FIXED..AT_FIXED + 4].copy_from_slice(&self.fixed.to_le_bytes());
-        let buf = &mut self.buf;
-        buf.clear();
-        buf.extend_from_slice(&head);
         buf.extend_from_slice(tls);
         buf.extend_from_slice(helo);
         buf.extend_from_slice(auth.unwrap_or_default());

@@ -718,22 +718,36 @@ fn classify(v: &[u8]) -> u8 {
     v.iter().fold(0, |acc, &b| acc | CLASS[usize::from(b)])
 }
 
+/// Crockford's base32, the ULID's alphabet.
+const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// Two base32 characters for each 10 bits.
+static ULID_PAIRS: [[u8; 2]; 1024] = {
+    let mut t = [[0u8; 2]; 1024];
+    let mut i = 0;
+    while i < 1024 {
+        t[i] = [ALPHABET[i >> 5], ALPHABET[i & 31]];
+        i += 1;
+    }
+    t
+};
+
 /// A ULID's text, as [`ulid::Ulid::array_to_str`] writes it: 26 characters of five bits
 /// each, the first of the top three. Two 60-bit halves of `u64` shifts instead of 26
-/// shifts of the whole `u128` (each several instructions), so half the instructions.
+/// shifts of the whole `u128` (each several instructions), each half ten bits (two
+/// characters from [`ULID_PAIRS`]) at a time: a quarter of the shifts and loads.
 #[inline]
 fn ulid_text(id: u128) -> [u8; ulid::ULID_LEN] {
-    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
     const LOW60: u64 = (1 << 60) - 1;
     let low = id as u64 & LOW60;
     let mid = (id >> 60) as u64 & LOW60;
     let top = (id >> 120) as u8;
     let mut buf = [0u8; ulid::ULID_LEN];
-    buf[0] = ALPHABET[usize::from(top >> 5)];
-    buf[1] = ALPHABET[usize::from(top & 31)];
-    for i in 0..12 {
-        buf[13 - i] = ALPHABET[(mid >> (5 * i)) as usize & 31];
-        buf[25 - i] = ALPHABET[(low >> (5 * i)) as usize & 31];
+    buf[..2].copy_from_slice(&ULID_PAIRS[usize::from(top)]);
+    for i in 0..6 {
+        let at = 12 - 2 * i;
+        buf[at..at + 2].copy_from_slice(&ULID_PAIRS[(mid >> (10 * i)) as usize & 1023]);
+        buf[at + 12..at + 14].copy_from_slice(&ULID_PAIRS[(low >> (10 * i)) as usize & 1023]);
     }
     buf
 }
