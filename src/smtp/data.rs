@@ -61,12 +61,7 @@ enum State {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeaderLines {
     starts: [u32; HEADER_LINES],
-    /// Where the line after each candidate starts (its end, CRLF included), noted at
-    /// that line's start; 0 until then (a body cut off in the line: looked for).
-    ends: [u32; HEADER_LINES],
     count: u8,
-    /// The last line start noted was a candidate's: the next one is its end.
-    awaiting_end: bool,
     /// No blank line yet: the reader is still in the header section.
     open: bool,
     /// The list may miss a line (more candidates than it holds, a dot dropped at a
@@ -82,9 +77,7 @@ impl Default for HeaderLines {
     fn default() -> Self {
         HeaderLines {
             starts: [0; HEADER_LINES],
-            ends: [0; HEADER_LINES],
             count: 0,
-            awaiting_end: false,
             open: true,
             incomplete: false,
         }
@@ -92,35 +85,22 @@ impl Default for HeaderLines {
 }
 
 impl HeaderLines {
-    /// The candidates' offsets in the body without its first `headroom` bytes, in order,
-    /// each with the offset of its end (where the next line starts) when that was seen;
+    /// The candidates' offsets in the body without its first `headroom` bytes, in order;
     /// `None` when the list is not complete.
-    pub fn starts(
-        &self,
-        headroom: usize,
-    ) -> Option<impl Iterator<Item = (usize, Option<usize>)> + '_> {
+    pub fn starts(&self, headroom: usize) -> Option<impl Iterator<Item = usize> + '_> {
         if self.incomplete {
             return None;
         }
-        let n = usize::from(self.count);
-        let starts = &self.starts[..n];
+        let starts = &self.starts[..usize::from(self.count)];
         if starts.iter().any(|&s| (s as usize) < headroom) {
             return None;
         }
-        Some(starts.iter().zip(&self.ends[..n]).map(move |(&s, &e)| {
-            let end = (e as usize > s as usize).then(|| e as usize - headroom);
-            (s as usize - headroom, end)
-        }))
+        Some(starts.iter().map(move |&s| s as usize - headroom))
     }
 
     /// A line of the body starts with `first` at offset `at`.
     #[inline]
     fn line_start(&mut self, first: u8, at: usize) {
-        if self.awaiting_end {
-            // The candidate before ends here: the look-up then needs no search for it.
-            self.awaiting_end = false;
-            self.ends[usize::from(self.count) - 1] = u32::try_from(at).unwrap_or(0);
-        }
         if first == b'\r' || first == b'\n' {
             // A blank line ends the header (a CR that is not one is bare: incomplete).
             self.open = false;
@@ -129,7 +109,6 @@ impl HeaderLines {
                 Ok(at) if usize::from(self.count) < HEADER_LINES => {
                     self.starts[usize::from(self.count)] = at;
                     self.count += 1;
-                    self.awaiting_end = true;
                 }
                 _ => self.incomplete = true,
             }
@@ -437,14 +416,6 @@ mod tests {
                 let starts = lines.starts(headroom);
                 assert_eq!(starts.is_some(), noted, "{input:?} step {step}");
                 if let Some(starts) = starts {
-                    // Each candidate's end was seen (a line follows each), so the
-                    // look-up searches for none.
-                    let starts: Vec<_> = starts.collect();
-                    assert!(
-                        starts.iter().all(|(_, end)| end.is_some()),
-                        "{input:?} step {step}: {starts:?}"
-                    );
-                    let starts = starts.into_iter();
                     assert_eq!(
                         message_id_among(body, starts),
                         message_id(body),

@@ -33,25 +33,13 @@ pub fn message_id(message: &[u8]) -> Option<&[u8]> {
 /// (every one of them before the blank line, in order; the body reader notes them on
 /// its way: [`super::data::HeaderLines`]). The same answer for a fraction of the work:
 /// a few lines compared instead of a search for every line's end.
-///
-/// Each start comes with where the next line starts, when the reader saw it: the line's
-/// end without a search for it.
-pub fn message_id_among(
-    message: &[u8],
-    starts: impl Iterator<Item = (usize, Option<usize>)>,
-) -> Option<&[u8]> {
+pub fn message_id_among(message: &[u8], starts: impl Iterator<Item = usize>) -> Option<&[u8]> {
     let header = &message[..message.len().min(MAX_SCAN)];
-    for (pos, next) in starts {
+    for pos in starts {
         if pos >= header.len() {
             break;
         }
-        // The LF before the next line's start, as the search below would find it.
-        let end = match next {
-            Some(next) if next > pos && next <= header.len() && header[next - 1] == b'\n' => {
-                next - 1
-            }
-            _ => memchr(b'\n', &header[pos..]).map_or(header.len(), |n| pos + n),
-        };
+        let end = memchr(b'\n', &header[pos..]).map_or(header.len(), |n| pos + n);
         if let Some(value) = field_value(header, pos, end) {
             return value;
         }
