@@ -177,6 +177,19 @@ impl Formatter {
         target: &'static str,
         message: &'static str,
     ) -> Line<'a> {
+        self.prepare_static(now, level, target, message);
+        self.line(out)
+    }
+
+    /// The start of [`Self::begin_static`]: `prefix` made right for the line.
+    #[inline(always)]
+    fn prepare_static(
+        &mut self,
+        now: chrono::DateTime<chrono::Utc>,
+        level: Level,
+        target: &'static str,
+        message: &'static str,
+    ) {
         let same = self.prefix_of == Some((now, level))
             && self
                 .prefix_static
@@ -185,7 +198,6 @@ impl Formatter {
             self.prepare(now, level, target, message);
             self.prefix_static = Some((target, message));
         }
-        self.line(out)
     }
 
     /// Makes `prefix` the start of a line of this instant, level, target and message.
@@ -285,8 +297,6 @@ impl Formatter {
         now: chrono::DateTime<chrono::Utc>,
         m: &MessageLine<'_>,
     ) {
-        let recipients = self.recipients;
-        let key = self.hash_key.clone();
         let level = if m.code == 250 {
             Level::INFO
         } else {
@@ -296,16 +306,21 @@ impl Formatter {
             self.fixed.resize_with(FIXED_SLOTS, Fixed::default);
         }
         let slot = m.session as usize & (FIXED_SLOTS - 1);
-        let cached = {
-            let f = &self.fixed[slot];
-            m.fixed != 0 && f.version == m.fixed && f.session == m.session
+        self.prepare_static(now, level, super::TARGET_MESSAGE, "message");
+        out.extend_from_slice(&self.prefix);
+        // The formatter's fields borrowed apart: the cached fixed part is read and
+        // written in its slot, not moved out and back.
+        let fixed = &mut self.fixed[slot];
+        let key = &self.hash_key;
+        let mut l = Line {
+            out,
+            json: self.json,
+            scratch: &mut self.scratch,
         };
-        let mut fixed = std::mem::take(&mut self.fixed[slot].text);
-        let mut l = self.begin_static(out, now, level, super::TARGET_MESSAGE, "message");
         l.num(key!("session"), m.session);
         l.ulid(key!("id"), &m.id);
-        if cached {
-            l.out.extend_from_slice(&fixed);
+        if m.fixed != 0 && fixed.version == m.fixed && fixed.session == m.session {
+            l.out.extend_from_slice(&fixed.text);
         } else {
             let at = l.out.len();
             l.addr(key!("client"), m.client);
@@ -314,11 +329,12 @@ impl Formatter {
             if let Some(user) = m.auth {
                 l.client_text(key!("auth"), user);
             }
-            fixed.clear();
-            fixed.extend_from_slice(&l.out[at..]);
+            fixed.text.clear();
+            fixed.text.extend_from_slice(&l.out[at..]);
+            (fixed.session, fixed.version) = (m.session, m.fixed);
         }
         l.client_text(key!("from"), m.from);
-        match recipients {
+        match self.recipients {
             LogRecipients::Full => match m.only_rcpt() {
                 Some(rcpt) => l.one_item_list(key!("rcpts"), rcpt),
                 None => l.client_list(key!("rcpts"), m.rcpts(), None),
@@ -350,8 +366,6 @@ impl Formatter {
             l.client_text(key!("error"), e);
         }
         l.end();
-        let f = &mut self.fixed[slot];
-        (f.session, f.version, f.text) = (m.session, m.fixed, fixed);
     }
 
     pub fn refusal(
