@@ -312,7 +312,9 @@ pub struct MessageLine<'a> {
     /// two lines of one session with the same version have the same fixed part.
     pub fixed: u32,
     pub id: MessageId,
-    pub client: SocketAddr,
+    /// The header, for the client address ([`Self::client`]): read only when the
+    /// fixed part is formatted, not for every line.
+    head: &'a [u8; HEADER],
     pub tls: &'a [u8],
     pub helo: &'a [u8],
     /// The user the session authenticated as (SMTP AUTH), if it did.
@@ -344,14 +346,6 @@ impl<'a> MessageLine<'a> {
         let len = u32::from_le_bytes(le(h, 1)) as usize;
         let line = bytes.get(HEADER..len.checked_add(5)?)?;
         let rest = bytes.get(len + 5..)?;
-        let port = u16::from_le_bytes(le(h, AT_PORT));
-        let client = if h[AT_FAMILY] == 4 {
-            SocketAddr::from((le::<4>(h, AT_IP), port))
-        } else {
-            let ip = std::net::Ipv6Addr::from(le::<16>(h, AT_IP));
-            let scope = u32::from_le_bytes(le(h, AT_SCOPE));
-            SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
-        };
         let flags = h[AT_FLAGS];
         let mut r = Reader(line);
         let mut next = |text: Text| r.take(u32::from_le_bytes(le(h, text.at())) as usize);
@@ -376,7 +370,7 @@ impl<'a> MessageLine<'a> {
             session: u64::from_le_bytes(le(h, AT_SESSION)),
             fixed: u32::from_le_bytes(le(h, AT_FIXED)),
             id: ulid::Ulid(u128::from_le_bytes(le(h, AT_ID))),
-            client,
+            head: h,
             tls,
             helo,
             auth,
@@ -392,6 +386,19 @@ impl<'a> MessageLine<'a> {
             error,
         };
         Some((m, rest))
+    }
+
+    /// The client's address and port.
+    pub fn client(&self) -> SocketAddr {
+        let h = self.head;
+        let port = u16::from_le_bytes(le(h, AT_PORT));
+        if h[AT_FAMILY] == 4 {
+            SocketAddr::from((le::<4>(h, AT_IP), port))
+        } else {
+            let ip = std::net::Ipv6Addr::from(le::<16>(h, AT_IP));
+            let scope = u32::from_le_bytes(le(h, AT_SCOPE));
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+        }
     }
 
     /// The recipient, when there is exactly one and it was copied.

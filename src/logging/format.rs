@@ -323,7 +323,7 @@ impl Formatter {
             l.out.extend_from_slice(&fixed.text);
         } else {
             let at = l.out.len();
-            l.addr(key!("client"), m.client);
+            l.addr(key!("client"), m.client());
             l.client_text(key!("helo"), m.helo);
             l.plain_bytes(key!("tls"), m.tls);
             if let Some(user) = m.auth {
@@ -1406,7 +1406,7 @@ mod tests {
         batch.extend_from_slice(&message_bytes());
         let (m, rest) = MessageLine::decode(&batch).unwrap_or_else(|| panic!("not a line"));
         assert_eq!((m.session, m.id), (u64::MAX, ulid::Ulid::from_parts(5, 6)));
-        assert_eq!(m.client.to_string(), "[fe80::1%3]:25");
+        assert_eq!(m.client().to_string(), "[fe80::1%3]:25");
         assert_eq!(
             (m.tls, m.helo, m.from),
             (&b"TLSv1.3"[..], &b"h.example"[..], &b"f@x"[..])
