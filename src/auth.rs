@@ -324,6 +324,9 @@ pub struct Verifier {
     jobs: Sender<Job>,
     rates: Rates,
     origin: Instant,
+    /// Verifies in `submit`, on the caller's thread (the deterministic simulation: its
+    /// verdicts must follow from its seed, not from a thread's timing).
+    inline: bool,
 }
 
 crate::smtp::stats::labels! {
@@ -362,6 +365,7 @@ impl Verifier {
             },
             origin: Instant::now(),
             settings,
+            inline: false,
         });
         for i in 0..verifier.settings.threads.max(1) {
             let rx: Receiver<Job> = rx.clone();
@@ -387,6 +391,26 @@ impl Verifier {
             "AUTH users loaded"
         );
         Ok(verifier)
+    }
+
+    #[cfg(any(test, feature = "testing"))]
+    /// A verifier without threads: [`Self::submit`] verifies at once and answers before
+    /// it returns (the simulator, `tests/sim`).
+    pub fn start_inline(settings: AuthSettings) -> Result<Arc<Verifier>, UsersError> {
+        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
+        // No thread receives: `submit` never queues.
+        let (jobs, _) = bounded(0);
+        Ok(Arc::new(Verifier {
+            users: RwLock::new(Arc::new(users)),
+            jobs,
+            rates: Rates {
+                failures: NameRates::default(),
+                messages: NameRates::default(),
+            },
+            origin: Instant::now(),
+            settings,
+            inline: true,
+        }))
     }
 
     fn users(&self) -> Arc<Users> {
@@ -417,6 +441,9 @@ impl Verifier {
     /// Queues `request`; `done` is called once with the verdict, from a verifier
     /// thread, or at once with `Temporary` when the queue is full.
     pub fn submit(&self, request: AuthRequest, done: Box<dyn FnOnce(AuthVerdict) + Send>) {
+        if self.inline {
+            return done(self.verify(&request));
+        }
         match self.jobs.try_send(Job { request, done }) {
             Ok(()) => {}
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {

@@ -87,6 +87,13 @@ pub mod reintroduced {
     /// `handle_budget_freed` does nothing: a body paused on the budget whose client has
     /// sent everything stalls (the defect 2d62cfb fixed).
     pub static NO_RESUME_ON_BUDGET: AtomicBool = AtomicBool::new(false);
+    /// Commands pipelined behind STARTTLS are kept, not discarded, and run once the
+    /// handshake is done as if they had come over TLS (CVE-2011-0411, the plaintext
+    /// injection RFC 3207 section 4.2 forbids).
+    pub static KEEP_PIPELINED_AFTER_STARTTLS: AtomicBool = AtomicBool::new(false);
+    /// No handshake deadline: a client that stops mid-handshake holds its connection
+    /// until the idle timeout instead of `--tls-handshake-timeout`.
+    pub static NO_HANDSHAKE_DEADLINE: AtomicBool = AtomicBool::new(false);
 }
 
 /// Whether the reintroduced defect `switch` is on (never without `testing`).
@@ -551,6 +558,10 @@ impl Connection {
     fn handshake_begins(&mut self, now: Instant) {
         if matches!(self.front, Front::Tls(_)) && !self.tls_done {
             self.handshake_deadline = self.edge.tls_handshake_timeout.map(|t| now + t);
+            #[cfg(feature = "testing")]
+            if defect(&reintroduced::NO_HANDSHAKE_DEADLINE) {
+                self.handshake_deadline = None;
+            }
         }
     }
 
@@ -710,6 +721,11 @@ impl Connection {
     /// never executed, and the handshake starts once the `220` is written.
     fn check_starttls(&mut self) {
         if matches!(self.front, Front::Plain) && std::mem::take(&mut self.starttls_accepted) {
+            #[cfg(feature = "testing")]
+            if defect(&reintroduced::KEEP_PIPELINED_AFTER_STARTTLS) {
+                self.front = Front::StartTls;
+                return;
+            }
             self.edge_stats.starttls_discarded_bytes += self.pending.len() as u64;
             self.pending = Vec::new();
             self.front = Front::StartTls;
@@ -1169,9 +1185,12 @@ impl Connection {
                 }
                 // Waiting for the sink, the verifier or for the client to read is not
                 // idleness.
+                // Nor is a body paused on the reactor's budget: the gateway stopped
+                // reading it.
                 if self.in_flight.is_none()
                     && !self.session.is_awaiting_auth()
                     && self.out_len() == 0
+                    && !self.body_held_by_budget()
                 {
                     next = next.min(self.idle_deadline);
                 }
@@ -1222,7 +1241,10 @@ impl Connection {
             self.life = Life::Done(Ending::Closed);
             return;
         }
-        let idle = self.in_flight.is_none() && self.out_len() == 0 && now >= self.idle_deadline;
+        let idle = self.in_flight.is_none()
+            && self.out_len() == 0
+            && !self.body_held_by_budget()
+            && now >= self.idle_deadline;
         if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
             // Nothing was said yet (no header, no handshake): close unanswered.
             if matches!(self.front, Front::Tls(_)) && !self.tls_done {
@@ -1347,7 +1369,18 @@ impl Connection {
         if defect(&reintroduced::NO_RESUME_ON_BUDGET) {
             return;
         }
-        if matches!(self.life, Life::Open) && self.has_input() && self.can_consume() {
+        if !matches!(self.life, Life::Open) || !self.can_consume() {
+            return;
+        }
+        if self.session.in_body() {
+            // The client's clocks stood still while the gateway did not read: it gets
+            // a whole idle timeout and a fresh data-rate window from now.
+            self.idle_deadline = now + self.limits.idle_timeout;
+            if self.rate_window.is_some() {
+                self.rate_window = Some((now, 0));
+            }
+        }
+        if self.has_input() {
             self.process_input(now);
             self.after_output_change(now);
         }
@@ -1358,9 +1391,15 @@ impl Connection {
     /// frees budget or gets a sink answer.
     pub fn paused_for_budget(&self) -> bool {
         matches!(self.life, Life::Open)
-            && self.session.in_body()
-            && self.budget.pauses_bodies()
+            && self.body_held_by_budget()
             && !self.session.is_awaiting_publish()
+    }
+
+    #[cfg(feature = "testing")]
+    /// A TLS handshake has begun and is not done (the simulator holds it to
+    /// `--tls-handshake-timeout`).
+    pub fn handshake_pending(&self) -> bool {
+        matches!(self.front, Front::Tls(_)) && !self.tls_done
     }
 
     /// Hands everything counted since the last call to `to`.
@@ -1554,8 +1593,14 @@ impl Connection {
             // the handshake itself must be read.
             || (self.session.is_starting_tls() && !matches!(self.front, Front::Tls(_)))
             || self.over_output_cap()
-            || (self.session.in_body() && self.budget.pauses_bodies());
+            || self.body_held_by_budget();
         !blocked
+    }
+
+    /// A body the reactor's budget (or the sink's in-flight limit) holds back: the
+    /// gateway, not the client, is the one waiting.
+    fn body_held_by_budget(&self) -> bool {
+        self.session.in_body() && self.budget.pauses_bodies()
     }
 
     /// Replies the client has not read fill the output cap: no more input is taken.

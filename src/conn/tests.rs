@@ -395,8 +395,27 @@ fn budget_follows_bodies_and_answers() {
 fn paused_body_is_not_read_and_resumes_when_budget_returns() {
     let t0 = Instant::now();
     let budget = BodyBudget::new(2_000);
-    let mut a = open(t0, limits(), &budget);
-    let mut b = open(t0, limits(), &budget);
+    let (mut a, mut b, id) = paused_pair(t0, &budget);
+    assert!(!b.wants_read());
+    b.handle_input(t0, b"more\r\n.\r\n");
+    assert!(
+        b.poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
+            .is_none(),
+        "read while paused"
+    );
+    a.handle_publish(t0, Ok(id));
+    assert!(!budget.exhausted());
+    assert!(b.wants_read());
+    b.output_written(t0, 0);
+    b.handle_input(t0, b"");
+    assert!(!b.paused_for_budget());
+}
+
+/// Two connections on a budget of 2,000 bytes: `a` has a message with the sink, so `b`'s
+/// body (600 bytes in) is paused until `a` is answered.
+fn paused_pair(t0: Instant, budget: &BodyBudget) -> (Connection, Connection, MessageId) {
+    let mut a = open(t0, limits(), budget);
+    let mut b = open(t0, limits(), budget);
     let start = b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@example.com>\r\nDATA\r\n";
     a.handle_input(t0, start);
     b.handle_input(t0, start);
@@ -411,19 +430,52 @@ fn paused_body_is_not_read_and_resumes_when_budget_returns() {
         .poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
         .expect("message");
     assert!(b.paused_for_budget());
-    assert!(!b.wants_read());
-    b.handle_input(t0, b"more\r\n.\r\n");
-    assert!(
-        b.poll_message(t0, &mut fixed_stamp, SealedMessage::seal)
-            .is_none(),
-        "read while paused"
-    );
-    a.handle_publish(t0, Ok(m.id));
-    assert!(!budget.exhausted());
+    for conn in [&mut a, &mut b] {
+        let n = conn.pending_output().len();
+        conn.output_written(t0, n);
+    }
+    (a, b, m.id)
+}
+
+#[test]
+fn a_body_paused_on_the_budget_is_not_idle_nor_slow() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(2_000);
+    let (mut a, mut b, id) = paused_pair(t0, &budget);
+    // The pause outlasts the idle timeout (60 s) and several data-rate windows (30 s):
+    // the gateway is the one not reading, so neither ends the session.
+    while let Some(at) = b.poll_timeout() {
+        if at > t0 + Duration::from_secs(200) {
+            break;
+        }
+        b.handle_timeout(at);
+        let paused_for = at - t0;
+        assert_eq!(
+            b.state(),
+            State::Open,
+            "ended while paused, at {paused_for:?}"
+        );
+        assert!(!b.wants_write(), "answered while paused, at {paused_for:?}");
+    }
+    let resumed = t0 + Duration::from_secs(200);
+    a.handle_publish(resumed, Ok(id));
+    b.handle_budget_freed(resumed);
     assert!(b.wants_read());
-    b.output_written(t0, 0);
-    b.handle_input(t0, b"");
-    assert!(!b.paused_for_budget());
+    // From the resume on the client has its whole idle timeout and a fresh rate window
+    // (the last window of the pause began at 180 s).
+    for (after, input) in [(10, 0), (29, 31 * 1024), (30, 0), (59, 0)] {
+        let at = resumed + Duration::from_secs(after);
+        b.handle_input(at, &vec![b'b'; input]);
+        b.handle_timeout(at);
+    }
+    assert!(
+        !b.wants_write(),
+        "a client that sent 31 KiB in 30 s was cut"
+    );
+    b.handle_input(resumed + Duration::from_secs(59), b"\r\n.\r\n");
+    assert!(b
+        .poll_message(resumed, &mut fixed_stamp, SealedMessage::seal)
+        .is_some());
 }
 
 /// What `take_stats` hands over, for the assertions above.

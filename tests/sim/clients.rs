@@ -4,10 +4,23 @@
 //! group before the next. Each command carries what may answer it, so replies are
 //! checked in command order as they arrive; a message's body is kept as the sink must
 //! store it (dot-unstuffed, BDAT chunks joined) for the record check.
+//!
+//! TLS clients put a real rustls `ClientConnection` between their script and the wire
+//! (after STARTTLS's `220`, or from the first byte on the implicit-TLS listener); the
+//! script's commands go into it as plaintext and its records onto the socket. Clients
+//! that misbehave at the handshake send raw bytes instead: garbage, or part of a
+//! ClientHello and then nothing.
 
 use std::collections::VecDeque;
+use std::io::{Read, Write};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use rustls::ClientConnection;
 
 use smtpgw::smtp::BareLfPolicy;
+
+use crate::tls;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -15,7 +28,8 @@ pub enum Kind {
     Mta,
     /// MAIL, RCPT and DATA in one write (RFC 2920), the body after the 354.
     Pipelining,
-    /// MAIL, RCPT and every BDAT chunk in one write (RFC 3030).
+    /// MAIL, RCPT and every BDAT chunk in one write (RFC 3030); some pipeline the
+    /// next transaction behind `BDAT 0 LAST`.
     Bdat,
     /// Lock-step, one byte per write.
     Trickle,
@@ -31,9 +45,25 @@ pub enum Kind {
     Smuggler,
     /// Command lines and messages over the limits.
     Oversized,
+    /// STARTTLS, then transactions over TLS; some authenticate (PLAIN or LOGIN), some
+    /// give a wrong password or malformed base64, some try AUTH before TLS first.
+    StartTls,
+    /// STARTTLS answered, then garbage instead of a ClientHello.
+    TlsGarbage,
+    /// STARTTLS answered, then part of a ClientHello and silence.
+    TlsStall,
+    /// Commands pipelined behind STARTTLS in the same write (RFC 3207 section 4.2:
+    /// the gateway must discard them), then TLS and a transaction.
+    TlsInjector,
+    /// On a `--require-tls` listener: MAIL (`530`) and sometimes AUTH (`538`) before
+    /// STARTTLS, then TLS and a transaction.
+    TlsRequired,
+    /// On the `--listen-tls` listener: TLS from the first byte (sometimes garbage or a
+    /// stalled handshake there too).
+    ImplicitTls,
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 16] = [
     Kind::Mta,
     Kind::Pipelining,
     Kind::Bdat,
@@ -44,7 +74,29 @@ pub const KINDS: [Kind; 10] = [
     Kind::Proxied,
     Kind::Smuggler,
     Kind::Oversized,
+    Kind::StartTls,
+    Kind::TlsGarbage,
+    Kind::TlsStall,
+    Kind::TlsInjector,
+    Kind::TlsRequired,
+    Kind::ImplicitTls,
 ];
+
+impl Kind {
+    /// Whether the client starts TLS (and so connects to a listener with a
+    /// certificate).
+    pub fn tls(self) -> bool {
+        matches!(
+            self,
+            Kind::StartTls
+                | Kind::TlsGarbage
+                | Kind::TlsStall
+                | Kind::TlsInjector
+                | Kind::TlsRequired
+                | Kind::ImplicitTls
+        )
+    }
+}
 
 /// What may answer one command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +120,36 @@ pub enum Expect {
     Quit,
     /// An over-long or unknown command.
     Junk,
+    /// STARTTLS: `220`, then the handshake.
+    StartTls,
+    /// A step of AUTH LOGIN: `334`.
+    AuthChallenge,
+    /// The end of an AUTH exchange, with the right password or a wrong one.
+    Auth {
+        good: bool,
+    },
+    /// An AUTH response that is not base64.
+    AuthMalformed,
+    /// AUTH before TLS where the listener offers it only after: `538`.
+    AuthNeedsTls,
+    /// MAIL before TLS on a `--require-tls` listener: `530`.
+    MailNeedsTls,
+}
+
+/// What a TLS client does once TLS is to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsPlan {
+    None,
+    /// A whole handshake, TLS 1.2 or 1.3.
+    Good {
+        tls12: bool,
+    },
+    /// These bytes instead of a ClientHello.
+    Garbage(Vec<u8>),
+    /// The first `keep` bytes of a ClientHello (shorter than it), then nothing.
+    Stall {
+        keep: usize,
+    },
 }
 
 pub struct Cmd {
@@ -106,6 +188,13 @@ pub struct Script {
     pub trickle: bool,
     /// Sends its first group before the greeting.
     pub early: bool,
+    pub tls: TlsPlan,
+    /// TLS from the first byte (the implicit-TLS listener).
+    pub implicit: bool,
+    /// Pipelines commands behind STARTTLS (they must never be answered).
+    pub injects: bool,
+    /// Its handshake records go both ways at once (see `World::eager_handshakes`).
+    pub eager: bool,
 }
 
 fn line(rng: &mut fastrand::Rng) -> Vec<u8> {
@@ -279,6 +368,77 @@ impl Builder<'_> {
         });
     }
 
+    /// An AUTH exchange, lock-step: PLAIN with an initial response or LOGIN's three
+    /// steps; `good`: the right password.
+    fn auth(&mut self, good: bool) {
+        let password = if good {
+            tls::PASSWORD
+        } else {
+            "not-the-secret"
+        };
+        if self.rng.bool() {
+            let plain = B64.encode(format!("\0{}\0{password}", tls::USER));
+            self.groups.push(group(vec![cmd(
+                &format!("AUTH PLAIN {plain}\r\n"),
+                Expect::Auth { good },
+            )]));
+        } else {
+            self.groups
+                .push(group(vec![cmd("AUTH LOGIN\r\n", Expect::AuthChallenge)]));
+            self.groups.push(group(vec![cmd(
+                &format!("{}\r\n", B64.encode(tls::USER)),
+                Expect::AuthChallenge,
+            )]));
+            self.groups.push(group(vec![cmd(
+                &format!("{}\r\n", B64.encode(password)),
+                Expect::Auth { good },
+            )]));
+        }
+    }
+
+    /// Under TLS: nothing, a good AUTH, a wrong password or malformed base64.
+    fn auth_variant(&mut self) {
+        match self.rng.u8(..6) {
+            0 | 1 => {}
+            2 | 3 => self.auth(true),
+            4 => self.auth(false),
+            _ => self.groups.push(group(vec![cmd(
+                "AUTH PLAIN !!not*base64!!\r\n",
+                Expect::AuthMalformed,
+            )])),
+        }
+    }
+
+    /// STARTTLS, alone in its group, and the EHLO the session starts over with.
+    fn starttls(&mut self) {
+        self.groups
+            .push(group(vec![cmd("STARTTLS\r\n", Expect::StartTls)]));
+        self.groups
+            .push(group(vec![cmd("EHLO client.sim.test\r\n", Expect::Ehlo)]));
+    }
+
+    /// Garbage instead of a ClientHello: bytes that are no TLS record, plaintext SMTP,
+    /// or a record header that promises more than ever comes.
+    fn garbage(&mut self) -> Vec<u8> {
+        match self.rng.u8(..3) {
+            0 => (0..self.rng.usize(1..600))
+                .map(|_| self.rng.u8(..))
+                .collect(),
+            1 => b"EHLO client.sim.test\r\nMAIL FROM:<g@sim.test>\r\n".to_vec(),
+            _ => {
+                let mut g = vec![0x16, 0x03, 0x01, 0x3f, 0xff];
+                g.extend((0..self.rng.usize(0..200)).map(|_| self.rng.u8(..)));
+                g
+            }
+        }
+    }
+
+    fn handshake_plan(&mut self) -> TlsPlan {
+        TlsPlan::Good {
+            tls12: self.rng.u8(..4) == 0,
+        }
+    }
+
     fn smuggled_message(&mut self) {
         let msg = self.msgs.len() as u32;
         let mut m = body(self.rng, self.client, msg, 200);
@@ -312,6 +472,9 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
     let mut reads = true;
     let mut trickle = false;
     let mut early = false;
+    let mut tls_plan = TlsPlan::None;
+    let implicit = kind == Kind::ImplicitTls;
+    let injects = kind == Kind::TlsInjector;
     if kind == Kind::Proxied {
         let header = if b.rng.u8(..6) == 0 {
             "PROXY TCP4 nonsense\r\n".to_string()
@@ -355,9 +518,17 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
             }
         }
         Kind::Bdat => {
+            // A third pipeline the next transaction right behind `BDAT 0 LAST` (RFC
+            // 3030 allows it): its bytes arrive while the message is with the sink.
+            let pipelined = b.rng.u8(..3) == 0;
             for _ in 0..b.rng.usize(1..5) {
                 let size = b.size();
                 b.bdat_message(size);
+                if pipelined {
+                    if let Some(g) = b.groups.last_mut() {
+                        g.wait = false;
+                    }
+                }
             }
         }
         Kind::ResetMidData => {
@@ -387,6 +558,72 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
                 b.plain_message(false);
             }
         }
+        Kind::StartTls | Kind::TlsInjector | Kind::TlsRequired => {
+            if kind == Kind::TlsRequired {
+                b.groups.push(group(vec![cmd(
+                    &format!("MAIL FROM:<{MAIL_FROM}>\r\n"),
+                    Expect::MailNeedsTls,
+                )]));
+            }
+            if kind != Kind::TlsInjector && b.rng.u8(..4) == 0 {
+                let plain = B64.encode(format!("\0{}\0{}", tls::USER, tls::PASSWORD));
+                b.groups.push(group(vec![cmd(
+                    &format!("AUTH PLAIN {plain}\r\n"),
+                    Expect::AuthNeedsTls,
+                )]));
+            }
+            tls_plan = b.handshake_plan();
+            if kind == Kind::TlsInjector {
+                let mut cmds = vec![cmd("STARTTLS\r\n", Expect::StartTls)];
+                for text in [
+                    "MAIL FROM:<injected@sim.test>\r\n",
+                    "RCPT TO:<user0@example.com>\r\n",
+                ] {
+                    cmds.push(Cmd {
+                        bytes: text.as_bytes().to_vec(),
+                        expect: None,
+                        needs_354: false,
+                        reset_after: None,
+                    });
+                }
+                b.groups.push(group(cmds));
+                b.groups
+                    .push(group(vec![cmd("EHLO client.sim.test\r\n", Expect::Ehlo)]));
+            } else {
+                b.starttls();
+                b.auth_variant();
+            }
+            for _ in 0..b.rng.usize(1..3) {
+                let lock_step = b.rng.bool();
+                b.plain_message(lock_step);
+            }
+        }
+        Kind::TlsGarbage => {
+            tls_plan = TlsPlan::Garbage(b.garbage());
+            b.groups
+                .push(group(vec![cmd("STARTTLS\r\n", Expect::StartTls)]));
+        }
+        Kind::TlsStall => {
+            tls_plan = TlsPlan::Stall {
+                keep: b.rng.usize(1..100),
+            };
+            b.groups
+                .push(group(vec![cmd("STARTTLS\r\n", Expect::StartTls)]));
+        }
+        Kind::ImplicitTls => {
+            tls_plan = match b.rng.u8(..8) {
+                0 => TlsPlan::Garbage(b.garbage()),
+                1 => TlsPlan::Stall {
+                    keep: b.rng.usize(1..100),
+                },
+                _ => b.handshake_plan(),
+            };
+            b.auth_variant();
+            for _ in 0..b.rng.usize(1..3) {
+                let lock_step = b.rng.bool();
+                b.plain_message(lock_step);
+            }
+        }
         Kind::Oversized => {
             let long = format!("NOOP {}\r\n", "x".repeat(b.rng.usize(1_000..3_000)));
             b.groups.push(group(vec![cmd(&long, Expect::Junk)]));
@@ -401,7 +638,7 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
             b.plain_message(false);
         }
     }
-    if kind != Kind::NeverReads {
+    if !matches!(kind, Kind::NeverReads | Kind::TlsGarbage | Kind::TlsStall) {
         b.groups.push(group(vec![cmd("QUIT\r\n", Expect::Quit)]));
     }
     let msgs = std::mem::take(&mut b.msgs);
@@ -412,12 +649,17 @@ pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script 
             g.wait = false;
         }
     }
+    let eager = rng.u8(..4) != 0;
     Script {
         groups,
         msgs,
         reads,
         trickle,
         early,
+        eager,
+        tls: tls_plan,
+        implicit,
+        injects,
     }
 }
 
@@ -427,6 +669,16 @@ pub struct Reply {
     pub text: String,
     /// What it answered (`None`: nothing was outstanding).
     pub expect: Option<Expect>,
+}
+
+/// What is between the script and the socket.
+enum Wire {
+    /// Plaintext SMTP.
+    Plain,
+    /// TLS: the script's commands go in as plaintext, records come out.
+    Tls(Box<ClientConnection>),
+    /// Raw bytes (garbage, a cut ClientHello) and nothing more; input is ignored.
+    Raw,
 }
 
 /// One client's side of a connection: the script, what it sent, what it waits for.
@@ -451,6 +703,16 @@ pub struct Client {
     accepted: Vec<String>,
     /// Per message that got to its end: the recipients accepted for it.
     pub envelopes: Vec<Option<Vec<String>>>,
+    wire: Wire,
+    /// Bytes for the socket not written yet (TLS records or raw bytes).
+    wire_out: Vec<u8>,
+    /// TLS began (STARTTLS's `220` arrived, or the connection is implicit TLS) and
+    /// the run has not taken note yet.
+    pub tls_began: bool,
+    /// What went wrong with the gateway's TLS records, if anything.
+    pub tls_error: Option<String>,
+    /// The user a `235` authenticated.
+    pub authenticated: Option<String>,
 }
 
 /// The reverse path every simulated transaction gives.
@@ -459,7 +721,7 @@ pub const MAIL_FROM: &str = "sender@sim.test";
 impl Client {
     pub fn new(id: u32, kind: Kind, seed: u64, settings: Settings) -> Client {
         let script = script(kind, id, seed, settings);
-        Client {
+        let mut c = Client {
             id,
             kind,
             next_group: 0,
@@ -476,6 +738,81 @@ impl Client {
             accepted: Vec::new(),
             envelopes: Vec::new(),
             script,
+            wire: Wire::Plain,
+            wire_out: Vec::new(),
+            tls_began: false,
+            tls_error: None,
+            authenticated: None,
+        };
+        if c.script.implicit {
+            c.start_tls();
+        }
+        c
+    }
+
+    /// TLS starts now, as the script plans it.
+    fn start_tls(&mut self) {
+        self.tls_began = true;
+        // Nothing of the plaintext conversation goes on: what was not sent is dropped.
+        self.out.clear();
+        self.out_sent = 0;
+        self.loading.clear();
+        match self.script.tls.clone() {
+            TlsPlan::None => {}
+            TlsPlan::Good { tls12 } => self.wire = Wire::Tls(Box::new(tls::client(tls12))),
+            TlsPlan::Garbage(g) => {
+                self.wire = Wire::Raw;
+                self.wire_out = g;
+            }
+            TlsPlan::Stall { keep } => {
+                let mut hello = Vec::new();
+                let mut c = tls::client(false);
+                while c.wants_write() {
+                    if c.write_tls(&mut hello).is_err() {
+                        break;
+                    }
+                }
+                hello.truncate(keep.min(hello.len().saturating_sub(1)));
+                self.wire = Wire::Raw;
+                self.wire_out = hello;
+            }
+        }
+    }
+
+    /// Mid-handshake, with its handshake records moving at once.
+    pub fn eager_handshake(&self) -> bool {
+        self.script.eager && matches!(&self.wire, Wire::Tls(t) if t.is_handshaking())
+    }
+
+    /// Whether the conversation runs over TLS (and so its records must say so).
+    pub fn tls_on(&self) -> bool {
+        matches!(self.wire, Wire::Tls(_))
+    }
+
+    /// The script's plaintext goes into rustls, and its records out to `wire_out`.
+    fn pump_tls(&mut self) {
+        for _ in 0..1_000 {
+            let chunk = self.plain_outgoing().to_vec();
+            if chunk.is_empty() {
+                break;
+            }
+            let Wire::Tls(t) = &mut self.wire else {
+                return;
+            };
+            if t.writer().write_all(&chunk).is_err() {
+                self.tls_error = Some("rustls refused plaintext".into());
+                return;
+            }
+            self.plain_sent(chunk.len());
+        }
+        let Wire::Tls(t) = &mut self.wire else {
+            return;
+        };
+        while t.wants_write() {
+            match t.write_tls(&mut self.wire_out) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
     }
 
@@ -509,6 +846,28 @@ impl Client {
 
     /// What the client would write now.
     pub fn outgoing(&mut self) -> &[u8] {
+        match self.wire {
+            Wire::Plain => self.plain_outgoing(),
+            Wire::Tls(_) => {
+                self.pump_tls();
+                &self.wire_out
+            }
+            Wire::Raw => &self.wire_out,
+        }
+    }
+
+    /// `n` bytes of [`Self::outgoing`] were written.
+    pub fn sent(&mut self, n: usize) {
+        match self.wire {
+            Wire::Plain => self.plain_sent(n),
+            Wire::Tls(_) | Wire::Raw => {
+                self.wire_out.drain(..n.min(self.wire_out.len()));
+            }
+        }
+    }
+
+    /// The script's plaintext the client would send now.
+    fn plain_outgoing(&mut self) -> &[u8] {
         self.load();
         let end = self
             .loading
@@ -518,8 +877,8 @@ impl Client {
         &self.out[self.out_sent..end.max(self.out_sent)]
     }
 
-    /// `n` bytes of [`Self::outgoing`] were written.
-    pub fn sent(&mut self, n: usize) {
+    /// `n` bytes of [`Self::plain_outgoing`] went out (or into rustls).
+    fn plain_sent(&mut self, n: usize) {
         self.out_sent += n;
         while let Some(&(end, expect, reset)) = self.loading.front() {
             if reset.is_some_and(|r| self.out_sent >= r) {
@@ -535,9 +894,16 @@ impl Client {
         }
     }
 
-    /// Every command of the script is sent.
+    /// Every command of the script is sent (or, sending raw bytes, every one of them).
     pub fn script_done(&self) -> bool {
-        self.next_group >= self.script.groups.len() && self.out_sent >= self.out.len()
+        match self.wire {
+            Wire::Raw => self.wire_out.is_empty(),
+            Wire::Plain | Wire::Tls(_) => {
+                self.next_group >= self.script.groups.len()
+                    && self.out_sent >= self.out.len()
+                    && self.wire_out.is_empty()
+            }
+        }
     }
 
     /// Whether it waits for a reply with everything it has to say sent.
@@ -547,10 +913,53 @@ impl Client {
 
     /// Bytes from the server; returns the complete replies in them.
     pub fn received(&mut self, data: &[u8]) -> Vec<Reply> {
-        self.inbuf.extend_from_slice(data);
         let mut replies = Vec::new();
+        match self.wire {
+            Wire::Plain => {
+                self.inbuf.extend_from_slice(data);
+                if self.parse(&mut replies) {
+                    // STARTTLS's `220`: what came after it is the gateway's TLS.
+                    let rest = std::mem::take(&mut self.inbuf);
+                    self.tls_received(&rest, &mut replies);
+                }
+            }
+            Wire::Tls(_) => self.tls_received(data, &mut replies),
+            Wire::Raw => {}
+        }
+        replies
+    }
+
+    /// Records from the gateway: their plaintext goes to the replies.
+    fn tls_received(&mut self, mut data: &[u8], replies: &mut Vec<Reply>) {
+        let Wire::Tls(t) = &mut self.wire else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        while !data.is_empty() && self.tls_error.is_none() {
+            match t.read_tls(&mut data) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => self.tls_error = Some(format!("read_tls: {e}")),
+            }
+            if let Err(e) = t.process_new_packets() {
+                self.tls_error = Some(e.to_string());
+            }
+            loop {
+                match t.reader().read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
+                }
+            }
+        }
+        self.parse(replies);
+    }
+
+    /// The complete replies in `inbuf`; true if one of them started TLS (the rest of
+    /// `inbuf` is then left for it).
+    fn parse(&mut self, replies: &mut Vec<Reply>) -> bool {
         let mut start = 0;
         let mut pos = 0;
+        let mut began = false;
         while let Some(lf) = self.inbuf[pos..].iter().position(|&b| b == b'\n') {
             let line = &self.inbuf[pos..pos + lf + 1];
             pos += lf + 1;
@@ -560,10 +969,17 @@ impl Client {
             let text = String::from_utf8_lossy(&self.inbuf[start..pos]).into_owned();
             start = pos;
             let code = text.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
-            replies.push(self.reply(code, text));
+            let r = self.reply(code, text);
+            let starts = r.expect == Some(Expect::StartTls) && code == 220;
+            replies.push(r);
+            if starts && matches!(self.wire, Wire::Plain) {
+                self.start_tls();
+                began = true;
+                break;
+            }
         }
         self.inbuf.drain(..start);
-        replies
+        began
     }
 
     fn reply(&mut self, code: u16, text: String) -> Reply {
@@ -583,6 +999,9 @@ impl Client {
             } else {
                 "user@elsewhere.test".into()
             }),
+            Some(Expect::Auth { good: true }) if code == 235 => {
+                self.authenticated = Some(tls::USER.into());
+            }
             Some(Expect::MessageEnd { msg }) => {
                 let msg = msg as usize;
                 if self.envelopes.len() <= msg {

@@ -7,6 +7,10 @@
 //! no byte written after a connection's write side was shut; every connection ended
 //! within its deadlines; no idle timeout for a client that waits on the gateway; after
 //! a drain, every connection closed by the drain deadline and every message answered.
+//! With TLS and AUTH: a record says whether its session was over TLS and which user it
+//! authenticated as; a wrong password never gets `235`; a handshake is over or its
+//! connection closed by the handshake timeout; the gateway's records always parse for
+//! a client that follows the protocol.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -53,6 +57,13 @@ fn allowed(expect: Expect, code: u16) -> bool {
         Expect::BdatChunk => matches!(code, 250 | 451 | 452 | 503 | 550 | 552 | 554),
         Expect::Quit => code == 221,
         Expect::Junk => matches!(code, 500..=502),
+        Expect::StartTls => code == 220,
+        Expect::AuthChallenge => code == 334,
+        Expect::Auth { good: true } => matches!(code, 235 | 454),
+        Expect::Auth { good: false } => matches!(code, 535 | 454),
+        Expect::AuthMalformed => code == 501,
+        Expect::AuthNeedsTls => code == 538,
+        Expect::MailNeedsTls => code == 530,
     }
 }
 
@@ -84,6 +95,12 @@ pub fn reply(
             ),
         ));
     };
+    if expect == (Expect::Auth { good: false }) && r.code == 235 {
+        return Err(violation(
+            "auth",
+            format!("{who}: a wrong password answered {:?}", r.text.trim_end()),
+        ));
+    }
     let greeting_refused = expect == Expect::Greeting && early_talker_edge && r.code == 554;
     if !allowed(expect, r.code) && !greeting_refused {
         return Err(violation(
@@ -162,6 +179,25 @@ pub fn reply(
                     rec.mail_from.escape_ascii().to_string(),
                     stored.iter().map(|r| r.escape_ascii().to_string()).collect::<Vec<_>>(),
                     sent.iter().map(|r| r.escape_ascii().to_string()).collect::<Vec<_>>(),
+                ),
+            ));
+        }
+        // The record says how the message came: over TLS (`smtp.tls` names the version
+        // and suite, else `false`) and as which AUTH user (`smtp.auth`, else empty).
+        let tls_ok = if client.tls_on() {
+            rec.tls.starts_with(b"TLSv1.")
+        } else {
+            rec.tls == b"false"
+        };
+        let user = client.authenticated.as_deref().unwrap_or("");
+        if !tls_ok || rec.auth != user.as_bytes() {
+            return Err(violation(
+                "record",
+                format!(
+                    "{who}: message {msg}: record says smtp.tls {:?} and smtp.auth {:?}; the session was {} and authenticated as {user:?}",
+                    rec.tls.escape_ascii().to_string(),
+                    rec.auth.escape_ascii().to_string(),
+                    if client.tls_on() { "over TLS" } else { "in plaintext" },
                 ),
             ));
         }

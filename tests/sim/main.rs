@@ -20,6 +20,7 @@ mod net;
 mod run;
 mod shrink;
 mod sink;
+mod tls;
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -89,6 +90,14 @@ fn report(title: &str, seeds: u64, c: &Counts, wall: Duration) {
         c.sim_time.as_secs_f64() / 3600.0,
         wall.as_secs_f64()
     );
+    println!(
+        "{title}: {} runs driven as the epoll backend drives the reactor core, {} as the io_uring one",
+        c.epoll_runs, c.uring_runs
+    );
+    println!(
+        "{title}: TLS begun {} times, {} messages acknowledged over TLS, {} of them authenticated",
+        c.tls_begun, c.tls_acked, c.auth_acked
+    );
     let faults: Vec<String> = c.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("{title}: faults injected: {}", faults.join(" "));
 }
@@ -156,6 +165,10 @@ fn main() -> ExitCode {
     match std::env::var("SMTPGW_SIM_DEFECT").as_deref() {
         Ok("output") => reintroduced::IGNORE_OUTPUT_CAP.store(true, Ordering::Relaxed),
         Ok("budget") => reintroduced::NO_RESUME_ON_BUDGET.store(true, Ordering::Relaxed),
+        Ok("starttls") => {
+            reintroduced::KEEP_PIPELINED_AFTER_STARTTLS.store(true, Ordering::Relaxed)
+        }
+        Ok("handshake") => reintroduced::NO_HANDSHAKE_DEADLINE.store(true, Ordering::Relaxed),
         _ => {}
     }
     if let Ok(seed) = std::env::var("SMTPGW_SIM_SEED") {
@@ -182,7 +195,7 @@ fn main() -> ExitCode {
     if let Err(e) = determinism(1).and_then(|()| determinism(os_seed())) {
         failures.push(e);
     }
-    let defects: [(&str, &AtomicBool, &str); 2] = [
+    let defects: [(&str, &AtomicBool, &str); 4] = [
         (
             "never-reading client's unbounded output",
             &reintroduced::IGNORE_OUTPUT_CAP,
@@ -192,6 +205,16 @@ fn main() -> ExitCode {
             "body paused on the budget never resumed",
             &reintroduced::NO_RESUME_ON_BUDGET,
             "stall",
+        ),
+        (
+            "commands pipelined behind STARTTLS run over TLS (CVE-2011-0411)",
+            &reintroduced::KEEP_PIPELINED_AFTER_STARTTLS,
+            "reply order",
+        ),
+        (
+            "a stalled handshake held until the idle timeout",
+            &reintroduced::NO_HANDSHAKE_DEADLINE,
+            "handshake deadline",
         ),
     ];
     for (name, switch, kind) in defects {

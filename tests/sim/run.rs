@@ -23,13 +23,14 @@ use smtpgw::net::{Phase, ReactorParams, ReactorShared};
 use smtpgw::reload::SessionConfigHandle;
 use smtpgw::smtp::{BareLfPolicy, MessageId, SessionConfig};
 
-use crate::clients::{Client, Expect, Kind, Settings, KINDS};
+use crate::clients::{Client, Expect, Kind, Settings, TlsPlan, KINDS};
 use crate::clock::Clock;
 use crate::invariants::{self, violation, Acks, Violation};
-use crate::net::{pump, SimSock};
-use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUT};
+use crate::net::{pump, pump_uring, Drive, SimSock};
+use crate::sink::{Outcome, SimSink, PUBLISH_TIMEOUTS};
+use crate::tls::{self, Edges, HANDSHAKE_TIMEOUT};
 
-const HOSTNAME: &str = "mx.sim.test";
+pub const HOSTNAME: &str = "mx.sim.test";
 const MAX_MESSAGE_SIZE: usize = 64 * 1024;
 const IDLE: Duration = Duration::from_secs(60);
 const SESSION: Duration = Duration::from_secs(300);
@@ -128,7 +129,7 @@ pub fn plan(seed: u64) -> Vec<Step> {
         let step = match rng.u32(..1000) {
             0..=59 if clients < MAX_CLIENTS => {
                 clients += 1;
-                let kind = match rng.u8(..20) {
+                let kind = match rng.u8(..28) {
                     0..=2 => Kind::Mta,
                     3..=5 => Kind::Pipelining,
                     6..=8 => Kind::Bdat,
@@ -251,6 +252,14 @@ pub struct Counts {
     pub sessions: u64,
     pub messages: u64,
     pub acked: u64,
+    /// TLS begun (STARTTLS's `220`, or an implicit-TLS connection), messages
+    /// acknowledged over TLS, and those of them from an authenticated session.
+    pub tls_begun: u64,
+    pub tls_acked: u64,
+    pub auth_acked: u64,
+    /// Runs driven as the epoll backend drives `Host`, and as the io_uring one does.
+    pub epoll_runs: u64,
+    pub uring_runs: u64,
     pub sim_time: Duration,
     pub faults: BTreeMap<&'static str, u64>,
 }
@@ -260,6 +269,11 @@ impl Counts {
         self.sessions += o.sessions;
         self.messages += o.messages;
         self.acked += o.acked;
+        self.tls_begun += o.tls_begun;
+        self.tls_acked += o.tls_acked;
+        self.auth_acked += o.auth_acked;
+        self.epoll_runs += o.epoll_runs;
+        self.uring_runs += o.uring_runs;
         self.sim_time += o.sim_time;
         for (k, v) in &o.faults {
             *self.faults.entry(k).or_default() += v;
@@ -280,6 +294,8 @@ pub struct RunResult {
 }
 
 struct World {
+    /// The backend whose way of driving `Host` the run imitates.
+    drive: Drive,
     clock: Clock,
     host: Host<SimSock>,
     sink: Arc<SimSink>,
@@ -289,7 +305,12 @@ struct World {
     plain: Arc<Edge>,
     early: Arc<Edge>,
     proxied: Arc<Edge>,
+    /// The listeners with a certificate (and AUTH), as the server builds them.
+    tls_edges: Edges,
     clients: Vec<Client>,
+    /// Per client: when its TLS handshake began, as the client saw it (the gateway's
+    /// deadline started no later).
+    handshake_from: Vec<Option<Duration>>,
     early_edge: Vec<bool>,
     /// Per client: when it last sent or read a byte, the gateway last wrote to it
     /// (which restarts the time a client that does not read gets), or it was last seen
@@ -310,7 +331,9 @@ struct World {
 impl World {
     fn new(seed: u64) -> World {
         STAMPS.with(|s| s.set(0));
-        let sink = Arc::new(SimSink::default());
+        let timeouts = PUBLISH_TIMEOUTS.len();
+        let long_waits = fastrand::Rng::with_seed(seed ^ 0x5851_f42d_4c95_7f2d).usize(..timeouts);
+        let sink = Arc::new(SimSink::new(PUBLISH_TIMEOUTS[long_waits]));
         let metrics = Arc::new(Metrics::new().expect("metrics registry"));
         let session = Arc::new(SessionConfigHandle::new(session_config(0)));
         let output_cap = ConnectionSettings::DEFAULT_OUTPUT_CAP;
@@ -335,6 +358,7 @@ impl World {
         let shared = ReactorShared::new(&params);
         let queue = CompletionQueue::new(Box::new(NoWake));
         let mut host = Host::new(shared, queue, metrics.reactor(0));
+        let tls_edges = tls::edges(&metrics);
         host.set_stamp(sim_stamp);
         let early = Edge {
             greeting_delay: Duration::from_secs(1),
@@ -345,7 +369,24 @@ impl World {
             proxy_trusted: vec![Cidr::parse("127.0.0.0/8").expect("cidr")],
             ..Edge::default()
         };
+        // Its own stream, so that the plan and the scripts stay what the seed made them.
+        let drive = match fastrand::Rng::with_seed(seed ^ 0x7572_696e_6721_2121).u8(..4) {
+            0 | 1 => Drive::Epoll,
+            2 => Drive::Uring { link_sends: false },
+            _ => Drive::Uring { link_sends: true },
+        };
+        let mut counts = Counts::default();
+        match drive {
+            Drive::Epoll => counts.epoll_runs += 1,
+            Drive::Uring { .. } => counts.uring_runs += 1,
+        }
+        let mut trace = TraceHash(
+            0xcbf2_9ce4_8422_2325,
+            std::env::var_os("SMTPGW_SIM_TRACE").is_some(),
+        );
+        trace.add(&format!("drive {drive:?}"));
         World {
+            drive,
             clock: Clock::new(Instant::now()),
             host,
             sink,
@@ -355,7 +396,9 @@ impl World {
             plain: Arc::new(Edge::default()),
             early: Arc::new(early),
             proxied: Arc::new(proxied),
+            tls_edges,
             clients: Vec::new(),
+            handshake_from: Vec::new(),
             early_edge: Vec::new(),
             active: Vec::new(),
             live: BTreeMap::new(),
@@ -363,11 +406,8 @@ impl World {
             stop_at: None,
             exit_at: None,
             acks: Acks::default(),
-            trace: TraceHash(
-                0xcbf2_9ce4_8422_2325,
-                std::env::var_os("SMTPGW_SIM_TRACE").is_some(),
-            ),
-            counts: Counts::default(),
+            trace,
+            counts,
             bad: Vec::new(),
             rng_windows: fastrand::Rng::with_seed(seed ^ 0x9e37_79b9_7f4a_7c15),
         }
@@ -403,14 +443,27 @@ impl World {
         let edge = match kind {
             Kind::EarlyTalker => self.early.clone(),
             Kind::Proxied => self.proxied.clone(),
+            Kind::TlsRequired => self.tls_edges.required.clone(),
+            Kind::ImplicitTls => self.tls_edges.implicit.clone(),
+            k if k.tls() => self.tls_edges.starttls.clone(),
             _ => self.plain.clone(),
         };
         let window = self.rng_windows.usize(1..64 * 1024);
         let chunk = self.rng_windows.usize(1..70_000);
         let peer = SocketAddr::from(([127, 0, 0, 1], 10_000 + id as u16));
         let sock = SimSock::new(id, window, chunk);
-        self.clients
-            .push(Client::new(id as u32, kind, seed, settings));
+        let client = Client::new(id as u32, kind, seed, settings);
+        self.handshake_from
+            .push(client.tls_began.then(|| self.clock.elapsed()));
+        self.counts.tls_begun += u64::from(client.tls_began);
+        match (kind, &client.script.tls) {
+            (_, TlsPlan::Garbage(_)) => self.fault("tls_garbage"),
+            (_, TlsPlan::Stall { .. }) => self.fault("tls_stalled_handshake"),
+            (Kind::TlsInjector, _) => self.fault("starttls_injection"),
+            _ => {}
+        }
+        self.clients.push(client);
+        self.clients[id].tls_began = false;
         self.early_edge.push(kind == Kind::EarlyTalker);
         self.active.push(self.clock.elapsed());
         self.counts.sessions += 1;
@@ -432,9 +485,12 @@ impl World {
     }
 
     fn send(&mut self, pick: u32, max: usize) {
-        let Some((t, c)) = self.pick(pick) else {
-            return;
-        };
+        if let Some((t, c)) = self.pick(pick) {
+            self.send_to(t, c, max);
+        }
+    }
+
+    fn send_to(&mut self, t: Ticket, c: usize, max: usize) {
         let client = &mut self.clients[c];
         let Some(e) = self.host.get(t) else { return };
         if e.io.peer_eof || e.io.reset {
@@ -462,9 +518,12 @@ impl World {
     }
 
     fn read(&mut self, pick: u32, max: usize) {
-        let Some((t, c)) = self.pick(pick) else {
-            return;
-        };
+        if let Some((t, c)) = self.pick(pick) {
+            self.read_from(t, c, max);
+        }
+    }
+
+    fn read_from(&mut self, t: Ticket, c: usize, max: usize) {
         if !self.clients[c].script.reads {
             return;
         }
@@ -482,6 +541,25 @@ impl World {
     /// Bytes reach client `c`: its replies are checked in order.
     fn client_gets(&mut self, c: usize, data: &[u8]) {
         let replies = self.clients[c].received(data);
+        let client = &mut self.clients[c];
+        if std::mem::take(&mut client.tls_began) {
+            self.handshake_from[c] = Some(self.clock.elapsed());
+            self.counts.tls_begun += 1;
+        }
+        if let Some(e) = client.tls_error.take() {
+            // A client that pipelined plaintext behind STARTTLS may have had it read as
+            // its handshake: the gateway's alert is its due.
+            let excused = client.script.injects && e.contains("received fatal alert");
+            if !excused {
+                self.bad.push(violation(
+                    "tls",
+                    format!(
+                        "client {c} ({:?}): the gateway's TLS records fail: {e}",
+                        client.kind
+                    ),
+                ));
+            }
+        }
         for r in replies {
             self.trace.add(&format!("c{c} {}", r.text.trim_end()));
             let client = &self.clients[c];
@@ -489,6 +567,9 @@ impl World {
                 invariants::reply(client, &r, &self.sink, &mut self.acks, self.early_edge[c])
             {
                 self.bad.push(v);
+            } else if r.code == 250 && matches!(r.expect, Some(Expect::MessageEnd { .. })) {
+                self.counts.tls_acked += u64::from(client.tls_on());
+                self.counts.auth_acked += u64::from(client.authenticated.is_some());
             }
         }
     }
@@ -545,6 +626,38 @@ impl World {
             }
         }
         self.settle();
+        self.eager_handshakes();
+    }
+
+    /// Most TLS clients are on a fast path to the gateway: their handshake records go
+    /// both ways within the step that started them moving, so that their
+    /// conversations get past the handshake timeout as often as a plaintext one gets
+    /// past the greeting. (The others, and every client after its handshake, move only
+    /// when the run's steps pick them.)
+    fn eager_handshakes(&mut self) {
+        for _ in 0..8 {
+            if !self.bad.is_empty() {
+                return;
+            }
+            let eager: Vec<(Ticket, usize)> = self
+                .live
+                .values()
+                .filter(|l| self.clients[l.client].eager_handshake())
+                .map(|l| (l.ticket, l.client))
+                .collect();
+            if eager.is_empty() {
+                return;
+            }
+            let before = self.trace.0;
+            for (t, c) in eager {
+                self.read_from(t, c, usize::MAX);
+                self.send_to(t, c, usize::MAX);
+            }
+            self.settle();
+            if self.trace.0 == before {
+                return;
+            }
+        }
     }
 
     fn drain(&mut self) {
@@ -660,12 +773,22 @@ impl World {
                         && e.io.to_client.is_empty()
                         && !e.io.peer_eof
                         && !e.io.reset;
+                    // A body the gateway stopped reading: the client is not idle.
+                    let paused = e.driver.paused_for_budget();
                     let before = e.driver.pending_output().len();
                     e.driver.handle_timeout(now);
                     let said =
                         &e.driver.pending_output()[before.min(e.driver.pending_output().len())..];
                     let idle = said.windows(5).any(|w| w == b"4.4.2");
-                    if waiting && idle && elapsed < l.opened + SESSION {
+                    if paused && idle && elapsed < l.opened + SESSION {
+                        self.bad.push(violation(
+                            "idle timeout",
+                            format!(
+                                "client {} ({:?}) idle-timed-out while its body was paused on the budget",
+                                l.client, client.kind
+                            ),
+                        ));
+                    } else if waiting && idle && elapsed < l.opened + SESSION {
                         self.bad.push(violation(
                             "idle timeout",
                             format!(
@@ -685,20 +808,41 @@ impl World {
             };
             let t = Ticket { slot, generation };
             let mut paused = 0;
-            let closed = pump(
-                &mut self.host,
-                now,
-                t,
-                self.output_cap,
-                &mut self.bad,
-                &mut paused,
-            );
+            let closed = match self.drive {
+                Drive::Epoll => pump(
+                    &mut self.host,
+                    now,
+                    t,
+                    self.output_cap,
+                    &mut self.bad,
+                    &mut paused,
+                ),
+                Drive::Uring { link_sends } => pump_uring(
+                    &mut self.host,
+                    now,
+                    t,
+                    self.output_cap,
+                    link_sends,
+                    &mut self.bad,
+                    &mut paused,
+                ),
+            };
             if paused > 0 {
                 *self.counts.faults.entry("budget_pause").or_default() += paused;
             }
             if let Some(e) = self.host.get(t) {
                 if std::mem::take(&mut e.io.wrote) {
                     self.active[e.io.client] = elapsed;
+                }
+                let paused_reads = std::mem::take(&mut e.io.read_while_paused);
+                let linked = std::mem::take(&mut e.io.linked_sends);
+                for (k, n) in [
+                    ("uring_read_while_paused", paused_reads),
+                    ("uring_linked_send", linked),
+                ] {
+                    if n > 0 {
+                        *self.counts.faults.entry(k).or_default() += n;
+                    }
                 }
             }
             if let Some((driver, sock)) = closed {
@@ -744,6 +888,23 @@ impl World {
                 && !e.io.reset
                 && !e.io.fin_sent;
             let d = &e.driver;
+            if let Some(t0) = self.handshake_from[l.client] {
+                if d.handshake_pending() && now > t0 + HANDSHAKE_TIMEOUT + END_SLACK {
+                    self.bad.push(violation(
+                        "handshake deadline",
+                        format!(
+                            "client {} ({:?}) still mid-handshake {} s after it began (--tls-handshake-timeout {} s); {} bytes unread by it, {} by us: {:?}",
+                            l.client,
+                            client.kind,
+                            (now - t0).as_secs(),
+                            HANDSHAKE_TIMEOUT.as_secs(),
+                            e.io.to_client.len(),
+                            e.io.inbound.len(),
+                            host::next(d),
+                        ),
+                    ));
+                }
+            }
             let held_back = d.awaiting_publish() || d.paused_for_budget();
             if waiting && d.state() == State::Open && !held_back {
                 self.bad.push(violation(
@@ -762,7 +923,13 @@ impl World {
             // replies, counted from its last byte, our last write or the end of a wait
             // on us.
             let quiet = self.active[l.client];
-            if now > quiet + IDLE + PUBLISH_TIMEOUT + END_SLACK {
+            // With linked sends (io_uring) a reply counts as written when its send is
+            // queued, so a client that never reads is idle-timed-out rather than
+            // write-stalled, and the `421` of that timeout then waits out the write
+            // stall in its turn: a second idle timeout (measured, see README).
+            let linked = matches!(self.drive, Drive::Uring { link_sends: true });
+            let stall = if linked { IDLE } else { Duration::ZERO };
+            if now > quiet + IDLE + stall + self.sink.publish_timeout() + END_SLACK {
                 let state = self.host.get(l.ticket).map(|e| {
                     format!(
                         "{} bytes unread by it, {} by us, eof {}, fin {}: {:?}, deadline in {:?}",
@@ -866,7 +1033,21 @@ impl World {
             self.settle();
             self.sink.answer(0, Outcome::Ok);
             self.settle();
+            // A client with something to say has not stopped either (a TLS client
+            // answering the handshake records it just read: no reply, no trace line).
+            let mut writable = Vec::new();
+            for l in self.live.values() {
+                if let Some(e) = self.host.get(l.ticket) {
+                    if !e.io.peer_eof && !e.io.reset {
+                        writable.push(l.client);
+                    }
+                }
+            }
+            let to_say = writable
+                .into_iter()
+                .any(|c| !self.clients[c].outgoing().is_empty());
             let moved = self.trace.0 != before
+                || to_say
                 || self.live.values().any(|l| {
                     self.host.get(l.ticket).is_some_and(|e| {
                         !e.io.to_client.is_empty() && self.clients[l.client].script.reads
@@ -939,6 +1120,8 @@ pub fn execute(seed: u64, steps: &[Step]) -> RunResult {
         for rcpt in &r.rcpt_to {
             h.bytes(rcpt);
         }
+        h.bytes(&r.tls);
+        h.bytes(&r.auth);
         records.push(format!(
             "record {id:x} {:?} {:?} {:016x}",
             r.tag, r.outcome, h.0

@@ -13,9 +13,10 @@ use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::{Completion, PublishError, PublishResult, Sink};
 
 /// A held message no step answers is answered `Temporary` this long after it arrived,
-/// as the Kafka sink's publish timeout does; kept well under the idle timeout, so that
-/// a session paused behind the sink is never idle-timed-out for the sink's slowness.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// as the Kafka sink's publish timeout does: a short one, or (in some seeds) one longer
+/// than the idle timeout, which an operator may set, so that bodies stay paused on the
+/// budget for longer than the idle timeout.
+pub const PUBLISH_TIMEOUTS: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(90)];
 /// `over_inflight_limit` while the sink holds this many.
 pub const INFLIGHT_LIMIT: usize = 2;
 
@@ -38,6 +39,9 @@ pub struct Record {
     /// The record's `smtp.mail_from` and `smtp.rcpt_to` headers, as a sink stores them.
     pub mail_from: Vec<u8>,
     pub rcpt_to: Vec<Vec<u8>>,
+    /// `smtp.tls` and `smtp.auth`.
+    pub tls: Vec<u8>,
+    pub auth: Vec<u8>,
     pub outcome: Outcome,
 }
 
@@ -47,6 +51,8 @@ struct Held {
     body: Vec<u8>,
     mail_from: Vec<u8>,
     rcpt_to: Vec<Vec<u8>>,
+    tls: Vec<u8>,
+    auth: Vec<u8>,
     done: Completion,
     due: Duration,
 }
@@ -57,6 +63,7 @@ struct State {
     held: Vec<Held>,
     crashed_until: Option<Duration>,
     inline_ok: bool,
+    publish_timeout: Duration,
     /// By message id.
     records: BTreeMap<u128, Record>,
     answered_twice: Vec<u128>,
@@ -68,7 +75,6 @@ struct State {
     submitted: u64,
 }
 
-#[derive(Default)]
 pub struct SimSink {
     state: Mutex<State>,
 }
@@ -93,6 +99,19 @@ fn result(outcome: Outcome, id: u128) -> PublishResult {
 }
 
 impl SimSink {
+    pub fn new(publish_timeout: Duration) -> SimSink {
+        SimSink {
+            state: Mutex::new(State {
+                publish_timeout,
+                ..State::default()
+            }),
+        }
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        self.lock().publish_timeout
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -200,6 +219,8 @@ fn settle(s: &mut State, h: Held, outcome: Outcome) {
         body: h.body,
         mail_from: h.mail_from,
         rcpt_to: h.rcpt_to,
+        tls: h.tls,
+        auth: h.auth,
         outcome,
     };
     if s.records.insert(h.id, record).is_some() {
@@ -212,9 +233,13 @@ impl Sink for SimSink {
     fn submit(&self, msg: SealedMessage, done: Completion) {
         let mut mail_from = Vec::new();
         let mut rcpt_to = Vec::new();
+        let mut tls = Vec::new();
+        let mut auth = Vec::new();
         msg.for_each_header(|name, value| match name {
             "smtp.mail_from" => mail_from = value.to_vec(),
             "smtp.rcpt_to" => rcpt_to.push(value.to_vec()),
+            "smtp.tls" => tls = value.to_vec(),
+            "smtp.auth" => auth = value.to_vec(),
             _ => {}
         });
         let mut s = self.lock();
@@ -225,8 +250,10 @@ impl Sink for SimSink {
             body: msg.body().to_vec(),
             mail_from,
             rcpt_to,
+            tls,
+            auth,
             done,
-            due: s.now + PUBLISH_TIMEOUT,
+            due: s.now + s.publish_timeout,
         };
         if s.crashed_until.is_some() {
             settle(&mut s, held, Outcome::Temporary);
