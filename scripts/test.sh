@@ -183,7 +183,8 @@ cargo build --release --workspace --bins
 
 section "cargo test --release (I/O backend ${io_backends[0]})"
 # The simulation targets (tests/sim, tests/sim_disk) run here with no budget of fresh
-# seeds (their fixed checks only); scripts/sim.sh below gives them theirs.
+# seeds: their determinism checks and defect hunts only, which scripts/sim.sh below
+# leaves out (it runs their fresh seeds alone).
 SMTPGW_SIM_SECONDS=0 SMTPGW_TEST_IO_BACKENDS=${io_backends[0]} cargo test --release --workspace
 for backend in "${io_backends[@]:1}"; do
     section "cargo test --release: the tests that start the binary, I/O backend $backend"

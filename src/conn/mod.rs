@@ -56,6 +56,10 @@ pub use tls::TlsHandle;
 const LINGER: Duration = Duration::from_secs(2);
 /// At the drain deadline, how long a connection gets to write its final `421`.
 const STOP_GRACE: Duration = Duration::from_millis(500);
+/// How long a timeout's `421` gets to be written: a client that does not take 50 bytes
+/// in that time is not reading, and waiting a whole idle timeout more for it would
+/// double the time such a client holds its connection.
+const TIMEOUT_REPLY_GRACE: Duration = Duration::from_secs(10);
 /// Unconsumed input the driver keeps at most. A backend reads only while
 /// [`Connection::wants_read`] says so, a batch at a time, so this is only reached by a
 /// backend bug or bytes that were already in flight when reading stopped; past it the
@@ -1168,10 +1172,14 @@ impl Connection {
         match self.life {
             Life::Done(_) => None,
             Life::Lingering { until } => Some(until),
-            Life::Closing => Some(self.stop_deadline.or(self.write_deadline).unwrap_or(
-                // Closing with nothing pending moves on at once; this is only a bound.
-                self.hard_deadline,
-            )),
+            Life::Closing => {
+                let closing = self.stop_deadline.or(self.write_deadline).unwrap_or(
+                    // Closing with nothing pending moves on at once; this is only a bound.
+                    self.hard_deadline,
+                );
+                let handshake = self.handshake_deadline.filter(|_| !self.tls_done);
+                Some(handshake.map_or(closing, |h| h.min(closing)))
+            }
             Life::Open => {
                 let mut next = self.hard_deadline;
                 if let Some(w) = self.write_deadline {
@@ -1231,14 +1239,14 @@ impl Connection {
             self.life = Life::Done(Ending::WriteStalled);
             return;
         }
-        if !matches!(self.life, Life::Open) {
-            return;
-        }
         if !self.tls_done && self.handshake_deadline.is_some_and(|d| now >= d) {
             // A silent or trickling handshake: nothing can be said to it, so it is
-            // closed unanswered.
+            // closed unanswered, also when a drain began closing it meanwhile.
             self.edge_stats.tls_failures[TlsFailure::Timeout] += 1;
             self.life = Life::Done(Ending::Closed);
+            return;
+        }
+        if !matches!(self.life, Life::Open) {
             return;
         }
         let idle = self.in_flight.is_none()
@@ -1272,6 +1280,7 @@ impl Connection {
             } else {
                 Refusal::IdleTimeout
             });
+            self.grace_for_last_reply(now);
         } else if let (Some(rate), Some((start, bytes))) =
             (self.limits.min_data_rate, self.rate_window)
         {
@@ -1282,12 +1291,22 @@ impl Connection {
                 // A paused body (the gateway's doing) is not the client's slowness.
                 if bytes < wanted && self.can_consume() {
                     self.session.too_slow();
+                    self.grace_for_last_reply(now);
                 } else {
                     self.rate_window = Some((now, 0));
                 }
             }
         }
         self.after_output_change(now);
+    }
+
+    /// The session was closed by a timeout: its `421` gets [`TIMEOUT_REPLY_GRACE`].
+    /// An idle timeout finds nothing unwritten as far as the driver knows, but with
+    /// io_uring's linked sends a reply counts as written when its send is queued, so a
+    /// client that never reads is idle-timed-out, and its `421` waits behind that send.
+    fn grace_for_last_reply(&mut self, now: Instant) {
+        let grace = now + TIMEOUT_REPLY_GRACE;
+        self.write_deadline = Some(self.write_deadline.map_or(grace, |d| d.min(grace)));
     }
 
     /// The server is draining: a session idle between commands gets `421 4.3.2` now;

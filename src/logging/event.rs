@@ -152,7 +152,13 @@ impl PendingLine {
         let auth = auth.map(|a| clamp(a.as_bytes()));
         let from = clamp(from.as_bytes());
         let message_id = message_id.map(clamp);
-        let mut head = [0u8; HEADER];
+        // The header is written in place: the buffer's first bytes, zeroed.
+        let buf = &mut self.buf;
+        buf.clear();
+        buf.resize(HEADER, 0);
+        let Some(head) = buf.first_chunk_mut::<HEADER>() else {
+            return;
+        };
         head[0] = TAG_MESSAGE;
         head[AT_SESSION..AT_SESSION + 8].copy_from_slice(&session.to_le_bytes());
         head[AT_ID..AT_ID + 16].copy_from_slice(&id.0.to_le_bytes());
@@ -182,15 +188,11 @@ impl PendingLine {
             flags |= HAS_RCPTS;
         }
         head[AT_FLAGS] = flags;
-        put_len(&mut head, Text::Tls, tls.len());
-        put_len(&mut head, Text::Helo, helo.len());
-        put_len(&mut head, Text::Auth, auth.map_or(0, <[u8]>::len));
-        put_len(&mut head, Text::From, from.len());
-        put_len(
-            &mut head,
-            Text::MessageId,
-            message_id.map_or(0, <[u8]>::len),
-        );
+        put_len(head, Text::Tls, tls.len());
+        put_len(head, Text::Helo, helo.len());
+        put_len(head, Text::Auth, auth.map_or(0, <[u8]>::len));
+        put_len(head, Text::From, from.len());
+        put_len(head, Text::MessageId, message_id.map_or(0, <[u8]>::len));
         // The same client, TLS version and the very same HELO and user texts (shared
         // with the session, held here so that their memory is not reused for others)
         // as the last line's: the same fixed part. Anything else, even the same words
@@ -217,9 +219,6 @@ impl PendingLine {
             self.last_auth = auth_given.cloned();
         }
         head[AT_FIXED..AT_FIXED + 4].copy_from_slice(&self.fixed.to_le_bytes());
-        let buf = &mut self.buf;
-        buf.clear();
-        buf.extend_from_slice(&head);
         buf.extend_from_slice(tls);
         buf.extend_from_slice(helo);
         buf.extend_from_slice(auth.unwrap_or_default());
@@ -313,7 +312,9 @@ pub struct MessageLine<'a> {
     /// two lines of one session with the same version have the same fixed part.
     pub fixed: u32,
     pub id: MessageId,
-    pub client: SocketAddr,
+    /// The header, for the client address ([`Self::client`]): read only when the
+    /// fixed part is formatted, not for every line.
+    head: &'a [u8; HEADER],
     pub tls: &'a [u8],
     pub helo: &'a [u8],
     /// The user the session authenticated as (SMTP AUTH), if it did.
@@ -334,7 +335,9 @@ pub struct MessageLine<'a> {
 
 impl<'a> MessageLine<'a> {
     /// The line `bytes` starts with ([`TAG_MESSAGE`] and all), and what follows it;
-    /// `None` if they do not start with a whole one.
+    /// `None` if they do not start with a whole one. Inlined into the writer's loop: a
+    /// call returned the fields (about 170 bytes) through memory and copied them again.
+    #[inline(always)]
     pub(super) fn decode(bytes: &'a [u8]) -> Option<(MessageLine<'a>, &'a [u8])> {
         let h: &[u8; HEADER] = bytes.get(..HEADER)?.try_into().ok()?;
         if h[0] != TAG_MESSAGE {
@@ -343,14 +346,6 @@ impl<'a> MessageLine<'a> {
         let len = u32::from_le_bytes(le(h, 1)) as usize;
         let line = bytes.get(HEADER..len.checked_add(5)?)?;
         let rest = bytes.get(len + 5..)?;
-        let port = u16::from_le_bytes(le(h, AT_PORT));
-        let client = if h[AT_FAMILY] == 4 {
-            SocketAddr::from((le::<4>(h, AT_IP), port))
-        } else {
-            let ip = std::net::Ipv6Addr::from(le::<16>(h, AT_IP));
-            let scope = u32::from_le_bytes(le(h, AT_SCOPE));
-            SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
-        };
         let flags = h[AT_FLAGS];
         let mut r = Reader(line);
         let mut next = |text: Text| r.take(u32::from_le_bytes(le(h, text.at())) as usize);
@@ -375,7 +370,7 @@ impl<'a> MessageLine<'a> {
             session: u64::from_le_bytes(le(h, AT_SESSION)),
             fixed: u32::from_le_bytes(le(h, AT_FIXED)),
             id: ulid::Ulid(u128::from_le_bytes(le(h, AT_ID))),
-            client,
+            head: h,
             tls,
             helo,
             auth,
@@ -391,6 +386,19 @@ impl<'a> MessageLine<'a> {
             error,
         };
         Some((m, rest))
+    }
+
+    /// The client's address and port.
+    pub fn client(&self) -> SocketAddr {
+        let h = self.head;
+        let port = u16::from_le_bytes(le(h, AT_PORT));
+        if h[AT_FAMILY] == 4 {
+            SocketAddr::from((le::<4>(h, AT_IP), port))
+        } else {
+            let ip = std::net::Ipv6Addr::from(le::<16>(h, AT_IP));
+            let scope = u32::from_le_bytes(le(h, AT_SCOPE));
+            SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+        }
     }
 
     /// The recipient, when there is exactly one and it was copied.

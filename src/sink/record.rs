@@ -391,40 +391,228 @@ impl Record for SealedMessage {
 
 #[cfg(test)]
 mod tests {
-    use super::{client_addr_text, decimal, received_at_text, StackText};
+    use super::{
+        client_addr_text, decimal, received_at_text, received_line, Record, SealedMessage,
+        StackText, RECEIVED_HEADROOM, RECORD_HEADERS,
+    };
+    use crate::smtp::address::is_hostile_char;
+    use crate::smtp::envelope::{Envelope, Message, MessageId, Verb};
+    use crate::smtp::{BareLfPolicy, Session, SessionConfig};
     use chrono::{DateTime, SecondsFormat, TimeZone, Timelike, Utc};
     use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    const TXN: &str = "EHLO client.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.com>\r\n";
+
+    /// The messages a session completes from `input`, fed as one read, each answered
+    /// `250` as the reactor would once its record is stored.
+    fn messages(input: &str) -> Vec<Message> {
+        let config = Arc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            accept_domains: ["example.com"].into_iter().collect(),
+            max_message_size: 100,
+            max_recipients: 3,
+            bare_lf: BareLfPolicy::Reject,
+            headroom: RECEIVED_HEADROOM + "mx.test".len(),
+        });
+        let mut session = Session::new(config, "192.0.2.7:1".parse().unwrap());
+        let mut rest = input.as_bytes();
+        let mut out = Vec::new();
+        loop {
+            rest = &rest[session.feed(rest)..];
+            let Some(message) = session.take_message() else {
+                return out;
+            };
+            out.push(message);
+            session.publish_result(Ok(MessageId::from(out.len() as u128)));
+        }
+    }
+
+    fn seal(message: Message) -> SealedMessage {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        SealedMessage::seal(message, MessageId::from(7u128), at, "mx.test")
+    }
+
+    fn headers(sealed: &SealedMessage) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        sealed.for_each_header(|k, v| headers.push((k, String::from_utf8_lossy(v).into_owned())));
+        headers
+    }
+
+    fn named<'h>(headers: &'h [(&str, String)], name: &str) -> Vec<&'h str> {
+        headers
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
 
     /// The Kafka sink sizes each record's header list by `header_count`; librdkafka
     /// grows an undersized one on every record.
     #[test]
     fn header_count_is_what_for_each_header_yields() {
-        use super::{Record, SealedMessage};
-        use crate::smtp::envelope::MessageId;
-        use crate::smtp::{BareLfPolicy, Session, SessionConfig};
         for rcpts in 1..=3 {
-            let config = std::sync::Arc::new(SessionConfig {
-                hostname: "mx.test".into(),
-                accept_domains: ["example.com"].into_iter().collect(),
-                max_message_size: 100,
-                max_recipients: 3,
-                bare_lf: BareLfPolicy::Reject,
-                headroom: super::RECEIVED_HEADROOM + "mx.test".len(),
-            });
-            let mut session = Session::new(config, "192.0.2.7:1".parse().unwrap());
             let mut input = String::from("EHLO c.test\r\nMAIL FROM:<a@x.test>\r\n");
             for r in 0..rcpts {
                 input.push_str(&format!("RCPT TO:<r{r}@example.com>\r\n"));
             }
             input.push_str("DATA\r\nx\r\n.\r\n");
-            session.feed(input.as_bytes());
-            let message = session.take_message().expect("a message");
-            let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-            let sealed = SealedMessage::seal(message, MessageId::from(7u128), at, "mx.test");
+            let message = messages(&input).pop().expect("a message");
+            let sealed = seal(message);
             let mut yielded = 0;
             Record::for_each_header(&sealed, |_, _| yielded += 1);
             assert_eq!(sealed.header_count(), yielded, "{rcpts} recipients");
         }
+    }
+
+    #[test]
+    fn received_line_is_prepended_without_touching_the_body() {
+        let message = messages(&format!("{TXN}DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"))
+            .pop()
+            .unwrap();
+        let sealed = seal(message);
+        assert_eq!(sealed.body(), b"Subject: x\r\n\r\nbody\r\n");
+        let value = String::from_utf8(sealed.value.to_vec()).unwrap();
+        assert!(
+            value.starts_with(
+                "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (smtpgw) with ESMTP id "
+            ),
+            "{value}"
+        );
+        assert!(
+            value.contains("\r\n\tfor <b@example.com>;\r\n\t"),
+            "{value}"
+        );
+        let headers = headers(&sealed);
+        let names: Vec<_> = headers.iter().map(|(k, _)| *k).collect();
+        // With one recipient, every header once, in the documented order.
+        assert_eq!(names, RECORD_HEADERS);
+        assert_eq!(names[9..12], ["smtp.schema", "smtp.node", "smtp.session"]);
+        assert_eq!(headers[9].1, "1");
+        // The connection driver sets these; a bare session leaves them empty and 0.
+        assert_eq!(headers[10].1, "");
+        assert_eq!(headers[11].1, "0");
+        assert_eq!(headers[6].1, "2027-01-15T08:00:00.000000Z");
+    }
+
+    #[test]
+    fn received_date_matches_rfc2822() {
+        let envelope = messages(&format!("{TXN}DATA\r\nx\r\n.\r\n"))
+            .pop()
+            .unwrap()
+            .envelope;
+        // Single- and double-digit days, every weekday, year boundaries, leap day.
+        for secs in [
+            0i64,
+            951_782_400,
+            1_709_164_800,
+            1_800_000_000,
+            1_735_689_599,
+            4_102_444_800,
+        ] {
+            let at = DateTime::from_timestamp(secs, 0).unwrap();
+            for day in 0..7 {
+                let at = at + chrono::Duration::days(day);
+                let line = received_line(&envelope, MessageId::from(1u128), at, "h");
+                assert!(
+                    line.ends_with(&format!(";\r\n\t{}\r\n", at.to_rfc2822())),
+                    "{line}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn trace_line_escapes_what_is_not_printable() {
+        // The parsers refuse such text; the trace line does not rely on it.
+        let mut env = Envelope::new(
+            Verb::Mail,
+            Arc::from("evil\r\nX-Injected: 1\u{202e}"),
+            true,
+            "192.0.2.7:1".parse().unwrap(),
+            "a@b",
+            "",
+        );
+        env.push_rcpt("\"x\u{85}\u{2028}y\"@example.com");
+        let line = received_line(
+            &env,
+            MessageId::from(1u128),
+            DateTime::from_timestamp(0, 0).unwrap(),
+            "mx.test",
+        );
+        assert!(
+            line.starts_with("Received: from evil\\u{d}\\u{a}X-Injected: 1\\u{202e} ([192.0.2.7])"),
+            "{line}"
+        );
+        assert!(
+            line.contains("for <\"x\\u{85}\\u{2028}y\"@example.com>;"),
+            "{line}"
+        );
+        assert_eq!(line.matches("\r\n").count(), 4, "{line}");
+        assert!(!line
+            .chars()
+            .any(|c| c != '\r' && c != '\n' && c != '\t' && is_hostile_char(c)));
+    }
+
+    /// RFC 3848's protocol names in the `Received:` line, `smtp.tls` and `smtp.auth`,
+    /// from what the session (TLS, AUTH) put in the envelope.
+    #[test]
+    fn tls_and_the_authenticated_user_are_recorded() {
+        let suite = "TLSv1.3 TLS13_AES_128_GCM_SHA256";
+        for (tls, auth, protocol) in [
+            (None, None, "ESMTP"),
+            (Some(suite), None, "ESMTPS"),
+            (None, Some("alice"), "ESMTPA"),
+            (Some(suite), Some("alice"), "ESMTPSA"),
+        ] {
+            let mut message = messages(&format!("{TXN}DATA\r\nx\r\n.\r\n")).pop().unwrap();
+            message.envelope.tls = tls.map(Arc::from);
+            message.envelope.auth = auth.map(Arc::from);
+            let sealed = seal(message);
+            let value = String::from_utf8_lossy(&sealed.value);
+            assert!(value.contains(&format!(" with {protocol} id ")), "{value}");
+            let headers = headers(&sealed);
+            assert_eq!(named(&headers, "smtp.tls"), [tls.unwrap_or("false")]);
+            assert_eq!(named(&headers, "smtp.auth"), [auth.unwrap_or("")]);
+        }
+    }
+
+    /// DSN parameters become headers per recipient, in RCPT order, after schema 1's
+    /// first twelve; a transaction without them still has one (empty) of each.
+    #[test]
+    fn dsn_parameters_are_headers_per_recipient_in_rcpt_order() {
+        let records: Vec<_> = messages(crate::smtp::test_support::DSN_SESSION)
+            .into_iter()
+            .map(|m| headers(&seal(m)))
+            .collect();
+        assert_eq!(records.len(), 2);
+        let first = &records[0];
+        assert_eq!(
+            named(first, "smtp.rcpt_to"),
+            ["b@example.com", "c@example.com", "d@example.com"]
+        );
+        assert_eq!(
+            named(first, "smtp.rcpt_notify"),
+            ["SUCCESS,FAILURE", "", "NEVER"]
+        );
+        assert_eq!(
+            named(first, "smtp.rcpt_orcpt"),
+            ["rfc822;bob+40x.example", "", ""]
+        );
+        assert_eq!(named(first, "smtp.dsn_ret"), ["HDRS"]);
+        assert_eq!(named(first, "smtp.dsn_envid"), ["abc+2Bdef"]);
+        assert_eq!(
+            named(first, "smtp.mail_params"),
+            ["RET=HDRS ENVID=abc+2Bdef"]
+        );
+        let mut order: Vec<&str> = first.iter().map(|(k, _)| *k).collect();
+        order.dedup();
+        assert_eq!(order, RECORD_HEADERS);
+        let second = &records[1];
+        assert_eq!(named(second, "smtp.dsn_ret"), [""]);
+        assert_eq!(named(second, "smtp.dsn_envid"), [""]);
+        assert_eq!(named(second, "smtp.rcpt_notify"), [""]);
+        assert_eq!(named(second, "smtp.rcpt_orcpt"), [""]);
     }
 
     #[test]

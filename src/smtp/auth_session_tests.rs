@@ -13,7 +13,7 @@ fn config() -> Arc<SessionConfig> {
         max_message_size: 1000,
         max_recipients: 3,
         bare_lf: BareLfPolicy::Reject,
-        headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
+        headroom: crate::smtp::test_support::HEADROOM,
     })
 }
 
@@ -37,7 +37,8 @@ fn verify(r: &AuthRequest) -> AuthVerdict {
 struct Run {
     replies: String,
     /// Record headers of each message.
-    records: Vec<Vec<(String, String)>>,
+    /// The envelope of each message, which the record is made from (`sink::record`).
+    envelopes: Vec<Envelope>,
     events: Vec<SessionEvent>,
     closed: bool,
 }
@@ -59,7 +60,7 @@ fn run_auth<'a>(
     }
     s.greet();
     let mut buffer = Vec::new();
-    let mut records = Vec::new();
+    let mut envelopes = Vec::new();
     let mut events = Vec::new();
     let mut stored = 0u128;
     for piece in pieces {
@@ -81,21 +82,7 @@ fn run_auth<'a>(
                 break;
             };
             stored += 1;
-            let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-            let sealed = crate::sink::record::SealedMessage::seal(
-                message,
-                MessageId::from(stored),
-                at,
-                "mx.test",
-            );
-            let mut headers = vec![(
-                "value".to_string(),
-                String::from_utf8_lossy(&sealed.value).into_owned(),
-            )];
-            sealed.for_each_header(|k, v| {
-                headers.push((k.to_string(), String::from_utf8_lossy(v).into_owned()))
-            });
-            records.push(headers);
+            envelopes.push(message.envelope);
             s.publish_result(Ok(MessageId::from(stored)));
         }
         if s.is_closed() {
@@ -107,7 +94,7 @@ fn run_auth<'a>(
     }
     Run {
         replies: String::from_utf8_lossy(s.output()).into_owned(),
-        records,
+        envelopes,
         events,
         closed: s.is_closed(),
     }
@@ -516,14 +503,8 @@ fn response_lines_longer_than_rfc_4954_allows_end_the_exchange() {
     assert_eq!(finals(&r.replies)[1..], ["334", "501 5.5.2"]);
 }
 
-fn header<'h>(record: &'h [(String, String)], name: &str) -> Vec<&'h str> {
-    record
-        .iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
-
+/// The user a session authenticated as reaches the envelope, and with it the record
+/// (`sink::record` writes it as `smtp.auth` and RFC 3848's protocol names).
 #[test]
 fn the_authenticated_identity_is_recorded() {
     let good = b64(b"\0alice\0secret");
@@ -533,13 +514,14 @@ fn the_authenticated_identity_is_recorded() {
         true,
         [format!("EHLO c\r\n{msg}AUTH PLAIN {good}\r\n{msg}").as_bytes()],
     );
-    assert_eq!(r.records.len(), 2);
-    assert_eq!(header(&r.records[0], "smtp.auth"), [""]);
-    assert!(header(&r.records[0], "value")[0].contains(" with ESMTPS id "));
-    assert_eq!(header(&r.records[1], "smtp.auth"), ["alice"]);
-    assert!(header(&r.records[1], "value")[0].contains(" with ESMTPSA id "));
-    assert_eq!(header(&r.records[1], "smtp.mail_params"), ["AUTH=<>"]);
-    // Over plaintext (allowed on loopback), RFC 3848's ESMTPA.
+    assert_eq!(r.envelopes.len(), 2);
+    let tls = Some("TLSv1.3 TLS13_AES_128_GCM_SHA256");
+    assert_eq!(r.envelopes[0].auth.as_deref(), None);
+    assert_eq!(r.envelopes[0].tls.as_deref(), tls);
+    assert_eq!(r.envelopes[1].auth.as_deref(), Some("alice"));
+    assert_eq!(r.envelopes[1].tls.as_deref(), tls);
+    assert_eq!(r.envelopes[1].mail_params(), "AUTH=<>");
+    // Over plaintext (allowed on loopback).
     let plaintext = AuthPolicy {
         plaintext: true,
         ..OFFERED
@@ -549,7 +531,9 @@ fn the_authenticated_identity_is_recorded() {
         false,
         [format!("EHLO c\r\nAUTH PLAIN {good}\r\n{msg}").as_bytes()],
     );
-    assert!(header(&r.records[0], "value")[0].contains(" with ESMTPA id "));
+    assert_eq!(r.envelopes.len(), 1);
+    assert_eq!(r.envelopes[0].auth.as_deref(), Some("alice"));
+    assert_eq!(r.envelopes[0].tls.as_deref(), None);
 }
 
 #[test]

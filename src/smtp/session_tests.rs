@@ -11,7 +11,7 @@ fn config(bare_lf: BareLfPolicy) -> Arc<SessionConfig> {
         max_message_size: 100,
         max_recipients: 3,
         bare_lf,
-        headroom: crate::sink::record::RECEIVED_HEADROOM + "mx.test".len(),
+        headroom: crate::smtp::test_support::HEADROOM,
     })
 }
 
@@ -647,66 +647,6 @@ fn timeout_and_drain() {
     assert!(session.is_closed());
 }
 
-#[test]
-fn received_line_is_prepended_without_touching_the_body() {
-    let mut session = new_session();
-    session.feed(format!("{TXN}DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n").as_bytes());
-    let message = session.take_message().unwrap();
-    let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-    let sealed =
-        crate::sink::record::SealedMessage::seal(message, MessageId::from(7u128), at, "mx.test");
-    assert_eq!(sealed.body(), b"Subject: x\r\n\r\nbody\r\n");
-    let value = String::from_utf8(sealed.value.to_vec()).unwrap();
-    assert!(
-        value.starts_with(
-            "Received: from client.test ([192.0.2.7])\r\n\tby mx.test (smtpgw) with ESMTP id "
-        ),
-        "{value}"
-    );
-    assert!(
-        value.contains("\r\n\tfor <b@example.com>;\r\n\t"),
-        "{value}"
-    );
-    let mut headers = Vec::new();
-    sealed.for_each_header(|k, v| headers.push((k, String::from_utf8_lossy(v).to_string())));
-    let names: Vec<_> = headers.iter().map(|(k, _)| *k).collect();
-    // With one recipient, every header once, in the documented order.
-    assert_eq!(names, crate::sink::record::RECORD_HEADERS);
-    assert_eq!(names[9..12], ["smtp.schema", "smtp.node", "smtp.session"]);
-    assert_eq!(headers[9].1, "1");
-    // The connection driver sets these; a bare session leaves them empty and 0.
-    assert_eq!(headers[10].1, "");
-    assert_eq!(headers[11].1, "0");
-    assert_eq!(headers[6].1, "2027-01-15T08:00:00.000000Z");
-}
-
-#[test]
-fn received_date_matches_rfc2822() {
-    let mut session = new_session();
-    session.feed(format!("{TXN}DATA\r\nx\r\n.\r\n").as_bytes());
-    let envelope = session.take_message().unwrap().envelope;
-    // Single- and double-digit days, every weekday, year boundaries, leap day.
-    for secs in [
-        0i64,
-        951_782_400,
-        1_709_164_800,
-        1_800_000_000,
-        1_735_689_599,
-        4_102_444_800,
-    ] {
-        let at = chrono::DateTime::from_timestamp(secs, 0).unwrap();
-        for day in 0..7 {
-            let at = at + chrono::Duration::days(day);
-            let line =
-                crate::sink::record::received_line(&envelope, MessageId::from(1u128), at, "h");
-            assert!(
-                line.ends_with(&format!(";\r\n\t{}\r\n", at.to_rfc2822())),
-                "{line}"
-            );
-        }
-    }
-}
-
 /// A valid session built from random parts, for the split property.
 fn session_input() -> impl Strategy<Value = Vec<u8>> {
     let body = prop::collection::vec(
@@ -1091,38 +1031,6 @@ fn addresses_with_line_separators_c1_controls_or_bidi_overrides_are_refused() {
     // Ordinary UTF-8 is still fine.
     let ok = "EHLO c\r\nMAIL FROM:<\"ü x\"@b.test> SMTPUTF8\r\nRCPT TO:<用户@example.com>\r\n";
     assert_eq!(replies(ok)[1..], ["250 2.1.0", "250 2.1.5"]);
-}
-
-#[test]
-fn trace_line_escapes_what_is_not_printable() {
-    // The parsers refuse such text; the trace line does not rely on it.
-    let mut env = Envelope::new(
-        envelope::Verb::Mail,
-        Arc::from("evil\r\nX-Injected: 1\u{202e}"),
-        true,
-        "192.0.2.7:1".parse().unwrap(),
-        "a@b",
-        "",
-    );
-    env.push_rcpt("\"x\u{85}\u{2028}y\"@example.com");
-    let line = crate::sink::record::received_line(
-        &env,
-        MessageId::from(1u128),
-        chrono::DateTime::from_timestamp(0, 0).unwrap(),
-        "mx.test",
-    );
-    assert!(
-        line.starts_with("Received: from evil\\u{d}\\u{a}X-Injected: 1\\u{202e} ([192.0.2.7])"),
-        "{line}"
-    );
-    assert!(
-        line.contains("for <\"x\\u{85}\\u{2028}y\"@example.com>;"),
-        "{line}"
-    );
-    assert_eq!(line.matches("\r\n").count(), 4, "{line}");
-    assert!(!line
-        .chars()
-        .any(|c| c != '\r' && c != '\n' && c != '\t' && address::is_hostile_char(c)));
 }
 
 #[test]
@@ -1645,85 +1553,73 @@ fn ehlo_advertises_dsn() {
         .contains("\r\n250-DSN\r\n"));
 }
 
-/// Runs `pieces` and returns each message's record headers (name, value).
-fn record_headers<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<(String, String)>> {
+/// A message's DSN parameters as its envelope holds them for the record (which
+/// `sink::record` writes out and tests): MAIL's parameters, RET and ENVID, and per
+/// recipient, in RCPT order, its address, NOTIFY and ORCPT.
+#[derive(Debug, PartialEq)]
+struct Dsn {
+    mail_params: String,
+    ret: String,
+    envid: String,
+    rcpt_to: Vec<String>,
+    notify: Vec<String>,
+    orcpt: Vec<String>,
+}
+
+/// Runs `pieces` and returns each message's [`Dsn`].
+fn dsn_of<'a>(pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<Dsn> {
     let mut out = Vec::new();
     feed_pieces(config(BareLfPolicy::Reject), pieces, |message| {
-        let at = chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-        let sealed = crate::sink::record::SealedMessage::seal(
-            message,
-            MessageId::from(7u128),
-            at,
-            "mx.test",
-        );
-        let mut headers = Vec::new();
-        sealed.for_each_header(|k, v| {
-            headers.push((k.to_string(), String::from_utf8_lossy(v).into_owned()))
+        let env = &message.envelope;
+        out.push(Dsn {
+            mail_params: env.mail_params().to_string(),
+            ret: env.dsn_ret.map_or("", |r| r.as_str()).to_string(),
+            envid: env.dsn_envid().to_string(),
+            rcpt_to: env.rcpt_to().map(String::from).collect(),
+            notify: env.rcpt_notify().map(|n| n.as_str().to_string()).collect(),
+            orcpt: env.rcpt_orcpt().map(String::from).collect(),
         });
-        out.push(headers);
     });
     out
 }
 
-fn named<'h>(headers: &'h [(String, String)], name: &str) -> Vec<&'h str> {
-    headers
-        .iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
-
-/// DSN parameters reach the record, per recipient and in RCPT order, whatever the reads:
-/// every split into two reads and one byte at a time give the same records.
+/// DSN parameters reach the envelope, per recipient and in RCPT order, whatever the
+/// reads: every split into two reads and one byte at a time give the same envelopes.
 #[test]
-fn dsn_parameters_reach_the_record_for_every_split_of_reads() {
-    let input = "EHLO c.test\r\n\
-        MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bdef\r\n\
-        RCPT TO:<b@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+40x.example\r\n\
-        RCPT TO:<c@example.com>\r\n\
-        RCPT TO:<d@example.com> NOTIFY=never\r\n\
-        DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n\
-        MAIL FROM:<>\r\nRCPT TO:<e@example.com>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n";
-    let input = input.as_bytes();
-    let whole = record_headers([input]);
-    assert_eq!(whole.len(), 2);
-    let first = &whole[0];
+fn dsn_parameters_reach_the_envelope_for_every_split_of_reads() {
+    let input = crate::smtp::test_support::DSN_SESSION.as_bytes();
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let whole = dsn_of([input]);
     assert_eq!(
-        named(first, "smtp.rcpt_to"),
-        ["b@example.com", "c@example.com", "d@example.com"]
+        whole,
+        [
+            Dsn {
+                mail_params: "RET=HDRS ENVID=abc+2Bdef".into(),
+                ret: "HDRS".into(),
+                envid: "abc+2Bdef".into(),
+                rcpt_to: strings(&["b@example.com", "c@example.com", "d@example.com"]),
+                notify: strings(&["SUCCESS,FAILURE", "", "NEVER"]),
+                orcpt: strings(&["rfc822;bob+40x.example", "", ""]),
+            },
+            // A transaction without DSN parameters still has one (empty) per recipient.
+            Dsn {
+                mail_params: "".into(),
+                ret: "".into(),
+                envid: "".into(),
+                rcpt_to: strings(&["e@example.com"]),
+                notify: strings(&[""]),
+                orcpt: strings(&[""]),
+            },
+        ]
     );
-    assert_eq!(
-        named(first, "smtp.rcpt_notify"),
-        ["SUCCESS,FAILURE", "", "NEVER"]
-    );
-    assert_eq!(
-        named(first, "smtp.rcpt_orcpt"),
-        ["rfc822;bob+40x.example", "", ""]
-    );
-    assert_eq!(named(first, "smtp.dsn_ret"), ["HDRS"]);
-    assert_eq!(named(first, "smtp.dsn_envid"), ["abc+2Bdef"]);
-    assert_eq!(
-        named(first, "smtp.mail_params"),
-        ["RET=HDRS ENVID=abc+2Bdef"]
-    );
-    // The DSN headers come after schema 1's first twelve, in RECORD_HEADERS order.
-    let mut order: Vec<&str> = first.iter().map(|(k, _)| k.as_str()).collect();
-    order.dedup();
-    assert_eq!(order, crate::sink::record::RECORD_HEADERS);
-    // A transaction without DSN parameters still has one (empty) of each.
-    let second = &whole[1];
-    assert_eq!(named(second, "smtp.dsn_ret"), [""]);
-    assert_eq!(named(second, "smtp.dsn_envid"), [""]);
-    assert_eq!(named(second, "smtp.rcpt_notify"), [""]);
-    assert_eq!(named(second, "smtp.rcpt_orcpt"), [""]);
     for cut in 0..=input.len() {
         assert_eq!(
-            record_headers([&input[..cut], &input[cut..]]),
+            dsn_of([&input[..cut], &input[cut..]]),
             whole,
             "split at {cut}"
         );
     }
-    assert_eq!(record_headers(input.chunks(1)), whole);
+    assert_eq!(dsn_of(input.chunks(1)), whole);
 }
 
 /// RFC 3461 section 4: MAIL lines may be 100 octets longer, RCPT lines 500.

@@ -20,6 +20,7 @@ use rustls::ClientConnection;
 
 use smtpgw::smtp::BareLfPolicy;
 
+use crate::sim_support::Rng;
 use crate::tls;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -197,7 +198,7 @@ pub struct Script {
     pub eager: bool,
 }
 
-fn line(rng: &mut fastrand::Rng) -> Vec<u8> {
+fn line(rng: &mut Rng) -> Vec<u8> {
     let len = match rng.u8(..10) {
         0 => 0,
         1 => rng.usize(100..990),
@@ -212,7 +213,7 @@ fn line(rng: &mut fastrand::Rng) -> Vec<u8> {
 }
 
 /// A message body (CRLF lines, the tag first) of about `size` bytes.
-fn body(rng: &mut fastrand::Rng, client: u32, msg: u32, size: usize) -> Vec<u8> {
+fn body(rng: &mut Rng, client: u32, msg: u32, size: usize) -> Vec<u8> {
     let mut m = format!("X-Sim-Tag: c{client}m{msg}\r\nSubject: sim\r\n\r\n").into_bytes();
     while m.len() < size {
         m.extend_from_slice(&line(rng));
@@ -269,7 +270,7 @@ fn group(cmds: Vec<Cmd>) -> Group {
 }
 
 struct Builder<'a> {
-    rng: &'a mut fastrand::Rng,
+    rng: &'a mut Rng,
     client: u32,
     settings: Settings,
     groups: Vec<Group>,
@@ -461,7 +462,7 @@ impl Builder<'_> {
 
 /// The script of client `client` of kind `kind`, from its own seed.
 pub fn script(kind: Kind, client: u32, seed: u64, settings: Settings) -> Script {
-    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut b = Builder {
         rng: &mut rng,
         client,

@@ -6,9 +6,12 @@
 //! - `SMTPGW_SIM_SEED=N`: replay seed N (print its trace hash, and the shrunk trace if
 //!   it breaks an invariant);
 //! - otherwise: the determinism check, the hunts for the reintroduced defects, then
-//!   fresh seeds from the OS for `SMTPGW_SIM_SECONDS` (default 10), each logged as
-//!   `sim seed=N`; the counts at the end. `SMTPGW_SIM_BASE_SEED=B` draws the seeds from
-//!   B instead of the OS, for a repeatable set (mutation testing).
+//!   fresh seeds from the OS for `SMTPGW_SIM_SECONDS` (default 10; 0: none), each
+//!   logged as `sim seed=N`; the counts at the end. `SMTPGW_SIM_BASE_SEED=B` draws the
+//!   seeds from B instead of the OS, for a repeatable set (mutation testing).
+//! - Arguments select parts: `determinism`, `defects`, `seeds` (default: all), as in
+//!   `tests/sim_disk`. `scripts/test.sh` runs the first two in `cargo test` and
+//!   `scripts/sim.sh` the third, so that each runs once.
 //!
 //! Exits non-zero on a violated invariant, a seed that replays differently, or a
 //! reintroduced defect not found within its budget.
@@ -19,10 +22,11 @@ mod invariants;
 mod net;
 mod run;
 mod shrink;
+#[path = "../sim_support/mod.rs"]
+mod sim_support;
 mod sink;
 mod tls;
 
-use std::io::Read;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +34,7 @@ use std::time::{Duration, Instant};
 use smtpgw::conn::reintroduced;
 
 use run::{execute, plan, Counts};
+use sim_support::{os_seed, Env, Parts, Seeds};
 
 /// How long shrinking a failure may take.
 const SHRINK_TIME: Duration = Duration::from_secs(60);
@@ -37,19 +42,6 @@ const SHRINK_TIME: Duration = Duration::from_secs(60);
 const HUNT_SHRINK_TIME: Duration = Duration::from_secs(5);
 /// How long each reintroduced defect may take to be found.
 const DEFECT_BUDGET: Duration = Duration::from_secs(60);
-
-fn os_seed() -> u64 {
-    let mut b = [0u8; 8];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    if read.is_err() {
-        // Not deterministic, and need not be: only where the fresh seeds start.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.as_nanos() as u64 ^ u64::from(std::process::id());
-    }
-    u64::from_le_bytes(b)
-}
 
 /// Runs `seed`; on a violation prints it, shrinks it and prints the shortest trace.
 /// `shrink`: how long to shrink a failure, if at all.
@@ -125,11 +117,11 @@ fn determinism(seed: u64) -> Result<(), String> {
 fn hunt(name: &str, switch: &AtomicBool, kind: &str) -> Result<(), String> {
     switch.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    let mut rng = fastrand::Rng::with_seed(os_seed());
+    let mut fresh = Seeds::from_os();
     let mut seeds = 0;
     let mut found = None;
     while started.elapsed() < DEFECT_BUDGET {
-        let seed = rng.u64(..);
+        let seed = fresh.next();
         seeds += 1;
         let mut c = Counts::default();
         if let Err(v) = run_seed(seed, &mut c, None) {
@@ -161,21 +153,16 @@ fn hunt(name: &str, switch: &AtomicBool, kind: &str) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let parts = Parts::from_args();
     // Replaying a seed a defect hunt reported: the same switch on.
-    match std::env::var("SMTPGW_SIM_DEFECT").as_deref() {
-        Ok("output") => reintroduced::IGNORE_OUTPUT_CAP.store(true, Ordering::Relaxed),
-        Ok("budget") => reintroduced::NO_RESUME_ON_BUDGET.store(true, Ordering::Relaxed),
-        Ok("starttls") => {
-            reintroduced::KEEP_PIPELINED_AFTER_STARTTLS.store(true, Ordering::Relaxed)
-        }
-        Ok("handshake") => reintroduced::NO_HANDSHAKE_DEADLINE.store(true, Ordering::Relaxed),
-        _ => {}
-    }
-    if let Ok(seed) = std::env::var("SMTPGW_SIM_SEED") {
-        let Ok(seed) = seed.trim().parse::<u64>() else {
-            eprintln!("SMTPGW_SIM_SEED: not a number: {seed:?}");
-            return ExitCode::FAILURE;
-        };
+    let switches = [
+        ("output", &reintroduced::IGNORE_OUTPUT_CAP),
+        ("budget", &reintroduced::NO_RESUME_ON_BUDGET),
+        ("starttls", &reintroduced::KEEP_PIPELINED_AFTER_STARTTLS),
+        ("handshake", &reintroduced::NO_HANDSHAKE_DEADLINE),
+    ];
+    let mut env = Env::read_or_exit(10, &switches);
+    if let Some(seed) = env.seed {
         let mut c = Counts::default();
         let r = run_seed(seed, &mut c, Some(SHRINK_TIME));
         report("sim replay", 1, &c, started.elapsed());
@@ -187,13 +174,11 @@ fn main() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         };
     }
-    let seconds: f64 = std::env::var("SMTPGW_SIM_SECONDS")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(10.0);
     let mut failures = Vec::new();
-    if let Err(e) = determinism(1).and_then(|()| determinism(os_seed())) {
-        failures.push(e);
+    if parts.wants("determinism") {
+        if let Err(e) = determinism(1).and_then(|()| determinism(os_seed())) {
+            failures.push(e);
+        }
     }
     let defects: [(&str, &AtomicBool, &str); 4] = [
         (
@@ -217,30 +202,26 @@ fn main() -> ExitCode {
             "handshake deadline",
         ),
     ];
-    for (name, switch, kind) in defects {
+    for (name, switch, kind) in defects.into_iter().filter(|_| parts.wants("defects")) {
         if let Err(e) = hunt(name, switch, kind) {
             failures.push(e);
         }
     }
-    let budget_start = Instant::now();
-    let budget = Duration::from_secs_f64(seconds.max(0.0));
-    let base = std::env::var("SMTPGW_SIM_BASE_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(os_seed);
-    let mut rng = fastrand::Rng::with_seed(base);
-    let mut counts = Counts::default();
-    let mut seeds = 0;
-    while budget_start.elapsed() < budget {
-        let seed = rng.u64(..);
-        println!("sim seed={seed}");
-        seeds += 1;
-        if run_seed(seed, &mut counts, Some(SHRINK_TIME)).is_err() {
-            failures.push(format!("seed {seed} broke an invariant (above)"));
-            break;
+    if parts.wants("seeds") && !env.budget.is_zero() {
+        let budget_start = Instant::now();
+        let mut counts = Counts::default();
+        let mut seeds = 0;
+        while budget_start.elapsed() < env.budget {
+            let seed = env.seeds.next();
+            println!("sim seed={seed}");
+            seeds += 1;
+            if run_seed(seed, &mut counts, Some(SHRINK_TIME)).is_err() {
+                failures.push(format!("seed {seed} broke an invariant (above)"));
+                break;
+            }
         }
+        report("sim", seeds, &counts, budget_start.elapsed());
     }
-    report("sim", seeds, &counts, budget_start.elapsed());
     println!(
         "sim: wall time in all {:.1} s",
         started.elapsed().as_secs_f64()

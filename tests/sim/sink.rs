@@ -128,6 +128,11 @@ impl SimSink {
         self.lock().held.len()
     }
 
+    /// How many held messages time out only after `at` (run time).
+    pub fn held_due_after(&self, at: Duration) -> usize {
+        self.lock().held.iter().filter(|h| h.due > at).count()
+    }
+
     /// Answers the held message `pick` (modulo how many are held).
     pub fn answer(&self, pick: usize, outcome: Outcome) -> Option<(u128, Outcome)> {
         let mut s = self.lock();

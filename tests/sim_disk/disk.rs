@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use smtpgw::sink::spool::writer::SpoolFs;
 
-use crate::rng::Rng;
+use crate::sim_support::{Draw, Rng};
 
 /// A fault armed by the workload, spent on the next operation of its kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,7 +161,7 @@ impl Disk {
         self.clock.advance(self.sync_ms);
         if let Some(Fault::SyncFail { seed }) = self.take(|f| matches!(f, Fault::SyncFail { .. })) {
             self.fire("fdatasync_eio");
-            let mut rng = Rng::new(seed);
+            let mut rng = Rng::with_seed(seed);
             if let Some(file) = self.files.get_mut(&id) {
                 for op in std::mem::take(&mut file.pending) {
                     apply_maybe(&mut file.durable, &op, &mut rng);
@@ -307,7 +307,7 @@ impl SimFs {
                 if rng.below(2) == 0 {
                     image.extend(std::iter::repeat_n(0u8, n));
                 } else {
-                    image.extend((0..n).map(|_| rng.next() as u8));
+                    image.extend((0..n).map(|_| rng.u64(..) as u8));
                 }
             }
             out.insert(name.clone(), image);

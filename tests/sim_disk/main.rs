@@ -8,45 +8,28 @@
 //!   `SMTPGW_SIM_DEFECT=truncate-at-corruption` or `ignore-commit-marks`, with that
 //!   reintroduced defect on, as a hunt found it.
 //! - `SMTPGW_SIM_SECONDS=S` (default 60): fresh seeds from the OS for S seconds
-//!   (`SMTPGW_SIM_BASE_SEED=B`: seeds B, B+1, ... instead); 0 runs one.
+//!   (`SMTPGW_SIM_BASE_SEED=B`: drawn from B instead, a repeatable set); 0 runs none.
+//!   The environment is read as `tests/sim` reads it (`tests/sim_support`).
 //! - Arguments select parts: `determinism`, `defects`, `seeds` (default: all).
 //!
 //! A violated invariant prints the seed and the shortest step list found that still
 //! violates it, and the run fails.
 
 mod disk;
-mod rng;
 mod sim;
+#[path = "../sim_support/mod.rs"]
+mod sim_support;
+#[path = "../spool_support/mod.rs"]
+mod spool_support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use smtpgw::sink::spool::defects;
 
 use sim::{generate, run, Config, Step, Violation};
-
-/// The next fresh seed: from the OS, or, with `SMTPGW_SIM_BASE_SEED=B`, B, B+1, ... (a
-/// repeatable set, for mutation testing).
-fn fresh_seed() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    if let Some(base) = std::env::var("SMTPGW_SIM_BASE_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        return base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
-    }
-    let mut bytes = [0u8; 8];
-    getrandom(&mut bytes);
-    u64::from_le_bytes(bytes)
-}
-
-fn getrandom(buf: &mut [u8]) {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .expect("read /dev/urandom");
-}
+use sim_support::{Env, Parts, Seeds};
 
 /// What kind of violation `what` describes: its fixed words, without the ids, offsets,
 /// counts and dumped values a message's template fills in.
@@ -122,13 +105,14 @@ struct Totals {
 /// its seed, if any.
 fn explore(
     fixed: Option<u64>,
+    seeds: &mut Seeds,
     budget: Duration,
     totals: &mut Totals,
     log: bool,
 ) -> Option<(u64, Config, Vec<Step>, Violation)> {
     let started = Instant::now();
     loop {
-        let seed = fixed.unwrap_or_else(fresh_seed);
+        let seed = fixed.unwrap_or_else(|| seeds.next());
         if log {
             println!("sim_disk seed={seed}");
         }
@@ -154,10 +138,10 @@ fn explore(
     }
 }
 
-fn determinism() -> bool {
+fn determinism(seeds: &mut Seeds) -> bool {
     let mut ok = true;
     for _ in 0..3 {
-        let seed = fresh_seed();
+        let seed = seeds.next();
         let (config, steps) = generate(seed);
         let a = run(&config, &steps)
             .map(|s| s.trace_hash)
@@ -177,14 +161,22 @@ fn determinism() -> bool {
 /// Turns one reintroduced defect on and runs fresh seeds until the simulator reports
 /// the violation it causes (`expect` is in its text); fails if it does not within
 /// `budget`.
-fn hunt(name: &str, switch: &AtomicBool, expect: &str, budget: Duration) -> bool {
+fn hunt(
+    name: &str,
+    switch: &AtomicBool,
+    expect: &str,
+    seeds: &mut Seeds,
+    budget: Duration,
+) -> bool {
     switch.store(true, Ordering::Relaxed);
     let started = Instant::now();
     let mut totals = Totals::default();
     let mut found = None;
     let mut other = 0u64;
     while found.is_none() && started.elapsed() < budget {
-        if let Some((seed, _, _, violation)) = explore(None, Duration::ZERO, &mut totals, false) {
+        if let Some((seed, _, _, violation)) =
+            explore(None, seeds, Duration::ZERO, &mut totals, false)
+        {
             if violation.what.contains(expect) {
                 found = Some((seed, violation));
             } else {
@@ -224,69 +216,43 @@ fn hunt(name: &str, switch: &AtomicBool, expect: &str, budget: Duration) -> bool
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let want = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
-    let seconds: u64 = std::env::var("SMTPGW_SIM_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    // A seed that does not parse must not turn a replay into a run of fresh seeds.
-    let fixed: Option<u64> = match std::env::var("SMTPGW_SIM_SEED") {
-        Ok(s) => match s.trim().parse() {
-            Ok(seed) => Some(seed),
-            Err(_) => {
-                eprintln!("SMTPGW_SIM_SEED: not a number: {s:?}");
-                std::process::exit(2);
-            }
-        },
-        Err(_) => None,
-    };
-    let defect = std::env::var("SMTPGW_SIM_DEFECT").ok();
-    match defect.as_deref() {
-        Some("truncate-at-corruption") => {
-            defects::TRUNCATE_AT_CORRUPTION.store(true, Ordering::Relaxed)
-        }
-        Some("ignore-commit-marks") => defects::IGNORE_COMMIT_MARKS.store(true, Ordering::Relaxed),
-        Some(other) => {
-            eprintln!(
-                "SMTPGW_SIM_DEFECT: unknown defect {other:?} \
-                 (truncate-at-corruption, ignore-commit-marks)"
-            );
-            std::process::exit(2);
-        }
-        None => {}
-    }
+    let parts = Parts::from_args();
+    let switches = [
+        ("truncate-at-corruption", &defects::TRUNCATE_AT_CORRUPTION),
+        ("ignore-commit-marks", &defects::IGNORE_COMMIT_MARKS),
+    ];
+    let mut env = Env::read_or_exit(60, &switches);
+    let fixed = env.seed;
     // With a defect on, only the seeds run: the hunts turn the switches off.
-    let alone = fixed.is_none() && defect.is_none();
+    let alone = fixed.is_none() && env.defect.is_none();
     let mut failed = false;
 
-    if want("determinism") && alone && !determinism() {
+    if parts.wants("determinism") && alone && !determinism(&mut env.seeds) {
         failed = true;
     }
-    if want("defects") && alone {
+    if parts.wants("defects") && alone {
         // Each hunt stops at its first find (a few seconds at most so far).
         let budget = Duration::from_secs(60);
         failed |= !hunt(
             "truncate-at-corruption",
             &defects::TRUNCATE_AT_CORRUPTION,
             "is gone after recovery",
+            &mut env.seeds,
             budget,
         );
         failed |= !hunt(
             "ignore-commit-marks",
             &defects::IGNORE_COMMIT_MARKS,
             "dropped without a corruption report",
+            &mut env.seeds,
             budget,
         );
     }
-    if want("seeds") {
+    if parts.wants("seeds") && (fixed.is_some() || !env.budget.is_zero()) {
         let started = Instant::now();
         let mut totals = Totals::default();
         if let Some((seed, config, steps, _)) =
-            explore(fixed, Duration::from_secs(seconds), &mut totals, true)
+            explore(fixed, &mut env.seeds, env.budget, &mut totals, true)
         {
             report(seed, &config, &steps, Duration::from_secs(60));
             failed = true;

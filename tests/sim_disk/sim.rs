@@ -3,7 +3,6 @@
 //! on a real directory, and every invariant checked after each step.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
@@ -11,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use smtpgw::sink::record::{received_line, SealedMessage};
+use smtpgw::sink::record::SealedMessage;
 use smtpgw::sink::spool::format::{encode_record, Position};
 use smtpgw::sink::spool::recovery::recover_newest;
 use smtpgw::sink::spool::writer::{
@@ -19,12 +18,12 @@ use smtpgw::sink::spool::writer::{
 };
 use smtpgw::sink::spool::{ReadEvent, SpoolReader};
 use smtpgw::sink::{Completion, PublishError, PublishResult};
-use smtpgw::smtp::envelope::{Envelope, Verb};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use ulid::Ulid;
 
 use crate::disk::{Clock, Fault, SimFs};
-use crate::rng::Rng;
+use crate::sim_support::{Draw, Rng};
+use crate::spool_support::{envelope, seal};
 
 const SIM_DIR: &str = "/sim/spool";
 /// Plenty of room: what "space came back" means.
@@ -71,7 +70,7 @@ pub enum Step {
 }
 
 pub fn generate(seed: u64) -> (Config, Vec<Step>) {
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     let segment_size = [2 << 10, 8 << 10, 64 << 10][rng.below(3) as usize];
     let config = Config {
         segment_size,
@@ -100,14 +99,14 @@ pub fn generate(seed: u64) -> (Config, Vec<Step>) {
     for _ in 0..n {
         let r = rng.below(1000);
         let step = match r {
-            0..=449 => Step::Submit { seed: rng.next() },
+            0..=449 => Step::Submit { seed: rng.u64(..) },
             450..=679 => Step::Commit,
             680..=799 => Step::Advance {
                 ms: 1 + rng.below(300),
             },
             800..=889 => Step::Fault(match rng.below(6) {
-                0 | 1 => Fault::TornWrite { keep: rng.next() },
-                2 | 3 => Fault::SyncFail { seed: rng.next() },
+                0 | 1 => Fault::TornWrite { keep: rng.u64(..) },
+                2 | 3 => Fault::SyncFail { seed: rng.u64(..) },
                 4 => Fault::DirSyncFail,
                 _ => {
                     if rng.one_in(2) {
@@ -122,8 +121,8 @@ pub fn generate(seed: u64) -> (Config, Vec<Step>) {
             },
             925..=954 => Step::Prune,
             _ => Step::Crash {
-                seed: rng.next(),
-                damage: rng.one_in(3).then(|| rng.next()),
+                seed: rng.u64(..),
+                damage: rng.one_in(3).then(|| rng.u64(..)),
                 clean: rng.one_in(4),
             },
         };
@@ -276,14 +275,12 @@ fn new_shared(config: &Config, seq: u64) -> Arc<WriterShared> {
 /// hold what looks like spool structures (a whole encoded record, the resync needle,
 /// a commit mark's tag).
 fn message(seed: u64, received_at: DateTime<Utc>) -> SealedMessage {
-    let mut rng = Rng::new(seed);
-    let id = Ulid::from(u128::from(rng.next()) << 64 | u128::from(rng.next()));
-    let client: SocketAddr = "192.0.2.7:40123".parse().expect("literal address");
-    let mut envelope = Envelope::new(
-        Verb::Mail,
-        Arc::from("client.example"),
+    let mut rng = Rng::with_seed(seed);
+    let id = ulid(&mut rng);
+    let mut envelope = envelope(
+        "client.example",
         true,
-        client,
+        "192.0.2.7:40123",
         "from@example.com",
         "",
     );
@@ -305,27 +302,24 @@ fn message(seed: u64, received_at: DateTime<Utc>) -> SealedMessage {
         match rng.below(6) {
             0 => {
                 // A whole valid-looking record of a message nobody submitted.
-                let inner = message_plain(rng.next(), received_at);
+                let inner = message_plain(rng.u64(..), received_at);
                 let _ = encode_record(&mut body, &inner);
             }
             1 => body.extend_from_slice(b"\x07\x00smtp.id\x1a\x00\x00\x00"),
             2 => body.extend_from_slice(b"SMTPGWS2\0\0\0\0\0\0\0\0CMIT"),
             3 => body.extend(std::iter::repeat_n(0u8, 1 + rng.below(200) as usize)),
-            _ => body.extend((0..1 + rng.below(300)).map(|_| rng.next() as u8)),
+            _ => body.extend((0..1 + rng.below(300)).map(|_| rng.u64(..) as u8)),
         }
     }
     seal(id, envelope, received_at, &body)
 }
 
 fn message_plain(seed: u64, received_at: DateTime<Utc>) -> SealedMessage {
-    let mut rng = Rng::new(seed);
-    let id = Ulid::from(u128::from(rng.next()) << 64 | u128::from(rng.next()));
-    let client: SocketAddr = "192.0.2.8:25".parse().expect("literal address");
-    let mut envelope = Envelope::new(
-        Verb::Mail,
-        Arc::from("inner.example"),
+    let id = ulid(&mut Rng::with_seed(seed));
+    let mut envelope = envelope(
+        "inner.example",
         false,
-        client,
+        "192.0.2.8:25",
         "inner@example.com",
         "",
     );
@@ -333,17 +327,8 @@ fn message_plain(seed: u64, received_at: DateTime<Utc>) -> SealedMessage {
     seal(id, envelope, received_at, b"embedded\r\n")
 }
 
-fn seal(id: Ulid, envelope: Envelope, received_at: DateTime<Utc>, body: &[u8]) -> SealedMessage {
-    let line = received_line(&envelope, id, received_at, "gw.example");
-    let mut value = line.clone().into_bytes();
-    value.extend_from_slice(body);
-    SealedMessage {
-        id,
-        received_at,
-        envelope,
-        value: Bytes::from(value),
-        body_offset: line.len(),
-    }
+fn ulid(rng: &mut Rng) -> Ulid {
+    Ulid::from(rng.u128(..))
 }
 
 /// The commit mark's end as the bytes of a segment header say (the larger valid copy).
@@ -678,7 +663,7 @@ impl World<'_> {
             msg.state = State::Lost;
             msg.rx = None;
         }
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         let mut image = self.fs.crash(&mut rng);
         self.fs.disarm_all();
         self.summary.generations += 1;
@@ -731,7 +716,7 @@ impl World<'_> {
     /// The disk damages one acknowledged record in the crash image: one byte flipped,
     /// or a run of bytes zeroed or replaced.
     fn damage(&mut self, image: &mut BTreeMap<String, Vec<u8>>, seed: u64) {
-        let mut rng = Rng::new(seed);
+        let mut rng = Rng::with_seed(seed);
         let candidates: Vec<Ulid> = self
             .msgs
             .iter()

@@ -28,19 +28,46 @@ pub fn message_at(
     rcpts: &[&str],
     body: &[u8],
 ) -> SealedMessage {
-    let id = Ulid::new();
-    let client: SocketAddr = "192.0.2.7:40123".parse().expect("literal address");
-    let mut envelope = Envelope::new(
-        Verb::Mail,
-        Arc::from("client.example"),
+    let mut envelope = envelope(
+        "client.example",
         true,
-        client,
+        "192.0.2.7:40123",
         mail_from,
         "SIZE=1234 BODY=8BITMIME",
     );
     for rcpt in rcpts {
         envelope.push_rcpt(rcpt);
     }
+    seal(Ulid::new(), envelope, received_at, body)
+}
+
+/// A `MAIL` envelope from `client` (a literal address), no recipients yet.
+pub fn envelope(
+    helo: &str,
+    esmtp: bool,
+    client: &str,
+    mail_from: &str,
+    mail_params: &str,
+) -> Envelope {
+    let client: SocketAddr = client.parse().expect("literal address");
+    Envelope::new(
+        Verb::Mail,
+        Arc::from(helo),
+        esmtp,
+        client,
+        mail_from,
+        mail_params,
+    )
+}
+
+/// `body` as the record of `envelope`: the trace line a session's message gets
+/// (hostname `gw.example`), then the body.
+pub fn seal(
+    id: Ulid,
+    envelope: Envelope,
+    received_at: DateTime<Utc>,
+    body: &[u8],
+) -> SealedMessage {
     let line = received_line(&envelope, id, received_at, "gw.example");
     let mut value = line.clone().into_bytes();
     value.extend_from_slice(body);
