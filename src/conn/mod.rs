@@ -405,6 +405,11 @@ pub struct Connection {
     body_since: Option<Instant>,
     /// Minimum data rate: the current window's start and the bytes taken in it.
     rate_window: Option<(Instant, u64)>,
+    /// The body was seen paused on the budget and the driver has not been told the
+    /// pause ended (`handle_budget_freed`, a sink answer): the budget is shared, so
+    /// it can end before this connection's wake-up look, and until then the client's
+    /// clocks still stand.
+    held_by_budget: bool,
     samples: Samples,
     edge: Arc<Edge>,
     /// A PROXY header is expected before anything else; its bytes so far (only when it
@@ -495,6 +500,7 @@ impl Connection {
             body_started: None,
             body_since: None,
             rate_window: None,
+            held_by_budget: false,
             samples: Samples::default(),
             proxy_wait: false,
             header: Vec::new(),
@@ -1120,6 +1126,7 @@ impl Connection {
     /// the client's, and the input held meanwhile is taken up again.
     fn resume_after_answer(&mut self, now: Instant) {
         self.idle_deadline = now + self.limits.idle_timeout;
+        self.held_by_budget = false;
         if self.has_input() {
             self.process_input(now);
         } else if self.draining {
@@ -1198,7 +1205,7 @@ impl Connection {
                 if self.in_flight.is_none()
                     && !self.session.is_awaiting_auth()
                     && self.out_len() == 0
-                    && !self.body_held_by_budget()
+                    && !self.clocks_held()
                 {
                     next = next.min(self.idle_deadline);
                 }
@@ -1251,7 +1258,7 @@ impl Connection {
         }
         let idle = self.in_flight.is_none()
             && self.out_len() == 0
-            && !self.body_held_by_budget()
+            && !self.clocks_held()
             && now >= self.idle_deadline;
         if (idle || now >= self.hard_deadline) && (self.proxy_wait || !self.greeted) {
             // Nothing was said yet (no header, no handshake): close unanswered.
@@ -1289,7 +1296,7 @@ impl Connection {
                     .bytes_per_second
                     .saturating_mul(rate.window.as_secs().max(1));
                 // A paused body (the gateway's doing) is not the client's slowness.
-                if bytes < wanted && self.can_consume() {
+                if bytes < wanted && self.can_consume() && !self.held_by_budget {
                     self.session.too_slow();
                     self.grace_for_last_reply(now);
                 } else {
@@ -1391,7 +1398,7 @@ impl Connection {
         if !matches!(self.life, Life::Open) || !self.can_consume() {
             return;
         }
-        if self.session.in_body() {
+        if std::mem::take(&mut self.held_by_budget) || self.session.in_body() {
             // The client's clocks stood still while the gateway did not read: it gets
             // a whole idle timeout and a fresh data-rate window from now.
             self.idle_deadline = now + self.limits.idle_timeout;
@@ -1616,6 +1623,12 @@ impl Connection {
         !blocked
     }
 
+    /// The client's idle and data-rate clocks stand: its body is held back now, or was
+    /// when last seen and the driver has not been told the pause ended.
+    fn clocks_held(&self) -> bool {
+        self.held_by_budget || self.body_held_by_budget()
+    }
+
     /// A body the reactor's budget (or the sink's in-flight limit) holds back: the
     /// gateway, not the client, is the one waiting.
     fn body_held_by_budget(&self) -> bool {
@@ -1734,6 +1747,9 @@ impl Connection {
     /// the session, and keeps the write deadline.
     fn after_output_change(&mut self, now: Instant) {
         self.take_events(now);
+        if self.body_held_by_budget() {
+            self.held_by_budget = true;
+        }
         if matches!(self.life, Life::Open) && self.session.is_closed() {
             self.life = Life::Closing;
             self.pending = Vec::new();

@@ -503,6 +503,25 @@ fn a_body_paused_on_the_budget_is_not_idle_nor_slow() {
     assert!(b.poll_message(resumed, &mut fixed_stamp, hand).is_some());
 }
 
+/// The budget is shared: a pause can end before the backend's wake-up look at `b`. Until
+/// `b` is told (`handle_budget_freed`), its clocks still stand.
+#[test]
+fn a_pause_that_ended_before_the_wake_up_is_not_idleness() {
+    let t0 = Instant::now();
+    let budget = BodyBudget::new(2_000);
+    let (mut a, mut b, id) = paused_pair(t0, &budget);
+    b.handle_input(t0, b"\r\n.\r\n");
+    let answered = t0 + Duration::from_secs(90);
+    a.handle_publish(answered, Ok(id));
+    assert!(!b.paused_for_budget());
+    if let Some(at) = b.poll_timeout().filter(|&at| at <= answered) {
+        b.handle_timeout(at.max(answered));
+    }
+    assert!(!b.wants_write(), "timed out before its wake-up");
+    b.handle_budget_freed(answered);
+    assert!(b.poll_message(answered, &mut fixed_stamp, hand).is_some());
+}
+
 /// What `take_stats` hands over, for the assertions above.
 #[derive(Default)]
 struct Counts {
