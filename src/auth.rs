@@ -354,19 +354,8 @@ impl AuthResult {
 impl Verifier {
     /// Loads the users file and starts the threads. The error names the file and line.
     pub fn start(settings: AuthSettings) -> Result<Arc<Verifier>, UsersError> {
-        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
         let (jobs, rx) = bounded(QUEUE);
-        let verifier = Arc::new(Verifier {
-            users: RwLock::new(Arc::new(users)),
-            jobs,
-            rates: Rates {
-                failures: NameRates::default(),
-                messages: NameRates::default(),
-            },
-            origin: Instant::now(),
-            settings,
-            inline: false,
-        });
+        let verifier = Arc::new(Verifier::new(settings, jobs, false)?);
         for i in 0..verifier.settings.threads.max(1) {
             let rx: Receiver<Job> = rx.clone();
             // Weak: the threads end once the last reactor's handle is gone.
@@ -397,10 +386,19 @@ impl Verifier {
     /// A verifier without threads: [`Self::submit`] verifies at once and answers before
     /// it returns (the simulator, `tests/sim`).
     pub fn start_inline(settings: AuthSettings) -> Result<Arc<Verifier>, UsersError> {
-        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
         // No thread receives: `submit` never queues.
         let (jobs, _) = bounded(0);
-        Ok(Arc::new(Verifier {
+        Ok(Arc::new(Verifier::new(settings, jobs, true)?))
+    }
+
+    /// Loads the users file; `inline`: `submit` verifies at once instead of queueing.
+    fn new(
+        settings: AuthSettings,
+        jobs: Sender<Job>,
+        inline: bool,
+    ) -> Result<Verifier, UsersError> {
+        let users = Users::load(&settings.users_file)?.with_dummy(&settings.users_file)?;
+        Ok(Verifier {
             users: RwLock::new(Arc::new(users)),
             jobs,
             rates: Rates {
@@ -409,8 +407,8 @@ impl Verifier {
             },
             origin: Instant::now(),
             settings,
-            inline: true,
-        }))
+            inline,
+        })
     }
 
     fn users(&self) -> Arc<Users> {
